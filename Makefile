@@ -1,0 +1,35 @@
+# Two entry points, both from a fresh clone:
+#   make demo   installs everything into .venv and runs the main job
+#   make test   installs everything into .venv and runs the test suite
+# torch/torchvision are pinned to the pair that installs on this machine kind (served from local disk here;
+# PyPI's torchvision does not import beside the torch 2.13 CPU build). Everything else uses ranges.
+
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_PIN ?= torch==2.14.1 torchvision==0.29.1
+
+.PHONY: install demo test bench lint clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet $(TORCH_PIN)
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $@
+
+demo: install
+	HF_HUB_OFFLINE=1 $(VENV)/bin/vistok bench --model vit_small_patch16_224 --method ats --batch-size 32 -o k=108
+
+test: install
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+
+bench: install
+	HF_HUB_OFFLINE=1 $(PY) tools/benchmark.py
+
+lint: install
+	$(VENV)/bin/ruff check vistok tests tools
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

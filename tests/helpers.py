@@ -1,0 +1,43 @@
+"""Reference computations for tests, written against timm's own (unpatched) code."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+import vistok
+
+
+def upstream_forward_on_kept(model: nn.Module, image: Tensor, layouts: dict[int, vistok.TokenLayout]) -> Tensor:
+    """Run ``model`` on one image with timm's own block classes, dropping after each block the tokens a
+    vistok run dropped there (``layouts`` from ``handle.layouts`` of that run, batch of one).
+
+    A block's outputs for a token depend on the other tokens only through attention keys, so running the
+    full upstream block and then keeping rows gives exactly what a block computing only the kept rows gives.
+    """
+    assert image.shape[0] == 1
+    is_eva = hasattr(model, "rope")
+    x = model.patch_embed(image)
+    rope = None
+    if is_eva:
+        x, rope = model._pos_embed(x)
+    else:
+        x = model._pos_embed(x)
+    x = model.norm_pre(x)
+    prefix = model.num_prefix_tokens
+    source = torch.arange(x.shape[1])
+    for index, block in enumerate(model.blocks):
+        if is_eva:
+            block_rope = rope[index] if getattr(model, "rope_mixed", False) and rope is not None else rope
+            if block_rope is not None:
+                block_rope = block_rope[..., source[prefix:] - prefix, :]
+            x = type(block).forward(block, x, rope=block_rope)
+        else:
+            x = type(block).forward(block, x)
+        if index in layouts:
+            kept = layouts[index].source_index()[0]
+            position = {int(s): i for i, s in enumerate(source)}
+            rows = torch.tensor([position[int(s)] for s in kept])
+            x, source = x[:, rows], source[rows]
+    x = model.norm(x)
+    return type(model).forward_head(model, x)

@@ -1,0 +1,132 @@
+"""Everything vistok cannot do is a clear VistokError, and a refused model is left untouched."""
+
+import pytest
+import timm
+import torch
+from conftest import make_images, make_model
+from timm.models.vision_transformer import ResPostBlock
+
+import vistok
+from vistok import (
+    AlreadyPatchedError,
+    InputShapeError,
+    InvalidConfigError,
+    PatchStateError,
+    UnknownMethodError,
+    UnsupportedModelError,
+    VistokError,
+)
+
+
+def assert_untouched(model):
+    for module in model.modules():
+        assert "forward" not in vars(module) and "pool" not in vars(module)
+        assert not module._forward_pre_hooks
+    assert vistok.get_handle(model) is None
+
+
+def test_errors_share_one_base():
+    for error in (AlreadyPatchedError, InputShapeError, InvalidConfigError, PatchStateError, UnknownMethodError,
+                  UnsupportedModelError):
+        assert issubclass(error, VistokError)
+
+
+@pytest.mark.parametrize("build", [
+    lambda: timm.create_model("resnet18"),
+    lambda: torch.nn.Linear(3, 3),
+    lambda: timm.create_model("vit_small_patch16_224", block_fn=ResPostBlock),
+    lambda: timm.create_model("vit_small_patch16_224", patch_drop_rate=0.25),
+    lambda: timm.create_model("eva02_tiny_patch14_224", use_post_norm=True),
+], ids=["resnet", "linear", "res-post-block", "patch-dropout", "eva-post-norm"])
+def test_unsupported_models_are_refused_untouched(build):
+    model = build()
+    with pytest.raises(UnsupportedModelError) as info:
+        vistok.patch(model, "ats")
+    assert type(model).__name__ in str(info.value) or "Block" in str(info.value)
+    assert_untouched(model)
+
+
+def test_unknown_parts_are_refused():
+    model = make_model("vit")
+    model.blocks[4].attn.sink = torch.nn.Parameter(torch.zeros(6))
+    with pytest.raises(UnsupportedModelError, match=r"blocks\[4\].attn.*'sink'"):
+        vistok.patch(model, "ats")
+    assert_untouched(model)
+
+
+def test_unknown_method_and_options():
+    model = make_model("vit")
+    with pytest.raises(UnknownMethodError, match="'atss'.*Did you mean 'ats'"):
+        vistok.patch(model, "atss")
+    with pytest.raises(InvalidConfigError, match="unknown option"):
+        vistok.patch(model, "ats", kk=3)
+    with pytest.raises(InvalidConfigError, match="not both"):
+        vistok.patch(model, vistok.ATSConfig(k=10), k=3)
+    assert_untouched(model)
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(k=0), r"outside \[1, 196\]"),
+    (dict(k=197), "196 patch tokens"),
+    (dict(k=-5), "outside"),
+    (dict(k=1.5), r"in \(0, 1\]"),
+    (dict(k=0.0), r"in \(0, 1\]"),
+    (dict(k=True), "int or a float"),
+    (dict(k="108"), "int or a float"),
+    (dict(k=[100, 90], blocks=[3]), "2 values but 1 blocks"),
+    (dict(blocks=[]), "empty"),
+    (dict(blocks=[12]), "out of range"),
+    (dict(blocks=[3, 3]), "twice"),
+    (dict(blocks=[2.0]), "ints"),
+    (dict(min_tokens=0), "min_tokens"),
+    (dict(min_tokens=500), "min_tokens"),
+])
+def test_invalid_options(options, message):
+    model = make_model("vit")
+    with pytest.raises(InvalidConfigError, match=message):
+        vistok.patch(model, "ats", **options)
+    assert_untouched(model)
+
+
+def test_patching_twice():
+    model = make_model("vit")
+    handle = vistok.patch(model, "ats")
+    with pytest.raises(AlreadyPatchedError, match="already patched"):
+        vistok.patch(model, "ats", k=50)
+    handle.remove()
+    vistok.patch(model, "ats", k=50).remove()
+
+
+@pytest.mark.parametrize("shape, message", [
+    ((1, 3, 200, 200), "built for 224x224.*got 200x200"),
+    ((1, 1, 224, 224), "3 input channels"),
+    ((3, 224, 224), r"\[B, C, H, W\]"),
+])
+def test_wrong_input_shape(shape, message):
+    model = make_model("vit")
+    with vistok.patch(model, "ats"), pytest.raises(InputShapeError, match=message):
+        model(torch.randn(shape))
+
+
+def test_dynamic_image_size_models_accept_other_sizes():
+    model = make_model("vit", dynamic_img_size=True)
+    with torch.no_grad(), vistok.patch(model, "ats", k=0.5) as handle:
+        model(torch.randn(2, 3, 160, 160))
+        assert handle.tokens_per_block()[0] == 101.0
+
+
+def test_things_vistok_cannot_follow():
+    model = make_model("vit")
+    images = make_images(model, 1)
+    with vistok.patch(model, "ats"):
+        with pytest.raises(PatchStateError, match="attn_mask"):
+            model(images, attn_mask=torch.ones(1, 197, 197, dtype=torch.bool))
+        model.set_grad_checkpointing(True)
+        with pytest.raises(PatchStateError, match="checkpointing"):
+            model(images)
+        model.set_grad_checkpointing(False)
+        hook = model.blocks[5].register_forward_hook(lambda m, i, out: out.clone())
+        with pytest.raises(PatchStateError, match="block 6 received tokens"):
+            model(images)
+        hook.remove()
+        model(images)

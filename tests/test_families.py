@@ -1,0 +1,111 @@
+"""Every supported timm family: keep-everything parity, exact removal, padded batches, agreement with timm's
+own blocks on the kept tokens."""
+
+import torch
+from conftest import make_images, make_model
+from helpers import upstream_forward_on_kept
+
+import vistok
+from vistok.methods import MethodConfig, TokenReducer
+
+TOL = 1e-4
+
+
+def keep_everything(model):
+    patches = model.patch_embed.num_patches
+    return dict(k=patches, min_tokens=patches, blocks=list(range(len(model.blocks))))
+
+
+def test_keep_everything_reproduces_unpatched(family):
+    model = make_model(family)
+    images = make_images(model, 2)
+    with torch.no_grad():
+        expected = model(images)
+        with vistok.patch(model, "ats", **keep_everything(model)) as handle:
+            got = model(images)
+            assert sorted(handle.layouts) == list(range(len(model.blocks))), "patched blocks did not run"
+    assert (got - expected).abs().max() <= TOL
+
+
+def test_remove_restores_the_model_bit_for_bit(family):
+    model = make_model(family)
+    images = make_images(model, 2)
+    modules_before = {name: dict(vars(module)) for name, module in model.named_modules()}
+    state_before = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        expected = model(images)
+        handle = vistok.patch(model, "ats", k=0.5)
+        patched = model(images)
+        handle.remove()
+        after = model(images)
+    assert not torch.equal(patched, expected), "ATS at k=0.5 should change the output"
+    assert torch.equal(after, expected)
+    for name, module in model.named_modules():
+        assert vars(module).keys() == modules_before[name].keys(), name
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, state_before[key]), key
+    assert vistok.get_handle(model) is None
+    vistok.patch(model, "ats").remove()  # can be patched again
+
+
+class _KeepAboveMeanNorm(TokenReducer):
+    """Keeps the patch tokens whose value norm exceeds their image's mean: a different count per image,
+    and a choice that depends on nothing but the image itself."""
+
+    def select(self, view):
+        prefix = view.layout.num_prefix
+        norms = view.v.transpose(1, 2).flatten(2).norm(dim=-1)
+        valid = view.layout.valid_mask(norms.device)
+        patch_norms = norms[:, prefix:]
+        patch_valid = valid[:, prefix:]
+        mean = (patch_norms * patch_valid).sum(1, keepdim=True) / patch_valid.sum(1, keepdim=True)
+        keep = valid.clone()
+        keep[:, prefix:] &= patch_norms > mean
+        return keep
+
+
+class _KeepAboveMeanConfig(MethodConfig):
+    name = "test-keep-above-mean"
+
+    def __init__(self, blocks):
+        self.blocks = blocks
+
+    def build(self, info):
+        return {block: _KeepAboveMeanNorm() for block in self.blocks}
+
+
+def test_padded_batch_equals_images_one_by_one(family):
+    model = make_model(family)
+    images = make_images(model, 3)
+    with torch.no_grad(), vistok.patch(model, _KeepAboveMeanConfig([2, 5])) as handle:
+        batched = model(images)
+        padded = [layout for layout in handle.layouts.values() if layout.valid is not None]
+        assert padded and len(set(padded[0].num_valid().tolist())) > 1, "test needs uneven counts"
+        singles = torch.cat([model(image[None]) for image in images])
+    assert (batched - singles).abs().max() <= TOL
+
+
+def test_ats_matches_timm_blocks_on_the_kept_tokens(family):
+    model = make_model(family)
+    image = make_images(model, 1)
+    with torch.no_grad():
+        with vistok.patch(model, "ats", k=0.6, min_tokens=1) as handle:
+            got = model(image)
+            layouts = handle.layouts
+        expected = upstream_forward_on_kept(model, image, layouts)
+    patches = model.patch_embed.num_patches
+    assert layouts[len(model.blocks) - 1].num_valid().item() < patches // 2, "ATS should have dropped tokens"
+    assert (got - expected).abs().max() <= TOL
+
+
+def test_prefix_tokens_stay_in_front(family):
+    model = make_model(family)
+    images = make_images(model, 3)
+    prefix = model.num_prefix_tokens
+    with torch.no_grad(), vistok.patch(model, "ats", k=0.5, min_tokens=1) as handle:
+        model(images)
+        for layout in handle.layouts.values():
+            assert layout.num_prefix == prefix
+            source = layout.source_index()
+            assert torch.equal(source[:, :prefix], torch.arange(prefix).expand(3, -1))
+            assert bool((source[:, prefix:] >= prefix).all())

@@ -1,0 +1,85 @@
+"""FLOPs that count attention, tokens per block, throughput timing, and the `vistok bench` command."""
+
+import json
+
+import pytest
+import torch
+from conftest import make_images, make_model
+
+import vistok
+from vistok.cli import main
+from vistok.measure import count_flops, time_models, tokens_per_block
+
+
+def set_fused(model, fused):
+    for block in model.blocks:
+        block.attn.fused_attn = fused
+
+
+def test_fused_attention_is_counted_like_unfused():
+    model = make_model("vit")
+    images = make_images(model, 2)
+    fused = count_flops(model, images)
+    set_fused(model, False)
+    unfused = count_flops(model, images)
+    assert abs(fused - unfused) <= 0.01 * unfused
+    # and attention is really in there: the linear layers alone are 2 * 197 * 12 * (4 + 8) * 384^2
+    linear_only = 2 * 197 * 12 * 12 * 384 ** 2
+    assert fused > linear_only * 1.05
+
+
+def test_patched_flops_average_over_images_and_shrink():
+    model = make_model("vit")
+    images = make_images(model, 3)
+    unpatched = count_flops(model, images)
+    patches = model.patch_embed.num_patches
+    with vistok.patch(model, "ats", k=patches, min_tokens=patches):
+        keep_all = count_flops(model, images)
+    with vistok.patch(model, "ats", k=60, min_tokens=1):
+        reduced = count_flops(model, images)
+        per_image = [count_flops(model, image[None]) for image in images]
+    # keep-everything only adds the O(N d) class-token row per sampling block
+    assert unpatched <= keep_all <= unpatched * 1.01
+    assert reduced == pytest.approx(sum(per_image) / 3)
+    assert reduced < 0.6 * unpatched
+
+
+def test_tokens_per_block_patched_and_unpatched():
+    model = make_model("deit_distilled")
+    images = make_images(model, 2)
+    assert tokens_per_block(model, images) == [198.0] * 12
+    with vistok.patch(model, "ats", k=100, blocks=[6]):
+        counts = tokens_per_block(model, images)
+    assert counts[:6] == [198.0] * 6 and max(counts[6:]) <= 102 and len(counts) == 12
+
+
+def test_time_models_interleaves_and_reports_median():
+    model = torch.nn.Identity()
+    calls = []
+    timings = time_models({"a": model, "b": model}, torch.zeros(4, 1), warmup=1, runs=3,
+                          progress=calls.append)
+    assert calls[:2] == ["a: warm-up", "b: warm-up"] and calls[-1] == "b: run 3/3"
+    assert len(timings["a"].seconds) == 3
+    assert timings["a"].images_per_s == pytest.approx(4 / timings["a"].median_s)
+    with pytest.raises(ValueError):
+        time_models({"a": model}, torch.zeros(1), runs=0)
+
+
+@pytest.mark.slow
+def test_bench_command(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    code = main(["bench", "--model", "vit_small_patch16_224", "--method", "ats", "-o", "k=108",
+                 "--batch-size", "2", "--runs", "1", "--warmup", "0", "--no-progress", "--json", str(out)])
+    assert code == 0
+    table = capsys.readouterr().out
+    assert "unpatched" in table and "ats tokens per block" in table
+    report = json.loads(out.read_text())
+    patched = report["results"][1]
+    assert patched["options"] == {"k": 108}
+    assert patched["gflops_ratio"] < 0.75 and patched["tokens_per_block"][3] <= 109
+
+
+def test_bench_command_bad_input(capsys):
+    assert main(["bench", "--model", "vit_small_patch16_224", "--method", "nope"]) == 2
+    assert "unknown method 'nope'" in capsys.readouterr().err
+    assert main(["bench", "--model", "vit_small_patch16_224", "--method", "ats", "-o", "k=0"]) == 2

@@ -1,0 +1,116 @@
+"""Inverse transform sampling against a direct per-image reading of the ATS paper, plus its properties."""
+
+import pytest
+import torch
+
+from vistok.ops import inverse_transform_sampling, keep_mask_to_index
+
+
+def reference_sampling(scores, levels, valid, min_keep):
+    """Straight from the paper, one image at a time, O(levels x N): normalise, sort ascending, CDF rescaled
+    to [0, 1], levels evenly spaced from the smallest positive CDF value to 1, nearest CDF value per level
+    (first position on ties), unique; then top up with the best unkept tokens."""
+    keep = torch.zeros_like(valid)
+    for b in range(scores.shape[0]):
+        ids = [i for i in range(scores.shape[1]) if valid[b, i]]
+        s = scores[b, ids].double().clamp_min(0)
+        s = s / s.sum() if s.sum() > 0 else torch.full_like(s, 1 / len(ids))
+        order = sorted(range(len(ids)), key=lambda i: (float(s[i]), i))
+        cdf = torch.cumsum(s[order], 0)
+        span = float(cdf[-1] - cdf[0])
+        ncdf = [(float(c) - float(cdf[0])) / span if span > 0 else 0.0 for c in cdf]
+        positive = [c for c in ncdf if c > 0]
+        start = min(positive) if positive else 1.0
+        n_levels = int(levels[b])
+        targets = [1.0] if n_levels == 1 else [start + j * (1 - start) / (n_levels - 1) for j in range(n_levels)]
+        picked = set()
+        for t in targets:
+            distances = [abs(t - c) for c in ncdf]
+            picked.add(order[distances.index(min(distances))])
+        extra = sorted((i for i in range(len(ids)) if i not in picked), key=lambda i: (-float(s[i]), i))
+        need = max(0, min(min_keep, len(ids)) - len(picked))
+        for i in list(picked) + extra[:need]:
+            keep[b, ids[i]] = True
+    return keep
+
+
+def _case(seed, batch=6, n=40, quantise=False, padding=True):
+    g = torch.Generator().manual_seed(seed)
+    scores = torch.rand(batch, n, generator=g) ** 4
+    if quantise:  # ties and zeros
+        scores = (scores * 5).floor() / 5
+    valid = torch.rand(batch, n, generator=g) > 0.3 if padding else torch.ones(batch, n, dtype=torch.bool)
+    valid[:, 0] = True
+    levels = torch.randint(1, n + 5, (batch,), generator=g)
+    return scores, levels, valid
+
+
+@pytest.mark.parametrize("seed", range(12))
+@pytest.mark.parametrize("quantise", [False, True])
+def test_matches_reference(seed, quantise):
+    scores, levels, valid = _case(seed, quantise=quantise)
+    min_keep = seed % 7
+    scores = scores.double()  # same precision as the reference: the choice must be identical
+    got = inverse_transform_sampling(scores, levels, valid, min_keep)
+    assert torch.equal(got, reference_sampling(scores, levels, valid, min_keep))
+
+
+def test_exact_on_well_separated_scores():
+    scores = torch.tensor([[0.05, 0.40, 0.10, 0.25, 0.20]])
+    got = inverse_transform_sampling(scores, 3)
+    expected = reference_sampling(scores, torch.tensor([3]), torch.ones_like(scores, dtype=torch.bool), 0)
+    assert torch.equal(got, expected)
+
+
+def test_bounds_and_padding():
+    scores, levels, valid = _case(3, batch=16)
+    keep = inverse_transform_sampling(scores, levels, valid, min_keep=4)
+    counts = keep.sum(1)
+    n_valid = valid.sum(1)
+    assert bool((counts <= torch.maximum(levels, torch.minimum(n_valid, torch.tensor(4)))).all())
+    assert bool((counts >= torch.minimum(n_valid, torch.tensor(4))).all())
+    assert not bool((keep & ~valid).any())
+
+
+def test_padding_does_not_change_the_choice():
+    scores, levels, _ = _case(5, padding=False)
+    plain = inverse_transform_sampling(scores, levels)
+    padded_scores = torch.cat([torch.rand(scores.shape[0], 7), scores], dim=1)
+    valid = torch.cat([torch.zeros(scores.shape[0], 7, dtype=torch.bool),
+                       torch.ones_like(scores, dtype=torch.bool)], dim=1)
+    padded = inverse_transform_sampling(padded_scores, levels, valid)
+    assert torch.equal(padded[:, 7:], plain)
+
+
+def test_adaptive_count_concentrated_scores_keep_fewer():
+    n = 100
+    flat = torch.ones(1, n)
+    peaked = torch.full((1, n), 1e-4)
+    peaked[0, :3] = 1.0
+    assert inverse_transform_sampling(flat, 50).sum() == 50
+    assert inverse_transform_sampling(peaked, 50).sum() < 10
+
+
+def test_min_keep_at_n_keeps_everything_and_is_deterministic():
+    scores, levels, valid = _case(7)
+    everything = inverse_transform_sampling(scores, levels, valid, min_keep=scores.shape[1])
+    assert torch.equal(everything, valid)
+    first = inverse_transform_sampling(scores, levels, valid, 2)
+    assert torch.equal(first, inverse_transform_sampling(scores.clone(), levels, valid, 2))
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="num_levels"):
+        inverse_transform_sampling(torch.rand(2, 5), 0)
+    with pytest.raises(ValueError, match=r"\[B, N\]"):
+        inverse_transform_sampling(torch.rand(5), 2)
+
+
+def test_keep_mask_to_index_orders_and_pads():
+    keep = torch.tensor([[True, False, True, True], [False, True, False, False]])
+    index, valid = keep_mask_to_index(keep)
+    assert index[0].tolist() == [0, 2, 3]
+    assert index[1, 0].item() == 1
+    assert valid.tolist() == [[True, True, True], [True, False, False]]
+    index, valid = keep_mask_to_index(torch.tensor([[True, False], [False, True]]))
+    assert valid is None and index.tolist() == [[0], [1]]

@@ -1,0 +1,45 @@
+"""vistok: make vision transformers spend fewer visual tokens.
+
+>>> import timm, vistok
+>>> model = timm.create_model("deit_small_patch16_224")
+>>> handle = vistok.patch(model, "ats")       # Adaptive Token Sampling, the paper's multi-stage setting
+>>> handle.remove()                           # the original model again
+"""
+
+from . import measure, ops
+from .errors import (
+    AlreadyPatchedError,
+    InputShapeError,
+    InvalidConfigError,
+    PatchStateError,
+    UnknownMethodError,
+    UnsupportedModelError,
+    VistokError,
+)
+from .methods import ATSConfig, MethodConfig, create_config, list_methods, register_method
+from .patching import PatchHandle, get_handle, patch, unpatch
+from .tokens import TokenLayout
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "patch",
+    "unpatch",
+    "get_handle",
+    "list_methods",
+    "register_method",
+    "create_config",
+    "PatchHandle",
+    "MethodConfig",
+    "ATSConfig",
+    "TokenLayout",
+    "measure",
+    "ops",
+    "VistokError",
+    "UnsupportedModelError",
+    "UnknownMethodError",
+    "InvalidConfigError",
+    "AlreadyPatchedError",
+    "InputShapeError",
+    "PatchStateError",
+]

@@ -1,0 +1,109 @@
+"""What the engine needs from one model family. A backbone knows its family and nothing about methods."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from torch import Tensor, nn
+
+from ..errors import UnsupportedModelError
+
+__all__ = ["BackboneInfo", "BlockOps", "Backbone", "require_known_parts"]
+
+
+@dataclass(frozen=True)
+class BackboneInfo:
+    """Static facts about a patchable model."""
+
+    family: str
+    model_class: str
+    num_blocks: int
+    num_prefix: int
+    has_class_token: bool
+    grid_size: tuple[int, int]
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid_size[0] * self.grid_size[1]
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_prefix + self.num_patches
+
+
+class BlockOps(ABC):
+    """One transformer block's own modules, exposed as the steps of a pre-norm block:
+
+    ``x = x + attn_residual(attn_out(attention(qkv(norm1(x))), norm1(x)))``;
+    ``x = x + mlp_residual(x)``. Every step calls the block's modules; none re-implements them.
+    """
+
+    @abstractmethod
+    def norm1(self, x: Tensor) -> Tensor:
+        """``[B, N, C]`` -> ``[B, N, C]``."""
+
+    @abstractmethod
+    def qkv(self, h: Tensor, rope: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+        """Normalised input ``[B, N, C]`` -> ``q, k, v`` ``[B, H, N, d]`` after q/k norms and rotary
+        embedding (``rope`` already matches the token positions, prefix excluded)."""
+
+    @abstractmethod
+    def attn_out(self, o: Tensor, h: Tensor) -> Tensor:
+        """Attention output ``[B, H, M, d]`` and the normalised input of those ``M`` tokens ``[B, M, C]``
+        (for output gates) -> ``[B, M, C]`` after the output norm, gate, projection and dropout."""
+
+    @abstractmethod
+    def attn_residual(self, y: Tensor) -> Tensor:
+        """Layer scale and drop-path of the attention branch."""
+
+    @abstractmethod
+    def mlp_residual(self, x: Tensor) -> Tensor:
+        """The whole MLP branch: ``drop_path(layer_scale(mlp(norm2(x))))``."""
+
+    @property
+    @abstractmethod
+    def dropout_p(self) -> float:
+        """Attention dropout probability in the module's current mode."""
+
+
+class Backbone(ABC):
+    """A supported model, ready to be patched. Construction checks everything and changes nothing."""
+
+    info: BackboneInfo
+    model: nn.Module
+
+    @abstractmethod
+    def blocks(self) -> list[nn.Module]:
+        """The transformer blocks, in order."""
+
+    @abstractmethod
+    def block_ops(self, index: int) -> BlockOps:
+        """Access to block ``index``'s own modules."""
+
+    @abstractmethod
+    def install_pooling(self, current_layout: Callable) -> Callable[[], None]:
+        """Make the model's pooling respect padding and token sizes; returns the undo function.
+        ``current_layout()`` gives the layout of the tokens the blocks produced last."""
+
+    @abstractmethod
+    def install_input_check(self) -> Callable[[], None]:
+        """Check input shapes with a clear error; returns the undo function."""
+
+
+def require_known_parts(module: nn.Module, known: set[str], what: str) -> None:
+    """Refuse a module that has children, parameters or buffers vistok does not know about: they could
+    change what the module computes, and vistok would silently compute something else.
+
+    Raises:
+        UnsupportedModelError: naming the unknown parts.
+    """
+    names = {name for name, _ in module.named_children()}
+    names |= {name for name, _ in module.named_parameters(recurse=False)}
+    names |= {name for name, _ in module.named_buffers(recurse=False)}
+    unknown = sorted(names - known)
+    if unknown:
+        raise UnsupportedModelError(
+            f"{what} ({type(module).__module__}.{type(module).__name__}) has parts vistok does not know: "
+            f"{unknown}. Refusing to patch rather than compute something different from the model.")

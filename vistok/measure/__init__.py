@@ -1,0 +1,18 @@
+"""Measurement: FLOPs that count attention, tokens per block, throughput, patched-vs-unpatched benchmark."""
+
+from .bench import BenchReport, Variant, VariantResult, run_benchmark
+from .flops import count_flops, flop_counter
+from .throughput import Timing, time_models
+from .tokens import tokens_per_block
+
+__all__ = [
+    "count_flops",
+    "flop_counter",
+    "tokens_per_block",
+    "time_models",
+    "Timing",
+    "run_benchmark",
+    "Variant",
+    "VariantResult",
+    "BenchReport",
+]

@@ -1,0 +1,147 @@
+"""Compare an unpatched timm model with patched variants: tokens per block, GFLOPs per image, images/s.
+
+Used by ``vistok bench`` and ``tools/benchmark.py``. Ratios are measured in one run (same process, same
+inputs, interleaved timing), never compared with numbers from another run.
+"""
+
+from __future__ import annotations
+
+import copy
+import platform
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .flops import count_flops
+from .throughput import Timing, time_models
+from .tokens import tokens_per_block
+
+__all__ = ["Variant", "VariantResult", "BenchReport", "run_benchmark"]
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A way to run the model: ``method=None`` is the unpatched model."""
+
+    label: str
+    method: str | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class VariantResult:
+    label: str
+    method: str | None
+    options: dict[str, Any]
+    tokens_per_block: list[float]
+    gflops: float
+    timing: Timing
+
+    @property
+    def mean_tokens(self) -> float:
+        return sum(self.tokens_per_block) / len(self.tokens_per_block)
+
+
+@dataclass(frozen=True)
+class BenchReport:
+    model_name: str
+    batch_size: int
+    image_size: tuple[int, int]
+    dtype: str
+    device: str
+    threads: int
+    runs: int
+    warmup: int
+    results: list[VariantResult]
+
+    @property
+    def baseline(self) -> VariantResult:
+        return self.results[0]
+
+    def gflops_ratio(self, result: VariantResult) -> float:
+        """Patched / unpatched GFLOPs per image."""
+        return result.gflops / self.baseline.gflops
+
+    def speedup(self, result: VariantResult) -> float:
+        """Patched / unpatched images per second."""
+        return result.timing.images_per_s / self.baseline.timing.images_per_s
+
+    def format_table(self) -> str:
+        head = (f"{self.model_name}: batch {self.batch_size}, {self.image_size[0]}x{self.image_size[1]}, "
+                f"{self.dtype}, {self.device} ({self.threads} threads), median of {self.runs} runs after "
+                f"{self.warmup} warm-up")
+        columns = f"{'variant':<22}{'tokens/block':>13}{'GFLOPs/img':>12}{'img/s':>9}" \
+                  f"{'GFLOPs ratio':>14}{'speedup':>9}{'speedup x ratio':>17}"
+        lines = [head, columns, "-" * len(columns)]
+        for result in self.results:
+            ratio, speedup = self.gflops_ratio(result), self.speedup(result)
+            lines.append(f"{result.label:<22}{result.mean_tokens:>13.1f}{result.gflops:>12.3f}"
+                         f"{result.timing.images_per_s:>9.1f}{ratio:>14.3f}{speedup:>9.3f}{speedup * ratio:>17.3f}")
+        lines.append("GFLOPs = 2 x multiply-accumulates, attention included (papers often quote MACs). "
+                     "'speedup x ratio' >= 1 means wall-clock gains match the FLOPs saved.")
+        for result in self.results[1:]:
+            per_block = ", ".join(f"{count:.1f}" for count in result.tokens_per_block)
+            lines.append(f"{result.label} tokens per block: [{per_block}]")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        for entry, result in zip(data["results"], self.results, strict=True):
+            entry["images_per_s"] = result.timing.images_per_s
+            entry["median_s"] = result.timing.median_s
+            entry["gflops_ratio"] = self.gflops_ratio(result)
+            entry["speedup"] = self.speedup(result)
+        return data
+
+
+def run_benchmark(
+    model_name: str,
+    variants: list[Variant],
+    batch_size: int = 32,
+    runs: int = 10,
+    warmup: int = 3,
+    seed: int = 0,
+    flops_images: int | None = None,
+    model_kwargs: dict[str, Any] | None = None,
+    progress: bool = True,
+) -> BenchReport:
+    """Benchmark a randomly initialised timm model, unpatched and with each variant, on CPU in fp32.
+
+    Inputs are ``batch_size`` standard-normal images (seeded). FLOPs are averaged over the first
+    ``flops_images`` images (all by default).
+    """
+    import timm
+
+    from ..patching import patch
+
+    torch.manual_seed(seed)
+    base = timm.create_model(model_name, pretrained=False, **(model_kwargs or {})).eval()
+    image_size = tuple(base.patch_embed.img_size)
+    images = torch.randn(batch_size, 3, *image_size, generator=torch.Generator().manual_seed(seed))
+    models: dict[str, nn.Module] = {"unpatched": base}
+    all_variants = [Variant("unpatched")] + [v for v in variants if v.method is not None]
+    for variant in all_variants[1:]:
+        models[variant.label] = copy.deepcopy(base)
+        patch(models[variant.label], variant.method, **variant.options)
+
+    bar = tqdm(total=len(models) * (warmup + runs + 1), disable=not progress, desc=model_name, leave=False)
+    counted = images[:flops_images] if flops_images else images
+    costs = {}
+    for label, model in models.items():
+        bar.set_postfix_str(f"{label}: counting FLOPs")
+        costs[label] = (tokens_per_block(model, images), count_flops(model, counted) / 1e9)
+        bar.update()
+
+    def step(message: str) -> None:
+        bar.set_postfix_str(message)
+        bar.update()
+
+    timings = time_models(models, images, warmup=warmup, runs=runs, progress=step)
+    bar.close()
+    results = [VariantResult(v.label, v.method, dict(v.options), costs[v.label][0], costs[v.label][1],
+                             timings[v.label]) for v in all_variants]
+    return BenchReport(model_name, batch_size, image_size, "fp32", f"cpu ({platform.processor() or 'x86'})",
+                       torch.get_num_threads(), runs, warmup, results)

@@ -1,0 +1,73 @@
+"""FLOPs that count attention.
+
+``torch.utils.flop_counter.FlopCounterMode`` has formulas for matmuls and for the CUDA fused-attention
+kernels, but none for the CPU kernel (``aten._scaled_dot_product_flash_attention_for_cpu``), so on CPU the
+attention of every modern timm ViT counts as zero. :func:`count_flops` adds that formula (the same two
+matmuls the unfused path performs). FLOPs are ``2 x`` multiply-accumulates.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor, nn
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
+
+__all__ = ["count_flops", "flop_counter"]
+
+_aten = torch.ops.aten
+
+
+def _sdpa_forward(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+def _sdpa_backward(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None,
+                   **kwargs) -> int:
+    return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
+
+
+def _custom_mapping() -> dict:
+    mapping = {}
+    forward = getattr(_aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    backward = getattr(_aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
+    if forward is not None:
+        mapping[forward] = _sdpa_forward
+    if backward is not None:
+        mapping[backward] = _sdpa_backward
+    return mapping
+
+
+def flop_counter() -> FlopCounterMode:
+    """A ``FlopCounterMode`` (no printout) that also counts CPU fused attention."""
+    return FlopCounterMode(display=False, custom_mapping=_custom_mapping())
+
+
+def count_flops(model: nn.Module, images: Tensor | Iterable[Tensor]) -> float:
+    """FLOPs per image (2 x MACs), attention included, averaged over ``images``.
+
+    A vistok-patched model keeps a different number of tokens for each image, and a batch is padded to the
+    largest count; so each image is counted on its own (batch of one), which gives the FLOPs that image
+    needs, not those of its padding. An unpatched model is counted in one batch.
+
+    Args:
+        model: any module taking ``[B, C, H, W]`` images.
+        images: ``[B, C, H, W]`` tensor, or an iterable of such batches.
+    """
+    from ..patching import get_handle
+
+    batches = [images] if isinstance(images, Tensor) else list(images)
+    adaptive = get_handle(model) is not None
+    total, count = 0, 0
+    with torch.no_grad():
+        for batch in batches:
+            pieces = batch.split(1) if adaptive else [batch]
+            for piece in pieces:
+                with flop_counter() as counter:
+                    model(piece)
+                total += counter.get_total_flops()
+            count += batch.shape[0]
+    if count == 0:
+        raise ValueError("count_flops: no images given")
+    return total / count

@@ -1,0 +1,62 @@
+"""Wall-clock throughput: warm-up, repeated timed forward passes, median."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["Timing", "time_models"]
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Seconds per forward pass of one batch, over the timed runs."""
+
+    batch_size: int
+    seconds: tuple[float, ...]
+
+    @property
+    def median_s(self) -> float:
+        return statistics.median(self.seconds)
+
+    @property
+    def images_per_s(self) -> float:
+        return self.batch_size / self.median_s
+
+
+def time_models(
+    models: Mapping[str, nn.Module],
+    images: Tensor,
+    warmup: int = 3,
+    runs: int = 10,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, Timing]:
+    """Time each model's forward pass on ``images`` under ``torch.inference_mode``.
+
+    Runs are interleaved (model A, model B, model A, ...) so that drifts of the machine's speed affect
+    every model alike; each model gets ``warmup`` untimed runs first. ``progress`` is called after every
+    run with a short description.
+    """
+    if runs < 1 or warmup < 0:
+        raise ValueError(f"time_models: need runs >= 1 and warmup >= 0, got runs={runs}, warmup={warmup}")
+    sync = torch.cuda.synchronize if images.is_cuda else (lambda: None)
+    seconds: dict[str, list[float]] = {label: [] for label in models}
+    with torch.inference_mode():
+        for step in range(warmup + runs):
+            for label, model in models.items():
+                sync()
+                start = time.perf_counter()
+                model(images)
+                sync()
+                elapsed = time.perf_counter() - start
+                if step >= warmup:
+                    seconds[label].append(elapsed)
+                if progress is not None:
+                    phase = "warm-up" if step < warmup else f"run {step - warmup + 1}/{runs}"
+                    progress(f"{label}: {phase}")
+    return {label: Timing(images.shape[0], tuple(values)) for label, values in seconds.items()}

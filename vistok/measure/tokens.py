@@ -1,0 +1,30 @@
+"""How many tokens each block of a (patched or unpatched) model processes."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["tokens_per_block"]
+
+
+def tokens_per_block(model: nn.Module, images: Tensor) -> list[float]:
+    """Mean number of tokens each block outputs for ``images`` ``[B, C, H, W]`` (prefix included, padding
+    excluded), one entry per block. Works on unpatched models too (every block keeps all tokens)."""
+    from ..backbones import resolve_backbone
+    from ..patching import get_handle
+
+    handle = get_handle(model)
+    with torch.no_grad():
+        if handle is not None:
+            model(images)
+            return handle.tokens_per_block()
+        counts: list[float] = []
+        hooks = [block.register_forward_hook(lambda _m, _i, out: counts.append(float(out.shape[1])))
+                 for block in resolve_backbone(model).blocks()]
+        try:
+            model(images)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        return counts

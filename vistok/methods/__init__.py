@@ -1,0 +1,63 @@
+"""The method registry: names -> dataclass configs. ``vistok.list_methods()`` lists the names."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from typing import Any
+
+from ..errors import InvalidConfigError, UnknownMethodError
+from .ats import AdaptiveTokenSampler, ATSConfig
+from .base import AttentionView, MethodConfig, TokenReducer
+
+__all__ = [
+    "ATSConfig",
+    "AdaptiveTokenSampler",
+    "AttentionView",
+    "MethodConfig",
+    "TokenReducer",
+    "register_method",
+    "list_methods",
+    "create_config",
+]
+
+_REGISTRY: dict[str, type[MethodConfig]] = {}
+
+
+def register_method(config_cls: type[MethodConfig]) -> type[MethodConfig]:
+    """Register a method config class under its ``name`` (usable as a decorator)."""
+    if config_cls.name in _REGISTRY and _REGISTRY[config_cls.name] is not config_cls:
+        raise ValueError(f"a method named {config_cls.name!r} is already registered")
+    _REGISTRY[config_cls.name] = config_cls
+    return config_cls
+
+
+def list_methods() -> list[str]:
+    """Names accepted by ``vistok.patch``."""
+    return sorted(_REGISTRY)
+
+
+def create_config(method: str | MethodConfig, **options: Any) -> MethodConfig:
+    """A validated-by-type config from a method name and keyword options, or a config instance as is."""
+    if isinstance(method, MethodConfig):
+        if options:
+            raise InvalidConfigError(
+                f"pass options either as keywords or in the {type(method).__name__}, not both "
+                f"(got {sorted(options)})")
+        return method
+    if not isinstance(method, str):
+        raise UnknownMethodError(f"method must be a name or a config object, got {type(method).__name__}")
+    if method not in _REGISTRY:
+        close = difflib.get_close_matches(method, _REGISTRY, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise UnknownMethodError(
+            f"unknown method {method!r}. Known methods: {', '.join(list_methods())}.{hint}")
+    config_cls = _REGISTRY[method]
+    fields = [f.name for f in dataclasses.fields(config_cls)]
+    unknown = sorted(set(options) - set(fields))
+    if unknown:
+        raise InvalidConfigError(f"{method}: unknown option(s) {unknown}; options are {fields}")
+    return config_cls(**options)
+
+
+register_method(ATSConfig)

@@ -1,0 +1,127 @@
+"""Adaptive Token Sampling (Fayyaz et al., "Adaptive Token Sampling For Efficient Vision Transformers",
+ECCV 2022), training-free and differentiable through the kept tokens.
+
+In each chosen block, every patch token is scored by the attention the class token pays it (summed over
+heads) times the norm of its value vector; scores are normalised, and :func:`inverse_transform_sampling`
+keeps at most ``k`` tokens per image, fewer when the scores are concentrated. The block then computes its
+attention output, residuals and MLP only for the kept tokens (all tokens still serve as keys).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+from ..backbones.base import BackboneInfo
+from ..errors import InvalidConfigError
+from ..ops import inverse_transform_sampling, probe_attention, probe_query, significance_scores
+from .base import AttentionView, MethodConfig, TokenReducer, resolve_block_indices
+
+__all__ = ["ATSConfig", "AdaptiveTokenSampler", "default_ats_blocks", "PAPER_KEEP_FRACTION"]
+
+# The paper's multi-stage DeiT-S keeps at most K = 108 of its 196 patch tokens in each of blocks 3..11.
+PAPER_KEEP_FRACTION = 108 / 196
+
+
+def default_ats_blocks(depth: int) -> list[int]:
+    """The paper's multi-stage placement (blocks 3..11 of 12), scaled: from round(depth / 4) to the end."""
+    start = max(1, math.floor(depth / 4 + 0.5))
+    return list(range(start, depth))
+
+
+class AdaptiveTokenSampler(TokenReducer):
+    """ATS in one block.
+
+    Args:
+        k: the most patch tokens the block keeps: an int, or a float in (0, 1] meaning that fraction of
+            the image's current valid patch tokens (rounded, at least 1). It is the number of CDF levels.
+        min_tokens: the block keeps at least ``min(min_tokens, current patch tokens)`` patch tokens.
+    """
+
+    def __init__(self, k: int | float, min_tokens: int) -> None:
+        self.k = k
+        self.min_tokens = min_tokens
+
+    def __repr__(self) -> str:
+        return f"AdaptiveTokenSampler(k={self.k}, min_tokens={self.min_tokens})"
+
+    def select(self, view: AttentionView) -> Tensor | None:
+        layout = view.layout
+        prefix = layout.num_prefix
+        probe = probe_query(view.q, layout.valid, layout.has_class_token)
+        scores = significance_scores(probe_attention(probe, view.k, view.key_bias), view.v, prefix)
+        valid = None if layout.valid is None else layout.valid[:, prefix:]
+        keep = inverse_transform_sampling(scores, self._levels(scores, valid), valid, self.min_tokens)
+        if valid is None and bool(keep.all()):
+            return None
+        keep_prefix = torch.ones(keep.shape[0], prefix, dtype=torch.bool, device=keep.device)
+        return torch.cat([keep_prefix, keep], dim=1)
+
+    def _levels(self, scores: Tensor, valid: Tensor | None) -> int | Tensor:
+        if isinstance(self.k, int):
+            return self.k
+        counts = torch.full((scores.shape[0],), scores.shape[1], device=scores.device) if valid is None \
+            else valid.sum(dim=1)
+        return (counts * self.k).round().long().clamp_min(1)
+
+
+@dataclass
+class ATSConfig(MethodConfig):
+    """Options of ``vistok.patch(model, "ats", ...)``.
+
+    Attributes:
+        k: the most patch tokens a block keeps. An int (1 .. the model's patch count), a float in (0, 1]
+            (fraction of the block's current patch tokens), or a sequence with one value per block.
+            ``None``: the paper's setting, ``round(108 / 196 * patch count)`` in every block (108 on a
+            224 px /16 model).
+        blocks: indices of the blocks that sample. ``None``: the paper's multi-stage placement, blocks
+            3..11 on a 12-block model, scaled to other depths (``default_ats_blocks``).
+        min_tokens: a block never keeps fewer than this many patch tokens (nor more than it has).
+            ``k = min_tokens = patch count`` keeps every token: the patched model then computes exactly
+            what the unpatched one does.
+    """
+
+    k: int | float | Sequence[int | float] | None = None
+    blocks: Sequence[int] | None = None
+    min_tokens: int = 8
+
+    name: ClassVar[str] = "ats"
+
+    def build(self, info: BackboneInfo) -> dict[int, TokenReducer]:
+        blocks = resolve_block_indices(self.blocks, info.num_blocks, default_ats_blocks(info.num_blocks))
+        budgets = self._per_block_k(info, len(blocks))
+        if isinstance(self.min_tokens, bool) or not isinstance(self.min_tokens, int) \
+                or not 1 <= self.min_tokens <= info.num_patches:
+            raise InvalidConfigError(
+                f"ats: min_tokens must be an int in [1, {info.num_patches}] (the model's patch tokens), "
+                f"got {self.min_tokens!r}")
+        return {block: AdaptiveTokenSampler(k, self.min_tokens) for block, k in zip(blocks, budgets, strict=True)}
+
+    def _per_block_k(self, info: BackboneInfo, num_blocks: int) -> list[int | float]:
+        if self.k is None:
+            return [max(1, round(PAPER_KEEP_FRACTION * info.num_patches))] * num_blocks
+        if isinstance(self.k, Sequence) and not isinstance(self.k, str):
+            if len(self.k) != num_blocks:
+                raise InvalidConfigError(
+                    f"ats: k has {len(self.k)} values but {num_blocks} blocks are patched; give one k or "
+                    "one per block")
+            return [_check_k(k, info.num_patches) for k in self.k]
+        return [_check_k(self.k, info.num_patches)] * num_blocks
+
+
+def _check_k(k: object, num_patches: int) -> int | float:
+    if isinstance(k, bool) or not isinstance(k, (int, float)):
+        raise InvalidConfigError(f"ats: k must be an int or a float, got {type(k).__name__} {k!r}")
+    if isinstance(k, int):
+        if not 1 <= k <= num_patches:
+            raise InvalidConfigError(
+                f"ats: k={k} is outside [1, {num_patches}]: the model has {num_patches} patch tokens")
+        return k
+    if not 0.0 < k <= 1.0:
+        raise InvalidConfigError(f"ats: a fractional k must be in (0, 1], got {k}")
+    return float(k)

@@ -1,0 +1,81 @@
+"""What a token-reduction method is to the engine: a config that builds one reducer per chosen block."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import ClassVar
+
+from torch import Tensor
+
+from ..backbones.base import BackboneInfo
+from ..errors import InvalidConfigError
+from ..tokens import TokenLayout
+
+__all__ = ["AttentionView", "TokenReducer", "MethodConfig", "resolve_block_indices"]
+
+
+@dataclass(frozen=True)
+class AttentionView:
+    """What a block exposes to a method, just before its attention runs.
+
+    ``q``, ``k``, ``v``: ``[B, H, N, d]`` after the model's own q/k norms and rotary embedding.
+    ``key_bias``: ``[B, 1, 1, N]`` additive bias the block's attention uses (padding, sizes) or ``None``.
+    """
+
+    q: Tensor
+    k: Tensor
+    v: Tensor
+    layout: TokenLayout
+    key_bias: Tensor | None
+
+
+class TokenReducer(ABC):
+    """The per-block part of a method: decides which tokens the block keeps."""
+
+    @abstractmethod
+    def select(self, view: AttentionView) -> Tensor | None:
+        """``[B, N]`` bool keep mask over the block's input tokens (prefix positions must be True,
+        padding False), or ``None`` to keep everything. Only kept tokens are computed from here on."""
+
+
+@dataclass
+class MethodConfig(ABC):
+    """Base of the dataclass configs (``vistok.ATSConfig``, ...). ``name`` is the registry key."""
+
+    name: ClassVar[str]
+
+    @abstractmethod
+    def build(self, info: BackboneInfo) -> dict[int, TokenReducer]:
+        """Validate against the model and return ``{block index: reducer}``.
+
+        Raises:
+            InvalidConfigError: an option is out of range or does not fit the model.
+        """
+
+
+def resolve_block_indices(blocks: Sequence[int] | None, depth: int, default: Sequence[int]) -> list[int]:
+    """Validate block indices against a model of ``depth`` blocks; negative indices count from the end.
+
+    Returns the sorted indices (``default`` when ``blocks`` is ``None``).
+
+    Raises:
+        InvalidConfigError: not a sequence of ints, empty, out of range, or repeated.
+    """
+    if blocks is None:
+        blocks = default
+    if isinstance(blocks, (str, bytes)) or not isinstance(blocks, Sequence):
+        raise InvalidConfigError(f"blocks must be a sequence of block indices, got {blocks!r}")
+    if len(blocks) == 0:
+        raise InvalidConfigError("blocks is empty: there is nothing to patch")
+    resolved = []
+    for block in blocks:
+        if isinstance(block, bool) or not isinstance(block, int):
+            raise InvalidConfigError(f"blocks must hold ints, got {block!r}")
+        if not -depth <= block < depth:
+            raise InvalidConfigError(f"block index {block} is out of range: the model has {depth} blocks")
+        resolved.append(block % depth)
+    if len(set(resolved)) != len(resolved):
+        raise InvalidConfigError(f"blocks {list(blocks)} name the same block twice")
+    return sorted(resolved)

@@ -1,0 +1,17 @@
+"""Pure tensor functions: gathers, attention pieces, token sampling. No model knowledge lives here."""
+
+from .attention import attend, probe_attention, probe_query
+from .gather import gather_head_tokens, gather_rope, gather_tokens, keep_mask_to_index
+from .sampling import inverse_transform_sampling, significance_scores
+
+__all__ = [
+    "attend",
+    "probe_attention",
+    "probe_query",
+    "gather_tokens",
+    "gather_head_tokens",
+    "gather_rope",
+    "keep_mask_to_index",
+    "inverse_transform_sampling",
+    "significance_scores",
+]

@@ -1,0 +1,128 @@
+"""Inverse transform sampling of tokens from significance scores (the sampling step of ATS)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["inverse_transform_sampling", "significance_scores"]
+
+
+def significance_scores(probe_attn: Tensor, v: Tensor, num_prefix: int) -> Tensor:
+    """ATS significance of every non-prefix token: attention from the probe (CLS) query summed over heads,
+    times the norm of the token's value vector (all heads concatenated). Not normalised.
+
+    Args:
+        probe_attn: ``[B, H, N]`` attention weights of the probe query.
+        v: ``[B, H, N, d]`` values.
+        num_prefix: tokens at the front that are not scored.
+
+    Returns:
+        ``[B, N - num_prefix]`` non-negative scores.
+    """
+    value_norm = v.transpose(1, 2).flatten(2).norm(dim=-1)
+    return (probe_attn.sum(dim=1) * value_norm)[:, num_prefix:]
+
+
+def inverse_transform_sampling(
+    scores: Tensor,
+    num_levels: int | Tensor,
+    valid: Tensor | None = None,
+    min_keep: int = 0,
+) -> Tensor:
+    """Pick tokens by inverse transform sampling of their normalised scores (Fayyaz et al., ECCV 2022).
+
+    Per image: normalise the scores of the valid tokens to sum to one; sort them in ascending order; form
+    the cumulative distribution and rescale it to ``[0, 1]`` (the lowest token sits at 0); place
+    ``num_levels`` evenly spaced levels from the smallest positive CDF value up to 1; keep, for each level,
+    the token whose CDF value is nearest (ties go to the lower position); drop duplicates. An image therefore
+    keeps at most ``num_levels`` tokens, fewer when its scores are concentrated. Deterministic.
+
+    If fewer than ``min(min_keep, number of valid tokens)`` tokens are kept, the highest-scoring unkept
+    tokens are added until that many are kept (so ``min_keep >= N`` keeps every valid token).
+
+    Args:
+        scores: ``[B, N]`` non-negative scores.
+        num_levels: levels per image, an int or a ``[B]`` long tensor, each ``>= 1``.
+        valid: ``[B, N]`` bool; invalid (padding) tokens are never kept. ``None``: all valid.
+        min_keep: lower bound on the number of kept tokens.
+
+    Returns:
+        ``[B, N]`` bool keep mask.
+    """
+    if scores.dim() != 2:
+        raise ValueError(f"inverse_transform_sampling: scores must be [B, N], got {tuple(scores.shape)}")
+    batch, n = scores.shape
+    device = scores.device
+    if valid is None:
+        valid = torch.ones(batch, n, dtype=torch.bool, device=device)
+    levels = torch.as_tensor(num_levels, device=device).long().expand(batch)
+    if bool((levels < 1).any()):
+        raise ValueError("inverse_transform_sampling: num_levels must be >= 1")
+
+    probs = _normalise(scores, valid)
+    n_valid = valid.sum(dim=1)
+
+    # Ascending order with padding first: padding gets key -1, below every probability.
+    sorted_key, order = probs.masked_fill(~valid, -1.0).sort(dim=1, stable=True)
+    cdf = sorted_key.clamp_min(0.0).cumsum(dim=1)
+    first_valid = n - n_valid
+    cdf_low = cdf.gather(1, first_valid.clamp(max=n - 1)[:, None])
+    span = (cdf[:, -1:] - cdf_low).clamp_min(torch.finfo(cdf.dtype).tiny)
+    position = torch.arange(n, device=device)[None, :]
+    ncdf = ((cdf - cdf_low) / span).masked_fill(position < first_valid[:, None], float("-inf"))
+
+    # Levels: evenly spaced from the smallest positive CDF value up to 1 (a single level sits at 1).
+    start = ncdf.masked_fill(ncdf <= 0, float("inf")).amin(dim=1, keepdim=True)
+    start = torch.where(torch.isinf(start), torch.ones_like(start), start)
+    width = int(levels.max())
+    step_index = torch.arange(width, device=device, dtype=ncdf.dtype)[None, :]
+    step = (1.0 - start) / (levels[:, None] - 1).clamp_min(1).to(ncdf.dtype)
+    targets = torch.where(levels[:, None] == 1, torch.ones_like(step_index), start + step_index * step)
+    in_use = step_index < levels[:, None]
+
+    picked = _nearest_sorted(ncdf, targets)
+    picked = torch.where(in_use, picked, torch.full_like(picked, n))
+    keep_sorted = torch.zeros(batch, n + 1, dtype=torch.bool, device=device)
+    keep_sorted.scatter_(1, picked, True)
+    keep_sorted = keep_sorted[:, :n] & (position >= first_valid[:, None])
+
+    keep = torch.zeros_like(keep_sorted).scatter(1, order, keep_sorted)
+    return _top_up(keep, probs, valid, min_keep)
+
+
+def _normalise(scores: Tensor, valid: Tensor) -> Tensor:
+    """Scores of valid tokens divided by their sum, in fp32 at least; uniform where all are zero."""
+    dtype = torch.promote_types(scores.dtype, torch.float32)
+    masked = scores.to(dtype).clamp_min(0.0) * valid
+    total = masked.sum(dim=1, keepdim=True)
+    uniform = valid.to(dtype) / valid.sum(dim=1, keepdim=True).clamp_min(1)
+    return torch.where(total > 0, masked / total.clamp_min(torch.finfo(dtype).tiny), uniform)
+
+
+def _nearest_sorted(values: Tensor, targets: Tensor) -> Tensor:
+    """For each target, the first position of the value nearest to it in each ascending row of
+    ``values`` (ties between a lower and a higher value go to the lower)."""
+    n = values.shape[1]
+    above = torch.searchsorted(values, targets).clamp(max=n - 1)
+    below = (above - 1).clamp(min=0)
+    value_above = values.gather(1, above)
+    value_below = values.gather(1, below)
+    # Equal values form plateaus: the nearest *first* position of the lower plateau is where it starts.
+    below = torch.searchsorted(values, value_below)
+    take_above = (value_above - targets).abs() < (targets - value_below).abs()
+    return torch.where(take_above, above, below)
+
+
+def _top_up(keep: Tensor, probs: Tensor, valid: Tensor, min_keep: int) -> Tensor:
+    """Add the highest-scoring unkept valid tokens until ``min(min_keep, n_valid)`` are kept."""
+    if min_keep <= 0:
+        return keep
+    need = (torch.minimum(valid.sum(dim=1), torch.tensor(min_keep, device=keep.device)) - keep.sum(dim=1))
+    if not bool((need > 0).any()):
+        return keep
+    candidates = probs.masked_fill(~valid | keep, -1.0)
+    order = candidates.argsort(dim=1, descending=True, stable=True)
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1], device=keep.device)
+                                            .expand_as(order))
+    return keep | (rank < need.clamp_min(0)[:, None])

@@ -1,0 +1,210 @@
+"""``vistok.patch``: one call to make a model spend fewer tokens, one call (``handle.remove()``) to undo it.
+
+How it works: from the first block a method acts on to the last block, each block's ``forward`` is
+replaced (on the instance, not the class) by :func:`vistok.block.run_block` over the block's own modules.
+A per-model tracker carries the :class:`TokenLayout` from block to block beside the token tensor, so the
+model's own ``forward``, ``forward_features``, ``nn.Sequential`` loop and hooks are left as they are. The
+model's ``pool`` is replaced by one that ignores padding and weighs tokens by size, and a pre-hook on the
+patch embedding turns a wrong input shape into a clear error. Parameters and buffers are never touched.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+from torch import Tensor, nn
+
+from .backbones import Backbone, BackboneInfo, resolve_backbone
+from .block import run_block
+from .errors import AlreadyPatchedError, PatchStateError
+from .methods import MethodConfig, TokenReducer, create_config
+from .tokens import TokenLayout
+
+__all__ = ["PatchHandle", "patch", "unpatch", "get_handle"]
+
+_HANDLES: weakref.WeakKeyDictionary[nn.Module, PatchHandle] = weakref.WeakKeyDictionary()
+
+
+class _LayoutTracker:
+    """Carries the token layout from one patched block to the next during a forward pass."""
+
+    def __init__(self, model: nn.Module, info: BackboneInfo, first_block: int) -> None:
+        self._model = weakref.ref(model)
+        self.info = info
+        self.first_block = first_block
+        self.layout: TokenLayout | None = None
+        self.layouts: dict[int, TokenLayout] = {}
+        self.input_tokens = 0
+        self._last_output: weakref.ref | None = None
+
+    def enter(self, block: int, x: Tensor) -> TokenLayout:
+        if block == self.first_block:
+            model = self._model()
+            if model is not None and getattr(model, "grad_checkpointing", False):
+                raise PatchStateError(
+                    "gradient checkpointing re-runs blocks out of order, which vistok cannot follow; call "
+                    "model.set_grad_checkpointing(False) while the model is patched")
+            self.layouts = {}
+            self.input_tokens = x.shape[1]
+            self.layout = TokenLayout.original(x, self.info.num_prefix, self.info.has_class_token)
+        elif self.layout is None or self._last_output is None or self._last_output() is not x:
+            raise PatchStateError(
+                f"block {block} received tokens that are not the ones block {block - 1} returned (shape "
+                f"{tuple(x.shape)}). vistok carries which tokens were kept from block to block; run the blocks "
+                "in order, and do not replace their outputs (e.g. with forward hooks) while patched.")
+        return self.layout
+
+    def leave(self, block: int, x: Tensor, layout: TokenLayout) -> None:
+        self.layout = layout
+        self.layouts[block] = layout
+        self._last_output = weakref.ref(x)
+
+    def current(self) -> TokenLayout | None:
+        return self.layout
+
+
+def _make_block_forward(block_index: int, backbone: Backbone, reducer: TokenReducer | None,
+                        tracker: _LayoutTracker) -> Callable[..., Tensor]:
+    ops = backbone.block_ops(block_index)
+
+    def forward(x: Tensor, *args: Any, rope: Tensor | None = None, attn_mask: Tensor | None = None,
+                is_causal: bool = False) -> Tensor:
+        if args or attn_mask is not None or is_causal:
+            raise PatchStateError(
+                "a vistok-patched block takes no attention mask or causal flag (tokens are masked by vistok "
+                "itself); remove the patch to run the model with attn_mask/is_causal")
+        layout = tracker.enter(block_index, x)
+        x, layout = run_block(ops, x, layout, reducer, rope)
+        tracker.leave(block_index, x, layout)
+        return x
+
+    return forward
+
+
+class PatchHandle:
+    """A patched model. ``remove()`` (or leaving a ``with`` block) restores the original model exactly.
+
+    Attributes:
+        model: the patched model.
+        config: the method's validated config.
+        info: what vistok found out about the model (family, blocks, prefix tokens, patch grid).
+        reducers: ``{block index: per-block reducer}`` for the blocks the method acts on.
+    """
+
+    def __init__(self, model: nn.Module, config: MethodConfig, backbone: Backbone,
+                 reducers: dict[int, TokenReducer]) -> None:
+        self.model = model
+        self.config = config
+        self.info = backbone.info
+        self.reducers = reducers
+        first = min(reducers)
+        self._tracker = _LayoutTracker(model, backbone.info, first)
+        self._undo: list[Callable[[], None]] = []
+        blocks = backbone.blocks()
+        try:
+            for index in range(first, len(blocks)):
+                blocks[index].forward = _make_block_forward(index, backbone, reducers.get(index), self._tracker)
+                self._undo.append(_deleter(blocks[index], "forward"))
+            self._undo.append(backbone.install_pooling(self._tracker.current))
+            self._undo.append(backbone.install_input_check())
+        except BaseException:
+            self._restore()
+            raise
+        _HANDLES[model] = self
+
+    @property
+    def active(self) -> bool:
+        """False once :meth:`remove` has run."""
+        return _HANDLES.get(self.model) is self
+
+    @property
+    def layouts(self) -> dict[int, TokenLayout]:
+        """The token layout after each patched block, from the last forward pass."""
+        return dict(self._tracker.layouts)
+
+    def tokens_per_block(self) -> list[float]:
+        """Mean number of tokens (prefix included, padding excluded) each block output in the last forward
+        pass, one entry per block of the model. Blocks before the first patched one keep their input."""
+        tracker = self._tracker
+        if not tracker.layouts:
+            raise PatchStateError("no forward pass has run through the patched model yet")
+        counts = [float(tracker.input_tokens)] * tracker.first_block
+        counts += [float(tracker.layouts[i].num_valid().float().mean()) for i in sorted(tracker.layouts)]
+        return counts
+
+    def remove(self) -> None:
+        """Restore the model. Calling it again does nothing."""
+        if not self.active:
+            return
+        self._restore()
+        del _HANDLES[self.model]
+
+    def _restore(self) -> None:
+        while self._undo:
+            self._undo.pop()()
+        self._tracker.layout = None
+
+    def __enter__(self) -> PatchHandle:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+    def __repr__(self) -> str:
+        state = "active" if self.active else "removed"
+        return (f"PatchHandle({self.config!r} on {self.info.model_class}, blocks "
+                f"{sorted(self.reducers)}, {state})")
+
+
+def _deleter(obj: object, name: str) -> Callable[[], None]:
+    def undo() -> None:
+        delattr(obj, name)
+
+    return undo
+
+
+def patch(model: nn.Module, method: str | MethodConfig, **options: Any) -> PatchHandle:
+    """Make ``model`` spend fewer tokens with ``method``; reversible with ``handle.remove()``.
+
+    Args:
+        model: a supported vision transformer (see the README's table), in any mode and on any device.
+        method: a registered name (``vistok.list_methods()``) or a config object such as
+            ``vistok.ATSConfig(k=108)``.
+        **options: the method's options when ``method`` is a name, e.g. ``k=108, blocks=range(3, 12)``.
+
+    Returns:
+        A :class:`PatchHandle`; also a context manager that removes the patch on exit.
+
+    Raises:
+        UnknownMethodError: ``method`` is not registered.
+        InvalidConfigError: an option is invalid or does not fit the model.
+        UnsupportedModelError: vistok cannot patch this model correctly (nothing is changed).
+        AlreadyPatchedError: the model is already patched.
+    """
+    config = create_config(method, **options)
+    if isinstance(model, nn.Module) and model in _HANDLES:
+        raise AlreadyPatchedError(
+            f"this {type(model).__name__} is already patched ({_HANDLES[model]!r}); call handle.remove() or "
+            "vistok.unpatch(model) first")
+    backbone = resolve_backbone(model)
+    for index, block in enumerate(backbone.blocks()):
+        if "forward" in vars(block):
+            raise AlreadyPatchedError(
+                f"{type(model).__name__}.blocks[{index}] already has a replaced forward (another patch?)")
+    reducers = config.build(backbone.info)
+    return PatchHandle(model, config, backbone, reducers)
+
+
+def get_handle(model: nn.Module) -> PatchHandle | None:
+    """The active handle of a patched model, or ``None``."""
+    return _HANDLES.get(model)
+
+
+def unpatch(model: nn.Module) -> None:
+    """Remove vistok's patch from ``model`` (no-op if it is not patched)."""
+    handle = _HANDLES.get(model)
+    if handle is not None:
+        handle.remove()
+
