@@ -16,7 +16,7 @@ from .errors import (
     UnsupportedModelError,
     VistokError,
 )
-from .methods import ATSConfig, MethodConfig, create_config, list_methods, register_method
+from .methods import ATSConfig, MergeConfig, MethodConfig, create_config, list_methods, register_method
 from .patching import PatchHandle, get_handle, patch, unpatch
 from .tokens import TokenLayout
 
@@ -32,6 +32,7 @@ __all__ = [
     "PatchHandle",
     "MethodConfig",
     "ATSConfig",
+    "MergeConfig",
     "TokenLayout",
     "measure",
     "ops",

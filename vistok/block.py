@@ -21,8 +21,10 @@ def run_block(
 ) -> tuple[Tensor, TokenLayout]:
     """Run one pre-norm block on ``x`` ``[B, N, C]`` whose positions are described by ``layout``.
 
-    Padding never serves as a key. If ``reducer`` keeps a subset of tokens, attention outputs, residuals
-    and the MLP are computed for that subset only (every valid token still serves as a key).
+    Padding never serves as a key; merged tokens count as their size (proportional attention). If
+    ``reducer`` keeps a subset of tokens, attention outputs, residuals and the MLP are computed for that
+    subset only (every valid token still serves as a key); if it merges tokens after attention, the MLP
+    runs on the merged tokens.
 
     Args:
         rope: the model's rotary embedding for its original patch grid (``[N0, D]`` or ``[H, N0, D]``);
@@ -34,14 +36,20 @@ def run_block(
     h = ops.norm1(x)
     q, k, v = ops.qkv(h, _rope_for(rope, layout))
     key_bias = layout.key_bias(q.dtype)
+    out_keys = k
     if reducer is not None:
         keep = reducer.select(AttentionView(q, k, v, layout, key_bias))
         if keep is not None and not bool(keep.all()):
             index, valid = keep_mask_to_index(keep)
             q, x, h = gather_head_tokens(q, index), gather_tokens(x, index), gather_tokens(h, index)
+            out_keys = gather_head_tokens(k, index)
             layout = layout.select(index, valid)
     o = attend(q, k, v, key_bias, ops.dropout_p)
     x = x + ops.attn_residual(ops.attn_out(o, h))
+    if reducer is not None:
+        merged = reducer.merge(x, out_keys, layout)
+        if merged is not None:
+            x, layout = merged
     x = x + ops.mlp_residual(x)
     return x, layout
 

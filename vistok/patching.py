@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from .backbones import Backbone, BackboneInfo, resolve_backbone
 from .block import run_block
 from .errors import AlreadyPatchedError, PatchStateError
-from .methods import MethodConfig, TokenReducer, create_config
+from .methods import MethodConfig, MethodSpec, TokenReducer, create_config
 from .tokens import TokenLayout
 
 __all__ = ["PatchHandle", "patch", "unpatch", "get_handle"]
@@ -30,10 +30,11 @@ _HANDLES: weakref.WeakKeyDictionary[nn.Module, PatchHandle] = weakref.WeakKeyDic
 class _LayoutTracker:
     """Carries the token layout from one patched block to the next during a forward pass."""
 
-    def __init__(self, model: nn.Module, info: BackboneInfo, first_block: int) -> None:
+    def __init__(self, model: nn.Module, info: BackboneInfo, first_block: int, trace: bool) -> None:
         self._model = weakref.ref(model)
         self.info = info
         self.first_block = first_block
+        self.trace = trace
         self.layout: TokenLayout | None = None
         self.layouts: dict[int, TokenLayout] = {}
         self.input_tokens = 0
@@ -48,7 +49,7 @@ class _LayoutTracker:
                     "model.set_grad_checkpointing(False) while the model is patched")
             self.layouts = {}
             self.input_tokens = x.shape[1]
-            self.layout = TokenLayout.original(x, self.info.num_prefix, self.info.has_class_token)
+            self.layout = TokenLayout.original(x, self.info.num_prefix, self.info.has_class_token, self.trace)
         elif self.layout is None or self._last_output is None or self._last_output() is not x:
             raise PatchStateError(
                 f"block {block} received tokens that are not the ones block {block - 1} returned (shape "
@@ -100,7 +101,8 @@ class PatchHandle:
         self.info = backbone.info
         self.reducers = reducers
         first = min(reducers)
-        self._tracker = _LayoutTracker(model, backbone.info, first)
+        trace = any(reducer.traces_members for reducer in reducers.values())
+        self._tracker = _LayoutTracker(model, backbone.info, first, trace)
         self._undo: list[Callable[[], None]] = []
         blocks = backbone.blocks()
         try:
@@ -165,13 +167,14 @@ def _deleter(obj: object, name: str) -> Callable[[], None]:
     return undo
 
 
-def patch(model: nn.Module, method: str | MethodConfig, **options: Any) -> PatchHandle:
+def patch(model: nn.Module, method: MethodSpec | list[MethodSpec], **options: Any) -> PatchHandle:
     """Make ``model`` spend fewer tokens with ``method``; reversible with ``handle.remove()``.
 
     Args:
         model: a supported vision transformer (see the README's table), in any mode and on any device.
-        method: a registered name (``vistok.list_methods()``) or a config object such as
-            ``vistok.ATSConfig(k=108)``.
+        method: a registered name (``vistok.list_methods()``), a config object such as
+            ``vistok.ATSConfig(k=108)``, or a list of names / ``(name, options)`` pairs / configs applied
+            together, e.g. ``[("ats", {"k": 120, "blocks": [3]}), ("merge", {"r": 8, "blocks": [6, 7]})]``.
         **options: the method's options when ``method`` is a name, e.g. ``k=108, blocks=range(3, 12)``.
 
     Returns:

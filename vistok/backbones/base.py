@@ -23,6 +23,7 @@ class BackboneInfo:
     num_prefix: int
     has_class_token: bool
     grid_size: tuple[int, int]
+    rotary: bool = False
 
     @property
     def num_patches(self) -> int:

@@ -155,6 +155,7 @@ class _TimmBackbone(Backbone):
             num_prefix=model.num_prefix_tokens,
             has_class_token=self._has_class_token(),
             grid_size=tuple(model.patch_embed.grid_size),
+            rotary=getattr(model, "rope", None) is not None,
         )
 
     def blocks(self) -> list[nn.Module]:

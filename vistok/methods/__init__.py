@@ -9,16 +9,23 @@ from typing import Any
 from ..errors import InvalidConfigError, UnknownMethodError
 from .ats import AdaptiveTokenSampler, ATSConfig
 from .base import AttentionView, MethodConfig, TokenReducer
+from .compose import ComposedConfig, ComposedReducer
+from .merge import MergeConfig, TokenMerger
 
 __all__ = [
     "ATSConfig",
     "AdaptiveTokenSampler",
+    "MergeConfig",
+    "TokenMerger",
+    "ComposedConfig",
+    "ComposedReducer",
     "AttentionView",
     "MethodConfig",
     "TokenReducer",
     "register_method",
     "list_methods",
     "create_config",
+    "MethodSpec",
 ]
 
 _REGISTRY: dict[str, type[MethodConfig]] = {}
@@ -37,8 +44,25 @@ def list_methods() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def create_config(method: str | MethodConfig, **options: Any) -> MethodConfig:
-    """A validated-by-type config from a method name and keyword options, or a config instance as is."""
+MethodSpec = str | MethodConfig | tuple[str, dict[str, Any]]
+
+
+def create_config(method: MethodSpec | list[MethodSpec], **options: Any) -> MethodConfig:
+    """A config from a method name and keyword options, a config instance as is, or, for a list of
+    names / ``(name, options)`` pairs / configs, a :class:`ComposedConfig` applying them together."""
+    if isinstance(method, list):
+        if options:
+            raise InvalidConfigError("with a list of methods, give each its options in the list, e.g. "
+                                     "[('ats', {'k': 100}), ('merge', {'r': 8})]")
+        return ComposedConfig(tuple(_one_config(spec) for spec in method))
+    return _one_config(method, **options)
+
+
+def _one_config(method: MethodSpec, **options: Any) -> MethodConfig:
+    if isinstance(method, tuple):
+        if len(method) != 2 or not isinstance(method[1], dict):
+            raise InvalidConfigError(f"expected (name, options dict), got {method!r}")
+        return _one_config(method[0], **method[1])
     if isinstance(method, MethodConfig):
         if options:
             raise InvalidConfigError(
@@ -61,3 +85,4 @@ def create_config(method: str | MethodConfig, **options: Any) -> MethodConfig:
 
 
 register_method(ATSConfig)
+register_method(MergeConfig)

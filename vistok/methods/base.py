@@ -31,13 +31,22 @@ class AttentionView:
     key_bias: Tensor | None
 
 
-class TokenReducer(ABC):
-    """The per-block part of a method: decides which tokens the block keeps."""
+class TokenReducer:
+    """The per-block part of a method. A block calls ``select`` before its attention and ``merge`` after
+    the attention residual (before the MLP); each returns ``None`` to leave the tokens as they are."""
 
-    @abstractmethod
+    #: whether the method needs ``TokenLayout.members`` (which original tokens each position stands for)
+    traces_members: bool = False
+
     def select(self, view: AttentionView) -> Tensor | None:
         """``[B, N]`` bool keep mask over the block's input tokens (prefix positions must be True,
         padding False), or ``None`` to keep everything. Only kept tokens are computed from here on."""
+        return None
+
+    def merge(self, x: Tensor, keys: Tensor, layout: TokenLayout) -> tuple[Tensor, TokenLayout] | None:
+        """Merge tokens after attention: ``x`` ``[B, N, C]``, their keys ``[B, H, N, d]`` and layout ->
+        fewer tokens and their layout, or ``None``. Prefix positions must stay in front, unchanged."""
+        return None
 
 
 @dataclass

@@ -1,0 +1,120 @@
+"""Token merging (ToMe; Bolya et al., "Token Merging: Your ViT But Faster", ICLR 2023), training-free.
+
+In each chosen block, after the attention residual and before the MLP, the patch tokens are split into
+alternating sets A and B, each A token is matched to its most similar B token (cosine similarity of the
+keys averaged over heads), and the ``r`` best-matched A tokens are merged into their B partners by a
+size-weighted average. Sizes are tracked, and attention adds ``log(size)`` to each key (proportional
+attention) so a merged token weighs as much as the tokens it replaced. Prefix tokens never merge.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+from ..backbones.base import BackboneInfo
+from ..errors import InvalidConfigError, UnsupportedModelError
+from ..ops.gather import gather_tokens, keep_mask_to_index
+from ..ops.merging import bipartite_soft_matching, merge_weighted
+from ..tokens import TokenLayout
+from .base import MethodConfig, TokenReducer, resolve_block_indices
+
+__all__ = ["MergeConfig", "TokenMerger", "merge_schedule"]
+
+_SCHEDULES = ("constant", "decreasing")
+
+
+class TokenMerger(TokenReducer):
+    """ToMe in one block: each image removes ``r`` tokens, or half of its patch tokens if that is fewer."""
+
+    def __init__(self, r: int, proportional_attention: bool = True, trace_source: bool = False) -> None:
+        self.r = r
+        self.proportional_attention = proportional_attention
+        self.traces_members = trace_source
+
+    def __repr__(self) -> str:
+        return f"TokenMerger(r={self.r})"
+
+    def merge(self, x: Tensor, keys: Tensor, layout: TokenLayout) -> tuple[Tensor, TokenLayout] | None:
+        prefix = layout.num_prefix
+        patches = layout.num_valid(x.device) - prefix
+        r = torch.clamp(patches // 2, max=self.r)
+        if not bool((r > 0).any()):
+            return None
+        weights = layout.token_weights(x.dtype, x.device)
+        valid = None if layout.valid is None else layout.valid[:, prefix:]
+        matching = bipartite_soft_matching(keys.mean(dim=1)[:, prefix:], r, valid)
+        merged, merged_weights = merge_weighted(x[:, prefix:], weights[:, prefix:], matching)
+        weights = torch.cat([weights[:, :prefix], merged_weights], dim=1)
+        arranged = layout.rearrange_merged(matching, weights)
+        index, valid = keep_mask_to_index(arranged.valid)
+        x = gather_tokens(torch.cat([x[:, :prefix], merged], dim=1), index)
+        new_layout = arranged.select(index, valid)
+        return x, replace(new_layout, proportional=self.proportional_attention)
+
+
+def merge_schedule(r: int, num_blocks: int, schedule: str) -> list[int]:
+    """Tokens to merge in each of ``num_blocks`` blocks: ``"constant"`` (``r`` each) or ``"decreasing"``
+    (linearly from ``2 r`` in the first block to 0 in the last, about the same total)."""
+    if schedule == "constant" or num_blocks == 1:
+        return [r] * num_blocks
+    return [round(2 * r * (num_blocks - 1 - i) / (num_blocks - 1)) for i in range(num_blocks)]
+
+
+@dataclass
+class MergeConfig(MethodConfig):
+    """Options of ``vistok.patch(model, "merge", ...)``.
+
+    Attributes:
+        r: tokens each block removes: an int, or one int per patched block. At most half of the model's
+            patch tokens; at run time a block never removes more than half of the patch tokens it has.
+        blocks: indices of the merging blocks; ``None``: every block.
+        schedule: ``"constant"`` or ``"decreasing"`` (from ``2 r`` down to 0; an int ``r`` only).
+        proportional_attention: add ``log(size)`` to attention logits (ToMe's default).
+        trace_source: track which original patches each token stands for (``TokenLayout.members``), for
+            visualisation.
+    """
+
+    r: int | Sequence[int] = 8
+    blocks: Sequence[int] | None = None
+    schedule: str = "constant"
+    proportional_attention: bool = True
+    trace_source: bool = False
+
+    name: ClassVar[str] = "merge"
+
+    def build(self, info: BackboneInfo) -> dict[int, TokenReducer]:
+        if info.rotary:
+            raise UnsupportedModelError(
+                f"merge: {info.model_class} uses rotary position embeddings, and a merged token has no single "
+                "position to rotate by; vistok refuses rather than pick one. Use 'ats' on this model.")
+        blocks = resolve_block_indices(self.blocks, info.num_blocks, list(range(info.num_blocks)))
+        if self.schedule not in _SCHEDULES:
+            raise InvalidConfigError(f"merge: schedule must be one of {_SCHEDULES}, got {self.schedule!r}")
+        if isinstance(self.r, Sequence) and not isinstance(self.r, str):
+            if self.schedule != "constant":
+                raise InvalidConfigError("merge: give either a list of r or a schedule, not both")
+            if len(self.r) != len(blocks):
+                raise InvalidConfigError(f"merge: r has {len(self.r)} values but {len(blocks)} blocks are patched")
+            values = [_check_r(r, info) for r in self.r]
+        else:
+            values = merge_schedule(_check_r(self.r, info), len(blocks), self.schedule)
+        return {block: TokenMerger(r, self.proportional_attention, self.trace_source)
+                for block, r in zip(blocks, values, strict=True)}
+
+
+def _check_r(r: object, info: BackboneInfo) -> int:
+    if isinstance(r, bool) or not isinstance(r, int):
+        raise InvalidConfigError(f"merge: r must be an int, got {type(r).__name__} {r!r}")
+    limit = info.num_patches // 2
+    if r < 0:
+        raise InvalidConfigError(f"merge: r must be >= 0, got {r}")
+    if r > limit:
+        raise InvalidConfigError(
+            f"merge: r={r} exceeds {limit}, the most a block can merge (half of the model's {info.num_patches} "
+            "patch tokens); merging more would have to take the prefix tokens")
+    return r

@@ -1,0 +1,92 @@
+"""Bipartite soft matching and size-weighted merging (the algorithm of Token Merging, Bolya et al.,
+ICLR 2023, written here from the paper's description)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .gather import gather_tokens
+
+__all__ = ["Matching", "bipartite_soft_matching", "merge_weighted"]
+
+
+@dataclass(frozen=True)
+class Matching:
+    """Which tokens of a ``[B, N]`` sequence merge where. Set A is the even positions, set B the odd ones.
+
+    ``a_positions`` ``[Na]`` and ``b_positions`` ``[Nb]``: the positions of the two sets; ``target``
+    ``[B, Na]``: each A token's most similar B token (an index into set B); ``merged`` ``[B, Na]`` bool:
+    whether the A token merges into its target.
+    """
+
+    a_positions: Tensor
+    b_positions: Tensor
+    target: Tensor
+    merged: Tensor
+
+    @property
+    def order(self) -> Tensor:
+        """``[Na + Nb]``: the positions in the order :func:`merge_weighted` lays tokens out (A, then B)."""
+        return torch.cat([self.a_positions, self.b_positions])
+
+
+def bipartite_soft_matching(metric: Tensor, r: int | Tensor, valid: Tensor | None = None) -> Matching:
+    """Match each token of set A (even positions) to its most similar token of set B (odd positions) by
+    cosine similarity of ``metric``, and mark the ``r`` best-matched A tokens of each image to merge.
+
+    Args:
+        metric: ``[B, N, d]`` (ToMe uses the keys averaged over heads).
+        r: tokens to remove per image, an int or ``[B]``; each at most the number of A tokens.
+        valid: ``[B, N]`` bool. Padding is never matched while a real token is available, and is ranked
+            last, so with ``r <= n_valid // 2`` only real tokens merge, into real tokens.
+
+    Returns:
+        The :class:`Matching`. Deterministic (stable sort on ties).
+    """
+    batch, n, _ = metric.shape
+    device = metric.device
+    a_positions = torch.arange(0, n, 2, device=device)
+    b_positions = torch.arange(1, n, 2, device=device)
+    r = torch.as_tensor(r, device=device).expand(batch)
+    if bool(((r < 0) | (r > len(a_positions))).any()):
+        raise ValueError(f"bipartite_soft_matching: r={r.tolist()} must be in [0, {len(a_positions)}] for N={n}")
+    metric = F.normalize(metric.float(), dim=-1)
+    scores = metric[:, a_positions] @ metric[:, b_positions].transpose(1, 2)
+    if valid is not None:
+        scores = scores.masked_fill(~valid[:, None, b_positions], float("-inf"))
+        scores = scores.masked_fill(~valid[:, a_positions, None], float("-inf"))
+    best, target = scores.max(dim=-1)
+    order = best.argsort(dim=-1, descending=True, stable=True)
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(len(a_positions), device=device)
+                                            .expand_as(order))
+    return Matching(a_positions, b_positions, target, rank < r[:, None])
+
+
+def merge_weighted(x: Tensor, weights: Tensor, matching: Matching) -> tuple[Tensor, Tensor]:
+    """Merge ``x`` ``[B, N, *rest]`` by ``matching``, each token weighted by ``weights`` ``[B, N]`` (its
+    size; 0 for padding): a merged token is the weighted mean of its parts and weighs their sum.
+
+    Returns:
+        Tokens ``[B, N, *rest]`` and weights ``[B, N]`` laid out in ``matching.order`` (set A, then set
+        B). Merged-away A tokens keep their value but get weight 0; drop them with
+        ``keep_mask_to_index(weights > 0)``. A B token that receives no weight keeps its value.
+    """
+    trailing = (1,) * (x.dim() - 2)
+    a_index = matching.a_positions.expand(x.shape[0], -1)
+    b_index = matching.b_positions.expand(x.shape[0], -1)
+    a_weight = gather_tokens(weights, a_index)
+    moved = a_weight * matching.merged
+    weighted = x * weights.reshape(*weights.shape, *trailing)
+    target = matching.target.reshape(*matching.target.shape, *trailing).expand(-1, -1, *x.shape[2:])
+    b_sum = gather_tokens(weighted, b_index).scatter_add(
+        1, target, gather_tokens(weighted, a_index) * matching.merged.reshape(*moved.shape, *trailing))
+    b_weight = gather_tokens(weights, b_index).scatter_add(1, matching.target, moved)
+    denominator = b_weight.reshape(*b_weight.shape, *trailing)
+    b_tokens = torch.where(denominator > 0, b_sum / denominator.clamp_min(torch.finfo(b_sum.dtype).tiny),
+                           gather_tokens(x, b_index))
+    tokens = torch.cat([gather_tokens(x, a_index), b_tokens], dim=1)
+    return tokens, torch.cat([a_weight - moved, b_weight], dim=1)
