@@ -119,7 +119,7 @@ def test_things_vistok_cannot_follow():
     model = make_model("vit")
     images = make_images(model, 1)
     with vistok.patch(model, "ats"):
-        with pytest.raises(PatchStateError, match="attn_mask"):
+        with pytest.raises(PatchStateError, match="no attention mask"):
             model(images, attn_mask=torch.ones(1, 197, 197, dtype=torch.bool))
         model.set_grad_checkpointing(True)
         with pytest.raises(PatchStateError, match="checkpointing"):

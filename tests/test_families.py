@@ -42,6 +42,7 @@ def test_remove_restores_the_model_bit_for_bit(family):
     assert torch.equal(after, expected)
     for name, module in model.named_modules():
         assert vars(module).keys() == modules_before[name].keys(), name
+        assert not module._forward_pre_hooks and not module._forward_hooks, name
     for key, value in model.state_dict().items():
         assert torch.equal(value, state_before[key]), key
     assert vistok.get_handle(model) is None

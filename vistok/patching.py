@@ -16,7 +16,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from .backbones import Backbone, BackboneInfo, resolve_backbone
+from .backbones import Backbone, resolve_backbone
 from .block import run_block
 from .errors import AlreadyPatchedError, PatchStateError
 from .methods import MethodConfig, MethodSpec, TokenReducer, create_config
@@ -24,15 +24,17 @@ from .tokens import TokenLayout
 
 __all__ = ["PatchHandle", "patch", "unpatch", "get_handle"]
 
-_HANDLES: weakref.WeakKeyDictionary[nn.Module, PatchHandle] = weakref.WeakKeyDictionary()
+# The handle lives on the patched module itself (a reference cycle the garbage collector handles), so a
+# patched model that is dropped is freed with its handle.
+_HANDLE_ATTR = "_vistok_handle"
 
 
 class _LayoutTracker:
     """Carries the token layout from one patched block to the next during a forward pass."""
 
-    def __init__(self, model: nn.Module, info: BackboneInfo, first_block: int, trace: bool) -> None:
-        self._model = weakref.ref(model)
-        self.info = info
+    def __init__(self, backbone: Backbone, first_block: int, trace: bool) -> None:
+        self._backbone = backbone
+        self.info = backbone.info
         self.first_block = first_block
         self.trace = trace
         self.layout: TokenLayout | None = None
@@ -42,11 +44,11 @@ class _LayoutTracker:
 
     def enter(self, block: int, x: Tensor) -> TokenLayout:
         if block == self.first_block:
-            model = self._model()
-            if model is not None and getattr(model, "grad_checkpointing", False):
+            if self._backbone.grad_checkpointing:
                 raise PatchStateError(
                     "gradient checkpointing re-runs blocks out of order, which vistok cannot follow; call "
-                    "model.set_grad_checkpointing(False) while the model is patched")
+                    "model.set_grad_checkpointing(False) (timm, open_clip) or model.gradient_checkpointing_disable() "
+                "(Hugging Face) while the model is patched")
             self.layouts = {}
             self.input_tokens = x.shape[1]
             self.layout = TokenLayout.original(x, self.info.num_prefix, self.info.has_class_token, self.trace)
@@ -70,18 +72,13 @@ def _make_block_forward(block_index: int, backbone: Backbone, reducer: TokenRedu
                         tracker: _LayoutTracker) -> Callable[..., Tensor]:
     ops = backbone.block_ops(block_index)
 
-    def forward(x: Tensor, *args: Any, rope: Tensor | None = None, attn_mask: Tensor | None = None,
-                is_causal: bool = False) -> Tensor:
-        if args or attn_mask is not None or is_causal:
-            raise PatchStateError(
-                "a vistok-patched block takes no attention mask or causal flag (tokens are masked by vistok "
-                "itself); remove the patch to run the model with attn_mask/is_causal")
+    def run(x: Tensor, rope: Tensor | None) -> Tensor:
         layout = tracker.enter(block_index, x)
         x, layout = run_block(ops, x, layout, reducer, rope)
         tracker.leave(block_index, x, layout)
         return x
 
-    return forward
+    return backbone.block_forward(run)
 
 
 class PatchHandle:
@@ -102,7 +99,7 @@ class PatchHandle:
         self.reducers = reducers
         first = min(reducers)
         trace = any(reducer.traces_members for reducer in reducers.values())
-        self._tracker = _LayoutTracker(model, backbone.info, first, trace)
+        self._tracker = _LayoutTracker(backbone, first, trace)
         self._undo: list[Callable[[], None]] = []
         blocks = backbone.blocks()
         try:
@@ -114,12 +111,12 @@ class PatchHandle:
         except BaseException:
             self._restore()
             raise
-        _HANDLES[model] = self
+        setattr(model, _HANDLE_ATTR, self)
 
     @property
     def active(self) -> bool:
         """False once :meth:`remove` has run."""
-        return _HANDLES.get(self.model) is self
+        return get_handle(self.model) is self
 
     @property
     def layouts(self) -> dict[int, TokenLayout]:
@@ -141,7 +138,7 @@ class PatchHandle:
         if not self.active:
             return
         self._restore()
-        del _HANDLES[self.model]
+        delattr(self.model, _HANDLE_ATTR)
 
     def _restore(self) -> None:
         while self._undo:
@@ -187,9 +184,10 @@ def patch(model: nn.Module, method: MethodSpec | list[MethodSpec], **options: An
         AlreadyPatchedError: the model is already patched.
     """
     config = create_config(method, **options)
-    if isinstance(model, nn.Module) and model in _HANDLES:
+    existing = get_handle(model) if isinstance(model, nn.Module) else None
+    if existing is not None:
         raise AlreadyPatchedError(
-            f"this {type(model).__name__} is already patched ({_HANDLES[model]!r}); call handle.remove() or "
+            f"this {type(model).__name__} is already patched ({existing!r}); call handle.remove() or "
             "vistok.unpatch(model) first")
     backbone = resolve_backbone(model)
     for index, block in enumerate(backbone.blocks()):
@@ -202,12 +200,12 @@ def patch(model: nn.Module, method: MethodSpec | list[MethodSpec], **options: An
 
 def get_handle(model: nn.Module) -> PatchHandle | None:
     """The active handle of a patched model, or ``None``."""
-    return _HANDLES.get(model)
+    return vars(model).get(_HANDLE_ATTR)
 
 
 def unpatch(model: nn.Module) -> None:
     """Remove vistok's patch from ``model`` (no-op if it is not patched)."""
-    handle = _HANDLES.get(model)
+    handle = get_handle(model)
     if handle is not None:
         handle.remove()
 

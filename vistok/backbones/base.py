@@ -10,7 +10,10 @@ from torch import Tensor, nn
 
 from ..errors import UnsupportedModelError
 
-__all__ = ["BackboneInfo", "BlockOps", "Backbone", "require_known_parts"]
+__all__ = ["BackboneInfo", "BlockOps", "Backbone", "BlockRunner", "require_known_parts", "NO_MASKS"]
+
+NO_MASKS = ("a vistok-patched block takes no attention mask or causal flag (vistok masks padding itself); "
+            "remove the patch to run the model with attention masks")
 
 
 @dataclass(frozen=True)
@@ -69,11 +72,36 @@ class BlockOps(ABC):
         """Attention dropout probability in the module's current mode."""
 
 
+BlockRunner = Callable[[Tensor, "Tensor | None"], Tensor]
+
+
 class Backbone(ABC):
-    """A supported model, ready to be patched. Construction checks everything and changes nothing."""
+    """A supported model, ready to be patched. Construction checks everything and changes nothing.
+
+    ``model`` is the vision tower whose blocks are patched (for a CLIP model, its image tower).
+    """
 
     info: BackboneInfo
     model: nn.Module
+    #: the model classes this family accepts as they are
+    model_classes: tuple[type, ...] = ()
+
+    @classmethod
+    def unwrap(cls, model: nn.Module) -> nn.Module | None:
+        """The inner vision tower if ``model`` is a wrapper this family knows (e.g. a CLIP model), else
+        ``None``. Raises ``UnsupportedModelError`` for a known wrapper vistok cannot patch."""
+        return None
+
+    @abstractmethod
+    def block_forward(self, run: BlockRunner) -> Callable[..., Tensor]:
+        """A replacement ``forward`` for a block, with the family's call signature, that calls
+        ``run(tokens, rope)``; arguments vistok cannot honour (attention masks, ...) raise
+        ``PatchStateError``."""
+
+    @property
+    @abstractmethod
+    def grad_checkpointing(self) -> bool:
+        """Whether the model currently re-runs blocks for gradient checkpointing."""
 
     @abstractmethod
     def blocks(self) -> list[nn.Module]:

@@ -31,7 +31,8 @@ from torch import Tensor, nn
 
 from ..errors import InputShapeError, PatchStateError, UnsupportedModelError
 from ..tokens import TokenLayout
-from .base import Backbone, BackboneInfo, BlockOps, require_known_parts
+from .base import NO_MASKS as _NO_MASKS
+from .base import Backbone, BackboneInfo, BlockOps, BlockRunner, require_known_parts
 
 try:  # timm >= 1.0.20
     from timm.layers import AttentionRope
@@ -160,6 +161,19 @@ class _TimmBackbone(Backbone):
 
     def blocks(self) -> list[nn.Module]:
         return list(self.model.blocks)
+
+    def block_forward(self, run: BlockRunner) -> Callable[..., Tensor]:
+        def forward(x: Tensor, *args: object, rope: Tensor | None = None, attn_mask: Tensor | None = None,
+                    is_causal: bool = False) -> Tensor:
+            if args or attn_mask is not None or is_causal:
+                raise PatchStateError(_NO_MASKS)
+            return run(x, rope)
+
+        return forward
+
+    @property
+    def grad_checkpointing(self) -> bool:
+        return bool(getattr(self.model, "grad_checkpointing", False))
 
     def block_ops(self, index: int) -> BlockOps:
         return self.block_ops_cls(self.model.blocks[index])

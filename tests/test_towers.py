@@ -1,0 +1,145 @@
+"""open_clip and Hugging Face image towers: parity, methods, padded batches, removal, refusals."""
+
+import open_clip
+import pytest
+import torch
+from test_families import TOL, _KeepAboveMeanConfig
+from transformers import (
+    CLIPConfig,
+    CLIPModel,
+    CLIPVisionConfig,
+    CLIPVisionModel,
+    SiglipVisionConfig,
+    SiglipVisionModel,
+)
+
+import vistok
+from vistok import InputShapeError, PatchStateError, UnsupportedModelError
+
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, image_size=64,
+            patch_size=8)
+
+
+def open_clip_model(name="ViT-B-32", **kwargs):
+    torch.manual_seed(0)
+    return open_clip.create_model(name, pretrained=None, **kwargs).eval()
+
+
+def hf_model(kind):
+    torch.manual_seed(0)
+    if kind == "clip":
+        return CLIPVisionModel(CLIPVisionConfig(**TINY)).eval()
+    if kind == "clip-full":
+        text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
+        return CLIPModel(CLIPConfig(vision_config=TINY, text_config=text)).eval()
+    return SiglipVisionModel(SiglipVisionConfig(**TINY)).eval()
+
+
+# each entry: build the model, make images, encode images to one tensor, patch count, blocks
+def _clip_case(name):
+    def build():
+        model = open_clip_model(name)
+        return model, torch.randn(3, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+    return build, lambda model, x: model.encode_image(x)
+
+
+def _hf_case(kind):
+    def build():
+        return hf_model(kind), torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    if kind == "clip-full":
+        return build, lambda model, x: model.get_image_features(pixel_values=x).pooler_output
+    return build, lambda model, x: model(pixel_values=x).pooler_output
+
+
+CASES = {
+    "open_clip ViT-B-32": _clip_case("ViT-B-32"),
+    "open_clip ViT-B-16": _clip_case("ViT-B-16"),
+    "hf CLIPVisionModel": _hf_case("clip"),
+    "hf CLIPModel": _hf_case("clip-full"),
+    "hf SiglipVisionModel": _hf_case("siglip"),
+}
+
+
+@pytest.fixture(params=sorted(CASES))
+def case(request):
+    build, encode = CASES[request.param]
+    model, images = build()
+    return model, images, encode
+
+
+def _handle_info(model):
+    with vistok.patch(model, "ats") as handle:
+        return handle.info
+
+
+def test_keep_everything_parity_and_removal(case):
+    model, images, encode = case
+    info = _handle_info(model)
+    patches, depth = info.num_patches, info.num_blocks
+    with torch.no_grad():
+        expected = encode(model, images)
+        with vistok.patch(model, "ats", k=patches, min_tokens=patches, blocks=range(depth)) as handle:
+            got = encode(model, images)
+            assert len(handle.layouts) == depth
+        with vistok.patch(model, "merge", r=0):
+            merged_nothing = encode(model, images)
+        after = encode(model, images)
+    assert (got - expected).abs().max() <= TOL
+    assert (merged_nothing - expected).abs().max() <= TOL
+    assert torch.equal(after, expected)
+    for module in model.modules():
+        assert "forward" not in vars(module) and "_global_pool" not in vars(module)
+
+
+@pytest.mark.parametrize("method", [("ats", {"k": 0.5}), ("merge", {"r": 6})])
+def test_methods_reduce_and_padded_batches_match_one_by_one(case, method):
+    model, images, encode = case
+    name, options = method
+    config = [_KeepAboveMeanConfig([1]), vistok.create_config(name, **{**options, "blocks": [2, 3]})]
+    with torch.no_grad(), vistok.patch(model, config) as handle:
+        batched = encode(model, images)
+        assert any(layout.valid is not None for layout in handle.layouts.values()), "test needs padding"
+        singles = torch.cat([encode(model, image[None]) for image in images])
+        assert handle.tokens_per_block()[-1] < 0.6 * handle.info.num_tokens
+    assert (batched - singles).abs().max() <= TOL
+
+
+def test_timm_trunk_towers_route_to_timm():
+    model = open_clip.create_model("ViT-B-32", pretrained=None)  # a plain tower first
+    assert _handle_info(model).family == "open_clip"
+    trunk = open_clip.timm_model.TimmModel("vit_small_patch16_224", embed_dim=32, pool="token", proj="linear")
+    with vistok.patch(trunk, "merge", r=4) as handle:
+        assert handle.info.family == "timm-vit"
+        features = trunk(torch.randn(2, 3, 224, 224))
+        assert features.shape == (2, 32) and handle.tokens_per_block()[0] == 193
+    attn_pooled = open_clip.timm_model.TimmModel("resnet18", embed_dim=32, pool="abs_attn", proj="", image_size=224)
+    with pytest.raises(UnsupportedModelError, match="pools with AttentionPool2d after the trunk"):
+        vistok.patch(attn_pooled, "ats")
+
+
+def test_hf_hidden_states_and_refusals():
+    model = hf_model("siglip")
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad(), vistok.patch(model, "ats", k=0.5, blocks=[1, 2]) as handle:
+        out = model(pixel_values=images, output_hidden_states=True)
+        counts = [state.shape[1] for state in out.hidden_states]
+        assert counts == [64, 64, 32, 16, 16] and handle.tokens_per_block() == [64.0, 32.0, 16.0, 16.0]
+        assert out.last_hidden_state.shape[1] == 16
+        with pytest.raises(PatchStateError, match="output_attentions"):
+            model(pixel_values=images, output_attentions=True)
+        with pytest.raises(InputShapeError, match="built for 64x64"):
+            model(pixel_values=torch.randn(1, 3, 32, 32))
+    model.gradient_checkpointing_enable()
+    with vistok.patch(model, "ats"), pytest.raises(PatchStateError, match="checkpointing"):
+        model.train()(pixel_values=images)
+
+
+def test_open_clip_refusals_and_input_check():
+    custom = open_clip_model("ViT-B-32", **{})
+    custom_block = open_clip.transformer.CustomResidualAttentionBlock(768, 12)
+    custom.visual.transformer.resblocks[3] = custom_block
+    with pytest.raises(UnsupportedModelError, match=r"resblocks\[3\] is CustomResidualAttentionBlock"):
+        vistok.patch(custom, "ats")
+    model = open_clip_model()
+    with vistok.patch(model, "ats"), pytest.raises(InputShapeError, match="224, 224"):
+        model.encode_image(torch.randn(1, 3, 200, 200))
