@@ -6,7 +6,7 @@
 >>> handle.remove()                           # the original model again
 """
 
-from . import measure, ops
+from . import measure, models, ops
 from .errors import (
     AlreadyPatchedError,
     InputShapeError,
@@ -16,7 +16,15 @@ from .errors import (
     UnsupportedModelError,
     VistokError,
 )
-from .methods import ATSConfig, MergeConfig, MethodConfig, create_config, list_methods, register_method
+from .methods import (
+    ATSConfig,
+    MergeConfig,
+    MethodConfig,
+    SuperTokenConfig,
+    create_config,
+    list_methods,
+    register_method,
+)
 from .patching import PatchHandle, get_handle, patch, unpatch
 from .tokens import TokenLayout
 
@@ -33,8 +41,10 @@ __all__ = [
     "MethodConfig",
     "ATSConfig",
     "MergeConfig",
+    "SuperTokenConfig",
     "TokenLayout",
     "measure",
+    "models",
     "ops",
     "VistokError",
     "UnsupportedModelError",

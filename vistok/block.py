@@ -34,19 +34,22 @@ def run_block(
         The block output ``[B, M, C]`` and its layout (``M <= N``).
     """
     h = ops.norm1(x)
-    q, k, v = ops.qkv(h, _rope_for(rope, layout))
-    key_bias = layout.key_bias(q.dtype)
-    out_keys = k
-    if reducer is not None:
-        keep = reducer.select(AttentionView(q, k, v, layout, key_bias))
-        if keep is not None and not bool(keep.all()):
-            index, valid = keep_mask_to_index(keep)
-            q, x, h = gather_head_tokens(q, index), gather_tokens(x, index), gather_tokens(h, index)
-            out_keys = gather_head_tokens(k, index)
-            layout = layout.select(index, valid)
-    o = attend(q, k, v, key_bias, ops.dropout_p)
+    o = None if reducer is None else reducer.attend(ops, h, layout)
+    out_keys = None  # a replaced attention exposes no keys; methods never merge after one
+    if o is None:
+        q, k, v = ops.qkv(h, _rope_for(rope, layout))
+        key_bias = layout.key_bias(q.dtype)
+        out_keys = k
+        if reducer is not None:
+            keep = reducer.select(AttentionView(q, k, v, layout, key_bias))
+            if keep is not None and not bool(keep.all()):
+                index, valid = keep_mask_to_index(keep)
+                q, x, h = gather_head_tokens(q, index), gather_tokens(x, index), gather_tokens(h, index)
+                out_keys = gather_head_tokens(k, index)
+                layout = layout.select(index, valid)
+        o = attend(q, k, v, key_bias, ops.dropout_p)
     x = x + ops.attn_residual(ops.attn_out(o, h))
-    if reducer is not None:
+    if out_keys is not None and reducer is not None:
         merged = reducer.merge(x, out_keys, layout)
         if merged is not None:
             x, layout = merged

@@ -11,12 +11,15 @@ from .ats import AdaptiveTokenSampler, ATSConfig
 from .base import AttentionView, MethodConfig, TokenReducer
 from .compose import ComposedConfig, ComposedReducer
 from .merge import MergeConfig, TokenMerger
+from .super_token import SuperTokenAttender, SuperTokenConfig
 
 __all__ = [
     "ATSConfig",
     "AdaptiveTokenSampler",
     "MergeConfig",
     "TokenMerger",
+    "SuperTokenConfig",
+    "SuperTokenAttender",
     "ComposedConfig",
     "ComposedReducer",
     "AttentionView",
@@ -86,3 +89,4 @@ def _one_config(method: MethodSpec, **options: Any) -> MethodConfig:
 
 register_method(ATSConfig)
 register_method(MergeConfig)
+register_method(SuperTokenConfig)

@@ -9,7 +9,7 @@ from typing import ClassVar
 
 from torch import Tensor
 
-from ..backbones.base import BackboneInfo
+from ..backbones.base import BackboneInfo, BlockOps
 from ..errors import InvalidConfigError
 from ..tokens import TokenLayout
 
@@ -32,8 +32,9 @@ class AttentionView:
 
 
 class TokenReducer:
-    """The per-block part of a method. A block calls ``select`` before its attention and ``merge`` after
-    the attention residual (before the MLP); each returns ``None`` to leave the tokens as they are."""
+    """The per-block part of a method. A block calls ``select`` before its attention, ``attend`` in place of
+    its attention, and ``merge`` after the attention residual (before the MLP); each returns ``None`` to
+    leave the block as it is."""
 
     #: whether the method needs ``TokenLayout.members`` (which original tokens each position stands for)
     traces_members: bool = False
@@ -41,6 +42,12 @@ class TokenReducer:
     def select(self, view: AttentionView) -> Tensor | None:
         """``[B, N]`` bool keep mask over the block's input tokens (prefix positions must be True,
         padding False), or ``None`` to keep everything. Only kept tokens are computed from here on."""
+        return None
+
+    def attend(self, ops: BlockOps, h: Tensor, layout: TokenLayout) -> Tensor | None:
+        """Compute the block's attention another way: normalised tokens ``h`` ``[B, N, C]`` -> the per-head
+        attention output ``[B, H, N, d]`` (before the output projection), using the block's own ``ops``;
+        ``None`` for the usual attention. A block that overrides this cannot also select or merge."""
         return None
 
     def merge(self, x: Tensor, keys: Tensor, layout: TokenLayout) -> tuple[Tensor, TokenLayout] | None:

@@ -7,7 +7,7 @@ from typing import ClassVar
 
 from torch import Tensor
 
-from ..backbones.base import BackboneInfo
+from ..backbones.base import BackboneInfo, BlockOps
 from ..errors import InvalidConfigError
 from ..tokens import TokenLayout
 from .base import AttentionView, MethodConfig, TokenReducer
@@ -15,23 +15,35 @@ from .base import AttentionView, MethodConfig, TokenReducer
 __all__ = ["ComposedConfig", "ComposedReducer"]
 
 
+# hooks that cannot share a block: one selector or attender, one merger, and no merging after a replaced
+# attention (merging needs the usual attention's keys)
+_EXCLUSIVE = {"select": ("select", "attend"), "attend": ("select", "attend", "merge"), "merge": ("merge", "attend")}
+
+
 def _overrides(reducer: TokenReducer, hook: str) -> bool:
     return getattr(type(reducer), hook) is not getattr(TokenReducer, hook)
 
 
 class ComposedReducer(TokenReducer):
-    """One method selecting before attention and another merging after it, in the same block."""
+    """The methods acting in one block: one may select before attention or replace the attention, one may
+    merge after it (merging needs the usual attention's keys)."""
 
-    def __init__(self, selector: TokenReducer | None, merger: TokenReducer | None) -> None:
+    def __init__(self, selector: TokenReducer | None, attender: TokenReducer | None,
+                 merger: TokenReducer | None) -> None:
         self.selector = selector
+        self.attender = attender
         self.merger = merger
-        self.traces_members = any(r.traces_members for r in (selector, merger) if r is not None)
+        self.traces_members = any(r.traces_members for r in (selector, attender, merger) if r is not None)
 
     def __repr__(self) -> str:
-        return f"ComposedReducer({self.selector!r}, {self.merger!r})"
+        parts = ", ".join(repr(r) for r in (self.selector, self.attender, self.merger) if r is not None)
+        return f"ComposedReducer({parts})"
 
     def select(self, view: AttentionView) -> Tensor | None:
         return None if self.selector is None else self.selector.select(view)
+
+    def attend(self, ops: BlockOps, h: Tensor, layout: TokenLayout) -> Tensor | None:
+        return None if self.attender is None else self.attender.attend(ops, h, layout)
 
     def merge(self, x: Tensor, keys: Tensor, layout: TokenLayout) -> tuple[Tensor, TokenLayout] | None:
         return None if self.merger is None else self.merger.merge(x, keys, layout)
@@ -52,14 +64,15 @@ class ComposedConfig(MethodConfig):
         slots: dict[int, dict[str, tuple[str, TokenReducer]]] = {}
         for part in self.parts:
             for block, reducer in part.build(info).items():
-                for hook in ("select", "merge"):
+                taken = slots.setdefault(block, {})
+                for hook in ("select", "attend", "merge"):
                     if not _overrides(reducer, hook):
                         continue
-                    taken = slots.setdefault(block, {})
-                    if hook in taken:
+                    clash = next((other for other in _EXCLUSIVE[hook] if other in taken), None)
+                    if clash is not None:
                         raise InvalidConfigError(
-                            f"block {block}: both {taken[hook][0]!r} and {part.name!r} {hook} tokens there; give "
-                            "them disjoint blocks")
+                            f"block {block}: both {taken[clash][0]!r} and {part.name!r} act there ({clash} / "
+                            f"{hook}); give them disjoint blocks")
                     taken[hook] = (part.name, reducer)
-        return {block: ComposedReducer(hooks.get("select", (None, None))[1], hooks.get("merge", (None, None))[1])
+        return {block: ComposedReducer(*(hooks.get(hook, (None, None))[1] for hook in ("select", "attend", "merge")))
                 for block, hooks in slots.items()}

@@ -1,0 +1,155 @@
+"""Super tokens: the association against explicit loops, the SViT module, STViT in timm's registry, and the
+training-free variant on pretrained-style ViTs."""
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from conftest import make_images, make_model
+
+import vistok
+from vistok import InvalidConfigError, PatchStateError, UnsupportedModelError
+from vistok.backbones import resolve_backbone
+from vistok.block import run_block
+from vistok.methods.super_token import SuperTokenAttender
+from vistok.models import SuperTokenAttention
+from vistok.ops.super_tokens import (
+    associate,
+    from_cells,
+    map_back,
+    super_token_features,
+    super_token_grid,
+    super_token_mass,
+    to_cells,
+)
+from vistok.tokens import TokenLayout
+
+
+def reference_association(x, size, scale):
+    """Loops: token (i, j) in cell (r, c) scores the super tokens of cells (r + dr, c + dc) inside the grid."""
+    channels, height, width = x.shape
+    h, w = size
+    rows, cols = height // h, width // w
+    pooled = x.reshape(channels, rows, h, cols, w).mean(dim=(2, 4))
+    out = torch.zeros(rows * cols, h * w, 9)
+    for i in range(height):
+        for j in range(width):
+            r, c = i // h, j // w
+            logits = torch.full((9,), float("-inf"))
+            for k, (dr, dc) in enumerate((dr, dc) for dr in (-1, 0, 1) for dc in (-1, 0, 1)):
+                if 0 <= r + dr < rows and 0 <= c + dc < cols:
+                    logits[k] = scale * (x[:, i, j] @ pooled[:, r + dr, c + dc])
+            out[r * cols + c, (i % h) * w + (j % w)] = logits.softmax(0)
+    return out
+
+
+def test_association_matches_loops_and_is_a_partition_of_unity():
+    x = torch.randn(2, 5, 12, 8)
+    size = (4, 2)
+    cells = to_cells(x, size)
+    assert torch.equal(from_cells(cells, (3, 4), size), x)
+    association = associate(cells, super_token_grid(x, size), 0.7)
+    for b in range(2):
+        assert torch.allclose(association[b], reference_association(x[b], size, 0.7), atol=1e-6)
+    assert torch.allclose(association.sum(-1), torch.ones(2, 12, 8))
+    assert torch.allclose(map_back(torch.full((2, 5, 3, 4), 2.5), association), torch.full((2, 12, 8, 5), 2.5))
+    assert torch.allclose(super_token_mass(association, (3, 4)).sum(dim=(1, 2, 3)), torch.full((2,), 96.0))
+    features = super_token_features(cells, association, (3, 4))
+    # super token (1, 2) by hand: association-weighted mean over the tokens of its 3x3 neighbouring cells
+    numerator, denominator = torch.zeros(5), 0.0
+    for cell in range(12):
+        r, c = divmod(cell, 4)
+        if abs(r - 1) <= 1 and abs(c - 2) <= 1:
+            k = (1 - r + 1) * 3 + (2 - c + 1)
+            numerator += (cells[0, cell] * association[0, cell, :, k, None]).sum(0)
+            denominator += association[0, cell, :, k].sum()
+    assert torch.allclose(features[0, :, 1, 2], numerator / denominator, atol=1e-6)
+    with pytest.raises(ValueError, match="does not divide"):
+        to_cells(torch.randn(1, 2, 10, 8), (4, 4))
+
+
+def test_super_token_attention_module():
+    module = SuperTokenAttention(32, num_heads=4, stoken_size=4, n_iter=2)
+    x = torch.randn(2, 32, 16, 12, requires_grad=True)
+    out = module(x)
+    assert out.shape == x.shape
+    out.square().sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in module.parameters())
+    assert x.grad.abs().sum() > 0
+    # size 1 is plain multi-head self-attention with the module's own weights
+    plain = SuperTokenAttention(32, num_heads=4, stoken_size=1)
+    tokens = x.detach().flatten(2).transpose(1, 2)
+    q, k, v = plain.qkv(tokens).reshape(2, -1, 3, 4, 8).permute(2, 0, 3, 1, 4)
+    attended = ((q @ k.transpose(-1, -2)) / 8 ** 0.5).softmax(-1) @ v
+    expected = plain.proj(attended.transpose(1, 2).flatten(2)).transpose(1, 2).reshape(x.shape)
+    assert torch.allclose(plain(x.detach()), expected, atol=1e-5)
+    with pytest.raises(InvalidConfigError, match="divisible"):
+        SuperTokenAttention(30, num_heads=4)
+
+
+def test_stvit_in_timm_registry():
+    assert "stvit_small" in timm.list_models("stvit*")
+    model = timm.create_model("stvit_small", num_classes=10)
+    params = sum(p.numel() for p in model.parameters())
+    assert 24.0e6 < params + 1024 * 990 < 26.5e6  # the paper's 25M counts a 1000-class head
+    logits = model(torch.randn(2, 3, 224, 224))
+    assert logits.shape == (2, 10)
+    logits.logsumexp(-1).mean().backward()
+    assert all(p.grad is not None for p in model.parameters())
+    with pytest.raises(InvalidConfigError, match="no pretrained"):
+        timm.create_model("stvit_small", pretrained=True)
+
+
+@pytest.mark.slow
+def test_stvit_small_cost_matches_the_paper():
+    model = timm.create_model("stvit_small").eval()
+    gmacs = vistok.measure.count_flops(model, torch.randn(1, 3, 224, 224)) / 2e9
+    assert abs(gmacs - 4.4) / 4.4 < 0.05  # the paper's STViT-S: 4.4 GMACs ("GFLOPs")
+
+
+@pytest.mark.parametrize("family", ["vit", "deit3_layerscale", "dinov2_registers", "siglip_map"])
+def test_training_free_block_is_exact_where_patch_tokens_agree(family):
+    model = make_model(family)
+    info = resolve_backbone(model).info
+    prefix = info.num_prefix
+    x = torch.randn(2, info.num_tokens, model.embed_dim)
+    x[:, prefix:] = torch.randn(2, 1, model.embed_dim)
+    attender = SuperTokenAttender(info.grid_size, (2, 2), 1)
+    with torch.no_grad():
+        expected = type(model.blocks[1]).forward(model.blocks[1], x)
+        got, _ = run_block(resolve_backbone(model).block_ops(1), x, TokenLayout.original(x, prefix, prefix > 0),
+                           attender)
+    assert (got - expected).abs().max() <= 1e-4
+
+
+def test_training_free_variant_saves_flops_and_composes():
+    model = make_model("vit")
+    images = make_images(model, 2)
+    with torch.no_grad():
+        expected = model(images)
+        baseline = vistok.measure.count_flops(model, images)
+        with vistok.patch(model, "super_token", stoken_size=2) as handle:
+            assert sorted(handle.reducers) == [0, 1, 2]
+            got = model(images)
+            cheaper = vistok.measure.count_flops(model, images)
+        with vistok.patch(model, [("super_token", {"blocks": [0, 1]}), ("ats", {"k": 60})]) as handle:
+            model(images)
+            assert handle.tokens_per_block()[:3] == [197.0, 197.0, 197.0]
+    assert cheaper < baseline
+    assert F.cosine_similarity(got, expected).min() > 0.5
+    assert torch.equal(model(images), expected)
+
+
+def test_training_free_variant_refusals():
+    model = make_model("vit")
+    with pytest.raises(InvalidConfigError, match="must divide the 14x14"):
+        vistok.patch(model, "super_token", stoken_size=3)
+    with pytest.raises(InvalidConfigError, match="stoken_size"):
+        vistok.patch(model, "super_token", stoken_size=(2, 0))
+    with pytest.raises(InvalidConfigError, match="act there"):
+        vistok.patch(model, [("super_token", {"blocks": [3]}), ("ats", {"blocks": [3]})])
+    with pytest.raises(UnsupportedModelError, match="rotary"):
+        vistok.patch(make_model("eva02_rope"), "super_token")
+    with vistok.patch(model, [("ats", {"blocks": [1]}), ("super_token", {"blocks": [4]})]):
+        with pytest.raises(PatchStateError, match="whole patch grid"):
+            model(make_images(model, 1))
