@@ -26,7 +26,7 @@ test: install
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
 
 bench: install
-	HF_HUB_OFFLINE=1 $(PY) tools/benchmark.py
+	HF_HUB_OFFLINE=1 $(PY) tools/benchmark.py all
 
 lint: install
 	$(VENV)/bin/ruff check vistok tests tools

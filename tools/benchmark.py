@@ -1,9 +1,12 @@
 #!/usr/bin/env python
-"""The ATS figures of the core issue: for each model, unpatched vs ATS (k=108 in blocks 3..11) vs
-keep-everything ATS (the overhead of the patched code path), CPU, fp32, random init, one run.
+"""The figures of the vision issues, each measured in one run (patched and unpatched in the same process,
+timing interleaved), CPU, fp32, random init, batch 32:
 
-    python tools/benchmark.py                      # vit_small_patch16_224 and vit_base_patch16_224
-    python tools/benchmark.py --models vit_small_patch16_224 --runs 5 --json out/ats.json
+    python tools/benchmark.py ats           # ViT-S/B: ATS k=108 in blocks 3..11, and keep-everything ATS
+    python tools/benchmark.py merge         # ViT-S r=16, ViT-B r=13, and r=0 (the patched path's overhead)
+    python tools/benchmark.py super_token   # ViT-S/B: super-token attention (2x2) in blocks 0..2
+    python tools/benchmark.py stvit         # STViT-S/B parameters and GMACs next to the paper's
+    python tools/benchmark.py all --json out/figures.json
 """
 
 from __future__ import annotations
@@ -12,41 +15,84 @@ import argparse
 import json
 import sys
 
+import timm
 import torch
 
-from vistok.measure import Variant, run_benchmark
+import vistok
+from vistok.measure import BenchReport, Variant, run_benchmark
+
+PATCHES = 196  # the ViT-S/B figures use 224 px input, patch 16
+FIGURES = {
+    "ats": [
+        ("vit_small_patch16_224", [Variant("ats k=108", "ats", {"k": 108, "blocks": list(range(3, 12))}),
+                                   Variant("ats keep-everything", "ats", {"k": PATCHES, "min_tokens": PATCHES,
+                                                                          "blocks": list(range(3, 12))})]),
+        ("vit_base_patch16_224", [Variant("ats k=108", "ats", {"k": 108, "blocks": list(range(3, 12))}),
+                                  Variant("ats keep-everything", "ats", {"k": PATCHES, "min_tokens": PATCHES,
+                                                                         "blocks": list(range(3, 12))})]),
+    ],
+    "merge": [
+        ("vit_small_patch16_224", [Variant("merge r=16", "merge", {"r": 16}), Variant("merge r=0", "merge", {"r": 0})]),
+        ("vit_base_patch16_224", [Variant("merge r=13", "merge", {"r": 13}), Variant("merge r=0", "merge", {"r": 0})]),
+    ],
+    "super_token": [
+        ("vit_small_patch16_224", [Variant("super_token 2x2 b0-2", "super_token", {"stoken_size": 2})]),
+        ("vit_base_patch16_224", [Variant("super_token 2x2 b0-2", "super_token", {"stoken_size": 2})]),
+    ],
+}
+PAPER_STVIT = {"stvit_small": (25e6, 4.4), "stvit_base": (52e6, 9.9)}
+
+
+def _summary(figure: str, report: BenchReport) -> list[str]:
+    lines = []
+    for result in report.results[1:]:
+        ratio, speedup = report.gflops_ratio(result), report.speedup(result)
+        if result.gflops < 0.999 * report.baseline.gflops:
+            target = {"ats": 0.85, "merge": 0.9}.get(figure)
+            goal = f" (target >= {target})" if target else ""
+            lines.append(f"-> {result.label}: GFLOPs ratio {ratio:.3f}, speedup {speedup:.3f}x, speedup / FLOPs "
+                         f"reduction = {speedup * ratio:.3f}{goal}")
+        else:
+            lines.append(f"-> {result.label}: overhead {(1 / speedup - 1) * 100:+.1f}% time (target <= +10%)")
+    return lines
+
+
+def _stvit() -> dict:
+    rows = {}
+    for name, (paper_params, paper_gmacs) in PAPER_STVIT.items():
+        model = timm.create_model(name).eval()
+        params = sum(p.numel() for p in model.parameters())
+        gmacs = vistok.measure.count_flops(model, torch.randn(1, 3, 224, 224)) / 2e9
+        print(f"{name}: {params / 1e6:.2f}M parameters (paper {paper_params / 1e6:.0f}M), {gmacs:.2f} GMACs at 224 px "
+              f"(paper {paper_gmacs} 'GFLOPs' = MACs)")
+        rows[name] = {"params": params, "gmacs": gmacs, "paper_params": paper_params, "paper_gmacs": paper_gmacs}
+    return rows
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", default=["vit_small_patch16_224", "vit_base_patch16_224"])
-    parser.add_argument("--k", type=int, default=108)
+    parser.add_argument("figure", choices=[*FIGURES, "stvit", "all"])
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--runs", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
 
-    reports = []
-    for name in args.models:
-        blocks = list(range(3, 12))
-        patches = 196  # both default models: 224 px, patch 16
-        variants = [
-            Variant(f"ats k={args.k}", "ats", {"k": args.k, "blocks": blocks}),
-            Variant("ats keep-everything", "ats", {"k": patches, "min_tokens": patches, "blocks": blocks}),
-        ]
-        report = run_benchmark(name, variants, batch_size=args.batch_size, runs=args.runs, warmup=args.warmup)
-        print(report.format_table())
-        ats, keep_all = report.results[1], report.results[2]
-        efficiency = report.speedup(ats) * report.gflops_ratio(ats)
-        overhead = 1 / report.speedup(keep_all) - 1
-        print(f"-> ATS: GFLOPs ratio {report.gflops_ratio(ats):.3f}, speedup {report.speedup(ats):.3f}x, "
-              f"speedup / FLOPs reduction = {efficiency:.3f} (target >= 0.85)")
-        print(f"-> keep-everything overhead: {overhead * 100:+.1f}% time (target <= +10%)\n")
-        reports.append(report.to_dict())
+    figures = [*FIGURES, "stvit"] if args.figure == "all" else [args.figure]
+    record: dict = {"torch": torch.__version__, "threads": torch.get_num_threads()}
+    for figure in figures:
+        if figure == "stvit":
+            record["stvit"] = _stvit()
+            continue
+        for model_name, variants in FIGURES[figure]:
+            report = run_benchmark(model_name, variants, batch_size=args.batch_size, runs=args.runs,
+                                   warmup=args.warmup)
+            print(report.format_table())
+            print("\n".join(_summary(figure, report)) + "\n")
+            record.setdefault(figure, []).append(report.to_dict())
     if args.json:
         with open(args.json, "w") as handle:
-            json.dump({"torch": torch.__version__, "reports": reports}, handle, indent=2, default=str)
+            json.dump(record, handle, indent=2, default=str)
     return 0
 
 

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -39,6 +40,8 @@ class VariantResult:
     tokens_per_block: list[float]
     gflops: float
     timing: Timing
+    cosine_to_unpatched: float
+    top1_agreement: float
 
     @property
     def mean_tokens(self) -> float:
@@ -74,14 +77,17 @@ class BenchReport:
                 f"{self.dtype}, {self.device} ({self.threads} threads), median of {self.runs} runs after "
                 f"{self.warmup} warm-up")
         columns = f"{'variant':<22}{'tokens/block':>13}{'GFLOPs/img':>12}{'img/s':>9}" \
-                  f"{'GFLOPs ratio':>14}{'speedup':>9}{'speedup x ratio':>17}"
+                  f"{'GFLOPs ratio':>14}{'speedup':>9}{'speedup x ratio':>17}{'cos':>7}{'top-1 agree':>13}"
         lines = [head, columns, "-" * len(columns)]
         for result in self.results:
             ratio, speedup = self.gflops_ratio(result), self.speedup(result)
             lines.append(f"{result.label:<22}{result.mean_tokens:>13.1f}{result.gflops:>12.3f}"
-                         f"{result.timing.images_per_s:>9.1f}{ratio:>14.3f}{speedup:>9.3f}{speedup * ratio:>17.3f}")
+                         f"{result.timing.images_per_s:>9.1f}{ratio:>14.3f}{speedup:>9.3f}{speedup * ratio:>17.3f}"
+                         f"{result.cosine_to_unpatched:>7.3f}{result.top1_agreement:>13.3f}")
         lines.append("GFLOPs = 2 x multiply-accumulates, attention included (papers often quote MACs). "
-                     "'speedup x ratio' >= 1 means wall-clock gains match the FLOPs saved.")
+                     "'speedup x ratio' >= 1 means wall-clock gains match the FLOPs saved. 'cos' and 'top-1 "
+                     "agree': mean cosine similarity and argmax agreement of the outputs with the unpatched "
+                     "model's, on the same inputs.")
         for result in self.results[1:]:
             per_block = ", ".join(f"{count:.1f}" for count in result.tokens_per_block)
             lines.append(f"{result.label} tokens per block: [{per_block}]")
@@ -129,11 +135,16 @@ def run_benchmark(
 
     bar = tqdm(total=len(models) * (warmup + runs + 1), disable=not progress, desc=model_name, leave=False)
     counted = images[:flops_images] if flops_images else images
-    costs = {}
+    costs, outputs = {}, {}
     for label, model in models.items():
         bar.set_postfix_str(f"{label}: counting FLOPs")
         costs[label] = (tokens_per_block(model, images), count_flops(model, counted) / 1e9)
+        with torch.inference_mode():
+            outputs[label] = model(images).float()
         bar.update()
+    agreement = {label: (float(F.cosine_similarity(out, outputs["unpatched"], dim=-1).mean()),
+                         float((out.argmax(-1) == outputs["unpatched"].argmax(-1)).float().mean()))
+                 for label, out in outputs.items()}
 
     def step(message: str) -> None:
         bar.set_postfix_str(message)
@@ -141,7 +152,7 @@ def run_benchmark(
 
     timings = time_models(models, images, warmup=warmup, runs=runs, progress=step)
     bar.close()
-    results = [VariantResult(v.label, v.method, dict(v.options), costs[v.label][0], costs[v.label][1],
-                             timings[v.label]) for v in all_variants]
+    results = [VariantResult(v.label, v.method, dict(v.options), *costs[v.label], timings[v.label],
+                             *agreement[v.label]) for v in all_variants]
     return BenchReport(model_name, batch_size, image_size, "fp32", f"cpu ({platform.processor() or 'x86'})",
                        torch.get_num_threads(), runs, warmup, results)
