@@ -8,15 +8,23 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_PIN ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install demo test bench lint clean
+.PHONY: install data demo test bench lint clean
 
-install: $(VENV)/.installed
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+FMNIST := /usr/share/datasets/fashion-mnist
+
+install: $(VENV)/.installed data
+
+# Real data: Fashion-MNIST from Debian's dataset-fashion-mnist (elsewhere: torchvision downloads it, --download).
+data:
+	@[ -d $(FMNIST) ] || $(SUDO) apt-get install -y -q dataset-fashion-mnist \
+		|| ($(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q dataset-fashion-mnist)
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH_PIN)
-	$(PY) -m pip install --quiet -e ".[dev,clip,llm]"
+	$(PY) -m pip install --quiet -e ".[dev,clip,llm,train,viz]"
 	touch $@
 
 demo: install

@@ -11,6 +11,7 @@ from .ats import AdaptiveTokenSampler, ATSConfig
 from .base import AttentionView, MethodConfig, TokenReducer
 from .compose import ComposedConfig, ComposedReducer
 from .merge import MergeConfig, TokenMerger
+from .random_drop import RandomDropConfig, RandomDropper
 from .super_token import SuperTokenAttender, SuperTokenConfig
 
 __all__ = [
@@ -20,6 +21,8 @@ __all__ = [
     "TokenMerger",
     "SuperTokenConfig",
     "SuperTokenAttender",
+    "RandomDropConfig",
+    "RandomDropper",
     "ComposedConfig",
     "ComposedReducer",
     "AttentionView",
@@ -90,3 +93,4 @@ def _one_config(method: MethodSpec, **options: Any) -> MethodConfig:
 register_method(ATSConfig)
 register_method(MergeConfig)
 register_method(SuperTokenConfig)
+register_method(RandomDropConfig)

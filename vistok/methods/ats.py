@@ -22,7 +22,7 @@ from ..errors import InvalidConfigError
 from ..ops import inverse_transform_sampling, probe_attention, probe_query, significance_scores
 from .base import AttentionView, MethodConfig, TokenReducer, resolve_block_indices
 
-__all__ = ["ATSConfig", "AdaptiveTokenSampler", "default_ats_blocks", "PAPER_KEEP_FRACTION"]
+__all__ = ["ATSConfig", "AdaptiveTokenSampler", "default_ats_blocks", "check_k", "PAPER_KEEP_FRACTION"]
 
 # The paper's multi-stage DeiT-S keeps at most K = 108 of its 196 patch tokens in each of blocks 3..11.
 PAPER_KEEP_FRACTION = 108 / 196
@@ -110,18 +110,18 @@ class ATSConfig(MethodConfig):
                 raise InvalidConfigError(
                     f"ats: k has {len(self.k)} values but {num_blocks} blocks are patched; give one k or "
                     "one per block")
-            return [_check_k(k, info.num_patches) for k in self.k]
-        return [_check_k(self.k, info.num_patches)] * num_blocks
+            return [check_k(k, info.num_patches) for k in self.k]
+        return [check_k(self.k, info.num_patches)] * num_blocks
 
 
-def _check_k(k: object, num_patches: int) -> int | float:
+def check_k(k: object, num_patches: int, method: str = "ats") -> int | float:
     if isinstance(k, bool) or not isinstance(k, (int, float)):
-        raise InvalidConfigError(f"ats: k must be an int or a float, got {type(k).__name__} {k!r}")
+        raise InvalidConfigError(f"{method}: k must be an int or a float, got {type(k).__name__} {k!r}")
     if isinstance(k, int):
         if not 1 <= k <= num_patches:
             raise InvalidConfigError(
-                f"ats: k={k} is outside [1, {num_patches}]: the model has {num_patches} patch tokens")
+                f"{method}: k={k} is outside [1, {num_patches}]: the model has {num_patches} patch tokens")
         return k
     if not 0.0 < k <= 1.0:
-        raise InvalidConfigError(f"ats: a fractional k must be in (0, 1], got {k}")
+        raise InvalidConfigError(f"{method}: a fractional k must be in (0, 1], got {k}")
     return float(k)

@@ -1,0 +1,164 @@
+"""tools/ (train, eval, sweep), configs, the Fashion-MNIST data, checkpoints and token overlays."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+
+import vistok
+from vistok import data as vdata
+from vistok.config import ConfigError, load_config, parse_overrides
+from vistok.models import CheckpointError, load_checkpoint
+from vistok.viz import patch_groups, save_overlay_grid
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = ["model_kwargs.depth=3", "data.limit=256", "train.batch_size=64", "train.eval_batch_size=128"]
+
+
+def load_tool(name):
+    spec = importlib.util.spec_from_file_location(f"tool_{name}", ROOT / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_config_checks_keys_and_types(tmp_path):
+    defaults = {"model": "m", "train": {"epochs": 3, "lr": 0.1}, "method_options": {}}
+    config = load_config(defaults, None, parse_overrides(["train.lr=2", "method_options.k=5"]))
+    assert config["train"] == {"epochs": 3, "lr": 2} and config["method_options"] == {"k": 5}
+    with pytest.raises(ConfigError, match="unknown config key 'train.epoch'.*Did you mean 'train.epochs'"):
+        load_config(defaults, None, {"train.epoch": 4})
+    with pytest.raises(ConfigError, match="train.epochs should be int"):
+        load_config(defaults, None, {"train.epochs": "many"})
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(defaults, bad)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(defaults, tmp_path / "missing.yaml")
+    with pytest.raises(ConfigError, match="key=value"):
+        parse_overrides(["epochs"])
+
+
+def test_fashion_mnist_is_real_and_found():
+    images, labels = vdata.load_fashion_mnist("test")
+    assert images.shape == (10000, 28, 28) and images.dtype == torch.uint8
+    assert torch.equal(torch.bincount(labels), torch.full((10,), 1000))
+    train_images, train_labels = vdata.load_fashion_mnist("train")
+    assert train_images.shape == (60000, 28, 28) and torch.equal(torch.bincount(train_labels), torch.full((10,), 6000))
+    with pytest.raises(vistok.VistokError, match="splits"):
+        vdata.load_fashion_mnist("val")
+
+
+def test_missing_dataset_says_what_to_do(tmp_path, monkeypatch):
+    monkeypatch.setattr(vdata, "DEBIAN_DIR", tmp_path / "nowhere")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("VISTOK_DATA", raising=False)
+    with pytest.raises(vdata.DatasetNotFoundError, match="apt-get install dataset-fashion-mnist.*--download"):
+        vdata.find_fashion_mnist(tmp_path / "empty")
+    train = load_tool("train")
+    assert train.main(["--config", str(ROOT / "configs/fmnist_vit.yaml"), "output=" + str(tmp_path / "run")]) == 2
+
+
+def test_batch_transform_normalises_and_shifts():
+    images = torch.zeros(64, 28, 28, dtype=torch.uint8)
+    images[:, 14, 14] = 255
+    plain = vdata.GreyBatchTransform()(images)
+    assert plain.shape == (64, 1, 28, 28)
+    assert torch.allclose(plain[0, 0, 0, 0], torch.tensor(-vdata.FASHION_MNIST_MEAN / vdata.FASHION_MNIST_STD))
+    moved = vdata.GreyBatchTransform(augment=True, seed=1)(images)
+    bright = moved[:, 0].flatten(1).argmax(1)
+    rows, cols = bright // 28, bright % 28
+    # shifted by up to 2 pixels, and maybe mirrored (column 14 -> 13) first
+    assert bool(((rows - 14).abs() <= 2).all()) and bool(((cols >= 11) & (cols <= 16)).all())
+    assert len(set(bright.tolist())) > 5
+    assert torch.equal(moved, vdata.GreyBatchTransform(augment=True, seed=1)(images))
+
+
+@pytest.mark.slow
+def test_train_eval_and_resume(tmp_path):
+    train, evaluate = load_tool("train"), load_tool("eval")
+    run = tmp_path / "run"
+    config = str(ROOT / "configs/fmnist_vit.yaml")
+    assert train.main(["--config", config, "train.epochs=1", f"output={run}", *SMALL]) == 0
+    assert train.main(["--config", config, "train.epochs=2", f"output={run}", "--resume", *SMALL]) == 0
+    epochs = [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == [1, 2]
+    model = load_checkpoint(timm.create_model("vistok_vit_fmnist", depth=3), run / "model.safetensors")
+    assert model.blocks[0].attn.qkv.weight.abs().sum() > 0
+    # fine-tuning with ATS on (the ATS path is differentiable)
+    assert train.main(["--config", config, "train.epochs=1", f"output={tmp_path / 'ats'}", "method=ats",
+                       "method_options.k=40", "method_options.blocks=[1,2]", f"checkpoint={run / 'model.safetensors'}",
+                       *SMALL]) == 0
+    out = tmp_path / "eval.json"
+    assert evaluate.main([f"checkpoint={run / 'model.safetensors'}", "model_kwargs.depth=3", "data.limit=200",
+                          "method=ats", "method_options.k=40", "method_options.blocks=[1,2]",
+                          "eval.flops_images=20", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["images"] == 200 and 0 <= result["top1"] <= 100 and result["top5"] >= result["top1"]
+    assert result["tokens_per_block"][0] == 197 and result["tokens_per_block"][-1] <= 41
+    assert result["gflops"] > 0 and result["images_per_s"] > 0
+
+
+def test_tools_reject_bad_input(tmp_path, capsys):
+    train = load_tool("train")
+    assert train.main(["model=not_a_model", "data.limit=10", f"output={tmp_path}"]) == 2
+    assert "unknown model 'not_a_model'" in capsys.readouterr().err
+    assert train.main(["method=atz", "data.limit=10", f"output={tmp_path}", "model_kwargs.depth=1"]) == 2
+    assert "unknown method 'atz'" in capsys.readouterr().err
+    assert train.main(["train.epoch=3"]) == 2
+    assert "Did you mean 'train.epochs'" in capsys.readouterr().err
+    evaluate = load_tool("eval")
+    assert evaluate.main([f"checkpoint={tmp_path / 'none.safetensors'}"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_checkpoint_that_does_not_fit(tmp_path):
+    from safetensors.torch import save_file
+
+    small = timm.create_model("vistok_vit_fmnist", depth=2)
+    save_file(small.state_dict(), str(tmp_path / "small.safetensors"))
+    with pytest.raises(CheckpointError, match=r"missing \['blocks.2"):
+        load_checkpoint(timm.create_model("vistok_vit_fmnist", depth=3), tmp_path / "small.safetensors")
+    with pytest.raises(CheckpointError, match="shape mismatch"):
+        load_checkpoint(timm.create_model("vistok_vit_fmnist", depth=2, embed_dim=48), tmp_path / "small.safetensors")
+    (tmp_path / "junk.safetensors").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="cannot read"):
+        load_checkpoint(small, tmp_path / "junk.safetensors")
+
+
+@pytest.mark.slow
+def test_sweep_writes_csv_and_plot(tmp_path):
+    sweep = load_tool("sweep")
+    out = tmp_path / "sweep"
+    assert sweep.main(["--config", str(ROOT / "configs/sweep_fmnist.yaml"), "--out", str(out), "pretrained=false",
+                       "model_kwargs.depth=3", "data.limit=100", "sweep.ats_k=[64]", "sweep.ats_blocks=[1,2]",
+                       "sweep.merge_r=[8]", "sweep.random_k=[64]", "sweep.input_sizes=[20]",
+                       "sweep.flops_images=10"]) == 0
+    rows = (out.with_suffix(".csv")).read_text().splitlines()
+    assert rows[0].startswith("method,label,top1") and len(rows) == 6
+    assert out.with_suffix(".png").stat().st_size > 10_000
+
+
+def test_overlays_account_for_every_patch(tmp_path):
+    model = timm.create_model("vistok_vit_fmnist", depth=4).eval()
+    images = vdata.GreyBatchTransform()(vdata.load_fashion_mnist("test")[0][:3])
+    with torch.no_grad():
+        with vistok.patch(model, "ats", k=40, blocks=[1, 2]) as handle:
+            model(images)
+            ats = handle.layouts[3]
+        with vistok.patch(model, "merge", r=20, trace_source=True) as handle:
+            model(images)
+            merged = handle.layouts[3]
+    kept = patch_groups(ats, 196)
+    assert torch.equal((kept >= 0).sum(1), ats.num_valid() - 1)
+    groups = patch_groups(merged, 196)
+    assert bool((groups >= 0).all())
+    for b in range(3):
+        sizes = torch.bincount(groups[b], minlength=merged.num_tokens)
+        assert torch.equal(sizes[1:].float(), merged.sizes[b, 1:])
+    path = save_overlay_grid(tmp_path / "tokens.png", images, {"ats": ats, "merge": merged}, grid=(14, 14))
+    assert path.stat().st_size > 10_000

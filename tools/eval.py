@@ -1,0 +1,74 @@
+#!/usr/bin/env python
+"""Evaluate a model, unpatched or with a vistok method: top-1/top-5 on the whole validation set, tokens kept
+per block (averaged over every image), GFLOPs per image (averaged over the first ``eval.flops_images``
+images, each counted on its own), and images/s.
+
+    python tools/eval.py pretrained=true                              # the shipped reference model
+    python tools/eval.py pretrained=true method=ats method_options.k=60
+    python tools/eval.py --config configs/eval_fmnist_ats.yaml --json out/ats.json
+    python tools/eval.py model=deit_small_patch16_224 pretrained=true data.name=folder data.root=/imagenet
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+
+import vistok
+from vistok.config import load_config, parse_overrides
+from vistok.experiment import DATA_DEFAULTS, MODEL_DEFAULTS, batches, build_data, build_model
+from vistok.measure import count_flops, time_models
+from vistok.measure.accuracy import evaluate
+
+DEFAULTS = {
+    **MODEL_DEFAULTS,
+    "data": {**DATA_DEFAULTS, "augment": False},
+    "eval": {"batch_size": 500, "flops_images": 1000, "throughput_batch": 32, "throughput_runs": 5, "threads": 0},
+}
+
+
+def run_eval(config: dict, progress: bool = True) -> dict:
+    """The evaluation of one config, as a JSON-ready dict."""
+    settings = config["eval"]
+    if settings["threads"]:
+        torch.set_num_threads(settings["threads"])
+    _, val_set, _, transform = build_data(config["data"])
+    model = build_model(config).eval()
+    prepare = transform or (lambda images: images)
+    result = evaluate(model, batches(val_set, settings["batch_size"]), prepare, progress=progress,
+                      total=-(-len(val_set) // settings["batch_size"]))
+    flops_batches = [prepare(images) for images, _ in batches(val_set, settings["batch_size"],
+                                                                 settings["flops_images"])]
+    result["gflops"] = count_flops(model, flops_batches) / 1e9
+    result["flops_images"] = sum(b.shape[0] for b in flops_batches)
+    sample = torch.cat(flops_batches)[: settings["throughput_batch"]]
+    timing = time_models({"model": model}, sample, warmup=1, runs=settings["throughput_runs"])["model"]
+    result["images_per_s"] = timing.images_per_s
+    result.update(model=config["model"], method=config["method"], method_options=config["method_options"])
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=None, help="YAML config (configs/eval_*.yaml)")
+    parser.add_argument("--json", default=None, help="write the result here")
+    parser.add_argument("overrides", nargs="*", help="key.sub=value settings over the config")
+    args = parser.parse_intermixed_args(argv)
+    try:
+        config = load_config(DEFAULTS, args.config, parse_overrides(args.overrides))
+        result = run_eval(config)
+    except vistok.VistokError as error:
+        print(f"eval.py: error: {error}", file=sys.stderr)
+        return 2
+    print(json.dumps(result, indent=2))
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(result, handle, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

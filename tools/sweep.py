@@ -1,0 +1,106 @@
+#!/usr/bin/env python
+"""Accuracy vs compute of the reference model (or any model/dataset in the config) on the whole test set:
+unpatched; ATS at several k; merging at several r; and two baselines -- random token dropping at the same
+counts, and the unpatched model on downsampled input. Writes a CSV and a Pareto plot (top-1 vs GFLOPs).
+
+    python tools/sweep.py                                        # configs/sweep_fmnist.yaml
+    python tools/sweep.py --config configs/sweep_fmnist.yaml sweep.ats_k=[64,32] --out results/quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import vistok
+from vistok.config import load_config, parse_overrides
+from vistok.experiment import DATA_DEFAULTS, MODEL_DEFAULTS, batches, build_data, build_model
+from vistok.measure import count_flops
+from vistok.measure.accuracy import evaluate
+from vistok.viz import save_pareto_plot
+
+DEFAULTS = {
+    **MODEL_DEFAULTS,
+    "data": {**DATA_DEFAULTS, "augment": False},
+    "sweep": {"ats_k": [108, 64, 32], "ats_blocks": [3, 4, 5, 6, 7, 8, 9, 10, 11], "merge_r": [8, 16],
+              "random_k": [108, 64, 32], "input_sizes": [24, 20], "batch_size": 500, "flops_images": 500},
+}
+
+
+def variants(sweep: dict) -> list[dict]:
+    """Every point of the sweep: a label, the method and options, the input size (None: native)."""
+    blocks = sweep["ats_blocks"]
+    points = [{"method": "unpatched", "label": "full", "patch": None, "size": None}]
+    points += [{"method": "ats", "label": f"k={k}", "patch": ("ats", {"k": k, "blocks": blocks}), "size": None}
+               for k in sweep["ats_k"]]
+    points += [{"method": "merge", "label": f"r={r}", "patch": ("merge", {"r": r}), "size": None}
+               for r in sweep["merge_r"]]
+    points += [{"method": "random_drop", "label": f"k={k}", "patch": ("random_drop", {"k": k, "blocks": blocks}),
+                "size": None} for k in sweep["random_k"]]
+    points += [{"method": "downsample", "label": f"{s}px", "patch": None, "size": s} for s in sweep["input_sizes"]]
+    return points
+
+
+def run_point(config: dict, point: dict, val_set, transform) -> dict:
+    settings = config["sweep"]
+    model_config = dict(config, method=None)
+    if point["size"] is not None:
+        model_config["model_kwargs"] = {**config["model_kwargs"], "dynamic_img_size": True}
+    model = build_model(model_config).eval()
+    if point["patch"] is not None:
+        vistok.patch(model, point["patch"][0], **point["patch"][1])
+    size = point["size"]
+
+    def prepare(images: torch.Tensor) -> torch.Tensor:
+        x = transform(images) if transform else images
+        return x if size is None else F.interpolate(x, size=(size, size), mode="bilinear", antialias=True,
+                                                    align_corners=False)
+
+    result = evaluate(model, batches(val_set, settings["batch_size"]), prepare, progress=True,
+                      total=-(-len(val_set) // settings["batch_size"]))
+    counted = [prepare(images) for images, _ in batches(val_set, settings["batch_size"], settings["flops_images"])]
+    result["gflops"] = count_flops(model, counted) / 1e9
+    tokens = result.pop("tokens_per_block", None)
+    result["mean_tokens"] = sum(tokens) / len(tokens) if tokens else None
+    return {"method": point["method"], "label": point["label"], **result}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="configs/sweep_fmnist.yaml")
+    parser.add_argument("--out", default="results/sweep", help="output prefix: <out>.csv, <out>.png, <out>.json")
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_intermixed_args(argv)
+    try:
+        config = load_config(DEFAULTS, args.config, parse_overrides(args.overrides))
+        _, val_set, _, transform = build_data(config["data"])
+        rows = []
+        for point in variants(config["sweep"]):
+            rows.append(run_point(config, point, val_set, transform))
+            print(json.dumps(rows[-1]), flush=True)
+    except vistok.VistokError as error:
+        print(f"sweep.py: error: {error}", file=sys.stderr)
+        return 2
+    base = next(row for row in rows if row["method"] == "unpatched")
+    for row in rows:
+        row["gflops_ratio"] = row["gflops"] / base["gflops"]
+        row["top1_change"] = row["top1"] - base["top1"]
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.with_suffix(".csv"), "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    save_pareto_plot(out.with_suffix(".png"), rows, title=f"{config['model']} on {config['data']['name']} (test set)")
+    print(f"wrote {out.with_suffix('.csv')} and {out.with_suffix('.png')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,151 @@
+#!/usr/bin/env python
+"""Train a timm model, optionally with a vistok method on, with Hugging Face accelerate.
+
+    python tools/train.py --config configs/fmnist_vit.yaml
+    python tools/train.py --config configs/fmnist_vit.yaml train.epochs=1 output=runs/try
+    python tools/train.py --config configs/fmnist_vit_ats_finetune.yaml          # fine-tune with ATS on
+    accelerate launch --multi_gpu tools/train.py --config configs/imagenet_deit_s.yaml   # no code change
+
+Overrides are ``key.sub=value`` (YAML values). Each epoch writes ``<output>/metrics.jsonl``, the weights
+``<output>/model.safetensors`` and a resumable ``<output>/checkpoint/`` (``--resume`` continues from it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import vistok
+from vistok.config import ConfigError, load_config, parse_overrides
+from vistok.experiment import DATA_DEFAULTS, MODEL_DEFAULTS, build_data, build_model
+from vistok.measure.accuracy import topk_correct
+
+DEFAULTS = {
+    **MODEL_DEFAULTS,
+    "data": DATA_DEFAULTS,
+    "train": {"epochs": 10, "batch_size": 128, "lr": 1.0e-3, "min_lr": 1.0e-5, "weight_decay": 0.05,
+              "warmup_epochs": 1.0, "label_smoothing": 0.1, "grad_accum": 1, "clip_grad": 1.0,
+              "mixed_precision": "no", "seed": 0, "threads": 0, "eval_batch_size": 500},
+    "output": "runs/train",
+}
+
+
+def cosine_with_warmup(step: int, total: int, warmup: int, base: float, floor: float) -> float:
+    """Learning rate at ``step``: linear warm-up to ``base``, then cosine down to ``floor``."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return floor + 0.5 * (base - floor) * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=None, help="YAML config (configs/*.yaml)")
+    parser.add_argument("--resume", action="store_true", help="continue from <output>/checkpoint")
+    parser.add_argument("overrides", nargs="*", help="key.sub=value settings over the config")
+    args = parser.parse_intermixed_args(argv)
+    try:
+        config = load_config(DEFAULTS, args.config, parse_overrides(args.overrides))
+        return train(config, args.resume)
+    except vistok.VistokError as error:
+        print(f"train.py: error: {error}", file=sys.stderr)
+        return 2
+
+
+def train(config: dict, resume: bool = False) -> int:
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from tqdm.auto import tqdm
+
+    settings = config["train"]
+    if settings["threads"]:
+        torch.set_num_threads(settings["threads"])
+    accelerator = Accelerator(mixed_precision=settings["mixed_precision"],
+                              gradient_accumulation_steps=settings["grad_accum"])
+    set_seed(settings["seed"])
+    output = Path(config["output"])
+    train_set, val_set, train_transform, val_transform = build_data(config["data"], settings["seed"])
+    model = build_model(config)
+
+    loader_args = dict(num_workers=config["data"]["workers"])
+    train_loader = torch.utils.data.DataLoader(train_set, batch_size=settings["batch_size"], shuffle=True,
+                                               drop_last=True, **loader_args)
+    val_loader = torch.utils.data.DataLoader(val_set, batch_size=settings["eval_batch_size"], **loader_args)
+    from timm.optim import param_groups_weight_decay
+
+    optimizer = torch.optim.AdamW(param_groups_weight_decay(model, settings["weight_decay"]), lr=settings["lr"])
+    model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
+    steps_per_epoch = len(train_loader) // settings["grad_accum"]
+    total_steps = steps_per_epoch * settings["epochs"]
+    warmup_steps = int(settings["warmup_epochs"] * steps_per_epoch)
+
+    start_epoch = 0
+    state_file = output / "checkpoint" / "vistok_state.json"
+    if resume:
+        if not state_file.is_file():
+            raise ConfigError(f"--resume: no checkpoint at {output / 'checkpoint'}")
+        accelerator.load_state(str(output / "checkpoint"))
+        start_epoch = json.loads(state_file.read_text())["epoch"] + 1
+    output.mkdir(parents=True, exist_ok=True)
+    if accelerator.is_main_process:
+        (output / "config.json").write_text(json.dumps(config, indent=2))
+
+    for epoch in range(start_epoch, settings["epochs"]):
+        model.train()
+        started, loss_sum, seen = time.time(), 0.0, 0
+        bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{settings['epochs']}",
+                   disable=not accelerator.is_local_main_process)
+        for batch_index, (images, labels) in enumerate(bar):
+            step = epoch * steps_per_epoch + batch_index // settings["grad_accum"]
+            for group in optimizer.param_groups:
+                group["lr"] = cosine_with_warmup(step, total_steps, warmup_steps, settings["lr"], settings["min_lr"])
+            with accelerator.accumulate(model):
+                inputs = train_transform(images) if train_transform else images
+                loss = F.cross_entropy(model(inputs), labels, label_smoothing=settings["label_smoothing"])
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and settings["clip_grad"]:
+                    accelerator.clip_grad_norm_(model.parameters(), settings["clip_grad"])
+                optimizer.step()
+                optimizer.zero_grad()
+            loss_sum += float(loss.detach()) * labels.shape[0]
+            seen += labels.shape[0]
+            bar.set_postfix(loss=f"{loss_sum / seen:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
+        metrics = {"epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1), "seconds": time.time() - started,
+                   **validate(model, val_loader, val_transform, accelerator)}
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            with open(output / "metrics.jsonl", "a") as log:
+                log.write(json.dumps(metrics) + "\n")
+            accelerator.print(json.dumps(metrics))
+        accelerator.save_state(str(output / "checkpoint"))
+        if accelerator.is_main_process:
+            state_file.write_text(json.dumps({"epoch": epoch}))
+            from safetensors.torch import save_file
+
+            weights = {k: v.contiguous() for k, v in accelerator.unwrap_model(model).state_dict().items()}
+            save_file(weights, str(output / "model.safetensors"))
+    return 0
+
+
+def validate(model, loader, transform, accelerator) -> dict[str, float]:
+    model.eval()
+    correct, total = torch.zeros(2, dtype=torch.long), 0
+    with torch.inference_mode():
+        for images, labels in loader:
+            logits = model(transform(images) if transform else images)
+            logits, labels = accelerator.gather_for_metrics((logits, labels))
+            hits = topk_correct(logits, labels)
+            correct += torch.tensor([hits[1], hits[5]])
+            total += labels.shape[0]
+    return {"val_top1": 100.0 * int(correct[0]) / total, "val_top5": 100.0 * int(correct[1]) / total}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,92 @@
+"""YAML experiment configs for ``tools/``: defaults, a file, then ``key.sub=value`` overrides, each key
+checked against the defaults so a typo is an error, not a silently ignored setting."""
+
+from __future__ import annotations
+
+import copy
+import difflib
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from .errors import VistokError
+
+__all__ = ["ConfigError", "load_config", "parse_overrides"]
+
+
+class ConfigError(VistokError, ValueError):
+    """A config file or override names an unknown key, has a value of the wrong type, or cannot be read."""
+
+
+def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
+    """``["train.epochs=3", "method=ats"]`` -> ``{"train.epochs": 3, "method": "ats"}``; values are YAML."""
+    import yaml
+
+    overrides = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not key=value (e.g. train.epochs=3)")
+        overrides[key] = yaml.safe_load(raw) if raw else None
+    return overrides
+
+
+def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in tree.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value and not path.endswith("_options") and not path.endswith("_kwargs"):
+            flat.update(_flatten(value, f"{path}."))
+        else:
+            flat[path] = value
+    return flat
+
+
+def _assign(tree: dict[str, Any], path: str, value: Any, defaults: dict[str, Any], source: str) -> None:
+    known = _flatten(defaults)
+    free = [k for k in known if path.startswith(f"{k}.") and (k.endswith("_options") or k.endswith("_kwargs"))]
+    if path not in known and not free:
+        close = difflib.get_close_matches(path, known, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(f"{source}: unknown config key {path!r}.{hint} Known keys: {', '.join(sorted(known))}")
+    default = known.get(path)
+    if path in known and default is not None and value is not None and not isinstance(value, type(default)) \
+            and not (isinstance(default, float) and isinstance(value, int)):
+        raise ConfigError(f"{source}: {path} should be {type(default).__name__} (like the default {default!r}), "
+                          f"got {value!r}")
+    node = tree
+    parts = path.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{source}: {path} goes through a non-mapping value")
+    node[parts[-1]] = value
+
+
+def load_config(defaults: dict[str, Any], path: str | Path | None = None,
+                overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Defaults, updated by the YAML file at ``path`` (if any), then by ``overrides`` (dotted keys).
+
+    Keys ending in ``_options`` or ``_kwargs`` hold free-form mappings (method options, model kwargs).
+
+    Raises:
+        ConfigError: unreadable file, unknown key, or a value whose type differs from the default's.
+    """
+    import yaml
+
+    config = copy.deepcopy(defaults)
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as error:
+            raise ConfigError(f"{path} is not valid YAML: {error}") from None
+        if not isinstance(loaded, Mapping):
+            raise ConfigError(f"{path} must hold a mapping of settings, not {type(loaded).__name__}")
+        for key, value in _flatten(loaded).items():
+            _assign(config, key, value, defaults, str(path))
+    for key, value in (overrides or {}).items():
+        _assign(config, key, value, defaults, "command line")
+    return config

@@ -1,0 +1,166 @@
+"""Datasets for training and evaluating: Fashion-MNIST (found on this machine or downloaded) and
+ImageNet-style class folders.
+
+Fashion-MNIST is looked for, in order, in: the directory given, ``$VISTOK_DATA``, the vistok cache
+(``~/.cache/vistok/fashion-mnist``), torchvision's layout (``<dir>/FashionMNIST/raw``), and the Debian
+package ``dataset-fashion-mnist`` (``/usr/share/datasets/fashion-mnist``). Where none has it,
+``download=True`` fetches it with torchvision (needs internet).
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.data import Dataset, TensorDataset
+
+from .errors import VistokError
+
+__all__ = [
+    "DatasetNotFoundError",
+    "FASHION_MNIST_CLASSES",
+    "FASHION_MNIST_MEAN",
+    "FASHION_MNIST_STD",
+    "GreyBatchTransform",
+    "find_fashion_mnist",
+    "load_fashion_mnist",
+    "fashion_mnist_dataset",
+    "image_folder_dataset",
+]
+
+FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
+                         "Bag", "Ankle boot")
+FASHION_MNIST_MEAN, FASHION_MNIST_STD = 0.2860, 0.3530
+_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+          "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
+
+
+class DatasetNotFoundError(VistokError, FileNotFoundError):
+    """The dataset is in none of the places vistok looks, and downloading was not allowed."""
+
+
+def _candidates(root: str | os.PathLike | None) -> list[Path]:
+    dirs = [Path(root)] if root else []
+    if os.environ.get("VISTOK_DATA"):
+        dirs.append(Path(os.environ["VISTOK_DATA"]))
+    dirs.append(Path.home() / ".cache" / "vistok" / "fashion-mnist")
+    expanded = []
+    for directory in dirs:
+        expanded += [directory, directory / "FashionMNIST" / "raw", directory / "fashion-mnist"]
+    return expanded + [DEBIAN_DIR]
+
+
+def _has_split(directory: Path, split: str) -> bool:
+    return all((directory / name).exists() or (directory / f"{name}.gz").exists() for name in _FILES[split])
+
+
+def find_fashion_mnist(root: str | os.PathLike | None = None, download: bool = False) -> Path:
+    """The directory holding the Fashion-MNIST idx files (plain or ``.gz``).
+
+    Raises:
+        DatasetNotFoundError: with what to do, when it is nowhere and ``download`` is False.
+    """
+    for directory in _candidates(root):
+        if _has_split(directory, "train") and _has_split(directory, "test"):
+            return directory
+    target = Path(root) if root else Path.home() / ".cache" / "vistok" / "fashion-mnist"
+    if download:
+        from torchvision.datasets import FashionMNIST
+
+        for train in (True, False):
+            FashionMNIST(str(target), train=train, download=True)
+        return target / "FashionMNIST" / "raw"
+    raise DatasetNotFoundError(
+        "Fashion-MNIST not found. Looked in: " + ", ".join(str(p) for p in _candidates(root)) + ". Either "
+        "install the Debian package (apt-get install dataset-fashion-mnist), or allow a download (needs "
+        "internet: --download / download=True), or point --data-dir / $VISTOK_DATA at a folder holding "
+        "train-images-idx3-ubyte(.gz) and the three other idx files.")
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as handle:
+        data = handle.read()
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 8:
+        raise VistokError(f"{path} is not an unsigned-byte idx file")
+    dims = data[3]
+    shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(dims))
+    array = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * dims)
+    if array.size != int(np.prod(shape)):
+        raise VistokError(f"{path} is truncated: expected {int(np.prod(shape))} values, found {array.size}")
+    return array.reshape(shape)
+
+
+def load_fashion_mnist(split: str, root: str | os.PathLike | None = None,
+                       download: bool = False) -> tuple[Tensor, Tensor]:
+    """``split`` ``"train"`` (60,000) or ``"test"`` (10,000) as ``uint8`` images ``[N, 28, 28]`` and
+    ``int64`` labels ``[N]``."""
+    if split not in _FILES:
+        raise VistokError(f"Fashion-MNIST has splits 'train' and 'test', not {split!r}")
+    directory = find_fashion_mnist(root, download)
+    arrays = []
+    for name in _FILES[split]:
+        path = directory / name if (directory / name).exists() else directory / f"{name}.gz"
+        arrays.append(_read_idx(path))
+    images, labels = arrays
+    return torch.from_numpy(images.copy()), torch.from_numpy(labels.astype(np.int64))
+
+
+def fashion_mnist_dataset(split: str, root: str | os.PathLike | None = None,
+                          download: bool = False) -> TensorDataset:
+    """A ``TensorDataset`` of ``uint8`` images ``[28, 28]`` and labels; turn batches into model input with
+    :class:`GreyBatchTransform`."""
+    return TensorDataset(*load_fashion_mnist(split, root, download))
+
+
+class GreyBatchTransform:
+    """``uint8`` ``[B, H, W]`` batches -> normalised ``float`` ``[B, 1, H, W]``, with optional augmentation
+    (random shifts of up to ``pad`` pixels, background fill, and horizontal flips), vectorised per batch."""
+
+    def __init__(self, mean: float = FASHION_MNIST_MEAN, std: float = FASHION_MNIST_STD, augment: bool = False,
+                 pad: int = 2, seed: int = 0) -> None:
+        self.mean, self.std, self.augment, self.pad = mean, std, augment, pad
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __call__(self, images: Tensor) -> Tensor:
+        x = images.float().div(255.0).sub(self.mean).div(self.std).unsqueeze(1)
+        return _shift_and_flip(x, self.generator, self.pad, -self.mean / self.std) if self.augment else x
+
+
+def _shift_and_flip(images: Tensor, generator: torch.Generator, pad: int, fill: float) -> Tensor:
+    """Translate each image by up to ``pad`` pixels (filling with ``fill``) and flip half of them."""
+    batch, _, height, width = images.shape
+    device = images.device
+    padded = F.pad(images, (pad, pad, pad, pad), value=fill)
+    dy = torch.randint(0, 2 * pad + 1, (batch,), generator=generator).to(device)
+    dx = torch.randint(0, 2 * pad + 1, (batch,), generator=generator).to(device)
+    rows = (dy[:, None] + torch.arange(height, device=device))[:, None, :, None].expand(-1, 1, -1, width + 2 * pad)
+    shifted = padded.gather(2, rows)
+    cols = (dx[:, None] + torch.arange(width, device=device))[:, None, None, :].expand(-1, 1, height, -1)
+    shifted = shifted.gather(3, cols)
+    flip = (torch.rand(batch, generator=generator) < 0.5).to(device)
+    return torch.where(flip[:, None, None, None], shifted.flip(-1), shifted)
+
+
+def image_folder_dataset(root: str | os.PathLike, split: str, input_size: int, train: bool,
+                         mean: tuple[float, ...], std: tuple[float, ...]) -> Dataset:
+    """An ImageNet-style ``root/<split>/<class>/<image>`` folder with timm's train or eval transforms.
+
+    Raises:
+        DatasetNotFoundError: the split folder does not exist or holds no class folders.
+    """
+    from timm.data import create_transform
+    from torchvision.datasets import ImageFolder
+
+    folder = Path(root) / split
+    if not folder.is_dir() or not any(child.is_dir() for child in folder.iterdir()):
+        raise DatasetNotFoundError(f"{folder} is not a folder of class sub-folders (expected {root}/{split}/<class>/"
+                                   "<image files>, as for ImageNet)")
+    transform = create_transform(input_size, is_training=train, mean=mean, std=std)
+    return ImageFolder(str(folder), transform=transform)

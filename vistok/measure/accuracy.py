@@ -1,0 +1,53 @@
+"""Top-k accuracy and tokens kept per block over a dataset."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+__all__ = ["topk_correct", "evaluate"]
+
+
+def topk_correct(logits: Tensor, labels: Tensor, ks: tuple[int, ...] = (1, 5)) -> dict[int, int]:
+    """How many of the ``[B]`` labels are among the top-k of ``logits`` ``[B, classes]``, for each k."""
+    top = logits.topk(min(max(ks), logits.shape[-1]), dim=-1).indices
+    hits = top == labels[:, None]
+    return {k: int(hits[:, :k].any(dim=1).sum()) for k in ks}
+
+
+def evaluate(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], transform: Callable | None = None,
+             progress: bool = False, total: int | None = None) -> dict[str, float]:
+    """Top-1 / top-5 accuracy (in %) and, for a vistok-patched model, the mean tokens each block outputs,
+    averaged over all images. ``transform`` turns a loaded batch into model input."""
+    from ..patching import get_handle
+
+    handle = get_handle(model)
+    correct = {1: 0, 5: 0}
+    seen = 0
+    token_sums: list[float] | None = None
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            for images, labels in tqdm(batches, disable=not progress, total=total, desc="eval", leave=False):
+                if transform is not None:
+                    images = transform(images)
+                logits = model(images)
+                for k, count in topk_correct(logits, labels).items():
+                    correct[k] += count
+                seen += labels.shape[0]
+                if handle is not None:
+                    counts = [c * labels.shape[0] for c in handle.tokens_per_block()]
+                    token_sums = counts if token_sums is None else [a + b for a, b in zip(token_sums, counts,
+                                                                                           strict=True)]
+    finally:
+        model.train(was_training)
+    if seen == 0:
+        raise ValueError("evaluate: the dataset is empty")
+    result = {"top1": 100.0 * correct[1] / seen, "top5": 100.0 * correct[5] / seen, "images": seen}
+    if token_sums is not None:
+        result["tokens_per_block"] = [s / seen for s in token_sums]
+    return result

@@ -1,0 +1,94 @@
+"""The reference ViT vistok trains on real data (Fashion-MNIST) and ships, because no pretrained ViT weights
+can be downloaded on the machines vistok is built on.
+
+``timm.create_model("vistok_vit_fmnist", pretrained=True)`` builds it and loads the shipped weights: a timm
+``VisionTransformer`` with a class token whose 28x28 grey input, cut into 2x2 patches, is 196 patch tokens +
+CLS, like ViT-S/16 at 224 px. The model card is ``models/vistok_vit_fmnist/README.md``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from timm.models import register_model
+from timm.models.vision_transformer import VisionTransformer
+from torch import nn
+
+from ..errors import VistokError
+
+__all__ = ["REFERENCE_ARCH", "CheckpointError", "reference_checkpoint", "load_checkpoint", "vistok_vit_fmnist"]
+
+REFERENCE_NAME = "vistok_vit_fmnist"
+REFERENCE_ARCH = dict(img_size=28, patch_size=2, in_chans=1, num_classes=10, embed_dim=96, depth=12, num_heads=3,
+                      mlp_ratio=4.0, class_token=True, global_pool="token")
+
+
+class CheckpointError(VistokError, ValueError):
+    """A checkpoint is missing, unreadable, or does not fit the model."""
+
+
+def reference_checkpoint(name: str = REFERENCE_NAME) -> Path:
+    """Where the shipped weights of ``name`` are: ``$VISTOK_MODELS/<name>/model.safetensors``, else the
+    repository's ``models/<name>/model.safetensors``."""
+    roots = [Path(os.environ["VISTOK_MODELS"])] if os.environ.get("VISTOK_MODELS") else []
+    roots.append(Path(__file__).resolve().parents[2] / "models")
+    for root in roots:
+        path = root / name / "model.safetensors"
+        if path.is_file():
+            return path
+    raise CheckpointError(
+        f"the weights of {name} are not at {' or '.join(str(r / name / 'model.safetensors') for r in roots)}. They "
+        "ship in the vistok repository (models/); from a package install, point $VISTOK_MODELS at a copy of that "
+        "folder, or train them with tools/train.py --config configs/fmnist_vit.yaml.")
+
+
+def load_checkpoint(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Load a ``.safetensors`` or ``torch.save`` state dict into ``model``, every key and shape checked.
+
+    Raises:
+        CheckpointError: unreadable file, or missing / unexpected / mis-shaped tensors (all named).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = state.get("model", state) if isinstance(state, dict) else state
+    except Exception as error:  # noqa: BLE001 - any reader failure means the same thing to the user
+        raise CheckpointError(f"cannot read checkpoint {path}: {error}") from None
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    mis_shaped = sorted(f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(v.shape)}"
+                        for k, v in expected.items() if k in state and state[k].shape != v.shape)
+    if missing or unexpected or mis_shaped:
+        problems = [f"missing {missing[:5]}{' ...' if len(missing) > 5 else ''}" if missing else "",
+                    f"unexpected {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}" if unexpected else "",
+                    f"shape mismatch {mis_shaped[:5]}" if mis_shaped else ""]
+        raise CheckpointError(f"checkpoint {path} does not fit {type(model).__name__}: "
+                              + "; ".join(p for p in problems if p))
+    model.load_state_dict(state)
+    return model
+
+
+@register_model
+def vistok_vit_fmnist(pretrained: bool = False, **kwargs) -> VisionTransformer:
+    """vistok's reference ViT for Fashion-MNIST (196 patch tokens + CLS); ``pretrained=True`` loads the
+    weights shipped in ``models/vistok_vit_fmnist``."""
+    for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
+        kwargs.pop(key, None)
+    model = VisionTransformer(**{**REFERENCE_ARCH, **kwargs})
+    model.pretrained_cfg = model.default_cfg = {
+        "architecture": REFERENCE_NAME, "num_classes": model.num_classes, "input_size": (1, 28, 28),
+        "mean": (0.2860,), "std": (0.3530,), "first_conv": "patch_embed.proj", "classifier": "head",
+    }
+    if pretrained:
+        load_checkpoint(model, reference_checkpoint())
+    return model

@@ -1,0 +1,156 @@
+"""Token overlays: which patches a method kept (ATS, random drop) or merged together (merging with
+``trace_source=True``), drawn on the input images and saved as a PNG grid.
+
+>>> handle = vistok.patch(model, "merge", r=8, trace_source=True)
+>>> model(images)
+>>> vistok.viz.save_overlay_grid("tokens.png", images, {"merge r=8": handle.layouts[11]}, grid=(14, 14))
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .tokens import TokenLayout
+
+__all__ = ["patch_groups", "overlay", "save_overlay_grid", "save_pareto_plot"]
+
+
+def patch_groups(layout: TokenLayout, num_patches: int) -> Tensor:
+    """For each image and original patch, the position of the token that carries it after the layout's
+    block, or -1 if the patch was dropped: ``[B, num_patches]`` long.
+
+    Merged patches share a position (needs ``layout.members``, i.e. ``trace_source=True``); without members,
+    each kept token carries only its own source patch.
+    """
+    prefix = layout.num_prefix
+    batch = layout.batch_size
+    groups = torch.full((batch, num_patches), -1, dtype=torch.long)
+    valid = layout.valid_mask().cpu()
+    if layout.members is not None:
+        members = layout.members[:, :, prefix: prefix + num_patches].cpu() & valid[:, :, None]
+        carried = members.any(dim=1)
+        groups[carried] = members.float().argmax(dim=1)[carried]
+        return groups
+    source = layout.source_index().cpu() - prefix
+    for b in range(batch):
+        real = valid[b] & (source[b] >= 0)
+        groups[b, source[b][real]] = torch.nonzero(real).squeeze(1)
+    return groups
+
+
+def overlay(image: np.ndarray, groups: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
+    """Draw one image's token groups: dropped patches dimmed to a quarter, each merged group filled with its
+    mean colour, and a line wherever neighbouring patches belong to different tokens.
+
+    Args:
+        image: ``[H, W, 3]`` floats in ``[0, 1]``.
+        groups: ``[gh * gw]`` from :func:`patch_groups` (one image).
+    """
+    rows, cols = grid
+    height, width = image.shape[:2]
+    ph, pw = height // rows, width // cols
+    out = image.copy()
+    cells = groups.reshape(rows, cols)
+    for group in np.unique(groups):
+        where = np.kron(cells == group, np.ones((ph, pw), dtype=bool))
+        if group < 0:
+            out[where] = image[where] * 0.25
+        elif (cells == group).sum() > 1:
+            out[where] = image[where].mean(axis=0)
+    pixel_groups = np.kron(cells, np.ones((ph, pw), dtype=int))
+    edges = np.zeros((height, width), dtype=bool)
+    edges[:, 1:] |= pixel_groups[:, 1:] != pixel_groups[:, :-1]
+    edges[1:, :] |= pixel_groups[1:, :] != pixel_groups[:-1, :]
+    out[edges] = (1.0, 0.85, 0.2)
+    return out
+
+
+def _display(images: Tensor) -> np.ndarray:
+    """``[B, C, H, W]`` (any normalisation) -> ``[B, H, W, 3]`` in ``[0, 1]``, each image min-max scaled."""
+    x = images.detach().float().cpu()
+    low = x.amin(dim=(1, 2, 3), keepdim=True)
+    high = x.amax(dim=(1, 2, 3), keepdim=True)
+    x = (x - low) / (high - low).clamp_min(1e-8)
+    if x.shape[1] == 1:
+        x = x.expand(-1, 3, -1, -1)
+    return x.permute(0, 2, 3, 1).numpy()
+
+
+def save_overlay_grid(path: str | Path, images: Tensor, layouts: Mapping[str, TokenLayout],
+                      grid: tuple[int, int], upscale: int = 8) -> Path:
+    """A PNG with one row per image: the input, then one overlay per named layout (e.g. the layout after
+    the last block of each method). Returns the path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pictures = _display(images)
+    if upscale > 1:
+        pictures = pictures.repeat(upscale, axis=1).repeat(upscale, axis=2)
+    num_patches = grid[0] * grid[1]
+    columns = {"input": [p for p in pictures]}
+    for name, layout in layouts.items():
+        groups = patch_groups(layout, num_patches).numpy()
+        columns[f"{name}\n({_token_note(layout)})"] = [overlay(p, g, grid) for p, g in zip(pictures, groups,
+                                                                                          strict=True)]
+    figure, axes = plt.subplots(len(pictures), len(columns), figsize=(2.2 * len(columns), 2.2 * len(pictures)),
+                                squeeze=False)
+    for column, (title, panels) in enumerate(columns.items()):
+        for row, panel in enumerate(panels):
+            axes[row, column].imshow(panel, interpolation="nearest")
+            axes[row, column].set_xticks([])
+            axes[row, column].set_yticks([])
+            if row == 0:
+                axes[row, column].set_title(title, fontsize=8)
+    figure.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+def _token_note(layout: TokenLayout) -> str:
+    counts = layout.num_valid() - layout.num_prefix
+    return f"{float(counts.float().mean()):.0f} tokens"
+
+
+def save_pareto_plot(path: str | Path, rows: list[Mapping], title: str = "accuracy vs compute") -> Path:
+    """Top-1 against GFLOPs per image, one line per method (rows: dicts with ``method``, ``gflops``,
+    ``top1``, ``label``); the unpatched model (method ``"unpatched"``) is a star."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(6.4, 4.4))
+    methods: dict[str, list[Mapping]] = {}
+    for row in rows:
+        methods.setdefault(row["method"], []).append(row)
+    for method, points in methods.items():
+        points = sorted(points, key=lambda row: row["gflops"])
+        xs, ys = [p["gflops"] for p in points], [p["top1"] for p in points]
+        if method == "unpatched":
+            axis.plot(xs, ys, "k*", markersize=12, label="unpatched")
+            continue
+        axis.plot(xs, ys, "o-", label=method, markersize=4)
+        for point in points:
+            axis.annotate(str(point["label"]), (point["gflops"], point["top1"]), fontsize=6,
+                          textcoords="offset points", xytext=(2, 2))
+    axis.set_xlabel("GFLOPs per image (2 x MACs, dataset average)")
+    axis.set_ylabel("top-1 (%)")
+    axis.set_title(title, fontsize=10)
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
