@@ -162,3 +162,12 @@ def test_overlays_account_for_every_patch(tmp_path):
         assert torch.equal(sizes[1:].float(), merged.sizes[b, 1:])
     path = save_overlay_grid(tmp_path / "tokens.png", images, {"ats": ats, "merge": merged}, grid=(14, 14))
     assert path.stat().st_size > 10_000
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_are_valid(path):
+    tool = "eval" if path.name.startswith("eval_") else "sweep" if path.name.startswith("sweep_") else "train"
+    config = load_config(load_tool(tool).DEFAULTS, path)
+    assert timm.is_model(config["model"])
+    if config["method"]:
+        vistok.create_config(config["method"], **config["method_options"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from .backbones.base import BlockOps
+from .errors import PatchStateError
 from .methods.base import AttentionView, TokenReducer
 from .ops import attend, gather_head_tokens, gather_rope, gather_tokens, keep_mask_to_index
 from .tokens import TokenLayout
@@ -42,6 +43,8 @@ def run_block(
         out_keys = k
         if reducer is not None:
             keep = reducer.select(AttentionView(q, k, v, layout, key_bias))
+            if keep is not None and not bool(keep[:, : layout.num_prefix].all()):
+                raise PatchStateError(f"{type(reducer).__name__} dropped a prefix token; prefix tokens must stay")
             if keep is not None and not bool(keep.all()):
                 index, valid = keep_mask_to_index(keep)
                 q, x, h = gather_head_tokens(q, index), gather_tokens(x, index), gather_tokens(h, index)

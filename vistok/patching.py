@@ -46,9 +46,9 @@ class _LayoutTracker:
         if block == self.first_block:
             if self._backbone.grad_checkpointing:
                 raise PatchStateError(
-                    "gradient checkpointing re-runs blocks out of order, which vistok cannot follow; call "
-                    "model.set_grad_checkpointing(False) (timm, open_clip) or model.gradient_checkpointing_disable() "
-                "(Hugging Face) while the model is patched")
+                    "gradient checkpointing re-runs blocks out of order, which vistok cannot follow; while the "
+                    "model is patched, call model.set_grad_checkpointing(False) (timm, open_clip) or "
+                    "model.gradient_checkpointing_disable() (Hugging Face)")
             self.layouts = {}
             self.input_tokens = x.shape[1]
             self.layout = TokenLayout.original(x, self.info.num_prefix, self.info.has_class_token, self.trace)

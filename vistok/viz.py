@@ -85,11 +85,7 @@ def save_overlay_grid(path: str | Path, images: Tensor, layouts: Mapping[str, To
                       grid: tuple[int, int], upscale: int = 8) -> Path:
     """A PNG with one row per image: the input, then one overlay per named layout (e.g. the layout after
     the last block of each method). Returns the path."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     pictures = _display(images)
     if upscale > 1:
         pictures = pictures.repeat(upscale, axis=1).repeat(upscale, axis=2)
@@ -108,10 +104,23 @@ def save_overlay_grid(path: str | Path, images: Tensor, layouts: Mapping[str, To
             axes[row, column].set_yticks([])
             if row == 0:
                 axes[row, column].set_title(title, fontsize=8)
+    return _save(plt, figure, path, dpi=110)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(plt, figure, path: str | Path, dpi: int) -> Path:
     figure.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=110)
+    figure.savefig(path, dpi=dpi)
     plt.close(figure)
     return path
 
@@ -124,11 +133,7 @@ def _token_note(layout: TokenLayout) -> str:
 def save_pareto_plot(path: str | Path, rows: list[Mapping], title: str = "accuracy vs compute") -> Path:
     """Top-1 against GFLOPs per image, one line per method (rows: dicts with ``method``, ``gflops``,
     ``top1``, ``label``); the unpatched model (method ``"unpatched"``) is a star."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     figure, axis = plt.subplots(figsize=(6.4, 4.4))
     methods: dict[str, list[Mapping]] = {}
     for row in rows:
@@ -148,9 +153,4 @@ def save_pareto_plot(path: str | Path, rows: list[Mapping], title: str = "accura
     axis.set_title(title, fontsize=10)
     axis.grid(alpha=0.3)
     axis.legend(fontsize=8)
-    figure.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-    return path
+    return _save(plt, figure, path, dpi=120)

@@ -21,7 +21,7 @@ from ..errors import VistokError
 __all__ = ["REFERENCE_ARCH", "CheckpointError", "reference_checkpoint", "load_checkpoint", "vistok_vit_fmnist"]
 
 REFERENCE_NAME = "vistok_vit_fmnist"
-REFERENCE_ARCH = dict(img_size=28, patch_size=2, in_chans=1, num_classes=10, embed_dim=96, depth=12, num_heads=3,
+REFERENCE_ARCH = dict(img_size=28, patch_size=2, in_chans=1, num_classes=10, embed_dim=64, depth=12, num_heads=2,
                       mlp_ratio=4.0, class_token=True, global_pool="token")
 
 
