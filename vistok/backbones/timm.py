@@ -266,7 +266,8 @@ class _TimmBackbone(Backbone):
         if not isinstance(x, Tensor) or x.dim() != 4:
             shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
             raise InputShapeError(f"{name} expects images of shape [B, C, H, W], got {shape}")
-        channels = patch_embed.proj.in_channels
+        first_conv = next((m for m in patch_embed.modules() if isinstance(m, nn.Conv2d)), None)
+        channels = first_conv.in_channels if first_conv is not None else x.shape[1]
         if x.shape[1] != channels:
             raise InputShapeError(f"{name} expects {channels} input channels, got shape {tuple(x.shape)}")
         dynamic = getattr(self.model, "dynamic_img_size", False) or getattr(patch_embed, "dynamic_img_pad",
