@@ -10,9 +10,15 @@ Importing this package does not import transformers; the processors are plain ca
 """
 
 from . import rng
+from .cntp import CNTPConfig, cntp_generate, punctuation_token_ids
+from .constrained import AWRSResult, awrs_sample, constrained_generate
+from .drafts import self_draft
 from .errors import InvalidLogitsError, VocabularyMismatchError
+from .generation import GenerationOutput, generate
+from .models import load_smollm2, smollm2_gguf
 from .pipeline import FILTER_CLASSES, PROCESSOR_ORDER, SamplingConfig, SamplingPipeline
 from .sampling import SeededSampling, sample
+from .speculative import SpeculativeDecoder, kseq_rho, kseq_verify, speculative_verify
 from .temperature import Temperature, temperature_scale
 from .truncation import (
     TOP_H_RULES,
@@ -31,6 +37,7 @@ from .truncation import (
     top_p_filter,
     typical_filter,
 )
+from .vocab_trim import VocabTrim
 
 __all__ = [
     "SamplingConfig",
@@ -56,6 +63,22 @@ __all__ = [
     "EtaFilter",
     "TopHFilter",
     "TOP_H_RULES",
+    "generate",
+    "GenerationOutput",
+    "SpeculativeDecoder",
+    "speculative_verify",
+    "kseq_verify",
+    "kseq_rho",
+    "self_draft",
+    "VocabTrim",
+    "CNTPConfig",
+    "cntp_generate",
+    "punctuation_token_ids",
+    "awrs_sample",
+    "AWRSResult",
+    "constrained_generate",
+    "load_smollm2",
+    "smollm2_gguf",
     "InvalidLogitsError",
     "VocabularyMismatchError",
     "rng",

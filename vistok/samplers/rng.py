@@ -46,9 +46,14 @@ def derive_seeds(seeds: Tensor, salt: int | Tensor) -> Tensor:
     return _mix(_mix(seeds.long()) + _mix(salt * _GOLDEN + 1))
 
 
+def _wrap(value: int) -> int:
+    """A Python int reduced to the int64 range, as int64 arithmetic would wrap it."""
+    return (value + (1 << 63)) % (1 << 64) - (1 << 63)
+
+
 def _row_keys(seeds: Tensor, counter: int | Tensor, stream: int) -> Tensor:
     counter = torch.as_tensor(counter, dtype=torch.int64, device=seeds.device)
-    return _mix(derive_seeds(seeds, counter) ^ (stream * _MIX1))
+    return _mix(derive_seeds(seeds, counter) ^ _wrap(stream * _MIX1))
 
 
 def uniform(batch: int, n: int, *, seeds: Tensor | None = None, counter: int | Tensor = 0, stream: int = 0,

@@ -18,7 +18,7 @@ __all__ = ["sample", "SeededSampling", "as_seeds"]
 _SPARSE_SHARE = 8  # sample over the finite logits only when they are at most 1/8 of the tensor
 
 
-def sample(logits: Tensor, *, seeds: Tensor | None = None, counter: int | Tensor = 0,
+def sample(logits: Tensor, *, seeds: Tensor | None = None, counter: int | Tensor = 0, stream: int = 0,
            generator: torch.Generator | None = None) -> Tensor:
     """One token per row, an exact sample of ``softmax(logits)``: ``argmax(logits + G)`` with i.i.d. Gumbel
     noise ``G`` (the exponential race ``argmin E_i / p_i``).
@@ -33,6 +33,7 @@ def sample(logits: Tensor, *, seeds: Tensor | None = None, counter: int | Tensor
         seeds: ``[B]`` int64 seeds, or ``None`` for torch's generator (``generator`` or the global one).
         counter: an int or ``[B]`` int64 mixed into the noise (e.g. the row's current length), so that
             successive steps draw fresh noise.
+        stream: an int separating independent draws at the same counter (e.g. drafting and verifying).
 
     Returns:
         ``[B]`` int64 token ids.
@@ -53,16 +54,16 @@ def sample(logits: Tensor, *, seeds: Tensor | None = None, counter: int | Tensor
     if seeds is not None:
         finite = shifted > -math.inf
         if int(finite.sum()) * _SPARSE_SHARE <= batch * vocab:
-            return _sample_sparse(shifted, finite, seeds.to(work.device), counter)
+            return _sample_sparse(shifted, finite, seeds.to(work.device), counter, stream)
     noise = rng.gumbel(batch, vocab, seeds=None if seeds is None else seeds.to(work.device), counter=counter,
-                       generator=generator, device=work.device)
+                       stream=stream, generator=generator, device=work.device)
     return (shifted.double() + noise).argmax(dim=1)
 
 
-def _sample_sparse(shifted: Tensor, finite: Tensor, seeds: Tensor, counter: int | Tensor) -> Tensor:
+def _sample_sparse(shifted: Tensor, finite: Tensor, seeds: Tensor, counter: int | Tensor, stream: int) -> Tensor:
     """The race over the finite logits only; the same tokens as the dense race with the same seeds."""
     rows, cols = finite.nonzero(as_tuple=True)
-    key = shifted[rows, cols].double() + rng.gumbel_at(rows, cols, seeds=seeds, counter=counter)
+    key = shifted[rows, cols].double() + rng.gumbel_at(rows, cols, seeds=seeds, counter=counter, stream=stream)
     batch, vocab = shifted.shape
     best = torch.full((batch,), -math.inf, dtype=key.dtype, device=key.device)
     best = best.scatter_reduce(0, rows, key, "amax")
