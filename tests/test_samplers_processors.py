@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from sampler_cases import KINDS, logit_cases, tie_complete
+from sampler_cases import KINDS, logit_cases, one_thread, tie_complete  # noqa: F401 (fixture)
 
 from vistok.samplers import (
     EpsilonFilter,

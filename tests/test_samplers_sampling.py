@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from sampler_cases import chi_square_pvalue, logit_cases, tiny_llama
+from sampler_cases import chi_square_pvalue, logit_cases, one_thread, tiny_llama  # noqa: F401 (fixture)
 
 from vistok import InvalidConfigError, VistokError
 from vistok.samplers import (

@@ -4,7 +4,7 @@ import itertools
 
 import pytest
 import torch
-from sampler_cases import chi_square_pvalue, tiny_llama
+from sampler_cases import chi_square_pvalue, one_thread, tiny_llama  # noqa: F401 (fixture)
 
 from vistok import InvalidConfigError, UnsupportedModelError
 from vistok.samplers import (

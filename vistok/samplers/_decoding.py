@@ -81,6 +81,24 @@ class CausalLMState:
         logits = output.logits
         return logits[:, -1:] if last_only else logits
 
+    def prefill(self, tokens: Tensor, valid: Tensor) -> Tensor:
+        """Feed the prompt (``[B, T]``, mask ``valid``) into an empty state; ``[B, V]`` next-token logits.
+
+        Identical rows (``n`` samples of one prompt) are computed once and their cache copied."""
+        if self.valid.shape[1]:
+            raise RuntimeError("prefill needs an empty state")
+        valid = valid.to(device=self.device, dtype=torch.bool)
+        tokens = tokens.to(self.device).masked_fill(~valid, 0)
+        unique, inverse = torch.unique(torch.cat([tokens, valid.long()], dim=1), dim=0, return_inverse=True)
+        if unique.shape[0] == tokens.shape[0]:
+            return self.feed(tokens, valid, last_only=True)[:, -1]
+        first = torch.full((unique.shape[0],), tokens.shape[0], dtype=torch.long, device=self.device)
+        first = first.scatter_reduce(0, inverse, torch.arange(tokens.shape[0], device=self.device), "amin")
+        self.valid = self.valid[first]
+        logits = self.feed(tokens[first], valid[first], last_only=True)[:, -1]
+        self.select(inverse)
+        return logits[inverse]
+
     def invalidate(self, keep: Tensor) -> None:
         """Mark some of the last ``keep.shape[1]`` columns invalid (``keep``: ``[B, n]`` bool, False = drop),
         then crop the trailing columns that no row uses."""

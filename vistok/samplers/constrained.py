@@ -162,7 +162,7 @@ def constrained_generate(model: nn.Module, input_ids: Tensor, constraint: Callab
     started = time.perf_counter()
     prompt = input_ids.to(device).masked_fill(~mask.to(device), pad_token_id)
     state = CausalLMState(model, batch, device)
-    logits = state.feed(prompt, mask.to(device), last_only=True)[:, -1]
+    logits = state.prefill(prompt, mask)
     new_tokens = torch.full((batch, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
     lengths = torch.zeros(batch, dtype=torch.long, device=device)
     done = torch.zeros(batch, dtype=torch.bool, device=device)

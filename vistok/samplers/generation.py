@@ -88,7 +88,7 @@ def generate(model: nn.Module, input_ids: Tensor, config: SamplingConfig | None 
     eos = eos_set(eos_token_id, device)
     started = time.perf_counter()
     state = CausalLMState(model, batch, device)
-    logits = state.feed(input_ids.to(device), mask.to(device), last_only=True)[:, -1]
+    logits = state.prefill(input_ids, mask)
     new_tokens = torch.full((batch, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
     done = torch.zeros(batch, dtype=torch.bool, device=device)
     lengths = torch.zeros(batch, dtype=torch.long, device=device)

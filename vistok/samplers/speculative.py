@@ -235,12 +235,12 @@ class SpeculativeDecoder:
         prompt_mask = mask.to(device).repeat_interleave(k, dim=0)
         target = CausalLMState(self.target, batch * k, device)
         draft = CausalLMState(self.draft, batch * k, device)
-        # The target sees every token but the last one of the prefix; it feeds that one with the drafts.
+        # Both models see every prompt token but the last one, which they feed with their next block.
         if prompt.shape[1] > 1:
-            target.feed(prompt[:, :-1], prompt_mask[:, :-1])
-        target_pending = prompt[:, -1:]
-        target_pending_valid = prompt_mask[:, -1:]
-        draft_pending, draft_pending_valid = prompt, prompt_mask
+            target.prefill(prompt[:, :-1], prompt_mask[:, :-1])
+            draft.prefill(prompt[:, :-1], prompt_mask[:, :-1])
+        target_pending, target_pending_valid = prompt[:, -1:], prompt_mask[:, -1:]
+        draft_pending, draft_pending_valid = target_pending, target_pending_valid
 
         new_tokens = torch.full((batch, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
         lengths = torch.zeros(batch, dtype=torch.long, device=device)

@@ -189,12 +189,13 @@ def epsilon_filter(logits: Tensor, epsilon: RowParam, *, min_tokens_to_keep: int
     epsilon = row_param(epsilon, "epsilon", low=0.0, high=1.0, high_open=True)
     check_min_tokens(min_tokens_to_keep)
     work = work_dtype(logits)
-    check_row_max(work.amax(dim=1, keepdim=True))
+    row_max = work.amax(dim=1, keepdim=True)
+    check_row_max(row_max)
     if not isinstance(epsilon, Tensor) and epsilon == 0.0:
         return logits.clone()
     probs = work.softmax(dim=1)
     keep = probs >= broadcast_param(epsilon, logits, "epsilon", work.dtype)
-    return _finish(logits, work, keep, min_tokens_to_keep, filter_value, always=True)
+    return _finish(logits, work, keep, min_tokens_to_keep, filter_value, always=True, row_max=row_max)
 
 
 def eta_filter(logits: Tensor, epsilon: RowParam, *, min_tokens_to_keep: int = 1,
@@ -210,7 +211,8 @@ def eta_filter(logits: Tensor, epsilon: RowParam, *, min_tokens_to_keep: int = 1
     epsilon = row_param(epsilon, "eta", low=0.0, high=1.0, high_open=True)
     check_min_tokens(min_tokens_to_keep)
     work = work_dtype(logits)
-    check_row_max(work.amax(dim=1, keepdim=True))
+    row_max = work.amax(dim=1, keepdim=True)
+    check_row_max(row_max)
     if not isinstance(epsilon, Tensor) and epsilon == 0.0:
         return logits.clone()
     probs = work.softmax(dim=1)
@@ -219,7 +221,7 @@ def eta_filter(logits: Tensor, epsilon: RowParam, *, min_tokens_to_keep: int = 1
     epsilon = torch.as_tensor(epsilon, dtype=work.dtype, device=work.device)
     eta = torch.minimum(epsilon, epsilon.sqrt() * torch.exp(-entropy))
     keep = probs >= eta
-    return _finish(logits, work, keep, min_tokens_to_keep, filter_value, always=True)
+    return _finish(logits, work, keep, min_tokens_to_keep, filter_value, always=True, row_max=row_max)
 
 
 def top_h_filter(logits: Tensor, alpha: RowParam, *, rule: str = "paper", top_n: int | None = None,
@@ -313,12 +315,16 @@ def _prefix_count(holds: Tensor) -> Tensor:
 
 
 def _finish(logits: Tensor, ranking: Tensor, keep: Tensor, min_tokens_to_keep: int, filter_value: float,
-            always: bool = False) -> Tensor:
+            always: bool = False, row_max: Tensor | None = None) -> Tensor:
     """Add the ``min_tokens_to_keep`` best tokens by ``ranking`` (ties included) to ``keep``, then fill the
-    rest. ``always``: the method can drop every token, so the best one is added even for ``min_tokens = 1``."""
+    rest. ``always``: the method can drop every token, so the best one is added even for ``min_tokens = 1``.
+    ``row_max``: ``ranking``'s row maxima, if already computed."""
     if min_tokens_to_keep > 1 or always:
         count = min(min_tokens_to_keep, ranking.shape[1])
-        best = ranking.amax(dim=1, keepdim=True) if count == 1 else ranking.topk(count, dim=1).values[:, -1:]
+        if count == 1:
+            best = row_max if row_max is not None else ranking.amax(dim=1, keepdim=True)
+        else:
+            best = ranking.topk(count, dim=1).values[:, -1:]
         keep = keep | (ranking >= best)
     return torch.where(keep, logits, filter_value)
 
