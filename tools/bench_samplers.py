@@ -59,8 +59,10 @@ def bench_processors(args) -> dict:
             ours_times, theirs_times = [], []
             # Interleaved, at least --runs pairs and at least 0.5 s per side (the clock of a busy 2-core machine
             # ticks in steps of a few ms).
+            pairs = [(theirs, theirs_times), (ours, ours_times)]
             while len(ours_times) < args.runs or min(sum(ours_times), sum(theirs_times)) < 0.5:
-                for fn, times in ((theirs, theirs_times), (ours, ours_times)):
+                pairs.reverse()  # alternate which one goes first
+                for fn, times in pairs:
                     start = time.perf_counter()
                     fn(ids, logits)
                     times.append(time.perf_counter() - start)
@@ -138,6 +140,7 @@ def bench_speculative(args, model, tokenizer) -> dict:
             timings[name].append(result.stats["seconds"] / result.stats["new_tokens"])
             acceptance[name].append(result.stats["acceptance_rate"])
             tokens_per_call[name].append(result.stats["tokens_per_target_call"])
+    costs = forward_costs(model, drafts["bf16 copy"][0], prompts[0], args.gamma)
     base = statistics.mean(timings["plain (vistok.samplers.generate)"])
     rows = []
     for name, values in timings.items():
@@ -157,8 +160,30 @@ def bench_speculative(args, model, tokenizer) -> dict:
         acc = "" if row["acceptance"] is None else f"{row['acceptance']:.3f}"
         tpc = "" if row["tokens_per_target_call"] is None else f"{row['tokens_per_target_call']:.2f}"
         print(f"| {row['method']} | {acc} | {tpc} | {row['ms_per_token']:.1f} | {row['speedup']:.2f} |")
+    print(f"\nForward cost with a KV cache (ms, median of 9): target 1 token {costs['target_1']:.1f}, target "
+          f"{args.gamma + 1} tokens {costs['target_block']:.1f}, bf16 draft 1 token {costs['draft_1']:.1f}.")
     return {"temperature": args.temperature, "gamma": args.gamma, "prompts": args.prompts, "tokens": args.tokens,
-            "threads": torch.get_num_threads(), "trim_size": trim.size, "rows": rows}
+            "threads": torch.get_num_threads(), "trim_size": trim.size, "rows": rows, "forward_ms": costs}
+
+
+def forward_costs(target, draft, prompt, gamma) -> dict:
+    """Median ms of a cached forward: the target on 1 and on gamma + 1 new tokens, the draft on 1."""
+    from vistok.samplers._decoding import CausalLMState
+
+    def median_ms(model, width):
+        state = CausalLMState(model, 1)
+        state.prefill(prompt, torch.ones_like(prompt, dtype=torch.bool))
+        times = []
+        for step in range(10):
+            tokens = torch.randint(100, 1000, (1, width), generator=torch.Generator().manual_seed(step))
+            start = time.perf_counter()
+            state.feed(tokens)
+            times.append(time.perf_counter() - start)
+            state.invalidate(torch.zeros(1, width, dtype=torch.bool))
+        return statistics.median(times[1:]) * 1e3
+
+    return {"target_1": median_ms(target, 1), "target_block": median_ms(target, gamma + 1),
+            "draft_1": median_ms(draft, 1)}
 
 
 def repeated_ngrams(tokens: list[int], n: int) -> float:
@@ -204,8 +229,11 @@ def main() -> int:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--trim-size", type=int, default=16384)
     parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
     report = {"torch": torch.__version__}
     if args.part in ("processors", "all"):

@@ -60,7 +60,8 @@ class CausalLMState:
         Args:
             valid: ``[B, k]`` bool, False where the column is padding for that row (its token is ignored by
                 every later position). ``None``: all valid.
-            last_only: return only the logits after the last column (``[B, 1, V]``).
+            last_only: return only the logits after the last column (``[B, 1, V]``); they are meaningful for
+                the rows whose last column is valid. Columns invalid in every row are then not fed at all.
 
         Returns:
             ``[B, k, V]`` (or ``[B, 1, V]``) float logits.
@@ -68,6 +69,10 @@ class CausalLMState:
         if valid is None:
             valid = torch.ones_like(tokens, dtype=torch.bool)
         valid = valid.to(device=self.device, dtype=torch.bool)
+        used = valid.any(dim=0)
+        if last_only and bool(used.any()) and not bool(used.all()):
+            # A column no row uses would only leave a hole in every row (and force an explicit mask from then on).
+            tokens, valid = tokens[:, used.to(tokens.device)], valid[:, used]
         positions = (self.lengths[:, None] + valid.long().cumsum(dim=1) - 1).clamp_(min=0)
         mask = torch.cat([self.valid, valid], dim=1)
         kwargs = {self._cache_name: self.cache, "use_cache": True, "position_ids": positions}

@@ -209,6 +209,46 @@ class SpeculativeDecoder:
         full = probs.new_zeros(probs.shape[0], self.vocab_size)
         return full.index_copy_(1, self.draft_vocab.to(probs.device), probs)
 
+    def _propose(self, draft: CausalLMState, pending: Tensor, pending_valid: Tensor | None,
+                 config: SamplingConfig, seeds: Tensor | None, iteration: int, generator) -> tuple[Tensor, Tensor]:
+        """Draft ``gamma`` tokens in every candidate row: ``[R, G]`` tokens and ``[R, G, V]`` their distributions."""
+        tokens, distributions = [], []
+        for j in range(self.gamma):
+            logits = draft.feed(pending, pending_valid, last_only=True)[:, -1]
+            probs = self._draft_probs(logits, config)
+            token = sample(probs.log(), seeds=seeds, counter=iteration * (self.gamma + 1) + j, stream=_DRAFT,
+                           generator=generator)
+            tokens.append(token)
+            distributions.append(probs)
+            pending, pending_valid = token[:, None], None
+        return torch.stack(tokens, dim=1), torch.stack(distributions, dim=1)
+
+    def _score(self, target: CausalLMState, pending: Tensor, pending_valid: Tensor, drafted: Tensor,
+               config: SamplingConfig, batch: int) -> Tensor:
+        """One target forward over the last prefix token and the drafts: ``[B, k, G + 1, V]`` distributions."""
+        feed = torch.cat([pending, drafted], dim=1)
+        valid = torch.cat([pending_valid, torch.ones_like(drafted, dtype=torch.bool)], dim=1)
+        logits = target.feed(feed, valid)
+        width = logits.shape[-1]
+        if self.vocab_size is not None and width != self.vocab_size:
+            raise VocabularyMismatchError(f"the target returned {width} logits, expected {self.vocab_size}")
+        probs = config.process(logits.reshape(-1, width).float()).double().softmax(dim=1)
+        return probs.view(batch, self.num_drafts, self.gamma + 1, width)
+
+    def _verify(self, target_probs: Tensor, draft_probs: Tensor, drafted: Tensor, seeds: Tensor | None,
+                iteration: int, generator) -> tuple[Tensor, Tensor, Tensor]:
+        """``accepted`` ``[B]``, ``tokens`` ``[B, G + 1]`` (accepted drafts, then the next token) and the lead
+        candidate ``[B]`` (see :func:`kseq_verify`)."""
+        batch, k, gamma = target_probs.shape[0], self.num_drafts, self.gamma
+        if k > 1:
+            return kseq_verify(target_probs, draft_probs.view(batch, k, gamma, -1), drafted.view(batch, k, gamma),
+                               seeds=seeds, counter=iteration, generator=generator)
+        accepted, next_token = speculative_verify(target_probs[:, 0], draft_probs, drafted, seeds=seeds,
+                                                  counter=iteration, generator=generator)
+        tokens = torch.cat([drafted, next_token[:, None]], dim=1)
+        tokens[torch.arange(batch, device=tokens.device), accepted] = next_token
+        return accepted, tokens, torch.zeros_like(accepted)
+
     @torch.no_grad()
     def generate(self, input_ids: Tensor, *, attention_mask: Tensor | None = None, max_new_tokens: int = 32,
                  seeds: int | Tensor | None = None, eos_token_id: int | list[int] | None = None,
@@ -245,71 +285,32 @@ class SpeculativeDecoder:
         new_tokens = torch.full((batch, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
         lengths = torch.zeros(batch, dtype=torch.long, device=device)
         done = torch.zeros(batch, dtype=torch.bool, device=device)
+        rows = torch.arange(batch, device=device)
         proposed = accepted_total = iterations = 0
         while not bool(done.all()):
-            counter = iterations
-            # 1. Draft gamma tokens in each of the k candidates per row.
-            drafted, draft_probs = [], []
-            for j in range(gamma):
-                logits = draft.feed(draft_pending, draft_pending_valid, last_only=True)[:, -1]
-                probs = self._draft_probs(logits, draft_config)
-                token = sample(probs.log(), seeds=draft_seeds, counter=counter * (gamma + 1) + j, stream=_DRAFT,
-                               generator=generator)
-                drafted.append(token)
-                draft_probs.append(probs)
-                draft_pending, draft_pending_valid = token[:, None], None
-            drafted_tokens = torch.stack(drafted, dim=1)                  # [B k, G]
-            # 2. One target forward over the last prefix token and the drafts.
-            feed = torch.cat([target_pending, drafted_tokens], dim=1)
-            feed_valid = torch.cat([target_pending_valid, torch.ones_like(drafted_tokens, dtype=torch.bool)], dim=1)
-            target_logits = target.feed(feed, feed_valid)                 # [B k, G + 1, V]
-            width = target_logits.shape[-1]
-            if self.vocab_size is not None and width != self.vocab_size:
-                raise VocabularyMismatchError(f"the target returned {width} logits, expected {self.vocab_size}")
-            target_probs = config.process(target_logits.reshape(-1, width).float()).double().softmax(dim=1)
-            target_probs = target_probs.view(batch, k, gamma + 1, width)
-            # 3. Verify.
-            if k == 1:
-                accepted, next_token = speculative_verify(
-                    target_probs[:, 0], torch.stack(draft_probs, dim=1), drafted_tokens, seeds=seeds,
-                    counter=counter, generator=generator)
-                tokens = torch.cat([drafted_tokens, torch.zeros_like(next_token)[:, None]], dim=1)
-                tokens[torch.arange(batch, device=device), accepted] = next_token
-                lead = torch.zeros_like(accepted)
-            else:
-                accepted, tokens, lead = kseq_verify(
-                    target_probs, torch.stack(draft_probs, dim=1).view(batch, k, gamma, -1),
-                    drafted_tokens.view(batch, k, gamma), seeds=seeds, counter=counter, generator=generator)
-            # 4. Emit accepted + 1 tokens per row, stopping at EOS and at max_new_tokens.
-            rows = torch.arange(batch, device=device)
-            position = torch.arange(gamma + 1, device=device)[None, :]
-            emitting = (position <= accepted[:, None]) & ~done[:, None]
-            is_eos = torch.isin(tokens, eos) & emitting
-            after_eos = (is_eos.long().cumsum(dim=1) - is_eos.long()) > 0
-            emitting &= ~after_eos & (position < (max_new_tokens - lengths)[:, None])
-            at_row, at_position = emitting.nonzero(as_tuple=True)
-            new_tokens[at_row, lengths[at_row] + at_position] = tokens[at_row, at_position]
-            live = ~done
-            proposed += int(live.sum()) * gamma
-            accepted_total += int(accepted[live].sum())
-            lengths += emitting.sum(dim=1)
-            done = done | (is_eos & emitting).any(dim=1) | (lengths >= max_new_tokens)
+            drafted, draft_probs = self._propose(draft, draft_pending, draft_pending_valid, draft_config, draft_seeds,
+                                                 iterations, generator)
+            target_probs = self._score(target, target_pending, target_pending_valid, drafted, config, batch)
+            accepted, tokens, lead = self._verify(target_probs, draft_probs, drafted, seeds, iterations, generator)
+            proposed += int((~done).sum()) * gamma
+            accepted_total += int(accepted[~done].sum())
+            lengths, done = _emit(tokens, accepted, done, lengths, new_tokens, eos, max_new_tokens)
             iterations += 1
             if bool(done.all()):
                 break
-            # 5. Roll both caches back to the accepted prefix (in the lead candidate, copied to all k).
-            lead_rows = (lead + rows * k).repeat_interleave(k)
+            # Roll both caches back to the accepted prefix (that of the lead candidate, copied to all k). The target
+            # fed the last prefix token and the G drafts; the draft fed its pending tokens and drafts 1..G-1.
+            position = torch.arange(gamma + 1, device=device)[None, :]
             target.invalidate((position <= accepted[:, None]).repeat_interleave(k, dim=0))
-            next_token = tokens[rows, accepted].repeat_interleave(k)
-            target_pending = next_token[:, None]
-            target_pending_valid = ~done.repeat_interleave(k)[:, None]
-            # The draft fed its pending tokens and drafts 1..G-1: those beyond the accepted ones are dropped.
-            fed_drafts = torch.arange(gamma - 1, device=device)[None, :] < accepted[:, None]
-            draft.invalidate(fed_drafts.repeat_interleave(k, dim=0))
+            draft.invalidate((position[:, :gamma - 1] < accepted[:, None]).repeat_interleave(k, dim=0))
             if k > 1:
+                lead_rows = (lead + rows * k).repeat_interleave(k)
                 target.select(lead_rows)
                 draft.select(lead_rows)
-            last_draft = drafted_tokens.view(batch, k, gamma)[rows, lead, -1].repeat_interleave(k)
+            next_token = tokens[rows, accepted].repeat_interleave(k)
+            target_pending, target_pending_valid = next_token[:, None], ~done.repeat_interleave(k)[:, None]
+            # The draft also still needs its last draft token when all were accepted.
+            last_draft = drafted.view(batch, k, gamma)[rows, lead, -1].repeat_interleave(k)
             all_accepted = (accepted == gamma).repeat_interleave(k)
             draft_pending = torch.stack([last_draft, next_token], dim=1)
             draft_pending_valid = torch.stack([all_accepted, torch.ones_like(all_accepted)], dim=1)
@@ -326,6 +327,21 @@ class SpeculativeDecoder:
             "new_tokens": int(lengths.sum()),
         }
         return GenerationOutput(torch.cat([input_ids.to(device), new_tokens], dim=1), new_tokens, lengths, stats)
+
+
+def _emit(tokens: Tensor, accepted: Tensor, done: Tensor, lengths: Tensor, new_tokens: Tensor, eos: Tensor,
+          max_new_tokens: int) -> tuple[Tensor, Tensor]:
+    """Write the ``accepted + 1`` tokens of each live row into ``new_tokens``, stopping after an EOS and at
+    ``max_new_tokens``. Returns the new ``lengths`` and ``done``."""
+    position = torch.arange(tokens.shape[1], device=tokens.device)[None, :]
+    emitting = (position <= accepted[:, None]) & ~done[:, None]
+    is_eos = torch.isin(tokens, eos) & emitting
+    after_eos = (is_eos.long().cumsum(dim=1) - is_eos.long()) > 0
+    emitting &= ~after_eos & (position < (max_new_tokens - lengths)[:, None])
+    at_row, at_position = emitting.nonzero(as_tuple=True)
+    new_tokens[at_row, lengths[at_row] + at_position] = tokens[at_row, at_position]
+    lengths = lengths + emitting.sum(dim=1)
+    return lengths, done | (is_eos & emitting).any(dim=1) | (lengths >= max_new_tokens)
 
 
 def _repeat_config(config: SamplingConfig, repeats: int) -> SamplingConfig:
