@@ -72,16 +72,11 @@ def trial_counts(entropy: Tensor, cntp: CNTPConfig) -> Tensor:
 
 
 def punctuation_token_ids(tokenizer, marks: Iterable[str] = DEFAULT_PUNCTUATION) -> list[int]:
-    """Ids of the tokens whose text ends with one of ``marks`` (``"."``, ``" )."``, ``".\\n"``...), the stop
-    tokens of the trials. (The authors take the single-token encodings of the marks; a BPE vocabulary also has
-    merged tokens such as ``".\\n\\n"`` that end a clause.)"""
+    """Ids of the tokens whose text, trailing spaces aside, ends with one of ``marks``: the stop tokens of the
+    trials. (The authors take the single-token encodings of the marks; a BPE vocabulary also has merged tokens
+    such as ``".\n\n"`` or ``"),"`` that end a clause.)"""
     marks = tuple(marks)
-    ids = []
-    for token_id in range(len(tokenizer)):
-        text = tokenizer.decode([token_id])
-        if text and text.rstrip(" ").endswith(marks) or (text.strip(" ") == "" and "\n" in text and "\n" in marks):
-            ids.append(token_id)
-    return ids
+    return [i for i in range(len(tokenizer)) if tokenizer.decode([i]).rstrip(" ").endswith(marks)]
 
 
 @torch.no_grad()
