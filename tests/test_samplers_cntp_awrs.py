@@ -1,0 +1,157 @@
+"""Cautious next-token prediction and adaptive weighted rejection sampling on small models and distributions."""
+
+import math
+
+import pytest
+import torch
+from sampler_cases import chi_square_pvalue, one_thread, tiny_llama  # noqa: F401 (fixture)
+
+from vistok import InvalidConfigError
+from vistok.samplers import (
+    CNTPConfig,
+    SamplingConfig,
+    awrs_sample,
+    cntp_generate,
+    constrained_generate,
+    generate,
+)
+from vistok.samplers.cntp import trial_counts
+
+pytest.importorskip("transformers")
+P_MIN = 1e-3
+STOPS = [3, 4]  # the "punctuation" of the tiny vocabulary
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_llama(3, vocab=16, scale=1.5)
+
+
+PROMPTS = torch.tensor([[0, 1, 5, 6], [1, 7, 8, 9], [0, 0, 1, 10]])
+MASK = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1], [0, 0, 1, 1]]).bool()
+
+
+def test_trial_counts_follow_the_linear_rule():
+    cntp = CNTPConfig(entropy_low=0.5, entropy_high=2.5, max_trials=5)
+    counts = trial_counts(torch.tensor([0.0, 0.5, 1.0, 1.49, 1.5, 2.5, 9.0]), cntp)
+    assert counts.tolist() == [1, 1, 2, 2, 3, 5, 5]  # 1 + 4 * share, rounded down
+
+
+def test_without_uncertainty_cntp_is_plain_sampling(model):
+    """Every step has one trial when entropy_low is above every entropy: same text as generate."""
+    cntp = CNTPConfig(entropy_low=50.0, entropy_high=60.0)
+    seeds = torch.tensor([3, 4, 5])
+    ours = cntp_generate(model, PROMPTS, cntp=cntp, stop_token_ids=STOPS, attention_mask=MASK, max_new_tokens=10,
+                         seeds=seeds)
+    plain = generate(model, PROMPTS, attention_mask=MASK, max_new_tokens=10, seeds=seeds)
+    assert torch.equal(ours.sequences, plain.sequences) and ours.stats["cautious_steps"] == 0
+
+
+def test_cautious_steps_keep_the_lowest_perplexity_trial(model):
+    cntp = CNTPConfig(entropy_low=0.0, entropy_high=1.0, max_trials=4, max_trial_tokens=6)
+    out = cntp_generate(model, PROMPTS, cntp=cntp, stop_token_ids=STOPS, attention_mask=MASK, max_new_tokens=20,
+                        seeds=torch.tensor([1, 2, 3]))
+    assert out.stats["cautious_steps"] > 0 and out.stats["trials"] >= 2 * out.stats["cautious_steps"]
+    for steps in out.stats["steps"]:
+        for count, chosen, perplexities in steps:
+            assert len(perplexities) == count and chosen == min(perplexities)
+    # Each cautious segment ends at a stop token, at max_trial_tokens, or at the end of the budget.
+    assert bool((out.lengths == 20).all())
+
+
+def test_cntp_segments_end_at_stop_tokens(model):
+    """With stop tokens everywhere but one token, every trial is one token long; with none, trials run to
+    max_trial_tokens."""
+    cntp = CNTPConfig(entropy_low=0.0, entropy_high=0.1, max_trials=3, max_trial_tokens=5)
+    out = cntp_generate(model, PROMPTS, cntp=cntp, stop_token_ids=[], attention_mask=MASK, max_new_tokens=15,
+                        seeds=torch.tensor([1, 2, 3]))
+    assert out.stats["trial_tokens"] == 5 * out.stats["trials"]  # 15 = 3 segments of 5 tokens per row
+    everything = list(range(16))
+    short = cntp_generate(model, PROMPTS, cntp=cntp, stop_token_ids=everything, attention_mask=MASK,
+                          max_new_tokens=6, seeds=torch.tensor([1, 2, 3]))
+    assert short.stats["trial_tokens"] == short.stats["trials"]
+
+
+def test_cntp_rows_are_independent(model):
+    cntp = CNTPConfig(entropy_low=0.0, entropy_high=2.0, max_trials=3, max_trial_tokens=4)
+    seeds = torch.tensor([7, 8, 9])
+    config = SamplingConfig(top_k=8)
+    both = cntp_generate(model, PROMPTS, config, cntp, stop_token_ids=STOPS, attention_mask=MASK,
+                         max_new_tokens=12, seeds=seeds, eos_token_id=2)
+    for row in range(3):
+        alone = cntp_generate(model, PROMPTS[row:row + 1, MASK[row]], config, cntp, stop_token_ids=STOPS,
+                              max_new_tokens=12, seeds=seeds[row:row + 1], eos_token_id=2)
+        assert torch.equal(alone.new_tokens[0], both.new_tokens[row])
+
+
+def test_cntp_config_validation():
+    for bad in (dict(entropy_low=2.0, entropy_high=1.0), dict(max_trials=0), dict(min_trials=3, max_trials=2),
+                dict(max_trial_tokens=0), dict(entropy_low=float("nan"))):
+        with pytest.raises(InvalidConfigError):
+            CNTPConfig(**bad)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Adaptive weighted rejection sampling
+# ---------------------------------------------------------------------------------------------------------------
+
+def table_constraint(allowed):
+    """A constraint given as a ``[B, V]`` table, counting how many tokens it was asked about."""
+    calls = {"tokens": 0}
+
+    def accept(rows, tokens):
+        calls["tokens"] += rows.numel()
+        return allowed[rows, tokens]
+
+    return accept, calls
+
+
+@pytest.mark.parametrize("case", range(3))
+def test_awrs_samples_the_constrained_distribution_with_unbiased_weights(case):
+    g = torch.Generator().manual_seed(case)
+    vocab, draws = 10, 20000
+    logits = torch.randn(vocab, generator=g, dtype=torch.float64) * (1 + case)
+    allowed_row = torch.rand(vocab, generator=g) < 0.5
+    allowed_row[case] = True
+    probs = logits.softmax(0)
+    mass = float((probs * allowed_row).sum())
+    accept, calls = table_constraint(allowed_row.expand(draws, -1))
+    result = awrs_sample(logits.expand(draws, -1), accept, seeds=torch.arange(draws))
+    assert bool(allowed_row[result.tokens].all())
+    assert chi_square_pvalue(torch.bincount(result.tokens, minlength=vocab), probs * allowed_row) > P_MIN
+    weights = result.log_weight.exp()
+    standard_error = float(weights.std()) / math.sqrt(draws)
+    assert abs(float(weights.mean()) - mass) < 4 * standard_error + 1e-12
+    assert calls["tokens"] == int(result.evaluations.sum())
+
+
+def test_awrs_evaluates_few_tokens_when_the_constraint_is_loose():
+    vocab, rows = 5000, 64
+    logits = torch.randn(rows, vocab, dtype=torch.float64) * 3
+    allowed = torch.rand(rows, vocab, generator=torch.Generator().manual_seed(0)) < 0.9
+    accept, calls = table_constraint(allowed)
+    result = awrs_sample(logits, accept, seeds=torch.arange(rows))
+    assert bool(allowed[torch.arange(rows), result.tokens].all())
+    assert float(result.evaluations.double().mean()) < 5 and calls["tokens"] < rows * vocab / 500
+
+
+def test_awrs_without_allowed_tokens_and_without_weights():
+    logits = torch.tensor([[0.0, 1.0, -math.inf], [0.0, 0.0, 0.0]])
+    allowed = torch.tensor([[False, False, True], [False, True, False]])  # row 0: only an impossible token
+    accept, _ = table_constraint(allowed)
+    result = awrs_sample(logits, accept, seeds=torch.tensor([0, 1]))
+    assert result.tokens.tolist() == [-1, 1] and result.log_weight[0] == -math.inf
+    assert int(result.evaluations[0]) == 2  # the two possible tokens, then nothing left
+    quick = awrs_sample(logits, accept, seeds=torch.tensor([0, 1]), proper_weights=False)
+    assert quick.tokens.tolist() == [-1, 1] and quick.log_weight[1] == 0
+
+
+def test_constrained_generation_respects_the_constraint(model):
+    def no_odd_tokens(context, tokens):
+        return tokens % 2 == 0
+
+    out = constrained_generate(model, PROMPTS, no_odd_tokens, attention_mask=MASK, max_new_tokens=10,
+                               seeds=torch.tensor([1, 2, 3]))
+    assert bool((out.new_tokens % 2 == 0).all())
+    assert bool(torch.isfinite(out.stats["log_weight"]).all())
+    assert int(out.stats["evaluations"].sum()) < out.stats["vocab_evaluations"]

@@ -1,0 +1,323 @@
+"""The truncation processors against Hugging Face's on many random logits, plus their own properties."""
+
+import math
+
+import pytest
+import torch
+from sampler_cases import KINDS, logit_cases, one_thread, tie_complete  # noqa: F401 (fixture)
+
+from vistok.samplers import (
+    EpsilonFilter,
+    EtaFilter,
+    MinPFilter,
+    Temperature,
+    TopHFilter,
+    TopKFilter,
+    TopPFilter,
+    TypicalFilter,
+    _select,
+    epsilon_filter,
+    eta_filter,
+    min_p_filter,
+    temperature_scale,
+    top_h_filter,
+    top_k_filter,
+    top_p_filter,
+    typical_filter,
+)
+
+hf = pytest.importorskip("transformers.generation.logits_process")
+
+SEEDS = range(20)  # 4 of each kind of logits
+IDS = torch.zeros(1, 1, dtype=torch.long)
+
+# name -> (vistok function, Hugging Face factory (value, min_tokens) -> processor, parameter values)
+PAIRS = {
+    "top_k": (top_k_filter, lambda v, m: hf.TopKLogitsWarper(v, min_tokens_to_keep=m), [1, 5, 50, 5000]),
+    "top_p": (top_p_filter, lambda v, m: hf.TopPLogitsWarper(v, min_tokens_to_keep=m), [0.0, 0.3, 0.9, 0.99]),
+    "min_p": (min_p_filter, lambda v, m: hf.MinPLogitsWarper(v, min_tokens_to_keep=m), [0.01, 0.1, 0.5, 1.0]),
+    "typical": (typical_filter, lambda v, m: hf.TypicalLogitsWarper(v, min_tokens_to_keep=m), [0.2, 0.9, 0.99]),
+    "epsilon": (epsilon_filter, lambda v, m: hf.EpsilonLogitsWarper(v, min_tokens_to_keep=m), [1e-4, 1e-3, 0.05]),
+    "eta": (eta_filter, lambda v, m: hf.EtaLogitsWarper(v, min_tokens_to_keep=m), [1e-4, 3e-3, 0.05]),
+}
+
+
+def kept(scores):
+    """Tokens that can still be sampled. A kept ``-inf`` token and a removed one are the same output."""
+    return torch.isfinite(scores)
+
+
+def typical_closeness(logits):
+    """The ranking Hugging Face's typical sampling sorts by (higher is more typical), in its arithmetic."""
+    log_probs = logits.log_softmax(dim=1)
+    entropy = -(log_probs * log_probs.exp()).nansum(dim=1, keepdim=True)
+    return -(log_probs.neg() - entropy).abs()
+
+
+def hf_keep(name, value, min_tokens, logits):
+    """Hugging Face's kept set with ties completed. Its min-p ranks ``min_tokens_to_keep`` by probability, which
+    ties every token whose probability underflows to 0; vistok ranks by logit. Those tokens are left out of the
+    comparison (``comparable``)."""
+    processor = PAIRS[name][1](value, min_tokens)
+    keep = kept(processor(IDS, logits)) & torch.isfinite(logits)
+    if name == "min_p":
+        keep &= logits.softmax(dim=1) > 0
+    ranking = typical_closeness(logits) if name == "typical" else logits
+    return tie_complete(ranking, keep) & torch.isfinite(logits)
+
+
+def comparable(name, logits):
+    return logits.softmax(dim=1) > 0 if name == "min_p" else torch.ones_like(logits, dtype=torch.bool)
+
+
+def vistok_keep(name, value, min_tokens, logits):
+    return kept(PAIRS[name][0](logits, value, min_tokens_to_keep=min_tokens))
+
+
+@pytest.mark.parametrize("name", sorted(PAIRS))
+@pytest.mark.parametrize("min_tokens", [1, 3])
+def test_same_tokens_as_hugging_face_float64(name, min_tokens):
+    """In float64 (no rounding at the cut-off in practice) the kept set is Hugging Face's, ties completed."""
+    for seed in SEEDS:
+        logits = logit_cases(seed)
+        for value in PAIRS[name][2]:
+            expected = hf_keep(name, value, min_tokens, logits)
+            got = vistok_keep(name, value, min_tokens, logits) & comparable(name, logits)
+            assert torch.equal(got, expected), (name, KINDS[seed % len(KINDS)], value, (got ^ expected).sum())
+
+
+@pytest.mark.parametrize("name", ["top_k", "min_p", "epsilon"])
+@pytest.mark.parametrize("min_tokens", [1, 3])
+def test_same_tokens_as_hugging_face_float32_same_arithmetic(name, min_tokens):
+    """Where vistok does Hugging Face's arithmetic, float32 agrees exactly too."""
+    for seed in SEEDS:
+        logits = logit_cases(seed, dtype=torch.float32)
+        for value in PAIRS[name][2]:
+            got = vistok_keep(name, value, min_tokens, logits) & comparable(name, logits)
+            assert torch.equal(got, hf_keep(name, value, min_tokens, logits))
+
+
+@pytest.mark.parametrize("name", ["top_p", "typical", "eta"])
+def test_float32_differences_are_rounding_at_the_cut_off(name):
+    """top-p, typical and eta compute the cut-off another way (histogram, entropy): in float32 a token may land
+    on the other side only if moving the parameter by 1e-4 (relative) flips it in float64."""
+    delta, rows_differing, rows_total = 1e-4, 0, 0
+    for seed in SEEDS:
+        logits = logit_cases(seed, dtype=torch.float32)
+        wide = logits.double()
+        for value in PAIRS[name][2]:
+            differ = vistok_keep(name, value, 1, logits) ^ hf_keep(name, value, 1, logits)
+            low, high = value * (1 - delta), min(value * (1 + delta), 0.999999 if name == "eta" else 1.0)
+            borderline = vistok_keep(name, low, 1, wide) ^ vistok_keep(name, high, 1, wide)
+            assert not bool((differ & ~borderline).any()), (name, seed, value)
+            rows_differing += int(differ.any(dim=1).sum())
+            rows_total += logits.shape[0]
+    assert rows_differing <= 0.02 * rows_total  # and such rows are rare
+
+
+@pytest.mark.parametrize("alpha", [0.1, 0.4, 1.0])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_top_h_reference_rule_matches_hugging_face(alpha, dtype):
+    for seed in SEEDS:
+        logits = logit_cases(seed, dtype=dtype)
+        expected = tie_complete(logits, kept(hf.TopHLogitsWarper(alpha)(IDS, logits)) & torch.isfinite(logits))
+        got = kept(top_h_filter(logits, alpha, rule="reference", top_n=100))
+        assert torch.equal(got, expected & torch.isfinite(logits)), (seed, alpha)
+
+
+def brute_top_h(probs, alpha, rule, slack=0.0):
+    """Top-H by its definition, one row at a time in float64: the longest prefix of the sorted distribution
+    whose (renormalised or unnormalised) entropy stays within ``alpha * H(p) + slack``; at least one token."""
+    p = probs.double()
+    entropy = float(-torch.special.xlogy(p, p).sum())
+    order = p.argsort(descending=True)
+    count = 1
+    for n in range(2, len(p) + 1):  # tokens of probability 0 (underflow) change nothing: they join the set
+        s = p[order[:n]]
+        partial = float(-torch.special.xlogy(s, s).sum())
+        value = partial / float(s.sum()) + math.log(float(s.sum())) if rule == "paper" else partial
+        if value > alpha * entropy + slack:
+            break
+        count = n
+    return p >= p[order[count - 1]]
+
+
+@pytest.mark.parametrize("rule", ["paper", "reference"])
+@pytest.mark.parametrize("alpha", [0.05, 0.3, 0.7, 1.0])
+def test_top_h_matches_its_definition(rule, alpha):
+    """Between the sets the definition gives with the budget moved by -1e-12 and +1e-12 (rounding; at alpha = 1
+    the whole vocabulary sits exactly on the budget), and exactly equal to one of them."""
+    for seed in range(10):
+        logits = logit_cases(seed, batch=4, vocab=300)
+        got = kept(top_h_filter(logits, alpha, rule=rule))
+        for row in range(logits.shape[0]):
+            probs, finite = logits[row].softmax(0), torch.isfinite(logits[row])
+            strict = brute_top_h(probs, alpha, rule, -1e-12) & finite
+            loose = brute_top_h(probs, alpha, rule, 1e-12) & finite
+            assert bool((strict <= got[row]).all() and (got[row] <= loose).all()), (rule, alpha, seed, row)
+            assert torch.equal(got[row], strict) or torch.equal(got[row], loose)
+
+
+def test_paper_rule_entropy_grows_with_the_set():
+    """Why the paper's greedy rule is a threshold on the prefix length: adding tokens in decreasing probability
+    never lowers the entropy of the renormalised set."""
+    for seed in range(10):
+        p = logit_cases(seed, batch=3, vocab=400)[:, :].softmax(1).sort(dim=1, descending=True).values
+        mass = p.cumsum(1)
+        renormalised = -torch.special.xlogy(p, p).cumsum(1) / mass + mass.log()
+        finite = p > 0
+        steps = renormalised[:, 1:] - renormalised[:, :-1]
+        assert bool((steps[finite[:, 1:]] >= -1e-12).all())
+
+
+def test_top_h_widens_its_candidates():
+    """With the whole vocabulary as candidates (top_n=None), a row that keeps more than the first candidate
+    list is still exact."""
+    logits = torch.randn(2, 5000, dtype=torch.float64) * 0.05  # nearly uniform: Top-H keeps thousands
+    got = kept(top_h_filter(logits, 0.99, rule="reference"))
+    assert int(got.sum(1).min()) > 500
+    for row in range(2):
+        assert torch.equal(got[row], brute_top_h(logits[row].softmax(0), 0.99, "reference", 1e-12))
+
+
+@pytest.mark.parametrize("name", sorted(PAIRS))
+def test_per_row_parameters_equal_row_by_row_calls(name):
+    function, _, values = PAIRS[name]
+    logits = logit_cases(4, batch=len(values) * 2)
+    per_row = torch.tensor(values * 2, dtype=torch.int64 if name == "top_k" else torch.float64)
+    batched = function(logits, per_row)
+    for row in range(logits.shape[0]):
+        single = function(logits[row:row + 1], per_row[row].item())
+        assert torch.equal(batched[row:row + 1], single)
+
+
+@pytest.mark.parametrize("rule", ["paper", "reference"])
+def test_top_h_per_row_alpha(rule):
+    logits = logit_cases(0, batch=3)
+    alpha = torch.tensor([0.2, 0.5, 0.9])
+    batched = top_h_filter(logits, alpha, rule=rule)
+    for row in range(3):
+        assert torch.equal(batched[row:row + 1], top_h_filter(logits[row:row + 1], alpha[row].item(), rule=rule))
+
+
+FILTERS = {
+    "top_k": lambda x: top_k_filter(x, 20),
+    "top_p": lambda x: top_p_filter(x, 0.8),
+    "min_p": lambda x: min_p_filter(x, 0.1),
+    "typical": lambda x: typical_filter(x, 0.7),
+    "epsilon": lambda x: epsilon_filter(x, 1e-3),
+    "eta": lambda x: eta_filter(x, 1e-3),
+    "top_h": lambda x: top_h_filter(x, 0.4),
+    "top_h_reference": lambda x: top_h_filter(x, 0.4, rule="reference", top_n=100),
+}
+
+
+@pytest.mark.parametrize("name", sorted(FILTERS))
+def test_filters_are_permutation_equivariant_and_only_remove(name):
+    """Ties share their fate, so shuffling the vocabulary shuffles the result; kept logits are untouched."""
+    for seed in range(10):
+        logits = logit_cases(seed, batch=6, vocab=500)
+        out = FILTERS[name](logits)
+        assert out.dtype == logits.dtype and out.shape == logits.shape
+        keep = kept(out)
+        assert torch.equal(out[keep], logits[keep])
+        assert bool(keep.any(dim=1).all())
+        perm = torch.randperm(logits.shape[1], generator=torch.Generator().manual_seed(seed))
+        assert torch.equal(FILTERS[name](logits[:, perm]), out[:, perm])
+
+
+@pytest.mark.parametrize("name", sorted(FILTERS))
+def test_does_not_modify_its_input(name):
+    logits = logit_cases(1, batch=3, vocab=100)
+    before = logits.clone()
+    out = FILTERS[name](logits)
+    assert torch.equal(logits, before) and out.data_ptr() != logits.data_ptr()
+
+
+@pytest.mark.parametrize("name", sorted(FILTERS))
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_is_judged_in_float32(name, dtype):
+    logits = logit_cases(4, batch=4, vocab=300).to(dtype)
+    out = FILTERS[name](logits)
+    assert out.dtype == dtype
+    assert torch.equal(kept(out), kept(FILTERS[name](logits.float())))
+
+
+@pytest.mark.parametrize("name", sorted(FILTERS))
+def test_vocabulary_of_one(name):
+    logits = torch.tensor([[0.3], [-2.0]])
+    assert torch.equal(FILTERS[name](logits), logits)
+
+
+def test_neutral_values_keep_everything():
+    logits = logit_cases(2)
+    for out in (top_k_filter(logits, 0), top_p_filter(logits, 1.0), min_p_filter(logits, 0.0),
+                typical_filter(logits, 1.0), epsilon_filter(logits, 0.0), eta_filter(logits, 0.0),
+                temperature_scale(logits, 1.0)):
+        assert torch.equal(out, logits)
+    mixed = top_p_filter(logits[:2], torch.tensor([1.0, 0.5]))
+    assert torch.equal(mixed[0], logits[0]) and not torch.equal(mixed[1], logits[1])
+
+
+def test_min_tokens_to_keep_rescues_empty_cuts():
+    logits = torch.randn(4, 1000, dtype=torch.float64)  # every probability is far below epsilon = 0.5
+    assert torch.equal(kept(epsilon_filter(logits, 0.5)).sum(1), torch.ones(4, dtype=torch.long))
+    assert torch.equal(kept(epsilon_filter(logits, 0.5, min_tokens_to_keep=7)).sum(1), torch.full((4,), 7))
+    # eta never needs it (p_max >= exp(-H) > eta), but honours it
+    assert bool((kept(eta_filter(logits, 0.9, min_tokens_to_keep=900)).sum(1) >= 900).all())
+
+
+def test_filter_value():
+    logits = torch.tensor([[3.0, 2.0, 1.0, 0.0]])
+    assert top_k_filter(logits, 2, filter_value=-100.0).tolist() == [[3.0, 2.0, -100.0, -100.0]]
+
+
+def test_typical_can_drop_the_top_token():
+    logits = torch.tensor([[5.0] + [0.0] * 200])  # one likely token, a long flat tail: the tail is typical
+    assert not bool(kept(typical_filter(logits, 0.5))[0, 0])
+
+
+@pytest.mark.parametrize("temperature", [0.3, 0.7, 1.5, 4.0])
+def test_temperature_matches_hugging_face(temperature):
+    logits = logit_cases(0, dtype=torch.float32)
+    assert torch.equal(temperature_scale(logits, temperature), hf.TemperatureLogitsWarper(temperature)(IDS, logits))
+
+
+def test_temperature_zero_is_greedy_per_row():
+    logits = torch.tensor([[1.0, 3.0, 3.0, 0.0], [1.0, 3.0, 3.0, 0.0]])
+    out = temperature_scale(logits, torch.tensor([0.0, 2.0]))
+    assert out[0].tolist() == [-math.inf, 3.0, -math.inf, -math.inf]  # the first top token
+    assert torch.equal(out[1], logits[1] / 2)
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_mass_threshold_matches_sorting(seed, monkeypatch):
+    """The histogram cut-off equals the sorted one, also when the boundary bin must be split (forced here by a
+    tiny sort limit) and with heavy ties."""
+    if seed % 2:
+        monkeypatch.setattr(_select, "_SORT_LIMIT", 16)
+    logits = logit_cases(seed, batch=6, vocab=3000)
+    if seed % 3 == 0:
+        logits = logits * 1e-3  # a narrow spread: most tokens share a few bins
+    fraction = torch.rand(6, 1, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    weight = torch.exp(logits - logits.amax(1, keepdim=True))
+    got = _select.mass_threshold(logits, weight, fraction)
+    for row in range(6):
+        values, order = logits[row].sort(descending=True)
+        mass = weight[row][order].cumsum(0)
+        first = int((mass < fraction[row] * weight[row].sum()).sum().clamp(max=len(mass) - 1))
+        assert got[row, 0] == values[first], (seed, row)
+
+
+def test_processors_validate_their_parameters():
+    from vistok import InvalidConfigError
+
+    for bad in (lambda: TopKFilter(2.5), lambda: TopPFilter(1.5), lambda: TopPFilter(float("nan")),
+                lambda: MinPFilter(-0.1), lambda: TypicalFilter(2), lambda: EpsilonFilter(1.0),
+                lambda: EtaFilter(-1e-3), lambda: TopHFilter(0.0), lambda: TopHFilter(0.5, rule="other"),
+                lambda: TopHFilter(0.5, top_n=0), lambda: Temperature(-1.0), lambda: TopKFilter(5, 0),
+                lambda: TopPFilter(torch.tensor([0.5, 1.2])), lambda: TopKFilter(torch.tensor([1.0])),
+                lambda: top_p_filter(torch.randn(2, 5), torch.tensor([0.5, 0.5, 0.5])),
+                lambda: TopPFilter(0.9, filter_value=float("nan"))):
+        with pytest.raises(InvalidConfigError):
+            bad()

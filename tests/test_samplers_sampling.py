@@ -1,0 +1,205 @@
+"""The sampling step (exponential race, per-row seeds), its random numbers, the pipeline and bad input."""
+
+import math
+
+import pytest
+import torch
+from sampler_cases import chi_square_pvalue, logit_cases, one_thread, tiny_llama  # noqa: F401 (fixture)
+
+from vistok import InvalidConfigError, VistokError
+from vistok.samplers import (
+    FILTER_CLASSES,
+    PROCESSOR_ORDER,
+    InvalidLogitsError,
+    SamplingConfig,
+    SamplingPipeline,
+    SeededSampling,
+    min_p_filter,
+    rng,
+    sample,
+    temperature_scale,
+    top_k_filter,
+    top_p_filter,
+)
+from vistok.samplers.truncation import epsilon_filter, eta_filter, top_h_filter, typical_filter
+
+P_MIN = 1e-3  # every goodness-of-fit test below uses fixed seeds, so it either always passes or always fails
+
+
+def test_uniform_numbers_are_uniform_and_row_independent():
+    seeds = torch.tensor([0, 1, 2**40, -5])
+    u = rng.uniform(4, 20000, seeds=seeds, counter=7)
+    assert u.dtype == torch.float64 and bool(((u > 0) & (u < 1)).all())
+    counts = torch.histc(u.flatten().float(), bins=50, min=0, max=1)
+    assert chi_square_pvalue(counts, torch.ones(50)) > P_MIN
+    assert torch.equal(rng.uniform(1, 20000, seeds=seeds[2:3], counter=7), u[2:3])  # alone = in a batch
+    other = rng.uniform(4, 20000, seeds=seeds, counter=8)
+    assert abs(float(torch.corrcoef(torch.stack([u.flatten(), other.flatten()]))[0, 1])) < 0.02
+    assert not torch.equal(rng.uniform(4, 100, seeds=seeds, counter=7, stream=1), u[:, :100])
+    rows, cols = torch.tensor([3, 0, 3]), torch.tensor([19999, 0, 5])
+    assert torch.equal(rng.uniform_at(rows, cols, seeds=seeds, counter=7), u[rows, cols])
+
+
+def test_sample_is_an_exact_draw_from_softmax():
+    """20,000 rows with the same logits and different seeds: the counts fit softmax (chi-square)."""
+    logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -3.0, -math.inf, 1.5])
+    draws = 20000
+    tokens = sample(logits.expand(draws, -1), seeds=torch.arange(draws))
+    counts = torch.bincount(tokens, minlength=8)
+    assert counts[6] == 0
+    assert chi_square_pvalue(counts, logits.softmax(0)) > P_MIN
+
+
+def test_sparse_and_dense_races_agree():
+    """After truncation only the finite logits get noise; the winner is the one the dense race picks."""
+    logits = top_k_filter(logit_cases(0, batch=64, vocab=3000), 20)
+    seeds = torch.arange(64) * 7919
+    sparse = sample(logits, seeds=seeds, counter=3)
+    dense = (logits - logits.amax(1, keepdim=True) + rng.gumbel(64, 3000, seeds=seeds, counter=3)).argmax(1)
+    assert torch.equal(sparse, dense)
+
+
+def test_sample_is_reproducible_per_row():
+    logits = logit_cases(2, batch=8, vocab=500)
+    seeds = torch.arange(100, 108)
+    first = sample(logits, seeds=seeds, counter=5)
+    assert torch.equal(first, sample(logits, seeds=seeds, counter=5))
+    for row in range(8):
+        assert sample(logits[row:row + 1], seeds=seeds[row:row + 1], counter=5) == first[row]
+    torch.manual_seed(123)
+    again = sample(logits, seeds=seeds, counter=5)  # the global generator plays no part
+    assert torch.equal(first, again)
+    assert not torch.equal(first, sample(logits, seeds=seeds, counter=6))
+
+
+def test_sample_with_torch_generator():
+    logits = logit_cases(3, batch=4, vocab=50)
+    a = sample(logits, generator=torch.Generator().manual_seed(0))
+    b = sample(logits, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_sample_any_float_dtype(dtype):
+    logits = torch.tensor([[0.0, 5.0, -math.inf], [1.0, -math.inf, -math.inf]], dtype=dtype)
+    tokens = sample(logits, seeds=torch.tensor([1, 2]))
+    assert tokens.tolist()[1] == 0 and tokens[0] in (0, 1)
+
+
+BAD_LOGITS = {
+    "nan": torch.tensor([[0.0, float("nan"), 1.0]]),
+    "plus_inf": torch.tensor([[0.0, math.inf, 1.0]]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_LOGITS))
+def test_nan_and_plus_inf_are_refused_everywhere(case):
+    logits = BAD_LOGITS[case]
+    functions = [lambda x: sample(x), lambda x: top_k_filter(x, 2), lambda x: top_p_filter(x, 0.9),
+                 lambda x: min_p_filter(x, 0.1), lambda x: typical_filter(x, 0.9), lambda x: epsilon_filter(x, 1e-3),
+                 lambda x: eta_filter(x, 1e-3), lambda x: top_h_filter(x, 0.4),
+                 lambda x: top_h_filter(x, 0.4, rule="reference", top_n=100),
+                 lambda x: SamplingConfig(top_p=0.9).sample(x)]
+    for function in functions:
+        with pytest.raises(InvalidLogitsError, match="NaN or \\+inf"):
+            function(logits)
+    assert issubclass(InvalidLogitsError, VistokError) and issubclass(InvalidLogitsError, ValueError)
+
+
+def test_rows_without_tokens_pass_the_filters_and_are_refused_by_sampling():
+    logits = torch.tensor([[0.0, 1.0, 2.0], [-math.inf] * 3])
+    for out in (top_k_filter(logits, 2), top_p_filter(logits, 0.5), min_p_filter(logits, 0.5),
+                typical_filter(logits, 0.5), epsilon_filter(logits, 0.1), eta_filter(logits, 0.1),
+                top_h_filter(logits, 0.5), top_h_filter(logits, 0.5, rule="reference", top_n=2)):
+        assert torch.equal(out[1], logits[1]) and not bool(torch.isnan(out).any())
+    with pytest.raises(InvalidLogitsError, match=r"row\(s\) \[1\].*every logit -inf"):
+        sample(logits)
+
+
+def test_malformed_logits():
+    for bad in (torch.zeros(3), torch.zeros(2, 3, dtype=torch.long), torch.zeros(0, 5), torch.zeros(2, 0)):
+        with pytest.raises(InvalidLogitsError):
+            sample(bad)
+        with pytest.raises(InvalidLogitsError):
+            top_p_filter(bad, 0.5)
+
+
+def test_temperature_passes_non_finite_values_and_sampling_refuses_them():
+    logits = torch.tensor([[0.0, float("nan")]])
+    assert torch.isnan(temperature_scale(logits, 0.5)[0, 1])
+    with pytest.raises(InvalidLogitsError):
+        SamplingConfig(temperature=0.5).sample(logits)
+
+
+def test_pipeline_order_and_equivalence_to_manual_chain():
+    config = SamplingConfig(temperature=0.8, min_p=0.02, top_h=0.9, top_k=40, top_p=0.95, typical_p=0.99,
+                            epsilon=1e-5, eta=1e-5)
+    names = [type(p).__name__ for p in config.processors]
+    assert names == [FILTER_CLASSES[name].__name__ for name in PROCESSOR_ORDER]
+    logits = logit_cases(4, batch=6, vocab=800)
+    manual = logits
+    for processor in config.processors:
+        manual = processor(None, manual)
+    assert torch.equal(config.process(logits), manual)
+    assert torch.equal(SamplingPipeline(config)(None, logits), manual)
+    assert SamplingConfig().processors == []
+
+
+def test_min_p_position_differs_from_hugging_face():
+    """With min-p and top-p together: vistok (and vLLM) measure top-p's mass after min-p, Hugging Face before
+    it. Here min-p removes the tail, so top-p then keeps fewer tokens than Hugging Face's order keeps."""
+    logits = torch.log(torch.tensor([[0.4, 0.2, 0.15, 0.1, 0.05, 0.04, 0.03, 0.02, 0.01]]))
+    ours = SamplingConfig(min_p=0.2, top_p=0.8).process(logits)
+    hugging_face_order = min_p_filter(top_p_filter(logits, 0.8), 0.2)
+    assert torch.isfinite(ours).sum() == 3 and torch.isfinite(hugging_face_order).sum() == 4
+
+
+def test_config_validation():
+    for bad in (dict(temperature=-1.0), dict(top_k=1.5), dict(top_p=2.0), dict(min_p=-0.5), dict(typical_p=1.5),
+                dict(epsilon=1.0), dict(eta=-0.1), dict(top_h=0.0), dict(top_h=0.5, top_h_rule="x"),
+                dict(top_h=0.5, top_h_top_n=0), dict(min_tokens_to_keep=0), dict(top_p=torch.ones(2, 2))):
+        with pytest.raises(InvalidConfigError):
+            SamplingConfig(**bad)
+    with pytest.raises(InvalidConfigError):
+        SamplingPipeline(SamplingConfig(), top_k=3)
+    assert SamplingConfig(top_k=5).replace(top_k=0).processors == []
+
+
+def test_per_row_config_mixes_greedy_and_sampling():
+    logits = logit_cases(0, batch=3, vocab=100)
+    config = SamplingConfig(temperature=torch.tensor([0.0, 1.0, 0.0]), top_k=torch.tensor([0, 5, 0]))
+    tokens = config.sample(logits, seeds=torch.arange(3))
+    assert tokens[0] == logits[0].argmax() and tokens[2] == logits[2].argmax()
+    assert int(tokens[1]) in logits[1].topk(5).indices.tolist()
+
+
+def test_processors_inside_hugging_face_generate():
+    """Each processor and the whole pipeline run inside ``model.generate``; SeededSampling makes the output a
+    function of the per-row seeds only (not of the global seed, nor of the other rows)."""
+    transformers = pytest.importorskip("transformers")
+    model = tiny_llama(scale=4.0)
+    prompt = torch.tensor([[1, 5, 6, 7], [1, 9, 3, 4]])
+    config = SamplingConfig(temperature=0.9, min_p=0.01, top_k=10, top_p=0.95)
+
+    def run(ids, seeds, global_seed):
+        torch.manual_seed(global_seed)
+        processors = transformers.LogitsProcessorList([SamplingPipeline(config), SeededSampling(seeds)])
+        return model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, top_k=None,
+                              max_new_tokens=12, logits_processor=processors, pad_token_id=0)
+
+    seeds = torch.tensor([11, 12])
+    first, second = run(prompt, seeds, 0), run(prompt, seeds, 1)
+    assert torch.equal(first, second)
+    assert torch.equal(run(prompt[1:], seeds[1:], 2), first[1:])
+    for processor in config.processors:
+        out = model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=True, top_k=None,
+                             max_new_tokens=4, logits_processor=transformers.LogitsProcessorList([processor]),
+                             pad_token_id=0)
+        assert out.shape == (2, 8)
+
+
+def test_seeded_sampling_validates():
+    with pytest.raises(InvalidConfigError):
+        SeededSampling(torch.tensor([0.5]))
+    with pytest.raises(InvalidConfigError):
+        SeededSampling(torch.tensor([1, 2]))(torch.zeros(3, 4, dtype=torch.long), torch.zeros(3, 10))

@@ -1,0 +1,282 @@
+"""Speculative sampling (standard and SpecTr K-SEQ), VocabTrim and self-drafts: exactness and bookkeeping."""
+
+import itertools
+
+import pytest
+import torch
+from sampler_cases import chi_square_pvalue, one_thread, tiny_llama  # noqa: F401 (fixture)
+
+from vistok import InvalidConfigError, UnsupportedModelError
+from vistok.samplers import (
+    SamplingConfig,
+    SpeculativeDecoder,
+    VocabTrim,
+    VocabularyMismatchError,
+    generate,
+    kseq_rho,
+    kseq_verify,
+    self_draft,
+    speculative_verify,
+)
+
+pytest.importorskip("transformers")
+P_MIN = 1e-3  # fixed seeds: each test always passes or always fails
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The verification rules on known distributions (a Markov chain over a small vocabulary)
+# ---------------------------------------------------------------------------------------------------------------
+
+def markov(seed, vocab, sharpness):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(vocab, vocab, generator=g, dtype=torch.float64) * sharpness).softmax(dim=1)
+
+
+def draft_block(q_table, start, gamma, k, draws, seed):
+    """``draws`` rows of ``k`` draft sequences of ``gamma`` tokens from the chain ``q`` after ``start``."""
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.zeros(draws, k, gamma, dtype=torch.long)
+    previous = torch.full((draws, k), start)
+    for t in range(gamma):
+        probs = q_table[previous.flatten()]
+        previous = torch.multinomial(probs, 1, generator=g).view(draws, k)
+        tokens[:, :, t] = previous
+    return tokens
+
+
+def chain_probs(table, start, tokens):
+    """``[..., G + 1, V]`` next-token distributions after ``start`` and after each token."""
+    previous = torch.cat([torch.full_like(tokens[..., :1], start), tokens], dim=-1)
+    return table[previous]
+
+
+def emitted_pairs(accepted, tokens):
+    """First two emitted tokens of each row (``tokens`` holds accepted drafts then the next token)."""
+    return tokens[:, 0], tokens[:, 1], accepted >= 1
+
+
+def pair_test(p_table, start, first, second, has_second):
+    """Chi-square: the first token ~ p(.|start); the second ~ p(.|first) among rows that emitted two."""
+    vocab = p_table.shape[0]
+    assert chi_square_pvalue(torch.bincount(first, minlength=vocab), p_table[start]) > P_MIN
+    pairs = first[has_second] * vocab + second[has_second]
+    counts = torch.bincount(pairs, minlength=vocab * vocab)
+    expected = (torch.bincount(first[has_second], minlength=vocab)[:, None] * p_table).flatten()
+    assert chi_square_pvalue(counts, expected) > P_MIN
+
+
+@pytest.mark.parametrize("case", range(4))
+def test_standard_rule_is_exact(case):
+    vocab, gamma, draws = 6, 3, 30000
+    p_table, q_table = markov(case, vocab, 1.5), markov(100 + case, vocab, 1.5 + case)
+    if case == 3:
+        q_table[:, :2] = 0  # a draft that never proposes two tokens (like a trimmed vocabulary)
+        q_table /= q_table.sum(dim=1, keepdim=True)
+    drafts = draft_block(q_table, 0, gamma, 1, draws, case)[:, 0]
+    accepted, next_token = speculative_verify(chain_probs(p_table, 0, drafts), chain_probs(q_table, 0, drafts)[:, :-1],
+                                              drafts, seeds=torch.arange(draws), counter=case)
+    tokens = torch.cat([drafts, next_token[:, None]], dim=1)
+    tokens[torch.arange(draws), accepted] = next_token
+    pair_test(p_table, 0, *emitted_pairs(accepted, tokens))
+    expected_rate = torch.minimum(p_table[0], q_table[0]).sum()  # P(first draft accepted)
+    assert abs(float((accepted >= 1).double().mean()) - float(expected_rate)) < 0.015
+
+
+@pytest.mark.parametrize("k", [1, 2, 4])
+@pytest.mark.parametrize("case", range(3))
+def test_kseq_is_exact(k, case):
+    vocab, gamma, draws = 6, 2, 30000
+    p_table, q_table = markov(10 + case, vocab, 2.0), markov(200 + case, vocab, 1.0 + case)
+    drafts = draft_block(q_table, 1, gamma, k, draws, case)
+    accepted, tokens, lead = kseq_verify(chain_probs(p_table, 1, drafts), chain_probs(q_table, 1, drafts)[..., :-1, :],
+                                         drafts, seeds=torch.arange(draws), counter=case)
+    pair_test(p_table, 1, *emitted_pairs(accepted, tokens))
+    # the lead candidate's draft starts with the kept tokens
+    for row in range(200):
+        n = int(accepted[row])
+        assert torch.equal(drafts[row, lead[row], :n], tokens[row, :n])
+
+
+def test_kseq_accepts_more_with_more_drafts():
+    vocab, gamma, draws = 8, 1, 20000
+    p_table, q_table = markov(5, vocab, 2.0), markov(6, vocab, 2.0)
+    rates = []
+    for k in (1, 2, 4):
+        drafts = draft_block(q_table, 0, gamma, k, draws, k)
+        accepted, _, _ = kseq_verify(chain_probs(p_table, 0, drafts), chain_probs(q_table, 0, drafts)[..., :-1, :],
+                                     drafts, seeds=torch.arange(draws))
+        rates.append(float(accepted.double().mean()))
+    assert rates[0] < rates[1] < rates[2]
+
+
+def test_kseq_with_one_draft_is_the_standard_rule():
+    p_table, q_table = markov(1, 5, 1.0), markov(2, 5, 1.0)
+    drafts = draft_block(q_table, 0, 3, 1, 2000, 0)
+    p, q = chain_probs(p_table, 0, drafts), chain_probs(q_table, 0, drafts)[..., :-1, :]
+    accepted_k, tokens, _ = kseq_verify(p, q, drafts, seeds=torch.arange(2000))
+    accepted_s, _ = speculative_verify(p[:, 0], q[:, 0], drafts[:, 0], seeds=torch.arange(2000))
+    assert torch.equal(accepted_k, accepted_s)  # same uniforms, rho = 1
+
+
+def test_rho_satisfies_its_inequality_and_is_smallest():
+    g = torch.Generator().manual_seed(0)
+    p = torch.rand(50, 30, generator=g, dtype=torch.float64) ** 4
+    q = torch.rand(50, 30, generator=g, dtype=torch.float64) ** 4
+    p, q = p / p.sum(1, keepdim=True), q / q.sum(1, keepdim=True)
+    k = torch.randint(1, 6, (50,), generator=g)
+    rho = kseq_rho(p, q, k)
+
+    def excess(r):
+        beta = torch.minimum(q, p / r[:, None]).sum(1)
+        return (1 - (1 - beta) ** k) / beta - r
+
+    assert bool((excess(rho) <= 1e-12).all()) and bool((rho >= 1).all()) and bool((rho <= k).all())
+    assert bool((rho[k == 1] == 1).all())
+    below = (rho - 1e-6).clamp(min=1)
+    assert bool(((excess(below) > 0) | (rho == 1)).all())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The decoder with Hugging Face models and their caches
+# ---------------------------------------------------------------------------------------------------------------
+
+VOCAB, LENGTH = 8, 3
+PROMPT = torch.tensor([[1, 5, 3]])
+
+
+@pytest.fixture(scope="module")
+def models():
+    target = tiny_llama(0, vocab=VOCAB, scale=3.0)
+    draft = tiny_llama(1, vocab=VOCAB, scale=3.0)
+    with torch.no_grad():  # exact distribution of the first LENGTH tokens, by enumeration
+        sequences = torch.tensor(list(itertools.product(range(VOCAB), repeat=LENGTH)))
+        full = torch.cat([PROMPT.expand(len(sequences), -1), sequences], dim=1)
+        log_probs = target(full).logits.double().log_softmax(-1)
+        start = PROMPT.shape[1] - 1
+        joint = sum(log_probs[:, start + i].gather(1, sequences[:, i:i + 1])[:, 0] for i in range(LENGTH)).exp()
+    return target, draft, joint
+
+
+def sequence_pvalue(out, joint):
+    index = (out.new_tokens[:, :LENGTH] * torch.tensor([VOCAB ** 2, VOCAB, 1])).sum(1)
+    return chi_square_pvalue(torch.bincount(index, minlength=VOCAB ** LENGTH), joint)
+
+
+@pytest.mark.parametrize("setup", ["standard", "kseq2", "kseq3", "truncated", "vocab_trim", "vocab_trim_kseq2"])
+def test_decoder_output_follows_the_target(models, setup):
+    """4,000 rows of one prompt, each with its own seed: the first three generated tokens fit the target's
+    exact joint distribution (512 sequences) whatever the draft, and whatever each row accepted."""
+    target, draft, joint = models
+    vocab = None
+    k = {"kseq2": 2, "kseq3": 3, "vocab_trim_kseq2": 2}.get(setup, 1)
+    if setup == "truncated":
+        draft = self_draft(target, num_layers=1)
+    if setup.startswith("vocab_trim"):
+        trim = VocabTrim(torch.tensor([0, 3, 4, 6]))
+        draft, vocab = trim.draft(draft), trim.token_ids
+    decoder = SpeculativeDecoder(target, draft, gamma=2, num_drafts=k, draft_vocab=vocab)
+    rows = 4000
+    out = decoder.generate(PROMPT.expand(rows, -1), max_new_tokens=LENGTH, seeds=torch.arange(rows))
+    assert sequence_pvalue(out, joint) > P_MIN
+    assert 0 < out.stats["acceptance_rate"] <= 1
+
+
+def test_plain_generate_follows_the_target(models):
+    target, _, joint = models
+    out = generate(target, PROMPT.expand(4000, -1), max_new_tokens=LENGTH, seeds=torch.arange(4000))
+    assert sequence_pvalue(out, joint) > P_MIN
+
+
+def test_decoder_with_a_processed_distribution(models):
+    """With top-k, the output follows the target's processed distribution: a token outside the top 3 of the
+    target never appears, however the draft proposes."""
+    target, draft, _ = models
+    config = SamplingConfig(top_k=3, temperature=0.8)
+    decoder = SpeculativeDecoder(target, draft, gamma=3, config=config, draft_config=SamplingConfig())
+    out = decoder.generate(PROMPT.expand(500, -1), max_new_tokens=1, seeds=torch.arange(500))
+    with torch.no_grad():
+        top3 = target(PROMPT).logits[0, -1].topk(3).indices
+    assert bool(torch.isin(out.new_tokens[:, 0], top3).all())
+
+
+def test_rows_are_independent_and_reproducible(models):
+    target, draft, _ = models
+    prompts = torch.tensor([[0, 0, 1, 5, 3], [1, 2, 3, 4, 5], [0, 1, 7, 7, 2]])
+    mask = prompts != 0
+    mask[:, -1] = True
+    decoder = SpeculativeDecoder(target, draft, gamma=3, num_drafts=2)
+    seeds = torch.tensor([5, 6, 7])
+    both = decoder.generate(prompts, attention_mask=mask, max_new_tokens=12, seeds=seeds)
+    again = decoder.generate(prompts, attention_mask=mask, max_new_tokens=12, seeds=seeds)
+    assert torch.equal(both.sequences, again.sequences)
+    for row in range(3):
+        valid = mask[row]
+        alone = decoder.generate(prompts[row:row + 1, valid], max_new_tokens=12, seeds=seeds[row:row + 1])
+        assert torch.equal(alone.new_tokens[0], both.new_tokens[row])
+
+
+def test_eos_and_max_new_tokens(models):
+    target, draft, _ = models
+    decoder = SpeculativeDecoder(target, draft, gamma=4)
+    out = decoder.generate(PROMPT.expand(200, -1), max_new_tokens=7, seeds=torch.arange(200), eos_token_id=2,
+                           pad_token_id=0)
+    for row in range(200):
+        tokens, n = out.new_tokens[row], int(out.lengths[row])
+        first_eos = (tokens[:n] == 2).nonzero()
+        assert n == 7 or (first_eos.numel() and int(first_eos[0]) == n - 1)
+        assert bool((tokens[n:] == 0).all())
+
+
+def test_vocabulary_mismatch_is_refused(models):
+    target, _, _ = models
+    other = tiny_llama(2, vocab=VOCAB + 1)
+    with pytest.raises(VocabularyMismatchError, match="same vocabulary"):
+        SpeculativeDecoder(target, other)
+    trimmed = self_draft(target, vocab=torch.tensor([1, 2, 3]))
+    with pytest.raises(VocabularyMismatchError):
+        SpeculativeDecoder(target, trimmed)                                   # map missing
+    with pytest.raises(VocabularyMismatchError):
+        SpeculativeDecoder(target, trimmed, draft_vocab=torch.tensor([1, 2]))  # wrong length
+    with pytest.raises(VocabularyMismatchError):
+        SpeculativeDecoder(target, trimmed, draft_vocab=torch.tensor([1, 1, 2]))
+    with pytest.raises(VocabularyMismatchError):
+        self_draft(target, vocab=torch.tensor([0, VOCAB]))
+    with pytest.raises(InvalidConfigError):
+        SpeculativeDecoder(target, target, gamma=0)
+    with pytest.raises(UnsupportedModelError):
+        SpeculativeDecoder(target, torch.nn.Linear(2, 2))
+
+
+def test_self_draft_shares_weights_and_leaves_the_target_alone(models):
+    target, _, _ = models
+    before = {name: p.clone() for name, p in target.named_parameters()}
+    layers = len(target.model.layers)
+    draft = self_draft(target, num_layers=1, vocab=torch.tensor([0, 2, 5]))
+    assert len(target.model.layers) == layers and target.config.num_hidden_layers == layers
+    assert target.lm_head.weight.shape[0] == VOCAB
+    assert len(draft.model.layers) == 1 and draft.config.num_hidden_layers == 1
+    assert draft.model.embed_tokens.weight.data_ptr() == target.model.embed_tokens.weight.data_ptr()
+    vocab = torch.tensor([0, 2, 5])
+    with torch.no_grad():
+        logits = draft(PROMPT).logits
+        hidden = target(PROMPT, output_hidden_states=True).hidden_states[1]  # after the first layer
+        expected = target.lm_head(target.model.norm(hidden))[..., vocab]
+    assert logits.shape == (1, 3, 3) and torch.allclose(logits, expected, atol=1e-5)
+    for name, p in target.named_parameters():
+        assert torch.equal(p, before[name])
+    cast = self_draft(target, dtype=torch.bfloat16)
+    assert cast.lm_head.weight.dtype == torch.bfloat16 and target.lm_head.weight.dtype == torch.float32
+    with pytest.raises(InvalidConfigError):
+        self_draft(target, num_layers=layers + 1)
+
+
+def test_vocab_trim_calibration():
+    sequences = [torch.tensor([5, 5, 5, 2, 7, 7]), torch.tensor([7, 9])]
+    trim = VocabTrim.from_token_ids(sequences, 2)
+    assert trim.token_ids.tolist() == [5, 7]
+    assert VocabTrim.from_token_ids(sequences, 3, always=[0]).token_ids.tolist() == [0, 5, 7]
+    filled = VocabTrim.from_token_ids(sequences, 6, fill=12)
+    assert filled.token_ids.tolist() == [5, 7, 2, 9, 0, 1]
+    assert abs(trim.coverage(sequences) - 6 / 8) < 1e-12
+    with pytest.raises(InvalidConfigError):
+        VocabTrim.from_token_ids(sequences, 0)

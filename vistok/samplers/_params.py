@@ -1,0 +1,85 @@
+"""Validation of sampler parameters (a Python number, or one value per row) and of logits tensors."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from ..errors import InvalidConfigError
+from .errors import InvalidLogitsError
+
+__all__ = ["RowParam", "row_param", "broadcast_param", "check_logits", "check_row_max", "work_dtype"]
+
+RowParam = float | int | Tensor
+
+
+def row_param(value: RowParam, name: str, *, low: float, high: float, low_open: bool = False,
+              high_open: bool = False, integer: bool = False) -> RowParam:
+    """Validate a parameter given as a Python number or a 1-D tensor (one value per row).
+
+    Returns the number (as ``int``/``float``) or the tensor, unchanged. Bounds are inclusive unless
+    ``low_open``/``high_open``.
+
+    Raises:
+        InvalidConfigError: wrong type, NaN, or out of range (the message names ``name`` and the range).
+    """
+    lo, hi = ("(" if low_open else "[") + f"{low}", f"{high}" + (")" if high_open else "]")
+    what = f"{name} must be {'an integer' if integer else 'a number'} in {lo}, {hi}"
+    if isinstance(value, Tensor):
+        if value.dim() != 1 or value.numel() == 0:
+            raise InvalidConfigError(f"{name}: a per-row tensor must be 1-D and non-empty, got shape "
+                                     f"{tuple(value.shape)}")
+        if integer and (value.is_floating_point() or value.is_complex() or value.dtype == torch.bool):
+            raise InvalidConfigError(f"{what}; got a {value.dtype} tensor")
+        values = value.double()
+    elif isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not isinstance(value, int)):
+        raise InvalidConfigError(f"{what}, got {value!r}")
+    else:  # a Python number: checked without creating tensors (this runs once per decoding step)
+        number = float(value)
+        if math.isnan(number) or (number <= low if low_open else number < low) or (
+                number >= high if high_open else number > high):
+            raise InvalidConfigError(f"{what}, got {value!r}")
+        return value
+    bad = torch.isnan(values) | (values <= low if low_open else values < low) | (values >= high if high_open
+                                                                               else values > high)
+    if bool(bad.any()):
+        raise InvalidConfigError(f"{what}, got {value[bad.nonzero()[0, 0]].item()!r}")
+    return value
+
+
+def broadcast_param(value: RowParam, logits: Tensor, name: str, dtype: torch.dtype | None = None) -> RowParam:
+    """A per-row tensor as ``[B, 1]`` on the logits' device (checking ``B``); numbers pass through."""
+    if not isinstance(value, Tensor):
+        return value
+    if value.shape[0] != logits.shape[0]:
+        raise InvalidConfigError(f"{name} has {value.shape[0]} values but the logits have {logits.shape[0]} rows")
+    return value.to(device=logits.device, dtype=dtype or value.dtype)[:, None]
+
+
+def check_logits(logits: Tensor) -> None:
+    """Raise unless ``logits`` is a ``[B, V]`` floating tensor with ``B, V >= 1``."""
+    if not isinstance(logits, Tensor) or logits.dim() != 2 or not logits.is_floating_point():
+        shape = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
+        raise InvalidLogitsError(f"logits must be a floating [batch, vocab] tensor, got {shape}")
+    if logits.shape[0] == 0 or logits.shape[1] == 0:
+        raise InvalidLogitsError(f"logits must have at least one row and one token, got {tuple(logits.shape)}")
+
+
+def check_row_max(row_max: Tensor) -> Tensor:
+    """Given the ``[B, 1]`` row maxima of some logits, raise on NaN or ``+inf`` (``max`` propagates both) and
+    return the ``[B, 1]`` bool mask of empty rows (every logit ``-inf``)."""
+    if not bool(torch.isfinite(row_max).all()):
+        bad = torch.isnan(row_max) | (row_max == math.inf)
+        if bool(bad.any()):
+            rows = bad.flatten().nonzero().flatten().tolist()
+            raise InvalidLogitsError(f"logits contain NaN or +inf in row(s) {rows[:8]}"
+                                     f"{' ...' if len(rows) > 8 else ''}: they do not define a distribution")
+    return row_max == -math.inf
+
+
+def work_dtype(logits: Tensor) -> Tensor:
+    """Logits in the precision the decisions are made in: float32/float64 as given (so the same arithmetic as
+    Hugging Face's processors), half types upcast to float32."""
+    return logits if logits.dtype in (torch.float32, torch.float64) else logits.float()

@@ -1,0 +1,51 @@
+"""Temperature: divide the logits by ``T`` (``T < 1`` sharpens, ``T > 1`` flattens); ``T = 0`` is greedy."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from ._params import RowParam, broadcast_param, check_logits, row_param
+from ._processor import LogitsFilter
+
+__all__ = ["temperature_scale", "Temperature"]
+
+
+def temperature_scale(logits: Tensor, temperature: RowParam) -> Tensor:
+    """``logits / temperature``, per row; a row with temperature ``0`` keeps only its first top token (greedy
+    decoding, the limit ``T -> 0``), its other logits set to ``-inf``.
+
+    Same arithmetic as Hugging Face's ``TemperatureLogitsWarper`` for ``T > 0`` (which refuses ``T = 0``).
+    Non-finite logits pass through unchanged (the truncation filters and the sampling step refuse NaN/+inf).
+
+    Args:
+        logits: ``[B, V]``, any float dtype.
+        temperature: a number or ``[B]`` tensor, ``>= 0``.
+    """
+    check_logits(logits)
+    temperature = row_param(temperature, "temperature", low=0.0, high=math.inf, high_open=True)
+    if not isinstance(temperature, Tensor):
+        return _greedy(logits) if temperature == 0 else logits / temperature
+    temperature = broadcast_param(temperature, logits, "temperature", logits.dtype)
+    greedy = temperature == 0
+    scaled = logits / torch.where(greedy, torch.ones_like(temperature), temperature)
+    if not bool(greedy.any()):
+        return scaled
+    return torch.where(greedy, _greedy(logits), scaled)
+
+
+def _greedy(logits: Tensor) -> Tensor:
+    top = logits.argmax(dim=1, keepdim=True)
+    return torch.full_like(logits, -math.inf).scatter_(1, top, logits.gather(1, top))
+
+
+class Temperature(LogitsFilter):
+    """Processor form of :func:`temperature_scale`."""
+
+    def __init__(self, temperature: RowParam) -> None:
+        self.temperature = row_param(temperature, "temperature", low=0.0, high=math.inf, high_open=True)
+
+    def apply(self, scores: Tensor) -> Tensor:
+        return temperature_scale(scores, self.temperature)
