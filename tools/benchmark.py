@@ -7,6 +7,7 @@ timing interleaved), CPU, fp32, random init, batch 32:
     python tools/benchmark.py super_token   # ViT-S/B: super-token attention (2x2) in blocks 0..2
     python tools/benchmark.py stvit         # STViT-S/B parameters and GMACs next to the paper's
     python tools/benchmark.py all --json out/figures.json
+    python tools/benchmark.py ats --device cuda --dtype bfloat16 --batch-size 256   # the same on a GPU
 """
 
 from __future__ import annotations
@@ -76,17 +77,23 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--json", default=None)
+    parser.add_argument("--device", default="cpu", help="where to time the models (FLOPs are counted on the CPU)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    parser.add_argument("--flops-images", type=int, default=None, help="count FLOPs on the first N images only")
     args = parser.parse_args()
+    dtype = getattr(torch, args.dtype)
 
     figures = [*FIGURES, "stvit"] if args.figure == "all" else [args.figure]
-    record: dict = {"torch": torch.__version__, "threads": torch.get_num_threads()}
+    record: dict = {"torch": torch.__version__, "threads": torch.get_num_threads(), "device": args.device,
+                    "dtype": args.dtype}
     for figure in figures:
         if figure == "stvit":
             record["stvit"] = _stvit()
             continue
         for model_name, variants in FIGURES[figure]:
             report = run_benchmark(model_name, variants, batch_size=args.batch_size, runs=args.runs,
-                                   warmup=args.warmup)
+                                   warmup=args.warmup, device=args.device, dtype=dtype,
+                                   flops_images=args.flops_images)
             print(report.format_table())
             print("\n".join(_summary(figure, report)) + "\n")
             record.setdefault(figure, []).append(report.to_dict())

@@ -113,11 +113,14 @@ def run_benchmark(
     flops_images: int | None = None,
     model_kwargs: dict[str, Any] | None = None,
     progress: bool = True,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
 ) -> BenchReport:
-    """Benchmark a randomly initialised timm model, unpatched and with each variant, on CPU in fp32.
+    """Benchmark a randomly initialised timm model, unpatched and with each variant (CPU, fp32 by default).
 
-    Inputs are ``batch_size`` standard-normal images (seeded). FLOPs are averaged over the first
-    ``flops_images`` images (all by default).
+    Inputs are ``batch_size`` standard-normal images (seeded). FLOPs are counted on the CPU in fp32 (the same
+    count on every device) and averaged over the first ``flops_images`` images (all by default); outputs and
+    timings come from ``device`` in ``dtype``.
     """
     import timm
 
@@ -139,8 +142,9 @@ def run_benchmark(
     for label, model in models.items():
         bar.set_postfix_str(f"{label}: counting FLOPs")
         costs[label] = (tokens_per_block(model, images), count_flops(model, counted) / 1e9)
+        model.to(device=device, dtype=dtype)
         with torch.inference_mode():
-            outputs[label] = model(images).float()
+            outputs[label] = model(images.to(device=device, dtype=dtype)).float()
         bar.update()
     agreement = {label: (float(F.cosine_similarity(out, outputs["unpatched"], dim=-1).mean()),
                          float((out.argmax(-1) == outputs["unpatched"].argmax(-1)).float().mean()))
@@ -150,9 +154,11 @@ def run_benchmark(
         bar.set_postfix_str(message)
         bar.update()
 
-    timings = time_models(models, images, warmup=warmup, runs=runs, progress=step)
+    timings = time_models(models, images.to(device=device, dtype=dtype), warmup=warmup, runs=runs, progress=step)
     bar.close()
     results = [VariantResult(v.label, v.method, dict(v.options), *costs[v.label], timings[v.label],
                              *agreement[v.label]) for v in all_variants]
-    return BenchReport(model_name, batch_size, image_size, "fp32", f"cpu ({platform.processor() or 'x86'})",
+    where = torch.device(device)
+    hardware = torch.cuda.get_device_name(where) if where.type == "cuda" else f"cpu ({platform.processor() or 'x86'})"
+    return BenchReport(model_name, batch_size, image_size, str(dtype).removeprefix("torch."), hardware,
                        torch.get_num_threads(), runs, warmup, results)
