@@ -110,3 +110,26 @@ def test_prefix_tokens_stay_in_front(family):
             source = layout.source_index()
             assert torch.equal(source[:, :prefix], torch.arange(prefix).expand(3, -1))
             assert bool((source[:, prefix:] >= prefix).all())
+
+
+def test_the_path_without_host_reads_gives_the_same_result(family, monkeypatch):
+    """On a GPU, vistok pads to static bounds instead of reading kept counts back (``vistok.ops.sync``). Forcing
+    that path on the CPU must change nothing but the padding."""
+    model = make_model(family)
+    images = make_images(model, 3)
+    depth = len(model.blocks)
+    # block 1 leaves a different count per image; ATS in block 2 then keeps exactly its bound in some images
+    half = model.patch_embed.num_patches // 2
+    methods = [_KeepAboveMeanConfig([1]), vistok.create_config("ats", k=0.5, min_tokens=half, blocks=[2]),
+               ("ats", {"k": 0.25, "blocks": [3]})]
+    if "rope" not in family:
+        methods.append(("merge", {"r": 6, "blocks": list(range(5, depth))}))
+    results = []
+    for reads_are_free in (True, False):
+        monkeypatch.setattr(vistok.ops.sync, "reads_are_free", lambda device, free=reads_are_free: free)
+        with torch.no_grad(), vistok.patch(model, methods) as handle:
+            results.append((model(images), handle.tokens_per_block(), handle.layouts[3].num_tokens))
+    (exact, exact_tokens, exact_width), (bounded, bounded_tokens, bounded_width) = results
+    assert bounded_width >= exact_width
+    assert bounded_tokens == exact_tokens
+    assert (bounded - exact).abs().max() <= TOL

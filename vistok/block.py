@@ -7,7 +7,7 @@ from torch import Tensor
 from .backbones.base import BlockOps
 from .errors import PatchStateError
 from .methods.base import AttentionView, TokenReducer
-from .ops import attend, gather_head_tokens, gather_rope, gather_tokens, keep_mask_to_index
+from .ops import attend, gather_head_tokens, gather_rope, gather_tokens, keep_mask_to_index, kept_count_summary, sync
 from .tokens import TokenLayout
 
 __all__ = ["run_block"]
@@ -43,10 +43,9 @@ def run_block(
         out_keys = k
         if reducer is not None:
             keep = reducer.select(AttentionView(q, k, v, layout, key_bias))
-            if keep is not None and not bool(keep[:, : layout.num_prefix].all()):
-                raise PatchStateError(f"{type(reducer).__name__} dropped a prefix token; prefix tokens must stay")
-            if keep is not None and not bool(keep.all()):
-                index, valid = keep_mask_to_index(keep)
+            kept = None if keep is None else _kept_positions(keep, layout, reducer)
+            if kept is not None:
+                index, valid = kept
                 q, x, h = gather_head_tokens(q, index), gather_tokens(x, index), gather_tokens(h, index)
                 out_keys = gather_head_tokens(k, index)
                 layout = layout.select(index, valid)
@@ -58,6 +57,23 @@ def run_block(
             x, layout = merged
     x = x + ops.mlp_residual(x)
     return x, layout
+
+
+def _kept_positions(keep: Tensor, layout: TokenLayout, reducer: TokenReducer) -> tuple[Tensor, Tensor | None] | None:
+    """``keep_mask_to_index`` of a reducer's keep mask, or ``None`` when it keeps every token.
+
+    On the CPU reading tensors is free: the exact width is read and the prefix checked. Elsewhere a reducer's
+    static bound (``max_kept``) is the width, so nothing is read back and the host never waits for the device.
+    """
+    bound = reducer.max_kept(layout)
+    if bound is not None and not sync.reads_are_free(keep.device):
+        return keep_mask_to_index(keep, bound)
+    width, uniform, prefix_kept = kept_count_summary(keep, layout.num_prefix)
+    if not prefix_kept:
+        raise PatchStateError(f"{type(reducer).__name__} dropped a prefix token; prefix tokens must stay")
+    if uniform and width == layout.num_tokens:
+        return None
+    return keep_mask_to_index(keep, width, uniform)
 
 
 def _rope_for(rope: Tensor | None, layout: TokenLayout) -> Tensor | None:

@@ -20,6 +20,7 @@ from torch import Tensor
 from ..backbones.base import BackboneInfo
 from ..errors import InvalidConfigError
 from ..ops import inverse_transform_sampling, probe_attention, probe_query, significance_scores
+from ..tokens import TokenLayout
 from .base import AttentionView, MethodConfig, TokenReducer, resolve_block_indices
 
 __all__ = ["ATSConfig", "AdaptiveTokenSampler", "default_ats_blocks", "check_k", "PAPER_KEEP_FRACTION"]
@@ -56,11 +57,18 @@ class AdaptiveTokenSampler(TokenReducer):
         probe = probe_query(view.q, layout.valid, layout.has_class_token)
         scores = significance_scores(probe_attention(probe, view.k, view.key_bias), view.v, prefix)
         valid = None if layout.valid is None else layout.valid[:, prefix:]
-        keep = inverse_transform_sampling(scores, self._levels(scores, valid), valid, self.min_tokens)
-        if valid is None and bool(keep.all()):
-            return None
+        keep = inverse_transform_sampling(scores, self._levels(scores, valid), valid, self.min_tokens,
+                                          max_levels=self._max_levels(scores.shape[1]))
         keep_prefix = torch.ones(keep.shape[0], prefix, dtype=torch.bool, device=keep.device)
         return torch.cat([keep_prefix, keep], dim=1)
+
+    def max_kept(self, layout: TokenLayout) -> int:
+        patches = layout.num_tokens - layout.num_prefix
+        return layout.num_prefix + min(patches, max(self._max_levels(patches), self.min_tokens))
+
+    def _max_levels(self, patches: int) -> int:
+        """The most levels an image with at most ``patches`` patch tokens gets."""
+        return self.k if isinstance(self.k, int) else max(1, round(patches * self.k))
 
     def _levels(self, scores: Tensor, valid: Tensor | None) -> int | Tensor:
         if isinstance(self.k, int):

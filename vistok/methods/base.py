@@ -44,6 +44,12 @@ class TokenReducer:
         padding False), or ``None`` to keep everything. Only kept tokens are computed from here on."""
         return None
 
+    def max_kept(self, layout: TokenLayout) -> int | None:
+        """The most tokens (prefix included) ``select`` can keep per image, known without looking at the tokens,
+        or ``None``. On a GPU the block pads to this bound instead of reading the kept counts back, which would
+        wait for every queued kernel. A reducer that gives a bound must keep every prefix token."""
+        return None
+
     def attend(self, ops: BlockOps, h: Tensor, layout: TokenLayout) -> Tensor | None:
         """Compute the block's attention another way: normalised tokens ``h`` ``[B, N, C]`` -> the per-head
         attention output ``[B, H, N, d]`` (before the output projection), using the block's own ``ops``;

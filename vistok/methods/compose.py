@@ -42,6 +42,9 @@ class ComposedReducer(TokenReducer):
     def select(self, view: AttentionView) -> Tensor | None:
         return None if self.selector is None else self.selector.select(view)
 
+    def max_kept(self, layout: TokenLayout) -> int | None:
+        return None if self.selector is None else self.selector.max_kept(layout)
+
     def attend(self, ops: BlockOps, h: Tensor, layout: TokenLayout) -> Tensor | None:
         return None if self.attender is None else self.attender.attend(ops, h, layout)
 

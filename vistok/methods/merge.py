@@ -18,6 +18,7 @@ from torch import Tensor
 
 from ..backbones.base import BackboneInfo
 from ..errors import InvalidConfigError, UnsupportedModelError
+from ..ops import sync
 from ..ops.gather import gather_tokens, keep_mask_to_index
 from ..ops.merging import bipartite_soft_matching, merge_weighted
 from ..tokens import TokenLayout
@@ -41,17 +42,24 @@ class TokenMerger(TokenReducer):
 
     def merge(self, x: Tensor, keys: Tensor, layout: TokenLayout) -> tuple[Tensor, TokenLayout] | None:
         prefix = layout.num_prefix
-        patches = layout.num_valid(x.device) - prefix
-        r = torch.clamp(patches // 2, max=self.r)
-        if not bool((r > 0).any()):
-            return None
+        if layout.valid is None:  # every image has the same tokens: r is known without reading the device
+            r = min(self.r, (layout.num_tokens - prefix) // 2)
+            if r == 0:
+                return None
+        else:
+            r = torch.clamp((layout.num_valid(x.device) - prefix) // 2, max=self.r)
+            if sync.reads_are_free(x.device) and not bool((r > 0).any()):
+                return None
         weights = layout.token_weights(x.dtype, x.device)
         valid = None if layout.valid is None else layout.valid[:, prefix:]
         matching = bipartite_soft_matching(keys.mean(dim=1)[:, prefix:], r, valid)
         merged, merged_weights = merge_weighted(x[:, prefix:], weights[:, prefix:], matching)
         weights = torch.cat([weights[:, :prefix], merged_weights], dim=1)
         arranged = layout.rearrange_merged(matching, weights)
-        index, valid = keep_mask_to_index(arranged.valid)
+        if isinstance(r, int):
+            index, valid = keep_mask_to_index(arranged.valid, layout.num_tokens - r, uniform=True)
+        else:
+            index, valid = keep_mask_to_index(arranged.valid)
         x = gather_tokens(torch.cat([x[:, :prefix], merged], dim=1), index)
         new_layout = arranged.select(index, valid)
         return x, replace(new_layout, proportional=self.proportional_attention)

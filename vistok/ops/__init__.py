@@ -1,7 +1,7 @@
 """Pure tensor functions: gathers, attention pieces, token sampling. No model knowledge lives here."""
 
 from .attention import attend, probe_attention, probe_query
-from .gather import gather_head_tokens, gather_rope, gather_tokens, keep_mask_to_index
+from .gather import gather_head_tokens, gather_rope, gather_tokens, keep_mask_to_index, kept_count_summary
 from .sampling import inverse_transform_sampling, significance_scores
 
 __all__ = [
@@ -12,6 +12,7 @@ __all__ = [
     "gather_head_tokens",
     "gather_rope",
     "keep_mask_to_index",
+    "kept_count_summary",
     "inverse_transform_sampling",
     "significance_scores",
 ]

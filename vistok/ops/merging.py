@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import sync
 from .gather import gather_tokens
 
 __all__ = ["Matching", "bipartite_soft_matching", "merge_weighted"]
@@ -51,9 +52,14 @@ def bipartite_soft_matching(metric: Tensor, r: int | Tensor, valid: Tensor | Non
     device = metric.device
     a_positions = torch.arange(0, n, 2, device=device)
     b_positions = torch.arange(1, n, 2, device=device)
+    if isinstance(r, int):
+        out_of_range = not 0 <= r <= len(a_positions)
+    else:  # a tensor r is read (checked) only where reading is free
+        out_of_range = sync.reads_are_free(r.device) and bool(((r < 0) | (r > len(a_positions))).any())
+    if out_of_range:
+        shown = r if isinstance(r, int) else r.tolist()
+        raise ValueError(f"bipartite_soft_matching: r={shown} must be in [0, {len(a_positions)}] for N={n}")
     r = torch.as_tensor(r, device=device).expand(batch)
-    if bool(((r < 0) | (r > len(a_positions))).any()):
-        raise ValueError(f"bipartite_soft_matching: r={r.tolist()} must be in [0, {len(a_positions)}] for N={n}")
     metric = F.normalize(metric.float(), dim=-1)
     scores = metric[:, a_positions] @ metric[:, b_positions].transpose(1, 2)
     if valid is not None:

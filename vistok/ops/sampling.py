@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from . import sync
+
 __all__ = ["inverse_transform_sampling", "significance_scores"]
 
 
@@ -29,6 +31,7 @@ def inverse_transform_sampling(
     num_levels: int | Tensor,
     valid: Tensor | None = None,
     min_keep: int = 0,
+    max_levels: int | None = None,
 ) -> Tensor:
     """Pick tokens by inverse transform sampling of their normalised scores (Fayyaz et al., ECCV 2022).
 
@@ -46,6 +49,8 @@ def inverse_transform_sampling(
         num_levels: levels per image, an int or a ``[B]`` long tensor, each ``>= 1``.
         valid: ``[B, N]`` bool; invalid (padding) tokens are never kept. ``None``: all valid.
         min_keep: lower bound on the number of kept tokens.
+        max_levels: an upper bound on a tensor ``num_levels``, which the caller vouches for. It spares reading
+            the levels back from the device (on a GPU that waits for every queued kernel); ``None``: read them.
 
     Returns:
         ``[B, N]`` bool keep mask.
@@ -56,9 +61,15 @@ def inverse_transform_sampling(
     device = scores.device
     if valid is None:
         valid = torch.ones(batch, n, dtype=torch.bool, device=device)
+    if isinstance(num_levels, int):
+        lowest = width = num_levels
+    elif max_levels is None:
+        lowest, width = torch.stack([num_levels.min(), num_levels.max()]).tolist()
+    else:
+        lowest, width = 1, max_levels
+    if lowest < 1:
+        raise ValueError(f"inverse_transform_sampling: num_levels must be >= 1, got {lowest}")
     levels = torch.as_tensor(num_levels, device=device).long().expand(batch)
-    if bool((levels < 1).any()):
-        raise ValueError("inverse_transform_sampling: num_levels must be >= 1")
 
     probs = _normalise(scores, valid)
     n_valid = valid.sum(dim=1)
@@ -75,7 +86,6 @@ def inverse_transform_sampling(
     # Levels: evenly spaced from the smallest positive CDF value up to 1 (a single level sits at 1).
     start = ncdf.masked_fill(ncdf <= 0, float("inf")).amin(dim=1, keepdim=True)
     start = torch.where(torch.isinf(start), torch.ones_like(start), start)
-    width = int(levels.max())
     step_index = torch.arange(width, device=device, dtype=ncdf.dtype)[None, :]
     step = (1.0 - start) / (levels[:, None] - 1).clamp_min(1).to(ncdf.dtype)
     targets = torch.where(levels[:, None] == 1, torch.ones_like(step_index), start + step_index * step)
@@ -119,7 +129,7 @@ def _top_up(keep: Tensor, probs: Tensor, valid: Tensor, min_keep: int) -> Tensor
     if min_keep <= 0:
         return keep
     need = (torch.minimum(valid.sum(dim=1), torch.tensor(min_keep, device=keep.device)) - keep.sum(dim=1))
-    if not bool((need > 0).any()):
+    if sync.reads_are_free(keep.device) and not bool((need > 0).any()):
         return keep
     candidates = probs.masked_fill(~valid | keep, -1.0)
     order = candidates.argsort(dim=1, descending=True, stable=True)

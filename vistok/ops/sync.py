@@ -1,0 +1,17 @@
+"""When vistok may read tensor values on the host.
+
+Reading a value (``int(t)``, ``t.tolist()``, ``if t.any()``) is free on the CPU, but on a GPU it waits for every
+queued kernel, so the host can no longer launch work ahead of the device. Where a static bound will do, vistok
+uses it instead on such devices; on the CPU it reads exact values (less padding, earlier exits).
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["reads_are_free"]
+
+
+def reads_are_free(device: torch.device) -> bool:
+    """Whether reading a tensor on ``device`` back to the host costs nothing (the CPU)."""
+    return device.type == "cpu"
