@@ -119,8 +119,8 @@ def run_benchmark(
     """Benchmark a randomly initialised timm model, unpatched and with each variant (CPU, fp32 by default).
 
     Inputs are ``batch_size`` standard-normal images (seeded). FLOPs are counted on the CPU in fp32 (the same
-    count on every device) and averaged over the first ``flops_images`` images (all by default); outputs and
-    timings come from ``device`` in ``dtype``.
+    count on every device) and averaged over the first ``flops_images`` images (all by default); tokens per
+    block, outputs and timings come from ``device`` in ``dtype``.
     """
     import timm
 
@@ -138,13 +138,15 @@ def run_benchmark(
 
     bar = tqdm(total=len(models) * (warmup + runs + 1), disable=not progress, desc=model_name, leave=False)
     counted = images[:flops_images] if flops_images else images
+    timed_images = images.to(device=device, dtype=dtype)
     costs, outputs = {}, {}
     for label, model in models.items():
         bar.set_postfix_str(f"{label}: counting FLOPs")
-        costs[label] = (tokens_per_block(model, images), count_flops(model, counted) / 1e9)
+        flops = count_flops(model, counted) / 1e9
         model.to(device=device, dtype=dtype)
+        costs[label] = (tokens_per_block(model, timed_images), flops)
         with torch.inference_mode():
-            outputs[label] = model(images.to(device=device, dtype=dtype)).float()
+            outputs[label] = model(timed_images).float()
         bar.update()
     agreement = {label: (float(F.cosine_similarity(out, outputs["unpatched"], dim=-1).mean()),
                          float((out.argmax(-1) == outputs["unpatched"].argmax(-1)).float().mean()))
@@ -154,7 +156,7 @@ def run_benchmark(
         bar.set_postfix_str(message)
         bar.update()
 
-    timings = time_models(models, images.to(device=device, dtype=dtype), warmup=warmup, runs=runs, progress=step)
+    timings = time_models(models, timed_images, warmup=warmup, runs=runs, progress=step)
     bar.close()
     results = [VariantResult(v.label, v.method, dict(v.options), *costs[v.label], timings[v.label],
                              *agreement[v.label]) for v in all_variants]
