@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import sync
-from .gather import gather_tokens
+from .gather import add_to_tokens, gather_tokens
 
 __all__ = ["Matching", "bipartite_soft_matching", "merge_weighted"]
 
@@ -87,9 +87,8 @@ def merge_weighted(x: Tensor, weights: Tensor, matching: Matching) -> tuple[Tens
     a_weight = gather_tokens(weights, a_index)
     moved = a_weight * matching.merged
     weighted = x * weights.reshape(*weights.shape, *trailing)
-    target = matching.target.reshape(*matching.target.shape, *trailing).expand(-1, -1, *x.shape[2:])
-    b_sum = gather_tokens(weighted, b_index).scatter_add(
-        1, target, gather_tokens(weighted, a_index) * matching.merged.reshape(*moved.shape, *trailing))
+    b_sum = add_to_tokens(gather_tokens(weighted, b_index), matching.target,
+                          gather_tokens(weighted, a_index) * matching.merged.reshape(*moved.shape, *trailing))
     b_weight = gather_tokens(weights, b_index).scatter_add(1, matching.target, moved)
     denominator = b_weight.reshape(*b_weight.shape, *trailing)
     b_tokens = torch.where(denominator > 0, b_sum / denominator.clamp_min(torch.finfo(b_sum.dtype).tiny),
