@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from vistok.ops import inverse_transform_sampling, keep_mask_to_index
+from vistok.ops import gather, inverse_transform_sampling, keep_mask_to_index
 
 
 def reference_sampling(scores, levels, valid, min_keep):
@@ -114,3 +114,20 @@ def test_keep_mask_to_index_orders_and_pads():
     assert valid.tolist() == [[True, True, True], [True, False, False]]
     index, valid = keep_mask_to_index(torch.tensor([[True, False], [False, True]]))
     assert valid is None and index.tolist() == [[0], [1]]
+
+
+@pytest.mark.parametrize("by_rows", [True, False])
+def test_token_gathers_and_sums_against_a_loop(by_rows, monkeypatch):
+    """Both implementations (whole rows on the CPU, ``gather``/``scatter_add`` elsewhere) against a plain loop."""
+    monkeypatch.setattr(gather, "_by_rows", lambda x: by_rows)
+    g = torch.Generator().manual_seed(0)
+    x, per_head = torch.randn(3, 7, 5, generator=g), torch.randn(3, 2, 7, 5, generator=g)
+    index, source = torch.randint(0, 7, (3, 4), generator=g), torch.randn(3, 4, 5, generator=g)
+    summed = x.clone()
+    for b in range(3):
+        for j in range(4):
+            summed[b, index[b, j]] += source[b, j]
+    assert torch.equal(gather.gather_tokens(x, index), torch.stack([x[b, index[b]] for b in range(3)]))
+    assert torch.equal(gather.gather_head_tokens(per_head, index),
+                       torch.stack([per_head[b][:, index[b]] for b in range(3)]))
+    assert torch.allclose(gather.add_to_tokens(x, index, source), summed)
