@@ -61,8 +61,8 @@ def inverse_transform_sampling(
     device = scores.device
     if valid is None:
         valid = torch.ones(batch, n, dtype=torch.bool, device=device)
-    if isinstance(num_levels, int):
-        lowest = width = num_levels
+    if not isinstance(num_levels, Tensor):
+        lowest = width = int(num_levels)
     elif max_levels is None:
         lowest, width = torch.stack([num_levels.min(), num_levels.max()]).tolist()
     else:
