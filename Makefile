@@ -29,7 +29,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: install
-	HF_HUB_OFFLINE=1 $(VENV)/bin/vistok bench --model vit_small_patch16_224 --method ats --batch-size 32 -o k=108
+	HF_HUB_OFFLINE=1 $(PY) tools/demo.py
 
 test: install
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q

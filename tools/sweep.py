@@ -1,7 +1,9 @@
 #!/usr/bin/env python
 """Accuracy vs compute of the reference model (or any model/dataset in the config) on the whole test set:
-unpatched; ATS at several k; merging at several r; and two baselines -- random token dropping at the same
-counts, and the unpatched model on downsampled input. Writes a CSV and a Pareto plot (top-1 vs GFLOPs).
+unpatched; ATS at several k (as in the paper: at most k tokens, fewer where the scores are concentrated), and
+ATS with a fixed budget (``min_tokens = k``: exactly k); merging at several r; and two baselines -- random token
+dropping at the same counts, and the unpatched model on downsampled input. Writes a CSV and a Pareto plot
+(top-1 vs GFLOPs).
 
     python tools/sweep.py                                        # configs/sweep_fmnist.yaml
     python tools/sweep.py --config configs/sweep_fmnist.yaml sweep.ats_k=[64,32] --out results/quick
@@ -28,8 +30,9 @@ from vistok.viz import save_pareto_plot
 DEFAULTS = {
     **MODEL_DEFAULTS,
     "data": {**DATA_DEFAULTS, "augment": False},
-    "sweep": {"ats_k": [108, 64, 32], "ats_blocks": [3, 4, 5, 6, 7, 8, 9, 10, 11], "merge_r": [8, 16],
-              "random_k": [108, 64, 32], "input_sizes": [24, 20], "batch_size": 500, "flops_images": 500},
+    "sweep": {"ats_k": [108, 64, 32], "ats_fixed_k": [], "ats_blocks": [3, 4, 5, 6, 7, 8, 9, 10, 11],
+              "merge_r": [8, 16], "random_k": [108, 64, 32], "input_sizes": [24, 20], "batch_size": 500,
+              "flops_images": 500},
 }
 
 
@@ -39,6 +42,8 @@ def variants(sweep: dict) -> list[dict]:
     points = [{"method": "unpatched", "label": "full", "patch": None, "size": None}]
     points += [{"method": "ats", "label": f"k={k}", "patch": ("ats", {"k": k, "blocks": blocks}), "size": None}
                for k in sweep["ats_k"]]
+    points += [{"method": "ats_fixed", "label": f"k={k}", "patch": ("ats", {"k": k, "min_tokens": k, "blocks": blocks}),
+                "size": None} for k in sweep["ats_fixed_k"]]
     points += [{"method": "merge", "label": f"r={r}", "patch": ("merge", {"r": r}), "size": None}
                for r in sweep["merge_r"]]
     points += [{"method": "random_drop", "label": f"k={k}", "patch": ("random_drop", {"k": k, "blocks": blocks}),
