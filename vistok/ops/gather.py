@@ -79,7 +79,6 @@ def keep_mask_to_index(keep: Tensor, width: int | None = None, uniform: bool = F
         every image keeps ``K`` tokens. Padding entries point at dropped tokens (finite values, never read as
         real).
     """
-    counts = keep.sum(dim=1)
     if width is None:
         width, uniform, _ = kept_count_summary(keep)
     width = min(width, keep.shape[1])
@@ -88,7 +87,7 @@ def keep_mask_to_index(keep: Tensor, width: int | None = None, uniform: bool = F
     index = order[:, :width]
     if uniform:
         return index, None
-    valid = torch.arange(width, device=keep.device)[None, :] < counts[:, None]
+    valid = torch.arange(width, device=keep.device)[None, :] < keep.sum(dim=1)[:, None]
     return index, valid
 
 
