@@ -120,10 +120,11 @@ def test_speculative_sampling_is_exact_on_smollm2(smollm2):
     assert out.stats["acceptance_rate"] < 0.9  # the residual path was exercised
 
 
-def test_self_speculative_bf16_draft_accepts_most_tokens(smollm2, chat_batch):
+@pytest.mark.parametrize("quantize", [None, "int8"])
+def test_self_speculative_bf16_draft_accepts_most_tokens(smollm2, chat_batch, quantize):
     model, tokenizer = smollm2
     ids, mask = chat_batch
-    draft = samplers.self_draft(model, dtype=torch.bfloat16)
+    draft = samplers.self_draft(model, dtype=torch.bfloat16, quantize=quantize)
     decoder = samplers.SpeculativeDecoder(model, draft, gamma=4)
     out = decoder.generate(ids[:2], attention_mask=mask[:2], max_new_tokens=24, seeds=torch.tensor([0, 1]))
     assert out.stats["acceptance_rate"] > 0.8

@@ -8,6 +8,7 @@ from sampler_cases import chi_square_pvalue, one_thread, tiny_llama  # noqa: F40
 
 from vistok import InvalidConfigError, UnsupportedModelError
 from vistok.samplers import (
+    Int8Linear,
     SamplingConfig,
     SpeculativeDecoder,
     VocabTrim,
@@ -162,7 +163,8 @@ def sequence_pvalue(out, joint):
     return chi_square_pvalue(torch.bincount(index, minlength=VOCAB ** LENGTH), joint)
 
 
-@pytest.mark.parametrize("setup", ["standard", "kseq2", "kseq3", "truncated", "vocab_trim", "vocab_trim_kseq2"])
+@pytest.mark.parametrize("setup", ["standard", "kseq2", "kseq3", "truncated", "vocab_trim", "vocab_trim_kseq2",
+                                   "int8", "int8_vocab_trim"])
 def test_decoder_output_follows_the_target(models, setup):
     """4,000 rows of one prompt, each with its own seed: the first three generated tokens fit the target's
     exact joint distribution (512 sequences) whatever the draft, and whatever each row accepted."""
@@ -171,9 +173,11 @@ def test_decoder_output_follows_the_target(models, setup):
     k = {"kseq2": 2, "kseq3": 3, "vocab_trim_kseq2": 2}.get(setup, 1)
     if setup == "truncated":
         draft = self_draft(target, num_layers=1)
-    if setup.startswith("vocab_trim"):
+    if setup == "int8":
+        draft = self_draft(target, dtype=torch.bfloat16, quantize="int8")
+    if "vocab_trim" in setup:
         trim = VocabTrim(torch.tensor([0, 3, 4, 6]))
-        draft, vocab = trim.draft(draft), trim.token_ids
+        draft, vocab = trim.draft(draft, quantize="int8" if setup.startswith("int8") else None), trim.token_ids
     decoder = SpeculativeDecoder(target, draft, gamma=2, num_drafts=k, draft_vocab=vocab)
     rows = 4000
     out = decoder.generate(PROMPT.expand(rows, -1), max_new_tokens=LENGTH, seeds=torch.arange(rows))
@@ -280,3 +284,55 @@ def test_vocab_trim_calibration():
     assert abs(trim.coverage(sequences) - 6 / 8) < 1e-12
     with pytest.raises(InvalidConfigError):
         VocabTrim.from_token_ids(sequences, 0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Int8 weight-only drafts
+# ---------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_int8_linear_multiplies_by_its_dequantized_weight(bias, monkeypatch):
+    """The CPU kernel path (bfloat16 activations) and the dequantizing fallback compute x W_q^T + b for the
+    int8 weight W_q, which is within half a quantization step of the original weight."""
+    g = torch.Generator().manual_seed(0)
+    linear = torch.nn.Linear(96, 40, bias=bias)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(40, 96, generator=g) * torch.rand(40, 1, generator=g))
+    layer = Int8Linear(linear)
+    weight = layer.dequantized_weight()
+    step = layer.scales[:, None]
+    assert bool(((weight - linear.weight).abs() <= step / 2 + 1e-7).all())
+    assert layer.int8_weight.dtype == torch.int8 and int(layer.int8_weight.abs().max()) == 127
+    x = torch.randn(3, 5, 96, generator=g)
+    expected = torch.nn.functional.linear(x.double(), weight.double(),
+                                          None if linear.bias is None else linear.bias.detach().double())
+    fast = layer(x)
+    assert fast.shape == (3, 5, 40) and fast.dtype == torch.float32
+    assert torch.allclose(fast.double(), expected, rtol=2e-2, atol=2e-2 * float(expected.abs().max()))
+    monkeypatch.delattr(torch, "_weight_int8pack_mm")  # the path other devices take
+    assert torch.allclose(layer(x).double(), expected, atol=1e-4)
+    with pytest.raises(ValueError, match=r"\[\.\.\., 96\]"):
+        layer(torch.randn(2, 95))
+
+
+def test_int8_self_draft_copies_and_quantizes_every_linear(models):
+    target, _, _ = models
+    before = {name: p.clone() for name, p in target.named_parameters()}
+    linears = sum(isinstance(m, torch.nn.Linear) for m in target.modules())
+    draft = self_draft(target, dtype=torch.bfloat16, quantize="int8")
+    assert not any(isinstance(m, torch.nn.Linear) for m in draft.modules())
+    assert sum(isinstance(m, Int8Linear) for m in draft.modules()) == linears
+    assert all(isinstance(m, torch.nn.Linear) for m in [target.lm_head, target.model.layers[0].mlp.up_proj])
+    for name, p in target.named_parameters():
+        assert torch.equal(p, before[name])
+    with torch.no_grad():
+        p = target(PROMPT).logits.softmax(-1)
+        q = draft(PROMPT).logits.float().softmax(-1)
+    assert float(torch.minimum(p, q).sum(-1).min()) > 0.9  # close to the target: a draft worth using
+    trimmed = self_draft(target, vocab=torch.tensor([0, 2, 5]), quantize="int8")
+    assert isinstance(trimmed.lm_head, Int8Linear) and trimmed.lm_head.out_features == 3
+    SpeculativeDecoder(target, trimmed, draft_vocab=torch.tensor([0, 2, 5]))  # its width is checked
+    with pytest.raises(VocabularyMismatchError):
+        SpeculativeDecoder(target, trimmed)
+    with pytest.raises(InvalidConfigError, match="quantize"):
+        self_draft(target, quantize="int4")

@@ -118,6 +118,10 @@ def bench_speculative(args, model, tokenizer) -> dict:
         "bf16 copy": (samplers.self_draft(model, dtype=torch.bfloat16), None, 1),
         f"bf16 copy + VocabTrim {args.trim_size}": (trim.draft(model, dtype=torch.bfloat16), trim.token_ids, 1),
         "bf16 copy, K-SEQ k=2": (samplers.self_draft(model, dtype=torch.bfloat16), None, 2),
+        "int8 weights": (samplers.self_draft(model, dtype=torch.bfloat16, quantize="int8"), None, 1),
+        f"int8 weights + VocabTrim {args.trim_size}":
+            (trim.draft(model, dtype=torch.bfloat16, quantize="int8"), trim.token_ids, 1),
+        "int8 weights, K-SEQ k=2": (samplers.self_draft(model, dtype=torch.bfloat16, quantize="int8"), None, 2),
     }
     decoders = {name: samplers.SpeculativeDecoder(model, draft, gamma=args.gamma, num_drafts=k, config=config,
                                                   draft_vocab=vocab)
@@ -140,7 +144,8 @@ def bench_speculative(args, model, tokenizer) -> dict:
             timings[name].append(result.stats["seconds"] / result.stats["new_tokens"])
             acceptance[name].append(result.stats["acceptance_rate"])
             tokens_per_call[name].append(result.stats["tokens_per_target_call"])
-    costs = forward_costs(model, drafts["bf16 copy"][0], prompts[0], args.gamma)
+    costs = forward_costs(model, {"bf16": drafts["bf16 copy"][0], "int8": drafts["int8 weights"][0]}, prompts[0],
+                          args.gamma)
     base = statistics.mean(timings["plain (vistok.samplers.generate)"])
     rows = []
     for name, values in timings.items():
@@ -161,13 +166,14 @@ def bench_speculative(args, model, tokenizer) -> dict:
         tpc = "" if row["tokens_per_target_call"] is None else f"{row['tokens_per_target_call']:.2f}"
         print(f"| {row['method']} | {acc} | {tpc} | {row['ms_per_token']:.1f} | {row['speedup']:.2f} |")
     print(f"\nForward cost with a KV cache (ms, median of 9): target 1 token {costs['target_1']:.1f}, target "
-          f"{args.gamma + 1} tokens {costs['target_block']:.1f}, bf16 draft 1 token {costs['draft_1']:.1f}.")
+          f"{args.gamma + 1} tokens {costs['target_block']:.1f}, bf16 draft 1 token {costs['bf16_1']:.1f}, int8 "
+          f"draft 1 token {costs['int8_1']:.1f}.")
     return {"temperature": args.temperature, "gamma": args.gamma, "prompts": args.prompts, "tokens": args.tokens,
             "threads": torch.get_num_threads(), "trim_size": trim.size, "rows": rows, "forward_ms": costs}
 
 
-def forward_costs(target, draft, prompt, gamma) -> dict:
-    """Median ms of a cached forward: the target on 1 and on gamma + 1 new tokens, the draft on 1."""
+def forward_costs(target, drafts, prompt, gamma) -> dict:
+    """Median ms of a cached forward: the target on 1 and on gamma + 1 new tokens, each draft on 1."""
     from vistok.samplers._decoding import CausalLMState
 
     def median_ms(model, width):
@@ -183,7 +189,7 @@ def forward_costs(target, draft, prompt, gamma) -> dict:
         return statistics.median(times[1:]) * 1e3
 
     return {"target_1": median_ms(target, 1), "target_block": median_ms(target, gamma + 1),
-            "draft_1": median_ms(draft, 1)}
+            **{f"{name}_1": median_ms(draft, 1) for name, draft in drafts.items()}}
 
 
 def repeated_ngrams(tokens: list[int], n: int) -> float:

@@ -17,6 +17,7 @@ from .errors import InvalidLogitsError, VocabularyMismatchError
 from .generation import GenerationOutput, generate
 from .models import load_smollm2, smollm2_gguf
 from .pipeline import FILTER_CLASSES, PROCESSOR_ORDER, SamplingConfig, SamplingPipeline
+from .quantize import Int8Linear, quantize_linears
 from .sampling import SeededSampling, sample
 from .speculative import SpeculativeDecoder, kseq_rho, kseq_verify, speculative_verify
 from .temperature import Temperature, temperature_scale
@@ -70,6 +71,8 @@ __all__ = [
     "kseq_verify",
     "kseq_rho",
     "self_draft",
+    "Int8Linear",
+    "quantize_linears",
     "VocabTrim",
     "CNTPConfig",
     "cntp_generate",

@@ -127,7 +127,10 @@ def output_vocab_size(model: nn.Module) -> int | None:
     """Rows of the model's output embedding (the width of its logits), if it exposes one."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     weight = getattr(head, "weight", None)
-    return int(weight.shape[0]) if weight is not None else None
+    if weight is not None:
+        return int(weight.shape[0])
+    width = getattr(head, "out_features", None)  # e.g. an Int8Linear head
+    return int(width) if width is not None else None
 
 
 def check_causal_lm(model: nn.Module, role: str) -> None:

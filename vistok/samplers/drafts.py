@@ -1,5 +1,5 @@
-"""Draft models made from the target itself (self-speculative decoding): fewer layers, a lower precision, or a
-smaller output head (VocabTrim), sharing the target's weights where nothing changes."""
+"""Draft models made from the target itself (self-speculative decoding): fewer layers, a lower precision, int8
+weights, or a smaller output head (VocabTrim), sharing the target's weights where nothing changes."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from ..errors import InvalidConfigError, UnsupportedModelError
 from .errors import VocabularyMismatchError
+from .quantize import quantize_linears
 
 __all__ = ["self_draft", "decoder_layers"]
 
@@ -45,7 +46,7 @@ def _shallow_copy(module: nn.Module) -> nn.Module:
 
 
 def self_draft(model: nn.Module, *, num_layers: int | None = None, dtype: torch.dtype | None = None,
-               vocab: Tensor | None = None) -> nn.Module:
+               vocab: Tensor | None = None, quantize: str | None = None) -> nn.Module:
     """A draft model built from ``model``.
 
     Args:
@@ -57,18 +58,26 @@ def self_draft(model: nn.Module, *, num_layers: int | None = None, dtype: torch.
             target's weights.
         vocab: ``[M]`` token ids: the draft's head keeps only their rows (VocabTrim), so its logits are over
             these ``M`` ids; pass the same ids as ``draft_vocab`` to :class:`SpeculativeDecoder`.
+        quantize: ``"int8"``: every linear layer of the draft (a copy), head included, gets int8 weights with
+            one scale per output row (:class:`~vistok.samplers.quantize.Int8Linear`); the other weights keep
+            ``dtype``. On the CPU, combine it with ``dtype=torch.bfloat16``, the activation type of torch's fast
+            int8 kernel. ``None``: no quantization.
 
     Returns:
-        The draft (in eval mode). Without ``dtype`` it shares all weights with ``model`` (no extra memory but
-        a trimmed head).
+        The draft (in eval mode). Without ``dtype`` or ``quantize`` it shares all weights with ``model`` (no
+        extra memory but a trimmed head).
     """
     owner, attribute, layers = decoder_layers(model)
     depth = len(layers)
     if num_layers is not None and (isinstance(num_layers, bool) or not isinstance(num_layers, int)
                                    or not 1 <= num_layers <= depth):
         raise InvalidConfigError(f"num_layers must be an int in [1, {depth}], got {num_layers!r}")
-    if dtype is not None:
-        model = copy.deepcopy(model).to(dtype)
+    if quantize not in (None, "int8"):
+        raise InvalidConfigError(f"quantize must be None or 'int8', got {quantize!r}")
+    if dtype is not None or quantize is not None:
+        model = copy.deepcopy(model)
+        if dtype is not None:
+            model = model.to(dtype)
         owner, attribute, layers = decoder_layers(model)
     draft = _shallow_copy(model)
     config = copy.deepcopy(model.config)
@@ -82,6 +91,8 @@ def self_draft(model: nn.Module, *, num_layers: int | None = None, dtype: torch.
     draft.config = config
     if vocab is not None:
         _trim_head(draft, vocab)
+    if quantize == "int8":
+        quantize_linears(draft)  # draft owns its (copied) modules here, so this leaves the target alone
     return draft.eval()
 
 

@@ -89,6 +89,7 @@ class VocabTrim:
         ids = torch.cat([chunk.flatten().long().cpu() for chunk in chunks])
         return float(torch.isin(ids, self.token_ids).double().mean())
 
-    def draft(self, model: nn.Module, *, num_layers: int | None = None, dtype: torch.dtype | None = None) -> nn.Module:
+    def draft(self, model: nn.Module, *, num_layers: int | None = None, dtype: torch.dtype | None = None,
+              quantize: str | None = None) -> nn.Module:
         """:func:`self_draft` of ``model`` with the trimmed head (pass ``token_ids`` as ``draft_vocab``)."""
-        return self_draft(model, num_layers=num_layers, dtype=dtype, vocab=self.token_ids)
+        return self_draft(model, num_layers=num_layers, dtype=dtype, vocab=self.token_ids, quantize=quantize)
