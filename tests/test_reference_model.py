@@ -61,3 +61,29 @@ def test_demo_runs_on_the_shipped_model(tmp_path, capsys):
     assert "unpatched" in printed and "ATS k=48" in printed and "merge r=12" in printed
     assert (tmp_path / "tokens.png").stat().st_size > 10_000
     assert (tmp_path / "pareto.png").stat().st_size > 10_000
+
+
+def test_register_variant_keeps_its_registers_and_the_unpatched_outputs():
+    """vistok_vit_fmnist_reg4 (random init): 196 patch tokens + CLS + 4 registers; keep-everything ATS and r=0
+    merging give the unpatched outputs; ATS and merging never drop or merge the 5 prefix tokens."""
+    torch.manual_seed(0)
+    model = timm.create_model("vistok_vit_fmnist_reg4").eval()
+    assert model.num_prefix_tokens == 5 and model.patch_embed.num_patches == 196
+    images = torch.randn(6, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+    patches, depth = model.patch_embed.num_patches, len(model.blocks)
+    with torch.no_grad():
+        expected = model(images)
+        with vistok.patch(model, "ats", k=patches, min_tokens=patches, blocks=range(depth)):
+            assert (model(images) - expected).abs().max() <= 1e-4
+        with vistok.patch(model, "merge", r=0):
+            assert (model(images) - expected).abs().max() <= 1e-4
+        for method, options in (("ats", {"k": 16}), ("merge", {"r": 16})):
+            with vistok.patch(model, method, **options) as handle:
+                model(images)
+                assert handle.layouts
+                for layout in handle.layouts.values():
+                    assert layout.num_prefix == 5 and layout.num_tokens < 201
+                    assert torch.equal(layout.source_index()[:, :5], torch.arange(5).expand(6, -1))
+                    assert bool(layout.valid_mask()[:, :5].all())
+    shipped = timm.create_model("vistok_vit_fmnist")  # the one-conv stem still loads the shipped weights
+    vistok.models.load_checkpoint(shipped, ROOT / "models" / "vistok_vit_fmnist" / "model.safetensors")

@@ -1,6 +1,14 @@
 """Architectures vistok provides, registered in timm's registry on import (``timm.create_model(name)``)."""
 
-from .reference import REFERENCE_ARCH, CheckpointError, load_checkpoint, reference_checkpoint, vistok_vit_fmnist
+from .reference import (
+    REFERENCE_ARCH,
+    REFERENCE_REG4_ARCH,
+    CheckpointError,
+    load_checkpoint,
+    reference_checkpoint,
+    vistok_vit_fmnist,
+    vistok_vit_fmnist_reg4,
+)
 from .stvit import STViT, STViTBlock, SuperTokenAttention, stvit_base, stvit_small
 
 __all__ = [
@@ -10,7 +18,9 @@ __all__ = [
     "stvit_small",
     "stvit_base",
     "vistok_vit_fmnist",
+    "vistok_vit_fmnist_reg4",
     "REFERENCE_ARCH",
+    "REFERENCE_REG4_ARCH",
     "CheckpointError",
     "load_checkpoint",
     "reference_checkpoint",
