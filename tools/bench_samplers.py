@@ -111,17 +111,19 @@ def bench_speculative(args, model, tokenizer) -> dict:
     trim = samplers.VocabTrim.from_generations(model, calibration, args.trim_size, max_new_tokens=64, config=config,
                                                always=tokenizer.all_special_ids, fill=len(tokenizer))
     eval_ids = torch.cat([p[0] for p in prompts])
+    bf16_copy = samplers.self_draft(model, dtype=torch.bfloat16)
+    int8_copy = samplers.self_draft(model, dtype=torch.bfloat16, quantize="int8")
     drafts = {
         f"first {args.layers} layers": (samplers.self_draft(model, num_layers=args.layers), None, 1),
         f"first {args.layers} layers + VocabTrim {args.trim_size}":
             (trim.draft(model, num_layers=args.layers), trim.token_ids, 1),
-        "bf16 copy": (samplers.self_draft(model, dtype=torch.bfloat16), None, 1),
+        "bf16 copy": (bf16_copy, None, 1),
         f"bf16 copy + VocabTrim {args.trim_size}": (trim.draft(model, dtype=torch.bfloat16), trim.token_ids, 1),
-        "bf16 copy, K-SEQ k=2": (samplers.self_draft(model, dtype=torch.bfloat16), None, 2),
-        "int8 weights": (samplers.self_draft(model, dtype=torch.bfloat16, quantize="int8"), None, 1),
+        "bf16 copy, K-SEQ k=2": (bf16_copy, None, 2),
+        "int8 weights": (int8_copy, None, 1),
         f"int8 weights + VocabTrim {args.trim_size}":
             (trim.draft(model, dtype=torch.bfloat16, quantize="int8"), trim.token_ids, 1),
-        "int8 weights, K-SEQ k=2": (samplers.self_draft(model, dtype=torch.bfloat16, quantize="int8"), None, 2),
+        "int8 weights, K-SEQ k=2": (int8_copy, None, 2),
     }
     decoders = {name: samplers.SpeculativeDecoder(model, draft, gamma=args.gamma, num_drafts=k, config=config,
                                                   draft_vocab=vocab)
@@ -144,8 +146,7 @@ def bench_speculative(args, model, tokenizer) -> dict:
             timings[name].append(result.stats["seconds"] / result.stats["new_tokens"])
             acceptance[name].append(result.stats["acceptance_rate"])
             tokens_per_call[name].append(result.stats["tokens_per_target_call"])
-    costs = forward_costs(model, {"bf16": drafts["bf16 copy"][0], "int8": drafts["int8 weights"][0]}, prompts[0],
-                          args.gamma)
+    costs = forward_costs(model, {"bf16": bf16_copy, "int8": int8_copy}, prompts[0], args.gamma)
     base = statistics.mean(timings["plain (vistok.samplers.generate)"])
     rows = []
     for name, values in timings.items():
