@@ -11,6 +11,7 @@ import torch
 import vistok
 from vistok import data as vdata
 from vistok.config import ConfigError, load_config, parse_overrides
+from vistok.experiment import set_fused_attention
 from vistok.models import CheckpointError, load_checkpoint
 from vistok.viz import patch_groups, save_overlay_grid
 
@@ -83,7 +84,7 @@ def test_train_eval_and_resume(tmp_path):
     train, evaluate = load_tool("train"), load_tool("eval")
     run = tmp_path / "run"
     config = str(ROOT / "configs/fmnist_vit.yaml")
-    assert train.main(["--config", config, "train.epochs=1", f"output={run}", *SMALL]) == 0
+    assert train.main(["--config", config, "train.epochs=1", f"output={run}", "train.fused_attn=false", *SMALL]) == 0
     assert train.main(["--config", config, "train.epochs=2", f"output={run}", "--resume", *SMALL]) == 0
     epochs = [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert epochs == [1, 2]
@@ -128,6 +129,23 @@ def test_checkpoint_that_does_not_fit(tmp_path):
     (tmp_path / "junk.safetensors").write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match="cannot read"):
         load_checkpoint(small, tmp_path / "junk.safetensors")
+
+
+def test_unfused_attention_computes_the_same_function():
+    torch.manual_seed(0)
+    model = timm.create_model("vistok_vit_fmnist_reg4", depth=2)
+    x = torch.randn(3, 1, 28, 28)
+    fused = model(x)
+    fused.square().sum().backward()
+    fused_grad = model.blocks[0].attn.qkv.weight.grad.clone()
+    model.zero_grad()
+    assert set_fused_attention(model, False) == 2
+    assert not any(block.attn.fused_attn for block in model.blocks)
+    unfused = model(x)
+    unfused.square().sum().backward()
+    torch.testing.assert_close(unfused, fused, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(model.blocks[0].attn.qkv.weight.grad, fused_grad, rtol=1e-3, atol=1e-5)
+    assert set_fused_attention(torch.nn.Linear(2, 2), False) == 0
 
 
 @pytest.mark.slow

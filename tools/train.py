@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 import vistok
 from vistok.config import ConfigError, load_config, parse_overrides
-from vistok.experiment import DATA_DEFAULTS, MODEL_DEFAULTS, build_data, build_model
+from vistok.experiment import DATA_DEFAULTS, MODEL_DEFAULTS, build_data, build_model, set_fused_attention
 from vistok.measure.accuracy import topk_correct
 
 DEFAULTS = {
@@ -32,7 +32,7 @@ DEFAULTS = {
     "data": DATA_DEFAULTS,
     "train": {"epochs": 10, "batch_size": 128, "lr": 1.0e-3, "min_lr": 1.0e-5, "weight_decay": 0.05,
               "warmup_epochs": 1.0, "label_smoothing": 0.1, "grad_accum": 1, "clip_grad": 1.0,
-              "mixed_precision": "no", "seed": 0, "threads": 0, "eval_batch_size": 500},
+              "mixed_precision": "no", "fused_attn": True, "seed": 0, "threads": 0, "eval_batch_size": 500},
     "output": "runs/train",
 }
 
@@ -73,6 +73,9 @@ def train(config: dict, resume: bool = False) -> int:
     output = Path(config["output"])
     train_set, val_set, train_transform, val_transform = build_data(config["data"], settings["seed"])
     model = build_model(config)
+    if not settings["fused_attn"] and not set_fused_attention(model, False):
+        raise ConfigError(f"train.fused_attn=false: {config['model']} has no attention module with timm's "
+                          "fused_attn switch")
 
     loader_args = dict(num_workers=config["data"]["workers"])
     train_loader = torch.utils.data.DataLoader(train_set, batch_size=settings["batch_size"], shuffle=True,

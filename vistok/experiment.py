@@ -12,7 +12,7 @@ from torch.utils.data import Dataset
 from .config import ConfigError
 from .data import GreyBatchTransform, fashion_mnist_dataset, image_folder_dataset
 
-__all__ = ["MODEL_DEFAULTS", "DATA_DEFAULTS", "build_model", "build_data"]
+__all__ = ["MODEL_DEFAULTS", "DATA_DEFAULTS", "build_model", "build_data", "set_fused_attention"]
 
 MODEL_DEFAULTS: dict[str, Any] = {
     "model": "vistok_vit_fmnist",
@@ -50,6 +50,22 @@ def build_model(config: dict[str, Any], patch: bool = True) -> nn.Module:
     if patch and config["method"]:
         patch_model(model, config["method"], **config["method_options"])
     return model
+
+
+def set_fused_attention(model: nn.Module, enabled: bool) -> int:
+    """Switch timm's fused attention (``F.scaled_dot_product_attention``) on or off in every attention module
+    of ``model`` that has the ``fused_attn`` switch; returns how many it switched.
+
+    Off, timm computes ``softmax(q @ k.T * scale) @ v`` with plain matmuls: the same function. On a CPU under
+    bfloat16 autocast that trains the reference ViT 1.7x faster, because the CPU flash-attention backward for
+    32-wide heads costs five times its forward.
+    """
+    switched = 0
+    for module in model.modules():
+        if isinstance(getattr(module, "fused_attn", None), bool):
+            module.fused_attn = enabled
+            switched += 1
+    return switched
 
 
 def build_data(data: dict[str, Any], seed: int = 0) -> tuple[Dataset, Dataset, Any, Any]:
