@@ -112,6 +112,8 @@ def test_tools_reject_bad_input(tmp_path, capsys):
     assert "unknown method 'atz'" in capsys.readouterr().err
     assert train.main(["train.epoch=3"]) == 2
     assert "Did you mean 'train.epochs'" in capsys.readouterr().err
+    assert train.main(["model=resnet18", "train.fused_attn=false", "data.limit=10", f"output={tmp_path}"]) == 2
+    assert "resnet18 has no attention module with timm's fused_attn switch" in capsys.readouterr().err
     evaluate = load_tool("eval")
     assert evaluate.main([f"checkpoint={tmp_path / 'none.safetensors'}"]) == 2
     assert "does not exist" in capsys.readouterr().err
