@@ -127,13 +127,17 @@ def test_top_h_reference_rule_matches_hugging_face(alpha, dtype):
 
 def brute_top_h(probs, alpha, rule, slack=0.0):
     """Top-H by its definition, one row at a time in float64: the longest prefix of the sorted distribution
-    whose (renormalised or unnormalised) entropy stays within ``alpha * H(p) + slack``; at least one token."""
+    whose (renormalised or unnormalised) entropy stays within ``alpha * H(p) + slack``; at least one token.
+    A token whose probability underflows to 0 adds entropy in exact arithmetic, not in float64: it ends the set
+    below ``alpha = 1``, and joins it at ``alpha = 1``, where the whole distribution meets the budget."""
     p = probs.double()
     entropy = float(-torch.special.xlogy(p, p).sum())
     order = p.argsort(descending=True)
     count = 1
-    for n in range(2, len(p) + 1):  # tokens of probability 0 (underflow) change nothing: they join the set
+    for n in range(2, len(p) + 1):
         s = p[order[:n]]
+        if alpha < 1 and s[-1] == 0:
+            break
         partial = float(-torch.special.xlogy(s, s).sum())
         value = partial / float(s.sum()) + math.log(float(s.sum())) if rule == "paper" else partial
         if value > alpha * entropy + slack:
@@ -156,6 +160,29 @@ def test_top_h_matches_its_definition(rule, alpha):
             loose = brute_top_h(probs, alpha, rule, 1e-12) & finite
             assert bool((strict <= got[row]).all() and (got[row] <= loose).all()), (rule, alpha, seed, row)
             assert torch.equal(got[row], strict) or torch.equal(got[row], loose)
+
+
+@pytest.mark.parametrize("rule", ["paper", "reference"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_top_h_alpha_one_keeps_every_token(rule, dtype):
+    """At alpha = 1 the whole distribution meets the budget exactly: no token is lost to rounding or underflow."""
+    for seed in range(10):
+        logits = torch.cat([logit_cases(seed, batch=4, vocab=300), torch.randn(8, 300, dtype=torch.float64) * 3])
+        logits = logits.to(dtype)
+        assert torch.equal(kept(top_h_filter(logits, 1.0, rule=rule)), torch.isfinite(logits)), seed
+
+
+@pytest.mark.parametrize("rule", ["paper", "reference"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("gap", [10.0, 100.0, 200.0, 500.0, 800.0])
+def test_top_h_extremely_peaked_rows(rule, dtype, gap):
+    """One dominant token over a tail whose probabilities underflow in float32 (gap > 104) or float64 (> 745):
+    the tail is not kept whole, and the set is the definition's (evaluated in float64)."""
+    logits = torch.zeros(1, 50, dtype=torch.float64)
+    logits[0, 1:] = -gap - 0.01 * torch.arange(49, dtype=torch.float64)
+    got = kept(top_h_filter(logits.to(dtype), 0.5, rule=rule))[0]
+    assert int(got.sum()) < 50
+    assert torch.equal(got, brute_top_h(logits[0].softmax(0), 0.5, rule))  # no absolute slack: H(p) < 1e-12
 
 
 def test_paper_rule_entropy_grows_with_the_set():

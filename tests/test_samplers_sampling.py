@@ -198,6 +198,36 @@ def test_processors_inside_hugging_face_generate():
         assert out.shape == (2, 8)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_temperature_scales_half_logits_in_float32(dtype):
+    """A valid temperature on valid half-precision logits never overflows to inf (the scaled logits need not be
+    half numbers): the result is float32, exactly the float32 division."""
+    logits = torch.tensor([[6e4, 5.9e4, 0.0], [1.0, 2.0, 3.0]], dtype=dtype)
+    seeds = torch.tensor([1, 2])
+    for temperature in (0.7, 1e-4, torch.tensor([0.7, 1e-4])):
+        scaled = temperature_scale(logits, temperature)
+        reference = temperature_scale(logits.float(), temperature)
+        assert scaled.dtype == torch.float32 and bool(torch.isfinite(scaled).all())
+        assert torch.equal(scaled, reference)
+        assert torch.equal(sample(scaled, seeds=seeds), sample(reference, seeds=seeds))
+    config = SamplingConfig(temperature=1e-4, top_k=2)
+    assert torch.equal(config.sample(logits, seeds=seeds), config.sample(logits.float(), seeds=seeds))
+
+
+@pytest.mark.parametrize("seeds", [torch.tensor([1, 2]), torch.tensor([1, 2, 3, 4]), torch.tensor([[1, 2, 3]]),
+                                   torch.tensor([1.0, 2.0, 3.0]), torch.tensor([True, False, True]), [1, 2, 3]])
+def test_bad_seeds_are_config_errors(seeds):
+    """Seeds of the wrong length, shape or dtype are refused with a VistokError, never truncated or broadcast."""
+    logits = torch.randn(3, 10)
+    calls = [lambda: sample(logits, seeds=seeds), lambda: rng.uniform(3, 4, seeds=seeds),
+             lambda: SamplingConfig(top_k=3).sample(logits, seeds=seeds)]
+    for call in calls:
+        with pytest.raises(InvalidConfigError, match="seed"):
+            call()
+    with pytest.raises(InvalidConfigError, match="integer tensor"):
+        rng.uniform_at(torch.tensor([0]), torch.tensor([0]), seeds=torch.tensor([0.5]))
+
+
 def test_seeded_sampling_validates():
     with pytest.raises(InvalidConfigError):
         SeededSampling(torch.tensor([0.5]))

@@ -6,6 +6,7 @@ timing interleaved), CPU, fp32, random init, batch 32:
     python tools/benchmark.py merge         # ViT-S r=16, ViT-B r=13, and r=0 (the patched path's overhead)
     python tools/benchmark.py super_token   # ViT-S/B: super-token attention (2x2) in blocks 0..2
     python tools/benchmark.py stvit         # STViT-S/B parameters and GMACs next to the paper's
+    python tools/benchmark.py memory        # ViT-S peak forward memory, ATS / merging vs unpatched, batch 8 and 64
     python tools/benchmark.py all --json out/figures.json
     python tools/benchmark.py ats --device cuda --dtype bfloat16 --batch-size 256   # the same on a GPU
 """
@@ -42,6 +43,8 @@ FIGURES = {
     ],
 }
 PAPER_STVIT = {"stvit_small": (25e6, 4.4), "stvit_base": (52e6, 9.9)}
+MEMORY_VARIANTS = [Variant("ats k=108", "ats", {"k": 108, "blocks": list(range(3, 12))}),
+                   Variant("merge r=16", "merge", {"r": 16})]
 
 
 def _summary(figure: str, report: BenchReport) -> list[str]:
@@ -70,9 +73,28 @@ def _stvit() -> dict:
     return rows
 
 
+def _memory(model_name: str = "vit_small_patch16_224", batch_sizes: tuple[int, ...] = (8, 64)) -> list[dict]:
+    """Peak bytes of the tensors a forward pass creates (``vistok.measure.peak_memory``), patched vs unpatched."""
+    torch.manual_seed(0)
+    model = timm.create_model(model_name).eval()
+    rows = []
+    for batch_size in batch_sizes:
+        images = torch.randn(batch_size, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+        unpatched = vistok.measure.peak_memory(model, images)
+        print(f"{model_name}, batch {batch_size}: unpatched peak {unpatched / 2**20:.1f} MiB")
+        for variant in MEMORY_VARIANTS:
+            with vistok.patch(model, variant.method, **variant.options):
+                patched = vistok.measure.peak_memory(model, images)
+            print(f"-> {variant.label}: peak {patched / 2**20:.1f} MiB, {patched / unpatched:.3f}x unpatched "
+                  "(target <= 1)")
+            rows.append({"model": model_name, "batch_size": batch_size, "variant": variant.label,
+                         "peak_bytes": patched, "unpatched_peak_bytes": unpatched, "ratio": patched / unpatched})
+    return rows
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("figure", choices=[*FIGURES, "stvit", "all"])
+    parser.add_argument("figure", choices=[*FIGURES, "stvit", "memory", "all"])
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--runs", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
@@ -83,12 +105,15 @@ def main() -> int:
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
 
-    figures = [*FIGURES, "stvit"] if args.figure == "all" else [args.figure]
+    figures = [*FIGURES, "stvit", "memory"] if args.figure == "all" else [args.figure]
     record: dict = {"torch": torch.__version__, "threads": torch.get_num_threads(), "device": args.device,
                     "dtype": args.dtype}
     for figure in figures:
         if figure == "stvit":
             record["stvit"] = _stvit()
+            continue
+        if figure == "memory":
+            record["memory"] = _memory()
             continue
         for model_name, variants in FIGURES[figure]:
             report = run_benchmark(model_name, variants, batch_size=args.batch_size, runs=args.runs,

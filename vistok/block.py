@@ -25,7 +25,7 @@ def run_block(
     Padding never serves as a key; merged tokens count as their size (proportional attention). If
     ``reducer`` keeps a subset of tokens, attention outputs, residuals and the MLP are computed for that
     subset only (every valid token still serves as a key); if it merges tokens after attention, the MLP
-    runs on the merged tokens.
+    runs on the merged tokens. An empty batch (``B = 0``) runs the block as it is: there is nothing to reduce.
 
     Args:
         rope: the model's rotary embedding for its original patch grid (``[N0, D]`` or ``[H, N0, D]``);
@@ -34,29 +34,46 @@ def run_block(
     Returns:
         The block output ``[B, M, C]`` and its layout (``M <= N``).
     """
+    if x.shape[0] == 0:
+        reducer = None
+    x, layout, keys = _attention_residual(ops, x, layout, reducer, rope)
+    if keys is not None:
+        merged = reducer.merge(x, keys, layout)
+        del keys  # the MLP is the block's memory peak: nothing of the attention may live through it
+        if merged is not None:
+            x, layout = merged
+    return x + ops.mlp_residual(x), layout
+
+
+def _attention_residual(
+    ops: BlockOps,
+    x: Tensor,
+    layout: TokenLayout,
+    reducer: TokenReducer | None,
+    rope: Tensor | None,
+) -> tuple[Tensor, TokenLayout, Tensor | None]:
+    """``x + attention(norm1(x))`` for the tokens the reducer keeps, their layout, and their keys
+    ``[B, H, M, d]`` if the reducer merges after attention (else ``None``). Queries, values and the
+    normalised tokens die with this frame, before the MLP runs."""
+    merges = reducer is not None and reducer.merges
     h = ops.norm1(x)
     o = None if reducer is None else reducer.attend(ops, h, layout)
-    out_keys = None  # a replaced attention exposes no keys; methods never merge after one
+    keys = None  # a replaced attention exposes no keys; methods never merge after one
     if o is None:
         q, k, v = ops.qkv(h, _rope_for(rope, layout))
         key_bias = layout.key_bias(q.dtype)
-        out_keys = k
+        keys = k if merges else None
         if reducer is not None:
             keep = reducer.select(AttentionView(q, k, v, layout, key_bias))
             kept = None if keep is None else _kept_positions(keep, layout, reducer)
             if kept is not None:
                 index, valid = kept
                 q, x, h = gather_head_tokens(q, index), gather_tokens(x, index), gather_tokens(h, index)
-                out_keys = gather_head_tokens(k, index)
+                keys = gather_head_tokens(k, index) if merges else None
                 layout = layout.select(index, valid)
         o = attend(q, k, v, key_bias, ops.dropout_p)
     x = x + ops.attn_residual(ops.attn_out(o, h))
-    if out_keys is not None and reducer is not None:
-        merged = reducer.merge(x, out_keys, layout)
-        if merged is not None:
-            x, layout = merged
-    x = x + ops.mlp_residual(x)
-    return x, layout
+    return x, layout, keys
 
 
 def _kept_positions(keep: Tensor, layout: TokenLayout, reducer: TokenReducer) -> tuple[Tensor, Tensor | None] | None:

@@ -10,8 +10,11 @@ patch embedding turns a wrong input shape into a clear error. Parameters and buf
 
 from __future__ import annotations
 
+import threading
 import weakref
 from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from torch import Tensor, nn
@@ -29,18 +32,44 @@ __all__ = ["PatchHandle", "patch", "unpatch", "get_handle"]
 _HANDLE_ATTR = "_vistok_handle"
 
 
+@dataclass
+class _CallState:
+    """What one forward pass carries from block to block."""
+
+    layout: TokenLayout | None = None
+    layouts: dict[int, TokenLayout] = field(default_factory=dict)
+    input_tokens: int = 0
+    last_output: weakref.ref | None = None
+
+
 class _LayoutTracker:
-    """Carries the token layout from one patched block to the next during a forward pass."""
+    """Carries the token layout from one patched block to the next during a forward pass.
+
+    The layout belongs to the call, not to the model: each thread keeps its own (a forward pass runs in one
+    thread), so concurrent calls of one model never see each other's tokens, and a copied or unpickled model
+    starts with none.
+    """
 
     def __init__(self, backbone: Backbone, first_block: int, trace: bool) -> None:
         self._backbone = backbone
         self.info = backbone.info
         self.first_block = first_block
         self.trace = trace
-        self.layout: TokenLayout | None = None
-        self.layouts: dict[int, TokenLayout] = {}
-        self.input_tokens = 0
-        self._last_output: weakref.ref | None = None
+        self._calls = threading.local()
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(vars(self))
+        del state["_calls"]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        vars(self).update(state)
+        self._calls = threading.local()
+
+    def last_call(self) -> _CallState:
+        """The state of this thread's current or last forward pass (empty before the first)."""
+        call = getattr(self._calls, "state", None)
+        return _CallState() if call is None else call
 
     def enter(self, block: int, x: Tensor) -> TokenLayout:
         if block == self.first_block:
@@ -49,36 +78,51 @@ class _LayoutTracker:
                     "gradient checkpointing re-runs blocks out of order, which vistok cannot follow; while the "
                     "model is patched, call model.set_grad_checkpointing(False) (timm, open_clip) or "
                     "model.gradient_checkpointing_disable() (Hugging Face)")
-            self.layouts = {}
-            self.input_tokens = x.shape[1]
-            self.layout = TokenLayout.original(x, self.info.num_prefix, self.info.has_class_token, self.trace)
-        elif self.layout is None or self._last_output is None or self._last_output() is not x:
+            layout = TokenLayout.original(x, self.info.num_prefix, self.info.has_class_token, self.trace)
+            self._calls.state = _CallState(layout=layout, input_tokens=x.shape[1])
+            return layout
+        call = self.last_call()
+        if call.layout is None or call.last_output is None or call.last_output() is not x:
             raise PatchStateError(
                 f"block {block} received tokens that are not the ones block {block - 1} returned (shape "
                 f"{tuple(x.shape)}). vistok carries which tokens were kept from block to block; run the blocks "
                 "in order, and do not replace their outputs (e.g. with forward hooks) while patched.")
-        return self.layout
+        return call.layout
 
     def leave(self, block: int, x: Tensor, layout: TokenLayout) -> None:
-        self.layout = layout
-        self.layouts[block] = layout
-        self._last_output = weakref.ref(x)
+        call = self.last_call()
+        call.layout = layout
+        call.layouts[block] = layout
+        call.last_output = weakref.ref(x)
 
     def current(self) -> TokenLayout | None:
-        return self.layout
+        """The layout of the tokens the blocks last produced in this thread."""
+        return self.last_call().layout
+
+    def clear(self) -> None:
+        """Forget every thread's state."""
+        self._calls = threading.local()
 
 
-def _make_block_forward(block_index: int, backbone: Backbone, reducer: TokenReducer | None,
-                        tracker: _LayoutTracker) -> Callable[..., Tensor]:
-    ops = backbone.block_ops(block_index)
+class _PatchedBlockForward:
+    """A patched block's ``forward``: the family's call signature in, :func:`run_block` over the block's own
+    modules out. A plain object rather than a closure, so that ``copy.deepcopy`` and ``pickle`` copy it along
+    with the block, the tracker and the handle it belongs to (a closure would be shared with the original)."""
 
-    def run(x: Tensor, rope: Tensor | None) -> Tensor:
-        layout = tracker.enter(block_index, x)
-        x, layout = run_block(ops, x, layout, reducer, rope)
-        tracker.leave(block_index, x, layout)
+    def __init__(self, index: int, backbone: Backbone, reducer: TokenReducer | None,
+                 tracker: _LayoutTracker) -> None:
+        self.index = index
+        self.backbone = backbone
+        self.ops = backbone.block_ops(index)
+        self.reducer = reducer
+        self.tracker = tracker
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Tensor:
+        x, rope = self.backbone.block_inputs(*args, **kwargs)
+        layout = self.tracker.enter(self.index, x)
+        x, layout = run_block(self.ops, x, layout, self.reducer, rope)
+        self.tracker.leave(self.index, x, layout)
         return x
-
-    return backbone.block_forward(run)
 
 
 class PatchHandle:
@@ -104,8 +148,8 @@ class PatchHandle:
         blocks = backbone.blocks()
         try:
             for index in range(first, len(blocks)):
-                blocks[index].forward = _make_block_forward(index, backbone, reducers.get(index), self._tracker)
-                self._undo.append(_deleter(blocks[index], "forward"))
+                blocks[index].forward = _PatchedBlockForward(index, backbone, reducers.get(index), self._tracker)
+                self._undo.append(partial(delattr, blocks[index], "forward"))
             self._undo.append(backbone.install_pooling(self._tracker.current))
             self._undo.append(backbone.install_input_check())
         except BaseException:
@@ -120,17 +164,17 @@ class PatchHandle:
 
     @property
     def layouts(self) -> dict[int, TokenLayout]:
-        """The token layout after each patched block, from the last forward pass."""
-        return dict(self._tracker.layouts)
+        """The token layout after each patched block, from this thread's last forward pass."""
+        return dict(self._tracker.last_call().layouts)
 
     def tokens_per_block(self) -> list[float]:
-        """Mean number of tokens (prefix included, padding excluded) each block output in the last forward
-        pass, one entry per block of the model. Blocks before the first patched one keep their input."""
-        tracker = self._tracker
-        if not tracker.layouts:
-            raise PatchStateError("no forward pass has run through the patched model yet")
-        counts = [float(tracker.input_tokens)] * tracker.first_block
-        counts += [float(tracker.layouts[i].num_valid().float().mean()) for i in sorted(tracker.layouts)]
+        """Mean number of tokens (prefix included, padding excluded) each block output in this thread's last
+        forward pass, one entry per block of the model. Blocks before the first patched one keep their input."""
+        call = self._tracker.last_call()
+        if not call.layouts:
+            raise PatchStateError("no forward pass has run through the patched model yet (in this thread)")
+        counts = [float(call.input_tokens)] * self._tracker.first_block
+        counts += [float(call.layouts[i].num_valid().float().mean()) for i in sorted(call.layouts)]
         return counts
 
     def remove(self) -> None:
@@ -143,7 +187,7 @@ class PatchHandle:
     def _restore(self) -> None:
         while self._undo:
             self._undo.pop()()
-        self._tracker.layout = None
+        self._tracker.clear()
 
     def __enter__(self) -> PatchHandle:
         return self
@@ -155,13 +199,6 @@ class PatchHandle:
         state = "active" if self.active else "removed"
         return (f"PatchHandle({self.config!r} on {self.info.model_class}, blocks "
                 f"{sorted(self.reducers)}, {state})")
-
-
-def _deleter(obj: object, name: str) -> Callable[[], None]:
-    def undo() -> None:
-        delattr(obj, name)
-
-    return undo
 
 
 def patch(model: nn.Module, method: MethodSpec | list[MethodSpec], **options: Any) -> PatchHandle:

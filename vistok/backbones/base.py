@@ -5,12 +5,13 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from torch import Tensor, nn
 
 from ..errors import UnsupportedModelError
 
-__all__ = ["BackboneInfo", "BlockOps", "Backbone", "BlockRunner", "require_known_parts", "NO_MASKS"]
+__all__ = ["BackboneInfo", "BlockOps", "Backbone", "require_known_parts", "nothing_to_undo", "NO_MASKS"]
 
 NO_MASKS = ("a vistok-patched block takes no attention mask or causal flag (vistok masks padding itself); "
             "remove the patch to run the model with attention masks")
@@ -72,9 +73,6 @@ class BlockOps(ABC):
         """Attention dropout probability in the module's current mode."""
 
 
-BlockRunner = Callable[[Tensor, "Tensor | None"], Tensor]
-
-
 class Backbone(ABC):
     """A supported model, ready to be patched. Construction checks everything and changes nothing.
 
@@ -93,10 +91,10 @@ class Backbone(ABC):
         return None
 
     @abstractmethod
-    def block_forward(self, run: BlockRunner) -> Callable[..., Tensor]:
-        """A replacement ``forward`` for a block, with the family's call signature, that calls
-        ``run(tokens, rope)``; arguments vistok cannot honour (attention masks, ...) raise
-        ``PatchStateError``."""
+    def block_inputs(self, *args: Any, **kwargs: Any) -> tuple[Tensor, Tensor | None]:
+        """The arguments of one call of a block's ``forward`` (the family's signature) -> the tokens
+        ``[B, N, C]`` and the rotary embedding (or ``None``). Arguments vistok cannot honour (attention masks,
+        ...) raise ``PatchStateError``."""
 
     @property
     @abstractmethod
@@ -114,11 +112,15 @@ class Backbone(ABC):
     @abstractmethod
     def install_pooling(self, current_layout: Callable) -> Callable[[], None]:
         """Make the model's pooling respect padding and token sizes; returns the undo function.
-        ``current_layout()`` gives the layout of the tokens the blocks produced last."""
+        ``current_layout()`` gives the layout of the tokens the blocks produced last.
+
+        What it installs and returns must survive ``copy.deepcopy`` and ``pickle`` with the model: bound
+        methods and ``functools.partial`` of them, never closures."""
 
     @abstractmethod
     def install_input_check(self) -> Callable[[], None]:
-        """Check input shapes with a clear error; returns the undo function."""
+        """Check input shapes with a clear error; returns the undo function (a bound method or partial, as
+        for :meth:`install_pooling`)."""
 
 
 def require_known_parts(module: nn.Module, known: set[str], what: str) -> None:
@@ -136,3 +138,7 @@ def require_known_parts(module: nn.Module, known: set[str], what: str) -> None:
         raise UnsupportedModelError(
             f"{what} ({type(module).__module__}.{type(module).__name__}) has parts vistok does not know: "
             f"{unknown}. Refusing to patch rather than compute something different from the model.")
+
+
+def nothing_to_undo() -> None:
+    """The undo function of an installation that changed nothing."""

@@ -7,9 +7,11 @@ padding and weighs merged tokens by size.
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 from transformers.models.clip.modeling_clip import CLIPMLP, CLIPAttention, CLIPEncoderLayer, CLIPModel, CLIPVisionModel
 from transformers.models.siglip.modeling_siglip import (
     SiglipAttention,
@@ -22,7 +24,7 @@ from transformers.models.siglip.modeling_siglip import (
 
 from ..errors import InputShapeError, PatchStateError, UnsupportedModelError
 from ..tokens import TokenLayout
-from .base import NO_MASKS, Backbone, BackboneInfo, BlockOps, BlockRunner, require_known_parts
+from .base import NO_MASKS, Backbone, BackboneInfo, BlockOps, nothing_to_undo, require_known_parts
 
 __all__ = ["HFVisionTower"]
 
@@ -101,13 +103,11 @@ class HFVisionTower(Backbone):
     def block_ops(self, index: int) -> BlockOps:
         return _EncoderLayerOps(self.model.encoder.layers[index])
 
-    def block_forward(self, run: BlockRunner) -> Callable[..., Tensor]:
-        def forward(hidden_states: Tensor, attention_mask: Tensor | None = None, *args: Any, **kwargs: Any) -> Tensor:
-            if attention_mask is not None or args:
-                raise PatchStateError(NO_MASKS)
-            return run(hidden_states, None)
-
-        return forward
+    def block_inputs(self, hidden_states: Tensor, attention_mask: Tensor | None = None, *args: Any,
+                     **kwargs: Any) -> tuple[Tensor, Tensor | None]:
+        if attention_mask is not None or args:
+            raise PatchStateError(NO_MASKS)
+        return hidden_states, None
 
     @property
     def grad_checkpointing(self) -> bool:
@@ -118,40 +118,35 @@ class HFVisionTower(Backbone):
 
     def install_pooling(self, current_layout: Callable[[], TokenLayout | None]) -> Callable[[], None]:
         # CLIP pools its class token, which never moves; SigLIP's attention-pooling head needs a key bias.
-        head = getattr(self.model, "head", None) if getattr(self.model, "use_head", False) else None
+        head = self._pooling_head()
         if head is None:
-            return lambda: None
+            return nothing_to_undo
+        head.forward = partial(self._pool, current_layout)
+        return partial(delattr, head, "forward")
 
-        def forward(hidden_state: Tensor) -> Tensor:
-            layout = current_layout()
-            bias = None if layout is None else layout.key_bias(hidden_state.dtype)
-            if bias is not None and tuple(hidden_state.shape[:2]) != (layout.batch_size, layout.num_tokens):
-                raise PatchStateError(f"the pooling head got tokens of shape {tuple(hidden_state.shape)}, not "
-                                      "those of the last forward pass")
-            batch = hidden_state.shape[0]
-            probe = head.probe.repeat(batch, 1, 1)
-            if bias is not None:  # nn.MultiheadAttention takes a float mask of shape [B * heads, 1, N]
-                bias = bias.expand(-1, head.attention.num_heads, -1, -1).flatten(0, 1)
-            pooled = head.attention(probe, hidden_state, hidden_state, attn_mask=bias, need_weights=False)[0]
-            pooled = pooled + head.mlp(head.layernorm(pooled))
-            return pooled[:, 0]
+    def _pooling_head(self) -> nn.Module | None:
+        return getattr(self.model, "head", None) if getattr(self.model, "use_head", False) else None
 
-        head.forward = forward
-
-        def undo() -> None:
-            del head.forward
-
-        return undo
+    def _pool(self, current_layout: Callable[[], TokenLayout | None], hidden_state: Tensor) -> Tensor:
+        """SigLIP's attention-pooling head over ``[B, N, C]`` tokens, skipping padding, weighing by size."""
+        head = self._pooling_head()
+        layout = current_layout()
+        bias = None if layout is None else layout.key_bias(hidden_state.dtype)
+        if bias is not None and tuple(hidden_state.shape[:2]) != (layout.batch_size, layout.num_tokens):
+            raise PatchStateError(f"the pooling head got tokens of shape {tuple(hidden_state.shape)}, not "
+                                  "those of the last forward pass")
+        batch = hidden_state.shape[0]
+        probe = head.probe.repeat(batch, 1, 1)
+        if bias is not None:  # nn.MultiheadAttention takes a float mask of shape [B * heads, 1, N]
+            bias = bias.expand(-1, head.attention.num_heads, -1, -1).flatten(0, 1)
+        pooled = head.attention(probe, hidden_state, hidden_state, attn_mask=bias, need_weights=False)[0]
+        pooled = pooled + head.mlp(head.layernorm(pooled))
+        return pooled[:, 0]
 
     def install_input_check(self) -> Callable[[], None]:
         hooks = [self.model.embeddings.register_forward_pre_hook(self._check_input, with_kwargs=True),
                  self.model.register_forward_pre_hook(self._refuse_attention_outputs, with_kwargs=True)]
-
-        def undo() -> None:
-            for hook in hooks:
-                hook.remove()
-
-        return undo
+        return partial(_remove_hooks, hooks)
 
     def _check_input(self, embeddings: nn.Module, args: tuple, kwargs: dict) -> None:
         x = args[0] if args else kwargs.get("pixel_values")
@@ -169,3 +164,8 @@ class HFVisionTower(Backbone):
         if kwargs.get("output_attentions", model.config.output_attentions):
             raise PatchStateError("output_attentions is not available while patched: vistok never forms the "
                                   "attention matrices")
+
+
+def _remove_hooks(hooks: list[RemovableHandle]) -> None:
+    for hook in hooks:
+        hook.remove()

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from ..errors import InputShapeError, PatchStateError, UnsupportedModelError
 from ..tokens import TokenLayout
-from .base import NO_MASKS, Backbone, BackboneInfo, BlockOps, BlockRunner, require_known_parts
+from .base import NO_MASKS, Backbone, BackboneInfo, BlockOps, require_known_parts
 
 __all__ = ["OpenClipViT"]
 
@@ -126,33 +126,24 @@ class OpenClipViT(Backbone):
     def block_ops(self, index: int) -> BlockOps:
         return _ResidualBlockOps(self.model.transformer.resblocks[index])
 
-    def block_forward(self, run: BlockRunner) -> Callable[..., Tensor]:
-        def forward(q_x: Tensor, k_x: Tensor | None = None, v_x: Tensor | None = None,
-                    attn_mask: Tensor | None = None) -> Tensor:
-            if k_x is not None or v_x is not None or attn_mask is not None:
-                raise PatchStateError(NO_MASKS)
-            return run(q_x, None)
-
-        return forward
+    def block_inputs(self, q_x: Tensor, k_x: Tensor | None = None, v_x: Tensor | None = None,
+                     attn_mask: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        if k_x is not None or v_x is not None or attn_mask is not None:
+            raise PatchStateError(NO_MASKS)
+        return q_x, None
 
     @property
     def grad_checkpointing(self) -> bool:
         return bool(self.model.transformer.grad_checkpointing)
 
     def install_pooling(self, current_layout: Callable[[], TokenLayout | None]) -> Callable[[], None]:
-        model = self.model
-        model._global_pool = partial(self._global_pool, model._global_pool, current_layout)
+        self.model._global_pool = partial(self._global_pool, current_layout)
+        return partial(delattr, self.model, "_global_pool")
 
-        def undo() -> None:
-            del model._global_pool
-
-        return undo
-
-    def _global_pool(self, original: Callable, current_layout: Callable[[], TokenLayout | None],
-                     x: Tensor) -> tuple[Tensor, Tensor]:
+    def _global_pool(self, current_layout: Callable[[], TokenLayout | None], x: Tensor) -> tuple[Tensor, Tensor]:
         layout = current_layout()
         if layout is None or layout.is_original or self.model.pool_type != "avg":
-            return original(x)
+            return type(self.model)._global_pool(self.model, x)
         if tuple(x.shape[:2]) != (layout.batch_size, layout.num_tokens):
             raise PatchStateError(f"pooling got tokens of shape {tuple(x.shape)}, not those of the last forward")
         tokens = x[:, 1:]

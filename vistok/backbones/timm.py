@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from ..errors import InputShapeError, PatchStateError, UnsupportedModelError
 from ..tokens import TokenLayout
 from .base import NO_MASKS as _NO_MASKS
-from .base import Backbone, BackboneInfo, BlockOps, BlockRunner, require_known_parts
+from .base import Backbone, BackboneInfo, BlockOps, require_known_parts
 
 try:  # timm >= 1.0.20
     from timm.layers import AttentionRope
@@ -162,14 +162,11 @@ class _TimmBackbone(Backbone):
     def blocks(self) -> list[nn.Module]:
         return list(self.model.blocks)
 
-    def block_forward(self, run: BlockRunner) -> Callable[..., Tensor]:
-        def forward(x: Tensor, *args: object, rope: Tensor | None = None, attn_mask: Tensor | None = None,
-                    is_causal: bool = False) -> Tensor:
-            if args or attn_mask is not None or is_causal:
-                raise PatchStateError(_NO_MASKS)
-            return run(x, rope)
-
-        return forward
+    def block_inputs(self, x: Tensor, *args: object, rope: Tensor | None = None, attn_mask: Tensor | None = None,
+                     is_causal: bool = False) -> tuple[Tensor, Tensor | None]:
+        if args or attn_mask is not None or is_causal:
+            raise PatchStateError(_NO_MASKS)
+        return x, rope
 
     @property
     def grad_checkpointing(self) -> bool:
@@ -235,20 +232,15 @@ class _TimmBackbone(Backbone):
 
     # -- installation ------------------------------------------------------------------------------
     def install_pooling(self, current_layout: Callable[[], TokenLayout | None]) -> Callable[[], None]:
-        model = self.model
-        original = model.pool
-        model.pool = partial(self._pool, original, current_layout)
+        self.model.pool = partial(self._pool, current_layout)
+        return partial(delattr, self.model, "pool")
 
-        def undo() -> None:
-            del model.pool
-
-        return undo
-
-    def _pool(self, original: Callable, current_layout: Callable[[], TokenLayout | None], x: Tensor,
+    def _pool(self, current_layout: Callable[[], TokenLayout | None], x: Tensor,
               pool_type: str | None = None) -> Tensor:
         layout = current_layout()
         if layout is None or layout.is_original:
-            return original(x, pool_type) if pool_type is not None else original(x)
+            original = type(self.model).pool
+            return original(self.model, x, pool_type) if pool_type is not None else original(self.model, x)
         if tuple(x.shape[:2]) != (layout.batch_size, layout.num_tokens):
             raise PatchStateError(
                 f"pool() got tokens of shape {tuple(x.shape)}, but the patched blocks last produced "

@@ -39,6 +39,11 @@ class TokenReducer:
     #: whether the method needs ``TokenLayout.members`` (which original tokens each position stands for)
     traces_members: bool = False
 
+    @property
+    def merges(self) -> bool:
+        """Whether :meth:`merge` may merge, so the block must keep the keys until after attention."""
+        return type(self).merge is not TokenReducer.merge
+
     def select(self, view: AttentionView) -> Tensor | None:
         """``[B, N]`` bool keep mask over the block's input tokens (prefix positions must be True,
         padding False), or ``None`` to keep everything. Only kept tokens are computed from here on."""

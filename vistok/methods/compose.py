@@ -39,6 +39,10 @@ class ComposedReducer(TokenReducer):
         parts = ", ".join(repr(r) for r in (self.selector, self.attender, self.merger) if r is not None)
         return f"ComposedReducer({parts})"
 
+    @property
+    def merges(self) -> bool:
+        return self.merger is not None
+
     def select(self, view: AttentionView) -> Tensor | None:
         return None if self.selector is None else self.selector.select(view)
 

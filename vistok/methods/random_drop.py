@@ -19,11 +19,18 @@ __all__ = ["RandomDropConfig", "RandomDropper"]
 
 
 class RandomDropper(TokenReducer):
-    """Keep ``min(k, valid patch tokens)`` patch tokens per image, uniformly at random (seeded)."""
+    """Keep ``min(k, valid patch tokens)`` patch tokens per image, uniformly at random.
+
+    Every call draws from a fresh generator seeded with ``seed``: the same batch keeps the same tokens on every
+    call (a reproducible baseline), and concurrent calls share no generator state.
+    """
 
     def __init__(self, k: int | float, seed: int) -> None:
         self.k = k
-        self.generator = torch.Generator().manual_seed(seed)
+        self.seed = seed
+
+    def __repr__(self) -> str:
+        return f"RandomDropper(k={self.k}, seed={self.seed})"
 
     def select(self, view: AttentionView) -> Tensor | None:
         layout = view.layout
@@ -31,7 +38,8 @@ class RandomDropper(TokenReducer):
         valid = layout.valid_mask(view.q.device)[:, prefix:]
         counts = valid.sum(dim=1)
         keep_count = counts.clamp(max=self.k) if isinstance(self.k, int) else (counts * self.k).round().clamp_min(1)
-        noise = torch.rand(valid.shape, generator=self.generator).to(view.q.device).masked_fill(~valid, -1.0)
+        generator = torch.Generator().manual_seed(self.seed)
+        noise = torch.rand(valid.shape, generator=generator).to(view.q.device).masked_fill(~valid, -1.0)
         rank = noise.argsort(dim=1, descending=True).argsort(dim=1)
         keep = rank < keep_count[:, None]
         if bool(keep.all()):
@@ -41,7 +49,8 @@ class RandomDropper(TokenReducer):
 
 @dataclass
 class RandomDropConfig(MethodConfig):
-    """``vistok.patch(model, "random_drop", k=..., blocks=..., seed=0)``: ``k`` and ``blocks`` as for ATS."""
+    """``vistok.patch(model, "random_drop", k=..., blocks=..., seed=0)``: ``k`` and ``blocks`` as for ATS.
+    Block ``b`` draws from a generator seeded with ``seed + b`` afresh on every call."""
 
     k: int | float | Sequence[int | float] = 0.5
     blocks: Sequence[int] | None = None
@@ -50,6 +59,8 @@ class RandomDropConfig(MethodConfig):
     name: ClassVar[str] = "random_drop"
 
     def build(self, info: BackboneInfo) -> dict[int, TokenReducer]:
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**62:
+            raise InvalidConfigError(f"random_drop: seed must be an int in [0, 2**62), got {self.seed!r}")
         blocks = resolve_block_indices(self.blocks, info.num_blocks, default_ats_blocks(info.num_blocks))
         ks = list(self.k) if isinstance(self.k, Sequence) else [self.k] * len(blocks)
         if len(ks) != len(blocks):

@@ -12,7 +12,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["uniform", "uniform_at", "gumbel", "gumbel_at", "derive_seeds"]
+from ..errors import InvalidConfigError
+
+__all__ = ["uniform", "uniform_at", "gumbel", "gumbel_at", "derive_seeds", "check_seeds"]
 
 _GOLDEN = 0x9E3779B97F4A7C15 - (1 << 64)
 _MIX1 = 0xBF58476D1CE4E5B9 - (1 << 64)
@@ -37,6 +39,18 @@ def _to_unit(h: Tensor) -> Tensor:
     """Hashes (int64) to float64 numbers in the open interval (0, 1), 53 random bits each."""
     bits = _shr(h, 11)
     return bits.double().add_(0.5).mul_(2.0**-53)
+
+
+def check_seeds(seeds: Tensor, batch: int | None = None) -> Tensor:
+    """Raise ``InvalidConfigError`` unless ``seeds`` is a 1-D integer tensor (of ``batch`` entries if given): a
+    float seed would be silently truncated, and a seed per row is what makes rows independent of each other."""
+    if not isinstance(seeds, Tensor) or seeds.is_floating_point() or seeds.is_complex() or seeds.dtype == torch.bool:
+        what = f"a {seeds.dtype} tensor" if isinstance(seeds, Tensor) else repr(seeds)
+        raise InvalidConfigError(f"seeds must be an integer tensor with one seed per row, got {what}")
+    if seeds.dim() != 1 or (batch is not None and seeds.shape[0] != batch):
+        expected = f"({batch},)" if batch is not None else "[rows]"
+        raise InvalidConfigError(f"seeds must have shape {expected}, one seed per row; got {tuple(seeds.shape)}")
+    return seeds
 
 
 def derive_seeds(seeds: Tensor, salt: int | Tensor) -> Tensor:
@@ -69,17 +83,14 @@ def uniform(batch: int, n: int, *, seeds: Tensor | None = None, counter: int | T
     if seeds is None:
         u = torch.rand(batch, n, dtype=torch.float64, generator=generator, device=device)
         return u.clamp_(min=2.0**-54)  # (0, 1): rand may return exactly 0
-    if seeds.shape != (batch,):
-        raise ValueError(f"seeds must have shape ({batch},), got {tuple(seeds.shape)}")
-    keys = _row_keys(seeds.long(), counter, stream)
+    keys = _row_keys(check_seeds(seeds, batch).long(), counter, stream)
     index = torch.arange(1, n + 1, dtype=torch.int64, device=seeds.device) * _GOLDEN
     return _to_unit(_mix(keys[:, None] + index[None, :], inplace=True))
 
 
 def uniform_at(rows: Tensor, cols: Tensor, *, seeds: Tensor, counter: int | Tensor = 0, stream: int = 0) -> Tensor:
     """The numbers :func:`uniform` would put at ``[rows[i], cols[i]]`` (``[N]`` each), computed only there."""
-    counter = torch.as_tensor(counter, dtype=torch.int64, device=seeds.device)
-    keys = _row_keys(seeds.long(), counter, stream)
+    keys = _row_keys(check_seeds(seeds).long(), counter, stream)
     return _to_unit(_mix(keys[rows] + (cols.long() + 1) * _GOLDEN, inplace=True))
 
 

@@ -52,6 +52,7 @@ def sample(logits: Tensor, *, seeds: Tensor | None = None, counter: int | Tensor
     batch, vocab = work.shape
     shifted = work - row_max  # <= 0, so adding the noise cannot overflow
     if seeds is not None:
+        rng.check_seeds(seeds, batch)
         finite = shifted > -math.inf
         if int(finite.sum()) * _SPARSE_SHARE <= batch * vocab:
             return _sample_sparse(shifted, finite, seeds.to(work.device), counter, stream)

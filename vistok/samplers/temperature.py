@@ -7,7 +7,7 @@ import math
 import torch
 from torch import Tensor
 
-from ._params import RowParam, broadcast_param, check_logits, row_param
+from ._params import RowParam, broadcast_param, check_logits, row_param, work_dtype
 from ._processor import LogitsFilter
 
 __all__ = ["temperature_scale", "Temperature"]
@@ -20,12 +20,20 @@ def temperature_scale(logits: Tensor, temperature: RowParam) -> Tensor:
     Same arithmetic as Hugging Face's ``TemperatureLogitsWarper`` for ``T > 0`` (which refuses ``T = 0``).
     Non-finite logits pass through unchanged (the truncation filters and the sampling step refuse NaN/+inf).
 
+    Half-precision logits are divided in float32 and returned as float32: the scaled logits of a legal float16
+    row need not be float16 numbers (``6e4 / 0.7``, or any logit over ``1e-4``), and rounding them to ``inf``
+    would refuse a valid distribution. Every other function here judges half types in float32 anyway.
+
     Args:
         logits: ``[B, V]``, any float dtype.
         temperature: a number or ``[B]`` tensor, ``>= 0``.
+
+    Returns:
+        ``[B, V]`` in ``logits``' dtype, float32 for float16 / bfloat16.
     """
     check_logits(logits)
     temperature = row_param(temperature, "temperature", low=0.0, high=math.inf, high_open=True)
+    logits = work_dtype(logits)
     if not isinstance(temperature, Tensor):
         return _greedy(logits) if temperature == 0 else logits / temperature
     temperature = broadcast_param(temperature, logits, "temperature", logits.dtype)

@@ -256,7 +256,7 @@ def top_h_filter(logits: Tensor, alpha: RowParam, *, rule: str = "paper", top_n:
     check_min_tokens(min_tokens_to_keep)
     work = work_dtype(logits)
     vocab = logits.shape[1]
-    alpha = torch.as_tensor(broadcast_param(alpha, logits, "top_h", work.dtype), dtype=work.dtype,
+    alpha = torch.as_tensor(broadcast_param(alpha, logits, "top_h", torch.float64), dtype=torch.float64,
                             device=work.device)
     if top_n is not None:
         values = work.topk(min(top_n, vocab), dim=1).values
@@ -265,14 +265,14 @@ def top_h_filter(logits: Tensor, alpha: RowParam, *, rule: str = "paper", top_n:
     else:
         row_max = work.amax(dim=1, keepdim=True)
         empty = check_row_max(row_max)
-        log_probs = work.log_softmax(dim=1)
+        log_probs = work.double().log_softmax(dim=1)
         probs = log_probs.exp()
         budget = -torch.special.xlogy(probs, probs).sum(dim=1, keepdim=True)
-        log_norm = row_max - log_probs.amax(dim=1, keepdim=True)  # log-sum-exp of the row
+        log_norm = row_max.double() - log_probs.amax(dim=1, keepdim=True)  # log-sum-exp of the row
         candidates = min(vocab, 128)
         while True:  # widen the candidate list until every row stopped inside it
             values = work.topk(candidates, dim=1).values
-            count = _top_h_count(values - log_norm, budget, alpha, rule, exact_reference=False)
+            count = _top_h_count(values.double() - log_norm, budget, alpha, rule, exact_reference=False)
             if candidates == vocab or not bool((count == candidates).any()):
                 break
             candidates = min(vocab, 4 * candidates)
@@ -280,12 +280,25 @@ def top_h_filter(logits: Tensor, alpha: RowParam, *, rule: str = "paper", top_n:
     return _finish(logits, work, work >= threshold, min_tokens_to_keep, filter_value)
 
 
+# Relative slack on the entropy budget: the kept set's entropy is a running sum and the budget a full sum of the
+# same float64 terms, which round differently (by far less than this over any vocabulary); without it alpha = 1
+# would drop a tail token on a coin flip.
+_TOP_H_SLACK = 1e-9
+
+
 def _top_h_count(values: Tensor, entropy: Tensor | None, alpha: Tensor, rule: str,
                  exact_reference: bool) -> Tensor:
     """``[B, 1]`` number of leading candidates Top-H keeps.
 
-    ``values``: ``[B, n]`` candidate logits, sorted descending; they are log-probabilities when ``entropy``
-    (``[B, 1]``, the entropy of the whole distribution) is given, else they are renormalised among themselves.
+    ``values``: ``[B, n]`` candidate logits, sorted descending; they are float64 log-probabilities when
+    ``entropy`` (``[B, 1]`` float64, the entropy of the whole distribution) is given, else they are renormalised
+    among themselves. ``alpha``: float64, a number or ``[B, 1]``.
+
+    Apart from Hugging Face's own arithmetic (``rule="reference"`` with ``exact_reference``), the count is
+    computed in float64 with a relative slack of ``_TOP_H_SLACK`` on the budget. Below ``alpha = 1`` it never
+    runs over a token whose probability underflows to 0: such a token adds no entropy in floating point, though
+    it does in exact arithmetic, so an extremely peaked row would otherwise keep its whole vocabulary. At
+    ``alpha = 1`` the whole distribution meets the budget exactly, so every token is kept.
     """
     if entropy is None:
         if exact_reference and rule == "reference":
@@ -294,19 +307,20 @@ def _top_h_count(values: Tensor, entropy: Tensor | None, alpha: Tensor, rule: st
             probs = distribution.probs
             entropy = distribution.entropy()[:, None]
             terms = -probs * torch.log(probs)
-            return _prefix_count(terms.cumsum(dim=1) <= alpha * entropy)
-        log_probs = values.log_softmax(dim=1)
+            return _prefix_count(terms.cumsum(dim=1) <= alpha.to(probs.dtype) * entropy)
+        log_probs = values.double().log_softmax(dim=1)
         probs = log_probs.exp()
         entropy = -torch.special.xlogy(probs, probs).sum(dim=1, keepdim=True)
     else:
         probs = values.exp()
+    budget = alpha * entropy * (1 + _TOP_H_SLACK)
     partial_entropy = -torch.special.xlogy(probs, probs).cumsum(dim=1)
     if rule == "reference":
-        return _prefix_count(partial_entropy <= alpha * entropy)
-    kept_mass = probs.cumsum(dim=1).clamp_min(torch.finfo(probs.dtype).tiny)
-    renormalised_entropy = partial_entropy / kept_mass + kept_mass.log()
-    # The first token alone has entropy 0; rounding can put it a hair above a budget of 0.
-    return _prefix_count(renormalised_entropy <= alpha * entropy)
+        holds = partial_entropy <= budget
+    else:
+        kept_mass = probs.cumsum(dim=1).clamp_min(torch.finfo(probs.dtype).tiny)
+        holds = partial_entropy / kept_mass + kept_mass.log() <= budget
+    return _prefix_count(holds & ((probs > 0) | (alpha >= 1)))
 
 
 def _prefix_count(holds: Tensor) -> Tensor:

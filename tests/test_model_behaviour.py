@@ -1,0 +1,256 @@
+"""A patched model behaves like a model: copies, pickling, state dicts, threads, empty batches, memory."""
+
+import copy
+import io
+import pickle
+import sys
+import threading
+
+import open_clip
+import pytest
+import timm
+import torch
+from transformers import CLIPVisionConfig, CLIPVisionModel, SiglipVisionConfig, SiglipVisionModel
+
+import vistok
+from vistok import InvalidConfigError
+from vistok.measure import peak_memory
+
+_HF_TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, image_size=32,
+                patch_size=8)
+
+
+def _timm(name, size=64, **kwargs):
+    return lambda: timm.create_model(name, img_size=size, num_classes=10, **kwargs)
+
+
+def _open_clip():
+    return open_clip.transformer.VisionTransformer(image_size=32, patch_size=8, width=64, layers=4, heads=4,
+                                                   mlp_ratio=2.0, output_dim=16, pool_type="avg")
+
+
+def _encode_hf(model, images):
+    return model(pixel_values=images).pooler_output
+
+
+# name -> (build the model, image size, the method and options, encode images to one tensor)
+CASES = {
+    "timm vit, merge": (_timm("vit_tiny_patch16_224"), 64, ("merge", {"r": 3}), None),
+    "timm vit registers, ats": (_timm("vit_tiny_patch16_224", reg_tokens=2, class_token=False, global_pool="avg"),
+                                64, ("ats", {"k": 6}), None),
+    "timm eva rope, random_drop": (_timm("eva02_tiny_patch14_224", 56), 56, ("random_drop", {"k": 0.5}), None),
+    "timm vit, ats + merge": (_timm("vit_tiny_patch16_224"), 64,
+                              ([("ats", {"k": 10, "blocks": [3]}), ("merge", {"r": 2, "blocks": [3, 4, 5]})], {}),
+                              None),
+    "open_clip avg pool, merge": (_open_clip, 32, ("merge", {"r": 2}), None),
+    "hf clip, ats": (lambda: CLIPVisionModel(CLIPVisionConfig(**_HF_TINY)), 32, ("ats", {"k": 5}), _encode_hf),
+    "hf siglip, merge": (lambda: SiglipVisionModel(SiglipVisionConfig(**_HF_TINY)), 32, ("merge", {"r": 2}),
+                         _encode_hf),
+}
+
+
+def _setup(case, batch=3, seed=0):
+    build, size, (method, options), encode = CASES[case]
+    torch.manual_seed(seed)
+    model = build().eval()
+    images = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed + 1))
+    encode = encode or (lambda m, x: m(x))
+
+    def run(m, x=images):
+        with torch.no_grad():
+            return encode(m, x)
+
+    return model, images, run, method, options
+
+
+def _patch(model, method, options):
+    return vistok.patch(model, method, **options)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_deepcopy_is_an_independent_patched_model(case):
+    model, images, run, method, options = _setup(case)
+    unpatched = run(model)
+    handle = _patch(model, method, options)
+    patched = run(model)
+    assert not torch.equal(patched, unpatched), "the case must reduce tokens to test anything"
+
+    twin = copy.deepcopy(model)
+    twin_handle = vistok.get_handle(twin)
+    assert twin_handle is not None and twin_handle is not handle and twin_handle.model is twin and twin_handle.active
+    assert torch.equal(run(twin), patched)
+    assert twin_handle.layouts and handle.layouts  # each saw its own forward pass
+
+    with torch.no_grad():  # the copy computes with its own weights, the original with its own
+        for parameter in twin.parameters():
+            parameter.mul_(0.5)
+    assert not torch.equal(run(twin), patched)
+    assert torch.equal(run(model), patched)
+
+    half = copy.deepcopy(model).to(torch.bfloat16)  # the copy casts alone; the original stays in float32
+    assert run(half, images.bfloat16()).dtype == torch.bfloat16
+    assert torch.equal(run(model), patched)
+
+    vistok.unpatch(twin)
+    assert not twin_handle.active and handle.active
+    assert torch.equal(run(model), patched)
+    handle.remove()
+    assert not handle.active and torch.equal(run(model), unpatched)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_pickle_and_torch_save_give_a_patched_model(case):
+    model, _, run, method, options = _setup(case)
+    unpatched = run(model)
+    _patch(model, method, options)
+    patched = run(model)
+
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    for loaded in (pickle.loads(pickle.dumps(model)), torch.load(buffer, weights_only=False)):
+        handle = vistok.get_handle(loaded)
+        assert handle is not None and handle.active and handle.model is loaded
+        assert torch.equal(run(loaded), patched)
+        handle.remove()
+        assert torch.equal(run(loaded), unpatched)
+        assert not any("forward" in vars(module) for module in loaded.modules())
+
+
+@pytest.mark.parametrize("case", ["timm vit, merge", "hf siglip, merge"])
+def test_state_dict_round_trip(case):
+    model, _, run, method, options = _setup(case)
+    plain_keys = list(model.state_dict())
+    _patch(model, method, options)
+    patched = run(model)
+    state = model.state_dict()
+    assert list(state) == plain_keys  # patching adds no parameters or buffers
+
+    other, _, _, _, _ = _setup(case, seed=5)  # different weights
+    _patch(other, method, options)
+    assert not torch.equal(run(other), patched)
+    other.load_state_dict(state)
+    assert torch.equal(run(other), patched)
+
+
+@pytest.mark.parametrize("case", ["timm vit, merge", "timm vit registers, ats", "timm vit, ats + merge",
+                                  "hf siglip, merge"])
+def test_concurrent_calls_give_the_sequential_results(case, monkeypatch):
+    model, _, run, method, options = _setup(case)
+    handle = _patch(model, method, options)
+    size = CASES[case][1]
+    inputs = [torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(batch)) for batch in (1, 2)]
+    expected = [run(model, x) for x in inputs]
+    monkeypatch.setattr(sys, "getswitchinterval", sys.getswitchinterval)  # restored after the test
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)  # switch threads as often as possible, mid-block included
+    failures, layouts = [], {}
+
+    def work(index):
+        try:
+            for _ in range(40):
+                if not torch.equal(run(model, inputs[index]), expected[index]):
+                    failures.append(f"thread {index}: a different output")
+            layouts[index] = handle.layouts
+        except Exception as error:  # noqa: BLE001 - any error is a failure of the test
+            failures.append(f"thread {index}: {type(error).__name__}: {error}")
+
+    threads = [threading.Thread(target=work, args=(index,)) for index in range(2)]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert not failures, failures[:3]
+    # each thread's handle.layouts describe that thread's own last call
+    assert {layout.batch_size for layout in layouts[0].values()} == {1}
+    assert {layout.batch_size for layout in layouts[1].values()} == {2}
+
+
+def _outcome(run, model):
+    try:
+        return run(model)
+    except RuntimeError as error:
+        return error
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_empty_batch_behaves_as_unpatched(case):
+    """An empty batch gives what the unpatched model gives: an empty output where the model's own code handles
+    ``B = 0`` (timm's ViT). Where it does not (EVA, open_clip and HF reshape with -1), the model's own error
+    from an unpatched block, or an empty output when vistok's code runs every block that would fail."""
+    model, _, run, method, options = _setup(case, batch=0)
+    unpatched = _outcome(run, model)
+    with _patch(model, method, options):
+        patched = _outcome(run, model)
+    if isinstance(unpatched, Exception):
+        assert (type(patched) is type(unpatched) and str(patched) == str(unpatched)) or patched.shape[0] == 0
+    else:
+        assert patched.shape == unpatched.shape and patched.shape[0] == 0
+
+
+@pytest.mark.parametrize("method, options", [("ats", {}), ("ats", {"k": 0.5}), ("merge", {"r": 3}),
+                                             ("random_drop", {}), ("super_token", {"stoken_size": 2})])
+def test_empty_batch_every_method(method, options):
+    model, _, run, _, _ = _setup("timm vit, merge", batch=0)
+    with vistok.patch(model, method, blocks=list(range(12)), **options):
+        assert run(model).shape == (0, 10)
+
+
+@pytest.mark.parametrize("method, options", [("ats", {}), ("merge", {"r": 3}), ("random_drop", {"k": 0.3}),
+                                             ("super_token", {"stoken_size": 2})])
+def test_patched_forward_needs_no_more_memory_than_unpatched(method, options):
+    """The tensors a patched block keeps through its MLP (its memory peak) are those of the unpatched block."""
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", img_size=64, num_classes=10).eval()
+    images = torch.randn(4, 3, 64, 64)
+    unpatched = peak_memory(model, images)
+    with vistok.patch(model, method, blocks=list(range(12)), **options):
+        patched = peak_memory(model, images)
+    assert patched <= unpatched
+
+
+def test_peak_memory_counts_what_is_alive_at_once():
+    class TwoBuffers(torch.nn.Module):
+        def forward(self, x):
+            a = x.new_zeros(1000)  # 4,000 bytes, alive while b is made
+            b = x.new_zeros(3000)  # 12,000 bytes
+            del a, b
+            return x.new_zeros(10)  # 40 bytes
+
+    model = TwoBuffers()
+    assert peak_memory(model, torch.zeros(7)) == 16_000
+    assert peak_memory(torch.nn.Linear(100, 100), torch.zeros(1, 100)) == 400  # the output only, not the weights
+
+
+def test_random_drop_is_reproducible_per_call():
+    model, images, run, _, _ = _setup("timm vit, merge")
+    with vistok.patch(model, "random_drop", k=0.5, seed=3) as handle:
+        first = run(model)
+        kept = handle.layouts[3].source_index()
+        assert torch.equal(run(model), first) and torch.equal(handle.layouts[3].source_index(), kept)
+    with vistok.patch(model, "random_drop", k=0.5, seed=4) as handle:
+        run(model)
+        assert not torch.equal(handle.layouts[3].source_index(), kept)
+
+
+@pytest.mark.parametrize("seed", ["a", 1.5, True, -1, 2**62])
+def test_random_drop_refuses_bad_seeds(seed):
+    model, _, _, _, _ = _setup("timm vit, merge")
+    with pytest.raises(InvalidConfigError, match="seed must be an int"):
+        vistok.patch(model, "random_drop", seed=seed)
+    assert vistok.get_handle(model) is None
+
+
+def test_negative_block_indices_count_from_the_end():
+    model, _, run, _, _ = _setup("timm vit, merge")
+    with vistok.patch(model, "ats", k=5, blocks=[-1, -2]) as handle:
+        assert sorted(handle.reducers) == [10, 11]
+        from_end = run(model)
+    with vistok.patch(model, "ats", k=5, blocks=[10, 11]):
+        assert torch.equal(run(model), from_end)
+    for blocks in ([12], [-13], [-1, 11]):
+        with pytest.raises(InvalidConfigError):
+            vistok.patch(model, "ats", blocks=blocks)
