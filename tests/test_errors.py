@@ -31,6 +31,19 @@ def test_errors_share_one_base():
         assert issubclass(error, VistokError)
 
 
+@pytest.mark.parametrize("call, error", [
+    (lambda: vistok.ops.gather_tokens(torch.zeros(2, 5, 3), torch.zeros(3, 2, dtype=torch.long)), InputShapeError),
+    (lambda: vistok.ops.inverse_transform_sampling(torch.rand(5), 3), InputShapeError),
+    (lambda: vistok.ops.inverse_transform_sampling(torch.rand(2, 5), 0), InvalidConfigError),
+    (lambda: vistok.ops.merging.bipartite_soft_matching(torch.rand(1, 6, 4), 4), InvalidConfigError),
+    (lambda: vistok.measure.count_flops(torch.nn.Identity(), []), InputShapeError),
+    (lambda: vistok.measure.time_models({}, torch.zeros(1), runs=0), InvalidConfigError),
+], ids=["gather", "sampling-shape", "sampling-levels", "matching-r", "flops-no-images", "timing-runs"])
+def test_public_functions_raise_vistok_errors(call, error):
+    with pytest.raises(error):
+        call()
+
+
 @pytest.mark.parametrize("build", [
     lambda: timm.create_model("resnet18"),
     lambda: torch.nn.Linear(3, 3),

@@ -2,10 +2,13 @@
 
 How it works: from the first block a method acts on to the last block, each block's ``forward`` is
 replaced (on the instance, not the class) by :func:`vistok.block.run_block` over the block's own modules.
-A per-model tracker carries the :class:`TokenLayout` from block to block beside the token tensor, so the
-model's own ``forward``, ``forward_features``, ``nn.Sequential`` loop and hooks are left as they are. The
+A tracker carries the :class:`TokenLayout` from block to block beside the token tensor, per call (per thread),
+so the model's own ``forward``, ``forward_features``, ``nn.Sequential`` loop and hooks are left as they are. The
 model's ``pool`` is replaced by one that ignores padding and weighs tokens by size, and a pre-hook on the
 patch embedding turns a wrong input shape into a clear error. Parameters and buffers are never touched.
+
+Everything installed is a plain object or a bound method (never a closure), and the handle lives on the model:
+``copy.deepcopy`` and ``pickle`` therefore give an independent patched model with its own handle.
 """
 
 from __future__ import annotations

@@ -8,6 +8,8 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from ..errors import InputShapeError
+
 __all__ = ["topk_correct", "evaluate"]
 
 
@@ -46,7 +48,7 @@ def evaluate(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], transfo
     finally:
         model.train(was_training)
     if seen == 0:
-        raise ValueError("evaluate: the dataset is empty")
+        raise InputShapeError("evaluate: the dataset is empty")
     result = {"top1": 100.0 * correct[1] / seen, "top5": 100.0 * correct[5] / seen, "images": seen}
     if token_sums is not None:
         result["tokens_per_block"] = [s / seen for s in token_sums]

@@ -14,6 +14,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
+from ..errors import InputShapeError
+
 __all__ = ["count_flops", "flop_counter"]
 
 _aten = torch.ops.aten
@@ -69,5 +71,5 @@ def count_flops(model: nn.Module, images: Tensor | Iterable[Tensor]) -> float:
                 total += counter.get_total_flops()
             count += batch.shape[0]
     if count == 0:
-        raise ValueError("count_flops: no images given")
+        raise InputShapeError("count_flops: no images given")
     return total / count

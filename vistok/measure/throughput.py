@@ -10,6 +10,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from ..errors import InvalidConfigError
+
 __all__ = ["Timing", "time_models"]
 
 
@@ -43,7 +45,7 @@ def time_models(
     run with a short description.
     """
     if runs < 1 or warmup < 0:
-        raise ValueError(f"time_models: need runs >= 1 and warmup >= 0, got runs={runs}, warmup={warmup}")
+        raise InvalidConfigError(f"time_models: need runs >= 1 and warmup >= 0, got runs={runs}, warmup={warmup}")
     sync = torch.cuda.synchronize if images.is_cuda else (lambda: None)
     seconds: dict[str, list[float]] = {label: [] for label in models}
     with torch.inference_mode():

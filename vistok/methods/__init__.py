@@ -40,7 +40,7 @@ _REGISTRY: dict[str, type[MethodConfig]] = {}
 def register_method(config_cls: type[MethodConfig]) -> type[MethodConfig]:
     """Register a method config class under its ``name`` (usable as a decorator)."""
     if config_cls.name in _REGISTRY and _REGISTRY[config_cls.name] is not config_cls:
-        raise ValueError(f"a method named {config_cls.name!r} is already registered")
+        raise InvalidConfigError(f"a method named {config_cls.name!r} is already registered")
     _REGISTRY[config_cls.name] = config_cls
     return config_cls
 

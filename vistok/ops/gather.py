@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..errors import InputShapeError
+
 __all__ = ["gather_tokens", "gather_head_tokens", "add_to_tokens", "keep_mask_to_index", "kept_count_summary",
            "gather_rope"]
 
@@ -22,7 +24,7 @@ def _by_rows(x: Tensor) -> bool:
 def gather_tokens(x: Tensor, index: Tensor) -> Tensor:
     """Pick tokens per image: ``x`` ``[B, N, *rest]``, ``index`` ``[B, K]`` -> ``[B, K, *rest]``."""
     if index.dim() != 2 or x.shape[0] != index.shape[0]:
-        raise ValueError(f"gather_tokens: expected x [B, N, ...] and index [B, K], got {tuple(x.shape)} "
+        raise InputShapeError(f"gather_tokens: expected x [B, N, ...] and index [B, K], got {tuple(x.shape)} "
                          f"and {tuple(index.shape)}")
     batch, n = x.shape[:2]
     if _by_rows(x):
@@ -115,4 +117,4 @@ def gather_rope(rope: Tensor, positions: Tensor) -> Tensor:
         return rope[positions].unsqueeze(1)
     if rope.dim() == 3:
         return rope[:, positions].transpose(0, 1)
-    raise ValueError(f"gather_rope: expected rope of shape [N, D] or [H, N, D], got {tuple(rope.shape)}")
+    raise InputShapeError(f"gather_rope: expected rope of shape [N, D] or [H, N, D], got {tuple(rope.shape)}")

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..errors import InvalidConfigError
 from . import sync
 from .gather import add_to_tokens, gather_tokens
 
@@ -58,7 +59,7 @@ def bipartite_soft_matching(metric: Tensor, r: int | Tensor, valid: Tensor | Non
         out_of_range = sync.reads_are_free(r.device) and bool(((r < 0) | (r > len(a_positions))).any())
     if out_of_range:
         shown = r if isinstance(r, int) else r.tolist()
-        raise ValueError(f"bipartite_soft_matching: r={shown} must be in [0, {len(a_positions)}] for N={n}")
+        raise InvalidConfigError(f"bipartite_soft_matching: r={shown} must be in [0, {len(a_positions)}] for N={n}")
     r = torch.as_tensor(r, device=device).expand(batch)
     metric = F.normalize(metric.float(), dim=-1)
     scores = metric[:, a_positions] @ metric[:, b_positions].transpose(1, 2)

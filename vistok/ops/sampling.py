@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..errors import InputShapeError, InvalidConfigError
 from . import sync
 
 __all__ = ["inverse_transform_sampling", "significance_scores"]
@@ -56,7 +57,7 @@ def inverse_transform_sampling(
         ``[B, N]`` bool keep mask.
     """
     if scores.dim() != 2:
-        raise ValueError(f"inverse_transform_sampling: scores must be [B, N], got {tuple(scores.shape)}")
+        raise InputShapeError(f"inverse_transform_sampling: scores must be [B, N], got {tuple(scores.shape)}")
     batch, n = scores.shape
     device = scores.device
     if valid is None:
@@ -68,7 +69,7 @@ def inverse_transform_sampling(
     else:
         lowest, width = 1, max_levels
     if lowest < 1:
-        raise ValueError(f"inverse_transform_sampling: num_levels must be >= 1, got {lowest}")
+        raise InvalidConfigError(f"inverse_transform_sampling: num_levels must be >= 1, got {lowest}")
     levels = torch.as_tensor(num_levels, device=device).long().expand(batch)
 
     probs = _normalise(scores, valid)

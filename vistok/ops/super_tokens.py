@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..errors import InvalidConfigError
+
 __all__ = [
     "to_cells",
     "from_cells",
@@ -27,7 +29,8 @@ __all__ = [
 
 def _check_divisible(height: int, width: int, size: tuple[int, int]) -> None:
     if height % size[0] or width % size[1]:
-        raise ValueError(f"a {height}x{width} token grid does not divide into {size[0]}x{size[1]} super-token cells")
+        raise InvalidConfigError(
+            f"a {height}x{width} token grid does not divide into {size[0]}x{size[1]} super-token cells")
 
 
 def to_cells(x: Tensor, size: tuple[int, int]) -> Tensor:

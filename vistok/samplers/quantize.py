@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..errors import InputShapeError
+
 __all__ = ["Int8Linear", "quantize_linears", "int8_quantize"]
 
 
@@ -50,7 +52,7 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if x.shape[-1] != self.in_features:
-            raise ValueError(f"Int8Linear expects [..., {self.in_features}] input, got {tuple(x.shape)}")
+            raise InputShapeError(f"Int8Linear expects [..., {self.in_features}] input, got {tuple(x.shape)}")
         if x.device.type == "cpu" and hasattr(torch, "_weight_int8pack_mm"):
             flat = x.reshape(-1, self.in_features)
             flat = flat if flat.dtype == torch.bfloat16 else flat.to(torch.bfloat16)

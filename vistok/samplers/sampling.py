@@ -114,4 +114,5 @@ class SeededSampling(LogitsFilter):
         return chosen.scatter_(1, token[:, None], 0.0)
 
     def apply(self, scores: Tensor) -> Tensor:
-        raise TypeError("SeededSampling needs the input ids (the counter): call it as processor(input_ids, scores)")
+        raise InvalidConfigError(
+            "SeededSampling needs the input ids (the counter): call it as processor(input_ids, scores)")
