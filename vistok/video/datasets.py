@@ -1,0 +1,235 @@
+"""Video classification datasets in the layouts Kinetics users have: the official Kinetics CSV, the ``path label``
+list files of VideoMAE / mmaction2, and class folders.
+
+A listed clip that is not on disk (Kinetics downloads always miss some) or that cannot be decoded is skipped with
+a warning and counted, never dropped silently; ``on_error="raise"`` makes either fatal. With a DataLoader, use
+:func:`collate_clips`: it drops the skipped items from the batch and reports them in ``batch["skipped"]``.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset, default_collate
+
+from ..data import DatasetNotFoundError
+from ..errors import InvalidConfigError
+from .io import VideoReadError, probe_video, read_video
+from .sampling import dense_clip, dense_clip_views, evenly_spaced, segment_indices
+
+__all__ = ["VideoSample", "VideoList", "ClipSampling", "kinetics_csv", "list_file", "class_folders",
+           "VideoClipDataset", "collate_clips", "VIDEO_EXTENSIONS", "ON_ERROR"]
+
+VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v")
+ON_ERROR = ("skip", "raise")
+
+
+@dataclass(frozen=True)
+class VideoSample:
+    path: Path
+    label: int
+
+
+@dataclass
+class VideoList:
+    """The clips of a dataset split, their class names (``classes[label]``), and the listed clips that were not
+    found on disk."""
+
+    samples: list[VideoSample]
+    classes: list[str]
+    missing: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+
+def _check_on_error(on_error: str) -> None:
+    if on_error not in ON_ERROR:
+        raise InvalidConfigError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
+
+
+def _finish(samples: list[VideoSample], classes: list[str], missing: list[str], source: str,
+            on_error: str) -> VideoList:
+    if missing:
+        message = (f"{len(missing)} of {len(samples) + len(missing)} clips listed in {source} are not on disk "
+                   f"(first: {missing[0]})")
+        if on_error == "raise":
+            raise DatasetNotFoundError(message)
+        warnings.warn(message + "; they are skipped", stacklevel=3)
+    if not samples:
+        raise DatasetNotFoundError(f"no clips found for {source}")
+    return VideoList(samples, classes, missing)
+
+
+def kinetics_csv(csv_path: str | os.PathLike, root: str | os.PathLike, split: str | None = None,
+                 classes: Sequence[str] | None = None, on_error: str = "skip") -> VideoList:
+    """Clips listed in an official Kinetics CSV (``label,youtube_id,time_start,time_end,split``), named
+    ``{youtube_id}_{time_start:06d}_{time_end:06d}.mp4`` and found in ``root``, ``root/<split>``, ``root/<label>``
+    or ``root/<split>/<label>``.
+
+    Args:
+        split: keep only rows of this split (``None``: every row).
+        classes: the class list to index labels by (e.g. the training split's); default: the CSV's labels,
+            sorted. A label outside it is an error.
+    """
+    _check_on_error(on_error)
+    csv_path, root = Path(csv_path), Path(root)
+    with open(csv_path, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    required = {"label", "youtube_id", "time_start", "time_end"}
+    if not rows or not required <= set(rows[0]):
+        raise InvalidConfigError(f"{csv_path} is not a Kinetics CSV: it needs the columns {sorted(required)}")
+    if split is not None:
+        rows = [row for row in rows if row.get("split") == split]
+    classes = list(classes) if classes is not None else sorted({row["label"] for row in rows})
+    index = {name: i for i, name in enumerate(classes)}
+    samples, missing = [], []
+    for row in rows:
+        if row["label"] not in index:
+            raise InvalidConfigError(f"{csv_path}: label {row['label']!r} is not among the {len(classes)} classes")
+        name = f"{row['youtube_id']}_{int(float(row['time_start'])):06d}_{int(float(row['time_end'])):06d}.mp4"
+        folders = [root, root / row["label"]]
+        if row.get("split"):
+            folders += [root / row["split"], root / row["split"] / row["label"]]
+        path = next((folder / name for folder in folders if (folder / name).is_file()), None)
+        if path is None:
+            missing.append(name)
+        else:
+            samples.append(VideoSample(path, index[row["label"]]))
+    return _finish(samples, classes, missing, str(csv_path), on_error)
+
+
+def list_file(list_path: str | os.PathLike, root: str | os.PathLike | None = None,
+              classes: Sequence[str] | None = None, on_error: str = "skip") -> VideoList:
+    """Clips listed one per line as ``path label`` (VideoMAE / mmaction2; the label an int, separated by a space or
+    a comma), paths relative to ``root`` (default: the list's folder). ``classes`` names the labels (default:
+    ``"0" .. "max"``)."""
+    _check_on_error(on_error)
+    list_path = Path(list_path)
+    root = Path(root) if root is not None else list_path.parent
+    samples, missing = [], []
+    for number, line in enumerate(list_path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        parts = line.replace(",", " ").split()
+        if len(parts) < 2 or not parts[-1].lstrip("-").isdigit() or int(parts[-1]) < 0:
+            raise InvalidConfigError(f"{list_path}:{number}: expected 'path label' with an int label >= 0, got "
+                                     f"{line!r}")
+        path = root / " ".join(parts[:-1])
+        if path.is_file():
+            samples.append(VideoSample(path, int(parts[-1])))
+        else:
+            missing.append(str(path))
+    top = max((sample.label for sample in samples), default=-1)
+    if classes is None:
+        classes = [str(i) for i in range(top + 1)]
+    elif top >= len(classes):
+        raise InvalidConfigError(f"{list_path}: label {top} but only {len(classes)} classes")
+    return _finish(samples, list(classes), missing, str(list_path), on_error)
+
+
+def class_folders(root: str | os.PathLike, extensions: Sequence[str] = VIDEO_EXTENSIONS) -> VideoList:
+    """``root/<class name>/<clip>``: one folder per class, classes sorted by name."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetNotFoundError(f"{root} is not a directory")
+    classes = sorted(entry.name for entry in root.iterdir() if entry.is_dir())
+    samples = [VideoSample(path, label) for label, name in enumerate(classes)
+               for path in sorted((root / name).iterdir()) if path.suffix.lower() in extensions]
+    return _finish(samples, classes, [], str(root), "skip")
+
+
+@dataclass(frozen=True)
+class ClipSampling:
+    """Which frames a dataset item reads.
+
+    Attributes:
+        mode: ``"dense"`` (``num_frames`` frames ``sampling_rate`` apart; VideoMAE's 16 x 4), ``"segments"``
+            (TSN: one frame per equal segment) or ``"uniform"`` (evenly spaced over the whole video).
+        num_clips: test-time clips per video (dense mode; ``1`` during training).
+    """
+
+    mode: str = "dense"
+    num_frames: int = 16
+    sampling_rate: int = 4
+    num_clips: int = 1
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("dense", "segments", "uniform"):
+            raise InvalidConfigError(f"clip sampling mode must be 'dense', 'segments' or 'uniform', got {self.mode!r}")
+        for name in ("num_frames", "sampling_rate", "num_clips"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise InvalidConfigError(f"clip sampling: {name} must be a positive int, got {value!r}")
+
+    def clips(self, frame_count: int, train: bool, generator: torch.Generator | None = None) -> list[list[int]]:
+        """The frame indices of each clip to read: one when training, ``num_clips`` (dense) otherwise."""
+        if self.mode == "uniform":
+            return [evenly_spaced(frame_count, self.num_frames)]
+        if self.mode == "segments":
+            return [segment_indices(frame_count, self.num_frames, random=train, generator=generator)]
+        if train:
+            return [dense_clip(frame_count, self.num_frames, self.sampling_rate, generator)]
+        return dense_clip_views(frame_count, self.num_frames, self.sampling_rate, self.num_clips)
+
+
+class VideoClipDataset(Dataset):
+    """Items ``(clip, label)``: frames chosen by ``sampling``, decoded with :func:`~vistok.video.read_video`, passed
+    through ``transform`` (e.g. :class:`~vistok.video.transforms.ClipTransform`).
+
+    At test time (``train=False``) with several clips, the item stacks them: ``[num_clips, ...]`` (with a
+    multi-crop transform, ``[num_clips * num_crops, ...]``). An unreadable clip is skipped: the item is ``None``
+    (with a warning), which :func:`collate_clips` drops and counts; ``on_error="raise"`` raises
+    :class:`~vistok.video.VideoReadError` instead.
+    """
+
+    def __init__(self, videos: VideoList, sampling: ClipSampling, transform: Callable[[Tensor], Tensor],
+                 train: bool = False, on_error: str = "skip", backend: str = "auto", timeout: float | None = 10.0,
+                 seed: int = 0) -> None:
+        _check_on_error(on_error)
+        self.videos, self.sampling, self.transform = videos, sampling, transform
+        self.train, self.on_error, self.backend, self.timeout, self.seed = train, on_error, backend, timeout, seed
+        self._epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.videos.samples)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Draw different training clips each epoch (the draw is a function of seed, epoch and index)."""
+        self._epoch = epoch
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int] | None:
+        sample = self.videos.samples[index]
+        # a tuple of ints hashes the same in every process and run (no hash randomisation for ints)
+        generator = torch.Generator().manual_seed(hash((self.seed, self._epoch, index)) % 2**62)
+        try:
+            info = probe_video(sample.path, self.backend, self.timeout)
+            clips = self.sampling.clips(info.frame_count, self.train, generator)
+            frames = read_video(sample.path, [i for clip in clips for i in clip], backend=self.backend,
+                                timeout=self.timeout)
+        except VideoReadError as error:
+            if self.on_error == "raise":
+                raise
+            warnings.warn(f"skipping an unreadable clip: {error}", stacklevel=2)
+            return None
+        views = [self.transform(part) for part in frames.split(len(clips[0]))]
+        clip = views[0] if len(views) == 1 else torch.cat([v if v.dim() == 5 else v[None] for v in views])
+        return clip, sample.label
+
+
+def collate_clips(batch: list[tuple[Tensor, int] | None]) -> dict[str, Tensor | int]:
+    """DataLoader ``collate_fn`` for :class:`VideoClipDataset`: ``{"clips": [B, ...], "labels": [B], "skipped":
+    n}``, the unreadable items dropped and counted in ``skipped``."""
+    kept = [item for item in batch if item is not None]
+    skipped = len(batch) - len(kept)
+    if not kept:
+        return {"clips": torch.empty(0), "labels": torch.empty(0, dtype=torch.long), "skipped": skipped}
+    clips, labels = default_collate(kept)
+    return {"clips": clips, "labels": labels, "skipped": skipped}

@@ -1,0 +1,113 @@
+"""Clip transforms on ``[C, T, H, W]`` float tensors (torchvision's video layout): the spatial side of video
+training and multi-view testing. Every frame of a clip gets the same crop and flip."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor
+
+from ..errors import InputShapeError, InvalidConfigError
+
+__all__ = ["to_float_clip", "resize_short_side", "crop_views", "random_crop_flip", "normalize", "ClipTransform"]
+
+# ImageNet statistics, what VideoMAE and ViViT normalise Kinetics with
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def _check_clip(clip: Tensor) -> None:
+    if clip.dim() != 4:
+        raise InputShapeError(f"expected a clip [C, T, H, W], got shape {tuple(clip.shape)}")
+
+
+def to_float_clip(frames: Tensor) -> Tensor:
+    """``uint8`` frames ``[T, H, W, C]`` (as :func:`~vistok.video.read_video` returns) -> ``float`` ``[C, T, H, W]``
+    in ``[0, 1]``."""
+    if frames.dim() != 4:
+        raise InputShapeError(f"expected frames [T, H, W, C], got shape {tuple(frames.shape)}")
+    return rearrange(frames, "t h w c -> c t h w").float().div(255.0)
+
+
+def resize_short_side(clip: Tensor, size: int) -> Tensor:
+    """Scale every frame (bilinear, antialiased) so its shorter side is ``size``, keeping the aspect ratio."""
+    _check_clip(clip)
+    height, width = clip.shape[-2:]
+    scale = size / min(height, width)
+    target = (max(size, round(height * scale)), max(size, round(width * scale)))
+    if target == (height, width):
+        return clip
+    frames = F.interpolate(rearrange(clip, "c t h w -> t c h w"), size=target, mode="bilinear", antialias=True,
+                           align_corners=False)
+    return rearrange(frames, "t c h w -> c t h w")
+
+
+def crop_views(clip: Tensor, size: int, num_crops: int) -> list[Tensor]:
+    """``num_crops`` square crops of side ``size``: one centred crop, or crops evenly spaced along the long side
+    (3: left / centre / right of a landscape clip), centred on the short side."""
+    _check_clip(clip)
+    height, width = clip.shape[-2:]
+    if size > min(height, width):
+        raise InvalidConfigError(f"crop size {size} is larger than the clip's {height}x{width} frames")
+    if isinstance(num_crops, bool) or not isinstance(num_crops, int) or num_crops < 1:
+        raise InvalidConfigError(f"num_crops must be a positive int, got {num_crops!r}")
+    along_width = width >= height
+    room = (width if along_width else height) - size
+    centre = ((height if along_width else width) - size) // 2
+    offsets = [room // 2] if num_crops == 1 else [round(i * room / (num_crops - 1)) for i in range(num_crops)]
+    views = []
+    for offset in offsets:
+        top, left = (centre, offset) if along_width else (offset, centre)
+        views.append(clip[..., top:top + size, left:left + size])
+    return views
+
+
+def random_crop_flip(clip: Tensor, size: int, flip: bool = True, generator: torch.Generator | None = None) -> Tensor:
+    """A random square crop of side ``size``, mirrored left-right with probability 1/2 when ``flip``."""
+    _check_clip(clip)
+    height, width = clip.shape[-2:]
+    if size > min(height, width):
+        raise InvalidConfigError(f"crop size {size} is larger than the clip's {height}x{width} frames")
+    top = int(torch.randint(height - size + 1, (), generator=generator))
+    left = int(torch.randint(width - size + 1, (), generator=generator))
+    crop = clip[..., top:top + size, left:left + size]
+    if flip and bool(torch.rand((), generator=generator) < 0.5):
+        crop = crop.flip(-1)
+    return crop
+
+
+def normalize(clip: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
+    """``(clip - mean) / std`` per channel."""
+    _check_clip(clip)
+    if len(mean) != clip.shape[0] or len(std) != clip.shape[0]:
+        raise InvalidConfigError(f"mean/std have {len(mean)}/{len(std)} values for a clip of {clip.shape[0]} channels")
+    mean_t = torch.tensor(mean, dtype=clip.dtype)[:, None, None, None]
+    std_t = torch.tensor(std, dtype=clip.dtype)[:, None, None, None]
+    return (clip - mean_t) / std_t
+
+
+class ClipTransform:
+    """``uint8`` frames ``[T, H, W, C]`` -> normalised ``[C, T, size, size]`` clips.
+
+    Training (``train=True``): short side to ``short_side``, a random ``size`` crop, random flip. Evaluation:
+    short side to ``short_side``, then ``num_crops`` crops (:func:`crop_views`); the result is ``[V, C, T, size,
+    size]`` when ``num_crops > 1``.
+    """
+
+    def __init__(self, size: int, short_side: int | None = None, train: bool = False, num_crops: int = 1,
+                 mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD, flip: bool = True,
+                 seed: int | None = None) -> None:
+        self.size, self.short_side = size, short_side or size
+        self.train, self.num_crops, self.flip = train, num_crops, flip
+        self.mean, self.std = tuple(mean), tuple(std)
+        self.generator = None if seed is None else torch.Generator().manual_seed(seed)
+
+    def __call__(self, frames: Tensor) -> Tensor:
+        clip = resize_short_side(to_float_clip(frames), self.short_side)
+        if self.train:
+            return normalize(random_crop_flip(clip, self.size, self.flip, self.generator), self.mean, self.std)
+        views = [normalize(view, self.mean, self.std) for view in crop_views(clip, self.size, self.num_crops)]
+        return views[0] if self.num_crops == 1 else torch.stack(views)
