@@ -81,7 +81,8 @@ class _LayoutTracker:
                     "gradient checkpointing re-runs blocks out of order, which vistok cannot follow; while the "
                     "model is patched, call model.set_grad_checkpointing(False) (timm, open_clip) or "
                     "model.gradient_checkpointing_disable() (Hugging Face)")
-            layout = TokenLayout.original(x, self.info.num_prefix, self.info.has_class_token, self.trace)
+            info = self.info
+            layout = TokenLayout.original(x, info.num_prefix, info.has_class_token, self.trace, info.grid_size)
             self._calls.state = _CallState(layout=layout, input_tokens=x.shape[1])
             return layout
         call = self.last_call()

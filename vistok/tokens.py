@@ -13,24 +13,35 @@ upstream. Beside them, a :class:`TokenLayout` says what each of the ``N`` positi
 * ``num_prefix``: the class, distillation and register tokens at the front. No method drops, merges or
   moves them: positions ``0 .. num_prefix - 1`` always hold them.
 * ``has_class_token``: whether position 0 is a class token.
-* ``members`` ``[B, N, N0]`` bool, only when source tracing is on: which of the ``N0`` original tokens each
-  position stands for (a merged token stands for several).
+* ``grid_size``: the original patch grid, ``(h, w)`` for images, ``(t, h, w)`` for video (``None`` when the
+  model's input did not match it, e.g. a dynamic image size): with ``source`` it gives every token's original
+  grid position (:meth:`TokenLayout.grid_positions`).
+* ``owner`` ``[B, N0]`` long, only when source tracing is on: for each of the ``N0`` original tokens, the
+  position of the token that now stands for it (a merged token stands for several), ``-1`` once dropped.
+  :meth:`TokenLayout.members` turns it into the ``[B, N, N0]`` mask on demand.
 
 A layout never holds the token values, so keeping the layouts of every block (for visualisation and
-measurement) costs ``O(B * N)`` integers per block.
+measurement) costs ``O(B * N0)`` integers per block, with tracing too.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
 
+from .errors import PatchStateError
 from .ops.gather import gather_tokens
-from .ops.merging import Matching, merge_weighted
+from .ops.merging import Matching
 
 __all__ = ["TokenLayout"]
+
+
+def _follow(owner: Tensor, moved: Tensor) -> Tensor:
+    """``owner`` ``[B, N0]`` after every old position ``p`` moved to ``moved[:, p]`` (``-1``: dropped)."""
+    return torch.where(owner >= 0, moved.gather(1, owner.clamp_min(0)), owner)
 
 
 @dataclass(frozen=True)
@@ -44,17 +55,21 @@ class TokenLayout:
     source: Tensor | None = None
     valid: Tensor | None = None
     sizes: Tensor | None = None
-    members: Tensor | None = None
+    owner: Tensor | None = None
     proportional: bool = True
+    grid_size: tuple[int, ...] | None = None
 
     @classmethod
-    def original(cls, x: Tensor, num_prefix: int, has_class_token: bool, trace: bool = False) -> TokenLayout:
-        """The layout of an unreduced sequence ``x`` of shape ``[B, N, C]`` (``trace``: track members)."""
+    def original(cls, x: Tensor, num_prefix: int, has_class_token: bool, trace: bool = False,
+                 grid_size: tuple[int, ...] | None = None) -> TokenLayout:
+        """The layout of an unreduced sequence ``x`` of shape ``[B, N, C]`` (``trace``: track ``owner``) on a
+        patch grid of ``grid_size`` (dropped when ``N - num_prefix`` is not its size)."""
         batch_size, num_tokens = x.shape[:2]
-        members = None
-        if trace:
-            members = torch.eye(num_tokens, dtype=torch.bool, device=x.device).expand(batch_size, -1, -1)
-        return cls(batch_size, num_tokens, num_prefix, has_class_token, members=members)
+        owner = torch.arange(num_tokens, device=x.device).expand(batch_size, -1) if trace else None
+        if grid_size is not None and math.prod(grid_size) != num_tokens - num_prefix:
+            grid_size = None
+        return cls(batch_size, num_tokens, num_prefix, has_class_token, owner=owner,
+                   grid_size=None if grid_size is None else tuple(grid_size))
 
     @property
     def is_original(self) -> bool:
@@ -92,8 +107,13 @@ class TokenLayout:
         """
         source = gather_tokens(self.source_index(index.device), index)
         sizes = None if self.sizes is None else gather_tokens(self.sizes, index)
-        members = None if self.members is None else gather_tokens(self.members, index)
-        return replace(self, num_tokens=index.shape[1], source=source, valid=valid, sizes=sizes, members=members)
+        owner = None
+        if self.owner is not None:
+            kept = torch.arange(index.shape[1], device=index.device).expand_as(index)
+            target = index if valid is None else index.masked_fill(~valid, self.num_tokens)  # padding: a spare slot
+            moved = torch.full((self.batch_size, self.num_tokens + 1), -1, dtype=torch.long, device=index.device)
+            owner = _follow(self.owner, moved.scatter_(1, target, kept)[:, :-1])
+        return replace(self, num_tokens=index.shape[1], source=source, valid=valid, sizes=sizes, owner=owner)
 
     def token_weights(self, dtype: torch.dtype, device: torch.device) -> Tensor:
         """``[B, N]`` size of every position, 0 for padding."""
@@ -110,12 +130,36 @@ class TokenLayout:
         device = weights.device
         order = torch.cat([torch.arange(prefix, device=device), matching.order + prefix])
         source = self.source_index(device)[:, order]
-        members = None
-        if self.members is not None:
-            ones = torch.ones(self.members.shape[:2], device=device)[:, prefix:]
-            merged = merge_weighted(self.members[:, prefix:].float(), ones, matching)[0] > 0
-            members = torch.cat([self.members[:, :prefix], merged], dim=1)
-        return replace(self, source=source, valid=weights > 0, sizes=weights, members=members)
+        owner = None
+        if self.owner is not None:
+            moved = torch.empty_like(order).scatter_(0, order, torch.arange(len(order), device=device))
+            moved = moved.expand(self.batch_size, -1).clone()
+            partner = prefix + len(matching.a_positions) + matching.target  # new position of each A token's target
+            a_old = prefix + matching.a_positions
+            moved[:, a_old] = torch.where(matching.merged, partner, moved[:, a_old])
+            owner = _follow(self.owner, moved)
+        return replace(self, source=source, valid=weights > 0, sizes=weights, owner=owner)
+
+    def members(self) -> Tensor:
+        """``[B, N, N0]`` bool: which original tokens each position stands for (needs ``owner``, i.e. source
+        tracing; ``O(N x N0)`` memory, so only for inspection)."""
+        if self.owner is None:
+            raise PatchStateError("members need source tracing (e.g. vistok.patch(model, 'merge', trace_source=True))")
+        positions = torch.arange(self.num_tokens, device=self.owner.device)
+        return self.owner[:, None, :] == positions[None, :, None]
+
+    def grid_positions(self, device: torch.device | None = None) -> Tensor:
+        """``[B, N, D]`` long: the original grid coordinates (``(t, h, w)`` or ``(h, w)``) of the token at each
+        position (of its first source for a merged token); ``-1`` for prefix tokens."""
+        if self.grid_size is None:
+            raise PatchStateError("this layout has no patch grid (the input did not match the model's grid)")
+        patch = self.source_index(device) - self.num_prefix
+        coordinates = []
+        for size in reversed(self.grid_size):
+            coordinates.append(patch % size)
+            patch = patch // size
+        positions = torch.stack(coordinates[::-1], dim=-1)
+        return positions.masked_fill((self.source_index(device) < self.num_prefix)[..., None], -1)
 
     def key_bias(self, dtype: torch.dtype) -> Tensor | None:
         """Additive attention bias ``[B, 1, 1, N]`` over keys: ``-inf`` for padding, ``log(size)`` for

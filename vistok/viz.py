@@ -24,18 +24,15 @@ def patch_groups(layout: TokenLayout, num_patches: int) -> Tensor:
     """For each image and original patch, the position of the token that carries it after the layout's
     block, or -1 if the patch was dropped: ``[B, num_patches]`` long.
 
-    Merged patches share a position (needs ``layout.members``, i.e. ``trace_source=True``); without members,
-    each kept token carries only its own source patch.
+    Merged patches share a position (needs ``layout.owner``, i.e. ``trace_source=True``); without it, each
+    kept token carries only its own source patch.
     """
     prefix = layout.num_prefix
+    if layout.owner is not None:
+        return layout.owner[:, prefix: prefix + num_patches].cpu()
     batch = layout.batch_size
     groups = torch.full((batch, num_patches), -1, dtype=torch.long)
     valid = layout.valid_mask().cpu()
-    if layout.members is not None:
-        members = layout.members[:, :, prefix: prefix + num_patches].cpu() & valid[:, :, None]
-        carried = members.any(dim=1)
-        groups[carried] = members.float().argmax(dim=1)[carried]
-        return groups
     source = layout.source_index().cpu() - prefix
     for b in range(batch):
         real = valid[b] & (source[b] >= 0)

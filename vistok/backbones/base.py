@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,12 +27,13 @@ class BackboneInfo:
     num_blocks: int
     num_prefix: int
     has_class_token: bool
-    grid_size: tuple[int, int]
+    grid_size: tuple[int, ...]
     rotary: bool = False
 
     @property
     def num_patches(self) -> int:
-        return self.grid_size[0] * self.grid_size[1]
+        """Patch tokens: the product of the grid's sides (``(h, w)`` for images, ``(t, h, w)`` for video)."""
+        return math.prod(self.grid_size)
 
     @property
     def num_tokens(self) -> int:

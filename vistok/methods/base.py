@@ -36,7 +36,7 @@ class TokenReducer:
     its attention, and ``merge`` after the attention residual (before the MLP); each returns ``None`` to
     leave the block as it is."""
 
-    #: whether the method needs ``TokenLayout.members`` (which original tokens each position stands for)
+    #: whether the method needs ``TokenLayout.owner`` (which position stands for each original token)
     traces_members: bool = False
 
     @property

@@ -83,7 +83,7 @@ class MergeConfig(MethodConfig):
         blocks: indices of the merging blocks; ``None``: every block.
         schedule: ``"constant"`` or ``"decreasing"`` (from ``2 r`` down to 0; an int ``r`` only).
         proportional_attention: add ``log(size)`` to attention logits (ToMe's default).
-        trace_source: track which original patches each token stands for (``TokenLayout.members``), for
+        trace_source: track which original patches each token stands for (``TokenLayout.owner``), for
             visualisation.
     """
 

@@ -106,6 +106,9 @@ class SuperTokenConfig(MethodConfig):
         if info.rotary:
             raise UnsupportedModelError(f"super_token: {info.model_class} uses rotary position embeddings, and a "
                                         "super token has no single position")
+        if len(info.grid_size) != 2:
+            raise UnsupportedModelError(f"super_token: {info.model_class} has a {len(info.grid_size)}-D patch grid "
+                                        f"{info.grid_size}; super tokens are defined on 2-D (image) grids")
         default = list(range(max(1, round(info.num_blocks / 4))))
         blocks = resolve_block_indices(self.blocks, info.num_blocks, default)
         size = (self.stoken_size, self.stoken_size) if isinstance(self.stoken_size, int) else tuple(self.stoken_size)
