@@ -103,6 +103,11 @@ class _LayoutTracker:
         """The layout of the tokens the blocks last produced in this thread."""
         return self.last_call().layout
 
+    def current_tokens(self) -> Tensor | None:
+        """The tokens the last patched block produced in this thread, while they are alive."""
+        reference = self.last_call().last_output
+        return None if reference is None else reference()
+
     def clear(self) -> None:
         """Forget every thread's state."""
         self._calls = threading.local()
@@ -154,7 +159,7 @@ class PatchHandle:
             for index in range(first, len(blocks)):
                 blocks[index].forward = _PatchedBlockForward(index, backbone, reducers.get(index), self._tracker)
                 self._undo.append(partial(delattr, blocks[index], "forward"))
-            self._undo.append(backbone.install_pooling(self._tracker.current))
+            self._undo.append(backbone.install_pooling(self._tracker))
             self._undo.append(backbone.install_input_check())
         except BaseException:
             self._restore()

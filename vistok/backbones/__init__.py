@@ -20,6 +20,7 @@ _FAMILY_MODULES = {
     "timm": ("timm", ["TimmViT", "TimmEva"]),
     "open_clip": ("open_clip", ["OpenClipViT"]),
     "hf": ("transformers", ["HFVisionTower"]),
+    "hf_video": ("transformers", ["HFVideoTower"]),
 }
 
 

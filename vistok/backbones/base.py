@@ -6,13 +6,17 @@ import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from torch import Tensor, nn
 
 from ..errors import UnsupportedModelError
 
-__all__ = ["BackboneInfo", "BlockOps", "Backbone", "require_known_parts", "nothing_to_undo", "NO_MASKS"]
+if TYPE_CHECKING:
+    from ..tokens import TokenLayout
+
+__all__ = ["BackboneInfo", "BlockOps", "Backbone", "LayoutSource", "require_known_parts", "nothing_to_undo",
+           "NO_MASKS"]
 
 NO_MASKS = ("a vistok-patched block takes no attention mask or causal flag (vistok masks padding itself); "
             "remove the patch to run the model with attention masks")
@@ -75,6 +79,14 @@ class BlockOps(ABC):
         """Attention dropout probability in the module's current mode."""
 
 
+class LayoutSource(Protocol):
+    """What pooling may ask about the current forward pass (the patch's tracker)."""
+
+    def current(self) -> TokenLayout | None: ...
+
+    def current_tokens(self) -> Tensor | None: ...
+
+
 class Backbone(ABC):
     """A supported model, ready to be patched. Construction checks everything and changes nothing.
 
@@ -112,9 +124,10 @@ class Backbone(ABC):
         """Access to block ``index``'s own modules."""
 
     @abstractmethod
-    def install_pooling(self, current_layout: Callable) -> Callable[[], None]:
+    def install_pooling(self, tracker: LayoutSource) -> Callable[[], None]:
         """Make the model's pooling respect padding and token sizes; returns the undo function.
-        ``current_layout()`` gives the layout of the tokens the blocks produced last.
+        ``tracker.current()`` gives the layout of the tokens the blocks produced last (in this call),
+        ``tracker.current_tokens()`` those tokens.
 
         What it installs and returns must survive ``copy.deepcopy`` and ``pickle`` with the model: bound
         methods and ``functools.partial`` of them, never closures."""

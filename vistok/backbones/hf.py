@@ -24,9 +24,9 @@ from transformers.models.siglip.modeling_siglip import (
 
 from ..errors import InputShapeError, PatchStateError, UnsupportedModelError
 from ..tokens import TokenLayout
-from .base import NO_MASKS, Backbone, BackboneInfo, BlockOps, nothing_to_undo, require_known_parts
+from .base import NO_MASKS, Backbone, BackboneInfo, BlockOps, LayoutSource, nothing_to_undo, require_known_parts
 
-__all__ = ["HFVisionTower"]
+__all__ = ["HFTower", "HFVisionTower"]
 
 _LAYERS = {CLIPVisionModel: (CLIPEncoderLayer, CLIPAttention, CLIPMLP),
            SiglipVisionModel: (SiglipEncoderLayer, SiglipAttention, SiglipMLP)}
@@ -61,7 +61,35 @@ class _EncoderLayerOps(BlockOps):
         return self.attn.dropout if self.attn.training else 0.0
 
 
-class HFVisionTower(Backbone):
+class HFTower(Backbone):
+    """What the Hugging Face families share: the encoder layers' call signature, the gradient-checkpointing flag,
+    and the refusal of ``output_attentions`` (vistok never forms attention matrices)."""
+
+    def block_inputs(self, hidden_states: Tensor, attention_mask: Tensor | None = None, *args: Any,
+                     **kwargs: Any) -> tuple[Tensor, Tensor | None]:
+        if attention_mask is not None or args:
+            raise PatchStateError(NO_MASKS)
+        return hidden_states, None
+
+    @property
+    def grad_checkpointing(self) -> bool:
+        model = self.model
+        if hasattr(type(model), "is_activation_checkpointing"):  # transformers >= 5 renamed the flag
+            return bool(model.is_activation_checkpointing)
+        return bool(getattr(model, "is_gradient_checkpointing", False))
+
+    def install_hooks(self, *hooks: RemovableHandle) -> Callable[[], None]:
+        """The undo function of forward hooks, with the hook refusing ``output_attentions`` added."""
+        refusal = self.model.register_forward_pre_hook(self._refuse_attention_outputs, with_kwargs=True)
+        return partial(_remove_hooks, [*hooks, refusal])
+
+    def _refuse_attention_outputs(self, model: nn.Module, args: tuple, kwargs: dict) -> None:
+        if kwargs.get("output_attentions", model.config.output_attentions):
+            raise PatchStateError("output_attentions is not available while patched: vistok never forms the "
+                                  "attention matrices")
+
+
+class HFVisionTower(HFTower):
     """``CLIPVisionModel`` (class token) and ``SiglipVisionModel`` (no class token, MAP head)."""
 
     model_classes = (CLIPVisionModel, SiglipVisionModel)
@@ -103,25 +131,12 @@ class HFVisionTower(Backbone):
     def block_ops(self, index: int) -> BlockOps:
         return _EncoderLayerOps(self.model.encoder.layers[index])
 
-    def block_inputs(self, hidden_states: Tensor, attention_mask: Tensor | None = None, *args: Any,
-                     **kwargs: Any) -> tuple[Tensor, Tensor | None]:
-        if attention_mask is not None or args:
-            raise PatchStateError(NO_MASKS)
-        return hidden_states, None
-
-    @property
-    def grad_checkpointing(self) -> bool:
-        model = self.model
-        if hasattr(type(model), "is_activation_checkpointing"):  # transformers >= 5 renamed the flag
-            return bool(model.is_activation_checkpointing)
-        return bool(getattr(model, "is_gradient_checkpointing", False))
-
-    def install_pooling(self, current_layout: Callable[[], TokenLayout | None]) -> Callable[[], None]:
+    def install_pooling(self, tracker: LayoutSource) -> Callable[[], None]:
         # CLIP pools its class token, which never moves; SigLIP's attention-pooling head needs a key bias.
         head = self._pooling_head()
         if head is None:
             return nothing_to_undo
-        head.forward = partial(self._pool, current_layout)
+        head.forward = partial(self._pool, tracker.current)
         return partial(delattr, head, "forward")
 
     def _pooling_head(self) -> nn.Module | None:
@@ -144,9 +159,7 @@ class HFVisionTower(Backbone):
         return pooled[:, 0]
 
     def install_input_check(self) -> Callable[[], None]:
-        hooks = [self.model.embeddings.register_forward_pre_hook(self._check_input, with_kwargs=True),
-                 self.model.register_forward_pre_hook(self._refuse_attention_outputs, with_kwargs=True)]
-        return partial(_remove_hooks, hooks)
+        return self.install_hooks(self.model.embeddings.register_forward_pre_hook(self._check_input, with_kwargs=True))
 
     def _check_input(self, embeddings: nn.Module, args: tuple, kwargs: dict) -> None:
         x = args[0] if args else kwargs.get("pixel_values")
@@ -159,12 +172,6 @@ class HFVisionTower(Backbone):
         if not interpolate and tuple(x.shape[-2:]) != (size, size):
             raise InputShapeError(f"{type(self.model).__name__} was built for {size}x{size} input, got "
                                   f"{x.shape[-2]}x{x.shape[-1]}; pass interpolate_pos_encoding=True for other sizes")
-
-    def _refuse_attention_outputs(self, model: nn.Module, args: tuple, kwargs: dict) -> None:
-        if kwargs.get("output_attentions", model.config.output_attentions):
-            raise PatchStateError("output_attentions is not available while patched: vistok never forms the "
-                                  "attention matrices")
-
 
 def _remove_hooks(hooks: list[RemovableHandle]) -> None:
     for hook in hooks:

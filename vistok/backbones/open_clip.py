@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from ..errors import InputShapeError, PatchStateError, UnsupportedModelError
 from ..tokens import TokenLayout
-from .base import NO_MASKS, Backbone, BackboneInfo, BlockOps, require_known_parts
+from .base import NO_MASKS, Backbone, BackboneInfo, BlockOps, LayoutSource, require_known_parts
 
 __all__ = ["OpenClipViT"]
 
@@ -136,8 +136,8 @@ class OpenClipViT(Backbone):
     def grad_checkpointing(self) -> bool:
         return bool(self.model.transformer.grad_checkpointing)
 
-    def install_pooling(self, current_layout: Callable[[], TokenLayout | None]) -> Callable[[], None]:
-        self.model._global_pool = partial(self._global_pool, current_layout)
+    def install_pooling(self, tracker: LayoutSource) -> Callable[[], None]:
+        self.model._global_pool = partial(self._global_pool, tracker.current)
         return partial(delattr, self.model, "_global_pool")
 
     def _global_pool(self, current_layout: Callable[[], TokenLayout | None], x: Tensor) -> tuple[Tensor, Tensor]:

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from ..errors import InputShapeError, PatchStateError, UnsupportedModelError
 from ..tokens import TokenLayout
 from .base import NO_MASKS as _NO_MASKS
-from .base import Backbone, BackboneInfo, BlockOps, require_known_parts
+from .base import Backbone, BackboneInfo, BlockOps, LayoutSource, require_known_parts
 
 try:  # timm >= 1.0.20
     from timm.layers import AttentionRope
@@ -231,8 +231,8 @@ class _TimmBackbone(Backbone):
         _require_tokenwise(block.mlp, _TOKENWISE_MLPS, f"{where}.mlp")
 
     # -- installation ------------------------------------------------------------------------------
-    def install_pooling(self, current_layout: Callable[[], TokenLayout | None]) -> Callable[[], None]:
-        self.model.pool = partial(self._pool, current_layout)
+    def install_pooling(self, tracker: LayoutSource) -> Callable[[], None]:
+        self.model.pool = partial(self._pool, tracker.current)
         return partial(delattr, self.model, "pool")
 
     def _pool(self, current_layout: Callable[[], TokenLayout | None], x: Tensor,

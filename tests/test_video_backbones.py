@@ -1,0 +1,172 @@
+"""Hugging Face video transformers (VideoMAE, ViViT) under every method, on all space-time tokens: parity when
+nothing is dropped, padded batches, VideoMAE's mean pooling, copies, and refusals."""
+
+import copy
+import pickle
+
+import pytest
+import torch
+from transformers import (
+    TimesformerConfig,
+    TimesformerForVideoClassification,
+    VideoMAEConfig,
+    VideoMAEForVideoClassification,
+    VideoMAEModel,
+    VivitConfig,
+    VivitForVideoClassification,
+)
+
+import vistok
+from vistok import InputShapeError, PatchStateError, UnsupportedModelError
+from vistok.methods import MethodConfig, TokenReducer
+
+TOL = 1e-4
+FRAMES, SIZE = 4, 32  # tubelets of 2 x 8 x 8: a (2, 4, 4) grid of 32 space-time tokens
+SHARED = dict(image_size=SIZE, num_frames=FRAMES, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
+              intermediate_size=128)
+
+
+def videomae(**overrides):
+    torch.manual_seed(0)
+    config = VideoMAEConfig(**SHARED, patch_size=8, tubelet_size=2, num_labels=5, **overrides)
+    return VideoMAEForVideoClassification(config).eval()
+
+
+def videomae_bare():
+    torch.manual_seed(0)
+    return VideoMAEModel(VideoMAEConfig(**SHARED, patch_size=8, tubelet_size=2)).eval()
+
+
+def vivit():
+    torch.manual_seed(0)
+    return VivitForVideoClassification(VivitConfig(**SHARED, tubelet_size=[2, 8, 8], num_labels=5)).eval()
+
+
+MODELS = {"videomae": videomae, "videomae bare": videomae_bare, "vivit": vivit}
+
+
+def clips(batch=3, seed=1):
+    return torch.randn(batch, FRAMES, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(seed))
+
+
+def encode(model, x):
+    with torch.no_grad():
+        out = model(pixel_values=x)
+    return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+class _KeepAboveMeanNorm(TokenReducer):
+    """Keeps the patch tokens whose value norm is above their clip's mean: uneven counts, so batches pad, and a
+    choice that depends on the clip alone, so a clip keeps the same tokens in any batch."""
+
+    def select(self, view):
+        prefix = view.layout.num_prefix
+        norms = view.v.transpose(1, 2).flatten(2).norm(dim=-1)[:, prefix:]
+        valid = view.layout.valid_mask(norms.device)
+        mean = (norms * valid[:, prefix:]).sum(1, keepdim=True) / valid[:, prefix:].sum(1, keepdim=True)
+        keep = valid.clone()
+        keep[:, prefix:] &= norms > mean
+        return keep
+
+
+class _UnevenConfig(MethodConfig):
+    name = "test-uneven"
+
+    def __init__(self, blocks):
+        self.blocks = blocks
+
+    def build(self, info):
+        return {block: _KeepAboveMeanNorm() for block in self.blocks}
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("method, options", [("ats", {"k": 32, "min_tokens": 32, "blocks": [0, 1, 2, 3]}),
+                                             ("merge", {"r": 0}), ("random_drop", {"k": 32, "blocks": [1, 2]})])
+def test_keep_everything_parity(name, method, options):
+    model = MODELS[name]()
+    x = clips()
+    expected = encode(model, x)
+    with vistok.patch(model, method, **options) as handle:
+        got = encode(model, x)
+        assert handle.info.grid_size == (2, 4, 4) and max(handle.layouts) == 3
+    assert (got - expected).abs().max() <= TOL
+    assert torch.equal(encode(model, x), expected)  # removed
+
+
+@pytest.mark.parametrize("name", ["videomae", "vivit"])
+@pytest.mark.parametrize("method", ["ats", "merge", "random_drop", "compose"])
+def test_methods_reduce_space_time_tokens(name, method):
+    model = MODELS[name]()
+    x = clips()
+    spec = {"ats": ("ats", {"k": 12}), "merge": ("merge", {"r": 5}), "random_drop": ("random_drop", {"k": 0.5}),
+            "compose": ([("ats", {"k": 20, "blocks": [1]}), ("merge", {"r": 3, "blocks": [2, 3]})], {})}[method]
+    with vistok.patch(model, spec[0], **spec[1]) as handle:
+        out = encode(model, x)
+        counts = handle.tokens_per_block()
+        last = handle.layouts[3]
+    prefix = 0 if name == "videomae" else 1
+    assert out.shape == (3, 5) and bool(torch.isfinite(out).all())
+    assert counts[-1] < 0.7 * (32 + prefix)
+    positions = last.grid_positions()[last.valid_mask()]
+    real = positions[:, 0] >= 0
+    assert bool((positions[real] < torch.tensor([2, 4, 4])).all()) and int(real.sum()) > 0
+
+
+@pytest.mark.parametrize("name", ["videomae", "vivit"])
+def test_padded_batch_equals_clips_one_by_one(name):
+    model = MODELS[name]()
+    x = clips()
+    config = [_UnevenConfig([1]), vistok.MergeConfig(r=2, blocks=[2, 3])]
+    with vistok.patch(model, config) as handle:
+        batched = encode(model, x)
+        assert len(set(handle.layouts[3].num_valid().tolist())) > 1, "the test needs uneven counts"
+        singles = torch.cat([encode(model, x[i:i + 1]) for i in range(3)])
+    assert (batched - singles).abs().max() <= TOL
+
+
+def test_videomae_head_averages_real_tokens_by_size():
+    """The head's mean is over the real tokens, each counted as often as the patches it stands for: the same as
+    the bare model's padded output averaged with the layout's weights."""
+    model = videomae()
+    x = clips()
+    config = [_UnevenConfig([1]), vistok.MergeConfig(r=2, blocks=[2, 3])]
+    with vistok.patch(model, config) as handle:
+        logits = encode(model, x)
+        tokens = model.videomae(pixel_values=x).last_hidden_state
+        weights = handle.layouts[3].token_weights(tokens.dtype, "cpu")[..., None]
+    pooled = (tokens * weights).sum(1) / weights.sum(1)
+    with torch.no_grad():
+        expected = model.classifier(model.fc_norm(pooled))
+    assert (logits - expected).abs().max() <= TOL
+    with torch.no_grad():
+        plain = model.classifier(model.fc_norm(tokens.mean(1)))
+    assert (logits - plain).abs().max() > 1e-3  # a plain mean over padding and merged tokens would differ
+
+
+def test_copies_and_pickles_stay_patched():
+    model = videomae()
+    x = clips()
+    handle = vistok.patch(model, "merge", r=4)
+    patched = encode(model, x)
+    for twin in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        twin_handle = vistok.get_handle(twin)
+        assert twin_handle is not handle and twin_handle.active
+        assert torch.equal(encode(twin, x), patched)
+        twin_handle.remove()
+    assert handle.active and torch.equal(encode(model, x), patched)
+
+
+def test_refusals_and_bad_input():
+    timesformer = TimesformerForVideoClassification(TimesformerConfig(**SHARED, patch_size=8, num_labels=5))
+    with pytest.raises(UnsupportedModelError, match="divided space-time attention"):
+        vistok.patch(timesformer, "ats")
+    with pytest.raises(UnsupportedModelError, match="use_mean_pooling=False"):
+        vistok.patch(videomae(use_mean_pooling=False), "merge")
+    model = vivit()
+    with vistok.patch(model, "ats", k=10):
+        for bad in (torch.randn(2, 3, SIZE, SIZE), torch.randn(2, FRAMES + 2, 3, SIZE, SIZE),
+                    torch.randn(2, FRAMES, 3, SIZE, SIZE + 8)):
+            with pytest.raises(InputShapeError, match=r"\[B, 4, 3, 32, 32\]"):
+                model(pixel_values=bad)
+        with pytest.raises(PatchStateError, match="output_attentions"):
+            model(pixel_values=clips(), output_attentions=True)
