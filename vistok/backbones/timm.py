@@ -255,10 +255,12 @@ class _TimmBackbone(Backbone):
     def _check_input(self, patch_embed: nn.Module, args: tuple) -> None:
         x = args[0]
         name = type(self.model).__name__
-        if not isinstance(x, Tensor) or x.dim() != 4:
+        video = len(self.info.grid_size) == 3  # a TubeletEmbed: [B, C, T, H, W] clips
+        if not isinstance(x, Tensor) or x.dim() != (5 if video else 4):
             shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
-            raise InputShapeError(f"{name} expects images of shape [B, C, H, W], got {shape}")
-        first_conv = next((m for m in patch_embed.modules() if isinstance(m, nn.Conv2d)), None)
+            expected = "clips of shape [B, C, T, H, W]" if video else "images of shape [B, C, H, W]"
+            raise InputShapeError(f"{name} expects {expected}, got {shape}")
+        first_conv = next((m for m in patch_embed.modules() if isinstance(m, (nn.Conv2d, nn.Conv3d))), None)
         channels = first_conv.in_channels if first_conv is not None else x.shape[1]
         if x.shape[1] != channels:
             raise InputShapeError(f"{name} expects {channels} input channels, got shape {tuple(x.shape)}")
@@ -266,11 +268,12 @@ class _TimmBackbone(Backbone):
                                                                             False)
         expected = getattr(patch_embed, "img_size", None)
         if not dynamic and getattr(patch_embed, "strict_img_size", True) and expected is not None \
-                and tuple(x.shape[-2:]) != tuple(expected):
+                and tuple(x.shape[-len(expected):]) != tuple(expected):
+            got = "x".join(map(str, x.shape[-len(expected):]))
             raise InputShapeError(
-                f"{name} was built for {expected[0]}x{expected[1]} input (patch size "
-                f"{tuple(patch_embed.patch_size)}), got {x.shape[-2]}x{x.shape[-1]} (shape {tuple(x.shape)}). "
-                "Resize the images, or create the model with img_size=... or dynamic_img_size=True.")
+                f"{name} was built for {'x'.join(map(str, expected))} input (patch size "
+                f"{tuple(patch_embed.patch_size)}), got {got} (shape {tuple(x.shape)}). "
+                "Resize the input, or create the model with img_size=... or dynamic_img_size=True.")
 
 
 class TimmViT(_TimmBackbone):

@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import copy
 import platform
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from ..errors import InvalidConfigError
 from .flops import count_flops
 from .throughput import Timing, time_models
 from .tokens import tokens_per_block
@@ -103,8 +105,19 @@ class BenchReport:
         return data
 
 
+def _prediction(output: Any) -> Tensor:
+    """A model's output as one tensor: itself, or a Hugging Face output's ``logits`` (else its pooled output)."""
+    if isinstance(output, Tensor):
+        return output
+    for name in ("logits", "pooler_output", "last_hidden_state"):
+        value = getattr(output, name, None)
+        if value is not None:
+            return value if value.dim() == 2 else value.flatten(1)
+    raise InvalidConfigError(f"run_benchmark: cannot read predictions from a {type(output).__name__}")
+
+
 def run_benchmark(
-    model_name: str,
+    model_name: str | Callable[[], nn.Module],
     variants: list[Variant],
     batch_size: int = 32,
     runs: int = 10,
@@ -115,21 +128,32 @@ def run_benchmark(
     progress: bool = True,
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
+    input_shape: tuple[int, ...] | None = None,
+    label: str | None = None,
 ) -> BenchReport:
-    """Benchmark a randomly initialised timm model, unpatched and with each variant (CPU, fp32 by default).
+    """Benchmark a randomly initialised model, unpatched and with each variant (CPU, fp32 by default).
 
-    Inputs are ``batch_size`` standard-normal images (seeded). FLOPs are counted on the CPU in fp32 (the same
-    count on every device) and averaged over the first ``flops_images`` images (all by default); tokens per
-    block, outputs and timings come from ``device`` in ``dtype``.
+    ``model_name`` is a timm model name, or a function that builds any model vistok patches (then give
+    ``input_shape``, one input without the batch dimension, e.g. ``(16, 3, 224, 224)`` for a VideoMAE clip, and a
+    ``label``). Inputs are ``batch_size`` standard-normal samples (seeded). FLOPs are counted on the CPU in fp32
+    (the same count on every device) and averaged over the first ``flops_images`` inputs (all by default); tokens
+    per block, outputs and timings come from ``device`` in ``dtype``.
     """
-    import timm
-
     from ..patching import patch
 
     torch.manual_seed(seed)
-    base = timm.create_model(model_name, pretrained=False, **(model_kwargs or {})).eval()
-    image_size = tuple(base.patch_embed.img_size)
-    images = torch.randn(batch_size, 3, *image_size, generator=torch.Generator().manual_seed(seed))
+    if isinstance(model_name, str):
+        import timm
+
+        base = timm.create_model(model_name, pretrained=False, **(model_kwargs or {})).eval()
+        input_shape = input_shape or (3, *base.patch_embed.img_size)
+    else:
+        if input_shape is None:
+            raise InvalidConfigError("run_benchmark: give input_shape with a model-building function")
+        base = model_name().eval()
+        model_name = label or type(base).__name__
+    image_size = tuple(input_shape[-2:])
+    images = torch.randn(batch_size, *input_shape, generator=torch.Generator().manual_seed(seed))
     models: dict[str, nn.Module] = {"unpatched": base}
     all_variants = [Variant("unpatched")] + [v for v in variants if v.method is not None]
     for variant in all_variants[1:]:
@@ -140,13 +164,13 @@ def run_benchmark(
     counted = images[:flops_images] if flops_images else images
     timed_images = images.to(device=device, dtype=dtype)
     costs, outputs = {}, {}
-    for label, model in models.items():
-        bar.set_postfix_str(f"{label}: counting FLOPs")
+    for name, model in models.items():
+        bar.set_postfix_str(f"{name}: counting FLOPs")
         flops = count_flops(model, counted) / 1e9
         model.to(device=device, dtype=dtype)
-        costs[label] = (tokens_per_block(model, timed_images), flops)
+        costs[name] = (tokens_per_block(model, timed_images), flops)
         with torch.inference_mode():
-            outputs[label] = model(timed_images).float()
+            outputs[name] = _prediction(model(timed_images)).float()
         bar.update()
     agreement = {label: (float(F.cosine_similarity(out, outputs["unpatched"], dim=-1).mean()),
                          float((out.argmax(-1) == outputs["unpatched"].argmax(-1)).float().mean()))

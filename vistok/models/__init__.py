@@ -10,6 +10,7 @@ from .reference import (
     vistok_vit_fmnist_reg4,
 )
 from .stvit import STViT, STViTBlock, SuperTokenAttention, stvit_base, stvit_small
+from .video_vit import TubeletEmbed, inflate_to_video
 
 __all__ = [
     "STViT",
@@ -24,4 +25,6 @@ __all__ = [
     "CheckpointError",
     "load_checkpoint",
     "reference_checkpoint",
+    "TubeletEmbed",
+    "inflate_to_video",
 ]

@@ -1,0 +1,95 @@
+"""A video ViT inflated from a timm image ViT: a static clip gives the image model's output, vistok patches it over
+its (t, h, w) tokens, and it trains."""
+
+import pytest
+import timm
+import torch
+
+import vistok
+from vistok import InputShapeError, InvalidConfigError, UnsupportedModelError
+from vistok.models import inflate_to_video
+from vistok.models.video_vit import TubeletEmbed
+
+FRAMES = 4
+
+
+def image_model(name="vistok_vit_fmnist_reg4", **kwargs):
+    torch.manual_seed(0)
+    return timm.create_model(name, depth=4, **kwargs).eval()
+
+
+def test_a_static_clip_gives_the_image_output():
+    """Every frame the same: the tubelets are the image's patches repeated. Without prefix tokens every key is
+    repeated alike, so attention, every token and the average are the image model's (conv stem included)."""
+    image = image_model(reg_tokens=0, class_token=False, global_pool="avg")
+    video = inflate_to_video(image, FRAMES, tubelet_frames=2)
+    picture = torch.randn(2, 1, 28, 28)
+    clip = picture[:, :, None].expand(-1, -1, FRAMES, -1, -1)
+    with torch.no_grad():
+        assert (video(clip) - image(picture)).abs().max() <= 1e-5
+    assert video.patch_embed.grid_size == (2, 14, 14) and video.pos_embed.shape[1] == 2 * 196
+    assert image.patch_embed.img_size == (28, 28)  # the image model is unchanged
+
+
+def test_a_static_clip_with_class_token_and_registers_is_close():
+    """With prefix tokens the repeated patch keys weigh a little more against them: close, not equal."""
+    image = image_model()
+    video = inflate_to_video(image, FRAMES, tubelet_frames=2)
+    picture = torch.randn(8, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        got, expected = video(picture[:, :, None].expand(-1, -1, FRAMES, -1, -1)), image(picture)
+    assert torch.equal(got.argmax(1), expected.argmax(1)) and (got - expected).abs().max() <= 0.01
+    assert video.pos_embed.shape[1] == 5 + 2 * 196
+
+
+def test_frame_order_comes_from_the_temporal_embedding():
+    """Freshly inflated, every frame slice has the same position embedding, so reversing the frames permutes the
+    tokens and leaves the output alone; a temporal embedding (learned in training) makes order count."""
+    torch.manual_seed(0)
+    image = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, num_classes=3).eval()
+    video = inflate_to_video(image, FRAMES, tubelet_frames=1)
+    assert isinstance(video.patch_embed, TubeletEmbed) and video.patch_embed.num_patches == FRAMES * 16
+    clip = torch.randn(2, 3, FRAMES, 32, 32)
+    with torch.no_grad():
+        out = video(clip)
+        assert out.shape == (2, 3) and (video(clip.flip(2)) - out).abs().max() <= 1e-5
+        video.pos_embed[:, 1 + 16:] += torch.randn(1, (FRAMES - 1) * 16, 192)  # frames 1.. get their own offsets
+        assert (video(clip.flip(2)) - video(clip)).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("method, options", [("ats", {"k": 0.5}), ("merge", {"r": 40}), ("random_drop", {"k": 100})])
+def test_vistok_patches_the_video_vit(method, options):
+    video = inflate_to_video(image_model(), FRAMES)
+    clip = torch.randn(2, 1, FRAMES, 28, 28, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = video(clip)
+        keep_all = dict(k=392, min_tokens=392, blocks=[0, 1, 2, 3])
+        with vistok.patch(video, "ats", **keep_all):
+            assert (video(clip) - expected).abs().max() <= 1e-4
+        with vistok.patch(video, method, **options) as handle:
+            out = video(clip)
+            assert handle.info.grid_size == (2, 14, 14) and handle.info.num_patches == 392
+            assert handle.tokens_per_block()[-1] < 0.8 * (5 + 392)
+            layout = handle.layouts[3]
+            positions = layout.grid_positions()[layout.valid_mask()]
+            assert bool((positions[positions[:, 0] >= 0] < torch.tensor([2, 14, 14])).all())
+        assert out.shape == (2, 10) and bool(torch.isfinite(out).all())
+        with vistok.patch(video, method, **options), pytest.raises(InputShapeError, match=r"\[B, C, T, H, W\]"):
+            video(clip[:, :, 0])
+
+
+def test_inflated_model_trains():
+    video = inflate_to_video(image_model(), FRAMES).train()
+    clip = torch.randn(2, 1, FRAMES, 28, 28)
+    loss = torch.nn.functional.cross_entropy(video(clip), torch.tensor([1, 2]))
+    loss.backward()
+    assert video.patch_embed.proj.weight.grad is not None and video.pos_embed.grad.abs().sum() > 0
+
+
+def test_refusals():
+    with pytest.raises(InvalidConfigError, match="multiple"):
+        inflate_to_video(image_model(), 5, tubelet_frames=2)
+    with pytest.raises(UnsupportedModelError):
+        inflate_to_video(torch.nn.Linear(2, 2), 4)
+    with pytest.raises(UnsupportedModelError, match="position embedding"):
+        inflate_to_video(timm.create_model("vit_tiny_patch16_224", depth=1, dynamic_img_size=True), 4)

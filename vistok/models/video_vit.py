@@ -1,0 +1,117 @@
+"""A video ViT made from a timm image ViT: the patch embedding inflated to tubelets, a temporal position
+embedding added, every block, norm and head kept. The result is still a timm ``VisionTransformer`` (its patch
+embedding a :class:`TubeletEmbed`), so timm's training code, vistok's patching and checkpoints work as for images.
+
+Inflation (as I3D and ViViT initialise from image weights): the per-frame stem convolutions are reused as they
+are, and the patchifying ``p x p`` convolution becomes a ``t x p x p`` one whose every temporal slice is the image
+kernel divided by ``t``; the position table becomes a joint space-time one, the image's spatial table repeated
+for every tubelet slice (a temporal position embedding that starts at zero). A clip of identical frames then gives
+the image model's output on that frame: exactly for a model without prefix tokens (every key is repeated alike),
+nearly with a class token or registers (the repeated patch keys outweigh the prefix keys a little). Training
+learns motion from there.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from einops import rearrange
+from timm.layers import PatchEmbed
+from timm.models.vision_transformer import VisionTransformer
+from torch import Tensor, nn
+
+from ..errors import InputShapeError, InvalidConfigError, UnsupportedModelError
+
+__all__ = ["TubeletEmbed", "inflate_to_video"]
+
+
+class TubeletEmbed(nn.Module):
+    """``[B, C, T, H, W]`` clips -> ``[B, T' * H' * W', D]`` tokens, time-major (all patches of the first tubelet
+    slice, then the next).
+
+    Args:
+        frame_stem: 2-D layers applied to every frame before patchifying (an image model's conv stem), or ``None``.
+        proj: the ``Conv3d`` with kernel = stride = ``(t, p, p)``.
+        img_size: ``(T, H, W)`` of the input clip.
+    """
+
+    def __init__(self, frame_stem: nn.Module | None, proj: nn.Conv3d, img_size: tuple[int, int, int]) -> None:
+        super().__init__()
+        if tuple(proj.kernel_size) != tuple(proj.stride):
+            raise InvalidConfigError(f"TubeletEmbed: the projection's kernel {proj.kernel_size} must equal its stride")
+        self.frame_stem = frame_stem
+        self.proj = proj
+        self.img_size = tuple(img_size)
+        self.patch_size = tuple(proj.kernel_size)
+        for size, step in zip(self.img_size, self.patch_size, strict=True):
+            if size % step:
+                raise InvalidConfigError(f"TubeletEmbed: clip size {self.img_size} is not a multiple of the tubelet "
+                                         f"{self.patch_size}")
+        self.grid_size = tuple(size // step for size, step in zip(self.img_size, self.patch_size, strict=True))
+        self.num_patches = self.grid_size[0] * self.grid_size[1] * self.grid_size[2]
+        self.dynamic_img_pad = False
+        self.strict_img_size = True
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() != 5 or tuple(x.shape[2:]) != self.img_size:
+            raise InputShapeError(f"expected clips [B, C, {', '.join(map(str, self.img_size))}] (batch, channels, "
+                                  f"frames, height, width), got {tuple(x.shape)}")
+        frames = x.shape[2]
+        if self.frame_stem is not None:
+            x = rearrange(self.frame_stem(rearrange(x, "b c t h w -> (b t) c h w")), "(b t) c h w -> b c t h w",
+                          t=frames)
+        return rearrange(self.proj(x), "b d t h w -> b (t h w) d")
+
+
+def _split_patch_embed(patch_embed: nn.Module) -> tuple[nn.Module | None, nn.Conv2d]:
+    """An image patch embedding's per-pixel stem (``None`` if there is none) and its patchifying convolution."""
+    if not isinstance(patch_embed, PatchEmbed) or not isinstance(patch_embed.norm, nn.Identity):
+        raise UnsupportedModelError(f"cannot inflate a {type(patch_embed).__name__} patch embedding (with a norm or "
+                                    "of an unknown kind); vistok inflates timm's PatchEmbed and its conv-stem kin")
+    proj = patch_embed.proj
+    if isinstance(proj, nn.Conv2d):
+        return None, proj
+    if isinstance(proj, nn.Sequential) and isinstance(proj[-1], nn.Conv2d):
+        return nn.Sequential(*list(proj)[:-1]), proj[-1]
+    raise UnsupportedModelError(f"cannot inflate the patch embedding's projection {type(proj).__name__}")
+
+
+@torch.no_grad()
+def inflate_to_video(model: VisionTransformer, num_frames: int, tubelet_frames: int = 2) -> VisionTransformer:
+    """A video copy of the image ViT ``model`` for clips of ``num_frames`` frames, tubelets ``tubelet_frames``
+    deep (see the module docstring). ``model`` is left unchanged.
+
+    Raises:
+        UnsupportedModelError: not a timm ``VisionTransformer`` with a learned, fixed-size position embedding and
+            a convolutional patch embedding.
+        InvalidConfigError: ``num_frames`` is not a positive multiple of ``tubelet_frames``.
+    """
+    if type(model) is not VisionTransformer:
+        raise UnsupportedModelError(f"inflate_to_video takes a timm VisionTransformer, got {type(model).__name__}")
+    if model.pos_embed is None or getattr(model, "dynamic_img_size", False) or model.no_embed_class:
+        raise UnsupportedModelError("inflate_to_video needs a learned position embedding over prefix and patch "
+                                    "tokens at a fixed image size")
+    for value, name in ((num_frames, "num_frames"), (tubelet_frames, "tubelet_frames")):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise InvalidConfigError(f"inflate_to_video: {name} must be a positive int, got {value!r}")
+    if num_frames % tubelet_frames:
+        raise InvalidConfigError(f"inflate_to_video: num_frames={num_frames} is not a multiple of "
+                                 f"tubelet_frames={tubelet_frames}")
+    stem, conv = _split_patch_embed(model.patch_embed)
+    video = copy.deepcopy(model)
+    proj = nn.Conv3d(conv.in_channels, conv.out_channels, kernel_size=(tubelet_frames, *conv.kernel_size),
+                     stride=(tubelet_frames, *conv.stride), bias=conv.bias is not None)
+    proj.weight.copy_(conv.weight[:, :, None].expand_as(proj.weight) / tubelet_frames)
+    if conv.bias is not None:
+        proj.bias.copy_(conv.bias)
+    height, width = model.patch_embed.img_size
+    video.patch_embed = TubeletEmbed(copy.deepcopy(stem), proj, (num_frames, height, width))
+    prefix = model.num_prefix_tokens
+    slices = num_frames // tubelet_frames
+    spatial = model.pos_embed[:, prefix:]
+    video.pos_embed = nn.Parameter(torch.cat([model.pos_embed[:, :prefix], spatial.repeat(1, slices, 1)], dim=1))
+    in_chans = next(m for m in model.patch_embed.modules() if isinstance(m, nn.Conv2d)).in_channels
+    video.pretrained_cfg = video.default_cfg = {**getattr(model, "pretrained_cfg", {}),
+                                                "input_size": (in_chans, num_frames, height, width)}
+    return video
