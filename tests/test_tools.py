@@ -189,8 +189,13 @@ def test_overlays_account_for_every_patch(tmp_path):
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_configs_are_valid(path):
-    tool = "eval" if path.name.startswith("eval_") else "sweep" if path.name.startswith("sweep_") else "train"
+    tool = "eval" if "eval" in path.stem.split("_") else "sweep" if path.name.startswith("sweep_") else "train"
     config = load_config(load_tool(tool).DEFAULTS, path)
-    assert timm.is_model(config["model"])
+    if config["model"].startswith("hf:"):
+        import transformers
+
+        assert hasattr(transformers, config["model"][3:]) and config["model_kwargs"].get("name_or_path")
+    else:
+        assert timm.is_model(config["model"])
     if config["method"]:
         vistok.create_config(config["method"], **config["method_options"])

@@ -7,6 +7,7 @@ images, each counted on its own), and images/s.
     python tools/eval.py pretrained=true method=ats method_options.k=60
     python tools/eval.py --config configs/eval_fmnist_ats.yaml --json out/ats.json
     python tools/eval.py model=deit_small_patch16_224 pretrained=true data.name=folder data.root=/imagenet
+    python tools/eval.py --config configs/kinetics400_videomae_eval.yaml data.root=/data/kinetics400   # 5 x 3 views
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch
 
 import vistok
 from vistok.config import load_config, parse_overrides
-from vistok.experiment import DATA_DEFAULTS, MODEL_DEFAULTS, batches, build_data, build_model
+from vistok.experiment import DATA_DEFAULTS, MODEL_DEFAULTS, batches, build_data, build_model, wrap_for_data
 from vistok.measure import count_flops, time_models
 from vistok.measure.accuracy import evaluate
 
@@ -36,10 +37,13 @@ def run_eval(config: dict, progress: bool = True) -> dict:
     if settings["threads"]:
         torch.set_num_threads(settings["threads"])
     _, val_set, _, transform = build_data(config["data"])
-    model = build_model(config).eval()
+    model = wrap_for_data(build_model(config), config["data"]).eval()
     prepare = transform or (lambda images: images)
-    result = evaluate(model, batches(val_set, settings["batch_size"]), prepare, progress=progress,
-                      total=-(-len(val_set) // settings["batch_size"]))
+    labelled = batches(val_set, settings["batch_size"])
+    result = evaluate(model, labelled, prepare, progress=progress, total=len(labelled))
+    if config["data"]["name"] == "video":  # test views are averaged; unreadable clips skipped and counted
+        result["skipped_clips"] = labelled.skipped
+        result["views"] = config["data"]["test_clips"] * config["data"]["test_crops"]
     flops_batches = [prepare(images) for images, _ in batches(val_set, settings["batch_size"],
                                                                  settings["flops_images"])]
     result["gflops"] = count_flops(model, flops_batches) / 1e9

@@ -24,7 +24,16 @@ import torch.nn.functional as F
 
 import vistok
 from vistok.config import ConfigError, load_config, parse_overrides
-from vistok.experiment import DATA_DEFAULTS, MODEL_DEFAULTS, build_data, build_model, set_fused_attention
+from vistok.experiment import (
+    DATA_DEFAULTS,
+    MODEL_DEFAULTS,
+    LabelledBatches,
+    build_data,
+    build_model,
+    loader,
+    set_fused_attention,
+    wrap_for_data,
+)
 from vistok.measure.accuracy import topk_correct
 
 DEFAULTS = {
@@ -76,11 +85,11 @@ def train(config: dict, resume: bool = False) -> int:
     if not settings["fused_attn"] and not set_fused_attention(model, False):
         raise ConfigError(f"train.fused_attn=false: {config['model']} has no attention module with timm's "
                           "fused_attn switch")
+    model = wrap_for_data(model, config["data"])
 
-    loader_args = dict(num_workers=config["data"]["workers"])
-    train_loader = torch.utils.data.DataLoader(train_set, batch_size=settings["batch_size"], shuffle=True,
-                                               drop_last=True, **loader_args)
-    val_loader = torch.utils.data.DataLoader(val_set, batch_size=settings["eval_batch_size"], **loader_args)
+    workers = config["data"]["workers"]
+    train_loader = loader(train_set, settings["batch_size"], shuffle=True, drop_last=True, num_workers=workers)
+    val_loader = loader(val_set, settings["eval_batch_size"], num_workers=workers)
     from timm.optim import param_groups_weight_decay
 
     optimizer = torch.optim.AdamW(param_groups_weight_decay(model, settings["weight_decay"]), lr=settings["lr"])
@@ -103,7 +112,10 @@ def train(config: dict, resume: bool = False) -> int:
     for epoch in range(start_epoch, settings["epochs"]):
         model.train()
         started, loss_sum, seen = time.time(), 0.0, 0
-        bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{settings['epochs']}",
+        if hasattr(train_set, "set_epoch"):
+            train_set.set_epoch(epoch)  # video: fresh clips each epoch
+        labelled = LabelledBatches(train_loader)
+        bar = tqdm(labelled, desc=f"epoch {epoch + 1}/{settings['epochs']}",
                    disable=not accelerator.is_local_main_process)
         for batch_index, (images, labels) in enumerate(bar):
             step = epoch * steps_per_epoch + batch_index // settings["grad_accum"]
@@ -122,6 +134,8 @@ def train(config: dict, resume: bool = False) -> int:
             bar.set_postfix(loss=f"{loss_sum / seen:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
         metrics = {"epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1), "seconds": time.time() - started,
                    **validate(model, val_loader, val_transform, accelerator)}
+        if config["data"]["name"] == "video":  # unreadable clips are skipped, never silently
+            metrics["train_skipped_clips"] = labelled.skipped
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             with open(output / "metrics.jsonl", "a") as log:
@@ -140,14 +154,18 @@ def train(config: dict, resume: bool = False) -> int:
 def validate(model, loader, transform, accelerator) -> dict[str, float]:
     model.eval()
     correct, total = torch.zeros(2, dtype=torch.long), 0
+    labelled = LabelledBatches(loader)
     with torch.inference_mode():
-        for images, labels in loader:
+        for images, labels in labelled:
             logits = model(transform(images) if transform else images)
             logits, labels = accelerator.gather_for_metrics((logits, labels))
             hits = topk_correct(logits, labels)
             correct += torch.tensor([hits[1], hits[5]])
             total += labels.shape[0]
-    return {"val_top1": 100.0 * int(correct[0]) / total, "val_top5": 100.0 * int(correct[1]) / total}
+    result = {"val_top1": 100.0 * int(correct[0]) / total, "val_top5": 100.0 * int(correct[1]) / total}
+    if labelled.skipped:
+        result["val_skipped_clips"] = labelled.skipped
+    return result
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from .methods import (
     list_methods,
     register_method,
 )
-from .patching import PatchHandle, get_handle, patch, unpatch
+from .patching import PatchHandle, find_handle, get_handle, patch, unpatch
 from .tokens import TokenLayout
 
 __version__ = "0.1.0"
@@ -34,6 +34,7 @@ __all__ = [
     "patch",
     "unpatch",
     "get_handle",
+    "find_handle",
     "list_methods",
     "register_method",
     "create_config",

@@ -1,8 +1,19 @@
 """What tools/train.py, tools/eval.py and tools/sweep.py share: config sections, building the model and the
-data from a config."""
+data from a config.
+
+Models: a timm name (vistok's models included), or ``hf:<transformers class>`` (e.g.
+``hf:VideoMAEForVideoClassification``): built from ``model_kwargs`` as its config (random init), or with
+``pretrained: true`` loaded by ``from_pretrained(model_kwargs.name_or_path)``.
+
+Data: ``fashion_mnist``, ``folder`` (ImageNet-style class folders), or ``video``: clips listed in a Kinetics CSV
+(``data.format: kinetics_csv``), a ``path label`` list (``list``) or class folders (``folders``), read with
+:mod:`vistok.video`; a video model is wrapped in :class:`~vistok.video.VideoClassifier` (``[B, C, T, H, W]`` clips
+in, logits out, test views averaged).
+"""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -12,7 +23,8 @@ from torch.utils.data import Dataset
 from .config import ConfigError
 from .data import GreyBatchTransform, fashion_mnist_dataset, image_folder_dataset
 
-__all__ = ["MODEL_DEFAULTS", "DATA_DEFAULTS", "build_model", "build_data", "set_fused_attention"]
+__all__ = ["MODEL_DEFAULTS", "DATA_DEFAULTS", "build_model", "build_data", "set_fused_attention", "wrap_for_data",
+           "loader", "batches", "LabelledBatches"]
 
 MODEL_DEFAULTS: dict[str, Any] = {
     "model": "vistok_vit_fmnist",
@@ -25,7 +37,12 @@ MODEL_DEFAULTS: dict[str, Any] = {
 DATA_DEFAULTS: dict[str, Any] = {
     "name": "fashion_mnist", "root": None, "download": False, "input_size": 224, "augment": True,
     "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "workers": 0, "limit": 0,
+    # video (name: video): where the clips are listed, how clips are sampled, multi-view testing
+    "format": "kinetics_csv", "train_list": "", "val_list": "", "train_split": "train", "val_split": "",
+    "sampling": "dense", "num_frames": 16, "sampling_rate": 4, "short_side": 0, "test_clips": 1, "test_crops": 1,
+    "on_error": "skip", "backend": "auto", "timeout": 10.0,
 }
+VIDEO_FORMATS = ("kinetics_csv", "list", "folders")
 
 
 def build_model(config: dict[str, Any], patch: bool = True) -> nn.Module:
@@ -41,15 +58,42 @@ def build_model(config: dict[str, Any], patch: bool = True) -> nn.Module:
     from .models.reference import load_checkpoint
     from .patching import patch as patch_model
 
-    if not timm.is_model(config["model"]):
+    if config["model"].startswith("hf:"):
+        model = _build_hf_model(config["model"][3:], config["model_kwargs"], config["pretrained"])
+    elif not timm.is_model(config["model"]):
         close = timm.list_models(f"*{config['model'][:6]}*")[:5]
         raise ConfigError(f"unknown model {config['model']!r}: not in timm's registry (nor vistok's); similar: {close}")
-    model = timm.create_model(config["model"], pretrained=config["pretrained"], **config["model_kwargs"])
+    else:
+        model = timm.create_model(config["model"], pretrained=config["pretrained"], **config["model_kwargs"])
     if config["checkpoint"]:
         load_checkpoint(model, config["checkpoint"])
     if patch and config["method"]:
         patch_model(model, config["method"], **config["method_options"])
     return model
+
+
+def _build_hf_model(class_name: str, kwargs: dict[str, Any], pretrained: bool) -> nn.Module:
+    import transformers
+
+    cls = getattr(transformers, class_name, None)
+    if cls is None or not hasattr(cls, "config_class"):
+        raise ConfigError(f"model hf:{class_name}: transformers has no model class {class_name!r}")
+    kwargs = dict(kwargs)
+    source = kwargs.pop("name_or_path", None)
+    if pretrained:
+        if not source:
+            raise ConfigError(f"model hf:{class_name} with pretrained: true needs model_kwargs.name_or_path")
+        return cls.from_pretrained(source, **kwargs)
+    return cls(cls.config_class(**kwargs))
+
+
+def wrap_for_data(model: nn.Module, data: dict[str, Any]) -> nn.Module:
+    """``model`` as the data's batches need it: a video model in a :class:`~vistok.video.VideoClassifier`."""
+    if data["name"] != "video":
+        return model
+    from .video import VideoClassifier
+
+    return VideoClassifier(model)
 
 
 def set_fused_attention(model: nn.Module, enabled: bool) -> int:
@@ -79,6 +123,9 @@ def build_data(data: dict[str, Any], seed: int = 0) -> tuple[Dataset, Dataset, A
         train = fashion_mnist_dataset("train", data["root"], data["download"])
         val = fashion_mnist_dataset("test", data["root"], data["download"])
         transforms = GreyBatchTransform(augment=data["augment"], seed=seed), GreyBatchTransform()
+    elif data["name"] == "video":
+        train, val = _video_datasets(data, seed)
+        transforms = None, None
     elif data["name"] == "folder":
         if not data["root"]:
             raise ConfigError("data.name=folder needs data.root (a folder with train/ and val/ class folders)")
@@ -87,14 +134,80 @@ def build_data(data: dict[str, Any], seed: int = 0) -> tuple[Dataset, Dataset, A
         val = image_folder_dataset(data["root"], "val", size, False, mean, std)
         transforms = None, None
     else:
-        raise ConfigError(f"data.name must be 'fashion_mnist' or 'folder', got {data['name']!r}")
+        raise ConfigError(f"data.name must be 'fashion_mnist', 'folder' or 'video', got {data['name']!r}")
     if data["limit"]:  # the first images of each split only (smoke tests, quick looks)
         train, val = (torch.utils.data.Subset(d, range(min(data["limit"], len(d)))) for d in (train, val))
     return train, val, *transforms
 
 
-def batches(dataset: Dataset, batch_size: int, limit: int | None = None):
-    """Deterministic, unshuffled ``(images, labels)`` batches of a dataset, optionally its first ``limit``."""
+def _video_datasets(data: dict[str, Any], seed: int) -> tuple[Dataset, Dataset]:
+    from .video import ClipSampling, ClipTransform, VideoClipDataset, class_folders, kinetics_csv, list_file
+
+    if data["format"] not in VIDEO_FORMATS:
+        raise ConfigError(f"data.format must be one of {VIDEO_FORMATS}, got {data['format']!r}")
+    if not data["root"]:
+        raise ConfigError("data.name=video needs data.root (the folder the clips are in)")
+    root = Path(data["root"])
+
+    def listed(which: str, split: str, classes: list[str] | None = None):
+        if data["format"] == "folders":
+            return class_folders(root / which)
+        listing = data[f"{which}_list"]
+        if not listing:
+            raise ConfigError(f"data.format={data['format']} needs data.{which}_list")
+        path = Path(listing) if Path(listing).is_absolute() else root / listing
+        if data["format"] == "list":
+            return list_file(path, root, classes=classes, on_error=data["on_error"])
+        return kinetics_csv(path, root, split=split or None, classes=classes, on_error=data["on_error"])
+
+    train_videos = listed("train", data["train_split"])
+    val_videos = listed("val", data["val_split"], train_videos.classes)
+    sampling = dict(mode=data["sampling"], num_frames=data["num_frames"], sampling_rate=data["sampling_rate"])
+    size, short = data["input_size"], data["short_side"] or data["input_size"]
+    normalise = dict(mean=tuple(data["mean"]), std=tuple(data["std"]))
+    reading = dict(on_error=data["on_error"], backend=data["backend"], timeout=data["timeout"])
+    train = VideoClipDataset(train_videos, ClipSampling(**sampling),
+                             ClipTransform(size, short, train=data["augment"], seed=seed, **normalise), train=True,
+                             seed=seed, **reading)
+    val = VideoClipDataset(val_videos, ClipSampling(**sampling, num_clips=data["test_clips"]),
+                           ClipTransform(size, short, num_crops=data["test_crops"], **normalise), **reading)
+    return train, val
+
+
+def loader(dataset: Dataset, batch_size: int, **kwargs: Any) -> torch.utils.data.DataLoader:
+    """A DataLoader; for video datasets with :func:`~vistok.video.collate_clips` (unreadable clips dropped)."""
+    from .video import VideoClipDataset, collate_clips
+
+    inner = dataset.dataset if isinstance(dataset, torch.utils.data.Subset) else dataset
+    if isinstance(inner, VideoClipDataset):
+        kwargs.setdefault("collate_fn", collate_clips)
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, **kwargs)
+
+
+class LabelledBatches:
+    """``(inputs, labels)`` from a loader, whatever its batches are: pairs, or :func:`~vistok.video.collate_clips`
+    dicts, whose skipped (unreadable) clips it counts in ``skipped``; batches left empty are passed over."""
+
+    def __init__(self, batches: Any) -> None:
+        self.batches = batches
+        self.skipped = 0
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self):
+        for batch in self.batches:
+            if isinstance(batch, dict):
+                self.skipped += int(batch["skipped"])
+                if len(batch["labels"]) == 0:
+                    continue
+                yield batch["clips"], batch["labels"]
+            else:
+                yield batch
+
+
+def batches(dataset: Dataset, batch_size: int, limit: int | None = None) -> LabelledBatches:
+    """Deterministic, unshuffled ``(inputs, labels)`` batches of a dataset, optionally its first ``limit``."""
     if limit is not None:
         dataset = torch.utils.data.Subset(dataset, range(min(limit, len(dataset))))
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size)
+    return LabelledBatches(loader(dataset, batch_size))

@@ -28,7 +28,7 @@ from .errors import AlreadyPatchedError, PatchStateError
 from .methods import MethodConfig, MethodSpec, TokenReducer, create_config
 from .tokens import TokenLayout
 
-__all__ = ["PatchHandle", "patch", "unpatch", "get_handle"]
+__all__ = ["PatchHandle", "patch", "unpatch", "get_handle", "find_handle"]
 
 # The handle lives on the patched module itself (a reference cycle the garbage collector handles), so a
 # patched model that is dropped is freed with its handle.
@@ -247,6 +247,12 @@ def patch(model: nn.Module, method: MethodSpec | list[MethodSpec], **options: An
 def get_handle(model: nn.Module) -> PatchHandle | None:
     """The active handle of a patched model, or ``None``."""
     return vars(model).get(_HANDLE_ATTR)
+
+
+def find_handle(model: nn.Module) -> PatchHandle | None:
+    """The handle of ``model`` or of the first patched module inside it (e.g. a patched model in a wrapper such
+    as :class:`vistok.video.VideoClassifier`), or ``None``."""
+    return next((handle for module in model.modules() if (handle := get_handle(module)) is not None), None)
 
 
 def unpatch(model: nn.Module) -> None:

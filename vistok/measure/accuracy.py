@@ -24,9 +24,9 @@ def evaluate(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], transfo
              progress: bool = False, total: int | None = None) -> dict[str, float]:
     """Top-1 / top-5 accuracy (in %) and, for a vistok-patched model, the mean tokens each block outputs,
     averaged over all images. ``transform`` turns a loaded batch into model input."""
-    from ..patching import get_handle
+    from ..patching import find_handle
 
-    handle = get_handle(model)
+    handle = find_handle(model)
     correct = {1: 0, 5: 0}
     seen = 0
     token_sums: list[float] | None = None

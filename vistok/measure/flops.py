@@ -57,10 +57,10 @@ def count_flops(model: nn.Module, images: Tensor | Iterable[Tensor]) -> float:
         model: any module taking ``[B, C, H, W]`` images.
         images: ``[B, C, H, W]`` tensor, or an iterable of such batches.
     """
-    from ..patching import get_handle
+    from ..patching import find_handle
 
     batches = [images] if isinstance(images, Tensor) else list(images)
-    adaptive = get_handle(model) is not None
+    adaptive = find_handle(model) is not None
     total, count = 0, 0
     with torch.no_grad():
         for batch in batches:

@@ -12,9 +12,9 @@ def tokens_per_block(model: nn.Module, images: Tensor) -> list[float]:
     """Mean number of tokens each block outputs for ``images`` ``[B, C, H, W]`` (prefix included, padding
     excluded), one entry per block. Works on unpatched models too (every block keeps all tokens)."""
     from ..backbones import resolve_backbone
-    from ..patching import get_handle
+    from ..patching import find_handle
 
-    handle = get_handle(model)
+    handle = find_handle(model)
     with torch.no_grad():
         if handle is not None:
             model(images)

@@ -6,6 +6,7 @@ know them, and Kinetics-style datasets.
 """
 
 from . import sampling, transforms
+from .classifier import VideoClassifier
 from .datasets import (
     ClipSampling,
     VideoClipDataset,
@@ -27,6 +28,7 @@ __all__ = [
     "available_backends",
     "ClipSampling",
     "ClipTransform",
+    "VideoClassifier",
     "VideoClipDataset",
     "VideoList",
     "VideoSample",
