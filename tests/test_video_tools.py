@@ -87,3 +87,15 @@ def test_video_classifier_averages_views():
     assert torch.equal(wrapped(views[:, 0]), model(views[:, 0]))
     with pytest.raises(vistok.InputShapeError):
         wrapped(torch.randn(2, 3))
+
+
+def test_video_reference_config_trains_on_the_committed_sample(tmp_path):
+    """configs/fmnist_video_vit.yaml end to end on data/fmnist_clips_sample (real .mp4 clips), with a 2-block model."""
+    train_tool = load_tool("train")
+    sample = ROOT / "data" / "fmnist_clips_sample"
+    argv = ["--config", str(ROOT / "configs" / "fmnist_video_vit.yaml"), f"data.root={sample}",
+            f"output={tmp_path / 'run'}", "train.epochs=1", "train.batch_size=8", "train.eval_batch_size=8",
+            "data.workers=0", "model_kwargs.depth=2", "model_kwargs.image_pretrained=false"]
+    assert train_tool.main(argv) == 0
+    metrics = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert metrics["train_skipped_clips"] == 0 and 0 <= metrics["val_top1"] <= 100

@@ -40,7 +40,7 @@ DATA_DEFAULTS: dict[str, Any] = {
     # video (name: video): where the clips are listed, how clips are sampled, multi-view testing
     "format": "kinetics_csv", "train_list": "", "val_list": "", "train_split": "train", "val_split": "",
     "sampling": "dense", "num_frames": 16, "sampling_rate": 4, "short_side": 0, "test_clips": 1, "test_crops": 1,
-    "on_error": "skip", "backend": "auto", "timeout": 10.0,
+    "on_error": "skip", "backend": "auto", "timeout": 10.0, "flip": True, "grey": False,
 }
 VIDEO_FORMATS = ("kinetics_csv", "list", "folders")
 
@@ -164,10 +164,11 @@ def _video_datasets(data: dict[str, Any], seed: int) -> tuple[Dataset, Dataset]:
     val_videos = listed("val", data["val_split"], train_videos.classes)
     sampling = dict(mode=data["sampling"], num_frames=data["num_frames"], sampling_rate=data["sampling_rate"])
     size, short = data["input_size"], data["short_side"] or data["input_size"]
-    normalise = dict(mean=tuple(data["mean"]), std=tuple(data["std"]))
+    normalise = dict(mean=tuple(data["mean"]), std=tuple(data["std"]), grey=data["grey"])
     reading = dict(on_error=data["on_error"], backend=data["backend"], timeout=data["timeout"])
     train = VideoClipDataset(train_videos, ClipSampling(**sampling),
-                             ClipTransform(size, short, train=data["augment"], seed=seed, **normalise), train=True,
+                             ClipTransform(size, short, train=data["augment"], seed=seed, flip=data["flip"],
+                                           **normalise), train=True,
                              seed=seed, **reading)
     val = VideoClipDataset(val_videos, ClipSampling(**sampling, num_clips=data["test_clips"]),
                            ClipTransform(size, short, num_crops=data["test_crops"], **normalise), **reading)

@@ -18,12 +18,15 @@ import copy
 import torch
 from einops import rearrange
 from timm.layers import PatchEmbed
+from timm.models import register_model
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
 from ..errors import InputShapeError, InvalidConfigError, UnsupportedModelError
 
-__all__ = ["TubeletEmbed", "inflate_to_video"]
+__all__ = ["TubeletEmbed", "inflate_to_video", "vistok_video_vit_fmnist", "VIDEO_REFERENCE_NAME"]
+
+VIDEO_REFERENCE_NAME = "vistok_video_vit_fmnist"
 
 
 class TubeletEmbed(nn.Module):
@@ -114,4 +117,28 @@ def inflate_to_video(model: VisionTransformer, num_frames: int, tubelet_frames: 
     in_chans = next(m for m in model.patch_embed.modules() if isinstance(m, nn.Conv2d)).in_channels
     video.pretrained_cfg = video.default_cfg = {**getattr(model, "pretrained_cfg", {}),
                                                 "input_size": (in_chans, num_frames, height, width)}
+    return video
+
+
+@register_model
+def vistok_video_vit_fmnist(pretrained: bool = False, image_pretrained: bool = True, num_frames: int = 4,
+                            tubelet_frames: int = 2, num_classes: int = 8, **kwargs) -> VisionTransformer:
+    """vistok's reference video ViT for the Fashion-MNIST clips (:mod:`vistok.video.fmnist_clips`): the register
+    reference ViT (``vistok_vit_fmnist_reg4``) inflated to ``num_frames`` grey 28 x 28 frames in tubelets
+    ``tubelet_frames`` deep (2 x 196 patch tokens + CLS + 4 registers at the defaults), with an 8-class head.
+
+    ``pretrained=True`` loads the trained weights shipped in ``models/vistok_video_vit_fmnist``; otherwise, with
+    ``image_pretrained`` (the default), the blocks start from the shipped image weights, as training does.
+    """
+    from .reference import load_checkpoint, reference_checkpoint, vistok_vit_fmnist_reg4
+
+    for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
+        kwargs.pop(key, None)
+    image = vistok_vit_fmnist_reg4(pretrained=image_pretrained and not pretrained, **kwargs)
+    video = inflate_to_video(image, num_frames, tubelet_frames)
+    video.reset_classifier(num_classes)
+    video.pretrained_cfg = video.default_cfg = {**video.pretrained_cfg, "architecture": VIDEO_REFERENCE_NAME,
+                                                "num_classes": num_classes}
+    if pretrained:
+        load_checkpoint(video, reference_checkpoint(VIDEO_REFERENCE_NAME))
     return video

@@ -92,21 +92,23 @@ def normalize(clip: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tens
 class ClipTransform:
     """``uint8`` frames ``[T, H, W, C]`` -> normalised ``[C, T, size, size]`` clips.
 
-    Training (``train=True``): short side to ``short_side``, a random ``size`` crop, random flip. Evaluation:
-    short side to ``short_side``, then ``num_crops`` crops (:func:`crop_views`); the result is ``[V, C, T, size,
-    size]`` when ``num_crops > 1``.
+    Training (``train=True``): short side to ``short_side``, a random ``size`` crop, random flip (``flip=False``
+    where left and right carry meaning). Evaluation: short side to ``short_side``, then ``num_crops`` crops
+    (:func:`crop_views`); the result is ``[V, C, T, size, size]`` when ``num_crops > 1``. ``grey``: average the
+    colour channels into one first (for grey models; ``mean`` and ``std`` then have one value).
     """
 
     def __init__(self, size: int, short_side: int | None = None, train: bool = False, num_crops: int = 1,
                  mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD, flip: bool = True,
-                 seed: int | None = None) -> None:
+                 seed: int | None = None, grey: bool = False) -> None:
         self.size, self.short_side = size, short_side or size
-        self.train, self.num_crops, self.flip = train, num_crops, flip
+        self.train, self.num_crops, self.flip, self.grey = train, num_crops, flip, grey
         self.mean, self.std = tuple(mean), tuple(std)
         self.generator = None if seed is None else torch.Generator().manual_seed(seed)
 
     def __call__(self, frames: Tensor) -> Tensor:
-        clip = resize_short_side(to_float_clip(frames), self.short_side)
+        clip = to_float_clip(frames)
+        clip = resize_short_side(clip.mean(dim=0, keepdim=True) if self.grey else clip, self.short_side)
         if self.train:
             return normalize(random_crop_flip(clip, self.size, self.flip, self.generator), self.mean, self.std)
         views = [normalize(view, self.mean, self.std) for view in crop_views(clip, self.size, self.num_crops)]
