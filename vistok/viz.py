@@ -4,6 +4,9 @@
 >>> handle = vistok.patch(model, "merge", r=8, trace_source=True)
 >>> model(images)
 >>> vistok.viz.save_overlay_grid("tokens.png", images, {"merge r=8": handle.layouts[11]}, grid=(14, 14))
+
+For video, :func:`save_clip_overlay` draws one clip's tokens frame by frame (a tubelet token on every frame
+it spans).
 """
 
 from __future__ import annotations
@@ -15,9 +18,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .errors import InputShapeError
 from .tokens import TokenLayout
 
-__all__ = ["patch_groups", "overlay", "save_overlay_grid", "save_pareto_plot"]
+__all__ = ["patch_groups", "overlay", "save_overlay_grid", "save_clip_overlay", "save_pareto_plot"]
 
 
 def patch_groups(layout: TokenLayout, num_patches: int) -> Tensor:
@@ -67,11 +71,13 @@ def overlay(image: np.ndarray, groups: np.ndarray, grid: tuple[int, int]) -> np.
     return out
 
 
-def _display(images: Tensor) -> np.ndarray:
-    """``[B, C, H, W]`` (any normalisation) -> ``[B, H, W, 3]`` in ``[0, 1]``, each image min-max scaled."""
+def _display(images: Tensor, together: bool = False) -> np.ndarray:
+    """``[B, C, H, W]`` (any normalisation) -> ``[B, H, W, 3]`` in ``[0, 1]``, each image min-max scaled (all
+    with one scale if ``together``: the frames of a clip)."""
     x = images.detach().float().cpu()
-    low = x.amin(dim=(1, 2, 3), keepdim=True)
-    high = x.amax(dim=(1, 2, 3), keepdim=True)
+    dims = (0, 1, 2, 3) if together else (1, 2, 3)
+    low = x.amin(dim=dims, keepdim=True)
+    high = x.amax(dim=dims, keepdim=True)
     x = (x - low) / (high - low).clamp_min(1e-8)
     if x.shape[1] == 1:
         x = x.expand(-1, 3, -1, -1)
@@ -101,6 +107,53 @@ def save_overlay_grid(path: str | Path, images: Tensor, layouts: Mapping[str, To
             axes[row, column].set_yticks([])
             if row == 0:
                 axes[row, column].set_title(title, fontsize=8)
+    return _save(plt, figure, path, dpi=110)
+
+
+def save_clip_overlay(path: str | Path, clip: Tensor, layouts: Mapping[str, TokenLayout], tubelet_frames: int = 1,
+                      index: int = 0, upscale: int = 8) -> Path:
+    """A PNG of one clip's tokens across its frames: the frames in the first row, then one row per named layout
+    (video layouts on a ``(t, h, w)`` grid, e.g. ``handle.layouts[block]``), drawn on every frame as
+    :func:`overlay` draws images. A token of tubelet slice ``s`` covers frames ``s * tubelet_frames`` to
+    ``(s + 1) * tubelet_frames - 1``, so a kept or merged tubelet shows on each of them.
+
+    Args:
+        clip: ``[T, C, H, W]`` frames of one clip, any normalisation (``clip[i].transpose(0, 1)`` of a
+            ``[B, C, T, H, W]`` batch).
+        index: which clip of the layouts' batch ``clip`` is.
+
+    Raises:
+        InputShapeError: a layout without a ``(t, h, w)`` grid, or ``T`` other than ``t * tubelet_frames``.
+    """
+    if clip.dim() != 4:
+        raise InputShapeError(f"save_clip_overlay: expected one clip [T, C, H, W], got {tuple(clip.shape)}")
+    plt = _pyplot()
+    frames = _display(clip, together=True)
+    if upscale > 1:
+        frames = frames.repeat(upscale, axis=1).repeat(upscale, axis=2)
+    rows = {"frames": list(frames)}
+    for name, layout in layouts.items():
+        if layout.grid_size is None or len(layout.grid_size) != 3:
+            raise InputShapeError(f"save_clip_overlay: layout {name!r} has no (t, h, w) patch grid "
+                                  f"(grid_size={layout.grid_size}); is it a video model's?")
+        slices, height, width = layout.grid_size
+        if slices * tubelet_frames != len(frames):
+            raise InputShapeError(f"save_clip_overlay: {len(frames)} frames, but layout {name!r} has {slices} "
+                                  f"tubelet slices of {tubelet_frames} frames")
+        groups = patch_groups(layout, slices * height * width)[index].reshape(slices, height * width).numpy()
+        rows[f"{name}\n({_token_note(layout)})"] = [overlay(frame, groups[f // tubelet_frames], (height, width))
+                                                    for f, frame in enumerate(frames)]
+    figure, axes = plt.subplots(len(rows), len(frames), figsize=(2.0 * len(frames), 2.1 * len(rows)),
+                                squeeze=False)
+    for row, (title, panels) in enumerate(rows.items()):
+        for column, panel in enumerate(panels):
+            axes[row, column].imshow(panel, interpolation="nearest")
+            axes[row, column].set_xticks([])
+            axes[row, column].set_yticks([])
+            if column == 0:
+                axes[row, column].set_ylabel(title, fontsize=8)
+            if row == 0:
+                axes[row, column].set_title(f"frame {column}", fontsize=8)
     return _save(plt, figure, path, dpi=110)
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 
 import torch
+import torch.nn.functional as F
 from einops import rearrange
 from timm.layers import PatchEmbed
 from timm.models import register_model
@@ -24,9 +25,10 @@ from torch import Tensor, nn
 
 from ..errors import InputShapeError, InvalidConfigError, UnsupportedModelError
 
-__all__ = ["TubeletEmbed", "inflate_to_video", "vistok_video_vit_fmnist", "VIDEO_REFERENCE_NAME"]
+__all__ = ["TubeletEmbed", "inflate_to_video", "resample_num_frames", "vistok_video_vit_fmnist", "VIDEO_REFERENCE_NAME"]
 
 VIDEO_REFERENCE_NAME = "vistok_video_vit_fmnist"
+TRAINED_FRAMES = 4  # the shipped video reference weights are for 4-frame clips
 
 
 class TubeletEmbed(nn.Module):
@@ -120,6 +122,40 @@ def inflate_to_video(model: VisionTransformer, num_frames: int, tubelet_frames: 
     return video
 
 
+@torch.no_grad()
+def resample_num_frames(model: VisionTransformer, num_frames: int) -> VisionTransformer:
+    """A copy of the video ViT ``model`` (a :class:`TubeletEmbed` patch embedding) for clips of ``num_frames``
+    frames: the same tubelets and weights, the temporal slices of the position table linearly interpolated to
+    the new count (as timm resamples image position tables; two slices become their mean at one). Fewer frames is
+    the natural video baseline for token reduction: ``num_frames`` / the trained count of the patch tokens.
+
+    Raises:
+        UnsupportedModelError: ``model`` has no :class:`TubeletEmbed` (not made by :func:`inflate_to_video`).
+        InvalidConfigError: ``num_frames`` is not a positive multiple of the tubelet depth.
+    """
+    embed = getattr(model, "patch_embed", None)
+    if not isinstance(embed, TubeletEmbed):
+        raise UnsupportedModelError(f"resample_num_frames takes a video ViT made by inflate_to_video, got a "
+                                    f"{type(embed).__name__} patch embedding")
+    depth = embed.patch_size[0]
+    if isinstance(num_frames, bool) or not isinstance(num_frames, int) or num_frames < 1 or num_frames % depth:
+        raise InvalidConfigError(f"resample_num_frames: num_frames must be a positive multiple of the tubelet depth "
+                                 f"{depth}, got {num_frames!r}")
+    slices, rows, cols = embed.grid_size
+    prefix = model.num_prefix_tokens
+    table = rearrange(model.pos_embed[:, prefix:], "1 (t s) d -> 1 (s d) t", t=slices)
+    table = F.interpolate(table, size=num_frames // depth, mode="linear", align_corners=False)
+    table = rearrange(table, "1 (s d) t -> 1 (t s) d", s=rows * cols)
+    video = copy.deepcopy(model)
+    video.patch_embed = TubeletEmbed(video.patch_embed.frame_stem, video.patch_embed.proj,
+                                     (num_frames, *embed.img_size[1:]))
+    video.pos_embed = nn.Parameter(torch.cat([model.pos_embed[:, :prefix], table], dim=1))
+    channels = model.pretrained_cfg["input_size"][0]  # set by inflate_to_video
+    video.pretrained_cfg = video.default_cfg = {**model.pretrained_cfg,
+                                                "input_size": (channels, num_frames, *embed.img_size[1:])}
+    return video
+
+
 @register_model
 def vistok_video_vit_fmnist(pretrained: bool = False, image_pretrained: bool = True, num_frames: int = 4,
                             tubelet_frames: int = 2, num_classes: int = 8, **kwargs) -> VisionTransformer:
@@ -127,7 +163,8 @@ def vistok_video_vit_fmnist(pretrained: bool = False, image_pretrained: bool = T
     reference ViT (``vistok_vit_fmnist_reg4``) inflated to ``num_frames`` grey 28 x 28 frames in tubelets
     ``tubelet_frames`` deep (2 x 196 patch tokens + CLS + 4 registers at the defaults), with an 8-class head.
 
-    ``pretrained=True`` loads the trained weights shipped in ``models/vistok_video_vit_fmnist``; otherwise, with
+    ``pretrained=True`` loads the trained weights shipped in ``models/vistok_video_vit_fmnist`` (trained on 4
+    frames; another ``num_frames`` gets them through :func:`resample_num_frames`); otherwise, with
     ``image_pretrained`` (the default), the blocks start from the shipped image weights, as training does.
     """
     from .reference import load_checkpoint, reference_checkpoint, vistok_vit_fmnist_reg4
@@ -135,10 +172,11 @@ def vistok_video_vit_fmnist(pretrained: bool = False, image_pretrained: bool = T
     for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
         kwargs.pop(key, None)
     image = vistok_vit_fmnist_reg4(pretrained=image_pretrained and not pretrained, **kwargs)
-    video = inflate_to_video(image, num_frames, tubelet_frames)
+    trained_frames = TRAINED_FRAMES if pretrained else num_frames
+    video = inflate_to_video(image, trained_frames, tubelet_frames)
     video.reset_classifier(num_classes)
     video.pretrained_cfg = video.default_cfg = {**video.pretrained_cfg, "architecture": VIDEO_REFERENCE_NAME,
                                                 "num_classes": num_classes}
     if pretrained:
         load_checkpoint(video, reference_checkpoint(VIDEO_REFERENCE_NAME))
-    return video
+    return video if num_frames == trained_frames else resample_num_frames(video, num_frames)
