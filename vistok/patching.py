@@ -214,7 +214,9 @@ def patch(model: nn.Module, method: MethodSpec | list[MethodSpec], **options: An
     """Make ``model`` spend fewer tokens with ``method``; reversible with ``handle.remove()``.
 
     Args:
-        model: a supported vision transformer (see the README's table), in any mode and on any device.
+        model: a supported vision transformer (see the README's table), in any mode and on any device, or a
+            supported vision-LLM (``LlavaForConditionalGeneration``) with a boundary method (``merge_to_budget``,
+            ``dominant``, ``pool``, ``random_select``): then a :class:`vistok.adapters.vlm.VisionLLMHandle`.
         method: a registered name (``vistok.list_methods()``), a config object such as
             ``vistok.ATSConfig(k=108)``, or a list of names / ``(name, options)`` pairs / configs applied
             together, e.g. ``[("ats", {"k": 120, "blocks": [3]}), ("merge", {"r": 8, "blocks": [6, 7]})]``.
@@ -235,6 +237,11 @@ def patch(model: nn.Module, method: MethodSpec | list[MethodSpec], **options: An
         raise AlreadyPatchedError(
             f"this {type(model).__name__} is already patched ({existing!r}); call handle.remove() or "
             "vistok.unpatch(model) first")
+    from .adapters.vlm import patch_vision_llm, vision_llm_family
+
+    family = vision_llm_family(model)
+    if family is not None:
+        return patch_vision_llm(model, config, family)
     backbone = resolve_backbone(model)
     for index, block in enumerate(backbone.blocks()):
         if "forward" in vars(block):

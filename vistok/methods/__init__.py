@@ -94,3 +94,9 @@ register_method(ATSConfig)
 register_method(MergeConfig)
 register_method(SuperTokenConfig)
 register_method(RandomDropConfig)
+
+# the vision-LLM boundary methods (vistok.adapters), after the in-tower ones: they build on methods.base
+from ..adapters.methods import DominantConfig, MergeToBudgetConfig, PoolConfig, RandomSelectConfig  # noqa: E402
+
+for _boundary in (MergeToBudgetConfig, DominantConfig, PoolConfig, RandomSelectConfig):
+    register_method(_boundary)

@@ -1,0 +1,123 @@
+"""The boundary methods as pure tensor functions (exact budgets, provenance, order) and the prompt shortening."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from vistok import InputShapeError, InvalidConfigError
+from vistok.adapters import merge_to_budget, pool_to_budget, select_dominant, select_random
+from vistok.adapters.prompt import placeholder_keep_mask, shorten_prompt
+from vistok.ops.merging import bipartite_soft_matching, merge_weighted
+
+
+def tokens(batch=3, n=24, dim=8, seed=0):
+    return torch.randn(batch, n, dim, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def assert_groups_are_means(x, result):
+    """Each output token is the mean of the inputs it owns, and owns as many as its size says."""
+    for b in range(x.shape[0]):
+        for t in range(result.tokens.shape[1]):
+            members = result.owner[b] == t
+            assert int(members.sum()) == result.sizes[b, t]
+            assert torch.allclose(x[b, members].mean(0), result.tokens[b, t])
+
+
+@pytest.mark.parametrize("budget", [24, 23, 12, 7, 1])
+def test_merge_to_budget_is_exact_size_weighted_and_ordered(budget):
+    x = tokens()
+    result = merge_to_budget(x, budget)
+    assert result.tokens.shape == (3, budget, 8) and bool((result.owner >= 0).all())
+    assert torch.equal(result.sizes.sum(1), torch.full((3,), 24.0, dtype=torch.float64))
+    assert_groups_are_means(x, result)
+    first = result.positions()
+    assert bool((first[:, 1:] > first[:, :-1]).all())  # survivors keep their original order
+
+
+def test_one_round_of_merge_to_budget_is_tomes_merge():
+    """Within one round (N - T <= N / 2) the result is ToMe's bipartite merge of r = N - T tokens, reordered."""
+    x = tokens()
+    result = merge_to_budget(x, 16)
+    matching = bipartite_soft_matching(x, 8)
+    merged, weights = merge_weighted(x, torch.ones(3, 24, dtype=x.dtype), matching)
+    for b in range(3):
+        expected = merged[b][weights[b] > 0]
+        assert torch.allclose(result.tokens[b].sort(dim=0).values, expected.sort(dim=0).values)
+
+
+def test_select_dominant_keeps_the_top_scores_and_averages_the_rest():
+    x = tokens()
+    scores = torch.rand(3, 24, generator=torch.Generator().manual_seed(1))
+    plain = select_dominant(x, scores, 10)
+    expected = scores.topk(10, dim=1).indices.sort(dim=1).values
+    assert torch.equal(plain.positions(), expected)
+    assert torch.equal(plain.tokens, x.gather(1, expected[..., None].expand(-1, -1, 8)))
+    with_context = select_dominant(x, scores, 10, contextual=3)
+    assert torch.equal(with_context.tokens[:, :7], x.gather(1, scores.topk(7, dim=1).indices.sort(dim=1).values[
+        ..., None].expand(-1, -1, 8)))
+    assert bool((with_context.owner >= 0).all()) and torch.equal(with_context.sizes.sum(1), torch.full(
+        (3,), 24.0, dtype=torch.float64))
+    assert_groups_are_means(x, with_context)
+    with pytest.raises(InvalidConfigError, match="contextual"):
+        select_dominant(x, scores, 10, contextual=10)
+    with pytest.raises(InputShapeError, match="scores"):
+        select_dominant(x, scores[:, :5], 10)
+
+
+def test_pool_to_budget_is_two_by_two_pooling_at_a_quarter():
+    x = tokens(n=36)
+    result = pool_to_budget(x, (6, 6), 9)
+    grid = x.transpose(1, 2).reshape(3, 8, 6, 6)
+    expected = F.avg_pool2d(grid, 2).flatten(2).transpose(1, 2)
+    assert torch.allclose(result.tokens, expected)
+    assert torch.equal(result.sizes, torch.full((3, 9), 4.0, dtype=torch.float64))
+    assert_groups_are_means(x, result)
+    assert pool_to_budget(x, (6, 6), 12).tokens.shape == (3, 12, 8)  # a 3 x 4 grid
+    with pytest.raises(InvalidConfigError, match="cannot give exactly 7 tokens"):
+        pool_to_budget(x, (6, 6), 7)
+    with pytest.raises(InputShapeError, match="6 x 5 grid needs N = 30"):
+        pool_to_budget(x, (6, 5), 9)
+
+
+def test_select_random_is_uniform_and_seeded():
+    x = tokens(batch=1, n=10)
+    first = select_random(x, 4, torch.Generator().manual_seed(3))
+    assert torch.equal(first.positions(), select_random(x, 4, torch.Generator().manual_seed(3)).positions())
+    counts = torch.zeros(10)
+    for seed in range(2000):
+        counts[select_random(x, 4, torch.Generator().manual_seed(seed)).positions()[0]] += 1
+    # each position is kept with probability 0.4: 800 of 2000, standard deviation about 22
+    assert bool(((counts - 800).abs() < 100).all()), counts
+
+
+@pytest.mark.parametrize("function", [merge_to_budget, lambda x, t: select_random(x, t)])
+def test_budget_errors(function):
+    x = tokens()
+    for bad in (0, 25, 2.5, True):
+        with pytest.raises(InvalidConfigError, match="budget must be an int in \\[1, 24\\]"):
+            function(x, bad)
+    with pytest.raises(InputShapeError, match="expected tokens \\[B, N, D\\]"):
+        function(x[0], 4)
+
+
+def test_prompt_shortening_keeps_each_images_first_placeholders_and_repads():
+    image = 9
+    rows = torch.tensor([[0, 0, 0, 0, 1, 5, image, image, image, image, 7],       # left padding, one image
+                         [1, image, image, image, image, 6, image, image, image, image, 8]])  # two images
+    mask = (rows != 0).long()
+    labels = torch.where(rows == image, -100, rows)
+    keep = placeholder_keep_mask(rows, image, per_image=4, budget=2, num_images=3)
+    ids, aligned = shorten_prompt(rows, keep, {"attention_mask": mask, "labels": labels}, pad_id=0)
+    assert ids.tolist() == [[0, 0, 1, 5, image, image, 7],
+                            [1, image, image, 6, image, image, 8]]  # re-padded on the left to the new longest
+    assert aligned["attention_mask"].tolist() == [[0, 0, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1, 1]]
+    assert aligned["labels"].tolist()[0] == [-100, -100, 1, 5, -100, -100, 7]
+    assert placeholder_keep_mask(ids, image, 4, 2, num_images=3) is None  # already at the budget
+    assert placeholder_keep_mask(rows, image, 4, 4, num_images=3) is None  # keep everything
+    with pytest.raises(InputShapeError, match="12 image placeholder tokens .* for 2 image"):
+        placeholder_keep_mask(rows, image, 4, 2, num_images=2)
+    broken = rows.clone()
+    broken[1, 2] = 3  # 12 placeholders for 3 images, but in runs of 5, 1, 2 and 4
+    broken[0, 5] = image
+    with pytest.raises(InputShapeError, match="not a multiple of the 4 per image"):
+        placeholder_keep_mask(broken, image, 4, 2, num_images=3)

@@ -1,0 +1,198 @@
+"""vistok.patch on Hugging Face LLaVA (tiny random configs): keep-everything parity, exact budgets through forward
+and generate, the patched forward equal to the unpatched model fed the compressed features by hand, padded
+batches, copies, removal and refusals."""
+
+import copy
+import pickle
+
+import pytest
+import torch
+
+import vistok
+from vistok import InputShapeError, InvalidConfigError, UnsupportedModelError
+
+transformers = pytest.importorskip("transformers")
+
+IMAGE = 99  # the image placeholder id
+PATCHES = 16  # a 32 px image in 8 px patches
+BOUNDARY = ["merge_to_budget", "dominant", "pool", "random_select"]
+
+
+def tiny_llava(tower="clip", strategy="default", seed=0):
+    from transformers import (
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        SiglipVisionConfig,
+    )
+
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=32,
+                  patch_size=8)
+    vision_config = CLIPVisionConfig(**vision) if tower == "clip" else SiglipVisionConfig(**vision)
+    text = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, vocab_size=100, pad_token_id=0)
+    torch.manual_seed(seed)
+    config = LlavaConfig(vision_config=vision_config, text_config=text, image_token_id=IMAGE,
+                         vision_feature_layer=-2, vision_feature_select_strategy=strategy)
+    return LlavaForConditionalGeneration(config).eval()
+
+
+def prompt(per_image=PATCHES, rows=2):
+    ids = torch.tensor([[1, 5, 6] + [IMAGE] * per_image + [7, 8], [1, 9, 9] + [IMAGE] * per_image + [3, 4]])
+    return ids[:rows]
+
+
+def images(count=2, seed=0):
+    return torch.randn(count, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+
+
+KEEP_ALL_CASES = [(method, "clip", strategy) for method in BOUNDARY for strategy in ("default", "full")] + [
+    (method, "siglip", "full") for method in BOUNDARY if method != "dominant"]  # SigLIP has no class token
+
+
+@pytest.mark.parametrize("method, tower, strategy", KEEP_ALL_CASES)
+def test_keep_everything_is_the_unpatched_model(method, tower, strategy):
+    model = tiny_llava(tower=tower, strategy=strategy)
+    per_image = PATCHES + (strategy == "full" and tower == "clip")
+    ids, pixels = prompt(per_image), images()
+    with torch.no_grad():
+        expected = model(input_ids=ids, pixel_values=pixels).logits
+        generated = model.generate(input_ids=ids, pixel_values=pixels, max_new_tokens=3, do_sample=False)
+        with vistok.patch(model, method, keep=1.0) as handle:
+            assert handle.tokens_per_image == per_image
+            assert (model(input_ids=ids, pixel_values=pixels).logits - expected).abs().max() <= 1e-4
+            assert torch.equal(model.generate(input_ids=ids, pixel_values=pixels, max_new_tokens=3,
+                                              do_sample=False), generated)
+
+
+@pytest.mark.parametrize("method", BOUNDARY)
+def test_a_budget_is_what_the_language_model_reads(method):
+    """The patched forward equals the unpatched model given the shortened prompt and the compressed features."""
+    model = tiny_llava()
+    ids, pixels = prompt(), images()
+    with torch.no_grad():
+        with vistok.patch(model, method, tokens=4) as handle:
+            logits = model(input_ids=ids, pixel_values=pixels).logits
+            encoded = handle.encode(pixels)
+            generated = model.generate(input_ids=ids, pixel_values=pixels, max_new_tokens=3, do_sample=False)
+        short = prompt(per_image=4)
+        by_hand = transformers.modeling_outputs.BaseModelOutputWithPooling(pooler_output=list(encoded.tokens))
+        expected = model(input_ids=short, mm_encoder_outputs={"image": by_hand}).logits
+        expected_generation = model.generate(input_ids=short, mm_encoder_outputs={"image": by_hand},
+                                             max_new_tokens=3, do_sample=False)
+    assert logits.shape == (2, 3 + 4 + 2, 100) and (logits - expected).abs().max() <= 1e-5
+    assert encoded.tokens.shape == (2, 4, 32) and encoded.grid_positions.shape == (2, 4, 2)
+    assert torch.equal(generated[:, : ids.shape[1]], ids)  # the caller's prompt comes back
+    assert torch.equal(generated[:, ids.shape[1]:], expected_generation[:, short.shape[1]:])
+
+
+def test_encode_gives_sizes_positions_and_owners():
+    model = tiny_llava(strategy="full")
+    with torch.no_grad(), vistok.patch(model, "merge_to_budget", tokens=5) as handle:
+        encoded = handle.encode(images())
+    assert handle.tokens_per_image == 6  # the class token's feature on top of the budget
+    assert encoded.tokens.shape == (2, 6, 32)
+    assert torch.equal(encoded.grid_positions[:, 0], torch.full((2, 2), -1))  # the class token's feature
+    assert torch.equal(encoded.sizes.sum(1), torch.full((2,), 1.0 + PATCHES))
+    positions = encoded.grid_positions[:, 1:]
+    assert bool((positions >= 0).all()) and bool((positions < 4).all())
+    assert torch.equal(torch.bincount(encoded.owner[0], minlength=6)[1:].float(), encoded.sizes[0, 1:])
+
+
+def test_padded_batch_with_different_image_counts():
+    """Row 0 has one image (left-padded), row 1 two: each row's logits match the row run on its own."""
+    model = tiny_llava()
+    one = [1, 5] + [IMAGE] * PATCHES + [7]
+    two = [1] + [IMAGE] * PATCHES + [6] + [IMAGE] * PATCHES + [8]
+    pad = [0] * (len(two) - len(one))
+    ids = torch.tensor([pad + one, two])
+    mask = (ids != 0).long()
+    pixels = images(3)
+    with torch.no_grad(), vistok.patch(model, "merge_to_budget", tokens=4):
+        batch = model(input_ids=ids, pixel_values=pixels, attention_mask=mask).logits
+        alone_one = model(input_ids=torch.tensor([one]), pixel_values=pixels[:1]).logits
+        alone_two = model(input_ids=torch.tensor([two]), pixel_values=pixels[1:]).logits
+        out = model.generate(input_ids=ids, pixel_values=pixels, attention_mask=mask, max_new_tokens=2,
+                             do_sample=False)
+    assert batch.shape[1] == alone_two.shape[1] == 1 + 4 + 1 + 4 + 1
+    assert (batch[1] - alone_two[0]).abs().max() <= 1e-4
+    assert (batch[0, -alone_one.shape[1]:] - alone_one[0]).abs().max() <= 1e-4
+    assert torch.equal(out[:, : ids.shape[1]], ids) and out.shape == (2, ids.shape[1] + 2)
+
+
+def test_labels_are_shortened_and_train():
+    model = tiny_llava().train()
+    ids, pixels = prompt(), images()
+    labels = torch.where(ids == IMAGE, -100, ids)
+    with vistok.patch(model, "dominant", tokens=4, contextual=1):
+        loss = model(input_ids=ids, pixel_values=pixels, labels=labels).loss
+        loss.backward()
+    assert torch.isfinite(loss) and model.model.multi_modal_projector.linear_1.weight.grad is not None
+
+
+def test_copies_pickles_and_removal():
+    model = tiny_llava()
+    ids, pixels = prompt(), images()
+    with torch.no_grad():
+        expected = model(input_ids=ids, pixel_values=pixels).logits
+    handle = vistok.patch(model, "pool", tokens=4)
+    twin = copy.deepcopy(model)
+    assert vistok.get_handle(twin) is not handle and vistok.get_handle(twin).model is twin
+    fresh = tiny_llava()  # the same weights, never run: after a forward transformers' own output hooks do not pickle
+    vistok.patch(fresh, "pool", tokens=4)
+    loaded = pickle.loads(pickle.dumps(fresh))
+    with torch.no_grad():
+        short = model(input_ids=ids, pixel_values=pixels).logits
+        assert torch.equal(twin(input_ids=ids, pixel_values=pixels).logits, short)
+        assert torch.equal(loaded(input_ids=ids, pixel_values=pixels).logits, short)
+        with pytest.raises(vistok.AlreadyPatchedError):
+            vistok.patch(model, "pool", tokens=4)
+        handle.remove()
+        assert "get_image_features" not in vars(model.model) and "generate" not in vars(model)
+        assert (model(input_ids=ids, pixel_values=pixels).logits - expected).abs().max() == 0
+        assert vistok.get_handle(twin).active  # the copy is still patched
+        handle.remove()  # idempotent
+
+
+def test_bad_inputs_and_refusals():
+    model = tiny_llava()
+    ids, pixels = prompt(), images()
+    with vistok.patch(model, "merge_to_budget", tokens=4), torch.no_grad():
+        with pytest.raises(InputShapeError, match="expected 16 per image .* or 4"):
+            model(input_ids=prompt(per_image=7), pixel_values=pixels)
+        with pytest.raises(InvalidConfigError, match="position_ids"):
+            model(input_ids=ids, pixel_values=pixels, position_ids=torch.arange(ids.shape[1]).expand(2, -1))
+        with pytest.raises(InvalidConfigError, match="inputs_embeds"):
+            model(inputs_embeds=torch.randn(2, ids.shape[1], 32), pixel_values=pixels)
+    with pytest.raises(InvalidConfigError, match="tokens=17 is more than the 16"):
+        vistok.patch(model, "pool", tokens=17)
+    with pytest.raises(InvalidConfigError, match="exactly one of tokens= .* or keep="):
+        vistok.patch(model, "pool")
+    with pytest.raises(InvalidConfigError, match="keep must be a fraction"):
+        vistok.patch(model, "pool", keep=1.5)
+    with pytest.raises(InvalidConfigError, match="runs inside a vision transformer; .* merge_to_budget"):
+        vistok.patch(model, "ats", k=8)
+    with pytest.raises(InvalidConfigError, match="dominant needs a class token"):
+        vistok.patch(tiny_llava(tower="siglip", strategy="full"), "dominant", tokens=4)
+    assert vistok.get_handle(model) is None  # nothing was left half-patched
+    import timm
+
+    with pytest.raises(InvalidConfigError, match="merge_to_budget runs between a vision-LLM's vision tower"):
+        vistok.patch(timm.create_model("vit_tiny_patch16_224", depth=1), "merge_to_budget", tokens=4)
+
+
+def test_siglip_tower_and_other_vision_llms():
+    with pytest.raises(UnsupportedModelError, match="no class token, so its features are not a patch grid"):
+        vistok.patch(tiny_llava(tower="siglip"), "pool", tokens=4)
+    model = tiny_llava(tower="siglip", strategy="full")
+    ids, pixels = prompt(), images()
+    with torch.no_grad(), vistok.patch(model, "merge_to_budget", tokens=4):
+        assert model(input_ids=ids, pixel_values=pixels).logits.shape == (2, 9, 100)
+
+    class SomeVisionForConditionalGeneration(torch.nn.Module):
+        config = transformers.PretrainedConfig(vision_config={}, text_config={})
+
+    with pytest.raises(UnsupportedModelError, match="SomeVisionForConditionalGeneration is a vision-LLM vistok does "
+                       "not compress yet; supported: LlavaForConditionalGeneration"):
+        vistok.patch(SomeVisionForConditionalGeneration(), "merge_to_budget", tokens=4)

@@ -1,0 +1,191 @@
+"""Visual tokens to an exact budget: small pure functions over one batch of images' tokens ``[B, N, D]``, each
+returning what it computed as a :class:`Budgeted` (the tokens, how many originals each stands for, and where each
+original went).
+
+These run at the boundary between a vision tower and a language model, where every image must arrive with the
+same, exact number of tokens (the prompt has one placeholder per token).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..errors import InputShapeError, InvalidConfigError
+from ..ops.merging import bipartite_soft_matching, merge_weighted
+
+__all__ = ["Budgeted", "merge_to_budget", "select_dominant", "pool_to_budget", "select_random", "pool_grid"]
+
+
+@dataclass(frozen=True)
+class Budgeted:
+    """``tokens`` ``[B, T, D]``; ``sizes`` ``[B, T]`` (how many input tokens each output token stands for; they
+    sum to ``N`` where nothing was dropped); ``owner`` ``[B, N]`` long: for each input token, the output token
+    that carries it, ``-1`` if it was dropped."""
+
+    tokens: Tensor
+    sizes: Tensor
+    owner: Tensor
+
+    def positions(self) -> Tensor:
+        """``[B, T]`` long: for each output token, the first input position it carries."""
+        batch, count = self.tokens.shape[:2]
+        n = self.owner.shape[1]
+        first = torch.full((batch, count + 1), n, dtype=torch.long, device=self.owner.device)
+        where = torch.arange(n, device=self.owner.device).expand(batch, -1)
+        slot = torch.where(self.owner >= 0, self.owner, count)  # dropped tokens go to a spare column
+        first.scatter_reduce_(1, slot, where, reduce="amin")
+        return first[:, :count]
+
+
+def _check(x: Tensor, tokens: int, name: str) -> None:
+    if x.dim() != 3:
+        raise InputShapeError(f"{name}: expected tokens [B, N, D], got {tuple(x.shape)}")
+    if isinstance(tokens, bool) or not isinstance(tokens, int) or not 1 <= tokens <= x.shape[1]:
+        raise InvalidConfigError(f"{name}: the budget must be an int in [1, {x.shape[1]}] (the tokens there are), "
+                                 f"got {tokens!r}")
+
+
+def _selected(x: Tensor, keep: Tensor) -> Budgeted:
+    """The tokens at ``keep`` ``[B, T]`` (sorted positions) as a :class:`Budgeted` of size-1 tokens."""
+    batch, n = x.shape[:2]
+    owner = torch.full((batch, n), -1, dtype=torch.long, device=x.device)
+    owner.scatter_(1, keep, torch.arange(keep.shape[1], device=x.device).expand_as(keep))
+    tokens = x.gather(1, keep[..., None].expand(-1, -1, x.shape[-1]))
+    return Budgeted(tokens, torch.ones(keep.shape, dtype=x.dtype, device=x.device), owner)
+
+
+def merge_to_budget(x: Tensor, tokens: int, metric: Tensor | None = None) -> Budgeted:
+    """Bipartite soft matching repeated until exactly ``tokens`` remain (B-VLLM's spatial merge; ToMe's matching
+    and size-weighted means, :mod:`vistok.ops.merging`), the survivors in their original order.
+
+    Args:
+        x: ``[B, N, D]`` tokens.
+        tokens: the budget ``T``, ``1 <= T <= N``.
+        metric: ``[B, N, d]`` what similarity is measured on (default: ``x`` itself).
+    """
+    _check(x, tokens, "merge_to_budget")
+    batch, n, _ = x.shape
+    metric = x if metric is None else metric
+    if metric.shape[:2] != x.shape[:2]:
+        raise InputShapeError(f"merge_to_budget: metric {tuple(metric.shape)} does not fit tokens {tuple(x.shape)}")
+    device = x.device
+    weights = torch.ones(batch, n, dtype=x.dtype, device=device)
+    first = torch.arange(n, device=device).expand(batch, -1)  # each current token's first original position
+    owner = torch.arange(n, device=device).expand(batch, -1)
+    while x.shape[1] > tokens:
+        current = x.shape[1]
+        r = min(current - tokens, (current + 1) // 2)
+        matching = bipartite_soft_matching(metric, r)
+        merged_x, merged_weights = merge_weighted(x, weights, matching)
+        metric, _ = merge_weighted(metric, weights.to(metric.dtype), matching)
+        # where each old position lands in the merged layout (set A, then set B)
+        na = len(matching.a_positions)
+        dest = torch.empty(batch, current, dtype=torch.long, device=device)
+        dest[:, matching.a_positions] = torch.where(matching.merged, na + matching.target,
+                                                    torch.arange(na, device=device))
+        dest[:, matching.b_positions] = na + torch.arange(len(matching.b_positions), device=device)
+        laid_first = torch.full((batch, current), n, dtype=torch.long, device=device)
+        laid_first.scatter_reduce_(1, dest, first, reduce="amin")
+        # the survivors (every row loses exactly r), back in their original order
+        survivor_first = torch.where(merged_weights > 0, laid_first, n)
+        order = survivor_first.argsort(dim=1, stable=True)[:, : current - r]
+        rank = torch.full((batch, current), -1, dtype=torch.long, device=device)
+        rank.scatter_(1, order, torch.arange(current - r, device=device).expand_as(order))
+        owner = rank.gather(1, dest.gather(1, owner))
+        x = merged_x.gather(1, order[..., None].expand(-1, -1, x.shape[-1]))
+        metric = metric.gather(1, order[..., None].expand(-1, -1, metric.shape[-1]))
+        weights = merged_weights.gather(1, order)
+        first = laid_first.gather(1, order)
+    return Budgeted(x, weights, owner)
+
+
+def select_dominant(x: Tensor, scores: Tensor, tokens: int, contextual: int = 0) -> Budgeted:
+    """VisionZip's dominant tokens: the ``tokens - contextual`` highest-``scores`` tokens in their original
+    order, then ``contextual`` tokens that each average (size-weighted) a group of the rest: targets evenly
+    spaced over the unselected tokens, every other unselected token joining its most similar target (cosine).
+
+    Args:
+        x: ``[B, N, D]``; scores: ``[B, N]`` (e.g. the class token's attention); ``0 <= contextual < tokens``.
+    """
+    _check(x, tokens, "select_dominant")
+    if scores.shape != x.shape[:2]:
+        raise InputShapeError(f"select_dominant: scores {tuple(scores.shape)} must be [B, N] = {tuple(x.shape[:2])}")
+    if isinstance(contextual, bool) or not isinstance(contextual, int) or not 0 <= contextual < tokens:
+        raise InvalidConfigError(f"select_dominant: contextual must be an int in [0, {tokens - 1}], got "
+                                 f"{contextual!r}")
+    n = x.shape[1]
+    dominant = tokens - contextual
+    if contextual > n - dominant:
+        raise InvalidConfigError(f"select_dominant: {contextual} contextual tokens need as many unselected tokens; "
+                                 f"only {n - dominant} are left")
+    ranked = scores.float().argsort(dim=1, descending=True, stable=True)
+    chosen = _selected(x, ranked[:, :dominant].sort(dim=1).values)
+    if contextual == 0:
+        return chosen
+    rest = ranked[:, dominant:].sort(dim=1).values  # [B, R] unselected positions, in order
+    step = rest.shape[1] / contextual
+    target_slots = (torch.arange(contextual, device=x.device) * step).long()
+    rest_x = x.gather(1, rest[..., None].expand(-1, -1, x.shape[-1]))
+    unit = F.normalize(rest_x.float(), dim=-1)
+    similarity = unit @ unit[:, target_slots].transpose(1, 2)  # [B, R, contextual]
+    group = similarity.argmax(dim=-1)
+    group[:, target_slots] = torch.arange(contextual, device=x.device)  # a target is in its own group
+    sizes = torch.zeros(x.shape[0], contextual, dtype=x.dtype, device=x.device).scatter_add_(
+        1, group, torch.ones_like(group, dtype=x.dtype))
+    sums = torch.zeros(x.shape[0], contextual, x.shape[-1], dtype=x.dtype, device=x.device).scatter_add_(
+        1, group[..., None].expand_as(rest_x), rest_x)
+    owner = chosen.owner.scatter(1, rest, dominant + group)
+    return Budgeted(torch.cat([chosen.tokens, sums / sizes[..., None]], dim=1),
+                    torch.cat([chosen.sizes, sizes], dim=1), owner)
+
+
+def pool_grid(grid: tuple[int, int], tokens: int) -> tuple[int, int]:
+    """The ``(rows, cols)`` with ``rows * cols == tokens``, each at most the grid's, whose aspect is closest to the
+    grid's. Raises InvalidConfigError where none is within a factor 2 of it (e.g. a prime budget)."""
+    rows, cols = grid
+    pairs = [(r, tokens // r) for r in range(1, rows + 1) if tokens % r == 0 and tokens // r <= cols]
+    aspect = math.log(rows / cols)
+    best = min(pairs, key=lambda p: abs(math.log(p[0] / p[1]) - aspect), default=None)
+    if best is None or abs(math.log(best[0] / best[1]) - aspect) > math.log(2):
+        raise InvalidConfigError(f"pooling a {rows} x {cols} grid cannot give exactly {tokens} tokens on a grid of "
+                                 f"about its shape; choose a budget such as {_near_pool_budgets(grid, tokens)}")
+    return best
+
+
+def _near_pool_budgets(grid: tuple[int, int], tokens: int) -> list[int]:
+    rows, cols = grid
+    options = sorted({max(1, round(rows * s)) * max(1, round(cols * s)) for s in (i / 48 for i in range(1, 49))})
+    return sorted(options, key=lambda t: abs(t - tokens))[:3]
+
+
+def pool_to_budget(x: Tensor, grid: tuple[int, int], tokens: int) -> Budgeted:
+    """Average pooling of the ``grid`` (row-major tokens) to a grid of exactly ``tokens`` cells
+    (:func:`pool_grid`); 2 x 2 pooling (LLaVA-OneVision's) at a quarter of an even grid."""
+    _check(x, tokens, "pool_to_budget")
+    rows, cols = grid
+    if rows * cols != x.shape[1]:
+        raise InputShapeError(f"pool_to_budget: a {rows} x {cols} grid needs N = {rows * cols} tokens, got "
+                              f"{x.shape[1]}")
+    out_rows, out_cols = pool_grid(grid, tokens)
+    batch = x.shape[0]
+    image = x.transpose(1, 2).reshape(batch, -1, rows, cols)
+    pooled = F.adaptive_avg_pool2d(image, (out_rows, out_cols)).flatten(2).transpose(1, 2)
+    # which output cell each input cell falls in (adaptive pooling's windows may overlap: the first one)
+    row_of = (torch.arange(rows, device=x.device) * out_rows) // rows
+    col_of = (torch.arange(cols, device=x.device) * out_cols) // cols
+    cell = (row_of[:, None] * out_cols + col_of[None, :]).flatten()
+    sizes = torch.bincount(cell, minlength=tokens).to(x.dtype)
+    return Budgeted(pooled, sizes.expand(batch, -1), cell.expand(batch, -1))
+
+
+def select_random(x: Tensor, tokens: int, generator: torch.Generator | None = None) -> Budgeted:
+    """``tokens`` tokens of each image chosen uniformly at random, in their original order (the baseline)."""
+    _check(x, tokens, "select_random")
+    noise = torch.rand(x.shape[:2], generator=generator, device="cpu" if generator is None else generator.device)
+    keep = noise.to(x.device).argsort(dim=1)[:, :tokens].sort(dim=1).values
+    return _selected(x, keep)

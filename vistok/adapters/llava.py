@@ -1,0 +1,96 @@
+"""What vistok relies on in Hugging Face's LLaVA (``LlavaForConditionalGeneration``, transformers 5.x), all in one
+place:
+
+* ``model.model.get_image_features(pixel_values, vision_feature_layer, vision_feature_select_strategy, ...)``
+  returns a ``BaseModelOutputWithPooling`` whose ``pooler_output`` is one ``[N, D]`` feature tensor per image and
+  whose ``hidden_states`` are the tower's; ``forward`` and ``generate`` both call it through the instance
+  (``generate`` via ``self.base_model``) and accept its output as ``mm_encoder_outputs={"image": ...}``.
+* The prompt holds ``config.image_token_id`` once per feature: ``N = (image_size / patch_size) ** 2`` per image
+  with ``vision_feature_select_strategy="default"`` (the class token dropped), one more with ``"full"``.
+* The vision tower is a ``CLIPVisionModel`` (a class token) or a ``SiglipVisionModel`` (none); its encoder layers
+  have ``layer_norm1`` and ``self_attn.q_proj`` / ``k_proj`` with ``num_heads``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import Tensor, nn
+
+from ..errors import InvalidConfigError, UnsupportedModelError
+
+__all__ = ["LlavaFamily"]
+
+
+@dataclass(frozen=True)
+class LlavaFamily:
+    """The facts about one LLaVA model that the boundary needs."""
+
+    placeholder_id: int
+    grid: tuple[int, int]
+    num_prefix: int  # 1 with the "full" strategy: the class token's feature leads each image's features
+    has_class_token: bool
+    pad_id: int
+
+    class_names = ("LlavaForConditionalGeneration",)
+
+    @classmethod
+    def inspect(cls, model: nn.Module) -> LlavaFamily:
+        """Read ``model``'s facts, refusing what the boundary cannot handle correctly."""
+        from transformers import CLIPVisionModel, SiglipVisionModel
+
+        config = model.config
+        tower = model.model.vision_tower
+        if type(tower) not in (CLIPVisionModel, SiglipVisionModel):
+            raise UnsupportedModelError(f"{type(model).__name__} with a {type(tower).__name__} vision tower: vistok "
+                                        "compresses LLaVA with a CLIPVisionModel or SiglipVisionModel tower")
+        strategy = config.vision_feature_select_strategy
+        if strategy not in ("default", "full"):
+            raise UnsupportedModelError(f"vision_feature_select_strategy={strategy!r} is not LLaVA's default or full")
+        vision = config.vision_config
+        if vision.image_size % vision.patch_size:
+            raise UnsupportedModelError(f"image_size {vision.image_size} is not a multiple of patch_size "
+                                        f"{vision.patch_size}")
+        side = vision.image_size // vision.patch_size
+        has_class_token = isinstance(tower, CLIPVisionModel)
+        if not has_class_token and strategy == "default":
+            raise UnsupportedModelError(
+                f"{type(model).__name__} drops the first feature of its {type(tower).__name__} tower "
+                "(vision_feature_select_strategy='default') although that tower has no class token, so its features "
+                "are not a patch grid; vistok compresses SigLIP towers with vision_feature_select_strategy='full'")
+        pad_id = getattr(config.text_config, "pad_token_id", None)
+        return cls(config.image_token_id, (side, side), int(strategy == "full" and has_class_token), has_class_token,
+                   0 if pad_id is None else int(pad_id))
+
+    @property
+    def per_image(self) -> int:
+        return self.num_prefix + self.grid[0] * self.grid[1]
+
+
+def class_attention(tower: nn.Module, hidden_states: tuple[Tensor, ...], feature_layer: int | list[int]) -> Tensor:
+    """``[B, N]``: the class token's attention over the patch tokens in the layer that produced the features
+    (heads averaged, softmax over every token as the layer computes it); VisionZip's dominance score.
+
+    ``hidden_states[i]`` is the input of encoder layer ``i``, so the features ``hidden_states[f]`` come out of
+    layer ``f - 1``, which attended over ``hidden_states[f - 1]``. With several feature layers, the last one's.
+    """
+    from transformers import CLIPVisionModel
+
+    if not isinstance(tower, CLIPVisionModel):
+        raise InvalidConfigError(f"dominant needs a class token; a {type(tower).__name__} tower has none (use "
+                                 "merge_to_budget, pool or random_select)")
+    layers = tower.encoder.layers
+    layer_index = feature_layer[-1] if isinstance(feature_layer, (list, tuple)) else feature_layer
+    produced_by = layer_index % len(hidden_states) - 1
+    if produced_by < 0:
+        raise InvalidConfigError("dominant: the features are the embeddings (vision_feature_layer=0); no layer "
+                                 "attended to them")
+    layer = layers[produced_by]
+    attention = layer.self_attn
+    h = layer.layer_norm1(hidden_states[produced_by])
+    batch, n, width = h.shape
+    heads = attention.num_heads
+    query = attention.q_proj(h[:, :1]).reshape(batch, 1, heads, -1).transpose(1, 2)
+    keys = attention.k_proj(h).reshape(batch, n, heads, -1).transpose(1, 2)
+    scores = (query @ keys.transpose(-1, -2)) * query.shape[-1] ** -0.5
+    return scores.float().softmax(dim=-1).mean(dim=1)[:, 0, 1:]

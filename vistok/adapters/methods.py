@@ -1,0 +1,129 @@
+"""The methods that run at a vision-LLM's boundary (between its vision tower and its language model), as
+dataclass configs in vistok's method registry. Each brings every image to exactly the same number of tokens:
+``tokens=`` per image, or ``keep=`` a fraction of the tower's tokens (rounded, at least 1).
+
+>>> vistok.patch(llava, "merge_to_budget", tokens=64)
+>>> vistok.patch(llava, "dominant", keep=0.25, contextual=8)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+from ..errors import InvalidConfigError
+from ..methods.base import MethodConfig
+from .budget import Budgeted, merge_to_budget, pool_to_budget, select_dominant, select_random
+
+__all__ = ["BoundaryConfig", "BoundaryInputs", "MergeToBudgetConfig", "DominantConfig", "PoolConfig",
+           "RandomSelectConfig"]
+
+
+@dataclass(frozen=True)
+class BoundaryInputs:
+    """What a boundary method may use for one batch of images: ``features`` ``[B, N, D]`` (what the language
+    model will read), the tower's patch ``grid`` ``(rows, cols)`` and, on demand, ``class_attention()`` ``[B, N]``
+    (the class token's attention over the patches at the feature layer)."""
+
+    features: Tensor
+    grid: tuple[int, int]
+    class_attention: Callable[[], Tensor]
+
+
+@dataclass
+class BoundaryConfig(MethodConfig):
+    """A budget per image: exactly one of ``tokens`` (an int) or ``keep`` (a fraction in (0, 1])."""
+
+    tokens: int | None = None
+    keep: float | None = None
+    uses_class_attention: ClassVar[bool] = False  # the tower must then keep the hidden states it needs
+
+    def __post_init__(self) -> None:
+        if (self.tokens is None) == (self.keep is None):
+            raise InvalidConfigError(f"{self.name}: give exactly one of tokens= (visual tokens per image) or keep= "
+                                     f"(a fraction of them), got tokens={self.tokens!r}, keep={self.keep!r}")
+        if self.tokens is not None and (isinstance(self.tokens, bool) or not isinstance(self.tokens, int)
+                                        or self.tokens < 1):
+            raise InvalidConfigError(f"{self.name}: tokens must be a positive int, got {self.tokens!r}")
+        if self.keep is not None and (isinstance(self.keep, bool) or not isinstance(self.keep, (int, float))
+                                      or not 0 < self.keep <= 1):
+            raise InvalidConfigError(f"{self.name}: keep must be a fraction in (0, 1], got {self.keep!r}")
+
+    def budget(self, available: int) -> int:
+        """The tokens per image out of ``available``."""
+        if self.tokens is not None:
+            if self.tokens > available:
+                raise InvalidConfigError(f"{self.name}: tokens={self.tokens} is more than the {available} visual "
+                                         "tokens per image the model has")
+            return self.tokens
+        return max(1, round(self.keep * available))
+
+    def build(self, info: object) -> dict:
+        raise InvalidConfigError(
+            f"{self.name} runs between a vision-LLM's vision tower and its language model; patch the vision-LLM "
+            "(e.g. a LlavaForConditionalGeneration), or use an in-tower method (ats, merge, random_drop) on a "
+            "vision transformer")
+
+    def compress(self, inputs: BoundaryInputs, budget: int) -> Budgeted:
+        """The images' tokens at exactly ``budget`` each."""
+        raise NotImplementedError
+
+
+@dataclass
+class MergeToBudgetConfig(BoundaryConfig):
+    """Bipartite merging repeated down to the budget (B-VLLM's spatial merge), similarity on the features."""
+
+    name: ClassVar[str] = "merge_to_budget"
+
+    def compress(self, inputs: BoundaryInputs, budget: int) -> Budgeted:
+        return merge_to_budget(inputs.features, budget)
+
+
+@dataclass
+class DominantConfig(BoundaryConfig):
+    """VisionZip's dominant tokens: the patches the class token attends to most; with ``contextual > 0``, that many
+    of the budget's tokens average the unselected rest (VisionZip's contextual tokens)."""
+
+    name: ClassVar[str] = "dominant"
+    contextual: int = 0
+    uses_class_attention: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.contextual, bool) or not isinstance(self.contextual, int) or self.contextual < 0:
+            raise InvalidConfigError(f"dominant: contextual must be a non-negative int, got {self.contextual!r}")
+
+    def compress(self, inputs: BoundaryInputs, budget: int) -> Budgeted:
+        if budget == inputs.features.shape[1]:
+            return select_dominant(inputs.features, torch.zeros(inputs.features.shape[:2]), budget)
+        return select_dominant(inputs.features, inputs.class_attention(), budget, self.contextual)
+
+
+@dataclass
+class PoolConfig(BoundaryConfig):
+    """Average pooling of the patch grid to the budget (2 x 2, LLaVA-OneVision's, at a quarter): the baseline."""
+
+    name: ClassVar[str] = "pool"
+
+    def compress(self, inputs: BoundaryInputs, budget: int) -> Budgeted:
+        return pool_to_budget(inputs.features, inputs.grid, budget)
+
+
+@dataclass
+class RandomSelectConfig(BoundaryConfig):
+    """Tokens chosen at random (a fresh generator seeded with ``seed`` for every call): the baseline."""
+
+    name: ClassVar[str] = "random_select"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**62:
+            raise InvalidConfigError(f"random_select: seed must be an int in [0, 2**62), got {self.seed!r}")
+
+    def compress(self, inputs: BoundaryInputs, budget: int) -> Budgeted:
+        return select_random(inputs.features, budget, torch.Generator().manual_seed(self.seed))

@@ -1,0 +1,90 @@
+"""Shorter prompts for fewer visual tokens: every run of image placeholders in ``input_ids`` shrinks from the
+tower's token count per image to the budget, and the tensors aligned with it (``attention_mask``, ``labels``,
+``mm_token_type_ids`` ...) lose the same positions. Pure functions over ``[B, L]`` tensors."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor
+
+from ..errors import InputShapeError
+
+__all__ = ["placeholder_keep_mask", "shorten_prompt"]
+
+# what padding holds in each aligned tensor that vistok knows by name (others: 0)
+PAD_VALUES = {"attention_mask": 0, "labels": -100}
+
+
+def placeholder_keep_mask(input_ids: Tensor, placeholder_id: int, per_image: int, budget: int,
+                          num_images: int) -> Tensor | None:
+    """``[B, L]`` bool: the positions to keep so that each image's ``per_image`` placeholders become ``budget``
+    (the first ``budget`` of each image's run are kept), or ``None`` when the prompt already has ``budget``
+    placeholders per image (or nothing needs to change).
+
+    Raises:
+        InputShapeError: the placeholder count is neither ``num_images x per_image`` nor ``num_images x budget``,
+            or a run of placeholders is not a whole number of images.
+    """
+    is_placeholder = input_ids == placeholder_id
+    found = int(is_placeholder.sum())
+    if budget == per_image or found == num_images * budget:
+        return None
+    if found != num_images * per_image:
+        raise InputShapeError(
+            f"the prompt has {found} image placeholder tokens (id {placeholder_id}) for {num_images} image(s): "
+            f"expected {per_image} per image (as the processor writes them) or {budget} (vistok's budget)")
+    keep = torch.ones_like(is_placeholder)
+    for row in range(input_ids.shape[0]):
+        positions = torch.nonzero(is_placeholder[row]).squeeze(1).tolist()
+        start = 0
+        while start < len(positions):
+            end = start
+            while end + 1 < len(positions) and positions[end + 1] == positions[end] + 1:
+                end += 1
+            length = end - start + 1
+            if length % per_image:
+                raise InputShapeError(f"row {row} of input_ids has a run of {length} image placeholders at position "
+                                      f"{positions[start]}: not a multiple of the {per_image} per image")
+            for image in range(length // per_image):
+                first = positions[start] + image * per_image
+                keep[row, first + budget: first + per_image] = False
+            start = end + 1
+    return keep
+
+
+def _padding_side(attention_mask: Tensor | None) -> str:
+    if attention_mask is not None and bool((attention_mask[:, 0] == 0).any()) and bool(
+            (attention_mask[:, -1] == 1).all()):
+        return "left"
+    return "right"
+
+
+def shorten_prompt(input_ids: Tensor, keep: Tensor, aligned: Mapping[str, Tensor], pad_id: int
+                   ) -> tuple[Tensor, dict[str, Tensor]]:
+    """``input_ids`` and every ``aligned`` ``[B, L]`` tensor at the ``keep`` positions that are not padding (0 in
+    ``aligned["attention_mask"]``), rows re-padded to the longest on the side the attention mask pads (left or
+    right) with ``pad_id`` / 0 in the mask / -100 in labels.
+    """
+    for name, tensor in aligned.items():
+        if tensor.shape[:2] != input_ids.shape:
+            raise InputShapeError(f"{name} {tuple(tensor.shape)} does not line up with input_ids "
+                                  f"{tuple(input_ids.shape)}")
+    mask = aligned.get("attention_mask")
+    side = _padding_side(mask)
+    if mask is not None:  # the old padding goes too: rows are re-padded to the new longest
+        keep = keep & mask.bool()
+    lengths = keep.sum(dim=1)
+    width = int(lengths.max())
+    tensors = {"input_ids": input_ids, **aligned}
+    pads = {"input_ids": pad_id, **{name: PAD_VALUES.get(name, 0) for name in aligned}}
+    out = {}
+    for name, tensor in tensors.items():
+        rows = []
+        for row in range(tensor.shape[0]):
+            kept = tensor[row][keep[row]]
+            filler = kept.new_full((width - kept.shape[0], *kept.shape[1:]), pads[name])
+            rows.append(torch.cat([filler, kept] if side == "left" else [kept, filler]))
+        out[name] = torch.stack(rows)
+    return out.pop("input_ids"), out

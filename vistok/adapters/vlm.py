@@ -1,0 +1,256 @@
+"""``vistok.patch`` on a vision-LLM: compress the visual features between the vision tower and the language model
+to an exact budget per image, and shorten the prompt's placeholder runs to match, so ``forward`` and
+``generate`` work as before. Reversible: ``handle.remove()``.
+
+Three things are installed, all plain objects (a patched model deep-copies and pickles like the ViT patches):
+
+* the base model's ``get_image_features`` is wrapped (both ``forward`` and ``generate`` encode through it) and
+  returns the compressed features;
+* a forward pre-hook shortens each image's placeholders in ``input_ids`` and in the tensors aligned with it;
+* ``generate`` is wrapped to shorten the prompt before generation and to give back the caller's prompt, so the
+  returned sequences start with the ``input_ids`` that were passed in, as without vistok.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import InputShapeError, InvalidConfigError, UnsupportedModelError
+from ..methods.base import MethodConfig
+from ..patching import _HANDLE_ATTR
+from .budget import Budgeted
+from .llava import LlavaFamily, class_attention
+from .methods import BoundaryConfig, BoundaryInputs
+from .prompt import placeholder_keep_mask, shorten_prompt
+
+__all__ = ["VisionLLMHandle", "VisualTokens", "vision_llm_family", "patch_vision_llm"]
+
+FAMILIES = (LlavaFamily,)
+# [B, L] tensors that line up with input_ids and lose the same positions
+ALIGNED = ("attention_mask", "labels", "mm_token_type_ids", "token_type_ids")
+
+
+def vision_llm_family(model: nn.Module) -> type[LlavaFamily] | None:
+    """The family adapter for ``model``, ``None`` if it is not a vision-LLM. A vision-LLM vistok does not know yet
+    is refused (UnsupportedModelError) rather than patched as something else."""
+    name = type(model).__name__
+    for family in FAMILIES:
+        if name in family.class_names:
+            return family
+    config = getattr(model, "config", None)
+    generative = name.endswith("ForConditionalGeneration")  # not CLIPModel / SiglipModel, which have both configs
+    if generative and hasattr(config, "vision_config") and hasattr(config, "text_config"):
+        known = ", ".join(n for family in FAMILIES for n in family.class_names)
+        raise UnsupportedModelError(f"{name} is a vision-LLM vistok does not compress yet; supported: {known}")
+    return None
+
+
+@dataclass(frozen=True)
+class VisualTokens:
+    """The compressed visual tokens of a batch of images, as the language model reads them.
+
+    ``tokens`` ``[I, T, D]`` (I images, T tokens each); ``sizes`` ``[I, T]`` (how many patches each stands for;
+    1 for a class-token feature); ``grid_positions`` ``[I, T, 2]`` long: the (row, col) of the first patch each
+    token carries (``-1`` for a class-token feature); ``owner`` ``[I, rows * cols]``: for each patch, the index
+    of the token that carries it (``-1``: dropped).
+    """
+
+    tokens: Tensor
+    sizes: Tensor
+    grid_positions: Tensor
+    owner: Tensor
+
+
+class _CompressedImageFeatures:
+    """Stands in for ``base_model.get_image_features``: the model's own, then the boundary method."""
+
+    def __init__(self, handle: VisionLLMHandle) -> None:
+        self.handle = handle
+
+    @property
+    def __signature__(self) -> inspect.Signature:  # generate() reads it to pick the encoder's arguments
+        base = self.handle.model.model
+        return inspect.signature(partial(type(base).get_image_features, base))
+
+    def __call__(self, pixel_values: Tensor, vision_feature_layer: int | list[int] | None = None,
+                 vision_feature_select_strategy: str | None = None, image_sizes: Tensor | None = None,
+                 **kwargs: Any) -> Any:
+        return self.handle._encode(pixel_values, vision_feature_layer, vision_feature_select_strategy, image_sizes,
+                                   **kwargs)[0]
+
+
+def _as_keywords(function: Any, args: tuple, kwargs: dict) -> dict:
+    """``args`` moved into ``kwargs`` by ``function``'s parameter names (``self`` excluded)."""
+    if not args:
+        return dict(kwargs)
+    names = [p for p in inspect.signature(function).parameters if p != "self"]
+    return {**dict(zip(names, args, strict=False)), **kwargs}
+
+
+class _ShortPromptHook:
+    """A forward pre-hook (with kwargs): the model's ``forward`` gets the shortened prompt."""
+
+    def __init__(self, handle: VisionLLMHandle) -> None:
+        self.handle = handle
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        kwargs = _as_keywords(type(module).forward, args, kwargs)
+        shortened = self.handle._shorten(kwargs, "input_ids")
+        return None if shortened is None else ((), shortened)
+
+
+class _ShortPromptGenerate:
+    """Stands in for ``model.generate``: the shortened prompt in, the caller's prompt back in the output."""
+
+    def __init__(self, handle: VisionLLMHandle) -> None:
+        self.handle = handle
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        model = self.handle.model
+        kwargs = _as_keywords(type(model).generate, args, kwargs)
+        key = "inputs" if kwargs.get("inputs") is not None else "input_ids"
+        original = kwargs.get(key)
+        shortened = self.handle._shorten(kwargs, key)
+        if shortened is None:
+            return type(model).generate(model, **kwargs)
+        out = type(model).generate(model, **shortened)
+        prompt_length = shortened[key].shape[1]
+        sequences = out if isinstance(out, Tensor) else out.sequences
+        restored = torch.cat([original.to(sequences.device), sequences[:, prompt_length:]], dim=1)
+        if isinstance(out, Tensor):
+            return restored
+        out.sequences = restored
+        return out
+
+
+class VisionLLMHandle:
+    """The handle of a patched vision-LLM: ``remove()`` (or leaving a ``with`` block) restores it.
+
+    Attributes:
+        tokens_per_image: the visual tokens each image now gives the language model (placeholders per image).
+    """
+
+    def __init__(self, model: nn.Module, config: BoundaryConfig, family: LlavaFamily) -> None:
+        self.model = model
+        self.config = config
+        self.family = family
+        patches = family.grid[0] * family.grid[1]
+        self.tokens_per_image = family.num_prefix + config.budget(patches)
+        base = model.model
+        base.__dict__["get_image_features"] = _CompressedImageFeatures(self)
+        model.__dict__["generate"] = _ShortPromptGenerate(self)
+        self._hook = model.register_forward_pre_hook(_ShortPromptHook(self), with_kwargs=True)
+        setattr(model, _HANDLE_ATTR, self)
+
+    @property
+    def active(self) -> bool:
+        return vars(self.model).get(_HANDLE_ATTR) is self
+
+    def encode(self, pixel_values: Tensor, **kwargs: Any) -> VisualTokens:
+        """The compressed visual tokens of ``pixel_values`` ``[I, 3, H, W]`` (the model's own encoding, then the
+        method), with their sizes and grid positions, for pipelines of your own."""
+        _, result, prefix = self._encode(pixel_values, None, None, None, **kwargs)
+        images = result.tokens.shape[0]
+        cols = self.family.grid[1]
+        first = result.positions()
+        grid_positions = torch.stack([first // cols, first % cols], dim=-1)
+        if prefix.shape[1]:
+            grid_positions = torch.cat([torch.full((images, prefix.shape[1], 2), -1, dtype=torch.long,
+                                                   device=first.device), grid_positions], dim=1)
+        sizes = torch.cat([torch.ones(prefix.shape[:2], dtype=result.sizes.dtype, device=result.sizes.device),
+                           result.sizes], dim=1)
+        owner = torch.where(result.owner >= 0, result.owner + prefix.shape[1], -1)
+        return VisualTokens(torch.cat([prefix, result.tokens], dim=1), sizes, grid_positions, owner)
+
+    def _encode(self, pixel_values: Tensor, vision_feature_layer: int | list[int] | None,
+                vision_feature_select_strategy: str | None, image_sizes: Tensor | None,
+                **kwargs: Any) -> tuple[Any, Budgeted, Tensor]:
+        base = self.model.model
+        if image_sizes is not None:
+            raise InvalidConfigError("image_sizes (images of several sizes) is not supported by vistok's LLaVA "
+                                     "boundary: resize the images to the tower's size")
+        if vision_feature_select_strategy not in (None, base.config.vision_feature_select_strategy):
+            raise InvalidConfigError(f"vision_feature_select_strategy={vision_feature_select_strategy!r} differs "
+                                     f"from the config's, which vistok's budget was set for")
+        return_dict = kwargs.pop("return_dict", True)
+        if self.config.uses_class_attention:  # transformers otherwise keeps only the feature layer's states
+            kwargs["output_hidden_states"] = True
+        out = type(base).get_image_features(base, pixel_values, vision_feature_layer=vision_feature_layer,
+                                            vision_feature_select_strategy=vision_feature_select_strategy,
+                                            return_dict=True, **kwargs)
+        features = torch.stack(list(out.pooler_output))
+        if features.shape[1] != self.family.per_image:
+            raise InputShapeError(f"the vision tower gave {features.shape[1]} features per image; vistok expected "
+                                  f"{self.family.per_image} (images of the tower's size, {self.family.grid} patches)")
+        prefix = features[:, : self.family.num_prefix]
+        layer = base.config.vision_feature_layer if vision_feature_layer is None else vision_feature_layer
+        inputs = BoundaryInputs(features[:, self.family.num_prefix:], self.family.grid,
+                                partial(class_attention, base.vision_tower, out.hidden_states, layer))
+        result = self.config.compress(inputs, self.tokens_per_image - self.family.num_prefix)
+        out.pooler_output = list(torch.cat([prefix, result.tokens], dim=1))
+        return (out if return_dict else out.to_tuple()), result, prefix
+
+    def _shorten(self, kwargs: dict, key: str) -> dict | None:
+        """``kwargs`` with the prompt under ``key`` (and its aligned tensors) shortened; ``None`` if unchanged."""
+        input_ids = kwargs.get(key)
+        pixel_values = kwargs.get("pixel_values")
+        encoded = (kwargs.get("mm_encoder_outputs") or {}).get("image")
+        if pixel_values is not None:
+            num_images = pixel_values.shape[0]
+        elif encoded is not None:
+            num_images = len(encoded.pooler_output)
+        else:
+            return None
+        if input_ids is None:
+            raise InvalidConfigError("vistok shortens the image placeholders in input_ids; with inputs_embeds "
+                                     "only, build the embeddings from the shortened prompt yourself "
+                                     "(handle.tokens_per_image placeholders per image)")
+        keep = placeholder_keep_mask(input_ids, self.family.placeholder_id, self.family.per_image,
+                                     self.tokens_per_image, num_images)
+        if keep is None:
+            return None
+        if kwargs.get("position_ids") is not None:
+            raise InvalidConfigError("position_ids were given for the full prompt; vistok shortens the prompt, so "
+                                     "let the model number the positions (pass no position_ids)")
+        aligned = {name: kwargs[name] for name in ALIGNED if isinstance(kwargs.get(name), Tensor)}
+        short_ids, short_aligned = shorten_prompt(input_ids, keep, aligned, self.family.pad_id)
+        return {**kwargs, key: short_ids, **short_aligned}
+
+    def remove(self) -> None:
+        """Restore the model (idempotent)."""
+        if not self.active:
+            return
+        del self.model.model.__dict__["get_image_features"]
+        del self.model.__dict__["generate"]
+        self._hook.remove()
+        delattr(self.model, _HANDLE_ATTR)
+
+    def __enter__(self) -> VisionLLMHandle:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+    def __repr__(self) -> str:
+        state = "active" if self.active else "removed"
+        return (f"VisionLLMHandle({type(self.model).__name__}, {self.config!r}, {self.tokens_per_image} of "
+                f"{self.family.per_image} tokens per image, {state})")
+
+
+def patch_vision_llm(model: nn.Module, config: MethodConfig, family: type[LlavaFamily]) -> VisionLLMHandle:
+    """``vistok.patch`` for a vision-LLM (see the module docstring)."""
+    if not isinstance(config, BoundaryConfig):
+        raise InvalidConfigError(
+            f"{config.name} runs inside a vision transformer; on a {type(model).__name__} use a method at the "
+            "boundary to the language model: merge_to_budget, dominant, pool or random_select (tokens= or keep=)")
+    facts = family.inspect(model)
+    if isinstance(config, BoundaryConfig) and config.name == "dominant" and not facts.has_class_token:
+        raise InvalidConfigError(f"dominant needs a class token; {type(model).__name__}'s vision tower has none "
+                                 "(use merge_to_budget, pool or random_select)")
+    return VisionLLMHandle(model, config, facts)
