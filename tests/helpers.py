@@ -41,3 +41,19 @@ def upstream_forward_on_kept(model: nn.Module, image: Tensor, layouts: dict[int,
             x, source = x[:, rows], source[rows]
     x = model.norm(x)
     return type(model).forward_head(model, x)
+
+
+def tiny_idefics3(kind: str = "idefics3", seed: int = 0) -> nn.Module:
+    """A random ``Idefics3ForConditionalGeneration`` (or SmolVLM's) small enough for CPU tests: 32 px tiles in
+    4 px patches, pixel shuffle 2, so 16 features per tile; placeholder id 99, 100-token vocabulary."""
+    import transformers
+
+    prefix = "Idefics3" if kind == "idefics3" else "SmolVLM"
+    vision = getattr(transformers, f"{prefix}VisionConfig")(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                                           num_attention_heads=4, image_size=32, patch_size=4)
+    text = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                    num_key_value_heads=2, vocab_size=100, pad_token_id=0)
+    config = getattr(transformers, f"{prefix}Config")(vision_config=vision, text_config=text, image_token_id=99,
+                                                     scale_factor=2)
+    torch.manual_seed(seed)
+    return getattr(transformers, f"{prefix}ForConditionalGeneration")(config).eval()

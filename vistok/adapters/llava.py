@@ -3,10 +3,13 @@ place:
 
 * ``model.model.get_image_features(pixel_values, vision_feature_layer, vision_feature_select_strategy, ...)``
   returns a ``BaseModelOutputWithPooling`` whose ``pooler_output`` is one ``[N, D]`` feature tensor per image and
-  whose ``hidden_states`` are the tower's; ``forward`` and ``generate`` both call it through the instance
-  (``generate`` via ``self.base_model``) and accept its output as ``mm_encoder_outputs={"image": ...}``.
+  whose ``hidden_states`` are the tower's (only the feature layer's unless ``output_hidden_states=True``);
+  ``forward`` and ``generate`` both call it through the instance (``generate`` via ``self.base_model``) and
+  accept its output as ``mm_encoder_outputs={"image": ...}``.
+* ``pixel_values`` is ``[I, 3, H, W]``, one row per image.
 * The prompt holds ``config.image_token_id`` once per feature: ``N = (image_size / patch_size) ** 2`` per image
-  with ``vision_feature_select_strategy="default"`` (the class token dropped), one more with ``"full"``.
+  with ``vision_feature_select_strategy="default"`` (the first token, CLIP's class token, dropped), one more with
+  ``"full"``.
 * The vision tower is a ``CLIPVisionModel`` (a class token) or a ``SiglipVisionModel`` (none); its encoder layers
   have ``layer_norm1`` and ``self_attn.q_proj`` / ``k_proj`` with ``num_heads``.
 """
@@ -14,29 +17,23 @@ place:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from ..errors import InvalidConfigError, UnsupportedModelError
+from .family import VisionLLMFamily
 
-__all__ = ["LlavaFamily"]
+__all__ = ["LlavaFamily", "class_attention"]
 
 
 @dataclass(frozen=True)
-class LlavaFamily:
-    """The facts about one LLaVA model that the boundary needs."""
-
-    placeholder_id: int
-    grid: tuple[int, int]
-    num_prefix: int  # 1 with the "full" strategy: the class token's feature leads each image's features
-    has_class_token: bool
-    pad_id: int
-
+class LlavaFamily(VisionLLMFamily):
     class_names = ("LlavaForConditionalGeneration",)
 
     @classmethod
     def inspect(cls, model: nn.Module) -> LlavaFamily:
-        """Read ``model``'s facts, refusing what the boundary cannot handle correctly."""
         from transformers import CLIPVisionModel, SiglipVisionModel
 
         config = model.config
@@ -62,9 +59,30 @@ class LlavaFamily:
         return cls(config.image_token_id, (side, side), int(strategy == "full" and has_class_token), has_class_token,
                    0 if pad_id is None else int(pad_id))
 
-    @property
-    def per_image(self) -> int:
-        return self.num_prefix + self.grid[0] * self.grid[1]
+    def prepare_call(self, base: nn.Module, kwargs: dict[str, Any]) -> tuple[dict[str, Any], Any]:
+        if kwargs.get("image_sizes") is not None:
+            raise InvalidConfigError("image_sizes (images of several sizes) is not supported by vistok's LLaVA "
+                                     "boundary: resize the images to the tower's size")
+        strategy = kwargs.get("vision_feature_select_strategy")
+        if strategy not in (None, base.config.vision_feature_select_strategy):
+            raise InvalidConfigError(f"vision_feature_select_strategy={strategy!r} differs from the config's, which "
+                                     "vistok's budget was set for")
+        layer = kwargs.get("vision_feature_layer")
+        return kwargs, base.config.vision_feature_layer if layer is None else layer
+
+    def unit_features(self, out: Any) -> tuple[Tensor, Any]:
+        return torch.stack(list(out.pooler_output)), None
+
+    def put_features(self, out: Any, tokens: Tensor, grouping: Any) -> None:
+        out.pooler_output = list(tokens)
+
+    def count_units(self, pixel_values: Tensor) -> int:
+        return pixel_values.shape[0]
+
+    def class_attention(self, base: nn.Module, out: Any, context: Any) -> Tensor:
+        if not self.has_class_token:
+            return super().class_attention(base, out, context)
+        return class_attention(base.vision_tower, out.hidden_states, context)
 
 
 def class_attention(tower: nn.Module, hidden_states: tuple[Tensor, ...], feature_layer: int | list[int]) -> Tensor:
@@ -74,21 +92,15 @@ def class_attention(tower: nn.Module, hidden_states: tuple[Tensor, ...], feature
     ``hidden_states[i]`` is the input of encoder layer ``i``, so the features ``hidden_states[f]`` come out of
     layer ``f - 1``, which attended over ``hidden_states[f - 1]``. With several feature layers, the last one's.
     """
-    from transformers import CLIPVisionModel
-
-    if not isinstance(tower, CLIPVisionModel):
-        raise InvalidConfigError(f"dominant needs a class token; a {type(tower).__name__} tower has none (use "
-                                 "merge_to_budget, pool or random_select)")
-    layers = tower.encoder.layers
     layer_index = feature_layer[-1] if isinstance(feature_layer, (list, tuple)) else feature_layer
     produced_by = layer_index % len(hidden_states) - 1
     if produced_by < 0:
         raise InvalidConfigError("dominant: the features are the embeddings (vision_feature_layer=0); no layer "
                                  "attended to them")
-    layer = layers[produced_by]
+    layer = tower.encoder.layers[produced_by]
     attention = layer.self_attn
     h = layer.layer_norm1(hidden_states[produced_by])
-    batch, n, width = h.shape
+    batch, n, _ = h.shape
     heads = attention.num_heads
     query = attention.q_proj(h[:, :1]).reshape(batch, 1, heads, -1).transpose(1, 2)
     keys = attention.k_proj(h).reshape(batch, n, heads, -1).transpose(1, 2)

@@ -25,18 +25,20 @@ from ..errors import InputShapeError, InvalidConfigError, UnsupportedModelError
 from ..methods.base import MethodConfig
 from ..patching import _HANDLE_ATTR
 from .budget import Budgeted
-from .llava import LlavaFamily, class_attention
+from .family import VisionLLMFamily
+from .idefics3 import Idefics3Family, SmolVLMFamily
+from .llava import LlavaFamily
 from .methods import BoundaryConfig, BoundaryInputs
 from .prompt import placeholder_keep_mask, shorten_prompt
 
 __all__ = ["VisionLLMHandle", "VisualTokens", "vision_llm_family", "patch_vision_llm"]
 
-FAMILIES = (LlavaFamily,)
+FAMILIES: tuple[type[VisionLLMFamily], ...] = (LlavaFamily, Idefics3Family, SmolVLMFamily)
 # [B, L] tensors that line up with input_ids and lose the same positions
 ALIGNED = ("attention_mask", "labels", "mm_token_type_ids", "token_type_ids")
 
 
-def vision_llm_family(model: nn.Module) -> type[LlavaFamily] | None:
+def vision_llm_family(model: nn.Module) -> type[VisionLLMFamily] | None:
     """The family adapter for ``model``, ``None`` if it is not a vision-LLM. A vision-LLM vistok does not know yet
     is refused (UnsupportedModelError) rather than patched as something else."""
     name = type(model).__name__
@@ -53,12 +55,13 @@ def vision_llm_family(model: nn.Module) -> type[LlavaFamily] | None:
 
 @dataclass(frozen=True)
 class VisualTokens:
-    """The compressed visual tokens of a batch of images, as the language model reads them.
+    """The compressed visual tokens of a batch of units (images, or Idefics3 tiles), as the language model reads
+    them.
 
-    ``tokens`` ``[I, T, D]`` (I images, T tokens each); ``sizes`` ``[I, T]`` (how many patches each stands for;
-    1 for a class-token feature); ``grid_positions`` ``[I, T, 2]`` long: the (row, col) of the first patch each
-    token carries (``-1`` for a class-token feature); ``owner`` ``[I, rows * cols]``: for each patch, the index
-    of the token that carries it (``-1``: dropped).
+    ``tokens`` ``[U, T, D]``; ``sizes`` ``[U, T]`` (how many patches each stands for; 1 for a class-token
+    feature); ``grid_positions`` ``[U, T, 2]`` long: the (row, col) of the first patch each token carries (``-1``
+    for a class-token feature); ``owner`` ``[U, rows * cols]``: for each patch, the index of the token that
+    carries it (``-1``: dropped).
     """
 
     tokens: Tensor
@@ -75,14 +78,12 @@ class _CompressedImageFeatures:
 
     @property
     def __signature__(self) -> inspect.Signature:  # generate() reads it to pick the encoder's arguments
-        base = self.handle.model.model
+        base = self.handle.family.base(self.handle.model)
         return inspect.signature(partial(type(base).get_image_features, base))
 
-    def __call__(self, pixel_values: Tensor, vision_feature_layer: int | list[int] | None = None,
-                 vision_feature_select_strategy: str | None = None, image_sizes: Tensor | None = None,
-                 **kwargs: Any) -> Any:
-        return self.handle._encode(pixel_values, vision_feature_layer, vision_feature_select_strategy, image_sizes,
-                                   **kwargs)[0]
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        base = self.handle.family.base(self.handle.model)
+        return self.handle._encode(_as_keywords(type(base).get_image_features, args, kwargs))[0]
 
 
 def _as_keywords(function: Any, args: tuple, kwargs: dict) -> dict:
@@ -133,86 +134,93 @@ class VisionLLMHandle:
     """The handle of a patched vision-LLM: ``remove()`` (or leaving a ``with`` block) restores it.
 
     Attributes:
-        tokens_per_image: the visual tokens each image now gives the language model (placeholders per image).
+        tokens_per_unit: the visual tokens each unit (``family.unit``: an image, or an Idefics3 tile) now gives
+            the language model, i.e. its placeholders in the prompt. ``tokens_per_image`` is the same number.
     """
 
-    def __init__(self, model: nn.Module, config: BoundaryConfig, family: LlavaFamily) -> None:
+    def __init__(self, model: nn.Module, config: BoundaryConfig, family: VisionLLMFamily) -> None:
         self.model = model
         self.config = config
         self.family = family
-        patches = family.grid[0] * family.grid[1]
-        self.tokens_per_image = family.num_prefix + config.budget(patches)
-        base = model.model
-        base.__dict__["get_image_features"] = _CompressedImageFeatures(self)
+        self.tokens_per_unit = family.num_prefix + config.budget(family.grid[0] * family.grid[1])
+        family.base(model).__dict__["get_image_features"] = _CompressedImageFeatures(self)
         model.__dict__["generate"] = _ShortPromptGenerate(self)
         self._hook = model.register_forward_pre_hook(_ShortPromptHook(self), with_kwargs=True)
         setattr(model, _HANDLE_ATTR, self)
+
+    @property
+    def tokens_per_image(self) -> int:
+        return self.tokens_per_unit
 
     @property
     def active(self) -> bool:
         return vars(self.model).get(_HANDLE_ATTR) is self
 
     def encode(self, pixel_values: Tensor, **kwargs: Any) -> VisualTokens:
-        """The compressed visual tokens of ``pixel_values`` ``[I, 3, H, W]`` (the model's own encoding, then the
-        method), with their sizes and grid positions, for pipelines of your own."""
-        _, result, prefix = self._encode(pixel_values, None, None, None, **kwargs)
-        images = result.tokens.shape[0]
+        """The compressed visual tokens of ``pixel_values`` (as the model takes them; other arguments of its
+        ``get_image_features`` as keywords): the model's own encoding, then the method, per unit, with their sizes
+        and grid positions, for pipelines of your own."""
+        _, result, prefix = self._encode({"pixel_values": pixel_values, **kwargs})
+        units = result.tokens.shape[0]
         cols = self.family.grid[1]
         first = result.positions()
         grid_positions = torch.stack([first // cols, first % cols], dim=-1)
         if prefix.shape[1]:
-            grid_positions = torch.cat([torch.full((images, prefix.shape[1], 2), -1, dtype=torch.long,
+            grid_positions = torch.cat([torch.full((units, prefix.shape[1], 2), -1, dtype=torch.long,
                                                    device=first.device), grid_positions], dim=1)
         sizes = torch.cat([torch.ones(prefix.shape[:2], dtype=result.sizes.dtype, device=result.sizes.device),
                            result.sizes], dim=1)
         owner = torch.where(result.owner >= 0, result.owner + prefix.shape[1], -1)
         return VisualTokens(torch.cat([prefix, result.tokens], dim=1), sizes, grid_positions, owner)
 
-    def _encode(self, pixel_values: Tensor, vision_feature_layer: int | list[int] | None,
-                vision_feature_select_strategy: str | None, image_sizes: Tensor | None,
-                **kwargs: Any) -> tuple[Any, Budgeted, Tensor]:
-        base = self.model.model
-        if image_sizes is not None:
-            raise InvalidConfigError("image_sizes (images of several sizes) is not supported by vistok's LLaVA "
-                                     "boundary: resize the images to the tower's size")
-        if vision_feature_select_strategy not in (None, base.config.vision_feature_select_strategy):
-            raise InvalidConfigError(f"vision_feature_select_strategy={vision_feature_select_strategy!r} differs "
-                                     f"from the config's, which vistok's budget was set for")
+    def _encode(self, kwargs: dict[str, Any]) -> tuple[Any, Budgeted, Tensor]:
+        """The model's ``get_image_features(**kwargs)`` with compressed features; the method's result; the
+        class-token features kept in front of each unit ``[U, num_prefix, D]``."""
+        family = self.family
+        base = family.base(self.model)
+        kwargs, context = family.prepare_call(base, dict(kwargs))
         return_dict = kwargs.pop("return_dict", True)
         if self.config.uses_class_attention:  # transformers otherwise keeps only the feature layer's states
             kwargs["output_hidden_states"] = True
-        out = type(base).get_image_features(base, pixel_values, vision_feature_layer=vision_feature_layer,
-                                            vision_feature_select_strategy=vision_feature_select_strategy,
-                                            return_dict=True, **kwargs)
-        features = torch.stack(list(out.pooler_output))
-        if features.shape[1] != self.family.per_image:
-            raise InputShapeError(f"the vision tower gave {features.shape[1]} features per image; vistok expected "
-                                  f"{self.family.per_image} (images of the tower's size, {self.family.grid} patches)")
-        prefix = features[:, : self.family.num_prefix]
-        layer = base.config.vision_feature_layer if vision_feature_layer is None else vision_feature_layer
-        inputs = BoundaryInputs(features[:, self.family.num_prefix:], self.family.grid,
-                                partial(class_attention, base.vision_tower, out.hidden_states, layer))
-        result = self.config.compress(inputs, self.tokens_per_image - self.family.num_prefix)
-        out.pooler_output = list(torch.cat([prefix, result.tokens], dim=1))
+        out = type(base).get_image_features(base, **kwargs, return_dict=True)
+        features, grouping = family.unit_features(out)
+        if features.shape[1] != family.per_unit:
+            raise InputShapeError(f"the vision tower gave {features.shape[1]} features per {family.unit}; vistok "
+                                  f"expected {family.per_unit} ({family.unit}s of the tower's size)")
+        prefix = features[:, : family.num_prefix]
+        inputs = BoundaryInputs(features[:, family.num_prefix:], family.grid,
+                                partial(family.class_attention, base, out, context))
+        result = self.config.compress(inputs, self.tokens_per_unit - family.num_prefix)
+        family.put_features(out, torch.cat([prefix, result.tokens], dim=1), grouping)
         return (out if return_dict else out.to_tuple()), result, prefix
+
+    def _count_units(self, kwargs: dict) -> tuple[int, int] | None:
+        """(units, placeholders the features fill) for this call's images, ``None`` without images."""
+        pixel_values = kwargs.get("pixel_values")
+        if pixel_values is not None:
+            units = self.family.count_units(pixel_values)
+            return units, units * self.tokens_per_unit
+        encoded = (kwargs.get("mm_encoder_outputs") or {}).get("image")
+        if encoded is None:
+            return None
+        features = sum(part.shape[0] for part in encoded.pooler_output)
+        return features // self.tokens_per_unit, features
 
     def _shorten(self, kwargs: dict, key: str) -> dict | None:
         """``kwargs`` with the prompt under ``key`` (and its aligned tensors) shortened; ``None`` if unchanged."""
-        input_ids = kwargs.get(key)
-        pixel_values = kwargs.get("pixel_values")
-        encoded = (kwargs.get("mm_encoder_outputs") or {}).get("image")
-        if pixel_values is not None:
-            num_images = pixel_values.shape[0]
-        elif encoded is not None:
-            num_images = len(encoded.pooler_output)
-        else:
+        counted = self._count_units(kwargs)
+        if counted is None:
             return None
+        units, features = counted
+        input_ids = kwargs.get(key)
         if input_ids is None:
             raise InvalidConfigError("vistok shortens the image placeholders in input_ids; with inputs_embeds "
                                      "only, build the embeddings from the shortened prompt yourself "
-                                     "(handle.tokens_per_image placeholders per image)")
-        keep = placeholder_keep_mask(input_ids, self.family.placeholder_id, self.family.per_image,
-                                     self.tokens_per_image, num_images)
+                                     f"(handle.tokens_per_unit placeholders per {self.family.unit})")
+        if int((input_ids == self.family.placeholder_id).sum()) == features:
+            return None  # the prompt already matches the features it will be given
+        keep = placeholder_keep_mask(input_ids, self.family.placeholder_id, self.family.per_unit,
+                                     self.tokens_per_unit, units)
         if keep is None:
             return None
         if kwargs.get("position_ids") is not None:
@@ -226,7 +234,7 @@ class VisionLLMHandle:
         """Restore the model (idempotent)."""
         if not self.active:
             return
-        del self.model.model.__dict__["get_image_features"]
+        del self.family.base(self.model).__dict__["get_image_features"]
         del self.model.__dict__["generate"]
         self._hook.remove()
         delattr(self.model, _HANDLE_ATTR)
@@ -239,18 +247,18 @@ class VisionLLMHandle:
 
     def __repr__(self) -> str:
         state = "active" if self.active else "removed"
-        return (f"VisionLLMHandle({type(self.model).__name__}, {self.config!r}, {self.tokens_per_image} of "
-                f"{self.family.per_image} tokens per image, {state})")
+        return (f"VisionLLMHandle({type(self.model).__name__}, {self.config!r}, {self.tokens_per_unit} of "
+                f"{self.family.per_unit} tokens per {self.family.unit}, {state})")
 
 
-def patch_vision_llm(model: nn.Module, config: MethodConfig, family: type[LlavaFamily]) -> VisionLLMHandle:
+def patch_vision_llm(model: nn.Module, config: MethodConfig, family: type[VisionLLMFamily]) -> VisionLLMHandle:
     """``vistok.patch`` for a vision-LLM (see the module docstring)."""
     if not isinstance(config, BoundaryConfig):
         raise InvalidConfigError(
             f"{config.name} runs inside a vision transformer; on a {type(model).__name__} use a method at the "
             "boundary to the language model: merge_to_budget, dominant, pool or random_select (tokens= or keep=)")
     facts = family.inspect(model)
-    if isinstance(config, BoundaryConfig) and config.name == "dominant" and not facts.has_class_token:
+    if config.uses_class_attention and not facts.has_class_token:
         raise InvalidConfigError(f"dominant needs a class token; {type(model).__name__}'s vision tower has none "
                                  "(use merge_to_budget, pool or random_select)")
     return VisionLLMHandle(model, config, facts)

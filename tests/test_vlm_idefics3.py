@@ -1,0 +1,70 @@
+"""vistok.patch on Hugging Face Idefics3 and SmolVLM (tiny random configs): the budget applies per tile, padding
+tiles are not counted, keep-everything parity, and the patched forward equals the unpatched model fed the
+compressed features by hand."""
+
+import pytest
+import torch
+from helpers import tiny_idefics3
+
+import vistok
+from vistok import InvalidConfigError
+
+transformers = pytest.importorskip("transformers")
+
+IMAGE, AROUND, TILE = 99, 98, 16  # placeholder id, the token around each tile, features per tile
+
+
+def batch(per_tile=TILE):
+    """Row 0: two tiles; row 1: one tile (its second tile slot is all-zero padding), left-padded."""
+    pixels = torch.randn(2, 2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    pixels[1, 1] = 0
+    tile = [AROUND] + [IMAGE] * per_tile + [AROUND]
+    rows = [[1] + tile + [97] + tile + [5], [1] + tile + [5]]
+    width = max(map(len, rows))
+    ids = torch.tensor([[0] * (width - len(row)) + row for row in rows])
+    return ids, (ids != 0).long(), pixels
+
+
+@pytest.mark.parametrize("kind", ["idefics3", "smolvlm"])
+@pytest.mark.parametrize("method", ["merge_to_budget", "pool", "random_select"])
+def test_keep_everything_is_the_unpatched_model(kind, method):
+    model = tiny_idefics3(kind)
+    ids, mask, pixels = batch()
+    with torch.no_grad():
+        expected = model(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits
+        generated = model.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, max_new_tokens=3,
+                                   do_sample=False)
+        with vistok.patch(model, method, keep=1.0) as handle:
+            assert handle.tokens_per_unit == TILE and handle.family.unit == "tile"
+            got = model(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits
+            assert (got - expected).abs().max() <= 1e-4
+            assert torch.equal(model.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels,
+                                              max_new_tokens=3, do_sample=False), generated)
+
+
+@pytest.mark.parametrize("kind", ["idefics3", "smolvlm"])
+@pytest.mark.parametrize("method", ["merge_to_budget", "pool", "random_select"])
+def test_a_budget_per_tile_is_what_the_language_model_reads(kind, method):
+    model = tiny_idefics3(kind)
+    ids, mask, pixels = batch()
+    with torch.no_grad():
+        with vistok.patch(model, method, tokens=4) as handle:
+            logits = model(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits
+            encoded = handle.encode(pixels)
+            generated = model.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, max_new_tokens=3,
+                                       do_sample=False)
+        assert encoded.tokens.shape == (3, 4, 32)  # three real tiles, the padding tile not encoded
+        short_ids, short_mask, _ = batch(per_tile=4)
+        rows = [encoded.tokens[:2].reshape(-1, 32), encoded.tokens[2:].reshape(-1, 32)]
+        by_hand = transformers.modeling_outputs.BaseModelOutputWithPooling(pooler_output=rows)
+        expected = model(input_ids=short_ids, attention_mask=short_mask, mm_encoder_outputs={"image": by_hand}).logits
+    assert logits.shape == expected.shape == (2, short_ids.shape[1], 100)
+    assert (logits - expected).abs().max() <= 1e-5
+    assert torch.equal(generated[:, : ids.shape[1]], ids) and generated.shape == (2, ids.shape[1] + 3)
+
+
+def test_refusals():
+    with pytest.raises(InvalidConfigError, match="dominant needs a class token"):
+        vistok.patch(tiny_idefics3(), "dominant", tokens=4)
+    with pytest.raises(InvalidConfigError, match="tokens=17 is more than the 16"):
+        vistok.patch(tiny_idefics3(), "merge_to_budget", tokens=17)

@@ -1,0 +1,69 @@
+"""What a vision-LLM family must tell vistok's boundary, as one small interface; each family's facts live in
+its own module (:mod:`.llava`, :mod:`.idefics3`). A *unit* is what one budget applies to: an image for LLaVA,
+a tile for Idefics3 / SmolVLM."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from torch import Tensor, nn
+
+from ..errors import InvalidConfigError
+
+__all__ = ["VisionLLMFamily"]
+
+
+@dataclass(frozen=True)
+class VisionLLMFamily(ABC):
+    """The facts about one vision-LLM that the boundary needs: the placeholder token, the unit's patch ``grid``
+    after the projector, the class-token features in front of each unit (``num_prefix``), whether the tower has
+    a class token, and the text model's padding id."""
+
+    placeholder_id: int
+    grid: tuple[int, int]
+    num_prefix: int
+    has_class_token: bool
+    pad_id: int
+
+    class_names: ClassVar[tuple[str, ...]]
+    unit: ClassVar[str] = "image"
+
+    @classmethod
+    @abstractmethod
+    def inspect(cls, model: nn.Module) -> VisionLLMFamily:
+        """Read ``model``'s facts, refusing (UnsupportedModelError) what the boundary cannot handle correctly."""
+
+    @property
+    def per_unit(self) -> int:
+        """Placeholders (features) per unit as the model makes them."""
+        return self.num_prefix + self.grid[0] * self.grid[1]
+
+    @staticmethod
+    def base(model: nn.Module) -> nn.Module:
+        """The module whose ``get_image_features`` ``forward`` and ``generate`` encode through."""
+        return model.model
+
+    @abstractmethod
+    def prepare_call(self, base: nn.Module, kwargs: dict[str, Any]) -> tuple[dict[str, Any], Any]:
+        """The arguments for the model's own ``get_image_features`` (checked), and what :meth:`class_attention`
+        will need to know about the call."""
+
+    @abstractmethod
+    def unit_features(self, out: Any) -> tuple[Tensor, Any]:
+        """``[U, per_unit, D]`` features of every unit from the encoder output, and how they group into the
+        output's ``pooler_output`` (for :meth:`put_features`)."""
+
+    @abstractmethod
+    def put_features(self, out: Any, tokens: Tensor, grouping: Any) -> None:
+        """Write the compressed ``[U, T, D]`` into ``out.pooler_output``, grouped as the model expects."""
+
+    @abstractmethod
+    def count_units(self, pixel_values: Tensor) -> int:
+        """How many units ``pixel_values`` holds (as the model will count them)."""
+
+    def class_attention(self, base: nn.Module, out: Any, context: Any) -> Tensor:
+        """``[U, N]``: the class token's attention over each unit's patches at the feature layer."""
+        raise InvalidConfigError(f"dominant needs a class token; the {self.class_names[0]} tower has none (use "
+                                 "merge_to_budget, pool or random_select)")
