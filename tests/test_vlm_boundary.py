@@ -121,3 +121,33 @@ def test_prompt_shortening_keeps_each_images_first_placeholders_and_repads():
     broken[0, 5] = image
     with pytest.raises(InputShapeError, match="not a multiple of the 4 per image"):
         placeholder_keep_mask(broken, image, 4, 2, num_images=3)
+
+
+def test_merge_to_budget_on_a_ragged_set_is_each_row_alone():
+    """After an adaptive in-tower method: padding is never merged nor returned, sizes carry over, and a padded row
+    gives exactly what the row's real tokens give on their own."""
+    x = tokens(batch=2, n=20)
+    valid = torch.ones(2, 20, dtype=torch.bool)
+    valid[0, [3, 7, 8, 15]] = False
+    valid[1, 10:] = False
+    sizes = torch.randint(1, 4, (2, 20), generator=torch.Generator().manual_seed(2)).double()
+    order = torch.randperm(20, generator=torch.Generator().manual_seed(3)).expand(2, -1)
+    together = merge_to_budget(x, 6, sizes=sizes, valid=valid, order=order)
+    for b in range(2):
+        real = valid[b]
+        alone = merge_to_budget(x[b:b + 1, real], 6, sizes=sizes[b:b + 1, real], order=order[b:b + 1, real])
+        assert torch.allclose(together.tokens[b], alone.tokens[0]) and torch.equal(together.sizes[b], alone.sizes[0])
+        assert torch.equal(together.owner[b, real], alone.owner[0]) and bool((together.owner[b, ~real] == -1).all())
+        assert torch.allclose(together.sizes[b].sum(), sizes[b, real].sum())
+    with pytest.raises(InputShapeError, match="only 10 real tokens .* fewer than the budget of 12"):
+        merge_to_budget(x, 12, valid=valid)
+
+
+def test_select_random_never_picks_padding():
+    x = tokens(batch=1, n=10)
+    valid = torch.tensor([[True, False] * 5])
+    for seed in range(50):
+        chosen = select_random(x, 3, torch.Generator().manual_seed(seed), valid=valid).positions()
+        assert bool(valid[0, chosen[0]].all())
+    with pytest.raises(InputShapeError, match="only 5 real tokens"):
+        select_random(x, 6, valid=valid)

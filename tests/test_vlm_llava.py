@@ -171,7 +171,7 @@ def test_bad_inputs_and_refusals():
         vistok.patch(model, "pool")
     with pytest.raises(InvalidConfigError, match="keep must be a fraction"):
         vistok.patch(model, "pool", keep=1.5)
-    with pytest.raises(InvalidConfigError, match="runs inside a vision transformer; .* merge_to_budget"):
+    with pytest.raises(InvalidConfigError, match=r"one method at the boundary .* in-tower methods \(\['ats'\]\)"):
         vistok.patch(model, "ats", k=8)
     with pytest.raises(InvalidConfigError, match="dominant needs a class token"):
         vistok.patch(tiny_llava(tower="siglip", strategy="full"), "dominant", tokens=4)
@@ -196,3 +196,50 @@ def test_siglip_tower_and_other_vision_llms():
     with pytest.raises(UnsupportedModelError, match="SomeVisionForConditionalGeneration is a vision-LLM vistok does "
                        "not compress yet; supported: LlavaForConditionalGeneration"):
         vistok.patch(SomeVisionForConditionalGeneration(), "merge_to_budget", tokens=4)
+
+
+@pytest.mark.parametrize("in_tower, boundary", [
+    (("merge", {"r": 2}), "merge_to_budget"),
+    (("ats", {"k": 6, "blocks": [0]}), "merge_to_budget"),
+    (("ats", {"k": 6, "blocks": [0]}), "random_select"),
+])
+def test_in_tower_methods_compose_with_the_boundary(in_tower, boundary):
+    """The tower reduces its tokens (a ragged set after ATS), the boundary brings each image to the exact budget,
+    and no padding reaches the language model: the forward equals the unpatched model fed the tokens by hand."""
+    model = tiny_llava()
+    ids, pixels = prompt(), images()
+    with torch.no_grad():
+        with vistok.patch(model, [in_tower, (boundary, {"tokens": 4})]) as handle:
+            tower_handle = handle.tower_handle
+            assert vistok.get_handle(model.model.vision_tower) is tower_handle
+            logits = model(input_ids=ids, pixel_values=pixels).logits
+            assert tower_handle.layouts[1].num_valid().min() < 1 + PATCHES  # the tower did reduce
+            encoded = handle.encode(pixels)
+        assert vistok.get_handle(model.model.vision_tower) is None  # removed with the vision-LLM's handle
+        by_hand = transformers.modeling_outputs.BaseModelOutputWithPooling(pooler_output=list(encoded.tokens))
+        expected = model(input_ids=prompt(per_image=4), mm_encoder_outputs={"image": by_hand}).logits
+    assert (logits - expected).abs().max() <= 1e-5 and bool(torch.isfinite(logits).all())
+    assert encoded.owner is None and bool((encoded.grid_positions >= 0).all())
+
+
+def test_composition_keeping_everything_is_the_unpatched_model():
+    model = tiny_llava()
+    ids, pixels = prompt(), images()
+    with torch.no_grad():
+        expected = model(input_ids=ids, pixel_values=pixels).logits
+        keep_all = ("ats", {"k": PATCHES, "min_tokens": PATCHES, "blocks": [0, 1]})
+        with vistok.patch(model, [keep_all, ("merge_to_budget", {"keep": 1.0})]):
+            assert (model(input_ids=ids, pixel_values=pixels).logits - expected).abs().max() <= 1e-4
+
+
+def test_composition_refusals():
+    model = tiny_llava()
+    with pytest.raises(InvalidConfigError, match="pool needs the tower's full patch grid"):
+        vistok.patch(model, [("merge", {"r": 2}), ("pool", {"tokens": 4})])
+    with pytest.raises(InvalidConfigError, match="exactly one method at the boundary .* got none"):
+        vistok.patch(model, [("merge", {"r": 2})])
+    with pytest.raises(InvalidConfigError, match="exactly one method at the boundary"):
+        vistok.patch(model, [("pool", {"tokens": 4}), ("random_select", {"tokens": 4})])
+    with pytest.raises(InvalidConfigError, match="tokens=20 is more than"):
+        vistok.patch(model, [("merge", {"r": 2}), ("merge_to_budget", {"tokens": 20})])
+    assert vistok.get_handle(model.model.vision_tower) is None and vistok.get_handle(model) is None

@@ -59,28 +59,56 @@ def _selected(x: Tensor, keep: Tensor) -> Budgeted:
     return Budgeted(tokens, torch.ones(keep.shape, dtype=x.dtype, device=x.device), owner)
 
 
-def merge_to_budget(x: Tensor, tokens: int, metric: Tensor | None = None) -> Budgeted:
+def _real_first(valid: Tensor, order: Tensor) -> Tensor:
+    """``[B, N]`` permutation that puts each row's real tokens first, by ``order``, padding after."""
+    return torch.where(valid, order, order.max() + 1 if order.numel() else 0).argsort(dim=1, stable=True)
+
+
+def _check_real(valid: Tensor, tokens: int, name: str) -> Tensor:
+    counts = valid.sum(dim=1)
+    if counts.numel() and int(counts.min()) < tokens:
+        raise InputShapeError(f"{name}: an image has only {int(counts.min())} real tokens (the rest is padding), "
+                              f"fewer than the budget of {tokens}")
+    return counts
+
+
+def merge_to_budget(x: Tensor, tokens: int, metric: Tensor | None = None, sizes: Tensor | None = None,
+                    valid: Tensor | None = None, order: Tensor | None = None) -> Budgeted:
     """Bipartite soft matching repeated until exactly ``tokens`` remain (B-VLLM's spatial merge; ToMe's matching
     and size-weighted means, :mod:`vistok.ops.merging`), the survivors in their original order.
 
     Args:
         x: ``[B, N, D]`` tokens.
-        tokens: the budget ``T``, ``1 <= T <= N``.
+        tokens: the budget ``T``, ``1 <= T <=`` each image's real tokens.
         metric: ``[B, N, d]`` what similarity is measured on (default: ``x`` itself).
+        sizes: ``[B, N]`` how many patches each token already stands for (default 1), e.g. after merging in
+            the tower.
+        valid: ``[B, N]`` bool, ``False`` for padding (a ragged set from an adaptive method in the tower). Padding
+            is never merged and never returned.
+        order: ``[B, N]`` what "original order" means (default the position), e.g. each token's source patch.
     """
     _check(x, tokens, "merge_to_budget")
     batch, n, _ = x.shape
+    device = x.device
     metric = x if metric is None else metric
     if metric.shape[:2] != x.shape[:2]:
         raise InputShapeError(f"merge_to_budget: metric {tuple(metric.shape)} does not fit tokens {tuple(x.shape)}")
-    device = x.device
-    weights = torch.ones(batch, n, dtype=x.dtype, device=device)
-    first = torch.arange(n, device=device).expand(batch, -1)  # each current token's first original position
-    owner = torch.arange(n, device=device).expand(batch, -1)
-    while x.shape[1] > tokens:
+    valid = torch.ones(batch, n, dtype=torch.bool, device=device) if valid is None else valid.bool()
+    order = torch.arange(n, device=device).expand(batch, -1) if order is None else order.long()
+    alive_count = _check_real(valid, tokens, "merge_to_budget")
+    start = _real_first(valid, order)
+    x, metric = (t.gather(1, start[..., None].expand(-1, -1, t.shape[-1])) for t in (x, metric))
+    weights = (torch.ones(batch, n, dtype=x.dtype, device=device) if sizes is None else sizes.to(x.dtype))
+    weights = (weights * valid).gather(1, start)
+    last = int(order.max()) + 1 if order.numel() else 1
+    first = torch.where(valid, order, last).gather(1, start)  # each current token's first original position
+    owner = torch.full((batch, n), -1, dtype=torch.long, device=device)
+    owner.scatter_(1, start, torch.arange(n, device=device).expand(batch, -1))
+    owner = torch.where(valid, owner, -1)
+    while bool((alive_count > tokens).any()):
         current = x.shape[1]
-        r = min(current - tokens, (current + 1) // 2)
-        matching = bipartite_soft_matching(metric, r)
+        r = torch.minimum(alive_count - tokens, alive_count // 2)  # real tokens lead, so only real ones merge
+        matching = bipartite_soft_matching(metric, r, valid=weights > 0)
         merged_x, merged_weights = merge_weighted(x, weights, matching)
         metric, _ = merge_weighted(metric, weights.to(metric.dtype), matching)
         # where each old position lands in the merged layout (set A, then set B)
@@ -89,19 +117,21 @@ def merge_to_budget(x: Tensor, tokens: int, metric: Tensor | None = None) -> Bud
         dest[:, matching.a_positions] = torch.where(matching.merged, na + matching.target,
                                                     torch.arange(na, device=device))
         dest[:, matching.b_positions] = na + torch.arange(len(matching.b_positions), device=device)
-        laid_first = torch.full((batch, current), n, dtype=torch.long, device=device)
+        laid_first = torch.full((batch, current), last, dtype=torch.long, device=device)
         laid_first.scatter_reduce_(1, dest, first, reduce="amin")
-        # the survivors (every row loses exactly r), back in their original order
-        survivor_first = torch.where(merged_weights > 0, laid_first, n)
-        order = survivor_first.argsort(dim=1, stable=True)[:, : current - r]
+        alive_count = alive_count - r
+        # the survivors back in their original order, dead ones after them
+        survivor_first = torch.where(merged_weights > 0, laid_first, last + 1)
+        keep = survivor_first.argsort(dim=1, stable=True)[:, : int(alive_count.max())]
         rank = torch.full((batch, current), -1, dtype=torch.long, device=device)
-        rank.scatter_(1, order, torch.arange(current - r, device=device).expand_as(order))
-        owner = rank.gather(1, dest.gather(1, owner))
-        x = merged_x.gather(1, order[..., None].expand(-1, -1, x.shape[-1]))
-        metric = metric.gather(1, order[..., None].expand(-1, -1, metric.shape[-1]))
-        weights = merged_weights.gather(1, order)
-        first = laid_first.gather(1, order)
-    return Budgeted(x, weights, owner)
+        rank.scatter_(1, keep, torch.arange(keep.shape[1], device=device).expand_as(keep))
+        owner = torch.where(owner >= 0, rank.gather(1, dest.gather(1, owner.clamp_min(0))), -1)
+        x = merged_x.gather(1, keep[..., None].expand(-1, -1, x.shape[-1]))
+        metric = metric.gather(1, keep[..., None].expand(-1, -1, metric.shape[-1]))
+        weights = merged_weights.gather(1, keep)
+        first = laid_first.gather(1, keep)
+    owner = torch.where(owner < tokens, owner, -1)  # padding that was never real stays dropped
+    return Budgeted(x[:, :tokens], weights[:, :tokens], owner)
 
 
 def select_dominant(x: Tensor, scores: Tensor, tokens: int, contextual: int = 0) -> Budgeted:
@@ -183,9 +213,15 @@ def pool_to_budget(x: Tensor, grid: tuple[int, int], tokens: int) -> Budgeted:
     return Budgeted(pooled, sizes.expand(batch, -1), cell.expand(batch, -1))
 
 
-def select_random(x: Tensor, tokens: int, generator: torch.Generator | None = None) -> Budgeted:
-    """``tokens`` tokens of each image chosen uniformly at random, in their original order (the baseline)."""
+def select_random(x: Tensor, tokens: int, generator: torch.Generator | None = None,
+                  valid: Tensor | None = None) -> Budgeted:
+    """``tokens`` tokens of each image chosen uniformly at random among its real ones (``valid``, default all),
+    in their original order (the baseline)."""
     _check(x, tokens, "select_random")
     noise = torch.rand(x.shape[:2], generator=generator, device="cpu" if generator is None else generator.device)
-    keep = noise.to(x.device).argsort(dim=1)[:, :tokens].sort(dim=1).values
+    noise = noise.to(x.device)
+    if valid is not None:
+        _check_real(valid.bool(), tokens, "select_random")
+        noise = noise.masked_fill(~valid.bool(), 2.0)  # padding ranks after every real token
+    keep = noise.argsort(dim=1)[:, :tokens].sort(dim=1).values
     return _selected(x, keep)

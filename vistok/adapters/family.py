@@ -11,6 +11,7 @@ from typing import Any, ClassVar
 from torch import Tensor, nn
 
 from ..errors import InvalidConfigError
+from ..tokens import TokenLayout
 
 __all__ = ["VisionLLMFamily"]
 
@@ -44,6 +45,16 @@ class VisionLLMFamily(ABC):
     def base(model: nn.Module) -> nn.Module:
         """The module whose ``get_image_features`` ``forward`` and ``generate`` encode through."""
         return model.model
+
+    @staticmethod
+    @abstractmethod
+    def tower(model: nn.Module) -> nn.Module:
+        """The vision tower, where in-tower methods (a composition) are patched."""
+
+    def feature_layout(self, tower_handle: Any, context: Any) -> TokenLayout | None:
+        """The tower's token layout at the features the language model reads (after an in-tower method), or
+        ``None`` when nothing was reduced before them."""
+        raise InvalidConfigError(f"in-tower methods are not supported on {self.class_names[0]}")
 
     @abstractmethod
     def prepare_call(self, base: nn.Module, kwargs: dict[str, Any]) -> tuple[dict[str, Any], Any]:

@@ -45,6 +45,10 @@ class Idefics3Family(VisionLLMFamily):
         pad_id = getattr(config.text_config, "pad_token_id", None)
         return cls(config.image_token_id, (side, side), 0, False, 0 if pad_id is None else int(pad_id))
 
+    @staticmethod
+    def tower(model: nn.Module) -> nn.Module:
+        return model.model.vision_model
+
     def prepare_call(self, base: nn.Module, kwargs: dict[str, Any]) -> tuple[dict[str, Any], Any]:
         return kwargs, None
 

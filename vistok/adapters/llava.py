@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import InvalidConfigError, UnsupportedModelError
+from ..tokens import TokenLayout
 from .family import VisionLLMFamily
 
 __all__ = ["LlavaFamily", "class_attention"]
@@ -58,6 +59,17 @@ class LlavaFamily(VisionLLMFamily):
         pad_id = getattr(config.text_config, "pad_token_id", None)
         return cls(config.image_token_id, (side, side), int(strategy == "full" and has_class_token), has_class_token,
                    0 if pad_id is None else int(pad_id))
+
+    @staticmethod
+    def tower(model: nn.Module) -> nn.Module:
+        return model.model.vision_tower
+
+    def feature_layout(self, tower_handle: Any, context: Any) -> TokenLayout | None:
+        if isinstance(context, (list, tuple)):
+            raise InvalidConfigError("in-tower methods with several feature layers (vision_feature_layer as a list) "
+                                     "would concatenate layers of different token counts")
+        block = context % (tower_handle.info.num_blocks + 1) - 1  # hidden_states[f] comes out of layer f - 1
+        return tower_handle.layouts.get(block)
 
     def prepare_call(self, base: nn.Module, kwargs: dict[str, Any]) -> tuple[dict[str, Any], Any]:
         if kwargs.get("image_sizes") is not None:

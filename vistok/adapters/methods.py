@@ -27,11 +27,19 @@ __all__ = ["BoundaryConfig", "BoundaryInputs", "MergeToBudgetConfig", "DominantC
 class BoundaryInputs:
     """What a boundary method may use for one batch of images: ``features`` ``[B, N, D]`` (what the language
     model will read), the tower's patch ``grid`` ``(rows, cols)`` and, on demand, ``class_attention()`` ``[B, N]``
-    (the class token's attention over the patches at the feature layer)."""
+    (the class token's attention over the patches at the feature layer).
+
+    After an in-tower method (a composition), the features are the tower's reduced tokens: ``valid`` ``[B, N]``
+    marks the real ones (the rest is padding), ``sizes`` ``[B, N]`` how many patches each stands for, and
+    ``source`` ``[B, N]`` each one's patch index (its order in the image). ``None`` without a tower method.
+    """
 
     features: Tensor
     grid: tuple[int, int]
     class_attention: Callable[[], Tensor]
+    valid: Tensor | None = None
+    sizes: Tensor | None = None
+    source: Tensor | None = None
 
 
 @dataclass
@@ -41,6 +49,7 @@ class BoundaryConfig(MethodConfig):
     tokens: int | None = None
     keep: float | None = None
     uses_class_attention: ClassVar[bool] = False  # the tower must then keep the hidden states it needs
+    composes: ClassVar[bool] = False  # takes a ragged token set from an in-tower method (BoundaryInputs.valid)
 
     def __post_init__(self) -> None:
         if (self.tokens is None) == (self.keep is None):
@@ -78,9 +87,10 @@ class MergeToBudgetConfig(BoundaryConfig):
     """Bipartite merging repeated down to the budget (B-VLLM's spatial merge), similarity on the features."""
 
     name: ClassVar[str] = "merge_to_budget"
+    composes: ClassVar[bool] = True
 
     def compress(self, inputs: BoundaryInputs, budget: int) -> Budgeted:
-        return merge_to_budget(inputs.features, budget)
+        return merge_to_budget(inputs.features, budget, sizes=inputs.sizes, valid=inputs.valid, order=inputs.source)
 
 
 @dataclass
@@ -119,6 +129,7 @@ class RandomSelectConfig(BoundaryConfig):
 
     name: ClassVar[str] = "random_select"
     seed: int = 0
+    composes: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -126,4 +137,4 @@ class RandomSelectConfig(BoundaryConfig):
             raise InvalidConfigError(f"random_select: seed must be an int in [0, 2**62), got {self.seed!r}")
 
     def compress(self, inputs: BoundaryInputs, budget: int) -> Budgeted:
-        return select_random(inputs.features, budget, torch.Generator().manual_seed(self.seed))
+        return select_random(inputs.features, budget, torch.Generator().manual_seed(self.seed), valid=inputs.valid)

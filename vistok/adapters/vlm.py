@@ -23,7 +23,9 @@ from torch import Tensor, nn
 
 from ..errors import InputShapeError, InvalidConfigError, UnsupportedModelError
 from ..methods.base import MethodConfig
-from ..patching import _HANDLE_ATTR
+from ..methods.compose import ComposedConfig
+from ..patching import _HANDLE_ATTR, PatchHandle, patch
+from ..tokens import TokenLayout
 from .budget import Budgeted
 from .family import VisionLLMFamily
 from .idefics3 import Idefics3Family, SmolVLMFamily
@@ -59,15 +61,16 @@ class VisualTokens:
     them.
 
     ``tokens`` ``[U, T, D]``; ``sizes`` ``[U, T]`` (how many patches each stands for; 1 for a class-token
-    feature); ``grid_positions`` ``[U, T, 2]`` long: the (row, col) of the first patch each token carries (``-1``
-    for a class-token feature); ``owner`` ``[U, rows * cols]``: for each patch, the index of the token that
-    carries it (``-1``: dropped).
+    feature); ``grid_positions`` ``[U, T, 2]`` long: the (row, col) of the first patch each token carries (after
+    an in-tower method: the first of its tower tokens' source patches), ``-1`` for a class-token feature;
+    ``owner`` ``[U, rows * cols]``: for each patch, the index of the token that carries it (``-1``: dropped),
+    ``None`` after an in-tower method.
     """
 
     tokens: Tensor
     sizes: Tensor
     grid_positions: Tensor
-    owner: Tensor
+    owner: Tensor | None
 
 
 class _CompressedImageFeatures:
@@ -84,6 +87,17 @@ class _CompressedImageFeatures:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         base = self.handle.family.base(self.handle.model)
         return self.handle._encode(_as_keywords(type(base).get_image_features, args, kwargs))[0]
+
+
+def _reduced_tokens(layout: TokenLayout, device: torch.device) -> dict[str, Tensor]:
+    """``valid``, ``sizes`` and ``source`` (patch index) of the tower's non-prefix tokens in ``layout``."""
+    prefix = layout.num_prefix
+    valid = layout.valid_mask(device)[:, prefix:]
+    source = layout.source_index(device)[:, prefix:] - prefix
+    reduced = {"valid": valid, "source": torch.where(valid, source, 0)}
+    if layout.sizes is not None:
+        reduced["sizes"] = layout.sizes[:, prefix:].to(device)
+    return reduced
 
 
 def _as_keywords(function: Any, args: tuple, kwargs: dict) -> dict:
@@ -138,10 +152,12 @@ class VisionLLMHandle:
             the language model, i.e. its placeholders in the prompt. ``tokens_per_image`` is the same number.
     """
 
-    def __init__(self, model: nn.Module, config: BoundaryConfig, family: VisionLLMFamily) -> None:
+    def __init__(self, model: nn.Module, config: BoundaryConfig, family: VisionLLMFamily,
+                 tower_handle: PatchHandle | None = None) -> None:
         self.model = model
         self.config = config
         self.family = family
+        self.tower_handle = tower_handle
         self.tokens_per_unit = family.num_prefix + config.budget(family.grid[0] * family.grid[1])
         family.base(model).__dict__["get_image_features"] = _CompressedImageFeatures(self)
         model.__dict__["generate"] = _ShortPromptGenerate(self)
@@ -160,22 +176,27 @@ class VisionLLMHandle:
         """The compressed visual tokens of ``pixel_values`` (as the model takes them; other arguments of its
         ``get_image_features`` as keywords): the model's own encoding, then the method, per unit, with their sizes
         and grid positions, for pipelines of your own."""
-        _, result, prefix = self._encode({"pixel_values": pixel_values, **kwargs})
+        _, result, prefix, source = self._encode({"pixel_values": pixel_values, **kwargs})
         units = result.tokens.shape[0]
         cols = self.family.grid[1]
         first = result.positions()
+        if source is not None:  # after an in-tower method: the first patch among the tower tokens each carries
+            beyond = self.family.grid[0] * cols
+            first = torch.full_like(first, beyond).scatter_reduce_(
+                1, result.owner.clamp_min(0), torch.where(result.owner >= 0, source, beyond), reduce="amin")
         grid_positions = torch.stack([first // cols, first % cols], dim=-1)
         if prefix.shape[1]:
             grid_positions = torch.cat([torch.full((units, prefix.shape[1], 2), -1, dtype=torch.long,
                                                    device=first.device), grid_positions], dim=1)
         sizes = torch.cat([torch.ones(prefix.shape[:2], dtype=result.sizes.dtype, device=result.sizes.device),
                            result.sizes], dim=1)
-        owner = torch.where(result.owner >= 0, result.owner + prefix.shape[1], -1)
+        owner = None if source is not None else torch.where(result.owner >= 0, result.owner + prefix.shape[1], -1)
         return VisualTokens(torch.cat([prefix, result.tokens], dim=1), sizes, grid_positions, owner)
 
-    def _encode(self, kwargs: dict[str, Any]) -> tuple[Any, Budgeted, Tensor]:
+    def _encode(self, kwargs: dict[str, Any]) -> tuple[Any, Budgeted, Tensor, Tensor | None]:
         """The model's ``get_image_features(**kwargs)`` with compressed features; the method's result; the
-        class-token features kept in front of each unit ``[U, num_prefix, D]``."""
+        class-token features kept in front of each unit ``[U, num_prefix, D]``; after an in-tower method, the patch
+        index of each of the tower's tokens the method saw ``[U, N']`` (else ``None``)."""
         family = self.family
         base = family.base(self.model)
         kwargs, context = family.prepare_call(base, dict(kwargs))
@@ -184,15 +205,18 @@ class VisionLLMHandle:
             kwargs["output_hidden_states"] = True
         out = type(base).get_image_features(base, **kwargs, return_dict=True)
         features, grouping = family.unit_features(out)
-        if features.shape[1] != family.per_unit:
+        layout = None if self.tower_handle is None else family.feature_layout(self.tower_handle, context)
+        expected = family.per_unit if layout is None else family.num_prefix + layout.num_tokens - layout.num_prefix
+        if features.shape[1] != expected:
             raise InputShapeError(f"the vision tower gave {features.shape[1]} features per {family.unit}; vistok "
-                                  f"expected {family.per_unit} ({family.unit}s of the tower's size)")
+                                  f"expected {expected} ({family.unit}s of the tower's size)")
         prefix = features[:, : family.num_prefix]
-        inputs = BoundaryInputs(features[:, family.num_prefix:], family.grid,
-                                partial(family.class_attention, base, out, context))
+        tokens = features[:, family.num_prefix:]
+        reduced = {} if layout is None else _reduced_tokens(layout, tokens.device)
+        inputs = BoundaryInputs(tokens, family.grid, partial(family.class_attention, base, out, context), **reduced)
         result = self.config.compress(inputs, self.tokens_per_unit - family.num_prefix)
         family.put_features(out, torch.cat([prefix, result.tokens], dim=1), grouping)
-        return (out if return_dict else out.to_tuple()), result, prefix
+        return (out if return_dict else out.to_tuple()), result, prefix, reduced.get("source")
 
     def _count_units(self, kwargs: dict) -> tuple[int, int] | None:
         """(units, placeholders the features fill) for this call's images, ``None`` without images."""
@@ -231,9 +255,11 @@ class VisionLLMHandle:
         return {**kwargs, key: short_ids, **short_aligned}
 
     def remove(self) -> None:
-        """Restore the model (idempotent)."""
+        """Restore the model, the vision tower's in-tower patch included (idempotent)."""
         if not self.active:
             return
+        if self.tower_handle is not None:
+            self.tower_handle.remove()
         del self.family.base(self.model).__dict__["get_image_features"]
         del self.model.__dict__["generate"]
         self._hook.remove()
@@ -252,13 +278,33 @@ class VisionLLMHandle:
 
 
 def patch_vision_llm(model: nn.Module, config: MethodConfig, family: type[VisionLLMFamily]) -> VisionLLMHandle:
-    """``vistok.patch`` for a vision-LLM (see the module docstring)."""
-    if not isinstance(config, BoundaryConfig):
+    """``vistok.patch`` for a vision-LLM (see the module docstring): one boundary method, optionally composed with
+    in-tower methods, which are patched into the vision tower (``handle.tower_handle``)."""
+    parts = config.parts if isinstance(config, ComposedConfig) else (config,)
+    boundary = [part for part in parts if isinstance(part, BoundaryConfig)]
+    in_tower = [part for part in parts if not isinstance(part, BoundaryConfig)]
+    if len(boundary) != 1:
         raise InvalidConfigError(
-            f"{config.name} runs inside a vision transformer; on a {type(model).__name__} use a method at the "
-            "boundary to the language model: merge_to_budget, dominant, pool or random_select (tokens= or keep=)")
+            f"a {type(model).__name__} takes exactly one method at the boundary to its language model "
+            f"(merge_to_budget, dominant, pool or random_select, with tokens= or keep=), got "
+            f"{[part.name for part in boundary] or 'none'}; in-tower methods ({[part.name for part in in_tower]}) "
+            "compose with it in a list")
+    boundary = boundary[0]
+    if in_tower and not boundary.composes:
+        raise InvalidConfigError(f"{boundary.name} needs the tower's full patch grid (or its class attention); "
+                                 "after in-tower methods use merge_to_budget or random_select")
     facts = family.inspect(model)
-    if config.uses_class_attention and not facts.has_class_token:
+    if boundary.uses_class_attention and not facts.has_class_token:
         raise InvalidConfigError(f"dominant needs a class token; {type(model).__name__}'s vision tower has none "
                                  "(use merge_to_budget, pool or random_select)")
-    return VisionLLMHandle(model, config, facts)
+    boundary.budget(facts.grid[0] * facts.grid[1])  # a budget the model cannot meet fails before anything changes
+    tower_handle = None
+    if in_tower:
+        tower_handle = patch(family.tower(model), in_tower[0] if len(in_tower) == 1 else ComposedConfig(
+            tuple(in_tower)))
+    try:
+        return VisionLLMHandle(model, boundary, facts, tower_handle)
+    except BaseException:
+        if tower_handle is not None:
+            tower_handle.remove()
+        raise
