@@ -3,6 +3,10 @@
 ``vistok bench --model vit_small_patch16_224 --method ats --batch-size 32 -o k=108`` compares the
 unpatched model with the patched one (random init, CPU, fp32): tokens per block, GFLOPs per image,
 images per second, and their ratios.
+
+``vistok ask --image shirt.png --question "Is there a bag?" --method dominant --tokens 12`` answers a question
+about an image with the reference vision-LLM under a visual token budget: the answer, the visual tokens used and
+the prefill time.
 """
 
 from __future__ import annotations
@@ -52,6 +56,16 @@ def _build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", default=None, help="also write the report to this JSON file")
     bench.add_argument("--no-progress", action="store_true")
     commands.add_parser("methods", help="list the registered methods")
+    ask = commands.add_parser("ask", help="answer a question about an image with the reference vision-LLM")
+    ask.add_argument("--image", required=True, help="an image file (made grey and 28 x 28, like Fashion-MNIST)")
+    ask.add_argument("--question", required=True)
+    ask.add_argument("--method", default=None, help="a boundary method (merge_to_budget, dominant, pool, "
+                     "random_select); default: all visual tokens")
+    ask.add_argument("--tokens", type=int, default=None, help="visual tokens per image for --method")
+    ask.add_argument("--temperature", type=float, default=0.0, help="0: greedy (vistok.samplers)")
+    ask.add_argument("--top-p", type=float, default=1.0)
+    ask.add_argument("--seed", type=int, default=0)
+    ask.add_argument("--checkpoint", default=None, help="trained tensors (.safetensors); default: the shipped")
     return parser
 
 
@@ -63,6 +77,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             print("\n".join(list_methods()))
             return 0
+        if args.command == "ask":
+            return _ask(args)
         return _bench(args)
     except VistokError as error:
         print(f"vistok: error: {error}", file=sys.stderr)
@@ -89,6 +105,39 @@ def _bench(args: argparse.Namespace) -> int:
     if args.json:
         with open(args.json, "w") as handle:
             json.dump(report.to_dict(), handle, indent=2, default=str)
+    return 0
+
+
+def _ask(args: argparse.Namespace) -> int:
+    from .data import FASHION_MNIST_MEAN, FASHION_MNIST_STD
+    from .errors import InputShapeError, InvalidConfigError
+    from .models.reference_vlm import answer_questions, create_reference_vlm
+    from .samplers import SamplingConfig
+
+    if (args.method is None) != (args.tokens is None):
+        raise InvalidConfigError("vistok ask: give --method and --tokens together (or neither, for all tokens)")
+    try:
+        from PIL import Image
+
+        with Image.open(args.image) as picture:
+            grey = picture.convert("L").resize((28, 28), Image.BILINEAR)
+    except (OSError, ValueError) as error:
+        raise InputShapeError(f"vistok ask: cannot read the image {args.image}: {error}") from None
+    image = torch.frombuffer(bytearray(grey.tobytes()), dtype=torch.uint8).reshape(1, 1, 28, 28).float() / 255
+    image = (image - FASHION_MNIST_MEAN) / FASHION_MNIST_STD
+    model, tokenizer = create_reference_vlm(pretrained=args.checkpoint is None, checkpoint=args.checkpoint)
+    handle = None
+    if args.method is not None:
+        from .patching import patch
+
+        handle = patch(model, args.method, tokens=args.tokens)
+    sampling = SamplingConfig(temperature=args.temperature, top_p=args.top_p)
+    result = answer_questions(model, tokenizer, image, [args.question], sampling=sampling, seeds=args.seed)
+    if handle is not None:
+        handle.remove()
+    print(f"answer: {result.answers[0]}")
+    print(f"visual tokens: {result.visual_tokens}" + (f" ({args.method})" if args.method else " (all)"))
+    print(f"prefill: {1000 * result.prefill_seconds:.1f} ms; generation: {1000 * result.total_seconds:.1f} ms")
     return 0
 
 

@@ -11,7 +11,8 @@ place:
   with ``vision_feature_select_strategy="default"`` (the first token, CLIP's class token, dropped), one more with
   ``"full"``.
 * The vision tower is a ``CLIPVisionModel`` (a class token) or a ``SiglipVisionModel`` (none); its encoder layers
-  have ``layer_norm1`` and ``self_attn.q_proj`` / ``k_proj`` with ``num_heads``.
+  have ``layer_norm1`` and ``self_attn.q_proj`` / ``k_proj`` with ``num_heads``. vistok's reference VLM uses its
+  own ``ReferenceVisionTower`` (a timm ViT returning the same outputs, with a class token).
 """
 
 from __future__ import annotations
@@ -37,11 +38,14 @@ class LlavaFamily(VisionLLMFamily):
     def inspect(cls, model: nn.Module) -> LlavaFamily:
         from transformers import CLIPVisionModel, SiglipVisionModel
 
+        from ..models.reference_vlm import ReferenceVisionTower
+
         config = model.config
         tower = model.model.vision_tower
-        if type(tower) not in (CLIPVisionModel, SiglipVisionModel):
+        if type(tower) not in (CLIPVisionModel, SiglipVisionModel, ReferenceVisionTower):
             raise UnsupportedModelError(f"{type(model).__name__} with a {type(tower).__name__} vision tower: vistok "
-                                        "compresses LLaVA with a CLIPVisionModel or SiglipVisionModel tower")
+                                        "compresses LLaVA with a CLIPVisionModel or SiglipVisionModel tower (or "
+                                        "vistok's ReferenceVisionTower)")
         strategy = config.vision_feature_select_strategy
         if strategy not in ("default", "full"):
             raise UnsupportedModelError(f"vision_feature_select_strategy={strategy!r} is not LLaVA's default or full")
@@ -50,7 +54,7 @@ class LlavaFamily(VisionLLMFamily):
             raise UnsupportedModelError(f"image_size {vision.image_size} is not a multiple of patch_size "
                                         f"{vision.patch_size}")
         side = vision.image_size // vision.patch_size
-        has_class_token = isinstance(tower, CLIPVisionModel)
+        has_class_token = not isinstance(tower, SiglipVisionModel)
         if not has_class_token and strategy == "default":
             raise UnsupportedModelError(
                 f"{type(model).__name__} drops the first feature of its {type(tower).__name__} tower "
@@ -94,7 +98,10 @@ class LlavaFamily(VisionLLMFamily):
     def class_attention(self, base: nn.Module, out: Any, context: Any) -> Tensor:
         if not self.has_class_token:
             return super().class_attention(base, out, context)
-        return class_attention(base.vision_tower, out.hidden_states, context)
+        tower = base.vision_tower
+        if hasattr(tower, "class_attention"):  # vistok's ReferenceVisionTower computes its own
+            return tower.class_attention(out.hidden_states, context)
+        return class_attention(tower, out.hidden_states, context)
 
 
 def class_attention(tower: nn.Module, hidden_states: tuple[Tensor, ...], feature_layer: int | list[int]) -> Tensor:

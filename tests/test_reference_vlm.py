@@ -1,0 +1,161 @@
+"""The reference vision-LLM: Fashion-MNIST questions whose answers follow from the image, the assembly (a
+Hugging Face LLaVA around the reference ViT and SmolLM2), vistok.patch on it, and the train / eval / ask tools on
+the real SmolLM2 (loaded once)."""
+
+import copy
+import csv
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import vistok
+from vistok import InvalidConfigError
+from vistok.fmnist_qa import CELLS, ITEM_NAMES, SHOES, FashionQA
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_tool(name):
+    spec = importlib.util.spec_from_file_location(f"tool_{name}", ROOT / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_answers_follow_from_the_cells():
+    data = FashionQA("test", 400, seed=3)
+    kinds = {}
+    for index in range(len(data)):
+        example = data.example(index)
+        kinds[example.kind] = kinds.get(example.kind, 0) + 1
+        for cell, item in enumerate(example.cells):
+            row, col = divmod(cell, 2)
+            patch = example.image[row * 14:(row + 1) * 14, col * 14:(col + 1) * 14]
+            assert (item < 0) == (patch.max() == 0)  # an empty cell is black, an item is not
+        if example.kind == "where":
+            cell = CELLS.index(example.question[len("What is at the "):-1])
+            expected = ITEM_NAMES[example.cells[cell]] if example.cells[cell] >= 0 else "nothing"
+        elif example.kind == "exists":
+            asked = ITEM_NAMES.index(example.question[len("Is there a "):-1])
+            expected = "yes" if asked in example.cells else "no"
+        else:
+            expected = str(sum(item in SHOES for item in example.cells))
+        assert example.answer == expected
+    assert set(kinds) == {"where", "exists", "count"} and min(kinds.values()) > 100
+    again = FashionQA("test", 400, seed=3).example(17)
+    assert np.array_equal(again.image, data.example(17).image) and again.question == data.example(17).question
+    assert not np.array_equal(FashionQA("train", 400, seed=3).example(17).image, again.image)
+    with pytest.raises(InvalidConfigError, match="split"):
+        FashionQA("val", 4)
+    with pytest.raises(InvalidConfigError, match="size"):
+        FashionQA("test", 0)
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    from vistok.samplers import load_smollm2
+
+    return load_smollm2()
+
+
+def reference_vlm(smollm2, **kwargs):
+    from vistok.models.reference_vlm import create_reference_vlm
+
+    model, tokenizer = smollm2
+    return create_reference_vlm(language_model=(copy.deepcopy(model), tokenizer), **kwargs)
+
+
+def batch(count=2, seed=0):
+    from vistok.data import FASHION_MNIST_MEAN, FASHION_MNIST_STD
+
+    data = FashionQA("test", count, seed=seed)
+    images = torch.stack([data[i][0] for i in range(count)])
+    return (images - FASHION_MNIST_MEAN) / FASHION_MNIST_STD, ["How many shoes are there?"] * count
+
+
+@pytest.mark.slow
+def test_the_untrained_assembly_is_smollm2_with_an_image(smollm2):
+    """Fresh LoRA adapters change nothing: on text alone the VLM is SmolLM2; the tower gives LLaVA 13 hidden
+    states of the class token + 49 pooled patches."""
+    from vistok.models.reference_vlm import build_prompt
+
+    model, tokenizer = reference_vlm(smollm2)
+    text = torch.tensor([tokenizer("The capital of France is").input_ids])
+    images, questions = batch()
+    with torch.no_grad():
+        assert (model(input_ids=text).logits - smollm2[0](input_ids=text).logits).abs().max() <= 1e-4
+        out = model.model.vision_tower(images)
+        prompt = torch.tensor([build_prompt(tokenizer, q, 49) for q in questions])
+        logits = model(input_ids=prompt, pixel_values=images).logits
+    assert len(out.hidden_states) == 13 and out.hidden_states[-2].shape == (2, 50, 64)
+    assert logits.shape == (2, prompt.shape[1], 49152)
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("multi_modal_projector" in n or ".lora_" in n for n in trainable)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["merge_to_budget", "dominant", "pool", "random_select"])
+def test_vistok_patches_the_reference_vlm(smollm2, method):
+    from vistok.models.reference_vlm import build_prompt
+
+    model, tokenizer = reference_vlm(smollm2)
+    images, questions = batch()
+    prompt = torch.tensor([build_prompt(tokenizer, q, 49) for q in questions])
+    with torch.no_grad():
+        expected = model(input_ids=prompt, pixel_values=images).logits
+        with vistok.patch(model, method, keep=1.0):
+            assert (model(input_ids=prompt, pixel_values=images).logits - expected).abs().max() <= 1e-4
+        with vistok.patch(model, method, tokens=12) as handle:
+            short = model(input_ids=prompt, pixel_values=images).logits
+            assert short.shape[1] == prompt.shape[1] - 49 + 12 and handle.encode(images).tokens.shape == (2, 12, 576)
+
+
+@pytest.mark.slow
+def test_train_eval_and_ask_tools(smollm2, tmp_path, capsys):
+    """Two training steps write the trained tensors; they load into a fresh model; the evaluation tool and
+    `vistok ask` run on them (on SmolLM2, whatever they answer after two steps)."""
+    from vistok.cli import main as vistok_main
+    from vistok.models.reference_vlm import trained_state
+
+    model_copy = (copy.deepcopy(smollm2[0]), smollm2[1])
+    assert load_tool("train_vlm").main(["--out", str(tmp_path / "run"), "--steps", "2", "--batch-size", "2",
+                                        "--save-every", "1"], language_model=model_copy) == 0
+    saved = tmp_path / "run" / "model.safetensors"
+    loaded, _ = reference_vlm(smollm2, checkpoint=saved)
+    fresh, _ = reference_vlm(smollm2)
+    from safetensors.torch import load_file
+
+    on_disk = load_file(str(saved))
+    assert set(on_disk) == set(trained_state(fresh))
+    assert all(torch.equal(trained_state(loaded)[k], v) for k, v in on_disk.items())
+    assert not torch.equal(trained_state(fresh)["model.multi_modal_projector.linear_1.weight"],
+                           on_disk["model.multi_modal_projector.linear_1.weight"])
+    with pytest.raises(vistok.VistokError, match="does not fit the reference VLM"):
+        bad = tmp_path / "bad.safetensors"
+        from safetensors.torch import save_file
+
+        save_file({"x": torch.zeros(1)}, str(bad))
+        reference_vlm(smollm2, checkpoint=bad)
+
+    out = tmp_path / "eval"
+    assert load_tool("eval_vlm").main(["--checkpoint", str(saved), "--questions", "4", "--batch-size", "4",
+                                       "--fractions", "0.25", "--out", str(out)],
+                                      language_model=(copy.deepcopy(smollm2[0]), smollm2[1])) == 0
+    rows = list(csv.DictReader(open(out.with_suffix(".csv"))))
+    assert [r["method"] for r in rows] == ["all tokens", "merge_to_budget", "dominant", "pool", "random_select"]
+    assert [int(r["visual_tokens"]) for r in rows] == [49, 12, 12, 12, 12]
+    assert out.with_suffix(".png").stat().st_size > 5_000
+
+    from PIL import Image
+
+    image = tmp_path / "items.png"
+    Image.fromarray(FashionQA("test", 1).example(0).image).resize((56, 56)).save(image)
+    args = ["ask", "--image", str(image), "--question", "Is there a bag?", "--checkpoint", str(saved)]
+    assert vistok_main([*args, "--method", "dominant", "--tokens", "12"]) == 0
+    printed = capsys.readouterr().out
+    assert "answer:" in printed and "visual tokens: 12 (dominant)" in printed and "prefill:" in printed
+    assert vistok_main([*args[:1], "--image", str(tmp_path / "missing.png"), *args[3:]]) == 2
+    assert vistok_main([*args, "--method", "dominant"]) == 2  # --tokens missing

@@ -1,0 +1,140 @@
+#!/usr/bin/env python
+"""The reference vision-LLM on held-out Fashion-MNIST questions (vistok.fmnist_qa, test split): exact-match
+accuracy (overall and per question kind), visual tokens per image, prefill time (one forward over the prompts)
+and total generation time, with all visual tokens and with each boundary method at fractions of them. Greedy
+decoding through vistok.samplers. Writes ``<out>.csv`` and ``<out>.png`` (accuracy vs visual tokens).
+
+    python tools/eval_vlm.py --out results/vlm_eval                       # the shipped weights, 1,000 questions
+    python tools/eval_vlm.py --questions 200 --fractions 0.25 --methods dominant merge_to_budget
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+import vistok
+from vistok.data import FASHION_MNIST_MEAN, FASHION_MNIST_STD
+from vistok.fmnist_qa import FashionQA
+from vistok.models.reference_vlm import answer_questions, create_reference_vlm
+
+METHODS = ("merge_to_budget", "dominant", "pool", "random_select")
+
+
+def settings(methods: list[str], fractions: list[float], full: int, grid: tuple[int, int]) -> list[tuple]:
+    """``(method or None, tokens)`` for every point; pooling takes the nearest budget its grid can make."""
+    from vistok.adapters.budget import pool_grid
+
+    points = [(None, full)]
+    for method in methods:
+        for fraction in fractions:
+            tokens = max(1, round(fraction * full))
+            if method == "pool":
+                tokens = next(t for t in sorted(range(1, full + 1), key=lambda t: (abs(t - tokens), t))
+                              if _poolable(pool_grid, grid, t))
+            points.append((method, tokens))
+    return points
+
+
+def _poolable(pool_grid, grid: tuple[int, int], tokens: int) -> bool:
+    try:
+        pool_grid(grid, tokens)
+    except vistok.InvalidConfigError:
+        return False
+    return True
+
+
+def evaluate(model, tokenizer, data: FashionQA, method: str | None, tokens: int, batch_size: int) -> dict:
+    correct, kinds, prefill, total = 0, {}, 0.0, 0.0
+    handle = vistok.patch(model, method, tokens=tokens) if method else None
+    try:
+        for start in range(0, len(data), batch_size):
+            indices = range(start, min(start + batch_size, len(data)))
+            examples = [data.example(i) for i in indices]
+            images = torch.stack([torch.from_numpy(e.image).float().div(255)[None] for e in examples])
+            images = (images - FASHION_MNIST_MEAN) / FASHION_MNIST_STD
+            result = answer_questions(model, tokenizer, images, [e.question for e in examples])
+            prefill += result.prefill_seconds
+            total += result.total_seconds
+            for example, answer in zip(examples, result.answers, strict=True):
+                hit = answer == example.answer
+                correct += hit
+                seen, right = kinds.get(example.kind, (0, 0))
+                kinds[example.kind] = (seen + 1, right + hit)
+    finally:
+        if handle is not None:
+            handle.remove()
+    row = {"method": method or "all tokens", "visual_tokens": tokens, "accuracy": 100 * correct / len(data),
+           "questions": len(data), "prefill_s": prefill, "total_s": total}
+    row.update({f"accuracy_{kind}": 100 * right / seen for kind, (seen, right) in sorted(kinds.items())})
+    return row
+
+
+def save_plot(path: Path, rows: list[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(6, 4))
+    full = next(r for r in rows if r["method"] == "all tokens")
+    for method in dict.fromkeys(r["method"] for r in rows if r["method"] != "all tokens"):
+        points = sorted((r["visual_tokens"], r["accuracy"]) for r in rows if r["method"] == method)
+        axis.plot(*zip(*points, strict=True), marker="o", label=method)
+    axis.axhline(full["accuracy"], color="k", linestyle="--", label=f"all {full['visual_tokens']} tokens")
+    axis.set_xlabel("visual tokens per image")
+    axis.set_ylabel("exact-match accuracy (%)")
+    axis.set_title("reference VLM, held-out Fashion-MNIST questions")
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def main(argv: list[str] | None = None, language_model=None) -> int:
+    """``language_model``: ``(causal LM, tokenizer)`` instead of SmolLM2 (tests)."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", default=None, help="trained tensors (.safetensors); default: the shipped")
+    parser.add_argument("--questions", type=int, default=1000)
+    parser.add_argument("--methods", nargs="*", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--fractions", nargs="*", type=float, default=[0.5, 0.25, 0.1])
+    parser.add_argument("--batch-size", type=int, default=50)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="results/vlm_eval")
+    args = parser.parse_args(argv)
+    try:
+        model, tokenizer = create_reference_vlm(pretrained=args.checkpoint is None, checkpoint=args.checkpoint,
+                                                language_model=language_model)
+        data = FashionQA("test", args.questions, seed=args.seed)
+        tower = model.model.vision_tower
+        grid = (tower.grid[0] // tower.pool, tower.grid[1] // tower.pool)
+        rows = []
+        for method, tokens in settings(args.methods, args.fractions, grid[0] * grid[1], grid):
+            rows.append(evaluate(model, tokenizer, data, method, tokens, args.batch_size))
+            print(json.dumps(rows[-1]), flush=True)
+    except vistok.VistokError as error:
+        print(f"eval_vlm.py: error: {error}", file=sys.stderr)
+        return 2
+    full = rows[0]
+    for row in rows:
+        row["accuracy_kept"] = row["accuracy"] / full["accuracy"] if full["accuracy"] else float("nan")
+        row["prefill_ratio"] = row["prefill_s"] / full["prefill_s"]
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fields = list(dict.fromkeys(key for row in rows for key in row))
+    with open(out.with_suffix(".csv"), "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+    save_plot(out.with_suffix(".png"), rows)
+    print(f"wrote {out.with_suffix('.csv')} and {out.with_suffix('.png')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

