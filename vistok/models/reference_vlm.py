@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from .reference import REFERENCE_NAME, CheckpointError, reference_checkpoint
 
 __all__ = ["ReferenceVisionTower", "LoRALinear", "create_reference_vlm", "build_prompt", "trained_state",
-           "answer_questions", "Answers", "VLM_NAME", "IMAGE_TOKEN"]
+           "answer_questions", "prefill_seconds", "Answers", "VLM_NAME", "IMAGE_TOKEN"]
 
 VLM_NAME = "vistok_vlm_fmnist"
 IMAGE_TOKEN = "<empty_output>"  # a SmolLM2 special token that never occurs in text: the image placeholder
@@ -182,14 +182,44 @@ def build_prompt(tokenizer: Any, question: str, image_tokens: int) -> list[int]:
 @dataclass
 class Answers:
     """What :func:`answer_questions` returns: the ``answers``, the ``visual_tokens`` each image gave the language
-    model, the seconds of the prefill (one forward over the prompts, measured on its own) and of the whole
-    generation."""
+    model, and the seconds of the whole generation."""
 
     answers: list[str]
     visual_tokens: int
-    prefill_seconds: float
     total_seconds: float
     new_tokens: list[list[int]] = field(default_factory=list)
+
+
+def _prompts(model: nn.Module, tokenizer: Any, questions: list[str]) -> tuple[Tensor, Tensor, int]:
+    """Left-padded prompts with the tower's full placeholder count, their mask, the padding id."""
+    tower = model.model.vision_tower
+    full = (tower.grid[0] // tower.pool) * (tower.grid[1] // tower.pool)
+    rows = [build_prompt(tokenizer, question, full) for question in questions]
+    width = max(map(len, rows))
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    ids = torch.tensor([[pad_id] * (width - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    return ids, mask, pad_id
+
+
+def _visual_tokens(model: nn.Module) -> int:
+    from ..patching import get_handle
+
+    handle = get_handle(model)
+    if handle is not None and hasattr(handle, "tokens_per_unit"):
+        return handle.tokens_per_unit
+    tower = model.model.vision_tower
+    return (tower.grid[0] // tower.pool) * (tower.grid[1] // tower.pool)
+
+
+@torch.no_grad()
+def prefill_seconds(model: nn.Module, tokenizer: Any, images: Tensor, questions: list[str]) -> float:
+    """Seconds of one forward over the prompts (the prefill: vision tower, any vistok method, the language
+    model over the prompt), the next-token logits only."""
+    ids, mask, _ = _prompts(model, tokenizer, questions)
+    started = time.perf_counter()
+    model(input_ids=ids, attention_mask=mask, pixel_values=images, logits_to_keep=1)
+    return time.perf_counter() - started
 
 
 @torch.no_grad()
@@ -203,30 +233,16 @@ def answer_questions(model: nn.Module, tokenizer: Any, images: Tensor, questions
     """
     from transformers import LogitsProcessorList
 
-    from ..patching import get_handle
     from ..samplers import SamplingConfig, SamplingPipeline, SeededSampling
 
-    tower = model.model.vision_tower
-    full = (tower.grid[0] // tower.pool) * (tower.grid[1] // tower.pool)
-    rows = [build_prompt(tokenizer, question, full) for question in questions]
-    width = max(map(len, rows))
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    ids = torch.tensor([[pad_id] * (width - len(r)) + r for r in rows])
-    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
-    handle = get_handle(model)
-    visual = handle.tokens_per_unit if handle is not None and hasattr(handle, "tokens_per_unit") else full
-    started = time.perf_counter()
-    model(input_ids=ids, attention_mask=mask, pixel_values=images)  # the prefill alone, for its time
-    prefill = time.perf_counter() - started
+    ids, mask, pad_id = _prompts(model, tokenizer, questions)
     config = SamplingConfig(temperature=0.0) if sampling is None else sampling
     processors = LogitsProcessorList([SamplingPipeline(config), SeededSampling(seeds)])
+    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
     started = time.perf_counter()
     out = model.generate(input_ids=ids, attention_mask=mask, pixel_values=images, max_new_tokens=max_new_tokens,
-                         do_sample=False, logits_processor=processors, eos_token_id=tokenizer.convert_tokens_to_ids(
-                             "<|im_end|>"), pad_token_id=pad_id)
+                         do_sample=False, logits_processor=processors, eos_token_id=end, pad_token_id=pad_id)
     total = time.perf_counter() - started
-    new = out[:, ids.shape[1]:].tolist()
-    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    new = [row[: row.index(end)] if end in row else row for row in new]
+    new = [row[: row.index(end)] if end in row else row for row in out[:, ids.shape[1]:].tolist()]
     answers = [tokenizer.decode(row, skip_special_tokens=True).strip() for row in new]
-    return Answers(answers, visual, prefill, total, new)
+    return Answers(answers, _visual_tokens(model), total, new)
