@@ -159,3 +159,10 @@ def test_train_eval_and_ask_tools(smollm2, tmp_path, capsys):
     assert "answer:" in printed and "visual tokens: 12 (dominant)" in printed and "prefill:" in printed
     assert vistok_main([*args[:1], "--image", str(tmp_path / "missing.png"), *args[3:]]) == 2
     assert vistok_main([*args, "--method", "dominant"]) == 2  # --tokens missing
+
+
+def test_vision_llms_by_name():
+    from vistok.models import CheckpointError, create_vlm
+
+    with pytest.raises(CheckpointError, match=r"unknown vision-LLM 'llava'; vistok ships \['vistok_vlm_fmnist'\]"):
+        create_vlm("llava")

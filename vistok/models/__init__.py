@@ -9,8 +9,9 @@ from .reference import (
     vistok_vit_fmnist,
     vistok_vit_fmnist_reg4,
 )
+from .reference_vlm import VLM_NAME, create_reference_vlm
 from .stvit import STViT, STViTBlock, SuperTokenAttention, stvit_base, stvit_small
-from .video_vit import TubeletEmbed, inflate_to_video
+from .video_vit import TubeletEmbed, inflate_to_video, resample_num_frames
 
 __all__ = [
     "STViT",
@@ -27,4 +28,22 @@ __all__ = [
     "reference_checkpoint",
     "TubeletEmbed",
     "inflate_to_video",
+    "resample_num_frames",
+    "create_vlm",
+    "create_reference_vlm",
+    "VLM_NAME",
 ]
+
+_VLMS = {VLM_NAME: create_reference_vlm}
+
+
+def create_vlm(name: str, pretrained: bool = False, **kwargs):
+    """``(model, tokenizer)`` of a vision-LLM vistok ships, by name (``"vistok_vlm_fmnist"``), like
+    ``timm.create_model`` for its ViTs.
+
+    Raises:
+        CheckpointError: ``name`` is not one of them (the message lists them).
+    """
+    if name not in _VLMS:
+        raise CheckpointError(f"unknown vision-LLM {name!r}; vistok ships {sorted(_VLMS)}")
+    return _VLMS[name](pretrained=pretrained, **kwargs)
