@@ -114,6 +114,26 @@ def test_vistok_patches_the_reference_vlm(smollm2, method):
 
 
 @pytest.mark.slow
+def test_answers_decode_through_vistok_samplers(smollm2):
+    """Greedy is sampling at temperature 0; seeded sampling gives the same answers again, other seeds may not."""
+    from vistok.models.reference_vlm import answer_questions
+    from vistok.samplers import SamplingConfig
+
+    model, tokenizer = reference_vlm(smollm2)
+    images, questions = batch(4)
+    greedy = answer_questions(model, tokenizer, images, questions)
+    assert greedy.visual_tokens == 49 and len(greedy.answers) == 4
+    assert answer_questions(model, tokenizer, images, questions, SamplingConfig(temperature=0.0)).answers == \
+        greedy.answers
+    hot = SamplingConfig(temperature=1.5, top_p=0.95)
+    seeds = torch.arange(4)
+    first = answer_questions(model, tokenizer, images, questions, hot, seeds=seeds)
+    assert answer_questions(model, tokenizer, images, questions, hot, seeds=seeds).new_tokens == first.new_tokens
+    with vistok.patch(model, "pool", tokens=9):
+        assert answer_questions(model, tokenizer, images, questions).visual_tokens == 9
+
+
+@pytest.mark.slow
 def test_train_eval_and_ask_tools(smollm2, tmp_path, capsys):
     """Two training steps write the trained tensors; they load into a fresh model; the evaluation tool and
     `vistok ask` run on them (on SmolLM2, whatever they answer after two steps)."""

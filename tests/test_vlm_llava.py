@@ -243,3 +243,30 @@ def test_composition_refusals():
     with pytest.raises(InvalidConfigError, match="tokens=20 is more than"):
         vistok.patch(model, [("merge", {"r": 2}), ("merge_to_budget", {"tokens": 20})])
     assert vistok.get_handle(model.model.vision_tower) is None and vistok.get_handle(model) is None
+
+
+def test_concurrent_calls_match_sequential_ones():
+    """No per-call state lives on the handle: two threads generating at once get what each gets alone."""
+    import threading
+
+    model = tiny_llava()
+    ids, pixels = prompt(), images()
+    with torch.no_grad(), vistok.patch(model, "merge_to_budget", tokens=4):
+        alone = [model.generate(input_ids=ids[i:i + 1], pixel_values=pixels[i:i + 1], max_new_tokens=3,
+                                do_sample=False) for i in range(2)]
+        results, errors = {}, []
+
+        def work(i):
+            try:
+                for _ in range(5):
+                    results[i] = model.generate(input_ids=ids[i:i + 1], pixel_values=pixels[i:i + 1],
+                                                max_new_tokens=3, do_sample=False)
+            except Exception as error:  # noqa: BLE001 - reported below
+                errors.append(error)
+
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    assert not errors and all(torch.equal(results[i], alone[i]) for i in range(2))
