@@ -33,7 +33,7 @@ def test_answers_follow_from_the_cells():
         kinds[example.kind] = kinds.get(example.kind, 0) + 1
         for cell, item in enumerate(example.cells):
             row, col = divmod(cell, 2)
-            patch = example.image[row * 14:(row + 1) * 14, col * 14:(col + 1) * 14]
+            patch = example.image[row * 28:(row + 1) * 28, col * 28:(col + 1) * 28]
             assert (item < 0) == (patch.max() == 0)  # an empty cell is black, an item is not
         if example.kind == "where":
             cell = CELLS.index(example.question[len("What is at the "):-1])
@@ -79,7 +79,7 @@ def batch(count=2, seed=0):
 @pytest.mark.slow
 def test_the_untrained_assembly_is_smollm2_with_an_image(smollm2):
     """Fresh LoRA adapters change nothing: on text alone the VLM is SmolLM2; the tower gives LLaVA 13 hidden
-    states of the class token + 49 pooled patches."""
+    states of a class token + a 6 x 6 grid (four crops of 3 x 3 pooled patches), each crop its own ViT run."""
     from vistok.models.reference_vlm import build_prompt
 
     model, tokenizer = reference_vlm(smollm2)
@@ -88,9 +88,14 @@ def test_the_untrained_assembly_is_smollm2_with_an_image(smollm2):
     with torch.no_grad():
         assert (model(input_ids=text).logits - smollm2[0](input_ids=text).logits).abs().max() <= 1e-4
         out = model.model.vision_tower(images)
-        prompt = torch.tensor([build_prompt(tokenizer, q, 49) for q in questions])
+        prompt = torch.tensor([build_prompt(tokenizer, q, 36) for q in questions])
         logits = model(input_ids=prompt, pixel_values=images).logits
-    assert len(out.hidden_states) == 13 and out.hidden_states[-2].shape == (2, 50, 64)
+        crop = images[:1, :, 28:, :28]  # the bottom-left crop of the first image, alone
+        alone = model.model.vision_tower.vit.forward_features(crop)
+        top = torch.nn.functional.adaptive_avg_pool2d(alone[:, 1:].transpose(1, 2).reshape(1, 64, 14, 14), 3)
+    assert len(out.hidden_states) == 13 and out.hidden_states[-2].shape == (2, 37, 64)
+    grid = out.last_hidden_state[0, 1:].reshape(6, 6, 64)
+    assert torch.allclose(grid[3:, :3].permute(2, 0, 1), top[0], atol=1e-5)
     assert logits.shape == (2, prompt.shape[1], 49152)
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
     assert trainable and all("multi_modal_projector" in n or ".lora_" in n for n in trainable)
@@ -103,14 +108,14 @@ def test_vistok_patches_the_reference_vlm(smollm2, method):
 
     model, tokenizer = reference_vlm(smollm2)
     images, questions = batch()
-    prompt = torch.tensor([build_prompt(tokenizer, q, 49) for q in questions])
+    prompt = torch.tensor([build_prompt(tokenizer, q, 36) for q in questions])
     with torch.no_grad():
         expected = model(input_ids=prompt, pixel_values=images).logits
         with vistok.patch(model, method, keep=1.0):
             assert (model(input_ids=prompt, pixel_values=images).logits - expected).abs().max() <= 1e-4
         with vistok.patch(model, method, tokens=12) as handle:
             short = model(input_ids=prompt, pixel_values=images).logits
-            assert short.shape[1] == prompt.shape[1] - 49 + 12 and handle.encode(images).tokens.shape == (2, 12, 576)
+            assert short.shape[1] == prompt.shape[1] - 36 + 12 and handle.encode(images).tokens.shape == (2, 12, 576)
 
 
 @pytest.mark.slow
@@ -122,7 +127,7 @@ def test_answers_decode_through_vistok_samplers(smollm2):
     model, tokenizer = reference_vlm(smollm2)
     images, questions = batch(4)
     greedy = answer_questions(model, tokenizer, images, questions)
-    assert greedy.visual_tokens == 49 and len(greedy.answers) == 4
+    assert greedy.visual_tokens == 36 and len(greedy.answers) == 4
     assert answer_questions(model, tokenizer, images, questions, SamplingConfig(temperature=0.0)).answers == \
         greedy.answers
     hot = SamplingConfig(temperature=1.5, top_p=0.95)
@@ -166,13 +171,13 @@ def test_train_eval_and_ask_tools(smollm2, tmp_path, capsys):
                                       language_model=(copy.deepcopy(smollm2[0]), smollm2[1])) == 0
     rows = list(csv.DictReader(open(out.with_suffix(".csv"))))
     assert [r["method"] for r in rows] == ["all tokens", "merge_to_budget", "dominant", "pool", "random_select"]
-    assert [int(r["visual_tokens"]) for r in rows] == [49, 12, 12, 12, 12]
+    assert [int(r["visual_tokens"]) for r in rows] == [36, 9, 9, 9, 9]
     assert out.with_suffix(".png").stat().st_size > 5_000
 
     from PIL import Image
 
     image = tmp_path / "items.png"
-    Image.fromarray(FashionQA("test", 1).example(0).image).resize((56, 56)).save(image)
+    Image.fromarray(FashionQA("test", 1).example(0).image).resize((112, 112)).save(image)
     args = ["ask", "--image", str(image), "--question", "Is there a bag?", "--checkpoint", str(saved)]
     assert vistok_main([*args, "--method", "dominant", "--tokens", "12"]) == 0
     printed = capsys.readouterr().out

@@ -116,8 +116,7 @@ def main(argv: list[str] | None = None, language_model=None) -> int:
         model, tokenizer = create_reference_vlm(pretrained=args.checkpoint is None, checkpoint=args.checkpoint,
                                                 language_model=language_model)
         data = FashionQA("test", args.questions, seed=args.seed)
-        tower = model.model.vision_tower
-        grid = (tower.grid[0] // tower.pool, tower.grid[1] // tower.pool)
+        grid = model.model.vision_tower.token_grid
         rows = []
         for method, tokens in settings(args.methods, args.fractions, grid[0] * grid[1], grid):
             rows.append(evaluate(model, tokenizer, data, method, tokens, args.batch_size, args.prefill_runs))

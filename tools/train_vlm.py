@@ -84,7 +84,8 @@ def main(argv: list[str] | None = None, language_model=None) -> int:
         optimizer.load_state_dict(state["optimizer"])
         step, spent = state["step"], state["seconds"]
     data = FashionQA("train", 10_000_000, seed=args.seed)
-    image_tokens = (model.model.vision_tower.grid[0] // model.model.vision_tower.pool) ** 2
+    rows, cols = model.model.vision_tower.token_grid
+    image_tokens = rows * cols
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     budget = args.minutes * 60
     log = open(out / "log.jsonl", "a")

@@ -57,7 +57,7 @@ def _build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--no-progress", action="store_true")
     commands.add_parser("methods", help="list the registered methods")
     ask = commands.add_parser("ask", help="answer a question about an image with the reference vision-LLM")
-    ask.add_argument("--image", required=True, help="an image file (made grey and 28 x 28, like Fashion-MNIST)")
+    ask.add_argument("--image", required=True, help="an image file (made grey and 56 x 56: four Fashion-MNIST cells)")
     ask.add_argument("--question", required=True)
     ask.add_argument("--method", default=None, help="a boundary method (merge_to_budget, dominant, pool, "
                      "random_select); default: all visual tokens")
@@ -120,10 +120,10 @@ def _ask(args: argparse.Namespace) -> int:
         from PIL import Image
 
         with Image.open(args.image) as picture:
-            grey = picture.convert("L").resize((28, 28), Image.BILINEAR)
+            grey = picture.convert("L").resize((56, 56), Image.BILINEAR)
     except (OSError, ValueError) as error:
         raise InputShapeError(f"vistok ask: cannot read the image {args.image}: {error}") from None
-    image = torch.frombuffer(bytearray(grey.tobytes()), dtype=torch.uint8).reshape(1, 1, 28, 28).float() / 255
+    image = torch.frombuffer(bytearray(grey.tobytes()), dtype=torch.uint8).reshape(1, 1, 56, 56).float() / 255
     image = (image - FASHION_MNIST_MEAN) / FASHION_MNIST_STD
     model, tokenizer = create_reference_vlm(pretrained=args.checkpoint is None, checkpoint=args.checkpoint)
     handle = None

@@ -1,8 +1,8 @@
 """Fashion-MNIST questions: a visual question answering set whose answers need spatial detail, made from real
 Fashion-MNIST images, for vistok's reference vision-LLM.
 
-Each image is a 28 x 28 canvas cut into four 14 x 14 cells (top left, top right, bottom left, bottom right); each
-cell holds, with probability 3/4, one Fashion-MNIST item shrunk to 14 x 14 (2 x 2 averaging), else stays black.
+Each image is a 56 x 56 canvas cut into four 28 x 28 cells (top left, top right, bottom left, bottom right); each
+cell holds, with probability 3/4, one Fashion-MNIST item (its 28 x 28 image), else stays black.
 Three kinds of question, equally often:
 
 * ``where``: "What is at the top left?" -> the item's name (``ITEM_NAMES``) or "nothing";
@@ -28,6 +28,7 @@ __all__ = ["ITEM_NAMES", "CELLS", "SHOES", "QAExample", "FashionQA", "make_examp
 
 ITEM_NAMES = ("t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "boot")
 CELLS = ("top left", "top right", "bottom left", "bottom right")
+CELL = 28  # pixels per cell side: a whole Fashion-MNIST image
 SHOES = (5, 7, 9)  # sandal, sneaker, ankle boot
 KINDS = ("where", "exists", "count")
 SPLIT_SEEDS = {"train": 0, "test": 1}
@@ -35,7 +36,7 @@ SPLIT_SEEDS = {"train": 0, "test": 1}
 
 @dataclass(frozen=True)
 class QAExample:
-    """``image`` ``uint8 [28, 28]``; ``cells``: the Fashion-MNIST class in each cell (``-1``: empty)."""
+    """``image`` ``uint8 [56, 56]``; ``cells``: the Fashion-MNIST class in each cell (``-1``: empty)."""
 
     image: np.ndarray
     cells: tuple[int, ...]
@@ -44,20 +45,15 @@ class QAExample:
     answer: str
 
 
-def _shrink(items: np.ndarray) -> np.ndarray:
-    """``uint8 [N, 28, 28]`` -> ``uint8 [N, 14, 14]`` by 2 x 2 averaging."""
-    return items.reshape(-1, 14, 2, 14, 2).mean(axis=(2, 4)).round().astype(np.uint8)
-
-
 def make_example(rng: np.random.Generator, images: np.ndarray, labels: np.ndarray) -> QAExample:
     """One example drawn with ``rng`` from the split's ``images`` ``uint8 [N, 28, 28]`` and ``labels``."""
-    canvas = np.zeros((28, 28), dtype=np.uint8)
+    canvas = np.zeros((2 * CELL, 2 * CELL), dtype=np.uint8)
     cells = []
     for cell in range(4):
         if rng.random() < 0.75:
             index = int(rng.integers(len(images)))
             row, col = divmod(cell, 2)
-            canvas[row * 14:(row + 1) * 14, col * 14:(col + 1) * 14] = _shrink(images[index:index + 1])[0]
+            canvas[row * CELL:(row + 1) * CELL, col * CELL:(col + 1) * CELL] = images[index]
             cells.append(int(labels[index]))
         else:
             cells.append(-1)
@@ -82,7 +78,7 @@ def make_example(rng: np.random.Generator, images: np.ndarray, labels: np.ndarra
 
 
 class FashionQA(torch.utils.data.Dataset):
-    """``size`` examples of a split (``"train"`` or ``"test"``); item ``i`` is ``(image [1, 28, 28] float in
+    """``size`` examples of a split (``"train"`` or ``"test"``); item ``i`` is ``(image [1, 56, 56] float in
     [0, 1], question, answer)``, the same for every run with the same ``seed``.
 
     Raises:

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import Tensor, nn
 
 from .reference import REFERENCE_NAME, CheckpointError, reference_checkpoint
@@ -27,44 +28,54 @@ __all__ = ["ReferenceVisionTower", "LoRALinear", "create_reference_vlm", "build_
 
 VLM_NAME = "vistok_vlm_fmnist"
 IMAGE_TOKEN = "<empty_output>"  # a SmolLM2 special token that never occurs in text: the image placeholder
-POOL = 2  # the tower's 14 x 14 patch grid average-pooled to 7 x 7 tokens
+TILES, CELL = 2, 3  # a 56 x 56 image: 2 x 2 crops of 28 x 28, each pooled to 3 x 3 tokens: a 6 x 6 grid
 
 
 class ReferenceVisionTower(nn.Module):
-    """A timm ViT as a LLaVA vision tower: it returns what ``CLIPVisionModel`` returns to LLaVA, a
-    ``BaseModelOutputWithPooling`` whose ``hidden_states`` are the embeddings and every block's output, here each
-    ``[B, 1 + (g / pool) ** 2, D]``: the class token, then the ``g x g`` patch grid average-pooled ``pool x pool``
-    (row-major). The ViT's own modules run unchanged."""
+    """A timm ViT as a LLaVA vision tower over images of ``tiles x tiles`` crops of its own input size (a 56 x 56
+    Fashion-MNIST question image is four 28 x 28 crops, each one item or black): the ViT runs on every crop at its
+    native scale, each crop's patch grid is average-pooled to ``cell x cell`` tokens, and the crops' tokens are laid
+    out as one ``(tiles * cell)``-square grid over the image, row-major; in front, the mean of the crops' class
+    tokens. It returns what ``CLIPVisionModel`` returns to LLaVA: a ``BaseModelOutputWithPooling`` whose
+    ``hidden_states`` are the embeddings and every block's output in that layout, ``[B, 1 + (tiles * cell) ** 2,
+    D]``. The ViT's own modules run unchanged."""
 
-    def __init__(self, vit: nn.Module, pool: int = POOL) -> None:
+    def __init__(self, vit: nn.Module, tiles: int = TILES, cell: int = CELL) -> None:
         super().__init__()
         self.vit = vit
-        self.pool = pool
-        self.grid = tuple(vit.patch_embed.grid_size)
+        self.tiles = tiles
+        self.cell = cell
+        self.crop_grid = tuple(vit.patch_embed.grid_size)
+        self.token_grid = (tiles * cell, tiles * cell)
 
-    def _pooled(self, x: Tensor) -> Tensor:
+    def _laid_out(self, x: Tensor) -> Tensor:
+        """``[B * tiles^2, 1 + rows * cols, D]`` crop tokens -> ``[B, 1 + (tiles * cell)^2, D]``."""
         prefix = self.vit.num_prefix_tokens
-        rows, cols = self.grid
-        patches = x[:, prefix:].transpose(1, 2).reshape(x.shape[0], -1, rows, cols)
-        pooled = F.avg_pool2d(patches, self.pool).flatten(2).transpose(1, 2)
-        return torch.cat([x[:, :1], pooled], dim=1)  # the class token, then the pooled grid
+        rows, cols = self.crop_grid
+        patches = rearrange(x[:, prefix:], "n (h w) d -> n d h w", h=rows, w=cols)
+        pooled = F.adaptive_avg_pool2d(patches, self.cell)
+        grid = rearrange(pooled, "(b i j) d h w -> b (i h j w) d", i=self.tiles, j=self.tiles)
+        cls = rearrange(x[:, :1], "(b n) 1 d -> b n d", n=self.tiles * self.tiles).mean(dim=1, keepdim=True)
+        return torch.cat([cls, grid], dim=1)
 
     def forward(self, pixel_values: Tensor, output_hidden_states: Any = None, return_dict: bool = True,
                 **kwargs: Any) -> Any:
         from transformers.modeling_outputs import BaseModelOutputWithPooling
 
         vit = self.vit
-        x = vit.norm_pre(vit._pos_embed(vit.patch_embed(pixel_values)))
+        crops = rearrange(pixel_values, "b c (i h) (j w) -> (b i j) c h w", i=self.tiles, j=self.tiles)
+        x = vit.norm_pre(vit._pos_embed(vit.patch_embed(crops)))
         states = [x]
         for block in vit.blocks:
             x = block(x)
             states.append(x)
-        return BaseModelOutputWithPooling(last_hidden_state=self._pooled(vit.norm(x)),
-                                          hidden_states=tuple(self._pooled(s) for s in states))
+        return BaseModelOutputWithPooling(last_hidden_state=self._laid_out(vit.norm(x)),
+                                          hidden_states=tuple(self._laid_out(s) for s in states))
 
     def class_attention(self, hidden_states: tuple[Tensor, ...], feature_layer: int) -> Tensor:
         """``[B, N]``: the class token's attention (heads averaged) in the block that produced
-        ``hidden_states[feature_layer]``, recomputed over that block's (pooled) input tokens."""
+        ``hidden_states[feature_layer]``, recomputed over that block's input in the tower's layout (the mean class
+        token over the pooled tokens)."""
         produced_by = feature_layer % len(hidden_states) - 1
         block = self.vit.blocks[produced_by]
         h = block.norm1(hidden_states[produced_by])
@@ -132,7 +143,7 @@ def create_reference_vlm(pretrained: bool = False, lora_rank: int = 8, checkpoin
     vit = timm.create_model(REFERENCE_NAME, pretrained=False)
     load_checkpoint(vit, reference_checkpoint(REFERENCE_NAME))
     tower = ReferenceVisionTower(vit.eval())
-    side = tower.grid[0] // tower.pool
+    side = tower.token_grid[0]
     # describes the tower to LLaVA and to vistok: a side x side grid of tokens (image_size / patch_size)
     vision_config = CLIPVisionConfig(hidden_size=vit.embed_dim, intermediate_size=4 * vit.embed_dim,
                                      num_hidden_layers=len(vit.blocks),
@@ -192,8 +203,8 @@ class Answers:
 
 def _prompts(model: nn.Module, tokenizer: Any, questions: list[str]) -> tuple[Tensor, Tensor, int]:
     """Left-padded prompts with the tower's full placeholder count, their mask, the padding id."""
-    tower = model.model.vision_tower
-    full = (tower.grid[0] // tower.pool) * (tower.grid[1] // tower.pool)
+    rows_, cols_ = model.model.vision_tower.token_grid
+    full = rows_ * cols_
     rows = [build_prompt(tokenizer, question, full) for question in questions]
     width = max(map(len, rows))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -208,8 +219,8 @@ def _visual_tokens(model: nn.Module) -> int:
     handle = get_handle(model)
     if handle is not None and hasattr(handle, "tokens_per_unit"):
         return handle.tokens_per_unit
-    tower = model.model.vision_tower
-    return (tower.grid[0] // tower.pool) * (tower.grid[1] // tower.pool)
+    rows, cols = model.model.vision_tower.token_grid
+    return rows * cols
 
 
 @torch.no_grad()
@@ -229,7 +240,7 @@ def answer_questions(model: nn.Module, tokenizer: Any, images: Tensor, questions
     (``sampling``: a :class:`vistok.samplers.SamplingConfig`; default greedy, ``temperature=0``).
 
     Args:
-        images: ``[B, 1, 28, 28]`` normalised like Fashion-MNIST (mean 0.2860, std 0.3530).
+        images: ``[B, 1, 56, 56]`` normalised like Fashion-MNIST (mean 0.2860, std 0.3530).
     """
     from transformers import LogitsProcessorList
 
