@@ -79,6 +79,28 @@ def evaluate(model, tokenizer, data: FashionQA, method: str | None, tokens: int,
     return row
 
 
+def keep_everything_overhead(model, tokenizer, data: FashionQA, methods: list[str], batch_size: int,
+                             runs: int) -> list[dict]:
+    """The prefill of the first batch unpatched and with each method keeping every token (``keep=1.0``, the same
+    logits), interleaved, the median of ``runs``: what the patched path costs when it removes nothing."""
+    examples = [data.example(i) for i in range(min(batch_size, len(data)))]
+    images = torch.stack([torch.from_numpy(e.image).float().div(255)[None] for e in examples])
+    images = (images - FASHION_MNIST_MEAN) / FASHION_MNIST_STD
+    questions = [e.question for e in examples]
+    times: dict[str, list[float]] = {"unpatched": [], **{m: [] for m in methods}}
+    for _ in range(runs):
+        for name in times:
+            handle = vistok.patch(model, name, keep=1.0) if name != "unpatched" else None
+            try:
+                times[name].append(prefill_seconds(model, tokenizer, images, questions))
+            finally:
+                if handle is not None:
+                    handle.remove()
+    medians = {name: sorted(values)[len(values) // 2] for name, values in times.items()}
+    return [{"method": name, "prefill_s": value, "overhead": value / medians["unpatched"] - 1}
+            for name, value in medians.items()]
+
+
 def save_plot(path: Path, rows: list[dict]) -> None:
     import matplotlib
 
@@ -109,6 +131,8 @@ def main(argv: list[str] | None = None, language_model=None) -> int:
     parser.add_argument("--fractions", nargs="*", type=float, default=[0.5, 0.25, 0.1])
     parser.add_argument("--batch-size", type=int, default=50)
     parser.add_argument("--prefill-runs", type=int, default=3)
+    parser.add_argument("--overhead", action="store_true",
+                        help="also time each method keeping every token (its prefill overhead) -> <out>_overhead.csv")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="results/vlm_eval")
     args = parser.parse_args(argv)
@@ -124,6 +148,13 @@ def main(argv: list[str] | None = None, language_model=None) -> int:
     except vistok.VistokError as error:
         print(f"eval_vlm.py: error: {error}", file=sys.stderr)
         return 2
+    if args.overhead:
+        overhead = keep_everything_overhead(model, tokenizer, data, args.methods, args.batch_size, args.prefill_runs)
+        with open(Path(args.out).with_name(Path(args.out).name + "_overhead.csv"), "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(overhead[0]))
+            writer.writeheader()
+            writer.writerows(overhead)
+        print(json.dumps(overhead), flush=True)
     full = rows[0]
     for row in rows:
         row["accuracy_kept"] = row["accuracy"] / full["accuracy"] if full["accuracy"] else float("nan")
