@@ -10,8 +10,8 @@ Three kinds of question, equally often:
 * ``count``: "How many shoes are there?" -> "0" ... "4" (sandals, sneakers and ankle boots are shoes).
 
 Example ``i`` of a split is a deterministic function of ``(seed, split, i)``: the train split draws items from
-Fashion-MNIST's training images, the test split from its test images. Nothing is written to disk; ``python
-tools/make_qa_sample.py`` writes a small sample with its manifest for people to look at.
+Fashion-MNIST's training images, the test split from its test images. Examples are made on the fly from the
+installed Fashion-MNIST; nothing is written to disk.
 """
 
 from __future__ import annotations

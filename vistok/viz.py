@@ -102,9 +102,7 @@ def save_overlay_grid(path: str | Path, images: Tensor, layouts: Mapping[str, To
                                 squeeze=False)
     for column, (title, panels) in enumerate(columns.items()):
         for row, panel in enumerate(panels):
-            axes[row, column].imshow(panel, interpolation="nearest")
-            axes[row, column].set_xticks([])
-            axes[row, column].set_yticks([])
+            _show(axes[row, column], panel)
             if row == 0:
                 axes[row, column].set_title(title, fontsize=8)
     return _save(plt, figure, path, dpi=110)
@@ -147,14 +145,18 @@ def save_clip_overlay(path: str | Path, clip: Tensor, layouts: Mapping[str, Toke
                                 squeeze=False)
     for row, (title, panels) in enumerate(rows.items()):
         for column, panel in enumerate(panels):
-            axes[row, column].imshow(panel, interpolation="nearest")
-            axes[row, column].set_xticks([])
-            axes[row, column].set_yticks([])
+            _show(axes[row, column], panel)
             if column == 0:
                 axes[row, column].set_ylabel(title, fontsize=8)
             if row == 0:
                 axes[row, column].set_title(f"frame {column}", fontsize=8)
     return _save(plt, figure, path, dpi=110)
+
+
+def _show(axis, panel: np.ndarray) -> None:
+    axis.imshow(panel, interpolation="nearest")
+    axis.set_xticks([])
+    axis.set_yticks([])
 
 
 def _pyplot():

@@ -59,11 +59,6 @@ def _selected(x: Tensor, keep: Tensor) -> Budgeted:
     return Budgeted(tokens, torch.ones(keep.shape, dtype=x.dtype, device=x.device), owner)
 
 
-def _real_first(valid: Tensor, order: Tensor) -> Tensor:
-    """``[B, N]`` permutation that puts each row's real tokens first, by ``order``, padding after."""
-    return torch.where(valid, order, order.max() + 1 if order.numel() else 0).argsort(dim=1, stable=True)
-
-
 def _check_real(valid: Tensor, tokens: int, name: str) -> Tensor:
     counts = valid.sum(dim=1)
     if counts.numel() and int(counts.min()) < tokens:
@@ -96,12 +91,13 @@ def merge_to_budget(x: Tensor, tokens: int, metric: Tensor | None = None, sizes:
     valid = torch.ones(batch, n, dtype=torch.bool, device=device) if valid is None else valid.bool()
     order = torch.arange(n, device=device).expand(batch, -1) if order is None else order.long()
     alive_count = _check_real(valid, tokens, "merge_to_budget")
-    start = _real_first(valid, order)
+    last = int(order.max()) + 1 if order.numel() else 1
+    ordered = torch.where(valid, order, last)
+    start = ordered.argsort(dim=1, stable=True)  # each row's real tokens first, in order; padding after
     x, metric = (t.gather(1, start[..., None].expand(-1, -1, t.shape[-1])) for t in (x, metric))
     weights = (torch.ones(batch, n, dtype=x.dtype, device=device) if sizes is None else sizes.to(x.dtype))
     weights = (weights * valid).gather(1, start)
-    last = int(order.max()) + 1 if order.numel() else 1
-    first = torch.where(valid, order, last).gather(1, start)  # each current token's first original position
+    first = ordered.gather(1, start)  # each current token's first original position
     owner = torch.full((batch, n), -1, dtype=torch.long, device=device)
     owner.scatter_(1, start, torch.arange(n, device=device).expand(batch, -1))
     owner = torch.where(valid, owner, -1)
@@ -130,13 +126,12 @@ def merge_to_budget(x: Tensor, tokens: int, metric: Tensor | None = None, sizes:
         metric = metric.gather(1, keep[..., None].expand(-1, -1, metric.shape[-1]))
         weights = merged_weights.gather(1, keep)
         first = laid_first.gather(1, keep)
-    owner = torch.where(owner < tokens, owner, -1)  # padding that was never real stays dropped
     return Budgeted(x[:, :tokens], weights[:, :tokens], owner)
 
 
 def select_dominant(x: Tensor, scores: Tensor, tokens: int, contextual: int = 0) -> Budgeted:
     """VisionZip's dominant tokens: the ``tokens - contextual`` highest-``scores`` tokens in their original
-    order, then ``contextual`` tokens that each average (size-weighted) a group of the rest: targets evenly
+    order, then ``contextual`` tokens that each average a group of the rest: targets evenly
     spaced over the unselected tokens, every other unselected token joining its most similar target (cosine).
 
     Args:
@@ -221,7 +216,8 @@ def select_random(x: Tensor, tokens: int, generator: torch.Generator | None = No
     noise = torch.rand(x.shape[:2], generator=generator, device="cpu" if generator is None else generator.device)
     noise = noise.to(x.device)
     if valid is not None:
-        _check_real(valid.bool(), tokens, "select_random")
-        noise = noise.masked_fill(~valid.bool(), 2.0)  # padding ranks after every real token
+        valid = valid.bool()
+        _check_real(valid, tokens, "select_random")
+        noise = noise.masked_fill(~valid, 2.0)  # padding ranks after every real token
     keep = noise.argsort(dim=1)[:, :tokens].sort(dim=1).values
     return _selected(x, keep)

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import InvalidConfigError, UnsupportedModelError
+from ..ops.attention import probe_attention
 from ..tokens import TokenLayout
 from .family import VisionLLMFamily
 
@@ -123,5 +124,4 @@ def class_attention(tower: nn.Module, hidden_states: tuple[Tensor, ...], feature
     heads = attention.num_heads
     query = attention.q_proj(h[:, :1]).reshape(batch, 1, heads, -1).transpose(1, 2)
     keys = attention.k_proj(h).reshape(batch, n, heads, -1).transpose(1, 2)
-    scores = (query @ keys.transpose(-1, -2)) * query.shape[-1] ** -0.5
-    return scores.float().softmax(dim=-1).mean(dim=1)[:, 0, 1:]
+    return probe_attention(query, keys, None).mean(dim=1)[:, 1:]

@@ -109,7 +109,7 @@ class DominantConfig(BoundaryConfig):
 
     def compress(self, inputs: BoundaryInputs, budget: int) -> Budgeted:
         if budget == inputs.features.shape[1]:
-            return select_dominant(inputs.features, torch.zeros(inputs.features.shape[:2]), budget)
+            return select_dominant(inputs.features, inputs.features.new_zeros(inputs.features.shape[:2]), budget)
         return select_dominant(inputs.features, inputs.class_attention(), budget, self.contextual)
 
 

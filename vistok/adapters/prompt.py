@@ -75,8 +75,7 @@ def shorten_prompt(input_ids: Tensor, keep: Tensor, aligned: Mapping[str, Tensor
     side = _padding_side(mask)
     if mask is not None:  # the old padding goes too: rows are re-padded to the new longest
         keep = keep & mask.bool()
-    lengths = keep.sum(dim=1)
-    width = int(lengths.max())
+    width = int(keep.sum(dim=1).max())
     tensors = {"input_ids": input_ids, **aligned}
     pads = {"input_ids": pad_id, **{name: PAD_VALUES.get(name, 0) for name in aligned}}
     out = {}

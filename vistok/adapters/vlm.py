@@ -297,7 +297,6 @@ def patch_vision_llm(model: nn.Module, config: MethodConfig, family: type[Vision
     if boundary.uses_class_attention and not facts.has_class_token:
         raise InvalidConfigError(f"dominant needs a class token; {type(model).__name__}'s vision tower has none "
                                  "(use merge_to_budget, pool or random_select)")
-    boundary.budget(facts.grid[0] * facts.grid[1])  # a budget the model cannot meet fails before anything changes
     tower_handle = None
     if in_tower:
         tower_handle = patch(family.tower(model), in_tower[0] if len(in_tower) == 1 else ComposedConfig(

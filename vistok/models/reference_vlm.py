@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
+from ..ops.attention import probe_attention
 from .reference import REFERENCE_NAME, CheckpointError, reference_checkpoint
 
 __all__ = ["ReferenceVisionTower", "LoRALinear", "create_reference_vlm", "build_prompt", "trained_state",
@@ -80,11 +81,10 @@ class ReferenceVisionTower(nn.Module):
         block = self.vit.blocks[produced_by]
         h = block.norm1(hidden_states[produced_by])
         attention = block.attn
-        batch, n, width = h.shape
-        qkv = F.linear(h, attention.qkv.weight, attention.qkv.bias).reshape(batch, n, 3, attention.num_heads, -1)
-        query, keys = attention.q_norm(qkv[:, :1, 0]), attention.k_norm(qkv[:, :, 1])
-        scores = torch.einsum("bqhd,bkhd->bhqk", query, keys) * attention.scale
-        return scores.float().softmax(dim=-1).mean(dim=1)[:, 0, 1:]
+        batch, n, _ = h.shape
+        qkv = attention.qkv(h).reshape(batch, n, 3, attention.num_heads, -1).transpose(1, 3)  # [B, H, 3, N, d]
+        query, keys = attention.q_norm(qkv[:, :, 0, :1]), attention.k_norm(qkv[:, :, 1])
+        return probe_attention(query, keys, None).mean(dim=1)[:, 1:]
 
 
 class LoRALinear(nn.Module):
