@@ -5,6 +5,7 @@ the real SmolLM2 (loaded once)."""
 import copy
 import csv
 import importlib.util
+import json
 from pathlib import Path
 
 import numpy as np
@@ -98,7 +99,47 @@ def test_the_untrained_assembly_is_smollm2_with_an_image(smollm2):
     assert torch.allclose(grid[3:, :3].permute(2, 0, 1), top[0], atol=1e-5)
     assert logits.shape == (2, prompt.shape[1], 49152)
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
-    assert trainable and all("multi_modal_projector" in n or ".lora_" in n for n in trainable)
+    assert "model.vision_tower.grid_position" in trainable
+    assert all("multi_modal_projector" in n or ".lora_" in n for n in trainable - {"model.vision_tower.grid_position"})
+
+
+def test_grid_positions_mark_the_tokens_and_leave_class_attention_alone():
+    """The tower's learned grid positions are added to every laid-out state's grid tokens (not the class token);
+    the class attention the dominant method reads is still the ViT block's own."""
+    import timm
+
+    from vistok.models.reference import REFERENCE_NAME
+    from vistok.models.reference_vlm import ReferenceVisionTower
+
+    torch.manual_seed(0)
+    tower = ReferenceVisionTower(timm.create_model(REFERENCE_NAME, pretrained=False).eval())
+    images, _ = batch()
+    with torch.no_grad():
+        plain = tower(images)
+        attention = tower.class_attention(plain.hidden_states, -2)
+        tower.grid_position.normal_()
+        moved = tower(images)
+        assert torch.allclose(tower.class_attention(moved.hidden_states, -2), attention, atol=1e-6)
+    for before, after in zip(plain.hidden_states, moved.hidden_states, strict=True):
+        assert torch.equal(after[:, :1], before[:, :1])
+        assert torch.allclose(after[:, 1:], before[:, 1:] + tower.grid_position, atol=1e-6)
+    assert attention.shape == (2, 36) and not torch.equal(moved.hidden_states[-2], plain.hidden_states[-2])
+
+
+def test_training_batches_seen_through_methods():
+    """``--compressed p``: a share p of the batches goes through one of the given methods at one of the given
+    budgets, the same for the same step and seed (so ``--resume`` continues the same sequence)."""
+    batch_method = load_tool("train_vlm").batch_method
+    methods, tokens = ["merge_to_budget", "pool", "random_select"], [9, 4]
+    assert all(batch_method(step, 0, 0.0, methods, tokens) is None for step in range(50))
+    chosen = [batch_method(step, 0, 1.0, methods, tokens) for step in range(300)]
+    assert {method for method, _ in chosen} == set(methods) and {o["tokens"] for _, o in chosen} == set(tokens)
+    seeds = [o["seed"] for method, o in chosen if method == "random_select"]
+    assert len(set(seeds)) == len(seeds) and all("seed" not in o for m, o in chosen if m != "random_select")
+    assert chosen == [batch_method(step, 0, 1.0, methods, tokens) for step in range(300)]
+    assert chosen != [batch_method(step, 1, 1.0, methods, tokens) for step in range(300)]
+    share = sum(batch_method(step, 0, 0.75, methods, tokens) is not None for step in range(2000)) / 2000
+    assert 0.7 <= share <= 0.8
 
 
 @pytest.mark.slow
@@ -147,7 +188,8 @@ def test_train_eval_and_ask_tools(smollm2, tmp_path, capsys):
 
     model_copy = (copy.deepcopy(smollm2[0]), smollm2[1])
     assert load_tool("train_vlm").main(["--out", str(tmp_path / "run"), "--steps", "2", "--batch-size", "2",
-                                        "--save-every", "1"], language_model=model_copy) == 0
+                                        "--save-every", "1", "--compressed", "1", "--compress-methods",
+                                        "merge_to_budget", "--compress-tokens", "9"], language_model=model_copy) == 0
     saved = tmp_path / "run" / "model.safetensors"
     loaded, _ = reference_vlm(smollm2, checkpoint=saved)
     fresh, _ = reference_vlm(smollm2)
@@ -158,6 +200,10 @@ def test_train_eval_and_ask_tools(smollm2, tmp_path, capsys):
     assert all(torch.equal(trained_state(loaded)[k], v) for k, v in on_disk.items())
     assert not torch.equal(trained_state(fresh)["model.multi_modal_projector.linear_1.weight"],
                            on_disk["model.multi_modal_projector.linear_1.weight"])
+    # both steps read merged tokens only: the grid positions learned through the merging
+    assert on_disk["model.vision_tower.grid_position"].abs().sum() > 0
+    assert all(json.loads(line)["method"] == ["merge_to_budget", {"tokens": 9}]
+               for line in open(tmp_path / "run" / "log.jsonl"))
     with pytest.raises(vistok.VistokError, match="does not fit the reference VLM"):
         bad = tmp_path / "bad.safetensors"
         from safetensors.torch import save_file

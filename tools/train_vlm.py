@@ -4,8 +4,12 @@
 ``--steps`` steps or ``--minutes`` of training, whichever comes first; ``--resume`` continues from
 ``<out>/checkpoint.pt``. Writes ``<out>/model.safetensors`` (the trained tensors only) and ``<out>/log.jsonl``.
 
-    python tools/train_vlm.py --out runs/vlm --minutes 85            # how models/vistok_vlm_fmnist was made
-    python tools/train_vlm.py --out runs/vlm --minutes 85 --resume   # continue after an interruption
+With ``--compressed`` p, a share p of the batches is seen through a vistok boundary method (one of
+``--compress-methods`` at one of ``--compress-tokens`` visual tokens per image, drawn per batch from the step's
+seed), so the language model learns to read compressed visual tokens as well as the full grid.
+
+    python tools/train_vlm.py --out runs/vlm --minutes 50 --lr 1e-3 --threads 2 --compressed 0.75
+    python tools/train_vlm.py --out runs/vlm --minutes 50 --lr 1e-3 --threads 2 --compressed 0.75 --resume
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+import vistok
 from vistok.data import FASHION_MNIST_MEAN, FASHION_MNIST_STD
 from vistok.fmnist_qa import FashionQA
 from vistok.models.reference_vlm import build_prompt, create_reference_vlm, trained_state
@@ -52,6 +57,18 @@ def answer_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), shifted.flatten(), ignore_index=-100)
 
 
+def batch_method(step: int, seed: int, share: float, methods: list[str], tokens: list[int]) -> tuple | None:
+    """``(method, options)`` the batch of ``step`` is seen through, or ``None`` (all visual tokens)."""
+    rng = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    if float(torch.rand((), generator=rng)) >= share:
+        return None
+    method = methods[int(torch.randint(len(methods), (), generator=rng))]
+    options = {"tokens": tokens[int(torch.randint(len(tokens), (), generator=rng))]}
+    if method == "random_select":
+        options["seed"] = seed * 1_000_003 + step
+    return method, options
+
+
 def main(argv: list[str] | None = None, language_model=None) -> int:
     """``language_model``: ``(causal LM, tokenizer)`` instead of SmolLM2 (tests)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -66,7 +83,13 @@ def main(argv: list[str] | None = None, language_model=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--compressed", type=float, default=0.0, help="share of batches seen through a method")
+    parser.add_argument("--compress-methods", nargs="+", default=["merge_to_budget", "dominant", "pool",
+                                                                   "random_select"])
+    parser.add_argument("--compress-tokens", nargs="+", type=int, default=[24, 18, 12, 9, 6, 4])
     args = parser.parse_args(argv)
+    if not 0.0 <= args.compressed <= 1.0:
+        parser.error(f"--compressed must be a share in [0, 1], got {args.compressed}")
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -105,8 +128,14 @@ def main(argv: list[str] | None = None, language_model=None) -> int:
             group["lr"] = lr
         examples = [data[step * args.batch_size + i] for i in range(args.batch_size)]
         batch = qa_batch(tokenizer, examples, image_tokens, pad_id)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = answer_loss(model, batch)
+        seen_through = batch_method(step, args.seed, args.compressed, args.compress_methods, args.compress_tokens)
+        handle = vistok.patch(model, seen_through[0], **seen_through[1]) if seen_through else None
+        try:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = answer_loss(model, batch)
+        finally:
+            if handle is not None:
+                handle.remove()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
@@ -116,7 +145,7 @@ def main(argv: list[str] | None = None, language_model=None) -> int:
         value = float(loss.detach())
         running = value if running is None else 0.95 * running + 0.05 * value
         log.write(json.dumps({"step": step, "loss": value, "smoothed": running, "lr": lr,
-                              "seconds": round(spent, 1)}) + "\n")
+                              "seconds": round(spent, 1), "method": seen_through}) + "\n")
         log.flush()
         if step % args.save_every == 0:
             save()

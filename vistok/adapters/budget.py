@@ -18,7 +18,8 @@ from torch import Tensor
 from ..errors import InputShapeError, InvalidConfigError
 from ..ops.merging import bipartite_soft_matching, merge_weighted
 
-__all__ = ["Budgeted", "merge_to_budget", "select_dominant", "pool_to_budget", "select_random", "pool_grid"]
+__all__ = ["Budgeted", "merge_to_budget", "select_dominant", "pool_to_budget", "select_random", "pool_grid",
+           "in_patch_order"]
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,17 @@ class Budgeted:
         slot = torch.where(self.owner >= 0, self.owner, count)  # dropped tokens go to a spare column
         first.scatter_reduce_(1, slot, where, reduce="amin")
         return first[:, :count]
+
+
+def in_patch_order(result: Budgeted) -> Budgeted:
+    """``result`` with each image's tokens sorted by the first input position they carry (VisionZip's contextual
+    tokens, appended after the dominant ones, move to where their first member is)."""
+    order = result.positions().argsort(dim=1, stable=True)
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1], device=order.device)
+                                            .expand_as(order))
+    tokens = result.tokens.gather(1, order[..., None].expand(-1, -1, result.tokens.shape[-1]))
+    owner = torch.where(result.owner >= 0, rank.gather(1, result.owner.clamp_min(0)), -1)
+    return Budgeted(tokens, result.sizes.gather(1, order), owner)
 
 
 def _check(x: Tensor, tokens: int, name: str) -> None:

@@ -30,6 +30,9 @@ class VisionLLMFamily(ABC):
 
     class_names: ClassVar[tuple[str, ...]]
     unit: ClassVar[str] = "image"
+    # units of different grids (one budget each), and the language model's positions follow each kept token
+    # (Qwen2-VL's 3-D rotary positions): the prompt is shortened after encoding, with the positions
+    positions_follow_tokens: ClassVar[bool] = False
 
     @classmethod
     @abstractmethod
@@ -70,9 +73,17 @@ class VisionLLMFamily(ABC):
     def put_features(self, out: Any, tokens: Tensor, grouping: Any) -> None:
         """Write the compressed ``[U, T, D]`` into ``out.pooler_output``, grouped as the model expects."""
 
-    @abstractmethod
     def count_units(self, pixel_values: Tensor) -> int:
-        """How many units ``pixel_values`` holds (as the model will count them)."""
+        """How many units ``pixel_values`` holds (as the model will count them); families of one grid."""
+        raise NotImplementedError(f"{type(self).__name__} reads its units' grids from the call (unit_grids)")
+
+    def unit_grids(self, kwargs: dict[str, Any]) -> list[tuple[int, int]]:
+        """The patch grid of each unit in a call with images (``kwargs["pixel_values"]``)."""
+        return [self.grid] * self.count_units(kwargs["pixel_values"])
+
+    def prompt_positions(self, base: nn.Module, input_ids: Tensor, kwargs: dict[str, Any]) -> Tensor:
+        """The model's own positions of the full prompt (``positions_follow_tokens`` families)."""
+        raise NotImplementedError(f"{type(self).__name__}'s positions do not follow the kept tokens")
 
     def class_attention(self, base: nn.Module, out: Any, context: Any) -> Tensor:
         """``[U, N]``: the class token's attention over each unit's patches at the feature layer."""

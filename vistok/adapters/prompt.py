@@ -4,7 +4,7 @@ tower's token count per image to the budget, and the tensors aligned with it (``
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -17,25 +17,36 @@ __all__ = ["placeholder_keep_mask", "shorten_prompt"]
 PAD_VALUES = {"attention_mask": 0, "labels": -100}
 
 
-def placeholder_keep_mask(input_ids: Tensor, placeholder_id: int, per_image: int, budget: int,
-                          num_images: int) -> Tensor | None:
-    """``[B, L]`` bool: the positions to keep so that each image's ``per_image`` placeholders become ``budget``
-    (the first ``budget`` of each image's run are kept), or ``None`` when the prompt already has ``budget``
-    placeholders per image (or nothing needs to change).
+def placeholder_keep_mask(input_ids: Tensor, placeholder_id: int, per_image: int | Sequence[int],
+                          budget: int | Sequence[int], num_images: int,
+                          kept: Sequence[Tensor] | None = None) -> Tensor | None:
+    """``[B, L]`` bool: the positions to keep so that each image's ``per_image`` placeholders become ``budget``,
+    or ``None`` when the prompt already has the budget's placeholders (or nothing needs to change).
+
+    ``per_image`` and ``budget`` are one count for every image or one per image, in prompt order (row by row);
+    ``kept[i]`` (sorted ``[budget_i]`` long) says which of image ``i``'s placeholders stay, by default its first
+    ``budget_i``: where a model numbers positions per placeholder (Qwen2-VL's 3-D rotary positions), those of the
+    kept tokens.
 
     Raises:
-        InputShapeError: the placeholder count is neither ``num_images x per_image`` nor ``num_images x budget``,
+        InputShapeError: the placeholder count is neither the images' ``per_image`` nor their ``budget`` in all,
             or a run of placeholders is not a whole number of images.
     """
+    lengths = [per_image] * num_images if isinstance(per_image, int) else list(per_image)
+    budgets = [budget] * num_images if isinstance(budget, int) else list(budget)
     is_placeholder = input_ids == placeholder_id
     found = int(is_placeholder.sum())
-    if budget == per_image or found == num_images * budget:
+    if lengths == budgets or found == sum(budgets):
         return None
-    if found != num_images * per_image:
+    if found != sum(lengths):
+        each = isinstance(per_image, int) and isinstance(budget, int)
+        expected = f"{per_image} per image" if each else f"{lengths} for the images"
+        shortened = f"{budget} per image" if each else f"{budgets}"
         raise InputShapeError(
             f"the prompt has {found} image placeholder tokens (id {placeholder_id}) for {num_images} image(s): "
-            f"expected {per_image} per image (as the processor writes them) or {budget} (vistok's budget)")
+            f"expected {expected} (as the processor writes them) or {shortened} (vistok's budget)")
     keep = torch.ones_like(is_placeholder)
+    image = 0
     for row in range(input_ids.shape[0]):
         positions = torch.nonzero(is_placeholder[row]).squeeze(1).tolist()
         start = 0
@@ -43,13 +54,16 @@ def placeholder_keep_mask(input_ids: Tensor, placeholder_id: int, per_image: int
             end = start
             while end + 1 < len(positions) and positions[end + 1] == positions[end] + 1:
                 end += 1
-            length = end - start + 1
-            if length % per_image:
-                raise InputShapeError(f"row {row} of input_ids has a run of {length} image placeholders at position "
-                                      f"{positions[start]}: not a multiple of the {per_image} per image")
-            for image in range(length // per_image):
-                first = positions[start] + image * per_image
-                keep[row, first + budget: first + per_image] = False
+            first, left = positions[start], end - start + 1
+            while left > 0:
+                if left < lengths[image]:
+                    shape = f"the {per_image} per image" if isinstance(per_image, int) else "whole images"
+                    raise InputShapeError(f"row {row} of input_ids has a run of {end - start + 1} image placeholders "
+                                          f"at position {positions[start]}: not a multiple of {shape}")
+                keep[row, first: first + lengths[image]] = False
+                slots = torch.arange(budgets[image]) if kept is None else kept[image].to("cpu")
+                keep[row, first + slots] = True
+                first, left, image = first + lengths[image], left - lengths[image], image + 1
             start = end + 1
     return keep
 

@@ -9,6 +9,11 @@ Three things are installed, all plain objects (a patched model deep-copies and p
 * a forward pre-hook shortens each image's placeholders in ``input_ids`` and in the tensors aligned with it;
 * ``generate`` is wrapped to shorten the prompt before generation and to give back the caller's prompt, so the
   returned sequences start with the ``input_ids`` that were passed in, as without vistok.
+
+Where the language model's positions follow each visual token (Qwen2-VL's 3-D rotary positions), the pre-hook and
+the ``generate`` wrapper encode and compress the images themselves, keep the placeholders of the kept tokens, and
+pass the model's own positions of the full prompt at those places (``position_ids``) with the features
+(``mm_encoder_outputs``).
 """
 
 from __future__ import annotations
@@ -26,16 +31,17 @@ from ..methods.base import MethodConfig
 from ..methods.compose import ComposedConfig
 from ..patching import _HANDLE_ATTR, PatchHandle, patch
 from ..tokens import TokenLayout
-from .budget import Budgeted
+from .budget import Budgeted, in_patch_order
 from .family import VisionLLMFamily
 from .idefics3 import Idefics3Family, SmolVLMFamily
 from .llava import LlavaFamily
 from .methods import BoundaryConfig, BoundaryInputs
 from .prompt import placeholder_keep_mask, shorten_prompt
+from .qwen2_vl import Qwen2VLFamily
 
 __all__ = ["VisionLLMHandle", "VisualTokens", "vision_llm_family", "patch_vision_llm"]
 
-FAMILIES: tuple[type[VisionLLMFamily], ...] = (LlavaFamily, Idefics3Family, SmolVLMFamily)
+FAMILIES: tuple[type[VisionLLMFamily], ...] = (LlavaFamily, Idefics3Family, SmolVLMFamily, Qwen2VLFamily)
 # [B, L] tensors that line up with input_ids and lose the same positions
 ALIGNED = ("attention_mask", "labels", "mm_token_type_ids", "token_type_ids")
 
@@ -85,8 +91,10 @@ class _CompressedImageFeatures:
         return inspect.signature(partial(type(base).get_image_features, base))
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        base = self.handle.family.base(self.handle.model)
-        return self.handle._encode(_as_keywords(type(base).get_image_features, args, kwargs))[0]
+        handle = self.handle
+        base = handle.family.base(handle.model)
+        kwargs = _as_keywords(type(base).get_image_features, args, kwargs)
+        return (handle._encode_units(kwargs) if handle.family.positions_follow_tokens else handle._encode(kwargs))[0]
 
 
 def _reduced_tokens(layout: TokenLayout, device: torch.device) -> dict[str, Tensor]:
@@ -150,6 +158,7 @@ class VisionLLMHandle:
     Attributes:
         tokens_per_unit: the visual tokens each unit (``family.unit``: an image, or an Idefics3 tile) now gives
             the language model, i.e. its placeholders in the prompt. ``tokens_per_image`` is the same number.
+            ``None`` where images differ in size and the budget is a fraction (Qwen2-VL with ``keep=``).
     """
 
     def __init__(self, model: nn.Module, config: BoundaryConfig, family: VisionLLMFamily,
@@ -158,7 +167,10 @@ class VisionLLMHandle:
         self.config = config
         self.family = family
         self.tower_handle = tower_handle
-        self.tokens_per_unit = family.num_prefix + config.budget(family.grid[0] * family.grid[1])
+        if family.positions_follow_tokens:  # each image its own grid
+            self.tokens_per_unit = config.tokens
+        else:
+            self.tokens_per_unit = family.num_prefix + config.budget(family.grid[0] * family.grid[1])
         family.base(model).__dict__["get_image_features"] = _CompressedImageFeatures(self)
         model.__dict__["generate"] = _ShortPromptGenerate(self)
         self._hook = model.register_forward_pre_hook(_ShortPromptHook(self), with_kwargs=True)
@@ -176,12 +188,30 @@ class VisionLLMHandle:
         """The compressed visual tokens of ``pixel_values`` (as the model takes them; other arguments of its
         ``get_image_features`` as keywords): the model's own encoding, then the method, per unit, with their sizes
         and grid positions, for pipelines of your own."""
+        if self.family.positions_follow_tokens:
+            return self._encode_one_size({"pixel_values": pixel_values, **kwargs})
         _, result, prefix, source = self._encode({"pixel_values": pixel_values, **kwargs})
+        return self._visual_tokens(result, prefix, source, self.family.grid)
+
+    def _encode_one_size(self, kwargs: dict[str, Any]) -> VisualTokens:
+        grids = self.family.unit_grids(kwargs)
+        if len(set(grids)) > 1:
+            raise InvalidConfigError(f"encode() returns one [U, T, D] tensor: give it images of one size at a time "
+                                     f"(these have token grids {sorted(set(grids))})")
+        _, results = self._encode_units(kwargs)
+        result = Budgeted(torch.cat([r.tokens for r in results]), torch.cat([r.sizes for r in results]),
+                          torch.cat([r.owner for r in results]))
+        prefix = result.tokens.new_zeros(len(results), 0, result.tokens.shape[-1])
+        return self._visual_tokens(result, prefix, None, grids[0])
+
+    @staticmethod
+    def _visual_tokens(result: Budgeted, prefix: Tensor, source: Tensor | None, grid: tuple[int, int]
+                       ) -> VisualTokens:
         units = result.tokens.shape[0]
-        cols = self.family.grid[1]
+        cols = grid[1]
         first = result.positions()
         if source is not None:  # after an in-tower method: the first patch among the tower tokens each carries
-            beyond = self.family.grid[0] * cols
+            beyond = grid[0] * cols
             first = torch.full_like(first, beyond).scatter_reduce_(
                 1, result.owner.clamp_min(0), torch.where(result.owner >= 0, source, beyond), reduce="amin")
         grid_positions = torch.stack([first // cols, first % cols], dim=-1)
@@ -218,6 +248,84 @@ class VisionLLMHandle:
         family.put_features(out, torch.cat([prefix, result.tokens], dim=1), grouping)
         return (out if return_dict else out.to_tuple()), result, prefix, reduced.get("source")
 
+    def _encode_units(self, kwargs: dict[str, Any]) -> tuple[Any, list[Budgeted]]:
+        """For families whose images differ in size (``positions_follow_tokens``): the model's
+        ``get_image_features(**kwargs)`` with each image compressed to its budget (images of one grid together),
+        its tokens in patch order; the method's result per image (each a batch of one)."""
+        family = self.family
+        base = family.base(self.model)
+        kwargs, context = family.prepare_call(base, dict(kwargs))
+        return_dict = kwargs.pop("return_dict", True)
+        grids = family.unit_grids(kwargs)
+        out = type(base).get_image_features(base, **kwargs, return_dict=True)
+        features, grouping = family.unit_features(out)
+        results: list[Budgeted] = [None] * len(grids)
+        for grid in dict.fromkeys(grids):
+            members = [i for i, g in enumerate(grids) if g == grid]
+            stacked = torch.stack([features[i] for i in members])
+            if stacked.shape[1] != grid[0] * grid[1]:
+                raise InputShapeError(f"the vision tower gave {stacked.shape[1]} features for an image of a "
+                                      f"{grid[0]} x {grid[1]} token grid")
+            inputs = BoundaryInputs(stacked, grid, partial(family.class_attention, base, out, context))
+            result = in_patch_order(self.config.compress(inputs, self.config.budget(grid[0] * grid[1])))
+            for row, index in enumerate(members):
+                results[index] = Budgeted(*(t[row: row + 1] for t in (result.tokens, result.sizes, result.owner)))
+        family.put_features(out, [result.tokens[0] for result in results], grouping)
+        return (out if return_dict else out.to_tuple()), results
+
+    def _shorten_following_positions(self, kwargs: dict, key: str) -> dict | None:
+        """:meth:`_shorten` where the language model's positions follow each kept token: the images are encoded
+        and compressed here, the prompt keeps the placeholders of the kept tokens, and ``position_ids`` are the
+        model's own positions of the full prompt at the kept places (so text after the images, and decoding, keep
+        the unpatched model's positions); the features go in as ``mm_encoder_outputs``."""
+        family = self.family
+        if kwargs.get("pixel_values") is None:
+            return None  # no images in this call (text, videos, or features encoded by the caller)
+        input_ids = self._prompt_ids(kwargs, key)
+        grids = family.unit_grids(kwargs)
+        lengths = [rows * cols for rows, cols in grids]
+        budgets = [self.config.budget(length) for length in lengths]
+        if lengths == budgets:
+            return None
+        found = int((input_ids == family.placeholder_id).sum())
+        if found != sum(lengths):
+            raise InputShapeError(f"the prompt has {found} image placeholder tokens (id {family.placeholder_id}) for "
+                                  f"images of {lengths} features: vistok needs the processor's full prompt (it "
+                                  "shortens it to the budget and numbers the kept tokens' positions)")
+        self._refuse_position_ids(kwargs)
+        out, results = self._encode_units({name: kwargs[name] for name in ("pixel_values", "image_grid_thw")
+                                            if name in kwargs})
+        keep = placeholder_keep_mask(input_ids, family.placeholder_id, lengths, budgets, len(grids),
+                                     kept=[result.positions()[0] for result in results])
+        base = family.base(self.model)
+        full_positions = family.prompt_positions(base, input_ids, kwargs)  # [3, B, L]
+        aligned = {name: kwargs[name] for name in ALIGNED if isinstance(kwargs.get(name), Tensor)}
+        aligned["position_ids"] = full_positions.permute(1, 2, 0)
+        short_ids, short = shorten_prompt(input_ids, keep, aligned, family.pad_id)
+        position_ids = short.pop("position_ids").permute(2, 0, 1)
+        mask = short.get("attention_mask")
+        real = mask.sum(dim=1) if mask is not None else torch.full((short_ids.shape[0],), short_ids.shape[1])
+        # what the model caches for decoding without position_ids: next position = real tokens so far + delta
+        base.rope_deltas = (position_ids.amax(dim=(0, 2)) + 1 - real.to(position_ids.device))[:, None]
+        encoded = {**(kwargs.get("mm_encoder_outputs") or {}), "image": out}
+        rest = {name: value for name, value in kwargs.items() if name != "pixel_values"}
+        return {**rest, key: short_ids, **short, "position_ids": position_ids, "mm_encoder_outputs": encoded}
+
+    @staticmethod
+    def _prompt_ids(kwargs: dict, key: str) -> Tensor:
+        input_ids = kwargs.get(key)
+        if input_ids is None:
+            raise InvalidConfigError("vistok shortens the image placeholders in input_ids; with inputs_embeds "
+                                     "only, build the embeddings from the shortened prompt yourself "
+                                     "(handle.encode gives the compressed visual tokens)")
+        return input_ids
+
+    @staticmethod
+    def _refuse_position_ids(kwargs: dict) -> None:
+        if kwargs.get("position_ids") is not None:
+            raise InvalidConfigError("position_ids were given for the full prompt; vistok shortens the prompt, so "
+                                     "let the model number the positions (pass no position_ids)")
+
     def _count_units(self, kwargs: dict) -> tuple[int, int] | None:
         """(units, placeholders the features fill) for this call's images, ``None`` without images."""
         pixel_values = kwargs.get("pixel_values")
@@ -232,24 +340,20 @@ class VisionLLMHandle:
 
     def _shorten(self, kwargs: dict, key: str) -> dict | None:
         """``kwargs`` with the prompt under ``key`` (and its aligned tensors) shortened; ``None`` if unchanged."""
+        if self.family.positions_follow_tokens:
+            return self._shorten_following_positions(kwargs, key)
         counted = self._count_units(kwargs)
         if counted is None:
             return None
         units, features = counted
-        input_ids = kwargs.get(key)
-        if input_ids is None:
-            raise InvalidConfigError("vistok shortens the image placeholders in input_ids; with inputs_embeds "
-                                     "only, build the embeddings from the shortened prompt yourself "
-                                     f"(handle.tokens_per_unit placeholders per {self.family.unit})")
+        input_ids = self._prompt_ids(kwargs, key)
         if int((input_ids == self.family.placeholder_id).sum()) == features:
             return None  # the prompt already matches the features it will be given
         keep = placeholder_keep_mask(input_ids, self.family.placeholder_id, self.family.per_unit,
                                      self.tokens_per_unit, units)
         if keep is None:
             return None
-        if kwargs.get("position_ids") is not None:
-            raise InvalidConfigError("position_ids were given for the full prompt; vistok shortens the prompt, so "
-                                     "let the model number the positions (pass no position_ids)")
+        self._refuse_position_ids(kwargs)
         aligned = {name: kwargs[name] for name in ALIGNED if isinstance(kwargs.get(name), Tensor)}
         short_ids, short_aligned = shorten_prompt(input_ids, keep, aligned, self.family.pad_id)
         return {**kwargs, key: short_ids, **short_aligned}
@@ -273,8 +377,10 @@ class VisionLLMHandle:
 
     def __repr__(self) -> str:
         state = "active" if self.active else "removed"
-        return (f"VisionLLMHandle({type(self.model).__name__}, {self.config!r}, {self.tokens_per_unit} of "
-                f"{self.family.per_unit} tokens per {self.family.unit}, {state})")
+        of = "" if self.family.positions_follow_tokens else f" of {self.family.per_unit}"
+        budget = self.tokens_per_unit if self.tokens_per_unit is not None else f"{self.config.keep:g} of the"
+        return (f"VisionLLMHandle({type(self.model).__name__}, {self.config!r}, {budget}{of} tokens per "
+                f"{self.family.unit}, {state})")
 
 
 def patch_vision_llm(model: nn.Module, config: MethodConfig, family: type[VisionLLMFamily]) -> VisionLLMHandle:
@@ -297,6 +403,9 @@ def patch_vision_llm(model: nn.Module, config: MethodConfig, family: type[Vision
     if boundary.uses_class_attention and not facts.has_class_token:
         raise InvalidConfigError(f"dominant needs a class token; {type(model).__name__}'s vision tower has none "
                                  "(use merge_to_budget, pool or random_select)")
+    if in_tower and facts.positions_follow_tokens:
+        raise InvalidConfigError(f"in-tower methods are not supported on {type(model).__name__}: its vision tower "
+                                 "packs images of different sizes into one sequence; use a boundary method alone")
     tower_handle = None
     if in_tower:
         tower_handle = patch(family.tower(model), in_tower[0] if len(in_tower) == 1 else ComposedConfig(

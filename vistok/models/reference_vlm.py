@@ -39,7 +39,12 @@ class ReferenceVisionTower(nn.Module):
     out as one ``(tiles * cell)``-square grid over the image, row-major; in front, the mean of the crops' class
     tokens. It returns what ``CLIPVisionModel`` returns to LLaVA: a ``BaseModelOutputWithPooling`` whose
     ``hidden_states`` are the embeddings and every block's output in that layout, ``[B, 1 + (tiles * cell) ** 2,
-    D]``. The ViT's own modules run unchanged."""
+    D]``. The ViT's own modules run unchanged.
+
+    Every crop is encoded alone, so the ViT's position embeddings say where a token sits in its crop but not which
+    crop it is in; a learned ``grid_position`` ``[(tiles * cell) ** 2, D]`` (zero at first: the tower is then the
+    ViT's features alone) is added to the grid tokens of every laid-out state, so a token keeps its place in the
+    image through compression (a merged token carries its members' mean place)."""
 
     def __init__(self, vit: nn.Module, tiles: int = TILES, cell: int = CELL) -> None:
         super().__init__()
@@ -48,6 +53,7 @@ class ReferenceVisionTower(nn.Module):
         self.cell = cell
         self.crop_grid = tuple(vit.patch_embed.grid_size)
         self.token_grid = (tiles * cell, tiles * cell)
+        self.grid_position = nn.Parameter(torch.zeros((tiles * cell) ** 2, vit.embed_dim))
 
     def _laid_out(self, x: Tensor) -> Tensor:
         """``[B * tiles^2, 1 + rows * cols, D]`` crop tokens -> ``[B, 1 + (tiles * cell)^2, D]``."""
@@ -55,7 +61,7 @@ class ReferenceVisionTower(nn.Module):
         rows, cols = self.crop_grid
         patches = rearrange(x[:, prefix:], "n (h w) d -> n d h w", h=rows, w=cols)
         pooled = F.adaptive_avg_pool2d(patches, self.cell)
-        grid = rearrange(pooled, "(b i j) d h w -> b (i h j w) d", i=self.tiles, j=self.tiles)
+        grid = rearrange(pooled, "(b i j) d h w -> b (i h j w) d", i=self.tiles, j=self.tiles) + self.grid_position
         cls = rearrange(x[:, :1], "(b n) 1 d -> b n d", n=self.tiles * self.tiles).mean(dim=1, keepdim=True)
         return torch.cat([cls, grid], dim=1)
 
@@ -79,7 +85,9 @@ class ReferenceVisionTower(nn.Module):
         token over the pooled tokens)."""
         produced_by = feature_layer % len(hidden_states) - 1
         block = self.vit.blocks[produced_by]
-        h = block.norm1(hidden_states[produced_by])
+        states = hidden_states[produced_by]
+        states = torch.cat([states[:, :1], states[:, 1:] - self.grid_position], dim=1)  # the block's own input
+        h = block.norm1(states)
         attention = block.attn
         batch, n, _ = h.shape
         qkv = attention.qkv(h).reshape(batch, n, 3, attention.num_heads, -1).transpose(1, 3)  # [B, H, 3, N, d]
@@ -111,10 +119,13 @@ def _add_lora(language_model: nn.Module, rank: int) -> None:
 
 
 def trained_state(model: nn.Module) -> dict[str, Tensor]:
-    """The tensors training changes (the projector and the LoRA adapters): what ``models/vistok_vlm_fmnist``
-    ships."""
-    return {name: value.detach().contiguous() for name, value in model.state_dict().items()
-            if "multi_modal_projector" in name or ".lora_" in name}
+    """The tensors training changes (the tower's grid positions, the projector and the LoRA adapters): what
+    ``models/vistok_vlm_fmnist`` ships."""
+    return {name: value.detach().contiguous() for name, value in model.state_dict().items() if _is_trained(name)}
+
+
+def _is_trained(name: str) -> bool:
+    return "multi_modal_projector" in name or ".lora_" in name or name.endswith("vision_tower.grid_position")
 
 
 def create_reference_vlm(pretrained: bool = False, lora_rank: int = 8, checkpoint: str | Path | None = None,
@@ -160,7 +171,7 @@ def create_reference_vlm(pretrained: bool = False, lora_rank: int = 8, checkpoin
     model.lm_head = llm.lm_head
     _add_lora(model.model.language_model, lora_rank)
     for name, parameter in model.named_parameters():
-        parameter.requires_grad_("multi_modal_projector" in name or ".lora_" in name)
+        parameter.requires_grad_(_is_trained(name))
     if pretrained or checkpoint is not None:
         _load_trained(model, Path(checkpoint) if checkpoint is not None else reference_checkpoint(VLM_NAME))
     return model.eval(), tokenizer

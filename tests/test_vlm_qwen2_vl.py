@@ -1,0 +1,192 @@
+"""vistok.patch on Hugging Face Qwen2-VL and Qwen2.5-VL (tiny random configs): images of different sizes, each
+compressed to its own budget; the 3-D rotary positions of every kept token are the ones it had in the full
+prompt, and so are the positions of the text after it and of every decoded token. The reference: the unpatched
+model on the full prompt with the dropped placeholders masked out of attention, the kept ones carrying the
+compressed features, positions from its own ``get_rope_index``."""
+
+import copy
+
+import pytest
+import torch
+
+import vistok
+from vistok import InputShapeError, InvalidConfigError
+
+transformers = pytest.importorskip("transformers")
+
+IMAGE, VIDEO, START, END = 90, 91, 92, 93
+GRIDS = ((1, 4, 6), (1, 4, 4))  # two images: 6 and 4 visual tokens after the 2 x 2 merge
+METHODS = ["merge_to_budget", "pool", "random_select"]
+TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            vocab_size=100, pad_token_id=0,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [1, 1, 2]})
+
+
+def tiny_qwen(version="2", seed=0):
+    torch.manual_seed(seed)
+    ids = dict(image_token_id=IMAGE, video_token_id=VIDEO, vision_start_token_id=START, vision_end_token_id=END)
+    common = dict(depth=2, num_heads=2, patch_size=4, spatial_merge_size=2, temporal_patch_size=2, in_channels=3)
+    if version == "2":
+        config = transformers.Qwen2VLConfig(vision_config=dict(embed_dim=32, hidden_size=32, mlp_ratio=2, **common),
+                                            text_config=TEXT, **ids)
+        return transformers.Qwen2VLForConditionalGeneration(config).eval()
+    vision = dict(hidden_size=32, intermediate_size=64, out_hidden_size=32, window_size=16, fullatt_block_indexes=[1],
+                  **common)
+    config = transformers.Qwen2_5_VLConfig(vision_config=vision, text_config=TEXT, **ids)
+    return transformers.Qwen2_5_VLForConditionalGeneration(config).eval()
+
+
+def inputs(grids=GRIDS, seed=0, placeholders=None):
+    """What the processor gives: flat patches, the grids, a left-padded prompt with one run of placeholders per
+    image (``placeholders``: how many, default the image's merged tokens), token types and the mask."""
+    generator = torch.Generator().manual_seed(seed)
+    grid = torch.tensor(grids)
+    pixels = torch.randn(int(grid.prod(-1).sum()), 3 * 2 * 4 * 4, generator=generator)
+    rows = []
+    for index, (t, h, w) in enumerate(grids):
+        count = t * h * w // 4 if placeholders is None else placeholders
+        rows.append([1, 5 + index, START] + [IMAGE] * count + [END, 7, 8, 9])
+    width = max(map(len, rows))
+    ids = torch.tensor([[0] * (width - len(r)) + r for r in rows])
+    return dict(input_ids=ids, attention_mask=(ids != 0).long(), mm_token_type_ids=(ids == IMAGE).long(),
+                pixel_values=pixels, image_grid_thw=grid)
+
+
+def unpatched_reference(model, x, kept, features):
+    """The unpatched model on the full prompt: the placeholders of ``kept[i]`` (image i's kept token indices) carry
+    ``features[i]``, the other placeholders are masked out; positions from the model's own get_rope_index."""
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+    with torch.no_grad():
+        full = model.model.get_image_features(x["pixel_values"], x["image_grid_thw"]).pooler_output
+        positions, _ = model.model.get_rope_index(x["input_ids"], x["mm_token_type_ids"], x["image_grid_thw"],
+                                                  attention_mask=x["attention_mask"])
+    mask = x["attention_mask"].clone()
+    image = 0
+    filled = []
+    for row in range(x["input_ids"].shape[0]):
+        where = torch.nonzero(x["input_ids"][row] == IMAGE).squeeze(1)
+        drop = torch.ones(len(where), dtype=torch.bool)
+        drop[kept[image]] = False
+        mask[row, where[drop]] = 0
+        values = full[image].clone()
+        values[kept[image]] = features[image]
+        filled.append(values)
+        image += 1
+    encoded = {"image": BaseModelOutputWithPooling(pooler_output=tuple(filled))}
+    return dict(input_ids=x["input_ids"], attention_mask=mask, position_ids=positions, mm_encoder_outputs=encoded)
+
+
+def kept_tokens(handle, x):
+    """Each image's kept token indices and compressed features, encoded one image at a time."""
+    kept, features, start = [], [], 0
+    for t, h, w in x["image_grid_thw"].tolist():
+        pixels = x["pixel_values"][start: start + t * h * w]
+        start += t * h * w
+        encoded = handle.encode(pixels, image_grid_thw=torch.tensor([[t, h, w]]))
+        kept.append(encoded.grid_positions[0, :, 0] * (w // 2) + encoded.grid_positions[0, :, 1])
+        features.append(encoded.tokens[0])
+    return kept, features
+
+
+@pytest.mark.parametrize("version", ["2", "2.5"])
+@pytest.mark.parametrize("method", METHODS)
+def test_keep_everything_is_the_unpatched_model(version, method):
+    model = tiny_qwen(version)
+    x = inputs()
+    with torch.no_grad():
+        expected = model(**x).logits
+        generated = model.generate(**x, max_new_tokens=4, do_sample=False)
+        with vistok.patch(model, method, keep=1.0):
+            assert (model(**x).logits - expected).abs().max() <= 1e-4
+            assert torch.equal(model.generate(**x, max_new_tokens=4, do_sample=False), generated)
+
+
+@pytest.mark.parametrize("version", ["2", "2.5"])
+@pytest.mark.parametrize("method", METHODS)
+def test_kept_tokens_keep_their_positions_through_forward_and_generate(version, method):
+    """The patched model equals the unpatched one with the dropped placeholders masked and the kept ones holding
+    the compressed tokens, at every real position of the shortened prompt and for every decoded token."""
+    model = tiny_qwen(version)
+    x = inputs()
+    with torch.no_grad(), vistok.patch(model, method, tokens=2) as handle:
+        kept, features = kept_tokens(handle, x)
+        logits = model(**x).logits
+        generated = model.generate(**x, max_new_tokens=5, do_sample=False)
+    assert [len(k) for k in kept] == [2, 2] and all(bool((k.diff() > 0).all()) for k in kept)
+    reference = unpatched_reference(model, x, kept, features)
+    with torch.no_grad():
+        expected = model(**reference).logits
+        expected_generated = model.generate(**reference, max_new_tokens=5, do_sample=False)
+    assert logits.shape[1] == x["input_ids"].shape[1] - 4  # 6 -> 2 and 4 -> 2 placeholders; rows re-padded
+    for row in range(2):
+        real = reference["attention_mask"][row].bool()
+        short = logits[row, -int(real.sum()):]
+        assert (short - expected[row, real]).abs().max() <= 1e-4
+    assert torch.equal(generated[:, x["input_ids"].shape[1]:], expected_generated[:, x["input_ids"].shape[1]:])
+    assert torch.equal(generated[:, : x["input_ids"].shape[1]], x["input_ids"])  # the caller's prompt comes back
+
+
+def test_decoding_from_the_cache_continues_the_unpatched_positions():
+    """A hand-written greedy loop (forward with a cache and no position_ids) continues from the rope deltas the
+    patched prefill left, as generate does."""
+    model = tiny_qwen()
+    x = inputs(grids=GRIDS[:1])  # one unpadded row: the loop needs no attention mask
+    with torch.no_grad(), vistok.patch(model, "merge_to_budget", tokens=2):
+        expected = model.generate(**x, max_new_tokens=3, do_sample=False)[:, x["input_ids"].shape[1]:]
+        out = model(**x, use_cache=True)
+        cache, tokens = out.cache, [out.logits[:, -1].argmax(-1)]
+        for _ in range(2):
+            out = model(input_ids=tokens[-1][:, None], cache=cache, use_cache=True)
+            cache = out.cache
+            tokens.append(out.logits[:, -1].argmax(-1))
+    assert torch.equal(torch.stack(tokens, dim=1), expected)
+
+
+def test_images_of_different_sizes_get_their_own_fraction():
+    model = tiny_qwen()
+    x = inputs()
+    with torch.no_grad(), vistok.patch(model, "merge_to_budget", keep=0.5) as handle:
+        assert handle.tokens_per_unit is None and "0.5 of the tokens per image" in repr(handle)
+        logits = model(**x).logits
+        with pytest.raises(InvalidConfigError, match="images of one size at a time"):
+            handle.encode(x["pixel_values"], image_grid_thw=x["image_grid_thw"])
+        kept, _ = kept_tokens(handle, x)
+    assert [len(k) for k in kept] == [3, 2]  # half of 6, half of 4
+    assert logits.shape[1] == x["input_ids"].shape[1] - 3  # rows of 13 and 11 real tokens become 10 and 9
+
+
+def test_copies_and_removal():
+    model = tiny_qwen()
+    x = inputs()
+    with torch.no_grad():
+        expected = model(**x).logits
+        handle = vistok.patch(model, "merge_to_budget", tokens=2)
+        twin = copy.deepcopy(model)
+        short = model(**x).logits
+        assert torch.equal(twin(**x).logits, short)
+        handle.remove()
+        assert (model(**x).logits - expected).abs().max() == 0
+        assert vistok.get_handle(twin).active
+
+
+def test_bad_inputs_and_refusals():
+    model = tiny_qwen()
+    x = inputs()
+    with vistok.patch(model, "merge_to_budget", tokens=2), torch.no_grad():
+        with pytest.raises(InputShapeError, match=r"images of \[6, 4\] features: vistok needs the processor's full"):
+            model(**inputs(placeholders=2))
+        with pytest.raises(InvalidConfigError, match="mm_token_type_ids"):
+            model(**{k: v for k, v in x.items() if k != "mm_token_type_ids"})
+        with pytest.raises(InvalidConfigError, match="position_ids"):
+            model(**x, position_ids=torch.zeros(3, *x["input_ids"].shape, dtype=torch.long))
+        with pytest.raises(InputShapeError, match="image_grid_thw"):
+            model(**{k: v for k, v in x.items() if k != "image_grid_thw"})
+    with vistok.patch(model, "merge_to_budget", tokens=5), pytest.raises(InvalidConfigError,
+                                                                          match="tokens=5 is more than the 4"):
+        model(**x)
+    with pytest.raises(InvalidConfigError, match="dominant needs a class token"):
+        vistok.patch(model, "dominant", tokens=2)
+    with pytest.raises(InvalidConfigError, match="in-tower methods are not supported on Qwen2VL"):
+        vistok.patch(model, [("merge", {"r": 2}), ("merge_to_budget", {"tokens": 2})])
+    assert vistok.get_handle(model) is None
