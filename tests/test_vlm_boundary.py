@@ -123,6 +123,35 @@ def test_prompt_shortening_keeps_each_images_first_placeholders_and_repads():
         placeholder_keep_mask(broken, image, 4, 2, num_images=3)
 
 
+def test_in_patch_order_sorts_tokens_by_their_first_patch():
+    """VisionZip's contextual tokens come after the dominant ones; in patch order every token sits where its first
+    member is, each still the mean of the same members."""
+    from vistok.adapters.budget import in_patch_order
+
+    x = tokens()
+    scores = torch.rand(3, 24, generator=torch.Generator().manual_seed(1))
+    result = select_dominant(x, scores, 8, contextual=3)
+    ordered = in_patch_order(result)
+    first = ordered.positions()
+    assert bool((first[:, 1:] > first[:, :-1]).all()) and not torch.equal(result.positions(), first)
+    assert_groups_are_means(x, ordered)
+    assert torch.equal(ordered.positions().sort(dim=1).values, result.positions().sort(dim=1).values)
+
+
+def test_prompt_shortening_with_a_budget_per_image_and_chosen_slots():
+    """Images of different sizes (Qwen2-VL): each run keeps its own budget, at the slots given."""
+    image = 9
+    rows = torch.tensor([[1, image, image, image, image, image, image, 7, image, image, image, image, 8]])
+    keep = placeholder_keep_mask(rows, image, [6, 4], [3, 2], 2, kept=[torch.tensor([0, 2, 5]), torch.tensor([1, 3])])
+    assert rows[keep].tolist() == [1, image, image, image, 7, image, image, 8]
+    assert keep[0].nonzero().squeeze(1).tolist() == [0, 1, 3, 6, 7, 9, 11, 12]
+    assert placeholder_keep_mask(rows, image, [6, 4], [6, 4], 2) is None
+    with pytest.raises(InputShapeError, match=r"10 image placeholder tokens .* \[5, 4\] for the images .* or \[3, 2\]"):
+        placeholder_keep_mask(rows, image, [5, 4], [3, 2], 2)
+    with pytest.raises(InputShapeError, match="not a multiple of whole images"):
+        placeholder_keep_mask(rows, image, [4, 6], [3, 2], 2)
+
+
 def test_merge_to_budget_on_a_ragged_set_is_each_row_alone():
     """After an adaptive in-tower method: padding is never merged nor returned, sizes carry over, and a padded row
     gives exactly what the row's real tokens give on their own."""
