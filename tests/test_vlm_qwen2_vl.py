@@ -36,9 +36,10 @@ def tiny_qwen(version="2", seed=0):
     return transformers.Qwen2_5_VLForConditionalGeneration(config).eval()
 
 
-def inputs(grids=GRIDS, seed=0, placeholders=None):
+def inputs(grids=GRIDS, seed=0, placeholders=None, video=None):
     """What the processor gives: flat patches, the grids, a left-padded prompt with one run of placeholders per
-    image (``placeholders``: how many, default the image's merged tokens), token types and the mask."""
+    image (``placeholders``: how many, default the image's merged tokens), token types and the mask; with
+    ``video`` (a (t, h, w) grid), a video after the first row's image."""
     generator = torch.Generator().manual_seed(seed)
     grid = torch.tensor(grids)
     pixels = torch.randn(int(grid.prod(-1).sum()), 3 * 2 * 4 * 4, generator=generator)
@@ -46,10 +47,16 @@ def inputs(grids=GRIDS, seed=0, placeholders=None):
     for index, (t, h, w) in enumerate(grids):
         count = t * h * w // 4 if placeholders is None else placeholders
         rows.append([1, 5 + index, START] + [IMAGE] * count + [END, 7, 8, 9])
+    extra = {}
+    if video is not None:
+        rows[0][-3:-3] = [START] + [VIDEO] * (video[0] * video[1] * video[2] // 4) + [END]
+        extra = dict(pixel_values_videos=torch.randn(video[0] * video[1] * video[2], 3 * 2 * 4 * 4,
+                                                     generator=generator), video_grid_thw=torch.tensor([video]))
     width = max(map(len, rows))
     ids = torch.tensor([[0] * (width - len(r)) + r for r in rows])
-    return dict(input_ids=ids, attention_mask=(ids != 0).long(), mm_token_type_ids=(ids == IMAGE).long(),
-                pixel_values=pixels, image_grid_thw=grid)
+    types = (ids == IMAGE).long() + 2 * (ids == VIDEO).long()
+    return dict(input_ids=ids, attention_mask=(ids != 0).long(), mm_token_type_ids=types, pixel_values=pixels,
+                image_grid_thw=grid, **extra)
 
 
 def unpatched_reference(model, x, kept, features):
@@ -60,7 +67,7 @@ def unpatched_reference(model, x, kept, features):
     with torch.no_grad():
         full = model.model.get_image_features(x["pixel_values"], x["image_grid_thw"]).pooler_output
         positions, _ = model.model.get_rope_index(x["input_ids"], x["mm_token_type_ids"], x["image_grid_thw"],
-                                                  attention_mask=x["attention_mask"])
+                                                  x.get("video_grid_thw"), attention_mask=x["attention_mask"])
     mask = x["attention_mask"].clone()
     image = 0
     filled = []
@@ -74,6 +81,9 @@ def unpatched_reference(model, x, kept, features):
         filled.append(values)
         image += 1
     encoded = {"image": BaseModelOutputWithPooling(pooler_output=tuple(filled))}
+    if "pixel_values_videos" in x:
+        with torch.no_grad():
+            encoded["video"] = model.model.get_video_features(x["pixel_values_videos"], x["video_grid_thw"])
     return dict(input_ids=x["input_ids"], attention_mask=mask, position_ids=positions, mm_encoder_outputs=encoded)
 
 
@@ -125,6 +135,25 @@ def test_kept_tokens_keep_their_positions_through_forward_and_generate(version, 
         assert (short - expected[row, real]).abs().max() <= 1e-4
     assert torch.equal(generated[:, x["input_ids"].shape[1]:], expected_generated[:, x["input_ids"].shape[1]:])
     assert torch.equal(generated[:, : x["input_ids"].shape[1]], x["input_ids"])  # the caller's prompt comes back
+
+
+def test_a_video_in_the_prompt_keeps_its_tokens_and_positions():
+    """Videos pass through uncompressed; the images around them are compressed and every position (the video's
+    3-D ones included) is the unpatched model's."""
+    model = tiny_qwen()
+    x = inputs(video=(2, 4, 4))
+    with torch.no_grad(), vistok.patch(model, "merge_to_budget", tokens=2) as handle:
+        kept, features = kept_tokens(handle, x)
+        logits = model(**x).logits
+        generated = model.generate(**x, max_new_tokens=4, do_sample=False)
+    reference = unpatched_reference(model, x, kept, features)
+    with torch.no_grad():
+        expected = model(**reference).logits
+        expected_generated = model.generate(**reference, max_new_tokens=4, do_sample=False)
+    for row in range(2):
+        real = reference["attention_mask"][row].bool()
+        assert (logits[row, -int(real.sum()):] - expected[row, real]).abs().max() <= 1e-4
+    assert torch.equal(generated, expected_generated)
 
 
 def test_decoding_from_the_cache_continues_the_unpatched_positions():

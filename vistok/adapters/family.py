@@ -81,6 +81,14 @@ class VisionLLMFamily(ABC):
         """The patch grid of each unit in a call with images (``kwargs["pixel_values"]``)."""
         return [self.grid] * self.count_units(kwargs["pixel_values"])
 
+    # the inputs that go in encoded (``mm_encoder_outputs``) when the images do (``positions_follow_tokens``)
+    encoded_inputs: ClassVar[tuple[str, ...]] = ("pixel_values",)
+
+    def other_encodings(self, base: nn.Module, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """The call's other modalities encoded by the model's own encoders, unchanged (``mm_encoder_outputs``
+        entries), for a call whose images vistok encodes before the forward."""
+        return {}
+
     def prompt_positions(self, base: nn.Module, input_ids: Tensor, kwargs: dict[str, Any]) -> Tensor:
         """The model's own positions of the full prompt (``positions_follow_tokens`` families)."""
         raise NotImplementedError(f"{type(self).__name__}'s positions do not follow the kept tokens")

@@ -63,6 +63,15 @@ class Qwen2VLFamily(VisionLLMFamily):
             grids.append((h // self.merge, w // self.merge))
         return grids
 
+    encoded_inputs = ("pixel_values", "pixel_values_videos")
+
+    def other_encodings(self, base: nn.Module, kwargs: dict[str, Any]) -> dict[str, Any]:
+        if kwargs.get("pixel_values_videos") is None:
+            return {}
+        videos = type(base).get_video_features(base, kwargs["pixel_values_videos"], kwargs.get("video_grid_thw"),
+                                               return_dict=True)
+        return {"video": videos}
+
     def prompt_positions(self, base: nn.Module, input_ids: Tensor, kwargs: dict[str, Any]) -> Tensor:
         """``[3, B, L]``: ``get_rope_index`` on the full prompt, with the call's grids, token types and mask."""
         if kwargs.get("mm_token_type_ids") is None:

@@ -307,8 +307,8 @@ class VisionLLMHandle:
         real = mask.sum(dim=1) if mask is not None else torch.full((short_ids.shape[0],), short_ids.shape[1])
         # what the model caches for decoding without position_ids: next position = real tokens so far + delta
         base.rope_deltas = (position_ids.amax(dim=(0, 2)) + 1 - real.to(position_ids.device))[:, None]
-        encoded = {**(kwargs.get("mm_encoder_outputs") or {}), "image": out}
-        rest = {name: value for name, value in kwargs.items() if name != "pixel_values"}
+        encoded = {**(kwargs.get("mm_encoder_outputs") or {}), "image": out, **family.other_encodings(base, kwargs)}
+        rest = {name: value for name, value in kwargs.items() if name not in family.encoded_inputs}
         return {**rest, key: short_ids, **short, "position_ids": position_ids, "mm_encoder_outputs": encoded}
 
     @staticmethod
