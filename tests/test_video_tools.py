@@ -148,3 +148,25 @@ def test_clip_overlay_draws_tokens_on_every_frame(tmp_path):
         save_clip_overlay(tmp_path / "x.png", clip[1].transpose(0, 1), {"merge": merged}, tubelet_frames=1)
     with pytest.raises(vistok.InputShapeError, match=r"one clip \[T, C, H, W\]"):
         save_clip_overlay(tmp_path / "x.png", clip, {"merge": merged})
+
+
+def test_the_merge_tuned_video_model_runs_merged_on_the_committed_sample(tmp_path):
+    """models/vistok_video_vit_fmnist_merge, loaded by name, evaluated as it was tuned (merge r=33, 0.48x GFLOPs)
+    on the committed sample's 8 test clips: its weights are its own and it classifies the clips."""
+    from safetensors.torch import load_file
+
+    from vistok.models import reference_checkpoint
+
+    tuned = load_file(str(reference_checkpoint("vistok_video_vit_fmnist_merge")))
+    base = load_file(str(reference_checkpoint("vistok_video_vit_fmnist")))
+    assert set(tuned) == set(base) and not torch.equal(tuned["blocks.5.attn.qkv.weight"],
+                                                       base["blocks.5.attn.qkv.weight"])
+    out = tmp_path / "result.json"
+    argv = ["--config", str(ROOT / "configs" / "eval_fmnist_video.yaml"), "--json", str(out),
+            "model=vistok_video_vit_fmnist_merge", f"data.root={ROOT / 'data' / 'fmnist_clips_sample'}",
+            "data.workers=0", "method=merge", "method_options.r=33", "eval.batch_size=8", "eval.flops_images=2",
+            "eval.throughput_batch=2", "eval.throughput_runs=1"]
+    assert load_tool("eval").main(argv) == 0
+    result = json.loads(out.read_text())
+    assert result["images"] == 8 and result["top1"] >= 75.0  # chance is 12.5 %
+    assert result["gflops"] < 0.5 and result["tokens_per_block"][-1] == 21
