@@ -219,3 +219,30 @@ def test_bad_inputs_and_refusals():
     with pytest.raises(InvalidConfigError, match="in-tower methods are not supported on Qwen2VL"):
         vistok.patch(model, [("merge", {"r": 2}), ("merge_to_budget", {"tokens": 2})])
     assert vistok.get_handle(model) is None
+
+
+def test_rows_that_lose_different_counts_are_padded_where_decoding_needs():
+    """Two unpadded rows of one length whose images lose 4 and 2 placeholders: vistok pads the shorter row on the
+    left (and makes the mask when none was given), so forward, generate and several returned sequences per
+    prompt equal the unpatched reference."""
+    model = tiny_qwen()
+    x = inputs()
+    ids = x["input_ids"].clone()
+    ids[1] = torch.tensor([1, 6, 11, 12, START] + [IMAGE] * 4 + [END, 7, 8, 9])  # text where the padding was
+    x.update(input_ids=ids, attention_mask=torch.ones_like(ids), mm_token_type_ids=(ids == IMAGE).long())
+    length = ids.shape[1]
+    beams = dict(max_new_tokens=3, num_beams=2, num_return_sequences=2, do_sample=False)
+    with torch.no_grad(), vistok.patch(model, "merge_to_budget", tokens=2) as handle:
+        kept, features = kept_tokens(handle, x)
+        generated = model.generate(**x, max_new_tokens=5, do_sample=False)
+        unmasked = model(**{k: v for k, v in x.items() if k != "attention_mask"}).logits[:, -1]
+        several = model.generate(**x, **beams)
+    reference = unpatched_reference(model, x, kept, features)
+    with torch.no_grad():
+        expected = model.generate(**reference, max_new_tokens=5, do_sample=False)
+        expected_last = model(**reference).logits[:, -1]
+        expected_several = model.generate(**reference, **beams)
+    assert torch.equal(generated[:, length:], expected[:, length:])
+    assert (unmasked - expected_last).abs().max() <= 1e-4
+    assert several.shape[0] == 4 and torch.equal(several[:, :length], ids.repeat_interleave(2, dim=0))
+    assert torch.equal(several[:, length:], expected_several[:, length:])

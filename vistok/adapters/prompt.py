@@ -69,17 +69,19 @@ def placeholder_keep_mask(input_ids: Tensor, placeholder_id: int, per_image: int
 
 
 def _padding_side(attention_mask: Tensor | None) -> str:
-    if attention_mask is not None and bool((attention_mask[:, 0] == 0).any()) and bool(
-            (attention_mask[:, -1] == 1).all()):
-        return "left"
-    return "right"
+    """Right only where the caller padded on the right; otherwise (left padding, or none) left, as decoding needs."""
+    if attention_mask is not None and bool((attention_mask[:, -1] == 0).any()) and bool(
+            (attention_mask[:, 0] == 1).all()):
+        return "right"
+    return "left"
 
 
 def shorten_prompt(input_ids: Tensor, keep: Tensor, aligned: Mapping[str, Tensor], pad_id: int
                    ) -> tuple[Tensor, dict[str, Tensor]]:
     """``input_ids`` and every ``aligned`` ``[B, L]`` tensor at the ``keep`` positions that are not padding (0 in
-    ``aligned["attention_mask"]``), rows re-padded to the longest on the side the attention mask pads (left or
-    right) with ``pad_id`` / 0 in the mask / -100 in labels.
+    ``aligned["attention_mask"]``), rows re-padded to the longest with ``pad_id`` / 0 in the mask / -100 in labels:
+    on the right where the caller padded on the right, else on the left (where generation appends). Rows that
+    come out of different lengths get an ``attention_mask`` even if none was given.
     """
     for name, tensor in aligned.items():
         if tensor.shape[:2] != input_ids.shape:
@@ -89,7 +91,10 @@ def shorten_prompt(input_ids: Tensor, keep: Tensor, aligned: Mapping[str, Tensor
     side = _padding_side(mask)
     if mask is not None:  # the old padding goes too: rows are re-padded to the new longest
         keep = keep & mask.bool()
-    width = int(keep.sum(dim=1).max())
+    lengths = keep.sum(dim=1)
+    width = int(lengths.max())
+    if mask is None and bool((lengths < width).any()):  # padding appears: the model must be told
+        aligned = {**aligned, "attention_mask": torch.ones_like(input_ids)}
     tensors = {"input_ids": input_ids, **aligned}
     pads = {"input_ids": pad_id, **{name: PAD_VALUES.get(name, 0) for name in aligned}}
     out = {}

@@ -139,17 +139,31 @@ class _ShortPromptGenerate:
         kwargs = _as_keywords(type(model).generate, args, kwargs)
         key = "inputs" if kwargs.get("inputs") is not None else "input_ids"
         original = kwargs.get(key)
+        if isinstance(original, Tensor) and kwargs.get("attention_mask") is None:
+            kwargs["attention_mask"] = _generation_mask(model, original)  # shortening may add padding
         shortened = self.handle._shorten(kwargs, key)
         if shortened is None:
             return type(model).generate(model, **kwargs)
         out = type(model).generate(model, **shortened)
         prompt_length = shortened[key].shape[1]
         sequences = out if isinstance(out, Tensor) else out.sequences
-        restored = torch.cat([original.to(sequences.device), sequences[:, prompt_length:]], dim=1)
+        prompts = original.to(sequences.device).repeat_interleave(sequences.shape[0] // original.shape[0], dim=0)
+        restored = torch.cat([prompts, sequences[:, prompt_length:]], dim=1)
         if isinstance(out, Tensor):
             return restored
         out.sequences = restored
         return out
+
+
+def _generation_mask(model: nn.Module, input_ids: Tensor) -> Tensor:
+    """The attention mask ``generate`` infers when none is given: padding where the pad token is (unless it is
+    also the end token), else all ones."""
+    config = getattr(model, "generation_config", None)
+    pad, eos = getattr(config, "pad_token_id", None), getattr(config, "eos_token_id", None)
+    ends = eos if isinstance(eos, (list, tuple)) else [eos]
+    if pad is not None and pad not in ends and bool((input_ids == pad).any()):
+        return (input_ids != pad).long()
+    return torch.ones_like(input_ids)
 
 
 class VisionLLMHandle:
