@@ -59,13 +59,14 @@ def answer_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
 def batch_method(step: int, seed: int, share: float, methods: list[str], tokens: list[int]) -> tuple | None:
     """``(method, options)`` the batch of ``step`` is seen through, or ``None`` (all visual tokens)."""
-    rng = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    step_seed = seed * 1_000_003 + step
+    rng = torch.Generator().manual_seed(step_seed)
     if float(torch.rand((), generator=rng)) >= share:
         return None
     method = methods[int(torch.randint(len(methods), (), generator=rng))]
     options = {"tokens": tokens[int(torch.randint(len(tokens), (), generator=rng))]}
     if method == "random_select":
-        options["seed"] = seed * 1_000_003 + step
+        options["seed"] = step_seed
     return method, options
 
 

@@ -45,6 +45,7 @@ class Qwen2VLFamily(VisionLLMFamily):
         if not hasattr(model.model, "get_rope_index"):
             raise UnsupportedModelError(f"{type(model).__name__} has no get_rope_index: not the Qwen2-VL vistok knows")
         pad_id = getattr(config.text_config, "pad_token_id", None)
+        # grid (0, 0): no grid for every image; each image's comes from the call (unit_grids)
         return cls(config.image_token_id, (0, 0), 0, False, 0 if pad_id is None else int(pad_id), merge)
 
     @staticmethod
