@@ -1,6 +1,12 @@
 """What a vision-LLM family must tell vistok's boundary, as one small interface; each family's facts live in
-its own module (:mod:`.llava`, :mod:`.idefics3`). A *unit* is what one budget applies to: an image for LLaVA,
-a tile for Idefics3 / SmolVLM."""
+its own module (:mod:`.llava`, :mod:`.idefics3`, :mod:`.qwen2_vl`, :mod:`.llava_onevision`). A *unit* is what one
+budget applies to: an image for LLaVA and Qwen2-VL, a tile for Idefics3 / SmolVLM, a view (the base image or its
+crop grid) or a video frame for LLaVA-OneVision. An *item* is what one run of placeholders in the prompt holds:
+an image or a video, made of one or more units.
+
+Families whose units differ in size (``encodes_up_front``) are encoded before the language model runs, so the
+prompt can be shortened to what each item became: :meth:`VisionLLMFamily.split` cuts the encoder's output into
+units, :meth:`VisionLLMFamily.join` puts the compressed units back."""
 
 from __future__ import annotations
 
@@ -13,7 +19,17 @@ from torch import Tensor, nn
 from ..errors import InvalidConfigError
 from ..tokens import TokenLayout
 
-__all__ = ["VisionLLMFamily"]
+__all__ = ["VisionLLMFamily", "Units"]
+
+
+@dataclass(frozen=True)
+class Units:
+    """One modality of one call as the budget sees it: ``features[u]`` ``[rows * cols, D]``, row-major over
+    ``grids[u]``; ``items[i]`` the indices of the units that the ``i``-th placeholder run (in prompt order) holds."""
+
+    features: list[Tensor]
+    grids: list[tuple[int, int]]
+    items: list[list[int]]
 
 
 @dataclass(frozen=True)
@@ -30,9 +46,13 @@ class VisionLLMFamily(ABC):
 
     class_names: ClassVar[tuple[str, ...]]
     unit: ClassVar[str] = "image"
-    # units of different grids (one budget each), and the language model's positions follow each kept token
-    # (Qwen2-VL's 3-D rotary positions): the prompt is shortened after encoding, with the positions
+    # units of different grids (one budget each): encoded before the forward, the prompt shortened to match
+    encodes_up_front: ClassVar[bool] = False
+    # the language model's positions follow each kept token (Qwen2-VL's 3-D rotary positions)
     positions_follow_tokens: ClassVar[bool] = False
+    # encodes_up_front: the modalities compressed, and for each the call's arguments its encoder
+    # (``get_<modality>_features``) takes, pixels first, as the model's forward passes them
+    compressed: ClassVar[dict[str, tuple[str, ...]]] = {}
 
     @classmethod
     @abstractmethod
@@ -59,35 +79,72 @@ class VisionLLMFamily(ABC):
         ``None`` when nothing was reduced before them."""
         raise InvalidConfigError(f"in-tower methods are not supported on {self.class_names[0]}")
 
-    @abstractmethod
+    # families of one grid (not encodes_up_front): the call, the units, and back
+
     def prepare_call(self, base: nn.Module, kwargs: dict[str, Any]) -> tuple[dict[str, Any], Any]:
         """The arguments for the model's own ``get_image_features`` (checked), and what :meth:`class_attention`
         will need to know about the call."""
+        return kwargs, None
 
-    @abstractmethod
     def unit_features(self, out: Any) -> tuple[Tensor, Any]:
         """``[U, per_unit, D]`` features of every unit from the encoder output, and how they group into the
         output's ``pooler_output`` (for :meth:`put_features`)."""
+        raise NotImplementedError
 
-    @abstractmethod
     def put_features(self, out: Any, tokens: Tensor, grouping: Any) -> None:
         """Write the compressed ``[U, T, D]`` into ``out.pooler_output``, grouped as the model expects."""
+        raise NotImplementedError
 
     def count_units(self, pixel_values: Tensor) -> int:
         """How many units ``pixel_values`` holds (as the model will count them); families of one grid."""
-        raise NotImplementedError(f"{type(self).__name__} reads its units' grids from the call (unit_grids)")
+        raise NotImplementedError(f"{type(self).__name__} cuts its units from the encoder's output (split)")
 
-    def unit_grids(self, kwargs: dict[str, Any]) -> list[tuple[int, int]]:
-        """The patch grid of each unit in a call with images (``kwargs["pixel_values"]``)."""
-        return [self.grid] * self.count_units(kwargs["pixel_values"])
-
-    # the inputs that go in encoded (``mm_encoder_outputs``) when the images do (``positions_follow_tokens``)
+    # the inputs that go in encoded (``mm_encoder_outputs``) when the images do (``encodes_up_front``)
     encoded_inputs: ClassVar[tuple[str, ...]] = ("pixel_values",)
 
     def other_encodings(self, base: nn.Module, kwargs: dict[str, Any]) -> dict[str, Any]:
         """The call's other modalities encoded by the model's own encoders, unchanged (``mm_encoder_outputs``
         entries), for a call whose images vistok encodes before the forward."""
         return {}
+
+    def placeholder(self, modality: str) -> int:
+        """The prompt's placeholder id for ``modality``'s features."""
+        return self.placeholder_id
+
+    def encode(self, base: nn.Module, modality: str, kwargs: dict[str, Any]) -> Any:
+        """``modality``'s encoder output for the call, by the model's own ``get_<modality>_features`` with the
+        arguments the forward gives it (``compressed``); the hidden states too when ``kwargs`` asks for them."""
+        names = self.compressed[modality]
+        arguments = {name: kwargs[name] for name in names if kwargs.get(name) is not None}
+        if kwargs.get("output_hidden_states"):
+            arguments["output_hidden_states"] = True
+        encoder = getattr(type(base), f"get_{modality}_features")
+        return encoder(base, **arguments, return_dict=True)
+
+    def split(self, base: nn.Module, modality: str, out: Any, kwargs: dict[str, Any]) -> Units:
+        """``out`` (from :meth:`encode`) cut into units (``encodes_up_front`` families)."""
+        raise NotImplementedError
+
+    def join(self, base: nn.Module, modality: str, out: Any, units: Units, compressed: list[Tensor]) -> None:
+        """Write the compressed units (``[T_u, D]`` each, in patch order) into ``out.pooler_output`` as the model
+        reads it; an item whose units all kept everything stays exactly as the model made it."""
+        raise NotImplementedError
+
+    def item_lengths(self, modality: str, out: Any) -> list[int]:
+        """The placeholders each item of ``out`` fills, in prompt order."""
+        return [part.shape[0] for part in out.pooler_output]
+
+    def unit_budgets(self, config: Any, modality: str, units: Units) -> list[int]:
+        """The tokens each unit keeps under ``config`` (a :class:`~vistok.adapters.BoundaryConfig`): its budget
+        of the unit's patches."""
+        return [config.budget(rows * cols) for rows, cols in units.grids]
+
+    def unit_class_attention(self, base: nn.Module, modality: str, out: Any, units: Units, kwargs: dict[str, Any]
+                             ) -> list[Tensor]:
+        """``[rows * cols]`` per unit: the class token's attention over the unit's patches (``encodes_up_front``
+        families with a class token)."""
+        raise InvalidConfigError(f"dominant needs a class token; the {self.class_names[0]} tower has none (use "
+                                 "merge_to_budget, pool or random_select)")
 
     def prompt_positions(self, base: nn.Module, input_ids: Tensor, kwargs: dict[str, Any]) -> Tensor:
         """The model's own positions of the full prompt (``positions_follow_tokens`` families)."""

@@ -49,9 +49,6 @@ class Idefics3Family(VisionLLMFamily):
     def tower(model: nn.Module) -> nn.Module:
         return model.model.vision_model
 
-    def prepare_call(self, base: nn.Module, kwargs: dict[str, Any]) -> tuple[dict[str, Any], Any]:
-        return kwargs, None
-
     def unit_features(self, out: Any) -> tuple[Tensor, Any]:
         rows = list(out.pooler_output)
         width = self.per_unit

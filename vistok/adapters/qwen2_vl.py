@@ -26,7 +26,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from ..errors import InputShapeError, InvalidConfigError, UnsupportedModelError
-from .family import VisionLLMFamily
+from .family import Units, VisionLLMFamily
 
 __all__ = ["Qwen2VLFamily"]
 
@@ -34,7 +34,9 @@ __all__ = ["Qwen2VLFamily"]
 @dataclass(frozen=True)
 class Qwen2VLFamily(VisionLLMFamily):
     class_names = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration")
+    encodes_up_front = True
     positions_follow_tokens = True
+    compressed = {"image": ("pixel_values", "image_grid_thw")}
 
     merge: int = 2
 
@@ -45,14 +47,15 @@ class Qwen2VLFamily(VisionLLMFamily):
         if not hasattr(model.model, "get_rope_index"):
             raise UnsupportedModelError(f"{type(model).__name__} has no get_rope_index: not the Qwen2-VL vistok knows")
         pad_id = getattr(config.text_config, "pad_token_id", None)
-        # grid (0, 0): no grid for every image; each image's comes from the call (unit_grids)
+        # grid (0, 0): no grid for every image; each image's comes from the call (split)
         return cls(config.image_token_id, (0, 0), 0, False, 0 if pad_id is None else int(pad_id), merge)
 
     @staticmethod
     def tower(model: nn.Module) -> nn.Module:
         return model.model.visual
 
-    def unit_grids(self, kwargs: dict[str, Any]) -> list[tuple[int, int]]:
+    def _grids(self, kwargs: dict[str, Any]) -> list[tuple[int, int]]:
+        """Each image's token grid after the spatial merge, from ``image_grid_thw``."""
         grid_thw = kwargs.get("image_grid_thw")
         if grid_thw is None:
             raise InputShapeError("Qwen2-VL images need image_grid_thw (the processor returns it with pixel_values)")
@@ -84,11 +87,18 @@ class Qwen2VLFamily(VisionLLMFamily):
         positions, _ = type(base).get_rope_index(base, input_ids, **args)
         return positions
 
-    def prepare_call(self, base: nn.Module, kwargs: dict[str, Any]) -> tuple[dict[str, Any], Any]:
-        return kwargs, None
+    def encode(self, base: nn.Module, modality: str, kwargs: dict[str, Any]) -> Any:
+        self._grids(kwargs)  # checked before the tower runs
+        return super().encode(base, modality, kwargs)
 
-    def unit_features(self, out: Any) -> tuple[list[Tensor], Any]:
-        return list(out.pooler_output), None
+    def split(self, base: nn.Module, modality: str, out: Any, kwargs: dict[str, Any]) -> Units:
+        features = list(out.pooler_output)
+        grids = self._grids(kwargs)
+        for feature, (rows, cols) in zip(features, grids, strict=True):
+            if feature.shape[0] != rows * cols:
+                raise InputShapeError(f"the vision tower gave {feature.shape[0]} features for an image of a "
+                                      f"{rows} x {cols} token grid")
+        return Units(features, grids, [[index] for index in range(len(features))])
 
-    def put_features(self, out: Any, tokens: list[Tensor], grouping: Any) -> None:
-        out.pooler_output = tuple(tokens)
+    def join(self, base: nn.Module, modality: str, out: Any, units: Units, compressed: list[Tensor]) -> None:
+        out.pooler_output = tuple(compressed)

@@ -10,10 +10,11 @@ Three things are installed, all plain objects (a patched model deep-copies and p
 * ``generate`` is wrapped to shorten the prompt before generation and to give back the caller's prompt, so the
   returned sequences start with the ``input_ids`` that were passed in, as without vistok.
 
-Where the language model's positions follow each visual token (Qwen2-VL's 3-D rotary positions), the pre-hook and
-the ``generate`` wrapper encode and compress the images themselves, keep the placeholders of the kept tokens, and
-pass the model's own positions of the full prompt at those places (``position_ids``) with the features
-(``mm_encoder_outputs``).
+Where images differ in size (Qwen2-VL, LLaVA-OneVision's AnyRes crops and videos: ``family.encodes_up_front``),
+the pre-hook and the ``generate`` wrapper encode and compress the images themselves, shorten each placeholder run
+to what its image became, and pass the features in (``mm_encoder_outputs``). Where the language model's positions
+follow each visual token (Qwen2-VL's 3-D rotary positions), the placeholders of the kept tokens stay, with the
+model's own positions of the full prompt at those places (``position_ids``).
 """
 
 from __future__ import annotations
@@ -32,16 +33,18 @@ from ..methods.compose import ComposedConfig
 from ..patching import _HANDLE_ATTR, PatchHandle, patch
 from ..tokens import TokenLayout
 from .budget import Budgeted, in_patch_order
-from .family import VisionLLMFamily
+from .family import Units, VisionLLMFamily
 from .idefics3 import Idefics3Family, SmolVLMFamily
 from .llava import LlavaFamily
+from .llava_onevision import LlavaOnevisionFamily
 from .methods import BoundaryConfig, BoundaryInputs
 from .prompt import placeholder_keep_mask, shorten_prompt
 from .qwen2_vl import Qwen2VLFamily
 
 __all__ = ["VisionLLMHandle", "VisualTokens", "vision_llm_family", "patch_vision_llm"]
 
-FAMILIES: tuple[type[VisionLLMFamily], ...] = (LlavaFamily, Idefics3Family, SmolVLMFamily, Qwen2VLFamily)
+FAMILIES: tuple[type[VisionLLMFamily], ...] = (LlavaFamily, LlavaOnevisionFamily, Idefics3Family, SmolVLMFamily,
+                                               Qwen2VLFamily)
 # [B, L] tensors that line up with input_ids and lose the same positions
 ALIGNED = ("attention_mask", "labels", "mm_token_type_ids", "token_type_ids")
 
@@ -79,6 +82,30 @@ class VisualTokens:
     owner: Tensor | None
 
 
+@dataclass(frozen=True)
+class _EncodedUnits:
+    """One modality of one call, encoded and compressed: the encoder output ``out`` (compressed), its units, the
+    method's result per unit, and the placeholders per item before (``lengths``) and after (``budgets``)."""
+
+    out: Any
+    units: Units
+    results: list[Budgeted]
+    lengths: list[int]
+    budgets: list[int]
+
+    def kept_placeholders(self) -> list[Tensor]:
+        """Per item, the indices of its placeholders whose tokens stay (the first each kept token carries); items
+        laid out as their units one after another."""
+        kept = []
+        for item in self.units.items:
+            offset, parts = 0, []
+            for unit in item:
+                parts.append(self.results[unit].positions()[0] + offset)
+                offset += self.units.features[unit].shape[0]
+            kept.append(torch.cat(parts))
+        return kept
+
+
 class _CompressedImageFeatures:
     """Stands in for ``base_model.get_image_features``: the model's own, then the boundary method."""
 
@@ -94,7 +121,9 @@ class _CompressedImageFeatures:
         handle = self.handle
         base = handle.family.base(handle.model)
         kwargs = _as_keywords(type(base).get_image_features, args, kwargs)
-        return (handle._encode_units(kwargs) if handle.family.positions_follow_tokens else handle._encode(kwargs))[0]
+        if handle.family.encodes_up_front:
+            return handle._encode_units("image", kwargs).out
+        return handle._encode(kwargs)[0]
 
 
 def _reduced_tokens(layout: TokenLayout, device: torch.device) -> dict[str, Tensor]:
@@ -172,7 +201,7 @@ class VisionLLMHandle:
     Attributes:
         tokens_per_unit: the visual tokens each unit (``family.unit``: an image, or an Idefics3 tile) now gives
             the language model, i.e. its placeholders in the prompt. ``tokens_per_image`` is the same number.
-            ``None`` where images differ in size and the budget is a fraction (Qwen2-VL with ``keep=``).
+            Where images differ in size (Qwen2-VL, LLaVA-OneVision): ``tokens=``, or ``None`` with ``keep=``.
     """
 
     def __init__(self, model: nn.Module, config: BoundaryConfig, family: VisionLLMFamily,
@@ -181,7 +210,7 @@ class VisionLLMHandle:
         self.config = config
         self.family = family
         self.tower_handle = tower_handle
-        if family.positions_follow_tokens:  # each image its own grid
+        if family.encodes_up_front:  # each image its own grid
             self.tokens_per_unit = config.tokens
         else:
             self.tokens_per_unit = family.num_prefix + config.budget(family.grid[0] * family.grid[1])
@@ -202,17 +231,18 @@ class VisionLLMHandle:
         """The compressed visual tokens of ``pixel_values`` (as the model takes them; other arguments of its
         ``get_image_features`` as keywords): the model's own encoding, then the method, per unit, with their sizes
         and grid positions, for pipelines of your own."""
-        if self.family.positions_follow_tokens:
-            return self._encode_one_size({"pixel_values": pixel_values, **kwargs})
+        if self.family.encodes_up_front:
+            return self._encode_one_grid({"pixel_values": pixel_values, **kwargs})
         _, result, prefix, source = self._encode({"pixel_values": pixel_values, **kwargs})
         return self._visual_tokens(result, prefix, source, self.family.grid)
 
-    def _encode_one_size(self, kwargs: dict[str, Any]) -> VisualTokens:
-        grids = self.family.unit_grids(kwargs)
+    def _encode_one_grid(self, kwargs: dict[str, Any]) -> VisualTokens:
+        encoded = self._encode_units("image", kwargs)
+        grids = encoded.units.grids
         if len(set(grids)) > 1:
-            raise InvalidConfigError(f"encode() returns one [U, T, D] tensor: give it images of one size at a time "
-                                     f"(these have token grids {sorted(set(grids))})")
-        _, results = self._encode_units(kwargs)
+            raise InvalidConfigError(f"encode() returns one [U, T, D] tensor: give it {self.family.unit}s of one size "
+                                     f"at a time (these give token grids {sorted(set(grids))})")
+        results = encoded.results
         result = Budgeted(torch.cat([r.tokens for r in results]), torch.cat([r.sizes for r in results]),
                           torch.cat([r.owner for r in results]))
         prefix = result.tokens.new_zeros(len(results), 0, result.tokens.shape[-1])
@@ -262,68 +292,84 @@ class VisionLLMHandle:
         family.put_features(out, torch.cat([prefix, result.tokens], dim=1), grouping)
         return (out if return_dict else out.to_tuple()), result, prefix, reduced.get("source")
 
-    def _encode_units(self, kwargs: dict[str, Any]) -> tuple[Any, list[Budgeted]]:
-        """For families whose images differ in size (``positions_follow_tokens``): the model's
-        ``get_image_features(**kwargs)`` with each image compressed to its budget (images of one grid together),
-        its tokens in patch order; the method's result per image (each a batch of one)."""
+    def _encode_units(self, modality: str, kwargs: dict[str, Any]) -> _EncodedUnits:
+        """For families whose units differ in size (``encodes_up_front``): ``modality``'s encoding by the model's
+        own encoder with each unit compressed to its budget (units of one grid and budget together), its tokens in
+        patch order; the method's result per unit (each a batch of one)."""
         family = self.family
         base = family.base(self.model)
-        kwargs, context = family.prepare_call(base, dict(kwargs))
-        return_dict = kwargs.pop("return_dict", True)
-        grids = family.unit_grids(kwargs)
-        out = type(base).get_image_features(base, **kwargs, return_dict=True)
-        features, grouping = family.unit_features(out)
-        results: list[Budgeted] = [None] * len(grids)
-        for grid in dict.fromkeys(grids):
-            members = [i for i, g in enumerate(grids) if g == grid]
-            stacked = torch.stack([features[i] for i in members])
-            if stacked.shape[1] != grid[0] * grid[1]:
-                raise InputShapeError(f"the vision tower gave {stacked.shape[1]} features for an image of a "
-                                      f"{grid[0]} x {grid[1]} token grid")
-            inputs = BoundaryInputs(stacked, grid, partial(family.class_attention, base, out, context))
-            result = in_patch_order(self.config.compress(inputs, self.config.budget(grid[0] * grid[1])))
+        if self.config.uses_class_attention:  # transformers otherwise keeps only the feature layer's states
+            kwargs = {**kwargs, "output_hidden_states": True}
+        out = family.encode(base, modality, kwargs)
+        lengths = family.item_lengths(modality, out)
+        units = family.split(base, modality, out, kwargs)
+        budgets = family.unit_budgets(self.config, modality, units)
+        attention: list[Tensor] = []
+
+        def class_attention(members: list[int]) -> Tensor:
+            if not attention:  # computed once, for every unit, when the method asks for it
+                attention.extend(family.unit_class_attention(base, modality, out, units, kwargs))
+            return torch.stack([attention[i] for i in members])
+
+        results: list[Budgeted] = [None] * len(units.features)
+        keys = list(zip(units.grids, budgets, strict=True))
+        for grid, budget in dict.fromkeys(keys):
+            members = [i for i, key in enumerate(keys) if key == (grid, budget)]
+            stacked = torch.stack([units.features[i] for i in members])
+            inputs = BoundaryInputs(stacked, grid, partial(class_attention, members))
+            result = in_patch_order(self.config.compress(inputs, budget))
             for row, index in enumerate(members):
                 results[index] = Budgeted(*(t[row: row + 1] for t in (result.tokens, result.sizes, result.owner)))
-        family.put_features(out, [result.tokens[0] for result in results], grouping)
-        return (out if return_dict else out.to_tuple()), results
+        family.join(base, modality, out, units, [result.tokens[0] for result in results])
+        if not kwargs.get("return_dict", True):
+            out = out.to_tuple()
+        return _EncodedUnits(out, units, results, lengths, family.item_lengths(modality, out))
 
-    def _shorten_following_positions(self, kwargs: dict, key: str) -> dict | None:
-        """:meth:`_shorten` where the language model's positions follow each kept token: the images are encoded
-        and compressed here, the prompt keeps the placeholders of the kept tokens, and ``position_ids`` are the
-        model's own positions of the full prompt at the kept places (so text after the images, and decoding, keep
-        the unpatched model's positions); the features go in as ``mm_encoder_outputs``."""
+    def _shorten_encoded(self, kwargs: dict, key: str) -> dict | None:
+        """:meth:`_shorten` for families whose units differ in size (``encodes_up_front``): the images (and
+        videos) are encoded and compressed here and go in as ``mm_encoder_outputs``, and each placeholder run is
+        shortened to what its item became. Where positions follow the tokens, the placeholders of the kept tokens
+        stay, and ``position_ids`` are the model's own positions of the full prompt at the kept places (so text
+        after the images, and decoding, keep the unpatched model's positions)."""
         family = self.family
-        if kwargs.get("pixel_values") is None:
-            return None  # no images in this call (text, videos, or features encoded by the caller)
+        present = [modality for modality, names in family.compressed.items() if kwargs.get(names[0]) is not None]
+        if not present:
+            return None  # nothing to compress in this call (text, or features encoded by the caller)
         input_ids = self._prompt_ids(kwargs, key)
-        grids = family.unit_grids(kwargs)
-        lengths = [rows * cols for rows, cols in grids]
-        budgets = [self.config.budget(length) for length in lengths]
-        if lengths == budgets:
-            return None
-        found = int((input_ids == family.placeholder_id).sum())
-        if found != sum(lengths):
-            raise InputShapeError(f"the prompt has {found} image placeholder tokens (id {family.placeholder_id}) for "
-                                  f"images of {lengths} features: vistok needs the processor's full prompt (it "
-                                  "shortens it to the budget and numbers the kept tokens' positions)")
-        self._refuse_position_ids(kwargs)
-        out, results = self._encode_units({name: kwargs[name] for name in ("pixel_values", "image_grid_thw")
-                                            if name in kwargs})
-        keep = placeholder_keep_mask(input_ids, family.placeholder_id, lengths, budgets, len(grids),
-                                     kept=[result.positions()[0] for result in results])
         base = family.base(self.model)
-        full_positions = family.prompt_positions(base, input_ids, kwargs)  # [3, B, L]
-        aligned = {name: kwargs[name] for name in ALIGNED if isinstance(kwargs.get(name), Tensor)}
-        aligned["position_ids"] = full_positions.permute(1, 2, 0)
-        short_ids, short = shorten_prompt(input_ids, keep, aligned, family.pad_id)
-        position_ids = short.pop("position_ids").permute(2, 0, 1)
-        mask = short.get("attention_mask")
-        real = mask.sum(dim=1) if mask is not None else torch.full((short_ids.shape[0],), short_ids.shape[1])
-        # what the model caches for decoding without position_ids: next position = real tokens so far + delta
-        base.rope_deltas = (position_ids.amax(dim=(0, 2)) + 1 - real.to(position_ids.device))[:, None]
-        encoded = {**(kwargs.get("mm_encoder_outputs") or {}), "image": out, **family.other_encodings(base, kwargs)}
+        encoded = dict(kwargs.get("mm_encoder_outputs") or {})
+        keep = torch.ones_like(input_ids, dtype=torch.bool)
+        for modality in present:
+            units = self._encode_units(modality, {**kwargs, "return_dict": True})
+            placeholder = family.placeholder(modality)
+            found = int((input_ids == placeholder).sum())
+            if found != sum(units.lengths):
+                raise InputShapeError(
+                    f"the prompt has {found} {modality} placeholder tokens (id {placeholder}) for {modality}s of "
+                    f"{units.lengths} features: vistok needs the processor's full prompt (it shortens it to the "
+                    "budget)")
+            encoded[modality] = units.out
+            kept = units.kept_placeholders() if family.positions_follow_tokens else None
+            if units.budgets != units.lengths:
+                keep &= placeholder_keep_mask(input_ids, placeholder, units.lengths, units.budgets,
+                                              len(units.lengths), kept=kept)
+        encoded.update(family.other_encodings(base, kwargs))
         rest = {name: value for name, value in kwargs.items() if name not in family.encoded_inputs}
-        return {**rest, key: short_ids, **short, "position_ids": position_ids, "mm_encoder_outputs": encoded}
+        if bool(keep.all()):
+            return {**rest, "mm_encoder_outputs": encoded}
+        self._refuse_position_ids(kwargs)
+        aligned = {name: kwargs[name] for name in ALIGNED if isinstance(kwargs.get(name), Tensor)}
+        if family.positions_follow_tokens:
+            aligned["position_ids"] = family.prompt_positions(base, input_ids, kwargs).permute(1, 2, 0)  # [B, L, 3]
+        short_ids, short = shorten_prompt(input_ids, keep, aligned, family.pad_id)
+        if family.positions_follow_tokens:
+            position_ids = short.pop("position_ids").permute(2, 0, 1)
+            mask = short.get("attention_mask")
+            real = mask.sum(dim=1) if mask is not None else torch.full((short_ids.shape[0],), short_ids.shape[1])
+            # what the model caches for decoding without position_ids: next position = real tokens so far + delta
+            base.rope_deltas = (position_ids.amax(dim=(0, 2)) + 1 - real.to(position_ids.device))[:, None]
+            short["position_ids"] = position_ids
+        return {**rest, key: short_ids, **short, "mm_encoder_outputs": encoded}
 
     @staticmethod
     def _prompt_ids(kwargs: dict, key: str) -> Tensor:
@@ -354,8 +400,8 @@ class VisionLLMHandle:
 
     def _shorten(self, kwargs: dict, key: str) -> dict | None:
         """``kwargs`` with the prompt under ``key`` (and its aligned tensors) shortened; ``None`` if unchanged."""
-        if self.family.positions_follow_tokens:
-            return self._shorten_following_positions(kwargs, key)
+        if self.family.encodes_up_front:
+            return self._shorten_encoded(kwargs, key)
         counted = self._count_units(kwargs)
         if counted is None:
             return None
@@ -391,7 +437,7 @@ class VisionLLMHandle:
 
     def __repr__(self) -> str:
         state = "active" if self.active else "removed"
-        of = "" if self.family.positions_follow_tokens else f" of {self.family.per_unit}"
+        of = "" if self.family.encodes_up_front else f" of {self.family.per_unit}"
         budget = self.tokens_per_unit if self.tokens_per_unit is not None else f"{self.config.keep:g} of the"
         return (f"VisionLLMHandle({type(self.model).__name__}, {self.config!r}, {budget}{of} tokens per "
                 f"{self.family.unit}, {state})")
@@ -417,9 +463,9 @@ def patch_vision_llm(model: nn.Module, config: MethodConfig, family: type[Vision
     if boundary.uses_class_attention and not facts.has_class_token:
         raise InvalidConfigError(f"dominant needs a class token; {type(model).__name__}'s vision tower has none "
                                  "(use merge_to_budget, pool or random_select)")
-    if in_tower and facts.positions_follow_tokens:
-        raise InvalidConfigError(f"in-tower methods are not supported on {type(model).__name__}: its vision tower "
-                                 "packs images of different sizes into one sequence; use a boundary method alone")
+    if in_tower and facts.encodes_up_front:
+        raise InvalidConfigError(f"in-tower methods are not supported on {type(model).__name__}: its images come in "
+                                 "several sizes and layouts; use a boundary method alone")
     tower_handle = None
     if in_tower:
         tower_handle = patch(family.tower(model), in_tower[0] if len(in_tower) == 1 else ComposedConfig(

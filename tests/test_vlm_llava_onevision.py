@@ -1,0 +1,272 @@
+"""vistok.patch on Hugging Face LLaVA-OneVision (tiny random configs): AnyRes images (a base view and a crop grid
+with a newline after each row), several images per prompt (base views only), and videos (pooled frames and one
+newline). Keep-everything parity; the patched model equals the unpatched one fed, by hand, features compressed
+per view and per frame with one closing newline, on the shortened prompt; dominant keeps the patches the CLIP
+tower's own attention weights rank first; exact budgets; refusals."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import vistok
+from vistok import InputShapeError, InvalidConfigError, UnsupportedModelError
+
+transformers = pytest.importorskip("transformers")
+
+IMAGE, VIDEO = 99, 98
+SIDE = 4  # a 32 px view in 8 px patches
+PINPOINTS = [[32, 32], [32, 64], [64, 32], [64, 64]]
+SIZES = [[30, 60], [64, 64]]  # crops 1 x 2 (a 4 x 8 grid) and 2 x 2 (8 x 8)
+METHODS = ["merge_to_budget", "dominant", "pool", "random_select"]
+
+
+def tiny_onevision(tower="clip", strategy="default", seed=0):
+    from transformers import (
+        CLIPVisionConfig,
+        LlavaOnevisionConfig,
+        LlavaOnevisionForConditionalGeneration,
+        Qwen2Config,
+        SiglipVisionConfig,
+    )
+
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=32,
+                  patch_size=8)
+    vision_config = CLIPVisionConfig(**vision) if tower == "clip" else SiglipVisionConfig(**vision)
+    text = Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, vocab_size=100, pad_token_id=0)
+    torch.manual_seed(seed)
+    config = LlavaOnevisionConfig(vision_config=vision_config, text_config=text, image_token_id=IMAGE,
+                                  video_token_id=VIDEO, vision_feature_layer=-2,
+                                  vision_feature_select_strategy=strategy, image_grid_pinpoints=PINPOINTS)
+    return LlavaOnevisionForConditionalGeneration(config).eval()
+
+
+def left_padded(rows):
+    width = max(map(len, rows))
+    ids = torch.tensor([[0] * (width - len(row)) + row for row in rows])
+    return ids, (ids != 0).long()
+
+
+def image_inputs(model, seed=0, placeholders=None):
+    """Two AnyRes images, one per row, left-padded, with as many placeholders as the model gives features."""
+    pixels = torch.randn(2, 5, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+    sizes = torch.tensor(SIZES)
+    with torch.no_grad():
+        lengths = [f.shape[0] for f in model.model.get_image_features(pixels, sizes).pooler_output]
+    counts = lengths if placeholders is None else placeholders
+    ids, mask = left_padded([[1, 5] + [IMAGE] * counts[0] + [7, 8], [1, 9, 9] + [IMAGE] * counts[1] + [3, 4]])
+    return dict(input_ids=ids, attention_mask=mask, pixel_values=pixels, image_sizes=sizes), lengths
+
+
+def multi_image_inputs(seed=1):
+    """One row with two images: each gets its base view only (16 features and a newline)."""
+    pixels = torch.randn(2, 1, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+    ids = torch.tensor([[1, 5] + [IMAGE] * 17 + [6] + [IMAGE] * 17 + [7]])
+    return dict(input_ids=ids, pixel_values=pixels, image_sizes=torch.tensor([[32, 32], [32, 32]]),
+                batch_num_images=torch.tensor([2]))
+
+
+def video_inputs(frames=3, seed=2):
+    """Two videos of ``frames`` frames, one per row: 2 x 2 pooled features per frame and a newline."""
+    videos = torch.randn(2, frames, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+    ids = torch.tensor([[1, 5] + [VIDEO] * (frames * 4 + 1) + [7, 8]] * 2)
+    return dict(input_ids=ids, pixel_values_videos=videos)
+
+
+def runs(ids, placeholder):
+    """The lengths of the runs of ``placeholder`` in each row."""
+    lengths = []
+    for row in ids.tolist():
+        count = 0
+        for token in row + [None]:
+            if token == placeholder:
+                count += 1
+            elif count:
+                lengths.append(count)
+                count = 0
+    return lengths
+
+
+def encoded(**features):
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+    return {name: BaseModelOutputWithPooling(pooler_output=value) for name, value in features.items()}
+
+
+def pooled_to_quarter(grid_features, rows, cols):
+    """2 x 2 average pooling of a row-major ``[rows * cols, D]`` grid: the reference for ``pool`` at a quarter."""
+    image = grid_features.reshape(rows, cols, -1).permute(2, 0, 1)[None]
+    return F.avg_pool2d(image, 2)[0].flatten(1).T
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_keep_everything_is_the_unpatched_model(method):
+    model = tiny_onevision()
+    cases = [image_inputs(model)[0], multi_image_inputs(), video_inputs()]
+    with torch.no_grad():
+        expected = [model(**x).logits for x in cases]
+        generated = model.generate(**cases[0], max_new_tokens=3, do_sample=False)
+        with vistok.patch(model, method, keep=1.0):
+            for x, logits in zip(cases, expected, strict=True):
+                assert (model(**x).logits - logits).abs().max() <= 1e-4
+            assert torch.equal(model.generate(**cases[0], max_new_tokens=3, do_sample=False), generated)
+
+
+def test_pooled_views_reach_the_language_model_with_one_closing_newline():
+    """pool at a quarter: each image's base view and crop grid are 2 x 2 pooled separately (the reference pools
+    the unpatched model's own features by hand) and end with image_newline; the patched forward and generate equal
+    the unpatched model given those features on the shortened prompt."""
+    model = tiny_onevision()
+    x, lengths = image_inputs(model)
+    newline = model.model.image_newline
+    with torch.no_grad():
+        full = model.model.get_image_features(x["pixel_values"], x["image_sizes"]).pooler_output
+        by_hand = []
+        for image, (rows, cols) in zip(full, [(4, 8), (8, 8)], strict=True):
+            crops = image[SIDE * SIDE:].reshape(rows, cols + 1, -1)
+            assert torch.equal(crops[:, -1], newline.expand(rows, -1))  # the layout the test relies on
+            by_hand.append(torch.cat([pooled_to_quarter(image[: SIDE * SIDE], SIDE, SIDE),
+                                      pooled_to_quarter(crops[:, :cols].reshape(rows * cols, -1), rows, cols),
+                                      newline[None]]))
+        short, mask = left_padded([[1, 5] + [IMAGE] * by_hand[0].shape[0] + [7, 8],
+                                   [1, 9, 9] + [IMAGE] * by_hand[1].shape[0] + [3, 4]])
+        expected = model(input_ids=short, attention_mask=mask, mm_encoder_outputs=encoded(image=by_hand)).logits
+        expected_generation = model.generate(input_ids=short, attention_mask=mask, max_new_tokens=3,
+                                             do_sample=False, mm_encoder_outputs=encoded(image=by_hand))
+        with vistok.patch(model, "pool", keep=0.25) as handle:
+            logits = model(**x).logits
+            generated = model.generate(**x, max_new_tokens=3, do_sample=False)
+            assert handle.tokens_per_image is None and "0.25 of the tokens per image" in repr(handle)
+    assert [t.shape[0] for t in by_hand] == [4 + 8 + 1, 4 + 16 + 1] and lengths == [16 + 4 * 9, 16 + 8 * 9]
+    assert logits.shape == expected.shape and (logits - expected).abs().max() <= 1e-5
+    assert torch.equal(generated[:, : x["input_ids"].shape[1]], x["input_ids"])  # the caller's prompt comes back
+    assert torch.equal(generated[:, x["input_ids"].shape[1]:], expected_generation[:, short.shape[1]:])
+
+
+@pytest.mark.parametrize("method", ["merge_to_budget", "dominant", "random_select"])
+def test_tokens_per_image_are_split_across_its_views(method):
+    """tokens=12: each image gets exactly 12 tokens (base view and crops by their share of the patches) and its
+    closing newline; random_select's tokens are the unpatched features, in order, each view's its own."""
+    model = tiny_onevision()
+    x, _ = image_inputs(model)
+    with torch.no_grad():
+        full = model.model.get_image_features(x["pixel_values"], x["image_sizes"]).pooler_output
+        with vistok.patch(model, method, tokens=12) as handle:
+            out = model.model.get_image_features(x["pixel_values"], x["image_sizes"]).pooler_output
+            logits = model(**x).logits
+    assert handle.tokens_per_image == 12 and [t.shape[0] for t in out] == [13, 13]
+    assert logits.shape[1] == max(2 + 13 + 2, 3 + 13 + 2)
+    for compressed in out:
+        assert torch.equal(compressed[-1], model.model.image_newline)
+    if method == "random_select":
+        # image 0: 16 + 32 patches -> 4 + 8; image 1: 16 + 64 -> round(12 * 16 / 80) = 2 + 10
+        for compressed, original, base_share in zip(out, full, (4, 2), strict=True):
+            view = original[: SIDE * SIDE]
+            crops = original[SIDE * SIDE: -1][(original[SIDE * SIDE: -1] != model.model.image_newline).any(-1)]
+            for part, source in ((compressed[:base_share], view), (compressed[base_share:-1], crops)):
+                where = [int(torch.nonzero((source == token).all(-1))[0]) for token in part]
+                assert where == sorted(where) and len(set(where)) == len(where)
+
+
+def test_dominant_keeps_the_patches_the_towers_attention_ranks_first():
+    """Base views only (several images in a prompt): dominant keeps the patches with the largest class-token
+    attention, heads averaged, in the layer that made the features, read from the tower's own attention weights."""
+    model = tiny_onevision()
+    model.model.vision_tower.set_attn_implementation("eager")
+    x = multi_image_inputs()
+    with torch.no_grad():
+        full = model.model.get_image_features(x["pixel_values"], x["image_sizes"],
+                                              batch_num_images=x["batch_num_images"]).pooler_output
+        attentions = model.model.vision_tower(x["pixel_values"][:, 0], output_attentions=True).attentions
+        scores = attentions[-2][:, :, 0, 1:].mean(dim=1)  # features from layer -2: made by the second-to-last
+        with vistok.patch(model, "dominant", keep=0.25):
+            out = model.model.get_image_features(x["pixel_values"], x["image_sizes"],
+                                                 batch_num_images=x["batch_num_images"]).pooler_output
+            logits = model(**x).logits
+    for compressed, original, score in zip(out, full, scores, strict=True):
+        top = score.topk(4).indices.sort().values
+        assert torch.equal(compressed[:-1], original[top]) and torch.equal(compressed[-1], original[-1])
+    assert logits.shape[1] == 2 + 5 + 1 + 5 + 1
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_videos_keep_a_budget_per_frame_and_their_newline(method):
+    model = tiny_onevision()
+    x = video_inputs(frames=3)
+    with torch.no_grad():
+        full = model.model.get_video_features(x["pixel_values_videos"]).pooler_output  # [2, 3 * 4 + 1, D]
+        with vistok.patch(model, method, tokens=1):
+            logits = model(**x).logits
+            out = model.generate(**x, max_new_tokens=2, do_sample=False)
+        if method == "pool":  # one token per frame: the mean of its four pooled features
+            by_hand = torch.cat([full[:, :-1].reshape(2, 3, 4, -1).mean(2), full[:, -1:]], dim=1)
+            short = torch.tensor([[1, 5] + [VIDEO] * 4 + [7, 8]] * 2)
+            expected = model(input_ids=short, mm_encoder_outputs=encoded(video=by_hand)).logits
+            assert (logits - expected).abs().max() <= 1e-5
+    assert logits.shape[1] == 2 + 3 + 1 + 2 and runs(out[:, :x["input_ids"].shape[1]], VIDEO) == [13, 13]
+
+
+def test_images_and_a_video_in_one_prompt():
+    model = tiny_onevision()
+    x, lengths = image_inputs(model)
+    videos = video_inputs(frames=2)["pixel_values_videos"][:1]
+    ids, mask = left_padded([[1, 5] + [IMAGE] * lengths[0] + [6] + [VIDEO] * 9 + [7]])
+    call = dict(input_ids=ids, attention_mask=mask, pixel_values=x["pixel_values"][:1],
+                image_sizes=x["image_sizes"][:1], pixel_values_videos=videos)
+    with torch.no_grad(), vistok.patch(model, "merge_to_budget", keep=0.5) as handle:
+        logits = model(**call).logits
+        generated = model.generate(**call, max_new_tokens=2, do_sample=False)
+        # the same features by hand: the handle's own encoders, then the unpatched model on the shortened prompt
+        image = handle._encode_units("image", call).out.pooler_output
+        video = handle._encode_units("video", call).out.pooler_output
+    short = torch.tensor([[1, 5] + [IMAGE] * image[0].shape[0] + [6] + [VIDEO] * video.shape[1] + [7]])
+    with torch.no_grad():
+        expected = model(input_ids=short, mm_encoder_outputs=encoded(image=image, video=video)).logits
+    assert image[0].shape[0] == 8 + 16 + 1 and video.shape[1] == 2 * 2 + 1
+    assert (logits - expected).abs().max() <= 1e-5
+    assert torch.equal(generated[:, : ids.shape[1]], ids)
+
+
+def test_copies_and_removal():
+    model = tiny_onevision()
+    x, _ = image_inputs(model)
+    with torch.no_grad():
+        expected = model(**x).logits
+    handle = vistok.patch(model, "merge_to_budget", keep=0.5)
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        short = model(**x).logits
+        assert torch.equal(twin(**x).logits, short)
+        handle.remove()
+        assert (model(**x).logits - expected).abs().max() == 0
+        assert vistok.get_handle(twin).active
+
+
+def test_bad_inputs_and_refusals():
+    model = tiny_onevision()
+    x, lengths = image_inputs(model)
+    with vistok.patch(model, "merge_to_budget", tokens=4), torch.no_grad():
+        wrong, _ = image_inputs(model, placeholders=[lengths[0], 5])
+        with pytest.raises(InputShapeError, match=r"image placeholder tokens .* vistok needs the processor's full"):
+            model(**wrong)
+        with pytest.raises(InvalidConfigError, match="position_ids"):
+            model(**x, position_ids=torch.arange(x["input_ids"].shape[1]).expand(2, -1))
+    with vistok.patch(model, "merge_to_budget", tokens=1), pytest.raises(InvalidConfigError,
+                                                                          match="cannot cover an image's 2 views"):
+        model(**x)
+    with vistok.patch(model, "pool", tokens=5), pytest.raises(InvalidConfigError, match="tokens=5 is more than the 4"):
+        model(**video_inputs())  # a frame has 2 x 2 pooled features
+    with pytest.raises(InvalidConfigError, match="in-tower methods are not supported on LlavaOnevision"):
+        vistok.patch(model, [("merge", {"r": 2}), ("merge_to_budget", {"tokens": 4})])
+    with pytest.raises(UnsupportedModelError, match="'full': its features are not a patch grid"):
+        vistok.patch(tiny_onevision(strategy="full"), "pool", keep=0.25)
+    with pytest.raises(UnsupportedModelError, match="'default': its features are not a patch grid"):
+        vistok.patch(tiny_onevision(tower="siglip"), "pool", keep=0.25)
+    siglip = tiny_onevision(tower="siglip", strategy="full")
+    with pytest.raises(InvalidConfigError, match="dominant needs a class token"):
+        vistok.patch(siglip, "dominant", keep=0.25)
+    with torch.no_grad(), vistok.patch(siglip, "random_select", keep=0.25):
+        assert runs(siglip.generate(**multi_image_inputs(), max_new_tokens=1), IMAGE) == [17, 17]
+    assert vistok.get_handle(model) is None
