@@ -1,5 +1,6 @@
 """Architectures vistok provides, registered in timm's registry on import (``timm.create_model(name)``)."""
 
+from .clip import CLIP_NAME, create_clip
 from .reference import (
     REFERENCE_ARCH,
     REFERENCE_REG4_ARCH,
@@ -30,6 +31,8 @@ __all__ = [
     "inflate_to_video",
     "resample_num_frames",
     "create_vlm",
+    "create_clip",
+    "CLIP_NAME",
     "create_reference_vlm",
     "VLM_NAME",
 ]

@@ -1,0 +1,145 @@
+"""B-VLLM's frame stages (vistok.video.frames): frame choice, Gumbel-softmax selection (its exact argmax
+distribution), the trainable selector, temporal merging against a direct reading of B-VLLM's rule, and the exact
+token budget over frames."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from vistok import InputShapeError, InvalidConfigError
+from vistok.video.frames import (
+    SelectorConfig,
+    TemporalQuerySelector,
+    apply_selection,
+    fit_token_budget,
+    frame_summaries,
+    gumbel_selection,
+    merge_similar_frames,
+    one_hot_selection,
+    top_scoring_frames,
+    uniform_frames,
+)
+
+
+def test_summaries_are_the_class_token_or_the_mean():
+    frames = torch.randn(2, 5, 7, 3)
+    assert torch.equal(frame_summaries(frames, num_prefix=1), frames[:, :, 0])
+    assert torch.allclose(frame_summaries(frames), frames.mean(dim=2))
+
+
+def test_uniform_and_top_scoring_frames():
+    assert uniform_frames(16, 4).tolist() == [2, 6, 10, 14]
+    assert uniform_frames(5, 5).tolist() == [0, 1, 2, 3, 4]
+    assert top_scoring_frames(torch.tensor([0.1, 0.9, 0.3, 0.9, 0.0]), 3).tolist() == [1, 2, 3]
+    with pytest.raises(InvalidConfigError, match="count must be a positive int <= 4"):
+        uniform_frames(4, 5)
+    with pytest.raises(InputShapeError, match=r"scores \[T\]"):
+        top_scoring_frames(torch.zeros(2, 3), 1)
+
+
+def test_selection_mixes_frames():
+    frames = torch.randn(6, 4, 3)
+    assert torch.equal(apply_selection(frames, one_hot_selection(torch.tensor([4, 1]), 6)), frames[[4, 1]])
+    soft = torch.softmax(torch.randn(3, 6), dim=-1)
+    expected = torch.stack([(w[:, None, None] * frames).sum(0) for w in soft])
+    assert torch.allclose(apply_selection(frames, soft), expected, atol=1e-6)
+    with pytest.raises(InputShapeError, match=r"\[K, T\] with T = 6"):
+        apply_selection(frames, soft[:, :5])
+
+
+def test_gumbel_selection_argmax_follows_the_softmax_of_the_logits():
+    """The Gumbel-max property: the argmax of the noisy weights is frame t with probability softmax(logits)_t,
+    whatever tau; without noise the weights are softmax(logits / tau)."""
+    logits = torch.tensor([1.0, 0.0, -1.0, 2.0])
+    draws = 40_000
+    weights = gumbel_selection(logits.expand(draws, -1), tau=0.5, generator=torch.Generator().manual_seed(0))
+    frequency = torch.bincount(weights.argmax(dim=1), minlength=4).float() / draws
+    expected = torch.softmax(logits, dim=0)
+    assert (frequency - expected).abs().max() < 4 * (expected * (1 - expected) / draws).sqrt().max()
+    assert torch.allclose(weights.sum(dim=1), torch.ones(draws))
+    assert torch.allclose(gumbel_selection(logits, tau=0.5, noise=False), torch.softmax(logits / 0.5, dim=0))
+    with pytest.raises(InvalidConfigError, match="tau must be > 0"):
+        gumbel_selection(logits, tau=0)
+
+
+def test_the_selector_trains_reads_the_question_and_ignores_padding():
+    torch.manual_seed(0)
+    selector = TemporalQuerySelector(SelectorConfig(frame_dim=8, text_dim=6, num_queries=3, width=16, heads=2))
+    summaries, text = torch.randn(2, 5, 8), torch.randn(2, 4, 6)
+    selection = selector(summaries, text, generator=torch.Generator().manual_seed(1))
+    assert selection.shape == (2, 3, 5) and torch.allclose(selection.sum(-1), torch.ones(2, 3))
+    selection[..., 0].sum().backward()  # differentiable through the Gumbel-softmax
+    assert selector.queries.grad.abs().sum() > 0 and selector.text_in.weight.grad.abs().sum() > 0
+    selector.eval()
+    with torch.no_grad():
+        first = selector(summaries, text)
+        assert torch.equal(first, selector(summaries, text))  # no noise in eval mode
+        padded = torch.cat([text, torch.randn(2, 3, 6)], dim=1)
+        mask = torch.cat([torch.ones(2, 4), torch.zeros(2, 3)], dim=1)
+        assert torch.allclose(selector(summaries, padded, mask), first, atol=1e-6)
+        assert not torch.allclose(selector(summaries, torch.randn(2, 4, 6)), first)  # the question matters
+    with pytest.raises(InputShapeError, match=r"text must be \[B=2, L, 6\]"):
+        selector(summaries, torch.randn(2, 4, 5))
+    with pytest.raises(InvalidConfigError, match="width 10 is not a multiple of heads 4"):
+        SelectorConfig(frame_dim=8, text_dim=6, width=10)
+
+
+def b_vllm_groups(metric, threshold):
+    """B-VLLM's rule read directly: frame j (in time order) merges into argmax_{i < j} of (cos + 1) / 2 if that
+    passes the threshold; chains followed to their earliest frame."""
+    unit = F.normalize(metric, dim=-1)
+    root = list(range(len(metric)))
+    for j in range(1, len(metric)):
+        similarity = [(float(unit[i] @ unit[j]) + 1) / 2 for i in range(j)]
+        best = max(range(j), key=lambda i: (similarity[i], -i))
+        if similarity[best] > threshold:
+            root[j] = root[best]
+    return root
+
+
+@pytest.mark.parametrize("threshold", [0.0, 0.6, 0.75, 0.9, 1.0])
+def test_temporal_merge_follows_the_rule_and_keeps_time_order(threshold):
+    generator = torch.Generator().manual_seed(3)
+    metric = torch.randn(7, 4, generator=generator)
+    metric[3] = metric[1] + 0.05 * torch.randn(4, generator=generator)  # near-duplicates
+    metric[6] = metric[3] + 0.05 * torch.randn(4, generator=generator)
+    frames = torch.randn(7, 5, 2, generator=generator)
+    times = torch.tensor([0, 2, 3, 5, 8, 9, 12])
+    permutation = torch.randperm(7, generator=generator)  # given in any order
+    merged = merge_similar_frames(frames[permutation], metric[permutation], times[permutation], threshold)
+    root = b_vllm_groups(metric, threshold)
+    roots = sorted(set(root))
+    assert merged.times.tolist() == [int(times[r]) for r in roots]
+    for out, r in enumerate(roots):
+        members = [j for j in range(7) if root[j] == r]
+        assert torch.allclose(merged.frames[out], frames[members].mean(0), atol=1e-6)
+        assert merged.sizes[out] == len(members)
+    assert [roots.index(root[int(p)]) for p in permutation] == merged.owner.tolist()
+    if threshold >= 1.0:
+        assert len(roots) == 7
+    if 0.6 <= threshold <= 0.9:
+        assert root[3] == 1 and root[6] == 1  # the chain 6 -> 3 -> 1 ends at 1
+
+
+def test_temporal_merge_weights_by_size_and_checks_input():
+    frames = torch.tensor([[[0.0]], [[3.0]]])
+    merged = merge_similar_frames(frames, torch.ones(2, 2), torch.tensor([0, 1]), 0.5, sizes=torch.tensor([1.0, 2.0]))
+    assert merged.frames.tolist() == [[[2.0]]] and merged.sizes.tolist() == [3.0]
+    with pytest.raises(InvalidConfigError, match=r"threshold must be in \[0, 1\]"):
+        merge_similar_frames(frames, torch.ones(2, 2), torch.tensor([0, 1]), 1.5)
+    with pytest.raises(InputShapeError, match=r"metric must be \[K=2, C\]"):
+        merge_similar_frames(frames, torch.ones(3, 2), torch.tensor([0, 1]))
+
+
+@pytest.mark.parametrize("budget", [1, 7, 20, 24])
+def test_token_budget_is_exact_and_conserves_size(budget):
+    frames = torch.randn(4, 6, 3, generator=torch.Generator().manual_seed(5))
+    frame_sizes = torch.tensor([1.0, 2.0, 1.0, 3.0])
+    out = fit_token_budget(frames, budget, frame_sizes)
+    assert out.tokens.shape == (budget, 3) and out.sizes.shape == out.frame.shape == (budget,)
+    assert torch.isclose(out.sizes.sum(), (frame_sizes * 6).sum())  # every frame token is carried, weighted
+    assert bool((out.frame.diff() >= 0).all())  # (frame, patch) order
+    if budget == 24:
+        assert torch.equal(out.tokens, frames.reshape(24, 3))
+    with pytest.raises(InvalidConfigError, match="budget must be a positive int <= 24"):
+        fit_token_budget(frames, 25)

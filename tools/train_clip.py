@@ -1,0 +1,132 @@
+#!/usr/bin/env python
+"""Train vistok's reference CLIP (``vistok.models.clip``, an open_clip ``CLIP``) contrastively on Fashion-MNIST
+training images with captions ("a photo of a bag", one of ``CAPTION_TEMPLATES`` per image), with open_clip's own
+``ClipLoss``. Stops after ``--steps`` steps or ``--minutes`` of training, whichever comes first; ``--resume``
+continues from ``<out>/checkpoint.pt``. Writes ``<out>/model.safetensors``, ``<out>/log.jsonl`` and
+``<out>/metrics.json`` (zero-shot top-1 on the 10,000 test images, the class text embedding averaged over the
+templates).
+
+    python tools/train_clip.py --out runs/clip --steps 3000 --minutes 40 --threads 2      # the shipped one
+    python tools/train_clip.py --out runs/clip --steps 3000 --minutes 40 --threads 2 --resume
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from vistok.data import GreyBatchTransform, load_fashion_mnist
+from vistok.fmnist_qa import ITEM_NAMES
+from vistok.models.clip import CAPTION_TEMPLATES, captions_for, create_clip, zero_shot_classifier
+
+
+@torch.no_grad()
+def zero_shot_accuracy(model, tokenizer, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 1000
+                       ) -> float:
+    """Top-1 of the nearest class text embedding (templates averaged) over ``uint8`` ``images`` ``[N, 28, 28]``."""
+    classes = zero_shot_classifier(model, tokenizer, list(ITEM_NAMES))
+    to_input = GreyBatchTransform()
+    correct = 0
+    for start in range(0, len(images), batch_size):
+        x = to_input(images[start: start + batch_size]).expand(-1, 3, -1, -1)
+        predicted = (model.encode_image(x, normalize=True) @ classes.T).argmax(dim=1)
+        correct += int((predicted == labels[start: start + batch_size]).sum())
+    return correct / len(images)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="runs/clip")
+    parser.add_argument("--steps", type=int, default=1_000_000)
+    parser.add_argument("--minutes", type=float, default=25.0, help="training time budget (checkpoints excluded)")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--weight-decay", type=float, default=0.1)
+    parser.add_argument("--warmup", type=int, default=100)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--checkpoint-every", type=int, default=200)
+    parser.add_argument("--resume", action="store_true")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from open_clip.loss import ClipLoss
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(args.seed)
+    model, tokenizer = create_clip()
+    model.train()
+    images, labels = load_fashion_mnist("train")
+    # every (class, template) caption tokenized once
+    captions = tokenizer([caption for name in ITEM_NAMES for caption in captions_for(name)])
+    captions = captions.reshape(len(ITEM_NAMES), len(CAPTION_TEMPLATES), -1)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    loss_fn = ClipLoss()
+    augment = GreyBatchTransform(augment=True)
+    step, elapsed = 0, 0.0
+    checkpoint = out / "checkpoint.pt"
+    if args.resume and checkpoint.is_file():
+        state = torch.load(checkpoint, weights_only=False)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        step, elapsed = state["step"], state["elapsed"]
+        torch.set_rng_state(state["rng"])
+        print(f"resumed at step {step} ({elapsed / 60:.1f} min)", file=sys.stderr)
+    budget = args.minutes * 60
+    log = (out / "log.jsonl").open("a")
+    started, losses = time.perf_counter() - elapsed, []
+    while step < args.steps and elapsed < budget:
+        step_seed = args.seed * 1_000_003 + step  # the step's draws (examples, captions, shifts): resumable
+        generator = torch.Generator().manual_seed(step_seed)
+        augment.generator.manual_seed(step_seed)
+        index = torch.randint(len(images), (args.batch_size,), generator=generator)
+        template = torch.randint(len(CAPTION_TEMPLATES), (args.batch_size,), generator=generator)
+        x = augment(images[index]).expand(-1, 3, -1, -1)
+        text = captions[labels[index], template]
+        progress = min(max(step / args.steps, elapsed / budget), 1.0)  # the cosine runs to whichever ends first
+        lr = args.lr * min(1.0, (step + 1) / args.warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        image_features, text_features, logit_scale = model(x, text)
+        loss = loss_fn(image_features, text_features, logit_scale)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, math.log(100))
+        step += 1
+        losses.append(loss.item())
+        elapsed = time.perf_counter() - started
+        if step % 50 == 0:
+            record = {"step": step, "loss": sum(losses) / len(losses), "lr": lr, "minutes": elapsed / 60}
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+            print(record, file=sys.stderr)
+            losses = []
+        if step % args.checkpoint_every == 0:
+            paused = time.perf_counter()
+            torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+                        "elapsed": elapsed, "rng": torch.get_rng_state()}, checkpoint)
+            started += time.perf_counter() - paused  # checkpoints do not count against the budget
+    model.eval()
+    from safetensors.torch import save_file
+
+    save_file({name: tensor.contiguous() for name, tensor in model.state_dict().items()},
+              str(out / "model.safetensors"))
+    test_images, test_labels = load_fashion_mnist("test")
+    accuracy = zero_shot_accuracy(model, tokenizer, test_images, test_labels)
+    metrics = {"steps": step, "minutes": elapsed / 60, "zero_shot_top1": accuracy, "batch_size": args.batch_size}
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    print(json.dumps(metrics))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
