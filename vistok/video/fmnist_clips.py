@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from ..data import load_fashion_mnist
 from ..errors import InvalidConfigError
 
-__all__ = ["CLASSES", "FRAMES", "FPS", "ClipSpec", "make_clip", "draw_specs", "write_dataset"]
+__all__ = ["CLASSES", "FRAMES", "FPS", "ClipSpec", "make_clip", "draw_specs", "write_dataset", "write_grey_mp4"]
 
 DIRECTIONS = ("left", "right", "up", "down")
 CLASSES = tuple(f"moving {d}{', swapped' if swap else ''}" for d in DIRECTIONS for swap in (False, True))
@@ -88,12 +88,13 @@ def draw_specs(count: int, labels: torch.Tensor, generator: torch.Generator) -> 
     return [specs[i] for i in order]
 
 
-def _write_mp4(path: Path, frames: np.ndarray) -> None:
+def write_grey_mp4(path: Path, frames: np.ndarray, fps: int = FPS) -> None:
+    """``uint8`` grey frames ``[T, H, W]`` (even ``H``, ``W``) as an H.264 ``.mp4`` whose luma is lossless."""
     import av
 
     with av.open(str(path), "w") as container:
-        stream = container.add_stream("libx264", rate=FPS)
-        stream.width, stream.height, stream.pix_fmt = CANVAS, CANVAS, "yuv420p"
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
         stream.options = {"crf": "0", "preset": "veryfast"}  # lossless luma: the grey items survive exactly
         for grey in frames:
             rgb = np.repeat(grey[..., None], 3, axis=2)
@@ -123,7 +124,7 @@ def write_dataset(root: str | Path, train_clips: int = 24_000, test_clips: int =
         rows = []
         for index, spec in enumerate(tqdm(specs, desc=f"{split} clips", disable=not progress)):
             clip_id = f"fm{split[:2]}{index:06d}"
-            _write_mp4(root / split / f"{clip_id}_000000_000002.mp4", make_clip(spec, items))
+            write_grey_mp4(root / split / f"{clip_id}_000000_000002.mp4", make_clip(spec, items))
             rows.append({"label": CLASSES[spec.label], "youtube_id": clip_id, "time_start": 0, "time_end": 2,
                          "split": split, "item": spec.item, "category": int(labels[spec.item])})
         with open(root / f"{split}.csv", "w", newline="") as handle:

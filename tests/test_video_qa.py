@@ -1,0 +1,189 @@
+"""Video question answering under a token budget (vistok.video.fmnist_qa, vistok.video.qa): answers that follow
+from the videos, the committed sample, each frame selection's semantics and budgets, and, on the real SmolLM2,
+the pipeline, the CLI, and the training and evaluation tools."""
+
+import copy
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from vistok import InvalidConfigError
+from vistok.fmnist_qa import ITEM_NAMES
+from vistok.video.fmnist_qa import FRAMES, FashionVideoQA
+from vistok.video.frames import uniform_frames
+from vistok.video.qa import EncodedVideo, VideoQAConfig, compress_video
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE = ROOT / "data" / "fmnist_video_qa_sample"
+
+
+def load_tool(name):
+    spec = importlib.util.spec_from_file_location(f"tool_{name}", ROOT / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_answers_follow_from_the_videos():
+    data = FashionVideoQA("test", 300, seed=4)
+    kinds = {}
+    for index in range(len(data)):
+        example = data.example(index)
+        frames = example.frames(data.images)
+        kinds[example.kind] = kinds.get(example.kind, 0) + 1
+        shown = [a.category for a in example.appearances]
+        assert len(set(shown)) == len(shown) and 2 <= len(shown) <= 5
+        lit = frames.reshape(FRAMES, -1).max(axis=1) > 0
+        assert sorted(np.flatnonzero(lit).tolist()) == example.evidence()  # items exactly where they appear
+        for first, second in zip(example.appearances, example.appearances[1:], strict=False):
+            assert second.start > first.start + first.length  # a black frame between
+        if example.kind == "exists":
+            asked = ITEM_NAMES.index(example.question[len("Is there a "):-1])
+            assert example.answer == ("yes" if asked in shown else "no")
+        elif example.kind == "after":
+            position = shown.index(ITEM_NAMES.index(example.question[len("What appears after the "):-1]))
+            assert example.answer == (ITEM_NAMES[shown[position + 1]] if position + 1 < len(shown) else "nothing")
+        else:
+            assert example.answer == str(len(shown))
+    assert set(kinds) == {"exists", "after", "count"} and min(kinds.values()) > 70
+    again = FashionVideoQA("test", 300, seed=4)
+    assert np.array_equal(again.example(9).frames(again.images), data.example(9).frames(data.images))
+    with pytest.raises(InvalidConfigError, match="split"):
+        FashionVideoQA("val", 3)
+
+
+def test_the_committed_sample_decodes_to_its_questions():
+    from vistok.video import read_video
+
+    rows = json.loads((SAMPLE / "test.json").read_text())
+    data = FashionVideoQA("test", len(rows), seed=0)
+    for index, row in enumerate(rows):
+        example = data.example(index)
+        assert (row["question"], row["answer"], row["evidence"]) == (example.question, example.answer,
+                                                                      example.evidence())
+        decoded = read_video(SAMPLE / row["video"])[..., 0].int()
+        assert (decoded - torch.from_numpy(example.frames(data.images)).int()).abs().max() <= 1  # near lossless
+
+
+def encoded_video(frames=12, tokens=4, dim=6, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return EncodedVideo(torch.randn(frames, tokens, dim, generator=generator), torch.randn(frames, dim,
+                                                                                            generator=generator))
+
+
+@pytest.mark.parametrize("budget", [5, 16, 30, 48])
+def test_each_selection_keeps_its_frames_within_the_budget(budget):
+    video = encoded_video()
+    uniform = compress_video(video, VideoQAConfig(budget=budget, selection="uniform", frames=None))
+    whole = min(12, max(1, budget // 4))
+    assert uniform.frames == uniform_frames(12, whole).tolist()
+    assert uniform.tokens.shape[0] == min(budget, whole * 4)
+    drop = compress_video(video, VideoQAConfig(budget=budget, selection="drop"),
+                          generator=torch.Generator().manual_seed(1))
+    assert len(drop.frames) == whole and drop.frames == sorted(drop.frames)
+    every = compress_video(video, VideoQAConfig(budget=budget, selection="all"))
+    assert every.frames == list(range(12)) and every.tokens.shape[0] == budget
+    if budget == 48:
+        assert torch.equal(every.tokens, video.tokens.reshape(48, 6))  # every frame's every token
+    scores = torch.zeros(12)
+    scores[[2, 7, 9]] = 1.0
+    text = compress_video(video, VideoQAConfig(budget=budget, selection="text", frames=3), text_scores=scores)
+    assert text.frames == [2, 7, 9] and text.tokens.shape[0] == min(budget, 12)
+    if budget >= 12:
+        assert torch.equal(text.tokens, video.tokens[[2, 7, 9]].reshape(12, 6))
+    assert torch.isclose(every.sizes.sum(), torch.tensor(48.0))
+
+
+def test_the_learned_selection_reads_the_question_and_merges_alike_frames():
+    from vistok.video.frames import SelectorConfig, TemporalQuerySelector
+
+    torch.manual_seed(0)
+    selector = TemporalQuerySelector(SelectorConfig(frame_dim=6, text_dim=5, num_queries=4, width=8, heads=2)).eval()
+    video = encoded_video()
+    question = (torch.randn(1, 3, 5), torch.ones(1, 3))
+    with torch.no_grad():
+        out = compress_video(video, VideoQAConfig(budget=10, selection="learned", frames=4), selector, question)
+        unmerged = compress_video(video, VideoQAConfig(budget=100, selection="learned", frames=4,
+                                                       merge_threshold=None), selector, question)
+    assert out.tokens.shape[0] == min(10, 4 * len(out.frames)) and out.frames == sorted(out.frames)
+    assert unmerged.tokens.shape[0] == 16 and len(unmerged.frames) == 4
+    with pytest.raises(InvalidConfigError, match="needs the model's frame_selector"):
+        compress_video(video, VideoQAConfig(selection="learned"))
+    with pytest.raises(InvalidConfigError, match="needs image-text scores"):
+        compress_video(video, VideoQAConfig(selection="text"))
+
+
+def test_config_errors():
+    with pytest.raises(InvalidConfigError, match="selection must be one of"):
+        VideoQAConfig(selection="best")
+    with pytest.raises(InvalidConfigError, match="budget must be a positive int"):
+        VideoQAConfig(budget=0)
+    with pytest.raises(InvalidConfigError, match="needs a frame count"):
+        VideoQAConfig(selection="learned", frames=None)
+    with pytest.raises(InvalidConfigError, match=r"merge_threshold must be in \[0, 1\]"):
+        VideoQAConfig(merge_threshold=2.0)
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    from vistok.samplers import load_smollm2
+
+    return load_smollm2()
+
+
+def video_vlm(smollm2, **kwargs):
+    from vistok.models import create_video_vlm
+
+    model, tokenizer = smollm2
+    return create_video_vlm(language_model=(copy.deepcopy(model), tokenizer), **kwargs)
+
+
+@pytest.mark.slow
+def test_the_pipeline_answers_a_video_file(smollm2):
+    from vistok.video import VideoReadError
+    from vistok.video.qa import VideoQA
+
+    model, tokenizer = video_vlm(smollm2)
+    rows = json.loads((SAMPLE / "test.json").read_text())
+    qa = VideoQA(model, tokenizer, VideoQAConfig(budget=64, selection="learned"))
+    result = qa(SAMPLE / rows[0]["video"], rows[0]["question"])
+    assert isinstance(result.answer, str) and 1 <= result.visual_tokens <= 64
+    assert set(result.seconds) == {"decode", "encode", "select_and_compress", "answer"}
+    assert result.frames == sorted(result.frames) and all(0 <= t < FRAMES for t in result.frames)
+    with pytest.raises(VideoReadError):
+        qa(SAMPLE / "missing.mp4", "Is there a bag?")
+    with pytest.raises(InvalidConfigError, match="needs clip="):
+        VideoQA(model, tokenizer, VideoQAConfig(selection="text"))
+
+
+@pytest.mark.slow
+def test_training_and_evaluation_tools_run_end_to_end(smollm2, tmp_path):
+    """Two training steps move the selector and the adapters; the evaluation tool reads the committed manifest
+    and writes a row per selection and budget."""
+    train = load_tool("train_video_vlm")
+    assert train.main(["--out", str(tmp_path / "run"), "--steps", "2", "--batch-size", "2", "--budgets", "32",
+                       "--every", "0", "--save-every", "1"], language_model=(copy.deepcopy(smollm2[0]),
+                                                                              smollm2[1])) == 0
+    from safetensors.torch import load_file
+
+    trained = load_file(str(tmp_path / "run" / "model.safetensors"))
+    fresh = video_vlm(smollm2)[0]
+    changed = [name for name, value in trained.items() if not torch.equal(value, fresh.state_dict()[name])]
+    assert any(name.startswith("frame_selector.") for name in changed)
+    assert any(".lora_" in name for name in changed)
+    evaluate = load_tool("eval_video_qa")
+    model = video_vlm(smollm2, checkpoint=tmp_path / "run" / "model.safetensors")
+    assert evaluate.main(["--out", str(tmp_path / "eval"), "--manifest", str(SAMPLE / "test.json"), "--questions",
+                          "3", "--selections", "learned", "uniform", "all", "--budgets", "32"],
+                         model_and_tokenizer=model) == 0
+    import csv
+
+    with open(tmp_path / "eval.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [(r["selection"], int(r["budget"])) for r in rows] == [("learned", 32), ("uniform", 32), ("all", 32),
+                                                                  ("all", FRAMES * 9)]
+    assert float(rows[-1]["visual_tokens"]) == FRAMES * 9 and (tmp_path / "eval.png").is_file()

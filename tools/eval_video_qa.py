@@ -1,0 +1,177 @@
+#!/usr/bin/env python
+"""Evaluate video question answering under visual token budgets (vistok.video.qa) on held-out Fashion-MNIST video
+questions: exact-match accuracy (and per question kind), visual tokens, frames kept and seconds per stage
+(decode, encode, select + compress, answer) for each frame selection at each budget, and every frame's every
+token as the reference. Writes <out>.csv and <out>.png (accuracy vs budget per selection).
+
+The questions come from an MVBench-style manifest (``--manifest``: a JSON list of {"video", "question",
+"answer"}, video paths relative to the manifest, decoded with vistok.video.read_video), or are made on the fly
+(``vistok.video.fmnist_qa``, test split, seed 0; no decoding).
+
+    python tools/eval_video_qa.py --out results/video_qa --questions 300 --clip
+    python tools/eval_video_qa.py --out results/video_qa_sample --manifest data/fmnist_video_qa_sample/test.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from vistok.models import create_video_vlm
+from vistok.models.reference_vlm import answer_questions
+from vistok.video.frames import text_frame_scores
+from vistok.video.qa import (
+    SELECTIONS,
+    VideoQAConfig,
+    compress_video,
+    encode_frames,
+    frames_to_input,
+    question_embeddings,
+)
+
+
+def load_questions(args: argparse.Namespace) -> list[dict]:
+    """``{"frames", "question", "answer", "kind", "decode"}`` per question."""
+    if args.manifest:
+        from vistok.video import read_video
+
+        manifest = Path(args.manifest)
+        rows = json.loads(manifest.read_text())[: args.questions]
+        out = []
+        for row in rows:
+            started = time.perf_counter()
+            frames = read_video(manifest.parent / row["video"])
+            out.append({**row, "frames": frames, "decode": time.perf_counter() - started})
+        return out
+    from vistok.video.fmnist_qa import FashionVideoQA
+
+    data = FashionVideoQA("test", args.questions, seed=0)
+    out = []
+    for index in range(args.questions):
+        example = data.example(index)
+        out.append({"frames": torch.from_numpy(example.frames(data.images)), "question": example.question,
+                    "answer": example.answer, "kind": example.kind, "decode": 0.0})
+    return out
+
+
+def evaluate(model, tokenizer, questions: list[dict], config: VideoQAConfig, clip, batch_size: int) -> dict:
+    """Accuracy, tokens, frames and seconds per stage (means per question) of one selection at one budget."""
+    selector = getattr(model, "frame_selector", None)
+    features, frames_kept, compress_seconds = [], [], 0.0
+    for index, item in enumerate(questions):
+        started = time.perf_counter()
+        with torch.no_grad():
+            asked = question_embeddings(model, tokenizer, [item["question"]]) if config.selection == "learned" \
+                else None
+            scores = None
+            if config.selection == "text":
+                scores = text_frame_scores(clip[0], clip[1], item["pixels"].expand(-1, 3, -1, -1), item["question"])
+            compressed = compress_video(item["encoded"], config, selector, asked, scores,
+                                        torch.Generator().manual_seed(index))
+        compress_seconds += time.perf_counter() - started
+        features.append(compressed.tokens)
+        frames_kept.append(len(compressed.frames))
+    answers, answer_seconds = [], 0.0
+    for start in range(0, len(questions), batch_size):
+        chunk = questions[start: start + batch_size]
+        result = answer_questions(model, tokenizer, None, [q["question"] for q in chunk],
+                                  features=features[start: start + batch_size])
+        answers.extend(result.answers)
+        answer_seconds += result.total_seconds
+    correct = [a.strip().lower() == q["answer"] for a, q in zip(answers, questions, strict=True)]
+    kinds = sorted({q["kind"] for q in questions})
+    count = len(questions)
+    row = {"selection": config.selection, "budget": config.budget, "accuracy": 100 * sum(correct) / count,
+           "visual_tokens": sum(f.shape[0] for f in features) / count, "frames": sum(frames_kept) / count,
+           "decode_s": sum(q["decode"] for q in questions) / count,
+           "encode_s": sum(q["encode_s"] for q in questions) / count,
+           "select_compress_s": compress_seconds / count, "answer_s": answer_seconds / count}
+    row["total_s"] = row["decode_s"] + row["encode_s"] + row["select_compress_s"] + row["answer_s"]
+    for kind in kinds:
+        hits = [c for c, q in zip(correct, questions, strict=True) if q["kind"] == kind]
+        row[f"accuracy_{kind}"] = 100 * sum(hits) / len(hits)
+    return row
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(6, 4))
+    reference = [r for r in rows if r["selection"] == "all" and r["budget"] >= r["visual_tokens"]]
+    for selection in dict.fromkeys(r["selection"] for r in rows):
+        points = sorted((r["budget"], r["accuracy"]) for r in rows if r["selection"] == selection
+                        and r not in reference)
+        if points:
+            axis.plot(*zip(*points, strict=True), marker="o", label=selection)
+    for r in reference:
+        axis.axhline(r["accuracy"], color="black", linestyle="--", label=f"every token ({r['visual_tokens']:.0f})")
+    axis.set_xlabel("visual token budget")
+    axis.set_ylabel("exact-match accuracy (%)")
+    axis.set_title("Fashion-MNIST video questions")
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
+def main(argv: list[str] | None = None, model_and_tokenizer=None) -> int:
+    """``model_and_tokenizer``: a video-LLM to evaluate instead of the shipped one (tests)."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="results/video_qa")
+    parser.add_argument("--questions", type=int, default=300)
+    parser.add_argument("--manifest", default=None)
+    parser.add_argument("--checkpoint", default=None, help="trained tensors instead of the shipped ones")
+    parser.add_argument("--selections", nargs="+", default=["learned", "text", "uniform", "drop", "all"],
+                        choices=SELECTIONS)
+    parser.add_argument("--budgets", nargs="+", type=int, default=[128, 256, 512])
+    parser.add_argument("--clip", action="store_true", help="load the reference CLIP for selection 'text'")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=0)
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    selections = [s for s in args.selections if s != "text" or args.clip]
+    if model_and_tokenizer is None:
+        model_and_tokenizer = create_video_vlm(pretrained=args.checkpoint is None, checkpoint=args.checkpoint)
+    model, tokenizer = model_and_tokenizer
+    clip = None
+    if "text" in selections:
+        from vistok.models import create_clip
+
+        clip = create_clip(pretrained=True)
+    questions = load_questions(args)
+    for item in questions:
+        started = time.perf_counter()
+        item["pixels"] = frames_to_input(item["frames"])
+        item["encoded"] = encode_frames(model, item["pixels"])
+        item["encode_s"] = time.perf_counter() - started
+    every = questions[0]["encoded"].tokens.shape[0] * questions[0]["encoded"].tokens.shape[1]
+    plans = [(s, b) for s in selections for b in args.budgets] + ([("all", every)] if "all" in selections else [])
+    rows = []
+    for selection, budget in plans:
+        config = VideoQAConfig(budget=budget, selection=selection, frames=None if selection == "uniform" else 16)
+        row = evaluate(model, tokenizer, questions, config, clip, args.batch_size)
+        rows.append(row)
+        print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fields = list(dict.fromkeys(key for row in rows for key in row))
+    with open(out.with_suffix(".csv"), "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+    plot(rows, out.with_suffix(".png"))
+    print(f"wrote {out.with_suffix('.csv')} and {out.with_suffix('.png')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,157 @@
+#!/usr/bin/env python
+"""Train vistok's reference video-LLM (``vistok_video_vlm_fmnist``: the reference ViT per 28 x 28 frame, B-VLLM's
+frame selector, a projector, SmolLM2-135M with LoRA) on Fashion-MNIST video questions
+(:mod:`vistok.video.fmnist_qa`), end to end through the pipeline's own stages (:func:`vistok.video.qa.compress_video`):
+the selector learns from the answer loss through its Gumbel-softmax, as in B-VLLM. The ViT and SmolLM2 stay frozen.
+
+Each batch goes through one way of choosing frames, drawn from the step's seed: the learned selector (16 frames;
+``--learned`` of the batches), uniform frames (as many as the budget holds), CLIP-scored frames (with
+``--clip``), or every frame's every token; and one budget of ``--budgets``. So the language model learns to read
+every way the evaluation compares. Stops after ``--steps`` steps or ``--minutes``; ``--resume`` continues from
+``<out>/checkpoint.pt``. Writes ``<out>/model.safetensors`` (the trained tensors) and ``<out>/log.jsonl``.
+
+    python tools/train_video_vlm.py --out runs/video_vlm --minutes 60 --threads 2 --clip    # the shipped one
+    python tools/train_video_vlm.py --out runs/video_vlm --minutes 60 --threads 2 --clip --resume
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from vistok.models.reference_vlm import answer_batch, answer_loss, create_video_vlm, encoded_features, trained_state
+from vistok.video.fmnist_qa import FRAMES, FashionVideoQA
+from vistok.video.frames import text_frame_scores
+from vistok.video.qa import EncodedVideo, VideoQAConfig, compress_video, frames_to_input, question_embeddings
+
+
+def batch_plan(step: int, seed: int, learned: float, with_clip: bool, budgets: list[int], every: float
+               ) -> tuple[str, int]:
+    """``(selection, budget)`` of the batch of ``step``."""
+    rng = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    draw = float(torch.rand((), generator=rng))
+    budget = budgets[int(torch.randint(len(budgets), (), generator=rng))]
+    if draw < learned:
+        return "learned", budget
+    if draw < learned + every:
+        return "all", FRAMES * 9
+    if with_clip and float(torch.rand((), generator=rng)) < 0.5:
+        return "text", budget
+    return "uniform", budget
+
+
+@torch.no_grad()
+def encode_videos(model, videos: list[torch.Tensor]) -> list[EncodedVideo]:
+    """Every frame of every video through the tower, each distinct frame once (the videos repeat few images)."""
+    flat = torch.cat(videos)  # [B * T, 28, 28] uint8
+    distinct, where = torch.unique(flat.reshape(flat.shape[0], -1), dim=0, return_inverse=True)
+    tower = model.model.vision_tower
+    states = tower(frames_to_input(distinct.reshape(-1, 28, 28)), output_hidden_states=True).hidden_states
+    states = states[model.config.vision_feature_layer][where]
+    return [EncodedVideo(part[:, 1:], part[:, 0]) for part in states.split([v.shape[0] for v in videos])]
+
+
+def main(argv: list[str] | None = None, language_model=None) -> int:
+    """``language_model``: ``(causal LM, tokenizer)`` instead of SmolLM2 (tests)."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="runs/video_vlm")
+    parser.add_argument("--steps", type=int, default=100_000)
+    parser.add_argument("--minutes", type=float, default=60.0, help="training time budget (checkpoints excluded)")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--warmup", type=int, default=30)
+    parser.add_argument("--lora-rank", type=int, default=8)
+    parser.add_argument("--learned", type=float, default=0.6, help="share of batches through the learned selector")
+    parser.add_argument("--every", type=float, default=0.1, help="share of batches with every frame's every token")
+    parser.add_argument("--budgets", nargs="+", type=int, default=[128, 256, 512])
+    parser.add_argument("--clip", action="store_true", help="some batches choose frames by the reference CLIP")
+    parser.add_argument("--save-every", type=int, default=25)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--resume", action="store_true")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    model, tokenizer = create_video_vlm(lora_rank=args.lora_rank, language_model=language_model)
+    model.train()
+    clip = None
+    if args.clip:
+        from vistok.models import create_clip
+
+        clip = create_clip(pretrained=True)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=0.0)
+    step, spent = 0, 0.0
+    checkpoint = out / "checkpoint.pt"
+    if args.resume:
+        state = torch.load(checkpoint, weights_only=False)
+        model.load_state_dict(state["trained"], strict=False)
+        optimizer.load_state_dict(state["optimizer"])
+        step, spent = state["step"], state["seconds"]
+    data = FashionVideoQA("train", 10_000_000, seed=args.seed)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    budget_seconds = args.minutes * 60
+    log = open(out / "log.jsonl", "a")
+
+    def save() -> None:
+        from safetensors.torch import save_file
+
+        save_file(trained_state(model), str(out / "model.safetensors"))
+        torch.save({"trained": trained_state(model), "optimizer": optimizer.state_dict(), "step": step,
+                    "seconds": spent}, checkpoint)
+
+    running = None
+    while step < args.steps and spent < budget_seconds:
+        started = time.perf_counter()
+        progress = min(1.0, max(step / args.steps, spent / budget_seconds))
+        lr = args.lr * min(1.0, (step + 1) / args.warmup) * (0.55 + 0.45 * math.cos(math.pi * progress))
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        examples = [data[step * args.batch_size + i] for i in range(args.batch_size)]
+        selection, budget = batch_plan(step, args.seed, args.learned, clip is not None, args.budgets, args.every)
+        config = VideoQAConfig(budget=budget, selection=selection, frames=None if selection == "uniform" else 16)
+        encoded = encode_videos(model, [frames for frames, _, _ in examples])
+        generator = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
+        features = []
+        for (frames, question, _), video in zip(examples, encoded, strict=True):
+            asked = question_embeddings(model, tokenizer, [question]) if selection == "learned" else None
+            scores = None
+            if selection == "text":
+                scores = text_frame_scores(clip[0], clip[1], frames_to_input(frames).expand(-1, 3, -1, -1), question)
+            features.append(compress_video(video, config, model.frame_selector, asked, scores, generator).tokens)
+        batch = answer_batch(tokenizer, [q for _, q, _ in examples], [a for _, _, a in examples],
+                             [f.shape[0] for f in features], pad_id)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = answer_loss(model, {**batch, "mm_encoder_outputs": encoded_features(model, features)})
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        optimizer.step()
+        step += 1
+        spent += time.perf_counter() - started
+        value = float(loss.detach())
+        running = value if running is None else 0.95 * running + 0.05 * value
+        log.write(json.dumps({"step": step, "loss": value, "smoothed": running, "lr": lr, "seconds": round(spent, 1),
+                              "selection": selection, "budget": budget,
+                              "tokens": sum(f.shape[0] for f in features) / len(features)}) + "\n")
+        log.flush()
+        if step % args.save_every == 0:
+            save()
+            print(f"step {step}: loss {running:.3f}, {spent / 60:.1f} min", flush=True)
+    save()
+    print(f"done: {step} steps, {step * args.batch_size} videos, {spent / 60:.1f} min of training; "
+          f"{out / 'model.safetensors'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

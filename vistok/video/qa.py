@@ -1,0 +1,271 @@
+"""Video question answering under a visual token budget, end to end (B-VLLM's recipe on vistok's stages):
+
+decode (:func:`vistok.video.read_video`) -> encode every frame with the vision-LLM's tower -> choose frames
+(B-VLLM's trainable selector, CLIP image-text similarity, or the baselines) -> merge near-duplicate frames ->
+fit the tokens to the budget -> the language model -> decode with :mod:`vistok.samplers` -> the answer.
+
+>>> qa = VideoQA(*create_video_vlm(pretrained=True), VideoQAConfig(budget=256, selection="learned"))
+>>> result = qa("clip.mp4", "Is there a bag?")
+>>> result.answer, result.frames, result.visual_tokens, result.seconds
+
+Selections (``VideoQAConfig.selection``):
+
+* ``"learned"``: B-VLLM's selector (``model.frame_selector``): ``frames`` learned queries that read the question
+  pick frames by softmax over their scores (Gumbel noise while training);
+* ``"text"``: the ``frames`` frames most similar to the question by a CLIP-style model (training-free);
+* ``"uniform"``: ``frames`` evenly spaced frames, or as many as the budget holds whole (``frames=None``);
+* ``"drop"``: frame dropping: whole frames chosen at random, as many as the budget holds;
+* ``"all"``: every frame (spatially merged down to the budget when it does not fit).
+
+Then selected frames whose selection rows are similar past ``merge_threshold`` merge into the earlier one (B-VLLM:
+0.75; only soft rows of the learned selector can: distinct one-hot rows are orthogonal), and
+:func:`~vistok.video.frames.fit_token_budget` brings the tokens to at most ``budget`` (exactly, where there are
+more).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..data import FASHION_MNIST_MEAN, FASHION_MNIST_STD
+from ..errors import InputShapeError, InvalidConfigError
+from .frames import (
+    apply_selection,
+    fit_token_budget,
+    merge_similar_frames,
+    one_hot_selection,
+    text_frame_scores,
+    top_scoring_frames,
+    uniform_frames,
+)
+
+__all__ = ["SELECTIONS", "VideoQAConfig", "EncodedVideo", "CompressedVideo", "VideoAnswer", "VideoQA",
+           "encode_frames", "question_embeddings", "compress_video", "frames_to_input"]
+
+SELECTIONS = ("learned", "text", "uniform", "drop", "all")
+
+
+@dataclass
+class VideoQAConfig:
+    """How a video reaches the language model: ``budget`` visual tokens at most, the ``selection`` (see the
+    module docstring), ``frames`` it keeps (``None`` for uniform: as many as the budget holds whole), the temporal
+    merge ``merge_threshold`` (``None``: off), and ``seed`` (frame dropping's draw)."""
+
+    budget: int = 256
+    selection: str = "learned"
+    frames: int | None = 16
+    merge_threshold: float | None = 0.75
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.budget, bool) or not isinstance(self.budget, int) or self.budget < 1:
+            raise InvalidConfigError(f"VideoQAConfig: budget must be a positive int, got {self.budget!r}")
+        if self.selection not in SELECTIONS:
+            raise InvalidConfigError(f"VideoQAConfig: selection must be one of {SELECTIONS}, got {self.selection!r}")
+        if self.frames is not None and (isinstance(self.frames, bool) or not isinstance(self.frames, int)
+                                        or self.frames < 1):
+            raise InvalidConfigError(f"VideoQAConfig: frames must be a positive int or None, got {self.frames!r}")
+        if self.frames is None and self.selection in ("learned", "text"):
+            raise InvalidConfigError(f"VideoQAConfig: selection {self.selection!r} needs a frame count (frames=)")
+        threshold = self.merge_threshold
+        if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))
+                                      or not 0 <= threshold <= 1):
+            raise InvalidConfigError(f"VideoQAConfig: merge_threshold must be in [0, 1] or None, got {threshold!r}")
+
+
+@dataclass(frozen=True)
+class EncodedVideo:
+    """Every frame through the tower: ``tokens`` ``[T, N, D]`` at the feature layer, ``summaries`` ``[T, D]`` (each
+    frame's class token there)."""
+
+    tokens: Tensor
+    summaries: Tensor
+
+
+@dataclass(frozen=True)
+class CompressedVideo:
+    """What the language model reads: ``tokens`` ``[T', D]`` (tower features, in time order), ``frames`` the
+    video frames kept (a merged frame: its earliest), ``sizes`` ``[T']`` frame tokens per token."""
+
+    tokens: Tensor
+    frames: list[int]
+    sizes: Tensor
+
+
+@dataclass
+class VideoAnswer:
+    """The pipeline's result for one question: the answer, the frames kept, the visual tokens the language model
+    read, and the seconds of each stage (decode, encode, select+compress, answer)."""
+
+    answer: str
+    frames: list[int]
+    visual_tokens: int
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def frames_to_input(frames: Tensor, size: int = 28) -> Tensor:
+    """``uint8`` frames ``[T, H, W]`` (grey) or ``[T, H, W, 3]`` (RGB, as decoded) -> the tower's input
+    ``[T, 1, size, size]``, normalised like Fashion-MNIST."""
+    if frames.dim() == 4 and frames.shape[-1] == 3:
+        frames = frames.float().mean(dim=-1)
+    if frames.dim() != 3:
+        raise InputShapeError(f"frames_to_input: expected uint8 frames [T, H, W] or [T, H, W, 3], got "
+                              f"{tuple(frames.shape)}")
+    x = frames.float()[:, None] / 255
+    if x.shape[-2:] != (size, size):
+        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return (x - FASHION_MNIST_MEAN) / FASHION_MNIST_STD
+
+
+@torch.no_grad()
+def encode_frames(model: nn.Module, frames: Tensor, batch_size: int = 256, progress: bool = False
+                  ) -> EncodedVideo:
+    """Every frame ``[T, 1, 28, 28]`` through the vision-LLM's tower, at its feature layer
+    (``config.vision_feature_layer``), in batches (with a progress bar for long videos)."""
+    from tqdm.auto import tqdm
+
+    tower = model.model.vision_tower
+    layer = model.config.vision_feature_layer
+    states = []
+    starts = range(0, frames.shape[0], batch_size)
+    for start in tqdm(starts, desc="encoding frames", disable=not progress or len(starts) < 2):
+        states.append(tower(frames[start: start + batch_size], output_hidden_states=True).hidden_states[layer])
+    states = torch.cat(states)
+    return EncodedVideo(states[:, 1:], states[:, 0])
+
+
+def question_embeddings(model: nn.Module, tokenizer: Any, questions: list[str]) -> tuple[Tensor, Tensor]:
+    """The questions' token embeddings in the language model (``[B, L, D]``, right-padded) and their mask: what
+    the learned selector reads."""
+    rows = [tokenizer(q, add_special_tokens=False).input_ids for q in questions]
+    width = max(map(len, rows))
+    ids = torch.tensor([r + [0] * (width - len(r)) for r in rows])
+    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+    return model.get_input_embeddings()(ids), mask
+
+
+def compress_video(encoded: EncodedVideo, config: VideoQAConfig, selector: nn.Module | None = None,
+                   question: tuple[Tensor, Tensor] | None = None, text_scores: Tensor | None = None,
+                   generator: torch.Generator | None = None) -> CompressedVideo:
+    """Choose frames, merge near-duplicates and fit the budget (the module docstring): one video.
+
+    Args:
+        encoded: the video's frames through the tower; ``selector`` and ``question`` (``[1, L, D]`` embeddings
+            and mask) for ``"learned"``; ``text_scores`` ``[T]`` for ``"text"``; ``generator`` for the selector's
+            Gumbel noise (training) and frame dropping.
+    """
+    tokens, summaries = encoded.tokens, encoded.summaries
+    count, per_frame = tokens.shape[:2]
+    selection = _select(config, count, per_frame, summaries, selector, question, text_scores, generator)
+    chosen = apply_selection(tokens, selection)
+    times = (selection * torch.arange(count, dtype=selection.dtype, device=selection.device)).sum(-1)
+    frame_sizes = torch.ones(chosen.shape[0], dtype=chosen.dtype, device=chosen.device)
+    kept_times = selection.argmax(dim=-1)
+    if config.merge_threshold is not None and config.selection not in ("all", "drop") and chosen.shape[0] > 1:
+        # similarity of the selection rows, as B-VLLM: soft rows that pick the same frames merge; distinct
+        # one-hot rows (hard selections) never do
+        merged = merge_similar_frames(chosen, selection, times, config.merge_threshold)
+        chosen, frame_sizes = merged.frames, merged.sizes
+        kept_times = merged.times.round().long()
+    else:
+        order = times.argsort()
+        chosen, kept_times = chosen[order], kept_times[order]
+    budget = min(config.budget, chosen.shape[0] * per_frame)
+    fitted = fit_token_budget(chosen, budget, frame_sizes)
+    return CompressedVideo(fitted.tokens, kept_times.tolist(), fitted.sizes)
+
+
+def _select(config: VideoQAConfig, count: int, per_frame: int, summaries: Tensor, selector: nn.Module | None,
+            question: tuple[Tensor, Tensor] | None, text_scores: Tensor | None,
+            generator: torch.Generator | None) -> Tensor:
+    """``[K, T]``: each chosen frame's weights over the video's frames."""
+    kind = config.selection
+    whole = max(1, min(count, config.budget // per_frame))  # whole frames the budget holds
+    if kind == "learned":
+        if selector is None or question is None:
+            raise InvalidConfigError("selection 'learned' needs the model's frame_selector and the question")
+        return selector(summaries[None], question[0], question[1], generator=generator)[0]
+    if kind == "text":
+        if text_scores is None:
+            raise InvalidConfigError("selection 'text' needs image-text scores of the frames (a CLIP model)")
+        indices = top_scoring_frames(text_scores, min(config.frames, count))
+    elif kind == "uniform":
+        indices = uniform_frames(count, min(config.frames or whole, count))
+    elif kind == "drop":
+        indices = torch.randperm(count, generator=generator)[:whole].sort().values
+    else:
+        indices = torch.arange(count)
+    return one_hot_selection(indices, count, summaries.dtype).to(summaries.device)
+
+
+class VideoQA:
+    """The pipeline as an object: ``qa(video, question)`` -> :class:`VideoAnswer`.
+
+    Args:
+        model, tokenizer: the video-LLM (:func:`vistok.models.create_video_vlm`).
+        config: the budget and the selection.
+        clip: ``(open_clip model, tokenizer)`` for ``selection="text"``
+            (:func:`vistok.models.create_clip`).
+        sampling: a :class:`vistok.samplers.SamplingConfig` (default greedy).
+        progress: progress bars for long videos.
+        timeout: seconds decoding a video may take (:func:`vistok.video.read_video`).
+    """
+
+    def __init__(self, model: nn.Module, tokenizer: Any, config: VideoQAConfig | None = None,
+                 clip: tuple[nn.Module, Any] | None = None, sampling: Any = None, progress: bool = False,
+                 timeout: float | None = 60.0) -> None:
+        self.model, self.tokenizer = model, tokenizer
+        self.config = config or VideoQAConfig()
+        if self.config.selection == "text" and clip is None:
+            raise InvalidConfigError("VideoQA: selection 'text' needs clip=(model, tokenizer), e.g. "
+                                     "vistok.models.create_clip(pretrained=True)")
+        if self.config.selection == "learned" and getattr(model, "frame_selector", None) is None:
+            raise InvalidConfigError(f"VideoQA: selection 'learned' needs a model with a frame_selector "
+                                     f"({type(model).__name__} has none; use vistok.models.create_video_vlm)")
+        self.clip, self.sampling, self.progress, self.timeout = clip, sampling, progress, timeout
+
+    def __call__(self, video: str | os.PathLike | Tensor, question: str, seed: int = 0) -> VideoAnswer:
+        from ..models.reference_vlm import answer_questions
+        from .io import read_video
+
+        seconds: dict[str, float] = {}
+        started = time.perf_counter()
+        frames = video if isinstance(video, Tensor) else read_video(video, timeout=self.timeout)
+        seconds["decode"] = time.perf_counter() - started
+        started = time.perf_counter()
+        pixels = frames_to_input(frames)
+        encoded = encode_frames(self.model, pixels, progress=self.progress)
+        seconds["encode"] = time.perf_counter() - started
+        started = time.perf_counter()
+        with torch.no_grad():
+            compressed = self.compress(encoded, pixels, question, seed)
+        seconds["select_and_compress"] = time.perf_counter() - started
+        result = answer_questions(self.model, self.tokenizer, None, [question], sampling=self.sampling, seeds=seed,
+                                  features=[compressed.tokens])
+        seconds["answer"] = result.total_seconds
+        return VideoAnswer(result.answers[0], compressed.frames, compressed.tokens.shape[0], seconds)
+
+    def compress(self, encoded: EncodedVideo, pixels: Tensor, question: str, seed: int = 0) -> CompressedVideo:
+        """Selection, temporal merge and budget for one encoded video (``pixels``: its frames as the tower took
+        them, for CLIP scores)."""
+        config = self.config
+        asked = scores = None
+        if config.selection == "learned":
+            asked = question_embeddings(self.model, self.tokenizer, [question])
+        if config.selection == "text":
+            clip_model, clip_tokenizer = self.clip
+            size = clip_model.visual.image_size
+            size = size[0] if isinstance(size, (tuple, list)) else size
+            clip_pixels = pixels if pixels.shape[-1] == size else F.interpolate(pixels, size=(size, size))
+            scores = text_frame_scores(clip_model, clip_tokenizer, clip_pixels.expand(-1, 3, -1, -1), question)
+        selector = getattr(self.model, "frame_selector", None)
+        generator = torch.Generator().manual_seed(seed + config.seed)
+        return compress_video(encoded, config, selector, asked, scores, generator)
+
