@@ -49,7 +49,8 @@ def test_selection_mixes_frames():
 
 def test_gumbel_selection_argmax_follows_the_softmax_of_the_logits():
     """The Gumbel-max property: the argmax of the noisy weights is frame t with probability softmax(logits)_t,
-    whatever tau; without noise the weights are softmax(logits / tau)."""
+    whatever tau; without noise the weights are softmax(logits / tau); hard selection is that argmax, one-hot,
+    with the soft weights' gradient."""
     logits = torch.tensor([1.0, 0.0, -1.0, 2.0])
     draws = 40_000
     weights = gumbel_selection(logits.expand(draws, -1), tau=0.5, generator=torch.Generator().manual_seed(0))
@@ -58,6 +59,13 @@ def test_gumbel_selection_argmax_follows_the_softmax_of_the_logits():
     assert (frequency - expected).abs().max() < 4 * (expected * (1 - expected) / draws).sqrt().max()
     assert torch.allclose(weights.sum(dim=1), torch.ones(draws))
     assert torch.allclose(gumbel_selection(logits, tau=0.5, noise=False), torch.softmax(logits / 0.5, dim=0))
+    hard = gumbel_selection(logits.expand(draws, -1), tau=0.5, generator=torch.Generator().manual_seed(0), hard=True)
+    assert torch.equal(hard, F.one_hot(weights.argmax(dim=1), 4).float())  # the same draws, one-hot
+    scores = logits.clone().requires_grad_(True)
+    (gumbel_selection(scores, tau=0.5, noise=False, hard=True) * torch.arange(4.0)).sum().backward()
+    soft = torch.softmax(logits / 0.5, dim=0)
+    expected_grad = soft * (torch.arange(4.0) - (soft * torch.arange(4.0)).sum()) / 0.5
+    assert torch.allclose(scores.grad, expected_grad, atol=1e-6)  # straight-through: the soft weights' gradient
     with pytest.raises(InvalidConfigError, match="tau must be > 0"):
         gumbel_selection(logits, tau=0)
 
@@ -67,17 +75,17 @@ def test_the_selector_trains_reads_the_question_and_ignores_padding():
     selector = TemporalQuerySelector(SelectorConfig(frame_dim=8, text_dim=6, num_queries=3, width=16, heads=2))
     summaries, text = torch.randn(2, 5, 8), torch.randn(2, 4, 6)
     selection = selector(summaries, text, generator=torch.Generator().manual_seed(1))
-    assert selection.shape == (2, 3, 5) and torch.allclose(selection.sum(-1), torch.ones(2, 3))
-    selection[..., 0].sum().backward()  # differentiable through the Gumbel-softmax
+    assert selection.shape == (2, 3, 5) and torch.equal(selection.detach().max(-1).values, torch.ones(2, 3))
+    (selection * torch.randn(2, 3, 5)).sum().backward()  # differentiable through the straight-through selection
     assert selector.queries.grad.abs().sum() > 0 and selector.text_in.weight.grad.abs().sum() > 0
     selector.eval()
     with torch.no_grad():
-        first = selector(summaries, text)
-        assert torch.equal(first, selector(summaries, text))  # no noise in eval mode
+        scores = selector.scores(summaries, text)
+        assert torch.equal(selector(summaries, text), F.one_hot(scores.argmax(-1), 5).float())  # no noise in eval
         padded = torch.cat([text, torch.randn(2, 3, 6)], dim=1)
         mask = torch.cat([torch.ones(2, 4), torch.zeros(2, 3)], dim=1)
-        assert torch.allclose(selector(summaries, padded, mask), first, atol=1e-6)
-        assert not torch.allclose(selector(summaries, torch.randn(2, 4, 6)), first)  # the question matters
+        assert torch.allclose(selector.scores(summaries, padded, mask), scores, atol=1e-5)
+        assert not torch.allclose(selector.scores(summaries, torch.randn(2, 4, 6)), scores)  # the question matters
     with pytest.raises(InputShapeError, match=r"text must be \[B=2, L, 6\]"):
         selector(summaries, torch.randn(2, 4, 5))
     with pytest.raises(InvalidConfigError, match="width 10 is not a multiple of heads 4"):
@@ -85,8 +93,9 @@ def test_the_selector_trains_reads_the_question_and_ignores_padding():
 
 
 def b_vllm_groups(metric, threshold):
-    """B-VLLM's rule read directly: frame j (in time order) merges into argmax_{i < j} of (cos + 1) / 2 if that
-    passes the threshold; chains followed to their earliest frame."""
+    """The rule as vistok documents it, read directly (O(K^2) loops): frame j (in time order) merges into
+    argmax_{i < j} of (cos + 1) / 2 if that passes the threshold (B-VLLM's rule); chains followed to their earliest
+    frame (vistok's choice)."""
     unit = F.normalize(metric, dim=-1)
     root = list(range(len(metric)))
     for j in range(1, len(metric)):

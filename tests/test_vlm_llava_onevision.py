@@ -191,6 +191,28 @@ def test_dominant_keeps_the_patches_the_towers_attention_ranks_first():
     assert logits.shape[1] == 2 + 5 + 1 + 5 + 1
 
 
+def test_dominant_ranks_a_crop_grid_by_each_crops_own_attention():
+    """A 64 x 64 image fills its 2 x 2 crops exactly (nothing unpadded or shrunk): its crop grid is the four crops'
+    4 x 4 patches side by side, so dominant must keep the top quarter of the crops' class attention laid out that
+    way (read from the tower's attention weights here), and the base view's top quarter of its own."""
+    model = tiny_onevision()
+    model.model.vision_tower.set_attn_implementation("eager")
+    pixels = torch.randn(1, 5, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    sizes = torch.tensor([[64, 64]])
+    with torch.no_grad():
+        full = model.model.get_image_features(pixels, sizes).pooler_output[0]
+        attentions = model.model.vision_tower(pixels[0], output_attentions=True).attentions
+        scores = attentions[-2][:, :, 0, 1:].mean(dim=1).reshape(5, SIDE, SIDE)  # base view, then crops row-major
+        crops = scores[1:].reshape(2, 2, SIDE, SIDE).permute(0, 2, 1, 3).reshape(-1)  # the 8 x 8 grid, row-major
+        with vistok.patch(model, "dominant", keep=0.25):
+            out = model.model.get_image_features(pixels, sizes).pooler_output[0]
+    view = SIDE * SIDE
+    grid = full[view:].reshape(8, 9, -1)[:, :8].reshape(64, -1)
+    expected = torch.cat([full[:view][scores[0].flatten().topk(4).indices.sort().values],
+                          grid[crops.topk(16).indices.sort().values], full[-1:]])
+    assert torch.equal(out, expected)
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_videos_keep_a_budget_per_frame_and_their_newline(method):
     model = tiny_onevision()
@@ -238,6 +260,8 @@ def test_copies_and_removal():
     twin = copy.deepcopy(model)
     with torch.no_grad():
         short = model(**x).logits
+        as_tuple = model.model.get_image_features(x["pixel_values"], x["image_sizes"], return_dict=False)
+        assert isinstance(as_tuple, tuple) and [t.shape[0] for t in as_tuple[1]] == [8 + 16 + 1, 8 + 32 + 1]
         assert torch.equal(twin(**x).logits, short)
         handle.remove()
         assert (model(**x).logits - expected).abs().max() == 0

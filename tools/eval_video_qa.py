@@ -106,7 +106,10 @@ def plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     figure, axis = plt.subplots(figsize=(6, 4))
-    reference = [r for r in rows if r["selection"] == "all" and r["budget"] >= r["visual_tokens"]]
+    every = max(r["visual_tokens"] for r in rows if r["selection"] == "all") if any(
+        r["selection"] == "all" for r in rows) else None
+    reference = [r for r in rows if r["selection"] == "all" and r["visual_tokens"] == every
+                 and r["budget"] == every]
     for selection in dict.fromkeys(r["selection"] for r in rows):
         points = sorted((r["budget"], r["accuracy"]) for r in rows if r["selection"] == selection
                         and r not in reference)

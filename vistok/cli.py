@@ -75,8 +75,10 @@ def _build_parser() -> argparse.ArgumentParser:
     video.add_argument("--question", required=True)
     video.add_argument("--budget", type=int, default=256, help="visual tokens at most")
     video.add_argument("--selection", default="learned", help="learned, text, uniform, drop or all")
-    video.add_argument("--frames", type=int, default=16, help="frames the selection keeps")
+    video.add_argument("--frames", type=int, default=16, help="frames text and uniform selection keep (learned: "
+                       "the selector's 16 queries)")
     video.add_argument("--merge-threshold", type=float, default=0.75, help="temporal merge (B-VLLM: 0.75)")
+    video.add_argument("--no-temporal-merge", action="store_true")
     video.add_argument("--temperature", type=float, default=0.0, help="0: greedy (vistok.samplers)")
     video.add_argument("--top-p", type=float, default=1.0)
     video.add_argument("--seed", type=int, default=0)
@@ -165,7 +167,7 @@ def _video_qa(args: argparse.Namespace) -> int:
     from .video.qa import VideoQA, VideoQAConfig
 
     config = VideoQAConfig(budget=args.budget, selection=args.selection, frames=args.frames,
-                           merge_threshold=args.merge_threshold)
+                           merge_threshold=None if args.no_temporal_merge else args.merge_threshold)
     model, tokenizer = create_video_vlm(pretrained=args.checkpoint is None, checkpoint=args.checkpoint)
     clip = create_clip(pretrained=True) if config.selection == "text" else None
     qa = VideoQA(model, tokenizer, config, clip=clip, sampling=SamplingConfig(temperature=args.temperature,

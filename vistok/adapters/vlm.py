@@ -241,7 +241,9 @@ class VisionLLMHandle:
         grids = encoded.units.grids
         if len(set(grids)) > 1:
             raise InvalidConfigError(f"encode() returns one [U, T, D] tensor: give it {self.family.unit}s of one size "
-                                     f"at a time (these give token grids {sorted(set(grids))})")
+                                     f"at a time (these give token grids {sorted(set(grids))}; a LLaVA-OneVision "
+                                     "image with crops has two, its base view's and its crops': encode such "
+                                     "images through the model's forward)")
         results = encoded.results
         result = Budgeted(torch.cat([r.tokens for r in results]), torch.cat([r.sizes for r in results]),
                           torch.cat([r.owner for r in results]))
@@ -321,9 +323,10 @@ class VisionLLMHandle:
             for row, index in enumerate(members):
                 results[index] = Budgeted(*(t[row: row + 1] for t in (result.tokens, result.sizes, result.owner)))
         family.join(base, modality, out, units, [result.tokens[0] for result in results])
+        budgets = family.item_lengths(modality, out)
         if not kwargs.get("return_dict", True):
             out = out.to_tuple()
-        return _EncodedUnits(out, units, results, lengths, family.item_lengths(modality, out))
+        return _EncodedUnits(out, units, results, lengths, budgets)
 
     def _shorten_encoded(self, kwargs: dict, key: str) -> dict | None:
         """:meth:`_shorten` for families whose units differ in size (``encodes_up_front``): the images (and

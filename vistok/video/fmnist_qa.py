@@ -69,7 +69,7 @@ class VideoQuestion:
         return video
 
     def evidence(self) -> list[int]:
-        """The frames that show an item (every one a count needs; the asked one and its successor for the others)."""
+        """The frames that show an item: every frame the answers can depend on."""
         return [t for shown in self.appearances for t in range(shown.start, shown.start + shown.length)]
 
 

@@ -92,29 +92,36 @@ def apply_selection(frames: Tensor, selection: Tensor) -> Tensor:
 
 
 def gumbel_selection(logits: Tensor, tau: float = 0.5, generator: torch.Generator | None = None,
-                     noise: bool = True) -> Tensor:
-    """Soft selection weights over frames: ``softmax((logits + g) / tau)`` along the last axis with Gumbel noise
-    ``g`` (B-VLLM's ``gumbel_softmax(..., tau=0.5)``, differentiable); ``noise=False`` drops the noise (the
-    deterministic selection vistok uses at inference)."""
+                     noise: bool = True, hard: bool = False) -> Tensor:
+    """Selection weights over frames (the last axis): ``softmax((logits + g) / tau)`` with Gumbel noise ``g``
+    (B-VLLM's ``gumbel_softmax(..., tau=0.5)``, differentiable); ``noise=False`` drops the noise. With ``hard``,
+    the forward value is the one-hot argmax and the gradient the soft weights' (straight-through): the frame is
+    one real frame, and selection still trains."""
     if not tau > 0:
         raise InvalidConfigError(f"gumbel_selection: tau must be > 0, got {tau!r}")
     if noise:
         uniform = torch.rand(logits.shape, generator=generator, device="cpu" if generator is None
                              else generator.device).to(logits.device, logits.dtype)
         logits = logits - torch.log(-torch.log(uniform.clamp(1e-10, 1 - 1e-7)))
-    return torch.softmax(logits / tau, dim=-1)
+    soft = torch.softmax(logits / tau, dim=-1)
+    if not hard:
+        return soft
+    one_hot = F.one_hot(soft.argmax(dim=-1), soft.shape[-1]).to(soft.dtype)
+    return one_hot - soft.detach() + soft
 
 
 @dataclass(frozen=True)
 class SelectorConfig:
     """:class:`TemporalQuerySelector`'s shape: ``frame_dim`` (the frame summaries'), ``text_dim`` (the question's
-    token embeddings'), ``num_queries`` selected frames (B-VLLM: 16), ``tau`` (0.5), the width and heads of its
-    one query-text attention block."""
+    token embeddings'), ``num_queries`` selected frames (B-VLLM: 16), ``tau`` (0.5), ``hard`` (straight-through
+    one-hot selection; B-VLLM's code mixes frames softly), the width and heads of its one query-text attention
+    block."""
 
     frame_dim: int
     text_dim: int
     num_queries: int = 16
     tau: float = 0.5
+    hard: bool = True
     width: int = 128
     heads: int = 4
 
@@ -173,7 +180,7 @@ class TemporalQuerySelector(nn.Module):
     def forward(self, summaries: Tensor, text: Tensor, text_mask: Tensor | None = None,
                 generator: torch.Generator | None = None) -> Tensor:
         return gumbel_selection(self.scores(summaries, text, text_mask), self.config.tau, generator,
-                                noise=self.training)
+                                noise=self.training, hard=self.config.hard)
 
 
 @dataclass(frozen=True)

@@ -10,15 +10,15 @@ fit the tokens to the budget -> the language model -> decode with :mod:`vistok.s
 
 Selections (``VideoQAConfig.selection``):
 
-* ``"learned"``: B-VLLM's selector (``model.frame_selector``): ``frames`` learned queries that read the question
-  pick frames by softmax over their scores (Gumbel noise while training);
+* ``"learned"``: B-VLLM's selector (``model.frame_selector``): its learned queries (16) read the question and
+  each picks a frame by Gumbel-softmax over their scores (straight-through one-hot; no noise at inference);
 * ``"text"``: the ``frames`` frames most similar to the question by a CLIP-style model (training-free);
 * ``"uniform"``: ``frames`` evenly spaced frames, or as many as the budget holds whole (``frames=None``);
 * ``"drop"``: frame dropping: whole frames chosen at random, as many as the budget holds;
 * ``"all"``: every frame (spatially merged down to the budget when it does not fit).
 
 Then selected frames whose selection rows are similar past ``merge_threshold`` merge into the earlier one (B-VLLM:
-0.75; only soft rows of the learned selector can: distinct one-hot rows are orthogonal), and
+0.75; with one-hot rows, frames the selector picked more than once), and
 :func:`~vistok.video.frames.fit_token_budget` brings the tokens to at most ``budget`` (exactly, where there are
 more).
 """
@@ -76,8 +76,9 @@ class VideoQAConfig:
             raise InvalidConfigError(f"VideoQAConfig: selection {self.selection!r} needs a frame count (frames=)")
         threshold = self.merge_threshold
         if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))
-                                      or not 0 <= threshold <= 1):
-            raise InvalidConfigError(f"VideoQAConfig: merge_threshold must be in [0, 1] or None, got {threshold!r}")
+                                      or not 0.5 <= threshold <= 1):
+            raise InvalidConfigError(f"VideoQAConfig: merge_threshold must be in [0.5, 1] or None (two different "
+                                     f"frames' one-hot selection rows have similarity 0.5), got {threshold!r}")
 
 
 @dataclass(frozen=True)
@@ -165,13 +166,13 @@ def compress_video(encoded: EncodedVideo, config: VideoQAConfig, selector: nn.Mo
     count, per_frame = tokens.shape[:2]
     selection = _select(config, count, per_frame, summaries, selector, question, text_scores, generator)
     chosen = apply_selection(tokens, selection)
-    times = (selection * torch.arange(count, dtype=selection.dtype, device=selection.device)).sum(-1)
+    kept_times = selection.argmax(dim=-1)  # the frame each chosen one is (or weighs most)
+    times = kept_times.to(selection.dtype)
     frame_sizes = torch.ones(chosen.shape[0], dtype=chosen.dtype, device=chosen.device)
-    kept_times = selection.argmax(dim=-1)
     if config.merge_threshold is not None and config.selection not in ("all", "drop") and chosen.shape[0] > 1:
-        # similarity of the selection rows, as B-VLLM: soft rows that pick the same frames merge; distinct
-        # one-hot rows (hard selections) never do
-        merged = merge_similar_frames(chosen, selection, times, config.merge_threshold)
+        # similarity of the selection rows, as B-VLLM: rows that pick the same frames merge (one-hot rows: the
+        # same frame chosen twice); two different frames' one-hot rows never do
+        merged = merge_similar_frames(chosen, selection.detach(), times, config.merge_threshold)
         chosen, frame_sizes = merged.frames, merged.sizes
         kept_times = merged.times.round().long()
     else:
