@@ -2,7 +2,7 @@
 """Train vistok's reference CLIP (``vistok.models.clip``, an open_clip ``CLIP``) contrastively on Fashion-MNIST
 training images with captions ("a photo of a bag", one of ``CAPTION_TEMPLATES`` per image), with open_clip's own
 ``ClipLoss``. Stops after ``--steps`` steps or ``--minutes`` of training, whichever comes first; ``--resume``
-continues from ``<out>/checkpoint.pt``. Writes ``<out>/model.safetensors``, ``<out>/log.jsonl`` and
+continues from ``<out>/checkpoint.pt``. Writes ``<out>/model.safetensors`` (float16), ``<out>/log.jsonl`` and
 ``<out>/metrics.json`` (zero-shot top-1 on the 10,000 test images, the class text embedding averaged over the
 templates).
 
@@ -118,8 +118,9 @@ def main(argv: list[str] | None = None) -> int:
     model.eval()
     from safetensors.torch import save_file
 
-    save_file({name: tensor.contiguous() for name, tensor in model.state_dict().items()},
-              str(out / "model.safetensors"))
+    # shipped in float16 (half the size; open_clip loads it into its float32 model)
+    save_file({name: (tensor.half() if tensor.is_floating_point() else tensor).contiguous()
+               for name, tensor in model.state_dict().items()}, str(out / "model.safetensors"))
     test_images, test_labels = load_fashion_mnist("test")
     accuracy = zero_shot_accuracy(model, tokenizer, test_images, test_labels)
     metrics = {"steps": step, "minutes": elapsed / 60, "zero_shot_top1": accuracy, "batch_size": args.batch_size}
