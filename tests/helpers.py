@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+from types import ModuleType
+
 import torch
 from torch import Tensor, nn
 
@@ -57,3 +61,14 @@ def tiny_idefics3(kind: str = "idefics3", seed: int = 0) -> nn.Module:
                                                      scale_factor=2)
     torch.manual_seed(seed)
     return getattr(transformers, f"{prefix}ForConditionalGeneration")(config).eval()
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_tool(name: str) -> ModuleType:
+    """``tools/<name>.py`` as a module (the tools are scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(f"tool_{name}", ROOT / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -4,26 +4,19 @@ the real SmolLM2 (loaded once)."""
 
 import copy
 import csv
-import importlib.util
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from helpers import load_tool
 
 import vistok
 from vistok import InvalidConfigError
 from vistok.fmnist_qa import CELLS, ITEM_NAMES, SHOES, FashionQA
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def load_tool(name):
-    spec = importlib.util.spec_from_file_location(f"tool_{name}", ROOT / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_answers_follow_from_the_cells():

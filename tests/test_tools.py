@@ -1,12 +1,12 @@
 """tools/ (train, eval, sweep), configs, the Fashion-MNIST data, checkpoints and token overlays."""
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 import timm
 import torch
+from helpers import load_tool
 
 import vistok
 from vistok import data as vdata
@@ -17,13 +17,6 @@ from vistok.viz import patch_groups, save_overlay_grid
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["model_kwargs.depth=3", "data.limit=256", "train.batch_size=64", "train.eval_batch_size=128"]
-
-
-def load_tool(name):
-    spec = importlib.util.spec_from_file_location(f"tool_{name}", ROOT / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_config_checks_keys_and_types(tmp_path):

@@ -3,13 +3,13 @@ from the videos, the committed sample, each frame selection's semantics and budg
 the pipeline, the CLI, and the training and evaluation tools."""
 
 import copy
-import importlib.util
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from helpers import load_tool
 
 from vistok import InvalidConfigError
 from vistok.fmnist_qa import ITEM_NAMES
@@ -19,13 +19,6 @@ from vistok.video.qa import EncodedVideo, VideoQAConfig, compress_video
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "data" / "fmnist_video_qa_sample"
-
-
-def load_tool(name):
-    spec = importlib.util.spec_from_file_location(f"tool_{name}", ROOT / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_answers_follow_from_the_videos():
@@ -191,3 +184,17 @@ def test_training_and_evaluation_tools_run_end_to_end(smollm2, tmp_path):
     assert [(r["selection"], int(r["budget"])) for r in rows] == [("learned", 32), ("uniform", 32), ("all", 32),
                                                                   ("all", FRAMES * 9)]
     assert float(rows[-1]["visual_tokens"]) == FRAMES * 9 and (tmp_path / "eval.png").is_file()
+
+
+@pytest.mark.slow
+def test_the_cli_answers_with_the_shipped_model(capsys):
+    from vistok.cli import main
+
+    row = json.loads((SAMPLE / "test.json").read_text())[1]
+    assert main(["video-qa", "--video", str(SAMPLE / row["video"]), "--question", row["question"], "--budget",
+                 "64"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith("answer: ") and "visual tokens: " in printed and "(budget 64, learned)" in printed
+    assert "seconds: decode" in printed and "answer " in printed
+    assert main(["video-qa", "--video", str(SAMPLE / "missing.mp4"), "--question", "Is there a bag?"]) == 2
+    assert "missing.mp4" in capsys.readouterr().err

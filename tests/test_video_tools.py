@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+from helpers import load_tool
 
 import vistok
 from vistok.video import VideoClassifier
@@ -23,13 +24,6 @@ TINY_VIDEOMAE = ["pretrained=false", "model_kwargs.image_size=32", "model_kwargs
                  "model_kwargs.intermediate_size=128", "model_kwargs.num_labels=2"]
 TINY_CLIPS = ["data.num_frames=4", "data.sampling_rate=2", "data.input_size=32", "data.short_side=36",
               "data.workers=0"]
-
-
-def load_tool(name):
-    spec = importlib.util.spec_from_file_location(f"tool_{name}", ROOT / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture

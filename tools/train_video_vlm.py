@@ -17,15 +17,19 @@ every way the evaluation compares. Stops after ``--steps`` steps or ``--minutes`
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import sys
-import time
 from pathlib import Path
 
 import torch
 
-from vistok.models.reference_vlm import answer_batch, answer_loss, create_video_vlm, encoded_features, trained_state
+from vistok.models.reference_vlm import (
+    TrainingRun,
+    answer_batch,
+    answer_loss,
+    create_video_vlm,
+    encoded_features,
+    train_trained_tensors,
+)
 from vistok.video.fmnist_qa import FRAMES, FashionVideoQA
 from vistok.video.frames import text_frame_scores
 from vistok.video.qa import EncodedVideo, VideoQAConfig, compress_video, frames_to_input, question_embeddings
@@ -79,8 +83,6 @@ def main(argv: list[str] | None = None, language_model=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     model, tokenizer = create_video_vlm(lora_rank=args.lora_rank, language_model=language_model)
     model.train()
     clip = None
@@ -88,34 +90,10 @@ def main(argv: list[str] | None = None, language_model=None) -> int:
         from vistok.models import create_clip
 
         clip = create_clip(pretrained=True)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=0.0)
-    step, spent = 0, 0.0
-    checkpoint = out / "checkpoint.pt"
-    if args.resume:
-        state = torch.load(checkpoint, weights_only=False)
-        model.load_state_dict(state["trained"], strict=False)
-        optimizer.load_state_dict(state["optimizer"])
-        step, spent = state["step"], state["seconds"]
     data = FashionVideoQA("train", 10_000_000, seed=args.seed)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    budget_seconds = args.minutes * 60
-    log = open(out / "log.jsonl", "a")
 
-    def save() -> None:
-        from safetensors.torch import save_file
-
-        save_file(trained_state(model), str(out / "model.safetensors"))
-        torch.save({"trained": trained_state(model), "optimizer": optimizer.state_dict(), "step": step,
-                    "seconds": spent}, checkpoint)
-
-    running = None
-    while step < args.steps and spent < budget_seconds:
-        started = time.perf_counter()
-        progress = min(1.0, max(step / args.steps, spent / budget_seconds))
-        lr = args.lr * min(1.0, (step + 1) / args.warmup) * (0.55 + 0.45 * math.cos(math.pi * progress))
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+    def step_loss(step: int) -> tuple[torch.Tensor, dict]:
         examples = [data[step * args.batch_size + i] for i in range(args.batch_size)]
         selection, budget = batch_plan(step, args.seed, args.learned, clip is not None, args.budgets, args.every)
         config = VideoQAConfig(budget=budget, selection=selection, frames=None if selection == "uniform" else 16)
@@ -132,24 +110,12 @@ def main(argv: list[str] | None = None, language_model=None) -> int:
                              [f.shape[0] for f in features], pad_id)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             loss = answer_loss(model, {**batch, "mm_encoder_outputs": encoded_features(model, features)})
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-        optimizer.step()
-        step += 1
-        spent += time.perf_counter() - started
-        value = float(loss.detach())
-        running = value if running is None else 0.95 * running + 0.05 * value
-        log.write(json.dumps({"step": step, "loss": value, "smoothed": running, "lr": lr, "seconds": round(spent, 1),
-                              "selection": selection, "budget": budget,
-                              "tokens": sum(f.shape[0] for f in features) / len(features)}) + "\n")
-        log.flush()
-        if step % args.save_every == 0:
-            save()
-            print(f"step {step}: loss {running:.3f}, {spent / 60:.1f} min", flush=True)
-    save()
-    print(f"done: {step} steps, {step * args.batch_size} videos, {spent / 60:.1f} min of training; "
-          f"{out / 'model.safetensors'}")
+        return loss, {"selection": selection, "budget": budget,
+                      "tokens": sum(f.shape[0] for f in features) / len(features)}
+
+    run = TrainingRun(Path(args.out), args.steps, args.minutes, args.lr, args.warmup, args.save_every, args.resume)
+    steps = train_trained_tensors(model, run, step_loss)
+    print(f"{steps * args.batch_size} videos")
     return 0
 
 

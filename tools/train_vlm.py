@@ -15,10 +15,7 @@ seed), so the language model learns to read compressed visual tokens as well as 
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -26,7 +23,13 @@ import torch
 import vistok
 from vistok.data import FASHION_MNIST_MEAN, FASHION_MNIST_STD
 from vistok.fmnist_qa import FashionQA
-from vistok.models.reference_vlm import answer_batch, answer_loss, create_reference_vlm, trained_state
+from vistok.models.reference_vlm import (
+    TrainingRun,
+    answer_batch,
+    answer_loss,
+    create_reference_vlm,
+    train_trained_tensors,
+)
 
 
 def qa_batch(tokenizer, examples, image_tokens: int, pad_id: int) -> dict[str, torch.Tensor]:
@@ -74,39 +77,14 @@ def main(argv: list[str] | None = None, language_model=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     model, tokenizer = create_reference_vlm(lora_rank=args.lora_rank, language_model=language_model)
     model.train()
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=0.0)
-    step, spent = 0, 0.0
-    checkpoint = out / "checkpoint.pt"
-    if args.resume:
-        state = torch.load(checkpoint, weights_only=False)
-        model.load_state_dict(state["trained"], strict=False)
-        optimizer.load_state_dict(state["optimizer"])
-        step, spent = state["step"], state["seconds"]
     data = FashionQA("train", 10_000_000, seed=args.seed)
     rows, cols = model.model.vision_tower.token_grid
     image_tokens = rows * cols
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    budget = args.minutes * 60
-    log = open(out / "log.jsonl", "a")
 
-    def save() -> None:
-        from safetensors.torch import save_file
-
-        save_file(trained_state(model), str(out / "model.safetensors"))
-        torch.save({"trained": trained_state(model), "optimizer": optimizer.state_dict(), "step": step,
-                    "seconds": spent}, checkpoint)
-
-    running = None
-    while step < args.steps and spent < budget:
-        started = time.perf_counter()
-        lr = args.lr * min(1.0, (step + 1) / args.warmup) * (0.55 + 0.45 * math.cos(math.pi * min(1.0, spent / budget)))
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+    def step_loss(step: int) -> tuple[torch.Tensor, dict]:
         examples = [data[step * args.batch_size + i] for i in range(args.batch_size)]
         batch = qa_batch(tokenizer, examples, image_tokens, pad_id)
         seen_through = batch_method(step, args.seed, args.compressed, args.compress_methods, args.compress_tokens)
@@ -117,23 +95,11 @@ def main(argv: list[str] | None = None, language_model=None) -> int:
         finally:
             if handle is not None:
                 handle.remove()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-        optimizer.step()
-        step += 1
-        spent += time.perf_counter() - started
-        value = float(loss.detach())
-        running = value if running is None else 0.95 * running + 0.05 * value
-        log.write(json.dumps({"step": step, "loss": value, "smoothed": running, "lr": lr,
-                              "seconds": round(spent, 1), "method": seen_through}) + "\n")
-        log.flush()
-        if step % args.save_every == 0:
-            save()
-            print(f"step {step}: loss {running:.3f}, {spent / 60:.1f} min", flush=True)
-    save()
-    print(f"done: {step} steps, {step * args.batch_size} examples, {spent / 60:.1f} min of training; "
-          f"{out / 'model.safetensors'}")
+        return loss, {"method": seen_through}
+
+    run = TrainingRun(Path(args.out), args.steps, args.minutes, args.lr, args.warmup, args.save_every, args.resume)
+    steps = train_trained_tensors(model, run, step_loss)
+    print(f"{steps * args.batch_size} examples")
     return 0
 
 

@@ -15,6 +15,7 @@ embeddings); :mod:`vistok.video.qa` runs it on videos under a token budget (``to
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -30,8 +31,9 @@ from ..ops.attention import probe_attention
 from .reference import REFERENCE_NAME, CheckpointError, reference_checkpoint
 
 __all__ = ["ReferenceVisionTower", "LoRALinear", "create_reference_vlm", "create_video_vlm", "build_prompt",
-           "trained_state", "answer_batch", "answer_loss", "answer_questions", "prefill_seconds",
-           "encoded_features", "Answers", "VLM_NAME", "VIDEO_VLM_NAME", "IMAGE_TOKEN"]
+           "trained_state", "TrainingRun", "train_trained_tensors", "answer_batch", "answer_loss",
+           "answer_questions", "prefill_seconds", "encoded_features", "Answers", "VLM_NAME", "VIDEO_VLM_NAME",
+           "IMAGE_TOKEN"]
 
 VLM_NAME = "vistok_vlm_fmnist"
 VIDEO_VLM_NAME = "vistok_video_vlm_fmnist"
@@ -252,6 +254,73 @@ def answer_loss(model: nn.Module, batch: dict[str, Any]) -> Tensor:
     logits = model(**inputs, logits_to_keep=keep).logits
     shifted = labels[:, -keep + 1:]  # logits at position i predict token i + 1
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), shifted.flatten(), ignore_index=-100)
+
+
+@dataclass
+class TrainingRun:
+    """How the reference VLMs' trained tensors learn (``tools/train_vlm.py``, ``tools/train_video_vlm.py``): AdamW
+    without weight decay, ``warmup`` steps of linear warm-up, then a cosine from ``lr`` to 0.1 of it over
+    whichever ends first, ``steps`` or ``minutes`` of training (checkpoints excluded); gradients clipped at 1.0;
+    ``<out>/log.jsonl`` per step, ``<out>/model.safetensors`` and ``<out>/checkpoint.pt`` every ``save_every``
+    steps and at the end; ``resume`` continues from the checkpoint."""
+
+    out: Path
+    steps: int
+    minutes: float
+    lr: float
+    warmup: int = 30
+    save_every: int = 50
+    resume: bool = False
+
+
+def train_trained_tensors(model: nn.Module, run: TrainingRun, step_loss: Any) -> int:
+    """Run ``run`` over ``model``'s trainable tensors; ``step_loss(step)`` -> ``(loss, info)`` computes a batch's
+    loss (``info`` goes into the log). Returns the steps done."""
+    run.out.mkdir(parents=True, exist_ok=True)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=run.lr, weight_decay=0.0)
+    step, spent = 0, 0.0
+    checkpoint = run.out / "checkpoint.pt"
+    if run.resume:
+        state = torch.load(checkpoint, weights_only=False)
+        model.load_state_dict(state["trained"], strict=False)
+        optimizer.load_state_dict(state["optimizer"])
+        step, spent = state["step"], state["seconds"]
+    budget = run.minutes * 60
+    log = open(run.out / "log.jsonl", "a")
+
+    def save() -> None:
+        from safetensors.torch import save_file
+
+        save_file(trained_state(model), str(run.out / "model.safetensors"))
+        torch.save({"trained": trained_state(model), "optimizer": optimizer.state_dict(), "step": step,
+                    "seconds": spent}, checkpoint)
+
+    running = None
+    while step < run.steps and spent < budget:
+        started = time.perf_counter()
+        progress = min(1.0, max(step / run.steps, spent / budget))
+        lr = run.lr * min(1.0, (step + 1) / run.warmup) * (0.55 + 0.45 * math.cos(math.pi * progress))
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss, info = step_loss(step)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        optimizer.step()
+        step += 1
+        spent += time.perf_counter() - started
+        value = float(loss.detach())
+        running = value if running is None else 0.95 * running + 0.05 * value
+        log.write(json.dumps({"step": step, "loss": value, "smoothed": running, "lr": lr,
+                              "seconds": round(spent, 1), **info}) + "\n")
+        log.flush()
+        if step % run.save_every == 0:
+            save()
+            print(f"step {step}: loss {running:.3f}, {spent / 60:.1f} min", flush=True)
+    save()
+    print(f"done: {step} steps, {spent / 60:.1f} min of training; {run.out / 'model.safetensors'}")
+    return step
 
 
 @dataclass
