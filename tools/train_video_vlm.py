@@ -10,8 +10,9 @@ Each batch goes through one way of choosing frames, drawn from the step's seed: 
 every way the evaluation compares. Stops after ``--steps`` steps or ``--minutes``; ``--resume`` continues from
 ``<out>/checkpoint.pt``. Writes ``<out>/model.safetensors`` (the trained tensors) and ``<out>/log.jsonl``.
 
-    python tools/train_video_vlm.py --out runs/video_vlm --minutes 60 --threads 2 --clip    # the shipped one
-    python tools/train_video_vlm.py --out runs/video_vlm --minutes 60 --threads 2 --clip --resume
+    python tools/train_video_vlm.py --out runs/video_vlm --minutes 35 --threads 2 --clip --lr 1.5e-3 \
+        --budgets 128 256 --init models/vistok_vlm_fmnist/model.safetensors          # the shipped one
+    python tools/train_video_vlm.py ... --resume
 """
 
 from __future__ import annotations
@@ -61,6 +62,17 @@ def encode_videos(model, videos: list[torch.Tensor]) -> list[EncodedVideo]:
     return [EncodedVideo(part[:, 1:], part[:, 0]) for part in states.split([v.shape[0] for v in videos])]
 
 
+def warm_start(model, path: str) -> list[str]:
+    """Load the tensors of ``path`` whose names and shapes fit ``model`` (the image VLM's projector and adapters
+    fit the video VLM: the same ViT features, the same language model); returns a summary of what was loaded."""
+    from safetensors.torch import load_file
+
+    state, own = load_file(path), model.state_dict()
+    fitting = {name: value for name, value in state.items() if name in own and own[name].shape == value.shape}
+    model.load_state_dict(fitting, strict=False)
+    return [f"{len(fitting)} tensors", f"skipped {sorted(set(state) - set(fitting))}"]
+
+
 def main(argv: list[str] | None = None, language_model=None) -> int:
     """``language_model``: ``(causal LM, tokenizer)`` instead of SmolLM2 (tests)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -79,11 +91,15 @@ def main(argv: list[str] | None = None, language_model=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--init", default=None, help="start from these trained tensors (.safetensors) where names "
+                        "and shapes fit, e.g. the image VLM's models/vistok_vlm_fmnist/model.safetensors")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     model, tokenizer = create_video_vlm(lora_rank=args.lora_rank, language_model=language_model)
+    if args.init and not args.resume:
+        print(f"started from {args.init}: {', '.join(warm_start(model, args.init))}")
     model.train()
     clip = None
     if args.clip:
