@@ -60,7 +60,7 @@ def load_questions(args: argparse.Namespace) -> list[dict]:
     return out
 
 
-def evaluate(model, tokenizer, questions: list[dict], config: VideoQAConfig, clip, batch_size: int) -> dict:
+def evaluate(model, tokenizer, questions: list[dict], config: VideoQAConfig, batch_size: int) -> dict:
     """Accuracy, tokens, frames and seconds per stage (means per question) of one selection at one budget."""
     selector = getattr(model, "frame_selector", None)
     features, frames_kept, compress_seconds = [], [], 0.0
@@ -71,7 +71,8 @@ def evaluate(model, tokenizer, questions: list[dict], config: VideoQAConfig, cli
                 else None
             scores = None
             if config.selection == "text":
-                scores = text_frame_scores(clip[0], clip[1], item["pixels"].expand(-1, 3, -1, -1), item["question"])
+                scores = item["text_scores"]
+                compress_seconds += item["text_scores_s"]
             compressed = compress_video(item["encoded"], config, selector, asked, scores,
                                         torch.Generator().manual_seed(index))
         compress_seconds += time.perf_counter() - started
@@ -156,12 +157,18 @@ def main(argv: list[str] | None = None, model_and_tokenizer=None) -> int:
         item["pixels"] = frames_to_input(item["frames"])
         item["encoded"] = encode_frames(model, item["pixels"])
         item["encode_s"] = time.perf_counter() - started
+        if clip is not None:  # the frames' CLIP scores, once for every budget (counted in each text row's selection)
+            started = time.perf_counter()
+            with torch.no_grad():
+                item["text_scores"] = text_frame_scores(clip[0], clip[1], item["pixels"].expand(-1, 3, -1, -1),
+                                                        item["question"])
+            item["text_scores_s"] = time.perf_counter() - started
     every = questions[0]["encoded"].tokens.shape[0] * questions[0]["encoded"].tokens.shape[1]
     plans = [(s, b) for s in selections for b in args.budgets] + ([("all", every)] if "all" in selections else [])
     rows = []
     for selection, budget in plans:
         config = VideoQAConfig(budget=budget, selection=selection, frames=None if selection == "uniform" else 16)
-        row = evaluate(model, tokenizer, questions, config, clip, args.batch_size)
+        row = evaluate(model, tokenizer, questions, config, args.batch_size)
         rows.append(row)
         print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
     out = Path(args.out)
