@@ -12,13 +12,23 @@ TORCH_PIN ?= torch==2.14.1 torchvision==0.29.1
 
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 FMNIST := /usr/share/datasets/fashion-mnist
+PAGES := data/pages
+OCRMYPDF := ocrmypdf-17.13.0
 
-install: $(VENV)/.installed data
+install: $(VENV)/.installed data $(PAGES)/linn.png
 
 # Real data: Fashion-MNIST from Debian's dataset-fashion-mnist (elsewhere: torchvision downloads it, --download).
 data:
 	@[ -d $(FMNIST) ] || $(SUDO) apt-get install -y -q dataset-fashion-mnist \
 		|| ($(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q dataset-fashion-mnist)
+
+# Real scanned pages: two from the test resources of ocrmypdf's source package (not committed; MPL-2.0 project)
+$(PAGES)/linn.png: $(VENV)/.installed
+	mkdir -p $(PAGES)
+	$(PY) -m pip download --quiet --no-deps --no-binary :all: $(subst -,==,$(OCRMYPDF)) -d $(PAGES)
+	tar xzf $(PAGES)/$(OCRMYPDF).tar.gz -C $(PAGES) --strip-components=3 \
+		$(OCRMYPDF)/tests/resources/linn.png $(OCRMYPDF)/tests/resources/typewriter.png
+	rm $(PAGES)/$(OCRMYPDF).tar.gz
 
 $(VENV)/.installed: pyproject.toml Makefile
 	python3 -m venv $(VENV)

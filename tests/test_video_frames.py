@@ -37,6 +37,27 @@ def test_uniform_and_top_scoring_frames():
         top_scoring_frames(torch.zeros(2, 3), 1)
 
 
+def test_top_scoring_frames_can_skip_near_duplicates_of_frames_already_chosen():
+    """Greedy by score: each frame joins unless its summary is past the threshold of one already chosen, so a
+    held shot costs one frame; checked against a brute-force reading of that rule on random repeats."""
+    generator = torch.Generator().manual_seed(0)
+    distinct = torch.randn(5, 8, generator=generator)
+    shows = torch.tensor([0, 0, 1, 2, 2, 2, 3, 1, 4, 4])  # which distinct frame each of 10 frames shows
+    summaries = distinct[shows] + 1e-4 * torch.randn(10, 8, generator=generator)
+    scores = torch.rand(10, generator=generator)
+    for count in (1, 3, 5, 10):
+        picked = top_scoring_frames(scores, count, summaries, threshold=0.98)
+        expected, seen = [], set()
+        for index in scores.argsort(descending=True).tolist():
+            if shows[index].item() not in seen and len(expected) < count:
+                expected.append(index)
+                seen.add(shows[index].item())
+        assert picked.tolist() == sorted(expected)
+    assert top_scoring_frames(scores, 10, summaries, threshold=1.0).tolist() == list(range(10))  # nothing passes 1
+    with pytest.raises(InputShapeError, match=r"summaries must be \[T=10, D\]"):
+        top_scoring_frames(scores, 3, summaries[:4], threshold=0.9)
+
+
 def test_selection_mixes_frames():
     frames = torch.randn(6, 4, 3)
     assert torch.equal(apply_selection(frames, one_hot_selection(torch.tensor([4, 1]), 6)), frames[[4, 1]])

@@ -15,7 +15,7 @@ from vistok import InvalidConfigError
 from vistok.fmnist_qa import ITEM_NAMES
 from vistok.video.fmnist_qa import FRAMES, FashionVideoQA
 from vistok.video.frames import uniform_frames
-from vistok.video.qa import EncodedVideo, VideoQAConfig, compress_video
+from vistok.video.qa import EncodedVideo, VideoQAConfig, comparison_config, compress_video
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "data" / "fmnist_video_qa_sample"
@@ -112,6 +112,26 @@ def test_the_learned_selection_reads_the_question_and_merges_alike_frames():
         compress_video(video, VideoQAConfig(selection="text"))
 
 
+def test_merging_on_summaries_joins_repeated_frames_whatever_the_selection():
+    """merge_on="summary": frames that show the same thing merge into the earliest (all, uniform), and text
+    selection spends its frames on distinct content; "selection" rows never merge two different frames."""
+    base = encoded_video(frames=4)
+    shows = [0, 1, 1, 0, 2, 3, 3, 3]  # a black frame (0) between shots, and held shots
+    video = EncodedVideo(base.tokens[shows], base.summaries[shows])
+    merged = compress_video(video, VideoQAConfig(budget=100, selection="all", merge_threshold=0.98,
+                                                 merge_on="summary"))
+    assert merged.frames == [0, 1, 4, 5] and torch.allclose(merged.tokens, base.tokens.reshape(16, 6))
+    assert torch.equal(merged.sizes, torch.tensor([2.0, 2.0, 1.0, 3.0]).repeat_interleave(4))
+    by_rows = compress_video(video, VideoQAConfig(budget=100, selection="all", merge_threshold=0.98))
+    assert by_rows.frames == list(range(8))
+    scores = torch.tensor([0.9, 0.8, 0.8, 0.9, 0.1, 0.7, 0.7, 0.7])
+    text = compress_video(video, VideoQAConfig(budget=8, selection="text", frames=None, merge_threshold=0.98,
+                                               merge_on="summary"), text_scores=scores)
+    assert text.frames == [0, 1]  # the budget holds 2 frames: the best two distinct ones, not frames 0 and 3
+    assert comparison_config("text", 64).merge_on == "summary" and comparison_config("uniform", 64).merge_threshold \
+        is None
+
+
 def test_config_errors():
     with pytest.raises(InvalidConfigError, match="selection must be one of"):
         VideoQAConfig(selection="best")
@@ -121,6 +141,8 @@ def test_config_errors():
         VideoQAConfig(selection="learned", frames=None)
     with pytest.raises(InvalidConfigError, match=r"merge_threshold must be in \[0.5, 1\]"):
         VideoQAConfig(merge_threshold=0.3)
+    with pytest.raises(InvalidConfigError, match="merge_on must be one of"):
+        VideoQAConfig(merge_on="pixels")
 
 
 @pytest.fixture(scope="module")

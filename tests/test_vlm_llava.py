@@ -155,6 +155,11 @@ def test_copies_pickles_and_removal():
         handle.remove()  # idempotent
 
 
+def test_a_page_budget_is_refused_inside_a_vision_llm():
+    with pytest.raises(InvalidConfigError, match="correlation_guided .* does not run inside a Llava"):
+        vistok.patch(tiny_llava(), "correlation_guided", keep=0.3)
+
+
 def test_bad_inputs_and_refusals():
     model = tiny_llava()
     ids, pixels = prompt(), images()

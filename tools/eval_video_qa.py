@@ -29,6 +29,7 @@ from vistok.video.frames import text_frame_scores
 from vistok.video.qa import (
     SELECTIONS,
     VideoQAConfig,
+    comparison_config,
     compress_video,
     encode_frames,
     frames_to_input,
@@ -137,6 +138,9 @@ def main(argv: list[str] | None = None, model_and_tokenizer=None) -> int:
                         choices=SELECTIONS)
     parser.add_argument("--budgets", nargs="+", type=int, default=[128, 256, 512])
     parser.add_argument("--clip", action="store_true", help="load the reference CLIP for selection 'text'")
+    parser.add_argument("--merge-on", default="summary", choices=("selection", "summary"),
+                        help="what the temporal merge after learned and text selection compares")
+    parser.add_argument("--merge-threshold", type=float, default=0.98)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--threads", type=int, default=0)
     args = parser.parse_args(argv)
@@ -167,7 +171,7 @@ def main(argv: list[str] | None = None, model_and_tokenizer=None) -> int:
     plans = [(s, b) for s in selections for b in args.budgets] + ([("all", every)] if "all" in selections else [])
     rows = []
     for selection, budget in plans:
-        config = VideoQAConfig(budget=budget, selection=selection, frames=None if selection == "uniform" else 16)
+        config = comparison_config(selection, budget, args.merge_on, args.merge_threshold)
         row = evaluate(model, tokenizer, questions, config, args.batch_size)
         rows.append(row)
         print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}), flush=True)

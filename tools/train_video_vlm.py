@@ -33,7 +33,7 @@ from vistok.models.reference_vlm import (
 )
 from vistok.video.fmnist_qa import FRAMES, FashionVideoQA
 from vistok.video.frames import text_frame_scores
-from vistok.video.qa import EncodedVideo, VideoQAConfig, compress_video, frames_to_input, question_embeddings
+from vistok.video.qa import EncodedVideo, comparison_config, compress_video, frames_to_input, question_embeddings
 
 
 def batch_plan(step: int, seed: int, learned: float, with_clip: bool, budgets: list[int], every: float
@@ -87,6 +87,9 @@ def main(argv: list[str] | None = None, language_model=None) -> int:
     parser.add_argument("--every", type=float, default=0.1, help="share of batches with every frame's every token")
     parser.add_argument("--budgets", nargs="+", type=int, default=[128, 256, 512])
     parser.add_argument("--clip", action="store_true", help="some batches choose frames by the reference CLIP")
+    parser.add_argument("--merge-on", default="summary", choices=("selection", "summary"),
+                        help="what the temporal merge after learned and text selection compares")
+    parser.add_argument("--merge-threshold", type=float, default=0.98)
     parser.add_argument("--save-every", type=int, default=25)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0)
@@ -112,7 +115,7 @@ def main(argv: list[str] | None = None, language_model=None) -> int:
     def step_loss(step: int) -> tuple[torch.Tensor, dict]:
         examples = [data[step * args.batch_size + i] for i in range(args.batch_size)]
         selection, budget = batch_plan(step, args.seed, args.learned, clip is not None, args.budgets, args.every)
-        config = VideoQAConfig(budget=budget, selection=selection, frames=None if selection == "uniform" else 16)
+        config = comparison_config(selection, budget, args.merge_on, args.merge_threshold)
         encoded = encode_videos(model, [frames for frames, _, _ in examples])
         generator = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
         features = []

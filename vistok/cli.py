@@ -78,6 +78,9 @@ def _build_parser() -> argparse.ArgumentParser:
     video.add_argument("--frames", type=int, default=16, help="frames text and uniform selection keep (learned: "
                        "the selector's 16 queries)")
     video.add_argument("--merge-threshold", type=float, default=0.75, help="temporal merge (B-VLLM: 0.75)")
+    video.add_argument("--merge-on", default="selection", choices=("selection", "summary"),
+                       help="what the temporal merge compares: selection rows (B-VLLM) or frame summaries "
+                            "(near-duplicate content; use --merge-threshold 0.98)")
     video.add_argument("--no-temporal-merge", action="store_true")
     video.add_argument("--temperature", type=float, default=0.0, help="0: greedy (vistok.samplers)")
     video.add_argument("--top-p", type=float, default=1.0)
@@ -167,7 +170,8 @@ def _video_qa(args: argparse.Namespace) -> int:
     from .video.qa import VideoQA, VideoQAConfig
 
     config = VideoQAConfig(budget=args.budget, selection=args.selection, frames=args.frames,
-                           merge_threshold=None if args.no_temporal_merge else args.merge_threshold)
+                           merge_threshold=None if args.no_temporal_merge else args.merge_threshold,
+                           merge_on=args.merge_on)
     model, tokenizer = create_video_vlm(pretrained=args.checkpoint is None, checkpoint=args.checkpoint)
     clip = create_clip(pretrained=True) if config.selection == "text" else None
     qa = VideoQA(model, tokenizer, config, clip=clip, sampling=SamplingConfig(temperature=args.temperature,

@@ -21,7 +21,7 @@ from torch import Tensor
 from .errors import InputShapeError
 from .tokens import TokenLayout
 
-__all__ = ["patch_groups", "overlay", "save_overlay_grid", "save_clip_overlay", "save_pareto_plot"]
+__all__ = ["patch_groups", "overlay", "save_overlay_grid", "save_clip_overlay", "save_page_budget", "save_pareto_plot"]
 
 
 def patch_groups(layout: TokenLayout, num_patches: int) -> Tensor:
@@ -151,6 +151,45 @@ def save_clip_overlay(path: str | Path, clip: Tensor, layouts: Mapping[str, Toke
             if row == 0:
                 axes[row, column].set_title(f"frame {column}", fontsize=8)
     return _save(plt, figure, path, dpi=110)
+
+
+def save_page_budget(path: str | Path, views: Tensor, grid: tuple[int, int], patch_grid: tuple[int, int],
+                     kept: list[Tensor], budgets: Tensor, density: Tensor | None = None, title: str = "") -> Path:
+    """A page under a page budget (:func:`vistok.document.compress_page`): the global view beside the crops laid
+    out in their grid, each titled with its budget (and density), the patches it keeps as they are and the rest
+    dimmed and tinted red.
+
+    Args:
+        views: ``[1 + rows * cols, C, S, S]`` the page's views as :func:`vistok.document.crop_page` cut them
+            (global first), ``grid`` ``(rows, cols)``; ``patch_grid`` the tower's patch grid per view;
+            ``kept`` each view's kept patch indices; ``budgets`` ``[V]``; ``density`` ``[V]``.
+    """
+    rows, cols = grid
+    if views.dim() != 4 or views.shape[0] != 1 + rows * cols or len(kept) != views.shape[0]:
+        raise InputShapeError(f"save_page_budget: expected views [1 + {rows} * {cols}, C, S, S] and a kept index "
+                              f"per view, got views {tuple(views.shape)} and {len(kept)} kept")
+    plt = _pyplot()
+    panels = _display(views)  # [V, S, S, 3] in [0, 1]
+    figure = plt.figure(figsize=(1 + 2.2 * (cols + 1.4), 0.6 + 2.2 * rows))
+    spec = figure.add_gridspec(rows, cols + 1, width_ratios=[1.4] + [1] * cols)
+    for v in range(views.shape[0]):
+        axis = figure.add_subplot(spec[:, 0] if v == 0 else spec[(v - 1) // cols, 1 + (v - 1) % cols])
+        note = f"{int(budgets[v])} tokens" + (f", density {float(density[v]):.2f}" if density is not None else "")
+        axis.set_title(("global: " if v == 0 else f"crop {(v - 1) // cols},{(v - 1) % cols}: ") + note, fontsize=7)
+        _show(axis, _dim_dropped(panels[v], kept[v], patch_grid))
+    if title:
+        figure.suptitle(title, fontsize=9)
+    return _save(plt, figure, path, dpi=110)
+
+
+def _dim_dropped(panel: np.ndarray, kept: Tensor, patch_grid: tuple[int, int]) -> np.ndarray:
+    """``panel`` ``[S, S, 3]`` with the patches not in ``kept`` dimmed and tinted red."""
+    mask = np.zeros(patch_grid[0] * patch_grid[1], dtype=bool)
+    mask[kept.cpu().numpy()] = True
+    height, width = panel.shape[:2]
+    mask = np.kron(mask.reshape(patch_grid), np.ones((height // patch_grid[0], width // patch_grid[1]), dtype=bool))
+    dimmed = 0.35 * panel + 0.65 * np.array([0.85, 0.35, 0.35])
+    return np.where(mask[..., None], panel, dimmed)
 
 
 def _show(axis, panel: np.ndarray) -> None:

@@ -450,6 +450,10 @@ def patch_vision_llm(model: nn.Module, config: MethodConfig, family: type[Vision
     """``vistok.patch`` for a vision-LLM (see the module docstring): one boundary method, optionally composed with
     in-tower methods, which are patched into the vision tower (``handle.tower_handle``)."""
     parts = config.parts if isinstance(config, ComposedConfig) else (config,)
+    if any(part.name == "correlation_guided" for part in parts):
+        raise InvalidConfigError(
+            f"correlation_guided (a budget per page over its crops) does not run inside a {type(model).__name__} "
+            "yet: compress a page's views with vistok.document.compress_page(tower, crops, config)")
     boundary = [part for part in parts if isinstance(part, BoundaryConfig)]
     in_tower = [part for part in parts if not isinstance(part, BoundaryConfig)]
     if len(boundary) != 1:

@@ -100,3 +100,8 @@ from ..adapters.methods import DominantConfig, MergeToBudgetConfig, PoolConfig, 
 
 for _boundary in (MergeToBudgetConfig, DominantConfig, PoolConfig, RandomSelectConfig):
     register_method(_boundary)
+
+# the page budget of vistok.document (correlation-guided compression), run by vistok.document.compress_page
+from ..document.page import CorrelationGuidedConfig  # noqa: E402
+
+register_method(CorrelationGuidedConfig)

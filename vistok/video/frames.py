@@ -55,12 +55,32 @@ def uniform_frames(num_frames: int, count: int) -> Tensor:
     return ((torch.arange(count, dtype=torch.float64) + 0.5) * num_frames / count).long()
 
 
-def top_scoring_frames(scores: Tensor, count: int) -> Tensor:
-    """``[count]`` long: the frames with the highest ``scores`` ``[T]`` (ties to the earlier), in time order."""
+def top_scoring_frames(scores: Tensor, count: int, summaries: Tensor | None = None,
+                       threshold: float | None = None) -> Tensor:
+    """``[<= count]`` long: the frames with the highest ``scores`` ``[T]`` (ties to the earlier), in time order.
+
+    With ``summaries`` ``[T, D]`` and ``threshold``, a frame whose summary is similar past ``threshold`` to one
+    already chosen (cosine mapped to ``[0, 1]``, as :func:`merge_similar_frames`) is skipped: near-duplicates do
+    not take the budget twice, and fewer than ``count`` come back when the video has fewer distinct frames.
+    """
     if scores.dim() != 1:
         raise InputShapeError(f"top_scoring_frames: expected scores [T], got {tuple(scores.shape)}")
     _check_count(count, "count", scores.shape[0])
-    return scores.float().argsort(descending=True, stable=True)[:count].sort().values
+    ranked = scores.float().argsort(descending=True, stable=True)
+    if summaries is None or threshold is None:
+        return ranked[:count].sort().values
+    if summaries.dim() != 2 or summaries.shape[0] != scores.shape[0]:
+        raise InputShapeError(f"top_scoring_frames: summaries must be [T={scores.shape[0]}, D], got "
+                              f"{tuple(summaries.shape)}")
+    unit = F.normalize(summaries.float(), dim=-1)
+    chosen: list[int] = []
+    for index in ranked.tolist():
+        if chosen and float(((unit[chosen] @ unit[index]) + 1).max()) / 2 > threshold:
+            continue
+        chosen.append(index)
+        if len(chosen) == count:
+            break
+    return torch.tensor(sorted(chosen), dtype=torch.long, device=scores.device)
 
 
 @torch.no_grad()

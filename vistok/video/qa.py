@@ -12,13 +12,17 @@ Selections (``VideoQAConfig.selection``):
 
 * ``"learned"``: B-VLLM's selector (``model.frame_selector``): its learned queries (16) read the question and
   each picks a frame by Gumbel-softmax over their scores (straight-through one-hot; no noise at inference);
-* ``"text"``: the ``frames`` frames most similar to the question by a CLIP-style model (training-free);
+* ``"text"``: the ``frames`` frames most similar to the question by a CLIP-style model (training-free), or as
+  many as the budget holds whole (``frames=None``);
 * ``"uniform"``: ``frames`` evenly spaced frames, or as many as the budget holds whole (``frames=None``);
 * ``"drop"``: frame dropping: whole frames chosen at random, as many as the budget holds;
 * ``"all"``: every frame (spatially merged down to the budget when it does not fit).
 
-Then selected frames whose selection rows are similar past ``merge_threshold`` merge into the earlier one (B-VLLM:
-0.75; with one-hot rows, frames the selector picked more than once), and
+Then selected frames that are similar past ``merge_threshold`` merge into the earlier one. ``merge_on`` says
+similar in what: ``"selection"`` compares their selection rows, as B-VLLM (threshold 0.75; one-hot rows merge only
+frames picked more than once), ``"summary"`` their summary tokens (near-duplicate content: a held shot, a repeated
+frame; use a high threshold such as 0.98, since different frames' summaries can be 0.95 similar; text selection
+then skips near-duplicates of frames it already chose, so the budget goes to distinct frames). Then
 :func:`~vistok.video.frames.fit_token_budget` brings the tokens to at most ``budget`` (exactly, where there are
 more).
 """
@@ -46,10 +50,11 @@ from .frames import (
     uniform_frames,
 )
 
-__all__ = ["SELECTIONS", "VideoQAConfig", "EncodedVideo", "CompressedVideo", "VideoAnswer", "VideoQA",
-           "encode_frames", "question_embeddings", "compress_video", "frames_to_input"]
+__all__ = ["SELECTIONS", "MERGE_METRICS", "VideoQAConfig", "comparison_config", "EncodedVideo", "CompressedVideo",
+           "VideoAnswer", "VideoQA", "encode_frames", "question_embeddings", "compress_video", "frames_to_input"]
 
 SELECTIONS = ("learned", "text", "uniform", "drop", "all")
+MERGE_METRICS = ("selection", "summary")
 
 
 @dataclass
@@ -62,6 +67,7 @@ class VideoQAConfig:
     selection: str = "learned"
     frames: int | None = 16
     merge_threshold: float | None = 0.75
+    merge_on: str = "selection"
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -72,13 +78,25 @@ class VideoQAConfig:
         if self.frames is not None and (isinstance(self.frames, bool) or not isinstance(self.frames, int)
                                         or self.frames < 1):
             raise InvalidConfigError(f"VideoQAConfig: frames must be a positive int or None, got {self.frames!r}")
-        if self.frames is None and self.selection in ("learned", "text"):
-            raise InvalidConfigError(f"VideoQAConfig: selection {self.selection!r} needs a frame count (frames=)")
+        if self.frames is None and self.selection == "learned":
+            raise InvalidConfigError("VideoQAConfig: selection 'learned' needs a frame count (frames=: its queries)")
+        if self.merge_on not in MERGE_METRICS:
+            raise InvalidConfigError(f"VideoQAConfig: merge_on must be one of {MERGE_METRICS}, got {self.merge_on!r}")
         threshold = self.merge_threshold
         if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))
                                       or not 0.5 <= threshold <= 1):
             raise InvalidConfigError(f"VideoQAConfig: merge_threshold must be in [0.5, 1] or None (two different "
                                      f"frames' one-hot selection rows have similarity 0.5), got {threshold!r}")
+
+
+def comparison_config(selection: str, budget: int, merge_on: str = "summary", merge_threshold: float | None = 0.98
+                      ) -> VideoQAConfig:
+    """The config each selection runs with in vistok's video-QA training and evaluation: the text-conditioned
+    selections merge near-duplicate frames (learned: its 16 queries; text: as many distinct frames as the budget
+    holds); the baselines (uniform: as many frames as the budget holds, drop, all) keep what they pick."""
+    conditioned = selection in ("learned", "text")
+    return VideoQAConfig(budget=budget, selection=selection, frames=16 if selection == "learned" else None,
+                         merge_threshold=merge_threshold if conditioned else None, merge_on=merge_on)
 
 
 @dataclass(frozen=True)
@@ -169,10 +187,11 @@ def compress_video(encoded: EncodedVideo, config: VideoQAConfig, selector: nn.Mo
     kept_times = selection.argmax(dim=-1)  # the frame each chosen one is (or weighs most)
     times = kept_times.to(selection.dtype)
     frame_sizes = torch.ones(chosen.shape[0], dtype=chosen.dtype, device=chosen.device)
-    if config.merge_threshold is not None and config.selection not in ("all", "drop") and chosen.shape[0] > 1:
-        # similarity of the selection rows, as B-VLLM: rows that pick the same frames merge (one-hot rows: the
-        # same frame chosen twice); two different frames' one-hot rows never do
-        merged = merge_similar_frames(chosen, selection.detach(), times, config.merge_threshold)
+    if config.merge_threshold is not None and chosen.shape[0] > 1:
+        # B-VLLM compares selection rows: rows that pick the same frames merge (one-hot rows: the same frame
+        # chosen twice; two different frames' rows never do); "summary" compares what the frames show
+        metric = selection.detach() if config.merge_on == "selection" else selection.detach() @ summaries
+        merged = merge_similar_frames(chosen, metric, times, config.merge_threshold)
         chosen, frame_sizes = merged.frames, merged.sizes
         kept_times = merged.times.round().long()
     else:
@@ -196,7 +215,9 @@ def _select(config: VideoQAConfig, count: int, per_frame: int, summaries: Tensor
     if kind == "text":
         if text_scores is None:
             raise InvalidConfigError("selection 'text' needs image-text scores of the frames (a CLIP model)")
-        indices = top_scoring_frames(text_scores, min(config.frames, count))
+        distinct = config.merge_on == "summary" and config.merge_threshold is not None
+        indices = top_scoring_frames(text_scores, min(config.frames or whole, count),
+                                     summaries if distinct else None, config.merge_threshold if distinct else None)
     elif kind == "uniform":
         indices = uniform_frames(count, min(config.frames or whole, count))
     elif kind == "drop":

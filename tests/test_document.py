@@ -1,0 +1,254 @@
+"""vistok.document: DocOwl 1.5's shape-adaptive crops, correlation-guided density and page budgets, the tower path
+(against the block's own attention), and real scanned pages (from ocrmypdf's source package, fetched by
+``make install``)."""
+
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+
+import vistok
+from vistok import InputShapeError, InvalidConfigError, UnsupportedModelError
+from vistok.document import (
+    CorrelationGuidedConfig,
+    allocate_budget,
+    candidate_grids,
+    choose_grid,
+    compress_page,
+    crop_page,
+    information_density,
+    merge_into_kept,
+    redundant_tokens,
+    top_tokens,
+    view_signals,
+)
+
+PAGES = Path(__file__).resolve().parents[1] / "data" / "pages"
+
+
+def test_candidate_grids_are_every_grid_within_the_crop_limit():
+    grids = candidate_grids(9)
+    assert len(grids) == len(set(grids)) == sum(9 // rows for rows in range(1, 10))
+    assert all(rows * cols <= 9 for rows, cols in grids) and grids[0] == (1, 1)
+    with pytest.raises(InvalidConfigError, match="max_crops must be a positive int"):
+        candidate_grids(0)
+
+
+@pytest.mark.parametrize(("height", "width", "expected"), [
+    (448, 448, (1, 1)), (1344, 1344, (3, 3)), (896, 1344, (2, 3)), (1344, 896, (3, 2)), (448, 4032, (1, 9)),
+    (3300, 2550, (3, 2)), (2864, 4000, (2, 3))])
+def test_the_grid_matches_the_aspect_ratio_first_then_the_size(height, width, expected):
+    """A page with a grid's exact shape and size gets that grid; otherwise the best aspect match, then the best
+    resolution match (US-letter portrait: 3 x 2; a landscape scan: 2 x 3)."""
+    assert choose_grid(height, width) == expected
+
+
+def test_choose_grid_agrees_with_a_direct_reading_of_the_rule():
+    def score(rows, cols, height, width, size=448):
+        box_w, box_h = cols * size, rows * size
+        shape_h = box_w * height / width
+        shape = min(box_h, shape_h) * box_w / (box_w * box_h + box_w * shape_h - min(box_h, shape_h) * box_w)
+        inter = min(box_w, width) * min(box_h, height)
+        return 100 * shape + inter / (box_w * box_h + width * height - inter)
+
+    generator = torch.Generator().manual_seed(0)
+    for height, width in torch.randint(100, 5000, (40, 2), generator=generator).tolist():
+        best = max(score(r, c, height, width) for r, c in candidate_grids(9))
+        assert score(*choose_grid(height, width), height, width) == pytest.approx(best, abs=1e-9)
+
+
+def test_crops_tile_the_resized_page_behind_a_global_view():
+    page = torch.rand(3, 300, 200)
+    crops = crop_page(page, crop_size=32)
+    rows, cols = crops.grid
+    assert crops.views.shape == (1 + rows * cols, 3, 32, 32) and crops.num_crops == rows * cols
+    whole = F.interpolate(page[None], size=(rows * 32, cols * 32), mode="bilinear", antialias=True,
+                          align_corners=False)[0]
+    for index, (row, col) in enumerate(crops.positions[1:].tolist(), start=1):
+        assert torch.equal(crops.views[index], whole[:, row * 32:(row + 1) * 32, col * 32:(col + 1) * 32])
+    assert crops.positions[0].tolist() == [-1, -1]
+    assert torch.allclose(crops.views[0], F.interpolate(page[None], size=(32, 32), mode="bilinear", antialias=True,
+                                                        align_corners=False)[0])
+    assert crop_page(page, crop_size=32, grid=(1, 2)).views.shape[0] == 3
+    with pytest.raises(InputShapeError, match=r"float page \[C, H, W\]"):
+        crop_page(torch.zeros(300, 200))
+
+
+def test_redundant_tokens_against_a_direct_count():
+    generator = torch.Generator().manual_seed(0)
+    keys = torch.randn(3, 20, 8, generator=generator)
+    keys[0, :10] = keys[0, :1] + 0.01 * torch.randn(10, 8, generator=generator)  # ten near-copies in view 0
+    flagged = redundant_tokens(keys, similarity=0.9, repeats=4)
+    for v in range(3):
+        for i in range(20):
+            similar = sum(F.cosine_similarity(keys[v, i], keys[v, j], dim=0) > 0.9 for j in range(20) if j != i)
+            assert bool(flagged[v, i]) == (similar >= 4)
+    assert bool(flagged[0, :10].all()) and not bool(flagged[1:].any())
+    assert torch.allclose(information_density(keys), 1 - flagged.float().mean(-1))
+    with pytest.raises(InvalidConfigError, match="repeats must be a positive int"):
+        redundant_tokens(keys, repeats=0)
+    with pytest.raises(InputShapeError, match=r"keys \[V, N, D\]"):
+        redundant_tokens(keys[0])
+
+
+def test_allocate_budget_is_exact_proportional_and_bounded():
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        views = int(torch.randint(1, 8, (), generator=generator))
+        weights = torch.rand(views, generator=generator) * (torch.rand(views, generator=generator) > 0.2)
+        capacity = int(torch.randint(5, 40, (), generator=generator))
+        minimum = int(torch.randint(0, 3, (), generator=generator))
+        total = int(torch.randint(minimum * views, capacity * views + 1, (), generator=generator))
+        counts = allocate_budget(weights, total, capacity, minimum)
+        assert int(counts.sum()) == total and bool((counts >= minimum).all()) and bool((counts <= capacity).all())
+        open_ = counts < capacity  # views not at their capacity share the rest in proportion, within a token
+        if weights.sum() > 0 and bool(open_.all()) and minimum == 0:
+            ideal = total * weights / weights.sum()
+            assert bool(((counts - ideal).abs() < 1 + 1e-6).all())
+    assert allocate_budget(torch.tensor([3.0, 1.0, 0.0]), 8, 10).tolist() == [6, 2, 0]
+    assert allocate_budget(torch.tensor([3.0, 1.0, 0.0]), 8, 4).tolist() == [4, 4, 0]  # the first is full
+    assert allocate_budget(torch.tensor([1.0, 0.0]), 6, 4).tolist() == [4, 2]  # zero weight only when needed
+    with pytest.raises(InvalidConfigError, match=r"total must be an int in \[0, 8\]"):
+        allocate_budget(torch.ones(2), 9, 4)
+    with pytest.raises(InvalidConfigError, match="finite and non-negative"):
+        allocate_budget(torch.tensor([1.0, -1.0]), 1, 4)
+
+
+def test_top_tokens_keep_their_order_and_merging_keeps_the_mass():
+    scores = torch.tensor([0.1, 0.9, 0.3, 0.9, 0.0])
+    assert top_tokens(scores, 3).tolist() == [1, 2, 3] and top_tokens(scores, 0).tolist() == []
+    tokens = torch.randn(5, 4)
+    metric = torch.tensor([[1.0, 0.0], [1.0, 0.1], [0.0, 1.0], [0.1, 1.0], [1.0, 0.05]])
+    kept = merge_into_kept(tokens, metric, torch.tensor([1, 3]))
+    assert kept.owner.tolist() == [0, 0, 1, 1, 0] and kept.sizes.tolist() == [3.0, 2.0]
+    assert torch.allclose(kept.tokens[0], tokens[[0, 1, 4]].mean(0)) and torch.allclose(kept.tokens[1],
+                                                                                         tokens[[2, 3]].mean(0))
+    dropped = merge_into_kept(tokens, metric, torch.tensor([1, 3]), merge=False)
+    assert torch.equal(dropped.tokens, tokens[[1, 3]]) and dropped.owner.tolist() == [-1, 0, -1, 1, -1]
+
+
+@pytest.fixture(scope="module")
+def tiny_vit():
+    torch.manual_seed(0)
+    return timm.create_model("vit_tiny_patch16_224", img_size=64, num_classes=0).eval()
+
+
+def test_view_signals_read_the_blocks_own_attention(tiny_vit):
+    """The class token's attention and the keys equal what the block's own qkv projection and softmax give, and
+    the tokens are the block's output."""
+    views = torch.randn(3, 3, 64, 64)
+    captured = {}
+    block = tiny_vit.blocks[5]
+    hook = block.register_forward_hook(lambda m, a, out: captured.update(x=a[0], out=out))
+    with torch.no_grad():
+        tiny_vit(views)
+    hook.remove()
+    signals = view_signals(tiny_vit, views, layer=5)
+    attn = block.attn
+    with torch.no_grad():
+        qkv = attn.qkv(block.norm1(captured["x"])).reshape(3, 17, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
+        weights = ((qkv[0] * attn.scale) @ qkv[1].transpose(-2, -1)).softmax(-1)  # [V, H, N, N]
+    assert torch.allclose(signals.class_attention, weights[:, :, 0, 1:].mean(1), atol=1e-6)
+    assert torch.allclose(signals.keys, qkv[1].transpose(1, 2).flatten(2)[:, 1:], atol=1e-6)
+    assert torch.equal(signals.tokens, captured["out"][:, 1:])
+    with pytest.raises(InvalidConfigError, match=r"layer must be a block index in \[-12, 12\)"):
+        view_signals(tiny_vit, views, layer=12)
+
+
+def test_compress_page_spends_the_page_budget(tiny_vit):
+    page = torch.randn(3, 100, 200)
+    crops = crop_page(page, crop_size=64)
+    views = crops.views.shape[0]
+    config = CorrelationGuidedConfig(tokens=40, similarity=0.5, repeats=2)
+    result = compress_page(tiny_vit, crops, config)
+    assert result.num_tokens == 40 and result.budgets[0] == round(40 / views)  # the global view's share
+    assert [t.shape[0] for t in result.tokens] == result.budgets.tolist()
+    signals = view_signals(tiny_vit, crops.views)
+    for v in range(views):  # each view keeps its top class-attention tokens, in order
+        assert torch.equal(result.index[v], top_tokens(signals.class_attention[v], int(result.budgets[v])))
+        assert torch.equal(result.tokens[v], signals.tokens[v, result.index[v]])
+    rest = result.budgets[1:].float()
+    assert rest.sum() == 40 - result.budgets[0]
+    everything = compress_page(tiny_vit, crops, CorrelationGuidedConfig(keep=1.0))
+    assert all(torch.equal(t, signals.tokens[v]) for v, t in enumerate(everything.tokens))  # keep-everything
+    adaptive = compress_page(tiny_vit, crops, CorrelationGuidedConfig(similarity=0.5, repeats=2))
+    assert adaptive.budgets.tolist() == (adaptive.density * 16).round().long().clamp(min=1).tolist()
+    merged = compress_page(tiny_vit, crops, CorrelationGuidedConfig(tokens=40, merge=True, score="similarity"))
+    assert all(float(s.sum()) == 16 for s in merged.sizes)  # every patch is in some kept token
+
+
+def test_correlation_guided_is_a_registered_method_with_clear_errors(tiny_vit):
+    assert "correlation_guided" in vistok.list_methods()
+    assert isinstance(vistok.create_config("correlation_guided", keep=0.3), CorrelationGuidedConfig)
+    with pytest.raises(InvalidConfigError, match=r"compress_page\(model, vistok.document.crop_page"):
+        vistok.patch(tiny_vit, "correlation_guided", keep=0.3)
+    with pytest.raises(InvalidConfigError, match="at most one of tokens= .* or keep="):
+        CorrelationGuidedConfig(tokens=3, keep=0.5)
+    with pytest.raises(InvalidConfigError, match="score must be one of"):
+        CorrelationGuidedConfig(score="entropy")
+    with pytest.raises(InvalidConfigError, match="more than the page's 144 visual tokens"):
+        compress_page(tiny_vit, crop_page(torch.randn(3, 100, 200), crop_size=64), CorrelationGuidedConfig(tokens=500))
+    no_class = timm.create_model("vit_tiny_patch16_224", img_size=64, class_token=False, global_pool="avg").eval()
+    with pytest.raises(UnsupportedModelError, match="has none"):
+        compress_page(no_class, torch.randn(2, 3, 64, 64), CorrelationGuidedConfig(keep=0.5))
+
+
+def _real_page(name: str, crop_size: int):
+    import numpy as np
+    from PIL import Image
+
+    path = PAGES / name
+    if not path.is_file():
+        pytest.fail(f"{path} is missing: `make install` fetches the real pages (ocrmypdf's test resources)")
+    grey = torch.from_numpy(np.asarray(Image.open(path).convert("L"), dtype=np.float32) / 255)[None]
+    return grey, crop_page((grey.expand(3, -1, -1) - 0.5) / 0.5, crop_size), crop_page(grey, crop_size).views
+
+
+@pytest.mark.parametrize("name", ["linn.png", "typewriter.png"])
+def test_on_real_scanned_pages_blank_gets_fewer_tokens_than_ink(name):
+    """A real scan cut as DocOwl 1.5 cuts it (448 px crops) through a ViT-S/16 (random weights: none are on these
+    machines): blank patches are flagged redundant more often than ink patches, crops with more ink get more of
+    the page budget, and the kept tokens fall on ink more often than the page's share of ink patches."""
+    torch.manual_seed(0)
+    model = timm.create_model("vit_small_patch16_224", img_size=448, num_classes=0).eval()
+    _, crops, grey_views = _real_page(name, 448)
+    dark = (grey_views[:, 0] < 0.5).float()
+    ink = (dark.unfold(1, 16, 16).unfold(2, 16, 16).mean((-1, -2)) >= 0.01).flatten(1)  # [V, 784]
+    result = compress_page(model, crops, CorrelationGuidedConfig(keep=0.33, score="similarity"))
+    assert result.redundant[~ink].float().mean() > result.redundant[ink].float().mean() + 0.3
+    crop_ink = ink[1:].float().mean(-1)
+    assert torch.corrcoef(torch.stack([result.budgets[1:].float(), crop_ink]))[0, 1] > 0.5
+    kept = sum(int(ink[v, index].sum()) for v, index in enumerate(result.index)) / result.num_tokens
+    assert kept > float(ink.float().mean()) + 0.1
+
+
+def test_save_page_budget_draws_the_page(tmp_path, tiny_vit):
+    from vistok.viz import save_page_budget
+
+    crops = crop_page(torch.randn(3, 100, 200), crop_size=64)
+    result = compress_page(tiny_vit, crops, CorrelationGuidedConfig(keep=0.5))
+    path = save_page_budget(tmp_path / "page.png", crops.views, crops.grid, (4, 4), result.index, result.budgets,
+                            result.density, title="a page")
+    assert path.stat().st_size > 1000
+    with pytest.raises(InputShapeError, match="a kept index per view"):
+        save_page_budget(tmp_path / "bad.png", crops.views[1:], crops.grid, (4, 4), result.index, result.budgets)
+
+
+def test_the_page_tool_reports_each_method_at_equal_tokens(tmp_path):
+    import csv
+
+    from helpers import load_tool
+
+    out = tmp_path / "pages"
+    assert load_tool("eval_pages").main(["--out", str(out), "--pages", str(PAGES / "typewriter.png"),
+                                         "--model", "vit_tiny_patch16_224", "--crop-size", "64",
+                                         "--keep", "0.5"]) == 0
+    rows = list(csv.DictReader(open(out.with_suffix(".csv"))))
+    assert [r["method"] for r in rows] == ["paper (adaptive)", "correlation_guided (attention)",
+                                           "correlation_guided (similarity)", "density budgets, random tokens",
+                                           "uniform budgets, random tokens"]
+    assert len({r["tokens"] for r in rows[1:]}) == 1
+    assert int(rows[1]["tokens"]) == round(0.5 * int(rows[0]["tokens_all"]))
+    assert (tmp_path / "pages_typewriter.png").is_file()

@@ -1,0 +1,95 @@
+"""Shape-adaptive cropping of document pages, as mPLUG-DocOwl 1.5's processor does it: choose a crop grid that fits
+the page's aspect ratio first and its resolution second, resize the page to that grid of ``crop_size`` crops, cut
+them, and put a global view (the whole page at ``crop_size``) in front.
+
+>>> grid = choose_grid(3300, 2550)                    # a US-letter scan at 300 dpi -> (3, 2)
+>>> crops = crop_page(page, crop_size=448)            # page [C, H, W] -> views [1 + 6, C, 448, 448]
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..errors import InputShapeError, InvalidConfigError
+
+__all__ = ["PageCrops", "candidate_grids", "choose_grid", "crop_page"]
+
+
+@dataclass(frozen=True)
+class PageCrops:
+    """A page cut for a vision tower: ``views`` ``[1 + rows * cols, C, S, S]`` (the global view first, then the
+    crops in row-major order), ``grid`` ``(rows, cols)``, and ``positions`` ``[1 + rows * cols, 2]`` long, each
+    view's ``(row, col)`` in the grid (``(-1, -1)`` for the global view), so the language side can mark them."""
+
+    views: Tensor
+    grid: tuple[int, int]
+    positions: Tensor
+
+    @property
+    def num_crops(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+
+def candidate_grids(max_crops: int = 9) -> list[tuple[int, int]]:
+    """Every ``(rows, cols)`` with ``rows * cols <= max_crops``, fewer crops first (ties: fewer rows first)."""
+    if isinstance(max_crops, bool) or not isinstance(max_crops, int) or max_crops < 1:
+        raise InvalidConfigError(f"candidate_grids: max_crops must be a positive int, got {max_crops!r}")
+    grids = [(rows, cols) for rows in range(1, max_crops + 1) for cols in range(1, max_crops // rows + 1)]
+    return sorted(grids, key=lambda grid: (grid[0] * grid[1], grid[0]))
+
+
+def _overlap(width_a: Tensor, height_a: Tensor, width_b: Tensor, height_b: Tensor) -> Tensor:
+    """IoU of boxes that share their top-left corner."""
+    inter = torch.minimum(width_a, width_b) * torch.minimum(height_a, height_b)
+    return inter / (width_a * height_a + width_b * height_b - inter)
+
+
+def choose_grid(height: int, width: int, crop_size: int = 448, max_crops: int = 9) -> tuple[int, int]:
+    """DocOwl 1.5's choice of crop grid for a ``height x width`` page.
+
+    Each candidate grid is a box of ``cols * crop_size`` by ``rows * crop_size``. Its shape match is the IoU with
+    a box of the same width and the page's aspect ratio (resolution does not count); its resolution match is the
+    IoU with the page itself (both boxes at the origin). The grid with the largest ``100 * shape + resolution``
+    wins: the aspect ratio first, then the size; ties go to fewer crops.
+    """
+    for name, value in (("height", height), ("width", width), ("crop_size", crop_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise InvalidConfigError(f"choose_grid: {name} must be a positive int, got {value!r}")
+    grids = candidate_grids(max_crops)
+    rows = torch.tensor([g[0] for g in grids], dtype=torch.float64)
+    cols = torch.tensor([g[1] for g in grids], dtype=torch.float64)
+    box_w, box_h = cols * crop_size, rows * crop_size
+    shape = _overlap(box_w, box_h, box_w, box_w * height / width)
+    resolution = _overlap(box_w, box_h, torch.tensor(float(width)), torch.tensor(float(height)))
+    return grids[int(torch.argmax(100 * shape + resolution))]
+
+
+def crop_page(page: Tensor, crop_size: int = 448, max_crops: int = 9, grid: tuple[int, int] | None = None
+              ) -> PageCrops:
+    """Cut ``page`` ``[C, H, W]`` (float, as the tower takes it) into its shape-adaptive grid (:func:`choose_grid`,
+    or ``grid``) of ``crop_size`` crops, behind a global view of the whole page; bilinear resizing with
+    antialiasing."""
+    if page.dim() != 3 or not page.is_floating_point():
+        raise InputShapeError(f"crop_page: expected a float page [C, H, W], got {page.dtype} "
+                              f"{tuple(page.shape)}")
+    if isinstance(crop_size, bool) or not isinstance(crop_size, int) or crop_size < 1:
+        raise InvalidConfigError(f"crop_page: crop_size must be a positive int, got {crop_size!r}")
+    rows, cols = grid if grid is not None else choose_grid(page.shape[1], page.shape[2], crop_size, max_crops)
+    if rows < 1 or cols < 1:
+        raise InvalidConfigError(f"crop_page: grid must be (rows, cols) >= (1, 1), got {grid!r}")
+
+    def resized(height: int, width: int) -> Tensor:
+        return F.interpolate(page[None], size=(height, width), mode="bilinear", antialias=True,
+                             align_corners=False)[0]
+
+    whole = resized(rows * crop_size, cols * crop_size)
+    crops = whole.unflatten(1, (rows, crop_size)).unflatten(3, (cols, crop_size))  # [C, R, S, Cc, S]
+    crops = crops.permute(1, 3, 0, 2, 4).reshape(rows * cols, page.shape[0], crop_size, crop_size)
+    views = torch.cat([resized(crop_size, crop_size)[None], crops])
+    cells = torch.stack(torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij"), dim=-1)
+    positions = torch.cat([torch.full((1, 2), -1), cells.reshape(-1, 2)])
+    return PageCrops(views, (rows, cols), positions)

@@ -1,0 +1,141 @@
+"""Token-level correlation-guided compression (Zhang et al., arXiv 2407.14439) as small pure tensor functions:
+patch-patch correlation -> redundant tokens -> each view's information density -> a page budget split over the
+views -> within a view, the tokens the class token correlates with most, in their order.
+
+The paper's code was never released; the choices it leaves open are ours and are written where they are made:
+
+* a token is *redundant* when at least ``repeats`` other tokens of its view have keys whose cosine similarity with
+  its key passes ``similarity`` (the paper: "many counterparts with high similarity"; both numbers are ours);
+* a view's *information density* is the share of its tokens that are not redundant (as the paper);
+* a page budget is split over its views in proportion to density (largest remainders, exact total, each view at
+  least ``minimum`` and at most its token count), the global view first taking its own share;
+* within a view, the top tokens by class-token attention (or by the cosine of each token with the class token),
+  in their original order; the others dropped or merged into the kept token they are most similar to.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..errors import InputShapeError, InvalidConfigError
+
+__all__ = ["redundant_tokens", "information_density", "allocate_budget", "top_tokens", "merge_into_kept",
+           "KeptTokens"]
+
+
+def _check_tokens(tokens: Tensor, name: str, what: str) -> None:
+    if tokens.dim() != 3:
+        raise InputShapeError(f"{name}: expected {what} [V, N, D] (views, tokens, channels), got "
+                              f"{tuple(tokens.shape)}")
+
+
+def redundant_tokens(keys: Tensor, similarity: float = 0.9, repeats: int = 4) -> Tensor:
+    """``[V, N]`` bool: tokens whose key has at least ``repeats`` other tokens of the same view past
+    ``similarity`` (cosine) -- blank margins, flat fills and repeated texture.
+
+    Args:
+        keys: ``[V, N, D]`` patch tokens' keys (heads concatenated), one row of tokens per view.
+    """
+    _check_tokens(keys, "redundant_tokens", "keys")
+    if isinstance(similarity, bool) or not isinstance(similarity, (int, float)) or not -1 <= similarity <= 1:
+        raise InvalidConfigError(f"redundant_tokens: similarity must be a cosine in [-1, 1], got {similarity!r}")
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise InvalidConfigError(f"redundant_tokens: repeats must be a positive int, got {repeats!r}")
+    unit = F.normalize(keys.float(), dim=-1)
+    close = (unit @ unit.transpose(1, 2)) > similarity  # [V, N, N], the diagonal included
+    return close.sum(dim=-1) - 1 >= repeats
+
+
+def information_density(keys: Tensor, similarity: float = 0.9, repeats: int = 4) -> Tensor:
+    """``[V]``: each view's share of tokens that are not redundant (:func:`redundant_tokens`), in ``[0, 1]``."""
+    return 1 - redundant_tokens(keys, similarity, repeats).float().mean(dim=-1)
+
+
+def allocate_budget(weights: Tensor, total: int, capacity: int | Tensor, minimum: int = 0) -> Tensor:
+    """``[V]`` long: ``total`` tokens split over views in proportion to ``weights`` ``[V]`` (non-negative), each
+    view getting at least ``minimum`` and at most its ``capacity`` (an int or ``[V]``), summing to ``total``.
+
+    Water-filling: views that would pass their capacity are filled and the rest is shared again; the integer
+    split takes the floors and gives the leftover tokens to the largest remainders (ties to the earlier view).
+    Views of zero weight get ``minimum``, or more only when the others are full.
+    """
+    if weights.dim() != 1 or weights.numel() == 0:
+        raise InputShapeError(f"allocate_budget: expected weights [V] with V >= 1, got {tuple(weights.shape)}")
+    if bool((weights < 0).any()) or not bool(torch.isfinite(weights).all()):
+        raise InvalidConfigError("allocate_budget: weights must be finite and non-negative")
+    views = weights.shape[0]
+    cap = torch.as_tensor(capacity, dtype=torch.long).expand(views).clone()
+    if isinstance(minimum, bool) or not isinstance(minimum, int) or minimum < 0 or bool((cap < minimum).any()):
+        raise InvalidConfigError(f"allocate_budget: minimum must be an int in [0, capacity], got {minimum!r}")
+    if isinstance(total, bool) or not isinstance(total, int) or not minimum * views <= total <= int(cap.sum()):
+        raise InvalidConfigError(f"allocate_budget: total must be an int in [{minimum * views}, {int(cap.sum())}] "
+                                 f"({views} views, at least {minimum} and at most their capacity each), got "
+                                 f"{total!r}")
+    share = torch.full((views,), float(minimum), dtype=torch.float64)
+    weights = weights.double()
+    room = cap.double() - share
+    left = float(total - share.sum())
+    open_ = room > 0
+    while left > 1e-9 and bool(open_.any()):
+        w = torch.where(open_, weights, torch.zeros_like(weights))
+        if float(w.sum()) == 0:  # only zero-weight views have room: share evenly
+            w = open_.double()
+        give = torch.minimum(left * w / w.sum(), room)
+        share, room, left = share + give, room - give, left - float(give.sum())
+        open_ = room > 1e-9
+    counts = share.floor().long().minimum(cap)
+    remainder = (share - counts.double()).masked_fill(counts >= cap, -1.0)
+    extra = total - int(counts.sum())
+    if extra > 0:
+        order = remainder.argsort(descending=True, stable=True)[:extra]
+        counts[order] += 1
+    return counts
+
+
+def top_tokens(scores: Tensor, count: int) -> Tensor:
+    """``[count]`` long: the indices of the ``count`` highest ``scores`` ``[N]`` (ties to the earlier), ascending
+    (the tokens keep their order in the view)."""
+    if scores.dim() != 1:
+        raise InputShapeError(f"top_tokens: expected scores [N], got {tuple(scores.shape)}")
+    if isinstance(count, bool) or not isinstance(count, int) or not 0 <= count <= scores.shape[0]:
+        raise InvalidConfigError(f"top_tokens: count must be an int in [0, {scores.shape[0]}], got {count!r}")
+    return scores.float().argsort(descending=True, stable=True)[:count].sort().values
+
+
+@dataclass(frozen=True)
+class KeptTokens:
+    """One view after selection: ``tokens`` ``[k, D]`` in their order, ``index`` ``[k]`` each one's position among
+    the view's tokens, ``sizes`` ``[k]`` how many tokens each stands for (1 without merging), and ``owner`` ``[N]``
+    which kept token each original token went to (``-1``: dropped)."""
+
+    tokens: Tensor
+    index: Tensor
+    sizes: Tensor
+    owner: Tensor
+
+
+def merge_into_kept(tokens: Tensor, metric: Tensor, index: Tensor, merge: bool = True) -> KeptTokens:
+    """Keep ``tokens[index]`` (``tokens`` ``[N, D]``, ``index`` ascending); with ``merge``, every other token is
+    averaged into the kept token whose ``metric`` row ``[N, C]`` (e.g. its key) is most similar (cosine), so
+    the kept tokens carry what the dropped ones showed, weighted by how many each stands for."""
+    if tokens.dim() != 2 or metric.dim() != 2 or metric.shape[0] != tokens.shape[0]:
+        raise InputShapeError(f"merge_into_kept: expected tokens [N, D] and metric [N, C], got "
+                              f"{tuple(tokens.shape)} and {tuple(metric.shape)}")
+    count = tokens.shape[0]
+    owner = torch.full((count,), -1, dtype=torch.long, device=tokens.device)
+    owner[index] = torch.arange(index.shape[0], device=tokens.device)
+    if not merge or index.shape[0] == 0 or index.shape[0] == count:
+        sizes = torch.ones(index.shape[0], dtype=tokens.dtype, device=tokens.device)
+        return KeptTokens(tokens[index], index, sizes, owner)
+    unit = F.normalize(metric.float(), dim=-1)
+    rest = (owner < 0).nonzero().squeeze(1)
+    owner[rest] = (unit[rest] @ unit[index].T).argmax(dim=-1)
+    sizes = torch.zeros(index.shape[0], dtype=tokens.dtype, device=tokens.device).index_add_(
+        0, owner, torch.ones(count, dtype=tokens.dtype, device=tokens.device))
+    summed = torch.zeros(index.shape[0], tokens.shape[1], dtype=tokens.dtype, device=tokens.device).index_add_(
+        0, owner, tokens)
+    return KeptTokens(summed / sizes[:, None], index, sizes, owner)

@@ -1,0 +1,240 @@
+"""A page budget on any vision tower vistok patches (timm, open_clip, Hugging Face CLIP/SigLIP): run the tower on a
+page's views (:func:`~vistok.document.crop_page`), read one block's keys and class-token attention through the
+block's own modules, and keep the tokens :mod:`vistok.document.density` chooses.
+
+>>> crops = vistok.document.crop_page(page, crop_size=224)
+>>> config = vistok.document.CorrelationGuidedConfig(keep=0.33)
+>>> result = vistok.document.compress_page(model, crops, config)
+>>> result.tokens          # one [k_v, D] tensor per view; result.budgets, result.density
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..backbones import resolve_backbone
+from ..errors import InputShapeError, InvalidConfigError, UnsupportedModelError
+from ..methods.base import MethodConfig
+from ..ops import probe_attention
+from .cropping import PageCrops
+from .density import KeptTokens, allocate_budget, merge_into_kept, redundant_tokens, top_tokens
+
+__all__ = ["CorrelationGuidedConfig", "ViewSignals", "CompressedPage", "view_signals", "page_budgets", "compress_page",
+           "compress_views"]
+
+SCORES = ("attention", "similarity")
+
+
+@dataclass
+class CorrelationGuidedConfig(MethodConfig):
+    """Token-level correlation-guided compression of a page's views (:mod:`vistok.document.density`).
+
+    Args:
+        tokens: the page's visual tokens in all (every view together), or ``keep``: a fraction of them; with
+            neither, the paper's adaptive budget: each view keeps its density's share of its tokens.
+        similarity, repeats: a token with at least ``repeats`` others past ``similarity`` (key cosine) in its
+            view is redundant; a view's density is its share of tokens that are not.
+        global_share: the share of the budget the global view keeps (``None``: its share of the page's tokens,
+            as a uniform split would give it); the crops share the rest by density.
+        minimum: tokens every view keeps at least.
+        score: ``"attention"`` (the class token's attention, heads averaged) or ``"similarity"`` (the cosine of
+            each token's key with the class token's key) ranks the tokens within a view.
+        merge: merge the tokens a view does not keep into the kept token whose key is most similar.
+        layer: the block whose keys and attention are read and whose output tokens are kept (default the last).
+    """
+
+    name: ClassVar[str] = "correlation_guided"
+    tokens: int | None = None
+    keep: float | None = None
+    similarity: float = 0.9
+    repeats: int = 4
+    global_share: float | None = None
+    minimum: int = 1
+    score: str = "attention"
+    merge: bool = False
+    layer: int = -1
+
+    def __post_init__(self) -> None:
+        if self.tokens is not None and self.keep is not None:
+            raise InvalidConfigError(f"{self.name}: give at most one of tokens= (visual tokens per page) or keep= "
+                                     f"(a fraction of them), got tokens={self.tokens!r}, keep={self.keep!r}")
+        if self.tokens is not None and (isinstance(self.tokens, bool) or not isinstance(self.tokens, int)
+                                        or self.tokens < 1):
+            raise InvalidConfigError(f"{self.name}: tokens must be a positive int, got {self.tokens!r}")
+        if self.keep is not None and (isinstance(self.keep, bool) or not isinstance(self.keep, (int, float))
+                                      or not 0 < self.keep <= 1):
+            raise InvalidConfigError(f"{self.name}: keep must be a fraction in (0, 1], got {self.keep!r}")
+        if self.global_share is not None and (isinstance(self.global_share, bool)
+                                              or not isinstance(self.global_share, (int, float))
+                                              or not 0 <= self.global_share < 1):
+            raise InvalidConfigError(f"{self.name}: global_share must be in [0, 1) or None, got "
+                                     f"{self.global_share!r}")
+        if self.score not in SCORES:
+            raise InvalidConfigError(f"{self.name}: score must be one of {SCORES}, got {self.score!r}")
+        if not isinstance(self.merge, bool):
+            raise InvalidConfigError(f"{self.name}: merge must be a bool, got {self.merge!r}")
+        if isinstance(self.layer, bool) or not isinstance(self.layer, int):
+            raise InvalidConfigError(f"{self.name}: layer must be a block index, got {self.layer!r}")
+        if isinstance(self.minimum, bool) or not isinstance(self.minimum, int) or self.minimum < 0:
+            raise InvalidConfigError(f"{self.name}: minimum must be a non-negative int, got {self.minimum!r}")
+        redundant_tokens(torch.zeros(1, 1, 1), self.similarity, self.repeats)  # checks both
+
+    @property
+    def adaptive(self) -> bool:
+        """No page budget: each view keeps its density's share of its tokens (the paper's setting)."""
+        return self.tokens is None and self.keep is None
+
+    def page_budget(self, available: int) -> int:
+        """The page's tokens out of its ``available`` (every view's), for a fixed budget."""
+        if self.tokens is not None:
+            if self.tokens > available:
+                raise InvalidConfigError(f"{self.name}: tokens={self.tokens} is more than the page's {available} "
+                                         "visual tokens")
+            return self.tokens
+        return max(1, round(self.keep * available))
+
+    def build(self, info: object) -> dict:
+        raise InvalidConfigError(
+            f"{self.name} gives a budget to a whole page (its crops and global view), not to each image a model "
+            "sees: call vistok.document.compress_page(model, vistok.document.crop_page(page), config) with the "
+            "tower")
+
+
+@dataclass(frozen=True)
+class ViewSignals:
+    """What the tower says about each view at one block: ``tokens`` ``[V, N, D]`` the block's output patch tokens,
+    ``keys`` ``[V, N, H * d]`` their keys in that block, ``class_attention`` ``[V, N]`` the class token's attention
+    over them (heads averaged, softmax over every token) and ``class_similarity`` ``[V, N]`` the cosine of each key
+    with the class token's; both ``None`` for a tower without a class token."""
+
+    tokens: Tensor
+    keys: Tensor
+    class_attention: Tensor | None
+    class_similarity: Tensor | None
+
+
+@torch.no_grad()
+def view_signals(model: nn.Module, views: Tensor, layer: int = -1) -> ViewSignals:
+    """Run the tower of ``model`` on ``views`` ``[V, C, S, S]`` and read block ``layer`` through its own modules
+    (norm, query/key projections, rotary embedding): nothing of the tower is re-implemented or changed."""
+    backbone = resolve_backbone(model)
+    info = backbone.info
+    blocks = backbone.blocks()
+    if not -len(blocks) <= layer < len(blocks):
+        raise InvalidConfigError(f"layer must be a block index in [-{len(blocks)}, {len(blocks)}), got {layer}")
+    if views.dim() != 4:
+        raise InputShapeError(f"expected views [V, C, S, S] (a page's crops), got {tuple(views.shape)}")
+    index = layer % len(blocks)
+    seen: dict[str, Any] = {}
+
+    def before(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        seen["x"], seen["rope"] = backbone.block_inputs(*args, **kwargs)
+
+    def after(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        seen["out"] = output[0] if isinstance(output, (tuple, list)) else output
+
+    hooks = [blocks[index].register_forward_pre_hook(before, with_kwargs=True),
+             blocks[index].register_forward_hook(after, with_kwargs=True)]
+    try:
+        backbone.model(views)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    if "out" not in seen:
+        raise UnsupportedModelError(f"{type(backbone.model).__name__} did not run block {index} on the views")
+    ops = backbone.block_ops(index)
+    query, keys, _ = ops.qkv(ops.norm1(seen["x"]), seen["rope"])  # [V, H, N, d]
+    prefix = info.num_prefix
+    flat_keys = keys.transpose(1, 2).flatten(2)  # [V, N, H * d]
+    attention = similarity = None
+    if info.has_class_token:
+        attention = probe_attention(query[:, :, :1], keys, None).mean(dim=1)[:, prefix:]
+        similarity = F.cosine_similarity(flat_keys[:, prefix:], flat_keys[:, :1], dim=-1)
+    return ViewSignals(seen["out"][:, prefix:], flat_keys[:, prefix:], attention, similarity)
+
+
+@dataclass(frozen=True)
+class CompressedPage:
+    """A page's visual tokens under one budget: per view, ``tokens`` ``[k_v, D]`` (in order), ``index`` (their
+    positions among the view's patches), ``sizes``; ``budgets`` ``[V]`` long, ``density`` ``[V]``, ``redundant``
+    ``[V, N]`` bool, and ``positions`` ``[V, 2]`` each view's (row, col) in the crop grid (``-1``: global)."""
+
+    tokens: list[Tensor]
+    index: list[Tensor]
+    sizes: list[Tensor]
+    budgets: Tensor
+    density: Tensor
+    redundant: Tensor
+    positions: Tensor
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.budgets.sum())
+
+
+def page_budgets(density: Tensor, total: int, tokens_per_view: int, has_global: bool,
+                 config: CorrelationGuidedConfig) -> Tensor:
+    """``[V]`` long: the global view's share first (``config.global_share``, or ``1 / V``), then the crops' rest in
+    proportion to their density (:func:`~vistok.document.density.allocate_budget`)."""
+    views = density.shape[0]
+    if not has_global or views == 1:
+        return allocate_budget(density, total, tokens_per_view, config.minimum)
+    share = config.global_share if config.global_share is not None else 1 / views
+    crops = views - 1
+    low = config.minimum * crops
+    high = tokens_per_view * crops
+    global_tokens = min(tokens_per_view, max(config.minimum, round(share * total)), total - low)
+    global_tokens = max(global_tokens, total - high)
+    rest = allocate_budget(density[1:], total - global_tokens, tokens_per_view, config.minimum)
+    return torch.cat([torch.tensor([global_tokens]), rest])
+
+
+def compress_page(model: nn.Module, page: PageCrops | Tensor, config: CorrelationGuidedConfig) -> CompressedPage:
+    """The page's views through the tower of ``model`` (:func:`view_signals`), then the page budget of ``config``
+    (:func:`compress_views`).
+
+    Args:
+        page: a :class:`~vistok.document.PageCrops` (its first view is the global one), or views
+            ``[V, C, S, S]`` that all count as crops.
+    """
+    if not isinstance(config, CorrelationGuidedConfig):
+        raise InvalidConfigError(f"compress_page needs a CorrelationGuidedConfig, got {type(config).__name__}")
+    views = page.views if isinstance(page, PageCrops) else page
+    signals = view_signals(model, views, config.layer)
+    if signals.class_attention is None:
+        raise UnsupportedModelError(f"{config.name} ranks tokens by their correlation with the class token; "
+                                    f"{type(resolve_backbone(model).model).__name__} has none")
+    positions = page.positions if isinstance(page, PageCrops) else torch.zeros(views.shape[0], 2, dtype=torch.long)
+    return compress_views(signals, config, isinstance(page, PageCrops), positions)
+
+
+def compress_views(signals: ViewSignals, config: CorrelationGuidedConfig, has_global: bool,
+                   positions: Tensor | None = None) -> CompressedPage:
+    """Density, budgets and kept tokens from a page's :class:`ViewSignals` (the first view global if
+    ``has_global``): the tensor part of :func:`compress_page`."""
+    count, per_view = signals.tokens.shape[:2]
+    redundant = redundant_tokens(signals.keys, config.similarity, config.repeats)
+    density = 1 - redundant.float().mean(dim=-1)
+    if config.adaptive:
+        budgets = (density * per_view).round().long().clamp(min=min(config.minimum, per_view))
+    else:
+        total = config.page_budget(count * per_view)
+        if total < config.minimum * count:
+            raise InvalidConfigError(f"{config.name}: a budget of {total} tokens cannot give each of the {count} "
+                                     f"views minimum={config.minimum}")
+        budgets = page_budgets(density, total, per_view, has_global, config)
+    scores = signals.class_attention if config.score == "attention" else signals.class_similarity
+    if scores is None:
+        raise InvalidConfigError(f"{config.name}: these signals have no class token to rank the tokens by")
+    kept: list[KeptTokens] = [
+        merge_into_kept(signals.tokens[v], signals.keys[v], top_tokens(scores[v], int(budgets[v])), config.merge)
+        for v in range(count)]
+    if positions is None:
+        positions = torch.zeros(count, 2, dtype=torch.long)
+    return CompressedPage([k.tokens for k in kept], [k.index for k in kept], [k.sizes for k in kept], budgets,
+                          density, redundant, positions)
