@@ -155,9 +155,19 @@ def test_copies_pickles_and_removal():
         handle.remove()  # idempotent
 
 
-def test_a_page_budget_is_refused_inside_a_vision_llm():
-    with pytest.raises(InvalidConfigError, match="correlation_guided .* does not run inside a Llava"):
-        vistok.patch(tiny_llava(), "correlation_guided", keep=0.3)
+def test_correlation_guided_on_single_view_images_is_dominant():
+    """One view per image is one tile: correlation_guided keeps what dominant keeps; without a budget (the page
+    setting of vistok.document) it is refused."""
+    model = tiny_llava()
+    ids, pixels = prompt(), images()
+    with torch.no_grad():
+        with vistok.patch(model, "dominant", tokens=4) as handle:
+            expected = handle.encode(pixels).tokens
+        with vistok.patch(model, "correlation_guided", tokens=4) as handle:
+            assert torch.equal(handle.encode(pixels).tokens, expected)
+            assert model(input_ids=ids, pixel_values=pixels).logits.shape == (2, 3 + 4 + 2, 100)
+    with pytest.raises(InvalidConfigError, match="inside a vision-LLM give a budget"):
+        vistok.patch(model, "correlation_guided")
 
 
 def test_bad_inputs_and_refusals():

@@ -294,3 +294,40 @@ def test_bad_inputs_and_refusals():
     with torch.no_grad(), vistok.patch(siglip, "random_select", keep=0.25):
         assert runs(siglip.generate(**multi_image_inputs(), max_new_tokens=1), IMAGE) == [17, 17]
     assert vistok.get_handle(model) is None
+
+
+def test_correlation_guided_splits_a_crop_grid_by_density_and_equals_dominant_on_single_views():
+    """correlation_guided at the boundary: on base views only (one tile each) it keeps exactly dominant's tokens;
+    on a crop grid its budget goes to the tiles (crops) with fewer repeated features, and each tile keeps its top
+    class-attention patches."""
+    from vistok.adapters import BoundaryInputs
+    from vistok.document import CorrelationGuidedConfig, tile_index
+
+    model = tiny_onevision()
+    x = multi_image_inputs()
+    with torch.no_grad():
+        with vistok.patch(model, "dominant", tokens=6):
+            expected = model(**x).logits
+        with vistok.patch(model, "correlation_guided", tokens=6):
+            assert (model(**x).logits - expected).abs().max() <= 1e-5
+        cases = [image_inputs(model)[0], video_inputs()]
+        reference = [model(**case).logits for case in cases]
+        with vistok.patch(model, "correlation_guided", keep=1.0):  # keep-everything parity
+            for case, logits in zip(cases, reference, strict=True):
+                assert (model(**case).logits - logits).abs().max() <= 1e-4
+        with vistok.patch(model, "correlation_guided", tokens=12):  # AnyRes images at a page budget each
+            assert model(**cases[0]).logits.shape[1] == 3 + 12 + 1 + 2  # the longer row, shortened
+
+    generator = torch.Generator().manual_seed(0)
+    features = torch.randn(1, 32, 8, generator=generator)  # a 4 x 8 crop grid: two 4 x 4 crops
+    tiles = tile_index((4, 8), (4, 4))
+    features[0, tiles == 0] = features[0, 0].clone()  # the left crop is blank: one feature repeated
+    scores = torch.rand(1, 32, generator=generator)
+    config = CorrelationGuidedConfig(tokens=10, minimum=1)
+    result = config.compress(BoundaryInputs(features, (4, 8), lambda: scores, tile=(4, 4)), 10)
+    kept = (result.owner[0] >= 0).nonzero().squeeze(1)
+    assert kept.shape[0] == 10 and int((tiles[kept] == 0).sum()) == 1  # the blank crop keeps its minimum
+    right = (tiles == 1).nonzero().squeeze(1)
+    assert torch.equal(kept[tiles[kept] == 1], right[scores[0, right].argsort(descending=True)[:9]].sort().values)
+    with pytest.raises(InvalidConfigError, match="inside a vision-LLM give a budget"):
+        vistok.patch(tiny_onevision(), "correlation_guided")

@@ -139,6 +139,11 @@ class VisionLLMFamily(ABC):
         of the unit's patches."""
         return [config.budget(rows * cols) for rows, cols in units.grids]
 
+    def unit_tile(self, modality: str, grid: tuple[int, int]) -> tuple[int, int] | None:
+        """One crop's patch grid when a unit of ``grid`` is a grid of crops (``BoundaryInputs.tile``), else
+        ``None``."""
+        return None
+
     def unit_class_attention(self, base: nn.Module, modality: str, out: Any, units: Units, kwargs: dict[str, Any]
                              ) -> list[Tensor]:
         """``[rows * cols]`` per unit: the class token's attention over the unit's patches (``encodes_up_front``

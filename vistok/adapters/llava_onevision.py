@@ -142,11 +142,18 @@ class LlavaOnevisionFamily(VisionLLMFamily):
             if total < len(item):
                 raise InvalidConfigError(f"{config.name}: tokens={config.tokens} cannot cover an image's "
                                          f"{len(item)} views (its base view and its crops): give at least {len(item)}")
-            first = min(max(round(total * sizes[0] / sum(sizes)), 1), total - len(item) + 1, sizes[0])
+            share = getattr(config, "global_share", None)  # correlation_guided's share of the base (global) view
+            share = sizes[0] / sum(sizes) if share is None else share
+            first = min(max(round(total * share), 1), total - len(item) + 1, sizes[0])
             shares = [first] + ([total - first] if len(item) > 1 else [])
             for unit, share in zip(item, shares, strict=True):
                 budgets[unit] = share
         return budgets
+
+    def unit_tile(self, modality: str, grid: tuple[int, int]) -> tuple[int, int] | None:
+        # tiles of one view's size from the top-left of the crop grid: the model removes the padding of the crops
+        # on both sides (and shrinks grids past anyres_max_9), so tile borders can sit off the crops' borders
+        return self.grid if modality == "image" and grid != self.grid else None
 
     def unit_class_attention(self, base: nn.Module, modality: str, out: Any, units: Units, kwargs: dict[str, Any]
                              ) -> list[Tensor]:

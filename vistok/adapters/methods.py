@@ -32,6 +32,9 @@ class BoundaryInputs:
     After an in-tower method (a composition), the features are the tower's reduced tokens: ``valid`` ``[B, N]``
     marks the real ones (the rest is padding), ``sizes`` ``[B, N]`` how many patches each stands for, and
     ``source`` ``[B, N]`` each one's patch index (its order in the image). ``None`` without a tower method.
+
+    ``tile``: one view's patch grid when each unit is a grid of crops (LLaVA-OneVision's AnyRes crop grid, whose
+    crops are tiles of that size from its top-left); ``None`` when a unit is one view.
     """
 
     features: Tensor
@@ -40,6 +43,7 @@ class BoundaryInputs:
     valid: Tensor | None = None
     sizes: Tensor | None = None
     source: Tensor | None = None
+    tile: tuple[int, int] | None = None
 
 
 @dataclass

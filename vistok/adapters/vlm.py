@@ -318,7 +318,8 @@ class VisionLLMHandle:
         for grid, budget in dict.fromkeys(keys):
             members = [i for i, key in enumerate(keys) if key == (grid, budget)]
             stacked = torch.stack([units.features[i] for i in members])
-            inputs = BoundaryInputs(stacked, grid, partial(class_attention, members))
+            inputs = BoundaryInputs(stacked, grid, partial(class_attention, members),
+                                    tile=family.unit_tile(modality, grid))
             result = in_patch_order(self.config.compress(inputs, budget))
             for row, index in enumerate(members):
                 results[index] = Budgeted(*(t[row: row + 1] for t in (result.tokens, result.sizes, result.owner)))
@@ -450,10 +451,6 @@ def patch_vision_llm(model: nn.Module, config: MethodConfig, family: type[Vision
     """``vistok.patch`` for a vision-LLM (see the module docstring): one boundary method, optionally composed with
     in-tower methods, which are patched into the vision tower (``handle.tower_handle``)."""
     parts = config.parts if isinstance(config, ComposedConfig) else (config,)
-    if any(part.name == "correlation_guided" for part in parts):
-        raise InvalidConfigError(
-            f"correlation_guided (a budget per page over its crops) does not run inside a {type(model).__name__} "
-            "yet: compress a page's views with vistok.document.compress_page(tower, crops, config)")
     boundary = [part for part in parts if isinstance(part, BoundaryConfig)]
     in_tower = [part for part in parts if not isinstance(part, BoundaryConfig)]
     if len(boundary) != 1:
@@ -463,13 +460,15 @@ def patch_vision_llm(model: nn.Module, config: MethodConfig, family: type[Vision
             f"{[part.name for part in boundary] or 'none'}; in-tower methods ({[part.name for part in in_tower]}) "
             "compose with it in a list")
     boundary = boundary[0]
+    if boundary.tokens is None and boundary.keep is None:  # correlation_guided's adaptive setting (pages only)
+        boundary.budget(0)  # raises, saying what to give
     if in_tower and not boundary.composes:
         raise InvalidConfigError(f"{boundary.name} needs the tower's full patch grid (or its class attention); "
                                  "after in-tower methods use merge_to_budget or random_select")
     facts = family.inspect(model)
     if boundary.uses_class_attention and not facts.has_class_token:
-        raise InvalidConfigError(f"dominant needs a class token; {type(model).__name__}'s vision tower has none "
-                                 "(use merge_to_budget, pool or random_select)")
+        raise InvalidConfigError(f"{boundary.name} needs a class token; {type(model).__name__}'s vision tower has "
+                                 "none (use merge_to_budget, pool or random_select)")
     if in_tower and facts.encodes_up_front:
         raise InvalidConfigError(f"in-tower methods are not supported on {type(model).__name__}: its images come in "
                                  "several sizes and layouts; use a boundary method alone")

@@ -13,6 +13,8 @@ from .density import (
     information_density,
     merge_into_kept,
     redundant_tokens,
+    select_over_tiles,
+    tile_index,
     top_tokens,
 )
 from .page import (
@@ -36,6 +38,8 @@ __all__ = [
     "top_tokens",
     "merge_into_kept",
     "KeptTokens",
+    "tile_index",
+    "select_over_tiles",
     "CorrelationGuidedConfig",
     "ViewSignals",
     "CompressedPage",

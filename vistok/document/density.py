@@ -24,7 +24,7 @@ from torch import Tensor
 from ..errors import InputShapeError, InvalidConfigError
 
 __all__ = ["redundant_tokens", "information_density", "allocate_budget", "top_tokens", "merge_into_kept",
-           "KeptTokens"]
+           "KeptTokens", "tile_index", "select_over_tiles"]
 
 
 def _check_tokens(tokens: Tensor, name: str, what: str) -> None:
@@ -139,3 +139,46 @@ def merge_into_kept(tokens: Tensor, metric: Tensor, index: Tensor, merge: bool =
     summed = torch.zeros(index.shape[0], tokens.shape[1], dtype=tokens.dtype, device=tokens.device).index_add_(
         0, owner, tokens)
     return KeptTokens(summed / sizes[:, None], index, sizes, owner)
+
+
+def tile_index(grid: tuple[int, int], tile: tuple[int, int]) -> Tensor:
+    """``[rows * cols]`` long: which tile (row-major, of ``tile`` patches from the top-left, the last ones cut at the
+    edges) each patch of a row-major ``grid`` is in: the crops of a crop grid that arrives as one grid."""
+    (rows, cols), (tile_rows, tile_cols) = grid, tile
+    if min(rows, cols, tile_rows, tile_cols) < 1:
+        raise InvalidConfigError(f"tile_index: grid {grid} and tile {tile} must be positive")
+    across = -(-cols // tile_cols)
+    r = torch.arange(rows)[:, None] // tile_rows
+    c = torch.arange(cols)[None, :] // tile_cols
+    return (r * across + c).flatten()
+
+
+def select_over_tiles(keys: Tensor, scores: Tensor, tiles: Tensor, budget: int, similarity: float = 0.9,
+                      repeats: int = 4, minimum: int = 1) -> tuple[Tensor, Tensor, Tensor]:
+    """One unit whose patches fall into tiles (crops): each tile's density from the keys of its own tokens
+    (:func:`redundant_tokens` within the tile), ``budget`` split over the tiles by density
+    (:func:`allocate_budget`, at least ``minimum`` each where the budget allows), and in each tile its top
+    ``scores``.
+
+    Args:
+        keys: ``[N, D]``; scores: ``[N]``; tiles: ``[N]`` long, each patch's tile ``0 .. G - 1``.
+
+    Returns:
+        The kept indices ``[budget]`` ascending, the tiles' density ``[G]`` and budgets ``[G]``.
+    """
+    if keys.dim() != 2 or scores.shape != keys.shape[:1] or tiles.shape != keys.shape[:1]:
+        raise InputShapeError(f"select_over_tiles: expected keys [N, D], scores [N] and tiles [N], got "
+                              f"{tuple(keys.shape)}, {tuple(scores.shape)} and {tuple(tiles.shape)}")
+    count = int(tiles.max()) + 1
+    unit = F.normalize(keys.float(), dim=-1)
+    same = tiles[:, None] == tiles[None, :]
+    close = ((unit @ unit.T) > similarity) & same
+    redundant = close.sum(dim=-1) - 1 >= repeats
+    sizes = torch.bincount(tiles, minlength=count)
+    density = torch.zeros(count).index_add_(0, tiles, (~redundant).float()) / sizes.clamp_min(1)
+    budgets = allocate_budget(density, budget, sizes, min(minimum, budget // count, int(sizes.min())))
+    kept = []
+    for index in range(count):
+        members = (tiles == index).nonzero().squeeze(1)
+        kept.append(members[top_tokens(scores[members], int(budgets[index]))])
+    return torch.cat(kept).sort().values, density, budgets

@@ -17,12 +17,21 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..adapters.budget import Budgeted, select_dominant
+from ..adapters.methods import BoundaryConfig, BoundaryInputs
 from ..backbones import resolve_backbone
 from ..errors import InputShapeError, InvalidConfigError, UnsupportedModelError
-from ..methods.base import MethodConfig
 from ..ops import probe_attention
 from .cropping import PageCrops
-from .density import KeptTokens, allocate_budget, merge_into_kept, redundant_tokens, top_tokens
+from .density import (
+    KeptTokens,
+    allocate_budget,
+    merge_into_kept,
+    redundant_tokens,
+    select_over_tiles,
+    tile_index,
+    top_tokens,
+)
 
 __all__ = ["CorrelationGuidedConfig", "ViewSignals", "CompressedPage", "view_signals", "page_budgets", "compress_page",
            "compress_views"]
@@ -31,26 +40,32 @@ SCORES = ("attention", "similarity")
 
 
 @dataclass
-class CorrelationGuidedConfig(MethodConfig):
+class CorrelationGuidedConfig(BoundaryConfig):
     """Token-level correlation-guided compression of a page's views (:mod:`vistok.document.density`).
 
+    On a tower, :func:`compress_page` runs it over a page's views (:func:`~vistok.document.crop_page`). On a
+    vision-LLM, ``vistok.patch(model, "correlation_guided", tokens=...)`` runs it at the boundary: a unit that is
+    a grid of crops (LLaVA-OneVision's AnyRes) splits its budget over tiles of one view's size by their density,
+    and a unit that is one view keeps its top tokens (there, density is read from the features the language model
+    gets, as the boundary has no keys).
+
     Args:
-        tokens: the page's visual tokens in all (every view together), or ``keep``: a fraction of them; with
-            neither, the paper's adaptive budget: each view keeps its density's share of its tokens.
+        tokens: the page's visual tokens in all (every view together; on a vision-LLM: per image), or ``keep``:
+            a fraction of them; with neither (towers only), the paper's adaptive budget: each view keeps its
+            density's share of its tokens.
         similarity, repeats: a token with at least ``repeats`` others past ``similarity`` (key cosine) in its
             view is redundant; a view's density is its share of tokens that are not.
         global_share: the share of the budget the global view keeps (``None``: its share of the page's tokens,
             as a uniform split would give it); the crops share the rest by density.
         minimum: tokens every view keeps at least.
         score: ``"attention"`` (the class token's attention, heads averaged) or ``"similarity"`` (the cosine of
-            each token's key with the class token's key) ranks the tokens within a view.
+            each token's key with the class token's key; towers only) ranks the tokens within a view.
         merge: merge the tokens a view does not keep into the kept token whose key is most similar.
-        layer: the block whose keys and attention are read and whose output tokens are kept (default the last).
+        layer: the block whose keys and attention are read and whose output tokens are kept (default the last;
+            towers: a vision-LLM reads its own feature layer).
     """
 
     name: ClassVar[str] = "correlation_guided"
-    tokens: int | None = None
-    keep: float | None = None
     similarity: float = 0.9
     repeats: int = 4
     global_share: float | None = None
@@ -58,17 +73,15 @@ class CorrelationGuidedConfig(MethodConfig):
     score: str = "attention"
     merge: bool = False
     layer: int = -1
+    uses_class_attention: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
-        if self.tokens is not None and self.keep is not None:
-            raise InvalidConfigError(f"{self.name}: give at most one of tokens= (visual tokens per page) or keep= "
-                                     f"(a fraction of them), got tokens={self.tokens!r}, keep={self.keep!r}")
-        if self.tokens is not None and (isinstance(self.tokens, bool) or not isinstance(self.tokens, int)
-                                        or self.tokens < 1):
-            raise InvalidConfigError(f"{self.name}: tokens must be a positive int, got {self.tokens!r}")
-        if self.keep is not None and (isinstance(self.keep, bool) or not isinstance(self.keep, (int, float))
-                                      or not 0 < self.keep <= 1):
-            raise InvalidConfigError(f"{self.name}: keep must be a fraction in (0, 1], got {self.keep!r}")
+        if self.tokens is not None or self.keep is not None:
+            if self.tokens is not None and self.keep is not None:
+                raise InvalidConfigError(f"{self.name}: give at most one of tokens= (visual tokens per page) or "
+                                         f"keep= (a fraction of them), got tokens={self.tokens!r}, "
+                                         f"keep={self.keep!r}")
+            super().__post_init__()
         if self.global_share is not None and (isinstance(self.global_share, bool)
                                               or not isinstance(self.global_share, (int, float))
                                               or not 0 <= self.global_share < 1):
@@ -89,20 +102,41 @@ class CorrelationGuidedConfig(MethodConfig):
         """No page budget: each view keeps its density's share of its tokens (the paper's setting)."""
         return self.tokens is None and self.keep is None
 
+    def budget(self, available: int) -> int:
+        if self.adaptive:
+            raise InvalidConfigError(f"{self.name}: inside a vision-LLM give a budget (tokens= per image or keep=); "
+                                     "the adaptive setting is for vistok.document.compress_page")
+        return super().budget(available)
+
     def page_budget(self, available: int) -> int:
         """The page's tokens out of its ``available`` (every view's), for a fixed budget."""
-        if self.tokens is not None:
-            if self.tokens > available:
-                raise InvalidConfigError(f"{self.name}: tokens={self.tokens} is more than the page's {available} "
-                                         "visual tokens")
-            return self.tokens
-        return max(1, round(self.keep * available))
+        if self.tokens is not None and self.tokens > available:
+            raise InvalidConfigError(f"{self.name}: tokens={self.tokens} is more than the page's {available} "
+                                     "visual tokens")
+        return self.budget(available)
 
     def build(self, info: object) -> dict:
         raise InvalidConfigError(
-            f"{self.name} gives a budget to a whole page (its crops and global view), not to each image a model "
-            "sees: call vistok.document.compress_page(model, vistok.document.crop_page(page), config) with the "
-            "tower")
+            f"{self.name} gives a budget to a whole page (its crops and global view), not to each image a vision "
+            "transformer sees: call vistok.document.compress_page(model, vistok.document.crop_page(page), config) "
+            "with the tower, or patch a vision-LLM (a LlavaOnevisionForConditionalGeneration's AnyRes crops)")
+
+    def compress(self, inputs: BoundaryInputs, budget: int) -> Budgeted:
+        """A vision-LLM's units at ``budget`` each: a crop grid (``inputs.tile``) by :func:`select_over_tiles`,
+        a single view by its top class-attention tokens."""
+        if self.score != "attention":
+            raise InvalidConfigError(f"{self.name}: inside a vision-LLM tokens are ranked by class attention "
+                                     f"(score='attention'), got score={self.score!r}")
+        features = inputs.features
+        if budget == features.shape[1]:
+            return select_dominant(features, features.new_zeros(features.shape[:2]), budget)
+        tiles = tile_index(inputs.grid, inputs.tile or inputs.grid).to(features.device)
+        scores = inputs.class_attention()
+        kept = [merge_into_kept(row, row, select_over_tiles(row, score, tiles, budget, self.similarity, self.repeats,
+                                                            self.minimum)[0], self.merge)
+                for row, score in zip(features, scores, strict=True)]
+        return Budgeted(torch.stack([k.tokens for k in kept]), torch.stack([k.sizes for k in kept]),
+                        torch.stack([k.owner for k in kept]))
 
 
 @dataclass(frozen=True)
