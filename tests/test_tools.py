@@ -37,6 +37,63 @@ def test_config_checks_keys_and_types(tmp_path):
         parse_overrides(["epochs"])
 
 
+def test_only_true_and_false_are_booleans(tmp_path):
+    """accelerate's mixed_precision=no (the documented default) must stay the string 'no', in files too."""
+    assert parse_overrides(["a=no", "b=off", "c=yes", "d=true", "e=False", "f=3"]) == {
+        "a": "no", "b": "off", "c": "yes", "d": True, "e": False, "f": 3}
+    defaults = {"train": {"mixed_precision": "no", "fused_attn": True}}
+    assert load_config(defaults, None, parse_overrides(["train.mixed_precision=no"]))["train"]["mixed_precision"] \
+        == "no"
+    file = tmp_path / "c.yaml"
+    file.write_text("train:\n  mixed_precision: no\n  fused_attn: false\n")
+    assert load_config(defaults, file)["train"] == {"mixed_precision": "no", "fused_attn": False}
+    with pytest.raises(ConfigError, match="train.fused_attn should be bool"):
+        load_config(defaults, None, parse_overrides(["train.fused_attn=no"]))
+
+
+def _class_folders(root: Path, classes: dict[str, int], per_class: int) -> None:
+    """``root/{train,val}/<name>/*.png``: real Fashion-MNIST test images of the given labels, as RGB files."""
+    from PIL import Image
+
+    images, labels = vdata.load_fashion_mnist("test")
+    for split, offset in (("train", 0), ("val", per_class)):
+        for name, label in classes.items():
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            chosen = (labels == label).nonzero().squeeze(1)[offset: offset + per_class]
+            for index in chosen.tolist():
+                Image.fromarray(images[index].numpy()).convert("RGB").save(folder / f"{index}.png")
+
+
+def test_a_class_folder_dataset_trains_a_head_of_its_class_count(tmp_path, capsys):
+    """data.name=folder as a new user runs it: two class folders of real images give a 2-way head (not the
+    model's 1000), train.mixed_precision=no is accepted on the command line, and eval reads the same folder."""
+    root = tmp_path / "images"
+    _class_folders(root, {"bag": 8, "sneaker": 7}, per_class=6)
+    small = ["model=vit_tiny_patch16_224", "model_kwargs.img_size=32", "model_kwargs.depth=2", "data.name=folder",
+             f"data.root={root}", "data.input_size=32"]
+    run = tmp_path / "run"
+    train, evaluate = load_tool("train"), load_tool("eval")
+    assert train.main([*small, "train.epochs=1", "train.batch_size=4", "train.eval_batch_size=6",
+                       "train.mixed_precision=no", f"output={run}"]) == 0
+    model = load_checkpoint(timm.create_model("vit_tiny_patch16_224", img_size=32, depth=2, num_classes=2),
+                            run / "model.safetensors")
+    assert model.head.out_features == 2
+    metrics = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    assert 0 <= metrics["val_top1"] <= 100 and metrics["val_top5"] == 100.0  # two classes: top-2 is everything
+    out = tmp_path / "eval.json"
+    assert evaluate.main([*small, f"checkpoint={run / 'model.safetensors'}", "eval.flops_images=4",
+                          "eval.batch_size=6", "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["images"] == 12
+    capsys.readouterr()
+    assert train.main([*small, "model_kwargs.num_classes=5", f"output={tmp_path / 'bad'}"]) == 2
+    assert "model_kwargs.num_classes=5, but data.root" in capsys.readouterr().err
+    (root / "val" / "coat").mkdir()
+    (root / "val" / "sneaker").rename(root / "val" / "coat" / "x")
+    assert train.main([*small, f"output={tmp_path / 'bad'}"]) == 2
+    assert "different class folders" in capsys.readouterr().err
+
+
 def test_fashion_mnist_is_real_and_found():
     images, labels = vdata.load_fashion_mnist("test")
     assert images.shape == (10000, 28, 28) and images.dtype == torch.uint8

@@ -20,7 +20,15 @@ import torch
 
 import vistok
 from vistok.config import load_config, parse_overrides
-from vistok.experiment import DATA_DEFAULTS, MODEL_DEFAULTS, batches, build_data, build_model, wrap_for_data
+from vistok.experiment import (
+    DATA_DEFAULTS,
+    MODEL_DEFAULTS,
+    batches,
+    build_data,
+    build_model,
+    fit_head_to_data,
+    wrap_for_data,
+)
 from vistok.measure import count_flops, time_models
 from vistok.measure.accuracy import evaluate
 
@@ -37,6 +45,7 @@ def run_eval(config: dict, progress: bool = True) -> dict:
     if settings["threads"]:
         torch.set_num_threads(settings["threads"])
     _, val_set, _, transform = build_data(config["data"])
+    config = fit_head_to_data(config, val_set)  # a class-folder dataset: a head of its class count
     model = wrap_for_data(build_model(config), config["data"]).eval()
     prepare = transform or (lambda images: images)
     labelled = batches(val_set, settings["batch_size"])

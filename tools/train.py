@@ -30,6 +30,7 @@ from vistok.experiment import (
     LabelledBatches,
     build_data,
     build_model,
+    fit_head_to_data,
     loader,
     set_fused_attention,
     wrap_for_data,
@@ -85,6 +86,7 @@ def train(config: dict, resume: bool = False) -> int:
     set_seed(settings["seed"])
     output = Path(config["output"])
     train_set, val_set, train_transform, val_transform = build_data(config["data"], settings["seed"])
+    config = fit_head_to_data(config, train_set, val_set)  # a class-folder dataset: a head of its class count
     model = build_model(config)
     if not settings["fused_attn"] and not set_fused_attention(model, False):
         raise ConfigError(f"train.fused_attn=false: {config['model']} has no attention module with timm's "

@@ -18,16 +18,40 @@ class ConfigError(VistokError, ValueError):
     """A config file or override names an unknown key, has a value of the wrong type, or cannot be read."""
 
 
-def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
-    """``["train.epochs=3", "method=ats"]`` -> ``{"train.epochs": 3, "method": "ats"}``; values are YAML."""
+def _yaml_loader() -> type:
+    """A safe YAML loader whose only booleans are ``true`` / ``false`` (YAML 1.2): YAML 1.1 also reads ``no``,
+    ``yes``, ``on`` and ``off`` as booleans, which turned ``mixed_precision=no`` (accelerate's setting) into
+    ``False``."""
+    import re
+
     import yaml
 
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.yaml_implicit_resolvers = {
+        first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+    Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                                 list("tTfF"))
+    return Loader
+
+
+def _load_yaml(text: str) -> Any:
+    import yaml
+
+    return yaml.load(text, Loader=_yaml_loader())  # noqa: S506 -- a SafeLoader subclass
+
+
+def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
+    """``["train.epochs=3", "method=ats"]`` -> ``{"train.epochs": 3, "method": "ats"}``; values are YAML (only
+    ``true`` and ``false`` are booleans: ``no`` stays a string)."""
     overrides = {}
     for item in items:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r} is not key=value (e.g. train.epochs=3)")
-        overrides[key] = yaml.safe_load(raw) if raw else None
+        overrides[key] = _load_yaml(raw) if raw else None
     return overrides
 
 
@@ -65,7 +89,8 @@ def _assign(tree: dict[str, Any], path: str, value: Any, defaults: dict[str, Any
 
 def load_config(defaults: dict[str, Any], path: str | Path | None = None,
                 overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """Defaults, updated by the YAML file at ``path`` (if any), then by ``overrides`` (dotted keys).
+    """Defaults, updated by the YAML file at ``path`` (if any), then by ``overrides`` (dotted keys). Only ``true``
+    and ``false`` are booleans, in files as on the command line.
 
     Keys ending in ``_options`` or ``_kwargs`` hold free-form mappings (method options, model kwargs).
 
@@ -80,7 +105,7 @@ def load_config(defaults: dict[str, Any], path: str | Path | None = None,
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
         try:
-            loaded = yaml.safe_load(path.read_text()) or {}
+            loaded = _load_yaml(path.read_text()) or {}
         except yaml.YAMLError as error:
             raise ConfigError(f"{path} is not valid YAML: {error}") from None
         if not isinstance(loaded, Mapping):

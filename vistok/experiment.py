@@ -23,8 +23,8 @@ from torch.utils.data import Dataset
 from .config import ConfigError
 from .data import GreyBatchTransform, fashion_mnist_dataset, image_folder_dataset
 
-__all__ = ["MODEL_DEFAULTS", "DATA_DEFAULTS", "build_model", "build_data", "set_fused_attention", "wrap_for_data",
-           "loader", "batches", "LabelledBatches"]
+__all__ = ["MODEL_DEFAULTS", "DATA_DEFAULTS", "build_model", "build_data", "fit_head_to_data", "set_fused_attention",
+           "wrap_for_data", "loader", "batches", "LabelledBatches"]
 
 MODEL_DEFAULTS: dict[str, Any] = {
     "model": "vistok_vit_fmnist",
@@ -138,6 +138,31 @@ def build_data(data: dict[str, Any], seed: int = 0) -> tuple[Dataset, Dataset, A
     if data["limit"]:  # the first images of each split only (smoke tests, quick looks)
         train, val = (torch.utils.data.Subset(d, range(min(data["limit"], len(d)))) for d in (train, val))
     return train, val, *transforms
+
+
+def fit_head_to_data(config: dict[str, Any], *datasets: Dataset) -> dict[str, Any]:
+    """``config`` with a timm model's ``model_kwargs.num_classes`` set to the class count of a class-folder dataset
+    (``data.name=folder``: as many outputs as ``train/`` has class folders, not the model's default 1000).
+
+    Raises:
+        ConfigError: the splits' classes differ, or ``model_kwargs.num_classes`` says another count.
+    """
+    if config["data"]["name"] != "folder" or config["model"].startswith("hf:"):
+        return config
+    found = []
+    for dataset in datasets:
+        while isinstance(dataset, torch.utils.data.Subset):
+            dataset = dataset.dataset
+        found.append(list(dataset.classes))
+    if any(classes != found[0] for classes in found[1:]):
+        raise ConfigError(f"data.root={config['data']['root']}: the splits have different class folders "
+                          f"({[len(classes) for classes in found]} classes: {found})")
+    count = len(found[0])
+    given = config["model_kwargs"].get("num_classes")
+    if given is not None and given != count:
+        raise ConfigError(f"model_kwargs.num_classes={given}, but data.root={config['data']['root']} has {count} "
+                          "class folders")
+    return {**config, "model_kwargs": {**config["model_kwargs"], "num_classes": count}}
 
 
 def _video_datasets(data: dict[str, Any], seed: int) -> tuple[Dataset, Dataset]:
