@@ -10,9 +10,27 @@ from torch import Tensor
 from ..errors import InvalidConfigError
 from .errors import InvalidLogitsError
 
-__all__ = ["RowParam", "row_param", "broadcast_param", "check_logits", "check_row_max", "work_dtype"]
+__all__ = ["RowParam", "PARAM_BOUNDS", "row_param", "checked", "broadcast_param", "check_logits", "check_row_max",
+           "work_dtype"]
 
 RowParam = float | int | Tensor
+
+#: each sampler parameter's range, written once: the functions, the processors and SamplingConfig check with it
+PARAM_BOUNDS: dict[str, dict] = {
+    "temperature": dict(low=0.0, high=math.inf, high_open=True),
+    "top_k": dict(low=-math.inf, high=math.inf, integer=True),
+    "top_p": dict(low=0.0, high=1.0),
+    "min_p": dict(low=0.0, high=1.0),
+    "typical_p": dict(low=0.0, high=1.0),
+    "epsilon": dict(low=0.0, high=1.0, high_open=True),
+    "eta": dict(low=0.0, high=1.0, high_open=True),
+    "top_h": dict(low=0.0, high=1.0, low_open=True),
+}
+
+
+def checked(value: RowParam, name: str) -> RowParam:
+    """:func:`row_param` with ``name``'s bounds from :data:`PARAM_BOUNDS`."""
+    return row_param(value, name, **PARAM_BOUNDS[name])
 
 
 def row_param(value: RowParam, name: str, *, low: float, high: float, low_open: bool = False,

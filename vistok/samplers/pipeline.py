@@ -19,19 +19,17 @@ afterwards, which keeps more tokens when both are set.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, fields
 
 import torch
 from torch import Tensor
 
 from ..errors import InvalidConfigError
-from ._params import RowParam, row_param
+from ._params import RowParam, checked
 from ._processor import LogitsFilter, check_min_tokens
 from .sampling import sample
 from .temperature import Temperature
 from .truncation import (
-    TOP_H_RULES,
     EpsilonFilter,
     EtaFilter,
     MinPFilter,
@@ -92,24 +90,22 @@ class SamplingConfig:
     def _build(self) -> list[LogitsFilter]:
         keep = check_min_tokens(self.min_tokens_to_keep)
         chain: list[LogitsFilter] = []
-        if _active(row_param(self.temperature, "temperature", low=0.0, high=math.inf, high_open=True), 1.0):
+        if _active(checked(self.temperature, "temperature"), 1.0):
             chain.append(Temperature(self.temperature))
-        if _active(row_param(self.min_p, "min_p", low=0.0, high=1.0), 0.0):
+        if _active(checked(self.min_p, "min_p"), 0.0):
             chain.append(MinPFilter(self.min_p, keep))
         if self.top_h is not None:
-            if self.top_h_rule not in TOP_H_RULES:
-                raise InvalidConfigError(f"top_h_rule must be one of {TOP_H_RULES}, got {self.top_h_rule!r}")
             chain.append(TopHFilter(self.top_h, self.top_h_rule, self.top_h_top_n, keep))
-        top_k = row_param(self.top_k, "top_k", low=-math.inf, high=math.inf, integer=True)
+        top_k = checked(self.top_k, "top_k")
         if isinstance(top_k, Tensor) or top_k > 0:
             chain.append(TopKFilter(top_k, keep))
-        if _active(row_param(self.top_p, "top_p", low=0.0, high=1.0), 1.0):
+        if _active(checked(self.top_p, "top_p"), 1.0):
             chain.append(TopPFilter(self.top_p, keep))
-        if _active(row_param(self.typical_p, "typical_p", low=0.0, high=1.0), 1.0):
+        if _active(checked(self.typical_p, "typical_p"), 1.0):
             chain.append(TypicalFilter(self.typical_p, keep))
-        if _active(row_param(self.epsilon, "epsilon", low=0.0, high=1.0, high_open=True), 0.0):
+        if _active(checked(self.epsilon, "epsilon"), 0.0):
             chain.append(EpsilonFilter(self.epsilon, keep))
-        if _active(row_param(self.eta, "eta", low=0.0, high=1.0, high_open=True), 0.0):
+        if _active(checked(self.eta, "eta"), 0.0):
             chain.append(EtaFilter(self.eta, keep))
         return chain
 

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import Tensor
 
-from ._params import RowParam, broadcast_param, check_logits, row_param, work_dtype
+from ._params import RowParam, broadcast_param, check_logits, checked, work_dtype
 from ._processor import LogitsFilter
 
 __all__ = ["temperature_scale", "Temperature"]
@@ -32,7 +32,7 @@ def temperature_scale(logits: Tensor, temperature: RowParam) -> Tensor:
         ``[B, V]`` in ``logits``' dtype, float32 for float16 / bfloat16.
     """
     check_logits(logits)
-    temperature = row_param(temperature, "temperature", low=0.0, high=math.inf, high_open=True)
+    temperature = checked(temperature, "temperature")
     logits = work_dtype(logits)
     if not isinstance(temperature, Tensor):
         return _greedy(logits) if temperature == 0 else logits / temperature
@@ -53,7 +53,7 @@ class Temperature(LogitsFilter):
     """Processor form of :func:`temperature_scale`."""
 
     def __init__(self, temperature: RowParam) -> None:
-        self.temperature = row_param(temperature, "temperature", low=0.0, high=math.inf, high_open=True)
+        self.temperature = checked(temperature, "temperature")
 
     def apply(self, scores: Tensor) -> Tensor:
         return temperature_scale(scores, self.temperature)

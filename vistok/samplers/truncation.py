@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from ..errors import InvalidConfigError
-from ._params import RowParam, broadcast_param, check_logits, check_row_max, row_param, work_dtype
+from ._params import RowParam, broadcast_param, check_logits, check_row_max, checked, work_dtype
 from ._processor import LogitsFilter, check_filter_value, check_min_tokens
 from ._select import mass_threshold
 
@@ -58,6 +58,15 @@ TOP_H_RULES = ("paper", "reference")
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def check_top_h_options(rule: str, top_n: int | None) -> tuple[str, int | None]:
+    """Top-H's ``rule`` (one of :data:`TOP_H_RULES`) and ``top_n`` (``None`` or an int ``>= 1``), checked."""
+    if rule not in TOP_H_RULES:
+        raise InvalidConfigError(f"top-H rule must be one of {TOP_H_RULES}, got {rule!r}")
+    if top_n is not None and (isinstance(top_n, bool) or not isinstance(top_n, int) or top_n < 1):
+        raise InvalidConfigError(f"top_n must be None or an int >= 1, got {top_n!r}")
+    return rule, top_n
+
+
 def top_k_filter(logits: Tensor, k: RowParam, *, min_tokens_to_keep: int = 1,
                  filter_value: float = NEG_INF) -> Tensor:
     """Keep the ``k`` highest logits of each row (and every token tied with the ``k``-th).
@@ -69,7 +78,7 @@ def top_k_filter(logits: Tensor, k: RowParam, *, min_tokens_to_keep: int = 1,
         k: an int or a ``[B]`` integer tensor.
     """
     check_logits(logits)
-    k = row_param(k, "top_k", low=-math.inf, high=math.inf, integer=True)
+    k = checked(k, "top_k")
     check_min_tokens(min_tokens_to_keep)
     work = work_dtype(logits)
     vocab = logits.shape[1]
@@ -102,7 +111,7 @@ def top_p_filter(logits: Tensor, p: RowParam, *, min_tokens_to_keep: int = 1,
         p: a number or ``[B]`` tensor in ``[0, 1]``; ``1`` keeps everything, ``0`` keeps the top token(s).
     """
     check_logits(logits)
-    p = row_param(p, "top_p", low=0.0, high=1.0)
+    p = checked(p, "top_p")
     check_min_tokens(min_tokens_to_keep)
     work = work_dtype(logits)
     row_max = work.amax(dim=1, keepdim=True)
@@ -130,7 +139,7 @@ def min_p_filter(logits: Tensor, p: RowParam, *, min_tokens_to_keep: int = 1,
         p: a number or ``[B]`` tensor in ``[0, 1]``; ``0`` keeps everything.
     """
     check_logits(logits)
-    p = row_param(p, "min_p", low=0.0, high=1.0)
+    p = checked(p, "min_p")
     check_min_tokens(min_tokens_to_keep)
     work = work_dtype(logits)
     if not isinstance(p, Tensor) and p == 0.0:
@@ -158,7 +167,7 @@ def typical_filter(logits: Tensor, mass: RowParam, *, min_tokens_to_keep: int = 
         mass: a number or ``[B]`` tensor in ``[0, 1]``; ``1`` keeps everything.
     """
     check_logits(logits)
-    mass = row_param(mass, "typical_p", low=0.0, high=1.0)
+    mass = checked(mass, "typical_p")
     check_min_tokens(min_tokens_to_keep)
     work = work_dtype(logits)
     empty = check_row_max(work.amax(dim=1, keepdim=True))
@@ -186,7 +195,7 @@ def epsilon_filter(logits: Tensor, epsilon: RowParam, *, min_tokens_to_keep: int
         epsilon: a number or ``[B]`` tensor in ``[0, 1)``; ``0`` keeps everything.
     """
     check_logits(logits)
-    epsilon = row_param(epsilon, "epsilon", low=0.0, high=1.0, high_open=True)
+    epsilon = checked(epsilon, "epsilon")
     check_min_tokens(min_tokens_to_keep)
     work = work_dtype(logits)
     row_max = work.amax(dim=1, keepdim=True)
@@ -208,7 +217,7 @@ def eta_filter(logits: Tensor, epsilon: RowParam, *, min_tokens_to_keep: int = 1
         epsilon: a number or ``[B]`` tensor in ``[0, 1)``; ``0`` keeps everything.
     """
     check_logits(logits)
-    epsilon = row_param(epsilon, "eta", low=0.0, high=1.0, high_open=True)
+    epsilon = checked(epsilon, "eta")
     check_min_tokens(min_tokens_to_keep)
     work = work_dtype(logits)
     row_max = work.amax(dim=1, keepdim=True)
@@ -248,11 +257,8 @@ def top_h_filter(logits: Tensor, alpha: RowParam, *, rule: str = "paper", top_n:
         top_n: ``None`` (the whole vocabulary, exact) or an int ``>= 1``.
     """
     check_logits(logits)
-    alpha = row_param(alpha, "top_h", low=0.0, high=1.0, low_open=True)
-    if rule not in TOP_H_RULES:
-        raise InvalidConfigError(f"top-H rule must be one of {TOP_H_RULES}, got {rule!r}")
-    if top_n is not None and (isinstance(top_n, bool) or not isinstance(top_n, int) or top_n < 1):
-        raise InvalidConfigError(f"top_n must be None or an int >= 1, got {top_n!r}")
+    alpha = checked(alpha, "top_h")
+    check_top_h_options(rule, top_n)
     check_min_tokens(min_tokens_to_keep)
     work = work_dtype(logits)
     vocab = logits.shape[1]
@@ -353,12 +359,9 @@ class _TruncationFilter(LogitsFilter):
     _function = None
 
     def __init__(self, value: RowParam, min_tokens_to_keep: int = 1, filter_value: float = NEG_INF) -> None:
-        setattr(self, self._param_name, self._validate(value))
+        setattr(self, self._param_name, checked(value, self._param_name))
         self.min_tokens_to_keep = check_min_tokens(min_tokens_to_keep)
         self.filter_value = check_filter_value(filter_value)
-
-    def _validate(self, value: RowParam) -> RowParam:
-        raise NotImplementedError
 
     def apply(self, scores: Tensor) -> Tensor:
         return type(self)._function(scores, getattr(self, self._param_name), min_tokens_to_keep=self.min_tokens_to_keep,
@@ -371,18 +374,12 @@ class TopKFilter(_TruncationFilter):
     _param_name = "top_k"
     _function = top_k_filter
 
-    def _validate(self, value):
-        return row_param(value, "top_k", low=-math.inf, high=math.inf, integer=True)
-
 
 class TopPFilter(_TruncationFilter):
     """Processor form of :func:`top_p_filter`."""
 
     _param_name = "top_p"
     _function = top_p_filter
-
-    def _validate(self, value):
-        return row_param(value, "top_p", low=0.0, high=1.0)
 
 
 class MinPFilter(_TruncationFilter):
@@ -391,18 +388,12 @@ class MinPFilter(_TruncationFilter):
     _param_name = "min_p"
     _function = min_p_filter
 
-    def _validate(self, value):
-        return row_param(value, "min_p", low=0.0, high=1.0)
-
 
 class TypicalFilter(_TruncationFilter):
     """Processor form of :func:`typical_filter`."""
 
     _param_name = "typical_p"
     _function = typical_filter
-
-    def _validate(self, value):
-        return row_param(value, "typical_p", low=0.0, high=1.0)
 
 
 class EpsilonFilter(_TruncationFilter):
@@ -411,18 +402,12 @@ class EpsilonFilter(_TruncationFilter):
     _param_name = "epsilon"
     _function = epsilon_filter
 
-    def _validate(self, value):
-        return row_param(value, "epsilon", low=0.0, high=1.0, high_open=True)
-
 
 class EtaFilter(_TruncationFilter):
     """Processor form of :func:`eta_filter`."""
 
     _param_name = "eta"
     _function = eta_filter
-
-    def _validate(self, value):
-        return row_param(value, "eta", low=0.0, high=1.0, high_open=True)
 
 
 class TopHFilter(LogitsFilter):
@@ -431,12 +416,8 @@ class TopHFilter(LogitsFilter):
 
     def __init__(self, alpha: RowParam, rule: str = "paper", top_n: int | None = None, min_tokens_to_keep: int = 1,
                  filter_value: float = NEG_INF) -> None:
-        self.alpha = row_param(alpha, "top_h", low=0.0, high=1.0, low_open=True)
-        if rule not in TOP_H_RULES:
-            raise InvalidConfigError(f"top-H rule must be one of {TOP_H_RULES}, got {rule!r}")
-        if top_n is not None and (isinstance(top_n, bool) or not isinstance(top_n, int) or top_n < 1):
-            raise InvalidConfigError(f"top_n must be None or an int >= 1, got {top_n!r}")
-        self.rule, self.top_n = rule, top_n
+        self.alpha = checked(alpha, "top_h")
+        self.rule, self.top_n = check_top_h_options(rule, top_n)
         self.min_tokens_to_keep = check_min_tokens(min_tokens_to_keep)
         self.filter_value = check_filter_value(filter_value)
 
