@@ -2,7 +2,7 @@
 #   make demo   installs everything into .venv and runs the main job
 #   make test   installs everything into .venv and runs the test suite
 # torch/torchvision are pinned to the pair that installs on this machine kind (served from local disk here;
-# PyPI's torchvision does not import beside the torch 2.13 CPU build). Everything else uses ranges.
+# a torchvision from PyPI need not import beside the local torch build). Everything else uses ranges.
 
 VENV ?= .venv
 PY := $(VENV)/bin/python
