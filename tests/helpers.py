@@ -1,4 +1,6 @@
-"""Reference computations for tests, written against timm's own (unpatched) code."""
+"""What the vision tests share: the timm families and their random models and images, the parity tolerance, a
+method that keeps a different number of tokens per image, reference computations written against timm's own
+(unpatched) code or straight from a paper, tiny vision-LLMs, and the tools as modules."""
 
 from __future__ import annotations
 
@@ -6,10 +8,95 @@ import importlib.util
 from pathlib import Path
 from types import ModuleType
 
+import timm
 import torch
 from torch import Tensor, nn
 
 import vistok
+from vistok.methods import MethodConfig, TokenReducer
+
+ROOT = Path(__file__).resolve().parents[1]  # the repository
+TOL = 1e-4  # parity tolerance of a patched model against the unpatched one
+
+# One entry per supported timm family: (model name, create_model kwargs). Random init, no downloads.
+# DINOv2 is built at 224 px instead of 518 to keep the suite fast; the family (registers + LayerScale) is
+# the same.
+FAMILIES = {
+    "vit": ("vit_small_patch16_224", {}),
+    "deit_distilled": ("deit_small_distilled_patch16_224", {}),
+    "deit3_layerscale": ("deit3_small_patch16_224", {}),
+    "dinov2_registers": ("vit_small_patch14_reg4_dinov2", {"img_size": 224}),
+    "gap_registers": ("vit_base_patch16_reg4_gap_256", {}),
+    "siglip_map": ("vit_base_patch16_siglip_224", {}),
+    "qk_norm": ("vit_small_patch16_224", {"qk_norm": True}),
+    "eva02_rope": ("eva02_tiny_patch14_224", {}),
+    "rope_mixed": ("vit_small_patch16_rope_mixed_224", {}),
+}
+
+
+def make_model(family: str, seed: int = 0, **overrides) -> torch.nn.Module:
+    name, kwargs = FAMILIES[family]
+    torch.manual_seed(seed)
+    return timm.create_model(name, pretrained=False, **{**kwargs, **overrides}).eval()
+
+
+def make_images(model: torch.nn.Module, batch: int, seed: int = 1) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, 3, *model.patch_embed.img_size, generator=generator)
+
+
+class KeepAboveMeanNorm(TokenReducer):
+    """Keeps the patch tokens whose value norm exceeds their image's mean: a different count per image,
+    and a choice that depends on nothing but the image itself."""
+
+    def select(self, view):
+        prefix = view.layout.num_prefix
+        norms = view.v.transpose(1, 2).flatten(2).norm(dim=-1)
+        valid = view.layout.valid_mask(norms.device)
+        patch_norms = norms[:, prefix:]
+        patch_valid = valid[:, prefix:]
+        mean = (patch_norms * patch_valid).sum(1, keepdim=True) / patch_valid.sum(1, keepdim=True)
+        keep = valid.clone()
+        keep[:, prefix:] &= patch_norms > mean
+        return keep
+
+
+class KeepAboveMeanConfig(MethodConfig):
+    name = "test-keep-above-mean"
+
+    def __init__(self, blocks):
+        self.blocks = blocks
+
+    def build(self, info):
+        return {block: KeepAboveMeanNorm() for block in self.blocks}
+
+
+def reference_sampling(scores, levels, valid, min_keep):
+    """Straight from the paper, one image at a time, O(levels x N): normalise, sort ascending, CDF rescaled
+    to [0, 1], levels evenly spaced from the smallest positive CDF value to 1, nearest CDF value per level
+    (first position on ties), unique; then top up with the best unkept tokens."""
+    keep = torch.zeros_like(valid)
+    for b in range(scores.shape[0]):
+        ids = [i for i in range(scores.shape[1]) if valid[b, i]]
+        s = scores[b, ids].double().clamp_min(0)
+        s = s / s.sum() if s.sum() > 0 else torch.full_like(s, 1 / len(ids))
+        order = sorted(range(len(ids)), key=lambda i: (float(s[i]), i))
+        cdf = torch.cumsum(s[order], 0)
+        span = float(cdf[-1] - cdf[0])
+        ncdf = [(float(c) - float(cdf[0])) / span if span > 0 else 0.0 for c in cdf]
+        positive = [c for c in ncdf if c > 0]
+        start = min(positive) if positive else 1.0
+        n_levels = int(levels[b])
+        targets = [1.0] if n_levels == 1 else [start + j * (1 - start) / (n_levels - 1) for j in range(n_levels)]
+        picked = set()
+        for t in targets:
+            distances = [abs(t - c) for c in ncdf]
+            picked.add(order[distances.index(min(distances))])
+        extra = sorted((i for i in range(len(ids)) if i not in picked), key=lambda i: (-float(s[i]), i))
+        need = max(0, min(min_keep, len(ids)) - len(picked))
+        for i in list(picked) + extra[:need]:
+            keep[b, ids[i]] = True
+    return keep
 
 
 def upstream_forward_on_kept(model: nn.Module, image: Tensor, layouts: dict[int, vistok.TokenLayout]) -> Tensor:
@@ -63,7 +150,6 @@ def tiny_idefics3(kind: str = "idefics3", seed: int = 0) -> nn.Module:
     return getattr(transformers, f"{prefix}ForConditionalGeneration")(config).eval()
 
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def load_tool(name: str) -> ModuleType:

@@ -9,9 +9,8 @@ import copy
 
 import pytest
 import torch
-from conftest import FAMILIES, make_images, make_model
-from sampler_cases import logit_cases, tiny_llama
-from test_samplers_speculative import chain_probs, draft_block, emitted_pairs, markov, pair_test
+from helpers import FAMILIES, make_images, make_model
+from sampler_cases import chain_probs, draft_block, emitted_pairs, logit_cases, markov, pair_test, tiny_llama
 
 import vistok
 from vistok import samplers

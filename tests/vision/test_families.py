@@ -2,13 +2,9 @@
 own blocks on the kept tokens."""
 
 import torch
-from conftest import make_images, make_model
-from helpers import upstream_forward_on_kept
+from helpers import TOL, KeepAboveMeanConfig, make_images, make_model, upstream_forward_on_kept
 
 import vistok
-from vistok.methods import MethodConfig, TokenReducer
-
-TOL = 1e-4
 
 
 def keep_everything(model):
@@ -49,36 +45,10 @@ def test_remove_restores_the_model_bit_for_bit(family):
     vistok.patch(model, "ats").remove()  # can be patched again
 
 
-class _KeepAboveMeanNorm(TokenReducer):
-    """Keeps the patch tokens whose value norm exceeds their image's mean: a different count per image,
-    and a choice that depends on nothing but the image itself."""
-
-    def select(self, view):
-        prefix = view.layout.num_prefix
-        norms = view.v.transpose(1, 2).flatten(2).norm(dim=-1)
-        valid = view.layout.valid_mask(norms.device)
-        patch_norms = norms[:, prefix:]
-        patch_valid = valid[:, prefix:]
-        mean = (patch_norms * patch_valid).sum(1, keepdim=True) / patch_valid.sum(1, keepdim=True)
-        keep = valid.clone()
-        keep[:, prefix:] &= patch_norms > mean
-        return keep
-
-
-class _KeepAboveMeanConfig(MethodConfig):
-    name = "test-keep-above-mean"
-
-    def __init__(self, blocks):
-        self.blocks = blocks
-
-    def build(self, info):
-        return {block: _KeepAboveMeanNorm() for block in self.blocks}
-
-
 def test_padded_batch_equals_images_one_by_one(family):
     model = make_model(family)
     images = make_images(model, 3)
-    with torch.no_grad(), vistok.patch(model, _KeepAboveMeanConfig([2, 5])) as handle:
+    with torch.no_grad(), vistok.patch(model, KeepAboveMeanConfig([2, 5])) as handle:
         batched = model(images)
         padded = [layout for layout in handle.layouts.values() if layout.valid is not None]
         assert padded and len(set(padded[0].num_valid().tolist())) > 1, "test needs uneven counts"
@@ -120,7 +90,7 @@ def test_the_path_without_host_reads_gives_the_same_result(family, monkeypatch):
     depth = len(model.blocks)
     # block 1 leaves a different count per image; ATS in block 2 then keeps exactly its bound in some images
     half = model.patch_embed.num_patches // 2
-    methods = [_KeepAboveMeanConfig([1]), vistok.create_config("ats", k=0.5, min_tokens=half, blocks=[2]),
+    methods = [KeepAboveMeanConfig([1]), vistok.create_config("ats", k=0.5, min_tokens=half, blocks=[2]),
                ("ats", {"k": 0.25, "blocks": [3]})]
     if "rope" not in family:
         methods.append(("merge", {"r": 6, "blocks": list(range(5, depth))}))

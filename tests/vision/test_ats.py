@@ -2,8 +2,7 @@
 
 import pytest
 import torch
-from conftest import make_images, make_model
-from test_sampling import reference_sampling
+from helpers import make_images, make_model, reference_sampling
 
 import vistok
 from vistok.methods.ats import default_ats_blocks

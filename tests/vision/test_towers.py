@@ -3,7 +3,7 @@
 import open_clip
 import pytest
 import torch
-from test_families import TOL, _KeepAboveMeanConfig
+from helpers import TOL, KeepAboveMeanConfig
 from transformers import (
     CLIPConfig,
     CLIPModel,
@@ -95,7 +95,7 @@ def test_keep_everything_parity_and_removal(case):
 def test_methods_reduce_and_padded_batches_match_one_by_one(case, method):
     model, images, encode = case
     name, options = method
-    config = [_KeepAboveMeanConfig([1]), vistok.create_config(name, **{**options, "blocks": [2, 3]})]
+    config = [KeepAboveMeanConfig([1]), vistok.create_config(name, **{**options, "blocks": [2, 3]})]
     with torch.no_grad(), vistok.patch(model, config) as handle:
         batched = encode(model, images)
         assert any(layout.valid is not None for layout in handle.layouts.values()), "test needs padding"

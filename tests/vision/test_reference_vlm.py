@@ -5,7 +5,6 @@ the real SmolLM2 (loaded once)."""
 import copy
 import csv
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,8 +14,6 @@ from helpers import load_tool
 import vistok
 from vistok import InvalidConfigError
 from vistok.fmnist_qa import CELLS, ITEM_NAMES, SHOES, FashionQA
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_answers_follow_from_the_cells():

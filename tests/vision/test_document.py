@@ -2,12 +2,11 @@
 (against the block's own attention), and real scanned pages (from ocrmypdf's source package, fetched by
 ``make install``)."""
 
-from pathlib import Path
-
 import pytest
 import timm
 import torch
 import torch.nn.functional as F
+from helpers import ROOT
 
 import vistok
 from vistok import InputShapeError, InvalidConfigError, UnsupportedModelError
@@ -25,7 +24,7 @@ from vistok.document import (
     view_signals,
 )
 
-PAGES = Path(__file__).resolve().parents[1] / "data" / "pages"
+PAGES = ROOT / "data" / "pages"
 
 
 def test_candidate_grids_are_every_grid_within_the_crop_limit():

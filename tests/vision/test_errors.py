@@ -3,7 +3,7 @@
 import pytest
 import timm
 import torch
-from conftest import make_images, make_model
+from helpers import make_images, make_model
 from timm.models.vision_transformer import ResPostBlock
 
 import vistok

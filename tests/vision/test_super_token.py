@@ -5,7 +5,7 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from conftest import make_images, make_model
+from helpers import make_images, make_model
 
 import vistok
 from vistok import InvalidConfigError, PatchStateError, UnsupportedModelError

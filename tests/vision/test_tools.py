@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import timm
 import torch
-from helpers import load_tool
+from helpers import ROOT, load_tool
 
 import vistok
 from vistok import data as vdata
@@ -15,7 +15,6 @@ from vistok.experiment import set_fused_attention
 from vistok.models import CheckpointError, load_checkpoint
 from vistok.viz import patch_groups, save_overlay_grid
 
-ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["model_kwargs.depth=3", "data.limit=256", "train.batch_size=64", "train.eval_batch_size=128"]
 
 

@@ -1,18 +1,17 @@
 """The shipped reference model on the real Fashion-MNIST test set, and the main job (tools/demo.py)."""
 
 import importlib.util
-from pathlib import Path
 
 import pytest
 import timm
 import torch
+from helpers import ROOT
 
 import vistok
 from vistok.data import GreyBatchTransform, fashion_mnist_dataset
 from vistok.experiment import batches
 from vistok.measure.accuracy import evaluate
 
-ROOT = Path(__file__).resolve().parents[1]
 MODEL_CARD_TOP1 = 89.5  # the model card reports 89.54 on the whole test set
 
 

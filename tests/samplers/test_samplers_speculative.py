@@ -4,7 +4,17 @@ import itertools
 
 import pytest
 import torch
-from sampler_cases import chi_square_pvalue, one_thread, tiny_llama  # noqa: F401 (fixture)
+from sampler_cases import (  # noqa: F401 (fixture)
+    P_MIN,
+    chain_probs,
+    chi_square_pvalue,
+    draft_block,
+    emitted_pairs,
+    markov,
+    one_thread,
+    pair_test,
+    tiny_llama,
+)
 
 from vistok import InvalidConfigError, UnsupportedModelError
 from vistok.samplers import (
@@ -21,50 +31,11 @@ from vistok.samplers import (
 )
 
 pytest.importorskip("transformers")
-P_MIN = 1e-3  # fixed seeds: each test always passes or always fails
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # The verification rules on known distributions (a Markov chain over a small vocabulary)
 # ---------------------------------------------------------------------------------------------------------------
-
-def markov(seed, vocab, sharpness):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(vocab, vocab, generator=g, dtype=torch.float64) * sharpness).softmax(dim=1)
-
-
-def draft_block(q_table, start, gamma, k, draws, seed):
-    """``draws`` rows of ``k`` draft sequences of ``gamma`` tokens from the chain ``q`` after ``start``."""
-    g = torch.Generator().manual_seed(seed)
-    tokens = torch.zeros(draws, k, gamma, dtype=torch.long)
-    previous = torch.full((draws, k), start)
-    for t in range(gamma):
-        probs = q_table[previous.flatten()]
-        previous = torch.multinomial(probs, 1, generator=g).view(draws, k)
-        tokens[:, :, t] = previous
-    return tokens
-
-
-def chain_probs(table, start, tokens):
-    """``[..., G + 1, V]`` next-token distributions after ``start`` and after each token."""
-    previous = torch.cat([torch.full_like(tokens[..., :1], start), tokens], dim=-1)
-    return table[previous]
-
-
-def emitted_pairs(accepted, tokens):
-    """First two emitted tokens of each row (``tokens`` holds accepted drafts then the next token)."""
-    return tokens[:, 0], tokens[:, 1], accepted >= 1
-
-
-def pair_test(p_table, start, first, second, has_second):
-    """Chi-square: the first token ~ p(.|start); the second ~ p(.|first) among rows that emitted two."""
-    vocab = p_table.shape[0]
-    assert chi_square_pvalue(torch.bincount(first, minlength=vocab), p_table[start]) > P_MIN
-    pairs = first[has_second] * vocab + second[has_second]
-    counts = torch.bincount(pairs, minlength=vocab * vocab)
-    expected = (torch.bincount(first[has_second], minlength=vocab)[:, None] * p_table).flatten()
-    assert chi_square_pvalue(counts, expected) > P_MIN
-
 
 @pytest.mark.parametrize("case", range(4))
 def test_standard_rule_is_exact(case):

@@ -4,12 +4,11 @@ the pipeline, the CLI, and the training and evaluation tools."""
 
 import copy
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from helpers import load_tool
+from helpers import ROOT, load_tool
 
 from vistok import InvalidConfigError
 from vistok.fmnist_qa import ITEM_NAMES
@@ -17,7 +16,6 @@ from vistok.video.fmnist_qa import FRAMES, FashionVideoQA
 from vistok.video.frames import uniform_frames
 from vistok.video.qa import EncodedVideo, VideoQAConfig, comparison_config, compress_video
 
-ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "data" / "fmnist_video_qa_sample"
 
 

@@ -3,8 +3,7 @@ parity at r=0, padded batches, and the places where ToMe itself goes wrong on cu
 
 import pytest
 import torch
-from conftest import FAMILIES, make_images, make_model
-from test_families import TOL, _KeepAboveMeanConfig
+from helpers import FAMILIES, TOL, KeepAboveMeanConfig, make_images, make_model
 
 import vistok
 from vistok import InvalidConfigError, UnsupportedModelError
@@ -128,7 +127,7 @@ def test_merge_matches_timm_attention_and_reference_merge(family):
 def test_merging_after_padding_matches_one_by_one(family):
     model = make_model(family)
     images = make_images(model, 3)
-    config = [_KeepAboveMeanConfig([1]), vistok.MergeConfig(r=6, blocks=[2, 3, 4], trace_source=True)]
+    config = [KeepAboveMeanConfig([1]), vistok.MergeConfig(r=6, blocks=[2, 3, 4], trace_source=True)]
     with torch.no_grad(), vistok.patch(model, config) as handle:
         batched = model(images)
         layout = handle.layouts[4]

@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from conftest import make_images, make_model
+from helpers import make_images, make_model
 
 import vistok
 from vistok.cli import main
