@@ -79,7 +79,7 @@ def test_unknown_method_and_options():
 
 
 @pytest.mark.parametrize("options, message", [
-    (dict(k=0), r"outside \[1, 196\]"),
+    (dict(k=0), r"k=0 is outside \[1, "),
     (dict(k=197), "196 patch tokens"),
     (dict(k=-5), "outside"),
     (dict(k=1.5), r"in \(0, 1\]"),
@@ -143,3 +143,21 @@ def test_things_vistok_cannot_follow():
             model(images)
         hook.remove()
         model(images)
+
+
+@pytest.mark.parametrize("name, options, message", [
+    ("ats", dict(min_tokens=0), "min_tokens must be an int >= 1"),
+    ("ats", dict(k=[0.5, 2.0]), r"in \(0, 1\]"),
+    ("merge", dict(r=-1), "r must be >= 0"),
+    ("merge", dict(schedule="fast"), "schedule must be one of"),
+    ("merge", dict(r=[2, 2], schedule="decreasing"), "not both"),
+    ("merge", dict(trace_source="yes"), "trace_source must be a bool"),
+    ("random_drop", dict(seed=-1), "seed must be an int"),
+    ("random_drop", dict(k="half"), "int or a float"),
+    ("super_token", dict(stoken_size=(2, 0)), "stoken_size must be a positive int"),
+    ("super_token", dict(n_iter=0), "n_iter must be an int >= 1"),
+])
+def test_configs_check_what_needs_no_model_when_made(name, options, message):
+    """A config refuses a bad option when it is made (vistok.create_config), before any model is patched."""
+    with pytest.raises(InvalidConfigError, match=message):
+        vistok.create_config(name, **options)

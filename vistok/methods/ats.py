@@ -100,6 +100,13 @@ class ATSConfig(MethodConfig):
 
     name: ClassVar[str] = "ats"
 
+    def __post_init__(self) -> None:  # what needs no model; build() checks the rest against it
+        for k in ([] if self.k is None else self.k if isinstance(self.k, Sequence) and not isinstance(self.k, str)
+                  else [self.k]):
+            check_k(k, None)
+        if isinstance(self.min_tokens, bool) or not isinstance(self.min_tokens, int) or self.min_tokens < 1:
+            raise InvalidConfigError(f"ats: min_tokens must be an int >= 1, got {self.min_tokens!r}")
+
     def build(self, info: BackboneInfo) -> dict[int, TokenReducer]:
         blocks = resolve_block_indices(self.blocks, info.num_blocks, default_ats_blocks(info.num_blocks))
         budgets = self._per_block_k(info, len(blocks))
@@ -122,11 +129,16 @@ class ATSConfig(MethodConfig):
         return [check_k(self.k, info.num_patches)] * num_blocks
 
 
-def check_k(k: object, num_patches: int, method: str = "ats") -> int | float:
+def check_k(k: object, num_patches: int | None, method: str = "ats") -> int | float:
+    """``k`` as an int in ``[1, num_patches]`` or a fraction in ``(0, 1]`` (``num_patches=None``: no upper bound
+    for an int, which the model's patch count gives later)."""
     if isinstance(k, bool) or not isinstance(k, (int, float)):
         raise InvalidConfigError(f"{method}: k must be an int or a float, got {type(k).__name__} {k!r}")
     if isinstance(k, int):
-        if not 1 <= k <= num_patches:
+        if num_patches is None:
+            if k < 1:
+                raise InvalidConfigError(f"{method}: k={k} is outside [1, the model's patch tokens]")
+        elif not 1 <= k <= num_patches:
             raise InvalidConfigError(
                 f"{method}: k={k} is outside [1, {num_patches}]: the model has {num_patches} patch tokens")
         return k

@@ -95,17 +95,25 @@ class MergeConfig(MethodConfig):
 
     name: ClassVar[str] = "merge"
 
+    def __post_init__(self) -> None:  # what needs no model; build() checks the rest against it
+        if self.schedule not in _SCHEDULES:
+            raise InvalidConfigError(f"merge: schedule must be one of {_SCHEDULES}, got {self.schedule!r}")
+        listed = isinstance(self.r, Sequence) and not isinstance(self.r, str)
+        if listed and self.schedule != "constant":
+            raise InvalidConfigError("merge: give either a list of r or a schedule, not both")
+        for r in self.r if listed else [self.r]:
+            _check_r(r, None)
+        for option in ("proportional_attention", "trace_source"):
+            if not isinstance(getattr(self, option), bool):
+                raise InvalidConfigError(f"merge: {option} must be a bool, got {getattr(self, option)!r}")
+
     def build(self, info: BackboneInfo) -> dict[int, TokenReducer]:
         if info.rotary:
             raise UnsupportedModelError(
                 f"merge: {info.model_class} uses rotary position embeddings, and a merged token has no single "
                 "position to rotate by; vistok refuses rather than pick one. Use 'ats' on this model.")
         blocks = resolve_block_indices(self.blocks, info.num_blocks, list(range(info.num_blocks)))
-        if self.schedule not in _SCHEDULES:
-            raise InvalidConfigError(f"merge: schedule must be one of {_SCHEDULES}, got {self.schedule!r}")
         if isinstance(self.r, Sequence) and not isinstance(self.r, str):
-            if self.schedule != "constant":
-                raise InvalidConfigError("merge: give either a list of r or a schedule, not both")
             if len(self.r) != len(blocks):
                 raise InvalidConfigError(f"merge: r has {len(self.r)} values but {len(blocks)} blocks are patched")
             values = [_check_r(r, info) for r in self.r]
@@ -115,12 +123,14 @@ class MergeConfig(MethodConfig):
                 for block, r in zip(blocks, values, strict=True)}
 
 
-def _check_r(r: object, info: BackboneInfo) -> int:
+def _check_r(r: object, info: BackboneInfo | None) -> int:
     if isinstance(r, bool) or not isinstance(r, int):
         raise InvalidConfigError(f"merge: r must be an int, got {type(r).__name__} {r!r}")
-    limit = info.num_patches // 2
     if r < 0:
         raise InvalidConfigError(f"merge: r must be >= 0, got {r}")
+    if info is None:
+        return r
+    limit = info.num_patches // 2
     if r > limit:
         raise InvalidConfigError(
             f"merge: r={r} exceeds {limit}, the most a block can merge (half of the model's {info.num_patches} "

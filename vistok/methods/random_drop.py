@@ -58,9 +58,13 @@ class RandomDropConfig(MethodConfig):
 
     name: ClassVar[str] = "random_drop"
 
-    def build(self, info: BackboneInfo) -> dict[int, TokenReducer]:
+    def __post_init__(self) -> None:  # what needs no model; build() checks the rest against it
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**62:
             raise InvalidConfigError(f"random_drop: seed must be an int in [0, 2**62), got {self.seed!r}")
+        for k in self.k if isinstance(self.k, Sequence) and not isinstance(self.k, str) else [self.k]:
+            check_k(k, None, "random_drop")
+
+    def build(self, info: BackboneInfo) -> dict[int, TokenReducer]:
         blocks = resolve_block_indices(self.blocks, info.num_blocks, default_ats_blocks(info.num_blocks))
         ks = list(self.k) if isinstance(self.k, Sequence) else [self.k] * len(blocks)
         if len(ks) != len(blocks):

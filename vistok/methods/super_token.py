@@ -102,6 +102,14 @@ class SuperTokenConfig(MethodConfig):
 
     name: ClassVar[str] = "super_token"
 
+    def __post_init__(self) -> None:  # what needs no model; build() checks the grid against it
+        size = (self.stoken_size, self.stoken_size) if isinstance(self.stoken_size, int) else tuple(self.stoken_size)
+        if len(size) != 2 or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in size):
+            raise InvalidConfigError(f"super_token: stoken_size must be a positive int or (h, w), got "
+                                     f"{self.stoken_size!r}")
+        if isinstance(self.n_iter, bool) or not isinstance(self.n_iter, int) or self.n_iter < 1:
+            raise InvalidConfigError(f"super_token: n_iter must be an int >= 1, got {self.n_iter!r}")
+
     def build(self, info: BackboneInfo) -> dict[int, TokenReducer]:
         if info.rotary:
             raise UnsupportedModelError(f"super_token: {info.model_class} uses rotary position embeddings, and a "
@@ -112,14 +120,9 @@ class SuperTokenConfig(MethodConfig):
         default = list(range(max(1, round(info.num_blocks / 4))))
         blocks = resolve_block_indices(self.blocks, info.num_blocks, default)
         size = (self.stoken_size, self.stoken_size) if isinstance(self.stoken_size, int) else tuple(self.stoken_size)
-        if len(size) != 2 or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in size):
-            raise InvalidConfigError(f"super_token: stoken_size must be a positive int or (h, w), got "
-                                     f"{self.stoken_size!r}")
         rows, cols = info.grid_size
         if rows % size[0] or cols % size[1] or size == (1, 1):
             raise InvalidConfigError(
                 f"super_token: stoken_size {size[0]}x{size[1]} must divide the {rows}x{cols} patch grid of "
                 f"{info.model_class} and be larger than 1x1")
-        if isinstance(self.n_iter, bool) or not isinstance(self.n_iter, int) or self.n_iter < 1:
-            raise InvalidConfigError(f"super_token: n_iter must be an int >= 1, got {self.n_iter!r}")
         return {block: SuperTokenAttender((rows, cols), size, self.n_iter) for block in blocks}
