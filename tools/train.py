@@ -4,7 +4,7 @@
     python tools/train.py --config configs/fmnist_vit.yaml
     python tools/train.py --config configs/fmnist_vit.yaml train.epochs=1 output=runs/try
     python tools/train.py --config configs/fmnist_vit_ats_finetune.yaml          # fine-tune with ATS on
-    accelerate launch --multi_gpu tools/train.py --config configs/imagenet_deit_s_ats.yaml data.root=/imagenet  # no code change
+    accelerate launch --multi_gpu tools/train.py --config configs/imagenet_deit_s_ats.yaml data.root=/imagenet
 
 Overrides are ``key.sub=value`` (YAML values). Each epoch writes ``<output>/metrics.jsonl``, the weights
 ``<output>/model.safetensors`` and a resumable ``<output>/checkpoint/`` (``--resume`` continues from it).

@@ -77,7 +77,8 @@ def _build_parser() -> argparse.ArgumentParser:
     video.add_argument("--selection", default="learned", help="learned, text, uniform, drop or all")
     video.add_argument("--frames", type=int, default=16, help="frames text and uniform selection keep (learned: "
                        "the selector's 16 queries)")
-    video.add_argument("--merge-threshold", type=float, default=0.75, help="temporal merge (B-VLLM: 0.75)")
+    video.add_argument("--merge-threshold", type=float, default=None, help="temporal merge threshold (default: "
+                       "B-VLLM's 0.75 on selection rows, 0.98 on frame summaries)")
     video.add_argument("--merge-on", default="selection", choices=("selection", "summary"),
                        help="what the temporal merge compares: selection rows (B-VLLM) or frame summaries "
                             "(near-duplicate content; use --merge-threshold 0.98)")
@@ -170,7 +171,8 @@ def _video_qa(args: argparse.Namespace) -> int:
     from .video.qa import VideoQA, VideoQAConfig
 
     config = VideoQAConfig(budget=args.budget, selection=args.selection, frames=args.frames,
-                           merge_threshold=None if args.no_temporal_merge else args.merge_threshold,
+                           merge_threshold=None if args.no_temporal_merge else args.merge_threshold
+                           if args.merge_threshold is not None else 0.98 if args.merge_on == "summary" else 0.75,
                            merge_on=args.merge_on)
     model, tokenizer = create_video_vlm(pretrained=args.checkpoint is None, checkpoint=args.checkpoint)
     clip = create_clip(pretrained=True) if config.selection == "text" else None

@@ -251,3 +251,15 @@ def test_the_page_tool_reports_each_method_at_equal_tokens(tmp_path):
     assert len({r["tokens"] for r in rows[1:]}) == 1
     assert int(rows[1]["tokens"]) == round(0.5 * int(rows[0]["tokens_all"]))
     assert (tmp_path / "pages_typewriter.png").is_file()
+
+
+def test_tiles_cut_at_the_edge_weigh_what_they_hold():
+    """select_over_tiles splits by non-redundant tokens (density x size): a half tile of distinct tokens gets
+    half the budget a whole one gets."""
+    from vistok.document import select_over_tiles, tile_index
+
+    tiles = tile_index((4, 6), (4, 4))  # a 4 x 4 tile and a 4 x 2 one
+    assert torch.bincount(tiles).tolist() == [16, 8]
+    keys = torch.eye(24)  # every token distinct: density 1 everywhere
+    kept, density, budgets = select_over_tiles(keys, torch.rand(24), tiles, 12)
+    assert density.tolist() == [1.0, 1.0] and budgets.tolist() == [8, 4] and kept.shape == (12,)

@@ -331,3 +331,22 @@ def test_correlation_guided_splits_a_crop_grid_by_density_and_equals_dominant_on
     assert torch.equal(kept[tiles[kept] == 1], right[scores[0, right].argsort(descending=True)[:9]].sort().values)
     with pytest.raises(InvalidConfigError, match="inside a vision-LLM give a budget"):
         vistok.patch(tiny_onevision(), "correlation_guided")
+
+
+def test_a_page_budget_respects_the_global_share_and_each_views_size():
+    from vistok.adapters.family import Units
+    from vistok.adapters.llava_onevision import LlavaOnevisionFamily
+    from vistok.document import CorrelationGuidedConfig
+
+    family = LlavaOnevisionFamily.inspect(tiny_onevision())
+    units = Units([torch.zeros(16, 4), torch.zeros(32, 4)], [(4, 4), (4, 8)], [[0, 1]])
+
+    def budgets(**options):
+        return family.unit_budgets(CorrelationGuidedConfig(**options), "image", units)
+
+    assert budgets(tokens=12) == [4, 8]  # by the views' patches
+    assert budgets(tokens=12, global_share=0.5) == [6, 6]
+    assert budgets(tokens=40, global_share=0.1) == [8, 32]  # the crop grid holds only 32
+    assert budgets(keep=0.5, global_share=0.25) == [6, 18]  # keep= gives the image's total, then the share
+    with pytest.raises(InvalidConfigError, match="ranked by class attention"):
+        vistok.patch(tiny_onevision(), "correlation_guided", tokens=12, score="similarity")

@@ -133,7 +133,8 @@ class LlavaOnevisionFamily(VisionLLMFamily):
         out.pooler_output = torch.stack(joined) if modality == "video" else joined
 
     def unit_budgets(self, config: Any, modality: str, units: Units) -> list[int]:
-        if modality == "video" or config.tokens is None:  # a budget per frame, or the fraction of each view
+        share = getattr(config, "global_share", None)  # correlation_guided's share of the base (global) view
+        if modality == "video" or (config.tokens is None and share is None):  # per frame, or a fraction per view
             return super().unit_budgets(config, modality, units)
         budgets = [0] * len(units.features)
         for item in units.items:
@@ -142,9 +143,9 @@ class LlavaOnevisionFamily(VisionLLMFamily):
             if total < len(item):
                 raise InvalidConfigError(f"{config.name}: tokens={config.tokens} cannot cover an image's "
                                          f"{len(item)} views (its base view and its crops): give at least {len(item)}")
-            share = getattr(config, "global_share", None)  # correlation_guided's share of the base (global) view
-            share = sizes[0] / sum(sizes) if share is None else share
-            first = min(max(round(total * share), 1), total - len(item) + 1, sizes[0])
+            base_share = sizes[0] / sum(sizes) if share is None else share
+            first = min(max(round(total * base_share), 1), total - len(item) + 1, sizes[0])
+            first = max(first, total - sum(sizes[1:]))  # the crop grid cannot take more than it has
             shares = [first] + ([total - first] if len(item) > 1 else [])
             for unit, share in zip(item, shares, strict=True):
                 budgets[unit] = share

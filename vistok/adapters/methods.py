@@ -33,8 +33,9 @@ class BoundaryInputs:
     marks the real ones (the rest is padding), ``sizes`` ``[B, N]`` how many patches each stands for, and
     ``source`` ``[B, N]`` each one's patch index (its order in the image). ``None`` without a tower method.
 
-    ``tile``: one view's patch grid when each unit is a grid of crops (LLaVA-OneVision's AnyRes crop grid, whose
-    crops are tiles of that size from its top-left); ``None`` when a unit is one view.
+    ``tile``: one view's patch grid when each unit is a grid of crops (LLaVA-OneVision's AnyRes crop grid), cut
+    into tiles of that size from its top-left; the model removes the crops' padding on both sides, so the tiles
+    approximate the crops. ``None`` when a unit is one view.
     """
 
     features: Tensor
@@ -80,6 +81,9 @@ class BoundaryConfig(MethodConfig):
             f"{self.name} runs between a vision-LLM's vision tower and its language model; patch the vision-LLM "
             "(e.g. a LlavaForConditionalGeneration), or use an in-tower method (ats, merge, random_drop) on a "
             "vision transformer")
+
+    def check_for_vision_llm(self) -> None:
+        """Refuse, when patching, options this method cannot honour at a vision-LLM's boundary."""
 
     def compress(self, inputs: BoundaryInputs, budget: int) -> Budgeted:
         """The images' tokens at exactly ``budget`` each."""

@@ -460,8 +460,7 @@ def patch_vision_llm(model: nn.Module, config: MethodConfig, family: type[Vision
             f"{[part.name for part in boundary] or 'none'}; in-tower methods ({[part.name for part in in_tower]}) "
             "compose with it in a list")
     boundary = boundary[0]
-    if boundary.tokens is None and boundary.keep is None:  # correlation_guided's adaptive setting (pages only)
-        boundary.budget(0)  # raises, saying what to give
+    boundary.check_for_vision_llm()
     if in_tower and not boundary.composes:
         raise InvalidConfigError(f"{boundary.name} needs the tower's full patch grid (or its class attention); "
                                  "after in-tower methods use merge_to_budget or random_select")

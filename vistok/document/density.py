@@ -156,8 +156,9 @@ def tile_index(grid: tuple[int, int], tile: tuple[int, int]) -> Tensor:
 def select_over_tiles(keys: Tensor, scores: Tensor, tiles: Tensor, budget: int, similarity: float = 0.9,
                       repeats: int = 4, minimum: int = 1) -> tuple[Tensor, Tensor, Tensor]:
     """One unit whose patches fall into tiles (crops): each tile's density from the keys of its own tokens
-    (:func:`redundant_tokens` within the tile), ``budget`` split over the tiles by density
-    (:func:`allocate_budget`, at least ``minimum`` each where the budget allows), and in each tile its top
+    (:func:`redundant_tokens` within the tile), ``budget`` split over the tiles in proportion to their tokens
+    that are not redundant (density times size: a tile cut at the grid's edge weighs what it holds;
+    :func:`allocate_budget`, at least ``minimum`` each where the budget allows), and in each tile its top
     ``scores``.
 
     Args:
@@ -176,7 +177,7 @@ def select_over_tiles(keys: Tensor, scores: Tensor, tiles: Tensor, budget: int, 
     redundant = close.sum(dim=-1) - 1 >= repeats
     sizes = torch.bincount(tiles, minlength=count)
     density = torch.zeros(count).index_add_(0, tiles, (~redundant).float()) / sizes.clamp_min(1)
-    budgets = allocate_budget(density, budget, sizes, min(minimum, budget // count, int(sizes.min())))
+    budgets = allocate_budget(density * sizes, budget, sizes, min(minimum, budget // count, int(sizes.min())))
     kept = []
     for index in range(count):
         members = (tiles == index).nonzero().squeeze(1)

@@ -56,7 +56,8 @@ class CorrelationGuidedConfig(BoundaryConfig):
         similarity, repeats: a token with at least ``repeats`` others past ``similarity`` (key cosine) in its
             view is redundant; a view's density is its share of tokens that are not.
         global_share: the share of the budget the global view keeps (``None``: its share of the page's tokens,
-            as a uniform split would give it); the crops share the rest by density.
+            as a uniform split would give it); the crops share the rest by density. On a vision-LLM it applies
+            to ``tokens=`` and ``keep=`` alike (the image's total, then the base view's share).
         minimum: tokens every view keeps at least.
         score: ``"attention"`` (the class token's attention, heads averaged) or ``"similarity"`` (the cosine of
             each token's key with the class token's key; towers only) ranks the tokens within a view.
@@ -108,6 +109,13 @@ class CorrelationGuidedConfig(BoundaryConfig):
                                      "the adaptive setting is for vistok.document.compress_page")
         return super().budget(available)
 
+    def check_for_vision_llm(self) -> None:
+        if self.adaptive:
+            self.budget(0)  # raises, saying what to give
+        if self.score != "attention":
+            raise InvalidConfigError(f"{self.name}: inside a vision-LLM tokens are ranked by class attention "
+                                     f"(score='attention'), got score={self.score!r}")
+
     def page_budget(self, available: int) -> int:
         """The page's tokens out of its ``available`` (every view's), for a fixed budget."""
         if self.tokens is not None and self.tokens > available:
@@ -124,9 +132,7 @@ class CorrelationGuidedConfig(BoundaryConfig):
     def compress(self, inputs: BoundaryInputs, budget: int) -> Budgeted:
         """A vision-LLM's units at ``budget`` each: a crop grid (``inputs.tile``) by :func:`select_over_tiles`,
         a single view by its top class-attention tokens."""
-        if self.score != "attention":
-            raise InvalidConfigError(f"{self.name}: inside a vision-LLM tokens are ranked by class attention "
-                                     f"(score='attention'), got score={self.score!r}")
+        self.check_for_vision_llm()
         features = inputs.features
         if budget == features.shape[1]:
             return select_dominant(features, features.new_zeros(features.shape[:2]), budget)

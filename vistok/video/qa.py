@@ -16,9 +16,11 @@ Selections (``VideoQAConfig.selection``):
   many as the budget holds whole (``frames=None``);
 * ``"uniform"``: ``frames`` evenly spaced frames, or as many as the budget holds whole (``frames=None``);
 * ``"drop"``: frame dropping: whole frames chosen at random, as many as the budget holds;
-* ``"all"``: every frame (spatially merged down to the budget when it does not fit).
+* ``"all"``: every frame (spatially merged down to the budget when it does not fit; near-duplicates merged first
+  with ``merge_on="summary"``).
 
-Then selected frames that are similar past ``merge_threshold`` merge into the earlier one. ``merge_on`` says
+Then selected frames that are similar past ``merge_threshold`` (strictly: 1.0 merges nothing) merge into the
+earlier one. ``merge_on`` says
 similar in what: ``"selection"`` compares their selection rows, as B-VLLM (threshold 0.75; one-hot rows merge only
 frames picked more than once), ``"summary"`` their summary tokens (near-duplicate content: a held shot, a repeated
 frame; use a high threshold such as 0.98, since different frames' summaries can be 0.95 similar; text selection
