@@ -8,6 +8,7 @@ from .backbones.base import BlockOps
 from .errors import PatchStateError
 from .methods.base import AttentionView, TokenReducer
 from .ops import attend, gather_head_tokens, gather_rope, gather_tokens, keep_mask_to_index, kept_count_summary, sync
+from .ops.merging import merge_into_nearest
 from .tokens import TokenLayout
 
 __all__ = ["run_block"]
@@ -59,6 +60,7 @@ def _attention_residual(
     h = ops.norm1(x)
     o = None if reducer is None else reducer.attend(ops, h, layout)
     keys = None  # a replaced attention exposes no keys; methods never merge after one
+    fusion = None
     if o is None:
         q, k, v = ops.qkv(h, _rope_for(rope, layout))
         key_bias = layout.key_bias(q.dtype)
@@ -66,14 +68,28 @@ def _attention_residual(
         if reducer is not None:
             keep = reducer.select(AttentionView(q, k, v, layout, key_bias))
             kept = None if keep is None else _kept_positions(keep, layout, reducer)
-            if kept is not None:
+            if kept is not None and reducer.fuses:
+                fusion = keep, kept, k.mean(dim=1)  # every token attends; the dropped ones merge afterwards
+            elif kept is not None:
                 index, valid = kept
                 q, x, h = gather_head_tokens(q, index), gather_tokens(x, index), gather_tokens(h, index)
                 keys = gather_head_tokens(k, index) if merges else None
                 layout = layout.select(index, valid)
         o = attend(q, k, v, key_bias, ops.dropout_p)
     x = x + ops.attn_residual(ops.attn_out(o, h))
+    if fusion is not None:
+        x, layout = _fuse(x, layout, *fusion)
     return x, layout, keys
+
+
+def _fuse(x: Tensor, layout: TokenLayout, keep: Tensor, kept: tuple[Tensor, Tensor | None], metric: Tensor
+          ) -> tuple[Tensor, TokenLayout]:
+    """The tokens ``keep`` leaves out merged into their most similar kept patch token, then dropped."""
+    candidates = keep.clone()
+    candidates[:, : layout.num_prefix] = False
+    x, weights, target = merge_into_nearest(x, metric, layout.token_weights(x.dtype, x.device), keep, candidates)
+    index, valid = kept
+    return gather_tokens(x, index), layout.fused(target, weights).select(index, valid)
 
 
 def _kept_positions(keep: Tensor, layout: TokenLayout, reducer: TokenReducer) -> tuple[Tensor, Tensor | None] | None:

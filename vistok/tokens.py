@@ -140,6 +140,13 @@ class TokenLayout:
             owner = _follow(self.owner, moved)
         return replace(self, source=source, valid=weights > 0, sizes=weights, owner=owner)
 
+    def fused(self, target: Tensor, weights: Tensor) -> TokenLayout:
+        """The layout after every position ``p`` merged into position ``target[:, p]`` (itself where it stays),
+        with sizes ``weights`` ``[B, N]`` (0 where merged away); follow with ``select`` to drop those positions.
+        A fused token keeps its own source."""
+        owner = None if self.owner is None else _follow(self.owner, target)
+        return replace(self, sizes=weights, owner=owner)
+
     def members(self) -> Tensor:
         """``[B, N, N0]`` bool: which original tokens each position stands for (needs ``owner``, i.e. source
         tracing; ``O(N x N0)`` memory, so only for inspection)."""

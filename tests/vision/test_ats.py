@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from helpers import make_images, make_model, reference_sampling
+from helpers import TOL, make_images, make_model, reference_sampling
 
 import vistok
 from vistok.methods.ats import default_ats_blocks
@@ -122,3 +122,74 @@ def test_context_manager_and_unpatch():
     assert not handle.active and "forward" not in vars(model.blocks[5])
     handle.remove()  # second remove is a no-op
     assert "ats" in vistok.list_methods()
+
+
+# ATS with fusion: the tokens a block does not sample merge into their most similar kept token
+
+ROTARY = {"eva02_rope", "rope_mixed"}
+
+
+def test_fusion_keeps_everything_and_equals_padding_free_runs(family):
+    model = make_model(family)
+    images = make_images(model, 3)
+    patches = model.patch_embed.num_patches
+    if family in ROTARY:
+        with pytest.raises(vistok.UnsupportedModelError, match="fusion on .* rotary"):
+            vistok.patch(model, "ats", fusion=True)
+        return
+    with torch.no_grad():
+        expected = model(images)
+        with vistok.patch(model, "ats", k=patches, min_tokens=patches, fusion=True):
+            assert (model(images) - expected).abs().max() <= TOL
+        with vistok.patch(model, "ats", k=0.4, min_tokens=1, fusion=True) as handle:
+            batched = model(images)
+            singles = torch.cat([model(image[None]) for image in images])
+            prefix = handle.layouts[max(handle.layouts)].num_prefix
+            for layout in handle.layouts.values():  # every patch is in some token: nothing was thrown away
+                sizes = layout.token_weights(torch.float64, images.device)[:, prefix:].sum(dim=1)
+                assert torch.allclose(sizes, torch.full_like(sizes, patches))
+            counts = handle.tokens_per_block()
+        assert (batched - singles).abs().max() <= TOL
+        assert counts[-1] < 0.5 * patches
+
+
+def test_fusion_merges_into_the_most_similar_kept_token_by_size():
+    """merge_into_nearest against a direct loop: each kept patch token becomes the size-weighted mean of itself
+    and the dropped tokens whose metric is closest to it among the kept patch tokens; prefix and padding stay."""
+    from vistok.ops.merging import merge_into_nearest
+
+    generator = torch.Generator().manual_seed(0)
+    x, metric = torch.randn(2, 9, 4, generator=generator), torch.randn(2, 9, 3, generator=generator)
+    weights = torch.rand(2, 9, generator=generator) + 0.5
+    weights[1, 7:] = 0  # padding
+    keep = torch.zeros(2, 9, dtype=torch.bool)
+    keep[:, 0] = True  # the prefix
+    keep[0, [2, 5]] = keep[1, [1, 3, 4]] = True
+    candidates = keep.clone()
+    candidates[:, 0] = False
+    merged, merged_weights, target = merge_into_nearest(x, metric, weights, keep, candidates)
+    for b in range(2):
+        kept = candidates[b].nonzero().squeeze(1).tolist()
+        groups = {t: [t] for t in kept}
+        for p in range(9):
+            if not keep[b, p] and weights[b, p] > 0:
+                cosine = torch.nn.functional.cosine_similarity(metric[b, p][None], metric[b, kept], dim=-1)
+                groups[kept[int(cosine.argmax())]].append(p)
+        for t, members in groups.items():
+            w = weights[b, members]
+            assert torch.allclose(merged[b, t], (x[b, members] * w[:, None]).sum(0) / w.sum(), atol=1e-6)
+            assert torch.isclose(merged_weights[b, t], w.sum()) and all(int(target[b, m]) == t for m in members)
+        assert torch.equal(merged[b, 0], x[b, 0]) and int(target[b, 0]) == 0
+    assert torch.equal(target[1, 7:], torch.tensor([7, 8])) and float(merged_weights[1, 7:].sum()) == 0
+
+
+def test_training_with_fusion_reaches_every_parameter():
+    model = make_model("vit").train()
+    images = make_images(model, 3)
+    with vistok.patch(model, "ats", k=0.5, fusion=True):
+        model(images).logsumexp(-1).mean().backward()
+    for name, param in model.named_parameters():
+        assert param.grad is not None and torch.isfinite(param.grad).all(), name
+    assert sum(bool(p.grad.abs().sum() > 0) for p in model.parameters()) >= 0.95 * len(list(model.parameters()))
+    with pytest.raises(vistok.InvalidConfigError, match="fusion must be a bool"):
+        vistok.ATSConfig(fusion=1)

@@ -4,7 +4,8 @@ ECCV 2022), training-free and differentiable through the kept tokens.
 In each chosen block, every patch token is scored by the attention the class token pays it (summed over
 heads) times the norm of its value vector; scores are normalised, and :func:`inverse_transform_sampling`
 keeps at most ``k`` tokens per image, fewer when the scores are concentrated. The block then computes its
-attention output, residuals and MLP only for the kept tokens (all tokens still serve as keys).
+attention output, residuals and MLP only for the kept tokens (all tokens still serve as keys). With ``fusion``
+the others are not thrown away: after the attention residual each merges into its most similar kept token.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch
 from torch import Tensor
 
 from ..backbones.base import BackboneInfo
-from ..errors import InvalidConfigError
+from ..errors import InvalidConfigError, UnsupportedModelError
 from ..ops import inverse_transform_sampling, probe_attention, probe_query, significance_scores
 from ..tokens import TokenLayout
 from .base import AttentionView, MethodConfig, TokenReducer, resolve_block_indices
@@ -44,12 +45,14 @@ class AdaptiveTokenSampler(TokenReducer):
         min_tokens: the block keeps at least ``min(min_tokens, current patch tokens)`` patch tokens.
     """
 
-    def __init__(self, k: int | float, min_tokens: int) -> None:
+    def __init__(self, k: int | float, min_tokens: int, fusion: bool = False) -> None:
         self.k = k
         self.min_tokens = min_tokens
+        self.fuses = fusion
 
     def __repr__(self) -> str:
-        return f"AdaptiveTokenSampler(k={self.k}, min_tokens={self.min_tokens})"
+        fusion = ", fusion=True" if self.fuses else ""
+        return f"AdaptiveTokenSampler(k={self.k}, min_tokens={self.min_tokens}{fusion})"
 
     def select(self, view: AttentionView) -> Tensor | None:
         layout = view.layout
@@ -92,11 +95,15 @@ class ATSConfig(MethodConfig):
         min_tokens: a block never keeps fewer than this many patch tokens (nor more than it has).
             ``k = min_tokens = patch count`` keeps every token: the patched model then computes exactly
             what the unpatched one does.
+        fusion: the tokens a block does not sample are merged into the kept patch token whose key is most
+            similar (size-weighted, with proportional attention from then on, as merging does) instead of
+            being dropped. The block's attention then runs over every token; the MLP over the kept ones.
     """
 
     k: int | float | Sequence[int | float] | None = None
     blocks: Sequence[int] | None = None
     min_tokens: int = 8
+    fusion: bool = False
 
     name: ClassVar[str] = "ats"
 
@@ -106,6 +113,8 @@ class ATSConfig(MethodConfig):
             check_k(k, None)
         if isinstance(self.min_tokens, bool) or not isinstance(self.min_tokens, int) or self.min_tokens < 1:
             raise InvalidConfigError(f"ats: min_tokens must be an int >= 1, got {self.min_tokens!r}")
+        if not isinstance(self.fusion, bool):
+            raise InvalidConfigError(f"ats: fusion must be a bool, got {self.fusion!r}")
 
     def build(self, info: BackboneInfo) -> dict[int, TokenReducer]:
         blocks = resolve_block_indices(self.blocks, info.num_blocks, default_ats_blocks(info.num_blocks))
@@ -115,7 +124,11 @@ class ATSConfig(MethodConfig):
             raise InvalidConfigError(
                 f"ats: min_tokens must be an int in [1, {info.num_patches}] (the model's patch tokens), "
                 f"got {self.min_tokens!r}")
-        return {block: AdaptiveTokenSampler(k, self.min_tokens) for block, k in zip(blocks, budgets, strict=True)}
+        if self.fusion and info.rotary:
+            raise UnsupportedModelError(f"ats: fusion on {info.model_class}, which uses rotary position embeddings: a "
+                                        "fused token has no single position to rotate by (use fusion=False)")
+        return {block: AdaptiveTokenSampler(k, self.min_tokens, self.fusion)
+                for block, k in zip(blocks, budgets, strict=True)}
 
     def _per_block_k(self, info: BackboneInfo, num_blocks: int) -> list[int | float]:
         if self.k is None:

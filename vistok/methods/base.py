@@ -38,6 +38,9 @@ class TokenReducer:
 
     #: whether the method needs ``TokenLayout.owner`` (which position stands for each original token)
     traces_members: bool = False
+    #: the tokens ``select`` does not keep are not dropped before attention: attention runs over every token,
+    #: then each of them merges into the kept token whose key is most similar (size-weighted), before the MLP
+    fuses: bool = False
 
     @property
     def merges(self) -> bool:

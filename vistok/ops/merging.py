@@ -13,7 +13,7 @@ from ..errors import InvalidConfigError
 from . import sync
 from .gather import add_to_tokens, gather_tokens
 
-__all__ = ["Matching", "bipartite_soft_matching", "merge_weighted"]
+__all__ = ["Matching", "bipartite_soft_matching", "merge_weighted", "merge_into_nearest"]
 
 
 @dataclass(frozen=True)
@@ -96,3 +96,31 @@ def merge_weighted(x: Tensor, weights: Tensor, matching: Matching) -> tuple[Tens
                            gather_tokens(x, b_index))
     tokens = torch.cat([gather_tokens(x, a_index), b_tokens], dim=1)
     return tokens, torch.cat([a_weight - moved, b_weight], dim=1)
+
+
+def merge_into_nearest(x: Tensor, metric: Tensor, weights: Tensor, keep: Tensor, candidates: Tensor
+                       ) -> tuple[Tensor, Tensor, Tensor]:
+    """Merge every real token that is not kept into the candidate whose ``metric`` is most similar (cosine),
+    size-weighted: ATS with fusion, where the tokens a block does not sample join the kept ones.
+
+    Args:
+        x: ``[B, N, C]``; metric: ``[B, N, d]`` (e.g. the keys averaged over heads); weights: ``[B, N]`` sizes
+            (0 for padding); keep: ``[B, N]`` bool, the tokens that stay; candidates: ``[B, N]`` bool, the kept
+            tokens others may merge into (the kept patch tokens: never a prefix token).
+
+    Returns:
+        ``x`` with each candidate the weighted mean of itself and the tokens merged into it (the others
+        unchanged), the new ``weights`` (0 where a token merged away), and ``target`` ``[B, N]`` long: the
+        position each token now lives at (itself when it stays or is padding).
+    """
+    positions = torch.arange(x.shape[1], device=x.device).expand(x.shape[0], -1)
+    unit = F.normalize(metric.float(), dim=-1)
+    similarity = (unit @ unit.transpose(1, 2)).masked_fill(~candidates[:, None, :], float("-inf"))
+    moving = ~keep & (weights > 0) & candidates.any(dim=1, keepdim=True)
+    target = torch.where(moving, similarity.argmax(dim=-1), positions)
+    merged_weights = torch.zeros_like(weights).scatter_add(1, target, weights)
+    summed = add_to_tokens(torch.zeros_like(x), target, x * weights[..., None])
+    received = merged_weights > weights  # only a token that others joined changes: the rest stays bit for bit
+    merged = torch.where(received[..., None],
+                         summed / merged_weights[..., None].clamp_min(torch.finfo(summed.dtype).tiny), x)
+    return merged, merged_weights, target
