@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Accuracy vs compute of the reference model (or any model/dataset in the config) on the whole test set:
 unpatched; ATS at several k (as in the paper: at most k tokens, fewer where the scores are concentrated), and
-ATS with a fixed budget (``min_tokens = k``: exactly k); merging at several r; and two baselines -- random token
+ATS with a fixed budget (``min_tokens = k``: exactly k), also with fusion (``sweep.ats_fusion_k``: the tokens not
+sampled merge into the kept ones); merging at several r; and two baselines -- random token
 dropping at the same counts, and the unpatched model on downsampled input (images) or on fewer frames (video:
 ``sweep.num_frames`` sets ``data.num_frames`` and ``model_kwargs.num_frames``). Writes a CSV and a Pareto plot
 (top-1 vs GFLOPs).
@@ -32,8 +33,9 @@ from vistok.viz import save_pareto_plot
 DEFAULTS = {
     **MODEL_DEFAULTS,
     "data": {**DATA_DEFAULTS, "augment": False},
-    "sweep": {"ats_k": [108, 64, 32], "ats_fixed_k": [], "ats_blocks": [3, 4, 5, 6, 7, 8, 9, 10, 11],
-              "merge_r": [8, 16], "random_k": [108, 64, 32], "input_sizes": [24, 20], "num_frames": [],
+    "sweep": {"ats_k": [108, 64, 32], "ats_fixed_k": [], "ats_fusion_k": [],
+              "ats_blocks": [3, 4, 5, 6, 7, 8, 9, 10, 11], "merge_r": [8, 16], "random_k": [108, 64, 32],
+              "input_sizes": [24, 20], "num_frames": [],
               "batch_size": 500, "flops_images": 500},
 }
 
@@ -46,6 +48,9 @@ def variants(sweep: dict) -> list[dict]:
                for k in sweep["ats_k"]]
     points += [{"method": "ats_fixed", "label": f"k={k}", "patch": ("ats", {"k": k, "min_tokens": k, "blocks": blocks}),
                 "size": None} for k in sweep["ats_fixed_k"]]
+    points += [{"method": "ats_fusion", "label": f"k={k}",
+                "patch": ("ats", {"k": k, "min_tokens": k, "blocks": blocks, "fusion": True}), "size": None}
+               for k in sweep["ats_fusion_k"]]
     points += [{"method": "merge", "label": f"r={r}", "patch": ("merge", {"r": r}), "size": None}
                for r in sweep["merge_r"]]
     points += [{"method": "random_drop", "label": f"k={k}", "patch": ("random_drop", {"k": k, "blocks": blocks}),

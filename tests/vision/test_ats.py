@@ -193,3 +193,19 @@ def test_training_with_fusion_reaches_every_parameter():
     assert sum(bool(p.grad.abs().sum() > 0) for p in model.parameters()) >= 0.95 * len(list(model.parameters()))
     with pytest.raises(vistok.InvalidConfigError, match="fusion must be a bool"):
         vistok.ATSConfig(fusion=1)
+
+
+def test_fusion_composes_with_merging_in_other_blocks_only():
+    model = make_model("vit")
+    images = make_images(model, 2)
+    fused = [("ats", {"k": 0.5, "blocks": [3, 4], "fusion": True})]
+    with torch.no_grad():
+        with vistok.patch(model, fused):
+            alone = model(images)
+        with vistok.patch(model, [*fused, ("merge", {"r": 8, "blocks": [6, 7]})]) as handle:
+            both = model(images)
+            layouts = dict(handle.layouts)
+    assert not torch.allclose(alone, both)  # the merging blocks act
+    assert layouts[4].sizes is not None and float(layouts[4].sizes[0].sum()) == 197  # fusion ran (sizes add up)
+    with pytest.raises(vistok.InvalidConfigError, match="with fusion merges after attention itself"):
+        vistok.patch(model, [*fused, ("merge", {"r": 8, "blocks": [4]})])

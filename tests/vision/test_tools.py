@@ -205,13 +205,13 @@ def test_sweep_writes_csv_and_plot(tmp_path):
     out = tmp_path / "sweep"
     assert sweep.main(["--config", str(ROOT / "configs/sweep_fmnist.yaml"), "--out", str(out), "pretrained=false",
                        "model_kwargs.depth=3", "data.limit=100", "sweep.ats_k=[64]", "sweep.ats_fixed_k=[32]",
-                       "sweep.ats_blocks=[1,2]",
+                       "sweep.ats_fusion_k=[32]", "sweep.ats_blocks=[1,2]",
                        "sweep.merge_r=[8]", "sweep.random_k=[64]", "sweep.input_sizes=[20]",
                        "sweep.flops_images=10"]) == 0
     rows = (out.with_suffix(".csv")).read_text().splitlines()
-    assert rows[0].startswith("method,label,top1") and len(rows) == 7
-    assert [row.split(",")[0] for row in rows[1:]] == ["unpatched", "ats", "ats_fixed", "merge", "random_drop",
-                                                     "downsample"]
+    assert rows[0].startswith("method,label,top1") and len(rows) == 8
+    assert [row.split(",")[0] for row in rows[1:]] == ["unpatched", "ats", "ats_fixed", "ats_fusion", "merge",
+                                                     "random_drop", "downsample"]
     assert out.with_suffix(".png").stat().st_size > 10_000
 
 

@@ -34,6 +34,7 @@ class ComposedReducer(TokenReducer):
         self.attender = attender
         self.merger = merger
         self.traces_members = any(r.traces_members for r in (selector, attender, merger) if r is not None)
+        self.fuses = selector is not None and selector.fuses
 
     def __repr__(self) -> str:
         parts = ", ".join(repr(r) for r in (self.selector, self.attender, self.merger) if r is not None)
@@ -81,5 +82,9 @@ class ComposedConfig(MethodConfig):
                             f"block {block}: both {taken[clash][0]!r} and {part.name!r} act there ({clash} / "
                             f"{hook}); give them disjoint blocks")
                     taken[hook] = (part.name, reducer)
+                if "select" in taken and "merge" in taken and taken["select"][1].fuses:
+                    raise InvalidConfigError(
+                        f"block {block}: {taken['select'][0]!r} with fusion merges after attention itself, and "
+                        f"{taken['merge'][0]!r} merges there too; give them disjoint blocks")
         return {block: ComposedReducer(*(hooks.get(hook, (None, None))[1] for hook in ("select", "attend", "merge")))
                 for block, hooks in slots.items()}
