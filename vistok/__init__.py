@@ -27,11 +27,14 @@ from .methods import (
 )
 from .patching import PatchHandle, find_handle, get_handle, patch, unpatch
 from .tokens import TokenLayout
+from .tuner import TuneResult, tune
 
 __version__ = "0.1.0"
 
 __all__ = [
     "patch",
+    "tune",
+    "TuneResult",
     "unpatch",
     "get_handle",
     "find_handle",

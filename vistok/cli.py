@@ -11,6 +11,11 @@ the prefill time.
 ``vistok video-qa --video clip.mp4 --question "Is there a bag?" --budget 256`` answers a question about a video
 with the reference video-LLM (:mod:`vistok.video.qa`): decode, choose frames, encode, compress to the budget,
 answer; it prints the answer, the frames kept, the visual tokens and the seconds of each stage.
+
+``vistok tune --model vistok_vit_fmnist --pretrained --target 0.5 --out results/tune`` searches vistok's methods
+for the one that agrees best with the unpatched model within half its GFLOPs (:func:`vistok.tune`), on
+Fashion-MNIST training images (or ``--folder`` of images): it prints the pick, ready for ``vistok.patch``, and
+writes ``<out>.json`` and ``<out>.png``.
 """
 
 from __future__ import annotations
@@ -87,6 +92,18 @@ def _build_parser() -> argparse.ArgumentParser:
     video.add_argument("--top-p", type=float, default=1.0)
     video.add_argument("--seed", type=int, default=0)
     video.add_argument("--checkpoint", default=None, help="trained tensors (.safetensors); default: the shipped")
+    tuner = commands.add_parser("tune", help="pick the method and setting for a model within a GFLOPs target")
+    tuner.add_argument("--model", required=True, help="timm model name (vistok's reference models included)")
+    tuner.add_argument("--pretrained", action="store_true", help="load its pretrained weights")
+    tuner.add_argument("--checkpoint", default=None, help="weights (.safetensors) to load")
+    tuner.add_argument("--target", type=float, default=0.5, help="GFLOPs ratio to stay within")
+    tuner.add_argument("--images", type=int, default=512, help="calibration images")
+    tuner.add_argument("--folder", default=None, help="calibration images from this folder (timm's eval "
+                       "transforms); default: Fashion-MNIST training images for 1-channel models")
+    tuner.add_argument("--labels", action="store_true", help="score by accuracy on the labels, not agreement")
+    tuner.add_argument("--flops-images", type=int, default=8, help="images each candidate's GFLOPs are counted on")
+    tuner.add_argument("--out", default="tune", help="writes <out>.json and <out>.png")
+    tuner.add_argument("--threads", type=int, default=None)
     return parser
 
 
@@ -102,6 +119,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _ask(args)
         if args.command == "video-qa":
             return _video_qa(args)
+        if args.command == "tune":
+            return _tune(args)
         return _bench(args)
     except VistokError as error:
         print(f"vistok: error: {error}", file=sys.stderr)
@@ -184,6 +203,59 @@ def _video_qa(args: argparse.Namespace) -> int:
     print(f"visual tokens: {result.visual_tokens} (budget {args.budget}, {args.selection})")
     print("seconds: " + ", ".join(f"{stage} {seconds:.3f}" for stage, seconds in result.seconds.items()))
     return 0
+
+
+def _tune(args: argparse.Namespace) -> int:
+    import timm
+
+    from .tuner import tune
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = timm.create_model(args.model, pretrained=args.pretrained).eval()
+    if args.checkpoint:
+        from .models.reference import load_checkpoint
+
+        load_checkpoint(model, args.checkpoint)
+    images, labels = _calibration_images(model, args.folder, args.images)
+    result = tune(model, images, args.target, labels if args.labels else None, flops_images=args.flops_images,
+                  progress=True)
+    from .tuner import _plain
+
+    best = result.best
+    result.save(f"{args.out}.json")
+    result.plot(f"{args.out}.png")
+    options = " + ".join(f"{p['method']}({', '.join(f'{k}={v!r}' for k, v in p.items() if k != 'method')})"
+                         for p in _plain(best)["config"])
+    print(f"pick: {best['label']} -> {options}")
+    print(f"GFLOPs ratio {best['gflops_ratio']:.3f} (target {args.target:g}); {result.metric} "
+          f"{best['score']:.2f} % on {best['images']} images")
+    print(f"search: {len(result.rows)} candidates, {result.images_scored} images through patched models "
+          f"({result.images_scored / result.images:.1f} passes over the {result.images}), {result.seconds:.1f} s")
+    print(f"wrote {args.out}.json and {args.out}.png")
+    return 0
+
+
+def _calibration_images(model: Any, folder: str | None, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``count`` calibration images as the model takes them, and their labels."""
+    if folder is not None:
+        from timm.data import create_transform, resolve_data_config
+        from torchvision.datasets import ImageFolder
+
+        transform = create_transform(**resolve_data_config({}, model=model))
+        dataset = ImageFolder(folder, transform=transform)
+        picked = [dataset[i] for i in range(min(count, len(dataset)))]
+        return torch.stack([p[0] for p in picked]), torch.tensor([p[1] for p in picked])
+    from .data import GreyBatchTransform, load_fashion_mnist
+    from .errors import InvalidConfigError
+
+    embed = getattr(model, "patch_embed", None)
+    conv = next((m for m in embed.modules() if isinstance(m, torch.nn.Conv2d)), None) if embed is not None else None
+    if conv is None or tuple(embed.img_size) != (28, 28) or conv.in_channels != 1:
+        raise InvalidConfigError(f"vistok tune: {type(model).__name__} does not take 28 x 28 grey images; give "
+                                 "--folder with calibration images (class sub-folders, as ImageFolder reads)")
+    images, labels = load_fashion_mnist("train")
+    return GreyBatchTransform()(images[:count]), labels[:count]
 
 
 if __name__ == "__main__":

@@ -1,0 +1,97 @@
+"""vistok.tune: the pick stays within the GFLOPs target and is the best survivor of successive halving, the
+search is deterministic and cheaper than scoring every candidate on every image, the saved pick patches the
+model back to the score reported, and bad input is refused; the `vistok tune` command on the reference model."""
+
+import json
+
+import pytest
+import timm
+import torch
+
+import vistok
+from vistok import InputShapeError, InvalidConfigError
+from vistok.tuner import config_from_saved, tune_candidates
+
+
+@pytest.fixture(scope="module")
+def setting():
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", img_size=64, depth=4, num_classes=10).eval()
+    images = torch.randn(16, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    return model, images
+
+
+@pytest.fixture(scope="module")
+def result(setting):
+    model, images = setting
+    return vistok.tune(model, images, target=0.6, flops_images=2)
+
+
+def test_the_pick_is_within_the_target_and_best_at_the_last_rung(setting, result):
+    model, images = setting
+    best = result.best
+    assert best["gflops_ratio"] <= 0.6 and best["images"] == images.shape[0]
+    finalists = [row for row in result.rows if row.get("images") == images.shape[0]]
+    assert best == max(finalists, key=lambda r: (r["score"], -r["kl"]))
+    within = [row for row in result.rows if row["gflops_ratio"] <= 0.6]
+    assert len(finalists) < len(within)  # halving dropped some
+    assert result.images_scored < len(result.rows) * images.shape[0]  # cheaper than scoring all on all
+    assert len(result.rows) == len(tune_candidates(model)) and vistok.get_handle(model) is None
+    front = result.pareto()
+    for row in result.rows:  # nothing beats a front row on both axes
+        assert not any(row["gflops_ratio"] < f["gflops_ratio"] and row["rung0_score"] > f["rung0_score"]
+                       for f in front)
+
+
+def test_the_saved_pick_patches_the_model_to_the_reported_score(setting, result, tmp_path):
+    model, images = setting
+    saved = json.loads(result.save(tmp_path / "tune.json").read_text())
+    config = config_from_saved(saved["pick"]["config"])
+    with torch.no_grad():
+        reference = model(images).argmax(-1)
+        with vistok.patch(model, config):
+            agreement = 100.0 * float((model(images).argmax(-1) == reference).float().mean())
+    assert agreement == pytest.approx(result.best["score"])
+    assert result.plot(tmp_path / "tune.png").stat().st_size > 5000
+    assert saved["target_gflops_ratio"] == 0.6 and len(saved["rows"]) == len(result.rows)
+    import yaml
+
+    assert yaml.safe_load(result.save(tmp_path / "tune.yaml").read_text())["pick"]["label"] == result.best["label"]
+
+
+def test_the_search_is_deterministic_and_labels_score_accuracy(setting, result):
+    model, images = setting
+    again = vistok.tune(model, images, target=0.6, flops_images=2)
+    assert again.best["label"] == result.best["label"]
+    assert [(r["label"], r["rung0_score"]) for r in again.rows] == [(r["label"], r["rung0_score"]) for r in result.rows]
+    labels = torch.arange(16) % 10
+    with_labels = vistok.tune(model, images, target=0.6, labels=labels, flops_images=2, rungs=2)
+    assert with_labels.metric == "accuracy"
+    with torch.no_grad(), vistok.patch(model, with_labels.config):
+        accuracy = 100.0 * float((model(images).argmax(-1) == labels).float().mean())
+    assert accuracy == pytest.approx(with_labels.best["score"])
+
+
+def test_bad_input_is_refused(setting):
+    model, images = setting
+    with pytest.raises(InvalidConfigError, match=r"target must be a GFLOPs ratio in \(0, 1\]"):
+        vistok.tune(model, images, target=1.5)
+    with pytest.raises(InvalidConfigError, match="no candidate reaches 0.01x"):
+        vistok.tune(model, images, target=0.01, flops_images=1)
+    with pytest.raises(InputShapeError, match="calibration images"):
+        vistok.tune(model, images[:2])
+    with vistok.patch(model, "ats"), pytest.raises(InvalidConfigError, match="unpatched model"):
+        vistok.tune(model, images)
+
+
+@pytest.mark.slow
+def test_the_tune_command_on_the_reference_model(tmp_path, capsys):
+    from vistok.cli import main
+
+    out = tmp_path / "tune"
+    assert main(["tune", "--model", "vistok_vit_fmnist", "--pretrained", "--images", "16", "--flops-images", "1",
+                 "--target", "0.5", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "pick:" in printed and "GFLOPs ratio" in printed and out.with_suffix(".json").is_file()
+    assert main(["tune", "--model", "vit_tiny_patch16_224", "--images", "16", "--out", str(out)]) == 2
+    assert "give --folder" in capsys.readouterr().err

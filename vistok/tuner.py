@@ -1,0 +1,212 @@
+"""Which method, how much, for your model: search vistok's methods and settings on a calibration batch and pick the
+one that agrees best with the unpatched model within a compute target.
+
+>>> result = vistok.tune(model, images, target=0.5)       # at most half the unpatched GFLOPs
+>>> vistok.patch(model, result.config)                     # the pick, ready to use
+>>> result.save("tune.json"); result.plot("tune.png")      # every candidate, the Pareto front
+
+Candidates (from the model's patch count ``N`` and depth): ATS with a fixed budget and ATS with fusion at
+``k`` = 90 % ... 20 % of ``N`` in the paper's blocks, random dropping at the same ``k`` (the baseline), merging at
+several ``r`` with a constant and a decreasing schedule, and ATS in one early block composed with merging in the
+later ones. Each candidate's GFLOPs ratio is counted once on a few images (exact, per image); those within the
+target then go through successive halving: all are scored on a quarter of the batch, the better half on half of
+it, the best quarter on all of it (``rungs=3``), so a candidate that is clearly worse costs a quarter of a pass.
+The score is top-1 agreement with the unpatched model (ties: the lower KL divergence from its distribution), or
+accuracy when labels are given. No randomness but random dropping's fixed seed: the same batch gives the same
+pick.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .backbones import resolve_backbone
+from .errors import InputShapeError, InvalidConfigError
+from .methods import ATSConfig, MergeConfig, MethodConfig, RandomDropConfig, create_config
+from .methods.ats import default_ats_blocks
+from .methods.compose import ComposedConfig
+
+__all__ = ["tune", "TuneResult", "tune_candidates", "config_from_saved"]
+
+KEEP_FRACTIONS = (0.9, 0.75, 0.6, 0.5, 0.4, 0.3, 0.2)
+
+
+def tune_candidates(model: nn.Module) -> list[tuple[str, str, MethodConfig]]:
+    """``(label, method, config)`` for every setting the tuner tries on ``model`` (see the module docstring)."""
+    info = resolve_backbone(model).info
+    patches, depth = info.num_patches, info.num_blocks
+    blocks = default_ats_blocks(depth)
+    out: list[tuple[str, str, MethodConfig]] = []
+    for fraction in KEEP_FRACTIONS:
+        k = max(1, round(fraction * patches))
+        out.append((f"ats k={k}", "ats", ATSConfig(k=k, min_tokens=k, blocks=blocks)))
+        if not info.rotary:
+            out.append((f"ats+fusion k={k}", "ats_fusion", ATSConfig(k=k, min_tokens=k, blocks=blocks, fusion=True)))
+        out.append((f"random_drop k={k}", "random_drop", RandomDropConfig(k=k, blocks=blocks)))
+    if not info.rotary:
+        for divisor in (64, 32, 24, 16, 12):
+            r = min(patches // 2, max(1, round(patches / divisor)))
+            out.append((f"merge r={r}", "merge", MergeConfig(r=r)))
+            out.append((f"merge r={r} decreasing", "merge", MergeConfig(r=r, schedule="decreasing")))
+            first = blocks[0]
+            if first + 1 < depth:
+                k = max(1, round(0.75 * patches))
+                out.append((f"ats k={k} @{first} + merge r={r}", "ats+merge", ComposedConfig((
+                    ATSConfig(k=k, min_tokens=k, blocks=[first]),
+                    MergeConfig(r=min(r, k // 2), blocks=list(range(first + 1, depth)))))))
+    return out
+
+
+@dataclass
+class TuneResult:
+    """Every candidate's ``rows`` (label, method, config, GFLOPs ratio, and its score on the most images it was
+    scored on), the pick (``best``, its ``config``), the ``target``, and what the search cost: ``images_scored``
+    (images through the patched model, summed over candidates), ``seconds``."""
+
+    rows: list[dict[str, Any]]
+    best: dict[str, Any]
+    config: MethodConfig
+    target: float
+    metric: str
+    images: int
+    images_scored: int
+    seconds: float
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def pareto(self) -> list[dict[str, Any]]:
+        """The rows no other row beats on both GFLOPs ratio and score (each scored on the first rung)."""
+        front = []
+        for row in sorted(self.rows, key=lambda r: (r["gflops_ratio"], -r["rung0_score"])):
+            if not front or row["rung0_score"] > front[-1]["rung0_score"]:
+                front.append(row)
+        return front
+
+    def save(self, path: str | Path) -> Path:
+        """JSON (or YAML for ``.yaml`` / ``.yml``): the pick first, ready for ``vistok.patch``, then every row."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        data = {"pick": _plain(self.best), "target_gflops_ratio": self.target, "metric": self.metric,
+                "calibration_images": self.images, "images_scored": self.images_scored,
+                "seconds": round(self.seconds, 3), "rows": [_plain(row) for row in self.rows]}
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            path.write_text(yaml.safe_dump(data, sort_keys=False))
+        else:
+            path.write_text(json.dumps(data, indent=2))
+        return path
+
+    def plot(self, path: str | Path) -> Path:
+        """Score vs GFLOPs ratio, one colour per method, the target as a line and the pick circled."""
+        from .viz import _pyplot, _save
+
+        plt = _pyplot()
+        figure, axis = plt.subplots(figsize=(6.5, 4.2))
+        for method in dict.fromkeys(row["method"] for row in self.rows):
+            points = [(r["gflops_ratio"], r["rung0_score"]) for r in self.rows if r["method"] == method]
+            axis.scatter(*zip(*points, strict=True), s=18, label=method)
+        axis.axvline(self.target, color="grey", linestyle="--", linewidth=1, label=f"target {self.target:g}")
+        axis.scatter([self.best["gflops_ratio"]], [self.best["rung0_score"]], s=120, facecolors="none",
+                     edgecolors="black", label=f"pick: {self.best['label']}")
+        axis.set_xlabel("GFLOPs / unpatched")
+        axis.set_ylabel(f"{self.metric} (%, first rung)")
+        axis.legend(fontsize=7)
+        return _save(plt, figure, path, dpi=120)
+
+
+def tune(model: nn.Module, images: Tensor, target: float = 0.5, labels: Tensor | None = None, rungs: int = 3,
+         flops_images: int = 8, progress: bool = False) -> TuneResult:
+    """Search vistok's methods on ``model`` for the one that agrees best with the unpatched model (or is most
+    accurate, given ``labels``) at no more than ``target`` times its GFLOPs.
+
+    Args:
+        model: a vision transformer vistok patches (unpatched; it is patched and restored for each candidate).
+        images: the calibration batch ``[B, C, H, W]`` as the model takes it; ``labels`` ``[B]`` optional.
+        target: the GFLOPs ratio in ``(0, 1]``.
+        rungs: successive-halving rounds (each keeps the better half on twice the images).
+        flops_images: images each candidate's GFLOPs are counted on.
+
+    Raises:
+        InvalidConfigError: a bad target, or no candidate within it.
+    """
+    from tqdm.auto import tqdm
+
+    from .measure import count_flops
+    from .patching import find_handle, patch
+
+    if isinstance(target, bool) or not isinstance(target, (int, float)) or not 0 < target <= 1:
+        raise InvalidConfigError(f"tune: target must be a GFLOPs ratio in (0, 1], got {target!r}")
+    if images.dim() != 4 or images.shape[0] < 2 ** (rungs - 1):
+        raise InputShapeError(f"tune: expected calibration images [B, C, H, W] with B >= {2 ** (rungs - 1)}, got "
+                              f"{tuple(images.shape)}")
+    if labels is not None and labels.shape != images.shape[:1]:
+        raise InputShapeError(f"tune: labels must be [B={images.shape[0]}], got {tuple(labels.shape)}")
+    if find_handle(model) is not None:
+        raise InvalidConfigError("tune: give the unpatched model (remove its patch first)")
+    started = time.perf_counter()
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        reference = model(images).float()
+    base_flops = count_flops(model, images[:flops_images])
+    rows = []
+    for label, method, config in tqdm(tune_candidates(model), desc="counting GFLOPs", disable=not progress):
+        with patch(model, config):
+            ratio = count_flops(model, images[:flops_images]) / base_flops
+        rows.append({"label": label, "method": method, "config": config, "gflops_ratio": ratio})
+    metric = "accuracy" if labels is not None else "top-1 agreement"
+    sizes = [math.ceil(images.shape[0] / 2 ** (rungs - 1 - rung)) for rung in range(rungs)]
+    scored = 0
+    alive = [row for row in rows if row["gflops_ratio"] <= target]
+    if not alive:
+        raise InvalidConfigError(f"tune: no candidate reaches {target:g}x the GFLOPs (the cheapest is "
+                                 f"{min(r['gflops_ratio'] for r in rows):.2f}x)")
+    for rung, size in enumerate(sizes):
+        todo = rows if rung == 0 else alive  # every candidate once (for the front), the survivors further
+        for row in tqdm(todo, desc=f"rung {rung + 1}/{rungs} ({size} images)", disable=not progress):
+            with patch(model, row["config"]), torch.no_grad():
+                logits = model(images[:size]).float()
+            scored += size
+            row.update(_scores(logits, reference[:size], None if labels is None else labels[:size], rung))
+        alive = sorted(alive, key=lambda r: (-r["score"], r["kl"]))
+        if rung < rungs - 1:
+            alive = alive[: max(1, math.ceil(len(alive) / 2))]
+    best = alive[0]
+    model.train(was_training)
+    return TuneResult(rows, best, best["config"], float(target), metric, images.shape[0], scored,
+                      time.perf_counter() - started)
+
+
+def _scores(logits: Tensor, reference: Tensor, labels: Tensor | None, rung: int) -> dict[str, float]:
+    kl = F.kl_div(logits.log_softmax(-1), reference.log_softmax(-1), log_target=True, reduction="batchmean")
+    target = reference.argmax(-1) if labels is None else labels
+    score = 100.0 * float((logits.argmax(-1) == target).float().mean())
+    out = {"score": score, "kl": float(kl), "images": logits.shape[0]}
+    if rung == 0:
+        out["rung0_score"] = score
+    return out
+
+
+def _plain(row: dict[str, Any]) -> dict[str, Any]:
+    """A row as JSON: the config as its method name(s) and options."""
+    out = {key: value for key, value in row.items() if key != "config"}
+    config = row["config"]
+    parts = config.parts if isinstance(config, ComposedConfig) else (config,)
+    out["config"] = [{"method": part.name, **{k: v for k, v in vars(part).items()}} for part in parts]
+    return out
+
+
+def config_from_saved(entries: list[dict[str, Any]]) -> MethodConfig:
+    """The config a saved pick describes (``TuneResult.save``), for ``vistok.patch``."""
+    parts = [create_config(entry["method"], **{k: v for k, v in entry.items() if k != "method"})
+             for entry in entries]
+    return parts[0] if len(parts) == 1 else ComposedConfig(tuple(parts))
