@@ -141,6 +141,8 @@ def main(argv: list[str] | None = None, model_and_tokenizer=None) -> int:
     parser.add_argument("--merge-on", default="summary", choices=("selection", "summary"),
                         help="what the temporal merge after learned and text selection compares")
     parser.add_argument("--merge-threshold", type=float, default=0.98)
+    parser.add_argument("--merge-all", action="store_true", help="also every frame with the temporal merge on "
+                        "(rows 'all+merge'): deduplication alone, without the question")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--threads", type=int, default=0)
     args = parser.parse_args(argv)
@@ -169,10 +171,15 @@ def main(argv: list[str] | None = None, model_and_tokenizer=None) -> int:
             item["text_scores_s"] = time.perf_counter() - started
     every = questions[0]["encoded"].tokens.shape[0] * questions[0]["encoded"].tokens.shape[1]
     plans = [(s, b) for s in selections for b in args.budgets] + ([("all", every)] if "all" in selections else [])
+    plans += [("all+merge", b) for b in args.budgets] if args.merge_all else []
     rows = []
     for selection, budget in plans:
-        config = comparison_config(selection, budget, args.merge_on, args.merge_threshold)
-        row = evaluate(model, tokenizer, questions, config, args.batch_size)
+        if selection == "all+merge":
+            config = VideoQAConfig(budget=budget, selection="all", frames=None, merge_threshold=args.merge_threshold,
+                                   merge_on=args.merge_on)
+        else:
+            config = comparison_config(selection, budget, args.merge_on, args.merge_threshold)
+        row = {**evaluate(model, tokenizer, questions, config, args.batch_size), "selection": selection}
         rows.append(row)
         print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
     out = Path(args.out)

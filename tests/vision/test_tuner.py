@@ -95,3 +95,16 @@ def test_the_tune_command_on_the_reference_model(tmp_path, capsys):
     assert "pick:" in printed and "GFLOPs ratio" in printed and out.with_suffix(".json").is_file()
     assert main(["tune", "--model", "vit_tiny_patch16_224", "--images", "16", "--out", str(out)]) == 2
     assert "give --folder" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_the_reference_tuning_tool_reports_the_picks_test_accuracy(tmp_path):
+    from helpers import load_tool
+
+    out = tmp_path / "tune"
+    assert load_tool("tune_reference").main(["--images", "8", "--targets", "0.6", "--flops-images", "1",
+                                             "--test-images", "200", "--out", str(out)]) == 0
+    report = json.loads((tmp_path / "tune_vistok_vit_fmnist.json").read_text())
+    entry = report["targets"][0]
+    assert entry["gflops_ratio"] <= 0.6 and 0 <= entry["test_top1"] <= 100 and report["unpatched_test_top1"] > 50
+    assert (tmp_path / "tune_vistok_vit_fmnist_0.6.png").is_file()

@@ -195,15 +195,16 @@ def test_training_and_evaluation_tools_run_end_to_end(smollm2, tmp_path):
     evaluate = load_tool("eval_video_qa")
     model = video_vlm(smollm2, checkpoint=tmp_path / "run" / "model.safetensors")
     assert evaluate.main(["--out", str(tmp_path / "eval"), "--manifest", str(SAMPLE / "test.json"), "--questions",
-                          "3", "--selections", "learned", "uniform", "all", "--budgets", "32"],
+                          "3", "--selections", "learned", "uniform", "all", "--budgets", "32", "--merge-all"],
                          model_and_tokenizer=model) == 0
     import csv
 
     with open(tmp_path / "eval.csv") as handle:
         rows = list(csv.DictReader(handle))
     assert [(r["selection"], int(r["budget"])) for r in rows] == [("learned", 32), ("uniform", 32), ("all", 32),
-                                                                  ("all", FRAMES * 9)]
-    assert float(rows[-1]["visual_tokens"]) == FRAMES * 9 and (tmp_path / "eval.png").is_file()
+                                                                  ("all", FRAMES * 9), ("all+merge", 32)]
+    assert float(rows[-1]["frames"]) < FRAMES  # the sample's black frames and held items merge
+    assert float(rows[3]["visual_tokens"]) == FRAMES * 9 and (tmp_path / "eval.png").is_file()
 
 
 @pytest.mark.slow
