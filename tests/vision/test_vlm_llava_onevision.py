@@ -350,3 +350,18 @@ def test_a_page_budget_respects_the_global_share_and_each_views_size():
     assert budgets(keep=0.5, global_share=0.25) == [6, 18]  # keep= gives the image's total, then the share
     with pytest.raises(InvalidConfigError, match="ranked by class attention"):
         vistok.patch(tiny_onevision(), "correlation_guided", tokens=12, score="similarity")
+
+
+def test_every_image_of_a_batch_gets_its_own_split():
+    """The split of tokens= over an image's views depends on that image only, not on the images before it."""
+    from vistok.adapters.family import Units
+    from vistok.adapters.llava_onevision import LlavaOnevisionFamily
+    from vistok.document import CorrelationGuidedConfig
+
+    family = LlavaOnevisionFamily.inspect(tiny_onevision())
+    one = [torch.zeros(16, 4), torch.zeros(64, 4)]
+    units = Units([torch.zeros(16, 4), torch.zeros(32, 4), *one], [(4, 4), (4, 8), (4, 4), (8, 8)], [[0, 1], [2, 3]])
+    alone = Units(one, [(4, 4), (8, 8)], [[0, 1]])
+    for config in (vistok.create_config("random_select", tokens=12), CorrelationGuidedConfig(tokens=12),
+                   CorrelationGuidedConfig(tokens=12, global_share=0.5)):
+        assert family.unit_budgets(config, "image", units)[2:] == family.unit_budgets(config, "image", alone)

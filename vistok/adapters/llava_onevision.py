@@ -147,8 +147,8 @@ class LlavaOnevisionFamily(VisionLLMFamily):
             first = min(max(round(total * base_share), 1), total - len(item) + 1, sizes[0])
             first = max(first, total - sum(sizes[1:]))  # the crop grid cannot take more than it has
             shares = [first] + ([total - first] if len(item) > 1 else [])
-            for unit, share in zip(item, shares, strict=True):
-                budgets[unit] = share
+            for unit, unit_budget in zip(item, shares, strict=True):
+                budgets[unit] = unit_budget
         return budgets
 
     def unit_tile(self, modality: str, grid: tuple[int, int]) -> tuple[int, int] | None:
