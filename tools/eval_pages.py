@@ -106,7 +106,7 @@ def evaluate_page(model, path: Path, args: argparse.Namespace, out: Path) -> lis
                                  title=f"{path.name}: correlation_guided keep={keep} ({int(result.budgets.sum())} of "
                                        f"{count * per_view} tokens)")
         total = max(1, round(keep * count * per_view))
-        density_budgets = page_budgets(adaptive.density, total, per_view, True, config)
+        density_budgets = page_budgets(adaptive.density, total, per_view, True, CorrelationGuidedConfig(keep=keep))
         row("density budgets, random tokens", keep, density_budgets, random_kept(density_budgets, per_view, 0))
         uniform = allocate_budget(torch.ones(count), total, per_view)
         row("uniform budgets, random tokens", keep, uniform, random_kept(uniform, per_view, 0))

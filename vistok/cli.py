@@ -189,10 +189,11 @@ def _video_qa(args: argparse.Namespace) -> int:
     from .samplers import SamplingConfig
     from .video.qa import VideoQA, VideoQAConfig
 
+    threshold = args.merge_threshold
+    if threshold is None:
+        threshold = 0.98 if args.merge_on == "summary" else 0.75
     config = VideoQAConfig(budget=args.budget, selection=args.selection, frames=args.frames,
-                           merge_threshold=None if args.no_temporal_merge else args.merge_threshold
-                           if args.merge_threshold is not None else 0.98 if args.merge_on == "summary" else 0.75,
-                           merge_on=args.merge_on)
+                           merge_threshold=None if args.no_temporal_merge else threshold, merge_on=args.merge_on)
     model, tokenizer = create_video_vlm(pretrained=args.checkpoint is None, checkpoint=args.checkpoint)
     clip = create_clip(pretrained=True) if config.selection == "text" else None
     qa = VideoQA(model, tokenizer, config, clip=clip, sampling=SamplingConfig(temperature=args.temperature,
@@ -220,14 +221,10 @@ def _tune(args: argparse.Namespace) -> int:
     images, labels = _calibration_images(model, args.folder, args.images)
     result = tune(model, images, args.target, labels if args.labels else None, flops_images=args.flops_images,
                   progress=True)
-    from .tuner import _plain
-
     best = result.best
     result.save(f"{args.out}.json")
     result.plot(f"{args.out}.png")
-    options = " + ".join(f"{p['method']}({', '.join(f'{k}={v!r}' for k, v in p.items() if k != 'method')})"
-                         for p in _plain(best)["config"])
-    print(f"pick: {best['label']} -> {options}")
+    print(f"pick: {best['label']} -> {result.config!r}")
     print(f"GFLOPs ratio {best['gflops_ratio']:.3f} (target {args.target:g}); {result.metric} "
           f"{best['score']:.2f} % on {best['images']} images")
     print(f"search: {len(result.rows)} candidates, {result.images_scored} images through patched models "

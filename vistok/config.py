@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import functools
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ class ConfigError(VistokError, ValueError):
     """A config file or override names an unknown key, has a value of the wrong type, or cannot be read."""
 
 
+@functools.cache
 def _yaml_loader() -> type:
     """A safe YAML loader whose only booleans are ``true`` / ``false`` (YAML 1.2): YAML 1.1 also reads ``no``,
     ``yes``, ``on`` and ``off`` as booleans, which turned ``mixed_precision=no`` (accelerate's setting) into

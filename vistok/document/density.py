@@ -33,12 +33,14 @@ def _check_tokens(tokens: Tensor, name: str, what: str) -> None:
                               f"{tuple(tokens.shape)}")
 
 
-def redundant_tokens(keys: Tensor, similarity: float = 0.9, repeats: int = 4) -> Tensor:
+def redundant_tokens(keys: Tensor, similarity: float = 0.9, repeats: int = 4, groups: Tensor | None = None
+                     ) -> Tensor:
     """``[V, N]`` bool: tokens whose key has at least ``repeats`` other tokens of the same view past
     ``similarity`` (cosine) -- blank margins, flat fills and repeated texture.
 
     Args:
         keys: ``[V, N, D]`` patch tokens' keys (heads concatenated), one row of tokens per view.
+        groups: ``[V, N]`` long, optional: only tokens of the same group count (the tiles of a crop grid).
     """
     _check_tokens(keys, "redundant_tokens", "keys")
     if isinstance(similarity, bool) or not isinstance(similarity, (int, float)) or not -1 <= similarity <= 1:
@@ -47,6 +49,8 @@ def redundant_tokens(keys: Tensor, similarity: float = 0.9, repeats: int = 4) ->
         raise InvalidConfigError(f"redundant_tokens: repeats must be a positive int, got {repeats!r}")
     unit = F.normalize(keys.float(), dim=-1)
     close = (unit @ unit.transpose(1, 2)) > similarity  # [V, N, N], the diagonal included
+    if groups is not None:
+        close &= groups[:, :, None] == groups[:, None, :]
     return close.sum(dim=-1) - 1 >= repeats
 
 
@@ -171,10 +175,7 @@ def select_over_tiles(keys: Tensor, scores: Tensor, tiles: Tensor, budget: int, 
         raise InputShapeError(f"select_over_tiles: expected keys [N, D], scores [N] and tiles [N], got "
                               f"{tuple(keys.shape)}, {tuple(scores.shape)} and {tuple(tiles.shape)}")
     count = int(tiles.max()) + 1
-    unit = F.normalize(keys.float(), dim=-1)
-    same = tiles[:, None] == tiles[None, :]
-    close = ((unit @ unit.T) > similarity) & same
-    redundant = close.sum(dim=-1) - 1 >= repeats
+    redundant = redundant_tokens(keys[None], similarity, repeats, tiles[None])[0]
     sizes = torch.bincount(tiles, minlength=count)
     density = torch.zeros(count).index_add_(0, tiles, (~redundant).float()) / sizes.clamp_min(1)
     budgets = allocate_budget(density * sizes, budget, sizes, min(minimum, budget // count, int(sizes.min())))

@@ -103,12 +103,15 @@ class SuperTokenConfig(MethodConfig):
     name: ClassVar[str] = "super_token"
 
     def __post_init__(self) -> None:  # what needs no model; build() checks the grid against it
-        size = (self.stoken_size, self.stoken_size) if isinstance(self.stoken_size, int) else tuple(self.stoken_size)
+        size = self._size()
         if len(size) != 2 or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in size):
             raise InvalidConfigError(f"super_token: stoken_size must be a positive int or (h, w), got "
                                      f"{self.stoken_size!r}")
         if isinstance(self.n_iter, bool) or not isinstance(self.n_iter, int) or self.n_iter < 1:
             raise InvalidConfigError(f"super_token: n_iter must be an int >= 1, got {self.n_iter!r}")
+
+    def _size(self) -> tuple[int, ...]:
+        return (self.stoken_size, self.stoken_size) if isinstance(self.stoken_size, int) else tuple(self.stoken_size)
 
     def build(self, info: BackboneInfo) -> dict[int, TokenReducer]:
         if info.rotary:
@@ -119,7 +122,7 @@ class SuperTokenConfig(MethodConfig):
                                         f"{info.grid_size}; super tokens are defined on 2-D (image) grids")
         default = list(range(max(1, round(info.num_blocks / 4))))
         blocks = resolve_block_indices(self.blocks, info.num_blocks, default)
-        size = (self.stoken_size, self.stoken_size) if isinstance(self.stoken_size, int) else tuple(self.stoken_size)
+        size = self._size()
         rows, cols = info.grid_size
         if rows % size[0] or cols % size[1] or size == (1, 1):
             raise InvalidConfigError(

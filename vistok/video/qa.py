@@ -20,11 +20,11 @@ Selections (``VideoQAConfig.selection``):
   with ``merge_on="summary"``).
 
 Then selected frames that are similar past ``merge_threshold`` (strictly: 1.0 merges nothing) merge into the
-earlier one. ``merge_on`` says
-similar in what: ``"selection"`` compares their selection rows, as B-VLLM (threshold 0.75; one-hot rows merge only
-frames picked more than once), ``"summary"`` their summary tokens (near-duplicate content: a held shot, a repeated
-frame; use a high threshold such as 0.98, since different frames' summaries can be 0.95 similar; text selection
-then skips near-duplicates of frames it already chose, so the budget goes to distinct frames). Then
+earlier one. ``merge_on`` says similar in what: ``"selection"`` compares their selection rows, as B-VLLM
+(threshold 0.75; one-hot rows merge only frames picked more than once), ``"summary"`` their summary tokens
+(near-duplicate content: a held shot, a repeated frame; use a high threshold such as 0.98, since different frames'
+summaries can be 0.95 similar; text selection then skips near-duplicates of frames it already chose, so the budget
+goes to distinct frames). Then
 :func:`~vistok.video.frames.fit_token_budget` brings the tokens to at most ``budget`` (exactly, where there are
 more).
 """
