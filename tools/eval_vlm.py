@@ -5,8 +5,13 @@ batch's prompts, the median of ``--prefill-runs``) and total generation time (al
 tokens and with each boundary method at fractions of them. Greedy decoding through vistok.samplers. Writes
 ``<out>.csv`` and ``<out>.png`` (accuracy vs visual tokens).
 
+With ``--page``, the page VLM (``vistok_page_vlm_fmnist``) on sparse pages (vistok.document.fmnist_pages): 144
+visual tokens per page (16 crops of 9), the correlation-guided compressor against uniform per-crop budgets, random
+selection and the other boundary methods. A method is ``name`` or ``name:key=value,...``.
+
     python tools/eval_vlm.py --out results/vlm_eval                       # the shipped weights, 500 questions
     python tools/eval_vlm.py --questions 200 --fractions 0.25 --methods dominant merge_to_budget
+    python tools/eval_vlm.py --page --out results/sparse_pages            # the page VLM, its default methods
 """
 
 from __future__ import annotations
@@ -20,11 +25,15 @@ from pathlib import Path
 import torch
 
 import vistok
+from vistok.config import parse_method_spec
 from vistok.data import FASHION_MNIST_MEAN, FASHION_MNIST_STD
+from vistok.document.fmnist_pages import SparsePageQA
 from vistok.fmnist_qa import FashionQA
 from vistok.models.reference_vlm import answer_questions, create_reference_vlm, prefill_seconds
 
 METHODS = ("merge_to_budget", "dominant", "pool", "random_select")
+PAGE_METHODS = ("correlation_guided:redundancy=page", "correlation_guided:redundancy=page,allocation=uniform",
+                "correlation_guided", "random_select", "dominant", "merge_to_budget", "pool")
 
 
 def settings(methods: list[str], fractions: list[float], full: int, grid: tuple[int, int]) -> list[tuple]:
@@ -35,7 +44,7 @@ def settings(methods: list[str], fractions: list[float], full: int, grid: tuple[
     for method in methods:
         for fraction in fractions:
             tokens = max(1, round(fraction * full))
-            if method == "pool":
+            if parse_method_spec(method)[0] == "pool":
                 tokens = next(t for t in sorted(range(1, full + 1), key=lambda t: (abs(t - tokens), t))
                               if _poolable(pool_grid, grid, t))
             points.append((method, tokens))
@@ -50,10 +59,16 @@ def _poolable(pool_grid, grid: tuple[int, int], tokens: int) -> bool:
     return True
 
 
-def evaluate(model, tokenizer, data: FashionQA, method: str | None, tokens: int, batch_size: int,
+def patch(model, method: str, **budget):
+    """``vistok.patch`` with a ``name:key=value,...`` method word and a budget."""
+    name, options = parse_method_spec(method)
+    return vistok.patch(model, name, **options, **budget)
+
+
+def evaluate(model, tokenizer, data: FashionQA | SparsePageQA, method: str | None, tokens: int, batch_size: int,
              prefill_runs: int = 3) -> dict:
     correct, kinds, prefills, total = 0, {}, [], 0.0
-    handle = vistok.patch(model, method, tokens=tokens) if method else None
+    handle = patch(model, method, tokens=tokens) if method else None
     try:
         for start in range(0, len(data), batch_size):
             indices = range(start, min(start + batch_size, len(data)))
@@ -90,7 +105,7 @@ def keep_everything_overhead(model, tokenizer, data: FashionQA, methods: list[st
     times: dict[str, list[float]] = {"unpatched": [], **{m: [] for m in methods}}
     for _ in range(runs):
         for name in times:
-            handle = vistok.patch(model, name, keep=1.0) if name != "unpatched" else None
+            handle = patch(model, name, keep=1.0) if name != "unpatched" else None
             try:
                 times[name].append(prefill_seconds(model, tokenizer, images, questions))
             finally:
@@ -101,7 +116,7 @@ def keep_everything_overhead(model, tokenizer, data: FashionQA, methods: list[st
             for name, value in medians.items()]
 
 
-def save_plot(path: Path, rows: list[dict]) -> None:
+def save_plot(path: Path, rows: list[dict], page: bool = False) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -113,9 +128,9 @@ def save_plot(path: Path, rows: list[dict]) -> None:
         points = sorted((r["visual_tokens"], r["accuracy"]) for r in rows if r["method"] == method)
         axis.plot(*zip(*points, strict=True), marker="o", label=method)
     axis.axhline(full["accuracy"], color="k", linestyle="--", label=f"all {full['visual_tokens']} tokens")
-    axis.set_xlabel("visual tokens per image")
+    axis.set_xlabel(f"visual tokens per {'page' if page else 'image'}")
     axis.set_ylabel("exact-match accuracy (%)")
-    axis.set_title("reference VLM, held-out Fashion-MNIST questions")
+    axis.set_title("page VLM, held-out sparse pages" if page else "reference VLM, held-out Fashion-MNIST questions")
     axis.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
@@ -127,8 +142,11 @@ def main(argv: list[str] | None = None, language_model=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", default=None, help="trained tensors (.safetensors); default: the shipped")
     parser.add_argument("--questions", type=int, default=500)
-    parser.add_argument("--methods", nargs="*", default=list(METHODS), choices=METHODS)
-    parser.add_argument("--fractions", nargs="*", type=float, default=[0.5, 0.25, 0.1])
+    parser.add_argument("--methods", nargs="*", default=None,
+                        help=f"default {' '.join(METHODS)}; with --page {' '.join(PAGE_METHODS)}")
+    parser.add_argument("--fractions", nargs="*", type=float, default=None,
+                        help="default 0.5 0.25 0.1; with --page 0.5 0.33 0.25 0.17")
+    parser.add_argument("--page", action="store_true", help="the page VLM on sparse pages")
     parser.add_argument("--batch-size", type=int, default=50)
     parser.add_argument("--prefill-runs", type=int, default=3)
     parser.add_argument("--overhead", action="store_true",
@@ -136,10 +154,14 @@ def main(argv: list[str] | None = None, language_model=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="results/vlm_eval")
     args = parser.parse_args(argv)
+    if args.methods is None:
+        args.methods = list(PAGE_METHODS if args.page else METHODS)
+    if args.fractions is None:
+        args.fractions = [0.5, 0.33, 0.25, 0.17] if args.page else [0.5, 0.25, 0.1]
     try:
         model, tokenizer = create_reference_vlm(pretrained=args.checkpoint is None, checkpoint=args.checkpoint,
-                                                language_model=language_model)
-        data = FashionQA("test", args.questions, seed=args.seed)
+                                                language_model=language_model, page=args.page)
+        data = (SparsePageQA if args.page else FashionQA)("test", args.questions, seed=args.seed)
         grid = model.model.vision_tower.token_grid
         rows = []
         for method, tokens in settings(args.methods, args.fractions, grid[0] * grid[1], grid):
@@ -166,7 +188,7 @@ def main(argv: list[str] | None = None, language_model=None) -> int:
         writer = csv.DictWriter(handle, fieldnames=fields)
         writer.writeheader()
         writer.writerows(rows)
-    save_plot(out.with_suffix(".png"), rows)
+    save_plot(out.with_suffix(".png"), rows, args.page)
     print(f"wrote {out.with_suffix('.csv')} and {out.with_suffix('.png')}")
     return 0
 

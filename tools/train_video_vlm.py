@@ -30,6 +30,7 @@ from vistok.models.reference_vlm import (
     create_video_vlm,
     encoded_features,
     train_trained_tensors,
+    warm_start,
 )
 from vistok.video.fmnist_qa import FRAMES, FashionVideoQA
 from vistok.video.frames import text_frame_scores
@@ -60,17 +61,6 @@ def encode_videos(model, videos: list[torch.Tensor]) -> list[EncodedVideo]:
     states = tower(frames_to_input(distinct.reshape(-1, 28, 28)), output_hidden_states=True).hidden_states
     states = states[model.config.vision_feature_layer][where]
     return [EncodedVideo(part[:, 1:], part[:, 0]) for part in states.split([v.shape[0] for v in videos])]
-
-
-def warm_start(model, path: str) -> list[str]:
-    """Load the tensors of ``path`` whose names and shapes fit ``model`` (the image VLM's projector and adapters
-    fit the video VLM: the same ViT features, the same language model); returns a summary of what was loaded."""
-    from safetensors.torch import load_file
-
-    state, own = load_file(path), model.state_dict()
-    fitting = {name: value for name, value in state.items() if name in own and own[name].shape == value.shape}
-    model.load_state_dict(fitting, strict=False)
-    return [f"{len(fitting)} tensors", f"skipped {sorted(set(state) - set(fitting))}"]
 
 
 def main(argv: list[str] | None = None, language_model=None) -> int:

@@ -5,8 +5,13 @@
 ``<out>/checkpoint.pt``. Writes ``<out>/model.safetensors`` (the trained tensors only) and ``<out>/log.jsonl``.
 
 With ``--compressed`` p, a share p of the batches is seen through a vistok boundary method (one of
-``--compress-methods`` at one of ``--compress-tokens`` visual tokens per image, drawn per batch from the step's
-seed), so the language model learns to read compressed visual tokens as well as the full grid.
+``--compress-methods``, each ``method`` or ``method:key=value,...``, at one of ``--compress-tokens`` visual tokens
+per image, drawn per batch from the step's seed), so the language model learns to read compressed visual tokens
+as well as the full grid.
+
+``--page`` trains the page variant (``vistok_page_vlm_fmnist``) on sparse pages
+(vistok.document.fmnist_pages); ``--init`` starts from trained tensors where names and shapes fit (the image
+VLM's projector and adapters).
 
     python tools/train_vlm.py --out runs/vlm --minutes 55 --lr 1e-3 --threads 2 --compressed 0.75   # the shipped one
     python tools/train_vlm.py --out runs/vlm --minutes 55 --lr 1e-3 --threads 2 --compressed 0.75 --resume
@@ -21,7 +26,9 @@ from pathlib import Path
 import torch
 
 import vistok
+from vistok.config import parse_method_spec
 from vistok.data import FASHION_MNIST_MEAN, FASHION_MNIST_STD
+from vistok.document.fmnist_pages import SparsePageQA
 from vistok.fmnist_qa import FashionQA
 from vistok.models.reference_vlm import (
     TrainingRun,
@@ -29,6 +36,7 @@ from vistok.models.reference_vlm import (
     answer_loss,
     create_reference_vlm,
     train_trained_tensors,
+    warm_start,
 )
 
 
@@ -41,13 +49,14 @@ def qa_batch(tokenizer, examples, image_tokens: int, pad_id: int) -> dict[str, t
 
 
 def batch_method(step: int, seed: int, share: float, methods: list[str], tokens: list[int]) -> tuple | None:
-    """``(method, options)`` the batch of ``step`` is seen through, or ``None`` (all visual tokens)."""
+    """``(method, options)`` the batch of ``step`` is seen through, or ``None`` (all visual tokens); ``methods``
+    are ``method`` or ``method:key=value,...`` words."""
     step_seed = seed * 1_000_003 + step
     rng = torch.Generator().manual_seed(step_seed)
     if float(torch.rand((), generator=rng)) >= share:
         return None
-    method = methods[int(torch.randint(len(methods), (), generator=rng))]
-    options = {"tokens": tokens[int(torch.randint(len(tokens), (), generator=rng))]}
+    method, options = parse_method_spec(methods[int(torch.randint(len(methods), (), generator=rng))])
+    options["tokens"] = tokens[int(torch.randint(len(tokens), (), generator=rng))]
     if method == "random_select":
         options["seed"] = step_seed
     return method, options
@@ -71,15 +80,21 @@ def main(argv: list[str] | None = None, language_model=None) -> int:
     parser.add_argument("--compress-methods", nargs="+", default=["merge_to_budget", "dominant", "pool",
                                                                    "random_select"])
     parser.add_argument("--compress-tokens", nargs="+", type=int, default=[24, 18, 12, 9, 6, 4])
+    parser.add_argument("--page", action="store_true", help="the page variant on sparse pages")
+    parser.add_argument("--init", default=None, help="start from these trained tensors (.safetensors) where names "
+                        "and shapes fit, e.g. the image VLM's models/vistok_vlm_fmnist/model.safetensors")
     args = parser.parse_args(argv)
     if not 0.0 <= args.compressed <= 1.0:
         parser.error(f"--compressed must be a share in [0, 1], got {args.compressed}")
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    model, tokenizer = create_reference_vlm(lora_rank=args.lora_rank, language_model=language_model)
+    model, tokenizer = create_reference_vlm(lora_rank=args.lora_rank, language_model=language_model,
+                                            page=args.page)
+    if args.init and not args.resume:
+        print(f"started from {args.init}: {', '.join(warm_start(model, args.init))}")
     model.train()
-    data = FashionQA("train", 10_000_000, seed=args.seed)
+    data = (SparsePageQA if args.page else FashionQA)("train", 10_000_000, seed=args.seed)
     rows, cols = model.model.vision_tower.token_grid
     image_tokens = rows * cols
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0

@@ -21,7 +21,6 @@ writes ``<out>.json`` and ``<out>.png``.
 from __future__ import annotations
 
 import argparse
-import ast
 import json
 import sys
 from collections.abc import Sequence
@@ -35,16 +34,13 @@ __all__ = ["main"]
 
 
 def _parse_option(text: str) -> tuple[str, Any]:
-    """``key=value`` with a Python literal value (``k=108``, ``k=0.5``, ``blocks=[3,4,5]``); a bare word
-    stays a string."""
-    key, sep, raw = text.partition("=")
-    if not sep or not key.isidentifier():
-        raise argparse.ArgumentTypeError(f"expected key=value, got {text!r}")
+    """``key=value`` for argparse (:func:`vistok.config.parse_option`)."""
+    from .config import ConfigError, parse_option
+
     try:
-        value = ast.literal_eval(raw)
-    except (ValueError, SyntaxError):
-        value = raw
-    return key, value
+        return parse_option(text)
+    except ConfigError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def _build_parser() -> argparse.ArgumentParser:

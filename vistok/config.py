@@ -12,7 +12,7 @@ from typing import Any
 
 from .errors import VistokError
 
-__all__ = ["ConfigError", "load_config", "parse_overrides"]
+__all__ = ["ConfigError", "load_config", "parse_overrides", "parse_option", "parse_method_spec"]
 
 
 class ConfigError(VistokError, ValueError):
@@ -117,3 +117,31 @@ def load_config(defaults: dict[str, Any], path: str | Path | None = None,
     for key, value in (overrides or {}).items():
         _assign(config, key, value, defaults, "command line")
     return config
+
+
+def parse_option(text: str) -> tuple[str, Any]:
+    """``key=value`` with a Python literal value (``k=108``, ``k=0.5``, ``blocks=[3,4,5]``); a bare word stays a
+    string (``allocation=uniform``).
+
+    Raises:
+        ConfigError: ``text`` is not ``key=value`` with an identifier for a key.
+    """
+    import ast
+
+    key, sep, raw = text.partition("=")
+    if not sep or not key.isidentifier():
+        raise ConfigError(f"expected key=value, got {text!r}")
+    try:
+        value = ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        value = raw
+    return key, value
+
+
+def parse_method_spec(text: str) -> tuple[str, dict[str, Any]]:
+    """``"method"`` or ``"method:key=value,key=value"`` -> ``(method, options)``: a method with its options in
+    one command-line word (``correlation_guided:allocation=uniform``)."""
+    name, _, rest = text.partition(":")
+    if not name:
+        raise ConfigError(f"expected method or method:key=value,..., got {text!r}")
+    return name, dict(parse_option(item) for item in rest.split(",") if item)

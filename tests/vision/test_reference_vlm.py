@@ -227,8 +227,8 @@ def test_train_eval_and_ask_tools(smollm2, tmp_path, capsys):
 def test_vision_llms_by_name():
     from vistok.models import CheckpointError, create_vlm
 
-    with pytest.raises(CheckpointError, match=r"unknown vision-LLM 'llava'; vistok ships \['vistok_video_vlm_fmnist', "
-                       r"'vistok_vlm_fmnist'\]"):
+    with pytest.raises(CheckpointError, match=r"unknown vision-LLM 'llava'; vistok ships \['vistok_page_vlm_fmnist', "
+                       r"'vistok_video_vlm_fmnist', 'vistok_vlm_fmnist'\]"):
         create_vlm("llava")
 
 

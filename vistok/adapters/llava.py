@@ -33,6 +33,11 @@ __all__ = ["LlavaFamily", "class_attention"]
 
 @dataclass(frozen=True)
 class LlavaFamily(VisionLLMFamily):
+    """``crop_tile``: one crop's token grid when the tower lays an image out as a grid of crops (vistok's
+    ``ReferenceVisionTower`` with several crops says so); ``None`` for CLIP and SigLIP towers (one view)."""
+
+    crop_tile: tuple[int, int] | None = None
+
     class_names = ("LlavaForConditionalGeneration",)
 
     @classmethod
@@ -63,11 +68,14 @@ class LlavaFamily(VisionLLMFamily):
                 "are not a patch grid; vistok compresses SigLIP towers with vision_feature_select_strategy='full'")
         pad_id = getattr(config.text_config, "pad_token_id", None)
         return cls(config.image_token_id, (side, side), int(strategy == "full" and has_class_token), has_class_token,
-                   0 if pad_id is None else int(pad_id))
+                   0 if pad_id is None else int(pad_id), getattr(tower, "crop_tile", None))
 
     @staticmethod
     def tower(model: nn.Module) -> nn.Module:
         return model.model.vision_tower
+
+    def unit_tile(self, modality: str, grid: tuple[int, int]) -> tuple[int, int] | None:
+        return self.crop_tile
 
     def feature_layout(self, tower_handle: Any, context: Any) -> TokenLayout | None:
         if isinstance(context, (list, tuple)):

