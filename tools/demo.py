@@ -1,9 +1,13 @@
 #!/usr/bin/env python
-"""The main job: vistok on the shipped reference model and the real Fashion-MNIST test images.
+"""The main job: vistok on the shipped reference model with registers (``vistok_vit_fmnist_reg4``, the one that
+meets the accuracy target) and the real Fashion-MNIST test images.
 
-Prints top-1 (whole test set), GFLOPs per image (averaged over the first 256 test images, each counted on
-its own) and images/s (batch 32) for the unpatched model, ATS and token merging, and writes the token-overlay
-PNG and the accuracy-vs-compute (Pareto) plot of the committed sweep (results/sweep.csv):
+Prints top-1 (whole test set), GFLOPs per image (averaged over the first 256 test images, each counted on its
+own) and images/s (batch 32) for the unpatched model, ATS, ATS with fusion and token merging; then runs the tuner
+(vistok.tune) at 0.5x GFLOPs on Fashion-MNIST training images, measures its pick on the test set and sets it beside
+the best point of the committed sweep at that cost; writes the token-overlay PNG and the accuracy-vs-compute
+(Pareto) plot of the committed sweep (results/sweep_reg4.csv: every method and both baselines, and
+results/sweep_fusion_reg4.csv: ATS with fusion):
 
     python tools/demo.py                    # the whole test set (a few minutes on 2 cores)
     python tools/demo.py --limit 2000       # quicker
@@ -20,24 +24,53 @@ import timm
 import torch
 
 import vistok
-from vistok.data import GreyBatchTransform, fashion_mnist_dataset
+from vistok.data import GreyBatchTransform, fashion_mnist_dataset, load_fashion_mnist
 from vistok.experiment import batches
 from vistok.measure import count_flops, time_models
 from vistok.measure.accuracy import evaluate
 from vistok.viz import save_overlay_grid, save_pareto_plot
 
 ROOT = Path(__file__).resolve().parents[1]
-VARIANTS = [("unpatched", None, {}), ("ATS k=48", "ats", {"k": 48}), ("merge r=12", "merge", {"r": 12})]
+MODEL = "vistok_vit_fmnist_reg4"
+SWEEPS = [ROOT / "results" / "sweep_reg4.csv", ROOT / "results" / "sweep_fusion_reg4.csv"]
+VARIANTS = [("unpatched", None, {}), ("ATS k=108", "ats", {"k": 108}),
+            ("ATS+fusion k=108", "ats", {"k": 108, "fusion": True}), ("merge r=12", "merge", {"r": 12})]
+
+
+def read_sweeps(paths: list[Path]) -> list[dict]:
+    """The rows of the sweep CSVs that exist, the unpatched row once."""
+    rows: list[dict] = []
+    for path in paths:
+        if not path.is_file():
+            print(f"no sweep at {path}; run tools/sweep.py to make one")
+            continue
+        with open(path) as handle:
+            for row in csv.DictReader(handle):
+                if row["method"] == "unpatched" and any(r["method"] == "unpatched" for r in rows):
+                    continue
+                rows.append(dict(row, gflops=float(row["gflops"]), top1=float(row["top1"]),
+                                 gflops_ratio=float(row["gflops_ratio"])))
+    return rows
+
+
+def best_swept(rows: list[dict], target: float) -> dict | None:
+    """The sweep's most accurate patched point within ``target`` times the unpatched GFLOPs."""
+    within = [r for r in rows if r["method"] != "unpatched" and r["gflops_ratio"] <= target]
+    return max(within, key=lambda r: r["top1"], default=None)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--limit", type=int, default=None, help="use the first N test images (default: all)")
     parser.add_argument("--out", default="out/demo", help="folder for the PNGs")
-    parser.add_argument("--sweep", default=str(ROOT / "results" / "sweep.csv"), help="sweep CSV to plot")
+    parser.add_argument("--model", default=MODEL, help="a reference model vistok ships")
+    parser.add_argument("--sweep", nargs="*", default=[str(p) for p in SWEEPS], help="sweep CSVs to plot")
+    parser.add_argument("--target", type=float, default=0.5, help="the tuner's GFLOPs target")
+    parser.add_argument("--calibration", type=int, default=500, help="training images the tuner scores on")
     args = parser.parse_args(argv)
     try:
         test_set = fashion_mnist_dataset("test")
+        train_images, _ = load_fashion_mnist("train")
     except vistok.VistokError as error:
         print(f"demo.py: error: {error}", file=sys.stderr)
         return 2
@@ -45,23 +78,25 @@ def main(argv: list[str] | None = None) -> int:
         test_set = torch.utils.data.Subset(test_set, range(args.limit))
     transform = GreyBatchTransform()
     out = Path(args.out)
-    model = timm.create_model("vistok_vit_fmnist", pretrained=True).eval()
+    model = timm.create_model(args.model, pretrained=True).eval()
     counted = transform(torch.stack([test_set[i][0] for i in range(min(256, len(test_set)))]))
     sample = counted[:32]
 
-    print(f"vistok demo: reference ViT (models/vistok_vit_fmnist) on {len(test_set)} Fashion-MNIST test images")
-    print(f"{'variant':<14}{'top-1 %':>9}{'GFLOPs/img':>12}{'img/s':>9}{'tokens/block':>14}")
+    def test_top1() -> dict:
+        return evaluate(model, batches(test_set, 500), transform, progress=True, total=-(-len(test_set) // 500))
+
+    print(f"vistok demo: reference ViT (models/{args.model}) on {len(test_set)} Fashion-MNIST test images")
+    print(f"{'variant':<18}{'top-1 %':>9}{'GFLOPs/img':>12}{'img/s':>9}{'tokens/block':>14}")
     layouts, baseline = {}, None
     for label, method, options in VARIANTS:
         handle = vistok.patch(model, method, **options, trace_source=True) if method == "merge" else \
             vistok.patch(model, method, **options) if method else None
-        result = evaluate(model, batches(test_set, 500), transform, progress=True,
-                          total=-(-len(test_set) // 500))
+        result = test_top1()
         gflops = count_flops(model, counted) / 1e9
         speed = time_models({label: model}, sample, warmup=1, runs=5)[label].images_per_s
-        tokens = result.get("tokens_per_block", [197.0])
+        tokens = result.get("tokens_per_block", [float(model.patch_embed.num_patches + model.num_prefix_tokens)])
         baseline = baseline or (result["top1"], gflops, speed)
-        print(f"{label:<14}{result['top1']:>9.2f}{gflops:>12.3f}{speed:>9.0f}{sum(tokens) / len(tokens):>14.1f}"
+        print(f"{label:<18}{result['top1']:>9.2f}{gflops:>12.3f}{speed:>9.0f}{sum(tokens) / len(tokens):>14.1f}"
               f"   ({result['top1'] - baseline[0]:+.2f} top-1, {gflops / baseline[1]:.2f}x GFLOPs, "
               f"{speed / baseline[2]:.2f}x speed)")
         if handle is not None:
@@ -71,13 +106,23 @@ def main(argv: list[str] | None = None) -> int:
             handle.remove()
     overlay = save_overlay_grid(out / "tokens.png", sample[:6], layouts, grid=(14, 14))
     print(f"token overlay: {overlay}")
-    sweep = Path(args.sweep)
-    if sweep.is_file():
-        with open(sweep) as handle:
-            rows = [dict(row, gflops=float(row["gflops"]), top1=float(row["top1"])) for row in csv.DictReader(handle)]
-        print(f"Pareto plot of {sweep}: {save_pareto_plot(out / 'pareto.png', rows, 'reference ViT, FMNIST test')}")
-    else:
-        print(f"no sweep at {sweep}; run tools/sweep.py to make one")
+
+    calibration = transform(train_images[: args.calibration])
+    tuned = vistok.tune(model, calibration, target=args.target)
+    with vistok.patch(model, tuned.config):
+        picked = test_top1()["top1"]
+    print(f"tuner at {args.target:g}x GFLOPs ({args.calibration} training images, {tuned.seconds:.0f} s, "
+          f"{len(tuned.rows)} candidates): {tuned.best['label']} ({tuned.best['gflops_ratio']:.2f}x GFLOPs) -> "
+          f"{picked:.2f} % top-1 ({picked - baseline[0]:+.2f} vs unpatched)")
+    rows = read_sweeps([Path(p) for p in args.sweep])
+    best = best_swept(rows, args.target)
+    if best is not None:
+        print(f"best swept point within {args.target:g}x GFLOPs: {best['method']} {best['label']} "
+              f"({best['gflops_ratio']:.2f}x) {best['top1']:.2f} % on the whole test set -> the tuner's pick is "
+              f"{picked - best['top1']:+.2f} points from it")
+    if rows:
+        plot = save_pareto_plot(out / "pareto.png", rows, f"{args.model}, FMNIST test")
+        print(f"Pareto plot of {', '.join(args.sweep)}: {plot}")
     return 0
 
 

@@ -13,7 +13,8 @@ with the reference video-LLM (:mod:`vistok.video.qa`): decode, choose frames, en
 answer; it prints the answer, the frames kept, the visual tokens and the seconds of each stage.
 
 ``vistok tune --model vistok_vit_fmnist --pretrained --target 0.5 --out results/tune`` searches vistok's methods
-for the one that agrees best with the unpatched model within half its GFLOPs (:func:`vistok.tune`), on
+for the one that agrees best with the unpatched model within half its GFLOPs (``--cost tokens`` or ``latency``:
+its tokens per block or its latency measured here) (:func:`vistok.tune`), on
 Fashion-MNIST training images (or ``--folder`` of images): it prints the pick, ready for ``vistok.patch``, and
 writes ``<out>.json`` and ``<out>.png``.
 """
@@ -88,11 +89,13 @@ def _build_parser() -> argparse.ArgumentParser:
     video.add_argument("--top-p", type=float, default=1.0)
     video.add_argument("--seed", type=int, default=0)
     video.add_argument("--checkpoint", default=None, help="trained tensors (.safetensors); default: the shipped")
-    tuner = commands.add_parser("tune", help="pick the method and setting for a model within a GFLOPs target")
+    tuner = commands.add_parser("tune", help="pick the method and setting for a model within a cost target")
     tuner.add_argument("--model", required=True, help="timm model name (vistok's reference models included)")
     tuner.add_argument("--pretrained", action="store_true", help="load its pretrained weights")
     tuner.add_argument("--checkpoint", default=None, help="weights (.safetensors) to load")
-    tuner.add_argument("--target", type=float, default=0.5, help="GFLOPs ratio to stay within")
+    tuner.add_argument("--target", type=float, default=0.5, help="cost ratio to stay within (of --cost)")
+    tuner.add_argument("--cost", default="gflops", choices=("gflops", "tokens", "latency"),
+                       help="what the target bounds: GFLOPs, tokens per block, or latency measured on this machine")
     tuner.add_argument("--images", type=int, default=512, help="calibration images")
     tuner.add_argument("--folder", default=None, help="calibration images from this folder (timm's eval "
                        "transforms); default: Fashion-MNIST training images for 1-channel models")
@@ -205,7 +208,7 @@ def _video_qa(args: argparse.Namespace) -> int:
 def _tune(args: argparse.Namespace) -> int:
     import timm
 
-    from .tuner import tune
+    from .tuner import COSTS, tune
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -216,13 +219,15 @@ def _tune(args: argparse.Namespace) -> int:
         load_checkpoint(model, args.checkpoint)
     images, labels = _calibration_images(model, args.folder, args.images)
     result = tune(model, images, args.target, labels if args.labels else None, flops_images=args.flops_images,
-                  progress=True)
+                  progress=True, cost=args.cost)
     best = result.best
     result.save(f"{args.out}.json")
     result.plot(f"{args.out}.png")
     print(f"pick: {best['label']} -> {result.config!r}")
-    print(f"GFLOPs ratio {best['gflops_ratio']:.3f} (target {args.target:g}); {result.metric} "
-          f"{best['score']:.2f} % on {best['images']} images")
+    measured = ", ".join(f"{label} ratio {best[f'{name}_ratio']:.3f}" for name, label in COSTS.items()
+                         if f"{name}_ratio" in best)
+    print(f"{measured} (target {args.target:g} of {args.cost}); {result.metric} {best['score']:.2f} % on "
+          f"{best['images']} images")
     print(f"search: {len(result.rows)} candidates, {result.images_scored} images through patched models "
           f"({result.images_scored / result.images:.1f} passes over the {result.images}), {result.seconds:.1f} s")
     print(f"wrote {args.out}.json and {args.out}.png")

@@ -8,16 +8,20 @@ one that agrees best with the unpatched model within a compute target.
 Candidates (from the model's patch count ``N`` and depth): ATS with a fixed budget and ATS with fusion at
 ``k`` = 90 % ... 20 % of ``N`` in the paper's blocks, random dropping at the same ``k`` (the baseline), merging at
 several ``r`` with a constant and a decreasing schedule, and ATS in one early block composed with merging in the
-later ones. Each candidate's GFLOPs ratio is counted once on a few images (exact, per image); those within the
-target then go through successive halving: all are scored on a quarter of the batch, the better half on half of
-it, the best quarter on all of it (``rungs=3``), so a candidate that is clearly worse costs a quarter of a pass.
-The score is top-1 agreement with the unpatched model (ties: the lower KL divergence from its distribution), or
-accuracy when labels are given. No randomness but random dropping's fixed seed: the same batch gives the same
-pick.
+later ones. Each candidate's cost is measured once against the unpatched model's: its GFLOPs ratio (counted
+exactly on a few images), its token ratio (the tokens its blocks process, padding excluded, over the unpatched
+model's) and, with ``cost="latency"``, its measured latency ratio on this machine (the patched and the unpatched
+model timed interleaved on one batch, medians). The ``target`` bounds the ``cost`` the user chose (default
+GFLOPs); the candidates within it then go through successive halving: all are scored on a quarter of the batch,
+the better half on half of it, the best quarter on all of it (``rungs=3``), so a candidate that is clearly worse
+costs a quarter of a pass. The score is top-1 agreement with the unpatched model (ties: the lower KL divergence
+from its distribution), or accuracy when labels are given. No randomness but random dropping's fixed seed (and
+the latency measurement): the same batch gives the same pick.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import time
@@ -38,6 +42,7 @@ from .methods.compose import ComposedConfig
 __all__ = ["tune", "TuneResult", "tune_candidates", "config_from_saved"]
 
 KEEP_FRACTIONS = (0.9, 0.75, 0.6, 0.5, 0.4, 0.3, 0.2)
+COSTS = {"gflops": "GFLOPs", "tokens": "tokens per block", "latency": "latency"}  # what a target can bound
 
 
 def tune_candidates(model: nn.Module) -> list[tuple[str, str, MethodConfig]]:
@@ -70,7 +75,8 @@ def tune_candidates(model: nn.Module) -> list[tuple[str, str, MethodConfig]]:
 class TuneResult:
     """Every candidate's ``rows`` (label, method, config, GFLOPs ratio, and its score on the most images it was
     scored on), the pick (``best``, its ``config``), the ``target``, and what the search cost: ``images_scored``
-    (images through the patched model, summed over candidates), ``seconds``."""
+    (images through the patched model, summed over candidates), ``seconds``. ``cost``: what ``target`` bounds
+    (``"gflops"``, ``"tokens"`` or ``"latency"``; each row's ``<cost>_ratio``)."""
 
     rows: list[dict[str, Any]]
     best: dict[str, Any]
@@ -81,11 +87,13 @@ class TuneResult:
     images_scored: int
     seconds: float
     extra: dict[str, Any] = field(default_factory=dict)
+    cost: str = "gflops"
 
     def pareto(self) -> list[dict[str, Any]]:
-        """The rows no other row beats on both GFLOPs ratio and score (each scored on the first rung)."""
+        """The rows no other row beats on both cost ratio and score (each scored on the first rung)."""
         front = []
-        for row in sorted(self.rows, key=lambda r: (r["gflops_ratio"], -r["rung0_score"])):
+        key = f"{self.cost}_ratio"
+        for row in sorted(self.rows, key=lambda r: (r[key], -r["rung0_score"])):
             if not front or row["rung0_score"] > front[-1]["rung0_score"]:
                 front.append(row)
         return front
@@ -94,7 +102,8 @@ class TuneResult:
         """JSON (or YAML for ``.yaml`` / ``.yml``): the pick first, ready for ``vistok.patch``, then every row."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        data = {"pick": _plain(self.best), "target_gflops_ratio": self.target, "metric": self.metric,
+        data = {"pick": _plain(self.best), f"target_{self.cost}_ratio": self.target, "cost": self.cost,
+                "metric": self.metric,
                 "calibration_images": self.images, "images_scored": self.images_scored,
                 "seconds": round(self.seconds, 3), "rows": [_plain(row) for row in self.rows]}
         if path.suffix in (".yaml", ".yml"):
@@ -106,45 +115,52 @@ class TuneResult:
         return path
 
     def plot(self, path: str | Path) -> Path:
-        """Score vs GFLOPs ratio, one colour per method, the target as a line and the pick circled."""
+        """Score vs cost ratio, one colour per method, the target as a line and the pick circled."""
         from .viz import _pyplot, _save
 
         plt = _pyplot()
         figure, axis = plt.subplots(figsize=(6.5, 4.2))
+        key = f"{self.cost}_ratio"
         for method in dict.fromkeys(row["method"] for row in self.rows):
-            points = [(r["gflops_ratio"], r["rung0_score"]) for r in self.rows if r["method"] == method]
+            points = [(r[key], r["rung0_score"]) for r in self.rows if r["method"] == method]
             axis.scatter(*zip(*points, strict=True), s=18, label=method)
         axis.axvline(self.target, color="grey", linestyle="--", linewidth=1, label=f"target {self.target:g}")
-        axis.scatter([self.best["gflops_ratio"]], [self.best["rung0_score"]], s=120, facecolors="none",
+        axis.scatter([self.best[key]], [self.best["rung0_score"]], s=120, facecolors="none",
                      edgecolors="black", label=f"pick: {self.best['label']}")
-        axis.set_xlabel("GFLOPs / unpatched")
+        axis.set_xlabel(f"{COSTS[self.cost]} / unpatched")
         axis.set_ylabel(f"{self.metric} (%, first rung)")
         axis.legend(fontsize=7)
         return _save(plt, figure, path, dpi=120)
 
 
 def tune(model: nn.Module, images: Tensor, target: float = 0.5, labels: Tensor | None = None, rungs: int = 3,
-         flops_images: int = 8, progress: bool = False) -> TuneResult:
+         flops_images: int = 8, progress: bool = False, cost: str = "gflops", latency_images: int = 32,
+         latency_runs: int = 5) -> TuneResult:
     """Search vistok's methods on ``model`` for the one that agrees best with the unpatched model (or is most
-    accurate, given ``labels``) at no more than ``target`` times its GFLOPs.
+    accurate, given ``labels``) at no more than ``target`` times its cost.
 
     Args:
         model: a vision transformer vistok patches (unpatched; it is patched and restored for each candidate).
         images: the calibration batch ``[B, C, H, W]`` as the model takes it; ``labels`` ``[B]`` optional.
-        target: the GFLOPs ratio in ``(0, 1]``.
+        target: the cost ratio in ``(0, 1]``.
         rungs: successive-halving rounds (each keeps the better half on twice the images).
-        flops_images: images each candidate's GFLOPs are counted on.
+        flops_images: images each candidate's GFLOPs and tokens are counted on.
+        cost: what ``target`` bounds: ``"gflops"``, ``"tokens"`` (tokens per block, summed over the blocks) or
+            ``"latency"`` (measured here: ``latency_images`` images, the median of ``latency_runs`` runs, the
+            unpatched model timed in the same loop).
 
     Raises:
         InvalidConfigError: a bad target, or no candidate within it.
     """
     from tqdm.auto import tqdm
 
-    from .measure import count_flops
+    from .measure import count_flops, tokens_per_block
     from .patching import find_handle, patch
 
+    if cost not in COSTS:
+        raise InvalidConfigError(f"tune: cost must be one of {sorted(COSTS)}, got {cost!r}")
     if isinstance(target, bool) or not isinstance(target, (int, float)) or not 0 < target <= 1:
-        raise InvalidConfigError(f"tune: target must be a GFLOPs ratio in (0, 1], got {target!r}")
+        raise InvalidConfigError(f"tune: target must be a {COSTS[cost]} ratio in (0, 1], got {target!r}")
     if images.dim() != 4 or images.shape[0] < 2 ** (rungs - 1):
         raise InputShapeError(f"tune: expected calibration images [B, C, H, W] with B >= {2 ** (rungs - 1)}, got "
                               f"{tuple(images.shape)}")
@@ -157,19 +173,27 @@ def tune(model: nn.Module, images: Tensor, target: float = 0.5, labels: Tensor |
     model.eval()
     with torch.no_grad():
         reference = model(images).float()
-    base_flops = count_flops(model, images[:flops_images])
+    counted = images[:flops_images]
+    base_flops = count_flops(model, counted)
+    base_tokens = sum(tokens_per_block(model, counted))
+    unpatched = copy.deepcopy(model) if cost == "latency" else None
     rows = []
-    for label, method, config in tqdm(tune_candidates(model), desc="counting GFLOPs", disable=not progress):
+    for label, method, config in tqdm(tune_candidates(model), desc="measuring costs", disable=not progress):
         with patch(model, config):
-            ratio = count_flops(model, images[:flops_images]) / base_flops
-        rows.append({"label": label, "method": method, "config": config, "gflops_ratio": ratio})
+            row = {"label": label, "method": method, "config": config,
+                   "gflops_ratio": count_flops(model, counted) / base_flops,
+                   "tokens_ratio": sum(tokens_per_block(model, counted)) / base_tokens}
+            if unpatched is not None:
+                row["latency_ratio"] = _latency_ratio(model, unpatched, images[:latency_images], latency_runs)
+        rows.append(row)
     metric = "accuracy" if labels is not None else "top-1 agreement"
     sizes = [math.ceil(images.shape[0] / 2 ** (rungs - 1 - rung)) for rung in range(rungs)]
     scored = 0
-    alive = [row for row in rows if row["gflops_ratio"] <= target]
+    key = f"{cost}_ratio"
+    alive = [row for row in rows if row[key] <= target]
     if not alive:
-        raise InvalidConfigError(f"tune: no candidate reaches {target:g}x the GFLOPs (the cheapest is "
-                                 f"{min(r['gflops_ratio'] for r in rows):.2f}x)")
+        raise InvalidConfigError(f"tune: no candidate reaches {target:g}x the {COSTS[cost]} (the cheapest is "
+                                 f"{min(r[key] for r in rows):.2f}x)")
     for rung, size in enumerate(sizes):
         todo = rows if rung == 0 else alive  # every candidate once (for the front), the survivors further
         for row in tqdm(todo, desc=f"rung {rung + 1}/{rungs} ({size} images)", disable=not progress):
@@ -183,7 +207,15 @@ def tune(model: nn.Module, images: Tensor, target: float = 0.5, labels: Tensor |
     best = alive[0]
     model.train(was_training)
     return TuneResult(rows, best, best["config"], float(target), metric, images.shape[0], scored,
-                      time.perf_counter() - started)
+                      time.perf_counter() - started, cost=cost)
+
+
+def _latency_ratio(patched: nn.Module, unpatched: nn.Module, images: Tensor, runs: int) -> float:
+    """The patched model's median forward time on ``images`` over the unpatched copy's, timed interleaved."""
+    from .measure import time_models
+
+    timings = time_models({"patched": patched, "unpatched": unpatched}, images, warmup=1, runs=runs)
+    return timings["patched"].median_s / timings["unpatched"].median_s
 
 
 def _scores(logits: Tensor, reference: Tensor, labels: Tensor | None, rung: int) -> dict[str, float]:

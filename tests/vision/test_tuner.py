@@ -84,6 +84,40 @@ def test_bad_input_is_refused(setting):
         vistok.tune(model, images)
 
 
+def test_a_token_budget_bounds_the_tokens_each_block_processes(setting):
+    """``cost="tokens"``: the pick's tokens per block, summed over the blocks, are within the target share of
+    the unpatched model's, as vistok.measure counts them."""
+    from vistok.measure import tokens_per_block
+
+    model, images = setting
+    result = vistok.tune(model, images, target=0.6, flops_images=2, cost="tokens", rungs=2)
+    assert result.cost == "tokens" and result.best["tokens_ratio"] <= 0.6
+    full = sum(tokens_per_block(model, images[:2]))
+    with vistok.patch(model, result.config):
+        assert sum(tokens_per_block(model, images[:2])) / full == pytest.approx(result.best["tokens_ratio"])
+    assert all(row["tokens_ratio"] < 1 for row in result.rows) and "latency_ratio" not in result.best
+
+
+def test_a_latency_target_filters_by_the_measured_latency(setting, monkeypatch):
+    """``cost="latency"``: every candidate's latency is measured against the unpatched model, and only those
+    within the target are scored; an identical copy times close to the model itself."""
+    import copy
+
+    from vistok import tuner
+
+    model, images = setting
+    measured = tuner._latency_ratio(model, copy.deepcopy(model), images[:4], runs=3)
+    assert 0.5 < measured < 2.0
+    ratios = iter([0.9, 0.3] * 100)  # alternate candidates too slow / fast enough
+    monkeypatch.setattr(tuner, "_latency_ratio", lambda *args: next(ratios))
+    result = vistok.tune(model, images, target=0.5, flops_images=2, cost="latency", rungs=2)
+    scored = [row for row in result.rows if row.get("images", 0) > images.shape[0] // 2]
+    assert result.best["latency_ratio"] == 0.3 and all(row["latency_ratio"] == 0.3 for row in scored)
+    assert [row["latency_ratio"] for row in result.rows[:4]] == [0.9, 0.3, 0.9, 0.3]
+    with pytest.raises(InvalidConfigError, match="cost must be one of"):
+        vistok.tune(model, images, cost="energy")
+
+
 @pytest.mark.slow
 def test_the_tune_command_on_the_reference_model(tmp_path, capsys):
     from vistok.cli import main
@@ -93,6 +127,10 @@ def test_the_tune_command_on_the_reference_model(tmp_path, capsys):
                  "--target", "0.5", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "pick:" in printed and "GFLOPs ratio" in printed and out.with_suffix(".json").is_file()
+    assert main(["tune", "--model", "vistok_vit_fmnist", "--pretrained", "--images", "16", "--flops-images", "1",
+                 "--target", "0.6", "--cost", "tokens", "--out", str(out)]) == 0
+    assert "tokens per block ratio" in capsys.readouterr().out
+    assert json.loads(out.with_suffix(".json").read_text())["cost"] == "tokens"
     assert main(["tune", "--model", "vit_tiny_patch16_224", "--images", "16", "--out", str(out)]) == 2
     assert "give --folder" in capsys.readouterr().err
 
