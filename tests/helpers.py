@@ -152,6 +152,28 @@ def tiny_idefics3(kind: str = "idefics3", seed: int = 0) -> nn.Module:
 
 
 
+def tiny_llava(tower: str = "clip", strategy: str = "default", seed: int = 0) -> nn.Module:
+    """A random ``LlavaForConditionalGeneration`` for CPU tests: a CLIP (or SigLIP) tower on 32 px images in 8 px
+    patches (16 per image), a 2-layer Llama, placeholder id 99, 100-token vocabulary."""
+    from transformers import (
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        SiglipVisionConfig,
+    )
+
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=32,
+                  patch_size=8)
+    vision_config = CLIPVisionConfig(**vision) if tower == "clip" else SiglipVisionConfig(**vision)
+    text = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, vocab_size=100, pad_token_id=0)
+    torch.manual_seed(seed)
+    config = LlavaConfig(vision_config=vision_config, text_config=text, image_token_id=99,
+                         vision_feature_layer=-2, vision_feature_select_strategy=strategy)
+    return LlavaForConditionalGeneration(config).eval()
+
+
 def load_tool(name: str) -> ModuleType:
     """``tools/<name>.py`` as a module (the tools are scripts, not a package)."""
     spec = importlib.util.spec_from_file_location(f"tool_{name}", ROOT / "tools" / f"{name}.py")

@@ -89,11 +89,15 @@ class TuneResult:
     extra: dict[str, Any] = field(default_factory=dict)
     cost: str = "gflops"
 
+    def scored_rows(self) -> list[dict[str, Any]]:
+        """The rows that ran (a vision-LLM's candidate that cannot run on its model carries an ``error``)."""
+        return [row for row in self.rows if "rung0_score" in row]
+
     def pareto(self) -> list[dict[str, Any]]:
         """The rows no other row beats on both cost ratio and score (each scored on the first rung)."""
         front = []
         key = f"{self.cost}_ratio"
-        for row in sorted(self.rows, key=lambda r: (r[key], -r["rung0_score"])):
+        for row in sorted(self.scored_rows(), key=lambda r: (r[key], -r["rung0_score"])):
             if not front or row["rung0_score"] > front[-1]["rung0_score"]:
                 front.append(row)
         return front
@@ -121,8 +125,9 @@ class TuneResult:
         plt = _pyplot()
         figure, axis = plt.subplots(figsize=(6.5, 4.2))
         key = f"{self.cost}_ratio"
-        for method in dict.fromkeys(row["method"] for row in self.rows):
-            points = [(r[key], r["rung0_score"]) for r in self.rows if r["method"] == method]
+        rows = self.scored_rows()
+        for method in dict.fromkeys(row["method"] for row in rows):
+            points = [(r[key], r["rung0_score"]) for r in rows if r["method"] == method]
             axis.scatter(*zip(*points, strict=True), s=18, label=method)
         axis.axvline(self.target, color="grey", linestyle="--", linewidth=1, label=f"target {self.target:g}")
         axis.scatter([self.best[key]], [self.best["rung0_score"]], s=120, facecolors="none",
@@ -133,37 +138,50 @@ class TuneResult:
         return _save(plt, figure, path, dpi=120)
 
 
-def tune(model: nn.Module, images: Tensor, target: float = 0.5, labels: Tensor | None = None, rungs: int = 3,
-         flops_images: int = 8, progress: bool = False, cost: str = "gflops", latency_images: int = 32,
-         latency_runs: int = 5) -> TuneResult:
+def tune(model: nn.Module, images: Tensor | list[dict[str, Any]], target: float = 0.5, labels: Tensor | None = None,
+         rungs: int = 3, flops_images: int = 8, progress: bool = False, cost: str | None = None,
+         latency_images: int = 32, latency_runs: int = 5) -> TuneResult:
     """Search vistok's methods on ``model`` for the one that agrees best with the unpatched model (or is most
     accurate, given ``labels``) at no more than ``target`` times its cost.
 
     Args:
         model: a vision transformer vistok patches (unpatched; it is patched and restored for each candidate).
-        images: the calibration batch ``[B, C, H, W]`` as the model takes it; ``labels`` ``[B]`` optional.
+        images: the calibration batch ``[B, C, H, W]`` as the model takes it (a video ViT's: clips
+            ``[B, C, T, H, W]``); ``labels`` ``[B]`` optional.
         target: the cost ratio in ``(0, 1]``.
         rungs: successive-halving rounds (each keeps the better half on twice the images).
         flops_images: images each candidate's GFLOPs and tokens are counted on.
-        cost: what ``target`` bounds: ``"gflops"``, ``"tokens"`` (tokens per block, summed over the blocks) or
-            ``"latency"`` (measured here: ``latency_images`` images, the median of ``latency_runs`` runs, the
-            unpatched model timed in the same loop).
+        cost: what ``target`` bounds: ``"gflops"`` (the default on a tower), ``"tokens"`` (tokens per block,
+            summed over the blocks) or ``"latency"`` (measured here: ``latency_images`` images, the median of
+            ``latency_runs`` runs, the unpatched model timed in the same loop).
+
+    On a vision-LLM (one ``vistok.patch`` compresses at the boundary), ``images`` is a list of batches of the
+    model's keyword inputs and ``target`` the share of visual tokens (:mod:`vistok.adapters.tuning`).
 
     Raises:
         InvalidConfigError: a bad target, or no candidate within it.
     """
     from tqdm.auto import tqdm
 
+    from .adapters.vlm import vision_llm_family
     from .measure import count_flops, tokens_per_block
     from .patching import find_handle, patch
 
+    if vision_llm_family(model) is not None:
+        if cost not in (None, "tokens"):
+            raise InvalidConfigError(f"tune: on a vision-LLM the target is a share of the visual tokens "
+                                     f"(cost='tokens'), got cost={cost!r}")
+        from .adapters.tuning import tune_vision_llm
+
+        return tune_vision_llm(model, images, target, labels, rungs, progress)
+    cost = cost or "gflops"
     if cost not in COSTS:
         raise InvalidConfigError(f"tune: cost must be one of {sorted(COSTS)}, got {cost!r}")
     if isinstance(target, bool) or not isinstance(target, (int, float)) or not 0 < target <= 1:
         raise InvalidConfigError(f"tune: target must be a {COSTS[cost]} ratio in (0, 1], got {target!r}")
-    if images.dim() != 4 or images.shape[0] < 2 ** (rungs - 1):
-        raise InputShapeError(f"tune: expected calibration images [B, C, H, W] with B >= {2 ** (rungs - 1)}, got "
-                              f"{tuple(images.shape)}")
+    if images.dim() not in (4, 5) or images.shape[0] < 2 ** (rungs - 1):
+        raise InputShapeError(f"tune: expected calibration images [B, C, H, W] (or clips [B, C, T, H, W] for a "
+                              f"video ViT) with B >= {2 ** (rungs - 1)}, got {tuple(images.shape)}")
     if labels is not None and labels.shape != images.shape[:1]:
         raise InputShapeError(f"tune: labels must be [B={images.shape[0]}], got {tuple(labels.shape)}")
     if find_handle(model) is not None:
@@ -200,7 +218,7 @@ def tune(model: nn.Module, images: Tensor, target: float = 0.5, labels: Tensor |
             with patch(model, row["config"]), torch.no_grad():
                 logits = model(images[:size]).float()
             scored += size
-            row.update(_scores(logits, reference[:size], None if labels is None else labels[:size], rung))
+            row.update(agreement_scores(logits, reference[:size], None if labels is None else labels[:size], rung))
         alive = sorted(alive, key=lambda r: (-r["score"], r["kl"]))
         if rung < rungs - 1:
             alive = alive[: max(1, math.ceil(len(alive) / 2))]
@@ -218,7 +236,10 @@ def _latency_ratio(patched: nn.Module, unpatched: nn.Module, images: Tensor, run
     return timings["patched"].median_s / timings["unpatched"].median_s
 
 
-def _scores(logits: Tensor, reference: Tensor, labels: Tensor | None, rung: int) -> dict[str, float]:
+def agreement_scores(logits: Tensor, reference: Tensor, labels: Tensor | None, rung: int) -> dict[str, float]:
+    """A candidate's ``score`` (top-1 agreement of ``logits`` ``[B, C]`` with ``reference``'s, or accuracy against
+    ``labels``, in %), ``kl`` (from the reference distribution) and the ``images`` scored; ``rung0_score`` on the
+    first rung."""
     kl = F.kl_div(logits.log_softmax(-1), reference.log_softmax(-1), log_target=True, reduction="batchmean")
     target = reference.argmax(-1) if labels is None else labels
     score = 100.0 * float((logits.argmax(-1) == target).float().mean())

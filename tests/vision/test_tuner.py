@@ -118,6 +118,24 @@ def test_a_latency_target_filters_by_the_measured_latency(setting, monkeypatch):
         vistok.tune(model, images, cost="energy")
 
 
+def test_the_tuner_picks_for_a_video_vit():
+    """Clips [B, C, T, H, W] through a video ViT (space-time tokens): the same search, the pick within the target
+    and reproducing its reported agreement."""
+    from vistok.models import inflate_to_video
+
+    torch.manual_seed(0)
+    image = timm.create_model("vit_tiny_patch16_224", img_size=64, depth=6, num_classes=5).eval()
+    video = inflate_to_video(image, 4).eval()
+    clips = torch.randn(8, 3, 4, 64, 64, generator=torch.Generator().manual_seed(2))
+    result = vistok.tune(video, clips, target=0.7, flops_images=2, rungs=2)
+    assert result.best["gflops_ratio"] <= 0.7 and result.best["images"] == 8
+    with torch.no_grad():
+        reference = video(clips).argmax(-1)
+        with vistok.patch(video, result.config):
+            agreement = 100.0 * float((video(clips).argmax(-1) == reference).float().mean())
+    assert agreement == pytest.approx(result.best["score"])
+
+
 @pytest.mark.slow
 def test_the_tune_command_on_the_reference_model(tmp_path, capsys):
     from vistok.cli import main
@@ -146,3 +164,55 @@ def test_the_reference_tuning_tool_reports_the_picks_test_accuracy(tmp_path):
     entry = report["targets"][0]
     assert entry["gflops_ratio"] <= 0.6 and 0 <= entry["test_top1"] <= 100 and report["unpatched_test_top1"] > 50
     assert (tmp_path / "tune_vistok_vit_fmnist_0.6.png").is_file()
+
+
+def llava_batches(count: int = 4, rows: int = 2) -> list[dict]:
+    """Left-padded prompts of a tiny LLaVA (16 placeholders each), each with its image."""
+    generator = torch.Generator().manual_seed(5)
+    out = []
+    for _ in range(count):
+        text = torch.randint(1, 90, (rows, 3), generator=generator)
+        ids = torch.cat([text[:, :1], torch.full((rows, 16), 99), text[:, 1:]], dim=1)
+        out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids),
+                    "pixel_values": torch.randn(rows, 3, 32, 32, generator=generator)})
+    return out
+
+
+def test_the_tuner_picks_a_boundary_method_for_a_vision_llm():
+    """On a LLaVA, ``vistok.tune(model, batches, target)`` searches the boundary methods at the largest budget
+    within the target (a share of the visual tokens) and scores the next token against the unpatched model's;
+    the pick reproduces its reported agreement and the search is deterministic."""
+    from helpers import tiny_llava
+
+    from vistok.adapters.tuning import boundary_candidates
+
+    model, batches = tiny_llava(), llava_batches()
+    result = vistok.tune(model, batches, target=0.3, rungs=2)
+    labels = {row["label"] for row in result.rows}
+    assert {"merge_to_budget", "dominant", "random_select", "correlation_guided"} <= labels
+    assert result.cost == "tokens" and all(row["tokens_ratio"] <= 0.3 for row in result.rows)
+    assert result.best["config"].tokens == 4 and result.best["images"] == 8  # floor(0.3 x 16) tokens, 8 prompts
+    with torch.no_grad():
+        reference = torch.cat([model(**b, logits_to_keep=1).logits[:, -1].argmax(-1) for b in batches])
+        with vistok.patch(model, result.config):
+            patched = torch.cat([model(**b, logits_to_keep=1).logits[:, -1].argmax(-1) for b in batches])
+    assert 100.0 * float((patched == reference).float().mean()) == pytest.approx(result.best["score"])
+    assert vistok.tune(model, batches, target=0.3, rungs=2).best["label"] == result.best["label"]
+    siglip = [c[0] for c in boundary_candidates((4, 4), has_class_token=False, target=0.5)]
+    assert siglip == ["merge_to_budget", "random_select", "pool tokens=8"]  # no class token: no dominant
+
+
+def test_the_vision_llm_tuner_refuses_what_it_cannot_score():
+    from helpers import tiny_llava
+
+    model, batches = tiny_llava(), llava_batches(2)
+    with pytest.raises(InputShapeError, match="list of batches"):
+        vistok.tune(model, batches[0], target=0.5)
+    with pytest.raises(InputShapeError, match="left-padded"):
+        padded = dict(batches[0], attention_mask=torch.ones_like(batches[0]["input_ids"]))
+        padded["attention_mask"][0, -1] = 0
+        vistok.tune(model, [padded, batches[1]], target=0.5, rungs=2)
+    with pytest.raises(InvalidConfigError, match="share of the visual tokens"):
+        vistok.tune(model, batches, target=0.5, cost="gflops", rungs=2)
+    with pytest.raises(InputShapeError, match="need at least 4 batches"):
+        vistok.tune(model, batches, target=0.5)

@@ -7,6 +7,7 @@ import pickle
 
 import pytest
 import torch
+from helpers import tiny_llava
 
 import vistok
 from vistok import InputShapeError, InvalidConfigError, UnsupportedModelError
@@ -16,26 +17,6 @@ transformers = pytest.importorskip("transformers")
 IMAGE = 99  # the image placeholder id
 PATCHES = 16  # a 32 px image in 8 px patches
 BOUNDARY = ["merge_to_budget", "dominant", "pool", "random_select"]
-
-
-def tiny_llava(tower="clip", strategy="default", seed=0):
-    from transformers import (
-        CLIPVisionConfig,
-        LlamaConfig,
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-        SiglipVisionConfig,
-    )
-
-    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=32,
-                  patch_size=8)
-    vision_config = CLIPVisionConfig(**vision) if tower == "clip" else SiglipVisionConfig(**vision)
-    text = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                       num_key_value_heads=2, vocab_size=100, pad_token_id=0)
-    torch.manual_seed(seed)
-    config = LlavaConfig(vision_config=vision_config, text_config=text, image_token_id=IMAGE,
-                         vision_feature_layer=-2, vision_feature_select_strategy=strategy)
-    return LlavaForConditionalGeneration(config).eval()
 
 
 def prompt(per_image=PATCHES, rows=2):

@@ -1,0 +1,131 @@
+"""The tuner on a vision-LLM (``vistok.tune(model, batches, target=...)`` with a model ``vistok.patch`` compresses
+at the boundary): which boundary method keeps the language model's next token closest to the unpatched model's at
+a share of the visual tokens.
+
+The cost is the visual tokens per unit (an image; an Idefics3 tile), so every candidate gets the largest budget
+within the target (``keep=target``; pooling: the largest budget its grid can make within it) and the search is
+over the methods: bipartite merging to the budget, VisionZip's dominant tokens (alone and with contextual tokens),
+the correlation-guided compressor (per-crop and page redundancy), 2 x 2-style pooling and random selection (the
+baselines); those that need a class token only where the tower has one. Each candidate runs the calibration
+prompts once per rung of successive halving, as :func:`vistok.tune` does for towers: all on a quarter of the
+batches, the better half on half of them, the best quarter on all (``rungs=3``). The score is top-1 agreement of
+the next-token prediction at the end of each prompt with the unpatched model's (ties: the lower KL divergence),
+or accuracy against ``labels`` (the expected next-token ids).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import InputShapeError, InvalidConfigError, VistokError
+from ..methods import MethodConfig, create_config
+from .budget import pool_grid
+
+__all__ = ["tune_vision_llm", "boundary_candidates"]
+
+
+def boundary_candidates(grid: tuple[int, int], has_class_token: bool, target: float
+                        ) -> list[tuple[str, str, MethodConfig, float]]:
+    """``(label, method, config, tokens ratio)`` for every boundary setting the tuner tries on a unit of ``grid``
+    patches at no more than ``target`` of them."""
+    available = grid[0] * grid[1]
+    budget = max(1, math.floor(target * available + 1e-9))
+    out = [("merge_to_budget", "merge_to_budget", create_config("merge_to_budget", tokens=budget)),
+           ("random_select", "random_select", create_config("random_select", tokens=budget))]
+    if has_class_token:
+        out.append(("dominant", "dominant", create_config("dominant", tokens=budget)))
+        if budget >= 4:
+            contextual = max(1, budget // 8)
+            out.append((f"dominant contextual={contextual}", "dominant",
+                        create_config("dominant", tokens=budget, contextual=contextual)))
+        out.append(("correlation_guided", "correlation_guided", create_config("correlation_guided", tokens=budget)))
+        out.append(("correlation_guided redundancy=page", "correlation_guided",
+                    create_config("correlation_guided", tokens=budget, redundancy="page")))
+    poolable = next((t for t in range(budget, 0, -1) if _poolable(grid, t)), None)
+    if poolable is not None:
+        out.append((f"pool tokens={poolable}", "pool", create_config("pool", tokens=poolable)))
+    return [(label, method, config, config.tokens / available) for label, method, config in out]
+
+
+def _poolable(grid: tuple[int, int], tokens: int) -> bool:
+    try:
+        pool_grid(grid, tokens)
+    except InvalidConfigError:
+        return False
+    return True
+
+
+@torch.no_grad()
+def _next_token_logits(model: nn.Module, batches: Sequence[Mapping[str, Any]]) -> Tensor:
+    """``[P, V]``: the logits for the token after each prompt (prompts left-padded), batch after batch."""
+    return torch.cat([model(**batch, logits_to_keep=1).logits[:, -1].float() for batch in batches])
+
+
+def tune_vision_llm(model: nn.Module, batches: Sequence[Mapping[str, Any]], target: float = 0.25,
+                    labels: Tensor | None = None, rungs: int = 3, progress: bool = False) -> Any:
+    """:func:`vistok.tune` on a vision-LLM: ``batches`` are the model's keyword inputs (a processor's output:
+    ``input_ids``, ``attention_mask``, ``pixel_values``, ...), prompts left-padded; ``target`` the share of the
+    visual tokens per unit; ``labels`` ``[P]`` optional, the expected next token of each of the ``P`` prompts."""
+    from tqdm.auto import tqdm
+
+    from ..patching import find_handle, patch
+    from ..tuner import TuneResult, agreement_scores
+    from .vlm import vision_llm_family
+
+    if isinstance(target, bool) or not isinstance(target, (int, float)) or not 0 < target <= 1:
+        raise InvalidConfigError(f"tune: target must be a share of the visual tokens in (0, 1], got {target!r}")
+    if isinstance(batches, Mapping) or not isinstance(batches, Sequence) or \
+            not all(isinstance(b, Mapping) and "input_ids" in b for b in batches):
+        raise InputShapeError("tune: on a vision-LLM give the calibration prompts as a list of batches, each the "
+                              "model's keyword inputs (input_ids, attention_mask, pixel_values, ...)")
+    if len(batches) < 2 ** (rungs - 1):
+        raise InputShapeError(f"tune: {rungs} rungs of successive halving need at least {2 ** (rungs - 1)} batches, "
+                              f"got {len(batches)}")
+    for batch in batches:
+        mask = batch.get("attention_mask")
+        if mask is not None and not bool(mask[:, -1].all()):
+            raise InputShapeError("tune: the prompts must be left-padded (the processor's padding_side='left'), so "
+                                  "that each one's next token is the last position")
+    prompts = sum(int(batch["input_ids"].shape[0]) for batch in batches)
+    if labels is not None and labels.shape != (prompts,):
+        raise InputShapeError(f"tune: labels must be [P={prompts}] next-token ids, got {tuple(labels.shape)}")
+    if find_handle(model) is not None:
+        raise InvalidConfigError("tune: give the unpatched model (remove its patch first)")
+    family = vision_llm_family(model).inspect(model)
+    started = time.perf_counter()
+    was_training = model.training
+    model.eval()
+    reference = _next_token_logits(model, batches)
+    rows = [{"label": label, "method": method, "config": config, "tokens_ratio": ratio}
+            for label, method, config, ratio in boundary_candidates(family.grid, family.has_class_token, target)]
+    counts = [math.ceil(len(batches) / 2 ** (rungs - 1 - rung)) for rung in range(rungs)]
+    alive, scored = list(rows), 0
+    for rung, count in enumerate(counts):
+        todo = rows if rung == 0 else alive
+        used = sum(int(batch["input_ids"].shape[0]) for batch in batches[:count])
+        for row in tqdm(todo, desc=f"rung {rung + 1}/{rungs} ({count} batches)", disable=not progress):
+            try:
+                with patch(model, row["config"]):
+                    logits = _next_token_logits(model, batches[:count])
+            except VistokError as error:  # a method this model cannot run (e.g. these images' grids)
+                row["error"] = str(error)
+                continue
+            scored += used
+            row.update(agreement_scores(logits, reference[:used], None if labels is None else labels[:used], rung))
+        alive = sorted((r for r in alive if "error" not in r), key=lambda r: (-r["score"], r["kl"]))
+        if not alive:
+            raise InvalidConfigError(f"tune: no boundary method ran on this model: {rows[0].get('error')}")
+        if rung < rungs - 1:
+            alive = alive[: max(1, math.ceil(len(alive) / 2))]
+    best = alive[0]
+    model.train(was_training)
+    metric = "next-token accuracy" if labels is not None else "next-token agreement"
+    return TuneResult(rows, best, best["config"], float(target), metric, prompts, scored,
+                      time.perf_counter() - started, cost="tokens")
+
