@@ -25,6 +25,7 @@ import copy
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -140,7 +141,8 @@ class TuneResult:
 
 def tune(model: nn.Module, images: Tensor | list[dict[str, Any]], target: float = 0.5, labels: Tensor | None = None,
          rungs: int = 3, flops_images: int = 8, progress: bool = False, cost: str | None = None,
-         latency_images: int = 32, latency_runs: int = 5) -> TuneResult:
+         latency_images: int = 32, latency_runs: int = 5,
+         encode: Callable[[nn.Module, Tensor], Tensor] | None = None) -> TuneResult:
     """Search vistok's methods on ``model`` for the one that agrees best with the unpatched model (or is most
     accurate, given ``labels``) at no more than ``target`` times its cost.
 
@@ -154,6 +156,9 @@ def tune(model: nn.Module, images: Tensor | list[dict[str, Any]], target: float 
         cost: what ``target`` bounds: ``"gflops"`` (the default on a tower), ``"tokens"`` (tokens per block,
             summed over the blocks) or ``"latency"`` (measured here: ``latency_images`` images, the median of
             ``latency_runs`` runs, the unpatched model timed in the same loop).
+        encode: for a tower without a classifier (open_clip's or Hugging Face's CLIP / SigLIP image encoder), a
+            function ``(model, images) -> [B, D]`` embeddings (``lambda m, x: m.encode_image(x)``); the score is
+            then their mean cosine similarity with the unpatched model's (in %; ``labels`` do not apply).
 
     On a vision-LLM (one ``vistok.patch`` compresses at the boundary), ``images`` is a list of batches of the
     model's keyword inputs and ``target`` the share of visual tokens (:mod:`vistok.adapters.tuning`).
@@ -182,6 +187,9 @@ def tune(model: nn.Module, images: Tensor | list[dict[str, Any]], target: float 
     if images.dim() not in (4, 5) or images.shape[0] < 2 ** (rungs - 1):
         raise InputShapeError(f"tune: expected calibration images [B, C, H, W] (or clips [B, C, T, H, W] for a "
                               f"video ViT) with B >= {2 ** (rungs - 1)}, got {tuple(images.shape)}")
+    if encode is not None and labels is not None:
+        raise InvalidConfigError("tune: labels score a classifier's top-1; with encode= the score is the embeddings' "
+                                 "cosine similarity")
     if labels is not None and labels.shape != images.shape[:1]:
         raise InputShapeError(f"tune: labels must be [B={images.shape[0]}], got {tuple(labels.shape)}")
     if find_handle(model) is not None:
@@ -190,7 +198,7 @@ def tune(model: nn.Module, images: Tensor | list[dict[str, Any]], target: float 
     was_training = model.training
     model.eval()
     with torch.no_grad():
-        reference = model(images).float()
+        reference = _outputs(model, images, encode)
     counted = images[:flops_images]
     base_flops = count_flops(model, counted)
     base_tokens = sum(tokens_per_block(model, counted))
@@ -204,7 +212,7 @@ def tune(model: nn.Module, images: Tensor | list[dict[str, Any]], target: float 
             if unpatched is not None:
                 row["latency_ratio"] = _latency_ratio(model, unpatched, images[:latency_images], latency_runs)
         rows.append(row)
-    metric = "accuracy" if labels is not None else "top-1 agreement"
+    metric = "accuracy" if labels is not None else "embedding cosine" if encode is not None else "top-1 agreement"
     sizes = [math.ceil(images.shape[0] / 2 ** (rungs - 1 - rung)) for rung in range(rungs)]
     scored = 0
     key = f"{cost}_ratio"
@@ -216,9 +224,10 @@ def tune(model: nn.Module, images: Tensor | list[dict[str, Any]], target: float 
         todo = rows if rung == 0 else alive  # every candidate once (for the front), the survivors further
         for row in tqdm(todo, desc=f"rung {rung + 1}/{rungs} ({size} images)", disable=not progress):
             with patch(model, row["config"]), torch.no_grad():
-                logits = model(images[:size]).float()
+                logits = _outputs(model, images[:size], encode)
             scored += size
-            row.update(agreement_scores(logits, reference[:size], None if labels is None else labels[:size], rung))
+            scores = agreement_scores if encode is None else _cosine_scores
+            row.update(scores(logits, reference[:size], None if labels is None else labels[:size], rung))
         alive = sorted(alive, key=lambda r: (-r["score"], r["kl"]))
         if rung < rungs - 1:
             alive = alive[: max(1, math.ceil(len(alive) / 2))]
@@ -226,6 +235,26 @@ def tune(model: nn.Module, images: Tensor | list[dict[str, Any]], target: float 
     model.train(was_training)
     return TuneResult(rows, best, best["config"], float(target), metric, images.shape[0], scored,
                       time.perf_counter() - started, cost=cost)
+
+
+def _outputs(model: nn.Module, images: Tensor, encode: Callable[[nn.Module, Tensor], Tensor] | None) -> Tensor:
+    """``[B, C]`` logits (or, with ``encode``, ``[B, D]`` embeddings) as float."""
+    out = model(images) if encode is None else encode(model, images)
+    if not isinstance(out, Tensor) or out.dim() != 2:
+        raise InvalidConfigError(f"tune: {type(model).__name__} gives {type(out).__name__}, not [B, C] logits; for a "
+                                 "tower without a classifier pass encode=, a function (model, images) -> [B, D] "
+                                 "embeddings")
+    return out.float()
+
+
+def _cosine_scores(embeddings: Tensor, reference: Tensor, labels: Tensor | None, rung: int) -> dict[str, float]:
+    """A tower's ``score``: the mean cosine similarity (%) of its embeddings with the unpatched model's; ``kl``
+    (the tie-break, lower is better) its complement."""
+    cosine = float(F.cosine_similarity(embeddings, reference, dim=-1).mean())
+    out = {"score": 100.0 * cosine, "kl": 1.0 - cosine, "images": embeddings.shape[0]}
+    if rung == 0:
+        out["rung0_score"] = out["score"]
+    return out
 
 
 def _latency_ratio(patched: nn.Module, unpatched: nn.Module, images: Tensor, runs: int) -> float:

@@ -83,3 +83,15 @@ def test_bench_command_bad_input(capsys):
     assert main(["bench", "--model", "vit_small_patch16_224", "--method", "nope"]) == 2
     assert "unknown method 'nope'" in capsys.readouterr().err
     assert main(["bench", "--model", "vit_small_patch16_224", "--method", "ats", "-o", "k=0"]) == 2
+
+
+def test_flops_of_a_model_with_an_attention_pool_head_that_requires_grad():
+    """timm's MAP head (SigLIP) under torch's FLOP counter: counted like any other, and the parameters still
+    require grad afterwards."""
+    from helpers import make_images, make_model
+
+    from vistok.measure import count_flops
+
+    model = make_model("siglip_map", img_size=64, depth=2)
+    flops = count_flops(model, make_images(model, 1))
+    assert flops > 0 and all(p.requires_grad for p in model.parameters())

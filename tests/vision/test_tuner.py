@@ -7,6 +7,7 @@ import json
 import pytest
 import timm
 import torch
+from helpers import FAMILIES, make_images, make_model
 
 import vistok
 from vistok import InputShapeError, InvalidConfigError
@@ -216,3 +217,67 @@ def test_the_vision_llm_tuner_refuses_what_it_cannot_score():
         vistok.tune(model, batches, target=0.5, cost="gflops", rungs=2)
     with pytest.raises(InputShapeError, match="need at least 4 batches"):
         vistok.tune(model, batches, target=0.5)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_the_tuner_runs_on_every_timm_family(family):
+    """Every timm family vistok patches (4 blocks, 16 patches, random weights): the pick stays within the target
+    and gives the agreement it reports; rotary families get no merging candidates (merging is refused there)."""
+    patch = FAMILIES[family][0].split("patch")[1][:2]
+    model = make_model(family, depth=4, img_size=4 * int(patch))  # 16 patches: quick
+    images = make_images(model, 8)
+    result = vistok.tune(model, images, target=0.8, flops_images=1, rungs=2)
+    assert result.best["gflops_ratio"] <= 0.8
+    with torch.no_grad():
+        reference = model(images).argmax(-1)
+        with vistok.patch(model, result.config):
+            agreement = 100.0 * float((model(images).argmax(-1) == reference).float().mean())
+    assert agreement == pytest.approx(result.best["score"])
+    rotary = family in ("eva02_rope", "rope_mixed")
+    assert rotary == all(row["method"] not in ("merge", "ats+merge", "ats_fusion") for row in result.rows)
+
+
+def hf_tower(kind: str):
+    from transformers import CLIPVisionConfig, CLIPVisionModel, SiglipVisionConfig, SiglipVisionModel
+
+    tiny = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, image_size=64,
+                patch_size=8)
+    torch.manual_seed(0)
+    if kind == "clip":
+        return CLIPVisionModel(CLIPVisionConfig(**tiny)).eval()
+    return SiglipVisionModel(SiglipVisionConfig(**tiny)).eval()
+
+
+@pytest.mark.parametrize("kind", ["clip", "siglip"])
+def test_the_tuner_scores_a_towers_embeddings(kind):
+    """A tower without a classifier (Hugging Face CLIP / SigLIP image encoders): with ``encode=`` the score is the
+    embeddings' mean cosine similarity with the unpatched tower's; without it the tuner says what to give."""
+    import torch.nn.functional as F
+
+    model = hf_tower(kind)
+    images = torch.randn(8, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+
+    def encode(m, x):
+        return m(pixel_values=x).pooler_output
+
+    result = vistok.tune(model, images, target=0.8, flops_images=1, rungs=2, encode=encode)
+    assert result.metric == "embedding cosine" and result.best["gflops_ratio"] <= 0.8
+    with torch.no_grad():
+        reference = encode(model, images)
+        with vistok.patch(model, result.config):
+            cosine = float(F.cosine_similarity(encode(model, images), reference, dim=-1).mean())
+    assert 100 * cosine == pytest.approx(result.best["score"], abs=1e-3)
+    with pytest.raises(InvalidConfigError, match="pass encode="):
+        vistok.tune(model, images, target=0.8, flops_images=1, rungs=2)
+
+
+@pytest.mark.slow
+def test_the_tuner_on_an_open_clip_image_tower():
+    import open_clip
+
+    torch.manual_seed(0)
+    model = open_clip.create_model("ViT-B-32", pretrained=None).eval()
+    images = torch.randn(4, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+    result = vistok.tune(model, images, target=0.7, flops_images=1, rungs=2,
+                         encode=lambda m, x: m.encode_image(x))
+    assert result.best["gflops_ratio"] <= 0.7 and 0 < result.best["score"] <= 100 + 1e-3

@@ -62,14 +62,23 @@ def count_flops(model: nn.Module, images: Tensor | Iterable[Tensor]) -> float:
     batches = [images] if isinstance(images, Tensor) else list(images)
     adaptive = find_handle(model) is not None
     total, count = 0, 0
-    with torch.no_grad():
-        for batch in batches:
-            pieces = batch.split(1) if adaptive else [batch]
-            for piece in pieces:
-                with flop_counter() as counter:
-                    model(piece)
-                total += counter.get_total_flops()
-            count += batch.shape[0]
+    # FlopCounterMode's module tracker registers backward hooks that fail inside no_grad on a module whose
+    # parameters require grad but whose inputs do not (timm's attention-pool heads); counting needs no gradients
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    for parameter in trainable:
+        parameter.requires_grad_(False)
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                pieces = batch.split(1) if adaptive else [batch]
+                for piece in pieces:
+                    with flop_counter() as counter:
+                        model(piece)
+                    total += counter.get_total_flops()
+                count += batch.shape[0]
+    finally:
+        for parameter in trainable:
+            parameter.requires_grad_(True)
     if count == 0:
         raise InputShapeError("count_flops: no images given")
     return total / count
