@@ -32,7 +32,8 @@ from vistok.viz import save_overlay_grid, save_pareto_plot
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "vistok_vit_fmnist_reg4"
-SWEEPS = [ROOT / "results" / "sweep_reg4.csv", ROOT / "results" / "sweep_fusion_reg4.csv"]
+SWEEPS = {"vistok_vit_fmnist_reg4": ["sweep_reg4.csv", "sweep_fusion_reg4.csv"],
+          "vistok_vit_fmnist": ["sweep.csv", "sweep_fusion.csv"]}  # the committed sweeps of each reference model
 VARIANTS = [("unpatched", None, {}), ("ATS k=108", "ats", {"k": 108}),
             ("ATS+fusion k=108", "ats", {"k": 108, "fusion": True}), ("merge r=12", "merge", {"r": 12})]
 
@@ -63,11 +64,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--limit", type=int, default=None, help="use the first N test images (default: all)")
     parser.add_argument("--out", default="out/demo", help="folder for the PNGs")
-    parser.add_argument("--model", default=MODEL, help="a reference model vistok ships")
-    parser.add_argument("--sweep", nargs="*", default=[str(p) for p in SWEEPS], help="sweep CSVs to plot")
+    parser.add_argument("--model", default=MODEL, choices=sorted(SWEEPS), help="a reference model vistok ships")
+    parser.add_argument("--sweep", nargs="*", default=None, help="sweep CSVs to plot (default: the model's)")
     parser.add_argument("--target", type=float, default=0.5, help="the tuner's GFLOPs target")
     parser.add_argument("--calibration", type=int, default=500, help="training images the tuner scores on")
     args = parser.parse_args(argv)
+    if args.sweep is None:
+        args.sweep = [str(ROOT / "results" / name) for name in SWEEPS[args.model]]
     try:
         test_set = fashion_mnist_dataset("test")
         train_images, _ = load_fashion_mnist("train")
@@ -113,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         picked = test_top1()["top1"]
     print(f"tuner at {args.target:g}x GFLOPs ({args.calibration} training images, {tuned.seconds:.0f} s, "
           f"{len(tuned.rows)} candidates): {tuned.best['label']} ({tuned.best['gflops_ratio']:.2f}x GFLOPs) -> "
-          f"{picked:.2f} % top-1 ({picked - baseline[0]:+.2f} vs unpatched)")
+          f"{picked:.2f} % top-1 on {len(test_set)} test images ({picked - baseline[0]:+.2f} vs unpatched)")
     rows = read_sweeps([Path(p) for p in args.sweep])
     best = best_swept(rows, args.target)
     if best is not None:

@@ -11,7 +11,7 @@ selection and the other boundary methods. A method is ``name`` or ``name:key=val
 
     python tools/eval_vlm.py --out results/vlm_eval                       # the shipped weights, 500 questions
     python tools/eval_vlm.py --questions 200 --fractions 0.25 --methods dominant merge_to_budget
-    python tools/eval_vlm.py --page --out results/sparse_pages            # the page VLM, its default methods
+    python tools/eval_vlm.py --page --out results/sparse_pages            # the shipped page VLM, its default methods
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ PAGE_METHODS = ("correlation_guided:redundancy=page", "correlation_guided:redund
 
 def settings(methods: list[str], fractions: list[float], full: int, grid: tuple[int, int]) -> list[tuple]:
     """``(method or None, tokens)`` for every point; pooling takes the nearest budget its grid can make."""
-    from vistok.adapters.budget import pool_grid
+    from vistok.adapters.budget import poolable
 
     points = [(None, full)]
     for method in methods:
@@ -46,17 +46,9 @@ def settings(methods: list[str], fractions: list[float], full: int, grid: tuple[
             tokens = max(1, round(fraction * full))
             if parse_method_spec(method)[0] == "pool":
                 tokens = next(t for t in sorted(range(1, full + 1), key=lambda t: (abs(t - tokens), t))
-                              if _poolable(pool_grid, grid, t))
+                              if poolable(grid, t))
             points.append((method, tokens))
     return points
-
-
-def _poolable(pool_grid, grid: tuple[int, int], tokens: int) -> bool:
-    try:
-        pool_grid(grid, tokens)
-    except vistok.InvalidConfigError:
-        return False
-    return True
 
 
 def patch(model, method: str, **budget):

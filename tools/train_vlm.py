@@ -30,6 +30,7 @@ from vistok.config import parse_method_spec
 from vistok.data import FASHION_MNIST_MEAN, FASHION_MNIST_STD
 from vistok.document.fmnist_pages import SparsePageQA
 from vistok.fmnist_qa import FashionQA
+from vistok.methods import create_config
 from vistok.models.reference_vlm import (
     TrainingRun,
     answer_batch,
@@ -79,13 +80,23 @@ def main(argv: list[str] | None = None, language_model=None) -> int:
     parser.add_argument("--compressed", type=float, default=0.0, help="share of batches seen through a method")
     parser.add_argument("--compress-methods", nargs="+", default=["merge_to_budget", "dominant", "pool",
                                                                    "random_select"])
-    parser.add_argument("--compress-tokens", nargs="+", type=int, default=[24, 18, 12, 9, 6, 4])
+    parser.add_argument("--compress-tokens", nargs="+", type=int, default=None,
+                        help="default 24 18 12 9 6 4 (of 36); with --page 72 48 36 24 16 (of 144)")
     parser.add_argument("--page", action="store_true", help="the page variant on sparse pages")
     parser.add_argument("--init", default=None, help="start from these trained tensors (.safetensors) where names "
                         "and shapes fit, e.g. the image VLM's models/vistok_vlm_fmnist/model.safetensors")
     args = parser.parse_args(argv)
     if not 0.0 <= args.compressed <= 1.0:
         parser.error(f"--compressed must be a share in [0, 1], got {args.compressed}")
+    if args.compress_tokens is None:
+        args.compress_tokens = [72, 48, 36, 24, 16] if args.page else [24, 18, 12, 9, 6, 4]
+    try:  # every method word and budget checked now, not at the step that first draws it
+        for spec in args.compress_methods:
+            name, options = parse_method_spec(spec)
+            for tokens in args.compress_tokens:
+                create_config(name, **options, tokens=tokens)
+    except vistok.VistokError as error:
+        parser.error(f"--compress-methods / --compress-tokens: {error}")
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)

@@ -141,7 +141,10 @@ def parse_option(text: str) -> tuple[str, Any]:
 def parse_method_spec(text: str) -> tuple[str, dict[str, Any]]:
     """``"method"`` or ``"method:key=value,key=value"`` -> ``(method, options)``: a method with its options in
     one command-line word (``correlation_guided:allocation=uniform``)."""
+    import re
+
     name, _, rest = text.partition(":")
     if not name:
         raise ConfigError(f"expected method or method:key=value,..., got {text!r}")
-    return name, dict(parse_option(item) for item in rest.split(",") if item)
+    items = re.split(r",(?![^\[\(]*[\]\)])", rest)  # commas inside [...] or (...) belong to a value
+    return name, dict(parse_option(item) for item in items if item)

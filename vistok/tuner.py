@@ -74,9 +74,10 @@ def tune_candidates(model: nn.Module) -> list[tuple[str, str, MethodConfig]]:
 
 @dataclass
 class TuneResult:
-    """Every candidate's ``rows`` (label, method, config, GFLOPs ratio, and its score on the most images it was
-    scored on), the pick (``best``, its ``config``), the ``target``, and what the search cost: ``images_scored``
-    (images through the patched model, summed over candidates), ``seconds``. ``cost``: what ``target`` bounds
+    """Every candidate's ``rows`` (label, method, config, its cost ratios -- GFLOPs and tokens on a tower, visual
+    tokens on a vision-LLM -- and its score on the most images it was scored on), the pick (``best``, its
+    ``config``), the ``target``, and what the search cost: ``images_scored`` (images through the patched model,
+    summed over candidates), ``seconds``. ``cost``: what ``target`` bounds
     (``"gflops"``, ``"tokens"`` or ``"latency"``; each row's ``<cost>_ratio``)."""
 
     rows: list[dict[str, Any]]
@@ -107,8 +108,8 @@ class TuneResult:
         """JSON (or YAML for ``.yaml`` / ``.yml``): the pick first, ready for ``vistok.patch``, then every row."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        data = {"pick": _plain(self.best), f"target_{self.cost}_ratio": self.target, "cost": self.cost,
-                "metric": self.metric,
+        data = {"pick": _plain(self.best), "target": self.target, "cost": self.cost,
+                f"target_{self.cost}_ratio": self.target, "metric": self.metric,
                 "calibration_images": self.images, "images_scored": self.images_scored,
                 "seconds": round(self.seconds, 3), "rows": [_plain(row) for row in self.rows]}
         if path.suffix in (".yaml", ".yml"):
@@ -166,13 +167,13 @@ def tune(model: nn.Module, images: Tensor | list[dict[str, Any]], target: float 
     Raises:
         InvalidConfigError: a bad target, or no candidate within it.
     """
-    from tqdm.auto import tqdm
-
     from .adapters.vlm import vision_llm_family
-    from .measure import count_flops, tokens_per_block
-    from .patching import find_handle, patch
+    from .patching import find_handle
 
     if vision_llm_family(model) is not None:
+        if encode is not None:
+            raise InvalidConfigError("tune: encode= is for towers without a classifier; a vision-LLM is scored on "
+                                     "its next token")
         if cost not in (None, "tokens"):
             raise InvalidConfigError(f"tune: on a vision-LLM the target is a share of the visual tokens "
                                      f"(cost='tokens'), got cost={cost!r}")
@@ -197,6 +198,24 @@ def tune(model: nn.Module, images: Tensor | list[dict[str, Any]], target: float 
     started = time.perf_counter()
     was_training = model.training
     model.eval()
+    try:
+        best, rows, scored, metric = _search(model, images, target, labels, rungs, flops_images, progress, cost,
+                                             latency_images, latency_runs, encode)
+    finally:
+        model.train(was_training)
+    return TuneResult(rows, best, best["config"], float(target), metric, images.shape[0], scored,
+                      time.perf_counter() - started, cost=cost)
+
+
+def _search(model: nn.Module, images: Tensor, target: float, labels: Tensor | None, rungs: int, flops_images: int,
+            progress: bool, cost: str, latency_images: int, latency_runs: int,
+            encode: Callable[[nn.Module, Tensor], Tensor] | None) -> tuple[dict, list[dict], int, str]:
+    """Costs, then successive halving (see :func:`tune`): the best row, every row, images scored, the metric."""
+    from tqdm.auto import tqdm
+
+    from .measure import count_flops, tokens_per_block
+    from .patching import patch
+
     with torch.no_grad():
         reference = _outputs(model, images, encode)
     counted = images[:flops_images]
@@ -231,10 +250,7 @@ def tune(model: nn.Module, images: Tensor | list[dict[str, Any]], target: float 
         alive = sorted(alive, key=lambda r: (-r["score"], r["kl"]))
         if rung < rungs - 1:
             alive = alive[: max(1, math.ceil(len(alive) / 2))]
-    best = alive[0]
-    model.train(was_training)
-    return TuneResult(rows, best, best["config"], float(target), metric, images.shape[0], scored,
-                      time.perf_counter() - started, cost=cost)
+    return alive[0], rows, scored, metric
 
 
 def _outputs(model: nn.Module, images: Tensor, encode: Callable[[nn.Module, Tensor], Tensor] | None) -> Tensor:

@@ -194,6 +194,15 @@ def pool_grid(grid: tuple[int, int], tokens: int) -> tuple[int, int]:
     return best
 
 
+def poolable(grid: tuple[int, int], tokens: int) -> bool:
+    """Whether :func:`pool_grid` can pool ``grid`` to exactly ``tokens`` cells."""
+    try:
+        pool_grid(grid, tokens)
+    except InvalidConfigError:
+        return False
+    return True
+
+
 def _near_pool_budgets(grid: tuple[int, int], tokens: int) -> list[int]:
     rows, cols = grid
     options = sorted({max(1, round(rows * s)) * max(1, round(cols * s)) for s in (i / 48 for i in range(1, 49))})

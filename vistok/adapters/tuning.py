@@ -3,14 +3,14 @@ at the boundary): which boundary method keeps the language model's next token cl
 a share of the visual tokens.
 
 The cost is the visual tokens per unit (an image; an Idefics3 tile), so every candidate gets the largest budget
-within the target (``keep=target``; pooling: the largest budget its grid can make within it) and the search is
-over the methods: bipartite merging to the budget, VisionZip's dominant tokens (alone and with contextual tokens),
-the correlation-guided compressor (per-crop and page redundancy), 2 x 2-style pooling and random selection (the
-baselines); those that need a class token only where the tower has one. Each candidate runs the calibration
-prompts once per rung of successive halving, as :func:`vistok.tune` does for towers: all on a quarter of the
-batches, the better half on half of them, the best quarter on all (``rungs=3``). The score is top-1 agreement of
-the next-token prediction at the end of each prompt with the unpatched model's (ties: the lower KL divergence),
-or accuracy against ``labels`` (the expected next-token ids).
+within the target (pooling: the largest budget its grid can make within it; where images differ in size,
+``keep=target``) and the search is over the methods: bipartite merging to the budget, VisionZip's dominant tokens
+(alone and with contextual tokens), the correlation-guided compressor (per-crop and page redundancy), pooling and
+random selection (the baselines); those that need a class token only where the tower has one. Each candidate runs
+the calibration prompts once per rung of successive halving, as :func:`vistok.tune` does for towers: all on a
+quarter of the batches, the better half on half of them, the best quarter on all (``rungs=3``). The score is top-1
+agreement of the next-token prediction at the end of each prompt with the unpatched model's (ties: the lower KL
+divergence), or accuracy against ``labels`` (the expected next-token ids).
 """
 
 from __future__ import annotations
@@ -25,40 +25,50 @@ from torch import Tensor, nn
 
 from ..errors import InputShapeError, InvalidConfigError, VistokError
 from ..methods import MethodConfig, create_config
-from .budget import pool_grid
+from .budget import poolable
 
 __all__ = ["tune_vision_llm", "boundary_candidates"]
 
 
-def boundary_candidates(grid: tuple[int, int], has_class_token: bool, target: float
+def boundary_candidates(grid: tuple[int, int], has_class_token: bool, target: float, num_prefix: int = 0
                         ) -> list[tuple[str, str, MethodConfig, float]]:
     """``(label, method, config, tokens ratio)`` for every boundary setting the tuner tries on a unit of ``grid``
-    patches at no more than ``target`` of them."""
+    patches (``num_prefix`` class-token features in front, kept) at no more than ``target`` of its visual tokens.
+    A family whose images differ in size (``grid`` ``(0, 0)``: Qwen2-VL; LLaVA-OneVision's crops) gets
+    ``keep=target`` for every method and no pooling candidate.
+
+    Raises:
+        InvalidConfigError: ``target`` is below one token per unit.
+    """
     available = grid[0] * grid[1]
-    budget = max(1, math.floor(target * available + 1e-9))
-    out = [("merge_to_budget", "merge_to_budget", create_config("merge_to_budget", tokens=budget)),
-           ("random_select", "random_select", create_config("random_select", tokens=budget))]
+    if available == 0:  # each image its own grid: a share of each
+        options: dict = {"keep": target}
+        budget = None
+    else:
+        budget = math.floor(target * (available + num_prefix) + 1e-9) - num_prefix
+        if budget < 1:
+            raise InvalidConfigError(f"tune: a target of {target:g} keeps less than one of the {available} visual "
+                                     "tokens per unit")
+        options = {"tokens": budget}
+    out = [("merge_to_budget", "merge_to_budget", create_config("merge_to_budget", **options)),
+           ("random_select", "random_select", create_config("random_select", **options))]
     if has_class_token:
-        out.append(("dominant", "dominant", create_config("dominant", tokens=budget)))
-        if budget >= 4:
+        out.append(("dominant", "dominant", create_config("dominant", **options)))
+        if budget is not None and budget >= 4:
             contextual = max(1, budget // 8)
             out.append((f"dominant contextual={contextual}", "dominant",
-                        create_config("dominant", tokens=budget, contextual=contextual)))
-        out.append(("correlation_guided", "correlation_guided", create_config("correlation_guided", tokens=budget)))
+                        create_config("dominant", **options, contextual=contextual)))
+        out.append(("correlation_guided", "correlation_guided", create_config("correlation_guided", **options)))
         out.append(("correlation_guided redundancy=page", "correlation_guided",
-                    create_config("correlation_guided", tokens=budget, redundancy="page")))
-    poolable = next((t for t in range(budget, 0, -1) if _poolable(grid, t)), None)
-    if poolable is not None:
-        out.append((f"pool tokens={poolable}", "pool", create_config("pool", tokens=poolable)))
-    return [(label, method, config, config.tokens / available) for label, method, config in out]
-
-
-def _poolable(grid: tuple[int, int], tokens: int) -> bool:
-    try:
-        pool_grid(grid, tokens)
-    except InvalidConfigError:
-        return False
-    return True
+                    create_config("correlation_guided", **options, redundancy="page")))
+    if budget is not None:
+        pooled = next((t for t in range(budget, 0, -1) if poolable(grid, t)), None)
+        if pooled is not None:
+            out.append((f"pool tokens={pooled}", "pool", create_config("pool", tokens=pooled)))
+    if budget is None:
+        return [(label, method, config, float(target)) for label, method, config in out]
+    return [(label, method, config, (config.tokens + num_prefix) / (available + num_prefix))
+            for label, method, config in out]
 
 
 @torch.no_grad()
@@ -72,10 +82,8 @@ def tune_vision_llm(model: nn.Module, batches: Sequence[Mapping[str, Any]], targ
     """:func:`vistok.tune` on a vision-LLM: ``batches`` are the model's keyword inputs (a processor's output:
     ``input_ids``, ``attention_mask``, ``pixel_values``, ...), prompts left-padded; ``target`` the share of the
     visual tokens per unit; ``labels`` ``[P]`` optional, the expected next token of each of the ``P`` prompts."""
-    from tqdm.auto import tqdm
-
-    from ..patching import find_handle, patch
-    from ..tuner import TuneResult, agreement_scores
+    from ..patching import find_handle
+    from ..tuner import TuneResult
     from .vlm import vision_llm_family
 
     if isinstance(target, bool) or not isinstance(target, (int, float)) or not 0 < target <= 1:
@@ -98,12 +106,30 @@ def tune_vision_llm(model: nn.Module, batches: Sequence[Mapping[str, Any]], targ
     if find_handle(model) is not None:
         raise InvalidConfigError("tune: give the unpatched model (remove its patch first)")
     family = vision_llm_family(model).inspect(model)
+    grid = (0, 0) if family.encodes_up_front else family.grid
+    rows = [{"label": label, "method": method, "config": config, "tokens_ratio": ratio} for label, method, config, ratio
+            in boundary_candidates(grid, family.has_class_token, target, family.num_prefix)]
     started = time.perf_counter()
     was_training = model.training
     model.eval()
+    try:
+        best, scored = _search(model, batches, rows, labels, rungs, progress)
+    finally:
+        model.train(was_training)
+    metric = "next-token accuracy" if labels is not None else "next-token agreement"
+    return TuneResult(rows, best, best["config"], float(target), metric, prompts, scored,
+                      time.perf_counter() - started, cost="tokens")
+
+
+def _search(model: nn.Module, batches: Sequence[Mapping[str, Any]], rows: list[dict[str, Any]],
+            labels: Tensor | None, rungs: int, progress: bool) -> tuple[dict[str, Any], int]:
+    """Successive halving of ``rows`` over the batches; the best row and the prompts scored."""
+    from tqdm.auto import tqdm
+
+    from ..patching import patch
+    from ..tuner import agreement_scores
+
     reference = _next_token_logits(model, batches)
-    rows = [{"label": label, "method": method, "config": config, "tokens_ratio": ratio}
-            for label, method, config, ratio in boundary_candidates(family.grid, family.has_class_token, target)]
     counts = [math.ceil(len(batches) / 2 ** (rungs - 1 - rung)) for rung in range(rungs)]
     alive, scored = list(rows), 0
     for rung, count in enumerate(counts):
@@ -123,9 +149,5 @@ def tune_vision_llm(model: nn.Module, batches: Sequence[Mapping[str, Any]], targ
             raise InvalidConfigError(f"tune: no boundary method ran on this model: {rows[0].get('error')}")
         if rung < rungs - 1:
             alive = alive[: max(1, math.ceil(len(alive) / 2))]
-    best = alive[0]
-    model.train(was_training)
-    metric = "next-token accuracy" if labels is not None else "next-token agreement"
-    return TuneResult(rows, best, best["config"], float(target), metric, prompts, scored,
-                      time.perf_counter() - started, cost="tokens")
+    return alive[0], scored
 

@@ -180,8 +180,9 @@ def select_over_tiles(keys: Tensor, scores: Tensor, tiles: Tensor, budget: int, 
                               f"{tuple(keys.shape)}, {tuple(scores.shape)} and {tuple(tiles.shape)}")
     count = int(tiles.max()) + 1
     redundant = redundant_tokens(keys[None], similarity, repeats, tiles[None] if within_tiles else None)[0]
-    sizes = torch.bincount(tiles, minlength=count)
-    density = torch.zeros(count).index_add_(0, tiles, (~redundant).float()) / sizes.clamp_min(1)
+    tiles_cpu = tiles.cpu()  # the budgets are a handful of integers: split them on the CPU
+    sizes = torch.bincount(tiles_cpu, minlength=count)
+    density = torch.zeros(count).index_add_(0, tiles_cpu, (~redundant).float().cpu()) / sizes.clamp_min(1)
     weights = density * sizes if by_density else sizes.double()
     budgets = allocate_budget(weights, budget, sizes, min(minimum, budget // count, int(sizes.min())))
     kept = []

@@ -53,6 +53,9 @@ def count_flops(model: nn.Module, images: Tensor | Iterable[Tensor]) -> float:
     largest count; so each image is counted on its own (batch of one), which gives the FLOPs that image
     needs, not those of its padding. An unpatched model is counted in one batch.
 
+    While it counts, the model's parameters have ``requires_grad`` off (restored after, errors included): torch's
+    FLOP counter fails on attention-pool heads otherwise. Do not count a model another thread is training.
+
     Args:
         model: any module taking ``[B, C, H, W]`` images.
         images: ``[B, C, H, W]`` tensor, or an iterable of such batches.
