@@ -58,15 +58,17 @@ def patch(model, method: str, **budget):
 
 
 def evaluate(model, tokenizer, data: FashionQA | SparsePageQA, method: str | None, tokens: int, batch_size: int,
-             prefill_runs: int = 3) -> dict:
+             prefill_runs: int = 3, config=None) -> dict:
+    """One row: ``method`` (a method word) at ``tokens``, or ``config`` (a config object, e.g. the tuner's pick,
+    ``method`` its label), or neither (all tokens)."""
     correct, kinds, prefills, total = 0, {}, [], 0.0
-    handle = patch(model, method, tokens=tokens) if method else None
+    handle = vistok.patch(model, config) if config is not None else patch(model, method, tokens=tokens) \
+        if method else None
     try:
         for start in range(0, len(data), batch_size):
             indices = range(start, min(start + batch_size, len(data)))
             examples = [data.example(i) for i in indices]
-            images = torch.stack([torch.from_numpy(e.image).float().div(255)[None] for e in examples])
-            images = (images - FASHION_MNIST_MEAN) / FASHION_MNIST_STD
+            images = normalised(examples)
             questions = [e.question for e in examples]
             if start == 0:
                 prefills = [prefill_seconds(model, tokenizer, images, questions) for _ in range(prefill_runs)]
@@ -86,13 +88,33 @@ def evaluate(model, tokenizer, data: FashionQA | SparsePageQA, method: str | Non
     return row
 
 
+def normalised(examples) -> torch.Tensor:
+    """``[B, 1, S, S]``: the examples' images, normalised like Fashion-MNIST."""
+    images = torch.stack([torch.from_numpy(e.image).float().div(255)[None] for e in examples])
+    return (images - FASHION_MNIST_MEAN) / FASHION_MNIST_STD
+
+
+def tune_on_training_questions(model, tokenizer, page: bool, target: float, batches: int, batch_size: int,
+                               seed: int) -> object:
+    """vistok.tune on ``batches`` batches of training-split questions (prompts, images): the pick at ``target``
+    of the visual tokens, scored by next-token agreement with all tokens."""
+    from vistok.models.reference_vlm import prompt_batch
+
+    data = (SparsePageQA if page else FashionQA)("train", batches * batch_size, seed=seed)
+    calibration = []
+    for start in range(0, len(data), batch_size):
+        examples = [data.example(i) for i in range(start, start + batch_size)]
+        ids, mask, _ = prompt_batch(model, tokenizer, [e.question for e in examples])
+        calibration.append({"input_ids": ids, "attention_mask": mask, "pixel_values": normalised(examples)})
+    return vistok.tune(model, calibration, target=target, progress=True)
+
+
 def keep_everything_overhead(model, tokenizer, data: FashionQA, methods: list[str], batch_size: int,
                              runs: int) -> list[dict]:
     """The prefill of the first batch unpatched and with each method keeping every token (``keep=1.0``, the same
     logits), interleaved, the median of ``runs``: what the patched path costs when it removes nothing."""
     examples = [data.example(i) for i in range(min(batch_size, len(data)))]
-    images = torch.stack([torch.from_numpy(e.image).float().div(255)[None] for e in examples])
-    images = (images - FASHION_MNIST_MEAN) / FASHION_MNIST_STD
+    images = normalised(examples)
     questions = [e.question for e in examples]
     times: dict[str, list[float]] = {"unpatched": [], **{m: [] for m in methods}}
     for _ in range(runs):
@@ -139,6 +161,10 @@ def main(argv: list[str] | None = None, language_model=None) -> int:
     parser.add_argument("--fractions", nargs="*", type=float, default=None,
                         help="default 0.5 0.25 0.1; with --page 0.5 0.33 0.25 0.17")
     parser.add_argument("--page", action="store_true", help="the page VLM on sparse pages")
+    parser.add_argument("--tune", type=float, default=None, metavar="SHARE",
+                        help="also run vistok.tune at this share of the visual tokens on training questions and "
+                        "evaluate its pick (a row 'tuned: <pick>'; the pick and its search in <out>_tune.json)")
+    parser.add_argument("--tune-batches", type=int, default=4, help="calibration batches for --tune")
     parser.add_argument("--batch-size", type=int, default=50)
     parser.add_argument("--prefill-runs", type=int, default=3)
     parser.add_argument("--overhead", action="store_true",
@@ -158,6 +184,15 @@ def main(argv: list[str] | None = None, language_model=None) -> int:
         rows = []
         for method, tokens in settings(args.methods, args.fractions, grid[0] * grid[1], grid):
             rows.append(evaluate(model, tokenizer, data, method, tokens, args.batch_size, args.prefill_runs))
+            print(json.dumps(rows[-1]), flush=True)
+        if args.tune is not None:
+            tuned = tune_on_training_questions(model, tokenizer, args.page, args.tune, args.tune_batches,
+                                               args.batch_size, args.seed)
+            tuned.save(Path(args.out).with_name(Path(args.out).name + "_tune.json"))
+            tokens = round(tuned.best["tokens_ratio"] * grid[0] * grid[1])
+            rows.append(evaluate(model, tokenizer, data, f"tuned: {tuned.best['label']}", tokens, args.batch_size,
+                                 args.prefill_runs, config=tuned.config))
+            rows[-1]["tuner_seconds"] = tuned.seconds
             print(json.dumps(rows[-1]), flush=True)
     except vistok.VistokError as error:
         print(f"eval_vlm.py: error: {error}", file=sys.stderr)

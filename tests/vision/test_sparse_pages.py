@@ -4,6 +4,7 @@ counted over the page."""
 
 import copy
 import csv
+import json
 
 import numpy as np
 import pytest
@@ -204,10 +205,13 @@ def test_page_training_and_evaluation_tools(smollm2, tmp_path):
     assert load_tool("eval_vlm").main(
         ["--page", "--checkpoint", str(out / "model.safetensors"), "--questions", "2", "--batch-size", "2",
          "--prefill-runs", "1", "--fractions", "0.33", "--methods", "correlation_guided:redundancy=page",
-         "random_select", "--out", str(result)], language_model=(copy.deepcopy(smollm2[0]), smollm2[1])) == 0
+         "random_select", "--tune", "0.33", "--out", str(result)],
+        language_model=(copy.deepcopy(smollm2[0]), smollm2[1])) == 0
     rows = list(csv.DictReader(open(result.with_suffix(".csv"))))
-    assert [(r["method"], int(r["visual_tokens"])) for r in rows] == \
+    assert [(r["method"], int(r["visual_tokens"])) for r in rows[:3]] == \
         [("all tokens", 144), ("correlation_guided:redundancy=page", 48), ("random_select", 48)]
+    tuned = json.loads((tmp_path / "pages_tune.json").read_text())
+    assert rows[3]["method"] == f"tuned: {tuned['pick']['label']}" and int(rows[3]["visual_tokens"]) <= 48
     assert load_tool("eval_vlm").main(["--page", "--checkpoint", str(out / "model.safetensors"), "--methods",
                                        "correlation_guided:allocation", "--questions", "2", "--out",
                                        str(tmp_path / "bad")],

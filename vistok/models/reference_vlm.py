@@ -36,7 +36,7 @@ from .reference import REFERENCE_NAME, CheckpointError, reference_checkpoint
 __all__ = ["ReferenceVisionTower", "LoRALinear", "create_reference_vlm", "create_video_vlm", "build_prompt",
            "trained_state", "TrainingRun", "train_trained_tensors", "answer_batch", "answer_loss",
            "answer_questions", "prefill_seconds", "encoded_features", "Answers", "VLM_NAME", "VIDEO_VLM_NAME",
-           "PAGE_VLM_NAME", "create_page_vlm", "warm_start", "IMAGE_TOKEN"]
+           "PAGE_VLM_NAME", "create_page_vlm", "warm_start", "prompt_batch", "IMAGE_TOKEN"]
 
 VLM_NAME = "vistok_vlm_fmnist"
 VIDEO_VLM_NAME = "vistok_video_vlm_fmnist"
@@ -376,8 +376,8 @@ class Answers:
     new_tokens: list[list[int]] = field(default_factory=list)
 
 
-def _prompts(model: nn.Module, tokenizer: Any, questions: list[str], image_tokens: list[int] | None = None
-             ) -> tuple[Tensor, Tensor, int]:
+def prompt_batch(model: nn.Module, tokenizer: Any, questions: list[str], image_tokens: list[int] | None = None
+                 ) -> tuple[Tensor, Tensor, int]:
     """Left-padded prompts with the tower's full placeholder count (or ``image_tokens[i]`` for question ``i``),
     their mask, the padding id."""
     if image_tokens is None:
@@ -415,7 +415,7 @@ def _visual_tokens(model: nn.Module) -> int:
 def prefill_seconds(model: nn.Module, tokenizer: Any, images: Tensor, questions: list[str]) -> float:
     """Seconds of one forward over the prompts (the prefill: vision tower, any vistok method, the language
     model over the prompt), the next-token logits only."""
-    ids, mask, _ = _prompts(model, tokenizer, questions)
+    ids, mask, _ = prompt_batch(model, tokenizer, questions)
     started = time.perf_counter()
     model(input_ids=ids, attention_mask=mask, pixel_values=images, logits_to_keep=1)
     return time.perf_counter() - started
@@ -442,7 +442,7 @@ def answer_questions(model: nn.Module, tokenizer: Any, images: Tensor | None, qu
     if (images is None) == (features is None):
         raise ValueError("answer_questions: give images or features")
     counts = None if features is None else [f.shape[0] for f in features]
-    ids, mask, pad_id = _prompts(model, tokenizer, questions, counts)
+    ids, mask, pad_id = prompt_batch(model, tokenizer, questions, counts)
     visual = {"pixel_values": images} if features is None else {"mm_encoder_outputs": encoded_features(model,
                                                                                                        features)}
     config = SamplingConfig(temperature=0.0) if sampling is None else sampling
