@@ -365,3 +365,14 @@ def test_every_image_of_a_batch_gets_its_own_split():
     for config in (vistok.create_config("random_select", tokens=12), CorrelationGuidedConfig(tokens=12),
                    CorrelationGuidedConfig(tokens=12, global_share=0.5)):
         assert family.unit_budgets(config, "image", units)[2:] == family.unit_budgets(config, "image", alone)
+
+
+def test_the_tuner_gives_each_anyres_image_its_share():
+    """vistok.tune on LLaVA-OneVision: keep= candidates (an AnyRes image's tokens depend on its crops), the
+    class-token methods included (a CLIP tower), and the pick within the share."""
+    model = tiny_onevision()
+    batches = [image_inputs(model, seed=seed)[0] for seed in range(2)]
+    result = vistok.tune(model, batches, target=0.5, rungs=2)
+    assert {"merge_to_budget", "random_select", "dominant", "correlation_guided"} <= {r["method"] for r in result.rows}
+    assert all(row["config"].keep == 0.5 for row in result.rows) and result.best["tokens_ratio"] == 0.5
+    assert "error" not in result.best and result.best["images"] == 4

@@ -246,3 +246,15 @@ def test_rows_that_lose_different_counts_are_padded_where_decoding_needs():
     assert (unmasked - expected_last).abs().max() <= 1e-4
     assert several.shape[0] == 4 and torch.equal(several[:, :length], ids.repeat_interleave(2, dim=0))
     assert torch.equal(several[:, length:], expected_several[:, length:])
+
+
+def test_the_tuner_gives_each_image_its_share():
+    """vistok.tune on Qwen2-VL (images of different sizes): every candidate keeps the target share of each image
+    (keep=), pooling is not tried (its grid would depend on the image), and the pick runs through forward."""
+    model = tiny_qwen()
+    batches = [inputs(seed=seed) for seed in range(2)]
+    result = vistok.tune(model, batches, target=0.5, rungs=2)
+    assert {row["method"] for row in result.rows} == {"merge_to_budget", "random_select"}
+    assert all(row["config"].keep == 0.5 and "error" not in row for row in result.rows)
+    with torch.no_grad(), vistok.patch(model, result.config):
+        assert model(**batches[0]).logits.shape[1] < batches[0]["input_ids"].shape[1]
