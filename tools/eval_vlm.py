@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None, language_model=None) -> int:
             tuned = tune_on_training_questions(model, tokenizer, args.page, args.tune, args.tune_batches,
                                                args.batch_size, args.seed)
             tuned.save(Path(args.out).with_name(Path(args.out).name + "_tune.json"))
-            tokens = round(tuned.best["tokens_ratio"] * grid[0] * grid[1])
+            tokens = tuned.config.tokens
             rows.append(evaluate(model, tokenizer, data, f"tuned: {tuned.best['label']}", tokens, args.batch_size,
                                  args.prefill_runs, config=tuned.config))
             rows[-1]["tuner_seconds"] = tuned.seconds

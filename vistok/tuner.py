@@ -232,25 +232,46 @@ def _search(model: nn.Module, images: Tensor, target: float, labels: Tensor | No
                 row["latency_ratio"] = _latency_ratio(model, unpatched, images[:latency_images], latency_runs)
         rows.append(row)
     metric = "accuracy" if labels is not None else "embedding cosine" if encode is not None else "top-1 agreement"
-    sizes = [math.ceil(images.shape[0] / 2 ** (rungs - 1 - rung)) for rung in range(rungs)]
-    scored = 0
     key = f"{cost}_ratio"
     alive = [row for row in rows if row[key] <= target]
     if not alive:
         raise InvalidConfigError(f"tune: no candidate reaches {target:g}x the {COSTS[cost]} (the cheapest is "
                                  f"{min(r[key] for r in rows):.2f}x)")
-    for rung, size in enumerate(sizes):
-        todo = rows if rung == 0 else alive  # every candidate once (for the front), the survivors further
-        for row in tqdm(todo, desc=f"rung {rung + 1}/{rungs} ({size} images)", disable=not progress):
-            with patch(model, row["config"]), torch.no_grad():
-                logits = _outputs(model, images[:size], encode)
-            scored += size
-            scores = agreement_scores if encode is None else _cosine_scores
-            row.update(scores(logits, reference[:size], None if labels is None else labels[:size], rung))
-        alive = sorted(alive, key=lambda r: (-r["score"], r["kl"]))
+    scores = agreement_scores if encode is None else _cosine_scores
+
+    def score(row: dict[str, Any], size: int, rung: int) -> int:
+        with patch(model, row["config"]), torch.no_grad():
+            logits = _outputs(model, images[:size], encode)
+        row.update(scores(logits, reference[:size], None if labels is None else labels[:size], rung))
+        return size
+
+    best, scored = successive_halving(rows, alive, rungs, images.shape[0], score, progress, "images")
+    return best, rows, scored, metric
+
+
+def successive_halving(rows: list[dict[str, Any]], alive: list[dict[str, Any]], rungs: int, total: int,
+                       score: Callable[[dict[str, Any], int, int], int | None], progress: bool, unit: str
+                       ) -> tuple[dict[str, Any], int]:
+    """The search both tuners run: on rung ``r`` of ``rungs``, ``score(row, count, r)`` scores a row on the first
+    ``count = ceil(total / 2 ** (rungs - 1 - r))`` inputs (every row on the first rung, for the front; the rows
+    still ``alive`` after) and returns the inputs it ran, or ``None`` when the row cannot run (it then carries an
+    ``error``); after each rung the better half of ``alive`` (by ``score``, then lower ``kl``) goes on. Returns the
+    best row and the inputs scored in all."""
+    from tqdm.auto import tqdm
+
+    scored = 0
+    for rung in range(rungs):
+        count = math.ceil(total / 2 ** (rungs - 1 - rung))
+        for row in tqdm(rows if rung == 0 else alive, desc=f"rung {rung + 1}/{rungs} ({count} {unit})",
+                        disable=not progress):
+            used = score(row, count, rung)
+            scored += used or 0
+        alive = sorted((r for r in alive if "error" not in r), key=lambda r: (-r["score"], r["kl"]))
+        if not alive:
+            raise InvalidConfigError(f"tune: no candidate ran on this model: {rows[0].get('error')}")
         if rung < rungs - 1:
             alive = alive[: max(1, math.ceil(len(alive) / 2))]
-    return alive[0], rows, scored, metric
+    return alive[0], scored
 
 
 def _outputs(model: nn.Module, images: Tensor, encode: Callable[[nn.Module, Tensor], Tensor] | None) -> Tensor:

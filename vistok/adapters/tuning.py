@@ -124,30 +124,20 @@ def tune_vision_llm(model: nn.Module, batches: Sequence[Mapping[str, Any]], targ
 def _search(model: nn.Module, batches: Sequence[Mapping[str, Any]], rows: list[dict[str, Any]],
             labels: Tensor | None, rungs: int, progress: bool) -> tuple[dict[str, Any], int]:
     """Successive halving of ``rows`` over the batches; the best row and the prompts scored."""
-    from tqdm.auto import tqdm
-
     from ..patching import patch
-    from ..tuner import agreement_scores
+    from ..tuner import agreement_scores, successive_halving
 
     reference = _next_token_logits(model, batches)
-    counts = [math.ceil(len(batches) / 2 ** (rungs - 1 - rung)) for rung in range(rungs)]
-    alive, scored = list(rows), 0
-    for rung, count in enumerate(counts):
-        todo = rows if rung == 0 else alive
-        used = sum(int(batch["input_ids"].shape[0]) for batch in batches[:count])
-        for row in tqdm(todo, desc=f"rung {rung + 1}/{rungs} ({count} batches)", disable=not progress):
-            try:
-                with patch(model, row["config"]):
-                    logits = _next_token_logits(model, batches[:count])
-            except VistokError as error:  # a method this model cannot run (e.g. these images' grids)
-                row["error"] = str(error)
-                continue
-            scored += used
-            row.update(agreement_scores(logits, reference[:used], None if labels is None else labels[:used], rung))
-        alive = sorted((r for r in alive if "error" not in r), key=lambda r: (-r["score"], r["kl"]))
-        if not alive:
-            raise InvalidConfigError(f"tune: no boundary method ran on this model: {rows[0].get('error')}")
-        if rung < rungs - 1:
-            alive = alive[: max(1, math.ceil(len(alive) / 2))]
-    return alive[0], scored
 
+    def score(row: dict[str, Any], count: int, rung: int) -> int | None:
+        try:
+            with patch(model, row["config"]):
+                logits = _next_token_logits(model, batches[:count])
+        except VistokError as error:  # a method this model cannot run (e.g. these images' grids)
+            row["error"] = str(error)
+            return None
+        used = logits.shape[0]
+        row.update(agreement_scores(logits, reference[:used], None if labels is None else labels[:used], rung))
+        return used
+
+    return successive_halving(rows, list(rows), rungs, len(batches), score, progress, "batches")
