@@ -150,6 +150,27 @@ def tiny_idefics3(kind: str = "idefics3", seed: int = 0) -> nn.Module:
     return getattr(transformers, f"{prefix}ForConditionalGeneration")(config).eval()
 
 
+def tiny_hf_tower(kind: str = "clip", image_size: int = 64) -> nn.Module:
+    """A random Hugging Face ``CLIPVisionModel`` (``kind="clip"``), ``CLIPModel`` (``"clip-full"``, with a tiny text
+    tower) or ``SiglipVisionModel`` (``"siglip"``): 4 blocks of width 64 over ``image_size`` px in 8 px patches."""
+    from transformers import (
+        CLIPConfig,
+        CLIPModel,
+        CLIPVisionConfig,
+        CLIPVisionModel,
+        SiglipVisionConfig,
+        SiglipVisionModel,
+    )
+
+    vision = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                  image_size=image_size, patch_size=8)
+    torch.manual_seed(0)
+    if kind == "clip":
+        return CLIPVisionModel(CLIPVisionConfig(**vision)).eval()
+    if kind == "clip-full":
+        text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
+        return CLIPModel(CLIPConfig(vision_config=vision, text_config=text)).eval()
+    return SiglipVisionModel(SiglipVisionConfig(**vision)).eval()
 
 
 def tiny_llava(tower: str = "clip", strategy: str = "default", seed: int = 0) -> nn.Module:

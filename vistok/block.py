@@ -20,6 +20,7 @@ def run_block(
     layout: TokenLayout,
     reducer: TokenReducer | None = None,
     rope: Tensor | None = None,
+    attention: str = "auto",
 ) -> tuple[Tensor, TokenLayout]:
     """Run one pre-norm block on ``x`` ``[B, N, C]`` whose positions are described by ``layout``.
 
@@ -31,13 +32,14 @@ def run_block(
     Args:
         rope: the model's rotary embedding for its original patch grid (``[N0, D]`` or ``[H, N0, D]``);
             it is gathered to the positions the tokens came from.
+        attention: the attention path (``vistok.ops.attention``): ``"auto"``, ``"sdpa"`` or ``"flex"``.
 
     Returns:
         The block output ``[B, M, C]`` and its layout (``M <= N``).
     """
     if x.shape[0] == 0:
         reducer = None
-    x, layout, keys = _attention_residual(ops, x, layout, reducer, rope)
+    x, layout, keys = _attention_residual(ops, x, layout, reducer, rope, attention)
     if keys is not None:
         merged = reducer.merge(x, keys, layout)
         del keys  # the MLP is the block's memory peak: nothing of the attention may live through it
@@ -52,6 +54,7 @@ def _attention_residual(
     layout: TokenLayout,
     reducer: TokenReducer | None,
     rope: Tensor | None,
+    attention: str,
 ) -> tuple[Tensor, TokenLayout, Tensor | None]:
     """``x + attention(norm1(x))`` for the tokens the reducer keeps, their layout, and their keys
     ``[B, H, M, d]`` if the reducer merges after attention (else ``None``). Queries, values and the
@@ -75,7 +78,7 @@ def _attention_residual(
                 q, x, h = gather_head_tokens(q, index), gather_tokens(x, index), gather_tokens(h, index)
                 keys = gather_head_tokens(k, index) if merges else None
                 layout = layout.select(index, valid)
-        o = attend(q, k, v, key_bias, ops.dropout_p)
+        o = attend(q, k, v, key_bias, ops.dropout_p, attention)
     x = x + ops.attn_residual(ops.attn_out(o, h))
     if fusion is not None:
         x, layout = _fuse(x, layout, *fusion)

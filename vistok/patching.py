@@ -24,8 +24,9 @@ from torch import Tensor, nn
 
 from .backbones import Backbone, resolve_backbone
 from .block import run_block
-from .errors import AlreadyPatchedError, PatchStateError
+from .errors import AlreadyPatchedError, InvalidConfigError, PatchStateError
 from .methods import MethodConfig, MethodSpec, TokenReducer, create_config
+from .ops import check_attention_path
 from .tokens import TokenLayout
 
 __all__ = ["PatchHandle", "patch", "unpatch", "get_handle", "find_handle"]
@@ -37,12 +38,24 @@ _HANDLE_ATTR = "_vistok_handle"
 
 @dataclass
 class _CallState:
-    """What one forward pass carries from block to block."""
+    """What one forward pass carries from block to block: the layout after each block, and the latest layout and
+    a weak reference to the latest output in ``latest``.
 
-    layout: TokenLayout | None = None
-    layouts: dict[int, TokenLayout] = field(default_factory=dict)
+    Blocks update it through its dicts only: under ``torch.compile`` (torch 2.14), an attribute written between two
+    FlexAttention calls is lost from the traced program, an item written into a dict is not.
+    """
+
     input_tokens: int = 0
-    last_output: weakref.ref | None = None
+    layouts: dict[int, TokenLayout] = field(default_factory=dict)
+    latest: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def layout(self) -> TokenLayout | None:
+        return self.latest.get("layout")
+
+    @property
+    def last_output(self) -> weakref.ref | None:
+        return self.latest.get("output")
 
 
 class _LayoutTracker:
@@ -53,11 +66,12 @@ class _LayoutTracker:
     starts with none.
     """
 
-    def __init__(self, backbone: Backbone, first_block: int, trace: bool) -> None:
+    def __init__(self, backbone: Backbone, first_block: int, trace: bool, attention: str) -> None:
         self._backbone = backbone
         self.info = backbone.info
         self.first_block = first_block
         self.trace = trace
+        self.attention = attention  # the attention path of every patched block (vistok.ops.attention)
         self._calls = threading.local()
 
     def __getstate__(self) -> dict[str, Any]:
@@ -83,7 +97,7 @@ class _LayoutTracker:
                     "model.gradient_checkpointing_disable() (Hugging Face)")
             info = self.info
             layout = TokenLayout.original(x, info.num_prefix, info.has_class_token, self.trace, info.grid_size)
-            self._calls.state = _CallState(layout=layout, input_tokens=x.shape[1])
+            self._calls.state = _CallState(input_tokens=x.shape[1], latest={"layout": layout})
             return layout
         call = self.last_call()
         if call.layout is None or call.last_output is None or call.last_output() is not x:
@@ -95,9 +109,8 @@ class _LayoutTracker:
 
     def leave(self, block: int, x: Tensor, layout: TokenLayout) -> None:
         call = self.last_call()
-        call.layout = layout
         call.layouts[block] = layout
-        call.last_output = weakref.ref(x)
+        call.latest.update(layout=layout, output=weakref.ref(x))
 
     def current(self) -> TokenLayout | None:
         """The layout of the tokens the blocks last produced in this thread."""
@@ -129,7 +142,7 @@ class _PatchedBlockForward:
     def __call__(self, *args: Any, **kwargs: Any) -> Tensor:
         x, rope = self.backbone.block_inputs(*args, **kwargs)
         layout = self.tracker.enter(self.index, x)
-        x, layout = run_block(self.ops, x, layout, self.reducer, rope)
+        x, layout = run_block(self.ops, x, layout, self.reducer, rope, self.tracker.attention)
         self.tracker.leave(self.index, x, layout)
         return x
 
@@ -145,14 +158,14 @@ class PatchHandle:
     """
 
     def __init__(self, model: nn.Module, config: MethodConfig, backbone: Backbone,
-                 reducers: dict[int, TokenReducer]) -> None:
+                 reducers: dict[int, TokenReducer], attention: str = "auto") -> None:
         self.model = model
         self.config = config
         self.info = backbone.info
         self.reducers = reducers
         first = min(reducers)
         trace = any(reducer.traces_members for reducer in reducers.values())
-        self._tracker = _LayoutTracker(backbone, first, trace)
+        self._tracker = _LayoutTracker(backbone, first, trace, check_attention_path(attention))
         self._undo: list[Callable[[], None]] = []
         blocks = backbone.blocks()
         try:
@@ -170,6 +183,16 @@ class PatchHandle:
     def active(self) -> bool:
         """False once :meth:`remove` has run."""
         return get_handle(self.model) is self
+
+    @property
+    def attention(self) -> str:
+        """The attention path of the patched blocks: ``"auto"`` (default), ``"sdpa"`` or ``"flex"``; settable.
+        See the README's "Speed on GPUs" for which runs when; every path computes the same outputs."""
+        return self._tracker.attention
+
+    @attention.setter
+    def attention(self, path: str) -> None:
+        self._tracker.attention = check_attention_path(path)
 
     @property
     def layouts(self) -> dict[int, TokenLayout]:
@@ -210,7 +233,8 @@ class PatchHandle:
                 f"{sorted(self.reducers)}, {state})")
 
 
-def patch(model: nn.Module, method: MethodSpec | list[MethodSpec], **options: Any) -> PatchHandle:
+def patch(model: nn.Module, method: MethodSpec | list[MethodSpec], *, attention: str = "auto",
+          **options: Any) -> PatchHandle:
     """Make ``model`` spend fewer tokens with ``method``; reversible with ``handle.remove()``.
 
     Args:
@@ -220,6 +244,8 @@ def patch(model: nn.Module, method: MethodSpec | list[MethodSpec], **options: An
         method: a registered name (``vistok.list_methods()``), a config object such as
             ``vistok.ATSConfig(k=108)``, or a list of names / ``(name, options)`` pairs / configs applied
             together, e.g. ``[("ats", {"k": 120, "blocks": [3]}), ("merge", {"r": 8, "blocks": [6, 7]})]``.
+        attention: how the patched blocks run attention over reduced tokens: ``"auto"``, ``"sdpa"`` or ``"flex"``
+            (``vistok.ops.attention``; the same outputs on every path). Vision towers only.
         **options: the method's options when ``method`` is a name, e.g. ``k=108, blocks=range(3, 12)``.
 
     Returns:
@@ -239,8 +265,12 @@ def patch(model: nn.Module, method: MethodSpec | list[MethodSpec], **options: An
             "vistok.unpatch(model) first")
     from .adapters.vlm import patch_vision_llm, vision_llm_family
 
+    check_attention_path(attention)
     family = vision_llm_family(model)
     if family is not None:
+        if attention != "auto":
+            raise InvalidConfigError(f"attention={attention!r} applies to vision towers; a vision-LLM's boundary "
+                                     "methods run no attention of their own")
         return patch_vision_llm(model, config, family)
     backbone = resolve_backbone(model)
     for index, block in enumerate(backbone.blocks()):
@@ -248,7 +278,7 @@ def patch(model: nn.Module, method: MethodSpec | list[MethodSpec], **options: An
             raise AlreadyPatchedError(
                 f"{type(model).__name__}.blocks[{index}] already has a replaced forward (another patch?)")
     reducers = config.build(backbone.info)
-    return PatchHandle(model, config, backbone, reducers)
+    return PatchHandle(model, config, backbone, reducers, attention)
 
 
 def get_handle(model: nn.Module) -> PatchHandle | None:

@@ -10,14 +10,11 @@ import open_clip
 import pytest
 import timm
 import torch
-from transformers import CLIPVisionConfig, CLIPVisionModel, SiglipVisionConfig, SiglipVisionModel
+from helpers import tiny_hf_tower
 
 import vistok
 from vistok import InvalidConfigError
 from vistok.measure import peak_memory
-
-_HF_TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, image_size=32,
-                patch_size=8)
 
 
 def _timm(name, size=64, **kwargs):
@@ -43,8 +40,8 @@ CASES = {
                               ([("ats", {"k": 10, "blocks": [3]}), ("merge", {"r": 2, "blocks": [3, 4, 5]})], {}),
                               None),
     "open_clip avg pool, merge": (_open_clip, 32, ("merge", {"r": 2}), None),
-    "hf clip, ats": (lambda: CLIPVisionModel(CLIPVisionConfig(**_HF_TINY)), 32, ("ats", {"k": 5}), _encode_hf),
-    "hf siglip, merge": (lambda: SiglipVisionModel(SiglipVisionConfig(**_HF_TINY)), 32, ("merge", {"r": 2}),
+    "hf clip, ats": (lambda: tiny_hf_tower("clip", 32), 32, ("ats", {"k": 5}), _encode_hf),
+    "hf siglip, merge": (lambda: tiny_hf_tower("siglip", 32), 32, ("merge", {"r": 2}),
                          _encode_hf),
 }
 

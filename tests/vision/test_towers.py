@@ -3,36 +3,15 @@
 import open_clip
 import pytest
 import torch
-from helpers import TOL, KeepAboveMeanConfig
-from transformers import (
-    CLIPConfig,
-    CLIPModel,
-    CLIPVisionConfig,
-    CLIPVisionModel,
-    SiglipVisionConfig,
-    SiglipVisionModel,
-)
+from helpers import TOL, KeepAboveMeanConfig, tiny_hf_tower
 
 import vistok
 from vistok import InputShapeError, PatchStateError, UnsupportedModelError
-
-TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, image_size=64,
-            patch_size=8)
 
 
 def open_clip_model(name="ViT-B-32", **kwargs):
     torch.manual_seed(0)
     return open_clip.create_model(name, pretrained=None, **kwargs).eval()
-
-
-def hf_model(kind):
-    torch.manual_seed(0)
-    if kind == "clip":
-        return CLIPVisionModel(CLIPVisionConfig(**TINY)).eval()
-    if kind == "clip-full":
-        text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
-        return CLIPModel(CLIPConfig(vision_config=TINY, text_config=text)).eval()
-    return SiglipVisionModel(SiglipVisionConfig(**TINY)).eval()
 
 
 # each entry: build the model, make images, encode images to one tensor, patch count, blocks
@@ -45,7 +24,7 @@ def _clip_case(name):
 
 def _hf_case(kind):
     def build():
-        return hf_model(kind), torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+        return tiny_hf_tower(kind), torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(1))
     if kind == "clip-full":
         return build, lambda model, x: model.get_image_features(pixel_values=x).pooler_output
     return build, lambda model, x: model(pixel_values=x).pooler_output
@@ -118,7 +97,7 @@ def test_timm_trunk_towers_route_to_timm():
 
 
 def test_hf_hidden_states_and_refusals():
-    model = hf_model("siglip")
+    model = tiny_hf_tower("siglip")
     images = torch.randn(2, 3, 64, 64)
     with torch.no_grad(), vistok.patch(model, "ats", k=0.5, blocks=[1, 2]) as handle:
         out = model(pixel_values=images, output_hidden_states=True)

@@ -58,8 +58,10 @@ class TokenMerger(TokenReducer):
         arranged = layout.rearrange_merged(matching, weights)
         if isinstance(r, int):
             index, valid = keep_mask_to_index(arranged.valid, layout.num_tokens - r, uniform=True)
-        else:
+        elif sync.reads_are_free(x.device):
             index, valid = keep_mask_to_index(arranged.valid)
+        else:  # the widest an image can stay: a full one removes the fewest tokens relative to its count
+            index, valid = keep_mask_to_index(arranged.valid, layout.num_tokens - min(self.r, layout.num_patches // 2))
         x = gather_tokens(torch.cat([x[:, :prefix], merged], dim=1), index)
         new_layout = arranged.select(index, valid)
         return x, replace(new_layout, proportional=self.proportional_attention)

@@ -12,6 +12,8 @@ from torch import Tensor
 
 from ..backbones.base import BackboneInfo
 from ..errors import InvalidConfigError
+from ..ops import hashed_noise
+from ..tokens import TokenLayout
 from .ats import check_k, default_ats_blocks
 from .base import AttentionView, MethodConfig, TokenReducer, resolve_block_indices
 
@@ -21,8 +23,9 @@ __all__ = ["RandomDropConfig", "RandomDropper"]
 class RandomDropper(TokenReducer):
     """Keep ``min(k, valid patch tokens)`` patch tokens per image, uniformly at random.
 
-    Every call draws from a fresh generator seeded with ``seed``: the same batch keeps the same tokens on every
-    call (a reproducible baseline), and concurrent calls share no generator state.
+    The draw is a hash of ``(seed, image's position in the batch, token position)`` (``vistok.ops.hashed_noise``):
+    the same batch keeps the same tokens on every call and every device (a reproducible baseline), concurrent
+    calls share no state, and nothing is drawn on the host, so it compiles and never waits for a GPU.
     """
 
     def __init__(self, k: int | float, seed: int) -> None:
@@ -37,20 +40,26 @@ class RandomDropper(TokenReducer):
         prefix = layout.num_prefix
         valid = layout.valid_mask(view.q.device)[:, prefix:]
         counts = valid.sum(dim=1)
+        if layout.valid is None and self._max_patches(layout.num_patches) == layout.num_patches:
+            return None  # keeps every token, known without looking at them
         keep_count = counts.clamp(max=self.k) if isinstance(self.k, int) else (counts * self.k).round().clamp_min(1)
-        generator = torch.Generator().manual_seed(self.seed)
-        noise = torch.rand(valid.shape, generator=generator).to(view.q.device).masked_fill(~valid, -1.0)
-        rank = noise.argsort(dim=1, descending=True).argsort(dim=1)
+        noise = hashed_noise(self.seed, *valid.shape, device=valid.device).masked_fill(~valid, -1)
+        rank = noise.argsort(dim=1, descending=True, stable=True).argsort(dim=1)
         keep = rank < keep_count[:, None]
-        if bool(keep.all()):
-            return None
         return torch.cat([torch.ones(keep.shape[0], prefix, dtype=torch.bool, device=keep.device), keep], dim=1)
+
+    def max_kept(self, layout: TokenLayout) -> int:
+        return layout.num_prefix + self._max_patches(layout.num_patches)
+
+    def _max_patches(self, patches: int) -> int:
+        """The most patch tokens an image with at most ``patches`` of them keeps."""
+        return min(patches, self.k) if isinstance(self.k, int) else min(patches, max(1, round(patches * self.k)))
 
 
 @dataclass
 class RandomDropConfig(MethodConfig):
     """``vistok.patch(model, "random_drop", k=..., blocks=..., seed=0)``: ``k`` and ``blocks`` as for ATS.
-    Block ``b`` draws from a generator seeded with ``seed + b`` afresh on every call."""
+    Block ``b`` draws with seed ``seed + b``, afresh on every call (the same tokens for the same batch)."""
 
     k: int | float | Sequence[int | float] = 0.5
     blocks: Sequence[int] | None = None

@@ -1,26 +1,72 @@
-"""Attention pieces shared by every backbone: fused attention with a key bias, and the attention row of a
-single probe query (the CLS row ATS needs) without forming the ``N x N`` matrix."""
+"""Attention pieces shared by every backbone: fused attention with a key bias (two paths), and the attention row
+of a single probe query (the CLS row ATS needs) without forming the ``N x N`` matrix.
+
+The paths of :func:`attend`, all computing the same thing:
+
+* ``"sdpa"``: ``F.scaled_dot_product_attention``. Without a key bias this is the model's own fused (flash) kernel;
+  with one, the bias goes in as an additive mask, which on a GPU leaves the flash kernel for a slower one.
+* ``"flex"``: ``torch.nn.attention.flex_attention`` with the bias added to each score (``score_mod``), so a biased
+  attention stays one fused kernel. Fused only under ``torch.compile`` on a GPU; in eager mode it runs PyTorch's
+  reference implementation (correct, slow), and torch 2.14's compiled CPU kernels cannot read a bias computed in
+  the same graph. It has no dropout: with attention dropout active, ``"sdpa"`` runs.
+* ``"auto"``: ``"flex"`` where a bias is present and the call is being compiled for a CUDA device, else ``"sdpa"``.
+"""
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["attend", "probe_attention", "probe_query"]
+from ..errors import InvalidConfigError
+
+__all__ = ["ATTENTION_PATHS", "attend", "attention_path", "check_attention_path", "probe_attention", "probe_query"]
+
+ATTENTION_PATHS = ("auto", "sdpa", "flex")
 
 
-def attend(q: Tensor, k: Tensor, v: Tensor, key_bias: Tensor | None, dropout_p: float = 0.0) -> Tensor:
-    """``softmax(q k^T / sqrt(d) + key_bias) v`` by ``F.scaled_dot_product_attention``.
+def check_attention_path(path: object) -> str:
+    """``path`` if it names an attention path, else ``InvalidConfigError``."""
+    if path not in ATTENTION_PATHS:
+        raise InvalidConfigError(f"attention must be one of {ATTENTION_PATHS}, got {path!r}")
+    return path
+
+
+def attention_path(requested: str, q: Tensor, key_bias: Tensor | None, dropout_p: float) -> str:
+    """The path (``"sdpa"`` or ``"flex"``) :func:`attend` takes for this call when ``requested`` is asked for."""
+    if key_bias is None or dropout_p > 0 or q.shape[0] == 0:
+        return "sdpa"
+    if requested == "auto":
+        return "flex" if q.is_cuda and torch.compiler.is_compiling() else "sdpa"
+    return requested
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, key_bias: Tensor | None, dropout_p: float = 0.0,
+           path: str = "sdpa") -> Tensor:
+    """``softmax(q k^T / sqrt(d) + key_bias) v`` on the ``path`` of the module docstring.
 
     Args:
         q: ``[B, H, M, d]`` queries (``M`` may be smaller than ``N``: only the kept rows).
         k, v: ``[B, H, N, d]``.
         key_bias: ``[B, 1, 1, N]`` additive bias (``-inf`` masks a key) or ``None``.
+        path: ``"auto"``, ``"sdpa"`` or ``"flex"``.
 
     Returns:
         ``[B, H, M, d]``.
     """
+    if attention_path(path, q, key_bias, dropout_p) == "flex":
+        return _flex_attend(q, k, v, key_bias[:, 0, 0, :])
     return F.scaled_dot_product_attention(q, k, v, attn_mask=key_bias, dropout_p=dropout_p)
+
+
+def _flex_attend(q: Tensor, k: Tensor, v: Tensor, bias: Tensor) -> Tensor:
+    """FlexAttention with ``bias`` ``[B, N]`` added to every query's score of key ``n``."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    def add_key_bias(score: Tensor, batch: Tensor, head: Tensor, query: Tensor, key: Tensor) -> Tensor:
+        return score + bias[batch, key]
+
+    return flex_attention(q, k, v, score_mod=add_key_bias)
 
 
 def probe_attention(probe: Tensor, k: Tensor, key_bias: Tensor | None) -> Tensor:

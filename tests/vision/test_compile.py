@@ -1,0 +1,190 @@
+"""Patched models under ``torch.compile`` and on every attention path: whole graphs (no graph break inside a
+patched block: a host read would be one), the same outputs as eager mode and as the unpatched model."""
+
+import types
+
+import open_clip
+import pytest
+import timm
+import torch
+from helpers import TOL, make_images, make_model, tiny_hf_tower
+
+import vistok
+from vistok import InvalidConfigError
+from vistok.ops import attend, attention_path, hashed_noise
+
+# A 4-block ViT on 64 px (16 patches): methods in blocks 1-3.
+METHODS = {
+    "ats": ("ats", {"k": 0.4}),  # a fraction: every image its own number of levels, padded to the bound
+    "ats fusion": ("ats", {"k": 6, "fusion": True}),
+    "merge": ("merge", {"r": 3}),
+    "random_drop": ("random_drop", {"k": 0.5}),
+    "ats then merge": ([("ats", {"k": 8, "blocks": [1]}), ("merge", {"r": 2, "blocks": [2, 3]})], {}),
+}
+
+
+def _tiny_vit():
+    torch.manual_seed(0)
+    return timm.create_model("vit_tiny_patch16_224", img_size=64, depth=4, num_classes=10).eval()
+
+
+def _images(batch=3, size=64):
+    return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(1))
+
+
+def _compiled(function, backend="eager"):
+    torch._dynamo.reset()
+    return torch.compile(function, backend=backend, fullgraph=True)
+
+
+@pytest.mark.parametrize("case", sorted(METHODS))
+def test_compiled_whole_graph_matches_eager(case):
+    """Under compile the blocks pad to the methods' static bounds instead of reading counts: the valid tokens,
+    their outputs and the tokens per block are those of eager mode."""
+    method, options = METHODS[case]
+    model, images = _tiny_vit(), _images()
+    with vistok.patch(model, method, **options) as handle, torch.inference_mode():
+        expected, expected_tokens = model(images), handle.tokens_per_block()
+        handle._tracker.clear()
+        compiled = _compiled(model)(images)
+        assert handle.tokens_per_block() == expected_tokens
+        assert expected_tokens[-1] < expected_tokens[0]  # the method did reduce
+    torch.testing.assert_close(compiled, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_keep_everything_compiles_whole_and_matches_unpatched(family):
+    """Every timm family: keep-everything ATS (then merging nothing where merging applies) under fullgraph
+    compile runs the selection, gathers and padding masks, and still computes the unpatched model."""
+    model = make_model(family)
+    images = make_images(model, 2)
+    with torch.inference_mode():
+        expected = model(images)
+    info = vistok.patch(model, "ats").info
+    vistok.unpatch(model)
+    patches = info.num_patches
+    methods = [("ats", {"k": patches, "min_tokens": patches})]
+    if not info.rotary:
+        methods.append(("merge", {"r": 0}))
+    with vistok.patch(model, methods), torch.inference_mode():
+        compiled = _compiled(model)(images)
+    assert (compiled - expected).abs().max() <= TOL
+
+
+@pytest.mark.parametrize("tower", ["hf clip", "hf siglip", "open_clip"])
+def test_towers_compile_whole_and_match_unpatched(tower):
+    if tower == "open_clip":
+        torch.manual_seed(0)
+        model = open_clip.create_model("ViT-B-32", pretrained=None).eval()
+        images, encode = _images(2, 224), model.encode_image
+    else:
+        model = tiny_hf_tower(tower.removeprefix("hf "))
+        images, encode = _images(2), (lambda x: model(pixel_values=x).pooler_output)
+    with torch.inference_mode():
+        expected = encode(images)
+    patches = vistok.patch(model, "ats").info.num_patches
+    vistok.unpatch(model)
+    with vistok.patch(model, [("ats", {"k": patches, "min_tokens": patches}), ("merge", {"r": 0})]), \
+            torch.inference_mode():
+        compiled = _compiled(encode)(images)
+    assert (compiled - expected).abs().max() <= TOL
+
+
+@pytest.mark.parametrize("case", sorted(METHODS))
+def test_flex_path_matches_sdpa(case):
+    """FlexAttention's score_mod adds the same padding mask and log-size bias as SDPA's additive mask (eager
+    mode runs flex's reference implementation)."""
+    method, options = METHODS[case]
+    model, images = _tiny_vit(), _images()
+    with vistok.patch(model, method, attention="sdpa", **options) as handle, torch.inference_mode():
+        expected = model(images)
+        handle.attention = "flex"
+        flex = model(images)
+    torch.testing.assert_close(flex, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_flex_under_compile_matches_eager_sdpa():
+    """The flex path traced whole (AOT autograd over FlexAttention's operator): ATS pads, merging biases by size.
+    Inductor's fused kernels for it run on GPUs (tests/test_cuda.py); torch 2.14's CPU kernels cannot read a bias
+    computed inside the same graph."""
+    method, options = METHODS["ats then merge"]
+    model, images = _tiny_vit(), _images()
+    with vistok.patch(model, method, attention="sdpa", **options) as handle, torch.inference_mode():
+        expected = model(images)
+        handle.attention = "flex"
+        compiled = _compiled(model, backend="aot_eager")(images)
+    torch.testing.assert_close(compiled, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_attention_path_choice():
+    bias = torch.zeros(2, 1, 1, 5)
+    q = torch.zeros(2, 1, 5, 4)
+    on_gpu = types.SimpleNamespace(is_cuda=True, shape=q.shape)
+    assert attention_path("flex", q, None, 0.0) == "sdpa"  # nothing biased: the plain fused kernel
+    assert attention_path("flex", q, bias, 0.1) == "sdpa"  # flex has no dropout
+    assert attention_path("flex", q, bias, 0.0) == "flex"
+    assert attention_path("auto", q, bias, 0.0) == "sdpa"  # eager CPU
+    assert attention_path("auto", on_gpu, bias, 0.0) == "sdpa"  # eager GPU: flex would be unfused
+    assert _compiled(lambda: attention_path("auto", on_gpu, bias, 0.0) == "flex")() is True
+
+
+def test_attend_paths_agree_on_a_padded_biased_batch():
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(3, 2, n, 16, generator=generator) for n in (5, 9, 9))
+    bias = torch.rand(3, 9, generator=generator).log()
+    bias[0, 6:] = float("-inf")
+    key_bias = bias[:, None, None, :]
+    logits = q @ k.transpose(-2, -1) / 4 + key_bias
+    expected = logits.softmax(-1) @ v
+    for path in ("sdpa", "flex", "auto"):
+        torch.testing.assert_close(attend(q, k, v, key_bias, path=path), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_attention_option_is_checked():
+    model = _tiny_vit()
+    with pytest.raises(InvalidConfigError, match="attention must be one of"):
+        vistok.patch(model, "merge", attention="flash")
+    assert vistok.get_handle(model) is None
+    with vistok.patch(model, "merge") as handle:
+        assert handle.attention == "auto"
+        with pytest.raises(InvalidConfigError, match="attention must be one of"):
+            handle.attention = "xformers"
+        assert handle.attention == "auto"
+
+
+def _chi_square(counts, draws, kept):
+    """Pearson's statistic for how often each of ``len(counts)`` positions was among ``kept`` drawn uniformly
+    without replacement, ``draws`` times: chi-square with ``len(counts) - 1`` degrees of freedom (the counts
+    sum to ``draws * kept``; each free direction has variance ``draws * p * (n - kept) / (n - 1)``)."""
+    n = len(counts)
+    p = kept / n
+    return float(((counts.double() - draws * p) ** 2).sum() / (draws * p * (n - kept) / (n - 1)))
+
+
+CHI_SQUARE_15_999 = 37.7  # the 99.9 % quantile of chi-square with 15 degrees of freedom
+
+
+def test_hashed_noise_is_uniform_and_independent():
+    """Keeping the top half of each row: every position is kept half of the time, and two positions together
+    as often as a uniformly random half would."""
+    rows, columns = 4000, 16
+    noise = hashed_noise(7, rows, columns)
+    assert noise.dtype == torch.long and bool((noise >= 0).all()) and bool((noise < 2**62).all())
+    kept = noise.argsort(dim=1).argsort(dim=1) >= columns // 2
+    assert _chi_square(kept.sum(dim=0), rows, columns // 2) < CHI_SQUARE_15_999
+    both = float((kept[:, 0] & kept[:, 1]).double().mean())
+    assert abs(both - 0.5 * (columns // 2 - 1) / (columns - 1)) < 0.03
+    assert torch.equal(hashed_noise(7, rows, columns), noise)
+    assert not torch.equal(hashed_noise(8, rows, columns), noise)
+    assert torch.equal(hashed_noise(2**62 - 1, 2, 3), hashed_noise(2**62 - 1, 2, 3))
+
+
+def test_random_drop_keeps_uniformly_random_tokens():
+    """Over many seeds, random dropping keeps every patch position equally often."""
+    model = _tiny_vit()
+    images = _images(1)
+    counts = torch.zeros(16)
+    for seed in range(300):
+        with vistok.patch(model, "random_drop", k=4, blocks=[1], seed=seed) as handle, torch.inference_mode():
+            model(images)
+            counts[handle.layouts[1].source[0, 1:] - 1] += 1
+    assert _chi_square(counts, 300, 4) < CHI_SQUARE_15_999

@@ -1,0 +1,36 @@
+"""Random numbers as a pure function of ``(seed, row, column)``: the same values on every device, in eager mode
+and under ``torch.compile``, with no generator object and nothing copied from the host.
+
+A counter-based hash (each value hashes its own coordinates) in place of a generator's stream: ``torch.Generator``
+cannot be created inside a compiled graph, and drawing on the CPU for a GPU model copies from the host (which
+waits for the device) in every block. All arithmetic stays below ``2**63``, so int64 never overflows.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["hashed_noise"]
+
+_LOW_32 = 0xFFFFFFFF
+_MULTIPLIER = 0x45D9F3B  # below 2**27: a 32-bit value times it stays below 2**59
+
+
+def _mix32(x: Tensor | int) -> Tensor | int:
+    """An avalanche hash of 32-bit values (Python ints or int64 tensors): two multiply-xorshift rounds."""
+    x = ((x >> 16) ^ x) * _MULTIPLIER & _LOW_32
+    x = ((x >> 16) ^ x) * _MULTIPLIER & _LOW_32
+    return (x >> 16) ^ x
+
+
+def hashed_noise(seed: int, rows: int, columns: int, device: torch.device | str | None = None) -> Tensor:
+    """``[rows, columns]`` int64 values, independent and uniform over ``[0, 2**62)`` in practice, determined by
+    ``seed`` (an int in ``[0, 2**62)``) and each entry's position. Rank them to draw a random order.
+    """
+    row = torch.arange(rows, device=device, dtype=torch.long)[:, None]
+    column = torch.arange(columns, device=device, dtype=torch.long)[None, :]
+    seed_key = _mix32(_mix32(seed & _LOW_32) ^ ((seed >> 32) & _LOW_32))  # Python ints: no tensor for the seed
+    key = _mix32(_mix32(seed_key ^ row) ^ column)
+    high = _mix32(key ^ 0x5BD1E995)  # a second, independent 32 bits from the same key
+    return ((high & 0x3FFFFFFF) << 32) | key
