@@ -5,6 +5,7 @@ method that keeps a different number of tokens per image, reference computations
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -150,9 +151,10 @@ def tiny_idefics3(kind: str = "idefics3", seed: int = 0) -> nn.Module:
     return getattr(transformers, f"{prefix}ForConditionalGeneration")(config).eval()
 
 
-def tiny_hf_tower(kind: str = "clip", image_size: int = 64) -> nn.Module:
+def tiny_hf_tower(kind: str = "clip", image_size: int = 64, seed: int | None = 0) -> nn.Module:
     """A random Hugging Face ``CLIPVisionModel`` (``kind="clip"``), ``CLIPModel`` (``"clip-full"``, with a tiny text
-    tower) or ``SiglipVisionModel`` (``"siglip"``): 4 blocks of width 64 over ``image_size`` px in 8 px patches."""
+    tower) or ``SiglipVisionModel`` (``"siglip"``): 4 blocks of width 64 over ``image_size`` px in 8 px patches,
+    initialised from ``seed`` (``None``: from torch's global generator as it stands)."""
     from transformers import (
         CLIPConfig,
         CLIPModel,
@@ -164,7 +166,8 @@ def tiny_hf_tower(kind: str = "clip", image_size: int = 64) -> nn.Module:
 
     vision = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
                   image_size=image_size, patch_size=8)
-    torch.manual_seed(0)
+    if seed is not None:
+        torch.manual_seed(seed)
     if kind == "clip":
         return CLIPVisionModel(CLIPVisionConfig(**vision)).eval()
     if kind == "clip-full":
@@ -199,5 +202,6 @@ def load_tool(name: str) -> ModuleType:
     """``tools/<name>.py`` as a module (the tools are scripts, not a package)."""
     spec = importlib.util.spec_from_file_location(f"tool_{name}", ROOT / "tools" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module

@@ -32,6 +32,54 @@ def exact_float32():
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
+SYNC_FREE = {"ats": ("ats", {"k": 0.5}), "merge": ("merge", {"r": 8}), "random_drop": ("random_drop", {"k": 0.5}),
+             "ats then merge": ([("ats", {"k": 100, "blocks": [3]}), ("merge", {"r": 8, "blocks": [4, 5, 6]})], {})}
+
+
+@pytest.mark.parametrize("case", sorted(SYNC_FREE))
+def test_patched_forward_never_waits_for_the_gpu(case):
+    """No read back to the host and no synchronising copy inside a patched forward (CUDA's sync debug mode
+    raises on either): the host can queue the whole forward ahead of the device."""
+    method, options = SYNC_FREE[case]
+    model = make_model("vit").to(CUDA)
+    images = make_images(model, 4).to(CUDA)
+    with torch.no_grad(), vistok.patch(model, method, **options):
+        model(images)  # warm-up: lazy initialisation may synchronise once
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            model(images)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.parametrize("case", sorted(SYNC_FREE))
+def test_compiled_flex_path_matches_eager_on_cuda(case):
+    """Inductor's fused FlexAttention kernel (what "auto" runs compiled on a GPU) against eager SDPA, and the
+    random tokens are the CPU's."""
+    method, options = SYNC_FREE[case]
+    model = make_model("vit").to(CUDA)
+    images = make_images(model, 4).to(CUDA)
+    with torch.no_grad(), vistok.patch(model, method, attention="sdpa", **options) as handle:
+        expected = model(images)
+        handle.attention = "auto"
+        torch._dynamo.reset()
+        compiled = torch.compile(model, fullgraph=True)(images)
+    assert (compiled - expected).abs().max() <= 1e-3
+
+
+def test_random_drop_keeps_the_same_tokens_on_every_device():
+    on_cpu = make_model("vit")
+    on_gpu = copy.deepcopy(on_cpu).to(CUDA)
+    images = make_images(on_cpu, 3)
+    with torch.no_grad(), vistok.patch(on_cpu, "random_drop", k=0.3) as cpu_handle, \
+            vistok.patch(on_gpu, "random_drop", k=0.3) as gpu_handle:
+        on_cpu(images)
+        on_gpu(images.to(CUDA))
+        for block, layout in cpu_handle.layouts.items():
+            other = gpu_handle.layouts[block]
+            assert torch.equal(layout.source[:, : other.num_tokens].cpu(), other.source[:, : layout.num_tokens].cpu())
+
+
 def test_keep_everything_parity_and_removal_on_cuda(family):
     model = make_model(family).to(CUDA)
     images = make_images(model, 2).to(CUDA)

@@ -1,13 +1,14 @@
 """Patched models under ``torch.compile`` and on every attention path: whole graphs (no graph break inside a
 patched block: a host read would be one), the same outputs as eager mode and as the unpatched model."""
 
+import json
 import types
 
 import open_clip
 import pytest
 import timm
 import torch
-from helpers import TOL, make_images, make_model, tiny_hf_tower
+from helpers import TOL, load_tool, make_images, make_model, tiny_hf_tower
 
 import vistok
 from vistok import InvalidConfigError
@@ -50,6 +51,40 @@ def test_compiled_whole_graph_matches_eager(case):
         assert handle.tokens_per_block() == expected_tokens
         assert expected_tokens[-1] < expected_tokens[0]  # the method did reduce
     torch.testing.assert_close(compiled, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_patching_after_compiling_recompiles():
+    """dynamo's guards see the patch come and go: never a stale graph."""
+    model, images = _tiny_vit(), _images()
+    with torch.inference_mode():
+        unpatched = model(images)
+        compiled = _compiled(model)
+        assert torch.equal(compiled(images), unpatched)
+        with vistok.patch(model, "merge", r=3):
+            patched = model(images)
+            torch.testing.assert_close(compiled(images), patched, atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(patched, unpatched, atol=1e-3)
+        assert torch.equal(compiled(images), unpatched)
+
+
+def test_a_dynamic_batch_compiles_once():
+    graphs = []
+
+    def counting_backend(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    model = _tiny_vit()
+    method, options = METHODS["ats then merge"]
+    with vistok.patch(model, method, **options), torch.inference_mode():
+        expected = [model(_images(batch)) for batch in (2, 5)]
+        compiled = _compiled(model, backend=counting_backend)
+        first = _images(2)
+        torch._dynamo.mark_dynamic(first, 0)
+        got = [compiled(first), compiled(_images(5))]
+    assert len(graphs) == 1
+    for out, reference in zip(got, expected, strict=True):
+        torch.testing.assert_close(out, reference, atol=1e-5, rtol=1e-5)
 
 
 def test_keep_everything_compiles_whole_and_matches_unpatched(family):
@@ -188,3 +223,21 @@ def test_random_drop_keeps_uniformly_random_tokens():
             model(images)
             counts[handle.layouts[1].source[0, 1:] - 1] += 1
     assert _chi_square(counts, 300, 4) < CHI_SQUARE_15_999
+
+
+@pytest.mark.slow
+def test_gpu_benchmark_runs_every_step(tmp_path):
+    """tools/bench_gpu.py's dry run: every model variant, eager and compiled (both attention paths), and the
+    vision-LLM prefill, measured and written to the JSON; the GPU run is the same code on bigger models."""
+    bench = load_tool("bench_gpu")
+    out = tmp_path / "gpu.json"
+    assert bench.main(["--smoke", "--batches", "2", "--runs", "1", "--out", str(out)]) == 0
+    record = json.loads(out.read_text())
+    assert record["errors"] == [] and record["skipped"] == []
+    rows = {(row["mode"], row["variant"]) for row in record["rows"]}
+    variants = bench.SMOKE_CASES[0].variants(("auto", "sdpa"))
+    assert rows == {("eager", "unpatched"), ("compiled", "unpatched")} | {("compiled", label) for label in variants} \
+        | {("eager", label) for label in bench.SMOKE_CASES[0].variants(("auto",))}
+    assert all(row["speedup"] > 0 and row["compile_s"] is not None for row in record["rows"]
+               if row["mode"] == "compiled")
+    assert [row["variant"] for row in record["prefill"]][0] == "all tokens" and len(record["prefill"]) == 4

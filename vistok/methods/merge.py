@@ -42,6 +42,8 @@ class TokenMerger(TokenReducer):
 
     def merge(self, x: Tensor, keys: Tensor, layout: TokenLayout) -> tuple[Tensor, TokenLayout] | None:
         prefix = layout.num_prefix
+        if layout.num_patches < 2:  # no pair left to merge, known from the shape alone
+            return None
         if layout.valid is None:  # every image has the same tokens: r is known without reading the device
             r = min(self.r, (layout.num_tokens - prefix) // 2)
             if r == 0:

@@ -60,7 +60,8 @@ def bipartite_soft_matching(metric: Tensor, r: int | Tensor, valid: Tensor | Non
     if out_of_range:
         shown = r if isinstance(r, int) else r.tolist()
         raise InvalidConfigError(f"bipartite_soft_matching: r={shown} must be in [0, {len(a_positions)}] for N={n}")
-    r = torch.as_tensor(r, device=device).expand(batch)
+    # An int becomes a tensor by a fill on the device: a copy from the host would wait for the device's queue.
+    r = torch.full((batch,), r, device=device) if isinstance(r, int) else r.expand(batch)
     metric = F.normalize(metric.float(), dim=-1)
     scores = metric[:, a_positions] @ metric[:, b_positions].transpose(1, 2)
     if valid is not None:

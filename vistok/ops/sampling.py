@@ -70,7 +70,8 @@ def inverse_transform_sampling(
         lowest, width = 1, max_levels
     if lowest < 1:
         raise InvalidConfigError(f"inverse_transform_sampling: num_levels must be >= 1, got {lowest}")
-    levels = torch.as_tensor(num_levels, device=device).long().expand(batch)
+    levels = torch.full((batch,), lowest, device=device) if not isinstance(num_levels, Tensor) \
+        else num_levels.long().expand(batch)  # a fill, not a copy from the host (which would wait for the device)
 
     probs = _normalise(scores, valid)
     n_valid = valid.sum(dim=1)
@@ -129,7 +130,7 @@ def _top_up(keep: Tensor, probs: Tensor, valid: Tensor, min_keep: int) -> Tensor
     """Add the highest-scoring unkept valid tokens until ``min(min_keep, n_valid)`` are kept."""
     if min_keep <= 0:
         return keep
-    need = (torch.minimum(valid.sum(dim=1), torch.tensor(min_keep, device=keep.device)) - keep.sum(dim=1))
+    need = valid.sum(dim=1).clamp(max=min_keep) - keep.sum(dim=1)
     if sync.reads_are_free(keep.device) and not bool((need > 0).any()):
         return keep
     candidates = probs.masked_fill(~valid | keep, -1.0)
