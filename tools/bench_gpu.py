@@ -36,6 +36,7 @@ from torch import nn
 
 import vistok
 from vistok.measure import time_models
+from vistok.methods.ats import default_ats_blocks
 
 
 @dataclass(frozen=True)
@@ -49,7 +50,7 @@ class ModelCase:
 
     def variants(self, attention_paths: tuple[str, ...]) -> dict[str, tuple[Any, dict, str]]:
         """``{label: (method, options, attention)}`` of the patched variants."""
-        blocks = list(range(max(1, round(self.depth / 4)), self.depth))
+        blocks = default_ats_blocks(self.depth)  # the paper's 3..11 of 12, scaled
         ats = {"k": 108, "blocks": blocks}
         merge_after = list(range(blocks[0] + 1, self.depth))
         methods = {
@@ -59,7 +60,7 @@ class ModelCase:
                            ("merge", {"r": max(1, self.merge_r // 2), "blocks": merge_after})], {}),
         }
         return {f"{label} [{path}]" if len(attention_paths) > 1 else label: (method, options, path)
-                for label, (method, options) in methods.items() for path in attention_paths}
+                for path in attention_paths for label, (method, options) in methods.items()}
 
 
 FULL_CASES = [
@@ -104,6 +105,7 @@ def _peak_bytes(model: Callable, images: torch.Tensor) -> int | None:
 
 def _build(case: ModelCase, attention_paths: tuple[str, ...], device: torch.device, dtype: torch.dtype
            ) -> dict[str, nn.Module]:
+    """The unpatched model, then the patched variants path by path (the first path's first: they matter most)."""
     torch.manual_seed(0)
     base = timm.create_model(case.name, pretrained=False, **case.timm_kwargs).eval().to(device=device, dtype=dtype)
     models = {"unpatched": base}
@@ -113,33 +115,39 @@ def _build(case: ModelCase, attention_paths: tuple[str, ...], device: torch.devi
     return models
 
 
-def _compile(models: dict[str, nn.Module], example: torch.Tensor, backend: str, mode: str | None
-             ) -> tuple[dict[str, nn.Module], dict[str, float]]:
-    """Each model compiled whole with a dynamic batch dimension; the first call (compile + run) timed."""
+def _compile(recorder: Recorder, case: ModelCase, models: dict[str, nn.Module], example: torch.Tensor,
+             args: argparse.Namespace, deadline: float) -> tuple[dict[str, nn.Module], dict[str, float]]:
+    """Each model compiled whole, the batch dimension dynamic (one compile for every batch size), in order, while
+    the deadline allows; the first call (compile + run) is timed. A model that fails to compile is recorded and
+    left out, and the others go on."""
     compiled, seconds = {}, {}
     for label, model in models.items():
-        function = torch.compile(model, backend=backend, mode=mode, fullgraph=True)
-        _sync(example.device)
+        if time.perf_counter() > deadline:
+            recorder.add("skipped", {"model": case.name, "variant": label, "why": "time budget (compile)"})
+            continue
+        function = torch.compile(model, backend=args.backend, mode=args.compile_mode, fullgraph=True)
+        images = example.clone()
+        torch._dynamo.maybe_mark_dynamic(images, 0)
+        _sync(images.device)
         start = time.perf_counter()
         try:
-            images = example.clone()
-            torch._dynamo.mark_dynamic(images, 0)
             with torch.inference_mode():
                 function(images)
-        except Exception as error:  # a dynamic batch this torch cannot trace: one compile per batch size instead
-            print(f"{label}: dynamic batch failed ({error!r:.200}); compiling per batch size", flush=True)
-            torch._dynamo.reset()
-            function = torch.compile(model, backend=backend, mode=mode, fullgraph=True)
-            with torch.inference_mode():
-                function(example)
-        _sync(example.device)
+        except Exception as error:
+            recorder.add("errors", {"model": case.name, "variant": label, "stage": "compile", "error": repr(error)})
+            print(f"{case.name} {label}: compile failed: {error!r:.300}", flush=True)
+            continue
+        _sync(images.device)
         seconds[label] = time.perf_counter() - start
         compiled[label] = function
+        print(f"{case.name} {label}: compiled in {seconds[label]:.1f} s", flush=True)
     return compiled, seconds
 
 
 def _measure(recorder: Recorder, case: ModelCase, mode: str, models: dict[str, nn.Module], batch: int,
              images: torch.Tensor, runs: int, compile_seconds: dict[str, float]) -> None:
+    if "unpatched" not in models:
+        return
     timings = time_models(models, images, warmup=2, runs=runs)
     base = timings["unpatched"].images_per_s
     base_peak = _peak_bytes(models["unpatched"], images)
@@ -163,17 +171,21 @@ def _bench_case(recorder: Recorder, case: ModelCase, args: argparse.Namespace, a
     generator = torch.Generator().manual_seed(0)
     example = torch.randn(args.batches[0], 3, args.image_size, args.image_size, generator=generator)
     example = example.to(device=device, dtype=dtype)
-    compiled, compile_seconds = _compile(_build(case, attention_paths, device, dtype), example, args.backend,
-                                         args.compile_mode)
-    print(f"{case.name}: compiled in " + ", ".join(f"{k} {v:.1f} s" for k, v in compile_seconds.items()), flush=True)
+    # a quarter of the budget stays for timing: compiling the last comparison copies matters least
+    compiled, compile_seconds = _compile(recorder, case, _build(case, attention_paths, device, dtype), example, args,
+                                         deadline - args.budget_s / 4)
     for batch in args.batches:
         if time.perf_counter() > deadline:
             recorder.add("skipped", {"model": case.name, "batch": batch, "why": "time budget"})
             continue
         images = torch.randn(batch, 3, args.image_size, args.image_size, generator=generator).to(device, dtype)
         runs = max(3, args.runs // 2) if batch >= 1024 else args.runs
-        _measure(recorder, case, "eager", eager, batch, images, runs, {})
-        _measure(recorder, case, "compiled", compiled, batch, images, runs, compile_seconds)
+        for mode, models, seconds in (("eager", eager, {}), ("compiled", compiled, compile_seconds)):
+            try:
+                _measure(recorder, case, mode, models, batch, images, runs, seconds)
+            except Exception as error:  # e.g. out of memory at the largest batch: the other rows stand
+                recorder.add("errors", {"model": case.name, "mode": mode, "batch": batch, "error": repr(error)})
+                print(f"{case.name} {mode} B={batch}: {error!r:.300}", flush=True)
 
 
 def _prefill(recorder: Recorder, args: argparse.Namespace, smoke: bool) -> None:
@@ -276,6 +288,8 @@ def main(argv: list[str] | None = None) -> int:
     for limit in ("cache_size_limit", "recompile_limit", "accumulated_cache_size_limit", "accumulated_recompile_limit"):
         if hasattr(torch._dynamo.config, limit):
             setattr(torch._dynamo.config, limit, max(256, getattr(torch._dynamo.config, limit)))
+    if hasattr(torch._dynamo.config, "fail_on_recompile_limit_hit"):  # never time eager code as "compiled"
+        torch._dynamo.config.fail_on_recompile_limit_hit = True
     start = time.perf_counter()
     deadline = start + args.budget_s
     device = torch.device(args.device)
@@ -285,13 +299,15 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps(meta), flush=True)
     recorder = Recorder(args.out, meta)
     for index, case in enumerate(cases):
-        if time.perf_counter() > deadline:
+        if time.perf_counter() > deadline - args.budget_s / 5:  # too little left to compile and time a model
             recorder.add("skipped", {"model": case.name, "why": "time budget"})
             continue
         # The first model compares the attention paths, except under inductor on the CPU, which cannot compile
         # flex with the bias vistok computes in the graph (and where "auto" is SDPA anyway).
-        compare = index == 0 and (device.type == "cuda" or args.backend != "inductor")
-        paths = ("auto", "sdpa") if compare else ("auto",)
+        if index > 0 or (device.type == "cpu" and args.backend == "inductor"):
+            paths: tuple[str, ...] = ("auto",)
+        else:  # on the CPU "auto" is SDPA: the dry run traces flex explicitly
+            paths = ("auto", "sdpa") if device.type == "cuda" else ("auto", "sdpa", "flex")
         try:
             _bench_case(recorder, case, args, paths, deadline)
         except Exception as error:  # one model's failure must not lose the others' figures

@@ -103,7 +103,7 @@ def _kept_positions(keep: Tensor, layout: TokenLayout, reducer: TokenReducer) ->
     """
     bound = reducer.max_kept(layout)
     if bound is not None and not sync.reads_are_free(keep.device):
-        return keep_mask_to_index(keep, bound)
+        return keep_mask_to_index(keep, bound, uniform=reducer.keeps_exactly(layout))
     width, uniform, prefix_kept = kept_count_summary(keep, layout.num_prefix)
     if not prefix_kept:
         raise PatchStateError(f"{type(reducer).__name__} dropped a prefix token; prefix tokens must stay")

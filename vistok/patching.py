@@ -187,7 +187,7 @@ class PatchHandle:
     @property
     def attention(self) -> str:
         """The attention path of the patched blocks: ``"auto"`` (default), ``"sdpa"`` or ``"flex"``; settable.
-        See the README's "Speed on GPUs" for which runs when; every path computes the same outputs."""
+        See the README's "Compiled, and on GPUs" for which runs when; every path computes the same outputs."""
         return self._tracker.attention
 
     @attention.setter

@@ -69,6 +69,10 @@ class AdaptiveTokenSampler(TokenReducer):
         patches = layout.num_tokens - layout.num_prefix
         return layout.num_prefix + min(patches, max(self._max_levels(patches), self.min_tokens))
 
+    def keeps_exactly(self, layout: TokenLayout) -> bool:
+        patches = layout.num_tokens - layout.num_prefix
+        return layout.valid is None and self.min_tokens >= self._max_levels(patches)  # a fixed budget
+
     def _max_levels(self, patches: int) -> int:
         """The most levels an image with at most ``patches`` patch tokens gets."""
         return self.k if isinstance(self.k, int) else max(1, round(patches * self.k))
@@ -78,7 +82,7 @@ class AdaptiveTokenSampler(TokenReducer):
             return self.k
         counts = torch.full((scores.shape[0],), scores.shape[1], device=scores.device) if valid is None \
             else valid.sum(dim=1)
-        return (counts * self.k).round().long().clamp_min(1)
+        return (counts.double() * self.k).round().long().clamp_min(1)  # float64: as _max_levels rounds
 
 
 @dataclass

@@ -58,6 +58,11 @@ class TokenReducer:
         wait for every queued kernel. A reducer that gives a bound must keep every prefix token."""
         return None
 
+    def keeps_exactly(self, layout: TokenLayout) -> bool:
+        """Whether every image keeps exactly :meth:`max_kept` tokens, known without looking at the tokens: the
+        block then needs no padding mask (and attention keeps its unmasked fused kernel)."""
+        return False
+
     def attend(self, ops: BlockOps, h: Tensor, layout: TokenLayout) -> Tensor | None:
         """Compute the block's attention another way: normalised tokens ``h`` ``[B, N, C]`` -> the per-head
         attention output ``[B, H, N, d]`` (before the output projection), using the block's own ``ops``;

@@ -42,7 +42,9 @@ class RandomDropper(TokenReducer):
         counts = valid.sum(dim=1)
         if layout.valid is None and self._max_patches(layout.num_patches) == layout.num_patches:
             return None  # keeps every token, known without looking at them
-        keep_count = counts.clamp(max=self.k) if isinstance(self.k, int) else (counts * self.k).round().clamp_min(1)
+        # in float64, as max_kept's Python arithmetic: a float32 product can round the other way at .5
+        keep_count = counts.clamp(max=self.k) if isinstance(self.k, int) \
+            else (counts.double() * self.k).round().long().clamp_min(1)
         noise = hashed_noise(self.seed, *valid.shape, device=valid.device).masked_fill(~valid, -1)
         rank = noise.argsort(dim=1, descending=True, stable=True).argsort(dim=1)
         keep = rank < keep_count[:, None]
@@ -50,6 +52,9 @@ class RandomDropper(TokenReducer):
 
     def max_kept(self, layout: TokenLayout) -> int:
         return layout.num_prefix + self._max_patches(layout.num_patches)
+
+    def keeps_exactly(self, layout: TokenLayout) -> bool:
+        return layout.valid is None  # every image has all its patches, so each keeps the bound
 
     def _max_patches(self, patches: int) -> int:
         """The most patch tokens an image with at most ``patches`` of them keeps."""

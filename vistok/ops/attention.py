@@ -42,7 +42,7 @@ def attention_path(requested: str, q: Tensor, key_bias: Tensor | None, dropout_p
 
 
 def attend(q: Tensor, k: Tensor, v: Tensor, key_bias: Tensor | None, dropout_p: float = 0.0,
-           path: str = "sdpa") -> Tensor:
+           path: str = "auto") -> Tensor:
     """``softmax(q k^T / sqrt(d) + key_bias) v`` on the ``path`` of the module docstring.
 
     Args:
