@@ -126,6 +126,22 @@ def test_towers_compile_whole_and_match_unpatched(tower):
     assert (compiled - expected).abs().max() <= TOL
 
 
+def test_video_transformer_compiles_whole():
+    """VideoMAE: space-time tokens, ATS padding a batch, and the mean-pooling hook that reads the last tokens."""
+    from transformers import VideoMAEConfig, VideoMAEForVideoClassification
+
+    torch.manual_seed(0)
+    model = VideoMAEForVideoClassification(VideoMAEConfig(
+        image_size=32, num_frames=4, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
+        intermediate_size=128, patch_size=8, tubelet_size=2, num_labels=5)).eval()
+    clips = torch.randn(3, 4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with vistok.patch(model, "ats", k=0.5) as handle, torch.inference_mode():
+        expected = model(pixel_values=clips).logits
+        compiled = _compiled(lambda x: model(pixel_values=x).logits)(clips)
+        assert handle.layouts[3].valid is not None  # the compiled call padded to the bound
+    torch.testing.assert_close(compiled, expected, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("case", sorted(METHODS))
 def test_flex_path_matches_sdpa(case):
     """FlexAttention's score_mod adds the same padding mask and log-size bias as SDPA's additive mask (eager
