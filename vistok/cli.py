@@ -59,6 +59,12 @@ def _build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     bench.add_argument("--flops-images", type=int, default=None,
                        help="count FLOPs on this many images (default: the whole batch)")
+    bench.add_argument("--device", default="cpu", help="where to time the models, e.g. cuda (FLOPs: on the CPU)")
+    bench.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    bench.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
+                       help="time every model compiled whole (torch.compile, fullgraph; backend: inductor)")
+    bench.add_argument("--attention", default="auto", choices=["auto", "sdpa", "flex"],
+                       help="the patched model's attention path")
     bench.add_argument("--json", default=None, help="also write the report to this JSON file")
     bench.add_argument("--no-progress", action="store_true")
     commands.add_parser("methods", help="list the registered methods")
@@ -141,7 +147,8 @@ def _bench(args: argparse.Namespace) -> int:
         raise SystemExit("vistok bench: -o/--option needs --method")
     report = run_benchmark(args.model, variants, batch_size=args.batch_size, runs=args.runs,
                            warmup=args.warmup, seed=args.seed, flops_images=args.flops_images,
-                           progress=not args.no_progress)
+                           progress=not args.no_progress, device=args.device, dtype=getattr(torch, args.dtype),
+                           compile=args.compile, attention=args.attention)
     print(report.format_table())
     if args.json:
         with open(args.json, "w") as handle:

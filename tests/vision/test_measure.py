@@ -79,6 +79,21 @@ def test_bench_command(tmp_path, capsys):
     assert patched["gflops_ratio"] < 0.75 and patched["tokens_per_block"][3] <= 109
 
 
+def test_bench_command_compiled(tmp_path, capsys):
+    """--compile times the compiled models (here dynamo with the eager backend: quick); merging nothing is the
+    unpatched function, compiled too."""
+    out = tmp_path / "bench.json"
+    code = main(["bench", "--model", "vit_tiny_patch16_224", "--method", "merge", "-o", "r=0", "--batch-size", "2",
+                 "--runs", "1", "--warmup", "0", "--no-progress", "--compile", "eager", "--attention", "flex",
+                 "--json", str(out)])
+    assert code == 0
+    assert "compiled (eager, fullgraph)" in capsys.readouterr().out
+    report = json.loads(out.read_text())
+    assert report["compiled"] == "eager" and report["attention"] == "flex"
+    assert all(result["compile_s"] > 0 for result in report["results"])
+    assert report["results"][1]["cosine_to_unpatched"] > 0.9999
+
+
 def test_bench_command_bad_input(capsys):
     assert main(["bench", "--model", "vit_small_patch16_224", "--method", "nope"]) == 2
     assert "unknown method 'nope'" in capsys.readouterr().err

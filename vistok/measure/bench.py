@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import platform
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -44,6 +45,7 @@ class VariantResult:
     timing: Timing
     cosine_to_unpatched: float
     top1_agreement: float
+    compile_s: float | None = None  # the first compiled call (compile + one forward), when compiled
 
     @property
     def mean_tokens(self) -> float:
@@ -61,6 +63,8 @@ class BenchReport:
     runs: int
     warmup: int
     results: list[VariantResult]
+    compiled: str | None = None
+    attention: str = "auto"
 
     @property
     def baseline(self) -> VariantResult:
@@ -77,7 +81,8 @@ class BenchReport:
     def format_table(self) -> str:
         head = (f"{self.model_name}: batch {self.batch_size}, {self.image_size[0]}x{self.image_size[1]}, "
                 f"{self.dtype}, {self.device} ({self.threads} threads), median of {self.runs} runs after "
-                f"{self.warmup} warm-up")
+                f"{self.warmup} warm-up" + (f", compiled ({self.compiled}, fullgraph)" if self.compiled else "")
+                + f", attention {self.attention}")
         columns = f"{'variant':<22}{'tokens/block':>13}{'GFLOPs/img':>12}{'img/s':>9}" \
                   f"{'GFLOPs ratio':>14}{'speedup':>9}{'speedup x ratio':>17}{'cos':>7}{'top-1 agree':>13}"
         lines = [head, columns, "-" * len(columns)]
@@ -93,6 +98,9 @@ class BenchReport:
         for result in self.results[1:]:
             per_block = ", ".join(f"{count:.1f}" for count in result.tokens_per_block)
             lines.append(f"{result.label} tokens per block: [{per_block}]")
+        if self.compiled:
+            times = ", ".join(f"{result.label} {result.compile_s:.1f} s" for result in self.results)
+            lines.append(f"compile time (first call): {times}")
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
@@ -130,6 +138,8 @@ def run_benchmark(
     dtype: torch.dtype = torch.float32,
     input_shape: tuple[int, ...] | None = None,
     label: str | None = None,
+    compile: str | None = None,
+    attention: str = "auto",
 ) -> BenchReport:
     """Benchmark a randomly initialised model, unpatched and with each variant (CPU, fp32 by default).
 
@@ -138,6 +148,10 @@ def run_benchmark(
     ``label``). Inputs are ``batch_size`` standard-normal samples (seeded). FLOPs are counted on the CPU in fp32
     (the same count on every device) and averaged over the first ``flops_images`` inputs (all by default); tokens
     per block, outputs and timings come from ``device`` in ``dtype``.
+
+    ``compile``: a ``torch.compile`` backend (``"inductor"``): every model, unpatched too, is then compiled whole
+    (``fullgraph=True``) and outputs and timings come from the compiled models; the first call's time is
+    reported. ``attention``: the patched models' attention path (``"auto"``, ``"sdpa"``, ``"flex"``).
     """
     from ..patching import patch
 
@@ -158,19 +172,25 @@ def run_benchmark(
     all_variants = [Variant("unpatched")] + [v for v in variants if v.method is not None]
     for variant in all_variants[1:]:
         models[variant.label] = copy.deepcopy(base)
-        patch(models[variant.label], variant.method, **variant.options)
+        patch(models[variant.label], variant.method, attention=attention, **variant.options)
 
     bar = tqdm(total=len(models) * (warmup + runs + 1), disable=not progress, desc=model_name, leave=False)
     counted = images[:flops_images] if flops_images else images
     timed_images = images.to(device=device, dtype=dtype)
-    costs, outputs = {}, {}
-    for name, model in models.items():
+    costs, outputs, compile_seconds = {}, {}, {}
+    for name, model in list(models.items()):
         bar.set_postfix_str(f"{name}: counting FLOPs")
         flops = count_flops(model, counted) / 1e9
         model.to(device=device, dtype=dtype)
         costs[name] = (tokens_per_block(model, timed_images), flops)
+        if compile is not None:
+            models[name] = model = torch.compile(model, backend=compile, fullgraph=True)
+        _synchronize(timed_images)
+        start = time.perf_counter()
         with torch.inference_mode():
             outputs[name] = _prediction(model(timed_images)).float()
+        _synchronize(timed_images)
+        compile_seconds[name] = time.perf_counter() - start if compile is not None else None
         bar.update()
     agreement = {label: (float(F.cosine_similarity(out, outputs["unpatched"], dim=-1).mean()),
                          float((out.argmax(-1) == outputs["unpatched"].argmax(-1)).float().mean()))
@@ -183,8 +203,13 @@ def run_benchmark(
     timings = time_models(models, timed_images, warmup=warmup, runs=runs, progress=step)
     bar.close()
     results = [VariantResult(v.label, v.method, dict(v.options), *costs[v.label], timings[v.label],
-                             *agreement[v.label]) for v in all_variants]
+                             *agreement[v.label], compile_seconds[v.label]) for v in all_variants]
     where = torch.device(device)
     hardware = torch.cuda.get_device_name(where) if where.type == "cuda" else f"cpu ({platform.processor() or 'x86'})"
     return BenchReport(model_name, batch_size, image_size, str(dtype).removeprefix("torch."), hardware,
-                       torch.get_num_threads(), runs, warmup, results)
+                       torch.get_num_threads(), runs, warmup, results, compile, attention)
+
+
+def _synchronize(like: Tensor) -> None:
+    if like.is_cuda:
+        torch.cuda.synchronize(like.device)
