@@ -213,7 +213,8 @@ def _prefill(recorder: Recorder, args: argparse.Namespace, smoke: bool) -> None:
     text_ids = torch.randint(0, image_token, (batch, 32), generator=torch.Generator().manual_seed(0))
     input_ids = torch.cat([text_ids[:, :4], torch.full((batch, visual), image_token), text_ids[:, 4:]], 1).to(device)
     pixels = torch.randn(batch, 3, vision.image_size, vision.image_size).to(device=device, dtype=dtype)
-    inputs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "pixel_values": pixels}
+    inputs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "pixel_values": pixels,
+              "logits_to_keep": 1}  # as generate's prefill: the next token's logits only
     variants = {"all tokens": None, "merge_to_budget 25%": ("merge_to_budget", {"keep": 0.25}),
                 "pool 25%": ("pool", {"keep": 0.25}), "dominant 25%": ("dominant", {"keep": 0.25})}
     seconds: dict[str, list[float]] = {label: [] for label in variants}
