@@ -76,10 +76,18 @@ class Recorder:
 
     def __init__(self, path: Path | None, meta: dict[str, Any]) -> None:
         self.path = path
-        self.record: dict[str, Any] = {"meta": meta, "rows": [], "prefill": [], "skipped": [], "errors": []}
+        self.record: dict[str, Any] = {"meta": meta, "rows": [], "prefill": [], "skipped": [], "errors": [],
+                                       "headline": [], "finished": False, "total_s": None}
 
     def add(self, section: str, row: dict[str, Any]) -> None:
         self.record[section].append(row)
+        self.write()
+
+    def finish(self, headline: list[str], total_s: float) -> None:
+        self.record.update(headline=headline, finished=True, total_s=total_s)
+        self.write()
+
+    def write(self) -> None:
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self.path.write_text(json.dumps(self.record, indent=2, default=str))
@@ -148,12 +156,15 @@ def _measure(recorder: Recorder, case: ModelCase, mode: str, models: dict[str, n
              images: torch.Tensor, runs: int, compile_seconds: dict[str, float]) -> None:
     if "unpatched" not in models:
         return
+    graphs_before = _graph_count()
     timings = time_models(models, images, warmup=2, runs=runs)
+    recompiled = _graph_count() - graphs_before  # 0 when the dynamic batch held (the warm-up would hide a compile)
     base = timings["unpatched"].images_per_s
     base_peak = _peak_bytes(models["unpatched"], images)
     for label, timing in timings.items():
         peak = _peak_bytes(models[label], images)
         row = {"model": case.name, "mode": mode, "batch": batch, "variant": label,
+               "attention": _attention_of(models[label]), "graphs_compiled_during_timing": recompiled,
                "images_per_s": timing.images_per_s, "median_s": timing.median_s,
                "speedup": timing.images_per_s / base, "peak_bytes": peak,
                "peak_ratio": None if peak is None or not base_peak else peak / base_peak,
@@ -162,6 +173,17 @@ def _measure(recorder: Recorder, case: ModelCase, mode: str, models: dict[str, n
         memory = "" if row["peak_ratio"] is None else f"  peak {row['peak_ratio']:.3f}x"
         print(f"{case.name:<24}{mode:<9}B={batch:<5}{label:<28}{timing.images_per_s:>10.1f} img/s  "
               f"{row['speedup']:.3f}x{memory}", flush=True)
+
+
+def _graph_count() -> int:
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
+def _attention_of(model: nn.Module) -> str | None:
+    handle = vistok.find_handle(getattr(model, "_orig_mod", model))
+    return None if handle is None else handle.attention
 
 
 def _bench_case(recorder: Recorder, case: ModelCase, args: argparse.Namespace, attention_paths: tuple[str, ...],
@@ -243,8 +265,9 @@ def _headline(record: dict[str, Any]) -> list[str]:
     rows = [r for r in record["rows"] if r["model"] == "vit_base_patch16_224" and r["mode"] == "compiled"]
 
     def find(batch: int, prefix: str) -> dict | None:
-        return next((r for r in rows if r["batch"] == batch and r["variant"].startswith(prefix)
-                     and "[sdpa]" not in r["variant"]), None)
+        matching = [r for r in rows if r["batch"] == batch and r["variant"].startswith(prefix)]
+        auto = [r for r in matching if "[sdpa]" not in r["variant"]]
+        return (auto or matching or [None])[0]  # "auto"; the SDPA copy where auto did not compile
 
     lines = []
     for batch, prefix, target in [(256, "merge r=13", 1.5), (256, "ats k=108", 1.3), (64, "merge r=13", 1.0),
@@ -254,8 +277,8 @@ def _headline(record: dict[str, Any]) -> list[str]:
             lines.append(f"ViT-B B={batch} {prefix}: not measured")
             continue
         memory = "" if row["peak_ratio"] is None else f", peak memory {row['peak_ratio']:.3f}x (target <= 1)"
-        lines.append(f"ViT-B B={batch} compiled {prefix}: {row['speedup']:.3f}x unpatched (target >= {target})"
-                     f"{memory}")
+        lines.append(f"ViT-B B={batch} compiled {row['variant']}: {row['speedup']:.3f}x unpatched (target >= "
+                     f"{target}){memory}")
     return lines
 
 
@@ -321,7 +344,9 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as error:
             recorder.add("errors", {"model": "llava prefill", "error": repr(error)})
             print(f"prefill: {error!r}", flush=True)
-    print("\n".join(_headline(recorder.record)))
+    headline = _headline(recorder.record)
+    recorder.finish(headline, time.perf_counter() - start)
+    print("\n".join(headline))
     print(f"total {time.perf_counter() - start:.0f} s", flush=True)
     return 0
 

@@ -138,6 +138,14 @@ def _bench(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.compile is not None and args.compile not in torch._dynamo.list_backends(exclude_tags=()):
+        raise SystemExit(f"vistok bench: unknown torch.compile backend {args.compile!r}")
+    if args.attention == "flex" and args.compile is None:
+        raise SystemExit("vistok bench: --attention flex is fused only compiled; add --compile (eager flex is "
+                         "PyTorch's slow reference implementation)")
+    if args.attention == "flex" and args.compile == "inductor" and args.device == "cpu":
+        raise SystemExit("vistok bench: torch's CPU inductor cannot compile FlexAttention with the bias vistok "
+                         "computes; on the CPU use --attention auto (SDPA)")
     variants = []
     if args.method is not None:
         options = dict(args.option)

@@ -142,6 +142,10 @@ def test_video_transformer_compiles_whole():
     torch.testing.assert_close(compiled, expected, atol=1e-5, rtol=1e-5)
 
 
+EAGER_FLEX = "ignore:flex_attention called without torch.compile"  # eager flex is the reference: what is tested
+
+
+@pytest.mark.filterwarnings(EAGER_FLEX)
 @pytest.mark.parametrize("case", sorted(METHODS))
 def test_flex_path_matches_sdpa(case):
     """FlexAttention's score_mod adds the same padding mask and log-size bias as SDPA's additive mask (eager
@@ -180,6 +184,7 @@ def test_attention_path_choice():
     assert _compiled(lambda: attention_path("auto", on_gpu, bias, 0.0) == "flex")() is True
 
 
+@pytest.mark.filterwarnings(EAGER_FLEX)
 def test_attend_paths_agree_on_a_padded_biased_batch():
     generator = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(3, 2, n, 16, generator=generator) for n in (5, 9, 9))
@@ -272,11 +277,12 @@ def test_gpu_benchmark_runs_every_step(tmp_path):
     out = tmp_path / "gpu.json"
     assert bench.main(["--smoke", "--batches", "2", "--runs", "1", "--out", str(out)]) == 0
     record = json.loads(out.read_text())
-    assert record["errors"] == [] and record["skipped"] == []
+    assert record["errors"] == [] and record["skipped"] == [] and record["finished"] is True
     rows = {(row["mode"], row["variant"]) for row in record["rows"]}
     variants = bench.SMOKE_CASES[0].variants(("auto", "sdpa", "flex"))
     assert rows == {("eager", "unpatched"), ("compiled", "unpatched")} | {("compiled", label) for label in variants} \
         | {("eager", label) for label in bench.SMOKE_CASES[0].variants(("auto",))}
     assert all(row["speedup"] > 0 and row["compile_s"] is not None for row in record["rows"]
                if row["mode"] == "compiled")
+    assert {row["attention"] for row in record["rows"] if row["mode"] == "compiled"} == {None, "auto", "sdpa", "flex"}
     assert [row["variant"] for row in record["prefill"]][0] == "all tokens" and len(record["prefill"]) == 4

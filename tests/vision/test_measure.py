@@ -98,6 +98,10 @@ def test_bench_command_bad_input(capsys):
     assert main(["bench", "--model", "vit_small_patch16_224", "--method", "nope"]) == 2
     assert "unknown method 'nope'" in capsys.readouterr().err
     assert main(["bench", "--model", "vit_small_patch16_224", "--method", "ats", "-o", "k=0"]) == 2
+    for flags, message in [(["--attention", "flex"], "fused only compiled"), (["--compile", "nope"], "unknown torch"),
+                           (["--compile", "--attention", "flex"], "CPU inductor cannot")]:
+        with pytest.raises(SystemExit, match=message):
+            main(["bench", "--model", "vit_small_patch16_224", "--method", "merge", *flags])
 
 
 def test_flops_of_a_model_with_an_attention_pool_head_that_requires_grad():
