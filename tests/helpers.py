@@ -198,6 +198,23 @@ def tiny_llava(tower: str = "clip", strategy: str = "default", seed: int = 0) ->
     return LlavaForConditionalGeneration(config).eval()
 
 
+def blind_accuracy(examples: list) -> float:
+    """The best exact-match accuracy without looking: the most common answer of each question kind, for
+    FashionQA-style examples (``kind``, ``answer``)."""
+    from collections import Counter
+
+    by_kind = {kind: Counter(e.answer for e in examples if e.kind == kind) for kind in {e.kind for e in examples}}
+    return sum(counter.most_common(1)[0][1] for counter in by_kind.values()) / len(examples)
+
+
+def vlm_accuracy(model: nn.Module, tokenizer, images: Tensor, examples: list) -> float:
+    """Exact-match accuracy of a reference VLM's answers to ``examples``' questions about ``images``."""
+    from vistok.models.reference_vlm import answer_questions
+
+    answers = answer_questions(model, tokenizer, images, [e.question for e in examples]).answers
+    return sum(a == e.answer for a, e in zip(answers, examples, strict=True)) / len(examples)
+
+
 def load_tool(name: str) -> ModuleType:
     """``tools/<name>.py`` as a module (the tools are scripts, not a package)."""
     spec = importlib.util.spec_from_file_location(f"tool_{name}", ROOT / "tools" / f"{name}.py")

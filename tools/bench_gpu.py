@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 import vistok
-from vistok.measure import time_models
+from vistok.measure import allow_recompiles, synchronize, time_models
 from vistok.methods.ats import default_ats_blocks
 
 
@@ -93,21 +93,16 @@ class Recorder:
             self.path.write_text(json.dumps(self.record, indent=2, default=str))
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _peak_bytes(model: Callable, images: torch.Tensor) -> int | None:
     """Peak CUDA memory above what was allocated before one forward (``None`` off CUDA)."""
     if images.device.type != "cuda":
         return None
-    _sync(images.device)
+    synchronize(images.device)
     before = torch.cuda.memory_allocated(images.device)
     torch.cuda.reset_peak_memory_stats(images.device)
     with torch.inference_mode():
         model(images)
-    _sync(images.device)
+    synchronize(images.device)
     return torch.cuda.max_memory_allocated(images.device) - before
 
 
@@ -136,7 +131,7 @@ def _compile(recorder: Recorder, case: ModelCase, models: dict[str, nn.Module], 
         function = torch.compile(model, backend=args.backend, mode=args.compile_mode, fullgraph=True)
         images = example.clone()
         torch._dynamo.maybe_mark_dynamic(images, 0)
-        _sync(images.device)
+        synchronize(images.device)
         start = time.perf_counter()
         try:
             with torch.inference_mode():
@@ -145,7 +140,7 @@ def _compile(recorder: Recorder, case: ModelCase, models: dict[str, nn.Module], 
             recorder.add("errors", {"model": case.name, "variant": label, "stage": "compile", "error": repr(error)})
             print(f"{case.name} {label}: compile failed: {error!r:.300}", flush=True)
             continue
-        _sync(images.device)
+        synchronize(images.device)
         seconds[label] = time.perf_counter() - start
         compiled[label] = function
         print(f"{case.name} {label}: compiled in {seconds[label]:.1f} s", flush=True)
@@ -244,10 +239,10 @@ def _prefill(recorder: Recorder, args: argparse.Namespace, smoke: bool) -> None:
         for step in range(2 + args.runs):
             for label, spec in variants.items():
                 handle = None if spec is None else vistok.patch(model, spec[0], **spec[1])
-                _sync(device)
+                synchronize(device)
                 start = time.perf_counter()
                 model(**inputs)
-                _sync(device)
+                synchronize(device)
                 if step >= 2:
                     seconds[label].append(time.perf_counter() - start)
                 if handle is not None:
@@ -309,9 +304,7 @@ def main(argv: list[str] | None = None) -> int:
         cases = [case for case in cases if case.name in args.models]
     # Every model compiles the same code objects (VisionTransformer.forward, the patched block): one cache entry
     # per model and batch mode, more than dynamo keeps by default.
-    for limit in ("cache_size_limit", "recompile_limit", "accumulated_cache_size_limit", "accumulated_recompile_limit"):
-        if hasattr(torch._dynamo.config, limit):
-            setattr(torch._dynamo.config, limit, max(256, getattr(torch._dynamo.config, limit)))
+    allow_recompiles(256)
     if hasattr(torch._dynamo.config, "fail_on_recompile_limit_hit"):  # never time eager code as "compiled"
         torch._dynamo.config.fail_on_recompile_limit_hit = True
     start = time.perf_counter()

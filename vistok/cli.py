@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from .errors import VistokError
+from .ops.attention import ATTENTION_PATHS
 
 __all__ = ["main"]
 
@@ -63,7 +64,7 @@ def _build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     bench.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
                        help="time every model compiled whole (torch.compile, fullgraph; backend: inductor)")
-    bench.add_argument("--attention", default="auto", choices=["auto", "sdpa", "flex"],
+    bench.add_argument("--attention", default="auto", choices=ATTENTION_PATHS,
                        help="the patched model's attention path")
     bench.add_argument("--json", default=None, help="also write the report to this JSON file")
     bench.add_argument("--no-progress", action="store_true")

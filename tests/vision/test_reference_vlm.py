@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from helpers import load_tool
+from helpers import blind_accuracy, load_tool, vlm_accuracy
 
 import vistok
 from vistok import InvalidConfigError
@@ -236,22 +236,11 @@ def test_vision_llms_by_name():
 def test_the_shipped_vlm_reads_the_image(smollm2):
     """On held-out questions the trained weights beat, by far, the best answers one could give without looking
     (the most common answer of each question kind), and still beat them at half of the visual tokens."""
-    from collections import Counter
-
-    from vistok.models.reference_vlm import answer_questions
-
     model, tokenizer = reference_vlm(smollm2, pretrained=True)
     data = FashionQA("test", 60, seed=7)
     examples = [data.example(i) for i in range(len(data))]
     images, _ = batch(len(data), seed=7)
-    questions = [e.question for e in examples]
-    by_kind = {kind: Counter(e.answer for e in examples if e.kind == kind) for kind in ("where", "exists", "count")}
-    blind = sum(counter.most_common(1)[0][1] for counter in by_kind.values()) / len(examples)
-
-    def accuracy():
-        answers = answer_questions(model, tokenizer, images, questions).answers
-        return sum(a == e.answer for a, e in zip(answers, examples, strict=True)) / len(examples)
-
-    assert accuracy() >= blind + 0.25
+    blind = blind_accuracy(examples)
+    assert vlm_accuracy(model, tokenizer, images, examples) >= blind + 0.25
     with vistok.patch(model, "merge_to_budget", tokens=18):
-        assert accuracy() >= blind + 0.10
+        assert vlm_accuracy(model, tokenizer, images, examples) >= blind + 0.10

@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from helpers import load_tool
+from helpers import blind_accuracy, load_tool, vlm_accuracy
 
 import vistok
 from vistok import InvalidConfigError
@@ -222,20 +222,9 @@ def test_page_training_and_evaluation_tools(smollm2, tmp_path):
 def test_the_shipped_page_vlm_reads_sparse_pages(smollm2):
     """On held-out pages the shipped weights beat, by far, the most common answer of each question kind, with
     every token and with the compressor at a third of them (page redundancy)."""
-    from collections import Counter
-
-    from vistok.models.reference_vlm import answer_questions
-
     model, tokenizer = page_vlm(smollm2, pretrained=True)
     pages, examples = normalised_pages(50, seed=5)
-    questions = [e.question for e in examples]
-    by_kind = {kind: Counter(e.answer for e in examples if e.kind == kind) for kind in ("where", "exists", "count")}
-    blind = sum(counter.most_common(1)[0][1] for counter in by_kind.values()) / len(examples)
-
-    def accuracy():
-        answers = answer_questions(model, tokenizer, pages, questions).answers
-        return sum(a == e.answer for a, e in zip(answers, examples, strict=True)) / len(examples)
-
-    assert accuracy() >= blind + 0.2
+    blind = blind_accuracy(examples)
+    assert vlm_accuracy(model, tokenizer, pages, examples) >= blind + 0.2
     with vistok.patch(model, "correlation_guided", tokens=48, redundancy="page"):
-        assert accuracy() >= blind + 0.2
+        assert vlm_accuracy(model, tokenizer, pages, examples) >= blind + 0.2

@@ -4,7 +4,7 @@ benchmark."""
 from .bench import BenchReport, Variant, VariantResult, run_benchmark
 from .flops import count_flops, flop_counter
 from .memory import LiveTensorBytes, peak_memory
-from .throughput import Timing, time_models
+from .throughput import Timing, allow_recompiles, synchronize, time_models
 from .tokens import tokens_per_block
 
 __all__ = [
@@ -15,6 +15,8 @@ __all__ = [
     "LiveTensorBytes",
     "time_models",
     "Timing",
+    "synchronize",
+    "allow_recompiles",
     "run_benchmark",
     "Variant",
     "VariantResult",

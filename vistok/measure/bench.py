@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from ..errors import InvalidConfigError
 from .flops import count_flops
-from .throughput import Timing, time_models
+from .throughput import Timing, allow_recompiles, synchronize, time_models
 from .tokens import tokens_per_block
 
 __all__ = ["Variant", "VariantResult", "BenchReport", "run_benchmark"]
@@ -184,9 +184,7 @@ def run_benchmark(
     timed_images = images.to(device=device, dtype=dtype)
     if compile is not None:  # every model below adds a cache entry on the same code (the model class's forward)
         torch._dynamo.reset()
-        for limit in ("cache_size_limit", "recompile_limit"):
-            if hasattr(torch._dynamo.config, limit):
-                setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), 4 * len(models)))
+        allow_recompiles(4 * len(models))
     costs, outputs, compile_seconds = {}, {}, {}
     for name, model in list(models.items()):
         bar.set_postfix_str(f"{name}: counting FLOPs")
@@ -195,11 +193,11 @@ def run_benchmark(
         costs[name] = (tokens_per_block(model, timed_images), flops)
         if compile is not None:
             models[name] = model = torch.compile(model, backend=compile, fullgraph=True)
-        _synchronize(timed_images)
+        synchronize(timed_images.device)
         start = time.perf_counter()
         with torch.inference_mode():
             outputs[name] = _prediction(model(timed_images)).float()
-        _synchronize(timed_images)
+        synchronize(timed_images.device)
         compile_seconds[name] = time.perf_counter() - start if compile is not None else None
         bar.update()
     agreement = {label: (float(F.cosine_similarity(out, outputs["unpatched"], dim=-1).mean()),
@@ -218,8 +216,3 @@ def run_benchmark(
     hardware = torch.cuda.get_device_name(where) if where.type == "cuda" else f"cpu ({platform.processor() or 'x86'})"
     return BenchReport(model_name, batch_size, image_size, str(dtype).removeprefix("torch."), hardware,
                        torch.get_num_threads(), runs, warmup, results, compile, attention)
-
-
-def _synchronize(like: Tensor) -> None:
-    if like.is_cuda:
-        torch.cuda.synchronize(like.device)

@@ -12,7 +12,24 @@ from torch import Tensor, nn
 
 from ..errors import InvalidConfigError
 
-__all__ = ["Timing", "time_models"]
+__all__ = ["Timing", "time_models", "synchronize", "allow_recompiles"]
+
+_RECOMPILE_LIMITS = ("cache_size_limit", "recompile_limit", "accumulated_cache_size_limit",
+                     "accumulated_recompile_limit")  # the names differ between torch releases
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for ``device``'s queued work (a no-op off CUDA), so a timer around a call times the call."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def allow_recompiles(entries: int) -> None:
+    """Let dynamo keep at least ``entries`` compiled graphs per code object. Every compiled copy of one model class
+    adds an entry on the same ``forward``; past the default limit (8) dynamo would fall back to eager code."""
+    for limit in _RECOMPILE_LIMITS:
+        if hasattr(torch._dynamo.config, limit):
+            setattr(torch._dynamo.config, limit, max(entries, getattr(torch._dynamo.config, limit)))
 
 
 @dataclass(frozen=True)
@@ -46,15 +63,14 @@ def time_models(
     """
     if runs < 1 or warmup < 0:
         raise InvalidConfigError(f"time_models: need runs >= 1 and warmup >= 0, got runs={runs}, warmup={warmup}")
-    sync = torch.cuda.synchronize if images.is_cuda else (lambda: None)
     seconds: dict[str, list[float]] = {label: [] for label in models}
     with torch.inference_mode():
         for step in range(warmup + runs):
             for label, model in models.items():
-                sync()
+                synchronize(images.device)
                 start = time.perf_counter()
                 model(images)
-                sync()
+                synchronize(images.device)
                 elapsed = time.perf_counter() - start
                 if step >= warmup:
                     seconds[label].append(elapsed)
