@@ -31,7 +31,7 @@ from vistok.document.fmnist_pages import SparsePageQA
 from vistok.fmnist_qa import FashionQA
 from vistok.models.reference_vlm import answer_questions, create_reference_vlm, prefill_seconds
 
-METHODS = ("merge_to_budget", "dominant", "pool", "random_select")
+METHODS = ("merge_to_budget", "region_merge", "dominant", "pool", "random_select")
 PAGE_METHODS = ("correlation_guided:redundancy=page", "correlation_guided:redundancy=page,allocation=uniform",
                 "correlation_guided", "random_select", "dominant", "merge_to_budget", "pool")
 

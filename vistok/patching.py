@@ -240,7 +240,8 @@ def patch(model: nn.Module, method: MethodSpec | list[MethodSpec], *, attention:
     Args:
         model: a supported vision transformer (see the README's table), in any mode and on any device, or a
             supported vision-LLM (``LlavaForConditionalGeneration``) with a boundary method (``merge_to_budget``,
-            ``dominant``, ``pool``, ``random_select``): then a :class:`vistok.adapters.vlm.VisionLLMHandle`.
+            ``region_merge``, ``dominant``, ``pool``, ``random_select``): then a
+            :class:`vistok.adapters.vlm.VisionLLMHandle`.
         method: a registered name (``vistok.list_methods()``), a config object such as
             ``vistok.ATSConfig(k=108)``, or a list of names / ``(name, options)`` pairs / configs applied
             together, e.g. ``[("ats", {"k": 120, "blocks": [3]}), ("merge", {"r": 8, "blocks": [6, 7]})]``.

@@ -206,11 +206,13 @@ def test_train_eval_and_ask_tools(smollm2, tmp_path, capsys):
                                        "--overhead", "--fractions", "0.25", "--out", str(out)],
                                       language_model=(copy.deepcopy(smollm2[0]), smollm2[1])) == 0
     rows = list(csv.DictReader(open(out.with_suffix(".csv"))))
-    assert [r["method"] for r in rows] == ["all tokens", "merge_to_budget", "dominant", "pool", "random_select"]
-    assert [int(r["visual_tokens"]) for r in rows] == [36, 9, 9, 9, 9]
+    assert [r["method"] for r in rows] == ["all tokens", "merge_to_budget", "region_merge", "dominant", "pool",
+                                           "random_select"]
+    assert [int(r["visual_tokens"]) for r in rows] == [36, 9, 9, 9, 9, 9]
     assert out.with_suffix(".png").stat().st_size > 5_000
     overhead = list(csv.DictReader(open(tmp_path / "eval_overhead.csv")))
-    assert [r["method"] for r in overhead] == ["unpatched", "merge_to_budget", "dominant", "pool", "random_select"]
+    assert [r["method"] for r in overhead] == ["unpatched", "merge_to_budget", "region_merge", "dominant", "pool",
+                                               "random_select"]
 
     from PIL import Image
 

@@ -191,7 +191,7 @@ def test_the_tuner_picks_a_boundary_method_for_a_vision_llm():
     model, batches = tiny_llava(), llava_batches()
     result = vistok.tune(model, batches, target=0.3, rungs=2)
     labels = {row["label"] for row in result.rows}
-    assert {"merge_to_budget", "dominant", "random_select", "correlation_guided"} <= labels
+    assert {"merge_to_budget", "region_merge", "dominant", "random_select", "correlation_guided"} <= labels
     assert result.cost == "tokens" and all(row["tokens_ratio"] <= 0.3 for row in result.rows)
     assert result.best["config"].tokens == 4 and result.best["images"] == 8  # floor(0.3 x 16) tokens, 8 prompts
     finalists = [row for row in result.rows if row.get("images") == 8]
@@ -203,7 +203,7 @@ def test_the_tuner_picks_a_boundary_method_for_a_vision_llm():
     assert 100.0 * float((patched == reference).float().mean()) == pytest.approx(result.best["score"])
     assert vistok.tune(model, batches, target=0.3, rungs=2).best["label"] == result.best["label"]
     siglip = [c[0] for c in boundary_candidates((4, 4), has_class_token=False, target=0.5)]
-    assert siglip == ["merge_to_budget", "random_select", "pool tokens=8"]  # no class token: no dominant
+    assert siglip == ["merge_to_budget", "region_merge", "random_select", "pool tokens=8"]  # no dominant
     full = boundary_candidates((4, 4), has_class_token=True, target=0.5, num_prefix=1)  # the class feature kept
     assert {c[2].tokens for c in full if c[1] != "pool"} == {7} and all(c[3] <= 0.5 for c in full)
     varying = boundary_candidates((0, 0), has_class_token=True, target=0.25)  # Qwen2-VL: images differ in size
@@ -224,7 +224,7 @@ def test_the_tuner_on_idefics3_tiles():
         batches.append({"input_ids": ids, "attention_mask": torch.ones_like(ids),
                         "pixel_values": torch.randn(2, 1, 3, 32, 32, generator=generator)})
     result = vistok.tune(model, batches, target=0.5, rungs=2)
-    assert {row["method"] for row in result.rows} == {"merge_to_budget", "random_select", "pool"}
+    assert {row["method"] for row in result.rows} == {"merge_to_budget", "region_merge", "random_select", "pool"}
     assert result.best["tokens_ratio"] <= 0.5 and result.best["images"] == 4
 
 

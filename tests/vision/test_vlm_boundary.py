@@ -5,7 +5,13 @@ import torch
 import torch.nn.functional as F
 
 from vistok import InputShapeError, InvalidConfigError
-from vistok.adapters import merge_to_budget, pool_to_budget, select_dominant, select_random
+from vistok.adapters import (
+    merge_regions_to_budget,
+    merge_to_budget,
+    pool_to_budget,
+    select_dominant,
+    select_random,
+)
 from vistok.adapters.prompt import placeholder_keep_mask, shorten_prompt
 from vistok.ops.merging import bipartite_soft_matching, merge_weighted
 
@@ -79,6 +85,93 @@ def test_pool_to_budget_is_two_by_two_pooling_at_a_quarter():
         pool_to_budget(x, (6, 5), 9)
 
 
+def assert_regions_are_connected(result, grid):
+    """Every output token owns a non-empty 4-connected region of the ``grid``."""
+    rows, cols = grid
+    for b in range(result.owner.shape[0]):
+        labels = result.owner[b].view(rows, cols).tolist()
+        for t in range(result.tokens.shape[1]):
+            cells = {(r, c) for r in range(rows) for c in range(cols) if labels[r][c] == t}
+            assert cells, f"token {t} owns no patch"
+            seen, stack = set(), [min(cells)]
+            while stack:
+                r, c = stack.pop()
+                if (r, c) in seen:
+                    continue
+                seen.add((r, c))
+                stack.extend(n for n in ((r + 1, c), (r - 1, c), (r, c + 1), (r, c - 1)) if n in cells)
+            assert seen == cells, f"token {t}'s region {sorted(cells)} is not connected"
+
+
+@pytest.mark.parametrize(("grid", "budget"), [((6, 6), 36), ((6, 6), 35), ((6, 6), 20), ((6, 6), 9), ((6, 6), 1),
+                                              ((4, 6), 7), ((1, 24), 5)])
+def test_merge_regions_gives_connected_means_in_patch_order(grid, budget):
+    x = tokens(n=grid[0] * grid[1])
+    result = merge_regions_to_budget(x, grid, budget)
+    n = grid[0] * grid[1]
+    assert result.tokens.shape == (3, budget, 8) and bool((result.owner >= 0).all())
+    assert torch.equal(result.sizes.sum(1), torch.full((3,), float(n), dtype=torch.float64))
+    assert_groups_are_means(x, result)
+    assert_regions_are_connected(result, grid)
+    first = result.positions()
+    assert bool((first[:, 1:] > first[:, :-1]).all())
+    if budget == n:
+        assert torch.equal(result.tokens, x)
+
+
+def test_one_region_merge_is_the_most_similar_adjacent_pair():
+    x = tokens(batch=4, n=30)
+    rows, cols = 5, 6
+    unit = F.normalize(x, dim=-1)
+    result = merge_regions_to_budget(x, (rows, cols), 29)
+    for b in range(4):
+        pairs = [(p, p + 1) for p in range(30) if p % cols < cols - 1] + [(p, p + cols) for p in range(30 - cols)]
+        best = max(pairs, key=lambda pair: float(unit[b, pair[0]] @ unit[b, pair[1]]))
+        merged = [t for t in range(29) if result.sizes[b, t] == 2]
+        assert len(merged) == 1
+        assert (result.owner[b] == merged[0]).nonzero().flatten().tolist() == list(best)
+
+
+def test_merge_regions_finds_objects_of_any_shape():
+    """Four regions of constant features (an L, a bar, a square, the rest) come back as exactly four tokens, each
+    one region's feature: what pooling's fixed windows cannot do."""
+    labels = torch.tensor([[0, 0, 1, 1, 1, 1],
+                           [0, 0, 3, 3, 3, 1],
+                           [0, 3, 3, 2, 2, 1],
+                           [0, 3, 3, 2, 2, 1],
+                           [0, 0, 3, 3, 3, 3],
+                           [3, 3, 3, 3, 3, 3]]).flatten()
+    values = torch.randn(4, 8, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    noise = 1e-3 * tokens(batch=2, n=36)
+    result = merge_regions_to_budget(values[labels] + noise, (6, 6), 4)
+    for b in range(2):
+        for t in range(4):
+            members = result.owner[b] == t
+            region = int(labels[members][0])
+            assert torch.equal(members, labels == region)
+            assert torch.allclose(result.tokens[b, t], values[region], atol=1e-2)
+
+
+def test_merge_regions_decides_in_float32_under_autocast():
+    """Training runs under bfloat16 autocast: the merges must be the ones float32 decides (close similarities)."""
+    x = (torch.randn(2, 144, 64, generator=torch.Generator().manual_seed(3))
+         + 3 * torch.randn(2, 1, 64, generator=torch.Generator().manual_seed(4)))
+    expected = merge_regions_to_budget(x, (12, 12), 36)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under_autocast = merge_regions_to_budget(x, (12, 12), 36)
+    assert torch.equal(under_autocast.owner, expected.owner)
+
+
+def test_merge_regions_errors():
+    x = tokens(n=24)
+    with pytest.raises(InputShapeError, match="5 x 5 grid needs N = 25"):
+        merge_regions_to_budget(x, (5, 5), 4)
+    with pytest.raises(InputShapeError, match="metric"):
+        merge_regions_to_budget(x, (4, 6), 4, metric=x[:, :5])
+    with pytest.raises(InputShapeError, match="not finite"):
+        merge_regions_to_budget(x.index_fill(1, torch.tensor([3]), float("nan")), (4, 6), 4)
+
+
 def test_select_random_is_uniform_and_seeded():
     x = tokens(batch=1, n=10)
     first = select_random(x, 4, torch.Generator().manual_seed(3))
@@ -90,7 +183,8 @@ def test_select_random_is_uniform_and_seeded():
     assert bool(((counts - 800).abs() < 100).all()), counts
 
 
-@pytest.mark.parametrize("function", [merge_to_budget, lambda x, t: select_random(x, t)])
+@pytest.mark.parametrize("function", [merge_to_budget, lambda x, t: select_random(x, t),
+                                      lambda x, t: merge_regions_to_budget(x, (4, 6), t)])
 def test_budget_errors(function):
     x = tokens()
     for bad in (0, 25, 2.5, True):

@@ -26,7 +26,7 @@ def batch(per_tile=TILE):
 
 
 @pytest.mark.parametrize("kind", ["idefics3", "smolvlm"])
-@pytest.mark.parametrize("method", ["merge_to_budget", "pool", "random_select"])
+@pytest.mark.parametrize("method", ["merge_to_budget", "region_merge", "pool", "random_select"])
 def test_keep_everything_is_the_unpatched_model(kind, method):
     model = tiny_idefics3(kind)
     ids, mask, pixels = batch()
@@ -43,7 +43,7 @@ def test_keep_everything_is_the_unpatched_model(kind, method):
 
 
 @pytest.mark.parametrize("kind", ["idefics3", "smolvlm"])
-@pytest.mark.parametrize("method", ["merge_to_budget", "pool", "random_select"])
+@pytest.mark.parametrize("method", ["merge_to_budget", "region_merge", "pool", "random_select"])
 def test_a_budget_per_tile_is_what_the_language_model_reads(kind, method):
     model = tiny_idefics3(kind)
     ids, mask, pixels = batch()

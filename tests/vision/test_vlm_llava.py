@@ -16,7 +16,7 @@ transformers = pytest.importorskip("transformers")
 
 IMAGE = 99  # the image placeholder id
 PATCHES = 16  # a 32 px image in 8 px patches
-BOUNDARY = ["merge_to_budget", "dominant", "pool", "random_select"]
+BOUNDARY = ["merge_to_budget", "region_merge", "dominant", "pool", "random_select"]
 
 
 def prompt(per_image=PATCHES, rows=2):
@@ -66,6 +66,26 @@ def test_a_budget_is_what_the_language_model_reads(method):
     assert encoded.tokens.shape == (2, 4, 32) and encoded.grid_positions.shape == (2, 4, 2)
     assert torch.equal(generated[:, : ids.shape[1]], ids)  # the caller's prompt comes back
     assert torch.equal(generated[:, ids.shape[1]:], expected_generation[:, short.shape[1]:])
+
+
+@pytest.mark.parametrize("strategy", ["default", "full"])
+def test_region_merge_merges_regions_of_the_towers_patch_grid(strategy):
+    """region_merge reads the features as the tower's 4 x 4 patch grid (the class token's feature, kept in front
+    with strategy="full", is not part of it)."""
+    from vistok.adapters import merge_regions_to_budget
+
+    model = tiny_llava(strategy=strategy)
+    pixels = images()
+    with torch.no_grad():
+        features = model.model.get_image_features(pixel_values=pixels).pooler_output
+        features = torch.stack(list(features))
+        with vistok.patch(model, "region_merge", tokens=5) as handle:
+            encoded = handle.encode(pixels)
+    prefix = int(strategy == "full")
+    expected = merge_regions_to_budget(features[:, prefix:], (4, 4), 5)
+    assert torch.allclose(encoded.tokens[:, prefix:], expected.tokens, atol=1e-6)
+    assert torch.equal(encoded.tokens[:, :prefix], features[:, :prefix])
+    assert torch.equal(encoded.sizes[:, prefix:], expected.sizes)
 
 
 def test_encode_gives_sizes_positions_and_owners():
@@ -232,6 +252,8 @@ def test_composition_refusals():
     model = tiny_llava()
     with pytest.raises(InvalidConfigError, match="pool needs the tower's full patch grid"):
         vistok.patch(model, [("merge", {"r": 2}), ("pool", {"tokens": 4})])
+    with pytest.raises(InvalidConfigError, match="region_merge needs the tower's full patch grid"):
+        vistok.patch(model, [("ats", {"k": 6, "blocks": [0]}), ("region_merge", {"tokens": 4})])
     with pytest.raises(InvalidConfigError, match="exactly one method at the boundary .* got none"):
         vistok.patch(model, [("merge", {"r": 2})])
     with pytest.raises(InvalidConfigError, match="exactly one method at the boundary"):

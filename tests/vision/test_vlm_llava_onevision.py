@@ -19,7 +19,7 @@ IMAGE, VIDEO = 99, 98
 SIDE = 4  # a 32 px view in 8 px patches
 PINPOINTS = [[32, 32], [32, 64], [64, 32], [64, 64]]
 SIZES = [[30, 60], [64, 64]]  # crops 1 x 2 (a 4 x 8 grid) and 2 x 2 (8 x 8)
-METHODS = ["merge_to_budget", "dominant", "pool", "random_select"]
+METHODS = ["merge_to_budget", "region_merge", "dominant", "pool", "random_select"]
 
 
 def tiny_onevision(tower="clip", strategy="default", seed=0):

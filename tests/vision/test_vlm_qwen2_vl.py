@@ -16,7 +16,7 @@ transformers = pytest.importorskip("transformers")
 
 IMAGE, VIDEO, START, END = 90, 91, 92, 93
 GRIDS = ((1, 4, 6), (1, 4, 4))  # two images: 6 and 4 visual tokens after the 2 x 2 merge
-METHODS = ["merge_to_budget", "pool", "random_select"]
+METHODS = ["merge_to_budget", "region_merge", "pool", "random_select"]
 TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
             vocab_size=100, pad_token_id=0,
             rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [1, 1, 2]})
@@ -254,7 +254,7 @@ def test_the_tuner_gives_each_image_its_share():
     model = tiny_qwen()
     batches = [inputs(seed=seed) for seed in range(2)]
     result = vistok.tune(model, batches, target=0.5, rungs=2)
-    assert {row["method"] for row in result.rows} == {"merge_to_budget", "random_select"}
+    assert {row["method"] for row in result.rows} == {"merge_to_budget", "region_merge", "random_select"}
     assert all(row["config"].keep == 0.5 and "error" not in row for row in result.rows)
     with torch.no_grad(), vistok.patch(model, result.config):
         assert model(**batches[0]).logits.shape[1] < batches[0]["input_ids"].shape[1]

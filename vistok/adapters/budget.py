@@ -18,8 +18,8 @@ from torch import Tensor
 from ..errors import InputShapeError, InvalidConfigError
 from ..ops.merging import bipartite_soft_matching, merge_weighted
 
-__all__ = ["Budgeted", "merge_to_budget", "select_dominant", "pool_to_budget", "select_random", "pool_grid",
-           "in_patch_order"]
+__all__ = ["Budgeted", "merge_to_budget", "merge_regions_to_budget", "select_dominant", "pool_to_budget",
+           "select_random", "pool_grid", "in_patch_order"]
 
 
 @dataclass(frozen=True)
@@ -139,6 +139,116 @@ def merge_to_budget(x: Tensor, tokens: int, metric: Tensor | None = None, sizes:
         weights = merged_weights.gather(1, keep)
         first = laid_first.gather(1, keep)
     return Budgeted(x[:, :tokens], weights[:, :tokens], owner)
+
+
+def _grid_edges(grid: tuple[int, int], device: torch.device) -> tuple[Tensor, Tensor]:
+    """The ``[E]`` pairs of 4-neighbour patches (row-major indices) of a ``rows x cols`` grid."""
+    rows, cols = grid
+    index = torch.arange(rows * cols, device=device).view(rows, cols)
+    return (torch.cat([index[:, :-1].flatten(), index[:-1].flatten()]),
+            torch.cat([index[:, 1:].flatten(), index[1:].flatten()]))
+
+
+def merge_regions_to_budget(x: Tensor, grid: tuple[int, int], tokens: int, metric: Tensor | None = None) -> Budgeted:
+    """Adjacent regions of the patch grid merged, most similar first, until exactly ``tokens`` remain: an adaptive
+    pooling. Every output token is the mean of a 4-connected region of patches (pooling's locality: it never mixes
+    two distant objects), but regions follow the content (a blank area becomes one token, an object keeps several).
+
+    Each round, every region finds its most similar adjacent region (cosine similarity of its ``metric`` sum, which
+    points where its mean does; ties: the smaller region id); pairs that chose each other merge, the most similar
+    first, unless a region outside the pairs has a more similar neighbour (that merge would come first), and at most
+    half of what the image still needs. At least one pair merges per round (the most similar adjacent pair chose
+    each other), and an image's last merge is its most similar adjacent pair; as several pairs of one round merge
+    together, the regions can differ from merging one pair at a time. Rounds: about 20 on smooth 24 x 24 features
+    brought to 64, up to one per merge where one growing region stays every neighbour's most similar (near-constant
+    features); each costs O(N^2), whatever the feature width. A region's id is its first patch, so the output is in
+    patch order. Memory: a ``[B, N, N]`` float32 matrix of the regions' dot products.
+
+    Args:
+        x: ``[B, N, D]`` tokens of a row-major ``grid`` (``rows * cols == N``).
+        grid: ``(rows, cols)``.
+        tokens: the budget ``T``, ``1 <= T <= N``.
+        metric: ``[B, N, d]`` what similarity is measured on (default: ``x`` itself).
+    """
+    _check(x, tokens, "merge_regions_to_budget")
+    rows, cols = grid
+    batch, n, _ = x.shape
+    if rows * cols != n:
+        raise InputShapeError(f"merge_regions_to_budget: a {rows} x {cols} grid needs N = {rows * cols} tokens, "
+                              f"got {n}")
+    metric = x if metric is None else metric
+    if metric.shape[:2] != x.shape[:2]:
+        raise InputShapeError(f"merge_regions_to_budget: metric {tuple(metric.shape)} does not fit tokens "
+                              f"{tuple(x.shape)}")
+    device = x.device
+    ids = torch.arange(n, device=device).expand(batch, -1)
+    with torch.autocast(device.type, enabled=False):  # merge decisions in float32 also under autocast
+        owner = _region_owners(metric.detach(), _grid_edges(grid, device), tokens)
+    summed = torch.promote_types(x.dtype, torch.float32)  # sums of bfloat16 features lose too much
+    sizes = torch.zeros(batch, n, dtype=summed, device=device).scatter_add_(
+        1, owner, torch.ones(batch, n, dtype=summed, device=device))
+    sums = torch.zeros(batch, n, x.shape[-1], dtype=summed, device=device).scatter_add_(
+        1, owner[..., None].expand(-1, -1, x.shape[-1]), x.to(summed))
+    keep = torch.where(sizes > 0, ids, n).sort(dim=1).values[:, :tokens]  # the surviving ids, in patch order
+    slot = torch.full((batch, n), -1, dtype=torch.long, device=device).scatter_(
+        1, keep, torch.arange(tokens, device=device).expand(batch, -1))
+    kept_sizes = sizes.gather(1, keep)
+    merged = sums.gather(1, keep[..., None].expand(-1, -1, sums.shape[-1])) / kept_sizes[..., None]
+    return Budgeted(merged.to(x.dtype), kept_sizes.to(x.dtype), slot.gather(1, owner))
+
+
+def _region_owners(metric: Tensor, edges: tuple[Tensor, Tensor], tokens: int) -> Tensor:
+    """The rounds of :func:`merge_regions_to_budget`: ``[B, N]`` each patch's region (its first patch) once every
+    image has ``tokens`` regions. The dot products of the regions' metric sums (a sum points where its mean does)
+    are kept up to date by adding rows and columns, so a round costs O(N^2) whatever the feature width."""
+    batch, n, _ = metric.shape
+    first, second = edges
+    ids = torch.arange(n, device=metric.device).expand(batch, -1)
+    owner = ids.clone()
+    wide = metric.to(torch.promote_types(metric.dtype, torch.float32))
+    gram = wide @ wide.transpose(1, 2)
+    gram = (gram + gram.transpose(1, 2)) / 2
+    alive = torch.full((batch,), n, device=metric.device)
+    while bool((alive > tokens).any()):
+        a, b = owner[:, first], owner[:, second]  # [B, E] the regions on the two sides of each grid edge
+        norms = gram.diagonal(dim1=1, dim2=2).clamp_min(0).sqrt().clamp_min(1e-12)
+        score = gram.flatten(1).gather(1, a * n + b) / (norms.gather(1, a) * norms.gather(1, b))
+        score = score.masked_fill(a == b, float("-inf"))
+        absorbs, partner = _mutual_best_merges(score, a, b, n, (alive - tokens + 1) // 2)
+        if bool(((alive > tokens) & ~absorbs.any(dim=1)).any()):  # finite scores always give a pair
+            raise InputShapeError("merge_regions_to_budget: the similarities are not finite (NaN or inf in the "
+                                  "features or the metric)")
+        owner = torch.cat([ids, ids.new_full((batch, 1), n)], 1).scatter(
+            1, torch.where(absorbs, partner, n), ids).gather(1, owner)
+        image, region = absorbs.nonzero(as_tuple=True)  # the pairs are disjoint: no index is written twice
+        taken = partner[image, region]
+        gram[image, region] += gram[image, taken]
+        gram[image, :, region] += gram[image, :, taken]
+        alive = alive - absorbs.sum(1)
+    return owner
+
+
+def _mutual_best_merges(score: Tensor, a: Tensor, b: Tensor, n: int, most: Tensor) -> tuple[Tensor, Tensor]:
+    """One round of :func:`merge_regions_to_budget`: from ``score`` ``[B, E]`` (similarity across each grid edge
+    between regions ``a`` and ``b``, ``-inf`` inside a region), which regions absorb their partner: ``absorbs``
+    ``[B, n]`` bool and ``partner`` ``[B, n]`` (each region's most similar neighbour, ``n`` if none); at most
+    ``most`` ``[B]`` merges per image."""
+    batch = score.shape[0]
+    ids = torch.arange(n, device=score.device).expand(batch, -1)
+    ends, others, both = torch.cat([a, b], 1), torch.cat([b, a], 1), torch.cat([score, score], 1)
+    best = both.new_full((batch, n), float("-inf")).scatter_reduce(1, ends, both, reduce="amax")
+    at_best = (both == best.gather(1, ends)) & (both > float("-inf"))
+    partner = torch.full((batch, n), n, device=score.device).scatter_reduce(
+        1, ends, torch.where(at_best, others, n), reduce="amin")
+    in_pair = (partner < n) & (partner.clamp_max(n - 1).gather(1, partner.clamp_max(n - 1)) == ids)
+    mutual = in_pair & (ids < partner)  # each pair once, from its smaller id
+    # a pair merges only if no region outside the pairs has a more similar neighbour (that merge would come first)
+    bar = torch.where(in_pair, float("-inf"), best).amax(dim=1, keepdim=True)
+    mutual = mutual & (best >= bar)
+    pairs = torch.minimum(most, mutual.sum(1))
+    order = torch.where(mutual, best, float("-inf")).argsort(dim=1, descending=True, stable=True)
+    rank = torch.empty_like(order).scatter_(1, order, ids)
+    return mutual & (rank < pairs[:, None]), partner
 
 
 def select_dominant(x: Tensor, scores: Tensor, tokens: int, contextual: int = 0) -> Budgeted:

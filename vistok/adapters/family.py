@@ -149,7 +149,7 @@ class VisionLLMFamily(ABC):
         """``[rows * cols]`` per unit: the class token's attention over the unit's patches (``encodes_up_front``
         families with a class token)."""
         raise InvalidConfigError(f"dominant needs a class token; the {self.class_names[0]} tower has none (use "
-                                 "merge_to_budget, pool or random_select)")
+                                 "merge_to_budget, region_merge, pool or random_select)")
 
     def prompt_positions(self, base: nn.Module, input_ids: Tensor, kwargs: dict[str, Any]) -> Tensor:
         """The model's own positions of the full prompt (``positions_follow_tokens`` families)."""
@@ -158,4 +158,4 @@ class VisionLLMFamily(ABC):
     def class_attention(self, base: nn.Module, out: Any, context: Any) -> Tensor:
         """``[U, N]``: the class token's attention over each unit's patches at the feature layer."""
         raise InvalidConfigError(f"dominant needs a class token; the {self.class_names[0]} tower has none (use "
-                                 "merge_to_budget, pool or random_select)")
+                                 "merge_to_budget, region_merge, pool or random_select)")

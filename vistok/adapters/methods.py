@@ -3,6 +3,7 @@ dataclass configs in vistok's method registry. Each brings every image to exactl
 ``tokens=`` per image, or ``keep=`` a fraction of the tower's tokens (rounded, at least 1).
 
 >>> vistok.patch(llava, "merge_to_budget", tokens=64)
+>>> vistok.patch(llava, "region_merge", tokens=64)
 >>> vistok.patch(llava, "dominant", keep=0.25, contextual=8)
 """
 
@@ -17,10 +18,10 @@ from torch import Tensor
 
 from ..errors import InvalidConfigError
 from ..methods.base import MethodConfig
-from .budget import Budgeted, merge_to_budget, pool_to_budget, select_dominant, select_random
+from .budget import Budgeted, merge_regions_to_budget, merge_to_budget, pool_to_budget, select_dominant, select_random
 
-__all__ = ["BoundaryConfig", "BoundaryInputs", "MergeToBudgetConfig", "DominantConfig", "PoolConfig",
-           "RandomSelectConfig"]
+__all__ = ["BoundaryConfig", "BoundaryInputs", "MergeToBudgetConfig", "RegionMergeConfig", "DominantConfig",
+           "PoolConfig", "RandomSelectConfig"]
 
 
 @dataclass(frozen=True)
@@ -99,6 +100,18 @@ class MergeToBudgetConfig(BoundaryConfig):
 
     def compress(self, inputs: BoundaryInputs, budget: int) -> Budgeted:
         return merge_to_budget(inputs.features, budget, sizes=inputs.sizes, valid=inputs.valid, order=inputs.source)
+
+
+@dataclass
+class RegionMergeConfig(BoundaryConfig):
+    """Adjacent regions of the patch grid merged, most similar first, down to the budget: an adaptive pooling
+    (each token the mean of a connected region; blank areas become one token, objects keep several), similarity on
+    the features. Any budget on any grid, unlike pooling."""
+
+    name: ClassVar[str] = "region_merge"
+
+    def compress(self, inputs: BoundaryInputs, budget: int) -> Budgeted:
+        return merge_regions_to_budget(inputs.features, inputs.grid, budget)
 
 
 @dataclass

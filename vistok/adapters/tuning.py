@@ -1,15 +1,15 @@
-"""The tuner on a vision-LLM (``vistok.tune(model, batches, target=...)`` with a model ``vistok.patch`` compresses
-at the boundary): which boundary method keeps the language model's next token closest to the unpatched model's at
-a share of the visual tokens.
+"""The tuner on a vision-LLM (``vistok.tune(model, batches, target=...)`` with a model ``vistok.patch`` compresses at
+the boundary): which boundary method keeps the language model's next token closest to the unpatched model's at a
+share of the visual tokens.
 
-The cost is the visual tokens per unit (an image; an Idefics3 tile), so every candidate gets the largest budget
-within the target (pooling: the largest budget its grid can make within it; where images differ in size,
-``keep=target``) and the search is over the methods: bipartite merging to the budget, VisionZip's dominant tokens
-(alone and with contextual tokens), the correlation-guided compressor (per-crop and page redundancy), pooling and
-random selection (the baselines); those that need a class token only where the tower has one. Each candidate runs
-the calibration prompts once per rung of successive halving, as :func:`vistok.tune` does for towers: all on a
-quarter of the batches, the better half on half of them, the best quarter on all (``rungs=3``). The score is top-1
-agreement of the next-token prediction at the end of each prompt with the unpatched model's (ties: the lower KL
+The cost is the visual tokens per unit (an image; an Idefics3 tile), so every candidate gets the largest budget within
+the target (pooling: the largest budget its grid can make within it; where images differ in size, ``keep=target``) and
+the search is over the methods: bipartite merging to the budget, merging adjacent regions (an adaptive pooling),
+VisionZip's dominant tokens (alone and with contextual tokens), the correlation-guided compressor (per-crop and page
+redundancy), pooling and random selection (the baselines); those that need a class token only where the tower has one.
+Each candidate runs the calibration prompts once per rung of successive halving, as :func:`vistok.tune` does for towers:
+all on a quarter of the batches, the better half on half of them, the best quarter on all (``rungs=3``). The score is
+top-1 agreement of the next-token prediction at the end of each prompt with the unpatched model's (ties: the lower KL
 divergence), or accuracy against ``labels`` (the expected next-token ids).
 """
 
@@ -51,6 +51,7 @@ def boundary_candidates(grid: tuple[int, int], has_class_token: bool, target: fl
                                      "tokens per unit")
         options = {"tokens": budget}
     out = [("merge_to_budget", "merge_to_budget", create_config("merge_to_budget", **options)),
+           ("region_merge", "region_merge", create_config("region_merge", **options)),
            ("random_select", "random_select", create_config("random_select", **options))]
     if has_class_token:
         out.append(("dominant", "dominant", create_config("dominant", **options)))

@@ -458,7 +458,7 @@ def patch_vision_llm(model: nn.Module, config: MethodConfig, family: type[Vision
     if len(boundary) != 1:
         raise InvalidConfigError(
             f"a {type(model).__name__} takes exactly one method at the boundary to its language model "
-            f"(merge_to_budget, dominant, pool or random_select, with tokens= or keep=), got "
+            f"(merge_to_budget, region_merge, dominant, pool or random_select, with tokens= or keep=), got "
             f"{[part.name for part in boundary] or 'none'}; in-tower methods ({[part.name for part in in_tower]}) "
             "compose with it in a list")
     boundary = boundary[0]
@@ -469,7 +469,7 @@ def patch_vision_llm(model: nn.Module, config: MethodConfig, family: type[Vision
     facts = family.inspect(model)
     if boundary.uses_class_attention and not facts.has_class_token:
         raise InvalidConfigError(f"{boundary.name} needs a class token; {type(model).__name__}'s vision tower has "
-                                 "none (use merge_to_budget, pool or random_select)")
+                                 "none (use merge_to_budget, region_merge, pool or random_select)")
     if in_tower and facts.encodes_up_front:
         raise InvalidConfigError(f"in-tower methods are not supported on {type(model).__name__}: its images come in "
                                  "several sizes and layouts; use a boundary method alone")

@@ -96,9 +96,15 @@ register_method(SuperTokenConfig)
 register_method(RandomDropConfig)
 
 # the vision-LLM boundary methods (vistok.adapters), after the in-tower ones: they build on methods.base
-from ..adapters.methods import DominantConfig, MergeToBudgetConfig, PoolConfig, RandomSelectConfig  # noqa: E402
+from ..adapters.methods import (  # noqa: E402
+    DominantConfig,
+    MergeToBudgetConfig,
+    PoolConfig,
+    RandomSelectConfig,
+    RegionMergeConfig,
+)
 
-for _boundary in (MergeToBudgetConfig, DominantConfig, PoolConfig, RandomSelectConfig):
+for _boundary in (MergeToBudgetConfig, RegionMergeConfig, DominantConfig, PoolConfig, RandomSelectConfig):
     register_method(_boundary)
 
 # the page budget of vistok.document (correlation-guided compression), run by vistok.document.compress_page
