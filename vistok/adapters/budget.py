@@ -159,10 +159,10 @@ def merge_regions_to_budget(x: Tensor, grid: tuple[int, int], tokens: int, metri
     first, unless a region outside the pairs has a more similar neighbour (that merge would come first), and at most
     half of what the image still needs. At least one pair merges per round (the most similar adjacent pair chose
     each other), and an image's last merge is its most similar adjacent pair; as several pairs of one round merge
-    together, the regions can differ from merging one pair at a time. Rounds: about 20 on smooth 24 x 24 features
+    together, the regions can differ from merging one pair at a time. Rounds: about 60 on smooth 24 x 24 features
     brought to 64, up to one per merge where one growing region stays every neighbour's most similar (near-constant
     features); each costs O(N^2), whatever the feature width. A region's id is its first patch, so the output is in
-    patch order. Memory: a ``[B, N, N]`` float32 matrix of the regions' dot products.
+    patch order. Memory: a ``[B, N, N]`` float32 (float64 for float64 input) matrix of the regions' dot products.
 
     Args:
         x: ``[B, N, D]`` tokens of a row-major ``grid`` (``rows * cols == N``).
