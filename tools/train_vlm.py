@@ -13,8 +13,8 @@ as well as the full grid.
 (vistok.document.fmnist_pages); ``--init`` starts from trained tensors where names and shapes fit (the image
 VLM's projector and adapters).
 
-    python tools/train_vlm.py --out runs/vlm --minutes 55 --lr 1e-3 --threads 2 --compressed 0.75   # the shipped one
-    python tools/train_vlm.py --out runs/vlm --minutes 55 --lr 1e-3 --threads 2 --compressed 0.75 --resume
+    python tools/train_vlm.py --out runs/vlm_rm --minutes 55 --lr 1e-3 --threads 2 --compressed 0.75   # the shipped one
+    python tools/train_vlm.py --out runs/vlm_rm --minutes 55 --lr 1e-3 --threads 2 --compressed 0.75 --resume
 """
 
 from __future__ import annotations

@@ -151,8 +151,9 @@ def _grid_edges(grid: tuple[int, int], device: torch.device) -> tuple[Tensor, Te
 
 def merge_regions_to_budget(x: Tensor, grid: tuple[int, int], tokens: int, metric: Tensor | None = None) -> Budgeted:
     """Adjacent regions of the patch grid merged, most similar first, until exactly ``tokens`` remain: an adaptive
-    pooling. Every output token is the mean of a 4-connected region of patches (pooling's locality: it never mixes
-    two distant objects), but regions follow the content (a blank area becomes one token, an object keeps several).
+    pooling. Every output token is the mean of a 4-connected region of patches (pooling's locality: only
+    neighbouring regions merge), but regions follow the content (a blank area becomes one token, an object keeps
+    several).
 
     Each round, every region finds its most similar adjacent region (cosine similarity of its ``metric`` sum, which
     points where its mean does; ties: the smaller region id); pairs that chose each other merge, the most similar
