@@ -62,6 +62,19 @@ def _check(x: Tensor, tokens: int, name: str) -> None:
                                  f"got {tokens!r}")
 
 
+def _check_grid(x: Tensor, grid: tuple[int, int], name: str) -> None:
+    rows, cols = grid
+    if rows * cols != x.shape[1]:
+        raise InputShapeError(f"{name}: a {rows} x {cols} grid needs N = {rows * cols} tokens, got {x.shape[1]}")
+
+
+def _metric_or_tokens(x: Tensor, metric: Tensor | None, name: str) -> Tensor:
+    """``metric`` (``[B, N, d]``, checked against ``x``), or ``x`` itself when there is none."""
+    if metric is not None and metric.shape[:2] != x.shape[:2]:
+        raise InputShapeError(f"{name}: metric {tuple(metric.shape)} does not fit tokens {tuple(x.shape)}")
+    return x if metric is None else metric
+
+
 def _selected(x: Tensor, keep: Tensor) -> Budgeted:
     """The tokens at ``keep`` ``[B, T]`` (sorted positions) as a :class:`Budgeted` of size-1 tokens."""
     batch, n = x.shape[:2]
@@ -97,9 +110,7 @@ def merge_to_budget(x: Tensor, tokens: int, metric: Tensor | None = None, sizes:
     _check(x, tokens, "merge_to_budget")
     batch, n, _ = x.shape
     device = x.device
-    metric = x if metric is None else metric
-    if metric.shape[:2] != x.shape[:2]:
-        raise InputShapeError(f"merge_to_budget: metric {tuple(metric.shape)} does not fit tokens {tuple(x.shape)}")
+    metric = _metric_or_tokens(x, metric, "merge_to_budget")
     valid = torch.ones(batch, n, dtype=torch.bool, device=device) if valid is None else valid.bool()
     order = torch.arange(n, device=device).expand(batch, -1) if order is None else order.long()
     alive_count = _check_real(valid, tokens, "merge_to_budget")
@@ -172,15 +183,9 @@ def merge_regions_to_budget(x: Tensor, grid: tuple[int, int], tokens: int, metri
         metric: ``[B, N, d]`` what similarity is measured on (default: ``x`` itself).
     """
     _check(x, tokens, "merge_regions_to_budget")
-    rows, cols = grid
+    _check_grid(x, grid, "merge_regions_to_budget")
+    metric = _metric_or_tokens(x, metric, "merge_regions_to_budget")
     batch, n, _ = x.shape
-    if rows * cols != n:
-        raise InputShapeError(f"merge_regions_to_budget: a {rows} x {cols} grid needs N = {rows * cols} tokens, "
-                              f"got {n}")
-    metric = x if metric is None else metric
-    if metric.shape[:2] != x.shape[:2]:
-        raise InputShapeError(f"merge_regions_to_budget: metric {tuple(metric.shape)} does not fit tokens "
-                              f"{tuple(x.shape)}")
     device = x.device
     ids = torch.arange(n, device=device).expand(batch, -1)
     with torch.autocast(device.type, enabled=False):  # merge decisions in float32 also under autocast
@@ -324,10 +329,8 @@ def pool_to_budget(x: Tensor, grid: tuple[int, int], tokens: int) -> Budgeted:
     """Average pooling of the ``grid`` (row-major tokens) to a grid of exactly ``tokens`` cells
     (:func:`pool_grid`); 2 x 2 pooling (LLaVA-OneVision's) at a quarter of an even grid."""
     _check(x, tokens, "pool_to_budget")
+    _check_grid(x, grid, "pool_to_budget")
     rows, cols = grid
-    if rows * cols != x.shape[1]:
-        raise InputShapeError(f"pool_to_budget: a {rows} x {cols} grid needs N = {rows * cols} tokens, got "
-                              f"{x.shape[1]}")
     out_rows, out_cols = pool_grid(grid, tokens)
     batch = x.shape[0]
     image = x.transpose(1, 2).reshape(batch, -1, rows, cols)
