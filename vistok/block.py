@@ -61,7 +61,7 @@ def _attention_residual(
     normalised tokens die with this frame, before the MLP runs."""
     merges = reducer is not None and reducer.merges
     h = ops.norm1(x)
-    o = None if reducer is None else reducer.attend(ops, h, layout)
+    o = None if reducer is None else reducer.attend(ops, h, layout, attention)
     keys = None  # a replaced attention exposes no keys; methods never merge after one
     fusion = None
     if o is None:

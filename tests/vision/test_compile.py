@@ -159,6 +159,24 @@ def test_flex_path_matches_sdpa(case):
     torch.testing.assert_close(flex, expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.filterwarnings(EAGER_FLEX)
+def test_super_token_attends_on_the_handles_path(monkeypatch):
+    """super_token computes its own biased attention (log mass over super tokens): on the path the handle names,
+    like every other method, with the same outputs."""
+    import vistok.ops.attention as attention_ops
+
+    calls, flex = [], attention_ops._flex_attend
+    monkeypatch.setattr(attention_ops, "_flex_attend", lambda *args: calls.append(args[0].shape) or flex(*args))
+    model, images = _tiny_vit(), _images()
+    with vistok.patch(model, "super_token", blocks=[0, 1], attention="sdpa") as handle, torch.inference_mode():
+        expected = model(images)
+        assert not calls
+        handle.attention = "flex"
+        on_flex = model(images)
+    assert len(calls) == 2  # one per super-token block
+    torch.testing.assert_close(on_flex, expected, atol=1e-5, rtol=1e-5)
+
+
 def test_flex_under_compile_matches_eager_sdpa():
     """The flex path traced whole (AOT autograd over FlexAttention's operator): ATS pads, merging biases by size.
     Inductor's fused kernels for it run on GPUs (tests/test_cuda.py); torch 2.14's CPU kernels cannot read a bias

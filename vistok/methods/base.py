@@ -63,10 +63,11 @@ class TokenReducer:
         block then needs no padding mask (and attention keeps its unmasked fused kernel)."""
         return False
 
-    def attend(self, ops: BlockOps, h: Tensor, layout: TokenLayout) -> Tensor | None:
+    def attend(self, ops: BlockOps, h: Tensor, layout: TokenLayout, path: str = "auto") -> Tensor | None:
         """Compute the block's attention another way: normalised tokens ``h`` ``[B, N, C]`` -> the per-head
-        attention output ``[B, H, N, d]`` (before the output projection), using the block's own ``ops``;
-        ``None`` for the usual attention. A block that overrides this cannot also select or merge."""
+        attention output ``[B, H, N, d]`` (before the output projection), using the block's own ``ops`` and the
+        handle's attention ``path`` (:func:`vistok.ops.attention.attend`); ``None`` for the usual attention. A
+        block that overrides this cannot also select or merge."""
         return None
 
     def merge(self, x: Tensor, keys: Tensor, layout: TokenLayout) -> tuple[Tensor, TokenLayout] | None:

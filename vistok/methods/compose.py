@@ -50,8 +50,8 @@ class ComposedReducer(TokenReducer):
     def max_kept(self, layout: TokenLayout) -> int | None:
         return None if self.selector is None else self.selector.max_kept(layout)
 
-    def attend(self, ops: BlockOps, h: Tensor, layout: TokenLayout) -> Tensor | None:
-        return None if self.attender is None else self.attender.attend(ops, h, layout)
+    def attend(self, ops: BlockOps, h: Tensor, layout: TokenLayout, path: str = "auto") -> Tensor | None:
+        return None if self.attender is None else self.attender.attend(ops, h, layout, path)
 
     def merge(self, x: Tensor, keys: Tensor, layout: TokenLayout) -> tuple[Tensor, TokenLayout] | None:
         return None if self.merger is None else self.merger.merge(x, keys, layout)

@@ -49,7 +49,7 @@ class SuperTokenAttender(TokenReducer):
     def __repr__(self) -> str:
         return f"SuperTokenAttender(stoken_size={self.stoken_size}, n_iter={self.n_iter})"
 
-    def attend(self, ops: BlockOps, h: Tensor, layout: TokenLayout) -> Tensor:
+    def attend(self, ops: BlockOps, h: Tensor, layout: TokenLayout, path: str = "auto") -> Tensor:
         if not layout.is_original:
             raise PatchStateError("super_token needs the whole patch grid; place its blocks before the blocks of "
                                   "methods that drop or merge tokens")
@@ -66,7 +66,7 @@ class SuperTokenAttender(TokenReducer):
         mass = super_token_mass(association, super_grid).flatten(1)  # [B, S]
         key_bias = torch.cat([mass.new_zeros(batch, prefix), mass.log()], dim=1)[:, None, None, :].to(h.dtype)
         q, k, v = ops.qkv(torch.cat([h[:, :prefix], super_tokens], dim=1), None)
-        out = attend(q, k, v, key_bias, ops.dropout_p)  # [B, H, prefix + S, d]
+        out = attend(q, k, v, key_bias, ops.dropout_p, path)  # [B, H, prefix + S, d]
         heads, head_dim = out.shape[1], out.shape[-1]
         super_out = out[:, :, prefix:].transpose(1, 2).flatten(2).transpose(1, 2)
         super_out = super_out.reshape(batch, heads * head_dim, *super_grid)
