@@ -9,6 +9,10 @@ With ``--page``, the page VLM (``vistok_page_vlm_fmnist``) on sparse pages (vist
 visual tokens per page (16 crops of 9), the correlation-guided compressor against uniform per-crop budgets, random
 selection and the other boundary methods. A method is ``name`` or ``name:key=value,...``.
 
+Every row also says how far it is from the all-token run (``vs_all``) and from ``--baseline`` at the same visual
+tokens (``vs_baseline``: pooling; with ``--page``, uniform per-crop budgets), in points on the same questions, with
+paired standard errors (``*_se``): whether one method beats another is read from these, not from two accuracies.
+
     python tools/eval_vlm.py --out results/vlm_eval                       # the shipped weights, 500 questions
     python tools/eval_vlm.py --questions 200 --fractions 0.25 --methods dominant merge_to_budget
     python tools/eval_vlm.py --page --out results/sparse_pages            # the shipped page VLM, its default methods
@@ -32,6 +36,7 @@ from vistok.fmnist_qa import FashionQA
 from vistok.models.reference_vlm import answer_questions, create_reference_vlm, prefill_seconds
 
 METHODS = ("merge_to_budget", "region_merge", "dominant", "pool", "random_select")
+BASELINE, PAGE_BASELINE = "pool", "correlation_guided:redundancy=page,allocation=uniform"
 PAGE_METHODS = ("correlation_guided:redundancy=page", "correlation_guided:redundancy=page,allocation=uniform",
                 "correlation_guided", "random_select", "dominant", "merge_to_budget", "pool")
 
@@ -58,10 +63,10 @@ def patch(model, method: str, **budget):
 
 
 def evaluate(model, tokenizer, data: FashionQA | SparsePageQA, method: str | None, tokens: int, batch_size: int,
-             prefill_runs: int = 3, config=None) -> dict:
+             prefill_runs: int = 3, config=None) -> tuple[dict, list[bool]]:
     """One row: ``method`` (a method word) at ``tokens``, or ``config`` (a config object, e.g. the tuner's pick,
-    ``method`` its label), or neither (all tokens)."""
-    correct, kinds, prefills, total = 0, {}, [], 0.0
+    ``method`` its label), or neither (all tokens); and whether each question was answered right."""
+    hits, kinds, prefills, total = [], {}, [], 0.0
     handle = vistok.patch(model, config) if config is not None else patch(model, method, tokens=tokens) \
         if method else None
     try:
@@ -76,16 +81,31 @@ def evaluate(model, tokenizer, data: FashionQA | SparsePageQA, method: str | Non
             total += result.total_seconds
             for example, answer in zip(examples, result.answers, strict=True):
                 hit = answer == example.answer
-                correct += hit
+                hits.append(hit)
                 seen, right = kinds.get(example.kind, (0, 0))
                 kinds[example.kind] = (seen + 1, right + hit)
     finally:
         if handle is not None:
             handle.remove()
-    row = {"method": method or "all tokens", "visual_tokens": tokens, "accuracy": 100 * correct / len(data),
+    row = {"method": method or "all tokens", "visual_tokens": tokens, "accuracy": 100 * sum(hits) / len(data),
            "questions": len(data), "prefill_s": sorted(prefills)[len(prefills) // 2], "total_s": total}
     row.update({f"accuracy_{kind}": 100 * right / seen for kind, (seen, right) in sorted(kinds.items())})
-    return row
+    return row, hits
+
+
+def add_paired_differences(rows: list[dict], hits: list[list[bool]], baseline: str) -> None:
+    """Each row's accuracy minus the all-token run's (``vs_all``) and minus ``baseline``'s at the same visual
+    tokens (``vs_baseline``), in points on the same questions, with their paired standard errors (``*_se``)."""
+    from vistok.measure.accuracy import paired_difference
+
+    if len(hits[0]) < 2:
+        return  # no spread to estimate from one question
+    at = {(row["method"], row["visual_tokens"]): index for index, row in enumerate(rows)}
+    for row, answered in zip(rows[1:], hits[1:], strict=True):
+        row["vs_all"], row["vs_all_se"] = paired_difference(answered, hits[0])
+        other = at.get((baseline, row["visual_tokens"]))
+        if other is not None and row["method"] != baseline:
+            row["vs_baseline"], row["vs_baseline_se"] = paired_difference(answered, hits[other])
 
 
 def normalised(examples) -> torch.Tensor:
@@ -161,6 +181,9 @@ def main(argv: list[str] | None = None, language_model=None) -> int:
     parser.add_argument("--fractions", nargs="*", type=float, default=None,
                         help="default 0.5 0.25 0.1; with --page 0.5 0.33 0.25 0.17")
     parser.add_argument("--page", action="store_true", help="the page VLM on sparse pages")
+    parser.add_argument("--baseline", default=None,
+                        help="the method every other is compared with at equal tokens (vs_baseline, paired on the "
+                        f"same questions); default {BASELINE}, with --page {PAGE_BASELINE}")
     parser.add_argument("--tune", type=float, default=None, metavar="SHARE",
                         help="also run vistok.tune at this share of the visual tokens on training questions and "
                         "evaluate its pick (a row 'tuned: <pick>'; the pick and its search in <out>_tune.json)")
@@ -176,23 +199,28 @@ def main(argv: list[str] | None = None, language_model=None) -> int:
         args.methods = list(PAGE_METHODS if args.page else METHODS)
     if args.fractions is None:
         args.fractions = [0.5, 0.33, 0.25, 0.17] if args.page else [0.5, 0.25, 0.1]
+    if args.baseline is not None and args.baseline not in args.methods:
+        parser.error(f"--baseline {args.baseline} is not among the methods evaluated ({' '.join(args.methods)})")
     try:
         model, tokenizer = create_reference_vlm(pretrained=args.checkpoint is None, checkpoint=args.checkpoint,
                                                 language_model=language_model, page=args.page)
         data = (SparsePageQA if args.page else FashionQA)("test", args.questions, seed=args.seed)
         grid = model.model.vision_tower.token_grid
-        rows = []
+        rows, hits = [], []
         for method, tokens in settings(args.methods, args.fractions, grid[0] * grid[1], grid):
-            rows.append(evaluate(model, tokenizer, data, method, tokens, args.batch_size, args.prefill_runs))
-            print(json.dumps(rows[-1]), flush=True)
+            row, answered = evaluate(model, tokenizer, data, method, tokens, args.batch_size, args.prefill_runs)
+            rows.append(row)
+            hits.append(answered)
+            print(json.dumps(row), flush=True)
         if args.tune is not None:
             tuned = tune_on_training_questions(model, tokenizer, args.page, args.tune, args.tune_batches,
                                                args.batch_size, args.seed)
             tuned.save(Path(args.out).with_name(Path(args.out).name + "_tune.json"))
             tokens = tuned.config.tokens
-            rows.append(evaluate(model, tokenizer, data, f"tuned: {tuned.best['label']}", tokens, args.batch_size,
-                                 args.prefill_runs, config=tuned.config))
-            rows[-1]["tuner_seconds"] = tuned.seconds
+            row, answered = evaluate(model, tokenizer, data, f"tuned: {tuned.best['label']}", tokens,
+                                     args.batch_size, args.prefill_runs, config=tuned.config)
+            rows.append({**row, "tuner_seconds": tuned.seconds})
+            hits.append(answered)
             print(json.dumps(rows[-1]), flush=True)
     except vistok.VistokError as error:
         print(f"eval_vlm.py: error: {error}", file=sys.stderr)
@@ -204,6 +232,7 @@ def main(argv: list[str] | None = None, language_model=None) -> int:
             writer.writeheader()
             writer.writerows(overhead)
         print(json.dumps(overhead), flush=True)
+    add_paired_differences(rows, hits, args.baseline or (PAGE_BASELINE if args.page else BASELINE))
     full = rows[0]
     for row in rows:
         row["accuracy_kept"] = row["accuracy"] / full["accuracy"] if full["accuracy"] else float("nan")

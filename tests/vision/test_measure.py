@@ -114,3 +114,26 @@ def test_flops_of_a_model_with_an_attention_pool_head_that_requires_grad():
     model = make_model("siglip_map", img_size=64, depth=2)
     flops = count_flops(model, make_images(model, 1))
     assert flops > 0 and all(p.requires_grad for p in model.parameters())
+
+
+def test_paired_difference_is_the_mean_per_question_difference():
+    """Against the statistics module on the per-question differences; pairing cancels what both runs share."""
+    import random
+    import statistics
+
+    from vistok.measure.accuracy import paired_difference
+
+    rng = random.Random(0)
+    baseline = [rng.random() < 0.8 for _ in range(200)]
+    hits = [b if rng.random() < 0.9 else not b for b in baseline]
+    differences = [float(a) - float(b) for a, b in zip(hits, baseline, strict=True)]
+    difference, error = paired_difference(hits, baseline)
+    assert difference == pytest.approx(100 * statistics.mean(differences))
+    assert error == pytest.approx(100 * statistics.stdev(differences) / len(hits) ** 0.5)
+    unpaired = 100 * (statistics.pvariance(hits) / len(hits) + statistics.pvariance(baseline) / len(hits)) ** 0.5
+    assert error < unpaired  # the runs agree on most questions
+    assert paired_difference(baseline, baseline) == (0.0, 0.0)
+    with pytest.raises(vistok.VistokError, match="same questions"):
+        paired_difference(hits, baseline[:-1])
+    with pytest.raises(vistok.VistokError, match="at least 2"):
+        paired_difference([True], [False])

@@ -209,6 +209,13 @@ def test_train_eval_and_ask_tools(smollm2, tmp_path, capsys):
     assert [r["method"] for r in rows] == ["all tokens", "merge_to_budget", "region_merge", "dominant", "pool",
                                            "random_select"]
     assert [int(r["visual_tokens"]) for r in rows] == [36, 9, 9, 9, 9, 9]
+    for row in rows[1:]:  # paired on the same questions: the differences of the accuracies
+        assert float(row["vs_all"]) == pytest.approx(float(row["accuracy"]) - float(rows[0]["accuracy"]))
+        if row["method"] != "pool":
+            assert float(row["vs_baseline"]) == pytest.approx(float(row["accuracy"]) - float(rows[4]["accuracy"]))
+    assert rows[0]["vs_all"] == rows[4]["vs_baseline"] == ""
+    with pytest.raises(SystemExit):  # a baseline that is not evaluated cannot be compared with
+        load_tool("eval_vlm").main(["--methods", "dominant", "--baseline", "pool", "--out", str(out)])
     assert out.with_suffix(".png").stat().st_size > 5_000
     overhead = list(csv.DictReader(open(tmp_path / "eval_overhead.csv")))
     assert [r["method"] for r in overhead] == ["unpatched", "merge_to_budget", "region_merge", "dominant", "pool",

@@ -1,8 +1,8 @@
-"""Top-k accuracy and tokens kept per block over a dataset."""
+"""Top-k accuracy and tokens kept per block over a dataset; the paired difference of two methods' accuracies."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -10,7 +10,7 @@ from tqdm.auto import tqdm
 
 from ..errors import InputShapeError
 
-__all__ = ["topk_correct", "evaluate"]
+__all__ = ["topk_correct", "evaluate", "paired_difference"]
 
 
 def topk_correct(logits: Tensor, labels: Tensor, ks: tuple[int, ...] = (1, 5)) -> dict[int, int]:
@@ -18,6 +18,24 @@ def topk_correct(logits: Tensor, labels: Tensor, ks: tuple[int, ...] = (1, 5)) -
     top = logits.topk(min(max(ks), logits.shape[-1]), dim=-1).indices
     hits = top == labels[:, None]
     return {k: int(hits[:, :k].any(dim=1).sum()) for k in ks}
+
+
+def paired_difference(hits: Sequence[bool], baseline_hits: Sequence[bool]) -> tuple[float, float]:
+    """Accuracy minus the baseline's on the same questions, in percentage points, and its standard error.
+
+    Pairing removes what both runs share (the questions' difficulty): the standard error is that of the mean of the
+    per-question differences ``d_i = hit_i - baseline_i`` (sample variance, ``n - 1``), far below the unpaired
+    ``sqrt(p (1 - p) / n)`` when two methods mostly agree. ``hits[i]`` and ``baseline_hits[i]`` must be the same
+    question's.
+    """
+    if len(hits) != len(baseline_hits):
+        raise InputShapeError(f"paired_difference: {len(hits)} answers against {len(baseline_hits)} of the baseline; "
+                              "a paired difference needs the same questions")
+    if len(hits) < 2:
+        raise InputShapeError(f"paired_difference: needs at least 2 questions, got {len(hits)}")
+    differences = torch.tensor([float(a) - float(b) for a, b in zip(hits, baseline_hits, strict=True)],
+                               dtype=torch.float64)
+    return 100.0 * float(differences.mean()), 100.0 * float(differences.std() / len(hits) ** 0.5)
 
 
 def evaluate(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], transform: Callable | None = None,
