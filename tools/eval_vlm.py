@@ -37,7 +37,8 @@ from vistok.models.reference_vlm import answer_questions, create_reference_vlm, 
 
 METHODS = ("merge_to_budget", "region_merge", "dominant", "pool", "random_select")
 BASELINE, PAGE_BASELINE = "pool", "correlation_guided:redundancy=page,allocation=uniform"
-PAGE_METHODS = ("correlation_guided:redundancy=page", "correlation_guided:redundancy=page,allocation=uniform",
+PAGE_METHODS = ("correlation_guided:redundancy=page,minimum=0", "correlation_guided:redundancy=page",
+                "correlation_guided:redundancy=page,allocation=uniform",
                 "correlation_guided", "random_select", "dominant", "merge_to_budget", "pool")
 
 
