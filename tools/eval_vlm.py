@@ -3,8 +3,7 @@
 accuracy (overall and per question kind), visual tokens per image, prefill time (one forward over the first
 batch's prompts after an untimed one, the median of ``--prefill-runs``) and total generation time (all
 batches), with all visual tokens and with each boundary method at fractions of them. Greedy decoding through
-vistok.samplers. Writes
-``<out>.csv`` and ``<out>.png`` (accuracy vs visual tokens).
+vistok.samplers. Writes ``<out>.csv`` and ``<out>.png`` (accuracy vs visual tokens).
 
 With ``--page``, the page VLM (``vistok_page_vlm_fmnist``) on sparse pages (vistok.document.fmnist_pages): 144
 visual tokens per page (16 crops of 9), the correlation-guided compressor against uniform per-crop budgets, random
