@@ -218,6 +218,8 @@ def test_bad_inputs_and_refusals():
         vistok.patch(model, "dominant", tokens=2)
     with pytest.raises(InvalidConfigError, match="in-tower methods are not supported on Qwen2VL"):
         vistok.patch(model, [("merge", {"r": 2}), ("merge_to_budget", {"tokens": 2})])
+    with pytest.raises(InvalidConfigError, match="positions='compact' is not supported on Qwen2VL.* 'original'"):
+        vistok.patch(model, "merge_to_budget", tokens=2, positions="compact")
     assert vistok.get_handle(model) is None
 
 

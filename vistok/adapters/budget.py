@@ -43,10 +43,11 @@ class Budgeted:
         return first[:, :count]
 
 
-def in_patch_order(result: Budgeted) -> Budgeted:
+def in_patch_order(result: Budgeted, first: Tensor | None = None) -> Budgeted:
     """``result`` with each image's tokens sorted by the first input position they carry (VisionZip's contextual
-    tokens, appended after the dominant ones, move to where their first member is)."""
-    order = result.positions().argsort(dim=1, stable=True)
+    tokens, appended after the dominant ones, move to where their first member is), or by ``first`` ``[B, T]``
+    where given (e.g. the first patch each carries when the inputs were a tower's reduced tokens)."""
+    order = (result.positions() if first is None else first).argsort(dim=1, stable=True)
     rank = torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1], device=order.device)
                                             .expand_as(order))
     tokens = result.tokens.gather(1, order[..., None].expand(-1, -1, result.tokens.shape[-1]))

@@ -50,6 +50,8 @@ class VisionLLMFamily(ABC):
     encodes_up_front: ClassVar[bool] = False
     # the language model's positions follow each kept token (Qwen2-VL's 3-D rotary positions)
     positions_follow_tokens: ClassVar[bool] = False
+    # the BoundaryConfig.positions the family supports, its default first
+    position_modes: ClassVar[tuple[str, ...]] = ("compact",)
     # encodes_up_front: the modalities compressed, and for each the call's arguments its encoder
     # (``get_<modality>_features``) takes, pixels first, as the model's forward passes them
     compressed: ClassVar[dict[str, tuple[str, ...]]] = {}

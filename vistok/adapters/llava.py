@@ -10,6 +10,9 @@ place:
 * The prompt holds ``config.image_token_id`` once per feature: ``N = (image_size / patch_size) ** 2`` per image
   with ``vision_feature_select_strategy="default"`` (the first token, CLIP's class token, dropped), one more with
   ``"full"``.
+* ``forward`` takes ``position_ids`` ``[B, L]`` as given; without them its language model numbers the prompt from
+  the cache's length on (``arange``), while ``generate`` counts them over ``attention_mask`` (0 on padding) and
+  continues each row by one per new token from the last it was given (what ``positions="original"`` relies on).
 * The vision tower is a ``CLIPVisionModel`` (a class token) or a ``SiglipVisionModel`` (none); its encoder layers
   have ``layer_norm1`` and ``self_attn.q_proj`` / ``k_proj`` with ``num_heads``. vistok's reference VLM uses its
   own ``ReferenceVisionTower`` (a timm ViT returning the same outputs, with a class token).
@@ -39,6 +42,7 @@ class LlavaFamily(VisionLLMFamily):
     crop_tile: tuple[int, int] | None = None
 
     class_names = ("LlavaForConditionalGeneration",)
+    position_modes = ("compact", "original")
 
     @classmethod
     def inspect(cls, model: nn.Module) -> LlavaFamily:

@@ -23,6 +23,8 @@ from .budget import Budgeted, merge_regions_to_budget, merge_to_budget, pool_to_
 __all__ = ["BoundaryConfig", "BoundaryInputs", "MergeToBudgetConfig", "RegionMergeConfig", "DominantConfig",
            "PoolConfig", "RandomSelectConfig"]
 
+POSITION_MODES = ("compact", "original")
+
 
 @dataclass(frozen=True)
 class BoundaryInputs:
@@ -50,14 +52,23 @@ class BoundaryInputs:
 
 @dataclass
 class BoundaryConfig(MethodConfig):
-    """A budget per image: exactly one of ``tokens`` (an int) or ``keep`` (a fraction in (0, 1])."""
+    """A budget per image: exactly one of ``tokens`` (an int) or ``keep`` (a fraction in (0, 1]).
+
+    ``positions``: the language model's positions of the visual tokens. ``"compact"``: the shortened prompt is
+    numbered as it stands, so a kept token's position depends on how many were dropped before it. ``"original"``:
+    each kept token has the position of the first patch it carries in the full prompt, and text after the image
+    (and decoding) keeps the unpatched model's positions (FastV's choice; gaps where tokens went). ``None``: the
+    family's own (compact, except Qwen2-VL's 3-D rotary positions, which are always original). ``"original"``
+    needs a family that takes ``position_ids``: LLaVA and Qwen2-VL."""
 
     tokens: int | None = None
     keep: float | None = None
+    positions: str | None = None
     uses_class_attention: ClassVar[bool] = False  # the tower must then keep the hidden states it needs
     composes: ClassVar[bool] = False  # takes a ragged token set from an in-tower method (BoundaryInputs.valid)
 
     def __post_init__(self) -> None:
+        self._check_positions()
         if (self.tokens is None) == (self.keep is None):
             raise InvalidConfigError(f"{self.name}: give exactly one of tokens= (visual tokens per image) or keep= "
                                      f"(a fraction of them), got tokens={self.tokens!r}, keep={self.keep!r}")
@@ -67,6 +78,11 @@ class BoundaryConfig(MethodConfig):
         if self.keep is not None and (isinstance(self.keep, bool) or not isinstance(self.keep, (int, float))
                                       or not 0 < self.keep <= 1):
             raise InvalidConfigError(f"{self.name}: keep must be a fraction in (0, 1], got {self.keep!r}")
+
+    def _check_positions(self) -> None:
+        if self.positions not in POSITION_MODES + (None,):
+            raise InvalidConfigError(f"{self.name}: positions must be one of {POSITION_MODES} (or None: the "
+                                     f"model's own), got {self.positions!r}")
 
     def budget(self, available: int) -> int:
         """The tokens per image out of ``available``."""

@@ -36,6 +36,7 @@ class Qwen2VLFamily(VisionLLMFamily):
     class_names = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration")
     encodes_up_front = True
     positions_follow_tokens = True
+    position_modes = ("original",)
     compressed = {"image": ("pixel_values", "image_grid_thw")}
 
     merge: int = 2

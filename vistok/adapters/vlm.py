@@ -14,7 +14,8 @@ Where images differ in size (Qwen2-VL, LLaVA-OneVision's AnyRes crops and videos
 the pre-hook and the ``generate`` wrapper encode and compress the images themselves, shorten each placeholder run
 to what its image became, and pass the features in (``mm_encoder_outputs``). Where the language model's positions
 follow each visual token (Qwen2-VL's 3-D rotary positions), the placeholders of the kept tokens stay, with the
-model's own positions of the full prompt at those places (``position_ids``).
+model's own positions of the full prompt at those places (``position_ids``). LLaVA does the same with
+``positions="original"``: its images are then encoded in the pre-hook / ``generate`` wrapper too.
 """
 
 from __future__ import annotations
@@ -137,6 +138,35 @@ def _reduced_tokens(layout: TokenLayout, device: torch.device) -> dict[str, Tens
     return reduced
 
 
+def _first_patches(result: Budgeted, source: Tensor | None, patches: int) -> Tensor:
+    """``[U, T]`` long: the first patch each token carries; after an in-tower method (``source`` ``[U, N']``, each
+    tower token's patch index), the first among its tower tokens' patches."""
+    first = result.positions()
+    if source is None:
+        return first
+    return torch.full_like(first, patches).scatter_reduce_(
+        1, result.owner.clamp_min(0), torch.where(result.owner >= 0, source, patches), reduce="amin")
+
+
+def _unpatched_positions(input_ids: Tensor, kwargs: dict, generating: bool) -> Tensor:
+    """``[B, L]``: the positions the unpatched model would give the prompt: the caller's ``position_ids``; else
+    ``generate``'s (counted over ``attention_mask``, 0 on padding) or ``forward``'s (the cache's length onwards)."""
+    given = kwargs.get("position_ids")
+    if given is not None:
+        return given.expand(input_ids.shape[0], -1)
+    mask = kwargs.get("attention_mask")
+    if generating and mask is not None:
+        return (mask.long().cumsum(dim=1) - 1).masked_fill(mask == 0, 0)
+    start = _cached_length(kwargs)
+    return torch.arange(start, start + input_ids.shape[1], device=input_ids.device).expand(input_ids.shape[0], -1)
+
+
+def _cached_length(kwargs: dict) -> int:
+    """Tokens already in the call's key-value cache (``cache``, or the older ``past_key_values``)."""
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    return 0 if cache is None else int(cache.get_seq_length())
+
+
 def _as_keywords(function: Any, args: tuple, kwargs: dict) -> dict:
     """``args`` moved into ``kwargs`` by ``function``'s parameter names (``self`` excluded)."""
     if not args:
@@ -170,7 +200,7 @@ class _ShortPromptGenerate:
         original = kwargs.get(key)
         if isinstance(original, Tensor) and kwargs.get("attention_mask") is None:
             kwargs["attention_mask"] = _generation_mask(model, original)  # shortening may add padding
-        shortened = self.handle._shorten(kwargs, key)
+        shortened = self.handle._shorten(kwargs, key, generating=True)
         if shortened is None:
             return type(model).generate(model, **kwargs)
         out = type(model).generate(model, **shortened)
@@ -210,6 +240,7 @@ class VisionLLMHandle:
         self.config = config
         self.family = family
         self.tower_handle = tower_handle
+        self.positions = config.positions or family.position_modes[0]
         if family.encodes_up_front:  # each image its own grid
             self.tokens_per_unit = config.tokens
         else:
@@ -255,11 +286,7 @@ class VisionLLMHandle:
                        ) -> VisualTokens:
         units = result.tokens.shape[0]
         cols = grid[1]
-        first = result.positions()
-        if source is not None:  # after an in-tower method: the first patch among the tower tokens each carries
-            beyond = grid[0] * cols
-            first = torch.full_like(first, beyond).scatter_reduce_(
-                1, result.owner.clamp_min(0), torch.where(result.owner >= 0, source, beyond), reduce="amin")
+        first = _first_patches(result, source, grid[0] * cols)
         grid_positions = torch.stack([first // cols, first % cols], dim=-1)
         if prefix.shape[1]:
             grid_positions = torch.cat([torch.full((units, prefix.shape[1], 2), -1, dtype=torch.long,
@@ -293,6 +320,8 @@ class VisionLLMHandle:
         inputs = BoundaryInputs(tokens, family.grid, partial(family.class_attention, base, out, context), **reduced,
                                 tile=tile)
         result = self.config.compress(inputs, self.tokens_per_unit - family.num_prefix)
+        if self.positions == "original":  # each token's placeholder stays at its first patch: in patch order
+            result = in_patch_order(result, _first_patches(result, reduced.get("source"), tokens.shape[1]))
         family.put_features(out, torch.cat([prefix, result.tokens], dim=1), grouping)
         return (out if return_dict else out.to_tuple()), result, prefix, reduced.get("source")
 
@@ -404,10 +433,13 @@ class VisionLLMHandle:
         features = sum(part.shape[0] for part in encoded.pooler_output)
         return features // self.tokens_per_unit, features
 
-    def _shorten(self, kwargs: dict, key: str) -> dict | None:
-        """``kwargs`` with the prompt under ``key`` (and its aligned tensors) shortened; ``None`` if unchanged."""
+    def _shorten(self, kwargs: dict, key: str, generating: bool = False) -> dict | None:
+        """``kwargs`` with the prompt under ``key`` (and its aligned tensors) shortened; ``None`` if unchanged.
+        ``generating``: the call is ``generate``'s (which numbers positions over the attention mask)."""
         if self.family.encodes_up_front:
             return self._shorten_encoded(kwargs, key)
+        if self.positions == "original":
+            return self._shorten_keeping_positions(kwargs, key, generating)
         counted = self._count_units(kwargs)
         if counted is None:
             return None
@@ -423,6 +455,48 @@ class VisionLLMHandle:
         aligned = {name: kwargs[name] for name in ALIGNED if isinstance(kwargs.get(name), Tensor)}
         short_ids, short_aligned = shorten_prompt(input_ids, keep, aligned, self.family.pad_id)
         return {**kwargs, key: short_ids, **short_aligned}
+
+    def _shorten_keeping_positions(self, kwargs: dict, key: str, generating: bool) -> dict | None:
+        """:meth:`_shorten` with ``positions="original"`` (one grid per image): the images are encoded and
+        compressed here and go in as ``mm_encoder_outputs``; each kept token's placeholder is the one at the first
+        patch it carries, and ``position_ids`` are the unpatched model's positions of the full prompt at the kept
+        places, so the text after the images, and decoding, keep the unpatched model's positions."""
+        family = self.family
+        if kwargs.get("pixel_values") is None:
+            counted = self._count_units(kwargs)
+            input_ids = kwargs.get(key)
+            if counted is not None and input_ids is not None and int(
+                    (input_ids == family.placeholder_id).sum()) != counted[1]:
+                raise InvalidConfigError("positions='original': vistok numbers the kept tokens from the images it "
+                                         "compresses itself; pass pixel_values, not features encoded elsewhere")
+            if kwargs.get("position_ids") is None and _cached_length(kwargs) > 0:
+                raise InvalidConfigError(
+                    "positions='original': a forward after the prompt (with a cache) needs position_ids, since the "
+                    "shortened prompt keeps the full prompt's positions; continue from the prompt's last position "
+                    "+ 1 (generate does this)")
+            return None
+        if self.tokens_per_unit == family.per_unit:
+            return None  # everything kept: the model's own prompt and positions
+        input_ids = self._prompt_ids(kwargs, key)
+        encoder = inspect.signature(type(family.base(self.model)).get_image_features).parameters
+        out, result, prefix, source = self._encode({name: kwargs[name] for name in encoder
+                                                   if name not in ("self", "kwargs") and kwargs.get(name) is not None})
+        units = result.tokens.shape[0]
+        first = _first_patches(result, source, family.grid[0] * family.grid[1])
+        kept = torch.cat([torch.arange(family.num_prefix, device=first.device).expand(units, -1),
+                          first + family.num_prefix], dim=1)
+        keep = placeholder_keep_mask(input_ids, family.placeholder_id, family.per_unit, self.tokens_per_unit, units,
+                                     kept=list(kept))
+        if keep is None:
+            raise InputShapeError(f"positions='original' needs the processor's full prompt ({family.per_unit} "
+                                  f"placeholders per {family.unit}): a shortened one does not say where the kept "
+                                  "tokens were")
+        aligned = {name: kwargs[name] for name in ALIGNED if isinstance(kwargs.get(name), Tensor)}
+        aligned["position_ids"] = _unpatched_positions(input_ids, kwargs, generating)
+        short_ids, short = shorten_prompt(input_ids, keep, aligned, family.pad_id)
+        rest = {name: value for name, value in kwargs.items() if name != "pixel_values"}
+        encoded = {**(kwargs.get("mm_encoder_outputs") or {}), "image": out}
+        return {**rest, key: short_ids, **short, "mm_encoder_outputs": encoded}
 
     def remove(self) -> None:
         """Restore the model, the vision tower's in-tower patch included (idempotent)."""
@@ -467,6 +541,9 @@ def patch_vision_llm(model: nn.Module, config: MethodConfig, family: type[Vision
         raise InvalidConfigError(f"{boundary.name} needs the tower's full patch grid (or its class attention); "
                                  "after in-tower methods use merge_to_budget or random_select")
     facts = family.inspect(model)
+    if boundary.positions not in (None, *facts.position_modes):
+        raise InvalidConfigError(f"positions={boundary.positions!r} is not supported on {type(model).__name__}, "
+                                 f"which vistok numbers {' or '.join(map(repr, facts.position_modes))}")
     if boundary.uses_class_attention and not facts.has_class_token:
         raise InvalidConfigError(f"{boundary.name} needs a class token; {type(model).__name__}'s vision tower has "
                                  "none (use merge_to_budget, region_merge, pool or random_select)")

@@ -93,6 +93,8 @@ class CorrelationGuidedConfig(BoundaryConfig):
                                          f"keep= (a fraction of them), got tokens={self.tokens!r}, "
                                          f"keep={self.keep!r}")
             super().__post_init__()
+        else:
+            self._check_positions()
         if self.global_share is not None and (isinstance(self.global_share, bool)
                                               or not isinstance(self.global_share, (int, float))
                                               or not 0 <= self.global_share < 1):

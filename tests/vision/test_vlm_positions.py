@@ -1,0 +1,167 @@
+"""``positions="original"`` at a LLaVA boundary: each kept visual token keeps the language-model position of the
+first patch it carries, and the text after the image (and decoding) keeps the unpatched model's positions. For a
+method that only drops tokens, that is exactly the unpatched model on the full prompt with the dropped tokens
+masked out of attention; for merging methods, the unpatched model fed the compressed tokens at those positions."""
+
+import pytest
+import torch
+from helpers import tiny_idefics3, tiny_llava
+
+import vistok
+from vistok import InputShapeError, InvalidConfigError
+
+transformers = pytest.importorskip("transformers")
+
+IMAGE = 99  # the image placeholder id
+PATCHES = 16  # a 32 px image in 8 px patches: a 4 x 4 grid
+HEAD = 5  # prompt tokens before the image
+
+
+def padded_prompt(per_image=PATCHES):
+    """Two rows, the first left-padded by two: ``ids``, ``mask``."""
+    ids = torch.tensor([[0, 0, 1, 5, 6] + [IMAGE] * per_image + [7, 8],
+                        [1, 9, 9, 4, 4] + [IMAGE] * per_image + [3, 4]])
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+    return ids, mask
+
+
+def images(count=2, seed=0):
+    return torch.randn(count, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+
+
+def placeholder_index(encoded, num_prefix):
+    """``[U, T]``: the index among an image's placeholders of each token's first patch (class-token features in
+    front keep theirs)."""
+    rows, cols = encoded.grid_positions.unbind(-1)
+    prefix = torch.arange(encoded.tokens.shape[1]).expand_as(rows)
+    return torch.where(rows >= 0, num_prefix + rows * 4 + cols, prefix)
+
+
+def generation_logits(model, **inputs):
+    out = model.generate(**inputs, max_new_tokens=4, do_sample=False, output_logits=True,
+                         return_dict_in_generate=True)
+    return out.sequences, torch.stack(out.logits, dim=1)
+
+
+@pytest.mark.parametrize("method, options", [("random_select", {}), ("dominant", {}),
+                                             ("correlation_guided", {})])
+def test_dropping_with_original_positions_is_masking(method, options):
+    """Forward and generate (every step's logits) equal the unpatched model on the full prompt with each dropped
+    token masked out and the positions it would have had."""
+    model = tiny_llava()
+    ids, mask = padded_prompt()
+    pixels = images()
+    with torch.no_grad():
+        with vistok.patch(model, method, tokens=5, positions="original", **options) as handle:
+            encoded = handle.encode(pixels)
+            logits = model(input_ids=ids, pixel_values=pixels, attention_mask=mask).logits
+            sequences, steps = generation_logits(model, input_ids=ids, pixel_values=pixels, attention_mask=mask)
+        kept = placeholder_index(encoded, 0)
+        assert bool((kept.diff(dim=1) > 0).all())  # in patch order
+        masked = mask.clone()
+        masked[:, HEAD: HEAD + PATCHES] = 0
+        masked[torch.arange(2)[:, None], HEAD + kept] = 1
+        positions = (mask.cumsum(dim=1) - 1).clamp_min(0)
+        expected = model(input_ids=ids, pixel_values=pixels, attention_mask=masked).logits  # forward: 0, 1, ...
+        expected_sequences, expected_steps = generation_logits(
+            model, input_ids=ids, pixel_values=pixels, attention_mask=masked, position_ids=positions)
+        with vistok.patch(model, method, tokens=5, **options):  # the compact numbering differs
+            _, compact_steps = generation_logits(model, input_ids=ids, pixel_values=pixels, attention_mask=mask)
+    assert logits.shape[1] == HEAD + 5 + 2
+    assert (logits[:, -2:] - expected[:, -2:]).abs().max() <= 1e-5
+    assert (logits[:, HEAD: HEAD + 5] - expected[torch.arange(2)[:, None], HEAD + kept]).abs().max() <= 1e-5
+    assert (steps - expected_steps).abs().max() <= 1e-5
+    assert torch.equal(sequences, expected_sequences)  # the caller's prompt, then the same new tokens
+    assert (compact_steps - expected_steps).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("strategy, method, options", [
+    ("full", "merge_to_budget", {}), ("default", "pool", {}), ("full", "region_merge", {}),
+    ("default", "dominant", {"contextual": 2}),  # contextual tokens come last from the method: reordered
+])
+def test_merged_tokens_sit_at_their_first_patch(strategy, method, options):
+    """The patched forward equals the unpatched model fed the compressed tokens by hand, the shortened prompt and
+    the full prompt's positions at each token's first patch (a class-token feature in front keeps its own)."""
+    model = tiny_llava(strategy=strategy)
+    prefix = int(strategy == "full")
+    ids, mask = padded_prompt(PATCHES + prefix)
+    pixels = images()
+    budget = 4
+    with torch.no_grad():
+        with vistok.patch(model, method, tokens=budget, positions="original", **options) as handle:
+            encoded = handle.encode(pixels)
+            logits = model(input_ids=ids, pixel_values=pixels, attention_mask=mask).logits
+        kept = placeholder_index(encoded, prefix)
+        width = prefix + budget
+        short, _ = padded_prompt(width)
+        full_positions = torch.arange(ids.shape[1]).expand(2, -1)
+        positions = torch.cat([full_positions[:, :HEAD], HEAD + kept, full_positions[:, -2:]], dim=1)
+        by_hand = transformers.modeling_outputs.BaseModelOutputWithPooling(pooler_output=list(encoded.tokens))
+        expected = model(input_ids=short, attention_mask=mask[:, : short.shape[1]], position_ids=positions,
+                         mm_encoder_outputs={"image": by_hand}).logits
+    assert bool((kept.diff(dim=1) > 0).all()) and int(kept.max()) < PATCHES + prefix
+    assert (logits - expected).abs().max() <= 1e-5
+
+
+def test_composition_with_an_in_tower_method_keeps_patch_order():
+    """After ATS in the tower, the boundary's tokens are ordered by the first patch they carry, and each sits
+    there."""
+    model = tiny_llava()
+    ids, mask = padded_prompt()
+    pixels = images()
+    with torch.no_grad():
+        with vistok.patch(model, [("ats", {"k": 6, "blocks": [0]}), ("merge_to_budget", {"tokens": 4,
+                                                                                         "positions": "original"})]
+                          ) as handle:
+            encoded = handle.encode(pixels)
+            logits = model(input_ids=ids, pixel_values=pixels, attention_mask=mask).logits
+        kept = placeholder_index(encoded, 0)
+        positions = torch.cat([torch.arange(HEAD).expand(2, -1), HEAD + kept,
+                               torch.tensor([HEAD + PATCHES, HEAD + PATCHES + 1]).expand(2, -1)], dim=1)
+        by_hand = transformers.modeling_outputs.BaseModelOutputWithPooling(pooler_output=list(encoded.tokens))
+        expected = model(input_ids=padded_prompt(4)[0], attention_mask=mask[:, : HEAD + 6], position_ids=positions,
+                         mm_encoder_outputs={"image": by_hand}).logits
+    assert bool((kept.diff(dim=1) > 0).all())
+    assert (logits - expected).abs().max() <= 1e-5
+
+
+def test_keep_everything_and_given_position_ids():
+    """Keeping every token is the unpatched model; position_ids given for the full prompt are kept at the kept
+    places (here: shifted by 7 throughout, as the unpatched model would take them)."""
+    model = tiny_llava()
+    ids, mask = padded_prompt()
+    pixels = images()
+    shifted = torch.arange(ids.shape[1]).expand(2, -1) + 7
+    with torch.no_grad():
+        expected = model(input_ids=ids, pixel_values=pixels, attention_mask=mask).logits
+        with vistok.patch(model, "random_select", keep=1.0, positions="original"):
+            assert (model(input_ids=ids, pixel_values=pixels, attention_mask=mask).logits - expected
+                    ).abs().max() <= 1e-5
+        with vistok.patch(model, "random_select", tokens=5, positions="original"):
+            plain = model(input_ids=ids, pixel_values=pixels, attention_mask=mask).logits
+            given = model(input_ids=ids, pixel_values=pixels, attention_mask=mask, position_ids=shifted).logits
+    assert given.shape == plain.shape  # rotary positions: a shift of every position changes nothing
+    assert (given - plain).abs().max() <= 1e-4
+
+
+def test_refusals():
+    model = tiny_llava()
+    ids, mask = padded_prompt()
+    pixels = images()
+    with pytest.raises(InvalidConfigError, match="positions must be one of"):
+        vistok.patch(model, "pool", tokens=4, positions="gaps")
+    with pytest.raises(InvalidConfigError, match="positions='original' is not supported on Idefics3"):
+        vistok.patch(tiny_idefics3(), "pool", keep=0.25, positions="original")
+    with torch.no_grad(), vistok.patch(model, "random_select", tokens=5, positions="original") as handle:
+        with pytest.raises(InputShapeError, match="needs the processor's full prompt"):
+            model(input_ids=padded_prompt(5)[0], pixel_values=pixels)
+        by_hand = transformers.modeling_outputs.BaseModelOutputWithPooling(
+            pooler_output=list(handle.encode(pixels).tokens))
+        with pytest.raises(InvalidConfigError, match="pass pixel_values, not features encoded elsewhere"):
+            model(input_ids=ids, mm_encoder_outputs={"image": by_hand})
+        out = model(input_ids=ids, pixel_values=pixels, attention_mask=mask, use_cache=True)
+        step = torch.tensor([[5], [6]])
+        with pytest.raises(InvalidConfigError, match="needs position_ids"):
+            model(input_ids=step, cache=out.past_key_values, attention_mask=torch.ones(2, 13))
+    assert vistok.get_handle(model) is None
