@@ -2,7 +2,9 @@
 """Evaluate video question answering under visual token budgets (vistok.video.qa) on held-out Fashion-MNIST video
 questions: exact-match accuracy (and per question kind), visual tokens, frames kept and seconds per stage
 (decode, encode, select + compress, answer) for each frame selection at each budget, and every frame's every
-token as the reference. Writes <out>.csv and <out>.png (accuracy vs budget per selection).
+token as the reference. Writes <out>.csv and <out>.png (accuracy vs budget per selection). Every row also says
+how far it is from every frame's every token (``vs_all``) and from ``--baseline`` (uniform frames) at the same
+budget (``vs_baseline``), in points on the same questions with paired standard errors (``*_se``).
 
 The questions come from an MVBench-style manifest (``--manifest``: a JSON list of {"video", "question",
 "answer"}, video paths relative to the manifest, decoded with vistok.video.read_video), or are made on the fly
@@ -23,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from vistok.measure.accuracy import add_paired_differences
 from vistok.models import create_video_vlm
 from vistok.models.reference_vlm import answer_questions
 from vistok.video.frames import text_frame_scores
@@ -61,8 +64,10 @@ def load_questions(args: argparse.Namespace) -> list[dict]:
     return out
 
 
-def evaluate(model, tokenizer, questions: list[dict], config: VideoQAConfig, batch_size: int) -> dict:
-    """Accuracy, tokens, frames and seconds per stage (means per question) of one selection at one budget."""
+def evaluate(model, tokenizer, questions: list[dict], config: VideoQAConfig, batch_size: int
+             ) -> tuple[dict, list[bool]]:
+    """Accuracy, tokens, frames and seconds per stage (means per question) of one selection at one budget; and
+    which questions it answered right."""
     selector = getattr(model, "frame_selector", None)
     features, frames_kept, compress_seconds = [], [], 0.0
     for index, item in enumerate(questions):
@@ -98,7 +103,7 @@ def evaluate(model, tokenizer, questions: list[dict], config: VideoQAConfig, bat
     for kind in kinds:
         hits = [c for c, q in zip(correct, questions, strict=True) if q["kind"] == kind]
         row[f"accuracy_{kind}"] = 100 * sum(hits) / len(hits)
-    return row
+    return row, correct
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -143,12 +148,17 @@ def main(argv: list[str] | None = None, model_and_tokenizer=None) -> int:
     parser.add_argument("--merge-threshold", type=float, default=0.98)
     parser.add_argument("--merge-all", action="store_true", help="also every frame with the temporal merge on "
                         "(rows 'all+merge'): deduplication alone, without the question")
+    parser.add_argument("--baseline", default=None, choices=SELECTIONS,
+                        help="the selection every other is compared with at the same budget (vs_baseline, paired "
+                        "on the same questions); default uniform, where evaluated")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--threads", type=int, default=0)
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     selections = [s for s in args.selections if s != "text" or args.clip]
+    if args.baseline is not None and args.baseline not in selections:
+        parser.error(f"--baseline {args.baseline} is not among the selections evaluated ({' '.join(selections)})")
     if model_and_tokenizer is None:
         model_and_tokenizer = create_video_vlm(pretrained=args.checkpoint is None, checkpoint=args.checkpoint)
     model, tokenizer = model_and_tokenizer
@@ -172,16 +182,22 @@ def main(argv: list[str] | None = None, model_and_tokenizer=None) -> int:
     every = questions[0]["encoded"].tokens.shape[0] * questions[0]["encoded"].tokens.shape[1]
     plans = [(s, b) for s in selections for b in args.budgets] + ([("all", every)] if "all" in selections else [])
     plans += [("all+merge", b) for b in args.budgets] if args.merge_all else []
-    rows = []
+    rows, hits = [], []
     for selection, budget in plans:
         if selection == "all+merge":
             config = VideoQAConfig(budget=budget, selection="all", frames=None, merge_threshold=args.merge_threshold,
                                    merge_on=args.merge_on)
         else:
             config = comparison_config(selection, budget, args.merge_on, args.merge_threshold)
-        row = {**evaluate(model, tokenizer, questions, config, args.batch_size), "selection": selection}
-        rows.append(row)
-        print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
+        row, answered = evaluate(model, tokenizer, questions, config, args.batch_size)
+        rows.append({**row, "selection": selection})
+        hits.append(answered)
+        print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in rows[-1].items()}), flush=True)
+    baseline = args.baseline or "uniform"
+    reference = next((index for index, (selection, budget) in enumerate(plans)
+                      if (selection, budget) == ("all", every)), None)
+    add_paired_differences(rows, hits, reference, key=lambda row: (row["selection"], row["budget"]),
+                           baseline=lambda row: (baseline, row["budget"]))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fields = list(dict.fromkeys(key for row in rows for key in row))

@@ -33,6 +33,7 @@ from vistok.config import parse_method_spec
 from vistok.data import FASHION_MNIST_MEAN, FASHION_MNIST_STD
 from vistok.document.fmnist_pages import SparsePageQA
 from vistok.fmnist_qa import FashionQA
+from vistok.measure.accuracy import add_paired_differences
 from vistok.models.reference_vlm import answer_questions, create_reference_vlm, prefill_seconds
 
 METHODS = ("merge_to_budget", "region_merge", "dominant", "pool", "random_select")
@@ -93,21 +94,6 @@ def evaluate(model, tokenizer, data: FashionQA | SparsePageQA, method: str | Non
            "questions": len(data), "prefill_s": sorted(prefills)[len(prefills) // 2], "total_s": total}
     row.update({f"accuracy_{kind}": 100 * right / seen for kind, (seen, right) in sorted(kinds.items())})
     return row, hits
-
-
-def add_paired_differences(rows: list[dict], hits: list[list[bool]], baseline: str) -> None:
-    """Each row's accuracy minus the all-token run's (``vs_all``) and minus ``baseline``'s at the same visual
-    tokens (``vs_baseline``), in points on the same questions, with their paired standard errors (``*_se``)."""
-    from vistok.measure.accuracy import paired_difference
-
-    if len(hits[0]) < 2:
-        return  # no spread to estimate from one question
-    at = {(row["method"], row["visual_tokens"]): index for index, row in enumerate(rows)}
-    for row, answered in zip(rows[1:], hits[1:], strict=True):
-        row["vs_all"], row["vs_all_se"] = paired_difference(answered, hits[0])
-        other = at.get((baseline, row["visual_tokens"]))
-        if other is not None and row["method"] != baseline:
-            row["vs_baseline"], row["vs_baseline_se"] = paired_difference(answered, hits[other])
 
 
 def normalised(examples) -> torch.Tensor:
@@ -234,7 +220,9 @@ def main(argv: list[str] | None = None, language_model=None) -> int:
             writer.writeheader()
             writer.writerows(overhead)
         print(json.dumps(overhead), flush=True)
-    add_paired_differences(rows, hits, args.baseline or (PAGE_BASELINE if args.page else BASELINE))
+    baseline = args.baseline or (PAGE_BASELINE if args.page else BASELINE)
+    add_paired_differences(rows, hits, 0, key=lambda row: (row["method"], row["visual_tokens"]),
+                           baseline=lambda row: (baseline, row["visual_tokens"]))
     full = rows[0]
     for row in rows:
         row["accuracy_kept"] = row["accuracy"] / full["accuracy"] if full["accuracy"] else float("nan")

@@ -205,6 +205,10 @@ def test_training_and_evaluation_tools_run_end_to_end(smollm2, tmp_path):
                                                                   ("all", FRAMES * 9), ("all+merge", 32)]
     assert float(rows[-1]["frames"]) < FRAMES  # the sample's black frames and held items merge
     assert float(rows[3]["visual_tokens"]) == FRAMES * 9 and (tmp_path / "eval.png").is_file()
+    for row in rows[:3] + rows[4:]:  # paired on the same questions: the differences of the accuracies
+        assert float(row["vs_all"]) == pytest.approx(float(row["accuracy"]) - float(rows[3]["accuracy"]))
+    assert rows[3]["vs_all"] == rows[3]["vs_baseline"] == rows[1]["vs_baseline"] == ""
+    assert float(rows[0]["vs_baseline"]) == pytest.approx(float(rows[0]["accuracy"]) - float(rows[1]["accuracy"]))
 
 
 @pytest.mark.slow

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -10,7 +10,7 @@ from tqdm.auto import tqdm
 
 from ..errors import InputShapeError
 
-__all__ = ["topk_correct", "evaluate", "paired_difference"]
+__all__ = ["topk_correct", "evaluate", "paired_difference", "add_paired_differences"]
 
 
 def topk_correct(logits: Tensor, labels: Tensor, ks: tuple[int, ...] = (1, 5)) -> dict[int, int]:
@@ -36,6 +36,24 @@ def paired_difference(hits: Sequence[bool], baseline_hits: Sequence[bool]) -> tu
     differences = torch.tensor([float(a) - float(b) for a, b in zip(hits, baseline_hits, strict=True)],
                                dtype=torch.float64)
     return 100.0 * float(differences.mean()), 100.0 * float(differences.std() / len(hits) ** 0.5)
+
+
+def add_paired_differences(rows: list[dict], hits: Sequence[Sequence[bool]], reference: int | None,
+                           key: Callable[[dict], Hashable], baseline: Callable[[dict], Hashable | None]) -> None:
+    """Evaluation rows (``hits[i]``: row ``i``'s answers, right or wrong, question by question) get, in place,
+    ``vs_all``: their accuracy minus ``rows[reference]``'s (all tokens; not for that row itself), and
+    ``vs_baseline``: minus the row whose ``key`` is ``baseline(row)`` (e.g. the baseline method at the same
+    tokens; ``None`` or no such row: none), in points with their paired standard errors (``*_se``). Nothing
+    with fewer than two questions."""
+    if not hits or len(hits[0]) < 2:
+        return
+    at = {key(row): index for index, row in enumerate(rows)}
+    for index, (row, answered) in enumerate(zip(rows, hits, strict=True)):
+        if reference is not None and index != reference:
+            row["vs_all"], row["vs_all_se"] = paired_difference(answered, hits[reference])
+        other = at.get(baseline(row))
+        if other is not None and other != index:
+            row["vs_baseline"], row["vs_baseline_se"] = paired_difference(answered, hits[other])
 
 
 def evaluate(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], transform: Callable | None = None,
