@@ -137,3 +137,20 @@ def test_paired_difference_is_the_mean_per_question_difference():
         paired_difference(hits, baseline[:-1])
     with pytest.raises(vistok.VistokError, match="at least 2"):
         paired_difference([True], [False])
+
+
+def test_paired_columns_compare_rows_with_the_reference_and_their_baseline():
+    """vs_all against the reference row (not on it), vs_baseline against the baseline at the same tokens; neither
+    on the baseline's own rows, twins included (pooling snaps two fractions to one budget)."""
+    from vistok.measure.accuracy import add_paired_differences, paired_difference
+
+    rows = [{"method": "all", "tokens": 9}, {"method": "pool", "tokens": 4}, {"method": "pool", "tokens": 4},
+            {"method": "merge", "tokens": 4}, {"method": "merge", "tokens": 2}]
+    hits = [[True, True, False], [True, False, False], [True, False, False], [False, True, True],
+            [False, False, True]]
+    add_paired_differences(rows, hits, 0, key=lambda row: (row["method"], row["tokens"]),
+                           baseline=lambda row: ("pool", row["tokens"]))
+    assert "vs_all" not in rows[0] and all("vs_all" in row for row in rows[1:])
+    assert (rows[3]["vs_all"], rows[3]["vs_all_se"]) == paired_difference(hits[3], hits[0])
+    assert (rows[3]["vs_baseline"], rows[3]["vs_baseline_se"]) == paired_difference(hits[3], hits[2])
+    assert not any("vs_baseline" in rows[i] for i in (0, 1, 2, 4))  # no pool row at 9 or 2 tokens

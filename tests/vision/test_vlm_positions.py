@@ -126,23 +126,75 @@ def test_composition_with_an_in_tower_method_keeps_patch_order():
     assert (logits - expected).abs().max() <= 1e-5
 
 
+def masked_reference(mask, kept, head=HEAD):
+    """The full prompt's attention mask with every image placeholder masked but the ``kept`` ones."""
+    masked = mask.clone()
+    masked[:, head: head + PATCHES] = 0
+    masked[torch.arange(mask.shape[0])[:, None], head + kept] = 1
+    return masked
+
+
 def test_keep_everything_and_given_position_ids():
-    """Keeping every token is the unpatched model; position_ids given for the full prompt are kept at the kept
-    places (here: shifted by 7 throughout, as the unpatched model would take them)."""
+    """Keeping every token is the unpatched model; position_ids given for the full prompt (here with a jump of 5
+    after the image) are what the kept tokens and the text keep."""
     model = tiny_llava()
     ids, mask = padded_prompt()
     pixels = images()
-    shifted = torch.arange(ids.shape[1]).expand(2, -1) + 7
+    given = torch.arange(ids.shape[1]).expand(2, -1).clone()
+    given[:, HEAD + PATCHES:] += 5
     with torch.no_grad():
         expected = model(input_ids=ids, pixel_values=pixels, attention_mask=mask).logits
         with vistok.patch(model, "random_select", keep=1.0, positions="original"):
             assert (model(input_ids=ids, pixel_values=pixels, attention_mask=mask).logits - expected
                     ).abs().max() <= 1e-5
-        with vistok.patch(model, "random_select", tokens=5, positions="original"):
-            plain = model(input_ids=ids, pixel_values=pixels, attention_mask=mask).logits
-            given = model(input_ids=ids, pixel_values=pixels, attention_mask=mask, position_ids=shifted).logits
-    assert given.shape == plain.shape  # rotary positions: a shift of every position changes nothing
-    assert (given - plain).abs().max() <= 1e-4
+        with vistok.patch(model, "random_select", tokens=5, positions="original") as handle:
+            kept = placeholder_index(handle.encode(pixels), 0)
+            logits = model(input_ids=ids, pixel_values=pixels, attention_mask=mask, position_ids=given).logits
+        reference = model(input_ids=ids, pixel_values=pixels, attention_mask=masked_reference(mask, kept),
+                          position_ids=given).logits
+        plain = model(input_ids=ids, pixel_values=pixels, attention_mask=masked_reference(mask, kept)).logits
+    assert (logits[:, -2:] - reference[:, -2:]).abs().max() <= 1e-5
+    assert (logits[:, -2:] - plain[:, -2:]).abs().max() > 1e-4  # the jump matters: the given positions were used
+
+
+def test_pooled_tokens_sit_at_the_top_left_of_their_window():
+    """2 x 2 pooling of the 4 x 4 grid: the tokens carry windows whose first patches are 0, 2, 8 and 10."""
+    model = tiny_llava()
+    with torch.no_grad(), vistok.patch(model, "pool", tokens=4, positions="original") as handle:
+        kept = placeholder_index(handle.encode(images()), 0)
+    assert kept.tolist() == [[0, 2, 8, 10]] * 2
+
+
+def test_two_images_in_a_row_right_padding_labels_and_several_sequences():
+    """Row 0 holds two images, row 1 one and is padded on the right: logits, the training loss and
+    num_return_sequences=2 agree with the unpatched model on the masked full prompt."""
+    model = tiny_llava()
+    two = [1, 5] + [IMAGE] * PATCHES + [6] + [IMAGE] * PATCHES + [7, 8]
+    one = [1, 9] + [IMAGE] * PATCHES + [3, 4]
+    ids = torch.tensor([two, one + [0] * (len(two) - len(one))])
+    mask = (torch.arange(len(two)) < torch.tensor([[len(two)], [len(one)]])).long()
+    after_image = torch.cat([torch.zeros(2, 1, dtype=torch.bool), ids[:, :-1] == IMAGE], dim=1)
+    # no label is predicted from an image token: there the last kept token differs from the last placeholder
+    labels = torch.where((ids == IMAGE) | (mask == 0) | after_image, -100, ids)
+    pixels = images(3)
+    with torch.no_grad():
+        with vistok.patch(model, "random_select", tokens=5, positions="original") as handle:
+            kept = placeholder_index(handle.encode(pixels), 0)
+            out = model(input_ids=ids, pixel_values=pixels, attention_mask=mask, labels=labels)
+            sequences = model.generate(input_ids=ids[:1], pixel_values=pixels[:2], max_new_tokens=3, do_sample=False,
+                                       num_return_sequences=2, num_beams=2)
+        masked = mask.clone()
+        for image, (row, start) in enumerate([(0, 2), (0, 2 + PATCHES + 1), (1, 2)]):
+            masked[row, start: start + PATCHES] = 0
+            masked[row, start + kept[image]] = 1
+        expected = model(input_ids=ids, pixel_values=pixels, attention_mask=masked, labels=labels)
+        expected_sequences = model.generate(input_ids=ids[:1], pixel_values=pixels[:2], max_new_tokens=3,
+                                            do_sample=False, num_return_sequences=2, num_beams=2,
+                                            attention_mask=masked[:1], position_ids=torch.arange(len(two))[None])
+    assert torch.allclose(out.loss, expected.loss, atol=1e-5)
+    assert (out.logits[0, -2:] - expected.logits[0, -2:]).abs().max() <= 1e-5
+    assert (out.logits[1, 2 + 5: 2 + 5 + 2] - expected.logits[1, 2 + PATCHES: 2 + PATCHES + 2]).abs().max() <= 1e-5
+    assert torch.equal(sequences, expected_sequences)
 
 
 def test_refusals():
@@ -158,10 +210,12 @@ def test_refusals():
             model(input_ids=padded_prompt(5)[0], pixel_values=pixels)
         by_hand = transformers.modeling_outputs.BaseModelOutputWithPooling(
             pooler_output=list(handle.encode(pixels).tokens))
-        with pytest.raises(InvalidConfigError, match="pass pixel_values, not features encoded elsewhere"):
+        with pytest.raises(InvalidConfigError, match="pass pixel_values with the full prompt"):
             model(input_ids=ids, mm_encoder_outputs={"image": by_hand})
         out = model(input_ids=ids, pixel_values=pixels, attention_mask=mask, use_cache=True)
         step = torch.tensor([[5], [6]])
         with pytest.raises(InvalidConfigError, match="needs position_ids"):
             model(input_ids=step, cache=out.past_key_values, attention_mask=torch.ones(2, 13))
+        with pytest.raises(InvalidConfigError, match="needs position_ids"):  # images after a cached prompt too
+            model(input_ids=ids, pixel_values=pixels, cache=out.past_key_values)
     assert vistok.get_handle(model) is None

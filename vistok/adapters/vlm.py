@@ -167,6 +167,15 @@ def _cached_length(kwargs: dict) -> int:
     return 0 if cache is None else int(cache.get_seq_length())
 
 
+def _with_encoded(kwargs: dict, encoded_inputs: tuple[str, ...], encoded: dict[str, Any],
+                  shortened: dict[str, Tensor] | None = None) -> dict:
+    """The call's ``kwargs`` with the inputs vistok encoded (``encoded_inputs``) replaced by their encodings in
+    ``mm_encoder_outputs`` (with any the caller gave), and the ``shortened`` prompt tensors."""
+    rest = {name: value for name, value in kwargs.items() if name not in encoded_inputs}
+    merged = {**(kwargs.get("mm_encoder_outputs") or {}), **encoded}
+    return {**rest, **(shortened or {}), "mm_encoder_outputs": merged}
+
+
 def _as_keywords(function: Any, args: tuple, kwargs: dict) -> dict:
     """``args`` moved into ``kwargs`` by ``function``'s parameter names (``self`` excluded)."""
     if not args:
@@ -232,6 +241,8 @@ class VisionLLMHandle:
         tokens_per_unit: the visual tokens each unit (``family.unit``: an image, or an Idefics3 tile) now gives
             the language model, i.e. its placeholders in the prompt. ``tokens_per_image`` is the same number.
             Where images differ in size (Qwen2-VL, LLaVA-OneVision): ``tokens=``, or ``None`` with ``keep=``.
+        positions: ``"compact"`` or ``"original"``: how the language model numbers the kept visual tokens
+            (``BoundaryConfig.positions``, or the family's own when that is ``None``).
     """
 
     def __init__(self, model: nn.Module, config: BoundaryConfig, family: VisionLLMFamily,
@@ -321,7 +332,8 @@ class VisionLLMHandle:
                                 tile=tile)
         result = self.config.compress(inputs, self.tokens_per_unit - family.num_prefix)
         if self.positions == "original":  # each token's placeholder stays at its first patch: in patch order
-            result = in_patch_order(result, _first_patches(result, reduced.get("source"), tokens.shape[1]))
+            result = in_patch_order(result, _first_patches(result, reduced.get("source"),
+                                                           family.grid[0] * family.grid[1]))
         family.put_features(out, torch.cat([prefix, result.tokens], dim=1), grouping)
         return (out if return_dict else out.to_tuple()), result, prefix, reduced.get("source")
 
@@ -389,9 +401,8 @@ class VisionLLMHandle:
                 keep &= placeholder_keep_mask(input_ids, placeholder, units.lengths, units.budgets,
                                               len(units.lengths), kept=kept)
         encoded.update(family.other_encodings(base, kwargs))
-        rest = {name: value for name, value in kwargs.items() if name not in family.encoded_inputs}
         if bool(keep.all()):
-            return {**rest, "mm_encoder_outputs": encoded}
+            return _with_encoded(kwargs, family.encoded_inputs, encoded)
         self._refuse_position_ids(kwargs)
         aligned = {name: kwargs[name] for name in ALIGNED if isinstance(kwargs.get(name), Tensor)}
         if family.positions_follow_tokens:
@@ -404,7 +415,7 @@ class VisionLLMHandle:
             # what the model caches for decoding without position_ids: next position = real tokens so far + delta
             base.rope_deltas = (position_ids.amax(dim=(0, 2)) + 1 - real.to(position_ids.device))[:, None]
             short["position_ids"] = position_ids
-        return {**rest, key: short_ids, **short, "mm_encoder_outputs": encoded}
+        return _with_encoded(kwargs, family.encoded_inputs, encoded, {key: short_ids, **short})
 
     @staticmethod
     def _prompt_ids(kwargs: dict, key: str) -> Tensor:
@@ -419,7 +430,8 @@ class VisionLLMHandle:
     def _refuse_position_ids(kwargs: dict) -> None:
         if kwargs.get("position_ids") is not None:
             raise InvalidConfigError("position_ids were given for the full prompt; vistok shortens the prompt, so "
-                                     "let the model number the positions (pass no position_ids)")
+                                     "let the model number the positions (pass no position_ids), or patch with "
+                                     "positions='original' (LLaVA), which keeps them at the kept tokens")
 
     def _count_units(self, kwargs: dict) -> tuple[int, int] | None:
         """(units, placeholders the features fill) for this call's images, ``None`` without images."""
@@ -462,21 +474,20 @@ class VisionLLMHandle:
         patch it carries, and ``position_ids`` are the unpatched model's positions of the full prompt at the kept
         places, so the text after the images, and decoding, keep the unpatched model's positions."""
         family = self.family
-        if kwargs.get("pixel_values") is None:
-            counted = self._count_units(kwargs)
-            input_ids = kwargs.get(key)
-            if counted is not None and input_ids is not None and int(
-                    (input_ids == family.placeholder_id).sum()) != counted[1]:
-                raise InvalidConfigError("positions='original': vistok numbers the kept tokens from the images it "
-                                         "compresses itself; pass pixel_values, not features encoded elsewhere")
-            if kwargs.get("position_ids") is None and _cached_length(kwargs) > 0:
-                raise InvalidConfigError(
-                    "positions='original': a forward after the prompt (with a cache) needs position_ids, since the "
-                    "shortened prompt keeps the full prompt's positions; continue from the prompt's last position "
-                    "+ 1 (generate does this)")
-            return None
         if self.tokens_per_unit == family.per_unit:
             return None  # everything kept: the model's own prompt and positions
+        if kwargs.get("position_ids") is None and _cached_length(kwargs) > 0:
+            raise InvalidConfigError(
+                "positions='original': a forward after the prompt (with a cache) needs position_ids, since the "
+                "shortened prompt keeps the full prompt's positions; continue from the prompt's last position + 1 "
+                "(generate does this)")
+        if kwargs.get("pixel_values") is None:
+            if self._count_units(kwargs) is not None and kwargs.get("position_ids") is None:
+                raise InvalidConfigError(
+                    "positions='original': vistok numbers the kept tokens from the images it compresses itself; "
+                    "pass pixel_values with the full prompt (or, with features encoded elsewhere, their "
+                    "position_ids)")
+            return None
         input_ids = self._prompt_ids(kwargs, key)
         encoder = inspect.signature(type(family.base(self.model)).get_image_features).parameters
         out, result, prefix, source = self._encode({name: kwargs[name] for name in encoder
@@ -494,9 +505,7 @@ class VisionLLMHandle:
         aligned = {name: kwargs[name] for name in ALIGNED if isinstance(kwargs.get(name), Tensor)}
         aligned["position_ids"] = _unpatched_positions(input_ids, kwargs, generating)
         short_ids, short = shorten_prompt(input_ids, keep, aligned, family.pad_id)
-        rest = {name: value for name, value in kwargs.items() if name != "pixel_values"}
-        encoded = {**(kwargs.get("mm_encoder_outputs") or {}), "image": out}
-        return {**rest, key: short_ids, **short, "mm_encoder_outputs": encoded}
+        return _with_encoded(kwargs, ("pixel_values",), {"image": out}, {key: short_ids, **short})
 
     def remove(self) -> None:
         """Restore the model, the vision tower's in-tower patch included (idempotent)."""

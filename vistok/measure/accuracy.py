@@ -52,7 +52,7 @@ def add_paired_differences(rows: list[dict], hits: Sequence[Sequence[bool]], ref
         if reference is not None and index != reference:
             row["vs_all"], row["vs_all_se"] = paired_difference(answered, hits[reference])
         other = at.get(baseline(row))
-        if other is not None and other != index:
+        if other is not None and baseline(row) != key(row):  # not the baseline itself (nor a twin of it)
             row["vs_baseline"], row["vs_baseline_se"] = paired_difference(answered, hits[other])
 
 
