@@ -197,6 +197,20 @@ def test_two_images_in_a_row_right_padding_labels_and_several_sequences():
     assert torch.equal(sequences, expected_sequences)
 
 
+def test_a_deep_copy_keeps_the_positions():
+    import copy
+
+    model = tiny_llava()
+    ids, mask = padded_prompt()
+    pixels = images()
+    with torch.no_grad(), vistok.patch(model, "merge_to_budget", tokens=4, positions="original"):
+        twin = copy.deepcopy(model)
+        expected = model(input_ids=ids, pixel_values=pixels, attention_mask=mask).logits
+    assert vistok.get_handle(twin).positions == "original"
+    with torch.no_grad():
+        assert torch.equal(twin(input_ids=ids, pixel_values=pixels, attention_mask=mask).logits, expected)
+
+
 def test_refusals():
     model = tiny_llava()
     ids, mask = padded_prompt()
