@@ -56,11 +56,10 @@ class BoundaryConfig(MethodConfig):
 
     ``positions``: the language model's positions of the visual tokens. ``"compact"``: the shortened prompt is
     numbered as it stands, so a kept token's position depends on how many were dropped before it. ``"original"``:
-    each kept token has the position of the first patch it carries in the full prompt (after an in-tower
-    method, the first of its tower tokens' patches), and text after the image
-    (and decoding) keeps the unpatched model's positions (FastV's choice; gaps where tokens went). ``None``: the
-    family's own (compact, except Qwen2-VL's 3-D rotary positions, which are always original). ``"original"`` is
-    supported on LLaVA and Qwen2-VL."""
+    each kept token has the position of the first patch it carries in the full prompt (after an in-tower method,
+    the first of its tower tokens' patches), and text after the image (and decoding) keeps the unpatched model's
+    positions (FastV's choice; gaps where tokens went). ``None``: the family's own (compact, except Qwen2-VL's 3-D
+    rotary positions, which are always original). ``"original"`` is supported on LLaVA and Qwen2-VL."""
 
     tokens: int | None = None
     keep: float | None = None
