@@ -7,7 +7,8 @@ vistok.samplers. Writes ``<out>.csv`` and ``<out>.png`` (accuracy vs visual toke
 
 With ``--page``, the page VLM (``vistok_page_vlm_fmnist``) on sparse pages (vistok.document.fmnist_pages): 144
 visual tokens per page (16 crops of 9), the correlation-guided compressor against uniform per-crop budgets, random
-selection and the other boundary methods. A method is ``name`` or ``name:key=value,...``.
+selection and the other boundary methods. With ``--fine``, the fine VLM (``vistok_vlm_fmnist_fine``, 196
+visual tokens per image) on the same questions as the default. A method is ``name`` or ``name:key=value,...``.
 
 Every row also says how far it is from the all-token run (``vs_all``) and from ``--baseline`` at the same visual
 tokens (``vs_baseline``: pooling; with ``--page``, uniform per-crop budgets), in points on the same questions, with
@@ -169,6 +170,7 @@ def main(argv: list[str] | None = None, language_model=None) -> int:
     parser.add_argument("--fractions", nargs="*", type=float, default=None,
                         help="default 0.5 0.25 0.1; with --page 0.5 0.33 0.25 0.17")
     parser.add_argument("--page", action="store_true", help="the page VLM on sparse pages")
+    parser.add_argument("--fine", action="store_true", help="the fine VLM (196 visual tokens per image)")
     parser.add_argument("--baseline", default=None,
                         help="the method every other is compared with at equal tokens (vs_baseline, paired on the "
                         f"same questions); default {BASELINE}, with --page {PAGE_BASELINE}")
@@ -183,6 +185,8 @@ def main(argv: list[str] | None = None, language_model=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="results/vlm_eval")
     args = parser.parse_args(argv)
+    if args.page and args.fine:
+        parser.error("--page and --fine are different models; give at most one")
     if args.methods is None:
         args.methods = list(PAGE_METHODS if args.page else METHODS)
     if args.fractions is None:
@@ -191,7 +195,8 @@ def main(argv: list[str] | None = None, language_model=None) -> int:
         parser.error(f"--baseline {args.baseline} is not among the methods evaluated ({' '.join(args.methods)})")
     try:
         model, tokenizer = create_reference_vlm(pretrained=args.checkpoint is None, checkpoint=args.checkpoint,
-                                                language_model=language_model, page=args.page)
+                                                language_model=language_model, page=args.page,
+                                                fine=args.fine)
         data = (SparsePageQA if args.page else FashionQA)("test", args.questions, seed=args.seed)
         grid = model.model.vision_tower.token_grid
         rows, hits = [], []

@@ -11,7 +11,8 @@ as well as the full grid.
 
 ``--page`` trains the page variant (``vistok_page_vlm_fmnist``) on sparse pages
 (vistok.document.fmnist_pages); ``--init`` starts from trained tensors where names and shapes fit (the image
-VLM's projector and adapters).
+VLM's projector and adapters). ``--fine`` trains the fine variant (``vistok_vlm_fmnist_fine``, 196
+visual tokens per image) on the same questions.
 
     python tools/train_vlm.py --out runs/vlm_rm --minutes 55 --lr 1e-3 --threads 2 --compressed 0.75   # the shipped one
     python tools/train_vlm.py --out runs/vlm_rm --minutes 55 --lr 1e-3 --threads 2 --compressed 0.75 --resume
@@ -81,15 +82,20 @@ def main(argv: list[str] | None = None, language_model=None) -> int:
     parser.add_argument("--compress-methods", nargs="+", default=["merge_to_budget", "region_merge", "dominant", "pool",
                                                                    "random_select"])
     parser.add_argument("--compress-tokens", nargs="+", type=int, default=None,
-                        help="default 24 18 12 9 6 4 (of 36); with --page 72 48 36 24 16 (of 144)")
+                        help="default 24 18 12 9 6 4 (of 36); with --page 72 48 36 24 16 (of 144); with --fine "
+                        "98 64 49 32 20 12 (of 196)")
     parser.add_argument("--page", action="store_true", help="the page variant on sparse pages")
+    parser.add_argument("--fine", action="store_true", help="the fine variant (196 visual tokens per image)")
     parser.add_argument("--init", default=None, help="start from these trained tensors (.safetensors) where names "
                         "and shapes fit, e.g. the image VLM's models/vistok_vlm_fmnist/model.safetensors")
     args = parser.parse_args(argv)
     if not 0.0 <= args.compressed <= 1.0:
         parser.error(f"--compressed must be a share in [0, 1], got {args.compressed}")
+    if args.page and args.fine:
+        parser.error("--page and --fine are different variants; give at most one")
     if args.compress_tokens is None:
-        args.compress_tokens = [72, 48, 36, 24, 16] if args.page else [24, 18, 12, 9, 6, 4]
+        args.compress_tokens = ([72, 48, 36, 24, 16] if args.page else [98, 64, 49, 32, 20, 12] if args.fine
+                                else [24, 18, 12, 9, 6, 4])
     try:  # every method word and budget checked now, not at the step that first draws it
         for spec in args.compress_methods:
             name, options = parse_method_spec(spec)
@@ -101,7 +107,7 @@ def main(argv: list[str] | None = None, language_model=None) -> int:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     model, tokenizer = create_reference_vlm(lora_rank=args.lora_rank, language_model=language_model,
-                                            page=args.page)
+                                            page=args.page, fine=args.fine)
     if args.init and not args.resume:
         print(f"started from {args.init}: {', '.join(warm_start(model, args.init))}")
     model.train()

@@ -116,6 +116,38 @@ def test_grid_positions_mark_the_tokens_and_leave_class_attention_alone():
     assert attention.shape == (2, 36) and not torch.equal(moved.hidden_states[-2], plain.hidden_states[-2])
 
 
+def test_the_fine_tower_pools_each_crop_two_by_two():
+    """The fine variant's tower: every crop's 14 x 14 patch grid pooled 2 x 2 to 7 x 7, the four crops laid out as
+    a 14 x 14 grid (196 visual tokens); the 6 x 6 grid positions of the shipped VLM resized to it keep each token
+    in its own crop."""
+    import timm
+
+    from vistok.models.reference import REFERENCE_NAME
+    from vistok.models.reference_vlm import FINE_CELL, ReferenceVisionTower, resized_grid_position
+
+    torch.manual_seed(0)
+    tower = ReferenceVisionTower(timm.create_model(REFERENCE_NAME, pretrained=False).eval(), cell=FINE_CELL)
+    images, _ = batch()
+    with torch.no_grad():
+        out = tower(images)
+        alone = tower.vit.forward_features(images[1:, :, :28, 28:])  # the top-right crop of the second image
+    assert tower.token_grid == (14, 14) and out.last_hidden_state.shape == (2, 197, 64)
+    patches = alone[0, 1:].reshape(14, 14, 64)
+    expected = patches.reshape(7, 2, 7, 2, 64).mean(dim=(1, 3))
+    assert torch.allclose(out.last_hidden_state[1, 1:].reshape(14, 14, 64)[:7, 7:], expected, atol=1e-5)
+
+    coarse = torch.arange(36.0)[:, None].repeat(1, 3)  # place i of the 6 x 6 grid holds the value i
+    fine = resized_grid_position(coarse, 14)
+    assert fine.shape == (196, 3) and set(fine[:, 0].long().tolist()) == set(range(36))
+    for place, source in enumerate(fine[:, 0].long().tolist()):
+        (row, col), (old_row, old_col) = divmod(place, 14), divmod(source, 6)
+        assert (row // 7, col // 7) == (old_row // 3, old_col // 3)  # the same crop
+        for new, old in ((row, old_row), (col, old_col)):  # the fine place's centre lies in the coarse place
+            assert old / 6 <= (new + 0.5) / 14 <= (old + 1) / 6
+    with pytest.raises(ValueError, match="35 positions are not a square grid"):
+        resized_grid_position(torch.zeros(35, 3), 14)
+
+
 def test_training_batches_seen_through_methods():
     """``--compressed p``: a share p of the batches goes through one of the given methods at one of the given
     budgets, the same for the same step and seed (so ``--resume`` continues the same sequence)."""
@@ -237,8 +269,47 @@ def test_vision_llms_by_name():
     from vistok.models import CheckpointError, create_vlm
 
     with pytest.raises(CheckpointError, match=r"unknown vision-LLM 'llava'; vistok ships \['vistok_page_vlm_fmnist', "
-                       r"'vistok_video_vlm_fmnist', 'vistok_vlm_fmnist'\]"):
+                       r"'vistok_video_vlm_fmnist', 'vistok_vlm_fmnist', 'vistok_vlm_fmnist_fine'\]"):
         create_vlm("llava")
+    with pytest.raises(ValueError, match="video, page and fine are different variants"):
+        create_vlm("vistok_vlm_fmnist_fine", page=True)
+    for tool in ("train_vlm", "eval_vlm"):
+        with pytest.raises(SystemExit):
+            load_tool(tool).main(["--page", "--fine"])
+
+
+@pytest.mark.slow
+def test_the_fine_vlm_warm_starts_from_the_image_vlm(smollm2, tmp_path):
+    """``warm_start`` loads the image VLM's projector and adapters into the fine variant and resizes its grid
+    positions; the fine VLM's prompt has 196 placeholders, and vistok's methods shorten it to their budget with
+    the unpatched logits when they keep everything."""
+    from safetensors.torch import save_file
+
+    from vistok.models.reference_vlm import build_prompt, resized_grid_position, trained_state, warm_start
+
+    image_vlm, _ = reference_vlm(smollm2)
+    state = trained_state(image_vlm)
+    state = {name: torch.randn_like(value) for name, value in state.items()}  # as if trained
+    save_file(state, str(tmp_path / "image_vlm.safetensors"))
+    model, tokenizer = reference_vlm(smollm2, fine=True)
+    summary = warm_start(model, str(tmp_path / "image_vlm.safetensors"))
+    assert summary[1] == "resized ['model.vision_tower.grid_position']" and summary[2] == "skipped []"
+    loaded = trained_state(model)
+    assert torch.equal(loaded["model.vision_tower.grid_position"],
+                       resized_grid_position(state["model.vision_tower.grid_position"], 14))
+    assert all(torch.equal(loaded[name], value) for name, value in state.items() if "grid_position" not in name)
+    video, _ = reference_vlm(smollm2, video=True)  # one crop per frame: no grid to resize into, it stays as it was
+    assert warm_start(video, str(tmp_path / "image_vlm.safetensors"))[1] == "resized []"
+    assert not video.model.vision_tower.grid_position.any()
+    images, questions = batch()
+    prompt = torch.tensor([build_prompt(tokenizer, q, 196) for q in questions])
+    with torch.no_grad():
+        expected = model(input_ids=prompt, pixel_values=images).logits
+        for method in ("pool", "merge_to_budget"):
+            with vistok.patch(model, method, keep=1.0, positions="original"):
+                assert (model(input_ids=prompt, pixel_values=images).logits - expected).abs().max() <= 1e-4
+            with vistok.patch(model, method, tokens=49, positions="original"):
+                assert model(input_ids=prompt, pixel_values=images).logits.shape[1] == prompt.shape[1] - 196 + 49
 
 
 @pytest.mark.slow

@@ -11,9 +11,11 @@ from .reference import (
     vistok_vit_fmnist_reg4,
 )
 from .reference_vlm import (
+    FINE_VLM_NAME,
     PAGE_VLM_NAME,
     VIDEO_VLM_NAME,
     VLM_NAME,
+    create_fine_vlm,
     create_page_vlm,
     create_reference_vlm,
     create_video_vlm,
@@ -46,9 +48,12 @@ __all__ = [
     "create_video_vlm",
     "PAGE_VLM_NAME",
     "create_page_vlm",
+    "FINE_VLM_NAME",
+    "create_fine_vlm",
 ]
 
-_VLMS = {VLM_NAME: create_reference_vlm, VIDEO_VLM_NAME: create_video_vlm, PAGE_VLM_NAME: create_page_vlm}
+_VLMS = {VLM_NAME: create_reference_vlm, VIDEO_VLM_NAME: create_video_vlm, PAGE_VLM_NAME: create_page_vlm,
+         FINE_VLM_NAME: create_fine_vlm}
 
 
 def create_vlm(name: str, pretrained: bool = False, **kwargs):

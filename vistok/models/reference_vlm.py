@@ -10,6 +10,11 @@ package.
 The page variant (``vistok_page_vlm_fmnist``, :func:`create_page_vlm`) reads a 112 x 112 sparse page as 16 crops
 of 9 tokens with one learned position per crop, for the document evaluation (``tools/eval_vlm.py --page``).
 
+The fine variant (``vistok_vlm_fmnist_fine``, :func:`create_fine_vlm`) reads the same 56 x 56 images with each
+crop's 14 x 14 patch grid pooled 2 x 2 (LLaVA-OneVision's pooling) instead of to 3 x 3: 4 crops x 7 x 7 = 196
+visual tokens per image, so that visual tokens dominate the prompt as in LLaVA-1.5 (576 of about 600) and
+compressing them can shorten the prefill as much as it does there.
+
 The video variant (``vistok_video_vlm_fmnist``, :func:`create_video_vlm`) reads one 28 x 28 frame as an image of
 9 tokens (one crop, pooled to 3 x 3) and carries B-VLLM's trainable frame selector (``model.frame_selector``, a
 :class:`~vistok.video.frames.TemporalQuerySelector` over the frames' class tokens and the question's token
@@ -36,15 +41,18 @@ from .reference import REFERENCE_NAME, CheckpointError, reference_checkpoint
 __all__ = ["ReferenceVisionTower", "LoRALinear", "create_reference_vlm", "create_video_vlm", "build_prompt",
            "trained_state", "TrainingRun", "train_trained_tensors", "answer_batch", "answer_loss",
            "answer_questions", "prefill_seconds", "encoded_features", "Answers", "VLM_NAME", "VIDEO_VLM_NAME",
-           "PAGE_VLM_NAME", "create_page_vlm", "warm_start", "prompt_batch", "IMAGE_TOKEN"]
+           "PAGE_VLM_NAME", "create_page_vlm", "warm_start", "prompt_batch", "IMAGE_TOKEN", "FINE_VLM_NAME",
+           "create_fine_vlm", "resized_grid_position"]
 
 VLM_NAME = "vistok_vlm_fmnist"
 VIDEO_VLM_NAME = "vistok_video_vlm_fmnist"
 SELECTOR_QUERIES = 16  # frames B-VLLM's selector picks
 IMAGE_TOKEN = "<empty_output>"  # a SmolLM2 special token that never occurs in text: the image placeholder
 TILES, CELL = 2, 3  # a 56 x 56 image: 2 x 2 crops of 28 x 28, each pooled to 3 x 3 tokens: a 6 x 6 grid
+FINE_CELL = 7  # the fine variant: each crop's 14 x 14 patch grid pooled 2 x 2, a 14 x 14 grid of tokens
 PAGE_TILES = 4  # a 112 x 112 sparse page: 4 x 4 crops of 28 x 28, a 12 x 12 grid of tokens
 PAGE_VLM_NAME = "vistok_page_vlm_fmnist"
+FINE_VLM_NAME = "vistok_vlm_fmnist_fine"
 
 
 class ReferenceVisionTower(nn.Module):
@@ -161,7 +169,7 @@ def _is_trained(name: str) -> bool:
 
 def create_reference_vlm(pretrained: bool = False, lora_rank: int = 8, checkpoint: str | Path | None = None,
                          language_model: tuple[nn.Module, Any] | None = None, video: bool = False,
-                         page: bool = False) -> tuple[nn.Module, Any]:
+                         page: bool = False, fine: bool = False) -> tuple[nn.Module, Any]:
     """``(model, tokenizer)``: the reference vision-LLM, a ``LlavaForConditionalGeneration`` in eval mode.
 
     Args:
@@ -173,6 +181,8 @@ def create_reference_vlm(pretrained: bool = False, lora_rank: int = 8, checkpoin
         page: the page variant (``vistok_page_vlm_fmnist``): 112 x 112 sparse pages
             (:class:`vistok.document.fmnist_pages.SparsePageQA`) as a 4 x 4 grid of 28 x 28 crops, 9 tokens each
             (144 in all), with one learned position per crop.
+        fine: the fine variant (``vistok_vlm_fmnist_fine``): the 56 x 56 images as 2 x 2 crops of 7 x 7 tokens
+            each (every crop's 14 x 14 patch grid pooled 2 x 2), 196 per image.
 
     Raises:
         CheckpointError: the trained tensors are missing or do not fit.
@@ -183,8 +193,9 @@ def create_reference_vlm(pretrained: bool = False, lora_rank: int = 8, checkpoin
 
     from .reference import load_checkpoint
 
-    if video and page:
-        raise ValueError("create_reference_vlm: video and page are two different variants; give at most one")
+    if video + page + fine > 1:
+        raise ValueError(f"create_reference_vlm: video, page and fine are different variants; give at most one "
+                         f"(got video={video}, page={page}, fine={fine})")
     if language_model is None:
         from ..samplers.models import load_smollm2
 
@@ -192,7 +203,9 @@ def create_reference_vlm(pretrained: bool = False, lora_rank: int = 8, checkpoin
     llm, tokenizer = language_model
     vit = timm.create_model(REFERENCE_NAME, pretrained=False)
     load_checkpoint(vit, reference_checkpoint(REFERENCE_NAME))
-    tower = ReferenceVisionTower(vit.eval(), tiles=1 if video else PAGE_TILES if page else TILES, crop_positions=page)
+    cell = FINE_CELL if fine else CELL
+    tower = ReferenceVisionTower(vit.eval(), tiles=1 if video else PAGE_TILES if page else TILES, cell=cell,
+                                 crop_positions=page)
     side = tower.token_grid[0]
     # describes the tower to LLaVA and to vistok: a side x side grid of tokens (image_size / patch_size)
     vision_config = CLIPVisionConfig(hidden_size=vit.embed_dim, intermediate_size=4 * vit.embed_dim,
@@ -219,7 +232,7 @@ def create_reference_vlm(pretrained: bool = False, lora_rank: int = 8, checkpoin
     if video:  # one crop per frame: the ViT's own positions already place each token
         tower.grid_position.requires_grad_(False)
     if pretrained or checkpoint is not None:
-        name = VIDEO_VLM_NAME if video else PAGE_VLM_NAME if page else VLM_NAME
+        name = VIDEO_VLM_NAME if video else PAGE_VLM_NAME if page else FINE_VLM_NAME if fine else VLM_NAME
         _load_trained(model, Path(checkpoint) if checkpoint is not None else reference_checkpoint(name))
     return model.eval(), tokenizer
 
@@ -234,16 +247,48 @@ def create_page_vlm(pretrained: bool = False, **kwargs: Any) -> tuple[nn.Module,
     return create_reference_vlm(pretrained=pretrained, page=True, **kwargs)
 
 
+def create_fine_vlm(pretrained: bool = False, **kwargs: Any) -> tuple[nn.Module, Any]:
+    """``(model, tokenizer)``: the reference VLM with 7 x 7 tokens per crop, 196 visual tokens per image
+    (:func:`create_reference_vlm` with ``fine=True``)."""
+    return create_reference_vlm(pretrained=pretrained, fine=True, **kwargs)
+
+
+def resized_grid_position(position: Tensor, side: int) -> Tensor:
+    """``[s * s, D]`` learned grid positions of an ``s x s`` token grid -> ``[side * side, D]``: each new grid place
+    takes the position of the old place its centre falls in, so where the crops of the two grids line up (a 6 x
+    6 grid of 2 x 2 crops of 3 x 3 and a 14 x 14 grid of 2 x 2 crops of 7 x 7) every token keeps its crop's
+    positions."""
+    old = math.isqrt(position.shape[0])
+    if old * old != position.shape[0]:
+        raise ValueError(f"resized_grid_position: {position.shape[0]} positions are not a square grid")
+    grid = rearrange(position, "(h w) d -> 1 d h w", h=old)
+    return rearrange(F.interpolate(grid, size=(side, side), mode="nearest-exact"), "1 d h w -> (h w) d")
+
+
 def warm_start(model, path: str) -> list[str]:
     """Load the tensors of ``path`` whose names and shapes fit ``model`` (the image VLM's projector and adapters
-    fit the video and page VLMs: the same ViT features, the same language model); returns a summary of what was
-    loaded."""
+    fit the video, page and fine VLMs: the same ViT features, the same language model), and the tower's grid
+    positions resized (:func:`resized_grid_position`) where the two grids have the same crops at different cells
+    (the image VLM's into the fine one's); returns a summary of what was loaded."""
     from safetensors.torch import load_file
 
     state, own = load_file(path), model.state_dict()
     fitting = {name: value for name, value in state.items() if name in own and own[name].shape == value.shape}
+    tower = model.model.vision_tower
+    resized = [name for name in state if name.endswith("vision_tower.grid_position") and name in own
+               and name not in fitting and _same_crops(tower, state[name])]
+    for name in resized:
+        fitting[name] = resized_grid_position(state[name], tower.token_grid[0])
     model.load_state_dict(fitting, strict=False)
-    return [f"{len(fitting)} tensors", f"skipped {sorted(set(state) - set(fitting))}"]
+    return [f"{len(fitting)} tensors", f"resized {resized}", f"skipped {sorted(set(state) - set(fitting))}"]
+
+
+def _same_crops(tower: ReferenceVisionTower, position: Tensor) -> bool:
+    """Whether ``position`` ``[s * s, D]`` places the tokens of a grid of the same ``tiles x tiles`` crops as
+    ``tower``'s (one position per grid place, several crops)."""
+    side = math.isqrt(position.shape[0])
+    return (tower.tiles > 1 and not tower.crop_positions and side * side == position.shape[0]
+            and side % tower.tiles == 0 and position.shape[1:] == tower.grid_position.shape[1:])
 
 
 def _load_trained(model: nn.Module, path: Path) -> None:
