@@ -17,6 +17,7 @@ paired standard errors (``*_se``): whether one method beats another is read from
     python tools/eval_vlm.py --out results/vlm_eval                       # the shipped weights, 500 questions
     python tools/eval_vlm.py --questions 200 --fractions 0.25 --methods dominant merge_to_budget
     python tools/eval_vlm.py --page --out out/sparse_pages                # the shipped page VLM, its default methods
+    python tools/eval_vlm.py --fine --out out/vlm_fine --questions 300    # the fine VLM (196 tokens per image)
 """
 
 from __future__ import annotations
@@ -139,7 +140,7 @@ def keep_everything_overhead(model, tokenizer, data: FashionQA, methods: list[st
             for name, value in medians.items()]
 
 
-def save_plot(path: Path, rows: list[dict], page: bool = False) -> None:
+def save_plot(path: Path, rows: list[dict], page: bool = False, fine: bool = False) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -153,7 +154,8 @@ def save_plot(path: Path, rows: list[dict], page: bool = False) -> None:
     axis.axhline(full["accuracy"], color="k", linestyle="--", label=f"all {full['visual_tokens']} tokens")
     axis.set_xlabel(f"visual tokens per {'page' if page else 'image'}")
     axis.set_ylabel("exact-match accuracy (%)")
-    axis.set_title("page VLM, held-out sparse pages" if page else "reference VLM, held-out Fashion-MNIST questions")
+    axis.set_title("page VLM, held-out sparse pages" if page else
+                   f"{'fine ' if fine else ''}reference VLM, held-out Fashion-MNIST questions")
     axis.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
@@ -186,7 +188,7 @@ def main(argv: list[str] | None = None, language_model=None) -> int:
     parser.add_argument("--out", default="results/vlm_eval")
     args = parser.parse_args(argv)
     if args.page and args.fine:
-        parser.error("--page and --fine are different models; give at most one")
+        parser.error("--page and --fine are different variants; give at most one")
     if args.methods is None:
         args.methods = list(PAGE_METHODS if args.page else METHODS)
     if args.fractions is None:
@@ -239,7 +241,7 @@ def main(argv: list[str] | None = None, language_model=None) -> int:
         writer = csv.DictWriter(handle, fieldnames=fields)
         writer.writeheader()
         writer.writerows(rows)
-    save_plot(out.with_suffix(".png"), rows, args.page)
+    save_plot(out.with_suffix(".png"), rows, args.page, args.fine)
     print(f"wrote {out.with_suffix('.csv')} and {out.with_suffix('.png')}")
     return 0
 

@@ -10,9 +10,9 @@ per image, drawn per batch from the step's seed), so the language model learns t
 as well as the full grid.
 
 ``--page`` trains the page variant (``vistok_page_vlm_fmnist``) on sparse pages
-(vistok.document.fmnist_pages); ``--init`` starts from trained tensors where names and shapes fit (the image
-VLM's projector and adapters). ``--fine`` trains the fine variant (``vistok_vlm_fmnist_fine``, 196
-visual tokens per image) on the same questions.
+(vistok.document.fmnist_pages); ``--fine`` the fine variant (``vistok_vlm_fmnist_fine``, 196 visual tokens per
+image) on the same questions as the default. ``--init`` starts from trained tensors where names and shapes fit
+(the image VLM's projector and adapters; its grid positions resized to the fine variant's grid).
 
     python tools/train_vlm.py --out runs/vlm_rm --minutes 55 --lr 1e-3 --threads 2 --compressed 0.75   # the shipped one
     python tools/train_vlm.py --out runs/vlm_rm --minutes 55 --lr 1e-3 --threads 2 --compressed 0.75 --resume
@@ -87,7 +87,8 @@ def main(argv: list[str] | None = None, language_model=None) -> int:
     parser.add_argument("--page", action="store_true", help="the page variant on sparse pages")
     parser.add_argument("--fine", action="store_true", help="the fine variant (196 visual tokens per image)")
     parser.add_argument("--init", default=None, help="start from these trained tensors (.safetensors) where names "
-                        "and shapes fit, e.g. the image VLM's models/vistok_vlm_fmnist/model.safetensors")
+                        "and shapes fit (grid positions resized between the image and fine variants), e.g. the "
+                        "image VLM's models/vistok_vlm_fmnist/model.safetensors")
     args = parser.parse_args(argv)
     if not 0.0 <= args.compressed <= 1.0:
         parser.error(f"--compressed must be a share in [0, 1], got {args.compressed}")

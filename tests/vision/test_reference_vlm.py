@@ -118,8 +118,8 @@ def test_grid_positions_mark_the_tokens_and_leave_class_attention_alone():
 
 def test_the_fine_tower_pools_each_crop_two_by_two():
     """The fine variant's tower: every crop's 14 x 14 patch grid pooled 2 x 2 to 7 x 7, the four crops laid out as
-    a 14 x 14 grid (196 visual tokens); the 6 x 6 grid positions of the shipped VLM resized to it keep each token
-    in its own crop."""
+    a 14 x 14 grid (196 visual tokens); 6 x 6 grid positions (the image VLM's) resized to it keep each token in
+    its own crop, and each fine place's centre lies in the coarse place it takes."""
     import timm
 
     from vistok.models.reference import REFERENCE_NAME
@@ -265,7 +265,7 @@ def test_train_eval_and_ask_tools(smollm2, tmp_path, capsys):
     assert vistok_main([*args, "--method", "dominant"]) == 2  # --tokens missing
 
 
-def test_vision_llms_by_name():
+def test_vision_llms_by_name(capsys):
     from vistok.models import CheckpointError, create_vlm
 
     with pytest.raises(CheckpointError, match=r"unknown vision-LLM 'llava'; vistok ships \['vistok_page_vlm_fmnist', "
@@ -276,6 +276,11 @@ def test_vision_llms_by_name():
     for tool in ("train_vlm", "eval_vlm"):
         with pytest.raises(SystemExit):
             load_tool(tool).main(["--page", "--fine"])
+        assert "--page and --fine are different variants; give at most one" in capsys.readouterr().err
+    from vistok.models import reference_checkpoint
+
+    with pytest.raises(CheckpointError, match=r"train them with tools/train_vlm.py \(its model card"):
+        reference_checkpoint("vistok_vlm_fmnist_untrained")
 
 
 @pytest.mark.slow
@@ -301,6 +306,12 @@ def test_the_fine_vlm_warm_starts_from_the_image_vlm(smollm2, tmp_path):
     video, _ = reference_vlm(smollm2, video=True)  # one crop per frame: no grid to resize into, it stays as it was
     assert warm_start(video, str(tmp_path / "image_vlm.safetensors"))[1] == "resized []"
     assert not video.model.vision_tower.grid_position.any()
+    page_vlm, _ = reference_vlm(smollm2, page=True)  # one position per crop: not a grid of places
+    save_file(trained_state(page_vlm), str(tmp_path / "page_vlm.safetensors"))
+    fresh, _ = reference_vlm(smollm2, fine=True)
+    assert warm_start(fresh, str(tmp_path / "page_vlm.safetensors"))[1:] == [
+        "resized []", "skipped ['model.vision_tower.grid_position']"]
+    assert warm_start(page_vlm, str(tmp_path / "image_vlm.safetensors"))[1] == "resized []"
     images, questions = batch()
     prompt = torch.tensor([build_prompt(tokenizer, q, 196) for q in questions])
     with torch.no_grad():

@@ -72,10 +72,12 @@ def reference_checkpoint(name: str = REFERENCE_NAME) -> Path:
         path = root / name / "model.safetensors"
         if path.is_file():
             return path
+    trainer = ("tools/train_video_vlm.py" if "video_vlm" in name else "tools/train_vlm.py (its model card has the "
+               "command)" if "vlm" in name else "tools/train.py --config configs/fmnist_vit.yaml")
     raise CheckpointError(
         f"the weights of {name} are not at {' or '.join(str(r / name / 'model.safetensors') for r in roots)}. They "
         "ship in the vistok repository (models/); from a package install, point $VISTOK_MODELS at a copy of that "
-        "folder, or train them with tools/train.py --config configs/fmnist_vit.yaml.")
+        f"folder, or train them with {trainer}.")
 
 
 def load_checkpoint(model: nn.Module, path: str | os.PathLike) -> nn.Module:

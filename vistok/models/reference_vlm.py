@@ -174,7 +174,8 @@ def create_reference_vlm(pretrained: bool = False, lora_rank: int = 8, checkpoin
 
     Args:
         pretrained: load the trained projector and adapters shipped in ``models/vistok_vlm_fmnist`` (with
-            ``video``: ``models/vistok_video_vlm_fmnist``).
+            ``video``, ``page``, ``fine``: ``models/vistok_video_vlm_fmnist``, ``models/vistok_page_vlm_fmnist``,
+            ``models/vistok_vlm_fmnist_fine``).
         checkpoint: or load them from this ``.safetensors`` file.
         language_model: ``(causal LM, tokenizer)`` to use instead of SmolLM2-135M-Instruct (tests use a tiny one).
         video: the video variant: 28 x 28 frames of 9 tokens each, and a frame selector (``model.frame_selector``).
@@ -186,6 +187,7 @@ def create_reference_vlm(pretrained: bool = False, lora_rank: int = 8, checkpoin
 
     Raises:
         CheckpointError: the trained tensors are missing or do not fit.
+        ValueError: more than one of ``video``, ``page``, ``fine``.
     """
     import timm
     from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration
@@ -274,21 +276,21 @@ def warm_start(model, path: str) -> list[str]:
 
     state, own = load_file(path), model.state_dict()
     fitting = {name: value for name, value in state.items() if name in own and own[name].shape == value.shape}
-    tower = model.model.vision_tower
     resized = [name for name in state if name.endswith("vision_tower.grid_position") and name in own
-               and name not in fitting and _same_crops(tower, state[name])]
+               and name not in fitting and _resizable_grid(model.model.vision_tower, state[name])]
     for name in resized:
-        fitting[name] = resized_grid_position(state[name], tower.token_grid[0])
+        fitting[name] = resized_grid_position(state[name], model.model.vision_tower.token_grid[0])
     model.load_state_dict(fitting, strict=False)
     return [f"{len(fitting)} tensors", f"resized {resized}", f"skipped {sorted(set(state) - set(fitting))}"]
 
 
-def _same_crops(tower: ReferenceVisionTower, position: Tensor) -> bool:
-    """Whether ``position`` ``[s * s, D]`` places the tokens of a grid of the same ``tiles x tiles`` crops as
-    ``tower``'s (one position per grid place, several crops)."""
-    side = math.isqrt(position.shape[0])
-    return (tower.tiles > 1 and not tower.crop_positions and side * side == position.shape[0]
-            and side % tower.tiles == 0 and position.shape[1:] == tower.grid_position.shape[1:])
+def _resizable_grid(tower: ReferenceVisionTower, position: Tensor) -> bool:
+    """Whether ``position`` is the grid positions of an image VLM (``TILES x TILES`` crops of ``CELL`` or
+    ``FINE_CELL`` tokens a side, one position per grid place) and ``tower`` is the other of the two, so that the
+    crops line up. The page VLM's positions (one per crop) and the video VLM's tower (one crop) are not."""
+    places = position.shape[0]
+    return (tower.tiles == TILES and not tower.crop_positions and position.shape[1:] == tower.grid_position.shape[1:]
+            and places in ((TILES * CELL) ** 2, (TILES * FINE_CELL) ** 2))
 
 
 def _load_trained(model: nn.Module, path: Path) -> None:
