@@ -324,14 +324,15 @@ def test_the_fine_vlm_warm_starts_from_the_image_vlm(smollm2, tmp_path):
 
 
 @pytest.mark.slow
-def test_the_shipped_vlm_reads_the_image(smollm2):
+@pytest.mark.parametrize("fine", [False, True], ids=["36 tokens", "fine, 196 tokens"])
+def test_the_shipped_vlm_reads_the_image(smollm2, fine):
     """On held-out questions the trained weights beat, by far, the best answers one could give without looking
     (the most common answer of each question kind), and still beat them at half of the visual tokens."""
-    model, tokenizer = reference_vlm(smollm2, pretrained=True)
+    model, tokenizer = reference_vlm(smollm2, pretrained=True, fine=fine)
     data = FashionQA("test", 60, seed=7)
     examples = [data.example(i) for i in range(len(data))]
     images, _ = batch(len(data), seed=7)
     blind = blind_accuracy(examples)
     assert vlm_accuracy(model, tokenizer, images, examples) >= blind + 0.25
-    with vistok.patch(model, "merge_to_budget", tokens=18):
+    with vistok.patch(model, "merge_to_budget", keep=0.5, positions="original" if fine else None):
         assert vlm_accuracy(model, tokenizer, images, examples) >= blind + 0.10
