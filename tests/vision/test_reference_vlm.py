@@ -292,26 +292,26 @@ def test_the_fine_vlm_warm_starts_from_the_image_vlm(smollm2, tmp_path):
 
     from vistok.models.reference_vlm import build_prompt, resized_grid_position, trained_state, warm_start
 
-    image_vlm, _ = reference_vlm(smollm2)
-    state = trained_state(image_vlm)
-    state = {name: torch.randn_like(value) for name, value in state.items()}  # as if trained
-    save_file(state, str(tmp_path / "image_vlm.safetensors"))
     model, tokenizer = reference_vlm(smollm2, fine=True)
+    # the image VLM's trained tensors, as if trained: the fine VLM's names and shapes, a 6 x 6 grid of positions
+    state = {name: torch.randn_like(value) for name, value in trained_state(model).items()}
+    state["model.vision_tower.grid_position"] = torch.randn(36, 64)
+    save_file(state, str(tmp_path / "image_vlm.safetensors"))
+    page_state = {**state, "model.vision_tower.grid_position": torch.randn(16, 64)}  # one position per crop of 4 x 4
+    save_file(page_state, str(tmp_path / "page_vlm.safetensors"))
+    assert warm_start(model, str(tmp_path / "page_vlm.safetensors"))[1:] == [  # not a grid of places
+        "resized []", "skipped ['model.vision_tower.grid_position']"]
     summary = warm_start(model, str(tmp_path / "image_vlm.safetensors"))
     assert summary[1] == "resized ['model.vision_tower.grid_position']" and summary[2] == "skipped []"
     loaded = trained_state(model)
     assert torch.equal(loaded["model.vision_tower.grid_position"],
                        resized_grid_position(state["model.vision_tower.grid_position"], 14))
     assert all(torch.equal(loaded[name], value) for name, value in state.items() if "grid_position" not in name)
-    video, _ = reference_vlm(smollm2, video=True)  # one crop per frame: no grid to resize into, it stays as it was
-    assert warm_start(video, str(tmp_path / "image_vlm.safetensors"))[1] == "resized []"
-    assert not video.model.vision_tower.grid_position.any()
-    page_vlm, _ = reference_vlm(smollm2, page=True)  # one position per crop: not a grid of places
-    save_file(trained_state(page_vlm), str(tmp_path / "page_vlm.safetensors"))
-    fresh, _ = reference_vlm(smollm2, fine=True)
-    assert warm_start(fresh, str(tmp_path / "page_vlm.safetensors"))[1:] == [
-        "resized []", "skipped ['model.vision_tower.grid_position']"]
-    assert warm_start(page_vlm, str(tmp_path / "image_vlm.safetensors"))[1] == "resized []"
+    for variant in ("video", "page"):  # one crop per frame, one position per crop: nothing to resize into
+        other, _ = reference_vlm(smollm2, **{variant: True})
+        before = other.model.vision_tower.grid_position.clone()
+        assert warm_start(other, str(tmp_path / "image_vlm.safetensors"))[1] == "resized []"
+        assert torch.equal(other.model.vision_tower.grid_position, before)
     images, questions = batch()
     prompt = torch.tensor([build_prompt(tokenizer, q, 196) for q in questions])
     with torch.no_grad():
