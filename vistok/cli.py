@@ -73,12 +73,15 @@ def _build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--image", required=True, help="an image file (made grey and 56 x 56: four Fashion-MNIST cells)")
     ask.add_argument("--question", required=True)
     ask.add_argument("--method", default=None, help="a boundary method (merge_to_budget, region_merge, "
-                     "dominant, pool, random_select); default: all visual tokens")
+                     "dominant, pool, random_select), options after a colon (merge_to_budget:positions=original); "
+                     "default: all visual tokens")
     ask.add_argument("--tokens", type=int, default=None, help="visual tokens per image for --method")
     ask.add_argument("--temperature", type=float, default=0.0, help="0: greedy (vistok.samplers)")
     ask.add_argument("--top-p", type=float, default=1.0)
     ask.add_argument("--seed", type=int, default=0)
     ask.add_argument("--checkpoint", default=None, help="trained tensors (.safetensors); default: the shipped")
+    ask.add_argument("--fine", action="store_true", help="the fine reference VLM (vistok_vlm_fmnist_fine: 196 "
+                     "visual tokens per image instead of 36)")
     video = commands.add_parser("video-qa", help="answer a question about a video under a visual token budget")
     video.add_argument("--video", required=True, help="a video file (frames made grey and 28 x 28)")
     video.add_argument("--question", required=True)
@@ -182,12 +185,15 @@ def _ask(args: argparse.Namespace) -> int:
         raise InputShapeError(f"vistok ask: cannot read the image {args.image}: {error}") from None
     image = torch.frombuffer(bytearray(grey.tobytes()), dtype=torch.uint8).reshape(1, 1, 56, 56).float() / 255
     image = (image - FASHION_MNIST_MEAN) / FASHION_MNIST_STD
-    model, tokenizer = create_reference_vlm(pretrained=args.checkpoint is None, checkpoint=args.checkpoint)
+    model, tokenizer = create_reference_vlm(pretrained=args.checkpoint is None, checkpoint=args.checkpoint,
+                                            fine=args.fine)
     handle = None
     if args.method is not None:
+        from .config import parse_method_spec
         from .patching import patch
 
-        handle = patch(model, args.method, tokens=args.tokens)
+        name, options = parse_method_spec(args.method)
+        handle = patch(model, name, **options, tokens=args.tokens)
     sampling = SamplingConfig(temperature=args.temperature, top_p=args.top_p)
     result = answer_questions(model, tokenizer, image, [args.question], sampling=sampling, seeds=args.seed)
     prefill = min(prefill_seconds(model, tokenizer, image, [args.question]) for _ in range(3))
