@@ -6,9 +6,11 @@ batches), with all visual tokens and with each boundary method at fractions of t
 vistok.samplers. Writes ``<out>.csv`` and ``<out>.png`` (accuracy vs visual tokens).
 
 With ``--page``, the page VLM (``vistok_page_vlm_fmnist``) on sparse pages (vistok.document.fmnist_pages): 144
-visual tokens per page (16 crops of 9), the correlation-guided compressor against uniform per-crop budgets, random
-selection and the other boundary methods. With ``--fine``, the fine VLM (``vistok_vlm_fmnist_fine``, 196
-visual tokens per image) on the same questions as the default. A method is ``name`` or ``name:key=value,...``.
+visual tokens per page (16 crops of 9), the correlation-guided compressor (every crop at least one token where
+the budget allows, and with ``minimum=0``) against uniform per-crop budgets, random selection and merging, every
+compressed view numbered as the full page (``positions=original``, as the weights were trained). With
+``--fine``, the fine VLM (``vistok_vlm_fmnist_fine``, 196 visual tokens per image) on the same questions as the
+default. A method is ``name`` or ``name:key=value,...``.
 
 Every row also says how far it is from the all-token run (``vs_all``) and from ``--baseline`` at the same visual
 tokens (``vs_baseline``: pooling; with ``--page``, uniform per-crop budgets), in points on the same questions, with
@@ -39,10 +41,12 @@ from vistok.measure.accuracy import add_paired_differences
 from vistok.models.reference_vlm import answer_questions, create_reference_vlm, prefill_seconds
 
 METHODS = ("merge_to_budget", "region_merge", "dominant", "pool", "random_select")
-BASELINE, PAGE_BASELINE = "pool", "correlation_guided:redundancy=page,allocation=uniform"
-PAGE_METHODS = ("correlation_guided:redundancy=page,minimum=0", "correlation_guided:redundancy=page",
-                "correlation_guided:redundancy=page,allocation=uniform",
-                "correlation_guided", "random_select", "dominant", "merge_to_budget", "pool")
+# the page VLM was trained on every compressed view numbered as the full page: it is evaluated so
+BASELINE, PAGE_BASELINE = "pool", "correlation_guided:redundancy=page,allocation=uniform,positions=original"
+PAGE_METHODS = ("correlation_guided:redundancy=page,positions=original",
+                "correlation_guided:redundancy=page,minimum=0,positions=original", PAGE_BASELINE,
+                "random_select:positions=original", "merge_to_budget:positions=original")
+PAGE_FRACTIONS = (0.5, 0.33, 0.17, 0.11, 0.083, 0.056)
 
 
 def settings(methods: list[str], fractions: list[float], full: int, grid: tuple[int, int]) -> list[tuple]:
@@ -170,7 +174,7 @@ def main(argv: list[str] | None = None, language_model=None) -> int:
     parser.add_argument("--methods", nargs="*", default=None,
                         help=f"default {' '.join(METHODS)}; with --page {' '.join(PAGE_METHODS)}")
     parser.add_argument("--fractions", nargs="*", type=float, default=None,
-                        help="default 0.5 0.25 0.1; with --page 0.5 0.33 0.25 0.17")
+                        help=f"default 0.5 0.25 0.1; with --page {' '.join(map(str, PAGE_FRACTIONS))}")
     parser.add_argument("--page", action="store_true", help="the page VLM on sparse pages")
     parser.add_argument("--fine", action="store_true", help="the fine VLM (196 visual tokens per image)")
     parser.add_argument("--baseline", default=None,
@@ -192,7 +196,7 @@ def main(argv: list[str] | None = None, language_model=None) -> int:
     if args.methods is None:
         args.methods = list(PAGE_METHODS if args.page else METHODS)
     if args.fractions is None:
-        args.fractions = [0.5, 0.33, 0.25, 0.17] if args.page else [0.5, 0.25, 0.1]
+        args.fractions = list(PAGE_FRACTIONS) if args.page else [0.5, 0.25, 0.1]
     if args.baseline is not None and args.baseline not in args.methods:
         parser.error(f"--baseline {args.baseline} is not among the methods evaluated ({' '.join(args.methods)})")
     try:

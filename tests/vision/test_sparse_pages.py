@@ -102,6 +102,25 @@ def test_uniform_allocation_ignores_density_and_page_redundancy_sees_repeated_cr
     assert budgets.tolist() == [2, 2, 2, 2] and kept.tolist() == [2, 3, 6, 7, 10, 11, 14, 15]
 
 
+def test_the_minimum_decides_only_budgets_between_one_per_crop_and_the_items_filled():
+    """The page of the test above (tile 0 an item, tiles 1-3 a repeated blank): at one token per tile the minimum
+    is the whole budget (the density split is the uniform one, token for token); under one per tile no minimum
+    applies; once the item is full every blank tile gets one of the rest either way."""
+    distinct = torch.linalg.qr(torch.randn(16, 16, generator=torch.Generator().manual_seed(0)))[0]
+    keys = torch.cat([distinct[:4], distinct[4:8], distinct[4:8], distinct[4:8]])
+    tiles, scores = torch.arange(4).repeat_interleave(4), torch.arange(16.0)
+
+    def split(budget: int, minimum: int, by_density: bool = True) -> tuple[list[int], list[int]]:
+        kept, _, budgets = select_over_tiles(keys, scores, tiles, budget, repeats=2, minimum=minimum,
+                                             by_density=by_density, within_tiles=False)
+        return budgets.tolist(), kept.tolist()
+
+    assert split(4, 1) == split(4, 1, by_density=False) == ([1, 1, 1, 1], [3, 7, 11, 15])
+    assert split(4, 0)[0] == [4, 0, 0, 0]
+    assert split(3, 1) == split(3, 0) and split(3, 0)[0] == [3, 0, 0, 0]
+    assert split(7, 1) == split(7, 0) and split(7, 0)[0] == [4, 1, 1, 1]
+
+
 def test_page_redundancy_on_a_towers_views():
     """compress_views: three identical blank views and one with content; per view nothing repeats, over the page
     the blank views' tokens all do, and they get only the minimum."""
@@ -212,6 +231,16 @@ def test_page_training_and_evaluation_tools(smollm2, tmp_path):
         [("all tokens", 144), ("correlation_guided:redundancy=page", 48), ("random_select", 48)]
     tuned = json.loads((tmp_path / "pages_tune.json").read_text())
     assert rows[3]["method"] == f"tuned: {tuned['pick']['label']}" and int(rows[3]["visual_tokens"]) <= 48
+    defaults = tmp_path / "defaults"  # the default methods: the compressor and what it is compared with
+    assert load_tool("eval_vlm").main(
+        ["--page", "--checkpoint", str(out / "model.safetensors"), "--questions", "2", "--batch-size", "2",
+         "--prefill-runs", "1", "--fractions", "0.056", "--out", str(defaults)],
+        language_model=(copy.deepcopy(smollm2[0]), smollm2[1])) == 0
+    rows = list(csv.DictReader(open(defaults.with_suffix(".csv"))))
+    assert [r["method"].split(":")[0] for r in rows] == ["all tokens", "correlation_guided", "correlation_guided",
+                                                        "correlation_guided", "random_select", "merge_to_budget"]
+    assert all("positions=original" in r["method"] and int(r["visual_tokens"]) == 8 for r in rows[1:])
+    assert rows[3]["vs_baseline"] == "" and all(r["vs_baseline"] != "" for r in rows[1:3] + rows[4:])
     assert load_tool("eval_vlm").main(["--page", "--checkpoint", str(out / "model.safetensors"), "--methods",
                                        "correlation_guided:allocation", "--questions", "2", "--out",
                                        str(tmp_path / "bad")],
@@ -221,11 +250,11 @@ def test_page_training_and_evaluation_tools(smollm2, tmp_path):
 @pytest.mark.slow
 def test_the_shipped_page_vlm_reads_sparse_pages(smollm2):
     """On held-out pages the shipped weights beat, by far, the most common answer of each question kind, with
-    every token and with the compressor at a third of them (page redundancy, blank crops may get nothing, original
-    positions: as the weights were trained)."""
+    every token and with the compressor at a third of them (page redundancy and original positions, as the weights
+    were trained)."""
     model, tokenizer = page_vlm(smollm2, pretrained=True)
     pages, examples = normalised_pages(50, seed=5)
     blind = blind_accuracy(examples)
     assert vlm_accuracy(model, tokenizer, pages, examples) >= blind + 0.2
-    with vistok.patch(model, "correlation_guided", tokens=48, redundancy="page", minimum=0, positions="original"):
+    with vistok.patch(model, "correlation_guided", tokens=48, redundancy="page", positions="original"):
         assert vlm_accuracy(model, tokenizer, pages, examples) >= blind + 0.2
