@@ -6,10 +6,10 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from helpers import ROOT
+from helpers import ROOT, tiny_hf_tower
 
 import vistok
-from vistok import InputShapeError, InvalidConfigError, UnsupportedModelError
+from vistok import InputShapeError, InvalidConfigError
 from vistok.document import (
     CorrelationGuidedConfig,
     allocate_budget,
@@ -189,9 +189,32 @@ def test_correlation_guided_is_a_registered_method_with_clear_errors(tiny_vit):
         CorrelationGuidedConfig(score="entropy")
     with pytest.raises(InvalidConfigError, match="more than the page's 144 visual tokens"):
         compress_page(tiny_vit, crop_page(torch.randn(3, 100, 200), crop_size=64), CorrelationGuidedConfig(tokens=500))
-    no_class = timm.create_model("vit_tiny_patch16_224", img_size=64, class_token=False, global_pool="avg").eval()
-    with pytest.raises(UnsupportedModelError, match="has none"):
-        compress_page(no_class, torch.randn(2, 3, 64, 64), CorrelationGuidedConfig(keep=0.5))
+
+
+@pytest.mark.parametrize("pool", ["avg", "map"], ids=["no class token", "SigLIP-style attention pool"])
+def test_a_tower_without_a_class_token_ranks_by_the_attention_each_patch_receives(pool):
+    """Without a class token the score is the attention each patch receives, averaged over every query and head
+    (VisionZip's rule for SigLIP): what the block's own softmax gives; the page budget is spent as with one."""
+    torch.manual_seed(0)
+    tower = timm.create_model("vit_tiny_patch16_224", img_size=64, class_token=False, global_pool=pool).eval()
+    views = torch.randn(3, 3, 64, 64)
+    captured = {}
+    block = tower.blocks[-1]
+    hook = block.register_forward_hook(lambda m, a, out: captured.update(x=a[0]))
+    with torch.no_grad():
+        tower(views)
+    hook.remove()
+    attn = block.attn
+    with torch.no_grad():
+        qkv = attn.qkv(block.norm1(captured["x"])).reshape(3, 16, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
+        weights = ((qkv[0] * attn.scale) @ qkv[1].transpose(-2, -1)).softmax(-1)  # [V, H, N, N]
+    signals = view_signals(tower, views)
+    assert torch.allclose(signals.class_attention, weights.mean(dim=(1, 2)), atol=1e-6)
+    assert torch.allclose(signals.class_attention.sum(-1), torch.ones(3), atol=1e-5)
+    result = compress_page(tower, views, CorrelationGuidedConfig(tokens=12, similarity=0.5, repeats=2))
+    assert result.num_tokens == 12
+    for v in range(3):
+        assert torch.equal(result.index[v], top_tokens(signals.class_attention[v], int(result.budgets[v])))
 
 
 def _real_page(name: str, crop_size: int):
@@ -263,3 +286,19 @@ def test_tiles_cut_at_the_edge_weigh_what_they_hold():
     keys = torch.eye(24)  # every token distinct: density 1 everywhere
     kept, density, budgets = select_over_tiles(keys, torch.rand(24), tiles, 12)
     assert density.tolist() == [1.0, 1.0] and budgets.tolist() == [8, 4] and kept.shape == (12,)
+
+
+@pytest.mark.parametrize("kind", ["clip", "siglip"])
+def test_hugging_face_towers_rank_by_their_own_attention_weights(kind):
+    """On a Hugging Face CLIP or SigLIP tower the scores are the last layer's attention weights as the model itself
+    returns them (``output_attentions``): the class token's row for CLIP, every row averaged for SigLIP."""
+    tower = tiny_hf_tower(kind, image_size=32)
+    tower.set_attn_implementation("eager")
+    views = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        weights = tower(pixel_values=views, output_attentions=True).attentions[-1]  # [V, H, N, N]
+    signals = view_signals(tower, views)
+    expected = weights[:, :, 0, 1:].mean(1) if kind == "clip" else weights.mean(dim=(1, 2))
+    assert torch.allclose(signals.class_attention, expected, atol=1e-6)
+    result = compress_page(tower, views, CorrelationGuidedConfig(keep=0.5, similarity=0.5, repeats=2))
+    assert result.num_tokens == 24 and all(t.shape[1] == 64 for t in result.tokens)

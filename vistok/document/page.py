@@ -62,7 +62,9 @@ class CorrelationGuidedConfig(BoundaryConfig):
             to ``tokens=`` and ``keep=`` alike (the image's total, then the base view's share).
         minimum: tokens every view keeps at least.
         score: ``"attention"`` (the class token's attention, heads averaged) or ``"similarity"`` (the cosine of
-            each token's key with the class token's key; towers only) ranks the tokens within a view.
+            each token's key with the class token's key; towers only) ranks the tokens within a view. A tower
+            without a class token (SigLIP) ranks by the attention each token receives, every query and head
+            averaged, or by key cosine with the view's mean key.
         merge: merge the tokens a view does not keep into the kept token whose key is most similar.
         layer: the block whose keys and attention are read and whose output tokens are kept (default the last;
             towers: a vision-LLM reads its own feature layer).
@@ -169,7 +171,9 @@ class ViewSignals:
     """What the tower says about each view at one block: ``tokens`` ``[V, N, D]`` the block's output patch tokens,
     ``keys`` ``[V, N, H * d]`` their keys in that block, ``class_attention`` ``[V, N]`` the class token's attention
     over them (heads averaged, softmax over every token) and ``class_similarity`` ``[V, N]`` the cosine of each key
-    with the class token's; both ``None`` for a tower without a class token."""
+    with the class token's. A tower without a class token (SigLIP) has no such row: there ``class_attention`` is
+    the attention each patch receives, averaged over every query and head (VisionZip's rule for such towers), and
+    ``class_similarity`` the cosine of each key with the view's mean key."""
 
     tokens: Tensor
     keys: Tensor
@@ -210,11 +214,23 @@ def view_signals(model: nn.Module, views: Tensor, layer: int = -1) -> ViewSignal
     query, keys, _ = ops.qkv(ops.norm1(seen["x"]), seen["rope"])  # [V, H, N, d]
     prefix = info.num_prefix
     flat_keys = keys.transpose(1, 2).flatten(2)  # [V, N, H * d]
-    attention = similarity = None
     if info.has_class_token:
         attention = probe_attention(query[:, :, :1], keys, None).mean(dim=1)[:, prefix:]
         similarity = F.cosine_similarity(flat_keys[:, prefix:], flat_keys[:, :1], dim=-1)
+    else:
+        attention = received_attention(query, keys)[:, prefix:]
+        similarity = F.cosine_similarity(flat_keys[:, prefix:], flat_keys.mean(dim=1, keepdim=True), dim=-1)
     return ViewSignals(seen["out"][:, prefix:], flat_keys[:, prefix:], attention, similarity)
+
+
+def received_attention(query: Tensor, keys: Tensor) -> Tensor:
+    """``[V, N]``: the attention each token receives (``query``, ``keys`` ``[V, H, N, d]``, softmax over the keys),
+    averaged over every query and head; one head at a time, so no ``[V, H, N, N]`` is held."""
+    total = query.new_zeros(query.shape[0], keys.shape[2])
+    for head in range(query.shape[1]):
+        weights = ((query[:, head] @ keys[:, head].transpose(1, 2)) * keys.shape[-1] ** -0.5).softmax(dim=-1)
+        total += weights.mean(dim=1)
+    return total / query.shape[1]
 
 
 @dataclass(frozen=True)
@@ -268,9 +284,6 @@ def compress_page(model: nn.Module, page: PageCrops | Tensor, config: Correlatio
         raise InvalidConfigError(f"compress_page needs a CorrelationGuidedConfig, got {type(config).__name__}")
     views = page.views if isinstance(page, PageCrops) else page
     signals = view_signals(model, views, config.layer)
-    if signals.class_attention is None:
-        raise UnsupportedModelError(f"{config.name} ranks tokens by their correlation with the class token; "
-                                    f"{type(resolve_backbone(model).model).__name__} has none")
     positions = page.positions if isinstance(page, PageCrops) else torch.zeros(views.shape[0], 2, dtype=torch.long)
     return compress_views(signals, config, isinstance(page, PageCrops), positions)
 
