@@ -194,7 +194,7 @@ def test_correlation_guided_is_a_registered_method_with_clear_errors(tiny_vit):
 @pytest.mark.parametrize("pool", ["avg", "map"], ids=["no class token", "SigLIP-style attention pool"])
 def test_a_tower_without_a_class_token_ranks_by_the_attention_each_patch_receives(pool):
     """Without a class token the score is the attention each patch receives, averaged over every query and head
-    (VisionZip's rule for SigLIP): what the block's own softmax gives; the page budget is spent as with one."""
+    (vistok's choice for SigLIP): what the block's own softmax gives; the page budget is spent as with one."""
     torch.manual_seed(0)
     tower = timm.create_model("vit_tiny_patch16_224", img_size=64, class_token=False, global_pool=pool).eval()
     views = torch.randn(3, 3, 64, 64)

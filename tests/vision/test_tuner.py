@@ -202,14 +202,14 @@ def test_the_tuner_picks_a_boundary_method_for_a_vision_llm():
             patched = torch.cat([model(**b, logits_to_keep=1).logits[:, -1].argmax(-1) for b in batches])
     assert 100.0 * float((patched == reference).float().mean()) == pytest.approx(result.best["score"])
     assert vistok.tune(model, batches, target=0.3, rungs=2).best["label"] == result.best["label"]
-    siglip = [c[0] for c in boundary_candidates((4, 4), has_class_token=False, target=0.5)]
-    assert siglip == ["merge_to_budget", "region_merge", "random_select", "pool tokens=8"]  # no dominant
-    full = boundary_candidates((4, 4), has_class_token=True, target=0.5, num_prefix=1)  # the class feature kept
+    no_ranking = [c[0] for c in boundary_candidates((4, 4), ranks_patches=False, target=0.5)]
+    assert no_ranking == ["merge_to_budget", "region_merge", "random_select", "pool tokens=8"]  # no dominant
+    full = boundary_candidates((4, 4), ranks_patches=True, target=0.5, num_prefix=1)  # the class feature kept
     assert {c[2].tokens for c in full if c[1] != "pool"} == {7} and all(c[3] <= 0.5 for c in full)
-    varying = boundary_candidates((0, 0), has_class_token=True, target=0.25)  # Qwen2-VL: images differ in size
+    varying = boundary_candidates((0, 0), ranks_patches=True, target=0.25)  # Qwen2-VL: images differ in size
     assert all(c[2].keep == 0.25 and c[3] == 0.25 for c in varying) and "pool" not in {c[1] for c in varying}
     with pytest.raises(InvalidConfigError, match="less than one of the 16"):
-        boundary_candidates((4, 4), has_class_token=True, target=0.05)
+        boundary_candidates((4, 4), ranks_patches=True, target=0.05)
 
 
 def test_the_tuner_on_idefics3_tiles():

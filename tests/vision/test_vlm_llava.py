@@ -29,7 +29,7 @@ def images(count=2, seed=0):
 
 
 KEEP_ALL_CASES = [(method, "clip", strategy) for method in BOUNDARY for strategy in ("default", "full")] + [
-    (method, "siglip", "full") for method in BOUNDARY if method != "dominant"]  # SigLIP has no class token
+    (method, "siglip", "full") for method in BOUNDARY]
 
 
 @pytest.mark.parametrize("method, tower, strategy", KEEP_ALL_CASES)
@@ -189,13 +189,34 @@ def test_bad_inputs_and_refusals():
         vistok.patch(model, "pool", keep=1.5)
     with pytest.raises(InvalidConfigError, match=r"one method at the boundary .* in-tower methods \(\['ats'\]\)"):
         vistok.patch(model, "ats", k=8)
-    with pytest.raises(InvalidConfigError, match="dominant needs a class token"):
-        vistok.patch(tiny_llava(tower="siglip", strategy="full"), "dominant", tokens=4)
     assert vistok.get_handle(model) is None  # nothing was left half-patched
     import timm
 
     with pytest.raises(InvalidConfigError, match="merge_to_budget runs between a vision-LLM's vision tower"):
         vistok.patch(timm.create_model("vit_tiny_patch16_224", depth=1), "merge_to_budget", tokens=4)
+
+
+@pytest.mark.parametrize("method", ["dominant", "correlation_guided"])
+def test_a_siglip_tower_ranks_patches_by_the_attention_they_receive(method):
+    """SigLIP has no class token: dominant (and correlation_guided, one tile per image) keep the patches that
+    receive the most attention in the layer that made the features, every query and head averaged, read from the
+    tower's own attention weights."""
+    model = tiny_llava(tower="siglip", strategy="full")
+    model.model.vision_tower.set_attn_implementation("eager")
+    ids, pixels = prompt(), images()
+    layer = model.config.vision_feature_layer
+    with torch.no_grad():
+        out = model.model.vision_tower(pixels, output_hidden_states=True, output_attentions=True)
+        full = out.hidden_states[layer]
+        scores = out.attentions[layer % len(out.hidden_states) - 1].mean(dim=(1, 2))  # the layer that made them
+        with vistok.patch(model, method, tokens=4) as handle:
+            kept = handle.encode(pixels)
+            logits = model(input_ids=ids, pixel_values=pixels).logits
+    projected = model.model.multi_modal_projector(full)
+    for b in range(2):
+        top = scores[b].topk(4).indices.sort().values
+        assert torch.allclose(kept.tokens[b], projected[b, top], atol=1e-6)
+    assert logits.shape == (2, 3 + 4 + 2, 100)
 
 
 def test_siglip_tower_and_other_vision_llms():

@@ -9,6 +9,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 import vistok
 from vistok import InputShapeError, InvalidConfigError, UnsupportedModelError
@@ -170,17 +171,25 @@ def test_tokens_per_image_are_split_across_its_views(method):
                 assert where == sorted(where) and len(set(where)) == len(where)
 
 
-def test_dominant_keeps_the_patches_the_towers_attention_ranks_first():
+def patch_scores(attentions: Tensor, tower: str) -> Tensor:
+    """``[V, N]`` from a layer's attention weights ``[V, H, N(+1), N(+1)]``: the class token's row for CLIP, the
+    attention each patch receives (every query and head averaged) for SigLIP, which has no class token."""
+    return attentions[:, :, 0, 1:].mean(dim=1) if tower == "clip" else attentions.mean(dim=(1, 2))
+
+
+@pytest.mark.parametrize("tower, strategy", [("clip", "default"), ("siglip", "full")])
+def test_dominant_keeps_the_patches_the_towers_attention_ranks_first(tower, strategy):
     """Base views only (several images in a prompt): dominant keeps the patches with the largest class-token
-    attention, heads averaged, in the layer that made the features, read from the tower's own attention weights."""
-    model = tiny_onevision()
+    attention, heads averaged (SigLIP: the most attention received), in the layer that made the features, read
+    from the tower's own attention weights."""
+    model = tiny_onevision(tower, strategy)
     model.model.vision_tower.set_attn_implementation("eager")
     x = multi_image_inputs()
     with torch.no_grad():
         full = model.model.get_image_features(x["pixel_values"], x["image_sizes"],
                                               batch_num_images=x["batch_num_images"]).pooler_output
         attentions = model.model.vision_tower(x["pixel_values"][:, 0], output_attentions=True).attentions
-        scores = attentions[-2][:, :, 0, 1:].mean(dim=1)  # features from layer -2: made by the second-to-last
+        scores = patch_scores(attentions[-2], tower)  # features from layer -2: made by the second-to-last
         with vistok.patch(model, "dominant", keep=0.25):
             out = model.model.get_image_features(x["pixel_values"], x["image_sizes"],
                                                  batch_num_images=x["batch_num_images"]).pooler_output
@@ -191,18 +200,20 @@ def test_dominant_keeps_the_patches_the_towers_attention_ranks_first():
     assert logits.shape[1] == 2 + 5 + 1 + 5 + 1
 
 
-def test_dominant_ranks_a_crop_grid_by_each_crops_own_attention():
+@pytest.mark.parametrize("tower, strategy", [("clip", "default"), ("siglip", "full")])
+def test_dominant_ranks_a_crop_grid_by_each_crops_own_attention(tower, strategy):
     """A 64 x 64 image fills its 2 x 2 crops exactly (nothing unpadded or shrunk): its crop grid is the four crops'
-    4 x 4 patches side by side, so dominant must keep the top quarter of the crops' class attention laid out that
-    way (read from the tower's attention weights here), and the base view's top quarter of its own."""
-    model = tiny_onevision()
+    4 x 4 patches side by side, so dominant must keep the top quarter of the crops' class attention (SigLIP: the
+    attention received) laid out that way (read from the tower's attention weights here), and the base view's top
+    quarter of its own."""
+    model = tiny_onevision(tower, strategy)
     model.model.vision_tower.set_attn_implementation("eager")
     pixels = torch.randn(1, 5, 3, 32, 32, generator=torch.Generator().manual_seed(4))
     sizes = torch.tensor([[64, 64]])
     with torch.no_grad():
         full = model.model.get_image_features(pixels, sizes).pooler_output[0]
         attentions = model.model.vision_tower(pixels[0], output_attentions=True).attentions
-        scores = attentions[-2][:, :, 0, 1:].mean(dim=1).reshape(5, SIDE, SIDE)  # base view, then crops row-major
+        scores = patch_scores(attentions[-2], tower).reshape(5, SIDE, SIDE)  # base view, then crops row-major
         crops = scores[1:].reshape(2, 2, SIDE, SIDE).permute(0, 2, 1, 3).reshape(-1)  # the 8 x 8 grid, row-major
         with vistok.patch(model, "dominant", keep=0.25):
             out = model.model.get_image_features(pixels, sizes).pooler_output[0]
@@ -289,10 +300,9 @@ def test_bad_inputs_and_refusals():
     with pytest.raises(UnsupportedModelError, match="'default': its features are not a patch grid"):
         vistok.patch(tiny_onevision(tower="siglip"), "pool", keep=0.25)
     siglip = tiny_onevision(tower="siglip", strategy="full")
-    with pytest.raises(InvalidConfigError, match="dominant needs a class token"):
-        vistok.patch(siglip, "dominant", keep=0.25)
-    with torch.no_grad(), vistok.patch(siglip, "random_select", keep=0.25):
-        assert runs(siglip.generate(**multi_image_inputs(), max_new_tokens=1), IMAGE) == [17, 17]
+    for method in ("random_select", "dominant", "correlation_guided"):  # SigLIP: ranked by attention received
+        with torch.no_grad(), vistok.patch(siglip, method, keep=0.25):
+            assert runs(siglip.generate(**multi_image_inputs(), max_new_tokens=1), IMAGE) == [17, 17]
     assert vistok.get_handle(model) is None
 
 

@@ -50,11 +50,19 @@ class VisionLLMFamily(ABC):
     encodes_up_front: ClassVar[bool] = False
     # the language model's positions follow each kept token (Qwen2-VL's 3-D rotary positions)
     positions_follow_tokens: ClassVar[bool] = False
+    # without a class token, dominant and correlation_guided rank patches by the attention each receives
+    ranks_without_class_token: ClassVar[bool] = False
     # the BoundaryConfig.positions the family supports, its default first
     position_modes: ClassVar[tuple[str, ...]] = ("compact",)
     # encodes_up_front: the modalities compressed, and for each the call's arguments its encoder
     # (``get_<modality>_features``) takes, pixels first, as the model's forward passes them
     compressed: ClassVar[dict[str, tuple[str, ...]]] = {}
+
+    @property
+    def ranks_patches(self) -> bool:
+        """Whether ``dominant`` and ``correlation_guided`` can rank this model's patches: by the class token's
+        attention, or, on a tower without one (``ranks_without_class_token``), by the attention each receives."""
+        return self.has_class_token or self.ranks_without_class_token
 
     @classmethod
     @abstractmethod

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import InvalidConfigError, UnsupportedModelError
-from ..ops.attention import probe_attention
+from ..ops.attention import probe_attention, received_attention
 from ..tokens import TokenLayout
 from .family import VisionLLMFamily
 
@@ -43,6 +43,7 @@ class LlavaFamily(VisionLLMFamily):
 
     class_names = ("LlavaForConditionalGeneration",)
     position_modes = ("compact", "original")
+    ranks_without_class_token = True
 
     @classmethod
     def inspect(cls, model: nn.Module) -> LlavaFamily:
@@ -109,17 +110,18 @@ class LlavaFamily(VisionLLMFamily):
         return pixel_values.shape[0]
 
     def class_attention(self, base: nn.Module, out: Any, context: Any) -> Tensor:
-        if not self.has_class_token:
-            return super().class_attention(base, out, context)
         tower = base.vision_tower
         if hasattr(tower, "class_attention"):  # vistok's ReferenceVisionTower computes its own
             return tower.class_attention(out.hidden_states, context)
-        return class_attention(tower, out.hidden_states, context)
+        return class_attention(tower, out.hidden_states, context, self.has_class_token)
 
 
-def class_attention(tower: nn.Module, hidden_states: tuple[Tensor, ...], feature_layer: int | list[int]) -> Tensor:
+def class_attention(tower: nn.Module, hidden_states: tuple[Tensor, ...], feature_layer: int | list[int],
+                    has_class_token: bool = True) -> Tensor:
     """``[B, N]``: the class token's attention over the patch tokens in the layer that produced the features
-    (heads averaged, softmax over every token as the layer computes it); VisionZip's dominance score.
+    (heads averaged, softmax over every token as the layer computes it); VisionZip's dominance score. Without a
+    class token (SigLIP) the attention each token receives there, averaged over every query and head (VisionZip's
+    rule for such towers).
 
     ``hidden_states[i]`` is the input of encoder layer ``i``, so the features ``hidden_states[f]`` come out of
     layer ``f - 1``, which attended over ``hidden_states[f - 1]``. With several feature layers, the last one's.
@@ -134,6 +136,8 @@ def class_attention(tower: nn.Module, hidden_states: tuple[Tensor, ...], feature
     h = layer.layer_norm1(hidden_states[produced_by])
     batch, n, _ = h.shape
     heads = attention.num_heads
-    query = attention.q_proj(h[:, :1]).reshape(batch, 1, heads, -1).transpose(1, 2)
     keys = attention.k_proj(h).reshape(batch, n, heads, -1).transpose(1, 2)
+    if not has_class_token:
+        return received_attention(attention.q_proj(h).reshape(batch, n, heads, -1).transpose(1, 2), keys)
+    query = attention.q_proj(h[:, :1]).reshape(batch, 1, heads, -1).transpose(1, 2)
     return probe_attention(query, keys, None).mean(dim=1)[:, 1:]

@@ -43,6 +43,7 @@ __all__ = ["LlavaOnevisionFamily"]
 @dataclass(frozen=True)
 class LlavaOnevisionFamily(VisionLLMFamily):
     class_names = ("LlavaOnevisionForConditionalGeneration",)
+    ranks_without_class_token = True
     encodes_up_front = True
     compressed = {
         "image": ("pixel_values", "image_sizes", "vision_feature_layer", "vision_feature_select_strategy",
@@ -158,11 +159,10 @@ class LlavaOnevisionFamily(VisionLLMFamily):
 
     def unit_class_attention(self, base: nn.Module, modality: str, out: Any, units: Units, kwargs: dict[str, Any]
                              ) -> list[Tensor]:
-        if not self.has_class_token:
-            return super().unit_class_attention(base, modality, out, units, kwargs)
         layer = kwargs.get("vision_feature_layer")
         scores = class_attention(base.vision_tower, out.hidden_states,
-                                 base.config.vision_feature_layer if layer is None else layer)  # [passes, side ** 2]
+                                 base.config.vision_feature_layer if layer is None else layer,
+                                 self.has_class_token)  # [passes, side ** 2]
         if modality == "video":
             return list(base.apply_pooling(scores[..., None])[..., 0])
         from transformers.models.llava_onevision import modeling_llava_onevision as upstream

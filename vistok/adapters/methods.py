@@ -132,8 +132,10 @@ class RegionMergeConfig(BoundaryConfig):
 
 @dataclass
 class DominantConfig(BoundaryConfig):
-    """VisionZip's dominant tokens: the patches the class token attends to most; with ``contextual > 0``, that many
-    of the budget's tokens average the unselected rest (VisionZip's contextual tokens)."""
+    """VisionZip's dominant tokens: the patches the class token attends to most (a SigLIP tower, which has none:
+    those that receive the most attention, every query and head averaged; vistok's choice, as VisionZip's code
+    reads CLIP's class token only); with ``contextual > 0``, that many of the budget's tokens average the
+    unselected rest (VisionZip's contextual tokens)."""
 
     name: ClassVar[str] = "dominant"
     contextual: int = 0

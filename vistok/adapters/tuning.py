@@ -30,12 +30,13 @@ from .budget import poolable
 __all__ = ["tune_vision_llm", "boundary_candidates"]
 
 
-def boundary_candidates(grid: tuple[int, int], has_class_token: bool, target: float, num_prefix: int = 0
+def boundary_candidates(grid: tuple[int, int], ranks_patches: bool, target: float, num_prefix: int = 0
                         ) -> list[tuple[str, str, MethodConfig, float]]:
     """``(label, method, config, tokens ratio)`` for every boundary setting the tuner tries on a unit of ``grid``
     patches (``num_prefix`` class-token features in front, kept) at no more than ``target`` of its visual tokens.
     A family whose images differ in size (``grid`` ``(0, 0)``: Qwen2-VL; LLaVA-OneVision's crops) gets
-    ``keep=target`` for every method and no pooling candidate.
+    ``keep=target`` for every method and no pooling candidate. ``ranks_patches``: the family can rank patches
+    (:attr:`~vistok.adapters.family.VisionLLMFamily.ranks_patches`), so dominant and correlation_guided are tried.
 
     Raises:
         InvalidConfigError: ``target`` is below one token per unit.
@@ -53,7 +54,7 @@ def boundary_candidates(grid: tuple[int, int], has_class_token: bool, target: fl
     out = [("merge_to_budget", "merge_to_budget", create_config("merge_to_budget", **options)),
            ("region_merge", "region_merge", create_config("region_merge", **options)),
            ("random_select", "random_select", create_config("random_select", **options))]
-    if has_class_token:
+    if ranks_patches:  # a class token, or a SigLIP tower's received attention
         out.append(("dominant", "dominant", create_config("dominant", **options)))
         if budget is not None and budget >= 4:
             contextual = max(1, budget // 8)
@@ -109,7 +110,7 @@ def tune_vision_llm(model: nn.Module, batches: Sequence[Mapping[str, Any]], targ
     family = vision_llm_family(model).inspect(model)
     grid = (0, 0) if family.encodes_up_front else family.grid
     rows = [{"label": label, "method": method, "config": config, "tokens_ratio": ratio} for label, method, config, ratio
-            in boundary_candidates(grid, family.has_class_token, target, family.num_prefix)]
+            in boundary_candidates(grid, family.ranks_patches, target, family.num_prefix)]
     started = time.perf_counter()
     was_training = model.training
     model.eval()

@@ -553,9 +553,10 @@ def patch_vision_llm(model: nn.Module, config: MethodConfig, family: type[Vision
     if boundary.positions not in (None, *facts.position_modes):
         raise InvalidConfigError(f"positions={boundary.positions!r} is not supported on {type(model).__name__}, "
                                  f"which vistok numbers {' or '.join(map(repr, facts.position_modes))}")
-    if boundary.uses_class_attention and not facts.has_class_token:
+    if boundary.uses_class_attention and not facts.ranks_patches:
         raise InvalidConfigError(f"{boundary.name} needs a class token; {type(model).__name__}'s vision tower has "
-                                 "none (use merge_to_budget, region_merge, pool or random_select)")
+                                 "none, and vistok ranks a tower's patches without one only on LLaVA and "
+                                 "LLaVA-OneVision (use merge_to_budget, region_merge, pool or random_select)")
     if in_tower and facts.encodes_up_front:
         raise InvalidConfigError(f"in-tower methods are not supported on {type(model).__name__}: its images come in "
                                  "several sizes and layouts; use a boundary method alone")

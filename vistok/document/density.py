@@ -12,7 +12,7 @@ The paper's code was never released; the choices it leaves open are ours and are
 * within a view, the top tokens by class-token attention (or by the cosine of each token with the class token),
   in their original order; the others dropped or merged into the kept token they are most similar to; a tower
   without a class token (SigLIP) ranks by the attention each token receives, every query and head averaged
-  (VisionZip's rule for such towers; the paper's towers all have a class token).
+  (our choice; the paper's towers all have a class token).
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ from ..adapters.budget import Budgeted, select_dominant
 from ..adapters.methods import BoundaryConfig, BoundaryInputs
 from ..backbones import resolve_backbone
 from ..errors import InputShapeError, InvalidConfigError, UnsupportedModelError
-from ..ops import probe_attention
+from ..ops import probe_attention, received_attention
 from .cropping import PageCrops
 from .density import (
     KeptTokens,
@@ -172,7 +172,7 @@ class ViewSignals:
     ``keys`` ``[V, N, H * d]`` their keys in that block, ``class_attention`` ``[V, N]`` the class token's attention
     over them (heads averaged, softmax over every token) and ``class_similarity`` ``[V, N]`` the cosine of each key
     with the class token's. A tower without a class token (SigLIP) has no such row: there ``class_attention`` is
-    the attention each patch receives, averaged over every query and head (VisionZip's rule for such towers), and
+    the attention each patch receives, averaged over every query and head (vistok's choice for such towers), and
     ``class_similarity`` the cosine of each key with the view's mean key."""
 
     tokens: Tensor
@@ -222,15 +222,6 @@ def view_signals(model: nn.Module, views: Tensor, layer: int = -1) -> ViewSignal
         similarity = F.cosine_similarity(flat_keys[:, prefix:], flat_keys.mean(dim=1, keepdim=True), dim=-1)
     return ViewSignals(seen["out"][:, prefix:], flat_keys[:, prefix:], attention, similarity)
 
-
-def received_attention(query: Tensor, keys: Tensor) -> Tensor:
-    """``[V, N]``: the attention each token receives (``query``, ``keys`` ``[V, H, N, d]``, softmax over the keys),
-    averaged over every query and head; one head at a time, so no ``[V, H, N, N]`` is held."""
-    total = query.new_zeros(query.shape[0], keys.shape[2])
-    for head in range(query.shape[1]):
-        weights = ((query[:, head] @ keys[:, head].transpose(1, 2)) * keys.shape[-1] ** -0.5).softmax(dim=-1)
-        total += weights.mean(dim=1)
-    return total / query.shape[1]
 
 
 @dataclass(frozen=True)

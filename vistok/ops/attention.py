@@ -69,6 +69,18 @@ def _flex_attend(q: Tensor, k: Tensor, v: Tensor, bias: Tensor) -> Tensor:
     return flex_attention(q, k, v, score_mod=add_key_bias)
 
 
+def received_attention(query: Tensor, keys: Tensor) -> Tensor:
+    """``[B, N]``: the attention each token receives (``query``, ``keys`` ``[B, H, N, d]``, softmax over the keys),
+    averaged over every query and head: a tower without a class token ranks its patches by it (vistok's choice
+    for SigLIP; VisionZip's released code reads CLIP's class token only). One head at a time, so no
+    ``[B, H, N, N]`` is held."""
+    total = query.new_zeros(query.shape[0], keys.shape[2])
+    for head in range(query.shape[1]):
+        weights = ((query[:, head] @ keys[:, head].transpose(1, 2)) * keys.shape[-1] ** -0.5).softmax(dim=-1)
+        total += weights.mean(dim=1)
+    return total / query.shape[1]
+
+
 def probe_attention(probe: Tensor, k: Tensor, key_bias: Tensor | None) -> Tensor:
     """Attention weights of one query per image and head over all keys, in ``O(N d)``.
 
