@@ -302,3 +302,26 @@ def test_hugging_face_towers_rank_by_their_own_attention_weights(kind):
     assert torch.allclose(signals.class_attention, expected, atol=1e-6)
     result = compress_page(tower, views, CorrelationGuidedConfig(keep=0.5, similarity=0.5, repeats=2))
     assert result.num_tokens == 24 and all(t.shape[1] == 64 for t in result.tokens)
+
+
+def test_an_open_clip_tower_ranks_by_its_own_attention_weights():
+    """open_clip's ViT: the class token's row of the last block's attention, as its own ``nn.MultiheadAttention``
+    returns it (``need_weights``, heads averaged), ranks each view's tokens."""
+    import open_clip
+
+    torch.manual_seed(0)
+    tower = open_clip.transformer.VisionTransformer(image_size=32, patch_size=8, width=64, layers=4, heads=4,
+                                                    mlp_ratio=2.0, output_dim=16).eval()
+    views = torch.randn(3, 3, 32, 32)
+    block = tower.transformer.resblocks[-1]
+    captured = {}
+    hook = block.register_forward_hook(lambda m, a, out: captured.update(x=a[0]))
+    with torch.no_grad():
+        tower(views)
+        hook.remove()
+        x = block.ln_1(captured["x"])
+        _, weights = block.attn(x, x, x, need_weights=True, average_attn_weights=True)  # [V, N, N]
+    signals = view_signals(tower, views)
+    assert torch.allclose(signals.class_attention, weights[:, 0, 1:], atol=1e-6)
+    result = compress_page(tower, views, CorrelationGuidedConfig(tokens=12, similarity=0.5, repeats=2))
+    assert result.num_tokens == 12
