@@ -199,6 +199,10 @@ def main(argv: list[str] | None = None, language_model=None) -> int:
         args.fractions = list(PAGE_FRACTIONS) if args.page else [0.5, 0.25, 0.1]
     if args.baseline is not None and args.baseline not in args.methods:
         parser.error(f"--baseline {args.baseline} is not among the methods evaluated ({' '.join(args.methods)})")
+    baseline = args.baseline or (PAGE_BASELINE if args.page else BASELINE)
+    if baseline not in args.methods:
+        print(f"eval_vlm.py: the default baseline {baseline} is not among the methods: vs_baseline stays empty "
+              "(give --baseline)", file=sys.stderr)
     try:
         model, tokenizer = create_reference_vlm(pretrained=args.checkpoint is None, checkpoint=args.checkpoint,
                                                 language_model=language_model, page=args.page,
@@ -231,7 +235,6 @@ def main(argv: list[str] | None = None, language_model=None) -> int:
             writer.writeheader()
             writer.writerows(overhead)
         print(json.dumps(overhead), flush=True)
-    baseline = args.baseline or (PAGE_BASELINE if args.page else BASELINE)
     add_paired_differences(rows, hits, 0, key=lambda row: (row["method"], row["visual_tokens"]),
                            baseline=lambda row: (baseline, row["visual_tokens"]))
     full = rows[0]

@@ -193,6 +193,8 @@ def _ask(args: argparse.Namespace) -> int:
         from .patching import patch
 
         name, options = parse_method_spec(args.method)
+        if {"tokens", "keep"} & set(options):
+            raise InvalidConfigError(f"vistok ask: give the budget with --tokens, not in --method {args.method}")
         handle = patch(model, name, **options, tokens=args.tokens)
     sampling = SamplingConfig(temperature=args.temperature, top_p=args.top_p)
     result = answer_questions(model, tokenizer, image, [args.question], sampling=sampling, seeds=args.seed)

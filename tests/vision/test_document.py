@@ -211,6 +211,9 @@ def test_a_tower_without_a_class_token_ranks_by_the_attention_each_patch_receive
     signals = view_signals(tower, views)
     assert torch.allclose(signals.class_attention, weights.mean(dim=(1, 2)), atol=1e-6)
     assert torch.allclose(signals.class_attention.sum(-1), torch.ones(3), atol=1e-5)
+    keys = qkv[1].transpose(1, 2).flatten(2)  # score="similarity": key cosine with the view's mean key
+    assert torch.allclose(signals.class_similarity, F.cosine_similarity(keys, keys.mean(1, keepdim=True), dim=-1),
+                          atol=1e-6)
     result = compress_page(tower, views, CorrelationGuidedConfig(tokens=12, similarity=0.5, repeats=2))
     assert result.num_tokens == 12
     for v in range(3):

@@ -267,6 +267,8 @@ def test_train_eval_and_ask_tools(smollm2, tmp_path, capsys):
     assert "visual tokens: 9 (pool:positions=original)" in capsys.readouterr().out
     assert vistok_main([*args, "--method", "pool:positions=sideways", "--tokens", "9"]) == 2
     assert "positions" in capsys.readouterr().err
+    assert vistok_main([*args, "--method", "pool:tokens=9", "--tokens", "9"]) == 2
+    assert "give the budget with --tokens" in capsys.readouterr().err
     assert vistok_main([*args, "--fine"]) == 2  # the 36-token model's tensors do not fit the fine one
     assert "does not fit" in capsys.readouterr().err
 

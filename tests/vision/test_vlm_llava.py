@@ -11,6 +11,7 @@ from helpers import tiny_llava
 
 import vistok
 from vistok import InputShapeError, InvalidConfigError, UnsupportedModelError
+from vistok.adapters.vlm import vision_llm_family
 
 transformers = pytest.importorskip("transformers")
 
@@ -202,6 +203,9 @@ def test_a_siglip_tower_ranks_patches_by_the_attention_they_receive(method):
     receive the most attention in the layer that made the features, every query and head averaged, read from the
     tower's own attention weights."""
     model = tiny_llava(tower="siglip", strategy="full")
+    assert vision_llm_family(model).inspect(model).ranks_patches  # and the tuner tries dominant on it
+    assert {"dominant", "correlation_guided"} <= {row["method"] for row in vistok.tune(
+        model, [{"input_ids": prompt(), "pixel_values": images()}] * 4, target=0.25).rows}
     model.model.vision_tower.set_attn_implementation("eager")
     ids, pixels = prompt(), images()
     layer = model.config.vision_feature_layer

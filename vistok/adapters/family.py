@@ -156,16 +156,17 @@ class VisionLLMFamily(ABC):
 
     def unit_class_attention(self, base: nn.Module, modality: str, out: Any, units: Units, kwargs: dict[str, Any]
                              ) -> list[Tensor]:
-        """``[rows * cols]`` per unit: the class token's attention over the unit's patches (``encodes_up_front``
-        families with a class token)."""
-        raise InvalidConfigError(f"dominant needs a class token; the {self.class_names[0]} tower has none (use "
-                                 "merge_to_budget, region_merge, pool or random_select)")
+        """``[rows * cols]`` per unit: the class token's attention over the unit's patches, or the attention each
+        receives (``ranks_without_class_token``) (``encodes_up_front`` families that :attr:`ranks_patches`)."""
+        raise InvalidConfigError(f"ranking patches needs a class token; the {self.class_names[0]} tower has none "
+                                 "(use merge_to_budget, region_merge, pool or random_select)")
 
     def prompt_positions(self, base: nn.Module, input_ids: Tensor, kwargs: dict[str, Any]) -> Tensor:
         """The model's own positions of the full prompt (``positions_follow_tokens`` families)."""
         raise NotImplementedError(f"{type(self).__name__}'s positions do not follow the kept tokens")
 
     def class_attention(self, base: nn.Module, out: Any, context: Any) -> Tensor:
-        """``[U, N]``: the class token's attention over each unit's patches at the feature layer."""
-        raise InvalidConfigError(f"dominant needs a class token; the {self.class_names[0]} tower has none (use "
-                                 "merge_to_budget, region_merge, pool or random_select)")
+        """``[U, N]``: the class token's attention over each unit's patches at the feature layer, or the attention
+        each receives (``ranks_without_class_token``)."""
+        raise InvalidConfigError(f"ranking patches needs a class token; the {self.class_names[0]} tower has none "
+                                 "(use merge_to_budget, region_merge, pool or random_select)")

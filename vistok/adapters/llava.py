@@ -120,8 +120,8 @@ def class_attention(tower: nn.Module, hidden_states: tuple[Tensor, ...], feature
                     has_class_token: bool = True) -> Tensor:
     """``[B, N]``: the class token's attention over the patch tokens in the layer that produced the features
     (heads averaged, softmax over every token as the layer computes it); VisionZip's dominance score. Without a
-    class token (SigLIP) the attention each token receives there, averaged over every query and head (VisionZip's
-    rule for such towers).
+    class token (SigLIP) the attention each token receives there, averaged over every query and head (vistok's
+    choice: VisionZip's released code reads CLIP's class token only).
 
     ``hidden_states[i]`` is the input of encoder layer ``i``, so the features ``hidden_states[f]`` come out of
     layer ``f - 1``, which attended over ``hidden_states[f - 1]``. With several feature layers, the last one's.

@@ -554,9 +554,10 @@ def patch_vision_llm(model: nn.Module, config: MethodConfig, family: type[Vision
         raise InvalidConfigError(f"positions={boundary.positions!r} is not supported on {type(model).__name__}, "
                                  f"which vistok numbers {' or '.join(map(repr, facts.position_modes))}")
     if boundary.uses_class_attention and not facts.ranks_patches:
+        ranking = [name for family in FAMILIES if family.ranks_without_class_token for name in family.class_names]
         raise InvalidConfigError(f"{boundary.name} needs a class token; {type(model).__name__}'s vision tower has "
-                                 "none, and vistok ranks a tower's patches without one only on LLaVA and "
-                                 "LLaVA-OneVision (use merge_to_budget, region_merge, pool or random_select)")
+                                 f"none, and vistok ranks a tower's patches without one only on {', '.join(ranking)} "
+                                 "(use merge_to_budget, region_merge, pool or random_select)")
     if in_tower and facts.encodes_up_front:
         raise InvalidConfigError(f"in-tower methods are not supported on {type(model).__name__}: its images come in "
                                  "several sizes and layouts; use a boundary method alone")

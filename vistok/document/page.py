@@ -223,7 +223,6 @@ def view_signals(model: nn.Module, views: Tensor, layer: int = -1) -> ViewSignal
     return ViewSignals(seen["out"][:, prefix:], flat_keys[:, prefix:], attention, similarity)
 
 
-
 @dataclass(frozen=True)
 class CompressedPage:
     """A page's visual tokens under one budget: per view, ``tokens`` ``[k_v, D]`` (in order), ``index`` (their

@@ -74,10 +74,10 @@ def received_attention(query: Tensor, keys: Tensor) -> Tensor:
     averaged over every query and head: a tower without a class token ranks its patches by it (vistok's choice
     for SigLIP; VisionZip's released code reads CLIP's class token only). One head at a time, so no
     ``[B, H, N, N]`` is held."""
-    total = query.new_zeros(query.shape[0], keys.shape[2])
+    total = query.new_zeros(query.shape[0], keys.shape[2], dtype=torch.float32)  # bf16 would tie many patches
     for head in range(query.shape[1]):
-        weights = ((query[:, head] @ keys[:, head].transpose(1, 2)) * keys.shape[-1] ** -0.5).softmax(dim=-1)
-        total += weights.mean(dim=1)
+        logits = (query[:, head].float() @ keys[:, head].float().transpose(1, 2)) * keys.shape[-1] ** -0.5
+        total += logits.softmax(dim=-1).mean(dim=1)
     return total / query.shape[1]
 
 
