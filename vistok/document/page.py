@@ -173,7 +173,7 @@ class ViewSignals:
     over them (heads averaged, softmax over every token) and ``class_similarity`` ``[V, N]`` the cosine of each key
     with the class token's. A tower without a class token (SigLIP) has no such row: there ``class_attention`` is
     the attention each patch receives, averaged over every query and head (vistok's choice for such towers), and
-    ``class_similarity`` the cosine of each key with the view's mean key."""
+    ``class_similarity`` the cosine of each patch's key with the view's mean patch key."""
 
     tokens: Tensor
     keys: Tensor
@@ -219,7 +219,8 @@ def view_signals(model: nn.Module, views: Tensor, layer: int = -1) -> ViewSignal
         similarity = F.cosine_similarity(flat_keys[:, prefix:], flat_keys[:, :1], dim=-1)
     else:
         attention = received_attention(query, keys)[:, prefix:]
-        similarity = F.cosine_similarity(flat_keys[:, prefix:], flat_keys.mean(dim=1, keepdim=True), dim=-1)
+        patches = flat_keys[:, prefix:]
+        similarity = F.cosine_similarity(patches, patches.mean(dim=1, keepdim=True), dim=-1)
     return ViewSignals(seen["out"][:, prefix:], flat_keys[:, prefix:], attention, similarity)
 
 
