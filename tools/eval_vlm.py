@@ -197,10 +197,10 @@ def main(argv: list[str] | None = None, language_model=None) -> int:
         args.methods = list(PAGE_METHODS if args.page else METHODS)
     if args.fractions is None:
         args.fractions = list(PAGE_FRACTIONS) if args.page else [0.5, 0.25, 0.1]
-    if args.baseline is not None and args.baseline not in args.methods:
-        parser.error(f"--baseline {args.baseline} is not among the methods evaluated ({' '.join(args.methods)})")
     baseline = args.baseline or (PAGE_BASELINE if args.page else BASELINE)
     if baseline not in args.methods:
+        if args.baseline is not None:
+            parser.error(f"--baseline {baseline} is not among the methods evaluated ({' '.join(args.methods)})")
         print(f"eval_vlm.py: the default baseline {baseline} is not among the methods: vs_baseline stays empty "
               "(give --baseline)", file=sys.stderr)
     try:

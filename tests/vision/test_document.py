@@ -134,24 +134,38 @@ def tiny_vit():
     return timm.create_model("vit_tiny_patch16_224", img_size=64, num_classes=0).eval()
 
 
+def _block_io(tower: torch.nn.Module, block: torch.nn.Module, views: torch.Tensor
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The input and the output of ``block`` when ``tower`` runs on ``views``."""
+    captured = {}
+    hook = block.register_forward_hook(lambda m, a, out: captured.update(x=a[0], out=out))
+    try:
+        with torch.no_grad():
+            tower(views)
+    finally:
+        hook.remove()
+    return captured["x"], captured["out"]
+
+
+def _timm_attention(block: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A timm block's own ``qkv`` ``[3, V, H, N, d]`` and softmax weights ``[V, H, N, N]`` on its input ``x``."""
+    attn = block.attn
+    with torch.no_grad():
+        qkv = attn.qkv(block.norm1(x)).reshape(*x.shape[:2], 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
+        return qkv, ((qkv[0] * attn.scale) @ qkv[1].transpose(-2, -1)).softmax(-1)
+
+
 def test_view_signals_read_the_blocks_own_attention(tiny_vit):
     """The class token's attention and the keys equal what the block's own qkv projection and softmax give, and
     the tokens are the block's output."""
     views = torch.randn(3, 3, 64, 64)
-    captured = {}
     block = tiny_vit.blocks[5]
-    hook = block.register_forward_hook(lambda m, a, out: captured.update(x=a[0], out=out))
-    with torch.no_grad():
-        tiny_vit(views)
-    hook.remove()
+    x, out = _block_io(tiny_vit, block, views)
     signals = view_signals(tiny_vit, views, layer=5)
-    attn = block.attn
-    with torch.no_grad():
-        qkv = attn.qkv(block.norm1(captured["x"])).reshape(3, 17, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
-        weights = ((qkv[0] * attn.scale) @ qkv[1].transpose(-2, -1)).softmax(-1)  # [V, H, N, N]
+    qkv, weights = _timm_attention(block, x)
     assert torch.allclose(signals.class_attention, weights[:, :, 0, 1:].mean(1), atol=1e-6)
     assert torch.allclose(signals.keys, qkv[1].transpose(1, 2).flatten(2)[:, 1:], atol=1e-6)
-    assert torch.equal(signals.tokens, captured["out"][:, 1:])
+    assert torch.equal(signals.tokens, out[:, 1:])
     with pytest.raises(InvalidConfigError, match=r"layer must be a block index in \[-12, 12\)"):
         view_signals(tiny_vit, views, layer=12)
 
@@ -198,16 +212,8 @@ def test_a_tower_without_a_class_token_ranks_by_the_attention_each_patch_receive
     torch.manual_seed(0)
     tower = timm.create_model("vit_tiny_patch16_224", img_size=64, class_token=False, global_pool=pool).eval()
     views = torch.randn(3, 3, 64, 64)
-    captured = {}
     block = tower.blocks[-1]
-    hook = block.register_forward_hook(lambda m, a, out: captured.update(x=a[0]))
-    with torch.no_grad():
-        tower(views)
-    hook.remove()
-    attn = block.attn
-    with torch.no_grad():
-        qkv = attn.qkv(block.norm1(captured["x"])).reshape(3, 16, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
-        weights = ((qkv[0] * attn.scale) @ qkv[1].transpose(-2, -1)).softmax(-1)  # [V, H, N, N]
+    qkv, weights = _timm_attention(block, _block_io(tower, block, views)[0])  # [V, H, N, N]
     signals = view_signals(tower, views)
     assert torch.allclose(signals.class_attention, weights.mean(dim=(1, 2)), atol=1e-6)
     assert torch.allclose(signals.class_attention.sum(-1), torch.ones(3), atol=1e-5)
@@ -317,12 +323,8 @@ def test_an_open_clip_tower_ranks_by_its_own_attention_weights():
                                                     mlp_ratio=2.0, output_dim=16).eval()
     views = torch.randn(3, 3, 32, 32)
     block = tower.transformer.resblocks[-1]
-    captured = {}
-    hook = block.register_forward_hook(lambda m, a, out: captured.update(x=a[0]))
     with torch.no_grad():
-        tower(views)
-        hook.remove()
-        x = block.ln_1(captured["x"])
+        x = block.ln_1(_block_io(tower, block, views)[0])
         _, weights = block.attn(x, x, x, need_weights=True, average_attn_weights=True)  # [V, N, N]
     signals = view_signals(tower, views)
     assert torch.allclose(signals.class_attention, weights[:, 0, 1:], atol=1e-6)

@@ -203,9 +203,6 @@ def test_a_siglip_tower_ranks_patches_by_the_attention_they_receive(method):
     receive the most attention in the layer that made the features, every query and head averaged, read from the
     tower's own attention weights."""
     model = tiny_llava(tower="siglip", strategy="full")
-    assert vision_llm_family(model).inspect(model).ranks_patches  # and the tuner tries dominant on it
-    assert {"dominant", "correlation_guided"} <= {row["method"] for row in vistok.tune(
-        model, [{"input_ids": prompt(), "pixel_values": images()}] * 4, target=0.25).rows}
     model.model.vision_tower.set_attn_implementation("eager")
     ids, pixels = prompt(), images()
     layer = model.config.vision_feature_layer
@@ -227,6 +224,9 @@ def test_siglip_tower_and_other_vision_llms():
     with pytest.raises(UnsupportedModelError, match="no class token, so its features are not a patch grid"):
         vistok.patch(tiny_llava(tower="siglip"), "pool", tokens=4)
     model = tiny_llava(tower="siglip", strategy="full")
+    assert vision_llm_family(model).inspect(model).ranks_patches  # and the tuner tries dominant on it
+    assert {"dominant", "correlation_guided"} <= {row["method"] for row in vistok.tune(
+        model, [{"input_ids": prompt(), "pixel_values": images()}] * 4, target=0.25).rows}
     ids, pixels = prompt(), images()
     with torch.no_grad(), vistok.patch(model, "merge_to_budget", tokens=4):
         assert model(input_ids=ids, pixel_values=pixels).logits.shape == (2, 9, 100)
