@@ -11,10 +11,12 @@ from .reference import (
     vistok_vit_fmnist_reg4,
 )
 from .reference_vlm import (
+    FINE_PLAIN_VLM_NAME,
     FINE_VLM_NAME,
     PAGE_VLM_NAME,
     VIDEO_VLM_NAME,
     VLM_NAME,
+    create_fine_plain_vlm,
     create_fine_vlm,
     create_page_vlm,
     create_reference_vlm,
@@ -50,10 +52,12 @@ __all__ = [
     "create_page_vlm",
     "FINE_VLM_NAME",
     "create_fine_vlm",
+    "FINE_PLAIN_VLM_NAME",
+    "create_fine_plain_vlm",
 ]
 
 _VLMS = {VLM_NAME: create_reference_vlm, VIDEO_VLM_NAME: create_video_vlm, PAGE_VLM_NAME: create_page_vlm,
-         FINE_VLM_NAME: create_fine_vlm}
+         FINE_VLM_NAME: create_fine_vlm, FINE_PLAIN_VLM_NAME: create_fine_plain_vlm}
 
 
 def create_vlm(name: str, pretrained: bool = False, **kwargs):

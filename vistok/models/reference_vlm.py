@@ -13,7 +13,9 @@ of 9 tokens with one learned position per crop, for the document evaluation (``t
 The fine variant (``vistok_vlm_fmnist_fine``, :func:`create_fine_vlm`) reads the same 56 x 56 images with each
 crop's 14 x 14 patch grid pooled 2 x 2 (LLaVA-OneVision's pooling) instead of to 3 x 3: 4 crops x 7 x 7 = 196
 visual tokens per image, so that visual tokens dominate the prompt as in LLaVA-1.5 (576 of about 600) and
-compressing them can shorten the prefill as much as it does there.
+compressing them can shorten the prefill as much as it does there. ``vistok_vlm_fmnist_fine_plain``
+(:func:`create_fine_plain_vlm`) is the same architecture trained on the full 196-token grid only, as LLaVA-1.5 is:
+compression on it is training-free, the setting VisionZip and FastV report.
 
 The video variant (``vistok_video_vlm_fmnist``, :func:`create_video_vlm`) reads one 28 x 28 frame as an image of
 9 tokens (one crop, pooled to 3 x 3) and carries B-VLLM's trainable frame selector (``model.frame_selector``, a
@@ -42,7 +44,7 @@ __all__ = ["ReferenceVisionTower", "LoRALinear", "create_reference_vlm", "create
            "trained_state", "TrainingRun", "train_trained_tensors", "answer_batch", "answer_loss",
            "answer_questions", "prefill_seconds", "encoded_features", "Answers", "VLM_NAME", "VIDEO_VLM_NAME",
            "PAGE_VLM_NAME", "create_page_vlm", "warm_start", "prompt_batch", "IMAGE_TOKEN", "FINE_VLM_NAME",
-           "create_fine_vlm", "resized_grid_position"]
+           "create_fine_vlm", "resized_grid_position", "FINE_PLAIN_VLM_NAME", "create_fine_plain_vlm"]
 
 VLM_NAME = "vistok_vlm_fmnist"
 VIDEO_VLM_NAME = "vistok_video_vlm_fmnist"
@@ -53,6 +55,7 @@ FINE_CELL = 7  # the fine variant: each crop's 14 x 14 patch grid pooled 2 x 2, 
 PAGE_TILES = 4  # a 112 x 112 sparse page: 4 x 4 crops of 28 x 28, a 12 x 12 grid of tokens
 PAGE_VLM_NAME = "vistok_page_vlm_fmnist"
 FINE_VLM_NAME = "vistok_vlm_fmnist_fine"
+FINE_PLAIN_VLM_NAME = "vistok_vlm_fmnist_fine_plain"  # the fine variant trained on full grids only
 
 
 class ReferenceVisionTower(nn.Module):
@@ -253,6 +256,15 @@ def create_fine_vlm(pretrained: bool = False, **kwargs: Any) -> tuple[nn.Module,
     """``(model, tokenizer)``: the reference VLM with 7 x 7 tokens per crop, 196 visual tokens per image
     (:func:`create_reference_vlm` with ``fine=True``)."""
     return create_reference_vlm(pretrained=pretrained, fine=True, **kwargs)
+
+
+def create_fine_plain_vlm(pretrained: bool = False, **kwargs: Any) -> tuple[nn.Module, Any]:
+    """``(model, tokenizer)``: the fine reference VLM trained on the full 196-token grid only, never on compressed
+    tokens (``models/vistok_vlm_fmnist_fine_plain``): what a compression method does to it is training-free, as on
+    LLaVA-1.5. :func:`create_reference_vlm` with ``fine=True`` and these weights."""
+    if pretrained and kwargs.get("checkpoint") is None:
+        kwargs["checkpoint"] = reference_checkpoint(FINE_PLAIN_VLM_NAME)
+    return create_reference_vlm(fine=True, **kwargs)
 
 
 def resized_grid_position(position: Tensor, side: int) -> Tensor:
