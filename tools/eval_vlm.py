@@ -10,7 +10,8 @@ visual tokens per page (16 crops of 9), the correlation-guided compressor (every
 the budget allows, and with ``minimum=0``) against uniform per-crop budgets, random selection and merging, every
 compressed view numbered as the full page (``positions=original``, as the weights were trained). With
 ``--fine``, the fine VLM (``vistok_vlm_fmnist_fine``, 196 visual tokens per image) on the same questions as the
-default. A method is ``name`` or ``name:key=value,...``.
+default; ``--fine --checkpoint models/vistok_vlm_fmnist_fine_plain/model.safetensors`` the one trained on full grids
+only (training-free compression). A method is ``name`` or ``name:key=value,...``.
 
 Every row also says how far it is from the all-token run (``vs_all``) and from ``--baseline`` at the same visual
 tokens (``vs_baseline``: pooling; with ``--page``, uniform per-crop budgets), in points on the same questions, with

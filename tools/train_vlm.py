@@ -11,7 +11,8 @@ as well as the full grid.
 
 ``--page`` trains the page variant (``vistok_page_vlm_fmnist``) on sparse pages
 (vistok.document.fmnist_pages); ``--fine`` the fine variant (``vistok_vlm_fmnist_fine``, 196 visual tokens per
-image) on the same questions as the default. ``--init`` starts from trained tensors where names and shapes fit
+image) on the same questions as the default (without ``--compressed``: ``vistok_vlm_fmnist_fine_plain``, trained on
+full grids only). ``--init`` starts from trained tensors where names and shapes fit
 (the image VLM's projector and adapters; its grid positions resized to the fine variant's grid).
 
     python tools/train_vlm.py --out runs/vlm_rm --minutes 55 --lr 1e-3 --threads 2 --compressed 0.75   # the shipped one

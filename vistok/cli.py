@@ -81,7 +81,8 @@ def _build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--seed", type=int, default=0)
     ask.add_argument("--checkpoint", default=None, help="trained tensors (.safetensors); default: the shipped")
     ask.add_argument("--fine", action="store_true", help="the fine reference VLM (vistok_vlm_fmnist_fine: 196 "
-                     "visual tokens per image instead of 36)")
+                     "visual tokens per image instead of 36; with --checkpoint "
+                     "models/vistok_vlm_fmnist_fine_plain/model.safetensors, the one trained on full grids only)")
     video = commands.add_parser("video-qa", help="answer a question about a video under a visual token budget")
     video.add_argument("--video", required=True, help="a video file (frames made grey and 28 x 28)")
     video.add_argument("--question", required=True)

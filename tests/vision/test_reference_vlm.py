@@ -293,6 +293,23 @@ def test_vision_llms_by_name(capsys):
         reference_checkpoint("vistok_vlm_fmnist_untrained")
 
 
+def test_the_plain_fine_vlm_loads_its_own_weights(monkeypatch, tmp_path):
+    """``vistok_vlm_fmnist_fine_plain`` is the fine variant with its own shipped file, not the fine VLM's; an
+    explicit checkpoint wins."""
+    from vistok.models import create_vlm, reference_checkpoint, reference_vlm
+
+    calls = []
+    monkeypatch.setattr(reference_vlm, "create_reference_vlm", lambda **kwargs: calls.append(kwargs))
+    create_vlm("vistok_vlm_fmnist_fine_plain", pretrained=True)
+    create_vlm("vistok_vlm_fmnist_fine_plain", pretrained=True, checkpoint=tmp_path / "mine.safetensors")
+    create_vlm("vistok_vlm_fmnist_fine_plain")
+    plain = reference_checkpoint("vistok_vlm_fmnist_fine_plain")
+    assert plain.parent.name == "vistok_vlm_fmnist_fine_plain"
+    assert plain != reference_checkpoint("vistok_vlm_fmnist_fine")
+    assert calls == [{"fine": True, "checkpoint": plain}, {"fine": True, "checkpoint": tmp_path / "mine.safetensors"},
+                     {"fine": True}]
+
+
 @pytest.mark.slow
 def test_the_fine_vlm_warm_starts_from_the_image_vlm(smollm2, tmp_path):
     """``warm_start`` loads the image VLM's projector and adapters into the fine variant and resizes its grid

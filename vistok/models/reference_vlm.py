@@ -14,8 +14,9 @@ The fine variant (``vistok_vlm_fmnist_fine``, :func:`create_fine_vlm`) reads the
 crop's 14 x 14 patch grid pooled 2 x 2 (LLaVA-OneVision's pooling) instead of to 3 x 3: 4 crops x 7 x 7 = 196
 visual tokens per image, so that visual tokens dominate the prompt as in LLaVA-1.5 (576 of about 600) and
 compressing them can shorten the prefill as much as it does there. ``vistok_vlm_fmnist_fine_plain``
-(:func:`create_fine_plain_vlm`) is the same architecture trained on the full 196-token grid only, as LLaVA-1.5 is:
-compression on it is training-free, the setting VisionZip and FastV report.
+(:func:`create_fine_plain_vlm`) is the same architecture trained on the full 196-token grid only, as LLaVA-1.5 is
+(from the same warm start, the 36-token VLM): compression on it is training-free, the main setting FastV and VisionZip
+report in.
 
 The video variant (``vistok_video_vlm_fmnist``, :func:`create_video_vlm`) reads one 28 x 28 frame as an image of
 9 tokens (one crop, pooled to 3 x 3) and carries B-VLLM's trainable frame selector (``model.frame_selector``, a
@@ -259,9 +260,10 @@ def create_fine_vlm(pretrained: bool = False, **kwargs: Any) -> tuple[nn.Module,
 
 
 def create_fine_plain_vlm(pretrained: bool = False, **kwargs: Any) -> tuple[nn.Module, Any]:
-    """``(model, tokenizer)``: the fine reference VLM trained on the full 196-token grid only, never on compressed
-    tokens (``models/vistok_vlm_fmnist_fine_plain``): what a compression method does to it is training-free, as on
-    LLaVA-1.5. :func:`create_reference_vlm` with ``fine=True`` and these weights."""
+    """``(model, tokenizer)``: the fine reference VLM trained on the full 196-token grid only
+    (``models/vistok_vlm_fmnist_fine_plain``; warm-started from the 36-token VLM, as the fine VLM was): what a
+    compression method does to it is training-free, as on LLaVA-1.5. :func:`create_reference_vlm` with ``fine=True``
+    and these weights (an explicit ``checkpoint`` wins)."""
     if pretrained and kwargs.get("checkpoint") is None:
         kwargs["checkpoint"] = reference_checkpoint(FINE_PLAIN_VLM_NAME)
     return create_reference_vlm(fine=True, **kwargs)
