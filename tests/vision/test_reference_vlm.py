@@ -296,10 +296,11 @@ def test_vision_llms_by_name(capsys):
 def test_the_plain_fine_vlm_loads_its_own_weights(monkeypatch, tmp_path):
     """``vistok_vlm_fmnist_fine_plain`` is the fine variant with its own shipped file, not the fine VLM's; an
     explicit checkpoint wins."""
-    from vistok.models import create_vlm, reference_checkpoint, reference_vlm
+    import vistok.models.reference_vlm as vlm_module
+    from vistok.models import create_vlm, reference_checkpoint
 
     calls = []
-    monkeypatch.setattr(reference_vlm, "create_reference_vlm", lambda **kwargs: calls.append(kwargs))
+    monkeypatch.setattr(vlm_module, "create_reference_vlm", lambda **kwargs: calls.append(kwargs))
     create_vlm("vistok_vlm_fmnist_fine_plain", pretrained=True)
     create_vlm("vistok_vlm_fmnist_fine_plain", pretrained=True, checkpoint=tmp_path / "mine.safetensors")
     create_vlm("vistok_vlm_fmnist_fine_plain")
