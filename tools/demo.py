@@ -3,10 +3,10 @@
 meets the accuracy target) and the real Fashion-MNIST test images.
 
 Prints top-1 (whole test set), GFLOPs per image (averaged over the first 256 test images, each counted on its
-own) and images/s (batch 32) for the unpatched model, ATS, ATS with fusion and token merging; then runs the tuner
-(vistok.tune) at 0.5x GFLOPs on Fashion-MNIST training images, measures its pick on the test set and sets it beside
-the best point of the committed sweep at that cost; writes the token-overlay PNG and the accuracy-vs-compute
-(Pareto) plot of the committed sweep (results/sweep_reg4.csv: every method and both baselines, and
+own; ``--flops-images``) and images/s (batch 32) for the unpatched model, ATS, ATS with fusion and token merging;
+then runs the tuner (vistok.tune) at 0.5x GFLOPs on Fashion-MNIST training images, measures its pick on the test
+set and sets it beside the best point of the committed sweep at that cost; writes the token-overlay PNG and the
+accuracy-vs-compute (Pareto) plot of the committed sweep (results/sweep_reg4.csv: every method and both baselines, and
 results/sweep_fusion_reg4.csv: ATS with fusion):
 
     python tools/demo.py                    # the whole test set (a few minutes on 2 cores)
@@ -68,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sweep", nargs="*", default=None, help="sweep CSVs to plot (default: the model's)")
     parser.add_argument("--target", type=float, default=0.5, help="the tuner's GFLOPs target")
     parser.add_argument("--calibration", type=int, default=500, help="training images the tuner scores on")
+    parser.add_argument("--flops-images", type=int, default=256, help="test images the GFLOPs are averaged over "
+                        "(each counted on its own)")
     args = parser.parse_args(argv)
     if args.sweep is None:
         args.sweep = [str(ROOT / "results" / name) for name in SWEEPS[args.model]]
@@ -82,8 +84,10 @@ def main(argv: list[str] | None = None) -> int:
     transform = GreyBatchTransform()
     out = Path(args.out)
     model = timm.create_model(args.model, pretrained=True).eval()
-    counted = transform(torch.stack([test_set[i][0] for i in range(min(256, len(test_set)))]))
-    sample = counted[:32]
+    if args.flops_images < 1:
+        parser.error(f"--flops-images must be at least 1, got {args.flops_images}")
+    first = transform(torch.stack([test_set[i][0] for i in range(min(max(args.flops_images, 32), len(test_set)))]))
+    counted, sample = first[: args.flops_images], first[:32]  # GFLOPs are counted on one, speed timed on the other
 
     def test_top1() -> dict:
         return evaluate(model, batches(test_set, 500), transform, progress=True, total=-(-len(test_set) // 500))

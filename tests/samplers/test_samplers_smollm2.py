@@ -164,3 +164,47 @@ def test_awrs_lipogram_on_smollm2(smollm2, chat_batch):
     steps = int(out.lengths.sum())
     assert int(out.stats["evaluations"].sum()) < steps * len(tokenizer) / 100
     assert bool(torch.isfinite(out.stats["log_weight"]).all())
+
+
+def test_the_cached_copy_is_the_gguf_model(tmp_path, monkeypatch):
+    """The first load converts the GGUF file into the cache; a later one reads only the copy and gets the same
+    tensors, config, generation config, tokenizer, chat template and logits as reading the GGUF file."""
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+
+    monkeypatch.setenv("VISTOK_CACHE", str(tmp_path))
+    reference, reference_tokenizer = samplers.load_smollm2(cache=False)
+    assert not (tmp_path / "smollm2").exists()
+    samplers.load_smollm2()
+    entries = list((tmp_path / "smollm2").iterdir())
+    assert len(entries) == 1 and (entries[0] / "model.safetensors").is_file()
+
+    def no_gguf(*args, **kwargs):
+        raise AssertionError("the cached load read the GGUF file")
+
+    monkeypatch.setattr(gguf_utils, "load_gguf_checkpoint", no_gguf)
+    model, tokenizer = samplers.load_smollm2()
+    expected, loaded = reference.state_dict(), model.state_dict()
+    assert set(loaded) == set(expected) and all(torch.equal(loaded[k], v) for k, v in expected.items())
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()  # still tied
+    differing = {key for key, value in reference.config.to_dict().items() if model.config.to_dict().get(key) != value}
+    assert differing == {"_name_or_path", "quantization_config"}
+    assert model.generation_config.to_dict() == reference.generation_config.to_dict()
+    assert tokenizer.get_vocab() == reference_tokenizer.get_vocab()
+    assert tokenizer.all_special_ids == reference_tokenizer.all_special_ids
+    messages = [{"role": "user", "content": "Is there a bag? <|im_end|> déjà vu 123"}]
+    prompt = reference_tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False) == prompt
+    encoded = reference_tokenizer(prompt, return_tensors="pt")
+    assert torch.equal(tokenizer(prompt, return_tensors="pt").input_ids, encoded.input_ids)
+    with torch.no_grad():
+        assert torch.equal(model(**encoded).logits, reference(**encoded).logits)
+
+
+def test_an_unwritable_cache_only_warns(smollm2, tmp_path):
+    from vistok.samplers.models import _write_cache
+
+    blocker = tmp_path / "a file"
+    blocker.write_text("")
+    with pytest.warns(UserWarning, match="SmolLM2 not cached"):
+        _write_cache(blocker / "smollm2" / "entry", *smollm2)
+    assert blocker.is_file()

@@ -55,7 +55,7 @@ def test_demo_runs_on_the_shipped_model(tmp_path, capsys):
     spec = importlib.util.spec_from_file_location("demo", ROOT / "tools" / "demo.py")
     demo = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(demo)
-    assert demo.main(["--limit", "500", "--calibration", "64", "--out", str(tmp_path)]) == 0
+    assert demo.main(["--limit", "500", "--calibration", "64", "--flops-images", "32", "--out", str(tmp_path)]) == 0
     printed = capsys.readouterr().out
     assert "vistok_vit_fmnist_reg4" in printed and "unpatched" in printed and "ATS+fusion k=108" in printed
     assert "merge r=12" in printed and "tuner at 0.5x GFLOPs (64 training images" in printed

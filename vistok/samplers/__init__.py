@@ -15,7 +15,7 @@ from .constrained import AWRSResult, awrs_sample, constrained_generate
 from .drafts import self_draft
 from .errors import InvalidLogitsError, VocabularyMismatchError
 from .generation import GenerationOutput, generate
-from .models import load_smollm2, smollm2_gguf
+from .models import load_smollm2, smollm2_cache_dir, smollm2_gguf
 from .pipeline import FILTER_CLASSES, PROCESSOR_ORDER, SamplingConfig, SamplingPipeline
 from .quantize import Int8Linear, quantize_linears
 from .sampling import SeededSampling, sample
@@ -81,6 +81,7 @@ __all__ = [
     "AWRSResult",
     "constrained_generate",
     "load_smollm2",
+    "smollm2_cache_dir",
     "smollm2_gguf",
     "InvalidLogitsError",
     "VocabularyMismatchError",
