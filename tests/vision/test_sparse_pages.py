@@ -186,9 +186,11 @@ def test_a_page_budget_goes_to_the_crops_with_items(smollm2):
     """On the page VLM (LLaVA with the reference tower over 16 crops), ``correlation_guided`` with page
     redundancy spends a page's budget on its item crops (blank crops: ``minimum`` each); uniform budgets give
     every crop the same; keeping everything gives the unpatched logits."""
+    from vistok.adapters.vlm import vision_llm_family
     from vistok.models.reference_vlm import build_prompt
 
     model, tokenizer = page_vlm(smollm2)
+    assert vision_llm_family(model).inspect(model).has_crop_grids  # the tuner tries page redundancy here
     pages, examples = normalised_pages(4)
     prompt = torch.tensor([build_prompt(tokenizer, "Is there a bag?", 144)] * 4)
     with torch.no_grad():

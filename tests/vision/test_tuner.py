@@ -192,6 +192,7 @@ def test_the_tuner_picks_a_boundary_method_for_a_vision_llm():
     result = vistok.tune(model, batches, target=0.3, rungs=2)
     labels = {row["label"] for row in result.rows}
     assert {"merge_to_budget", "region_merge", "dominant", "random_select", "correlation_guided"} <= labels
+    assert "correlation_guided redundancy=page" not in labels  # one view: the same tokens as per-crop redundancy
     assert result.cost == "tokens" and all(row["tokens_ratio"] <= 0.3 for row in result.rows)
     assert result.best["config"].tokens == 4 and result.best["images"] == 8  # floor(0.3 x 16) tokens, 8 prompts
     finalists = [row for row in result.rows if row.get("images") == 8]
@@ -207,6 +208,8 @@ def test_the_tuner_picks_a_boundary_method_for_a_vision_llm():
     full = boundary_candidates((4, 4), ranks_patches=True, target=0.5, num_prefix=1)  # the class feature kept
     assert {c[2].tokens for c in full if c[1] != "pool"} == {7} and all(c[3] <= 0.5 for c in full)
     varying = boundary_candidates((0, 0), ranks_patches=True, target=0.25)  # Qwen2-VL: images differ in size
+    crops = [c[0] for c in boundary_candidates((0, 0), ranks_patches=True, target=0.25, crop_grids=True)]
+    assert crops == [c[0] for c in varying] + ["correlation_guided redundancy=page"]  # LLaVA-OneVision's crop grids
     assert all(c[2].keep == 0.25 and c[3] == 0.25 for c in varying) and "pool" not in {c[1] for c in varying}
     with pytest.raises(InvalidConfigError, match="less than one of the 16"):
         boundary_candidates((4, 4), ranks_patches=True, target=0.05)

@@ -384,5 +384,6 @@ def test_the_tuner_gives_each_anyres_image_its_share():
     batches = [image_inputs(model, seed=seed)[0] for seed in range(2)]
     result = vistok.tune(model, batches, target=0.5, rungs=2)
     assert {"merge_to_budget", "random_select", "dominant", "correlation_guided"} <= {r["method"] for r in result.rows}
+    assert "correlation_guided redundancy=page" in {r["label"] for r in result.rows}  # a unit is a crop grid
     assert all(row["config"].keep == 0.5 for row in result.rows) and result.best["tokens_ratio"] == 0.5
     assert "error" not in result.best and result.best["images"] == 4

@@ -154,6 +154,12 @@ class VisionLLMFamily(ABC):
         ``None``."""
         return None
 
+    @property
+    def has_crop_grids(self) -> bool:
+        """Whether a unit can be a grid of crops (:meth:`unit_tile`): only there do per-crop and per-page choices
+        (``correlation_guided``'s ``allocation`` and ``redundancy``) differ."""
+        return False
+
     def unit_class_attention(self, base: nn.Module, modality: str, out: Any, units: Units, kwargs: dict[str, Any]
                              ) -> list[Tensor]:
         """``[rows * cols]`` per unit: the class token's attention over the unit's patches, or the attention each

@@ -82,6 +82,10 @@ class LlavaFamily(VisionLLMFamily):
     def unit_tile(self, modality: str, grid: tuple[int, int]) -> tuple[int, int] | None:
         return self.crop_tile
 
+    @property
+    def has_crop_grids(self) -> bool:
+        return self.crop_tile is not None
+
     def feature_layout(self, tower_handle: Any, context: Any) -> TokenLayout | None:
         if isinstance(context, (list, tuple)):
             raise InvalidConfigError("in-tower methods with several feature layers (vision_feature_layer as a list) "

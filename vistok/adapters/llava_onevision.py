@@ -152,6 +152,8 @@ class LlavaOnevisionFamily(VisionLLMFamily):
                 budgets[unit] = unit_budget
         return budgets
 
+    has_crop_grids = True  # an image's AnyRes crop grid is one unit
+
     def unit_tile(self, modality: str, grid: tuple[int, int]) -> tuple[int, int] | None:
         # tiles of one view's size from the top-left of the crop grid: the model removes the padding of the crops
         # on both sides (and shrinks grids past anyres_max_9), so tile borders can sit off the crops' borders

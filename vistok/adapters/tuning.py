@@ -5,9 +5,10 @@ share of the visual tokens.
 The cost is the visual tokens per unit (an image; an Idefics3 tile), so every candidate gets the largest budget within
 the target (pooling: the largest budget its grid can make within it; where images differ in size, ``keep=target``) and
 the search is over the methods: bipartite merging to the budget, merging adjacent regions (an adaptive pooling),
-VisionZip's dominant tokens (alone and with contextual tokens), the correlation-guided compressor (per-crop and page
-redundancy), pooling and random selection (the baselines); those that rank patches only where the family can (a class
-token, or LLaVA's and LLaVA-OneVision's SigLIP towers: :attr:`VisionLLMFamily.ranks_patches`).
+VisionZip's dominant tokens (alone and with contextual tokens), the correlation-guided compressor (per-crop
+redundancy, and page redundancy where a unit is a grid of crops), pooling and random selection (the baselines);
+those that rank patches only where the family can (a class token, or LLaVA's and LLaVA-OneVision's SigLIP towers:
+:attr:`VisionLLMFamily.ranks_patches`).
 Each candidate runs the calibration prompts once per rung of successive halving, as :func:`vistok.tune` does for towers:
 all on a quarter of the batches, the better half on half of them, the best quarter on all (``rungs=3``). The score is
 top-1 agreement of the next-token prediction at the end of each prompt with the unpatched model's (ties: the lower KL
@@ -31,13 +32,15 @@ from .budget import poolable
 __all__ = ["tune_vision_llm", "boundary_candidates"]
 
 
-def boundary_candidates(grid: tuple[int, int], ranks_patches: bool, target: float, num_prefix: int = 0
-                        ) -> list[tuple[str, str, MethodConfig, float]]:
+def boundary_candidates(grid: tuple[int, int], ranks_patches: bool, target: float, num_prefix: int = 0,
+                        crop_grids: bool = False) -> list[tuple[str, str, MethodConfig, float]]:
     """``(label, method, config, tokens ratio)`` for every boundary setting the tuner tries on a unit of ``grid``
     patches (``num_prefix`` class-token features in front, kept) at no more than ``target`` of its visual tokens.
     A family whose images differ in size (``grid`` ``(0, 0)``: Qwen2-VL; LLaVA-OneVision's crops) gets
     ``keep=target`` for every method and no pooling candidate. ``ranks_patches``: the family can rank patches
-    (:attr:`~vistok.adapters.family.VisionLLMFamily.ranks_patches`), so dominant and correlation_guided are tried.
+    (:attr:`~vistok.adapters.family.VisionLLMFamily.ranks_patches`), so dominant and correlation_guided are tried;
+    ``crop_grids``: a unit can be a grid of crops (:attr:`~vistok.adapters.family.VisionLLMFamily.has_crop_grids`),
+    so correlation_guided with page redundancy is tried too (on a single view it is the per-crop one).
 
     Raises:
         InvalidConfigError: ``target`` is below one token per unit.
@@ -62,6 +65,7 @@ def boundary_candidates(grid: tuple[int, int], ranks_patches: bool, target: floa
             out.append((f"dominant contextual={contextual}", "dominant",
                         create_config("dominant", **options, contextual=contextual)))
         out.append(("correlation_guided", "correlation_guided", create_config("correlation_guided", **options)))
+    if ranks_patches and crop_grids:
         out.append(("correlation_guided redundancy=page", "correlation_guided",
                     create_config("correlation_guided", **options, redundancy="page")))
     if budget is not None:
@@ -110,8 +114,9 @@ def tune_vision_llm(model: nn.Module, batches: Sequence[Mapping[str, Any]], targ
         raise InvalidConfigError("tune: give the unpatched model (remove its patch first)")
     family = vision_llm_family(model).inspect(model)
     grid = (0, 0) if family.encodes_up_front else family.grid
-    rows = [{"label": label, "method": method, "config": config, "tokens_ratio": ratio} for label, method, config, ratio
-            in boundary_candidates(grid, family.ranks_patches, target, family.num_prefix)]
+    candidates = boundary_candidates(grid, family.ranks_patches, target, family.num_prefix, family.has_crop_grids)
+    rows = [{"label": label, "method": method, "config": config, "tokens_ratio": ratio}
+            for label, method, config, ratio in candidates]
     started = time.perf_counter()
     was_training = model.training
     model.eval()
