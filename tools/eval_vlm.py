@@ -145,7 +145,8 @@ def keep_everything_overhead(model, tokenizer, data: FashionQA, methods: list[st
             for name, value in medians.items()]
 
 
-def save_plot(path: Path, rows: list[dict], page: bool = False, fine: bool = False) -> None:
+def save_plot(path: Path, rows: list[dict], page: bool = False, fine: bool = False, checkpoint: str | None = None
+              ) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -159,8 +160,10 @@ def save_plot(path: Path, rows: list[dict], page: bool = False, fine: bool = Fal
     axis.axhline(full["accuracy"], color="k", linestyle="--", label=f"all {full['visual_tokens']} tokens")
     axis.set_xlabel(f"visual tokens per {'page' if page else 'image'}")
     axis.set_ylabel("exact-match accuracy (%)")
-    axis.set_title("page VLM, held-out sparse pages" if page else
-                   f"{'fine ' if fine else ''}reference VLM, held-out Fashion-MNIST questions")
+    model = "page VLM" if page else f"{'fine ' if fine else ''}reference VLM"
+    if checkpoint is not None:  # not the shipped weights: say whose
+        model += f" ({Path(checkpoint).parent.name}/{Path(checkpoint).name})"
+    axis.set_title(f"{model},\nheld-out {'sparse pages' if page else 'Fashion-MNIST questions'}", fontsize=9)
     axis.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
@@ -249,7 +252,7 @@ def main(argv: list[str] | None = None, language_model=None) -> int:
         writer = csv.DictWriter(handle, fieldnames=fields)
         writer.writeheader()
         writer.writerows(rows)
-    save_plot(out.with_suffix(".png"), rows, args.page, args.fine)
+    save_plot(out.with_suffix(".png"), rows, args.page, args.fine, args.checkpoint)
     print(f"wrote {out.with_suffix('.csv')} and {out.with_suffix('.png')}")
     return 0
 
