@@ -146,6 +146,103 @@ def test_pooled_views_reach_the_language_model_with_one_closing_newline():
     assert torch.equal(generated[:, x["input_ids"].shape[1]:], expected_generation[:, short.shape[1]:])
 
 
+def kept_places(full, compressed, newline):
+    """Where each of an item's compressed features sits in its full placeholder run, found by value (what
+    random_select keeps are the model's own features): the closing newline at the run's end."""
+    places = [int(torch.nonzero((full == token).all(-1))[0]) for token in compressed[:-1]]
+    assert torch.equal(compressed[-1], newline) and not bool((full[places] == newline).all(-1).any())
+    return places + [full.shape[0] - 1]
+
+
+def masked_to(mask, ids, placeholder, kept):
+    """The full prompt's attention mask with each item's placeholders masked but the ``kept`` ones (one list
+    per item, rows in order, one item per row)."""
+    masked = mask.clone()
+    for row, places in enumerate(kept):
+        start = int(torch.nonzero(ids[row] == placeholder)[0])
+        masked[row, ids[row] == placeholder] = 0
+        masked[row, start + torch.tensor(places)] = 1
+    return masked
+
+
+def test_dropping_with_original_positions_is_masking():
+    """positions="original": random_select on AnyRes images (crop grids with a newline after each row) and on
+    videos is the unpatched model on the full prompt with the dropped placeholders masked out, forward and every
+    generate step; with "compact" it is not."""
+    model = tiny_onevision()
+    x, _ = image_inputs(model)
+    videos = video_inputs()
+    videos["attention_mask"] = torch.ones_like(videos["input_ids"])
+    newline = model.model.image_newline
+    seen = {}
+
+    def features_in(module, args, kwargs):  # what the language model is given
+        seen.update(kwargs.get("mm_encoder_outputs") or {})
+
+    for inputs, placeholder, modality in ((x, IMAGE, "image"), (videos, VIDEO, "video")):
+        with torch.no_grad():
+            if modality == "image":
+                full = model.model.get_image_features(x["pixel_values"], x["image_sizes"]).pooler_output
+            else:
+                full = model.model.get_video_features(videos["pixel_values_videos"]).pooler_output
+            hook = model.model.register_forward_pre_hook(features_in, with_kwargs=True)
+            with vistok.patch(model, "random_select", keep=0.5, positions="original"):
+                logits = model(**inputs).logits
+                out = seen.pop(modality).pooler_output
+                hook.remove()
+                steps = generation_steps(model, inputs)
+            kept = [kept_places(f, c, newline) for f, c in zip(full, out, strict=True)]
+            masked = masked_to(inputs["attention_mask"], inputs["input_ids"], placeholder, kept)
+            expected = model(**{**inputs, "attention_mask": masked}).logits
+            positions = (inputs["attention_mask"].cumsum(dim=1) - 1).clamp_min(0)
+            expected_steps = generation_steps(model, {**inputs, "attention_mask": masked, "position_ids": positions})
+            with vistok.patch(model, "random_select", keep=0.5):
+                compact_steps = generation_steps(model, inputs)
+        assert (logits[:, -2:] - expected[:, -2:]).abs().max() <= 1e-5
+        assert (steps - expected_steps).abs().max() <= 1e-5 and (compact_steps - expected_steps).abs().max() > 1e-4
+
+
+def generation_steps(model, inputs):
+    out = model.generate(**inputs, max_new_tokens=3, do_sample=False, output_logits=True,
+                         return_dict_in_generate=True)
+    return torch.stack(out.logits, dim=1)
+
+
+def test_pooled_tokens_sit_at_their_windows_top_left():
+    """pool at a quarter with positions="original": the unpatched model given the pooled views by hand on the
+    shortened prompt, each token at its window's top-left placeholder (crop rows counted with their newline) and
+    the closing newline at the run's end."""
+    model = tiny_onevision()
+    x, lengths = image_inputs(model)
+    newline = model.model.image_newline
+    with torch.no_grad():
+        full = model.model.get_image_features(x["pixel_values"], x["image_sizes"]).pooler_output
+        by_hand, places = [], []
+        for image, (rows, cols) in zip(full, [(4, 8), (8, 8)], strict=True):
+            crops = image[SIDE * SIDE:].reshape(rows, cols + 1, -1)
+            by_hand.append(torch.cat([pooled_to_quarter(image[: SIDE * SIDE], SIDE, SIDE),
+                                      pooled_to_quarter(crops[:, :cols].reshape(rows * cols, -1), rows, cols),
+                                      newline[None]]))
+            view = [r * SIDE + c for r in range(0, SIDE, 2) for c in range(0, SIDE, 2)]
+            grid = [SIDE * SIDE + r * (cols + 1) + c for r in range(0, rows, 2) for c in range(0, cols, 2)]
+            places.append(view + grid + [image.shape[0] - 1])
+        starts = [int(torch.nonzero(row == IMAGE)[0]) for row in x["input_ids"]]
+        short_rows, short_positions = [], []
+        for row, (start, kept) in enumerate(zip(starts, places, strict=True)):
+            keep = x["attention_mask"][row].bool()
+            keep[start: start + lengths[row]] = False
+            keep[start + torch.tensor(kept)] = True
+            short_rows.append(x["input_ids"][row][keep].tolist())
+            short_positions.append(torch.nonzero(keep).squeeze(1).tolist())
+        short, mask = left_padded(short_rows)
+        positions = torch.tensor([[0] * (short.shape[1] - len(p)) + p for p in short_positions])
+        expected = model(input_ids=short, attention_mask=mask, position_ids=positions,
+                         mm_encoder_outputs=encoded(image=by_hand)).logits
+        with vistok.patch(model, "pool", keep=0.25, positions="original"):
+            logits = model(**x).logits
+    assert logits.shape == expected.shape and (logits - expected).abs().max() <= 1e-5
+
+
 @pytest.mark.parametrize("method", ["merge_to_budget", "dominant", "random_select"])
 def test_tokens_per_image_are_split_across_its_views(method):
     """tokens=12: each image gets exactly 12 tokens (base view and crops by their share of the patches) and its
@@ -293,6 +390,11 @@ def test_bad_inputs_and_refusals():
         model(**x)
     with vistok.patch(model, "pool", tokens=5), pytest.raises(InvalidConfigError, match="tokens=5 is more than the 4"):
         model(**video_inputs())  # a frame has 2 x 2 pooled features
+    with vistok.patch(model, "merge_to_budget", tokens=4, positions="original"), torch.no_grad():
+        given = torch.arange(x["input_ids"].shape[1]).expand(2, -1)
+        out = model(**x, position_ids=given, use_cache=True)  # kept at the kept places, not refused
+        with pytest.raises(InvalidConfigError, match="needs position_ids"):  # a hand-written decoding step
+            model(input_ids=torch.tensor([[5], [6]]), cache=out.past_key_values)
     with pytest.raises(InvalidConfigError, match="in-tower methods are not supported on LlavaOnevision"):
         vistok.patch(model, [("merge", {"r": 2}), ("merge_to_budget", {"tokens": 4})])
     with pytest.raises(UnsupportedModelError, match="'full': its features are not a patch grid"):

@@ -1,7 +1,8 @@
-"""``positions="original"`` at a LLaVA boundary: each kept visual token keeps the language-model position of the
-first patch it carries, and the text after the image (and decoding) keeps the unpatched model's positions. For a
-method that only drops tokens, that is exactly the unpatched model on the full prompt with the dropped tokens
-masked out of attention; for merging methods, the unpatched model fed the compressed tokens at those positions."""
+"""``positions="original"`` at a LLaVA boundary (and on Idefics3 / SmolVLM tiles): each kept visual token keeps
+the language-model position of the first patch it carries, and the text after the image (and decoding) keeps the
+unpatched model's positions. For a method that only drops tokens, that is exactly the unpatched model on the full
+prompt with the dropped tokens masked out of attention; for merging methods, the unpatched model fed the
+compressed tokens at those positions. LLaVA-OneVision's cases are in test_vlm_llava_onevision.py."""
 
 import pytest
 import torch
@@ -197,6 +198,72 @@ def test_two_images_in_a_row_right_padding_labels_and_several_sequences():
     assert torch.equal(sequences, expected_sequences)
 
 
+def tile_prompt():
+    """Idefics3 tiles (16 features each): row 0 holds two tiles, row 1 one (its second tile blank, which the model
+    drops) and is left-padded. ``ids``, ``mask``, ``pixels`` and each tile's first placeholder ``(row, start)``."""
+    run = [IMAGE] * PATCHES
+    two = [1, 5, 6] + run + [7, 8] + run + [3, 4]
+    one = [1, 9, 9] + run + [3, 4]
+    pad = len(two) - len(one)
+    ids = torch.tensor([two, [0] * pad + one])
+    mask = torch.ones_like(ids)
+    mask[1, :pad] = 0
+    pixels = torch.randn(2, 2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    pixels[1, 1] = 0
+    return ids, mask, pixels, [(0, 3), (0, 3 + PATCHES + 2), (1, pad + 3)]
+
+
+@pytest.mark.parametrize("kind", ["idefics3", "smolvlm"])
+def test_idefics3_tiles_keep_their_positions(kind):
+    """On Idefics3 / SmolVLM each tile is a unit: dropping with original positions is the unpatched model with the
+    dropped placeholders masked out (forward and every generate step); merged tokens sit at their first patch."""
+    model = tiny_idefics3(kind)
+    ids, mask, pixels, tiles = tile_prompt()
+    with torch.no_grad():
+        with vistok.patch(model, "random_select", tokens=5, positions="original") as handle:
+            kept = placeholder_index(handle.encode(pixels), 0)  # [3 tiles, 5]
+            logits = model(input_ids=ids, pixel_values=pixels, attention_mask=mask).logits
+            sequences, steps = generation_logits(model, input_ids=ids, pixel_values=pixels, attention_mask=mask)
+        masked = mask.clone()
+        for tile, (row, start) in enumerate(tiles):
+            masked[row, start: start + PATCHES] = 0
+            masked[row, start + kept[tile]] = 1
+        expected = model(input_ids=ids, pixel_values=pixels, attention_mask=masked).logits
+        expected_sequences, expected_steps = generation_logits(
+            model, input_ids=ids, pixel_values=pixels, attention_mask=masked,
+            position_ids=(mask.cumsum(dim=1) - 1).clamp_min(0))
+
+        with vistok.patch(model, "merge_to_budget", tokens=4, positions="original") as handle:
+            encoded = handle.encode(pixels)
+            merged = model(input_ids=ids, pixel_values=pixels, attention_mask=mask).logits
+        first = placeholder_index(encoded, 0)
+        short_rows, short_positions = [], []  # each row's real tokens, its tiles' placeholders at first patches
+        for row in range(2):
+            keep = mask[row].bool()
+            for tile, (tile_row, start) in enumerate(tiles):
+                if tile_row == row:
+                    keep[start: start + PATCHES] = False
+                    keep[start + first[tile]] = True
+            short_rows.append(ids[row][keep])
+            short_positions.append(torch.arange(ids.shape[1])[keep])  # forward numbers the full prompt 0, 1, ...
+        width = max(len(r) for r in short_rows)
+
+        def left_padded(rows):
+            return torch.stack([torch.cat([r.new_zeros(width - len(r)), r]) for r in rows])
+
+        short, positions = left_padded(short_rows), left_padded(short_positions)
+        short_mask = left_padded([torch.ones_like(r) for r in short_rows])
+        by_hand = transformers.modeling_outputs.BaseModelOutputWithPooling(
+            pooler_output=[encoded.tokens[:2].flatten(0, 1), encoded.tokens[2]])
+        merged_by_hand = model(input_ids=short, attention_mask=short_mask, position_ids=positions,
+                               mm_encoder_outputs={"image": by_hand}).logits
+    assert bool((kept.diff(dim=1) > 0).all())
+    assert logits.shape[1] == ids.shape[1] - 2 * (PATCHES - 5)  # row 0's two tiles
+    assert (logits[:, -2:] - expected[:, -2:]).abs().max() <= 1e-5
+    assert (steps - expected_steps).abs().max() <= 1e-5 and torch.equal(sequences, expected_sequences)
+    assert (merged[:, -2:] - merged_by_hand[:, -2:]).abs().max() <= 1e-5
+
+
 def test_a_deep_copy_keeps_the_positions():
     import copy
 
@@ -217,8 +284,6 @@ def test_refusals():
     pixels = images()
     with pytest.raises(InvalidConfigError, match="positions must be one of"):
         vistok.patch(model, "pool", tokens=4, positions="gaps")
-    with pytest.raises(InvalidConfigError, match="positions='original' is not supported on Idefics3"):
-        vistok.patch(tiny_idefics3(), "pool", keep=0.25, positions="original")
     with torch.no_grad(), vistok.patch(model, "random_select", tokens=5, positions="original") as handle:
         with pytest.raises(InputShapeError, match="needs the processor's full prompt"):
             model(input_ids=padded_prompt(5)[0], pixel_values=pixels)

@@ -14,6 +14,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import torch
 from torch import Tensor, nn
 
 from ..errors import InvalidConfigError
@@ -143,6 +144,19 @@ class VisionLLMFamily(ABC):
     def item_lengths(self, modality: str, out: Any) -> list[int]:
         """The placeholders each item of ``out`` fills, in prompt order."""
         return [part.shape[0] for part in out.pooler_output]
+
+    def kept_placeholders(self, modality: str, units: Units, first_patches: list[Tensor]) -> list[Tensor]:
+        """Per item, the indices among its placeholders, as the model lays the item out, where the compressed
+        item's features sit: each kept token at the first patch it carries (``first_patches[u]`` ``[T_u]``, in
+        patch order), so that positions follow the tokens. By default an item is its units one after another."""
+        kept = []
+        for item in units.items:
+            offset, parts = 0, []
+            for unit in item:
+                parts.append(first_patches[unit] + offset)
+                offset += units.features[unit].shape[0]
+            kept.append(torch.cat(parts))
+        return kept
 
     def unit_budgets(self, config: Any, modality: str, units: Units) -> list[int]:
         """The tokens each unit keeps under ``config`` (a :class:`~vistok.adapters.BoundaryConfig`): its budget

@@ -9,6 +9,9 @@ architecture), transformers 5.x, all in one place:
   ``<fake_token_around_image>`` and the tile's row/col markers), so the budget applies per tile.
 * ``forward`` and ``generate`` encode through the instance's ``get_image_features`` and accept its output as
   ``mm_encoder_outputs={"image": ...}``.
+* Positions are 1-D and numbered as on LLaVA (:mod:`.llava`): ``forward`` takes ``position_ids`` as given, else
+  ``arange`` from the cache's length; ``generate`` counts them over ``attention_mask`` and continues from the last
+  given (what ``positions="original"`` relies on).
 * The SigLIP-style tower has no class token: ``dominant`` is refused.
 * SmolVLM (``SmolVLMForConditionalGeneration``) is the same, except that a batch of blank tiles still encodes its
   first tile.
@@ -32,6 +35,7 @@ __all__ = ["Idefics3Family", "SmolVLMFamily"]
 class Idefics3Family(VisionLLMFamily):
     class_names = ("Idefics3ForConditionalGeneration",)
     unit = "tile"
+    position_modes = ("compact", "original")
 
     @classmethod
     def inspect(cls, model: nn.Module) -> Idefics3Family:

@@ -14,7 +14,8 @@ transformers 5.x), all in one place:
   ``image_newline``.
 * The prompt holds ``config.image_token_id`` once per image feature (one run per image) and
   ``config.video_token_id`` once per video feature (one run per video); ``forward`` and ``generate`` accept the
-  encoders' outputs as ``mm_encoder_outputs``; positions are 1-D (from the attention mask).
+  encoders' outputs as ``mm_encoder_outputs``; positions are 1-D and numbered as on LLaVA (:mod:`.llava`), which
+  ``positions="original"`` relies on.
 * For ``dominant`` (a CLIP tower, ``vision_feature_select_strategy="default"``): the tower runs once per view and
   crop; ``image_size_to_num_patches`` (of the model's module) gives each image's count, as ``get_image_features``
   computes it, and ``model.model.pack_image_features`` (with no newline) lays their class-attention scores out as
@@ -153,6 +154,30 @@ class LlavaOnevisionFamily(VisionLLMFamily):
         return budgets
 
     has_crop_grids = True  # an image's AnyRes crop grid is one unit
+    position_modes = ("compact", "original")
+
+    def kept_placeholders(self, modality: str, units: Units, first_patches: list[Tensor]) -> list[Tensor]:
+        # an item's placeholders: its base view's, then its crop grid's rows each followed by a newline (without
+        # crops: one newline), or its frames' one after another and one newline; a compressed item keeps the last
+        kept = []
+        for item in units.items:
+            sizes = [units.features[unit].shape[0] for unit in item]
+            crops = item[1] if modality == "image" and len(item) > 1 else None
+            length = sum(sizes) + (units.grids[crops][0] if crops is not None else 1)
+            device = first_patches[item[0]].device
+            if all(first_patches[unit].shape[0] == size for unit, size in zip(item, sizes, strict=True)):
+                kept.append(torch.arange(length, device=device))  # everything kept: the model's own layout
+                continue
+            offset, parts = 0, []
+            for unit, size in zip(item, sizes, strict=True):
+                first = first_patches[unit]
+                if unit == crops:  # skip the newline after each row before it
+                    first = first + first // units.grids[unit][1]
+                parts.append(first + offset)
+                offset += size
+            parts.append(torch.tensor([length - 1], device=device))  # the closing newline
+            kept.append(torch.cat(parts))
+        return kept
 
     def unit_tile(self, modality: str, grid: tuple[int, int]) -> tuple[int, int] | None:
         # tiles of one view's size from the top-left of the crop grid: the model removes the padding of the crops

@@ -59,7 +59,7 @@ class BoundaryConfig(MethodConfig):
     each kept token has the position of the first patch it carries in the full prompt (after an in-tower method,
     the first of its tower tokens' patches), and text after the image (and decoding) keeps the unpatched model's
     positions (FastV's choice; gaps where tokens went). ``None``: the family's own (compact, except Qwen2-VL's 3-D
-    rotary positions, which are always original). ``"original"`` is supported on LLaVA and Qwen2-VL."""
+    rotary positions, which are always original). Every family supports ``"original"``; Qwen2-VL only that."""
 
     tokens: int | None = None
     keep: float | None = None

@@ -14,8 +14,9 @@ Where images differ in size (Qwen2-VL, LLaVA-OneVision's AnyRes crops and videos
 the pre-hook and the ``generate`` wrapper encode and compress the images themselves, shorten each placeholder run
 to what its image became, and pass the features in (``mm_encoder_outputs``). Where the language model's positions
 follow each visual token (Qwen2-VL's 3-D rotary positions), the placeholders of the kept tokens stay, with the
-model's own positions of the full prompt at those places (``position_ids``). LLaVA does the same with
-``positions="original"``: its images are then encoded in the pre-hook / ``generate`` wrapper too.
+model's own positions of the full prompt at those places (``position_ids``). The other families do the same
+with ``positions="original"`` (LLaVA and Idefics3 then encode their images in the pre-hook / ``generate`` wrapper
+too).
 """
 
 from __future__ import annotations
@@ -94,17 +95,10 @@ class _EncodedUnits:
     lengths: list[int]
     budgets: list[int]
 
-    def kept_placeholders(self) -> list[Tensor]:
-        """Per item, the indices of its placeholders whose tokens stay (the first each kept token carries); items
-        laid out as their units one after another."""
-        kept = []
-        for item in self.units.items:
-            offset, parts = 0, []
-            for unit in item:
-                parts.append(self.results[unit].positions()[0] + offset)
-                offset += self.units.features[unit].shape[0]
-            kept.append(torch.cat(parts))
-        return kept
+    def kept_placeholders(self, family: VisionLLMFamily, modality: str) -> list[Tensor]:
+        """Per item, the indices of its placeholders whose tokens stay (the first patch each kept token carries),
+        as ``family`` lays the item out."""
+        return family.kept_placeholders(modality, self.units, [result.positions()[0] for result in self.results])
 
 
 class _CompressedImageFeatures:
@@ -372,13 +366,16 @@ class VisionLLMHandle:
             out = out.to_tuple()
         return _EncodedUnits(out, units, results, lengths, budgets)
 
-    def _shorten_encoded(self, kwargs: dict, key: str) -> dict | None:
+    def _shorten_encoded(self, kwargs: dict, key: str, generating: bool) -> dict | None:
         """:meth:`_shorten` for families whose units differ in size (``encodes_up_front``): the images (and
         videos) are encoded and compressed here and go in as ``mm_encoder_outputs``, and each placeholder run is
-        shortened to what its item became. Where positions follow the tokens, the placeholders of the kept tokens
-        stay, and ``position_ids`` are the model's own positions of the full prompt at the kept places (so text
-        after the images, and decoding, keep the unpatched model's positions)."""
+        shortened to what its item became. Where positions follow the tokens (or with ``positions="original"``),
+        the placeholders of the kept tokens stay, and ``position_ids`` are the model's own positions of the full
+        prompt at the kept places (so text after the images, and decoding, keep the unpatched model's positions)."""
         family = self.family
+        original = self.positions == "original" and not family.positions_follow_tokens
+        if original:
+            self._refuse_uncounted_continuation(kwargs)
         present = [modality for modality, names in family.compressed.items() if kwargs.get(names[0]) is not None]
         if not present:
             return None  # nothing to compress in this call (text, or features encoded by the caller)
@@ -396,17 +393,20 @@ class VisionLLMHandle:
                     f"{units.lengths} features: vistok needs the processor's full prompt (it shortens it to the "
                     "budget)")
             encoded[modality] = units.out
-            kept = units.kept_placeholders() if family.positions_follow_tokens else None
+            kept = units.kept_placeholders(family, modality) if self.positions == "original" else None
             if units.budgets != units.lengths:
                 keep &= placeholder_keep_mask(input_ids, placeholder, units.lengths, units.budgets,
                                               len(units.lengths), kept=kept)
         encoded.update(family.other_encodings(base, kwargs))
         if bool(keep.all()):
             return _with_encoded(kwargs, family.encoded_inputs, encoded)
-        self._refuse_position_ids(kwargs)
+        if not original:
+            self._refuse_position_ids(kwargs)
         aligned = {name: kwargs[name] for name in ALIGNED if isinstance(kwargs.get(name), Tensor)}
         if family.positions_follow_tokens:
             aligned["position_ids"] = family.prompt_positions(base, input_ids, kwargs).permute(1, 2, 0)  # [B, L, 3]
+        elif original:
+            aligned["position_ids"] = _unpatched_positions(input_ids, kwargs, generating)
         short_ids, short = shorten_prompt(input_ids, keep, aligned, family.pad_id)
         if family.positions_follow_tokens:
             position_ids = short.pop("position_ids").permute(2, 0, 1)
@@ -426,12 +426,22 @@ class VisionLLMHandle:
                                      "(handle.encode gives the compressed visual tokens)")
         return input_ids
 
+    def _refuse_uncounted_continuation(self, kwargs: dict) -> None:
+        """With ``positions="original"`` the shortened prompt keeps the full prompt's positions, so a forward after
+        it (with a cache) cannot be numbered from the cache's length: it needs ``position_ids``."""
+        if self.config.keep == 1.0 or kwargs.get("position_ids") is not None or _cached_length(kwargs) == 0:
+            return
+        raise InvalidConfigError(
+            "positions='original': a forward after the prompt (with a cache) needs position_ids, since the "
+            "shortened prompt keeps the full prompt's positions; continue from the prompt's last position + 1 "
+            "(generate does this)")
+
     @staticmethod
     def _refuse_position_ids(kwargs: dict) -> None:
         if kwargs.get("position_ids") is not None:
             raise InvalidConfigError("position_ids were given for the full prompt; vistok shortens the prompt, so "
                                      "let the model number the positions (pass no position_ids), or patch with "
-                                     "positions='original' (LLaVA), which keeps them at the kept tokens")
+                                     "positions='original', which keeps them at the kept tokens")
 
     def _count_units(self, kwargs: dict) -> tuple[int, int] | None:
         """(units, placeholders the features fill) for this call's images, ``None`` without images."""
@@ -449,7 +459,7 @@ class VisionLLMHandle:
         """``kwargs`` with the prompt under ``key`` (and its aligned tensors) shortened; ``None`` if unchanged.
         ``generating``: the call is ``generate``'s (which numbers positions over the attention mask)."""
         if self.family.encodes_up_front:
-            return self._shorten_encoded(kwargs, key)
+            return self._shorten_encoded(kwargs, key, generating)
         if self.positions == "original":
             return self._shorten_keeping_positions(kwargs, key, generating)
         counted = self._count_units(kwargs)
@@ -476,11 +486,7 @@ class VisionLLMHandle:
         family = self.family
         if self.tokens_per_unit == family.per_unit:
             return None  # everything kept: the model's own prompt and positions
-        if kwargs.get("position_ids") is None and _cached_length(kwargs) > 0:
-            raise InvalidConfigError(
-                "positions='original': a forward after the prompt (with a cache) needs position_ids, since the "
-                "shortened prompt keeps the full prompt's positions; continue from the prompt's last position + 1 "
-                "(generate does this)")
+        self._refuse_uncounted_continuation(kwargs)
         if kwargs.get("pixel_values") is None:
             if self._count_units(kwargs) is not None and kwargs.get("position_ids") is None:
                 raise InvalidConfigError(
