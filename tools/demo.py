@@ -71,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--flops-images", type=int, default=256, help="test images the GFLOPs are averaged over "
                         "(each counted on its own)")
     args = parser.parse_args(argv)
+    if args.flops_images < 1:
+        parser.error(f"--flops-images must be at least 1, got {args.flops_images}")
     if args.sweep is None:
         args.sweep = [str(ROOT / "results" / name) for name in SWEEPS[args.model]]
     try:
@@ -84,8 +86,6 @@ def main(argv: list[str] | None = None) -> int:
     transform = GreyBatchTransform()
     out = Path(args.out)
     model = timm.create_model(args.model, pretrained=True).eval()
-    if args.flops_images < 1:
-        parser.error(f"--flops-images must be at least 1, got {args.flops_images}")
     first = transform(torch.stack([test_set[i][0] for i in range(min(max(args.flops_images, 32), len(test_set)))]))
     counted, sample = first[: args.flops_images], first[:32]  # GFLOPs are counted on one, speed timed on the other
 

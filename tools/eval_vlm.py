@@ -161,8 +161,10 @@ def save_plot(path: Path, rows: list[dict], page: bool = False, fine: bool = Fal
     axis.set_xlabel(f"visual tokens per {'page' if page else 'image'}")
     axis.set_ylabel("exact-match accuracy (%)")
     model = "page VLM" if page else f"{'fine ' if fine else ''}reference VLM"
-    if checkpoint is not None:  # not the shipped weights: say whose
-        model += f" ({Path(checkpoint).parent.name}/{Path(checkpoint).name})"
+    if checkpoint is not None:  # not the default weights: say whose (a model shipped in models/ by its name)
+        weights = Path(checkpoint)
+        shipped = weights.parent.parent.name == "models"
+        model += f" ({weights.parent.name if shipped else f'{weights.parent.name}/{weights.name}'})"
     axis.set_title(f"{model},\nheld-out {'sparse pages' if page else 'Fashion-MNIST questions'}", fontsize=9)
     axis.legend(fontsize=8)
     figure.tight_layout()

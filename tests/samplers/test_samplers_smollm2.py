@@ -4,6 +4,9 @@ Loaded once for the module (about 20 s). Figures (latency, speedup, repetition) 
 tools/bench_samplers.py, not from here.
 """
 
+import shutil
+import warnings
+
 import pytest
 import torch
 from sampler_cases import chi_square_pvalue, one_thread  # noqa: F401 (fixture)
@@ -167,21 +170,28 @@ def test_awrs_lipogram_on_smollm2(smollm2, chat_batch):
 
 
 def test_the_cached_copy_is_the_gguf_model(tmp_path, monkeypatch):
-    """The first load converts the GGUF file into the cache; a later one reads only the copy and gets the same
+    """A damaged copy is converted again (with a warning); a later load reads only the copy and gets the same
     tensors, config, generation config, tokenizer, chat template and logits as reading the GGUF file."""
-    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+    import gguf
+
+    from vistok.samplers.models import _cache_entry
 
     monkeypatch.setenv("VISTOK_CACHE", str(tmp_path))
     reference, reference_tokenizer = samplers.load_smollm2(cache=False)
     assert not (tmp_path / "smollm2").exists()
-    samplers.load_smollm2()
+    folder, name = samplers.smollm2_gguf()
+    damaged = _cache_entry(folder / name, torch.float32)
+    damaged.mkdir(parents=True)
+    (damaged / "config.json").write_text("{not json")
+    with pytest.warns(UserWarning, match="could not be read"):
+        samplers.load_smollm2()
     entries = list((tmp_path / "smollm2").iterdir())
-    assert len(entries) == 1 and (entries[0] / "model.safetensors").is_file()
+    assert entries == [damaged] and (damaged / "model.safetensors").is_file()
 
     def no_gguf(*args, **kwargs):
         raise AssertionError("the cached load read the GGUF file")
 
-    monkeypatch.setattr(gguf_utils, "load_gguf_checkpoint", no_gguf)
+    monkeypatch.setattr(gguf.GGUFReader, "__init__", no_gguf)
     model, tokenizer = samplers.load_smollm2()
     expected, loaded = reference.state_dict(), model.state_dict()
     assert set(loaded) == set(expected) and all(torch.equal(loaded[k], v) for k, v in expected.items())
@@ -198,13 +208,31 @@ def test_the_cached_copy_is_the_gguf_model(tmp_path, monkeypatch):
     assert torch.equal(tokenizer(prompt, return_tensors="pt").input_ids, encoded.input_ids)
     with torch.no_grad():
         assert torch.equal(model(**encoded).logits, reference(**encoded).logits)
+    shutil.rmtree(damaged)  # 540 MB that pytest would keep with the last runs' temporary folders
 
 
-def test_an_unwritable_cache_only_warns(smollm2, tmp_path):
-    from vistok.samplers.models import _write_cache
+def test_a_cache_that_cannot_be_written_only_warns(smollm2, tmp_path, monkeypatch):
+    """No folder, a save error (safetensors raises its own exception type), or another process's copy already in
+    place: the caller's model is never lost, only the first two warn, and no staging folder is left behind."""
+    from vistok.samplers import models
 
     blocker = tmp_path / "a file"
     blocker.write_text("")
     with pytest.warns(UserWarning, match="SmolLM2 not cached"):
-        _write_cache(blocker / "smollm2" / "entry", *smollm2)
-    assert blocker.is_file()
+        models._write_cache(blocker / "smollm2" / "entry", *smollm2)
+
+    def failing_save(model, folder):
+        raise RuntimeError("disk full")
+
+    entry = tmp_path / "cache" / "entry"
+    with monkeypatch.context() as patched:
+        patched.setattr(models, "_save_plain", failing_save)
+        with pytest.warns(UserWarning, match="disk full"):
+            models._write_cache(entry, *smollm2)
+    assert list(entry.parent.iterdir()) == []
+    entry.mkdir()
+    (entry / "config.json").write_text("{}")  # another process finished first
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        models._write_cache(entry, *smollm2)
+    assert list(entry.parent.iterdir()) == [entry] and [p.name for p in entry.iterdir()] == ["config.json"]

@@ -102,14 +102,15 @@ def pooled_to_quarter(grid_features, rows, cols):
     return F.avg_pool2d(image, 2)[0].flatten(1).T
 
 
+@pytest.mark.parametrize("positions", ["compact", "original"])
 @pytest.mark.parametrize("method", METHODS)
-def test_keep_everything_is_the_unpatched_model(method):
+def test_keep_everything_is_the_unpatched_model(method, positions):
     model = tiny_onevision()
     cases = [image_inputs(model)[0], multi_image_inputs(), video_inputs()]
     with torch.no_grad():
         expected = [model(**x).logits for x in cases]
         generated = model.generate(**cases[0], max_new_tokens=3, do_sample=False)
-        with vistok.patch(model, method, keep=1.0):
+        with vistok.patch(model, method, keep=1.0, positions=positions):
             for x, logits in zip(cases, expected, strict=True):
                 assert (model(**x).logits - logits).abs().max() <= 1e-4
             assert torch.equal(model.generate(**cases[0], max_new_tokens=3, do_sample=False), generated)
@@ -155,22 +156,31 @@ def kept_places(full, compressed, newline):
 
 
 def masked_to(mask, ids, placeholder, kept):
-    """The full prompt's attention mask with each item's placeholders masked but the ``kept`` ones (one list
-    per item, rows in order, one item per row)."""
+    """The full prompt's attention mask with each item's placeholders masked but the ``kept`` ones (one list per
+    item, items in prompt order: each a run of placeholders)."""
     masked = mask.clone()
-    for row, places in enumerate(kept):
-        start = int(torch.nonzero(ids[row] == placeholder)[0])
-        masked[row, ids[row] == placeholder] = 0
-        masked[row, start + torch.tensor(places)] = 1
+    items = iter(kept)
+    for row in range(ids.shape[0]):
+        places = torch.nonzero(ids[row] == placeholder).squeeze(1).tolist()
+        starts = [p for i, p in enumerate(places) if i == 0 or places[i - 1] != p - 1]
+        masked[row, places] = 0
+        for start in starts:
+            masked[row, start + torch.tensor(next(items))] = 1
+    assert next(items, None) is None
     return masked
 
 
 def test_dropping_with_original_positions_is_masking():
-    """positions="original": random_select on AnyRes images (crop grids with a newline after each row) and on
-    videos is the unpatched model on the full prompt with the dropped placeholders masked out, forward and every
-    generate step; with "compact" it is not."""
+    """positions="original": random_select on AnyRes images (crop grids with a newline after each row), on two
+    images in one row (base views only) and on videos is the unpatched model on the full prompt with the dropped
+    placeholders masked out, forward and every generate step; position_ids given for the full prompt (a jump of 5
+    after the image) are kept; with "compact" the steps differ."""
     model = tiny_onevision()
     x, _ = image_inputs(model)
+    jumped = torch.arange(x["input_ids"].shape[1]).expand(2, -1).clone()
+    jumped[:, -2:] += 5
+    two = multi_image_inputs()
+    two["attention_mask"] = torch.ones_like(two["input_ids"])
     videos = video_inputs()
     videos["attention_mask"] = torch.ones_like(videos["input_ids"])
     newline = model.model.image_newline
@@ -179,27 +189,33 @@ def test_dropping_with_original_positions_is_masking():
     def features_in(module, args, kwargs):  # what the language model is given
         seen.update(kwargs.get("mm_encoder_outputs") or {})
 
-    for inputs, placeholder, modality in ((x, IMAGE, "image"), (videos, VIDEO, "video")):
+    for inputs, modality, given in ((x, "image", None), (x, "image", jumped), (two, "image", None),
+                                    (videos, "video", None)):
+        placeholder = IMAGE if modality == "image" else VIDEO
         with torch.no_grad():
             if modality == "image":
-                full = model.model.get_image_features(x["pixel_values"], x["image_sizes"]).pooler_output
+                full = model.model.get_image_features(
+                    inputs["pixel_values"], inputs["image_sizes"],
+                    batch_num_images=inputs.get("batch_num_images")).pooler_output
             else:
                 full = model.model.get_video_features(videos["pixel_values_videos"]).pooler_output
             hook = model.model.register_forward_pre_hook(features_in, with_kwargs=True)
             with vistok.patch(model, "random_select", keep=0.5, positions="original"):
-                logits = model(**inputs).logits
+                logits = model(**inputs, position_ids=given).logits
                 out = seen.pop(modality).pooler_output
                 hook.remove()
                 steps = generation_steps(model, inputs)
             kept = [kept_places(f, c, newline) for f, c in zip(full, out, strict=True)]
             masked = masked_to(inputs["attention_mask"], inputs["input_ids"], placeholder, kept)
-            expected = model(**{**inputs, "attention_mask": masked}).logits
+            expected = model(**{**inputs, "attention_mask": masked}, position_ids=given).logits
             positions = (inputs["attention_mask"].cumsum(dim=1) - 1).clamp_min(0)
             expected_steps = generation_steps(model, {**inputs, "attention_mask": masked, "position_ids": positions})
             with vistok.patch(model, "random_select", keep=0.5):
                 compact_steps = generation_steps(model, inputs)
         assert (logits[:, -2:] - expected[:, -2:]).abs().max() <= 1e-5
         assert (steps - expected_steps).abs().max() <= 1e-5 and (compact_steps - expected_steps).abs().max() > 1e-4
+        if given is not None:  # the jump mattered
+            assert (logits[:, -2:] - model(**{**inputs, "attention_mask": masked}).logits[:, -2:]).abs().max() > 1e-4
 
 
 def generation_steps(model, inputs):
@@ -391,10 +407,14 @@ def test_bad_inputs_and_refusals():
     with vistok.patch(model, "pool", tokens=5), pytest.raises(InvalidConfigError, match="tokens=5 is more than the 4"):
         model(**video_inputs())  # a frame has 2 x 2 pooled features
     with vistok.patch(model, "merge_to_budget", tokens=4, positions="original"), torch.no_grad():
-        given = torch.arange(x["input_ids"].shape[1]).expand(2, -1)
-        out = model(**x, position_ids=given, use_cache=True)  # kept at the kept places, not refused
+        out = model(**x, use_cache=True)
         with pytest.raises(InvalidConfigError, match="needs position_ids"):  # a hand-written decoding step
             model(input_ids=torch.tensor([[5], [6]]), cache=out.past_key_values)
+        features = model.model.get_image_features(x["pixel_values"], x["image_sizes"]).pooler_output
+        short, _ = left_padded([[1, 5] + [IMAGE] * features[0].shape[0] + [7, 8],
+                                [1, 9, 9] + [IMAGE] * features[1].shape[0] + [3, 4]])
+        with pytest.raises(InvalidConfigError, match="pass the image inputs with the full prompt"):
+            model(input_ids=short, mm_encoder_outputs=encoded(image=features))
     with pytest.raises(InvalidConfigError, match="in-tower methods are not supported on LlavaOnevision"):
         vistok.patch(model, [("merge", {"r": 2}), ("merge_to_budget", {"tokens": 4})])
     with pytest.raises(UnsupportedModelError, match="'full': its features are not a patch grid"):

@@ -216,7 +216,8 @@ def tile_prompt():
 @pytest.mark.parametrize("kind", ["idefics3", "smolvlm"])
 def test_idefics3_tiles_keep_their_positions(kind):
     """On Idefics3 / SmolVLM each tile is a unit: dropping with original positions is the unpatched model with the
-    dropped placeholders masked out (forward and every generate step); merged tokens sit at their first patch."""
+    dropped placeholders masked out (forward and every generate step; compact numbering differs); pooled tokens
+    sit at their windows' top-left patches (0, 2, 8, 10 of each 4 x 4 tile)."""
     model = tiny_idefics3(kind)
     ids, mask, pixels, tiles = tile_prompt()
     with torch.no_grad():
@@ -224,6 +225,8 @@ def test_idefics3_tiles_keep_their_positions(kind):
             kept = placeholder_index(handle.encode(pixels), 0)  # [3 tiles, 5]
             logits = model(input_ids=ids, pixel_values=pixels, attention_mask=mask).logits
             sequences, steps = generation_logits(model, input_ids=ids, pixel_values=pixels, attention_mask=mask)
+        with vistok.patch(model, "random_select", tokens=5):
+            _, compact_steps = generation_logits(model, input_ids=ids, pixel_values=pixels, attention_mask=mask)
         masked = mask.clone()
         for tile, (row, start) in enumerate(tiles):
             masked[row, start: start + PATCHES] = 0
@@ -233,10 +236,10 @@ def test_idefics3_tiles_keep_their_positions(kind):
             model, input_ids=ids, pixel_values=pixels, attention_mask=masked,
             position_ids=(mask.cumsum(dim=1) - 1).clamp_min(0))
 
-        with vistok.patch(model, "merge_to_budget", tokens=4, positions="original") as handle:
+        with vistok.patch(model, "pool", tokens=4, positions="original") as handle:
             encoded = handle.encode(pixels)
             merged = model(input_ids=ids, pixel_values=pixels, attention_mask=mask).logits
-        first = placeholder_index(encoded, 0)
+        first = torch.tensor([[0, 2, 8, 10]] * 3)  # each 2 x 2 window's top-left patch, by hand
         short_rows, short_positions = [], []  # each row's real tokens, its tiles' placeholders at first patches
         for row in range(2):
             keep = mask[row].bool()
@@ -261,6 +264,7 @@ def test_idefics3_tiles_keep_their_positions(kind):
     assert logits.shape[1] == ids.shape[1] - 2 * (PATCHES - 5)  # row 0's two tiles
     assert (logits[:, -2:] - expected[:, -2:]).abs().max() <= 1e-5
     assert (steps - expected_steps).abs().max() <= 1e-5 and torch.equal(sequences, expected_sequences)
+    assert (compact_steps - expected_steps).abs().max() > 1e-4
     assert (merged[:, -2:] - merged_by_hand[:, -2:]).abs().max() <= 1e-5
 
 

@@ -46,6 +46,8 @@ class LlavaOnevisionFamily(VisionLLMFamily):
     class_names = ("LlavaOnevisionForConditionalGeneration",)
     ranks_without_class_token = True
     encodes_up_front = True
+    position_modes = ("compact", "original")
+    has_crop_grids = True  # an image's AnyRes crop grid is one unit
     compressed = {
         "image": ("pixel_values", "image_sizes", "vision_feature_layer", "vision_feature_select_strategy",
                   "batch_num_images"),
@@ -152,9 +154,6 @@ class LlavaOnevisionFamily(VisionLLMFamily):
             for unit, unit_budget in zip(item, shares, strict=True):
                 budgets[unit] = unit_budget
         return budgets
-
-    has_crop_grids = True  # an image's AnyRes crop grid is one unit
-    position_modes = ("compact", "original")
 
     def kept_placeholders(self, modality: str, units: Units, first_patches: list[Tensor]) -> list[Tensor]:
         # an item's placeholders: its base view's, then its crop grid's rows each followed by a newline (without

@@ -65,9 +65,9 @@ def boundary_candidates(grid: tuple[int, int], ranks_patches: bool, target: floa
             out.append((f"dominant contextual={contextual}", "dominant",
                         create_config("dominant", **options, contextual=contextual)))
         out.append(("correlation_guided", "correlation_guided", create_config("correlation_guided", **options)))
-    if ranks_patches and crop_grids:
-        out.append(("correlation_guided redundancy=page", "correlation_guided",
-                    create_config("correlation_guided", **options, redundancy="page")))
+        if crop_grids:  # on one view page redundancy keeps the same tokens
+            out.append(("correlation_guided redundancy=page", "correlation_guided",
+                        create_config("correlation_guided", **options, redundancy="page")))
     if budget is not None:
         pooled = next((t for t in range(budget, 0, -1) if poolable(grid, t)), None)
         if pooled is not None:

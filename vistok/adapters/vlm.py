@@ -95,11 +95,6 @@ class _EncodedUnits:
     lengths: list[int]
     budgets: list[int]
 
-    def kept_placeholders(self, family: VisionLLMFamily, modality: str) -> list[Tensor]:
-        """Per item, the indices of its placeholders whose tokens stay (the first patch each kept token carries),
-        as ``family`` lays the item out."""
-        return family.kept_placeholders(modality, self.units, [result.positions()[0] for result in self.results])
-
 
 class _CompressedImageFeatures:
     """Stands in for ``base_model.get_image_features``: the model's own, then the boundary method."""
@@ -260,6 +255,14 @@ class VisionLLMHandle:
         return self.tokens_per_unit
 
     @property
+    def keeps_everything(self) -> bool:
+        """Whether every unit keeps all its tokens whatever its size: ``keep=1.0``, or on a family of one grid a
+        budget of the whole grid."""
+        if self.family.encodes_up_front:
+            return self.config.keep == 1.0
+        return self.tokens_per_unit == self.family.per_unit
+
+    @property
     def active(self) -> bool:
         return vars(self.model).get(_HANDLE_ATTR) is self
 
@@ -373,10 +376,17 @@ class VisionLLMHandle:
         the placeholders of the kept tokens stay, and ``position_ids`` are the model's own positions of the full
         prompt at the kept places (so text after the images, and decoding, keep the unpatched model's positions)."""
         family = self.family
-        original = self.positions == "original" and not family.positions_follow_tokens
-        if original:
-            self._refuse_uncounted_continuation(kwargs)
+        # positions="original" on a family whose language model numbers a prompt 1-D: vistok passes them
+        numbered_here = self.positions == "original" and not family.positions_follow_tokens
         present = [modality for modality, names in family.compressed.items() if kwargs.get(names[0]) is not None]
+        if numbered_here:
+            self._refuse_uncounted_continuation(kwargs)
+            given = set(kwargs.get("mm_encoder_outputs") or {}) & set(family.compressed)
+            if given and not present and not self.keeps_everything and kwargs.get("position_ids") is None:
+                raise InvalidConfigError(
+                    "positions='original': vistok numbers the kept tokens from the items it compresses itself; "
+                    f"pass the {' and '.join(sorted(given))} inputs with the full prompt (or, with features encoded "
+                    "elsewhere, their position_ids)")
         if not present:
             return None  # nothing to compress in this call (text, or features encoded by the caller)
         input_ids = self._prompt_ids(kwargs, key)
@@ -393,19 +403,21 @@ class VisionLLMHandle:
                     f"{units.lengths} features: vistok needs the processor's full prompt (it shortens it to the "
                     "budget)")
             encoded[modality] = units.out
-            kept = units.kept_placeholders(family, modality) if self.positions == "original" else None
+            kept = None
+            if self.positions == "original":  # the first patch of each kept token, as the item is laid out
+                kept = family.kept_placeholders(modality, units.units, [r.positions()[0] for r in units.results])
             if units.budgets != units.lengths:
                 keep &= placeholder_keep_mask(input_ids, placeholder, units.lengths, units.budgets,
                                               len(units.lengths), kept=kept)
         encoded.update(family.other_encodings(base, kwargs))
         if bool(keep.all()):
             return _with_encoded(kwargs, family.encoded_inputs, encoded)
-        if not original:
+        if not numbered_here:
             self._refuse_position_ids(kwargs)
         aligned = {name: kwargs[name] for name in ALIGNED if isinstance(kwargs.get(name), Tensor)}
         if family.positions_follow_tokens:
             aligned["position_ids"] = family.prompt_positions(base, input_ids, kwargs).permute(1, 2, 0)  # [B, L, 3]
-        elif original:
+        elif numbered_here:
             aligned["position_ids"] = _unpatched_positions(input_ids, kwargs, generating)
         short_ids, short = shorten_prompt(input_ids, keep, aligned, family.pad_id)
         if family.positions_follow_tokens:
@@ -429,19 +441,19 @@ class VisionLLMHandle:
     def _refuse_uncounted_continuation(self, kwargs: dict) -> None:
         """With ``positions="original"`` the shortened prompt keeps the full prompt's positions, so a forward after
         it (with a cache) cannot be numbered from the cache's length: it needs ``position_ids``."""
-        if self.config.keep == 1.0 or kwargs.get("position_ids") is not None or _cached_length(kwargs) == 0:
+        if self.keeps_everything or kwargs.get("position_ids") is not None or _cached_length(kwargs) == 0:
             return
         raise InvalidConfigError(
             "positions='original': a forward after the prompt (with a cache) needs position_ids, since the "
             "shortened prompt keeps the full prompt's positions; continue from the prompt's last position + 1 "
             "(generate does this)")
 
-    @staticmethod
-    def _refuse_position_ids(kwargs: dict) -> None:
+    def _refuse_position_ids(self, kwargs: dict) -> None:
         if kwargs.get("position_ids") is not None:
+            hint = ", or patch with positions='original', which keeps them at the kept tokens" \
+                if "original" in self.family.position_modes and not self.family.positions_follow_tokens else ""
             raise InvalidConfigError("position_ids were given for the full prompt; vistok shortens the prompt, so "
-                                     "let the model number the positions (pass no position_ids), or patch with "
-                                     "positions='original', which keeps them at the kept tokens")
+                                     f"let the model number the positions (pass no position_ids){hint}")
 
     def _count_units(self, kwargs: dict) -> tuple[int, int] | None:
         """(units, placeholders the features fill) for this call's images, ``None`` without images."""
@@ -484,8 +496,8 @@ class VisionLLMHandle:
         patch it carries, and ``position_ids`` are the unpatched model's positions of the full prompt at the kept
         places, so the text after the images, and decoding, keep the unpatched model's positions."""
         family = self.family
-        if self.tokens_per_unit == family.per_unit:
-            return None  # everything kept: the model's own prompt and positions
+        if self.keeps_everything:
+            return None  # the model's own prompt and positions
         self._refuse_uncounted_continuation(kwargs)
         if kwargs.get("pixel_values") is None:
             if self._count_units(kwargs) is not None and kwargs.get("position_ids") is None:

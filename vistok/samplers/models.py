@@ -3,7 +3,7 @@
 
 Reading the GGUF file takes about 20 s on a CPU (transformers parses it three times: config, tokenizer, weights),
 so the first load also writes the de-quantized model in transformers' own format to a cache folder, and later
-loads read that (about 1 s). The cache folder's name carries the GGUF file's size and modification time, the
+loads read that (under a second). The cache folder's name carries the GGUF file's size and modification time, the
 dtype and the transformers version, so a changed file or a transformers upgrade converts again.
 """
 
@@ -46,12 +46,15 @@ def smollm2_cache_dir() -> Path:
     return Path(root) / "smollm2"
 
 
+_CACHE_FORMAT = 1  # vistok's layout of a converted copy: a change to _save_plain bumps it, so old copies are not read
+
+
 def _cache_entry(gguf: Path, dtype: torch.dtype) -> Path:
     import transformers
 
     stat = gguf.stat()
     dtype_name = str(dtype).removeprefix("torch.")
-    version = f"tf{transformers.__version__}"
+    version = f"tf{transformers.__version__}-v{_CACHE_FORMAT}"
     return smollm2_cache_dir() / f"{gguf.stem}-{stat.st_size}-{stat.st_mtime_ns}-{dtype_name}-{version}"
 
 
@@ -59,17 +62,23 @@ def load_smollm2(dtype: torch.dtype = torch.float32, cache: bool = True):
     """``(model, tokenizer)``: SmolLM2-135M-Instruct de-quantized to ``dtype``, in eval mode.
 
     With ``cache`` (the default) the first call converts the GGUF file (about 20 s) and keeps the result under
-    :func:`smollm2_cache_dir`; later calls load that copy (about 1 s), the same tensors and tokenizer. A cache that
-    cannot be written is skipped with a warning; ``cache=False`` always reads the GGUF file.
+    :func:`smollm2_cache_dir`; later calls load that copy (under a second), the same tensors and tokenizer. A cache
+    that cannot be written, or a copy that cannot be read (it is then converted again), costs a warning, never the
+    load; ``cache=False`` always reads the GGUF file.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder, name = smollm2_gguf()
     entry = _cache_entry(folder / name, dtype) if cache else None
     if entry is not None and entry.is_dir():
-        tokenizer = AutoTokenizer.from_pretrained(entry)
-        model = AutoModelForCausalLM.from_pretrained(entry, dtype=dtype).eval()
-        return model, tokenizer
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(entry)
+            model = AutoModelForCausalLM.from_pretrained(entry, dtype=dtype).eval()
+            return model, tokenizer
+        except Exception as error:  # a damaged copy: convert again
+            warnings.warn(f"vistok: the cached SmolLM2 at {entry} could not be read ({error}); converting the GGUF "
+                          "file again", stacklevel=2)
+            shutil.rmtree(entry, ignore_errors=True)
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=dtype).eval()
     if entry is not None:
@@ -78,23 +87,23 @@ def load_smollm2(dtype: torch.dtype = torch.float32, cache: bool = True):
 
 
 def _write_cache(entry: Path, model, tokenizer) -> None:
-    """Writes into a private folder and renames it into place, so readers only ever see a complete copy."""
+    """Writes into a private folder and renames it into place, so readers only ever see a complete copy. Any
+    failure (no space, no permission, a save error) is a warning: the model in hand is complete."""
+    staging = None
     try:
         entry.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{entry.name}-", dir=entry.parent))
-    except OSError as error:
-        warnings.warn(f"vistok: SmolLM2 not cached ({error}); the next load reads the GGUF file again", stacklevel=3)
-        return
-    try:
         _save_plain(model, staging)
         tokenizer.save_pretrained(staging)
+        staging.chmod(0o755)  # mkdtemp's folder is private; the copy is as readable as the GGUF file it came from
         os.rename(staging, entry)
-    except OSError as error:
+    except Exception as error:
         if not entry.is_dir():  # another process that finished first is not a failure
             warnings.warn(f"vistok: SmolLM2 not cached ({error}); the next load reads the GGUF file again",
                           stacklevel=3)
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
 
 
 def _save_plain(model, folder: Path) -> None:
