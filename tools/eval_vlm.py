@@ -41,6 +41,7 @@ from vistok.fmnist_qa import FashionQA
 from vistok.measure.accuracy import add_paired_differences
 from vistok.models.reference_vlm import answer_questions, create_reference_vlm, prefill_seconds
 
+SHIPPED = Path(__file__).resolve().parents[1] / "models"  # a checkpoint in models/<name>/ is titled by its name
 METHODS = ("merge_to_budget", "region_merge", "dominant", "pool", "random_select")
 # the page VLM was trained on every compressed view numbered as the full page: it is evaluated so
 BASELINE, PAGE_BASELINE = "pool", "correlation_guided:redundancy=page,allocation=uniform,positions=original"
@@ -162,8 +163,8 @@ def save_plot(path: Path, rows: list[dict], page: bool = False, fine: bool = Fal
     axis.set_ylabel("exact-match accuracy (%)")
     model = "page VLM" if page else f"{'fine ' if fine else ''}reference VLM"
     if checkpoint is not None:  # not the default weights: say whose (a model shipped in models/ by its name)
-        weights = Path(checkpoint)
-        shipped = weights.parent.parent.name == "models"
+        weights = Path(checkpoint).resolve()
+        shipped = weights.parent.parent == SHIPPED and weights.name == "model.safetensors"
         model += f" ({weights.parent.name if shipped else f'{weights.parent.name}/{weights.name}'})"
     axis.set_title(f"{model},\nheld-out {'sparse pages' if page else 'Fashion-MNIST questions'}", fontsize=9)
     axis.legend(fontsize=8)

@@ -232,7 +232,9 @@ def test_a_cache_that_cannot_be_written_only_warns(smollm2, tmp_path, monkeypatc
     assert list(entry.parent.iterdir()) == []
     entry.mkdir()
     (entry / "config.json").write_text("{}")  # another process finished first
-    with warnings.catch_warnings():
+    with monkeypatch.context() as patched, warnings.catch_warnings():
+        patched.setattr(models, "_save_plain", lambda model, folder: (folder / "config.json").write_text("{}"))
+        patched.setattr(smollm2[1], "save_pretrained", lambda folder: None)
         warnings.simplefilter("error")
         models._write_cache(entry, *smollm2)
     assert list(entry.parent.iterdir()) == [entry] and [p.name for p in entry.iterdir()] == ["config.json"]

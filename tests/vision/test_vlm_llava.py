@@ -178,7 +178,7 @@ def test_bad_inputs_and_refusals():
     with vistok.patch(model, "merge_to_budget", tokens=4), torch.no_grad():
         with pytest.raises(InputShapeError, match="expected 16 per image .* or 4"):
             model(input_ids=prompt(per_image=7), pixel_values=pixels)
-        with pytest.raises(InvalidConfigError, match="position_ids"):
+        with pytest.raises(InvalidConfigError, match="position_ids.*or patch with positions='original'"):
             model(input_ids=ids, pixel_values=pixels, position_ids=torch.arange(ids.shape[1]).expand(2, -1))
         with pytest.raises(InvalidConfigError, match="inputs_embeds"):
             model(inputs_embeds=torch.randn(2, ids.shape[1], 32), pixel_values=pixels)

@@ -218,6 +218,45 @@ def test_dropping_with_original_positions_is_masking():
             assert (logits[:, -2:] - model(**{**inputs, "attention_mask": masked}).logits[:, -2:]).abs().max() > 1e-4
 
 
+def test_features_encoded_elsewhere_take_their_position_ids():
+    """positions="original" with the compressed features passed in (mm_encoder_outputs), the prompt already at the
+    budget and the kept places' position_ids: the same logits as the full prompt with pixel_values; with keep=1.0
+    such features need no position_ids, and a cached text step none either."""
+    model = tiny_onevision()
+    x, lengths = image_inputs(model)
+    seen = {}
+
+    def features_in(module, args, kwargs):
+        seen.update(kwargs.get("mm_encoder_outputs") or {})
+
+    with torch.no_grad():
+        full = model.model.get_image_features(x["pixel_values"], x["image_sizes"]).pooler_output
+        hook = model.model.register_forward_pre_hook(features_in, with_kwargs=True)
+        with vistok.patch(model, "random_select", keep=0.5, positions="original"):
+            logits = model(**x).logits
+            out = seen.pop("image").pooler_output
+            kept = [kept_places(f, c, model.model.image_newline) for f, c in zip(full, out, strict=True)]
+            rows, places = [], []
+            for row, item in enumerate(kept):
+                start = int(torch.nonzero(x["input_ids"][row] == IMAGE)[0])
+                keep = x["attention_mask"][row].bool()
+                keep[start: start + lengths[row]] = False
+                keep[start + torch.tensor(item)] = True
+                rows.append(x["input_ids"][row][keep].tolist())
+                places.append(torch.nonzero(keep).squeeze(1).tolist())  # forward numbers the full prompt 0, 1, ...
+            short, mask = left_padded(rows)
+            positions = torch.tensor([[0] * (short.shape[1] - len(p)) + p for p in places])
+            given = model(input_ids=short, attention_mask=mask, position_ids=positions,
+                          mm_encoder_outputs=encoded(image=out)).logits
+        hook.remove()
+        with vistok.patch(model, "random_select", keep=1.0, positions="original"):
+            unpatched = model.model.get_image_features(x["pixel_values"], x["image_sizes"]).pooler_output
+            prompt = model(input_ids=x["input_ids"], attention_mask=x["attention_mask"],
+                           mm_encoder_outputs=encoded(image=unpatched), use_cache=True)
+            model(input_ids=torch.tensor([[5], [6]]), cache=prompt.past_key_values)  # not refused
+    assert given.shape == logits.shape and (given - logits).abs().max() <= 1e-5
+
+
 def generation_steps(model, inputs):
     out = model.generate(**inputs, max_new_tokens=3, do_sample=False, output_logits=True,
                          return_dict_in_generate=True)

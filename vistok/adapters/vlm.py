@@ -381,8 +381,9 @@ class VisionLLMHandle:
         present = [modality for modality, names in family.compressed.items() if kwargs.get(names[0]) is not None]
         if numbered_here:
             self._refuse_uncounted_continuation(kwargs)
-            given = set(kwargs.get("mm_encoder_outputs") or {}) & set(family.compressed)
-            if given and not present and not self.keeps_everything and kwargs.get("position_ids") is None:
+            given = {modality for modality, value in (kwargs.get("mm_encoder_outputs") or {}).items()
+                     if value is not None and modality in family.compressed and modality not in present}
+            if given and not self.keeps_everything and kwargs.get("position_ids") is None:
                 raise InvalidConfigError(
                     "positions='original': vistok numbers the kept tokens from the items it compresses itself; "
                     f"pass the {' and '.join(sorted(given))} inputs with the full prompt (or, with features encoded "

@@ -13,7 +13,7 @@ import copy
 import importlib.util
 import os
 import shutil
-import tempfile
+import uuid
 import warnings
 from pathlib import Path
 
@@ -92,10 +92,10 @@ def _write_cache(entry: Path, model, tokenizer) -> None:
     staging = None
     try:
         entry.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{entry.name}-", dir=entry.parent))
+        staging = entry.parent / f".{entry.name}-{os.getpid()}-{uuid.uuid4().hex}"
+        staging.mkdir()  # with the user's umask (mkdtemp's folder would be private)
         _save_plain(model, staging)
         tokenizer.save_pretrained(staging)
-        staging.chmod(0o755)  # mkdtemp's folder is private; the copy is as readable as the GGUF file it came from
         os.rename(staging, entry)
     except Exception as error:
         if not entry.is_dir():  # another process that finished first is not a failure
