@@ -170,6 +170,43 @@ def masked_to(mask, ids, placeholder, kept):
     return masked
 
 
+def forward_seeing_features(model, modality, **inputs):
+    """The model's logits, and the ``modality`` features its language model was given (``mm_encoder_outputs``)."""
+    seen = {}
+
+    def features_in(module, args, kwargs):
+        seen.update(kwargs.get("mm_encoder_outputs") or {})
+
+    hook = model.model.register_forward_pre_hook(features_in, with_kwargs=True)
+    try:
+        logits = model(**inputs).logits
+    finally:
+        hook.remove()
+    return logits, seen[modality].pooler_output
+
+
+def prompt_kept_at(x, lengths, kept):
+    """``x``'s prompt (one image per row) with each image's placeholders cut to its ``kept`` places, left-padded,
+    and the positions the forward gives those tokens in the full prompt (0, 1, ...): ``ids``, ``mask``,
+    ``position_ids``."""
+    rows, places = [], []
+    for row, item in enumerate(kept):
+        start = int(torch.nonzero(x["input_ids"][row] == IMAGE)[0])
+        keep = x["attention_mask"][row].bool()
+        keep[start: start + lengths[row]] = False
+        keep[start + torch.tensor(item)] = True
+        rows.append(x["input_ids"][row][keep].tolist())
+        places.append(torch.nonzero(keep).squeeze(1).tolist())
+    short, mask = left_padded(rows)
+    return short, mask, torch.tensor([[0] * (short.shape[1] - len(p)) + p for p in places])
+
+
+def generation_steps(model, inputs):
+    out = model.generate(**inputs, max_new_tokens=3, do_sample=False, output_logits=True,
+                         return_dict_in_generate=True)
+    return torch.stack(out.logits, dim=1)
+
+
 def test_dropping_with_original_positions_is_masking():
     """positions="original": random_select on AnyRes images (crop grids with a newline after each row), on two
     images in one row (base views only) and on videos is the unpatched model on the full prompt with the dropped
@@ -184,10 +221,6 @@ def test_dropping_with_original_positions_is_masking():
     videos = video_inputs()
     videos["attention_mask"] = torch.ones_like(videos["input_ids"])
     newline = model.model.image_newline
-    seen = {}
-
-    def features_in(module, args, kwargs):  # what the language model is given
-        seen.update(kwargs.get("mm_encoder_outputs") or {})
 
     for inputs, modality, given in ((x, "image", None), (x, "image", jumped), (two, "image", None),
                                     (videos, "video", None)):
@@ -199,11 +232,8 @@ def test_dropping_with_original_positions_is_masking():
                     batch_num_images=inputs.get("batch_num_images")).pooler_output
             else:
                 full = model.model.get_video_features(videos["pixel_values_videos"]).pooler_output
-            hook = model.model.register_forward_pre_hook(features_in, with_kwargs=True)
             with vistok.patch(model, "random_select", keep=0.5, positions="original"):
-                logits = model(**inputs, position_ids=given).logits
-                out = seen.pop(modality).pooler_output
-                hook.remove()
+                logits, out = forward_seeing_features(model, modality, **inputs, position_ids=given)
                 steps = generation_steps(model, inputs)
             kept = [kept_places(f, c, newline) for f, c in zip(full, out, strict=True)]
             masked = masked_to(inputs["attention_mask"], inputs["input_ids"], placeholder, kept)
@@ -224,43 +254,20 @@ def test_features_encoded_elsewhere_take_their_position_ids():
     such features need no position_ids, and a cached text step none either."""
     model = tiny_onevision()
     x, lengths = image_inputs(model)
-    seen = {}
-
-    def features_in(module, args, kwargs):
-        seen.update(kwargs.get("mm_encoder_outputs") or {})
-
     with torch.no_grad():
         full = model.model.get_image_features(x["pixel_values"], x["image_sizes"]).pooler_output
-        hook = model.model.register_forward_pre_hook(features_in, with_kwargs=True)
         with vistok.patch(model, "random_select", keep=0.5, positions="original"):
-            logits = model(**x).logits
-            out = seen.pop("image").pooler_output
+            logits, out = forward_seeing_features(model, "image", **x)
             kept = [kept_places(f, c, model.model.image_newline) for f, c in zip(full, out, strict=True)]
-            rows, places = [], []
-            for row, item in enumerate(kept):
-                start = int(torch.nonzero(x["input_ids"][row] == IMAGE)[0])
-                keep = x["attention_mask"][row].bool()
-                keep[start: start + lengths[row]] = False
-                keep[start + torch.tensor(item)] = True
-                rows.append(x["input_ids"][row][keep].tolist())
-                places.append(torch.nonzero(keep).squeeze(1).tolist())  # forward numbers the full prompt 0, 1, ...
-            short, mask = left_padded(rows)
-            positions = torch.tensor([[0] * (short.shape[1] - len(p)) + p for p in places])
+            short, mask, positions = prompt_kept_at(x, lengths, kept)
             given = model(input_ids=short, attention_mask=mask, position_ids=positions,
                           mm_encoder_outputs=encoded(image=out)).logits
-        hook.remove()
         with vistok.patch(model, "random_select", keep=1.0, positions="original"):
             unpatched = model.model.get_image_features(x["pixel_values"], x["image_sizes"]).pooler_output
             prompt = model(input_ids=x["input_ids"], attention_mask=x["attention_mask"],
                            mm_encoder_outputs=encoded(image=unpatched), use_cache=True)
             model(input_ids=torch.tensor([[5], [6]]), cache=prompt.past_key_values)  # not refused
     assert given.shape == logits.shape and (given - logits).abs().max() <= 1e-5
-
-
-def generation_steps(model, inputs):
-    out = model.generate(**inputs, max_new_tokens=3, do_sample=False, output_logits=True,
-                         return_dict_in_generate=True)
-    return torch.stack(out.logits, dim=1)
 
 
 def test_pooled_tokens_sit_at_their_windows_top_left():
@@ -281,16 +288,7 @@ def test_pooled_tokens_sit_at_their_windows_top_left():
             view = [r * SIDE + c for r in range(0, SIDE, 2) for c in range(0, SIDE, 2)]
             grid = [SIDE * SIDE + r * (cols + 1) + c for r in range(0, rows, 2) for c in range(0, cols, 2)]
             places.append(view + grid + [image.shape[0] - 1])
-        starts = [int(torch.nonzero(row == IMAGE)[0]) for row in x["input_ids"]]
-        short_rows, short_positions = [], []
-        for row, (start, kept) in enumerate(zip(starts, places, strict=True)):
-            keep = x["attention_mask"][row].bool()
-            keep[start: start + lengths[row]] = False
-            keep[start + torch.tensor(kept)] = True
-            short_rows.append(x["input_ids"][row][keep].tolist())
-            short_positions.append(torch.nonzero(keep).squeeze(1).tolist())
-        short, mask = left_padded(short_rows)
-        positions = torch.tensor([[0] * (short.shape[1] - len(p)) + p for p in short_positions])
+        short, mask, positions = prompt_kept_at(x, lengths, places)
         expected = model(input_ids=short, attention_mask=mask, position_ids=positions,
                          mm_encoder_outputs=encoded(image=by_hand)).logits
         with vistok.patch(model, "pool", keep=0.25, positions="original"):
