@@ -82,6 +82,26 @@ def tiny_llama(seed: int = 0, vocab: int = 24, layers: int = 2, hidden: int = 32
     return model
 
 
+def chain_llama(table: Tensor):
+    """A one-layer ``LlamaForCausalLM`` (running its KV cache as usual) whose next-token distribution is
+    ``table[last token]`` (``[V, V]`` probabilities): a Markov chain with exactly known distributions."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    class ChainLlama(LlamaForCausalLM):
+        def forward(self, input_ids=None, logits_to_keep=0, **kwargs):
+            out = super().forward(input_ids=input_ids, logits_to_keep=logits_to_keep, **kwargs)
+            logits = table.log().float()[input_ids]
+            out.logits = logits[:, -logits_to_keep:] if logits_to_keep else logits
+            return out
+
+    torch.manual_seed(0)
+    vocab = table.shape[0]
+    config = LlamaConfig(vocab_size=vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
+                         tie_word_embeddings=False)
+    return ChainLlama(config).eval()
+
+
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
     """Import into a test module to run it with one intra-op thread (restored afterwards): these tests are many

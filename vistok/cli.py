@@ -45,6 +45,17 @@ def _parse_option(text: str) -> tuple[str, Any]:
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
+def _count(text: str) -> int:
+    """An int >= 1 for argparse (images, runs, batch sizes, threads, budgets)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vistok", description="Spend fewer visual tokens.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -53,12 +64,12 @@ def _build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--method", default=None, help="vistok method (see `vistok methods`)")
     bench.add_argument("-o", "--option", action="append", type=_parse_option, default=[],
                        metavar="KEY=VALUE", help="method option, repeatable (e.g. -o k=108)")
-    bench.add_argument("--batch-size", type=int, default=32)
-    bench.add_argument("--runs", type=int, default=10, help="timed runs (median reported)")
+    bench.add_argument("--batch-size", type=_count, default=32)
+    bench.add_argument("--runs", type=_count, default=10, help="timed runs (median reported)")
     bench.add_argument("--warmup", type=int, default=3)
     bench.add_argument("--seed", type=int, default=0)
-    bench.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
-    bench.add_argument("--flops-images", type=int, default=None,
+    bench.add_argument("--threads", type=_count, default=None, help="torch intra-op threads")
+    bench.add_argument("--flops-images", type=_count, default=None,
                        help="count FLOPs on this many images (default: the whole batch)")
     bench.add_argument("--device", default="cpu", help="where to time the models, e.g. cuda (FLOPs: on the CPU)")
     bench.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
@@ -75,7 +86,7 @@ def _build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--method", default=None, help="a boundary method (merge_to_budget, region_merge, "
                      "dominant, pool, random_select), options after a colon (merge_to_budget:positions=original); "
                      "default: all visual tokens")
-    ask.add_argument("--tokens", type=int, default=None, help="visual tokens per image for --method")
+    ask.add_argument("--tokens", type=_count, default=None, help="visual tokens per image for --method")
     ask.add_argument("--temperature", type=float, default=0.0, help="0: greedy (vistok.samplers)")
     ask.add_argument("--top-p", type=float, default=1.0)
     ask.add_argument("--seed", type=int, default=0)
@@ -86,9 +97,9 @@ def _build_parser() -> argparse.ArgumentParser:
     video = commands.add_parser("video-qa", help="answer a question about a video under a visual token budget")
     video.add_argument("--video", required=True, help="a video file (frames made grey and 28 x 28)")
     video.add_argument("--question", required=True)
-    video.add_argument("--budget", type=int, default=256, help="visual tokens at most")
+    video.add_argument("--budget", type=_count, default=256, help="visual tokens at most")
     video.add_argument("--selection", default="learned", help="learned, text, uniform, drop or all")
-    video.add_argument("--frames", type=int, default=16, help="frames text and uniform selection keep (learned: "
+    video.add_argument("--frames", type=_count, default=16, help="frames text and uniform selection keep (learned: "
                        "the selector's 16 queries)")
     video.add_argument("--merge-threshold", type=float, default=None, help="temporal merge threshold (default: "
                        "B-VLLM's 0.75 on selection rows, 0.98 on frame summaries)")
@@ -107,13 +118,13 @@ def _build_parser() -> argparse.ArgumentParser:
     tuner.add_argument("--target", type=float, default=0.5, help="cost ratio to stay within (of --cost)")
     tuner.add_argument("--cost", default="gflops", choices=("gflops", "tokens", "latency"),
                        help="what the target bounds: GFLOPs, tokens per block, or latency measured on this machine")
-    tuner.add_argument("--images", type=int, default=512, help="calibration images")
+    tuner.add_argument("--images", type=_count, default=512, help="calibration images")
     tuner.add_argument("--folder", default=None, help="calibration images from this folder (timm's eval "
                        "transforms); default: Fashion-MNIST training images for 1-channel models")
     tuner.add_argument("--labels", action="store_true", help="score by accuracy on the labels, not agreement")
-    tuner.add_argument("--flops-images", type=int, default=8, help="images each candidate's GFLOPs are counted on")
+    tuner.add_argument("--flops-images", type=_count, default=8, help="images each candidate's GFLOPs are counted on")
     tuner.add_argument("--out", default="tune", help="writes <out>.json and <out>.png")
-    tuner.add_argument("--threads", type=int, default=None)
+    tuner.add_argument("--threads", type=_count, default=None)
     return parser
 
 
@@ -260,14 +271,16 @@ def _tune(args: argparse.Namespace) -> int:
 
 
 def _calibration_images(model: Any, folder: str | None, count: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``count`` calibration images as the model takes them, and their labels."""
+    """``count`` calibration images as the model takes them, and their labels: from ``folder``, a seeded random
+    draw (an image folder is ordered class by class, and the tuner's first rung scores the first quarter)."""
     if folder is not None:
         from timm.data import create_transform, resolve_data_config
         from torchvision.datasets import ImageFolder
 
         transform = create_transform(**resolve_data_config({}, model=model))
         dataset = ImageFolder(folder, transform=transform)
-        picked = [dataset[i] for i in range(min(count, len(dataset)))]
+        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))[:count]
+        picked = [dataset[int(i)] for i in order]
         return torch.stack([p[0] for p in picked]), torch.tensor([p[1] for p in picked])
     from .data import GreyBatchTransform, load_fashion_mnist
     from .errors import InvalidConfigError

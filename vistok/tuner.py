@@ -27,6 +27,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -170,6 +171,7 @@ def tune(model: nn.Module, images: Tensor | list[dict[str, Any]], target: float 
     from .adapters.vlm import vision_llm_family
     from .patching import find_handle
 
+    _check_counts(rungs=rungs, flops_images=flops_images, latency_images=latency_images, latency_runs=latency_runs)
     if vision_llm_family(model) is not None:
         if encode is not None:
             raise InvalidConfigError("tune: encode= is for towers without a classifier; a vision-LLM is scored on "
@@ -207,6 +209,13 @@ def tune(model: nn.Module, images: Tensor | list[dict[str, Any]], target: float 
                       time.perf_counter() - started, cost=cost)
 
 
+def _check_counts(**counts: Any) -> None:
+    """Raise :class:`InvalidConfigError` naming the first count that is not an ``int >= 1``."""
+    for name, value in counts.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise InvalidConfigError(f"tune: {name} must be an int >= 1, got {value!r}")
+
+
 def _search(model: nn.Module, images: Tensor, target: float, labels: Tensor | None, rungs: int, flops_images: int,
             progress: bool, cost: str, latency_images: int, latency_runs: int,
             encode: Callable[[nn.Module, Tensor], Tensor] | None) -> tuple[dict, list[dict], int, str]:
@@ -219,17 +228,18 @@ def _search(model: nn.Module, images: Tensor, target: float, labels: Tensor | No
     with torch.no_grad():
         reference = _outputs(model, images, encode)
     counted = images[:flops_images]
-    base_flops = count_flops(model, counted)
-    base_tokens = sum(tokens_per_block(model, counted))
+    base_flops = count_flops(model, counted, encode)
+    base_tokens = sum(tokens_per_block(model, counted, encode))
     unpatched = copy.deepcopy(model) if cost == "latency" else None
     rows = []
     for label, method, config in tqdm(tune_candidates(model), desc="measuring costs", disable=not progress):
         with patch(model, config):
             row = {"label": label, "method": method, "config": config,
-                   "gflops_ratio": count_flops(model, counted) / base_flops,
-                   "tokens_ratio": sum(tokens_per_block(model, counted)) / base_tokens}
+                   "gflops_ratio": count_flops(model, counted, encode) / base_flops,
+                   "tokens_ratio": sum(tokens_per_block(model, counted, encode)) / base_tokens}
             if unpatched is not None:
-                row["latency_ratio"] = _latency_ratio(model, unpatched, images[:latency_images], latency_runs)
+                row["latency_ratio"] = _latency_ratio(model, unpatched, images[:latency_images], latency_runs,
+                                                      encode)
         rows.append(row)
     metric = "accuracy" if labels is not None else "embedding cosine" if encode is not None else "top-1 agreement"
     key = f"{cost}_ratio"
@@ -276,7 +286,15 @@ def successive_halving(rows: list[dict[str, Any]], alive: list[dict[str, Any]], 
 
 def _outputs(model: nn.Module, images: Tensor, encode: Callable[[nn.Module, Tensor], Tensor] | None) -> Tensor:
     """``[B, C]`` logits (or, with ``encode``, ``[B, D]`` embeddings) as float."""
-    out = model(images) if encode is None else encode(model, images)
+    if encode is not None:
+        out = encode(model, images)
+    else:
+        try:
+            out = model(images)
+        except (TypeError, ValueError, AttributeError) as error:  # e.g. a CLIPModel, whose forward wants text
+            raise InvalidConfigError(f"tune: {type(model).__name__}(images) failed ({type(error).__name__}: "
+                                     f"{error}); for a model whose forward does not take images alone, pass "
+                                     "encode=, a function (model, images) -> [B, D] embeddings") from error
     if not isinstance(out, Tensor) or out.dim() != 2:
         raise InvalidConfigError(f"tune: {type(model).__name__} gives {type(out).__name__}, not [B, C] logits; for a "
                                  "tower without a classifier pass encode=, a function (model, images) -> [B, D] "
@@ -294,11 +312,16 @@ def _cosine_scores(embeddings: Tensor, reference: Tensor, labels: Tensor | None,
     return out
 
 
-def _latency_ratio(patched: nn.Module, unpatched: nn.Module, images: Tensor, runs: int) -> float:
-    """The patched model's median forward time on ``images`` over the unpatched copy's, timed interleaved."""
+def _latency_ratio(patched: nn.Module, unpatched: nn.Module, images: Tensor, runs: int,
+                   encode: Callable[[nn.Module, Tensor], Tensor] | None = None) -> float:
+    """The patched model's median forward (or ``encode``) time on ``images`` over the unpatched copy's, timed
+    interleaved."""
     from .measure import time_models
 
-    timings = time_models({"patched": patched, "unpatched": unpatched}, images, warmup=1, runs=runs)
+    models = {"patched": patched, "unpatched": unpatched}
+    if encode is not None:
+        models = {label: partial(encode, model) for label, model in models.items()}
+    timings = time_models(models, images, warmup=1, runs=runs)
     return timings["patched"].median_s / timings["unpatched"].median_s
 
 

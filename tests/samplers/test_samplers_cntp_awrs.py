@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from sampler_cases import chi_square_pvalue, one_thread, tiny_llama  # noqa: F401 (fixture)
+from sampler_cases import chain_llama, chi_square_pvalue, one_thread, tiny_llama  # noqa: F401 (fixture)
 
 from vistok import InvalidConfigError
 from vistok.samplers import (
@@ -84,6 +84,24 @@ def test_cntp_rows_are_independent(model):
         assert torch.equal(alone.new_tokens[0], both.new_tokens[row])
 
 
+def test_the_step_after_a_cautious_one_samples_the_model():
+    """A chain whose step after token 1 is uncertain (two trials: stop with 0, or go on with 2) and certain after
+    that: the token after a chosen segment [0] follows the model's distribution after 0. Reusing the noise of the
+    losing trial (it drew its second token where the next step draws) made 3 come 0.25 of the time, not 0.15."""
+    table = torch.tensor([[0.0, 0.0, 0.85, 0.15],  # after 0 (the stop token)
+                          [0.5, 0.0, 0.5, 0.0],  # after 1: entropy log 2, cautious
+                          [0.0, 0.0, 0.85, 0.15],
+                          [0.0, 0.0, 0.85, 0.15]], dtype=torch.float64)
+    rows = 8000
+    cntp = CNTPConfig(entropy_low=0.5, entropy_high=0.6, max_trials=2, max_trial_tokens=2)
+    out = cntp_generate(chain_llama(table), torch.ones(rows, 1, dtype=torch.long), cntp=cntp, stop_token_ids=[0],
+                        max_new_tokens=3, seeds=torch.arange(rows))
+    stopped = out.new_tokens[:, 0] == 0
+    assert out.stats["cautious_steps"] == rows and int(stopped.sum()) > rows // 5
+    after = torch.bincount(out.new_tokens[stopped, 1], minlength=4)
+    assert chi_square_pvalue(after, table[0]) > P_MIN
+
+
 def test_cntp_config_validation():
     for bad in (dict(entropy_low=2.0, entropy_high=1.0), dict(max_trials=0), dict(min_trials=3, max_trials=2),
                 dict(max_trial_tokens=0), dict(entropy_low=float("nan"))):
@@ -155,3 +173,20 @@ def test_constrained_generation_respects_the_constraint(model):
     assert bool((out.new_tokens % 2 == 0).all())
     assert bool(torch.isfinite(out.stats["log_weight"]).all())
     assert int(out.stats["evaluations"].sum()) < out.stats["vocab_evaluations"]
+
+
+def test_constrained_generation_takes_settings_per_row_after_rows_end(model):
+    """Per-row temperatures stay with their rows once some rows have ended: each row gives what it gives alone."""
+    def no_odd_tokens(context, tokens):
+        return tokens % 2 == 0
+
+    config = SamplingConfig(temperature=torch.tensor([1.0, 0.8, 1.2]))
+    seeds = torch.tensor([1, 2, 3])
+    both = constrained_generate(model, PROMPTS, no_odd_tokens, config, attention_mask=MASK, max_new_tokens=12,
+                                seeds=seeds, eos_token_id=[2, 4])
+    assert len(set(both.lengths.tolist())) > 1  # rows end at different steps
+    for row in range(3):
+        alone = constrained_generate(model, PROMPTS[row:row + 1, MASK[row]], no_odd_tokens,
+                                     config.for_rows(torch.tensor([row])), max_new_tokens=12,
+                                     seeds=seeds[row:row + 1], eos_token_id=[2, 4])
+        assert torch.equal(alone.new_tokens[0], both.new_tokens[row])

@@ -170,6 +170,21 @@ def test_view_signals_read_the_blocks_own_attention(tiny_vit):
         view_signals(tiny_vit, views, layer=12)
 
 
+def test_view_signals_run_the_tower_without_dropout():
+    """A tower in training mode (timm builds models that way) with dropout gives the eval-mode signals, every time,
+    and stays in training mode."""
+    tower = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=64, depth=2, drop_rate=0.5,
+                              proj_drop_rate=0.5, attn_drop_rate=0.5)
+    views = torch.randn(2, 3, 64, 64)
+    first, second = view_signals(tower, views), view_signals(tower, views)
+    assert tower.training and all(module.training for module in tower.modules())
+    tower.eval()
+    reference = view_signals(tower, views)
+    for signals in (first, second):
+        assert torch.equal(signals.tokens, reference.tokens)
+        assert torch.equal(signals.class_attention, reference.class_attention)
+
+
 def test_compress_page_spends_the_page_budget(tiny_vit):
     page = torch.randn(3, 100, 200)
     crops = crop_page(page, crop_size=64)

@@ -94,6 +94,25 @@ def test_bench_command_compiled(tmp_path, capsys):
     assert report["results"][1]["cosine_to_unpatched"] > 0.9999
 
 
+def test_flex_patched_blocks_are_counted_on_the_sdpa_path():
+    """The FLOP counter has no formula for FlexAttention: a model patched with attention="flex" is counted as on
+    "sdpa" (the same attention), and keeps its path."""
+    model = make_model("vit", depth=2)
+    images = make_images(model, 2)
+    with vistok.patch(model, "merge", r=8, attention="sdpa"):
+        sdpa = count_flops(model, images)
+    with vistok.patch(model, "merge", r=8, attention="flex") as handle:
+        assert count_flops(model, images) == sdpa
+        assert handle.attention == "flex"
+
+
+def test_bench_takes_the_models_input_channels(capsys):
+    """vistok's own reference model takes 1-channel 28 x 28 images."""
+    code = main(["bench", "--model", "vistok_vit_fmnist", "--method", "merge", "-o", "r=8", "--batch-size", "2",
+                 "--runs", "1", "--warmup", "0", "--no-progress"])
+    assert code == 0 and "merge" in capsys.readouterr().out
+
+
 def test_bench_command_bad_input(capsys):
     assert main(["bench", "--model", "vit_small_patch16_224", "--method", "nope"]) == 2
     assert "unknown method 'nope'" in capsys.readouterr().err
@@ -102,6 +121,11 @@ def test_bench_command_bad_input(capsys):
                            (["--compile", "--attention", "flex"], "CPU inductor cannot")]:
         with pytest.raises(SystemExit, match=message):
             main(["bench", "--model", "vit_small_patch16_224", "--method", "merge", *flags])
+    capsys.readouterr()
+    for flag, value in [("--flops-images", "0"), ("--batch-size", "-1"), ("--runs", "x")]:
+        with pytest.raises(SystemExit):
+            main(["bench", "--model", "vit_small_patch16_224", "--method", "merge", flag, value])
+        assert f"{flag}: expected an integer >= 1, got '{value}'" in capsys.readouterr().err
 
 
 def test_flops_of_a_model_with_an_attention_pool_head_that_requires_grad():

@@ -8,7 +8,7 @@ import math
 import pytest
 import timm
 import torch
-from helpers import FAMILIES, make_images, make_model
+from helpers import FAMILIES, make_images, make_model, tiny_hf_tower
 
 import vistok
 from vistok import InputShapeError, InvalidConfigError
@@ -82,6 +82,9 @@ def test_bad_input_is_refused(setting):
         vistok.tune(model, images, target=0.01, flops_images=1)
     with pytest.raises(InputShapeError, match="calibration images"):
         vistok.tune(model, images[:2])
+    for name, value in [("rungs", 0), ("rungs", -3), ("flops_images", 0), ("latency_runs", 1.5)]:
+        with pytest.raises(InvalidConfigError, match=f"{name} must be an int >= 1"):
+            vistok.tune(model, images, **{name: value})
     with vistok.patch(model, "ats"), pytest.raises(InvalidConfigError, match="unpatched model"):
         vistok.tune(model, images)
 
@@ -110,6 +113,10 @@ def test_a_latency_target_filters_by_the_measured_latency(setting, monkeypatch):
     model, images = setting
     measured = tuner._latency_ratio(model, copy.deepcopy(model), images[:4], runs=3)
     assert measured > 0 and math.isfinite(measured)
+    calls = []
+    encoded = tuner._latency_ratio(model, copy.deepcopy(model), images[:4], runs=3,
+                                   encode=lambda m, x: calls.append(m) or m.forward_features(x))
+    assert encoded > 0 and math.isfinite(encoded) and len(calls) == 2 * 4 and calls[0] is model
     ratios = iter([0.9, 0.3] * 100)  # alternate candidates too slow / fast enough
     monkeypatch.setattr(tuner, "_latency_ratio", lambda *args: next(ratios))
     result = vistok.tune(model, images, target=0.5, flops_images=2, cost="latency", rungs=2)
@@ -265,36 +272,33 @@ def test_the_tuner_runs_on_every_timm_family(family):
     assert rotary == all(row["method"] not in ("merge", "ats+merge", "ats_fusion") for row in result.rows)
 
 
-def hf_tower(kind: str):
-    from transformers import CLIPVisionConfig, CLIPVisionModel, SiglipVisionConfig, SiglipVisionModel
-
-    tiny = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, image_size=64,
-                patch_size=8)
-    torch.manual_seed(0)
-    if kind == "clip":
-        return CLIPVisionModel(CLIPVisionConfig(**tiny)).eval()
-    return SiglipVisionModel(SiglipVisionConfig(**tiny)).eval()
-
-
-@pytest.mark.parametrize("kind", ["clip", "siglip"])
+@pytest.mark.parametrize("kind", ["clip", "siglip", "clip-full"])
 def test_the_tuner_scores_a_towers_embeddings(kind):
-    """A tower without a classifier (Hugging Face CLIP / SigLIP image encoders): with ``encode=`` the score is the
-    embeddings' mean cosine similarity with the unpatched tower's; without it the tuner says what to give."""
+    """A tower without a classifier (Hugging Face CLIP / SigLIP image encoders, and a whole CLIPModel, whose forward
+    wants text): with ``encode=`` the score is the embeddings' mean cosine similarity with the unpatched tower's,
+    and GFLOPs are counted through ``encode``; without it the tuner refuses."""
     import torch.nn.functional as F
 
-    model = hf_tower(kind)
+    from vistok.measure import count_flops
+
+    model = tiny_hf_tower(kind)
     images = torch.randn(8, 3, 64, 64, generator=torch.Generator().manual_seed(3))
 
     def encode(m, x):
+        if kind == "clip-full":
+            return m.get_image_features(pixel_values=x).pooler_output
         return m(pixel_values=x).pooler_output
 
     result = vistok.tune(model, images, target=0.8, flops_images=1, rungs=2, encode=encode)
     assert result.metric == "embedding cosine" and result.best["gflops_ratio"] <= 0.8
     with torch.no_grad():
         reference = encode(model, images)
+        unpatched_flops = count_flops(model, images[:1], encode)
         with vistok.patch(model, result.config):
             cosine = float(F.cosine_similarity(encode(model, images), reference, dim=-1).mean())
+            flops = count_flops(model, images[:1], encode)
     assert 100 * cosine == pytest.approx(result.best["score"], abs=1e-3)
+    assert flops / unpatched_flops == pytest.approx(result.best["gflops_ratio"])
     with pytest.raises(InvalidConfigError, match="pass encode="):
         vistok.tune(model, images, target=0.8, flops_images=1, rungs=2)
 
@@ -309,3 +313,23 @@ def test_the_tuner_on_an_open_clip_image_tower():
     result = vistok.tune(model, images, target=0.7, flops_images=1, rungs=2,
                          encode=lambda m, x: m.encode_image(x))
     assert result.best["gflops_ratio"] <= 0.7 and 0 < result.best["score"] <= 100 + 1e-3
+
+
+def test_calibration_images_from_a_folder_cover_its_classes(tmp_path):
+    """An image folder is ordered class by class; the tuner's calibration batch (and so its first rung, the first
+    quarter) is a seeded random draw over all of it."""
+    from PIL import Image
+
+    from vistok.cli import _calibration_images, main
+
+    for label in range(4):
+        (tmp_path / f"class{label}").mkdir()
+        for index in range(10):
+            Image.new("RGB", (16, 16), (label * 60, index * 20, 0)).save(tmp_path / f"class{label}" / f"{index}.png")
+    model = make_model("vit", depth=1)
+    images, labels = _calibration_images(model, str(tmp_path), 12)
+    again = _calibration_images(model, str(tmp_path), 12)[1]
+    assert images.shape == (12, 3, 224, 224) and torch.equal(labels, again)
+    assert len(set(labels.tolist())) == 4 and len(set(labels[:4].tolist())) > 1
+    with pytest.raises(SystemExit):
+        main(["tune", "--model", "vit_tiny_patch16_224", "--images", "-5"])

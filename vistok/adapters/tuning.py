@@ -3,9 +3,10 @@ the boundary): which boundary method keeps the language model's next token close
 share of the visual tokens.
 
 The cost is the visual tokens per unit (an image; an Idefics3 tile), so every candidate gets the largest budget within
-the target (pooling: the largest budget its grid can make within it; where images differ in size, ``keep=target``) and
-the search is over the methods: bipartite merging to the budget, merging adjacent regions (an adaptive pooling),
-VisionZip's dominant tokens (alone and with contextual tokens), the correlation-guided compressor (per-crop
+the target (pooling: the largest budget its grid can make within it; where images differ in size, ``keep=target``,
+each unit's budget rounded to the nearest token, so up to half a token over the target, and ``tokens_ratio`` is the
+target) and the search is over the methods: bipartite merging to the budget, merging adjacent regions (an adaptive
+pooling), VisionZip's dominant tokens (alone and with contextual tokens), the correlation-guided compressor (per-crop
 redundancy, and page redundancy where a unit is a grid of crops), pooling and random selection (the baselines);
 those that rank patches only where the family can (a class token, or LLaVA's and LLaVA-OneVision's SigLIP towers:
 :attr:`VisionLLMFamily.ranks_patches`).

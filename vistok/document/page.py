@@ -184,7 +184,8 @@ class ViewSignals:
 @torch.no_grad()
 def view_signals(model: nn.Module, views: Tensor, layer: int = -1) -> ViewSignals:
     """Run the tower of ``model`` on ``views`` ``[V, C, S, S]`` and read block ``layer`` through its own modules
-    (norm, query/key projections, rotary embedding): nothing of the tower is re-implemented or changed."""
+    (norm, query/key projections, rotary embedding): nothing of the tower is re-implemented or changed. The tower
+    runs in eval mode (no dropout; its mode is restored after)."""
     backbone = resolve_backbone(model)
     info = backbone.info
     blocks = backbone.blocks()
@@ -203,9 +204,12 @@ def view_signals(model: nn.Module, views: Tensor, layer: int = -1) -> ViewSignal
 
     hooks = [blocks[index].register_forward_pre_hook(before, with_kwargs=True),
              blocks[index].register_forward_hook(after, with_kwargs=True)]
+    was_training = backbone.model.training
+    backbone.model.eval()
     try:
         backbone.model(views)
     finally:
+        backbone.model.train(was_training)
         for hook in hooks:
             hook.remove()
     if "out" not in seen:

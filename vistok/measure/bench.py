@@ -160,12 +160,18 @@ def run_benchmark(
     """
     from ..patching import patch
 
+    if flops_images is not None and (isinstance(flops_images, bool) or not isinstance(flops_images, int)
+                                     or flops_images < 1):
+        raise InvalidConfigError(f"run_benchmark: flops_images must be an int >= 1 (or None: all), got "
+                                 f"{flops_images!r}")
     torch.manual_seed(seed)
     if isinstance(model_name, str):
         import timm
 
         base = timm.create_model(model_name, pretrained=False, **(model_kwargs or {})).eval()
-        input_shape = input_shape or (3, *base.patch_embed.img_size)
+        stem = next((m for m in base.patch_embed.modules() if isinstance(m, nn.Conv2d)), None)
+        channels = 3 if stem is None else stem.in_channels
+        input_shape = input_shape or (channels, *base.patch_embed.img_size)
     else:
         if input_shape is None:
             raise InvalidConfigError("run_benchmark: give input_shape with a model-building function")
@@ -180,7 +186,7 @@ def run_benchmark(
         patch(models[variant.label], variant.method, attention=attention, **variant.options)
 
     bar = tqdm(total=len(models) * (warmup + runs + 1), disable=not progress, desc=model_name, leave=False)
-    counted = images[:flops_images] if flops_images else images
+    counted = images if flops_images is None else images[:flops_images]
     timed_images = images.to(device=device, dtype=dtype)
     if compile is not None:  # every model below adds a cache entry on the same code (the model class's forward)
         torch._dynamo.reset()

@@ -8,7 +8,9 @@ matmuls the unfused path performs). FLOPs are ``2 x`` multiply-accumulates.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from contextlib import contextmanager
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -46,7 +48,25 @@ def flop_counter() -> FlopCounterMode:
     return FlopCounterMode(display=False, custom_mapping=_custom_mapping())
 
 
-def count_flops(model: nn.Module, images: Tensor | Iterable[Tensor]) -> float:
+@contextmanager
+def _counted_attention(model: nn.Module):
+    """Patched blocks on the ``"sdpa"`` path while counting: the counter has no formula for FlexAttention's
+    operator (and fails on it), and both paths compute the same attention."""
+    from ..patching import PatchHandle, get_handle
+
+    handles = {id(h): h for module in model.modules() if isinstance(h := get_handle(module), PatchHandle)}
+    flex = [handle for handle in handles.values() if handle.attention == "flex"]
+    for handle in flex:
+        handle.attention = "sdpa"
+    try:
+        yield
+    finally:
+        for handle in flex:
+            handle.attention = "flex"
+
+
+def count_flops(model: nn.Module, images: Tensor | Iterable[Tensor],
+                forward: Callable[[nn.Module, Tensor], Any] | None = None) -> float:
     """FLOPs per image (2 x MACs), attention included, averaged over ``images``.
 
     A vistok-patched model keeps a different number of tokens for each image, and a batch is padded to the
@@ -56,9 +76,13 @@ def count_flops(model: nn.Module, images: Tensor | Iterable[Tensor]) -> float:
     While it counts, the model's parameters have ``requires_grad`` off (restored after, errors included): torch's
     FLOP counter fails on attention-pool heads otherwise. Do not count a model another thread is training.
 
+    Blocks patched with ``attention="flex"`` are counted on the ``"sdpa"`` path (the same attention).
+
     Args:
         model: any module taking ``[B, C, H, W]`` images.
         images: ``[B, C, H, W]`` tensor, or an iterable of such batches.
+        forward: how to run the model (default ``model(images)``), e.g. ``lambda m, x: m.encode_image(x)`` for a
+            CLIP model whose ``forward`` wants text too.
     """
     from ..patching import find_handle
 
@@ -71,12 +95,12 @@ def count_flops(model: nn.Module, images: Tensor | Iterable[Tensor]) -> float:
     for parameter in trainable:
         parameter.requires_grad_(False)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), _counted_attention(model):
             for batch in batches:
                 pieces = batch.split(1) if adaptive else [batch]
                 for piece in pieces:
                     with flop_counter() as counter:
-                        model(piece)
+                        model(piece) if forward is None else forward(model, piece)
                     total += counter.get_total_flops()
                 count += batch.shape[0]
     finally:

@@ -49,13 +49,14 @@ class Timing:
 
 
 def time_models(
-    models: Mapping[str, nn.Module],
+    models: Mapping[str, nn.Module | Callable[[Tensor], object]],
     images: Tensor,
     warmup: int = 3,
     runs: int = 10,
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, Timing]:
-    """Time each model's forward pass on ``images`` under ``torch.inference_mode``.
+    """Time each model's forward pass (or any callable of ``images``) on ``images`` under
+    ``torch.inference_mode``.
 
     Runs are interleaved (model A, model B, model A, ...) so that drifts of the machine's speed affect
     every model alike; each model gets ``warmup`` untimed runs first. ``progress`` is called after every

@@ -2,28 +2,34 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
 __all__ = ["tokens_per_block"]
 
 
-def tokens_per_block(model: nn.Module, images: Tensor) -> list[float]:
+def tokens_per_block(model: nn.Module, images: Tensor,
+                     forward: Callable[[nn.Module, Tensor], Any] | None = None) -> list[float]:
     """Mean number of tokens each block outputs for ``images`` ``[B, C, H, W]`` (prefix included, padding
-    excluded), one entry per block. Works on unpatched models too (every block keeps all tokens)."""
+    excluded), one entry per block. Works on unpatched models too (every block keeps all tokens). ``forward``:
+    how to run the model (default ``model(images)``; see :func:`count_flops`)."""
     from ..backbones import resolve_backbone
     from ..patching import find_handle
 
     handle = find_handle(model)
+    run = (lambda: model(images)) if forward is None else (lambda: forward(model, images))
     with torch.no_grad():
         if handle is not None:
-            model(images)
+            run()
             return handle.tokens_per_block()
         counts: list[float] = []
         hooks = [block.register_forward_hook(lambda _m, _i, out: counts.append(float(out.shape[1])))
                  for block in resolve_backbone(model).blocks()]
         try:
-            model(images)
+            run()
         finally:
             for hook in hooks:
                 hook.remove()

@@ -152,24 +152,29 @@ def _run_trials(state: CausalLMState, processed: Tensor, counts: Tensor, config:
     batch = counts.shape[0]
     owner = torch.arange(batch, device=device).repeat_interleave(counts)            # [R] row of each trial
     trial = torch.arange(owner.shape[0], device=device) - (counts.cumsum(0) - counts)[owner]  # index within row
-    trial_seeds = None if seeds is None else rng.derive_seeds(seeds[owner], trial)
     # A row with one trial takes one token (an ordinary step); with one trial, trial 0 replays generate's draw.
     single = (counts == 1)[owner]
     limit = torch.where(single, 1, torch.minimum(budget[owner], torch.tensor(cntp.max_trial_tokens, device=device)))
     limit = limit.clamp(min=1)
     state.select(owner)
+    base = state.lengths
+    # Each trial draws from a stream of its own, salted with this step's position. The row's own stream gives only
+    # trial 0's first token (the one generate would draw); the steps after this one read it from the chosen
+    # segment's end on, so no later draw reuses noise that decided which trial won.
+    trial_seeds = None if seeds is None else rng.derive_seeds(rng.derive_seeds(seeds[owner], base), trial)
     step_logits = processed[owner]
+    trial_config = config.for_rows(owner)
     rows = owner.shape[0]
     width = int(limit.max())
     tokens = torch.zeros(rows, width, dtype=torch.long, device=device)
     log_prob = torch.zeros(rows, dtype=torch.float64, device=device)
     length = torch.zeros(rows, dtype=torch.long, device=device)
     running = ~done[owner]
-    base = state.lengths
     for t in range(width):
-        first_draw_seeds = trial_seeds if seeds is None else torch.where(single | (trial == 0), seeds[owner],
-                                                                         trial_seeds)
-        token = sample(step_logits, seeds=first_draw_seeds, counter=base + t, generator=generator)
+        draw_seeds = trial_seeds
+        if seeds is not None and t == 0:
+            draw_seeds = torch.where(single | (trial == 0), seeds[owner], trial_seeds)
+        token = sample(step_logits, seeds=draw_seeds, counter=base + t, generator=generator)
         token_log_prob = step_logits.double().log_softmax(dim=1).gather(1, token[:, None])[:, 0]
         tokens[:, t] = torch.where(running, token, 0)
         log_prob += torch.where(running, token_log_prob, 0.0)
@@ -178,8 +183,7 @@ def _run_trials(state: CausalLMState, processed: Tensor, counts: Tensor, config:
         running = running & ~finished
         if not bool(running.any()):
             break
-        step_logits = config_process(config, state.feed(token[:, None], running[:, None], last_only=True)[:, -1],
-                                     owner)
+        step_logits = trial_config.process(state.feed(token[:, None], running[:, None], last_only=True)[:, -1].float())
     perplexity = torch.exp(-log_prob / length.clamp(min=1))
     best = torch.full((batch,), math.inf, dtype=torch.float64, device=device)
     best = best.scatter_reduce(0, owner, perplexity, "amin")
@@ -195,9 +199,3 @@ def _run_trials(state: CausalLMState, processed: Tensor, counts: Tensor, config:
         mine = (owner == b).nonzero().flatten()
         stats["steps"][b].append((int(counts[b]), float(perplexity[chosen[b]]), perplexity[mine].tolist()))
     return tokens[chosen], length[chosen]
-
-
-def config_process(config: SamplingConfig, logits: Tensor, owner: Tensor) -> Tensor:
-    """``config`` applied to trial rows (per-row tensors of the config indexed by each trial's row)."""
-    changes = {name: value.to(owner.device)[owner] for name, value in vars(config).items() if isinstance(value, Tensor)}
-    return (config.replace(**changes) if changes else config).process(logits.float())

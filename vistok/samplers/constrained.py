@@ -171,8 +171,9 @@ def constrained_generate(model: nn.Module, input_ids: Tensor, constraint: Callab
     vocab_evaluations = 0
     for step in range(max_new_tokens):
         live = ~done
-        asking = _RowConstraint(constraint, torch.cat([prompt, new_tokens[:, :step]], dim=1), live.nonzero()[:, 0])
-        result = awrs_sample(config.process(logits[live].float()), asking,
+        rows = live.nonzero()[:, 0]
+        asking = _RowConstraint(constraint, torch.cat([prompt, new_tokens[:, :step]], dim=1), rows)
+        result = awrs_sample(config.for_rows(rows).process(logits[live].float()), asking,
                              seeds=None if seeds is None else seeds[live], counter=state.lengths[live],
                              generator=generator)
         token = torch.full((batch,), pad_token_id, dtype=torch.long, device=device)

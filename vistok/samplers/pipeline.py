@@ -125,6 +125,12 @@ class SamplingConfig:
         """``[B]`` tokens: :meth:`process`, then :func:`~vistok.samplers.sample`."""
         return sample(self.process(logits), seeds=seeds, counter=counter, generator=generator)
 
+    def for_rows(self, rows: Tensor) -> SamplingConfig:
+        """The config of the rows ``rows`` ``[R]`` (indices into the batch, repeats allowed): each per-row tensor
+        indexed by them; the config itself where nothing is per row."""
+        changes = {name: value.to(rows.device)[rows] for name, value in vars(self).items() if isinstance(value, Tensor)}
+        return self.replace(**changes) if changes else self
+
     def replace(self, **changes) -> SamplingConfig:
         """A copy with some fields changed (the config itself is frozen)."""
         values = {f.name: getattr(self, f.name) for f in fields(self)}
