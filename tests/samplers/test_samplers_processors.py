@@ -295,8 +295,16 @@ def test_min_tokens_to_keep_rescues_empty_cuts():
 
 
 def test_filter_value():
+    from vistok import InvalidConfigError
+
     logits = torch.tensor([[3.0, 2.0, 1.0, 0.0]])
     assert top_k_filter(logits, 2, filter_value=-100.0).tolist() == [[3.0, 2.0, -100.0, -100.0]]
+    functions = [(top_k_filter, 2), (top_p_filter, 0.5), (min_p_filter, 0.1), (typical_filter, 0.5),
+                 (epsilon_filter, 0.1), (eta_filter, 0.1), (top_h_filter, 0.5)]
+    for function, value in functions:  # the functions check it as the processors do
+        for bad in (float("nan"), math.inf):
+            with pytest.raises(InvalidConfigError, match="filter_value"):
+                function(logits, value, filter_value=bad)
 
 
 def test_typical_can_drop_the_top_token():

@@ -14,6 +14,7 @@ from vistok.samplers import (
     SamplingConfig,
     SamplingPipeline,
     SeededSampling,
+    generate,
     min_p_filter,
     rng,
     sample,
@@ -38,6 +39,8 @@ def test_uniform_numbers_are_uniform_and_row_independent():
     assert not torch.equal(rng.uniform(4, 100, seeds=seeds, counter=7, stream=1), u[:, :100])
     rows, cols = torch.tensor([3, 0, 3]), torch.tensor([19999, 0, 5])
     assert torch.equal(rng.uniform_at(rows, cols, seeds=seeds, counter=7), u[rows, cols])
+    extremes = rng._to_unit(torch.tensor([0, -1]))  # the hashes with the fewest and the most top bits set
+    assert 0 < float(extremes[0]) and float(extremes[1]) < 1
 
 
 def test_sample_is_an_exact_draw_from_softmax():
@@ -191,6 +194,18 @@ def test_processors_inside_hugging_face_generate():
     first, second = run(prompt, seeds, 0), run(prompt, seeds, 1)
     assert torch.equal(first, second)
     assert torch.equal(run(prompt[1:], seeds[1:], 2), first[1:])
+    # left padding: with the pad id, a row gives what it gives alone, and what vistok's generate gives
+    padded = torch.tensor([[0, 0, 1, 5], [1, 9, 3, 4]])
+    processors = transformers.LogitsProcessorList([SamplingPipeline(config), SeededSampling(seeds, pad_token_id=0)])
+    batch = model.generate(padded, attention_mask=(padded != 0).long(), do_sample=True, top_k=None, max_new_tokens=12,
+                           logits_processor=processors, pad_token_id=0)[:, 4:]
+    processors = transformers.LogitsProcessorList([SamplingPipeline(config), SeededSampling(seeds[:1], pad_token_id=0)])
+    alone = model.generate(padded[:1, 2:], attention_mask=torch.ones(1, 2, dtype=torch.long), do_sample=True,
+                           top_k=None, max_new_tokens=12, logits_processor=processors, pad_token_id=0)[:, 2:]
+    width = alone.shape[1]  # the row alone stops at its end token; in the batch it is padded after it
+    assert torch.equal(batch[0, :width], alone[0]) and bool((batch[0, width:] == 0).all())
+    ours = generate(model, padded, config, attention_mask=padded != 0, max_new_tokens=12, seeds=seeds, eos_token_id=2)
+    assert torch.equal(ours.new_tokens[:, :batch.shape[1]], batch)
     for processor in config.processors:
         out = model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=True, top_k=None,
                              max_new_tokens=4, logits_processor=transformers.LogitsProcessorList([processor]),

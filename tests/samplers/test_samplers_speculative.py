@@ -243,6 +243,13 @@ def test_self_draft_shares_weights_and_leaves_the_target_alone(models):
     assert cast.lm_head.weight.dtype == torch.bfloat16 and target.lm_head.weight.dtype == torch.float32
     with pytest.raises(InvalidConfigError):
         self_draft(target, num_layers=layers + 1)
+    target.train()  # the target's modes too: the draft's own modules are in eval mode, the shared ones untouched
+    try:
+        draft = self_draft(target, num_layers=1)
+        assert all(module.training for module in target.modules())
+        assert not draft.training and not draft.model.training
+    finally:
+        target.eval()
 
 
 def test_vocab_trim_calibration():

@@ -64,9 +64,11 @@ def self_draft(model: nn.Module, *, num_layers: int | None = None, dtype: torch.
             int8 kernel. ``None``: no quantization.
 
     Returns:
-        The draft (in eval mode). Without ``dtype`` or ``quantize`` it shares all weights with ``model`` (no
-        extra memory but a trimmed head).
+        The draft, its own modules in eval mode. Without ``dtype`` or ``quantize`` it shares all weights with
+        ``model`` (no extra memory but a trimmed head), and the modules it shares keep ``model``'s mode (put
+        ``model`` in eval mode for decoding).
     """
+    target = model
     owner, attribute, layers = decoder_layers(model)
     depth = len(layers)
     if num_layers is not None and (isinstance(num_layers, bool) or not isinstance(num_layers, int)
@@ -93,7 +95,11 @@ def self_draft(model: nn.Module, *, num_layers: int | None = None, dtype: torch.
         _trim_head(draft, vocab)
     if quantize == "int8":
         quantize_linears(draft)  # draft owns its (copied) modules here, so this leaves the target alone
-    return draft.eval()
+    shared = {id(module) for module in target.modules()}
+    for module in draft.modules():
+        if id(module) not in shared:  # draft.eval() would switch the target's shared layers too
+            module.training = False
+    return draft
 
 
 def _replace(draft: nn.Module, model: nn.Module, old: nn.Module, new: nn.Module) -> None:

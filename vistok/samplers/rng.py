@@ -38,7 +38,8 @@ def _mix(x: Tensor, inplace: bool = False) -> Tensor:
 def _to_unit(h: Tensor) -> Tensor:
     """Hashes (int64) to float64 numbers in the open interval (0, 1), 53 random bits each."""
     bits = _shr(h, 11)
-    return bits.double().add_(0.5).mul_(2.0**-53)
+    # the top value, 2**53 - 1 + 0.5, rounds to 2**53 in float64: keep it below 1 (Gumbel noise would be +inf)
+    return bits.double().add_(0.5).mul_(2.0**-53).clamp_(max=1.0 - 2.0**-53)
 
 
 def check_seeds(seeds: Tensor, batch: int | None = None) -> Tensor:

@@ -89,27 +89,38 @@ def as_seeds(seeds: int | Tensor, batch: int, device: torch.device | str | None 
 class SeededSampling(LogitsFilter):
     """A last processor for ``model.generate`` that makes sampling reproducible per row without a global seed.
 
-    It draws the token with :func:`sample` (seeds per row, counter = current sequence length) and returns
+    It draws the token with :func:`sample` (seeds per row, counter = the row's current length) and returns
     logits that are ``-inf`` everywhere except at that token, so ``generate`` (``do_sample=True`` or greedy)
     emits it. Put it after every other processor::
 
         model.generate(ids, do_sample=True, logits_processor=LogitsProcessorList(
-            [SamplingPipeline(config), SeededSampling(seeds)]))
+            [SamplingPipeline(config), SeededSampling(seeds, pad_token_id=tokenizer.pad_token_id)]))
 
     Args:
         seeds: ``[B]`` int64 seeds (one per row of ``generate``'s batch), or an int.
+        pad_token_id: the id that left-pads the prompts: a row's length then leaves out its leading pad tokens,
+            so the row gives the same tokens alone or in a padded batch (and the same as
+            :func:`~vistok.samplers.generate` with these seeds). ``None``: every column counts (prompts of one
+            length). A prompt that itself starts with this id loses those tokens from its count.
     """
 
-    def __init__(self, seeds: int | Tensor) -> None:
+    def __init__(self, seeds: int | Tensor, pad_token_id: int | None = None) -> None:
         if isinstance(seeds, Tensor) and (seeds.dim() != 1 or seeds.is_floating_point()):
             raise InvalidConfigError(f"seeds must be an int or a 1-D integer tensor, got {tuple(seeds.shape)}")
+        if pad_token_id is not None and (isinstance(pad_token_id, bool) or not isinstance(pad_token_id, int)):
+            raise InvalidConfigError(f"pad_token_id must be an int or None, got {pad_token_id!r}")
         as_seeds(seeds, seeds.shape[0] if isinstance(seeds, Tensor) else 1)
         self.seeds = seeds
+        self.pad_token_id = pad_token_id
 
     def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
         check_logits(scores)
         seeds = as_seeds(self.seeds, scores.shape[0], scores.device)
-        token = sample(scores, seeds=seeds, counter=input_ids.shape[1])
+        counter: int | Tensor = input_ids.shape[1]
+        if self.pad_token_id is not None:
+            leading = (input_ids == self.pad_token_id).long().cumprod(dim=1).sum(dim=1)
+            counter = (input_ids.shape[1] - leading).to(scores.device)
+        token = sample(scores, seeds=seeds, counter=counter)
         chosen = torch.full_like(scores, -math.inf)
         return chosen.scatter_(1, token[:, None], 0.0)
 

@@ -80,6 +80,7 @@ def top_k_filter(logits: Tensor, k: RowParam, *, min_tokens_to_keep: int = 1,
     check_logits(logits)
     k = checked(k, "top_k")
     check_min_tokens(min_tokens_to_keep)
+    check_filter_value(filter_value)
     work = work_dtype(logits)
     vocab = logits.shape[1]
     if isinstance(k, int):
@@ -113,6 +114,7 @@ def top_p_filter(logits: Tensor, p: RowParam, *, min_tokens_to_keep: int = 1,
     check_logits(logits)
     p = checked(p, "top_p")
     check_min_tokens(min_tokens_to_keep)
+    check_filter_value(filter_value)
     work = work_dtype(logits)
     row_max = work.amax(dim=1, keepdim=True)
     check_row_max(row_max)
@@ -141,6 +143,7 @@ def min_p_filter(logits: Tensor, p: RowParam, *, min_tokens_to_keep: int = 1,
     check_logits(logits)
     p = checked(p, "min_p")
     check_min_tokens(min_tokens_to_keep)
+    check_filter_value(filter_value)
     work = work_dtype(logits)
     if not isinstance(p, Tensor) and p == 0.0:
         check_row_max(work.amax(dim=1, keepdim=True))
@@ -169,6 +172,7 @@ def typical_filter(logits: Tensor, mass: RowParam, *, min_tokens_to_keep: int = 
     check_logits(logits)
     mass = checked(mass, "typical_p")
     check_min_tokens(min_tokens_to_keep)
+    check_filter_value(filter_value)
     work = work_dtype(logits)
     empty = check_row_max(work.amax(dim=1, keepdim=True))
     if not isinstance(mass, Tensor) and mass >= 1.0:
@@ -197,6 +201,7 @@ def epsilon_filter(logits: Tensor, epsilon: RowParam, *, min_tokens_to_keep: int
     check_logits(logits)
     epsilon = checked(epsilon, "epsilon")
     check_min_tokens(min_tokens_to_keep)
+    check_filter_value(filter_value)
     work = work_dtype(logits)
     row_max = work.amax(dim=1, keepdim=True)
     check_row_max(row_max)
@@ -219,6 +224,7 @@ def eta_filter(logits: Tensor, epsilon: RowParam, *, min_tokens_to_keep: int = 1
     check_logits(logits)
     epsilon = checked(epsilon, "eta")
     check_min_tokens(min_tokens_to_keep)
+    check_filter_value(filter_value)
     work = work_dtype(logits)
     row_max = work.amax(dim=1, keepdim=True)
     check_row_max(row_max)
@@ -260,6 +266,7 @@ def top_h_filter(logits: Tensor, alpha: RowParam, *, rule: str = "paper", top_n:
     alpha = checked(alpha, "top_h")
     check_top_h_options(rule, top_n)
     check_min_tokens(min_tokens_to_keep)
+    check_filter_value(filter_value)
     work = work_dtype(logits)
     vocab = logits.shape[1]
     alpha = torch.as_tensor(broadcast_param(alpha, logits, "top_h", torch.float64), dtype=torch.float64,
