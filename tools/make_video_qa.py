@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Write Fashion-MNIST video questions (vistok.video.fmnist_qa) as lossless H.264 .mp4 files with an MVBench-style
+"""Write Fashion-MNIST video questions (vistok.video.fmnist_qa) as H.264 .mp4 files (crf 0) with an MVBench-style
 manifest (<split>.json: video, question, answer, candidates, kind, evidence). Deterministic for a seed.
 
     python tools/make_video_qa.py --out data/fmnist_video_qa_sample --split test --size 12   # the committed sample

@@ -101,11 +101,11 @@ def main(argv: list[str] | None = None) -> int:
                               "video")
         if config["data"]["name"] != "video" and config["sweep"]["num_frames"]:
             raise ConfigError("sweep.num_frames (the fewer-frames baseline) is for video data")
-        _, val_set, _, transform = build_data(config["data"])
+        _, val_set, _, transform = build_data(config["data"], train=False)
         rows = []
         for point in variants(config["sweep"]):
             if point.get("frames"):
-                _, frames_set, _, _ = build_data({**config["data"], "num_frames": point["frames"]})
+                _, frames_set, _, _ = build_data({**config["data"], "num_frames": point["frames"]}, train=False)
                 rows.append(run_point(config, point, frames_set, transform))
             else:
                 rows.append(run_point(config, point, val_set, transform))

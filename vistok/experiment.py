@@ -112,32 +112,36 @@ def set_fused_attention(model: nn.Module, enabled: bool) -> int:
     return switched
 
 
-def build_data(data: dict[str, Any], seed: int = 0) -> tuple[Dataset, Dataset, Any, Any]:
+def build_data(data: dict[str, Any], seed: int = 0, train: bool = True
+               ) -> tuple[Dataset | None, Dataset, Any, Any]:
     """Train and validation datasets, and the per-batch transforms (``None`` where the dataset transforms).
+    ``train=False`` (evaluation): no training set (``None``); a video dataset's class list is read from the
+    training list without looking for its clips.
 
     Raises:
         ConfigError: unknown dataset name or missing folder root.
         DatasetNotFoundError: the data is not where the config says or vistok looks.
     """
     if data["name"] == "fashion_mnist":
-        train = fashion_mnist_dataset("train", data["root"], data["download"])
+        train_set = fashion_mnist_dataset("train", data["root"], data["download"]) if train else None
         val = fashion_mnist_dataset("test", data["root"], data["download"])
         transforms = GreyBatchTransform(augment=data["augment"], seed=seed), GreyBatchTransform()
     elif data["name"] == "video":
-        train, val = _video_datasets(data, seed)
+        train_set, val = _video_datasets(data, seed, train)
         transforms = None, None
     elif data["name"] == "folder":
         if not data["root"]:
             raise ConfigError("data.name=folder needs data.root (a folder with train/ and val/ class folders)")
         size, mean, std = data["input_size"], tuple(data["mean"]), tuple(data["std"])
-        train = image_folder_dataset(data["root"], "train", size, True, mean, std)
+        train_set = image_folder_dataset(data["root"], "train", size, True, mean, std) if train else None
         val = image_folder_dataset(data["root"], "val", size, False, mean, std)
         transforms = None, None
     else:
         raise ConfigError(f"data.name must be 'fashion_mnist', 'folder' or 'video', got {data['name']!r}")
     if data["limit"]:  # the first images of each split only (smoke tests, quick looks)
-        train, val = (torch.utils.data.Subset(d, range(min(data["limit"], len(d)))) for d in (train, val))
-    return train, val, *transforms
+        train_set, val = (None if d is None else torch.utils.data.Subset(d, range(min(data["limit"], len(d))))
+                          for d in (train_set, val))
+    return train_set, val, *transforms
 
 
 def fit_head_to_data(config: dict[str, Any], *datasets: Dataset) -> dict[str, Any]:
@@ -165,8 +169,9 @@ def fit_head_to_data(config: dict[str, Any], *datasets: Dataset) -> dict[str, An
     return {**config, "model_kwargs": {**config["model_kwargs"], "num_classes": count}}
 
 
-def _video_datasets(data: dict[str, Any], seed: int) -> tuple[Dataset, Dataset]:
+def _video_datasets(data: dict[str, Any], seed: int, train: bool) -> tuple[Dataset | None, Dataset]:
     from .video import ClipSampling, ClipTransform, VideoClipDataset, class_folders, kinetics_csv, list_file
+    from .video.datasets import folder_classes, kinetics_classes, list_classes
 
     if data["format"] not in VIDEO_FORMATS:
         raise ConfigError(f"data.format must be one of {VIDEO_FORMATS}, got {data['format']!r}")
@@ -174,30 +179,41 @@ def _video_datasets(data: dict[str, Any], seed: int) -> tuple[Dataset, Dataset]:
         raise ConfigError("data.name=video needs data.root (the folder the clips are in)")
     root = Path(data["root"])
 
-    def listed(which: str, split: str, classes: list[str] | None = None):
-        if data["format"] == "folders":
-            return class_folders(root / which)
+    def list_path(which: str) -> Path:
         listing = data[f"{which}_list"]
         if not listing:
             raise ConfigError(f"data.format={data['format']} needs data.{which}_list")
-        path = Path(listing) if Path(listing).is_absolute() else root / listing
-        if data["format"] == "list":
-            return list_file(path, root, classes=classes, on_error=data["on_error"])
-        return kinetics_csv(path, root, split=split or None, classes=classes, on_error=data["on_error"])
+        return Path(listing) if Path(listing).is_absolute() else root / listing
 
-    train_videos = listed("train", data["train_split"])
-    val_videos = listed("val", data["val_split"], train_videos.classes)
+    def listed(which: str, split: str, classes: list[str] | None = None):
+        if data["format"] == "folders":
+            return class_folders(root / which)
+        if data["format"] == "list":
+            return list_file(list_path(which), root, classes=classes, on_error=data["on_error"])
+        return kinetics_csv(list_path(which), root, split=split or None, classes=classes, on_error=data["on_error"])
+
+    def training_classes() -> list[str]:  # what listed("train", ...) names its classes, without finding clips
+        if data["format"] == "folders":
+            return folder_classes(root / "train")
+        if data["format"] == "list":
+            return list_classes(list_path("train"))
+        return kinetics_classes(list_path("train"), data["train_split"] or None)
+
+    train_videos = listed("train", data["train_split"]) if train else None
+    classes = train_videos.classes if train else training_classes()
+    val_videos = listed("val", data["val_split"], classes)
     sampling = dict(mode=data["sampling"], num_frames=data["num_frames"], sampling_rate=data["sampling_rate"])
     size, short = data["input_size"], data["short_side"] or data["input_size"]
     normalise = dict(mean=tuple(data["mean"]), std=tuple(data["std"]), grey=data["grey"])
     reading = dict(on_error=data["on_error"], backend=data["backend"], timeout=data["timeout"])
-    train = VideoClipDataset(train_videos, ClipSampling(**sampling),
-                             ClipTransform(size, short, train=data["augment"], seed=seed, flip=data["flip"],
-                                           **normalise), train=True,
-                             seed=seed, **reading)
+    train_set = None
+    if train:
+        train_set = VideoClipDataset(train_videos, ClipSampling(**sampling),
+                                     ClipTransform(size, short, train=data["augment"], seed=seed, flip=data["flip"],
+                                                   **normalise), train=True, seed=seed, **reading)
     val = VideoClipDataset(val_videos, ClipSampling(**sampling, num_clips=data["test_clips"]),
                            ClipTransform(size, short, num_crops=data["test_crops"], **normalise), **reading)
-    return train, val
+    return train_set, val
 
 
 def loader(dataset: Dataset, batch_size: int, **kwargs: Any) -> torch.utils.data.DataLoader:

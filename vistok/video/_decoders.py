@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import shutil
 import struct
 import sys
 
@@ -76,7 +77,7 @@ def decode_pyav(path: str, indices: list[int] | None, num_frames: int | None) ->
         if not container.streams.video:
             raise DecodeError("it has no video stream")
         stream = container.streams.video[0]
-        frame_count = stream.frames or _estimated_frame_count(container, stream)
+        frame_count = stream.frames or _counted_frames(path)
         wanted = _select(frame_count, indices, num_frames)
         needed = set(wanted)
         last = max(wanted, default=-1)
@@ -101,12 +102,15 @@ def decode_pyav(path: str, indices: list[int] | None, num_frames: int | None) ->
     return np.stack([found[index] for index in wanted]), frame_count
 
 
-def _estimated_frame_count(container, stream) -> int:
-    """Duration x frame rate, for containers that do not store a frame count (as decord does)."""
-    rate = stream.average_rate or stream.guessed_rate
-    if container.duration is None or rate is None:
-        return 0
-    return int(container.duration / 1_000_000 * float(rate))
+def _counted_frames(path: str) -> int:
+    """The video packets of the first video stream, for containers that store no frame count (mkv, webm, raw
+    streams): demuxing reads the file without decoding it. (The container's duration times the frame rate, which
+    decord uses, counts an audio track that runs longer than the video.)"""
+    import av
+
+    with av.open(path) as container:
+        stream = container.streams.video[0]
+        return sum(1 for packet in container.demux(stream) if packet.size)
 
 
 def _first_line(error: BaseException) -> str:
@@ -142,7 +146,7 @@ def probe(backend: str, path: str) -> dict[str, float]:
                 raise DecodeError("it has no video stream")
             stream = container.streams.video[0]
             rate = stream.average_rate or stream.guessed_rate
-            return {"frame_count": stream.frames or _estimated_frame_count(container, stream),
+            return {"frame_count": stream.frames or _counted_frames(path),
                     "fps": float(rate) if rate else 0.0, "height": stream.height, "width": stream.width}
     except DecodeError:
         raise
@@ -226,6 +230,8 @@ def main() -> None:
             write_message(replies, ("error", str(error)))
         except Exception as error:  # noqa: BLE001 - reported to the caller, who raises VideoReadError
             write_message(replies, ("error", f"{type(error).__name__}: {_first_line(error)}"))
+    # the caller closed the pipe, or exited without stopping us (a DataLoader worker leaves by os._exit)
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -23,9 +23,11 @@ from ..data import DatasetNotFoundError
 from ..errors import InvalidConfigError
 from .io import VideoReadError, probe_video, read_video
 from .sampling import dense_clip, dense_clip_views, evenly_spaced, segment_indices
+from .transforms import ClipTransform
 
 __all__ = ["VideoSample", "VideoList", "ClipSampling", "kinetics_csv", "list_file", "class_folders",
-           "VideoClipDataset", "collate_clips", "VIDEO_EXTENSIONS", "ON_ERROR"]
+           "kinetics_classes", "list_classes", "folder_classes", "VideoClipDataset", "collate_clips",
+           "VIDEO_EXTENSIONS", "ON_ERROR"]
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v")
 ON_ERROR = ("skip", "raise")
@@ -76,18 +78,12 @@ def kinetics_csv(csv_path: str | os.PathLike, root: str | os.PathLike, split: st
 
     Args:
         split: keep only rows of this split (``None``: every row).
-        classes: the class list to index labels by (e.g. the training split's); default: the CSV's labels,
-            sorted. A label outside it is an error.
+        classes: the class list to index labels by (e.g. the training split's); default: the labels of the rows
+            kept, sorted (:func:`kinetics_classes`). A label outside it is an error.
     """
     _check_on_error(on_error)
     csv_path, root = Path(csv_path), Path(root)
-    with open(csv_path, newline="") as handle:
-        rows = list(csv.DictReader(handle))
-    required = {"label", "youtube_id", "time_start", "time_end"}
-    if not rows or not required <= set(rows[0]):
-        raise InvalidConfigError(f"{csv_path} is not a Kinetics CSV: it needs the columns {sorted(required)}")
-    if split is not None:
-        rows = [row for row in rows if row.get("split") == split]
+    rows = _kinetics_rows(csv_path, split)
     classes = list(classes) if classes is not None else sorted({row["label"] for row in rows})
     index = {name: i for i, name in enumerate(classes)}
     samples, missing = [], []
@@ -106,15 +102,55 @@ def kinetics_csv(csv_path: str | os.PathLike, root: str | os.PathLike, split: st
     return _finish(samples, classes, missing, str(csv_path), on_error)
 
 
+def kinetics_classes(csv_path: str | os.PathLike, split: str | None = None) -> list[str]:
+    """The class list :func:`kinetics_csv` indexes labels by: the labels of the CSV's rows (of ``split``), sorted;
+    no clip is looked for (an evaluation reads the training CSV for this alone)."""
+    return sorted({row["label"] for row in _kinetics_rows(Path(csv_path), split)})
+
+
+def _kinetics_rows(csv_path: Path, split: str | None) -> list[dict[str, str]]:
+    with open(csv_path, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    required = {"label", "youtube_id", "time_start", "time_end"}
+    if not rows or not required <= set(rows[0]):
+        raise InvalidConfigError(f"{csv_path} is not a Kinetics CSV: it needs the columns {sorted(required)}")
+    return rows if split is None else [row for row in rows if row.get("split") == split]
+
+
 def list_file(list_path: str | os.PathLike, root: str | os.PathLike | None = None,
               classes: Sequence[str] | None = None, on_error: str = "skip") -> VideoList:
     """Clips listed one per line as ``path label`` (VideoMAE / mmaction2; the label an int, separated by a space or
     a comma), paths relative to ``root`` (default: the list's folder). ``classes`` names the labels (default:
-    ``"0" .. "max"``)."""
+    ``"0" .. "max"`` of the labels listed, :func:`list_classes`)."""
     _check_on_error(on_error)
     list_path = Path(list_path)
     root = Path(root) if root is not None else list_path.parent
+    listed = _listed_clips(list_path)
+    top = max((label for _, label in listed), default=-1)
+    if classes is None:
+        classes = [str(i) for i in range(top + 1)]
+    elif top >= len(classes):
+        raise InvalidConfigError(f"{list_path}: label {top} but only {len(classes)} classes")
     samples, missing = [], []
+    for name, label in listed:
+        path = root / name
+        if path.is_file():
+            samples.append(VideoSample(path, label))
+        else:
+            missing.append(str(path))
+    return _finish(samples, list(classes), missing, str(list_path), on_error)
+
+
+def list_classes(list_path: str | os.PathLike) -> list[str]:
+    """The class names :func:`list_file` gives by default, ``"0" .. "max"`` of the labels listed; no clip is
+    looked for."""
+    top = max((label for _, label in _listed_clips(Path(list_path))), default=-1)
+    return [str(i) for i in range(top + 1)]
+
+
+def _listed_clips(list_path: Path) -> list[tuple[str, int]]:
+    """``(path as written, label)`` of each line of a list file."""
+    listed = []
     for number, line in enumerate(list_path.read_text().splitlines(), 1):
         if not line.strip():
             continue
@@ -122,28 +158,25 @@ def list_file(list_path: str | os.PathLike, root: str | os.PathLike | None = Non
         if len(parts) < 2 or not parts[-1].lstrip("-").isdigit() or int(parts[-1]) < 0:
             raise InvalidConfigError(f"{list_path}:{number}: expected 'path label' with an int label >= 0, got "
                                      f"{line!r}")
-        path = root / " ".join(parts[:-1])
-        if path.is_file():
-            samples.append(VideoSample(path, int(parts[-1])))
-        else:
-            missing.append(str(path))
-    top = max((sample.label for sample in samples), default=-1)
-    if classes is None:
-        classes = [str(i) for i in range(top + 1)]
-    elif top >= len(classes):
-        raise InvalidConfigError(f"{list_path}: label {top} but only {len(classes)} classes")
-    return _finish(samples, list(classes), missing, str(list_path), on_error)
+        listed.append((" ".join(parts[:-1]), int(parts[-1])))
+    return listed
 
 
 def class_folders(root: str | os.PathLike, extensions: Sequence[str] = VIDEO_EXTENSIONS) -> VideoList:
     """``root/<class name>/<clip>``: one folder per class, classes sorted by name."""
     root = Path(root)
-    if not root.is_dir():
-        raise DatasetNotFoundError(f"{root} is not a directory")
-    classes = sorted(entry.name for entry in root.iterdir() if entry.is_dir())
+    classes = folder_classes(root)
     samples = [VideoSample(path, label) for label, name in enumerate(classes)
                for path in sorted((root / name).iterdir()) if path.suffix.lower() in extensions]
     return _finish(samples, classes, [], str(root), "skip")
+
+
+def folder_classes(root: str | os.PathLike) -> list[str]:
+    """The class names :func:`class_folders` gives: ``root``'s sub-folders, sorted."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetNotFoundError(f"{root} is not a directory")
+    return sorted(entry.name for entry in root.iterdir() if entry.is_dir())
 
 
 @dataclass(frozen=True)
@@ -211,6 +244,8 @@ class VideoClipDataset(Dataset):
         generator = torch.Generator().manual_seed(hash((self.seed, self._epoch, index)) % 2**62)
         try:
             info = probe_video(sample.path, self.backend, self.timeout)
+            if info.frame_count < 1:
+                raise VideoReadError(f"cannot read video {str(sample.path)!r}: it has no frames")
             clips = self.sampling.clips(info.frame_count, self.train, generator)
             frames = read_video(sample.path, [i for clip in clips for i in clip], backend=self.backend,
                                 timeout=self.timeout)
@@ -219,7 +254,10 @@ class VideoClipDataset(Dataset):
                 raise
             warnings.warn(f"skipping an unreadable clip: {error}", stacklevel=2)
             return None
-        views = [self.transform(part) for part in frames.split(len(clips[0]))]
+        if isinstance(self.transform, ClipTransform):  # the item's generator draws its crop and flip too
+            views = [self.transform(part, generator) for part in frames.split(len(clips[0]))]
+        else:
+            views = [self.transform(part) for part in frames.split(len(clips[0]))]
         clip = views[0] if len(views) == 1 else torch.cat([v if v.dim() == 5 else v[None] for v in views])
         return clip, sample.label
 

@@ -89,13 +89,15 @@ def draw_specs(count: int, labels: torch.Tensor, generator: torch.Generator) -> 
 
 
 def write_grey_mp4(path: Path, frames: np.ndarray, fps: int = FPS) -> None:
-    """``uint8`` grey frames ``[T, H, W]`` (even ``H``, ``W``) as an H.264 ``.mp4`` whose luma is lossless."""
+    """``uint8`` grey frames ``[T, H, W]`` (even ``H``, ``W``) as an H.264 ``.mp4`` at crf 0: lossless in its
+    limited-range YUV 4:2:0, so a grey level reads back within 1 of what was written (256 levels share 220 luma
+    values)."""
     import av
 
     with av.open(str(path), "w") as container:
         stream = container.add_stream("libx264", rate=fps)
         stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
-        stream.options = {"crf": "0", "preset": "veryfast"}  # lossless luma: the grey items survive exactly
+        stream.options = {"crf": "0", "preset": "veryfast"}  # lossless coding of the (limited-range) luma
         for grey in frames:
             rgb = np.repeat(grey[..., None], 3, axis=2)
             for packet in stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")):

@@ -14,7 +14,7 @@ frames 3/4, 1/2 or 1/4 of the time: a question about it needs the right frames.
 
 Example ``i`` of a split is a deterministic function of ``(seed, split, i)``; the train split draws items from
 Fashion-MNIST's training images, the test split from its test images. :func:`write_dataset` writes a split as
-lossless H.264 ``.mp4`` files with an MVBench-style manifest.
+H.264 ``.mp4`` files (crf 0: grey levels read back within 1) with an MVBench-style manifest.
 """
 
 from __future__ import annotations
@@ -163,6 +163,6 @@ def write_dataset(root: str | Path, split: str, size: int, seed: int = 0, fmnist
     manifest.write_text(json.dumps(rows, indent=1) + "\n")
     (root / "README.md").write_text(
         f"Fashion-MNIST video questions (vistok.video.fmnist_qa), seed {seed}: {FRAMES} frames of {SIZE} x {SIZE} "
-        f"at {FPS} fps, lossless H.264. Made by `python tools/make_video_qa.py --out {root} --split {split} "
-        f"--size {size} --seed {seed}`.\n")
+        f"at {FPS} fps, H.264 at crf 0 (grey levels within 1). Made by `python tools/make_video_qa.py --out {root} "
+        f"--split {split} --size {size} --seed {seed}`.\n")
     return manifest

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import atexit
 import importlib.util
+import math
 import os
 import pickle
 import select
@@ -171,11 +172,11 @@ class _Worker:
             try:
                 write_message(process.stdin, request)
                 reply = _read_until(process.stdout, deadline)
-            except _Timeout:
-                self.stop()
-                raise
             except (OSError, EOFError):
                 reply = None
+            except BaseException:  # a timeout or an interrupt: its reply would be read as the next request's
+                self.stop()
+                raise
             if reply is None:  # the child died (a native crash) or closed its pipe
                 code = self.stop()
                 raise DecodeError(f"the decoder process died (exit code {code})")
@@ -217,9 +218,11 @@ def _read_until(stream, deadline: float) -> object | None:
 
 def _read_exactly(fd: int, size: int, deadline: float) -> bytes | None:
     chunks = []
+    ready = select.poll()  # not select.select, which refuses descriptors numbered 1024 and above
+    ready.register(fd, select.POLLIN)
     while size:
         left = deadline - time.monotonic()
-        if left <= 0 or not select.select([fd], [], [], left)[0]:
+        if left <= 0 or not ready.poll(math.ceil(left * 1000)):
             raise _Timeout
         chunk = os.read(fd, min(size, 1 << 22))
         if not chunk:

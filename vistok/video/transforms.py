@@ -96,6 +96,10 @@ class ClipTransform:
     where left and right carry meaning). Evaluation: short side to ``short_side``, then ``num_crops`` crops
     (:func:`crop_views`); the result is ``[V, C, T, size, size]`` when ``num_crops > 1``. ``grey``: average the
     colour channels into one first (for grey models; ``mean`` and ``std`` then have one value).
+
+    The random crop and flip come from the ``generator`` a call passes (a :class:`VideoClipDataset` passes its
+    item's, a function of its seed, the epoch and the index, so DataLoader workers and epochs draw differently and
+    a run repeats), else from the transform's own generator (``seed``), else from torch's global one.
     """
 
     def __init__(self, size: int, short_side: int | None = None, train: bool = False, num_crops: int = 1,
@@ -106,10 +110,11 @@ class ClipTransform:
         self.mean, self.std = tuple(mean), tuple(std)
         self.generator = None if seed is None else torch.Generator().manual_seed(seed)
 
-    def __call__(self, frames: Tensor) -> Tensor:
+    def __call__(self, frames: Tensor, generator: torch.Generator | None = None) -> Tensor:
         clip = to_float_clip(frames)
         clip = resize_short_side(clip.mean(dim=0, keepdim=True) if self.grey else clip, self.short_side)
         if self.train:
-            return normalize(random_crop_flip(clip, self.size, self.flip, self.generator), self.mean, self.std)
+            crop = random_crop_flip(clip, self.size, self.flip, generator or self.generator)
+            return normalize(crop, self.mean, self.std)
         views = [normalize(view, self.mean, self.std) for view in crop_views(clip, self.size, self.num_crops)]
         return views[0] if self.num_crops == 1 else torch.stack(views)
