@@ -251,3 +251,27 @@ def test_negative_block_indices_count_from_the_end():
     for blocks in ([12], [-13], [-1, 11]):
         with pytest.raises(InvalidConfigError):
             vistok.patch(model, "ats", blocks=blocks)
+
+
+def test_per_block_values_pair_with_the_blocks_in_the_order_given():
+    """``k=[...]`` / ``r=[...]`` go with ``blocks`` as written, also when the blocks are not in ascending order or
+    count from the end; a merge schedule still runs from the first patched block to the last."""
+    from helpers import make_images, make_model
+
+    from vistok.measure import tokens_per_block
+
+    model = make_model("vit", depth=6)
+    images = make_images(model, 1)
+    with vistok.patch(model, "random_drop", blocks=[4, 1], k=[5, 40]):
+        assert tokens_per_block(model, images) == [197, 41, 41, 41, 6, 6]
+    with vistok.patch(model, "random_drop", blocks=[-1, 1], k=[5, 40]):
+        assert tokens_per_block(model, images) == [197, 41, 41, 41, 41, 6]
+    with vistok.patch(model, "merge", blocks=[5, 0], r=[1, 20]):
+        assert tokens_per_block(model, images) == [177] * 5 + [176]
+    with vistok.patch(model, "ats", blocks=[3, 1], k=[10, 50], min_tokens=10) as handle:
+        assert tokens_per_block(model, images)[1] <= 51 and tokens_per_block(model, images)[3] <= 11
+        assert list(handle.reducers) == [1, 3]
+    with vistok.patch(model, "merge", blocks=[3, 0], r=4, schedule="decreasing") as handle:
+        in_order = tokens_per_block(model, images)
+    with vistok.patch(model, "merge", blocks=[0, 3], r=4, schedule="decreasing"):
+        assert tokens_per_block(model, images) == in_order

@@ -120,5 +120,8 @@ def test_open_clip_refusals_and_input_check():
     with pytest.raises(UnsupportedModelError, match=r"resblocks\[3\] is CustomResidualAttentionBlock"):
         vistok.patch(custom, "ats")
     model = open_clip_model()
-    with vistok.patch(model, "ats"), pytest.raises(InputShapeError, match="224, 224"):
-        model.encode_image(torch.randn(1, 3, 200, 200))
+    with vistok.patch(model, "ats"):
+        with pytest.raises(InputShapeError, match="224, 224"):
+            model.encode_image(torch.randn(1, 3, 200, 200))
+        with pytest.raises(InputShapeError, match="got list"):
+            model.visual([1, 2])

@@ -157,7 +157,8 @@ class OpenClipViT(Backbone):
     def _check_input(self, conv: nn.Module, args: tuple) -> None:
         x = args[0]
         expected = tuple(self.model.image_size)
-        if x.dim() != 4 or x.shape[1] != conv.in_channels or tuple(x.shape[-2:]) != expected:
+        if not isinstance(x, Tensor) or x.dim() != 4 or x.shape[1] != conv.in_channels \
+                or tuple(x.shape[-2:]) != expected:
             raise InputShapeError(
                 f"this open_clip VisionTransformer expects images [B, {conv.in_channels}, {expected[0]}, "
-                f"{expected[1]}], got {tuple(x.shape)}")
+                f"{expected[1]}], got {tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}")

@@ -132,7 +132,7 @@ class ATSConfig(MethodConfig):
             raise UnsupportedModelError(f"ats: fusion on {info.model_class}, which uses rotary position embeddings: a "
                                         "fused token has no single position to rotate by (use fusion=False)")
         return {block: AdaptiveTokenSampler(k, self.min_tokens, self.fusion)
-                for block, k in zip(blocks, budgets, strict=True)}
+                for block, k in sorted(zip(blocks, budgets, strict=True))}
 
     def _per_block_k(self, info: BackboneInfo, num_blocks: int) -> list[int | float]:
         if self.k is None:

@@ -94,7 +94,8 @@ class MethodConfig(ABC):
 def resolve_block_indices(blocks: Sequence[int] | None, depth: int, default: Sequence[int]) -> list[int]:
     """Validate block indices against a model of ``depth`` blocks; negative indices count from the end.
 
-    Returns the sorted indices (``default`` when ``blocks`` is ``None``).
+    Returns the indices, non-negative, in the order given (``default`` when ``blocks`` is ``None``): a method's
+    per-block values (``k=[...]``, ``r=[...]``) pair with them in that order.
 
     Raises:
         InvalidConfigError: not a sequence of ints, empty, out of range, or repeated.
@@ -114,4 +115,4 @@ def resolve_block_indices(blocks: Sequence[int] | None, depth: int, default: Seq
         resolved.append(block % depth)
     if len(set(resolved)) != len(resolved):
         raise InvalidConfigError(f"blocks {list(blocks)} name the same block twice")
-    return sorted(resolved)
+    return resolved

@@ -121,10 +121,11 @@ class MergeConfig(MethodConfig):
             if len(self.r) != len(blocks):
                 raise InvalidConfigError(f"merge: r has {len(self.r)} values but {len(blocks)} blocks are patched")
             values = [_check_r(r, info) for r in self.r]
-        else:
+        else:  # the schedule runs from the first patched block to the last
+            blocks = sorted(blocks)
             values = merge_schedule(_check_r(self.r, info), len(blocks), self.schedule)
         return {block: TokenMerger(r, self.proportional_attention, self.trace_source)
-                for block, r in zip(blocks, values, strict=True)}
+                for block, r in sorted(zip(blocks, values, strict=True))}
 
 
 def _check_r(r: object, info: BackboneInfo | None) -> int:

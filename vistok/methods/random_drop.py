@@ -84,4 +84,4 @@ class RandomDropConfig(MethodConfig):
         if len(ks) != len(blocks):
             raise InvalidConfigError(f"random_drop: k has {len(ks)} values but {len(blocks)} blocks are patched")
         return {block: RandomDropper(check_k(k, info.num_patches, "random_drop"), self.seed + block)
-                for block, k in zip(blocks, ks, strict=True)}
+                for block, k in sorted(zip(blocks, ks, strict=True))}

@@ -128,4 +128,4 @@ class SuperTokenConfig(MethodConfig):
             raise InvalidConfigError(
                 f"super_token: stoken_size {size[0]}x{size[1]} must divide the {rows}x{cols} patch grid of "
                 f"{info.model_class} and be larger than 1x1")
-        return {block: SuperTokenAttender((rows, cols), size, self.n_iter) for block in blocks}
+        return {block: SuperTokenAttender((rows, cols), size, self.n_iter) for block in sorted(blocks)}
