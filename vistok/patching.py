@@ -96,7 +96,8 @@ class _LayoutTracker:
                     "model is patched, call model.set_grad_checkpointing(False) (timm, open_clip) or "
                     "model.gradient_checkpointing_disable() (Hugging Face)")
             info = self.info
-            layout = TokenLayout.original(x, info.num_prefix, info.has_class_token, self.trace, info.grid_size)
+            grid = getattr(self._calls, "grid", info.grid_size)  # this call's, from the input check
+            layout = TokenLayout.original(x, info.num_prefix, info.has_class_token, self.trace, grid)
             self._calls.state = _CallState(input_tokens=x.shape[1], latest={"layout": layout})
             return layout
         call = self.last_call()
@@ -107,6 +108,10 @@ class _LayoutTracker:
                 "in order, and do not replace their outputs (e.g. with forward hooks) while patched.")
         return call.layout
 
+    def note_grid(self, grid: tuple[int, ...] | None) -> None:
+        """The patch grid of this thread's current input (the backbone's input check calls it)."""
+        self._calls.grid = grid
+
     def leave(self, block: int, x: Tensor, layout: TokenLayout) -> None:
         call = self.last_call()
         call.layouts[block] = layout
@@ -115,6 +120,17 @@ class _LayoutTracker:
     def current(self) -> TokenLayout | None:
         """The layout of the tokens the blocks last produced in this thread."""
         return self.last_call().layout
+
+    def note_features(self, features: Tensor) -> None:
+        """The model's features after the blocks (its final norm's output) in this thread's current pass."""
+        self.last_call().latest["features"] = weakref.ref(features)
+
+    def is_current(self, tokens: Tensor) -> bool:
+        """Whether ``tokens`` are what the patched blocks last produced in this thread, or the features noted after
+        them (so that pooling uses their own pass's padding and sizes)."""
+        latest = self.last_call().latest
+        return any(reference is not None and reference() is tokens
+                   for reference in (latest.get("output"), latest.get("features")))
 
     def current_tokens(self) -> Tensor | None:
         """The tokens the last patched block produced in this thread, while they are alive."""
@@ -173,7 +189,7 @@ class PatchHandle:
                 blocks[index].forward = _PatchedBlockForward(index, backbone, reducers.get(index), self._tracker)
                 self._undo.append(partial(delattr, blocks[index], "forward"))
             self._undo.append(backbone.install_pooling(self._tracker))
-            self._undo.append(backbone.install_input_check())
+            self._undo.append(backbone.install_input_check(self._tracker))
         except BaseException:
             self._restore()
             raise

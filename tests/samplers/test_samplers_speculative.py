@@ -264,6 +264,19 @@ def test_vocab_trim_calibration():
         VocabTrim.from_token_ids(sequences, 0)
 
 
+def test_vocab_trim_calibration_stops_at_the_end_token():
+    """What the model samples past its end token (4 after 2, here) counts only without eos_token_id."""
+    from sampler_cases import chain_llama
+
+    table = torch.tensor([[0.0, 1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0, 1.0],
+                          [0.0, 0.0, 0.0, 1.0, 0.0], [0.0, 0.0, 0.0, 0.0, 1.0]], dtype=torch.float64)
+    model = chain_llama(table)  # 0 -> 1 -> 2 (the end) -> 4 -> 4 ...
+    prompts = [torch.tensor([[0]])]
+    running = VocabTrim.from_generations(model, prompts, 3, max_new_tokens=4)
+    stopped = VocabTrim.from_generations(model, prompts, 3, max_new_tokens=4, eos_token_id=2)
+    assert sorted(running.token_ids.tolist()) == [0, 1, 4] and sorted(stopped.token_ids.tolist()) == [0, 1, 2]
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Int8 weight-only drafts
 # ---------------------------------------------------------------------------------------------------------------

@@ -65,6 +65,8 @@ def test_defaults_are_the_paper_setting():
     assert default_ats_blocks(12) == list(range(3, 12))
     assert default_ats_blocks(24) == list(range(6, 24))
     assert default_ats_blocks(4) == [1, 2, 3]
+    assert default_ats_blocks(2) == [1] and default_ats_blocks(1) == [0]  # a one-block model samples in it
+    assert default_ats_blocks(10) == list(range(3, 10))  # 2.5 rounds half up
 
 
 def test_budgets_bound_the_kept_tokens():

@@ -103,3 +103,26 @@ def test_the_path_without_host_reads_gives_the_same_result(family, monkeypatch):
     assert bounded_width >= exact_width
     assert bounded_tokens == exact_tokens
     assert (bounded - exact).abs().max() <= TOL
+
+
+def test_pooling_takes_only_the_last_passs_features(family):
+    """forward_features then forward_head pools with that pass's padding; features of an earlier pass (of the same
+    shape, as the static bounds on a GPU always make them) are refused, not pooled with another pass's mask, or,
+    by a head that reads only prefix tokens (DeiT's), given their right output."""
+    from vistok import PatchStateError
+
+    model = make_model(family)
+    images = make_images(model, 2)
+    with torch.no_grad(), vistok.patch(model, KeepAboveMeanConfig([2])):
+        expected = model(images)
+        first = model.forward_features(images)
+        assert (model.forward_head(first) - expected).abs().max() <= TOL
+        second = model.forward_features(images.flip(0))
+        assert first.shape == second.shape
+        try:
+            stale = model.forward_head(first)
+        except PatchStateError as error:
+            assert "not the features of this thread's last forward pass" in str(error)
+        else:
+            assert family == "deit_distilled" and (stale - expected).abs().max() <= TOL
+        assert (model.forward_head(second) - expected.flip(0)).abs().max() <= TOL

@@ -80,6 +80,34 @@ def test_grid_positions_follow_the_kept_tokens():
     assert bool((positions[~real] == -1).all())
 
 
+def test_the_grid_is_the_inputs_own_at_other_sizes():
+    """A model that takes other sizes (timm's dynamic_img_size, Hugging Face's interpolate_pos_encoding): the layout
+    has the grid of the input, also when the patch count equals the native one (16 x 4 patches against 8 x 8), and
+    super tokens, set up for the native grid, refuse such an input."""
+    from helpers import tiny_hf_tower
+
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=128, depth=3,
+                              dynamic_img_size=True).eval()
+    tall = torch.randn(1, 3, 256, 64)
+    with torch.no_grad():
+        with vistok.patch(model, "ats", k=10, blocks=[1]) as handle:
+            model(tall)
+            layout = handle.layouts[1]
+            assert layout.grid_size == (16, 4)
+            patch = layout.source_index()[0, 1:] - 1
+            assert torch.equal(layout.grid_positions()[0, 1:], torch.stack([patch // 4, patch % 4], dim=-1))
+            model(torch.randn(1, 3, 128, 128))
+            assert handle.layouts[1].grid_size == (8, 8)
+        with vistok.patch(model, "super_token", blocks=[0]):
+            model(torch.randn(1, 3, 128, 128))
+            with pytest.raises(PatchStateError, match="8x8 patch grid, but this input makes 16x4"):
+                model(tall)
+        tower = tiny_hf_tower("clip", image_size=64)  # 8 x 8 patches of 8 px
+        with vistok.patch(tower, "ats", k=10, blocks=[1]) as handle:
+            tower(pixel_values=torch.randn(1, 3, 128, 32), interpolate_pos_encoding=True)
+            assert handle.layouts[1].grid_size == (16, 4)
+
+
 def test_an_n_dimensional_grid():
     x = torch.zeros(2, 1 + 2 * 3 * 4, 8)
     layout = TokenLayout.original(x, 1, True, grid_size=(2, 3, 4))

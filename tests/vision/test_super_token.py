@@ -117,8 +117,8 @@ def test_training_free_block_is_exact_where_patch_tokens_agree(family):
     attender = SuperTokenAttender(info.grid_size, (2, 2), 1)
     with torch.no_grad():
         expected = type(model.blocks[1]).forward(model.blocks[1], x)
-        got, _ = run_block(resolve_backbone(model).block_ops(1), x, TokenLayout.original(x, prefix, prefix > 0),
-                           attender)
+        layout = TokenLayout.original(x, prefix, prefix > 0, grid_size=info.grid_size)
+        got, _ = run_block(resolve_backbone(model).block_ops(1), x, layout, attender)
     assert (got - expected).abs().max() <= 1e-4
 
 

@@ -26,6 +26,10 @@ def test_config_checks_keys_and_types(tmp_path):
         load_config(defaults, None, {"train.epoch": 4})
     with pytest.raises(ConfigError, match="train.epochs should be int"):
         load_config(defaults, None, {"train.epochs": "many"})
+    for key, value in (("train.epochs", True), ("train.lr", False)):  # a bool is an int to Python, not here
+        with pytest.raises(ConfigError, match=f"{key} should be"):
+            load_config(defaults, None, {key: value})
+    assert load_config({"flag": False}, None, {"flag": True})["flag"] is True
     bad = tmp_path / "bad.yaml"
     bad.write_text("train: [1, 2\n")
     with pytest.raises(ConfigError, match="not valid YAML"):

@@ -86,6 +86,16 @@ class LayoutSource(Protocol):
 
     def current_tokens(self) -> Tensor | None: ...
 
+    def note_features(self, features: Tensor) -> None: ...
+
+    def is_current(self, tokens: Tensor) -> bool: ...
+
+
+class GridSink(Protocol):
+    """Where the input check tells the patch the patch grid of this call's input (the patch's tracker)."""
+
+    def note_grid(self, grid: tuple[int, ...] | None) -> None: ...
+
 
 class Backbone(ABC):
     """A supported model, ready to be patched. Construction checks everything and changes nothing.
@@ -133,9 +143,10 @@ class Backbone(ABC):
         methods and ``functools.partial`` of them, never closures."""
 
     @abstractmethod
-    def install_input_check(self) -> Callable[[], None]:
-        """Check input shapes with a clear error; returns the undo function (a bound method or partial, as
-        for :meth:`install_pooling`)."""
+    def install_input_check(self, sink: GridSink) -> Callable[[], None]:
+        """Check input shapes with a clear error, and tell ``sink`` the patch grid of each call's input (``None``
+        where its tokens are not known to lie on a grid); returns the undo function (a bound method or partial,
+        as for :meth:`install_pooling`)."""
 
 
 def require_known_parts(module: nn.Module, known: set[str], what: str) -> None:

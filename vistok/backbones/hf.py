@@ -24,7 +24,16 @@ from transformers.models.siglip.modeling_siglip import (
 
 from ..errors import InputShapeError, PatchStateError, UnsupportedModelError
 from ..tokens import TokenLayout
-from .base import NO_MASKS, Backbone, BackboneInfo, BlockOps, LayoutSource, nothing_to_undo, require_known_parts
+from .base import (
+    NO_MASKS,
+    Backbone,
+    BackboneInfo,
+    BlockOps,
+    GridSink,
+    LayoutSource,
+    nothing_to_undo,
+    require_known_parts,
+)
 
 __all__ = ["HFTower", "HFVisionTower"]
 
@@ -158,10 +167,11 @@ class HFVisionTower(HFTower):
         pooled = pooled + head.mlp(head.layernorm(pooled))
         return pooled[:, 0]
 
-    def install_input_check(self) -> Callable[[], None]:
-        return self.install_hooks(self.model.embeddings.register_forward_pre_hook(self._check_input, with_kwargs=True))
+    def install_input_check(self, sink: GridSink) -> Callable[[], None]:
+        check = partial(self._check_input, sink)
+        return self.install_hooks(self.model.embeddings.register_forward_pre_hook(check, with_kwargs=True))
 
-    def _check_input(self, embeddings: nn.Module, args: tuple, kwargs: dict) -> None:
+    def _check_input(self, sink: GridSink, embeddings: nn.Module, args: tuple, kwargs: dict) -> None:
         x = args[0] if args else kwargs.get("pixel_values")
         config = self.model.config
         size = config.image_size
@@ -172,6 +182,8 @@ class HFVisionTower(HFTower):
         if not interpolate and tuple(x.shape[-2:]) != (size, size):
             raise InputShapeError(f"{type(self.model).__name__} was built for {size}x{size} input, got "
                                   f"{x.shape[-2]}x{x.shape[-1]}; pass interpolate_pos_encoding=True for other sizes")
+        patch = config.patch_size
+        sink.note_grid((x.shape[-2] // patch, x.shape[-1] // patch))
 
 def _remove_hooks(hooks: list[RemovableHandle]) -> None:
     for hook in hooks:

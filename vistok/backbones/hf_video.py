@@ -10,6 +10,7 @@ frame x patch lattice that dropping or merging tokens destroys) is refused.
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 
 import torch
 from torch import Tensor, nn
@@ -22,7 +23,7 @@ from transformers.models.videomae.modeling_videomae import (
 from transformers.models.vivit.modeling_vivit import VivitForVideoClassification, VivitLayer, VivitModel
 
 from ..errors import InputShapeError, PatchStateError, UnsupportedModelError
-from .base import BackboneInfo, BlockOps, LayoutSource, nothing_to_undo, require_known_parts
+from .base import BackboneInfo, BlockOps, GridSink, LayoutSource, nothing_to_undo, require_known_parts
 from .hf import HFTower
 
 __all__ = ["HFVideoTower"]
@@ -160,10 +161,11 @@ class HFVideoTower(HFTower):
         hook = self.outer.fc_norm.register_forward_pre_hook(_MeanOfCurrentTokens(tracker))
         return hook.remove
 
-    def install_input_check(self) -> Callable[[], None]:
-        return self.install_hooks(self.model.embeddings.register_forward_pre_hook(self._check_input, with_kwargs=True))
+    def install_input_check(self, sink: GridSink) -> Callable[[], None]:
+        check = partial(self._check_input, sink)
+        return self.install_hooks(self.model.embeddings.register_forward_pre_hook(check, with_kwargs=True))
 
-    def _check_input(self, embeddings: nn.Module, args: tuple, kwargs: dict) -> None:
+    def _check_input(self, sink: GridSink, embeddings: nn.Module, args: tuple, kwargs: dict) -> None:
         x = args[0] if args else kwargs.get("pixel_values")
         frames, height, width = self.input_size
         channels = self.model.config.num_channels
@@ -176,6 +178,7 @@ class HFVideoTower(HFTower):
         if x.shape[1] != frames or x.shape[2] != channels or not size_ok:
             raise InputShapeError(f"{type(self.outer).__name__} expects pixel_values {expected}, got "
                                   f"{tuple(x.shape)}")
+        sink.note_grid(self.info.grid_size if tuple(x.shape[-2:]) == (height, width) else None)
 
 
 class _MeanOfCurrentTokens:

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from ..errors import InputShapeError, PatchStateError, UnsupportedModelError
 from ..tokens import TokenLayout
-from .base import NO_MASKS, Backbone, BackboneInfo, BlockOps, LayoutSource, require_known_parts
+from .base import NO_MASKS, Backbone, BackboneInfo, BlockOps, GridSink, LayoutSource, require_known_parts
 
 __all__ = ["OpenClipViT"]
 
@@ -151,10 +151,10 @@ class OpenClipViT(Backbone):
         pooled = tokens.mean(dim=1) if weights is None else (tokens * weights).sum(1) / weights.sum(1)
         return pooled, tokens
 
-    def install_input_check(self) -> Callable[[], None]:
-        return self.model.conv1.register_forward_pre_hook(self._check_input).remove
+    def install_input_check(self, sink: GridSink) -> Callable[[], None]:
+        return self.model.conv1.register_forward_pre_hook(partial(self._check_input, sink)).remove
 
-    def _check_input(self, conv: nn.Module, args: tuple) -> None:
+    def _check_input(self, sink: GridSink, conv: nn.Module, args: tuple) -> None:
         x = args[0]
         expected = tuple(self.model.image_size)
         if not isinstance(x, Tensor) or x.dim() != 4 or x.shape[1] != conv.in_channels \
@@ -162,3 +162,4 @@ class OpenClipViT(Backbone):
             raise InputShapeError(
                 f"this open_clip VisionTransformer expects images [B, {conv.in_channels}, {expected[0]}, "
                 f"{expected[1]}], got {tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
+        sink.note_grid(self.info.grid_size)  # the size is checked: the native grid

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from ..errors import InputShapeError, PatchStateError, UnsupportedModelError
 from ..tokens import TokenLayout
 from .base import NO_MASKS as _NO_MASKS
-from .base import Backbone, BackboneInfo, BlockOps, LayoutSource, require_known_parts
+from .base import Backbone, BackboneInfo, BlockOps, GridSink, LayoutSource, require_known_parts
 
 try:  # timm >= 1.0.20
     from timm.layers import AttentionRope
@@ -232,27 +232,27 @@ class _TimmBackbone(Backbone):
 
     # -- installation ------------------------------------------------------------------------------
     def install_pooling(self, tracker: LayoutSource) -> Callable[[], None]:
-        self.model.pool = partial(self._pool, tracker.current)
-        return partial(delattr, self.model, "pool")
+        self.model.pool = partial(self._pool, tracker)
+        noting = self.model.norm.register_forward_hook(partial(_note_features, tracker))
+        return partial(_undo_all, [partial(delattr, self.model, "pool"), noting.remove])
 
-    def _pool(self, current_layout: Callable[[], TokenLayout | None], x: Tensor,
-              pool_type: str | None = None) -> Tensor:
-        layout = current_layout()
+    def _pool(self, tracker: LayoutSource, x: Tensor, pool_type: str | None = None) -> Tensor:
+        layout = tracker.current()
         if layout is None or layout.is_original:
             original = type(self.model).pool
             return original(self.model, x, pool_type) if pool_type is not None else original(self.model, x)
-        if tuple(x.shape[:2]) != (layout.batch_size, layout.num_tokens):
+        if not tracker.is_current(x):
             raise PatchStateError(
-                f"pool() got tokens of shape {tuple(x.shape)}, but the patched blocks last produced "
-                f"{layout.batch_size} x {layout.num_tokens} tokens; vistok can only pool the features of "
-                "the last forward pass")
+                f"pool() got tokens of shape {tuple(x.shape)} that are not the features of this thread's last "
+                "forward pass: vistok pools them with that pass's padding and token sizes. Pass forward_features' "
+                "output to forward_head as it is, before the next forward")
         return _masked_pool(self.model, x, layout, pool_type, self.attn_pool_drops_prefix)
 
-    def install_input_check(self) -> Callable[[], None]:
-        handle = self.model.patch_embed.register_forward_pre_hook(self._check_input)
+    def install_input_check(self, sink: GridSink) -> Callable[[], None]:
+        handle = self.model.patch_embed.register_forward_pre_hook(partial(self._check_input, sink))
         return handle.remove
 
-    def _check_input(self, patch_embed: nn.Module, args: tuple) -> None:
+    def _check_input(self, sink: GridSink, patch_embed: nn.Module, args: tuple) -> None:
         x = args[0]
         name = type(self.model).__name__
         video = len(self.info.grid_size) == 3  # a TubeletEmbed: [B, C, T, H, W] clips
@@ -274,6 +274,18 @@ class _TimmBackbone(Backbone):
                 f"{name} was built for {'x'.join(map(str, expected))} input (patch size "
                 f"{tuple(patch_embed.patch_size)}), got {got} (shape {tuple(x.shape)}). "
                 "Resize the input, or create the model with img_size=... or dynamic_img_size=True.")
+        sink.note_grid(self._input_grid(patch_embed, x, expected))
+
+    def _input_grid(self, patch_embed: nn.Module, x: Tensor, native: tuple[int, ...] | None
+                    ) -> tuple[int, ...] | None:
+        """The patch grid of input ``x``: the model's own at its native size; at another (``dynamic_img_size``)
+        the patch embedding's, where it says (``dynamic_feat_size``)."""
+        if native is None or tuple(x.shape[-len(native):]) == tuple(native):
+            return self.info.grid_size
+        feature_size = getattr(patch_embed, "dynamic_feat_size", None)
+        if len(self.info.grid_size) != 2 or feature_size is None:
+            return None
+        return tuple(int(side) for side in feature_size(tuple(x.shape[-2:])))
 
 
 class TimmViT(_TimmBackbone):
@@ -330,6 +342,15 @@ def _require_tokenwise(module: nn.Module, allowed: set[type], what: str) -> None
         raise UnsupportedModelError(
             f"{what} is {type(module).__name__}, which vistok does not know to act on each token "
             f"separately; known: {sorted(cls.__name__ for cls in allowed)}")
+
+
+def _note_features(tracker: LayoutSource, norm: nn.Module, args: tuple, output: Tensor) -> None:
+    tracker.note_features(output)
+
+
+def _undo_all(undo: list[Callable[[], None]]) -> None:
+    for step in undo:
+        step()
 
 
 def _masked_pool(model: nn.Module, x: Tensor, layout: TokenLayout, pool_type: str | None,

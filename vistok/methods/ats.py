@@ -31,8 +31,9 @@ PAPER_KEEP_FRACTION = 108 / 196
 
 
 def default_ats_blocks(depth: int) -> list[int]:
-    """The paper's multi-stage placement (blocks 3..11 of 12), scaled: from round(depth / 4) to the end."""
-    start = max(1, math.floor(depth / 4 + 0.5))
+    """The paper's multi-stage placement (blocks 3..11 of 12), scaled: from ``depth / 4`` rounded half up (at least
+    block 1, at most the last block: a one-block model samples in it) to the end."""
+    start = min(max(1, math.floor(depth / 4 + 0.5)), depth - 1)
     return list(range(start, depth))
 
 

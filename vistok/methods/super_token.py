@@ -55,9 +55,10 @@ class SuperTokenAttender(TokenReducer):
                                   "methods that drop or merge tokens")
         prefix, (rows, cols) = layout.num_prefix, self.grid
         batch, tokens, channels = h.shape
-        if tokens - prefix != rows * cols:
-            raise PatchStateError(f"super_token was set up for a {rows}x{cols} patch grid, but the block got "
-                                  f"{tokens - prefix} patch tokens")
+        if layout.grid_size != (rows, cols):
+            got = "an unknown grid" if layout.grid_size is None else "x".join(map(str, layout.grid_size))
+            raise PatchStateError(f"super_token was set up for the model's {rows}x{cols} patch grid, but this input "
+                                  f"makes {got} ({tokens - prefix} patch tokens)")
         patch_map = h[:, prefix:].transpose(1, 2).reshape(batch, channels, rows, cols)
         cells = to_cells(patch_map, self.stoken_size)
         super_grid = (rows // self.stoken_size[0], cols // self.stoken_size[1])

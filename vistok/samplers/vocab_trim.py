@@ -69,13 +69,17 @@ class VocabTrim:
 
     @classmethod
     def from_generations(cls, model: nn.Module, prompts: Iterable[Tensor], size: int, *, max_new_tokens: int = 128,
-                         config=None, seed: int = 0, always: Iterable[int] = (), fill: int | None = None) -> VocabTrim:
-        """Calibrate on what ``model`` samples after each prompt (``[1, T]`` id tensors) and the prompts."""
+                         config=None, seed: int = 0, always: Iterable[int] = (), fill: int | None = None,
+                         eos_token_id: int | list[int] | None = None) -> VocabTrim:
+        """Calibrate on what ``model`` samples after each prompt (``[1, T]`` id tensors) and the prompts.
+        ``eos_token_id``: stop each generation at these tokens (an instruct model's end of turn), so that what it
+        samples past its end (new turns) does not count; ``None``: every generation runs ``max_new_tokens``."""
         from .generation import generate
 
         sequences = []
         for index, prompt in enumerate(prompts):
-            out = generate(model, prompt, config, max_new_tokens=max_new_tokens, seeds=torch.tensor([seed + index]))
+            out = generate(model, prompt, config, max_new_tokens=max_new_tokens, seeds=torch.tensor([seed + index]),
+                           eos_token_id=eos_token_id)
             sequences.append(out.sequences[0, : prompt.shape[1] + int(out.lengths[0])])
         return cls.from_token_ids(sequences, size, always=always, fill=fill)
 
