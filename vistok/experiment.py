@@ -187,7 +187,7 @@ def _video_datasets(data: dict[str, Any], seed: int, train: bool) -> tuple[Datas
 
     def listed(which: str, split: str, classes: list[str] | None = None):
         if data["format"] == "folders":
-            return class_folders(root / which)
+            return class_folders(root / which, classes=classes)
         if data["format"] == "list":
             return list_file(list_path(which), root, classes=classes, on_error=data["on_error"])
         return kinetics_csv(list_path(which), root, split=split or None, classes=classes, on_error=data["on_error"])

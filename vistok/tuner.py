@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .backbones import resolve_backbone
-from .errors import InputShapeError, InvalidConfigError
+from .errors import InputShapeError, InvalidConfigError, VistokError
 from .methods import ATSConfig, MergeConfig, MethodConfig, RandomDropConfig, create_config
 from .methods.ats import default_ats_blocks
 from .methods.compose import ComposedConfig
@@ -291,6 +291,8 @@ def _outputs(model: nn.Module, images: Tensor, encode: Callable[[nn.Module, Tens
     else:
         try:
             out = model(images)
+        except VistokError:
+            raise
         except (TypeError, ValueError, AttributeError) as error:  # e.g. a CLIPModel, whose forward wants text
             raise InvalidConfigError(f"tune: {type(model).__name__}(images) failed ({type(error).__name__}: "
                                      f"{error}); for a model whose forward does not take images alone, pass "

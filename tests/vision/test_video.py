@@ -250,24 +250,29 @@ def test_the_decoder_pipe_may_have_a_descriptor_above_1024():
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
-def test_dataloader_workers_leave_no_decoder_folders(kinetics_root):
+def test_dataloader_workers_leave_no_decoder_folders(kinetics_root, monkeypatch):
     """A DataLoader worker exits by os._exit (no atexit): its decoder removes its own frames folder when the
-    worker's pipe closes."""
+    worker's pipe closes. (The folders of this test's decoders get a prefix of their own, which forked workers
+    inherit, so other processes' decoders do not count.)"""
     import glob
 
-    def folders():
-        return set(glob.glob("/dev/shm/vistok-video-*") + glob.glob(os.path.join(tempfile.gettempdir(),
-                                                                                 "vistok-video-*")))
+    from vistok.video import io
 
-    before = folders()
+    prefix = f"vistok-video-test{os.getpid()}-"
+    monkeypatch.setattr(io, "_FOLDER_PREFIX", prefix)
+    io._worker().stop()  # a decoder of this process started before the test has the usual prefix
+
+    def folders():
+        return set(glob.glob(f"/dev/shm/{prefix}*") + glob.glob(os.path.join(tempfile.gettempdir(), f"{prefix}*")))
+
     videos = kinetics_csv(kinetics_root / "train.csv", kinetics_root, split="val")
     dataset = VideoClipDataset(videos, ClipSampling("dense", 4, 2), ClipTransform(32))
     loader = DataLoader(dataset, batch_size=1, num_workers=2, collate_fn=collate_clips)
     assert sum(len(batch["labels"]) for batch in loader) == 1
     deadline = time.monotonic() + 10
-    while folders() - before and time.monotonic() < deadline:
+    while folders() and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert not folders() - before
+    assert not folders()
 
 
 def test_training_crops_differ_between_workers_and_epochs():
@@ -284,6 +289,11 @@ def test_training_crops_differ_between_workers_and_epochs():
     assert all(not torch.equal(first[0], other) for other in first[1:]) and not torch.equal(first[2], first[3])
     dataset.set_epoch(1)
     assert not any(torch.equal(first[index], dataset[index][0]) for index in range(4))
+
+
+def test_a_timeout_of_a_month_is_accepted():
+    """poll() takes an int of milliseconds; a long timeout must not overflow it."""
+    assert read_video(CARPHONE, [0, 1], backend="pyav", timeout=30 * 24 * 3600.0).shape[0] == 2
 
 
 def test_bad_arguments():
@@ -382,6 +392,10 @@ def test_list_file_and_class_folders(tmp_path):
     (tmp_path / "videos" / "phone" / "notes.txt").write_text("not a video")
     folders = class_folders(tmp_path / "videos")
     assert folders.classes == ["bike", "phone"] and [s.label for s in folders.samples] == [0, 1]
+    training = ["bike", "car", "phone"]  # a validation split may lack a class: labels follow the given list
+    assert [s.label for s in class_folders(tmp_path / "videos", classes=training).samples] == [0, 2]
+    with pytest.raises(InvalidConfigError, match=r"\['phone'\] are not among the 1 classes"):
+        class_folders(tmp_path / "videos", classes=["bike"])
     (tmp_path / "list.txt").write_text("videos/bike/a.mp4 0\nvideos/phone/b.mp4 1\n\n")
     listed = list_file(tmp_path / "list.txt")
     assert [(s.path.name, s.label) for s in listed.samples] == [("a.mp4", 0), ("b.mp4", 1)]

@@ -4,12 +4,12 @@ share of the visual tokens.
 
 The cost is the visual tokens per unit (an image; an Idefics3 tile), so every candidate gets the largest budget within
 the target (pooling: the largest budget its grid can make within it; where images differ in size, ``keep=target``,
-each unit's budget rounded to the nearest token, so up to half a token over the target, and ``tokens_ratio`` is the
-target) and the search is over the methods: bipartite merging to the budget, merging adjacent regions (an adaptive
-pooling), VisionZip's dominant tokens (alone and with contextual tokens), the correlation-guided compressor (per-crop
-redundancy, and page redundancy where a unit is a grid of crops), pooling and random selection (the baselines);
-those that rank patches only where the family can (a class token, or LLaVA's and LLaVA-OneVision's SigLIP towers:
-:attr:`VisionLLMFamily.ranks_patches`).
+each unit's budget rounded to the nearest token (at least one), so it can exceed the target, and ``tokens_ratio``
+is the target) and the search is over the methods: bipartite merging to the budget, merging adjacent regions (an
+adaptive pooling), VisionZip's dominant tokens (alone and with contextual tokens), the correlation-guided compressor
+(per-crop redundancy, and page redundancy where a unit is a grid of crops), pooling and random selection (the
+baselines); those that rank patches only where the family can (a class token, or LLaVA's and LLaVA-OneVision's SigLIP
+towers: :attr:`VisionLLMFamily.ranks_patches`).
 Each candidate runs the calibration prompts once per rung of successive halving, as :func:`vistok.tune` does for towers:
 all on a quarter of the batches, the better half on half of them, the best quarter on all (``rungs=3``). The score is
 top-1 agreement of the next-token prediction at the end of each prompt with the unpatched model's (ties: the lower KL

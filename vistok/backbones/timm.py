@@ -345,7 +345,8 @@ def _require_tokenwise(module: nn.Module, allowed: set[type], what: str) -> None
 
 
 def _note_features(tracker: LayoutSource, norm: nn.Module, args: tuple, output: Tensor) -> None:
-    tracker.note_features(output)
+    if args and args[0] is tracker.current_tokens():  # the final norm of the patched blocks' output, no other call
+        tracker.note_features(output)
 
 
 def _undo_all(undo: list[Callable[[], None]]) -> None:

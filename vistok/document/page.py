@@ -204,12 +204,13 @@ def view_signals(model: nn.Module, views: Tensor, layer: int = -1) -> ViewSignal
 
     hooks = [blocks[index].register_forward_pre_hook(before, with_kwargs=True),
              blocks[index].register_forward_hook(after, with_kwargs=True)]
-    was_training = backbone.model.training
+    modes = {module: module.training for module in backbone.model.modules()}
     backbone.model.eval()
     try:
         backbone.model(views)
     finally:
-        backbone.model.train(was_training)
+        for module, training in modes.items():
+            module.training = training
         for hook in hooks:
             hook.remove()
     if "out" not in seen:

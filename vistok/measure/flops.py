@@ -74,9 +74,9 @@ def count_flops(model: nn.Module, images: Tensor | Iterable[Tensor],
     needs, not those of its padding. An unpatched model is counted in one batch.
 
     While it counts, the model's parameters have ``requires_grad`` off (restored after, errors included): torch's
-    FLOP counter fails on attention-pool heads otherwise. Do not count a model another thread is training.
-
-    Blocks patched with ``attention="flex"`` are counted on the ``"sdpa"`` path (the same attention).
+    FLOP counter fails on attention-pool heads otherwise. Blocks patched with ``attention="flex"`` are counted on
+    the ``"sdpa"`` path (the same attention; the counter has no formula for FlexAttention), switched meanwhile. Do
+    not count a model another thread is running.
 
     Args:
         model: any module taking ``[B, C, H, W]`` images.

@@ -108,9 +108,12 @@ def _counted_frames(path: str) -> int:
     decord uses, counts an audio track that runs longer than the video.)"""
     import av
 
-    with av.open(path) as container:
-        stream = container.streams.video[0]
-        return sum(1 for packet in container.demux(stream) if packet.size)
+    try:
+        with av.open(path) as container:
+            stream = container.streams.video[0]
+            return sum(1 for packet in container.demux(stream) if packet.size)
+    except Exception as error:  # av.error.* while demuxing a damaged file
+        raise DecodeError(f"PyAV cannot count its frames: {_first_line(error)}") from None
 
 
 def _first_line(error: BaseException) -> str:

@@ -162,11 +162,18 @@ def _listed_clips(list_path: Path) -> list[tuple[str, int]]:
     return listed
 
 
-def class_folders(root: str | os.PathLike, extensions: Sequence[str] = VIDEO_EXTENSIONS) -> VideoList:
-    """``root/<class name>/<clip>``: one folder per class, classes sorted by name."""
+def class_folders(root: str | os.PathLike, extensions: Sequence[str] = VIDEO_EXTENSIONS,
+                  classes: Sequence[str] | None = None) -> VideoList:
+    """``root/<class name>/<clip>``: one folder per class, classes sorted by name. ``classes``: the class list to
+    index labels by (e.g. the training split's, whose folders a validation split may lack some of); a folder
+    outside it is an error."""
     root = Path(root)
-    classes = folder_classes(root)
-    samples = [VideoSample(path, label) for label, name in enumerate(classes)
+    found = folder_classes(root)
+    classes = found if classes is None else list(classes)
+    unknown = sorted(set(found) - set(classes))
+    if unknown:
+        raise InvalidConfigError(f"{root}: class folders {unknown} are not among the {len(classes)} classes")
+    samples = [VideoSample(path, classes.index(name)) for name in found
                for path in sorted((root / name).iterdir()) if path.suffix.lower() in extensions]
     return _finish(samples, classes, [], str(root), "skip")
 

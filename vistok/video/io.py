@@ -189,7 +189,7 @@ class _Worker:
         if self._process is None or self._process.poll() is not None:
             self.stop()
             shared = "/dev/shm" if os.path.isdir("/dev/shm") else None
-            self._folder = tempfile.mkdtemp(prefix="vistok-video-", dir=shared)
+            self._folder = tempfile.mkdtemp(prefix=_FOLDER_PREFIX, dir=shared)
             self._process = subprocess.Popen(
                 [sys.executable, "-u", str(Path(_decoders.__file__)), self._folder], stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, bufsize=0)
@@ -222,7 +222,7 @@ def _read_exactly(fd: int, size: int, deadline: float) -> bytes | None:
     ready.register(fd, select.POLLIN)
     while size:
         left = deadline - time.monotonic()
-        if left <= 0 or not ready.poll(math.ceil(left * 1000)):
+        if left <= 0 or not ready.poll(min(math.ceil(left * 1000), 2**31 - 1)):  # poll takes an int of ms
             raise _Timeout
         chunk = os.read(fd, min(size, 1 << 22))
         if not chunk:
@@ -232,6 +232,7 @@ def _read_exactly(fd: int, size: int, deadline: float) -> bytes | None:
     return b"".join(chunks)
 
 
+_FOLDER_PREFIX = "vistok-video-"  # of the folder each decoding child leaves large frame arrays in
 _WORKERS: dict[int, _Worker] = {}
 _WORKERS_LOCK = threading.Lock()
 
