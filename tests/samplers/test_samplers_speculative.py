@@ -216,6 +216,13 @@ def test_vocabulary_mismatch_is_refused(models):
         SpeculativeDecoder(target, trimmed, draft_vocab=torch.tensor([1, 1, 2]))
     with pytest.raises(VocabularyMismatchError):
         self_draft(target, vocab=torch.tensor([0, VOCAB]))
+    hidden = self_draft(target)  # a head vistok cannot read: the widths are checked when the logits come
+    hidden.get_output_embeddings = lambda: None
+    decoder = SpeculativeDecoder(target, hidden, draft_vocab=torch.tensor([1, 2, 3]))
+    with pytest.raises(VocabularyMismatchError, match=f"returned {VOCAB} logits, but draft_vocab lists 3"):
+        decoder.generate(PROMPT, max_new_tokens=2, seeds=torch.tensor([0]))
+    with pytest.raises(VocabularyMismatchError, match="cannot read from this target"):
+        SpeculativeDecoder(hidden, trimmed, draft_vocab=torch.tensor([1, 2, 3]))
     with pytest.raises(InvalidConfigError):
         SpeculativeDecoder(target, target, gamma=0)
     with pytest.raises(UnsupportedModelError):

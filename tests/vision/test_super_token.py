@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from helpers import make_images, make_model
 
 import vistok
-from vistok import InvalidConfigError, PatchStateError, UnsupportedModelError
+from vistok import InvalidConfigError, UnsupportedModelError
 from vistok.backbones import resolve_backbone
 from vistok.block import run_block
 from vistok.methods.super_token import SuperTokenAttender
@@ -150,6 +150,9 @@ def test_training_free_variant_refusals():
         vistok.patch(model, [("super_token", {"blocks": [3]}), ("ats", {"blocks": [3]})])
     with pytest.raises(UnsupportedModelError, match="rotary"):
         vistok.patch(make_model("eva02_rope"), "super_token")
-    with vistok.patch(model, [("ats", {"blocks": [1]}), ("super_token", {"blocks": [4]})]):
-        with pytest.raises(PatchStateError, match="whole patch grid"):
-            model(make_images(model, 1))
+    for composed in ([("ats", {"blocks": [1]}), ("super_token", {"blocks": [4]})],
+                     [("merge", {"blocks": [3], "r": 4}), ("super_token", {"blocks": [4]})]):
+        with pytest.raises(InvalidConfigError, match="block 4: 'super_token' needs the whole patch grid"):
+            vistok.patch(model, composed)  # refused when patching, not at the first forward
+    with vistok.patch(model, [("merge", {"blocks": [5], "r": 4}), ("super_token", {"blocks": [4]})]):
+        model(make_images(model, 1))  # merging after the super tokens is fine

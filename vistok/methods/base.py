@@ -41,6 +41,8 @@ class TokenReducer:
     #: the tokens ``select`` does not keep are not dropped before attention: attention runs over every token,
     #: then each of them merges into the kept token whose key is most similar (size-weighted), before the MLP
     fuses: bool = False
+    #: ``attend`` needs every patch token on the grid (nothing dropped, merged or padded before it)
+    needs_whole_grid: bool = False
 
     @property
     def merges(self) -> bool:

@@ -86,5 +86,19 @@ class ComposedConfig(MethodConfig):
                     raise InvalidConfigError(
                         f"block {block}: {taken['select'][0]!r} with fusion merges after attention itself, and "
                         f"{taken['merge'][0]!r} merges there too; give them disjoint blocks")
+        _check_whole_grids(slots)
         return {block: ComposedReducer(*(hooks.get(hook, (None, None))[1] for hook in ("select", "attend", "merge")))
                 for block, hooks in slots.items()}
+
+
+def _check_whole_grids(slots: dict[int, dict[str, tuple[str, TokenReducer]]]) -> None:
+    """Refuse a method that needs the whole patch grid (super tokens) in or after a block where another has
+    already dropped tokens (``select``, before attention) or merged them (``merge``, after it: later blocks)."""
+    reduced_at = [block + (hook == "merge") for block, hooks in slots.items() for hook in ("select", "merge")
+                  if hook in hooks]
+    first = min(reduced_at, default=None)
+    for block, hooks in sorted(slots.items()):
+        name, reducer = hooks.get("attend", (None, None))
+        if reducer is not None and reducer.needs_whole_grid and first is not None and block >= first:
+            raise InvalidConfigError(f"block {block}: {name!r} needs the whole patch grid, but tokens are dropped or "
+                                     f"merged from block {first} on; place its blocks before the others'")

@@ -41,6 +41,8 @@ __all__ = ["SuperTokenConfig", "SuperTokenAttender"]
 class SuperTokenAttender(TokenReducer):
     """Super token attention in one block, with the block's own q/k/v and output projection."""
 
+    needs_whole_grid = True
+
     def __init__(self, grid: tuple[int, int], stoken_size: tuple[int, int], n_iter: int) -> None:
         self.grid = grid
         self.stoken_size = stoken_size

@@ -182,6 +182,9 @@ class SpeculativeDecoder:
         self._check_vocab(output_vocab_size(draft))
 
     def _check_vocab(self, draft_width: int | None) -> None:
+        if self.draft_vocab is not None and self.vocab_size is None:
+            raise VocabularyMismatchError("a draft_vocab maps the draft's logits into the target's vocabulary, whose "
+                                          "size vistok cannot read from this target (no output head it knows)")
         if draft_width is None or self.vocab_size is None:
             return
         if self.draft_vocab is None:
@@ -206,6 +209,9 @@ class SpeculativeDecoder:
                 raise VocabularyMismatchError(f"the draft returned {probs.shape[1]} logits, the target "
                                               f"vocabulary has {self.vocab_size}")
             return probs
+        if probs.shape[1] != self.draft_vocab.numel():
+            raise VocabularyMismatchError(f"the draft returned {probs.shape[1]} logits, but draft_vocab lists "
+                                          f"{self.draft_vocab.numel()} ids")
         full = probs.new_zeros(probs.shape[0], self.vocab_size)
         return full.index_copy_(1, self.draft_vocab.to(probs.device), probs)
 
