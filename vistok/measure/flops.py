@@ -54,8 +54,8 @@ def _counted_attention(model: nn.Module):
     operator (and fails on it), and both paths compute the same attention."""
     from ..patching import PatchHandle, get_handle
 
-    handles = {id(h): h for module in model.modules() if isinstance(h := get_handle(module), PatchHandle)}
-    flex = [handle for handle in handles.values() if handle.attention == "flex"]
+    flex = [handle for module in model.modules()
+            if isinstance(handle := get_handle(module), PatchHandle) and handle.attention == "flex"]
     for handle in flex:
         handle.attention = "sdpa"
     try:

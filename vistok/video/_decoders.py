@@ -16,6 +16,7 @@ Problems are raised as :class:`DecodeError` with a message for the user.
 
 from __future__ import annotations
 
+import functools
 import os
 import pickle
 import shutil
@@ -105,7 +106,14 @@ def decode_pyav(path: str, indices: list[int] | None, num_frames: int | None) ->
 def _counted_frames(path: str) -> int:
     """The video packets of the first video stream, for containers that store no frame count (mkv, webm, raw
     streams): demuxing reads the file without decoding it. (The container's duration times the frame rate, which
-    decord uses, counts an audio track that runs longer than the video.)"""
+    decord uses, counts an audio track that runs longer than the video.) Remembered per file version, so that a
+    dataset item's probe and decode demux it once."""
+    status = os.stat(path)
+    return _packet_count(path, status.st_size, status.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=256)
+def _packet_count(path: str, size: int, mtime_ns: int) -> int:
     import av
 
     try:

@@ -126,11 +126,11 @@ def list_file(list_path: str | os.PathLike, root: str | os.PathLike | None = Non
     list_path = Path(list_path)
     root = Path(root) if root is not None else list_path.parent
     listed = _listed_clips(list_path)
-    top = max((label for _, label in listed), default=-1)
+    numbered = _numbered_classes(listed)
     if classes is None:
-        classes = [str(i) for i in range(top + 1)]
-    elif top >= len(classes):
-        raise InvalidConfigError(f"{list_path}: label {top} but only {len(classes)} classes")
+        classes = numbered
+    elif len(numbered) > len(classes):
+        raise InvalidConfigError(f"{list_path}: label {len(numbered) - 1} but only {len(classes)} classes")
     samples, missing = [], []
     for name, label in listed:
         path = root / name
@@ -144,8 +144,12 @@ def list_file(list_path: str | os.PathLike, root: str | os.PathLike | None = Non
 def list_classes(list_path: str | os.PathLike) -> list[str]:
     """The class names :func:`list_file` gives by default, ``"0" .. "max"`` of the labels listed; no clip is
     looked for."""
-    top = max((label for _, label in _listed_clips(Path(list_path))), default=-1)
-    return [str(i) for i in range(top + 1)]
+    return _numbered_classes(_listed_clips(Path(list_path)))
+
+
+def _numbered_classes(listed: list[tuple[str, int]]) -> list[str]:
+    """``"0" .. "max"`` of the labels of :func:`_listed_clips`."""
+    return [str(i) for i in range(max((label for _, label in listed), default=-1) + 1)]
 
 
 def _listed_clips(list_path: Path) -> list[tuple[str, int]]:
