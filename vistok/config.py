@@ -142,10 +142,22 @@ def parse_option(text: str) -> tuple[str, Any]:
 def parse_method_spec(text: str) -> tuple[str, dict[str, Any]]:
     """``"method"`` or ``"method:key=value,key=value"`` -> ``(method, options)``: a method with its options in
     one command-line word (``correlation_guided:allocation=uniform``)."""
-    import re
-
     name, _, rest = text.partition(":")
     if not name:
         raise ConfigError(f"expected method or method:key=value,..., got {text!r}")
-    items = re.split(r",(?![^\[\(]*[\]\)])", rest)  # commas inside [...] or (...) belong to a value
-    return name, dict(parse_option(item) for item in items if item)
+    return name, dict(parse_option(item) for item in _top_level_items(rest) if item)
+
+
+def _top_level_items(text: str) -> list[str]:
+    """``text`` split at the commas outside brackets: ``"k=[[1,2],[3]],r=4"`` -> ``["k=[[1,2],[3]]", "r=4"]``."""
+    items, depth, start = [], 0, 0
+    for position, char in enumerate(text):
+        if char in "([{":
+            depth += 1
+        elif char in ")]}":
+            depth = max(depth - 1, 0)
+        elif char == "," and depth == 0:
+            items.append(text[start:position])
+            start = position + 1
+    items.append(text[start:])
+    return items

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ._checks import is_int
 from .data import load_fashion_mnist
 from .errors import InvalidConfigError
 
@@ -89,7 +90,7 @@ class FashionQA(torch.utils.data.Dataset):
     def __init__(self, split: str, size: int, seed: int = 0, root: str | None = None) -> None:
         if split not in SPLIT_SEEDS:
             raise InvalidConfigError(f"FashionQA: split must be 'train' or 'test', got {split!r}")
-        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        if not is_int(size, 1):
             raise InvalidConfigError(f"FashionQA: size must be a positive int, got {size!r}")
         images, labels = load_fashion_mnist(split, root)
         self.images = images.numpy() if isinstance(images, torch.Tensor) else np.asarray(images)

@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ._checks import is_int, is_real
 from .backbones import resolve_backbone
 from .errors import InputShapeError, InvalidConfigError, VistokError
 from .methods import ATSConfig, MergeConfig, MethodConfig, RandomDropConfig, create_config
@@ -185,7 +186,7 @@ def tune(model: nn.Module, images: Tensor | list[dict[str, Any]], target: float 
     cost = cost or "gflops"
     if cost not in COSTS:
         raise InvalidConfigError(f"tune: cost must be one of {sorted(COSTS)}, got {cost!r}")
-    if isinstance(target, bool) or not isinstance(target, (int, float)) or not 0 < target <= 1:
+    if not is_real(target) or not 0 < target <= 1:
         raise InvalidConfigError(f"tune: target must be a {COSTS[cost]} ratio in (0, 1], got {target!r}")
     if images.dim() not in (4, 5) or images.shape[0] < 2 ** (rungs - 1):
         raise InputShapeError(f"tune: expected calibration images [B, C, H, W] (or clips [B, C, T, H, W] for a "
@@ -212,7 +213,7 @@ def tune(model: nn.Module, images: Tensor | list[dict[str, Any]], target: float 
 def _check_counts(**counts: Any) -> None:
     """Raise :class:`InvalidConfigError` naming the first count that is not an ``int >= 1``."""
     for name, value in counts.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        if not is_int(value, 1):
             raise InvalidConfigError(f"tune: {name} must be an int >= 1, got {value!r}")
 
 

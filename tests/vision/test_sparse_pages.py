@@ -153,6 +153,8 @@ def test_method_words_carry_options():
     assert parse_method_spec("correlation_guided:redundancy=page,allocation=uniform,minimum=0") == \
         ("correlation_guided", {"redundancy": "page", "allocation": "uniform", "minimum": 0})
     assert parse_method_spec("ats:k=108,blocks=[3,4,5]") == ("ats", {"k": 108, "blocks": [3, 4, 5]})
+    assert parse_method_spec("ats:k=[[1,2],[3]],blocks=(1,2),fusion=True") == \
+        ("ats", {"k": [[1, 2], [3]], "blocks": (1, 2), "fusion": True})
     with pytest.raises(ConfigError, match="expected key=value"):
         parse_method_spec("correlation_guided:page")
     with pytest.raises(ConfigError, match="expected method"):

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .._checks import is_int
 from ..errors import InputShapeError, InvalidConfigError
 from ..ops.merging import bipartite_soft_matching, merge_weighted
 
@@ -58,7 +59,7 @@ def in_patch_order(result: Budgeted, first: Tensor | None = None) -> Budgeted:
 def _check(x: Tensor, tokens: int, name: str) -> None:
     if x.dim() != 3:
         raise InputShapeError(f"{name}: expected tokens [B, N, D], got {tuple(x.shape)}")
-    if isinstance(tokens, bool) or not isinstance(tokens, int) or not 1 <= tokens <= x.shape[1]:
+    if not is_int(tokens) or not 1 <= tokens <= x.shape[1]:
         raise InvalidConfigError(f"{name}: the budget must be an int in [1, {x.shape[1]}] (the tokens there are), "
                                  f"got {tokens!r}")
 
@@ -269,7 +270,7 @@ def select_dominant(x: Tensor, scores: Tensor, tokens: int, contextual: int = 0)
     _check(x, tokens, "select_dominant")
     if scores.shape != x.shape[:2]:
         raise InputShapeError(f"select_dominant: scores {tuple(scores.shape)} must be [B, N] = {tuple(x.shape[:2])}")
-    if isinstance(contextual, bool) or not isinstance(contextual, int) or not 0 <= contextual < tokens:
+    if not is_int(contextual) or not 0 <= contextual < tokens:
         raise InvalidConfigError(f"select_dominant: contextual must be an int in [0, {tokens - 1}], got "
                                  f"{contextual!r}")
     n = x.shape[1]

@@ -16,6 +16,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
+from .._checks import is_int, is_real
 from ..errors import InvalidConfigError
 from ..methods.base import MethodConfig
 from .budget import Budgeted, merge_regions_to_budget, merge_to_budget, pool_to_budget, select_dominant, select_random
@@ -72,11 +73,9 @@ class BoundaryConfig(MethodConfig):
         if (self.tokens is None) == (self.keep is None):
             raise InvalidConfigError(f"{self.name}: give exactly one of tokens= (visual tokens per image) or keep= "
                                      f"(a fraction of them), got tokens={self.tokens!r}, keep={self.keep!r}")
-        if self.tokens is not None and (isinstance(self.tokens, bool) or not isinstance(self.tokens, int)
-                                        or self.tokens < 1):
+        if self.tokens is not None and not is_int(self.tokens, 1):
             raise InvalidConfigError(f"{self.name}: tokens must be a positive int, got {self.tokens!r}")
-        if self.keep is not None and (isinstance(self.keep, bool) or not isinstance(self.keep, (int, float))
-                                      or not 0 < self.keep <= 1):
+        if self.keep is not None and (not is_real(self.keep) or not 0 < self.keep <= 1):
             raise InvalidConfigError(f"{self.name}: keep must be a fraction in (0, 1], got {self.keep!r}")
 
     def _check_positions(self) -> None:
@@ -143,7 +142,7 @@ class DominantConfig(BoundaryConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if isinstance(self.contextual, bool) or not isinstance(self.contextual, int) or self.contextual < 0:
+        if not is_int(self.contextual, 0):
             raise InvalidConfigError(f"dominant: contextual must be a non-negative int, got {self.contextual!r}")
 
     def compress(self, inputs: BoundaryInputs, budget: int) -> Budgeted:
@@ -172,7 +171,7 @@ class RandomSelectConfig(BoundaryConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**62:
+        if not is_int(self.seed) or not 0 <= self.seed < 2**62:
             raise InvalidConfigError(f"random_select: seed must be an int in [0, 2**62), got {self.seed!r}")
 
     def compress(self, inputs: BoundaryInputs, budget: int) -> Budgeted:

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .._checks import is_real
 from ..errors import InputShapeError, InvalidConfigError, VistokError
 from ..methods import MethodConfig, create_config
 from .budget import poolable
@@ -94,7 +95,7 @@ def tune_vision_llm(model: nn.Module, batches: Sequence[Mapping[str, Any]], targ
     from ..tuner import TuneResult
     from .vlm import vision_llm_family
 
-    if isinstance(target, bool) or not isinstance(target, (int, float)) or not 0 < target <= 1:
+    if not is_real(target) or not 0 < target <= 1:
         raise InvalidConfigError(f"tune: target must be a share of the visual tokens in (0, 1], got {target!r}")
     if isinstance(batches, Mapping) or not isinstance(batches, Sequence) or \
             not all(isinstance(b, Mapping) and "input_ids" in b for b in batches):

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .._checks import is_int
 from ..errors import InputShapeError, InvalidConfigError
 
 __all__ = ["PageCrops", "candidate_grids", "choose_grid", "crop_page"]
@@ -36,7 +37,7 @@ class PageCrops:
 
 def candidate_grids(max_crops: int = 9) -> list[tuple[int, int]]:
     """Every ``(rows, cols)`` with ``rows * cols <= max_crops``, fewer crops first (ties: fewer rows first)."""
-    if isinstance(max_crops, bool) or not isinstance(max_crops, int) or max_crops < 1:
+    if not is_int(max_crops, 1):
         raise InvalidConfigError(f"candidate_grids: max_crops must be a positive int, got {max_crops!r}")
     grids = [(rows, cols) for rows in range(1, max_crops + 1) for cols in range(1, max_crops // rows + 1)]
     return sorted(grids, key=lambda grid: (grid[0] * grid[1], grid[0]))
@@ -57,7 +58,7 @@ def choose_grid(height: int, width: int, crop_size: int = 448, max_crops: int = 
     wins: the aspect ratio first, then the size; ties go to fewer crops.
     """
     for name, value in (("height", height), ("width", width), ("crop_size", crop_size)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        if not is_int(value, 1):
             raise InvalidConfigError(f"choose_grid: {name} must be a positive int, got {value!r}")
     grids = candidate_grids(max_crops)
     rows = torch.tensor([g[0] for g in grids], dtype=torch.float64)
@@ -76,7 +77,7 @@ def crop_page(page: Tensor, crop_size: int = 448, max_crops: int = 9, grid: tupl
     if page.dim() != 3 or not page.is_floating_point():
         raise InputShapeError(f"crop_page: expected a float page [C, H, W], got {page.dtype} "
                               f"{tuple(page.shape)}")
-    if isinstance(crop_size, bool) or not isinstance(crop_size, int) or crop_size < 1:
+    if not is_int(crop_size, 1):
         raise InvalidConfigError(f"crop_page: crop_size must be a positive int, got {crop_size!r}")
     rows, cols = grid if grid is not None else choose_grid(page.shape[1], page.shape[2], crop_size, max_crops)
     if rows < 1 or cols < 1:

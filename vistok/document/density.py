@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .._checks import is_int, is_real
 from ..errors import InputShapeError, InvalidConfigError
 
 __all__ = ["redundant_tokens", "information_density", "allocate_budget", "top_tokens", "merge_into_kept",
@@ -45,9 +46,9 @@ def redundant_tokens(keys: Tensor, similarity: float = 0.9, repeats: int = 4, gr
         groups: ``[V, N]`` long, optional: only tokens of the same group count (the tiles of a crop grid).
     """
     _check_tokens(keys, "redundant_tokens", "keys")
-    if isinstance(similarity, bool) or not isinstance(similarity, (int, float)) or not -1 <= similarity <= 1:
+    if not is_real(similarity) or not -1 <= similarity <= 1:
         raise InvalidConfigError(f"redundant_tokens: similarity must be a cosine in [-1, 1], got {similarity!r}")
-    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+    if not is_int(repeats, 1):
         raise InvalidConfigError(f"redundant_tokens: repeats must be a positive int, got {repeats!r}")
     unit = F.normalize(keys.float(), dim=-1)
     close = (unit @ unit.transpose(1, 2)) > similarity  # [V, N, N], the diagonal included
@@ -75,9 +76,9 @@ def allocate_budget(weights: Tensor, total: int, capacity: int | Tensor, minimum
         raise InvalidConfigError("allocate_budget: weights must be finite and non-negative")
     views = weights.shape[0]
     cap = torch.as_tensor(capacity, dtype=torch.long).expand(views).clone()
-    if isinstance(minimum, bool) or not isinstance(minimum, int) or minimum < 0 or bool((cap < minimum).any()):
+    if not is_int(minimum, 0) or bool((cap < minimum).any()):
         raise InvalidConfigError(f"allocate_budget: minimum must be an int in [0, capacity], got {minimum!r}")
-    if isinstance(total, bool) or not isinstance(total, int) or not minimum * views <= total <= int(cap.sum()):
+    if not is_int(total) or not minimum * views <= total <= int(cap.sum()):
         raise InvalidConfigError(f"allocate_budget: total must be an int in [{minimum * views}, {int(cap.sum())}] "
                                  f"({views} views, at least {minimum} and at most their capacity each), got "
                                  f"{total!r}")
@@ -107,7 +108,7 @@ def top_tokens(scores: Tensor, count: int) -> Tensor:
     (the tokens keep their order in the view)."""
     if scores.dim() != 1:
         raise InputShapeError(f"top_tokens: expected scores [N], got {tuple(scores.shape)}")
-    if isinstance(count, bool) or not isinstance(count, int) or not 0 <= count <= scores.shape[0]:
+    if not is_int(count) or not 0 <= count <= scores.shape[0]:
         raise InvalidConfigError(f"top_tokens: count must be an int in [0, {scores.shape[0]}], got {count!r}")
     return scores.float().argsort(descending=True, stable=True)[:count].sort().values
 

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._checks import is_int
 from ..adapters.budget import Budgeted, select_dominant
 from ..adapters.methods import BoundaryConfig, BoundaryInputs
 from ..backbones import resolve_backbone
@@ -112,9 +113,9 @@ class CorrelationGuidedConfig(BoundaryConfig):
             raise InvalidConfigError(f"{self.name}: score must be one of {SCORES}, got {self.score!r}")
         if not isinstance(self.merge, bool):
             raise InvalidConfigError(f"{self.name}: merge must be a bool, got {self.merge!r}")
-        if isinstance(self.layer, bool) or not isinstance(self.layer, int):
+        if not is_int(self.layer):
             raise InvalidConfigError(f"{self.name}: layer must be a block index, got {self.layer!r}")
-        if isinstance(self.minimum, bool) or not isinstance(self.minimum, int) or self.minimum < 0:
+        if not is_int(self.minimum, 0):
             raise InvalidConfigError(f"{self.name}: minimum must be a non-negative int, got {self.minimum!r}")
         redundant_tokens(torch.zeros(1, 1, 1), self.similarity, self.repeats)  # checks both
 

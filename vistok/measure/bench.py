@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from .._checks import is_int
 from ..errors import InvalidConfigError
 from .flops import count_flops
 from .throughput import Timing, allow_recompiles, synchronize, time_models
@@ -160,8 +161,7 @@ def run_benchmark(
     """
     from ..patching import patch
 
-    if flops_images is not None and (isinstance(flops_images, bool) or not isinstance(flops_images, int)
-                                     or flops_images < 1):
+    if flops_images is not None and not is_int(flops_images, 1):
         raise InvalidConfigError(f"run_benchmark: flops_images must be an int >= 1 (or None: all), got "
                                  f"{flops_images!r}")
     torch.manual_seed(seed)

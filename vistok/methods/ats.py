@@ -18,6 +18,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
+from .._checks import is_int, is_real
 from ..backbones.base import BackboneInfo
 from ..errors import InvalidConfigError, UnsupportedModelError
 from ..ops import inverse_transform_sampling, probe_attention, probe_query, significance_scores
@@ -116,7 +117,7 @@ class ATSConfig(MethodConfig):
         for k in ([] if self.k is None else self.k if isinstance(self.k, Sequence) and not isinstance(self.k, str)
                   else [self.k]):
             check_k(k, None)
-        if isinstance(self.min_tokens, bool) or not isinstance(self.min_tokens, int) or self.min_tokens < 1:
+        if not is_int(self.min_tokens, 1):
             raise InvalidConfigError(f"ats: min_tokens must be an int >= 1, got {self.min_tokens!r}")
         if not isinstance(self.fusion, bool):
             raise InvalidConfigError(f"ats: fusion must be a bool, got {self.fusion!r}")
@@ -124,8 +125,7 @@ class ATSConfig(MethodConfig):
     def build(self, info: BackboneInfo) -> dict[int, TokenReducer]:
         blocks = resolve_block_indices(self.blocks, info.num_blocks, default_ats_blocks(info.num_blocks))
         budgets = self._per_block_k(info, len(blocks))
-        if isinstance(self.min_tokens, bool) or not isinstance(self.min_tokens, int) \
-                or not 1 <= self.min_tokens <= info.num_patches:
+        if not is_int(self.min_tokens) or not 1 <= self.min_tokens <= info.num_patches:
             raise InvalidConfigError(
                 f"ats: min_tokens must be an int in [1, {info.num_patches}] (the model's patch tokens), "
                 f"got {self.min_tokens!r}")
@@ -150,7 +150,7 @@ class ATSConfig(MethodConfig):
 def check_k(k: object, num_patches: int | None, method: str = "ats") -> int | float:
     """``k`` as an int in ``[1, num_patches]`` or a fraction in ``(0, 1]`` (``num_patches=None``: no upper bound
     for an int, which the model's patch count gives later)."""
-    if isinstance(k, bool) or not isinstance(k, (int, float)):
+    if not is_real(k):
         raise InvalidConfigError(f"{method}: k must be an int or a float, got {type(k).__name__} {k!r}")
     if isinstance(k, int):
         if num_patches is None:

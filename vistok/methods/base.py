@@ -9,6 +9,7 @@ from typing import ClassVar
 
 from torch import Tensor
 
+from .._checks import is_int
 from ..backbones.base import BackboneInfo, BlockOps
 from ..errors import InvalidConfigError
 from ..tokens import TokenLayout
@@ -110,7 +111,7 @@ def resolve_block_indices(blocks: Sequence[int] | None, depth: int, default: Seq
         raise InvalidConfigError("blocks is empty: there is nothing to patch")
     resolved = []
     for block in blocks:
-        if isinstance(block, bool) or not isinstance(block, int):
+        if not is_int(block):
             raise InvalidConfigError(f"blocks must hold ints, got {block!r}")
         if not -depth <= block < depth:
             raise InvalidConfigError(f"block index {block} is out of range: the model has {depth} blocks")

@@ -16,6 +16,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
+from .._checks import is_int
 from ..backbones.base import BackboneInfo
 from ..errors import InvalidConfigError, UnsupportedModelError
 from ..ops import sync
@@ -129,7 +130,7 @@ class MergeConfig(MethodConfig):
 
 
 def _check_r(r: object, info: BackboneInfo | None) -> int:
-    if isinstance(r, bool) or not isinstance(r, int):
+    if not is_int(r):
         raise InvalidConfigError(f"merge: r must be an int, got {type(r).__name__} {r!r}")
     if r < 0:
         raise InvalidConfigError(f"merge: r must be >= 0, got {r}")

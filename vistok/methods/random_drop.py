@@ -10,6 +10,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
+from .._checks import is_int
 from ..backbones.base import BackboneInfo
 from ..errors import InvalidConfigError
 from ..ops import hashed_noise
@@ -73,7 +74,7 @@ class RandomDropConfig(MethodConfig):
     name: ClassVar[str] = "random_drop"
 
     def __post_init__(self) -> None:  # what needs no model; build() checks the rest against it
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**62:
+        if not is_int(self.seed) or not 0 <= self.seed < 2**62:
             raise InvalidConfigError(f"random_drop: seed must be an int in [0, 2**62), got {self.seed!r}")
         for k in self.k if isinstance(self.k, Sequence) and not isinstance(self.k, str) else [self.k]:
             check_k(k, None, "random_drop")

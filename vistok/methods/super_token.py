@@ -20,6 +20,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
+from .._checks import is_int
 from ..backbones.base import BackboneInfo, BlockOps
 from ..errors import InvalidConfigError, PatchStateError, UnsupportedModelError
 from ..ops import attend
@@ -107,10 +108,10 @@ class SuperTokenConfig(MethodConfig):
 
     def __post_init__(self) -> None:  # what needs no model; build() checks the grid against it
         size = self._size()
-        if len(size) != 2 or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in size):
+        if len(size) != 2 or any(not is_int(s, 1) for s in size):
             raise InvalidConfigError(f"super_token: stoken_size must be a positive int or (h, w), got "
                                      f"{self.stoken_size!r}")
-        if isinstance(self.n_iter, bool) or not isinstance(self.n_iter, int) or self.n_iter < 1:
+        if not is_int(self.n_iter, 1):
             raise InvalidConfigError(f"super_token: n_iter must be an int >= 1, got {self.n_iter!r}")
 
     def _size(self) -> tuple[int, ...]:

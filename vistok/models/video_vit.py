@@ -23,6 +23,7 @@ from timm.models import register_model
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
+from .._checks import is_int
 from ..errors import InputShapeError, InvalidConfigError, UnsupportedModelError
 
 __all__ = ["TubeletEmbed", "inflate_to_video", "resample_num_frames", "vistok_video_vit_fmnist",
@@ -100,7 +101,7 @@ def inflate_to_video(model: VisionTransformer, num_frames: int, tubelet_frames: 
         raise UnsupportedModelError("inflate_to_video needs a learned position embedding over prefix and patch "
                                     "tokens at a fixed image size")
     for value, name in ((num_frames, "num_frames"), (tubelet_frames, "tubelet_frames")):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        if not is_int(value, 1):
             raise InvalidConfigError(f"inflate_to_video: {name} must be a positive int, got {value!r}")
     if num_frames % tubelet_frames:
         raise InvalidConfigError(f"inflate_to_video: num_frames={num_frames} is not a multiple of "
@@ -140,7 +141,7 @@ def resample_num_frames(model: VisionTransformer, num_frames: int) -> VisionTran
         raise UnsupportedModelError(f"resample_num_frames takes a video ViT made by inflate_to_video, got a "
                                     f"{type(embed).__name__} patch embedding")
     depth = embed.patch_size[0]
-    if isinstance(num_frames, bool) or not isinstance(num_frames, int) or num_frames < 1 or num_frames % depth:
+    if not is_int(num_frames, 1) or num_frames % depth:
         raise InvalidConfigError(f"resample_num_frames: num_frames must be a positive multiple of the tubelet depth "
                                  f"{depth}, got {num_frames!r}")
     slices, rows, cols = embed.grid_size

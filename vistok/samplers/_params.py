@@ -7,6 +7,7 @@ import math
 import torch
 from torch import Tensor
 
+from .._checks import is_real
 from ..errors import InvalidConfigError
 from .errors import InvalidLogitsError
 
@@ -52,7 +53,7 @@ def row_param(value: RowParam, name: str, *, low: float, high: float, low_open: 
         if integer and (value.is_floating_point() or value.is_complex() or value.dtype == torch.bool):
             raise InvalidConfigError(f"{what}; got a {value.dtype} tensor")
         values = value.double()
-    elif isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not isinstance(value, int)):
+    elif not is_real(value) or (integer and not isinstance(value, int)):
         raise InvalidConfigError(f"{what}, got {value!r}")
     else:  # a Python number: checked without creating tensors (this runs once per decoding step)
         number = float(value)

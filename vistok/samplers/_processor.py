@@ -6,6 +6,7 @@ import math
 
 from torch import Tensor
 
+from .._checks import is_int, is_real
 from ..errors import InvalidConfigError
 
 __all__ = ["LogitsFilter", "check_min_tokens", "check_filter_value"]
@@ -32,12 +33,12 @@ class LogitsFilter:
 
 
 def check_min_tokens(value: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    if not is_int(value, 1):
         raise InvalidConfigError(f"min_tokens_to_keep must be an int >= 1, got {value!r}")
     return value
 
 
 def check_filter_value(value: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) or value == math.inf:
+    if not is_real(value) or math.isnan(value) or value == math.inf:
         raise InvalidConfigError(f"filter_value must be a number below +inf (usually -inf), got {value!r}")
     return float(value)

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from .._checks import is_int
 from ..errors import InvalidConfigError
 from . import rng
 from ._decoding import CausalLMState, check_causal_lm
@@ -59,7 +60,7 @@ class CNTPConfig:
                                      f"{self.entropy_high}")
         for name in ("min_trials", "max_trials", "max_trial_tokens"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if not is_int(value, 1):
                 raise InvalidConfigError(f"{name} must be an int >= 1, got {value!r}")
         if self.min_trials > self.max_trials:
             raise InvalidConfigError(f"min_trials ({self.min_trials}) exceeds max_trials ({self.max_trials})")

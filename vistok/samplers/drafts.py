@@ -8,6 +8,7 @@ import copy
 import torch
 from torch import Tensor, nn
 
+from .._checks import is_int
 from ..errors import InvalidConfigError, UnsupportedModelError
 from .errors import VocabularyMismatchError
 from .quantize import quantize_linears
@@ -71,8 +72,7 @@ def self_draft(model: nn.Module, *, num_layers: int | None = None, dtype: torch.
     target = model
     owner, attribute, layers = decoder_layers(model)
     depth = len(layers)
-    if num_layers is not None and (isinstance(num_layers, bool) or not isinstance(num_layers, int)
-                                   or not 1 <= num_layers <= depth):
+    if num_layers is not None and (not is_int(num_layers) or not 1 <= num_layers <= depth):
         raise InvalidConfigError(f"num_layers must be an int in [1, {depth}], got {num_layers!r}")
     if quantize not in (None, "int8"):
         raise InvalidConfigError(f"quantize must be None or 'int8', got {quantize!r}")

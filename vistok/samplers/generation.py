@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from .._checks import is_int
 from ..errors import InvalidConfigError
 from ._decoding import CausalLMState, check_causal_lm
 from .pipeline import SamplingConfig
@@ -56,7 +57,7 @@ def eos_set(eos_token_id: int | list[int] | None, device) -> Tensor:
 
 
 def check_max_new_tokens(max_new_tokens: int) -> int:
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+    if not is_int(max_new_tokens, 1):
         raise InvalidConfigError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
     return max_new_tokens
 

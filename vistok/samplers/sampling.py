@@ -7,6 +7,7 @@ import math
 import torch
 from torch import Tensor
 
+from .._checks import is_int
 from ..errors import InvalidConfigError
 from . import rng
 from ._params import check_logits, check_row_max, work_dtype
@@ -80,7 +81,7 @@ def as_seeds(seeds: int | Tensor, batch: int, device: torch.device | str | None 
             raise InvalidConfigError(f"seeds must be an int or a [{batch}] integer tensor, got "
                                      f"{seeds.dtype} {tuple(seeds.shape)}")
         return seeds.to(device=device, dtype=torch.int64)
-    if isinstance(seeds, bool) or not isinstance(seeds, int):
+    if not is_int(seeds):
         raise InvalidConfigError(f"seeds must be an int or a [{batch}] integer tensor, got {seeds!r}")
     base = torch.full((batch,), seeds, dtype=torch.int64, device=device)
     return rng.derive_seeds(base, torch.arange(batch, device=device))
@@ -107,7 +108,7 @@ class SeededSampling(LogitsFilter):
     def __init__(self, seeds: int | Tensor, pad_token_id: int | None = None) -> None:
         if isinstance(seeds, Tensor) and (seeds.dim() != 1 or seeds.is_floating_point()):
             raise InvalidConfigError(f"seeds must be an int or a 1-D integer tensor, got {tuple(seeds.shape)}")
-        if pad_token_id is not None and (isinstance(pad_token_id, bool) or not isinstance(pad_token_id, int)):
+        if pad_token_id is not None and not is_int(pad_token_id):
             raise InvalidConfigError(f"pad_token_id must be an int or None, got {pad_token_id!r}")
         as_seeds(seeds, seeds.shape[0] if isinstance(seeds, Tensor) else 1)
         self.seeds = seeds

@@ -23,6 +23,7 @@ import time
 import torch
 from torch import Tensor, nn
 
+from .._checks import is_int
 from ..errors import InvalidConfigError
 from . import rng
 from ._decoding import CausalLMState, check_causal_lm, output_vocab_size
@@ -171,7 +172,7 @@ class SpeculativeDecoder:
         check_causal_lm(target, "target")
         check_causal_lm(draft, "draft")
         for name, value in (("gamma", gamma), ("num_drafts", num_drafts)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if not is_int(value, 1):
                 raise InvalidConfigError(f"{name} must be an int >= 1, got {value!r}")
         self.target, self.draft = target, draft
         self.gamma, self.num_drafts = gamma, num_drafts

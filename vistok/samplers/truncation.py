@@ -26,6 +26,7 @@ import math
 import torch
 from torch import Tensor
 
+from .._checks import is_int
 from ..errors import InvalidConfigError
 from ._params import RowParam, broadcast_param, check_logits, check_row_max, checked, work_dtype
 from ._processor import LogitsFilter, check_filter_value, check_min_tokens
@@ -62,7 +63,7 @@ def check_top_h_options(rule: str, top_n: int | None) -> tuple[str, int | None]:
     """Top-H's ``rule`` (one of :data:`TOP_H_RULES`) and ``top_n`` (``None`` or an int ``>= 1``), checked."""
     if rule not in TOP_H_RULES:
         raise InvalidConfigError(f"top-H rule must be one of {TOP_H_RULES}, got {rule!r}")
-    if top_n is not None and (isinstance(top_n, bool) or not isinstance(top_n, int) or top_n < 1):
+    if top_n is not None and not is_int(top_n, 1):
         raise InvalidConfigError(f"top_n must be None or an int >= 1, got {top_n!r}")
     return rule, top_n
 

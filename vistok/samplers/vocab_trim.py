@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from .._checks import is_int
 from ..errors import InvalidConfigError
 from .drafts import self_draft
 
@@ -41,7 +42,7 @@ class VocabTrim:
                 is filled with the lowest unused ids: in a BPE vocabulary the id order is the merge order, which
                 roughly follows frequency. ``None``: keep only ids seen in the data.
         """
-        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        if not is_int(size, 1):
             raise InvalidConfigError(f"size must be an int >= 1, got {size!r}")
         chunks = [sequences] if isinstance(sequences, Tensor) else list(sequences)
         ids = torch.cat([chunk.flatten().long().cpu() for chunk in chunks]) if chunks else torch.zeros(0).long()

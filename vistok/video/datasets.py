@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset, default_collate
 
+from .._checks import is_int
 from ..data import DatasetNotFoundError
 from ..errors import InvalidConfigError
 from .io import VideoReadError, probe_video, read_video
@@ -210,7 +211,7 @@ class ClipSampling:
             raise InvalidConfigError(f"clip sampling mode must be 'dense', 'segments' or 'uniform', got {self.mode!r}")
         for name in ("num_frames", "sampling_rate", "num_clips"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if not is_int(value, 1):
                 raise InvalidConfigError(f"clip sampling: {name} must be a positive int, got {value!r}")
 
     def clips(self, frame_count: int, train: bool, generator: torch.Generator | None = None) -> list[list[int]]:

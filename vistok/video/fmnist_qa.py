@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .._checks import is_int
 from ..data import load_fashion_mnist
 from ..errors import InvalidConfigError
 from ..fmnist_qa import ITEM_NAMES
@@ -121,7 +122,7 @@ class FashionVideoQA(torch.utils.data.Dataset):
     def __init__(self, split: str, size: int, seed: int = 0, root: str | None = None) -> None:
         if split not in SPLIT_SEEDS:
             raise InvalidConfigError(f"FashionVideoQA: split must be 'train' or 'test', got {split!r}")
-        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        if not is_int(size, 1):
             raise InvalidConfigError(f"FashionVideoQA: size must be a positive int, got {size!r}")
         images, labels = load_fashion_mnist(split, root)
         self.images, self.labels = images.numpy(), labels.numpy()

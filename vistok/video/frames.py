@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._checks import is_int, is_real
 from ..adapters.budget import merge_to_budget
 from ..errors import InputShapeError, InvalidConfigError
 
@@ -36,7 +37,7 @@ def _check_frames(frames: Tensor, name: str) -> None:
 
 
 def _check_count(value: object, name: str, at_most: int | None = None) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1 or (at_most is not None
+    if not is_int(value, 1) or (at_most is not None
                                                                                 and value > at_most):
         bound = "" if at_most is None else f" <= {at_most}"
         raise InvalidConfigError(f"{name} must be a positive int{bound}, got {value!r}")
@@ -150,7 +151,7 @@ class SelectorConfig:
             _check_count(getattr(self, name), f"SelectorConfig.{name}")
         if self.width % self.heads:
             raise InvalidConfigError(f"SelectorConfig: width {self.width} is not a multiple of heads {self.heads}")
-        if isinstance(self.tau, bool) or not isinstance(self.tau, (int, float)) or not self.tau > 0:
+        if not is_real(self.tau) or not self.tau > 0:
             raise InvalidConfigError(f"SelectorConfig.tau must be > 0, got {self.tau!r}")
 
 
@@ -234,7 +235,7 @@ def merge_similar_frames(frames: Tensor, metric: Tensor, times: Tensor, threshol
     if metric.dim() != 2 or metric.shape[0] != count or times.shape != (count,):
         raise InputShapeError(f"merge_similar_frames: metric must be [K={count}, C] and times [K], got "
                               f"{tuple(metric.shape)} and {tuple(times.shape)}")
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 <= threshold <= 1:
+    if not is_real(threshold) or not 0 <= threshold <= 1:
         raise InvalidConfigError(f"merge_similar_frames: threshold must be in [0, 1], got {threshold!r}")
     order = times.argsort(stable=True)  # earlier means earlier in the video
     frames, metric, times = frames[order], metric[order], times[order]

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .._checks import is_int, is_real
 from ..errors import InvalidConfigError, VistokError
 from . import _decoders
 from ._decoders import BACKENDS, HEADER, DecodeError, write_message
@@ -112,7 +113,7 @@ def _run_with_fallback(request: tuple, backends: list[str], timeout: float | Non
 
 
 def _check_timeout(timeout: float | None) -> float | None:
-    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0):
+    if timeout is not None and (not is_real(timeout) or timeout <= 0):
         raise InvalidConfigError(f"timeout must be a positive number of seconds or None, got {timeout!r}")
     return timeout
 
@@ -124,7 +125,7 @@ class _Timeout(Exception):
 def _check_indices(indices: Sequence[int] | Tensor | None, num_frames: int | None) -> list[int] | None:
     if indices is not None and num_frames is not None:
         raise InvalidConfigError("read_video: give indices or num_frames, not both")
-    if num_frames is not None and (isinstance(num_frames, bool) or not isinstance(num_frames, int) or num_frames < 1):
+    if num_frames is not None and not is_int(num_frames, 1):
         raise InvalidConfigError(f"read_video: num_frames must be a positive int, got {num_frames!r}")
     if indices is None:
         return None

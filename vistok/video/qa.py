@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._checks import is_int, is_real
 from ..data import FASHION_MNIST_MEAN, FASHION_MNIST_STD
 from ..errors import InputShapeError, InvalidConfigError
 from .frames import (
@@ -73,20 +74,18 @@ class VideoQAConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if isinstance(self.budget, bool) or not isinstance(self.budget, int) or self.budget < 1:
+        if not is_int(self.budget, 1):
             raise InvalidConfigError(f"VideoQAConfig: budget must be a positive int, got {self.budget!r}")
         if self.selection not in SELECTIONS:
             raise InvalidConfigError(f"VideoQAConfig: selection must be one of {SELECTIONS}, got {self.selection!r}")
-        if self.frames is not None and (isinstance(self.frames, bool) or not isinstance(self.frames, int)
-                                        or self.frames < 1):
+        if self.frames is not None and not is_int(self.frames, 1):
             raise InvalidConfigError(f"VideoQAConfig: frames must be a positive int or None, got {self.frames!r}")
         if self.frames is None and self.selection == "learned":
             raise InvalidConfigError("VideoQAConfig: selection 'learned' needs a frame count (frames=: its queries)")
         if self.merge_on not in MERGE_METRICS:
             raise InvalidConfigError(f"VideoQAConfig: merge_on must be one of {MERGE_METRICS}, got {self.merge_on!r}")
         threshold = self.merge_threshold
-        if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))
-                                      or not 0.5 <= threshold <= 1):
+        if threshold is not None and (not is_real(threshold) or not 0.5 <= threshold <= 1):
             raise InvalidConfigError(f"VideoQAConfig: merge_threshold must be in [0.5, 1] or None (two different "
                                      f"frames' one-hot selection rows have similarity 0.5), got {threshold!r}")
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from .._checks import is_int
 from ..errors import InvalidConfigError
 from . import _decoders
 
@@ -22,7 +23,7 @@ __all__ = ["dense_clip", "dense_clip_views", "segment_indices", "evenly_spaced",
 
 def _check_positive(**values: object) -> None:
     for name, value in values.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        if not is_int(value, 1):
             raise InvalidConfigError(f"{name} must be a positive int, got {value!r}")
 
 

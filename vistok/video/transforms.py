@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor
 
+from .._checks import is_int
 from ..errors import InputShapeError, InvalidConfigError
 
 __all__ = ["to_float_clip", "resize_short_side", "crop_views", "random_crop_flip", "normalize", "ClipTransform"]
@@ -52,7 +53,7 @@ def crop_views(clip: Tensor, size: int, num_crops: int) -> list[Tensor]:
     height, width = clip.shape[-2:]
     if size > min(height, width):
         raise InvalidConfigError(f"crop size {size} is larger than the clip's {height}x{width} frames")
-    if isinstance(num_crops, bool) or not isinstance(num_crops, int) or num_crops < 1:
+    if not is_int(num_crops, 1):
         raise InvalidConfigError(f"num_crops must be a positive int, got {num_crops!r}")
     along_width = width >= height
     room = (width if along_width else height) - size
