@@ -197,6 +197,17 @@ def test_answers_decode_through_vistok_samplers(smollm2):
     seeds = torch.arange(4)
     first = answer_questions(model, tokenizer, images, questions, hot, seeds=seeds)
     assert answer_questions(model, tokenizer, images, questions, hot, seeds=seeds).new_tokens == first.new_tokens
+    # a row samples the same tokens alone as in the left-padded batch (its counter leaves out the padding)
+    from vistok.models.reference_vlm import prompt_batch
+
+    mixed = ["How many shoes are there?", "Is there a bag?", "Which item is on the left of the shirt?", "Count."]
+    _, mask, _ = prompt_batch(model, tokenizer, mixed)
+    assert len(set(mask.sum(dim=1).tolist())) == 4, "each question should need its own padding"
+    together = answer_questions(model, tokenizer, images, mixed, hot, seeds=seeds)
+    for row in range(4):
+        alone = answer_questions(model, tokenizer, images[row: row + 1], mixed[row: row + 1], hot,
+                                 seeds=seeds[row: row + 1])
+        assert alone.new_tokens[0] == together.new_tokens[row]
     with vistok.patch(model, "pool", tokens=9):
         assert answer_questions(model, tokenizer, images, questions).visual_tokens == 9
 

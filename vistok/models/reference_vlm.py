@@ -507,7 +507,7 @@ def answer_questions(model: nn.Module, tokenizer: Any, images: Tensor | None, qu
     visual = {"pixel_values": images} if features is None else {"mm_encoder_outputs": encoded_features(model,
                                                                                                        features)}
     config = SamplingConfig(temperature=0.0) if sampling is None else sampling
-    processors = LogitsProcessorList([SamplingPipeline(config), SeededSampling(seeds)])
+    processors = LogitsProcessorList([SamplingPipeline(config), SeededSampling(seeds, pad_token_id=pad_id)])
     end = tokenizer.convert_tokens_to_ids("<|im_end|>")
     started = time.perf_counter()
     out = model.generate(input_ids=ids, attention_mask=mask, **visual, max_new_tokens=max_new_tokens,
