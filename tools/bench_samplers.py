@@ -17,6 +17,7 @@ import statistics
 import sys
 import time
 import warnings
+from pathlib import Path
 
 import torch
 
@@ -255,8 +256,9 @@ def main() -> int:
         if args.part in ("repetition", "all"):
             report["repetition"] = bench_repetition(args, model, tokenizer)
     if args.json:
-        with open(args.json, "w") as handle:
-            json.dump(report, handle, indent=2)
+        path = Path(args.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(report, indent=2))
     return 0
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 import timm
 import torch
@@ -147,8 +148,9 @@ def main() -> int:
             print("\n".join(_summary(figure, report)) + "\n")
             record.setdefault(figure, []).append(report.to_dict())
     if args.json:
-        with open(args.json, "w") as handle:
-            json.dump(record, handle, indent=2, default=str)
+        path = Path(args.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(record, indent=2, default=str))
     return 0
 
 

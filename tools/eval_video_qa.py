@@ -41,17 +41,22 @@ from vistok.video.qa import (
 
 
 def load_questions(args: argparse.Namespace) -> list[dict]:
-    """``{"frames", "question", "answer", "kind", "decode"}`` per question."""
+    """``{"frames", "question", "answer", "kind", "decode"}`` per question (``kind`` ``None`` where a manifest row
+    gives none)."""
     if args.manifest:
         from vistok.video import read_video
 
         manifest = Path(args.manifest)
         rows = json.loads(manifest.read_text())[: args.questions]
         out = []
-        for row in rows:
+        for number, row in enumerate(rows):
+            missing = [key for key in ("video", "question", "answer") if key not in row]
+            if missing:
+                raise SystemExit(f"eval_video_qa.py: {manifest} row {number} has no {', '.join(missing)} (a manifest "
+                                 "row needs video, question and answer)")
             started = time.perf_counter()
             frames = read_video(manifest.parent / row["video"])
-            out.append({**row, "frames": frames, "decode": time.perf_counter() - started})
+            out.append({"kind": None, **row, "frames": frames, "decode": time.perf_counter() - started})
         return out
     from vistok.video.fmnist_qa import FashionVideoQA
 
@@ -92,7 +97,7 @@ def evaluate(model, tokenizer, questions: list[dict], config: VideoQAConfig, bat
         answers.extend(result.answers)
         answer_seconds += result.total_seconds
     correct = [a.strip().lower() == q["answer"] for a, q in zip(answers, questions, strict=True)]
-    kinds = sorted({q["kind"] for q in questions})
+    kinds = sorted({q["kind"] for q in questions if q["kind"] is not None})
     count = len(questions)
     row = {"selection": config.selection, "budget": config.budget, "accuracy": 100 * sum(correct) / count,
            "visual_tokens": sum(f.shape[0] for f in features) / count, "frames": sum(frames_kept) / count,
@@ -157,6 +162,9 @@ def main(argv: list[str] | None = None, model_and_tokenizer=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     selections = [s for s in args.selections if s != "text" or args.clip]
+    if len(selections) < len(args.selections):
+        print("eval_video_qa.py: selection 'text' needs --clip (the reference CLIP scores the frames); skipped",
+              file=sys.stderr)
     if args.baseline is not None and args.baseline not in selections:
         parser.error(f"--baseline {args.baseline} is not among the selections evaluated ({' '.join(selections)})")
     if model_and_tokenizer is None:

@@ -25,7 +25,15 @@ import torch.nn.functional as F
 
 import vistok
 from vistok.config import ConfigError, load_config, parse_overrides
-from vistok.experiment import DATA_DEFAULTS, MODEL_DEFAULTS, batches, build_data, build_model, wrap_for_data
+from vistok.experiment import (
+    DATA_DEFAULTS,
+    MODEL_DEFAULTS,
+    batches,
+    build_data,
+    build_model,
+    fit_head_to_data,
+    wrap_for_data,
+)
 from vistok.measure import count_flops
 from vistok.measure.accuracy import evaluate
 from vistok.viz import save_pareto_plot
@@ -102,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         if config["data"]["name"] != "video" and config["sweep"]["num_frames"]:
             raise ConfigError("sweep.num_frames (the fewer-frames baseline) is for video data")
         _, val_set, _, transform = build_data(config["data"], train=False)
+        config = fit_head_to_data(config, val_set)  # a class-folder dataset: a head of its class count
         rows = []
         for point in variants(config["sweep"]):
             if point.get("frames"):

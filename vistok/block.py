@@ -8,7 +8,7 @@ from .backbones.base import BlockOps
 from .errors import PatchStateError
 from .methods.base import AttentionView, TokenReducer
 from .ops import attend, gather_head_tokens, gather_rope, gather_tokens, keep_mask_to_index, kept_count_summary, sync
-from .ops.merging import merge_into_nearest
+from .ops.merging import merge_into_nearest, size_dtype
 from .tokens import TokenLayout
 
 __all__ = ["run_block"]
@@ -90,7 +90,8 @@ def _fuse(x: Tensor, layout: TokenLayout, keep: Tensor, kept: tuple[Tensor, Tens
     """The tokens ``keep`` leaves out merged into their most similar kept patch token, then dropped."""
     candidates = keep.clone()
     candidates[:, : layout.num_prefix] = False
-    x, weights, target = merge_into_nearest(x, metric, layout.token_weights(x.dtype, x.device), keep, candidates)
+    sizes = layout.token_weights(size_dtype(x.dtype), x.device)
+    x, weights, target = merge_into_nearest(x, metric, sizes, keep, candidates)
     index, valid = kept
     return gather_tokens(x, index), layout.fused(target, weights).select(index, valid)
 

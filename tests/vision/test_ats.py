@@ -211,3 +211,17 @@ def test_fusion_composes_with_merging_in_other_blocks_only():
     assert layouts[4].sizes is not None and float(layouts[4].sizes[0].sum()) == 197  # fusion ran (sizes add up)
     with pytest.raises(vistok.InvalidConfigError, match="with fusion merges after attention itself"):
         vistok.patch(model, [*fused, ("merge", {"r": 8, "blocks": [4]})])
+
+
+def test_a_composition_that_keeps_exactly_its_bound_needs_no_padding_mask(monkeypatch):
+    """On the static-bound path (a GPU's), ATS with k = min_tokens keeps exactly k tokens in every image, so the
+    block needs no padding mask; composed with merging it must say so too (else attention leaves the unmasked
+    fused kernel for the rest of the model)."""
+    model = make_model("vit")
+    images = make_images(model, 3)
+    ats = ("ats", {"k": 30, "min_tokens": 30, "blocks": [1]})
+    monkeypatch.setattr(vistok.ops.sync, "reads_are_free", lambda device: False)
+    for methods in (ats, [ats, ("merge", {"r": 2, "blocks": [3]})]):
+        with torch.no_grad(), vistok.patch(model, methods) as handle:
+            model(images)
+            assert handle.layouts[1].valid is None and handle.layouts[1].num_tokens == 31

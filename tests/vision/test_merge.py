@@ -177,3 +177,29 @@ def test_rotary_models_are_refused_and_conflicts_reported():
     handle = vistok.patch(model, [("ats", {"blocks": [3]}), vistok.MergeConfig(r=4, blocks=[3, 4])])
     assert sorted(handle.reducers) == [3, 4]
     handle.remove()
+
+
+def test_sizes_count_exactly_in_bfloat16():
+    """bfloat16 holds whole numbers exactly only up to 256: sizes are counted in float32 whatever the tokens'
+    dtype, so a token of 300 patches that takes one more weighs 301, and an image's sizes always sum to its patch
+    count, also through ATS fusion and merging in a bfloat16 model."""
+    from vistok.ops.merging import merge_into_nearest
+
+    x = torch.randn(1, 4, 8, dtype=torch.bfloat16)
+    sizes = torch.tensor([[300.0, 1.0, 1.0, 1.0]])
+    metric = torch.eye(3)[[0, 0, 1, 2]][None]  # token 0 (set A, 300 patches) is most like token 1 (set B)
+    _, merged = merge_weighted(x, sizes, bipartite_soft_matching(metric, 1, None))
+    assert merged.dtype == torch.float32 and merged[0].tolist() == [0.0, 1.0, 301.0, 1.0]
+    keep = torch.tensor([[True, False, True, True]])
+    candidates = torch.tensor([[True, False, False, False]])
+    tokens, fused, _ = merge_into_nearest(x, x, sizes, keep, candidates)
+    assert tokens.dtype == torch.bfloat16 and fused[0].tolist() == [301.0, 0.0, 1.0, 1.0]
+
+    model = make_model("vit", img_size=76, patch_size=4).to(torch.bfloat16)  # 361 patches
+    images = make_images(model, 2).to(torch.bfloat16)
+    methods = [("ats", {"k": 2, "min_tokens": 1, "fusion": True, "blocks": [1]}), ("merge", {"r": 1, "blocks": [2]})]
+    with torch.no_grad(), vistok.patch(model, methods) as handle:
+        model(images)
+        sizes = {block: handle.layouts[block].token_weights(torch.float64, images.device)[:, 1:] for block in (1, 2)}
+    assert sizes[2].max() > 256
+    assert sizes[1].sum(dim=1).tolist() == sizes[2].sum(dim=1).tolist() == [361.0, 361.0]

@@ -77,6 +77,18 @@ def test_bad_arguments():
         inverse_transform_sampling(torch.rand(2, 5), 0)
     with pytest.raises(ValueError, match=r"\[B, N\]"):
         inverse_transform_sampling(torch.rand(5), 2)
+    for levels in (2.7, True, torch.tensor([2.0, 3.0])):
+        with pytest.raises(ValueError, match="num_levels must be an int"):
+            inverse_transform_sampling(torch.rand(2, 5), levels)
+
+
+def test_empty_inputs_keep_nothing():
+    """An empty batch or an image without tokens keeps nothing; neither has a largest kept count to read."""
+    assert inverse_transform_sampling(torch.rand(0, 5), 2).shape == (0, 5)
+    assert inverse_transform_sampling(torch.rand(0, 5), torch.zeros(0, dtype=torch.long)).shape == (0, 5)
+    assert inverse_transform_sampling(torch.rand(2, 0), 2).shape == (2, 0)
+    index, valid = keep_mask_to_index(torch.zeros(0, 5, dtype=torch.bool))
+    assert index.shape == (0, 0) and valid is None
 
 
 def test_keep_mask_to_index_orders_and_pads():

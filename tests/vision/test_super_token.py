@@ -156,3 +156,15 @@ def test_training_free_variant_refusals():
             vistok.patch(model, composed)  # refused when patching, not at the first forward
     with vistok.patch(model, [("merge", {"blocks": [5], "r": 4}), ("super_token", {"blocks": [4]})]):
         model(make_images(model, 1))  # merging after the super tokens is fine
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_a_super_token_with_no_association_is_zero_in_every_dtype(dtype):
+    """A super token no token associates with has mass 0; its features are 0, not 0 / 0 (a NaN that would reach
+    every output through attention). float16 cannot hold a clamp of 1e-12."""
+    from vistok.ops.super_tokens import super_token_features
+
+    cells = torch.randn(1, 4, 9, 8, dtype=dtype)
+    association = torch.zeros(1, 4, 9, 9, dtype=dtype)
+    features = super_token_features(cells, association, (2, 2))
+    assert features.shape == (1, 8, 2, 2) and bool((features == 0).all())

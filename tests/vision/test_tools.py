@@ -73,21 +73,28 @@ def test_a_class_folder_dataset_trains_a_head_of_its_class_count(tmp_path, capsy
     model's 1000), train.mixed_precision=no is accepted on the command line, and eval reads the same folder."""
     root = tmp_path / "images"
     _class_folders(root, {"bag": 8, "sneaker": 7}, per_class=6)
-    small = ["model=vit_tiny_patch16_224", "model_kwargs.img_size=32", "model_kwargs.depth=2", "data.name=folder",
-             f"data.root={root}", "data.input_size=32"]
+    small = ["model=vit_tiny_patch16_224", "model_kwargs.img_size=64", "model_kwargs.depth=2", "data.name=folder",
+             f"data.root={root}", "data.input_size=64"]
     run = tmp_path / "run"
     train, evaluate = load_tool("train"), load_tool("eval")
     assert train.main([*small, "train.epochs=1", "train.batch_size=4", "train.eval_batch_size=6",
                        "train.mixed_precision=no", f"output={run}"]) == 0
-    model = load_checkpoint(timm.create_model("vit_tiny_patch16_224", img_size=32, depth=2, num_classes=2),
+    model = load_checkpoint(timm.create_model("vit_tiny_patch16_224", img_size=64, depth=2, num_classes=2),
                             run / "model.safetensors")
     assert model.head.out_features == 2
     metrics = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
     assert 0 <= metrics["val_top1"] <= 100 and metrics["val_top5"] == 100.0  # two classes: top-2 is everything
-    out = tmp_path / "eval.json"
+    out = tmp_path / "not yet made" / "eval.json"  # --json makes its folder
     assert evaluate.main([*small, f"checkpoint={run / 'model.safetensors'}", "eval.flops_images=4",
                           "eval.batch_size=6", "--json", str(out)]) == 0
     assert json.loads(out.read_text())["images"] == 12
+    sweep = load_tool("sweep")  # the sweep reads the same folder with the same 2-way head
+    assert sweep.main(["--config", str(ROOT / "configs/sweep_fmnist.yaml"), "--out", str(tmp_path / "sweep"),
+                       *small, "pretrained=false", f"checkpoint={run / 'model.safetensors'}",
+                       "sweep.ats_k=[10]", "sweep.ats_fixed_k=[]", "sweep.ats_fusion_k=[]", "sweep.ats_blocks=[1]",
+                       "sweep.merge_r=[]", "sweep.random_k=[]", "sweep.input_sizes=[]", "sweep.batch_size=6",
+                       "sweep.flops_images=2"]) == 0
+    assert (tmp_path / "sweep.csv").is_file()
     capsys.readouterr()
     assert train.main([*small, "model_kwargs.num_classes=5", f"output={tmp_path / 'bad'}"]) == 2
     assert "model_kwargs.num_classes=5, but data.root" in capsys.readouterr().err

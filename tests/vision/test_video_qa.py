@@ -209,6 +209,15 @@ def test_training_and_evaluation_tools_run_end_to_end(smollm2, tmp_path):
         assert float(row["vs_all"]) == pytest.approx(float(row["accuracy"]) - float(rows[3]["accuracy"]))
     assert rows[3]["vs_all"] == rows[3]["vs_baseline"] == rows[1]["vs_baseline"] == ""
     assert float(rows[0]["vs_baseline"]) == pytest.approx(float(rows[0]["accuracy"]) - float(rows[1]["accuracy"]))
+    # a manifest as the README describes one (video, question, answer: no kind) is read too
+    rows = [{key: row[key] for key in ("video", "question", "answer")} for row in json.loads(
+        (SAMPLE / "test.json").read_text())]
+    plain = tmp_path / "plain.json"
+    plain.write_text(json.dumps([{**row, "video": str(SAMPLE / row["video"])} for row in rows]))
+    assert evaluate.main(["--out", str(tmp_path / "plain"), "--manifest", str(plain), "--questions", "2",
+                          "--selections", "uniform", "--budgets", "32"], model_and_tokenizer=model) == 0
+    with open(tmp_path / "plain.csv") as handle:
+        assert [r["selection"] for r in csv.DictReader(handle)] == ["uniform"]
 
 
 @pytest.mark.slow

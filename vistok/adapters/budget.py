@@ -17,7 +17,7 @@ from torch import Tensor
 
 from .._checks import is_int
 from ..errors import InputShapeError, InvalidConfigError
-from ..ops.merging import bipartite_soft_matching, merge_weighted
+from ..ops.merging import bipartite_soft_matching, merge_weighted, size_dtype
 
 __all__ = ["Budgeted", "merge_to_budget", "merge_regions_to_budget", "select_dominant", "pool_to_budget",
            "select_random", "pool_grid", "in_patch_order"]
@@ -26,8 +26,8 @@ __all__ = ["Budgeted", "merge_to_budget", "merge_regions_to_budget", "select_dom
 @dataclass(frozen=True)
 class Budgeted:
     """``tokens`` ``[B, T, D]``; ``sizes`` ``[B, T]`` (how many input tokens each output token stands for; they
-    sum to ``N`` where nothing was dropped); ``owner`` ``[B, N]`` long: for each input token, the output token
-    that carries it, ``-1`` if it was dropped."""
+    sum to ``N`` where nothing was dropped; float32, or float64 for float64 tokens); ``owner`` ``[B, N]`` long:
+    for each input token, the output token that carries it, ``-1`` if it was dropped."""
 
     tokens: Tensor
     sizes: Tensor
@@ -83,7 +83,7 @@ def _selected(x: Tensor, keep: Tensor) -> Budgeted:
     owner = torch.full((batch, n), -1, dtype=torch.long, device=x.device)
     owner.scatter_(1, keep, torch.arange(keep.shape[1], device=x.device).expand_as(keep))
     tokens = x.gather(1, keep[..., None].expand(-1, -1, x.shape[-1]))
-    return Budgeted(tokens, torch.ones(keep.shape, dtype=x.dtype, device=x.device), owner)
+    return Budgeted(tokens, torch.ones(keep.shape, dtype=size_dtype(x.dtype), device=x.device), owner)
 
 
 def _check_real(valid: Tensor, tokens: int, name: str) -> Tensor:
@@ -120,7 +120,8 @@ def merge_to_budget(x: Tensor, tokens: int, metric: Tensor | None = None, sizes:
     ordered = torch.where(valid, order, last)
     start = ordered.argsort(dim=1, stable=True)  # each row's real tokens first, in order; padding after
     x, metric = (t.gather(1, start[..., None].expand(-1, -1, t.shape[-1])) for t in (x, metric))
-    weights = (torch.ones(batch, n, dtype=x.dtype, device=device) if sizes is None else sizes.to(x.dtype))
+    counted = size_dtype(x.dtype)
+    weights = torch.ones(batch, n, dtype=counted, device=device) if sizes is None else sizes.to(counted)
     weights = (weights * valid).gather(1, start)
     first = ordered.gather(1, start)  # each current token's first original position
     owner = torch.full((batch, n), -1, dtype=torch.long, device=device)
@@ -192,7 +193,7 @@ def merge_regions_to_budget(x: Tensor, grid: tuple[int, int], tokens: int, metri
     ids = torch.arange(n, device=device).expand(batch, -1)
     with torch.autocast(device.type, enabled=False):  # merge decisions in float32 also under autocast
         owner = _region_owners(metric.detach(), _grid_edges(grid, device), tokens)
-    summed = torch.promote_types(x.dtype, torch.float32)  # sums of bfloat16 features lose too much
+    summed = size_dtype(x.dtype)  # sums of bfloat16 features lose too much
     sizes = torch.zeros(batch, n, dtype=summed, device=device).scatter_add_(
         1, owner, torch.ones(batch, n, dtype=summed, device=device))
     sums = torch.zeros(batch, n, x.shape[-1], dtype=summed, device=device).scatter_add_(
@@ -202,7 +203,7 @@ def merge_regions_to_budget(x: Tensor, grid: tuple[int, int], tokens: int, metri
         1, keep, torch.arange(tokens, device=device).expand(batch, -1))
     kept_sizes = sizes.gather(1, keep)
     merged = sums.gather(1, keep[..., None].expand(-1, -1, sums.shape[-1])) / kept_sizes[..., None]
-    return Budgeted(merged.to(x.dtype), kept_sizes.to(x.dtype), slot.gather(1, owner))
+    return Budgeted(merged.to(x.dtype), kept_sizes, slot.gather(1, owner))
 
 
 def _region_owners(metric: Tensor, edges: tuple[Tensor, Tensor], tokens: int) -> Tensor:
@@ -290,12 +291,13 @@ def select_dominant(x: Tensor, scores: Tensor, tokens: int, contextual: int = 0)
     similarity = unit @ unit[:, target_slots].transpose(1, 2)  # [B, R, contextual]
     group = similarity.argmax(dim=-1)
     group[:, target_slots] = torch.arange(contextual, device=x.device)  # a target is in its own group
-    sizes = torch.zeros(x.shape[0], contextual, dtype=x.dtype, device=x.device).scatter_add_(
-        1, group, torch.ones_like(group, dtype=x.dtype))
-    sums = torch.zeros(x.shape[0], contextual, x.shape[-1], dtype=x.dtype, device=x.device).scatter_add_(
-        1, group[..., None].expand_as(rest_x), rest_x)
+    summed = size_dtype(x.dtype)  # counts and sums of bfloat16 lose too much
+    sizes = torch.zeros(x.shape[0], contextual, dtype=summed, device=x.device).scatter_add_(
+        1, group, torch.ones_like(group, dtype=summed))
+    sums = torch.zeros(x.shape[0], contextual, x.shape[-1], dtype=summed, device=x.device).scatter_add_(
+        1, group[..., None].expand_as(rest_x), rest_x.to(summed))
     owner = chosen.owner.scatter(1, rest, dominant + group)
-    return Budgeted(torch.cat([chosen.tokens, sums / sizes[..., None]], dim=1),
+    return Budgeted(torch.cat([chosen.tokens, (sums / sizes[..., None]).to(x.dtype)], dim=1),
                     torch.cat([chosen.sizes, sizes], dim=1), owner)
 
 
@@ -341,7 +343,7 @@ def pool_to_budget(x: Tensor, grid: tuple[int, int], tokens: int) -> Budgeted:
     row_of = (torch.arange(rows, device=x.device) * out_rows) // rows
     col_of = (torch.arange(cols, device=x.device) * out_cols) // cols
     cell = (row_of[:, None] * out_cols + col_of[None, :]).flatten()
-    sizes = torch.bincount(cell, minlength=tokens).to(x.dtype)
+    sizes = torch.bincount(cell, minlength=tokens).to(size_dtype(x.dtype))
     return Budgeted(pooled, sizes.expand(batch, -1), cell.expand(batch, -1))
 
 

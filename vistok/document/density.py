@@ -25,6 +25,7 @@ from torch import Tensor
 
 from .._checks import is_int, is_real
 from ..errors import InputShapeError, InvalidConfigError
+from ..ops.merging import size_dtype
 
 __all__ = ["redundant_tokens", "information_density", "allocate_budget", "top_tokens", "merge_into_kept",
            "KeptTokens", "tile_index", "select_over_tiles"]
@@ -136,16 +137,17 @@ def merge_into_kept(tokens: Tensor, metric: Tensor, index: Tensor, merge: bool =
     owner = torch.full((count,), -1, dtype=torch.long, device=tokens.device)
     owner[index] = torch.arange(index.shape[0], device=tokens.device)
     if not merge or index.shape[0] == 0 or index.shape[0] == count:
-        sizes = torch.ones(index.shape[0], dtype=tokens.dtype, device=tokens.device)
+        sizes = torch.ones(index.shape[0], dtype=size_dtype(tokens.dtype), device=tokens.device)
         return KeptTokens(tokens[index], index, sizes, owner)
     unit = F.normalize(metric.float(), dim=-1)
     rest = (owner < 0).nonzero().squeeze(1)
     owner[rest] = (unit[rest] @ unit[index].T).argmax(dim=-1)
-    sizes = torch.zeros(index.shape[0], dtype=tokens.dtype, device=tokens.device).index_add_(
-        0, owner, torch.ones(count, dtype=tokens.dtype, device=tokens.device))
-    summed = torch.zeros(index.shape[0], tokens.shape[1], dtype=tokens.dtype, device=tokens.device).index_add_(
-        0, owner, tokens)
-    return KeptTokens(summed / sizes[:, None], index, sizes, owner)
+    counted = size_dtype(tokens.dtype)  # counts and sums of bfloat16 lose too much
+    sizes = torch.zeros(index.shape[0], dtype=counted, device=tokens.device).index_add_(
+        0, owner, torch.ones(count, dtype=counted, device=tokens.device))
+    summed = torch.zeros(index.shape[0], tokens.shape[1], dtype=counted, device=tokens.device).index_add_(
+        0, owner, tokens.to(counted))
+    return KeptTokens((summed / sizes[:, None]).to(tokens.dtype), index, sizes, owner)
 
 
 def tile_index(grid: tuple[int, int], tile: tuple[int, int]) -> Tensor:

@@ -50,6 +50,9 @@ class ComposedReducer(TokenReducer):
     def max_kept(self, layout: TokenLayout) -> int | None:
         return None if self.selector is None else self.selector.max_kept(layout)
 
+    def keeps_exactly(self, layout: TokenLayout) -> bool:
+        return self.selector is not None and self.selector.keeps_exactly(layout)
+
     def attend(self, ops: BlockOps, h: Tensor, layout: TokenLayout, path: str = "auto") -> Tensor | None:
         return None if self.attender is None else self.attender.attend(ops, h, layout, path)
 

@@ -21,7 +21,7 @@ from ..backbones.base import BackboneInfo
 from ..errors import InvalidConfigError, UnsupportedModelError
 from ..ops import sync
 from ..ops.gather import gather_tokens, keep_mask_to_index
-from ..ops.merging import bipartite_soft_matching, merge_weighted
+from ..ops.merging import bipartite_soft_matching, merge_weighted, size_dtype
 from ..tokens import TokenLayout
 from .base import MethodConfig, TokenReducer, resolve_block_indices
 
@@ -53,7 +53,7 @@ class TokenMerger(TokenReducer):
             r = torch.clamp((layout.num_valid(x.device) - prefix) // 2, max=self.r)
             if sync.reads_are_free(x.device) and not bool((r > 0).any()):
                 return None
-        weights = layout.token_weights(x.dtype, x.device)
+        weights = layout.token_weights(size_dtype(x.dtype), x.device)
         valid = None if layout.valid is None else layout.valid[:, prefix:]
         matching = bipartite_soft_matching(keys.mean(dim=1)[:, prefix:], r, valid)
         merged, merged_weights = merge_weighted(x[:, prefix:], weights[:, prefix:], matching)

@@ -95,7 +95,9 @@ def keep_mask_to_index(keep: Tensor, width: int | None = None, uniform: bool = F
 
 def kept_count_summary(keep: Tensor, num_prefix: int = 0) -> tuple[int, bool, bool]:
     """``(largest kept count, whether every image keeps that many, whether every prefix token is kept)`` of a
-    ``[B, N]`` keep mask, in one read from the device."""
+    ``[B, N]`` keep mask, in one read from the device (an empty batch: ``(0, True, True)``)."""
+    if keep.shape[0] == 0:
+        return 0, True, True
     counts = keep.sum(dim=1)
     largest = counts.max()
     prefix_kept = keep[:, :num_prefix].all()  # True when num_prefix is 0

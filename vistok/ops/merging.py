@@ -13,7 +13,13 @@ from ..errors import InvalidConfigError
 from . import sync
 from .gather import add_to_tokens, gather_tokens
 
-__all__ = ["Matching", "bipartite_soft_matching", "merge_weighted", "merge_into_nearest"]
+__all__ = ["Matching", "bipartite_soft_matching", "merge_weighted", "merge_into_nearest", "size_dtype"]
+
+
+def size_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype token sizes are counted in for tokens of ``dtype``: at least float32, since bfloat16 holds whole
+    numbers exactly only up to 256 (a token of 300 patches plus one would stay 300)."""
+    return torch.promote_types(dtype, torch.float32)
 
 
 @dataclass(frozen=True)
@@ -44,7 +50,9 @@ def bipartite_soft_matching(metric: Tensor, r: int | Tensor, valid: Tensor | Non
         metric: ``[B, N, d]`` (ToMe uses the keys averaged over heads).
         r: tokens to remove per image, an int or ``[B]``; each at most the number of A tokens.
         valid: ``[B, N]`` bool. Padding is never matched while a real token is available, and is ranked
-            last, so with ``r <= n_valid // 2`` only real tokens merge, into real tokens.
+            last, so with ``r <= n_valid // 2`` only real tokens merge, into real tokens, provided each row's real
+            tokens come first (as :func:`~vistok.ops.keep_mask_to_index` lays them out): real tokens spread
+            among padding can find fewer real partners than ``r`` in the other set.
 
     Returns:
         The :class:`Matching`. Deterministic (stable sort on ties).
@@ -76,7 +84,8 @@ def bipartite_soft_matching(metric: Tensor, r: int | Tensor, valid: Tensor | Non
 
 def merge_weighted(x: Tensor, weights: Tensor, matching: Matching) -> tuple[Tensor, Tensor]:
     """Merge ``x`` ``[B, N, *rest]`` by ``matching``, each token weighted by ``weights`` ``[B, N]`` (its
-    size; 0 for padding): a merged token is the weighted mean of its parts and weighs their sum.
+    size; 0 for padding): a merged token is the weighted mean of its parts and weighs their sum. The means are
+    computed in ``x``'s dtype, the summed weights in ``weights``' (keep sizes in :func:`size_dtype`).
 
     Returns:
         Tokens ``[B, N, *rest]`` and weights ``[B, N]`` laid out in ``matching.order`` (set A, then set
@@ -88,11 +97,11 @@ def merge_weighted(x: Tensor, weights: Tensor, matching: Matching) -> tuple[Tens
     b_index = matching.b_positions.expand(x.shape[0], -1)
     a_weight = gather_tokens(weights, a_index)
     moved = a_weight * matching.merged
-    weighted = x * weights.reshape(*weights.shape, *trailing)
+    weighted = x * weights.to(x.dtype).reshape(*weights.shape, *trailing)
     b_sum = add_to_tokens(gather_tokens(weighted, b_index), matching.target,
                           gather_tokens(weighted, a_index) * matching.merged.reshape(*moved.shape, *trailing))
     b_weight = gather_tokens(weights, b_index).scatter_add(1, matching.target, moved)
-    denominator = b_weight.reshape(*b_weight.shape, *trailing)
+    denominator = b_weight.to(x.dtype).reshape(*b_weight.shape, *trailing)
     b_tokens = torch.where(denominator > 0, b_sum / denominator.clamp_min(torch.finfo(b_sum.dtype).tiny),
                            gather_tokens(x, b_index))
     tokens = torch.cat([gather_tokens(x, a_index), b_tokens], dim=1)
@@ -106,8 +115,9 @@ def merge_into_nearest(x: Tensor, metric: Tensor, weights: Tensor, keep: Tensor,
 
     Args:
         x: ``[B, N, C]``; metric: ``[B, N, d]`` (e.g. the keys averaged over heads); weights: ``[B, N]`` sizes
-            (0 for padding); keep: ``[B, N]`` bool, the tokens that stay; candidates: ``[B, N]`` bool, the kept
-            tokens others may merge into (the kept patch tokens: never a prefix token).
+            (0 for padding; counted in :func:`size_dtype`, while the means are taken in ``x``'s dtype); keep:
+            ``[B, N]`` bool, the tokens that stay; candidates: ``[B, N]`` bool, the kept tokens others may merge
+            into (the kept patch tokens: never a prefix token).
 
     Returns:
         ``x`` with each candidate the weighted mean of itself and the tokens merged into it (the others
@@ -120,8 +130,8 @@ def merge_into_nearest(x: Tensor, metric: Tensor, weights: Tensor, keep: Tensor,
     moving = ~keep & (weights > 0) & candidates.any(dim=1, keepdim=True)
     target = torch.where(moving, similarity.argmax(dim=-1), positions)
     merged_weights = torch.zeros_like(weights).scatter_add(1, target, weights)
-    summed = add_to_tokens(torch.zeros_like(x), target, x * weights[..., None])
+    summed = add_to_tokens(torch.zeros_like(x), target, x * weights.to(x.dtype)[..., None])
     received = merged_weights > weights  # only a token that others joined changes: the rest stays bit for bit
-    merged = torch.where(received[..., None],
-                         summed / merged_weights[..., None].clamp_min(torch.finfo(summed.dtype).tiny), x)
+    denominator = merged_weights.to(x.dtype)[..., None].clamp_min(torch.finfo(x.dtype).tiny)
+    merged = torch.where(received[..., None], summed / denominator, x)
     return merged, merged_weights, target
