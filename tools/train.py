@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -33,6 +34,7 @@ from vistok.experiment import (
     fit_head_to_data,
     loader,
     set_fused_attention,
+    underlying,
     wrap_for_data,
 )
 from vistok.measure.accuracy import topk_correct
@@ -105,12 +107,11 @@ def train(config: dict, resume: bool = False) -> int:
     warmup_steps = int(settings["warmup_epochs"] * steps_per_epoch)
 
     start_epoch = 0
-    state_file = output / "checkpoint" / "vistok_state.json"
+    checkpoint = output / "checkpoint"
     if resume:
-        if not state_file.is_file():
-            raise ConfigError(f"--resume: no checkpoint at {output / 'checkpoint'}")
-        accelerator.load_state(str(output / "checkpoint"))
-        start_epoch = json.loads(state_file.read_text())["epoch"] + 1
+        start_epoch = _resume(accelerator, checkpoint, augmentation_rng(train_transform)) + 1
+        if accelerator.is_main_process:
+            _forget_epochs_after(output / "metrics.jsonl", start_epoch)
     output.mkdir(parents=True, exist_ok=True)
     if accelerator.is_main_process:
         (output / "config.json").write_text(json.dumps(config, indent=2))
@@ -118,8 +119,8 @@ def train(config: dict, resume: bool = False) -> int:
     for epoch in range(start_epoch, settings["epochs"]):
         model.train()
         started, loss_sum, seen = time.time(), 0.0, 0
-        if hasattr(train_set, "set_epoch"):
-            train_set.set_epoch(epoch)  # video: fresh clips each epoch
+        if hasattr(underlying(train_set), "set_epoch"):
+            underlying(train_set).set_epoch(epoch)  # video: fresh clips each epoch
         labelled = LabelledBatches(train_loader)
         bar = tqdm(labelled, desc=f"epoch {epoch + 1}/{settings['epochs']}",
                    disable=not accelerator.is_local_main_process)
@@ -147,9 +148,8 @@ def train(config: dict, resume: bool = False) -> int:
             with open(output / "metrics.jsonl", "a") as log:
                 log.write(json.dumps(metrics) + "\n")
             accelerator.print(json.dumps(metrics))
-        accelerator.save_state(str(output / "checkpoint"))
+        _save_checkpoint(accelerator, checkpoint, epoch, augmentation_rng(train_transform))
         if accelerator.is_main_process:
-            state_file.write_text(json.dumps({"epoch": epoch}))
             from safetensors.torch import save_file
 
             trained = accelerator.unwrap_model(model)
@@ -157,6 +157,59 @@ def train(config: dict, resume: bool = False) -> int:
             weights = {k: v.contiguous() for k, v in trained.state_dict().items()}
             save_file(weights, str(output / "model.safetensors"))
     return 0
+
+
+def augmentation_rng(transform) -> torch.Generator | None:
+    """The generator of a batch transform's augmentation (Fashion-MNIST's shifts and flips), which the checkpoint
+    must carry: accelerate saves the global generators only."""
+    return getattr(transform, "generator", None)
+
+
+def _save_checkpoint(accelerator, checkpoint: Path, epoch: int, rng: torch.Generator | None) -> None:
+    """Everything a resume needs, written beside ``checkpoint`` and swapped in whole: an interrupted save leaves
+    the previous epoch's checkpoint as it was, never a mix of two epochs."""
+    partial = checkpoint.with_name(checkpoint.name + ".partial")
+    if accelerator.is_main_process and partial.exists():
+        shutil.rmtree(partial)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(partial))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if rng is not None:
+            torch.save(rng.get_state(), partial / "augmentation_rng.pt")
+        (partial / "vistok_state.json").write_text(json.dumps({"epoch": epoch}))
+        previous = checkpoint.with_name(checkpoint.name + ".previous")
+        if checkpoint.exists():
+            checkpoint.rename(previous)
+        partial.rename(checkpoint)
+        if previous.exists():
+            shutil.rmtree(previous)
+    accelerator.wait_for_everyone()
+
+
+def _resume(accelerator, checkpoint: Path, rng: torch.Generator | None) -> int:
+    """Load the last complete checkpoint (the previous one where a save was cut off between its two renames);
+    returns the epoch it ended."""
+    previous = checkpoint.with_name(checkpoint.name + ".previous")
+    found = checkpoint if (checkpoint / "vistok_state.json").is_file() else previous
+    if not (found / "vistok_state.json").is_file():
+        raise ConfigError(f"--resume: no checkpoint at {checkpoint}")
+    accelerator.load_state(str(found))
+    if rng is not None:
+        saved = found / "augmentation_rng.pt"
+        if not saved.is_file():
+            raise ConfigError(f"--resume: {found} has no augmentation_rng.pt (written by an older vistok): the "
+                              "augmentation would restart from its seed; train again without --resume")
+        rng.set_state(torch.load(saved))
+    return json.loads((found / "vistok_state.json").read_text())["epoch"]
+
+
+def _forget_epochs_after(log: Path, epochs: int) -> None:
+    """Drop the metrics of epochs after the first ``epochs`` (an epoch logged, then cut off before its
+    checkpoint, runs again)."""
+    if log.is_file():
+        lines = [line for line in log.read_text().splitlines() if json.loads(line)["epoch"] <= epochs]
+        log.write_text("".join(line + "\n" for line in lines))
 
 
 def validate(model, loader, transform, accelerator) -> dict[str, float]:

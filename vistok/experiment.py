@@ -24,7 +24,7 @@ from .config import ConfigError
 from .data import GreyBatchTransform, fashion_mnist_dataset, image_folder_dataset
 
 __all__ = ["MODEL_DEFAULTS", "DATA_DEFAULTS", "build_model", "build_data", "fit_head_to_data", "set_fused_attention",
-           "wrap_for_data", "loader", "batches", "LabelledBatches"]
+           "wrap_for_data", "loader", "batches", "LabelledBatches", "underlying"]
 
 MODEL_DEFAULTS: dict[str, Any] = {
     "model": "vistok_vit_fmnist",
@@ -155,9 +155,7 @@ def fit_head_to_data(config: dict[str, Any], *datasets: Dataset) -> dict[str, An
         return config
     found = []
     for dataset in datasets:
-        while isinstance(dataset, torch.utils.data.Subset):
-            dataset = dataset.dataset
-        found.append(list(dataset.classes))
+        found.append(list(underlying(dataset).classes))
     if any(classes != found[0] for classes in found[1:]):
         raise ConfigError(f"data.root={config['data']['root']}: the splits have different class folders "
                           f"({[len(classes) for classes in found]} classes: {found})")
@@ -216,12 +214,18 @@ def _video_datasets(data: dict[str, Any], seed: int, train: bool) -> tuple[Datas
     return train_set, val
 
 
+def underlying(dataset: Dataset) -> Dataset:
+    """The dataset inside any number of ``Subset`` wrappers (``data.limit`` adds one, ``batches(limit=)`` another)."""
+    while isinstance(dataset, torch.utils.data.Subset):
+        dataset = dataset.dataset
+    return dataset
+
+
 def loader(dataset: Dataset, batch_size: int, **kwargs: Any) -> torch.utils.data.DataLoader:
     """A DataLoader; for video datasets with :func:`~vistok.video.collate_clips` (unreadable clips dropped)."""
     from .video import VideoClipDataset, collate_clips
 
-    inner = dataset.dataset if isinstance(dataset, torch.utils.data.Subset) else dataset
-    if isinstance(inner, VideoClipDataset):
+    if isinstance(underlying(dataset), VideoClipDataset):
         kwargs.setdefault("collate_fn", collate_clips)
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, **kwargs)
 

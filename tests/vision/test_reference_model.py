@@ -89,3 +89,19 @@ def test_register_variant_keeps_its_registers_and_the_unpatched_outputs():
     timm.create_model("vistok_vit_fmnist_reg4", pretrained=True)  # its shipped weights fit it
     shipped = timm.create_model("vistok_vit_fmnist")  # the one-conv stem still loads the shipped weights
     vistok.models.load_checkpoint(shipped, ROOT / "models" / "vistok_vit_fmnist" / "model.safetensors")
+
+
+def test_pretrained_takes_timms_head_options(reference):
+    """As timm's factories: num_classes=0 gives the pretrained features (no head), num_classes=N a fresh N-way
+    head on the same trunk, global_pool another pooling of the same tokens; an attention pool is refused."""
+    images = GreyBatchTransform()(fashion_mnist_dataset("test").tensors[0][:3])
+    with torch.no_grad():
+        tokens = reference.forward_features(images)
+        features = timm.create_model("vistok_vit_fmnist", pretrained=True, num_classes=0).eval()
+        assert torch.allclose(features(images), reference.forward_head(tokens, pre_logits=True))
+        fresh = timm.create_model("vistok_vit_fmnist", pretrained=True, num_classes=3).eval()
+        assert fresh.head.out_features == 3 and torch.allclose(fresh.forward_features(images), tokens)
+        averaged = timm.create_model("vistok_vit_fmnist", pretrained=True, global_pool="avg").eval()
+        assert torch.allclose(averaged(images), reference.head(tokens[:, 1:].mean(dim=1)), atol=1e-5)
+    with pytest.raises(vistok.InvalidConfigError, match="attention pool"):
+        timm.create_model("vistok_vit_fmnist", pretrained=True, global_pool="map")

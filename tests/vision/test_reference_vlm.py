@@ -114,6 +114,11 @@ def test_grid_positions_mark_the_tokens_and_leave_class_attention_alone():
         assert torch.equal(after[:, :1], before[:, :1])
         assert torch.allclose(after[:, 1:], before[:, 1:] + tower.grid_position, atol=1e-6)
     assert attention.shape == (2, 36) and not torch.equal(moved.hidden_states[-2], plain.hidden_states[-2])
+    # several feature layers: the last one's; the embeddings (layer 0): no layer attended to them
+    assert torch.equal(tower.class_attention(moved.hidden_states, [-3, -2]),
+                       tower.class_attention(moved.hidden_states, -2))
+    with pytest.raises(vistok.InvalidConfigError, match="vision_feature_layer=0"):
+        tower.class_attention(moved.hidden_states, 0)
 
 
 def test_the_fine_tower_pools_each_crop_two_by_two():

@@ -140,16 +140,38 @@ def test_batch_transform_normalises_and_shifts():
 
 
 @pytest.mark.slow
-def test_train_eval_and_resume(tmp_path):
+def test_train_eval_and_resume(tmp_path, monkeypatch):
     train, evaluate = load_tool("train"), load_tool("eval")
     run = tmp_path / "run"
     config = str(ROOT / "configs/fmnist_vit.yaml")
-    assert train.main(["--config", config, "train.epochs=1", f"output={run}", "train.fused_attn=false", *SMALL]) == 0
-    assert train.main(["--config", config, "train.epochs=2", f"output={run}", "--resume", *SMALL]) == 0
+    validations = []
+
+    def interrupted_in_epoch_two(*args):
+        validations.append(args)
+        if len(validations) == 2:
+            raise KeyboardInterrupt
+        return validate(*args)
+
+    validate = train.validate
+    monkeypatch.setattr(train, "validate", interrupted_in_epoch_two)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(["--config", config, "train.epochs=2", f"output={run}", "train.fused_attn=false", *SMALL])
+    monkeypatch.undo()
+    with open(run / "metrics.jsonl", "a") as log:  # as if epoch 2 had been logged, then cut off before its checkpoint
+        log.write(json.dumps({"epoch": 2, "train_loss": 0.0}) + "\n")
+    assert train.main(["--config", config, "train.epochs=2", f"output={run}", "train.fused_attn=false", "--resume",
+                       *SMALL]) == 0
     epochs = [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert epochs == [1, 2]
+    # resuming is training on: the augmentation's shifts and flips continue, so the weights are those of one run
+    straight = tmp_path / "straight"
+    assert train.main(["--config", config, "train.epochs=2", f"output={straight}", "train.fused_attn=false",
+                       *SMALL]) == 0
     model = load_checkpoint(timm.create_model("vistok_vit_fmnist", depth=3), run / "model.safetensors")
     assert model.blocks[0].attn.qkv.weight.abs().sum() > 0
+    reference = load_checkpoint(timm.create_model("vistok_vit_fmnist", depth=3), straight / "model.safetensors")
+    for (name, value), expected in zip(model.state_dict().items(), reference.state_dict().values(), strict=True):
+        assert torch.equal(value, expected), name
     # fine-tuning with ATS on (the ATS path is differentiable)
     assert train.main(["--config", config, "train.epochs=1", f"output={tmp_path / 'ats'}", "method=ats",
                        "method_options.k=40", "method_options.blocks=[1,2]", f"checkpoint={run / 'model.safetensors'}",

@@ -434,3 +434,16 @@ def test_clip_dataset_test_views(kinetics_root):
         return VideoClipDataset(videos, ClipSampling("dense", 4, 2), transform, train=True)[1][0]
 
     assert torch.equal(training_item(), training_item())  # the draw is a function of seed, epoch and index
+
+
+def test_a_loader_collates_clips_through_nested_subsets():
+    """data.limit wraps a video set in a Subset and batches(limit=) in another: the loader still drops unreadable
+    clips with collate_clips (default_collate would fail on their None)."""
+    from torch.utils.data import Subset
+
+    from vistok.experiment import loader, underlying
+
+    dataset = VideoClipDataset(VideoList([VideoSample(BIKES, 0)], ["bikes"]), ClipSampling("dense", 4, 2),
+                               ClipTransform(32))
+    nested = Subset(Subset(dataset, [0]), [0])
+    assert underlying(nested) is dataset and loader(nested, 1).collate_fn is collate_clips

@@ -120,6 +120,21 @@ class LlavaFamily(VisionLLMFamily):
         return class_attention(tower, out.hidden_states, context, self.has_class_token)
 
 
+def producing_layer(feature_layer: int | list[int], num_states: int) -> int:
+    """The encoder layer whose output is ``hidden_states[feature_layer]`` (of ``num_states``; with several feature
+    layers, the last one's): ``hidden_states[i]`` is the input of layer ``i``.
+
+    Raises:
+        InvalidConfigError: the features are the embeddings (layer 0), which no layer attended to.
+    """
+    layer_index = feature_layer[-1] if isinstance(feature_layer, (list, tuple)) else feature_layer
+    produced_by = layer_index % num_states - 1
+    if produced_by < 0:
+        raise InvalidConfigError("dominant: the features are the embeddings (vision_feature_layer=0); no layer "
+                                 "attended to them")
+    return produced_by
+
+
 def class_attention(tower: nn.Module, hidden_states: tuple[Tensor, ...], feature_layer: int | list[int],
                     has_class_token: bool = True) -> Tensor:
     """``[B, N]``: the class token's attention over the patch tokens in the layer that produced the features
@@ -130,11 +145,7 @@ def class_attention(tower: nn.Module, hidden_states: tuple[Tensor, ...], feature
     ``hidden_states[i]`` is the input of encoder layer ``i``, so the features ``hidden_states[f]`` come out of
     layer ``f - 1``, which attended over ``hidden_states[f - 1]``. With several feature layers, the last one's.
     """
-    layer_index = feature_layer[-1] if isinstance(feature_layer, (list, tuple)) else feature_layer
-    produced_by = layer_index % len(hidden_states) - 1
-    if produced_by < 0:
-        raise InvalidConfigError("dominant: the features are the embeddings (vision_feature_layer=0); no layer "
-                                 "attended to them")
+    produced_by = producing_layer(feature_layer, len(hidden_states))
     layer = tower.encoder.layers[produced_by]
     attention = layer.self_attn
     h = layer.layer_norm1(hidden_states[produced_by])

@@ -18,7 +18,7 @@ from timm.models import register_model
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from ..errors import VistokError
+from ..errors import InvalidConfigError, VistokError
 
 __all__ = ["REFERENCE_ARCH", "REFERENCE_REG4_ARCH", "CheckpointError", "reference_checkpoint", "load_checkpoint",
            "vistok_vit_fmnist", "vistok_vit_fmnist_reg4"]
@@ -127,8 +127,14 @@ def _init_sincos_positions(model: VisionTransformer) -> None:
 
 def _create_reference(name: str, arch: dict, embed_layer: type[PatchEmbed], pretrained: bool,
                       **kwargs) -> VisionTransformer:
+    """As timm's factories: with ``pretrained``, ``num_classes`` (0: no head) and ``global_pool`` give a fresh
+    head on the shipped weights rather than a checkpoint that does not fit."""
     for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
         kwargs.pop(key, None)
+    head = {key: kwargs.pop(key) for key in ("num_classes", "global_pool") if pretrained and key in kwargs}
+    if head.get("global_pool") in ("map", "prr"):
+        raise InvalidConfigError(f"{name}: global_pool={head['global_pool']!r} needs an attention pool the "
+                                 "pretrained weights do not have")
     model = VisionTransformer(**{**arch, "embed_layer": embed_layer, **kwargs})
     _init_sincos_positions(model)
     model.pretrained_cfg = model.default_cfg = {
@@ -137,6 +143,12 @@ def _create_reference(name: str, arch: dict, embed_layer: type[PatchEmbed], pret
     }
     if pretrained:
         load_checkpoint(model, reference_checkpoint(name))
+        if head:
+            trained = model.head
+            model.reset_classifier(head.get("num_classes", model.num_classes), head.get("global_pool"))
+            if model.num_classes == trained.out_features:  # only the pooling changed: the trained head stays
+                model.head = trained
+            model.pretrained_cfg = model.default_cfg = {**model.pretrained_cfg, "num_classes": model.num_classes}
     return model
 
 

@@ -121,11 +121,13 @@ class ReferenceVisionTower(nn.Module):
         return BaseModelOutputWithPooling(last_hidden_state=self._laid_out(vit.norm(x)),
                                           hidden_states=tuple(self._laid_out(s) for s in states))
 
-    def class_attention(self, hidden_states: tuple[Tensor, ...], feature_layer: int) -> Tensor:
+    def class_attention(self, hidden_states: tuple[Tensor, ...], feature_layer: int | list[int]) -> Tensor:
         """``[B, N]``: the class token's attention (heads averaged) in the block that produced
-        ``hidden_states[feature_layer]``, recomputed over that block's input in the tower's layout (the mean class
-        token over the pooled tokens)."""
-        produced_by = feature_layer % len(hidden_states) - 1
+        ``hidden_states[feature_layer]`` (the last of several), recomputed over that block's input in the tower's
+        layout (the mean class token over the pooled tokens)."""
+        from ..adapters.llava import producing_layer
+
+        produced_by = producing_layer(feature_layer, len(hidden_states))
         block = self.vit.blocks[produced_by]
         states = hidden_states[produced_by]
         states = torch.cat([states[:, :1], states[:, 1:] - self._positions()], dim=1)  # the block's own input
