@@ -96,8 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'variant':<18}{'top-1 %':>9}{'GFLOPs/img':>12}{'img/s':>9}{'tokens/block':>14}")
     layouts, baseline = {}, None
     for label, method, options in VARIANTS:
-        handle = vistok.patch(model, method, **options, trace_source=True) if method == "merge" else \
-            vistok.patch(model, method, **options) if method else None
+        handle = vistok.patch(model, method, **options, trace_source=True) if method else None
         result = test_top1()
         gflops = count_flops(model, counted) / 1e9
         speed = time_models({label: model}, sample, warmup=1, runs=5)[label].images_per_s

@@ -58,9 +58,11 @@ def run_eval(config: dict, progress: bool = True) -> dict:
                                                                  settings["flops_images"])]
     result["gflops"] = count_flops(model, flops_batches) / 1e9
     result["flops_images"] = sum(b.shape[0] for b in flops_batches)
-    sample = torch.cat(flops_batches)[: settings["throughput_batch"]]
+    size = settings["throughput_batch"]
+    sample = prepare(next(iter(batches(val_set, size, size)))[0])  # its own batch: flops_images may be fewer
     timing = time_models({"model": model}, sample, warmup=1, runs=settings["throughput_runs"])["model"]
     result["images_per_s"] = timing.images_per_s
+    result["throughput_batch"] = sample.shape[0]
     result.update(model=config["model"], method=config["method"], method_options=config["method_options"])
     return result
 

@@ -51,17 +51,22 @@ PAGE_METHODS = ("correlation_guided:redundancy=page,positions=original",
 PAGE_FRACTIONS = (0.5, 0.33, 0.17, 0.11, 0.083, 0.056)
 
 
-def settings(methods: list[str], fractions: list[float], full: int, grid: tuple[int, int]) -> list[tuple]:
-    """``(method or None, tokens)`` for every point; pooling takes the nearest budget its grid can make."""
+def settings(methods: list[str], fractions: list[float], full: int, grid: tuple[int, int],
+             baseline: str | None = None) -> list[tuple]:
+    """``(method or None, tokens)`` for every point; pooling takes the nearest budget its grid can make, and where
+    pooling is the ``baseline`` every method takes that budget (``vs_baseline`` compares equal token counts)."""
     from vistok.adapters.budget import poolable
 
+    def pooled(tokens: int) -> int:
+        return next(t for t in sorted(range(1, full + 1), key=lambda t: (abs(t - tokens), t)) if poolable(grid, t))
+
+    aligned = baseline is not None and parse_method_spec(baseline)[0] == "pool"
     points = [(None, full)]
     for method in methods:
         for fraction in fractions:
             tokens = max(1, round(fraction * full))
-            if parse_method_spec(method)[0] == "pool":
-                tokens = next(t for t in sorted(range(1, full + 1), key=lambda t: (abs(t - tokens), t))
-                              if poolable(grid, t))
+            if aligned or parse_method_spec(method)[0] == "pool":
+                tokens = pooled(tokens)
             points.append((method, tokens))
     return points
 
@@ -217,7 +222,7 @@ def main(argv: list[str] | None = None, language_model=None) -> int:
         data = (SparsePageQA if args.page else FashionQA)("test", args.questions, seed=args.seed)
         grid = model.model.vision_tower.token_grid
         rows, hits = [], []
-        for method, tokens in settings(args.methods, args.fractions, grid[0] * grid[1], grid):
+        for method, tokens in settings(args.methods, args.fractions, grid[0] * grid[1], grid, baseline):
             row, answered = evaluate(model, tokenizer, data, method, tokens, args.batch_size, args.prefill_runs)
             rows.append(row)
             hits.append(answered)

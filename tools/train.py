@@ -34,6 +34,7 @@ from vistok.experiment import (
     fit_head_to_data,
     loader,
     set_fused_attention,
+    truncate_log,
     underlying,
     wrap_for_data,
 )
@@ -111,7 +112,7 @@ def train(config: dict, resume: bool = False) -> int:
     if resume:
         start_epoch = _resume(accelerator, checkpoint, augmentation_rng(train_transform)) + 1
         if accelerator.is_main_process:
-            _forget_epochs_after(output / "metrics.jsonl", start_epoch)
+            truncate_log(output / "metrics.jsonl", "epoch", start_epoch)  # an epoch cut off before its checkpoint
     output.mkdir(parents=True, exist_ok=True)
     if accelerator.is_main_process:
         (output / "config.json").write_text(json.dumps(config, indent=2))
@@ -202,14 +203,6 @@ def _resume(accelerator, checkpoint: Path, rng: torch.Generator | None) -> int:
                               "augmentation would restart from its seed; train again without --resume")
         rng.set_state(torch.load(saved))
     return json.loads((found / "vistok_state.json").read_text())["epoch"]
-
-
-def _forget_epochs_after(log: Path, epochs: int) -> None:
-    """Drop the metrics of epochs after the first ``epochs`` (an epoch logged, then cut off before its
-    checkpoint, runs again)."""
-    if log.is_file():
-        lines = [line for line in log.read_text().splitlines() if json.loads(line)["epoch"] <= epochs]
-        log.write_text("".join(line + "\n" for line in lines))
 
 
 def validate(model, loader, transform, accelerator) -> dict[str, float]:

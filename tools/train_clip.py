@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from vistok.data import GreyBatchTransform, load_fashion_mnist
+from vistok.experiment import truncate_log
 from vistok.fmnist_qa import ITEM_NAMES
 from vistok.models.clip import CAPTION_TEMPLATES, captions_for, create_clip, zero_shot_classifier
 
@@ -72,12 +73,16 @@ def main(argv: list[str] | None = None) -> int:
     augment = GreyBatchTransform(augment=True)
     step, elapsed = 0, 0.0
     checkpoint = out / "checkpoint.pt"
-    if args.resume and checkpoint.is_file():
+    if args.resume and not checkpoint.is_file():
+        print(f"train_clip.py: error: --resume: no checkpoint at {checkpoint}", file=sys.stderr)
+        return 2
+    if args.resume:
         state = torch.load(checkpoint, weights_only=False)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         step, elapsed = state["step"], state["elapsed"]
         torch.set_rng_state(state["rng"])
+        truncate_log(out / "log.jsonl", "step", step)
         print(f"resumed at step {step} ({elapsed / 60:.1f} min)", file=sys.stderr)
     budget = args.minutes * 60
     log = (out / "log.jsonl").open("a")

@@ -24,7 +24,7 @@ from .config import ConfigError
 from .data import GreyBatchTransform, fashion_mnist_dataset, image_folder_dataset
 
 __all__ = ["MODEL_DEFAULTS", "DATA_DEFAULTS", "build_model", "build_data", "fit_head_to_data", "set_fused_attention",
-           "wrap_for_data", "loader", "batches", "LabelledBatches", "underlying"]
+           "wrap_for_data", "loader", "batches", "LabelledBatches", "underlying", "truncate_log"]
 
 MODEL_DEFAULTS: dict[str, Any] = {
     "model": "vistok_vit_fmnist",
@@ -212,6 +212,16 @@ def _video_datasets(data: dict[str, Any], seed: int, train: bool) -> tuple[Datas
     val = VideoClipDataset(val_videos, ClipSampling(**sampling, num_clips=data["test_clips"]),
                            ClipTransform(size, short, num_crops=data["test_crops"], **normalise), **reading)
     return train_set, val
+
+
+def truncate_log(log: Path, key: str, last: int) -> None:
+    """Keep the lines of a JSON-lines log whose ``key`` (``"epoch"``, ``"step"``) is at most ``last``: a resumed
+    run repeats what came after its checkpoint, and would log it twice."""
+    import json
+
+    if log.is_file():
+        kept = [line for line in log.read_text().splitlines() if json.loads(line)[key] <= last]
+        log.write_text("".join(line + "\n" for line in kept))
 
 
 def underlying(dataset: Dataset) -> Dataset:

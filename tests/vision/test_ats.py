@@ -153,6 +153,15 @@ def test_fusion_keeps_everything_and_equals_padding_free_runs(family):
             counts = handle.tokens_per_block()
         assert (batched - singles).abs().max() <= TOL
         assert counts[-1] < 0.5 * patches
+        with vistok.patch(model, "ats", k=0.4, min_tokens=1, fusion=True, trace_source=True) as handle:
+            model(images)
+            layout = handle.layouts[max(handle.layouts)]
+        # traced: each token owns as many original patches as its size (the fused ones included)
+        owner = layout.owner[:, prefix:]
+        sizes = layout.token_weights(torch.float64, images.device)
+        for row in range(3):
+            counts = torch.bincount(owner[row][owner[row] >= 0], minlength=layout.num_tokens)
+            assert counts[prefix:].tolist() == sizes[row, prefix:].tolist()
 
 
 def test_fusion_merges_into_the_most_similar_kept_token_by_size():

@@ -383,3 +383,48 @@ def test_the_shipped_vlm_reads_the_image(smollm2, name):
     assert vlm_accuracy(model, tokenizer, images, examples) >= blind + 0.25
     with vistok.patch(model, "merge_to_budget", keep=0.5, positions="original" if fine else None):
         assert vlm_accuracy(model, tokenizer, images, examples) >= blind + 0.10
+
+
+class _Projector(torch.nn.Module):
+    """The smallest model with a tensor the VLM trainers train (a 'multi_modal_projector')."""
+
+    def __init__(self, width: int = 3) -> None:
+        super().__init__()
+        self.multi_modal_projector = torch.nn.Linear(width, 1)
+
+
+def test_a_vlm_training_run_resumes_where_its_checkpoint_is(tmp_path):
+    """An interrupted run resumed from its last checkpoint ends with the weights of a straight run and one log line
+    per step; resuming with no checkpoint, or another variant's, is refused."""
+    from vistok.models.reference import CheckpointError
+    from vistok.models.reference_vlm import TrainingRun, train_trained_tensors
+
+    def step_loss_of(model, interrupt_at=None):
+        def step_loss(step):
+            if step == interrupt_at:
+                raise KeyboardInterrupt
+            inputs = torch.randn(4, 3, generator=torch.Generator().manual_seed(step))
+            return model.multi_modal_projector(inputs).pow(2).mean(), {}
+        return step_loss
+
+    def run(out, resume=False):
+        return TrainingRun(out, steps=6, minutes=60.0, lr=0.05, warmup=1, save_every=3, resume=resume)
+
+    torch.manual_seed(0)
+    straight = _Projector()
+    torch.manual_seed(0)
+    resumed = _Projector()
+    train_trained_tensors(straight, run(tmp_path / "straight"), step_loss_of(straight))
+    with pytest.raises(KeyboardInterrupt):
+        train_trained_tensors(resumed, run(tmp_path / "run"), step_loss_of(resumed, interrupt_at=4))
+    torch.manual_seed(1)
+    resumed = _Projector()  # a fresh process: the weights come from the checkpoint
+    assert train_trained_tensors(resumed, run(tmp_path / "run", resume=True), step_loss_of(resumed)) == 6
+    assert torch.equal(resumed.multi_modal_projector.weight, straight.multi_modal_projector.weight)
+    steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]
+    with pytest.raises(CheckpointError, match="no checkpoint"):
+        train_trained_tensors(_Projector(), run(tmp_path / "none", resume=True), step_loss_of(resumed))
+    with pytest.raises(CheckpointError, match="does not fit"):
+        other = _Projector(width=5)
+        train_trained_tensors(other, run(tmp_path / "run", resume=True), step_loss_of(other))

@@ -87,7 +87,8 @@ def test_a_class_folder_dataset_trains_a_head_of_its_class_count(tmp_path, capsy
     out = tmp_path / "not yet made" / "eval.json"  # --json makes its folder
     assert evaluate.main([*small, f"checkpoint={run / 'model.safetensors'}", "eval.flops_images=4",
                           "eval.batch_size=6", "--json", str(out)]) == 0
-    assert json.loads(out.read_text())["images"] == 12
+    written = json.loads(out.read_text())
+    assert written["images"] == 12 and written["throughput_batch"] == 12  # timed on its own batch, not the 4 counted
     sweep = load_tool("sweep")  # the sweep reads the same folder with the same 2-way head
     assert sweep.main(["--config", str(ROOT / "configs/sweep_fmnist.yaml"), "--out", str(tmp_path / "sweep"),
                        *small, "pretrained=false", f"checkpoint={run / 'model.safetensors'}",
@@ -281,3 +282,13 @@ def test_shipped_configs_are_valid(path):
         assert timm.is_model(config["model"])
     if config["method"]:
         vistok.create_config(config["method"], **config["method_options"])
+
+
+def test_eval_vlm_compares_with_pooling_at_equal_tokens():
+    """Pooling can only make some budgets (a 14 x 14 grid pools to 64 cells, not 65): with pooling as the baseline,
+    every method takes pooling's budget at each fraction, so vs_baseline always has its pair."""
+    settings = load_tool("eval_vlm").settings
+    points = settings(["pool", "dominant"], [0.33, 0.05], 196, (14, 14), baseline="pool")
+    assert points[0] == (None, 196)
+    assert [tokens for method, tokens in points[1:3]] == [tokens for method, tokens in points[3:5]]
+    assert [tokens for _, tokens in settings(["dominant"], [0.33, 0.05], 196, (14, 14))[1:]] == [65, 10]

@@ -313,3 +313,90 @@ def test_concurrent_calls_match_sequential_ones():
         for thread in threads:
             thread.join()
     assert not errors and all(torch.equal(results[i], alone[i]) for i in range(2))
+
+
+def _greedy_loop(model, inputs, steps):
+    """A hand-written cached decoding loop, as a user writes one: the prompt, then a token at a time with the mask
+    extended by one (and, where the prompt has them, position_ids from its last position on)."""
+    out = model(**inputs, use_cache=True)
+    mask, positions = inputs.get("attention_mask"), inputs.get("position_ids")
+    mask = torch.ones_like(inputs["input_ids"]) if mask is None else mask
+    tokens = []
+    for _ in range(steps):
+        token = out.logits[:, -1].argmax(-1, keepdim=True)
+        tokens.append(token)
+        mask = torch.cat([mask, torch.ones_like(token)], dim=1)
+        extra = {}
+        if positions is not None:
+            positions = extra["position_ids"] = positions[:, -1:] + 1
+        out = model(input_ids=token, attention_mask=mask, cache=out.past_key_values, use_cache=True,
+                    **extra)
+    return torch.cat(tokens, dim=1)
+
+
+@pytest.mark.parametrize("positions", ["compact", "original"])
+def test_a_hand_written_decoding_loop_runs_on_the_shortened_prompt(positions):
+    """Rows that lose different numbers of placeholders (two images and one): a cached loop over handle.shorten's
+    inputs, extending their mask, gives generate's tokens; a mask extended from the full prompt would be read out of
+    line with the cache, and is refused."""
+    model = tiny_llava()
+    run = [IMAGE] * PATCHES
+    ids = torch.tensor([[1, 5] + run + run + [7, 8], [0] * 17 + [9] + run + [3, 4]])
+    mask = torch.ones_like(ids)
+    mask[1, :17] = 0
+    pixels = images(3)
+    with torch.no_grad(), vistok.patch(model, "merge_to_budget", tokens=4, positions=positions) as handle:
+        expected = model.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, max_new_tokens=3,
+                                  do_sample=False)[:, ids.shape[1]:]
+        short = handle.shorten(input_ids=ids, attention_mask=mask, pixel_values=pixels)
+        assert short["input_ids"].shape[1] == 2 + 4 + 4 + 2
+        assert torch.equal(_greedy_loop(model, short, 3), expected)
+        full = {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels}
+        if positions == "original":
+            full["position_ids"] = (mask.cumsum(dim=1) - 1).clamp_min(0)
+        with pytest.raises(InputShapeError, match="handle.shorten"):
+            _greedy_loop(model, full, 1)
+
+
+def test_generate_counts_lengths_from_the_callers_prompt():
+    """max_length / min_length count the prompt the caller passed, not the shortened one vistok generates from;
+    a pad_token_id given to generate (or in its generation_config) marks the padding as in the unpatched model."""
+    from transformers import GenerationConfig
+
+    model = tiny_llava()
+    model.generation_config.pad_token_id = None
+    ids, pixels = prompt(), images()
+    with torch.no_grad(), vistok.patch(model, "pool", tokens=4):
+        assert model.generate(input_ids=ids, pixel_values=pixels, max_length=ids.shape[1] + 3,
+                              do_sample=False).shape[1] == ids.shape[1] + 3
+        config = GenerationConfig(max_length=ids.shape[1] + 2, min_length=ids.shape[1] + 2, do_sample=False)
+        assert model.generate(input_ids=ids, pixel_values=pixels, generation_config=config).shape[1] == \
+            ids.shape[1] + 2
+    padded = torch.tensor([[1, 5, 6] + [IMAGE] * PATCHES + [7, 8], [0, 0, 9] + [IMAGE] * PATCHES + [3, 4]])
+    with torch.no_grad():
+        expected = model.generate(input_ids=padded, pixel_values=pixels, max_new_tokens=4, do_sample=False,
+                                  pad_token_id=0)
+        with vistok.patch(model, "merge_to_budget", keep=1.0):
+            assert torch.equal(model.generate(input_ids=padded, pixel_values=pixels, max_new_tokens=4,
+                                              do_sample=False, pad_token_id=0), expected)
+            config = GenerationConfig(pad_token_id=0, max_new_tokens=4, do_sample=False)
+            assert torch.equal(model.generate(input_ids=padded, pixel_values=pixels, generation_config=config),
+                               expected)
+
+
+def test_the_base_model_runs_patched_and_replaced_methods_are_refused():
+    """model.model(...) with the full prompt runs as the patched model's forward does (it shortens there too); a
+    model whose generate or get_image_features another library replaced on the instance is refused, not wrapped
+    around (vistok would bypass the replacement)."""
+    model = tiny_llava()
+    ids, pixels = prompt(), images()
+    with torch.no_grad(), vistok.patch(model, "pool", tokens=4):
+        hidden = model.model(input_ids=ids, pixel_values=pixels).last_hidden_state
+        through_model = model(input_ids=ids, pixel_values=pixels, output_hidden_states=True).hidden_states[-1]
+    assert hidden.shape[1] == ids.shape[1] - (PATCHES - 4) and torch.allclose(hidden, through_model, atol=1e-5)
+    for owner, name in ((model, "generate"), (model.model, "get_image_features")):
+        setattr(owner, name, getattr(owner, name))
+        with pytest.raises(UnsupportedModelError, match=f"{name} is replaced on this instance"):
+            vistok.patch(model, "pool", tokens=4)
+        delattr(owner, name)
+    assert vistok.get_handle(model) is None

@@ -21,6 +21,7 @@ too).
 
 from __future__ import annotations
 
+import copy
 import inspect
 from dataclasses import dataclass
 from functools import partial
@@ -181,6 +182,7 @@ class _ShortPromptHook:
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         kwargs = _as_keywords(type(module).forward, args, kwargs)
+        self.handle._check_cached_mask(kwargs)
         shortened = self.handle._shorten(kwargs, "input_ids")
         return None if shortened is None else ((), shortened)
 
@@ -197,11 +199,11 @@ class _ShortPromptGenerate:
         key = "inputs" if kwargs.get("inputs") is not None else "input_ids"
         original = kwargs.get(key)
         if isinstance(original, Tensor) and kwargs.get("attention_mask") is None:
-            kwargs["attention_mask"] = _generation_mask(model, original)  # shortening may add padding
+            kwargs["attention_mask"] = _generation_mask(model, original, kwargs)  # shortening may add padding
         shortened = self.handle._shorten(kwargs, key, generating=True)
         if shortened is None:
             return type(model).generate(model, **kwargs)
-        out = type(model).generate(model, **shortened)
+        out = type(model).generate(model, **_lengths_of_the_callers_prompt(model, shortened, original.shape[1]))
         prompt_length = shortened[key].shape[1]
         sequences = out if isinstance(out, Tensor) else out.sequences
         prompts = original.to(sequences.device).repeat_interleave(sequences.shape[0] // original.shape[0], dim=0)
@@ -212,15 +214,45 @@ class _ShortPromptGenerate:
         return out
 
 
-def _generation_mask(model: nn.Module, input_ids: Tensor) -> Tensor:
+def _generation_setting(model: nn.Module, kwargs: dict, name: str) -> Any:
+    """A ``generate`` setting as ``generate`` resolves it: the call's keyword, its ``generation_config``, or the
+    model's."""
+    if kwargs.get(name) is not None:
+        return kwargs[name]
+    for config in (kwargs.get("generation_config"), getattr(model, "generation_config", None)):
+        if getattr(config, name, None) is not None:
+            return getattr(config, name)
+    return None
+
+
+def _generation_mask(model: nn.Module, input_ids: Tensor, kwargs: dict) -> Tensor:
     """The attention mask ``generate`` infers when none is given: padding where the pad token is (unless it is
     also the end token), else all ones."""
-    config = getattr(model, "generation_config", None)
-    pad, eos = getattr(config, "pad_token_id", None), getattr(config, "eos_token_id", None)
+    pad, eos = (_generation_setting(model, kwargs, name) for name in ("pad_token_id", "eos_token_id"))
     ends = eos if isinstance(eos, (list, tuple)) else [eos]
     if pad is not None and pad not in ends and bool((input_ids == pad).any()):
         return (input_ids != pad).long()
     return torch.ones_like(input_ids)
+
+
+def _lengths_of_the_callers_prompt(model: nn.Module, kwargs: dict, prompt_length: int) -> dict:
+    """``generate``'s ``kwargs`` for the shortened prompt with ``max_length`` / ``min_length``, which count the
+    prompt, turned into ``max_new_tokens`` / ``min_new_tokens`` for the caller's prompt of ``prompt_length``."""
+    kwargs = dict(kwargs)
+    config = kwargs.get("generation_config")
+    for total, new in (("max_length", "max_new_tokens"), ("min_length", "min_new_tokens")):
+        length = _generation_setting(model, kwargs, total)
+        if _generation_setting(model, kwargs, new) is not None or not length:
+            continue
+        if total == "max_length" and length <= prompt_length:
+            raise ValueError(f"Input length of input_ids is {prompt_length}, but `max_length` is set to {length}: "
+                             "set max_new_tokens")
+        kwargs[new] = max(length - prompt_length, 0)
+        kwargs.pop(total, None)
+        if getattr(config, total, None) is not None:
+            config = kwargs["generation_config"] = copy.deepcopy(config)
+            setattr(config, total, None)
+    return kwargs
 
 
 class VisionLLMHandle:
@@ -245,9 +277,16 @@ class VisionLLMHandle:
             self.tokens_per_unit = config.tokens
         else:
             self.tokens_per_unit = family.num_prefix + config.budget(family.grid[0] * family.grid[1])
-        family.base(model).__dict__["get_image_features"] = _CompressedImageFeatures(self)
+        base = family.base(model)
+        for owner, name in ((base, "get_image_features"), (model, "generate")):
+            if name in vars(owner):
+                raise UnsupportedModelError(f"{type(owner).__name__}.{name} is replaced on this instance (by another "
+                                            f"library?); vistok wraps the class's {name} and would bypass it")
+        base.__dict__["get_image_features"] = _CompressedImageFeatures(self)
         model.__dict__["generate"] = _ShortPromptGenerate(self)
-        self._hook = model.register_forward_pre_hook(_ShortPromptHook(self), with_kwargs=True)
+        # the base model too: a caller may run it directly (the model's forward reaches it already shortened)
+        self._hooks = [module.register_forward_pre_hook(_ShortPromptHook(self), with_kwargs=True)
+                       for module in (model, base)]
         setattr(model, _HANDLE_ATTR, self)
 
     @property
@@ -439,6 +478,28 @@ class VisionLLMHandle:
                                      "(handle.encode gives the compressed visual tokens)")
         return input_ids
 
+    def shorten(self, **inputs: Any) -> dict[str, Any]:
+        """The model's inputs as the patched model runs them: the prompt shortened to the budget (with its
+        ``attention_mask``, made where padding appears, ``labels`` and, where vistok numbers them,
+        ``position_ids``), the images encoded where vistok encodes them itself. Running the model on the result
+        changes nothing more. For a hand-written decoding loop with a cache: the cache then holds this prompt, so
+        extend this ``attention_mask`` (``generate`` does all of this itself)."""
+        return self._shorten(dict(inputs), "input_ids") or dict(inputs)
+
+    def _check_cached_mask(self, kwargs: dict) -> None:
+        """Refuse a forward after the prompt (with a cache) whose 2-D ``attention_mask`` does not cover the cache
+        and the new tokens: the cache holds the shortened prompt, and a mask extended from the caller's full
+        prompt would be read out of line with it."""
+        mask, input_ids, cached = kwargs.get("attention_mask"), kwargs.get("input_ids"), _cached_length(kwargs)
+        if cached == 0 or not isinstance(mask, Tensor) or mask.dim() != 2 or not isinstance(input_ids, Tensor):
+            return
+        if mask.shape[1] != cached + input_ids.shape[1]:
+            raise InputShapeError(
+                f"attention_mask has {mask.shape[1]} columns, but the cache holds {cached} tokens and this call adds "
+                f"{input_ids.shape[1]}: the cache holds the prompt vistok shortened. In a hand-written decoding loop, "
+                "run the prompt as short = handle.shorten(**inputs); model(**short, use_cache=True), and extend "
+                "short['attention_mask'] (generate does this itself)")
+
     def _refuse_uncounted_continuation(self, kwargs: dict) -> None:
         """With ``positions="original"`` the shortened prompt keeps the full prompt's positions, so a forward after
         it (with a cache) cannot be numbered from the cache's length: it needs ``position_ids``."""
@@ -534,7 +595,8 @@ class VisionLLMHandle:
             self.tower_handle.remove()
         del self.family.base(self.model).__dict__["get_image_features"]
         del self.model.__dict__["generate"]
-        self._hook.remove()
+        for hook in self._hooks:
+            hook.remove()
         delattr(self.model, _HANDLE_ATTR)
 
     def __enter__(self) -> VisionLLMHandle:

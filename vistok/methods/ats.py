@@ -45,12 +45,14 @@ class AdaptiveTokenSampler(TokenReducer):
         k: the most patch tokens the block keeps: an int, or a float in (0, 1] meaning that fraction of
             the image's current valid patch tokens (rounded, at least 1). It is the number of CDF levels.
         min_tokens: the block keeps at least ``min(min_tokens, current patch tokens)`` patch tokens.
+        trace_source: track which original patches each token stands for (``TokenLayout.owner``).
     """
 
-    def __init__(self, k: int | float, min_tokens: int, fusion: bool = False) -> None:
+    def __init__(self, k: int | float, min_tokens: int, fusion: bool = False, trace_source: bool = False) -> None:
         self.k = k
         self.min_tokens = min_tokens
         self.fuses = fusion
+        self.traces_members = trace_source
 
     def __repr__(self) -> str:
         fusion = ", fusion=True" if self.fuses else ""
@@ -104,12 +106,15 @@ class ATSConfig(MethodConfig):
         fusion: the tokens a block does not sample are merged into the kept patch token whose key is most
             similar (size-weighted, with proportional attention from then on, as merging does) instead of
             being dropped. The block's attention then runs over every token; the MLP over the kept ones.
+        trace_source: track which original patches each token stands for (``TokenLayout.owner``), for
+            visualisation (``vistok.viz``): with fusion, the patches fused into a kept token.
     """
 
     k: int | float | Sequence[int | float] | None = None
     blocks: Sequence[int] | None = None
     min_tokens: int = 8
     fusion: bool = False
+    trace_source: bool = False
 
     name: ClassVar[str] = "ats"
 
@@ -119,8 +124,9 @@ class ATSConfig(MethodConfig):
             check_k(k, None)
         if not is_int(self.min_tokens, 1):
             raise InvalidConfigError(f"ats: min_tokens must be an int >= 1, got {self.min_tokens!r}")
-        if not isinstance(self.fusion, bool):
-            raise InvalidConfigError(f"ats: fusion must be a bool, got {self.fusion!r}")
+        for option in ("fusion", "trace_source"):
+            if not isinstance(getattr(self, option), bool):
+                raise InvalidConfigError(f"ats: {option} must be a bool, got {getattr(self, option)!r}")
 
     def build(self, info: BackboneInfo) -> dict[int, TokenReducer]:
         blocks = resolve_block_indices(self.blocks, info.num_blocks, default_ats_blocks(info.num_blocks))
@@ -132,7 +138,7 @@ class ATSConfig(MethodConfig):
         if self.fusion and info.rotary:
             raise UnsupportedModelError(f"ats: fusion on {info.model_class}, which uses rotary position embeddings: a "
                                         "fused token has no single position to rotate by (use fusion=False)")
-        return {block: AdaptiveTokenSampler(k, self.min_tokens, self.fusion)
+        return {block: AdaptiveTokenSampler(k, self.min_tokens, self.fusion, self.trace_source)
                 for block, k in sorted(zip(blocks, budgets, strict=True))}
 
     def _per_block_k(self, info: BackboneInfo, num_blocks: int) -> list[int | float]:

@@ -309,12 +309,15 @@ def _resizable_grid(tower: ReferenceVisionTower, position: Tensor) -> bool:
             and places in ((TILES * CELL) ** 2, (TILES * FINE_CELL) ** 2))
 
 
-def _load_trained(model: nn.Module, path: Path) -> None:
+def _load_trained(model: nn.Module, path: Path, state: dict[str, Tensor] | None = None) -> None:
+    """Load the trained tensors at ``path`` (or ``state``, read from there) into ``model``, every one of them
+    checked against the model's trained tensors by name and shape."""
     from safetensors.torch import load_file
 
-    if not path.is_file():
-        raise CheckpointError(f"the reference VLM's trained tensors are not at {path}")
-    state = load_file(str(path))
+    if state is None:
+        if not path.is_file():
+            raise CheckpointError(f"the reference VLM's trained tensors are not at {path}")
+        state = load_file(str(path))
     expected = trained_state(model)
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     mis_shaped = [k for k in expected if k in state and state[k].shape != expected[k].shape]
@@ -387,10 +390,15 @@ def train_trained_tensors(model: nn.Module, run: TrainingRun, step_loss: Any) ->
     step, spent = 0, 0.0
     checkpoint = run.out / "checkpoint.pt"
     if run.resume:
+        if not checkpoint.is_file():
+            raise CheckpointError(f"--resume: no checkpoint at {checkpoint}")
         state = torch.load(checkpoint, weights_only=False)
-        model.load_state_dict(state["trained"], strict=False)
+        _load_trained(model, checkpoint, state["trained"])  # a run of another variant (--page, --fine) is refused
         optimizer.load_state_dict(state["optimizer"])
         step, spent = state["step"], state["seconds"]
+        from ..experiment import truncate_log
+
+        truncate_log(run.out / "log.jsonl", "step", step)
     budget = run.minutes * 60
     log = open(run.out / "log.jsonl", "a")
 
