@@ -143,9 +143,10 @@ class TokenLayout:
     def fused(self, target: Tensor, weights: Tensor) -> TokenLayout:
         """The layout after every position ``p`` merged into position ``target[:, p]`` (itself where it stays),
         with sizes ``weights`` ``[B, N]`` (0 where merged away); follow with ``select`` to drop those positions.
-        A fused token keeps its own source."""
+        A fused token keeps its own source, and attention counts sizes from here on (proportional attention, which
+        fusion always uses, also after a merge that turned it off)."""
         owner = None if self.owner is None else _follow(self.owner, target)
-        return replace(self, sizes=weights, owner=owner)
+        return replace(self, sizes=weights, owner=owner, proportional=True)
 
     def members(self) -> Tensor:
         """``[B, N, N0]`` bool: which original tokens each position stands for (needs ``owner``, i.e. source

@@ -234,3 +234,14 @@ def test_a_composition_that_keeps_exactly_its_bound_needs_no_padding_mask(monkey
         with torch.no_grad(), vistok.patch(model, methods) as handle:
             model(images)
             assert handle.layouts[1].valid is None and handle.layouts[1].num_tokens == 31
+
+
+def test_fusion_turns_proportional_attention_on_after_a_merge_without_it():
+    """ATS fusion weighs fused tokens by their size in attention, also when an earlier merge had
+    proportional_attention=False (the layout would otherwise carry that setting on)."""
+    model = make_model("vit")
+    methods = [("merge", {"r": 4, "blocks": [1], "proportional_attention": False}),
+               ("ats", {"k": 20, "min_tokens": 1, "fusion": True, "blocks": [2]})]
+    with torch.no_grad(), vistok.patch(model, methods) as handle:
+        model(make_images(model, 2))
+        assert handle.layouts[1].proportional is False and handle.layouts[2].proportional is True

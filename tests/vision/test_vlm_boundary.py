@@ -207,6 +207,11 @@ def test_prompt_shortening_keeps_each_images_first_placeholders_and_repads():
     assert aligned["attention_mask"].tolist() == [[0, 0, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1, 1]]
     assert aligned["labels"].tolist()[0] == [-100, -100, 1, 5, -100, -100, 7]
     assert placeholder_keep_mask(ids, image, 4, 2, num_images=3) is None  # already at the budget
+    inside = mask.clone()
+    inside[1, 5] = 0  # a token masked inside a row is no padding: it stays, masked, where the model saw it
+    ids, aligned = shorten_prompt(rows, keep, {"attention_mask": inside}, pad_id=0)
+    assert ids.tolist()[1] == [1, image, image, 6, image, image, 8]
+    assert aligned["attention_mask"].tolist() == [[0, 0, 1, 1, 1, 1, 1], [1, 1, 1, 0, 1, 1, 1]]
     assert placeholder_keep_mask(rows, image, 4, 4, num_images=3) is None  # keep everything
     with pytest.raises(InputShapeError, match="12 image placeholder tokens .* for 2 image"):
         placeholder_keep_mask(rows, image, 4, 2, num_images=2)

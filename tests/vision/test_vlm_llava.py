@@ -188,6 +188,8 @@ def test_bad_inputs_and_refusals():
         vistok.patch(model, "pool")
     with pytest.raises(InvalidConfigError, match="keep must be a fraction"):
         vistok.patch(model, "pool", keep=1.5)
+    with pytest.raises(InvalidConfigError, match="contextual=4 must be less than tokens=4"):
+        vistok.patch(model, "dominant", tokens=4, contextual=4)
     with pytest.raises(InvalidConfigError, match=r"one method at the boundary .* in-tower methods \(\['ats'\]\)"):
         vistok.patch(model, "ats", k=8)
     assert vistok.get_handle(model) is None  # nothing was left half-patched

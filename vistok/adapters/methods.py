@@ -144,6 +144,9 @@ class DominantConfig(BoundaryConfig):
         super().__post_init__()
         if not is_int(self.contextual, 0):
             raise InvalidConfigError(f"dominant: contextual must be a non-negative int, got {self.contextual!r}")
+        if self.tokens is not None and self.contextual >= self.tokens:
+            raise InvalidConfigError(f"dominant: contextual={self.contextual} must be less than tokens={self.tokens} "
+                                     "(the budget's other tokens are the dominant ones, at least one)")
 
     def compress(self, inputs: BoundaryInputs, budget: int) -> Budgeted:
         if budget == inputs.features.shape[1]:

@@ -78,10 +78,11 @@ def _padding_side(attention_mask: Tensor | None) -> str:
 
 def shorten_prompt(input_ids: Tensor, keep: Tensor, aligned: Mapping[str, Tensor], pad_id: int
                    ) -> tuple[Tensor, dict[str, Tensor]]:
-    """``input_ids`` and every ``aligned`` ``[B, L]`` tensor at the ``keep`` positions that are not padding (0 in
-    ``aligned["attention_mask"]``), rows re-padded to the longest with ``pad_id`` / 0 in the mask / -100 in labels:
-    on the right where the caller padded on the right, else on the left (where generation appends). Rows that
-    come out of different lengths get an ``attention_mask`` even if none was given.
+    """``input_ids`` and every ``aligned`` ``[B, L]`` tensor at the ``keep`` positions that are not padding (the
+    0s of ``aligned["attention_mask"]`` at the padded end of a row; a masked token inside a row stays, masked),
+    rows re-padded to the longest with ``pad_id`` / 0 in the mask / -100 in labels: on the right where the caller
+    padded on the right, else on the left (where generation appends). Rows that come out of different lengths get
+    an ``attention_mask`` even if none was given.
     """
     for name, tensor in aligned.items():
         if tensor.shape[:2] != input_ids.shape:
@@ -90,7 +91,9 @@ def shorten_prompt(input_ids: Tensor, keep: Tensor, aligned: Mapping[str, Tensor
     mask = aligned.get("attention_mask")
     side = _padding_side(mask)
     if mask is not None:  # the old padding goes too: rows are re-padded to the new longest
-        keep = keep & mask.bool()
+        masked = (mask == 0).long()
+        padding = masked.cumprod(dim=1) if side == "left" else masked.flip(1).cumprod(dim=1).flip(1)
+        keep = keep & ~padding.bool()
     lengths = keep.sum(dim=1)
     width = int(lengths.max())
     if mask is None and bool((lengths < width).any()):  # padding appears: the model must be told
