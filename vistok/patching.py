@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from .backbones import Backbone, resolve_backbone
@@ -90,11 +91,12 @@ class _LayoutTracker:
 
     def enter(self, block: int, x: Tensor) -> TokenLayout:
         if block == self.first_block:
-            if self._backbone.grad_checkpointing:
+            if self._backbone.grad_checkpointing and torch.is_grad_enabled():
                 raise PatchStateError(
-                    "gradient checkpointing re-runs blocks out of order, which vistok cannot follow; while the "
-                    "model is patched, call model.set_grad_checkpointing(False) (timm, open_clip) or "
-                    "model.gradient_checkpointing_disable() (Hugging Face)")
+                    "gradient checkpointing re-runs blocks out of order in the backward pass, which vistok cannot "
+                    "follow; while the model is patched and records gradients, call "
+                    "model.set_grad_checkpointing(False) (timm, open_clip) or model.gradient_checkpointing_disable() "
+                    "(Hugging Face); under torch.no_grad() it runs")
             info = self.info
             grid = getattr(self._calls, "grid", info.grid_size)  # this call's, from the input check
             layout = TokenLayout.original(x, info.num_prefix, info.has_class_token, self.trace, grid)

@@ -134,9 +134,12 @@ def test_things_vistok_cannot_follow():
     with vistok.patch(model, "ats"):
         with pytest.raises(PatchStateError, match="no attention mask"):
             model(images, attn_mask=torch.ones(1, 197, 197, dtype=torch.bool))
+        expected = model(images)
         model.set_grad_checkpointing(True)
         with pytest.raises(PatchStateError, match="checkpointing"):
-            model(images)
+            model(images)  # recording gradients: the backward pass would re-run blocks
+        with torch.no_grad():  # nothing is re-run: the blocks run once, in order
+            assert (model(images) - expected).abs().max() <= 1e-6
         model.set_grad_checkpointing(False)
         hook = model.blocks[5].register_forward_hook(lambda m, i, out: out.clone())
         with pytest.raises(PatchStateError, match="block 6 received tokens"):
