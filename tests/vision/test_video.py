@@ -402,6 +402,9 @@ def test_list_file_and_class_folders(tmp_path):
     (tmp_path / "gaps.txt").write_text("videos/bike/a.mp4 0\nvideos/absent.mp4 2\n")
     with pytest.warns(UserWarning, match="1 of 2 clips"):  # an absent clip's label still names a class
         assert list_file(tmp_path / "gaps.txt").classes == ["0", "1", "2"] == list_classes(tmp_path / "gaps.txt")
+    shutil.copy(BIKES, tmp_path / "videos" / "bike" / "a, b  c.mp4")  # a path's own commas and spaces stay
+    (tmp_path / "odd.txt").write_text("videos/bike/a, b  c.mp4,0\n")
+    assert [s.path.name for s in list_file(tmp_path / "odd.txt").samples] == ["a, b  c.mp4"]
     (tmp_path / "bad.txt").write_text("videos/bike/a.mp4 zero\n")
     with pytest.raises(InvalidConfigError, match="bad.txt:1"):
         list_file(tmp_path / "bad.txt")

@@ -154,16 +154,19 @@ def _numbered_classes(listed: list[tuple[str, int]]) -> list[str]:
 
 
 def _listed_clips(list_path: Path) -> list[tuple[str, int]]:
-    """``(path as written, label)`` of each line of a list file."""
+    """``(path as written, label)`` of each line of a list file: the label is the line's last field, after a space
+    or a comma; the path is everything before it, its own spaces and commas included."""
+    import re
+
     listed = []
     for number, line in enumerate(list_path.read_text().splitlines(), 1):
         if not line.strip():
             continue
-        parts = line.replace(",", " ").split()
-        if len(parts) < 2 or not parts[-1].lstrip("-").isdigit() or int(parts[-1]) < 0:
+        found = re.fullmatch(r"\s*(.*?\S)\s*[\s,]\s*(-?\d+)\s*", line)
+        if found is None or int(found[2]) < 0:
             raise InvalidConfigError(f"{list_path}:{number}: expected 'path label' with an int label >= 0, got "
                                      f"{line!r}")
-        listed.append((" ".join(parts[:-1]), int(parts[-1])))
+        listed.append((found[1], int(found[2])))
     return listed
 
 
