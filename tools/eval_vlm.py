@@ -54,13 +54,14 @@ PAGE_FRACTIONS = (0.5, 0.33, 0.17, 0.11, 0.083, 0.056)
 def settings(methods: list[str], fractions: list[float], full: int, grid: tuple[int, int],
              baseline: str | None = None) -> list[tuple]:
     """``(method or None, tokens)`` for every point; pooling takes the nearest budget its grid can make, and where
-    pooling is the ``baseline`` every method takes that budget (``vs_baseline`` compares equal token counts)."""
+    pooling is the ``baseline`` (and evaluated) every method takes that budget (``vs_baseline`` compares equal
+    token counts)."""
     from vistok.adapters.budget import poolable
 
     def pooled(tokens: int) -> int:
         return next(t for t in sorted(range(1, full + 1), key=lambda t: (abs(t - tokens), t)) if poolable(grid, t))
 
-    aligned = baseline is not None and parse_method_spec(baseline)[0] == "pool"
+    aligned = baseline in methods and parse_method_spec(baseline)[0] == "pool"
     points = [(None, full)]
     for method in methods:
         for fraction in fractions:

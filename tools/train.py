@@ -162,8 +162,8 @@ def train(config: dict, resume: bool = False) -> int:
 
 def augmentation_rng(transform) -> torch.Generator | None:
     """The generator of a batch transform's augmentation (Fashion-MNIST's shifts and flips), which the checkpoint
-    must carry: accelerate saves the global generators only."""
-    return getattr(transform, "generator", None)
+    must carry: accelerate saves the global generators only. ``None`` where nothing augments."""
+    return getattr(transform, "generator", None) if getattr(transform, "augment", False) else None
 
 
 def _save_checkpoint(accelerator, checkpoint: Path, epoch: int, rng: torch.Generator | None) -> None:
@@ -180,6 +180,8 @@ def _save_checkpoint(accelerator, checkpoint: Path, epoch: int, rng: torch.Gener
             torch.save(rng.get_state(), partial / "augmentation_rng.pt")
         (partial / "vistok_state.json").write_text(json.dumps({"epoch": epoch}))
         previous = checkpoint.with_name(checkpoint.name + ".previous")
+        if previous.exists():  # left by a save cut off after its swap: the checkpoint is newer
+            shutil.rmtree(previous)
         if checkpoint.exists():
             checkpoint.rename(previous)
         partial.rename(checkpoint)

@@ -219,8 +219,14 @@ def truncate_log(log: Path, key: str, last: int) -> None:
     run repeats what came after its checkpoint, and would log it twice."""
     import json
 
+    def before_the_checkpoint(line: str) -> bool:
+        try:
+            return json.loads(line)[key] <= last
+        except (ValueError, KeyError, TypeError):  # a line cut off when the run was killed
+            return False
+
     if log.is_file():
-        kept = [line for line in log.read_text().splitlines() if json.loads(line)[key] <= last]
+        kept = [line for line in log.read_text().splitlines() if before_the_checkpoint(line)]
         log.write_text("".join(line + "\n" for line in kept))
 
 

@@ -1,5 +1,6 @@
 """Inverse transform sampling against a direct per-image reading of the ATS paper, plus its properties."""
 
+import numpy as np
 import pytest
 import torch
 from helpers import reference_sampling
@@ -77,6 +78,8 @@ def test_bad_arguments():
         inverse_transform_sampling(torch.rand(2, 5), 0)
     with pytest.raises(ValueError, match=r"\[B, N\]"):
         inverse_transform_sampling(torch.rand(5), 2)
+    scores = torch.rand(2, 5)
+    assert torch.equal(inverse_transform_sampling(scores, np.int64(3)), inverse_transform_sampling(scores, 3))
     for levels in (2.7, True, torch.tensor([2.0, 3.0])):
         with pytest.raises(ValueError, match="num_levels must be an int"):
             inverse_transform_sampling(torch.rand(2, 5), levels)

@@ -159,7 +159,10 @@ def test_train_eval_and_resume(tmp_path, monkeypatch):
         train.main(["--config", config, "train.epochs=2", f"output={run}", "train.fused_attn=false", *SMALL])
     monkeypatch.undo()
     with open(run / "metrics.jsonl", "a") as log:  # as if epoch 2 had been logged, then cut off before its checkpoint
-        log.write(json.dumps({"epoch": 2, "train_loss": 0.0}) + "\n")
+        log.write(json.dumps({"epoch": 2, "train_loss": 0.0}) + "\n" + '{"epoch": 3, "tra')
+    stale = run / "checkpoint.previous"  # left by a save cut off after its swap
+    stale.mkdir()
+    (stale / "old.bin").write_text("stale")
     assert train.main(["--config", config, "train.epochs=2", f"output={run}", "train.fused_attn=false", "--resume",
                        *SMALL]) == 0
     epochs = [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -292,3 +295,12 @@ def test_eval_vlm_compares_with_pooling_at_equal_tokens():
     assert points[0] == (None, 196)
     assert [tokens for method, tokens in points[1:3]] == [tokens for method, tokens in points[3:5]]
     assert [tokens for _, tokens in settings(["dominant"], [0.33, 0.05], 196, (14, 14))[1:]] == [65, 10]
+    # pooling as the baseline but not evaluated: nothing to align with
+    assert [tokens for _, tokens in settings(["dominant"], [0.33, 0.05], 196, (14, 14), "pool")[1:]] == [65, 10]
+
+
+def test_only_an_augmenting_transform_has_its_draws_checkpointed():
+    train = load_tool("train")
+    assert train.augmentation_rng(vdata.GreyBatchTransform(augment=False)) is None  # an older checkpoint resumes
+    assert isinstance(train.augmentation_rng(vdata.GreyBatchTransform(augment=True)), torch.Generator)
+    assert train.augmentation_rng(None) is None

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 from torch import Tensor
 
-from .._checks import is_int
 from ..errors import InputShapeError, InvalidConfigError
 from . import sync
 
@@ -62,7 +63,7 @@ def inverse_transform_sampling(
     batch, n = scores.shape
     device = scores.device
     if isinstance(num_levels, Tensor) and (num_levels.is_floating_point() or num_levels.is_complex()) \
-            or not isinstance(num_levels, Tensor) and not is_int(num_levels):
+            or not isinstance(num_levels, (Tensor, numbers.Integral)) or isinstance(num_levels, bool):
         raise InvalidConfigError(f"inverse_transform_sampling: num_levels must be an int or an integer tensor, "
                                  f"got {num_levels!r}")
     if batch == 0 or n == 0:
@@ -70,7 +71,7 @@ def inverse_transform_sampling(
     if valid is None:
         valid = torch.ones(batch, n, dtype=torch.bool, device=device)
     if not isinstance(num_levels, Tensor):
-        lowest = width = num_levels
+        lowest = width = int(num_levels)
     elif max_levels is None:
         lowest, width = torch.stack([num_levels.min(), num_levels.max()]).tolist()
     else:
