@@ -173,3 +173,49 @@ def test_token_budget_is_exact_and_conserves_size(budget):
         assert torch.equal(out.tokens, frames.reshape(24, 3))
     with pytest.raises(InvalidConfigError, match="budget must be a positive int <= 24"):
         fit_token_budget(frames, 25)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gumbel_noise_stays_finite_in_half_precision(dtype):
+    """The noise is drawn in float32: bfloat16 rounds a uniform draw of 1 - 1e-7 to 1, whose noise is infinite and
+    whose softmax is NaN (a training step under autocast would be poisoned)."""
+    logits = torch.zeros(1600, 16, dtype=dtype)
+    for hard in (False, True):
+        weights = gumbel_selection(logits, generator=torch.Generator().manual_seed(0), hard=hard)
+        assert weights.dtype == dtype and bool(torch.isfinite(weights).all())
+
+
+def test_a_threshold_of_one_merges_no_frames():
+    """Rounding can put the cosine of two identical summaries a little above 1; 1.0 still merges nothing."""
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(500):
+        summary = torch.randn(1, 64, generator=generator) * 3
+        merged = merge_similar_frames(torch.randn(2, 3, 4), torch.cat([summary, summary]), torch.tensor([0.0, 1.0]),
+                                      threshold=1.0)
+        assert merged.frames.shape[0] == 2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compressed_frames_keep_their_indices_and_time_order_in_bfloat16(dtype):
+    """Frame indices above 256 are not bfloat16 numbers (281 rounds to 280): the kept frames are reported, and
+    their tokens ordered, by the exact indices."""
+    from vistok.video.qa import EncodedVideo, VideoQAConfig, compress_video
+
+    count, per_frame = 600, 9
+    index = torch.arange(count, dtype=torch.float32)
+    tokens = torch.zeros(count, per_frame, 8)
+    tokens[:, :, 0], tokens[:, :, 1] = (index // 100)[:, None], (index % 100)[:, None]  # each token says its frame
+
+    class PickedFrames(torch.nn.Module):  # a learned selector whose queries chose frames 281, 280 and 100
+        def forward(self, summaries, text, mask, generator=None):
+            return one_hot_selection(torch.tensor([281, 280, 100]), summaries.shape[1], summaries.dtype)[None]
+
+    encoded = EncodedVideo(tokens.to(dtype), tokens.mean(dim=1).to(dtype))
+    question = (torch.zeros(1, 3, 4), torch.ones(1, 3))
+    for threshold in (None, 0.75):
+        config = VideoQAConfig(budget=27, selection="learned", frames=3, merge_threshold=threshold)
+        out = compress_video(encoded, config, PickedFrames(), question)
+        shown = (100 * out.tokens[::per_frame, 0].float() + out.tokens[::per_frame, 1].float()).tolist()
+        assert out.frames == [100, 280, 281] and shown == [100.0, 280.0, 281.0]
+    with pytest.raises(InputShapeError, match=r"text_scores must be \[T=600\]"):
+        compress_video(encoded, VideoQAConfig(budget=27, selection="text", frames=3), text_scores=torch.rand(20))

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from .._checks import is_int, is_real
 from ..adapters.budget import merge_to_budget
 from ..errors import InputShapeError, InvalidConfigError
+from ..ops.merging import size_dtype
 
 __all__ = ["frame_summaries", "uniform_frames", "top_scoring_frames", "text_frame_scores", "one_hot_selection",
            "apply_selection", "gumbel_selection", "SelectorConfig", "TemporalQuerySelector", "MergedFrames",
@@ -120,11 +121,12 @@ def gumbel_selection(logits: Tensor, tau: float = 0.5, generator: torch.Generato
     one real frame, and selection still trains."""
     if not tau > 0:
         raise InvalidConfigError(f"gumbel_selection: tau must be > 0, got {tau!r}")
-    if noise:
+    dtype = logits.dtype
+    if noise:  # in float32: bfloat16 rounds 1 - 1e-7 to 1, whose noise is infinite
         uniform = torch.rand(logits.shape, generator=generator, device="cpu" if generator is None
-                             else generator.device).to(logits.device, logits.dtype)
-        logits = logits - torch.log(-torch.log(uniform.clamp(1e-10, 1 - 1e-7)))
-    soft = torch.softmax(logits / tau, dim=-1)
+                             else generator.device).to(logits.device)
+        logits = logits.float() - torch.log(-torch.log(uniform.clamp(1e-10, 1 - 1e-7)))
+    soft = torch.softmax(logits.float() / tau, dim=-1).to(dtype)
     if not hard:
         return soft
     one_hot = F.one_hot(soft.argmax(dim=-1), soft.shape[-1]).to(soft.dtype)
@@ -239,9 +241,10 @@ def merge_similar_frames(frames: Tensor, metric: Tensor, times: Tensor, threshol
         raise InvalidConfigError(f"merge_similar_frames: threshold must be in [0, 1], got {threshold!r}")
     order = times.argsort(stable=True)  # earlier means earlier in the video
     frames, metric, times = frames[order], metric[order], times[order]
-    weights = torch.ones(count, dtype=frames.dtype, device=frames.device) if sizes is None else sizes[order]
+    weights = torch.ones(count, dtype=size_dtype(frames.dtype), device=frames.device) if sizes is None \
+        else sizes[order]
     unit = F.normalize(metric.float(), dim=-1)
-    similarity = ((unit @ unit.T) + 1) / 2
+    similarity = ((unit @ unit.T).clamp(max=1) + 1) / 2  # rounding puts a cosine of 1 a little above
     earlier = torch.ones(count, count, dtype=torch.bool, device=frames.device).tril(-1)
     best, target = similarity.masked_fill(~earlier, -1).max(dim=1)
     root = torch.arange(count, device=frames.device)
@@ -251,10 +254,10 @@ def merge_similar_frames(frames: Tensor, metric: Tensor, times: Tensor, threshol
     roots, group = torch.unique(root, return_inverse=True)  # sorted: the output keeps time order
     totals = torch.zeros(len(roots), dtype=weights.dtype, device=frames.device).index_add_(0, group, weights)
     summed = torch.zeros(len(roots), *frames.shape[1:], dtype=frames.dtype, device=frames.device).index_add_(
-        0, group, frames * weights[:, None, None])
+        0, group, frames * weights.to(frames.dtype)[:, None, None])
     owner = torch.empty_like(group)
     owner[order] = group
-    return MergedFrames(summed / totals[:, None, None], totals, times[roots], owner)
+    return MergedFrames(summed / totals.to(frames.dtype)[:, None, None], totals, times[roots], owner)
 
 
 @dataclass(frozen=True)

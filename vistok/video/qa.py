@@ -43,6 +43,7 @@ from torch import Tensor, nn
 from .._checks import is_int, is_real
 from ..data import FASHION_MNIST_MEAN, FASHION_MNIST_STD
 from ..errors import InputShapeError, InvalidConfigError
+from ..ops.merging import size_dtype
 from .frames import (
     apply_selection,
     fit_token_budget,
@@ -151,6 +152,9 @@ def encode_frames(model: nn.Module, frames: Tensor, batch_size: int = 256, progr
     (``config.vision_feature_layer``), in batches (with a progress bar for long videos)."""
     from tqdm.auto import tqdm
 
+    if frames.shape[0] == 0:
+        raise InputShapeError("encode_frames: the video has no frames")
+
     tower = model.model.vision_tower
     layer = model.config.vision_feature_layer
     states = []
@@ -183,11 +187,16 @@ def compress_video(encoded: EncodedVideo, config: VideoQAConfig, selector: nn.Mo
     """
     tokens, summaries = encoded.tokens, encoded.summaries
     count, per_frame = tokens.shape[:2]
+    if count == 0:
+        raise InputShapeError("compress_video: the video has no frames")
+    if text_scores is not None and tuple(text_scores.shape) != (count,):
+        raise InputShapeError(f"compress_video: text_scores must be [T={count}] (one per frame), got "
+                              f"{tuple(text_scores.shape)}")
     selection = _select(config, count, per_frame, summaries, selector, question, text_scores, generator)
     chosen = apply_selection(tokens, selection)
     kept_times = selection.argmax(dim=-1)  # the frame each chosen one is (or weighs most)
-    times = kept_times.to(selection.dtype)
-    frame_sizes = torch.ones(chosen.shape[0], dtype=chosen.dtype, device=chosen.device)
+    times = kept_times.double()  # exact: bfloat16 would round frame 281 to 280
+    frame_sizes = torch.ones(chosen.shape[0], dtype=size_dtype(chosen.dtype), device=chosen.device)
     if config.merge_threshold is not None and chosen.shape[0] > 1:
         # B-VLLM compares selection rows: rows that pick the same frames merge (one-hot rows: the same frame
         # chosen twice; two different frames' rows never do); "summary" compares what the frames show
@@ -196,7 +205,7 @@ def compress_video(encoded: EncodedVideo, config: VideoQAConfig, selector: nn.Mo
         chosen, frame_sizes = merged.frames, merged.sizes
         kept_times = merged.times.round().long()
     else:
-        order = times.argsort()
+        order = kept_times.argsort(stable=True)
         chosen, kept_times = chosen[order], kept_times[order]
     budget = min(config.budget, chosen.shape[0] * per_frame)
     fitted = fit_token_budget(chosen, budget, frame_sizes)
@@ -212,6 +221,10 @@ def _select(config: VideoQAConfig, count: int, per_frame: int, summaries: Tensor
     if kind == "learned":
         if selector is None or question is None:
             raise InvalidConfigError("selection 'learned' needs the model's frame_selector and the question")
+        queries = getattr(getattr(selector, "config", None), "num_queries", config.frames)
+        if config.frames != queries:
+            raise InvalidConfigError(f"selection 'learned' keeps the selector's {queries} frames (its queries), not "
+                                     f"frames={config.frames}")
         return selector(summaries[None], question[0], question[1], generator=generator)[0]
     if kind == "text":
         if text_scores is None:
