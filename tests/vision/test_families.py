@@ -1,6 +1,7 @@
 """Every supported timm family: keep-everything parity, exact removal, padded batches, agreement with timm's
 own blocks on the kept tokens."""
 
+import pytest
 import torch
 from helpers import TOL, KeepAboveMeanConfig, make_images, make_model, upstream_forward_on_kept
 
@@ -127,3 +128,24 @@ def test_pooling_takes_only_the_last_passs_features(family):
         else:
             assert family == "deit_distilled" and (stale - expected).abs().max() <= TOL
         assert (model.forward_head(second) - expected.flip(0)).abs().max() <= TOL
+
+
+def test_intermediates_are_padded_token_lists_not_feature_maps(family):
+    """forward_intermediates / get_intermediate_layers: a reshape of reduced tokens into the patch grid would
+    scramble them (or fail with a bare error), so feature maps are refused; token lists come padded, the last
+    one the blocks' output that forward_features normalises."""
+    from vistok import PatchStateError
+
+    model = make_model(family)
+    images = make_images(model, 2)
+    with torch.no_grad(), vistok.patch(model, KeepAboveMeanConfig([1])) as handle:
+        with pytest.raises(PatchStateError, match="output_fmt='NLC'"):
+            model.forward_intermediates(images)
+        if hasattr(model, "get_intermediate_layers"):  # timm's Eva has none
+            with pytest.raises(PatchStateError, match="reshape=False"):
+                model.get_intermediate_layers(images, reshape=True)
+        final, intermediates = model.forward_intermediates(images, output_fmt="NLC")
+        last = handle.layouts[len(model.blocks) - 1]
+        assert intermediates[-1].shape[1] == last.num_tokens - last.num_prefix < model.patch_embed.num_patches
+        assert torch.equal(final, model.forward_features(images))
+    assert model.forward_intermediates(images)[1][0].dim() == 4  # unpatched: feature maps again

@@ -168,3 +168,20 @@ def test_a_super_token_with_no_association_is_zero_in_every_dtype(dtype):
     association = torch.zeros(1, 4, 9, 9, dtype=dtype)
     features = super_token_features(cells, association, (2, 2))
     assert features.shape == (1, 8, 2, 2) and bool((features == 0).all())
+
+
+def test_the_grid_is_read_after_set_input_size():
+    """set_input_size on a patched model changes the patch grid (4x6 -> 6x4, the same count): layouts place tokens
+    on the new grid, and super_token, set up for the old one, refuses it rather than group the wrong neighbours."""
+    model = timm.create_model("vit_small_patch16_224", pretrained=False, embed_dim=64, depth=3, num_heads=4,
+                              img_size=(32, 48), patch_size=8).eval()
+    images = torch.randn(1, 3, 48, 32)
+    with torch.no_grad():
+        with vistok.patch(model, "merge", r=2) as handle:
+            model.set_input_size(img_size=(48, 32))
+            model(images)
+            assert handle.layouts[0].grid_size == (6, 4)
+        with vistok.patch(model, "super_token", blocks=[0]):  # set up for 6x4 now
+            model.set_input_size(img_size=(32, 48))
+            with pytest.raises(vistok.PatchStateError, match="6x4 patch grid, but this input makes 4x6"):
+                model(images.transpose(2, 3))

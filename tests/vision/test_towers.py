@@ -125,3 +125,16 @@ def test_open_clip_refusals_and_input_check():
             model.encode_image(torch.randn(1, 3, 200, 200))
         with pytest.raises(InputShapeError, match="got list"):
             model.visual([1, 2])
+
+
+def test_open_clip_intermediates_are_token_lists_while_patched():
+    """As on timm: feature maps of reduced tokens are refused; token lists shrink block by block, and the features
+    at the end are encode_image's."""
+    model = open_clip_model()
+    images = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad(), vistok.patch(model, "merge", r=8):
+        with pytest.raises(PatchStateError, match="output_fmt='NLC'"):
+            model.visual.forward_intermediates(images)
+        out = model.visual.forward_intermediates(images, output_fmt="NLC")
+        assert [t.shape[1] for t in out["image_intermediates"][:3]] == [41, 33, 25]
+        assert torch.allclose(out["image_features"], model.encode_image(images), atol=1e-5)

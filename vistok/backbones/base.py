@@ -2,21 +2,23 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Any, Protocol
 
 from torch import Tensor, nn
 
-from ..errors import UnsupportedModelError
+from ..errors import PatchStateError, UnsupportedModelError
 
 if TYPE_CHECKING:
     from ..tokens import TokenLayout
 
 __all__ = ["BackboneInfo", "BlockOps", "Backbone", "LayoutSource", "require_known_parts", "nothing_to_undo",
-           "NO_MASKS"]
+           "refuse_feature_maps", "undo_all", "NO_MASKS"]
 
 NO_MASKS = ("a vistok-patched block takes no attention mask or causal flag (vistok masks padding itself); "
             "remove the patch to run the model with attention masks")
@@ -164,6 +166,35 @@ def require_known_parts(module: nn.Module, known: set[str], what: str) -> None:
         raise UnsupportedModelError(
             f"{what} ({type(module).__module__}.{type(module).__name__}) has parts vistok does not know: "
             f"{unknown}. Refusing to patch rather than compute something different from the model.")
+
+
+def refuse_feature_maps(model: nn.Module) -> Callable[[], None]:
+    """Make ``model.forward_intermediates`` (timm, open_clip; timm's ``get_intermediate_layers`` goes through it)
+    refuse feature maps (``output_fmt="NCHW"``, the default) while patched: reduced tokens are no grid, and a
+    reshape would scramble them (or fail with a bare error). Token lists (``output_fmt="NLC"``) are given as
+    ``forward_features`` gives its tokens, padded. Returns the undo function."""
+    if not hasattr(type(model), "forward_intermediates"):
+        return nothing_to_undo
+    model.forward_intermediates = partial(_token_intermediates, model)
+    return partial(delattr, model, "forward_intermediates")
+
+
+def _token_intermediates(model: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    original = type(model).forward_intermediates
+    arguments = inspect.signature(original).bind(model, *args, **kwargs)
+    arguments.apply_defaults()
+    if arguments.arguments.get("output_fmt") == "NCHW":
+        raise PatchStateError(
+            "a patched model's intermediates are tokens, not feature maps: after a block drops or merges tokens "
+            "they lie on no grid. Pass output_fmt='NLC' (get_intermediate_layers: reshape=False); the token lists "
+            "are padded as forward_features' output is (handle.layouts[block].valid marks the real tokens)")
+    return original(*arguments.args, **arguments.kwargs)
+
+
+def undo_all(steps: list[Callable[[], None]]) -> None:
+    """The undo function of several installations (use as ``partial(undo_all, [...])``)."""
+    for step in steps:
+        step()
 
 
 def nothing_to_undo() -> None:

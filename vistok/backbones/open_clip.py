@@ -16,7 +16,17 @@ from torch import Tensor, nn
 
 from ..errors import InputShapeError, PatchStateError, UnsupportedModelError
 from ..tokens import TokenLayout
-from .base import NO_MASKS, Backbone, BackboneInfo, BlockOps, GridSink, LayoutSource, require_known_parts
+from .base import (
+    NO_MASKS,
+    Backbone,
+    BackboneInfo,
+    BlockOps,
+    GridSink,
+    LayoutSource,
+    refuse_feature_maps,
+    require_known_parts,
+    undo_all,
+)
 
 __all__ = ["OpenClipViT"]
 
@@ -138,7 +148,7 @@ class OpenClipViT(Backbone):
 
     def install_pooling(self, tracker: LayoutSource) -> Callable[[], None]:
         self.model._global_pool = partial(self._global_pool, tracker.current)
-        return partial(delattr, self.model, "_global_pool")
+        return partial(undo_all, [partial(delattr, self.model, "_global_pool"), refuse_feature_maps(self.model)])
 
     def _global_pool(self, current_layout: Callable[[], TokenLayout | None], x: Tensor) -> tuple[Tensor, Tensor]:
         layout = current_layout()

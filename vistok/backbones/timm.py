@@ -32,7 +32,16 @@ from torch import Tensor, nn
 from ..errors import InputShapeError, PatchStateError, UnsupportedModelError
 from ..tokens import TokenLayout
 from .base import NO_MASKS as _NO_MASKS
-from .base import Backbone, BackboneInfo, BlockOps, GridSink, LayoutSource, require_known_parts
+from .base import (
+    Backbone,
+    BackboneInfo,
+    BlockOps,
+    GridSink,
+    LayoutSource,
+    refuse_feature_maps,
+    require_known_parts,
+    undo_all,
+)
 
 try:  # timm >= 1.0.20
     from timm.layers import AttentionRope
@@ -234,7 +243,8 @@ class _TimmBackbone(Backbone):
     def install_pooling(self, tracker: LayoutSource) -> Callable[[], None]:
         self.model.pool = partial(self._pool, tracker)
         noting = self.model.norm.register_forward_hook(partial(_note_features, tracker))
-        return partial(_undo_all, [partial(delattr, self.model, "pool"), noting.remove])
+        return partial(undo_all, [partial(delattr, self.model, "pool"), noting.remove,
+                                   refuse_feature_maps(self.model)])
 
     def _pool(self, tracker: LayoutSource, x: Tensor, pool_type: str | None = None) -> Tensor:
         layout = tracker.current()
@@ -278,9 +288,13 @@ class _TimmBackbone(Backbone):
 
     def _input_grid(self, patch_embed: nn.Module, x: Tensor, native: tuple[int, ...] | None
                     ) -> tuple[int, ...] | None:
-        """The patch grid of input ``x``: the model's own at its native size; at another (``dynamic_img_size``)
-        the patch embedding's, where it says (``dynamic_feat_size``)."""
+        """The patch grid of input ``x``: the patch embedding's at its native size (read now: ``set_input_size``
+        may have changed it since patching); at another (``dynamic_img_size``) the patch embedding's for that
+        size, where it says (``dynamic_feat_size``)."""
         if native is None or tuple(x.shape[-len(native):]) == tuple(native):
+            live = getattr(patch_embed, "grid_size", None)
+            if live is not None and len(live) == len(self.info.grid_size):
+                return tuple(int(side) for side in live)
             return self.info.grid_size
         feature_size = getattr(patch_embed, "dynamic_feat_size", None)
         if len(self.info.grid_size) != 2 or feature_size is None:
@@ -347,11 +361,6 @@ def _require_tokenwise(module: nn.Module, allowed: set[type], what: str) -> None
 def _note_features(tracker: LayoutSource, norm: nn.Module, args: tuple, output: Tensor) -> None:
     if args and args[0] is tracker.current_tokens():  # the final norm of the patched blocks' output, no other call
         tracker.note_features(output)
-
-
-def _undo_all(undo: list[Callable[[], None]]) -> None:
-    for step in undo:
-        step()
 
 
 def _masked_pool(model: nn.Module, x: Tensor, layout: TokenLayout, pool_type: str | None,
