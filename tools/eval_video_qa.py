@@ -96,7 +96,7 @@ def evaluate(model, tokenizer, questions: list[dict], config: VideoQAConfig, bat
                                   features=features[start: start + batch_size])
         answers.extend(result.answers)
         answer_seconds += result.total_seconds
-    correct = [a.strip().lower() == q["answer"] for a, q in zip(answers, questions, strict=True)]
+    correct = [a.strip().lower() == q["answer"].strip().lower() for a, q in zip(answers, questions, strict=True)]
     kinds = sorted({q["kind"] for q in questions if q["kind"] is not None})
     count = len(questions)
     row = {"selection": config.selection, "budget": config.budget, "accuracy": 100 * sum(correct) / count,
@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None, model_and_tokenizer=None) -> int:
                 item["text_scores"] = text_frame_scores(clip[0], clip[1], item["pixels"].expand(-1, 3, -1, -1),
                                                         item["question"])
             item["text_scores_s"] = time.perf_counter() - started
-    every = questions[0]["encoded"].tokens.shape[0] * questions[0]["encoded"].tokens.shape[1]
+    every = max(q["encoded"].tokens.shape[0] * q["encoded"].tokens.shape[1] for q in questions)  # the longest's
     plans = [(s, b) for s in selections for b in args.budgets] + ([("all", every)] if "all" in selections else [])
     plans += [("all+merge", b) for b in args.budgets] if args.merge_all else []
     rows, hits = [], []

@@ -141,6 +141,13 @@ def test_config_errors():
         VideoQAConfig(merge_threshold=0.3)
     with pytest.raises(InvalidConfigError, match="merge_on must be one of"):
         VideoQAConfig(merge_on="pixels")
+    from vistok import InputShapeError
+    from vistok.video.qa import frames_to_input
+
+    frames = torch.randint(0, 256, (3, 28, 28), dtype=torch.uint8)
+    assert frames_to_input(frames).shape == (3, 1, 28, 28)
+    with pytest.raises(InputShapeError, match="expected uint8 frames"):  # a float video in [0, 1] would read as black
+        frames_to_input(frames.float() / 255)
 
 
 @pytest.fixture(scope="module")

@@ -134,6 +134,9 @@ class VideoAnswer:
 def frames_to_input(frames: Tensor, size: int = 28) -> Tensor:
     """``uint8`` frames ``[T, H, W]`` (grey) or ``[T, H, W, 3]`` (RGB, as decoded) -> the tower's input
     ``[T, 1, size, size]``, normalised like Fashion-MNIST."""
+    if not isinstance(frames, Tensor) or frames.dtype != torch.uint8:
+        raise InputShapeError(f"frames_to_input: expected uint8 frames (0 .. 255, as decoded), got "
+                              f"{frames.dtype if isinstance(frames, Tensor) else type(frames).__name__}")
     if frames.dim() == 4 and frames.shape[-1] == 3:
         frames = frames.float().mean(dim=-1)
     if frames.dim() != 3:
