@@ -191,11 +191,11 @@ def _save_checkpoint(accelerator, checkpoint: Path, epoch: int, rng: torch.Gener
 
 
 def _resume(accelerator, checkpoint: Path, rng: torch.Generator | None) -> int:
-    """Load the last complete checkpoint (the previous one where a save was cut off between its two renames);
-    returns the epoch it ended."""
-    previous = checkpoint.with_name(checkpoint.name + ".previous")
-    found = checkpoint if (checkpoint / "vistok_state.json").is_file() else previous
-    if not (found / "vistok_state.json").is_file():
+    """Load the newest complete checkpoint (``vistok_state.json`` is written last): the checkpoint, else, where a
+    save was cut off during its swap, the new one beside it or the previous one; returns the epoch it ended."""
+    candidates = [checkpoint.with_name(checkpoint.name + suffix) for suffix in ("", ".partial", ".previous")]
+    found = next((folder for folder in candidates if (folder / "vistok_state.json").is_file()), None)
+    if found is None:
         raise ConfigError(f"--resume: no checkpoint at {checkpoint}")
     accelerator.load_state(str(found))
     if rng is not None:

@@ -163,6 +163,7 @@ def test_train_eval_and_resume(tmp_path, monkeypatch):
     stale = run / "checkpoint.previous"  # left by a save cut off after its swap
     stale.mkdir()
     (stale / "old.bin").write_text("stale")
+    (run / "checkpoint").rename(run / "checkpoint.partial")  # a save cut off between its two renames
     assert train.main(["--config", config, "train.epochs=2", f"output={run}", "train.fused_attn=false", "--resume",
                        *SMALL]) == 0
     epochs = [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()]
