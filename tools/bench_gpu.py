@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 import vistok
+from vistok.cli import reports_errors
 from vistok.measure import allow_recompiles, synchronize, time_models
 from vistok.methods.ats import default_ats_blocks
 
@@ -277,6 +278,7 @@ def _headline(record: dict[str, Any]) -> list[str]:
     return lines
 
 
+@reports_errors
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=None, help="the JSON to write")

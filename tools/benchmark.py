@@ -24,6 +24,7 @@ import timm
 import torch
 
 import vistok
+from vistok.cli import reports_errors
 from vistok.measure import BenchReport, Variant, run_benchmark
 
 PATCHES = 196  # the ViT-S/B figures use 224 px input, patch 16
@@ -109,6 +110,7 @@ def _memory(model_name: str = "vit_small_patch16_224", batch_sizes: tuple[int, .
     return rows
 
 
+@reports_errors
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("figure", choices=[*FIGURES, "stvit", "memory", "videomae", "all"])

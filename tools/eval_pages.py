@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from vistok.cli import reports_errors
 from vistok.document import (
     CorrelationGuidedConfig,
     allocate_budget,
@@ -119,6 +120,7 @@ def _corr(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(torch.corrcoef(torch.stack([a, b]))[0, 1])
 
 
+@reports_errors
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="results/pages")

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from vistok.cli import reports_errors
 from vistok.measure.accuracy import add_paired_differences
 from vistok.models import create_video_vlm
 from vistok.models.reference_vlm import answer_questions
@@ -137,6 +138,7 @@ def plot(rows: list[dict], path: Path) -> None:
     figure.savefig(path, dpi=120)
 
 
+@reports_errors
 def main(argv: list[str] | None = None, model_and_tokenizer=None) -> int:
     """``model_and_tokenizer``: a video-LLM to evaluate instead of the shipped one (tests)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -17,6 +17,7 @@ import timm
 import torch
 
 import vistok
+from vistok.cli import reports_errors
 from vistok.data import GreyBatchTransform, load_fashion_mnist
 from vistok.measure.accuracy import evaluate
 
@@ -26,6 +27,7 @@ def test_top1(model, images: torch.Tensor, labels: torch.Tensor, batch_size: int
     return evaluate(model, batches, GreyBatchTransform())["top1"]
 
 
+@reports_errors
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="vistok_vit_fmnist")

@@ -6,7 +6,7 @@
 >>> handle.remove()                           # the original model again
 """
 
-from . import measure, models, ops
+from . import measure, models, ops, viz
 from .errors import (
     AlreadyPatchedError,
     InputShapeError,
@@ -50,6 +50,7 @@ __all__ = [
     "measure",
     "models",
     "ops",
+    "viz",
     "VistokError",
     "UnsupportedModelError",
     "UnknownMethodError",

@@ -24,7 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -32,7 +32,7 @@ import torch
 from .errors import VistokError
 from .ops.attention import ATTENTION_PATHS
 
-__all__ = ["main"]
+__all__ = ["main", "reports_errors"]
 
 
 def _parse_option(text: str) -> tuple[str, Any]:
@@ -126,6 +126,26 @@ def _build_parser() -> argparse.ArgumentParser:
     tuner.add_argument("--out", default="tune", help="writes <out>.json and <out>.png")
     tuner.add_argument("--threads", type=_count, default=None)
     return parser
+
+
+def reports_errors(main: Callable[..., int]) -> Callable[..., int]:
+    """A script's ``main`` that prints a :class:`~vistok.VistokError` as ``<script>: error: <message>`` and
+    returns 2, as the ``vistok`` command does, instead of a traceback."""
+    import functools
+    import inspect
+    from pathlib import Path
+
+    script = Path(inspect.getfile(main)).name
+
+    @functools.wraps(main)
+    def reporting(*args: Any, **kwargs: Any) -> int:
+        try:
+            return main(*args, **kwargs)
+        except VistokError as error:
+            print(f"{script}: error: {error}", file=sys.stderr)
+            return 2
+
+    return reporting
 
 
 def main(argv: Sequence[str] | None = None) -> int:

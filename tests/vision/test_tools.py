@@ -305,3 +305,15 @@ def test_only_an_augmenting_transform_has_its_draws_checkpointed():
     assert train.augmentation_rng(vdata.GreyBatchTransform(augment=False)) is None  # an older checkpoint resumes
     assert isinstance(train.augmentation_rng(vdata.GreyBatchTransform(augment=True)), torch.Generator)
     assert train.augmentation_rng(None) is None
+
+
+def test_every_tool_reports_vistok_errors_with_status_2(capsys):
+    """The README: the tools print vistok's message and exit with status 2 instead of a traceback, also those that
+    did not catch errors themselves (a decorated main)."""
+    assert load_tool("eval_pages").main(["--keep", "2", "--out", "unused"]) == 2
+    assert "eval_pages.py: error: correlation_guided: keep must be a fraction" in capsys.readouterr().err
+    for tool in ("eval_video_qa", "eval_pages", "benchmark", "bench_samplers", "bench_video", "tune_reference",
+                 "bench_gpu", "train", "eval", "sweep", "demo", "eval_vlm", "train_vlm", "train_video_vlm",
+                 "make_video_data", "make_video_qa"):
+        source = (ROOT / "tools" / f"{tool}.py").read_text()
+        assert "@reports_errors" in source or "except vistok.VistokError" in source, tool

@@ -374,6 +374,8 @@ def test_generate_counts_lengths_from_the_callers_prompt():
         config = GenerationConfig(max_length=ids.shape[1] + 2, min_length=ids.shape[1] + 2, do_sample=False)
         assert model.generate(input_ids=ids, pixel_values=pixels, generation_config=config).shape[1] == \
             ids.shape[1] + 2
+        with pytest.raises(InvalidConfigError, match="max_length is 10 .* set max_new_tokens"):
+            model.generate(input_ids=ids, pixel_values=pixels, max_length=10)  # shorter than the caller's prompt
     padded = torch.tensor([[1, 5, 6] + [IMAGE] * PATCHES + [7, 8], [0, 0, 9] + [IMAGE] * PATCHES + [3, 4]])
     with torch.no_grad():
         expected = model.generate(input_ids=padded, pixel_values=pixels, max_new_tokens=4, do_sample=False,

@@ -245,8 +245,8 @@ def _lengths_of_the_callers_prompt(model: nn.Module, kwargs: dict, prompt_length
         if _generation_setting(model, kwargs, new) is not None or not length:
             continue
         if total == "max_length" and length <= prompt_length:
-            raise ValueError(f"Input length of input_ids is {prompt_length}, but `max_length` is set to {length}: "
-                             "set max_new_tokens")
+            raise InvalidConfigError(f"generate: the prompt has {prompt_length} tokens, but max_length is {length} "
+                                     "(it counts the prompt): set max_new_tokens")
         kwargs[new] = max(length - prompt_length, 0)
         kwargs.pop(total, None)
         if getattr(config, total, None) is not None:

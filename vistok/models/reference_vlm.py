@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from einops import rearrange, repeat
 from torch import Tensor, nn
 
+from ..errors import InputShapeError, InvalidConfigError
 from ..ops.attention import probe_attention
 from .reference import REFERENCE_NAME, CheckpointError, reference_checkpoint
 
@@ -202,7 +203,7 @@ def create_reference_vlm(pretrained: bool = False, lora_rank: int = 8, checkpoin
     from .reference import load_checkpoint
 
     if video + page + fine > 1:
-        raise ValueError(f"create_reference_vlm: video, page and fine are different variants; give at most one "
+        raise InvalidConfigError(f"create_reference_vlm: video, page and fine are different variants; give at most one "
                          f"(got video={video}, page={page}, fine={fine})")
     if language_model is None:
         from ..samplers.models import load_smollm2
@@ -278,7 +279,7 @@ def resized_grid_position(position: Tensor, side: int) -> Tensor:
     positions."""
     old = math.isqrt(position.shape[0])
     if old * old != position.shape[0]:
-        raise ValueError(f"resized_grid_position: {position.shape[0]} positions are not a square grid")
+        raise InputShapeError(f"resized_grid_position: {position.shape[0]} positions are not a square grid")
     grid = rearrange(position, "(h w) d -> 1 d h w", h=old)
     return rearrange(F.interpolate(grid, size=(side, side), mode="nearest-exact"), "1 d h w -> (h w) d")
 
@@ -511,7 +512,7 @@ def answer_questions(model: nn.Module, tokenizer: Any, images: Tensor | None, qu
     from ..samplers import SamplingConfig, SamplingPipeline, SeededSampling
 
     if (images is None) == (features is None):
-        raise ValueError("answer_questions: give images or features")
+        raise InvalidConfigError("answer_questions: give images or features (one of them)")
     counts = None if features is None else [f.shape[0] for f in features]
     ids, mask, pad_id = prompt_batch(model, tokenizer, questions, counts)
     visual = {"pixel_values": images} if features is None else {"mm_encoder_outputs": encoded_features(model,

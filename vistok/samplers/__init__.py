@@ -13,7 +13,7 @@ from . import rng
 from .cntp import CNTPConfig, cntp_generate, punctuation_token_ids
 from .constrained import AWRSResult, awrs_sample, constrained_generate
 from .drafts import self_draft
-from .errors import InvalidLogitsError, VocabularyMismatchError
+from .errors import InvalidLogitsError, ModelFileNotFoundError, VocabularyMismatchError
 from .generation import GenerationOutput, generate
 from .models import load_smollm2, smollm2_cache_dir, smollm2_gguf
 from .pipeline import FILTER_CLASSES, PROCESSOR_ORDER, SamplingConfig, SamplingPipeline
@@ -84,6 +84,7 @@ __all__ = [
     "smollm2_cache_dir",
     "smollm2_gguf",
     "InvalidLogitsError",
+    "ModelFileNotFoundError",
     "VocabularyMismatchError",
     "rng",
 ]

@@ -1,10 +1,10 @@
-"""The exceptions the samplers add to :mod:`vistok.errors`. Both derive from :class:`vistok.VistokError`."""
+"""The exceptions the samplers add to :mod:`vistok.errors`. All derive from :class:`vistok.VistokError`."""
 
 from __future__ import annotations
 
 from ..errors import InvalidConfigError, VistokError
 
-__all__ = ["InvalidLogitsError", "VocabularyMismatchError"]
+__all__ = ["InvalidLogitsError", "VocabularyMismatchError", "ModelFileNotFoundError"]
 
 
 class InvalidLogitsError(VistokError, ValueError):
@@ -14,3 +14,7 @@ class InvalidLogitsError(VistokError, ValueError):
 
 class VocabularyMismatchError(InvalidConfigError):
     """A draft model (or a vocabulary map) and its target disagree on the vocabulary."""
+
+
+class ModelFileNotFoundError(VistokError, FileNotFoundError):
+    """A model file vistok loads is not installed (the message says how to install it)."""

