@@ -120,8 +120,9 @@ def train(config: dict, resume: bool = False) -> int:
     for epoch in range(start_epoch, settings["epochs"]):
         model.train()
         started, loss_sum, seen = time.time(), 0.0, 0
-        if hasattr(underlying(train_set), "set_epoch"):
-            underlying(train_set).set_epoch(epoch)  # video: fresh clips each epoch
+        clips = underlying(train_set)
+        if hasattr(clips, "set_epoch"):
+            clips.set_epoch(epoch)  # video: fresh clips each epoch
         labelled = LabelledBatches(train_loader)
         bar = tqdm(labelled, desc=f"epoch {epoch + 1}/{settings['epochs']}",
                    disable=not accelerator.is_local_main_process)

@@ -10,6 +10,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from ._checks import is_int
 from .errors import VistokError
 
 __all__ = ["ConfigError", "load_config", "parse_overrides", "parse_option", "parse_method_spec"]
@@ -78,7 +79,7 @@ def _assign(tree: dict[str, Any], path: str, value: Any, defaults: dict[str, Any
     default = known.get(path)
     mismatched = not isinstance(value, type(default)) or isinstance(value, bool) != isinstance(default, bool)
     if path in known and default is not None and value is not None and mismatched \
-            and not (isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool)):
+            and not (isinstance(default, float) and is_int(value)):
         raise ConfigError(f"{source}: {path} should be {type(default).__name__} (like the default {default!r}), "
                           f"got {value!r}")
     node = tree

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from .._checks import is_int
 from ..errors import InputShapeError, InvalidConfigError
-from ..ops.merging import bipartite_soft_matching, merge_weighted, size_dtype
+from ..ops.merging import bipartite_soft_matching, group_means, merge_weighted, size_dtype
 
 __all__ = ["Budgeted", "merge_to_budget", "merge_regions_to_budget", "select_dominant", "pool_to_budget",
            "select_random", "pool_grid", "in_patch_order"]
@@ -193,17 +193,12 @@ def merge_regions_to_budget(x: Tensor, grid: tuple[int, int], tokens: int, metri
     ids = torch.arange(n, device=device).expand(batch, -1)
     with torch.autocast(device.type, enabled=False):  # merge decisions in float32 also under autocast
         owner = _region_owners(metric.detach(), _grid_edges(grid, device), tokens)
-    summed = size_dtype(x.dtype)  # sums of bfloat16 features lose too much
-    sizes = torch.zeros(batch, n, dtype=summed, device=device).scatter_add_(
-        1, owner, torch.ones(batch, n, dtype=summed, device=device))
-    sums = torch.zeros(batch, n, x.shape[-1], dtype=summed, device=device).scatter_add_(
-        1, owner[..., None].expand(-1, -1, x.shape[-1]), x.to(summed))
+    means, sizes = group_means(x, owner, n)
     keep = torch.where(sizes > 0, ids, n).sort(dim=1).values[:, :tokens]  # the surviving ids, in patch order
     slot = torch.full((batch, n), -1, dtype=torch.long, device=device).scatter_(
         1, keep, torch.arange(tokens, device=device).expand(batch, -1))
-    kept_sizes = sizes.gather(1, keep)
-    merged = sums.gather(1, keep[..., None].expand(-1, -1, sums.shape[-1])) / kept_sizes[..., None]
-    return Budgeted(merged.to(x.dtype), kept_sizes, slot.gather(1, owner))
+    merged = means.gather(1, keep[..., None].expand(-1, -1, means.shape[-1]))
+    return Budgeted(merged, sizes.gather(1, keep), slot.gather(1, owner))
 
 
 def _region_owners(metric: Tensor, edges: tuple[Tensor, Tensor], tokens: int) -> Tensor:
@@ -291,14 +286,9 @@ def select_dominant(x: Tensor, scores: Tensor, tokens: int, contextual: int = 0)
     similarity = unit @ unit[:, target_slots].transpose(1, 2)  # [B, R, contextual]
     group = similarity.argmax(dim=-1)
     group[:, target_slots] = torch.arange(contextual, device=x.device)  # a target is in its own group
-    summed = size_dtype(x.dtype)  # counts and sums of bfloat16 lose too much
-    sizes = torch.zeros(x.shape[0], contextual, dtype=summed, device=x.device).scatter_add_(
-        1, group, torch.ones_like(group, dtype=summed))
-    sums = torch.zeros(x.shape[0], contextual, x.shape[-1], dtype=summed, device=x.device).scatter_add_(
-        1, group[..., None].expand_as(rest_x), rest_x.to(summed))
+    means, sizes = group_means(rest_x, group, contextual)
     owner = chosen.owner.scatter(1, rest, dominant + group)
-    return Budgeted(torch.cat([chosen.tokens, (sums / sizes[..., None]).to(x.dtype)], dim=1),
-                    torch.cat([chosen.sizes, sizes], dim=1), owner)
+    return Budgeted(torch.cat([chosen.tokens, means], dim=1), torch.cat([chosen.sizes, sizes], dim=1), owner)
 
 
 def pool_grid(grid: tuple[int, int], tokens: int) -> tuple[int, int]:

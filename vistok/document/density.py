@@ -25,7 +25,7 @@ from torch import Tensor
 
 from .._checks import is_int, is_real
 from ..errors import InputShapeError, InvalidConfigError
-from ..ops.merging import size_dtype
+from ..ops.merging import group_means, size_dtype
 
 __all__ = ["redundant_tokens", "information_density", "allocate_budget", "top_tokens", "merge_into_kept",
            "KeptTokens", "tile_index", "select_over_tiles"]
@@ -142,12 +142,8 @@ def merge_into_kept(tokens: Tensor, metric: Tensor, index: Tensor, merge: bool =
     unit = F.normalize(metric.float(), dim=-1)
     rest = (owner < 0).nonzero().squeeze(1)
     owner[rest] = (unit[rest] @ unit[index].T).argmax(dim=-1)
-    counted = size_dtype(tokens.dtype)  # counts and sums of bfloat16 lose too much
-    sizes = torch.zeros(index.shape[0], dtype=counted, device=tokens.device).index_add_(
-        0, owner, torch.ones(count, dtype=counted, device=tokens.device))
-    summed = torch.zeros(index.shape[0], tokens.shape[1], dtype=counted, device=tokens.device).index_add_(
-        0, owner, tokens.to(counted))
-    return KeptTokens((summed / sizes[:, None]).to(tokens.dtype), index, sizes, owner)
+    means, sizes = group_means(tokens[None], owner[None], index.shape[0])
+    return KeptTokens(means[0], index, sizes[0], owner)
 
 
 def tile_index(grid: tuple[int, int], tile: tuple[int, int]) -> Tensor:

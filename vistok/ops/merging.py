@@ -13,13 +13,25 @@ from ..errors import InvalidConfigError
 from . import sync
 from .gather import add_to_tokens, gather_tokens
 
-__all__ = ["Matching", "bipartite_soft_matching", "merge_weighted", "merge_into_nearest", "size_dtype"]
+__all__ = ["Matching", "bipartite_soft_matching", "merge_weighted", "merge_into_nearest", "size_dtype", "group_means"]
 
 
 def size_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype token sizes are counted in for tokens of ``dtype``: at least float32, since bfloat16 holds whole
     numbers exactly only up to 256 (a token of 300 patches plus one would stay 300)."""
     return torch.promote_types(dtype, torch.float32)
+
+
+def group_means(x: Tensor, group: Tensor, groups: int) -> tuple[Tensor, Tensor]:
+    """Each group's mean and size: ``x`` ``[B, N, D]`` and ``group`` ``[B, N]`` (long, in ``[0, groups)``) ->
+    means ``[B, groups, D]`` in ``x``'s dtype and sizes ``[B, groups]``, both summed in :func:`size_dtype` (sums
+    of bfloat16 lose too much). An empty group's mean is 0."""
+    counted = size_dtype(x.dtype)
+    sizes = torch.zeros(group.shape[0], groups, dtype=counted, device=x.device).scatter_add_(
+        1, group, torch.ones_like(group, dtype=counted))
+    sums = torch.zeros(group.shape[0], groups, x.shape[-1], dtype=counted, device=x.device).scatter_add_(
+        1, group[..., None].expand(-1, -1, x.shape[-1]), x.to(counted))
+    return (sums / sizes.clamp_min(1)[..., None]).to(x.dtype), sizes
 
 
 @dataclass(frozen=True)
