@@ -128,6 +128,29 @@ def test_dynamic_image_size_models_accept_other_sizes():
         assert handle.tokens_per_block()[0] == 101.0
 
 
+def test_integer_options_are_bounded_by_the_native_patches_only_where_the_size_is_fixed():
+    """A model set up for other sizes may be called on more patches than its native grid, so an int k, min_tokens or
+    r above the native count is accepted there (and keeps everything at the native size); a fixed-size model refuses
+    it as out of range."""
+    fixed = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=64, depth=3).eval()
+    for method, options in [("ats", dict(k=40)), ("ats", dict(k=8, min_tokens=20)), ("random_drop", dict(k=40)),
+                            ("merge", dict(r=9))]:
+        with pytest.raises(InvalidConfigError, match="16"):
+            vistok.patch(fixed, method, **options)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=64, depth=3,
+                              dynamic_img_size=True).eval()
+    native, large = torch.randn(2, 3, 64, 64), torch.randn(2, 3, 128, 128)  # 16 and 64 patches
+    with torch.no_grad():
+        expected = model(native)
+        with vistok.patch(model, "ats", k=40, min_tokens=20, blocks=[1]) as handle:
+            assert torch.equal(model(native), expected)
+            model(large)
+            assert handle.tokens_per_block()[1] <= 41
+        with vistok.patch(model, "merge", r=9) as handle:
+            model(large)
+            assert handle.tokens_per_block() == [65 - 9, 65 - 18, 65 - 27]
+
+
 def test_things_vistok_cannot_follow():
     model = make_model("vit")
     images = make_images(model, 1)

@@ -35,6 +35,12 @@ class BackboneInfo:
     has_class_token: bool
     grid_size: tuple[int, ...]
     rotary: bool = False
+    other_sizes: bool = False  # set up to take inputs of other sizes (timm's dynamic_img_size): more patches
+
+    def patch_bound(self) -> int | None:
+        """The most patch tokens an input can have, which bounds integer options (``k``, ``r``, ``min_tokens``):
+        the native count, or ``None`` (no bound known before the call) for a model set up for other sizes."""
+        return None if self.other_sizes else self.num_patches
 
     @property
     def num_patches(self) -> int:

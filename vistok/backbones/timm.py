@@ -166,6 +166,7 @@ class _TimmBackbone(Backbone):
             has_class_token=self._has_class_token(),
             grid_size=tuple(model.patch_embed.grid_size),
             rotary=getattr(model, "rope", None) is not None,
+            other_sizes=self._takes_other_sizes(model.patch_embed),
         )
 
     def blocks(self) -> list[nn.Module]:
@@ -274,10 +275,8 @@ class _TimmBackbone(Backbone):
         channels = first_conv.in_channels if first_conv is not None else x.shape[1]
         if x.shape[1] != channels:
             raise InputShapeError(f"{name} expects {channels} input channels, got shape {tuple(x.shape)}")
-        dynamic = getattr(self.model, "dynamic_img_size", False) or getattr(patch_embed, "dynamic_img_pad",
-                                                                            False)
         expected = getattr(patch_embed, "img_size", None)
-        if not dynamic and getattr(patch_embed, "strict_img_size", True) and expected is not None \
+        if not self._takes_other_sizes(patch_embed) and expected is not None \
                 and tuple(x.shape[-len(expected):]) != tuple(expected):
             got = "x".join(map(str, x.shape[-len(expected):]))
             raise InputShapeError(
@@ -285,6 +284,10 @@ class _TimmBackbone(Backbone):
                 f"{tuple(patch_embed.patch_size)}), got {got} (shape {tuple(x.shape)}). "
                 "Resize the input, or create the model with img_size=... or dynamic_img_size=True.")
         sink.note_grid(self._input_grid(patch_embed, x, expected))
+
+    def _takes_other_sizes(self, patch_embed: nn.Module) -> bool:
+        return bool(getattr(self.model, "dynamic_img_size", False) or getattr(patch_embed, "dynamic_img_pad", False)
+                    or not getattr(patch_embed, "strict_img_size", True))
 
     def _input_grid(self, patch_embed: nn.Module, x: Tensor, native: tuple[int, ...] | None
                     ) -> tuple[int, ...] | None:

@@ -131,10 +131,10 @@ class ATSConfig(MethodConfig):
     def build(self, info: BackboneInfo) -> dict[int, TokenReducer]:
         blocks = resolve_block_indices(self.blocks, info.num_blocks, default_ats_blocks(info.num_blocks))
         budgets = self._per_block_k(info, len(blocks))
-        if not is_int(self.min_tokens) or not 1 <= self.min_tokens <= info.num_patches:
+        bound = info.patch_bound()
+        if not is_int(self.min_tokens, 1) or bound is not None and self.min_tokens > bound:
             raise InvalidConfigError(
-                f"ats: min_tokens must be an int in [1, {info.num_patches}] (the model's patch tokens), "
-                f"got {self.min_tokens!r}")
+                f"ats: min_tokens must be an int in [1, {bound}] (the model's patch tokens), got {self.min_tokens!r}")
         if self.fusion and info.rotary:
             raise UnsupportedModelError(f"ats: fusion on {info.model_class}, which uses rotary position embeddings: a "
                                         "fused token has no single position to rotate by (use fusion=False)")
@@ -149,13 +149,13 @@ class ATSConfig(MethodConfig):
                 raise InvalidConfigError(
                     f"ats: k has {len(self.k)} values but {num_blocks} blocks are patched; give one k or "
                     "one per block")
-            return [check_k(k, info.num_patches) for k in self.k]
-        return [check_k(self.k, info.num_patches)] * num_blocks
+            return [check_k(k, info.patch_bound()) for k in self.k]
+        return [check_k(self.k, info.patch_bound())] * num_blocks
 
 
 def check_k(k: object, num_patches: int | None, method: str = "ats") -> int | float:
     """``k`` as an int in ``[1, num_patches]`` or a fraction in ``(0, 1]`` (``num_patches=None``: no upper bound
-    for an int, which the model's patch count gives later)."""
+    for an int: not known yet, or the model takes inputs of other sizes)."""
     if not is_real(k):
         raise InvalidConfigError(f"{method}: k must be an int or a float, got {type(k).__name__} {k!r}")
     if isinstance(k, int):
@@ -164,7 +164,8 @@ def check_k(k: object, num_patches: int | None, method: str = "ats") -> int | fl
                 raise InvalidConfigError(f"{method}: k={k} is outside [1, the model's patch tokens]")
         elif not 1 <= k <= num_patches:
             raise InvalidConfigError(
-                f"{method}: k={k} is outside [1, {num_patches}]: the model has {num_patches} patch tokens")
+                f"{method}: k={k} is outside [1, {num_patches}]: the model has {num_patches} patch tokens (a "
+                "fractional k scales with the input)")
         return k
     if not 0.0 < k <= 1.0:
         raise InvalidConfigError(f"{method}: a fractional k must be in (0, 1], got {k}")

@@ -134,7 +134,7 @@ def _check_r(r: object, info: BackboneInfo | None) -> int:
         raise InvalidConfigError(f"merge: r must be an int, got {type(r).__name__} {r!r}")
     if r < 0:
         raise InvalidConfigError(f"merge: r must be >= 0, got {r}")
-    if info is None:
+    if info is None or info.patch_bound() is None:
         return r
     limit = info.num_patches // 2
     if r > limit:

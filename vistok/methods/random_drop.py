@@ -84,5 +84,5 @@ class RandomDropConfig(MethodConfig):
         ks = list(self.k) if isinstance(self.k, Sequence) else [self.k] * len(blocks)
         if len(ks) != len(blocks):
             raise InvalidConfigError(f"random_drop: k has {len(ks)} values but {len(blocks)} blocks are patched")
-        return {block: RandomDropper(check_k(k, info.num_patches, "random_drop"), self.seed + block)
+        return {block: RandomDropper(check_k(k, info.patch_bound(), "random_drop"), self.seed + block)
                 for block, k in sorted(zip(blocks, ks, strict=True))}
