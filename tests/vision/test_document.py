@@ -75,6 +75,16 @@ def test_crops_tile_the_resized_page_behind_a_global_view():
         crop_page(torch.zeros(300, 200))
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_pages_are_cropped_in_their_dtype(dtype):
+    """Antialiased resizing has no half-precision CPU kernel: the crops are resized in float32 and returned in the
+    page's dtype, equal to cropping the float32 page."""
+    page = torch.rand(3, 100, 300)
+    crops = crop_page(page.to(dtype), crop_size=32)
+    assert crops.views.dtype == dtype
+    assert torch.equal(crops.views, crop_page(page.to(dtype).float(), crop_size=32).views.to(dtype))
+
+
 def test_redundant_tokens_against_a_direct_count():
     generator = torch.Generator().manual_seed(0)
     keys = torch.randn(3, 20, 8, generator=generator)
@@ -88,6 +98,18 @@ def test_redundant_tokens_against_a_direct_count():
     assert torch.allclose(information_density(keys), 1 - flagged.float().mean(-1))
     with pytest.raises(InvalidConfigError, match="repeats must be a positive int"):
         redundant_tokens(keys, repeats=0)
+    with pytest.raises(InvalidConfigError, match=r"similarity must be a cosine in \[-1, 1\)"):
+        redundant_tokens(keys, similarity=1.0)  # nothing is past a cosine of 1: it would flag nothing
+
+
+def test_identical_tokens_are_redundant_also_when_their_key_is_zero():
+    """A flat fill whose keys are all zero (no direction, so no cosine) is as redundant as one whose keys agree."""
+    for fill in (torch.ones(2, 16, 8), torch.zeros(2, 16, 8)):
+        assert information_density(fill).tolist() == [0.0, 0.0]
+    keys = torch.randn(1, 16, 8, generator=torch.Generator().manual_seed(0))
+    keys[0, :4] = 0  # four zero keys: each has three others, one fewer than repeats=4
+    assert not bool(redundant_tokens(keys, repeats=4)[0, :4].any())
+    assert bool(redundant_tokens(keys, repeats=3)[0, :4].all())
     with pytest.raises(InputShapeError, match=r"keys \[V, N, D\]"):
         redundant_tokens(keys[0])
 

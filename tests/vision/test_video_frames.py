@@ -173,6 +173,10 @@ def test_token_budget_is_exact_and_conserves_size(budget):
         assert torch.equal(out.tokens, frames.reshape(24, 3))
     with pytest.raises(InvalidConfigError, match="budget must be a positive int <= 24"):
         fit_token_budget(frames, 25)
+    if budget > 4:  # too few tokens per frame for the budget: named as per_frame's fault
+        message = f"per_frame=1 x 4 frames is fewer tokens than the budget {budget}"
+        with pytest.raises(InvalidConfigError, match=message):
+            fit_token_budget(frames, budget, per_frame=1)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -47,15 +47,18 @@ def redundant_tokens(keys: Tensor, similarity: float = 0.9, repeats: int = 4, gr
         groups: ``[V, N]`` long, optional: only tokens of the same group count (the tiles of a crop grid).
     """
     _check_tokens(keys, "redundant_tokens", "keys")
-    if not is_real(similarity) or not -1 <= similarity <= 1:
-        raise InvalidConfigError(f"redundant_tokens: similarity must be a cosine in [-1, 1], got {similarity!r}")
+    if not is_real(similarity) or not -1 <= similarity < 1:
+        raise InvalidConfigError(f"redundant_tokens: similarity must be a cosine in [-1, 1) (tokens count as "
+                                 f"repeats past it), got {similarity!r}")
     if not is_int(repeats, 1):
         raise InvalidConfigError(f"redundant_tokens: repeats must be a positive int, got {repeats!r}")
     unit = F.normalize(keys.float(), dim=-1)
-    close = (unit @ unit.transpose(1, 2)) > similarity  # [V, N, N], the diagonal included
+    zero = (keys == 0).all(dim=-1)  # no direction: a zero key repeats the other zero keys only
+    close = ((unit @ unit.transpose(1, 2)) > similarity) | (zero[:, :, None] & zero[:, None, :])  # [V, N, N]
+    close &= ~torch.eye(keys.shape[1], dtype=torch.bool, device=keys.device)  # others only
     if groups is not None:
         close &= groups[:, :, None] == groups[:, None, :]
-    return close.sum(dim=-1) - 1 >= repeats
+    return close.sum(dim=-1) >= repeats
 
 
 def information_density(keys: Tensor, similarity: float = 0.9, repeats: int = 4) -> Tensor:

@@ -286,6 +286,9 @@ def fit_token_budget(frames: Tensor, budget: int, frame_sizes: Tensor | None = N
     _check_count(budget, "budget", count * n)
     per_frame = min(n, math.ceil(budget / count)) if per_frame is None else per_frame
     _check_count(per_frame, "per_frame", n)
+    if count * per_frame < budget:
+        raise InvalidConfigError(f"fit_token_budget: per_frame={per_frame} x {count} frames is fewer tokens than the "
+                                 f"budget {budget}")
     weights = torch.ones(count, dtype=frames.dtype, device=frames.device) if frame_sizes is None else frame_sizes
     sampled = merge_to_budget(frames, per_frame)  # [K, per_frame, D], sizes in patches
     sizes = sampled.sizes * weights.to(sampled.sizes.dtype)[:, None]
