@@ -111,8 +111,10 @@ class _LayoutTracker:
         return call.layout
 
     def note_grid(self, grid: tuple[int, ...] | None) -> None:
-        """The patch grid of this thread's current input (the backbone's input check calls it)."""
+        """The patch grid of this thread's current input (the backbone's input check calls it as a pass begins:
+        the last pass's layouts go, also when this one stops before the first patched block)."""
         self._calls.grid = grid
+        self._calls.state = None
 
     def leave(self, block: int, x: Tensor, layout: TokenLayout) -> None:
         call = self.last_call()
@@ -222,7 +224,9 @@ class PatchHandle:
         forward pass, one entry per block of the model. Blocks before the first patched one keep their input."""
         call = self._tracker.last_call()
         if not call.layouts:
-            raise PatchStateError("no forward pass has run through the patched model yet (in this thread)")
+            raise PatchStateError("no forward pass has run through the patched blocks yet (in this thread)")
+        if call.layouts[min(call.layouts)].batch_size == 0:
+            raise PatchStateError("the last forward pass (in this thread) had an empty batch: no tokens to count")
         counts = [float(call.input_tokens)] * self._tracker.first_block
         counts += [float(call.layouts[i].num_valid().float().mean()) for i in sorted(call.layouts)]
         return counts
@@ -277,6 +281,7 @@ def patch(model: nn.Module, method: MethodSpec | list[MethodSpec], *, attention:
         AlreadyPatchedError: the model is already patched.
     """
     config = create_config(method, **options)
+    config.check()
     existing = get_handle(model) if isinstance(model, nn.Module) else None
     if existing is not None:
         raise AlreadyPatchedError(
@@ -301,8 +306,8 @@ def patch(model: nn.Module, method: MethodSpec | list[MethodSpec], *, attention:
 
 
 def get_handle(model: nn.Module) -> PatchHandle | None:
-    """The active handle of a patched model, or ``None``."""
-    return vars(model).get(_HANDLE_ATTR)
+    """The active handle of a patched model, or ``None`` (also for anything that is not a module)."""
+    return vars(model).get(_HANDLE_ATTR) if isinstance(model, nn.Module) else None
 
 
 def find_handle(model: nn.Module) -> PatchHandle | None:

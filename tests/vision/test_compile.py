@@ -160,6 +160,21 @@ def test_flex_path_matches_sdpa(case):
 
 
 @pytest.mark.filterwarnings(EAGER_FLEX)
+def test_flex_on_the_cpu_records_gradients_through_sdpa():
+    """FlexAttention has no backward pass on the CPU: a forward there that records gradients takes "sdpa" (the same
+    outputs and gradients) instead of failing with torch's NotImplementedError."""
+    model, images = _tiny_vit(), _images()
+    results = []
+    for path in ("sdpa", "flex"):
+        with vistok.patch(model, "merge", r=3, attention=path):
+            model.zero_grad()
+            out = model(images)
+            out.square().sum().backward()
+            results.append((out.detach(), model.patch_embed.proj.weight.grad.clone()))
+    torch.testing.assert_close(results[1], results[0])
+
+
+@pytest.mark.filterwarnings(EAGER_FLEX)
 def test_super_token_attends_on_the_handles_path(monkeypatch):
     """super_token computes its own biased attention (log mass over super tokens): on the path the handle names,
     like every other method, with the same outputs."""

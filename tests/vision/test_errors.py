@@ -184,6 +184,30 @@ def test_things_vistok_cannot_follow():
     ("super_token", dict(n_iter=0), "n_iter must be an int >= 1"),
 ])
 def test_configs_check_what_needs_no_model_when_made(name, options, message):
-    """A config refuses a bad option when it is made (vistok.create_config), before any model is patched."""
+    """A config refuses a bad option when it is made (vistok.create_config), before any model is patched; one set
+    on a config afterwards is refused by patch, which leaves the model untouched."""
     with pytest.raises(InvalidConfigError, match=message):
         vistok.create_config(name, **options)
+    config = vistok.create_config(name)
+    for option, value in options.items():
+        setattr(config, option, value)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=64, depth=3)
+    for spec in (config, [config]):
+        with pytest.raises(InvalidConfigError, match=message):
+            vistok.patch(model, spec)
+        assert_untouched(model)
+
+
+def test_methods_the_instance_already_replaced_are_refused_untouched():
+    """vistok replaces the model's pooling (and timm's forward_intermediates) on the instance while patched and
+    deletes its replacement when removed: one the user (or another library) set there first would be bypassed,
+    then deleted. Such a model is refused, with the user's method left in place."""
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=64, depth=3).eval()
+    for name in ("pool", "forward_intermediates"):
+        own = getattr(model, name)
+        setattr(model, name, own)
+        with pytest.raises(UnsupportedModelError, match=f"VisionTransformer.{name} is replaced on this instance"):
+            vistok.patch(model, "merge", r=2)
+        assert vars(model)[name] is own and vistok.get_handle(model) is None
+        assert not any("forward" in vars(block) for block in model.blocks)
+        delattr(model, name)

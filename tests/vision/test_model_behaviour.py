@@ -13,7 +13,7 @@ import torch
 from helpers import tiny_hf_tower
 
 import vistok
-from vistok import InvalidConfigError
+from vistok import InvalidConfigError, PatchStateError
 from vistok.measure import peak_memory
 
 
@@ -192,8 +192,48 @@ def test_empty_batch_behaves_as_unpatched(case):
                                              ("random_drop", {}), ("super_token", {"stoken_size": 2})])
 def test_empty_batch_every_method(method, options):
     model, _, run, _, _ = _setup("timm vit, merge", batch=0)
-    with vistok.patch(model, method, blocks=list(range(12)), **options):
+    with vistok.patch(model, method, blocks=list(range(12)), **options) as handle:
         assert run(model).shape == (0, 10)
+        with pytest.raises(PatchStateError, match="empty batch"):
+            handle.tokens_per_block()  # a mean over no images
+
+
+def test_a_pass_that_stops_before_the_patched_blocks_starts_afresh():
+    """The layouts belong to one pass: a pass that ends before the first patched block (intermediates of early
+    blocks) does not inherit the previous pass's tokens, and the handle reports no layouts for it."""
+    model = open_clip.transformer.VisionTransformer(image_size=32, patch_size=8, width=64, layers=4, heads=2,
+                                                    mlp_ratio=2.0, output_dim=16, pool_type="avg").eval()
+    images = torch.randn(2, 3, 32, 32)
+
+    def early():
+        return model.forward_intermediates(images, indices=[0], stop_early=True,
+                                           output_fmt="NLC")["image_intermediates"][0]
+
+    with torch.no_grad():
+        expected = early()
+        with vistok.patch(model, "ats", k=4, min_tokens=2, blocks=[2, 3]) as handle:
+            model(images)
+            assert handle.layouts
+            assert torch.equal(early(), expected)
+            assert handle.layouts == {}
+            with pytest.raises(PatchStateError, match="no forward pass"):
+                handle.tokens_per_block()
+
+
+def test_a_composition_of_compositions_is_one_composition():
+    """A patched model's config (a composition) can be composed again, as the list of its parts."""
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=64, depth=4).eval()
+    images = torch.randn(2, 3, 64, 64)
+    parts = [("ats", {"k": 10, "blocks": [1]}), ("merge", {"r": 2, "blocks": [1, 2, 3]})]
+    with torch.no_grad():
+        with vistok.patch(model, parts) as handle:
+            expected, config = model(images), handle.config
+        with vistok.patch(model, [config, ("random_drop", {"k": 4, "blocks": [3]})]) as handle:
+            assert [type(part).__name__ for part in handle.config.parts] == ["ATSConfig", "MergeConfig",
+                                                                              "RandomDropConfig"]
+        with vistok.patch(model, [config]):
+            assert torch.equal(model(images), expected)
+    assert vistok.get_handle(None) is None and vistok.unpatch(None) is None
 
 
 @pytest.mark.parametrize("method, options", [("ats", {}), ("merge", {"r": 3}), ("random_drop", {"k": 0.3}),

@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from ..tokens import TokenLayout
 
 __all__ = ["BackboneInfo", "BlockOps", "Backbone", "LayoutSource", "require_known_parts", "nothing_to_undo",
-           "refuse_feature_maps", "undo_all", "NO_MASKS"]
+           "refuse_feature_maps", "replace_on_instance", "undo_all", "NO_MASKS"]
 
 NO_MASKS = ("a vistok-patched block takes no attention mask or causal flag (vistok masks padding itself); "
             "remove the patch to run the model with attention masks")
@@ -181,8 +181,7 @@ def refuse_feature_maps(model: nn.Module) -> Callable[[], None]:
     ``forward_features`` gives its tokens, padded. Returns the undo function."""
     if not hasattr(type(model), "forward_intermediates"):
         return nothing_to_undo
-    model.forward_intermediates = partial(_token_intermediates, model)
-    return partial(delattr, model, "forward_intermediates")
+    return replace_on_instance(model, "forward_intermediates", partial(_token_intermediates, model))
 
 
 def _token_intermediates(model: nn.Module, *args: Any, **kwargs: Any) -> Any:
@@ -201,6 +200,19 @@ def undo_all(steps: list[Callable[[], None]]) -> None:
     """The undo function of several installations (use as ``partial(undo_all, [...])``)."""
     for step in steps:
         step()
+
+
+def replace_on_instance(owner: object, name: str, replacement: Any) -> Callable[[], None]:
+    """Set ``owner.name`` to ``replacement`` on the instance and return the undo (which deletes it, so that the
+    class's method shows again). An instance that already has its own ``name`` (set by the user or another library)
+    is refused with ``UnsupportedModelError``: vistok's replacement calls the class's method and would bypass
+    it, and the undo would delete it."""
+    if name in vars(owner):
+        raise UnsupportedModelError(
+            f"{type(owner).__name__}.{name} is replaced on this instance (by your code or another library); vistok "
+            f"replaces it while patched and would bypass yours. Remove it (del obj.{name}) before patching")
+    setattr(owner, name, replacement)
+    return partial(delattr, owner, name)
 
 
 def nothing_to_undo() -> None:

@@ -32,6 +32,7 @@ from .base import (
     GridSink,
     LayoutSource,
     nothing_to_undo,
+    replace_on_instance,
     require_known_parts,
 )
 
@@ -145,8 +146,7 @@ class HFVisionTower(HFTower):
         head = self._pooling_head()
         if head is None:
             return nothing_to_undo
-        head.forward = partial(self._pool, tracker.current)
-        return partial(delattr, head, "forward")
+        return replace_on_instance(head, "forward", partial(self._pool, tracker.current))
 
     def _pooling_head(self) -> nn.Module | None:
         return getattr(self.model, "head", None) if getattr(self.model, "use_head", False) else None

@@ -24,6 +24,7 @@ from .base import (
     GridSink,
     LayoutSource,
     refuse_feature_maps,
+    replace_on_instance,
     require_known_parts,
     undo_all,
 )
@@ -147,8 +148,8 @@ class OpenClipViT(Backbone):
         return bool(self.model.transformer.grad_checkpointing)
 
     def install_pooling(self, tracker: LayoutSource) -> Callable[[], None]:
-        self.model._global_pool = partial(self._global_pool, tracker.current)
-        return partial(undo_all, [partial(delattr, self.model, "_global_pool"), refuse_feature_maps(self.model)])
+        undo_pool = replace_on_instance(self.model, "_global_pool", partial(self._global_pool, tracker.current))
+        return partial(undo_all, [undo_pool, refuse_feature_maps(self.model)])
 
     def _global_pool(self, current_layout: Callable[[], TokenLayout | None], x: Tensor) -> tuple[Tensor, Tensor]:
         layout = current_layout()

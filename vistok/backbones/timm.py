@@ -39,6 +39,7 @@ from .base import (
     GridSink,
     LayoutSource,
     refuse_feature_maps,
+    replace_on_instance,
     require_known_parts,
     undo_all,
 )
@@ -242,10 +243,9 @@ class _TimmBackbone(Backbone):
 
     # -- installation ------------------------------------------------------------------------------
     def install_pooling(self, tracker: LayoutSource) -> Callable[[], None]:
-        self.model.pool = partial(self._pool, tracker)
+        undo_pool = replace_on_instance(self.model, "pool", partial(self._pool, tracker))
         noting = self.model.norm.register_forward_hook(partial(_note_features, tracker))
-        return partial(undo_all, [partial(delattr, self.model, "pool"), noting.remove,
-                                   refuse_feature_maps(self.model)])
+        return partial(undo_all, [undo_pool, noting.remove, refuse_feature_maps(self.model)])
 
     def _pool(self, tracker: LayoutSource, x: Tensor, pool_type: str | None = None) -> Tensor:
         layout = tracker.current()

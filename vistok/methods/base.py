@@ -85,6 +85,17 @@ class MethodConfig(ABC):
 
     name: ClassVar[str]
 
+    def check(self) -> None:
+        """Check again what the config checked when it was made (its ``__post_init__``), so that a field set since
+        then is checked too; ``vistok.patch`` calls it before ``build``.
+
+        Raises:
+            InvalidConfigError: an option is invalid.
+        """
+        post_init = getattr(self, "__post_init__", None)
+        if post_init is not None:
+            post_init()
+
     @abstractmethod
     def build(self, info: BackboneInfo) -> dict[int, TokenReducer]:
         """Validate against the model and return ``{block index: reducer}``.

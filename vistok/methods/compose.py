@@ -69,6 +69,15 @@ class ComposedConfig(MethodConfig):
 
     name: ClassVar[str] = "composed"
 
+    def __post_init__(self) -> None:  # a composition among the parts (a patched model's config) joins them
+        self.parts = tuple(inner for part in self.parts
+                           for inner in (part.parts if isinstance(part, ComposedConfig) else (part,)))
+
+    def check(self) -> None:
+        super().check()
+        for part in self.parts:
+            part.check()
+
     def build(self, info: BackboneInfo) -> dict[int, TokenReducer]:
         if not self.parts:
             raise InvalidConfigError("an empty list of methods patches nothing")

@@ -8,7 +8,8 @@ The paths of :func:`attend`, all computing the same thing:
 * ``"flex"``: ``torch.nn.attention.flex_attention`` with the bias added to each score (``score_mod``), so a biased
   attention stays one fused kernel. Fused only under ``torch.compile`` on a GPU; in eager mode it runs PyTorch's
   reference implementation (correct, slow), and torch 2.14's compiled CPU kernels cannot read a bias computed in
-  the same graph. It has no dropout: with attention dropout active, ``"sdpa"`` runs.
+  the same graph. It has no dropout, and no backward pass on the CPU: with attention dropout active, or on the CPU
+  while recording gradients, ``"sdpa"`` runs.
 * ``"auto"``: ``"flex"`` where a bias is present and the call is being compiled for a CUDA device, else ``"sdpa"``.
 """
 
@@ -34,7 +35,7 @@ def check_attention_path(path: object) -> str:
 
 def attention_path(requested: str, q: Tensor, key_bias: Tensor | None, dropout_p: float) -> str:
     """The path (``"sdpa"`` or ``"flex"``) :func:`attend` takes for this call when ``requested`` is asked for."""
-    if key_bias is None or dropout_p > 0 or q.shape[0] == 0:
+    if key_bias is None or dropout_p > 0 or q.shape[0] == 0 or (not q.is_cuda and q.requires_grad):
         return "sdpa"
     if requested == "auto":
         return "flex" if q.is_cuda and torch.compiler.is_compiling() else "sdpa"
