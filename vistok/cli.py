@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from .errors import VistokError
+from .errors import InvalidConfigError, VistokError
 from .ops.attention import ATTENTION_PATHS
 
 __all__ = ["main", "reports_errors"]
@@ -175,12 +175,12 @@ def _bench(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.compile is not None and args.compile not in torch._dynamo.list_backends(exclude_tags=()):
-        raise SystemExit(f"vistok bench: unknown torch.compile backend {args.compile!r}")
+        raise InvalidConfigError(f"vistok bench: unknown torch.compile backend {args.compile!r}")
     if args.attention == "flex" and args.compile is None:
-        raise SystemExit("vistok bench: --attention flex is fused only compiled; add --compile (eager flex is "
+        raise InvalidConfigError("vistok bench: --attention flex is fused only compiled; add --compile (eager flex is "
                          "PyTorch's slow reference implementation)")
     if args.attention == "flex" and args.compile == "inductor" and args.device == "cpu":
-        raise SystemExit("vistok bench: torch's CPU inductor cannot compile FlexAttention with the bias vistok "
+        raise InvalidConfigError("vistok bench: torch's CPU inductor cannot compile FlexAttention with the bias vistok "
                          "computes; on the CPU use --attention auto (SDPA)")
     variants = []
     if args.method is not None:
@@ -188,7 +188,7 @@ def _bench(args: argparse.Namespace) -> int:
         create_config(args.method, **options)  # fail fast on a bad name or option
         variants.append(Variant(args.method, args.method, options))
     elif args.option:
-        raise SystemExit("vistok bench: -o/--option needs --method")
+        raise InvalidConfigError("vistok bench: -o/--option needs --method")
     report = run_benchmark(args.model, variants, batch_size=args.batch_size, runs=args.runs,
                            warmup=args.warmup, seed=args.seed, flops_images=args.flops_images,
                            progress=not args.no_progress, device=args.device, dtype=getattr(torch, args.dtype),
@@ -202,7 +202,7 @@ def _bench(args: argparse.Namespace) -> int:
 
 def _ask(args: argparse.Namespace) -> int:
     from .data import FASHION_MNIST_MEAN, FASHION_MNIST_STD
-    from .errors import InputShapeError, InvalidConfigError
+    from .errors import InputShapeError
     from .models.reference_vlm import answer_questions, create_reference_vlm, prefill_seconds
     from .samplers import SamplingConfig
 
@@ -268,6 +268,8 @@ def _tune(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if not timm.is_model(args.model):
+        raise InvalidConfigError(f"vistok tune: {args.model!r} is not a model in timm's registry")
     model = timm.create_model(args.model, pretrained=args.pretrained).eval()
     if args.checkpoint:
         from .models.reference import load_checkpoint
@@ -303,7 +305,6 @@ def _calibration_images(model: Any, folder: str | None, count: int) -> tuple[tor
         picked = [dataset[int(i)] for i in order]
         return torch.stack([p[0] for p in picked]), torch.tensor([p[1] for p in picked])
     from .data import GreyBatchTransform, load_fashion_mnist
-    from .errors import InvalidConfigError
 
     embed = getattr(model, "patch_embed", None)
     conv = next((m for m in embed.modules() if isinstance(m, torch.nn.Conv2d)), None) if embed is not None else None

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._checks import is_int, is_real
+from ._modes import evaluating
 from .backbones import resolve_backbone
 from .errors import InputShapeError, InvalidConfigError, VistokError
 from .methods import ATSConfig, MergeConfig, MethodConfig, RandomDropConfig, create_config
@@ -199,13 +200,9 @@ def tune(model: nn.Module, images: Tensor | list[dict[str, Any]], target: float 
     if find_handle(model) is not None:
         raise InvalidConfigError("tune: give the unpatched model (remove its patch first)")
     started = time.perf_counter()
-    was_training = model.training
-    model.eval()
-    try:
+    with evaluating(model):
         best, rows, scored, metric = _search(model, images, target, labels, rungs, flops_images, progress, cost,
                                              latency_images, latency_runs, encode)
-    finally:
-        model.train(was_training)
     return TuneResult(rows, best, best["config"], float(target), metric, images.shape[0], scored,
                       time.perf_counter() - started, cost=cost)
 

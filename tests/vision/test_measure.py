@@ -7,8 +7,10 @@ import torch
 from helpers import make_images, make_model
 
 import vistok
+from vistok import InvalidConfigError
 from vistok.cli import main
 from vistok.measure import count_flops, time_models, tokens_per_block
+from vistok.measure.bench import Variant, run_benchmark
 
 
 def set_fused(model, fused):
@@ -117,15 +119,29 @@ def test_bench_command_bad_input(capsys):
     assert main(["bench", "--model", "vit_small_patch16_224", "--method", "nope"]) == 2
     assert "unknown method 'nope'" in capsys.readouterr().err
     assert main(["bench", "--model", "vit_small_patch16_224", "--method", "ats", "-o", "k=0"]) == 2
-    for flags, message in [(["--attention", "flex"], "fused only compiled"), (["--compile", "nope"], "unknown torch"),
-                           (["--compile", "--attention", "flex"], "CPU inductor cannot")]:
-        with pytest.raises(SystemExit, match=message):
-            main(["bench", "--model", "vit_small_patch16_224", "--method", "merge", *flags])
     capsys.readouterr()
+    for flags, message in [(["--method", "merge", "--attention", "flex"], "fused only compiled"),
+                           (["--method", "merge", "--compile", "nope"], "unknown torch"),
+                           (["--method", "merge", "--compile", "--attention", "flex"], "CPU inductor cannot"),
+                           (["-o", "r=2"], "needs --method")]:
+        assert main(["bench", "--model", "vit_small_patch16_224", *flags]) == 2
+        assert message in capsys.readouterr().err
+    for command in (["bench", "--model", "no_such_model"], ["tune", "--model", "no_such_model"]):
+        assert main(command) == 2
+        assert "'no_such_model' is not a model in timm's registry" in capsys.readouterr().err
     for flag, value in [("--flops-images", "0"), ("--batch-size", "-1"), ("--runs", "x")]:
         with pytest.raises(SystemExit):
             main(["bench", "--model", "vit_small_patch16_224", "--method", "merge", flag, value])
         assert f"{flag}: expected an integer >= 1, got '{value}'" in capsys.readouterr().err
+
+
+def test_benchmark_variants_need_a_method_and_a_label_of_their_own():
+    """Results are keyed by label: two variants under one label (or under 'unpatched', the baseline's) would show
+    one's figures for the other."""
+    for variants in ([Variant("x", "ats", {"k": 16}), Variant("x", "merge", {"r": 8})],
+                     [Variant("unpatched", "ats", {"k": 16})], [Variant("none")]):
+        with pytest.raises(InvalidConfigError, match="its own label other than 'unpatched'"):
+            run_benchmark("vit_tiny_patch16_224", variants, progress=False)
 
 
 def test_flops_of_a_model_with_an_attention_pool_head_that_requires_grad():

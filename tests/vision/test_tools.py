@@ -30,6 +30,11 @@ def test_config_checks_keys_and_types(tmp_path):
         with pytest.raises(ConfigError, match=f"{key} should be"):
             load_config(defaults, None, {key: value})
     assert load_config({"flag": False}, None, {"flag": True})["flag"] is True
+    for override in ("train.epochs=", "train.epochs=null", "train.lr=~"):  # no value where the default has one
+        with pytest.raises(ConfigError, match="should be (int|float)"):
+            load_config(defaults, None, parse_overrides([override]))
+    assert load_config(defaults, None, parse_overrides(["model="]))["model"] == ""  # a string is emptied
+    assert load_config({"root": None}, None, parse_overrides(["root=null"]))["root"] is None
     bad = tmp_path / "bad.yaml"
     bad.write_text("train: [1, 2\n")
     with pytest.raises(ConfigError, match="not valid YAML"):

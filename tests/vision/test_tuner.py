@@ -74,6 +74,29 @@ def test_the_search_is_deterministic_and_labels_score_accuracy(setting, result):
     assert accuracy == pytest.approx(with_labels.best["score"])
 
 
+def test_tuning_and_evaluating_leave_each_modules_mode_as_it_was(setting):
+    """A model partly in train mode (frozen parts kept in eval mode while fine-tuning) runs in eval mode and comes
+    back with every module's own mode, not all set alike."""
+    from vistok.measure.accuracy import evaluate
+
+    model, images = setting
+    model.train()
+    model.patch_embed.eval()
+    model.blocks[0].eval()
+    modes = {name: module.training for name, module in model.named_modules()}
+    seen = []
+    hook = model.blocks[1].register_forward_pre_hook(lambda module, args: seen.append(module.training))
+    try:
+        vistok.tune(model, images, target=0.6, flops_images=2, rungs=1)
+        assert {name: module.training for name, module in model.named_modules()} == modes
+        evaluate(model, [(images[:4], torch.arange(4))])
+        assert {name: module.training for name, module in model.named_modules()} == modes
+    finally:
+        hook.remove()
+        model.eval()
+    assert seen and not any(seen)
+
+
 def test_bad_input_is_refused(setting):
     model, images = setting
     with pytest.raises(InvalidConfigError, match=r"target must be a GFLOPs ratio in \(0, 1\]"):

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from .._checks import is_real
+from .._modes import evaluating
 from ..errors import InputShapeError, InvalidConfigError, VistokError
 from ..methods import MethodConfig, create_config
 from .budget import poolable
@@ -120,12 +121,8 @@ def tune_vision_llm(model: nn.Module, batches: Sequence[Mapping[str, Any]], targ
     rows = [{"label": label, "method": method, "config": config, "tokens_ratio": ratio}
             for label, method, config, ratio in candidates]
     started = time.perf_counter()
-    was_training = model.training
-    model.eval()
-    try:
+    with evaluating(model):
         best, scored = _search(model, batches, rows, labels, rungs, progress)
-    finally:
-        model.train(was_training)
     metric = "next-token accuracy" if labels is not None else "next-token agreement"
     return TuneResult(rows, best, best["config"], float(target), metric, prompts, scored,
                       time.perf_counter() - started, cost="tokens")

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._checks import is_int
+from .._modes import evaluating
 from ..adapters.budget import Budgeted, select_dominant
 from ..adapters.methods import BoundaryConfig, BoundaryInputs
 from ..backbones import resolve_backbone
@@ -205,13 +206,10 @@ def view_signals(model: nn.Module, views: Tensor, layer: int = -1) -> ViewSignal
 
     hooks = [blocks[index].register_forward_pre_hook(before, with_kwargs=True),
              blocks[index].register_forward_hook(after, with_kwargs=True)]
-    modes = {module: module.training for module in backbone.model.modules()}
-    backbone.model.eval()
     try:
-        backbone.model(views)
+        with evaluating(backbone.model):
+            backbone.model(views)
     finally:
-        for module, training in modes.items():
-            module.training = training
         for hook in hooks:
             hook.remove()
     if "out" not in seen:

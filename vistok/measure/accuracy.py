@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from .._modes import evaluating
 from ..errors import InputShapeError
 
 __all__ = ["topk_correct", "evaluate", "paired_difference", "add_paired_differences"]
@@ -66,23 +67,17 @@ def evaluate(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], transfo
     correct = {1: 0, 5: 0}
     seen = 0
     token_sums: list[float] | None = None
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            for images, labels in tqdm(batches, disable=not progress, total=total, desc="eval", leave=False):
-                if transform is not None:
-                    images = transform(images)
-                logits = model(images)
-                for k, count in topk_correct(logits, labels).items():
-                    correct[k] += count
-                seen += labels.shape[0]
-                if handle is not None:
-                    counts = [c * labels.shape[0] for c in handle.tokens_per_block()]
-                    token_sums = counts if token_sums is None else [a + b for a, b in zip(token_sums, counts,
-                                                                                           strict=True)]
-    finally:
-        model.train(was_training)
+    with evaluating(model), torch.inference_mode():
+        for images, labels in tqdm(batches, disable=not progress, total=total, desc="eval", leave=False):
+            if transform is not None:
+                images = transform(images)
+            logits = model(images)
+            for k, count in topk_correct(logits, labels).items():
+                correct[k] += count
+            seen += labels.shape[0]
+            if handle is not None:
+                counts = [c * labels.shape[0] for c in handle.tokens_per_block()]
+                token_sums = counts if token_sums is None else [a + b for a, b in zip(token_sums, counts, strict=True)]
     if seen == 0:
         raise InputShapeError("evaluate: the dataset is empty")
     result = {"top1": 100.0 * correct[1] / seen, "top5": 100.0 * correct[5] / seen, "images": seen}

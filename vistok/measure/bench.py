@@ -29,7 +29,8 @@ __all__ = ["Variant", "VariantResult", "BenchReport", "run_benchmark"]
 
 @dataclass(frozen=True)
 class Variant:
-    """A way to run the model: ``method=None`` is the unpatched model."""
+    """A way to run the model: ``method=None`` is the unpatched model (``run_benchmark`` runs it first, as
+    ``"unpatched"``; the variants it is given each name a method and a label of their own)."""
 
     label: str
     method: str | None = None
@@ -161,6 +162,12 @@ def run_benchmark(
     """
     from ..patching import patch
 
+    labels = [variant.label for variant in variants]
+    for variant in variants:
+        if variant.method is None or variant.label == "unpatched" or labels.count(variant.label) > 1:
+            raise InvalidConfigError(
+                f"run_benchmark: {variant!r}: every variant needs a method and its own label other than "
+                "'unpatched' (the unpatched model always runs first, under that label)")
     if flops_images is not None and not is_int(flops_images, 1):
         raise InvalidConfigError(f"run_benchmark: flops_images must be an int >= 1 (or None: all), got "
                                  f"{flops_images!r}")
@@ -168,6 +175,8 @@ def run_benchmark(
     if isinstance(model_name, str):
         import timm
 
+        if not timm.is_model(model_name):
+            raise InvalidConfigError(f"run_benchmark: {model_name!r} is not a model in timm's registry")
         base = timm.create_model(model_name, pretrained=False, **(model_kwargs or {})).eval()
         stem = next((m for m in base.patch_embed.modules() if isinstance(m, nn.Conv2d)), None)
         channels = 3 if stem is None else stem.in_channels
@@ -180,7 +189,7 @@ def run_benchmark(
     image_size = tuple(input_shape[-2:])
     images = torch.randn(batch_size, *input_shape, generator=torch.Generator().manual_seed(seed))
     models: dict[str, nn.Module] = {"unpatched": base}
-    all_variants = [Variant("unpatched")] + [v for v in variants if v.method is not None]
+    all_variants = [Variant("unpatched")] + list(variants)
     for variant in all_variants[1:]:
         models[variant.label] = copy.deepcopy(base)
         patch(models[variant.label], variant.method, attention=attention, **variant.options)
