@@ -104,7 +104,8 @@ def test_the_step_after_a_cautious_one_samples_the_model():
 
 def test_cntp_config_validation():
     for bad in (dict(entropy_low=2.0, entropy_high=1.0), dict(max_trials=0), dict(min_trials=3, max_trials=2),
-                dict(max_trial_tokens=0), dict(entropy_low=float("nan"))):
+                dict(max_trial_tokens=0), dict(entropy_low=float("nan")), dict(entropy_low="0"),
+                dict(entropy_low=False, entropy_high=True)):
         with pytest.raises(InvalidConfigError):
             CNTPConfig(**bad)
 

@@ -353,6 +353,19 @@ def test_processors_validate_their_parameters():
                 lambda: TopHFilter(0.5, top_n=0), lambda: Temperature(-1.0), lambda: TopKFilter(5, 0),
                 lambda: TopPFilter(torch.tensor([0.5, 1.2])), lambda: TopKFilter(torch.tensor([1.0])),
                 lambda: top_p_filter(torch.randn(2, 5), torch.tensor([0.5, 0.5, 0.5])),
-                lambda: TopPFilter(0.9, filter_value=float("nan"))):
+                lambda: TopPFilter(0.9, filter_value=float("nan")),
+                lambda: top_p_filter(torch.randn(1, 5), torch.tensor([True])),  # a bool is no probability
+                lambda: Temperature(torch.tensor([False])),
+                lambda: TopPFilter(torch.tensor([0.5 + 0j]))):
         with pytest.raises(InvalidConfigError):
             bad()
+
+
+def test_a_temperature_that_rounds_to_zero_is_greedy_in_both_forms():
+    """A positive temperature too small for float32 logits is 0 there: greedy as a number and as a per-row tensor
+    (which is cast to the logits' dtype), not a division by zero (NaN) in one of them."""
+    logits = torch.tensor([[0.0, 1.0, 2.0], [3.0, -1.0, 0.5]])
+    greedy = temperature_scale(logits, 0.0)
+    assert torch.equal(temperature_scale(logits, 1e-300), greedy)
+    assert torch.equal(temperature_scale(logits, torch.tensor([1e-300, 1e-300], dtype=torch.float64)), greedy)
+    assert torch.equal(temperature_scale(logits.double(), 1e-300), logits.double() / 1e-300)  # float64: finite

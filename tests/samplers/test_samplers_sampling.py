@@ -243,6 +243,43 @@ def test_bad_seeds_are_config_errors(seeds):
         rng.uniform_at(torch.tensor([0]), torch.tensor([0]), seeds=torch.tensor([0.5]))
 
 
+def test_counters_and_streams_are_checked_like_seeds():
+    """A counter is an int or an integer value per row: a longer one would draw several tokens for one row, a float
+    one would be truncated."""
+    logits = torch.tensor([[0.0, 1.0, 2.0]])
+    seeds = torch.tensor([0])
+    assert torch.equal(sample(logits, seeds=seeds, counter=torch.tensor([3])), sample(logits, seeds=seeds, counter=3))
+    for counter in (torch.tensor([1, 2]), torch.tensor([1.9]), torch.tensor([True]), torch.tensor([[1]]), 1.0, True):
+        with pytest.raises(InvalidConfigError, match="counter must be an int or an integer tensor"):
+            sample(logits, seeds=seeds, counter=counter)
+    with pytest.raises(InvalidConfigError, match="stream must be an int"):
+        sample(logits, seeds=seeds, stream=1.5)
+
+
+def test_sampling_options_are_checked_when_made():
+    """Top-H's rule and count are checked while top_h is off (a later replace(top_h=...) would fail far away), and
+    the pipeline takes a SamplingConfig or its own keywords only."""
+    with pytest.raises(InvalidConfigError, match="top-H rule"):
+        SamplingConfig(top_h_rule="bogus")
+    with pytest.raises(InvalidConfigError, match="unknown option"):
+        SamplingPipeline(foo=1)
+    with pytest.raises(InvalidConfigError, match="must be a SamplingConfig"):
+        SamplingPipeline({"top_k": 3})
+
+
+def test_decoding_arguments_are_checked():
+    model = tiny_llama()
+    prompt = torch.tensor([[1, 2, 3]])
+    for kwargs, message in [(dict(config={"top_k": 3}), "SamplingConfig"), (dict(eos_token_id=2.0), "eos_token_id"),
+                            (dict(eos_token_id="2"), "eos_token_id"), (dict(pad_token_id=None), "pad_token_id")]:
+        with pytest.raises(InvalidConfigError, match=message):
+            generate(model, prompt, max_new_tokens=2, **kwargs)
+    for ids in (torch.zeros(1, 0, dtype=torch.long), torch.zeros(0, 3, dtype=torch.long), prompt.bool()):
+        with pytest.raises(InvalidConfigError, match="input_ids must"):
+            generate(model, ids, max_new_tokens=2)
+    assert generate(model, prompt, max_new_tokens=2, eos_token_id=[2, 3], seeds=0).new_tokens.shape == (1, 2)
+
+
 def test_seeded_sampling_validates():
     with pytest.raises(InvalidConfigError):
         SeededSampling(torch.tensor([0.5]))

@@ -216,6 +216,15 @@ def test_vocabulary_mismatch_is_refused(models):
         SpeculativeDecoder(target, trimmed, draft_vocab=torch.tensor([1, 1, 2]))
     with pytest.raises(VocabularyMismatchError):
         self_draft(target, vocab=torch.tensor([0, VOCAB]))
+    for ids in (torch.tensor([1.5, 2.5, 3.5]), torch.tensor([True, False, True])):  # never truncated to ids
+        with pytest.raises(VocabularyMismatchError, match="draft_vocab must be token ids"):
+            SpeculativeDecoder(target, trimmed, draft_vocab=ids)
+        with pytest.raises(InvalidConfigError, match="vocab must be token ids"):
+            self_draft(target, vocab=ids)
+    listed = SpeculativeDecoder(target, trimmed, draft_vocab=[1, 2, 3])  # a list of ids is taken as one
+    assert torch.equal(listed.draft_vocab, torch.tensor([1, 2, 3]))
+    with pytest.raises(InvalidConfigError, match="dtype must be a torch.dtype"):
+        self_draft(target, dtype="bfloat16")
     hidden = self_draft(target)  # a head vistok cannot read: the widths are checked when the logits come
     hidden.get_output_embeddings = lambda: None
     decoder = SpeculativeDecoder(target, hidden, draft_vocab=torch.tensor([1, 2, 3]))
@@ -269,6 +278,11 @@ def test_vocab_trim_calibration():
     assert abs(trim.coverage(sequences) - 6 / 8) < 1e-12
     with pytest.raises(InvalidConfigError):
         VocabTrim.from_token_ids(sequences, 0)
+    for ids, always, message in [(torch.tensor([1, -2]), (), "negative token id"),
+                                 (torch.tensor([1.7, 2.2]), (), "sequences must be token ids"),
+                                 (torch.tensor([1, 2]), [None], "always must be token ids")]:
+        with pytest.raises(InvalidConfigError, match=message):  # never truncated to ids, nor a bincount error
+            VocabTrim.from_token_ids(ids, 2, always=always)
 
 
 def test_vocab_trim_calibration_stops_at_the_end_token():

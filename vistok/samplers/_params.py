@@ -12,7 +12,7 @@ from ..errors import InvalidConfigError
 from .errors import InvalidLogitsError
 
 __all__ = ["RowParam", "PARAM_BOUNDS", "row_param", "checked", "broadcast_param", "check_logits", "check_row_max",
-           "work_dtype"]
+           "work_dtype", "check_token_ids"]
 
 RowParam = float | int | Tensor
 
@@ -50,7 +50,7 @@ def row_param(value: RowParam, name: str, *, low: float, high: float, low_open: 
         if value.dim() != 1 or value.numel() == 0:
             raise InvalidConfigError(f"{name}: a per-row tensor must be 1-D and non-empty, got shape "
                                      f"{tuple(value.shape)}")
-        if integer and (value.is_floating_point() or value.is_complex() or value.dtype == torch.bool):
+        if value.is_complex() or value.dtype == torch.bool or (integer and value.is_floating_point()):
             raise InvalidConfigError(f"{what}; got a {value.dtype} tensor")
         values = value.double()
     elif not is_real(value) or (integer and not isinstance(value, int)):
@@ -66,6 +66,24 @@ def row_param(value: RowParam, name: str, *, low: float, high: float, low_open: 
     if bool(bad.any()):
         raise InvalidConfigError(f"{what}, got {value[bad.nonzero()[0, 0]].item()!r}")
     return value
+
+
+def check_token_ids(ids: object, name: str, error: type[Exception] = InvalidConfigError) -> Tensor:
+    """``ids`` (a 1-D integer tensor or a sequence of ints) as a ``[M]`` long tensor of token ids ``>= 0``; else
+    ``error`` naming ``name`` (a float id would be silently truncated)."""
+    if not isinstance(ids, Tensor):
+        try:
+            ids = torch.as_tensor(ids)
+        except (TypeError, ValueError, RuntimeError):
+            raise error(f"{name} must be token ids (a 1-D integer tensor or a list of ints), got {ids!r}") from None
+        if ids.numel() == 0:  # an empty list: no dtype to judge
+            return ids.long().reshape(0)
+    if ids.dim() != 1 or ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+        raise error(f"{name} must be token ids (a 1-D integer tensor or a list of ints), got a {ids.dtype} tensor "
+                    f"of shape {tuple(ids.shape)}")
+    if ids.numel() and int(ids.min()) < 0:
+        raise error(f"{name} holds a negative token id ({int(ids.min())})")
+    return ids.long()
 
 
 def broadcast_param(value: RowParam, logits: Tensor, name: str, dtype: torch.dtype | None = None) -> RowParam:

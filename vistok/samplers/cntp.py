@@ -23,11 +23,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .._checks import is_int
+from .._checks import is_int, is_real
 from ..errors import InvalidConfigError
 from . import rng
 from ._decoding import CausalLMState, check_causal_lm
-from .generation import GenerationOutput, check_max_new_tokens, eos_set, prepare_prompt
+from .generation import GenerationOutput, check_decoding, check_max_new_tokens, eos_set, prepare_prompt
 from .pipeline import SamplingConfig
 from .sampling import as_seeds, sample
 
@@ -54,8 +54,8 @@ class CNTPConfig:
     max_trial_tokens: int = 32
 
     def __post_init__(self) -> None:
-        if not (math.isfinite(self.entropy_low) and math.isfinite(self.entropy_high)
-                and 0 <= self.entropy_low < self.entropy_high):
+        if not (is_real(self.entropy_low) and is_real(self.entropy_high) and math.isfinite(self.entropy_low)
+                and math.isfinite(self.entropy_high) and 0 <= self.entropy_low < self.entropy_high):
             raise InvalidConfigError(f"need 0 <= entropy_low < entropy_high, got {self.entropy_low}, "
                                      f"{self.entropy_high}")
         for name in ("min_trials", "max_trials", "max_trial_tokens"):
@@ -98,7 +98,9 @@ def cntp_generate(model: nn.Module, input_ids: Tensor, config: SamplingConfig | 
     perplexity, all trial perplexities)`` for each step that ran trials.
     """
     check_causal_lm(model, "model")
-    config = config or SamplingConfig()
+    config = check_decoding(config, pad_token_id)
+    if cntp is not None and not isinstance(cntp, CNTPConfig):
+        raise InvalidConfigError(f"cntp must be a CNTPConfig (or None), got {type(cntp).__name__}")
     cntp = cntp or CNTPConfig()
     input_ids, mask = prepare_prompt(input_ids, attention_mask)
     max_new_tokens = check_max_new_tokens(max_new_tokens)

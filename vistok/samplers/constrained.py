@@ -27,7 +27,7 @@ from ..errors import InvalidConfigError
 from . import rng
 from ._decoding import CausalLMState, check_causal_lm
 from ._params import check_logits, check_row_max, work_dtype
-from .generation import GenerationOutput, check_max_new_tokens, eos_set, prepare_prompt
+from .generation import GenerationOutput, check_decoding, check_max_new_tokens, eos_set, prepare_prompt
 from .pipeline import SamplingConfig
 from .sampling import as_seeds
 
@@ -152,7 +152,7 @@ def constrained_generate(model: nn.Module, input_ids: Tensor, constraint: Callab
     weight of each row's sequence, ``-inf`` if a step had no allowed token; the row then ends).
     """
     check_causal_lm(model, "model")
-    config = config or SamplingConfig()
+    config = check_decoding(config, pad_token_id)
     input_ids, mask = prepare_prompt(input_ids, attention_mask)
     max_new_tokens = check_max_new_tokens(max_new_tokens)
     batch = input_ids.shape[0]

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from .._checks import is_int
 from ..errors import InvalidConfigError, UnsupportedModelError
+from ._params import check_token_ids
 from .errors import VocabularyMismatchError
 from .quantize import quantize_linears
 
@@ -76,6 +77,10 @@ def self_draft(model: nn.Module, *, num_layers: int | None = None, dtype: torch.
         raise InvalidConfigError(f"num_layers must be an int in [1, {depth}], got {num_layers!r}")
     if quantize not in (None, "int8"):
         raise InvalidConfigError(f"quantize must be None or 'int8', got {quantize!r}")
+    if dtype is not None and not isinstance(dtype, torch.dtype):
+        raise InvalidConfigError(f"dtype must be a torch.dtype (e.g. torch.bfloat16) or None, got {dtype!r}")
+    if vocab is not None:
+        vocab = check_token_ids(vocab, "vocab")
     if dtype is not None or quantize is not None:
         model = copy.deepcopy(model)
         if dtype is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -37,8 +38,14 @@ class GenerationOutput:
 
 def prepare_prompt(input_ids: Tensor, attention_mask: Tensor | None) -> tuple[Tensor, Tensor]:
     """Validate a ``[B, T]`` prompt and its mask (padding on the left); the mask as bool."""
-    if not isinstance(input_ids, Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point():
-        raise InvalidConfigError("input_ids must be a [batch, length] integer tensor")
+    if not isinstance(input_ids, Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point() \
+            or input_ids.is_complex() or input_ids.dtype == torch.bool:
+        what = f"a {input_ids.dtype} tensor of shape {tuple(input_ids.shape)}" if isinstance(input_ids, Tensor) \
+            else type(input_ids).__name__
+        raise InvalidConfigError(f"input_ids must be a [batch, length] integer tensor, got {what}")
+    if input_ids.numel() == 0:
+        raise InvalidConfigError(f"input_ids must hold at least one row of at least one token, got shape "
+                                 f"{tuple(input_ids.shape)}")
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
     if attention_mask.shape != input_ids.shape:
@@ -52,8 +59,21 @@ def prepare_prompt(input_ids: Tensor, attention_mask: Tensor | None) -> tuple[Te
 
 def eos_set(eos_token_id: int | list[int] | None, device) -> Tensor:
     """The end-of-sequence ids as a 1-D long tensor (empty for ``None``)."""
-    ids = [] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
-    return torch.tensor(ids, dtype=torch.long, device=device)
+    ids = [] if eos_token_id is None else [eos_token_id] if is_int(eos_token_id) else eos_token_id
+    if isinstance(ids, (str, bytes)) or not all(is_int(i, 0) for i in (ids if isinstance(ids, Iterable) else [ids])):
+        raise InvalidConfigError(f"eos_token_id must be a token id (an int >= 0), a list of them or None, got "
+                                 f"{eos_token_id!r}")
+    return torch.tensor(list(ids), dtype=torch.long, device=device)
+
+
+def check_decoding(config: SamplingConfig | None, pad_token_id: int) -> SamplingConfig:
+    """The sampling config of a decoding loop (``None``: the default) after checking it and ``pad_token_id``."""
+    if config is not None and not isinstance(config, SamplingConfig):
+        raise InvalidConfigError(f"config must be a vistok.samplers.SamplingConfig (or None), got "
+                                 f"{type(config).__name__}: build one with SamplingConfig(**options)")
+    if not is_int(pad_token_id, 0):
+        raise InvalidConfigError(f"pad_token_id must be a token id (an int >= 0), got {pad_token_id!r}")
+    return config or SamplingConfig()
 
 
 def check_max_new_tokens(max_new_tokens: int) -> int:
@@ -80,7 +100,7 @@ def generate(model: nn.Module, input_ids: Tensor, config: SamplingConfig | None 
         eos_token_id: id(s) that end a row (the EOS itself is kept).
     """
     check_causal_lm(model, "model")
-    config = config or SamplingConfig()
+    config = check_decoding(config, pad_token_id)
     input_ids, mask = prepare_prompt(input_ids, attention_mask)
     max_new_tokens = check_max_new_tokens(max_new_tokens)
     batch = input_ids.shape[0]

@@ -37,6 +37,7 @@ from .truncation import (
     TopKFilter,
     TopPFilter,
     TypicalFilter,
+    check_top_h_options,
 )
 
 __all__ = ["SamplingConfig", "SamplingPipeline", "PROCESSOR_ORDER", "FILTER_CLASSES"]
@@ -94,6 +95,7 @@ class SamplingConfig:
             chain.append(Temperature(self.temperature))
         if _active(checked(self.min_p, "min_p"), 0.0):
             chain.append(MinPFilter(self.min_p, keep))
+        check_top_h_options(self.top_h_rule, self.top_h_top_n)  # also while top_h is off: a later replace(top_h=)
         if self.top_h is not None:
             chain.append(TopHFilter(self.top_h, self.top_h_rule, self.top_h_top_n, keep))
         top_k = checked(self.top_k, "top_k")
@@ -153,6 +155,11 @@ class SamplingPipeline(LogitsFilter):
     def __init__(self, config: SamplingConfig | None = None, **options) -> None:
         if config is not None and options:
             raise InvalidConfigError("pass either a SamplingConfig or keyword options, not both")
+        if config is not None and not isinstance(config, SamplingConfig):
+            raise InvalidConfigError(f"config must be a SamplingConfig, got {type(config).__name__}")
+        unknown = sorted(set(options) - {f.name for f in fields(SamplingConfig)})
+        if unknown:
+            raise InvalidConfigError(f"SamplingPipeline: unknown option(s) {unknown}")
         self.config = config if config is not None else SamplingConfig(**options)
 
     def apply(self, scores: Tensor) -> Tensor:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .._checks import is_int
 from ..errors import InvalidConfigError
 
 __all__ = ["uniform", "uniform_at", "gumbel", "gumbel_at", "derive_seeds", "check_seeds"]
@@ -67,6 +68,17 @@ def _wrap(value: int) -> int:
 
 
 def _row_keys(seeds: Tensor, counter: int | Tensor, stream: int) -> Tensor:
+    if isinstance(counter, Tensor):
+        if counter.is_floating_point() or counter.is_complex() or counter.dtype == torch.bool \
+                or counter.dim() > 1 or (counter.dim() == 1 and counter.shape[0] != seeds.shape[0]):
+            raise InvalidConfigError(f"counter must be an int or an integer tensor with one value per row "
+                                     f"({seeds.shape[0]}), got a {counter.dtype} tensor of shape "
+                                     f"{tuple(counter.shape)}")
+    elif not is_int(counter):
+        raise InvalidConfigError(f"counter must be an int or an integer tensor with one value per row, got "
+                                 f"{counter!r}")
+    if not is_int(stream):
+        raise InvalidConfigError(f"stream must be an int, got {stream!r}")
     counter = torch.as_tensor(counter, dtype=torch.int64, device=seeds.device)
     return _mix(derive_seeds(seeds, counter) ^ _wrap(stream * _MIX1))
 

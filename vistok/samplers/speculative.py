@@ -27,8 +27,9 @@ from .._checks import is_int
 from ..errors import InvalidConfigError
 from . import rng
 from ._decoding import CausalLMState, check_causal_lm, output_vocab_size
+from ._params import check_token_ids
 from .errors import VocabularyMismatchError
-from .generation import GenerationOutput, check_max_new_tokens, eos_set, prepare_prompt
+from .generation import GenerationOutput, check_decoding, check_max_new_tokens, eos_set, prepare_prompt
 from .pipeline import SamplingConfig
 from .sampling import as_seeds, sample
 
@@ -176,10 +177,11 @@ class SpeculativeDecoder:
                 raise InvalidConfigError(f"{name} must be an int >= 1, got {value!r}")
         self.target, self.draft = target, draft
         self.gamma, self.num_drafts = gamma, num_drafts
-        self.config = config or SamplingConfig()
-        self.draft_config = draft_config or self.config
+        self.config = check_decoding(config, 0)
+        self.draft_config = self.config if draft_config is None else check_decoding(draft_config, 0)
         self.vocab_size = output_vocab_size(target)
-        self.draft_vocab = None if draft_vocab is None else draft_vocab.long()
+        self.draft_vocab = None if draft_vocab is None else check_token_ids(draft_vocab, "draft_vocab",
+                                                                            VocabularyMismatchError)
         self._check_vocab(output_vocab_size(draft))
 
     def _check_vocab(self, draft_width: int | None) -> None:
@@ -265,6 +267,7 @@ class SpeculativeDecoder:
         ``stats``: ``iterations`` (target forwards after the prompt), ``proposed`` and ``accepted`` draft
         tokens (rows still generating), ``acceptance_rate``, ``tokens_per_target_call``, forward counts, seconds.
         """
+        check_decoding(self.config, pad_token_id)
         input_ids, mask = prepare_prompt(input_ids, attention_mask)
         max_new_tokens = check_max_new_tokens(max_new_tokens)
         batch, k, gamma = input_ids.shape[0], self.num_drafts, self.gamma

@@ -35,7 +35,9 @@ def temperature_scale(logits: Tensor, temperature: RowParam) -> Tensor:
     temperature = checked(temperature, "temperature")
     logits = work_dtype(logits)
     if not isinstance(temperature, Tensor):
-        return _greedy(logits) if temperature == 0 else logits / temperature
+        # as the per-row form, which casts to the logits' dtype: a temperature that rounds to 0 there is greedy
+        rounds_to_zero = temperature == 0 or (logits.dtype == torch.float32 and temperature <= 2.0**-150)
+        return _greedy(logits) if rounds_to_zero else logits / temperature
     temperature = broadcast_param(temperature, logits, "temperature", logits.dtype)
     greedy = temperature == 0
     scaled = logits / torch.where(greedy, torch.ones_like(temperature), temperature)

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from .._checks import is_int
 from ..errors import InvalidConfigError
+from ._params import check_token_ids
 from .drafts import self_draft
 
 __all__ = ["VocabTrim"]
@@ -45,8 +46,9 @@ class VocabTrim:
         if not is_int(size, 1):
             raise InvalidConfigError(f"size must be an int >= 1, got {size!r}")
         chunks = [sequences] if isinstance(sequences, Tensor) else list(sequences)
-        ids = torch.cat([chunk.flatten().long().cpu() for chunk in chunks]) if chunks else torch.zeros(0).long()
-        always = torch.tensor(sorted(set(always)), dtype=torch.long)
+        ids = torch.cat([check_token_ids(torch.as_tensor(chunk).flatten(), "sequences").cpu() for chunk in chunks]) \
+            if chunks else torch.zeros(0).long()
+        always = check_token_ids(list(always), "always").unique()
         length = max(int(ids.max()) + 1 if ids.numel() else 0, int(always.max()) + 1 if always.numel() else 0,
                      fill or 0)
         counts = torch.bincount(ids, minlength=length).double()
