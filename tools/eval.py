@@ -49,7 +49,7 @@ def run_eval(config: dict, progress: bool = True) -> dict:
     config = fit_head_to_data(config, val_set)  # a class-folder dataset: a head of its class count
     model = wrap_for_data(build_model(config), config["data"]).eval()
     prepare = transform or (lambda images: images)
-    labelled = batches(val_set, settings["batch_size"])
+    labelled = batches(val_set, settings["batch_size"], workers=config["data"]["workers"])
     result = evaluate(model, labelled, prepare, progress=progress, total=len(labelled))
     if config["data"]["name"] == "video":  # test views are averaged; unreadable clips skipped and counted
         result["skipped_clips"] = labelled.skipped

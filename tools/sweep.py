@@ -87,8 +87,8 @@ def run_point(config: dict, point: dict, val_set, transform) -> dict:
         return x if size is None else F.interpolate(x, size=(size, size), mode="bilinear", antialias=True,
                                                     align_corners=False)
 
-    result = evaluate(model, batches(val_set, settings["batch_size"]), prepare, progress=True,
-                      total=-(-len(val_set) // settings["batch_size"]))
+    labelled = batches(val_set, settings["batch_size"], workers=config["data"]["workers"])
+    result = evaluate(model, labelled, prepare, progress=True, total=len(labelled))
     counted = [prepare(images) for images, _ in batches(val_set, settings["batch_size"], settings["flops_images"])]
     result["gflops"] = count_flops(model, counted) / 1e9
     tokens = result.pop("tokens_per_block", None)

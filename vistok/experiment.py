@@ -268,8 +268,9 @@ class LabelledBatches:
                 yield batch
 
 
-def batches(dataset: Dataset, batch_size: int, limit: int | None = None) -> LabelledBatches:
-    """Deterministic, unshuffled ``(inputs, labels)`` batches of a dataset, optionally its first ``limit``."""
+def batches(dataset: Dataset, batch_size: int, limit: int | None = None, workers: int = 0) -> LabelledBatches:
+    """Deterministic, unshuffled ``(inputs, labels)`` batches of a dataset, optionally its first ``limit``, loaded
+    by ``workers`` processes (``data.workers``; 0: in this one)."""
     if limit is not None:
         dataset = torch.utils.data.Subset(dataset, range(min(limit, len(dataset))))
-    return LabelledBatches(loader(dataset, batch_size))
+    return LabelledBatches(loader(dataset, batch_size, num_workers=workers))

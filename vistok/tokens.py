@@ -34,7 +34,7 @@ from torch import Tensor
 
 from .errors import PatchStateError
 from .ops.gather import gather_tokens
-from .ops.merging import Matching
+from .ops.merging import Matching, size_dtype
 
 __all__ = ["TokenLayout"]
 
@@ -176,19 +176,22 @@ class TokenLayout:
         if self.valid is None and sizes is None:
             return None
         if sizes is not None:
-            bias = sizes.to(dtype).log()
+            bias = sizes.log().to(dtype)  # the log of the exact count (bfloat16 would round a size of 257 to 256)
         else:
             bias = torch.zeros(self.valid.shape, dtype=dtype, device=self.valid.device)
         if self.valid is not None:
             bias = bias.masked_fill(~self.valid, float("-inf"))
         return bias[:, None, None, :]
 
-    def pooling_weights(self, dtype: torch.dtype, start: int) -> Tensor | None:
-        """``[B, N - start, 1]`` weights for averaging positions ``start:``: size for valid tokens, 0 for
-        padding. ``None`` when a plain mean is right."""
+    def mean_over(self, tokens: Tensor, start: int) -> Tensor:
+        """The mean of ``tokens`` ``[B, N - start, C]`` (this layout's positions ``start:``) over the patches they
+        stand for: each token weighted by its size, padding left out; ``[B, C]``. Summed in at least float32 (a
+        bfloat16 sum of sizes rounds past 256), returned in ``tokens``' dtype."""
         if self.valid is None and self.sizes is None:
-            return None
-        weights = self.valid.to(dtype) if self.sizes is None else self.sizes.to(dtype)
+            return tokens.mean(dim=1)
+        work = size_dtype(tokens.dtype)
+        weights = (self.valid if self.sizes is None else self.sizes).to(work)
         if self.sizes is not None and self.valid is not None:
-            weights = weights * self.valid.to(dtype)
-        return weights[:, start:, None]
+            weights = weights * self.valid
+        weights = weights[:, start:, None]
+        return ((tokens.to(work) * weights).sum(dim=1) / weights.sum(dim=1)).to(tokens.dtype)

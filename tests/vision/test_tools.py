@@ -73,9 +73,15 @@ def _class_folders(root: Path, classes: dict[str, int], per_class: int) -> None:
                 Image.fromarray(images[index].numpy()).convert("RGB").save(folder / f"{index}.png")
 
 
-def test_a_class_folder_dataset_trains_a_head_of_its_class_count(tmp_path, capsys):
+def test_a_class_folder_dataset_trains_a_head_of_its_class_count(tmp_path, capsys, monkeypatch):
     """data.name=folder as a new user runs it: two class folders of real images give a 2-way head (not the
-    model's 1000), train.mixed_precision=no is accepted on the command line, and eval reads the same folder."""
+    model's 1000), train.mixed_precision=no is accepted on the command line, and eval and the sweep read the same
+    folder, with data.workers loading processes."""
+    import vistok.experiment as experiment
+
+    workers, make_loader = [], experiment.loader
+    monkeypatch.setattr(experiment, "loader", lambda *args, **kwargs: workers.append(kwargs.get("num_workers"))
+                        or make_loader(*args, **kwargs))
     root = tmp_path / "images"
     _class_folders(root, {"bag": 8, "sneaker": 7}, per_class=6)
     small = ["model=vit_tiny_patch16_224", "model_kwargs.img_size=64", "model_kwargs.depth=2", "data.name=folder",
@@ -90,8 +96,10 @@ def test_a_class_folder_dataset_trains_a_head_of_its_class_count(tmp_path, capsy
     metrics = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
     assert 0 <= metrics["val_top1"] <= 100 and metrics["val_top5"] == 100.0  # two classes: top-2 is everything
     out = tmp_path / "not yet made" / "eval.json"  # --json makes its folder
+    workers.clear()
     assert evaluate.main([*small, f"checkpoint={run / 'model.safetensors'}", "eval.flops_images=4",
-                          "eval.batch_size=6", "--json", str(out)]) == 0
+                          "eval.batch_size=6", "data.workers=1", "--json", str(out)]) == 0
+    assert workers[0] == 1  # the evaluation's loader
     written = json.loads(out.read_text())
     assert written["images"] == 12 and written["throughput_batch"] == 12  # timed on its own batch, not the 4 counted
     sweep = load_tool("sweep")  # the sweep reads the same folder with the same 2-way head
@@ -99,8 +107,8 @@ def test_a_class_folder_dataset_trains_a_head_of_its_class_count(tmp_path, capsy
                        *small, "pretrained=false", f"checkpoint={run / 'model.safetensors'}",
                        "sweep.ats_k=[10]", "sweep.ats_fixed_k=[]", "sweep.ats_fusion_k=[]", "sweep.ats_blocks=[1]",
                        "sweep.merge_r=[]", "sweep.random_k=[]", "sweep.input_sizes=[]", "sweep.batch_size=6",
-                       "sweep.flops_images=2"]) == 0
-    assert (tmp_path / "sweep.csv").is_file()
+                       "sweep.flops_images=2", "data.workers=1"]) == 0
+    assert (tmp_path / "sweep.csv").is_file() and workers.count(1) == 3  # eval's, and each sweep point's
     capsys.readouterr()
     assert train.main([*small, "model_kwargs.num_classes=5", f"output={tmp_path / 'bad'}"]) == 2
     assert "model_kwargs.num_classes=5, but data.root" in capsys.readouterr().err

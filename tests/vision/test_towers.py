@@ -96,6 +96,17 @@ def test_timm_trunk_towers_route_to_timm():
         vistok.patch(attn_pooled, "ats")
 
 
+def test_siglips_pooling_head_is_its_own_while_no_token_is_reduced():
+    """With every token whole and real (merge r=0), SigLIP's attention-pooling head runs its own forward: the
+    pooled output is the unpatched one bit for bit."""
+    model = tiny_hf_tower("siglip")
+    images = torch.randn(2, 3, model.config.image_size, model.config.image_size)
+    with torch.no_grad():
+        expected = model(pixel_values=images).pooler_output
+        with vistok.patch(model, "merge", r=0):
+            assert torch.equal(model(pixel_values=images).pooler_output, expected)
+
+
 def test_hf_hidden_states_and_refusals():
     model = tiny_hf_tower("siglip")
     images = torch.randn(2, 3, 64, 64)

@@ -268,6 +268,28 @@ def test_idefics3_tiles_keep_their_positions(kind):
     assert (merged[:, -2:] - merged_by_hand[:, -2:]).abs().max() <= 1e-5
 
 
+@pytest.mark.parametrize("kind", ["llava", "idefics3"])
+def test_without_a_cache_or_a_mask_the_gaps_are_no_sequence_boundaries(kind):
+    """Original positions leave gaps where tokens went; without a cache and a mask, transformers reads a gap as
+    the start of another packed sequence and cuts attention there. vistok gives such a call an all-ones mask:
+    use_cache=False (as in training) computes what the cached forward does, and generate the same tokens."""
+    if kind == "llava":  # two rows, nothing padded
+        model, ids, pixels = tiny_llava(), padded_prompt()[0][1:].repeat(2, 1), images()
+    else:  # one row of two tiles
+        model, (ids, _, pixels, _) = tiny_idefics3("idefics3"), tile_prompt()
+        ids, pixels = ids[:1], pixels[:1]
+    labels = torch.where(ids == IMAGE, -100, ids)
+    with torch.no_grad(), vistok.patch(model, "random_select", tokens=4, positions="original") as handle:
+        cached = model(input_ids=ids, pixel_values=pixels, labels=labels)
+        uncached = model(input_ids=ids, pixel_values=pixels, labels=labels, use_cache=False)
+        short = handle.shorten(input_ids=ids, pixel_values=pixels)
+        assert torch.equal(short["attention_mask"], torch.ones_like(short["input_ids"]))
+        generated = [model.generate(input_ids=ids, pixel_values=pixels, max_new_tokens=3, do_sample=False,
+                                    use_cache=use_cache) for use_cache in (True, False)]
+    assert (cached.logits - uncached.logits).abs().max() <= 1e-5 and abs(cached.loss - uncached.loss) <= 1e-5
+    assert torch.equal(generated[0], generated[1])
+
+
 def test_a_deep_copy_keeps_the_positions():
     import copy
 

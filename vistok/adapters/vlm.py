@@ -184,7 +184,8 @@ class _ShortPromptHook:
         kwargs = _as_keywords(type(module).forward, args, kwargs)
         self.handle._check_cached_mask(kwargs)
         shortened = self.handle._shorten(kwargs, "input_ids")
-        return None if shortened is None else ((), shortened)
+        masked = self.handle._mask_gapped_positions(kwargs if shortened is None else shortened)
+        return None if shortened is None and masked is None else ((), masked or shortened)
 
 
 class _ShortPromptGenerate:
@@ -484,7 +485,22 @@ class VisionLLMHandle:
         ``position_ids``), the images encoded where vistok encodes them itself. Running the model on the result
         changes nothing more. For a hand-written decoding loop with a cache: the cache then holds this prompt, so
         extend this ``attention_mask`` (``generate`` does all of this itself)."""
-        return self._shorten(dict(inputs), "input_ids") or dict(inputs)
+        shortened = self._shorten(dict(inputs), "input_ids") or dict(inputs)
+        return self._mask_gapped_positions(shortened) or shortened
+
+    def _mask_gapped_positions(self, kwargs: dict) -> dict | None:
+        """``kwargs`` with an all-ones ``attention_mask`` where ``positions="original"`` numbers the prompt with
+        gaps (where tokens went) and no mask and no cache come with it (else ``None``): transformers then reads each
+        gap as the start of another packed sequence and cuts attention there (``use_cache=False``, training)."""
+        positions, ids = kwargs.get("position_ids"), kwargs.get("input_ids")
+        if ids is None and isinstance(kwargs.get("inputs_embeds"), Tensor):
+            ids = kwargs["inputs_embeds"][..., 0]
+        if self.positions != "original" or not isinstance(positions, Tensor) or positions.dim() != 2 \
+                or not isinstance(ids, Tensor) \
+                or kwargs.get("attention_mask") is not None or _cached_length(kwargs) > 0 \
+                or kwargs.get("cache", kwargs.get("past_key_values")) is not None:
+            return None
+        return {**kwargs, "attention_mask": torch.ones(ids.shape, dtype=torch.long, device=ids.device)}
 
     def _check_cached_mask(self, kwargs: dict) -> None:
         """Refuse a forward after the prompt (with a cache) whose 2-D ``attention_mask`` does not cover the cache

@@ -159,10 +159,10 @@ class HFVisionTower(HFTower):
         if bias is not None and tuple(hidden_state.shape[:2]) != (layout.batch_size, layout.num_tokens):
             raise PatchStateError(f"the pooling head got tokens of shape {tuple(hidden_state.shape)}, not "
                                   "those of the last forward pass")
-        batch = hidden_state.shape[0]
-        probe = head.probe.repeat(batch, 1, 1)
-        if bias is not None:  # nn.MultiheadAttention takes a float mask of shape [B * heads, 1, N]
-            bias = bias.expand(-1, head.attention.num_heads, -1, -1).flatten(0, 1)
+        if bias is None:  # every token whole and real: the head's own forward, bit for bit
+            return type(head).forward(head, hidden_state)
+        probe = head.probe.repeat(hidden_state.shape[0], 1, 1)
+        bias = bias.expand(-1, head.attention.num_heads, -1, -1).flatten(0, 1)  # MHA's float mask: [B * heads, 1, N]
         pooled = head.attention(probe, hidden_state, hidden_state, attn_mask=bias, need_weights=False)[0]
         pooled = pooled + head.mlp(head.layernorm(pooled))
         return pooled[:, 0]

@@ -158,9 +158,7 @@ class OpenClipViT(Backbone):
         if tuple(x.shape[:2]) != (layout.batch_size, layout.num_tokens):
             raise PatchStateError(f"pooling got tokens of shape {tuple(x.shape)}, not those of the last forward")
         tokens = x[:, 1:]
-        weights = layout.pooling_weights(x.dtype, 1)
-        pooled = tokens.mean(dim=1) if weights is None else (tokens * weights).sum(1) / weights.sum(1)
-        return pooled, tokens
+        return layout.mean_over(tokens, 1), tokens
 
     def install_input_check(self, sink: GridSink) -> Callable[[], None]:
         return self.model.conv1.register_forward_pre_hook(partial(self._check_input, sink)).remove

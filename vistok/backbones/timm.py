@@ -382,8 +382,7 @@ def _masked_pool(model: nn.Module, x: Tensor, layout: TokenLayout, pool_type: st
         return x[:, 0]
     start = 0 if getattr(model, "pool_include_prefix", False) else prefix
     tokens = x[:, start:]
-    weights = layout.pooling_weights(x.dtype, start)
-    mean = tokens.mean(dim=1) if weights is None else (tokens * weights).sum(dim=1) / weights.sum(dim=1)
+    mean = layout.mean_over(tokens, start)
     if pool_type == "avg":
         return mean
     if layout.valid is not None:
