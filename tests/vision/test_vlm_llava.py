@@ -193,6 +193,18 @@ def test_bad_inputs_and_refusals():
     with pytest.raises(InvalidConfigError, match=r"one method at the boundary .* in-tower methods \(\['ats'\]\)"):
         vistok.patch(model, "ats", k=8)
     assert vistok.get_handle(model) is None  # nothing was left half-patched
+    tower = model.model.vision_tower  # a tower patched on its own, before or after the vision-LLM
+    with vistok.patch(tower, "merge", r=2):
+        with pytest.raises(vistok.AlreadyPatchedError, match="vision tower of this vision-LLM is patched on its own"):
+            vistok.patch(model, "merge_to_budget", tokens=4)
+    assert vistok.get_handle(model) is None
+    with vistok.patch(model, "merge_to_budget", tokens=4), vistok.patch(tower, "merge", r=2), torch.no_grad():
+        with pytest.raises(vistok.PatchStateError, match="patch the vision-LLM once with a list"):
+            model(input_ids=ids, pixel_values=pixels)
+    with pytest.raises(InvalidConfigError, match="this call has only inputs_embeds"):
+        with vistok.patch(model, "merge_to_budget", tokens=4), torch.no_grad():  # generate's first step gets those
+            model.generate(input_ids=ids, inputs_embeds=model.get_input_embeddings()(ids), pixel_values=pixels,
+                           max_new_tokens=2, do_sample=False)
     import timm
 
     with pytest.raises(InvalidConfigError, match="merge_to_budget runs between a vision-LLM's vision tower"):

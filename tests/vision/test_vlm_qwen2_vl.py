@@ -137,6 +137,19 @@ def test_kept_tokens_keep_their_positions_through_forward_and_generate(version, 
     assert torch.equal(generated[:, : x["input_ids"].shape[1]], x["input_ids"])  # the caller's prompt comes back
 
 
+def test_inputs_embeds_beside_input_ids_are_shortened_with_them():
+    """Qwen2-VL takes input_ids and inputs_embeds together: the embeddings are shortened with the prompt, so the
+    call computes what it computes from input_ids alone."""
+    model = tiny_qwen()
+    x = inputs()
+    embeds = model.get_input_embeddings()(x["input_ids"])
+    with torch.no_grad(), vistok.patch(model, "merge_to_budget", tokens=2):
+        expected = model(**x).logits
+        assert torch.equal(model(**x, inputs_embeds=embeds).logits, expected)
+        assert torch.equal(model.generate(**x, inputs_embeds=embeds, max_new_tokens=3, do_sample=False),
+                           model.generate(**x, max_new_tokens=3, do_sample=False))
+
+
 def test_a_video_in_the_prompt_keeps_its_tokens_and_positions():
     """Videos pass through uncompressed; the images around them are compressed and every position (the video's
     3-D ones included) is the unpatched model's."""

@@ -30,10 +30,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..errors import InputShapeError, InvalidConfigError, UnsupportedModelError
+from ..errors import AlreadyPatchedError, InputShapeError, InvalidConfigError, PatchStateError, UnsupportedModelError
 from ..methods.base import MethodConfig
 from ..methods.compose import ComposedConfig
-from ..patching import _HANDLE_ATTR, PatchHandle, patch
+from ..patching import _HANDLE_ATTR, PatchHandle, get_handle, patch
 from ..tokens import TokenLayout
 from .budget import Budgeted, in_patch_order
 from .family import Units, VisionLLMFamily
@@ -49,7 +49,13 @@ __all__ = ["VisionLLMHandle", "VisualTokens", "vision_llm_family", "patch_vision
 FAMILIES: tuple[type[VisionLLMFamily], ...] = (LlavaFamily, LlavaOnevisionFamily, Idefics3Family, SmolVLMFamily,
                                                Qwen2VLFamily)
 # [B, L] tensors that line up with input_ids and lose the same positions
-ALIGNED = ("attention_mask", "labels", "mm_token_type_ids", "token_type_ids")
+ALIGNED = ("attention_mask", "labels", "mm_token_type_ids", "token_type_ids", "inputs_embeds")
+
+
+_TOWER_PATCHED_ALONE = (
+    "the vision tower of this vision-LLM is patched on its own; patch the vision-LLM once with a list instead, e.g. "
+    "vistok.patch(model, [('merge', {'r': 2}), ('merge_to_budget', {'tokens': 64})]): the in-tower method then "
+    "goes into the tower and the boundary method knows its tokens")
 
 
 def vision_llm_family(model: nn.Module) -> type[VisionLLMFamily] | None:
@@ -110,6 +116,7 @@ class _CompressedImageFeatures:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         handle = self.handle
+        handle._check_tower()
         base = handle.family.base(handle.model)
         kwargs = _as_keywords(type(base).get_image_features, args, kwargs)
         if handle.family.encodes_up_front:
@@ -344,10 +351,17 @@ class VisionLLMHandle:
         owner = None if source is not None else torch.where(result.owner >= 0, result.owner + prefix.shape[1], -1)
         return VisualTokens(torch.cat([prefix, result.tokens], dim=1), sizes, grid_positions, owner)
 
+    def _check_tower(self) -> None:
+        """Refuse a vision tower patched on its own (before or after the vision-LLM): its tokens would reach the
+        boundary method without their layout."""
+        if get_handle(self.family.tower(self.model)) is not self.tower_handle:
+            raise PatchStateError(_TOWER_PATCHED_ALONE)
+
     def _encode(self, kwargs: dict[str, Any]) -> tuple[Any, Budgeted, Tensor, Tensor | None]:
         """The model's ``get_image_features(**kwargs)`` with compressed features; the method's result; the
         class-token features kept in front of each unit ``[U, num_prefix, D]``; after an in-tower method, the patch
         index of each of the tower's tokens the method saw ``[U, N']`` (else ``None``)."""
+        self._check_tower()
         family = self.family
         base = family.base(self.model)
         kwargs, context = family.prepare_call(base, dict(kwargs))
@@ -474,9 +488,10 @@ class VisionLLMHandle:
     def _prompt_ids(kwargs: dict, key: str) -> Tensor:
         input_ids = kwargs.get(key)
         if input_ids is None:
-            raise InvalidConfigError("vistok shortens the image placeholders in input_ids; with inputs_embeds "
-                                     "only, build the embeddings from the shortened prompt yourself "
-                                     "(handle.encode gives the compressed visual tokens)")
+            raise InvalidConfigError("vistok shortens the image placeholders in input_ids, and this call has only "
+                                     "inputs_embeds (generate given inputs_embeds calls the model so): pass "
+                                     "input_ids alone, or build the embeddings from the shortened prompt yourself "
+                                     "(handle.shorten, handle.encode gives the compressed visual tokens)")
         return input_ids
 
     def shorten(self, **inputs: Any) -> dict[str, Any]:
@@ -658,6 +673,8 @@ def patch_vision_llm(model: nn.Module, config: MethodConfig, family: type[Vision
     if in_tower and facts.encodes_up_front:
         raise InvalidConfigError(f"in-tower methods are not supported on {type(model).__name__}: its images come in "
                                  "several sizes and layouts; use a boundary method alone")
+    if get_handle(family.tower(model)) is not None:
+        raise AlreadyPatchedError(_TOWER_PATCHED_ALONE)
     tower_handle = None
     if in_tower:
         tower_handle = patch(family.tower(model), in_tower[0] if len(in_tower) == 1 else ComposedConfig(
