@@ -10,8 +10,9 @@ Each batch goes through one way of choosing frames, drawn from the step's seed: 
 every way the evaluation compares. Stops after ``--steps`` steps or ``--minutes``; ``--resume`` continues from
 ``<out>/checkpoint.pt``. Writes ``<out>/model.safetensors`` (the trained tensors) and ``<out>/log.jsonl``.
 
-    python tools/train_video_vlm.py --out runs/video_vlm --minutes 35 --threads 2 --clip --lr 1.5e-3 \
-        --budgets 128 256 --init models/vistok_vlm_fmnist/model.safetensors          # the shipped one
+    python tools/train_video_vlm.py --out runs/video_vlm2 --minutes 50 --threads 2 --clip --lr 1e-3 \
+        --budgets 128 256 --learned 0.3 --every 0.15 --save-every 50 \
+        --init models/vistok_vlm_fmnist/model.safetensors     # the shipped one (its card says which --init)
     python tools/train_video_vlm.py ... --resume
 """
 

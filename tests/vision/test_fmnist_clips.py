@@ -1,9 +1,12 @@
 """The Fashion-MNIST clips dataset: labels that need time, real items, written as .mp4 and read back exactly."""
 
+import json
+
 import torch
 
 from vistok.data import load_fashion_mnist
 from vistok.video import kinetics_csv, read_video
+from vistok.video.datasets import kinetics_classes
 from vistok.video.fmnist_clips import CLASSES, FRAMES, ClipSpec, _shrink, draw_specs, make_clip, write_dataset
 
 
@@ -47,6 +50,9 @@ def test_written_clips_read_back_through_vistok_video(tmp_path):
     write_dataset(tmp_path, train_clips=8, test_clips=8, seed=3, progress=False)
     videos = kinetics_csv(tmp_path / "test.csv", tmp_path, split="test", classes=list(CLASSES))
     assert len(videos) == 8 and sorted(s.label for s in videos.samples) == list(range(8))
+    listed = (tmp_path / "classes.txt").read_text().splitlines()  # in the order of the labels a model learns
+    assert listed == kinetics_classes(tmp_path / "train.csv") == json.loads((tmp_path / "manifest.json").read_text(
+    ))["classes"]
     images, labels = load_fashion_mnist("train")
     train_specs = draw_specs(8, labels, torch.Generator().manual_seed(3))
     frames = read_video(tmp_path / "train" / "fmtr000000_000000_000002.mp4")

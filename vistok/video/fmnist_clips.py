@@ -109,7 +109,9 @@ def write_grey_mp4(path: Path, frames: np.ndarray, fps: int = FPS) -> None:
 def write_dataset(root: str | Path, train_clips: int = 24_000, test_clips: int = 4_000, seed: int = 0,
                   fmnist_root: str | None = None, progress: bool = True) -> Path:
     """Write the clips under ``root``: ``train/`` and ``test/`` ``.mp4`` files, ``train.csv`` and ``test.csv``
-    (``label,youtube_id,time_start,time_end,split``), ``classes.txt`` and ``manifest.json`` (how it was made).
+    (``label,youtube_id,time_start,time_end,split``), ``classes.txt`` (the class names in the order of the label
+    indices :func:`~vistok.video.kinetics_csv` gives, which a trained model's outputs follow: sorted) and
+    ``manifest.json`` (how it was made).
     Existing files of the same name are overwritten."""
     from tqdm.auto import tqdm
 
@@ -134,10 +136,11 @@ def write_dataset(root: str | Path, train_clips: int = 24_000, test_clips: int =
             writer.writeheader()
             writer.writerows(rows)
         counts[split] = count
-    (root / "classes.txt").write_text("\n".join(CLASSES) + "\n")
+    labels = sorted(CLASSES)  # the label indices kinetics_csv gives (the names sorted), so a model's logits' order
+    (root / "classes.txt").write_text("\n".join(labels) + "\n")
     manifest = {"name": "fmnist-clips", "seed": seed, "clips": counts, "frames": FRAMES, "fps": FPS,
                 "size": [CANVAS, CANVAS], "item_size": ITEM, "codec": "libx264 crf 0, yuv420p",
-                "classes": list(CLASSES), "source": "Fashion-MNIST (train images -> train clips, test -> test)",
+                "classes": labels, "source": "Fashion-MNIST (train images -> train clips, test -> test)",
                 "command": f"python tools/make_video_data.py --out {root} --train {train_clips} --test {test_clips} "
                            f"--seed {seed}"}
     (root / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
