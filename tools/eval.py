@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 
 import vistok
-from vistok.config import load_config, parse_overrides
+from vistok._checks import is_int
+from vistok.config import ConfigError, load_config, parse_overrides
 from vistok.experiment import (
     DATA_DEFAULTS,
     MODEL_DEFAULTS,
@@ -43,6 +44,9 @@ DEFAULTS = {
 def run_eval(config: dict, progress: bool = True) -> dict:
     """The evaluation of one config, as a JSON-ready dict."""
     settings = config["eval"]
+    for key in ("batch_size", "flops_images", "throughput_batch", "throughput_runs"):  # before the long pass
+        if not is_int(settings[key], 1):
+            raise ConfigError(f"eval.{key} must be an int >= 1, got {settings[key]!r}")
     if settings["threads"]:
         torch.set_num_threads(settings["threads"])
     _, val_set, _, transform = build_data(config["data"], train=False)

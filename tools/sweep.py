@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 import vistok
+from vistok._checks import is_int
 from vistok.config import ConfigError, load_config, parse_overrides
 from vistok.experiment import (
     DATA_DEFAULTS,
@@ -109,6 +110,9 @@ def main(argv: list[str] | None = None) -> int:
                               "video")
         if config["data"]["name"] != "video" and config["sweep"]["num_frames"]:
             raise ConfigError("sweep.num_frames (the fewer-frames baseline) is for video data")
+        for key in ("batch_size", "flops_images"):  # before the first point's evaluation
+            if not is_int(config["sweep"][key], 1):
+                raise ConfigError(f"sweep.{key} must be an int >= 1, got {config['sweep'][key]!r}")
         _, val_set, _, transform = build_data(config["data"], train=False)
         config = fit_head_to_data(config, val_set)  # a class-folder dataset: a head of its class count
         rows = []

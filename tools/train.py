@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 import vistok
+from vistok._checks import is_int
 from vistok.config import ConfigError, load_config, parse_overrides
 from vistok.experiment import (
     DATA_DEFAULTS,
@@ -40,6 +41,8 @@ from vistok.experiment import (
 )
 from vistok.measure.accuracy import topk_correct
 from vistok.video import VideoClassifier
+
+MIXED_PRECISION = ("no", "fp16", "bf16", "fp8")  # accelerate's
 
 DEFAULTS = {
     **MODEL_DEFAULTS,
@@ -80,6 +83,7 @@ def train(config: dict, resume: bool = False) -> int:
     from tqdm.auto import tqdm
 
     settings = config["train"]
+    _check_settings(settings)
     if settings["threads"]:
         torch.set_num_threads(settings["threads"])
     if AcceleratorState._shared_state:  # an earlier run in this process (tests, a notebook) fixed its settings
@@ -103,6 +107,9 @@ def train(config: dict, resume: bool = False) -> int:
 
     optimizer = torch.optim.AdamW(param_groups_weight_decay(model, settings["weight_decay"]), lr=settings["lr"])
     model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
+    if len(train_loader) == 0:
+        raise ConfigError(f"the training set ({len(train_set)} items) is smaller than one batch "
+                          f"(train.batch_size={settings['batch_size']}): an epoch would train nothing")
     steps_per_epoch = len(train_loader) // settings["grad_accum"]
     total_steps = steps_per_epoch * settings["epochs"]
     warmup_steps = int(settings["warmup_epochs"] * steps_per_epoch)
@@ -116,6 +123,8 @@ def train(config: dict, resume: bool = False) -> int:
     output.mkdir(parents=True, exist_ok=True)
     if accelerator.is_main_process:
         (output / "config.json").write_text(json.dumps(config, indent=2))
+        if not resume:  # a fresh run starts its own log (one in the folder from an earlier run goes)
+            (output / "metrics.jsonl").unlink(missing_ok=True)
 
     for epoch in range(start_epoch, settings["epochs"]):
         model.train()
@@ -159,6 +168,16 @@ def train(config: dict, resume: bool = False) -> int:
             weights = {k: v.contiguous() for k, v in trained.state_dict().items()}
             save_file(weights, str(output / "model.safetensors"))
     return 0
+
+
+def _check_settings(settings: dict) -> None:
+    """Refuse training settings that would fail deep inside a library or train nothing."""
+    for key in ("epochs", "batch_size", "eval_batch_size", "grad_accum"):
+        if not is_int(settings[key], 1):
+            raise ConfigError(f"train.{key} must be an int >= 1, got {settings[key]!r}")
+    if settings["mixed_precision"] not in MIXED_PRECISION:
+        raise ConfigError(f"train.mixed_precision must be one of {MIXED_PRECISION}, got "
+                          f"{settings['mixed_precision']!r}")
 
 
 def augmentation_rng(transform) -> torch.Generator | None:

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from vistok.data import GreyBatchTransform, load_fashion_mnist
-from vistok.experiment import truncate_log
+from vistok.experiment import save_whole, truncate_log
 from vistok.fmnist_qa import ITEM_NAMES
 from vistok.models.clip import CAPTION_TEMPLATES, captions_for, create_clip, zero_shot_classifier
 
@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         truncate_log(out / "log.jsonl", "step", step)
         print(f"resumed at step {step} ({elapsed / 60:.1f} min)", file=sys.stderr)
     budget = args.minutes * 60
-    log = (out / "log.jsonl").open("a")
+    log = (out / "log.jsonl").open("a" if args.resume else "w")  # a fresh run starts its own log
     started, losses = time.perf_counter() - elapsed, []
     while step < args.steps and elapsed < budget:
         step_seed = args.seed * 1_000_003 + step  # the step's draws (examples, captions, shifts): resumable
@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
             losses = []
         if step % args.checkpoint_every == 0:
             paused = time.perf_counter()
-            torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+            save_whole({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
                         "elapsed": elapsed, "rng": torch.get_rng_state()}, checkpoint)
             started += time.perf_counter() - paused  # checkpoints do not count against the budget
     model.eval()

@@ -13,6 +13,7 @@ in, logits out, test views averaged).
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -20,11 +21,12 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from ._checks import is_int
 from .config import ConfigError
 from .data import GreyBatchTransform, fashion_mnist_dataset, image_folder_dataset
 
 __all__ = ["MODEL_DEFAULTS", "DATA_DEFAULTS", "build_model", "build_data", "fit_head_to_data", "set_fused_attention",
-           "wrap_for_data", "loader", "batches", "LabelledBatches", "underlying", "truncate_log"]
+           "wrap_for_data", "loader", "batches", "LabelledBatches", "underlying", "truncate_log", "save_whole"]
 
 MODEL_DEFAULTS: dict[str, Any] = {
     "model": "vistok_vit_fmnist",
@@ -122,7 +124,15 @@ def build_data(data: dict[str, Any], seed: int = 0, train: bool = True
         ConfigError: unknown dataset name or missing folder root.
         DatasetNotFoundError: the data is not where the config says or vistok looks.
     """
+    for key in ("limit", "workers"):
+        if not is_int(data[key], 0):
+            raise ConfigError(f"data.{key} must be an int >= 0, got {data[key]!r}")
     if data["name"] == "fashion_mnist":
+        ignored = [key for key in ("input_size", "mean", "std") if data[key] != DATA_DEFAULTS[key]]
+        if ignored:
+            raise ConfigError(f"data.name=fashion_mnist reads 28 x 28 grey images normalised with the dataset's own "
+                              f"mean and std; {', '.join(f'data.{key}' for key in ignored)} would change nothing "
+                              "(they apply to folder and video data)")
         train_set = fashion_mnist_dataset("train", data["root"], data["download"]) if train else None
         val = fashion_mnist_dataset("test", data["root"], data["download"])
         transforms = GreyBatchTransform(augment=data["augment"], seed=seed), GreyBatchTransform()
@@ -212,6 +222,14 @@ def _video_datasets(data: dict[str, Any], seed: int, train: bool) -> tuple[Datas
     val = VideoClipDataset(val_videos, ClipSampling(**sampling, num_clips=data["test_clips"]),
                            ClipTransform(size, short, num_crops=data["test_crops"], **normalise), **reading)
     return train_set, val
+
+
+def save_whole(state: dict[str, Any], path: Path) -> None:
+    """``torch.save(state, path)`` written beside ``path`` and moved over it in one step: a save cut off half-way
+    leaves the previous checkpoint whole, never a broken one a resume cannot read."""
+    partial = path.with_name(path.name + ".partial")
+    torch.save(state, partial)
+    os.replace(partial, path)
 
 
 def truncate_log(log: Path, key: str, last: int) -> None:

@@ -181,10 +181,13 @@ def test_train_eval_and_resume(tmp_path, monkeypatch):
                        *SMALL]) == 0
     epochs = [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert epochs == [1, 2]
+    (straight := tmp_path / "straight").mkdir()
+    (straight / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "from": "an earlier run"}) + "\n")
     # resuming is training on: the augmentation's shifts and flips continue, so the weights are those of one run
-    straight = tmp_path / "straight"
     assert train.main(["--config", config, "train.epochs=2", f"output={straight}", "train.fused_attn=false",
                        *SMALL]) == 0
+    logged = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
+    assert [line["epoch"] for line in logged] == [1, 2] and "from" not in logged[0]  # a fresh run's own log
     model = load_checkpoint(timm.create_model("vistok_vit_fmnist", depth=3), run / "model.safetensors")
     assert model.blocks[0].attn.qkv.weight.abs().sum() > 0
     reference = load_checkpoint(timm.create_model("vistok_vit_fmnist", depth=3), straight / "model.safetensors")
@@ -214,7 +217,23 @@ def test_tools_reject_bad_input(tmp_path, capsys):
     assert "Did you mean 'train.epochs'" in capsys.readouterr().err
     assert train.main(["model=resnet18", "train.fused_attn=false", "data.limit=10", f"output={tmp_path}"]) == 2
     assert "resnet18 has no attention module with timm's fused_attn switch" in capsys.readouterr().err
+    for override, message in [("train.grad_accum=0", "train.grad_accum must be an int >= 1"),
+                              ("train.batch_size=0", "train.batch_size must be an int >= 1"),
+                              ("train.mixed_precision=bogus", "train.mixed_precision must be one of"),
+                              ("data.limit=-5", "data.limit must be an int >= 0"),
+                              ("data.workers=-1", "data.workers must be an int >= 0"),
+                              ("data.input_size=14", "data.input_size would change nothing"),
+                              ("data.limit=100", "smaller than one batch")]:  # 100 images, batches of 128
+        assert train.main(["model_kwargs.depth=1", f"output={tmp_path / 'bad'}", override]) == 2, override
+        assert message in capsys.readouterr().err
     evaluate = load_tool("eval")
+    for override in ("eval.batch_size=0", "eval.throughput_runs=0"):
+        assert evaluate.main(["model_kwargs.depth=1", override]) == 2
+        assert f"{override.split('=')[0]} must be an int >= 1" in capsys.readouterr().err
+    sweep = load_tool("sweep")
+    assert sweep.main(["--config", str(ROOT / "configs/sweep_fmnist.yaml"), "--out", str(tmp_path / "sweep"),
+                       "model_kwargs.depth=1", "sweep.batch_size=0"]) == 2
+    assert "sweep.batch_size must be an int >= 1" in capsys.readouterr().err
     assert evaluate.main([f"checkpoint={tmp_path / 'none.safetensors'}"]) == 2
     assert "does not exist" in capsys.readouterr().err
 

@@ -432,6 +432,9 @@ def test_clip_dataset_test_views(kinetics_root):
     dataset = VideoClipDataset(videos, sampling, ClipTransform(64, short_side=72, num_crops=3))
     clip, label = dataset[0]
     assert clip.shape == (6, 3, 4, 64, 64) and label == 0
+    for mode in ("segments", "uniform"):  # one set of frames from the whole video: no views to average
+        with pytest.raises(InvalidConfigError, match="num_clips=2 takes several clips in dense mode only"):
+            ClipSampling(mode, num_frames=4, num_clips=2)
     def training_item():
         transform = ClipTransform(64, short_side=72, train=True, seed=1)
         return VideoClipDataset(videos, ClipSampling("dense", 4, 2), transform, train=True)[1][0]

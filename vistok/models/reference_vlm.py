@@ -401,13 +401,15 @@ def train_trained_tensors(model: nn.Module, run: TrainingRun, step_loss: Any) ->
 
         truncate_log(run.out / "log.jsonl", "step", step)
     budget = run.minutes * 60
-    log = open(run.out / "log.jsonl", "a")
+    log = open(run.out / "log.jsonl", "a" if run.resume else "w")  # a fresh run starts its own log
 
     def save() -> None:
         from safetensors.torch import save_file
 
+        from ..experiment import save_whole
+
         save_file(trained_state(model), str(run.out / "model.safetensors"))
-        torch.save({"trained": trained_state(model), "optimizer": optimizer.state_dict(), "step": step,
+        save_whole({"trained": trained_state(model), "optimizer": optimizer.state_dict(), "step": step,
                     "seconds": spent}, checkpoint)
 
     running = None

@@ -216,6 +216,9 @@ class ClipSampling:
             value = getattr(self, name)
             if not is_int(value, 1):
                 raise InvalidConfigError(f"clip sampling: {name} must be a positive int, got {value!r}")
+        if self.num_clips > 1 and self.mode != "dense":
+            raise InvalidConfigError(f"clip sampling: num_clips={self.num_clips} takes several clips in dense mode "
+                                     f"only; {self.mode!r} reads one set of frames from the whole video")
 
     def clips(self, frame_count: int, train: bool, generator: torch.Generator | None = None) -> list[list[int]]:
         """The frame indices of each clip to read: one when training, ``num_clips`` (dense) otherwise."""
