@@ -24,6 +24,7 @@ import timm
 import torch
 
 import vistok
+from vistok.cli import count, reports_errors
 from vistok.data import GreyBatchTransform, fashion_mnist_dataset, load_fashion_mnist
 from vistok.experiment import batches
 from vistok.measure import count_flops, time_models
@@ -60,19 +61,20 @@ def best_swept(rows: list[dict], target: float) -> dict | None:
     return max(within, key=lambda r: r["top1"], default=None)
 
 
+@reports_errors
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--limit", type=int, default=None, help="use the first N test images (default: all)")
+    parser.add_argument("--limit", type=count, default=None, help="use the first N test images (default: all)")
     parser.add_argument("--out", default="out/demo", help="folder for the PNGs")
     parser.add_argument("--model", default=MODEL, choices=sorted(SWEEPS), help="a reference model vistok ships")
     parser.add_argument("--sweep", nargs="*", default=None, help="sweep CSVs to plot (default: the model's)")
     parser.add_argument("--target", type=float, default=0.5, help="the tuner's GFLOPs target")
-    parser.add_argument("--calibration", type=int, default=500, help="training images the tuner scores on")
-    parser.add_argument("--flops-images", type=int, default=256, help="test images the GFLOPs are averaged over "
+    parser.add_argument("--calibration", type=count, default=500, help="training images the tuner scores on")
+    parser.add_argument("--flops-images", type=count, default=256, help="test images the GFLOPs are averaged over "
                         "(each counted on its own)")
     args = parser.parse_args(argv)
-    if args.flops_images < 1:
-        parser.error(f"--flops-images must be at least 1, got {args.flops_images}")
+    if args.calibration < 4:  # the tuner's three rungs score a quarter, a half and all of them
+        parser.error(f"--calibration must be at least 4 images, got {args.calibration}")
     if args.sweep is None:
         args.sweep = [str(ROOT / "results" / name) for name in SWEEPS[args.model]]
     try:
@@ -82,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"demo.py: error: {error}", file=sys.stderr)
         return 2
     if args.limit:
-        test_set = torch.utils.data.Subset(test_set, range(args.limit))
+        test_set = torch.utils.data.Subset(test_set, range(min(args.limit, len(test_set))))
     transform = GreyBatchTransform()
     out = Path(args.out)
     model = timm.create_model(args.model, pretrained=True).eval()

@@ -25,7 +25,8 @@ from pathlib import Path
 
 import torch
 
-from vistok.cli import reports_errors
+from vistok.cli import count, reports_errors
+from vistok.errors import InvalidConfigError
 from vistok.measure.accuracy import add_paired_differences
 from vistok.models import create_video_vlm
 from vistok.models.reference_vlm import answer_questions
@@ -41,6 +42,25 @@ from vistok.video.qa import (
 )
 
 
+def manifest_rows(manifest: Path) -> list[dict]:
+    """The rows of a question manifest (a JSON list of ``{"video", "question", "answer"}``), checked before the
+    model loads."""
+    if not manifest.is_file():
+        raise InvalidConfigError(f"--manifest: {manifest} does not exist")
+    try:
+        rows = json.loads(manifest.read_text())
+    except ValueError as error:
+        raise InvalidConfigError(f"--manifest: {manifest} is not JSON ({error})") from None
+    if not isinstance(rows, list) or not rows:
+        raise InvalidConfigError(f"--manifest: {manifest} must hold a non-empty list of questions")
+    for number, row in enumerate(rows):
+        missing = [key for key in ("video", "question", "answer") if not isinstance(row, dict) or key not in row]
+        if missing:
+            raise InvalidConfigError(f"--manifest: {manifest} row {number} has no {', '.join(missing)} (a manifest "
+                                     "row needs video, question and answer)")
+    return rows
+
+
 def load_questions(args: argparse.Namespace) -> list[dict]:
     """``{"frames", "question", "answer", "kind", "decode"}`` per question (``kind`` ``None`` where a manifest row
     gives none)."""
@@ -48,13 +68,9 @@ def load_questions(args: argparse.Namespace) -> list[dict]:
         from vistok.video import read_video
 
         manifest = Path(args.manifest)
-        rows = json.loads(manifest.read_text())[: args.questions]
+        rows = manifest_rows(manifest)[: args.questions]
         out = []
-        for number, row in enumerate(rows):
-            missing = [key for key in ("video", "question", "answer") if key not in row]
-            if missing:
-                raise SystemExit(f"eval_video_qa.py: {manifest} row {number} has no {', '.join(missing)} (a manifest "
-                                 "row needs video, question and answer)")
+        for row in rows:
             started = time.perf_counter()
             frames = read_video(manifest.parent / row["video"])
             out.append({"kind": None, **row, "frames": frames, "decode": time.perf_counter() - started})
@@ -143,12 +159,12 @@ def main(argv: list[str] | None = None, model_and_tokenizer=None) -> int:
     """``model_and_tokenizer``: a video-LLM to evaluate instead of the shipped one (tests)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="results/video_qa")
-    parser.add_argument("--questions", type=int, default=300)
+    parser.add_argument("--questions", type=count, default=300)
     parser.add_argument("--manifest", default=None)
     parser.add_argument("--checkpoint", default=None, help="trained tensors instead of the shipped ones")
     parser.add_argument("--selections", nargs="+", default=["learned", "text", "uniform", "drop", "all"],
                         choices=SELECTIONS)
-    parser.add_argument("--budgets", nargs="+", type=int, default=[128, 256, 512])
+    parser.add_argument("--budgets", nargs="+", type=count, default=[128, 256, 512])
     parser.add_argument("--clip", action="store_true", help="load the reference CLIP for selection 'text'")
     parser.add_argument("--merge-on", default="summary", choices=("selection", "summary"),
                         help="what the temporal merge after learned and text selection compares")
@@ -158,7 +174,7 @@ def main(argv: list[str] | None = None, model_and_tokenizer=None) -> int:
     parser.add_argument("--baseline", default=None, choices=SELECTIONS,
                         help="the selection every other is compared with at the same budget (vs_baseline, paired "
                         "on the same questions); default uniform, where evaluated")
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--batch-size", type=count, default=16)
     parser.add_argument("--threads", type=int, default=0)
     args = parser.parse_args(argv)
     if args.threads:
@@ -169,6 +185,8 @@ def main(argv: list[str] | None = None, model_and_tokenizer=None) -> int:
               file=sys.stderr)
     if args.baseline is not None and args.baseline not in selections:
         parser.error(f"--baseline {args.baseline} is not among the selections evaluated ({' '.join(selections)})")
+    if args.manifest:
+        manifest_rows(Path(args.manifest))  # a bad manifest is refused before the model loads
     if model_and_tokenizer is None:
         model_and_tokenizer = create_video_vlm(pretrained=args.checkpoint is None, checkpoint=args.checkpoint)
     model, tokenizer = model_and_tokenizer

@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 
 import vistok
+from vistok.cli import count, fraction, reports_errors
 from vistok.config import parse_method_spec
 from vistok.data import FASHION_MNIST_MEAN, FASHION_MNIST_STD
 from vistok.document.fmnist_pages import SparsePageQA
@@ -64,8 +65,8 @@ def settings(methods: list[str], fractions: list[float], full: int, grid: tuple[
     aligned = baseline in methods and parse_method_spec(baseline)[0] == "pool"
     points = [(None, full)]
     for method in methods:
-        for fraction in fractions:
-            tokens = max(1, round(fraction * full))
+        for share in fractions:
+            tokens = max(1, round(share * full))
             if aligned or parse_method_spec(method)[0] == "pool":
                 tokens = pooled(tokens)
             points.append((method, tokens))
@@ -179,14 +180,15 @@ def save_plot(path: Path, rows: list[dict], page: bool = False, fine: bool = Fal
     plt.close(figure)
 
 
+@reports_errors
 def main(argv: list[str] | None = None, language_model=None) -> int:
     """``language_model``: ``(causal LM, tokenizer)`` instead of SmolLM2 (tests)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", default=None, help="trained tensors (.safetensors); default: the shipped")
-    parser.add_argument("--questions", type=int, default=500)
+    parser.add_argument("--questions", type=count, default=500)
     parser.add_argument("--methods", nargs="*", default=None,
                         help=f"default {' '.join(METHODS)}; with --page {' '.join(PAGE_METHODS)}")
-    parser.add_argument("--fractions", nargs="*", type=float, default=None,
+    parser.add_argument("--fractions", nargs="*", type=fraction, default=None,
                         help=f"default 0.5 0.25 0.1; with --page {' '.join(map(str, PAGE_FRACTIONS))}")
     parser.add_argument("--page", action="store_true", help="the page VLM on sparse pages")
     parser.add_argument("--fine", action="store_true", help="the fine VLM (196 visual tokens per image)")
@@ -196,9 +198,9 @@ def main(argv: list[str] | None = None, language_model=None) -> int:
     parser.add_argument("--tune", type=float, default=None, metavar="SHARE",
                         help="also run vistok.tune at this share of the visual tokens on training questions and "
                         "evaluate its pick (a row 'tuned: <pick>'; the pick and its search in <out>_tune.json)")
-    parser.add_argument("--tune-batches", type=int, default=4, help="calibration batches for --tune")
-    parser.add_argument("--batch-size", type=int, default=50)
-    parser.add_argument("--prefill-runs", type=int, default=3)
+    parser.add_argument("--tune-batches", type=count, default=4, help="calibration batches for --tune")
+    parser.add_argument("--batch-size", type=count, default=50)
+    parser.add_argument("--prefill-runs", type=count, default=3)
     parser.add_argument("--overhead", action="store_true",
                         help="also time each method keeping every token (its prefill overhead) -> <out>_overhead.csv")
     parser.add_argument("--seed", type=int, default=0)

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 import vistok
+from vistok.cli import count, reports_errors, share
 from vistok.models.reference_vlm import (
     TrainingRun,
     answer_batch,
@@ -65,24 +66,25 @@ def encode_videos(model, videos: list[torch.Tensor]) -> list[EncodedVideo]:
     return [EncodedVideo(part[:, 1:], part[:, 0]) for part in states.split([v.shape[0] for v in videos])]
 
 
+@reports_errors
 def main(argv: list[str] | None = None, language_model=None) -> int:
     """``language_model``: ``(causal LM, tokenizer)`` instead of SmolLM2 (tests)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/video_vlm")
-    parser.add_argument("--steps", type=int, default=100_000)
+    parser.add_argument("--steps", type=count, default=100_000)
     parser.add_argument("--minutes", type=float, default=60.0, help="training time budget (checkpoints excluded)")
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch-size", type=count, default=8)
     parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--warmup", type=int, default=30)
+    parser.add_argument("--warmup", type=count, default=30)
     parser.add_argument("--lora-rank", type=int, default=8)
-    parser.add_argument("--learned", type=float, default=0.6, help="share of batches through the learned selector")
-    parser.add_argument("--every", type=float, default=0.1, help="share of batches with every frame's every token")
-    parser.add_argument("--budgets", nargs="+", type=int, default=[128, 256, 512])
+    parser.add_argument("--learned", type=share, default=0.6, help="share of batches through the learned selector")
+    parser.add_argument("--every", type=share, default=0.1, help="share of batches with every frame's every token")
+    parser.add_argument("--budgets", nargs="+", type=count, default=[128, 256, 512])
     parser.add_argument("--clip", action="store_true", help="some batches choose frames by the reference CLIP")
     parser.add_argument("--merge-on", default="summary", choices=("selection", "summary"),
                         help="what the temporal merge after learned and text selection compares")
     parser.add_argument("--merge-threshold", type=float, default=0.98)
-    parser.add_argument("--save-every", type=int, default=25)
+    parser.add_argument("--save-every", type=count, default=25)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--resume", action="store_true")

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 import vistok
+from vistok.cli import count, reports_errors
 from vistok.config import parse_method_spec
 from vistok.data import FASHION_MNIST_MEAN, FASHION_MNIST_STD
 from vistok.document.fmnist_pages import SparsePageQA
@@ -65,17 +66,18 @@ def batch_method(step: int, seed: int, share: float, methods: list[str], tokens:
     return method, options
 
 
+@reports_errors
 def main(argv: list[str] | None = None, language_model=None) -> int:
     """``language_model``: ``(causal LM, tokenizer)`` instead of SmolLM2 (tests)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/vlm")
-    parser.add_argument("--steps", type=int, default=100_000)
+    parser.add_argument("--steps", type=count, default=100_000)
     parser.add_argument("--minutes", type=float, default=85.0, help="training time budget (checkpoints excluded)")
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--batch-size", type=count, default=16)
     parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--warmup", type=int, default=30)
+    parser.add_argument("--warmup", type=count, default=30)
     parser.add_argument("--lora-rank", type=int, default=8)
-    parser.add_argument("--save-every", type=int, default=50)
+    parser.add_argument("--save-every", type=count, default=50)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--resume", action="store_true")

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -45,8 +46,8 @@ def _parse_option(text: str) -> tuple[str, Any]:
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
-def _count(text: str) -> int:
-    """An int >= 1 for argparse (images, runs, batch sizes, threads, budgets)."""
+def count(text: str) -> int:
+    """An int >= 1 for argparse (images, runs, batch sizes, threads, budgets); the tools use it too."""
     try:
         value = int(text)
     except ValueError:
@@ -54,6 +55,26 @@ def _count(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
     return value
+
+
+def _number_in(text: str, low: float, low_open: bool) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not ((low < value) if low_open else (low <= value)) or not value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in {'(' if low_open else '['}{low:g}, 1], got {text!r}")
+    return value
+
+
+def share(text: str) -> float:
+    """A number in [0, 1] for argparse (a share of batches)."""
+    return _number_in(text, 0.0, low_open=False)
+
+
+def fraction(text: str) -> float:
+    """A number in (0, 1] for argparse (a fraction of the visual tokens)."""
+    return _number_in(text, 0.0, low_open=True)
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -64,12 +85,12 @@ def _build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--method", default=None, help="vistok method (see `vistok methods`)")
     bench.add_argument("-o", "--option", action="append", type=_parse_option, default=[],
                        metavar="KEY=VALUE", help="method option, repeatable (e.g. -o k=108)")
-    bench.add_argument("--batch-size", type=_count, default=32)
-    bench.add_argument("--runs", type=_count, default=10, help="timed runs (median reported)")
+    bench.add_argument("--batch-size", type=count, default=32)
+    bench.add_argument("--runs", type=count, default=10, help="timed runs (median reported)")
     bench.add_argument("--warmup", type=int, default=3)
     bench.add_argument("--seed", type=int, default=0)
-    bench.add_argument("--threads", type=_count, default=None, help="torch intra-op threads")
-    bench.add_argument("--flops-images", type=_count, default=None,
+    bench.add_argument("--threads", type=count, default=None, help="torch intra-op threads")
+    bench.add_argument("--flops-images", type=count, default=None,
                        help="count FLOPs on this many images (default: the whole batch)")
     bench.add_argument("--device", default="cpu", help="where to time the models, e.g. cuda (FLOPs: on the CPU)")
     bench.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
@@ -86,7 +107,7 @@ def _build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--method", default=None, help="a boundary method (merge_to_budget, region_merge, "
                      "dominant, pool, random_select), options after a colon (merge_to_budget:positions=original); "
                      "default: all visual tokens")
-    ask.add_argument("--tokens", type=_count, default=None, help="visual tokens per image for --method")
+    ask.add_argument("--tokens", type=count, default=None, help="visual tokens per image for --method")
     ask.add_argument("--temperature", type=float, default=0.0, help="0: greedy (vistok.samplers)")
     ask.add_argument("--top-p", type=float, default=1.0)
     ask.add_argument("--seed", type=int, default=0)
@@ -97,9 +118,9 @@ def _build_parser() -> argparse.ArgumentParser:
     video = commands.add_parser("video-qa", help="answer a question about a video under a visual token budget")
     video.add_argument("--video", required=True, help="a video file (frames made grey and 28 x 28)")
     video.add_argument("--question", required=True)
-    video.add_argument("--budget", type=_count, default=256, help="visual tokens at most")
+    video.add_argument("--budget", type=count, default=256, help="visual tokens at most")
     video.add_argument("--selection", default="learned", help="learned, text, uniform, drop or all")
-    video.add_argument("--frames", type=_count, default=16, help="frames text and uniform selection keep (learned: "
+    video.add_argument("--frames", type=count, default=16, help="frames text and uniform selection keep (learned: "
                        "the selector's 16 queries)")
     video.add_argument("--merge-threshold", type=float, default=None, help="temporal merge threshold (default: "
                        "B-VLLM's 0.75 on selection rows, 0.98 on frame summaries)")
@@ -118,13 +139,13 @@ def _build_parser() -> argparse.ArgumentParser:
     tuner.add_argument("--target", type=float, default=0.5, help="cost ratio to stay within (of --cost)")
     tuner.add_argument("--cost", default="gflops", choices=("gflops", "tokens", "latency"),
                        help="what the target bounds: GFLOPs, tokens per block, or latency measured on this machine")
-    tuner.add_argument("--images", type=_count, default=512, help="calibration images")
+    tuner.add_argument("--images", type=count, default=512, help="calibration images")
     tuner.add_argument("--folder", default=None, help="calibration images from this folder (timm's eval "
                        "transforms); default: Fashion-MNIST training images for 1-channel models")
     tuner.add_argument("--labels", action="store_true", help="score by accuracy on the labels, not agreement")
-    tuner.add_argument("--flops-images", type=_count, default=8, help="images each candidate's GFLOPs are counted on")
+    tuner.add_argument("--flops-images", type=count, default=8, help="images each candidate's GFLOPs are counted on")
     tuner.add_argument("--out", default="tune", help="writes <out>.json and <out>.png")
-    tuner.add_argument("--threads", type=_count, default=None)
+    tuner.add_argument("--threads", type=count, default=None)
     return parser
 
 

@@ -238,6 +238,33 @@ def test_tools_reject_bad_input(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
 
 
+def test_tool_arguments_are_checked_before_the_work(tmp_path, capsys):
+    """Counts below 1, fractions outside (0, 1] and bad manifests stop a tool at once with status 2, before any
+    model loads; they divided by zero, crashed or were silently clamped after the work."""
+    for tool, arguments, message in [("eval_video_qa", ["--questions", "0"], "--questions"),
+                                     ("eval_video_qa", ["--budgets", "-1"], "--budgets"),
+                                     ("eval_vlm", ["--fractions", "2.0"], "expected a number in (0, 1]"),
+                                     ("eval_vlm", ["--prefill-runs", "0"], "--prefill-runs"),
+                                     ("train_clip", ["--warmup", "0"], "--warmup"),
+                                     ("train_vlm", ["--save-every", "0"], "--save-every"),
+                                     ("train_video_vlm", ["--learned", "1.5"], "expected a number in [0, 1]"),
+                                     ("demo", ["--limit", "-5"], "--limit"),
+                                     ("demo", ["--calibration", "2"], "--calibration must be at least 4")]:
+        with pytest.raises(SystemExit) as stopped:
+            load_tool(tool).main(arguments)
+        assert stopped.value.code == 2 and message in capsys.readouterr().err, (tool, arguments)
+    evaluate = load_tool("eval_video_qa")
+    (tmp_path / "rows.json").write_text(json.dumps([{"video": "a.mp4", "question": "?"}]))
+    for manifest, message in [(tmp_path / "none.json", "does not exist"), (tmp_path / "rows.json", "row 0 has no "
+                                                                                                 "answer")]:
+        assert evaluate.main(["--manifest", str(manifest), "--out", str(tmp_path / "qa")]) == 2
+        assert message in capsys.readouterr().err
+    from vistok.models.reference_vlm import warm_start
+
+    with pytest.raises(CheckpointError, match="no trained tensors at"):
+        warm_start(None, str(tmp_path / "none.safetensors"))
+
+
 def test_checkpoint_that_does_not_fit(tmp_path):
     from safetensors.torch import save_file
 

@@ -291,6 +291,8 @@ def warm_start(model, path: str) -> list[str]:
     (the image VLM's into the fine one's); returns a summary of what was loaded."""
     from safetensors.torch import load_file
 
+    if not Path(path).is_file():
+        raise CheckpointError(f"--init: no trained tensors at {path}")
     state, own = load_file(path), model.state_dict()
     fitting = {name: value for name, value in state.items() if name in own and own[name].shape == value.shape}
     resized = [name for name in state if name.endswith("vision_tower.grid_position") and name in own
