@@ -66,6 +66,19 @@ def test_num_frames_reads_evenly_spaced_frames_and_nothing_reads_all():
     assert (info.frame_count, info.fps, info.height, info.width) == (250, 25.0, 272, 640)
 
 
+def test_a_decoder_failing_in_this_process_is_a_video_read_error(monkeypatch):
+    """timeout=None decodes in the calling process: whatever a backend raises there is reported as with the
+    decoding child, a VideoReadError naming the backend, not the library's own exception."""
+    import vistok.video._decoders as decoders
+
+    def broken(*args):
+        raise IndexError("list index out of range")
+
+    monkeypatch.setattr(decoders, "decode", broken)
+    with pytest.raises(VideoReadError, match="pyav: IndexError: list index out of range"):
+        read_video(CARPHONE, backend="pyav", timeout=None)
+
+
 def _faststart_truncated(path, tmp_path):
     """The moov atom first, then 60 % of the bytes: the container promises 250 frames, about 140 decode."""
     remuxed = tmp_path / "faststart.mp4"
@@ -382,6 +395,11 @@ def test_kinetics_csv(kinetics_root):
     assert [s.label for s in val.samples] == [1]
     with pytest.raises(DatasetNotFoundError, match="absent"):
         kinetics_csv(kinetics_root / "train.csv", kinetics_root, split="train", on_error="raise")
+    moved = kinetics_root / "val" / "talking_on_phone"  # a downloader's folder: the label's spaces as underscores
+    moved.mkdir()
+    (kinetics_root / "val" / "phoneV_000000_000010.mp4").rename(moved / "phoneV_000000_000010.mp4")
+    val = kinetics_csv(kinetics_root / "train.csv", kinetics_root, split="val", classes=train.classes)
+    assert [s.label for s in val.samples] == [1] and val.samples[0].path.parent == moved
 
 
 def test_list_file_and_class_folders(tmp_path):
@@ -432,6 +450,9 @@ def test_clip_dataset_test_views(kinetics_root):
     dataset = VideoClipDataset(videos, sampling, ClipTransform(64, short_side=72, num_crops=3))
     clip, label = dataset[0]
     assert clip.shape == (6, 3, 4, 64, 64) and label == 0
+    for options in (dict(size=64, short_side=32), dict(size=0), dict(size=64, train=True, num_crops=3)):
+        with pytest.raises(InvalidConfigError, match="ClipTransform"):  # when made, not in a worker's first item
+            ClipTransform(**options)
     for mode in ("segments", "uniform"):  # one set of frames from the whole video: no views to average
         with pytest.raises(InvalidConfigError, match="num_clips=2 takes several clips in dense mode only"):
             ClipSampling(mode, num_frames=4, num_clips=2)

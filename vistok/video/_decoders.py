@@ -55,7 +55,7 @@ def decode_decord(path: str, indices: list[int] | None, num_frames: int | None) 
     try:
         reader = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=0)
     except Exception as error:  # decord raises RuntimeError or its own DECORDError
-        raise DecodeError(f"decord cannot open it: {_first_line(error)}") from None
+        raise DecodeError(f"decord cannot open it: {first_line(error)}") from None
     frame_count = len(reader)
     wanted = _select(frame_count, indices, num_frames)
     if not wanted:
@@ -64,7 +64,7 @@ def decode_decord(path: str, indices: list[int] | None, num_frames: int | None) 
         return reader.get_batch(wanted).asnumpy(), frame_count
     except Exception as error:
         raise DecodeError(f"decord failed while decoding frames (the container reports {frame_count}): "
-                          f"{_first_line(error)}") from None
+                          f"{first_line(error)}") from None
 
 
 def decode_pyav(path: str, indices: list[int] | None, num_frames: int | None) -> tuple[np.ndarray, int]:
@@ -73,7 +73,7 @@ def decode_pyav(path: str, indices: list[int] | None, num_frames: int | None) ->
     try:
         container = av.open(path)
     except Exception as error:  # av.error.* (InvalidDataError, FileNotFoundError, ...)
-        raise DecodeError(f"PyAV cannot open it: {_first_line(error)}") from None
+        raise DecodeError(f"PyAV cannot open it: {first_line(error)}") from None
     with container:
         if not container.streams.video:
             raise DecodeError("it has no video stream")
@@ -93,7 +93,7 @@ def decode_pyav(path: str, indices: list[int] | None, num_frames: int | None) ->
         except Exception as error:
             if len(found) < len(needed):
                 raise DecodeError(f"PyAV failed after {position + 1} frames (the container reports {frame_count}): "
-                                  f"{_first_line(error)}") from None
+                                  f"{first_line(error)}") from None
     missing = sorted(needed - set(found))
     if missing:
         raise DecodeError(f"frame index {missing[0]} is past the real end: only {position + 1} frames decode, "
@@ -121,10 +121,10 @@ def _packet_count(path: str, size: int, mtime_ns: int) -> int:
             stream = container.streams.video[0]
             return sum(1 for packet in container.demux(stream) if packet.size)
     except Exception as error:  # av.error.* while demuxing a damaged file
-        raise DecodeError(f"PyAV cannot count its frames: {_first_line(error)}") from None
+        raise DecodeError(f"PyAV cannot count its frames: {first_line(error)}") from None
 
 
-def _first_line(error: BaseException) -> str:
+def first_line(error: BaseException) -> str:
     text = str(error).strip() or type(error).__name__
     return text.splitlines()[0][:300]
 
@@ -148,7 +148,7 @@ def probe(backend: str, path: str) -> dict[str, float]:
             height, width = reader[0].shape[:2]
             return {"frame_count": len(reader), "fps": float(reader.get_avg_fps()), "height": height, "width": width}
         except Exception as error:
-            raise DecodeError(f"decord cannot open it: {_first_line(error)}") from None
+            raise DecodeError(f"decord cannot open it: {first_line(error)}") from None
     import av
 
     try:
@@ -162,7 +162,7 @@ def probe(backend: str, path: str) -> dict[str, float]:
     except DecodeError:
         raise
     except Exception as error:
-        raise DecodeError(f"PyAV cannot open it: {_first_line(error)}") from None
+        raise DecodeError(f"PyAV cannot open it: {first_line(error)}") from None
 
 
 def _check_path(path: str) -> None:
@@ -240,7 +240,7 @@ def main() -> None:
         except DecodeError as error:
             write_message(replies, ("error", str(error)))
         except Exception as error:  # noqa: BLE001 - reported to the caller, who raises VideoReadError
-            write_message(replies, ("error", f"{type(error).__name__}: {_first_line(error)}"))
+            write_message(replies, ("error", f"{type(error).__name__}: {first_line(error)}"))
     # the caller closed the pipe, or exited without stopping us (a DataLoader worker leaves by os._exit)
     shutil.rmtree(folder, ignore_errors=True)
 

@@ -75,7 +75,7 @@ def kinetics_csv(csv_path: str | os.PathLike, root: str | os.PathLike, split: st
                  classes: Sequence[str] | None = None, on_error: str = "skip") -> VideoList:
     """Clips listed in an official Kinetics CSV (``label,youtube_id,time_start,time_end,split``), named
     ``{youtube_id}_{time_start:06d}_{time_end:06d}.mp4`` and found in ``root``, ``root/<split>``, ``root/<label>``
-    or ``root/<split>/<label>``.
+    or ``root/<split>/<label>`` (the label as in the CSV, or with its spaces as underscores).
 
     Args:
         split: keep only rows of this split (``None``: every row).
@@ -92,9 +92,10 @@ def kinetics_csv(csv_path: str | os.PathLike, root: str | os.PathLike, split: st
         if row["label"] not in index:
             raise InvalidConfigError(f"{csv_path}: label {row['label']!r} is not among the {len(classes)} classes")
         name = f"{row['youtube_id']}_{int(float(row['time_start'])):06d}_{int(float(row['time_end'])):06d}.mp4"
-        folders = [root, root / row["label"]]
+        labels = dict.fromkeys([row["label"], row["label"].replace(" ", "_")])  # downloaders name folders both ways
+        folders = [root, *(root / label for label in labels)]
         if row.get("split"):
-            folders += [root / row["split"], root / row["split"] / row["label"]]
+            folders += [root / row["split"], *(root / row["split"] / label for label in labels)]
         path = next((folder / name for folder in folders if (folder / name).is_file()), None)
         if path is None:
             missing.append(name)

@@ -154,8 +154,13 @@ def _backends(backend: str) -> list[str]:
 
 
 def _run(request: tuple, deadline: float | None) -> object:
-    if deadline is None:
-        return _decoders.run(request)
+    if deadline is None:  # in this process: whatever a decoder raises is the backend's failure, as in the child
+        try:
+            return _decoders.run(request)
+        except DecodeError:
+            raise
+        except Exception as error:  # noqa: BLE001 - reported as the backend's failure (VideoReadError)
+            raise DecodeError(f"{type(error).__name__}: {_decoders.first_line(error)}") from error
     return _worker().run(request, deadline)
 
 

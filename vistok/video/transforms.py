@@ -106,7 +106,15 @@ class ClipTransform:
     def __init__(self, size: int, short_side: int | None = None, train: bool = False, num_crops: int = 1,
                  mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD, flip: bool = True,
                  seed: int | None = None, grey: bool = False) -> None:
-        self.size, self.short_side = size, short_side or size
+        short_side = short_side or size
+        if not is_int(size, 1) or not is_int(short_side, 1) or short_side < size:
+            raise InvalidConfigError(f"ClipTransform: size and short_side must be ints with short_side >= size (the "
+                                     f"crop is taken from the resized frames), got size={size!r}, "
+                                     f"short_side={short_side!r}")
+        if not is_int(num_crops, 1) or (train and num_crops > 1):
+            raise InvalidConfigError(f"ClipTransform: num_crops must be an int >= 1, and 1 with train=True (training "
+                                     f"takes one random crop), got {num_crops!r}")
+        self.size, self.short_side = size, short_side
         self.train, self.num_crops, self.flip, self.grey = train, num_crops, flip, grey
         self.mean, self.std = tuple(mean), tuple(std)
         self.generator = None if seed is None else torch.Generator().manual_seed(seed)
