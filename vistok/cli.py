@@ -142,7 +142,9 @@ def _build_parser() -> argparse.ArgumentParser:
     tuner.add_argument("--images", type=count, default=512, help="calibration images")
     tuner.add_argument("--folder", default=None, help="calibration images from this folder (timm's eval "
                        "transforms); default: Fashion-MNIST training images for 1-channel models")
-    tuner.add_argument("--labels", action="store_true", help="score by accuracy on the labels, not agreement")
+    tuner.add_argument("--labels", action="store_true", help="score by accuracy on the labels, not agreement (with "
+                       "--folder: the sub-folders' sorted order, as ImageFolder numbers them, must be the model's "
+                       "class order)")
     tuner.add_argument("--flops-images", type=count, default=8, help="images each candidate's GFLOPs are counted on")
     tuner.add_argument("--out", default="tune", help="writes <out>.json and <out>.png")
     tuner.add_argument("--threads", type=count, default=None)

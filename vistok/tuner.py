@@ -5,18 +5,18 @@ one that agrees best with the unpatched model within a compute target.
 >>> vistok.patch(model, result.config)                     # the pick, ready to use
 >>> result.save("tune.json"); result.plot("tune.png")      # every candidate, the Pareto front
 
-Candidates (from the model's patch count ``N`` and depth): ATS with a fixed budget and ATS with fusion at
-``k`` = 90 % ... 20 % of ``N`` in the paper's blocks, random dropping at the same ``k`` (the baseline), merging at
-several ``r`` with a constant and a decreasing schedule, and ATS in one early block composed with merging in the
-later ones. Each candidate's cost is measured once against the unpatched model's: its GFLOPs ratio (counted
-exactly on a few images), its token ratio (the tokens its blocks process, padding excluded, over the unpatched
-model's) and, with ``cost="latency"``, its measured latency ratio on this machine (the patched and the unpatched
-model timed interleaved on one batch, medians). The ``target`` bounds the ``cost`` the user chose (default
-GFLOPs); the candidates within it then go through successive halving: all are scored on a quarter of the batch,
-the better half on half of it, the best quarter on all of it (``rungs=3``), so a candidate that is clearly worse
-costs a quarter of a pass. The score is top-1 agreement with the unpatched model (ties: the lower KL divergence
-from its distribution), or accuracy when labels are given. No randomness but random dropping's fixed seed (and
-the latency measurement): the same batch gives the same pick.
+Candidates (from the model's patch count ``N`` and depth): ATS with a fixed budget and ATS with fusion at ``k`` = 90
+% ... 20 % of ``N`` in the paper's blocks, random dropping at the same ``k`` (the baseline), merging at several
+``r`` with a constant and a decreasing schedule, and ATS in one early block composed with merging in the later ones.
+Each candidate's cost is measured once against the unpatched model's: its GFLOPs ratio (counted exactly on a few
+images), its token ratio (the tokens each block outputs, summed over the blocks, padding excluded, over the
+unpatched model's) and, with ``cost="latency"``, its measured latency ratio on this machine (the patched and the
+unpatched model timed interleaved on one batch, medians). The ``target`` bounds the ``cost`` the user chose (default
+GFLOPs); the candidates within it then go through successive halving: all are scored on a quarter of the batch, the
+better half on half of it, the best quarter on all of it (``rungs=3``), so a candidate that is clearly worse costs a
+quarter of a pass. The score is top-1 agreement with the unpatched model (ties: the lower KL divergence from its
+distribution), or accuracy when labels are given. No randomness but random dropping's fixed seed (and the latency
+measurement): the same batch gives the same pick.
 """
 
 from __future__ import annotations
@@ -69,10 +69,14 @@ def tune_candidates(model: nn.Module) -> list[tuple[str, str, MethodConfig]]:
             first = blocks[0]
             if first + 1 < depth:
                 k = max(1, round(0.75 * patches))
-                out.append((f"ats k={k} @{first} + merge r={r}", "ats+merge", ComposedConfig((
+                after = min(r, k // 2)  # what merging can take of the k tokens ATS keeps
+                out.append((f"ats k={k} @{first} + merge r={after}", "ats+merge", ComposedConfig((
                     ATSConfig(k=k, min_tokens=k, blocks=[first]),
-                    MergeConfig(r=min(r, k // 2), blocks=list(range(first + 1, depth)))))))
-    return out
+                    MergeConfig(r=after, blocks=list(range(first + 1, depth)))))))
+    unique: dict[str, tuple[str, str, MethodConfig]] = {}
+    for candidate in out:  # on a small model several divisors give one r: each setting is scored once
+        unique.setdefault(candidate[0], candidate)
+    return list(unique.values())
 
 
 @dataclass

@@ -260,6 +260,9 @@ def test_peak_memory_counts_what_is_alive_at_once():
     model = TwoBuffers()
     assert peak_memory(model, torch.zeros(7)) == 16_000
     assert peak_memory(torch.nn.Linear(100, 100), torch.zeros(1, 100)) == 400  # the output only, not the weights
+    dropping = torch.nn.Sequential(torch.nn.Linear(100, 100), torch.nn.Dropout(0.5)).train()
+    assert peak_memory(dropping, torch.zeros(1, 100)) == 400  # an inference pass: no dropout mask
+    assert dropping.training and dropping[1].training  # the model's own mode comes back
 
 
 def test_random_drop_is_reproducible_per_call():

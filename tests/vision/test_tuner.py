@@ -74,6 +74,20 @@ def test_the_search_is_deterministic_and_labels_score_accuracy(setting, result):
     assert accuracy == pytest.approx(with_labels.best["score"])
 
 
+def test_each_candidate_is_one_setting_and_says_what_it_runs():
+    """On a small model several divisors give one r: every setting is tried once, and a composed candidate's label
+    gives the r it merges with (at most half of what ATS keeps)."""
+    model = timm.create_model("vit_tiny_patch16_224", img_size=64, depth=4, num_classes=10)  # 16 patches
+    candidates = tune_candidates(model)
+    labels = [label for label, _, _ in candidates]
+    assert len(labels) == len(set(labels))
+    configs = [repr(config) for _, _, config in candidates]
+    assert len(configs) == len(set(configs))
+    for label, method, config in candidates:
+        if method == "ats+merge":
+            assert label.endswith(f"merge r={config.parts[1].r}")
+
+
 def test_tuning_and_evaluating_leave_each_modules_mode_as_it_was(setting):
     """A model partly in train mode (frozen parts kept in eval mode while fine-tuning) runs in eval mode and comes
     back with every module's own mode, not all set alike."""

@@ -17,7 +17,7 @@ __all__ = ["topk_correct", "evaluate", "paired_difference", "add_paired_differen
 def topk_correct(logits: Tensor, labels: Tensor, ks: tuple[int, ...] = (1, 5)) -> dict[int, int]:
     """How many of the ``[B]`` labels are among the top-k of ``logits`` ``[B, classes]``, for each k."""
     top = logits.topk(min(max(ks), logits.shape[-1]), dim=-1).indices
-    hits = top == labels[:, None]
+    hits = top == labels.to(top.device)[:, None]  # labels stay on the loader's device; the model may be elsewhere
     return {k: int(hits[:, :k].any(dim=1).sum()) for k in ks}
 
 

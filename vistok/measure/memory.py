@@ -17,6 +17,8 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from .._modes import evaluating
+
 __all__ = ["peak_memory", "LiveTensorBytes"]
 
 
@@ -48,12 +50,13 @@ class LiveTensorBytes(TorchDispatchMode):
 
 def peak_memory(model: nn.Module, images: Tensor) -> int:
     """Peak bytes held by the tensors one inference forward pass of ``model`` on ``images`` creates
-    (activations and scratch; weights, buffers and ``images`` excluded), under ``torch.no_grad()``.
+    (activations and scratch; weights, buffers and ``images`` excluded), under ``torch.no_grad()`` in eval mode
+    (dropout's masks are no inference cost; every module's own mode comes back afterwards).
 
     It counts tensors, not the allocator: memory inside one kernel that never becomes a tensor (e.g. fused
     attention's workspace) is not seen. Compare two models under the same counter, never against RSS.
     """
     exclude = [*model.parameters(), *model.buffers(), images]
-    with torch.no_grad(), LiveTensorBytes(exclude) as counter:
+    with evaluating(model), torch.no_grad(), LiveTensorBytes(exclude) as counter:
         model(images)
     return counter.peak
