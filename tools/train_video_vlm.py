@@ -91,6 +91,8 @@ def main(argv: list[str] | None = None, language_model=None) -> int:
     parser.add_argument("--init", default=None, help="start from these trained tensors (.safetensors) where names "
                         "and shapes fit, e.g. the image VLM's models/vistok_vlm_fmnist/model.safetensors")
     args = parser.parse_args(argv)
+    if args.learned + args.every > 1:
+        parser.error(f"--learned {args.learned} and --every {args.every} are shares of the batches: at most 1 together")
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)

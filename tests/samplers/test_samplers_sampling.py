@@ -254,6 +254,8 @@ def test_counters_and_streams_are_checked_like_seeds():
             sample(logits, seeds=seeds, counter=counter)
     with pytest.raises(InvalidConfigError, match="stream must be an int"):
         sample(logits, seeds=seeds, stream=1.5)
+    with pytest.raises(InvalidConfigError, match="seeds must be an int64"):  # not an overflow deep in torch
+        generate(tiny_llama(), torch.tensor([[1, 2]]), max_new_tokens=1, seeds=2**70)
 
 
 def test_sampling_options_are_checked_when_made():

@@ -248,6 +248,7 @@ def test_tool_arguments_are_checked_before_the_work(tmp_path, capsys):
                                      ("train_clip", ["--warmup", "0"], "--warmup"),
                                      ("train_vlm", ["--save-every", "0"], "--save-every"),
                                      ("train_video_vlm", ["--learned", "1.5"], "expected a number in [0, 1]"),
+                                     ("train_video_vlm", ["--learned", "0.7", "--every", "0.5"], "at most 1 together"),
                                      ("demo", ["--limit", "-5"], "--limit"),
                                      ("demo", ["--calibration", "2"], "--calibration must be at least 4")]:
         with pytest.raises(SystemExit) as stopped:

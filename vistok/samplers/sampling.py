@@ -81,8 +81,8 @@ def as_seeds(seeds: int | Tensor, batch: int, device: torch.device | str | None 
             raise InvalidConfigError(f"seeds must be an int or a [{batch}] integer tensor, got "
                                      f"{seeds.dtype} {tuple(seeds.shape)}")
         return seeds.to(device=device, dtype=torch.int64)
-    if not is_int(seeds):
-        raise InvalidConfigError(f"seeds must be an int or a [{batch}] integer tensor, got {seeds!r}")
+    if not is_int(seeds) or not -(2**63) <= seeds < 2**63:
+        raise InvalidConfigError(f"seeds must be an int64 or a [{batch}] integer tensor, got {seeds!r}")
     base = torch.full((batch,), seeds, dtype=torch.int64, device=device)
     return rng.derive_seeds(base, torch.arange(batch, device=device))
 
