@@ -17,7 +17,7 @@ OCRMYPDF := ocrmypdf-17.13.0
 
 install: $(VENV)/.installed data $(PAGES)/linn.png
 
-# Real data: Fashion-MNIST from Debian's dataset-fashion-mnist (elsewhere: torchvision downloads it, --download).
+# Real data: Fashion-MNIST from Debian's dataset-fashion-mnist (elsewhere: torchvision downloads it, data.download=true).
 data:
 	@[ -d $(FMNIST) ] || $(SUDO) apt-get install -y -q dataset-fashion-mnist \
 		|| ($(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q dataset-fashion-mnist)

@@ -20,5 +20,5 @@ def evaluating(model: nn.Module) -> Iterator[nn.Module]:
     try:
         yield model
     finally:
-        for module, training in modes.items():
-            module.training = training
+        for module, training in modes.items():  # parents first (modules() order): each child's own mode last
+            module.train(training)

@@ -285,15 +285,12 @@ def _video_qa(args: argparse.Namespace) -> int:
 
 
 def _tune(args: argparse.Namespace) -> int:
-    import timm
-
+    from ._timm import create_timm_model
     from .tuner import COSTS, tune
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    if not timm.is_model(args.model):
-        raise InvalidConfigError(f"vistok tune: {args.model!r} is not a model in timm's registry")
-    model = timm.create_model(args.model, pretrained=args.pretrained).eval()
+    model = create_timm_model(args.model, "vistok tune", pretrained=args.pretrained).eval()
     if args.checkpoint:
         from .models.reference import load_checkpoint
 

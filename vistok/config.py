@@ -77,8 +77,6 @@ def _assign(tree: dict[str, Any], path: str, value: Any, defaults: dict[str, Any
         hint = f" Did you mean {close[0]!r}?" if close else ""
         raise ConfigError(f"{source}: unknown config key {path!r}.{hint} Known keys: {', '.join(sorted(known))}")
     default = known.get(path)
-    if value is None and isinstance(default, str):
-        value = ""  # key= (or null) empties a string
     mismatched = not isinstance(value, type(default)) or isinstance(value, bool) != isinstance(default, bool)
     if path in known and default is not None and mismatched and not (isinstance(default, float) and is_int(value)):
         raise ConfigError(f"{source}: {path} should be {type(default).__name__} (like the default {default!r}), "

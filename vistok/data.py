@@ -79,8 +79,8 @@ def find_fashion_mnist(root: str | os.PathLike | None = None, download: bool = F
     raise DatasetNotFoundError(
         "Fashion-MNIST not found. Looked in: " + ", ".join(str(p) for p in _candidates(root)) + ". Either "
         "install the Debian package (apt-get install dataset-fashion-mnist), or allow a download (needs "
-        "internet: --download / download=True), or point --data-dir / $VISTOK_DATA at a folder holding "
-        "train-images-idx3-ubyte(.gz) and the three other idx files.")
+        "internet: data.download=true in the tools, download=True in Python), or point data.root= (root= in "
+        "Python) or $VISTOK_DATA at a folder holding train-images-idx3-ubyte(.gz) and the three other idx files.")
 
 
 def _read_idx(path: Path) -> np.ndarray:

@@ -55,18 +55,15 @@ def build_model(config: dict[str, Any], patch: bool = True) -> nn.Module:
         ConfigError: the model name is not in timm's registry.
         CheckpointError: the checkpoint is missing or does not fit.
     """
-    import timm
-
+    from ._timm import create_timm_model
     from .models.reference import load_checkpoint
     from .patching import patch as patch_model
 
     if config["model"].startswith("hf:"):
         model = _build_hf_model(config["model"][3:], config["model_kwargs"], config["pretrained"])
-    elif not timm.is_model(config["model"]):
-        close = timm.list_models(f"*{config['model'][:6]}*")[:5]
-        raise ConfigError(f"unknown model {config['model']!r}: not in timm's registry (nor vistok's); similar: {close}")
     else:
-        model = timm.create_model(config["model"], pretrained=config["pretrained"], **config["model_kwargs"])
+        model = create_timm_model(config["model"], "model", ConfigError, pretrained=config["pretrained"],
+                                  **config["model_kwargs"])
     if config["checkpoint"]:
         load_checkpoint(model, config["checkpoint"])
     if patch and config["method"]:

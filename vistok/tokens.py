@@ -190,8 +190,5 @@ class TokenLayout:
         if self.valid is None and self.sizes is None:
             return tokens.mean(dim=1)
         work = size_dtype(tokens.dtype)
-        weights = (self.valid if self.sizes is None else self.sizes).to(work)
-        if self.sizes is not None and self.valid is not None:
-            weights = weights * self.valid
-        weights = weights[:, start:, None]
+        weights = self.token_weights(work, tokens.device)[:, start:, None]
         return ((tokens.to(work) * weights).sum(dim=1) / weights.sum(dim=1)).to(tokens.dtype)

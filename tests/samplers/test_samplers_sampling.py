@@ -249,8 +249,9 @@ def test_counters_and_streams_are_checked_like_seeds():
     logits = torch.tensor([[0.0, 1.0, 2.0]])
     seeds = torch.tensor([0])
     assert torch.equal(sample(logits, seeds=seeds, counter=torch.tensor([3])), sample(logits, seeds=seeds, counter=3))
-    for counter in (torch.tensor([1, 2]), torch.tensor([1.9]), torch.tensor([True]), torch.tensor([[1]]), 1.0, True):
-        with pytest.raises(InvalidConfigError, match="counter must be an int or an integer tensor"):
+    for counter in (torch.tensor([1, 2]), torch.tensor([1.9]), torch.tensor([True]), torch.tensor([[1]]), 1.0, True,
+                    2**70):
+        with pytest.raises(InvalidConfigError, match="counter must be an int"):
             sample(logits, seeds=seeds, counter=counter)
     with pytest.raises(InvalidConfigError, match="stream must be an int"):
         sample(logits, seeds=seeds, stream=1.5)
@@ -279,7 +280,12 @@ def test_decoding_arguments_are_checked():
     for ids in (torch.zeros(1, 0, dtype=torch.long), torch.zeros(0, 3, dtype=torch.long), prompt.bool()):
         with pytest.raises(InvalidConfigError, match="input_ids must"):
             generate(model, ids, max_new_tokens=2)
-    assert generate(model, prompt, max_new_tokens=2, eos_token_id=[2, 3], seeds=0).new_tokens.shape == (1, 2)
+    for eos in ([2, 3], torch.tensor([2, 3]), torch.tensor(2), 2):  # a list, a tensor of ids, or one id
+        assert generate(model, prompt, max_new_tokens=2, eos_token_id=eos, seeds=0).new_tokens.shape == (1, 2)
+    with pytest.raises(InvalidConfigError, match="a bool is no token id"):
+        generate(model, prompt, max_new_tokens=2, eos_token_id=[True])
+    assert bool((generate(model, prompt, max_new_tokens=4, eos_token_id=list(range(24)), pad_token_id=-1,
+                          seeds=0).new_tokens[0, 1:] == -1).all())  # any int fills a row after its end
 
 
 def test_seeded_sampling_validates():

@@ -83,6 +83,9 @@ def test_half_precision_pages_are_cropped_in_their_dtype(dtype):
     crops = crop_page(page.to(dtype), crop_size=32)
     assert crops.views.dtype == dtype
     assert torch.equal(crops.views, crop_page(page.to(dtype).float(), crop_size=32).views.to(dtype))
+    exact = page.double()[None]  # float64 pages keep their precision
+    assert torch.equal(crop_page(page.double(), crop_size=32).views[0],
+                       F.interpolate(exact, size=(32, 32), mode="bilinear", antialias=True, align_corners=False)[0])
 
 
 def test_redundant_tokens_against_a_direct_count():

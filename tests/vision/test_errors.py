@@ -210,4 +210,6 @@ def test_methods_the_instance_already_replaced_are_refused_untouched():
             vistok.patch(model, "merge", r=2)
         assert vars(model)[name] is own and vistok.get_handle(model) is None
         assert not any("forward" in vars(block) for block in model.blocks)
+        assert set(vars(model)) & {"pool", "forward_intermediates"} == {name} and not model.norm._forward_hooks
         delattr(model, name)
+        vistok.patch(model, "merge", r=2).remove()  # nothing of the refused patch is in the way

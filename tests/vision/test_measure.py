@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import timm
 import torch
 from helpers import make_images, make_model
 
@@ -128,11 +129,22 @@ def test_bench_command_bad_input(capsys):
         assert message in capsys.readouterr().err
     for command in (["bench", "--model", "no_such_model"], ["tune", "--model", "no_such_model"]):
         assert main(command) == 2
-        assert "'no_such_model' is not a model in timm's registry" in capsys.readouterr().err
+        assert "unknown model 'no_such_model': not in timm's registry" in capsys.readouterr().err
     for flag, value in [("--flops-images", "0"), ("--batch-size", "-1"), ("--runs", "x")]:
         with pytest.raises(SystemExit):
             main(["bench", "--model", "vit_small_patch16_224", "--method", "merge", flag, value])
         assert f"{flag}: expected an integer >= 1, got '{value}'" in capsys.readouterr().err
+
+
+def test_models_timm_loads_from_a_folder_are_benchmarked(tmp_path):
+    """A local-dir: (or hf-hub:) name is no registry name, but timm loads it: vistok takes it too."""
+    from timm.models._hub import save_for_hf
+
+    saved = timm.create_model("vit_tiny_patch16_224", img_size=32, depth=2, num_classes=10)
+    save_for_hf(saved, str(tmp_path), model_args={"img_size": 32, "depth": 2, "num_classes": 10})
+    report = run_benchmark(f"local-dir:{tmp_path}", [Variant("m", "merge", {"r": 2})], batch_size=2, runs=1,
+                           warmup=0, progress=False)
+    assert [result.label for result in report.results] == ["unpatched", "m"]
 
 
 def test_benchmark_variants_need_a_method_and_a_label_of_their_own():

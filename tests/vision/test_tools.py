@@ -33,7 +33,9 @@ def test_config_checks_keys_and_types(tmp_path):
     for override in ("train.epochs=", "train.epochs=null", "train.lr=~"):  # no value where the default has one
         with pytest.raises(ConfigError, match="should be (int|float)"):
             load_config(defaults, None, parse_overrides([override]))
-    assert load_config(defaults, None, parse_overrides(["model="]))["model"] == ""  # a string is emptied
+    with pytest.raises(ConfigError, match="model should be str"):  # output= would have meant this folder
+        load_config(defaults, None, parse_overrides(["model="]))
+    assert load_config(defaults, None, parse_overrides(["model=''"]))["model"] == ""  # an empty string, said so
     assert load_config({"root": None}, None, parse_overrides(["root=null"]))["root"] is None
     bad = tmp_path / "bad.yaml"
     bad.write_text("train: [1, 2\n")
@@ -132,7 +134,7 @@ def test_missing_dataset_says_what_to_do(tmp_path, monkeypatch):
     monkeypatch.setattr(vdata, "DEBIAN_DIR", tmp_path / "nowhere")
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.delenv("VISTOK_DATA", raising=False)
-    with pytest.raises(vdata.DatasetNotFoundError, match="apt-get install dataset-fashion-mnist.*--download"):
+    with pytest.raises(vdata.DatasetNotFoundError, match="apt-get install dataset-fashion-mnist.*data.download=true"):
         vdata.find_fashion_mnist(tmp_path / "empty")
     train = load_tool("train")
     assert train.main(["--config", str(ROOT / "configs/fmnist_vit.yaml"), "output=" + str(tmp_path / "run")]) == 2

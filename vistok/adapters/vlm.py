@@ -515,6 +515,8 @@ class VisionLLMHandle:
                 or kwargs.get("attention_mask") is not None or _cached_length(kwargs) > 0 \
                 or kwargs.get("cache", kwargs.get("past_key_values")) is not None:
             return None
+        if bool((positions.diff(dim=1) < 1).any()):  # the caller's own packed sequences (positions restart): theirs
+            return None
         return {**kwargs, "attention_mask": torch.ones(ids.shape, dtype=torch.long, device=ids.device)}
 
     def _check_cached_mask(self, kwargs: dict) -> None:

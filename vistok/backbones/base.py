@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from ..tokens import TokenLayout
 
 __all__ = ["BackboneInfo", "BlockOps", "Backbone", "LayoutSource", "require_known_parts", "nothing_to_undo",
-           "refuse_feature_maps", "replace_on_instance", "undo_all", "NO_MASKS"]
+           "refuse_feature_maps", "replace_on_instance", "install_all", "undo_all", "NO_MASKS"]
 
 NO_MASKS = ("a vistok-patched block takes no attention mask or causal flag (vistok masks padding itself); "
             "remove the patch to run the model with attention masks")
@@ -194,6 +194,19 @@ def _token_intermediates(model: nn.Module, *args: Any, **kwargs: Any) -> Any:
             "they lie on no grid. Pass output_fmt='NLC' (get_intermediate_layers: reshape=False); the token lists "
             "are padded as forward_features' output is (handle.layouts[block].valid marks the real tokens)")
     return original(*arguments.args, **arguments.kwargs)
+
+
+def install_all(installs: list[Callable[[], Callable[[], None]]]) -> Callable[[], None]:
+    """Run ``installs`` in order (each returns its undo function) and return the undo of them all; if one fails
+    (a refusal), the ones before it are undone first, so nothing is left half-installed."""
+    undos: list[Callable[[], None]] = []
+    try:
+        for install in installs:
+            undos.append(install())
+    except BaseException:
+        undo_all(undos)
+        raise
+    return partial(undo_all, undos)
 
 
 def undo_all(steps: list[Callable[[], None]]) -> None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from functools import partial
 
-import torch
 from torch import Tensor, nn
 from transformers.models.timesformer.modeling_timesformer import TimesformerForVideoClassification, TimesformerModel
 from transformers.models.videomae.modeling_videomae import (
@@ -194,8 +193,7 @@ class _MeanOfCurrentTokens:
             return None
         if tokens is None or tokens.shape[:2] != (layout.batch_size, layout.num_tokens):
             raise PatchStateError("VideoMAE's head got features that are not the last forward pass's tokens")
-        weights = layout.token_weights(tokens.dtype, tokens.device)[..., None]
-        return ((tokens * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(torch.finfo(tokens.dtype).tiny),)
+        return (layout.mean_over(tokens, 0),)
 
 
 def _check_videomae_layer(layer: nn.Module, where: str) -> None:

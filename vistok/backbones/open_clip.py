@@ -23,10 +23,10 @@ from .base import (
     BlockOps,
     GridSink,
     LayoutSource,
+    install_all,
     refuse_feature_maps,
     replace_on_instance,
     require_known_parts,
-    undo_all,
 )
 
 __all__ = ["OpenClipViT"]
@@ -148,8 +148,9 @@ class OpenClipViT(Backbone):
         return bool(self.model.transformer.grad_checkpointing)
 
     def install_pooling(self, tracker: LayoutSource) -> Callable[[], None]:
-        undo_pool = replace_on_instance(self.model, "_global_pool", partial(self._global_pool, tracker.current))
-        return partial(undo_all, [undo_pool, refuse_feature_maps(self.model)])
+        return install_all([partial(replace_on_instance, self.model, "_global_pool",
+                                    partial(self._global_pool, tracker.current)),
+                            partial(refuse_feature_maps, self.model)])
 
     def _global_pool(self, current_layout: Callable[[], TokenLayout | None], x: Tensor) -> tuple[Tensor, Tensor]:
         layout = current_layout()

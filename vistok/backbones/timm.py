@@ -38,10 +38,10 @@ from .base import (
     BlockOps,
     GridSink,
     LayoutSource,
+    install_all,
     refuse_feature_maps,
     replace_on_instance,
     require_known_parts,
-    undo_all,
 )
 
 try:  # timm >= 1.0.20
@@ -243,9 +243,9 @@ class _TimmBackbone(Backbone):
 
     # -- installation ------------------------------------------------------------------------------
     def install_pooling(self, tracker: LayoutSource) -> Callable[[], None]:
-        undo_pool = replace_on_instance(self.model, "pool", partial(self._pool, tracker))
-        noting = self.model.norm.register_forward_hook(partial(_note_features, tracker))
-        return partial(undo_all, [undo_pool, noting.remove, refuse_feature_maps(self.model)])
+        return install_all([partial(replace_on_instance, self.model, "pool", partial(self._pool, tracker)),
+                            lambda: self.model.norm.register_forward_hook(partial(_note_features, tracker)).remove,
+                            partial(refuse_feature_maps, self.model)])
 
     def _pool(self, tracker: LayoutSource, x: Tensor, pool_type: str | None = None) -> Tensor:
         layout = tracker.current()

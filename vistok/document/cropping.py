@@ -84,8 +84,9 @@ def crop_page(page: Tensor, crop_size: int = 448, max_crops: int = 9, grid: tupl
         raise InvalidConfigError(f"crop_page: grid must be (rows, cols) >= (1, 1), got {grid!r}")
 
     def resized(height: int, width: int) -> Tensor:
-        # float32 resizing: antialiased bilinear has no float16 / bfloat16 kernel on the CPU
-        return F.interpolate(page[None].float(), size=(height, width), mode="bilinear", antialias=True,
+        # half precision resized in float32: antialiased bilinear has no float16 / bfloat16 kernel on the CPU
+        work = torch.promote_types(page.dtype, torch.float32)
+        return F.interpolate(page[None].to(work), size=(height, width), mode="bilinear", antialias=True,
                              align_corners=False)[0].to(page.dtype)
 
     whole = resized(rows * crop_size, cols * crop_size)

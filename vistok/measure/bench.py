@@ -173,11 +173,9 @@ def run_benchmark(
                                  f"{flops_images!r}")
     torch.manual_seed(seed)
     if isinstance(model_name, str):
-        import timm
+        from .._timm import create_timm_model
 
-        if not timm.is_model(model_name):
-            raise InvalidConfigError(f"run_benchmark: {model_name!r} is not a model in timm's registry")
-        base = timm.create_model(model_name, pretrained=False, **(model_kwargs or {})).eval()
+        base = create_timm_model(model_name, "run_benchmark", pretrained=False, **(model_kwargs or {})).eval()
         stem = next((m for m in base.patch_embed.modules() if isinstance(m, nn.Conv2d)), None)
         channels = 3 if stem is None else stem.in_channels
         input_shape = input_shape or (channels, *base.patch_embed.img_size)

@@ -35,7 +35,7 @@ def check_attention_path(path: object) -> str:
 
 def attention_path(requested: str, q: Tensor, key_bias: Tensor | None, dropout_p: float) -> str:
     """The path (``"sdpa"`` or ``"flex"``) :func:`attend` takes for this call when ``requested`` is asked for."""
-    if key_bias is None or dropout_p > 0 or q.shape[0] == 0 or (not q.is_cuda and q.requires_grad):
+    if key_bias is None or dropout_p > 0 or q.shape[0] == 0 or (q.device.type == "cpu" and q.requires_grad):
         return "sdpa"
     if requested == "auto":
         return "flex" if q.is_cuda and torch.compiler.is_compiling() else "sdpa"

@@ -72,6 +72,8 @@ def check_token_ids(ids: object, name: str, error: type[Exception] = InvalidConf
     """``ids`` (a 1-D integer tensor or a sequence of ints) as a ``[M]`` long tensor of token ids ``>= 0``; else
     ``error`` naming ``name`` (a float id would be silently truncated)."""
     if not isinstance(ids, Tensor):
+        if any(isinstance(i, bool) for i in (ids if isinstance(ids, (list, tuple)) else [])):
+            raise error(f"{name} must be token ids, got {ids!r} (a bool is no token id)")
         try:
             ids = torch.as_tensor(ids)
         except (TypeError, ValueError, RuntimeError):

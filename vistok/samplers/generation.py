@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -12,6 +11,7 @@ from torch import Tensor, nn
 from .._checks import is_int
 from ..errors import InvalidConfigError
 from ._decoding import CausalLMState, check_causal_lm
+from ._params import check_token_ids
 from .pipeline import SamplingConfig
 from .sampling import as_seeds
 
@@ -59,11 +59,13 @@ def prepare_prompt(input_ids: Tensor, attention_mask: Tensor | None) -> tuple[Te
 
 def eos_set(eos_token_id: int | list[int] | None, device) -> Tensor:
     """The end-of-sequence ids as a 1-D long tensor (empty for ``None``)."""
-    ids = [] if eos_token_id is None else [eos_token_id] if is_int(eos_token_id) else eos_token_id
-    if isinstance(ids, (str, bytes)) or not all(is_int(i, 0) for i in (ids if isinstance(ids, Iterable) else [ids])):
-        raise InvalidConfigError(f"eos_token_id must be a token id (an int >= 0), a list of them or None, got "
-                                 f"{eos_token_id!r}")
-    return torch.tensor(list(ids), dtype=torch.long, device=device)
+    if eos_token_id is None:
+        return torch.zeros(0, dtype=torch.long, device=device)
+    if isinstance(eos_token_id, (str, bytes)):
+        raise InvalidConfigError(f"eos_token_id must be token ids, got {eos_token_id!r}")
+    single = is_int(eos_token_id) or (isinstance(eos_token_id, Tensor) and eos_token_id.dim() == 0)
+    return check_token_ids(eos_token_id.reshape(1) if isinstance(eos_token_id, Tensor) and single
+                           else [eos_token_id] if single else eos_token_id, "eos_token_id").to(device)
 
 
 def check_decoding(config: SamplingConfig | None, pad_token_id: int) -> SamplingConfig:
@@ -71,8 +73,9 @@ def check_decoding(config: SamplingConfig | None, pad_token_id: int) -> Sampling
     if config is not None and not isinstance(config, SamplingConfig):
         raise InvalidConfigError(f"config must be a vistok.samplers.SamplingConfig (or None), got "
                                  f"{type(config).__name__}: build one with SamplingConfig(**options)")
-    if not is_int(pad_token_id, 0):
-        raise InvalidConfigError(f"pad_token_id must be a token id (an int >= 0), got {pad_token_id!r}")
+    if not is_int(pad_token_id):
+        raise InvalidConfigError(f"pad_token_id must be an int (what fills a row after its end), got "
+                                 f"{pad_token_id!r}")
     return config or SamplingConfig()
 
 

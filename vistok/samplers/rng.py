@@ -74,8 +74,8 @@ def _row_keys(seeds: Tensor, counter: int | Tensor, stream: int) -> Tensor:
             raise InvalidConfigError(f"counter must be an int or an integer tensor with one value per row "
                                      f"({seeds.shape[0]}), got a {counter.dtype} tensor of shape "
                                      f"{tuple(counter.shape)}")
-    elif not is_int(counter):
-        raise InvalidConfigError(f"counter must be an int or an integer tensor with one value per row, got "
+    elif not is_int(counter) or not -(2**63) <= counter < 2**63:
+        raise InvalidConfigError(f"counter must be an int64 or an integer tensor with one value per row, got "
                                  f"{counter!r}")
     if not is_int(stream):
         raise InvalidConfigError(f"stream must be an int, got {stream!r}")
