@@ -54,6 +54,9 @@ def overlay(image: np.ndarray, groups: np.ndarray, grid: tuple[int, int]) -> np.
     """
     rows, cols = grid
     height, width = image.shape[:2]
+    if height % rows or width % cols or groups.size != rows * cols:
+        raise InputShapeError(f"overlay: a {height}x{width} image with {groups.size} patch groups does not divide "
+                              f"into the {rows}x{cols} patch grid (resize the image to a multiple of it)")
     ph, pw = height // rows, width // cols
     out = image.copy()
     cells = groups.reshape(rows, cols)

@@ -52,6 +52,20 @@ def test_matching_and_merge_match_reference():
     assert torch.equal(out_sizes.sum(1), sizes.sum(1))
 
 
+def test_half_precision_tokens_merge_without_overflow():
+    """The size-weighted sums are taken in float32: two float16 tokens of 300 with sizes 300 and 1 merge to 300
+    (300 x 300 is past float16's 65504), by bipartite merging and by ATS's fusion alike."""
+    from vistok.ops.merging import merge_into_nearest
+
+    x = torch.full((1, 2, 4), 300.0, dtype=torch.float16)
+    sizes = torch.tensor([[300.0, 1.0]])
+    tokens, out_sizes = merge_weighted(x, sizes, bipartite_soft_matching(x, 1))
+    assert tokens.dtype == torch.float16 and tokens[0, 1].tolist() == [300.0] * 4 and float(out_sizes[0, 1]) == 301
+    keep = torch.tensor([[True, False]])
+    merged, weights, _ = merge_into_nearest(x, x, sizes, keep, keep)
+    assert merged.dtype == torch.float16 and merged[0, 0].tolist() == [300.0] * 4 and float(weights[0, 0]) == 301
+
+
 def test_padding_is_matched_last_and_weighs_nothing():
     x, metric = torch.randn(1, 10, 3), torch.randn(1, 10, 4)
     valid = torch.tensor([[True] * 6 + [False] * 4])

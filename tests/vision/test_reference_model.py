@@ -105,3 +105,14 @@ def test_pretrained_takes_timms_head_options(reference):
         assert torch.allclose(averaged(images), reference.head(tokens[:, 1:].mean(dim=1)), atol=1e-5)
     with pytest.raises(vistok.InvalidConfigError, match="attention pool"):
         timm.create_model("vistok_vit_fmnist", pretrained=True, global_pool="map")
+    with pytest.raises(vistok.InvalidConfigError, match="features_only is not supported"):
+        timm.create_model("vistok_vit_fmnist", features_only=True)  # was a TypeError from VisionTransformer
+    clips = torch.randn(2, 1, 4, 28, 28)
+    video = timm.create_model("vistok_video_vit_fmnist", pretrained=True).eval()  # the video model alike
+    with torch.no_grad():
+        tokens = video.forward_features(clips)
+        fresh = timm.create_model("vistok_video_vit_fmnist", pretrained=True, num_classes=5).eval()
+        assert fresh.head.out_features == 5 and torch.allclose(fresh.forward_features(clips), tokens)
+        averaged = timm.create_model("vistok_video_vit_fmnist", pretrained=True, global_pool="avg").eval()
+        assert torch.allclose(averaged(clips), video.head(tokens[:, video.num_prefix_tokens:].mean(dim=1)),
+                              atol=1e-5)

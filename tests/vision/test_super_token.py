@@ -64,6 +64,17 @@ def test_association_matches_loops_and_is_a_partition_of_unity():
             numerator += (cells[0, cell] * association[0, cell, :, k, None]).sum(0)
             denominator += association[0, cell, :, k].sum()
     assert torch.allclose(features[0, :, 1, 2], numerator / denominator, atol=1e-6)
+    cells, association = cells.double(), association.double()  # float64 is kept, not divided in float32
+    numerator, denominator = torch.zeros(5, dtype=torch.float64), 0.0
+    for cell in range(12):
+        r, c = divmod(cell, 4)
+        if abs(r - 1) <= 1 and abs(c - 2) <= 1:
+            k = (1 - r + 1) * 3 + (2 - c + 1)
+            numerator += (cells[0, cell] * association[0, cell, :, k, None]).sum(0)
+            denominator += association[0, cell, :, k].sum()
+    exact = super_token_features(cells, association, (3, 4))
+    assert exact.dtype == torch.float64
+    assert torch.allclose(exact[0, :, 1, 2], numerator / denominator, rtol=0, atol=1e-12)
     with pytest.raises(ValueError, match="does not divide"):
         to_cells(torch.randn(1, 2, 10, 8), (4, 4))
 

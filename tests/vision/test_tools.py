@@ -3,6 +3,7 @@
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import timm
 import torch
@@ -334,6 +335,10 @@ def test_overlays_account_for_every_patch(tmp_path):
         assert torch.equal(sizes[1:].float(), merged.sizes[b, 1:])
     path = save_overlay_grid(tmp_path / "tokens.png", images, {"ats": ats, "merge": merged}, grid=(14, 14))
     assert path.stat().st_size > 10_000
+    from vistok.viz import overlay
+
+    with pytest.raises(vistok.InputShapeError, match="30x30 image with 196 patch groups does not divide"):
+        overlay(np.zeros((30, 30, 3)), groups[0].numpy(), (14, 14))
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)

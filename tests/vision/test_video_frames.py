@@ -19,6 +19,7 @@ from vistok.video.frames import (
     top_scoring_frames,
     uniform_frames,
 )
+from vistok.video.qa import VideoQAConfig
 
 
 def test_summaries_are_the_class_token_or_the_mean():
@@ -159,6 +160,17 @@ def test_temporal_merge_weights_by_size_and_checks_input():
         merge_similar_frames(frames, torch.ones(2, 2), torch.tensor([0, 1]), 1.5)
     with pytest.raises(InputShapeError, match=r"metric must be \[K=2, C\]"):
         merge_similar_frames(frames, torch.ones(3, 2), torch.tensor([0, 1]))
+    with pytest.raises(InputShapeError, match=r"sizes must be \[K=2\]"):
+        merge_similar_frames(frames, torch.ones(2, 2), torch.tensor([0, 1]), 0.5, sizes=torch.ones(3))
+    with pytest.raises(InputShapeError, match=r"frame_sizes must be \[K=2\]"):
+        fit_token_budget(frames, 1, torch.ones(3))
+    with pytest.raises(InvalidConfigError, match=r"threshold must be in \[0, 1\] or None"):
+        top_scoring_frames(torch.rand(4), 2, torch.rand(4, 3), threshold=1.5)
+    with pytest.raises(InvalidConfigError, match="seed must be an int"):
+        VideoQAConfig(seed=1.5)
+    large = torch.full((2, 1, 2), 300.0, dtype=torch.float16)  # summed in float32: 300 x 300 is past float16
+    assert merge_similar_frames(large, torch.ones(2, 2), torch.tensor([0, 1]), 0.5,
+                                sizes=torch.tensor([300.0, 1.0])).frames.tolist() == [[[300.0, 300.0]]]
 
 
 @pytest.mark.parametrize("budget", [1, 7, 20, 24])

@@ -180,6 +180,9 @@ def test_the_pipeline_answers_a_video_file(smollm2):
         qa(SAMPLE / "missing.mp4", "Is there a bag?")
     with pytest.raises(InvalidConfigError, match="needs clip="):
         VideoQA(model, tokenizer, VideoQAConfig(selection="text"))
+    half = VideoQA(model.to(torch.bfloat16), tokenizer, VideoQAConfig(budget=64, selection="learned"))
+    result = half(SAMPLE / rows[0]["video"], rows[0]["question"])  # the frames go in in the model's dtype
+    assert isinstance(result.answer, str) and 1 <= result.visual_tokens <= 64
 
 
 @pytest.mark.slow

@@ -86,6 +86,14 @@ def test_inflated_model_trains():
     assert video.patch_embed.proj.weight.grad is not None and video.pos_embed.grad.abs().sum() > 0
 
 
+def test_inflating_keeps_the_models_dtype():
+    """The tubelet projection is made in the image projection's dtype (and on its device), as the blocks are."""
+    video = inflate_to_video(image_model().to(torch.bfloat16), FRAMES)
+    assert video.patch_embed.proj.weight.dtype == torch.bfloat16
+    with torch.no_grad():
+        assert video(torch.randn(1, 1, FRAMES, 28, 28, dtype=torch.bfloat16)).dtype == torch.bfloat16
+
+
 def test_refusals():
     with pytest.raises(InvalidConfigError, match="multiple"):
         inflate_to_video(image_model(), 5, tubelet_frames=2)

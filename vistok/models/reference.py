@@ -129,12 +129,7 @@ def _create_reference(name: str, arch: dict, embed_layer: type[PatchEmbed], pret
                       **kwargs) -> VisionTransformer:
     """As timm's factories: with ``pretrained``, ``num_classes`` (0: no head) and ``global_pool`` give a fresh
     head on the shipped weights rather than a checkpoint that does not fit."""
-    for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
-        kwargs.pop(key, None)
-    head = {key: kwargs.pop(key) for key in ("num_classes", "global_pool") if pretrained and key in kwargs}
-    if head.get("global_pool") in ("map", "prr"):
-        raise InvalidConfigError(f"{name}: global_pool={head['global_pool']!r} needs an attention pool the "
-                                 "pretrained weights do not have")
+    head = head_options(name, pretrained, kwargs)
     model = VisionTransformer(**{**arch, "embed_layer": embed_layer, **kwargs})
     _init_sincos_positions(model)
     model.pretrained_cfg = model.default_cfg = {
@@ -143,13 +138,36 @@ def _create_reference(name: str, arch: dict, embed_layer: type[PatchEmbed], pret
     }
     if pretrained:
         load_checkpoint(model, reference_checkpoint(name))
-        if head:
-            trained = model.head
-            model.reset_classifier(head.get("num_classes", model.num_classes), head.get("global_pool"))
-            if model.num_classes == trained.out_features:  # only the pooling changed: the trained head stays
-                model.head = trained
-            model.pretrained_cfg = model.default_cfg = {**model.pretrained_cfg, "num_classes": model.num_classes}
+        fit_head(model, head)
     return model
+
+
+def head_options(name: str, pretrained: bool, kwargs: dict) -> dict:
+    """Take from ``kwargs`` (a timm factory's) what vistok's factories do not pass on: timm's own settings, and
+    with ``pretrained`` the head asked for (``num_classes``, ``global_pool``), which :func:`fit_head` gives after
+    the shipped weights load. Refuses what the reference models cannot be (``features_only``, attention pools)."""
+    for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
+        kwargs.pop(key, None)
+    if kwargs.pop("features_only", False):
+        raise InvalidConfigError(f"{name}: features_only is not supported (use forward_intermediates, or "
+                                 "forward_features for the tokens)")
+    head = {key: kwargs.pop(key) for key in ("num_classes", "global_pool") if pretrained and key in kwargs}
+    if head.get("global_pool") in ("map", "prr"):
+        raise InvalidConfigError(f"{name}: global_pool={head['global_pool']!r} needs an attention pool the "
+                                 "pretrained weights do not have")
+    return head
+
+
+def fit_head(model: VisionTransformer, head: dict) -> None:
+    """The head ``head`` asks for (``num_classes``, ``global_pool``) on a model with its shipped weights: a fresh
+    classifier for another class count; the trained one where only the pooling changed."""
+    if not head:
+        return
+    trained = model.head
+    model.reset_classifier(head.get("num_classes", model.num_classes), head.get("global_pool"))
+    if model.num_classes == trained.out_features:
+        model.head = trained
+    model.pretrained_cfg = model.default_cfg = {**model.pretrained_cfg, "num_classes": model.num_classes}
 
 
 @register_model

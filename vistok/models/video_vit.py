@@ -32,6 +32,7 @@ __all__ = ["TubeletEmbed", "inflate_to_video", "resample_num_frames", "vistok_vi
 VIDEO_REFERENCE_NAME = "vistok_video_vit_fmnist"
 VIDEO_MERGE_NAME = "vistok_video_vit_fmnist_merge"  # fine-tuned with merging on
 TRAINED_FRAMES = 4  # the shipped video reference weights are for 4-frame clips
+TRAINED_CLASSES = 8  # ... and the 8 motion classes
 
 
 class TubeletEmbed(nn.Module):
@@ -109,7 +110,8 @@ def inflate_to_video(model: VisionTransformer, num_frames: int, tubelet_frames: 
     stem, conv = _split_patch_embed(model.patch_embed)
     video = copy.deepcopy(model)
     proj = nn.Conv3d(conv.in_channels, conv.out_channels, kernel_size=(tubelet_frames, *conv.kernel_size),
-                     stride=(tubelet_frames, *conv.stride), bias=conv.bias is not None)
+                     stride=(tubelet_frames, *conv.stride), bias=conv.bias is not None, device=conv.weight.device,
+                     dtype=conv.weight.dtype)
     proj.weight.copy_(conv.weight[:, :, None].expand_as(proj.weight) / tubelet_frames)
     if conv.bias is not None:
         proj.bias.copy_(conv.bias)
@@ -186,16 +188,17 @@ def vistok_video_vit_fmnist_merge(pretrained: bool = False, image_pretrained: bo
 
 def _video_reference(name: str, pretrained: bool, image_pretrained: bool, num_frames: int, tubelet_frames: int,
                      num_classes: int, **kwargs) -> VisionTransformer:
-    from .reference import load_checkpoint, reference_checkpoint, vistok_vit_fmnist_reg4
+    from .reference import fit_head, head_options, load_checkpoint, reference_checkpoint, vistok_vit_fmnist_reg4
 
-    for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
-        kwargs.pop(key, None)
-    image = vistok_vit_fmnist_reg4(pretrained=image_pretrained and not pretrained, **kwargs)
+    options = {**kwargs, "num_classes": num_classes}
+    head = head_options(name, pretrained, options)  # with pretrained, the head asked for comes after loading
+    classes = options.pop("num_classes", TRAINED_CLASSES)
+    image = vistok_vit_fmnist_reg4(pretrained=image_pretrained and not pretrained, **options)
     trained_frames = TRAINED_FRAMES if pretrained else num_frames
     video = inflate_to_video(image, trained_frames, tubelet_frames)
-    video.reset_classifier(num_classes)
-    video.pretrained_cfg = video.default_cfg = {**video.pretrained_cfg, "architecture": name,
-                                                "num_classes": num_classes}
+    video.reset_classifier(classes)
+    video.pretrained_cfg = video.default_cfg = {**video.pretrained_cfg, "architecture": name, "num_classes": classes}
     if pretrained:
         load_checkpoint(video, reference_checkpoint(name))
+        fit_head(video, head)
     return video if num_frames == trained_frames else resample_num_frames(video, num_frames)

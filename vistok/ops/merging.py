@@ -97,7 +97,8 @@ def bipartite_soft_matching(metric: Tensor, r: int | Tensor, valid: Tensor | Non
 def merge_weighted(x: Tensor, weights: Tensor, matching: Matching) -> tuple[Tensor, Tensor]:
     """Merge ``x`` ``[B, N, *rest]`` by ``matching``, each token weighted by ``weights`` ``[B, N]`` (its
     size; 0 for padding): a merged token is the weighted mean of its parts and weighs their sum. The means are
-    computed in ``x``'s dtype, the summed weights in ``weights``' (keep sizes in :func:`size_dtype`).
+    computed in :func:`size_dtype` (at least float32) and returned in ``x``'s dtype, the summed weights in
+    ``weights``' (keep sizes in :func:`size_dtype`).
 
     Returns:
         Tokens ``[B, N, *rest]`` and weights ``[B, N]`` laid out in ``matching.order`` (set A, then set
@@ -109,12 +110,13 @@ def merge_weighted(x: Tensor, weights: Tensor, matching: Matching) -> tuple[Tens
     b_index = matching.b_positions.expand(x.shape[0], -1)
     a_weight = gather_tokens(weights, a_index)
     moved = a_weight * matching.merged
-    weighted = x * weights.to(x.dtype).reshape(*weights.shape, *trailing)
+    work = size_dtype(x.dtype)  # half precision overflows a sum of size-weighted tokens (300 x 300 > 65504)
+    weighted = x.to(work) * weights.to(work).reshape(*weights.shape, *trailing)
     b_sum = add_to_tokens(gather_tokens(weighted, b_index), matching.target,
                           gather_tokens(weighted, a_index) * matching.merged.reshape(*moved.shape, *trailing))
     b_weight = gather_tokens(weights, b_index).scatter_add(1, matching.target, moved)
-    denominator = b_weight.to(x.dtype).reshape(*b_weight.shape, *trailing)
-    b_tokens = torch.where(denominator > 0, b_sum / denominator.clamp_min(torch.finfo(b_sum.dtype).tiny),
+    denominator = b_weight.to(work).reshape(*b_weight.shape, *trailing)
+    b_tokens = torch.where(denominator > 0, (b_sum / denominator.clamp_min(torch.finfo(work).tiny)).to(x.dtype),
                            gather_tokens(x, b_index))
     tokens = torch.cat([gather_tokens(x, a_index), b_tokens], dim=1)
     return tokens, torch.cat([a_weight - moved, b_weight], dim=1)
@@ -127,7 +129,7 @@ def merge_into_nearest(x: Tensor, metric: Tensor, weights: Tensor, keep: Tensor,
 
     Args:
         x: ``[B, N, C]``; metric: ``[B, N, d]`` (e.g. the keys averaged over heads); weights: ``[B, N]`` sizes
-            (0 for padding; counted in :func:`size_dtype`, while the means are taken in ``x``'s dtype); keep:
+            (0 for padding; counted in :func:`size_dtype`, as the means are); keep:
             ``[B, N]`` bool, the tokens that stay; candidates: ``[B, N]`` bool, the kept tokens others may merge
             into (the kept patch tokens: never a prefix token).
 
@@ -142,8 +144,9 @@ def merge_into_nearest(x: Tensor, metric: Tensor, weights: Tensor, keep: Tensor,
     moving = ~keep & (weights > 0) & candidates.any(dim=1, keepdim=True)
     target = torch.where(moving, similarity.argmax(dim=-1), positions)
     merged_weights = torch.zeros_like(weights).scatter_add(1, target, weights)
-    summed = add_to_tokens(torch.zeros_like(x), target, x * weights.to(x.dtype)[..., None])
+    work = size_dtype(x.dtype)  # as merge_weighted: half precision overflows the size-weighted sums
+    summed = add_to_tokens(torch.zeros_like(x, dtype=work), target, x.to(work) * weights.to(work)[..., None])
     received = merged_weights > weights  # only a token that others joined changes: the rest stays bit for bit
-    denominator = merged_weights.to(x.dtype)[..., None].clamp_min(torch.finfo(x.dtype).tiny)
-    merged = torch.where(received[..., None], summed / denominator, x)
+    denominator = merged_weights.to(work)[..., None].clamp_min(torch.finfo(work).tiny)
+    merged = torch.where(received[..., None], (summed / denominator).to(x.dtype), x)
     return merged, merged_weights, target

@@ -105,8 +105,9 @@ def super_token_features(cells: Tensor, association: Tensor, grid: tuple[int, in
     """Each super token as the association-weighted mean of the tokens associated with it:
     ``[B, S, P, C]``, ``[B, S, P, 9]`` -> ``[B, C, R, K]``."""
     weighted = cells.transpose(-1, -2) @ association  # [B, S, C, 9]
-    mass = super_token_mass(association, grid).float()  # in float16 a clamp of 1e-12 is 0, and 0 / 0 a NaN
-    return (_fold(weighted, grid).float() / mass.clamp_min(1e-12)).to(weighted.dtype)
+    work = torch.promote_types(weighted.dtype, torch.float32)  # in float16 a clamp of 1e-12 is 0, and 0 / 0 a NaN
+    mass = super_token_mass(association, grid).to(work)
+    return (_fold(weighted, grid).to(work) / mass.clamp_min(1e-12)).to(weighted.dtype)
 
 
 def map_back(super_tokens: Tensor, association: Tensor) -> Tensor:

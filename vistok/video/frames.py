@@ -68,6 +68,8 @@ def top_scoring_frames(scores: Tensor, count: int, summaries: Tensor | None = No
     if scores.dim() != 1:
         raise InputShapeError(f"top_scoring_frames: expected scores [T], got {tuple(scores.shape)}")
     _check_count(count, "count", scores.shape[0])
+    if threshold is not None and (not is_real(threshold) or not 0 <= threshold <= 1):
+        raise InvalidConfigError(f"top_scoring_frames: threshold must be in [0, 1] or None, got {threshold!r}")
     ranked = scores.float().argsort(descending=True, stable=True)
     if summaries is None or threshold is None:
         return ranked[:count].sort().values
@@ -239,6 +241,9 @@ def merge_similar_frames(frames: Tensor, metric: Tensor, times: Tensor, threshol
                               f"{tuple(metric.shape)} and {tuple(times.shape)}")
     if not is_real(threshold) or not 0 <= threshold <= 1:
         raise InvalidConfigError(f"merge_similar_frames: threshold must be in [0, 1], got {threshold!r}")
+    if sizes is not None and (not isinstance(sizes, Tensor) or sizes.shape != (count,)):
+        raise InputShapeError(f"merge_similar_frames: sizes must be [K={count}], got "
+                              f"{tuple(sizes.shape) if isinstance(sizes, Tensor) else type(sizes).__name__}")
     order = times.argsort(stable=True)  # earlier means earlier in the video
     frames, metric, times = frames[order], metric[order], times[order]
     weights = torch.ones(count, dtype=size_dtype(frames.dtype), device=frames.device) if sizes is None \
@@ -253,11 +258,13 @@ def merge_similar_frames(frames: Tensor, metric: Tensor, times: Tensor, threshol
             root[index] = root[target[index]]
     roots, group = torch.unique(root, return_inverse=True)  # sorted: the output keeps time order
     totals = torch.zeros(len(roots), dtype=weights.dtype, device=frames.device).index_add_(0, group, weights)
-    summed = torch.zeros(len(roots), *frames.shape[1:], dtype=frames.dtype, device=frames.device).index_add_(
-        0, group, frames * weights.to(frames.dtype)[:, None, None])
+    work = size_dtype(frames.dtype)  # summed in at least float32, as token merging is
+    summed = torch.zeros(len(roots), *frames.shape[1:], dtype=work, device=frames.device).index_add_(
+        0, group, frames.to(work) * weights.to(work)[:, None, None])
     owner = torch.empty_like(group)
     owner[order] = group
-    return MergedFrames(summed / totals.to(frames.dtype)[:, None, None], totals, times[roots], owner)
+    means = (summed / totals.to(work)[:, None, None]).to(frames.dtype)
+    return MergedFrames(means, totals, times[roots], owner)
 
 
 @dataclass(frozen=True)
@@ -289,6 +296,9 @@ def fit_token_budget(frames: Tensor, budget: int, frame_sizes: Tensor | None = N
     if count * per_frame < budget:
         raise InvalidConfigError(f"fit_token_budget: per_frame={per_frame} x {count} frames is fewer tokens than the "
                                  f"budget {budget}")
+    if frame_sizes is not None and (not isinstance(frame_sizes, Tensor) or frame_sizes.shape != (count,)):
+        raise InputShapeError(f"fit_token_budget: frame_sizes must be [K={count}], got "
+                              f"{tuple(frame_sizes.shape) if isinstance(frame_sizes, Tensor) else frame_sizes!r}")
     weights = torch.ones(count, dtype=frames.dtype, device=frames.device) if frame_sizes is None else frame_sizes
     sampled = merge_to_budget(frames, per_frame)  # [K, per_frame, D], sizes in patches
     sizes = sampled.sizes * weights.to(sampled.sizes.dtype)[:, None]

@@ -85,6 +85,8 @@ class VideoQAConfig:
             raise InvalidConfigError("VideoQAConfig: selection 'learned' needs a frame count (frames=: its queries)")
         if self.merge_on not in MERGE_METRICS:
             raise InvalidConfigError(f"VideoQAConfig: merge_on must be one of {MERGE_METRICS}, got {self.merge_on!r}")
+        if not is_int(self.seed) or not 0 <= self.seed < 2**63:
+            raise InvalidConfigError(f"VideoQAConfig: seed must be an int in [0, 2**63), got {self.seed!r}")
         threshold = self.merge_threshold
         if threshold is not None and (not is_real(threshold) or not 0.5 <= threshold <= 1):
             raise InvalidConfigError(f"VideoQAConfig: merge_threshold must be in [0.5, 1] or None (two different "
@@ -160,10 +162,12 @@ def encode_frames(model: nn.Module, frames: Tensor, batch_size: int = 256, progr
 
     tower = model.model.vision_tower
     layer = model.config.vision_feature_layer
+    weight = next(tower.parameters())  # the frames go in on the tower's device, in its dtype
     states = []
     starts = range(0, frames.shape[0], batch_size)
     for start in tqdm(starts, desc="encoding frames", disable=not progress or len(starts) < 2):
-        states.append(tower(frames[start: start + batch_size], output_hidden_states=True).hidden_states[layer])
+        chunk = frames[start: start + batch_size].to(device=weight.device, dtype=weight.dtype)
+        states.append(tower(chunk, output_hidden_states=True).hidden_states[layer])
     states = torch.cat(states)
     return EncodedVideo(states[:, 1:], states[:, 0])
 
@@ -173,9 +177,11 @@ def question_embeddings(model: nn.Module, tokenizer: Any, questions: list[str]) 
     the learned selector reads."""
     rows = [tokenizer(q, add_special_tokens=False).input_ids for q in questions]
     width = max(map(len, rows))
-    ids = torch.tensor([r + [0] * (width - len(r)) for r in rows])
-    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
-    return model.get_input_embeddings()(ids), mask
+    embeddings = model.get_input_embeddings()
+    device = embeddings.weight.device
+    ids = torch.tensor([r + [0] * (width - len(r)) for r in rows], device=device)
+    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=device)
+    return embeddings(ids), mask
 
 
 def compress_video(encoded: EncodedVideo, config: VideoQAConfig, selector: nn.Module | None = None,
