@@ -43,6 +43,19 @@ def reference_association(x, size, scale):
     return out
 
 
+def super_token_by_hand(cells, association):
+    """Super token (1, 2) of image 0 on a 3 x 4 grid: the association-weighted mean over the tokens of its 3x3
+    neighbouring cells."""
+    numerator, denominator = torch.zeros(cells.shape[-1], dtype=cells.dtype), 0.0
+    for cell in range(12):
+        r, c = divmod(cell, 4)
+        if abs(r - 1) <= 1 and abs(c - 2) <= 1:
+            k = (1 - r + 1) * 3 + (2 - c + 1)
+            numerator += (cells[0, cell] * association[0, cell, :, k, None]).sum(0)
+            denominator += association[0, cell, :, k].sum()
+    return numerator / denominator
+
+
 def test_association_matches_loops_and_is_a_partition_of_unity():
     x = torch.randn(2, 5, 12, 8)
     size = (4, 2)
@@ -55,26 +68,11 @@ def test_association_matches_loops_and_is_a_partition_of_unity():
     assert torch.allclose(map_back(torch.full((2, 5, 3, 4), 2.5), association), torch.full((2, 12, 8, 5), 2.5))
     assert torch.allclose(super_token_mass(association, (3, 4)).sum(dim=(1, 2, 3)), torch.full((2,), 96.0))
     features = super_token_features(cells, association, (3, 4))
-    # super token (1, 2) by hand: association-weighted mean over the tokens of its 3x3 neighbouring cells
-    numerator, denominator = torch.zeros(5), 0.0
-    for cell in range(12):
-        r, c = divmod(cell, 4)
-        if abs(r - 1) <= 1 and abs(c - 2) <= 1:
-            k = (1 - r + 1) * 3 + (2 - c + 1)
-            numerator += (cells[0, cell] * association[0, cell, :, k, None]).sum(0)
-            denominator += association[0, cell, :, k].sum()
-    assert torch.allclose(features[0, :, 1, 2], numerator / denominator, atol=1e-6)
+    assert torch.allclose(features[0, :, 1, 2], super_token_by_hand(cells, association), atol=1e-6)
     cells, association = cells.double(), association.double()  # float64 is kept, not divided in float32
-    numerator, denominator = torch.zeros(5, dtype=torch.float64), 0.0
-    for cell in range(12):
-        r, c = divmod(cell, 4)
-        if abs(r - 1) <= 1 and abs(c - 2) <= 1:
-            k = (1 - r + 1) * 3 + (2 - c + 1)
-            numerator += (cells[0, cell] * association[0, cell, :, k, None]).sum(0)
-            denominator += association[0, cell, :, k].sum()
     exact = super_token_features(cells, association, (3, 4))
     assert exact.dtype == torch.float64
-    assert torch.allclose(exact[0, :, 1, 2], numerator / denominator, rtol=0, atol=1e-12)
+    assert torch.allclose(exact[0, :, 1, 2], super_token_by_hand(cells, association), rtol=0, atol=1e-12)
     with pytest.raises(ValueError, match="does not divide"):
         to_cells(torch.randn(1, 2, 10, 8), (4, 4))
 

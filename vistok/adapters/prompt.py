@@ -78,7 +78,7 @@ def _padding_side(attention_mask: Tensor | None) -> str:
 
 def shorten_prompt(input_ids: Tensor, keep: Tensor, aligned: Mapping[str, Tensor], pad_id: int
                    ) -> tuple[Tensor, dict[str, Tensor]]:
-    """``input_ids`` and every ``aligned`` ``[B, L]`` tensor at the ``keep`` positions that are not padding (the
+    """``input_ids`` and every ``aligned`` ``[B, L, ...]`` tensor at the ``keep`` positions that are not padding (the
     0s of ``aligned["attention_mask"]`` at the padded end of a row; a masked token inside a row stays, masked),
     rows re-padded to the longest with ``pad_id`` / 0 in the mask / -100 in labels: on the right where the caller
     padded on the right, else on the left (where generation appends). Rows that come out of different lengths get

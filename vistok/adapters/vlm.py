@@ -48,7 +48,7 @@ __all__ = ["VisionLLMHandle", "VisualTokens", "vision_llm_family", "patch_vision
 
 FAMILIES: tuple[type[VisionLLMFamily], ...] = (LlavaFamily, LlavaOnevisionFamily, Idefics3Family, SmolVLMFamily,
                                                Qwen2VLFamily)
-# [B, L] tensors that line up with input_ids and lose the same positions
+# tensors [B, L, ...] that line up with input_ids and lose the same positions
 ALIGNED = ("attention_mask", "labels", "mm_token_type_ids", "token_type_ids", "inputs_embeds")
 
 

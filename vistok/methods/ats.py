@@ -133,8 +133,8 @@ class ATSConfig(MethodConfig):
         budgets = self._per_block_k(info, len(blocks))
         bound = info.patch_bound()
         if not is_int(self.min_tokens, 1) or bound is not None and self.min_tokens > bound:
-            raise InvalidConfigError(
-                f"ats: min_tokens must be an int in [1, {bound}] (the model's patch tokens), got {self.min_tokens!r}")
+            limit = "the input's patch tokens" if bound is None else f"{bound}, the model's patch tokens"
+            raise InvalidConfigError(f"ats: min_tokens must be an int in [1, {limit}], got {self.min_tokens!r}")
         if self.fusion and info.rotary:
             raise UnsupportedModelError(f"ats: fusion on {info.model_class}, which uses rotary position embeddings: a "
                                         "fused token has no single position to rotate by (use fusion=False)")

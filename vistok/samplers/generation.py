@@ -63,9 +63,11 @@ def eos_set(eos_token_id: int | list[int] | None, device) -> Tensor:
         return torch.zeros(0, dtype=torch.long, device=device)
     if isinstance(eos_token_id, (str, bytes)):
         raise InvalidConfigError(f"eos_token_id must be token ids, got {eos_token_id!r}")
-    single = is_int(eos_token_id) or (isinstance(eos_token_id, Tensor) and eos_token_id.dim() == 0)
-    return check_token_ids(eos_token_id.reshape(1) if isinstance(eos_token_id, Tensor) and single
-                           else [eos_token_id] if single else eos_token_id, "eos_token_id").to(device)
+    if is_int(eos_token_id):
+        eos_token_id = [eos_token_id]
+    elif isinstance(eos_token_id, Tensor) and eos_token_id.dim() == 0:
+        eos_token_id = eos_token_id.reshape(1)
+    return check_token_ids(eos_token_id, "eos_token_id").to(device)
 
 
 def check_decoding(config: SamplingConfig | None, pad_token_id: int) -> SamplingConfig:
