@@ -208,10 +208,13 @@ def test_flex_under_compile_matches_eager_sdpa():
 def test_attention_path_choice():
     bias = torch.zeros(2, 1, 1, 5)
     q = torch.zeros(2, 1, 5, 4)
-    on_gpu = types.SimpleNamespace(is_cuda=True, shape=q.shape)
+    on_gpu = types.SimpleNamespace(is_cuda=True, shape=q.shape, device=torch.device("cuda"), requires_grad=True)
     assert attention_path("flex", q, None, 0.0) == "sdpa"  # nothing biased: the plain fused kernel
     assert attention_path("flex", q, bias, 0.1) == "sdpa"  # flex has no dropout
     assert attention_path("flex", q, bias, 0.0) == "flex"
+    assert attention_path("flex", q.requires_grad_(), bias, 0.0) == "sdpa"  # no FlexAttention backward on the CPU
+    assert attention_path("flex", on_gpu, bias, 0.0) == "flex"  # on a GPU it has one
+    q.requires_grad_(False)
     assert attention_path("auto", q, bias, 0.0) == "sdpa"  # eager CPU
     assert attention_path("auto", on_gpu, bias, 0.0) == "sdpa"  # eager GPU: flex would be unfused
     assert _compiled(lambda: attention_path("auto", on_gpu, bias, 0.0) == "flex")() is True
