@@ -161,8 +161,8 @@ def head_options(name: str, pretrained: bool, kwargs: dict) -> dict:
 def fit_head(model: VisionTransformer, head: dict) -> None:
     """The head ``head`` asks for (``num_classes``, ``global_pool``) on a model with its shipped weights: a fresh
     classifier for another class count; the trained one where only the pooling changed."""
-    if not head:
-        return
+    if head.get("num_classes", model.num_classes) == model.num_classes and "global_pool" not in head:
+        return  # the shipped head as it is (and no random draws for a head that would be thrown away)
     trained = model.head
     model.reset_classifier(head.get("num_classes", model.num_classes), head.get("global_pool"))
     if model.num_classes == trained.out_features:
