@@ -77,12 +77,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--calibration must be at least 4 images, got {args.calibration}")
     if args.sweep is None:
         args.sweep = [str(ROOT / "results" / name) for name in SWEEPS[args.model]]
-    try:
-        test_set = fashion_mnist_dataset("test")
-        train_images, _ = load_fashion_mnist("train")
-    except vistok.VistokError as error:
-        print(f"demo.py: error: {error}", file=sys.stderr)
-        return 2
+    test_set = fashion_mnist_dataset("test")
+    train_images, _ = load_fashion_mnist("train")
     if args.limit:
         test_set = torch.utils.data.Subset(test_set, range(min(args.limit, len(test_set))))
     transform = GreyBatchTransform()

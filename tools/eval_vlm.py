@@ -218,31 +218,27 @@ def main(argv: list[str] | None = None, language_model=None) -> int:
             parser.error(f"--baseline {baseline} is not among the methods evaluated ({' '.join(args.methods)})")
         print(f"eval_vlm.py: the default baseline {baseline} is not among the methods: vs_baseline stays empty "
               "(give --baseline)", file=sys.stderr)
-    try:
-        model, tokenizer = create_reference_vlm(pretrained=args.checkpoint is None, checkpoint=args.checkpoint,
-                                                language_model=language_model, page=args.page,
-                                                fine=args.fine)
-        data = (SparsePageQA if args.page else FashionQA)("test", args.questions, seed=args.seed)
-        grid = model.model.vision_tower.token_grid
-        rows, hits = [], []
-        for method, tokens in settings(args.methods, args.fractions, grid[0] * grid[1], grid, baseline):
-            row, answered = evaluate(model, tokenizer, data, method, tokens, args.batch_size, args.prefill_runs)
-            rows.append(row)
-            hits.append(answered)
-            print(json.dumps(row), flush=True)
-        if args.tune is not None:
-            tuned = tune_on_training_questions(model, tokenizer, args.page, args.tune, args.tune_batches,
-                                               args.batch_size, args.seed)
-            tuned.save(Path(args.out).with_name(Path(args.out).name + "_tune.json"))
-            tokens = tuned.config.tokens
-            row, answered = evaluate(model, tokenizer, data, f"tuned: {tuned.best['label']}", tokens,
-                                     args.batch_size, args.prefill_runs, config=tuned.config)
-            rows.append({**row, "tuner_seconds": tuned.seconds})
-            hits.append(answered)
-            print(json.dumps(rows[-1]), flush=True)
-    except vistok.VistokError as error:
-        print(f"eval_vlm.py: error: {error}", file=sys.stderr)
-        return 2
+    model, tokenizer = create_reference_vlm(pretrained=args.checkpoint is None, checkpoint=args.checkpoint,
+                                            language_model=language_model, page=args.page,
+                                            fine=args.fine)
+    data = (SparsePageQA if args.page else FashionQA)("test", args.questions, seed=args.seed)
+    grid = model.model.vision_tower.token_grid
+    rows, hits = [], []
+    for method, tokens in settings(args.methods, args.fractions, grid[0] * grid[1], grid, baseline):
+        row, answered = evaluate(model, tokenizer, data, method, tokens, args.batch_size, args.prefill_runs)
+        rows.append(row)
+        hits.append(answered)
+        print(json.dumps(row), flush=True)
+    if args.tune is not None:
+        tuned = tune_on_training_questions(model, tokenizer, args.page, args.tune, args.tune_batches,
+                                           args.batch_size, args.seed)
+        tuned.save(Path(args.out).with_name(Path(args.out).name + "_tune.json"))
+        tokens = tuned.config.tokens
+        row, answered = evaluate(model, tokenizer, data, f"tuned: {tuned.best['label']}", tokens,
+                                 args.batch_size, args.prefill_runs, config=tuned.config)
+        rows.append({**row, "tuner_seconds": tuned.seconds})
+        hits.append(answered)
+        print(json.dumps(rows[-1]), flush=True)
     if args.overhead:
         overhead = keep_everything_overhead(model, tokenizer, data, args.methods, args.batch_size, args.prefill_runs)
         with open(Path(args.out).with_name(Path(args.out).name + "_overhead.csv"), "w", newline="") as handle:

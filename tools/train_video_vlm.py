@@ -24,7 +24,6 @@ from pathlib import Path
 
 import torch
 
-import vistok
 from vistok.cli import count, reports_errors, share
 from vistok.models.reference_vlm import (
     TrainingRun,
@@ -129,11 +128,7 @@ def main(argv: list[str] | None = None, language_model=None) -> int:
                       "tokens": sum(f.shape[0] for f in features) / len(features)}
 
     run = TrainingRun(Path(args.out), args.steps, args.minutes, args.lr, args.warmup, args.save_every, args.resume)
-    try:
-        steps = train_trained_tensors(model, run, step_loss)
-    except vistok.VistokError as error:
-        print(f"{Path(__file__).name}: error: {error}", file=sys.stderr)
-        return 2
+    steps = train_trained_tensors(model, run, step_loss)
     print(f"{steps * args.batch_size} videos")
     return 0
 

@@ -134,11 +134,7 @@ def main(argv: list[str] | None = None, language_model=None) -> int:
         return loss, {"method": seen_through}
 
     run = TrainingRun(Path(args.out), args.steps, args.minutes, args.lr, args.warmup, args.save_every, args.resume)
-    try:
-        steps = train_trained_tensors(model, run, step_loss)
-    except vistok.VistokError as error:
-        print(f"{Path(__file__).name}: error: {error}", file=sys.stderr)
-        return 2
+    steps = train_trained_tensors(model, run, step_loss)
     print(f"{steps * args.batch_size} examples")
     return 0
 

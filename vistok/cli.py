@@ -57,24 +57,24 @@ def count(text: str) -> int:
     return value
 
 
-def _number_in(text: str, low: float, low_open: bool) -> float:
+def _unit_interval(text: str, zero_allowed: bool) -> float:
     try:
         value = float(text)
     except ValueError:
         value = math.nan
-    if not ((low < value) if low_open else (low <= value)) or not value <= 1.0:
-        raise argparse.ArgumentTypeError(f"expected a number in {'(' if low_open else '['}{low:g}, 1], got {text!r}")
+    if not ((0.0 <= value) if zero_allowed else (0.0 < value)) or not value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in {'[' if zero_allowed else '('}0, 1], got {text!r}")
     return value
 
 
 def share(text: str) -> float:
     """A number in [0, 1] for argparse (a share of batches)."""
-    return _number_in(text, 0.0, low_open=False)
+    return _unit_interval(text, zero_allowed=True)
 
 
 def fraction(text: str) -> float:
     """A number in (0, 1] for argparse (a fraction of the visual tokens)."""
-    return _number_in(text, 0.0, low_open=True)
+    return _unit_interval(text, zero_allowed=False)
 
 
 def _build_parser() -> argparse.ArgumentParser:

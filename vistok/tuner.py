@@ -5,9 +5,10 @@ one that agrees best with the unpatched model within a compute target.
 >>> vistok.patch(model, result.config)                     # the pick, ready to use
 >>> result.save("tune.json"); result.plot("tune.png")      # every candidate, the Pareto front
 
-Candidates (from the model's patch count ``N`` and depth): ATS with a fixed budget and ATS with fusion at ``k`` = 90
-% ... 20 % of ``N`` in the paper's blocks, random dropping at the same ``k`` (the baseline), merging at several
-``r`` with a constant and a decreasing schedule, and ATS in one early block composed with merging in the later ones.
+Candidates (from the model's patch count ``N`` and depth): ATS with a fixed budget and ATS with fusion at
+``k`` = 90 % ... 20 % of ``N`` in the paper's blocks, random dropping at the same ``k`` (the baseline), merging at
+several ``r`` with a constant and a decreasing schedule, and ATS in one early block composed with merging in the
+later ones.
 Each candidate's cost is measured once against the unpatched model's: its GFLOPs ratio (counted exactly on a few
 images), its token ratio (the tokens each block outputs, summed over the blocks, padding excluded, over the
 unpatched model's) and, with ``cost="latency"``, its measured latency ratio on this machine (the patched and the

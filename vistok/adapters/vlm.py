@@ -116,7 +116,6 @@ class _CompressedImageFeatures:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         handle = self.handle
-        handle._check_tower()
         base = handle.family.base(handle.model)
         kwargs = _as_keywords(type(base).get_image_features, args, kwargs)
         if handle.family.encodes_up_front:
@@ -392,6 +391,7 @@ class VisionLLMHandle:
         """For families whose units differ in size (``encodes_up_front``): ``modality``'s encoding by the model's
         own encoder with each unit compressed to its budget (units of one grid and budget together), its tokens in
         patch order; the method's result per unit (each a batch of one)."""
+        self._check_tower()
         family = self.family
         base = family.base(self.model)
         if self.config.uses_class_attention:  # transformers otherwise keeps only the feature layer's states
@@ -512,7 +512,7 @@ class VisionLLMHandle:
             ids = kwargs["inputs_embeds"][..., 0]
         if self.positions != "original" or not isinstance(positions, Tensor) or positions.dim() != 2 \
                 or not isinstance(ids, Tensor) \
-                or kwargs.get("attention_mask") is not None or _cached_length(kwargs) > 0 \
+                or kwargs.get("attention_mask") is not None \
                 or kwargs.get("cache", kwargs.get("past_key_values")) is not None:
             return None
         if bool((positions.diff(dim=1) < 1).any()):  # the caller's own packed sequences (positions restart): theirs

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import Tensor
 
-from .._checks import is_real
+from .._checks import is_integer_tensor, is_real
 from ..errors import InvalidConfigError
 from .errors import InvalidLogitsError
 
@@ -80,7 +80,7 @@ def check_token_ids(ids: object, name: str, error: type[Exception] = InvalidConf
             raise error(f"{name} must be token ids (a 1-D integer tensor or a list of ints), got {ids!r}") from None
         if ids.numel() == 0:  # an empty list: no dtype to judge
             return ids.long().reshape(0)
-    if ids.dim() != 1 or ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+    if ids.dim() != 1 or not is_integer_tensor(ids):
         raise error(f"{name} must be token ids (a 1-D integer tensor or a list of ints), got a {ids.dtype} tensor "
                     f"of shape {tuple(ids.shape)}")
     if ids.numel() and int(ids.min()) < 0:

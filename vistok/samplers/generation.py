@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from .._checks import is_int
+from .._checks import is_int, is_integer_tensor
 from ..errors import InvalidConfigError
 from ._decoding import CausalLMState, check_causal_lm
 from ._params import check_token_ids
@@ -38,8 +38,7 @@ class GenerationOutput:
 
 def prepare_prompt(input_ids: Tensor, attention_mask: Tensor | None) -> tuple[Tensor, Tensor]:
     """Validate a ``[B, T]`` prompt and its mask (padding on the left); the mask as bool."""
-    if not isinstance(input_ids, Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point() \
-            or input_ids.is_complex() or input_ids.dtype == torch.bool:
+    if not is_integer_tensor(input_ids) or input_ids.dim() != 2:
         what = f"a {input_ids.dtype} tensor of shape {tuple(input_ids.shape)}" if isinstance(input_ids, Tensor) \
             else type(input_ids).__name__
         raise InvalidConfigError(f"input_ids must be a [batch, length] integer tensor, got {what}")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .._checks import is_int
+from .._checks import is_int, is_int64, is_integer_tensor
 from ..errors import InvalidConfigError
 
 __all__ = ["uniform", "uniform_at", "gumbel", "gumbel_at", "derive_seeds", "check_seeds"]
@@ -46,7 +46,7 @@ def _to_unit(h: Tensor) -> Tensor:
 def check_seeds(seeds: Tensor, batch: int | None = None) -> Tensor:
     """Raise ``InvalidConfigError`` unless ``seeds`` is a 1-D integer tensor (of ``batch`` entries if given): a
     float seed would be silently truncated, and a seed per row is what makes rows independent of each other."""
-    if not isinstance(seeds, Tensor) or seeds.is_floating_point() or seeds.is_complex() or seeds.dtype == torch.bool:
+    if not is_integer_tensor(seeds):
         what = f"a {seeds.dtype} tensor" if isinstance(seeds, Tensor) else repr(seeds)
         raise InvalidConfigError(f"seeds must be an integer tensor with one seed per row, got {what}")
     if seeds.dim() != 1 or (batch is not None and seeds.shape[0] != batch):
@@ -69,12 +69,12 @@ def _wrap(value: int) -> int:
 
 def _row_keys(seeds: Tensor, counter: int | Tensor, stream: int) -> Tensor:
     if isinstance(counter, Tensor):
-        if counter.is_floating_point() or counter.is_complex() or counter.dtype == torch.bool \
-                or counter.dim() > 1 or (counter.dim() == 1 and counter.shape[0] != seeds.shape[0]):
+        if not is_integer_tensor(counter) or counter.dim() > 1 \
+                or (counter.dim() == 1 and counter.shape[0] != seeds.shape[0]):
             raise InvalidConfigError(f"counter must be an int or an integer tensor with one value per row "
                                      f"({seeds.shape[0]}), got a {counter.dtype} tensor of shape "
                                      f"{tuple(counter.shape)}")
-    elif not is_int(counter) or not -(2**63) <= counter < 2**63:
+    elif not is_int64(counter):
         raise InvalidConfigError(f"counter must be an int64 or an integer tensor with one value per row, got "
                                  f"{counter!r}")
     if not is_int(stream):

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import Tensor
 
-from .._checks import is_int
+from .._checks import is_int, is_int64
 from ..errors import InvalidConfigError
 from . import rng
 from ._params import check_logits, check_row_max, work_dtype
@@ -81,7 +81,7 @@ def as_seeds(seeds: int | Tensor, batch: int, device: torch.device | str | None 
             raise InvalidConfigError(f"seeds must be an int or a [{batch}] integer tensor, got "
                                      f"{seeds.dtype} {tuple(seeds.shape)}")
         return seeds.to(device=device, dtype=torch.int64)
-    if not is_int(seeds) or not -(2**63) <= seeds < 2**63:
+    if not is_int64(seeds):
         raise InvalidConfigError(f"seeds must be an int64 or a [{batch}] integer tensor, got {seeds!r}")
     base = torch.full((batch,), seeds, dtype=torch.int64, device=device)
     return rng.derive_seeds(base, torch.arange(batch, device=device))
