@@ -62,6 +62,12 @@ def cosine_with_warmup(step: int, total: int, warmup: int, base: float, floor: f
     return floor + 0.5 * (base - floor) * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+def optimizer_steps_per_epoch(batches: int, grad_accum: int) -> int:
+    """Optimizer steps in an epoch of ``batches``: one per ``grad_accum`` batches, and one more for a trailing
+    partial accumulation, which accelerate steps at the end of the loader."""
+    return -(-batches // grad_accum)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=None, help="YAML config (configs/*.yaml)")
@@ -110,7 +116,7 @@ def train(config: dict, resume: bool = False) -> int:
     if len(train_loader) == 0:
         raise ConfigError(f"the training set ({len(train_set)} items) is smaller than one batch "
                           f"(train.batch_size={settings['batch_size']}): an epoch would train nothing")
-    steps_per_epoch = len(train_loader) // settings["grad_accum"]
+    steps_per_epoch = optimizer_steps_per_epoch(len(train_loader), settings["grad_accum"])
     total_steps = steps_per_epoch * settings["epochs"]
     warmup_steps = int(settings["warmup_epochs"] * steps_per_epoch)
 
