@@ -32,6 +32,7 @@ from vistok.experiment import (
     LabelledBatches,
     build_data,
     build_model,
+    check_resumed_settings,
     fit_head_to_data,
     loader,
     set_fused_attention,
@@ -43,6 +44,7 @@ from vistok.measure.accuracy import topk_correct
 from vistok.video import VideoClassifier
 
 MIXED_PRECISION = ("no", "fp16", "bf16", "fp8")  # accelerate's
+RESUME_MAY_CHANGE = ("output", "train.threads", "train.eval_batch_size", "data.workers")  # the rest defines the run
 
 DEFAULTS = {
     **MODEL_DEFAULTS,
@@ -123,6 +125,9 @@ def train(config: dict, resume: bool = False) -> int:
     start_epoch = 0
     checkpoint = output / "checkpoint"
     if resume:
+        saved = output / "config.json"
+        check_resumed_settings(json.loads(saved.read_text()) if saved.is_file() else None,
+                               json.loads(json.dumps(config)), RESUME_MAY_CHANGE, output)
         start_epoch = _resume(accelerator, checkpoint, augmentation_rng(train_transform)) + 1
         if accelerator.is_main_process:
             truncate_log(output / "metrics.jsonl", "epoch", start_epoch)  # an epoch cut off before its checkpoint

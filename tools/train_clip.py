@@ -23,7 +23,7 @@ import torch
 
 from vistok.cli import count, reports_errors
 from vistok.data import GreyBatchTransform, load_fashion_mnist
-from vistok.experiment import save_whole, truncate_log
+from vistok.experiment import check_resumed_settings, save_whole, truncate_log
 from vistok.fmnist_qa import ITEM_NAMES
 from vistok.models.clip import CAPTION_TEMPLATES, captions_for, create_clip, zero_shot_classifier
 
@@ -78,8 +78,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.resume and not checkpoint.is_file():
         print(f"train_clip.py: error: --resume: no checkpoint at {checkpoint}", file=sys.stderr)
         return 2
+    settings = {name: value for name, value in vars(args).items()  # what a resume must share with its run
+                if name not in ("out", "threads", "checkpoint_every", "resume")}
     if args.resume:
         state = torch.load(checkpoint, weights_only=False)
+        check_resumed_settings(state.get("settings"), settings, (), checkpoint)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         step, elapsed = state["step"], state["elapsed"]
@@ -120,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         if step % args.checkpoint_every == 0:
             paused = time.perf_counter()
             save_whole({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                        "elapsed": elapsed, "rng": torch.get_rng_state()}, checkpoint)
+                        "elapsed": elapsed, "rng": torch.get_rng_state(), "settings": settings}, checkpoint)
             started += time.perf_counter() - paused  # checkpoints do not count against the budget
     model.eval()
     from safetensors.torch import save_file

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 import torch
 
@@ -127,7 +126,7 @@ def main(argv: list[str] | None = None, language_model=None) -> int:
         return loss, {"selection": selection, "budget": budget,
                       "tokens": sum(f.shape[0] for f in features) / len(features)}
 
-    run = TrainingRun(Path(args.out), args.steps, args.minutes, args.lr, args.warmup, args.save_every, args.resume)
+    run = TrainingRun.from_args(args)
     steps = train_trained_tensors(model, run, step_loss)
     print(f"{steps * args.batch_size} videos")
     return 0

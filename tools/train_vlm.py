@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 import torch
 
@@ -133,7 +132,7 @@ def main(argv: list[str] | None = None, language_model=None) -> int:
                 handle.remove()
         return loss, {"method": seen_through}
 
-    run = TrainingRun(Path(args.out), args.steps, args.minutes, args.lr, args.warmup, args.save_every, args.resume)
+    run = TrainingRun.from_args(args)
     steps = train_trained_tensors(model, run, step_loss)
     print(f"{steps * args.batch_size} examples")
     return 0

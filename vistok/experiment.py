@@ -229,6 +229,36 @@ def save_whole(state: dict[str, Any], path: Path) -> None:
     os.replace(partial, path)
 
 
+def check_resumed_settings(saved: dict[str, Any] | None, current: dict[str, Any], may_change: tuple[str, ...],
+                           where: Path) -> None:
+    """Refuse to resume a run under other settings than it started with: the result would be neither run.
+    ``saved`` / ``current`` are (nested) settings dicts, compared by dotted key, except the keys in ``may_change``
+    (threads, output folders, save cadence); ``saved`` is ``None`` for a run written by an older vistok."""
+    if saved is None:
+        raise ConfigError(f"--resume: {where} does not record the run's settings (written by an older vistok); "
+                          "train again without --resume")
+    saved, current = _dotted(saved), _dotted(current)
+    changed = [f"{key}: {saved.get(key, '(unset)')!r} -> {current.get(key, '(unset)')!r}"
+               for key in sorted(saved.keys() | current.keys())
+               if key not in may_change and saved.get(key, _UNSET) != current.get(key, _UNSET)]
+    if changed:
+        raise ConfigError(f"--resume: the run in {where} started with other settings ({'; '.join(changed)}); "
+                          "resume with the same settings, or train again without --resume")
+
+
+_UNSET = object()
+
+
+def _dotted(settings: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in settings.items():
+        if isinstance(value, dict):
+            flat.update(_dotted(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
 def truncate_log(log: Path, key: str, last: int) -> None:
     """Keep the lines of a JSON-lines log whose ``key`` (``"epoch"``, ``"step"``) is at most ``last``: a resumed
     run repeats what came after its checkpoint, and would log it twice."""

@@ -5,6 +5,7 @@ the real SmolLM2 (loaded once)."""
 import copy
 import csv
 import json
+import re
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ from helpers import blind_accuracy, load_tool, vlm_accuracy
 
 import vistok
 from vistok import InvalidConfigError
+from vistok.config import ConfigError
 from vistok.fmnist_qa import CELLS, ITEM_NAMES, SHOES, FashionQA
 
 
@@ -428,3 +430,16 @@ def test_a_vlm_training_run_resumes_where_its_checkpoint_is(tmp_path):
     with pytest.raises(CheckpointError, match="does not fit"):
         other = _Projector(width=5)
         train_trained_tensors(other, run(tmp_path / "run", resume=True), step_loss_of(other))
+    # a resume shares the run's settings (its save cadence may change)
+    again = TrainingRun(tmp_path / "run", steps=6, minutes=60.0, lr=0.05, warmup=1, save_every=2, resume=True)
+    assert train_trained_tensors(resumed, again, step_loss_of(resumed)) == 6
+    for changed, named in ((dict(lr=0.1), "lr: 0.05 -> 0.1"), (dict(steps=8), "steps: 6 -> 8"),
+                           (dict(settings={"compressed": 0.5}), "compressed: '(unset)' -> 0.5")):
+        other = TrainingRun(**{**vars(run(tmp_path / "run", resume=True)), **changed})
+        with pytest.raises(ConfigError, match=re.escape(named)):
+            train_trained_tensors(resumed, other, step_loss_of(resumed))
+    state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
+    del state["settings"]
+    torch.save(state, tmp_path / "run" / "checkpoint.pt")
+    with pytest.raises(ConfigError, match="older vistok"):
+        train_trained_tensors(resumed, run(tmp_path / "run", resume=True), step_loss_of(resumed))

@@ -210,9 +210,10 @@ def test_train_eval_and_resume(tmp_path, monkeypatch):
     assert result["gflops"] > 0 and result["images_per_s"] > 0
 
 
-def test_a_trailing_partial_accumulation_has_its_own_learning_rate_step(tmp_path, monkeypatch):
+def test_a_trailing_partial_accumulation_has_its_own_learning_rate_step(tmp_path, monkeypatch, capsys):
     """4 batches an epoch with grad_accum=3: accelerate steps the optimizer after batch 3 and again at the end of
-    the loader, so an epoch has 2 schedule steps, and the next epoch starts on a step of its own."""
+    the loader, so an epoch has 2 schedule steps, and the next epoch starts on a step of its own. A resume shares
+    the run's settings."""
     train = load_tool("train")
     steps, schedule = [], train.cosine_with_warmup
 
@@ -225,6 +226,11 @@ def test_a_trailing_partial_accumulation_has_its_own_learning_rate_step(tmp_path
                        f"output={tmp_path}", *SMALL]) == 0
     per_batch = [(0, 4), (0, 4), (0, 4), (1, 4), (2, 4), (2, 4), (2, 4), (3, 4)]
     assert steps[::2] == per_batch and steps[1::2] == per_batch  # set on both parameter groups (decay, no decay)
+    arguments = ["--config", str(ROOT / "configs/fmnist_vit.yaml"), "train.epochs=2", "train.grad_accum=3",
+                 f"output={tmp_path}", "--resume", *SMALL]
+    assert train.main([*arguments, "train.threads=1", "data.workers=0"]) == 0  # machine settings may change
+    assert train.main([*arguments, "train.lr=0.5"]) == 2
+    assert "train.lr: 0.0015 -> 0.5" in capsys.readouterr().err
 
 
 def test_tools_reject_bad_input(tmp_path, capsys):

@@ -373,7 +373,8 @@ class TrainingRun:
     without weight decay, ``warmup`` steps of linear warm-up, then a cosine from ``lr`` to 0.1 of it over
     whichever ends first, ``steps`` or ``minutes`` of training (checkpoints excluded); gradients clipped at 1.0;
     ``<out>/log.jsonl`` per step, ``<out>/model.safetensors`` and ``<out>/checkpoint.pt`` every ``save_every``
-    steps and at the end; ``resume`` continues from the checkpoint."""
+    steps and at the end; ``resume`` continues from the checkpoint, under the same settings (all but ``out`` and
+    ``save_every``)."""
 
     out: Path
     steps: int
@@ -382,6 +383,15 @@ class TrainingRun:
     warmup: int = 30
     save_every: int = 50
     resume: bool = False
+    settings: dict[str, Any] = field(default_factory=dict)  # the tool's other settings, which a resume must share
+
+    @classmethod
+    def from_args(cls, args: Any) -> TrainingRun:
+        """The run a training tool's parsed ``args`` ask for; its other arguments, but for those that do not change
+        what is learned (``threads``, ``init``, which a resume does not read), are the run's ``settings``."""
+        own = ("out", "steps", "minutes", "lr", "warmup", "save_every", "resume")
+        settings = {name: value for name, value in vars(args).items() if name not in (*own, "threads", "init")}
+        return cls(Path(args.out), *(getattr(args, name) for name in own[1:]), settings=settings)
 
 
 def train_trained_tensors(model: nn.Module, run: TrainingRun, step_loss: Any) -> int:
@@ -395,12 +405,13 @@ def train_trained_tensors(model: nn.Module, run: TrainingRun, step_loss: Any) ->
     if run.resume:
         if not checkpoint.is_file():
             raise CheckpointError(f"--resume: no checkpoint at {checkpoint}")
+        from ..experiment import check_resumed_settings, truncate_log
+
         state = torch.load(checkpoint, weights_only=False)
+        check_resumed_settings(state.get("settings"), _run_settings(run), ("save_every",), checkpoint)
         _load_trained(model, checkpoint, state["trained"])  # a run of another variant (--page, --fine) is refused
         optimizer.load_state_dict(state["optimizer"])
         step, spent = state["step"], state["seconds"]
-        from ..experiment import truncate_log
-
         truncate_log(run.out / "log.jsonl", "step", step)
     budget = run.minutes * 60
     log = open(run.out / "log.jsonl", "a" if run.resume else "w")  # a fresh run starts its own log
@@ -412,7 +423,7 @@ def train_trained_tensors(model: nn.Module, run: TrainingRun, step_loss: Any) ->
 
         save_file(trained_state(model), str(run.out / "model.safetensors"))
         save_whole({"trained": trained_state(model), "optimizer": optimizer.state_dict(), "step": step,
-                    "seconds": spent}, checkpoint)
+                    "seconds": spent, "settings": _run_settings(run)}, checkpoint)
 
     running = None
     while step < run.steps and spent < budget:
@@ -439,6 +450,11 @@ def train_trained_tensors(model: nn.Module, run: TrainingRun, step_loss: Any) ->
     save()
     print(f"done: {step} steps, {spent / 60:.1f} min of training; {run.out / 'model.safetensors'}")
     return step
+
+
+def _run_settings(run: TrainingRun) -> dict[str, Any]:
+    return {"steps": run.steps, "minutes": run.minutes, "lr": run.lr, "warmup": run.warmup,
+            "save_every": run.save_every, **run.settings}
 
 
 @dataclass
