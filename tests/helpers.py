@@ -135,14 +135,16 @@ def upstream_forward_on_kept(model: nn.Module, image: Tensor, layouts: dict[int,
     return type(model).forward_head(model, x)
 
 
-def tiny_idefics3(kind: str = "idefics3", seed: int = 0) -> nn.Module:
-    """A random ``Idefics3ForConditionalGeneration`` (or SmolVLM's) small enough for CPU tests: 32 px tiles in
-    4 px patches, pixel shuffle 2, so 16 features per tile; placeholder id 99, 100-token vocabulary."""
+def tiny_idefics3(kind: str = "idefics3", seed: int = 0, image_size: int = 32) -> nn.Module:
+    """A random ``Idefics3ForConditionalGeneration`` (or SmolVLM's) small enough for CPU tests: 32 px tiles (or
+    ``image_size``) in 4 px patches, pixel shuffle 2, so 16 features per tile; placeholder id 99, 100-token
+    vocabulary."""
     import transformers
 
     prefix = "Idefics3" if kind == "idefics3" else "SmolVLM"
     vision = getattr(transformers, f"{prefix}VisionConfig")(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                                           num_attention_heads=4, image_size=32, patch_size=4)
+                                                           num_attention_heads=4, image_size=image_size,
+                                                           patch_size=4)
     text = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                                     num_key_value_heads=2, vocab_size=100, pad_token_id=0)
     config = getattr(transformers, f"{prefix}Config")(vision_config=vision, text_config=text, image_token_id=99,
@@ -176,9 +178,9 @@ def tiny_hf_tower(kind: str = "clip", image_size: int = 64, seed: int | None = 0
     return SiglipVisionModel(SiglipVisionConfig(**vision)).eval()
 
 
-def tiny_llava(tower: str = "clip", strategy: str = "default", seed: int = 0) -> nn.Module:
-    """A random ``LlavaForConditionalGeneration`` for CPU tests: a CLIP (or SigLIP) tower on 32 px images in 8 px
-    patches (16 per image), a 2-layer Llama, placeholder id 99, 100-token vocabulary."""
+def tiny_llava(tower: str = "clip", strategy: str = "default", seed: int = 0, image_size: int = 32) -> nn.Module:
+    """A random ``LlavaForConditionalGeneration`` for CPU tests: a CLIP (or SigLIP) tower on 32 px images (or
+    ``image_size``) in 8 px patches (16 per image), a 2-layer Llama, placeholder id 99, 100-token vocabulary."""
     from transformers import (
         CLIPVisionConfig,
         LlamaConfig,
@@ -187,8 +189,8 @@ def tiny_llava(tower: str = "clip", strategy: str = "default", seed: int = 0) ->
         SiglipVisionConfig,
     )
 
-    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=32,
-                  patch_size=8)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                  image_size=image_size, patch_size=8)
     vision_config = CLIPVisionConfig(**vision) if tower == "clip" else SiglipVisionConfig(**vision)
     text = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                        num_key_value_heads=2, vocab_size=100, pad_token_id=0)

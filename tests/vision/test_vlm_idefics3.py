@@ -7,7 +7,7 @@ import torch
 from helpers import tiny_idefics3
 
 import vistok
-from vistok import InvalidConfigError
+from vistok import InvalidConfigError, UnsupportedModelError
 
 transformers = pytest.importorskip("transformers")
 
@@ -61,6 +61,23 @@ def test_a_budget_per_tile_is_what_the_language_model_reads(kind, method):
     assert logits.shape == expected.shape == (2, short_ids.shape[1], 100)
     assert (logits - expected).abs().max() <= 1e-5
     assert torch.equal(generated[:, : ids.shape[1]], ids) and generated.shape == (2, ids.shape[1] + 3)
+
+
+@pytest.mark.parametrize("kind", ["idefics3", "smolvlm"])
+def test_a_tile_size_its_patches_do_not_divide(kind):
+    """SmolVLM's 384 px tiles in 14 px patches are 27 x 27 patches, shuffled by 3, with 6 px unread; here 34 px
+    tiles in 4 px patches, 8 x 8, shuffled by 2. Tiles whose patch count the shuffle cannot divide are refused."""
+    model = tiny_idefics3(kind, image_size=34)
+    ids, mask, pixels = batch()
+    pixels = torch.nn.functional.pad(pixels, (0, 2, 0, 2))  # 34 px tiles
+    with torch.no_grad():
+        expected = model(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits
+        with vistok.patch(model, "merge_to_budget", keep=1.0) as handle:
+            assert handle.tokens_per_unit == TILE
+            got = model(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits
+    assert (got - expected).abs().max() <= 1e-4
+    with pytest.raises(UnsupportedModelError, match="9 x 9 patches .* do not divide by scale_factor 2"):
+        vistok.patch(tiny_idefics3(kind, image_size=36), "merge_to_budget", tokens=4)
 
 
 def test_refusals():

@@ -48,6 +48,25 @@ def test_keep_everything_is_the_unpatched_model(method, tower, strategy):
                                               do_sample=False), generated)
 
 
+@pytest.mark.parametrize("tower, strategy", [("clip", "default"), ("siglip", "full")])
+def test_an_image_size_its_patches_do_not_divide(tower, strategy):
+    """Released towers such as SigLIP-so400m read 384 px in 14 px patches, 27 x 27, and leave 6 px unread; here
+    36 px in 8 px patches, 4 x 4."""
+    model = tiny_llava(tower, strategy, image_size=36)
+    ids, pixels = prompt(), torch.randn(2, 3, 36, 36, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = model(input_ids=ids, pixel_values=pixels).logits
+        with vistok.patch(model, "merge_to_budget", keep=1.0) as handle:
+            assert handle.tokens_per_image == PATCHES
+            assert (model(input_ids=ids, pixel_values=pixels).logits - expected).abs().max() <= 1e-4
+        with vistok.patch(model, "merge_to_budget", tokens=4) as handle:
+            logits = model(input_ids=ids, pixel_values=pixels).logits
+            encoded = handle.encode(pixels)
+        by_hand = transformers.modeling_outputs.BaseModelOutputWithPooling(pooler_output=list(encoded.tokens))
+        reference = model(input_ids=prompt(per_image=4), mm_encoder_outputs={"image": by_hand}).logits
+    assert (logits - reference).abs().max() <= 1e-5
+
+
 @pytest.mark.parametrize("method", BOUNDARY)
 def test_a_budget_is_what_the_language_model_reads(method):
     """The patched forward equals the unpatched model given the shortened prompt and the compressed features."""

@@ -23,7 +23,7 @@ SIZES = [[30, 60], [64, 64]]  # crops 1 x 2 (a 4 x 8 grid) and 2 x 2 (8 x 8)
 METHODS = ["merge_to_budget", "region_merge", "dominant", "pool", "random_select"]
 
 
-def tiny_onevision(tower="clip", strategy="default", seed=0):
+def tiny_onevision(tower="clip", strategy="default", seed=0, image_size=32):
     from transformers import (
         CLIPVisionConfig,
         LlavaOnevisionConfig,
@@ -32,15 +32,16 @@ def tiny_onevision(tower="clip", strategy="default", seed=0):
         SiglipVisionConfig,
     )
 
-    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=32,
-                  patch_size=8)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                  image_size=image_size, patch_size=8)
     vision_config = CLIPVisionConfig(**vision) if tower == "clip" else SiglipVisionConfig(**vision)
     text = Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                        num_key_value_heads=2, vocab_size=100, pad_token_id=0)
     torch.manual_seed(seed)
     config = LlavaOnevisionConfig(vision_config=vision_config, text_config=text, image_token_id=IMAGE,
                                   video_token_id=VIDEO, vision_feature_layer=-2,
-                                  vision_feature_select_strategy=strategy, image_grid_pinpoints=PINPOINTS)
+                                  vision_feature_select_strategy=strategy,
+                                  image_grid_pinpoints=[[side * image_size // 32 for side in p] for p in PINPOINTS])
     return LlavaOnevisionForConditionalGeneration(config).eval()
 
 
@@ -114,6 +115,22 @@ def test_keep_everything_is_the_unpatched_model(method, positions):
             for x, logits in zip(cases, expected, strict=True):
                 assert (model(**x).logits - logits).abs().max() <= 1e-4
             assert torch.equal(model.generate(**cases[0], max_new_tokens=3, do_sample=False), generated)
+
+
+def test_a_view_size_its_patches_do_not_divide():
+    """The released checkpoints' SigLIP-so400m reads 384 px views in 14 px patches, 27 x 27, and leaves 6 px
+    unread; here 36 px views in 8 px patches, 4 x 4, AnyRes crops included."""
+    model = tiny_onevision("siglip", "full", image_size=36)
+    pixels = torch.randn(2, 5, 3, 36, 36, generator=torch.Generator().manual_seed(0))
+    sizes = torch.tensor([[34, 68], [72, 72]])
+    with torch.no_grad():
+        lengths = [f.shape[0] for f in model.model.get_image_features(pixels, sizes).pooler_output]
+        ids, mask = left_padded([[1, 5] + [IMAGE] * lengths[0] + [7, 8], [1, 9, 9] + [IMAGE] * lengths[1] + [3, 4]])
+        inputs = dict(input_ids=ids, attention_mask=mask, pixel_values=pixels, image_sizes=sizes)
+        expected = model(**inputs).logits
+        with vistok.patch(model, "merge_to_budget", keep=1.0) as handle:
+            assert handle.family.grid == (SIDE, SIDE)
+            assert (model(**inputs).logits - expected).abs().max() <= 1e-4
 
 
 def test_pooled_views_reach_the_language_model_with_one_closing_newline():

@@ -41,11 +41,12 @@ class Idefics3Family(VisionLLMFamily):
     def inspect(cls, model: nn.Module) -> Idefics3Family:
         config = model.config
         vision = config.vision_config
-        step = vision.patch_size * config.scale_factor
-        if vision.image_size % step:
-            raise UnsupportedModelError(f"{type(model).__name__}: tile size {vision.image_size} is not a multiple of "
-                                        f"patch_size x scale_factor = {step}")
-        side = vision.image_size // step
+        patches = vision.image_size // vision.patch_size  # the pixels past the last whole patch go unread (384 / 14)
+        if patches % config.scale_factor:
+            raise UnsupportedModelError(f"{type(model).__name__}: a tile's {patches} x {patches} patches (tile size "
+                                        f"{vision.image_size}, patch_size {vision.patch_size}) do not divide by "
+                                        f"scale_factor {config.scale_factor}, which its pixel shuffle needs")
+        side = patches // config.scale_factor
         pad_id = getattr(config.text_config, "pad_token_id", None)
         return cls(config.image_token_id, (side, side), 0, False, 0 if pad_id is None else int(pad_id))
 

@@ -61,10 +61,7 @@ class LlavaFamily(VisionLLMFamily):
         if strategy not in ("default", "full"):
             raise UnsupportedModelError(f"vision_feature_select_strategy={strategy!r} is not LLaVA's default or full")
         vision = config.vision_config
-        if vision.image_size % vision.patch_size:
-            raise UnsupportedModelError(f"image_size {vision.image_size} is not a multiple of patch_size "
-                                        f"{vision.patch_size}")
-        side = vision.image_size // vision.patch_size
+        side = vision.image_size // vision.patch_size  # the pixels past the last whole patch go unread (384 / 14)
         has_class_token = not isinstance(tower, SiglipVisionModel)
         if not has_class_token and strategy == "default":
             raise UnsupportedModelError(

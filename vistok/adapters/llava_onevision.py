@@ -74,10 +74,7 @@ class LlavaOnevisionFamily(VisionLLMFamily):
                 f"{strategy!r}: its features are not a patch grid (vistok takes 'default' with a CLIP tower, which "
                 "drops the class token, and 'full' with SigLIP, which has none)")
         vision = config.vision_config
-        if vision.image_size % vision.patch_size:
-            raise UnsupportedModelError(f"image_size {vision.image_size} is not a multiple of patch_size "
-                                        f"{vision.patch_size}")
-        side = vision.image_size // vision.patch_size
+        side = vision.image_size // vision.patch_size  # the pixels past the last whole patch go unread (384 / 14)
         pad_id = getattr(config.text_config, "pad_token_id", None)
         return cls(config.image_token_id, (side, side), 0, has_class_token, 0 if pad_id is None else int(pad_id),
                    config.video_token_id)
