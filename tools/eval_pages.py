@@ -80,12 +80,13 @@ def evaluate_page(model, path: Path, args: argparse.Namespace, out: Path) -> lis
             "tower_s": tower_s}
     rows = []
 
-    def row(method: str, keep: float | None, budgets: torch.Tensor, kept: list[torch.Tensor], seconds: float = 0.0
-            ) -> None:
+    def row(method: str, keep: float | None, budgets: torch.Tensor, kept: list[torch.Tensor], seconds: float = 0.0,
+            uniform: bool = False) -> None:
+        # uniform budgets differ by rounding only: their correlation with ink would be noise
+        correlation = float("nan") if uniform else _corr(budgets[1:].float(), ink[1:].float().mean(-1))
         rows.append({**base, "method": method, "keep": keep, "tokens": int(budgets.sum()),
                      "saved": 1 - int(budgets.sum()) / (count * per_view), "kept_on_ink": kept_on_ink(kept, ink),
-                     "crop_budget_ink_corr": _corr(budgets[1:].float(), ink[1:].float().mean(-1)),
-                     "density_s": seconds})
+                     "crop_budget_ink_corr": correlation, "density_s": seconds})
 
     started = time.perf_counter()
     adaptive = compress_views(signals, CorrelationGuidedConfig(similarity=args.similarity, repeats=args.repeats,
@@ -108,9 +109,10 @@ def evaluate_page(model, path: Path, args: argparse.Namespace, out: Path) -> lis
                                        f"{count * per_view} tokens)")
         total = max(1, round(keep * count * per_view))
         density_budgets = page_budgets(adaptive.density, total, per_view, True, CorrelationGuidedConfig(keep=keep))
-        row("density budgets, random tokens", keep, density_budgets, random_kept(density_budgets, per_view, 0))
+        row("density budgets, random tokens", keep, density_budgets,
+            random_kept(density_budgets, per_view, args.seed))
         uniform = allocate_budget(torch.ones(count), total, per_view)
-        row("uniform budgets, random tokens", keep, uniform, random_kept(uniform, per_view, 0))
+        row("uniform budgets, random tokens", keep, uniform, random_kept(uniform, per_view, args.seed), uniform=True)
     return rows
 
 

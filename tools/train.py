@@ -125,10 +125,7 @@ def train(config: dict, resume: bool = False) -> int:
     start_epoch = 0
     checkpoint = output / "checkpoint"
     if resume:
-        saved = output / "config.json"
-        check_resumed_settings(json.loads(saved.read_text()) if saved.is_file() else None,
-                               json.loads(json.dumps(config)), RESUME_MAY_CHANGE, output)
-        start_epoch = _resume(accelerator, checkpoint, augmentation_rng(train_transform)) + 1
+        start_epoch = _resume(accelerator, checkpoint, augmentation_rng(train_transform), config) + 1
         if accelerator.is_main_process:
             truncate_log(output / "metrics.jsonl", "epoch", start_epoch)  # an epoch cut off before its checkpoint
     output.mkdir(parents=True, exist_ok=True)
@@ -170,7 +167,7 @@ def train(config: dict, resume: bool = False) -> int:
             with open(output / "metrics.jsonl", "a") as log:
                 log.write(json.dumps(metrics) + "\n")
             accelerator.print(json.dumps(metrics))
-        _save_checkpoint(accelerator, checkpoint, epoch, augmentation_rng(train_transform))
+        _save_checkpoint(accelerator, checkpoint, epoch, augmentation_rng(train_transform), config)
         if accelerator.is_main_process:
             from safetensors.torch import save_file
 
@@ -197,9 +194,9 @@ def augmentation_rng(transform) -> torch.Generator | None:
     return getattr(transform, "generator", None) if getattr(transform, "augment", False) else None
 
 
-def _save_checkpoint(accelerator, checkpoint: Path, epoch: int, rng: torch.Generator | None) -> None:
-    """Everything a resume needs, written beside ``checkpoint`` and swapped in whole: an interrupted save leaves
-    the previous epoch's checkpoint as it was, never a mix of two epochs."""
+def _save_checkpoint(accelerator, checkpoint: Path, epoch: int, rng: torch.Generator | None, config: dict) -> None:
+    """Everything a resume needs, the run's settings too, written beside ``checkpoint`` and swapped in whole: an
+    interrupted save leaves the previous epoch's checkpoint as it was, never a mix of two epochs."""
     partial = checkpoint.with_name(checkpoint.name + ".partial")
     if accelerator.is_main_process and partial.exists():
         shutil.rmtree(partial)
@@ -209,7 +206,7 @@ def _save_checkpoint(accelerator, checkpoint: Path, epoch: int, rng: torch.Gener
     if accelerator.is_main_process:
         if rng is not None:
             torch.save(rng.get_state(), partial / "augmentation_rng.pt")
-        (partial / "vistok_state.json").write_text(json.dumps({"epoch": epoch}))
+        (partial / "vistok_state.json").write_text(json.dumps({"epoch": epoch, "config": config}))
         previous = checkpoint.with_name(checkpoint.name + ".previous")
         if previous.exists():  # left by a save cut off after its swap: the checkpoint is newer
             shutil.rmtree(previous)
@@ -221,13 +218,16 @@ def _save_checkpoint(accelerator, checkpoint: Path, epoch: int, rng: torch.Gener
     accelerator.wait_for_everyone()
 
 
-def _resume(accelerator, checkpoint: Path, rng: torch.Generator | None) -> int:
+def _resume(accelerator, checkpoint: Path, rng: torch.Generator | None, config: dict) -> int:
     """Load the newest complete checkpoint (``vistok_state.json`` is written last): the checkpoint, else, where a
-    save was cut off during its swap, the new one beside it or the previous one; returns the epoch it ended."""
+    save was cut off during its swap, the new one beside it or the previous one; returns the epoch it ended. A
+    checkpoint of other settings than ``config`` is refused (:data:`RESUME_MAY_CHANGE` aside)."""
     candidates = [checkpoint.with_name(checkpoint.name + suffix) for suffix in ("", ".partial", ".previous")]
     found = next((folder for folder in candidates if (folder / "vistok_state.json").is_file()), None)
     if found is None:
         raise ConfigError(f"--resume: no checkpoint at {checkpoint}")
+    state = json.loads((found / "vistok_state.json").read_text())
+    check_resumed_settings(state.get("config"), json.loads(json.dumps(config)), RESUME_MAY_CHANGE, found)
     accelerator.load_state(str(found))
     if rng is not None:
         saved = found / "augmentation_rng.pt"
@@ -235,7 +235,7 @@ def _resume(accelerator, checkpoint: Path, rng: torch.Generator | None) -> int:
             raise ConfigError(f"--resume: {found} has no augmentation_rng.pt (written by an older vistok): the "
                               "augmentation would restart from its seed; train again without --resume")
         rng.set_state(torch.load(saved))
-    return json.loads((found / "vistok_state.json").read_text())["epoch"]
+    return state["epoch"]
 
 
 def validate(model, loader, transform, accelerator) -> dict[str, float]:

@@ -73,6 +73,9 @@ def test_crops_tile_the_resized_page_behind_a_global_view():
     assert crop_page(page, crop_size=32, grid=(1, 2)).views.shape[0] == 3
     with pytest.raises(InputShapeError, match=r"float page \[C, H, W\]"):
         crop_page(torch.zeros(300, 200))
+    for channel_last in (torch.zeros(300, 200, 3), torch.zeros(300, 200, 1)):
+        with pytest.raises(InputShapeError, match=r"looks channel-last \[H, W, C\]"):
+            crop_page(channel_last)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -193,6 +196,19 @@ def test_view_signals_read_the_blocks_own_attention(tiny_vit):
     assert torch.equal(signals.tokens, out[:, 1:])
     with pytest.raises(InvalidConfigError, match=r"layer must be a block index in \[-12, 12\)"):
         view_signals(tiny_vit, views, layer=12)
+
+
+@pytest.mark.parametrize("name", ["eva02_tiny_patch14_224", "vit_base_patch16_rope_224"])
+def test_a_rotary_tower_finds_a_blank_views_patches_alike(name):
+    """Rotary towers rotate each key by its position: redundancy compares the keys before the rotation, so a blank
+    view is all redundant there, as on a tower without one."""
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, img_size=56, depth=2).eval()
+    if getattr(model, "pos_embed", None) is not None:
+        torch.nn.init.zeros_(model.pos_embed)  # the rotation is then the only thing that tells the patches apart
+    blank = torch.zeros(2, 3, 56, 56)
+    signals = view_signals(model, blank)
+    assert information_density(signals.keys).tolist() == [0.0, 0.0]
 
 
 def test_view_signals_run_the_tower_without_dropout():

@@ -232,6 +232,15 @@ def test_a_trailing_partial_accumulation_has_its_own_learning_rate_step(tmp_path
     assert train.main([*arguments, "train.lr=0.5"]) == 2
     assert "train.lr: 0.0015 -> 0.5" in capsys.readouterr().err
 
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "validate", interrupted)  # a fresh run in the folder, cut off before its checkpoint
+    with pytest.raises(KeyboardInterrupt):
+        train.main([*arguments[:-len(SMALL) - 1], "train.lr=0.5", *SMALL])
+    assert train.main([*arguments, "train.lr=0.5"]) == 2  # the checkpoint there is still the first run's
+    assert "train.lr: 0.0015 -> 0.5" in capsys.readouterr().err
+
 
 def test_tools_reject_bad_input(tmp_path, capsys):
     train = load_tool("train")

@@ -171,7 +171,8 @@ class CorrelationGuidedConfig(BoundaryConfig):
 @dataclass(frozen=True)
 class ViewSignals:
     """What the tower says about each view at one block: ``tokens`` ``[V, N, D]`` the block's output patch tokens,
-    ``keys`` ``[V, N, H * d]`` their keys in that block, ``class_attention`` ``[V, N]`` the class token's attention
+    ``keys`` ``[V, N, H * d]`` their keys in that block (before a rotary embedding, which would make one content at
+    two positions unlike), ``class_attention`` ``[V, N]`` the class token's attention
     over them (heads averaged, softmax over every token) and ``class_similarity`` ``[V, N]`` the cosine of each key
     with the class token's. A tower without a class token (SigLIP) has no such row: there ``class_attention`` is
     the attention each patch receives, averaged over every query and head (vistok's choice for such towers), and
@@ -186,7 +187,8 @@ class ViewSignals:
 @torch.no_grad()
 def view_signals(model: nn.Module, views: Tensor, layer: int = -1) -> ViewSignals:
     """Run the tower of ``model`` on ``views`` ``[V, C, S, S]`` and read block ``layer`` through its own modules
-    (norm, query/key projections, rotary embedding): nothing of the tower is re-implemented or changed. The tower
+    (norm, query/key projections, rotary embedding for the attention): nothing of the tower is re-implemented or
+    changed. The tower
     runs in eval mode (no dropout; its mode is restored after)."""
     backbone = resolve_backbone(model)
     info = backbone.info
@@ -215,9 +217,12 @@ def view_signals(model: nn.Module, views: Tensor, layer: int = -1) -> ViewSignal
     if "out" not in seen:
         raise UnsupportedModelError(f"{type(backbone.model).__name__} did not run block {index} on the views")
     ops = backbone.block_ops(index)
-    query, keys, _ = ops.qkv(ops.norm1(seen["x"]), seen["rope"])  # [V, H, N, d]
+    normed = ops.norm1(seen["x"])
+    query, keys, _ = ops.qkv(normed, seen["rope"])  # [V, H, N, d]
+    # similarity compares content: rotary positions would make the same content at two places look unlike
+    content_keys = keys if seen["rope"] is None else ops.qkv(normed, None)[1]
     prefix = info.num_prefix
-    flat_keys = keys.transpose(1, 2).flatten(2)  # [V, N, H * d]
+    flat_keys = content_keys.transpose(1, 2).flatten(2)  # [V, N, H * d]
     if info.has_class_token:
         attention = probe_attention(query[:, :, :1], keys, None).mean(dim=1)[:, prefix:]
         similarity = F.cosine_similarity(flat_keys[:, prefix:], flat_keys[:, :1], dim=-1)
