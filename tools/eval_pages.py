@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vistok.cli import reports_errors
+from vistok.cli import beside, reports_errors
 from vistok.document import (
     CorrelationGuidedConfig,
     allocate_budget,
@@ -149,11 +149,11 @@ def main(argv: list[str] | None = None) -> int:
         for row in evaluate_page(model, Path(page), args, out):
             rows.append(row)
             print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
-    with open(out.with_suffix(".csv"), "w", newline="") as handle:
+    with open(beside(out, ".csv"), "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    print(f"wrote {out.with_suffix('.csv')}")
+    print(f"wrote {beside(out, '.csv')}")
     return 0
 
 

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 import vistok
 from vistok._checks import is_int
+from vistok.cli import beside
 from vistok.config import ConfigError, load_config, parse_overrides
 from vistok.experiment import (
     DATA_DEFAULTS,
@@ -100,7 +101,7 @@ def run_point(config: dict, point: dict, val_set, transform) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/sweep_fmnist.yaml")
-    parser.add_argument("--out", default="results/sweep", help="output prefix: <out>.csv, <out>.png, <out>.json")
+    parser.add_argument("--out", default="results/sweep", help="output prefix: <out>.csv and <out>.png")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_intermixed_args(argv)
     try:
@@ -132,12 +133,12 @@ def main(argv: list[str] | None = None) -> int:
         row["top1_change"] = row["top1"] - base["top1"]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out.with_suffix(".csv"), "w", newline="") as handle:
+    with open(beside(out, ".csv"), "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    save_pareto_plot(out.with_suffix(".png"), rows, title=f"{config['model']} on {config['data']['name']} (test set)")
-    print(f"wrote {out.with_suffix('.csv')} and {out.with_suffix('.png')}")
+    save_pareto_plot(beside(out, ".png"), rows, title=f"{config['model']} on {config['data']['name']} (test set)")
+    print(f"wrote {beside(out, '.csv')} and {beside(out, '.png')}")
     return 0
 
 

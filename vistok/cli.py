@@ -26,6 +26,7 @@ import json
 import math
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -46,15 +47,20 @@ def _parse_option(text: str) -> tuple[str, Any]:
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
-def count(text: str) -> int:
-    """An int >= 1 for argparse (images, runs, batch sizes, threads, budgets); the tools use it too."""
+def count(text: str, least: int = 1) -> int:
+    """An int >= 1 (or ``least``) for argparse (images, runs, batch sizes, threads, budgets); the tools use it
+    too."""
     try:
         value = int(text)
     except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+        value = least - 1
+    if value < least:
+        raise argparse.ArgumentTypeError(f"expected an integer >= {least}, got {text!r}")
     return value
+
+
+def _count_or_zero(text: str) -> int:
+    return count(text, least=0)
 
 
 def _unit_interval(text: str, zero_allowed: bool) -> float:
@@ -77,6 +83,13 @@ def fraction(text: str) -> float:
     return _unit_interval(text, zero_allowed=False)
 
 
+def beside(prefix: str | Path, suffix: str) -> Path:
+    """``<prefix><suffix>`` for a tool's ``--out`` prefix: ``results/ats_k0.5`` -> ``results/ats_k0.5.csv``
+    (``Path.with_suffix`` would cut the prefix at its last dot, and write ``results/ats_k0.csv``)."""
+    prefix = Path(prefix)
+    return prefix.with_name(prefix.name + suffix)
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vistok", description="Spend fewer visual tokens.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -87,7 +100,7 @@ def _build_parser() -> argparse.ArgumentParser:
                        metavar="KEY=VALUE", help="method option, repeatable (e.g. -o k=108)")
     bench.add_argument("--batch-size", type=count, default=32)
     bench.add_argument("--runs", type=count, default=10, help="timed runs (median reported)")
-    bench.add_argument("--warmup", type=int, default=3)
+    bench.add_argument("--warmup", type=_count_or_zero, default=3)
     bench.add_argument("--seed", type=int, default=0)
     bench.add_argument("--threads", type=count, default=None, help="torch intra-op threads")
     bench.add_argument("--flops-images", type=count, default=None,
@@ -197,6 +210,9 @@ def _bench(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    _check_device(args.device)
+    if args.json and not Path(args.json).parent.is_dir():  # found out now, not after the benchmark
+        raise InvalidConfigError(f"vistok bench: --json {args.json}: no folder {Path(args.json).parent}")
     if args.compile is not None and args.compile not in torch._dynamo.list_backends(exclude_tags=()):
         raise InvalidConfigError(f"vistok bench: unknown torch.compile backend {args.compile!r}")
     if args.attention == "flex" and args.compile is None:
@@ -221,6 +237,15 @@ def _bench(args: argparse.Namespace) -> int:
         with open(args.json, "w") as handle:
             json.dump(report.to_dict(), handle, indent=2, default=str)
     return 0
+
+
+def _check_device(name: str) -> None:
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise InvalidConfigError(f"vistok bench: --device {name!r} is not a torch device ({error})") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InvalidConfigError(f"vistok bench: --device {name}: this machine has no CUDA device")
 
 
 def _ask(args: argparse.Namespace) -> int:
@@ -320,7 +345,10 @@ def _calibration_images(model: Any, folder: str | None, count: int) -> tuple[tor
         from torchvision.datasets import ImageFolder
 
         transform = create_transform(**resolve_data_config({}, model=model))
-        dataset = ImageFolder(folder, transform=transform)
+        try:
+            dataset = ImageFolder(folder, transform=transform)
+        except FileNotFoundError as error:  # no such folder, or no class folders with images in it
+            raise InvalidConfigError(f"vistok tune --folder {folder}: {error}") from None
         order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))[:count]
         picked = [dataset[int(i)] for i in order]
         return torch.stack([p[0] for p in picked]), torch.tensor([p[1] for p in picked])

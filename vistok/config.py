@@ -24,7 +24,7 @@ class ConfigError(VistokError, ValueError):
 def _yaml_loader() -> type:
     """A safe YAML loader whose only booleans are ``true`` / ``false`` (YAML 1.2): YAML 1.1 also reads ``no``,
     ``yes``, ``on`` and ``off`` as booleans, which turned ``mixed_precision=no`` (accelerate's setting) into
-    ``False``."""
+    ``False``. Its floats are YAML 1.2's too: ``1e-3`` is a number."""
     import re
 
     import yaml
@@ -37,6 +37,9 @@ def _yaml_loader() -> type:
         for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
     Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
                                  list("tTfF"))
+    # YAML 1.2 floats that YAML 1.1 reads as strings: an exponent without a dot or without a sign (1e-3, 2.5e4)
+    exponent = re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$")
+    Loader.add_implicit_resolver("tag:yaml.org,2002:float", exponent, list("-+0123456789"))
     return Loader
 
 

@@ -121,10 +121,13 @@ def test_bench_command_bad_input(capsys):
     assert "unknown method 'nope'" in capsys.readouterr().err
     assert main(["bench", "--model", "vit_small_patch16_224", "--method", "ats", "-o", "k=0"]) == 2
     capsys.readouterr()
-    for flags, message in [(["--method", "merge", "--attention", "flex"], "fused only compiled"),
+    no_cuda = [(["--device", "cuda"], "this machine has no CUDA device")] if not torch.cuda.is_available() else []
+    for flags, message in [*no_cuda, (["--method", "merge", "--attention", "flex"], "fused only compiled"),
                            (["--method", "merge", "--compile", "nope"], "unknown torch"),
                            (["--method", "merge", "--compile", "--attention", "flex"], "CPU inductor cannot"),
-                           (["-o", "r=2"], "needs --method")]:
+                           (["-o", "r=2"], "needs --method"),
+                           (["--device", "nonsense"], "--device 'nonsense' is not a torch device"),
+                           (["--json", "/no/such/folder/x.json"], "no folder /no/such/folder")]:
         assert main(["bench", "--model", "vit_small_patch16_224", *flags]) == 2
         assert message in capsys.readouterr().err
     for command in (["bench", "--model", "no_such_model"], ["tune", "--model", "no_such_model"]):
@@ -134,6 +137,11 @@ def test_bench_command_bad_input(capsys):
         with pytest.raises(SystemExit):
             main(["bench", "--model", "vit_small_patch16_224", "--method", "merge", flag, value])
         assert f"{flag}: expected an integer >= 1, got '{value}'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["bench", "--model", "vit_small_patch16_224", "--warmup", "-1"])
+    assert "--warmup: expected an integer >= 0, got '-1'" in capsys.readouterr().err
+    assert main(["tune", "--model", "vit_tiny_patch16_224", "--folder", "/no/such/folder"]) == 2
+    assert "vistok tune --folder /no/such/folder" in capsys.readouterr().err
 
 
 def test_models_timm_loads_from_a_folder_are_benchmarked(tmp_path):

@@ -62,6 +62,16 @@ def test_only_true_and_false_are_booleans(tmp_path):
         load_config(defaults, None, parse_overrides(["train.fused_attn=no"]))
 
 
+
+def test_exponents_are_floats(tmp_path):
+    """YAML 1.2 floats: 1e-3 (no dot) and 2.5e4 (no sign) are numbers, as in Python, not strings."""
+    assert parse_overrides(["a=1e-3", "b=2.5e4", "c=-3E2", "d=3", "e=1e"]) == {
+        "a": 0.001, "b": 25000.0, "c": -300.0, "d": 3, "e": "1e"}
+    file = tmp_path / "c.yaml"
+    file.write_text("train:\n  lr: 1e-3\n")
+    assert load_config({"train": {"lr": 0.1}}, file)["train"]["lr"] == 0.001
+
+
 def _class_folders(root: Path, classes: dict[str, int], per_class: int) -> None:
     """``root/{train,val}/<name>/*.png``: real Fashion-MNIST test images of the given labels, as RGB files."""
     from PIL import Image
@@ -335,17 +345,17 @@ def test_unfused_attention_computes_the_same_function():
 @pytest.mark.slow
 def test_sweep_writes_csv_and_plot(tmp_path):
     sweep = load_tool("sweep")
-    out = tmp_path / "sweep"
+    out = tmp_path / "sweep.v2"  # a prefix with a dot: its files are sweep.v2.csv and sweep.v2.png
     assert sweep.main(["--config", str(ROOT / "configs/sweep_fmnist.yaml"), "--out", str(out), "pretrained=false",
                        "model_kwargs.depth=3", "data.limit=100", "sweep.ats_k=[64]", "sweep.ats_fixed_k=[32]",
                        "sweep.ats_fusion_k=[32]", "sweep.ats_blocks=[1,2]",
                        "sweep.merge_r=[8]", "sweep.random_k=[64]", "sweep.input_sizes=[20]",
                        "sweep.flops_images=10"]) == 0
-    rows = (out.with_suffix(".csv")).read_text().splitlines()
+    rows = (tmp_path / "sweep.v2.csv").read_text().splitlines()
     assert rows[0].startswith("method,label,top1") and len(rows) == 8
     assert [row.split(",")[0] for row in rows[1:]] == ["unpatched", "ats", "ats_fixed", "ats_fusion", "merge",
                                                      "random_drop", "downsample"]
-    assert out.with_suffix(".png").stat().st_size > 10_000
+    assert (tmp_path / "sweep.v2.png").stat().st_size > 10_000
 
 
 def test_overlays_account_for_every_patch(tmp_path):
