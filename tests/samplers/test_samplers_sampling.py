@@ -148,6 +148,28 @@ def test_pipeline_order_and_equivalence_to_manual_chain():
     assert SamplingConfig().processors == []
 
 
+@pytest.mark.parametrize("option, value, function", [
+    ("min_p", 0.9, min_p_filter), ("top_k", 1, top_k_filter), ("top_p", 0.05, top_p_filter),
+    ("typical_p", 0.05, typical_filter), ("epsilon", 0.2, epsilon_filter), ("eta", 0.2, eta_filter),
+    ("top_h", 0.1, top_h_filter)])
+def test_a_configs_min_tokens_to_keep_reaches_every_filter(option, value, function):
+    """The config's result is the filter function's with the same minimum, which binds on these rows."""
+    logits = torch.randn(6, 800, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 3
+    expected = function(logits, value, min_tokens_to_keep=5)
+    assert torch.equal(SamplingConfig(**{option: value}, min_tokens_to_keep=5).process(logits), expected)
+    assert (torch.isfinite(expected).sum(dim=-1) >= 5).all()
+    assert not torch.equal(expected, function(logits, value))
+
+
+def test_a_configs_top_h_rule_and_top_n_reach_the_filter():
+    """Near-uniform rows, where the reference rule's top_n bounds what top-H keeps."""
+    logits = torch.randn(3, 5000, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 0.01
+    expected = top_h_filter(logits, 0.99, rule="reference", top_n=100)
+    config = SamplingConfig(top_h=0.99, top_h_rule="reference", top_h_top_n=100)
+    assert torch.equal(config.process(logits), expected)
+    assert torch.isfinite(expected).sum() < torch.isfinite(top_h_filter(logits, 0.99, rule="reference")).sum()
+
+
 def test_min_p_position_differs_from_hugging_face():
     """With min-p and top-p together: vistok (and vLLM) measure top-p's mass after min-p, Hugging Face before
     it. Here min-p removes the tail, so top-p then keeps fewer tokens than Hugging Face's order keeps."""

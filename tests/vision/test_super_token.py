@@ -131,6 +131,51 @@ def test_training_free_block_is_exact_where_patch_tokens_agree(family):
     assert (got - expected).abs().max() <= 1e-4
 
 
+def reference_super_token_block(block, x, prefix, grid, size=2):
+    """One image's block with its attention among 2 x 2 super tokens, in loops over the block's own modules: each
+    patch associates with the initial super tokens (cell means) of the 3 x 3 cells around its own by
+    softmax(<patch, super token> / sqrt(C)); super tokens are association-weighted means, attend with a log(mass)
+    key bias, and each patch's output mixes its neighbours' outputs by its association."""
+    rows, cols = grid
+    h = block.norm1(x)
+    patches, channels = h[prefix:].reshape(rows, cols, -1), h.shape[-1]
+    cells = [(i, j) for i in range(rows // size) for j in range(cols // size)]
+    initial = {c: patches[c[0] * size:(c[0] + 1) * size, c[1] * size:(c[1] + 1) * size].reshape(-1, channels).mean(0)
+               for c in cells}
+    association = {}
+    for r in range(rows):
+        for c in range(cols):
+            near = [n for n in cells if abs(n[0] - r // size) <= 1 and abs(n[1] - c // size) <= 1]
+            logits = torch.stack([patches[r, c] @ initial[n] for n in near]) * channels ** -0.5
+            association[r, c] = dict(zip(near, logits.softmax(0), strict=True))
+    mass = {n: sum(w[n] for w in association.values() if n in w) for n in cells}
+    supers = [sum(w[n] * patches[p] for p, w in association.items() if n in w) / mass[n] for n in cells]
+    attn = block.attn
+    tokens = torch.cat([h[:prefix], torch.stack(supers)])
+    q, k, v = attn.qkv(tokens).reshape(len(tokens), 3, attn.num_heads, -1).permute(1, 2, 0, 3)
+    bias = torch.cat([torch.zeros(prefix), torch.stack([mass[n] for n in cells]).log()])
+    out = ((attn.q_norm(q) @ attn.k_norm(k).transpose(-1, -2)) * attn.scale + bias).softmax(-1) @ v  # [H, T, d]
+    by_cell = dict(zip(cells, out[:, prefix:].transpose(0, 1), strict=True))
+    patch_out = [sum(w[n] * by_cell[n] for n in w) for _, w in sorted(association.items())]
+    mixed = torch.cat([out[:, :prefix].transpose(0, 1), torch.stack(patch_out)]).flatten(1)
+    y = x + block.ls1(attn.proj(attn.norm(mixed)))
+    return y + block.ls2(block.mlp(block.norm2(y)))
+
+
+def test_training_free_block_matches_loops_over_the_blocks_own_modules():
+    """Distinct patch tokens, so the association's scale and each patch's mix of neighbours matter."""
+    model = make_model("vit")
+    info = resolve_backbone(model).info
+    x = torch.randn(2, info.num_tokens, model.embed_dim)
+    attender = SuperTokenAttender(info.grid_size, (2, 2), 1)
+    with torch.no_grad():
+        layout = TokenLayout.original(x, info.num_prefix, True, grid_size=info.grid_size)
+        got, _ = run_block(resolve_backbone(model).block_ops(1), x, layout, attender)
+        for image in range(2):
+            expected = reference_super_token_block(model.blocks[1], x[image], info.num_prefix, info.grid_size)
+            assert (got[image] - expected).abs().max() <= 1e-4
+
+
 def test_training_free_variant_saves_flops_and_composes():
     model = make_model("vit")
     images = make_images(model, 2)
