@@ -222,6 +222,18 @@ def test_a_decoder_that_never_returns_is_killed_at_the_timeout(tmp_path):
     assert read_video(CARPHONE, [0, 1]).shape == (2, 144, 176, 3)
 
 
+def test_waiting_for_another_threads_decode_does_not_count_against_the_timeout():
+    """Threads share the process's decoder: a call queued behind another's decode gets its whole timeout for its
+    own (it was killed as stalled, and its healthy clip reported unreadable)."""
+    from vistok.video import io
+
+    read_video(CARPHONE, [0])  # the decoder child is running
+    busy = io._worker()._lock
+    busy.acquire()  # as if another thread's decode took 2.5 s
+    threading.Timer(2.5, busy.release).start()
+    assert read_video(CARPHONE, [0, 1], timeout=2.0).shape == (2, 144, 176, 3)
+
+
 def test_an_interrupted_read_leaves_no_reply_for_the_next(monkeypatch):
     """Ctrl-C while the decoder works: its reply must not be taken as the next call's (it returned another
     file's frames)."""
@@ -360,6 +372,33 @@ def test_transforms_on_a_real_clip():
     assert views.shape == (3, 3, 4, 96, 96)
     train = ClipTransform(96, short_side=112, train=True, seed=0)(frames)
     assert train.shape == (3, 4, 96, 96)
+
+
+class _FramesOf(torch.utils.data.Dataset):
+    """Four items, each the same 2-frame clip whose pixel values name their position, through ``transform``."""
+
+    def __init__(self, transform):
+        self.transform = transform
+        self.frames = torch.arange(256, dtype=torch.uint8).reshape(1, 16, 16, 1).expand(2, 16, 16, 3).contiguous()
+
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, index):
+        return self.transform(self.frames)
+
+
+def test_a_seeded_transform_draws_differently_in_each_worker_and_epoch():
+    """DataLoader workers hold copies of one generator state, again each epoch: each starts from its own seed."""
+    torch.manual_seed(0)  # the loader draws the workers' seeds from torch's generator
+    dataset = _FramesOf(ClipTransform(8, short_side=16, train=True, seed=3, mean=(0, 0, 0), std=(1, 1, 1)))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=1, num_workers=2)
+    first, second = ([crop for crop in loader] for _ in range(2))  # items 0, 2 in worker 0; 1, 3 in worker 1
+    assert not (torch.equal(first[0], first[1]) and torch.equal(first[2], first[3]))
+    assert not all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
+    in_process = [dataset[i] for i in range(4)]  # without workers: the transform's own sequence, as before
+    again = _FramesOf(ClipTransform(8, short_side=16, train=True, seed=3, mean=(0, 0, 0), std=(1, 1, 1)))
+    assert all(torch.equal(a, again[i]) for i, a in enumerate(in_process))
 
 
 # -- datasets ---------------------------------------------------------------------------------------------------

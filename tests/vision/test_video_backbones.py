@@ -124,6 +124,22 @@ def test_padded_batch_equals_clips_one_by_one(name):
     assert (batched - singles).abs().max() <= TOL
 
 
+def test_flops_of_test_views_count_each_view_on_its_own():
+    """A clip's test views run as one padded batch: its FLOPs are the sum of its views', each counted alone."""
+    from vistok.measure import count_flops
+    from vistok.video import VideoClassifier
+
+    classifier = VideoClassifier(videomae())
+    views = clips(batch=3).transpose(1, 2)[None]  # one clip's 3 views [1, V, C, T, H, W]
+    with vistok.patch(classifier.model, _UnevenConfig([1])) as handle:
+        with torch.no_grad():
+            classifier(views)
+        assert len(set(handle.layouts[1].num_valid().tolist())) > 1, "the test needs uneven counts"
+        whole = count_flops(classifier, views)
+        one_by_one = sum(count_flops(classifier, views[:, view]) for view in range(3))
+    assert whole == one_by_one
+
+
 def test_videomae_head_averages_real_tokens_by_size():
     """The head's mean is over the real tokens, each counted as often as the patches it stands for: the same as
     the bare model's padded output averaged with the layout's weights."""

@@ -71,7 +71,8 @@ def count_flops(model: nn.Module, images: Tensor | Iterable[Tensor],
 
     A vistok-patched model keeps a different number of tokens for each image, and a batch is padded to the
     largest count; so each image is counted on its own (batch of one), which gives the FLOPs that image
-    needs, not those of its padding. An unpatched model is counted in one batch.
+    needs, not those of its padding. An unpatched model is counted in one batch. Test views ``[B, V, C, T, H, W]``
+    to a :class:`~vistok.video.VideoClassifier` are counted view by view too, and summed per clip.
 
     While it counts, the model's parameters have ``requires_grad`` off (restored after, errors included): torch's
     FLOP counter fails on attention-pool heads otherwise. Blocks patched with ``attention="flex"`` are counted on
@@ -98,6 +99,8 @@ def count_flops(model: nn.Module, images: Tensor | Iterable[Tensor],
         with torch.no_grad(), _counted_attention(model):
             for batch in batches:
                 pieces = batch.split(1) if adaptive else [batch]
+                if adaptive and _takes_views(model, batch):  # a clip's views run as one padded batch
+                    pieces = [view for piece in pieces for view in piece.unbind(1)]
                 for piece in pieces:
                     with flop_counter() as counter:
                         model(piece) if forward is None else forward(model, piece)
@@ -109,3 +112,9 @@ def count_flops(model: nn.Module, images: Tensor | Iterable[Tensor],
     if count == 0:
         raise InputShapeError("count_flops: no images given")
     return total / count
+
+
+def _takes_views(model: nn.Module, batch: Tensor) -> bool:
+    from ..video.classifier import VideoClassifier
+
+    return isinstance(model, VideoClassifier) and batch.dim() == 6

@@ -254,7 +254,9 @@ class VideoClipDataset(Dataset):
         return len(self.videos.samples)
 
     def set_epoch(self, epoch: int) -> None:
-        """Draw different training clips each epoch (the draw is a function of seed, epoch and index)."""
+        """Draw different training clips each epoch (the draw is a function of seed, epoch and index): call it as
+        each epoch begins, or every epoch draws the same clips, crops and flips. DataLoader workers see it when they
+        start, so not with ``persistent_workers=True``."""
         self._epoch = epoch
 
     def __getitem__(self, index: int) -> tuple[Tensor, int] | None:

@@ -172,8 +172,11 @@ class _Worker:
         self._process: subprocess.Popen | None = None
         self._folder: str | None = None  # where the child leaves large frame arrays
 
-    def run(self, request: tuple, deadline: float) -> object:
+    def run(self, request: tuple, deadline: float | None) -> object:
+        queued = time.monotonic()
         with self._lock:
+            if deadline is not None:  # the time spent waiting for another thread's decode is not this request's
+                deadline += time.monotonic() - queued
             process = self._running()
             try:
                 write_message(process.stdin, request)

@@ -100,7 +100,9 @@ class ClipTransform:
 
     The random crop and flip come from the ``generator`` a call passes (a :class:`VideoClipDataset` passes its
     item's, a function of its seed, the epoch and the index, so DataLoader workers and epochs draw differently and
-    a run repeats), else from the transform's own generator (``seed``), else from torch's global one.
+    a run repeats), else from the transform's own generator (``seed``), else from torch's global one. In a
+    DataLoader worker the own generator starts from ``seed`` and the worker's seed (torch's, new each epoch), so
+    workers and epochs do not repeat each other's draws.
     """
 
     def __init__(self, size: int, short_side: int | None = None, train: bool = False, num_crops: int = 1,
@@ -117,13 +119,23 @@ class ClipTransform:
         self.size, self.short_side = size, short_side
         self.train, self.num_crops, self.flip, self.grey = train, num_crops, flip, grey
         self.mean, self.std = tuple(mean), tuple(std)
+        self.seed = seed
         self.generator = None if seed is None else torch.Generator().manual_seed(seed)
+        self._worker_seed: int | None = None  # the DataLoader worker seed the generator was last started from
 
     def __call__(self, frames: Tensor, generator: torch.Generator | None = None) -> Tensor:
         clip = to_float_clip(frames)
         clip = resize_short_side(clip.mean(dim=0, keepdim=True) if self.grey else clip, self.short_side)
         if self.train:
-            crop = random_crop_flip(clip, self.size, self.flip, generator or self.generator)
+            crop = random_crop_flip(clip, self.size, self.flip, generator or self._own_generator())
             return normalize(crop, self.mean, self.std)
         views = [normalize(view, self.mean, self.std) for view in crop_views(clip, self.size, self.num_crops)]
         return views[0] if self.num_crops == 1 else torch.stack(views)
+
+    def _own_generator(self) -> torch.Generator | None:
+        worker = torch.utils.data.get_worker_info()
+        if self.generator is not None and worker is not None and worker.seed != self._worker_seed:
+            # each worker holds a copy of one generator state (again each epoch): start it from its own seed
+            self._worker_seed = worker.seed
+            self.generator.manual_seed((self.seed * 1_000_003 + worker.seed) % 2**63)
+        return self.generator
