@@ -186,6 +186,72 @@ def test_containers_that_store_no_frame_count(name, tmp_path):
     assert clip.shape[1] == 4 and label == 0
 
 
+def _numbered(path, frames=60, codec="libx264"):
+    """64 x 64 frames, frame i grey level 4 i, in H.264 (or ``codec``), a key frame every 20, no B-frames."""
+    import numpy as np
+
+    with av.open(str(path), "w") as container:
+        video = container.add_stream(codec, rate=25)
+        video.width = video.height = 64
+        video.pix_fmt = "yuv420p"
+        video.options = {"g": "20", "bf": "0", **({"crf": "5"} if codec == "libx264" else {"qscale": "2"})}
+        for index in range(frames):
+            grey = np.full((64, 64, 3), 4 * index, dtype=np.uint8)
+            for packet in video.encode(av.VideoFrame.from_ndarray(grey, format="rgb24")):
+                container.mux(packet)
+        for packet in video.encode():
+            container.mux(packet)
+
+
+def _frame_numbers(frames):
+    return [round(float(frame.float().mean()) / 4) for frame in frames]
+
+
+def test_an_edit_list_hides_the_frames_before_time_zero(tmp_path):
+    """A stream copy cut 7 frames after a key frame (ffmpeg -ss ... -c copy): the MP4 keeps the key frame and what
+    follows it, and an edit list hides the 7 frames before time 0. Index i is the i-th frame shown, on every
+    backend that reads the file (decord seeks to the hidden frames, so it refuses it and "auto" takes PyAV)."""
+    source, cut = tmp_path / "source.mp4", tmp_path / "cut.mp4"
+    _numbered(source)
+    with av.open(str(source)) as reading, av.open(str(cut), "w") as writing:
+        stream = writing.add_stream_from_template(reading.streams.video[0])
+        packets = [packet for packet in reading.demux(video=0) if packet.size]
+        shift = packets[7].pts
+        for packet in packets:
+            packet.pts, packet.dts, packet.stream = packet.pts - shift, packet.dts - shift, stream
+            writing.mux(packet)
+    for backend in ("auto", "pyav"):
+        assert probe_video(cut, backend=backend).frame_count == 53
+        assert _frame_numbers(read_video(cut, backend=backend)) == list(range(7, 60))
+        assert _frame_numbers(read_video(cut, list(range(0, 53, 4)), backend=backend)) == list(range(7, 60, 4))
+    with pytest.raises(VideoReadError, match="does not apply its edit list"):
+        read_video(cut, [0], backend="decord")
+
+
+def test_empty_drop_frame_packets_are_not_frames(tmp_path):
+    """AVI drop frames are empty chunks, which the container counts: 8 among 40 frames, so it reports 48."""
+    source, dropped = tmp_path / "source.avi", tmp_path / "dropped.avi"
+    _numbered(source, frames=40, codec="mpeg4")
+    with av.open(str(source)) as reading, av.open(str(dropped), "w") as writing:
+        stream = writing.add_stream_from_template(reading.streams.video[0])
+        time_base, tick = None, 0
+        for index, packet in enumerate(packet for packet in reading.demux(video=0) if packet.size):
+            packet.stream, packet.pts, packet.dts, time_base = stream, tick, tick, packet.time_base
+            writing.mux(packet)
+            tick += 1
+            if index % 5 == 4:
+                empty = av.Packet(b"")
+                empty.stream, empty.time_base, empty.pts, empty.dts = stream, time_base, tick, tick
+                writing.mux(empty)
+                tick += 1
+    frames = {}
+    for backend in ("decord", "pyav"):
+        assert probe_video(dropped, backend=backend).frame_count == 40, backend
+        frames[backend] = read_video(dropped, num_frames=5, backend=backend)
+    assert torch.equal(frames["pyav"], frames["decord"])
+    assert torch.equal(frames["pyav"], read_video(source, [0, 10, 20, 29, 39], backend="pyav"))
+
+
 @pytest.mark.parametrize("backend", ["decord", "pyav"])
 def test_index_past_the_real_end(backend, tmp_path):
     with pytest.raises(VideoReadError, match="past the end: the video has 250 frames"):

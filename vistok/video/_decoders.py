@@ -49,13 +49,24 @@ def _select(frame_count: int, indices: list[int] | None, num_frames: int | None)
     return indices
 
 
-def decode_decord(path: str, indices: list[int] | None, num_frames: int | None) -> tuple[np.ndarray, int]:
+def _open_decord(path: str):
+    """decord's reader of ``path``; a file whose first frame lies before time 0 is refused (so that ``"auto"``
+    takes PyAV): an MP4 edit list hides those frames (a stream copy cut between key frames writes one), and decord
+    shows them when it decodes in order but not when it seeks, so one index would name two frames."""
     import decord
 
     try:
         reader = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=0)
+        hidden = len(reader) > 0 and float(reader.get_frame_timestamp(0)[0]) < 0
     except Exception as error:  # decord raises RuntimeError or its own DECORDError
         raise DecodeError(f"decord cannot open it: {first_line(error)}") from None
+    if hidden:
+        raise DecodeError("decord does not apply its edit list (frames before time 0 that the container hides)")
+    return reader
+
+
+def decode_decord(path: str, indices: list[int] | None, num_frames: int | None) -> tuple[np.ndarray, int]:
+    reader = _open_decord(path)
     frame_count = len(reader)
     wanted = _select(frame_count, indices, num_frames)
     if not wanted:
@@ -78,7 +89,7 @@ def decode_pyav(path: str, indices: list[int] | None, num_frames: int | None) ->
         if not container.streams.video:
             raise DecodeError("it has no video stream")
         stream = container.streams.video[0]
-        frame_count = stream.frames or _counted_frames(path)
+        frame_count = _counted_frames(path)
         wanted = _select(frame_count, indices, num_frames)
         needed = set(wanted)
         last = max(wanted, default=-1)
@@ -104,10 +115,12 @@ def decode_pyav(path: str, indices: list[int] | None, num_frames: int | None) ->
 
 
 def _counted_frames(path: str) -> int:
-    """The video packets of the first video stream, for containers that store no frame count (mkv, webm, raw
-    streams): demuxing reads the file without decoding it. (The container's duration times the frame rate, which
-    decord uses, counts an audio track that runs longer than the video.) Remembered per file version, so that a
-    dataset item's probe and decode demux it once."""
+    """The frames of the first video stream that decode to a picture: its packets but empty ones (an AVI's drop
+    frames) and those marked discard (hidden by an MP4 edit list). Demuxing reads the file without decoding it.
+    The container's count, where it stores one, counts both kinds; containers that store none (mkv, webm, raw
+    streams) would need the duration times the frame rate, as decord takes it, which counts an audio track that
+    runs longer than the video. Remembered per file version, so that a dataset item's probe and decode demux it
+    once."""
     status = os.stat(path)
     return _packet_count(path, status.st_size, status.st_mtime_ns)
 
@@ -119,7 +132,7 @@ def _packet_count(path: str, size: int, mtime_ns: int) -> int:
     try:
         with av.open(path) as container:
             stream = container.streams.video[0]
-            return sum(1 for packet in container.demux(stream) if packet.size)
+            return sum(1 for packet in container.demux(stream) if packet.size and not packet.is_discard)
     except Exception as error:  # av.error.* while demuxing a damaged file
         raise DecodeError(f"PyAV cannot count its frames: {first_line(error)}") from None
 
@@ -141,10 +154,8 @@ def probe(backend: str, path: str) -> dict[str, float]:
     """``frame_count`` (as the container reports it), ``fps``, ``height`` and ``width`` of the first video stream."""
     _check_path(path)
     if backend == "decord":
-        import decord
-
+        reader = _open_decord(path)
         try:
-            reader = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=0)
             height, width = reader[0].shape[:2]
             return {"frame_count": len(reader), "fps": float(reader.get_avg_fps()), "height": height, "width": width}
         except Exception as error:
@@ -157,7 +168,7 @@ def probe(backend: str, path: str) -> dict[str, float]:
                 raise DecodeError("it has no video stream")
             stream = container.streams.video[0]
             rate = stream.average_rate or stream.guessed_rate
-            return {"frame_count": stream.frames or _counted_frames(path),
+            return {"frame_count": _counted_frames(path),
                     "fps": float(rate) if rate else 0.0, "height": stream.height, "width": stream.width}
     except DecodeError:
         raise
