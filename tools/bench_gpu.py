@@ -4,15 +4,18 @@
     PYTHONPATH=. python3 tools/bench_gpu.py --out $OUT/gpu.json     # on the GPU machine, about 5 minutes
     python tools/bench_gpu.py --smoke --out out/gpu_smoke.json      # every step on tiny CPU models (a dry run)
 
-For each model (ViT-B first: its figures decide the issue; then ViT-S and ViT-L while the time budget lasts) it
-builds the unpatched model and ATS (k=108, blocks 3..), merging (ToMe's r for the model) and ATS followed by
-merging, in eager mode and compiled (``torch.compile(fullgraph=True)``, the batch dimension dynamic, so one compile
-serves every batch size); on ViT-B each compiled patched model also runs with ``attention="sdpa"`` beside
-``"auto"`` (which takes FlexAttention there), the measurement that decides ``"auto"``'s rule. Per batch size
-(256, 64, 1024) the models are timed interleaved (median of ``--runs``), and the peak CUDA memory of one forward
-is read for each. Ratios are patched / unpatched within one mode and batch, measured in this run. A vision-LLM
-prefill (LLaVA-1.5's shapes: a CLIP ViT-L/14 tower at 336 px, 576 visual tokens, random weights, a 360M Llama)
-is timed last, all tokens vs a quarter.
+For each model it builds the unpatched model and ATS (k=108, blocks 3..), merging (ToMe's r for the model) and
+ATS followed by merging, in eager mode and compiled (``torch.compile(fullgraph=True)``, the batch dimension dynamic,
+so one compile serves every batch size); on ViT-B the compiled ATS and merging also run with ``attention="sdpa"``
+beside ``"auto"`` (which takes FlexAttention there), the measurement that decides ``"auto"``'s rule. Per batch
+size (256, 64, 1024) the models are timed interleaved (median of ``--runs``), and the peak CUDA memory of one
+forward is read for each. Ratios are patched / unpatched within one mode and batch, measured in this run.
+
+Compiling is what takes the time, so the run goes in order of what matters: ViT-B eager and compiled (its figures
+decide the issue), ViT-S and ViT-L eager, a vision-LLM prefill (LLaVA-1.5's shapes: a CLIP ViT-L/14 tower at
+336 px, 576 visual tokens, random weights, a 360M Llama; all tokens vs a quarter), then ViT-S and ViT-L compiled
+while ``--budget-s`` lasts. No compile starts in the budget's last quarter; what did compile is timed at the
+first batch size even past the budget.
 
 Every row goes to the JSON as soon as it is measured, so a run cut short still reports what it reached.
 """
@@ -61,7 +64,8 @@ class ModelCase:
                            ("merge", {"r": max(1, self.merge_r // 2), "blocks": merge_after})], {}),
         }
         return {f"{label} [{path}]" if len(attention_paths) > 1 else label: (method, options, path)
-                for path in attention_paths for label, (method, options) in methods.items()}
+                for path in attention_paths for label, (method, options) in methods.items()
+                if path == attention_paths[0] or label != "ats+merge"}  # the comparison copies: one method each
 
 
 FULL_CASES = [
@@ -150,7 +154,8 @@ def _compile(recorder: Recorder, case: ModelCase, models: dict[str, nn.Module], 
 
 def _measure(recorder: Recorder, case: ModelCase, mode: str, models: dict[str, nn.Module], batch: int,
              images: torch.Tensor, runs: int, compile_seconds: dict[str, float]) -> None:
-    if "unpatched" not in models:
+    if "unpatched" not in models:  # it did not compile (recorded), and ratios need it
+        recorder.add("skipped", {"model": case.name, "mode": mode, "batch": batch, "why": "no unpatched model"})
         return
     graphs_before = _graph_count()
     timings = time_models(models, images, warmup=2, runs=runs)
@@ -182,28 +187,51 @@ def _attention_of(model: nn.Module) -> str | None:
     return None if handle is None else handle.attention
 
 
-def _bench_case(recorder: Recorder, case: ModelCase, args: argparse.Namespace, attention_paths: tuple[str, ...],
-                deadline: float) -> None:
-    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
-    eager = _build(case, attention_paths[:1], device, dtype)  # eager mode: "auto" is SDPA
-    generator = torch.Generator().manual_seed(0)
-    example = torch.randn(args.batches[0], 3, args.image_size, args.image_size, generator=generator)
-    example = example.to(device=device, dtype=dtype)
-    # a quarter of the budget stays for timing: compiling the last comparison copies matters least
-    compiled, compile_seconds = _compile(recorder, case, _build(case, attention_paths, device, dtype), example, args,
-                                         deadline - args.budget_s / 4)
-    for batch in args.batches:
-        if time.perf_counter() > deadline:
-            recorder.add("skipped", {"model": case.name, "batch": batch, "why": "time budget"})
+def _images(args: argparse.Namespace, batch: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(batch)  # the same images for eager and compiled
+    images = torch.randn(batch, 3, args.image_size, args.image_size, generator=generator)
+    return images.to(device=torch.device(args.device), dtype=getattr(torch, args.dtype))
+
+
+def _time_batches(recorder: Recorder, case: ModelCase, mode: str, models: dict[str, nn.Module],
+                  args: argparse.Namespace, deadline: float, compile_seconds: dict[str, float],
+                  first_always: bool = False) -> None:
+    for index, batch in enumerate(args.batches):
+        if time.perf_counter() > deadline and not (first_always and index == 0):
+            recorder.add("skipped", {"model": case.name, "mode": mode, "batch": batch, "why": "time budget"})
             continue
-        images = torch.randn(batch, 3, args.image_size, args.image_size, generator=generator).to(device, dtype)
         runs = max(3, args.runs // 2) if batch >= 1024 else args.runs
-        for mode, models, seconds in (("eager", eager, {}), ("compiled", compiled, compile_seconds)):
-            try:
-                _measure(recorder, case, mode, models, batch, images, runs, seconds)
-            except Exception as error:  # e.g. out of memory at the largest batch: the other rows stand
-                recorder.add("errors", {"model": case.name, "mode": mode, "batch": batch, "error": repr(error)})
-                print(f"{case.name} {mode} B={batch}: {error!r:.300}", flush=True)
+        try:
+            _measure(recorder, case, mode, models, batch, _images(args, batch), runs, compile_seconds)
+        except Exception as error:  # e.g. out of memory at the largest batch: the other rows stand
+            recorder.add("errors", {"model": case.name, "mode": mode, "batch": batch, "error": repr(error)})
+            print(f"{case.name} {mode} B={batch}: {error!r:.300}", flush=True)
+
+
+def _bench_eager(recorder: Recorder, case: ModelCase, args: argparse.Namespace, deadline: float) -> None:
+    models = _build(case, ("auto",), torch.device(args.device), getattr(torch, args.dtype))  # eager "auto": SDPA
+    _time_batches(recorder, case, "eager", models, args, deadline, {})
+
+
+def _bench_compiled(recorder: Recorder, case: ModelCase, args: argparse.Namespace, attention_paths: tuple[str, ...],
+                    deadline: float) -> None:
+    models = _build(case, attention_paths, torch.device(args.device), getattr(torch, args.dtype))
+    # no compile starts in the budget's last quarter; what compiled is timed at the first batch size regardless
+    compiled, seconds = _compile(recorder, case, models, _images(args, args.batches[0]), args,
+                                 deadline - args.budget_s / 4)
+    _time_batches(recorder, case, "compiled", compiled, args, deadline, seconds, first_always=True)
+
+
+def _phase(recorder: Recorder, label: str, run: Callable[[], None]) -> None:
+    """One model's eager or compiled measurements; its failure must not lose the others' figures."""
+    try:
+        run()
+    except Exception as error:
+        recorder.add("errors", {"model": label, "error": repr(error)})
+        print(f"{label}: {error!r}", flush=True)
+    torch._dynamo.reset()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _prefill(recorder: Recorder, args: argparse.Namespace, smoke: bool) -> None:
@@ -278,6 +306,17 @@ def _headline(record: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _commit() -> str | None:
+    """The checkout's commit, where the run has its git folder (a device machine's copy may not)."""
+    import subprocess
+
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
+                              cwd=Path(__file__).parent, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
 @reports_errors
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -312,33 +351,37 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     deadline = start + args.budget_s
     device = torch.device(args.device)
-    meta = {"torch": torch.__version__, "timm": timm.__version__, "device": torch.cuda.get_device_name(device)
-            if device.type == "cuda" else f"cpu ({platform.processor() or 'x86'})", "dtype": args.dtype,
+    import transformers
+
+    meta = {"torch": torch.__version__, "timm": timm.__version__, "transformers": transformers.__version__,
+            "vistok_commit": _commit(), "device": torch.cuda.get_device_name(device)
+            if device.type == "cuda" else f"cpu ({platform.machine()})", "dtype": args.dtype,
             "backend": args.backend, "compile_mode": args.compile_mode, "batches": args.batches, "runs": args.runs}
     print(json.dumps(meta), flush=True)
     recorder = Recorder(args.out, meta)
+    # The first model compares the attention paths, except under inductor on the CPU, which cannot compile flex
+    # with the bias vistok computes in the graph (and where "auto" is SDPA anyway); on the CPU "auto" is SDPA, so
+    # the dry run traces flex explicitly.
+    if device.type == "cpu" and args.backend == "inductor":
+        compared: tuple[str, ...] = ("auto",)
+    else:
+        compared = ("auto", "sdpa") if device.type == "cuda" else ("auto", "sdpa", "flex")
+    plan: list[tuple[str, Callable[[], None]]] = []
     for index, case in enumerate(cases):
-        if time.perf_counter() > deadline - args.budget_s / 5:  # too little left to compile and time a model
-            recorder.add("skipped", {"model": case.name, "why": "time budget"})
-            continue
-        # The first model compares the attention paths, except under inductor on the CPU, which cannot compile
-        # flex with the bias vistok computes in the graph (and where "auto" is SDPA anyway).
-        if index > 0 or (device.type == "cpu" and args.backend == "inductor"):
-            paths: tuple[str, ...] = ("auto",)
-        else:  # on the CPU "auto" is SDPA: the dry run traces flex explicitly
-            paths = ("auto", "sdpa") if device.type == "cuda" else ("auto", "sdpa", "flex")
-        try:
-            _bench_case(recorder, case, args, paths, deadline)
-        except Exception as error:  # one model's failure must not lose the others' figures
-            recorder.add("errors", {"model": case.name, "error": repr(error)})
-            print(f"{case.name}: {error!r}", flush=True)
-        torch._dynamo.reset()
+        plan.append((f"{case.name} eager", lambda case=case: _bench_eager(recorder, case, args, deadline)))
+        if index == 0:
+            plan.append((f"{case.name} compiled",
+                         lambda case=case: _bench_compiled(recorder, case, args, compared, deadline)))
     if not args.no_prefill:
-        try:
-            _prefill(recorder, args, smoke)
-        except Exception as error:
-            recorder.add("errors", {"model": "llava prefill", "error": repr(error)})
-            print(f"prefill: {error!r}", flush=True)
+        plan.append(("llava prefill", lambda: _prefill(recorder, args, smoke)))
+    plan += [(f"{case.name} compiled", lambda case=case: _bench_compiled(recorder, case, args, ("auto",), deadline))
+             for case in cases[1:]]
+    for label, run in plan:
+        compiles = label.endswith("compiled")
+        if time.perf_counter() > deadline - (args.budget_s / 5 if compiles else 0):  # too little left for it
+            recorder.add("skipped", {"model": label, "why": "time budget"})
+            continue
+        _phase(recorder, label, run)
     headline = _headline(recorder.record)
     recorder.finish(headline, time.perf_counter() - start)
     print("\n".join(headline))

@@ -311,7 +311,7 @@ def test_gpu_benchmark_runs_every_step(tmp_path):
     vision-LLM prefill, measured and written to the JSON; the GPU run is the same code on bigger models."""
     bench = load_tool("bench_gpu")
     out = tmp_path / "gpu.json"
-    assert bench.main(["--smoke", "--batches", "2", "--runs", "1", "--out", str(out)]) == 0
+    assert bench.main(["--smoke", "--batches", "2", "--runs", "1", "--budget-s", "1800", "--out", str(out)]) == 0
     record = json.loads(out.read_text())
     assert record["errors"] == [] and record["skipped"] == [] and record["finished"] is True
     rows = {(row["mode"], row["variant"]) for row in record["rows"]}

@@ -226,6 +226,7 @@ def run_benchmark(
     results = [VariantResult(v.label, v.method, dict(v.options), *costs[v.label], timings[v.label],
                              *agreement[v.label], compile_seconds[v.label]) for v in all_variants]
     where = torch.device(device)
-    hardware = torch.cuda.get_device_name(where) if where.type == "cuda" else f"cpu ({platform.processor() or 'x86'})"
+    processor = platform.processor() or platform.machine()
+    hardware = torch.cuda.get_device_name(where) if where.type == "cuda" else f"cpu ({processor})"
     return BenchReport(model_name, batch_size, image_size, str(dtype).removeprefix("torch."), hardware,
                        torch.get_num_threads(), runs, warmup, results, compile, attention)
