@@ -18,7 +18,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .errors import InputShapeError
+from ._checks import is_int
+from .errors import InputShapeError, InvalidConfigError
 from .tokens import TokenLayout
 
 __all__ = ["patch_groups", "overlay", "save_overlay_grid", "save_clip_overlay", "save_page_budget", "save_pareto_plot"]
@@ -88,31 +89,31 @@ def _display(images: Tensor, together: bool = False) -> np.ndarray:
 
 
 def save_overlay_grid(path: str | Path, images: Tensor, layouts: Mapping[str, TokenLayout],
-                      grid: tuple[int, int], upscale: int = 8) -> Path:
+                      grid: tuple[int, int], upscale: int | None = None) -> Path:
     """A PNG with one row per image: the input, then one overlay per named layout (e.g. the layout after
-    the last block of each method). Returns the path."""
+    the last block of each method). Returns the path. ``upscale``: how many pixels each image pixel becomes before
+    the 1-pixel borders are drawn (``None``: as many as fill a panel, so none is lost on screen)."""
     plt = _pyplot()
-    pictures = _display(images)
-    if upscale > 1:
-        pictures = pictures.repeat(upscale, axis=1).repeat(upscale, axis=2)
+    pictures = _upscaled(_display(images), upscale)
     num_patches = grid[0] * grid[1]
     columns = {"input": [p for p in pictures]}
     for name, layout in layouts.items():
         groups = patch_groups(layout, num_patches).numpy()
         columns[f"{name}\n({_token_note(layout)})"] = [overlay(p, g, grid) for p, g in zip(pictures, groups,
                                                                                           strict=True)]
-    figure, axes = plt.subplots(len(pictures), len(columns), figsize=(2.2 * len(columns), 2.2 * len(pictures)),
+    inches = _panel_inches(pictures, 2.2)
+    figure, axes = plt.subplots(len(pictures), len(columns), figsize=(inches * len(columns), inches * len(pictures)),
                                 squeeze=False)
     for column, (title, panels) in enumerate(columns.items()):
         for row, panel in enumerate(panels):
             _show(axes[row, column], panel)
             if row == 0:
                 axes[row, column].set_title(title, fontsize=8)
-    return _save(plt, figure, path, dpi=110)
+    return _save(plt, figure, path, dpi=_DPI)
 
 
 def save_clip_overlay(path: str | Path, clip: Tensor, layouts: Mapping[str, TokenLayout], tubelet_frames: int = 1,
-                      index: int = 0, upscale: int = 8) -> Path:
+                      index: int = 0, upscale: int | None = None) -> Path:
     """A PNG of one clip's tokens across its frames: the frames in the first row, then one row per named layout
     (video layouts on a ``(t, h, w)`` grid, e.g. ``handle.layouts[block]``), drawn on every frame as
     :func:`overlay` draws images. A token of tubelet slice ``s`` covers frames ``s * tubelet_frames`` to
@@ -122,6 +123,8 @@ def save_clip_overlay(path: str | Path, clip: Tensor, layouts: Mapping[str, Toke
         clip: ``[T, C, H, W]`` frames of one clip, any normalisation (``clip[i].transpose(0, 1)`` of a
             ``[B, C, T, H, W]`` batch).
         index: which clip of the layouts' batch ``clip`` is.
+        upscale: how many pixels each frame pixel becomes before the borders are drawn (``None``: as many as fill
+            a panel).
 
     Raises:
         InputShapeError: a layout without a ``(t, h, w)`` grid, or ``T`` other than ``t * tubelet_frames``.
@@ -129,9 +132,7 @@ def save_clip_overlay(path: str | Path, clip: Tensor, layouts: Mapping[str, Toke
     if clip.dim() != 4:
         raise InputShapeError(f"save_clip_overlay: expected one clip [T, C, H, W], got {tuple(clip.shape)}")
     plt = _pyplot()
-    frames = _display(clip, together=True)
-    if upscale > 1:
-        frames = frames.repeat(upscale, axis=1).repeat(upscale, axis=2)
+    frames = _upscaled(_display(clip, together=True), upscale)
     rows = {"frames": list(frames)}
     for name, layout in layouts.items():
         if layout.grid_size is None or len(layout.grid_size) != 3:
@@ -144,7 +145,8 @@ def save_clip_overlay(path: str | Path, clip: Tensor, layouts: Mapping[str, Toke
         groups = patch_groups(layout, slices * height * width)[index].reshape(slices, height * width).numpy()
         rows[f"{name}\n({_token_note(layout)})"] = [overlay(frame, groups[f // tubelet_frames], (height, width))
                                                     for f, frame in enumerate(frames)]
-    figure, axes = plt.subplots(len(rows), len(frames), figsize=(2.0 * len(frames), 2.1 * len(rows)),
+    inches = _panel_inches(frames, 2.0)
+    figure, axes = plt.subplots(len(rows), len(frames), figsize=(inches * len(frames), (inches + 0.1) * len(rows)),
                                 squeeze=False)
     for row, (title, panels) in enumerate(rows.items()):
         for column, panel in enumerate(panels):
@@ -153,7 +155,7 @@ def save_clip_overlay(path: str | Path, clip: Tensor, layouts: Mapping[str, Toke
                 axes[row, column].set_ylabel(title, fontsize=8)
             if row == 0:
                 axes[row, column].set_title(f"frame {column}", fontsize=8)
-    return _save(plt, figure, path, dpi=110)
+    return _save(plt, figure, path, dpi=_DPI)
 
 
 def save_page_budget(path: str | Path, views: Tensor, grid: tuple[int, int], patch_grid: tuple[int, int],
@@ -182,7 +184,7 @@ def save_page_budget(path: str | Path, views: Tensor, grid: tuple[int, int], pat
         _show(axis, _dim_dropped(panels[v], kept[v], patch_grid))
     if title:
         figure.suptitle(title, fontsize=9)
-    return _save(plt, figure, path, dpi=110)
+    return _save(plt, figure, path, dpi=_DPI)
 
 
 def _dim_dropped(panel: np.ndarray, kept: Tensor, patch_grid: tuple[int, int]) -> np.ndarray:
@@ -193,6 +195,26 @@ def _dim_dropped(panel: np.ndarray, kept: Tensor, patch_grid: tuple[int, int]) -
     mask = np.kron(mask.reshape(patch_grid), np.ones((height // patch_grid[0], width // patch_grid[1]), dtype=bool))
     dimmed = 0.35 * panel + 0.65 * np.array([0.85, 0.35, 0.35])
     return np.where(mask[..., None], panel, dimmed)
+
+
+_OVERLAY_PIXELS = 224  # an overlay's side before its borders are drawn, where upscale is left to vistok
+_DPI = 110
+
+
+def _upscaled(pictures: np.ndarray, upscale: int | None) -> np.ndarray:
+    """``[B, H, W, 3]`` with each pixel repeated ``upscale`` times (``None``: as often as stays within 224
+    pixels)."""
+    if upscale is None:
+        upscale = max(1, _OVERLAY_PIXELS // max(pictures.shape[1:3]))
+    if not is_int(upscale, 1):
+        raise InvalidConfigError(f"upscale must be an int >= 1 or None, got {upscale!r}")
+    return pictures.repeat(upscale, axis=1).repeat(upscale, axis=2) if upscale > 1 else pictures
+
+
+def _panel_inches(pictures: np.ndarray, least: float) -> float:
+    """A panel's side in inches that shows each pixel of ``pictures`` at least once on the saved figure (margins
+    and titles take about a fifth): a picture drawn smaller than it is loses most of its 1-pixel borders."""
+    return max(least, 1.3 * max(pictures.shape[1:3]) / _DPI)
 
 
 def _show(axis, panel: np.ndarray) -> None:

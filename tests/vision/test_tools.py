@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import timm
 import torch
+import torch.nn.functional as F
 from helpers import ROOT, load_tool
 
 import vistok
@@ -381,6 +382,29 @@ def test_overlays_account_for_every_patch(tmp_path):
 
     with pytest.raises(vistok.InputShapeError, match="30x30 image with 196 patch groups does not divide"):
         overlay(np.zeros((30, 30, 3)), groups[0].numpy(), (14, 14))
+
+
+@pytest.mark.parametrize("side", [28, 224])
+def test_overlay_borders_survive_on_the_saved_figure(side, tmp_path):
+    """The 1-pixel borders between token groups are drawn at about the panel's size on the PNG: drawn 8 times
+    larger (224 px images), saving kept one border line in eight."""
+    from PIL import Image
+
+    from vistok.viz import overlay
+
+    model = timm.create_model("vistok_vit_fmnist", depth=2).eval()
+    images = vdata.GreyBatchTransform()(vdata.load_fashion_mnist("test")[0][:1])
+    with torch.no_grad(), vistok.patch(model, "merge", r=40, trace_source=True) as handle:
+        model(images)
+        merged = handle.layouts[1]
+    images = F.interpolate(images, size=(side, side))
+    path = save_overlay_grid(tmp_path / "tokens.png", images, {"merge": merged}, grid=(14, 14))
+    drawn = overlay(np.zeros((224, 224, 3)), patch_groups(merged, 196)[0].numpy(), (14, 14))
+    border = np.array([1.0, 0.85, 0.2])
+    expected = int((np.abs(drawn - border).max(axis=-1) < 0.01).sum())  # on a 224 px panel
+    saved = np.asarray(Image.open(path).convert("RGB"), dtype=float) / 255
+    found = int((np.abs(saved - border).max(axis=-1) < 0.1).sum())
+    assert found >= 0.7 * expected
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
