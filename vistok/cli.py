@@ -224,6 +224,9 @@ def _bench(args: argparse.Namespace) -> int:
     variants = []
     if args.method is not None:
         options = dict(args.option)
+        if len(options) < len(args.option):
+            twice = sorted({key for key, _ in args.option if [k for k, _ in args.option].count(key) > 1})
+            raise InvalidConfigError(f"vistok bench: -o {', '.join(twice)} given more than once")
         create_config(args.method, **options)  # fail fast on a bad name or option
         variants.append(Variant(args.method, args.method, options))
     elif args.option:
@@ -293,6 +296,9 @@ def _video_qa(args: argparse.Namespace) -> int:
     from .video.qa import VideoQA, VideoQAConfig
 
     threshold = args.merge_threshold
+    if args.no_temporal_merge and threshold is not None:
+        raise InvalidConfigError("vistok video-qa: --merge-threshold sets the temporal merge that "
+                                 "--no-temporal-merge turns off; give one of them")
     if threshold is None:
         threshold = 0.98 if args.merge_on == "summary" else 0.75
     config = VideoQAConfig(budget=args.budget, selection=args.selection, frames=args.frames,

@@ -84,6 +84,10 @@ def _assign(tree: dict[str, Any], path: str, value: Any, defaults: dict[str, Any
     if path in known and default is not None and mismatched and not (isinstance(default, float) and is_int(value)):
         raise ConfigError(f"{source}: {path} should be {type(default).__name__} (like the default {default!r}), "
                           f"got {value!r}")
+    if isinstance(default, list) and default and isinstance(value, list) and \
+            any(_kind(item) != _kind(default[0]) for item in value):
+        raise ConfigError(f"{source}: {path} should be a list of {_kind(default[0])}s (like the default {default!r}), "
+                          f"got {value!r}")
     node = tree
     parts = path.split(".")
     for part in parts[:-1]:
@@ -91,6 +95,14 @@ def _assign(tree: dict[str, Any], path: str, value: Any, defaults: dict[str, Any
         if not isinstance(node, dict):
             raise ConfigError(f"{source}: {path} goes through a non-mapping value")
     node[parts[-1]] = value
+
+
+def _kind(value: Any) -> str:
+    """What a list item is, for checking one against a default's items: ints and floats are both numbers (a
+    sweep's ``k`` may be a count or a fraction)."""
+    if isinstance(value, bool):
+        return "bool"
+    return "number" if isinstance(value, (int, float)) else type(value).__name__
 
 
 def load_config(defaults: dict[str, Any], path: str | Path | None = None,
@@ -116,7 +128,12 @@ def load_config(defaults: dict[str, Any], path: str | Path | None = None,
             raise ConfigError(f"{path} is not valid YAML: {error}") from None
         if not isinstance(loaded, Mapping):
             raise ConfigError(f"{path} must hold a mapping of settings, not {type(loaded).__name__}")
+        known = _flatten(defaults)
         for key, value in _flatten(loaded).items():
+            if value is None and any(k.startswith(f"{key}.") for k in known):
+                continue  # a section whose settings are all commented out
+            if value is None and isinstance(known.get(key), Mapping):
+                value = {}  # options left empty
             _assign(config, key, value, defaults, str(path))
     for key, value in (overrides or {}).items():
         _assign(config, key, value, defaults, "command line")

@@ -127,7 +127,10 @@ def test_bench_command_bad_input(capsys):
                            (["--method", "merge", "--compile", "--attention", "flex"], "CPU inductor cannot"),
                            (["-o", "r=2"], "needs --method"),
                            (["--device", "nonsense"], "--device 'nonsense' is not a torch device"),
-                           (["--json", "/no/such/folder/x.json"], "no folder /no/such/folder")]:
+                           (["--json", "/no/such/folder/x.json"], "no folder /no/such/folder"),
+                           (["--method", "merge", "-o", "r=2", "-o", "r=3"], "-o r given more than once"),
+                           (["--method", "merge", "--batch-size", "2", "--flops-images", "3"],
+                            "from 1 to the batch size 2")]:
         assert main(["bench", "--model", "vit_small_patch16_224", *flags]) == 2
         assert message in capsys.readouterr().err
     for command in (["bench", "--model", "no_such_model"], ["tune", "--model", "no_such_model"]):

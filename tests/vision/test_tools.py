@@ -47,6 +47,14 @@ def test_config_checks_keys_and_types(tmp_path):
         load_config(defaults, tmp_path / "missing.yaml")
     with pytest.raises(ConfigError, match="key=value"):
         parse_overrides(["epochs"])
+    empty = tmp_path / "empty.yaml"  # a section with its settings commented out; options left empty
+    empty.write_text("train:\n  # epochs: 5\nmethod_options:\n")
+    assert load_config(defaults, empty) == defaults
+    listed = {"mean": [0.5, 0.5], "k": [108]}
+    for override, message in (("mean=[a,b]", "mean should be a list of numbers"), ("k=[true]", "k should be a list")):
+        with pytest.raises(ConfigError, match=message):
+            load_config(listed, None, parse_overrides([override]))
+    assert load_config(listed, None, parse_overrides(["k=[0.5,64]"]))["k"] == [0.5, 64]  # a fraction or a count
 
 
 def test_only_true_and_false_are_booleans(tmp_path):

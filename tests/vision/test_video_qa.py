@@ -242,3 +242,6 @@ def test_the_cli_answers_with_the_shipped_model(capsys):
     assert "seconds: decode" in printed and "answer " in printed
     assert main(["video-qa", "--video", str(SAMPLE / "missing.mp4"), "--question", "Is there a bag?"]) == 2
     assert "missing.mp4" in capsys.readouterr().err
+    assert main(["video-qa", "--video", str(SAMPLE / row["video"]), "--question", row["question"],
+                 "--no-temporal-merge", "--merge-threshold", "0.9"]) == 2
+    assert "give one of them" in capsys.readouterr().err

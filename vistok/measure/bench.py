@@ -168,9 +168,9 @@ def run_benchmark(
             raise InvalidConfigError(
                 f"run_benchmark: {variant!r}: every variant needs a method and its own label other than "
                 "'unpatched' (the unpatched model always runs first, under that label)")
-    if flops_images is not None and not is_int(flops_images, 1):
-        raise InvalidConfigError(f"run_benchmark: flops_images must be an int >= 1 (or None: all), got "
-                                 f"{flops_images!r}")
+    if flops_images is not None and not (is_int(flops_images, 1) and flops_images <= batch_size):
+        raise InvalidConfigError(f"run_benchmark: flops_images must be an int from 1 to the batch size {batch_size} "
+                                 f"(FLOPs are counted on the batch's images; None: all of them), got {flops_images!r}")
     torch.manual_seed(seed)
     if isinstance(model_name, str):
         from .._timm import create_timm_model
