@@ -85,6 +85,22 @@ def test_pool_to_budget_is_two_by_two_pooling_at_a_quarter():
         pool_to_budget(x, (6, 5), 9)
 
 
+def test_pooling_a_grid_that_does_not_divide():
+    """4 x 4 to 3 x 3: adaptive pooling's windows (rows and columns floor(o * 4 / 3) to ceil((o + 1) * 4 / 3))
+    overlap. Each token is its window's mean and sits at its window's first patch; each patch is owned by a window
+    that holds it, and the sizes count what each token owns."""
+    x = tokens(n=16)
+    result = pool_to_budget(x, (4, 4), 9)
+    windows = [(range(o * 4 // 3, -(-(o + 1) * 4 // 3))) for o in range(3)]
+    cells = [[r * 4 + c for r in rows for c in cols] for rows in windows for cols in windows]
+    for token, members in enumerate(cells):
+        assert torch.allclose(result.tokens[:, token], x[:, members].mean(dim=1))
+        assert bool((result.positions()[:, token] == members[0]).all())
+    for patch in range(16):
+        assert all(patch in cells[int(owner)] for owner in result.owner[:, patch])
+    assert torch.equal(result.sizes[0], torch.bincount(result.owner[0], minlength=9).to(result.sizes.dtype))
+
+
 def assert_regions_are_connected(result, grid):
     """Every output token owns a non-empty 4-connected region of the ``grid``."""
     rows, cols = grid

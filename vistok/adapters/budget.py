@@ -259,6 +259,9 @@ def select_dominant(x: Tensor, scores: Tensor, tokens: int, contextual: int = 0)
     """VisionZip's dominant tokens: the ``tokens - contextual`` highest-``scores`` tokens in their original
     order, then ``contextual`` tokens that each average a group of the rest: targets evenly
     spaced over the unselected tokens, every other unselected token joining its most similar target (cosine).
+    The contextual tokens are vistok's variant of VisionZip's: each is the mean of its group, target included,
+    grouped by the features' cosine; VisionZip's code adds the target to the mean of the others (a token of about
+    twice the norm) and groups by the keys averaged over heads.
 
     Args:
         x: ``[B, N, D]``; scores: ``[B, N]`` (e.g. the class token's attention); ``0 <= contextual < tokens``.
@@ -321,7 +324,9 @@ def _near_pool_budgets(grid: tuple[int, int], tokens: int) -> list[int]:
 
 def pool_to_budget(x: Tensor, grid: tuple[int, int], tokens: int) -> Budgeted:
     """Average pooling of the ``grid`` (row-major tokens) to a grid of exactly ``tokens`` cells
-    (:func:`pool_grid`); 2 x 2 pooling (LLaVA-OneVision's) at a quarter of an even grid."""
+    (:func:`pool_grid`); 2 x 2 pooling (LLaVA-OneVision's) at a quarter of an even grid. Where the grid does not
+    divide, adaptive pooling's windows overlap: a patch in two windows is owned by the later one, so that each
+    token's first patch (its position) is its window's first, and ``sizes`` count the patches owned."""
     _check(x, tokens, "pool_to_budget")
     _check_grid(x, grid, "pool_to_budget")
     rows, cols = grid
@@ -329,12 +334,17 @@ def pool_to_budget(x: Tensor, grid: tuple[int, int], tokens: int) -> Budgeted:
     batch = x.shape[0]
     image = x.transpose(1, 2).reshape(batch, -1, rows, cols)
     pooled = F.adaptive_avg_pool2d(image, (out_rows, out_cols)).flatten(2).transpose(1, 2)
-    # which output cell each input cell falls in (adaptive pooling's windows may overlap: the first one)
-    row_of = (torch.arange(rows, device=x.device) * out_rows) // rows
-    col_of = (torch.arange(cols, device=x.device) * out_cols) // cols
+    row_of, col_of = _last_window(rows, out_rows, x.device), _last_window(cols, out_cols, x.device)
     cell = (row_of[:, None] * out_cols + col_of[None, :]).flatten()
     sizes = torch.bincount(cell, minlength=tokens).to(size_dtype(x.dtype))
     return Budgeted(pooled, sizes.expand(batch, -1), cell.expand(batch, -1))
+
+
+def _last_window(size: int, windows: int, device: torch.device) -> Tensor:
+    """``[size]``: the last of adaptive pooling's ``windows`` over ``size`` cells that each cell falls in (window
+    ``o`` starts at ``floor(o * size / windows)``)."""
+    starts = (torch.arange(windows, device=device) * size) // windows
+    return torch.searchsorted(starts, torch.arange(size, device=device), right=True) - 1
 
 
 def select_random(x: Tensor, tokens: int, generator: torch.Generator | None = None,
