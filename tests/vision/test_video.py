@@ -141,6 +141,18 @@ def test_bad_files_raise_a_clear_error_fast(case, backend, tmp_path):
         assert "decord:" in str(raised.value) and "pyav:" in str(raised.value)  # what each backend said
 
 
+def _encode_grey(container, video, frames, step):
+    """``frames`` 64 x 64 grey frames into ``video``, frame i at grey level ``step * i``, and the encoder flushed."""
+    import numpy as np
+
+    for index in range(frames):
+        grey = np.full((64, 64, 3), step * index, dtype=np.uint8)
+        for packet in video.encode(av.VideoFrame.from_ndarray(grey, format="rgb24")):
+            container.mux(packet)
+    for packet in video.encode():
+        container.mux(packet)
+
+
 def _encoded(path, frames=16, fps=8, audio_seconds=0.0):
     """``frames`` grey frames, 64 x 64, in H.264 at ``fps`` in ``path``'s container (a raw stream for .h264), with
     a silent AAC track of ``audio_seconds`` (0: none)."""
@@ -151,12 +163,7 @@ def _encoded(path, frames=16, fps=8, audio_seconds=0.0):
         video.width = video.height = 64
         video.pix_fmt = "yuv420p"
         audio = container.add_stream("aac", rate=48000) if audio_seconds else None
-        for index in range(frames):
-            grey = np.full((64, 64, 3), 15 * index, dtype=np.uint8)
-            for packet in video.encode(av.VideoFrame.from_ndarray(grey, format="rgb24")):
-                container.mux(packet)
-        for packet in video.encode():
-            container.mux(packet)
+        _encode_grey(container, video, frames, 15)
         if audio is not None:
             for start in range(0, int(48000 * audio_seconds), 1024):
                 silence = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
@@ -188,19 +195,12 @@ def test_containers_that_store_no_frame_count(name, tmp_path):
 
 def _numbered(path, frames=60, codec="libx264"):
     """64 x 64 frames, frame i grey level 4 i, in H.264 (or ``codec``), a key frame every 20, no B-frames."""
-    import numpy as np
-
     with av.open(str(path), "w") as container:
         video = container.add_stream(codec, rate=25)
         video.width = video.height = 64
         video.pix_fmt = "yuv420p"
         video.options = {"g": "20", "bf": "0", **({"crf": "5"} if codec == "libx264" else {"qscale": "2"})}
-        for index in range(frames):
-            grey = np.full((64, 64, 3), 4 * index, dtype=np.uint8)
-            for packet in video.encode(av.VideoFrame.from_ndarray(grey, format="rgb24")):
-                container.mux(packet)
-        for packet in video.encode():
-            container.mux(packet)
+        _encode_grey(container, video, frames, 4)
 
 
 def _frame_numbers(frames):
