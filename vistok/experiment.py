@@ -229,6 +229,9 @@ def save_whole(state: dict[str, Any], path: Path) -> None:
     os.replace(partial, path)
 
 
+_UNSET = object()  # a setting one of the two runs does not have
+
+
 def check_resumed_settings(saved: dict[str, Any] | None, current: dict[str, Any], may_change: tuple[str, ...],
                            where: Path) -> None:
     """Refuse to resume a run under other settings than it started with: the result would be neither run.
@@ -244,9 +247,6 @@ def check_resumed_settings(saved: dict[str, Any] | None, current: dict[str, Any]
     if changed:
         raise ConfigError(f"--resume: the run in {where} started with other settings ({'; '.join(changed)}); "
                           "resume with the same settings, or train again without --resume")
-
-
-_UNSET = object()
 
 
 def _dotted(settings: dict[str, Any], prefix: str = "") -> dict[str, Any]:

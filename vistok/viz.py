@@ -24,6 +24,9 @@ from .tokens import TokenLayout
 
 __all__ = ["patch_groups", "overlay", "save_overlay_grid", "save_clip_overlay", "save_page_budget", "save_pareto_plot"]
 
+_OVERLAY_PIXELS = 224  # an overlay's side before its borders are drawn, where upscale is left to vistok
+_DPI = 110
+
 
 def patch_groups(layout: TokenLayout, num_patches: int) -> Tensor:
     """For each image and original patch, the position of the token that carries it after the layout's
@@ -92,7 +95,8 @@ def save_overlay_grid(path: str | Path, images: Tensor, layouts: Mapping[str, To
                       grid: tuple[int, int], upscale: int | None = None) -> Path:
     """A PNG with one row per image: the input, then one overlay per named layout (e.g. the layout after
     the last block of each method). Returns the path. ``upscale``: how many pixels each image pixel becomes before
-    the 1-pixel borders are drawn (``None``: as many as fill a panel, so none is lost on screen)."""
+    the 1-pixel borders are drawn (``None``: as many as keep it within 224 px); panels are sized to show every pixel,
+    so no border is lost."""
     plt = _pyplot()
     pictures = _upscaled(_display(images), upscale)
     num_patches = grid[0] * grid[1]
@@ -123,8 +127,8 @@ def save_clip_overlay(path: str | Path, clip: Tensor, layouts: Mapping[str, Toke
         clip: ``[T, C, H, W]`` frames of one clip, any normalisation (``clip[i].transpose(0, 1)`` of a
             ``[B, C, T, H, W]`` batch).
         index: which clip of the layouts' batch ``clip`` is.
-        upscale: how many pixels each frame pixel becomes before the borders are drawn (``None``: as many as fill
-            a panel).
+        upscale: how many pixels each frame pixel becomes before the borders are drawn (``None``: as many as keep
+            a frame within 224 px).
 
     Raises:
         InputShapeError: a layout without a ``(t, h, w)`` grid, or ``T`` other than ``t * tubelet_frames``.
@@ -195,10 +199,6 @@ def _dim_dropped(panel: np.ndarray, kept: Tensor, patch_grid: tuple[int, int]) -
     mask = np.kron(mask.reshape(patch_grid), np.ones((height // patch_grid[0], width // patch_grid[1]), dtype=bool))
     dimmed = 0.35 * panel + 0.65 * np.array([0.85, 0.35, 0.35])
     return np.where(mask[..., None], panel, dimmed)
-
-
-_OVERLAY_PIXELS = 224  # an overlay's side before its borders are drawn, where upscale is left to vistok
-_DPI = 110
 
 
 def _upscaled(pictures: np.ndarray, upscale: int | None) -> np.ndarray:

@@ -188,8 +188,7 @@ class ViewSignals:
 def view_signals(model: nn.Module, views: Tensor, layer: int = -1) -> ViewSignals:
     """Run the tower of ``model`` on ``views`` ``[V, C, S, S]`` and read block ``layer`` through its own modules
     (norm, query/key projections, rotary embedding for the attention): nothing of the tower is re-implemented or
-    changed. The tower
-    runs in eval mode (no dropout; its mode is restored after)."""
+    changed. The tower runs in eval mode (no dropout; its mode is restored after)."""
     backbone = resolve_backbone(model)
     info = backbone.info
     blocks = backbone.blocks()
