@@ -102,6 +102,13 @@ def test_the_step_after_a_cautious_one_samples_the_model():
     assert chi_square_pvalue(after, table[0]) > P_MIN
 
 
+def test_cntp_stop_tokens_are_checked(model):
+    for bad, message in (([15.9], "stop_token_ids must be token ids"), ([True], "a bool is no token id"),
+                         ([-1], "negative token id"), (torch.tensor([[3], [5]]), "1-D integer tensor")):
+        with pytest.raises(InvalidConfigError, match=message):
+            cntp_generate(model, PROMPTS, stop_token_ids=bad, attention_mask=MASK, max_new_tokens=2)
+
+
 def test_cntp_config_validation():
     for bad in (dict(entropy_low=2.0, entropy_high=1.0), dict(max_trials=0), dict(min_trials=3, max_trials=2),
                 dict(max_trial_tokens=0), dict(entropy_low=float("nan")), dict(entropy_low="0"),
@@ -163,6 +170,8 @@ def test_awrs_without_allowed_tokens_and_without_weights():
     assert int(result.evaluations[0]) == 2  # the two possible tokens, then nothing left
     quick = awrs_sample(logits, accept, seeds=torch.tensor([0, 1]), proper_weights=False)
     assert quick.tokens.tolist() == [-1, 1] and quick.log_weight[1] == 0
+    with pytest.raises(InvalidConfigError, match="must answer with bools"):  # a probability is no verdict
+        awrs_sample(logits, lambda rows, tokens: torch.full(rows.shape, 0.5), seeds=torch.tensor([0, 1]))
 
 
 def test_constrained_generation_respects_the_constraint(model):

@@ -187,10 +187,15 @@ def test_rows_are_independent_and_reproducible(models):
     both = decoder.generate(prompts, attention_mask=mask, max_new_tokens=12, seeds=seeds)
     again = decoder.generate(prompts, attention_mask=mask, max_new_tokens=12, seeds=seeds)
     assert torch.equal(both.sequences, again.sequences)
+    calls = []
     for row in range(3):
         valid = mask[row]
         alone = decoder.generate(prompts[row:row + 1, valid], max_new_tokens=12, seeds=seeds[row:row + 1])
         assert torch.equal(alone.new_tokens[0], both.new_tokens[row])
+        calls.append(alone.stats["iterations"])
+    assert len(set(calls)) > 1, "the test needs rows that finish at different times"
+    # per row and target forward it takes part in: the rows' own figures pooled, finished rows not counted
+    assert both.stats["tokens_per_target_call"] == pytest.approx(3 * 12 / sum(calls))
 
 
 def test_eos_and_max_new_tokens(models):

@@ -27,6 +27,7 @@ from .._checks import is_int, is_real
 from ..errors import InvalidConfigError
 from . import rng
 from ._decoding import CausalLMState, check_causal_lm
+from ._params import check_token_ids
 from .generation import GenerationOutput, check_decoding, check_max_new_tokens, eos_set, prepare_prompt
 from .pipeline import SamplingConfig
 from .sampling import as_seeds, sample
@@ -107,8 +108,8 @@ def cntp_generate(model: nn.Module, input_ids: Tensor, config: SamplingConfig | 
     batch = input_ids.shape[0]
     device = next(model.parameters()).device
     seeds = None if seeds is None else as_seeds(seeds, batch, device)
-    stops = torch.as_tensor(list(stop_token_ids) if not isinstance(stop_token_ids, Tensor) else stop_token_ids,
-                            dtype=torch.long, device=device)
+    stops = check_token_ids(stop_token_ids if isinstance(stop_token_ids, Tensor) else list(stop_token_ids),
+                            "stop_token_ids").to(device)
     eos = eos_set(eos_token_id, device)
     started = time.perf_counter()
 

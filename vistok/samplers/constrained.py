@@ -112,7 +112,10 @@ def _first_accepted(log_probs: Tensor, accept: Constraint, seeds, counter, gener
                 break
             at = rows[running]
             candidate = top_ids[at, j]
-            verdict = torch.as_tensor(accept(at, candidate), dtype=torch.bool, device=device).reshape(-1)
+            verdict = torch.as_tensor(accept(at, candidate), device=device).reshape(-1)
+            if verdict.dtype != torch.bool:  # a probability would be read as True
+                raise InvalidConfigError(f"the constraint must answer with bools (accepted or not), got "
+                                         f"{verdict.dtype}")
             if verdict.shape[0] != at.shape[0]:
                 raise InvalidConfigError(f"the constraint returned {verdict.shape[0]} answers for {at.shape[0]} "
                                          "tokens")

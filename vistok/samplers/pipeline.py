@@ -149,7 +149,11 @@ class SamplingPipeline(LogitsFilter):
 
     ``model.generate(ids, do_sample=True, logits_processor=LogitsProcessorList([SamplingPipeline(config)]))``;
     pass ``top_k=None`` (or ``0``) to ``generate`` so that Hugging Face's own default ``top_k=50`` does not add
-    itself after the chain, and ``SeededSampling`` last for per-row reproducible draws.
+    itself after the chain, and ``SeededSampling`` last for per-row reproducible draws. Hugging Face also adds,
+    after the chain, the warpers the model's ``generation_config`` sets (an instruct model's temperature, top-p,
+    ...): with ``SeededSampling`` last they change nothing (it leaves one finite logit); without it, pass their
+    neutral values to ``generate`` (``temperature=1.0, top_p=1.0, min_p=None, typical_p=1.0, epsilon_cutoff=0.0,
+    eta_cutoff=0.0``), or the temperature applies twice.
     """
 
     def __init__(self, config: SamplingConfig | None = None, **options) -> None:

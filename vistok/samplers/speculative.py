@@ -265,7 +265,8 @@ class SpeculativeDecoder:
         """Generate like :func:`~vistok.samplers.generate` (same arguments), ``gamma`` draft tokens at a time.
 
         ``stats``: ``iterations`` (target forwards after the prompt), ``proposed`` and ``accepted`` draft
-        tokens (rows still generating), ``acceptance_rate``, ``tokens_per_target_call``, forward counts, seconds.
+        tokens (rows still generating), ``acceptance_rate``, ``tokens_per_target_call`` (the tokens a row gains per
+        target forward it takes part in, a finished row's no longer counted), forward counts, seconds.
         """
         check_decoding(self.config, pad_token_id)
         input_ids, mask = prepare_prompt(input_ids, attention_mask)
@@ -330,7 +331,7 @@ class SpeculativeDecoder:
             "proposed": proposed,
             "accepted": accepted_total,
             "acceptance_rate": accepted_total / max(proposed, 1),
-            "tokens_per_target_call": float(lengths.sum()) / max(iterations, 1) / batch,
+            "tokens_per_target_call": float(lengths.sum()) / max(proposed // gamma, 1),  # per row and forward it ran
             "target_forward_calls": target.forward_calls,
             "draft_forward_calls": draft.forward_calls,
             "seconds": time.perf_counter() - started,
