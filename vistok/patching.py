@@ -317,8 +317,18 @@ def find_handle(model: nn.Module) -> PatchHandle | None:
 
 
 def unpatch(model: nn.Module) -> None:
-    """Remove vistok's patch from ``model`` (no-op if it is not patched)."""
-    handle = get_handle(model)
-    if handle is not None:
+    """Remove vistok's patch from ``model``, or from the patched models inside it (a wrapper such as
+    :class:`vistok.video.VideoClassifier`); a no-op where nothing is patched.
+
+    Raises:
+        PatchStateError: ``model`` is a part of a patched model (its blocks run patched, but the handle is the
+            whole model's): unpatch the model that was patched.
+    """
+    handles = [handle for module in model.modules() if (handle := get_handle(module)) is not None]
+    for handle in handles:
         handle.remove()
+    if not handles and any(isinstance(vars(module).get("forward"), _PatchedBlockForward)
+                           for module in model.modules()):
+        raise PatchStateError(f"unpatch: this {type(model).__name__} is a part of a patched model; unpatch the "
+                              "model vistok.patch was given (or call its handle's remove())")
 

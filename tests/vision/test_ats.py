@@ -124,6 +124,12 @@ def test_context_manager_and_unpatch():
     assert not handle.active and "forward" not in vars(model.blocks[5])
     handle.remove()  # second remove is a no-op
     assert "ats" in vistok.list_methods()
+    handle = vistok.patch(model, "ats", k=50)
+    with pytest.raises(vistok.PatchStateError, match="a part of a patched model"):
+        vistok.unpatch(model.blocks)  # its blocks run patched; the handle is the model's
+    assert handle.active
+    vistok.unpatch(torch.nn.Sequential(model))  # a wrapper: the model inside is unpatched
+    assert not handle.active and "forward" not in vars(model.blocks[5])
 
 
 # ATS with fusion: the tokens a block does not sample merge into their most similar kept token

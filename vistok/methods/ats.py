@@ -97,7 +97,7 @@ class ATSConfig(MethodConfig):
         k: the most patch tokens a block keeps. An int (1 .. the model's patch count), a float in (0, 1]
             (fraction of the block's current patch tokens), or a sequence with one value per block.
             ``None``: the paper's setting, ``round(108 / 196 * patch count)`` in every block (108 on a
-            224 px /16 model).
+            224 px /16 model), the count of the model's native grid whatever the input's size.
         blocks: indices of the blocks that sample. ``None``: the paper's multi-stage placement, blocks
             3..11 on a 12-block model, scaled to other depths (``default_ats_blocks``).
         min_tokens: a block never keeps fewer than this many patch tokens (nor more than it has).
