@@ -130,8 +130,8 @@ def load_config(defaults: dict[str, Any], path: str | Path | None = None,
             raise ConfigError(f"{path} must hold a mapping of settings, not {type(loaded).__name__}")
         known = _flatten(defaults)
         for key, value in _flatten(loaded).items():
-            if value is None and any(k.startswith(f"{key}.") for k in known):
-                continue  # a section whose settings are all commented out
+            if value in (None, {}) and any(k.startswith(f"{key}.") for k in known):
+                continue  # a section whose settings are all commented out, or written {}
             if value is None and isinstance(known.get(key), Mapping):
                 value = {}  # options left empty
             _assign(config, key, value, defaults, str(path))

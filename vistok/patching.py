@@ -318,12 +318,14 @@ def find_handle(model: nn.Module) -> PatchHandle | None:
 
 def unpatch(model: nn.Module) -> None:
     """Remove vistok's patch from ``model``, or from the patched models inside it (a wrapper such as
-    :class:`vistok.video.VideoClassifier`); a no-op where nothing is patched.
+    :class:`vistok.video.VideoClassifier`); a no-op where nothing is patched (or ``model`` is no module).
 
     Raises:
         PatchStateError: ``model`` is a part of a patched model (its blocks run patched, but the handle is the
             whole model's): unpatch the model that was patched.
     """
+    if not isinstance(model, nn.Module):  # as get_handle: nothing there is patched
+        return
     handles = [handle for module in model.modules() if (handle := get_handle(module)) is not None]
     for handle in handles:
         handle.remove()

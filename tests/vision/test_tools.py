@@ -50,6 +50,8 @@ def test_config_checks_keys_and_types(tmp_path):
     empty = tmp_path / "empty.yaml"  # a section with its settings commented out; options left empty
     empty.write_text("train:\n  # epochs: 5\nmethod_options:\n")
     assert load_config(defaults, empty) == defaults
+    empty.write_text("train: {}\n")
+    assert load_config(defaults, empty) == defaults
     listed = {"mean": [0.5, 0.5], "k": [108]}
     for override, message in (("mean=[a,b]", "mean should be a list of numbers"), ("k=[true]", "k should be a list")):
         with pytest.raises(ConfigError, match=message):

@@ -193,13 +193,14 @@ def test_containers_that_store_no_frame_count(name, tmp_path):
     assert clip.shape[1] == 4 and label == 0
 
 
-def _numbered(path, frames=60, codec="libx264"):
-    """64 x 64 frames, frame i grey level 4 i, in H.264 (or ``codec``), a key frame every 20, no B-frames."""
+def _numbered(path, frames=60, codec="libx264", b_frames=0):
+    """64 x 64 frames, frame i grey level 4 i, in H.264 (or ``codec``), a key frame every 20, no B-frames (or
+    ``b_frames``)."""
     with av.open(str(path), "w") as container:
         video = container.add_stream(codec, rate=25)
         video.width = video.height = 64
         video.pix_fmt = "yuv420p"
-        video.options = {"g": "20", "bf": "0", **({"crf": "5"} if codec == "libx264" else {"qscale": "2"})}
+        video.options = {"g": "20", "bf": str(b_frames), **({"crf": "5"} if codec == "libx264" else {"qscale": "2"})}
         _encode_grey(container, video, frames, 4)
 
 
@@ -207,11 +208,10 @@ def _frame_numbers(frames):
     return [round(float(frame.float().mean()) / 4) for frame in frames]
 
 
-def test_an_edit_list_hides_the_frames_before_time_zero(tmp_path):
-    """A stream copy cut 7 frames after a key frame (ffmpeg -ss ... -c copy): the MP4 keeps the key frame and what
-    follows it, and an edit list hides the 7 frames before time 0. Index i is the i-th frame shown, on every
-    backend that reads the file (decord seeks to the hidden frames, so it refuses it and "auto" takes PyAV)."""
-    source, cut = tmp_path / "source.mp4", tmp_path / "cut.mp4"
+def _cut_after_a_key_frame(folder):
+    """A 60-frame clip cut as a stream copy 7 frames after its first key frame: the MP4 keeps the key frame and
+    what follows, and an edit list hides the 7 frames before time 0 (53 shown). -> its path."""
+    source, cut = folder / "source.mp4", folder / "cut.mp4"
     _numbered(source)
     with av.open(str(source)) as reading, av.open(str(cut), "w") as writing:
         stream = writing.add_stream_from_template(reading.streams.video[0])
@@ -220,12 +220,32 @@ def test_an_edit_list_hides_the_frames_before_time_zero(tmp_path):
         for packet in packets:
             packet.pts, packet.dts, packet.stream = packet.pts - shift, packet.dts - shift, stream
             writing.mux(packet)
+    return cut
+
+
+def test_an_edit_list_hides_the_frames_before_time_zero(tmp_path):
+    """A stream copy cut 7 frames after a key frame (ffmpeg -ss ... -c copy): the MP4 keeps the key frame and what
+    follows it, and an edit list hides the 7 frames before time 0. Index i is the i-th frame shown, on every
+    backend that reads the file (decord seeks to the hidden frames, so it refuses it and "auto" takes PyAV)."""
+    cut = _cut_after_a_key_frame(tmp_path)
     for backend in ("auto", "pyav"):
         assert probe_video(cut, backend=backend).frame_count == 53
         assert _frame_numbers(read_video(cut, backend=backend)) == list(range(7, 60))
         assert _frame_numbers(read_video(cut, list(range(0, 53, 4)), backend=backend)) == list(range(7, 60, 4))
-    with pytest.raises(VideoReadError, match="does not apply its edit list"):
+    with pytest.raises(VideoReadError, match="first frame no time or one before 0"):
         read_video(cut, [0], backend="decord")
+
+
+def test_transport_streams_with_b_frames_read_in_order(tmp_path):
+    """decord seeks an MPEG transport stream with B-frames to the wrong frames (index 0 gave frame 12): it is not
+    used on transport streams, and "auto" reads them with PyAV."""
+    stream = tmp_path / "clip.ts"
+    _numbered(stream, frames=40, b_frames=3)
+    for backend in ("auto", "pyav"):
+        assert _frame_numbers(read_video(stream, [0, 5, 30, 39], backend=backend)) == [0, 5, 30, 39]
+        assert _frame_numbers(read_video(stream, backend=backend)) == list(range(40))
+    with pytest.raises(VideoReadError, match="not used on MPEG transport streams"):
+        read_video(stream, [0], backend="decord")
 
 
 def test_empty_drop_frame_packets_are_not_frames(tmp_path):
@@ -288,16 +308,18 @@ def test_a_decoder_that_never_returns_is_killed_at_the_timeout(tmp_path):
     assert read_video(CARPHONE, [0, 1]).shape == (2, 144, 176, 3)
 
 
-def test_waiting_for_another_threads_decode_does_not_count_against_the_timeout():
+def test_waiting_for_another_threads_decode_does_not_count_against_the_timeout(tmp_path):
     """Threads share the process's decoder: a call queued behind another's decode gets its whole timeout for its
-    own (it was killed as stalled, and its healthy clip reported unreadable)."""
+    own, over every backend it tries (it was killed as stalled, and its healthy clip reported unreadable)."""
     from vistok.video import io
 
+    cut = _cut_after_a_key_frame(tmp_path)  # decord refuses it: "auto" goes on to PyAV
     read_video(CARPHONE, [0])  # the decoder child is running
-    busy = io._worker()._lock
-    busy.acquire()  # as if another thread's decode took 2.5 s
-    threading.Timer(2.5, busy.release).start()
-    assert read_video(CARPHONE, [0, 1], timeout=2.0).shape == (2, 144, 176, 3)
+    for path, backend in ((CARPHONE, "auto"), (cut, "pyav"), (cut, "auto")):
+        busy = io._worker().turn
+        busy.acquire()  # as if another thread's decode took 2.5 s
+        threading.Timer(2.5, busy.release).start()
+        assert read_video(path, [0, 1], timeout=2.0, backend=backend).shape[0] == 2
 
 
 def test_an_interrupted_read_leaves_no_reply_for_the_next(monkeypatch):

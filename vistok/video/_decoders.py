@@ -50,19 +50,35 @@ def _select(frame_count: int, indices: list[int] | None, num_frames: int | None)
 
 
 def _open_decord(path: str):
-    """decord's reader of ``path``; a file whose first frame lies before time 0 is refused (so that ``"auto"``
-    takes PyAV): an MP4 edit list hides those frames (a stream copy cut between key frames writes one), and decord
-    shows them when it decodes in order but not when it seeks, so one index would name two frames."""
+    """decord's reader of ``path``, for the files it indexes right; the others are refused (so that ``"auto"``
+    takes PyAV), since decord would give one index two frames, or the wrong one:
+
+    * a first frame before time 0, or none at all (decord has no timestamps): an MP4 edit list hiding frames (a
+      stream copy cut between key frames writes one), which decord shows when it decodes in order but not when it
+      seeks; an AVI or MPEG program stream with B-frames, whose frames it indexes out of order;
+    * an MPEG transport stream (``.ts``), where decord seeks to the wrong frames once B-frames reorder them.
+    """
     import decord
 
+    if _is_transport_stream(path):
+        raise DecodeError("decord is not used on MPEG transport streams: where B-frames reorder the frames, it seeks "
+                          "to the wrong ones")
     try:
         reader = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=0)
-        hidden = len(reader) > 0 and float(reader.get_frame_timestamp(0)[0]) < 0
+        untimed = len(reader) > 0 and float(reader.get_frame_timestamp(0)[0]) < 0
     except Exception as error:  # decord raises RuntimeError or its own DECORDError
         raise DecodeError(f"decord cannot open it: {first_line(error)}") from None
-    if hidden:
-        raise DecodeError("decord does not apply its edit list (frames before time 0 that the container hides)")
+    if untimed:
+        raise DecodeError("decord gives its first frame no time or one before 0 (an MP4 edit list, or an AVI / "
+                          "MPEG stream with B-frames): it would index the frames out of order")
     return reader
+
+
+def _is_transport_stream(path: str) -> bool:
+    """Whether ``path`` starts as an MPEG transport stream does: a sync byte 0x47 every 188 bytes."""
+    with open(path, "rb") as file:
+        head = file.read(3 * 188)
+    return len(head) == 3 * 188 and head[0] == head[188] == head[376] == 0x47
 
 
 def decode_decord(path: str, indices: list[int] | None, num_frames: int | None) -> tuple[np.ndarray, int]:

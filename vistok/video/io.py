@@ -10,6 +10,7 @@ included) keeps one decoding child, started on first use; threads take turns wit
 from __future__ import annotations
 
 import atexit
+import contextlib
 import importlib.util
 import math
 import os
@@ -99,16 +100,18 @@ class VideoInfo:
 def _run_with_fallback(request: tuple, backends: list[str], timeout: float | None) -> object:
     """``request`` (without its backend) with each backend in turn, until one succeeds or the time is spent."""
     operation, path, *arguments = request
-    deadline = None if timeout is None else time.monotonic() + timeout
     problems = []
-    for name in backends:
-        try:
-            return _run((operation, name, path, *arguments), deadline)
-        except _Timeout:
-            problems.append(f"{name}: no result within {timeout:g} s (decoder killed)")
-            break  # the time is spent: no fallback
-        except DecodeError as error:
-            problems.append(f"{name}: {error}")
+    # threads share the decoding child, one call at a time: a call's time counts from its turn, over its backends
+    with contextlib.nullcontext() if timeout is None else _worker().turn:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for name in backends:
+            try:
+                return _run((operation, name, path, *arguments), deadline)
+            except _Timeout:
+                problems.append(f"{name}: no result within {timeout:g} s (decoder killed)")
+                break  # the time is spent: no fallback
+            except DecodeError as error:
+                problems.append(f"{name}: {error}")
     raise VideoReadError(f"cannot read video {path!r}: " + "; ".join(problems))
 
 
@@ -168,27 +171,24 @@ class _Worker:
     """This process's decoding child (``python _decoders.py``), restarted after a timeout or a crash."""
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
+        self.turn = threading.Lock()  # held by a call for all its requests (see _run_with_fallback)
         self._process: subprocess.Popen | None = None
         self._folder: str | None = None  # where the child leaves large frame arrays
 
-    def run(self, request: tuple, deadline: float | None) -> object:
-        queued = time.monotonic()
-        with self._lock:
-            if deadline is not None:  # the time spent waiting for another thread's decode is not this request's
-                deadline += time.monotonic() - queued
-            process = self._running()
-            try:
-                write_message(process.stdin, request)
-                reply = _read_until(process.stdout, deadline)
-            except (OSError, EOFError):
-                reply = None
-            except BaseException:  # a timeout or an interrupt: its reply would be read as the next request's
-                self.stop()
-                raise
-            if reply is None:  # the child died (a native crash) or closed its pipe
-                code = self.stop()
-                raise DecodeError(f"the decoder process died (exit code {code})")
+    def run(self, request: tuple, deadline: float) -> object:
+        """One request's reply; the caller holds :attr:`turn`."""
+        process = self._running()
+        try:
+            write_message(process.stdin, request)
+            reply = _read_until(process.stdout, deadline)
+        except (OSError, EOFError):
+            reply = None
+        except BaseException:  # a timeout or an interrupt: its reply would be read as the next request's
+            self.stop()
+            raise
+        if reply is None:  # the child died (a native crash) or closed its pipe
+            code = self.stop()
+            raise DecodeError(f"the decoder process died (exit code {code})")
         status, payload = reply
         if status != "ok":
             raise DecodeError(payload)
