@@ -44,7 +44,8 @@ from vistok.measure.accuracy import topk_correct
 from vistok.video import VideoClassifier
 
 MIXED_PRECISION = ("no", "fp16", "bf16", "fp8")  # accelerate's
-RESUME_MAY_CHANGE = ("output", "train.threads", "train.eval_batch_size", "data.workers")  # the rest defines the run
+# what a resume may change: where things are and how fast they run; the rest defines the run
+RESUME_MAY_CHANGE = ("output", "train.threads", "train.eval_batch_size", "data.workers", "data.root", "data.download")
 
 DEFAULTS = {
     **MODEL_DEFAULTS,
