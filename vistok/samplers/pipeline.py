@@ -152,8 +152,8 @@ class SamplingPipeline(LogitsFilter):
     itself after the chain, and ``SeededSampling`` last for per-row reproducible draws. Hugging Face also adds,
     after the chain, the warpers the model's ``generation_config`` sets (an instruct model's temperature, top-p,
     ...): with ``SeededSampling`` last they change nothing (it leaves one finite logit); without it, pass their
-    neutral values to ``generate`` (``temperature=1.0, top_p=1.0, min_p=None, typical_p=1.0, epsilon_cutoff=0.0,
-    eta_cutoff=0.0``), or the temperature applies twice.
+    neutral values to ``generate`` (``temperature=1.0, top_p=1.0, min_p=None, top_h=None, typical_p=1.0,
+    epsilon_cutoff=0.0, eta_cutoff=0.0``), or the temperature applies twice.
     """
 
     def __init__(self, config: SamplingConfig | None = None, **options) -> None:
