@@ -22,7 +22,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from ._checks import is_int
-from .config import ConfigError
+from .config import ConfigError, _flatten
 from .data import GreyBatchTransform, fashion_mnist_dataset, image_folder_dataset
 
 __all__ = ["MODEL_DEFAULTS", "DATA_DEFAULTS", "build_model", "build_data", "fit_head_to_data", "set_fused_attention",
@@ -240,23 +240,13 @@ def check_resumed_settings(saved: dict[str, Any] | None, current: dict[str, Any]
     if saved is None:
         raise ConfigError(f"--resume: {where} does not record the run's settings (written by an older vistok); "
                           "train again without --resume")
-    saved, current = _dotted(saved), _dotted(current)
+    saved, current = _flatten(saved), _flatten(current)
     changed = [f"{key}: {saved.get(key, '(unset)')!r} -> {current.get(key, '(unset)')!r}"
                for key in sorted(saved.keys() | current.keys())
                if key not in may_change and saved.get(key, _UNSET) != current.get(key, _UNSET)]
     if changed:
         raise ConfigError(f"--resume: the run in {where} started with other settings ({'; '.join(changed)}); "
                           "resume with the same settings, or train again without --resume")
-
-
-def _dotted(settings: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat = {}
-    for key, value in settings.items():
-        if isinstance(value, dict):
-            flat.update(_dotted(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 def truncate_log(log: Path, key: str, last: int) -> None:
