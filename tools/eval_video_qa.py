@@ -8,7 +8,9 @@ budget (``vs_baseline``), in points on the same questions with paired standard e
 
 The questions come from an MVBench-style manifest (``--manifest``: a JSON list of {"video", "question",
 "answer"}, video paths relative to the manifest, decoded with vistok.video.read_video), or are made on the fly
-(``vistok.video.fmnist_qa``, test split, seed 0; no decoding).
+(``vistok.video.fmnist_qa``, test split, ``--seed``; no decoding). ``--seed`` also seeds the random frame choice of
+selection ``drop`` (question ``i`` draws from its own generator, so every budget and selection sees the same draw
+for the same question).
 
     python tools/eval_video_qa.py --out results/video_qa --questions 300 --clip
     python tools/eval_video_qa.py --out results/video_qa_sample --manifest data/fmnist_video_qa_sample/test.json
@@ -18,11 +20,13 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import json
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from vistok.cli import count, reports_errors
@@ -77,7 +81,7 @@ def load_questions(args: argparse.Namespace) -> list[dict]:
         return out
     from vistok.video.fmnist_qa import FashionVideoQA
 
-    data = FashionVideoQA("test", args.questions, seed=0)
+    data = FashionVideoQA("test", args.questions, seed=args.seed)
     out = []
     for index in range(args.questions):
         example = data.example(index)
@@ -86,7 +90,17 @@ def load_questions(args: argparse.Namespace) -> list[dict]:
     return out
 
 
-def evaluate(model, tokenizer, questions: list[dict], config: VideoQAConfig, batch_size: int
+def question_generator(seed: int, index: int) -> torch.Generator:
+    """The generator of question ``index``'s random choices under ``seed``: ``manual_seed(index)`` for seed 0 (the
+    published figures' draw), otherwise seeded from numpy's ``SeedSequence((seed, index))``, so that no two seeds
+    share a question's stream (torch's CPU generator keeps only a seed's low 32 bits: packing seed and index into
+    one int would repeat them)."""
+    if seed == 0:
+        return torch.Generator().manual_seed(index)
+    return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, index]).generate_state(1)[0]))
+
+
+def evaluate(model, tokenizer, questions: list[dict], config: VideoQAConfig, batch_size: int, seed: int = 0
              ) -> tuple[dict, list[bool]]:
     """Accuracy, tokens, frames and seconds per stage (means per question) of one selection at one budget; and
     which questions it answered right."""
@@ -102,7 +116,7 @@ def evaluate(model, tokenizer, questions: list[dict], config: VideoQAConfig, bat
                 scores = item["text_scores"]
                 compress_seconds += item["text_scores_s"]
             compressed = compress_video(item["encoded"], config, selector, asked, scores,
-                                        torch.Generator().manual_seed(index))
+                                        question_generator(seed, index))
         compress_seconds += time.perf_counter() - started
         features.append(compressed.tokens)
         frames_kept.append(len(compressed.frames))
@@ -176,6 +190,8 @@ def main(argv: list[str] | None = None, model_and_tokenizer=None) -> int:
                         "on the same questions); default uniform, where evaluated")
     parser.add_argument("--batch-size", type=count, default=16)
     parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--seed", type=functools.partial(count, least=0), default=0,
+                        help="the question set made on the fly and selection drop's frames (default 0)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -217,7 +233,7 @@ def main(argv: list[str] | None = None, model_and_tokenizer=None) -> int:
                                    merge_on=args.merge_on)
         else:
             config = comparison_config(selection, budget, args.merge_on, args.merge_threshold)
-        row, answered = evaluate(model, tokenizer, questions, config, args.batch_size)
+        row, answered = evaluate(model, tokenizer, questions, config, args.batch_size, args.seed)
         rows.append({**row, "selection": selection})
         hits.append(answered)
         print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in rows[-1].items()}), flush=True)

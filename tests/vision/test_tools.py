@@ -297,6 +297,7 @@ def test_tool_arguments_are_checked_before_the_work(tmp_path, capsys):
     model loads; they divided by zero, crashed or were silently clamped after the work."""
     for tool, arguments, message in [("eval_video_qa", ["--questions", "0"], "--questions"),
                                      ("eval_video_qa", ["--budgets", "-1"], "--budgets"),
+                                     ("eval_video_qa", ["--seed", "-1"], "--seed"),
                                      ("eval_vlm", ["--fractions", "2.0"], "expected a number in (0, 1]"),
                                      ("eval_vlm", ["--prefill-runs", "0"], "--prefill-runs"),
                                      ("train_clip", ["--warmup", "0"], "--warmup"),
@@ -318,6 +319,25 @@ def test_tool_arguments_are_checked_before_the_work(tmp_path, capsys):
 
     with pytest.raises(CheckpointError, match="no trained tensors at"):
         warm_start(None, str(tmp_path / "none.safetensors"))
+
+
+def test_eval_video_qa_seed_picks_the_questions_and_the_frames_dropped():
+    """``--seed`` makes another held-out question set and another frame draw per question (it had no seed:
+    every run asked the same questions and dropped the same frames); seed 0 keeps the published draw."""
+    import argparse
+
+    evaluate = load_tool("eval_video_qa")
+
+    def asked(seed: int) -> list[tuple]:
+        arguments = argparse.Namespace(manifest=None, questions=4, seed=seed)
+        return [(q["question"], q["answer"], q["frames"].sum().item()) for q in evaluate.load_questions(arguments)]
+
+    assert asked(0) == asked(0) and asked(0) != asked(1)
+    draws = {seed: [torch.randperm(16, generator=evaluate.question_generator(seed, index)).tolist()
+                    for index in range(3)] for seed in (0, 1)}
+    assert draws[0] == [torch.randperm(16, generator=torch.Generator().manual_seed(index)).tolist()
+                        for index in range(3)]
+    assert len({tuple(d) for d in draws[0] + draws[1]}) == 6  # no question shares its draw across seeds
 
 
 def test_checkpoint_that_does_not_fit(tmp_path):
