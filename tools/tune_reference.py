@@ -17,7 +17,7 @@ import timm
 import torch
 
 import vistok
-from vistok.cli import reports_errors
+from vistok.cli import count, reports_errors
 from vistok.data import GreyBatchTransform, load_fashion_mnist
 from vistok.measure.accuracy import evaluate
 
@@ -31,10 +31,10 @@ def test_top1(model, images: torch.Tensor, labels: torch.Tensor, batch_size: int
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="vistok_vit_fmnist")
-    parser.add_argument("--images", type=int, default=2000, help="calibration images (training split)")
+    parser.add_argument("--images", type=count, default=2000, help="calibration images (training split)")
     parser.add_argument("--targets", nargs="+", type=float, default=[0.5, 0.7])
-    parser.add_argument("--flops-images", type=int, default=8)
-    parser.add_argument("--test-images", type=int, default=10000)
+    parser.add_argument("--flops-images", type=count, default=8)
+    parser.add_argument("--test-images", type=count, default=10000)
     parser.add_argument("--out", default="results/tune")
     parser.add_argument("--threads", type=int, default=0)
     args = parser.parse_args(argv)

@@ -13,11 +13,13 @@ Each candidate's cost is measured once against the unpatched model's: its GFLOPs
 images), its token ratio (the tokens each block outputs, summed over the blocks, padding excluded, over the
 unpatched model's) and, with ``cost="latency"``, its measured latency ratio on this machine (the patched and the
 unpatched model timed interleaved on one batch, medians). The ``target`` bounds the ``cost`` the user chose (default
-GFLOPs); the candidates within it then go through successive halving: all are scored on a quarter of the batch, the
-better half on half of it, the best quarter on all of it (``rungs=3``), so a candidate that is clearly worse costs a
-quarter of a pass. The score is top-1 agreement with the unpatched model (ties: the lower KL divergence from its
-distribution), or accuracy when labels are given. No randomness but random dropping's fixed seed (and the latency
-measurement): the same batch gives the same pick.
+GFLOPs). Every candidate is scored on a quarter of the batch (for the Pareto front); of those within the target the
+better half goes on to half of it, the best quarter to all of it (``rungs=3``, successive halving), so a candidate
+that is clearly worse costs a quarter of a pass. The score is top-1 agreement with the unpatched model (ties: the
+lower KL divergence from its distribution), or accuracy when labels are given; a model whose forward gives
+embeddings (a timm model made with ``num_classes=0``, an open_clip image tower) or an ``encode=`` function is scored
+by the embeddings' cosine similarity with the unpatched model's. No randomness but random dropping's fixed seed
+(and the latency measurement): the same batch gives the same pick.
 """
 
 from __future__ import annotations
@@ -50,10 +52,12 @@ KEEP_FRACTIONS = (0.9, 0.75, 0.6, 0.5, 0.4, 0.3, 0.2)
 COSTS = {"gflops": "GFLOPs", "tokens": "tokens per block", "latency": "latency"}  # what a target can bound
 
 
-def tune_candidates(model: nn.Module) -> list[tuple[str, str, MethodConfig]]:
-    """``(label, method, config)`` for every setting the tuner tries on ``model`` (see the module docstring)."""
+def tune_candidates(model: nn.Module, patches: int | None = None) -> list[tuple[str, str, MethodConfig]]:
+    """``(label, method, config)`` for every setting the tuner tries on ``model`` (see the module docstring), sized
+    for inputs of ``patches`` patch tokens (default the model's native count; :func:`tune` gives the calibration
+    images' own where the model takes other sizes)."""
     info = resolve_backbone(model).info
-    patches, depth = info.num_patches, info.num_blocks
+    patches, depth = patches or info.num_patches, info.num_blocks
     blocks = default_ats_blocks(depth)
     out: list[tuple[str, str, MethodConfig]] = []
     for fraction in KEEP_FRACTIONS:
@@ -167,7 +171,9 @@ def tune(model: nn.Module, images: Tensor | list[dict[str, Any]], target: float 
             ``latency_runs`` runs, the unpatched model timed in the same loop).
         encode: for a tower without a classifier (open_clip's or Hugging Face's CLIP / SigLIP image encoder), a
             function ``(model, images) -> [B, D]`` embeddings (``lambda m, x: m.encode_image(x)``); the score is
-            then their mean cosine similarity with the unpatched model's (in %; ``labels`` do not apply).
+            then their mean cosine similarity with the unpatched model's (in %; ``labels`` do not apply). A model
+            whose own forward gives embeddings (a timm model with ``num_classes=0``, an open_clip image tower) is
+            scored that way without it.
 
     On a vision-LLM (one ``vistok.patch`` compresses at the boundary), ``images`` is a list of batches of the
     model's keyword inputs and ``target`` the share of visual tokens (:mod:`vistok.adapters.tuning`).
@@ -194,6 +200,11 @@ def tune(model: nn.Module, images: Tensor | list[dict[str, Any]], target: float 
         raise InvalidConfigError(f"tune: cost must be one of {sorted(COSTS)}, got {cost!r}")
     if not is_real(target) or not 0 < target <= 1:
         raise InvalidConfigError(f"tune: target must be a {COSTS[cost]} ratio in (0, 1], got {target!r}")
+    if not isinstance(images, Tensor):
+        raise InputShapeError(f"tune: expected calibration images as a tensor [B, C, H, W], got "
+                              f"{type(images).__name__}")
+    if labels is not None and not isinstance(labels, Tensor):
+        raise InputShapeError(f"tune: expected labels as a tensor [B], got {type(labels).__name__}")
     if images.dim() not in (4, 5) or images.shape[0] < 2 ** (rungs - 1):
         raise InputShapeError(f"tune: expected calibration images [B, C, H, W] (or clips [B, C, T, H, W] for a "
                               f"video ViT) with B >= {2 ** (rungs - 1)}, got {tuple(images.shape)}")
@@ -204,6 +215,12 @@ def tune(model: nn.Module, images: Tensor | list[dict[str, Any]], target: float 
         raise InputShapeError(f"tune: labels must be [B={images.shape[0]}], got {tuple(labels.shape)}")
     if find_handle(model) is not None:
         raise InvalidConfigError("tune: give the unpatched model (remove its patch first)")
+    if encode is None and _gives_embeddings(model):
+        if labels is not None:
+            raise InvalidConfigError(f"tune: {type(model).__name__} has no classifier (its forward gives embeddings), "
+                                     "so labels cannot score it; leave them out: the score is then the embeddings' "
+                                     "cosine similarity with the unpatched model's")
+        encode = _forward
     started = time.perf_counter()
     with evaluating(model):
         best, rows, scored, metric = _search(model, images, target, labels, rungs, flops_images, progress, cost,
@@ -219,6 +236,20 @@ def _check_counts(**counts: Any) -> None:
             raise InvalidConfigError(f"tune: {name} must be an int >= 1, got {value!r}")
 
 
+def _gives_embeddings(model: nn.Module) -> bool:
+    """Whether ``model(images)`` are pooled embeddings, not class logits: a timm model made without a classifier
+    (``num_classes=0``, as timm makes DINOv2, SigLIP and EVA-02 by default) or an open_clip image tower."""
+    if getattr(model, "num_classes", None) == 0:
+        return True
+    return type(model).__module__.startswith("open_clip.") and type(model).__name__ in ("VisionTransformer",
+                                                                                          "TimmModel")
+
+
+def _forward(model: nn.Module, images: Tensor) -> Tensor:
+    """``encode`` for a model whose forward gives embeddings."""
+    return model(images)
+
+
 def _search(model: nn.Module, images: Tensor, target: float, labels: Tensor | None, rungs: int, flops_images: int,
             progress: bool, cost: str, latency_images: int, latency_runs: int,
             encode: Callable[[nn.Module, Tensor], Tensor] | None) -> tuple[dict, list[dict], int, str]:
@@ -232,10 +263,14 @@ def _search(model: nn.Module, images: Tensor, target: float, labels: Tensor | No
         reference = _outputs(model, images, encode)
     counted = images[:flops_images]
     base_flops = count_flops(model, counted, encode)
-    base_tokens = sum(tokens_per_block(model, counted, encode))
+    base_counts = tokens_per_block(model, counted, encode)
+    base_tokens = sum(base_counts)
+    info = resolve_backbone(model).info
+    patches = round(base_counts[0]) - info.num_prefix if info.other_sizes else None  # the images' own grid
     unpatched = copy.deepcopy(model) if cost == "latency" else None
     rows = []
-    for label, method, config in tqdm(tune_candidates(model), desc="measuring costs", disable=not progress):
+    for label, method, config in tqdm(tune_candidates(model, patches), desc="measuring costs",
+                                      disable=not progress):
         with patch(model, config):
             row = {"label": label, "method": method, "config": config,
                    "gflops_ratio": count_flops(model, counted, encode) / base_flops,
@@ -301,9 +336,11 @@ def _outputs(model: nn.Module, images: Tensor, encode: Callable[[nn.Module, Tens
                                      f"{error}); for a model whose forward does not take images alone, pass "
                                      "encode=, a function (model, images) -> [B, D] embeddings") from error
     if not isinstance(out, Tensor) or out.dim() != 2:
-        raise InvalidConfigError(f"tune: {type(model).__name__} gives {type(out).__name__}, not [B, C] logits; for a "
-                                 "tower without a classifier pass encode=, a function (model, images) -> [B, D] "
-                                 "embeddings")
+        what = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+        if encode is not None and encode is not _forward:
+            raise InvalidConfigError(f"tune: encode= gave {what}, not [B, D] embeddings")
+        raise InvalidConfigError(f"tune: {type(model).__name__} gives {what}, not [B, C] logits; for a tower without "
+                                 "a classifier pass encode=, a function (model, images) -> [B, D] embeddings")
     return out.float()
 
 
@@ -335,7 +372,7 @@ def agreement_scores(logits: Tensor, reference: Tensor, labels: Tensor | None, r
     ``labels``, in %), ``kl`` (from the reference distribution) and the ``images`` scored; ``rung0_score`` on the
     first rung."""
     kl = F.kl_div(logits.log_softmax(-1), reference.log_softmax(-1), log_target=True, reduction="batchmean")
-    target = reference.argmax(-1) if labels is None else labels
+    target = reference.argmax(-1) if labels is None else labels.to(logits.device)
     score = 100.0 * float((logits.argmax(-1) == target).float().mean())
     out = {"score": score, "kl": float(kl), "images": logits.shape[0]}
     if rung == 0:

@@ -124,6 +124,25 @@ def test_bad_input_is_refused(setting):
             vistok.tune(model, images, **{name: value})
     with vistok.patch(model, "ats"), pytest.raises(InvalidConfigError, match="unpatched model"):
         vistok.tune(model, images)
+    with pytest.raises(InputShapeError, match="images as a tensor"):
+        vistok.tune(model, list(images))
+    with pytest.raises(InputShapeError, match="labels as a tensor"):
+        vistok.tune(model, images, labels=list(range(16)))
+    with pytest.raises(InvalidConfigError, match=r"encode= gave \(16, 17, 192\), not \[B, D\]"):
+        vistok.tune(model, images, encode=lambda m, x: m.forward_features(x))
+
+
+def test_candidates_are_sized_for_the_calibration_images_on_a_model_of_other_sizes():
+    """A model made for other image sizes (timm's ``dynamic_img_size``) is tuned on the calibration images' patch
+    count: at 4 x 4 patches of a 14 x 14 model, ATS's k ran from 176 down (none kept fewer than the 16 patches: 21
+    of 36 candidates did nothing)."""
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", depth=4, num_classes=10, dynamic_img_size=True).eval()
+    images = torch.randn(8, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    result = vistok.tune(model, images, target=0.8, flops_images=1, rungs=2)
+    assert [row["label"] for row in result.rows] == [label for label, _, _ in tune_candidates(model, 16)]
+    assert all(row["tokens_ratio"] < 1 for row in result.rows)  # each candidate removes tokens at this size
+    assert tune_candidates(model)[0][0] == "ats k=176"  # the native grid, where no size is given
 
 
 def test_a_token_budget_bounds_the_tokens_each_block_processes(setting):
@@ -294,17 +313,30 @@ def test_the_vision_llm_tuner_refuses_what_it_cannot_score():
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_the_tuner_runs_on_every_timm_family(family):
     """Every timm family vistok patches (4 blocks, 16 patches, random weights): the pick stays within the target
-    and gives the agreement it reports; rotary families get no merging candidates (merging is refused there)."""
+    and gives the score it reports: top-1 agreement where the model has a classifier, the embeddings' cosine
+    similarity where timm makes it without one (DINOv2, SigLIP, EVA-02: argmax over embedding dimensions was
+    scored as agreement); rotary families get no merging candidates (merging is refused there)."""
+    import torch.nn.functional as F
+
     patch = FAMILIES[family][0].split("patch")[1][:2]
     model = make_model(family, depth=4, img_size=4 * int(patch))  # 16 patches: quick
     images = make_images(model, 8)
     result = vistok.tune(model, images, target=0.8, flops_images=1, rungs=2)
     assert result.best["gflops_ratio"] <= 0.8
     with torch.no_grad():
-        reference = model(images).argmax(-1)
+        reference = model(images)
         with vistok.patch(model, result.config):
-            agreement = 100.0 * float((model(images).argmax(-1) == reference).float().mean())
-    assert agreement == pytest.approx(result.best["score"])
+            patched = model(images)
+    if model.num_classes == 0:
+        assert result.metric == "embedding cosine"
+        score = 100.0 * float(F.cosine_similarity(patched, reference, dim=-1).mean())
+        assert score == pytest.approx(result.best["score"], abs=1e-3)
+        with pytest.raises(InvalidConfigError, match="has no classifier"):
+            vistok.tune(model, images, target=0.8, labels=torch.zeros(8, dtype=torch.long))
+    else:
+        assert result.metric == "top-1 agreement"
+        agreement = 100.0 * float((patched.argmax(-1) == reference.argmax(-1)).float().mean())
+        assert agreement == pytest.approx(result.best["score"])
     rotary = family in ("eva02_rope", "rope_mixed")
     assert rotary == all(row["method"] not in ("merge", "ats+merge", "ats_fusion") for row in result.rows)
 
