@@ -384,6 +384,25 @@ def test_the_tuner_on_an_open_clip_image_tower():
     assert result.best["gflops_ratio"] <= 0.7 and 0 < result.best["score"] <= 100 + 1e-3
 
 
+def test_an_open_clip_image_tower_is_scored_by_its_embeddings():
+    """``model.visual`` of an open_clip CLIP gives embeddings: the tuner scores their cosine similarity without
+    ``encode=`` (it scored argmax over embedding dimensions as top-1 agreement)."""
+    import torch.nn.functional as F
+    from open_clip.transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    tower = VisionTransformer(image_size=64, patch_size=8, width=64, layers=4, heads=2, mlp_ratio=2.0,
+                              output_dim=16).eval()
+    images = torch.randn(8, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    result = vistok.tune(tower, images, target=0.8, flops_images=1, rungs=2)
+    assert result.metric == "embedding cosine"
+    with torch.no_grad():
+        reference = tower(images)
+        with vistok.patch(tower, result.config):
+            score = 100.0 * float(F.cosine_similarity(tower(images), reference, dim=-1).mean())
+    assert score == pytest.approx(result.best["score"], abs=1e-3)
+
+
 def test_calibration_images_from_a_folder_cover_its_classes(tmp_path):
     """An image folder is ordered class by class; the tuner's calibration batch (and so its first rung, the first
     quarter) is a seeded random draw over all of it."""
