@@ -311,28 +311,31 @@ def test_vocab_trim_calibration_stops_at_the_end_token():
 # ---------------------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("bias", [True, False])
-def test_int8_linear_multiplies_by_its_dequantized_weight(bias, monkeypatch):
+@pytest.mark.parametrize("features", [(96, 40), (40, 33), (24, 1)])  # (in, out): torch's CPU kernel crashed on the
+def test_int8_linear_multiplies_by_its_dequantized_weight(bias, features, monkeypatch):  # last two (in % 16 != 0)
     """The CPU kernel path (bfloat16 activations) and the dequantizing fallback compute x W_q^T + b for the
     int8 weight W_q, which is within half a quantization step of the original weight."""
+    fan_in, fan_out = features
     g = torch.Generator().manual_seed(0)
-    linear = torch.nn.Linear(96, 40, bias=bias)
+    linear = torch.nn.Linear(fan_in, fan_out, bias=bias)
     with torch.no_grad():
-        linear.weight.copy_(torch.randn(40, 96, generator=g) * torch.rand(40, 1, generator=g))
+        linear.weight.copy_(torch.randn(fan_out, fan_in, generator=g) * torch.rand(fan_out, 1, generator=g))
     layer = Int8Linear(linear)
     weight = layer.dequantized_weight()
     step = layer.scales[:, None]
     assert bool(((weight - linear.weight).abs() <= step / 2 + 1e-7).all())
     assert layer.int8_weight.dtype == torch.int8 and int(layer.int8_weight.abs().max()) == 127
-    x = torch.randn(3, 5, 96, generator=g)
+    x = torch.randn(3, 5, fan_in, generator=g)
     expected = torch.nn.functional.linear(x.double(), weight.double(),
                                           None if linear.bias is None else linear.bias.detach().double())
-    fast = layer(x)
-    assert fast.shape == (3, 5, 40) and fast.dtype == torch.float32
-    assert torch.allclose(fast.double(), expected, rtol=2e-2, atol=2e-2 * float(expected.abs().max()))
+    for inputs in (x, x.bfloat16()):
+        fast = layer(inputs)
+        assert fast.shape == (3, 5, fan_out) and fast.dtype == inputs.dtype
+        assert torch.allclose(fast.double(), expected, rtol=2e-2, atol=2e-2 * float(expected.abs().max()))
     monkeypatch.delattr(torch, "_weight_int8pack_mm")  # the path other devices take
     assert torch.allclose(layer(x).double(), expected, atol=1e-4)
-    with pytest.raises(ValueError, match=r"\[\.\.\., 96\]"):
-        layer(torch.randn(2, 95))
+    with pytest.raises(ValueError, match=rf"\[\.\.\., {fan_in}\]"):
+        layer(torch.randn(2, fan_in - 1))
 
 
 def test_int8_self_draft_copies_and_quantizes_every_linear(models):
@@ -356,3 +359,23 @@ def test_int8_self_draft_copies_and_quantizes_every_linear(models):
         SpeculativeDecoder(target, trimmed)
     with pytest.raises(InvalidConfigError, match="quantize"):
         self_draft(target, quantize="int4")
+    with pytest.raises(InvalidConfigError, match="floating torch.dtype"):
+        self_draft(target, dtype=torch.int8)
+
+
+def test_int8_self_draft_of_gpt2_quantizes_its_conv1d_layers():
+    """GPT-2's attention and MLP layers are transformers' Conv1D (x @ W + b, W [in, out]), not nn.Linear: the
+    int8 draft quantizes them too (only the head was quantized) and computes what the target does, closely."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    target = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=2, n_positions=32)).eval()
+    draft = self_draft(target, quantize="int8")
+    assert not any(isinstance(m, (Conv1D, torch.nn.Linear)) for m in draft.modules())
+    assert sum(isinstance(m, Int8Linear) for m in draft.modules()) == 2 * 4 + 1  # c_attn, c_proj, c_fc, mlp.c_proj
+    assert sum(isinstance(m, Conv1D) for m in target.modules()) == 2 * 4  # the target is left alone
+    with torch.no_grad():
+        p = target(PROMPT).logits.softmax(-1)
+        q = draft(PROMPT).logits.float().softmax(-1)
+    assert float(torch.minimum(p, q).sum(-1).min()) > 0.9

@@ -60,10 +60,11 @@ def self_draft(model: nn.Module, *, num_layers: int | None = None, dtype: torch.
             target's weights.
         vocab: ``[M]`` token ids: the draft's head keeps only their rows (VocabTrim), so its logits are over
             these ``M`` ids; pass the same ids as ``draft_vocab`` to :class:`SpeculativeDecoder`.
-        quantize: ``"int8"``: every linear layer of the draft (a copy), head included, gets int8 weights with
-            one scale per output row (:class:`~vistok.samplers.quantize.Int8Linear`); the other weights keep
-            ``dtype``. On the CPU, combine it with ``dtype=torch.bfloat16``, the activation type of torch's fast
-            int8 kernel. ``None``: no quantization.
+        quantize: ``"int8"``: every linear layer of the draft (a copy; ``nn.Linear`` and GPT-2's ``Conv1D``),
+            head included, gets int8 weights with one scale per output row
+            (:class:`~vistok.samplers.quantize.Int8Linear`); the other weights keep ``dtype``. On the CPU,
+            combine it with ``dtype=torch.bfloat16``, the activation type of torch's fast int8 kernel. ``None``:
+            no quantization.
 
     Returns:
         The draft, its own modules in eval mode. Without ``dtype`` or ``quantize`` it shares all weights with
@@ -77,8 +78,8 @@ def self_draft(model: nn.Module, *, num_layers: int | None = None, dtype: torch.
         raise InvalidConfigError(f"num_layers must be an int in [1, {depth}], got {num_layers!r}")
     if quantize not in (None, "int8"):
         raise InvalidConfigError(f"quantize must be None or 'int8', got {quantize!r}")
-    if dtype is not None and not isinstance(dtype, torch.dtype):
-        raise InvalidConfigError(f"dtype must be a torch.dtype (e.g. torch.bfloat16) or None, got {dtype!r}")
+    if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
+        raise InvalidConfigError(f"dtype must be a floating torch.dtype (e.g. torch.bfloat16) or None, got {dtype!r}")
     if vocab is not None:
         vocab = check_token_ids(vocab, "vocab")
     if dtype is not None or quantize is not None:

@@ -23,7 +23,7 @@ def int8_quantize(weight: Tensor) -> tuple[Tensor, Tensor]:
     scales ``[N]`` with ``weight ~= values * scales[:, None]`` (error at most ``scales / 2`` per entry)."""
     weight = weight.detach().float()
     scales = weight.abs().amax(dim=1).clamp_min(torch.finfo(torch.float32).tiny) / 127
-    values = torch.round(weight / scales[:, None]).clamp_(-127, 127).to(torch.int8)
+    values = torch.round(weight / scales[:, None]).clamp_(-127, 127).to(torch.int8).contiguous()
     return values, scales
 
 
@@ -31,8 +31,8 @@ class Int8Linear(nn.Module):
     """``nn.Linear`` with int8 weights (one scale per output feature) and floating-point activations.
 
     Input ``[..., in_features]`` of any float dtype, output ``[..., out_features]`` of the same dtype. On the
-    CPU the product runs in bfloat16 through torch's int8 weight-only kernel; elsewhere (or without that
-    kernel) the weight is dequantized to the input's dtype for each call.
+    CPU, where ``in_features`` is a multiple of 16, the product runs in bfloat16 through torch's int8 weight-only
+    kernel; elsewhere (or without that kernel) the weight is dequantized to the input's dtype for each call.
     """
 
     def __init__(self, linear: nn.Linear) -> None:
@@ -53,7 +53,8 @@ class Int8Linear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if x.shape[-1] != self.in_features:
             raise InputShapeError(f"Int8Linear expects [..., {self.in_features}] input, got {tuple(x.shape)}")
-        if x.device.type == "cpu" and hasattr(torch, "_weight_int8pack_mm"):
+        # The CPU kernel reads out of bounds (a segfault) for some shapes unless in_features is a multiple of 16.
+        if x.device.type == "cpu" and self.in_features % 16 == 0 and hasattr(torch, "_weight_int8pack_mm"):
             flat = x.reshape(-1, self.in_features)
             flat = flat if flat.dtype == torch.bfloat16 else flat.to(torch.bfloat16)
             scales = self.kernel_scales  # a model.to(dtype) after quantizing may have cast it
@@ -69,11 +70,27 @@ class Int8Linear(nn.Module):
 
 
 def quantize_linears(model: nn.Module) -> int:
-    """Replace every ``nn.Linear`` of ``model`` (in place) by an :class:`Int8Linear`; returns how many."""
+    """Replace every linear layer of ``model`` (in place: ``nn.Linear``, and GPT-2's transformers ``Conv1D``) by an
+    :class:`Int8Linear`; returns how many."""
     replaced = 0
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
-            if isinstance(child, nn.Linear):
-                setattr(module, name, Int8Linear(child))
+            linear = _as_linear(child)
+            if linear is not None:
+                setattr(module, name, Int8Linear(linear))
                 replaced += 1
     return replaced
+
+
+def _as_linear(module: nn.Module) -> nn.Linear | None:
+    """``module`` as an ``nn.Linear`` computing the same function (GPT-2's ``Conv1D``, ``x @ W + b`` with ``W``
+    ``[in, out]``, as a view of its transposed weight), or ``None`` for a module that is not a linear layer."""
+    if isinstance(module, nn.Linear):
+        return module
+    if type(module).__name__ != "Conv1D" or not type(module).__module__.startswith("transformers."):
+        return None
+    fan_in, fan_out = module.weight.shape
+    linear = nn.Linear(fan_in, fan_out, bias=module.bias is not None, device="meta")
+    linear.weight = nn.Parameter(module.weight.detach().t(), requires_grad=False)
+    linear.bias = None if module.bias is None else nn.Parameter(module.bias.detach(), requires_grad=False)
+    return linear
