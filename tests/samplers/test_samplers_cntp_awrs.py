@@ -151,6 +151,17 @@ def test_awrs_samples_the_constrained_distribution_with_unbiased_weights(case):
     assert calls["tokens"] == int(result.evaluations.sum())
 
 
+def test_awrs_weight_keeps_a_tiny_allowed_mass():
+    """The one allowed token has probability e^-40 (after the rejected first token, the weight is its mass over two
+    evaluations): the weight is log p - log 2, not -inf (1 - the rejected mass rounded to 0 below about e^-37)."""
+    logits = torch.tensor([[0.0, -40.0, -math.inf], [0.0, -36.0, -math.inf]], dtype=torch.float64)
+    accept, _ = table_constraint(torch.tensor([[False, True, False]] * 2))
+    result = awrs_sample(logits, accept, seeds=torch.tensor([0, 1]))
+    expected = logits.log_softmax(1)[:, 1] - math.log(2)
+    assert result.tokens.tolist() == [1, 1]
+    assert torch.allclose(result.log_weight, expected, rtol=0, atol=1e-9)
+
+
 def test_awrs_evaluates_few_tokens_when_the_constraint_is_loose():
     vocab, rows = 5000, 64
     logits = torch.randn(rows, vocab, dtype=torch.float64) * 3

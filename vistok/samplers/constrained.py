@@ -76,7 +76,6 @@ def awrs_sample(logits: Tensor, accept: Constraint, *, seeds: Tensor | None = No
     token, rejected_first = _first_accepted(log_probs, accept, seeds, counter, generator, _ROUND_STREAMS[0],
                                             evaluations)
     found = token >= 0
-    rejected_mass = torch.where(rejected_first, log_probs.exp(), 0.0).sum(dim=1)
     rejections = rejected_first.sum(dim=1)
     if proper_weights:
         second = log_probs.masked_fill(rejected_first, -math.inf)
@@ -84,7 +83,9 @@ def awrs_sample(logits: Tensor, accept: Constraint, *, seeds: Tensor | None = No
         _first_accepted(second, accept, seeds, counter, generator, _ROUND_STREAMS[1], evaluations, active=found)
         # Round two stops at its first acceptance: every other evaluation was a rejection.
         rejections = rejections + (evaluations - before - found.long())
-        log_weight = torch.log1p(-rejected_mass.clamp(max=1.0)) - torch.log1p(rejections.double())
+        # log(1 - rejected mass) as the log of the mass left: 1 - sum(rejected) loses it when the allowed mass is
+        # tiny (-inf below about e^-37 though a token was found).
+        log_weight = second.logsumexp(dim=1) - torch.log1p(rejections.double())
     else:
         log_weight = torch.zeros(batch, dtype=torch.float64, device=device)
     log_weight = log_weight.masked_fill(~found, -math.inf)
