@@ -183,6 +183,8 @@ def test_awrs_without_allowed_tokens_and_without_weights():
     assert quick.tokens.tolist() == [-1, 1] and quick.log_weight[1] == 0
     with pytest.raises(InvalidConfigError, match="must answer with bools"):  # a probability is no verdict
         awrs_sample(logits, lambda rows, tokens: torch.full(rows.shape, 0.5), seeds=torch.tensor([0, 1]))
+    with pytest.raises(InvalidConfigError, match=r"seeds must"):
+        awrs_sample(logits, accept, seeds=torch.tensor([0, 1, 2]))
 
 
 def test_constrained_generation_respects_the_constraint(model):

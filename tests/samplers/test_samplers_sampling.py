@@ -308,6 +308,15 @@ def test_decoding_arguments_are_checked():
         generate(model, prompt, max_new_tokens=2, eos_token_id=[True])
     assert bool((generate(model, prompt, max_new_tokens=4, eos_token_id=list(range(24)), pad_token_id=-1,
                           seeds=0).new_tokens[0, 1:] == -1).all())  # any int fills a row after its end
+    # ... also while other rows go on (the fill was fed to the model: an IndexError from the embedding)
+    prompts, eos, seeds = torch.tensor([[1, 2, 3], [4, 5, 6]]), [0, 7, 13], torch.tensor([1, 2])
+    reference = generate(model, prompts, max_new_tokens=8, eos_token_id=eos, pad_token_id=0, seeds=seeds)
+    assert len(set(reference.lengths.tolist())) == 2  # one row ends first
+    for fill in (-1, 10**6):
+        out = generate(model, prompts, max_new_tokens=8, eos_token_id=eos, pad_token_id=fill, seeds=seeds)
+        assert torch.equal(out.lengths, reference.lengths)
+        ended = torch.arange(8)[None, :] >= reference.lengths[:, None]
+        assert torch.equal(out.new_tokens, reference.new_tokens.masked_fill(ended, fill))
 
 
 def test_seeded_sampling_validates():

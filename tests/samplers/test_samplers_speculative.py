@@ -231,7 +231,7 @@ def test_vocabulary_mismatch_is_refused(models):
             self_draft(target, vocab=ids)
     listed = SpeculativeDecoder(target, trimmed, draft_vocab=[1, 2, 3])  # a list of ids is taken as one
     assert torch.equal(listed.draft_vocab, torch.tensor([1, 2, 3]))
-    with pytest.raises(InvalidConfigError, match="dtype must be a torch.dtype"):
+    with pytest.raises(InvalidConfigError, match="dtype must be a floating torch.dtype"):
         self_draft(target, dtype="bfloat16")
     hidden = self_draft(target)  # a head vistok cannot read: the widths are checked when the logits come
     hidden.get_output_embeddings = lambda: None

@@ -80,7 +80,8 @@ class CausalLMState:
         kwargs["attention_mask"] = None if bool(mask.all()) else mask.long()
         if last_only and self._keep_name is not None:
             kwargs[self._keep_name] = 1
-        output = self.model(input_ids=tokens.to(self.device), **kwargs)
+        # An invalid column's id is never attended to; 0 keeps a fill value such as pad_token_id=-1 off the embedding.
+        output = self.model(input_ids=tokens.to(self.device).masked_fill(~valid, 0), **kwargs)
         self.valid = mask
         self.forward_calls += 1
         logits = output.logits

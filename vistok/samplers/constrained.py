@@ -72,6 +72,7 @@ def awrs_sample(logits: Tensor, accept: Constraint, *, seeds: Tensor | None = No
     log_probs = work.double().log_softmax(dim=1).masked_fill(empty[:, None], -math.inf)
     batch, vocab = log_probs.shape
     device = log_probs.device
+    seeds = None if seeds is None else as_seeds(seeds, batch, device)  # checked, and on the logits' device
     evaluations = torch.zeros(batch, dtype=torch.long, device=device)
     token, rejected_first = _first_accepted(log_probs, accept, seeds, counter, generator, _ROUND_STREAMS[0],
                                             evaluations)
