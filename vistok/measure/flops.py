@@ -65,6 +65,19 @@ def _counted_attention(model: nn.Module):
             handle.attention = "flex"
 
 
+@contextmanager
+def _unfused_multihead_attention():
+    """``nn.MultiheadAttention`` on its composite path while counting: under ``no_grad`` with an even head count
+    (open_clip's towers) it takes a fused fast path, one operator the counter has no formula for, so its
+    projections and attention counted zero. Both paths compute the same function."""
+    enabled = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(enabled)
+
+
 def count_flops(model: nn.Module, images: Tensor | Iterable[Tensor],
                 forward: Callable[[nn.Module, Tensor], Any] | None = None) -> float:
     """FLOPs per image (2 x MACs), attention included, averaged over ``images``.
@@ -96,7 +109,7 @@ def count_flops(model: nn.Module, images: Tensor | Iterable[Tensor],
     for parameter in trainable:
         parameter.requires_grad_(False)
     try:
-        with torch.no_grad(), _counted_attention(model):
+        with torch.no_grad(), _counted_attention(model), _unfused_multihead_attention():
             for batch in batches:
                 pieces = batch.split(1) if adaptive else [batch]
                 if adaptive and _takes_views(model, batch):  # a clip's views run as one padded batch
