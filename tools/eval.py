@@ -49,7 +49,7 @@ def run_eval(config: dict, progress: bool = True) -> dict:
             raise ConfigError(f"eval.{key} must be an int >= 1, got {settings[key]!r}")
     if settings["threads"]:
         torch.set_num_threads(settings["threads"])
-    _, val_set, _, transform = build_data(config["data"], train=False)
+    _, val_set, _, transform = build_data(config["data"], train=False, model=config)
     config = fit_head_to_data(config, val_set)  # a class-folder dataset: a head of its class count
     model = wrap_for_data(build_model(config), config["data"]).eval()
     prepare = transform or (lambda images: images)

@@ -114,12 +114,13 @@ def main(argv: list[str] | None = None) -> int:
         for key in ("batch_size", "flops_images"):  # before the first point's evaluation
             if not is_int(config["sweep"][key], 1):
                 raise ConfigError(f"sweep.{key} must be an int >= 1, got {config['sweep'][key]!r}")
-        _, val_set, _, transform = build_data(config["data"], train=False)
+        _, val_set, _, transform = build_data(config["data"], train=False, model=config)
         config = fit_head_to_data(config, val_set)  # a class-folder dataset: a head of its class count
         rows = []
         for point in variants(config["sweep"]):
             if point.get("frames"):
-                _, frames_set, _, _ = build_data({**config["data"], "num_frames": point["frames"]}, train=False)
+                _, frames_set, _, _ = build_data({**config["data"], "num_frames": point["frames"]}, train=False,
+                                                 model=config)
                 rows.append(run_point(config, point, frames_set, transform))
             else:
                 rows.append(run_point(config, point, val_set, transform))

@@ -101,7 +101,7 @@ def train(config: dict, resume: bool = False) -> int:
                               gradient_accumulation_steps=settings["grad_accum"])
     set_seed(settings["seed"])
     output = Path(config["output"])
-    train_set, val_set, train_transform, val_transform = build_data(config["data"], settings["seed"])
+    train_set, val_set, train_transform, val_transform = build_data(config["data"], settings["seed"], model=config)
     config = fit_head_to_data(config, train_set, val_set)  # a class-folder dataset: a head of its class count
     model = build_model(config)
     if not settings["fused_attn"] and not set_fused_attention(model, False):

@@ -350,9 +350,12 @@ def _calibration_images(model: Any, folder: str | None, count: int) -> tuple[tor
         from timm.data import create_transform, resolve_data_config
         from torchvision.datasets import ImageFolder
 
-        transform = create_transform(**resolve_data_config({}, model=model))
-        try:
-            dataset = ImageFolder(folder, transform=transform)
+        from .data import image_loader
+
+        settings = resolve_data_config({}, model=model)
+        try:  # read with the model's channel count (grey for a 1-channel model: RGB images crashed it)
+            dataset = ImageFolder(folder, transform=create_transform(**settings),
+                                  loader=image_loader(settings["input_size"][0]))
         except FileNotFoundError as error:  # no such folder, or no class folders with images in it
             raise InvalidConfigError(f"vistok tune --folder {folder}: {error}") from None
         order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))[:count]

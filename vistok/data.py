@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import gzip
 import os
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -31,6 +34,7 @@ __all__ = [
     "load_fashion_mnist",
     "fashion_mnist_dataset",
     "image_folder_dataset",
+    "image_loader",
 ]
 
 FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
@@ -148,9 +152,11 @@ def _shift_and_flip(images: Tensor, generator: torch.Generator, pad: int, fill: 
     return torch.where(flip[:, None, None, None], shifted.flip(-1), shifted)
 
 
-def image_folder_dataset(root: str | os.PathLike, split: str, input_size: int, train: bool,
-                         mean: tuple[float, ...], std: tuple[float, ...]) -> Dataset:
-    """An ImageNet-style ``root/<split>/<class>/<image>`` folder with timm's train or eval transforms.
+def image_folder_dataset(root: str | os.PathLike, split: str, input_size: int | tuple[int, int], train: bool,
+                         mean: tuple[float, ...], std: tuple[float, ...], interpolation: str = "bilinear",
+                         crop_pct: float = 0.875) -> Dataset:
+    """An ImageNet-style ``root/<split>/<class>/<image>`` folder with timm's train or eval transforms (images as
+    ``len(mean)`` channels: 1 reads them grey, 3 as RGB).
 
     Raises:
         DatasetNotFoundError: the split folder does not exist or holds no class folders.
@@ -162,5 +168,19 @@ def image_folder_dataset(root: str | os.PathLike, split: str, input_size: int, t
     if not folder.is_dir() or not any(child.is_dir() for child in folder.iterdir()):
         raise DatasetNotFoundError(f"{folder} is not a folder of class sub-folders (expected {root}/{split}/<class>/"
                                    "<image files>, as for ImageNet)")
-    transform = create_transform(input_size, is_training=train, mean=mean, std=std)
-    return ImageFolder(str(folder), transform=transform)
+    size = input_size if isinstance(input_size, int) else (len(mean), *input_size)
+    transform = create_transform(size, is_training=train, mean=mean, std=std, interpolation=interpolation,
+                                 crop_pct=crop_pct)
+    return ImageFolder(str(folder), transform=transform, loader=image_loader(len(mean)))
+
+
+def image_loader(channels: int) -> Callable[[str], Any]:
+    """An ``ImageFolder`` loader giving PIL images of ``channels`` channels (1: grey, 3: RGB)."""
+    return partial(_read_image, mode="L" if channels == 1 else "RGB")
+
+
+def _read_image(path: str, mode: str) -> Any:
+    from PIL import Image
+
+    with open(path, "rb") as handle:
+        return Image.open(handle).convert(mode)

@@ -37,14 +37,19 @@ MODEL_DEFAULTS: dict[str, Any] = {
     "method_options": {},
 }
 DATA_DEFAULTS: dict[str, Any] = {
-    "name": "fashion_mnist", "root": None, "download": False, "input_size": 224, "augment": True,
-    "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "workers": 0, "limit": 0,
+    # input_size, mean, std, interpolation, crop_pct: None takes the model's pretrained config (folder data), else
+    # ImageNet's (IMAGENET_IMAGES)
+    "name": "fashion_mnist", "root": None, "download": False, "input_size": None, "augment": True,
+    "mean": None, "std": None, "interpolation": None, "crop_pct": None, "workers": 0, "limit": 0,
     # video (name: video): where the clips are listed, how clips are sampled, multi-view testing
     "format": "kinetics_csv", "train_list": "", "val_list": "", "train_split": "train", "val_split": "",
     "sampling": "dense", "num_frames": 16, "sampling_rate": 4, "short_side": 0, "test_clips": 1, "test_crops": 1,
     "on_error": "skip", "backend": "auto", "timeout": 10.0, "flip": True, "grey": False,
 }
 VIDEO_FORMATS = ("kinetics_csv", "list", "folders")
+IMAGENET_IMAGES: dict[str, Any] = {"input_size": 224, "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225),
+                                   "interpolation": "bilinear", "crop_pct": 0.875}
+IMAGE_KEYS = tuple(IMAGENET_IMAGES)
 
 
 def build_model(config: dict[str, Any], patch: bool = True) -> nn.Module:
@@ -111,11 +116,12 @@ def set_fused_attention(model: nn.Module, enabled: bool) -> int:
     return switched
 
 
-def build_data(data: dict[str, Any], seed: int = 0, train: bool = True
+def build_data(data: dict[str, Any], seed: int = 0, train: bool = True, model: dict[str, Any] | None = None
                ) -> tuple[Dataset | None, Dataset, Any, Any]:
     """Train and validation datasets, and the per-batch transforms (``None`` where the dataset transforms).
     ``train=False`` (evaluation): no training set (``None``); a video dataset's class list is read from the
-    training list without looking for its clips.
+    training list without looking for its clips. ``model``: the config's model section (``model``,
+    ``model_kwargs``), whose pretrained config gives folder data the ``data.*`` image settings left unset.
 
     Raises:
         ConfigError: unknown dataset name or missing folder root.
@@ -125,7 +131,7 @@ def build_data(data: dict[str, Any], seed: int = 0, train: bool = True
         if not is_int(data[key], 0):
             raise ConfigError(f"data.{key} must be an int >= 0, got {data[key]!r}")
     if data["name"] == "fashion_mnist":
-        ignored = [key for key in ("input_size", "mean", "std") if data[key] != DATA_DEFAULTS[key]]
+        ignored = [key for key in IMAGE_KEYS if data[key] is not None]
         if ignored:
             raise ConfigError(f"data.name=fashion_mnist reads 28 x 28 grey images normalised with the dataset's own "
                               f"mean and std; {', '.join(f'data.{key}' for key in ignored)} would change nothing "
@@ -139,9 +145,9 @@ def build_data(data: dict[str, Any], seed: int = 0, train: bool = True
     elif data["name"] == "folder":
         if not data["root"]:
             raise ConfigError("data.name=folder needs data.root (a folder with train/ and val/ class folders)")
-        size, mean, std = data["input_size"], tuple(data["mean"]), tuple(data["std"])
-        train_set = image_folder_dataset(data["root"], "train", size, True, mean, std) if train else None
-        val = image_folder_dataset(data["root"], "val", size, False, mean, std)
+        images = image_settings(data, model)
+        train_set = image_folder_dataset(data["root"], "train", train=True, **images) if train else None
+        val = image_folder_dataset(data["root"], "val", train=False, **images)
         transforms = None, None
     else:
         raise ConfigError(f"data.name must be 'fashion_mnist', 'folder' or 'video', got {data['name']!r}")
@@ -149,6 +155,60 @@ def build_data(data: dict[str, Any], seed: int = 0, train: bool = True
         train_set, val = (None if d is None else torch.utils.data.Subset(d, range(min(data["limit"], len(d))))
                           for d in (train_set, val))
     return train_set, val, *transforms
+
+
+def image_settings(data: dict[str, Any], model: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``input_size``, ``mean``, ``std``, ``interpolation``, ``crop_pct`` for images: each ``data.<key>`` that is
+    set, else what timm's ``resolve_data_config`` gives for the timm model ``model["model"]`` built with its
+    ``model_kwargs`` (on the meta device: no weights), else ImageNet's (:data:`IMAGENET_IMAGES`).
+
+    Raises:
+        ConfigError: a setting of the wrong kind.
+    """
+    pretrained: dict[str, Any] = {}
+    if model is not None and not model["model"].startswith("hf:"):
+        from timm.data import resolve_data_config
+
+        from ._timm import create_timm_model
+
+        with torch.device("meta"):  # the model's own config (its kwargs applied), without weights
+            built = create_timm_model(model["model"], "model", ConfigError, pretrained=False,
+                                      **model.get("model_kwargs", {}))
+        resolved = resolve_data_config({}, model=built)
+        grid = getattr(getattr(built, "patch_embed", None), "img_size", None)  # model_kwargs.img_size, where set
+        pretrained = {**resolved, "input_size": tuple(grid) if grid else resolved["input_size"][1:]}
+    out = {}
+    for key in IMAGE_KEYS:
+        value = data[key] if data[key] is not None else pretrained.get(key, IMAGENET_IMAGES[key])
+        out[key] = _checked_image_setting(key, value)
+    return out
+
+
+def _pair(size: int | list | tuple) -> tuple[int, int]:
+    return (size, size) if is_int(size) else tuple(size)
+
+
+def _checked_image_setting(key: str, value: Any) -> Any:
+    from ._checks import is_real
+
+    if key == "input_size":
+        size = _pair(value) if is_int(value) or isinstance(value, (list, tuple)) else None
+        if size is None or len(size) != 2 or not all(is_int(side, 1) for side in size):
+            raise ConfigError(f"data.input_size must be an int >= 1 or [height, width], got {value!r}")
+        return size[0] if size[0] == size[1] else size
+    if key in ("mean", "std"):
+        if not isinstance(value, (list, tuple)) or not value or not all(is_real(v) for v in value) or (
+                key == "std" and not all(v > 0 for v in value)):
+            raise ConfigError(f"data.{key} must be a list of numbers (one per channel{', > 0' * (key == 'std')}), "
+                              f"got {value!r}")
+        return tuple(float(v) for v in value)
+    if key == "crop_pct":
+        if not is_real(value) or not 0 < value <= 1:
+            raise ConfigError(f"data.crop_pct must be a number in (0, 1], got {value!r}")
+        return float(value)
+    if value not in ("bilinear", "bicubic", "nearest", "random", "lanczos"):
+        raise ConfigError(f"data.interpolation must be bilinear, bicubic, nearest, lanczos or random, got {value!r}")
+    return value
 
 
 def fit_head_to_data(config: dict[str, Any], *datasets: Dataset) -> dict[str, Any]:
@@ -208,8 +268,11 @@ def _video_datasets(data: dict[str, Any], seed: int, train: bool) -> tuple[Datas
     classes = train_videos.classes if train else training_classes()
     val_videos = listed("val", data["val_split"], classes)
     sampling = dict(mode=data["sampling"], num_frames=data["num_frames"], sampling_rate=data["sampling_rate"])
-    size, short = data["input_size"], data["short_side"] or data["input_size"]
-    normalise = dict(mean=tuple(data["mean"]), std=tuple(data["std"]), grey=data["grey"])
+    images = image_settings(data)  # what data.* sets, else ImageNet's
+    if not is_int(images["input_size"]):
+        raise ConfigError(f"data.input_size of video data must be one int (square crops), got {data['input_size']!r}")
+    size, short = images["input_size"], data["short_side"] or images["input_size"]
+    normalise = dict(mean=images["mean"], std=images["std"], grey=data["grey"])
     reading = dict(on_error=data["on_error"], backend=data["backend"], timeout=data["timeout"])
     train_set = None
     if train:

@@ -96,6 +96,40 @@ def _class_folders(root: Path, classes: dict[str, int], per_class: int) -> None:
                 Image.fromarray(images[index].numpy()).convert("RGB").save(folder / f"{index}.png")
 
 
+def test_folder_data_takes_the_models_own_image_settings(tmp_path):
+    """data.name=folder normalises, resizes and crops as the model's pretrained config says (timm's
+    resolve_data_config), each data.* setting overriding it: it used ImageNet's mean and std, 224 px, bilinear and
+    crop 0.875 whatever the model (vit_small_patch16_224 wants 0.5 / 0.5, bicubic, 0.9), and read grey models'
+    folders as RGB."""
+    from PIL import Image
+    from torchvision import transforms as T
+
+    from vistok.experiment import DATA_DEFAULTS, build_data, image_settings
+
+    data = dict(DATA_DEFAULTS, name="folder")
+    vit = {"model": "vit_small_patch16_224", "model_kwargs": {}}
+    assert image_settings(data, vit) == {"input_size": 224, "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5),
+                                         "interpolation": "bicubic", "crop_pct": 0.9}
+    assert image_settings(data, {**vit, "model_kwargs": {"img_size": 64}})["input_size"] == 64
+    mine = image_settings({**data, "mean": [0.4, 0.4, 0.4], "crop_pct": 1}, vit)
+    assert mine["mean"] == (0.4, 0.4, 0.4) and mine["crop_pct"] == 1.0 and mine["std"] == (0.5, 0.5, 0.5)
+    assert image_settings(data)["mean"] == (0.485, 0.456, 0.406)  # no model: ImageNet's
+    for key, value in [("mean", "abc"), ("std", [0.5, 0]), ("crop_pct", 1.5), ("interpolation", "cubic"),
+                       ("input_size", 0)]:
+        with pytest.raises(ConfigError, match=f"data.{key} must be"):
+            image_settings({**data, key: value}, vit)
+    with pytest.raises(ConfigError, match="data.mean would change nothing"):
+        build_data({**DATA_DEFAULTS, "mean": [0.5]})  # Fashion-MNIST has its own
+    root = tmp_path / "images"
+    _class_folders(root, {"bag": 8, "sneaker": 7}, per_class=2)
+    grey = {"model": "vistok_vit_fmnist", "model_kwargs": {}}
+    _, val, _, _ = build_data({**data, "root": str(root)}, train=False, model=grey)
+    image, _ = val[0]
+    assert image.shape == (1, 28, 28)  # grey, whole: the reference ViT's own input
+    pixels = T.functional.pil_to_tensor(Image.open(val.samples[0][0]).convert("L")).float().div(255)
+    assert torch.allclose(image, (pixels - 0.2860) / 0.3530, atol=1e-5)
+
+
 def test_a_class_folder_dataset_trains_a_head_of_its_class_count(tmp_path, capsys, monkeypatch):
     """data.name=folder as a new user runs it: two class folders of real images give a 2-way head (not the
     model's 1000), train.mixed_precision=no is accepted on the command line, and eval and the sweep read the same

@@ -419,5 +419,7 @@ def test_calibration_images_from_a_folder_cover_its_classes(tmp_path):
     again = _calibration_images(model, str(tmp_path), 12)[1]
     assert images.shape == (12, 3, 224, 224) and torch.equal(labels, again)
     assert len(set(labels.tolist())) == 4 and len(set(labels[:4].tolist())) > 1
+    grey = timm.create_model("vistok_vit_fmnist")  # 1 channel: the folder's RGB images crashed its first conv
+    assert _calibration_images(grey, str(tmp_path), 4)[0].shape == (4, 1, 28, 28)
     with pytest.raises(SystemExit):
         main(["tune", "--model", "vit_tiny_patch16_224", "--images", "-5"])

@@ -135,6 +135,7 @@ def _create_reference(name: str, arch: dict, embed_layer: type[PatchEmbed], pret
     model.pretrained_cfg = model.default_cfg = {
         "architecture": name, "num_classes": model.num_classes, "input_size": (1, 28, 28),
         "mean": (0.2860,), "std": (0.3530,), "first_conv": "patch_embed.proj.0", "classifier": "head",
+        "crop_pct": 1.0, "interpolation": "bilinear",  # trained on whole 28 x 28 images: timm keeps them whole
     }
     if pretrained:
         load_checkpoint(model, reference_checkpoint(name))
