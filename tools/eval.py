@@ -28,6 +28,7 @@ from vistok.experiment import (
     batches,
     build_data,
     build_model,
+    check_head_is_trained,
     fit_head_to_data,
     wrap_for_data,
 )
@@ -51,6 +52,7 @@ def run_eval(config: dict, progress: bool = True) -> dict:
         torch.set_num_threads(settings["threads"])
     _, val_set, _, transform = build_data(config["data"], train=False, model=config)
     config = fit_head_to_data(config, val_set)  # a class-folder dataset: a head of its class count
+    check_head_is_trained(config, "eval.py")
     model = wrap_for_data(build_model(config), config["data"]).eval()
     prepare = transform or (lambda images: images)
     labelled = batches(val_set, settings["batch_size"], workers=config["data"]["workers"])

@@ -33,6 +33,7 @@ from vistok.experiment import (
     batches,
     build_data,
     build_model,
+    check_head_is_trained,
     fit_head_to_data,
     wrap_for_data,
 )
@@ -78,6 +79,7 @@ def run_point(config: dict, point: dict, val_set, transform) -> dict:
         model_config["model_kwargs"] = {**config["model_kwargs"], "dynamic_img_size": True}
     if point.get("frames"):
         model_config["model_kwargs"] = {**config["model_kwargs"], "num_frames": point["frames"]}
+    torch.manual_seed(0)  # whatever is not loaded (random weights, a head for other classes) is the same at each point
     model = build_model(model_config).eval()
     if point["patch"] is not None:
         vistok.patch(model, point["patch"][0], **point["patch"][1])
@@ -116,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise ConfigError(f"sweep.{key} must be an int >= 1, got {config['sweep'][key]!r}")
         _, val_set, _, transform = build_data(config["data"], train=False, model=config)
         config = fit_head_to_data(config, val_set)  # a class-folder dataset: a head of its class count
+        check_head_is_trained(config, "sweep.py")
         rows = []
         for point in variants(config["sweep"]):
             if point.get("frames"):

@@ -25,8 +25,9 @@ from ._checks import is_int
 from .config import ConfigError, _flatten
 from .data import GreyBatchTransform, fashion_mnist_dataset, image_folder_dataset
 
-__all__ = ["MODEL_DEFAULTS", "DATA_DEFAULTS", "build_model", "build_data", "fit_head_to_data", "set_fused_attention",
-           "wrap_for_data", "loader", "batches", "LabelledBatches", "underlying", "truncate_log", "save_whole"]
+__all__ = ["MODEL_DEFAULTS", "DATA_DEFAULTS", "build_model", "build_data", "fit_head_to_data", "check_head_is_trained",
+           "set_fused_attention", "wrap_for_data", "loader", "batches", "LabelledBatches", "underlying", "truncate_log",
+           "save_whole"]
 
 MODEL_DEFAULTS: dict[str, Any] = {
     "model": "vistok_vit_fmnist",
@@ -232,6 +233,28 @@ def fit_head_to_data(config: dict[str, Any], *datasets: Dataset) -> dict[str, An
         raise ConfigError(f"model_kwargs.num_classes={given}, but data.root={config['data']['root']} has {count} "
                           "class folders")
     return {**config, "model_kwargs": {**config["model_kwargs"], "num_classes": count}}
+
+
+def check_head_is_trained(config: dict[str, Any], tool: str) -> None:
+    """Refuse to evaluate a pretrained timm model whose head :func:`fit_head_to_data` resized to a class folder's
+    count without a ``checkpoint`` to fill it: its head would be random, its accuracy chance.
+
+    Raises:
+        ConfigError: as above.
+    """
+    if config["data"]["name"] != "folder" or not config["pretrained"] or config["checkpoint"] or \
+            config["model"].startswith("hf:"):
+        return
+    from ._timm import create_timm_model
+
+    kwargs = {key: value for key, value in config["model_kwargs"].items() if key != "num_classes"}
+    with torch.device("meta"):
+        trained = create_timm_model(config["model"], "model", ConfigError, pretrained=False, **kwargs).num_classes
+    wanted = config["model_kwargs"]["num_classes"]
+    if trained != wanted:
+        raise ConfigError(f"{tool}: {config['model']}'s pretrained head has {trained} classes and data.root="
+                          f"{config['data']['root']} has {wanted} class folders, so the head would be random; give a "
+                          "checkpoint trained on these classes (checkpoint=...)")
 
 
 def _video_datasets(data: dict[str, Any], seed: int, train: bool) -> tuple[Dataset | None, Dataset]:

@@ -167,6 +167,11 @@ def test_a_class_folder_dataset_trains_a_head_of_its_class_count(tmp_path, capsy
                        "sweep.flops_images=2", "data.workers=1"]) == 0
     assert (tmp_path / "sweep.csv").is_file() and workers.count(1) == 3  # eval's, and each sweep point's
     capsys.readouterr()
+    # pretrained weights without a checkpoint for these classes: the 2-way head would be random (chance accuracy)
+    for tool, config in ((evaluate, []), (sweep, ["--config", str(ROOT / "configs/sweep_fmnist.yaml")])):
+        assert tool.main([*config, "model=vistok_vit_fmnist", "pretrained=true", "data.name=folder",
+                          f"data.root={root}"]) == 2
+        assert "pretrained head has 10 classes" in capsys.readouterr().err
     assert train.main([*small, "model_kwargs.num_classes=5", f"output={tmp_path / 'bad'}"]) == 2
     assert "model_kwargs.num_classes=5, but data.root" in capsys.readouterr().err
     (root / "val" / "coat").mkdir()
@@ -412,12 +417,14 @@ def test_sweep_writes_csv_and_plot(tmp_path):
     assert sweep.main(["--config", str(ROOT / "configs/sweep_fmnist.yaml"), "--out", str(out), "pretrained=false",
                        "model_kwargs.depth=3", "data.limit=100", "sweep.ats_k=[64]", "sweep.ats_fixed_k=[32]",
                        "sweep.ats_fusion_k=[32]", "sweep.ats_blocks=[1,2]",
-                       "sweep.merge_r=[8]", "sweep.random_k=[64]", "sweep.input_sizes=[20]",
+                       "sweep.merge_r=[0,8]", "sweep.random_k=[64]", "sweep.input_sizes=[20]",
                        "sweep.flops_images=10"]) == 0
     rows = (tmp_path / "sweep.v2.csv").read_text().splitlines()
-    assert rows[0].startswith("method,label,top1") and len(rows) == 8
+    assert rows[0].startswith("method,label,top1") and len(rows) == 9
     assert [row.split(",")[0] for row in rows[1:]] == ["unpatched", "ats", "ats_fixed", "ats_fusion", "merge",
-                                                     "random_drop", "downsample"]
+                                                     "merge", "random_drop", "downsample"]
+    # every point is the same random model: merging nothing scores as the unpatched one (each point drew its own)
+    assert rows[5].startswith("merge,r=0,") and rows[5].split(",")[2:4] == rows[1].split(",")[2:4]
     assert (tmp_path / "sweep.v2.png").stat().st_size > 10_000
 
 
