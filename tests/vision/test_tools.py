@@ -344,7 +344,8 @@ def test_tool_arguments_are_checked_before_the_work(tmp_path, capsys):
                                      ("train_video_vlm", ["--learned", "1.5"], "expected a number in [0, 1]"),
                                      ("train_video_vlm", ["--learned", "0.7", "--every", "0.5"], "at most 1 together"),
                                      ("demo", ["--limit", "-5"], "--limit"),
-                                     ("demo", ["--calibration", "2"], "--calibration must be at least 4")]:
+                                     ("demo", ["--calibration", "2"], "--calibration must be at least 4"),
+                                     ("demo", ["--target", "2"], "--target must be a GFLOPs ratio")]:
         with pytest.raises(SystemExit) as stopped:
             load_tool(tool).main(arguments)
         assert stopped.value.code == 2 and message in capsys.readouterr().err, (tool, arguments)
