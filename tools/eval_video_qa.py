@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import functools
 import json
 import sys
 import time
@@ -29,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vistok.cli import count, reports_errors
+from vistok.cli import beside, count, reports_errors, seed
 from vistok.errors import InvalidConfigError
 from vistok.measure.accuracy import add_paired_differences
 from vistok.models import create_video_vlm
@@ -190,7 +189,7 @@ def main(argv: list[str] | None = None, model_and_tokenizer=None) -> int:
                         "on the same questions); default uniform, where evaluated")
     parser.add_argument("--batch-size", type=count, default=16)
     parser.add_argument("--threads", type=int, default=0)
-    parser.add_argument("--seed", type=functools.partial(count, least=0), default=0,
+    parser.add_argument("--seed", type=seed, default=0,
                         help="the question set made on the fly and selection drop's frames (default 0)")
     args = parser.parse_args(argv)
     if args.threads:
@@ -245,12 +244,12 @@ def main(argv: list[str] | None = None, model_and_tokenizer=None) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fields = list(dict.fromkeys(key for row in rows for key in row))
-    with open(out.with_suffix(".csv"), "w", newline="") as handle:
+    with open(beside(out, ".csv"), "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=fields)
         writer.writeheader()
         writer.writerows(rows)
-    plot(rows, out.with_suffix(".png"))
-    print(f"wrote {out.with_suffix('.csv')} and {out.with_suffix('.png')}")
+    plot(rows, beside(out, ".png"))
+    print(f"wrote {beside(out, '.csv')} and {beside(out, '.png')}")
     return 0
 
 

@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 import vistok
-from vistok.cli import count, fraction, reports_errors
+from vistok.cli import beside, count, fraction, reports_errors, seed
 from vistok.config import parse_method_spec
 from vistok.data import FASHION_MNIST_MEAN, FASHION_MNIST_STD
 from vistok.document.fmnist_pages import SparsePageQA
@@ -203,7 +203,7 @@ def main(argv: list[str] | None = None, language_model=None) -> int:
     parser.add_argument("--prefill-runs", type=count, default=3)
     parser.add_argument("--overhead", action="store_true",
                         help="also time each method keeping every token (its prefill overhead) -> <out>_overhead.csv")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=seed, default=0)
     parser.add_argument("--out", default="results/vlm_eval")
     args = parser.parse_args(argv)
     if args.page and args.fine:
@@ -255,12 +255,12 @@ def main(argv: list[str] | None = None, language_model=None) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fields = list(dict.fromkeys(key for row in rows for key in row))
-    with open(out.with_suffix(".csv"), "w", newline="") as handle:
+    with open(beside(out, ".csv"), "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=fields)
         writer.writeheader()
         writer.writerows(rows)
-    save_plot(out.with_suffix(".png"), rows, args.page, args.fine, args.checkpoint)
-    print(f"wrote {out.with_suffix('.csv')} and {out.with_suffix('.png')}")
+    save_plot(beside(out, ".png"), rows, args.page, args.fine, args.checkpoint)
+    print(f"wrote {beside(out, '.csv')} and {beside(out, '.png')}")
     return 0
 
 

@@ -13,6 +13,7 @@ import sys
 import time
 
 import vistok
+from vistok.cli import count, seed
 from vistok.video.fmnist_qa import write_dataset
 
 
@@ -20,8 +21,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="data/fmnist_video_qa")
     parser.add_argument("--split", default="test", choices=["train", "test"])
-    parser.add_argument("--size", type=int, default=1000)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--size", type=count, default=1000)
+    parser.add_argument("--seed", type=seed, default=0)
     parser.add_argument("--fmnist-root", default=None, help="where Fashion-MNIST is (default: where vistok finds it)")
     args = parser.parse_args(argv)
     started = time.time()

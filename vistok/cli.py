@@ -63,6 +63,14 @@ def _count_or_zero(text: str) -> int:
     return count(text, least=0)
 
 
+def seed(text: str) -> int:
+    """A seed for argparse: an int in ``[0, 2**32)`` (what the question sets take)."""
+    value = count(text, least=0)
+    if value >= 2**32:
+        raise argparse.ArgumentTypeError(f"expected a seed below 2**32, got {text!r}")
+    return value
+
+
 def _unit_interval(text: str, zero_allowed: bool) -> float:
     try:
         value = float(text)

@@ -83,7 +83,7 @@ class FashionQA(torch.utils.data.Dataset):
     [0, 1], question, answer)``, the same for every run with the same ``seed``.
 
     Raises:
-        InvalidConfigError: an unknown split or a size below 1.
+        InvalidConfigError: an unknown split, a size below 1 or a seed outside [0, 2**32).
         DatasetNotFoundError: Fashion-MNIST is not on this machine (see :func:`vistok.data.load_fashion_mnist`).
     """
 
@@ -92,6 +92,8 @@ class FashionQA(torch.utils.data.Dataset):
             raise InvalidConfigError(f"FashionQA: split must be 'train' or 'test', got {split!r}")
         if not is_int(size, 1):
             raise InvalidConfigError(f"FashionQA: size must be a positive int, got {size!r}")
+        if not is_int(seed, 0) or seed >= 2**32:  # numpy reads a larger seed as two words: seed 2**32 was seed 0's
+            raise InvalidConfigError(f"FashionQA: seed must be an int in [0, 2**32), got {seed!r}")
         images, labels = load_fashion_mnist(split, root)
         self.images = images.numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
         self.labels = labels.numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)

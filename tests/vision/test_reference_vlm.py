@@ -45,6 +45,9 @@ def test_answers_follow_from_the_cells():
         FashionQA("val", 4)
     with pytest.raises(InvalidConfigError, match="size"):
         FashionQA("test", 0)
+    for seed in (-1, 2**32):  # numpy failed on -1 at the first example; 2**32 gave seed 0's examples
+        with pytest.raises(InvalidConfigError, match=r"seed must be an int in \[0, 2\*\*32\)"):
+            FashionQA("test", 3, seed=seed)
 
 
 @pytest.fixture(scope="module")
@@ -251,11 +254,11 @@ def test_train_eval_and_ask_tools(smollm2, tmp_path, capsys):
         save_file({"x": torch.zeros(1)}, str(bad))
         reference_vlm(smollm2, checkpoint=bad)
 
-    out = tmp_path / "eval"
+    out = tmp_path / "eval_k0.25"  # a prefix with a dot: eval_k0.25.csv (it wrote eval_k0.csv)
     assert load_tool("eval_vlm").main(["--checkpoint", str(saved), "--questions", "4", "--batch-size", "4",
                                        "--overhead", "--fractions", "0.25", "--out", str(out)],
                                       language_model=(copy.deepcopy(smollm2[0]), smollm2[1])) == 0
-    rows = list(csv.DictReader(open(out.with_suffix(".csv"))))
+    rows = list(csv.DictReader(open(tmp_path / "eval_k0.25.csv")))
     assert [r["method"] for r in rows] == ["all tokens", "merge_to_budget", "region_merge", "dominant", "pool",
                                            "random_select"]
     assert [int(r["visual_tokens"]) for r in rows] == [36, 9, 9, 9, 9, 9]
@@ -266,8 +269,8 @@ def test_train_eval_and_ask_tools(smollm2, tmp_path, capsys):
     assert rows[0]["vs_all"] == rows[4]["vs_baseline"] == ""
     with pytest.raises(SystemExit):  # a baseline that is not evaluated cannot be compared with
         load_tool("eval_vlm").main(["--methods", "dominant", "--baseline", "pool", "--out", str(out)])
-    assert out.with_suffix(".png").stat().st_size > 5_000
-    overhead = list(csv.DictReader(open(tmp_path / "eval_overhead.csv")))
+    assert (tmp_path / "eval_k0.25.png").stat().st_size > 5_000
+    overhead = list(csv.DictReader(open(tmp_path / "eval_k0.25_overhead.csv")))
     assert [r["method"] for r in overhead] == ["unpatched", "merge_to_budget", "region_merge", "dominant", "pool",
                                                "random_select"]
 

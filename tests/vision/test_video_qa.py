@@ -45,6 +45,9 @@ def test_answers_follow_from_the_videos():
     assert np.array_equal(again.example(9).frames(again.images), data.example(9).frames(data.images))
     with pytest.raises(InvalidConfigError, match="split"):
         FashionVideoQA("val", 3)
+    for seed in (-1, 2**32, 1.5):  # numpy failed on -1 at the first example; 2**32 gave seed 0's examples
+        with pytest.raises(InvalidConfigError, match=r"seed must be an int in \[0, 2\*\*32\)"):
+            FashionVideoQA("test", 3, seed=seed)
 
 
 def test_the_committed_sample_decodes_to_its_questions():
@@ -204,17 +207,17 @@ def test_training_and_evaluation_tools_run_end_to_end(smollm2, tmp_path):
     assert not any(name.endswith("grid_position") for name in changed)  # frozen in the video model
     evaluate = load_tool("eval_video_qa")
     model = video_vlm(smollm2, checkpoint=tmp_path / "run" / "model.safetensors")
-    assert evaluate.main(["--out", str(tmp_path / "eval"), "--manifest", str(SAMPLE / "test.json"), "--questions",
+    assert evaluate.main(["--out", str(tmp_path / "eval.v1"), "--manifest", str(SAMPLE / "test.json"), "--questions",
                           "3", "--selections", "learned", "uniform", "all", "--budgets", "32", "--merge-all"],
                          model_and_tokenizer=model) == 0
     import csv
 
-    with open(tmp_path / "eval.csv") as handle:
+    with open(tmp_path / "eval.v1.csv") as handle:  # a dotted prefix keeps its name (it wrote eval.csv)
         rows = list(csv.DictReader(handle))
     assert [(r["selection"], int(r["budget"])) for r in rows] == [("learned", 32), ("uniform", 32), ("all", 32),
                                                                   ("all", FRAMES * 9), ("all+merge", 32)]
     assert float(rows[-1]["frames"]) < FRAMES  # the sample's black frames and held items merge
-    assert float(rows[3]["visual_tokens"]) == FRAMES * 9 and (tmp_path / "eval.png").is_file()
+    assert float(rows[3]["visual_tokens"]) == FRAMES * 9 and (tmp_path / "eval.v1.png").is_file()
     for row in rows[:3] + rows[4:]:  # paired on the same questions: the differences of the accuracies
         assert float(row["vs_all"]) == pytest.approx(float(row["accuracy"]) - float(rows[3]["accuracy"]))
     assert rows[3]["vs_all"] == rows[3]["vs_baseline"] == rows[1]["vs_baseline"] == ""

@@ -6,7 +6,10 @@ similarity (training-free frame selection for video QA) runs on a real dual enco
 >>> model.encode_image(images), model.encode_text(tokenizer(["a photo of a bag"]))
 
 ``images`` are ``[B, 3, 28, 28]``: Fashion-MNIST's grey image repeated over three channels, normalised with its
-mean and std (:func:`clip_images`).
+mean and std (:func:`clip_images`); ``model.visual.preprocess_cfg`` says so, so open_clip's own transform
+(``image_transform_v2(PreprocessCfg(**model.visual.preprocess_cfg), is_train=False)`` from ``open_clip.transform``)
+on a grey 28 x 28 PIL image gives the same input. (``open_clip.create_model_and_transforms`` by name alone would give
+OpenAI's normalisation: open_clip reads normalisation from pretrained tags, and this model has none.)
 """
 
 from __future__ import annotations
@@ -60,7 +63,9 @@ def create_clip(name: str = CLIP_NAME, pretrained: bool = False):
         raise CheckpointError(f"unknown CLIP model {name!r}; vistok ships {CLIP_NAME!r}")
     _register()
     weights = str(reference_checkpoint(name)) if pretrained else None
-    model = open_clip.create_model(name, pretrained=weights)
+    # Trained on Fashion-MNIST's normalisation (clip_images), not OpenAI's, which open_clip would otherwise record.
+    model = open_clip.create_model(name, pretrained=weights, force_preprocess_cfg={
+        "mean": (FASHION_MNIST_MEAN,) * 3, "std": (FASHION_MNIST_STD,) * 3})
     return model.eval(), open_clip.get_tokenizer(name)
 
 

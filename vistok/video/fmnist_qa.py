@@ -115,7 +115,7 @@ class FashionVideoQA(torch.utils.data.Dataset):
     28], question, answer)``, the same for every run with the same ``seed``.
 
     Raises:
-        InvalidConfigError: an unknown split or a size below 1.
+        InvalidConfigError: an unknown split, a size below 1 or a seed outside [0, 2**32).
         DatasetNotFoundError: Fashion-MNIST is not on this machine.
     """
 
@@ -124,6 +124,8 @@ class FashionVideoQA(torch.utils.data.Dataset):
             raise InvalidConfigError(f"FashionVideoQA: split must be 'train' or 'test', got {split!r}")
         if not is_int(size, 1):
             raise InvalidConfigError(f"FashionVideoQA: size must be a positive int, got {size!r}")
+        if not is_int(seed, 0) or seed >= 2**32:  # numpy reads a larger seed as two words: seed 2**32 was seed 0's
+            raise InvalidConfigError(f"FashionVideoQA: seed must be an int in [0, 2**32), got {seed!r}")
         images, labels = load_fashion_mnist(split, root)
         self.images, self.labels = images.numpy(), labels.numpy()
         self.split, self.size, self.seed = split, size, seed
