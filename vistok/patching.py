@@ -146,7 +146,12 @@ class _LayoutTracker:
         self._calls = threading.local()
 
 
-class _PatchedBlockForward:
+class _PartOfPatch:
+    """What vistok installs on a module instance of a patched model (a block's ``forward``, a vision-LLM's
+    ``get_image_features``): :func:`unpatch` given a part of that model finds it and refuses."""
+
+
+class _PatchedBlockForward(_PartOfPatch):
     """A patched block's ``forward``: the family's call signature in, :func:`run_block` over the block's own
     modules out. A plain object rather than a closure, so that ``copy.deepcopy`` and ``pickle`` copy it along
     with the block, the tracker and the handle it belongs to (a closure would be shared with the original)."""
@@ -175,12 +180,14 @@ class PatchHandle:
         config: the method's validated config.
         info: what vistok found out about the model (family, blocks, prefix tokens, patch grid).
         reducers: ``{block index: per-block reducer}`` for the blocks the method acts on.
+        owner: the vision-LLM's handle when this patches its tower as part of it (``None`` otherwise).
     """
 
     def __init__(self, model: nn.Module, config: MethodConfig, backbone: Backbone,
                  reducers: dict[int, TokenReducer], attention: str = "auto") -> None:
         self.model = model
         self.config = config
+        self.owner: object | None = None
         self.info = backbone.info
         self.reducers = reducers
         first = min(reducers)
@@ -327,10 +334,12 @@ def unpatch(model: nn.Module) -> None:
     if not isinstance(model, nn.Module):  # as get_handle: nothing there is patched
         return
     handles = [handle for module in model.modules() if (handle := get_handle(module)) is not None]
-    for handle in handles:
-        handle.remove()
-    if not handles and any(isinstance(vars(module).get("forward"), _PatchedBlockForward)
-                           for module in model.modules()):
+    found = {id(handle) for handle in handles}
+    owned = any((owner := getattr(handle, "owner", None)) is not None and id(owner) not in found for handle in handles)
+    if owned or not handles and any(isinstance(value, _PartOfPatch) for module in model.modules()
+                                    for value in vars(module).values()):
         raise PatchStateError(f"unpatch: this {type(model).__name__} is a part of a patched model; unpatch the "
                               "model vistok.patch was given (or call its handle's remove())")
+    for handle in handles:
+        handle.remove()
 

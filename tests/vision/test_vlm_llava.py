@@ -296,6 +296,33 @@ def test_in_tower_methods_compose_with_the_boundary(in_tower, boundary):
     assert encoded.owner is None and bool((encoded.grid_positions >= 0).all())
 
 
+def test_a_part_of_a_patched_vision_llm_is_not_unpatched_alone_and_its_config_is_whole():
+    """vistok.unpatch on the vision tower of a composed patch, or on the base model of a boundary patch, is refused
+    (it removed the tower's patch under the vision-LLM's, or silently did nothing); ``handle.config`` holds the
+    in-tower methods too (it held the boundary method alone, so patching another model with it dropped them)."""
+    from vistok import PatchStateError
+    from vistok.methods.compose import ComposedConfig
+
+    model, other = tiny_llava(), tiny_llava()
+    ids, pixels = prompt(), images()
+    with torch.no_grad():
+        with vistok.patch(model, [("merge", {"r": 2}), ("merge_to_budget", {"tokens": 4})]) as handle:
+            with pytest.raises(PatchStateError, match="a part of a patched model"):
+                vistok.unpatch(model.model.vision_tower)
+            assert handle.active and handle.tower_handle.active
+            assert isinstance(handle.config, ComposedConfig) and [p.name for p in handle.config.parts] == [
+                "merge", "merge_to_budget"]
+            expected = model(input_ids=ids, pixel_values=pixels).logits
+            with vistok.patch(other, handle.config):
+                assert torch.equal(other(input_ids=ids, pixel_values=pixels).logits, expected)
+        with vistok.patch(model, "merge_to_budget", tokens=4) as handle:
+            assert handle.config.name == "merge_to_budget"
+            with pytest.raises(PatchStateError, match="a part of a patched model"):
+                vistok.unpatch(model.model)
+            vistok.unpatch(model)
+            assert not handle.active
+
+
 def test_composition_keeping_everything_is_the_unpatched_model():
     model = tiny_llava()
     ids, pixels = prompt(), images()

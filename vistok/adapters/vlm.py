@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from ..errors import AlreadyPatchedError, InputShapeError, InvalidConfigError, PatchStateError, UnsupportedModelError
 from ..methods.base import MethodConfig
 from ..methods.compose import ComposedConfig
-from ..patching import _HANDLE_ATTR, PatchHandle, get_handle, patch
+from ..patching import _HANDLE_ATTR, PatchHandle, _PartOfPatch, get_handle, patch
 from ..tokens import TokenLayout
 from .budget import Budgeted, in_patch_order
 from .family import Units, VisionLLMFamily
@@ -103,7 +103,7 @@ class _EncodedUnits:
     budgets: list[int]
 
 
-class _CompressedImageFeatures:
+class _CompressedImageFeatures(_PartOfPatch):
     """Stands in for ``base_model.get_image_features``: the model's own, then the boundary method."""
 
     def __init__(self, handle: VisionLLMHandle) -> None:
@@ -194,7 +194,7 @@ class _ShortPromptHook:
         return None if shortened is None and masked is None else ((), masked or shortened)
 
 
-class _ShortPromptGenerate:
+class _ShortPromptGenerate(_PartOfPatch):
     """Stands in for ``model.generate``: the shortened prompt in, the caller's prompt back in the output."""
 
     def __init__(self, handle: VisionLLMHandle) -> None:
@@ -276,9 +276,11 @@ class VisionLLMHandle:
     def __init__(self, model: nn.Module, config: BoundaryConfig, family: VisionLLMFamily,
                  tower_handle: PatchHandle | None = None) -> None:
         self.model = model
-        self.config = config
+        self.boundary = config
         self.family = family
         self.tower_handle = tower_handle
+        if tower_handle is not None:
+            tower_handle.owner = self  # vistok.unpatch on the tower alone is then refused
         self.positions = config.positions or family.position_modes[0]
         if family.encodes_up_front:  # each image its own grid
             self.tokens_per_unit = config.tokens
@@ -297,6 +299,15 @@ class VisionLLMHandle:
         setattr(model, _HANDLE_ATTR, self)
 
     @property
+    def config(self) -> MethodConfig:
+        """What was patched: the boundary method's config, after the in-tower methods' where there are some (a
+        ``ComposedConfig``), ready for ``vistok.patch`` on another model."""
+        if self.tower_handle is None:
+            return self.boundary
+        inside = self.tower_handle.config
+        return ComposedConfig((*(inside.parts if isinstance(inside, ComposedConfig) else (inside,)), self.boundary))
+
+    @property
     def tokens_per_image(self) -> int:
         return self.tokens_per_unit
 
@@ -305,7 +316,7 @@ class VisionLLMHandle:
         """Whether every unit keeps all its tokens whatever its size: ``keep=1.0``, or on a family of one grid a
         budget of the whole grid."""
         if self.family.encodes_up_front:
-            return self.config.keep == 1.0
+            return self.boundary.keep == 1.0
         return self.tokens_per_unit == self.family.per_unit
 
     @property
@@ -365,7 +376,7 @@ class VisionLLMHandle:
         base = family.base(self.model)
         kwargs, context = family.prepare_call(base, dict(kwargs))
         return_dict = kwargs.pop("return_dict", True)
-        if self.config.uses_class_attention:  # transformers otherwise keeps only the feature layer's states
+        if self.boundary.uses_class_attention:  # transformers otherwise keeps only the feature layer's states
             kwargs["output_hidden_states"] = True
         out = type(base).get_image_features(base, **kwargs, return_dict=True)
         features, grouping = family.unit_features(out)
@@ -380,7 +391,7 @@ class VisionLLMHandle:
         tile = family.unit_tile("image", family.grid) if layout is None else None  # reduced tokens are not a grid
         inputs = BoundaryInputs(tokens, family.grid, partial(family.class_attention, base, out, context), **reduced,
                                 tile=tile)
-        result = self.config.compress(inputs, self.tokens_per_unit - family.num_prefix)
+        result = self.boundary.compress(inputs, self.tokens_per_unit - family.num_prefix)
         if self.positions == "original":  # each token's placeholder stays at its first patch: in patch order
             result = in_patch_order(result, _first_patches(result, reduced.get("source"),
                                                            family.grid[0] * family.grid[1]))
@@ -394,12 +405,12 @@ class VisionLLMHandle:
         self._check_tower()
         family = self.family
         base = family.base(self.model)
-        if self.config.uses_class_attention:  # transformers otherwise keeps only the feature layer's states
+        if self.boundary.uses_class_attention:  # transformers otherwise keeps only the feature layer's states
             kwargs = {**kwargs, "output_hidden_states": True}
         out = family.encode(base, modality, kwargs)
         lengths = family.item_lengths(modality, out)
         units = family.split(base, modality, out, kwargs)
-        budgets = family.unit_budgets(self.config, modality, units)
+        budgets = family.unit_budgets(self.boundary, modality, units)
         attention: list[Tensor] = []
 
         def class_attention(members: list[int]) -> Tensor:
@@ -414,7 +425,7 @@ class VisionLLMHandle:
             stacked = torch.stack([units.features[i] for i in members])
             inputs = BoundaryInputs(stacked, grid, partial(class_attention, members),
                                     tile=family.unit_tile(modality, grid))
-            result = in_patch_order(self.config.compress(inputs, budget))
+            result = in_patch_order(self.boundary.compress(inputs, budget))
             for row, index in enumerate(members):
                 results[index] = Budgeted(*(t[row: row + 1] for t in (result.tokens, result.sizes, result.owner)))
         family.join(base, modality, out, units, [result.tokens[0] for result in results])
@@ -641,8 +652,8 @@ class VisionLLMHandle:
     def __repr__(self) -> str:
         state = "active" if self.active else "removed"
         of = "" if self.family.encodes_up_front else f" of {self.family.per_unit}"
-        budget = self.tokens_per_unit if self.tokens_per_unit is not None else f"{self.config.keep:g} of the"
-        return (f"VisionLLMHandle({type(self.model).__name__}, {self.config!r}, {budget}{of} tokens per "
+        budget = self.tokens_per_unit if self.tokens_per_unit is not None else f"{self.boundary.keep:g} of the"
+        return (f"VisionLLMHandle({type(self.model).__name__}, {self.boundary!r}, {budget}{of} tokens per "
                 f"{self.family.unit}, {state})")
 
 
