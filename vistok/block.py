@@ -39,7 +39,10 @@ def run_block(
     """
     if x.shape[0] == 0:
         reducer = None
-    x, layout, keys = _attention_residual(ops, x, layout, reducer, rope, attention)
+    x, layout, keys, fusion = _attention_residual(ops, x, layout, reducer, rope, attention)
+    if fusion is not None:  # after the attention's frame: its queries, values and normalised tokens are gone
+        x, layout = _fuse(x, layout, *fusion)
+        del fusion
     if keys is not None:
         merged = reducer.merge(x, keys, layout)
         del keys  # the MLP is the block's memory peak: nothing of the attention may live through it
@@ -55,10 +58,11 @@ def _attention_residual(
     reducer: TokenReducer | None,
     rope: Tensor | None,
     attention: str,
-) -> tuple[Tensor, TokenLayout, Tensor | None]:
-    """``x + attention(norm1(x))`` for the tokens the reducer keeps, their layout, and their keys
-    ``[B, H, M, d]`` if the reducer merges after attention (else ``None``). Queries, values and the
-    normalised tokens die with this frame, before the MLP runs."""
+) -> tuple[Tensor, TokenLayout, Tensor | None, tuple[Tensor, tuple[Tensor, Tensor | None], Tensor] | None]:
+    """``x + attention(norm1(x))`` for the tokens the reducer keeps, their layout, their keys ``[B, H, M, d]`` if
+    the reducer merges after attention (else ``None``), and what :func:`_fuse` needs if it fuses (else ``None``):
+    the keep mask, the kept positions and the fusion metric ``[B, N, d]``. Queries, values and the normalised
+    tokens die with this frame, before fusion and the MLP run."""
     merges = reducer is not None and reducer.merges
     h = ops.norm1(x)
     o = None if reducer is None else reducer.attend(ops, h, layout, attention)
@@ -79,10 +83,7 @@ def _attention_residual(
                 keys = gather_head_tokens(k, index) if merges else None
                 layout = layout.select(index, valid)
         o = attend(q, k, v, key_bias, ops.dropout_p, attention)
-    x = x + ops.attn_residual(ops.attn_out(o, h))
-    if fusion is not None:
-        x, layout = _fuse(x, layout, *fusion)
-    return x, layout, keys
+    return x + ops.attn_residual(ops.attn_out(o, h)), layout, keys, fusion
 
 
 def _fuse(x: Tensor, layout: TokenLayout, keep: Tensor, kept: tuple[Tensor, Tensor | None], metric: Tensor
