@@ -177,6 +177,22 @@ def test_models_timm_loads_from_a_folder_are_benchmarked(tmp_path):
     assert [result.label for result in report.results] == ["unpatched", "m"]
 
 
+def test_a_model_that_outputs_its_tokens_is_benchmarked_without_agreement():
+    """A model whose output is its token sequence (timm without pooling or head; VideoMAEModel's last_hidden_state)
+    has no prediction to compare: a patched one is shorter, and the comparison crashed after the FLOPs were
+    counted. Its cos and top-1 agreement are '-'."""
+    def tokens_out():
+        torch.manual_seed(0)
+        return timm.create_model("vit_tiny_patch16_224", img_size=32, depth=2, num_classes=0, global_pool="")
+
+    report = run_benchmark(tokens_out, [Variant("m", "merge", {"r": 2})], batch_size=2, runs=1, warmup=0,
+                           input_shape=(3, 32, 32), progress=False)
+    assert [(r.cosine_to_unpatched, r.top1_agreement) for r in report.results] == [(None, None)] * 2
+    row = next(line for line in report.format_table().splitlines() if line.startswith("m "))
+    assert row.split()[-2:] == ["-", "-"] and report.results[1].gflops < report.results[0].gflops
+    assert json.loads(json.dumps(report.to_dict()))["results"][1]["cosine_to_unpatched"] is None
+
+
 def test_benchmark_variants_need_a_method_and_a_label_of_their_own():
     """Results are keyed by label: two variants under one label (or under 'unpatched', the baseline's) would show
     one's figures for the other."""

@@ -45,8 +45,8 @@ class VariantResult:
     tokens_per_block: list[float]
     gflops: float
     timing: Timing
-    cosine_to_unpatched: float
-    top1_agreement: float
+    cosine_to_unpatched: float | None  # None: the model outputs a token sequence, which a patch shortens
+    top1_agreement: float | None
     compile_s: float | None = None  # the first compiled call (compile + one forward), when compiled
 
     @property
@@ -92,11 +92,12 @@ class BenchReport:
             ratio, speedup = self.gflops_ratio(result), self.speedup(result)
             lines.append(f"{result.label:<22}{result.mean_tokens:>13.1f}{result.gflops:>12.3f}"
                          f"{result.timing.images_per_s:>9.1f}{ratio:>14.3f}{speedup:>9.3f}{speedup * ratio:>17.3f}"
-                         f"{result.cosine_to_unpatched:>7.3f}{result.top1_agreement:>13.3f}")
+                         f"{_figure(result.cosine_to_unpatched):>7}{_figure(result.top1_agreement):>13}")
         lines.append("GFLOPs = 2 x multiply-accumulates, attention included (papers often quote MACs). "
                      "'speedup x ratio' >= 1 means wall-clock gains match the FLOPs saved. 'cos' and 'top-1 "
                      "agree': mean cosine similarity and argmax agreement of the outputs with the unpatched "
-                     "model's, on the same inputs.")
+                     "model's, on the same inputs ('-' for a model whose output is its token sequence, "
+                     "last_hidden_state: a patch shortens it).")
         for result in self.results[1:]:
             per_block = ", ".join(f"{count:.1f}" for count in result.tokens_per_block)
             lines.append(f"{result.label} tokens per block: [{per_block}]")
@@ -120,14 +121,22 @@ class BenchReport:
         return data
 
 
-def _prediction(output: Any) -> Tensor:
-    """A model's output as one tensor: itself, or a Hugging Face output's ``logits`` (else its pooled output)."""
+def _figure(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def _prediction(output: Any) -> Tensor | None:
+    """A model's output as one ``[B, D]`` tensor: itself, or a Hugging Face output's ``logits`` (else its pooled
+    output); ``None`` for an output that is a token sequence (``[B, N, C]``, or ``last_hidden_state`` alone: a
+    patched model's is shorter and padded, so it cannot be compared with the unpatched one's)."""
     if isinstance(output, Tensor):
-        return output
-    for name in ("logits", "pooler_output", "last_hidden_state"):
+        return output if output.dim() == 2 else None
+    for name in ("logits", "pooler_output"):
         value = getattr(output, name, None)
         if value is not None:
             return value if value.dim() == 2 else value.flatten(1)
+    if getattr(output, "last_hidden_state", None) is not None:
+        return None
     raise InvalidConfigError(f"run_benchmark: cannot read predictions from a {type(output).__name__}")
 
 
@@ -209,13 +218,14 @@ def run_benchmark(
         synchronize(timed_images.device)
         start = time.perf_counter()
         with torch.inference_mode():
-            outputs[name] = _prediction(model(timed_images)).float()
+            outputs[name] = _prediction(model(timed_images))
         synchronize(timed_images.device)
         compile_seconds[name] = time.perf_counter() - start if compile is not None else None
         bar.update()
-    agreement = {label: (float(F.cosine_similarity(out, outputs["unpatched"], dim=-1).mean()),
-                         float((out.argmax(-1) == outputs["unpatched"].argmax(-1)).float().mean()))
-                 for label, out in outputs.items()}
+    reference = outputs["unpatched"]
+    agreement = {label: (None, None) if out is None else (
+        float(F.cosine_similarity(out.float(), reference.float(), dim=-1).mean()),
+        float((out.argmax(-1) == reference.argmax(-1)).float().mean())) for label, out in outputs.items()}
 
     def step(message: str) -> None:
         bar.set_postfix_str(message)
