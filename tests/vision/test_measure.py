@@ -73,6 +73,12 @@ def test_tokens_per_block_patched_and_unpatched():
     with vistok.patch(model, "ats", k=100, blocks=[6]):
         counts = tokens_per_block(model, images)
     assert counts[:6] == [198.0] * 6 and max(counts[6:]) <= 102 and len(counts) == 12
+    wrapped = torch.nn.Sequential(model)  # a wrapper: counted unpatched too (it was refused as unpatchable)
+    assert tokens_per_block(wrapped, images) == [198.0] * 12
+    with vistok.patch(model, "ats", k=100, blocks=[6]):
+        assert tokens_per_block(wrapped, images) == counts
+    with pytest.raises(vistok.UnsupportedModelError, match="cannot patch Linear"):
+        tokens_per_block(torch.nn.Linear(2, 2), torch.zeros(1, 2))
 
 
 def test_time_models_interleaves_and_reports_median():

@@ -16,7 +16,6 @@ def tokens_per_block(model: nn.Module, images: Tensor,
     """Mean number of tokens each block outputs for ``images`` ``[B, C, H, W]`` (prefix included, padding
     excluded), one entry per block. Works on unpatched models too (every block keeps all tokens). ``forward``:
     how to run the model (default ``model(images)``; see :func:`count_flops`)."""
-    from ..backbones import resolve_backbone
     from ..patching import find_handle
 
     handle = find_handle(model)
@@ -27,10 +26,28 @@ def tokens_per_block(model: nn.Module, images: Tensor,
             return handle.tokens_per_block()
         counts: list[float] = []
         hooks = [block.register_forward_hook(lambda _m, _i, out: counts.append(float(out.shape[1])))
-                 for block in resolve_backbone(model).blocks()]
+                 for block in _backbone_inside(model).blocks()]
         try:
             run()
         finally:
             for hook in hooks:
                 hook.remove()
         return counts
+
+
+def _backbone_inside(model: nn.Module):
+    """The backbone of ``model``, or of the first module inside it vistok can patch (a wrapper such as
+    :class:`~vistok.video.VideoClassifier`, as the patched branch finds its handle inside one)."""
+    from ..backbones import resolve_backbone
+    from ..errors import UnsupportedModelError
+
+    try:
+        return resolve_backbone(model)
+    except UnsupportedModelError as refused:
+        for module in model.modules():
+            if module is not model:
+                try:
+                    return resolve_backbone(module)
+                except UnsupportedModelError:
+                    continue
+        raise refused from None
