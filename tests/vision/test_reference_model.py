@@ -107,6 +107,20 @@ def test_timms_eval_transform_gives_the_reference_models_training_input():
     assert torch.allclose(timm_input, GreyBatchTransform()(images), atol=1e-5)
 
 
+def test_pretrained_cfg_overlay_file_is_the_weights_loaded(tmp_path):
+    """timm's ``pretrained_cfg_overlay=dict(file=...)`` loads that file (the shipped weights were loaded instead,
+    silently); its other keys update the pretrained config."""
+    from safetensors.torch import save_file
+
+    mine = timm.create_model("vistok_vit_fmnist")
+    with torch.no_grad():
+        mine.head.bias.copy_(torch.arange(10.0))
+    save_file(mine.state_dict(), str(tmp_path / "mine.safetensors"))
+    loaded = timm.create_model("vistok_vit_fmnist", pretrained=True, pretrained_cfg_overlay=dict(
+        file=str(tmp_path / "mine.safetensors"), crop_pct=0.9))
+    assert torch.equal(loaded.head.bias, torch.arange(10.0)) and loaded.pretrained_cfg["crop_pct"] == 0.9
+
+
 def test_pretrained_takes_timms_head_options(reference):
     """As timm's factories: num_classes=0 gives the pretrained features (no head), num_classes=N a fresh N-way
     head on the same trunk, global_pool another pooling of the same tokens; an attention pool is refused."""

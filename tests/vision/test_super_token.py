@@ -109,6 +109,24 @@ def test_stvit_in_timm_registry():
         timm.create_model("stvit_small", pretrained=True)
 
 
+def test_stvit_takes_empty_batches_and_refuses_heads_it_cannot_run():
+    """An empty batch gives [0, num_classes] (a reshape with -1 failed); a pooling other than 'avg' or a classifier
+    on unpooled maps is refused when the model is made (the forward crashed in the head's matmul), and so is
+    features_only (a TypeError)."""
+    small = dict(embed_dims=(16, 32, 40, 48), depths=(1, 1, 1, 1), num_heads=(1, 2, 2, 2), projection=64)
+    model = timm.create_model("stvit_small", num_classes=5, **small).eval()
+    with torch.no_grad():
+        assert model(torch.randn(0, 3, 64, 64)).shape == (0, 5)
+        maps = timm.create_model("stvit_small", num_classes=0, global_pool="", **small).eval()
+        assert maps(torch.randn(2, 3, 64, 64)).shape == (2, 64, 2, 2)
+    for options, message in [(dict(global_pool="max"), "global_pool must be 'avg' or ''"),
+                             (dict(global_pool=""), "use num_classes=0"), (dict(features_only=True), "features_only")]:
+        with pytest.raises(InvalidConfigError, match=message):
+            timm.create_model("stvit_small", **small, **options)
+    with pytest.raises(InvalidConfigError, match="global_pool must be"):
+        model.reset_classifier(3, "token")
+
+
 @pytest.mark.slow
 def test_stvit_small_cost_matches_the_paper():
     model = timm.create_model("stvit_small").eval()

@@ -101,6 +101,9 @@ def test_refusals():
         inflate_to_video(torch.nn.Linear(2, 2), 4)
     with pytest.raises(UnsupportedModelError, match="position embedding"):
         inflate_to_video(timm.create_model("vit_tiny_patch16_224", depth=1, dynamic_img_size=True), 4)
+    patched = image_model()
+    with vistok.patch(patched, "merge", r=2), pytest.raises(InvalidConfigError, match="unpatched image model"):
+        inflate_to_video(patched, 4)  # its copy's patch described the image's grid (super_token failed at forward)
 
 
 def test_fewer_frames_keeps_the_weights_and_interpolates_time():

@@ -128,7 +128,10 @@ def _init_sincos_positions(model: VisionTransformer) -> None:
 def _create_reference(name: str, arch: dict, embed_layer: type[PatchEmbed], pretrained: bool,
                       **kwargs) -> VisionTransformer:
     """As timm's factories: with ``pretrained``, ``num_classes`` (0: no head) and ``global_pool`` give a fresh
-    head on the shipped weights rather than a checkpoint that does not fit."""
+    head on the shipped weights rather than a checkpoint that does not fit; ``pretrained_cfg_overlay`` updates the
+    pretrained config, and its ``file`` is loaded instead of the shipped weights."""
+    overlay = dict(kwargs.get("pretrained_cfg_overlay") or {})
+    weights = overlay.pop("file", None)
     head = head_options(name, pretrained, kwargs)
     model = VisionTransformer(**{**arch, "embed_layer": embed_layer, **kwargs})
     _init_sincos_positions(model)
@@ -136,9 +139,10 @@ def _create_reference(name: str, arch: dict, embed_layer: type[PatchEmbed], pret
         "architecture": name, "num_classes": model.num_classes, "input_size": (1, 28, 28),
         "mean": (0.2860,), "std": (0.3530,), "first_conv": "patch_embed.proj.0", "classifier": "head",
         "crop_pct": 1.0, "interpolation": "bilinear",  # trained on whole 28 x 28 images: timm keeps them whole
+        **overlay,
     }
     if pretrained:
-        load_checkpoint(model, reference_checkpoint(name))
+        load_checkpoint(model, weights or reference_checkpoint(name))
         fit_head(model, head)
     return model
 

@@ -82,7 +82,7 @@ class SuperTokenAttention(nn.Module):
     def _self_attention(self, x: Tensor) -> Tensor:
         batch, channels, height, width = x.shape
         tokens = x.flatten(2).transpose(1, 2)
-        q, k, v = self.qkv(tokens).reshape(batch, -1, 3, self.num_heads, channels // self.num_heads) \
+        q, k, v = self.qkv(tokens).reshape(batch, height * width, 3, self.num_heads, channels // self.num_heads) \
             .permute(2, 0, 3, 1, 4).unbind(0)
         out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
         out = self.proj_drop(self.proj(out.transpose(1, 2).flatten(2)))
@@ -170,6 +170,7 @@ class STViT(nn.Module):
                                  n_iter=n_iter, layer_scale=layer_scale).items():
             if len(values) != stages:
                 raise InvalidConfigError(f"STViT: {name} has {len(values)} entries for {stages} stages")
+        _check_head(num_classes, global_pool)
         self.num_classes = num_classes
         self.global_pool = global_pool
         half = embed_dims[0] // 2
@@ -207,6 +208,7 @@ class STViT(nn.Module):
         return self.head
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        _check_head(num_classes, self.global_pool if global_pool is None else global_pool)
         self.num_classes = num_classes
         if global_pool is not None:
             self.global_pool = global_pool
@@ -229,9 +231,20 @@ class STViT(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
+def _check_head(num_classes: int, global_pool: str) -> None:
+    if global_pool not in ("avg", ""):
+        raise InvalidConfigError(f"STViT: global_pool must be 'avg' or '' (no pooling), got {global_pool!r}")
+    if global_pool == "" and num_classes:
+        raise InvalidConfigError("STViT: global_pool='' gives feature maps, which a classifier cannot take; use "
+                                 "num_classes=0 with it")
+
+
 def _create(variant: str, pretrained: bool, defaults: dict, kwargs: dict) -> STViT:
     for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
         kwargs.pop(key, None)
+    if kwargs.pop("features_only", False):
+        raise InvalidConfigError(f"{variant}: features_only is not supported (forward_features gives the last "
+                                 "stage's feature map)")
     if pretrained:
         raise InvalidConfigError(f"{variant}: vistok ships no pretrained STViT weights; use pretrained=False "
                                  "and train it (tools/train.py) or load a state dict")

@@ -1,6 +1,8 @@
 """A video ViT made from a timm image ViT: the patch embedding inflated to tubelets, a temporal position
 embedding added, every block, norm and head kept. The result is still a timm ``VisionTransformer`` (its patch
-embedding a :class:`TubeletEmbed`), so timm's training code, vistok's patching and checkpoints work as for images.
+embedding a :class:`TubeletEmbed`), so timm's training code, vistok's patching and checkpoints work as for images
+(but timm's ``forward_intermediates`` and ``get_intermediate_layers``, which read an image's height and width:
+use ``forward_features`` for the tokens).
 
 Inflation (as I3D and ViViT initialise from image weights): the per-frame stem convolutions are reused as they
 are, and the patchifying ``p x p`` convolution becomes a ``t x p x p`` one whose every temporal slice is the image
@@ -94,10 +96,16 @@ def inflate_to_video(model: VisionTransformer, num_frames: int, tubelet_frames: 
     Raises:
         UnsupportedModelError: not a timm ``VisionTransformer`` with a learned, fixed-size position embedding and
             a convolutional patch embedding.
-        InvalidConfigError: ``num_frames`` is not a positive multiple of ``tubelet_frames``.
+        InvalidConfigError: ``num_frames`` is not a positive multiple of ``tubelet_frames``, or ``model`` is
+            patched.
     """
+    from ..patching import find_handle
+
     if type(model) is not VisionTransformer:
         raise UnsupportedModelError(f"inflate_to_video takes a timm VisionTransformer, got {type(model).__name__}")
+    if find_handle(model) is not None:  # the copy's patch would describe the image's 2-D grid
+        raise InvalidConfigError("inflate_to_video: give the unpatched image model (remove its patch first), then "
+                                 "patch the video model")
     if model.pos_embed is None or getattr(model, "dynamic_img_size", False) or model.no_embed_class:
         raise UnsupportedModelError("inflate_to_video needs a learned position embedding over prefix and patch "
                                     "tokens at a fixed image size")
