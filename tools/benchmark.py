@@ -24,7 +24,7 @@ import timm
 import torch
 
 import vistok
-from vistok.cli import reports_errors
+from vistok.cli import count, count_or_zero, reports_errors
 from vistok.measure import BenchReport, Variant, run_benchmark
 
 PATCHES = 196  # the ViT-S/B figures use 224 px input, patch 16
@@ -111,17 +111,17 @@ def _memory(model_name: str = "vit_small_patch16_224", batch_sizes: tuple[int, .
 
 
 @reports_errors
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("figure", choices=[*FIGURES, "stvit", "memory", "videomae", "all"])
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--runs", type=int, default=10)
-    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--batch-size", type=count, default=32)
+    parser.add_argument("--runs", type=count, default=10)
+    parser.add_argument("--warmup", type=count_or_zero, default=3)
     parser.add_argument("--json", default=None)
     parser.add_argument("--device", default="cpu", help="where to time the models (FLOPs are counted on the CPU)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    parser.add_argument("--flops-images", type=int, default=None, help="count FLOPs on the first N images only")
-    args = parser.parse_args()
+    parser.add_argument("--flops-images", type=count, default=None, help="count FLOPs on the first N images only")
+    args = parser.parse_args(argv)
     dtype = getattr(torch, args.dtype)
 
     figures = [*FIGURES, "stvit", "memory"] if args.figure == "all" else [args.figure]

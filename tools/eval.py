@@ -48,6 +48,8 @@ def run_eval(config: dict, progress: bool = True) -> dict:
     for key in ("batch_size", "flops_images", "throughput_batch", "throughput_runs"):  # before the long pass
         if not is_int(settings[key], 1):
             raise ConfigError(f"eval.{key} must be an int >= 1, got {settings[key]!r}")
+    if not is_int(settings["threads"], 0):
+        raise ConfigError(f"eval.threads must be an int >= 0 (0: torch's default), got {settings['threads']!r}")
     if settings["threads"]:
         torch.set_num_threads(settings["threads"])
     _, val_set, _, transform = build_data(config["data"], train=False, model=config)

@@ -136,12 +136,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0)
     args = parser.parse_args(argv)
+    missing = [page for page in args.pages if not Path(page).is_file()]
+    if missing:
+        parser.error(f"--pages: no such file: {', '.join(missing)}")
     if args.threads:
         torch.set_num_threads(args.threads)
     import timm
 
     torch.manual_seed(args.seed)
     model = timm.create_model(args.model, pretrained=False, img_size=args.crop_size).eval()
+    patch = model.patch_embed.patch_size[0]
+    if args.crop_size % patch:
+        parser.error(f"--crop-size {args.crop_size} is not a multiple of {args.model}'s {patch} px patches")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     rows = []

@@ -59,7 +59,8 @@ def count(text: str, least: int = 1) -> int:
     return value
 
 
-def _count_or_zero(text: str) -> int:
+def count_or_zero(text: str) -> int:
+    """An int >= 0 for argparse (warm-up runs)."""
     return count(text, least=0)
 
 
@@ -108,7 +109,7 @@ def _build_parser() -> argparse.ArgumentParser:
                        metavar="KEY=VALUE", help="method option, repeatable (e.g. -o k=108)")
     bench.add_argument("--batch-size", type=count, default=32)
     bench.add_argument("--runs", type=count, default=10, help="timed runs (median reported)")
-    bench.add_argument("--warmup", type=_count_or_zero, default=3)
+    bench.add_argument("--warmup", type=count_or_zero, default=3)
     bench.add_argument("--seed", type=int, default=0)
     bench.add_argument("--threads", type=count, default=None, help="torch intra-op threads")
     bench.add_argument("--flops-images", type=count, default=None,

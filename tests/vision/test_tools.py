@@ -323,6 +323,8 @@ def test_tools_reject_bad_input(tmp_path, capsys):
     for override in ("eval.batch_size=0", "eval.throughput_runs=0"):
         assert evaluate.main(["model_kwargs.depth=1", override]) == 2
         assert f"{override.split('=')[0]} must be an int >= 1" in capsys.readouterr().err
+    assert evaluate.main(["model_kwargs.depth=1", "eval.threads=-1"]) == 2  # torch's RuntimeError, a traceback
+    assert "eval.threads must be an int >= 0" in capsys.readouterr().err
     sweep = load_tool("sweep")
     assert sweep.main(["--config", str(ROOT / "configs/sweep_fmnist.yaml"), "--out", str(tmp_path / "sweep"),
                        "model_kwargs.depth=1", "sweep.batch_size=0"]) == 2
@@ -348,7 +350,11 @@ def test_tool_arguments_are_checked_before_the_work(tmp_path, capsys):
                                      ("train_video_vlm", ["--learned", "0.7", "--every", "0.5"], "at most 1 together"),
                                      ("demo", ["--limit", "-5"], "--limit"),
                                      ("demo", ["--calibration", "2"], "--calibration must be at least 4"),
-                                     ("demo", ["--target", "2"], "--target must be a GFLOPs ratio")]:
+                                     ("demo", ["--target", "2"], "--target must be a GFLOPs ratio"),
+                                     ("benchmark", ["ats", "--batch-size", "-2"], "--batch-size"),
+                                     ("benchmark", ["ats", "--runs", "0"], "--runs"),
+                                     ("eval_pages", ["--pages", "nope.png"], "no such file: nope.png"),
+                                     ("eval_pages", ["--crop-size", "100"], "not a multiple of")]:
         with pytest.raises(SystemExit) as stopped:
             load_tool(tool).main(arguments)
         assert stopped.value.code == 2 and message in capsys.readouterr().err, (tool, arguments)
