@@ -10,8 +10,8 @@ items on 16 crops (3 on average: 81 % of the page is blank), each item filling o
 bag?", "How many shoes are there?".
 
 Example ``i`` of a split is a deterministic function of ``(seed, split, i)``: the FashionQA example ``i`` (its
-items, question and answer), then each item's crop within its quadrant from the same generator. Nothing is
-written to disk.
+items, question and answer), then each item's crop within its quadrant from a generator of its own, seeded with
+``(seed, split, i, 1)``. Nothing is written to disk.
 """
 
 from __future__ import annotations

@@ -8,8 +8,9 @@ in the middle third, by an item of another category. The label is the direction 
 (8 classes). No single frame can tell either: the item's position is uniformly spread over the frame whatever
 the direction, and a swap is a change between frames. Most tokens are black background, as in real video.
 
-The clips are a deterministic function of ``seed``: the train split uses Fashion-MNIST's training images, the test
-split its test images.
+The clips are a deterministic function of ``seed`` and of both splits' sizes (one generator draws the training clips,
+then the test clips: another ``--train`` count gives other test clips): the train split uses Fashion-MNIST's
+training images, the test split its test images.
 """
 
 from __future__ import annotations
