@@ -37,7 +37,7 @@ from vistok.experiment import (
     fit_head_to_data,
     wrap_for_data,
 )
-from vistok.measure import count_flops
+from vistok.measure import count_flops, tokens_per_block
 from vistok.measure.accuracy import evaluate
 from vistok.viz import save_pareto_plot
 
@@ -95,8 +95,9 @@ def run_point(config: dict, point: dict, val_set, transform) -> dict:
     result = evaluate(model, labelled, prepare, progress=True, total=len(labelled))
     counted = [prepare(images) for images, _ in batches(val_set, settings["batch_size"], settings["flops_images"])]
     result["gflops"] = count_flops(model, counted) / 1e9
-    tokens = result.pop("tokens_per_block", None)
-    result["mean_tokens"] = sum(tokens) / len(tokens) if tokens else None
+    result["flops_images"] = sum(batch.shape[0] for batch in counted)
+    tokens = result.pop("tokens_per_block", None) or tokens_per_block(model, counted[0])  # unpatched: every token
+    result["mean_tokens"] = sum(tokens) / len(tokens)
     return {"method": point["method"], "label": point["label"], **result}
 
 

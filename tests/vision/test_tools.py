@@ -435,6 +435,11 @@ def test_sweep_writes_csv_and_plot(tmp_path):
                                                      "merge", "random_drop", "downsample"]
     # every point is the same random model: merging nothing scores as the unpatched one (each point drew its own)
     assert rows[5].startswith("merge,r=0,") and rows[5].split(",")[2:4] == rows[1].split(",")[2:4]
+    import csv
+
+    table = list(csv.DictReader(rows))  # the baselines' tokens too (they were left blank), and what FLOPs averaged
+    assert float(table[0]["mean_tokens"]) == 197 and 0 < float(table[-1]["mean_tokens"]) < 197  # 20 px: fewer
+    assert {row["flops_images"] for row in table} == {"10"}
     assert (tmp_path / "sweep.v2.png").stat().st_size > 10_000
 
 
