@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from vistok import InvalidConfigError, VistokError
+from vistok import InputShapeError, InvalidConfigError, VistokError
 from vistok.data import DatasetNotFoundError
 from vistok.video import (
     ClipSampling,
@@ -460,6 +460,21 @@ def test_transforms_on_a_real_clip():
     assert views.shape == (3, 3, 4, 96, 96)
     train = ClipTransform(96, short_side=112, train=True, seed=0)(frames)
     assert train.shape == (3, 4, 96, 96)
+
+
+
+def test_transforms_refuse_what_they_would_get_wrong():
+    """Float frames (already in [0, 1]) became a black clip; grey with three means failed at the first clip; the
+    normalisation's mean and std were made on the CPU whatever the clip's device."""
+    from vistok.video.transforms import normalize
+
+    frames = torch.randint(0, 256, (2, 8, 8, 3), dtype=torch.uint8)
+    with pytest.raises(InputShapeError, match="expected uint8 frames"):
+        to_float_clip(frames.float() / 255)
+    with pytest.raises(InvalidConfigError, match="give one mean and one std"):
+        ClipTransform(8, grey=True)
+    assert ClipTransform(8, grey=True, mean=(0.5,), std=(0.25,))(frames).shape == (1, 2, 8, 8)
+    assert normalize(torch.zeros(3, 2, 4, 4, device="meta"), (0.5,) * 3, (0.25,) * 3).device.type == "meta"
 
 
 class _FramesOf(torch.utils.data.Dataset):

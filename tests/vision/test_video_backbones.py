@@ -140,6 +140,22 @@ def test_flops_of_test_views_count_each_view_on_its_own():
     assert whole == one_by_one
 
 
+def test_test_views_average_probabilities_without_underflow():
+    """Views give log(mean_v softmax(logits_v)): in float16 a class whose probability underflows in every view was
+    -inf (its log-likelihood infinite); it is now the finite value, as in float32."""
+    from vistok.video import VideoClassifier
+
+    class Fixed(torch.nn.Module):
+        def forward(self, x):
+            return torch.tensor([[0.0, -20.0, -22.0], [0.0, -20.0, -22.0]], dtype=x.dtype)
+
+    views = torch.zeros(1, 2, 3, 4, 8, 8)
+    expected = torch.tensor([[0.0, -20.0, -22.0]]).log_softmax(-1)
+    for dtype in (torch.float32, torch.float16):
+        averaged = VideoClassifier(Fixed(), layout="CTHW")(views.to(dtype))
+        assert averaged.dtype == dtype and torch.allclose(averaged.float(), expected, atol=1e-2)
+
+
 def test_videomae_head_averages_real_tokens_by_size():
     """The head's mean is over the real tokens, each counted as often as the patches it stands for: the same as
     the bare model's padded output averaged with the layout's weights."""

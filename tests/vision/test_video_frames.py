@@ -209,6 +209,8 @@ def test_a_threshold_of_one_merges_no_frames():
         merged = merge_similar_frames(torch.randn(2, 3, 4), torch.cat([summary, summary]), torch.tensor([0.0, 1.0]),
                                       threshold=1.0)
         assert merged.frames.shape[0] == 2
+        chosen = top_scoring_frames(torch.tensor([2.0, 1.0]), 2, torch.cat([summary, summary]), threshold=1.0)
+        assert chosen.tolist() == [0, 1]  # text selection too: a duplicate was skipped past threshold 1.0
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

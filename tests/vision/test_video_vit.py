@@ -130,6 +130,8 @@ def test_fewer_frames_keeps_the_weights_and_interpolates_time():
         resample_num_frames(video, 3)
     with pytest.raises(UnsupportedModelError, match="inflate_to_video"):
         resample_num_frames(image_model(), 2)
+    with vistok.patch(video, "merge", r=20), pytest.raises(InvalidConfigError, match="unpatched video model"):
+        resample_num_frames(video, 2)  # its copy's patch described the 4-frame grid
 
 
 def test_the_shipped_video_model_at_fewer_frames():

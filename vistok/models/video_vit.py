@@ -144,12 +144,18 @@ def resample_num_frames(model: VisionTransformer, num_frames: int) -> VisionTran
 
     Raises:
         UnsupportedModelError: ``model`` has no :class:`TubeletEmbed` (not made by :func:`inflate_to_video`).
-        InvalidConfigError: ``num_frames`` is not a positive multiple of the tubelet depth.
+        InvalidConfigError: ``num_frames`` is not a positive multiple of the tubelet depth, or ``model`` is
+            patched.
     """
+    from ..patching import find_handle
+
     embed = getattr(model, "patch_embed", None)
     if not isinstance(embed, TubeletEmbed):
         raise UnsupportedModelError(f"resample_num_frames takes a video ViT made by inflate_to_video, got a "
                                     f"{type(embed).__name__} patch embedding")
+    if find_handle(model) is not None:  # the copy's patch would describe the old grid
+        raise InvalidConfigError("resample_num_frames: give the unpatched video model (remove its patch first), "
+                                 "then patch the copy")
     depth = embed.patch_size[0]
     if not is_int(num_frames, 1) or num_frames % depth:
         raise InvalidConfigError(f"resample_num_frames: num_frames must be a positive multiple of the tubelet depth "

@@ -7,6 +7,8 @@ evaluation code calls every video model alike, and it averages multi-view test p
 
 from __future__ import annotations
 
+import math
+
 from torch import Tensor, nn
 
 from ..errors import InputShapeError, InvalidConfigError
@@ -48,4 +50,7 @@ class VideoClassifier(nn.Module):
         logits = getattr(output, "logits", output)
         if views is None:
             return logits
-        return logits.softmax(-1).unflatten(0, (clips.shape[0], views)).mean(1).log()
+        # log(mean_v softmax) as a logsumexp of log-probabilities in float32: finite where a view's probability
+        # underflows (in float16 below about 6e-8, the log of the mean was -inf)
+        per_view = logits.float().log_softmax(-1).unflatten(0, (clips.shape[0], views))
+        return (per_view.logsumexp(1) - math.log(views)).to(logits.dtype)

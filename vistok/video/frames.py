@@ -79,7 +79,8 @@ def top_scoring_frames(scores: Tensor, count: int, summaries: Tensor | None = No
     unit = F.normalize(summaries.float(), dim=-1)
     chosen: list[int] = []
     for index in ranked.tolist():
-        if chosen and float(((unit[chosen] @ unit[index]) + 1).max()) / 2 > threshold:
+        # clamped as merge_similar_frames does: a rounded cosine of 1.0000002 passed threshold 1.0
+        if chosen and float(((unit[chosen] @ unit[index]).clamp(max=1) + 1).max()) / 2 > threshold:
             continue
         chosen.append(index)
         if len(chosen) == count:

@@ -30,6 +30,8 @@ def to_float_clip(frames: Tensor) -> Tensor:
     in ``[0, 1]``."""
     if frames.dim() != 4:
         raise InputShapeError(f"expected frames [T, H, W, C], got shape {tuple(frames.shape)}")
+    if frames.dtype != torch.uint8:  # float frames already in [0, 1] became a black clip
+        raise InputShapeError(f"expected uint8 frames (0-255, as read_video returns), got {frames.dtype}")
     return rearrange(frames, "t h w c -> c t h w").float().div(255.0)
 
 
@@ -85,8 +87,8 @@ def normalize(clip: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tens
     _check_clip(clip)
     if len(mean) != clip.shape[0] or len(std) != clip.shape[0]:
         raise InvalidConfigError(f"mean/std have {len(mean)}/{len(std)} values for a clip of {clip.shape[0]} channels")
-    mean_t = torch.tensor(mean, dtype=clip.dtype)[:, None, None, None]
-    std_t = torch.tensor(std, dtype=clip.dtype)[:, None, None, None]
+    mean_t = torch.tensor(mean, dtype=clip.dtype, device=clip.device)[:, None, None, None]
+    std_t = torch.tensor(std, dtype=clip.dtype, device=clip.device)[:, None, None, None]
     return (clip - mean_t) / std_t
 
 
@@ -119,6 +121,9 @@ class ClipTransform:
         self.size, self.short_side = size, short_side
         self.train, self.num_crops, self.flip, self.grey = train, num_crops, flip, grey
         self.mean, self.std = tuple(mean), tuple(std)
+        if grey and (len(self.mean) != 1 or len(self.std) != 1):  # it failed at the first clip
+            raise InvalidConfigError(f"ClipTransform: grey=True makes one channel; give one mean and one std, got "
+                                     f"{len(self.mean)} and {len(self.std)}")
         self.seed = seed
         self.generator = None if seed is None else torch.Generator().manual_seed(seed)
         self._worker_seed: int | None = None  # the DataLoader worker seed the generator was last started from
