@@ -359,6 +359,11 @@ def test_processors_validate_their_parameters():
                 lambda: TopPFilter(torch.tensor([0.5 + 0j]))):
         with pytest.raises(InvalidConfigError):
             bad()
+    with pytest.raises(InvalidConfigError, match="top_p must be a number"):
+        TopPFilter(10**400)  # an OverflowError
+    import numpy as np
+
+    assert TopPFilter(np.float32(0.5)) is not None and TopKFilter(np.int64(3)) is not None  # numpy scalars: numbers
 
 
 def test_a_temperature_that_rounds_to_zero_is_greedy_in_both_forms():

@@ -291,6 +291,13 @@ def test_vocab_trim_calibration():
                                  (torch.tensor([1, 2]), [None], "always must be token ids")]:
         with pytest.raises(InvalidConfigError, match=message):  # never truncated to ids, nor a bincount error
             VocabTrim.from_token_ids(ids, 2, always=always)
+    for options, message in [(dict(fill=2.5), "fill must be"), (dict(fill=True), "fill must be"),
+                             (dict(always=[7, 2, 3]), "cannot hold the 3 ids of always")]:  # accepted; ids dropped
+        with pytest.raises(InvalidConfigError, match=message):
+            VocabTrim.from_token_ids(sequences, 2, **options)
+    for given, message in [(torch.tensor([1.7, 2.2]), "sequences must be token ids"), ([], "no tokens")]:
+        with pytest.raises(InvalidConfigError, match=message):  # 1.7 counted as 1; [] a torch.cat error
+            trim.coverage(given)
 
 
 def test_vocab_trim_calibration_stops_at_the_end_token():

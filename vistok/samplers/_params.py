@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -46,6 +47,8 @@ def row_param(value: RowParam, name: str, *, low: float, high: float, low_open: 
     """
     lo, hi = ("(" if low_open else "[") + f"{low}", f"{high}" + (")" if high_open else "]")
     what = f"{name} must be {'an integer' if integer else 'a number'} in {lo}, {hi}"
+    if isinstance(value, np.generic) and value.ndim == 0 and value.dtype.kind in "iuf":  # np.float32(0.9), ...
+        value = value.item()
     if isinstance(value, Tensor):
         if value.dim() != 1 or value.numel() == 0:
             raise InvalidConfigError(f"{name}: a per-row tensor must be 1-D and non-empty, got shape "
@@ -56,7 +59,10 @@ def row_param(value: RowParam, name: str, *, low: float, high: float, low_open: 
     elif not is_real(value) or (integer and not isinstance(value, int)):
         raise InvalidConfigError(f"{what}, got {value!r}")
     else:  # a Python number: checked without creating tensors (this runs once per decoding step)
-        number = float(value)
+        try:
+            number = float(value)
+        except OverflowError:  # an int too large for a float: out of every range here
+            raise InvalidConfigError(f"{what}, got {value!r}") from None
         if math.isnan(number) or (number <= low if low_open else number < low) or (
                 number >= high if high_open else number > high):
             raise InvalidConfigError(f"{what}, got {value!r}")

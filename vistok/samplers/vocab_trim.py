@@ -45,10 +45,14 @@ class VocabTrim:
         """
         if not is_int(size, 1):
             raise InvalidConfigError(f"size must be an int >= 1, got {size!r}")
+        if fill is not None and not is_int(fill, 1):
+            raise InvalidConfigError(f"fill must be a vocabulary size (an int >= 1) or None, got {fill!r}")
         chunks = [sequences] if isinstance(sequences, Tensor) else list(sequences)
         ids = torch.cat([check_token_ids(torch.as_tensor(chunk).flatten(), "sequences").cpu() for chunk in chunks]) \
             if chunks else torch.zeros(0).long()
         always = check_token_ids(list(always), "always").unique()
+        if always.numel() > size:  # some would be dropped without a word
+            raise InvalidConfigError(f"size {size} cannot hold the {always.numel()} ids of always")
         length = max(int(ids.max()) + 1 if ids.numel() else 0, int(always.max()) + 1 if always.numel() else 0,
                      fill or 0)
         counts = torch.bincount(ids, minlength=length).double()
@@ -93,7 +97,10 @@ class VocabTrim:
     def coverage(self, sequences: Tensor | Iterable[Tensor]) -> float:
         """Share of the tokens of ``sequences`` that are kept."""
         chunks = [sequences] if isinstance(sequences, Tensor) else list(sequences)
-        ids = torch.cat([chunk.flatten().long().cpu() for chunk in chunks])
+        ids = [check_token_ids(torch.as_tensor(chunk).flatten(), "sequences").cpu() for chunk in chunks]
+        ids = torch.cat(ids) if ids else torch.zeros(0, dtype=torch.long)
+        if ids.numel() == 0:
+            raise InvalidConfigError("coverage: sequences hold no tokens")
         return float(torch.isin(ids, self.token_ids).double().mean())
 
     def draft(self, model: nn.Module, *, num_layers: int | None = None, dtype: torch.dtype | None = None,
