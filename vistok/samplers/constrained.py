@@ -155,6 +155,10 @@ def constrained_generate(model: nn.Module, input_ids: Tensor, constraint: Callab
     ``stats``: ``evaluations`` (constraint calls per row, ``[B]``), ``vocab_evaluations`` (what checking the
     whole vocabulary at every step would cost), ``log_weight`` (``[B]``, sum over steps: the log importance
     weight of each row's sequence, ``-inf`` if a step had no allowed token; the row then ends).
+
+    The constraint applies after ``config``'s processing: what temperature 0, top-k or top-p leave out is never a
+    candidate, so a row whose remaining tokens are all forbidden ends there (greedy decoding whose top token is
+    forbidden ends at once, with weight ``-inf``, rather than taking the best allowed token).
     """
     check_causal_lm(model, "model")
     config = check_decoding(config, pad_token_id)
