@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vistok.cli import beside, reports_errors
+from vistok.cli import beside, count, reports_errors
 from vistok.document import (
     CorrelationGuidedConfig,
     allocate_budget,
@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="results/pages")
     parser.add_argument("--pages", nargs="+", default=[str(PAGES / "linn.png"), str(PAGES / "typewriter.png")])
     parser.add_argument("--model", default="vit_small_patch16_224")
-    parser.add_argument("--crop-size", type=int, default=448, help="DocOwl 1.5: 448")
+    parser.add_argument("--crop-size", type=count, default=448, help="DocOwl 1.5: 448")
     parser.add_argument("--layer", type=int, default=-1)
     parser.add_argument("--similarity", type=float, default=0.9)
     parser.add_argument("--repeats", type=int, default=4)

@@ -38,6 +38,7 @@ from vistok.experiment import (
     set_fused_attention,
     truncate_log,
     underlying,
+    upgrade_saved_config,
     wrap_for_data,
 )
 from vistok.measure.accuracy import topk_correct
@@ -228,7 +229,9 @@ def _resume(accelerator, checkpoint: Path, rng: torch.Generator | None, config: 
     if found is None:
         raise ConfigError(f"--resume: no checkpoint at {checkpoint}")
     state = json.loads((found / "vistok_state.json").read_text())
-    check_resumed_settings(state.get("config"), json.loads(json.dumps(config)), RESUME_MAY_CHANGE, found)
+    saved = state.get("config")
+    saved = saved if saved is None else upgrade_saved_config(saved)  # a run from before data.crop_pct, in its terms
+    check_resumed_settings(saved, json.loads(json.dumps(config)), RESUME_MAY_CHANGE, found)
     accelerator.load_state(str(found))
     if rng is not None:
         saved = found / "augmentation_rng.pt"

@@ -23,7 +23,7 @@ import sys
 
 import torch
 
-from vistok.cli import count, reports_errors, share
+from vistok.cli import count, reports_errors, seed, share
 from vistok.models.reference_vlm import (
     TrainingRun,
     answer_batch,
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None, language_model=None) -> int:
                         help="what the temporal merge after learned and text selection compares")
     parser.add_argument("--merge-threshold", type=float, default=0.98)
     parser.add_argument("--save-every", type=count, default=25)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=seed, default=0)
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--init", default=None, help="start from these trained tensors (.safetensors) where names "

@@ -27,7 +27,7 @@ import sys
 import torch
 
 import vistok
-from vistok.cli import count, reports_errors
+from vistok.cli import count, reports_errors, seed
 from vistok.config import parse_method_spec
 from vistok.data import FASHION_MNIST_MEAN, FASHION_MNIST_STD
 from vistok.document.fmnist_pages import SparsePageQA
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None, language_model=None) -> int:
     parser.add_argument("--warmup", type=count, default=30)
     parser.add_argument("--lora-rank", type=int, default=8)
     parser.add_argument("--save-every", type=count, default=50)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=seed, default=0)
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--compressed", type=float, default=0.0, help="share of batches seen through a method")

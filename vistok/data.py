@@ -154,9 +154,9 @@ def _shift_and_flip(images: Tensor, generator: torch.Generator, pad: int, fill: 
 
 def image_folder_dataset(root: str | os.PathLike, split: str, input_size: int | tuple[int, int], train: bool,
                          mean: tuple[float, ...], std: tuple[float, ...], interpolation: str = "bilinear",
-                         crop_pct: float = 0.875) -> Dataset:
-    """An ImageNet-style ``root/<split>/<class>/<image>`` folder with timm's train or eval transforms (images as
-    ``len(mean)`` channels: 1 reads them grey, 3 as RGB).
+                         crop_pct: float = 0.875, channels: int = 3) -> Dataset:
+    """An ImageNet-style ``root/<split>/<class>/<image>`` folder with timm's train or eval transforms, its images
+    read with ``channels`` channels (1: grey, else RGB).
 
     Raises:
         DatasetNotFoundError: the split folder does not exist or holds no class folders.
@@ -168,10 +168,10 @@ def image_folder_dataset(root: str | os.PathLike, split: str, input_size: int | 
     if not folder.is_dir() or not any(child.is_dir() for child in folder.iterdir()):
         raise DatasetNotFoundError(f"{folder} is not a folder of class sub-folders (expected {root}/{split}/<class>/"
                                    "<image files>, as for ImageNet)")
-    size = input_size if isinstance(input_size, int) else (len(mean), *input_size)
+    size = input_size if isinstance(input_size, int) else (channels, *input_size)
     transform = create_transform(size, is_training=train, mean=mean, std=std, interpolation=interpolation,
                                  crop_pct=crop_pct)
-    return ImageFolder(str(folder), transform=transform, loader=image_loader(len(mean)))
+    return ImageFolder(str(folder), transform=transform, loader=image_loader(channels))
 
 
 def image_loader(channels: int) -> Callable[[str], Any]:

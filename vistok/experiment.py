@@ -26,6 +26,7 @@ from .config import ConfigError, _flatten
 from .data import GreyBatchTransform, fashion_mnist_dataset, image_folder_dataset
 
 __all__ = ["MODEL_DEFAULTS", "DATA_DEFAULTS", "build_model", "build_data", "fit_head_to_data", "check_head_is_trained",
+           "image_settings", "upgrade_saved_config",
            "set_fused_attention", "wrap_for_data", "loader", "batches", "LabelledBatches", "underlying", "truncate_log",
            "save_whole"]
 
@@ -132,7 +133,7 @@ def build_data(data: dict[str, Any], seed: int = 0, train: bool = True, model: d
         if not is_int(data[key], 0):
             raise ConfigError(f"data.{key} must be an int >= 0, got {data[key]!r}")
     if data["name"] == "fashion_mnist":
-        ignored = [key for key in IMAGE_KEYS if data[key] is not None]
+        ignored = [key for key in IMAGE_KEYS if data[key] is not None and not _earlier_default(key, data[key])]
         if ignored:
             raise ConfigError(f"data.name=fashion_mnist reads 28 x 28 grey images normalised with the dataset's own "
                               f"mean and std; {', '.join(f'data.{key}' for key in ignored)} would change nothing "
@@ -158,30 +159,59 @@ def build_data(data: dict[str, Any], seed: int = 0, train: bool = True, model: d
     return train_set, val, *transforms
 
 
+def _earlier_default(key: str, value: Any) -> bool:
+    """Whether ``value`` is what ``data.<key>`` defaulted to before it could be unset (ImageNet's 224 px, mean and
+    std), as configs saved then hold it."""
+    earlier = IMAGENET_IMAGES[key] if key in ("input_size", "mean", "std") else None
+    return earlier is not None and (value == earlier or isinstance(value, (list, tuple)) and tuple(value) == earlier)
+
+
+def upgrade_saved_config(config: dict[str, Any]) -> dict[str, Any]:
+    """A config saved by a vistok from before ``data.interpolation`` and ``data.crop_pct`` (when ``input_size``,
+    ``mean`` and ``std`` defaulted to ImageNet's), in today's terms: folder data then resized bilinearly with crop
+    0.875 at the saved size, mean and std; video read those three only (ImageNet's: today's unset); Fashion-MNIST
+    read none of them."""
+    data = config.get("data")
+    if not isinstance(data, dict) or "crop_pct" in data:
+        return config
+    data = {**data, "interpolation": None, "crop_pct": None}
+    if data.get("name") == "folder":
+        data.update(interpolation="bilinear", crop_pct=0.875)
+    else:
+        data.update({key: None for key in ("input_size", "mean", "std")
+                     if data.get("name") != "video" or _earlier_default(key, data.get(key))})
+    return {**config, "data": data}
+
+
 def image_settings(data: dict[str, Any], model: dict[str, Any] | None = None) -> dict[str, Any]:
-    """``input_size``, ``mean``, ``std``, ``interpolation``, ``crop_pct`` for images: each ``data.<key>`` that is
-    set, else what timm's ``resolve_data_config`` gives for the timm model ``model["model"]`` built with its
-    ``model_kwargs`` (on the meta device: no weights), else ImageNet's (:data:`IMAGENET_IMAGES`).
+    """``input_size``, ``mean``, ``std``, ``interpolation``, ``crop_pct`` and ``channels`` for images: each
+    ``data.<key>`` that is set, else what timm's ``resolve_data_config`` gives for the timm model ``model["model"]``
+    built with its ``model_kwargs`` (on the meta device: no weights), else ImageNet's (:data:`IMAGENET_IMAGES`);
+    ``channels`` is the model's input channels (``model_kwargs.in_chans``, else its config's; 3 without a model).
 
     Raises:
-        ConfigError: a setting of the wrong kind.
+        ConfigError: a setting of the wrong kind, or a mean and std that do not fit the channels.
     """
     pretrained: dict[str, Any] = {}
+    kwargs = {} if model is None else model.get("model_kwargs", {})
     if model is not None and not model["model"].startswith("hf:"):
         from timm.data import resolve_data_config
 
         from ._timm import create_timm_model
 
         with torch.device("meta"):  # the model's own config (its kwargs applied), without weights
-            built = create_timm_model(model["model"], "model", ConfigError, pretrained=False,
-                                      **model.get("model_kwargs", {}))
+            built = create_timm_model(model["model"], "model", ConfigError, pretrained=False, **kwargs)
         resolved = resolve_data_config({}, model=built)
         grid = getattr(getattr(built, "patch_embed", None), "img_size", None)  # model_kwargs.img_size, where set
-        pretrained = {**resolved, "input_size": tuple(grid) if grid else resolved["input_size"][1:]}
-    out = {}
-    for key in IMAGE_KEYS:
-        value = data[key] if data[key] is not None else pretrained.get(key, IMAGENET_IMAGES[key])
-        out[key] = _checked_image_setting(key, value)
+        pretrained = {**resolved, "input_size": tuple(grid) if grid else resolved["input_size"][1:],
+                      "channels": resolved["input_size"][0]}
+    out = {key: _checked_image_setting(key, data[key] if data[key] is not None else pretrained.get(
+        key, IMAGENET_IMAGES[key])) for key in IMAGE_KEYS}
+    out["channels"] = kwargs.get("in_chans", pretrained.get("channels", 3))
+    for key in ("mean", "std"):
+        if len(out[key]) not in (1, out["channels"]):
+            raise ConfigError(f"data.{key} has {len(out[key])} values for a model of {out['channels']} input "
+                              f"channels: give one value per channel (or one for all)")
     return out
 
 
@@ -207,8 +237,8 @@ def _checked_image_setting(key: str, value: Any) -> Any:
         if not is_real(value) or not 0 < value <= 1:
             raise ConfigError(f"data.crop_pct must be a number in (0, 1], got {value!r}")
         return float(value)
-    if value not in ("bilinear", "bicubic", "nearest", "random", "lanczos"):
-        raise ConfigError(f"data.interpolation must be bilinear, bicubic, nearest, lanczos or random, got {value!r}")
+    if value not in ("bilinear", "bicubic", "nearest", "lanczos"):
+        raise ConfigError(f"data.interpolation must be bilinear, bicubic, nearest or lanczos, got {value!r}")
     return value
 
 
@@ -261,6 +291,10 @@ def _video_datasets(data: dict[str, Any], seed: int, train: bool) -> tuple[Datas
     from .video import ClipSampling, ClipTransform, VideoClipDataset, class_folders, kinetics_csv, list_file
     from .video.datasets import folder_classes, kinetics_classes, list_classes
 
+    ignored = [f"data.{key}" for key in ("interpolation", "crop_pct") if data[key] is not None]
+    if ignored:
+        raise ConfigError(f"data.name=video resizes each clip's short side and crops it; {', '.join(ignored)} would "
+                          "change nothing (they apply to folder data)")
     if data["format"] not in VIDEO_FORMATS:
         raise ConfigError(f"data.format must be one of {VIDEO_FORMATS}, got {data['format']!r}")
     if not data["root"]:

@@ -185,6 +185,8 @@ def test_awrs_without_allowed_tokens_and_without_weights():
         awrs_sample(logits, lambda rows, tokens: torch.full(rows.shape, 0.5), seeds=torch.tensor([0, 1]))
     with pytest.raises(InvalidConfigError, match=r"seeds must"):
         awrs_sample(logits, accept, seeds=torch.tensor([0, 1, 2]))
+    with pytest.raises(InvalidConfigError, match=r"seeds must be a \[2\] integer tensor or None"):
+        awrs_sample(logits, accept, seeds=3)  # as sample(): one int is no per-row seeds
 
 
 def test_constrained_generation_respects_the_constraint(model):

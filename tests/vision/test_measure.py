@@ -81,6 +81,18 @@ def test_tokens_per_block_patched_and_unpatched():
         tokens_per_block(torch.nn.Linear(2, 2), torch.zeros(1, 2))
 
 
+    class Beside(torch.nn.Module):  # holds a ViT it never runs
+        def __init__(self):
+            super().__init__()
+            self.unused, self.linear = model, torch.nn.Linear(2, 2)
+
+        def forward(self, x):
+            return self.linear(x)
+
+    with pytest.raises(vistok.UnsupportedModelError, match="did not run through the blocks"):
+        tokens_per_block(Beside(), torch.zeros(1, 2))  # not [] (a ratio would divide by zero)
+
+
 def test_time_models_interleaves_and_reports_median():
     model = torch.nn.Identity()
     calls = []

@@ -119,6 +119,12 @@ def test_pretrained_cfg_overlay_file_is_the_weights_loaded(tmp_path):
     loaded = timm.create_model("vistok_vit_fmnist", pretrained=True, pretrained_cfg_overlay=dict(
         file=str(tmp_path / "mine.safetensors"), crop_pct=0.9))
     assert torch.equal(loaded.head.bias, torch.arange(10.0)) and loaded.pretrained_cfg["crop_pct"] == 0.9
+    two = timm.create_model("vistok_vit_fmnist", num_classes=2)  # fine-tuned on two classes
+    save_file(two.state_dict(), str(tmp_path / "two.safetensors"))
+    for asked in ({"num_classes": 2}, {}):  # its head as saved; a head asked for as well
+        loaded = timm.create_model("vistok_vit_fmnist", pretrained=True, **asked, pretrained_cfg_overlay=dict(
+            file=str(tmp_path / "two.safetensors"), num_classes=2))
+        assert torch.equal(loaded.head.weight, two.head.weight) and loaded.num_classes == 2
 
 
 def test_pretrained_takes_timms_head_options(reference):

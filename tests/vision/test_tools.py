@@ -109,17 +109,24 @@ def test_folder_data_takes_the_models_own_image_settings(tmp_path):
     data = dict(DATA_DEFAULTS, name="folder")
     vit = {"model": "vit_small_patch16_224", "model_kwargs": {}}
     assert image_settings(data, vit) == {"input_size": 224, "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5),
-                                         "interpolation": "bicubic", "crop_pct": 0.9}
+                                         "interpolation": "bicubic", "crop_pct": 0.9, "channels": 3}
     assert image_settings(data, {**vit, "model_kwargs": {"img_size": 64}})["input_size"] == 64
     mine = image_settings({**data, "mean": [0.4, 0.4, 0.4], "crop_pct": 1}, vit)
     assert mine["mean"] == (0.4, 0.4, 0.4) and mine["crop_pct"] == 1.0 and mine["std"] == (0.5, 0.5, 0.5)
     assert image_settings(data)["mean"] == (0.485, 0.456, 0.406)  # no model: ImageNet's
     for key, value in [("mean", "abc"), ("std", [0.5, 0]), ("crop_pct", 1.5), ("interpolation", "cubic"),
-                       ("input_size", 0)]:
+                       ("interpolation", "random"), ("input_size", 0)]:  # random: timm's eval transform has none
         with pytest.raises(ConfigError, match=f"data.{key} must be"):
             image_settings({**data, key: value}, vit)
     with pytest.raises(ConfigError, match="data.mean would change nothing"):
         build_data({**DATA_DEFAULTS, "mean": [0.5]})  # Fashion-MNIST has its own
+    with pytest.raises(ConfigError, match="data.crop_pct would change nothing"):
+        build_data({**DATA_DEFAULTS, "name": "video", "root": str(tmp_path), "crop_pct": 0.9})
+    # the channels are the model's: one mean for three channels broadcasts; three for one channel cannot
+    assert image_settings({**data, "mean": [0.5]}, vit)["channels"] == 3
+    with pytest.raises(ConfigError, match="data.mean has 3 values for a model of 1 input channels"):
+        image_settings(data, {"model": "deit_tiny_patch16_224", "model_kwargs": {"in_chans": 1}})
+    assert image_settings(data, {"model": "stvit_small", "model_kwargs": {}})["crop_pct"] == 0.9  # built on meta
     root = tmp_path / "images"
     _class_folders(root, {"bag": 8, "sneaker": 7}, per_class=2)
     grey = {"model": "vistok_vit_fmnist", "model_kwargs": {}}
@@ -128,6 +135,28 @@ def test_folder_data_takes_the_models_own_image_settings(tmp_path):
     assert image.shape == (1, 28, 28)  # grey, whole: the reference ViT's own input
     pixels = T.functional.pil_to_tensor(Image.open(val.samples[0][0]).convert("L")).float().div(255)
     assert torch.allclose(image, (pixels - 0.2860) / 0.3530, atol=1e-5)
+
+
+def test_configs_saved_before_the_image_settings_keep_their_meaning():
+    """A config saved when data.input_size, mean and std defaulted to ImageNet's (and data.crop_pct did not exist):
+    Fashion-MNIST's loads as it did (those values were refused as settings), and a resume compares it in today's
+    terms: folder data resized bilinearly with crop 0.875 at its saved size, video's ImageNet values are today's
+    unset, Fashion-MNIST read none of them."""
+    from vistok.experiment import DATA_DEFAULTS, build_data, upgrade_saved_config
+
+    earlier = {key: value for key, value in DATA_DEFAULTS.items() if key not in ("interpolation", "crop_pct")}
+    earlier.update(input_size=224, mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])
+    assert build_data({**earlier, "interpolation": None, "crop_pct": None}, train=False)[1] is not None
+    keys = ("input_size", "mean", "std", "interpolation", "crop_pct")
+    upgraded = {name: upgrade_saved_config({"data": {**earlier, "name": name}})["data"] for name in
+                ("fashion_mnist", "folder", "video")}
+    assert [upgraded["fashion_mnist"][key] for key in keys] == [None] * 5 == [upgraded["video"][key] for key in keys]
+    assert [upgraded["folder"][key] for key in keys] == [224, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225],
+                                                         "bilinear", 0.875]
+    grey_video = upgrade_saved_config({"data": {**earlier, "name": "video", "input_size": 28, "mean": [0.286]}})
+    assert grey_video["data"]["input_size"] == 28 and grey_video["data"]["mean"] == [0.286]
+    today = {"data": dict(DATA_DEFAULTS)}
+    assert upgrade_saved_config(today) is today  # a config that has the keys is today's
 
 
 def test_a_class_folder_dataset_trains_a_head_of_its_class_count(tmp_path, capsys, monkeypatch):
@@ -354,7 +383,9 @@ def test_tool_arguments_are_checked_before_the_work(tmp_path, capsys):
                                      ("benchmark", ["ats", "--batch-size", "-2"], "--batch-size"),
                                      ("benchmark", ["ats", "--runs", "0"], "--runs"),
                                      ("eval_pages", ["--pages", "nope.png"], "no such file: nope.png"),
-                                     ("eval_pages", ["--crop-size", "100"], "not a multiple of")]:
+                                     ("eval_pages", ["--crop-size", "100"], "not a multiple of"),
+                                     ("eval_pages", ["--crop-size", "0"], "--crop-size"),
+                                     ("train_vlm", ["--seed", "-1"], "--seed")]:
         with pytest.raises(SystemExit) as stopped:
             load_tool(tool).main(arguments)
         assert stopped.value.code == 2 and message in capsys.readouterr().err, (tool, arguments)

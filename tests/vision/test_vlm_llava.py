@@ -322,6 +322,15 @@ def test_a_part_of_a_patched_vision_llm_is_not_unpatched_alone_and_its_config_is
             vistok.unpatch(model)
             assert not handle.active
 
+    from vistok.adapters.vlm import VisionLLMHandle
+
+    with vistok.patch(model, "merge_to_budget", tokens=4) as handle:  # pickled when the boundary was "config"
+        state = dict(vars(handle))
+        state["config"] = state.pop("boundary")
+        earlier = VisionLLMHandle.__new__(VisionLLMHandle)
+        earlier.__setstate__(state)
+        assert earlier.config is handle.boundary and earlier.tokens_per_unit == 4
+
 
 def test_composition_keeping_everything_is_the_unpatched_model():
     model = tiny_llava()

@@ -298,6 +298,11 @@ class VisionLLMHandle:
                        for module in (model, base)]
         setattr(model, _HANDLE_ATTR, self)
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        if "boundary" not in state and "config" in state:  # pickled by an earlier vistok, where it was "config"
+            state["boundary"] = state.pop("config")
+        self.__dict__.update(state)
+
     @property
     def config(self) -> MethodConfig:
         """What was patched: the boundary method's config, after the in-tower methods' where there are some (a

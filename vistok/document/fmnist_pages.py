@@ -67,7 +67,7 @@ class SparsePageQA(torch.utils.data.Dataset):
     float in [0, 1], question, answer)``, the same for every run with the same ``seed``.
 
     Raises:
-        InvalidConfigError: an unknown split or a size below 1.
+        InvalidConfigError: an unknown split, a size below 1 or a seed outside [0, 2**32).
         DatasetNotFoundError: Fashion-MNIST is not on this machine.
     """
 

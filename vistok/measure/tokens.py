@@ -8,6 +8,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..errors import UnsupportedModelError
+
 __all__ = ["tokens_per_block"]
 
 
@@ -25,13 +27,17 @@ def tokens_per_block(model: nn.Module, images: Tensor,
             run()
             return handle.tokens_per_block()
         counts: list[float] = []
+        backbone = _backbone_inside(model)
         hooks = [block.register_forward_hook(lambda _m, _i, out: counts.append(float(out.shape[1])))
-                 for block in _backbone_inside(model).blocks()]
+                 for block in backbone.blocks()]
         try:
             run()
         finally:
             for hook in hooks:
                 hook.remove()
+        if not counts:  # the vision transformer found inside is not the one the forward ran
+            raise UnsupportedModelError(f"tokens_per_block: the forward of {type(model).__name__} did not run "
+                                        f"through the blocks of the {backbone.info.model_class} inside it")
         return counts
 
 
@@ -39,7 +45,6 @@ def _backbone_inside(model: nn.Module):
     """The backbone of ``model``, or of the first module inside it vistok can patch (a wrapper such as
     :class:`~vistok.video.VideoClassifier`, as the patched branch finds its handle inside one)."""
     from ..backbones import resolve_backbone
-    from ..errors import UnsupportedModelError
 
     try:
         return resolve_backbone(model)

@@ -133,6 +133,8 @@ def _create_reference(name: str, arch: dict, embed_layer: type[PatchEmbed], pret
     overlay = dict(kwargs.get("pretrained_cfg_overlay") or {})
     weights = overlay.pop("file", None)
     head = head_options(name, pretrained, kwargs)
+    if weights is not None and "num_classes" in overlay:  # the file's own head (a fine-tuned checkpoint's)
+        kwargs["num_classes"] = overlay["num_classes"]
     model = VisionTransformer(**{**arch, "embed_layer": embed_layer, **kwargs})
     _init_sincos_positions(model)
     model.pretrained_cfg = model.default_cfg = {

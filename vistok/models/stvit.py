@@ -177,7 +177,7 @@ class STViT(nn.Module):
         self.stem = nn.Sequential(*_conv_bn(in_chans, half, 2, True), *_conv_bn(half, half, 1, True),
                                   *_conv_bn(half, embed_dims[0], 2, True),
                                   *_conv_bn(embed_dims[0], embed_dims[0], 1, True))
-        rates = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        rates = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()  # numbers, also under meta
         self.stages = nn.ModuleList()
         for i in range(stages):
             blocks: list[nn.Module] = []

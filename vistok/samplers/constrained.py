@@ -72,6 +72,8 @@ def awrs_sample(logits: Tensor, accept: Constraint, *, seeds: Tensor | None = No
     log_probs = work.double().log_softmax(dim=1).masked_fill(empty[:, None], -math.inf)
     batch, vocab = log_probs.shape
     device = log_probs.device
+    if seeds is not None and not isinstance(seeds, Tensor):
+        raise InvalidConfigError(f"seeds must be a [{batch}] integer tensor or None, got {type(seeds).__name__}")
     seeds = None if seeds is None else as_seeds(seeds, batch, device)  # checked, and on the logits' device
     evaluations = torch.zeros(batch, dtype=torch.long, device=device)
     token, rejected_first = _first_accepted(log_probs, accept, seeds, counter, generator, _ROUND_STREAMS[0],
