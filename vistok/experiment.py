@@ -23,7 +23,7 @@ from torch.utils.data import Dataset
 
 from ._checks import is_int
 from .config import ConfigError, _flatten
-from .data import GreyBatchTransform, fashion_mnist_dataset, image_folder_dataset
+from .data import DatasetNotFoundError, GreyBatchTransform, fashion_mnist_dataset, image_folder_dataset
 
 __all__ = ["MODEL_DEFAULTS", "DATA_DEFAULTS", "build_model", "build_data", "fit_head_to_data", "check_head_is_trained",
            "image_settings", "upgrade_saved_config",
@@ -300,6 +300,9 @@ def _video_datasets(data: dict[str, Any], seed: int, train: bool) -> tuple[Datas
     if not data["root"]:
         raise ConfigError("data.name=video needs data.root (the folder the clips are in)")
     root = Path(data["root"])
+    if not root.is_dir():
+        made = " (python tools/make_video_data.py writes it)" if root.name == "fmnist_clips" else ""
+        raise DatasetNotFoundError(f"data.root={root} is not a folder{made}")
 
     def list_path(which: str) -> Path:
         listing = data[f"{which}_list"]

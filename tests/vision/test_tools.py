@@ -354,6 +354,15 @@ def test_tools_reject_bad_input(tmp_path, capsys):
         assert f"{override.split('=')[0]} must be an int >= 1" in capsys.readouterr().err
     assert evaluate.main(["model_kwargs.depth=1", "eval.threads=-1"]) == 2  # torch's RuntimeError, a traceback
     assert "eval.threads must be an int >= 0" in capsys.readouterr().err
+    # video data that is not there: a message and status 2 (a FileNotFoundError traceback)
+    video = ["--config", str(ROOT / "configs/kinetics400_videomae_eval.yaml")]
+    assert evaluate.main([*video, f"data.root={tmp_path / 'kinetics400'}"]) == 2
+    assert "kinetics400 is not a folder" in capsys.readouterr().err
+    assert evaluate.main([*video, f"data.root={tmp_path}"]) == 2
+    assert "no such clip list" in capsys.readouterr().err
+    assert evaluate.main(["--config", str(ROOT / "configs/eval_fmnist_video.yaml"),
+                          f"data.root={tmp_path / 'fmnist_clips'}"]) == 2
+    assert "tools/make_video_data.py writes it" in capsys.readouterr().err
     sweep = load_tool("sweep")
     assert sweep.main(["--config", str(ROOT / "configs/sweep_fmnist.yaml"), "--out", str(tmp_path / "sweep"),
                        "model_kwargs.depth=1", "sweep.batch_size=0"]) == 2

@@ -110,8 +110,15 @@ def kinetics_classes(csv_path: str | os.PathLike, split: str | None = None) -> l
     return sorted({row["label"] for row in _kinetics_rows(Path(csv_path), split)})
 
 
+def _clip_list(path: Path) -> Path:
+    """``path``, checked to be a file: a missing list is a :class:`DatasetNotFoundError`, not a traceback."""
+    if not path.is_file():
+        raise DatasetNotFoundError(f"{path}: no such clip list")
+    return path
+
+
 def _kinetics_rows(csv_path: Path, split: str | None) -> list[dict[str, str]]:
-    with open(csv_path, newline="") as handle:
+    with open(_clip_list(csv_path), newline="") as handle:
         rows = list(csv.DictReader(handle))
     required = {"label", "youtube_id", "time_start", "time_end"}
     if not rows or not required <= set(rows[0]):
@@ -160,7 +167,7 @@ def _listed_clips(list_path: Path) -> list[tuple[str, int]]:
     import re
 
     listed = []
-    for number, line in enumerate(list_path.read_text().splitlines(), 1):
+    for number, line in enumerate(_clip_list(list_path).read_text().splitlines(), 1):
         if not line.strip():
             continue
         found = re.fullmatch(r"\s*(.*?\S)\s*[\s,]\s*(-?\d+)\s*", line)
