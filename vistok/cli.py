@@ -127,8 +127,8 @@ def _build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--image", required=True, help="an image file (made grey and 56 x 56: four Fashion-MNIST cells)")
     ask.add_argument("--question", required=True)
     ask.add_argument("--method", default=None, help="a boundary method (merge_to_budget, region_merge, "
-                     "dominant, pool, random_select), options after a colon (merge_to_budget:positions=original); "
-                     "default: all visual tokens")
+                     "dominant, pool, random_select, correlation_guided), options after a colon "
+                     "(merge_to_budget:positions=original); default: all visual tokens")
     ask.add_argument("--tokens", type=count, default=None, help="visual tokens per image for --method")
     ask.add_argument("--temperature", type=float, default=0.0, help="0: greedy (vistok.samplers)")
     ask.add_argument("--top-p", type=float, default=1.0)
