@@ -26,9 +26,8 @@ from .config import ConfigError, _flatten
 from .data import DatasetNotFoundError, GreyBatchTransform, fashion_mnist_dataset, image_folder_dataset
 
 __all__ = ["MODEL_DEFAULTS", "DATA_DEFAULTS", "build_model", "build_data", "fit_head_to_data", "check_head_is_trained",
-           "image_settings", "upgrade_saved_config",
-           "set_fused_attention", "wrap_for_data", "loader", "batches", "LabelledBatches", "underlying", "truncate_log",
-           "save_whole"]
+           "image_settings", "upgrade_saved_config", "set_fused_attention", "wrap_for_data", "loader", "batches",
+           "LabelledBatches", "underlying", "truncate_log", "save_whole"]
 
 MODEL_DEFAULTS: dict[str, Any] = {
     "model": "vistok_vit_fmnist",
@@ -197,10 +196,7 @@ def image_settings(data: dict[str, Any], model: dict[str, Any] | None = None) ->
     if model is not None and not model["model"].startswith("hf:"):
         from timm.data import resolve_data_config
 
-        from ._timm import create_timm_model
-
-        with torch.device("meta"):  # the model's own config (its kwargs applied), without weights
-            built = create_timm_model(model["model"], "model", ConfigError, pretrained=False, **kwargs)
+        built = _on_meta(model["model"], kwargs)  # the model's own config (its kwargs applied)
         resolved = resolve_data_config({}, model=built)
         grid = getattr(getattr(built, "patch_embed", None), "img_size", None)  # model_kwargs.img_size, where set
         pretrained = {**resolved, "input_size": tuple(grid) if grid else resolved["input_size"][1:],
@@ -213,6 +209,14 @@ def image_settings(data: dict[str, Any], model: dict[str, Any] | None = None) ->
             raise ConfigError(f"data.{key} has {len(out[key])} values for a model of {out['channels']} input "
                               f"channels: give one value per channel (or one for all)")
     return out
+
+
+def _on_meta(name: str, kwargs: dict[str, Any]) -> nn.Module:
+    """The timm model ``name`` built with ``kwargs`` on the meta device: its configuration, without weights."""
+    from ._timm import create_timm_model
+
+    with torch.device("meta"):
+        return create_timm_model(name, "model", ConfigError, pretrained=False, **kwargs)
 
 
 def _pair(size: int | list | tuple) -> tuple[int, int]:
@@ -275,11 +279,8 @@ def check_head_is_trained(config: dict[str, Any], tool: str) -> None:
     if config["data"]["name"] != "folder" or not config["pretrained"] or config["checkpoint"] or \
             config["model"].startswith("hf:"):
         return
-    from ._timm import create_timm_model
-
     kwargs = {key: value for key, value in config["model_kwargs"].items() if key != "num_classes"}
-    with torch.device("meta"):
-        trained = create_timm_model(config["model"], "model", ConfigError, pretrained=False, **kwargs).num_classes
+    trained = _on_meta(config["model"], kwargs).num_classes
     wanted = config["model_kwargs"]["num_classes"]
     if trained != wanted:
         raise ConfigError(f"{tool}: {config['model']}'s pretrained head has {trained} classes and data.root="
