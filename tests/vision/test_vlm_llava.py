@@ -427,6 +427,30 @@ def test_a_hand_written_decoding_loop_runs_on_the_shortened_prompt(positions):
             _greedy_loop(model, full, 1)
 
 
+def test_a_later_turn_continues_the_cache_of_the_shortened_prompt():
+    """Hugging Face's multi-turn pattern: generate again on the whole conversation (as generate returned it, with the
+    full placeholder runs) and the first turn's cache, no images. The conversation is shortened as the cached prompt
+    was, so the answer is the one generated from scratch with the images; placeholders that are not whole images
+    are refused."""
+    model = tiny_llava()
+    ids, pixels = prompt(rows=1), images(1)
+    with torch.no_grad(), vistok.patch(model, "merge_to_budget", tokens=4):
+        first = model.generate(input_ids=ids, pixel_values=pixels, max_new_tokens=3, do_sample=False,
+                               return_dict_in_generate=True)
+        assert first.past_key_values.get_seq_length() < ids.shape[1]  # the cache holds the shortened prompt
+        conversation = torch.cat([first.sequences, torch.tensor([[11, 12, 13]])], dim=1)
+        settings = dict(attention_mask=torch.ones_like(conversation), max_new_tokens=4, do_sample=False,
+                        output_logits=True, return_dict_in_generate=True)  # the answer may hold the pad id
+        scratch = model.generate(input_ids=conversation, pixel_values=pixels, **settings)
+        later = model.generate(input_ids=conversation, past_key_values=copy.deepcopy(first.past_key_values),
+                               **settings)
+        assert torch.equal(later.sequences, scratch.sequences)
+        torch.testing.assert_close(torch.stack(later.logits), torch.stack(scratch.logits), atol=1e-5, rtol=1e-5)
+        with pytest.raises(InputShapeError, match="not a whole number of images of 16"):
+            model.generate(input_ids=torch.cat([conversation[:, :3], conversation[:, 4:]], dim=1),  # 15 left
+                           past_key_values=copy.deepcopy(first.past_key_values), max_new_tokens=1)
+
+
 def test_generate_counts_lengths_from_the_callers_prompt():
     """max_length / min_length count the prompt the caller passed, not the shortened one vistok generates from;
     a pad_token_id given to generate (or in its generation_config) marks the padding as in the unpatched model."""

@@ -185,6 +185,20 @@ def test_decoding_from_the_cache_continues_the_unpatched_positions():
     assert torch.equal(torch.stack(tokens, dim=1), expected)
 
 
+def test_a_later_turn_on_the_first_turns_cache_is_refused():
+    """generate on the whole conversation with the first turn's cache and no images (Hugging Face's multi-turn
+    way): how far each image was shortened depends on the images, so it is refused rather than read out of line
+    with the cache."""
+    model = tiny_qwen()
+    x = inputs(grids=GRIDS[:1])
+    with torch.no_grad(), vistok.patch(model, "merge_to_budget", tokens=2):
+        first = model.generate(**x, max_new_tokens=2, do_sample=False, return_dict_in_generate=True)
+        conversation = torch.cat([first.sequences, torch.tensor([[11, 12]])], dim=1)
+        with pytest.raises(InvalidConfigError, match="cannot tell how far the cached turn shortened"):
+            model.generate(input_ids=conversation, attention_mask=torch.ones_like(conversation),
+                           cache=copy.deepcopy(first.cache), max_new_tokens=1)
+
+
 def test_images_of_different_sizes_get_their_own_fraction():
     model = tiny_qwen()
     x = inputs()

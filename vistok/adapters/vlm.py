@@ -207,7 +207,7 @@ class _ShortPromptGenerate(_PartOfPatch):
         original = kwargs.get(key)
         if isinstance(original, Tensor) and kwargs.get("attention_mask") is None:
             kwargs["attention_mask"] = _generation_mask(model, original, kwargs)  # shortening may add padding
-        shortened = self.handle._shorten(kwargs, key, generating=True)
+        shortened = self.handle._shorten(kwargs, key, generating=True) or self.handle._shorten_later_turn(kwargs, key)
         if shortened is None:
             return type(model).generate(model, **kwargs)
         out = type(model).generate(model, **_lengths_of_the_callers_prompt(model, shortened, original.shape[1]))
@@ -599,6 +599,37 @@ class VisionLLMHandle:
         self._refuse_position_ids(kwargs)
         aligned = {name: kwargs[name] for name in ALIGNED if isinstance(kwargs.get(name), Tensor)}
         short_ids, short_aligned = shorten_prompt(input_ids, keep, aligned, self.family.pad_id)
+        return {**kwargs, key: short_ids, **short_aligned}
+
+    def _shorten_later_turn(self, kwargs: dict, key: str) -> dict | None:
+        """``generate`` continuing a cache (a later turn) with the whole conversation and no images, as Hugging Face
+        documents it: the cache holds the shortened prompt, so the conversation's full placeholder runs are
+        shortened the same way (on LLaVA and Idefics3 the shortening depends only on the counts); ``None`` where
+        nothing needs shortening. Where it depends on the images (Qwen2-VL, LLaVA-OneVision), refused."""
+        input_ids = kwargs.get(key)
+        family = self.family
+        if _cached_length(kwargs) == 0 or self.keeps_everything or not isinstance(input_ids, Tensor) \
+                or (self.positions == "original" and not family.encodes_up_front):  # the forward refuses it
+            return None
+        modalities = family.compressed if family.encodes_up_front else {"image": ()}
+        found = {modality: int((input_ids == family.placeholder(modality)).sum()) for modality in modalities}
+        if not any(found.values()):
+            return None
+        if family.encodes_up_front:
+            raise InvalidConfigError(
+                f"generate with a cache and a prompt holding {' and '.join(m for m, n in found.items() if n)} "
+                f"placeholders but no {' or '.join(m for m, n in found.items() if n)} inputs: on "
+                f"{type(self.model).__name__} vistok cannot tell how far the cached turn shortened each item; "
+                "generate the whole conversation with its images and no cache")
+        if found["image"] % family.per_unit:
+            raise InputShapeError(
+                f"generate with a cache: the conversation has {found['image']} image placeholder tokens (id "
+                f"{family.placeholder_id}), not a whole number of {family.unit}s of {family.per_unit}; vistok "
+                "shortens the processor's full placeholder runs, as its generate returns them")
+        keep = placeholder_keep_mask(input_ids, family.placeholder_id, family.per_unit, self.tokens_per_unit,
+                                     found["image"] // family.per_unit)
+        aligned = {name: kwargs[name] for name in ALIGNED if isinstance(kwargs.get(name), Tensor)}
+        short_ids, short_aligned = shorten_prompt(input_ids, keep, aligned, family.pad_id)
         return {**kwargs, key: short_ids, **short_aligned}
 
     def _shorten_keeping_positions(self, kwargs: dict, key: str, generating: bool) -> dict | None:
