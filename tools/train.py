@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 import vistok
-from vistok._checks import is_int
+from vistok._checks import is_int, is_real
 from vistok.config import ConfigError, load_config, parse_overrides
 from vistok.experiment import (
     DATA_DEFAULTS,
@@ -131,10 +131,6 @@ def train(config: dict, resume: bool = False) -> int:
         if accelerator.is_main_process:
             truncate_log(output / "metrics.jsonl", "epoch", start_epoch)  # an epoch cut off before its checkpoint
     output.mkdir(parents=True, exist_ok=True)
-    if accelerator.is_main_process:
-        (output / "config.json").write_text(json.dumps(config, indent=2))
-        if not resume:  # a fresh run starts its own log (one in the folder from an earlier run goes)
-            (output / "metrics.jsonl").unlink(missing_ok=True)
 
     for epoch in range(start_epoch, settings["epochs"]):
         model.train()
@@ -166,7 +162,11 @@ def train(config: dict, resume: bool = False) -> int:
             metrics["train_skipped_clips"] = labelled.skipped
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            with open(output / "metrics.jsonl", "a") as log:
+            # a fresh run's first epoch replaces an earlier run's config and log in the folder (not before: a run
+            # that fails earlier leaves that run whole, its weights and checkpoint with their own config)
+            first = not resume and epoch == start_epoch
+            (output / "config.json").write_text(json.dumps(config, indent=2))
+            with open(output / "metrics.jsonl", "w" if first else "a") as log:
                 log.write(json.dumps(metrics) + "\n")
             accelerator.print(json.dumps(metrics))
         _save_checkpoint(accelerator, checkpoint, epoch, augmentation_rng(train_transform), config)
@@ -181,10 +181,25 @@ def train(config: dict, resume: bool = False) -> int:
 
 
 def _check_settings(settings: dict) -> None:
-    """Refuse training settings that would fail deep inside a library or train nothing."""
+    """Refuse training settings that would fail deep inside a library, train nothing or train the wrong way (a
+    negative ``clip_grad`` reverses the gradient)."""
     for key in ("epochs", "batch_size", "eval_batch_size", "grad_accum"):
         if not is_int(settings[key], 1):
             raise ConfigError(f"train.{key} must be an int >= 1, got {settings[key]!r}")
+    if not is_int(settings["threads"], 0):
+        raise ConfigError(f"train.threads must be an int >= 0 (0: torch's default), got {settings['threads']!r}")
+    if not is_int(settings["seed"], 0) or settings["seed"] >= 2**32:
+        raise ConfigError(f"train.seed must be an int in [0, 2**32), got {settings['seed']!r}")
+    for key, low, strict in (("lr", 0, True), ("min_lr", 0, False), ("weight_decay", 0, False),
+                             ("warmup_epochs", 0, False), ("clip_grad", 0, False), ("label_smoothing", 0, False)):
+        value = settings[key]
+        if value is None and key == "clip_grad":
+            continue
+        if not is_real(value) or not math.isfinite(value) or value < low or (strict and value == low):
+            raise ConfigError(f"train.{key} must be a finite number {'>' if strict else '>='} {low}"
+                              f"{' (0: no clipping)' if key == 'clip_grad' else ''}, got {value!r}")
+    if settings["label_smoothing"] >= 1:
+        raise ConfigError(f"train.label_smoothing must be below 1, got {settings['label_smoothing']!r}")
     if settings["mixed_precision"] not in MIXED_PRECISION:
         raise ConfigError(f"train.mixed_precision must be one of {MIXED_PRECISION}, got "
                           f"{settings['mixed_precision']!r}")
@@ -231,7 +246,10 @@ def _resume(accelerator, checkpoint: Path, rng: torch.Generator | None, config: 
     state = json.loads((found / "vistok_state.json").read_text())
     saved = state.get("config")
     saved = saved if saved is None else upgrade_saved_config(saved)  # a run from before data.crop_pct, in its terms
-    check_resumed_settings(saved, json.loads(json.dumps(config)), RESUME_MAY_CHANGE, found)
+    # folder data's augmentation draws from the main process's generator or from each worker's
+    may_change = tuple(key for key in RESUME_MAY_CHANGE
+                       if key != "data.workers" or config["data"]["name"] != "folder")
+    check_resumed_settings(saved, json.loads(json.dumps(config)), may_change, found)
     accelerator.load_state(str(found))
     if rng is not None:
         saved = found / "augmentation_rng.pt"

@@ -125,20 +125,24 @@ def fashion_mnist_dataset(split: str, root: str | os.PathLike | None = None,
 
 class GreyBatchTransform:
     """``uint8`` ``[B, H, W]`` batches -> normalised ``float`` ``[B, 1, H, W]``, with optional augmentation
-    (random shifts of up to ``pad`` pixels, background fill, and horizontal flips), vectorised per batch."""
+    (random shifts of up to ``pad`` pixels, background fill, and, with ``flip``, horizontal flips), vectorised per
+    batch."""
 
     def __init__(self, mean: float = FASHION_MNIST_MEAN, std: float = FASHION_MNIST_STD, augment: bool = False,
-                 pad: int = 2, seed: int = 0) -> None:
-        self.mean, self.std, self.augment, self.pad = mean, std, augment, pad
+                 pad: int = 2, seed: int = 0, flip: bool = True) -> None:
+        self.mean, self.std, self.augment, self.pad, self.flip = mean, std, augment, pad, flip
         self.generator = torch.Generator().manual_seed(seed)
 
     def __call__(self, images: Tensor) -> Tensor:
         x = images.float().div(255.0).sub(self.mean).div(self.std).unsqueeze(1)
-        return _shift_and_flip(x, self.generator, self.pad, -self.mean / self.std) if self.augment else x
+        if not self.augment:
+            return x
+        return _shift_and_flip(x, self.generator, self.pad, -self.mean / self.std, self.flip)
 
 
-def _shift_and_flip(images: Tensor, generator: torch.Generator, pad: int, fill: float) -> Tensor:
-    """Translate each image by up to ``pad`` pixels (filling with ``fill``) and flip half of them."""
+def _shift_and_flip(images: Tensor, generator: torch.Generator, pad: int, fill: float, flip: bool = True) -> Tensor:
+    """Translate each image by up to ``pad`` pixels (filling with ``fill``) and, with ``flip``, flip half of
+    them."""
     batch, _, height, width = images.shape
     device = images.device
     padded = F.pad(images, (pad, pad, pad, pad), value=fill)
@@ -148,15 +152,17 @@ def _shift_and_flip(images: Tensor, generator: torch.Generator, pad: int, fill: 
     shifted = padded.gather(2, rows)
     cols = (dx[:, None] + torch.arange(width, device=device))[:, None, None, :].expand(-1, 1, height, -1)
     shifted = shifted.gather(3, cols)
-    flip = (torch.rand(batch, generator=generator) < 0.5).to(device)
-    return torch.where(flip[:, None, None, None], shifted.flip(-1), shifted)
+    if not flip:
+        return shifted
+    flipped = (torch.rand(batch, generator=generator) < 0.5).to(device)
+    return torch.where(flipped[:, None, None, None], shifted.flip(-1), shifted)
 
 
 def image_folder_dataset(root: str | os.PathLike, split: str, input_size: int | tuple[int, int], train: bool,
                          mean: tuple[float, ...], std: tuple[float, ...], interpolation: str = "bilinear",
-                         crop_pct: float = 0.875, channels: int = 3) -> Dataset:
-    """An ImageNet-style ``root/<split>/<class>/<image>`` folder with timm's train or eval transforms, its images
-    read with ``channels`` channels (1: grey, else RGB).
+                         crop_pct: float = 0.875, channels: int = 3, flip: bool = True) -> Dataset:
+    """An ImageNet-style ``root/<split>/<class>/<image>`` folder with timm's train (``train``; horizontal flips with
+    ``flip``) or eval transforms, its images read with ``channels`` channels (1: grey, else RGB).
 
     Raises:
         DatasetNotFoundError: the split folder does not exist or holds no class folders.
@@ -169,8 +175,9 @@ def image_folder_dataset(root: str | os.PathLike, split: str, input_size: int | 
         raise DatasetNotFoundError(f"{folder} is not a folder of class sub-folders (expected {root}/{split}/<class>/"
                                    "<image files>, as for ImageNet)")
     size = input_size if isinstance(input_size, int) else (channels, *input_size)
+    flips = {"hflip": 0.5 if flip else 0.0} if train else {}
     transform = create_transform(size, is_training=train, mean=mean, std=std, interpolation=interpolation,
-                                 crop_pct=crop_pct)
+                                 crop_pct=crop_pct, **flips)
     return ImageFolder(str(folder), transform=transform, loader=image_loader(channels))
 
 

@@ -139,7 +139,7 @@ def build_data(data: dict[str, Any], seed: int = 0, train: bool = True, model: d
                               "(they apply to folder and video data)")
         train_set = fashion_mnist_dataset("train", data["root"], data["download"]) if train else None
         val = fashion_mnist_dataset("test", data["root"], data["download"])
-        transforms = GreyBatchTransform(augment=data["augment"], seed=seed), GreyBatchTransform()
+        transforms = GreyBatchTransform(augment=data["augment"], seed=seed, flip=data["flip"]), GreyBatchTransform()
     elif data["name"] == "video":
         train_set, val = _video_datasets(data, seed, train)
         transforms = None, None
@@ -147,7 +147,8 @@ def build_data(data: dict[str, Any], seed: int = 0, train: bool = True, model: d
         if not data["root"]:
             raise ConfigError("data.name=folder needs data.root (a folder with train/ and val/ class folders)")
         images = image_settings(data, model)
-        train_set = image_folder_dataset(data["root"], "train", train=True, **images) if train else None
+        train_set = image_folder_dataset(data["root"], "train", train=data["augment"], flip=data["flip"],
+                                         **images) if train else None  # augment=false: the eval transform
         val = image_folder_dataset(data["root"], "val", train=False, **images)
         transforms = None, None
     else:

@@ -179,6 +179,10 @@ def test_a_class_folder_dataset_trains_a_head_of_its_class_count(tmp_path, capsy
     model = load_checkpoint(timm.create_model("vit_tiny_patch16_224", img_size=64, depth=2, num_classes=2),
                             run / "model.safetensors")
     assert model.head.out_features == 2
+    # timm's augmentation draws from the main process's generator with 0 workers, from each worker's otherwise
+    assert train.main([*small, "train.epochs=1", "train.batch_size=4", "train.eval_batch_size=6", f"output={run}",
+                       "--resume", "data.workers=1"]) == 2
+    assert "data.workers: 0 -> 1" in capsys.readouterr().err
     metrics = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
     assert 0 <= metrics["val_top1"] <= 100 and metrics["val_top5"] == 100.0  # two classes: top-2 is everything
     out = tmp_path / "not yet made" / "eval.json"  # --json makes its folder
@@ -242,6 +246,35 @@ def test_batch_transform_normalises_and_shifts():
     assert bool(((rows - 14).abs() <= 2).all()) and bool(((cols >= 11) & (cols <= 16)).all())
     assert len(set(bright.tolist())) > 5
     assert torch.equal(moved, vdata.GreyBatchTransform(augment=True, seed=1)(images))
+    images[:, 14, 14], images[:, 10, 3] = 0, 255  # off the axis: a flip lands in another column
+    unflipped = vdata.GreyBatchTransform(augment=True, seed=1, flip=False)(images)[:, 0].flatten(1).argmax(1) % 28
+    assert bool(((unflipped >= 1) & (unflipped <= 5)).all())  # data.flip=false: shifted, never mirrored
+    assert bool((vdata.GreyBatchTransform(augment=True, seed=1)(images)[:, 0].flatten(1).argmax(1) % 28 > 20).any())
+
+
+def test_augment_and_flip_switches_reach_every_dataset(tmp_path):
+    """data.augment=false trains folder data on the evaluation transform, data.flip=false takes the horizontal
+    flips out (folder data and Fashion-MNIST's batch transform); both were ignored there."""
+    from torchvision import transforms as T
+
+    from vistok.experiment import DATA_DEFAULTS, build_data
+
+    root = tmp_path / "images"
+    _class_folders(root, {"bag": 8, "sneaker": 7}, per_class=2)
+    data = dict(DATA_DEFAULTS, name="folder", root=str(root))
+    model = {"model": "vit_tiny_patch16_224", "model_kwargs": {}}
+
+    def steps(settings):
+        transform = build_data(settings, model=model)[0].transform
+        return [type(step).__name__ for step in transform.transforms]
+
+    assert "RandomHorizontalFlip" in steps(data) and "RandomResizedCropAndInterpolation" in steps(data)
+    assert "RandomHorizontalFlip" not in steps({**data, "flip": False})
+    assert "RandomResizedCropAndInterpolation" in steps({**data, "flip": False})
+    evaluation = build_data(data, model=model)[1].transform
+    assert repr(build_data({**data, "augment": False}, model=model)[0].transform) == repr(evaluation)
+    assert isinstance(evaluation.transforms[-1], T.Normalize)
+    assert build_data(dict(DATA_DEFAULTS, flip=False), train=True)[2].flip is False  # Fashion-MNIST
 
 
 @pytest.mark.slow
@@ -298,6 +331,22 @@ def test_train_eval_and_resume(tmp_path, monkeypatch):
     assert result["gflops"] > 0 and result["images_per_s"] > 0
 
 
+@pytest.mark.parametrize("setting, message", [
+    ("train.clip_grad=-1", "train.clip_grad must be a finite number >= 0"),  # reversed the gradient
+    ("train.weight_decay=-1", "train.weight_decay must be"), ("train.warmup_epochs=-3", "train.warmup_epochs must"),
+    ("train.lr=.inf", "train.lr must be a finite number > 0"), ("train.lr=0.0", "train.lr must be"),
+    ("train.min_lr=.nan", "train.min_lr must be"), ("train.label_smoothing=5.0", "label_smoothing must be below 1"),
+    ("train.threads=-1", "train.threads must be an int >= 0"), ("train.seed=-1", "train.seed must be an int in"),
+    ("train.seed=4294967296", "train.seed must be an int in")])
+def test_training_settings_that_would_train_wrongly_are_refused(tmp_path, capsys, setting, message):
+    """Each was accepted: the run trained the wrong way, logged NaN, or failed in a library with a traceback."""
+    train = load_tool("train")
+    tiny = ["train.epochs=1", "data.limit=64", "model_kwargs.depth=1", "train.batch_size=32"]  # if it trained
+    assert train.main(["--config", str(ROOT / "configs/fmnist_vit.yaml"), setting, f"output={tmp_path}", *tiny]) == 2
+    assert message in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())  # refused before anything was written
+
+
 def test_a_trailing_partial_accumulation_has_its_own_learning_rate_step(tmp_path, monkeypatch, capsys):
     """4 batches an epoch with grad_accum=3: accelerate steps the optimizer after batch 3 and again at the end of
     the loader, so an epoch has 2 schedule steps, and the next epoch starts on a step of its own. A resume shares
@@ -325,6 +374,9 @@ def test_a_trailing_partial_accumulation_has_its_own_learning_rate_step(tmp_path
     monkeypatch.setattr(train, "validate", interrupted)  # a fresh run in the folder, cut off before its checkpoint
     with pytest.raises(KeyboardInterrupt):
         train.main([*arguments, "train.lr=0.5"])
+    # the first run's log and config stay with its weights and checkpoint (they were replaced at the start)
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 2
+    assert json.loads((tmp_path / "config.json").read_text())["train"]["lr"] == 0.0015
     assert train.main([*arguments, "--resume", "train.lr=0.5"]) == 2  # the checkpoint there is still the first run's
     assert "train.lr: 0.0015 -> 0.5" in capsys.readouterr().err
 
