@@ -24,8 +24,9 @@ import torch
 from torch import Tensor, nn
 
 from .backbones import Backbone, resolve_backbone
+from .backbones.base import BlockOps
 from .block import run_block
-from .errors import AlreadyPatchedError, InvalidConfigError, PatchStateError
+from .errors import AlreadyPatchedError, InvalidConfigError, PatchStateError, UnsupportedModelError, VistokError
 from .methods import MethodConfig, MethodSpec, TokenReducer, create_config
 from .ops import check_attention_path
 from .tokens import TokenLayout
@@ -151,6 +152,25 @@ class _PartOfPatch:
     ``get_image_features``): :func:`unpatch` given a part of that model finds it and refuses."""
 
 
+def refuse_bypassed_hooks(ops: BlockOps, index: int, error: type[VistokError], when: str) -> None:
+    """Refuse hooks on a module of block ``index`` whose ``forward`` the patched block never calls: they would
+    silently not run (a hook that reads or edits the attention's output, an adapter)."""
+    for module in ops.bypassed():
+        if any(_is_users_hook(hook) for hooks in (module._forward_hooks, module._forward_pre_hooks,
+                                                  module._backward_hooks, module._backward_pre_hooks)
+               for hook in hooks.values()):
+            raise error(f"block {index}'s {type(module).__name__} has hooks, which {when}: the patched block runs "
+                        "that module's parts over the kept tokens and never calls the module itself, so they would "
+                        "not run; remove them, or hook the block, its norms, MLP or projections, which do run")
+
+
+def _is_users_hook(hook: Callable) -> bool:
+    """Whether a module hook is someone's but transformers' own: transformers hooks its attention modules to record
+    attention weights for ``output_attentions`` (the hooks stay, idle, once it was asked for), which vistok
+    refuses on its own."""
+    return not getattr(hook, "__module__", "").startswith("transformers.")
+
+
 class _PatchedBlockForward(_PartOfPatch):
     """A patched block's ``forward``: the family's call signature in, :func:`run_block` over the block's own
     modules out. A plain object rather than a closure, so that ``copy.deepcopy`` and ``pickle`` copy it along
@@ -165,6 +185,7 @@ class _PatchedBlockForward(_PartOfPatch):
         self.tracker = tracker
 
     def __call__(self, *args: Any, **kwargs: Any) -> Tensor:
+        refuse_bypassed_hooks(self.ops, self.index, PatchStateError, "was added after patching")
         x, rope = self.backbone.block_inputs(*args, **kwargs)
         layout = self.tracker.enter(self.index, x)
         x, layout = run_block(self.ops, x, layout, self.reducer, rope, self.tracker.attention)
@@ -195,6 +216,8 @@ class PatchHandle:
         self._tracker = _LayoutTracker(backbone, first, trace, check_attention_path(attention))
         self._undo: list[Callable[[], None]] = []
         blocks = backbone.blocks()
+        for index in range(first, len(blocks)):
+            refuse_bypassed_hooks(backbone.block_ops(index), index, UnsupportedModelError, "vistok cannot patch")
         try:
             for index in range(first, len(blocks)):
                 blocks[index].forward = _PatchedBlockForward(index, backbone, reducers.get(index), self._tracker)

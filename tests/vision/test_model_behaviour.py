@@ -330,3 +330,35 @@ def test_per_block_values_pair_with_the_blocks_in_the_order_given():
         in_order = tokens_per_block(model, images)
     with vistok.patch(model, "merge", blocks=[0, 3], r=4, schedule="decreasing"):
         assert tokens_per_block(model, images) == in_order
+
+
+@pytest.mark.parametrize("case", ["timm vit, merge", "open_clip avg pool, merge", "hf clip, ats"])
+def test_hooks_on_a_module_the_patched_block_never_calls_are_refused(case):
+    """The patched block runs the attention module's parts, never the module: a hook on it (one that reads the
+    attention's output, an adapter's pre-hook) would silently not run, and the output would differ from the
+    unpatched model's even where every token is kept. A hook there is refused when patching, and one added after
+    patching stops the forward; hooks on the block itself run and are allowed."""
+    from vistok import UnsupportedModelError
+    from vistok.backbones import resolve_backbone
+
+    model, images, run, method, options = _setup(case)
+    if case.startswith("hf"):  # transformers' own recording hooks stay on its attention modules: not the user's
+        with torch.no_grad():
+            model(pixel_values=images, output_attentions=True)
+    attention = resolve_backbone(model).block_ops(1).bypassed()[0]
+    hook = attention.register_forward_pre_hook(lambda module, args: None)
+    with pytest.raises(UnsupportedModelError, match="block 1's .* has hooks"):
+        _patch(model, method, options)
+    assert vistok.get_handle(model) is None  # refused whole: nothing was patched
+    hook.remove()
+    calls = []
+    block = resolve_backbone(model).blocks()[1]
+    block.register_forward_hook(lambda module, args, out: calls.append(1))
+    with _patch(model, method, options):
+        run(model)
+        assert calls == [1]
+        hook = attention.register_forward_hook(lambda module, args, out: None)
+        with pytest.raises(PatchStateError, match="was added after patching"):
+            run(model)
+        hook.remove()
+        run(model)

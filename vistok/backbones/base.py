@@ -86,6 +86,11 @@ class BlockOps(ABC):
     def dropout_p(self) -> float:
         """Attention dropout probability in the module's current mode."""
 
+    def bypassed(self) -> tuple[nn.Module, ...]:
+        """The block's modules whose own ``forward`` the steps never call (they call its parts): hooks on them
+        would not run. By default the attention module, ``self.attn``."""
+        return (self.attn,)
+
 
 class LayoutSource(Protocol):
     """What pooling may ask about the current forward pass (the patch's tracker)."""

@@ -57,6 +57,10 @@ class _VideoMAELayerOps(BlockOps):
         layer = self.layer
         return layer.output.dropout(layer.output.dense(layer.intermediate(layer.layernorm_after(x))))
 
+    def bypassed(self) -> tuple[nn.Module, ...]:
+        attention = self.layer.attention
+        return attention, attention.attention, attention.output, self.layer.output
+
     @property
     def dropout_p(self) -> float:
         return self.attn.dropout_prob if self.attn.training else 0.0
