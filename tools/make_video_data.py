@@ -14,15 +14,16 @@ import sys
 import time
 
 import vistok
+from vistok.cli import count, seed
 from vistok.video.fmnist_clips import write_dataset
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="data/fmnist_clips")
-    parser.add_argument("--train", type=int, default=24_000)
-    parser.add_argument("--test", type=int, default=4_000)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--train", type=count, default=24_000, help="training clips (at least one per class)")
+    parser.add_argument("--test", type=count, default=4_000, help="test clips (at least one per class)")
+    parser.add_argument("--seed", type=seed, default=0, help="an int in [0, 2**32)")
     parser.add_argument("--fmnist-root", default=None, help="where Fashion-MNIST is (default: where vistok finds it)")
     args = parser.parse_args(argv)
     started = time.time()

@@ -193,14 +193,15 @@ def test_containers_that_store_no_frame_count(name, tmp_path):
     assert clip.shape[1] == 4 and label == 0
 
 
-def _numbered(path, frames=60, codec="libx264", b_frames=0):
+def _numbered(path, frames=60, codec="libx264", b_frames=0, open_gop=False):
     """64 x 64 frames, frame i grey level 4 i, in H.264 (or ``codec``), a key frame every 20, no B-frames (or
-    ``b_frames``)."""
+    ``b_frames``), closed GOPs (or x264's ``open-gop``)."""
     with av.open(str(path), "w") as container:
         video = container.add_stream(codec, rate=25)
         video.width = video.height = 64
         video.pix_fmt = "yuv420p"
-        video.options = {"g": "20", "bf": str(b_frames), **({"crf": "5"} if codec == "libx264" else {"qscale": "2"})}
+        video.options = {"g": "20", "bf": str(b_frames), **({"crf": "5"} if codec == "libx264" else {"qscale": "2"}),
+                         **({"x264-params": "open-gop=1"} if open_gop else {})}
         _encode_grey(container, video, frames, 4)
 
 
@@ -246,6 +247,66 @@ def test_transport_streams_with_b_frames_read_in_order(tmp_path):
         assert _frame_numbers(read_video(stream, backend=backend)) == list(range(40))
     with pytest.raises(VideoReadError, match="not used on MPEG transport streams"):
         read_video(stream, [0], backend="decord")
+
+
+def test_open_gop_streams_read_the_right_frames(tmp_path):
+    """An open GOP (x264's open-gop, x265's default, MPEG-4 Part 2 / MPEG-2 with B-frames) has leading pictures:
+    frames after a key frame in the file that are shown before it. decord seeks them to frames up to 3 positions
+    late (index 17 gave frame 20 here), so it refuses them, and "auto" reads them with PyAV."""
+    stream = tmp_path / "open.mp4"
+    _numbered(stream, frames=60, b_frames=3, open_gop=True)
+    near_key_frames = [17, 18, 19, 20, 21, 37, 38, 39, 40, 41, 0, 59]
+    for backend in ("auto", "pyav"):
+        assert probe_video(stream, backend=backend).frame_count == 60
+        assert _frame_numbers(read_video(stream, near_key_frames, backend=backend)) == near_key_frames
+        assert _frame_numbers(read_video(stream, [19], backend=backend)) == [19]
+        assert _frame_numbers(read_video(stream, backend=backend)) == list(range(60))
+    with pytest.raises(VideoReadError, match="leading pictures"):
+        read_video(stream, [19], backend="decord")
+    with pytest.raises(VideoReadError, match="leading pictures"):
+        probe_video(stream, backend="decord")
+
+
+def _variable_rate(path, times_ms):
+    """H.264 frames at ``times_ms`` (milliseconds), 64 x 64, frame i grey level 4 i."""
+    from fractions import Fraction
+
+    import numpy as np
+
+    with av.open(str(path), "w") as container:
+        video = container.add_stream("libx264", rate=25)
+        video.width = video.height = 64
+        video.pix_fmt = "yuv420p"
+        video.codec_context.time_base = Fraction(1, 1000)
+        for index, time_ms in enumerate(times_ms):
+            frame = av.VideoFrame.from_ndarray(np.full((64, 64, 3), 4 * index, dtype=np.uint8), format="rgb24")
+            frame.pts, frame.time_base = time_ms, Fraction(1, 1000)
+            for packet in video.encode(frame):
+                container.mux(packet)
+        for packet in video.encode():
+            container.mux(packet)
+
+
+@pytest.mark.parametrize("rate", ["constant", "variable"])
+def test_a_truncated_matroska_file_is_refused(rate, tmp_path):
+    """Matroska stores no frame count, and one cut short still demuxes: its frames just stop. The track's DURATION
+    tag still states the whole length, so a file whose packets end well before it is refused as truncated, by
+    every backend, while the intact file (and one whose frames come at uneven times) reads whole."""
+    intact, truncated = tmp_path / "intact.mkv", tmp_path / "truncated.mkv"
+    if rate == "constant":
+        _numbered(intact, frames=60)
+    else:
+        _variable_rate(intact, [40 * i for i in range(20)] + [1500 + 40 * i for i in range(30)] + [3500 + 40 * i
+                                                                                                  for i in range(10)])
+    data = intact.read_bytes()
+    truncated.write_bytes(data[: len(data) // 2])
+    for backend in ("auto", "decord", "pyav"):
+        assert probe_video(intact, backend=backend).frame_count == 60, backend
+        assert _frame_numbers(read_video(intact, backend=backend)) == list(range(60)), backend
+        with pytest.raises(VideoReadError, match="truncated.mkv.*truncated: its video track states"):
+            read_video(truncated, backend=backend)
+        with pytest.raises(VideoReadError, match="truncated: its video track states"):
+            probe_video(truncated, backend=backend)
 
 
 def test_empty_drop_frame_packets_are_not_frames(tmp_path):

@@ -9,9 +9,11 @@ Frames of more than ``FILE_THRESHOLD`` bytes travel as a raw file in a folder th
 where it exists), not through the pipe: a reply then carries ``("array-file", path, shape, dtype)`` in their place.
 
 A decoder takes ``(path, indices, num_frames)`` and returns ``(frames, frame_count)``: ``uint8`` frames
-``[T, H, W, 3]`` in RGB, and the frame count the container reports. ``indices`` picks frames (any order,
-repeats allowed); ``num_frames`` picks that many evenly spaced over the whole video; neither reads every frame.
-Problems are raised as :class:`DecodeError` with a message for the user.
+``[T, H, W, 3]`` in RGB, and the frame count: with PyAV the video packets that hold a picture, counted by
+demuxing the file (see :func:`_counted_frames`); with decord, decord's own count (the container's, or its
+duration times the frame rate). ``indices`` picks frames (any order, repeats allowed); ``num_frames`` picks that
+many evenly spaced over the whole video; neither reads every frame. Problems are raised as :class:`DecodeError`
+with a message for the user.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import pickle
 import shutil
 import struct
 import sys
+from typing import NamedTuple
 
 import numpy as np
 
@@ -56,7 +59,11 @@ def _open_decord(path: str):
     * a first frame before time 0, or none at all (decord has no timestamps): an MP4 edit list hiding frames (a
       stream copy cut between key frames writes one), which decord shows when it decodes in order but not when it
       seeks; an AVI or MPEG program stream with B-frames, whose frames it indexes out of order;
-    * an MPEG transport stream (``.ts``), where decord seeks to the wrong frames once B-frames reorder them.
+    * an MPEG transport stream (``.ts``), where decord seeks to the wrong frames once B-frames reorder them;
+    * leading pictures (an open GOP: x264's ``open-gop``, x265's default, MPEG-4 Part 2 and MPEG-2 with
+      B-frames), where decord seeks to frames 1 to 3 positions late.
+
+    A truncated file is refused as with PyAV (see :func:`_counted_frames`).
     """
     import decord
 
@@ -71,7 +78,21 @@ def _open_decord(path: str):
     if untimed:
         raise DecodeError("decord gives its first frame no time or one before 0 (an MP4 edit list, or an AVI / "
                           "MPEG stream with B-frames): it would index the frames out of order")
+    _check_decord_can_seek(path)
     return reader
+
+
+def _check_decord_can_seek(path: str) -> None:
+    """Refuse, for decord, a stream with leading pictures or a truncated one; the packets are PyAV's to read."""
+    try:
+        import av  # noqa: F401
+    except ImportError:  # decord alone is installed: nothing can demux the file to check it
+        return
+    facts = _stream_facts(path)
+    if facts.leading_pictures:
+        raise DecodeError("decord is not used on streams with leading pictures (an open GOP: frames after a key "
+                          "frame that are shown before it): it seeks to frames 1 to 3 positions late")
+    _check_complete(facts)
 
 
 def _is_transport_stream(path: str) -> bool:
@@ -90,7 +111,7 @@ def decode_decord(path: str, indices: list[int] | None, num_frames: int | None) 
     try:
         return reader.get_batch(wanted).asnumpy(), frame_count
     except Exception as error:
-        raise DecodeError(f"decord failed while decoding frames (the container reports {frame_count}): "
+        raise DecodeError(f"decord failed while decoding frames (it counts {frame_count}): "
                           f"{first_line(error)}") from None
 
 
@@ -119,12 +140,12 @@ def decode_pyav(path: str, indices: list[int] | None, num_frames: int | None) ->
                     break
         except Exception as error:
             if len(found) < len(needed):
-                raise DecodeError(f"PyAV failed after {position + 1} frames (the container reports {frame_count}): "
+                raise DecodeError(f"PyAV failed after {position + 1} frames (of {frame_count} counted): "
                                   f"{first_line(error)}") from None
     missing = sorted(needed - set(found))
     if missing:
         raise DecodeError(f"frame index {missing[0]} is past the real end: only {position + 1} frames decode, "
-                          f"though the container reports {frame_count}")
+                          f"though {frame_count} packets hold pictures")
     if not wanted:
         return np.zeros((0, stream.height, stream.width, 3), dtype=np.uint8), frame_count
     return np.stack([found[index] for index in wanted]), frame_count
@@ -135,22 +156,102 @@ def _counted_frames(path: str) -> int:
     frames) and those marked discard (hidden by an MP4 edit list). Demuxing reads the file without decoding it.
     The container's count, where it stores one, counts both kinds; containers that store none (mkv, webm, raw
     streams) would need the duration times the frame rate, as decord takes it, which counts an audio track that
-    runs longer than the video. Remembered per file version, so that a dataset item's probe and decode demux it
-    once."""
+    runs longer than the video. A file whose packets end clearly before the duration its video track states is
+    refused as truncated (see :func:`_check_complete`)."""
+    facts = _stream_facts(path)
+    _check_complete(facts)
+    return facts.frame_count
+
+
+class StreamFacts(NamedTuple):
+    """What demuxing the first video stream tells (:func:`_stream_facts`); times in seconds."""
+
+    frame_count: int  # packets that hold a picture, but those an edit list hides
+    leading_pictures: bool  # a packet after a key frame (in decode order) that is shown before it: an open GOP
+    stated_duration: float | None  # the duration the video track states, if it states one
+    packets_end: float  # where the last packet ends, counted from 0 or the first packet, whichever is earlier
+    frame_interval: float  # the packets' mean spacing, or the frame period where that is longer
+
+
+def _stream_facts(path: str) -> StreamFacts:
+    """:class:`StreamFacts` of ``path``, remembered per file version, so that a dataset item's probe and decode
+    (and decord's checks) demux it once."""
     status = os.stat(path)
-    return _packet_count(path, status.st_size, status.st_mtime_ns)
+    return _demuxed(path, status.st_size, status.st_mtime_ns)
 
 
 @functools.lru_cache(maxsize=256)
-def _packet_count(path: str, size: int, mtime_ns: int) -> int:
+def _demuxed(path: str, size: int, mtime_ns: int) -> StreamFacts:
+    """Every packet of the first video stream, read without decoding; ``size`` and ``mtime_ns`` key the cache."""
     import av
 
     try:
         with av.open(path) as container:
+            if not container.streams.video:
+                raise DecodeError("it has no video stream")
             stream = container.streams.video[0]
-            return sum(1 for packet in container.demux(stream) if packet.size and not packet.is_discard)
+            packets = [(packet.pts, packet.duration, packet.size, packet.is_keyframe, packet.is_discard)
+                       for packet in container.demux(stream)]
+            stated = _stated_duration(container, stream)
+            rate = stream.average_rate or stream.guessed_rate
+            time_base = float(stream.time_base)
+    except DecodeError:
+        raise
     except Exception as error:  # av.error.* while demuxing a damaged file
         raise DecodeError(f"PyAV cannot count its frames: {first_line(error)}") from None
+    timed = [(pts, duration or 0) for pts, duration, *_ in packets if pts is not None]
+    first = min((pts for pts, _ in timed), default=0)
+    end = max([first, *(pts + duration for pts, duration in timed)])
+    interval = max((end - first) / max(len(timed), 1) * time_base, 1 / float(rate) if rate else 0.0)
+    start = min(first, 0)  # an MP4 states its track's duration from its first packet, Matroska and AVI from 0
+    return StreamFacts(frame_count=sum(1 for _, _, size, _, discard in packets if size and not discard),
+                       leading_pictures=_has_leading_pictures(packets), stated_duration=stated,
+                       packets_end=(end - start) * time_base, frame_interval=interval)
+
+
+def _has_leading_pictures(packets: list[tuple]) -> bool:
+    """Whether a picture packet after a key frame, in decode order, has an earlier ``pts`` than that key frame."""
+    key_pts = None
+    for pts, _, size, key, _ in packets:
+        if not size or pts is None:
+            continue
+        if key:
+            key_pts = pts
+        elif key_pts is not None and pts < key_pts:
+            return True
+    return False
+
+
+HEADER_DURATIONS = {"mov", "mp4", "matroska", "webm", "avi"}  # formats whose header states the track's duration
+
+
+def _stated_duration(container, stream) -> float | None:
+    """The duration in seconds the video track's header states (an MP4's track, an AVI's frame count, a Matroska /
+    WebM track's ``DURATION`` tag), or ``None``. Not the container's duration, which an audio track longer than the
+    video sets, nor a duration FFmpeg estimates (from the bit rate of an MPEG stream, which can overshoot)."""
+    if not HEADER_DURATIONS.intersection(container.format.name.split(",")):
+        return None
+    if stream.duration:
+        return float(stream.duration * stream.time_base)
+    tag = next((value for key, value in stream.metadata.items() if key.upper().startswith("DURATION")), None)
+    try:
+        hours, minutes, seconds = str(tag).split(":")
+        return int(hours) * 3600 + int(minutes) * 60 + float(seconds)
+    except ValueError:
+        return None
+
+
+TRUNCATION_FRAMES = 2  # frame intervals the packets may end short of the stated duration: rounding, a last packet
+# without a duration; a file missing more is refused
+
+
+def _check_complete(facts: StreamFacts) -> None:
+    """Refuse a truncated file: one whose packets end more than :data:`TRUNCATION_FRAMES` frame intervals before
+    the duration its video track states (Matroska and faststart MP4s cut short still state the whole one)."""
+    stated = facts.stated_duration
+    if stated is not None and stated - facts.packets_end > TRUNCATION_FRAMES * facts.frame_interval:
+        raise DecodeError(f"it is truncated: its video track states {stated:.3f} s, but its {facts.frame_count} "
+                          f"frames end at {facts.packets_end:.3f} s")
 
 
 def first_line(error: BaseException) -> str:
@@ -167,7 +268,9 @@ def decode(backend: str, path: str, indices: list[int] | None, num_frames: int |
 
 
 def probe(backend: str, path: str) -> dict[str, float]:
-    """``frame_count`` (as the container reports it), ``fps``, ``height`` and ``width`` of the first video stream."""
+    """``frame_count``, ``fps``, ``height`` and ``width`` of the first video stream. ``frame_count`` is what
+    the backend counts: with PyAV the packets that hold a picture (:func:`_counted_frames`), with decord its own
+    count (the container's, or its duration times the frame rate)."""
     _check_path(path)
     if backend == "decord":
         reader = _open_decord(path)

@@ -62,7 +62,8 @@ def read_video(
         indices: frame indices to return, in this order (repeats allowed); each must be below the frame count.
         num_frames: instead of ``indices``, that many frames evenly spaced from the first to the last
             (``linspace``, rounded). Neither: every frame.
-        backend: ``"decord"``, ``"pyav"`` or ``"auto"`` (decord, then PyAV if decord fails or is not installed).
+        backend: ``"decord"``, ``"pyav"`` or ``"auto"`` (decord, then PyAV if decord fails, refuses the file as
+            one it would index wrong, or is not installed).
         timeout: seconds the whole call may take; decoding runs in a child process that is killed when they run
             out. ``None`` decodes in this process with no time limit (only for files you trust).
 
@@ -70,8 +71,9 @@ def read_video(
         ``uint8`` ``[T, H, W, 3]`` RGB frames.
 
     Raises:
-        VideoReadError: the file is missing or unreadable, an index is past its real end, or decoding took longer
-            than ``timeout``; the message names the file and each backend's problem.
+        VideoReadError: the file is missing, unreadable or truncated (its packets end clearly before the
+            duration its video track states), an index is past its real end, or decoding took longer than
+            ``timeout``; the message names the file and each backend's problem.
         InvalidConfigError: bad ``indices``, ``num_frames``, ``backend`` or ``timeout``.
     """
     path = os.fspath(path)
@@ -84,7 +86,10 @@ def read_video(
 
 def probe_video(path: str | os.PathLike, backend: str = "auto", timeout: float | None = 10.0) -> VideoInfo:
     """Frame count, frame rate and size of a video, without decoding it (see :func:`read_video` for ``backend``
-    and ``timeout``). ``frame_count`` is what the container reports, which may exceed the frames that decode."""
+    and ``timeout``). ``frame_count`` is what the backend counts: with PyAV the video packets that hold a
+    picture (the file is demuxed, not decoded), with decord its own count (the container's, or its duration times
+    the frame rate). It may exceed the frames that decode: a packet may hold no picture (parameter sets alone) or
+    a damaged one."""
     info = _run_with_fallback(("probe", os.fspath(path)), _backends(backend), _check_timeout(timeout))
     return VideoInfo(int(info["frame_count"]), info["fps"], int(info["height"]), int(info["width"]))
 
