@@ -2,9 +2,11 @@
 """Correlation-guided compression (vistok.document) on real scanned pages: where the tokens go.
 
 Each page is cut as mPLUG-DocOwl 1.5 cuts it (a global view and a shape-adaptive grid of ``--crop-size`` crops) and
-run through a vision tower (``--model``, a timm name; no pretrained weights exist on these machines, so a seeded
-random initialisation: its keys still tell blank from ink, its class token knows nothing). A patch is *ink* when at
-least 1 % of its pixels are darker than mid-grey. Reported per page:
+run through a vision tower (``--model``, a timm vision transformer; no pretrained weights exist on these machines,
+so a seeded random initialisation: its keys still tell blank from ink, its class token knows nothing), normalised
+with the model's own mean and std (timm's data config). A page is read as it is displayed (EXIF orientation,
+transparency on white paper, 16-bit greys by their range) and must be dark ink on light paper: a patch is *ink* when
+at least 1 % of its pixels are darker than mid-grey. Reported per page:
 
 * the paper's adaptive setting (each view keeps its density's share): tokens before and after;
 * at page budgets ``--keep``: the share of kept tokens on ink, for the compressor (density budgets, tokens ranked
@@ -25,11 +27,13 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from vistok.cli import beside, count, reports_errors
+from vistok.backbones import resolve_backbone
+from vistok.cli import beside, count, count_or_zero, reports_errors, seed
 from vistok.document import (
     CorrelationGuidedConfig,
     allocate_budget,
@@ -38,15 +42,70 @@ from vistok.document import (
     page_budgets,
     view_signals,
 )
+from vistok.errors import InputShapeError, UnsupportedModelError
+
+if TYPE_CHECKING:
+    from PIL.Image import Image as PILImage
 
 PAGES = Path(__file__).resolve().parents[1] / "data" / "pages"
 
 
+SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # Pillow's modes for 16-bit greys (older Pillows: "I")
+ALPHA = ("RGBA", "LA", "PA", "RGBa", "La")
+
+
 def load_page(path: Path) -> torch.Tensor:
-    """A page as grey levels ``[1, H, W]`` in ``[0, 1]``."""
+    """A page as grey levels ``[1, H, W]`` in ``[0, 1]``, as it is displayed: its EXIF orientation applied,
+    transparent parts on white paper, 16-bit greys divided by 65535 (Pillow's ``convert("L")`` clips them to
+    white), float greys as they are.
+
+    Raises:
+        InputShapeError: grey levels outside 16 bits or floats outside ``[0, 1]``, or dark paper (the ink test
+            counts pixels darker than mid-grey, so light ink on dark paper would be all ink).
+    """
+    from PIL import Image, ImageOps
+
+    with Image.open(path) as opened:
+        image = ImageOps.exif_transpose(opened)
+    grey = _grey_levels(image, path)
+    _check_dark_ink(grey, path)
+    return torch.from_numpy(grey)[None]
+
+
+def _grey_levels(image: PILImage, path: Path) -> np.ndarray:
+    """``[H, W]`` float32 in ``[0, 1]`` from a Pillow image of any mode (see :func:`load_page`)."""
     from PIL import Image
 
-    return torch.from_numpy(np.asarray(Image.open(path).convert("L"), dtype=np.float32) / 255)[None]
+    if image.mode in SIXTEEN_BIT + ("F",):
+        values = np.asarray(image, dtype=np.float64)
+        top = 1.0 if image.mode == "F" else 65535.0
+        if values.size and not (values.min() >= 0 and values.max() <= top):
+            raise InputShapeError(f"{path.name}: {image.mode} grey levels from {values.min():g} to {values.max():g} "
+                                  f"are outside [0, {top:g}]; save the page as an 8- or 16-bit image")
+        return (values / top).astype(np.float32)
+    if image.mode in ALPHA or "transparency" in image.info:  # transparent paper is white, not black
+        image = Image.alpha_composite(Image.new("RGBA", image.size, "white"), image.convert("RGBA"))
+    return np.asarray(image.convert("L"), dtype=np.float32) / 255
+
+
+def _check_dark_ink(grey: np.ndarray, path: Path) -> None:
+    """Refuse a page whose paper (its median grey) is darker than mid-grey: white on black, or a negative."""
+    median = float(np.median(grey))
+    if median < 0.5:
+        raise InputShapeError(f"{path.name}: the paper is dark (median grey {median:.2f} < 0.5): the ink test counts "
+                              "pixels darker than mid-grey, so every patch would be ink; invert the page first "
+                              "(PIL.ImageOps.invert)")
+
+
+def tower_input(model: torch.nn.Module, grey: torch.Tensor) -> torch.Tensor:
+    """``grey`` ``[1, H, W]`` in ``[0, 1]`` as ``model`` takes it: ``[C, H, W]``, ``(grey - mean) / std`` with the
+    mean and std (``C`` entries) of its timm data config."""
+    from timm.data import resolve_data_config
+
+    config = resolve_data_config(model=model)
+    mean = torch.tensor(config["mean"], dtype=grey.dtype)[:, None, None]
+    std = torch.tensor(config["std"], dtype=grey.dtype)[:, None, None]
+    return (grey.expand(mean.shape[0], -1, -1) - mean) / std
 
 
 def ink_patches(grey_views: torch.Tensor, patch: int) -> torch.Tensor:
@@ -67,7 +126,7 @@ def random_kept(budgets: torch.Tensor, per_view: int, seed: int) -> list[torch.T
 
 def evaluate_page(model, path: Path, args: argparse.Namespace, out: Path) -> list[dict]:
     grey = load_page(path)
-    crops = crop_page((grey.expand(3, -1, -1) - 0.5) / 0.5, args.crop_size)
+    crops = crop_page(tower_input(model, grey), args.crop_size)
     grey_views = crop_page(grey, args.crop_size).views
     started = time.perf_counter()
     signals = view_signals(model, crops.views, args.layer)
@@ -122,6 +181,43 @@ def _corr(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(torch.corrcoef(torch.stack([a, b]))[0, 1])
 
 
+def check_pages(parser: argparse.ArgumentParser, pages: list[str]) -> None:
+    """Every page exists and loads (:func:`load_page`) before the tower runs on the first, or a parser error."""
+    missing = [page for page in pages if not Path(page).is_file()]
+    if missing:
+        parser.error(f"--pages: no such file: {', '.join(missing)}")
+    for page in pages:
+        try:
+            load_page(Path(page))
+        except (InputShapeError, OSError) as error:  # OSError: PIL.UnidentifiedImageError, a truncated file
+            parser.error(f"--pages: {error}")
+
+
+def build_tower(parser: argparse.ArgumentParser, args: argparse.Namespace) -> torch.nn.Module:
+    """The seeded random timm ``--model`` at ``--crop-size`` px, eval mode; a parser error for a name timm does not
+    know, a model that is not a vision transformer vistok reads, or a crop size its patches do not tile."""
+    import timm
+
+    if not timm.is_model(args.model):
+        parser.error(f"--model: timm has no model {args.model!r}")
+    torch.manual_seed(args.seed)
+    not_a_vit = f"--model {args.model} is not a vision transformer vistok reads (e.g. vit_small_patch16_224)"
+    try:
+        model = timm.create_model(args.model, pretrained=False, img_size=args.crop_size).eval()
+    except TypeError as error:  # a CNN takes no img_size
+        parser.error(f"{not_a_vit}: {error}")
+    try:
+        resolve_backbone(model)
+    except UnsupportedModelError as error:
+        parser.error(f"{not_a_vit}: {error}")
+    if getattr(model, "patch_embed", None) is None:
+        parser.error(f"{not_a_vit}: it has no patch_embed")
+    patch = model.patch_embed.patch_size[0]
+    if args.crop_size % patch:
+        parser.error(f"--crop-size {args.crop_size} is not a multiple of {args.model}'s {patch} px patches")
+    return model
+
+
 @reports_errors
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -133,21 +229,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--similarity", type=float, default=0.9)
     parser.add_argument("--repeats", type=int, default=4)
     parser.add_argument("--keep", nargs="+", type=float, default=[0.33, 0.5])
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--seed", type=seed, default=0)
+    parser.add_argument("--threads", type=count_or_zero, default=0, help="0: torch's default")
     args = parser.parse_args(argv)
-    missing = [page for page in args.pages if not Path(page).is_file()]
-    if missing:
-        parser.error(f"--pages: no such file: {', '.join(missing)}")
+    check_pages(parser, args.pages)
     if args.threads:
         torch.set_num_threads(args.threads)
-    import timm
-
-    torch.manual_seed(args.seed)
-    model = timm.create_model(args.model, pretrained=False, img_size=args.crop_size).eval()
-    patch = model.patch_embed.patch_size[0]
-    if args.crop_size % patch:
-        parser.error(f"--crop-size {args.crop_size} is not a multiple of {args.model}'s {patch} px patches")
+    model = build_tower(parser, args)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     rows = []

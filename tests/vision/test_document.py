@@ -2,11 +2,15 @@
 (against the block's own attention), and real scanned pages (from ocrmypdf's source package, fetched by
 ``make install``)."""
 
+import dataclasses
+
+import numpy as np
 import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from helpers import ROOT, tiny_hf_tower
+from helpers import ROOT, load_tool, tiny_hf_tower
+from PIL import Image
 
 import vistok
 from vistok import InputShapeError, InvalidConfigError
@@ -16,6 +20,7 @@ from vistok.document import (
     candidate_grids,
     choose_grid,
     compress_page,
+    compress_views,
     crop_page,
     information_density,
     merge_into_kept,
@@ -284,27 +289,29 @@ def test_a_tower_without_a_class_token_ranks_by_the_attention_each_patch_receive
         assert torch.equal(result.index[v], top_tokens(signals.class_attention[v], int(result.budgets[v])))
 
 
-def _real_page(name: str, crop_size: int):
-    import numpy as np
-    from PIL import Image
+@pytest.fixture(scope="module")
+def eval_pages():
+    """tools/eval_pages.py: its page loader and ink test are the ones the tests use."""
+    return load_tool("eval_pages")
 
+
+def _real_page(tool, name: str, crop_size: int):
     path = PAGES / name
     if not path.is_file():
         pytest.fail(f"{path} is missing: `make install` fetches the real pages (ocrmypdf's test resources)")
-    grey = torch.from_numpy(np.asarray(Image.open(path).convert("L"), dtype=np.float32) / 255)[None]
+    grey = tool.load_page(path)
     return grey, crop_page((grey.expand(3, -1, -1) - 0.5) / 0.5, crop_size), crop_page(grey, crop_size).views
 
 
 @pytest.mark.parametrize("name", ["linn.png", "typewriter.png"])
-def test_on_real_scanned_pages_blank_gets_fewer_tokens_than_ink(name):
+def test_on_real_scanned_pages_blank_gets_fewer_tokens_than_ink(name, eval_pages):
     """A real scan cut as DocOwl 1.5 cuts it (448 px crops) through a ViT-S/16 (random weights: none are on these
     machines): blank patches are flagged redundant more often than ink patches, crops with more ink get more of
     the page budget, and the kept tokens fall on ink more often than the page's share of ink patches."""
     torch.manual_seed(0)
     model = timm.create_model("vit_small_patch16_224", img_size=448, num_classes=0).eval()
-    _, crops, grey_views = _real_page(name, 448)
-    dark = (grey_views[:, 0] < 0.5).float()
-    ink = (dark.unfold(1, 16, 16).unfold(2, 16, 16).mean((-1, -2)) >= 0.01).flatten(1)  # [V, 784]
+    _, crops, grey_views = _real_page(eval_pages, name, 448)
+    ink = eval_pages.ink_patches(grey_views, 16)  # [V, 784]
     result = compress_page(model, crops, CorrelationGuidedConfig(keep=0.33, score="similarity"))
     assert result.redundant[~ink].float().mean() > result.redundant[ink].float().mean() + 0.3
     crop_ink = ink[1:].float().mean(-1)
@@ -388,3 +395,138 @@ def test_an_open_clip_tower_ranks_by_its_own_attention_weights():
     assert torch.allclose(signals.class_attention, weights[:, 0, 1:], atol=1e-6)
     result = compress_page(tower, views, CorrelationGuidedConfig(tokens=12, similarity=0.5, repeats=2))
     assert result.num_tokens == 12
+
+
+@pytest.mark.parametrize(("grid", "max_crops", "message"), [
+    ((1.5, 2), 9, r"grid must be \(rows, cols\), two ints >= 1, got \(1.5, 2\)"),
+    ((True, 2), 9, r"two ints >= 1, got \(True, 2\)"),
+    ((1, 2, 3), 9, r"two ints >= 1, got \(1, 2, 3\)"),
+    ((0, 2), 9, r"two ints >= 1, got \(0, 2\)"),
+    (torch.tensor([1, 2]), 9, r"two ints >= 1, got tensor"),
+    ((5, 5), 2, r"grid 5 x 5 is 25 crops, more than max_crops=2"),
+    ((1, 1), 0, r"max_crops must be a positive int, got 0")])
+def test_a_given_grid_is_two_positive_ints_within_max_crops(grid, max_crops, message):
+    page = torch.rand(3, 100, 200)
+    with pytest.raises(InvalidConfigError, match=message):
+        crop_page(page, 8, max_crops=max_crops, grid=grid)
+    assert crop_page(page, 8, max_crops=6, grid=[2, 3]).grid == (2, 3)  # a list is a grid too
+
+
+def _synthetic_page() -> np.ndarray:
+    """``[40, 60]`` uint8: white paper, a dark grey block of ink in the top-left corner (not centred: a rotation
+    shows)."""
+    page = np.full((40, 60), 255, np.uint8)
+    page[4:14, 5:25] = 40
+    return page
+
+
+def _save_as(kind: str, page: np.ndarray, path) -> None:
+    """``page`` saved as a 16-bit grey PNG, an RGBA PNG with transparent black paper, or a PNG stored turned a
+    quarter anticlockwise with EXIF orientation 6 (turn it clockwise to view)."""
+    if kind == "16-bit":
+        Image.fromarray(page.astype(np.uint16) * 257).save(path)
+        assert Image.open(path).mode == "I;16"
+    elif kind == "transparent":
+        ink = page < 255
+        rgba = np.zeros(page.shape + (4,), np.uint8)  # paper (0, 0, 0, 0), opaque ink
+        rgba[..., :3], rgba[..., 3] = np.where(ink, page, 0)[..., None], np.where(ink, 255, 0)
+        Image.fromarray(rgba, "RGBA").save(path)
+    else:
+        exif = Image.Exif()
+        exif[0x0112] = 6
+        Image.fromarray(page).rotate(90, expand=True).save(path, exif=exif.tobytes())
+
+
+@pytest.mark.parametrize("kind", ["16-bit", "transparent", "rotated"])
+def test_the_page_loader_reads_pages_as_displayed(tmp_path, eval_pages, kind):
+    """16-bit greys scale by 65535 (Pillow's convert("L") clips them to white), transparent paper is white paper
+    (convert("L") drops the alpha: black), and the EXIF orientation is applied: each gives the 8-bit page."""
+    page = _synthetic_page()
+    _save_as(kind, page, tmp_path / "page.png")
+    grey = eval_pages.load_page(tmp_path / "page.png")
+    assert grey.shape == (1, 40, 60) and grey.dtype == torch.float32
+    assert torch.allclose(grey, torch.from_numpy(page / np.float32(255))[None], atol=1e-6)
+
+
+def test_the_page_loader_refuses_light_ink_on_dark_paper_and_levels_past_16_bits(tmp_path, eval_pages):
+    """The ink test counts pixels darker than mid-grey: a white-on-black page would be all ink, so it is refused
+    (and the tool exits 2 before running the tower), as are 32-bit grey levels outside 16 bits."""
+    Image.fromarray(255 - _synthetic_page()).save(tmp_path / "negative.png")
+    with pytest.raises(InputShapeError, match=r"negative.png: the paper is dark \(median grey 0.00 < 0.5\)"):
+        eval_pages.load_page(tmp_path / "negative.png")
+    Image.fromarray(np.full((8, 8), 70000, np.int32), "I").save(tmp_path / "wide.tif")
+    with pytest.raises(InputShapeError, match=r"wide.tif: I grey levels from 70000 to 70000 are outside \[0, 65535\]"):
+        eval_pages.load_page(tmp_path / "wide.tif")
+
+
+@pytest.mark.parametrize(("arguments", "page", "message"), [
+    (["--threads", "-1"], "page.png", "argument --threads: expected an integer >= 0"),
+    (["--seed", "-1"], "page.png", "argument --seed: expected an integer >= 0"),
+    (["--seed", str(2**32)], "page.png", "argument --seed: expected a seed below 2**32"),
+    (["--model", "resnet18"], "page.png", "--model resnet18 is not a vision transformer vistok reads"),
+    (["--model", "no_such_model"], "page.png", "--model: timm has no model 'no_such_model'"),
+    ([], "negative.png", "--pages: negative.png: the paper is dark")])
+def test_the_page_tool_refuses_bad_arguments_with_status_2(tmp_path, capsys, eval_pages, arguments, page, message):
+    Image.fromarray(_synthetic_page()).save(tmp_path / "page.png")
+    Image.fromarray(255 - _synthetic_page()).save(tmp_path / "negative.png")
+    with pytest.raises(SystemExit) as stopped:
+        eval_pages.main(["--out", str(tmp_path / "out"), "--crop-size", "32", "--pages", str(tmp_path / page),
+                         *arguments])
+    assert stopped.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_the_page_tool_normalises_with_the_models_own_mean_and_std(eval_pages):
+    """The crops are normalised as the tower expects (its timm data config), not always with 0.5 / 0.5; the
+    default ViTs' config is 0.5 / 0.5, so results/pages.csv stays as it was."""
+    grey = torch.rand(1, 20, 30)
+    imagenet = timm.create_model("vit_tiny_patch16_224", img_size=32, depth=1, pretrained_cfg_overlay=dict(
+        mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)))
+    mean = torch.tensor([0.485, 0.456, 0.406])[:, None, None]
+    std = torch.tensor([0.229, 0.224, 0.225])[:, None, None]
+    assert torch.allclose(eval_pages.tower_input(imagenet, grey), (grey - mean) / std)
+    default = timm.create_model("vit_tiny_patch16_224", img_size=32, depth=1)
+    assert torch.equal(eval_pages.tower_input(default, grey), (grey.expand(3, -1, -1) - 0.5) / 0.5)
+
+
+def test_bare_views_have_no_grid_positions(tiny_vit):
+    """compress_page on bare views [V, C, S, S]: they have no place in a grid, so positions is None (not (0, 0)
+    for every view, the top-left crop's place); a PageCrops' own positions come through."""
+    views = torch.randn(3, 3, 64, 64)
+    assert compress_page(tiny_vit, views, CorrelationGuidedConfig(keep=0.5)).positions is None
+    crops = crop_page(torch.randn(3, 100, 200), crop_size=64)
+    assert torch.equal(compress_page(tiny_vit, crops, CorrelationGuidedConfig(keep=0.5)).positions, crops.positions)
+    signals = view_signals(tiny_vit, crops.views)
+    views = crops.views.shape[0]
+    with pytest.raises(InputShapeError, match=rf"expected positions \[{views}, 2\] .* got \({views - 1}, 2\)"):
+        compress_views(signals, CorrelationGuidedConfig(keep=0.5), True, crops.positions[1:])
+
+
+def test_a_float64_page_runs_on_a_float32_tower(tiny_vit):
+    """A page from numpy is float64: its crops keep that dtype, and the tower gets them in its own (float32)."""
+    crops = crop_page(torch.from_numpy(np.random.default_rng(0).random((3, 100, 150))), crop_size=64)
+    assert crops.views.dtype == torch.float64
+    config = CorrelationGuidedConfig(keep=0.33)
+    result = compress_page(tiny_vit, crops, config)
+    reference = compress_page(tiny_vit, dataclasses.replace(crops, views=crops.views.float()), config)
+    assert result.budgets.tolist() == reference.budgets.tolist()
+    assert all(torch.equal(a, b) for a, b in zip(result.tokens, reference.tokens, strict=True))
+    assert result.tokens[0].dtype == torch.float32
+    with pytest.raises(InputShapeError, match=r"expected float views \[V, C, S, S\] .* torch.uint8"):
+        view_signals(tiny_vit, crops.views.to(torch.uint8))
+
+
+def test_allocate_budget_splits_on_the_cpu_whatever_the_weights_device():
+    """The budgets are a handful of integers: the weights are brought to the CPU (float64) first, so a tower's
+    device never meets the CPU masks; weights without values (the meta device) are refused by name."""
+    with pytest.raises(InputShapeError, match="weights on the meta device have no values"):
+        allocate_budget(torch.tensor([3.0, 1.0, 0.0], device="meta"), 8, 10)
+    for weights in (torch.tensor([3.0, 1.0, 0.0], dtype=torch.float16), torch.tensor([3, 1, 0]),
+                    torch.tensor([3.0, 1.0, 0.0], requires_grad=True)):
+        assert allocate_budget(weights, 8, 10).tolist() == [6, 2, 0]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_allocate_budget_takes_weights_on_a_cuda_device():
+    weights = torch.tensor([3.0, 1.0, 0.0], device="cuda")
+    budgets = allocate_budget(weights, 8, torch.tensor([4, 10, 10], device="cuda"))
+    assert budgets.device.type == "cpu" and budgets.tolist() == [4, 4, 0]

@@ -144,6 +144,11 @@ def test_correlation_guided_options_are_checked():
         CorrelationGuidedConfig(tokens=8, redundancy="document")
     with pytest.raises(InvalidConfigError, match="allocation='uniform' splits a budget"):
         CorrelationGuidedConfig(allocation="uniform")
+    # the adaptive setting (no tokens= / keep=) has no budget to give the global view a share of: refused, not ignored
+    with pytest.raises(InvalidConfigError, match=r"global_share=0.9 is the global view's share of a budget; give "
+                                                 r"tokens= or keep="):
+        CorrelationGuidedConfig(global_share=0.9)
+    assert CorrelationGuidedConfig(keep=0.5, global_share=0.9).global_share == 0.9
 
 
 def test_method_words_carry_options():

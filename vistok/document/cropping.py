@@ -71,11 +71,34 @@ def choose_grid(height: int, width: int, crop_size: int = 448, max_crops: int = 
     return grids[int(torch.argmax(100 * shape + resolution))]
 
 
+def _checked_grid(grid: object, max_crops: int) -> tuple[int, int]:
+    """``grid`` as ``(rows, cols)``: two ints >= 1 (not bools) with ``rows * cols <= max_crops``, or an
+    :class:`InvalidConfigError` that says which part is wrong."""
+    if not is_int(max_crops, 1):
+        raise InvalidConfigError(f"crop_page: max_crops must be a positive int, got {max_crops!r}")
+    if not (isinstance(grid, (tuple, list)) and len(grid) == 2 and all(is_int(side, 1) for side in grid)):
+        raise InvalidConfigError(f"crop_page: grid must be (rows, cols), two ints >= 1, got {grid!r}")
+    rows, cols = grid
+    if rows * cols > max_crops:
+        raise InvalidConfigError(f"crop_page: grid {rows} x {cols} is {rows * cols} crops, more than "
+                                 f"max_crops={max_crops}")
+    return rows, cols
+
+
 def crop_page(page: Tensor, crop_size: int = 448, max_crops: int = 9, grid: tuple[int, int] | None = None
               ) -> PageCrops:
     """Cut ``page`` ``[C, H, W]`` (float, as the tower takes it) into its shape-adaptive grid (:func:`choose_grid`,
     or ``grid``) of ``crop_size`` crops, behind a global view of the whole page; bilinear resizing with
-    antialiasing."""
+    antialiasing.
+
+    ``page`` is cropped as given: normalise it for the tower first (e.g. ``(page - mean) / std`` with the tower's
+    own mean and std, ``timm.data.resolve_data_config(model=tower)``). ``grid`` ``(rows, cols)``, when given, is two
+    ints >= 1 with ``rows * cols <= max_crops``.
+
+    Raises:
+        InputShapeError: ``page`` is not a float ``[C, H, W]`` tensor (or looks channel-last).
+        InvalidConfigError: ``crop_size``, ``max_crops`` or ``grid`` is not as above.
+    """
     if page.dim() != 3 or not page.is_floating_point():
         raise InputShapeError(f"crop_page: expected a float page [C, H, W], got {page.dtype} "
                               f"{tuple(page.shape)}")
@@ -84,9 +107,10 @@ def crop_page(page: Tensor, crop_size: int = 448, max_crops: int = 9, grid: tupl
                               "channels first, [C, H, W] (page.permute(2, 0, 1))")
     if not is_int(crop_size, 1):
         raise InvalidConfigError(f"crop_page: crop_size must be a positive int, got {crop_size!r}")
-    rows, cols = grid if grid is not None else choose_grid(page.shape[1], page.shape[2], crop_size, max_crops)
-    if rows < 1 or cols < 1:
-        raise InvalidConfigError(f"crop_page: grid must be (rows, cols) >= (1, 1), got {grid!r}")
+    if grid is None:
+        rows, cols = choose_grid(page.shape[1], page.shape[2], crop_size, max_crops)
+    else:
+        rows, cols = _checked_grid(grid, max_crops)
 
     def resized(height: int, width: int) -> Tensor:
         # half precision resized in float32: antialiased bilinear has no float16 / bfloat16 kernel on the CPU

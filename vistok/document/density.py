@@ -66,20 +66,31 @@ def information_density(keys: Tensor, similarity: float = 0.9, repeats: int = 4)
     return 1 - redundant_tokens(keys, similarity, repeats).float().mean(dim=-1)
 
 
+def _cpu_float64(weights: Tensor) -> Tensor:
+    """``weights`` ``[V]`` as a float64 CPU tensor, or an :class:`InputShapeError` for a tensor without values (the
+    meta device)."""
+    if weights.is_meta:
+        raise InputShapeError("allocate_budget: weights on the meta device have no values to split a budget by")
+    return weights.detach().to(device="cpu", dtype=torch.float64)
+
+
 def allocate_budget(weights: Tensor, total: int, capacity: int | Tensor, minimum: int = 0) -> Tensor:
     """``[V]`` long: ``total`` tokens split over views in proportion to ``weights`` ``[V]`` (non-negative), each
     view getting at least ``minimum`` and at most its ``capacity`` (an int or ``[V]``), summing to ``total``.
 
     Water-filling: views that would pass their capacity are filled and the rest is shared again; the integer
     split takes the floors and gives the leftover tokens to the largest remainders (ties to the earlier view).
-    Views of zero weight get ``minimum``, or more only when the others are full.
+    Views of zero weight get ``minimum``, or more only when the others are full. The split runs on the CPU in
+    float64 whatever ``weights``' device (a tower's, often): the budgets are a handful of integers, returned on the
+    CPU.
     """
     if weights.dim() != 1 or weights.numel() == 0:
         raise InputShapeError(f"allocate_budget: expected weights [V] with V >= 1, got {tuple(weights.shape)}")
+    weights = _cpu_float64(weights)
     if bool((weights < 0).any()) or not bool(torch.isfinite(weights).all()):
         raise InvalidConfigError("allocate_budget: weights must be finite and non-negative")
     views = weights.shape[0]
-    cap = torch.as_tensor(capacity, dtype=torch.long).expand(views).clone()
+    cap = torch.as_tensor(capacity, dtype=torch.long, device="cpu").expand(views).clone()
     if not is_int(minimum, 0) or bool((cap < minimum).any()):
         raise InvalidConfigError(f"allocate_budget: minimum must be an int in [0, capacity], got {minimum!r}")
     if not is_int(total) or not minimum * views <= total <= int(cap.sum()):
@@ -87,7 +98,6 @@ def allocate_budget(weights: Tensor, total: int, capacity: int | Tensor, minimum
                                  f"({views} views, at least {minimum} and at most their capacity each), got "
                                  f"{total!r}")
     share = torch.full((views,), float(minimum), dtype=torch.float64)
-    weights = weights.double()
     room = cap.double() - share
     left = float(total - share.sum())
     open_ = room > 0

@@ -61,7 +61,8 @@ class CorrelationGuidedConfig(BoundaryConfig):
             view is redundant; a view's density is its share of tokens that are not.
         global_share: the share of the budget the global view keeps (``None``: its share of the page's tokens,
             as a uniform split would give it); the crops share the rest by density. On a vision-LLM it applies
-            to ``tokens=`` and ``keep=`` alike (the image's total, then the base view's share).
+            to ``tokens=`` and ``keep=`` alike (the image's total, then the base view's share). It needs a budget
+            (``tokens=`` or ``keep=``): the adaptive setting has no share to give.
         minimum: tokens every view keeps at least.
         score: ``"attention"`` (the class token's attention, heads averaged) or ``"similarity"`` (the cosine of
             each token's key with the class token's key; towers only) ranks the tokens within a view. A tower
@@ -108,6 +109,10 @@ class CorrelationGuidedConfig(BoundaryConfig):
             raise InvalidConfigError(f"{self.name}: allocation must be one of {ALLOCATIONS}, got {self.allocation!r}")
         if self.allocation == "uniform" and self.adaptive:
             raise InvalidConfigError(f"{self.name}: allocation='uniform' splits a budget evenly; give tokens= or keep=")
+        if self.global_share is not None and self.adaptive:
+            raise InvalidConfigError(f"{self.name}: global_share={self.global_share!r} is the global view's share of a "
+                                     "budget; give tokens= or keep= (the adaptive setting keeps each view's density "
+                                     "share)")
         if self.redundancy not in REDUNDANCY:
             raise InvalidConfigError(f"{self.name}: redundancy must be one of {REDUNDANCY}, got {self.redundancy!r}")
         if self.score not in SCORES:
@@ -184,18 +189,30 @@ class ViewSignals:
     class_similarity: Tensor | None
 
 
+def _parameter_dtype(model: nn.Module, default: torch.dtype) -> torch.dtype:
+    """The dtype of ``model``'s first floating-point parameter (``default`` when it has none)."""
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), default)
+
+
 @torch.no_grad()
 def view_signals(model: nn.Module, views: Tensor, layer: int = -1) -> ViewSignals:
     """Run the tower of ``model`` on ``views`` ``[V, C, S, S]`` and read block ``layer`` through its own modules
     (norm, query/key projections, rotary embedding for the attention): nothing of the tower is re-implemented or
-    changed. The tower runs in eval mode (no dropout; its mode is restored after)."""
+    changed. The tower runs in eval mode (no dropout; its mode is restored after). Float views are cast to the
+    dtype of the tower's parameters (a float64 page from numpy runs on a float32 tower).
+
+    Raises:
+        InputShapeError: ``views`` is not a float ``[V, C, S, S]`` tensor.
+    """
     backbone = resolve_backbone(model)
     info = backbone.info
     blocks = backbone.blocks()
     if not -len(blocks) <= layer < len(blocks):
         raise InvalidConfigError(f"layer must be a block index in [-{len(blocks)}, {len(blocks)}), got {layer}")
-    if views.dim() != 4:
-        raise InputShapeError(f"expected views [V, C, S, S] (a page's crops), got {tuple(views.shape)}")
+    if views.dim() != 4 or not views.is_floating_point():
+        raise InputShapeError(f"expected float views [V, C, S, S] (a page's crops), got {views.dtype} "
+                              f"{tuple(views.shape)}")
+    views = views.to(_parameter_dtype(backbone.model, views.dtype))
     index = layer % len(blocks)
     seen: dict[str, Any] = {}
 
@@ -236,7 +253,8 @@ def view_signals(model: nn.Module, views: Tensor, layer: int = -1) -> ViewSignal
 class CompressedPage:
     """A page's visual tokens under one budget: per view, ``tokens`` ``[k_v, D]`` (in order), ``index`` (their
     positions among the view's patches), ``sizes``; ``budgets`` ``[V]`` long, ``density`` ``[V]``, ``redundant``
-    ``[V, N]`` bool, and ``positions`` ``[V, 2]`` each view's (row, col) in the crop grid (``-1``: global)."""
+    ``[V, N]`` bool, and ``positions`` ``[V, 2]`` long, each view's (row, col) in the crop grid (``(-1, -1)``: the
+    global view), or ``None`` for bare views, which have no grid."""
 
     tokens: list[Tensor]
     index: list[Tensor]
@@ -244,7 +262,7 @@ class CompressedPage:
     budgets: Tensor
     density: Tensor
     redundant: Tensor
-    positions: Tensor
+    positions: Tensor | None
 
     @property
     def num_tokens(self) -> int:
@@ -277,21 +295,25 @@ def compress_page(model: nn.Module, page: PageCrops | Tensor, config: Correlatio
 
     Args:
         page: a :class:`~vistok.document.PageCrops` (its first view is the global one), or views
-            ``[V, C, S, S]`` that all count as crops.
+            ``[V, C, S, S]`` that all count as crops; those have no place in a grid, so the result's
+            ``positions`` is ``None`` (a made-up ``(0, 0)`` would put every view in the top-left crop).
     """
     if not isinstance(config, CorrelationGuidedConfig):
         raise InvalidConfigError(f"compress_page needs a CorrelationGuidedConfig, got {type(config).__name__}")
-    views = page.views if isinstance(page, PageCrops) else page
-    signals = view_signals(model, views, config.layer)
-    positions = page.positions if isinstance(page, PageCrops) else torch.zeros(views.shape[0], 2, dtype=torch.long)
-    return compress_views(signals, config, isinstance(page, PageCrops), positions)
+    cropped = isinstance(page, PageCrops)
+    signals = view_signals(model, page.views if cropped else page, config.layer)
+    return compress_views(signals, config, cropped, page.positions if cropped else None)
 
 
 def compress_views(signals: ViewSignals, config: CorrelationGuidedConfig, has_global: bool,
                    positions: Tensor | None = None) -> CompressedPage:
     """Density, budgets and kept tokens from a page's :class:`ViewSignals` (the first view global if
-    ``has_global``): the tensor part of :func:`compress_page`."""
+    ``has_global``): the tensor part of :func:`compress_page`. ``positions`` ``[V, 2]`` (a
+    :class:`~vistok.document.PageCrops`' own) is passed through to the result; ``None`` for views with no grid."""
     count, per_view = signals.tokens.shape[:2]
+    if positions is not None and tuple(positions.shape) != (count, 2):
+        raise InputShapeError(f"compress_views: expected positions [{count}, 2] (each view's (row, col)), got "
+                              f"{tuple(positions.shape)}")
     if config.redundancy == "crop":
         redundant = redundant_tokens(signals.keys, config.similarity, config.repeats)
     else:  # one row of every view's tokens
@@ -312,7 +334,5 @@ def compress_views(signals: ViewSignals, config: CorrelationGuidedConfig, has_gl
     kept: list[KeptTokens] = [
         merge_into_kept(signals.tokens[v], signals.keys[v], top_tokens(scores[v], int(budgets[v])), config.merge)
         for v in range(count)]
-    if positions is None:
-        positions = torch.zeros(count, 2, dtype=torch.long)
     return CompressedPage([k.tokens for k in kept], [k.index for k in kept], [k.sizes for k in kept], budgets,
                           density, redundant, positions)
