@@ -251,3 +251,24 @@ def test_fusion_turns_proportional_attention_on_after_a_merge_without_it():
     with torch.no_grad(), vistok.patch(model, methods) as handle:
         model(make_images(model, 2))
         assert handle.layouts[1].proportional is False and handle.layouts[2].proportional is True
+    fusion_first = [("ats", {"k": 20, "min_tokens": 1, "fusion": True, "blocks": [1]}),
+                    ("merge", {"r": 4, "blocks": [2, 3], "proportional_attention": False})]
+    with torch.no_grad(), vistok.patch(model, fusion_first) as handle:  # the fused tokens keep their bias
+        model(make_images(model, 2))
+        assert [handle.layouts[block].proportional for block in (1, 2, 3)] == [True, True, True]
+
+
+def test_half_precision_values_whose_norm_overflows_are_scored_as_in_float32():
+    """The value norm over every head of finite float16 values can pass 65504: scored in float16 it was inf, the
+    normalised scores NaN, and sampling kept near-arbitrary tokens."""
+    from vistok.ops import inverse_transform_sampling, significance_scores
+
+    generator = torch.Generator().manual_seed(0)
+    v = torch.randn(2, 4, 11, 16, generator=generator) * 10_000  # norms about 8e4, over float16's 65504
+    attention = torch.rand(2, 4, 11, generator=generator).softmax(dim=-1)
+    assert bool(torch.isinf(v.half().transpose(1, 2).flatten(2).norm(dim=-1)).any())  # the overflow is real
+    half = significance_scores(attention.half(), v.half(), num_prefix=1)
+    full = significance_scores(attention.half().float(), v.half().float(), num_prefix=1)
+    assert bool(torch.isfinite(half).all()) and half.dtype == torch.float32
+    torch.testing.assert_close(half, full, rtol=1e-3, atol=0)
+    assert torch.equal(inverse_transform_sampling(half, 5), inverse_transform_sampling(full, 5))

@@ -67,7 +67,9 @@ class TokenMerger(TokenReducer):
             index, valid = keep_mask_to_index(arranged.valid, layout.num_tokens - min(self.r, layout.num_patches // 2))
         x = gather_tokens(torch.cat([x[:, :prefix], merged], dim=1), index)
         new_layout = arranged.select(index, valid)
-        return x, replace(new_layout, proportional=self.proportional_attention)
+        # tokens an earlier ATS fusion sized keep their log(size) bias (fusion always uses it)
+        fused_before = layout.sizes is not None and layout.proportional
+        return x, replace(new_layout, proportional=self.proportional_attention or fused_before)
 
 
 def merge_schedule(r: int, num_blocks: int, schedule: str) -> list[int]:
@@ -87,7 +89,8 @@ class MergeConfig(MethodConfig):
             patch tokens; at run time a block never removes more than half of the patch tokens it has.
         blocks: indices of the merging blocks; ``None``: every block.
         schedule: ``"constant"`` or ``"decreasing"`` (from ``2 r`` down to 0; an int ``r`` only).
-        proportional_attention: add ``log(size)`` to attention logits (ToMe's default).
+        proportional_attention: add ``log(size)`` to attention logits (ToMe's default). After an ATS fusion,
+            which always does, attention stays proportional for every token.
         trace_source: track which original patches each token stands for (``TokenLayout.owner``), for
             visualisation.
     """

@@ -26,8 +26,8 @@ def _mix32(x: Tensor | int) -> Tensor | int:
 
 def hashed_noise(seed: int, rows: int, columns: int, device: torch.device | str | None = None) -> Tensor:
     """``[rows, columns]`` int64 values in ``[0, 2**32)``, uniform and independent in practice, determined by
-    ``seed`` (an int in ``[0, 2**63)``) and each entry's position. Rank them (stable sort: ties, about one row in
-    200,000 at 200 columns, go to the earlier position) to draw a random order.
+    ``seed`` (an int in ``[0, 2**63)``) and each entry's position. Rank them to draw a random order: a row's values
+    are distinct (for fixed seed and row, each step is a bijection of the column), so there are no ties.
     """
     row = torch.arange(rows, device=device, dtype=torch.long)[:, None]
     column = torch.arange(columns, device=device, dtype=torch.long)[None, :]
