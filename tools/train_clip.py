@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from vistok.cli import count, reports_errors
+from vistok.cli import count, count_or_zero, positive, positive_or_zero, reports_errors, seed
 from vistok.data import GreyBatchTransform, load_fashion_mnist
 from vistok.experiment import check_resumed_settings, save_whole, truncate_log
 from vistok.fmnist_qa import ITEM_NAMES
@@ -47,13 +47,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/clip")
     parser.add_argument("--steps", type=count, default=1_000_000)
-    parser.add_argument("--minutes", type=float, default=25.0, help="training time budget (checkpoints excluded)")
+    parser.add_argument("--minutes", type=positive, default=25.0, help="training time budget (checkpoints excluded)")
     parser.add_argument("--batch-size", type=count, default=256)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--weight-decay", type=float, default=0.1)
+    parser.add_argument("--lr", type=positive, default=1e-3)
+    parser.add_argument("--weight-decay", type=positive_or_zero, default=0.1)
     parser.add_argument("--warmup", type=count, default=100)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--seed", type=seed, default=0)
+    parser.add_argument("--threads", type=count_or_zero, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--checkpoint-every", type=count, default=200)
     parser.add_argument("--resume", action="store_true")
     args = parser.parse_args(argv)

@@ -23,7 +23,7 @@ import sys
 
 import torch
 
-from vistok.cli import count, reports_errors, seed, share
+from vistok.cli import count, count_or_zero, positive, reports_errors, seed, share
 from vistok.models.reference_vlm import (
     TrainingRun,
     answer_batch,
@@ -70,11 +70,11 @@ def main(argv: list[str] | None = None, language_model=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/video_vlm")
     parser.add_argument("--steps", type=count, default=100_000)
-    parser.add_argument("--minutes", type=float, default=60.0, help="training time budget (checkpoints excluded)")
+    parser.add_argument("--minutes", type=positive, default=60.0, help="training time budget (checkpoints excluded)")
     parser.add_argument("--batch-size", type=count, default=8)
-    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--lr", type=positive, default=1e-3)
     parser.add_argument("--warmup", type=count, default=30)
-    parser.add_argument("--lora-rank", type=int, default=8)
+    parser.add_argument("--lora-rank", type=count, default=8)
     parser.add_argument("--learned", type=share, default=0.6, help="share of batches through the learned selector")
     parser.add_argument("--every", type=share, default=0.1, help="share of batches with every frame's every token")
     parser.add_argument("--budgets", nargs="+", type=count, default=[128, 256, 512])
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None, language_model=None) -> int:
     parser.add_argument("--merge-threshold", type=float, default=0.98)
     parser.add_argument("--save-every", type=count, default=25)
     parser.add_argument("--seed", type=seed, default=0)
-    parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--threads", type=count_or_zero, default=0)
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--init", default=None, help="start from these trained tensors (.safetensors) where names "
                         "and shapes fit, e.g. the image VLM's models/vistok_vlm_fmnist/model.safetensors")

@@ -27,7 +27,7 @@ import sys
 import torch
 
 import vistok
-from vistok.cli import count, reports_errors, seed
+from vistok.cli import count, count_or_zero, positive, reports_errors, seed
 from vistok.config import parse_method_spec
 from vistok.data import FASHION_MNIST_MEAN, FASHION_MNIST_STD
 from vistok.document.fmnist_pages import SparsePageQA
@@ -71,14 +71,14 @@ def main(argv: list[str] | None = None, language_model=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/vlm")
     parser.add_argument("--steps", type=count, default=100_000)
-    parser.add_argument("--minutes", type=float, default=85.0, help="training time budget (checkpoints excluded)")
+    parser.add_argument("--minutes", type=positive, default=85.0, help="training time budget (checkpoints excluded)")
     parser.add_argument("--batch-size", type=count, default=16)
-    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--lr", type=positive, default=2e-3)
     parser.add_argument("--warmup", type=count, default=30)
-    parser.add_argument("--lora-rank", type=int, default=8)
+    parser.add_argument("--lora-rank", type=count, default=8)
     parser.add_argument("--save-every", type=count, default=50)
     parser.add_argument("--seed", type=seed, default=0)
-    parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--threads", type=count_or_zero, default=0)
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--compressed", type=float, default=0.0, help="share of batches seen through a method")
     parser.add_argument("--compress-methods", nargs="+", default=["merge_to_budget", "region_merge", "dominant", "pool",

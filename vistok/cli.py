@@ -72,6 +72,22 @@ def seed(text: str) -> int:
     return value
 
 
+def positive(text: str, zero_allowed: bool = False) -> float:
+    """A finite number > 0 for argparse (learning rates, minutes)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and (value >= 0 if zero_allowed else value > 0)):
+        raise argparse.ArgumentTypeError(f"expected a finite number {'>=' if zero_allowed else '>'} 0, got {text!r}")
+    return value
+
+
+def positive_or_zero(text: str) -> float:
+    """A finite number >= 0 for argparse (weight decay)."""
+    return positive(text, zero_allowed=True)
+
+
 def _unit_interval(text: str, zero_allowed: bool) -> float:
     try:
         value = float(text)

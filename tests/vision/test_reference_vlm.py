@@ -426,8 +426,10 @@ def test_a_vlm_training_run_resumes_where_its_checkpoint_is(tmp_path):
     resumed = _Projector()  # a fresh process: the weights come from the checkpoint
     assert train_trained_tensors(resumed, run(tmp_path / "run", resume=True), step_loss_of(resumed)) == 6
     assert torch.equal(resumed.multi_modal_projector.weight, straight.multi_modal_projector.weight)
-    steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
-    assert steps == [1, 2, 3, 4, 5, 6]
+    logged = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in logged] == [1, 2, 3, 4, 5, 6]
+    expected = [json.loads(line) for line in (tmp_path / "straight" / "log.jsonl").read_text().splitlines()]
+    assert [line["smoothed"] for line in logged] == [line["smoothed"] for line in expected]  # it did restart
     with pytest.raises(CheckpointError, match="no checkpoint"):
         train_trained_tensors(_Projector(), run(tmp_path / "none", resume=True), step_loss_of(resumed))
     with pytest.raises(CheckpointError, match="does not fit"):

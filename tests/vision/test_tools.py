@@ -446,7 +446,18 @@ def test_tool_arguments_are_checked_before_the_work(tmp_path, capsys):
                                      ("eval_pages", ["--pages", "nope.png"], "no such file: nope.png"),
                                      ("eval_pages", ["--crop-size", "100"], "not a multiple of"),
                                      ("eval_pages", ["--crop-size", "0"], "--crop-size"),
-                                     ("train_vlm", ["--seed", "-1"], "--seed")]:
+                                     ("train_vlm", ["--seed", "-1"], "--seed"),
+                                     ("train_clip", ["--seed", str(10**20)], "--seed"),
+                                     ("train_clip", ["--threads", "-1"], "--threads"),
+                                     ("train_clip", ["--lr", "nan"], "--lr"),
+                                     ("train_clip", ["--minutes", "-1"], "--minutes"),  # trained 0 steps, saved
+                                     ("train_clip", ["--weight-decay", "-0.1"], "--weight-decay"),
+                                     ("train_vlm", ["--lora-rank", "0"], "--lora-rank"),
+                                     ("train_vlm", ["--threads", "-1"], "--threads"),
+                                     ("train_video_vlm", ["--lora-rank", "-2"], "--lora-rank"),
+                                     ("train_video_vlm", ["--lr", "-1"], "--lr"),
+                                     ("make_video_data", ["--seed", str(2**64)], "a seed below 2**32"),
+                                     ("make_video_data", ["--train", "0"], "--train")]:
         with pytest.raises(SystemExit) as stopped:
             load_tool(tool).main(arguments)
         assert stopped.value.code == 2 and message in capsys.readouterr().err, (tool, arguments)

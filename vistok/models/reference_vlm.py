@@ -400,7 +400,7 @@ def train_trained_tensors(model: nn.Module, run: TrainingRun, step_loss: Any) ->
     run.out.mkdir(parents=True, exist_ok=True)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=run.lr, weight_decay=0.0)
-    step, spent = 0, 0.0
+    step, spent, running = 0, 0.0, None
     checkpoint = run.out / "checkpoint.pt"
     if run.resume:
         if not checkpoint.is_file():
@@ -412,6 +412,7 @@ def train_trained_tensors(model: nn.Module, run: TrainingRun, step_loss: Any) ->
         _load_trained(model, checkpoint, state["trained"])  # a run of another variant (--page, --fine) is refused
         optimizer.load_state_dict(state["optimizer"])
         step, spent = state["step"], state["seconds"]
+        running = state.get("smoothed")  # the logged running mean goes on (a checkpoint from before: restarts)
         truncate_log(run.out / "log.jsonl", "step", step)
     budget = run.minutes * 60
     log = open(run.out / "log.jsonl", "a" if run.resume else "w")  # a fresh run starts its own log
@@ -423,9 +424,8 @@ def train_trained_tensors(model: nn.Module, run: TrainingRun, step_loss: Any) ->
 
         save_file(trained_state(model), str(run.out / "model.safetensors"))
         save_whole({"trained": trained_state(model), "optimizer": optimizer.state_dict(), "step": step,
-                    "seconds": spent, "settings": _run_settings(run)}, checkpoint)
+                    "seconds": spent, "smoothed": running, "settings": _run_settings(run)}, checkpoint)
 
-    running = None
     while step < run.steps and spent < budget:
         started = time.perf_counter()
         progress = min(1.0, max(step / run.steps, spent / budget))
