@@ -156,19 +156,21 @@ def refuse_bypassed_hooks(ops: BlockOps, index: int, error: type[VistokError], w
     """Refuse hooks on a module of block ``index`` whose ``forward`` the patched block never calls: they would
     silently not run (a hook that reads or edits the attention's output, an adapter)."""
     for module in ops.bypassed():
-        if any(_is_users_hook(hook) for hooks in (module._forward_hooks, module._forward_pre_hooks,
-                                                  module._backward_hooks, module._backward_pre_hooks)
-               for hook in hooks.values()):
-            raise error(f"block {index}'s {type(module).__name__} has hooks, which {when}: the patched block runs "
-                        "that module's parts over the kept tokens and never calls the module itself, so they would "
-                        "not run; remove them, or hook the block, its norms, MLP or projections, which do run")
+        hooked = any(_is_users_hook(hook) for hooks in (module._forward_hooks, module._forward_pre_hooks,
+                                                        module._backward_hooks, module._backward_pre_hooks)
+                     for hook in hooks.values())
+        if hooked or "forward" in vars(module):  # accelerate's hooks replace the instance's forward
+            raise error(f"block {index}'s {type(module).__name__} has hooks (or a forward replaced on the instance, "
+                        f"as accelerate's hooks do), which {when}: the patched block runs that module's parts over "
+                        "the kept tokens and never calls the module itself, so they would not run; remove them, or "
+                        "hook the block, its norms, MLP or projections, which do run")
 
 
 def _is_users_hook(hook: Callable) -> bool:
-    """Whether a module hook is someone's but transformers' own: transformers hooks its attention modules to record
-    attention weights for ``output_attentions`` (the hooks stay, idle, once it was asked for), which vistok
-    refuses on its own."""
-    return not getattr(hook, "__module__", "").startswith("transformers.")
+    """Whether a module hook is anyone's but transformers' output recorder: transformers hooks its attention
+    modules to record attention weights for ``output_attentions`` (the hooks stay, idle, once it was asked for),
+    which vistok refuses on its own."""
+    return getattr(hook, "__module__", None) != "transformers.utils.output_capturing"
 
 
 class _PatchedBlockForward(_PartOfPatch):

@@ -345,12 +345,25 @@ def test_hooks_on_a_module_the_patched_block_never_calls_are_refused(case):
     if case.startswith("hf"):  # transformers' own recording hooks stay on its attention modules: not the user's
         with torch.no_grad():
             model(pixel_values=images, output_attentions=True)
+        from transformers.debug_utils import DebugUnderflowOverflow  # transformers' debugging hooks are a user's
+
+        debugger = DebugUnderflowOverflow(model)
+        with pytest.raises(UnsupportedModelError, match="has hooks"):
+            _patch(model, method, options)
+        for module in model.modules():
+            for key in [k for k, h in module._forward_hooks.items() if h.__module__ == "transformers.debug_utils"]:
+                del module._forward_hooks[key]
+        del debugger
     attention = resolve_backbone(model).block_ops(1).bypassed()[0]
     hook = attention.register_forward_pre_hook(lambda module, args: None)
     with pytest.raises(UnsupportedModelError, match="block 1's .* has hooks"):
         _patch(model, method, options)
     assert vistok.get_handle(model) is None  # refused whole: nothing was patched
     hook.remove()
+    attention.forward = attention.forward  # as accelerate's hooks wrap it, on the instance
+    with pytest.raises(UnsupportedModelError, match="forward replaced on the instance"):
+        _patch(model, method, options)
+    del attention.forward
     calls = []
     block = resolve_backbone(model).blocks()[1]
     block.register_forward_hook(lambda module, args, out: calls.append(1))

@@ -434,7 +434,7 @@ def test_a_later_turn_continues_the_cache_of_the_shortened_prompt():
     are refused."""
     model = tiny_llava()
     ids, pixels = prompt(rows=1), images(1)
-    with torch.no_grad(), vistok.patch(model, "merge_to_budget", tokens=4):
+    with torch.no_grad(), vistok.patch(model, "merge_to_budget", tokens=4) as handle:
         first = model.generate(input_ids=ids, pixel_values=pixels, max_new_tokens=3, do_sample=False,
                                return_dict_in_generate=True)
         assert first.past_key_values.get_seq_length() < ids.shape[1]  # the cache holds the shortened prompt
@@ -446,6 +446,11 @@ def test_a_later_turn_continues_the_cache_of_the_shortened_prompt():
                                **settings)
         assert torch.equal(later.sequences, scratch.sequences)
         torch.testing.assert_close(torch.stack(later.logits), torch.stack(scratch.logits), atol=1e-5, rtol=1e-5)
+        # a cached text prefix, then the already-short prompt with its images: left alone, as without a cache
+        short = handle.shorten(input_ids=ids, pixel_values=pixels)
+        prefix = model(input_ids=short["input_ids"][:, :3], use_cache=True).past_key_values
+        assert torch.equal(model.generate(**short, past_key_values=prefix, max_new_tokens=3, do_sample=False),
+                           model.generate(**short, max_new_tokens=3, do_sample=False))
         with pytest.raises(InputShapeError, match="not a whole number of images of 16"):
             model.generate(input_ids=torch.cat([conversation[:, :3], conversation[:, 4:]], dim=1),  # 15 left
                            past_key_values=copy.deepcopy(first.past_key_values), max_new_tokens=1)

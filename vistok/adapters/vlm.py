@@ -609,7 +609,8 @@ class VisionLLMHandle:
         input_ids = kwargs.get(key)
         family = self.family
         if _cached_length(kwargs) == 0 or self.keeps_everything or not isinstance(input_ids, Tensor) \
-                or (self.positions == "original" and not family.encodes_up_front):  # the forward refuses it
+                or (self.positions == "original" and not family.encodes_up_front) \
+                or self._has_visual_inputs(kwargs):  # "original": the forward refuses it; with images: as it is
             return None
         modalities = family.compressed if family.encodes_up_front else {"image": ()}
         found = {modality: int((input_ids == family.placeholder(modality)).sum()) for modality in modalities}
@@ -631,6 +632,14 @@ class VisionLLMHandle:
         aligned = {name: kwargs[name] for name in ALIGNED if isinstance(kwargs.get(name), Tensor)}
         short_ids, short_aligned = shorten_prompt(input_ids, keep, aligned, family.pad_id)
         return {**kwargs, key: short_ids, **short_aligned}
+
+    def _has_visual_inputs(self, kwargs: dict) -> bool:
+        """Whether the call brings images (or videos, or their encodings) for its placeholders."""
+        if kwargs.get("mm_encoder_outputs"):
+            return True
+        if self.family.encodes_up_front:
+            return any(kwargs.get(names[0]) is not None for names in self.family.compressed.values())
+        return self._count_units(kwargs) is not None
 
     def _shorten_keeping_positions(self, kwargs: dict, key: str, generating: bool) -> dict | None:
         """:meth:`_shorten` with ``positions="original"`` (one grid per image): the images are encoded and
