@@ -83,6 +83,14 @@ def test_bad_arguments():
     for levels in (2.7, True, torch.tensor([2.0, 3.0])):
         with pytest.raises(ValueError, match="num_levels must be an int"):
             inverse_transform_sampling(torch.rand(2, 5), levels)
+    # each was a raw torch error or silently accepted (a negative or fractional min_keep)
+    with pytest.raises(ValueError, match=r"num_levels must be an int or \[B\] = \[2\], got \(3,\)"):
+        inverse_transform_sampling(scores, torch.tensor([2, 3, 4]))
+    with pytest.raises(ValueError, match="valid must be bool"):
+        inverse_transform_sampling(scores, 2, valid=torch.ones(2, 4, dtype=torch.bool))
+    for min_keep in (-1, 2.5, True):
+        with pytest.raises(ValueError, match="min_keep must be an int >= 0"):
+            inverse_transform_sampling(scores, 2, min_keep=min_keep)
 
 
 def test_empty_inputs_keep_nothing():

@@ -613,6 +613,11 @@ def test_list_file_and_class_folders(tmp_path):
     (tmp_path / "videos" / "phone" / "notes.txt").write_text("not a video")
     folders = class_folders(tmp_path / "videos")
     assert folders.classes == ["bike", "phone"] and [s.label for s in folders.samples] == [0, 1]
+    (tmp_path / "videos" / "bike" / "day 2").mkdir()  # clips in a sub-folder, and upper-case extensions asked for
+    shutil.copy(BIKES, tmp_path / "videos" / "bike" / "day 2" / "c.mp4")
+    nested = class_folders(tmp_path / "videos", extensions=(".MP4",))
+    assert [(s.path.name, s.label) for s in nested.samples] == [("a.mp4", 0), ("c.mp4", 0), ("b.mp4", 1)]
+    shutil.rmtree(tmp_path / "videos" / "bike" / "day 2")
     training = ["bike", "car", "phone"]  # a validation split may lack a class: labels follow the given list
     assert [s.label for s in class_folders(tmp_path / "videos", classes=training).samples] == [0, 2]
     with pytest.raises(InvalidConfigError, match=r"\['phone'\] are not among the 1 classes"):

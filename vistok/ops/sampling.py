@@ -68,6 +68,15 @@ def inverse_transform_sampling(
             or not isinstance(num_levels, (Tensor, numbers.Integral)) or isinstance(num_levels, bool):
         raise InvalidConfigError(f"inverse_transform_sampling: num_levels must be an int or an integer tensor, "
                                  f"got {num_levels!r}")
+    if isinstance(num_levels, Tensor) and num_levels.dim() > 1 \
+            or isinstance(num_levels, Tensor) and num_levels.numel() not in (1, batch):
+        raise InputShapeError(f"inverse_transform_sampling: num_levels must be an int or [B] = [{batch}], got "
+                              f"{tuple(num_levels.shape)}")
+    if valid is not None and (valid.shape != scores.shape or valid.dtype != torch.bool):
+        raise InputShapeError(f"inverse_transform_sampling: valid must be bool {tuple(scores.shape)} like scores, "
+                              f"got {valid.dtype} {tuple(valid.shape)}")
+    if not isinstance(min_keep, numbers.Integral) or isinstance(min_keep, bool) or min_keep < 0:
+        raise InvalidConfigError(f"inverse_transform_sampling: min_keep must be an int >= 0, got {min_keep!r}")
     if batch == 0 or n == 0:
         return torch.zeros(batch, n, dtype=torch.bool, device=device)
     if valid is None:
