@@ -420,6 +420,10 @@ def test_a_vlm_training_run_resumes_where_its_checkpoint_is(tmp_path):
     torch.manual_seed(0)
     resumed = _Projector()
     train_trained_tensors(straight, run(tmp_path / "straight"), step_loss_of(straight))
+    earlier = (tmp_path / "straight" / "log.jsonl").read_text()
+    with pytest.raises(KeyboardInterrupt):  # a fresh run in that folder that fails before its first step
+        train_trained_tensors(_Projector(), run(tmp_path / "straight"), step_loss_of(straight, interrupt_at=0))
+    assert (tmp_path / "straight" / "log.jsonl").read_text() == earlier  # the earlier run's log stays
     with pytest.raises(KeyboardInterrupt):
         train_trained_tensors(resumed, run(tmp_path / "run"), step_loss_of(resumed, interrupt_at=4))
     torch.manual_seed(1)

@@ -415,7 +415,7 @@ def train_trained_tensors(model: nn.Module, run: TrainingRun, step_loss: Any) ->
         running = state.get("smoothed")  # the logged running mean goes on (a checkpoint from before: restarts)
         truncate_log(run.out / "log.jsonl", "step", step)
     budget = run.minutes * 60
-    log = open(run.out / "log.jsonl", "a" if run.resume else "w")  # a fresh run starts its own log
+    log = None  # a fresh run starts its own log at its first step: one that fails before leaves an earlier run's
 
     def save() -> None:
         from safetensors.torch import save_file
@@ -441,6 +441,8 @@ def train_trained_tensors(model: nn.Module, run: TrainingRun, step_loss: Any) ->
         spent += time.perf_counter() - started
         value = float(loss.detach())
         running = value if running is None else 0.95 * running + 0.05 * value
+        if log is None:
+            log = open(run.out / "log.jsonl", "a" if run.resume else "w")
         log.write(json.dumps({"step": step, "loss": value, "smoothed": running, "lr": lr,
                               "seconds": round(spent, 1), **info}) + "\n")
         log.flush()
