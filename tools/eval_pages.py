@@ -124,8 +124,7 @@ def random_kept(budgets: torch.Tensor, per_view: int, seed: int) -> list[torch.T
     return [torch.randperm(per_view, generator=generator)[: int(b)].sort().values for b in budgets]
 
 
-def evaluate_page(model, path: Path, args: argparse.Namespace, out: Path) -> list[dict]:
-    grey = load_page(path)
+def evaluate_page(model, path: Path, grey: torch.Tensor, args: argparse.Namespace, out: Path) -> list[dict]:
     crops = crop_page(tower_input(model, grey), args.crop_size)
     grey_views = crop_page(grey, args.crop_size).views
     started = time.perf_counter()
@@ -181,16 +180,18 @@ def _corr(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(torch.corrcoef(torch.stack([a, b]))[0, 1])
 
 
-def check_pages(parser: argparse.ArgumentParser, pages: list[str]) -> None:
-    """Every page exists and loads (:func:`load_page`) before the tower runs on the first, or a parser error."""
+def read_pages(parser: argparse.ArgumentParser, pages: list[str]) -> dict[Path, torch.Tensor]:
+    """Every page loaded (:func:`load_page`) before the tower runs on the first, or a parser error."""
     missing = [page for page in pages if not Path(page).is_file()]
     if missing:
         parser.error(f"--pages: no such file: {', '.join(missing)}")
-    for page in pages:
+    loaded = {}
+    for page in map(Path, pages):
         try:
-            load_page(Path(page))
+            loaded[page] = load_page(page)
         except (InputShapeError, OSError) as error:  # OSError: PIL.UnidentifiedImageError, a truncated file
             parser.error(f"--pages: {error}")
+    return loaded
 
 
 def build_tower(parser: argparse.ArgumentParser, args: argparse.Namespace) -> torch.nn.Module:
@@ -232,15 +233,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=seed, default=0)
     parser.add_argument("--threads", type=count_or_zero, default=0, help="0: torch's default")
     args = parser.parse_args(argv)
-    check_pages(parser, args.pages)
+    pages = read_pages(parser, args.pages)
     if args.threads:
         torch.set_num_threads(args.threads)
     model = build_tower(parser, args)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     rows = []
-    for page in args.pages:
-        for row in evaluate_page(model, Path(page), args, out):
+    for path, grey in pages.items():
+        for row in evaluate_page(model, path, grey, args, out):
             rows.append(row)
             print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
     with open(beside(out, ".csv"), "w", newline="") as handle:

@@ -193,8 +193,6 @@ def _check_settings(settings: dict) -> None:
     for key, low, strict in (("lr", 0, True), ("min_lr", 0, False), ("weight_decay", 0, False),
                              ("warmup_epochs", 0, False), ("clip_grad", 0, False), ("label_smoothing", 0, False)):
         value = settings[key]
-        if value is None and key == "clip_grad":
-            continue
         if not is_real(value) or not math.isfinite(value) or value < low or (strict and value == low):
             raise ConfigError(f"train.{key} must be a finite number {'>' if strict else '>='} {low}"
                               f"{' (0: no clipping)' if key == 'clip_grad' else ''}, got {value!r}")

@@ -72,27 +72,33 @@ def seed(text: str) -> int:
     return value
 
 
-def positive(text: str, zero_allowed: bool = False) -> float:
-    """A finite number > 0 for argparse (learning rates, minutes)."""
+def _number(text: str) -> float:
+    """``text`` as a float; NaN (which every range check refuses) where it is not a number."""
     try:
-        value = float(text)
+        return float(text)
     except ValueError:
-        value = math.nan
+        return math.nan
+
+
+def _positive(text: str, zero_allowed: bool) -> float:
+    value = _number(text)
     if not (math.isfinite(value) and (value >= 0 if zero_allowed else value > 0)):
         raise argparse.ArgumentTypeError(f"expected a finite number {'>=' if zero_allowed else '>'} 0, got {text!r}")
     return value
 
 
+def positive(text: str) -> float:
+    """A finite number > 0 for argparse (learning rates, minutes)."""
+    return _positive(text, zero_allowed=False)
+
+
 def positive_or_zero(text: str) -> float:
     """A finite number >= 0 for argparse (weight decay)."""
-    return positive(text, zero_allowed=True)
+    return _positive(text, zero_allowed=True)
 
 
 def _unit_interval(text: str, zero_allowed: bool) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
+    value = _number(text)
     if not ((0.0 <= value) if zero_allowed else (0.0 < value)) or not value <= 1.0:
         raise argparse.ArgumentTypeError(f"expected a number in {'[' if zero_allowed else '('}0, 1], got {text!r}")
     return value

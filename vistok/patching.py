@@ -218,11 +218,13 @@ class PatchHandle:
         self._tracker = _LayoutTracker(backbone, first, trace, check_attention_path(attention))
         self._undo: list[Callable[[], None]] = []
         blocks = backbone.blocks()
-        for index in range(first, len(blocks)):
-            refuse_bypassed_hooks(backbone.block_ops(index), index, UnsupportedModelError, "vistok cannot patch")
+        forwards = {index: _PatchedBlockForward(index, backbone, reducers.get(index), self._tracker)
+                    for index in range(first, len(blocks))}
+        for index, forward in forwards.items():  # before anything is installed: refused whole
+            refuse_bypassed_hooks(forward.ops, index, UnsupportedModelError, "vistok cannot patch")
         try:
-            for index in range(first, len(blocks)):
-                blocks[index].forward = _PatchedBlockForward(index, backbone, reducers.get(index), self._tracker)
+            for index, forward in forwards.items():
+                blocks[index].forward = forward
                 self._undo.append(partial(delattr, blocks[index], "forward"))
             self._undo.append(backbone.install_pooling(self._tracker))
             self._undo.append(backbone.install_input_check(self._tracker))
