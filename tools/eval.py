@@ -25,6 +25,7 @@ from vistok.config import ConfigError, load_config, parse_overrides
 from vistok.experiment import (
     DATA_DEFAULTS,
     MODEL_DEFAULTS,
+    UNSET_KINDS,
     batches,
     build_data,
     build_model,
@@ -82,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="key.sub=value settings over the config")
     args = parser.parse_intermixed_args(argv)
     try:
-        config = load_config(DEFAULTS, args.config, parse_overrides(args.overrides))
+        config = load_config(DEFAULTS, args.config, parse_overrides(args.overrides), UNSET_KINDS)
         result = run_eval(config)
     except vistok.VistokError as error:
         print(f"eval.py: error: {error}", file=sys.stderr)

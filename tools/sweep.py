@@ -7,7 +7,7 @@ dropping at the same counts, and the unpatched model on downsampled input (image
 ``sweep.num_frames`` sets ``data.num_frames`` and ``model_kwargs.num_frames``). Writes a CSV and a Pareto plot
 (top-1 vs GFLOPs).
 
-    python tools/sweep.py                                        # configs/sweep_fmnist.yaml
+    python tools/sweep.py --out results/sweep                    # configs/sweep_fmnist.yaml
     python tools/sweep.py --config configs/sweep_fmnist.yaml sweep.ats_k=[64,32] --out results/quick
     python tools/sweep.py --config configs/sweep_fmnist_video.yaml --out results/sweep_video   # the video model
 """
@@ -18,6 +18,7 @@ import argparse
 import csv
 import json
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -30,6 +31,7 @@ from vistok.config import ConfigError, load_config, parse_overrides
 from vistok.experiment import (
     DATA_DEFAULTS,
     MODEL_DEFAULTS,
+    UNSET_KINDS,
     batches,
     build_data,
     build_model,
@@ -77,7 +79,7 @@ def run_point(config: dict, point: dict, val_set, transform) -> dict:
     model_config = dict(config, method=None)
     if point["size"] is not None:
         model_config["model_kwargs"] = {**config["model_kwargs"], "dynamic_img_size": True}
-    if point.get("frames"):
+    if "frames" in point:
         model_config["model_kwargs"] = {**config["model_kwargs"], "num_frames": point["frames"]}
     torch.manual_seed(0)  # whatever is not loaded (random weights, a head for other classes) is the same at each point
     model = build_model(model_config).eval()
@@ -101,14 +103,55 @@ def run_point(config: dict, point: dict, val_set, transform) -> dict:
     return {"method": point["method"], "label": point["label"], **result}
 
 
+def check_points(config: dict, points: list[dict]) -> None:
+    """Every point's settings, before the first evaluation: each method's options are patched onto the model
+    built on the meta device (no weights, nothing run), so a bad ``k`` or block is found now, not after the
+    points before it.
+
+    Raises:
+        ConfigError: an input size or frame count that is not an int >= 1.
+        VistokError: a method option the method or the model refuses.
+    """
+    for point in points:
+        for key, name in (("size", "input_sizes"), ("frames", "num_frames")):
+            if point.get(key) is not None and not is_int(point[key], 1):
+                raise ConfigError(f"sweep.{name} must hold ints >= 1, got {point[key]!r}")
+    patched = [point for point in points if point["patch"] is not None]
+    if not patched:
+        return
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # weights a model loads as it is built (a video model's image weights)
+        model = build_model({**config, "method": None, "checkpoint": None, "pretrained": False})
+    for point in patched:
+        vistok.patch(model, point["patch"][0], **point["patch"][1]).remove()
+
+
+def write_rows(out: Path, rows: list[dict]) -> None:
+    """``rows`` (the unpatched row first) with their GFLOPs ratio and top-1 change to it, as ``<out>.csv``."""
+    base = rows[0]
+    rows = [{**row, "gflops_ratio": row["gflops"] / base["gflops"], "top1_change": row["top1"] - base["top1"]}
+            for row in rows]
+    with open(beside(out, ".csv"), "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/sweep_fmnist.yaml")
-    parser.add_argument("--out", default="results/sweep", help="output prefix: <out>.csv and <out>.png")
+    parser.add_argument("--out", required=True, help="output prefix: <out>.csv (rewritten as each point finishes) "
+                                                     "and <out>.png")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_intermixed_args(argv)
+    out = Path(args.out)
+    if out.is_dir() or beside(out, ".csv").is_dir():
+        parser.error(f"--out {out} is a folder; give a prefix such as {out / 'sweep'}")
     try:
-        config = load_config(DEFAULTS, args.config, parse_overrides(args.overrides))
+        config = load_config(DEFAULTS, args.config, parse_overrides(args.overrides), UNSET_KINDS)
+        if config["method"] is not None or config["method_options"]:
+            raise ConfigError("the sweep patches each point with its own method (sweep.*); method and "
+                              "method_options do not apply to it")
         if config["data"]["name"] == "video" and config["sweep"]["input_sizes"]:
             raise ConfigError("sweep.input_sizes (the downsampled-input baseline) is for images; set it to [] for "
                               "video")
@@ -120,28 +163,22 @@ def main(argv: list[str] | None = None) -> int:
         _, val_set, _, transform = build_data(config["data"], train=False, model=config)
         config = fit_head_to_data(config, val_set)  # a class-folder dataset: a head of its class count
         check_head_is_trained(config, "sweep.py")
+        points = variants(config["sweep"])
+        check_points(config, points)
+        out.parent.mkdir(parents=True, exist_ok=True)
         rows = []
-        for point in variants(config["sweep"]):
-            if point.get("frames"):
+        for point in points:
+            if "frames" in point:
                 _, frames_set, _, _ = build_data({**config["data"], "num_frames": point["frames"]}, train=False,
                                                  model=config)
                 rows.append(run_point(config, point, frames_set, transform))
             else:
                 rows.append(run_point(config, point, val_set, transform))
             print(json.dumps(rows[-1]), flush=True)
+            write_rows(out, rows)  # an interrupted sweep keeps the points it finished
     except vistok.VistokError as error:
         print(f"sweep.py: error: {error}", file=sys.stderr)
         return 2
-    base = next(row for row in rows if row["method"] == "unpatched")
-    for row in rows:
-        row["gflops_ratio"] = row["gflops"] / base["gflops"]
-        row["top1_change"] = row["top1"] - base["top1"]
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(beside(out, ".csv"), "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
     save_pareto_plot(beside(out, ".png"), rows, title=f"{config['model']} on {config['data']['name']} (test set)")
     print(f"wrote {beside(out, '.csv')} and {beside(out, '.png')}")
     return 0

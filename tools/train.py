@@ -29,6 +29,7 @@ from vistok.config import ConfigError, load_config, parse_overrides
 from vistok.experiment import (
     DATA_DEFAULTS,
     MODEL_DEFAULTS,
+    UNSET_KINDS,
     LabelledBatches,
     build_data,
     build_model,
@@ -79,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="key.sub=value settings over the config")
     args = parser.parse_intermixed_args(argv)
     try:
-        config = load_config(DEFAULTS, args.config, parse_overrides(args.overrides))
+        config = load_config(DEFAULTS, args.config, parse_overrides(args.overrides), UNSET_KINDS)
         return train(config, args.resume)
     except vistok.VistokError as error:
         print(f"train.py: error: {error}", file=sys.stderr)

@@ -22,25 +22,56 @@ class ConfigError(VistokError, ValueError):
 
 @functools.cache
 def _yaml_loader() -> type:
-    """A safe YAML loader whose only booleans are ``true`` / ``false`` (YAML 1.2): YAML 1.1 also reads ``no``,
-    ``yes``, ``on`` and ``off`` as booleans, which turned ``mixed_precision=no`` (accelerate's setting) into
-    ``False``. Its floats are YAML 1.2's too: ``1e-3`` is a number."""
+    """A safe YAML loader with YAML 1.2's scalars: the only booleans are ``true`` / ``false`` (YAML 1.1 also reads
+    ``no``, ``yes``, ``on`` and ``off``, which turned ``mixed_precision=no`` (accelerate's setting) into ``False``);
+    ``1e-3`` is a float; an int is decimal (``010`` is 10, not YAML 1.1's octal 8; ``1:30`` is a string, not 90),
+    or ``0x``/``0o`` prefixed. A key written twice in one mapping is an error: YAML 1.1 loaders keep the last and
+    drop the first section's settings unseen."""
     import re
 
     import yaml
 
     class Loader(yaml.SafeLoader):
-        pass
+        def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+            seen = set()
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                if isinstance(key, (str, int, float, bool)) or key is None:
+                    if key in seen:
+                        raise yaml.constructor.ConstructorError(
+                            "while reading a mapping", node.start_mark, f"the key {key!r} is written twice",
+                            key_node.start_mark)
+                    seen.add(key)
+            return super().construct_mapping(node, deep)
 
+    numbers = ("tag:yaml.org,2002:bool", "tag:yaml.org,2002:int", "tag:yaml.org,2002:float")
     Loader.yaml_implicit_resolvers = {
-        first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+        first: [(tag, regexp) for tag, regexp in resolvers if tag not in numbers]
         for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
     Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
                                  list("tTfF"))
-    # YAML 1.2 floats that YAML 1.1 reads as strings: an exponent without a dot or without a sign (1e-3, 2.5e4)
-    exponent = re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$")
-    Loader.add_implicit_resolver("tag:yaml.org,2002:float", exponent, list("-+0123456789"))
+    Loader.add_implicit_resolver("tag:yaml.org,2002:int", re.compile(
+        r"^(?:[-+]?[0-9][0-9_]*|0x[0-9a-fA-F_]+|0o[0-7_]+)$"), list("-+0123456789"))
+    Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(
+        r"^(?:[-+]?(?:[0-9][0-9_]*\.[0-9_]*|\.[0-9_]+)(?:[eE][-+]?[0-9]+)?|[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+"
+        r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"), list("-+0123456789."))
+    Loader.add_constructor("tag:yaml.org,2002:int", _construct_int)
     return Loader
+
+
+def _construct_int(loader: Any, node: Any) -> int:
+    text = loader.construct_scalar(node).replace("_", "")
+    if text[:2] in ("0x", "0o"):
+        return int(text, 0)
+    try:
+        return int(text, 10)
+    except ValueError:
+        import yaml
+
+        raise yaml.constructor.ConstructorError(None, None, f"{text!r} is not a decimal, 0x or 0o int",
+                                                node.start_mark) from None
 
 
 def _load_yaml(text: str) -> Any:
@@ -52,12 +83,17 @@ def _load_yaml(text: str) -> Any:
 def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
     """``["train.epochs=3", "method=ats"]`` -> ``{"train.epochs": 3, "method": "ats"}``; values are YAML (only
     ``true`` and ``false`` are booleans: ``no`` stays a string)."""
+    import yaml
+
     overrides = {}
     for item in items:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r} is not key=value (e.g. train.epochs=3)")
-        overrides[key] = _load_yaml(raw) if raw else None
+        try:
+            overrides[key] = _load_yaml(raw) if raw else None
+        except yaml.YAMLError as error:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML: {error}") from None
     return overrides
 
 
@@ -72,7 +108,8 @@ def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def _assign(tree: dict[str, Any], path: str, value: Any, defaults: dict[str, Any], source: str) -> None:
+def _assign(tree: dict[str, Any], path: str, value: Any, defaults: dict[str, Any], source: str,
+            unset_kinds: Mapping[str, tuple[type, ...]]) -> None:
     known = _flatten(defaults)
     free = [k for k in known if path.startswith(f"{k}.") and (k.endswith("_options") or k.endswith("_kwargs"))]
     if path not in known and not free:
@@ -83,6 +120,10 @@ def _assign(tree: dict[str, Any], path: str, value: Any, defaults: dict[str, Any
     mismatched = not isinstance(value, type(default)) or isinstance(value, bool) != isinstance(default, bool)
     if path in known and default is not None and mismatched and not (isinstance(default, float) and is_int(value)):
         raise ConfigError(f"{source}: {path} should be {type(default).__name__} (like the default {default!r}), "
+                          f"got {value!r}")
+    kinds = unset_kinds.get(path)
+    if default is None and kinds and value is not None and (not isinstance(value, kinds) or isinstance(value, bool)):
+        raise ConfigError(f"{source}: {path} should be {' or '.join(kind.__name__ for kind in kinds)} (or unset), "
                           f"got {value!r}")
     if isinstance(default, list) and default and isinstance(value, list) and \
             any(_kind(item) != _kind(default[0]) for item in value):
@@ -106,11 +147,14 @@ def _kind(value: Any) -> str:
 
 
 def load_config(defaults: dict[str, Any], path: str | Path | None = None,
-                overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+                overrides: Mapping[str, Any] | None = None,
+                unset_kinds: Mapping[str, tuple[type, ...]] | None = None) -> dict[str, Any]:
     """Defaults, updated by the YAML file at ``path`` (if any), then by ``overrides`` (dotted keys). Only ``true``
     and ``false`` are booleans, in files as on the command line.
 
-    Keys ending in ``_options`` or ``_kwargs`` hold free-form mappings (method options, model kwargs).
+    Keys ending in ``_options`` or ``_kwargs`` hold free-form mappings (method options, model kwargs). A key whose
+    default is ``None`` takes a value of the types ``unset_kinds`` gives it (``{"checkpoint": (str,)}``; never a
+    bool), or any value when it has none there.
 
     Raises:
         ConfigError: unreadable file, unknown key, or a value whose type differs from the default's.
@@ -134,9 +178,9 @@ def load_config(defaults: dict[str, Any], path: str | Path | None = None,
                 continue  # a section whose settings are all commented out, or written {}
             if value is None and isinstance(known.get(key), Mapping):
                 value = {}  # options left empty
-            _assign(config, key, value, defaults, str(path))
+            _assign(config, key, value, defaults, str(path), unset_kinds or {})
     for key, value in (overrides or {}).items():
-        _assign(config, key, value, defaults, "command line")
+        _assign(config, key, value, defaults, "command line", unset_kinds or {})
     return config
 
 

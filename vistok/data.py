@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import gzip
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -50,28 +50,33 @@ class DatasetNotFoundError(VistokError, FileNotFoundError):
 
 
 def _candidates(root: str | os.PathLike | None) -> list[Path]:
-    dirs = [Path(root)] if root else []
-    if os.environ.get("VISTOK_DATA"):
-        dirs.append(Path(os.environ["VISTOK_DATA"]))
-    dirs.append(Path.home() / ".cache" / "vistok" / "fashion-mnist")
+    """Where Fashion-MNIST is looked for: ``root`` alone when it is given (a copy the user named is never swapped
+    for another one), else ``$VISTOK_DATA``, the cache and Debian's package."""
+    if root:
+        dirs = [Path(root)]
+    else:
+        dirs = [Path(os.environ["VISTOK_DATA"])] if os.environ.get("VISTOK_DATA") else []
+        dirs.append(Path.home() / ".cache" / "vistok" / "fashion-mnist")
     expanded = []
     for directory in dirs:
         expanded += [directory, directory / "FashionMNIST" / "raw", directory / "fashion-mnist"]
-    return expanded + [DEBIAN_DIR]
+    return expanded if root else expanded + [DEBIAN_DIR]
 
 
 def _has_split(directory: Path, split: str) -> bool:
     return all((directory / name).exists() or (directory / f"{name}.gz").exists() for name in _FILES[split])
 
 
-def find_fashion_mnist(root: str | os.PathLike | None = None, download: bool = False) -> Path:
-    """The directory holding the Fashion-MNIST idx files (plain or ``.gz``).
+def find_fashion_mnist(root: str | os.PathLike | None = None, download: bool = False,
+                       splits: Sequence[str] = ("train", "test")) -> Path:
+    """The directory holding the Fashion-MNIST idx files (plain or ``.gz``) of ``splits``: in ``root`` when it is
+    given, else in ``$VISTOK_DATA``, ``~/.cache/vistok/fashion-mnist`` or Debian's package.
 
     Raises:
-        DatasetNotFoundError: with what to do, when it is nowhere and ``download`` is False.
+        DatasetNotFoundError: with what to do, when it is not there and ``download`` is False.
     """
     for directory in _candidates(root):
-        if _has_split(directory, "train") and _has_split(directory, "test"):
+        if all(_has_split(directory, split) for split in splits):
             return directory
     target = Path(root) if root else Path.home() / ".cache" / "vistok" / "fashion-mnist"
     if download:
@@ -107,7 +112,7 @@ def load_fashion_mnist(split: str, root: str | os.PathLike | None = None,
     ``int64`` labels ``[N]``."""
     if split not in _FILES:
         raise VistokError(f"Fashion-MNIST has splits 'train' and 'test', not {split!r}")
-    directory = find_fashion_mnist(root, download)
+    directory = find_fashion_mnist(root, download, (split,))
     arrays = []
     for name in _FILES[split]:
         path = directory / name if (directory / name).exists() else directory / f"{name}.gz"

@@ -25,9 +25,9 @@ from ._checks import is_int
 from .config import ConfigError, _flatten
 from .data import DatasetNotFoundError, GreyBatchTransform, fashion_mnist_dataset, image_folder_dataset
 
-__all__ = ["MODEL_DEFAULTS", "DATA_DEFAULTS", "build_model", "build_data", "fit_head_to_data", "check_head_is_trained",
-           "image_settings", "upgrade_saved_config", "set_fused_attention", "wrap_for_data", "loader", "batches",
-           "LabelledBatches", "underlying", "truncate_log", "save_whole"]
+__all__ = ["MODEL_DEFAULTS", "DATA_DEFAULTS", "UNSET_KINDS", "build_model", "build_data", "fit_head_to_data",
+           "check_head_is_trained", "image_settings", "upgrade_saved_config", "set_fused_attention", "wrap_for_data",
+           "loader", "batches", "LabelledBatches", "underlying", "truncate_log", "save_whole"]
 
 MODEL_DEFAULTS: dict[str, Any] = {
     "model": "vistok_vit_fmnist",
@@ -47,6 +47,11 @@ DATA_DEFAULTS: dict[str, Any] = {
     "sampling": "dense", "num_frames": 16, "sampling_rate": 4, "short_side": 0, "test_clips": 1, "test_crops": 1,
     "on_error": "skip", "backend": "auto", "timeout": 10.0, "flip": True, "grey": False,
 }
+# what the keys above that default to None (unset) may be set to, for load_config's check
+UNSET_KINDS: dict[str, tuple[type, ...]] = {
+    "checkpoint": (str,), "method": (str,), "data.root": (str,), "data.input_size": (int, list),
+    "data.mean": (int, float, list), "data.std": (int, float, list), "data.interpolation": (str,),
+    "data.crop_pct": (int, float)}
 VIDEO_FORMATS = ("kinetics_csv", "list", "folders")
 IMAGENET_IMAGES: dict[str, Any] = {"input_size": 224, "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225),
                                    "interpolation": "bilinear", "crop_pct": 0.875}

@@ -82,6 +82,105 @@ def test_exponents_are_floats(tmp_path):
     assert load_config({"train": {"lr": 0.1}}, file)["train"]["lr"] == 0.001
 
 
+def test_config_files_refuse_twice_written_keys_and_read_yaml_1_2_ints(tmp_path):
+    """A second `data:` section silently replaced the first (its settings were lost unseen); `010` was octal 8 and
+    `1:30` base-60 90 (YAML 1.1)."""
+    defaults = {"data": {"limit": 0, "augment": True}, "method_options": {}}
+    file = tmp_path / "c.yaml"
+    file.write_text("data:\n  limit: 100\nmethod_options:\n  k: 48\ndata:\n  augment: false\n")
+    with pytest.raises(ConfigError, match="'data' is written twice"):
+        load_config(defaults, file)
+    file.write_text("data: {limit: 1, limit: 2}\n")
+    with pytest.raises(ConfigError, match="'limit' is written twice"):
+        load_config(defaults, file)
+    file.write_text("base: &base {limit: 3}\ndata:\n  <<: *base\n  augment: false\n")  # a merge key is not twice
+    assert load_config({**defaults, "base": {"limit": 0}}, file)["data"] == {"limit": 3, "augment": False}
+    assert parse_overrides(["a=010", "b=1:30", "c=0x10", "d=0o17", "e=1_000", "f=-7", "g=.5"]) == {
+        "a": 10, "b": "1:30", "c": 16, "d": 15, "e": 1000, "f": -7, "g": 0.5}
+    file.write_text("data:\n  limit: 010\n")
+    assert load_config(defaults, file)["data"]["limit"] == 10
+    with pytest.raises(ConfigError, match="override 'x=\\[1,': the value is not valid YAML"):
+        parse_overrides(["x=[1,"])
+
+
+def test_keys_that_default_to_unset_are_type_checked(tmp_path, capsys):
+    """checkpoint=true (next to pretrained=true) or data.root=5 ended in a TypeError traceback."""
+    from vistok.experiment import DATA_DEFAULTS, MODEL_DEFAULTS, UNSET_KINDS
+
+    defaults = {**MODEL_DEFAULTS, "data": DATA_DEFAULTS}
+    for override, message in (("checkpoint=true", "checkpoint should be str"), ("checkpoint=5", "should be str"),
+                              ("data.root=5", "data.root should be str"), ("method=[ats]", "method should be str"),
+                              ("data.input_size=true", "data.input_size should be int or list")):
+        with pytest.raises(ConfigError, match=message):
+            load_config(defaults, None, parse_overrides([override]), UNSET_KINDS)
+    config = load_config(defaults, None, parse_overrides(["checkpoint=null", "data.input_size=[24,24]",
+                                                         "data.mean=0.5", "method=ats"]), UNSET_KINDS)
+    assert config["checkpoint"] is None and config["data"]["input_size"] == [24, 24] and config["method"] == "ats"
+    assert load_tool("eval").main(["checkpoint=true", "--json", str(tmp_path / "e.json")]) == 2
+    assert "checkpoint should be str" in capsys.readouterr().err
+
+
+def test_a_named_fashion_mnist_root_is_the_only_place_read(tmp_path, monkeypatch):
+    """A misspelt data.root, or one holding other files, was passed over for the system copy without a word;
+    a root with only the test split serves the test split."""
+    monkeypatch.delenv("VISTOK_DATA", raising=False)
+    with pytest.raises(vdata.DatasetNotFoundError, match="typo"):
+        vdata.find_fashion_mnist(tmp_path / "typo")
+    system = vdata.find_fashion_mnist()
+    test_only = tmp_path / "test_only"
+    test_only.mkdir()
+    for name in vdata._FILES["test"]:
+        source = system / name if (system / name).exists() else system / f"{name}.gz"
+        (test_only / source.name).symlink_to(source)
+    images, labels = vdata.load_fashion_mnist("test", test_only)
+    assert images.shape == (10000, 28, 28) and labels.shape == (10000,)
+    with pytest.raises(vdata.DatasetNotFoundError):
+        vdata.load_fashion_mnist("train", test_only)
+    with pytest.raises(vdata.DatasetNotFoundError):
+        vdata.find_fashion_mnist(test_only)  # both splits asked for
+    assert load_tool("eval").main([f"data.root={tmp_path / 'typo'}", "--json", str(tmp_path / "e.json")]) == 2
+
+
+def test_sweep_checks_every_point_first_and_keeps_finished_rows(tmp_path, capsys, monkeypatch):
+    """A bad point was found only when reached (after the whole-test-set points before it) and every finished row
+    was lost; num_frames=[0] ran the unpatched model labelled `0 frames`; method= was silently ignored; the
+    default --out overwrote the committed results/sweep.csv."""
+    sweep = load_tool("sweep")
+    out = tmp_path / "sweep"
+    small = ["--config", str(ROOT / "configs/sweep_fmnist.yaml"), "--out", str(out), "pretrained=false",
+             "model_kwargs.depth=3", "data.limit=20", "sweep.flops_images=2", "sweep.ats_k=[]", "sweep.random_k=[]",
+             "sweep.input_sizes=[]", "sweep.ats_blocks=[1]"]
+    reached = []
+    monkeypatch.setattr(sweep, "run_point", lambda *args: reached.append(args) or {})
+    for extra, message in ((["sweep.merge_r=[4,-1]"], "r must be >= 0"), (["sweep.ats_fixed_k=[8]",
+                           "sweep.ats_blocks=[1,40]"], "block index 40 is out of range"),
+                           (["sweep.input_sizes=[0]"], "sweep.input_sizes must hold ints >= 1"),
+                           (["method=merge", "method_options.r=50"], "method and method_options do not apply")):
+        assert sweep.main(small + extra) == 2 and message in capsys.readouterr().err, extra
+    assert not reached and not (tmp_path / "sweep.csv").exists()
+    video = ["--config", str(ROOT / "configs/sweep_fmnist_video.yaml"), "--out", str(out),
+             f"data.root={ROOT / 'data/fmnist_clips_sample'}", "sweep.num_frames=[0]"]
+    assert sweep.main(video) == 2 and "sweep.num_frames must hold ints >= 1" in capsys.readouterr().err
+    assert not reached
+    with pytest.raises(SystemExit) as stopped:
+        sweep.main([arg for arg in small if arg not in ("--out", str(out))])
+    assert stopped.value.code == 2 and "--out" in capsys.readouterr().err
+    monkeypatch.undo()
+    run_point, calls = sweep.run_point, []
+
+    def second_point_fails(*args):
+        calls.append(args)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return run_point(*args)
+
+    monkeypatch.setattr(sweep, "run_point", second_point_fails)
+    with pytest.raises(KeyboardInterrupt):
+        sweep.main(small + ["sweep.merge_r=[4]"])
+    rows = (tmp_path / "sweep.csv").read_text().splitlines()
+    assert len(rows) == 2 and rows[1].startswith("unpatched,full,") and "gflops_ratio" in rows[0]
+
+
 def _class_folders(root: Path, classes: dict[str, int], per_class: int) -> None:
     """``root/{train,val}/<name>/*.png``: real Fashion-MNIST test images of the given labels, as RGB files."""
     from PIL import Image
