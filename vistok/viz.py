@@ -11,6 +11,7 @@ it spans).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -34,14 +35,25 @@ def patch_groups(layout: TokenLayout, num_patches: int) -> Tensor:
 
     Merged patches share a position (needs ``layout.owner``, i.e. ``trace_source=True``); without it, each
     kept token carries only its own source patch.
+
+    Raises:
+        InputShapeError: ``num_patches`` is not the model's patch count (as far as the layout tells it).
     """
     prefix = layout.num_prefix
+    known = None if layout.grid_size is None else math.prod(layout.grid_size)
+    if layout.owner is not None:
+        known = layout.owner.shape[1] - prefix
+    if known is not None and known != num_patches:
+        raise InputShapeError(f"patch_groups: the layout is over {known} patches, not {num_patches}")
+    source = layout.source_index().cpu() - prefix
+    if source.numel() and int(source.max()) >= num_patches:
+        raise InputShapeError(f"patch_groups: the layout carries patch {int(source.max())}, beyond {num_patches} "
+                              "patches")
     if layout.owner is not None:
         return layout.owner[:, prefix: prefix + num_patches].cpu()
     batch = layout.batch_size
     groups = torch.full((batch, num_patches), -1, dtype=torch.long)
     valid = layout.valid_mask().cpu()
-    source = layout.source_index().cpu() - prefix
     for b in range(batch):
         real = valid[b] & (source[b] >= 0)
         groups[b, source[b][real]] = torch.nonzero(real).squeeze(1)
@@ -97,6 +109,10 @@ def save_overlay_grid(path: str | Path, images: Tensor, layouts: Mapping[str, To
     the last block of each method). Returns the path. ``upscale``: how many pixels each image pixel becomes before
     the 1-pixel borders are drawn (``None``: as many as keep it within 224 px); panels are sized to show every pixel,
     so no border is lost."""
+    for name, layout in layouts.items():
+        if layout.grid_size is not None and tuple(grid) != tuple(layout.grid_size):
+            raise InputShapeError(f"save_overlay_grid: grid {tuple(grid)}, but layout {name!r} is over the model's "
+                                  f"{tuple(layout.grid_size)} patch grid")
     plt = _pyplot()
     pictures = _upscaled(_display(images), upscale)
     num_patches = grid[0] * grid[1]

@@ -270,3 +270,26 @@ def test_paired_columns_compare_rows_with_the_reference_and_their_baseline():
     assert (rows[3]["vs_all"], rows[3]["vs_all_se"]) == paired_difference(hits[3], hits[0])
     assert (rows[3]["vs_baseline"], rows[3]["vs_baseline_se"]) == paired_difference(hits[3], hits[2])
     assert not any("vs_baseline" in rows[i] for i in (0, 1, 2, 4))  # no pool row at 9 or 2 tokens
+
+
+def test_accuracy_refuses_labels_of_another_shape_and_nan_logits():
+    """Labels [B, 1] broadcast to [B, B, k] and scored 100 % top-1 / 300 % top-5 for 25 %; NaN logits scored as
+    the first classes (chance level) instead of failing."""
+    from vistok.measure.accuracy import evaluate, topk_correct
+
+    logits = torch.eye(6)[:4] * 5
+    labels = torch.zeros(4, dtype=torch.long)
+    assert evaluate(torch.nn.Identity(), [(logits, labels)])["top1"] == 25.0
+    for bad, message in ((labels[:, None], r"labels \[B\], got logits \(4, 6\) and labels \(4, 1\)"),
+                         (labels[:3], r"labels \(3,\)"), (labels.float(), "labels must be class ids"),
+                         (labels.bool(), "labels must be class ids")):
+        with pytest.raises(vistok.InputShapeError, match=message):
+            evaluate(torch.nn.Identity(), [(logits, bad)])
+    broken = logits.clone()
+    broken[2] = float("nan")
+    with pytest.raises(vistok.InputShapeError, match=r"NaN logits \(rows \[2\]\)"):
+        topk_correct(broken, labels)
+    masked = logits.clone()
+    masked[:, 5] = float("-inf")  # a class masked out is no error
+    assert topk_correct(masked, labels) == topk_correct(logits, labels)
+

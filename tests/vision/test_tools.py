@@ -556,7 +556,9 @@ def test_tool_arguments_are_checked_before_the_work(tmp_path, capsys):
                                      ("train_video_vlm", ["--lora-rank", "-2"], "--lora-rank"),
                                      ("train_video_vlm", ["--lr", "-1"], "--lr"),
                                      ("make_video_data", ["--seed", str(2**64)], "a seed below 2**32"),
-                                     ("make_video_data", ["--train", "0"], "--train")]:
+                                     ("make_video_data", ["--train", "0"], "--train"),
+                                     ("bench_video", ["decode", "--repeats", "0"], "--repeats"),
+                                     ("bench_video", ["loader", "--workers", "-1"], "--workers")]:
         with pytest.raises(SystemExit) as stopped:
             load_tool(tool).main(arguments)
         assert stopped.value.code == 2 and message in capsys.readouterr().err, (tool, arguments)
@@ -668,6 +670,13 @@ def test_overlays_account_for_every_patch(tmp_path):
 
     with pytest.raises(vistok.InputShapeError, match="30x30 image with 196 patch groups does not divide"):
         overlay(np.zeros((30, 30, 3)), groups[0].numpy(), (14, 14))
+    for layout in (ats, merged):  # a grid that is not the model's: a wrong picture (traced) or an IndexError
+        with pytest.raises(vistok.InputShapeError, match=r"grid \(7, 7\), but layout 'x' is over the model's "
+                                                         r"\(14, 14\) patch grid"):
+            save_overlay_grid(tmp_path / "wrong.png", images, {"x": layout}, grid=(7, 7))
+        with pytest.raises(vistok.InputShapeError, match="patch_groups: the layout"):
+            patch_groups(layout, 49)
+    assert not (tmp_path / "wrong.png").exists()
 
 
 @pytest.mark.parametrize("side", [28, 224])

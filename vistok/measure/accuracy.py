@@ -15,7 +15,20 @@ __all__ = ["topk_correct", "evaluate", "paired_difference", "add_paired_differen
 
 
 def topk_correct(logits: Tensor, labels: Tensor, ks: tuple[int, ...] = (1, 5)) -> dict[int, int]:
-    """How many of the ``[B]`` labels are among the top-k of ``logits`` ``[B, classes]``, for each k."""
+    """How many of the ``[B]`` labels are among the top-k of ``logits`` ``[B, classes]``, for each k.
+
+    Raises:
+        InputShapeError: logits not ``[B, classes]``, labels not ``B`` integers, or NaN logits (a row of NaN
+            would count as its first classes: chance-level numbers from a broken forward, e.g. a float16 overflow).
+    """
+    if logits.dim() != 2 or labels.dim() != 1 or labels.shape[0] != logits.shape[0]:
+        raise InputShapeError(f"topk_correct: expected logits [B, classes] and labels [B], got logits "
+                              f"{tuple(logits.shape)} and labels {tuple(labels.shape)}")
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise InputShapeError(f"topk_correct: labels must be class ids (integers), got {labels.dtype}")
+    if bool(logits.isnan().any()):
+        raise InputShapeError(f"topk_correct: the model gave NaN logits (rows "
+                              f"{logits.isnan().any(dim=1).nonzero().flatten()[:8].tolist()}); no accuracy to count")
     top = logits.topk(min(max(ks), logits.shape[-1]), dim=-1).indices
     hits = top == labels.to(top.device)[:, None]  # labels stay on the loader's device; the model may be elsewhere
     return {k: int(hits[:, :k].any(dim=1).sum()) for k in ks}
