@@ -109,12 +109,18 @@ def test_nan_and_plus_inf_are_refused_everywhere(case):
     assert issubclass(InvalidLogitsError, VistokError) and issubclass(InvalidLogitsError, ValueError)
 
 
-def test_rows_without_tokens_pass_the_filters_and_are_refused_by_sampling():
+@pytest.mark.parametrize("filter_value", [-math.inf, -1e4])
+def test_rows_without_tokens_pass_the_filters_and_are_refused_by_sampling(filter_value):
+    """With a finite filter_value, min-p filled an empty row with it: every token equal, sampled uniformly."""
     logits = torch.tensor([[0.0, 1.0, 2.0], [-math.inf] * 3])
-    for out in (top_k_filter(logits, 2), top_p_filter(logits, 0.5), min_p_filter(logits, 0.5),
-                typical_filter(logits, 0.5), epsilon_filter(logits, 0.1), eta_filter(logits, 0.1),
-                top_h_filter(logits, 0.5), top_h_filter(logits, 0.5, rule="reference", top_n=2)):
+    fill = {"filter_value": filter_value}
+    for out in (top_k_filter(logits, 2, **fill), top_p_filter(logits, 0.5, **fill), min_p_filter(logits, 0.5, **fill),
+                min_p_filter(logits, 0.5, min_tokens_to_keep=2, **fill), typical_filter(logits, 0.5, **fill),
+                epsilon_filter(logits, 0.1, **fill), eta_filter(logits, 0.1, **fill), top_h_filter(logits, 0.5, **fill),
+                top_h_filter(logits, 0.5, rule="reference", top_n=2, **fill)):
         assert torch.equal(out[1], logits[1]) and not bool(torch.isnan(out).any())
+        with pytest.raises(InvalidLogitsError, match=r"row\(s\) \[1\].*every logit -inf"):
+            sample(out)
     with pytest.raises(InvalidLogitsError, match=r"row\(s\) \[1\].*every logit -inf"):
         sample(logits)
 

@@ -151,9 +151,9 @@ def min_p_filter(logits: Tensor, p: RowParam, *, min_tokens_to_keep: int = 1,
         return logits.clone()
     probs = work.softmax(dim=1)
     top = probs.amax(dim=1, keepdim=True)
-    if not bool(torch.isfinite(top).all()):  # NaN, +inf, or an empty row: find out which
-        check_row_max(work.amax(dim=1, keepdim=True))
     keep = probs >= broadcast_param(p, logits, "min_p", work.dtype) * top
+    if not bool(torch.isfinite(top).all()):  # NaN, +inf, or an empty row: find out which
+        keep |= check_row_max(work.amax(dim=1, keepdim=True))  # an empty row stays -inf, whatever filter_value
     return _finish(logits, work, keep, min_tokens_to_keep, filter_value)
 
 
