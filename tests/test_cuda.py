@@ -52,31 +52,6 @@ def test_patched_forward_never_waits_for_the_gpu(case):
             torch.cuda.set_sync_debug_mode("default")
 
 
-@pytest.mark.parametrize("case", sorted(SYNC_FREE))
-def test_compiled_flex_path_matches_eager_on_cuda(case, monkeypatch):
-    """Inductor's fused FlexAttention kernel, which "auto" runs compiled on a GPU where a key bias or padding is
-    (checked: flex is traced; random dropping keeps exactly its bound, unbiased, so "auto" runs SDPA there),
-    against eager SDPA; compiled as tools/bench_gpu.py compiles (inference mode, a dynamic batch)."""
-    traced = []
-    flex = vistok.ops.attention._flex_attend
-    monkeypatch.setattr(vistok.ops.attention, "_flex_attend", lambda *args: traced.append(1) or flex(*args))
-    method, options = SYNC_FREE[case]
-    model = make_model("vit").to(CUDA)
-    images = make_images(model, 4).to(CUDA)
-    with torch.inference_mode(), vistok.patch(model, method, attention="sdpa", **options) as handle:
-        expected = model(images)
-        handle.attention = "auto"
-        torch._dynamo.reset()
-        marked = images.clone()
-        torch._dynamo.maybe_mark_dynamic(marked, 0)
-        compiled = torch.compile(model, fullgraph=True)(marked)
-    if case == "random_drop":
-        assert not traced, "auto took flex where no key is biased"
-    else:
-        assert traced, "auto did not take the flex path compiled on CUDA"
-    assert (compiled - expected).abs().max() <= 1e-3
-
-
 def test_random_drop_keeps_the_same_tokens_on_every_device():
     on_cpu = make_model("vit")
     on_gpu = copy.deepcopy(on_cpu).to(CUDA)
@@ -222,3 +197,29 @@ def test_generation_on_cuda_matches_the_cpu():
     decoder = samplers.SpeculativeDecoder(model_gpu, samplers.self_draft(model_gpu, num_layers=1), gamma=3)
     out = decoder.generate(prompt.to(CUDA), max_new_tokens=12, seeds=torch.tensor([3, 4]))
     assert out.sequences.shape == (2, 4 + 12) and out.sequences.device.type == CUDA.type
+
+
+@pytest.mark.parametrize("case", sorted(SYNC_FREE))
+def test_compiled_flex_path_matches_eager_on_cuda(case, monkeypatch):
+    """Inductor's fused FlexAttention kernel, which "auto" runs compiled on a GPU where a key bias or padding is
+    (checked: flex is traced; random dropping keeps exactly its bound, unbiased, so "auto" runs SDPA there),
+    against eager SDPA; compiled as tools/bench_gpu.py compiles (inference mode, a dynamic batch). Last in the
+    file: its inductor compiles take the longest, and a time limit should cut them, not the checks after them."""
+    traced = []
+    flex = vistok.ops.attention._flex_attend
+    monkeypatch.setattr(vistok.ops.attention, "_flex_attend", lambda *args: traced.append(1) or flex(*args))
+    method, options = SYNC_FREE[case]
+    model = make_model("vit").to(CUDA)
+    images = make_images(model, 4).to(CUDA)
+    with torch.inference_mode(), vistok.patch(model, method, attention="sdpa", **options) as handle:
+        expected = model(images)
+        handle.attention = "auto"
+        torch._dynamo.reset()
+        marked = images.clone()
+        torch._dynamo.maybe_mark_dynamic(marked, 0)
+        compiled = torch.compile(model, fullgraph=True)(marked)
+    if case == "random_drop":
+        assert not traced, "auto took flex where no key is biased"
+    else:
+        assert traced, "auto did not take the flex path compiled on CUDA"
+    assert (compiled - expected).abs().max() <= 1e-3

@@ -11,11 +11,11 @@ beside ``"auto"`` (which takes FlexAttention there), the measurement that decide
 size (256, 64, 1024) the models are timed interleaved (median of ``--runs``), and the peak CUDA memory of one
 forward is read for each. Ratios are patched / unpatched within one mode and batch, measured in this run.
 
-Compiling is what takes the time, so the run goes in order of what matters: ViT-B eager and compiled (its figures
-decide the issue), ViT-S and ViT-L eager, a vision-LLM prefill (LLaVA-1.5's shapes: a CLIP ViT-L/14 tower at
-336 px, 576 visual tokens, random weights, a 360M Llama; all tokens vs a quarter), then ViT-S and ViT-L compiled
-while ``--budget-s`` lasts. No compile starts in the budget's last quarter; what did compile is timed at the
-first batch size even past the budget.
+Compiling is what takes the time, so the cheap phases go first: ViT-B, ViT-S and ViT-L eager, a vision-LLM
+prefill (LLaVA-1.5's shapes: a CLIP ViT-L/14 tower at 336 px, 576 visual tokens, random weights, a 360M Llama; all
+tokens vs a quarter); then ViT-B compiled (its figures decide the issue; each method on both attention paths before
+the next method), then ViT-S and ViT-L compiled while ``--budget-s`` lasts. No compile starts in the budget's last
+quarter; what did compile is timed at the first batch size even past the budget.
 
 Every row goes to the JSON as soon as it is measured, so a run cut short still reports what it reached.
 """
@@ -63,8 +63,9 @@ class ModelCase:
             "ats+merge": ([("ats", {"k": 108, "blocks": blocks[:1]}),
                            ("merge", {"r": max(1, self.merge_r // 2), "blocks": merge_after})], {}),
         }
+        # method by method, each on every compared path, so a compile phase cut short still has the comparison
         return {f"{label} [{path}]" if len(attention_paths) > 1 else label: (method, options, path)
-                for path in attention_paths for label, (method, options) in methods.items()
+                for label, (method, options) in methods.items() for path in attention_paths
                 if path == attention_paths[0] or label != "ats+merge"}  # the comparison copies: one method each
 
 
@@ -366,16 +367,13 @@ def main(argv: list[str] | None = None) -> int:
         compared: tuple[str, ...] = ("auto",)
     else:
         compared = ("auto", "sdpa") if device.type == "cuda" else ("auto", "sdpa", "flex")
-    plan: list[tuple[str, Callable[[], None]]] = []
-    for index, case in enumerate(cases):
-        plan.append((f"{case.name} eager", lambda case=case: _bench_eager(recorder, case, args, deadline)))
-        if index == 0:
-            plan.append((f"{case.name} compiled",
-                         lambda case=case: _bench_compiled(recorder, case, args, compared, deadline)))
+    # the cheap phases first (seconds each), then the compiles, which a slow compiler could otherwise let crowd out
+    plan: list[tuple[str, Callable[[], None]]] = [
+        (f"{case.name} eager", lambda case=case: _bench_eager(recorder, case, args, deadline)) for case in cases]
     if not args.no_prefill:
         plan.append(("llava prefill", lambda: _prefill(recorder, args, smoke)))
-    plan += [(f"{case.name} compiled", lambda case=case: _bench_compiled(recorder, case, args, ("auto",), deadline))
-             for case in cases[1:]]
+    plan += [(f"{case.name} compiled", lambda case=case, index=index: _bench_compiled(
+        recorder, case, args, compared if index == 0 else ("auto",), deadline)) for index, case in enumerate(cases)]
     for label, run in plan:
         compiles = label.endswith("compiled")
         if time.perf_counter() > deadline - (args.budget_s / 4 if compiles else 0):  # no compile could start

@@ -175,6 +175,40 @@ def test_flex_on_the_cpu_records_gradients_through_sdpa():
 
 
 @pytest.mark.filterwarnings(EAGER_FLEX)
+def test_flex_on_the_cpu_records_gradients_through_values_alone():
+    """A frozen tower whose last value projection is trained records gradients through v only: "flex" checked the
+    queries and failed with torch's NotImplementedError (no FlexAttention backward on the CPU)."""
+    model, images = tiny_hf_tower("clip"), torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    value = [m for n, m in model.named_modules() if n.endswith("self_attn")][-1].v_proj.weight
+    value.requires_grad_(True)
+    results = []
+    for path in ("sdpa", "flex"):
+        with vistok.patch(model, "merge", r=2, attention=path):
+            value.grad = None
+            out = model(pixel_values=images).pooler_output
+            out.square().sum().backward()
+            results.append((out.detach(), value.grad.clone()))
+    torch.testing.assert_close(results[1], results[0])
+
+
+@pytest.mark.parametrize("case", sorted(METHODS))
+def test_gpu_gather_branches_match_the_cpu_rows(case, monkeypatch):
+    """ops/gather.py picks rows with index_select on the CPU and torch.gather / scatter_add elsewhere: the GPU
+    branches run here too (forced), with the same outputs."""
+    import vistok.ops.gather as gather_ops
+
+    method, options = METHODS[case]
+    model, images = _tiny_vit(), _images()
+    with vistok.patch(model, method, **options), torch.inference_mode():
+        expected = model(images)
+        monkeypatch.setattr(gather_ops, "_by_rows", lambda x: False)
+        by_gather = model(images)
+    torch.testing.assert_close(by_gather, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.filterwarnings(EAGER_FLEX)
 def test_super_token_attends_on_the_handles_path(monkeypatch):
     """super_token computes its own biased attention (log mass over super tokens): on the path the handle names,
     like every other method, with the same outputs."""
@@ -215,6 +249,10 @@ def test_attention_path_choice():
     assert attention_path("flex", q.requires_grad_(), bias, 0.0) == "sdpa"  # no FlexAttention backward on the CPU
     assert attention_path("flex", on_gpu, bias, 0.0) == "flex"  # on a GPU it has one
     q.requires_grad_(False)
+    value = torch.zeros(2, 1, 5, 4, requires_grad=True)  # only the values record gradients (a tuned v_proj)
+    assert attention_path("flex", q, bias, 0.0, (torch.zeros_like(value), value)) == "sdpa"
+    assert attention_path("flex", q, bias.requires_grad_(), 0.0) == "sdpa"
+    bias.requires_grad_(False)
     assert attention_path("auto", q, bias, 0.0) == "sdpa"  # eager CPU
     assert attention_path("auto", on_gpu, bias, 0.0) == "sdpa"  # eager GPU: flex would be unfused
     assert _compiled(lambda: attention_path("auto", on_gpu, bias, 0.0) == "flex")() is True

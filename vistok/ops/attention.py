@@ -9,7 +9,7 @@ The paths of :func:`attend`, all computing the same thing:
   attention stays one fused kernel. Fused only under ``torch.compile`` on a GPU; in eager mode it runs PyTorch's
   reference implementation (correct, slow), and torch 2.14's compiled CPU kernels cannot read a bias computed in
   the same graph. It has no dropout, and no backward pass on the CPU: with attention dropout active, or on the CPU
-  while recording gradients, ``"sdpa"`` runs.
+  while recording gradients (through the queries, keys, values or bias), ``"sdpa"`` runs.
 * ``"auto"``: ``"flex"`` where a bias is present and the call is being compiled for a CUDA device, else ``"sdpa"``.
 """
 
@@ -33,9 +33,13 @@ def check_attention_path(path: object) -> str:
     return path
 
 
-def attention_path(requested: str, q: Tensor, key_bias: Tensor | None, dropout_p: float) -> str:
-    """The path (``"sdpa"`` or ``"flex"``) :func:`attend` takes for this call when ``requested`` is asked for."""
-    if key_bias is None or dropout_p > 0 or q.shape[0] == 0 or (q.device.type == "cpu" and q.requires_grad):
+def attention_path(requested: str, q: Tensor, key_bias: Tensor | None, dropout_p: float,
+                   keys_values: tuple[Tensor, ...] = ()) -> str:
+    """The path (``"sdpa"`` or ``"flex"``) :func:`attend` takes for this call when ``requested`` is asked for.
+    ``keys_values``: the call's ``k`` and ``v``, whose gradients count as the queries' do (a tower trained only in
+    its value projections records gradients through ``v`` alone)."""
+    recording = any(t is not None and t.requires_grad for t in (q, key_bias, *keys_values))
+    if key_bias is None or dropout_p > 0 or q.shape[0] == 0 or (q.device.type == "cpu" and recording):
         return "sdpa"
     if requested == "auto":
         return "flex" if q.is_cuda and torch.compiler.is_compiling() else "sdpa"
@@ -55,8 +59,9 @@ def attend(q: Tensor, k: Tensor, v: Tensor, key_bias: Tensor | None, dropout_p: 
     Returns:
         ``[B, H, M, d]``.
     """
-    if attention_path(path, q, key_bias, dropout_p) == "flex":
-        return _flex_attend(q, k, v, key_bias[:, 0, 0, :])
+    if attention_path(path, q, key_bias, dropout_p, (k, v)) == "flex":
+        # a contiguous [B, N] copy, not a view: inductor's CUDA lowering has failed on view-captured score buffers
+        return _flex_attend(q, k, v, key_bias[:, 0, 0, :].contiguous())
     return F.scaled_dot_product_attention(q, k, v, attn_mask=key_bias, dropout_p=dropout_p)
 
 
