@@ -17,7 +17,7 @@ import timm
 import torch
 
 import vistok
-from vistok.cli import count, reports_errors
+from vistok.cli import count, count_or_zero, fraction, reports_errors
 from vistok.data import GreyBatchTransform, load_fashion_mnist
 from vistok.measure.accuracy import evaluate
 
@@ -32,11 +32,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="vistok_vit_fmnist")
     parser.add_argument("--images", type=count, default=2000, help="calibration images (training split)")
-    parser.add_argument("--targets", nargs="+", type=float, default=[0.5, 0.7])
+    parser.add_argument("--targets", nargs="+", type=fraction, default=[0.5, 0.7], help="GFLOPs ratios in (0, 1]")
     parser.add_argument("--flops-images", type=count, default=8)
     parser.add_argument("--test-images", type=count, default=10000)
     parser.add_argument("--out", default="results/tune")
-    parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--threads", type=count_or_zero, default=0, help="torch threads (0: torch's default)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -27,7 +27,7 @@ from .methods import (
 )
 from .patching import PatchHandle, find_handle, get_handle, patch, unpatch
 from .tokens import TokenLayout
-from .tuner import TuneResult, tune
+from .tuner import TuneResult, config_from_saved, tune
 
 __version__ = "0.1.0"
 
@@ -35,6 +35,7 @@ __all__ = [
     "patch",
     "tune",
     "TuneResult",
+    "config_from_saved",
     "unpatch",
     "get_handle",
     "find_handle",

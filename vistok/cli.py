@@ -15,8 +15,9 @@ answer; it prints the answer, the frames kept, the visual tokens and the seconds
 ``vistok tune --model vistok_vit_fmnist --pretrained --target 0.5 --out results/tune`` searches vistok's methods
 for the one that agrees best with the unpatched model within half its GFLOPs (``--cost tokens`` or ``latency``:
 its tokens per block or its latency measured here) (:func:`vistok.tune`), on
-Fashion-MNIST training images (or ``--folder`` of images): it prints the pick, ready for ``vistok.patch``, and
-writes ``<out>.json`` and ``<out>.png``.
+Fashion-MNIST training images (with ``--labels``, scored by accuracy: test images, which the reference models were
+not trained on) or a ``--folder`` of images: it prints the pick and writes ``<out>.json`` (the pick first:
+``vistok.config_from_saved("<out>.json")`` gives the config for ``vistok.patch``) and ``<out>.png``.
 """
 
 from __future__ import annotations
@@ -136,7 +137,8 @@ def _build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--threads", type=count, default=None, help="torch intra-op threads")
     bench.add_argument("--flops-images", type=count, default=None,
                        help="count FLOPs on this many images (default: the whole batch)")
-    bench.add_argument("--device", default="cpu", help="where to time the models, e.g. cuda (FLOPs: on the CPU)")
+    bench.add_argument("--device", default="cpu", help="where to time the models: cpu or cuda (cuda:1, ...); "
+                       "FLOPs are counted on the CPU")
     bench.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     bench.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
                        help="time every model compiled whole (torch.compile, fullgraph; backend: inductor)")
@@ -180,17 +182,21 @@ def _build_parser() -> argparse.ArgumentParser:
     tuner.add_argument("--model", required=True, help="timm model name (vistok's reference models included)")
     tuner.add_argument("--pretrained", action="store_true", help="load its pretrained weights")
     tuner.add_argument("--checkpoint", default=None, help="weights (.safetensors) to load")
-    tuner.add_argument("--target", type=float, default=0.5, help="cost ratio to stay within (of --cost)")
+    tuner.add_argument("--target", type=fraction, default=0.5, help="cost ratio in (0, 1] to stay within (of "
+                       "--cost)")
     tuner.add_argument("--cost", default="gflops", choices=("gflops", "tokens", "latency"),
                        help="what the target bounds: GFLOPs, tokens per block, or latency measured on this machine")
     tuner.add_argument("--images", type=count, default=512, help="calibration images")
     tuner.add_argument("--folder", default=None, help="calibration images from this folder (timm's eval "
-                       "transforms); default: Fashion-MNIST training images for 1-channel models")
+                       "transforms); default: the first Fashion-MNIST images for 28 x 28 grey models (training "
+                       "images; with --labels, test images)")
     tuner.add_argument("--labels", action="store_true", help="score by accuracy on the labels, not agreement (with "
                        "--folder: the sub-folders' sorted order, as ImageFolder numbers them, must be the model's "
-                       "class order)")
+                       "class order; without --folder: Fashion-MNIST's test split, as the reference models were "
+                       "trained on its training split)")
     tuner.add_argument("--flops-images", type=count, default=8, help="images each candidate's GFLOPs are counted on")
-    tuner.add_argument("--out", default="tune", help="writes <out>.json and <out>.png")
+    tuner.add_argument("--out", default="tune", help="a path prefix (not a folder): writes <out>.json and "
+                       "<out>.png, making missing folders")
     tuner.add_argument("--threads", type=count, default=None)
     return parser
 
@@ -244,6 +250,8 @@ def _bench(args: argparse.Namespace) -> int:
     _check_device(args.device)
     if args.json and not Path(args.json).parent.is_dir():  # found out now, not after the benchmark
         raise InvalidConfigError(f"vistok bench: --json {args.json}: no folder {Path(args.json).parent}")
+    if args.json:
+        _check_writable("vistok bench: --json", Path(args.json))
     if args.compile is not None and args.compile not in torch._dynamo.list_backends(exclude_tags=()):
         raise InvalidConfigError(f"vistok bench: unknown torch.compile backend {args.compile!r}")
     if args.attention == "flex" and args.compile is None:
@@ -278,8 +286,22 @@ def _check_device(name: str) -> None:
         device = torch.device(name)
     except RuntimeError as error:
         raise InvalidConfigError(f"vistok bench: --device {name!r} is not a torch device ({error})") from None
+    if device.type not in ("cpu", "cuda"):  # timing synchronises CUDA only (vistok.measure.throughput)
+        raise InvalidConfigError(f"vistok bench: --device {name}: only cpu and cuda are supported")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise InvalidConfigError(f"vistok bench: --device {name}: this machine has no CUDA device")
+
+
+def _check_writable(option: str, path: Path) -> None:
+    """Refuse, before any work, an output file ``path`` that cannot be written: it is a folder, or a path above it
+    is a file (missing folders are fine: they are made)."""
+    if path.is_dir():
+        raise InvalidConfigError(f"{option} {path}: a folder, not a file")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise InvalidConfigError(f"{option} {path}: {parent} is a file, not a folder")
+            return
 
 
 def _ask(args: argparse.Namespace) -> int:
@@ -350,6 +372,11 @@ def _tune(args: argparse.Namespace) -> int:
     from ._timm import create_timm_model
     from .tuner import COSTS, tune
 
+    if args.out.endswith(("/", "\\")) or Path(args.out).is_dir():
+        raise InvalidConfigError(f"vistok tune: --out {args.out} is a folder; give a path prefix such as "
+                                 f"{Path(args.out) / 'tune'} (writes <out>.json and <out>.png)")
+    for suffix in (".json", ".png"):
+        _check_writable("vistok tune: --out", Path(f"{args.out}{suffix}"))
     if args.threads:
         torch.set_num_threads(args.threads)
     model = create_timm_model(args.model, "vistok tune", pretrained=args.pretrained).eval()
@@ -357,7 +384,7 @@ def _tune(args: argparse.Namespace) -> int:
         from .models.reference import load_checkpoint
 
         load_checkpoint(model, args.checkpoint)
-    images, labels = _calibration_images(model, args.folder, args.images)
+    images, labels = _calibration_images(model, args.folder, args.images, "test" if args.labels else "train")
     result = tune(model, images, args.target, labels if args.labels else None, flops_images=args.flops_images,
                   progress=True, cost=args.cost)
     best = result.best
@@ -374,9 +401,11 @@ def _tune(args: argparse.Namespace) -> int:
     return 0
 
 
-def _calibration_images(model: Any, folder: str | None, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _calibration_images(model: Any, folder: str | None, count: int,
+                        split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
     """``count`` calibration images as the model takes them, and their labels: from ``folder``, a seeded random
-    draw (an image folder is ordered class by class, and the tuner's first rung scores the first quarter)."""
+    draw (an image folder is ordered class by class, and the tuner's first rung scores the first quarter); else
+    the first of Fashion-MNIST's ``split``."""
     if folder is not None:
         from timm.data import create_transform, resolve_data_config
         from torchvision.datasets import ImageFolder
@@ -399,7 +428,7 @@ def _calibration_images(model: Any, folder: str | None, count: int) -> tuple[tor
     if conv is None or tuple(embed.img_size) != (28, 28) or conv.in_channels != 1:
         raise InvalidConfigError(f"vistok tune: {type(model).__name__} does not take 28 x 28 grey images; give "
                                  "--folder with calibration images (class sub-folders, as ImageFolder reads)")
-    images, labels = load_fashion_mnist("train")
+    images, labels = load_fashion_mnist(split)
     return GreyBatchTransform()(images[:count]), labels[:count]
 
 

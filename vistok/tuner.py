@@ -4,6 +4,7 @@ one that agrees best with the unpatched model within a compute target.
 >>> result = vistok.tune(model, images, target=0.5)       # at most half the unpatched GFLOPs
 >>> vistok.patch(model, result.config)                     # the pick, ready to use
 >>> result.save("tune.json"); result.plot("tune.png")      # every candidate, the Pareto front
+>>> vistok.patch(model, vistok.config_from_saved("tune.json"))  # the saved pick, later
 
 Candidates (from the model's patch count ``N`` and depth): ATS with a fixed budget and ATS with fusion at
 ``k`` = 90 % ... 20 % of ``N`` in the paper's blocks, random dropping at the same ``k`` (the baseline), merging at
@@ -18,8 +19,9 @@ better half goes on to half of it, the best quarter to all of it (``rungs=3``, s
 that is clearly worse costs a quarter of a pass. The score is top-1 agreement with the unpatched model (ties: the
 lower KL divergence from its distribution), or accuracy when labels are given; a model whose forward gives
 embeddings (a timm model made with ``num_classes=0``, an open_clip image tower) or an ``encode=`` function is scored
-by the embeddings' cosine similarity with the unpatched model's. No randomness but random dropping's fixed seed
-(and the latency measurement): the same batch gives the same pick.
+by the embeddings' cosine similarity with the unpatched model's; a forward that returns an output object with
+``logits`` (a Hugging Face classifier: VideoMAE, ViViT) is scored on those. No randomness but random dropping's
+fixed seed (and the latency measurement): the same batch gives the same pick.
 """
 
 from __future__ import annotations
@@ -38,15 +40,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._checks import is_int, is_real
+from ._checks import is_int, is_integer_tensor, is_real
 from ._modes import evaluating
 from .backbones import resolve_backbone
-from .errors import InputShapeError, InvalidConfigError, VistokError
+from .errors import InputShapeError, InvalidConfigError, UnsupportedModelError, VistokError
 from .methods import ATSConfig, MergeConfig, MethodConfig, RandomDropConfig, create_config
 from .methods.ats import default_ats_blocks
 from .methods.compose import ComposedConfig
 
-__all__ = ["tune", "TuneResult", "tune_candidates", "config_from_saved"]
+__all__ = ["tune", "TuneResult", "tune_candidates", "config_from_saved", "check_labels", "check_label_range"]
 
 KEEP_FRACTIONS = (0.9, 0.75, 0.6, 0.5, 0.4, 0.3, 0.2)
 COSTS = {"gflops": "GFLOPs", "tokens": "tokens per block", "latency": "latency"}  # what a target can bound
@@ -117,7 +119,8 @@ class TuneResult:
         return front
 
     def save(self, path: str | Path) -> Path:
-        """JSON (or YAML for ``.yaml`` / ``.yml``): the pick first, ready for ``vistok.patch``, then every row."""
+        """JSON (or YAML for ``.yaml`` / ``.yml``): the pick first (its ``config`` a list of ``{"method": ...,
+        options}``; :func:`config_from_saved` makes it the config ``vistok.patch`` takes), then every row."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         data = {"pick": _plain(self.best), "target": self.target, "cost": self.cost,
@@ -162,7 +165,8 @@ def tune(model: nn.Module, images: Tensor | list[dict[str, Any]], target: float 
     Args:
         model: a vision transformer vistok patches (unpatched; it is patched and restored for each candidate).
         images: the calibration batch ``[B, C, H, W]`` as the model takes it (a video ViT's: clips
-            ``[B, C, T, H, W]``); ``labels`` ``[B]`` optional.
+            ``[B, C, T, H, W]``; a Hugging Face video classifier's: ``[B, T, C, H, W]`` ``pixel_values``).
+        labels: optional ``[B]`` integer class ids in ``[0, classes)`` (``classes`` from the model's logits).
         target: the cost ratio in ``(0, 1]``.
         rungs: successive-halving rounds (each keeps the better half on twice the images).
         flops_images: images each candidate's GFLOPs and tokens are counted on.
@@ -180,6 +184,8 @@ def tune(model: nn.Module, images: Tensor | list[dict[str, Any]], target: float 
 
     Raises:
         InvalidConfigError: a bad target, or no candidate within it.
+        InputShapeError: images or labels of the wrong type or shape, or labels out of range.
+        UnsupportedModelError: a model vistok cannot patch (found before any work).
     """
     from .adapters.vlm import vision_llm_family
     from .patching import find_handle
@@ -203,18 +209,17 @@ def tune(model: nn.Module, images: Tensor | list[dict[str, Any]], target: float 
     if not isinstance(images, Tensor):
         raise InputShapeError(f"tune: expected calibration images as a tensor [B, C, H, W], got "
                               f"{type(images).__name__}")
-    if labels is not None and not isinstance(labels, Tensor):
-        raise InputShapeError(f"tune: expected labels as a tensor [B], got {type(labels).__name__}")
     if images.dim() not in (4, 5) or images.shape[0] < 2 ** (rungs - 1):
         raise InputShapeError(f"tune: expected calibration images [B, C, H, W] (or clips [B, C, T, H, W] for a "
                               f"video ViT) with B >= {2 ** (rungs - 1)}, got {tuple(images.shape)}")
     if encode is not None and labels is not None:
         raise InvalidConfigError("tune: labels score a classifier's top-1; with encode= the score is the embeddings' "
                                  "cosine similarity")
-    if labels is not None and labels.shape != images.shape[:1]:
-        raise InputShapeError(f"tune: labels must be [B={images.shape[0]}], got {tuple(labels.shape)}")
+    if labels is not None:
+        check_labels(labels, images.shape[0], "B", "class ids")
     if find_handle(model) is not None:
         raise InvalidConfigError("tune: give the unpatched model (remove its patch first)")
+    _check_patchable(model)
     if encode is None and _gives_embeddings(model):
         if labels is not None:
             raise InvalidConfigError(f"tune: {type(model).__name__} has no classifier (its forward gives embeddings), "
@@ -234,6 +239,42 @@ def _check_counts(**counts: Any) -> None:
     for name, value in counts.items():
         if not is_int(value, 1):
             raise InvalidConfigError(f"tune: {name} must be an int >= 1, got {value!r}")
+
+
+def check_labels(labels: object, count: int, name: str, what: str) -> None:
+    """Refuse ``labels`` unless an integer tensor ``[count]`` (``name``: what ``count`` counts, ``what``: what a
+    label is, for the message); :func:`check_label_range` checks the ids once the number of classes is known."""
+    if not isinstance(labels, Tensor):
+        raise InputShapeError(f"tune: expected labels as a tensor [{name}={count}] of {what}, got "
+                              f"{type(labels).__name__}")
+    if not is_integer_tensor(labels):
+        raise InputShapeError(f"tune: labels must be integer {what}, got a {labels.dtype} tensor")
+    if labels.shape != (count,):
+        raise InputShapeError(f"tune: labels must be [{name}={count}] {what}, got {tuple(labels.shape)}")
+
+
+def check_label_range(labels: Tensor, classes: int, what: str) -> None:
+    """Refuse ``labels`` ``[B]`` with an id outside ``[0, classes)`` (every candidate would score 0 on it)."""
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= classes):
+        raise InputShapeError(f"tune: labels must be {what} in [0, {classes}) (the model's logits have {classes}), "
+                              f"got ids from {int(labels.min())} to {int(labels.max())}")
+
+
+def _check_patchable(model: nn.Module) -> None:
+    """Raise :class:`UnsupportedModelError` where vistok cannot patch ``model`` (before any forward), naming a
+    child it can patch where ``model`` wraps one (e.g. :class:`vistok.video.VideoClassifier`)."""
+    try:
+        resolve_backbone(model)
+    except UnsupportedModelError as error:
+        for name, child in model.named_children():
+            try:
+                resolve_backbone(child)
+            except UnsupportedModelError:
+                continue
+            raise UnsupportedModelError(f"tune: vistok cannot patch {type(model).__name__} itself, only the "
+                                        f"{type(child).__name__} it wraps: tune its .{name} on the inputs that "
+                                        "takes") from error
+        raise
 
 
 def _gives_embeddings(model: nn.Module) -> bool:
@@ -261,6 +302,8 @@ def _search(model: nn.Module, images: Tensor, target: float, labels: Tensor | No
 
     with torch.no_grad():
         reference = _outputs(model, images, encode)
+    if labels is not None:
+        check_label_range(labels, reference.shape[1], "class ids")
     counted = images[:flops_images]
     base_flops = count_flops(model, counted, encode)
     base_counts = tokens_per_block(model, counted, encode)
@@ -323,7 +366,8 @@ def successive_halving(rows: list[dict[str, Any]], alive: list[dict[str, Any]], 
 
 
 def _outputs(model: nn.Module, images: Tensor, encode: Callable[[nn.Module, Tensor], Tensor] | None) -> Tensor:
-    """``[B, C]`` logits (or, with ``encode``, ``[B, D]`` embeddings) as float."""
+    """``[B, C]`` logits (or, with ``encode``, ``[B, D]`` embeddings) as float; a forward that returns an output
+    object with ``logits`` (a Hugging Face classifier's ``ModelOutput``) gives those."""
     if encode is not None:
         out = encode(model, images)
     else:
@@ -335,6 +379,8 @@ def _outputs(model: nn.Module, images: Tensor, encode: Callable[[nn.Module, Tens
             raise InvalidConfigError(f"tune: {type(model).__name__}(images) failed ({type(error).__name__}: "
                                      f"{error}); for a model whose forward does not take images alone, pass "
                                      "encode=, a function (model, images) -> [B, D] embeddings") from error
+        if not isinstance(out, Tensor) and isinstance(getattr(out, "logits", None), Tensor):
+            out = out.logits
     if not isinstance(out, Tensor) or out.dim() != 2:
         what = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
         if encode is not None and encode is not _forward:
@@ -389,8 +435,33 @@ def _plain(row: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def config_from_saved(entries: list[dict[str, Any]]) -> MethodConfig:
-    """The config a saved pick describes (``TuneResult.save``), for ``vistok.patch``."""
+def config_from_saved(saved: str | Path | dict[str, Any] | list[dict[str, Any]]) -> MethodConfig:
+    """The config a saved tuning result describes, for ``vistok.patch``: ``saved`` is the file
+    :meth:`TuneResult.save` wrote (its path; JSON, or YAML for ``.yaml`` / ``.yml``), its loaded contents, its
+    ``"pick"``, or the pick's ``"config"`` (a list of ``{"method": name, **options}``; several are composed).
+
+    Raises:
+        InvalidConfigError: ``saved`` describes no config.
+    """
+    if isinstance(saved, (str, Path)):
+        path = Path(saved)
+        if not path.is_file():
+            raise InvalidConfigError(f"config_from_saved: no file {path}")
+        import yaml
+
+        try:
+            saved = yaml.safe_load(path.read_text()) if path.suffix in (".yaml", ".yml") else json.loads(
+                path.read_text())
+        except (ValueError, yaml.YAMLError) as error:
+            raise InvalidConfigError(f"config_from_saved: cannot read {path}: {error}") from None
+    if isinstance(saved, dict) and isinstance(saved.get("pick"), dict):
+        saved = saved["pick"]
+    if isinstance(saved, dict) and "config" in saved:
+        saved = saved["config"]
+    if not isinstance(saved, list) or not saved or not all(isinstance(e, dict) and "method" in e for e in saved):
+        raise InvalidConfigError("config_from_saved: expected what TuneResult.save wrote (or its pick, or the pick's "
+                                 "config: a list of {'method': name, **options}), got "
+                                 f"{type(saved).__name__}")
     parts = [create_config(entry["method"], **{k: v for k, v in entry.items() if k != "method"})
-             for entry in entries]
+             for entry in saved]
     return parts[0] if len(parts) == 1 else ComposedConfig(tuple(parts))

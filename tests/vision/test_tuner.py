@@ -1,6 +1,8 @@
 """vistok.tune: the pick stays within the GFLOPs target and is the best survivor of successive halving, the
 search is deterministic and cheaper than scoring every candidate on every image, the saved pick patches the
-model back to the score reported, and bad input is refused; the `vistok tune` command on the reference model."""
+model back to the score reported (also through vistok.config_from_saved), Hugging Face classifiers are scored on
+their logits, and bad input (labels included) is refused before any work; the `vistok tune` command on the reference
+model, and the commands' and tools' options checked up front."""
 
 import json
 import math
@@ -423,3 +425,166 @@ def test_calibration_images_from_a_folder_cover_its_classes(tmp_path):
     assert _calibration_images(grey, str(tmp_path), 4)[0].shape == (4, 1, 28, 28)
     with pytest.raises(SystemExit):
         main(["tune", "--model", "vit_tiny_patch16_224", "--images", "-5"])
+
+
+def tiny_videomae():
+    """A VideoMAE classifier of 5 classes on 4-frame 32 x 32 clips (a (2, 4, 4) grid of 32 space-time tokens)."""
+    from transformers import VideoMAEConfig, VideoMAEForVideoClassification
+
+    torch.manual_seed(0)
+    config = VideoMAEConfig(image_size=32, num_frames=4, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
+                            intermediate_size=128, patch_size=8, tubelet_size=2, num_labels=5)
+    return VideoMAEForVideoClassification(config).eval()
+
+
+def test_a_hugging_face_video_classifier_is_scored_on_its_logits():
+    """VideoMAEForVideoClassification returns an output object: the tuner scores its ``logits`` (agreement, or
+    accuracy with labels) and the pick reproduces the score; a wrapper vistok cannot patch (VideoClassifier) is
+    refused, naming the model it wraps, before any forward."""
+    from vistok import UnsupportedModelError
+    from vistok.video import VideoClassifier
+
+    model = tiny_videomae()
+    clips = torch.randn(8, 4, 3, 32, 32, generator=torch.Generator().manual_seed(1))  # pixel_values [B, T, C, H, W]
+    labels = torch.arange(8) % 5
+    with torch.no_grad():
+        reference = model(clips).logits.argmax(-1)
+    for given in (None, labels):
+        result = vistok.tune(model, clips, target=0.7, labels=given, flops_images=1, rungs=2)
+        assert result.metric == ("top-1 agreement" if given is None else "accuracy")
+        assert result.best["gflops_ratio"] <= 0.7 and result.best["images"] == 8
+        with torch.no_grad(), vistok.patch(model, result.config):
+            patched = model(clips).logits.argmax(-1)
+        expected = reference if given is None else labels
+        assert 100.0 * float((patched == expected).float().mean()) == pytest.approx(result.best["score"])
+    calls = []
+    hook = model.register_forward_pre_hook(lambda module, args: calls.append(1))
+    try:
+        with pytest.raises(UnsupportedModelError, match=r"VideoMAEForVideoClassification it wraps: tune its \.model"):
+            vistok.tune(VideoClassifier(model), clips.transpose(1, 2), target=0.7, flops_images=1, rungs=2)
+    finally:
+        hook.remove()
+    assert not calls
+
+
+def test_labels_must_be_the_models_class_ids(setting):
+    """Labels out of ``[0, classes)``, negative, float, bool, a list or of another shape are refused (each
+    candidate scored 0 % on an impossible label and the pick fell to the KL tie-break); on a vision-LLM too (a list
+    was an AttributeError), against its vocabulary."""
+    from helpers import tiny_llava
+
+    model, images = setting  # 10 classes, 16 images
+    bad = [(torch.arange(16), r"class ids in \[0, 10\)"), (torch.arange(16) % 10 - 1, r"class ids in \[0, 10\)"),
+           (torch.zeros(16), "integer class ids"), (torch.zeros(16, dtype=torch.bool), "integer class ids"),
+           (list(range(16)), "labels as a tensor"), (torch.zeros(16, 1, dtype=torch.long), r"\[B=16\]")]
+    for labels, message in bad:
+        with pytest.raises(InputShapeError, match=message):
+            vistok.tune(model, images, target=0.6, labels=labels, flops_images=2, rungs=2)
+    llava, batches = tiny_llava(), llava_batches(2)
+    with torch.no_grad():
+        vocab = llava(**batches[0], logits_to_keep=1).logits.shape[-1]
+    bad = [(list(range(4)), "labels as a tensor"), (torch.zeros(4), "integer next-token ids"),
+           (torch.full((4,), vocab), rf"next-token ids in \[0, {vocab}\)")]
+    for labels, message in bad:
+        with pytest.raises(InputShapeError, match=message):
+            vistok.tune(llava, batches, target=0.5, labels=labels, rungs=2)
+
+
+def test_the_saved_pick_round_trips_through_config_from_saved(setting, result, tmp_path):
+    """``vistok.config_from_saved`` takes the saved file, its contents, its pick or the pick's config, and patches
+    the model to the same outputs as the tuned config."""
+    model, images = setting
+    path = result.save(tmp_path / "tune.json")
+    saved = json.loads(path.read_text())
+    with torch.no_grad(), vistok.patch(model, result.config):
+        expected = model(images)
+    for given in (path, str(result.save(tmp_path / "tune.yaml")), saved, saved["pick"], saved["pick"]["config"]):
+        with torch.no_grad(), vistok.patch(model, vistok.config_from_saved(given)):
+            assert torch.equal(model(images), expected)
+    with pytest.raises(InvalidConfigError, match="expected what TuneResult.save wrote"):
+        vistok.config_from_saved({"rows": []})
+
+
+def test_merge_to_budget_refuses_sizes_that_are_not_positive_on_real_tokens_and_wrong_shapes():
+    """A real token of size <= 0 came out with size 0 and no owner; shapes that do not fit the tokens were raw
+    RuntimeErrors. Padding may have any size: every real token still has an owner, every output a size > 0."""
+    from vistok.adapters import merge_to_budget
+
+    x = torch.randn(2, 6, 4, generator=torch.Generator().manual_seed(0))
+    valid = torch.tensor([[True] * 6, [True] * 4 + [False] * 2])
+    for size in (0.0, -1.0):
+        sizes = torch.ones(2, 6)
+        sizes[1, 2] = size
+        with pytest.raises(InputShapeError, match="sizes must be > 0 on every real token"):
+            merge_to_budget(x, 3, sizes=sizes, valid=valid)
+    sizes = torch.ones(2, 6)
+    sizes[1, 4:] = 0  # padding
+    out = merge_to_budget(x, 3, sizes=sizes, valid=valid)
+    assert bool((out.sizes > 0).all()) and bool((out.owner[valid] >= 0).all())
+    for name, wrong in (("sizes", torch.ones(2, 5)), ("valid", valid[:, :5]), ("order", torch.arange(5)[None])):
+        with pytest.raises(InputShapeError, match=rf"{name} must be \[B, N\]"):
+            merge_to_budget(x, 3, **{"sizes": sizes, "valid": valid, name: wrong})
+
+
+def test_the_commands_check_their_outputs_and_options_before_any_work(tmp_path, monkeypatch, capsys):
+    """`vistok tune --out` a folder or under a file, `vistok bench --json` a folder, a device timing cannot
+    synchronise, and a target out of (0, 1] are refused up front (they were found after the search, or raw
+    RuntimeErrors)."""
+    from vistok import _timm
+    from vistok.cli import main
+    from vistok.measure import bench
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("work started before the options were checked")
+
+    monkeypatch.setattr(_timm, "create_timm_model", no_work)
+    monkeypatch.setattr(bench, "run_benchmark", no_work)
+    (tmp_path / "file").write_text("")
+    (tmp_path / "taken.json").mkdir()
+    for out, message in [(tmp_path, "is a folder"), (f"{tmp_path}/", "is a folder"),
+                         (tmp_path / "file" / "tune", "is a file, not a folder"), (tmp_path / "taken", "a folder")]:
+        assert main(["tune", "--model", "vistok_vit_fmnist", "--out", str(out)]) == 2
+        assert message in capsys.readouterr().err
+    assert main(["bench", "--model", "vit_tiny_patch16_224", "--json", str(tmp_path)]) == 2
+    assert "a folder, not a file" in capsys.readouterr().err
+    for device in ("meta", "mps", "xpu"):
+        assert main(["bench", "--model", "vit_tiny_patch16_224", "--device", device]) == 2
+        assert "only cpu and cuda" in capsys.readouterr().err
+    for target in ("1.5", "0", "nan"):
+        with pytest.raises(SystemExit):
+            main(["tune", "--model", "vistok_vit_fmnist", "--target", target, "--out", str(tmp_path / "t")])
+
+
+def test_the_reference_tuning_tool_refuses_bad_options_at_once(monkeypatch):
+    """--threads -1 was a raw RuntimeError, and a bad later --targets value was found after the first target's
+    whole tune: both exit 2 before any work."""
+    from helpers import load_tool
+
+    tool = load_tool("tune_reference")
+    monkeypatch.setattr(tool.timm, "create_model", lambda *a, **k: pytest.fail("work started"))
+    for argv in (["--threads", "-1"], ["--targets", "0.5", "1.5"], ["--targets", "0"]):
+        with pytest.raises(SystemExit) as exit_info:
+            tool.main(argv)
+        assert exit_info.value.code == 2
+
+
+def test_tune_labels_score_fashion_mnist_test_images(tmp_path, monkeypatch):
+    """`vistok tune --labels` scores accuracy on Fashion-MNIST's test split (the reference models were trained on
+    its training split); without --labels the calibration images are the training split's."""
+    from vistok import tuner
+    from vistok.cli import main
+    from vistok.data import GreyBatchTransform, load_fashion_mnist
+
+    seen = []
+
+    def capture(model, images, target, labels, **kwargs):
+        seen.append((images, labels))
+        raise InvalidConfigError("stop after the calibration batch")
+
+    monkeypatch.setattr(tuner, "tune", capture)
+    for split, flag in (("test", ["--labels"]), ("train", [])):
+        assert main(["tune", "--model", "vistok_vit_fmnist", "--images", "8", "--out", str(tmp_path / "t"),
+                     *flag]) == 2
+        images, labels = load_fashion_mnist(split)
+        assert torch.equal(seen[-1][0], GreyBatchTransform()(images[:8]))
+        assert torch.equal(seen[-1][1], labels[:8]) if flag else seen[-1][1] is None

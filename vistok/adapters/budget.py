@@ -104,16 +104,27 @@ def merge_to_budget(x: Tensor, tokens: int, metric: Tensor | None = None, sizes:
         tokens: the budget ``T``, ``1 <= T <=`` each image's real tokens.
         metric: ``[B, N, d]`` what similarity is measured on (default: ``x`` itself).
         sizes: ``[B, N]`` how many patches each token already stands for (default 1), e.g. after merging in
-            the tower.
+            the tower; ``> 0`` on every real token.
         valid: ``[B, N]`` bool, ``False`` for padding (a ragged set from an adaptive method in the tower). Padding
             is never merged and never returned.
         order: ``[B, N]`` what "original order" means (default the position), e.g. each token's source patch.
+
+    Raises:
+        InputShapeError: ``sizes``, ``valid`` or ``order`` not ``[B, N]``, or a real token of size ``<= 0`` (it
+            would come out with size 0 and no owner).
     """
     _check(x, tokens, "merge_to_budget")
     batch, n, _ = x.shape
     device = x.device
     metric = _metric_or_tokens(x, metric, "merge_to_budget")
+    for name, given in (("sizes", sizes), ("valid", valid), ("order", order)):
+        if given is not None and given.shape != (batch, n):
+            raise InputShapeError(f"merge_to_budget: {name} must be [B, N] = {(batch, n)} like the tokens "
+                                  f"{tuple(x.shape)}, got {tuple(given.shape)}")
     valid = torch.ones(batch, n, dtype=torch.bool, device=device) if valid is None else valid.bool()
+    if sizes is not None and bool((valid & ~(sizes > 0)).any()):
+        raise InputShapeError(f"merge_to_budget: sizes must be > 0 on every real token, got "
+                              f"{sizes[valid].min().item()!r} (padding, valid=False, may have any size)")
     order = torch.arange(n, device=device).expand(batch, -1) if order is None else order.long()
     alive_count = _check_real(valid, tokens, "merge_to_budget")
     last = int(order.max()) + 1 if order.numel() else 1

@@ -91,9 +91,10 @@ def tune_vision_llm(model: nn.Module, batches: Sequence[Mapping[str, Any]], targ
                     labels: Tensor | None = None, rungs: int = 3, progress: bool = False) -> Any:
     """:func:`vistok.tune` on a vision-LLM: ``batches`` are the model's keyword inputs (a processor's output:
     ``input_ids``, ``attention_mask``, ``pixel_values``, ...), prompts left-padded; ``target`` the share of the
-    visual tokens per unit; ``labels`` ``[P]`` optional, the expected next token of each of the ``P`` prompts."""
+    visual tokens per unit; ``labels`` ``[P]`` optional, the expected next token of each of the ``P`` prompts
+    (integer ids in ``[0, vocab)``)."""
     from ..patching import find_handle
-    from ..tuner import TuneResult
+    from ..tuner import TuneResult, check_labels
     from .vlm import vision_llm_family
 
     if not is_real(target) or not 0 < target <= 1:
@@ -111,8 +112,8 @@ def tune_vision_llm(model: nn.Module, batches: Sequence[Mapping[str, Any]], targ
             raise InputShapeError("tune: the prompts must be left-padded (the processor's padding_side='left'), so "
                                   "that each one's next token is the last position")
     prompts = sum(int(batch["input_ids"].shape[0]) for batch in batches)
-    if labels is not None and labels.shape != (prompts,):
-        raise InputShapeError(f"tune: labels must be [P={prompts}] next-token ids, got {tuple(labels.shape)}")
+    if labels is not None:
+        check_labels(labels, prompts, "P", "next-token ids")
     if find_handle(model) is not None:
         raise InvalidConfigError("tune: give the unpatched model (remove its patch first)")
     family = vision_llm_family(model).inspect(model)
@@ -132,9 +133,11 @@ def _search(model: nn.Module, batches: Sequence[Mapping[str, Any]], rows: list[d
             labels: Tensor | None, rungs: int, progress: bool) -> tuple[dict[str, Any], int]:
     """Successive halving of ``rows`` over the batches; the best row and the prompts scored."""
     from ..patching import patch
-    from ..tuner import agreement_scores, successive_halving
+    from ..tuner import agreement_scores, check_label_range, successive_halving
 
     reference = _next_token_logits(model, batches)
+    if labels is not None:
+        check_label_range(labels, reference.shape[-1], "next-token ids")
 
     def score(row: dict[str, Any], count: int, rung: int) -> int | None:
         try:
