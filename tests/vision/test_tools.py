@@ -141,6 +141,28 @@ def test_a_named_fashion_mnist_root_is_the_only_place_read(tmp_path, monkeypatch
     assert load_tool("eval").main([f"data.root={tmp_path / 'typo'}", "--json", str(tmp_path / "e.json")]) == 2
 
 
+def test_a_validation_folder_without_some_class_keeps_the_training_ids(tmp_path):
+    """val/ was numbered on its own: without one training class, every later class took its neighbour's id, and
+    eval, the sweep and training's validation scored against shifted labels."""
+    from PIL import Image
+
+    root = tmp_path / "images"
+    _class_folders(root, {"bag": 8, "coat": 4, "sneaker": 7}, per_class=2)
+    for image in (root / "val" / "coat").iterdir():
+        image.unlink()
+    (root / "val" / "coat").rmdir()
+    settings = {"input_size": 28, "train": False, "mean": (0.5,), "std": (0.5,), "channels": 1}
+    train = vdata.image_folder_dataset(root, "train", **settings)
+    val = vdata.image_folder_dataset(root, "val", **settings)
+    assert val.classes == train.classes == ["bag", "coat", "sneaker"]
+    assert sorted(set(val.targets)) == [0, 2] and len(val) == 4
+    assert all(val.classes[target] == Path(path).parent.name for path, target in val.samples)
+    (root / "val" / "dress").mkdir()
+    Image.new("RGB", (28, 28)).save(root / "val" / "dress" / "0.png")
+    with pytest.raises(vdata.DatasetNotFoundError, match=r"class folders \['dress'\] that .*train lacks"):
+        vdata.image_folder_dataset(root, "val", **settings)
+
+
 def test_sweep_checks_every_point_first_and_keeps_finished_rows(tmp_path, capsys, monkeypatch):
     """A bad point was found only when reached (after the whole-test-set points before it) and every finished row
     was lost; num_frames=[0] ran the unpatched model labelled `0 frames`; method= was silently ignored; the
@@ -300,7 +322,8 @@ def test_a_class_folder_dataset_trains_a_head_of_its_class_count(tmp_path, capsy
     assert (tmp_path / "sweep.csv").is_file() and workers.count(1) == 3  # eval's, and each sweep point's
     capsys.readouterr()
     # pretrained weights without a checkpoint for these classes: the 2-way head would be random (chance accuracy)
-    for tool, config in ((evaluate, []), (sweep, ["--config", str(ROOT / "configs/sweep_fmnist.yaml")])):
+    for tool, config in ((evaluate, []), (sweep, ["--config", str(ROOT / "configs/sweep_fmnist.yaml"), "--out",
+                                                  str(tmp_path / "sweep_pretrained")])):
         assert tool.main([*config, "model=vistok_vit_fmnist", "pretrained=true", "data.name=folder",
                           f"data.root={root}"]) == 2
         assert "pretrained head has 10 classes" in capsys.readouterr().err
@@ -309,7 +332,7 @@ def test_a_class_folder_dataset_trains_a_head_of_its_class_count(tmp_path, capsy
     (root / "val" / "coat").mkdir()
     (root / "val" / "sneaker").rename(root / "val" / "coat" / "x")
     assert train.main([*small, f"output={tmp_path / 'bad'}"]) == 2
-    assert "different class folders" in capsys.readouterr().err
+    assert "has class folders ['coat'] that" in capsys.readouterr().err
 
 
 def test_fashion_mnist_is_real_and_found():
