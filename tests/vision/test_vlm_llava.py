@@ -191,6 +191,22 @@ def test_correlation_guided_on_single_view_images_is_dominant():
         vistok.patch(model, "correlation_guided")
 
 
+def test_an_older_transformers_is_refused(monkeypatch):
+    """On transformers 5.17 a patched LLaVA gave logits 0.39 away from the unpatched model's, and generate refused
+    the encoded features: the adapters are tested from 5.25 on, and an older release is refused, not half-run."""
+    from vistok.adapters import vlm
+
+    model = tiny_llava()
+    monkeypatch.setattr(vlm, "_transformers_version", lambda: "5.17.0")
+    with pytest.raises(UnsupportedModelError, match=r"transformers >= 5.25 .* this is transformers 5.17.0"):
+        vistok.patch(model, "merge_to_budget", tokens=4)
+    with pytest.raises(UnsupportedModelError, match="transformers >= 5.25"):
+        vistok.tune(model, [{"input_ids": prompt(), "pixel_values": images()}], target=0.5)
+    assert vistok.get_handle(model) is None
+    monkeypatch.setattr(vlm, "_transformers_version", lambda: "5.25.0.dev0")
+    vistok.patch(model, "merge_to_budget", tokens=4).remove()
+
+
 def test_bad_inputs_and_refusals():
     model = tiny_llava()
     ids, pixels = prompt(), images()

@@ -64,6 +64,7 @@ def vision_llm_family(model: nn.Module) -> type[VisionLLMFamily] | None:
     name = type(model).__name__
     for family in FAMILIES:
         if name in family.class_names:
+            _check_transformers(name)
             return family
     config = getattr(model, "config", None)
     generative = name.endswith("ForConditionalGeneration")  # not CLIPModel / SiglipModel, which have both configs
@@ -71,6 +72,26 @@ def vision_llm_family(model: nn.Module) -> type[VisionLLMFamily] | None:
         known = ", ".join(n for family in FAMILIES for n in family.class_names)
         raise UnsupportedModelError(f"{name} is a vision-LLM vistok does not compress yet; supported: {known}")
     return None
+
+
+OLDEST_TRANSFORMERS = (5, 25)  # the oldest release the adapters are tested on (pyproject's llm extra says so)
+
+
+def _check_transformers(name: str) -> None:
+    """Refuse a transformers older than :data:`OLDEST_TRANSFORMERS`: 5.17's models ignore or misread the encoded
+    features the adapters hand them (``mm_encoder_outputs``), so a patched model gave other logits or failed."""
+    version = _transformers_version()
+    release = tuple(int(part) for part in version.split(".")[:2] if part.isdigit())
+    if release < OLDEST_TRANSFORMERS:
+        oldest = ".".join(map(str, OLDEST_TRANSFORMERS))
+        raise UnsupportedModelError(f"vistok compresses {name} with transformers >= {oldest} (tested there); this is "
+                                    f"transformers {version}: pip install 'transformers>={oldest}'")
+
+
+def _transformers_version() -> str:
+    import transformers
+
+    return transformers.__version__
 
 
 @dataclass(frozen=True)
