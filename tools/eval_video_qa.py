@@ -46,8 +46,13 @@ from vistok.video.qa import (
 
 
 def manifest_rows(manifest: Path) -> list[dict]:
-    """The rows of a question manifest (a JSON list of ``{"video", "question", "answer"}``), checked before the
-    model loads."""
+    """The rows of a question manifest (a JSON list of ``{"video", "question", "answer"}``, each a non-empty string),
+    checked before the model loads.
+
+    Raises:
+        InvalidConfigError: no such file, not JSON, not a non-empty list, or a row without those keys or with a
+            value that is not a non-empty string (the row named).
+    """
     if not manifest.is_file():
         raise InvalidConfigError(f"--manifest: {manifest} does not exist")
     try:
@@ -61,6 +66,10 @@ def manifest_rows(manifest: Path) -> list[dict]:
         if missing:
             raise InvalidConfigError(f"--manifest: {manifest} row {number} has no {', '.join(missing)} (a manifest "
                                      "row needs video, question and answer)")
+        for key in ("video", "question", "answer"):
+            if not isinstance(row[key], str) or not row[key].strip():
+                raise InvalidConfigError(f"--manifest: {manifest} row {number}: {key} must be a non-empty string, got "
+                                         f"{row[key]!r}")
     return rows
 
 
@@ -126,6 +135,7 @@ def evaluate(model, tokenizer, questions: list[dict], config: VideoQAConfig, bat
                                   features=features[start: start + batch_size])
         answers.extend(result.answers)
         answer_seconds += result.total_seconds
+    # case-insensitive: a manifest's answers may be capitalised ("Yes"); vistok's own questions' answers are lowercase
     correct = [a.strip().lower() == q["answer"].strip().lower() for a, q in zip(answers, questions, strict=True)]
     kinds = sorted({q["kind"] for q in questions if q["kind"] is not None})
     count = len(questions)

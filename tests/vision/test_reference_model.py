@@ -1,6 +1,7 @@
 """The shipped reference model on the real Fashion-MNIST test set, and the main job (tools/demo.py)."""
 
 import importlib.util
+import re
 
 import pytest
 import timm
@@ -59,7 +60,7 @@ def test_demo_runs_on_the_shipped_model(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "vistok_vit_fmnist_reg4" in printed and "unpatched" in printed and "ATS+fusion k=108" in printed
     assert "merge r=12" in printed and "tuner at 0.5x GFLOPs (32 training images" in printed
-    assert "best swept point within 0.5x GFLOPs" in printed
+    assert "best swept point within 0.5x GFLOPs" in printed and "--limit: not the same images" in printed
     assert (tmp_path / "tokens.png").stat().st_size > 10_000
     assert (tmp_path / "pareto.png").stat().st_size > 10_000
 
@@ -125,6 +126,68 @@ def test_pretrained_cfg_overlay_file_is_the_weights_loaded(tmp_path):
         loaded = timm.create_model("vistok_vit_fmnist", pretrained=True, **asked, pretrained_cfg_overlay=dict(
             file=str(tmp_path / "two.safetensors"), num_classes=2))
         assert torch.equal(loaded.head.weight, two.head.weight) and loaded.num_classes == 2
+
+
+@pytest.mark.parametrize("name", ["vistok_vit_fmnist", "vistok_vit_fmnist_reg4", "vistok_video_vit_fmnist",
+                                  "vistok_video_vit_fmnist_merge"])
+def test_every_factory_loads_the_file_named_or_refuses(name, tmp_path):
+    """A weights file named in ``pretrained_cfg`` or ``pretrained_cfg_overlay`` is what loads, on the video
+    factories too (they loaded the shipped weights, silently, as the image factories did for ``pretrained_cfg``);
+    a missing file, a tag or a URL is refused rather than replaced by the shipped weights."""
+    from safetensors.torch import save_file
+
+    from vistok.models import CheckpointError
+
+    mine = timm.create_model(name)
+    with torch.no_grad():
+        mine.head.bias.copy_(torch.arange(float(mine.num_classes)))
+    save_file(mine.state_dict(), str(tmp_path / "mine.safetensors"))
+    shipped = timm.create_model(name, pretrained=True)
+    assert not torch.equal(shipped.head.bias, mine.head.bias)
+    for key in ("pretrained_cfg", "pretrained_cfg_overlay"):
+        loaded = timm.create_model(name, pretrained=True, **{key: dict(file=str(tmp_path / "mine.safetensors"))})
+        assert torch.equal(loaded.head.bias, mine.head.bias), key
+        with pytest.raises(CheckpointError, match="does not exist"):
+            timm.create_model(name, pretrained=True, **{key: dict(file=str(tmp_path / "none.safetensors"))})
+    with pytest.raises(vistok.InvalidConfigError, match="no pretrained tag 'in1k'"):
+        timm.create_model(f"{name}.in1k", pretrained=True)
+    with pytest.raises(vistok.InvalidConfigError, match="hf_hub_id"):
+        timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(hf_hub_id="someone/weights"))
+
+
+def test_an_overlays_class_count_is_the_models(tmp_path):
+    """``pretrained_cfg_overlay`` ``num_classes`` without a file: the model has that head, as in timm (its
+    pretrained config said N classes on a 10-class head); the shipped 10-class weights do not fit it."""
+    from vistok.models import CheckpointError
+
+    for name in ("vistok_vit_fmnist", "vistok_video_vit_fmnist"):
+        model = timm.create_model(name, pretrained_cfg_overlay=dict(num_classes=5))
+        assert model.num_classes == model.head.out_features == model.pretrained_cfg["num_classes"] == 5
+        asked = timm.create_model(name, num_classes=3, pretrained_cfg_overlay=dict(num_classes=5))
+        assert asked.num_classes == asked.pretrained_cfg["num_classes"] == 3  # the head asked for wins
+        with pytest.raises(CheckpointError, match="head.weight"):
+            timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(num_classes=5))
+
+
+def test_missing_weights_name_the_command_that_trains_them(monkeypatch, tmp_path):
+    """Each shipped model's missing-weights error names the command its model card trains it with (every model
+    without "vlm" in its name was told configs/fmnist_vit.yaml, the image ViT's); a name vistok ships no weights
+    for is told which it does."""
+    from vistok.models import CheckpointError, reference, reference_checkpoint
+
+    monkeypatch.setenv("VISTOK_MODELS", str(tmp_path))
+    monkeypatch.setattr(reference, "REPOSITORY_MODELS", tmp_path)
+    cards = sorted((ROOT / "models").glob("*/README.md"))
+    assert len(cards) >= 10
+    for card in cards:
+        with pytest.raises(CheckpointError) as missing:
+            reference_checkpoint(card.parent.name)
+        command = re.search(r"train them with (.+?)(?: \.\.\. \(|\.$)", str(missing.value)).group(1)
+        text = " ".join(card.read_text().replace("\\\n", " ").split())  # continued lines joined
+        assert f"{command} " in text, (card.parent.name, command)
+    with pytest.raises(CheckpointError, match=r"no weights of vistok_vit_fmnist_tiny at .*vistok ships weights for "
+                       r"\[.*'vistok_video_vit_fmnist'"):
+        reference_checkpoint("vistok_vit_fmnist_tiny")
 
 
 def test_pretrained_takes_timms_head_options(reference):

@@ -126,6 +126,28 @@ def test_grid_positions_mark_the_tokens_and_leave_class_attention_alone():
         tower.class_attention(moved.hidden_states, 0)
 
 
+@pytest.mark.parametrize("tiles", [1, 2, 4])
+def test_the_tower_refuses_images_of_another_shape(tiles):
+    """The tower reads [B, 1, 28 * tiles, 28 * tiles] images (the video VLM's frames, the image VLM's 56-px images,
+    the page VLM's 112-px pages); another shape is an InputShapeError that says which it expects (28-, 112-, 3-channel
+    and 57-px images reached the ViT and failed there, with an AssertionError, a RuntimeError or an EinopsError)."""
+    import timm
+
+    from vistok.models.reference import REFERENCE_NAME
+    from vistok.models.reference_vlm import ReferenceVisionTower
+
+    tower = ReferenceVisionTower(timm.create_model(REFERENCE_NAME, depth=1).eval(), tiles=tiles)
+    side = 28 * tiles
+    with torch.no_grad():
+        assert tower(torch.zeros(2, 1, side, side)).last_hidden_state.shape == (2, 1 + (3 * tiles) ** 2, 64)
+        for shape in [(1, 1, side // 2, side // 2), (1, 1, 2 * side, 2 * side), (1, 3, side, side),
+                      (1, 1, side + 1, side + 1), (1, side, side), (1, 1, 1, side, side)]:
+            with pytest.raises(vistok.InputShapeError, match=re.escape(f"expects images [B, 1, {side}, {side}] ("
+                                                                       f"{tiles} x {tiles} crops of 28 x 28 pixels),"
+                                                                       f" got {shape}")):
+                tower(torch.zeros(shape))
+
+
 def test_the_fine_tower_pools_each_crop_two_by_two():
     """The fine variant's tower: every crop's 14 x 14 patch grid pooled 2 x 2 to 7 x 7, the four crops laid out as
     a 14 x 14 grid (196 visual tokens); 6 x 6 grid positions (the image VLM's) resized to it keep each token in
@@ -301,17 +323,50 @@ def test_vision_llms_by_name(capsys):
                        r"'vistok_video_vlm_fmnist', 'vistok_vlm_fmnist', 'vistok_vlm_fmnist_fine', "
                        r"'vistok_vlm_fmnist_fine_plain'\]"):
         create_vlm("llava")
-    for name in ("vistok_vlm_fmnist_fine", "vistok_vlm_fmnist_fine_plain"):
-        with pytest.raises(ValueError, match="video, page and fine are different variants"):
-            create_vlm(name, page=True)
+    from vistok.models import create_reference_vlm
+
+    with pytest.raises(InvalidConfigError, match="video, page and fine are different variants"):
+        create_reference_vlm(page=True, fine=True)
     for tool in ("train_vlm", "eval_vlm"):
         with pytest.raises(SystemExit):
             load_tool(tool).main(["--page", "--fine"])
         assert "--page and --fine are different variants; give at most one" in capsys.readouterr().err
     from vistok.models import reference_checkpoint
 
-    with pytest.raises(CheckpointError, match=r"train them with tools/train_vlm.py \(its model card"):
+    with pytest.raises(CheckpointError, match=r"no weights of vistok_vlm_fmnist_untrained at .* vistok ships weights "
+                       r"for \[.*'vistok_vlm_fmnist'"):
         reference_checkpoint("vistok_vlm_fmnist_untrained")
+
+
+def test_the_name_picks_the_variant(monkeypatch):
+    """A variant flag (video, page, fine) given to create_vlm, or to a variant's own factory, is refused, naming it:
+    create_vlm("vistok_vlm_fmnist", fine=True) built the fine VLM, video=True the video one, and fine=False on the
+    plain fine VLM was a TypeError."""
+    import vistok.models.reference_vlm as vlm_module
+    from vistok.models import FINE_PLAIN_VLM_NAME, FINE_VLM_NAME, PAGE_VLM_NAME, VIDEO_VLM_NAME, VLM_NAME, create_vlm
+
+    monkeypatch.setattr(vlm_module, "create_reference_vlm", lambda **kwargs: pytest.fail(f"built {kwargs}"))
+    for name in (VIDEO_VLM_NAME, PAGE_VLM_NAME, FINE_VLM_NAME, FINE_PLAIN_VLM_NAME, VLM_NAME):
+        for flag in ("video", "page", "fine"):
+            for value in (True, False):
+                with pytest.raises(InvalidConfigError, match=f"{name}: {flag} cannot be given; the name picks"):
+                    create_vlm(name, pretrained=True, **{flag: value})
+        with pytest.raises(InvalidConfigError, match=f"{name}: page, fine cannot be given"):
+            create_vlm(name, page=False, fine=False)
+    with pytest.raises(InvalidConfigError, match=f"{VIDEO_VLM_NAME}: video cannot be given"):
+        vlm_module.create_video_vlm(video=False)
+
+
+@pytest.mark.parametrize("rank", [0, -2, 2.0, True])
+def test_a_lora_rank_must_be_a_positive_int(rank):
+    """lora_rank 0 divided by zero (and a negative one failed inside torch): refused, before SmolLM2 loads."""
+    from vistok.models import create_vlm
+    from vistok.models.reference_vlm import LoRALinear
+
+    with pytest.raises(InvalidConfigError, match=f"lora_rank must be a positive int, got {rank!r}"):
+        create_vlm("vistok_vlm_fmnist", lora_rank=rank)
+    with pytest.raises(InvalidConfigError, match=f"rank must be a positive int, got {rank!r}"):
+        LoRALinear(torch.nn.Linear(4, 4), rank)
 
 
 def test_the_plain_fine_vlm_loads_its_own_weights(monkeypatch, tmp_path):

@@ -153,6 +153,19 @@ def test_config_errors():
         frames_to_input(frames.float() / 255)
 
 
+def test_manifest_values_must_be_strings_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    """A manifest row whose video, question or answer is not a non-empty string is refused, the row named, before
+    the model loads (a numeric answer crashed with AttributeError when scored, after all the work)."""
+    evaluate = load_tool("eval_video_qa")
+    monkeypatch.setattr(evaluate, "create_video_vlm", lambda **kwargs: pytest.fail("the model loaded"))
+    good = {"video": "a.mp4", "question": "How many items appear?", "answer": "3"}
+    for key, value in [("answer", 3), ("answer", None), ("answer", " "), ("video", 5), ("question", ["why"])]:
+        manifest = tmp_path / "test.json"
+        manifest.write_text(json.dumps([good, {**good, key: value}]))
+        assert evaluate.main(["--manifest", str(manifest), "--out", str(tmp_path / "qa"), "--selections", "all"]) == 2
+        assert f"row 1: {key} must be a non-empty string, got {value!r}" in capsys.readouterr().err
+
+
 @pytest.fixture(scope="module")
 def smollm2():
     from vistok.samplers import load_smollm2

@@ -21,6 +21,7 @@ from .reference_vlm import (
     create_page_vlm,
     create_reference_vlm,
     create_video_vlm,
+    refuse_variant_flags,
 )
 from .stvit import STViT, STViTBlock, SuperTokenAttention, stvit_base, stvit_small
 from .video_vit import TubeletEmbed, inflate_to_video, resample_num_frames
@@ -66,7 +67,10 @@ def create_vlm(name: str, pretrained: bool = False, **kwargs):
 
     Raises:
         CheckpointError: ``name`` is not one of them (the message lists them).
+        InvalidConfigError: a variant flag (``video``, ``page``, ``fine``) among ``kwargs``: the name picks the
+            variant.
     """
     if name not in _VLMS:
         raise CheckpointError(f"unknown vision-LLM {name!r}; vistok ships {sorted(_VLMS)}")
+    refuse_variant_flags(name, kwargs)
     return _VLMS[name](pretrained=pretrained, **kwargs)

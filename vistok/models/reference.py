@@ -21,7 +21,7 @@ from torch import nn
 from ..errors import InvalidConfigError, VistokError
 
 __all__ = ["REFERENCE_ARCH", "REFERENCE_REG4_ARCH", "CheckpointError", "reference_checkpoint", "load_checkpoint",
-           "vistok_vit_fmnist", "vistok_vit_fmnist_reg4"]
+           "vistok_vit_fmnist", "vistok_vit_fmnist_reg4", "TRAINING_COMMANDS", "pretrained_source"]
 
 REFERENCE_NAME = "vistok_vit_fmnist"
 REFERENCE_ARCH = dict(img_size=28, patch_size=2, in_chans=1, num_classes=10, embed_dim=64, depth=12, num_heads=2,
@@ -31,6 +31,22 @@ REFERENCE_ARCH = dict(img_size=28, patch_size=2, in_chans=1, num_classes=10, emb
 # GELU's CPU cost, fwd + bwd) and a two-conv stem.
 REFERENCE_REG4_ARCH = dict(REFERENCE_ARCH, reg_tokens=4, act_layer=nn.SiLU)
 STEM_CHANNELS = 32
+REPOSITORY_MODELS = Path(__file__).resolve().parents[2] / "models"  # the shipped weights, in a repository checkout
+# How each shipped model is trained: the start of the command in its model card (models/<name>/README.md), which has
+# the whole command and its settings.
+TRAINING_COMMANDS = {
+    "vistok_vit_fmnist": "python tools/train.py --config configs/fmnist_vit.yaml",
+    "vistok_vit_fmnist_reg4": "python tools/train.py --config configs/fmnist_vit_reg4.yaml",
+    "vistok_video_vit_fmnist": "python tools/train.py --config configs/fmnist_video_vit.yaml",
+    "vistok_video_vit_fmnist_merge": "python tools/train.py --config configs/fmnist_video_vit.yaml pretrained=true "
+                                     "train.epochs=2 method=merge",
+    "vistok_clip_fmnist": "python tools/train_clip.py",
+    "vistok_vlm_fmnist": "python tools/train_vlm.py",
+    "vistok_page_vlm_fmnist": "python tools/train_vlm.py --page",
+    "vistok_vlm_fmnist_fine": "python tools/train_vlm.py --fine",
+    "vistok_vlm_fmnist_fine_plain": "python tools/train_vlm.py --fine",
+    "vistok_video_vlm_fmnist": "python tools/train_video_vlm.py",
+}
 
 
 class ConvStemPatchEmbed(PatchEmbed):
@@ -65,19 +81,24 @@ class CheckpointError(VistokError, ValueError):
 
 def reference_checkpoint(name: str = REFERENCE_NAME) -> Path:
     """Where the shipped weights of ``name`` are: ``$VISTOK_MODELS/<name>/model.safetensors``, else the
-    repository's ``models/<name>/model.safetensors``."""
+    repository's ``models/<name>/model.safetensors``.
+
+    Raises:
+        CheckpointError: they are in neither place (the message names the command that trains them).
+    """
     roots = [Path(os.environ["VISTOK_MODELS"])] if os.environ.get("VISTOK_MODELS") else []
-    roots.append(Path(__file__).resolve().parents[2] / "models")
+    roots.append(REPOSITORY_MODELS)
     for root in roots:
         path = root / name / "model.safetensors"
         if path.is_file():
             return path
-    trainer = ("tools/train_video_vlm.py" if "video_vlm" in name else "tools/train_vlm.py (its model card has the "
-               "command)" if "vlm" in name else "tools/train.py --config configs/fmnist_vit.yaml")
+    where = ' or '.join(str(r / name / 'model.safetensors') for r in roots)
+    if name not in TRAINING_COMMANDS:
+        raise CheckpointError(f"no weights of {name} at {where}: vistok ships weights for {sorted(TRAINING_COMMANDS)}")
     raise CheckpointError(
-        f"the weights of {name} are not at {' or '.join(str(r / name / 'model.safetensors') for r in roots)}. They "
-        "ship in the vistok repository (models/); from a package install, point $VISTOK_MODELS at a copy of that "
-        f"folder, or train them with {trainer}.")
+        f"the weights of {name} are not at {where}. They ship in the vistok repository (models/); from a package "
+        f"install, point $VISTOK_MODELS at a copy of that folder, or train them with {TRAINING_COMMANDS[name]} ... "
+        f"(models/{name}/README.md has the whole command).")
 
 
 def load_checkpoint(model: nn.Module, path: str | os.PathLike) -> nn.Module:
@@ -125,23 +146,56 @@ def _init_sincos_positions(model: VisionTransformer) -> None:
     model.pos_embed[0, model.num_prefix_tokens if not model.no_embed_class else 0:] = table
 
 
+def pretrained_source(name: str, kwargs: dict) -> tuple[str | None, dict]:
+    """Take timm's ``pretrained_cfg`` (a dict, a ``PretrainedCfg``, or ``None``) and ``pretrained_cfg_overlay``
+    out of ``kwargs`` (a factory's): the weights file they name (``None``: the shipped weights) and the keys they
+    set in the pretrained config, the overlay's over ``pretrained_cfg``'s.
+
+    Raises:
+        InvalidConfigError: a pretrained tag (``"vistok_vit_fmnist.tag"``: vistok ships one set of weights per
+            model), or weights from a URL or the Hugging Face Hub (vistok's models load a local ``file``).
+    """
+    from dataclasses import asdict
+
+    from timm.models import PretrainedCfg
+
+    given = kwargs.pop("pretrained_cfg", None)
+    if isinstance(given, str):
+        raise InvalidConfigError(f"{name} has no pretrained tag {given!r}: vistok ships one set of weights per model "
+                                 "(another file: pretrained_cfg_overlay=dict(file=...))")
+    if isinstance(given, PretrainedCfg):  # only what was set: its defaults describe an ImageNet model
+        default = PretrainedCfg()
+        given = {key: value for key, value in asdict(given).items() if value != getattr(default, key)}
+    config = {**(given or {}), **(kwargs.pop("pretrained_cfg_overlay", None) or {})}
+    remote = sorted(key for key in ("url", "hf_hub_id", "hf_hub_filename") if config.get(key))
+    if remote:
+        raise InvalidConfigError(f"{name}: pretrained weights from {', '.join(remote)} are not supported; give a "
+                                 "local file (pretrained_cfg_overlay=dict(file=...))")
+    weights = config.pop("file", None)
+    return (None if weights in (None, "") else str(weights)), config
+
+
 def _create_reference(name: str, arch: dict, embed_layer: type[PatchEmbed], pretrained: bool,
                       **kwargs) -> VisionTransformer:
     """As timm's factories: with ``pretrained``, ``num_classes`` (0: no head) and ``global_pool`` give a fresh
-    head on the shipped weights rather than a checkpoint that does not fit; ``pretrained_cfg_overlay`` updates the
-    pretrained config, and its ``file`` is loaded instead of the shipped weights."""
-    overlay = dict(kwargs.get("pretrained_cfg_overlay") or {})
-    weights = overlay.pop("file", None)
+    head on the shipped weights rather than a checkpoint that does not fit; ``pretrained_cfg`` and
+    ``pretrained_cfg_overlay`` update the pretrained config, their ``file`` is loaded instead of the shipped
+    weights, and their ``num_classes`` is the head those weights have (the model's, without ``pretrained``, unless
+    ``num_classes`` is given)."""
+    weights, config = pretrained_source(name, kwargs)
     head = head_options(name, pretrained, kwargs)
-    if weights is not None and "num_classes" in overlay:  # the file's own head (a fine-tuned checkpoint's)
-        kwargs["num_classes"] = overlay["num_classes"]
+    if "num_classes" in config:
+        if pretrained:
+            kwargs["num_classes"] = config["num_classes"]
+        else:
+            kwargs.setdefault("num_classes", config["num_classes"])
     model = VisionTransformer(**{**arch, "embed_layer": embed_layer, **kwargs})
     _init_sincos_positions(model)
     model.pretrained_cfg = model.default_cfg = {
-        "architecture": name, "num_classes": model.num_classes, "input_size": (1, 28, 28),
+        "architecture": name, "input_size": (1, 28, 28),
         "mean": (0.2860,), "std": (0.3530,), "first_conv": "patch_embed.proj.0", "classifier": "head",
         "crop_pct": 1.0, "interpolation": "bilinear",  # trained on whole 28 x 28 images: timm keeps them whole
-        **overlay,
+        **config, "num_classes": model.num_classes,
     }
     if pretrained:
         load_checkpoint(model, weights or reference_checkpoint(name))
@@ -150,11 +204,11 @@ def _create_reference(name: str, arch: dict, embed_layer: type[PatchEmbed], pret
 
 
 def head_options(name: str, pretrained: bool, kwargs: dict) -> dict:
-    """Take from ``kwargs`` (a timm factory's) what vistok's factories do not pass on: timm's own settings, and
-    with ``pretrained`` the head asked for (``num_classes``, ``global_pool``), which :func:`fit_head` gives after
-    the shipped weights load. Refuses what the reference models cannot be (``features_only``, attention pools)."""
-    for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
-        kwargs.pop(key, None)
+    """Take from ``kwargs`` (a timm factory's, after :func:`pretrained_source`) what vistok's factories do not pass
+    on: timm's own settings, and with ``pretrained`` the head asked for (``num_classes``, ``global_pool``), which
+    :func:`fit_head` gives after the weights load. Refuses what the reference models cannot be (``features_only``,
+    attention pools)."""
+    kwargs.pop("cache_dir", None)
     if kwargs.pop("features_only", False):
         raise InvalidConfigError(f"{name}: features_only is not supported (use forward_intermediates, or "
                                  "forward_features for the tokens)")

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from einops import rearrange, repeat
 from torch import Tensor, nn
 
+from .._checks import is_int
 from ..errors import InputShapeError, InvalidConfigError
 from ..ops.attention import probe_attention
 from .reference import REFERENCE_NAME, CheckpointError, reference_checkpoint
@@ -46,7 +47,8 @@ __all__ = ["ReferenceVisionTower", "LoRALinear", "create_reference_vlm", "create
            "trained_state", "TrainingRun", "train_trained_tensors", "answer_batch", "answer_loss",
            "answer_questions", "prefill_seconds", "encoded_features", "Answers", "VLM_NAME", "VIDEO_VLM_NAME",
            "PAGE_VLM_NAME", "create_page_vlm", "warm_start", "prompt_batch", "IMAGE_TOKEN", "FINE_VLM_NAME",
-           "create_fine_vlm", "resized_grid_position", "FINE_PLAIN_VLM_NAME", "create_fine_plain_vlm"]
+           "create_fine_vlm", "resized_grid_position", "FINE_PLAIN_VLM_NAME", "create_fine_plain_vlm",
+           "refuse_variant_flags"]
 
 VLM_NAME = "vistok_vlm_fmnist"
 VIDEO_VLM_NAME = "vistok_video_vlm_fmnist"
@@ -77,7 +79,8 @@ class ReferenceVisionTower(nn.Module):
     carry their (row, col), and the tokens of a blank crop stay alike, as the correlation-guided density needs).
 
     ``crop_tile``: one crop's token grid ``(cell, cell)`` when the image is a grid of crops (``tiles > 1``), what
-    vistok's boundary methods read as the unit's tiles (``BoundaryInputs.tile``)."""
+    vistok's boundary methods read as the unit's tiles (``BoundaryInputs.tile``). ``image_shape``: the ``(C, H, W)``
+    of the images it reads (``[B, 1, 56, 56]`` for the image VLMs); any other shape raises ``InputShapeError``."""
 
     def __init__(self, vit: nn.Module, tiles: int = TILES, cell: int = CELL, crop_positions: bool = False) -> None:
         super().__init__()
@@ -88,6 +91,9 @@ class ReferenceVisionTower(nn.Module):
         self.crop_grid = tuple(vit.patch_embed.grid_size)
         self.token_grid = (tiles * cell, tiles * cell)
         self.crop_tile = (cell, cell) if tiles > 1 else None
+        height, width = vit.patch_embed.img_size
+        channels = next(m for m in vit.patch_embed.modules() if isinstance(m, nn.Conv2d)).in_channels
+        self.image_shape = (channels, tiles * height, tiles * width)  # one image: tiles x tiles crops
         places = tiles * tiles if crop_positions else (tiles * cell) ** 2
         self.grid_position = nn.Parameter(torch.zeros(places, vit.embed_dim))
 
@@ -112,6 +118,11 @@ class ReferenceVisionTower(nn.Module):
                 **kwargs: Any) -> Any:
         from transformers.modeling_outputs import BaseModelOutputWithPooling
 
+        if pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != self.image_shape:
+            height, width = self.vit.patch_embed.img_size
+            raise InputShapeError(f"the vision tower expects images [B, {', '.join(map(str, self.image_shape))}] "
+                                  f"({self.tiles} x {self.tiles} crops of {height} x {width} pixels), got "
+                                  f"{tuple(pixel_values.shape)}")
         vit = self.vit
         crops = rearrange(pixel_values, "b c (i h) (j w) -> (b i j) c h w", i=self.tiles, j=self.tiles)
         x = vit.norm_pre(vit._pos_embed(vit.patch_embed(crops)))
@@ -146,6 +157,8 @@ class LoRALinear(nn.Module):
 
     def __init__(self, base: nn.Linear, rank: int = 8, alpha: float = 16.0) -> None:
         super().__init__()
+        if not is_int(rank, 1):
+            raise InvalidConfigError(f"LoRALinear: rank must be a positive int, got {rank!r}")
         self.base = base
         self.scale = alpha / rank
         self.lora_a = nn.Parameter(torch.empty(rank, base.in_features))
@@ -194,7 +207,7 @@ def create_reference_vlm(pretrained: bool = False, lora_rank: int = 8, checkpoin
 
     Raises:
         CheckpointError: the trained tensors are missing or do not fit.
-        ValueError: more than one of ``video``, ``page``, ``fine``.
+        InvalidConfigError: more than one of ``video``, ``page``, ``fine``; ``lora_rank`` not a positive int.
     """
     import timm
     from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration
@@ -205,6 +218,8 @@ def create_reference_vlm(pretrained: bool = False, lora_rank: int = 8, checkpoin
     if video + page + fine > 1:
         raise InvalidConfigError(f"create_reference_vlm: video, page and fine are different variants; give at most one "
                          f"(got video={video}, page={page}, fine={fine})")
+    if not is_int(lora_rank, 1):  # before SmolLM2 loads; a LoRA of rank 0 divides by zero
+        raise InvalidConfigError(f"create_reference_vlm: lora_rank must be a positive int, got {lora_rank!r}")
     if language_model is None:
         from ..samplers.models import load_smollm2
 
@@ -246,19 +261,39 @@ def create_reference_vlm(pretrained: bool = False, lora_rank: int = 8, checkpoin
     return model.eval(), tokenizer
 
 
+VARIANT_FLAGS = ("video", "page", "fine")  # create_reference_vlm's arguments that pick a variant
+
+
+def refuse_variant_flags(name: str, kwargs: dict[str, Any]) -> None:
+    """Refuse ``video``, ``page`` or ``fine`` among ``kwargs`` given for the VLM ``name``: its name picks the
+    variant.
+
+    Raises:
+        InvalidConfigError: naming the flags given.
+    """
+    given = [flag for flag in VARIANT_FLAGS if flag in kwargs]
+    if given:
+        raise InvalidConfigError(f"{name}: {', '.join(given)} cannot be given; the name picks the variant (one of "
+                                 f"{VLM_NAME}, {VIDEO_VLM_NAME}, {PAGE_VLM_NAME}, {FINE_VLM_NAME}, "
+                                 f"{FINE_PLAIN_VLM_NAME})")
+
+
 def create_video_vlm(pretrained: bool = False, **kwargs: Any) -> tuple[nn.Module, Any]:
     """``(model, tokenizer)``: the reference video-LLM (:func:`create_reference_vlm` with ``video=True``)."""
+    refuse_variant_flags(VIDEO_VLM_NAME, kwargs)
     return create_reference_vlm(pretrained=pretrained, video=True, **kwargs)
 
 
 def create_page_vlm(pretrained: bool = False, **kwargs: Any) -> tuple[nn.Module, Any]:
     """``(model, tokenizer)``: the reference page VLM (:func:`create_reference_vlm` with ``page=True``)."""
+    refuse_variant_flags(PAGE_VLM_NAME, kwargs)
     return create_reference_vlm(pretrained=pretrained, page=True, **kwargs)
 
 
 def create_fine_vlm(pretrained: bool = False, **kwargs: Any) -> tuple[nn.Module, Any]:
     """``(model, tokenizer)``: the reference VLM with 7 x 7 tokens per crop, 196 visual tokens per image
     (:func:`create_reference_vlm` with ``fine=True``)."""
+    refuse_variant_flags(FINE_VLM_NAME, kwargs)
     return create_reference_vlm(pretrained=pretrained, fine=True, **kwargs)
 
 
@@ -267,6 +302,7 @@ def create_fine_plain_vlm(pretrained: bool = False, **kwargs: Any) -> tuple[nn.M
     (``models/vistok_vlm_fmnist_fine_plain``; warm-started from the 36-token VLM, as the fine VLM was): what a
     compression method does to it is training-free, as on LLaVA-1.5. :func:`create_reference_vlm` with ``fine=True``
     and these weights (an explicit ``checkpoint`` wins)."""
+    refuse_variant_flags(FINE_PLAIN_VLM_NAME, kwargs)
     if pretrained and kwargs.get("checkpoint") is None:
         kwargs["checkpoint"] = reference_checkpoint(FINE_PLAIN_VLM_NAME)
     return create_reference_vlm(fine=True, **kwargs)

@@ -177,14 +177,16 @@ def resample_num_frames(model: VisionTransformer, num_frames: int) -> VisionTran
 
 @register_model
 def vistok_video_vit_fmnist(pretrained: bool = False, image_pretrained: bool = True, num_frames: int = 4,
-                            tubelet_frames: int = 2, num_classes: int = 8, **kwargs) -> VisionTransformer:
+                            tubelet_frames: int = 2, num_classes: int | None = None, **kwargs) -> VisionTransformer:
     """vistok's reference video ViT for the Fashion-MNIST clips (:mod:`vistok.video.fmnist_clips`): the register
     reference ViT (``vistok_vit_fmnist_reg4``) inflated to ``num_frames`` grey 28 x 28 frames in tubelets
     ``tubelet_frames`` deep (2 x 196 patch tokens + CLS + 4 registers at the defaults), with an 8-class head.
 
     ``pretrained=True`` loads the trained weights shipped in ``models/vistok_video_vit_fmnist`` (trained on 4
-    frames; another ``num_frames`` gets them through :func:`resample_num_frames`); otherwise, with
-    ``image_pretrained`` (the default), the blocks start from the shipped image weights, as training does.
+    frames; another ``num_frames`` gets them through :func:`resample_num_frames`), or the 4-frame weights of
+    ``pretrained_cfg_overlay=dict(file=...)`` (or ``pretrained_cfg``; with ``num_classes`` there, the head that
+    file has); otherwise, with ``image_pretrained`` (the default), the blocks start from the shipped image weights,
+    as training does.
     """
     return _video_reference(VIDEO_REFERENCE_NAME, pretrained, image_pretrained, num_frames, tubelet_frames,
                             num_classes, **kwargs)
@@ -192,7 +194,8 @@ def vistok_video_vit_fmnist(pretrained: bool = False, image_pretrained: bool = T
 
 @register_model
 def vistok_video_vit_fmnist_merge(pretrained: bool = False, image_pretrained: bool = True, num_frames: int = 4,
-                                  tubelet_frames: int = 2, num_classes: int = 8, **kwargs) -> VisionTransformer:
+                                  tubelet_frames: int = 2, num_classes: int | None = None,
+                                  **kwargs) -> VisionTransformer:
     """:func:`vistok_video_vit_fmnist` fine-tuned with token merging on (``r=33`` per block: 0.484x its GFLOPs),
     to be run as it was tuned: ``vistok.patch(model, "merge", r=33)``. ``pretrained=True`` loads the weights
     shipped in ``models/vistok_video_vit_fmnist_merge`` (its card has the recipe and the figures)."""
@@ -201,18 +204,28 @@ def vistok_video_vit_fmnist_merge(pretrained: bool = False, image_pretrained: bo
 
 
 def _video_reference(name: str, pretrained: bool, image_pretrained: bool, num_frames: int, tubelet_frames: int,
-                     num_classes: int, **kwargs) -> VisionTransformer:
-    from .reference import fit_head, head_options, load_checkpoint, reference_checkpoint, vistok_vit_fmnist_reg4
+                     num_classes: int | None, **kwargs) -> VisionTransformer:
+    from .reference import (
+        fit_head,
+        head_options,
+        load_checkpoint,
+        pretrained_source,
+        reference_checkpoint,
+        vistok_vit_fmnist_reg4,
+    )
 
-    options = {**kwargs, "num_classes": num_classes}
+    weights, config = pretrained_source(name, kwargs)
+    options = {**kwargs} if num_classes is None else {**kwargs, "num_classes": num_classes}
     head = head_options(name, pretrained, options)  # with pretrained, the head asked for comes after loading
-    classes = options.pop("num_classes", TRAINED_CLASSES)
+    # the head built: the one asked for, else (and always with pretrained) the weights' own
+    classes = options.pop("num_classes", config.get("num_classes", TRAINED_CLASSES))
     image = vistok_vit_fmnist_reg4(pretrained=image_pretrained and not pretrained, **options)
     trained_frames = TRAINED_FRAMES if pretrained else num_frames
     video = inflate_to_video(image, trained_frames, tubelet_frames)
     video.reset_classifier(classes)
-    video.pretrained_cfg = video.default_cfg = {**video.pretrained_cfg, "architecture": name, "num_classes": classes}
+    video.pretrained_cfg = video.default_cfg = {**video.pretrained_cfg, "architecture": name, **config,
+                                                "num_classes": classes}
     if pretrained:
-        load_checkpoint(video, reference_checkpoint(name))
+        load_checkpoint(video, weights or reference_checkpoint(name))
         fit_head(video, head)
     return video if num_frames == trained_frames else resample_num_frames(video, num_frames)
