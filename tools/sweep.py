@@ -117,8 +117,8 @@ def check_points(config: dict, points: list[dict]) -> None:
             if point.get(key) is not None and not is_int(point[key], 1):
                 raise ConfigError(f"sweep.{name} must hold ints >= 1, got {point[key]!r}")
     patched = [point for point in points if point["patch"] is not None]
-    if not patched:
-        return
+    if not patched or config["model"].startswith("hf:") and config["pretrained"]:
+        return  # a pretrained Hugging Face model's architecture is in its files: checked as each point patches it
     with torch.device("meta"), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # weights a model loads as it is built (a video model's image weights)
         model = build_model({**config, "method": None, "checkpoint": None, "pretrained": False})

@@ -32,19 +32,9 @@ def _yaml_loader() -> type:
     import yaml
 
     class Loader(yaml.SafeLoader):
-        def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
-            seen = set()
-            for key_node, _ in node.value:
-                if key_node.tag == "tag:yaml.org,2002:merge":
-                    continue
-                key = self.construct_object(key_node, deep=True)
-                if isinstance(key, (str, int, float, bool)) or key is None:
-                    if key in seen:
-                        raise yaml.constructor.ConstructorError(
-                            "while reading a mapping", node.start_mark, f"the key {key!r} is written twice",
-                            key_node.start_mark)
-                    seen.add(key)
-            return super().construct_mapping(node, deep)
+        def construct_document(self, node: yaml.Node) -> Any:
+            _refuse_twice_written_keys(node, set())  # on the file as written, before merge keys are expanded
+            return super().construct_document(node)
 
     numbers = ("tag:yaml.org,2002:bool", "tag:yaml.org,2002:int", "tag:yaml.org,2002:float")
     Loader.yaml_implicit_resolvers = {
@@ -53,12 +43,35 @@ def _yaml_loader() -> type:
     Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
                                  list("tTfF"))
     Loader.add_implicit_resolver("tag:yaml.org,2002:int", re.compile(
-        r"^(?:[-+]?[0-9][0-9_]*|0x[0-9a-fA-F_]+|0o[0-7_]+)$"), list("-+0123456789"))
+        r"^(?:[-+]?[0-9][0-9_]*|0x[0-9a-fA-F][0-9a-fA-F_]*|0o[0-7][0-7_]*)$"), list("-+0123456789"))
     Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(
-        r"^(?:[-+]?(?:[0-9][0-9_]*\.[0-9_]*|\.[0-9_]+)(?:[eE][-+]?[0-9]+)?|[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+"
+        r"^(?:[-+]?(?:[0-9][0-9_]*\.[0-9_]*|\.[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)?|[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+"
         r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"), list("-+0123456789."))
     Loader.add_constructor("tag:yaml.org,2002:int", _construct_int)
     return Loader
+
+
+def _refuse_twice_written_keys(node: Any, visited: set[int]) -> None:
+    """Raise where a mapping under ``node`` (a composed YAML node) has a key written twice (merge keys aside)."""
+    import yaml
+
+    if id(node) in visited:  # an alias: its anchor's node, checked once
+        return
+    visited.add(id(node))
+    if isinstance(node, yaml.MappingNode):
+        seen: set[tuple[str, str]] = set()
+        for key_node, value_node in node.value:
+            if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
+                key = (key_node.tag, key_node.value)
+                if key in seen:
+                    raise yaml.constructor.ConstructorError("while reading a mapping", node.start_mark,
+                                                            f"the key {key_node.value!r} is written twice",
+                                                            key_node.start_mark)
+                seen.add(key)
+            _refuse_twice_written_keys(value_node, visited)
+    elif isinstance(node, yaml.SequenceNode):
+        for item in node.value:
+            _refuse_twice_written_keys(item, visited)
 
 
 def _construct_int(loader: Any, node: Any) -> int:

@@ -85,6 +85,11 @@ def find_fashion_mnist(root: str | os.PathLike | None = None, download: bool = F
         for train in (True, False):
             FashionMNIST(str(target), train=train, download=True)
         return target / "FashionMNIST" / "raw"
+    if root:
+        files = ", ".join(f"{name}(.gz)" for split in splits for name in _FILES[split])
+        raise DatasetNotFoundError(f"Fashion-MNIST not found in {root} (data.root= / root= names the one folder read; "
+                                   f"looked in {', '.join(str(p) for p in _candidates(root))}): it needs {files}, "
+                                   "or data.download=true (download=True in Python) to download them there")
     raise DatasetNotFoundError(
         "Fashion-MNIST not found. Looked in: " + ", ".join(str(p) for p in _candidates(root)) + ". Either "
         "install the Debian package (apt-get install dataset-fashion-mnist), or allow a download (needs "
@@ -112,7 +117,7 @@ def load_fashion_mnist(split: str, root: str | os.PathLike | None = None,
     ``int64`` labels ``[N]``."""
     if split not in _FILES:
         raise VistokError(f"Fashion-MNIST has splits 'train' and 'test', not {split!r}")
-    directory = find_fashion_mnist(root, download, (split,))
+    directory = find_fashion_mnist(root, download, (split,) if root else tuple(_FILES))  # found: both from one copy
     arrays = []
     for name in _FILES[split]:
         path = directory / name if (directory / name).exists() else directory / f"{name}.gz"

@@ -49,7 +49,7 @@ DATA_DEFAULTS: dict[str, Any] = {
 }
 # what the keys above that default to None (unset) may be set to, for load_config's check
 UNSET_KINDS: dict[str, tuple[type, ...]] = {
-    "checkpoint": (str,), "method": (str,), "data.root": (str,), "data.input_size": (int, list),
+    "checkpoint": (str,), "method": (str, list), "data.root": (str,), "data.input_size": (int, list),
     "data.mean": (int, float, list), "data.std": (int, float, list), "data.interpolation": (str,),
     "data.crop_pct": (int, float)}
 VIDEO_FORMATS = ("kinetics_csv", "list", "folders")

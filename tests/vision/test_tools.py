@@ -12,7 +12,7 @@ from helpers import ROOT, load_tool
 
 import vistok
 from vistok import data as vdata
-from vistok.config import ConfigError, load_config, parse_overrides
+from vistok.config import ConfigError, _load_yaml, load_config, parse_overrides
 from vistok.experiment import set_fused_attention
 from vistok.models import CheckpointError, load_checkpoint
 from vistok.viz import patch_groups, save_overlay_grid
@@ -99,6 +99,9 @@ def test_config_files_refuse_twice_written_keys_and_read_yaml_1_2_ints(tmp_path)
         "a": 10, "b": "1:30", "c": 16, "d": 15, "e": 1000, "f": -7, "g": 0.5}
     file.write_text("data:\n  limit: 010\n")
     assert load_config(defaults, file)["data"]["limit"] == 10
+    nested = "defs:\n  c: &c {k: 1, j: 1}\n  b: &b {<<: *c, k: 2}\nx: {<<: *b}\n"  # merge keys over merged ones
+    assert _load_yaml(nested)["defs"]["b"] == {"k": 2, "j": 1}  # no "written twice" for an override
+    assert parse_overrides(["a=0o_", "b=._", "c=0x_", "d=1._"]) == {"a": "0o_", "b": "._", "c": "0x_", "d": 1.0}
     with pytest.raises(ConfigError, match="override 'x=\\[1,': the value is not valid YAML"):
         parse_overrides(["x=[1,"])
 
@@ -109,13 +112,14 @@ def test_keys_that_default_to_unset_are_type_checked(tmp_path, capsys):
 
     defaults = {**MODEL_DEFAULTS, "data": DATA_DEFAULTS}
     for override, message in (("checkpoint=true", "checkpoint should be str"), ("checkpoint=5", "should be str"),
-                              ("data.root=5", "data.root should be str"), ("method=[ats]", "method should be str"),
+                              ("data.root=5", "data.root should be str"), ("method=5", "method should be str or list"),
                               ("data.input_size=true", "data.input_size should be int or list")):
         with pytest.raises(ConfigError, match=message):
             load_config(defaults, None, parse_overrides([override]), UNSET_KINDS)
     config = load_config(defaults, None, parse_overrides(["checkpoint=null", "data.input_size=[24,24]",
-                                                         "data.mean=0.5", "method=ats"]), UNSET_KINDS)
-    assert config["checkpoint"] is None and config["data"]["input_size"] == [24, 24] and config["method"] == "ats"
+                                                         "data.mean=0.5", "method=[ats, merge]"]), UNSET_KINDS)
+    assert config["checkpoint"] is None and config["data"]["input_size"] == [24, 24]
+    assert config["method"] == ["ats", "merge"]  # vistok.patch takes a list of methods
     assert load_tool("eval").main(["checkpoint=true", "--json", str(tmp_path / "e.json")]) == 2
     assert "checkpoint should be str" in capsys.readouterr().err
 
@@ -138,6 +142,12 @@ def test_a_named_fashion_mnist_root_is_the_only_place_read(tmp_path, monkeypatch
         vdata.load_fashion_mnist("train", test_only)
     with pytest.raises(vdata.DatasetNotFoundError):
         vdata.find_fashion_mnist(test_only)  # both splits asked for
+    broken = tmp_path / "broken_test_only"  # unnamed, a copy with one split is passed over: both come from one copy
+    broken.mkdir()
+    for name in vdata._FILES["test"]:
+        (broken / name).write_bytes(b"\x00\x00\x08\x01\x00\x00\x00\x05")  # 5 labels promised, none there
+    monkeypatch.setenv("VISTOK_DATA", str(broken))
+    assert vdata.load_fashion_mnist("test")[0].shape == (10000, 28, 28)
     assert load_tool("eval").main([f"data.root={tmp_path / 'typo'}", "--json", str(tmp_path / "e.json")]) == 2
 
 
@@ -187,6 +197,10 @@ def test_sweep_checks_every_point_first_and_keeps_finished_rows(tmp_path, capsys
     with pytest.raises(SystemExit) as stopped:
         sweep.main([arg for arg in small if arg not in ("--out", str(out))])
     assert stopped.value.code == 2 and "--out" in capsys.readouterr().err
+    # a pretrained Hugging Face model's depth is in its files, not its class's default config: not built on meta
+    monkeypatch.setattr(sweep, "build_model", lambda *args, **kwargs: pytest.fail("built from the class defaults"))
+    sweep.check_points({"model": "hf:VideoMAEForVideoClassification", "pretrained": True},
+                       [{"patch": ("ats", {"k": 16, "blocks": [12, 13]}), "size": None}])
     monkeypatch.undo()
     run_point, calls = sweep.run_point, []
 
@@ -350,6 +364,9 @@ def test_missing_dataset_says_what_to_do(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.delenv("VISTOK_DATA", raising=False)
     with pytest.raises(vdata.DatasetNotFoundError, match="apt-get install dataset-fashion-mnist.*data.download=true"):
+        vdata.find_fashion_mnist()
+    with pytest.raises(vdata.DatasetNotFoundError, match=r"not found in .*empty \(data.root= / root= names the one "
+                                                         r"folder read.*t10k-labels-idx1-ubyte\(.gz\).*download"):
         vdata.find_fashion_mnist(tmp_path / "empty")
     train = load_tool("train")
     assert train.main(["--config", str(ROOT / "configs/fmnist_vit.yaml"), "output=" + str(tmp_path / "run")]) == 2
