@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vistok.cli import beside, count, reports_errors, seed
+from vistok.cli import beside, count, count_or_zero, reports_errors, seed
 from vistok.errors import InvalidConfigError
 from vistok.measure.accuracy import add_paired_differences
 from vistok.models import create_video_vlm
@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None, model_and_tokenizer=None) -> int:
                         help="the selection every other is compared with at the same budget (vs_baseline, paired "
                         "on the same questions); default uniform, where evaluated")
     parser.add_argument("--batch-size", type=count, default=16)
-    parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--threads", type=count_or_zero, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--seed", type=seed, default=0,
                         help="the question set made on the fly and selection drop's frames (default 0)")
     args = parser.parse_args(argv)
@@ -208,6 +208,8 @@ def main(argv: list[str] | None = None, model_and_tokenizer=None) -> int:
     if len(selections) < len(args.selections):
         print("eval_video_qa.py: selection 'text' needs --clip (the reference CLIP scores the frames); skipped",
               file=sys.stderr)
+    if not selections and not args.merge_all:
+        parser.error("no selection is left to evaluate")
     if args.baseline is not None and args.baseline not in selections:
         parser.error(f"--baseline {args.baseline} is not among the selections evaluated ({' '.join(selections)})")
     if args.manifest:

@@ -362,7 +362,7 @@ def _video_qa(args: argparse.Namespace) -> int:
                                                                              top_p=args.top_p), progress=True)
     result = qa(args.video, args.question, seed=args.seed)
     print(f"answer: {result.answer}")
-    print(f"frames kept: {len(result.frames)} {result.frames}")
+    print(f"frames kept: {len(result.frames)} {result.frames} ({len(set(result.frames))} distinct)")
     print(f"visual tokens: {result.visual_tokens} (budget {args.budget}, {args.selection})")
     print("seconds: " + ", ".join(f"{stage} {seconds:.3f}" for stage, seconds in result.seconds.items()))
     return 0

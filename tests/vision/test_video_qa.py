@@ -153,6 +153,44 @@ def test_config_errors():
         frames_to_input(frames.float() / 255)
 
 
+def test_the_evaluator_refuses_an_empty_plan_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    """--selections text without --clip left nothing to evaluate: it loaded the model, encoded every question and
+    wrote an empty CSV with status 0. A negative --threads was a RuntimeError."""
+    evaluate = load_tool("eval_video_qa")
+    monkeypatch.setattr(evaluate, "create_video_vlm", lambda **kwargs: pytest.fail("the model loaded"))
+    for arguments, message in ((["--selections", "text"], "no selection is left"), (["--threads", "-1"], "--threads")):
+        with pytest.raises(SystemExit) as stopped:
+            evaluate.main(["--out", str(tmp_path / "qa"), *arguments])
+        assert stopped.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "qa.csv").exists()
+
+
+def test_frames_and_sizes_that_stand_for_nothing_are_refused():
+    """Sizes <= 0 gave NaN or infinite frames (merge_similar_frames) and tokens of size 0 or -1 (fit_token_budget);
+    frames without tokens divided by zero; crops of side 0 were empty clips."""
+    from vistok import InputShapeError
+    from vistok.video.frames import fit_token_budget, merge_similar_frames, top_scoring_frames
+    from vistok.video.transforms import crop_views, random_crop_flip
+
+    frames = torch.rand(2, 3, 4)
+    for sizes in (torch.tensor([0.0, 0.0]), torch.tensor([1.0, -1.0])):
+        with pytest.raises(InputShapeError, match="sizes must be > 0"):
+            merge_similar_frames(frames, torch.ones(2, 2), torch.tensor([0, 1]), 0.5, sizes=sizes)
+        for budget in (6, 5):
+            with pytest.raises(InputShapeError, match="fit_token_budget: frame_sizes must be > 0"):
+                fit_token_budget(frames, budget, sizes)
+    with pytest.raises(InputShapeError, match="no frames or tokens"):
+        top_scoring_frames(torch.zeros(0), 1)
+    with pytest.raises(InputShapeError, match="no tokens per frame"):
+        compress_video(EncodedVideo(torch.zeros(3, 0, 4), torch.zeros(3, 4)), VideoQAConfig(selection="uniform"))
+    clip = torch.rand(3, 4, 8, 8)
+    for size in (0, -5, 2.5):
+        with pytest.raises(InvalidConfigError, match="crop size must be a positive int"):
+            crop_views(clip, size, 2)
+        with pytest.raises(InvalidConfigError, match="crop size must be a positive int"):
+            random_crop_flip(clip, size)
+
+
 def test_manifest_values_must_be_strings_before_the_model_loads(tmp_path, capsys, monkeypatch):
     """A manifest row whose video, question or answer is not a non-empty string is refused, the row named, before
     the model loads (a numeric answer crashed with AttributeError when scored, after all the work)."""
@@ -261,3 +299,10 @@ def test_the_cli_answers_with_the_shipped_model(capsys):
     assert main(["video-qa", "--video", str(SAMPLE / row["video"]), "--question", row["question"],
                  "--no-temporal-merge", "--merge-threshold", "0.9"]) == 2
     assert "give one of them" in capsys.readouterr().err
+    assert main(["video-qa", "--video", str(SAMPLE / row["video"]), "--question", "  "]) == 2  # a RuntimeError
+    assert "the questions must be non-empty strings" in capsys.readouterr().err
+    assert main(["video-qa", "--video", str(SAMPLE / row["video"]), "--question", row["question"], "--budget", "64",
+                 "--no-temporal-merge"]) == 0  # the learned queries may pick one frame twice: said so
+    kept = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("frames kept: "))
+    frames = json.loads(kept.split(" ", 3)[3].rsplit(" (", 1)[0])
+    assert kept.endswith(f"({len(set(frames))} distinct)")

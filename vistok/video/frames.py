@@ -38,10 +38,17 @@ def _check_frames(frames: Tensor, name: str) -> None:
 
 
 def _check_count(value: object, name: str, at_most: int | None = None) -> None:
-    if not is_int(value, 1) or (at_most is not None
-                                                                                and value > at_most):
+    if at_most == 0:
+        raise InputShapeError(f"{name}: there is nothing to choose from (no frames or tokens)")
+    if not is_int(value, 1) or (at_most is not None and value > at_most):
         bound = "" if at_most is None else f" <= {at_most}"
         raise InvalidConfigError(f"{name} must be a positive int{bound}, got {value!r}")
+
+
+def _check_sizes(sizes: Tensor, name: str, where: str) -> None:
+    """Refuse sizes that are not all positive: a frame standing for no frames (NaN or infinite averages)."""
+    if not bool((sizes > 0).all()):
+        raise InputShapeError(f"{where}: {name} must be > 0 (how many frames each stands for), got {sizes.tolist()}")
 
 
 def frame_summaries(frames: Tensor, num_prefix: int = 0) -> Tensor:
@@ -247,6 +254,8 @@ def merge_similar_frames(frames: Tensor, metric: Tensor, times: Tensor, threshol
                               f"{tuple(sizes.shape) if isinstance(sizes, Tensor) else type(sizes).__name__}")
     order = times.argsort(stable=True)  # earlier means earlier in the video
     frames, metric, times = frames[order], metric[order], times[order]
+    if sizes is not None:
+        _check_sizes(sizes, "sizes", "merge_similar_frames")
     weights = torch.ones(count, dtype=size_dtype(frames.dtype), device=frames.device) if sizes is None \
         else sizes[order]
     unit = F.normalize(metric.float(), dim=-1)
@@ -300,6 +309,8 @@ def fit_token_budget(frames: Tensor, budget: int, frame_sizes: Tensor | None = N
     if frame_sizes is not None and (not isinstance(frame_sizes, Tensor) or frame_sizes.shape != (count,)):
         raise InputShapeError(f"fit_token_budget: frame_sizes must be [K={count}], got "
                               f"{tuple(frame_sizes.shape) if isinstance(frame_sizes, Tensor) else frame_sizes!r}")
+    if frame_sizes is not None:
+        _check_sizes(frame_sizes, "frame_sizes", "fit_token_budget")
     weights = torch.ones(count, dtype=frames.dtype, device=frames.device) if frame_sizes is None else frame_sizes
     sampled = merge_to_budget(frames, per_frame)  # [K, per_frame, D], sizes in patches
     sizes = sampled.sizes * weights.to(sampled.sizes.dtype)[:, None]

@@ -174,13 +174,21 @@ def encode_frames(model: nn.Module, frames: Tensor, batch_size: int = 256, progr
 
 def question_embeddings(model: nn.Module, tokenizer: Any, questions: list[str]) -> tuple[Tensor, Tensor]:
     """The questions' token embeddings in the language model (``[B, L, D]``, right-padded) and their mask: what
-    the learned selector reads."""
+    the learned selector reads.
+
+    Raises:
+        InvalidConfigError: no questions, or one that is not a string with words in it.
+    """
+    blank = [index for index, question in enumerate(questions) if not isinstance(question, str) or not question.strip()]
+    if not questions or blank:
+        raise InvalidConfigError(f"the questions must be non-empty strings (blank or not a string: {blank[:8]})"
+                                 if blank else "no questions")
     rows = [tokenizer(q, add_special_tokens=False).input_ids for q in questions]
     width = max(map(len, rows))
     embeddings = model.get_input_embeddings()
     device = embeddings.weight.device
-    ids = torch.tensor([r + [0] * (width - len(r)) for r in rows], device=device)
-    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=device)
+    ids = torch.tensor([r + [0] * (width - len(r)) for r in rows], dtype=torch.long, device=device)
+    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], dtype=torch.long, device=device)
     return embeddings(ids), mask
 
 
@@ -196,8 +204,9 @@ def compress_video(encoded: EncodedVideo, config: VideoQAConfig, selector: nn.Mo
     """
     tokens, summaries = encoded.tokens, encoded.summaries
     count, per_frame = tokens.shape[:2]
-    if count == 0:
-        raise InputShapeError("compress_video: the video has no frames")
+    if count == 0 or per_frame == 0:
+        raise InputShapeError(f"compress_video: the video has no {'frames' if count == 0 else 'tokens per frame'} "
+                              f"(tokens {tuple(tokens.shape)})")
     if text_scores is not None and tuple(text_scores.shape) != (count,):
         raise InputShapeError(f"compress_video: text_scores must be [T={count}] (one per frame), got "
                               f"{tuple(text_scores.shape)}")

@@ -53,6 +53,8 @@ def crop_views(clip: Tensor, size: int, num_crops: int) -> list[Tensor]:
     (3: left / centre / right of a landscape clip), centred on the short side."""
     _check_clip(clip)
     height, width = clip.shape[-2:]
+    if not is_int(size, 1):
+        raise InvalidConfigError(f"crop size must be a positive int, got {size!r}")
     if size > min(height, width):
         raise InvalidConfigError(f"crop size {size} is larger than the clip's {height}x{width} frames")
     if not is_int(num_crops, 1):
@@ -72,6 +74,8 @@ def random_crop_flip(clip: Tensor, size: int, flip: bool = True, generator: torc
     """A random square crop of side ``size``, mirrored left-right with probability 1/2 when ``flip``."""
     _check_clip(clip)
     height, width = clip.shape[-2:]
+    if not is_int(size, 1):
+        raise InvalidConfigError(f"crop size must be a positive int, got {size!r}")
     if size > min(height, width):
         raise InvalidConfigError(f"crop size {size} is larger than the clip's {height}x{width} frames")
     top = int(torch.randint(height - size + 1, (), generator=generator))
