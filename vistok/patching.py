@@ -13,6 +13,7 @@ Everything installed is a plain object or a bound method (never a closure), and 
 
 from __future__ import annotations
 
+import copy
 import threading
 import weakref
 from collections.abc import Callable
@@ -314,7 +315,8 @@ def patch(model: nn.Module, method: MethodSpec | list[MethodSpec], *, attention:
         UnsupportedModelError: vistok cannot patch this model correctly (nothing is changed).
         AlreadyPatchedError: the model is already patched.
     """
-    config = create_config(method, **options)
+    # a copy: a config object edited after patching (and reused for another model) would change what runs here
+    config = copy.deepcopy(create_config(method, **options))
     config.check()
     existing = get_handle(model) if isinstance(model, nn.Module) else None
     if existing is not None:

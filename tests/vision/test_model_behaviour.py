@@ -375,3 +375,60 @@ def test_hooks_on_a_module_the_patched_block_never_calls_are_refused(case):
             run(model)
         hook.remove()
         run(model)
+
+
+def test_siglip_pooling_head_refuses_another_passes_tokens():
+    """The replaced head checked only the shape: tokens of an earlier pass, pooled after another pass of the same
+    shape, used that pass's padding and sizes (0.55 off) without an error, where timm's pool refuses them."""
+    model = tiny_hf_tower("siglip", 32)
+    head = model.head
+    generator = torch.Generator().manual_seed(0)
+    first, second = (torch.randn(2, 3, 32, 32, generator=generator) for _ in range(2))
+    with vistok.patch(model, "merge", r=3, blocks=[1, 2]), torch.no_grad():
+        earlier = model(pixel_values=second)
+        torch.testing.assert_close(head(earlier.last_hidden_state), earlier.pooler_output)  # its own pass: pooled
+        model(pixel_values=first)
+        with pytest.raises(PatchStateError, match="not this thread's last forward pass's features"):
+            head(earlier.last_hidden_state)
+
+
+def test_open_clip_pooling_refuses_another_passes_tokens():
+    """As the SigLIP head: open_clip's replaced _global_pool checked only the shape."""
+    model = _open_clip().eval()
+    generator = torch.Generator().manual_seed(0)
+    first, second = (torch.randn(2, 3, 32, 32, generator=generator) for _ in range(2))
+    with vistok.patch(model, "merge", r=3, blocks=[1, 2]), torch.no_grad():
+        model.output_tokens = True
+        pooled, _ = model(second)
+        features = model.ln_post(model.transformer(model._embeds(second)))
+        model(first)
+        with pytest.raises(PatchStateError, match="not this thread's last forward pass's"):
+            model._global_pool(features)
+    model.output_tokens = False
+    assert pooled.shape == (2, 16)
+
+
+def test_editing_a_config_after_patching_changes_nothing_that_runs():
+    """patch kept the caller's config object: editing it (to patch another model) changed the first vision-LLM's
+    outputs and skipped the checks made at patch time; on a tower, handle.config misreported what ran."""
+    from helpers import tiny_llava
+
+    from vistok.adapters.methods import RandomSelectConfig
+    from vistok.methods import RandomDropConfig
+
+    tower = timm.create_model("vit_tiny_patch16_224", img_size=32, depth=3).eval()
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    config = RandomDropConfig(k=0.5, blocks=[1, 2], seed=0)
+    with vistok.patch(tower, config) as handle, torch.no_grad():
+        before = tower(images)
+        config.seed = 5
+        assert handle.config.seed == 0 and torch.equal(tower(images), before)
+    llava = tiny_llava()
+    ids = torch.tensor([[1] + [99] * 16 + [5, 6], [1] + [99] * 16 + [7, 8]])
+    pixels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    chosen = RandomSelectConfig(tokens=4, seed=0)
+    with vistok.patch(llava, chosen), torch.no_grad():
+        before = llava(input_ids=ids, pixel_values=pixels).logits
+        chosen.seed = 5
+        torch.testing.assert_close(llava(input_ids=ids, pixel_values=pixels).logits, before, rtol=0, atol=0)
+

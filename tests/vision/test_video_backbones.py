@@ -202,3 +202,19 @@ def test_refusals_and_bad_input():
                 model(pixel_values=bad)
         with pytest.raises(PatchStateError, match="output_attentions"):
             model(pixel_values=clips(), output_attentions=True)
+
+
+def test_videomae_head_normalises_other_features_as_the_unpatched_module_does():
+    """The fc_norm pre-hook replaced whatever it was given by the last pass's weighted mean: a caller's own
+    features came back as another batch's (or, once the pass's output was gone, a PatchStateError)."""
+    model, x = videomae(), clips()
+    features = torch.randn(1, SHARED["hidden_size"], generator=torch.Generator().manual_seed(2))
+    expected = model.fc_norm(features)
+    with vistok.patch(model, "merge", r=3, blocks=[1, 2]), torch.no_grad():
+        patched = model(pixel_values=x, output_hidden_states=True)  # the pass's tokens stay alive
+        torch.testing.assert_close(model.fc_norm(features), expected)
+        same_shape = torch.randn(clips().shape[0], SHARED["hidden_size"])
+        torch.testing.assert_close(model.fc_norm(same_shape), type(model.fc_norm).forward(model.fc_norm, same_shape))
+        again = model(pixel_values=x)
+    torch.testing.assert_close(again.logits, patched.logits)
+

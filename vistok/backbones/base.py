@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from ..tokens import TokenLayout
 
 __all__ = ["BackboneInfo", "BlockOps", "Backbone", "LayoutSource", "require_known_parts", "nothing_to_undo",
-           "refuse_feature_maps", "replace_on_instance", "install_all", "undo_all", "NO_MASKS"]
+           "refuse_feature_maps", "replace_on_instance", "install_all", "undo_all", "note_features", "NO_MASKS"]
 
 NO_MASKS = ("a vistok-patched block takes no attention mask or causal flag (vistok masks padding itself); "
             "remove the patch to run the model with attention masks")
@@ -199,6 +199,13 @@ def _token_intermediates(model: nn.Module, *args: Any, **kwargs: Any) -> Any:
             "they lie on no grid. Pass output_fmt='NLC' (get_intermediate_layers: reshape=False); the token lists "
             "are padded as forward_features' output is (handle.layouts[block].valid marks the real tokens)")
     return original(*arguments.args, **arguments.kwargs)
+
+
+def note_features(tracker: LayoutSource, norm: nn.Module, args: tuple, output: Tensor) -> None:
+    """A forward hook for a model's final norm: note its output as this pass's features when its input is what the
+    patched blocks last produced (no other call of the norm), so pooling can tell them from other tokens."""
+    if args and args[0] is tracker.current_tokens():
+        tracker.note_features(output)
 
 
 def install_all(installs: list[Callable[[], Callable[[], None]]]) -> Callable[[], None]:

@@ -23,7 +23,6 @@ from transformers.models.siglip.modeling_siglip import (
 )
 
 from ..errors import InputShapeError, PatchStateError, UnsupportedModelError
-from ..tokens import TokenLayout
 from .base import (
     NO_MASKS,
     Backbone,
@@ -31,6 +30,8 @@ from .base import (
     BlockOps,
     GridSink,
     LayoutSource,
+    install_all,
+    note_features,
     nothing_to_undo,
     replace_on_instance,
     require_known_parts,
@@ -146,19 +147,22 @@ class HFVisionTower(HFTower):
         head = self._pooling_head()
         if head is None:
             return nothing_to_undo
-        return replace_on_instance(head, "forward", partial(self._pool, tracker.current))
+        return install_all([partial(replace_on_instance, head, "forward", partial(self._pool, tracker)),
+                            lambda: self.model.post_layernorm.register_forward_hook(
+                                partial(note_features, tracker)).remove])
 
     def _pooling_head(self) -> nn.Module | None:
         return getattr(self.model, "head", None) if getattr(self.model, "use_head", False) else None
 
-    def _pool(self, current_layout: Callable[[], TokenLayout | None], hidden_state: Tensor) -> Tensor:
+    def _pool(self, tracker: LayoutSource, hidden_state: Tensor) -> Tensor:
         """SigLIP's attention-pooling head over ``[B, N, C]`` tokens, skipping padding, weighing by size."""
         head = self._pooling_head()
-        layout = current_layout()
+        layout = tracker.current()
         bias = None if layout is None else layout.key_bias(hidden_state.dtype)
-        if bias is not None and tuple(hidden_state.shape[:2]) != (layout.batch_size, layout.num_tokens):
-            raise PatchStateError(f"the pooling head got tokens of shape {tuple(hidden_state.shape)}, not "
-                                  "those of the last forward pass")
+        if bias is not None and not tracker.is_current(hidden_state):
+            raise PatchStateError(f"the pooling head got tokens of shape {tuple(hidden_state.shape)} that are not "
+                                  "this thread's last forward pass's features: vistok pools them with that pass's "
+                                  "padding and token sizes")
         if bias is None:  # every token whole and real: the head's own forward, bit for bit
             return type(head).forward(head, hidden_state)
         probe = head.probe.repeat(hidden_state.shape[0], 1, 1)

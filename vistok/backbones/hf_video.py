@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from functools import partial
 
+import torch
 from torch import Tensor, nn
 from transformers.models.timesformer.modeling_timesformer import TimesformerForVideoClassification, TimesformerModel
 from transformers.models.videomae.modeling_videomae import (
@@ -21,7 +22,7 @@ from transformers.models.videomae.modeling_videomae import (
 )
 from transformers.models.vivit.modeling_vivit import VivitForVideoClassification, VivitLayer, VivitModel
 
-from ..errors import InputShapeError, PatchStateError, UnsupportedModelError
+from ..errors import InputShapeError, UnsupportedModelError
 from .base import BackboneInfo, BlockOps, GridSink, LayoutSource, nothing_to_undo, require_known_parts
 from .hf import HFTower
 
@@ -185,18 +186,24 @@ class HFVideoTower(HFTower):
 
 
 class _MeanOfCurrentTokens:
-    """A forward pre-hook for VideoMAE's ``fc_norm``: its input (the plain mean over every position) is replaced by
-    the size-weighted mean over the real tokens of this forward pass."""
+    """A forward pre-hook for VideoMAE's ``fc_norm``: its input, when it is the plain mean over every position of
+    this forward pass's tokens (what VideoMAE's forward gives it), is replaced by the size-weighted mean over the
+    real tokens; any other input is normalised as it is, as the unpatched module does."""
 
     def __init__(self, tracker: LayoutSource) -> None:
         self.tracker = tracker
 
     def __call__(self, fc_norm: nn.Module, args: tuple) -> tuple[Tensor] | None:
         layout, tokens = self.tracker.current(), self.tracker.current_tokens()
-        if layout is None or layout.is_original:
+        if layout is None or layout.is_original or tokens is None or not args:
             return None
-        if tokens is None or tokens.shape[:2] != (layout.batch_size, layout.num_tokens):
-            raise PatchStateError("VideoMAE's head got features that are not the last forward pass's tokens")
+        given = args[0]
+        if not isinstance(given, Tensor) or given.shape != (tokens.shape[0], tokens.shape[-1]):
+            return None
+        # compiled, the pass's own mean is the only input the traced forward gives it; eager, a caller's own
+        # features of the same shape are told apart by value (the mean is recomputed from the same tokens)
+        if not torch.compiler.is_compiling() and not torch.equal(given, tokens.mean(1)):
+            return None
         return (layout.mean_over(tokens, 0),)
 
 

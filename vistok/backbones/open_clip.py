@@ -15,7 +15,6 @@ from open_clip.transformer import LayerNorm, LayerNormFp32, ResidualAttentionBlo
 from torch import Tensor, nn
 
 from ..errors import InputShapeError, PatchStateError, UnsupportedModelError
-from ..tokens import TokenLayout
 from .base import (
     NO_MASKS,
     Backbone,
@@ -24,6 +23,7 @@ from .base import (
     GridSink,
     LayoutSource,
     install_all,
+    note_features,
     refuse_feature_maps,
     replace_on_instance,
     require_known_parts,
@@ -149,15 +149,17 @@ class OpenClipViT(Backbone):
 
     def install_pooling(self, tracker: LayoutSource) -> Callable[[], None]:
         return install_all([partial(replace_on_instance, self.model, "_global_pool",
-                                    partial(self._global_pool, tracker.current)),
+                                    partial(self._global_pool, tracker)),
+                            lambda: self.model.ln_post.register_forward_hook(partial(note_features, tracker)).remove,
                             partial(refuse_feature_maps, self.model)])
 
-    def _global_pool(self, current_layout: Callable[[], TokenLayout | None], x: Tensor) -> tuple[Tensor, Tensor]:
-        layout = current_layout()
+    def _global_pool(self, tracker: LayoutSource, x: Tensor) -> tuple[Tensor, Tensor]:
+        layout = tracker.current()
         if layout is None or layout.is_original or self.model.pool_type != "avg":
             return type(self.model)._global_pool(self.model, x)
-        if tuple(x.shape[:2]) != (layout.batch_size, layout.num_tokens):
-            raise PatchStateError(f"pooling got tokens of shape {tuple(x.shape)}, not those of the last forward")
+        if not tracker.is_current(x):
+            raise PatchStateError(f"pooling got tokens of shape {tuple(x.shape)} that are not this thread's last "
+                                  "forward pass's: vistok pools them with that pass's padding and token sizes")
         tokens = x[:, 1:]
         return layout.mean_over(tokens, 1), tokens
 

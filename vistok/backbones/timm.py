@@ -39,6 +39,7 @@ from .base import (
     GridSink,
     LayoutSource,
     install_all,
+    note_features,
     refuse_feature_maps,
     replace_on_instance,
     require_known_parts,
@@ -244,7 +245,7 @@ class _TimmBackbone(Backbone):
     # -- installation ------------------------------------------------------------------------------
     def install_pooling(self, tracker: LayoutSource) -> Callable[[], None]:
         return install_all([partial(replace_on_instance, self.model, "pool", partial(self._pool, tracker)),
-                            lambda: self.model.norm.register_forward_hook(partial(_note_features, tracker)).remove,
+                            lambda: self.model.norm.register_forward_hook(partial(note_features, tracker)).remove,
                             partial(refuse_feature_maps, self.model)])
 
     def _pool(self, tracker: LayoutSource, x: Tensor, pool_type: str | None = None) -> Tensor:
@@ -359,11 +360,6 @@ def _require_tokenwise(module: nn.Module, allowed: set[type], what: str) -> None
         raise UnsupportedModelError(
             f"{what} is {type(module).__name__}, which vistok does not know to act on each token "
             f"separately; known: {sorted(cls.__name__ for cls in allowed)}")
-
-
-def _note_features(tracker: LayoutSource, norm: nn.Module, args: tuple, output: Tensor) -> None:
-    if args and args[0] is tracker.current_tokens():  # the final norm of the patched blocks' output, no other call
-        tracker.note_features(output)
 
 
 def _masked_pool(model: nn.Module, x: Tensor, layout: TokenLayout, pool_type: str | None,
