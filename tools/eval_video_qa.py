@@ -214,6 +214,11 @@ def main(argv: list[str] | None = None, model_and_tokenizer=None) -> int:
         parser.error(f"--baseline {args.baseline} is not among the selections evaluated ({' '.join(selections)})")
     if args.manifest:
         manifest_rows(Path(args.manifest))  # a bad manifest is refused before the model loads
+    for selection in selections:  # a bad --merge-threshold too, where a row uses it
+        comparison_config(selection, args.budgets[0], args.merge_on, args.merge_threshold)
+    if args.merge_all:
+        VideoQAConfig(budget=args.budgets[0], selection="all", frames=None, merge_threshold=args.merge_threshold,
+                      merge_on=args.merge_on)
     if model_and_tokenizer is None:
         model_and_tokenizer = create_video_vlm(pretrained=args.checkpoint is None, checkpoint=args.checkpoint)
     model, tokenizer = model_and_tokenizer

@@ -162,6 +162,9 @@ def test_the_evaluator_refuses_an_empty_plan_before_the_model_loads(tmp_path, ca
         with pytest.raises(SystemExit) as stopped:
             evaluate.main(["--out", str(tmp_path / "qa"), *arguments])
         assert stopped.value.code == 2 and message in capsys.readouterr().err
+    for arguments in (["--selections", "learned"], ["--selections", "uniform", "--merge-all"]):  # after the work
+        assert evaluate.main(["--out", str(tmp_path / "qa"), "--merge-threshold", "0.3", *arguments]) == 2
+        assert "merge_threshold must be in [0.5, 1]" in capsys.readouterr().err
     assert not (tmp_path / "qa.csv").exists()
 
 
