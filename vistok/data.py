@@ -183,35 +183,33 @@ def image_folder_dataset(root: str | os.PathLike, split: str, input_size: int | 
     """
     from timm.data import create_transform
     from torchvision.datasets import ImageFolder
+    from torchvision.datasets.folder import find_classes
 
     folder = Path(root) / split
     if not folder.is_dir() or not any(child.is_dir() for child in folder.iterdir()):
         raise DatasetNotFoundError(f"{folder} is not a folder of class sub-folders (expected {root}/{split}/<class>/"
                                    "<image files>, as for ImageNet)")
-    classes = _class_names(folder)
-    training = Path(root) / "train"
-    if split != "train" and training.is_dir():
-        known = _class_names(training)
-        unknown = sorted(set(classes) - set(known))
-        if unknown:
-            raise DatasetNotFoundError(f"{folder} has class folders {unknown[:5]} that {training} lacks: their "
-                                       "images would have no class id the model was trained with")
-        classes = known
     size = input_size if isinstance(input_size, int) else (channels, *input_size)
     flips = {"hflip": 0.5 if flip else 0.0} if train else {}
     transform = create_transform(size, is_training=train, mean=mean, std=std, interpolation=interpolation,
                                  crop_pct=crop_pct, **flips)
     dataset = ImageFolder(str(folder), transform=transform, loader=image_loader(channels))
+    training = Path(root) / "train"
+    if split == "train" or not training.is_dir():
+        return dataset
+    try:
+        classes, ids = find_classes(str(training))
+    except FileNotFoundError:  # a train/ without class folders has no class ids to keep
+        classes, ids = [], {}
+    unknown = sorted(set(dataset.classes) - set(classes))
+    if unknown:
+        raise DatasetNotFoundError(f"{folder} has class folders {unknown[:5]} that {training} lacks: their "
+                                   "images would have no class id the model was trained with")
     if dataset.classes != classes:  # this split lacks some training classes: ids by the training list
-        ids = {name: index for index, name in enumerate(classes)}
         dataset.samples = dataset.imgs = [(path, ids[dataset.classes[target]]) for path, target in dataset.samples]
         dataset.targets = [target for _, target in dataset.samples]
-        dataset.classes, dataset.class_to_idx = list(classes), ids
+        dataset.classes, dataset.class_to_idx = classes, ids
     return dataset
-
-
-def _class_names(folder: Path) -> list[str]:
-    return sorted(entry.name for entry in os.scandir(folder) if entry.is_dir())
 
 
 def image_loader(channels: int) -> Callable[[str], Any]:
