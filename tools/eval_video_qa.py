@@ -177,6 +177,15 @@ def plot(rows: list[dict], path: Path) -> None:
     figure.savefig(path, dpi=120)
 
 
+def row_config(selection: str, budget: int, args: argparse.Namespace) -> VideoQAConfig:
+    """The config of one row: ``"all+merge"`` is every frame with the temporal merge on, the others as vistok's
+    comparison runs them."""
+    if selection == "all+merge":
+        return VideoQAConfig(budget=budget, selection="all", frames=None, merge_threshold=args.merge_threshold,
+                             merge_on=args.merge_on)
+    return comparison_config(selection, budget, args.merge_on, args.merge_threshold)
+
+
 @reports_errors
 def main(argv: list[str] | None = None, model_and_tokenizer=None) -> int:
     """``model_and_tokenizer``: a video-LLM to evaluate instead of the shipped one (tests)."""
@@ -214,11 +223,8 @@ def main(argv: list[str] | None = None, model_and_tokenizer=None) -> int:
         parser.error(f"--baseline {args.baseline} is not among the selections evaluated ({' '.join(selections)})")
     if args.manifest:
         manifest_rows(Path(args.manifest))  # a bad manifest is refused before the model loads
-    for selection in selections:  # a bad --merge-threshold too, where a row uses it
-        comparison_config(selection, args.budgets[0], args.merge_on, args.merge_threshold)
-    if args.merge_all:
-        VideoQAConfig(budget=args.budgets[0], selection="all", frames=None, merge_threshold=args.merge_threshold,
-                      merge_on=args.merge_on)
+    for selection in selections + (["all+merge"] if args.merge_all else []):  # a bad --merge-threshold too
+        row_config(selection, args.budgets[0], args)
     if model_and_tokenizer is None:
         model_and_tokenizer = create_video_vlm(pretrained=args.checkpoint is None, checkpoint=args.checkpoint)
     model, tokenizer = model_and_tokenizer
@@ -244,11 +250,7 @@ def main(argv: list[str] | None = None, model_and_tokenizer=None) -> int:
     plans += [("all+merge", b) for b in args.budgets] if args.merge_all else []
     rows, hits = [], []
     for selection, budget in plans:
-        if selection == "all+merge":
-            config = VideoQAConfig(budget=budget, selection="all", frames=None, merge_threshold=args.merge_threshold,
-                                   merge_on=args.merge_on)
-        else:
-            config = comparison_config(selection, budget, args.merge_on, args.merge_threshold)
+        config = row_config(selection, budget, args)
         row, answered = evaluate(model, tokenizer, questions, config, args.batch_size, args.seed)
         rows.append({**row, "selection": selection})
         hits.append(answered)
