@@ -91,6 +91,9 @@ def main(argv: list[str] | None = None, language_model=None) -> int:
     args = parser.parse_args(argv)
     if args.learned + args.every > 1:
         parser.error(f"--learned {args.learned} and --every {args.every} are shares of the batches: at most 1 together")
+    for selection in ("learned", "text", "uniform", "all"):  # a bad --merge-threshold is named before any work
+        for budget in args.budgets:
+            comparison_config(selection, budget, args.merge_on, args.merge_threshold)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)

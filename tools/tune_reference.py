@@ -17,7 +17,7 @@ import timm
 import torch
 
 import vistok
-from vistok.cli import count, count_or_zero, fraction, reports_errors
+from vistok.cli import check_writable, count, count_or_zero, fraction, reports_errors
 from vistok.data import GreyBatchTransform, load_fashion_mnist
 from vistok.measure.accuracy import evaluate
 
@@ -38,6 +38,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="results/tune")
     parser.add_argument("--threads", type=count_or_zero, default=0, help="torch threads (0: torch's default)")
     args = parser.parse_args(argv)
+    out = Path(args.out)
+    for target in args.targets:  # every file it writes, before the model loads
+        for suffix in (f"_{target:g}.json", f"_{target:g}.png"):
+            check_writable("--out", Path(f"{out}_{args.model}{suffix}"))
+    check_writable("--out", Path(f"{out}_{args.model}.json"))
     if args.threads:
         torch.set_num_threads(args.threads)
     model = timm.create_model(args.model, pretrained=True).eval()
@@ -47,7 +52,6 @@ def main(argv: list[str] | None = None) -> int:
     test_images, test_labels = test_images[: args.test_images], test_labels[: args.test_images]
     report = {"model": args.model, "calibration_images": args.images,
               "unpatched_test_top1": test_top1(model, test_images, test_labels), "targets": []}
-    out = Path(args.out)
     for target in args.targets:
         result = vistok.tune(model, calibration, target=target, flops_images=args.flops_images, progress=True)
         result.save(f"{out}_{args.model}_{target:g}.json")

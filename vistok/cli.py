@@ -251,7 +251,7 @@ def _bench(args: argparse.Namespace) -> int:
     if args.json and not Path(args.json).parent.is_dir():  # found out now, not after the benchmark
         raise InvalidConfigError(f"vistok bench: --json {args.json}: no folder {Path(args.json).parent}")
     if args.json:
-        _check_writable("vistok bench: --json", Path(args.json))
+        check_writable("vistok bench: --json", Path(args.json))
     if args.compile is not None and args.compile not in torch._dynamo.list_backends(exclude_tags=()):
         raise InvalidConfigError(f"vistok bench: unknown torch.compile backend {args.compile!r}")
     if args.attention == "flex" and args.compile is None:
@@ -292,7 +292,7 @@ def _check_device(name: str) -> None:
         raise InvalidConfigError(f"vistok bench: --device {name}: this machine has no CUDA device")
 
 
-def _check_writable(option: str, path: Path) -> None:
+def check_writable(option: str, path: Path) -> None:
     """Refuse, before any work, an output file ``path`` that cannot be written: it is a folder, or a path above it
     is a file (missing folders are fine: they are made)."""
     if path.is_dir():
@@ -376,7 +376,7 @@ def _tune(args: argparse.Namespace) -> int:
         raise InvalidConfigError(f"vistok tune: --out {args.out} is a folder; give a path prefix such as "
                                  f"{Path(args.out) / 'tune'} (writes <out>.json and <out>.png)")
     for suffix in (".json", ".png"):
-        _check_writable("vistok tune: --out", Path(f"{args.out}{suffix}"))
+        check_writable("vistok tune: --out", Path(f"{args.out}{suffix}"))
     if args.threads:
         torch.set_num_threads(args.threads)
     model = create_timm_model(args.model, "vistok tune", pretrained=args.pretrained).eval()

@@ -568,6 +568,20 @@ def test_the_reference_tuning_tool_refuses_bad_options_at_once(monkeypatch):
         assert exit_info.value.code == 2
 
 
+def test_the_reference_tuning_tool_refuses_an_unwritable_out_at_once(tmp_path, monkeypatch, capsys):
+    """An --out under a file, or a folder where a file goes, failed after the first target's whole tune."""
+    from helpers import load_tool
+
+    tool = load_tool("tune_reference")
+    monkeypatch.setattr(tool.timm, "create_model", lambda *a, **k: pytest.fail("work started"))
+    (tmp_path / "file").write_text("")
+    (tmp_path / "t_vistok_vit_fmnist.json").mkdir()
+    for out, message in ((tmp_path / "file" / "t", "is a file, not a folder"),
+                         (tmp_path / "t", "a folder, not a file")):
+        assert tool.main(["--targets", "0.5", "--out", str(out)]) == 2
+        assert message in capsys.readouterr().err
+
+
 def test_tune_labels_score_fashion_mnist_test_images(tmp_path, monkeypatch):
     """`vistok tune --labels` scores accuracy on Fashion-MNIST's test split (the reference models were trained on
     its training split); without --labels the calibration images are the training split's."""

@@ -168,6 +168,14 @@ def test_the_evaluator_refuses_an_empty_plan_before_the_model_loads(tmp_path, ca
     assert not (tmp_path / "qa.csv").exists()
 
 
+def test_training_refuses_a_merge_threshold_before_the_model_builds(tmp_path, capsys, monkeypatch):
+    """train_video_vlm.py --merge-threshold 2 was refused at the first batch, after the model (and CLIP) built."""
+    train = load_tool("train_video_vlm")
+    monkeypatch.setattr(train, "create_video_vlm", lambda **kwargs: pytest.fail("the model built"))
+    assert train.main(["--out", str(tmp_path / "run"), "--merge-threshold", "2"]) == 2
+    assert "merge_threshold must be in [0.5, 1]" in capsys.readouterr().err
+
+
 def test_frames_and_sizes_that_stand_for_nothing_are_refused():
     """Sizes <= 0 gave NaN or infinite frames (merge_similar_frames) and tokens of size 0 or -1 (fit_token_budget);
     frames without tokens divided by zero; crops of side 0 were empty clips."""
