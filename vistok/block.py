@@ -94,7 +94,7 @@ def _fuse(x: Tensor, layout: TokenLayout, keep: Tensor, kept: tuple[Tensor, Tens
     sizes = layout.token_weights(size_dtype(x.dtype), x.device)
     x, weights, target = merge_into_nearest(x, metric, sizes, keep, candidates)
     index, valid = kept
-    return gather_tokens(x, index), layout.fused(target, weights).select(index, valid)
+    return gather_tokens(x, index), layout.fuse(target, weights).select(index, valid)
 
 
 def _kept_positions(keep: Tensor, layout: TokenLayout, reducer: TokenReducer) -> tuple[Tensor, Tensor | None] | None:

@@ -9,7 +9,8 @@ upstream. Beside them, a :class:`TokenLayout` says what each of the ``N`` positi
   the batch is padded to the largest count. ``None`` means every position is valid.
 * ``sizes``   ``[B, N]`` float: how many original patches a token stands for (merging); ``None`` means 1.
   With ``proportional`` (default) attention adds ``log(size)`` to a token's key logit, so a token merged
-  from ``s`` equal tokens is attended to as those ``s`` tokens were.
+  from ``s`` equal tokens is attended to as those ``s`` tokens were. ``fused``: an ATS fusion sized the tokens,
+  and attention stays proportional whatever a later merge asks.
 * ``num_prefix``: the class, distillation and register tokens at the front. No method drops, merges or
   moves them: positions ``0 .. num_prefix - 1`` always hold them.
 * ``has_class_token``: whether position 0 is a class token.
@@ -58,6 +59,7 @@ class TokenLayout:
     owner: Tensor | None = None
     proportional: bool = True
     grid_size: tuple[int, ...] | None = None
+    fused: bool = False
 
     @classmethod
     def original(cls, x: Tensor, num_prefix: int, has_class_token: bool, trace: bool = False,
@@ -140,13 +142,13 @@ class TokenLayout:
             owner = _follow(self.owner, moved)
         return replace(self, source=source, valid=weights > 0, sizes=weights, owner=owner)
 
-    def fused(self, target: Tensor, weights: Tensor) -> TokenLayout:
+    def fuse(self, target: Tensor, weights: Tensor) -> TokenLayout:
         """The layout after every position ``p`` merged into position ``target[:, p]`` (itself where it stays),
         with sizes ``weights`` ``[B, N]`` (0 where merged away); follow with ``select`` to drop those positions.
         A fused token keeps its own source, and attention counts sizes from here on (proportional attention, which
         fusion always uses, also after a merge that turned it off)."""
         owner = None if self.owner is None else _follow(self.owner, target)
-        return replace(self, sizes=weights, owner=owner, proportional=True)
+        return replace(self, sizes=weights, owner=owner, proportional=True, fused=True)
 
     def members(self) -> Tensor:
         """``[B, N, N0]`` bool: which original tokens each position stands for (needs ``owner``, i.e. source

@@ -72,7 +72,8 @@ def tune_candidates(model: nn.Module, patches: int | None = None) -> list[tuple[
         for divisor in (64, 32, 24, 16, 12):
             r = min(patches // 2, max(1, round(patches / divisor)))
             out.append((f"merge r={r}", "merge", MergeConfig(r=r)))
-            out.append((f"merge r={r} decreasing", "merge", MergeConfig(r=r, schedule="decreasing")))
+            if 2 * r <= patches // 2:  # "decreasing" merges 2 r in its first block
+                out.append((f"merge r={r} decreasing", "merge", MergeConfig(r=r, schedule="decreasing")))
             first = blocks[0]
             if first + 1 < depth:
                 k = max(1, round(0.75 * patches))

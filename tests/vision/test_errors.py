@@ -1,5 +1,6 @@
 """Everything vistok cannot do is a clear VistokError, and a refused model is left untouched."""
 
+import numpy as np
 import pytest
 import timm
 import torch
@@ -133,7 +134,7 @@ def test_integer_options_are_bounded_by_the_native_patches_only_where_the_size_i
     r above the native count is accepted there (and keeps everything at the native size); a fixed-size model refuses
     it as out of range."""
     fixed = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=64, depth=3).eval()
-    for method, options in [("ats", dict(k=40)), ("ats", dict(k=8, min_tokens=20)), ("random_drop", dict(k=40)),
+    for method, options in [("ats", dict(k=40)), ("ats", dict(k=0.5, min_tokens=20)), ("random_drop", dict(k=40)),
                             ("merge", dict(r=9))]:
         with pytest.raises(InvalidConfigError, match="16"):
             vistok.patch(fixed, method, **options)
@@ -182,6 +183,13 @@ def test_things_vistok_cannot_follow():
     ("random_drop", dict(k="half"), "int or a float"),
     ("super_token", dict(stoken_size=(2, 0)), "stoken_size must be a positive int"),
     ("super_token", dict(n_iter=0), "n_iter must be an int >= 1"),
+    # a k the min_tokens floor overrides (kept 8 for k=4, silently), and bytes or numpy sizes taken as lists or crashing
+    ("ats", dict(k=4), "k=4 is below min_tokens=8"),
+    ("ats", dict(k=[20, 5], blocks=[1, 2], min_tokens=6), "k=5 is below min_tokens=6"),
+    ("ats", dict(k=b"\x05\x06", blocks=[1, 2], min_tokens=1), "int or a float, got bytes"),
+    ("random_drop", dict(k=b"ab"), "int or a float, got bytes"),
+    ("merge", dict(r=b"\x01"), "r must be an int, got bytes"),
+    ("super_token", dict(stoken_size=np.int64(2)), "stoken_size must be a positive int"),
 ])
 def test_configs_check_what_needs_no_model_when_made(name, options, message):
     """A config refuses a bad option when it is made (vistok.create_config), before any model is patched; one set

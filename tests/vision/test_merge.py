@@ -174,10 +174,40 @@ def test_schedules_and_caps():
     (dict(schedule="fast"), "schedule"),
     (dict(r=[1, 2], schedule="decreasing"), "not both"),
     (dict(r=[1, 2]), "2 values but 12 blocks"),
+    (dict(r=50, schedule="decreasing"), r"merges 2 r = 100 tokens in its first block, more than 98"),  # was clamped
 ])
 def test_invalid_merge_options(options, message):
     with pytest.raises(InvalidConfigError, match=message):
         vistok.patch(make_model("vit"), "merge", **options)
+
+
+def test_a_decreasing_schedule_within_the_limit_starts_at_two_r():
+    model = make_model("vit")
+    with vistok.patch(model, "merge", r=49, schedule="decreasing") as handle:
+        assert [handle.reducers[b].r for b in (0, 11)] == [98, 0]
+
+
+def test_a_later_merge_without_proportional_attention_turns_it_off():
+    """proportional_attention=False on a merge after another merge was ignored (the layout's sizes were taken for an
+    ATS fusion's, which keeps the bias); after a fusion it stays on (test_ats)."""
+    model = make_model("vit")
+    methods = [("merge", {"r": 4, "blocks": [0, 1]}),
+               ("merge", {"r": 4, "blocks": [2, 3], "proportional_attention": False})]
+    with torch.no_grad(), vistok.patch(model, methods) as handle:
+        model(make_images(model, 2))
+        assert [handle.layouts[block].proportional for block in range(4)] == [True, True, False, False]
+
+
+def test_matching_refuses_what_it_cannot_match():
+    """One token per image (no partner) was an IndexError; a float r an AttributeError; True and a float tensor r
+    were taken as counts."""
+    from vistok import InputShapeError
+
+    with pytest.raises(InputShapeError, match="at least 2"):
+        bipartite_soft_matching(torch.randn(2, 1, 4), 0)
+    for r in (1.5, True, torch.tensor([1.5])):
+        with pytest.raises(InvalidConfigError, match="r must be an int or an integer tensor"):
+            bipartite_soft_matching(torch.randn(2, 5, 4), r)
 
 
 def test_rotary_models_are_refused_and_conflicts_reported():

@@ -91,6 +91,9 @@ def test_bad_arguments():
     for min_keep in (-1, 2.5, True):
         with pytest.raises(ValueError, match="min_keep must be an int >= 0"):
             inverse_transform_sampling(scores, 2, min_keep=min_keep)
+    # levels under a caller's bound are still read on the CPU: a 0 kept nothing in its row
+    with pytest.raises(ValueError, match="num_levels must be >= 1, got 0"):
+        inverse_transform_sampling(scores, torch.tensor([0, 2]), max_levels=3)
 
 
 def test_empty_inputs_keep_nothing():

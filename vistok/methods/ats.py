@@ -23,7 +23,7 @@ from ..backbones.base import BackboneInfo
 from ..errors import InvalidConfigError, UnsupportedModelError
 from ..ops import inverse_transform_sampling, probe_attention, probe_query, significance_scores
 from ..tokens import TokenLayout
-from .base import AttentionView, MethodConfig, TokenReducer, resolve_block_indices
+from .base import AttentionView, MethodConfig, TokenReducer, is_sequence_option, resolve_block_indices
 
 __all__ = ["ATSConfig", "AdaptiveTokenSampler", "default_ats_blocks", "check_k", "PAPER_KEEP_FRACTION"]
 
@@ -100,7 +100,8 @@ class ATSConfig(MethodConfig):
             224 px /16 model), the count of the model's native grid whatever the input's size.
         blocks: indices of the blocks that sample. ``None``: the paper's multi-stage placement, blocks
             3..11 on a 12-block model, scaled to other depths (``default_ats_blocks``).
-        min_tokens: a block never keeps fewer than this many patch tokens (nor more than it has).
+        min_tokens: a block never keeps fewer than this many patch tokens (nor more than it has). An int ``k``
+            below it is refused (the floor would override it); a fractional ``k`` gives way to it.
             ``k = min_tokens = patch count`` keeps every token: the patched model then computes exactly
             what the unpatched one does.
         fusion: the tokens a block does not sample are merged into the kept patch token whose key is most
@@ -119,14 +120,24 @@ class ATSConfig(MethodConfig):
     name: ClassVar[str] = "ats"
 
     def __post_init__(self) -> None:  # what needs no model; build() checks the rest against it
-        for k in ([] if self.k is None else self.k if isinstance(self.k, Sequence) and not isinstance(self.k, str)
-                  else [self.k]):
+        for k in self._k_values():
             check_k(k, None)
         if not is_int(self.min_tokens, 1):
             raise InvalidConfigError(f"ats: min_tokens must be an int >= 1, got {self.min_tokens!r}")
+        below = [k for k in self._k_values() if isinstance(k, int) and k < self.min_tokens]
+        if below:  # the floor would win, and k would not be the most a block keeps
+            raise InvalidConfigError(
+                f"ats: k={below[0]} is below min_tokens={self.min_tokens}: a block would keep {self.min_tokens} patch "
+                f"tokens, not at most {below[0]}; pass min_tokens={below[0]} or less (its default is 8)")
         for option in ("fusion", "trace_source"):
             if not isinstance(getattr(self, option), bool):
                 raise InvalidConfigError(f"ats: {option} must be a bool, got {getattr(self, option)!r}")
+
+    def _k_values(self) -> list[object]:
+        """The ``k`` values given: none, one, or one per block."""
+        if self.k is None:
+            return []
+        return list(self.k) if is_sequence_option(self.k) else [self.k]
 
     def build(self, info: BackboneInfo) -> dict[int, TokenReducer]:
         blocks = resolve_block_indices(self.blocks, info.num_blocks, default_ats_blocks(info.num_blocks))
@@ -144,7 +155,7 @@ class ATSConfig(MethodConfig):
     def _per_block_k(self, info: BackboneInfo, num_blocks: int) -> list[int | float]:
         if self.k is None:
             return [max(1, round(PAPER_KEEP_FRACTION * info.num_patches))] * num_blocks
-        if isinstance(self.k, Sequence) and not isinstance(self.k, str):
+        if is_sequence_option(self.k):
             if len(self.k) != num_blocks:
                 raise InvalidConfigError(
                     f"ats: k has {len(self.k)} values but {num_blocks} blocks are patched; give one k or "

@@ -14,7 +14,7 @@ from ..backbones.base import BackboneInfo, BlockOps
 from ..errors import InvalidConfigError
 from ..tokens import TokenLayout
 
-__all__ = ["AttentionView", "TokenReducer", "MethodConfig", "resolve_block_indices"]
+__all__ = ["AttentionView", "TokenReducer", "MethodConfig", "is_sequence_option", "resolve_block_indices"]
 
 
 @dataclass(frozen=True)
@@ -103,6 +103,12 @@ class MethodConfig(ABC):
         Raises:
             InvalidConfigError: an option is out of range or does not fit the model.
         """
+
+
+def is_sequence_option(value: object) -> bool:
+    """Whether an option's ``value`` is a sequence of values (one per block, or ``(h, w)``); text and bytes are
+    single values, which the option's own check refuses."""
+    return isinstance(value, Sequence) and not isinstance(value, (str, bytes, bytearray))
 
 
 def resolve_block_indices(blocks: Sequence[int] | None, depth: int, default: Sequence[int]) -> list[int]:

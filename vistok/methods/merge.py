@@ -23,7 +23,7 @@ from ..ops import sync
 from ..ops.gather import gather_tokens, keep_mask_to_index
 from ..ops.merging import bipartite_soft_matching, merge_weighted, size_dtype
 from ..tokens import TokenLayout
-from .base import MethodConfig, TokenReducer, resolve_block_indices
+from .base import MethodConfig, TokenReducer, is_sequence_option, resolve_block_indices
 
 __all__ = ["MergeConfig", "TokenMerger", "merge_schedule"]
 
@@ -68,8 +68,7 @@ class TokenMerger(TokenReducer):
         x = gather_tokens(torch.cat([x[:, :prefix], merged], dim=1), index)
         new_layout = arranged.select(index, valid)
         # tokens an earlier ATS fusion sized keep their log(size) bias (fusion always uses it)
-        fused_before = layout.sizes is not None and layout.proportional
-        return x, replace(new_layout, proportional=self.proportional_attention or fused_before)
+        return x, replace(new_layout, proportional=self.proportional_attention or layout.fused)
 
 
 def merge_schedule(r: int, num_blocks: int, schedule: str) -> list[int]:
@@ -106,7 +105,7 @@ class MergeConfig(MethodConfig):
     def __post_init__(self) -> None:  # what needs no model; build() checks the rest against it
         if self.schedule not in _SCHEDULES:
             raise InvalidConfigError(f"merge: schedule must be one of {_SCHEDULES}, got {self.schedule!r}")
-        listed = isinstance(self.r, Sequence) and not isinstance(self.r, str)
+        listed = is_sequence_option(self.r)
         if listed and self.schedule != "constant":
             raise InvalidConfigError("merge: give either a list of r or a schedule, not both")
         for r in self.r if listed else [self.r]:
@@ -121,13 +120,18 @@ class MergeConfig(MethodConfig):
                 f"merge: {info.model_class} uses rotary position embeddings, and a merged token has no single "
                 "position to rotate by; vistok refuses rather than pick one. Use 'ats' on this model.")
         blocks = resolve_block_indices(self.blocks, info.num_blocks, list(range(info.num_blocks)))
-        if isinstance(self.r, Sequence) and not isinstance(self.r, str):
+        if is_sequence_option(self.r):
             if len(self.r) != len(blocks):
                 raise InvalidConfigError(f"merge: r has {len(self.r)} values but {len(blocks)} blocks are patched")
             values = [_check_r(r, info) for r in self.r]
         else:  # the schedule runs from the first patched block to the last
             blocks = sorted(blocks)
             values = merge_schedule(_check_r(self.r, info), len(blocks), self.schedule)
+            limit = info.num_patches // 2
+            if info.patch_bound() is not None and values[0] > limit:
+                raise InvalidConfigError(
+                    f"merge: schedule='decreasing' merges 2 r = {values[0]} tokens in its first block, more than "
+                    f"{limit} (half of the model's {info.num_patches} patch tokens); give r <= {limit // 2}")
         return {block: TokenMerger(r, self.proportional_attention, self.trace_source)
                 for block, r in sorted(zip(blocks, values, strict=True))}
 

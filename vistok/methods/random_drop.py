@@ -16,7 +16,7 @@ from ..errors import InvalidConfigError
 from ..ops import hashed_noise
 from ..tokens import TokenLayout
 from .ats import check_k, default_ats_blocks
-from .base import AttentionView, MethodConfig, TokenReducer, resolve_block_indices
+from .base import AttentionView, MethodConfig, TokenReducer, is_sequence_option, resolve_block_indices
 
 __all__ = ["RandomDropConfig", "RandomDropper"]
 
@@ -76,12 +76,12 @@ class RandomDropConfig(MethodConfig):
     def __post_init__(self) -> None:  # what needs no model; build() checks the rest against it
         if not is_int(self.seed) or not 0 <= self.seed < 2**62:
             raise InvalidConfigError(f"random_drop: seed must be an int in [0, 2**62), got {self.seed!r}")
-        for k in self.k if isinstance(self.k, Sequence) and not isinstance(self.k, str) else [self.k]:
+        for k in self.k if is_sequence_option(self.k) else [self.k]:
             check_k(k, None, "random_drop")
 
     def build(self, info: BackboneInfo) -> dict[int, TokenReducer]:
         blocks = resolve_block_indices(self.blocks, info.num_blocks, default_ats_blocks(info.num_blocks))
-        ks = list(self.k) if isinstance(self.k, Sequence) else [self.k] * len(blocks)
+        ks = list(self.k) if is_sequence_option(self.k) else [self.k] * len(blocks)
         if len(ks) != len(blocks):
             raise InvalidConfigError(f"random_drop: k has {len(ks)} values but {len(blocks)} blocks are patched")
         return {block: RandomDropper(check_k(k, info.patch_bound(), "random_drop"), self.seed + block)

@@ -34,7 +34,7 @@ from ..ops.super_tokens import (
     to_cells,
 )
 from ..tokens import TokenLayout
-from .base import MethodConfig, TokenReducer, resolve_block_indices
+from .base import MethodConfig, TokenReducer, is_sequence_option, resolve_block_indices
 
 __all__ = ["SuperTokenConfig", "SuperTokenAttender"]
 
@@ -114,8 +114,10 @@ class SuperTokenConfig(MethodConfig):
         if not is_int(self.n_iter, 1):
             raise InvalidConfigError(f"super_token: n_iter must be an int >= 1, got {self.n_iter!r}")
 
-    def _size(self) -> tuple[int, ...]:
-        return (self.stoken_size, self.stoken_size) if isinstance(self.stoken_size, int) else tuple(self.stoken_size)
+    def _size(self) -> tuple[object, ...]:
+        if is_sequence_option(self.stoken_size):
+            return tuple(self.stoken_size)
+        return (self.stoken_size, self.stoken_size)  # an int, or a value the check refuses by name
 
     def build(self, info: BackboneInfo) -> dict[int, TokenReducer]:
         if info.rotary:

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..errors import InvalidConfigError
+from ..errors import InputShapeError, InvalidConfigError
 from . import sync
 from .gather import add_to_tokens, gather_tokens
 
@@ -73,6 +73,12 @@ def bipartite_soft_matching(metric: Tensor, r: int | Tensor, valid: Tensor | Non
     device = metric.device
     a_positions = torch.arange(0, n, 2, device=device)
     b_positions = torch.arange(1, n, 2, device=device)
+    if isinstance(r, bool) or not isinstance(r, (int, Tensor)) or isinstance(r, Tensor) \
+            and (r.is_floating_point() or r.is_complex() or r.dtype == torch.bool):
+        raise InvalidConfigError(f"bipartite_soft_matching: r must be an int or an integer tensor, got {r!r}")
+    if n < 2:
+        raise InputShapeError(f"bipartite_soft_matching: metric {tuple(metric.shape)} has {n} token(s) per image; "
+                              "matching needs at least 2 (one in each set)")
     if isinstance(r, int):
         out_of_range = not 0 <= r <= len(a_positions)
     else:  # a tensor r is read (checked) only where reading is free

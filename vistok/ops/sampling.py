@@ -50,7 +50,7 @@ def inverse_transform_sampling(
     tokens are added until that many are kept (so ``min_keep >= N`` keeps every valid token).
 
     Args:
-        scores: ``[B, N]`` non-negative scores.
+        scores: ``[B, N]`` finite non-negative scores (not checked: a model's NaN would be the model's).
         num_levels: levels per image, an int or a ``[B]`` long tensor, each ``>= 1``.
         valid: ``[B, N]`` bool; invalid (padding) tokens are never kept. ``None``: all valid.
         min_keep: lower bound on the number of kept tokens.
@@ -85,8 +85,9 @@ def inverse_transform_sampling(
         lowest = width = int(num_levels)
     elif max_levels is None:
         lowest, width = torch.stack([num_levels.min(), num_levels.max()]).tolist()
-    else:
-        lowest, width = 1, max_levels
+    else:  # the caller vouches for the levels; they are checked where reading them back costs no wait
+        lowest = int(num_levels.min()) if sync.reads_are_free(device) else 1
+        width = max_levels
     if lowest < 1:
         raise InvalidConfigError(f"inverse_transform_sampling: num_levels must be >= 1, got {lowest}")
     levels = torch.full((batch,), lowest, device=device) if not isinstance(num_levels, Tensor) \
