@@ -17,7 +17,7 @@ from vistok.ops import attend, attention_path, hashed_noise
 # A 4-block ViT on 64 px (16 patches): methods in blocks 1-3.
 METHODS = {
     "ats": ("ats", {"k": 0.4}),  # a fraction: every image its own number of levels, padded to the bound
-    "ats fusion": ("ats", {"k": 6, "fusion": True}),
+    "ats fusion": ("ats", {"k": 6, "min_tokens": 6, "fusion": True}),
     "merge": ("merge", {"r": 3}),
     "random_drop": ("random_drop", {"k": 0.5}),
     "ats then merge": ([("ats", {"k": 8, "blocks": [1]}), ("merge", {"r": 2, "blocks": [2, 3]})], {}),

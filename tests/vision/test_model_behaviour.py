@@ -34,13 +34,13 @@ def _encode_hf(model, images):
 CASES = {
     "timm vit, merge": (_timm("vit_tiny_patch16_224"), 64, ("merge", {"r": 3}), None),
     "timm vit registers, ats": (_timm("vit_tiny_patch16_224", reg_tokens=2, class_token=False, global_pool="avg"),
-                                64, ("ats", {"k": 6}), None),
+                                64, ("ats", {"k": 6, "min_tokens": 6}), None),
     "timm eva rope, random_drop": (_timm("eva02_tiny_patch14_224", 56), 56, ("random_drop", {"k": 0.5}), None),
     "timm vit, ats + merge": (_timm("vit_tiny_patch16_224"), 64,
                               ([("ats", {"k": 10, "blocks": [3]}), ("merge", {"r": 2, "blocks": [3, 4, 5]})], {}),
                               None),
     "open_clip avg pool, merge": (_open_clip, 32, ("merge", {"r": 2}), None),
-    "hf clip, ats": (lambda: tiny_hf_tower("clip", 32, seed=None), 32, ("ats", {"k": 5}), _encode_hf),
+    "hf clip, ats": (lambda: tiny_hf_tower("clip", 32, seed=None), 32, ("ats", {"k": 5, "min_tokens": 5}), _encode_hf),
     "hf siglip, merge": (lambda: tiny_hf_tower("siglip", 32, seed=None), 32, ("merge", {"r": 2}),
                          _encode_hf),
 }
@@ -298,10 +298,10 @@ def test_random_drop_refuses_bad_seeds(seed):
 
 def test_negative_block_indices_count_from_the_end():
     model, _, run, _, _ = _setup("timm vit, merge")
-    with vistok.patch(model, "ats", k=5, blocks=[-1, -2]) as handle:
+    with vistok.patch(model, "ats", k=5, min_tokens=5, blocks=[-1, -2]) as handle:
         assert sorted(handle.reducers) == [10, 11]
         from_end = run(model)
-    with vistok.patch(model, "ats", k=5, blocks=[10, 11]):
+    with vistok.patch(model, "ats", k=5, min_tokens=5, blocks=[10, 11]):
         assert torch.equal(run(model), from_end)
     for blocks in ([12], [-13], [-1, 11]):
         with pytest.raises(InvalidConfigError):

@@ -225,6 +225,12 @@ def test_bad_inputs_and_refusals():
         vistok.patch(model, "pool", keep=1.5)
     with pytest.raises(InvalidConfigError, match="contextual=4 must be less than tokens=4"):
         vistok.patch(model, "dominant", tokens=4, contextual=4)
+    # one grid for every image: what the budget cannot give is refused when patching (it was at the first forward)
+    with pytest.raises(InvalidConfigError, match=r"contextual=4 must be less than the budget, but each 4 x 4 grid "
+                                                 r"gets 2 tokens \(keep=0.1\)"):
+        vistok.patch(model, "dominant", keep=0.1, contextual=4)
+    with pytest.raises(InvalidConfigError, match="pooling a 4 x 4 grid cannot give exactly 7 tokens"):
+        vistok.patch(model, "pool", tokens=7)
     with pytest.raises(InvalidConfigError, match=r"one method at the boundary .* in-tower methods \(\['ats'\]\)"):
         vistok.patch(model, "ats", k=8)
     assert vistok.get_handle(model) is None  # nothing was left half-patched
@@ -290,8 +296,8 @@ def test_siglip_tower_and_other_vision_llms():
 
 @pytest.mark.parametrize("in_tower, boundary", [
     (("merge", {"r": 2}), "merge_to_budget"),
-    (("ats", {"k": 6, "blocks": [0]}), "merge_to_budget"),
-    (("ats", {"k": 6, "blocks": [0]}), "random_select"),
+    (("ats", {"k": 6, "min_tokens": 6, "blocks": [0]}), "merge_to_budget"),
+    (("ats", {"k": 6, "min_tokens": 6, "blocks": [0]}), "random_select"),
 ])
 def test_in_tower_methods_compose_with_the_boundary(in_tower, boundary):
     """The tower reduces its tokens (a ragged set after ATS), the boundary brings each image to the exact budget,
@@ -363,7 +369,7 @@ def test_composition_refusals():
     with pytest.raises(InvalidConfigError, match="pool needs the tower's full patch grid"):
         vistok.patch(model, [("merge", {"r": 2}), ("pool", {"tokens": 4})])
     with pytest.raises(InvalidConfigError, match="region_merge needs the tower's full patch grid"):
-        vistok.patch(model, [("ats", {"k": 6, "blocks": [0]}), ("region_merge", {"tokens": 4})])
+        vistok.patch(model, [("ats", {"k": 6, "min_tokens": 6, "blocks": [0]}), ("region_merge", {"tokens": 4})])
     with pytest.raises(InvalidConfigError, match="exactly one method at the boundary .* got none"):
         vistok.patch(model, [("merge", {"r": 2})])
     with pytest.raises(InvalidConfigError, match="exactly one method at the boundary"):

@@ -460,6 +460,10 @@ def test_bad_inputs_and_refusals():
         model(**x)
     with vistok.patch(model, "pool", tokens=5), pytest.raises(InvalidConfigError, match="tokens=5 is more than the 4"):
         model(**video_inputs())  # a frame has 2 x 2 pooled features
+    # image 1's base view gets 2 of its 12 tokens: contextual counts per view (the error named only [0, 1])
+    with vistok.patch(model, "dominant", tokens=12, contextual=3), torch.no_grad(), pytest.raises(
+            InvalidConfigError, match=r"contextual=3 must be less than the budget, but this 4 x 4 view's share is 2"):
+        model(**x)
     with vistok.patch(model, "merge_to_budget", tokens=4, positions="original"), torch.no_grad():
         out = model(**x, use_cache=True)
         with pytest.raises(InvalidConfigError, match="needs position_ids"):  # a hand-written decoding step

@@ -112,7 +112,7 @@ def test_composition_with_an_in_tower_method_keeps_patch_order():
     ids, mask = padded_prompt()
     pixels = images()
     with torch.no_grad():
-        with vistok.patch(model, [("ats", {"k": 6, "blocks": [0]}), ("merge_to_budget", {"tokens": 4,
+        with vistok.patch(model, [("ats", {"k": 6, "min_tokens": 6, "blocks": [0]}), ("merge_to_budget", {"tokens": 4,
                                                                                          "positions": "original"})]
                           ) as handle:
             encoded = handle.encode(pixels)

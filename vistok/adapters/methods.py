@@ -19,7 +19,15 @@ from torch import Tensor
 from .._checks import is_int, is_real
 from ..errors import InvalidConfigError
 from ..methods.base import MethodConfig
-from .budget import Budgeted, merge_regions_to_budget, merge_to_budget, pool_to_budget, select_dominant, select_random
+from .budget import (
+    Budgeted,
+    merge_regions_to_budget,
+    merge_to_budget,
+    pool_grid,
+    pool_to_budget,
+    select_dominant,
+    select_random,
+)
 
 __all__ = ["BoundaryConfig", "BoundaryInputs", "MergeToBudgetConfig", "RegionMergeConfig", "DominantConfig",
            "PoolConfig", "RandomSelectConfig"]
@@ -101,6 +109,10 @@ class BoundaryConfig(MethodConfig):
     def check_for_vision_llm(self) -> None:
         """Refuse, when patching, options this method cannot honour at a vision-LLM's boundary."""
 
+    def check_budget(self, grid: tuple[int, int], budget: int) -> None:
+        """Refuse, when patching a model whose images all have one patch ``grid``, a ``budget`` per image this
+        method cannot give."""
+
     def compress(self, inputs: BoundaryInputs, budget: int) -> Budgeted:
         """The images' tokens at exactly ``budget`` each."""
         raise NotImplementedError
@@ -148,9 +160,21 @@ class DominantConfig(BoundaryConfig):
             raise InvalidConfigError(f"dominant: contextual={self.contextual} must be less than tokens={self.tokens} "
                                      "(the budget's other tokens are the dominant ones, at least one)")
 
+    def check_budget(self, grid: tuple[int, int], budget: int) -> None:
+        self._check_contextual(budget, f"each {grid[0]} x {grid[1]} grid gets")
+
+    def _check_contextual(self, budget: int, gets: str) -> None:
+        if self.contextual >= budget:
+            asked = f"tokens={self.tokens}" if self.tokens is not None else f"keep={self.keep}"
+            raise InvalidConfigError(
+                f"dominant: contextual={self.contextual} must be less than the budget, but {gets} {budget} tokens "
+                f"({asked}); at least one of them is a dominant token")
+
     def compress(self, inputs: BoundaryInputs, budget: int) -> Budgeted:
         if budget == inputs.features.shape[1]:
             return select_dominant(inputs.features, inputs.features.new_zeros(inputs.features.shape[:2]), budget)
+        # a view's share (LLaVA-OneVision splits an image's budget between its base view and its crops)
+        self._check_contextual(budget, f"this {inputs.grid[0]} x {inputs.grid[1]} view's share is")
         return select_dominant(inputs.features, inputs.class_attention(), budget, self.contextual)
 
 
@@ -159,6 +183,9 @@ class PoolConfig(BoundaryConfig):
     """Average pooling of the patch grid to the budget (2 x 2, LLaVA-OneVision's, at a quarter): the baseline."""
 
     name: ClassVar[str] = "pool"
+
+    def check_budget(self, grid: tuple[int, int], budget: int) -> None:
+        pool_grid(grid, budget)
 
     def compress(self, inputs: BoundaryInputs, budget: int) -> Budgeted:
         return pool_to_budget(inputs.features, inputs.grid, budget)

@@ -752,6 +752,8 @@ def patch_vision_llm(model: nn.Module, config: MethodConfig, family: type[Vision
     if in_tower and facts.encodes_up_front:
         raise InvalidConfigError(f"in-tower methods are not supported on {type(model).__name__}: its images come in "
                                  "several sizes and layouts; use a boundary method alone")
+    if not facts.encodes_up_front:  # one grid for every image: a budget the method cannot give is refused now
+        boundary.check_budget(facts.grid, boundary.budget(facts.grid[0] * facts.grid[1]))
     if get_handle(family.tower(model)) is not None:
         raise AlreadyPatchedError(_TOWER_PATCHED_ALONE)
     tower_handle = None
