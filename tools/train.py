@@ -36,6 +36,7 @@ from vistok.experiment import (
     check_resumed_settings,
     fit_head_to_data,
     loader,
+    save_whole,
     set_fused_attention,
     truncate_log,
     underlying,
@@ -99,8 +100,14 @@ def train(config: dict, resume: bool = False) -> int:
         torch.set_num_threads(settings["threads"])
     if AcceleratorState._shared_state:  # an earlier run in this process (tests, a notebook) fixed its settings
         AcceleratorState._reset_state(reset_partial_state=True)
-    accelerator = Accelerator(mixed_precision=settings["mixed_precision"],
-                              gradient_accumulation_steps=settings["grad_accum"])
+    try:
+        accelerator = Accelerator(mixed_precision=settings["mixed_precision"],
+                                  gradient_accumulation_steps=settings["grad_accum"])
+    except (ValueError, ImportError) as error:  # fp8 without transformer_engine or torchao, fp16 on a CPU, ...
+        if settings["mixed_precision"] == "no":
+            raise
+        raise ConfigError(f"train.mixed_precision={settings['mixed_precision']}: accelerate cannot train with it "
+                          f"here ({error})") from error
     set_seed(settings["seed"])
     output = Path(config["output"])
     train_set, val_set, train_transform, val_transform = build_data(config["data"], settings["seed"], model=config)
@@ -125,13 +132,14 @@ def train(config: dict, resume: bool = False) -> int:
     total_steps = steps_per_epoch * settings["epochs"]
     warmup_steps = int(settings["warmup_epochs"] * steps_per_epoch)
 
+    generators = run_generators(train_transform, train_loader)
     start_epoch = 0
     checkpoint = output / "checkpoint"
     if resume:
-        start_epoch = _resume(accelerator, checkpoint, augmentation_rng(train_transform), config) + 1
-        if accelerator.is_main_process:
-            truncate_log(output / "metrics.jsonl", "epoch", start_epoch)  # an epoch cut off before its checkpoint
+        start_epoch = _resume(accelerator, checkpoint, generators, config, output) + 1
     output.mkdir(parents=True, exist_ok=True)
+    if resume and start_epoch >= settings["epochs"] and accelerator.is_main_process:
+        _save_weights(accelerator, model, output)  # the last epoch's weights, whole (a kill may have cut them off)
 
     for epoch in range(start_epoch, settings["epochs"]):
         model.train()
@@ -170,15 +178,21 @@ def train(config: dict, resume: bool = False) -> int:
             with open(output / "metrics.jsonl", "w" if first else "a") as log:
                 log.write(json.dumps(metrics) + "\n")
             accelerator.print(json.dumps(metrics))
-        _save_checkpoint(accelerator, checkpoint, epoch, augmentation_rng(train_transform), config)
+        _save_checkpoint(accelerator, checkpoint, epoch, generators, config, output / "metrics.jsonl")
         if accelerator.is_main_process:
-            from safetensors.torch import save_file
-
-            trained = accelerator.unwrap_model(model)
-            trained = trained.model if isinstance(trained, VideoClassifier) else trained  # the model, not its wrapper
-            weights = {k: v.contiguous() for k, v in trained.state_dict().items()}
-            save_file(weights, str(output / "model.safetensors"))
+            _save_weights(accelerator, model, output)
     return 0
+
+
+def _save_weights(accelerator, model, output: Path) -> None:
+    """``<output>/model.safetensors``: the model's weights (not its video wrapper's), written beside it and moved
+    over it, so a kill mid-write leaves the previous file whole."""
+    from safetensors.torch import save_file
+
+    trained = accelerator.unwrap_model(model)
+    trained = trained.model if isinstance(trained, VideoClassifier) else trained
+    weights = {k: v.contiguous() for k, v in trained.state_dict().items()}
+    save_whole(weights, output / "model.safetensors", save=save_file)
 
 
 def _check_settings(settings: dict) -> None:
@@ -199,6 +213,13 @@ def _check_settings(settings: dict) -> None:
                               f"{' (0: no clipping)' if key == 'clip_grad' else ''}, got {value!r}")
     if settings["label_smoothing"] >= 1:
         raise ConfigError(f"train.label_smoothing must be below 1, got {settings['label_smoothing']!r}")
+    if settings["min_lr"] > settings["lr"]:
+        raise ConfigError(f"train.min_lr ({settings['min_lr']!r}) must not exceed train.lr ({settings['lr']!r}): "
+                          "the cosine decay would climb instead")
+    if settings["warmup_epochs"] >= settings["epochs"]:
+        raise ConfigError(f"train.warmup_epochs ({settings['warmup_epochs']!r}) must be below train.epochs "
+                          f"({settings['epochs']!r}): the warm-up would take the whole run and the learning rate "
+                          "would never decay")
     if settings["mixed_precision"] not in MIXED_PRECISION:
         raise ConfigError(f"train.mixed_precision must be one of {MIXED_PRECISION}, got "
                           f"{settings['mixed_precision']!r}")
@@ -210,9 +231,21 @@ def augmentation_rng(transform) -> torch.Generator | None:
     return getattr(transform, "generator", None) if getattr(transform, "augment", False) else None
 
 
-def _save_checkpoint(accelerator, checkpoint: Path, epoch: int, rng: torch.Generator | None, config: dict) -> None:
-    """Everything a resume needs, the run's settings too, written beside ``checkpoint`` and swapped in whole: an
-    interrupted save leaves the previous epoch's checkpoint as it was, never a mix of two epochs."""
+def run_generators(transform, train_loader) -> dict[str, torch.Generator]:
+    """The generators the checkpoint must carry beside accelerate's global ones, by the file each is saved in: the
+    augmentation's (:func:`augmentation_rng`), and the shuffling sampler's own generator that ``accelerator.prepare``
+    gives the training loader when several processes share it (``synchronized_generator``; a single process
+    shuffles from the global generator, which accelerate saves)."""
+    found = {"augmentation_rng.pt": augmentation_rng(transform),
+             "sampler_rng.pt": getattr(train_loader, "synchronized_generator", None)}
+    return {name: generator for name, generator in found.items() if generator is not None}
+
+
+def _save_checkpoint(accelerator, checkpoint: Path, epoch: int, generators: dict[str, torch.Generator],
+                     config: dict, log: Path | None = None) -> None:
+    """Everything a resume needs, the run's settings, the states of ``generators`` (:func:`run_generators`) and a
+    copy of the metrics ``log`` too, written beside ``checkpoint`` and swapped in whole: an interrupted save leaves
+    the previous epoch's checkpoint as it was, never a mix of two epochs."""
     partial = checkpoint.with_name(checkpoint.name + ".partial")
     if accelerator.is_main_process and partial.exists():
         shutil.rmtree(partial)
@@ -220,8 +253,10 @@ def _save_checkpoint(accelerator, checkpoint: Path, epoch: int, rng: torch.Gener
     accelerator.save_state(str(partial))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        if rng is not None:
-            torch.save(rng.get_state(), partial / "augmentation_rng.pt")
+        for name, generator in generators.items():
+            torch.save(generator.get_state(), partial / name)
+        if log is not None and log.is_file():
+            shutil.copyfile(log, partial / log.name)
         (partial / "vistok_state.json").write_text(json.dumps({"epoch": epoch, "config": config}))
         previous = checkpoint.with_name(checkpoint.name + ".previous")
         if previous.exists():  # left by a save cut off after its swap: the checkpoint is newer
@@ -234,10 +269,13 @@ def _save_checkpoint(accelerator, checkpoint: Path, epoch: int, rng: torch.Gener
     accelerator.wait_for_everyone()
 
 
-def _resume(accelerator, checkpoint: Path, rng: torch.Generator | None, config: dict) -> int:
+def _resume(accelerator, checkpoint: Path, generators: dict[str, torch.Generator], config: dict,
+            output: Path) -> int:
     """Load the newest complete checkpoint (``vistok_state.json`` is written last): the checkpoint, else, where a
     save was cut off during its swap, the new one beside it or the previous one; returns the epoch it ended. A
-    checkpoint of other settings than ``config`` is refused (:data:`RESUME_MAY_CHANGE` aside)."""
+    checkpoint of other settings than ``config`` is refused (:data:`RESUME_MAY_CHANGE` aside). The main process
+    puts back ``output``'s log as the checkpoint saved it and the run's ``config.json``: a run started in the folder
+    since may have replaced both before it was cut off."""
     candidates = [checkpoint.with_name(checkpoint.name + suffix) for suffix in ("", ".partial", ".previous")]
     found = next((folder for folder in candidates if (folder / "vistok_state.json").is_file()), None)
     if found is None:
@@ -250,12 +288,21 @@ def _resume(accelerator, checkpoint: Path, rng: torch.Generator | None, config: 
                        if key != "data.workers" or config["data"]["name"] != "folder")
     check_resumed_settings(saved, json.loads(json.dumps(config)), may_change, found)
     accelerator.load_state(str(found))
-    if rng is not None:
-        saved = found / "augmentation_rng.pt"
+    for name, generator in generators.items():
+        saved = found / name
         if not saved.is_file():
-            raise ConfigError(f"--resume: {found} has no augmentation_rng.pt (written by an older vistok): the "
-                              "augmentation would restart from its seed; train again without --resume")
-        rng.set_state(torch.load(saved))
+            why, restarts = (("an older vistok", "augmentation") if name == "augmentation_rng.pt" else
+                             ("an older vistok or a single process", "data order of several processes"))
+            raise ConfigError(f"--resume: {found} has no {name} (written by {why}): the {restarts} would restart "
+                              "from its seed; train again without --resume")
+        generator.set_state(torch.load(saved))
+    if accelerator.is_main_process:
+        log = output / "metrics.jsonl"
+        if (found / log.name).is_file():
+            shutil.copyfile(found / log.name, log)
+        else:  # a checkpoint from before the log was saved in it
+            truncate_log(log, "epoch", state["epoch"] + 1)
+        (output / "config.json").write_text(json.dumps(config, indent=2))
     return state["epoch"]
 
 

@@ -114,15 +114,20 @@ def _read_idx(path: Path) -> np.ndarray:
 def load_fashion_mnist(split: str, root: str | os.PathLike | None = None,
                        download: bool = False) -> tuple[Tensor, Tensor]:
     """``split`` ``"train"`` (60,000) or ``"test"`` (10,000) as ``uint8`` images ``[N, 28, 28]`` and
-    ``int64`` labels ``[N]``."""
+    ``int64`` labels ``[N]``.
+
+    Raises:
+        VistokError: a file is not an unsigned-byte idx file or is truncated, or the images and labels files hold
+            different counts (files of two splits or two copies side by side).
+    """
     if split not in _FILES:
         raise VistokError(f"Fashion-MNIST has splits 'train' and 'test', not {split!r}")
     directory = find_fashion_mnist(root, download, (split,) if root else tuple(_FILES))  # found: both from one copy
-    arrays = []
-    for name in _FILES[split]:
-        path = directory / name if (directory / name).exists() else directory / f"{name}.gz"
-        arrays.append(_read_idx(path))
-    images, labels = arrays
+    paths = [directory / name if (directory / name).exists() else directory / f"{name}.gz" for name in _FILES[split]]
+    images, labels = (_read_idx(path) for path in paths)
+    if len(images) != len(labels):
+        raise VistokError(f"Fashion-MNIST {split}: {paths[0]} holds {len(images)} images but {paths[1]} holds "
+                          f"{len(labels)} labels; they must come from the same split of one copy")
     return torch.from_numpy(images.copy()), torch.from_numpy(labels.astype(np.int64))
 
 

@@ -14,6 +14,7 @@ in, logits out, test views averaged).
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -351,11 +352,12 @@ def _video_datasets(data: dict[str, Any], seed: int, train: bool) -> tuple[Datas
     return train_set, val
 
 
-def save_whole(state: dict[str, Any], path: Path) -> None:
-    """``torch.save(state, path)`` written beside ``path`` and moved over it in one step: a save cut off half-way
-    leaves the previous checkpoint whole, never a broken one a resume cannot read."""
+def save_whole(state: dict[str, Any], path: Path, save: Callable[[Any, Path], Any] = torch.save) -> None:
+    """``save(state, path)`` (``torch.save``; ``safetensors.torch.save_file`` for weights) written beside ``path``
+    and moved over it in one step: a save cut off half-way leaves the previous file whole, never a broken one a
+    resume or a loader cannot read."""
     partial = path.with_name(path.name + ".partial")
-    torch.save(state, partial)
+    save(state, partial)
     os.replace(partial, path)
 
 

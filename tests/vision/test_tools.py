@@ -309,14 +309,14 @@ def test_a_class_folder_dataset_trains_a_head_of_its_class_count(tmp_path, capsy
              f"data.root={root}", "data.input_size=64"]
     run = tmp_path / "run"
     train, evaluate = load_tool("train"), load_tool("eval")
-    assert train.main([*small, "train.epochs=1", "train.batch_size=4", "train.eval_batch_size=6",
-                       "train.mixed_precision=no", f"output={run}"]) == 0
+    assert train.main([*small, "train.epochs=1", "train.warmup_epochs=0.5", "train.batch_size=4",
+                       "train.eval_batch_size=6", "train.mixed_precision=no", f"output={run}"]) == 0
     model = load_checkpoint(timm.create_model("vit_tiny_patch16_224", img_size=64, depth=2, num_classes=2),
                             run / "model.safetensors")
     assert model.head.out_features == 2
     # timm's augmentation draws from the main process's generator with 0 workers, from each worker's otherwise
-    assert train.main([*small, "train.epochs=1", "train.batch_size=4", "train.eval_batch_size=6", f"output={run}",
-                       "--resume", "data.workers=1"]) == 2
+    assert train.main([*small, "train.epochs=1", "train.warmup_epochs=0.5", "train.batch_size=4",
+                       "train.eval_batch_size=6", f"output={run}", "--resume", "data.workers=1"]) == 2
     assert "data.workers: 0 -> 1" in capsys.readouterr().err
     metrics = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
     assert 0 <= metrics["val_top1"] <= 100 and metrics["val_top5"] == 100.0  # two classes: top-2 is everything
@@ -370,6 +370,20 @@ def test_missing_dataset_says_what_to_do(tmp_path, monkeypatch):
         vdata.find_fashion_mnist(tmp_path / "empty")
     train = load_tool("train")
     assert train.main(["--config", str(ROOT / "configs/fmnist_vit.yaml"), "output=" + str(tmp_path / "run")]) == 2
+
+
+def test_fashion_mnist_files_of_other_counts_are_named(tmp_path):
+    """An images file and a labels file of different counts (two splits side by side) met TensorDataset's bare
+    AssertionError."""
+    def idx(name: str, values: np.ndarray) -> None:
+        header = bytes([0, 0, 8, values.ndim]) + b"".join(side.to_bytes(4, "big") for side in values.shape)
+        (tmp_path / name).write_bytes(header + values.astype(np.uint8).tobytes())
+
+    idx("train-images-idx3-ubyte", np.zeros((3, 28, 28)))
+    idx("train-labels-idx1-ubyte", np.zeros(2))
+    with pytest.raises(vistok.VistokError, match=r"train-images-idx3-ubyte holds 3 images but .*"
+                                                 r"train-labels-idx1-ubyte holds 2 labels"):
+        vdata.fashion_mnist_dataset("train", tmp_path)
 
 
 def test_batch_transform_normalises_and_shifts():
@@ -476,7 +490,9 @@ def test_train_eval_and_resume(tmp_path, monkeypatch):
     ("train.lr=.inf", "train.lr must be a finite number > 0"), ("train.lr=0.0", "train.lr must be"),
     ("train.min_lr=.nan", "train.min_lr must be"), ("train.label_smoothing=5.0", "label_smoothing must be below 1"),
     ("train.threads=-1", "train.threads must be an int >= 0"), ("train.seed=-1", "train.seed must be an int in"),
-    ("train.seed=4294967296", "train.seed must be an int in")])
+    ("train.seed=4294967296", "train.seed must be an int in"),
+    ("train.min_lr=0.5", "train.min_lr (0.5) must not exceed train.lr (0.0015)"),  # the cosine "decay" climbed
+    ("train.warmup_epochs=1.0", "train.warmup_epochs (1.0) must be below train.epochs (1)")])  # never decayed
 def test_training_settings_that_would_train_wrongly_are_refused(tmp_path, capsys, setting, message):
     """Each was accepted: the run trained the wrong way, logged NaN, or failed in a library with a traceback."""
     train = load_tool("train")
@@ -754,6 +770,8 @@ def test_shipped_configs_are_valid(path):
         assert timm.is_model(config["model"])
     if config["method"]:
         vistok.create_config(config["method"], **config["method_options"])
+    if tool == "train":
+        load_tool("train")._check_settings(config["train"])  # the learning-rate schedule's settings too
 
 
 def test_eval_vlm_compares_with_pooling_at_equal_tokens():
