@@ -219,6 +219,9 @@ def main(argv: list[str] | None = None, model_and_tokenizer=None) -> int:
               file=sys.stderr)
     if not selections and not args.merge_all:
         parser.error("no selection is left to evaluate")
+    if args.merge_all and args.merge_on == "selection":
+        parser.error("--merge-all with --merge-on selection merges nothing: every frame's one-hot selection row "
+                     "differs from the others (the rows would equal 'all'); use --merge-on summary")
     if args.baseline is not None and args.baseline not in selections:
         parser.error(f"--baseline {args.baseline} is not among the selections evaluated ({' '.join(selections)})")
     if args.manifest:

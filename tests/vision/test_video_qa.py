@@ -158,7 +158,8 @@ def test_the_evaluator_refuses_an_empty_plan_before_the_model_loads(tmp_path, ca
     wrote an empty CSV with status 0. A negative --threads was a RuntimeError."""
     evaluate = load_tool("eval_video_qa")
     monkeypatch.setattr(evaluate, "create_video_vlm", lambda **kwargs: pytest.fail("the model loaded"))
-    for arguments, message in ((["--selections", "text"], "no selection is left"), (["--threads", "-1"], "--threads")):
+    for arguments, message in ((["--selections", "text"], "no selection is left"), (["--threads", "-1"], "--threads"),
+                               (["--merge-all", "--merge-on", "selection"], "merges nothing")):
         with pytest.raises(SystemExit) as stopped:
             evaluate.main(["--out", str(tmp_path / "qa"), *arguments])
         assert stopped.value.code == 2 and message in capsys.readouterr().err
