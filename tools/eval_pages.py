@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -37,12 +38,13 @@ from vistok.cli import beside, count, count_or_zero, reports_errors, seed
 from vistok.document import (
     CorrelationGuidedConfig,
     allocate_budget,
+    choose_grid,
     compress_views,
     crop_page,
     page_budgets,
     view_signals,
 )
-from vistok.errors import InputShapeError, UnsupportedModelError
+from vistok.errors import InputShapeError, InvalidConfigError, UnsupportedModelError
 
 if TYPE_CHECKING:
     from PIL.Image import Image as PILImage
@@ -50,7 +52,6 @@ if TYPE_CHECKING:
 PAGES = Path(__file__).resolve().parents[1] / "data" / "pages"
 
 
-SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # Pillow's modes for 16-bit greys (older Pillows: "I")
 ALPHA = ("RGBA", "LA", "PA", "RGBa", "La")
 
 
@@ -60,30 +61,61 @@ def load_page(path: Path) -> torch.Tensor:
     white), float greys as they are.
 
     Raises:
-        InputShapeError: grey levels outside 16 bits or floats outside ``[0, 1]``, or dark paper (the ink test
-            counts pixels darker than mid-grey, so light ink on dark paper would be all ink).
+        InputShapeError: grey levels outside their bit depth or floats outside ``[0, 1]``, 32-bit integer greys
+            (their white level is unknown), or dark paper (the ink test counts pixels darker than mid-grey, so
+            light ink on dark paper would be all ink).
     """
     from PIL import Image, ImageOps
 
     with Image.open(path) as opened:
+        white = _white_level(opened, path)  # read from the file: the transposed copy has no format or tags
+        transparent = opened.info.get("transparency")
         image = ImageOps.exif_transpose(opened)
-    grey = _grey_levels(image, path)
+    grey = _grey_levels(image, white, transparent, path)
     _check_dark_ink(grey, path)
     return torch.from_numpy(grey)[None]
 
 
-def _grey_levels(image: PILImage, path: Path) -> np.ndarray:
-    """``[H, W]`` float32 in ``[0, 1]`` from a Pillow image of any mode (see :func:`load_page`)."""
+def _white_level(image: PILImage, path: Path) -> float | None:
+    """The level of white in an image of wide greys, from the bit depth its file states: ``F`` 1.0, ``I;16``
+    65535, ``I`` as a PNG 65535 (PNG greys have at most 16 bits; Pillows before 10 open them as ``I``) or a TIFF's
+    BitsPerSample up to 16; ``None`` for 8-bit modes, which Pillow converts itself.
+
+    Raises:
+        InputShapeError: 32-bit integer greys whose bit depth the file does not state: 8-bit levels stored in 32
+            bits and 16-bit ones differ only by their white level, so no rule would read both right.
+    """
+    if image.mode == "F":
+        return 1.0
+    if image.mode.startswith("I;16"):
+        return 65535.0
+    if image.mode != "I":
+        return None
+    if image.format == "PNG":
+        return 65535.0
+    bits = getattr(image, "tag_v2", {}).get(258)  # TIFF BitsPerSample: an int, or one per sample
+    bits = bits[0] if isinstance(bits, tuple) and bits else bits
+    if isinstance(bits, int) and 1 <= bits <= 16:
+        return float(2**bits - 1)
+    raise InputShapeError(f"{path.name}: 32-bit integer greys (Pillow mode I{f', {bits} bits' if bits else ''}) "
+                          "have no stated white level: 8-bit levels (white 255) and 16-bit ones (white 65535) would "
+                          "read differently; save the page as an 8- or 16-bit image")
+
+
+def _grey_levels(image: PILImage, white: float | None, transparent: object, path: Path) -> np.ndarray:
+    """``[H, W]`` float32 in ``[0, 1]`` from a Pillow image of any mode (see :func:`load_page`): wide greys divided
+    by ``white``, and pixels at the ``transparent`` level (a PNG's tRNS) on white paper."""
     from PIL import Image
 
-    if image.mode in SIXTEEN_BIT + ("F",):
+    if white is not None:
         values = np.asarray(image, dtype=np.float64)
-        top = 1.0 if image.mode == "F" else 65535.0
-        if values.size and not (values.min() >= 0 and values.max() <= top):
+        if values.size and not (values.min() >= 0 and values.max() <= white):
             raise InputShapeError(f"{path.name}: {image.mode} grey levels from {values.min():g} to {values.max():g} "
-                                  f"are outside [0, {top:g}]; save the page as an 8- or 16-bit image")
-        return (values / top).astype(np.float32)
-    if image.mode in ALPHA or "transparency" in image.info:  # transparent paper is white, not black
+                                  f"are outside [0, {white:g}]; save the page as an 8- or 16-bit image")
+        if isinstance(transparent, (int, float)) and image.mode != "F":  # transparent paper is white, not black
+            values = np.where(values == transparent, white, values)
+        return (values / white).astype(np.float32)
+    if image.mode in ALPHA or transparent is not None:  # transparent paper is white, not black
         image = Image.alpha_composite(Image.new("RGBA", image.size, "white"), image.convert("RGBA"))
     return np.asarray(image.convert("L"), dtype=np.float32) / 255
 
@@ -166,7 +198,9 @@ def evaluate_page(model, path: Path, grey: torch.Tensor, args: argparse.Namespac
                                  title=f"{path.name}: correlation_guided keep={keep} ({int(result.budgets.sum())} of "
                                        f"{count * per_view} tokens)")
         total = max(1, round(keep * count * per_view))
-        density_budgets = page_budgets(adaptive.density, total, per_view, True, CorrelationGuidedConfig(keep=keep))
+        # the compressor's own weights (each view's tokens that are not redundant), so its budgets exactly
+        density_budgets = page_budgets((~adaptive.redundant).sum(-1), total, per_view, True,
+                                       CorrelationGuidedConfig(keep=keep))
         row("density budgets, random tokens", keep, density_budgets,
             random_kept(density_budgets, per_view, args.seed))
         uniform = allocate_budget(torch.ones(count), total, per_view)
@@ -181,17 +215,62 @@ def _corr(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def read_pages(parser: argparse.ArgumentParser, pages: list[str]) -> dict[Path, torch.Tensor]:
-    """Every page loaded (:func:`load_page`) before the tower runs on the first, or a parser error."""
+    """Every page loaded (:func:`load_page`) before the tower runs on the first, or a parser error: also for a
+    file given twice, or two files of one name (``<out>.csv`` labels a page by its name, ``<out>_<stem>.png`` is
+    its picture: they would mix two pages)."""
     missing = [page for page in pages if not Path(page).is_file()]
     if missing:
         parser.error(f"--pages: no such file: {', '.join(missing)}")
+    by_file: dict[Path, str] = {}
+    by_stem: dict[str, str] = {}
+    for page in pages:
+        file, stem = Path(page).resolve(), Path(page).stem
+        if file in by_file:
+            also = f" (also as {by_file[file]})" if by_file[file] != page else ""
+            parser.error(f"--pages: {page} is given twice{also}")
+        if stem in by_stem:
+            parser.error(f"--pages: {by_stem[stem]} and {page} have the same name ({stem}): their rows and pictures "
+                         "would mix; rename one")
+        by_file[file], by_stem[stem] = page, page
     loaded = {}
     for page in map(Path, pages):
         try:
             loaded[page] = load_page(page)
-        except (InputShapeError, OSError) as error:  # OSError: PIL.UnidentifiedImageError, a truncated file
+        except InputShapeError as error:  # its message names the file
             parser.error(f"--pages: {error}")
+        except OSError as error:  # PIL.UnidentifiedImageError, a truncated file
+            parser.error(f"--pages: {page}: {error}")
     return loaded
+
+
+def check_options(args: argparse.Namespace) -> None:
+    """``--similarity``, ``--repeats`` and each ``--keep`` as the configs of :func:`evaluate_page` take them, before
+    anything is loaded: a :class:`~vistok.errors.InvalidConfigError` (status 2) instead of a failure after the
+    first page."""
+    CorrelationGuidedConfig(similarity=args.similarity, repeats=args.repeats, layer=args.layer)
+    for keep in args.keep:
+        CorrelationGuidedConfig(keep=keep, similarity=args.similarity, repeats=args.repeats, layer=args.layer)
+
+
+def check_budgets(model: torch.nn.Module, pages: dict[Path, torch.Tensor], args: argparse.Namespace) -> None:
+    """``--layer`` within the tower's blocks and each ``--keep`` at least one token per view on every page (its
+    views from its size, :func:`~vistok.document.choose_grid`), once the tower is built and before it runs:
+    a :class:`~vistok.errors.InvalidConfigError` (status 2) instead of the rows of the pages before it lost."""
+    blocks = len(resolve_backbone(model).blocks())
+    if not -blocks <= args.layer < blocks:
+        raise InvalidConfigError(f"--layer {args.layer}: {args.model} has {blocks} blocks (give one in "
+                                 f"[-{blocks}, {blocks}))")
+    per_view = resolve_backbone(model).info.num_patches
+    for path, grey in pages.items():
+        views = 1 + math.prod(choose_grid(grey.shape[1], grey.shape[2], args.crop_size))
+        for keep in args.keep:
+            config = CorrelationGuidedConfig(keep=keep)
+            total = config.page_budget(views * per_view)
+            if total < config.minimum * views:
+                raise InvalidConfigError(f"--keep {keep:g}: {total} of the {views * per_view} tokens of "
+                                         f"{path.name} ({views} views) cannot give each view minimum="
+                                         f"{config.minimum}; give a larger --keep (one token per view is "
+                                         f"{1 / per_view:.3g} of them)")
 
 
 def build_tower(parser: argparse.ArgumentParser, args: argparse.Namespace) -> torch.nn.Module:
@@ -233,10 +312,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=seed, default=0)
     parser.add_argument("--threads", type=count_or_zero, default=0, help="0: torch's default")
     args = parser.parse_args(argv)
+    check_options(args)
     pages = read_pages(parser, args.pages)
     if args.threads:
         torch.set_num_threads(args.threads)
     model = build_tower(parser, args)
+    check_budgets(model, pages, args)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     rows = []

@@ -24,6 +24,7 @@ from vistok.document import (
     crop_page,
     information_density,
     merge_into_kept,
+    page_budgets,
     redundant_tokens,
     top_tokens,
     view_signals,
@@ -450,12 +451,12 @@ def test_the_page_loader_reads_pages_as_displayed(tmp_path, eval_pages, kind):
 
 def test_the_page_loader_refuses_light_ink_on_dark_paper_and_levels_past_16_bits(tmp_path, eval_pages):
     """The ink test counts pixels darker than mid-grey: a white-on-black page would be all ink, so it is refused
-    (and the tool exits 2 before running the tower), as are 32-bit grey levels outside 16 bits."""
+    (and the tool exits 2 before running the tower), as are float grey levels outside [0, 1]."""
     Image.fromarray(255 - _synthetic_page()).save(tmp_path / "negative.png")
     with pytest.raises(InputShapeError, match=r"negative.png: the paper is dark \(median grey 0.00 < 0.5\)"):
         eval_pages.load_page(tmp_path / "negative.png")
-    Image.fromarray(np.full((8, 8), 70000, np.int32), "I").save(tmp_path / "wide.tif")
-    with pytest.raises(InputShapeError, match=r"wide.tif: I grey levels from 70000 to 70000 are outside \[0, 65535\]"):
+    Image.fromarray(np.full((8, 8), 2.0, np.float32), "F").save(tmp_path / "wide.tif")
+    with pytest.raises(InputShapeError, match=r"wide.tif: F grey levels from 2 to 2 are outside \[0, 1\]"):
         eval_pages.load_page(tmp_path / "wide.tif")
 
 
@@ -530,3 +531,211 @@ def test_allocate_budget_takes_weights_on_a_cuda_device():
     weights = torch.tensor([3.0, 1.0, 0.0], device="cuda")
     budgets = allocate_budget(weights, 8, torch.tensor([4, 10, 10], device="cuda"))
     assert budgets.device.type == "cpu" and budgets.tolist() == [4, 4, 0]
+
+
+def test_page_budgets_refuse_a_total_outside_what_the_views_can_keep():
+    """Every view keeps at least ``minimum`` and at most its tokens: a total outside that is refused by name, not
+    split into negative budgets; inside it the budgets keep both bounds and spend the total."""
+    density = torch.tensor([0.5, 1.0, 0.0, 0.3, 0.9, 0.2, 0.7])
+    config = CorrelationGuidedConfig(keep=0.5, minimum=2)
+    for total in (0, 13, 16 * 7 + 1):
+        with pytest.raises(InvalidConfigError, match=r"page_budgets: total must be an int in \[14, 112\]"):
+            page_budgets(density, total, 16, True, config)
+    for total in range(14, 16 * 7 + 1):
+        budgets = page_budgets(density, total, 16, True, config)
+        assert int(budgets.sum()) == total and bool((budgets >= 2).all()) and bool((budgets <= 16).all())
+    with pytest.raises(InvalidConfigError, match="tokens_per_view must be an int >= minimum=2"):
+        page_budgets(density, 14, 1, True, config)
+
+
+def _exact_allocation(weights: list[int], total: int, capacity: list[int], minimum: int) -> list[int]:
+    """allocate_budget's rule read directly, in fractions: water-filling, floors, then the largest remainders,
+    ties to the earlier view."""
+    from fractions import Fraction
+
+    share = [Fraction(minimum)] * len(weights)
+    left = Fraction(total - minimum * len(weights))
+    while left > 0 and any(s < c for s, c in zip(share, capacity, strict=True)):
+        w = [Fraction(x) if s < c else Fraction(0) for x, s, c in zip(weights, share, capacity, strict=True)]
+        if sum(w) == 0:
+            w = [Fraction(int(s < c)) for s, c in zip(share, capacity, strict=True)]
+        give = [min(left * x / sum(w), c - s) for x, s, c in zip(w, share, capacity, strict=True)]
+        share = [s + g for s, g in zip(share, give, strict=True)]
+        left -= sum(give)
+    counts = [int(s) for s in share]
+    remainders = [s - n if n < c else -1 for s, n, c in zip(share, counts, capacity, strict=True)]
+    for index in sorted(range(len(weights)), key=lambda i: (-remainders[i], i))[:total - sum(counts)]:
+        counts[index] += 1
+    return counts
+
+
+def test_allocate_budget_breaks_exact_ties_to_the_earlier_view():
+    """Remainders that are equal are equal: the leftover token goes to the earlier view, as documented, not to
+    whichever float rounding favoured (integer weights against the rule read in fractions)."""
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(600):
+        views = int(torch.randint(2, 9, (), generator=generator))
+        weights = torch.tensor([0, 1, 2, 3, 5, 7, 10])[torch.randint(0, 7, (views,), generator=generator)]
+        capacity = torch.randint(1, 31, (views,), generator=generator)
+        minimum = int(torch.randint(0, int(capacity.min()) + 1, (), generator=generator))
+        total = int(torch.randint(minimum * views, int(capacity.sum()) + 1, (), generator=generator))
+        expected = _exact_allocation(weights.tolist(), total, capacity.tolist(), minimum)
+        assert allocate_budget(weights.double(), total, capacity, minimum).tolist() == expected
+
+
+def test_allocate_budget_takes_weights_whose_sum_overflows_a_float():
+    """Large finite weights are split as their ratios say (their float sum would be infinite)."""
+    for scale in (1e308, 1.0):
+        counts = allocate_budget(torch.tensor([scale, scale, 0.0], dtype=torch.float64), 5, 4)
+        assert counts.tolist() == allocate_budget(torch.tensor([1.0, 1.0, 0.0]), 5, 4).tolist()
+        assert int(counts.sum()) == 5 and bool((counts >= 0).all()) and bool((counts <= 4).all())
+
+
+def test_a_zero_key_repeats_only_zero_keys_at_any_similarity():
+    """A zero key has no direction: under a negative ``similarity`` its cosine of 0 would pass every other key's.
+    It repeats the other zero keys only, whatever the threshold."""
+    directions = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [0.0, 1.0], [0.0, -1.0]])
+    keys = torch.cat([torch.zeros(1, 2), directions])[None]  # one zero key, four keys at 90 and 180 degrees
+    for similarity in (-1.0, -0.5, 0.0, 0.9):
+        close_to_zero_key = 0  # the zero key has no other zero key
+        assert bool(redundant_tokens(keys, similarity, repeats=4)[0, 0]) == (close_to_zero_key >= 4)
+    keys = torch.cat([torch.zeros(4, 2), directions])[None]  # four zero keys: three others each
+    assert redundant_tokens(keys, -0.5, repeats=3)[0, :4].all() and not redundant_tokens(keys, -0.5, 4)[0, :4].any()
+
+
+def test_a_page_with_nan_or_inf_is_refused_by_name(tiny_vit):
+    page = torch.randn(3, 100, 150)
+    for bad in (float("nan"), float("inf")):
+        spoiled = page.clone()
+        spoiled[:, :10, :10] = bad
+        with pytest.raises(InputShapeError, match="crop_page: the page holds 300 non-finite values"):
+            crop_page(spoiled, 64)
+        views = crop_page(page, 64).views.clone()
+        views[0, 0, 0, 0] = bad
+        with pytest.raises(InputShapeError, match="view_signals: the views hold 1 non-finite values"):
+            compress_page(tiny_vit, views, CorrelationGuidedConfig(keep=0.5))
+
+
+@pytest.mark.parametrize(("shape", "grid"), [((3, 0, 100), None), ((3, 0, 100), (1, 1)), ((3, 100, 0), (2, 2)),
+                                             ((0, 100, 100), None)])
+def test_an_empty_page_is_refused_by_name(shape, grid):
+    with pytest.raises(InputShapeError, match=rf"crop_page: the page is empty \({' x '.join(map(str, shape))}\)"):
+        crop_page(torch.rand(*shape), 32, grid=grid)
+
+
+def test_views_the_tower_does_not_take_are_refused_by_its_own_input_check(tiny_vit):
+    """Channels or a crop size other than the tower's: vistok's InputShapeError naming what the tower takes, not a
+    convolution's RuntimeError or timm's assertion."""
+    config = CorrelationGuidedConfig(keep=0.5)
+    for channels in (1, 4):
+        with pytest.raises(InputShapeError, match=rf"expects 3 input channels, got shape \(7, {channels}, 64, 64\)"):
+            compress_page(tiny_vit, crop_page(torch.randn(channels, 100, 150), 64), config)
+    with pytest.raises(InputShapeError, match="was built for 64x64 input .* got 32x32"):
+        compress_page(tiny_vit, crop_page(torch.randn(3, 100, 150), 32), config)
+    assert compress_page(tiny_vit, crop_page(torch.randn(3, 100, 150), 64), config).num_tokens == round(0.5 * 7 * 16)
+
+
+def test_the_page_loader_puts_16_bit_transparent_paper_on_white(tmp_path, eval_pages):
+    """A 16-bit grey PNG whose paper is its tRNS transparent level (black) reads as the 8-bit page does: white
+    paper, not a dark page refused."""
+    page = _synthetic_page()
+    levels = np.where(page < 255, page.astype(np.uint16) * 257, 0).astype(np.uint16)
+    Image.fromarray(levels).save(tmp_path / "page.png", transparency=0)
+    assert Image.open(tmp_path / "page.png").mode == "I;16"
+    grey = eval_pages.load_page(tmp_path / "page.png")
+    assert torch.allclose(grey, torch.from_numpy(page / np.float32(255))[None], atol=1e-6)
+
+
+def test_the_page_loader_refuses_32_bit_greys_of_unknown_depth(tmp_path, eval_pages):
+    """32-bit integer greys state no white level: 8-bit levels stored in them would be divided by 65535 (a page
+    of near black, refused as dark paper with the advice to invert it). They are refused for what they are."""
+    Image.fromarray(_synthetic_page().astype(np.int32), "I").save(tmp_path / "page.tif")
+    with pytest.raises(InputShapeError, match=r"page.tif: 32-bit integer greys .* no stated white level"):
+        eval_pages.load_page(tmp_path / "page.tif")
+
+
+def _status(tool, argv: list[str]) -> int:
+    """A tool's exit status: its return value, or the code of the SystemExit its parser raised."""
+    try:
+        return tool.main(argv)
+    except SystemExit as stopped:
+        return stopped.code
+
+
+def test_the_page_tool_refuses_a_page_given_twice_or_two_pages_of_one_name(tmp_path, capsys, monkeypatch,
+                                                                            eval_pages):
+    """The CSV labels a page by its name and its picture by its stem: a file given twice, or two files of one name
+    in two folders, would write two rows and one picture under one label. Refused before the tower builds."""
+    (tmp_path / "b").mkdir()
+    for path in (tmp_path / "page.png", tmp_path / "b" / "page.png", tmp_path / "page.jpg"):
+        Image.fromarray(_synthetic_page()).save(path)
+    monkeypatch.setattr(eval_pages, "build_tower", lambda *a: pytest.fail("the tower was built"))
+    out = ["--out", str(tmp_path / "out"), "--crop-size", "32", "--pages"]
+    same = str(tmp_path / "page.png")
+    for pages, message in (([same, same], f"--pages: {same} is given twice"),
+                           ([same, str(tmp_path / "b" / ".." / "page.png")], "is given twice (also as"),
+                           ([same, str(tmp_path / "b" / "page.png")], "have the same name (page)"),
+                           ([same, str(tmp_path / "page.jpg")], "have the same name (page)")):
+        assert _status(eval_pages, out + pages) == 2
+        assert message in capsys.readouterr().err
+
+
+def test_the_page_tool_names_a_truncated_page_file(tmp_path, capsys, eval_pages):
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (200, 300), dtype=np.uint8)).save(tmp_path / "p.png")
+    data = (tmp_path / "p.png").read_bytes()
+    (tmp_path / "cut.png").write_bytes(data[: len(data) // 2])
+    assert _status(eval_pages, ["--out", str(tmp_path / "out"), "--pages", str(tmp_path / "cut.png")]) == 2
+    assert f"--pages: {tmp_path / 'cut.png'}: " in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("arguments", "message"), [
+    (["--keep", "0"], "keep must be a fraction in (0, 1], got 0.0"),
+    (["--keep", "0.5", "1.5"], "keep must be a fraction in (0, 1], got 1.5"),
+    (["--keep", "nan"], "keep must be a fraction in (0, 1], got nan"),
+    (["--similarity", "1.0"], "similarity must be a cosine in [-1, 1)"),
+    (["--similarity", "nan"], "similarity must be a cosine in [-1, 1)"),
+    (["--repeats", "0"], "repeats must be a positive int, got 0")])
+def test_the_page_tool_checks_its_options_before_the_tower_builds(tmp_path, capsys, monkeypatch, eval_pages,
+                                                                  arguments, message):
+    Image.fromarray(_synthetic_page()).save(tmp_path / "page.png")
+    monkeypatch.setattr(eval_pages, "build_tower", lambda *a: pytest.fail("the tower was built"))
+    assert _status(eval_pages, ["--out", str(tmp_path / "out"), "--crop-size", "32", "--pages",
+                                str(tmp_path / "page.png"), *arguments]) == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("arguments", "message"), [
+    (["--layer", "12"], "--layer 12: vit_tiny_patch16_224 has 12 blocks (give one in [-12, 12))"),
+    (["--layer", "-13"], "--layer -13: vit_tiny_patch16_224 has 12 blocks"),
+    (["--keep", "0.5", "0.01"], "--keep 0.01: 1 of the 28 tokens of page.png (7 views) cannot give each view "
+                                "minimum=1")])
+def test_the_page_tool_checks_layer_and_keep_against_the_tower_before_any_page_runs(tmp_path, capsys, monkeypatch,
+                                                                                    eval_pages, arguments, message):
+    """What needs the tower (its blocks, its tokens per view) is checked once it is built, before the first page
+    runs: no finished row is lost to a bad option of a later one."""
+    Image.fromarray(_synthetic_page()).save(tmp_path / "page.png")  # 40 x 60: a 2 x 3 grid, 7 views
+    monkeypatch.setattr(eval_pages, "evaluate_page", lambda *a: pytest.fail("a page ran"))
+    assert _status(eval_pages, ["--out", str(tmp_path / "out"), "--crop-size", "32", "--model",
+                                "vit_tiny_patch16_224", "--pages", str(tmp_path / "page.png"), *arguments]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_compress_views_splits_the_crops_budget_by_exact_counts():
+    """The crops share their budget by their counts of tokens that are not redundant (density times tokens, as
+    whole numbers): crops with equal remainders give the leftover to the earlier crop, as allocate_budget says."""
+    from vistok.document.page import ViewSignals
+
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(300):
+        views = int(torch.randint(3, 8, (), generator=generator))
+        counts = torch.randint(0, 10, (views,), generator=generator).tolist()
+        keys = torch.zeros(views, 9, 9 + 1)
+        for view, count in enumerate(counts):  # its first `count` tokens a direction each, the rest one shared
+            for token in range(9):
+                keys[view, token, token if token < count else 9] = 1.0
+        signals = ViewSignals(torch.zeros(views, 9, 4), keys, torch.rand(views, 9, generator=generator), None)
+        keep = float(torch.randint(views, 9 * views + 1, (), generator=generator)) / (9 * views)
+        result = compress_views(signals, CorrelationGuidedConfig(keep=keep, repeats=1), True)
+        informative = (~result.redundant).sum(-1).tolist()
+        rest = int(result.budgets[1:].sum())
+        assert result.budgets[1:].tolist() == _exact_allocation(informative[1:], rest, [9] * (views - 1), 1)

@@ -121,6 +121,27 @@ def test_the_minimum_decides_only_budgets_between_one_per_crop_and_the_items_fil
     assert split(7, 1) == split(7, 0) and split(7, 0)[0] == [4, 1, 1, 1]
 
 
+def test_tiles_with_equal_remainders_give_the_leftover_to_the_earlier_tile():
+    """A tile weighs its count of tokens that are not redundant (its density times its size, exactly): 16 tiles of
+    9 tokens whose counts leave equal remainders give the leftover tokens to the earlier tiles, as allocate_budget
+    says, not to whichever float rounding of count / 9 * 9 came out larger."""
+    from fractions import Fraction
+
+    informative = [4, 0, 0, 4, 1, 0, 5, 0, 0, 0, 0, 3, 7, 0, 0, 0]  # shares 1 + k / 3: remainders 1/3 and 2/3
+    keys = torch.zeros(16 * 9, 16 * 9 + 16)
+    for tile, count in enumerate(informative):  # its first `count` tokens a direction each, the rest one shared
+        for token in range(9):
+            keys[tile * 9 + token, tile * 9 + token if token < count else 16 * 9 + tile] = 1.0
+    tiles = torch.arange(16).repeat_interleave(9)
+    _, density, budgets = select_over_tiles(keys, torch.zeros(16 * 9), tiles, 24, repeats=1, minimum=1)
+    assert (density * 9).round().tolist() == informative
+    share = [1 + Fraction(8 * count, sum(informative)) for count in informative]  # no tile reaches its 9
+    expected = [int(s) for s in share]
+    for tile in sorted(range(16), key=lambda t: (-(share[t] - expected[t]), t))[:24 - sum(expected)]:
+        expected[tile] += 1
+    assert budgets.tolist() == expected
+
+
 def test_page_redundancy_on_a_towers_views():
     """compress_views: three identical blank views and one with content; per view nothing repeats, over the page
     the blank views' tokens all do, and they get only the minimum."""

@@ -96,12 +96,19 @@ def crop_page(page: Tensor, crop_size: int = 448, max_crops: int = 9, grid: tupl
     ints >= 1 with ``rows * cols <= max_crops``.
 
     Raises:
-        InputShapeError: ``page`` is not a float ``[C, H, W]`` tensor (or looks channel-last).
+        InputShapeError: ``page`` is not a float ``[C, H, W]`` tensor (or looks channel-last), is empty, or holds
+            NaN or infinite values.
         InvalidConfigError: ``crop_size``, ``max_crops`` or ``grid`` is not as above.
     """
     if page.dim() != 3 or not page.is_floating_point():
         raise InputShapeError(f"crop_page: expected a float page [C, H, W], got {page.dtype} "
                               f"{tuple(page.shape)}")
+    if page.numel() == 0:
+        raise InputShapeError(f"crop_page: the page is empty ({' x '.join(map(str, page.shape))})")
+    bad = int((~torch.isfinite(page)).sum())
+    if bad:
+        raise InputShapeError(f"crop_page: the page holds {bad} non-finite values (NaN or inf) of {page.numel()}: "
+                              "the tower's tokens and the budgets would be NaN; fill or mask them first")
     if page.shape[0] not in (1, 3, 4) and page.shape[2] in (1, 3, 4):
         raise InputShapeError(f"crop_page: a page {tuple(page.shape)} looks channel-last [H, W, C]; pass it "
                               "channels first, [C, H, W] (page.permute(2, 0, 1))")

@@ -7,8 +7,9 @@ The paper's code was never released; the choices it leaves open are ours and are
 * a token is *redundant* when at least ``repeats`` other tokens of its view have keys whose cosine similarity with
   its key passes ``similarity`` (the paper: "many counterparts with high similarity"; both numbers are ours);
 * a view's *information density* is the share of its tokens that are not redundant (as the paper);
-* a page budget is split over its views in proportion to density (largest remainders, exact total, each view at
-  least ``minimum`` and at most its token count), the global view first taking its own share;
+* a page budget is split over its views in proportion to density (largest remainders in exact rational arithmetic,
+  ties to the earlier view, exact total, each view at least ``minimum`` and at most its token count), the global
+  view first taking its own share;
 * within a view, the top tokens by class-token attention (or by the cosine of each token with the class token),
   in their original order; the others dropped or merged into the kept token they are most similar to; a tower
   without a class token (SigLIP) ranks by the attention each token receives, every query and head averaged
@@ -17,7 +18,9 @@ The paper's code was never released; the choices it leaves open are ours and are
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from fractions import Fraction
 
 import torch
 import torch.nn.functional as F
@@ -54,7 +57,8 @@ def redundant_tokens(keys: Tensor, similarity: float = 0.9, repeats: int = 4, gr
         raise InvalidConfigError(f"redundant_tokens: repeats must be a positive int, got {repeats!r}")
     unit = F.normalize(keys.float(), dim=-1)
     zero = (keys == 0).all(dim=-1)  # no direction: a zero key repeats the other zero keys only
-    close = ((unit @ unit.transpose(1, 2)) > similarity) | (zero[:, :, None] & zero[:, None, :])  # [V, N, N]
+    either_zero = zero[:, :, None] | zero[:, None, :]  # its cosine of 0 would pass a negative similarity
+    close = (((unit @ unit.transpose(1, 2)) > similarity) & ~either_zero) | (zero[:, :, None] & zero[:, None, :])
     close &= ~torch.eye(keys.shape[1], dtype=torch.bool, device=keys.device)  # others only
     if groups is not None:
         close &= groups[:, :, None] == groups[:, None, :]
@@ -81,8 +85,9 @@ def allocate_budget(weights: Tensor, total: int, capacity: int | Tensor, minimum
     Water-filling: views that would pass their capacity are filled and the rest is shared again; the integer
     split takes the floors and gives the leftover tokens to the largest remainders (ties to the earlier view).
     Views of zero weight get ``minimum``, or more only when the others are full. The split runs on the CPU in
-    float64 whatever ``weights``' device (a tower's, often): the budgets are a handful of integers, returned on the
-    CPU.
+    exact rational arithmetic on the weights' values whatever their device (a tower's, often), so equal
+    remainders are equal and no sum of large weights overflows: the budgets are a handful of integers, returned
+    on the CPU.
     """
     if weights.dim() != 1 or weights.numel() == 0:
         raise InputShapeError(f"allocate_budget: expected weights [V] with V >= 1, got {tuple(weights.shape)}")
@@ -97,24 +102,27 @@ def allocate_budget(weights: Tensor, total: int, capacity: int | Tensor, minimum
         raise InvalidConfigError(f"allocate_budget: total must be an int in [{minimum * views}, {int(cap.sum())}] "
                                  f"({views} views, at least {minimum} and at most their capacity each), got "
                                  f"{total!r}")
-    share = torch.full((views,), float(minimum), dtype=torch.float64)
-    room = cap.double() - share
-    left = float(total - share.sum())
-    open_ = room > 0
-    while left > 1e-9 and bool(open_.any()):
-        w = torch.where(open_, weights, torch.zeros_like(weights))
-        if float(w.sum()) == 0:  # only zero-weight views have room: share evenly
-            w = open_.double()
-        give = torch.minimum(left * w / w.sum(), room)
-        share, room, left = share + give, room - give, left - float(give.sum())
-        open_ = room > 1e-9
-    counts = share.floor().long().minimum(cap)
-    remainder = (share - counts.double()).masked_fill(counts >= cap, -1.0)
-    extra = total - int(counts.sum())
-    if extra > 0:
-        order = remainder.argsort(descending=True, stable=True)[:extra]
-        counts[order] += 1
-    return counts
+    exact = [Fraction(w) for w in weights.tolist()]  # a float is a dyadic rational: Fraction holds it exactly
+    caps = cap.tolist()
+    share = [Fraction(minimum)] * views
+    room = [Fraction(c - minimum) for c in caps]
+    left = Fraction(total - minimum * views)
+    # each pass either gives all that is left or fills at least one view: at most V passes
+    while left > 0 and any(r > 0 for r in room):
+        w = [x if r > 0 else Fraction(0) for x, r in zip(exact, room, strict=True)]
+        if sum(w) == 0:  # only zero-weight views have room: share evenly
+            w = [Fraction(int(r > 0)) for r in room]
+        whole = sum(w)
+        give = [min(left * x / whole, r) for x, r in zip(w, room, strict=True)]
+        share = [s + g for s, g in zip(share, give, strict=True)]
+        room = [r - g for r, g in zip(room, give, strict=True)]
+        left -= sum(give)
+    counts = [min(math.floor(s), c) for s, c in zip(share, caps, strict=True)]
+    remainder = [s - n if n < c else Fraction(-1) for s, n, c in zip(share, counts, caps, strict=True)]
+    extra = total - sum(counts)
+    for index in sorted(range(views), key=lambda i: (-remainder[i], i))[:extra]:
+        counts[index] += 1
+    return torch.tensor(counts, dtype=torch.long)
 
 
 def top_tokens(scores: Tensor, count: int) -> Tensor:
@@ -196,8 +204,10 @@ def select_over_tiles(keys: Tensor, scores: Tensor, tiles: Tensor, budget: int, 
     redundant = redundant_tokens(keys[None], similarity, repeats, tiles[None] if within_tiles else None)[0]
     tiles_cpu = tiles.cpu()  # the budgets are a handful of integers: split them on the CPU
     sizes = torch.bincount(tiles_cpu, minlength=count)
-    density = torch.zeros(count).index_add_(0, tiles_cpu, (~redundant).float().cpu()) / sizes.clamp_min(1)
-    weights = density * sizes if by_density else sizes.double()
+    informative = torch.zeros(count).index_add_(0, tiles_cpu, (~redundant).float().cpu())  # whole numbers
+    density = informative / sizes.clamp_min(1)
+    # density times size, as counts: float density * size would break equal shares apart by rounding
+    weights = informative if by_density else sizes.double()
     budgets = allocate_budget(weights, budget, sizes, min(minimum, budget // count, int(sizes.min())))
     kept = []
     for index in range(count):

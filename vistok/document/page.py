@@ -189,6 +189,23 @@ class ViewSignals:
     class_similarity: Tensor | None
 
 
+class _NoGrid:
+    """The sink of a tower's input check when no patch listens: the check's errors are what :func:`view_signals`
+    wants, not the grid it reports."""
+
+    def note_grid(self, grid: tuple[int, ...] | None) -> None:
+        pass
+
+
+def _check_finite(values: Tensor, what: str) -> None:
+    """An :class:`InputShapeError` naming how many of ``values`` are NaN or infinite (they would make every token
+    NaN, and the budgets with them), if any are."""
+    bad = int((~torch.isfinite(values)).sum())
+    if bad:
+        raise InputShapeError(f"{what} hold {bad} non-finite values (NaN or inf) of {values.numel()}: the tower's "
+                              "tokens and the budgets would be NaN; fill or mask them first")
+
+
 def _parameter_dtype(model: nn.Module, default: torch.dtype) -> torch.dtype:
     """The dtype of ``model``'s first floating-point parameter (``default`` when it has none)."""
     return next((p.dtype for p in model.parameters() if p.is_floating_point()), default)
@@ -202,7 +219,8 @@ def view_signals(model: nn.Module, views: Tensor, layer: int = -1) -> ViewSignal
     dtype of the tower's parameters (a float64 page from numpy runs on a float32 tower).
 
     Raises:
-        InputShapeError: ``views`` is not a float ``[V, C, S, S]`` tensor.
+        InputShapeError: ``views`` is not a float ``[V, C, S, S]`` tensor, holds NaN or infinite values, or has
+            channels or a size the tower does not take (the tower's own input check, as a patched tower has it).
     """
     backbone = resolve_backbone(model)
     info = backbone.info
@@ -212,6 +230,7 @@ def view_signals(model: nn.Module, views: Tensor, layer: int = -1) -> ViewSignal
     if views.dim() != 4 or not views.is_floating_point():
         raise InputShapeError(f"expected float views [V, C, S, S] (a page's crops), got {views.dtype} "
                               f"{tuple(views.shape)}")
+    _check_finite(views, "view_signals: the views")
     views = views.to(_parameter_dtype(backbone.model, views.dtype))
     index = layer % len(blocks)
     seen: dict[str, Any] = {}
@@ -222,12 +241,14 @@ def view_signals(model: nn.Module, views: Tensor, layer: int = -1) -> ViewSignal
     def after(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         seen["out"] = output[0] if isinstance(output, (tuple, list)) else output
 
+    remove_input_check = backbone.install_input_check(_NoGrid())
     hooks = [blocks[index].register_forward_pre_hook(before, with_kwargs=True),
              blocks[index].register_forward_hook(after, with_kwargs=True)]
     try:
         with evaluating(backbone.model):
             backbone.model(views)
     finally:
+        remove_input_check()
         for hook in hooks:
             hook.remove()
     if "out" not in seen:
@@ -273,10 +294,25 @@ def page_budgets(density: Tensor, total: int, tokens_per_view: int, has_global: 
                  config: CorrelationGuidedConfig) -> Tensor:
     """``[V]`` long: the global view's share first (``config.global_share``, or ``1 / V``), then the crops' rest in
     proportion to their density (:func:`~vistok.document.density.allocate_budget`; ``allocation="uniform"``:
-    evenly)."""
+    evenly). ``density`` ``[V]`` may be anything proportional to it: :func:`compress_views` passes each view's count
+    of tokens that are not redundant, so that equal shares are exactly equal.
+
+    Raises:
+        InvalidConfigError: ``total`` is not an int in ``[minimum * V, tokens_per_view * V]`` (each view keeps at
+            least ``config.minimum`` and at most its tokens), or ``config.minimum`` is more than a view's tokens.
+    """
+    if density.dim() != 1 or density.numel() == 0:
+        raise InputShapeError(f"page_budgets: expected density [V] with V >= 1, got {tuple(density.shape)}")
+    views = density.shape[0]
+    if not is_int(tokens_per_view, 1) or config.minimum > tokens_per_view:
+        raise InvalidConfigError(f"page_budgets: tokens_per_view must be an int >= minimum={config.minimum}, got "
+                                 f"{tokens_per_view!r}")
+    if not is_int(total) or not config.minimum * views <= total <= tokens_per_view * views:
+        raise InvalidConfigError(f"page_budgets: total must be an int in [{config.minimum * views}, "
+                                 f"{tokens_per_view * views}] ({views} views of {tokens_per_view} tokens, each "
+                                 f"keeping at least minimum={config.minimum}), got {total!r}")
     if config.allocation == "uniform":
         density = torch.ones_like(density)
-    views = density.shape[0]
     if not has_global or views == 1:
         return allocate_budget(density, total, tokens_per_view, config.minimum)
     share = config.global_share if config.global_share is not None else 1 / views
@@ -297,6 +333,10 @@ def compress_page(model: nn.Module, page: PageCrops | Tensor, config: Correlatio
         page: a :class:`~vistok.document.PageCrops` (its first view is the global one), or views
             ``[V, C, S, S]`` that all count as crops; those have no place in a grid, so the result's
             ``positions`` is ``None`` (a made-up ``(0, 0)`` would put every view in the top-left crop).
+
+    Raises:
+        InputShapeError: views holding NaN or inf, or views the tower does not take (other channels or another size
+            than it was built for: its own input check).
     """
     if not isinstance(config, CorrelationGuidedConfig):
         raise InvalidConfigError(f"compress_page needs a CorrelationGuidedConfig, got {type(config).__name__}")
@@ -327,7 +367,8 @@ def compress_views(signals: ViewSignals, config: CorrelationGuidedConfig, has_gl
         if total < config.minimum * count:
             raise InvalidConfigError(f"{config.name}: a budget of {total} tokens cannot give each of the {count} "
                                      f"views minimum={config.minimum}")
-        budgets = page_budgets(density, total, per_view, has_global, config)
+        # every view has per_view tokens: the counts are proportional to density, and exact
+        budgets = page_budgets((~redundant).sum(dim=-1), total, per_view, has_global, config)
     scores = signals.class_attention if config.score == "attention" else signals.class_similarity
     if scores is None:
         raise InvalidConfigError(f"{config.name}: these signals have no class token to rank the tokens by")
