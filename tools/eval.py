@@ -30,6 +30,7 @@ from vistok.experiment import (
     build_data,
     build_model,
     check_head_is_trained,
+    check_model_classes,
     fit_head_to_data,
     wrap_for_data,
 )
@@ -56,7 +57,9 @@ def run_eval(config: dict, progress: bool = True) -> dict:
     _, val_set, _, transform = build_data(config["data"], train=False, model=config)
     config = fit_head_to_data(config, val_set)  # a class-folder dataset: a head of its class count
     check_head_is_trained(config, "eval.py")
-    model = wrap_for_data(build_model(config), config["data"]).eval()
+    model = build_model(config)
+    check_model_classes(model, val_set, config, "eval.py")
+    model = wrap_for_data(model, config["data"]).eval()
     prepare = transform or (lambda images: images)
     labelled = batches(val_set, settings["batch_size"], workers=config["data"]["workers"])
     result = evaluate(model, labelled, prepare, progress=progress, total=len(labelled))

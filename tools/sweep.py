@@ -36,6 +36,7 @@ from vistok.experiment import (
     build_data,
     build_model,
     check_head_is_trained,
+    check_model_classes,
     fit_head_to_data,
     wrap_for_data,
 )
@@ -103,13 +104,15 @@ def run_point(config: dict, point: dict, val_set, transform) -> dict:
     return {"method": point["method"], "label": point["label"], **result}
 
 
-def check_points(config: dict, points: list[dict]) -> None:
+def check_points(config: dict, points: list[dict], val_set=None) -> None:
     """Every point's settings, before the first evaluation: each method's options are patched onto the model
-    built on the meta device (no weights, nothing run), so a bad ``k`` or block is found now, not after the
-    points before it.
+    built on the meta device (no weights, nothing run), and each fewer-frames model is built there, so a bad ``k``,
+    block or frame count is found now, not after the points before it; the model's class scores are checked
+    against ``val_set``'s classes.
 
     Raises:
-        ConfigError: an input size or frame count that is not an int >= 1.
+        ConfigError: an input size or frame count that is not an int >= 1, or class scores that are not one per
+            class of ``val_set``.
         VistokError: a method option the method or the model refuses.
     """
     for point in points:
@@ -117,13 +120,23 @@ def check_points(config: dict, points: list[dict]) -> None:
             if point.get(key) is not None and not is_int(point[key], 1):
                 raise ConfigError(f"sweep.{name} must hold ints >= 1, got {point[key]!r}")
     patched = [point for point in points if point["patch"] is not None]
-    if not patched or config["model"].startswith("hf:") and config["pretrained"]:
+    frames = [point["frames"] for point in points if point.get("frames") is not None]
+    if config["model"].startswith("hf:") and config["pretrained"]:
         return  # a pretrained Hugging Face model's architecture is in its files: checked as each point patches it
-    with torch.device("meta"), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # weights a model loads as it is built (a video model's image weights)
-        model = build_model({**config, "method": None, "checkpoint": None, "pretrained": False})
+
+    def on_meta(**model_kwargs) -> torch.nn.Module:
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # weights a model loads as it is built (a video model's image weights)
+            return build_model({**config, "method": None, "checkpoint": None, "pretrained": False,
+                                "model_kwargs": {**config["model_kwargs"], **model_kwargs}})
+
+    model = on_meta()
+    if val_set is not None:
+        check_model_classes(model, val_set, config, "sweep.py")
     for point in patched:
         vistok.patch(model, point["patch"][0], **point["patch"][1]).remove()
+    for count in frames:  # the model for fewer frames (a count its tubelets must divide)
+        on_meta(num_frames=count)
 
 
 def write_rows(out: Path, rows: list[dict]) -> None:
@@ -164,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         config = fit_head_to_data(config, val_set)  # a class-folder dataset: a head of its class count
         check_head_is_trained(config, "sweep.py")
         points = variants(config["sweep"])
-        check_points(config, points)
+        check_points(config, points, val_set)
         out.parent.mkdir(parents=True, exist_ok=True)
         rows = []
         for point in points:

@@ -33,6 +33,7 @@ from vistok.experiment import (
     LabelledBatches,
     build_data,
     build_model,
+    check_model_classes,
     check_resumed_settings,
     fit_head_to_data,
     loader,
@@ -113,6 +114,7 @@ def train(config: dict, resume: bool = False) -> int:
     train_set, val_set, train_transform, val_transform = build_data(config["data"], settings["seed"], model=config)
     config = fit_head_to_data(config, train_set, val_set)  # a class-folder dataset: a head of its class count
     model = build_model(config)
+    check_model_classes(model, val_set, config, "train.py")
     if not settings["fused_attn"] and not set_fused_attention(model, False):
         raise ConfigError(f"train.fused_attn=false: {config['model']} has no attention module with timm's "
                           "fused_attn switch")

@@ -27,7 +27,8 @@ from .config import ConfigError, _flatten
 from .data import DatasetNotFoundError, GreyBatchTransform, fashion_mnist_dataset, image_folder_dataset
 
 __all__ = ["MODEL_DEFAULTS", "DATA_DEFAULTS", "UNSET_KINDS", "build_model", "build_data", "fit_head_to_data",
-           "check_head_is_trained", "image_settings", "upgrade_saved_config", "set_fused_attention", "wrap_for_data",
+           "check_head_is_trained", "check_model_classes", "image_settings", "upgrade_saved_config",
+           "set_fused_attention", "wrap_for_data",
            "loader", "batches", "LabelledBatches", "underlying", "truncate_log", "save_whole"]
 
 MODEL_DEFAULTS: dict[str, Any] = {
@@ -293,6 +294,26 @@ def check_head_is_trained(config: dict[str, Any], tool: str) -> None:
         raise ConfigError(f"{tool}: {config['model']}'s pretrained head has {trained} classes and data.root="
                           f"{config['data']['root']} has {wanted} class folders, so the head would be random; give a "
                           "checkpoint trained on these classes (checkpoint=...)")
+
+
+def check_model_classes(model: nn.Module, dataset: Dataset, config: dict[str, Any], tool: str) -> None:
+    """Refuse a model whose class scores are not one per class of a dataset that names its classes (class folders,
+    video lists): eval and the sweep scored the missing classes as misses, training failed in the loss.
+
+    Raises:
+        ConfigError: as above.
+    """
+    inner = underlying(dataset)
+    names = getattr(inner, "classes", None)
+    names = getattr(getattr(inner, "videos", None), "classes", None) if names is None else names
+    outputs = getattr(model, "num_classes", None)
+    config_labels = getattr(getattr(model, "config", None), "num_labels", None)
+    outputs = config_labels if outputs is None else outputs
+    if names is None or not isinstance(outputs, int) or outputs == len(names):
+        return
+    raise ConfigError(f"{tool}: {config['model']} gives {outputs} class scores, but data.root={config['data']['root']} "
+                      f"has {len(names)} classes; give the model that many (model_kwargs.num_classes, or num_labels "
+                      "for an hf: model) and weights trained on them")
 
 
 def _video_datasets(data: dict[str, Any], seed: int, train: bool) -> tuple[Dataset | None, Dataset]:

@@ -292,4 +292,7 @@ def test_accuracy_refuses_labels_of_another_shape_and_nan_logits():
     masked = logits.clone()
     masked[:, 5] = float("-inf")  # a class masked out is no error
     assert topk_correct(masked, labels) == topk_correct(logits, labels)
+    for ids in ([0, 1, 6, 2], [0, -1, 0, 0]):  # a model for fewer classes: scored as misses
+        with pytest.raises(vistok.InputShapeError, match=r"class ids in \[0, 6\)"):
+            topk_correct(logits, torch.tensor(ids))
 

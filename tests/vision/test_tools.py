@@ -193,6 +193,9 @@ def test_sweep_checks_every_point_first_and_keeps_finished_rows(tmp_path, capsys
     video = ["--config", str(ROOT / "configs/sweep_fmnist_video.yaml"), "--out", str(out),
              f"data.root={ROOT / 'data/fmnist_clips_sample'}", "sweep.num_frames=[0]"]
     assert sweep.main(video) == 2 and "sweep.num_frames must hold ints >= 1" in capsys.readouterr().err
+    # a frame count the tubelets do not divide was found after every other point
+    assert sweep.main(video[:-1] + ["sweep.num_frames=[3]"]) == 2 and "not a multiple of tubelet_frames=2" in \
+        capsys.readouterr().err
     assert not reached
     with pytest.raises(SystemExit) as stopped:
         sweep.main([arg for arg in small if arg not in ("--out", str(out))])
@@ -628,6 +631,14 @@ def test_tool_arguments_are_checked_before_the_work(tmp_path, capsys):
 
     with pytest.raises(CheckpointError, match="no trained tensors at"):
         warm_start(None, str(tmp_path / "none.safetensors"))
+
+
+def test_bench_video_refuses_a_json_folder_before_the_benchmark(tmp_path, capsys, monkeypatch):
+    """--json <folder> failed with IsADirectoryError after the whole benchmark."""
+    tool = load_tool("bench_video")
+    monkeypatch.setattr(tool, "_decode", lambda *args: pytest.fail("benchmarked"))
+    assert tool.main(["decode", "--json", str(tmp_path)]) == 2
+    assert "--json" in (error := capsys.readouterr().err) and "a folder, not a file" in error
 
 
 def test_eval_video_qa_seed_picks_the_questions_and_the_frames_dropped():

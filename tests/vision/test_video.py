@@ -603,6 +603,13 @@ def test_kinetics_csv(kinetics_root):
     (kinetics_root / "val" / "phoneV_000000_000010.mp4").rename(moved / "phoneV_000000_000010.mp4")
     val = kinetics_csv(kinetics_root / "train.csv", kinetics_root, split="val", classes=train.classes)
     assert [s.label for s in val.samples] == [1] and val.samples[0].path.parent == moved
+    # a split no row has, or a CSV without the column, kept no rows: "label ... is not among the 0 classes"
+    with pytest.raises(InvalidConfigError, match=r"no rows of split 'test' \(its splits: \['train', 'val'\]\)"):
+        kinetics_csv(kinetics_root / "train.csv", kinetics_root, split="test")
+    lines = (kinetics_root / "train.csv").read_text().splitlines()
+    (kinetics_root / "plain.csv").write_text("\n".join(line.rsplit(",", 1)[0] for line in lines) + "\n")
+    with pytest.raises(InvalidConfigError, match="has no 'split' column"):
+        kinetics_csv(kinetics_root / "plain.csv", kinetics_root, split="train")
 
 
 def test_list_file_and_class_folders(tmp_path):

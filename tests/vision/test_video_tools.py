@@ -74,6 +74,22 @@ def test_kinetics_finetune_config_trains(kinetics, tmp_path):
     assert 0 <= metrics["val_top1"] <= 100 and (tmp_path / "run" / "model.safetensors").is_file()
 
 
+def test_a_model_for_other_classes_is_refused_before_the_work(kinetics, tmp_path, capsys):
+    """A video model whose class scores are not the dataset's classes (a 3-label VideoMAE on 2 classes): eval scored
+    the missing classes as misses, training met a raw IndexError in the loss (or none, with more scores)."""
+    wrong = [*TINY_VIDEOMAE[:-1], "model_kwargs.num_labels=3"]
+    eval_argv = ["--config", str(ROOT / "configs" / "kinetics400_videomae_eval.yaml"), f"data.root={kinetics}",
+                 "eval.batch_size=2", *wrong, *TINY_CLIPS]
+    train_argv = ["--config", str(ROOT / "configs" / "kinetics400_videomae_finetune.yaml"), f"data.root={kinetics}",
+                  f"output={tmp_path / 'run'}", "train.epochs=1", "train.warmup_epochs=0.0", *wrong, *TINY_CLIPS]
+    for tool, argv in (("eval", eval_argv), ("train", train_argv)):
+        assert load_tool(tool).main(argv) == 2
+        error = capsys.readouterr().err
+        assert f"{tool}.py: {'hf:VideoMAEForVideoClassification'} gives 3 class scores" in error, error
+        assert "has 2 classes" in error
+    assert not (tmp_path / "run" / "model.safetensors").exists()
+
+
 def test_video_classifier_averages_views():
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.LazyLinear(3))

@@ -18,14 +18,19 @@ def topk_correct(logits: Tensor, labels: Tensor, ks: tuple[int, ...] = (1, 5)) -
     """How many of the ``[B]`` labels are among the top-k of ``logits`` ``[B, classes]``, for each k.
 
     Raises:
-        InputShapeError: logits not ``[B, classes]``, labels not ``B`` integers, or NaN logits (a row of NaN
-            would count as its first classes: chance-level numbers from a broken forward, e.g. a float16 overflow).
+        InputShapeError: logits not ``[B, classes]``, labels not ``B`` integers in ``[0, classes)`` (a model for
+            other classes), or NaN logits (a row of NaN would count as its first classes: chance-level numbers from a
+            broken forward, e.g. a float16 overflow).
     """
     if logits.dim() != 2 or labels.dim() != 1 or labels.shape[0] != logits.shape[0]:
         raise InputShapeError(f"topk_correct: expected logits [B, classes] and labels [B], got logits "
                               f"{tuple(logits.shape)} and labels {tuple(labels.shape)}")
     if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
         raise InputShapeError(f"topk_correct: labels must be class ids (integers), got {labels.dtype}")
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= logits.shape[1]):
+        raise InputShapeError(f"topk_correct: labels must be class ids in [0, {logits.shape[1]}) (the logits' "
+                              f"classes), got ids from {int(labels.min())} to {int(labels.max())}: a model for other "
+                              "classes?")
     if bool(logits.isnan().any()):
         raise InputShapeError(f"topk_correct: the model gave NaN logits (rows "
                               f"{logits.isnan().any(dim=1).nonzero().flatten()[:8].tolist()}); no accuracy to count")

@@ -123,7 +123,16 @@ def _kinetics_rows(csv_path: Path, split: str | None) -> list[dict[str, str]]:
     required = {"label", "youtube_id", "time_start", "time_end"}
     if not rows or not required <= set(rows[0]):
         raise InvalidConfigError(f"{csv_path} is not a Kinetics CSV: it needs the columns {sorted(required)}")
-    return rows if split is None else [row for row in rows if row.get("split") == split]
+    if split is None:
+        return rows
+    if "split" not in rows[0]:
+        raise InvalidConfigError(f"{csv_path} has no 'split' column to take the rows of split {split!r} from "
+                                 "(every row is one split's: give no split, e.g. data.train_split='')")
+    kept = [row for row in rows if row["split"] == split]
+    if not kept:
+        raise InvalidConfigError(f"{csv_path} has no rows of split {split!r} (its splits: "
+                                 f"{sorted({row['split'] for row in rows})})")
+    return kept
 
 
 def list_file(list_path: str | os.PathLike, root: str | os.PathLike | None = None,
