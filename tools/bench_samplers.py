@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from vistok import samplers
-from vistok.cli import reports_errors
+from vistok.cli import check_writable, count, count_or_zero, positive, reports_errors
 from vistok.samplers import SamplingConfig
 
 PROCESSOR_SETTINGS = {  # name: (vistok processor, Hugging Face class name, argument)
@@ -226,22 +226,24 @@ def bench_repetition(args, model, tokenizer) -> dict:
 
 
 @reports_errors
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("part", choices=["processors", "speculative", "repetition", "all"])
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--vocab", type=int, default=128000)
+    parser.add_argument("--batch", type=count, default=64)
+    parser.add_argument("--vocab", type=count, default=128000)
     parser.add_argument("--logits", nargs="+", default=["normal", "peaked"], choices=["normal", "peaked"])
-    parser.add_argument("--runs", type=int, default=7)
-    parser.add_argument("--prompts", type=int, default=4)
-    parser.add_argument("--tokens", type=int, default=64)
-    parser.add_argument("--gamma", type=int, default=4)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--trim-size", type=int, default=16384)
-    parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--runs", type=count, default=7)
+    parser.add_argument("--prompts", type=count, default=4)
+    parser.add_argument("--tokens", type=count, default=64)
+    parser.add_argument("--gamma", type=count, default=4)
+    parser.add_argument("--layers", type=count, default=4)
+    parser.add_argument("--trim-size", type=count, default=16384)
+    parser.add_argument("--temperature", type=positive, default=1.0)
+    parser.add_argument("--threads", type=count_or_zero, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--json", default=None)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    if args.json:
+        check_writable("--json", Path(args.json))  # before the benchmark, not after it
     if args.threads:
         torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")

@@ -24,7 +24,7 @@ import timm
 import torch
 
 import vistok
-from vistok.cli import count, count_or_zero, reports_errors
+from vistok.cli import check_writable, count, count_or_zero, reports_errors
 from vistok.measure import BenchReport, Variant, run_benchmark
 
 PATCHES = 196  # the ViT-S/B figures use 224 px input, patch 16
@@ -122,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--flops-images", type=count, default=None, help="count FLOPs on the first N images only")
     args = parser.parse_args(argv)
+    if args.json:
+        check_writable("--json", Path(args.json))  # before the benchmark, not after it
     dtype = getattr(torch, args.dtype)
 
     figures = [*FIGURES, "stvit", "memory"] if args.figure == "all" else [args.figure]

@@ -21,6 +21,7 @@ import torch
 
 import vistok
 from vistok._checks import is_int
+from vistok.cli import check_writable
 from vistok.config import ConfigError, load_config, parse_overrides
 from vistok.experiment import (
     DATA_DEFAULTS,
@@ -87,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_intermixed_args(argv)
     try:
         config = load_config(DEFAULTS, args.config, parse_overrides(args.overrides), UNSET_KINDS)
+        if args.json:
+            check_writable("--json", Path(args.json))  # before the evaluation, not after it
         result = run_eval(config)
     except vistok.VistokError as error:
         print(f"eval.py: error: {error}", file=sys.stderr)

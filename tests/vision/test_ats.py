@@ -1,6 +1,7 @@
 """ATS specifics: the selection against a materialised-attention reference, defaults, budgets, training."""
 
 import pytest
+import timm
 import torch
 from helpers import TOL, make_images, make_model, reference_sampling
 
@@ -67,6 +68,11 @@ def test_defaults_are_the_paper_setting():
     assert default_ats_blocks(4) == [1, 2, 3]
     assert default_ats_blocks(2) == [1] and default_ats_blocks(1) == [0]  # a one-block model samples in it
     assert default_ats_blocks(10) == list(range(3, 10))  # 2.5 rounds half up
+    # on a grid of 12 patches the paper's count is 7, below min_tokens: the default k is the floor it would keep
+    small = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=(48, 64), depth=4)
+    for options, k in (({}, 8), ({"min_tokens": 2}, 7)):
+        with vistok.patch(small, "ats", **options) as handle:
+            assert {r.k for r in handle.reducers.values()} == {k}, options
 
 
 def test_budgets_bound_the_kept_tokens():

@@ -633,12 +633,20 @@ def test_tool_arguments_are_checked_before_the_work(tmp_path, capsys):
         warm_start(None, str(tmp_path / "none.safetensors"))
 
 
-def test_bench_video_refuses_a_json_folder_before_the_benchmark(tmp_path, capsys, monkeypatch):
-    """--json <folder> failed with IsADirectoryError after the whole benchmark."""
-    tool = load_tool("bench_video")
-    monkeypatch.setattr(tool, "_decode", lambda *args: pytest.fail("benchmarked"))
-    assert tool.main(["decode", "--json", str(tmp_path)]) == 2
-    assert "--json" in (error := capsys.readouterr().err) and "a folder, not a file" in error
+def test_benchmarks_and_eval_refuse_a_json_folder_before_the_work(tmp_path, capsys, monkeypatch):
+    """--json <folder> failed with IsADirectoryError (a traceback) after the whole benchmark or evaluation."""
+    video, benchmark, samplers, evaluate = (load_tool(name) for name in ("bench_video", "benchmark",
+                                                                         "bench_samplers", "eval"))
+    monkeypatch.setattr(video, "_decode", lambda *args: pytest.fail("benchmarked"))
+    monkeypatch.setattr(benchmark, "_memory", lambda *args: pytest.fail("benchmarked"))
+    monkeypatch.setattr(samplers, "bench_processors", lambda *args: pytest.fail("benchmarked"))
+    monkeypatch.setattr(evaluate, "run_eval", lambda *args: pytest.fail("evaluated"))
+    for main, argv in ((video.main, ["decode"]), (benchmark.main, ["memory"]), (samplers.main, ["processors"]),
+                       (evaluate.main, [])):
+        assert main([*argv, "--json", str(tmp_path)]) == 2, argv
+        assert "--json" in (error := capsys.readouterr().err) and "a folder, not a file" in error
+    with pytest.raises(SystemExit):  # bench_samplers' counts were plain ints: -1 failed inside torch
+        samplers.main(["processors", "--batch", "-1"])
 
 
 def test_eval_video_qa_seed_picks_the_questions_and_the_frames_dropped():

@@ -97,7 +97,8 @@ class ATSConfig(MethodConfig):
         k: the most patch tokens a block keeps. An int (1 .. the model's patch count), a float in (0, 1]
             (fraction of the block's current patch tokens), or a sequence with one value per block.
             ``None``: the paper's setting, ``round(108 / 196 * patch count)`` in every block (108 on a
-            224 px /16 model), the count of the model's native grid whatever the input's size.
+            224 px /16 model; at least ``min_tokens``), the count of the model's native grid whatever the input's
+            size.
         blocks: indices of the blocks that sample. ``None``: the paper's multi-stage placement, blocks
             3..11 on a 12-block model, scaled to other depths (``default_ats_blocks``).
         min_tokens: a block never keeps fewer than this many patch tokens (nor more than it has). An int ``k``
@@ -153,8 +154,9 @@ class ATSConfig(MethodConfig):
                 for block, k in sorted(zip(blocks, budgets, strict=True))}
 
     def _per_block_k(self, info: BackboneInfo, num_blocks: int) -> list[int | float]:
-        if self.k is None:
-            return [max(1, round(PAPER_KEEP_FRACTION * info.num_patches))] * num_blocks
+        if self.k is None:  # at least min_tokens, which would win over it otherwise (on grids of 13 patches or fewer)
+            return [min(info.num_patches, max(round(PAPER_KEEP_FRACTION * info.num_patches), self.min_tokens))
+                    ] * num_blocks
         if is_sequence_option(self.k):
             if len(self.k) != num_blocks:
                 raise InvalidConfigError(
