@@ -100,6 +100,15 @@ def test_video_classifier_averages_views():
     assert torch.equal(wrapped(views[:, 0]), model(views[:, 0]))
     with pytest.raises(vistok.InputShapeError):
         wrapped(torch.randn(2, 3))
+    from transformers.modeling_outputs import BaseModelOutput
+
+    class Encoder(torch.nn.Module):  # an encoder without a head (VideoMAEModel): features, no logits
+        def forward(self, x):
+            return BaseModelOutput(last_hidden_state=x.flatten(2))
+
+    for clips in (views, views[:, 0]):  # views were an AttributeError, a clip the output object itself
+        with pytest.raises(vistok.UnsupportedModelError, match="returned a BaseModelOutput without logits"):
+            VideoClassifier(Encoder())(clips)
 
 
 def test_video_reference_config_trains_on_the_committed_sample(tmp_path):

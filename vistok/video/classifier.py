@@ -11,7 +11,7 @@ import math
 
 from torch import Tensor, nn
 
-from ..errors import InputShapeError, InvalidConfigError
+from ..errors import InputShapeError, InvalidConfigError, UnsupportedModelError
 
 __all__ = ["VideoClassifier"]
 
@@ -48,6 +48,10 @@ class VideoClassifier(nn.Module):
             x = x.transpose(1, 2)
         output = self.model(x)
         logits = getattr(output, "logits", output)
+        if not isinstance(logits, Tensor):
+            raise UnsupportedModelError(f"VideoClassifier: {type(self.model).__name__} returned a "
+                                        f"{type(output).__name__} without logits; wrap a classifier (e.g. "
+                                        "VideoMAEForVideoClassification, not VideoMAEModel)")
         if views is None:
             return logits
         # log(mean_v softmax) as a logsumexp of log-probabilities in float32: finite where a view's probability
