@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
@@ -224,3 +225,18 @@ def load_tool(name: str) -> ModuleType:
     sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
+
+
+def interrupted_at(function: Callable, call: int) -> Callable:
+    """``function``, raising ``KeyboardInterrupt`` on its ``call``-th call instead (a run cut off there, e.g. in the
+    validation of epoch 2)."""
+    calls = 0
+
+    def cut_off(*args, **kwargs):
+        nonlocal calls
+        calls += 1
+        if calls == call:
+            raise KeyboardInterrupt
+        return function(*args, **kwargs)
+
+    return cut_off

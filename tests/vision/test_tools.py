@@ -8,7 +8,7 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from helpers import ROOT, load_tool
+from helpers import ROOT, interrupted_at, load_tool
 
 import vistok
 from vistok import data as vdata
@@ -205,15 +205,7 @@ def test_sweep_checks_every_point_first_and_keeps_finished_rows(tmp_path, capsys
     sweep.check_points({"model": "hf:VideoMAEForVideoClassification", "pretrained": True},
                        [{"patch": ("ats", {"k": 16, "blocks": [12, 13]}), "size": None}])
     monkeypatch.undo()
-    run_point, calls = sweep.run_point, []
-
-    def second_point_fails(*args):
-        calls.append(args)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return run_point(*args)
-
-    monkeypatch.setattr(sweep, "run_point", second_point_fails)
+    monkeypatch.setattr(sweep, "run_point", interrupted_at(sweep.run_point, 2))
     with pytest.raises(KeyboardInterrupt):
         sweep.main(small + ["sweep.merge_r=[4]"])
     rows = (tmp_path / "sweep.csv").read_text().splitlines()
@@ -438,16 +430,7 @@ def test_train_eval_and_resume(tmp_path, monkeypatch):
     train, evaluate = load_tool("train"), load_tool("eval")
     run = tmp_path / "run"
     config = str(ROOT / "configs/fmnist_vit.yaml")
-    validations = []
-
-    def interrupted_in_epoch_two(*args):
-        validations.append(args)
-        if len(validations) == 2:
-            raise KeyboardInterrupt
-        return validate(*args)
-
-    validate = train.validate
-    monkeypatch.setattr(train, "validate", interrupted_in_epoch_two)
+    monkeypatch.setattr(train, "validate", interrupted_at(train.validate, 2))  # in epoch 2
     with pytest.raises(KeyboardInterrupt):
         train.main(["--config", config, "train.epochs=2", f"output={run}", "train.fused_attn=false", *SMALL])
     monkeypatch.undo()

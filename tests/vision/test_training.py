@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import ROOT, load_tool
+from helpers import ROOT, interrupted_at, load_tool
 from safetensors.torch import load_file
 
 TINY = ["--config", str(ROOT / "configs/fmnist_vit.yaml"), "model_kwargs.depth=1", "data.limit=64",
@@ -65,15 +65,8 @@ def test_a_resume_puts_back_its_own_log_and_config(tmp_path, monkeypatch):
     config, then dies before its checkpoint; resuming A kept B's line in A's log."""
     train = load_tool("train")
     run = [*TINY, "train.epochs=2", f"output={tmp_path}"]
-    validate, calls = train.validate, []
-
-    def cut_in_epoch_two(*args):
-        calls.append(args)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return validate(*args)
-
-    monkeypatch.setattr(train, "validate", cut_in_epoch_two)
+    validate = train.validate
+    monkeypatch.setattr(train, "validate", interrupted_at(validate, 2))  # in epoch 2
     with pytest.raises(KeyboardInterrupt):
         train.main(run)
     monkeypatch.setattr(train, "validate", validate)
