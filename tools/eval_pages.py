@@ -78,7 +78,8 @@ def load_page(path: Path) -> torch.Tensor:
 
 def _white_level(image: PILImage, path: Path) -> float | None:
     """The level of white in an image of wide greys, from the bit depth its file states: ``F`` 1.0, ``I;16``
-    65535, ``I`` as a PNG 65535 (PNG greys have at most 16 bits; Pillows before 10 open them as ``I``) or a TIFF's
+    65535, ``I`` as a PNG or a PGM 65535 (PNG greys have at most 16 bits, Pillows before 10 open them as ``I``; a
+    16-bit PGM is scaled to 65535 by Pillow) or a TIFF's
     BitsPerSample up to 16; ``None`` for 8-bit modes, which Pillow converts itself.
 
     Raises:
@@ -91,7 +92,7 @@ def _white_level(image: PILImage, path: Path) -> float | None:
         return 65535.0
     if image.mode != "I":
         return None
-    if image.format == "PNG":
+    if image.format in ("PNG", "PPM"):  # Pillow scales a PGM's maxval to 16 bits
         return 65535.0
     bits = getattr(image, "tag_v2", {}).get(258)  # TIFF BitsPerSample: an int, or one per sample
     bits = bits[0] if isinstance(bits, tuple) and bits else bits

@@ -84,6 +84,7 @@ def run_point(config: dict, point: dict, val_set, transform) -> dict:
         model_config["model_kwargs"] = {**config["model_kwargs"], "num_frames": point["frames"]}
     torch.manual_seed(0)  # whatever is not loaded (random weights, a head for other classes) is the same at each point
     model = build_model(model_config).eval()
+    check_model_classes(model, val_set, config, "sweep.py")  # a pretrained hf: model's, first checked here
     if point["patch"] is not None:
         vistok.patch(model, point["patch"][0], **point["patch"][1])
     model = wrap_for_data(model, config["data"])

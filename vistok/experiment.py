@@ -298,7 +298,8 @@ def check_head_is_trained(config: dict[str, Any], tool: str) -> None:
 
 def check_model_classes(model: nn.Module, dataset: Dataset, config: dict[str, Any], tool: str) -> None:
     """Refuse a model whose class scores are not one per class of a dataset that names its classes (class folders,
-    video lists): eval and the sweep scored the missing classes as misses, training failed in the loss.
+    video folders and Kinetics CSVs; a video list file's numeric labels only need scores up to its highest): eval and
+    the sweep scored the missing classes as misses, training failed in the loss.
 
     Raises:
         ConfigError: as above.
@@ -311,6 +312,8 @@ def check_model_classes(model: nn.Module, dataset: Dataset, config: dict[str, An
     outputs = config_labels if outputs is None else outputs
     if names is None or not isinstance(outputs, int) or outputs == len(names):
         return
+    if config["data"].get("format") == "list" and outputs > len(names):
+        return  # a list's labels are the model's own class ids, and its highest may be below the model's last
     raise ConfigError(f"{tool}: {config['model']} gives {outputs} class scores, but data.root={config['data']['root']} "
                       f"has {len(names)} classes; give the model that many (model_kwargs.num_classes, or num_labels "
                       "for an hf: model) and weights trained on them")

@@ -377,6 +377,8 @@ def test_hugging_face_towers_rank_by_their_own_attention_weights(kind):
     assert torch.allclose(signals.class_attention, expected, atol=1e-6)
     result = compress_page(tower, views, CorrelationGuidedConfig(keep=0.5, similarity=0.5, repeats=2))
     assert result.num_tokens == 24 and all(t.shape[1] == 64 for t in result.tokens)
+    tower.config.output_attentions = True  # the tower's own setting: not refused as if vistok had patched it
+    assert torch.equal(view_signals(tower, views).class_attention, signals.class_attention)
 
 
 def test_an_open_clip_tower_ranks_by_its_own_attention_weights():
@@ -643,6 +645,17 @@ def test_the_page_loader_puts_16_bit_transparent_paper_on_white(tmp_path, eval_p
     Image.fromarray(levels).save(tmp_path / "page.png", transparency=0)
     assert Image.open(tmp_path / "page.png").mode == "I;16"
     grey = eval_pages.load_page(tmp_path / "page.png")
+    assert torch.allclose(grey, torch.from_numpy(page / np.float32(255))[None], atol=1e-6)
+
+
+def test_the_page_loader_reads_a_16_bit_pgm(tmp_path, eval_pages):
+    """A scanner's 16-bit PGM opens as Pillow mode I (format PPM, scaled to 65535): it reads as the 8-bit page."""
+    page = _synthetic_page()
+    with open(tmp_path / "page.pgm", "wb") as file:
+        file.write(f"P5\n{page.shape[1]} {page.shape[0]}\n65535\n".encode())
+        file.write((page.astype(np.uint16) * 257).astype(">u2").tobytes())
+    assert Image.open(tmp_path / "page.pgm").mode == "I"
+    grey = eval_pages.load_page(tmp_path / "page.pgm")
     assert torch.allclose(grey, torch.from_numpy(page / np.float32(255))[None], atol=1e-6)
 
 

@@ -616,6 +616,34 @@ def test_tool_arguments_are_checked_before_the_work(tmp_path, capsys):
         warm_start(None, str(tmp_path / "none.safetensors"))
 
 
+def test_class_counts_are_checked_by_format_and_at_every_sweep_point(monkeypatch):
+    """Class names (folders, Kinetics CSVs) need one score each; a video list's numeric labels are the model's own
+    ids, so a list whose highest label is below the model's last class is fine (it was refused). The sweep checks
+    each point's model before evaluating it: a pretrained hf: model is not built before the first point."""
+    import types
+
+    from vistok.config import ConfigError
+    from vistok.experiment import check_model_classes
+
+    model = types.SimpleNamespace(num_classes=8)
+    listed = types.SimpleNamespace(videos=types.SimpleNamespace(classes=[str(i) for i in range(6)]))
+    for data_format, classes, refused in (("list", 6, False), ("list", 9, True), ("kinetics_csv", 6, True),
+                                          ("folders", 8, False)):
+        dataset = types.SimpleNamespace(videos=types.SimpleNamespace(classes=[str(i) for i in range(classes)]))
+        config = {"model": "m", "data": {"root": "r", "format": data_format}}
+        if refused:
+            with pytest.raises(ConfigError, match=f"gives 8 class scores, but data.root=r has {classes} classes"):
+                check_model_classes(model, dataset, config, "eval.py")
+        else:
+            check_model_classes(model, dataset, config, "eval.py")
+    sweep = load_tool("sweep")
+    monkeypatch.setattr(sweep, "evaluate", lambda *args, **kwargs: pytest.fail("evaluated"))
+    config = {**sweep.DEFAULTS, "pretrained": False, "model_kwargs": {"depth": 1},
+              "data": {**sweep.DEFAULTS["data"], "root": "r", "format": "kinetics_csv"}}
+    with pytest.raises(ConfigError, match="gives 10 class scores, but data.root=r has 6 classes"):
+        sweep.run_point(config, {"method": "unpatched", "label": "full", "patch": None, "size": None}, listed, None)
+
+
 def test_benchmarks_and_eval_refuse_a_json_folder_before_the_work(tmp_path, capsys, monkeypatch):
     """--json <folder> failed with IsADirectoryError (a traceback) after the whole benchmark or evaluation."""
     video, benchmark, samplers, evaluate = (load_tool(name) for name in ("bench_video", "benchmark",

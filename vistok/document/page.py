@@ -244,9 +244,12 @@ def view_signals(model: nn.Module, views: Tensor, layer: int = -1) -> ViewSignal
     remove_input_check = backbone.install_input_check(_NoGrid())
     hooks = [blocks[index].register_forward_pre_hook(before, with_kwargs=True),
              blocks[index].register_forward_hook(after, with_kwargs=True)]
+    # a Hugging Face tower set to return its attention maps: not needed here (and refused beside vistok's check)
+    options = {"output_attentions": False} if hasattr(getattr(backbone.model, "config", None),
+                                                      "output_attentions") else {}
     try:
         with evaluating(backbone.model):
-            backbone.model(views)
+            backbone.model(views, **options)
     finally:
         remove_input_check()
         for hook in hooks:
