@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 import vistok
-from vistok.cli import reports_errors
+from vistok.cli import check_writable, reports_errors
 from vistok.measure import allow_recompiles, synchronize, time_models
 from vistok.methods.ats import default_ats_blocks
 
@@ -333,6 +333,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compile-mode", default=None, help="torch.compile mode, e.g. reduce-overhead")
     parser.add_argument("--no-prefill", action="store_true")
     args = parser.parse_args(argv)
+    if args.out is not None:
+        check_writable("--out", args.out)  # before any measurement
     smoke = args.smoke
     args.device = args.device or ("cpu" if smoke else "cuda")
     args.batches = args.batches or ([2, 3] if smoke else [256, 64, 1024])

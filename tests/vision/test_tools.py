@@ -656,6 +656,9 @@ def test_benchmarks_and_eval_refuse_a_json_folder_before_the_work(tmp_path, caps
                        (evaluate.main, [])):
         assert main([*argv, "--json", str(tmp_path)]) == 2, argv
         assert "--json" in (error := capsys.readouterr().err) and "a folder, not a file" in error
+    gpu = load_tool("bench_gpu")
+    monkeypatch.setattr(gpu, "allow_recompiles", lambda *args: pytest.fail("measured"))
+    assert gpu.main(["--smoke", "--out", str(tmp_path)]) == 2 and "a folder, not a file" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # bench_samplers' counts were plain ints: -1 failed inside torch
         samplers.main(["processors", "--batch", "-1"])
 

@@ -80,6 +80,24 @@ def test_a_tile_size_its_patches_do_not_divide(kind):
         vistok.patch(tiny_idefics3(kind, image_size=36), "merge_to_budget", tokens=4)
 
 
+def test_later_turns_over_a_cache_that_vistok_cannot_shorten_are_refused_by_name():
+    """A later turn that brings a new image over the first turn's cache was refused as a wrong prompt ("expected 16
+    per image"); with positions='original' a later turn's refusal told the user that generate does it."""
+    model = tiny_idefics3()
+    ids, mask, pixels = batch()
+    tile = [AROUND] + [IMAGE] * TILE + [AROUND]
+    for options, turn, images, message in (
+            ({"tokens": 4}, [11, *tile, 12], pixels[:1, :1], "a forward over a cache with new images"),
+            ({"tokens": 4, "positions": "original"}, [11, 12], None, "not supported with positions='original'")):
+        with vistok.patch(model, "random_select", **options), torch.no_grad():
+            first = model.generate(input_ids=ids[:1], attention_mask=mask[:1], pixel_values=pixels[:1],
+                                   max_new_tokens=2, do_sample=False, return_dict_in_generate=True)
+            conversation = torch.cat([first.sequences, torch.tensor([turn])], dim=1)
+            with pytest.raises(InvalidConfigError, match=message):
+                model.generate(input_ids=conversation, attention_mask=torch.ones_like(conversation),
+                               pixel_values=images, cache=first.past_key_values, max_new_tokens=2, do_sample=False)
+
+
 def test_refusals():
     with pytest.raises(InvalidConfigError, match="dominant needs a class token"):
         vistok.patch(tiny_idefics3(), "dominant", tokens=4)

@@ -231,6 +231,7 @@ def test_bad_inputs_and_refusals():
         vistok.patch(model, "dominant", keep=0.1, contextual=4)
     with pytest.raises(InvalidConfigError, match="pooling a 4 x 4 grid cannot give exactly 7 tokens"):
         vistok.patch(model, "pool", tokens=7)
+    vistok.patch(model, "dominant", keep=1.0, contextual=20).remove()  # the whole grid is kept: nothing to average
     with pytest.raises(InvalidConfigError, match=r"one method at the boundary .* in-tower methods \(\['ats'\]\)"):
         vistok.patch(model, "ats", k=8)
     assert vistok.get_handle(model) is None  # nothing was left half-patched

@@ -161,7 +161,8 @@ class DominantConfig(BoundaryConfig):
                                      "(the budget's other tokens are the dominant ones, at least one)")
 
     def check_budget(self, grid: tuple[int, int], budget: int) -> None:
-        self._check_contextual(budget, f"each {grid[0]} x {grid[1]} grid gets")
+        if budget < grid[0] * grid[1]:  # the whole grid is kept as it is (compress)
+            self._check_contextual(budget, f"each {grid[0]} x {grid[1]} grid gets")
 
     def _check_contextual(self, budget: int, gets: str) -> None:
         if self.contextual >= budget:

@@ -578,7 +578,8 @@ class VisionLLMHandle:
         raise InvalidConfigError(
             "positions='original': a forward after the prompt (with a cache) needs position_ids, since the "
             "shortened prompt keeps the full prompt's positions; continue from the prompt's last position + 1 "
-            "(generate does this)")
+            "(generate does this within one call). A later turn of a conversation over a cache is not supported "
+            "with positions='original': generate the whole conversation with its images and no cache")
 
     def _refuse_position_ids(self, kwargs: dict) -> None:
         if kwargs.get("position_ids") is not None:
@@ -611,8 +612,15 @@ class VisionLLMHandle:
             return None
         units, features = counted
         input_ids = self._prompt_ids(kwargs, key)
-        if int((input_ids == self.family.placeholder_id).sum()) == features:
+        placeholders = int((input_ids == self.family.placeholder_id).sum())
+        if placeholders == features:
             return None  # the prompt already matches the features it will be given
+        if _cached_length(kwargs) and placeholders != units * self.family.per_unit:
+            raise InvalidConfigError(
+                f"a forward over a cache with new images: the conversation holds {placeholders} image placeholder "
+                f"tokens and this call's images fill {units * self.family.per_unit}; vistok cannot tell the cached "
+                "turns' shortened runs from the new ones. Generate the whole conversation with all its images and "
+                "no cache (later turns without images continue a cache)")
         keep = placeholder_keep_mask(input_ids, self.family.placeholder_id, self.family.per_unit,
                                      self.tokens_per_unit, units)
         if keep is None:
