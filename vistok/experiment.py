@@ -310,6 +310,8 @@ def check_model_classes(model: nn.Module, dataset: Dataset, config: dict[str, An
     outputs = getattr(model, "num_classes", None)
     config_labels = getattr(getattr(model, "config", None), "num_labels", None)
     outputs = config_labels if outputs is None else outputs
+    if names is not None and outputs == len(names):
+        _check_label_order(model, list(names), config, tool)
     if names is None or not isinstance(outputs, int) or outputs == len(names):
         return
     if config["data"].get("format") == "list" and outputs > len(names):
@@ -317,6 +319,21 @@ def check_model_classes(model: nn.Module, dataset: Dataset, config: dict[str, An
     raise ConfigError(f"{tool}: {config['model']} gives {outputs} class scores, but data.root={config['data']['root']} "
                       f"has {len(names)} classes; give the model that many (model_kwargs.num_classes, or num_labels "
                       "for an hf: model) and weights trained on them")
+
+
+def _check_label_order(model: nn.Module, names: list[str], config: dict[str, Any], tool: str) -> None:
+    """Refuse a Hugging Face model whose ``id2label`` names the data's classes in another order (a checkpoint's
+    class ``i`` would be scored as the data's class ``i``: near zero accuracy, silently). Names that differ (the
+    default ``LABEL_i``, other spellings) are not compared."""
+    id2label = getattr(getattr(model, "config", None), "id2label", None)
+    if not isinstance(id2label, dict) or set(id2label) != set(range(len(names))):
+        return
+    labels = [str(id2label[index]) for index in range(len(names))]
+    if labels != names and sorted(labels) == sorted(names):
+        first = next(index for index, (a, b) in enumerate(zip(labels, names, strict=True)) if a != b)
+        raise ConfigError(f"{tool}: {config['model']} numbers the classes in another order than data.root="
+                          f"{config['data']['root']} (class {first} is {labels[first]!r} for the model, "
+                          f"{names[first]!r} for the data); list the data's classes in the model's order")
 
 
 def _video_datasets(data: dict[str, Any], seed: int, train: bool) -> tuple[Dataset | None, Dataset]:

@@ -636,6 +636,17 @@ def test_class_counts_are_checked_by_format_and_at_every_sweep_point(monkeypatch
                 check_model_classes(model, dataset, config, "eval.py")
         else:
             check_model_classes(model, dataset, config, "eval.py")
+    # a checkpoint whose id2label orders the same names otherwise would score its class i as the data's class i
+    named = types.SimpleNamespace(videos=types.SimpleNamespace(classes=["bike", "car", "phone"]))
+    config = {"model": "m", "data": {"root": "r", "format": "kinetics_csv"}}
+    for order, refused in ((["bike", "car", "phone"], False), (["car", "bike", "phone"], True),
+                           (["LABEL_0", "LABEL_1", "LABEL_2"], False)):
+        hf = types.SimpleNamespace(config=types.SimpleNamespace(num_labels=3, id2label=dict(enumerate(order))))
+        if refused:
+            with pytest.raises(ConfigError, match="class 0 is 'car' for the model, 'bike' for the data"):
+                check_model_classes(hf, named, config, "eval.py")
+        else:
+            check_model_classes(hf, named, config, "eval.py")
     sweep = load_tool("sweep")
     monkeypatch.setattr(sweep, "evaluate", lambda *args, **kwargs: pytest.fail("evaluated"))
     config = {**sweep.DEFAULTS, "pretrained": False, "model_kwargs": {"depth": 1},
