@@ -99,6 +99,10 @@ def test_later_turns_over_a_cache_that_vistok_cannot_shorten_are_refused_by_name
 
 
 def test_refusals():
+    model = tiny_idefics3()
+    with vistok.patch(model, "merge_to_budget", tokens=4), torch.no_grad():  # cut into four fake tiles before
+        with pytest.raises(vistok.InputShapeError, match="tiles must be 32 x 32 pixels .* got 64 x 64"):
+            model.model.get_image_features(pixel_values=torch.randn(1, 1, 3, 64, 64))
     with pytest.raises(InvalidConfigError, match="dominant needs a class token"):
         vistok.patch(tiny_idefics3(), "dominant", tokens=4)
     with pytest.raises(InvalidConfigError, match="tokens=17 is more than the 16"):

@@ -54,6 +54,15 @@ class Idefics3Family(VisionLLMFamily):
     def tower(model: nn.Module) -> nn.Module:
         return model.model.vision_model
 
+    def prepare_call(self, base: nn.Module, kwargs: dict[str, Any]) -> tuple[dict[str, Any], Any]:
+        pixel_values, size = kwargs.get("pixel_values"), base.config.vision_config.image_size
+        if isinstance(pixel_values, Tensor) and tuple(pixel_values.shape[-2:]) != (size, size):
+            raise InputShapeError(f"{type(base).__name__}: tiles must be {size} x {size} pixels (the tower's "
+                                  "image_size, as the processor cuts them), got "
+                                  f"{pixel_values.shape[-2]} x {pixel_values.shape[-1]}: the tower would give "
+                                  f"another number of features than the {self.per_unit} per tile vistok splits by")
+        return kwargs, None
+
     def unit_features(self, out: Any) -> tuple[Tensor, Any]:
         rows = list(out.pooler_output)
         width = self.per_unit
