@@ -310,9 +310,10 @@ def check_model_classes(model: nn.Module, dataset: Dataset, config: dict[str, An
     outputs = getattr(model, "num_classes", None)
     config_labels = getattr(getattr(model, "config", None), "num_labels", None)
     outputs = config_labels if outputs is None else outputs
-    if names is not None and outputs == len(names):
+    if names is None or not isinstance(outputs, int):
+        return
+    if outputs == len(names):
         _check_label_order(model, list(names), config, tool)
-    if names is None or not isinstance(outputs, int) or outputs == len(names):
         return
     if config["data"].get("format") == "list" and outputs > len(names):
         return  # a list's labels are the model's own class ids, and its highest may be below the model's last
@@ -333,7 +334,8 @@ def _check_label_order(model: nn.Module, names: list[str], config: dict[str, Any
         first = next(index for index, (a, b) in enumerate(zip(labels, names, strict=True)) if a != b)
         raise ConfigError(f"{tool}: {config['model']} numbers the classes in another order than data.root="
                           f"{config['data']['root']} (class {first} is {labels[first]!r} for the model, "
-                          f"{names[first]!r} for the data); list the data's classes in the model's order")
+                          f"{names[first]!r} for the data, which numbers its classes by their sorted names); use "
+                          "weights trained on this numbering, or a list file (data.format=list) of the model's ids")
 
 
 def _video_datasets(data: dict[str, Any], seed: int, train: bool) -> tuple[Dataset | None, Dataset]:
