@@ -130,3 +130,20 @@ def test_a_mixed_precision_accelerate_cannot_run_is_a_config_error(tmp_path, cap
     assert train.main([*TINY, "train.epochs=1", "train.mixed_precision=fp8", f"output={tmp_path}"]) == 2
     assert "train.py: error: train.mixed_precision=fp8: accelerate cannot train with it" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
+
+
+def test_a_several_process_resume_of_a_checkpoint_without_the_sampler_state_is_refused(tmp_path):
+    """A checkpoint from one process (or an older vistok) has no sampler_rng.pt: resuming it with several processes
+    would restart their shuffling from its seed, so it is refused."""
+    import types
+
+    from vistok.config import ConfigError
+
+    train = load_tool("train")
+    assert train.main([*TINY, "train.epochs=1", f"output={tmp_path}"]) == 0
+    checkpoint = tmp_path / "checkpoint"
+    config = json.loads((checkpoint / "vistok_state.json").read_text())["config"]
+    accelerator = types.SimpleNamespace(load_state=lambda folder: None, is_main_process=True)
+    assert train._resume(accelerator, checkpoint, {}, config, tmp_path) == 0  # one process: nothing to restore
+    with pytest.raises(ConfigError, match="has no sampler_rng.pt .* data order of several processes"):
+        train._resume(accelerator, checkpoint, {"sampler_rng.pt": torch.Generator()}, config, tmp_path)
