@@ -84,7 +84,7 @@ def run_point(config: dict, point: dict, val_set, transform) -> dict:
         model_config["model_kwargs"] = {**config["model_kwargs"], "num_frames": point["frames"]}
     torch.manual_seed(0)  # whatever is not loaded (random weights, a head for other classes) is the same at each point
     model = build_model(model_config).eval()
-    check_model_classes(model, val_set, config, "sweep.py")  # a pretrained hf: model's, first checked here
+    check_model_classes(model, val_set, config, "sweep.py")  # before its evaluation (the first: before any)
     if point["patch"] is not None:
         vistok.patch(model, point["patch"][0], **point["patch"][1])
     model = wrap_for_data(model, config["data"])
@@ -105,15 +105,13 @@ def run_point(config: dict, point: dict, val_set, transform) -> dict:
     return {"method": point["method"], "label": point["label"], **result}
 
 
-def check_points(config: dict, points: list[dict], val_set=None) -> None:
+def check_points(config: dict, points: list[dict]) -> None:
     """Every point's settings, before the first evaluation: each method's options are patched onto the model
     built on the meta device (no weights, nothing run), and each fewer-frames model is built there, so a bad ``k``,
-    block or frame count is found now, not after the points before it; the model's class scores are checked
-    against ``val_set``'s classes.
+    block or frame count is found now, not after the points before it.
 
     Raises:
-        ConfigError: an input size or frame count that is not an int >= 1, or class scores that are not one per
-            class of ``val_set``.
+        ConfigError: an input size or frame count that is not an int >= 1.
         VistokError: a method option the method or the model refuses.
     """
     for point in points:
@@ -131,11 +129,10 @@ def check_points(config: dict, points: list[dict], val_set=None) -> None:
             return build_model({**config, "method": None, "checkpoint": None, "pretrained": False,
                                 "model_kwargs": {**config["model_kwargs"], **model_kwargs}})
 
-    model = on_meta()
-    if val_set is not None:
-        check_model_classes(model, val_set, config, "sweep.py")
-    for point in patched:
-        vistok.patch(model, point["patch"][0], **point["patch"][1]).remove()
+    if patched:
+        model = on_meta()
+        for point in patched:
+            vistok.patch(model, point["patch"][0], **point["patch"][1]).remove()
     for count in frames:  # the model for fewer frames (a count its tubelets must divide)
         on_meta(num_frames=count)
 
@@ -178,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
         config = fit_head_to_data(config, val_set)  # a class-folder dataset: a head of its class count
         check_head_is_trained(config, "sweep.py")
         points = variants(config["sweep"])
-        check_points(config, points, val_set)
+        check_points(config, points)
         out.parent.mkdir(parents=True, exist_ok=True)
         rows = []
         for point in points:

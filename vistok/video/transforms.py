@@ -48,15 +48,21 @@ def resize_short_side(clip: Tensor, size: int) -> Tensor:
     return rearrange(frames, "t c h w -> c t h w")
 
 
-def crop_views(clip: Tensor, size: int, num_crops: int) -> list[Tensor]:
-    """``num_crops`` square crops of side ``size``: one centred crop, or crops evenly spaced along the long side
-    (3: left / centre / right of a landscape clip), centred on the short side."""
+def _check_crop(clip: Tensor, size: object) -> tuple[int, int]:
+    """The clip's ``(height, width)``, once ``clip`` and a square crop of side ``size`` in it are checked."""
     _check_clip(clip)
     height, width = clip.shape[-2:]
     if not is_int(size, 1):
         raise InvalidConfigError(f"crop size must be a positive int, got {size!r}")
     if size > min(height, width):
         raise InvalidConfigError(f"crop size {size} is larger than the clip's {height}x{width} frames")
+    return height, width
+
+
+def crop_views(clip: Tensor, size: int, num_crops: int) -> list[Tensor]:
+    """``num_crops`` square crops of side ``size``: one centred crop, or crops evenly spaced along the long side
+    (3: left / centre / right of a landscape clip), centred on the short side."""
+    height, width = _check_crop(clip, size)
     if not is_int(num_crops, 1):
         raise InvalidConfigError(f"num_crops must be a positive int, got {num_crops!r}")
     along_width = width >= height
@@ -72,12 +78,7 @@ def crop_views(clip: Tensor, size: int, num_crops: int) -> list[Tensor]:
 
 def random_crop_flip(clip: Tensor, size: int, flip: bool = True, generator: torch.Generator | None = None) -> Tensor:
     """A random square crop of side ``size``, mirrored left-right with probability 1/2 when ``flip``."""
-    _check_clip(clip)
-    height, width = clip.shape[-2:]
-    if not is_int(size, 1):
-        raise InvalidConfigError(f"crop size must be a positive int, got {size!r}")
-    if size > min(height, width):
-        raise InvalidConfigError(f"crop size {size} is larger than the clip's {height}x{width} frames")
+    height, width = _check_crop(clip, size)
     top = int(torch.randint(height - size + 1, (), generator=generator))
     left = int(torch.randint(width - size + 1, (), generator=generator))
     crop = clip[..., top:top + size, left:left + size]
