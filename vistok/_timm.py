@@ -13,8 +13,9 @@ __all__ = ["create_timm_model"]
 
 def create_timm_model(name: str, caller: str, error: type[Exception] = InvalidConfigError, **kwargs: Any
                       ) -> nn.Module:
-    """``timm.create_model(name, **kwargs)``; a name timm does not know (its registry, vistok's models, or an
-    ``hf-hub:`` / ``local-dir:`` source) raises ``error`` naming ``caller`` and similar names."""
+    """``timm.create_model(name, **kwargs)``; a registry name that neither timm nor vistok registers raises
+    ``error`` naming ``caller`` and similar names (an ``hf-hub:`` / ``local-dir:`` source that cannot be read
+    raises the hub's or the file system's own error)."""
     import timm
 
     try:

@@ -160,7 +160,7 @@ class TokenLayout:
 
     def grid_positions(self, device: torch.device | None = None) -> Tensor:
         """``[B, N, D]`` long: the original grid coordinates (``(t, h, w)`` or ``(h, w)``) of the token at each
-        position (of its first source for a merged token); ``-1`` for prefix tokens."""
+        position (for a merged token, the source of the token it merged into); ``-1`` for prefix tokens."""
         if self.grid_size is None:
             raise PatchStateError("this layout has no patch grid (the input did not match the model's grid)")
         patch = self.source_index(device) - self.num_prefix

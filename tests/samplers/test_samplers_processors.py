@@ -19,6 +19,7 @@ from vistok.samplers import (
     epsilon_filter,
     eta_filter,
     min_p_filter,
+    sample,
     temperature_scale,
     top_h_filter,
     top_k_filter,
@@ -374,3 +375,17 @@ def test_a_temperature_that_rounds_to_zero_is_greedy_in_both_forms():
     assert torch.equal(temperature_scale(logits, 1e-300), greedy)
     assert torch.equal(temperature_scale(logits, torch.tensor([1e-300, 1e-300], dtype=torch.float64)), greedy)
     assert torch.equal(temperature_scale(logits.double(), 1e-300), logits.double() / 1e-300)  # float64: finite
+
+
+def test_a_temperature_under_which_the_logits_overflow_keeps_the_top_tokens():
+    """A positive temperature that is not 0 in the logits' precision but makes ``logits / T`` overflow (to
+    ``+inf``, or ``-inf`` for a row of negative logits) gives the limit ``T -> 0``: the row's top tokens (ties
+    together), never a row refused as NaN/+inf or as empty; rows that do not overflow are divided as usual."""
+    logits = torch.tensor([[1000.0, 999.0, 1000.0], [-3.0, -1.0, -2.0], [0.5, 0.25, -0.5]])
+    top = [[0.0, -math.inf, 0.0], [-math.inf, 0.0, -math.inf], [0.0, -math.inf, -math.inf]]
+    for temperature in (1e-40, torch.full((3,), 1e-40)):
+        assert temperature_scale(logits, temperature).tolist() == top
+    per_row = temperature_scale(logits, torch.tensor([1e-40, 2.0, 0.5]))
+    assert per_row[0].tolist() == top[0] and torch.equal(per_row[1:], logits[1:] / torch.tensor([[2.0], [0.5]]))
+    assert temperature_scale(logits.double(), 1e-320).tolist() == top  # float64 has no greedy cut-off
+    assert sample(temperature_scale(logits, 1e-40), seeds=torch.tensor([0, 1, 2]), counter=0)[1:].tolist() == [1, 0]

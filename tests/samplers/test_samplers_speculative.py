@@ -19,10 +19,12 @@ from sampler_cases import (  # noqa: F401 (fixture)
 from vistok import InvalidConfigError, UnsupportedModelError
 from vistok.samplers import (
     Int8Linear,
+    InvalidLogitsError,
     SamplingConfig,
     SpeculativeDecoder,
     VocabTrim,
     VocabularyMismatchError,
+    cntp_generate,
     generate,
     kseq_rho,
     kseq_verify,
@@ -88,6 +90,52 @@ def test_kseq_with_one_draft_is_the_standard_rule():
     accepted_k, tokens, _ = kseq_verify(p, q, drafts, seeds=torch.arange(2000))
     accepted_s, _ = speculative_verify(p[:, 0], q[:, 0], drafts[:, 0], seeds=torch.arange(2000))
     assert torch.equal(accepted_k, accepted_s)  # same uniforms, rho = 1
+
+
+def test_verification_refuses_blocks_that_do_not_line_up():
+    """Probabilities one position short, logits for probabilities, and tokens outside the vocabulary are named
+    (a bare IndexError only when every draft was accepted, or a silent result, before)."""
+    p_table, q_table = markov(1, 5, 1.0), markov(2, 5, 1.0)
+    drafts = draft_block(q_table, 0, 2, 2, 4, 0)
+    p, q = chain_probs(p_table, 0, drafts), chain_probs(q_table, 0, drafts)[..., :-1, :]
+    cases = [((p[:, 0, :-1], q[:, 0], drafts[:, 0]), InvalidConfigError, "do not line up"),
+             ((p[:, 0], q[:, 0, :, :4], drafts[:, 0]), InvalidConfigError, "do not line up"),
+             ((p[:, 0], q[:, 0], drafts[:, 0] + 5), InvalidConfigError, r"ids in \[0, 5\)"),
+             ((p[:, 0], q[:, 0], drafts[:, 0].float()), InvalidConfigError, "must be token ids"),
+             ((p[:, 0].log(), q[:, 0], drafts[:, 0]), InvalidLogitsError, "non-negative probabilities")]
+    for args, error, message in cases:
+        with pytest.raises(error, match=message):
+            speculative_verify(*args)
+        with pytest.raises(error, match=message):
+            kseq_verify(*(tensor[:, None].expand(-1, 2, *tensor.shape[1:]) for tensor in args))
+    with pytest.raises(InvalidConfigError, match="do not line up"):
+        kseq_verify(p, q, drafts[:, 0])
+
+
+def test_models_with_sliding_window_attention_are_refused_where_rows_get_gaps():
+    """Speculative decoding and CNTP leave invalid columns inside a row's cache, which a sliding window counts:
+    a model with one is refused when the decoder is built (it crashed mid-generation cropping the sliding
+    cache); the same model without the window is taken, and plain generate takes both."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    def mistral(window):
+        torch.manual_seed(0)
+        config = MistralConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                               sliding_window=window, pad_token_id=0)
+        return MistralForCausalLM(config).eval()
+
+    greedy = SamplingConfig(temperature=0)
+    sliding, full = mistral(6), mistral(None)
+    for target, draft in ((sliding, full), (full, sliding)):
+        with pytest.raises(UnsupportedModelError, match="sliding-window attention; speculative decoding"):
+            SpeculativeDecoder(target, draft, gamma=3, config=greedy)
+    with pytest.raises(UnsupportedModelError, match="sliding-window attention; cautious next-token prediction"):
+        cntp_generate(sliding, PROMPT, greedy, stop_token_ids=[3], max_new_tokens=2)
+    decoder = SpeculativeDecoder(full, self_draft(full, num_layers=1), gamma=3, config=greedy)
+    plain = generate(full, PROMPT, greedy, max_new_tokens=12)
+    assert torch.equal(decoder.generate(PROMPT, max_new_tokens=12).new_tokens, plain.new_tokens)
+    assert generate(sliding, PROMPT, greedy, max_new_tokens=12).new_tokens.shape == (1, 12)
 
 
 def test_rho_satisfies_its_inequality_and_is_smallest():
@@ -292,9 +340,13 @@ def test_vocab_trim_calibration():
         with pytest.raises(InvalidConfigError, match=message):  # never truncated to ids, nor a bincount error
             VocabTrim.from_token_ids(ids, 2, always=always)
     for options, message in [(dict(fill=2.5), "fill must be"), (dict(fill=True), "fill must be"),
-                             (dict(always=[7, 2, 3]), "cannot hold the 3 ids of always")]:  # accepted; ids dropped
+                             (dict(always=[7, 2, 3]), "cannot hold the 3 ids of always"),  # ids dropped
+                             (dict(fill=8), "token id 9 is not in the vocabulary of fill=8"),  # kept: a bad map
+                             (dict(always=[20], fill=12), "token id 20 is not in the vocabulary of fill=12")]:
         with pytest.raises(InvalidConfigError, match=message):
             VocabTrim.from_token_ids(sequences, 2, **options)
+    with pytest.raises(InvalidConfigError, match="size 13 is larger than the vocabulary"):  # gave 12 ids
+        VocabTrim.from_token_ids(sequences, 13, fill=12)
     for given, message in [(torch.tensor([1.7, 2.2]), "sequences must be token ids"), ([], "no tokens")]:
         with pytest.raises(InvalidConfigError, match=message):  # 1.7 counted as 1; [] a torch.cat error
             trim.coverage(given)

@@ -77,6 +77,17 @@ def test_association_matches_loops_and_is_a_partition_of_unity():
         to_cells(torch.randn(1, 2, 10, 8), (4, 4))
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_association_of_wide_half_precision_tokens_does_not_overflow(dtype):
+    """Tokens whose product overflows float16 (64 channels of about 40: 1e5 > 65504) while their scaled logits
+    do not: the association is the float32 one rounded, not the NaN of an inf softmax."""
+    x = (40 + torch.randn(1, 64, 4, 4)).to(dtype)
+    cells, super_tokens = to_cells(x, (2, 2)), super_token_grid(x, (2, 2))
+    half = associate(cells, super_tokens, 64**-0.5)
+    assert half.dtype == dtype and bool(half.isfinite().all())
+    assert torch.allclose(half.float(), associate(cells.float(), super_tokens.float(), 64**-0.5), atol=0.01)
+
+
 def test_super_token_attention_module():
     module = SuperTokenAttention(32, num_heads=4, stoken_size=4, n_iter=2)
     x = torch.randn(2, 32, 16, 12, requires_grad=True)

@@ -122,6 +122,14 @@ def test_hf_hidden_states_and_refusals():
     model.gradient_checkpointing_enable()
     with vistok.patch(model, "ats"), pytest.raises(PatchStateError, match="checkpointing"):
         model.train()(pixel_values=images)
+    # transformers checkpoints only in training mode: an eval-mode tower with the flag set takes gradients
+    model.eval()
+    pixels = images.clone().requires_grad_()
+    model(pixel_values=pixels).pooler_output.sum().backward()
+    with vistok.patch(model, "merge", r=0):
+        kept = images.clone().requires_grad_()
+        model(pixel_values=kept).pooler_output.sum().backward()
+    assert torch.allclose(kept.grad, pixels.grad, atol=1e-6)
 
 
 def test_open_clip_refusals_and_input_check():

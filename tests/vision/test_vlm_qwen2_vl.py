@@ -199,6 +199,30 @@ def test_a_later_turn_on_the_first_turns_cache_is_refused():
                            cache=copy.deepcopy(first.cache), max_new_tokens=1)
 
 
+def test_a_forward_over_a_cache_with_new_images_is_refused():
+    """A later turn that brings an image, run over the first turn's cache (forward, shorten or generate): vistok
+    would number its 3-D positions from 0, over the cached ones, where the unpatched model continues after the
+    cache. Refused, named; with every token kept the model runs unchanged."""
+    model = tiny_qwen()
+    both = inputs(grids=GRIDS[:2])
+    first_pixels = int(both["image_grid_thw"][0].prod())
+    turn = torch.tensor([[11, START] + [IMAGE] * (int(both["image_grid_thw"][1].prod()) // 4) + [END, 12]])
+    second = dict(input_ids=turn, mm_token_type_ids=(turn == IMAGE).long(),
+                  pixel_values=both["pixel_values"][first_pixels:], image_grid_thw=both["image_grid_thw"][1:])
+    with torch.no_grad():
+        with vistok.patch(model, "merge_to_budget", tokens=2) as handle:
+            cache = model(**inputs(grids=GRIDS[:1]), use_cache=True).cache
+            for run in (lambda: model(**second, cache=copy.deepcopy(cache), use_cache=True),
+                        lambda: handle.shorten(**second, cache=copy.deepcopy(cache)),
+                        lambda: model.generate(**second, cache=copy.deepcopy(cache), max_new_tokens=1)):
+                with pytest.raises(InvalidConfigError, match="a forward over a cache with new images"):
+                    run()
+        reference = model(**second, cache=copy.deepcopy(cache), use_cache=True).logits
+        with vistok.patch(model, "merge_to_budget", keep=1.0):
+            kept = model(**second, cache=copy.deepcopy(cache), use_cache=True).logits
+    assert torch.equal(kept, reference)
+
+
 def test_images_of_different_sizes_get_their_own_fraction():
     model = tiny_qwen()
     x = inputs()

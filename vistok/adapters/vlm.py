@@ -481,6 +481,13 @@ class VisionLLMHandle:
                     "elsewhere, their position_ids)")
         if not present:
             return None  # nothing to compress in this call (text, or features encoded by the caller)
+        if family.positions_follow_tokens and _cached_length(kwargs) and not self.keeps_everything:
+            kinds = " and ".join(f"{modality}s" for modality in present)
+            raise InvalidConfigError(
+                f"a forward over a cache with new {kinds}: {type(self.model).__name__} numbers positions from the "
+                "items in the prompt, and vistok can number only this call's tokens, from 0 rather than after the "
+                f"cached turns. Generate the whole conversation with all its {kinds} and no cache (later turns "
+                "without them continue a cache)")
         input_ids = self._prompt_ids(kwargs, key)
         base = family.base(self.model)
         encoded = dict(kwargs.get("mm_encoder_outputs") or {})

@@ -84,10 +84,12 @@ class HFTower(Backbone):
 
     @property
     def grad_checkpointing(self) -> bool:
+        """Whether the layers checkpoint: transformers does only in training mode (an eval-mode tower with the
+        flag set computes gradients without it)."""
         model = self.model
         if hasattr(type(model), "is_activation_checkpointing"):  # transformers >= 5 renamed the flag
-            return bool(model.is_activation_checkpointing)
-        return bool(getattr(model, "is_gradient_checkpointing", False))
+            return bool(model.is_activation_checkpointing) and model.training
+        return bool(getattr(model, "is_gradient_checkpointing", False)) and model.training
 
     def install_hooks(self, *hooks: RemovableHandle) -> Callable[[], None]:
         """The undo function of forward hooks, with the hook refusing ``output_attentions`` added."""

@@ -90,9 +90,12 @@ def associate(cells: Tensor, super_tokens: Tensor, scale: float) -> Tensor:
         ``[B, S, P, 9]``, each row summing to one (0 for neighbours outside the grid).
     """
     rows, cols = super_tokens.shape[-2:]
-    logits = (cells @ neighbours(super_tokens)) * scale
+    # in float32 at least: a float16 product of two wide tokens overflows to inf (a NaN softmax) where the
+    # model's own attention, which scales before its product, stays finite
+    work = torch.promote_types(cells.dtype, torch.float32)
+    logits = (cells.to(work) @ neighbours(super_tokens).to(work)) * scale
     exists = _neighbour_exists(rows, cols, cells.device)[None, :, None, :]
-    return logits.masked_fill(~exists, float("-inf")).softmax(dim=-1)
+    return logits.masked_fill(~exists, float("-inf")).softmax(dim=-1).to(cells.dtype)
 
 
 def super_token_mass(association: Tensor, grid: tuple[int, int]) -> Tensor:

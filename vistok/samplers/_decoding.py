@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from ..errors import UnsupportedModelError
 
-__all__ = ["CausalLMState", "output_vocab_size"]
+__all__ = ["CausalLMState", "check_full_attention", "output_vocab_size"]
 
 
 class CausalLMState:
@@ -30,17 +30,12 @@ class CausalLMState:
     """
 
     def __init__(self, model: nn.Module, batch: int, device: torch.device | None = None) -> None:
-        from transformers import DynamicCache
-
         self.model = model
         parameters = inspect.signature(model.forward).parameters
         self._cache_name = "cache" if "cache" in parameters else "past_key_values"
         self._keep_name = next((name for name in ("logits_to_keep", "num_logits_to_keep") if name in parameters), None)
         self.device = device or next(model.parameters()).device
-        try:
-            self.cache = DynamicCache(config=model.config)
-        except TypeError:  # transformers < 4.56: no config argument
-            self.cache = DynamicCache()
+        self.cache = _new_cache(model)
         self.valid = torch.zeros(batch, 0, dtype=torch.bool, device=self.device)  # [B, cache length]
         self.forward_calls = 0
 
@@ -122,6 +117,31 @@ class CausalLMState:
         rows = rows.to(self.device)
         self.cache.reorder_cache(rows)
         self.valid = self.valid[rows]
+
+
+def _new_cache(model: nn.Module) -> object:
+    from transformers import DynamicCache
+
+    try:
+        return DynamicCache(config=model.config)
+    except TypeError:  # transformers < 4.56: no config argument
+        return DynamicCache()
+
+
+def check_full_attention(model: nn.Module, role: str, method: str) -> None:
+    """Refuse a model with sliding-window attention for ``method``, which leaves invalid columns inside a row
+    (rejected drafts, short trials): a window counts cache columns, so a hole would push a row's own tokens out of
+    its window, and a sliding cache cannot be cropped back past its window."""
+    layers = getattr(_new_cache(model), "layers", None)
+    if layers is not None:
+        sliding = any(getattr(layer, "is_sliding", False) for layer in layers)
+    else:  # an older cache that does not say: read the config
+        config = model.config
+        sliding = bool(getattr(config, "sliding_window", None)) and getattr(config, "use_sliding_window", True)
+    if sliding:
+        raise UnsupportedModelError(
+            f"the {role} ({type(model).__name__}) uses sliding-window attention; {method} leaves gaps in a row's "
+            "cache that a window would count as tokens, so it supports models with full attention only")
 
 
 def output_vocab_size(model: nn.Module) -> int | None:

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from .._checks import is_int, is_real
 from ..errors import InvalidConfigError
 from . import rng
-from ._decoding import CausalLMState, check_causal_lm
+from ._decoding import CausalLMState, check_causal_lm, check_full_attention
 from ._params import check_token_ids
 from .generation import GenerationOutput, check_decoding, check_max_new_tokens, eos_set, prepare_prompt
 from .pipeline import SamplingConfig
@@ -99,6 +99,7 @@ def cntp_generate(model: nn.Module, input_ids: Tensor, config: SamplingConfig | 
     perplexity, all trial perplexities)`` for each step that ran trials.
     """
     check_causal_lm(model, "model")
+    check_full_attention(model, "model", "cautious next-token prediction")
     config = check_decoding(config, pad_token_id)
     if cntp is not None and not isinstance(cntp, CNTPConfig):
         raise InvalidConfigError(f"cntp must be a CNTPConfig (or None), got {type(cntp).__name__}")

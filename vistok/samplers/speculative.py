@@ -26,9 +26,9 @@ from torch import Tensor, nn
 from .._checks import is_int
 from ..errors import InvalidConfigError
 from . import rng
-from ._decoding import CausalLMState, check_causal_lm, output_vocab_size
+from ._decoding import CausalLMState, check_causal_lm, check_full_attention, output_vocab_size
 from ._params import check_token_ids
-from .errors import VocabularyMismatchError
+from .errors import InvalidLogitsError, VocabularyMismatchError
 from .generation import GenerationOutput, check_decoding, check_max_new_tokens, eos_set, prepare_prompt
 from .pipeline import SamplingConfig
 from .sampling import as_seeds, sample
@@ -54,6 +54,7 @@ def speculative_verify(target_probs: Tensor, draft_probs: Tensor, draft_tokens: 
         ``accepted`` (``[B]``, how many draft tokens are kept, ``0..G``) and ``next_token`` (``[B]``, the
         residual draw at the first rejection, or the bonus token when all ``G`` were accepted).
     """
+    _check_block(target_probs, draft_probs, draft_tokens, "[B, G]")
     batch, gamma = draft_tokens.shape
     p = target_probs.double()
     q = draft_probs.double()
@@ -106,6 +107,7 @@ def kseq_verify(target_probs: Tensor, draft_probs: Tensor, draft_tokens: Tensor,
         residual or bonus token at index ``accepted``; later entries are meaningless) and ``candidate``
         (``[B]``: a candidate whose draft starts with the kept tokens).
     """
+    _check_block(target_probs, draft_probs, draft_tokens, "[B, k, G]")
     batch, k, gamma = draft_tokens.shape
     device = target_probs.device
     rows = torch.arange(batch, device=device)
@@ -140,6 +142,31 @@ def kseq_verify(target_probs: Tensor, draft_probs: Tensor, draft_tokens: Tensor,
     return accepted, tokens, lead
 
 
+def _check_block(target_probs: Tensor, draft_probs: Tensor, draft_tokens: Tensor, tokens_shape: str) -> None:
+    """Refuse a verification block whose shapes do not line up (``target_probs`` one position longer than the
+    drafts), whose tokens are not ids of the vocabulary, or whose distributions are not probabilities."""
+    for name, tensor in (("target_probs", target_probs), ("draft_probs", draft_probs), ("draft_tokens", draft_tokens)):
+        if not isinstance(tensor, Tensor):
+            raise InvalidConfigError(f"{name} must be a tensor, got {type(tensor).__name__}")
+    rank = len(tokens_shape.split(","))
+    lead, vocab = tuple(draft_tokens.shape), target_probs.shape[-1] if target_probs.dim() else 0
+    if draft_tokens.dim() != rank or 0 in lead or target_probs.shape != (*lead[:-1], lead[-1] + 1, vocab) \
+            or draft_probs.shape != (*lead, vocab) or vocab == 0:
+        raise InvalidConfigError(
+            f"draft_tokens {tuple(draft_tokens.shape)}, draft_probs {tuple(draft_probs.shape)} and target_probs "
+            f"{tuple(target_probs.shape)} do not line up: expected draft_tokens {tokens_shape}, draft_probs "
+            f"{tokens_shape[:-1]}, V] and target_probs {tokens_shape[:-2]}G + 1, V] (the target also scores the "
+            "position after the last draft)")
+    if draft_tokens.is_floating_point() or draft_tokens.is_complex() or draft_tokens.dtype == torch.bool:
+        raise InvalidConfigError(f"draft_tokens must be token ids (integers), got {draft_tokens.dtype}")
+    if bool(((draft_tokens < 0) | (draft_tokens >= vocab)).any()):
+        raise InvalidConfigError(f"draft_tokens must be ids in [0, {vocab}), got values from "
+                                 f"{int(draft_tokens.min())} to {int(draft_tokens.max())}")
+    for name, probs in (("target_probs", target_probs), ("draft_probs", draft_probs)):
+        if not probs.is_floating_point() or bool((probs < 0).any()) or not bool(probs.isfinite().all()):
+            raise InvalidLogitsError(f"{name} must be finite, non-negative probabilities (softmax the logits)")
+
+
 def _draw(weights: Tensor, fallback: Tensor | None, seeds: Tensor | None, counter, generator,
           stream: int = _RESIDUAL) -> Tensor:
     """One token per row from unnormalised ``weights`` (``[B, V]``); rows whose weights sum to 0 (a residual
@@ -170,8 +197,9 @@ class SpeculativeDecoder:
     def __init__(self, target: nn.Module, draft: nn.Module, *, gamma: int = 4, num_drafts: int = 1,
                  config: SamplingConfig | None = None, draft_config: SamplingConfig | None = None,
                  draft_vocab: Tensor | None = None) -> None:
-        check_causal_lm(target, "target")
-        check_causal_lm(draft, "draft")
+        for role, model in (("target", target), ("draft", draft)):
+            check_causal_lm(model, role)
+            check_full_attention(model, role, "speculative decoding")
         for name, value in (("gamma", gamma), ("num_drafts", num_drafts)):
             if not is_int(value, 1):
                 raise InvalidConfigError(f"{name} must be an int >= 1, got {value!r}")

@@ -37,13 +37,25 @@ def temperature_scale(logits: Tensor, temperature: RowParam) -> Tensor:
     if not isinstance(temperature, Tensor):
         # as the per-row form, which casts to the logits' dtype: a temperature that rounds to 0 there is greedy
         rounds_to_zero = temperature == 0 or (logits.dtype == torch.float32 and temperature <= 2.0**-150)
-        return _greedy(logits) if rounds_to_zero else logits / temperature
+        return _greedy(logits) if rounds_to_zero else _divide(logits, temperature)
     temperature = broadcast_param(temperature, logits, "temperature", logits.dtype)
     greedy = temperature == 0
-    scaled = logits / torch.where(greedy, torch.ones_like(temperature), temperature)
+    scaled = _divide(logits, torch.where(greedy, torch.ones_like(temperature), temperature))
     if not bool(greedy.any()):
         return scaled
     return torch.where(greedy, _greedy(logits), scaled)
+
+
+def _divide(logits: Tensor, temperature: float | Tensor) -> Tensor:
+    """``logits / temperature``; a row of finite logits whose quotient overflows (a tiny ``T``: its maximum turns
+    ``+inf``, or ``-inf`` when every logit is negative) is divided after subtracting its maximum, the same
+    distribution, whose top tokens stay finite (0)."""
+    scaled = logits / temperature
+    top = logits.amax(dim=1, keepdim=True)
+    overflow = top.isfinite() & ~scaled.amax(dim=1, keepdim=True).isfinite()
+    if not bool(overflow.any()):
+        return scaled
+    return torch.where(overflow, (logits - top) / temperature, scaled)
 
 
 def _greedy(logits: Tensor) -> Tensor:

@@ -47,10 +47,16 @@ class VocabTrim:
             raise InvalidConfigError(f"size must be an int >= 1, got {size!r}")
         if fill is not None and not is_int(fill, 1):
             raise InvalidConfigError(f"fill must be a vocabulary size (an int >= 1) or None, got {fill!r}")
+        if fill is not None and size > fill:
+            raise InvalidConfigError(f"size {size} is larger than the vocabulary (fill={fill})")
         chunks = [sequences] if isinstance(sequences, Tensor) else list(sequences)
         ids = torch.cat([check_token_ids(torch.as_tensor(chunk).flatten(), "sequences").cpu() for chunk in chunks]) \
             if chunks else torch.zeros(0).long()
         always = check_token_ids(list(always), "always").unique()
+        beyond = [int(chunk.max()) for chunk in (ids, always) if chunk.numel() and fill is not None
+                  and int(chunk.max()) >= fill]
+        if beyond:
+            raise InvalidConfigError(f"token id {max(beyond)} is not in the vocabulary of fill={fill} ids")
         if always.numel() > size:  # some would be dropped without a word
             raise InvalidConfigError(f"size {size} cannot hold the {always.numel()} ids of always")
         length = max(int(ids.max()) + 1 if ids.numel() else 0, int(always.max()) + 1 if always.numel() else 0,
