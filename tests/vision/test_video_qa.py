@@ -216,6 +216,20 @@ def test_manifest_values_must_be_strings_before_the_model_loads(tmp_path, capsys
         assert f"row 1: {key} must be a non-empty string, got {value!r}" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("selection", ["uniform", "all", "drop"])
+def test_a_blank_question_is_refused_by_every_selection(selection):
+    """Every selection sends the question to the language model, not only "learned" (which read it to select):
+    a blank one is refused before the video is read, and by compress."""
+    from vistok.video.qa import VideoQA
+
+    qa = VideoQA(None, None, VideoQAConfig(budget=36, selection=selection))
+    for question in ("", "   ", None):
+        with pytest.raises(InvalidConfigError, match="the questions must be non-empty strings"):
+            qa(SAMPLE / "missing.mp4", question)  # not a VideoReadError: checked first
+        with pytest.raises(InvalidConfigError, match="the questions must be non-empty strings"):
+            qa.compress(encoded_video(), torch.zeros(4, 1, 28, 28), question)
+
+
 @pytest.fixture(scope="module")
 def smollm2():
     from vistok.samplers import load_smollm2

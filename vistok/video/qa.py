@@ -172,6 +172,14 @@ def encode_frames(model: nn.Module, frames: Tensor, batch_size: int = 256, progr
     return EncodedVideo(states[:, 1:], states[:, 0])
 
 
+def check_questions(questions: list[str]) -> None:
+    """Raise :class:`InvalidConfigError` for no questions, or one that is not a string with words in it."""
+    blank = [index for index, question in enumerate(questions) if not isinstance(question, str) or not question.strip()]
+    if not questions or blank:
+        raise InvalidConfigError(f"the questions must be non-empty strings (blank or not a string: {blank[:8]})"
+                                 if blank else "no questions")
+
+
 def question_embeddings(model: nn.Module, tokenizer: Any, questions: list[str]) -> tuple[Tensor, Tensor]:
     """The questions' token embeddings in the language model (``[B, L, D]``, right-padded) and their mask: what
     the learned selector reads.
@@ -179,10 +187,7 @@ def question_embeddings(model: nn.Module, tokenizer: Any, questions: list[str]) 
     Raises:
         InvalidConfigError: no questions, or one that is not a string with words in it.
     """
-    blank = [index for index, question in enumerate(questions) if not isinstance(question, str) or not question.strip()]
-    if not questions or blank:
-        raise InvalidConfigError(f"the questions must be non-empty strings (blank or not a string: {blank[:8]})"
-                                 if blank else "no questions")
+    check_questions(questions)
     rows = [tokenizer(q, add_special_tokens=False).input_ids for q in questions]
     width = max(map(len, rows))
     embeddings = model.get_input_embeddings()
@@ -289,6 +294,7 @@ class VideoQA:
         from ..models.reference_vlm import answer_questions
         from .io import read_video
 
+        check_questions([question])  # every selection asks the language model, not only the learned one
         seconds: dict[str, float] = {}
         started = time.perf_counter()
         frames = video if isinstance(video, Tensor) else read_video(video, timeout=self.timeout)
@@ -310,6 +316,7 @@ class VideoQA:
         """Selection, temporal merge and budget for one encoded video (``pixels``: its frames as the tower took
         them, for CLIP scores)."""
         config = self.config
+        check_questions([question])
         asked = scores = None
         if config.selection == "learned":
             asked = question_embeddings(self.model, self.tokenizer, [question])
