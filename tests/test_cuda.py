@@ -103,18 +103,23 @@ def test_cuda_keeps_the_tokens_the_cpu_keeps(family, method):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("method", sorted(OPTIONS))
 def test_half_precision_on_cuda(method, dtype):
+    """The half-precision patched model gives each image nearly what the float32 patched model gives it, and
+    more like it than like any other image's (outputs of different images of these random models already agree to
+    a cosine of about 0.8; on the CPU half vs float32 agree to 0.93 or more: ATS may sample other tokens)."""
     model = make_model("vit").to(CUDA)
     images = make_images(model, 8).to(CUDA)
     with torch.no_grad():
-        reference = model(images)
+        with vistok.patch(model, method, **OPTIONS[method]):
+            reference = model(images)
         model.to(dtype)
         with vistok.patch(model, method, **OPTIONS[method]) as handle:
             got = model(images.to(dtype))
             kept = handle.tokens_per_block()
     assert got.dtype == dtype and bool(torch.isfinite(got).all())
     assert kept[-1] < 0.6 * kept[0]
-    agreement = torch.nn.functional.cosine_similarity(got.float(), reference, dim=-1)
-    assert float(agreement.min()) > 0.5, "half-precision patched output unrelated to the float32 model"
+    agreement = torch.nn.functional.cosine_similarity(got.float()[:, None], reference[None], dim=-1)  # [8, 8]
+    assert torch.equal(agreement.argmax(dim=1).cpu(), torch.arange(8)), "outputs out of line with their images"
+    assert float(agreement.diagonal().min()) > 0.85, "half-precision patched output far from the float32 one"
 
 
 @pytest.mark.parametrize("method", sorted(OPTIONS))

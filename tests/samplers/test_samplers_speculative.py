@@ -385,12 +385,14 @@ def test_int8_linear_multiplies_by_its_dequantized_weight(bias, features, monkey
     assert bool(((weight - linear.weight).abs() <= step / 2 + 1e-7).all())
     assert layer.int8_weight.dtype == torch.int8 and int(layer.int8_weight.abs().max()) == 127
     x = torch.randn(3, 5, fan_in, generator=g)
-    expected = torch.nn.functional.linear(x.double(), weight.double(),
-                                          None if linear.bias is None else linear.bias.detach().double())
+    bias = None if linear.bias is None else linear.bias.detach().double()
+    expected = torch.nn.functional.linear(x.double(), weight.double(), bias)
+    rounded = torch.nn.functional.linear(x.bfloat16().double(), weight.double(), bias)  # what the kernel is given
     for inputs in (x, x.bfloat16()):
         fast = layer(inputs)
         assert fast.shape == (3, 5, fan_out) and fast.dtype == inputs.dtype
-        assert torch.allclose(fast.double(), expected, rtol=2e-2, atol=2e-2 * float(expected.abs().max()))
+        # bfloat16 arithmetic errs by at most 0.6 % of the largest output here; scales off by 1 % err by 1.5 %
+        assert torch.allclose(fast.double(), rounded, rtol=0, atol=1e-2 * float(rounded.abs().max()))
     monkeypatch.delattr(torch, "_weight_int8pack_mm")  # the path other devices take
     assert torch.allclose(layer(x).double(), expected, atol=1e-4)
     with pytest.raises(ValueError, match=rf"\[\.\.\., {fan_in}\]"):

@@ -93,6 +93,18 @@ def test_budgets_bound_the_kept_tokens():
     assert int(layouts[8].num_valid().max()) <= 40 + prefix
 
 
+def test_a_fractional_k_rounds_each_images_count_to_the_nearest():
+    """k=0.3 of 49, 27 and 45 valid patches: 14.7 -> 15, 8.1 -> 8, 13.5 -> 14 (half to even, as torch and
+    Python round), never floored; the static bound rounds the same way."""
+    from vistok.methods.ats import AdaptiveTokenSampler
+
+    sampler = AdaptiveTokenSampler(0.3, min_tokens=1)
+    valid = torch.arange(49)[None] < torch.tensor([[49], [27], [45]])
+    scores = torch.rand(3, 49)
+    assert sampler._levels(scores, valid).tolist() == [round(0.3 * n) for n in (49, 27, 45)] == [15, 8, 14]
+    assert sampler._levels(scores, None).tolist() == [15] * 3 and sampler._max_levels(49) == 15
+
+
 def test_keep_everything_gradients_match_unpatched():
     model = make_model("deit3_layerscale").train()
     images = make_images(model, 2)

@@ -9,6 +9,7 @@ between a batch and its images.
 
 from functools import cache
 
+import pytest
 import torch
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
@@ -106,3 +107,21 @@ def test_any_options_and_input_give_a_clear_error_or_a_correct_result(variant, m
         handle.remove()
     if not isinstance(unpatched, Exception):
         assert torch.equal(_run(model, images), unpatched)
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+@pytest.mark.parametrize("method", [("ats", {"k": 0.5}), ("ats", {"k": 12, "min_tokens": 4, "blocks": [1, 3]}),
+                                    ("random_drop", {"k": 0.3}), ("random_drop", {"k": 5, "blocks": [-2]}),
+                                    ("merge", {"r": 2}), ("super_token", {"stoken_size": 2})])
+def test_plainly_valid_options_patch_and_run(variant, method):
+    """The property above accepts a refusal of any options; these, valid on every variant, must patch, run, and
+    keep fewer tokens (a check that refused valid options would pass the property test)."""
+    name, options = method
+    model = _model(variant)
+    images = torch.randn(2, 3, IMAGE, IMAGE, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    unpatched = _run(model, images)
+    with vistok.patch(model, name, **options) as handle:
+        patched = _run(model, images)
+        kept = handle.tokens_per_block()
+    assert patched.shape == unpatched.shape and bool(torch.isfinite(patched).all())
+    assert min(kept) < kept[0] or name == "super_token"

@@ -36,6 +36,15 @@ def test_exact_on_well_separated_scores():
     assert torch.equal(got, expected)
 
 
+def test_a_level_exactly_between_two_cdf_values_takes_the_lower():
+    """CDF [0, .25, .5, .75, 1], levels .25, .625, 1: .625 is exactly between .5 and .75 (float64), and the
+    documented tie rule keeps the lower token; a plateau of equal scores keeps its first position."""
+    scores = torch.tensor([[0.0, 1.0, 1.0, 1.0, 1.0]], dtype=torch.float64)
+    got = inverse_transform_sampling(scores, 3)
+    assert got.tolist() == [[False, True, True, False, True]]
+    assert torch.equal(got, reference_sampling(scores, torch.tensor([3]), torch.ones_like(got), 0))
+
+
 def test_bounds_and_padding():
     scores, levels, valid = _case(3, batch=16)
     keep = inverse_transform_sampling(scores, levels, valid, min_keep=4)
