@@ -35,6 +35,7 @@ import torch
 
 from vistok.backbones import resolve_backbone
 from vistok.cli import beside, count, count_or_zero, reports_errors, seed
+from vistok.data import white_level
 from vistok.document import (
     CorrelationGuidedConfig,
     allocate_budget,
@@ -68,39 +69,12 @@ def load_page(path: Path) -> torch.Tensor:
     from PIL import Image, ImageOps
 
     with Image.open(path) as opened:
-        white = _white_level(opened, path)  # read from the file: the transposed copy has no format or tags
+        white = white_level(opened, path)  # read from the file: the transposed copy has no format or tags
         transparent = opened.info.get("transparency")
         image = ImageOps.exif_transpose(opened)
     grey = _grey_levels(image, white, transparent, path)
     _check_dark_ink(grey, path)
     return torch.from_numpy(grey)[None]
-
-
-def _white_level(image: PILImage, path: Path) -> float | None:
-    """The level of white in an image of wide greys, from the bit depth its file states: ``F`` 1.0, ``I;16``
-    65535, ``I`` as a PNG or a PGM 65535 (PNG greys have at most 16 bits, Pillows before 10 open them as ``I``; a
-    16-bit PGM is scaled to 65535 by Pillow) or a TIFF's
-    BitsPerSample up to 16; ``None`` for 8-bit modes, which Pillow converts itself.
-
-    Raises:
-        InputShapeError: 32-bit integer greys whose bit depth the file does not state: 8-bit levels stored in 32
-            bits and 16-bit ones differ only by their white level, so no rule would read both right.
-    """
-    if image.mode == "F":
-        return 1.0
-    if image.mode.startswith("I;16"):
-        return 65535.0
-    if image.mode != "I":
-        return None
-    if image.format in ("PNG", "PPM"):  # Pillow scales a PGM's maxval to 16 bits
-        return 65535.0
-    bits = getattr(image, "tag_v2", {}).get(258)  # TIFF BitsPerSample: an int, or one per sample
-    bits = bits[0] if isinstance(bits, tuple) and bits else bits
-    if isinstance(bits, int) and 1 <= bits <= 16:
-        return float(2**bits - 1)
-    raise InputShapeError(f"{path.name}: 32-bit integer greys (Pillow mode I{f', {bits} bits' if bits else ''}) "
-                          "have no stated white level: 8-bit levels (white 255) and 16-bit ones (white 65535) would "
-                          "read differently; save the page as an 8- or 16-bit image")
 
 
 def _grey_levels(image: PILImage, white: float | None, transparent: object, path: Path) -> np.ndarray:

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """The tuner (vistok.tune) on a reference model: pick a method within each GFLOPs target on Fashion-MNIST
 training images (the calibration batch), then measure the pick's top-1 on the whole test set beside the
-unpatched model's. Writes <out>.json (and the tuner's own <out>_<target>.json / .png per target).
+unpatched model's. Writes <out>_<model>.json (and the tuner's own <out>_<model>_<target>.json / .png per target).
 
     python tools/tune_reference.py --model vistok_vit_fmnist --images 2000 --targets 0.5 0.7 --out results/tune
 """

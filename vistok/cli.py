@@ -27,6 +27,7 @@ import json
 import math
 import sys
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -133,7 +134,7 @@ def _build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--batch-size", type=count, default=32)
     bench.add_argument("--runs", type=count, default=10, help="timed runs (median reported)")
     bench.add_argument("--warmup", type=count_or_zero, default=3)
-    bench.add_argument("--seed", type=int, default=0)
+    bench.add_argument("--seed", type=seed, default=0)
     bench.add_argument("--threads", type=count, default=None, help="torch intra-op threads")
     bench.add_argument("--flops-images", type=count, default=None,
                        help="count FLOPs on this many images (default: the whole batch)")
@@ -156,7 +157,7 @@ def _build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--tokens", type=count, default=None, help="visual tokens per image for --method")
     ask.add_argument("--temperature", type=float, default=0.0, help="0: greedy (vistok.samplers)")
     ask.add_argument("--top-p", type=float, default=1.0)
-    ask.add_argument("--seed", type=int, default=0)
+    ask.add_argument("--seed", type=seed, default=0)
     ask.add_argument("--checkpoint", default=None, help="trained tensors (.safetensors); default: the shipped")
     ask.add_argument("--fine", action="store_true", help="the fine reference VLM (vistok_vlm_fmnist_fine: 196 "
                      "visual tokens per image instead of 36; with --checkpoint "
@@ -176,7 +177,7 @@ def _build_parser() -> argparse.ArgumentParser:
     video.add_argument("--no-temporal-merge", action="store_true")
     video.add_argument("--temperature", type=float, default=0.0, help="0: greedy (vistok.samplers)")
     video.add_argument("--top-p", type=float, default=1.0)
-    video.add_argument("--seed", type=int, default=0)
+    video.add_argument("--seed", type=seed, default=0)
     video.add_argument("--checkpoint", default=None, help="trained tensors (.safetensors); default: the shipped")
     tuner = commands.add_parser("tune", help="pick the method and setting for a model within a cost target")
     tuner.add_argument("--model", required=True, help="timm model name (vistok's reference models included)")
@@ -186,7 +187,7 @@ def _build_parser() -> argparse.ArgumentParser:
                        "--cost)")
     tuner.add_argument("--cost", default="gflops", choices=("gflops", "tokens", "latency"),
                        help="what the target bounds: GFLOPs, tokens per block, or latency measured on this machine")
-    tuner.add_argument("--images", type=count, default=512, help="calibration images")
+    tuner.add_argument("--images", type=partial(count, least=4), default=512, help="calibration images (4 or more)")
     tuner.add_argument("--folder", default=None, help="calibration images from this folder (timm's eval "
                        "transforms); default: the first Fashion-MNIST images for 28 x 28 grey models (training "
                        "images; with --labels, test images)")
@@ -247,7 +248,7 @@ def _bench(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    _check_device(args.device)
+    check_device(args.device)
     if args.json and not Path(args.json).parent.is_dir():  # found out now, not after the benchmark
         raise InvalidConfigError(f"vistok bench: --json {args.json}: no folder {Path(args.json).parent}")
     if args.json:
@@ -257,7 +258,7 @@ def _bench(args: argparse.Namespace) -> int:
     if args.attention == "flex" and args.compile is None:
         raise InvalidConfigError("vistok bench: --attention flex is fused only compiled; add --compile (eager flex is "
                          "PyTorch's slow reference implementation)")
-    if args.attention == "flex" and args.compile == "inductor" and args.device == "cpu":
+    if args.attention == "flex" and args.compile == "inductor" and torch.device(args.device).type == "cpu":
         raise InvalidConfigError("vistok bench: torch's CPU inductor cannot compile FlexAttention with the bias vistok "
                          "computes; on the CPU use --attention auto (SDPA)")
     variants = []
@@ -281,15 +282,17 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_device(name: str) -> None:
+def check_device(name: str, caller: str = "vistok bench") -> None:
+    """Refuse, before any work, a ``--device`` that is not a torch device, not CPU or CUDA (timing synchronises
+    CUDA only: ``vistok.measure.throughput``), or CUDA on a machine without it."""
     try:
         device = torch.device(name)
     except RuntimeError as error:
-        raise InvalidConfigError(f"vistok bench: --device {name!r} is not a torch device ({error})") from None
-    if device.type not in ("cpu", "cuda"):  # timing synchronises CUDA only (vistok.measure.throughput)
-        raise InvalidConfigError(f"vistok bench: --device {name}: only cpu and cuda are supported")
+        raise InvalidConfigError(f"{caller}: --device {name!r} is not a torch device ({error})") from None
+    if device.type not in ("cpu", "cuda"):
+        raise InvalidConfigError(f"{caller}: --device {name}: only cpu and cuda are supported")
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise InvalidConfigError(f"vistok bench: --device {name}: this machine has no CUDA device")
+        raise InvalidConfigError(f"{caller}: --device {name}: this machine has no CUDA device")
 
 
 def check_writable(option: str, path: Path) -> None:
@@ -306,19 +309,18 @@ def check_writable(option: str, path: Path) -> None:
 
 def _ask(args: argparse.Namespace) -> int:
     from .data import FASHION_MNIST_MEAN, FASHION_MNIST_STD
-    from .errors import InputShapeError
     from .models.reference_vlm import answer_questions, create_reference_vlm, prefill_seconds
     from .samplers import SamplingConfig
 
     if (args.method is None) != (args.tokens is None):
         raise InvalidConfigError("vistok ask: give --method and --tokens together (or neither, for all tokens)")
-    try:
-        from PIL import Image
+    if not args.question.strip():
+        raise InvalidConfigError("vistok ask: --question is blank")
+    from PIL import Image
 
-        with Image.open(args.image) as picture:
-            grey = picture.convert("L").resize((56, 56), Image.BILINEAR)
-    except (OSError, ValueError) as error:
-        raise InputShapeError(f"vistok ask: cannot read the image {args.image}: {error}") from None
+    from .data import read_image
+
+    grey = read_image(args.image, "L").resize((56, 56), Image.BILINEAR)
     image = torch.frombuffer(bytearray(grey.tobytes()), dtype=torch.uint8).reshape(1, 1, 56, 56).float() / 255
     image = (image - FASHION_MNIST_MEAN) / FASHION_MNIST_STD
     model, tokenizer = create_reference_vlm(pretrained=args.checkpoint is None, checkpoint=args.checkpoint,
@@ -384,7 +386,8 @@ def _tune(args: argparse.Namespace) -> int:
         from .models.reference import load_checkpoint
 
         load_checkpoint(model, args.checkpoint)
-    images, labels = _calibration_images(model, args.folder, args.images, "test" if args.labels else "train")
+    images, labels = _calibration_images(model, args.folder, args.images, "test" if args.labels else "train",
+                                         args.labels)
     result = tune(model, images, args.target, labels if args.labels else None, flops_images=args.flops_images,
                   progress=True, cost=args.cost)
     best = result.best
@@ -401,23 +404,24 @@ def _tune(args: argparse.Namespace) -> int:
     return 0
 
 
-def _calibration_images(model: Any, folder: str | None, count: int,
-                        split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
+def _calibration_images(model: Any, folder: str | None, count: int, split: str = "train",
+                        labels: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """``count`` calibration images as the model takes them, and their labels: from ``folder``, a seeded random
     draw (an image folder is ordered class by class, and the tuner's first rung scores the first quarter); else
-    the first of Fashion-MNIST's ``split``."""
+    the first of Fashion-MNIST's ``split``. With ``labels``, a folder must hold one class folder per model class
+    (numbered names in numeric order): a missing class shifts every id after it."""
     if folder is not None:
         from timm.data import create_transform, resolve_data_config
-        from torchvision.datasets import ImageFolder
 
-        from .data import image_loader
+        from .data import image_folder, image_loader
 
         settings = resolve_data_config({}, model=model)
         try:  # read with the model's channel count (grey for a 1-channel model: RGB images crashed it)
-            dataset = ImageFolder(folder, transform=create_transform(**settings),
-                                  loader=image_loader(settings["input_size"][0]))
+            dataset = image_folder(folder, create_transform(**settings), image_loader(settings["input_size"][0]))
         except FileNotFoundError as error:  # no such folder, or no class folders with images in it
             raise InvalidConfigError(f"vistok tune --folder {folder}: {error}") from None
+        if labels:
+            _check_label_folders(dataset.classes, getattr(model, "num_classes", None), folder)
         order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))[:count]
         picked = [dataset[int(i)] for i in order]
         return torch.stack([p[0] for p in picked]), torch.tensor([p[1] for p in picked])
@@ -430,6 +434,20 @@ def _calibration_images(model: Any, folder: str | None, count: int,
                                  "--folder with calibration images (class sub-folders, as ImageFolder reads)")
     images, labels = load_fashion_mnist(split)
     return GreyBatchTransform()(images[:count]), labels[:count]
+
+
+def _check_label_folders(classes: list[str], num_classes: int | None, folder: str) -> None:
+    """Refuse class folders that cannot be the model's class ids in sorted order: another count, or numbered
+    names that sort out of numeric order (``10`` before ``2``)."""
+    if num_classes is not None and len(classes) != num_classes:
+        raise InvalidConfigError(
+            f"vistok tune --folder {folder} --labels: {len(classes)} class folders for a model of {num_classes} "
+            "classes; the sorted folders are the class ids, so every class needs its folder (a missing one shifts "
+            "the ids after it)")
+    if all(name.isdigit() for name in classes) and [int(name) for name in classes] != sorted(map(int, classes)):
+        raise InvalidConfigError(
+            f"vistok tune --folder {folder} --labels: numbered class folders sort as {classes[:4]}..., not in "
+            "numeric order: pad the numbers with zeros (00, 01, ..., 10)")
 
 
 if __name__ == "__main__":

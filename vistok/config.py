@@ -222,7 +222,12 @@ def parse_method_spec(text: str) -> tuple[str, dict[str, Any]]:
     name, _, rest = text.partition(":")
     if not name:
         raise ConfigError(f"expected method or method:key=value,..., got {text!r}")
-    return name, dict(parse_option(item) for item in _top_level_items(rest) if item)
+    options = [parse_option(item) for item in _top_level_items(rest) if item]
+    keys = [key for key, _ in options]
+    twice = sorted({key for key in keys if keys.count(key) > 1})
+    if twice:
+        raise ConfigError(f"{text!r}: {', '.join(twice)} given more than once")
+    return name, dict(options)
 
 
 def _top_level_items(text: str) -> list[str]:

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset, TensorDataset
 
-from .errors import VistokError
+from .errors import InputShapeError, VistokError
 
 __all__ = [
     "DatasetNotFoundError",
@@ -35,6 +35,10 @@ __all__ = [
     "fashion_mnist_dataset",
     "image_folder_dataset",
     "image_loader",
+    "class_folders",
+    "image_folder",
+    "read_image",
+    "white_level",
 ]
 
 FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
@@ -187,23 +191,21 @@ def image_folder_dataset(root: str | os.PathLike, split: str, input_size: int | 
             folder ``root/train`` lacks.
     """
     from timm.data import create_transform
-    from torchvision.datasets import ImageFolder
-    from torchvision.datasets.folder import find_classes
 
     folder = Path(root) / split
-    if not folder.is_dir() or not any(child.is_dir() for child in folder.iterdir()):
+    if not folder.is_dir() or not any(child.is_dir() and not child.name.startswith(".") for child in folder.iterdir()):
         raise DatasetNotFoundError(f"{folder} is not a folder of class sub-folders (expected {root}/{split}/<class>/"
                                    "<image files>, as for ImageNet)")
     size = input_size if isinstance(input_size, int) else (channels, *input_size)
     flips = {"hflip": 0.5 if flip else 0.0} if train else {}
     transform = create_transform(size, is_training=train, mean=mean, std=std, interpolation=interpolation,
                                  crop_pct=crop_pct, **flips)
-    dataset = ImageFolder(str(folder), transform=transform, loader=image_loader(channels))
+    dataset = image_folder(folder, transform, image_loader(channels))
     training = Path(root) / "train"
     if split == "train" or not training.is_dir():
         return dataset
     try:
-        classes, ids = find_classes(str(training))
+        classes, ids = class_folders(training)
     except FileNotFoundError:  # a train/ without class folders has no class ids to keep
         classes, ids = [], {}
     unknown = sorted(set(dataset.classes) - set(classes))
@@ -217,13 +219,83 @@ def image_folder_dataset(root: str | os.PathLike, split: str, input_size: int | 
     return dataset
 
 
+def class_folders(directory: str | os.PathLike) -> tuple[list[str], dict[str, int]]:
+    """The sorted class folders of ``directory`` and their ids, as ``ImageFolder`` numbers them, but without hidden
+    folders (``.ipynb_checkpoints``, ``.git``): one would become a class and shift every id after it.
+
+    Raises:
+        FileNotFoundError: ``directory`` has no class folders (as torchvision's ``find_classes``).
+    """
+    classes = sorted(entry.name for entry in os.scandir(directory) if entry.is_dir() and not entry.name.startswith("."))
+    if not classes:
+        raise FileNotFoundError(f"Couldn't find any class folder in {directory}.")
+    return classes, {name: index for index, name in enumerate(classes)}
+
+
+def image_folder(root: str | os.PathLike, transform: Callable | None, loader: Callable[[str], Any]) -> Dataset:
+    """torchvision's ``ImageFolder`` over :func:`class_folders` (hidden folders left out)."""
+    from torchvision.datasets import ImageFolder
+
+    class VisibleImageFolder(ImageFolder):
+        def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
+            return class_folders(directory)
+
+    return VisibleImageFolder(str(root), transform=transform, loader=loader)
+
+
 def image_loader(channels: int) -> Callable[[str], Any]:
     """An ``ImageFolder`` loader giving PIL images of ``channels`` channels (1: grey, 3: RGB)."""
-    return partial(_read_image, mode="L" if channels == 1 else "RGB")
+    return partial(read_image, mode="L" if channels == 1 else "RGB")
 
 
-def _read_image(path: str, mode: str) -> Any:
+def read_image(path: str | os.PathLike, mode: str) -> Any:
+    """The image at ``path`` as a Pillow image of ``mode`` (``"L"`` or ``"RGB"``). Greys of 16 bits or floats are
+    scaled to 8 bits by their :func:`white_level` (Pillow's ``convert`` clips them, reading a 16-bit image as
+    nearly all white).
+
+    Raises:
+        InputShapeError: a file Pillow cannot read, or wide greys outside their white level (the file named).
+    """
     from PIL import Image
 
-    with open(path, "rb") as handle:
-        return Image.open(handle).convert(mode)
+    try:
+        with open(path, "rb") as handle, Image.open(handle) as image:
+            white = white_level(image, Path(path))
+            if white is None:
+                return image.convert(mode)
+            values = np.asarray(image, dtype=np.float64)
+            if values.size and not (values.min() >= 0 and values.max() <= white):
+                raise InputShapeError(f"{path}: {image.mode} grey levels from {values.min():g} to {values.max():g} "
+                                      f"are outside [0, {white:g}]; save the image with 8 or 16 bits")
+            return Image.fromarray(np.rint(values * (255 / white)).astype(np.uint8)).convert(mode)
+    except (OSError, ValueError) as error:
+        if isinstance(error, VistokError):
+            raise
+        raise InputShapeError(f"cannot read the image {path}: {error}") from None
+
+
+def white_level(image: Any, path: Path) -> float | None:
+    """The level of white of a Pillow image of wide greys, from the bit depth its file states: ``F`` 1.0, ``I;16``
+    65535, ``I`` as a PNG or a PGM 65535 (PNG greys have at most 16 bits, Pillows before 10 open them as ``I``; a
+    16-bit PGM is scaled to 65535 by Pillow) or a TIFF's BitsPerSample up to 16; ``None`` for 8-bit modes, which
+    Pillow converts itself.
+
+    Raises:
+        InputShapeError: 32-bit integer greys whose bit depth the file does not state: 8-bit levels stored in 32
+            bits and 16-bit ones differ only by their white level, so no rule would read both right.
+    """
+    if image.mode == "F":
+        return 1.0
+    if image.mode.startswith("I;16"):
+        return 65535.0
+    if image.mode != "I":
+        return None
+    if image.format in ("PNG", "PPM"):  # Pillow scales a PGM's maxval to 16 bits
+        return 65535.0
+    bits = getattr(image, "tag_v2", {}).get(258)  # TIFF BitsPerSample: an int, or one per sample
+    bits = bits[0] if isinstance(bits, tuple) and bits else bits
+    if isinstance(bits, int) and 1 <= bits <= 16:
+        return float(2**bits - 1)
+    raise InputShapeError(f"{path.name}: 32-bit integer greys (Pillow mode I{f', {bits} bits' if bits else ''}) "
+                          "have no stated white level: 8-bit levels (white 255) and 16-bit ones (white 65535) would "
+                          "read differently; save the image with 8 or 16 bits")

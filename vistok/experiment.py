@@ -13,6 +13,7 @@ in, logits out, test views averaged).
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -68,15 +69,13 @@ def build_model(config: dict[str, Any], patch: bool = True) -> nn.Module:
         ConfigError: the model name is not in timm's registry.
         CheckpointError: the checkpoint is missing or does not fit.
     """
-    from ._timm import create_timm_model
     from .models.reference import load_checkpoint
     from .patching import patch as patch_model
 
     if config["model"].startswith("hf:"):
         model = _build_hf_model(config["model"][3:], config["model_kwargs"], config["pretrained"])
     else:
-        model = create_timm_model(config["model"], "model", ConfigError, pretrained=config["pretrained"],
-                                  **config["model_kwargs"])
+        model = _create_timm(config["model"], config["model_kwargs"], pretrained=config["pretrained"])
     if config["checkpoint"]:
         load_checkpoint(model, config["checkpoint"])
     if patch and config["method"]:
@@ -96,6 +95,11 @@ def _build_hf_model(class_name: str, kwargs: dict[str, Any], pretrained: bool) -
         if not source:
             raise ConfigError(f"model hf:{class_name} with pretrained: true needs model_kwargs.name_or_path")
         return cls.from_pretrained(source, **kwargs)
+    defaults = cls.config_class()  # a config keeps any keyword as an attribute: a typo would change nothing
+    unknown = sorted(key for key in kwargs if not hasattr(defaults, key))
+    if unknown:
+        raise ConfigError(f"model hf:{class_name}: model_kwargs {unknown} are not {cls.config_class.__name__} "
+                          "settings")
     return cls(cls.config_class(**kwargs))
 
 
@@ -221,10 +225,19 @@ def image_settings(data: dict[str, Any], model: dict[str, Any] | None = None) ->
 
 def _on_meta(name: str, kwargs: dict[str, Any]) -> nn.Module:
     """The timm model ``name`` built with ``kwargs`` on the meta device: its configuration, without weights."""
+    with torch.device("meta"):
+        return _create_timm(name, kwargs, pretrained=False)
+
+
+def _create_timm(name: str, kwargs: dict[str, Any], pretrained: bool) -> nn.Module:
+    """The timm model ``name`` built with ``model_kwargs`` ``kwargs``; a key it does not take (or a value of the
+    wrong type) is a :class:`ConfigError`, not a ``TypeError`` from inside timm."""
     from ._timm import create_timm_model
 
-    with torch.device("meta"):
-        return create_timm_model(name, "model", ConfigError, pretrained=False, **kwargs)
+    try:
+        return create_timm_model(name, "model", ConfigError, pretrained=pretrained, **kwargs)
+    except TypeError as error:
+        raise ConfigError(f"model {name} with model_kwargs {kwargs}: {error}") from None
 
 
 def _pair(size: int | list | tuple) -> tuple[int, int]:
@@ -240,10 +253,10 @@ def _checked_image_setting(key: str, value: Any) -> Any:
             raise ConfigError(f"data.input_size must be an int >= 1 or [height, width], got {value!r}")
         return size[0] if size[0] == size[1] else size
     if key in ("mean", "std"):
-        if not isinstance(value, (list, tuple)) or not value or not all(is_real(v) for v in value) or (
-                key == "std" and not all(v > 0 for v in value)):
-            raise ConfigError(f"data.{key} must be a list of numbers (one per channel{', > 0' * (key == 'std')}), "
-                              f"got {value!r}")
+        finite = isinstance(value, (list, tuple)) and all(is_real(v) and math.isfinite(v) for v in value)
+        if not value or not finite or (key == "std" and not all(v > 0 for v in value)):
+            raise ConfigError(f"data.{key} must be a list of finite numbers (one per channel"
+                              f"{', > 0' * (key == 'std')}), got {value!r}")
         return tuple(float(v) for v in value)
     if key == "crop_pct":
         if not is_real(value) or not 0 < value <= 1:

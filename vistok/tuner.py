@@ -191,7 +191,7 @@ def tune(model: nn.Module, images: Tensor | list[dict[str, Any]], target: float 
     from .adapters.vlm import vision_llm_family
     from .patching import find_handle
 
-    _check_counts(rungs=rungs, flops_images=flops_images, latency_images=latency_images, latency_runs=latency_runs)
+    check_counts(rungs=rungs, flops_images=flops_images, latency_images=latency_images, latency_runs=latency_runs)
     if vision_llm_family(model) is not None:
         if encode is not None:
             raise InvalidConfigError("tune: encode= is for towers without a classifier; a vision-LLM is scored on "
@@ -235,7 +235,7 @@ def tune(model: nn.Module, images: Tensor | list[dict[str, Any]], target: float 
                       time.perf_counter() - started, cost=cost)
 
 
-def _check_counts(**counts: Any) -> None:
+def check_counts(**counts: Any) -> None:
     """Raise :class:`InvalidConfigError` naming the first count that is not an ``int >= 1``."""
     for name, value in counts.items():
         if not is_int(value, 1):
@@ -252,6 +252,14 @@ def check_labels(labels: object, count: int, name: str, what: str) -> None:
         raise InputShapeError(f"tune: labels must be integer {what}, got a {labels.dtype} tensor")
     if labels.shape != (count,):
         raise InputShapeError(f"tune: labels must be [{name}={count}] {what}, got {tuple(labels.shape)}")
+
+
+def check_finite_reference(reference: Tensor, what: str) -> None:
+    """Refuse unpatched outputs ``[B, C]`` with NaN or inf: every candidate would be compared with nothing."""
+    bad = (~reference.isfinite().all(dim=-1)).nonzero().flatten().tolist()
+    if bad:
+        raise InputShapeError(f"tune: the unpatched model's outputs are not finite for {what} {bad[:8]} (of "
+                              f"{reference.shape[0]}); check those inputs")
 
 
 def check_label_range(labels: Tensor, classes: int, what: str) -> None:
@@ -303,6 +311,7 @@ def _search(model: nn.Module, images: Tensor, target: float, labels: Tensor | No
 
     with torch.no_grad():
         reference = _outputs(model, images, encode)
+    check_finite_reference(reference, "images")
     if labels is not None:
         check_label_range(labels, reference.shape[1], "class ids")
     counted = images[:flops_images]
@@ -420,8 +429,9 @@ def agreement_scores(logits: Tensor, reference: Tensor, labels: Tensor | None, r
     first rung."""
     kl = F.kl_div(logits.log_softmax(-1), reference.log_softmax(-1), log_target=True, reduction="batchmean")
     target = reference.argmax(-1) if labels is None else labels.to(logits.device)
-    score = 100.0 * float((logits.argmax(-1) == target).float().mean())
-    out = {"score": score, "kl": float(kl), "images": logits.shape[0]}
+    finite = logits.isfinite().all(dim=-1)  # a candidate's NaN row is a miss (argmax would pick the NaN)
+    score = 100.0 * float(((logits.argmax(-1) == target) & finite).float().mean())
+    out = {"score": score, "kl": float(kl) if bool(finite.all()) else math.inf, "images": logits.shape[0]}
     if rung == 0:
         out["rung0_score"] = score
     return out

@@ -162,6 +162,8 @@ def test_bench_command_bad_input(capsys):
     for flags, message in [*no_cuda, (["--method", "merge", "--attention", "flex"], "fused only compiled"),
                            (["--method", "merge", "--compile", "nope"], "unknown torch"),
                            (["--method", "merge", "--compile", "--attention", "flex"], "CPU inductor cannot"),
+                           (["--method", "merge", "--compile", "--attention", "flex", "--device", "cpu:0"],
+                            "CPU inductor cannot"),  # compiled for a minute, then an inductor traceback
                            (["-o", "r=2"], "needs --method"),
                            (["--device", "nonsense"], "--device 'nonsense' is not a torch device"),
                            (["--json", "/no/such/folder/x.json"], "no folder /no/such/folder"),
@@ -170,6 +172,8 @@ def test_bench_command_bad_input(capsys):
                             "from 1 to the batch size 2")]:
         assert main(["bench", "--model", "vit_small_patch16_224", *flags]) == 2
         assert message in capsys.readouterr().err
+    assert main(["bench", "--model", "resnet18", "--batch-size", "1", "--runs", "1"]) == 2  # an AttributeError
+    assert "resnet18 (ResNet) has no patch_embed" in capsys.readouterr().err
     for command in (["bench", "--model", "no_such_model"], ["tune", "--model", "no_such_model"]):
         assert main(command) == 2
         assert "unknown model 'no_such_model': not in timm's registry" in capsys.readouterr().err
@@ -180,6 +184,15 @@ def test_bench_command_bad_input(capsys):
     with pytest.raises(SystemExit):
         main(["bench", "--model", "vit_small_patch16_224", "--warmup", "-1"])
     assert "--warmup: expected an integer >= 0, got '-1'" in capsys.readouterr().err
+    for command, flag, value, message in [("bench", "--seed", "-1", "expected an integer >= 0"),  # OverflowError:
+                                          ("bench", "--seed", str(10**20), "expected a seed below 2**32"),
+                                          ("video-qa", "--seed", str(10**20), "expected a seed below 2**32"),
+                                          ("tune", "--images", "2", "expected an integer >= 4")]:  # after the loads
+        required = {"bench": ["--model", "vit_small_patch16_224"], "tune": ["--model", "vit_small_patch16_224"],
+                    "video-qa": ["--video", "v.mp4", "--question", "Is there a bag?"]}[command]
+        with pytest.raises(SystemExit):
+            main([command, *required, flag, value])
+        assert f"{flag}: {message}" in capsys.readouterr().err
     assert main(["tune", "--model", "vit_tiny_patch16_224", "--folder", "/no/such/folder"]) == 2
     assert "vistok tune --folder /no/such/folder" in capsys.readouterr().err
 

@@ -306,6 +306,8 @@ def test_train_eval_and_ask_tools(smollm2, tmp_path, capsys):
     assert "answer:" in printed and "visual tokens: 12 (dominant)" in printed and "prefill:" in printed
     assert vistok_main([*args[:1], "--image", str(tmp_path / "missing.png"), *args[3:]]) == 2
     assert vistok_main([*args, "--method", "dominant"]) == 2  # --tokens missing
+    assert vistok_main([*args[:3], "--question", "  ", *args[5:]]) == 2  # answered "nothing" before
+    assert "--question is blank" in capsys.readouterr().err
     assert vistok_main([*args, "--method", "pool:positions=original", "--tokens", "9"]) == 0  # a method's options
     assert "visual tokens: 9 (pool:positions=original)" in capsys.readouterr().out
     assert vistok_main([*args, "--method", "pool:positions=sideways", "--tokens", "9"]) == 2

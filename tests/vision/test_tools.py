@@ -173,6 +173,63 @@ def test_a_validation_folder_without_some_class_keeps_the_training_ids(tmp_path)
         vdata.image_folder_dataset(root, "val", **settings)
 
 
+def test_images_are_read_at_their_bit_depth_and_hidden_folders_are_no_classes(tmp_path):
+    """A 16-bit grey image is scaled to 8 bits (Pillow's convert clipped it: nearly all white); a file that is no
+    image is named (a PIL traceback mid-epoch); a hidden folder (.ipynb_checkpoints) is no class: it shifted
+    every class id after it."""
+    from PIL import Image
+
+    ramp = np.linspace(0, 65535, 56 * 56).round().astype(np.uint16).reshape(56, 56)
+    Image.fromarray(ramp).save(tmp_path / "wide.png")
+    Image.fromarray((ramp >> 8).astype(np.uint8)).save(tmp_path / "narrow.png")
+    for mode in ("L", "RGB"):
+        wide = np.asarray(vdata.read_image(tmp_path / "wide.png", mode), dtype=np.int64)
+        narrow = np.asarray(vdata.read_image(tmp_path / "narrow.png", mode), dtype=np.int64)
+        assert wide.shape == narrow.shape and np.abs(wide - narrow).max() <= 1
+    (tmp_path / "broken.png").write_bytes(b"not an image")
+    with pytest.raises(vistok.InputShapeError, match="cannot read the image .*broken.png"):
+        vdata.read_image(tmp_path / "broken.png", "L")
+    root = tmp_path / "images"
+    _class_folders(root, {"bag": 8, "coat": 4}, per_class=2)
+    for split in ("train", "val"):
+        (root / split / ".ipynb_checkpoints").mkdir()
+        Image.new("L", (28, 28)).save(root / split / ".ipynb_checkpoints" / "0.png")
+    settings = {"input_size": 28, "train": False, "mean": (0.5,), "std": (0.5,), "channels": 1}
+    for split in ("train", "val"):
+        dataset = vdata.image_folder_dataset(root, split, **settings)
+        assert dataset.classes == ["bag", "coat"] and len(dataset) == 4
+        assert all(dataset.classes[target] == Path(path).parent.name for path, target in dataset.samples)
+    (root / "val" / "bag" / "9.png").write_bytes(b"truncated")
+    dataset = vdata.image_folder_dataset(root, "val", **settings)
+    broken = next(i for i, (path, _) in enumerate(dataset.samples) if path.endswith("9.png"))
+    with pytest.raises(vistok.InputShapeError, match="9.png"):
+        dataset[broken]
+
+
+def test_model_and_image_settings_that_would_change_nothing_or_everything_are_refused():
+    """A model_kwargs key the model does not take was a TypeError traceback (timm) or silently ignored (an hf:
+    config keeps any key); NaN / inf normalisation made every input NaN; a method option written twice kept the
+    last silently."""
+    from vistok.config import parse_method_spec
+    from vistok.experiment import IMAGE_KEYS, build_model, image_settings
+
+    config = {"model": "vit_tiny_patch16_224", "model_kwargs": {"depht": 2}, "pretrained": False,
+              "checkpoint": None, "method": None}
+    with pytest.raises(ConfigError, match="model vit_tiny_patch16_224 with model_kwargs .*depht"):
+        build_model(config)
+    hf = {**config, "model": "hf:VideoMAEForVideoClassification", "model_kwargs": {"num_frame": 8}}
+    with pytest.raises(ConfigError, match=r"model_kwargs \['num_frame'\] are not VideoMAEConfig settings"):
+        build_model(hf)
+    with pytest.raises(ConfigError, match="model vit_tiny_patch16_224 with model_kwargs .*depht"):
+        image_settings(dict.fromkeys(IMAGE_KEYS), config)  # the model's own settings, read on meta
+    for key, value in [("mean", [float("nan")]), ("std", [float("inf")]), ("mean", [float("-inf")])]:
+        with pytest.raises(ConfigError, match=f"data.{key} must be a list of finite numbers"):
+            image_settings({**dict.fromkeys(IMAGE_KEYS), key: value})
+    with pytest.raises(ConfigError, match="positions given more than once"):
+        parse_method_spec("pool:positions=original,positions=compact")
+    assert parse_method_spec("pool:positions=original,tokens=4") == ("pool", {"positions": "original", "tokens": 4})
+
+
 def test_sweep_checks_every_point_first_and_keeps_finished_rows(tmp_path, capsys, monkeypatch):
     """A bad point was found only when reached (after the whole-test-set points before it) and every finished row
     was lost; num_frames=[0] ran the unpatched model labelled `0 frames`; method= was silently ignored; the
@@ -667,6 +724,8 @@ def test_benchmarks_and_eval_refuse_a_json_folder_before_the_work(tmp_path, caps
                        (evaluate.main, [])):
         assert main([*argv, "--json", str(tmp_path)]) == 2, argv
         assert "--json" in (error := capsys.readouterr().err) and "a folder, not a file" in error
+    for device in ("tpu", *(["cuda"] if not torch.cuda.is_available() else [])):  # a traceback after the FLOPs
+        assert benchmark.main(["ats", "--device", device]) == 2 and "--device" in capsys.readouterr().err
     gpu = load_tool("bench_gpu")
     monkeypatch.setattr(gpu, "allow_recompiles", lambda *args: pytest.fail("measured"))
     assert gpu.main(["--smoke", "--out", str(tmp_path)]) == 2 and "a folder, not a file" in capsys.readouterr().err

@@ -132,6 +132,20 @@ def test_bad_input_is_refused(setting):
         vistok.tune(model, images, labels=list(range(16)))
     with pytest.raises(InvalidConfigError, match=r"encode= gave \(16, 17, 192\), not \[B, D\]"):
         vistok.tune(model, images, encode=lambda m, x: m.forward_features(x))
+    broken = images.clone()
+    broken[[1, 5]] = float("nan")  # every candidate "agreed" with NaN outputs, the KL tie-break was NaN
+    with pytest.raises(InputShapeError, match=r"not finite for images \[1, 5\] \(of 16\)"):
+        vistok.tune(model, broken)
+
+
+def test_a_candidates_non_finite_outputs_are_misses():
+    from vistok.tuner import agreement_scores
+
+    reference = torch.tensor([[0.0, 2.0, 1.0], [3.0, 0.0, 1.0]])
+    logits = torch.tensor([[float("nan"), 0.0, 0.0], [3.0, 0.0, 1.0]])  # argmax 0 on the NaN row
+    out = agreement_scores(logits, reference, None, 0)
+    assert out["score"] == 50.0 and out["kl"] == math.inf
+    assert agreement_scores(reference, reference, None, 1) == {"score": 100.0, "kl": 0.0, "images": 2}
 
 
 def test_candidates_are_sized_for_the_calibration_images_on_a_model_of_other_sizes():
@@ -254,6 +268,11 @@ def test_the_tuner_picks_a_boundary_method_for_a_vision_llm():
     from vistok.adapters.tuning import boundary_candidates
 
     model, batches = tiny_llava(), llava_batches()
+    from vistok.adapters.tuning import tune_vision_llm
+
+    for rungs in (0, -1):  # called directly, it returned an unscored first candidate
+        with pytest.raises(InvalidConfigError, match="rungs must be an int >= 1"):
+            tune_vision_llm(model, batches, target=0.3, rungs=rungs)
     result = vistok.tune(model, batches, target=0.3, rungs=2)
     labels = {row["label"] for row in result.rows}
     assert {"merge_to_budget", "region_merge", "dominant", "random_select", "correlation_guided"} <= labels
@@ -602,3 +621,22 @@ def test_tune_labels_score_fashion_mnist_test_images(tmp_path, monkeypatch):
         images, labels = load_fashion_mnist(split)
         assert torch.equal(seen[-1][0], GreyBatchTransform()(images[:8]))
         assert torch.equal(seen[-1][1], labels[:8]) if flag else seen[-1][1] is None
+
+
+def test_labelled_folders_must_be_the_models_classes_in_order(tmp_path, monkeypatch, capsys):
+    """With --labels the sorted class folders are the class ids: a folder missing a class, or numbered folders
+    that sort out of numeric order (1, 10, 2, ...), scored against shifted labels without a word."""
+    from PIL import Image
+
+    from vistok import tuner
+    from vistok.cli import main
+
+    monkeypatch.setattr(tuner, "tune", lambda *args, **kwargs: pytest.fail("tuned"))
+    for name, classes, message in [("missing", ["c0", "c2"], "2 class folders for a model of 10 classes"),
+                                   ("numbered", [str(i) for i in range(1, 11)], "not in numeric order")]:
+        for label in classes:
+            (tmp_path / name / label).mkdir(parents=True)
+            Image.new("L", (28, 28)).save(tmp_path / name / label / "0.png")
+        assert main(["tune", "--model", "vistok_vit_fmnist", "--folder", str(tmp_path / name), "--labels",
+                     "--images", "4", "--out", str(tmp_path / "t")]) == 2
+        assert message in capsys.readouterr().err

@@ -94,7 +94,7 @@ def tune_vision_llm(model: nn.Module, batches: Sequence[Mapping[str, Any]], targ
     visual tokens per unit; ``labels`` ``[P]`` optional, the expected next token of each of the ``P`` prompts
     (integer ids in ``[0, vocab)``)."""
     from ..patching import find_handle
-    from ..tuner import TuneResult, check_labels
+    from ..tuner import TuneResult, check_counts, check_labels
     from .vlm import vision_llm_family
 
     if not is_real(target) or not 0 < target <= 1:
@@ -103,6 +103,7 @@ def tune_vision_llm(model: nn.Module, batches: Sequence[Mapping[str, Any]], targ
             not all(isinstance(b, Mapping) and "input_ids" in b for b in batches):
         raise InputShapeError("tune: on a vision-LLM give the calibration prompts as a list of batches, each the "
                               "model's keyword inputs (input_ids, attention_mask, pixel_values, ...)")
+    check_counts(rungs=rungs)
     if len(batches) < 2 ** (rungs - 1):
         raise InputShapeError(f"tune: {rungs} rungs of successive halving need at least {2 ** (rungs - 1)} batches, "
                               f"got {len(batches)}")
@@ -133,9 +134,10 @@ def _search(model: nn.Module, batches: Sequence[Mapping[str, Any]], rows: list[d
             labels: Tensor | None, rungs: int, progress: bool) -> tuple[dict[str, Any], int]:
     """Successive halving of ``rows`` over the batches; the best row and the prompts scored."""
     from ..patching import patch
-    from ..tuner import agreement_scores, check_label_range, successive_halving
+    from ..tuner import agreement_scores, check_finite_reference, check_label_range, successive_halving
 
     reference = _next_token_logits(model, batches)
+    check_finite_reference(reference, "prompts")
     if labels is not None:
         check_label_range(labels, reference.shape[-1], "next-token ids")
 

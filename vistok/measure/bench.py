@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .._checks import is_int
-from ..errors import InvalidConfigError
+from ..errors import InvalidConfigError, UnsupportedModelError
 from .flops import count_flops
 from .throughput import Timing, allow_recompiles, synchronize, time_models
 from .tokens import tokens_per_block
@@ -185,6 +185,9 @@ def run_benchmark(
         from .._timm import create_timm_model
 
         base = create_timm_model(model_name, "run_benchmark", pretrained=False, **(model_kwargs or {})).eval()
+        if not isinstance(getattr(base, "patch_embed", None), nn.Module):
+            raise UnsupportedModelError(f"run_benchmark: {model_name} ({type(base).__name__}) has no patch_embed: "
+                                        "vistok benchmarks vision transformers")
         stem = next((m for m in base.patch_embed.modules() if isinstance(m, nn.Conv2d)), None)
         channels = 3 if stem is None else stem.in_channels
         input_shape = input_shape or (channels, *base.patch_embed.img_size)
