@@ -20,7 +20,8 @@ paired standard errors (``*_se``): whether one method beats another is read from
     python tools/eval_vlm.py --out results/vlm_eval                       # the shipped weights, 500 questions
     python tools/eval_vlm.py --questions 200 --fractions 0.25 --methods dominant merge_to_budget
     python tools/eval_vlm.py --page --out out/sparse_pages                # the shipped page VLM, its default methods
-    python tools/eval_vlm.py --fine --out out/vlm_fine --questions 300    # the fine VLM (196 tokens per image)
+    python tools/eval_vlm.py --fine --out out/vlm_fine --questions 300    # the fine VLM (196 tokens per image),
+                                                                          # its methods with positions=original
 """
 
 from __future__ import annotations
@@ -50,6 +51,9 @@ PAGE_METHODS = ("correlation_guided:redundancy=page,positions=original",
                 "correlation_guided:redundancy=page,minimum=0,positions=original", PAGE_BASELINE,
                 "random_select:positions=original", "merge_to_budget:positions=original")
 PAGE_FRACTIONS = (0.5, 0.33, 0.17, 0.11, 0.083, 0.056)
+# the fine VLM was trained with every method numbering the kept tokens as the full image: evaluated so too
+FINE_METHODS = tuple(f"{method}:positions=original" for method in METHODS)
+FINE_BASELINE = "pool:positions=original"
 
 
 def settings(methods: list[str], fractions: list[float], full: int, grid: tuple[int, int],
@@ -71,6 +75,21 @@ def settings(methods: list[str], fractions: list[float], full: int, grid: tuple[
                 tokens = pooled(tokens)
             points.append((method, tokens))
     return points
+
+
+def check_method(parser: argparse.ArgumentParser, method: str) -> None:
+    """Stop with a usage error at a method word whose name or options vistok refuses, or that carries a budget
+    (each point gives its own)."""
+    from vistok.errors import VistokError
+    from vistok.methods import create_config
+
+    try:
+        name, options = parse_method_spec(method)
+        if {"tokens", "keep"} & set(options):
+            parser.error(f"--methods {method}: the budget comes from --fractions, not from the method's options")
+        create_config(name, **options, keep=1.0)
+    except VistokError as error:
+        parser.error(f"--methods {method}: {error}")
 
 
 def patch(model, method: str, **budget):
@@ -187,14 +206,16 @@ def main(argv: list[str] | None = None, language_model=None) -> int:
     parser.add_argument("--checkpoint", default=None, help="trained tensors (.safetensors); default: the shipped")
     parser.add_argument("--questions", type=count, default=500)
     parser.add_argument("--methods", nargs="*", default=None,
-                        help=f"default {' '.join(METHODS)}; with --page {' '.join(PAGE_METHODS)}")
+                        help=f"default {' '.join(METHODS)}; with --page {' '.join(PAGE_METHODS)}; with --fine "
+                        "each with :positions=original (as it was trained)")
     parser.add_argument("--fractions", nargs="*", type=fraction, default=None,
                         help=f"default 0.5 0.25 0.1; with --page {' '.join(map(str, PAGE_FRACTIONS))}")
     parser.add_argument("--page", action="store_true", help="the page VLM on sparse pages")
     parser.add_argument("--fine", action="store_true", help="the fine VLM (196 visual tokens per image)")
     parser.add_argument("--baseline", default=None,
                         help="the method every other is compared with at equal tokens (vs_baseline, paired on the "
-                        f"same questions); default {BASELINE}, with --page {PAGE_BASELINE}")
+                        f"same questions); default {BASELINE}, with --page {PAGE_BASELINE}, with --fine "
+                        f"{FINE_BASELINE}")
     parser.add_argument("--tune", type=float, default=None, metavar="SHARE",
                         help="also run vistok.tune at this share of the visual tokens on training questions and "
                         "evaluate its pick (a row 'tuned: <pick>'; the pick and its search in <out>_tune.json)")
@@ -209,10 +230,15 @@ def main(argv: list[str] | None = None, language_model=None) -> int:
     if args.page and args.fine:
         parser.error("--page and --fine are different variants; give at most one")
     if args.methods is None:
-        args.methods = list(PAGE_METHODS if args.page else METHODS)
+        args.methods = list(PAGE_METHODS if args.page else FINE_METHODS if args.fine else METHODS)
     if args.fractions is None:
         args.fractions = list(PAGE_FRACTIONS) if args.page else [0.5, 0.25, 0.1]
-    baseline = args.baseline or (PAGE_BASELINE if args.page else BASELINE)
+    baseline = args.baseline or (PAGE_BASELINE if args.page else FINE_BASELINE if args.fine else BASELINE)
+    for method in args.methods:  # before the model loads and the all-token run
+        check_method(parser, method)
+    if args.tune is not None and args.tune_batches < 4:
+        parser.error(f"--tune-batches {args.tune_batches}: the tuner's three rungs of successive halving need 4 "
+                     "batches or more")
     if baseline not in args.methods:
         if args.baseline is not None:
             parser.error(f"--baseline {baseline} is not among the methods evaluated ({' '.join(args.methods)})")

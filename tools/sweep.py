@@ -190,7 +190,8 @@ def main(argv: list[str] | None = None) -> int:
     except vistok.VistokError as error:
         print(f"sweep.py: error: {error}", file=sys.stderr)
         return 2
-    save_pareto_plot(beside(out, ".png"), rows, title=f"{config['model']} on {config['data']['name']} (test set)")
+    save_pareto_plot(beside(out, ".png"), rows, title=f"{config['model']} on {config['data']['name']} (test set)",
+                     unit="clip" if config["data"]["name"] == "video" else "image")
     print(f"wrote {beside(out, '.csv')} and {beside(out, '.png')}")
     return 0
 

@@ -212,6 +212,9 @@ def _dim_dropped(panel: np.ndarray, kept: Tensor, patch_grid: tuple[int, int]) -
     mask = np.zeros(patch_grid[0] * patch_grid[1], dtype=bool)
     mask[kept.cpu().numpy()] = True
     height, width = panel.shape[:2]
+    if height % patch_grid[0] or width % patch_grid[1]:
+        raise InputShapeError(f"a {height} x {width} picture does not divide into the {patch_grid[0]} x "
+                              f"{patch_grid[1]} patch grid (give views whose sides are multiples of it)")
     mask = np.kron(mask.reshape(patch_grid), np.ones((height // patch_grid[0], width // patch_grid[1]), dtype=bool))
     dimmed = 0.35 * panel + 0.65 * np.array([0.85, 0.35, 0.35])
     return np.where(mask[..., None], panel, dimmed)
@@ -262,9 +265,10 @@ def _token_note(layout: TokenLayout) -> str:
     return f"{float(counts.float().mean()):.0f} tokens"
 
 
-def save_pareto_plot(path: str | Path, rows: list[Mapping], title: str = "accuracy vs compute") -> Path:
-    """Top-1 against GFLOPs per image, one line per method (rows: dicts with ``method``, ``gflops``,
-    ``top1``, ``label``); the unpatched model (method ``"unpatched"``) is a star."""
+def save_pareto_plot(path: str | Path, rows: list[Mapping], title: str = "accuracy vs compute",
+                     unit: str = "image") -> Path:
+    """Top-1 against GFLOPs per ``unit`` (``"image"``, ``"clip"``), one line per method (rows: dicts with
+    ``method``, ``gflops``, ``top1``, ``label``); the unpatched model (method ``"unpatched"``) is a star."""
     plt = _pyplot()
     figure, axis = plt.subplots(figsize=(6.4, 4.4))
     methods: dict[str, list[Mapping]] = {}
@@ -280,7 +284,7 @@ def save_pareto_plot(path: str | Path, rows: list[Mapping], title: str = "accura
         for point in points:
             axis.annotate(str(point["label"]), (point["gflops"], point["top1"]), fontsize=6,
                           textcoords="offset points", xytext=(2, 2))
-    axis.set_xlabel("GFLOPs per image (2 x MACs, dataset average)")
+    axis.set_xlabel(f"GFLOPs per {unit} (2 x MACs, mean over the {unit}s counted)")
     axis.set_ylabel("top-1 (%)")
     axis.set_title(title, fontsize=10)
     axis.grid(alpha=0.3)

@@ -331,6 +331,9 @@ def test_save_page_budget_draws_the_page(tmp_path, tiny_vit):
     assert path.stat().st_size > 1000
     with pytest.raises(InputShapeError, match="a kept index per view"):
         save_page_budget(tmp_path / "bad.png", crops.views[1:], crops.grid, (4, 4), result.index, result.budgets)
+    with pytest.raises(InputShapeError, match="a 62 x 62 picture does not divide into the 4 x 4 patch grid"):
+        save_page_budget(tmp_path / "bad.png", crops.views[..., 1:-1, 1:-1], crops.grid, (4, 4), result.index,
+                         result.budgets)  # a numpy broadcast error before
 
 
 def test_the_page_tool_reports_each_method_at_equal_tokens(tmp_path):

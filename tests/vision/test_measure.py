@@ -77,6 +77,20 @@ def test_tokens_per_block_patched_and_unpatched():
     assert tokens_per_block(wrapped, images) == [198.0] * 12
     with vistok.patch(model, "ats", k=100, blocks=[6]):
         assert tokens_per_block(wrapped, images) == counts
+    # a forward that runs the blocks image by image: the mean over the images, one entry per block (it gave an
+    # entry per block and image unpatched, and the last image's counts patched)
+    one_by_one = lambda m, x: torch.cat([m(image[None]) for image in x])  # noqa: E731
+    images = make_images(model, 3)
+    assert tokens_per_block(model, images, one_by_one) == [198.0] * 12
+    with torch.no_grad():  # sharper attention: adaptive ATS keeps different counts per image
+        for block in (3, 6):
+            model.blocks[block].attn.qkv.weight[: 2 * model.embed_dim].mul_(6)
+    with vistok.patch(model, "ats", k=0.5, min_tokens=1, blocks=[3, 6]):
+        batched = tokens_per_block(model, images)
+        singles = [tokens_per_block(model, image[None]) for image in images]
+        assert len({tuple(single) for single in singles}) > 1
+        alone = tokens_per_block(model, images, one_by_one)
+    assert alone == pytest.approx(batched) and alone == pytest.approx([sum(c) / 3 for c in zip(*singles, strict=True)])
     with pytest.raises(vistok.UnsupportedModelError, match="cannot patch Linear"):
         tokens_per_block(torch.nn.Linear(2, 2), torch.zeros(1, 2))
 
@@ -300,8 +314,25 @@ def test_accuracy_refuses_labels_of_another_shape_and_nan_logits():
             evaluate(torch.nn.Identity(), [(logits, bad)])
     broken = logits.clone()
     broken[2] = float("nan")
-    with pytest.raises(vistok.InputShapeError, match=r"NaN logits \(rows \[2\]\)"):
+    with pytest.raises(vistok.InputShapeError, match=r"NaN or \+inf logits \(rows \[2\]\)"):
         topk_correct(broken, labels)
+    overflowed = torch.zeros(4, 6)
+    overflowed[1, [0, 4]] = float("inf")  # an overflow: tied +inf ranked by topk's order, not the model's
+    with pytest.raises(vistok.InputShapeError, match=r"NaN or \+inf logits \(rows \[1\]\)"):
+        topk_correct(overflowed, labels)
+
+    class Classifier(torch.nn.Module):  # a Hugging Face classifier returns an output with .logits
+        def __init__(self, output):
+            super().__init__()
+            self.output = output
+
+        def forward(self, x):
+            return self.output(x)
+
+    with_logits = Classifier(lambda x: type("Output", (), {"logits": x})())
+    assert evaluate(with_logits, [(logits, labels)])["top1"] == 25.0  # an AttributeError before
+    with pytest.raises(vistok.InputShapeError, match="neither logits nor an output with .logits"):
+        evaluate(Classifier(lambda x: "logits"), [(logits, labels)])
     masked = logits.clone()
     masked[:, 5] = float("-inf")  # a class masked out is no error
     assert topk_correct(masked, labels) == topk_correct(logits, labels)

@@ -632,6 +632,10 @@ def test_tool_arguments_are_checked_before_the_work(tmp_path, capsys):
                                      ("make_video_qa", ["--seed", "-3"], "--seed"),
                                      ("eval_vlm", ["--fractions", "2.0"], "expected a number in (0, 1]"),
                                      ("eval_vlm", ["--prefill-runs", "0"], "--prefill-runs"),
+                                     ("eval_vlm", ["--methods", "pool:tokens=9"], "the budget comes from --fractions"),
+                                     ("eval_vlm", ["--methods", "nosuch"], "unknown method 'nosuch'"),  # after the
+                                     ("eval_vlm", ["--methods", "pool:bogus=1"], "unknown option"),  # all-token run
+                                     ("eval_vlm", ["--tune", "0.3", "--tune-batches", "1"], "need 4 batches"),
                                      ("train_clip", ["--warmup", "0"], "--warmup"),
                                      ("train_vlm", ["--save-every", "0"], "--save-every"),
                                      ("train_video_vlm", ["--learned", "1.5"], "expected a number in [0, 1]"),
@@ -875,6 +879,24 @@ def test_shipped_configs_are_valid(path):
         vistok.create_config(config["method"], **config["method_options"])
     if tool == "train":
         load_tool("train")._check_settings(config["train"])  # the learning-rate schedule's settings too
+
+
+def test_eval_vlm_evaluates_the_fine_vlm_as_it_was_trained(monkeypatch, capsys):
+    """--fine without --methods numbered the kept tokens compactly, a mode the fine VLM never saw (10 points lower
+    on merge_to_budget); its defaults now carry positions=original, the baseline too."""
+    tool = load_tool("eval_vlm")
+    checked = []
+    monkeypatch.setattr(tool, "check_method", lambda parser, method: checked.append(method))
+
+    def stop(**kwargs):
+        raise vistok.InvalidConfigError("stop before the model")
+
+    monkeypatch.setattr(tool, "create_reference_vlm", stop)
+    assert tool.main(["--fine"]) == 2
+    assert checked == [f"{method}:positions=original" for method in tool.METHODS]
+    assert "default baseline" not in capsys.readouterr().err  # pool:positions=original is among them
+    checked.clear()
+    assert tool.main([]) == 2 and checked == list(tool.METHODS)
 
 
 def test_eval_vlm_compares_with_pooling_at_equal_tokens():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Hashable, Iterable, Sequence
 
 import torch
@@ -31,9 +32,10 @@ def topk_correct(logits: Tensor, labels: Tensor, ks: tuple[int, ...] = (1, 5)) -
         raise InputShapeError(f"topk_correct: labels must be class ids in [0, {logits.shape[1]}) (the logits' "
                               f"classes), got ids from {int(labels.min())} to {int(labels.max())}: a model for other "
                               "classes?")
-    if bool(logits.isnan().any()):
-        raise InputShapeError(f"topk_correct: the model gave NaN logits (rows "
-                              f"{logits.isnan().any(dim=1).nonzero().flatten()[:8].tolist()}); no accuracy to count")
+    broken = logits.isnan() | (logits == math.inf)  # -inf masks a class; +inf is an overflow, tied with others
+    if bool(broken.any()):
+        raise InputShapeError(f"topk_correct: the model gave NaN or +inf logits (rows "
+                              f"{broken.any(dim=1).nonzero().flatten()[:8].tolist()}); no accuracy to count")
     top = logits.topk(min(max(ks), logits.shape[-1]), dim=-1).indices
     hits = top == labels.to(top.device)[:, None]  # labels stay on the loader's device; the model may be elsewhere
     return {k: int(hits[:, :k].any(dim=1).sum()) for k in ks}
@@ -90,6 +92,11 @@ def evaluate(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], transfo
             if transform is not None:
                 images = transform(images)
             logits = model(images)
+            if not isinstance(logits, Tensor):  # a Hugging Face classifier's output
+                if not isinstance(getattr(logits, "logits", None), Tensor):
+                    raise InputShapeError(f"evaluate: {type(model).__name__} returned {type(logits).__name__}, "
+                                          "neither logits nor an output with .logits")
+                logits = logits.logits
             for k, count in topk_correct(logits, labels).items():
                 correct[k] += count
             seen += labels.shape[0]

@@ -136,7 +136,8 @@ class ReferenceVisionTower(nn.Module):
     def class_attention(self, hidden_states: tuple[Tensor, ...], feature_layer: int | list[int]) -> Tensor:
         """``[B, N]``: the class token's attention (heads averaged) in the block that produced
         ``hidden_states[feature_layer]`` (the last of several), recomputed over that block's input in the tower's
-        layout (the mean class token over the pooled tokens)."""
+        layout (the mean class token over the pooled tokens): a stand-in for each cell's class token over its own
+        patches, which ranks tokens differently."""
         from ..adapters.llava import producing_layer
 
         produced_by = producing_layer(feature_layer, len(hidden_states))
