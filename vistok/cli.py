@@ -386,6 +386,7 @@ def _tune(args: argparse.Namespace) -> int:
         from .models.reference import load_checkpoint
 
         load_checkpoint(model, args.checkpoint)
+    _check_image_model(model, args.model)
     images, labels = _calibration_images(model, args.folder, args.images, "test" if args.labels else "train",
                                          args.labels)
     result = tune(model, images, args.target, labels if args.labels else None, flops_images=args.flops_images,
@@ -434,6 +435,17 @@ def _calibration_images(model: Any, folder: str | None, count: int, split: str =
                                  "--folder with calibration images (class sub-folders, as ImageFolder reads)")
     images, labels = load_fashion_mnist(split)
     return GreyBatchTransform()(images[:count]), labels[:count]
+
+
+def _check_image_model(model: Any, name: str) -> None:
+    """Refuse, before any images are read, a model vistok cannot patch or one that takes clips: the command reads
+    calibration images (its advice to give --folder would not help either)."""
+    from .backbones import resolve_backbone
+
+    grid = resolve_backbone(model).info.grid_size  # UnsupportedModelError names what vistok patches
+    if grid is not None and len(grid) == 3:
+        raise InvalidConfigError(f"vistok tune: {name} takes video clips and the command reads images; tune it "
+                                 "from Python: vistok.tune(model, clips, target) with clips [B, C, T, H, W]")
 
 
 def _check_label_folders(classes: list[str], num_classes: int | None, folder: str) -> None:

@@ -640,3 +640,14 @@ def test_labelled_folders_must_be_the_models_classes_in_order(tmp_path, monkeypa
         assert main(["tune", "--model", "vistok_vit_fmnist", "--folder", str(tmp_path / name), "--labels",
                      "--images", "4", "--out", str(tmp_path / "t")]) == 2
         assert message in capsys.readouterr().err
+
+
+def test_the_command_refuses_models_it_cannot_calibrate_before_reading_images(capsys):
+    """A video model or one vistok cannot patch was told to give --folder, which then failed otherwise."""
+    from vistok.cli import main
+
+    for model, message in [("vistok_video_vit_fmnist", "takes video clips and the command reads images"),
+                           ("stvit_small", "vistok cannot patch STViT")]:
+        assert main(["tune", "--model", model, "--images", "8"]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "give --folder" not in err
