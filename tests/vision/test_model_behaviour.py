@@ -276,6 +276,16 @@ def test_peak_memory_counts_what_is_alive_at_once():
     assert peak_memory(dropping, torch.zeros(1, 100)) == 400  # an inference pass: no dropout mask
     assert dropping.training and dropping[1].training  # the model's own mode comes back
 
+    class Table(torch.nn.Module):  # a plain tensor attribute (no parameter, no buffer) read through a view
+        def __init__(self):
+            super().__init__()
+            self.table = torch.randn(1000, 100)
+
+        def forward(self, x):
+            return x + self.table[:10]
+
+    assert peak_memory(Table(), torch.zeros(10, 100)) == 4_000  # the sum, not the table's 400,000 bytes
+
 
 def test_random_drop_is_reproducible_per_call():
     model, images, run, _, _ = _setup("timm vit, merge")

@@ -25,7 +25,8 @@ __all__ = ["peak_memory", "LiveTensorBytes"]
 class LiveTensorBytes(TorchDispatchMode):
     """Inside ``with LiveTensorBytes(exclude) as counter:``, ``counter.peak`` is the largest total size in bytes
     of the storages that operators created and that were alive at once (storages of the tensors in
-    ``exclude`` are never counted). Views share their storage and count once."""
+    ``exclude``, and any an operator reads before one created it, are never counted). Views share their storage
+    and count once."""
 
     def __init__(self, exclude: list[Tensor] | tuple[Tensor, ...] = ()) -> None:
         super().__init__()
@@ -35,6 +36,11 @@ class LiveTensorBytes(TorchDispatchMode):
         self.peak = 0
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        for tensor in tree_leaves((args, kwargs)):  # a storage first seen as an input existed before: not counted
+            if isinstance(tensor, Tensor):
+                ref = StorageWeakRef(tensor.untyped_storage()).cdata
+                if ref not in self._live:
+                    self._excluded.add(ref)
         out = func(*args, **(kwargs or {}))
         for tensor in tree_leaves(out):
             if isinstance(tensor, Tensor):
