@@ -451,12 +451,13 @@ def _check_image_model(model: Any, name: str) -> None:
 def _check_label_folders(classes: list[str], num_classes: int | None, folder: str) -> None:
     """Refuse class folders that cannot be the model's class ids in sorted order: another count, or numbered
     names that sort out of numeric order (``10`` before ``2``)."""
-    if num_classes is not None and len(classes) != num_classes:
+    if num_classes and len(classes) != num_classes:  # 0: a model of embeddings, which the tuner refuses itself
         raise InvalidConfigError(
             f"vistok tune --folder {folder} --labels: {len(classes)} class folders for a model of {num_classes} "
             "classes; the sorted folders are the class ids, so every class needs its folder (a missing one shifts "
             "the ids after it)")
-    if all(name.isdigit() for name in classes) and [int(name) for name in classes] != sorted(map(int, classes)):
+    numbered = all(name.isascii() and name.isdigit() for name in classes)
+    if numbered and [int(name) for name in classes] != sorted(map(int, classes)):
         raise InvalidConfigError(
             f"vistok tune --folder {folder} --labels: numbered class folders sort as {classes[:4]}..., not in "
             "numeric order: pad the numbers with zeros (00, 01, ..., 10)")

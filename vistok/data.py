@@ -35,7 +35,7 @@ __all__ = [
     "fashion_mnist_dataset",
     "image_folder_dataset",
     "image_loader",
-    "class_folders",
+    "find_classes",
     "image_folder",
     "read_image",
     "white_level",
@@ -205,7 +205,7 @@ def image_folder_dataset(root: str | os.PathLike, split: str, input_size: int | 
     if split == "train" or not training.is_dir():
         return dataset
     try:
-        classes, ids = class_folders(training)
+        classes, ids = find_classes(training)
     except FileNotFoundError:  # a train/ without class folders has no class ids to keep
         classes, ids = [], {}
     unknown = sorted(set(dataset.classes) - set(classes))
@@ -219,7 +219,7 @@ def image_folder_dataset(root: str | os.PathLike, split: str, input_size: int | 
     return dataset
 
 
-def class_folders(directory: str | os.PathLike) -> tuple[list[str], dict[str, int]]:
+def find_classes(directory: str | os.PathLike) -> tuple[list[str], dict[str, int]]:
     """The sorted class folders of ``directory`` and their ids, as ``ImageFolder`` numbers them, but without hidden
     folders (``.ipynb_checkpoints``, ``.git``): one would become a class and shift every id after it.
 
@@ -233,14 +233,24 @@ def class_folders(directory: str | os.PathLike) -> tuple[list[str], dict[str, in
 
 
 def image_folder(root: str | os.PathLike, transform: Callable | None, loader: Callable[[str], Any]) -> Dataset:
-    """torchvision's ``ImageFolder`` over :func:`class_folders` (hidden folders left out)."""
+    """torchvision's ``ImageFolder`` numbered by :func:`find_classes` (hidden folders and their images left out;
+    a plain ``ImageFolder``, so that it pickles into data-loader workers).
+
+    Raises:
+        FileNotFoundError: no class folders, or one without images (as ``ImageFolder``).
+    """
     from torchvision.datasets import ImageFolder
 
-    class VisibleImageFolder(ImageFolder):
-        def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
-            return class_folders(directory)
-
-    return VisibleImageFolder(str(root), transform=transform, loader=loader)
+    classes, ids = find_classes(root)
+    dataset = ImageFolder(str(root), transform=transform, loader=loader, allow_empty=True)  # hidden ones may be
+    dataset.samples = dataset.imgs = [(path, ids[dataset.classes[target]]) for path, target in dataset.samples
+                                      if dataset.classes[target] in ids]
+    dataset.targets = [target for _, target in dataset.samples]
+    dataset.classes, dataset.class_to_idx = classes, ids
+    empty = sorted(set(classes) - {classes[target] for target in dataset.targets})
+    if empty:
+        raise FileNotFoundError(f"Found no valid file for the classes {', '.join(empty)} in {root}")
+    return dataset
 
 
 def image_loader(channels: int) -> Callable[[str], Any]:

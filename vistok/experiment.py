@@ -96,7 +96,8 @@ def _build_hf_model(class_name: str, kwargs: dict[str, Any], pretrained: bool) -
             raise ConfigError(f"model hf:{class_name} with pretrained: true needs model_kwargs.name_or_path")
         return cls.from_pretrained(source, **kwargs)
     defaults = cls.config_class()  # a config keeps any keyword as an attribute: a typo would change nothing
-    unknown = sorted(key for key in kwargs if not hasattr(defaults, key))
+    # a setting, or one kept privately (attn_implementation as _attn_implementation)
+    unknown = sorted(key for key in kwargs if not hasattr(defaults, key) and not hasattr(defaults, f"_{key}"))
     if unknown:
         raise ConfigError(f"model hf:{class_name}: model_kwargs {unknown} are not {cls.config_class.__name__} "
                           "settings")

@@ -255,10 +255,11 @@ def check_labels(labels: object, count: int, name: str, what: str) -> None:
 
 
 def check_finite_reference(reference: Tensor, what: str) -> None:
-    """Refuse unpatched outputs ``[B, C]`` with NaN or inf: every candidate would be compared with nothing."""
-    bad = (~reference.isfinite().all(dim=-1)).nonzero().flatten().tolist()
+    """Refuse unpatched outputs ``[B, C]`` with NaN or ``+inf`` (``-inf`` masks a class): every candidate would be
+    compared with nothing."""
+    bad = (reference.isnan() | (reference == math.inf)).any(dim=-1).nonzero().flatten().tolist()
     if bad:
-        raise InputShapeError(f"tune: the unpatched model's outputs are not finite for {what} {bad[:8]} (of "
+        raise InputShapeError(f"tune: the unpatched model's outputs are NaN or +inf for {what} {bad[:8]} (of "
                               f"{reference.shape[0]}); check those inputs")
 
 
@@ -429,7 +430,8 @@ def agreement_scores(logits: Tensor, reference: Tensor, labels: Tensor | None, r
     first rung."""
     kl = F.kl_div(logits.log_softmax(-1), reference.log_softmax(-1), log_target=True, reduction="batchmean")
     target = reference.argmax(-1) if labels is None else labels.to(logits.device)
-    finite = logits.isfinite().all(dim=-1)  # a candidate's NaN row is a miss (argmax would pick the NaN)
+    # a candidate's NaN or +inf row is a miss (argmax would pick it); -inf only masks a class
+    finite = ~(logits.isnan() | (logits == math.inf)).any(dim=-1)
     score = 100.0 * float(((logits.argmax(-1) == target) & finite).float().mean())
     out = {"score": score, "kl": float(kl) if bool(finite.all()) else math.inf, "images": logits.shape[0]}
     if rung == 0:

@@ -86,6 +86,9 @@ def test_association_of_wide_half_precision_tokens_does_not_overflow(dtype):
     half = associate(cells, super_tokens, 64**-0.5)
     assert half.dtype == dtype and bool(half.isfinite().all())
     assert torch.allclose(half.float(), associate(cells.float(), super_tokens.float(), 64**-0.5), atol=0.01)
+    with torch.autocast("cpu", dtype=dtype):  # a float32 model under mixed precision: the product stays float32
+        mixed = associate(cells.float(), super_tokens.float(), 64**-0.5)
+    assert bool(mixed.isfinite().all())
 
 
 def test_super_token_attention_module():

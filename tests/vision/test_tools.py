@@ -199,6 +199,13 @@ def test_images_are_read_at_their_bit_depth_and_hidden_folders_are_no_classes(tm
         dataset = vdata.image_folder_dataset(root, split, **settings)
         assert dataset.classes == ["bag", "coat"] and len(dataset) == 4
         assert all(dataset.classes[target] == Path(path).parent.name for path, target in dataset.samples)
+    import pickle  # a spawned data-loader worker gets the dataset pickled (a class made inside a function failed)
+
+    copied = pickle.loads(pickle.dumps(vdata.image_folder_dataset(root, "train", **settings)))
+    assert copied.classes == ["bag", "coat"] and len(copied) == 4
+    from vistok.video.datasets import folder_classes
+
+    assert folder_classes(root / "train") == ["bag", "coat"]  # video folders alike
     (root / "val" / "bag" / "9.png").write_bytes(b"truncated")
     dataset = vdata.image_folder_dataset(root, "val", **settings)
     broken = next(i for i, (path, _) in enumerate(dataset.samples) if path.endswith("9.png"))
@@ -220,6 +227,9 @@ def test_model_and_image_settings_that_would_change_nothing_or_everything_are_re
     hf = {**config, "model": "hf:VideoMAEForVideoClassification", "model_kwargs": {"num_frame": 8}}
     with pytest.raises(ConfigError, match=r"model_kwargs \['num_frame'\] are not VideoMAEConfig settings"):
         build_model(hf)
+    tiny = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64,
+            "image_size": 32, "patch_size": 16, "num_frames": 2, "attn_implementation": "eager"}  # a config key
+    assert build_model({**hf, "model_kwargs": tiny}).config._attn_implementation == "eager"
     with pytest.raises(ConfigError, match="model vit_tiny_patch16_224 with model_kwargs .*depht"):
         image_settings(dict.fromkeys(IMAGE_KEYS), config)  # the model's own settings, read on meta
     for key, value in [("mean", [float("nan")]), ("std", [float("inf")]), ("mean", [float("-inf")])]:

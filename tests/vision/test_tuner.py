@@ -134,7 +134,7 @@ def test_bad_input_is_refused(setting):
         vistok.tune(model, images, encode=lambda m, x: m.forward_features(x))
     broken = images.clone()
     broken[[1, 5]] = float("nan")  # every candidate "agreed" with NaN outputs, the KL tie-break was NaN
-    with pytest.raises(InputShapeError, match=r"not finite for images \[1, 5\] \(of 16\)"):
+    with pytest.raises(InputShapeError, match=r"NaN or \+inf for images \[1, 5\] \(of 16\)"):
         vistok.tune(model, broken)
 
 
@@ -145,6 +145,9 @@ def test_a_candidates_non_finite_outputs_are_misses():
     logits = torch.tensor([[float("nan"), 0.0, 0.0], [3.0, 0.0, 1.0]])  # argmax 0 on the NaN row
     out = agreement_scores(logits, reference, None, 0)
     assert out["score"] == 50.0 and out["kl"] == math.inf
+    masked = reference.clone()
+    masked[:, 2] = float("-inf")  # a masked class is no failure: both rows still agree
+    assert agreement_scores(masked, reference, None, 1)["score"] == 100.0
     assert agreement_scores(reference, reference, None, 1) == {"score": 100.0, "kl": 0.0, "images": 2}
 
 

@@ -206,11 +206,12 @@ def class_folders(root: str | os.PathLike, extensions: Sequence[str] = VIDEO_EXT
 
 
 def folder_classes(root: str | os.PathLike) -> list[str]:
-    """The class names :func:`class_folders` gives: ``root``'s sub-folders, sorted."""
+    """The class names :func:`class_folders` gives: ``root``'s sub-folders, sorted, hidden ones left out (a
+    ``.ipynb_checkpoints`` would shift every class id after it)."""
     root = Path(root)
     if not root.is_dir():
         raise DatasetNotFoundError(f"{root} is not a directory")
-    return sorted(entry.name for entry in root.iterdir() if entry.is_dir())
+    return sorted(entry.name for entry in root.iterdir() if entry.is_dir() and not entry.name.startswith("."))
 
 
 @dataclass(frozen=True)
