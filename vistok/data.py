@@ -242,7 +242,7 @@ def image_folder(root: str | os.PathLike, transform: Callable | None, loader: Ca
     from torchvision.datasets import ImageFolder
 
     classes, ids = find_classes(root)
-    dataset = ImageFolder(str(root), transform=transform, loader=loader, allow_empty=True)  # hidden ones may be
+    dataset = ImageFolder(str(root), transform=transform, loader=loader, allow_empty=True)  # hidden: no images
     dataset.samples = dataset.imgs = [(path, ids[dataset.classes[target]]) for path, target in dataset.samples
                                       if dataset.classes[target] in ids]
     dataset.targets = [target for _, target in dataset.samples]
