@@ -39,6 +39,7 @@ from vistok.cli import beside, count, fraction, reports_errors, seed
 from vistok.config import parse_method_spec
 from vistok.data import FASHION_MNIST_MEAN, FASHION_MNIST_STD
 from vistok.document.fmnist_pages import SparsePageQA
+from vistok.errors import InvalidConfigError
 from vistok.fmnist_qa import FashionQA
 from vistok.measure.accuracy import add_paired_differences
 from vistok.models.reference_vlm import answer_questions, create_reference_vlm, prefill_seconds
@@ -77,19 +78,19 @@ def settings(methods: list[str], fractions: list[float], full: int, grid: tuple[
     return points
 
 
-def check_method(parser: argparse.ArgumentParser, method: str) -> None:
-    """Stop with a usage error at a method word whose name or options vistok refuses, or that carries a budget
-    (each point gives its own)."""
+def check_method(method: str) -> None:
+    """Refuse a method word whose name or options vistok refuses, or that carries a budget (each point gives its
+    own): before the model loads, not after the all-token run."""
     from vistok.errors import VistokError
     from vistok.methods import create_config
 
     try:
         name, options = parse_method_spec(method)
         if {"tokens", "keep"} & set(options):
-            parser.error(f"--methods {method}: the budget comes from --fractions, not from the method's options")
+            raise InvalidConfigError("the budget comes from --fractions, not from the method's options")
         create_config(name, **options, keep=1.0)
     except VistokError as error:
-        parser.error(f"--methods {method}: {error}")
+        raise InvalidConfigError(f"--methods {method}: {error}") from None
 
 
 def patch(model, method: str, **budget):
@@ -235,7 +236,7 @@ def main(argv: list[str] | None = None, language_model=None) -> int:
         args.fractions = list(PAGE_FRACTIONS) if args.page else [0.5, 0.25, 0.1]
     baseline = args.baseline or (PAGE_BASELINE if args.page else FINE_BASELINE if args.fine else BASELINE)
     for method in args.methods:  # before the model loads and the all-token run
-        check_method(parser, method)
+        check_method(method)
     if args.tune is not None and args.tune_batches < 4:
         parser.error(f"--tune-batches {args.tune_batches}: the tuner's three rungs of successive halving need 4 "
                      "batches or more")

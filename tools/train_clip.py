@@ -23,7 +23,7 @@ import torch
 
 from vistok.cli import count, count_or_zero, positive, positive_or_zero, reports_errors, seed
 from vistok.data import GreyBatchTransform, load_fashion_mnist
-from vistok.experiment import check_resumed_settings, save_whole, truncate_log
+from vistok.experiment import check_resumed_settings, check_run_folder, resumed_log, save_whole
 from vistok.fmnist_qa import ITEM_NAMES
 from vistok.models.clip import CAPTION_TEMPLATES, captions_for, create_clip, zero_shot_classifier
 
@@ -57,6 +57,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoint-every", type=count, default=200)
     parser.add_argument("--resume", action="store_true")
     args = parser.parse_args(argv)
+    if args.batch_size < 2:
+        parser.error(f"--batch-size must be at least 2, got {args.batch_size}: the contrastive loss over one pair is "
+                     "0, and nothing would train")
+    check_run_folder("--out", Path(args.out))
     if args.threads:
         torch.set_num_threads(args.threads)
     from open_clip.loss import ClipLoss
@@ -73,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     loss_fn = ClipLoss()
     augment = GreyBatchTransform(augment=True)
-    step, elapsed = 0, 0.0
+    step, elapsed, losses = 0, 0.0, []
+    logged: list[str] = []  # the run's log lines so far, kept in the checkpoint: a resume writes its log from them
     checkpoint = out / "checkpoint.pt"
     if args.resume and not checkpoint.is_file():
         print(f"train_clip.py: error: --resume: no checkpoint at {checkpoint}", file=sys.stderr)
@@ -87,11 +92,12 @@ def main(argv: list[str] | None = None) -> int:
         optimizer.load_state_dict(state["optimizer"])
         step, elapsed = state["step"], state["elapsed"]
         torch.set_rng_state(state["rng"])
-        truncate_log(out / "log.jsonl", "step", step)
+        losses = state.get("losses", [])  # the steps since the last log line, which the next one averages
+        logged = resumed_log(out / "log.jsonl", state, "step", step)
         print(f"resumed at step {step} ({elapsed / 60:.1f} min)", file=sys.stderr)
     budget = args.minutes * 60
     log = (out / "log.jsonl").open("a" if args.resume else "w")  # a fresh run starts its own log
-    started, losses = time.perf_counter() - elapsed, []
+    started = time.perf_counter() - elapsed
     while step < args.steps and elapsed < budget:
         step_seed = args.seed * 1_000_003 + step  # the step's draws (examples, captions, shifts): resumable
         generator = torch.Generator().manual_seed(step_seed)
@@ -116,25 +122,27 @@ def main(argv: list[str] | None = None) -> int:
         elapsed = time.perf_counter() - started
         if step % 50 == 0:
             record = {"step": step, "loss": sum(losses) / len(losses), "lr": lr, "minutes": elapsed / 60}
-            log.write(json.dumps(record) + "\n")
+            logged.append(json.dumps(record))
+            log.write(logged[-1] + "\n")
             log.flush()
             print(record, file=sys.stderr)
             losses = []
         if step % args.checkpoint_every == 0:
             paused = time.perf_counter()
             save_whole({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                        "elapsed": elapsed, "rng": torch.get_rng_state(), "settings": settings}, checkpoint)
+                        "elapsed": elapsed, "rng": torch.get_rng_state(), "settings": settings, "losses": losses,
+                        "log": logged}, checkpoint)
             started += time.perf_counter() - paused  # checkpoints do not count against the budget
     model.eval()
     from safetensors.torch import save_file
 
     # shipped in float16 (half the size; open_clip loads it into its float32 model)
-    save_file({name: (tensor.half() if tensor.is_floating_point() else tensor).contiguous()
-               for name, tensor in model.state_dict().items()}, str(out / "model.safetensors"))
+    save_whole({name: (tensor.half() if tensor.is_floating_point() else tensor).contiguous()
+                for name, tensor in model.state_dict().items()}, out / "model.safetensors", save=save_file)
     test_images, test_labels = load_fashion_mnist("test")
     accuracy = zero_shot_accuracy(model, tokenizer, test_images, test_labels)
     metrics = {"steps": step, "minutes": elapsed / 60, "zero_shot_top1": accuracy, "batch_size": args.batch_size}
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    save_whole(metrics, out / "metrics.json", save=lambda state, path: path.write_text(json.dumps(state, indent=1)))
     print(json.dumps(metrics))
     return 0
 

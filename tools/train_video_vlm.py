@@ -20,10 +20,12 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import torch
 
 from vistok.cli import count, count_or_zero, positive, reports_errors, seed, share
+from vistok.experiment import check_run_folder
 from vistok.models.reference_vlm import (
     TrainingRun,
     answer_batch,
@@ -94,6 +96,7 @@ def main(argv: list[str] | None = None, language_model=None) -> int:
     for selection in ("learned", "text", "uniform", "all"):  # a bad --merge-threshold is named before any work
         for budget in args.budgets:
             comparison_config(selection, budget, args.merge_on, args.merge_threshold)
+    check_run_folder("--out", Path(args.out))
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)

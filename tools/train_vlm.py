@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import torch
 
@@ -31,6 +32,7 @@ from vistok.cli import count, count_or_zero, positive, reports_errors, seed
 from vistok.config import parse_method_spec
 from vistok.data import FASHION_MNIST_MEAN, FASHION_MNIST_STD
 from vistok.document.fmnist_pages import SparsePageQA
+from vistok.experiment import check_run_folder
 from vistok.fmnist_qa import FashionQA
 from vistok.methods import create_config
 from vistok.models.reference_vlm import (
@@ -63,6 +65,24 @@ def batch_method(step: int, seed: int, share: float, methods: list[str], tokens:
     if method == "random_select":
         options["seed"] = step_seed
     return method, options
+
+
+def check_budgets_fit(model, methods: list[str], tokens: list[int]) -> None:
+    """Patch ``model`` with every method of ``methods`` at every budget of ``tokens`` and remove it again, so that a
+    pair the model cannot take (``pool`` at 7 tokens of a 6 x 6 grid, 40 tokens of 36) is refused before the first
+    step, not at the step that first draws it (patching changes neither the model nor the random state).
+
+    Raises:
+        InvalidConfigError: naming the method word and the budget.
+    """
+    for spec in methods:
+        name, options = parse_method_spec(spec)
+        for budget in tokens:
+            try:
+                vistok.patch(model, name, **options, tokens=budget).remove()
+            except vistok.VistokError as error:
+                raise vistok.InvalidConfigError(f"--compress-methods {spec} at --compress-tokens {budget}: "
+                                                f"{error}") from None
 
 
 @reports_errors
@@ -102,10 +122,17 @@ def main(argv: list[str] | None = None, language_model=None) -> int:
     try:  # every method word and budget checked now, not at the step that first draws it
         for spec in args.compress_methods:
             name, options = parse_method_spec(spec)
+            if {"tokens", "keep"} & set(options):
+                parser.error(f"--compress-methods {spec}: the budget comes from --compress-tokens, not from the "
+                             "method's options")
+            if name == "random_select" and "seed" in options:
+                parser.error(f"--compress-methods {spec}: random_select's seed comes from --seed (one per step), "
+                             "not from the method's options")
             for tokens in args.compress_tokens:
                 create_config(name, **options, tokens=tokens)
     except vistok.VistokError as error:
         parser.error(f"--compress-methods / --compress-tokens: {error}")
+    check_run_folder("--out", Path(args.out))
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -114,6 +141,7 @@ def main(argv: list[str] | None = None, language_model=None) -> int:
     if args.init and not args.resume:
         print(f"started from {args.init}: {', '.join(warm_start(model, args.init))}")
     model.train()
+    check_budgets_fit(model, args.compress_methods, args.compress_tokens)
     data = (SparsePageQA if args.page else FashionQA)("train", 10_000_000, seed=args.seed)
     rows, cols = model.model.vision_tower.token_grid
     image_tokens = rows * cols

@@ -26,11 +26,13 @@ from torch.utils.data import Dataset
 from ._checks import is_int
 from .config import ConfigError, _flatten
 from .data import DatasetNotFoundError, GreyBatchTransform, fashion_mnist_dataset, image_folder_dataset
+from .errors import InvalidConfigError
 
 __all__ = ["MODEL_DEFAULTS", "DATA_DEFAULTS", "UNSET_KINDS", "build_model", "build_data", "fit_head_to_data",
            "check_head_is_trained", "check_model_classes", "image_settings", "upgrade_saved_config",
            "set_fused_attention", "wrap_for_data",
-           "loader", "batches", "LabelledBatches", "underlying", "truncate_log", "save_whole"]
+           "loader", "batches", "LabelledBatches", "underlying", "truncate_log", "resumed_log", "save_whole",
+           "check_run_folder"]
 
 MODEL_DEFAULTS: dict[str, Any] = {
     "model": "vistok_vit_fmnist",
@@ -452,6 +454,33 @@ def truncate_log(log: Path, key: str, last: int) -> None:
     if log.is_file():
         kept = [line for line in log.read_text().splitlines() if before_the_checkpoint(line)]
         log.write_text("".join(line + "\n" for line in kept))
+
+
+def resumed_log(log: Path, state: dict[str, Any], key: str, last: int) -> list[str]:
+    """The log lines of a run up to its checkpoint ``state`` (kept under ``state["log"]``), written back to ``log``:
+    a run started in the folder since, and cut off, may have replaced the log with its own lines. A checkpoint from
+    before the lines were kept in it: ``log``'s lines whose ``key`` is at most ``last`` (:func:`truncate_log`)."""
+    if state.get("log") is None:
+        truncate_log(log, key, last)
+        return log.read_text().splitlines() if log.is_file() else []
+    log.write_text("".join(line + "\n" for line in state["log"]))
+    return list(state["log"])
+
+
+def check_run_folder(option: str, folder: Path) -> None:
+    """Refuse, before any work, a run folder ``folder`` (given as ``option``) that cannot be made or written into:
+    it is a file, or a path above it is a file (missing folders are fine: they are made).
+
+    Raises:
+        InvalidConfigError: naming the file.
+    """
+    for path in (folder, *folder.parents):
+        if path.exists():
+            if path == folder and not path.is_dir():
+                raise InvalidConfigError(f"{option} {folder}: a file, not a folder")
+            if not path.is_dir():
+                raise InvalidConfigError(f"{option} {folder}: {path} is a file, not a folder")
+            return
 
 
 def underlying(dataset: Dataset) -> Dataset:

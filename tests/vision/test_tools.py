@@ -642,9 +642,6 @@ def test_tool_arguments_are_checked_before_the_work(tmp_path, capsys):
                                      ("make_video_qa", ["--seed", "-3"], "--seed"),
                                      ("eval_vlm", ["--fractions", "2.0"], "expected a number in (0, 1]"),
                                      ("eval_vlm", ["--prefill-runs", "0"], "--prefill-runs"),
-                                     ("eval_vlm", ["--methods", "pool:tokens=9"], "the budget comes from --fractions"),
-                                     ("eval_vlm", ["--methods", "nosuch"], "unknown method 'nosuch'"),  # after the
-                                     ("eval_vlm", ["--methods", "pool:bogus=1"], "unknown option"),  # all-token run
                                      ("eval_vlm", ["--tune", "0.3", "--tune-batches", "1"], "need 4 batches"),
                                      ("train_clip", ["--warmup", "0"], "--warmup"),
                                      ("train_vlm", ["--save-every", "0"], "--save-every"),
@@ -675,6 +672,10 @@ def test_tool_arguments_are_checked_before_the_work(tmp_path, capsys):
         with pytest.raises(SystemExit) as stopped:
             load_tool(tool).main(arguments)
         assert stopped.value.code == 2 and message in capsys.readouterr().err, (tool, arguments)
+    vlm = load_tool("eval_vlm")  # method words are checked before the model loads (they failed after the
+    for methods, message in [(["pool:tokens=9"], "the budget comes from --fractions"),  # all-token run)
+                             (["nosuch"], "unknown method 'nosuch'"), (["pool:bogus=1"], "unknown option")]:
+        assert vlm.main(["--methods", *methods]) == 2 and message in capsys.readouterr().err
     evaluate = load_tool("eval_video_qa")
     (tmp_path / "rows.json").write_text(json.dumps([{"video": "a.mp4", "question": "?"}]))
     for manifest, message in [(tmp_path / "none.json", "does not exist"), (tmp_path / "rows.json", "row 0 has no "
@@ -896,7 +897,7 @@ def test_eval_vlm_evaluates_the_fine_vlm_as_it_was_trained(monkeypatch, capsys):
     on merge_to_budget); its defaults now carry positions=original, the baseline too."""
     tool = load_tool("eval_vlm")
     checked = []
-    monkeypatch.setattr(tool, "check_method", lambda parser, method: checked.append(method))
+    monkeypatch.setattr(tool, "check_method", checked.append)
 
     def stop(**kwargs):
         raise vistok.InvalidConfigError("stop before the model")

@@ -410,8 +410,9 @@ class TrainingRun:
     without weight decay, ``warmup`` steps of linear warm-up, then a cosine from ``lr`` to 0.1 of it over
     whichever ends first, ``steps`` or ``minutes`` of training (checkpoints excluded); gradients clipped at 1.0;
     ``<out>/log.jsonl`` per step, ``<out>/model.safetensors`` and ``<out>/checkpoint.pt`` every ``save_every``
-    steps and at the end; ``resume`` continues from the checkpoint, under the same settings (all but ``out`` and
-    ``save_every``)."""
+    steps and at the end (each written beside and moved over the last, so a kill mid-write leaves it whole; the
+    checkpoint keeps the log lines up to it); ``resume`` continues from the checkpoint, under the same settings (all
+    but ``out`` and ``save_every``), and rewrites the log from it."""
 
     out: Path
     steps: int
@@ -438,11 +439,12 @@ def train_trained_tensors(model: nn.Module, run: TrainingRun, step_loss: Any) ->
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=run.lr, weight_decay=0.0)
     step, spent, running = 0, 0.0, None
+    logged: list[str] = []  # the run's log lines so far, kept in the checkpoint: a resume writes its log from them
     checkpoint = run.out / "checkpoint.pt"
     if run.resume:
         if not checkpoint.is_file():
             raise CheckpointError(f"--resume: no checkpoint at {checkpoint}")
-        from ..experiment import check_resumed_settings, truncate_log
+        from ..experiment import check_resumed_settings, resumed_log
 
         state = torch.load(checkpoint, weights_only=False)
         check_resumed_settings(state.get("settings"), _run_settings(run), ("save_every",), checkpoint)
@@ -450,7 +452,7 @@ def train_trained_tensors(model: nn.Module, run: TrainingRun, step_loss: Any) ->
         optimizer.load_state_dict(state["optimizer"])
         step, spent = state["step"], state["seconds"]
         running = state.get("smoothed")  # the logged running mean goes on (a checkpoint from before: restarts)
-        truncate_log(run.out / "log.jsonl", "step", step)
+        logged = resumed_log(run.out / "log.jsonl", state, "step", step)
     budget = run.minutes * 60
     log = None  # a fresh run starts its own log at its first step: one that fails before leaves an earlier run's
 
@@ -459,9 +461,10 @@ def train_trained_tensors(model: nn.Module, run: TrainingRun, step_loss: Any) ->
 
         from ..experiment import save_whole
 
-        save_file(trained_state(model), str(run.out / "model.safetensors"))
+        save_whole(trained_state(model), run.out / "model.safetensors", save=save_file)
         save_whole({"trained": trained_state(model), "optimizer": optimizer.state_dict(), "step": step,
-                    "seconds": spent, "smoothed": running, "settings": _run_settings(run)}, checkpoint)
+                    "seconds": spent, "smoothed": running, "settings": _run_settings(run), "log": logged},
+                   checkpoint)
 
     while step < run.steps and spent < budget:
         started = time.perf_counter()
@@ -480,8 +483,9 @@ def train_trained_tensors(model: nn.Module, run: TrainingRun, step_loss: Any) ->
         running = value if running is None else 0.95 * running + 0.05 * value
         if log is None:
             log = open(run.out / "log.jsonl", "a" if run.resume else "w")
-        log.write(json.dumps({"step": step, "loss": value, "smoothed": running, "lr": lr,
-                              "seconds": round(spent, 1), **info}) + "\n")
+        logged.append(json.dumps({"step": step, "loss": value, "smoothed": running, "lr": lr,
+                                  "seconds": round(spent, 1), **info}))
+        log.write(logged[-1] + "\n")
         log.flush()
         if step % run.save_every == 0:
             save()
