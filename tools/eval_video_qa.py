@@ -46,8 +46,8 @@ from vistok.video.qa import (
 
 
 def manifest_rows(manifest: Path) -> list[dict]:
-    """The rows of a question manifest (a JSON list of ``{"video", "question", "answer"}``, each a non-empty string),
-    checked before the model loads.
+    """The rows of a question manifest (a JSON list of ``{"video", "question", "answer"}``, each a non-empty string,
+    and optionally ``"kind"``, a non-empty string too), checked before the model loads.
 
     Raises:
         InvalidConfigError: no such file, not JSON, not a non-empty list, or a row without those keys or with a
@@ -66,8 +66,8 @@ def manifest_rows(manifest: Path) -> list[dict]:
         if missing:
             raise InvalidConfigError(f"--manifest: {manifest} row {number} has no {', '.join(missing)} (a manifest "
                                      "row needs video, question and answer)")
-        for key in ("video", "question", "answer"):
-            if not isinstance(row[key], str) or not row[key].strip():
+        for key in ("video", "question", "answer", "kind"):  # kind is optional: it groups the per-kind accuracy
+            if (key in row or key != "kind") and (not isinstance(row[key], str) or not row[key].strip()):
                 raise InvalidConfigError(f"--manifest: {manifest} row {number}: {key} must be a non-empty string, got "
                                          f"{row[key]!r}")
     return rows

@@ -233,8 +233,8 @@ def find_classes(directory: str | os.PathLike) -> tuple[list[str], dict[str, int
 
 
 def image_folder(root: str | os.PathLike, transform: Callable | None, loader: Callable[[str], Any]) -> Dataset:
-    """torchvision's ``ImageFolder`` numbered by :func:`find_classes` (hidden folders and their images left out;
-    a plain ``ImageFolder``, so that it pickles into data-loader workers).
+    """torchvision's ``ImageFolder`` numbered by :func:`find_classes`, hidden folders and the images in them left
+    out, at any depth (a plain ``ImageFolder``, so that it pickles into data-loader workers).
 
     Raises:
         FileNotFoundError: no class folders, or one without images (as ``ImageFolder``).
@@ -242,7 +242,8 @@ def image_folder(root: str | os.PathLike, transform: Callable | None, loader: Ca
     from torchvision.datasets import ImageFolder
 
     classes, ids = find_classes(root)
-    dataset = ImageFolder(str(root), transform=transform, loader=loader, allow_empty=True)  # hidden: no images
+    dataset = ImageFolder(str(root), transform=transform, loader=loader, allow_empty=True,  # hidden: no images
+                          is_valid_file=partial(_visible_image, Path(root)))
     dataset.samples = dataset.imgs = [(path, ids[dataset.classes[target]]) for path, target in dataset.samples
                                       if dataset.classes[target] in ids]
     dataset.targets = [target for _, target in dataset.samples]
@@ -251,6 +252,15 @@ def image_folder(root: str | os.PathLike, transform: Callable | None, loader: Ca
     if empty:
         raise FileNotFoundError(f"Found no valid file for the classes {', '.join(empty)} in {root}")
     return dataset
+
+
+def _visible_image(root: Path, path: str) -> bool:
+    """An image file ``ImageFolder`` reads (its extensions) outside hidden folders (a class's
+    ``.ipynb_checkpoints`` holds copies of its images)."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
+
+    hidden = any(part.startswith(".") for part in Path(path).relative_to(root).parts[:-1])
+    return has_file_allowed_extension(path, IMG_EXTENSIONS) and not hidden
 
 
 def image_loader(channels: int) -> Callable[[str], Any]:

@@ -286,6 +286,17 @@ def test_peak_memory_counts_what_is_alive_at_once():
 
     assert peak_memory(Table(), torch.zeros(10, 100)) == 4_000  # the sum, not the table's 400,000 bytes
 
+    class Indexed(torch.nn.Module):  # a tensor made from Python values (no operator), read, freed: its storage's
+        def forward(self, x):  # address goes to the next storage made, which must still count
+            index = torch.as_tensor([0, 1, 2])
+            picked = x[index]
+            del index, picked
+            y = x.exp()  # 4 MiB, alive with z: 8 MiB
+            z = y + 1
+            return z.sum()
+
+    assert peak_memory(Indexed(), torch.zeros(1024, 1024)) >= 8 * 2**20
+
 
 def test_random_drop_is_reproducible_per_call():
     model, images, run, _, _ = _setup("timm vit, merge")

@@ -192,8 +192,9 @@ def test_images_are_read_at_their_bit_depth_and_hidden_folders_are_no_classes(tm
     root = tmp_path / "images"
     _class_folders(root, {"bag": 8, "coat": 4}, per_class=2)
     for split in ("train", "val"):
-        (root / split / ".ipynb_checkpoints").mkdir()
-        Image.new("L", (28, 28)).save(root / split / ".ipynb_checkpoints" / "0.png")
+        for hidden in (root / split / ".ipynb_checkpoints", root / split / "bag" / ".ipynb_checkpoints"):
+            hidden.mkdir()
+            Image.new("L", (28, 28)).save(hidden / "0.png")
     settings = {"input_size": 28, "train": False, "mean": (0.5,), "std": (0.5,), "channels": 1}
     for split in ("train", "val"):
         dataset = vdata.image_folder_dataset(root, split, **settings)
@@ -203,9 +204,14 @@ def test_images_are_read_at_their_bit_depth_and_hidden_folders_are_no_classes(tm
 
     copied = pickle.loads(pickle.dumps(vdata.image_folder_dataset(root, "train", **settings)))
     assert copied.classes == ["bag", "coat"] and len(copied) == 4
-    from vistok.video.datasets import folder_classes
+    from vistok.video.datasets import class_folders, folder_classes
 
     assert folder_classes(root / "train") == ["bag", "coat"]  # video folders alike
+    for name in ("bag/a.mp4", "bag/.ipynb_checkpoints/a-checkpoint.mp4", ".ipynb_checkpoints/b.mp4"):
+        (root / "clips" / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / "clips" / name).write_bytes(b"")
+    videos = class_folders(root / "clips")
+    assert [Path(sample.path).name for sample in videos.samples] == ["a.mp4"] and videos.classes == ["bag"]
     (root / "val" / "bag" / "9.png").write_bytes(b"truncated")
     dataset = vdata.image_folder_dataset(root, "val", **settings)
     broken = next(i for i, (path, _) in enumerate(dataset.samples) if path.endswith("9.png"))

@@ -209,7 +209,8 @@ def test_manifest_values_must_be_strings_before_the_model_loads(tmp_path, capsys
     evaluate = load_tool("eval_video_qa")
     monkeypatch.setattr(evaluate, "create_video_vlm", lambda **kwargs: pytest.fail("the model loaded"))
     good = {"video": "a.mp4", "question": "How many items appear?", "answer": "3"}
-    for key, value in [("answer", 3), ("answer", None), ("answer", " "), ("video", 5), ("question", ["why"])]:
+    for key, value in [("answer", 3), ("answer", None), ("answer", " "), ("video", 5), ("question", ["why"]),
+                       ("kind", 1), ("kind", ["after"])]:  # an int kind crashed sorting the kinds after a run
         manifest = tmp_path / "test.json"
         manifest.write_text(json.dumps([good, {**good, key: value}]))
         assert evaluate.main(["--manifest", str(manifest), "--out", str(tmp_path / "qa"), "--selections", "all"]) == 2

@@ -101,6 +101,26 @@ def test_pooling_a_grid_that_does_not_divide():
     assert torch.equal(result.sizes[0], torch.bincount(result.owner[0], minlength=9).to(result.sizes.dtype))
 
 
+def test_a_refused_pooling_budget_suggests_budgets_that_pool():
+    """The refusal's suggestions are budgets the grid pools to (on elongated grids they named refused ones, the
+    refused budget included)."""
+    import re
+
+    from vistok.adapters.budget import pool_grid, poolable
+
+    refused = 0
+    for grid in [(4, 9), (6, 27), (9, 15), (6, 6), (27, 36), (3, 3)]:
+        for tokens in range(1, grid[0] * grid[1] + 1):
+            if poolable(grid, tokens):
+                continue
+            refused += 1
+            with pytest.raises(InvalidConfigError, match="choose a budget such as") as error:
+                pool_grid(grid, tokens)
+            suggested = [int(t) for t in re.findall(r"\d+", str(error.value).rsplit("such as", 1)[1])]
+            assert len(suggested) == 3 and all(poolable(grid, t) for t in suggested), (grid, tokens, suggested)
+    assert refused > 50
+
+
 def assert_regions_are_connected(result, grid):
     """Every output token owns a non-empty 4-connected region of the ``grid``."""
     rows, cols = grid

@@ -308,11 +308,9 @@ def select_dominant(x: Tensor, scores: Tensor, tokens: int, contextual: int = 0)
 def pool_grid(grid: tuple[int, int], tokens: int) -> tuple[int, int]:
     """The ``(rows, cols)`` with ``rows * cols == tokens``, each at most the grid's, whose aspect is closest to the
     grid's. Raises InvalidConfigError where none is within a factor 2 of it (e.g. a prime budget)."""
-    rows, cols = grid
-    pairs = [(r, tokens // r) for r in range(1, rows + 1) if tokens % r == 0 and tokens // r <= cols]
-    aspect = math.log(rows / cols)
-    best = min(pairs, key=lambda p: abs(math.log(p[0] / p[1]) - aspect), default=None)
-    if best is None or abs(math.log(best[0] / best[1]) - aspect) > math.log(2):
+    best = _pooled_shape(grid, tokens)
+    if best is None:
+        rows, cols = grid
         raise InvalidConfigError(f"pooling a {rows} x {cols} grid cannot give exactly {tokens} tokens on a grid of "
                                  f"about its shape; choose a budget such as {_near_pool_budgets(grid, tokens)}")
     return best
@@ -320,17 +318,24 @@ def pool_grid(grid: tuple[int, int], tokens: int) -> tuple[int, int]:
 
 def poolable(grid: tuple[int, int], tokens: int) -> bool:
     """Whether :func:`pool_grid` can pool ``grid`` to exactly ``tokens`` cells."""
-    try:
-        pool_grid(grid, tokens)
-    except InvalidConfigError:
-        return False
-    return True
+    return _pooled_shape(grid, tokens) is not None
+
+
+def _pooled_shape(grid: tuple[int, int], tokens: int) -> tuple[int, int] | None:
+    """:func:`pool_grid`'s shape, or ``None`` where no shape is within a factor 2 of the grid's aspect."""
+    rows, cols = grid
+    pairs = [(r, tokens // r) for r in range(1, rows + 1) if tokens % r == 0 and tokens // r <= cols]
+    aspect = math.log(rows / cols)
+    best = min(pairs, key=lambda p: abs(math.log(p[0] / p[1]) - aspect), default=None)
+    if best is None or abs(math.log(best[0] / best[1]) - aspect) > math.log(2):
+        return None
+    return best
 
 
 def _near_pool_budgets(grid: tuple[int, int], tokens: int) -> list[int]:
+    """The three budgets nearest ``tokens`` that the grid pools to (at most its own size)."""
     rows, cols = grid
-    options = sorted({max(1, round(rows * s)) * max(1, round(cols * s)) for s in (i / 48 for i in range(1, 49))})
-    return sorted(options, key=lambda t: abs(t - tokens))[:3]
+    return sorted((t for t in range(1, rows * cols + 1) if poolable(grid, t)), key=lambda t: (abs(t - tokens), t))[:3]
 
 
 def pool_to_budget(x: Tensor, grid: tuple[int, int], tokens: int) -> Budgeted:

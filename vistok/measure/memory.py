@@ -30,17 +30,19 @@ class LiveTensorBytes(TorchDispatchMode):
 
     def __init__(self, exclude: list[Tensor] | tuple[Tensor, ...] = ()) -> None:
         super().__init__()
-        self._excluded = {StorageWeakRef(t.untyped_storage()).cdata for t in exclude}
+        # weak references held while the counter lives: a freed storage's address cannot be handed to a new one,
+        # which would then pass for excluded
+        self._excluded: dict[int, StorageWeakRef] = {}
+        for tensor in exclude:
+            self._exclude(tensor)
         self._live: dict[int, tuple[StorageWeakRef, int]] = {}
         self.current = 0
         self.peak = 0
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         for tensor in tree_leaves((args, kwargs)):  # a storage first seen as an input existed before: not counted
-            if isinstance(tensor, Tensor):
-                ref = StorageWeakRef(tensor.untyped_storage()).cdata
-                if ref not in self._live:
-                    self._excluded.add(ref)
+            if isinstance(tensor, Tensor) and StorageWeakRef(tensor.untyped_storage()).cdata not in self._live:
+                self._exclude(tensor)
         out = func(*args, **(kwargs or {}))
         for tensor in tree_leaves(out):
             if isinstance(tensor, Tensor):
@@ -52,6 +54,10 @@ class LiveTensorBytes(TorchDispatchMode):
         self.current = sum(size for _, size in self._live.values())
         self.peak = max(self.peak, self.current)
         return out
+
+    def _exclude(self, tensor: Tensor) -> None:
+        ref = StorageWeakRef(tensor.untyped_storage())
+        self._excluded.setdefault(ref.cdata, ref)
 
 
 def peak_memory(model: nn.Module, images: Tensor) -> int:

@@ -65,8 +65,8 @@ class RandomDropper(TokenReducer):
 @dataclass
 class RandomDropConfig(MethodConfig):
     """``vistok.patch(model, "random_drop", k=..., blocks=..., seed=0)``: ``k`` and ``blocks`` as for ATS, but ``k``
-    defaults to 0.5, half of the patch tokens each block receives, which compounds over the blocks (ViT-S keeps 2
-    after blocks 3..11, where ATS's default keeps at most 108 in each): pass the same ``k`` to compare the two.
+    defaults to 0.5, half of the patch tokens each block receives, which compounds over the blocks (ViT-S keeps 1
+    patch token after blocks 3..11, where ATS's default keeps at most 108 in each): pass the same ``k`` to compare.
     Block ``b`` draws with seed ``seed + b``, afresh on every call (the same tokens for the same batch)."""
 
     k: int | float | Sequence[int | float] = 0.5

@@ -190,7 +190,7 @@ def _listed_clips(list_path: Path) -> list[tuple[str, int]]:
 def class_folders(root: str | os.PathLike, extensions: Sequence[str] = VIDEO_EXTENSIONS,
                   classes: Sequence[str] | None = None) -> VideoList:
     """``root/<class name>/<clip>``: one folder per class, classes sorted by name; a class folder's clips are every
-    file under it, sub-folders included (as torchvision's ``DatasetFolder``), whose suffix is one of
+    file under it, sub-folders included (as torchvision's ``DatasetFolder``) but not hidden ones, whose suffix is one of
     ``extensions`` in any case. ``classes``: the class list to index labels by (e.g. the training split's, whose
     folders a validation split may lack some of); a folder outside it is an error."""
     root = Path(root)
@@ -201,7 +201,8 @@ def class_folders(root: str | os.PathLike, extensions: Sequence[str] = VIDEO_EXT
         raise InvalidConfigError(f"{root}: class folders {unknown} are not among the {len(classes)} classes")
     wanted = {extension.lower() for extension in extensions}
     samples = [VideoSample(path, classes.index(name)) for name in found
-               for path in sorted((root / name).rglob("*")) if path.suffix.lower() in wanted and path.is_file()]
+               for path in sorted((root / name).rglob("*")) if path.suffix.lower() in wanted and path.is_file()
+               and not any(part.startswith(".") for part in path.relative_to(root / name).parts[:-1])]
     return _finish(samples, classes, [], str(root), "skip")
 
 
