@@ -84,7 +84,7 @@ def load_questions(args: argparse.Namespace) -> list[dict]:
         out = []
         for row in rows:
             started = time.perf_counter()
-            frames = read_video(manifest.parent / row["video"])
+            frames = read_video(manifest.parent / row["video"], timeout=60.0)  # as VideoQA (vistok video-qa) allows
             out.append({"kind": None, **row, "frames": frames, "decode": time.perf_counter() - started})
         return out
     from vistok.video.fmnist_qa import FashionVideoQA

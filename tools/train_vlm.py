@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None, language_model=None) -> int:
     parser.add_argument("--compressed", type=float, default=0.0, help="share of batches seen through a method")
     parser.add_argument("--compress-methods", nargs="+", default=["merge_to_budget", "region_merge", "dominant", "pool",
                                                                    "random_select"])
-    parser.add_argument("--compress-tokens", nargs="+", type=int, default=None,
+    parser.add_argument("--compress-tokens", nargs="+", type=count, default=None,
                         help="default 24 18 12 9 6 4 (of 36); with --page 72 48 36 24 16 (of 144); with --fine "
                         "98 64 49 32 20 12 (of 196)")
     parser.add_argument("--page", action="store_true", help="the page variant on sparse pages")

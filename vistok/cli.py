@@ -167,8 +167,8 @@ def _build_parser() -> argparse.ArgumentParser:
     video.add_argument("--question", required=True)
     video.add_argument("--budget", type=count, default=256, help="visual tokens at most")
     video.add_argument("--selection", default="learned", help="learned, text, uniform, drop or all")
-    video.add_argument("--frames", type=count, default=16, help="frames text and uniform selection keep (learned: "
-                       "the selector's 16 queries)")
+    video.add_argument("--frames", type=count, default=None, help="frames text and uniform selection keep (default "
+                       "16; learned: the selector's 16 queries; drop and all take none)")
     video.add_argument("--merge-threshold", type=float, default=None, help="temporal merge threshold (default: "
                        "B-VLLM's 0.75 on selection rows, 0.98 on frame summaries)")
     video.add_argument("--merge-on", default="selection", choices=("selection", "summary"),
@@ -356,7 +356,11 @@ def _video_qa(args: argparse.Namespace) -> int:
                                  "--no-temporal-merge turns off; give one of them")
     if threshold is None:
         threshold = 0.98 if args.merge_on == "summary" else 0.75
-    config = VideoQAConfig(budget=args.budget, selection=args.selection, frames=args.frames,
+    if args.frames is not None and args.selection in ("drop", "all"):
+        raise InvalidConfigError(f"vistok video-qa: --frames is not read by --selection {args.selection} (drop keeps "
+                                 "as many frames as the budget holds whole, all keeps every frame)")
+    frames = {} if args.frames is None else {"frames": args.frames}
+    config = VideoQAConfig(budget=args.budget, selection=args.selection, **frames,
                            merge_threshold=None if args.no_temporal_merge else threshold, merge_on=args.merge_on)
     model, tokenizer = create_video_vlm(pretrained=args.checkpoint is None, checkpoint=args.checkpoint)
     clip = create_clip(pretrained=True) if config.selection == "text" else None

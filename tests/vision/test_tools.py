@@ -668,6 +668,7 @@ def test_tool_arguments_are_checked_before_the_work(tmp_path, capsys):
                                      ("train_clip", ["--minutes", "-1"], "--minutes"),  # trained 0 steps, saved
                                      ("train_clip", ["--weight-decay", "-0.1"], "--weight-decay"),
                                      ("train_vlm", ["--lora-rank", "0"], "--lora-rank"),
+                                     ("train_vlm", ["--compress-tokens", "0"], "--compress-tokens"),
                                      ("train_vlm", ["--threads", "-1"], "--threads"),
                                      ("train_video_vlm", ["--lora-rank", "-2"], "--lora-rank"),
                                      ("train_video_vlm", ["--lr", "-1"], "--lr"),

@@ -231,6 +231,16 @@ def test_a_blank_question_is_refused_by_every_selection(selection):
             qa.compress(encoded_video(), torch.zeros(4, 1, 28, 28), question)
 
 
+def test_the_cli_refuses_frames_for_selections_that_do_not_read_them(capsys):
+    """--frames was silently ignored by drop and all (their frames follow from the budget / the video)."""
+    from vistok.cli import main
+
+    for selection in ("drop", "all"):
+        assert main(["video-qa", "--video", "v.mp4", "--question", "Is there a bag?", "--selection", selection,
+                     "--frames", "4"]) == 2
+        assert f"--frames is not read by --selection {selection}" in capsys.readouterr().err
+
+
 @pytest.fixture(scope="module")
 def smollm2():
     from vistok.samplers import load_smollm2
