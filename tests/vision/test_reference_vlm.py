@@ -407,6 +407,11 @@ def test_the_fine_vlm_warm_starts_from_the_image_vlm(smollm2, tmp_path):
     save_file(page_state, str(tmp_path / "page_vlm.safetensors"))
     assert warm_start(model, str(tmp_path / "page_vlm.safetensors"))[1:] == [  # not a grid of places
         "resized []", "skipped ['model.vision_tower.grid_position']"]
+    frozen = "model.language_model.layers.0.mlp.down_proj.weight"  # a full state file's frozen tensor: skipped
+    kept = model.state_dict()[frozen].clone()
+    save_file({**state, frozen: torch.randn_like(kept)}, str(tmp_path / "full.safetensors"))
+    assert warm_start(model, str(tmp_path / "full.safetensors"))[2] == f"skipped ['{frozen}']"
+    assert torch.equal(model.state_dict()[frozen], kept)
     summary = warm_start(model, str(tmp_path / "image_vlm.safetensors"))
     assert summary[1] == "resized ['model.vision_tower.grid_position']" and summary[2] == "skipped []"
     loaded = trained_state(model)

@@ -325,13 +325,16 @@ def warm_start(model, path: str) -> list[str]:
     """Load the tensors of ``path`` whose names and shapes fit ``model`` (the image VLM's projector and adapters
     fit the video, page and fine VLMs: the same ViT features, the same language model), and the tower's grid
     positions resized (:func:`resized_grid_position`) where the two grids have the same crops at different cells
-    (the image VLM's into the fine one's); returns a summary of what was loaded."""
+    (the image VLM's into the fine one's); returns a summary of what was loaded. Only trained tensors are loaded
+    (projector, adapters, grid positions, frame selector): the frozen ViT and language model are the model's own,
+    never saved with it, so a full state file would otherwise pair the trained tensors with other frozen ones."""
     from safetensors.torch import load_file
 
     if not Path(path).is_file():
         raise CheckpointError(f"--init: no trained tensors at {path}")
     state, own = load_file(path), model.state_dict()
-    fitting = {name: value for name, value in state.items() if name in own and own[name].shape == value.shape}
+    fitting = {name: value for name, value in state.items()
+               if _is_trained(name) and name in own and own[name].shape == value.shape}
     resized = [name for name in state if name.endswith("vision_tower.grid_position") and name in own
                and name not in fitting and _resizable_grid(model.model.vision_tower, state[name])]
     for name in resized:
