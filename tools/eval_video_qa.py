@@ -66,8 +66,8 @@ def manifest_rows(manifest: Path) -> list[dict]:
         if missing:
             raise InvalidConfigError(f"--manifest: {manifest} row {number} has no {', '.join(missing)} (a manifest "
                                      "row needs video, question and answer)")
-        for key in ("video", "question", "answer", "kind"):  # kind is optional: it groups the per-kind accuracy
-            if (key in row or key != "kind") and (not isinstance(row[key], str) or not row[key].strip()):
+        for key in ("video", "question", "answer", *(["kind"] if "kind" in row else [])):  # kind: optional
+            if not isinstance(row[key], str) or not row[key].strip():
                 raise InvalidConfigError(f"--manifest: {manifest} row {number}: {key} must be a non-empty string, got "
                                          f"{row[key]!r}")
     return rows

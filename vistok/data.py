@@ -36,6 +36,8 @@ __all__ = [
     "image_folder_dataset",
     "image_loader",
     "find_classes",
+    "visible_folders",
+    "in_hidden_folder",
     "image_folder",
     "read_image",
     "white_level",
@@ -193,7 +195,7 @@ def image_folder_dataset(root: str | os.PathLike, split: str, input_size: int | 
     from timm.data import create_transform
 
     folder = Path(root) / split
-    if not folder.is_dir() or not any(child.is_dir() and not child.name.startswith(".") for child in folder.iterdir()):
+    if not folder.is_dir() or not visible_folders(folder):
         raise DatasetNotFoundError(f"{folder} is not a folder of class sub-folders (expected {root}/{split}/<class>/"
                                    "<image files>, as for ImageNet)")
     size = input_size if isinstance(input_size, int) else (channels, *input_size)
@@ -219,6 +221,18 @@ def image_folder_dataset(root: str | os.PathLike, split: str, input_size: int | 
     return dataset
 
 
+def visible_folders(directory: str | os.PathLike) -> list[str]:
+    """The sorted sub-folders of ``directory``, hidden ones (``.ipynb_checkpoints``, ``.git``) left out: as class
+    folders, one would become a class and shift every id after it."""
+    return sorted(entry.name for entry in os.scandir(directory) if entry.is_dir() and not entry.name.startswith("."))
+
+
+def in_hidden_folder(path: str | os.PathLike, root: str | os.PathLike) -> bool:
+    """Whether a folder between ``root`` and the file ``path`` under it is hidden (a class's ``.ipynb_checkpoints``
+    holds copies of its files)."""
+    return any(part.startswith(".") for part in Path(path).relative_to(root).parts[:-1])
+
+
 def find_classes(directory: str | os.PathLike) -> tuple[list[str], dict[str, int]]:
     """The sorted class folders of ``directory`` and their ids, as ``ImageFolder`` numbers them, but without hidden
     folders (``.ipynb_checkpoints``, ``.git``): one would become a class and shift every id after it.
@@ -226,7 +240,7 @@ def find_classes(directory: str | os.PathLike) -> tuple[list[str], dict[str, int
     Raises:
         FileNotFoundError: ``directory`` has no class folders (as torchvision's ``find_classes``).
     """
-    classes = sorted(entry.name for entry in os.scandir(directory) if entry.is_dir() and not entry.name.startswith("."))
+    classes = visible_folders(directory)
     if not classes:
         raise FileNotFoundError(f"Couldn't find any class folder in {directory}.")
     return classes, {name: index for index, name in enumerate(classes)}
@@ -255,12 +269,10 @@ def image_folder(root: str | os.PathLike, transform: Callable | None, loader: Ca
 
 
 def _visible_image(root: Path, path: str) -> bool:
-    """An image file ``ImageFolder`` reads (its extensions) outside hidden folders (a class's
-    ``.ipynb_checkpoints`` holds copies of its images)."""
+    """An image file ``ImageFolder`` reads (its extensions) outside hidden folders."""
     from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 
-    hidden = any(part.startswith(".") for part in Path(path).relative_to(root).parts[:-1])
-    return has_file_allowed_extension(path, IMG_EXTENSIONS) and not hidden
+    return has_file_allowed_extension(path, IMG_EXTENSIONS) and not in_hidden_folder(path, root)
 
 
 def image_loader(channels: int) -> Callable[[str], Any]:

@@ -257,7 +257,9 @@ def check_labels(labels: object, count: int, name: str, what: str) -> None:
 def check_finite_reference(reference: Tensor, what: str) -> None:
     """Refuse unpatched outputs ``[B, C]`` with NaN or ``+inf`` (``-inf`` masks a class): every candidate would be
     compared with nothing."""
-    bad = (reference.isnan() | (reference == math.inf)).any(dim=-1).nonzero().flatten().tolist()
+    from .measure.accuracy import broken_rows
+
+    bad = broken_rows(reference).nonzero().flatten().tolist()
     if bad:
         raise InputShapeError(f"tune: the unpatched model's outputs are NaN or +inf for {what} {bad[:8]} (of "
                               f"{reference.shape[0]}); check those inputs")
@@ -430,8 +432,9 @@ def agreement_scores(logits: Tensor, reference: Tensor, labels: Tensor | None, r
     first rung."""
     kl = F.kl_div(logits.log_softmax(-1), reference.log_softmax(-1), log_target=True, reduction="batchmean")
     target = reference.argmax(-1) if labels is None else labels.to(logits.device)
-    # a candidate's NaN or +inf row is a miss (argmax would pick it); -inf only masks a class
-    finite = ~(logits.isnan() | (logits == math.inf)).any(dim=-1)
+    from .measure.accuracy import broken_rows
+
+    finite = ~broken_rows(logits)  # a candidate's NaN or +inf row is a miss (argmax would pick it)
     score = 100.0 * float(((logits.argmax(-1) == target) & finite).float().mean())
     out = {"score": score, "kl": float(kl) if bool(finite.all()) else math.inf, "images": logits.shape[0]}
     if rung == 0:

@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 from .._modes import evaluating
 from ..errors import InputShapeError
 
-__all__ = ["topk_correct", "evaluate", "paired_difference", "add_paired_differences"]
+__all__ = ["topk_correct", "broken_rows", "evaluate", "paired_difference", "add_paired_differences"]
 
 
 def topk_correct(logits: Tensor, labels: Tensor, ks: tuple[int, ...] = (1, 5)) -> dict[int, int]:
@@ -32,13 +32,19 @@ def topk_correct(logits: Tensor, labels: Tensor, ks: tuple[int, ...] = (1, 5)) -
         raise InputShapeError(f"topk_correct: labels must be class ids in [0, {logits.shape[1]}) (the logits' "
                               f"classes), got ids from {int(labels.min())} to {int(labels.max())}: a model for other "
                               "classes?")
-    broken = logits.isnan() | (logits == math.inf)  # -inf masks a class; +inf is an overflow, tied with others
+    broken = broken_rows(logits)
     if bool(broken.any()):
         raise InputShapeError(f"topk_correct: the model gave NaN or +inf logits (rows "
-                              f"{broken.any(dim=1).nonzero().flatten()[:8].tolist()}); no accuracy to count")
+                              f"{broken.nonzero().flatten()[:8].tolist()}); no accuracy to count")
     top = logits.topk(min(max(ks), logits.shape[-1]), dim=-1).indices
     hits = top == labels.to(top.device)[:, None]  # labels stay on the loader's device; the model may be elsewhere
     return {k: int(hits[:, :k].any(dim=1).sum()) for k in ks}
+
+
+def broken_rows(logits: Tensor) -> Tensor:
+    """``[B]`` bool: the rows of ``logits`` ``[B, C]`` holding NaN or ``+inf`` (an overflow, tied with any other
+    ``+inf``; ``-inf`` only masks a class)."""
+    return (logits.isnan() | (logits == math.inf)).any(dim=-1)
 
 
 def paired_difference(hits: Sequence[bool], baseline_hits: Sequence[bool]) -> tuple[float, float]:

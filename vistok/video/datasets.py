@@ -20,7 +20,7 @@ from torch import Tensor
 from torch.utils.data import Dataset, default_collate
 
 from .._checks import is_int
-from ..data import DatasetNotFoundError
+from ..data import DatasetNotFoundError, in_hidden_folder, visible_folders
 from ..errors import InvalidConfigError
 from .io import VideoReadError, probe_video, read_video
 from .sampling import dense_clip, dense_clip_views, evenly_spaced, segment_indices
@@ -202,7 +202,7 @@ def class_folders(root: str | os.PathLike, extensions: Sequence[str] = VIDEO_EXT
     wanted = {extension.lower() for extension in extensions}
     samples = [VideoSample(path, classes.index(name)) for name in found
                for path in sorted((root / name).rglob("*")) if path.suffix.lower() in wanted and path.is_file()
-               and not any(part.startswith(".") for part in path.relative_to(root / name).parts[:-1])]
+               and not in_hidden_folder(path, root / name)]
     return _finish(samples, classes, [], str(root), "skip")
 
 
@@ -212,7 +212,7 @@ def folder_classes(root: str | os.PathLike) -> list[str]:
     root = Path(root)
     if not root.is_dir():
         raise DatasetNotFoundError(f"{root} is not a directory")
-    return sorted(entry.name for entry in root.iterdir() if entry.is_dir() and not entry.name.startswith("."))
+    return visible_folders(root)
 
 
 @dataclass(frozen=True)
