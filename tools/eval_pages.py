@@ -69,12 +69,31 @@ def load_page(path: Path) -> torch.Tensor:
     from PIL import Image, ImageOps
 
     with Image.open(path) as opened:
+        frames = getattr(opened, "n_frames", 1)
+        if frames > 1:
+            raise InputShapeError(f"{path.name} holds {frames} pages (or frames): only the first would be read; save "
+                                  "each page as its own file")
         white = white_level(opened, path)  # read from the file: the transposed copy has no format or tags
         transparent = opened.info.get("transparency")
+        displayed = _displayed_size(opened)
         image = ImageOps.exif_transpose(opened)
+    if image.size != displayed:
+        raise InputShapeError(f"{path.name}: read as {image.size[0]} x {image.size[1]} pixels, but it is "
+                              f"{displayed[0]} x {displayed[1]} as displayed (its stored size turned by its EXIF "
+                              "orientation): Pillow misreads this file (an uncompressed TIFF turned a quarter); save "
+                              "it compressed or upright")
     grey = _grey_levels(image, white, transparent, path)
     _check_dark_ink(grey, path)
     return torch.from_numpy(grey)[None]
+
+
+def _displayed_size(opened: PILImage) -> tuple[int, int]:
+    """``(width, height)`` of an opened image as displayed: its stored size (a TIFF's ImageWidth / ImageLength tags,
+    256 / 257: Pillow 13 reports a TIFF of orientation 5-8 with its size already swapped), swapped for an EXIF
+    orientation of 5-8. Read before loading: loading a TIFF drops its orientation."""
+    tags = getattr(opened, "tag_v2", {})
+    stored = (tags[256], tags[257]) if 256 in tags and 257 in tags else opened.size
+    return stored[::-1] if opened.getexif().get(0x0112, 1) in (5, 6, 7, 8) else stored
 
 
 def _grey_levels(image: PILImage, white: float | None, transparent: object, path: Path) -> np.ndarray:
@@ -207,13 +226,15 @@ def read_pages(parser: argparse.ArgumentParser, pages: list[str]) -> dict[Path, 
             parser.error(f"--pages: {by_stem[stem]} and {page} have the same name ({stem}): their rows and pictures "
                          "would mix; rename one")
         by_file[file], by_stem[stem] = page, page
+    from PIL.Image import DecompressionBombError  # a scan over Pillow's pixel limit: no OSError
+
     loaded = {}
     for page in map(Path, pages):
         try:
             loaded[page] = load_page(page)
         except InputShapeError as error:  # its message names the file
             parser.error(f"--pages: {error}")
-        except OSError as error:  # PIL.UnidentifiedImageError, a truncated file
+        except (OSError, DecompressionBombError) as error:  # PIL.UnidentifiedImageError, a truncated file
             parser.error(f"--pages: {page}: {error}")
     return loaded
 

@@ -300,17 +300,17 @@ def read_image(path: str | os.PathLike, mode: str) -> Any:
                 raise InputShapeError(f"{path}: {image.mode} grey levels from {values.min():g} to {values.max():g} "
                                       f"are outside [0, {white:g}]; save the image with 8 or 16 bits")
             return Image.fromarray(np.rint(values * (255 / white)).astype(np.uint8)).convert(mode)
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, Image.DecompressionBombError) as error:  # a bomb is no OSError
         if isinstance(error, VistokError):
             raise
         raise InputShapeError(f"cannot read the image {path}: {error}") from None
 
 
 def white_level(image: Any, path: Path) -> float | None:
-    """The level of white of a Pillow image of wide greys, from the bit depth its file states: ``F`` 1.0, ``I;16``
-    65535, ``I`` as a PNG or a PGM 65535 (PNG greys have at most 16 bits, Pillows before 10 open them as ``I``; a
-    16-bit PGM is scaled to 65535 by Pillow) or a TIFF's BitsPerSample up to 16; ``None`` for 8-bit modes, which
-    Pillow converts itself.
+    """The level of white of a Pillow image of wide greys, from the bit depth its file states: ``F`` 1.0; a TIFF's
+    BitsPerSample up to 16 (a 12-bit scan's white is 4095); else ``I;16`` 65535, and ``I`` as a PNG or a PGM 65535
+    (PNG greys have at most 16 bits, Pillows before 10 open them as ``I``; a 16-bit PGM is scaled to 65535 by
+    Pillow); ``None`` for 8-bit modes, which Pillow converts itself.
 
     Raises:
         InputShapeError: 32-bit integer greys whose bit depth the file does not state: 8-bit levels stored in 32
@@ -318,16 +318,14 @@ def white_level(image: Any, path: Path) -> float | None:
     """
     if image.mode == "F":
         return 1.0
-    if image.mode.startswith("I;16"):
-        return 65535.0
-    if image.mode != "I":
+    if not image.mode.startswith("I"):
         return None
-    if image.format in ("PNG", "PPM"):  # Pillow scales a PGM's maxval to 16 bits
-        return 65535.0
     bits = getattr(image, "tag_v2", {}).get(258)  # TIFF BitsPerSample: an int, or one per sample
     bits = bits[0] if isinstance(bits, tuple) and bits else bits
-    if isinstance(bits, int) and 1 <= bits <= 16:
+    if isinstance(bits, int) and 1 <= bits <= 16:  # a 12-bit scan is I;16 with white at 4095
         return float(2**bits - 1)
+    if image.mode.startswith("I;16") or image.format in ("PNG", "PPM"):  # Pillow scales a PGM's maxval to 16 bits
+        return 65535.0
     raise InputShapeError(f"{path.name}: 32-bit integer greys (Pillow mode I{f', {bits} bits' if bits else ''}) "
                           "have no stated white level: 8-bit levels (white 255) and 16-bit ones (white 65535) would "
                           "read differently; save the image with 8 or 16 bits")

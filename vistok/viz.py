@@ -194,7 +194,7 @@ def save_page_budget(path: str | Path, views: Tensor, grid: tuple[int, int], pat
         raise InputShapeError(f"save_page_budget: expected views [1 + {rows} * {cols}, C, S, S] and a kept index "
                               f"per view, got views {tuple(views.shape)} and {len(kept)} kept")
     plt = _pyplot()
-    panels = _display(views)  # [V, S, S, 3] in [0, 1]
+    panels = _display(views, together=True)  # [V, S, S, 3] in [0, 1]: one scale, so blank paper stays white
     figure = plt.figure(figsize=(1 + 2.2 * (cols + 1.4), 0.6 + 2.2 * rows))
     spec = figure.add_gridspec(rows, cols + 1, width_ratios=[1.4] + [1] * cols)
     for v in range(views.shape[0]):

@@ -149,6 +149,15 @@ def test_allocate_budget_is_exact_proportional_and_bounded():
         allocate_budget(torch.tensor([1.0, -1.0]), 1, 4)
 
 
+@pytest.mark.parametrize("capacity", [2.5, torch.tensor([3.7, 3.2, 3.9]), torch.tensor([4, 4]), -1, True,
+                                      torch.tensor([4, -1, 4])])
+def test_allocate_budget_refuses_a_capacity_that_is_no_count_per_view(capacity):
+    """Float capacities were truncated (2.5 split as 2 each), a wrong length raised torch's broadcast error and a
+    negative one blamed ``minimum``."""
+    with pytest.raises(InvalidConfigError, match="capacity must be an int >= 0 or a \\[3\\] integer tensor"):
+        allocate_budget(torch.ones(3), 3, capacity)
+
+
 def test_top_tokens_keep_their_order_and_merging_keeps_the_mass():
     scores = torch.tensor([0.1, 0.9, 0.3, 0.9, 0.0])
     assert top_tokens(scores, 3).tolist() == [1, 2, 3] and top_tokens(scores, 0).tolist() == []
@@ -334,6 +343,37 @@ def test_save_page_budget_draws_the_page(tmp_path, tiny_vit):
     with pytest.raises(InputShapeError, match="a 62 x 62 picture does not divide into the 4 x 4 patch grid"):
         save_page_budget(tmp_path / "bad.png", crops.views[..., 1:-1, 1:-1], crops.grid, (4, 4), result.index,
                          result.budgets)  # a numpy broadcast error before
+
+
+def test_save_page_budget_draws_every_view_on_one_scale(monkeypatch, tmp_path):
+    """Blank paper stays white and the crops keep their relative ink: each view was min-max scaled on its own,
+    stretching a blank crop's rounding noise (1 +- 2e-7) into a grey plaid and faint ink to full black."""
+    import vistok.viz as viz
+
+    page = torch.ones(1, 300, 200)
+    page[:, 20:60, 20:180] = 0
+    page[:, 200:220, 20:100] = 0.9  # faint ink
+    crops = crop_page(page, crop_size=32)
+    shown = []
+    monkeypatch.setattr(viz, "_show", lambda axis, panel: shown.append(panel))
+    viz.save_page_budget(tmp_path / "page.png", crops.views, crops.grid, (4, 4),
+                         [torch.arange(16)] * crops.views.shape[0], torch.full((crops.views.shape[0],), 16))
+    assert len(shown) == crops.views.shape[0]
+    for view, panel in zip(crops.views, shown, strict=True):
+        assert np.allclose(panel[..., 0], view[0].numpy(), atol=1e-3)  # the page's own greys, 0 black to 1 white
+
+
+def test_view_signals_refuse_a_tower_patched_by_vistok(tiny_vit):
+    """A patched tower's blocks see the method's tokens: the kept indices were positions among ATS's survivors
+    (keep=1.0 returned 8 of 16 patches numbered 0-7), and merging crashed inside merge_into_kept."""
+    crops = crop_page(torch.randn(3, 100, 200), crop_size=64)
+    unpatched = compress_page(tiny_vit, crops, CorrelationGuidedConfig(keep=1.0))
+    for method, options in (("ats", {"k": 8}), ("merge", {"r": 4}), ("random_drop", {"k": 0.5})):
+        with vistok.patch(tiny_vit, method, **options):
+            with pytest.raises(vistok.PatchStateError, match="this tower is patched by vistok"):
+                compress_page(tiny_vit, crops, CorrelationGuidedConfig(keep=1.0))
+    again = compress_page(tiny_vit, crops, CorrelationGuidedConfig(keep=1.0))
+    assert all(torch.equal(a, b) for a, b in zip(unpatched.index, again.index, strict=True))
 
 
 def test_the_page_tool_reports_each_method_at_equal_tokens(tmp_path):
@@ -755,3 +795,78 @@ def test_compress_views_splits_the_crops_budget_by_exact_counts():
         informative = (~result.redundant).sum(-1).tolist()
         rest = int(result.budgets[1:].sum())
         assert result.budgets[1:].tolist() == _exact_allocation(informative[1:], rest, [9] * (views - 1), 1)
+
+
+def _save_12_bit_tiff(levels: np.ndarray, path) -> None:
+    """``levels`` ``[H, W]`` (W even, 0-4095) as an uncompressed 12-bit grey TIFF, as a scanner writes it (Pillow
+    writes no 12-bit TIFFs; it opens them as mode I;16)."""
+    height, width = levels.shape
+    pairs = levels.astype(np.uint16).reshape(height, width // 2, 2)
+    packed = np.stack([pairs[..., 0] >> 4, ((pairs[..., 0] & 15) << 4) | (pairs[..., 1] >> 8), pairs[..., 1] & 255],
+                      axis=-1).astype(np.uint8).tobytes()
+    # tag, type (3 short, 4 long), value: width, length, 12 bits, no compression, black is 0, strip, 1 sample...
+    entries = [(256, 3, width), (257, 3, height), (258, 3, 12), (259, 3, 1), (262, 3, 1), (273, 4, 0), (277, 3, 1),
+               (278, 3, height), (279, 4, len(packed))]
+    start = 8 + 2 + 12 * len(entries) + 4
+    header = b"II*\x00" + (8).to_bytes(4, "little") + len(entries).to_bytes(2, "little")
+    for tag, kind, value in entries:
+        value = start if tag == 273 else value
+        header += tag.to_bytes(2, "little") + kind.to_bytes(2, "little") + (1).to_bytes(4, "little")
+        header += value.to_bytes(2, "little") + b"\0\0" if kind == 3 else value.to_bytes(4, "little")
+    path.write_bytes(header + (0).to_bytes(4, "little") + packed)
+
+
+def test_a_12_bit_scan_reads_as_its_page(tmp_path, eval_pages):
+    """A 12-bit TIFF opens as Pillow mode I;16 with white at 4095: divided by 65535 it read as dark paper (0.06)
+    and was refused with the advice to invert it. Its BitsPerSample gives the white level, for pages and for image
+    folders alike."""
+    from vistok.data import read_image
+
+    page = _synthetic_page()
+    levels = np.rint(page / 255 * 4095)
+    _save_12_bit_tiff(levels, tmp_path / "page.tif")
+    assert Image.open(tmp_path / "page.tif").mode == "I;16"
+    grey = eval_pages.load_page(tmp_path / "page.tif")
+    assert torch.allclose(grey, torch.from_numpy(levels / np.float32(4095))[None].float(), atol=1e-6)
+    image = np.asarray(read_image(tmp_path / "page.tif", "L"), dtype=np.int64)
+    assert np.abs(image - page).max() <= 1
+
+
+def test_the_page_loader_refuses_a_file_of_several_pages(tmp_path, eval_pages):
+    """A multi-page TIFF (a common scan format) was evaluated on its first page only, without a word."""
+    first, second = _synthetic_page(), 255 - _synthetic_page() // 2
+    Image.fromarray(first).save(tmp_path / "pages.tif", save_all=True, append_images=[Image.fromarray(second)])
+    with pytest.raises(InputShapeError, match="pages.tif holds 2 pages"):
+        eval_pages.load_page(tmp_path / "pages.tif")
+
+
+@pytest.mark.parametrize("compression", [None, "tiff_lzw"])
+def test_a_tiff_turned_a_quarter_reads_as_displayed_or_is_refused(tmp_path, eval_pages, compression):
+    """Pillow 13 reads an uncompressed TIFF of EXIF orientation 6 with its width and height swapped and its pixels
+    scrambled. The loader gives the displayed page, or refuses the file: it is never silently wrong."""
+    page = _synthetic_page()
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(page).rotate(90, expand=True).save(tmp_path / "page.tif", exif=exif, compression=compression)
+    try:
+        grey = eval_pages.load_page(tmp_path / "page.tif")
+    except InputShapeError as error:
+        assert compression is None and "Pillow misreads this file" in str(error)
+    else:
+        assert torch.equal(grey, torch.from_numpy(page / np.float32(255))[None])
+
+
+def test_a_page_over_pillows_pixel_limit_is_a_named_error(tmp_path, eval_pages, capsys, monkeypatch):
+    """Pillow refuses images over its pixel limit with a DecompressionBombError, which is no OSError: the page
+    tool exited 1 with a traceback, and an image folder raised it mid-epoch."""
+    from PIL import Image as PILImage
+
+    from vistok.data import read_image
+
+    Image.fromarray(_synthetic_page()).save(tmp_path / "page.png")
+    monkeypatch.setattr(PILImage, "MAX_IMAGE_PIXELS", 100)  # 2400 pixels: over twice the limit
+    with pytest.raises(InputShapeError, match="cannot read the image .*page.png: Image size"):
+        read_image(tmp_path / "page.png", "L")
+    assert _status(eval_pages, ["--out", str(tmp_path / "out"), "--crop-size", "32", "--pages",
+                                str(tmp_path / "page.png")]) == 2
+    assert "exceeds limit" in capsys.readouterr().err

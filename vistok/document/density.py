@@ -78,6 +78,25 @@ def _cpu_float64(weights: Tensor) -> Tensor:
     return weights.detach().to(device="cpu", dtype=torch.float64)
 
 
+def _capacities(capacity: int | Tensor, views: int) -> Tensor:
+    """``capacity`` (an int, or one per view) as ``[views]`` long on the CPU.
+
+    Raises:
+        InvalidConfigError: not a non-negative int or integer tensor of ``[]`` or ``[views]`` (a float would be
+            truncated).
+    """
+    if isinstance(capacity, Tensor):
+        good = (not capacity.is_floating_point() and not capacity.is_complex() and capacity.dtype != torch.bool
+                and capacity.shape in ((), (views,)) and bool((capacity >= 0).all()))
+    else:
+        good = is_int(capacity, 0)
+    if not good:
+        shown = f"{capacity.dtype} {tuple(capacity.shape)}" if isinstance(capacity, Tensor) else repr(capacity)
+        raise InvalidConfigError(f"allocate_budget: capacity must be an int >= 0 or a [{views}] integer tensor "
+                                 f"of them (one per view), got {shown}")
+    return torch.as_tensor(capacity, dtype=torch.long).cpu().expand(views).clone()
+
+
 def allocate_budget(weights: Tensor, total: int, capacity: int | Tensor, minimum: int = 0) -> Tensor:
     """``[V]`` long: ``total`` tokens split over views in proportion to ``weights`` ``[V]`` (non-negative), each
     view getting at least ``minimum`` and at most its ``capacity`` (an int or ``[V]``), summing to ``total``.
@@ -95,7 +114,7 @@ def allocate_budget(weights: Tensor, total: int, capacity: int | Tensor, minimum
     if bool((weights < 0).any()) or not bool(torch.isfinite(weights).all()):
         raise InvalidConfigError("allocate_budget: weights must be finite and non-negative")
     views = weights.shape[0]
-    cap = torch.as_tensor(capacity, dtype=torch.long, device="cpu").expand(views).clone()
+    cap = _capacities(capacity, views)
     if not is_int(minimum, 0) or bool((cap < minimum).any()):
         raise InvalidConfigError(f"allocate_budget: minimum must be an int in [0, capacity], got {minimum!r}")
     if not is_int(total) or not minimum * views <= total <= int(cap.sum()):

@@ -22,8 +22,9 @@ from .._modes import evaluating
 from ..adapters.budget import Budgeted, select_dominant
 from ..adapters.methods import BoundaryConfig, BoundaryInputs
 from ..backbones import resolve_backbone
-from ..errors import InputShapeError, InvalidConfigError, UnsupportedModelError
+from ..errors import InputShapeError, InvalidConfigError, PatchStateError, UnsupportedModelError
 from ..ops import probe_attention, received_attention
+from ..patching import _PartOfPatch
 from .cropping import PageCrops
 from .density import (
     KeptTokens,
@@ -221,10 +222,15 @@ def view_signals(model: nn.Module, views: Tensor, layer: int = -1) -> ViewSignal
     Raises:
         InputShapeError: ``views`` is not a float ``[V, C, S, S]`` tensor, holds NaN or infinite values, or has
             channels or a size the tower does not take (the tower's own input check, as a patched tower has it).
+        PatchStateError: the tower is patched by vistok (its blocks would see the method's tokens).
     """
     backbone = resolve_backbone(model)
     info = backbone.info
     blocks = backbone.blocks()
+    if any(isinstance(vars(block).get("forward"), _PartOfPatch) for block in blocks):
+        raise PatchStateError("view_signals: this tower is patched by vistok, so its blocks see the method's tokens, "
+                              "not the view's patches (the kept indices would not be patch positions); pass the "
+                              "unpatched tower (handle.remove() first)")
     if not -len(blocks) <= layer < len(blocks):
         raise InvalidConfigError(f"layer must be a block index in [-{len(blocks)}, {len(blocks)}), got {layer}")
     if views.dim() != 4 or not views.is_floating_point():
