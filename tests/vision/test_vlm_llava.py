@@ -499,12 +499,18 @@ def test_generate_counts_lengths_from_the_callers_prompt():
     with torch.no_grad():
         expected = model.generate(input_ids=padded, pixel_values=pixels, max_new_tokens=4, do_sample=False,
                                   pad_token_id=0)
+        ended = model.generate(input_ids=padded, pixel_values=pixels, max_new_tokens=4, do_sample=False,
+                               pad_token_id=0, eos_token_id=torch.tensor([2, 3]))
         with vistok.patch(model, "merge_to_budget", keep=1.0):
             assert torch.equal(model.generate(input_ids=padded, pixel_values=pixels, max_new_tokens=4,
                                               do_sample=False, pad_token_id=0), expected)
             config = GenerationConfig(pad_token_id=0, max_new_tokens=4, do_sample=False)
             assert torch.equal(model.generate(input_ids=padded, pixel_values=pixels, generation_config=config),
                                expected)
+            # end tokens given as a tensor, as generate takes them (membership of the pad id raised)
+            for eos in (torch.tensor([2, 3]), [2, 3]):
+                assert torch.equal(model.generate(input_ids=padded, pixel_values=pixels, max_new_tokens=4,
+                                                  do_sample=False, pad_token_id=0, eos_token_id=eos), ended)
 
 
 def test_the_base_model_runs_patched_and_replaced_methods_are_refused():

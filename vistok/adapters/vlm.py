@@ -257,7 +257,8 @@ def _generation_mask(model: nn.Module, input_ids: Tensor, kwargs: dict) -> Tenso
     """The attention mask ``generate`` infers when none is given: padding where the pad token is (unless it is
     also the end token), else all ones."""
     pad, eos = (_generation_setting(model, kwargs, name) for name in ("pad_token_id", "eos_token_id"))
-    ends = eos if isinstance(eos, (list, tuple)) else [eos]
+    ends = [] if eos is None else torch.as_tensor(eos).flatten().tolist()  # an int, a list or a tensor of ids
+    pad = None if pad is None else int(torch.as_tensor(pad).flatten()[0])
     if pad is not None and pad not in ends and bool((input_ids == pad).any()):
         return (input_ids != pad).long()
     return torch.ones_like(input_ids)
