@@ -1,13 +1,15 @@
-"""Running a model in eval mode for a while and putting every module's own mode back afterwards."""
+"""Running a model in eval mode for a while and putting every module's own mode back afterwards; running a step
+without autocast."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 
+import torch
 from torch import nn
 
-__all__ = ["evaluating"]
+__all__ = ["evaluating", "autocast_off"]
 
 
 @contextmanager
@@ -22,3 +24,11 @@ def evaluating(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         for module, training in modes.items():  # parents first (modules() order): each child's own mode last
             module.train(training)
+
+
+def autocast_off(device: torch.device) -> AbstractContextManager:
+    """Autocast disabled on ``device``'s type, where autocast exists (``meta`` has none: ``torch.autocast`` refuses
+    it, and a model run on ``meta`` for its shapes must run as it does unpatched)."""
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return nullcontext()

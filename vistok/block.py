@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from .backbones.base import BlockOps
@@ -73,6 +74,7 @@ def _attention_residual(
         key_bias = layout.key_bias(q.dtype)
         keys = k if merges else None
         if reducer is not None:
+            _refuse_tracing(reducer)
             keep = reducer.select(AttentionView(q, k, v, layout, key_bias))
             kept = None if keep is None else _kept_positions(keep, layout, reducer)
             if kept is not None and reducer.fuses:
@@ -84,6 +86,15 @@ def _attention_residual(
                 layout = layout.select(index, valid)
         o = attend(q, k, v, key_bias, ops.dropout_p, attention)
     return x + ops.attn_residual(ops.attn_out(o, h)), layout, keys, fusion
+
+
+def _refuse_tracing(reducer: TokenReducer) -> None:
+    """Refuse ``torch.jit.trace`` through a reducer that selects tokens: the tokens it keeps (and how many) depend
+    on their values, which a trace would freeze at the example input's."""
+    if torch.jit.is_tracing() and reducer.selects:
+        raise PatchStateError(f"torch.jit.trace cannot record {type(reducer).__name__}: which tokens it keeps, and "
+                              "how many, depend on the input's values, and a trace would freeze them; use "
+                              "torch.compile or torch.export, which follow them")
 
 
 def _fuse(x: Tensor, layout: TokenLayout, keep: Tensor, kept: tuple[Tensor, Tensor | None], metric: Tensor

@@ -188,6 +188,37 @@ def test_empty_batch_behaves_as_unpatched(case):
         assert patched.shape == unpatched.shape and patched.shape[0] == 0
 
 
+@pytest.mark.parametrize("method, options", [("ats", {"k": 8}), ("merge", {"r": 3}), ("random_drop", {}),
+                                             ("super_token", {"stoken_size": 2})])
+def test_a_run_on_meta_gives_the_unpatched_shapes(method, options):
+    """``model.to("meta")`` runs for shapes as the unpatched model does: super tokens' autocast guard raised
+    "unsupported scalarType" there (meta has no autocast)."""
+    model, images, run, _, _ = _setup("timm vit, merge")
+    expected = run(model.to("meta"), images.to("meta"))
+    with vistok.patch(model, method, **options):
+        patched = run(model, images.to("meta"))
+    assert patched.is_meta and patched.shape == expected.shape == (3, 10)
+
+
+@pytest.mark.parametrize("method, options, refused", [
+    ("ats", {"k": 8}, True), ("random_drop", {}, True), ("merge", {"r": 3}, False),
+    ("super_token", {"stoken_size": 2}, False), ([("ats", {"k": 8, "blocks": [3]}), ("merge", {"r": 2})], {}, True),
+    ([("merge", {"r": 2, "blocks": [3]}), ("merge", {"r": 1, "blocks": [5]})], {}, False)])
+def test_jit_trace_records_static_methods_and_refuses_the_others(method, options, refused):
+    """A trace freezes what depends on values: merging and super tokens trace and agree with the eager model on
+    another input; ATS and random dropping raised a raw TypeError (``round`` of a traced shape) or an internal
+    TorchScript assertion, and are refused by name."""
+    model, images, run, _, _ = _setup("timm vit, merge")
+    other = torch.randn_like(images) * 3
+    with vistok.patch(model, method, **options), torch.no_grad():
+        if refused:
+            with pytest.raises(PatchStateError, match="torch.jit.trace cannot record"):
+                torch.jit.trace(model, images, check_trace=False)
+        else:
+            traced = torch.jit.trace(model, images, check_trace=False)
+            assert torch.allclose(traced(other), model(other), atol=1e-5)
+
+
 @pytest.mark.parametrize("method, options", [("ats", {}), ("ats", {"k": 0.5}), ("merge", {"r": 3}),
                                              ("random_drop", {}), ("super_token", {"stoken_size": 2})])
 def test_empty_batch_every_method(method, options):

@@ -218,3 +218,14 @@ def test_videomae_head_normalises_other_features_as_the_unpatched_module_does():
         again = model(pixel_values=x)
     torch.testing.assert_close(again.logits, patched.logits)
 
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_a_run_on_meta_gives_the_unpatched_shapes(name):
+    """VideoMAE's mean-pooling hook compared values with ``torch.equal``, which has no meta kernel: a patched model
+    run on ``meta`` for its shapes raised NotImplementedError where the unpatched one runs."""
+    model = MODELS[name]()
+    with vistok.patch(model, "merge", r=2):
+        expected = encode(model, clips())
+        patched = encode(model.to("meta"), clips().to("meta"))
+    assert patched.is_meta and patched.shape == expected.shape

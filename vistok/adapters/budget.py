@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .._checks import is_int
+from .._modes import autocast_off
 from ..errors import InputShapeError, InvalidConfigError
 from ..ops.merging import bipartite_soft_matching, group_means, merge_weighted, size_dtype
 
@@ -202,7 +203,7 @@ def merge_regions_to_budget(x: Tensor, grid: tuple[int, int], tokens: int, metri
     batch, n, _ = x.shape
     device = x.device
     ids = torch.arange(n, device=device).expand(batch, -1)
-    with torch.autocast(device.type, enabled=False):  # merge decisions in float32 also under autocast
+    with autocast_off(device):  # merge decisions in float32 also under autocast
         owner = _region_owners(metric.detach(), _grid_edges(grid, device), tokens)
     means, sizes = group_means(x, owner, n)
     keep = torch.where(sizes > 0, ids, n).sort(dim=1).values[:, :tokens]  # the surviving ids, in patch order

@@ -50,6 +50,12 @@ class TokenReducer:
         """Whether :meth:`merge` may merge, so the block must keep the keys until after attention."""
         return type(self).merge is not TokenReducer.merge
 
+    @property
+    def selects(self) -> bool:
+        """Whether :meth:`select` may drop tokens before attention (which ones, and how many, may depend on their
+        values)."""
+        return type(self).select is not TokenReducer.select
+
     def select(self, view: AttentionView) -> Tensor | None:
         """``[B, N]`` bool keep mask over the block's input tokens (prefix positions must be True,
         padding False), or ``None`` to keep everything. Only kept tokens are computed from here on."""

@@ -44,6 +44,10 @@ class ComposedReducer(TokenReducer):
     def merges(self) -> bool:
         return self.merger is not None
 
+    @property
+    def selects(self) -> bool:
+        return self.selector is not None and self.selector.selects
+
     def select(self, view: AttentionView) -> Tensor | None:
         return None if self.selector is None else self.selector.select(view)
 

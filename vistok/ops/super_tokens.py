@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .._modes import autocast_off
 from ..errors import InvalidConfigError
 
 __all__ = [
@@ -93,7 +94,7 @@ def associate(cells: Tensor, super_tokens: Tensor, scale: float) -> Tensor:
     # in float32 at least: a float16 product of two wide tokens overflows to inf (a NaN softmax) where the
     # model's own attention, which scales before its product, stays finite
     work = torch.promote_types(cells.dtype, torch.float32)
-    with torch.autocast(cells.device.type, enabled=False):  # autocast would run the product in float16 again
+    with autocast_off(cells.device):  # autocast would run the product in float16 again
         logits = (cells.to(work) @ neighbours(super_tokens).to(work)) * scale
     exists = _neighbour_exists(rows, cols, cells.device)[None, :, None, :]
     return logits.masked_fill(~exists, float("-inf")).softmax(dim=-1).to(cells.dtype)
