@@ -228,3 +228,22 @@ def test_compiled_flex_path_matches_eager_on_cuda(case, monkeypatch):
     else:
         assert traced, "auto did not take the flex path compiled on CUDA"
     assert (compiled - expected).abs().max() <= 1e-3
+
+
+def test_compiled_auto_keeps_sdpa_for_heads_under_16_dimensions_on_cuda(monkeypatch):
+    """Inductor's CUDA flex kernel raises NotImplementedError for heads under 16 dimensions: "auto" compiles such a
+    model with SDPA (and the same outputs) instead of failing."""
+    import timm
+
+    traced = []
+    flex = vistok.ops.attention._flex_attend
+    monkeypatch.setattr(vistok.ops.attention, "_flex_attend", lambda *args: traced.append(1) or flex(*args))
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", img_size=64, embed_dim=64, num_heads=8, depth=4).eval().to(CUDA)
+    images = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(1)).to(CUDA)
+    with torch.inference_mode(), vistok.patch(model, "merge", r=3) as handle:
+        expected = model(images)
+        torch._dynamo.reset()
+        compiled = torch.compile(model, fullgraph=True)(images)
+        assert handle.attention == "auto"
+    assert not traced and (compiled - expected).abs().max() <= 1e-3

@@ -7,14 +7,15 @@
 For each model it builds the unpatched model and ATS (k=108, blocks 3..), merging (ToMe's r for the model) and
 ATS followed by merging, in eager mode and compiled (``torch.compile(fullgraph=True)``, the batch dimension dynamic,
 so one compile serves every batch size); on ViT-B the compiled ATS and merging also run with ``attention="sdpa"``
-beside ``"auto"`` (which takes FlexAttention there), the measurement that decides ``"auto"``'s rule. Per batch
+beside ``"auto"`` (which takes FlexAttention there), the measurement that decides ``"auto"``'s rule (compiled after
+the three ``"auto"`` variants, the issue's rows). Per batch
 size (256, 64, 1024) the models are timed interleaved (median of ``--runs``), and the peak CUDA memory of one
 forward is read for each. Ratios are patched / unpatched within one mode and batch, measured in this run.
 
 Compiling is what takes the time, so the cheap phases go first: ViT-B, ViT-S and ViT-L eager, a vision-LLM
 prefill (LLaVA-1.5's shapes: a CLIP ViT-L/14 tower at 336 px, 576 visual tokens, random weights, a 360M Llama; all
-tokens vs a quarter); then ViT-B compiled (its figures decide the issue; each method on both attention paths before
-the next method), then ViT-S and ViT-L compiled while ``--budget-s`` lasts. No compile starts in the budget's last
+tokens vs a quarter); then ViT-B compiled (its figures decide the issue; every method on ``"auto"``, then ATS and
+merging on ``"sdpa"``), then ViT-S and ViT-L compiled while ``--budget-s`` lasts. No compile starts in the budget's last
 quarter; what did compile is timed at the first batch size even past the budget.
 
 Every row goes to the JSON as soon as it is measured, so a run cut short still reports what it reached.
@@ -63,10 +64,11 @@ class ModelCase:
             "ats+merge": ([("ats", {"k": 108, "blocks": blocks[:1]}),
                            ("merge", {"r": max(1, self.merge_r // 2), "blocks": merge_after})], {}),
         }
-        # method by method, each on every compared path, so a compile phase cut short still has the comparison
+        # the issue's rows (every method on the first path) before the comparison copies on the other paths (ATS
+        # and merging): a compile phase cut short loses a comparison, not a headline row
         return {f"{label} [{path}]" if len(attention_paths) > 1 else label: (method, options, path)
-                for label, (method, options) in methods.items() for path in attention_paths
-                if path == attention_paths[0] or label != "ats+merge"}  # the comparison copies: one method each
+                for path in attention_paths for label, (method, options) in methods.items()
+                if path == attention_paths[0] or label != "ats+merge"}
 
 
 FULL_CASES = [
@@ -239,6 +241,9 @@ def _prefill(recorder: Recorder, args: argparse.Namespace, smoke: bool) -> None:
     """Time to first token of a LLaVA-shaped model (random weights), all 576 visual tokens vs 144."""
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
+    from vistok.adapters.vlm import _check_transformers
+
+    _check_transformers("LlavaForConditionalGeneration")  # before building 660M parameters it would refuse
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     if smoke:
         vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,

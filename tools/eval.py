@@ -32,6 +32,8 @@ from vistok.experiment import (
     build_model,
     check_head_is_trained,
     check_model_classes,
+    check_model_takes_images,
+    first_inputs,
     fit_head_to_data,
     wrap_for_data,
 )
@@ -60,6 +62,8 @@ def run_eval(config: dict, progress: bool = True) -> dict:
     check_head_is_trained(config, "eval.py")
     model = build_model(config)
     check_model_classes(model, val_set, config, "eval.py")
+    if config["data"]["name"] != "video":
+        check_model_takes_images(model, val_set, transform, "eval.py")
     model = wrap_for_data(model, config["data"]).eval()
     prepare = transform or (lambda images: images)
     labelled = batches(val_set, settings["batch_size"], workers=config["data"]["workers"])
@@ -67,12 +71,12 @@ def run_eval(config: dict, progress: bool = True) -> dict:
     if config["data"]["name"] == "video":  # test views are averaged; unreadable clips skipped and counted
         result["skipped_clips"] = labelled.skipped
         result["views"] = config["data"]["test_clips"] * config["data"]["test_crops"]
-    flops_batches = [prepare(images) for images, _ in batches(val_set, settings["batch_size"],
-                                                                 settings["flops_images"])]
+    flops_batches = [prepare(images) for images in first_inputs(val_set, settings["batch_size"],
+                                                                settings["flops_images"])]
     result["gflops"] = count_flops(model, flops_batches) / 1e9
     result["flops_images"] = sum(b.shape[0] for b in flops_batches)
     size = settings["throughput_batch"]
-    sample = prepare(next(iter(batches(val_set, size, size)))[0])  # its own batch: flops_images may be fewer
+    sample = prepare(torch.cat(first_inputs(val_set, size, size)))  # flops_images may be fewer
     timing = time_models({"model": model}, sample, warmup=1, runs=settings["throughput_runs"])["model"]
     result["images_per_s"] = timing.images_per_s
     result["throughput_batch"] = sample.shape[0]

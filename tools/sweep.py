@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 import vistok
 from vistok._checks import is_int
-from vistok.cli import beside
+from vistok.cli import beside, check_writable
 from vistok.config import ConfigError, load_config, parse_overrides
 from vistok.experiment import (
     DATA_DEFAULTS,
@@ -37,6 +37,8 @@ from vistok.experiment import (
     build_model,
     check_head_is_trained,
     check_model_classes,
+    check_model_takes_images,
+    first_inputs,
     fit_head_to_data,
     wrap_for_data,
 )
@@ -85,6 +87,8 @@ def run_point(config: dict, point: dict, val_set, transform) -> dict:
     torch.manual_seed(0)  # whatever is not loaded (random weights, a head for other classes) is the same at each point
     model = build_model(model_config).eval()
     check_model_classes(model, val_set, config, "sweep.py")  # before its evaluation (the first: before any)
+    if point["size"] is None and config["data"]["name"] != "video":
+        check_model_takes_images(model, val_set, transform, "sweep.py")
     if point["patch"] is not None:
         vistok.patch(model, point["patch"][0], **point["patch"][1])
     model = wrap_for_data(model, config["data"])
@@ -97,7 +101,7 @@ def run_point(config: dict, point: dict, val_set, transform) -> dict:
 
     labelled = batches(val_set, settings["batch_size"], workers=config["data"]["workers"])
     result = evaluate(model, labelled, prepare, progress=True, total=len(labelled))
-    counted = [prepare(images) for images, _ in batches(val_set, settings["batch_size"], settings["flops_images"])]
+    counted = [prepare(images) for images in first_inputs(val_set, settings["batch_size"], settings["flops_images"])]
     result["gflops"] = count_flops(model, counted) / 1e9
     result["flops_images"] = sum(batch.shape[0] for batch in counted)
     tokens = result.pop("tokens_per_block", None) or tokens_per_block(model, counted[0])  # unpatched: every token
@@ -111,13 +115,15 @@ def check_points(config: dict, points: list[dict]) -> None:
     block or frame count is found now, not after the points before it.
 
     Raises:
-        ConfigError: an input size or frame count that is not an int >= 1.
+        ConfigError: an input size or frame count that is not an int >= 1, or an input size the patch size does
+            not divide.
         VistokError: a method option the method or the model refuses.
     """
     for point in points:
         for key, name in (("size", "input_sizes"), ("frames", "num_frames")):
             if point.get(key) is not None and not is_int(point[key], 1):
                 raise ConfigError(f"sweep.{name} must hold ints >= 1, got {point[key]!r}")
+    sizes = [point["size"] for point in points if point["size"] is not None]
     patched = [point for point in points if point["patch"] is not None]
     frames = [point["frames"] for point in points if point.get("frames") is not None]
     if config["model"].startswith("hf:") and config["pretrained"]:
@@ -133,6 +139,12 @@ def check_points(config: dict, points: list[dict]) -> None:
         model = on_meta()
         for point in patched:
             vistok.patch(model, point["patch"][0], **point["patch"][1]).remove()
+    if sizes:  # the downsampled inputs must cut into whole patches
+        patch = getattr(getattr(on_meta(dynamic_img_size=True), "patch_embed", None), "patch_size", None)
+        uneven = [size for size in sizes if patch is not None and (size % patch[0] or size % patch[1])]
+        if uneven:
+            raise ConfigError(f"sweep.input_sizes {uneven} are not multiples of the model's patch size "
+                              f"{tuple(patch)}: the downsampled images would not cut into whole patches")
     for count in frames:  # the model for fewer frames (a count its tubelets must divide)
         on_meta(num_frames=count)
 
@@ -159,6 +171,8 @@ def main(argv: list[str] | None = None) -> int:
     if out.is_dir() or beside(out, ".csv").is_dir():
         parser.error(f"--out {out} is a folder; give a prefix such as {out / 'sweep'}")
     try:
+        for written in (beside(out, ".csv"), beside(out, ".png")):  # the plot was refused after every point
+            check_writable("--out", written)
         config = load_config(DEFAULTS, args.config, parse_overrides(args.overrides), UNSET_KINDS)
         if config["method"] is not None or config["method_options"]:
             raise ConfigError("the sweep patches each point with its own method (sweep.*); method and "

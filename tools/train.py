@@ -34,7 +34,9 @@ from vistok.experiment import (
     build_data,
     build_model,
     check_model_classes,
+    check_model_takes_images,
     check_resumed_settings,
+    check_run_folder,
     fit_head_to_data,
     loader,
     save_whole,
@@ -97,6 +99,7 @@ def train(config: dict, resume: bool = False) -> int:
 
     settings = config["train"]
     _check_settings(settings)
+    check_run_folder("output", Path(config["output"]))  # a file there failed at mkdir, after the setup
     if settings["threads"]:
         torch.set_num_threads(settings["threads"])
     if AcceleratorState._shared_state:  # an earlier run in this process (tests, a notebook) fixed its settings
@@ -115,6 +118,8 @@ def train(config: dict, resume: bool = False) -> int:
     config = fit_head_to_data(config, train_set, val_set)  # a class-folder dataset: a head of its class count
     model = build_model(config)
     check_model_classes(model, val_set, config, "train.py")
+    if config["data"]["name"] != "video":
+        check_model_takes_images(model, val_set, val_transform, "train.py")
     if not settings["fused_attn"] and not set_fused_attention(model, False):
         raise ConfigError(f"train.fused_attn=false: {config['model']} has no attention module with timm's "
                           "fused_attn switch")

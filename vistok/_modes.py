@@ -22,8 +22,8 @@ def evaluating(model: nn.Module) -> Iterator[nn.Module]:
     try:
         yield model
     finally:
-        for module, training in modes.items():  # parents first (modules() order): each child's own mode last
-            module.train(training)
+        for module, training in modes.items():  # each its own flag (train() would recurse into shared children)
+            module.training = training
 
 
 def autocast_off(device: torch.device) -> AbstractContextManager:

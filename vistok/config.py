@@ -95,7 +95,13 @@ def _load_yaml(text: str) -> Any:
 
 def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
     """``["train.epochs=3", "method=ats"]`` -> ``{"train.epochs": 3, "method": "ats"}``; values are YAML (only
-    ``true`` and ``false`` are booleans: ``no`` stays a string)."""
+    ``true`` and ``false`` are booleans: ``no`` stays a string).
+
+    Raises:
+        ConfigError: an item that is not ``key=value``, a value that is not YAML, or a key given twice, or given
+            with a key inside it (``method_options={k: 5}`` and ``method_options.r=3``: which wins would depend
+            on their order).
+    """
     import yaml
 
     overrides = {}
@@ -103,6 +109,10 @@ def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r} is not key=value (e.g. train.epochs=3)")
+        clash = next((given for given in overrides
+                      if given == key or given.startswith(f"{key}.") or key.startswith(f"{given}.")), None)
+        if clash is not None:
+            raise ConfigError(f"override {item!r}: {clash} is set twice (also by an earlier override); give it once")
         try:
             overrides[key] = _load_yaml(raw) if raw else None
         except yaml.YAMLError as error:

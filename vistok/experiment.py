@@ -26,13 +26,13 @@ from torch.utils.data import Dataset
 from ._checks import is_int
 from .config import ConfigError, _flatten
 from .data import DatasetNotFoundError, GreyBatchTransform, fashion_mnist_dataset, image_folder_dataset
-from .errors import InvalidConfigError
+from .errors import InputShapeError, InvalidConfigError
 
 __all__ = ["MODEL_DEFAULTS", "DATA_DEFAULTS", "UNSET_KINDS", "build_model", "build_data", "fit_head_to_data",
-           "check_head_is_trained", "check_model_classes", "image_settings", "upgrade_saved_config",
-           "set_fused_attention", "wrap_for_data",
-           "loader", "batches", "LabelledBatches", "underlying", "truncate_log", "resumed_log", "save_whole",
-           "check_run_folder"]
+           "check_head_is_trained", "check_model_classes", "check_model_takes_images", "image_settings",
+           "upgrade_saved_config", "set_fused_attention", "wrap_for_data",
+           "loader", "batches", "first_inputs", "LabelledBatches", "underlying", "truncate_log", "resumed_log",
+           "save_whole", "check_run_folder"]
 
 MODEL_DEFAULTS: dict[str, Any] = {
     "model": "vistok_vit_fmnist",
@@ -256,9 +256,10 @@ def _checked_image_setting(key: str, value: Any) -> Any:
             raise ConfigError(f"data.input_size must be an int >= 1 or [height, width], got {value!r}")
         return size[0] if size[0] == size[1] else size
     if key in ("mean", "std"):
+        value = [value] if is_real(value) else value  # one number: the same for every channel
         finite = isinstance(value, (list, tuple)) and all(is_real(v) and math.isfinite(v) for v in value)
         if not value or not finite or (key == "std" and not all(v > 0 for v in value)):
-            raise ConfigError(f"data.{key} must be a list of finite numbers (one per channel"
+            raise ConfigError(f"data.{key} must be a finite number or a list of them (one per channel"
                               f"{', > 0' * (key == 'std')}), got {value!r}")
         return tuple(float(v) for v in value)
     if key == "crop_pct":
@@ -268,6 +269,35 @@ def _checked_image_setting(key: str, value: Any) -> Any:
     if value not in ("bilinear", "bicubic", "nearest", "lanczos"):
         raise ConfigError(f"data.interpolation must be bilinear, bicubic, nearest or lanczos, got {value!r}")
     return value
+
+
+def check_model_takes_images(model: nn.Module, dataset: Dataset, transform: Callable | None, where: str) -> None:
+    """Refuse, before the work, a timm model that does not take ``dataset``'s images (its first item, through
+    ``transform``): other input channels, or another size for a model of a fixed size (timm's own assertion
+    came from the first forward, after the model and data were built). Other models are left to their own checks.
+
+    Raises:
+        ConfigError: the model's input channels or fixed size differ from the images'.
+    """
+    embed = getattr(model, "patch_embed", None)
+    if embed is None or len(dataset) == 0:
+        return
+    image = dataset[0][0]
+    image = image[None] if transform is None else transform(image[None])  # [1, C, H, W]
+    conv = next((m for m in embed.modules() if isinstance(m, nn.Conv2d)), None)
+    shape = "x".join(map(str, image.shape[1:]))
+    if conv is not None and image.dim() == 4 and image.shape[1] != conv.in_channels:
+        raise ConfigError(f"{where}: the data's images are {shape} (channels x height x width) and "
+                          f"{type(model).__name__} takes {conv.in_channels} channels; set model_kwargs.in_chans or "
+                          "pick the data for the model")
+    fixed = getattr(embed, "img_size", None)
+    flexible = (getattr(model, "dynamic_img_size", False) or getattr(embed, "dynamic_img_pad", False)
+                or not getattr(embed, "strict_img_size", True))
+    if fixed is not None and not flexible and image.dim() == 4 and tuple(image.shape[-2:]) != tuple(fixed):
+        raise ConfigError(f"{where}: the data's images are {shape} (channels x height x width) and "
+                          f"{type(model).__name__} was built for {'x'.join(map(str, fixed))}; set "
+                          "model_kwargs.img_size (or model_kwargs.dynamic_img_size=true), or data.input_size for "
+                          "folder data")
 
 
 def fit_head_to_data(config: dict[str, Any], *datasets: Dataset) -> dict[str, Any]:
@@ -527,3 +557,23 @@ def batches(dataset: Dataset, batch_size: int, limit: int | None = None, workers
     if limit is not None:
         dataset = torch.utils.data.Subset(dataset, range(min(limit, len(dataset))))
     return LabelledBatches(loader(dataset, batch_size, num_workers=workers))
+
+
+def first_inputs(dataset: Dataset, batch_size: int, count: int, workers: int = 0) -> list[torch.Tensor]:
+    """The inputs of the first ``count`` readable items of ``dataset`` (all of them if it has fewer), in unshuffled
+    batches of at most ``batch_size``: unreadable clips are passed over and the batches go on past them, so a data
+    set whose first clips are broken still gives ``count`` (what FLOPs and throughput are measured on).
+
+    Raises:
+        InputShapeError: not one item of ``dataset`` is readable.
+    """
+    taken: list[torch.Tensor] = []
+    total = 0
+    for inputs, _ in batches(dataset, batch_size, workers=workers):
+        taken.append(inputs[: count - total])
+        total += taken[-1].shape[0]
+        if total >= count:
+            break
+    if not taken:
+        raise InputShapeError(f"none of the {len(dataset)} items of the data set is readable")
+    return taken

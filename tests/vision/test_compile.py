@@ -16,7 +16,9 @@ from vistok.ops import attend, attention_path, hashed_noise
 
 # A 4-block ViT on 64 px (16 patches): methods in blocks 1-3.
 METHODS = {
-    "ats": ("ats", {"k": 0.4}),  # a fraction: every image its own number of levels, padded to the bound
+    # a fraction of 16 patches (6 levels) under min_tokens=1: compiled, the blocks pad every image to the static
+    # bound (eager, the counts are read; on these random weights the images happen to keep equal counts)
+    "ats": ("ats", {"k": 0.4, "min_tokens": 1}),
     "ats fusion": ("ats", {"k": 6, "min_tokens": 6, "fusion": True}),
     "merge": ("merge", {"r": 3}),
     "random_drop": ("random_drop", {"k": 0.5}),
@@ -50,6 +52,8 @@ def test_compiled_whole_graph_matches_eager(case):
         compiled = _compiled(model)(images)
         assert handle.tokens_per_block() == expected_tokens
         assert expected_tokens[-1] < expected_tokens[0]  # the method did reduce
+        if case == "ats":  # the static-bound padding was traced, not only exact counts
+            assert any(layout.valid is not None for layout in handle.layouts.values())
     torch.testing.assert_close(compiled, expected, atol=1e-5, rtol=1e-5)
 
 
@@ -91,7 +95,9 @@ def test_a_dynamic_batch_compiles_once(attention):
 
 def test_keep_everything_compiles_whole_and_matches_unpatched(family):
     """Every timm family: keep-everything ATS (then merging nothing where merging applies) under fullgraph
-    compile runs the selection, gathers and padding masks, and still computes the unpatched model."""
+    compile runs the selection and the gathers, and still computes the unpatched model. Keeping every token, no
+    image is padded and ``r=0`` returns before any matching: padding and merging are traced in
+    :func:`test_compiled_whole_graph_matches_eager`."""
     model = make_model(family)
     images = make_images(model, 2)
     with torch.inference_mode():
@@ -147,15 +153,24 @@ EAGER_FLEX = "ignore:flex_attention called without torch.compile"  # eager flex 
 
 @pytest.mark.filterwarnings(EAGER_FLEX)
 @pytest.mark.parametrize("case", sorted(METHODS))
-def test_flex_path_matches_sdpa(case):
+def test_flex_path_matches_sdpa(case, monkeypatch):
     """FlexAttention's score_mod adds the same padding mask and log-size bias as SDPA's additive mask (eager
-    mode runs flex's reference implementation)."""
+    mode runs flex's reference implementation). Flex runs wherever a key is biased: merged sizes (merging,
+    fusion); not random dropping, which keeps exactly its count unbiased, nor eager ATS here (equal counts: no
+    padding; :func:`test_attend_paths_agree_on_a_padded_biased_batch` checks padding)."""
+    import vistok.ops.attention as attention_ops
+
+    calls = []
+    flex_attend = attention_ops._flex_attend
+    monkeypatch.setattr(attention_ops, "_flex_attend", lambda *args: calls.append(1) or flex_attend(*args))
     method, options = METHODS[case]
     model, images = _tiny_vit(), _images()
     with vistok.patch(model, method, attention="sdpa", **options) as handle, torch.inference_mode():
         expected = model(images)
+        assert not calls
         handle.attention = "flex"
         flex = model(images)
+    assert bool(calls) == (case in ("ats fusion", "merge", "ats then merge"))
     torch.testing.assert_close(flex, expected, atol=1e-5, rtol=1e-5)
 
 
@@ -255,7 +270,12 @@ def test_attention_path_choice():
     bias.requires_grad_(False)
     assert attention_path("auto", q, bias, 0.0) == "sdpa"  # eager CPU
     assert attention_path("auto", on_gpu, bias, 0.0) == "sdpa"  # eager GPU: flex would be unfused
-    assert _compiled(lambda: attention_path("auto", on_gpu, bias, 0.0) == "flex")() is True
+    wide = types.SimpleNamespace(is_cuda=True, shape=(2, 1, 5, 16), device=torch.device("cuda"), requires_grad=False)
+    assert _compiled(lambda: attention_path("auto", wide, bias, 0.0) == "flex")() is True
+    # inductor's CUDA flex kernel raises NotImplementedError for heads under 16 dimensions: compiled "auto" keeps SDPA
+    assert _compiled(lambda: attention_path("auto", on_gpu, bias, 0.0) == "sdpa")() is True
+    narrow_values = torch.zeros(2, 1, 5, 8)
+    assert _compiled(lambda: attention_path("auto", wide, bias, 0.0, (narrow_values, narrow_values)) == "sdpa")()
 
 
 @pytest.mark.filterwarnings(EAGER_FLEX)

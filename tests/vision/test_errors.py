@@ -76,6 +76,15 @@ def test_unknown_method_and_options():
         vistok.patch(model, "ats", kk=3)
     with pytest.raises(InvalidConfigError, match="not both"):
         vistok.patch(model, vistok.ATSConfig(k=10), k=3)
+    # a (name, options) pair with keywords: the keywords were dropped (every block merged, not blocks=[0])
+    with pytest.raises(InvalidConfigError, match=r"not both \(got \['blocks'\]\)"):
+        vistok.patch(model, ("merge", {"r": 4}), blocks=[0])
+    with pytest.raises(InvalidConfigError, match="option names must be strings"):
+        vistok.patch(model, [("ats", {1: 2})])  # a raw TypeError ("keywords must be strings")
+    with pytest.raises(InvalidConfigError, match="parts must be method configs, got 'ats'"):
+        vistok.patch(model, vistok.methods.ComposedConfig(("ats", "merge")))  # a raw AttributeError
+    with pytest.raises(InvalidConfigError, match=r"min_tokens must be an int in \[1, 196\] \(the model's"):
+        vistok.patch(model, "ats", k=0.5, min_tokens=300)
     assert_untouched(model)
 
 

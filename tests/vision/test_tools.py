@@ -1,6 +1,7 @@
 """tools/ (train, eval, sweep), configs, the Fashion-MNIST data, checkpoints and token overlays."""
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +48,12 @@ def test_config_checks_keys_and_types(tmp_path):
         load_config(defaults, tmp_path / "missing.yaml")
     with pytest.raises(ConfigError, match="key=value"):
         parse_overrides(["epochs"])
+    # a key given twice, or with a key inside it: the last one silently won, and which one depended on the order
+    for items in (["train.epochs=1", "train.epochs=5"], ["method_options={k: 5}", "method_options.r=3"],
+                  ["method_options.r=3", "method_options={k: 5}"]):
+        with pytest.raises(ConfigError, match="is set twice"):
+            parse_overrides(items)
+    assert parse_overrides(["train.epochs=1", "train.epochs_x=2"]) == {"train.epochs": 1, "train.epochs_x": 2}
     empty = tmp_path / "empty.yaml"  # a section with its settings commented out; options left empty
     empty.write_text("train:\n  # epochs: 5\nmethod_options:\n")
     assert load_config(defaults, empty) == defaults
@@ -239,7 +246,7 @@ def test_model_and_image_settings_that_would_change_nothing_or_everything_are_re
     with pytest.raises(ConfigError, match="model vit_tiny_patch16_224 with model_kwargs .*depht"):
         image_settings(dict.fromkeys(IMAGE_KEYS), config)  # the model's own settings, read on meta
     for key, value in [("mean", [float("nan")]), ("std", [float("inf")]), ("mean", [float("-inf")])]:
-        with pytest.raises(ConfigError, match=f"data.{key} must be a list of finite numbers"):
+        with pytest.raises(ConfigError, match=f"data.{key} must be a finite number or a list of them"):
             image_settings({**dict.fromkeys(IMAGE_KEYS), key: value})
     with pytest.raises(ConfigError, match="positions given more than once"):
         parse_method_spec("pool:positions=original,positions=compact")
@@ -261,7 +268,9 @@ def test_sweep_checks_every_point_first_and_keeps_finished_rows(tmp_path, capsys
                            "sweep.ats_blocks=[1,40]"], "block index 40 is out of range"),
                            (["sweep.input_sizes=[0]"], "sweep.input_sizes must hold ints >= 1"),
                            (["method=merge", "method_options.r=50"], "method and method_options do not apply")):
-        assert sweep.main(small + extra) == 2 and message in capsys.readouterr().err, extra
+        keys = {item.partition("=")[0] for item in extra}  # each key given once: extra replaces small's
+        argv = [item for item in small if item.partition("=")[0] not in keys] + extra
+        assert sweep.main(argv) == 2 and message in capsys.readouterr().err, extra
     assert not reached and not (tmp_path / "sweep.csv").exists()
     video = ["--config", str(ROOT / "configs/sweep_fmnist_video.yaml"), "--out", str(out),
              f"data.root={ROOT / 'data/fmnist_clips_sample'}", "sweep.num_frames=[0]"]
@@ -946,3 +955,79 @@ def test_every_tool_reports_vistok_errors_with_status_2(capsys):
                  "make_video_data", "make_video_qa"):
         source = (ROOT / "tools" / f"{tool}.py").read_text()
         assert "@reports_errors" in source or "except vistok.VistokError" in source, tool
+
+
+def test_a_list_of_methods_with_options_is_written_as_yaml_lists():
+    """A config has lists, not tuples: ``method: [[ats, {k: 40}], [merge, {r: 4}]]`` was refused ("method must be
+    a name or a config object, got list"), so a composition in a config could only take default options."""
+    config = load_config({"method": None}, None, parse_overrides(["method=[[ats, {k: 40, blocks: [3]}], "
+                                                                  "[merge, {r: 4, blocks: [6, 7]}]]"]),
+                         {"method": (str, list)})
+    composed = vistok.create_config(config["method"])
+    assert composed == vistok.create_config([("ats", {"k": 40, "blocks": [3]}), ("merge", {"r": 4, "blocks": [6, 7]})])
+    with pytest.raises(vistok.InvalidConfigError, match=r"in a YAML config: method: \[\[ats, \{k: 100\}\]"):
+        vistok.create_config(["ats", "merge"], k=40)
+
+
+def test_a_single_mean_and_std_serve_every_channel():
+    """``data.mean=0.5`` passed the config's type check and was then refused by the image settings."""
+    from vistok.experiment import IMAGE_KEYS, image_settings
+
+    settings = image_settings({**dict.fromkeys(IMAGE_KEYS), "mean": 0.5, "std": 0.25})
+    assert settings["mean"] == (0.5,) and settings["std"] == (0.25,)
+    with pytest.raises(ConfigError, match="data.std must be a finite number or a list of them"):
+        image_settings({**dict.fromkeys(IMAGE_KEYS), "std": -1})
+
+
+@pytest.mark.parametrize(("tool", "arguments", "message"), [
+    ("eval", ["model=deit_tiny_patch16_224", "model_kwargs.depth=1"], "images are 1x28x28 .* takes 3 channels"),
+    ("eval", ["model=deit_tiny_patch16_224", "model_kwargs.depth=1", "model_kwargs.in_chans=1"],
+     "images are 1x28x28 .* was built for 224x224"),
+    ("train", ["model=deit_tiny_patch16_224", "model_kwargs.depth=1", "model_kwargs.in_chans=1", "train.epochs=1",
+               "train.warmup_epochs=0"],
+     "images are 1x28x28 .* was built for 224x224")])
+def test_a_model_that_does_not_take_the_images_is_refused_before_the_work(tmp_path, capsys, tool, arguments,
+                                                                          message):
+    """A model for other images than the data's: timm's AssertionError from the first forward, exit 1."""
+    argv = [*arguments, "data.limit=8", "eval.flops_images=2"] if tool == "eval" else \
+        [*arguments, "data.limit=8", "train.batch_size=4", f"output={tmp_path / 'run'}"]
+    assert load_tool(tool).main(argv) == 2
+    assert re.search(message, capsys.readouterr().err)
+
+
+def test_folder_images_of_another_size_than_the_model_are_refused(tmp_path, capsys):
+    root = tmp_path / "images"
+    _class_folders(root, {"bag": 8, "sneaker": 7}, per_class=2)
+    small = ["model=vit_tiny_patch16_224", "model_kwargs.img_size=64", "model_kwargs.depth=1", "data.name=folder",
+             f"data.root={root}", "data.input_size=32", "eval.flops_images=2"]
+    assert load_tool("eval").main(small) == 2
+    assert "images are 3x32x32" in capsys.readouterr().err and \
+        load_tool("eval").main([*small[:-2], "data.input_size=64", "eval.flops_images=2"]) == 0
+
+
+def test_outputs_that_cannot_be_written_are_refused_before_the_work(tmp_path, capsys):
+    """train.py's output a file failed at mkdir after the setup; the sweep's plot a folder failed after every
+    point, and a prefix under a file at mkdir (tracebacks, exit 1)."""
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    assert load_tool("train").main(["model_kwargs.depth=1", "data.limit=8", f"output={afile}"]) == 2
+    assert "a file, not a folder" in capsys.readouterr().err
+    sweep = load_tool("sweep")
+    (tmp_path / "s.png").mkdir()
+    common = ["pretrained=false", "model_kwargs.depth=1", "data.limit=8", "sweep.ats_k=[]", "sweep.ats_fixed_k=[]",
+              "sweep.merge_r=[]", "sweep.random_k=[]", "sweep.input_sizes=[]", "sweep.flops_images=2"]
+    for out, message in ((tmp_path / "s", "a folder, not a file"), (afile / "s", "is a file, not a folder")):
+        assert sweep.main(["--config", str(ROOT / "configs/sweep_fmnist.yaml"), "--out", str(out), *common]) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "s.csv").exists()
+
+
+def test_a_sweep_input_size_the_patch_size_does_not_divide_is_refused_first(tmp_path, capsys):
+    """Found after every other point before (timm's AssertionError, exit 1, no plot)."""
+    out = tmp_path / "s"
+    assert load_tool("sweep").main(["--config", str(ROOT / "configs/sweep_fmnist.yaml"), "--out", str(out),
+                                    "pretrained=false", "model_kwargs.depth=1", "data.limit=8", "sweep.ats_k=[]",
+                                    "sweep.ats_fixed_k=[]", "sweep.merge_r=[4]", "sweep.random_k=[]",
+                                    "sweep.input_sizes=[27]", "sweep.flops_images=2"]) == 2
+    assert "sweep.input_sizes [27] are not multiples of the model's patch size (2, 2)" in capsys.readouterr().err
+    assert not out.with_suffix(".csv").exists()

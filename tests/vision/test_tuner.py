@@ -113,6 +113,20 @@ def test_tuning_and_evaluating_leave_each_modules_mode_as_it_was(setting):
     assert seen and not any(seen)
 
 
+def test_evaluating_restores_a_shared_modules_own_mode():
+    """A module shared by two parents (tied layers) in eval mode inside a model in train mode: restoring each
+    parent with the recursive ``train()`` set the shared child back to train mode."""
+    from vistok._modes import evaluating
+
+    shared = torch.nn.Linear(2, 2)
+    model = torch.nn.Sequential(torch.nn.Sequential(shared), torch.nn.Sequential(shared))
+    model.train()
+    shared.eval()
+    with evaluating(model):
+        assert not any(module.training for module in model.modules())
+    assert model.training and model[0].training and model[1].training and not shared.training
+
+
 def test_bad_input_is_refused(setting):
     model, images = setting
     with pytest.raises(InvalidConfigError, match=r"target must be a GFLOPs ratio in \(0, 1\]"):

@@ -643,6 +643,19 @@ def test_list_file_and_class_folders(tmp_path):
         list_file(tmp_path / "bad.txt")
 
 
+def test_class_folders_walk_into_linked_folders(tmp_path):
+    """A class's clips in a linked sub-folder count, as torchvision's DatasetFolder counts them: ``Path.rglob``
+    (Python 3.11) does not enter a linked folder, so the class had no clips from it and nothing said so."""
+    (tmp_path / "elsewhere").mkdir()
+    shutil.copy(BIKES, tmp_path / "elsewhere" / "a.mp4")
+    (tmp_path / "videos" / "bike").mkdir(parents=True)
+    (tmp_path / "videos" / "phone").mkdir()
+    (tmp_path / "videos" / "bike" / "day1").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    shutil.copy(CARPHONE, tmp_path / "videos" / "phone" / "b.mp4")
+    folders = class_folders(tmp_path / "videos")
+    assert [(s.path.name, s.label) for s in folders.samples] == [("a.mp4", 0), ("b.mp4", 1)]
+
+
 def test_clip_dataset_skips_and_counts_unreadable_clips(kinetics_root):
     with pytest.warns(UserWarning):
         videos = kinetics_csv(kinetics_root / "train.csv", kinetics_root, split="train")

@@ -62,6 +62,23 @@ def test_kinetics_eval_config_runs_multi_view(kinetics, tmp_path):
     assert result["gflops"] > 0 and result["tokens_per_block"][-1] == 32 - 2 * 3
 
 
+def test_eval_measures_on_readable_clips_when_the_first_is_broken(kinetics, tmp_path):
+    """FLOPs and throughput are measured on the first readable clips: with the first validation clip broken, the
+    throughput batch of 1 was empty (a StopIteration traceback after the whole evaluation) and so was the FLOPs
+    batch ("count_flops: no images given")."""
+    csv_path = kinetics / "validate.csv"
+    header, *rows = csv_path.read_text().splitlines()
+    csv_path.write_text("\n".join([header, *sorted(rows, key=lambda row: "broken" not in row)]) + "\n")
+    out = tmp_path / "result.json"
+    argv = ["--config", str(ROOT / "configs" / "kinetics400_videomae_eval.yaml"), "--json", str(out),
+            f"data.root={kinetics}", "data.test_clips=1", "data.test_crops=1", "eval.batch_size=2",
+            "eval.flops_images=1", "eval.throughput_batch=2", "eval.throughput_runs=1", *TINY_VIDEOMAE, *TINY_CLIPS]
+    with pytest.warns(UserWarning, match="skipping an unreadable clip"):
+        assert load_tool("eval").main(argv) == 0
+    result = json.loads(out.read_text())
+    assert result["skipped_clips"] == 1 and result["flops_images"] == 1 and result["throughput_batch"] == 2
+
+
 def test_kinetics_finetune_config_trains(kinetics, tmp_path):
     train_tool = load_tool("train")
     argv = ["--config", str(ROOT / "configs" / "kinetics400_videomae_finetune.yaml"), f"data.root={kinetics}",
@@ -146,6 +163,23 @@ def test_sweep_on_video_with_the_fewer_frames_baseline(tmp_path):
     assert all(float(row["gflops_ratio"]) < 1 for method, row in rows.items() if method != "unpatched")
     assert out.with_suffix(".png").stat().st_size > 10_000
     assert sweep_tool.main([*argv, "sweep.input_sizes=[20]"]) == 2  # downsampling is the image baseline
+
+
+def test_sweep_counts_flops_on_readable_clips_when_the_first_is_broken(tmp_path):
+    """The sweep's FLOPs batch is the first readable clips: with the first test clip broken, one FLOPs clip was an
+    empty batch, refused ("count_flops: no images given") after the evaluation."""
+    sample = tmp_path / "sample"
+    shutil.copytree(ROOT / "data" / "fmnist_clips_sample", sample)
+    first = next(csv.DictReader(open(sample / "test.csv")))["youtube_id"]
+    next((sample / "test").glob(f"{first}_*.mp4")).write_bytes(os.urandom(4000))
+    out = tmp_path / "sweep"
+    argv = ["--config", str(ROOT / "configs" / "sweep_fmnist_video.yaml"), "--out", str(out), f"data.root={sample}",
+            "data.workers=0", "sweep.ats_k=[]", "sweep.ats_fixed_k=[]", "sweep.merge_r=[]", "sweep.random_k=[]",
+            "sweep.num_frames=[]", "sweep.batch_size=8", "sweep.flops_images=1"]
+    with pytest.warns(UserWarning, match="skipping an unreadable clip"):
+        assert load_tool("sweep").main(argv) == 0
+    (row,) = csv.DictReader(open(out.with_suffix(".csv")))
+    assert row["method"] == "unpatched" and row["flops_images"] == "1" and float(row["gflops"]) > 0
 
 
 def test_clip_overlay_draws_tokens_on_every_frame(tmp_path):

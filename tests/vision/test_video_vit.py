@@ -106,6 +106,15 @@ def test_refusals():
         inflate_to_video(patched, 4)  # its copy's patch described the image's grid (super_token failed at forward)
 
 
+def test_a_patched_video_vit_names_the_frame_count_it_takes():
+    """Clips of another frame count: the patched model's error advised img_size or dynamic_img_size, which cannot
+    help (dynamic_img_size is refused for a video ViT; img_size is the frame's size); num_frames does."""
+    video = inflate_to_video(image_model(), FRAMES, tubelet_frames=2)
+    with vistok.patch(video, "merge", r=8), pytest.raises(InputShapeError, match="4x28x28 input") as refused:
+        video(torch.randn(2, 1, 6, 28, 28))
+    assert "num_frames=" in str(refused.value) and "dynamic_img_size" not in str(refused.value)
+
+
 def test_fewer_frames_keeps_the_weights_and_interpolates_time():
     """4 frames -> 2 (one tubelet slice): the weights are the same, the one slice's position table is the mean of
     the two, and the model reads 2-frame clips; back to the trained count is the identity."""

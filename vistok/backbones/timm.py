@@ -280,10 +280,12 @@ class _TimmBackbone(Backbone):
         if not self._takes_other_sizes(patch_embed) and expected is not None \
                 and tuple(x.shape[-len(expected):]) != tuple(expected):
             got = "x".join(map(str, x.shape[-len(expected):]))
+            advice = ("Sample clips of that many frames and size, or create the model with num_frames=... and "
+                      "img_size=... (its position embedding is resampled)" if video else
+                      "Resize the input, or create the model with img_size=... or dynamic_img_size=True")
             raise InputShapeError(
                 f"{name} was built for {'x'.join(map(str, expected))} input (patch size "
-                f"{tuple(patch_embed.patch_size)}), got {got} (shape {tuple(x.shape)}). "
-                "Resize the input, or create the model with img_size=... or dynamic_img_size=True.")
+                f"{tuple(patch_embed.patch_size)}), got {got} (shape {tuple(x.shape)}). {advice}.")
         sink.note_grid(self._input_grid(patch_embed, x, expected))
 
     def _takes_other_sizes(self, patch_embed: nn.Module) -> bool:

@@ -59,15 +59,30 @@ def create_config(method: MethodSpec | list[MethodSpec], **options: Any) -> Meth
     if isinstance(method, list):
         if options:
             raise InvalidConfigError("with a list of methods, give each its options in the list, e.g. "
-                                     "[('ats', {'k': 100}), ('merge', {'r': 8})]")
-        return ComposedConfig(tuple(_one_config(spec) for spec in method))
+                                     "[('ats', {'k': 100}), ('merge', {'r': 8})] (in a YAML config: "
+                                     "method: [[ats, {k: 100}], [merge, {r: 8}]])")
+        return ComposedConfig(tuple(_one_config(_as_pair(spec)) for spec in method))
     return _one_config(method, **options)
+
+
+def _as_pair(spec: Any) -> Any:
+    """A ``[name, options]`` list in a list of methods as the ``(name, options)`` pair it stands for: YAML and JSON
+    configs have lists, not tuples."""
+    if isinstance(spec, list) and len(spec) == 2 and isinstance(spec[0], str) and isinstance(spec[1], dict):
+        return tuple(spec)
+    return spec
 
 
 def _one_config(method: MethodSpec, **options: Any) -> MethodConfig:
     if isinstance(method, tuple):
         if len(method) != 2 or not isinstance(method[1], dict):
             raise InvalidConfigError(f"expected (name, options dict), got {method!r}")
+        if options:
+            raise InvalidConfigError(f"pass options either as keywords or in the (name, options) pair, not both "
+                                     f"(got {sorted(options)})")
+        keys = [key for key in method[1] if not isinstance(key, str)]
+        if keys:
+            raise InvalidConfigError(f"{method[0]}: option names must be strings, got {keys!r}")
         return _one_config(method[0], **method[1])
     if isinstance(method, MethodConfig):
         if options:

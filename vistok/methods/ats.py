@@ -29,6 +29,7 @@ __all__ = ["ATSConfig", "AdaptiveTokenSampler", "default_ats_blocks", "check_k",
 
 # The paper's multi-stage DeiT-S keeps at most K = 108 of its 196 patch tokens in each of blocks 3..11.
 PAPER_KEEP_FRACTION = 108 / 196
+DEFAULT_MIN_TOKENS = 8  # the floor ATSConfig keeps by default
 
 
 def default_ats_blocks(depth: int) -> list[int]:
@@ -101,7 +102,8 @@ class ATSConfig(MethodConfig):
             size.
         blocks: indices of the blocks that sample. ``None``: the paper's multi-stage placement, blocks
             3..11 on a 12-block model, scaled to other depths (``default_ats_blocks``).
-        min_tokens: a block never keeps fewer than this many patch tokens (nor more than it has). An int ``k``
+        min_tokens: a block never keeps fewer than this many patch tokens (nor more than it has; the default, 8,
+            is the patch count on a model of fewer patches, and a larger value given is refused). An int ``k``
             below it is refused (the floor would override it); a fractional ``k`` gives way to it.
             ``k = min_tokens = patch count`` keeps every token: the patched model then computes exactly
             what the unpatched one does.
@@ -114,7 +116,7 @@ class ATSConfig(MethodConfig):
 
     k: int | float | Sequence[int | float] | None = None
     blocks: Sequence[int] | None = None
-    min_tokens: int = 8
+    min_tokens: int = DEFAULT_MIN_TOKENS
     fusion: bool = False
     trace_source: bool = False
 
@@ -144,13 +146,16 @@ class ATSConfig(MethodConfig):
         blocks = resolve_block_indices(self.blocks, info.num_blocks, default_ats_blocks(info.num_blocks))
         budgets = self._per_block_k(info, len(blocks))
         bound = info.patch_bound()
-        if not is_int(self.min_tokens, 1) or bound is not None and self.min_tokens > bound:
-            limit = "the input's patch tokens" if bound is None else f"{bound}, the model's patch tokens"
-            raise InvalidConfigError(f"ats: min_tokens must be an int in [1, {limit}], got {self.min_tokens!r}")
+        min_tokens = self.min_tokens
+        if bound is not None and min_tokens == DEFAULT_MIN_TOKENS:  # the default on a grid of fewer patches: all
+            min_tokens = min(min_tokens, bound)
+        if not is_int(min_tokens, 1) or bound is not None and min_tokens > bound:
+            limit = "[1, the input's patch tokens]" if bound is None else f"[1, {bound}] (the model's patch tokens)"
+            raise InvalidConfigError(f"ats: min_tokens must be an int in {limit}, got {min_tokens!r}")
         if self.fusion and info.rotary:
             raise UnsupportedModelError(f"ats: fusion on {info.model_class}, which uses rotary position embeddings: a "
                                         "fused token has no single position to rotate by (use fusion=False)")
-        return {block: AdaptiveTokenSampler(k, self.min_tokens, self.fusion, self.trace_source)
+        return {block: AdaptiveTokenSampler(k, min_tokens, self.fusion, self.trace_source)
                 for block, k in sorted(zip(blocks, budgets, strict=True))}
 
     def _per_block_k(self, info: BackboneInfo, num_blocks: int) -> list[int | float]:

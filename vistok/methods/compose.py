@@ -80,6 +80,9 @@ class ComposedConfig(MethodConfig):
     def check(self) -> None:
         super().check()
         for part in self.parts:
+            if not isinstance(part, MethodConfig):
+                raise InvalidConfigError(f"a ComposedConfig's parts must be method configs, got {part!r} (use "
+                                         "vistok.create_config(['ats', ('merge', {'r': 8})]) for names)")
             part.check()
 
     def build(self, info: BackboneInfo) -> dict[int, TokenReducer]:

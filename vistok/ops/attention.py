@@ -10,7 +10,8 @@ The paths of :func:`attend`, all computing the same thing:
   reference implementation (correct, slow), and torch 2.14's compiled CPU kernels cannot read a bias computed in
   the same graph. It has no dropout, and no backward pass on the CPU: with attention dropout active, or on the CPU
   while recording gradients (through the queries, keys, values or bias), ``"sdpa"`` runs.
-* ``"auto"``: ``"flex"`` where a bias is present and the call is being compiled for a CUDA device, else ``"sdpa"``.
+* ``"auto"``: ``"flex"`` where a bias is present and the call is being compiled for a CUDA device with heads of 16
+  or more dimensions (inductor's CUDA flex kernel takes no narrower ones), else ``"sdpa"``.
 """
 
 from __future__ import annotations
@@ -42,7 +43,9 @@ def attention_path(requested: str, q: Tensor, key_bias: Tensor | None, dropout_p
     if key_bias is None or dropout_p > 0 or q.shape[0] == 0 or (q.device.type == "cpu" and recording):
         return "sdpa"
     if requested == "auto":
-        return "flex" if q.is_cuda and torch.compiler.is_compiling() else "sdpa"
+        # inductor's CUDA flex kernel takes head dimensions of 16 and more only (it raises NotImplementedError)
+        narrowest = min(t.shape[-1] for t in (q, *keys_values) if t is not None)
+        return "flex" if q.is_cuda and torch.compiler.is_compiling() and narrowest >= 16 else "sdpa"
     return requested
 
 

@@ -200,10 +200,16 @@ def class_folders(root: str | os.PathLike, extensions: Sequence[str] = VIDEO_EXT
     if unknown:
         raise InvalidConfigError(f"{root}: class folders {unknown} are not among the {len(classes)} classes")
     wanted = {extension.lower() for extension in extensions}
-    samples = [VideoSample(path, classes.index(name)) for name in found
-               for path in sorted((root / name).rglob("*")) if path.suffix.lower() in wanted and path.is_file()
-               and not in_hidden_folder(path, root / name)]
+    samples = [VideoSample(path, classes.index(name)) for name in found for path in _files_under(root / name)
+               if path.suffix.lower() in wanted and not in_hidden_folder(path, root / name)]
     return _finish(samples, classes, [], str(root), "skip")
+
+
+def _files_under(directory: Path) -> list[Path]:
+    """Every file under ``directory``, sorted, through linked folders too (as torchvision's ``DatasetFolder`` walks:
+    ``Path.rglob`` does not enter a linked folder before Python 3.13)."""
+    return sorted(Path(folder) / name for folder, _, names in os.walk(directory, followlinks=True) for name in names
+                  if (Path(folder) / name).is_file())
 
 
 def folder_classes(root: str | os.PathLike) -> list[str]:
