@@ -3,11 +3,12 @@
 meets the accuracy target) and the real Fashion-MNIST test images.
 
 Prints top-1 (whole test set), GFLOPs per image (averaged over the first 256 test images, each counted on its own;
-``--flops-images``) and images/s (batch 32, the four timed interleaved in one loop) for the unpatched model, ATS,
-ATS with fusion and token merging; then runs the tuner (vistok.tune) at 0.5x GFLOPs on Fashion-MNIST training
-images, measures its pick on the test set and sets it beside the best point of the committed sweep at that cost;
-writes the token-overlay PNG and the accuracy-vs-compute (Pareto) plot of the committed sweep
-(results/sweep_reg4.csv: every method and both baselines, and results/sweep_fusion_reg4.csv: ATS with fusion):
+``--flops-images``) and images/s (batch 32, or --limit when fewer; the four timed interleaved in one loop) for
+the unpatched model, ATS, ATS with fusion and token merging; then runs the tuner (vistok.tune) at 0.5x GFLOPs on
+Fashion-MNIST training images, measures its pick on the test set and sets it beside the best point of the
+committed sweep at that cost; writes the token-overlay PNG and the accuracy-vs-compute (Pareto) plot of the
+committed sweep (results/sweep_reg4.csv: every method and both baselines, and results/sweep_fusion_reg4.csv: ATS
+with fusion):
 
     python tools/demo.py                    # the whole test set (a few minutes on 2 cores)
     python tools/demo.py --limit 2000       # quicker

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import av
+import numpy as np
 import pytest
 import torch
 from torch.utils.data import DataLoader
@@ -466,8 +467,66 @@ def test_training_crops_differ_between_workers_and_epochs():
 
 
 def test_a_timeout_of_a_month_is_accepted():
-    """poll() takes an int of milliseconds; a long timeout must not overflow it."""
+    """poll() takes an int of milliseconds; a long timeout must not overflow it, and an infinite one waits
+    without a limit (an OverflowError before; NaN a ValueError, now refused)."""
     assert read_video(CARPHONE, [0, 1], backend="pyav", timeout=30 * 24 * 3600.0).shape[0] == 2
+    assert read_video(CARPHONE, [0, 1], backend="pyav", timeout=float("inf")).shape[0] == 2
+    with pytest.raises(InvalidConfigError, match="timeout must be a positive number"):
+        read_video(CARPHONE, [0, 1], timeout=float("nan"))
+
+
+@pytest.mark.parametrize("size", [0, -5, 2.5, True])
+def test_resize_short_side_refuses_a_size_that_is_no_count(size):
+    """torch's RuntimeError (0, -5) or a TypeError (2.5) from inside the resize before."""
+    with pytest.raises(InvalidConfigError, match="size must be an int >= 1"):
+        resize_short_side(torch.zeros(3, 2, 8, 8), size)
+
+
+def _numbered_clip(path, frames=12, rotation=None, streams=1):
+    """An H.264 MP4 of ``frames`` 64 x 96 frames (a white corner, the frame number in green), ``streams`` video
+    streams, the first with a display ``rotation``."""
+    with av.open(str(path), "w") as container:
+        outs = [container.add_stream("libx264", rate=25) for _ in range(streams)]
+        for out in outs:
+            out.width, out.height, out.pix_fmt, out.options = 96, 64, "yuv420p", {"bf": "0", "g": "10"}
+        if rotation is not None:
+            outs[0].set_display_rotation(rotation)
+        for index in range(frames):
+            picture = np.zeros((64, 96, 3), np.uint8)
+            picture[:20, :30] = 255
+            picture[40:, 60:, 1] = 20 * index
+            for out in outs:
+                for packet in out.encode(av.VideoFrame.from_ndarray(picture, format="rgb24")):
+                    container.mux(packet)
+        for out in outs:
+            for packet in out.encode():
+                container.mux(packet)
+
+
+@pytest.mark.parametrize("rotation", [90, 180, 270])
+def test_both_backends_turn_frames_by_the_display_rotation(tmp_path, rotation):
+    """decord applies a file's display rotation (a phone's portrait video) and PyAV did not: "auto" gave
+    portrait frames for some files and sideways ones for those decord refuses, and probe_video disagreed."""
+    _numbered_clip(tmp_path / "turned.mp4", rotation=rotation)
+    upright = tmp_path / "upright.mp4"
+    _numbered_clip(upright)
+    stored = read_video(upright, [3, 7], backend="pyav")
+    frames = {backend: read_video(tmp_path / "turned.mp4", [3, 7], backend=backend) for backend in ("decord", "pyav")}
+    assert torch.equal(frames["decord"], frames["pyav"])
+    turned = torch.from_numpy(np.ascontiguousarray(np.rot90(stored.numpy(), k=rotation // 90, axes=(1, 2))))
+    assert torch.equal(frames["pyav"], turned)
+    for backend in ("decord", "pyav"):
+        info = probe_video(tmp_path / "turned.mp4", backend=backend)
+        assert (info.height, info.width) == tuple(turned.shape[1:3]), backend
+
+
+def test_a_file_of_several_video_streams_is_refused_by_both_backends(tmp_path):
+    """decord reads the stream FFmpeg ranks best, PyAV the first (and the checks that decide whether decord may
+    read a file demuxed the first): "auto" returned decord's frames of a stream nothing had checked."""
+    _numbered_clip(tmp_path / "two.mp4", streams=2)
+    for backend in ("auto", "decord", "pyav"):
+        with pytest.raises(VideoReadError, match="holds 2 video streams"):
+            read_video(tmp_path / "two.mp4", [0, 1], backend=backend)
 
 
 def test_bad_arguments():

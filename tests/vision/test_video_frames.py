@@ -36,6 +36,11 @@ def test_uniform_and_top_scoring_frames():
         uniform_frames(4, 5)
     with pytest.raises(InputShapeError, match=r"scores \[T\]"):
         top_scoring_frames(torch.zeros(2, 3), 1)
+    # a NaN score ranked first (argsort) and was chosen; summaries without a threshold were ignored
+    with pytest.raises(InputShapeError, match="1 of the 4 scores are NaN"):
+        top_scoring_frames(torch.tensor([0.1, float("nan"), 0.9, 0.5]), 2)
+    with pytest.raises(InvalidConfigError, match="summaries and threshold together"):
+        top_scoring_frames(torch.rand(4), 2, torch.rand(4, 3))
 
 
 def test_top_scoring_frames_can_skip_near_duplicates_of_frames_already_chosen():

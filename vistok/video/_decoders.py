@@ -52,6 +52,39 @@ def _select(frame_count: int, indices: list[int] | None, num_frames: int | None)
     return indices
 
 
+def _video_stream(container):
+    """The container's one video stream (cover art and thumbnails attached as pictures left out).
+
+    Raises:
+        DecodeError: no video stream, or several: decord reads the one FFmpeg ranks best, PyAV the first, so the
+            backends (and the checks that decide whether decord may read the file) would read different ones.
+    """
+    import av
+
+    skipped = av.stream.Disposition.attached_pic | av.stream.Disposition.timed_thumbnails
+    streams = [stream for stream in container.streams.video if not stream.disposition & skipped]
+    if not streams:
+        raise DecodeError("it has no video stream")
+    if len(streams) > 1:
+        raise DecodeError(f"it holds {len(streams)} video streams: the backends would read different ones; keep one "
+                          "(ffmpeg -i in.mp4 -map 0:v:0 -map 0:a? -c copy out.mp4)")
+    return streams[0]
+
+
+def _shown(frame) -> np.ndarray:
+    """A decoded PyAV frame as ``uint8`` ``[H, W, 3]`` RGB, turned by its display rotation (a phone's portrait
+    video is stored sideways), as decord shows it.
+
+    Raises:
+        DecodeError: a rotation that is not a multiple of 90 degrees.
+    """
+    rotation = float(getattr(frame, "rotation", 0) or 0)
+    if rotation % 90:
+        raise DecodeError(f"its display rotation is {rotation:g} degrees, not a multiple of 90")
+    picture = frame.to_ndarray(format="rgb24")
+    return np.ascontiguousarray(np.rot90(picture, k=round(rotation / 90) % 4)) if rotation else picture
+
+
 def _open_decord(path: str):
     """decord's reader of ``path``, for the files it indexes right; the others are refused (so that ``"auto"``
     takes PyAV), since decord would give one index two frames, or the wrong one:
@@ -123,9 +156,7 @@ def decode_pyav(path: str, indices: list[int] | None, num_frames: int | None) ->
     except Exception as error:  # av.error.* (InvalidDataError, FileNotFoundError, ...)
         raise DecodeError(f"PyAV cannot open it: {first_line(error)}") from None
     with container:
-        if not container.streams.video:
-            raise DecodeError("it has no video stream")
-        stream = container.streams.video[0]
+        stream = _video_stream(container)
         frame_count = _counted_frames(path)
         wanted = _select(frame_count, indices, num_frames)
         needed = set(wanted)
@@ -135,7 +166,7 @@ def decode_pyav(path: str, indices: list[int] | None, num_frames: int | None) ->
         try:
             for position, frame in enumerate(container.decode(stream)):
                 if position in needed:
-                    found[position] = frame.to_ndarray(format="rgb24")
+                    found[position] = _shown(frame)
                 if position >= last:
                     break
         except Exception as error:
@@ -147,7 +178,7 @@ def decode_pyav(path: str, indices: list[int] | None, num_frames: int | None) ->
         raise DecodeError(f"frame index {missing[0]} is past the real end: only {position + 1} frames decode, "
                           f"though {frame_count} packets hold pictures")
     if not wanted:
-        return np.zeros((0, stream.height, stream.width, 3), dtype=np.uint8), frame_count
+        return np.zeros((0, *_shown_size(path), 3), dtype=np.uint8), frame_count
     return np.stack([found[index] for index in wanted]), frame_count
 
 
@@ -187,9 +218,7 @@ def _demuxed(path: str, size: int, mtime_ns: int) -> StreamFacts:
 
     try:
         with av.open(path) as container:
-            if not container.streams.video:
-                raise DecodeError("it has no video stream")
-            stream = container.streams.video[0]
+            stream = _video_stream(container)
             packets = [(packet.pts, packet.duration, packet.size, packet.is_keyframe, packet.is_discard)
                        for packet in container.demux(stream)]
             stated = _stated_duration(container, stream)
@@ -283,16 +312,35 @@ def probe(backend: str, path: str) -> dict[str, float]:
 
     try:
         with av.open(path) as container:
-            if not container.streams.video:
-                raise DecodeError("it has no video stream")
-            stream = container.streams.video[0]
+            stream = _video_stream(container)
             rate = stream.average_rate or stream.guessed_rate
-            return {"frame_count": _counted_frames(path),
-                    "fps": float(rate) if rate else 0.0, "height": stream.height, "width": stream.width}
+            fps = float(rate) if rate else 0.0
+        frame_count = _counted_frames(path)
+        height, width = _shown_size(path)
+        return {"frame_count": frame_count, "fps": fps, "height": height, "width": width}
     except DecodeError:
         raise
     except Exception as error:
         raise DecodeError(f"PyAV cannot open it: {first_line(error)}") from None
+
+
+@functools.lru_cache(maxsize=256)
+def _shown_size_of(path: str, size: int, mtime_ns: int) -> tuple[int, int]:
+    import av
+
+    with av.open(path) as container:
+        stream = _video_stream(container)
+        first = next(container.decode(stream), None)
+        if first is None:
+            return stream.height, stream.width
+        return _shown(first).shape[:2]
+
+
+def _shown_size(path: str) -> tuple[int, int]:
+    """``(height, width)`` of the frames as shown: the first frame decoded and turned by its display rotation
+    (remembered per file version)."""
+    status = os.stat(path)
+    return _shown_size_of(path, status.st_size, status.st_mtime_ns)
 
 
 def _check_path(path: str) -> None:

@@ -68,15 +68,21 @@ def top_scoring_frames(scores: Tensor, count: int, summaries: Tensor | None = No
                        threshold: float | None = None) -> Tensor:
     """``[<= count]`` long: the frames with the highest ``scores`` ``[T]`` (ties to the earlier), in time order.
 
-    With ``summaries`` ``[T, D]`` and ``threshold``, a frame whose summary is similar past ``threshold`` to one
-    already chosen (cosine mapped to ``[0, 1]``, as :func:`merge_similar_frames`) is skipped: near-duplicates do
-    not take the budget twice, and fewer than ``count`` come back when the video has fewer distinct frames.
+    With ``summaries`` ``[T, D]`` and ``threshold`` (given together), a frame whose summary is similar past
+    ``threshold`` to one already chosen (cosine mapped to ``[0, 1]``, as :func:`merge_similar_frames`) is skipped:
+    near-duplicates do not take the budget twice, and fewer than ``count`` come back when the video has fewer
+    distinct frames. NaN scores are refused.
     """
     if scores.dim() != 1:
         raise InputShapeError(f"top_scoring_frames: expected scores [T], got {tuple(scores.shape)}")
     _check_count(count, "count", scores.shape[0])
     if threshold is not None and (not is_real(threshold) or not 0 <= threshold <= 1):
         raise InvalidConfigError(f"top_scoring_frames: threshold must be in [0, 1] or None, got {threshold!r}")
+    if (summaries is None) != (threshold is None):  # one without the other was ignored
+        raise InvalidConfigError("top_scoring_frames: give summaries and threshold together (or neither)")
+    if bool(torch.isnan(scores).any()):  # argsort ranks NaN first: a broken score would be chosen
+        raise InputShapeError(f"top_scoring_frames: {int(torch.isnan(scores).sum())} of the {scores.shape[0]} "
+                              "scores are NaN")
     ranked = scores.float().argsort(descending=True, stable=True)
     if summaries is None or threshold is None:
         return ranked[:count].sort().values

@@ -121,8 +121,9 @@ def _run_with_fallback(request: tuple, backends: list[str], timeout: float | Non
 
 
 def _check_timeout(timeout: float | None) -> float | None:
-    if timeout is not None and (not is_real(timeout) or timeout <= 0):
-        raise InvalidConfigError(f"timeout must be a positive number of seconds or None, got {timeout!r}")
+    if timeout is not None and (not is_real(timeout) or math.isnan(timeout) or timeout <= 0):
+        raise InvalidConfigError(f"timeout must be a positive number of seconds (inf: decode in the child process "
+                                 f"with no limit) or None, got {timeout!r}")
     return timeout
 
 
@@ -236,7 +237,8 @@ def _read_exactly(fd: int, size: int, deadline: float) -> bytes | None:
     ready.register(fd, select.POLLIN)
     while size:
         left = deadline - time.monotonic()
-        if left <= 0 or not ready.poll(min(math.ceil(left * 1000), 2**31 - 1)):  # poll takes an int of ms
+        wait = -1 if math.isinf(left) else min(math.ceil(left * 1000), 2**31 - 1)  # poll takes an int of ms
+        if left <= 0 or not ready.poll(wait):
             raise _Timeout
         chunk = os.read(fd, min(size, 1 << 22))
         if not chunk:

@@ -38,6 +38,8 @@ def to_float_clip(frames: Tensor) -> Tensor:
 def resize_short_side(clip: Tensor, size: int) -> Tensor:
     """Scale every frame (bilinear, antialiased) so its shorter side is ``size``, keeping the aspect ratio."""
     _check_clip(clip)
+    if not is_int(size, 1):
+        raise InvalidConfigError(f"resize_short_side: size must be an int >= 1, got {size!r}")
     height, width = clip.shape[-2:]
     scale = size / min(height, width)
     target = (max(size, round(height * scale)), max(size, round(width * scale)))
