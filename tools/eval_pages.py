@@ -69,9 +69,9 @@ def load_page(path: Path) -> torch.Tensor:
     from PIL import Image, ImageOps
 
     with Image.open(path) as opened:
-        frames = getattr(opened, "n_frames", 1)
-        if frames > 1:
-            raise InputShapeError(f"{path.name} holds {frames} pages (or frames): only the first would be read; save "
+        pages = _page_count(opened)
+        if pages > 1:
+            raise InputShapeError(f"{path.name} holds {pages} pages (or frames): only the first would be read; save "
                                   "each page as its own file")
         white = white_level(opened, path)  # read from the file: the transposed copy has no format or tags
         transparent = opened.info.get("transparency")
@@ -85,6 +85,23 @@ def load_page(path: Path) -> torch.Tensor:
     grey = _grey_levels(image, white, transparent, path)
     _check_dark_ink(grey, path)
     return torch.from_numpy(grey)[None]
+
+
+def _page_count(opened: PILImage) -> int:
+    """The pages of an opened image file: its frames, but a camera JPEG's embedded previews (Pillow opens a JPEG
+    with an MPF segment as MPO; its first frame is the photo) and a TIFF's reduced-resolution thumbnails
+    (NewSubfileType bit 0)."""
+    frames = getattr(opened, "n_frames", 1)
+    if frames == 1 or opened.format == "MPO":
+        return 1
+    if opened.format != "TIFF":
+        return frames
+    pages = 0
+    for frame in range(frames):
+        opened.seek(frame)
+        pages += not int(opened.tag_v2.get(254, 0)) & 1
+    opened.seek(0)
+    return pages
 
 
 def _displayed_size(opened: PILImage) -> tuple[int, int]:

@@ -140,7 +140,8 @@ def check_points(config: dict, points: list[dict]) -> None:
         for point in patched:
             vistok.patch(model, point["patch"][0], **point["patch"][1]).remove()
     if sizes:  # the downsampled inputs must cut into whole patches
-        patch = getattr(getattr(on_meta(dynamic_img_size=True), "patch_embed", None), "patch_size", None)
+        embed = getattr(on_meta(dynamic_img_size=True), "patch_embed", None)
+        patch = None if getattr(embed, "dynamic_img_pad", False) else getattr(embed, "patch_size", None)  # pads
         uneven = [size for size in sizes if patch is not None and (size % patch[0] or size % patch[1])]
         if uneven:
             raise ConfigError(f"sweep.input_sizes {uneven} are not multiples of the model's patch size "

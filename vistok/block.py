@@ -90,11 +90,13 @@ def _attention_residual(
 
 def _refuse_tracing(reducer: TokenReducer) -> None:
     """Refuse ``torch.jit.trace`` through a reducer that selects tokens: the tokens it keeps (and how many) depend
-    on their values, which a trace would freeze at the example input's."""
-    if torch.jit.is_tracing() and reducer.selects:
+    on their values, which a trace would freeze at the example input's (unless the reducer says it is
+    ``traceable``: a fixed set)."""
+    if torch.jit.is_tracing() and reducer.selects and not reducer.traceable:
         raise PatchStateError(f"torch.jit.trace cannot record {type(reducer).__name__}: which tokens it keeps, and "
                               "how many, depend on the input's values, and a trace would freeze them; use "
-                              "torch.compile or torch.export, which follow them")
+                              "torch.compile or torch.export, which follow them (a reducer whose choice never "
+                              "depends on the values may set traceable = True)")
 
 
 def _fuse(x: Tensor, layout: TokenLayout, keep: Tensor, kept: tuple[Tensor, Tensor | None], metric: Tensor

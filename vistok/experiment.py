@@ -273,8 +273,9 @@ def _checked_image_setting(key: str, value: Any) -> Any:
 
 def check_model_takes_images(model: nn.Module, dataset: Dataset, transform: Callable | None, where: str) -> None:
     """Refuse, before the work, a timm model that does not take ``dataset``'s images (its first item, through
-    ``transform``): other input channels, or another size for a model of a fixed size (timm's own assertion
-    came from the first forward, after the model and data were built). Other models are left to their own checks.
+    ``transform``): other input channels, or another size for a model whose timm ``PatchEmbed`` has a fixed size
+    (timm's own assertion came from the first forward, after the model and data were built). Other models, and
+    other patch embeddings, are left to their own checks.
 
     Raises:
         ConfigError: the model's input channels or fixed size differ from the images'.
@@ -290,7 +291,10 @@ def check_model_takes_images(model: nn.Module, dataset: Dataset, transform: Call
         raise ConfigError(f"{where}: the data's images are {shape} (channels x height x width) and "
                           f"{type(model).__name__} takes {conv.in_channels} channels; set model_kwargs.in_chans or "
                           "pick the data for the model")
-    fixed = getattr(embed, "img_size", None)
+    from timm.layers import PatchEmbed
+
+    # the size rule of timm's PatchEmbed, which asserts it (XCiT's conv stem, say, takes any size)
+    fixed = getattr(embed, "img_size", None) if isinstance(embed, PatchEmbed) else None
     flexible = (getattr(model, "dynamic_img_size", False) or getattr(embed, "dynamic_img_pad", False)
                 or not getattr(embed, "strict_img_size", True))
     if fixed is not None and not flexible and image.dim() == 4 and tuple(image.shape[-2:]) != tuple(fixed):

@@ -73,7 +73,7 @@ def test_defaults_are_the_paper_setting():
     for options, k in (({}, 8), ({"min_tokens": 2}, 7)):
         with vistok.patch(small, "ats", **options) as handle:
             assert {r.k for r in handle.reducers.values()} == {k}, options
-    # on a grid of 4 patches the default floor of 8 is the patch count (it was refused); a floor given is checked
+    # on a grid of 4 patches the default floor of 8 is the patch count (it was refused); one above 8 is refused
     tiny = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=2).eval()
     images = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
@@ -81,8 +81,10 @@ def test_defaults_are_the_paper_setting():
         with vistok.patch(tiny, "ats") as handle:
             assert {(r.k, r.min_tokens) for r in handle.reducers.values()} == {(4, 4)}
             assert torch.equal(tiny(images), expected)  # every patch kept: the unpatched model
+    with vistok.patch(tiny, "ats", k=0.5, min_tokens=6) as handle:  # a floor up to 8 is capped too
+        assert {r.min_tokens for r in handle.reducers.values()} == {4}
     with pytest.raises(vistok.InvalidConfigError, match=r"min_tokens must be an int in \[1, 4\]"):
-        vistok.patch(tiny, "ats", k=0.5, min_tokens=6)
+        vistok.patch(tiny, "ats", k=0.5, min_tokens=9)
 
 
 def test_budgets_bound_the_kept_tokens():

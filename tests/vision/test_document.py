@@ -840,6 +840,19 @@ def test_the_page_loader_refuses_a_file_of_several_pages(tmp_path, eval_pages):
         eval_pages.load_page(tmp_path / "pages.tif")
 
 
+def test_a_camera_jpeg_with_an_embedded_preview_is_one_page(tmp_path, eval_pages):
+    """Pillow opens a JPEG with an MPF preview as MPO, two frames: the photo of the page is the first, and the page
+    was refused as a file of several pages."""
+    page = np.full((64, 96), 255, np.uint8)
+    page[8:24, 8:88] = 0
+    Image.fromarray(page).save(tmp_path / "photo.jpg", format="MPO", save_all=True,
+                               append_images=[Image.fromarray(page[::4, ::4])], quality=100)
+    opened = Image.open(tmp_path / "photo.jpg")
+    assert opened.format == "MPO" and opened.n_frames == 2
+    grey = eval_pages.load_page(tmp_path / "photo.jpg")
+    assert grey.shape == (1, 64, 96) and (grey[0] - torch.from_numpy(page / np.float32(255))).abs().max() < 0.1
+
+
 @pytest.mark.parametrize("compression", [None, "tiff_lzw"])
 def test_a_tiff_turned_a_quarter_reads_as_displayed_or_is_refused(tmp_path, eval_pages, compression):
     """Pillow 13 reads an uncompressed TIFF of EXIF orientation 6 with its width and height swapped and its pixels

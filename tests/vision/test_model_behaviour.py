@@ -188,6 +188,37 @@ def test_empty_batch_behaves_as_unpatched(case):
         assert patched.shape == unpatched.shape and patched.shape[0] == 0
 
 
+def test_jit_trace_records_a_reducer_that_declares_a_fixed_choice():
+    """A reducer whose choice never depends on the token values (here: the first 8 patches) may say so
+    (``traceable = True``) and is traced; the same reducer without it is refused."""
+    from vistok.methods import MethodConfig, TokenReducer
+
+    class KeepFirst(TokenReducer):
+        def select(self, view):
+            keep = torch.zeros(view.q.shape[0], view.q.shape[2], dtype=torch.bool)
+            keep[:, : view.layout.num_prefix + 8] = True
+            return keep
+
+    class KeepFirstConfig(MethodConfig):
+        name = "test-keep-first"
+
+        def __init__(self, reducer):
+            self.reducer = reducer
+
+        def build(self, info):
+            return {1: self.reducer()}
+
+    model, images, _, _, _ = _setup("timm vit, merge")
+    other = torch.randn_like(images) * 3
+    Traceable = type("Traceable", (KeepFirst,), {"traceable": True})
+    with torch.no_grad():
+        with vistok.patch(model, KeepFirstConfig(KeepFirst)), pytest.raises(PatchStateError, match="traceable"):
+            torch.jit.trace(model, images, check_trace=False)
+        with vistok.patch(model, KeepFirstConfig(Traceable)):
+            traced = torch.jit.trace(model, images, check_trace=False)
+            assert torch.allclose(traced(other), model(other), atol=1e-5)
+
+
 @pytest.mark.parametrize("method, options", [("ats", {"k": 8}), ("merge", {"r": 3}), ("random_drop", {}),
                                              ("super_token", {"stoken_size": 2})])
 def test_a_run_on_meta_gives_the_unpatched_shapes(method, options):

@@ -1031,3 +1031,27 @@ def test_a_sweep_input_size_the_patch_size_does_not_divide_is_refused_first(tmp_
                                     "sweep.input_sizes=[27]", "sweep.flops_images=2"]) == 2
     assert "sweep.input_sizes [27] are not multiples of the model's patch size (2, 2)" in capsys.readouterr().err
     assert not out.with_suffix(".csv").exists()
+
+
+def test_models_whose_patch_embedding_takes_any_size_are_not_refused():
+    """XCiT's convolutional stem has an img_size but takes any size: check_model_takes_images refused it (and told
+    the user to set dynamic_img_size, a kwarg XCiT has not)."""
+    from vistok.experiment import check_model_takes_images
+
+    images = [(torch.rand(3, 64, 64), 0)]
+    model = timm.create_model("xcit_nano_12_p16_224", pretrained=False, depth=1).eval()
+    check_model_takes_images(model, images, None, "eval.py")
+    assert model(images[0][0][None]).shape == (1, 1000)
+    with pytest.raises(ConfigError, match="built for 32x32"):  # timm's PatchEmbed of a fixed size still is
+        check_model_takes_images(timm.create_model("vit_tiny_patch16_224", img_size=32, depth=1), images, None, "x")
+
+
+def test_a_sweep_input_size_is_not_checked_against_the_patch_size_where_the_model_pads():
+    """With dynamic_img_pad the model pads 27 px to 28: the size is fine (it was refused)."""
+    sweep = load_tool("sweep")
+    config = {**sweep.DEFAULTS, "pretrained": False,
+              "model_kwargs": {"depth": 1, "dynamic_img_pad": True}}
+    sweep.check_points(config, [{"method": "downsample", "label": "27px", "patch": None, "size": 27}])
+    with pytest.raises(ConfigError, match="not multiples of the model's patch size"):
+        sweep.check_points({**config, "model_kwargs": {"depth": 1}},
+                           [{"method": "downsample", "label": "27px", "patch": None, "size": 27}])

@@ -715,6 +715,17 @@ def test_class_folders_walk_into_linked_folders(tmp_path):
     assert [(s.path.name, s.label) for s in folders.samples] == [("a.mp4", 0), ("b.mp4", 1)]
 
 
+def test_class_folders_enter_each_linked_folder_once(tmp_path):
+    """A link back to a parent (a loop) was walked about 40 levels deep: 82 clips of 2, the other class's clip
+    among them with this class's label."""
+    for name, source in (("cat", BIKES), ("dog", CARPHONE)):
+        (tmp_path / "videos" / name).mkdir(parents=True)
+        shutil.copy(source, tmp_path / "videos" / name / f"{name}.mp4")
+    (tmp_path / "videos" / "cat" / "up").symlink_to(tmp_path / "videos", target_is_directory=True)
+    folders = class_folders(tmp_path / "videos")
+    assert [(s.path.name, s.label) for s in folders.samples] == [("cat.mp4", 0), ("dog.mp4", 1)]
+
+
 def test_clip_dataset_skips_and_counts_unreadable_clips(kinetics_root):
     with pytest.warns(UserWarning):
         videos = kinetics_csv(kinetics_root / "train.csv", kinetics_root, split="train")

@@ -102,8 +102,9 @@ class ATSConfig(MethodConfig):
             size.
         blocks: indices of the blocks that sample. ``None``: the paper's multi-stage placement, blocks
             3..11 on a 12-block model, scaled to other depths (``default_ats_blocks``).
-        min_tokens: a block never keeps fewer than this many patch tokens (nor more than it has; the default, 8,
-            is the patch count on a model of fewer patches, and a larger value given is refused). An int ``k``
+        min_tokens: a block never keeps fewer than this many patch tokens (nor more than it has; up to 8, the
+            default, it is capped at the patch count of a model of fewer patches; above 8 and above the patch
+            count it is refused). An int ``k``
             below it is refused (the floor would override it); a fractional ``k`` gives way to it.
             ``k = min_tokens = patch count`` keeps every token: the patched model then computes exactly
             what the unpatched one does.
@@ -147,8 +148,8 @@ class ATSConfig(MethodConfig):
         budgets = self._per_block_k(info, len(blocks))
         bound = info.patch_bound()
         min_tokens = self.min_tokens
-        if bound is not None and min_tokens == DEFAULT_MIN_TOKENS:  # the default on a grid of fewer patches: all
-            min_tokens = min(min_tokens, bound)
+        if bound is not None and is_int(min_tokens) and min_tokens <= DEFAULT_MIN_TOKENS:
+            min_tokens = min(min_tokens, bound)  # a floor up to the default's on a grid of fewer patches: all of them
         if not is_int(min_tokens, 1) or bound is not None and min_tokens > bound:
             limit = "[1, the input's patch tokens]" if bound is None else f"[1, {bound}] (the model's patch tokens)"
             raise InvalidConfigError(f"ats: min_tokens must be an int in {limit}, got {min_tokens!r}")

@@ -50,6 +50,10 @@ class TokenReducer:
         """Whether :meth:`merge` may merge, so the block must keep the keys until after attention."""
         return type(self).merge is not TokenReducer.merge
 
+    #: ``torch.jit.trace`` may record :meth:`select`: which tokens it keeps, and how many, never depend on their
+    #: values (a reducer that keeps a fixed set); a tracing of one that selects and is not traceable is refused
+    traceable: bool = False
+
     @property
     def selects(self) -> bool:
         """Whether :meth:`select` may drop tokens before attention (which ones, and how many, may depend on their

@@ -35,6 +35,7 @@ class ComposedReducer(TokenReducer):
         self.merger = merger
         self.traces_members = any(r.traces_members for r in (selector, attender, merger) if r is not None)
         self.fuses = selector is not None and selector.fuses
+        self.traceable = selector is None or selector.traceable
 
     def __repr__(self) -> str:
         parts = ", ".join(repr(r) for r in (self.selector, self.attender, self.merger) if r is not None)

@@ -206,10 +206,23 @@ def class_folders(root: str | os.PathLike, extensions: Sequence[str] = VIDEO_EXT
 
 
 def _files_under(directory: Path) -> list[Path]:
-    """Every file under ``directory``, sorted, through linked folders too (as torchvision's ``DatasetFolder`` walks:
-    ``Path.rglob`` does not enter a linked folder before Python 3.13)."""
-    return sorted(Path(folder) / name for folder, _, names in os.walk(directory, followlinks=True) for name in names
-                  if (Path(folder) / name).is_file())
+    """Every file under ``directory``, sorted, through linked folders too (as torchvision's ``DatasetFolder`` walks;
+    ``Path.rglob`` does not enter them), each folder once: a link back to a folder already walked (a loop, or a
+    link to it or to a folder above it) is not entered, where it would repeat every clip under it, other classes'
+    too."""
+    top = os.path.realpath(directory)
+    files, seen = [], set()
+    for folder, folders, names in os.walk(directory, followlinks=True):
+        seen.add(os.path.realpath(folder))
+        folders[:] = [name for name in folders if not _walked_or_above(os.path.join(folder, name), top, seen)]
+        files += [Path(folder) / name for name in names if (Path(folder) / name).is_file()]
+    return sorted(files)
+
+
+def _walked_or_above(folder: str, top: str, seen: set[str]) -> bool:
+    """Whether ``folder`` is (through links) one already walked, or ``top`` or a folder above it."""
+    real = os.path.realpath(folder)
+    return real in seen or top == real or top.startswith(real.rstrip(os.sep) + os.sep)
 
 
 def folder_classes(root: str | os.PathLike) -> list[str]:
