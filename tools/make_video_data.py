@@ -12,9 +12,11 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
 import vistok
 from vistok.cli import count, seed
+from vistok.experiment import check_run_folder
 from vistok.video.fmnist_clips import write_dataset
 
 
@@ -28,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     started = time.time()
     try:
+        check_run_folder("--out", Path(args.out))  # a file there failed after loading Fashion-MNIST
         root = write_dataset(args.out, args.train, args.test, args.seed, args.fmnist_root)
     except vistok.VistokError as error:
         print(f"make_video_data.py: error: {error}", file=sys.stderr)

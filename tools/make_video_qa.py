@@ -11,9 +11,11 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
 import vistok
 from vistok.cli import count, seed
+from vistok.experiment import check_run_folder
 from vistok.video.fmnist_qa import write_dataset
 
 
@@ -27,6 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     started = time.time()
     try:
+        check_run_folder("--out", Path(args.out))  # a file there failed after loading Fashion-MNIST
         manifest = write_dataset(args.out, args.split, args.size, args.seed, args.fmnist_root)
     except vistok.VistokError as error:
         print(f"make_video_qa.py: error: {error}", file=sys.stderr)

@@ -1055,3 +1055,13 @@ def test_a_sweep_input_size_is_not_checked_against_the_patch_size_where_the_mode
     with pytest.raises(ConfigError, match="not multiples of the model's patch size"):
         sweep.check_points({**config, "model_kwargs": {"depth": 1}},
                            [{"method": "downsample", "label": "27px", "patch": None, "size": 27}])
+
+
+@pytest.mark.parametrize(("tool", "arguments"), [("make_video_data", ["--train", "8", "--test", "8"]),
+                                                 ("make_video_qa", ["--size", "2"])])
+def test_the_data_generators_refuse_an_out_that_is_a_file(tmp_path, capsys, tool, arguments):
+    """A NotADirectoryError traceback (exit 1) after Fashion-MNIST was loaded, before."""
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    assert load_tool(tool).main(["--out", str(afile), *arguments]) == 2
+    assert "a file, not a folder" in capsys.readouterr().err

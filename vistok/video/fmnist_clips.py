@@ -5,8 +5,11 @@ images and written as real H.264 ``.mp4`` files with a Kinetics-style CSV, so tr
 Each clip is ``FRAMES`` frames of a black 28 x 28 canvas on which one Fashion-MNIST item, shrunk to 14 x 14, slides
 from one edge to the other: left, right, up or down. In half of the clips the item is replaced, at a random frame
 in the middle third, by an item of another category. The label is the direction and whether the swap happened
-(8 classes). No single frame can tell either: the item's position is uniformly spread over the frame whatever
-the direction, and a swap is a change between frames. Most tokens are black background, as in real video.
+(8 classes). A single frame tells little: a swap is a change between frames, and the direction is not in one
+frame. The axis of motion leaks a little: the item passes positions ``round(linspace(0, 14, 16))``, where 7
+comes twice (frames 7 and 8), so the middle frame (8) shows the item at column 7 for left / right clips and at row
+7 for up / down clips; guessing the axis from that frame scores 24.18 % of the 4,000 test clips against 12.5 %
+chance (a review's count). Most tokens are black background, as in real video.
 
 The clips are a deterministic function of ``seed`` and of both splits' sizes (one generator draws the training clips,
 then the test clips: another ``--train`` count gives other test clips): the train split uses Fashion-MNIST's
