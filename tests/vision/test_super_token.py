@@ -110,6 +110,39 @@ def test_super_token_attention_module():
         SuperTokenAttention(30, num_heads=4)
 
 
+@pytest.mark.parametrize(("height", "width", "size", "n_iter"), [(8, 12, 2, 1), (6, 8, 2, 3), (4, 4, 4, 2)])
+def test_super_token_attention_matches_loops(height, width, size, n_iter):
+    """STViT's module against loops, image by image (no test compared its super-token forward with anything: a
+    forward that skipped the association, or flipped its output, passed): super tokens refined ``n_iter`` times,
+    plain multi-head attention among them with the module's weights, each token the association-weighted mix of
+    its neighbours' outputs."""
+    torch.manual_seed(0)
+    module = SuperTokenAttention(16, num_heads=2, stoken_size=size, n_iter=n_iter).eval()
+    x = torch.randn(3, 16, height, width)
+    with torch.no_grad():
+        got = module(x)
+        for image in range(3):
+            patches = x[image].permute(1, 2, 0)  # [H, W, C]
+            cells, association, _, by_cell = loop_super_tokens(patches, size, n_iter)
+            tokens = torch.stack([by_cell[n] for n in cells])
+            q, k, v = module.qkv(tokens).reshape(len(cells), 3, 2, 8).permute(1, 2, 0, 3)
+            out = module.proj((((q @ k.transpose(-1, -2)) * 8 ** -0.5).softmax(-1) @ v).transpose(0, 1).flatten(1))
+            attended = dict(zip(cells, out, strict=True))
+            expected = torch.stack([torch.stack([sum(w * attended[n] for n, w in association[r, c].items())
+                                                 for c in range(width)]) for r in range(height)])
+            assert (got[image].permute(1, 2, 0) - expected).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({"stoken_size": 0}, "stoken_size must be a positive int or a pair"), ({"stoken_size": (2.7, 2)}, "stoken_size"),
+    ({"stoken_size": (2, 4, 8)}, "stoken_size"), ({"stoken_size": True}, "stoken_size"),
+    ({"n_iter": 1.5}, "n_iter must be an int >= 1"), ({"num_heads": 0}, "num_heads must be an int >= 1")])
+def test_super_token_attention_refuses_bad_options(options, message):
+    """Truncated (2.7 -> 2, a third entry dropped) or a raw ZeroDivisionError / TypeError before."""
+    with pytest.raises(InvalidConfigError, match=message):
+        SuperTokenAttention(16, **{"num_heads": 2, **options})
+
+
 def test_stvit_in_timm_registry():
     assert "stvit_small" in timm.list_models("stvit*")
     model = timm.create_model("stvit_small", num_classes=10)
@@ -163,25 +196,36 @@ def test_training_free_block_is_exact_where_patch_tokens_agree(family):
     assert (got - expected).abs().max() <= 1e-4
 
 
-def reference_super_token_block(block, x, prefix, grid, size=2):
-    """One image's block with its attention among 2 x 2 super tokens, in loops over the block's own modules: each
-    patch associates with the initial super tokens (cell means) of the 3 x 3 cells around its own by
-    softmax(<patch, super token> / sqrt(C)); super tokens are association-weighted means, attend with a log(mass)
-    key bias, and each patch's output mixes its neighbours' outputs by its association."""
+def loop_super_tokens(patches, size, n_iter):
+    """Super tokens of ``patches`` ``[rows, cols, C]`` in ``size x size`` cells, in loops: start from the cell
+    means; ``n_iter`` times, each patch associates with the super tokens of the 3 x 3 cells around its own by
+    softmax(<patch, super token> / sqrt(C)) and the super tokens become association-weighted means. Returns
+    ``(cells, association {(r, c): {cell: weight}}, mass {cell: total weight}, super tokens {cell: [C]})`` of the
+    last round (its association is the one computed from the round's starting super tokens)."""
+    rows, cols, channels = patches.shape
+    cells = [(i, j) for i in range(rows // size) for j in range(cols // size)]
+    supers = {c: patches[c[0] * size:(c[0] + 1) * size, c[1] * size:(c[1] + 1) * size].reshape(-1, channels).mean(0)
+              for c in cells}
+    for _ in range(n_iter):
+        association = {}
+        for r in range(rows):
+            for c in range(cols):
+                near = [n for n in cells if abs(n[0] - r // size) <= 1 and abs(n[1] - c // size) <= 1]
+                logits = torch.stack([patches[r, c] @ supers[n] for n in near]) * channels ** -0.5
+                association[r, c] = dict(zip(near, logits.softmax(0), strict=True))
+        mass = {n: sum(w[n] for w in association.values() if n in w) for n in cells}
+        supers = {n: sum(w[n] * patches[p] for p, w in association.items() if n in w) / mass[n] for n in cells}
+    return cells, association, mass, supers
+
+
+def reference_super_token_block(block, x, prefix, grid, size=2, n_iter=1):
+    """One image's block with its attention among 2 x 2 super tokens, in loops over the block's own modules
+    (:func:`loop_super_tokens`): super tokens attend with a log(mass) key bias, and each patch's output mixes its
+    neighbours' outputs by its association."""
     rows, cols = grid
     h = block.norm1(x)
-    patches, channels = h[prefix:].reshape(rows, cols, -1), h.shape[-1]
-    cells = [(i, j) for i in range(rows // size) for j in range(cols // size)]
-    initial = {c: patches[c[0] * size:(c[0] + 1) * size, c[1] * size:(c[1] + 1) * size].reshape(-1, channels).mean(0)
-               for c in cells}
-    association = {}
-    for r in range(rows):
-        for c in range(cols):
-            near = [n for n in cells if abs(n[0] - r // size) <= 1 and abs(n[1] - c // size) <= 1]
-            logits = torch.stack([patches[r, c] @ initial[n] for n in near]) * channels ** -0.5
-            association[r, c] = dict(zip(near, logits.softmax(0), strict=True))
-    mass = {n: sum(w[n] for w in association.values() if n in w) for n in cells}
-    supers = [sum(w[n] * patches[p] for p, w in association.items() if n in w) / mass[n] for n in cells]
+    cells, association, mass, by_cell = loop_super_tokens(h[prefix:].reshape(rows, cols, -1), size, n_iter)
+    supers = [by_cell[n] for n in cells]
     attn = block.attn
     tokens = torch.cat([h[:prefix], torch.stack(supers)])
     q, k, v = attn.qkv(tokens).reshape(len(tokens), 3, attn.num_heads, -1).permute(1, 2, 0, 3)
@@ -194,17 +238,20 @@ def reference_super_token_block(block, x, prefix, grid, size=2):
     return y + block.ls2(block.mlp(block.norm2(y)))
 
 
-def test_training_free_block_matches_loops_over_the_blocks_own_modules():
-    """Distinct patch tokens, so the association's scale and each patch's mix of neighbours matter."""
+@pytest.mark.parametrize("n_iter", [1, 2])
+def test_training_free_block_matches_loops_over_the_blocks_own_modules(n_iter):
+    """Distinct patch tokens, so the association's scale and each patch's mix of neighbours matter; with
+    ``n_iter=2`` the super tokens are refined once (no test ran a second round before)."""
     model = make_model("vit")
     info = resolve_backbone(model).info
     x = torch.randn(2, info.num_tokens, model.embed_dim)
-    attender = SuperTokenAttender(info.grid_size, (2, 2), 1)
+    attender = SuperTokenAttender(info.grid_size, (2, 2), n_iter)
     with torch.no_grad():
         layout = TokenLayout.original(x, info.num_prefix, True, grid_size=info.grid_size)
         got, _ = run_block(resolve_backbone(model).block_ops(1), x, layout, attender)
         for image in range(2):
-            expected = reference_super_token_block(model.blocks[1], x[image], info.num_prefix, info.grid_size)
+            expected = reference_super_token_block(model.blocks[1], x[image], info.num_prefix, info.grid_size,
+                                                   n_iter=n_iter)
             assert (got[image] - expected).abs().max() <= 1e-4
 
 
@@ -271,3 +318,15 @@ def test_the_grid_is_read_after_set_input_size():
             model.set_input_size(img_size=(32, 48))
             with pytest.raises(vistok.PatchStateError, match="6x4 patch grid, but this input makes 4x6"):
                 model(images.transpose(2, 3))
+
+
+def test_stvit_takes_timms_config_overlay_and_refuses_a_count_for_per_stage_options():
+    """pretrained_cfg_overlay was dropped (resolve_data_config gave ImageNet's mean whatever it said), and an int
+    n_iter where one per stage is needed raised a raw TypeError."""
+    from timm.data import resolve_data_config
+
+    model = timm.create_model("stvit_small", num_classes=0,
+                              pretrained_cfg_overlay=dict(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)))
+    assert resolve_data_config({}, model=model)["mean"] == (0.5, 0.5, 0.5)
+    with pytest.raises(InvalidConfigError, match=r"n_iter needs one value per stage \(4\), got 2"):
+        timm.create_model("stvit_small", n_iter=2)

@@ -16,6 +16,7 @@ from timm.layers import DropPath, LayerNorm2d, trunc_normal_
 from timm.models import register_model
 from torch import Tensor, nn
 
+from .._checks import is_int
 from ..errors import InvalidConfigError
 from ..ops.super_tokens import associate, from_cells, map_back, super_token_features, super_token_grid, to_cells
 
@@ -23,7 +24,16 @@ __all__ = ["SuperTokenAttention", "STViTBlock", "STViT", "stvit_small", "stvit_b
 
 
 def _to_pair(size: int | Sequence[int]) -> tuple[int, int]:
-    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    """``size`` (an int, or a pair of them, each >= 1) as ``(h, w)``.
+
+    Raises:
+        InvalidConfigError: anything else (a float was truncated, a third entry dropped).
+    """
+    pair = (size, size) if is_int(size) else tuple(size) if isinstance(size, (tuple, list)) else ()
+    if len(pair) != 2 or not all(is_int(side, 1) for side in pair):
+        raise InvalidConfigError(f"SuperTokenAttention: stoken_size must be a positive int or a pair of them, got "
+                                 f"{size!r}")
+    return int(pair[0]), int(pair[1])
 
 
 class SuperTokenAttention(nn.Module):
@@ -42,10 +52,12 @@ class SuperTokenAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int, stoken_size: int | Sequence[int] = 1, n_iter: int = 1,
                  qkv_bias: bool = True, attn_drop: float = 0.0, proj_drop: float = 0.0) -> None:
         super().__init__()
+        if not is_int(num_heads, 1):
+            raise InvalidConfigError(f"SuperTokenAttention: num_heads must be an int >= 1, got {num_heads!r}")
         if dim % num_heads:
             raise InvalidConfigError(f"SuperTokenAttention: dim {dim} is not divisible by num_heads {num_heads}")
-        if n_iter < 1:
-            raise InvalidConfigError(f"SuperTokenAttention: n_iter must be >= 1, got {n_iter}")
+        if not is_int(n_iter, 1):
+            raise InvalidConfigError(f"SuperTokenAttention: n_iter must be an int >= 1, got {n_iter!r}")
         self.num_heads = num_heads
         self.stoken_size = _to_pair(stoken_size)
         self.n_iter = n_iter
@@ -168,8 +180,9 @@ class STViT(nn.Module):
         stages = len(depths)
         for name, values in dict(embed_dims=embed_dims, num_heads=num_heads, stoken_sizes=stoken_sizes,
                                  n_iter=n_iter, layer_scale=layer_scale).items():
-            if len(values) != stages:
-                raise InvalidConfigError(f"STViT: {name} has {len(values)} entries for {stages} stages")
+            if not isinstance(values, (tuple, list)) or len(values) != stages:
+                shown = f"{len(values)} entries" if isinstance(values, (tuple, list)) else repr(values)
+                raise InvalidConfigError(f"STViT: {name} needs one value per stage ({stages}), got {shown}")
         _check_head(num_classes, global_pool)
         self.num_classes = num_classes
         self.global_pool = global_pool
@@ -240,7 +253,8 @@ def _check_head(num_classes: int, global_pool: str) -> None:
 
 
 def _create(variant: str, pretrained: bool, defaults: dict, kwargs: dict) -> STViT:
-    for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
+    overlay = kwargs.pop("pretrained_cfg_overlay", None) or {}  # timm's: its keys over the model's config
+    for key in ("pretrained_cfg", "cache_dir"):
         kwargs.pop(key, None)
     if kwargs.pop("features_only", False):
         raise InvalidConfigError(f"{variant}: features_only is not supported (forward_features gives the last "
@@ -252,7 +266,7 @@ def _create(variant: str, pretrained: bool, defaults: dict, kwargs: dict) -> STV
     model.pretrained_cfg = model.default_cfg = {
         "architecture": variant, "num_classes": model.num_classes, "input_size": (3, 224, 224),
         "interpolation": "bicubic", "crop_pct": 0.9, "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225),
-        "first_conv": "stem.0", "classifier": "head",
+        "first_conv": "stem.0", "classifier": "head", **overlay,
     }
     return model
 
