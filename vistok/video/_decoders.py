@@ -52,6 +52,15 @@ def _select(frame_count: int, indices: list[int] | None, num_frames: int | None)
     return indices
 
 
+ATTACHED_PICTURES = 0x0400 | 0x0800  # FFmpeg's AV_DISPOSITION_ATTACHED_PIC | AV_DISPOSITION_TIMED_THUMBNAILS
+
+
+def _disposition(stream) -> int:
+    """A stream's FFmpeg disposition flags as an int (PyAV 14.1 to 17 give a Flag, later ones an IntFlag)."""
+    disposition = getattr(stream, "disposition", 0)
+    return int(getattr(disposition, "value", disposition))
+
+
 def _video_stream(container):
     """The container's one video stream (cover art and thumbnails attached as pictures left out).
 
@@ -59,10 +68,7 @@ def _video_stream(container):
         DecodeError: no video stream, or several: decord reads the one FFmpeg ranks best, PyAV the first, so the
             backends (and the checks that decide whether decord may read the file) would read different ones.
     """
-    import av
-
-    skipped = av.stream.Disposition.attached_pic | av.stream.Disposition.timed_thumbnails
-    streams = [stream for stream in container.streams.video if not stream.disposition & skipped]
+    streams = [stream for stream in container.streams.video if not _disposition(stream) & ATTACHED_PICTURES]
     if not streams:
         raise DecodeError("it has no video stream")
     if len(streams) > 1:
