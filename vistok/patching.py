@@ -37,6 +37,8 @@ __all__ = ["PatchHandle", "patch", "unpatch", "get_handle", "find_handle"]
 # The handle lives on the patched module itself (a reference cycle the garbage collector handles), so a
 # patched model that is dropped is freed with its handle.
 _HANDLE_ATTR = "_vistok_handle"
+# What a patch installed on the vision tower whose blocks it patched, and how to undo it (an _Installed).
+_INSTALLED_ATTR = "_vistok_installed"
 
 
 @dataclass
@@ -174,6 +176,33 @@ def _is_users_hook(hook: Callable) -> bool:
     return getattr(hook, "__module__", None) != "transformers.utils.output_capturing"
 
 
+class _Installed(_PartOfPatch):
+    """What one patch installed on a vision tower (block forwards, pooling, input check) and how to undo it,
+    kept on the tower beside what it undoes. A tower copied or pickled out of a patched model (a CLIP model's
+    ``vision_model``) takes it along without the handle, which stays with the model that was patched:
+    :func:`unpatch` given that copy undoes it (``orphaned``).
+    """
+
+    def __init__(self, handle: PatchHandle) -> None:
+        self.undo: list[Callable[[], None]] = []
+        self.owner: weakref.ref | None = weakref.ref(handle)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(vars(self))
+        state["owner"] = None  # a copied handle links its copy again (PatchHandle.__setstate__)
+        return state
+
+    @property
+    def orphaned(self) -> bool:
+        """Whether no handle owns this any more: the tower was copied without its patched model, or that model
+        was deleted."""
+        return self.owner is None or self.owner() is None
+
+    def restore(self) -> None:
+        while self.undo:
+            self.undo.pop()()
+
+
 class _PatchedBlockForward(_PartOfPatch):
     """A patched block's ``forward``: the family's call signature in, :func:`run_block` over the block's own
     modules out. A plain object rather than a closure, so that ``copy.deepcopy`` and ``pickle`` copy it along
@@ -217,22 +246,30 @@ class PatchHandle:
         first = min(reducers)
         trace = any(reducer.traces_members for reducer in reducers.values())
         self._tracker = _LayoutTracker(backbone, first, trace, check_attention_path(attention))
-        self._undo: list[Callable[[], None]] = []
+        self._installed = _Installed(self)
+        undo = self._installed.undo
+        tower = backbone.model
         blocks = backbone.blocks()
         forwards = {index: _PatchedBlockForward(index, backbone, reducers.get(index), self._tracker)
                     for index in range(first, len(blocks))}
         for index, forward in forwards.items():  # before anything is installed: refused whole
             refuse_bypassed_hooks(forward.ops, index, UnsupportedModelError, "vistok cannot patch")
         try:
+            setattr(tower, _INSTALLED_ATTR, self._installed)
+            undo.append(partial(delattr, tower, _INSTALLED_ATTR))
             for index, forward in forwards.items():
                 blocks[index].forward = forward
-                self._undo.append(partial(delattr, blocks[index], "forward"))
-            self._undo.append(backbone.install_pooling(self._tracker))
-            self._undo.append(backbone.install_input_check(self._tracker))
+                undo.append(partial(delattr, blocks[index], "forward"))
+            undo.append(backbone.install_pooling(self._tracker))
+            undo.append(backbone.install_input_check(self._tracker))
         except BaseException:
             self._restore()
             raise
         setattr(model, _HANDLE_ATTR, self)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        vars(self).update(state)
+        self._installed.owner = weakref.ref(self)
 
     @property
     def active(self) -> bool:
@@ -274,8 +311,7 @@ class PatchHandle:
         delattr(self.model, _HANDLE_ATTR)
 
     def _restore(self) -> None:
-        while self._undo:
-            self._undo.pop()()
+        self._installed.restore()
         self._tracker.clear()
 
     def __enter__(self) -> PatchHandle:
@@ -333,12 +369,36 @@ def patch(model: nn.Module, method: MethodSpec | list[MethodSpec], *, attention:
                                      "methods run no attention of their own")
         return patch_vision_llm(model, config, family)
     backbone = resolve_backbone(model)
-    for index, block in enumerate(backbone.blocks()):
-        if "forward" in vars(block):
-            raise AlreadyPatchedError(
-                f"{type(model).__name__}.blocks[{index}] already has a replaced forward (another patch?)")
+    _check_blocks_unpatched(model, backbone)
     reducers = config.build(backbone.info)
     return PatchHandle(model, config, backbone, reducers, attention)
+
+
+def _check_blocks_unpatched(model: nn.Module, backbone: Backbone) -> None:
+    """Refuse a tower that runs patched already, or whose block list holds one module twice (a patched forward
+    is installed per module, so a block at two positions would run as one of them)."""
+    tower = backbone.model
+    installed = vars(tower).get(_INSTALLED_ATTR)
+    if isinstance(installed, _Installed):
+        if installed.orphaned:
+            raise AlreadyPatchedError(
+                f"this {type(tower).__name__} still runs patched: it was copied (or pickled) out of a model "
+                "vistok patched, without that model's handle, or the patched model was deleted; "
+                "vistok.unpatch(it) restores it")
+        raise AlreadyPatchedError(f"this {type(tower).__name__} is a part of a patched model "
+                                  f"({installed.owner()!r}); remove that patch first")
+    names = {id(module): name for name, module in model.named_modules(remove_duplicate=False)}
+    seen: dict[int, int] = {}
+    for index, block in enumerate(backbone.blocks()):
+        name = names.get(id(block), f"block {index}")
+        if "forward" in vars(block):
+            raise AlreadyPatchedError(f"{type(model).__name__}'s {name} already has a replaced forward "
+                                      "(another patch?)")
+        if id(block) in seen:
+            raise UnsupportedModelError(
+                f"blocks {seen[id(block)]} and {index} of {type(model).__name__} are one module ({name}): "
+                "vistok replaces a block's forward per module and cannot patch a block that runs at two positions")
+        seen[id(block)] = index
 
 
 def get_handle(model: nn.Module) -> PatchHandle | None:
@@ -354,7 +414,8 @@ def find_handle(model: nn.Module) -> PatchHandle | None:
 
 def unpatch(model: nn.Module) -> None:
     """Remove vistok's patch from ``model``, or from the patched models inside it (a wrapper such as
-    :class:`vistok.video.VideoClassifier`); a no-op where nothing is patched (or ``model`` is no module).
+    :class:`vistok.video.VideoClassifier`), or from a tower copied out of a patched model without its handle; a
+    no-op where nothing is patched (or ``model`` is no module).
 
     Raises:
         PatchStateError: ``model`` is a part of a patched model (its blocks run patched, but the handle is the
@@ -363,12 +424,16 @@ def unpatch(model: nn.Module) -> None:
     if not isinstance(model, nn.Module):  # as get_handle: nothing there is patched
         return
     handles = [handle for module in model.modules() if (handle := get_handle(module)) is not None]
+    orphans = [installed for module in model.modules()
+               if isinstance(installed := vars(module).get(_INSTALLED_ATTR), _Installed) and installed.orphaned]
     found = {id(handle) for handle in handles}
     owned = any((owner := getattr(handle, "owner", None)) is not None and id(owner) not in found for handle in handles)
-    if owned or not handles and any(isinstance(value, _PartOfPatch) for module in model.modules()
-                                    for value in vars(module).values()):
+    if owned or not handles and not orphans and any(isinstance(value, _PartOfPatch) for module in model.modules()
+                                                    for value in vars(module).values()):
         raise PatchStateError(f"unpatch: this {type(model).__name__} is a part of a patched model; unpatch the "
                               "model vistok.patch was given (or call its handle's remove())")
     for handle in handles:
         handle.remove()
+    for installed in orphans:
+        installed.restore()
 

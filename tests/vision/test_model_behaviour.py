@@ -515,3 +515,65 @@ def test_editing_a_config_after_patching_changes_nothing_that_runs():
         chosen.seed = 5
         torch.testing.assert_close(llava(input_ids=ids, pixel_values=pixels).logits, before, rtol=0, atol=0)
 
+
+
+def _clip_tower(model):
+    return model.vision_model
+
+
+@pytest.mark.parametrize("copy_out", [copy.deepcopy, lambda tower: pickle.loads(pickle.dumps(tower))])
+def test_a_tower_copied_out_of_a_patched_clip_model_runs_patched_and_unpatches(copy_out):
+    """A CLIP model's image tower copied (or pickled) alone: the handle stays with the model that was patched; the
+    copy runs patched, ``unpatch`` given the copy restores it (and only it), and it can be patched again."""
+    model = tiny_hf_tower("clip-full", 32)
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+
+    def pooled(tower):
+        with torch.no_grad():
+            return tower(pixel_values=images).pooler_output
+
+    unpatched = pooled(_clip_tower(model))
+    handle = vistok.patch(model, "ats", k=5, min_tokens=5)
+    patched = pooled(_clip_tower(model))
+    assert not torch.equal(patched, unpatched)
+    tower = copy_out(_clip_tower(model))
+    assert vistok.get_handle(tower) is None and torch.equal(pooled(tower), patched)
+    with pytest.raises(vistok.AlreadyPatchedError, match="copied .* out of a model vistok patched"):
+        vistok.patch(tower, "merge", r=2)
+    with pytest.raises(PatchStateError, match="part of a patched model"):  # the original tower's owner is alive
+        vistok.unpatch(_clip_tower(model))
+
+    vistok.unpatch(tower)
+    assert torch.equal(pooled(tower), unpatched) and not any("forward" in vars(m) for m in tower.modules())
+    assert handle.active and torch.equal(pooled(_clip_tower(model)), patched)
+    again = vistok.patch(tower, "merge", r=2)
+    assert not torch.equal(pooled(tower), unpatched)
+    again.remove()
+    handle.remove()
+    assert torch.equal(pooled(_clip_tower(model)), unpatched)
+
+
+def test_a_tower_whose_patched_model_was_deleted_unpatches():
+    model = tiny_hf_tower("clip-full", 32)
+    tower = model.vision_model
+    vistok.patch(model, "merge", r=2)
+    del model
+    import gc
+
+    gc.collect()  # the model and its handle form a cycle
+    with pytest.raises(vistok.AlreadyPatchedError, match="patched model was deleted"):
+        vistok.patch(tower, "merge", r=2)
+    vistok.unpatch(tower)
+    assert not any("forward" in vars(m) or "_vistok_installed" in vars(m) for m in tower.modules())
+
+
+@pytest.mark.parametrize("blocks", [[1, 2, 3], [1, 2]])
+def test_a_block_module_at_two_positions_is_refused(blocks):
+    """A weight-tied model whose block list holds one module twice: one forward per module cannot run as two
+    positions (before: a misleading error, or, patching before the repeat, block 2 silently merged nothing)."""
+    model = timm.create_model("vit_tiny_patch16_224", img_size=32, depth=5, num_classes=3).eval()
+    shared = model.blocks[2]
+    model.blocks = torch.nn.Sequential(model.blocks[0], model.blocks[1], shared, model.blocks[3], shared)
+    with pytest.raises(vistok.UnsupportedModelError, match="blocks 2 and 4 of VisionTransformer are one module"):
+        vistok.patch(model, "merge", r=3, blocks=blocks)
+    assert not any("forward" in vars(m) for m in model.modules()) and vistok.get_handle(model) is None
