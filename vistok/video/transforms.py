@@ -3,6 +3,8 @@ training and multi-view testing. Every frame of a clip gets the same crop and fl
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Sequence
 
 import torch
@@ -20,6 +22,9 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+_CHANNELS = (1, 3, 4)  # grey, RGB, RGBA frames
+
+
 def _check_clip(clip: Tensor) -> None:
     if clip.dim() != 4:
         raise InputShapeError(f"expected a clip [C, T, H, W], got shape {tuple(clip.shape)}")
@@ -30,6 +35,10 @@ def to_float_clip(frames: Tensor) -> Tensor:
     in ``[0, 1]``."""
     if frames.dim() != 4:
         raise InputShapeError(f"expected frames [T, H, W, C], got shape {tuple(frames.shape)}")
+    if frames.shape[-1] not in _CHANNELS:  # [T, C, H, W] frames were read as H = C, W = H, C = W
+        layout = " (channels first? read_video gives [T, H, W, C])" if frames.shape[1] in _CHANNELS else ""
+        raise InputShapeError(f"expected frames [T, H, W, C] with C in {_CHANNELS}, got shape "
+                              f"{tuple(frames.shape)}{layout}")
     if frames.dtype != torch.uint8:  # float frames already in [0, 1] became a black clip
         raise InputShapeError(f"expected uint8 frames (0-255, as read_video returns), got {frames.dtype}")
     return rearrange(frames, "t h w c -> c t h w").float().div(255.0)
@@ -45,9 +54,11 @@ def resize_short_side(clip: Tensor, size: int) -> Tensor:
     target = (max(size, round(height * scale)), max(size, round(width * scale)))
     if target == (height, width):
         return clip
-    frames = F.interpolate(rearrange(clip, "c t h w -> t c h w"), size=target, mode="bilinear", antialias=True,
-                           align_corners=False)
-    return rearrange(frames, "t c h w -> c t h w")
+    # antialiased resizing has no half-precision kernel on the CPU: resize those in float32
+    work = torch.float32 if clip.device.type == "cpu" and clip.dtype in (torch.float16, torch.bfloat16) else None
+    frames = F.interpolate(rearrange(clip if work is None else clip.to(work), "c t h w -> t c h w"), size=target,
+                           mode="bilinear", antialias=True, align_corners=False)
+    return rearrange(frames, "t c h w -> c t h w").to(clip.dtype)
 
 
 def _check_crop(clip: Tensor, size: object) -> tuple[int, int]:
@@ -90,13 +101,29 @@ def random_crop_flip(clip: Tensor, size: int, flip: bool = True, generator: torc
 
 
 def normalize(clip: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
-    """``(clip - mean) / std`` per channel."""
+    """``(clip - mean) / std`` per channel, for a float clip (:func:`to_float_clip`)."""
     _check_clip(clip)
+    if not clip.is_floating_point():  # the statistics became integers: 0 / 0
+        raise InputShapeError(f"normalize: expected a float clip (to_float_clip), got {clip.dtype}")
+    _check_statistics(mean, std, "normalize")
     if len(mean) != clip.shape[0] or len(std) != clip.shape[0]:
         raise InvalidConfigError(f"mean/std have {len(mean)}/{len(std)} values for a clip of {clip.shape[0]} channels")
     mean_t = torch.tensor(mean, dtype=clip.dtype, device=clip.device)[:, None, None, None]
     std_t = torch.tensor(std, dtype=clip.dtype, device=clip.device)[:, None, None, None]
     return (clip - mean_t) / std_t
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)  # numpy's scalars too
+
+
+def _check_statistics(mean: Sequence[float], std: Sequence[float], where: str) -> None:
+    """Refuse a mean and std that cannot normalise: lengths that differ, values that are not finite numbers, or a
+    standard deviation of 0 or below (an infinite channel)."""
+    if len(mean) != len(std) or not all(_is_number(value) and math.isfinite(value) for value in (*mean, *std)) \
+            or not all(value > 0 for value in std):
+        raise InvalidConfigError(f"{where}: mean and std need one finite number per channel each, std > 0, got "
+                                 f"mean={tuple(mean)!r}, std={tuple(std)!r}")
 
 
 class ClipTransform:
@@ -128,6 +155,7 @@ class ClipTransform:
         self.size, self.short_side = size, short_side
         self.train, self.num_crops, self.flip, self.grey = train, num_crops, flip, grey
         self.mean, self.std = tuple(mean), tuple(std)
+        _check_statistics(self.mean, self.std, "ClipTransform")  # it failed at the first clip, or gave inf
         if grey and (len(self.mean) != 1 or len(self.std) != 1):  # it failed at the first clip
             raise InvalidConfigError(f"ClipTransform: grey=True makes one channel; give one mean and one std, got "
                                      f"{len(self.mean)} and {len(self.std)}")
