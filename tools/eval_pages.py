@@ -35,7 +35,7 @@ import torch
 
 from vistok.backbones import resolve_backbone
 from vistok.cli import beside, count, count_or_zero, reports_errors, seed
-from vistok.data import white_level
+from vistok.data import upright, white_level
 from vistok.document import (
     CorrelationGuidedConfig,
     allocate_budget,
@@ -66,7 +66,7 @@ def load_page(path: Path) -> torch.Tensor:
             (their white level is unknown), or dark paper (the ink test counts pixels darker than mid-grey, so
             light ink on dark paper would be all ink).
     """
-    from PIL import Image, ImageOps
+    from PIL import Image
 
     with Image.open(path) as opened:
         pages = _page_count(opened)
@@ -75,13 +75,8 @@ def load_page(path: Path) -> torch.Tensor:
                                   "each page as its own file")
         white = white_level(opened, path)  # read from the file: the transposed copy has no format or tags
         transparent = opened.info.get("transparency")
-        displayed = _displayed_size(opened)
-        image = ImageOps.exif_transpose(opened)
-    if image.size != displayed:
-        raise InputShapeError(f"{path.name}: read as {image.size[0]} x {image.size[1]} pixels, but it is "
-                              f"{displayed[0]} x {displayed[1]} as displayed (its stored size turned by its EXIF "
-                              "orientation): Pillow misreads this file (an uncompressed TIFF turned a quarter); save "
-                              "it compressed or upright")
+        image = upright(opened, path)
+        image.load()
     grey = _grey_levels(image, white, transparent, path)
     _check_dark_ink(grey, path)
     return torch.from_numpy(grey)[None]
@@ -102,15 +97,6 @@ def _page_count(opened: PILImage) -> int:
         pages += not int(opened.tag_v2.get(254, 0)) & 1
     opened.seek(0)
     return pages
-
-
-def _displayed_size(opened: PILImage) -> tuple[int, int]:
-    """``(width, height)`` of an opened image as displayed: its stored size (a TIFF's ImageWidth / ImageLength tags,
-    256 / 257: Pillow 13 reports a TIFF of orientation 5-8 with its size already swapped), swapped for an EXIF
-    orientation of 5-8. Read before loading: loading a TIFF drops its orientation."""
-    tags = getattr(opened, "tag_v2", {})
-    stored = (tags[256], tags[257]) if 256 in tags and 257 in tags else opened.size
-    return stored[::-1] if opened.getexif().get(0x0112, 1) in (5, 6, 7, 8) else stored
 
 
 def _grey_levels(image: PILImage, white: float | None, transparent: object, path: Path) -> np.ndarray:

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset, TensorDataset
 
-from .errors import InputShapeError, VistokError
+from .errors import InputShapeError, InvalidConfigError, VistokError
 
 __all__ = [
     "DatasetNotFoundError",
@@ -40,6 +40,7 @@ __all__ = [
     "in_hidden_folder",
     "image_folder",
     "read_image",
+    "upright",
     "white_level",
 ]
 
@@ -194,6 +195,7 @@ def image_folder_dataset(root: str | os.PathLike, split: str, input_size: int | 
     """
     from timm.data import create_transform
 
+    loader = image_loader(channels)
     folder = Path(root) / split
     if not folder.is_dir() or not visible_folders(folder):
         raise DatasetNotFoundError(f"{folder} is not a folder of class sub-folders (expected {root}/{split}/<class>/"
@@ -202,7 +204,7 @@ def image_folder_dataset(root: str | os.PathLike, split: str, input_size: int | 
     flips = {"hflip": 0.5 if flip else 0.0} if train else {}
     transform = create_transform(size, is_training=train, mean=mean, std=std, interpolation=interpolation,
                                  crop_pct=crop_pct, **flips)
-    dataset = image_folder(folder, transform, image_loader(channels))
+    dataset = image_folder(folder, transform, loader)
     training = Path(root) / "train"
     if split == "train" or not training.is_dir():
         return dataset
@@ -276,7 +278,15 @@ def _visible_image(root: Path, path: str) -> bool:
 
 
 def image_loader(channels: int) -> Callable[[str], Any]:
-    """An ``ImageFolder`` loader giving PIL images of ``channels`` channels (1: grey, 3: RGB)."""
+    """An ``ImageFolder`` loader giving PIL images of ``channels`` channels (1: grey, 3: RGB).
+
+    Raises:
+        InvalidConfigError: another channel count (a 4-channel model got RGB images and failed in the first batch).
+    """
+    if channels not in (1, 3):
+        raise InvalidConfigError(f"image files are read as grey (1 channel) or RGB (3 channels), not {channels!r} "
+                                 "channels: give the model 1 or 3 input channels (model_kwargs.in_chans) for folder "
+                                 "data")
     return partial(read_image, mode="L" if channels == 1 else "RGB")
 
 
@@ -291,8 +301,9 @@ def read_image(path: str | os.PathLike, mode: str) -> Any:
     from PIL import Image
 
     try:
-        with open(path, "rb") as handle, Image.open(handle) as image:
-            white = white_level(image, Path(path))
+        with open(path, "rb") as handle, Image.open(handle) as opened:
+            white = white_level(opened, Path(path))
+            image = upright(opened, Path(path))
             if white is None:
                 return image.convert(mode)
             values = np.asarray(image, dtype=np.float64)
@@ -304,6 +315,32 @@ def read_image(path: str | os.PathLike, mode: str) -> Any:
         if isinstance(error, VistokError):
             raise
         raise InputShapeError(f"cannot read the image {path}: {error}") from None
+
+
+def upright(opened: Any, path: Path) -> Any:
+    """An opened Pillow image as it is displayed: its EXIF orientation applied (a phone's portrait photo is stored
+    sideways). Read what needs the file's tags (:func:`white_level`) from ``opened`` first: the turned copy has
+    none.
+
+    Raises:
+        InputShapeError: a file Pillow misreads when turning it (an uncompressed TIFF turned a quarter: Pillow 13
+            reports its size already swapped and scrambles its pixels).
+    """
+    from PIL import ImageOps
+
+    orientation = opened.getexif().get(0x0112, 1)
+    if orientation not in range(2, 9):
+        return opened
+    tags = getattr(opened, "tag_v2", {})  # a TIFF's stored ImageWidth / ImageLength, read before loading
+    stored = (tags[256], tags[257]) if 256 in tags and 257 in tags else opened.size
+    displayed = stored[::-1] if orientation >= 5 else stored
+    image = ImageOps.exif_transpose(opened)
+    if image.size != tuple(displayed):
+        raise InputShapeError(f"{path.name}: read as {image.size[0]} x {image.size[1]} pixels, but it is "
+                              f"{displayed[0]} x {displayed[1]} as displayed (its stored size turned by its EXIF "
+                              "orientation): Pillow misreads this file (an uncompressed TIFF turned a quarter); save "
+                              "it compressed or upright")
+    return image
 
 
 def white_level(image: Any, path: Path) -> float | None:

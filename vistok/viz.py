@@ -34,10 +34,12 @@ def patch_groups(layout: TokenLayout, num_patches: int) -> Tensor:
     block, or -1 if the patch was dropped: ``[B, num_patches]`` long.
 
     Merged patches share a position (needs ``layout.owner``, i.e. ``trace_source=True``); without it, each
-    kept token carries only its own source patch.
+    kept token carries only its own source patch, so a layout whose tokens were merged is refused.
 
     Raises:
         InputShapeError: ``num_patches`` is not the model's patch count (as far as the layout tells it).
+        InvalidConfigError: the tokens were merged (sizes above 1, or an ATS fusion) and the layout does not
+            trace their patches: the merged patches would be drawn as dropped.
     """
     prefix = layout.num_prefix
     known = None if layout.grid_size is None else math.prod(layout.grid_size)
@@ -51,6 +53,10 @@ def patch_groups(layout: TokenLayout, num_patches: int) -> Tensor:
                               "patches")
     if layout.owner is not None:
         return layout.owner[:, prefix: prefix + num_patches].cpu()
+    if layout.fused or (layout.sizes is not None and bool((layout.sizes[layout.valid_mask()] != 1).any())):
+        raise InvalidConfigError("patch_groups: these tokens were merged, and the layout does not record which "
+                                 "patches each stands for (merged patches would be drawn as dropped); patch with "
+                                 "trace_source=True to draw them")
     batch = layout.batch_size
     groups = torch.full((batch, num_patches), -1, dtype=torch.long)
     valid = layout.valid_mask().cpu()

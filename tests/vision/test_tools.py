@@ -180,6 +180,30 @@ def test_a_validation_folder_without_some_class_keeps_the_training_ids(tmp_path)
         vdata.image_folder_dataset(root, "val", **settings)
 
 
+@pytest.mark.parametrize("orientation", [3, 6, 8])
+def test_folder_images_are_read_as_displayed(tmp_path, orientation):
+    """A photo stored turned with an EXIF orientation (a phone's portrait shot) was fed to the model sideways."""
+    from PIL import Image
+
+    shown = np.zeros((20, 40, 3), dtype=np.uint8)
+    shown[:, :20] = 255  # as displayed: 40 wide, 20 high, its left half white
+    upright = Image.fromarray(shown)
+    stored = upright.transpose({3: Image.Transpose.ROTATE_180, 6: Image.Transpose.ROTATE_90,
+                                8: Image.Transpose.ROTATE_270}[orientation])
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    stored.save(tmp_path / "photo.jpg", exif=exif, quality=95)
+    read = np.asarray(vdata.read_image(tmp_path / "photo.jpg", "RGB"), dtype=np.float64)
+    assert read.shape == (20, 40, 3)
+    assert read[:, :16].mean() > 240 and read[:, 24:].mean() < 15
+
+
+def test_folder_data_refuses_a_channel_count_images_do_not_have(tmp_path):
+    """A 4-channel model got RGB images and failed in the first batch with a raw RuntimeError."""
+    with pytest.raises(vistok.InvalidConfigError, match="read as grey .* or RGB .*, not 4 channels"):
+        vdata.image_folder_dataset(tmp_path, "train", 28, False, (0.5,) * 4, (0.5,) * 4, channels=4)
+
+
 def test_images_are_read_at_their_bit_depth_and_hidden_folders_are_no_classes(tmp_path):
     """A 16-bit grey image is scaled to 8 bits (Pillow's convert clipped it: nearly all white); a file that is no
     image is named (a PIL traceback mid-epoch); a hidden folder (.ipynb_checkpoints) is no class: it shifted
@@ -847,6 +871,14 @@ def test_overlays_account_for_every_patch(tmp_path):
         with vistok.patch(model, "merge", r=20, trace_source=True) as handle:
             model(images)
             merged = handle.layouts[3]
+        untraced = []  # merged patches were drawn as dropped
+        for method, options in (("merge", {"r": 20}), ("ats", {"k": 40, "blocks": [1], "fusion": True})):
+            with vistok.patch(model, method, **options) as handle:
+                model(images)
+                untraced.append(handle.layouts[3])
+    for layout in untraced:
+        with pytest.raises(vistok.InvalidConfigError, match="patch with trace_source=True to draw them"):
+            save_overlay_grid(tmp_path / "untraced.png", images, {"x": layout}, grid=(14, 14))
     kept = patch_groups(ats, 196)
     assert torch.equal((kept >= 0).sum(1), ats.num_valid() - 1)
     groups = patch_groups(merged, 196)
