@@ -143,6 +143,18 @@ def emitted_pairs(accepted, tokens):
     return tokens[:, 0], tokens[:, 1], accepted >= 1
 
 
+def bonus_test(p_table, accepted, tokens, gamma):
+    """Chi-square: in rows that accepted all ``gamma`` drafts, the extra token after them ~ p(.|last draft)
+    (``pair_test`` sees only the first two emitted tokens, never this one when ``gamma >= 2``)."""
+    vocab = p_table.shape[0]
+    full = accepted == gamma
+    assert int(full.sum()) >= 300, "too few rows accepted every draft to test the bonus token"
+    last, bonus = tokens[full, gamma - 1], tokens[full, gamma]
+    counts = torch.bincount(last * vocab + bonus, minlength=vocab * vocab)
+    expected = (torch.bincount(last, minlength=vocab)[:, None] * p_table).flatten()
+    assert chi_square_pvalue(counts, expected) > P_MIN
+
+
 def pair_test(p_table, start, first, second, has_second):
     """Chi-square: the first token ~ p(.|start); the second ~ p(.|first) among rows that emitted two."""
     vocab = p_table.shape[0]

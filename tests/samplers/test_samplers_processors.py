@@ -285,12 +285,18 @@ def test_neutral_values_keep_everything():
         assert torch.equal(out, logits)
     mixed = top_p_filter(logits[:2], torch.tensor([1.0, 0.5]))
     assert torch.equal(mixed[0], logits[0]) and not torch.equal(mixed[1], logits[1])
+    # a token whose weight underflows to 0 (exp(-200) in float32) is still kept at p = 1, given per row too
+    far = torch.tensor([[0.0, -200.0], [0.0, -200.0]])
+    assert torch.equal(top_p_filter(far, 1.0), far) and torch.equal(top_p_filter(far, torch.tensor([1.0, 1.0])), far)
 
 
 def test_min_tokens_to_keep_rescues_empty_cuts():
     logits = torch.randn(4, 1000, dtype=torch.float64)  # every probability is far below epsilon = 0.5
     assert torch.equal(kept(epsilon_filter(logits, 0.5)).sum(1), torch.ones(4, dtype=torch.long))
     assert torch.equal(kept(epsilon_filter(logits, 0.5, min_tokens_to_keep=7)).sum(1), torch.full((4,), 7))
+    for cut in (epsilon_filter(logits, 0.5, min_tokens_to_keep=2), min_p_filter(logits, 1.0, min_tokens_to_keep=2),
+                top_p_filter(logits, 0.0, min_tokens_to_keep=2)):
+        assert torch.equal(kept(cut).sum(1), torch.full((4,), 2))
     # eta never needs it (p_max >= exp(-H) > eta), but honours it
     assert bool((kept(eta_filter(logits, 0.9, min_tokens_to_keep=900)).sum(1) >= 900).all())
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 from sampler_cases import (  # noqa: F401 (fixture)
     P_MIN,
+    bonus_test,
     chain_probs,
     chi_square_pvalue,
     draft_block,
@@ -52,6 +53,7 @@ def test_standard_rule_is_exact(case):
     tokens = torch.cat([drafts, next_token[:, None]], dim=1)
     tokens[torch.arange(draws), accepted] = next_token
     pair_test(p_table, 0, *emitted_pairs(accepted, tokens))
+    bonus_test(p_table, accepted, tokens, gamma)
     expected_rate = torch.minimum(p_table[0], q_table[0]).sum()  # P(first draft accepted)
     assert abs(float((accepted >= 1).double().mean()) - float(expected_rate)) < 0.015
 
@@ -65,6 +67,7 @@ def test_kseq_is_exact(k, case):
     accepted, tokens, lead = kseq_verify(chain_probs(p_table, 1, drafts), chain_probs(q_table, 1, drafts)[..., :-1, :],
                                          drafts, seeds=torch.arange(draws), counter=case)
     pair_test(p_table, 1, *emitted_pairs(accepted, tokens))
+    bonus_test(p_table, accepted, tokens, gamma)
     # the lead candidate's draft starts with the kept tokens
     for row in range(200):
         n = int(accepted[row])

@@ -57,6 +57,32 @@ def test_first_selection_matches_materialised_attention(family):
     assert (got == expected).all(1).float().mean() >= 0.75
 
 
+def test_selection_after_merging_scores_with_the_size_weighted_attention_row():
+    """After merging, a token of size s is attended to as s equal tokens (proportional attention); ATS's
+    class-attention row must carry the same log-size bias. Reference: the full softmax with log(sizes) added to
+    every key, materialised from the layout's sizes (an ATS row without the bias kept other tokens)."""
+    model = make_model("vit")
+    images = make_images(model, 6)
+    with torch.no_grad(), vistok.patch(model, [("merge", {"r": 40, "blocks": [0, 1, 2]}),
+                                               ("ats", {"k": 40, "blocks": [3], "min_tokens": 1})]) as handle:
+        ats = handle.reducers[3]
+        seen = []
+        ats.select = lambda view: seen.append(view) or type(ats).select(ats, view)
+        model(images)
+    view = seen[0]
+    sizes = view.layout.sizes
+    assert sizes is not None and float(sizes.max()) > 1, "the merge must have sized tokens to test anything"
+    scale = view.k.shape[-1] ** -0.5
+    bias = sizes.log().masked_fill(~view.layout.valid_mask(), float("-inf"))[:, None, None, :]
+    weights = ((view.q.double() @ view.k.double().transpose(-2, -1)) * scale + bias.double()).softmax(-1)
+    value_norm = view.v.double().transpose(1, 2).flatten(2).norm(dim=-1)
+    scores = (weights[:, :, 0].sum(1) * value_norm)[:, 1:]
+    valid = view.layout.valid_mask()[:, 1:]
+    expected = reference_sampling(scores.masked_fill(~valid, 0), torch.full((6,), 40), valid, 1)
+    got = type(ats).select(ats, view)[:, 1:]
+    assert (got != expected).sum(1).max() <= 1  # float32 vs float64 at a level's midpoint: one token at most
+
+
 def test_defaults_are_the_paper_setting():
     model = make_model("vit")
     with vistok.patch(model, "ats") as handle:

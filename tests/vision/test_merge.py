@@ -157,6 +157,10 @@ def test_merging_after_padding_matches_one_by_one(family):
 def test_schedules_and_caps():
     assert merge_schedule(8, 4, "constant") == [8, 8, 8, 8]
     assert merge_schedule(8, 5, "decreasing") == [16, 12, 8, 4, 0]
+    linear = [16 * (11 - i) / 11 for i in range(12)]  # 16, 14.55, 13.09, ...: rounded to the nearest count
+    schedule = merge_schedule(8, 12, "decreasing")
+    assert schedule[0] == 16 and schedule[-1] == 0
+    assert all(abs(n - x) <= 0.5 for n, x in zip(schedule, linear, strict=True))
     model = make_model("vit")
     with torch.no_grad(), vistok.patch(model, "merge", r=90) as handle:
         model(make_images(model, 1))

@@ -371,6 +371,27 @@ def test_random_drop_is_reproducible_per_call():
         assert not torch.equal(handle.layouts[3].source_index(), kept)
 
 
+@pytest.mark.parametrize("k", [2, 0.5, 0.3])
+def test_random_drop_keeps_only_real_tokens_of_a_padded_layout(k):
+    """After an earlier block padded the batch, the draw ranks padding last: each image keeps min(k, its count)
+    (a fraction k of its count, rounded) of its own patches and no padding (padding had been kept in place of
+    real tokens, and a fractional k truncated)."""
+    from vistok.methods import AttentionView
+    from vistok.methods.random_drop import RandomDropper
+    from vistok.tokens import TokenLayout
+
+    real = torch.tensor([6, 20, 3, 11])  # patch tokens per image; the rest of the 20 positions is padding
+    layout = TokenLayout.original(torch.zeros(4, 21, 8), 1, True)
+    valid = torch.cat([torch.ones(4, 1, dtype=torch.bool), torch.arange(20)[None] < real[:, None]], dim=1)
+    layout = layout.select(torch.arange(21).expand(4, -1), valid)
+    q = torch.zeros(4, 2, 21, 4)
+    for seed in range(20):
+        keep = RandomDropper(k, seed).select(AttentionView(q, q, q, layout, None))
+        assert keep[:, 0].all() and not (keep & ~valid).any()
+        expected = real.clamp(max=k) if isinstance(k, int) else (real * k).round().clamp(min=1)
+        assert torch.equal(keep[:, 1:].sum(1), expected.long())
+
+
 @pytest.mark.parametrize("seed", ["a", 1.5, True, -1, 2**62])
 def test_random_drop_refuses_bad_seeds(seed):
     model, _, _, _, _ = _setup("timm vit, merge")

@@ -43,17 +43,32 @@ def reference_association(x, size, scale):
     return out
 
 
-def super_token_by_hand(cells, association):
-    """Super token (1, 2) of image 0 on a 3 x 4 grid: the association-weighted mean over the tokens of its 3x3
-    neighbouring cells."""
+def super_token_by_hand(cells, association, row=1, col=2, rows=3, cols=4):
+    """Super token (row, col) of image 0 on a rows x cols grid: the association-weighted mean over the tokens of
+    its 3x3 neighbouring cells."""
     numerator, denominator = torch.zeros(cells.shape[-1], dtype=cells.dtype), 0.0
-    for cell in range(12):
-        r, c = divmod(cell, 4)
-        if abs(r - 1) <= 1 and abs(c - 2) <= 1:
-            k = (1 - r + 1) * 3 + (2 - c + 1)
+    for cell in range(rows * cols):
+        r, c = divmod(cell, cols)
+        if abs(r - row) <= 1 and abs(c - col) <= 1:
+            k = (row - r + 1) * 3 + (col - c + 1)
             numerator += (cells[0, cell] * association[0, cell, :, k, None]).sum(0)
             denominator += association[0, cell, :, k].sum()
     return numerator / denominator
+
+
+def test_super_tokens_that_receive_less_than_one_token_are_still_means():
+    """A sharp association leaves some super tokens less than one token's worth of mass: each is still the
+    weighted mean of its tokens (a division clamped at a mass of 1 shrank them)."""
+    torch.manual_seed(0)
+    x = 3 * torch.randn(1, 6, 8, 8)
+    cells = to_cells(x, (2, 2))
+    association = associate(cells, super_token_grid(x, (2, 2)), 2.0)
+    assert float(super_token_mass(association, (4, 4)).min()) < 0.5  # the case this test is about
+    features = super_token_features(cells, association, (4, 4))
+    for row in range(4):
+        for col in range(4):
+            expected = super_token_by_hand(cells, association, row, col, 4, 4)
+            assert torch.allclose(features[0, :, row, col], expected, atol=1e-5)
 
 
 def test_association_matches_loops_and_is_a_partition_of_unity():

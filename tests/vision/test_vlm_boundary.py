@@ -305,6 +305,20 @@ def test_merge_to_budget_on_a_ragged_set_is_each_row_alone():
         assert torch.allclose(together.sizes[b].sum(), sizes[b, real].sum())
     with pytest.raises(InputShapeError, match="only 10 real tokens .* fewer than the budget of 12"):
         merge_to_budget(x, 12, valid=valid)
+    exact = merge_to_budget(x[1:], 10, valid=valid[1:])  # nothing to merge: padding still owns nothing
+    assert torch.equal(exact.owner[0, :10], torch.arange(10)) and bool((exact.owner[0, 10:] == -1).all())
+
+
+def test_select_dominant_gives_every_contextual_token_its_target_among_equal_tokens():
+    """Blank image padding makes the unselected tokens equal: every one's most similar target is the first, yet
+    each target stands in its own group (else the other contextual tokens were zero vectors of size 0)."""
+    x = torch.zeros(1, 12, 8)
+    x[0, :4] = torch.randn(4, 8, generator=torch.Generator().manual_seed(0))
+    x[0, 4:] = 1.0  # eight equal blank tokens
+    scores = torch.tensor([[9.0, 8, 7, 6] + [0.0] * 8])
+    chosen = select_dominant(x, scores, 7, contextual=3)
+    assert bool((chosen.sizes[0, 4:] >= 1).all()) and torch.equal(chosen.sizes.sum(1), torch.tensor([12.0]).double())
+    assert torch.equal(chosen.tokens[0, 4:], torch.ones(3, 8))
 
 
 def test_select_random_never_picks_padding():
