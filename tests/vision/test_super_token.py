@@ -189,6 +189,22 @@ def test_stvit_takes_empty_batches_and_refuses_heads_it_cannot_run():
         model.reset_classifier(3, "token")
 
 
+def test_stvit_names_an_image_size_its_super_token_cells_do_not_divide():
+    """A 220 px image (55 x 55 tokens) was refused with "a 55x55 token grid does not divide into 8x8 super-token
+    cells", naming neither the image nor the rule; 62 px (16 x 16 tokens, then 8 x 8) runs."""
+    small = dict(embed_dims=(16, 32, 40, 48), depths=(1, 1, 1, 1), num_heads=(1, 2, 2, 2), projection=64)
+    model = timm.create_model("stvit_small", num_classes=5, **small).eval()
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 62, 96)).shape == (1, 5)
+        with pytest.raises(vistok.InputShapeError, match="a 220x220 image gives a 55x55 token grid in stage 0, which "
+                                                         "does not divide into its 8x8 super-token cells; use an image "
+                                                         "whose sides are multiples of 32x32"):
+            model(torch.randn(1, 3, 220, 220))
+        with pytest.raises(vistok.InputShapeError, match="a 64x80 image gives a 4x5 token grid in stage 2"):
+            timm.create_model("stvit_small", num_classes=5, **small, stoken_sizes=(1, 1, 2, 1)).eval()(
+                torch.randn(1, 3, 64, 80))
+
+
 @pytest.mark.slow
 def test_stvit_small_cost_matches_the_paper():
     model = timm.create_model("stvit_small").eval()

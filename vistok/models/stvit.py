@@ -8,6 +8,7 @@ stage with size 1 attends among all tokens. Feature maps stay ``[B, C, H, W]`` t
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -17,7 +18,7 @@ from timm.models import register_model
 from torch import Tensor, nn
 
 from .._checks import is_int
-from ..errors import InvalidConfigError
+from ..errors import InputShapeError, InvalidConfigError
 from ..ops.super_tokens import associate, from_cells, map_back, super_token_features, super_token_grid, to_cells
 
 __all__ = ["SuperTokenAttention", "STViTBlock", "STViT", "stvit_small", "stvit_base"]
@@ -201,6 +202,7 @@ class STViT(nn.Module):
                                   drop_rate, attn_drop_rate, rates[first + j], layer_scale[i])
                        for j in range(depths[i])]
             self.stages.append(nn.Sequential(*blocks))
+        self._cells = [_to_pair(size) for size in stoken_sizes]  # each stage's super-token cell
         self.num_features = projection or embed_dims[-1]
         self.head_hidden_size = self.num_features
         self.proj = nn.Conv2d(embed_dims[-1], projection, 1) if projection else nn.Identity()
@@ -229,10 +231,24 @@ class STViT(nn.Module):
 
     def forward_features(self, x: Tensor) -> Tensor:
         """``[B, C, H, W]`` images -> ``[B, num_features, H / 32, W / 32]``."""
+        self._check_image_size(x.shape[-2], x.shape[-1])
         x = self.stem(x)
         for stage in self.stages:
             x = stage(x)
         return self.act(self.norm(self.proj(x)))
+
+    def _check_image_size(self, height: int, width: int) -> None:
+        """Refuse an image whose token grid in some stage does not divide into that stage's super-token cells,
+        naming the image size (the cells' own check knows only the grid). Stage ``i`` sees a grid of
+        ``ceil(side / (4 * 2**i))``: every convolution that halves it has kernel 3, stride 2, padding 1."""
+        for stage, (cell_h, cell_w) in enumerate(self._cells):
+            stride = 4 * 2**stage
+            grid = (-(-height // stride), -(-width // stride))
+            if grid[0] % cell_h or grid[1] % cell_w:
+                raise InputShapeError(
+                    f"STViT: a {height}x{width} image gives a {grid[0]}x{grid[1]} token grid in stage {stage}, which "
+                    f"does not divide into its {cell_h}x{cell_w} super-token cells; use an image whose sides are "
+                    f"multiples of {_side_multiple(self._cells, 0)}x{_side_multiple(self._cells, 1)}")
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
         if self.global_pool == "avg":
@@ -242,6 +258,11 @@ class STViT(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.forward_head(self.forward_features(x))
+
+
+def _side_multiple(cells: list[tuple[int, int]], axis: int) -> int:
+    """The image sides (along ``axis``) whose grid divides into every stage's cells: multiples of this."""
+    return math.lcm(*(4 * 2**stage * cell[axis] for stage, cell in enumerate(cells)))
 
 
 def _check_head(num_classes: int, global_pool: str) -> None:
