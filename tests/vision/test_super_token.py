@@ -304,6 +304,17 @@ def test_training_free_variant_saves_flops_and_composes():
     assert torch.equal(model(images), expected)
 
 
+@pytest.mark.parametrize("depth", [1, 2, 6, 10, 12, 18])
+def test_the_default_super_token_blocks_end_where_atss_default_blocks_start(depth):
+    """The first quarter rounded half up, as ATS's start: depth 10 took blocks 0-1 (2.5 rounded to even) and left
+    block 2 to neither default."""
+    model = timm.create_model("vit_tiny_patch16_224", img_size=64, depth=depth, num_classes=3).eval()
+    with vistok.patch(model, "super_token", stoken_size=2) as handle:
+        blocks = sorted(handle.reducers)
+    ats_start = vistok.methods.ats.default_ats_blocks(depth)[0]
+    assert blocks == list(range(max(1, ats_start))) and blocks == list(range(max(1, int(depth / 4 + 0.5))))
+
+
 def test_training_free_variant_refusals():
     model = make_model("vit")
     with pytest.raises(InvalidConfigError, match="must divide the 14x14"):

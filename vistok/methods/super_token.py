@@ -34,6 +34,7 @@ from ..ops.super_tokens import (
     to_cells,
 )
 from ..tokens import TokenLayout
+from .ats import default_ats_blocks
 from .base import MethodConfig, TokenReducer, is_sequence_option, resolve_block_indices
 
 __all__ = ["SuperTokenConfig", "SuperTokenAttender"]
@@ -95,7 +96,8 @@ class SuperTokenConfig(MethodConfig):
 
     Attributes:
         blocks: the blocks whose attention runs among super tokens. ``None``: the first quarter of the
-            blocks (0..2 of 12), the early blocks where attention is most local.
+            blocks (0..2 of 12; ``depth / 4`` rounded half up, at least one: the blocks before ATS's default
+            start), the early blocks where attention is most local.
         stoken_size: super-token cell size on the patch grid, an int or ``(h, w)``; must divide the grid.
         n_iter: association refinement rounds (STViT uses 1).
     """
@@ -126,7 +128,8 @@ class SuperTokenConfig(MethodConfig):
         if len(info.grid_size) != 2:
             raise UnsupportedModelError(f"super_token: {info.model_class} has a {len(info.grid_size)}-D patch grid "
                                         f"{info.grid_size}; super tokens are defined on 2-D (image) grids")
-        default = list(range(max(1, round(info.num_blocks / 4))))
+        # the blocks before ATS's default start (depth / 4 rounded half up): the two defaults compose, back to back
+        default = list(range(max(1, default_ats_blocks(info.num_blocks)[0])))
         blocks = resolve_block_indices(self.blocks, info.num_blocks, default)
         size = self._size()
         rows, cols = info.grid_size
