@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ._checks import is_int
 from .backbones import Backbone, resolve_backbone
 from .backbones.base import BlockOps
 from .block import run_block
@@ -371,7 +372,21 @@ def patch(model: nn.Module, method: MethodSpec | list[MethodSpec], *, attention:
     backbone = resolve_backbone(model)
     _check_blocks_unpatched(model, backbone)
     reducers = config.build(backbone.info)
+    _check_reducers(reducers, config, backbone.info.num_blocks)
     return PatchHandle(model, config, backbone, reducers, attention)
+
+
+def _check_reducers(reducers: object, config: MethodConfig, depth: int) -> None:
+    """Refuse what a (user's) config's ``build`` returned unless it is ``{block index in [0, depth): reducer}``
+    with at least one block: an empty dict was a bare ``min()`` error, an index past the last block was ignored."""
+    name = type(config).__name__
+    if not isinstance(reducers, dict) or not reducers:
+        raise InvalidConfigError(f"{name}.build must return {{block index: TokenReducer}} for at least one block, got "
+                                 f"{reducers!r}")
+    for index, reducer in reducers.items():
+        if not is_int(index, 0) or index >= depth or not isinstance(reducer, TokenReducer):
+            raise InvalidConfigError(f"{name}.build returned {{{index!r}: {type(reducer).__name__}}}: keys must be "
+                                     f"block indices in [0, {depth}) and values TokenReducer objects")
 
 
 def _check_blocks_unpatched(model: nn.Module, backbone: Backbone) -> None:

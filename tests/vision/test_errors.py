@@ -230,3 +230,24 @@ def test_methods_the_instance_already_replaced_are_refused_untouched():
         assert set(vars(model)) & {"pool", "forward_intermediates"} == {name} and not model.norm._forward_hooks
         delattr(model, name)
         vistok.patch(model, "merge", r=2).remove()  # nothing of the refused patch is in the way
+
+
+class _BuildsThis(vistok.methods.MethodConfig):
+    name = "test-builds-this"
+
+    def __init__(self, reducers):
+        self.reducers = reducers
+
+    def build(self, info):
+        return self.reducers
+
+
+@pytest.mark.parametrize("reducers", [{}, {12: vistok.methods.TokenReducer()}, {-1: vistok.methods.TokenReducer()},
+                                      {0: "ats"}, [(0, vistok.methods.TokenReducer())]])
+def test_a_users_config_that_builds_no_blocks_or_blocks_past_the_model_is_refused(reducers):
+    """An empty dict was a bare ValueError from min(); an index past the last block was silently ignored."""
+    model = timm.create_model("vit_tiny_patch16_224", img_size=32, depth=4, num_classes=3)
+    with pytest.raises(InvalidConfigError, match=r"_BuildsThis.build (must return|returned)"):
+        vistok.patch(model, _BuildsThis(reducers))
+    assert_untouched(model)
+    assert vistok.get_handle(model) is None
