@@ -119,6 +119,9 @@ def save_overlay_grid(path: str | Path, images: Tensor, layouts: Mapping[str, To
         if layout.grid_size is not None and tuple(grid) != tuple(layout.grid_size):
             raise InputShapeError(f"save_overlay_grid: grid {tuple(grid)}, but layout {name!r} is over the model's "
                                   f"{tuple(layout.grid_size)} patch grid")
+        if layout.batch_size != images.shape[0]:
+            raise InputShapeError(f"save_overlay_grid: {images.shape[0]} images, but layout {name!r} is of a batch "
+                                  f"of {layout.batch_size}; pass the images of the forward pass it comes from")
     plt = _pyplot()
     pictures = _upscaled(_display(images), upscale)
     num_patches = grid[0] * grid[1]

@@ -879,6 +879,8 @@ def test_overlays_account_for_every_patch(tmp_path):
     for layout in untraced:
         with pytest.raises(vistok.InvalidConfigError, match="patch with trace_source=True to draw them"):
             save_overlay_grid(tmp_path / "untraced.png", images, {"x": layout}, grid=(14, 14))
+    with pytest.raises(vistok.InputShapeError, match="2 images, but layout 'merge' is of a batch of 3"):
+        save_overlay_grid(tmp_path / "two.png", images[:2], {"merge": merged}, grid=(14, 14))  # was zip()'s error
     kept = patch_groups(ats, 196)
     assert torch.equal((kept >= 0).sum(1), ats.num_valid() - 1)
     groups = patch_groups(merged, 196)
