@@ -150,12 +150,20 @@ def test_allocate_budget_is_exact_proportional_and_bounded():
 
 
 @pytest.mark.parametrize("capacity", [2.5, torch.tensor([3.7, 3.2, 3.9]), torch.tensor([4, 4]), -1, True,
-                                      torch.tensor([4, -1, 4])])
+                                      torch.tensor([4, -1, 4]), [4, 4], [3.5, 4, 4], np.array([True] * 3), [4, -1, 4]])
 def test_allocate_budget_refuses_a_capacity_that_is_no_count_per_view(capacity):
     """Float capacities were truncated (2.5 split as 2 each), a wrong length raised torch's broadcast error and a
     negative one blamed ``minimum``."""
     with pytest.raises(InvalidConfigError, match="capacity must be an int >= 0 or a \\[3\\] integer tensor"):
         allocate_budget(torch.ones(3), 3, capacity)
+
+
+@pytest.mark.parametrize("capacity", [[1, 2, 3], (1, 2, 3), np.array([1, 2, 3]), np.array([1, 2, 3], np.uint8),
+                                      np.int64(2)])
+def test_allocate_budget_takes_capacities_as_lists_and_arrays(capacity):
+    """Per-view capacities from Python lists or numpy were refused: only an int or an integer tensor passed."""
+    expected = allocate_budget(torch.ones(3), 5, torch.as_tensor(np.asarray(capacity).astype(np.int64)))
+    assert torch.equal(allocate_budget(torch.ones(3), 5, capacity), expected)
 
 
 def test_top_tokens_keep_their_order_and_merging_keeps_the_mass():

@@ -19,9 +19,11 @@ The paper's code was never released; the choices it leaves open are ours and are
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -78,13 +80,14 @@ def _cpu_float64(weights: Tensor) -> Tensor:
     return weights.detach().to(device="cpu", dtype=torch.float64)
 
 
-def _capacities(capacity: int | Tensor, views: int) -> Tensor:
-    """``capacity`` (an int, or one per view) as ``[views]`` long on the CPU.
+def _capacities(capacity: int | Sequence[int] | Tensor, views: int) -> Tensor:
+    """``capacity`` (an int, or one per view: a list, numpy array or tensor of ints) as ``[views]`` long on the CPU.
 
     Raises:
-        InvalidConfigError: not a non-negative int or integer tensor of ``[]`` or ``[views]`` (a float would be
-            truncated).
+        InvalidConfigError: not a non-negative int, or ints of ``[]`` or ``[views]`` (a float would be truncated).
     """
+    if isinstance(capacity, (list, tuple, np.ndarray, np.integer)) and np.asarray(capacity).dtype.kind in "iu":
+        capacity = torch.from_numpy(np.asarray(capacity).astype(np.int64))  # not floats, bools or objects
     if isinstance(capacity, Tensor):
         good = (not capacity.is_floating_point() and not capacity.is_complex() and capacity.dtype != torch.bool
                 and capacity.shape in ((), (views,)) and bool((capacity >= 0).all()))
@@ -93,11 +96,12 @@ def _capacities(capacity: int | Tensor, views: int) -> Tensor:
     if not good:
         shown = f"{capacity.dtype} {tuple(capacity.shape)}" if isinstance(capacity, Tensor) else repr(capacity)
         raise InvalidConfigError(f"allocate_budget: capacity must be an int >= 0 or a [{views}] integer tensor "
-                                 f"of them (one per view), got {shown}")
+                                 f"(or list, or array) of them (one per view), got {shown}")
     return torch.as_tensor(capacity, dtype=torch.long).cpu().expand(views).clone()
 
 
-def allocate_budget(weights: Tensor, total: int, capacity: int | Tensor, minimum: int = 0) -> Tensor:
+def allocate_budget(weights: Tensor, total: int, capacity: int | Sequence[int] | Tensor, minimum: int = 0
+                    ) -> Tensor:
     """``[V]`` long: ``total`` tokens split over views in proportion to ``weights`` ``[V]`` (non-negative), each
     view getting at least ``minimum`` and at most its ``capacity`` (an int or ``[V]``), summing to ``total``.
 
