@@ -14,6 +14,8 @@ Everything installed is a plain object or a bound method (never a closure), and 
 from __future__ import annotations
 
 import copy
+import gc
+import operator
 import threading
 import weakref
 from collections.abc import Callable
@@ -24,7 +26,6 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ._checks import is_int
 from .backbones import Backbone, resolve_backbone
 from .backbones.base import BlockOps
 from .block import run_block
@@ -196,8 +197,15 @@ class _Installed(_PartOfPatch):
     @property
     def orphaned(self) -> bool:
         """Whether no handle owns this any more: the tower was copied without its patched model, or that model
-        was deleted."""
+        was deleted (and collected: a patched model and its handle form a cycle, which ``gc.collect()`` frees)."""
         return self.owner is None or self.owner() is None
+
+    def orphaned_after_collecting(self) -> bool:
+        """:attr:`orphaned`, after collecting garbage if an owner still seems alive: the last reference to the
+        patched model may be gone while the cycle waits for the collector."""
+        if not self.orphaned:
+            gc.collect()
+        return self.orphaned
 
     def restore(self) -> None:
         while self.undo:
@@ -269,6 +277,10 @@ class PatchHandle:
         setattr(model, _HANDLE_ATTR, self)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        if "_installed" not in state:  # pickled before the undo list moved into _Installed (kept on the handle only)
+            installed = _Installed.__new__(_Installed)
+            installed.undo = state.pop("_undo")
+            state["_installed"] = installed
         vars(self).update(state)
         self._installed.owner = weakref.ref(self)
 
@@ -371,22 +383,33 @@ def patch(model: nn.Module, method: MethodSpec | list[MethodSpec], *, attention:
         return patch_vision_llm(model, config, family)
     backbone = resolve_backbone(model)
     _check_blocks_unpatched(model, backbone)
-    reducers = config.build(backbone.info)
-    _check_reducers(reducers, config, backbone.info.num_blocks)
+    reducers = _checked_reducers(config.build(backbone.info), config, backbone.info.num_blocks)
     return PatchHandle(model, config, backbone, reducers, attention)
 
 
-def _check_reducers(reducers: object, config: MethodConfig, depth: int) -> None:
-    """Refuse what a (user's) config's ``build`` returned unless it is ``{block index in [0, depth): reducer}``
-    with at least one block: an empty dict was a bare ``min()`` error, an index past the last block was ignored."""
+def _checked_reducers(reducers: object, config: MethodConfig, depth: int) -> dict[int, TokenReducer]:
+    """What a (user's) config's ``build`` returned, with int keys, if it is ``{block index in [0, depth): reducer}``
+    with at least one block (numpy ints are indices too): an empty dict was a bare ``min()`` error, an index past
+    the last block was ignored.
+
+    Raises:
+        InvalidConfigError: anything else.
+    """
     name = type(config).__name__
     if not isinstance(reducers, dict) or not reducers:
         raise InvalidConfigError(f"{name}.build must return {{block index: TokenReducer}} for at least one block, got "
                                  f"{reducers!r}")
+    checked = {}
     for index, reducer in reducers.items():
-        if not is_int(index, 0) or index >= depth or not isinstance(reducer, TokenReducer):
+        try:
+            position = operator.index(index) if not isinstance(index, bool) else -1
+        except TypeError:
+            position = -1
+        if not 0 <= position < depth or not isinstance(reducer, TokenReducer):
             raise InvalidConfigError(f"{name}.build returned {{{index!r}: {type(reducer).__name__}}}: keys must be "
                                      f"block indices in [0, {depth}) and values TokenReducer objects")
+        checked[position] = reducer
+    return checked
 
 
 def _check_blocks_unpatched(model: nn.Module, backbone: Backbone) -> None:
@@ -395,13 +418,13 @@ def _check_blocks_unpatched(model: nn.Module, backbone: Backbone) -> None:
     tower = backbone.model
     installed = vars(tower).get(_INSTALLED_ATTR)
     if isinstance(installed, _Installed):
-        if installed.orphaned:
+        if installed.orphaned_after_collecting():
             raise AlreadyPatchedError(
                 f"this {type(tower).__name__} still runs patched: it was copied (or pickled) out of a model "
                 "vistok patched, without that model's handle, or the patched model was deleted; "
                 "vistok.unpatch(it) restores it")
-        raise AlreadyPatchedError(f"this {type(tower).__name__} is a part of a patched model "
-                                  f"({installed.owner()!r}); remove that patch first")
+        raise AlreadyPatchedError(f"this {type(tower).__name__} runs patched ({installed.owner()!r}); remove that "
+                                  "patch first")
     names = {id(module): name for name, module in model.named_modules(remove_duplicate=False)}
     seen: dict[int, int] = {}
     for index, block in enumerate(backbone.blocks()):
@@ -429,8 +452,9 @@ def find_handle(model: nn.Module) -> PatchHandle | None:
 
 def unpatch(model: nn.Module) -> None:
     """Remove vistok's patch from ``model``, or from the patched models inside it (a wrapper such as
-    :class:`vistok.video.VideoClassifier`), or from a tower copied out of a patched model without its handle; a
-    no-op where nothing is patched (or ``model`` is no module).
+    :class:`vistok.video.VideoClassifier`), or from an image tower copied out of a patched CLIP-style model
+    (``CLIPModel``, ``SiglipModel``, open_clip's ``CLIP``) without its handle; a no-op where nothing is patched (or
+    ``model`` is no module).
 
     Raises:
         PatchStateError: ``model`` is a part of a patched model (its blocks run patched, but the handle is the
@@ -439,8 +463,11 @@ def unpatch(model: nn.Module) -> None:
     if not isinstance(model, nn.Module):  # as get_handle: nothing there is patched
         return
     handles = [handle for module in model.modules() if (handle := get_handle(module)) is not None]
-    orphans = [installed for module in model.modules()
-               if isinstance(installed := vars(module).get(_INSTALLED_ATTR), _Installed) and installed.orphaned]
+    records = [installed for module in model.modules()
+               if isinstance(installed := vars(module).get(_INSTALLED_ATTR), _Installed)]
+    orphans = [installed for installed in records if installed.orphaned]
+    if not handles and records and not orphans:  # a deleted patched model may be waiting for the collector
+        orphans = [installed for installed in records if installed.orphaned_after_collecting()]
     found = {id(handle) for handle in handles}
     owned = any((owner := getattr(handle, "owner", None)) is not None and id(owner) not in found for handle in handles)
     if owned or not handles and not orphans and any(isinstance(value, _PartOfPatch) for module in model.modules()

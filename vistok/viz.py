@@ -157,6 +157,7 @@ def save_clip_overlay(path: str | Path, clip: Tensor, layouts: Mapping[str, Toke
 
     Raises:
         InputShapeError: a layout without a ``(t, h, w)`` grid, or ``T`` other than ``t * tubelet_frames``.
+        InvalidConfigError: a merged layout without ``trace_source=True`` (:func:`patch_groups`).
     """
     if clip.dim() != 4:
         raise InputShapeError(f"save_clip_overlay: expected one clip [T, C, H, W], got {tuple(clip.shape)}")

@@ -251,3 +251,10 @@ def test_a_users_config_that_builds_no_blocks_or_blocks_past_the_model_is_refuse
         vistok.patch(model, _BuildsThis(reducers))
     assert_untouched(model)
     assert vistok.get_handle(model) is None
+
+
+def test_a_users_config_may_build_numpy_block_indices():
+    reducers = {index: vistok.methods.random_drop.RandomDropper(0.5, 0) for index in np.arange(2, 4)}
+    model = timm.create_model("vit_tiny_patch16_224", img_size=32, depth=4, num_classes=3)
+    with vistok.patch(model, _BuildsThis(reducers)) as handle:
+        assert sorted(handle.reducers) == [2, 3] and all(type(index) is int for index in handle.reducers)

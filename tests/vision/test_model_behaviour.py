@@ -574,18 +574,54 @@ def test_a_tower_copied_out_of_a_patched_clip_model_runs_patched_and_unpatches(c
     assert torch.equal(pooled(_clip_tower(model)), unpatched)
 
 
-def test_a_tower_whose_patched_model_was_deleted_unpatches():
+@pytest.mark.parametrize("first", ["patch", "unpatch"])
+def test_a_tower_whose_patched_model_was_deleted_unpatches(first):
+    """The model and its handle form a cycle: until the collector runs, the deleted model's handle seemed to own the
+    tower (vistok collects before refusing)."""
+    import gc
+
     model = tiny_hf_tower("clip-full", 32)
     tower = model.vision_model
     vistok.patch(model, "merge", r=2)
-    del model
-    import gc
-
-    gc.collect()  # the model and its handle form a cycle
-    with pytest.raises(vistok.AlreadyPatchedError, match="patched model was deleted"):
-        vistok.patch(tower, "merge", r=2)
-    vistok.unpatch(tower)
+    gc.disable()  # no collection between the del and vistok's own
+    try:
+        del model
+        if first == "patch":
+            with pytest.raises(vistok.AlreadyPatchedError, match="patched model was deleted"):
+                vistok.patch(tower, "merge", r=2)
+        vistok.unpatch(tower)
+    finally:
+        gc.enable()
     assert not any("forward" in vars(m) or "_vistok_installed" in vars(m) for m in tower.modules())
+
+
+def test_a_tower_patched_on_its_own_is_named_when_its_clip_model_is_patched():
+    model = tiny_hf_tower("clip-full", 32)
+    handle = vistok.patch(model.vision_model, "merge", r=2)
+    with pytest.raises(vistok.AlreadyPatchedError, match="this CLIPVisionModel runs patched .*remove that patch"):
+        vistok.patch(model, "merge", r=2)
+    handle.remove()
+    vistok.patch(model, "merge", r=2).remove()
+
+
+def test_a_model_pickled_before_the_patch_record_loads_and_unpatches():
+    """Pickles of patched models made before the undo list moved into the tower's record (a handle with
+    ``_undo``) still load, run patched and unpatch."""
+    model = timm.create_model("vit_tiny_patch16_224", img_size=64, depth=3, num_classes=3).eval()
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        unpatched = model(images)
+        handle = vistok.patch(model, "merge", r=6)
+        patched = model(images)
+    handle._undo = handle.__dict__.pop("_installed").undo  # the old layout: no record on the tower
+    del model.__dict__["_vistok_installed"]
+    handle._undo.pop(0)  # nor its undo step
+    loaded = pickle.loads(pickle.dumps(model))
+    with torch.no_grad():
+        assert torch.equal(loaded(images), patched)
+        vistok.unpatch(loaded)
+        assert torch.equal(loaded(images), unpatched)
+    assert not any("forward" in vars(m) for m in loaded.modules()) and vistok.get_handle(loaded) is None
 
 
 @pytest.mark.parametrize("blocks", [[1, 2, 3], [1, 2]])

@@ -203,6 +203,9 @@ def test_stvit_names_an_image_size_its_super_token_cells_do_not_divide():
         with pytest.raises(vistok.InputShapeError, match="a 64x80 image gives a 4x5 token grid in stage 2"):
             timm.create_model("stvit_small", num_classes=5, **small, stoken_sizes=(1, 1, 2, 1)).eval()(
                 torch.randn(1, 3, 64, 80))
+        no_blocks = dict(small, depths=(1, 0, 1, 1))  # a stage without blocks runs no super tokens
+        assert timm.create_model("stvit_small", num_classes=5, **no_blocks, stoken_sizes=(1, 4, 1, 1)).eval()(
+            torch.randn(1, 3, 48, 48)).shape == (1, 5)
 
 
 @pytest.mark.slow

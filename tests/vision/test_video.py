@@ -612,6 +612,13 @@ def test_transforms_refuse_integer_clips_bad_statistics_and_channels_first_frame
         with pytest.raises(InvalidConfigError, match="ClipTransform: mean and std need one finite number"):
             ClipTransform(8, mean=mean, std=std)
     assert ClipTransform(8, mean=np.full(3, 0.5, np.float32), std=(0.25,) * 3).mean == (0.5,) * 3
+    rgb = torch.randint(0, 256, (2, 8, 8, 3), dtype=torch.uint8)
+    expected = ClipTransform(8, mean=(0.5,) * 3, std=(0.25,) * 3)(rgb)
+    for mean, std in [(torch.full((3,), 0.5), torch.full((3,), 0.25)), ((0.5,), (0.25,))]:  # tensors; one for all
+        assert torch.equal(ClipTransform(8, mean=mean, std=std)(rgb), expected)
+    rgba = torch.cat([rgb, torch.randint(0, 256, (2, 8, 8, 1), dtype=torch.uint8)], dim=-1)
+    grey = ClipTransform(8, grey=True, mean=(0.5,), std=(0.25,))
+    assert torch.equal(grey(rgba), grey(rgb))  # alpha is no colour
     frames = torch.randint(0, 256, (8, 3, 40, 60), dtype=torch.uint8)
     with pytest.raises(InputShapeError, match=r"got shape \(8, 3, 40, 60\) \(channels first"):
         ClipTransform(16, grey=True, mean=(0.5,), std=(0.25,))(frames)

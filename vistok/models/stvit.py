@@ -202,7 +202,8 @@ class STViT(nn.Module):
                                   drop_rate, attn_drop_rate, rates[first + j], layer_scale[i])
                        for j in range(depths[i])]
             self.stages.append(nn.Sequential(*blocks))
-        self._cells = [_to_pair(size) for size in stoken_sizes]  # each stage's super-token cell
+        # each stage's super-token cell; a stage without blocks runs no super tokens
+        self._cells = [_to_pair(size) if depth else (1, 1) for size, depth in zip(stoken_sizes, depths, strict=True)]
         self.num_features = projection or embed_dims[-1]
         self.head_hidden_size = self.num_features
         self.proj = nn.Conv2d(embed_dims[-1], projection, 1) if projection else nn.Identity()

@@ -105,25 +105,37 @@ def normalize(clip: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tens
     _check_clip(clip)
     if not clip.is_floating_point():  # the statistics became integers: 0 / 0
         raise InputShapeError(f"normalize: expected a float clip (to_float_clip), got {clip.dtype}")
-    _check_statistics(mean, std, "normalize")
-    if len(mean) != clip.shape[0] or len(std) != clip.shape[0]:
+    mean, std = _statistics(mean, std, "normalize")
+    if len(mean) == 1:  # one value for every channel, as for images (data.mean=0.5)
+        mean, std = mean * clip.shape[0], std * clip.shape[0]
+    if len(mean) != clip.shape[0]:
         raise InvalidConfigError(f"mean/std have {len(mean)}/{len(std)} values for a clip of {clip.shape[0]} channels")
     mean_t = torch.tensor(mean, dtype=clip.dtype, device=clip.device)[:, None, None, None]
     std_t = torch.tensor(std, dtype=clip.dtype, device=clip.device)[:, None, None, None]
     return (clip - mean_t) / std_t
 
 
-def _is_number(value: object) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)  # numpy's scalars too
+def _as_number(value: object) -> float | None:
+    """``value`` as a float if it is a real number (numpy's scalars and one-element tensors too), else ``None``."""
+    if isinstance(value, Tensor) and value.numel() == 1 and not (value.is_complex() or value.dtype == torch.bool):
+        return float(value)
+    return float(value) if isinstance(value, numbers.Real) and not isinstance(value, bool) else None
 
 
-def _check_statistics(mean: Sequence[float], std: Sequence[float], where: str) -> None:
-    """Refuse a mean and std that cannot normalise: lengths that differ, values that are not finite numbers, or a
-    standard deviation of 0 or below (an infinite channel)."""
-    if len(mean) != len(std) or not all(_is_number(value) and math.isfinite(value) for value in (*mean, *std)) \
-            or not all(value > 0 for value in std):
+def _statistics(mean: Sequence[float], std: Sequence[float], where: str) -> tuple[tuple[float, ...], ...]:
+    """``mean`` and ``std`` as tuples of floats, once checked: the same length, finite numbers, every standard
+    deviation above 0 (an infinite channel otherwise).
+
+    Raises:
+        InvalidConfigError: as above.
+    """
+    values = [tuple(_as_number(value) for value in side) for side in (mean, std)]
+    if len(values[0]) != len(values[1]) or not all(value is not None and math.isfinite(value)
+                                                   for value in (*values[0], *values[1])) \
+            or not all(value > 0 for value in values[1]):
         raise InvalidConfigError(f"{where}: mean and std need one finite number per channel each, std > 0, got "
                                  f"mean={tuple(mean)!r}, std={tuple(std)!r}")
+    return values[0], values[1]
 
 
 class ClipTransform:
@@ -154,8 +166,7 @@ class ClipTransform:
                                      f"takes one random crop), got {num_crops!r}")
         self.size, self.short_side = size, short_side
         self.train, self.num_crops, self.flip, self.grey = train, num_crops, flip, grey
-        self.mean, self.std = tuple(mean), tuple(std)
-        _check_statistics(self.mean, self.std, "ClipTransform")  # it failed at the first clip, or gave inf
+        self.mean, self.std = _statistics(mean, std, "ClipTransform")  # it failed at the first clip, or gave inf
         if grey and (len(self.mean) != 1 or len(self.std) != 1):  # it failed at the first clip
             raise InvalidConfigError(f"ClipTransform: grey=True makes one channel; give one mean and one std, got "
                                      f"{len(self.mean)} and {len(self.std)}")
@@ -165,7 +176,9 @@ class ClipTransform:
 
     def __call__(self, frames: Tensor, generator: torch.Generator | None = None) -> Tensor:
         clip = to_float_clip(frames)
-        clip = resize_short_side(clip.mean(dim=0, keepdim=True) if self.grey else clip, self.short_side)
+        if self.grey:  # the colour channels' mean (an RGBA clip's alpha is no colour)
+            clip = clip[:3].mean(dim=0, keepdim=True)
+        clip = resize_short_side(clip, self.short_side)
         if self.train:
             crop = random_crop_flip(clip, self.size, self.flip, generator or self._own_generator())
             return normalize(crop, self.mean, self.std)
