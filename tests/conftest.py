@@ -4,7 +4,11 @@ import shutil
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
 from helpers import FAMILIES  # noqa: E402
+
+if os.environ.get("PYTEST_XDIST_WORKER"):  # pytest -n N: one intra-op thread per worker, N workers on N cores
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session", autouse=True)
