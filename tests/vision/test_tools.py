@@ -903,6 +903,25 @@ def test_overlays_account_for_every_patch(tmp_path):
     assert not (tmp_path / "wrong.png").exists()
 
 
+def test_overlays_on_a_non_square_grid_draw_each_patch_where_it_lies():
+    """A 4 x 6 grid of 8 px patches (32 x 48 px), rows first as the model numbers its patches: the dropped patch
+    (row 0, column 5) dims the top-right corner, the merged pair (row 3, columns 0-1) fills the bottom-left with
+    its mean (the square grids of the other tests would not see rows and columns swapped)."""
+    from vistok.viz import overlay
+
+    image = np.random.default_rng(0).random((32, 48, 3))
+    groups = np.arange(24)
+    groups[5] = -1  # row 0, column 5
+    groups[19] = 18  # row 3, columns 0 and 1 in one token
+    drawn = overlay(image, groups, (4, 6))
+    inside = (slice(1, 7), slice(41, 47))  # the dropped patch, inside its borders
+    assert np.allclose(drawn[inside], image[inside] * 0.25)
+    merged = (slice(25, 31), slice(1, 15))
+    assert np.allclose(drawn[merged], image[24:32, 0:16].reshape(-1, 3).mean(0))
+    untouched = (slice(9, 15), slice(9, 15))  # row 1, column 1: its own token
+    assert np.allclose(drawn[untouched], image[untouched])
+
+
 @pytest.mark.parametrize("side", [28, 224])
 def test_overlay_borders_survive_on_the_saved_figure(side, tmp_path):
     """The 1-pixel borders between token groups are drawn at about the panel's size on the PNG: drawn 8 times
