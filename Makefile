@@ -43,7 +43,7 @@ demo: install
 	HF_HUB_OFFLINE=1 $(PY) tools/demo.py
 
 # two worker processes (pytest-xdist), one intra-op thread each (tests/conftest.py), each test file in one worker:
-# about 13.5 minutes on 2 cores where one process took about 19
+# about 14 minutes on 2 cores where one process took about 19
 test: install
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -n 2 --dist loadfile
 
