@@ -271,8 +271,12 @@ def _save(plt, figure, path: str | Path, dpi: int) -> Path:
 
 
 def _token_note(layout: TokenLayout) -> str:
+    """The patch tokens each image keeps: one count, or the batch's mean and range where they differ."""
     counts = layout.num_valid() - layout.num_prefix
-    return f"{float(counts.float().mean()):.0f} tokens"
+    low, high = int(counts.min()), int(counts.max())
+    if low == high:
+        return f"{low} tokens"
+    return f"mean {float(counts.float().mean()):.1f} tokens, {low}-{high}"  # a rounded mean read as every image's
 
 
 def save_pareto_plot(path: str | Path, rows: list[Mapping], title: str = "accuracy vs compute",

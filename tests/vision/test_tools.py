@@ -903,6 +903,17 @@ def test_overlays_account_for_every_patch(tmp_path):
     assert not (tmp_path / "wrong.png").exists()
 
 
+def test_overlay_titles_give_the_counts_of_a_ragged_batch():
+    """Counts 11, 8, 8, 8, 8, 8 were titled "8 tokens", the rounded mean."""
+    from vistok.tokens import TokenLayout
+    from vistok.viz import _token_note
+
+    layout = TokenLayout.original(torch.zeros(6, 12, 4), 1, True)
+    valid = torch.arange(12)[None] <= torch.tensor([11, 8, 8, 8, 8, 8])[:, None]
+    ragged = layout.select(torch.arange(12).expand(6, -1), valid)
+    assert _token_note(ragged) == "mean 8.5 tokens, 8-11" and _token_note(layout) == "11 tokens"
+
+
 def test_overlays_on_a_non_square_grid_draw_each_patch_where_it_lies():
     """A 4 x 6 grid of 8 px patches (32 x 48 px), rows first as the model numbers its patches: the dropped patch
     (row 0, column 5) dims the top-right corner, the merged pair (row 3, columns 0-1) fills the bottom-left with
