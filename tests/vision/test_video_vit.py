@@ -148,3 +148,12 @@ def test_the_shipped_video_model_at_fewer_frames():
     short = timm.create_model("vistok_video_vit_fmnist", pretrained=True, num_frames=2)
     assert torch.equal(short.blocks[3].attn.qkv.weight, full.blocks[3].attn.qkv.weight)
     assert short.patch_embed.grid_size == (1, 14, 14)
+
+
+@pytest.mark.parametrize("name", ["vistok_video_vit_fmnist", "vistok_video_vit_fmnist_merge"])
+def test_the_shipped_weights_name_their_tubelet_depth(name):
+    """tubelet_frames=1 with the shipped weights failed as a checkpoint shape mismatch that did not say the weights
+    were trained with tubelets 2 frames deep; without the weights any depth is still made."""
+    with pytest.raises(InvalidConfigError, match="tubelets 2 frames deep"):
+        timm.create_model(name, pretrained=True, tubelet_frames=1)
+    assert timm.create_model(name, image_pretrained=False, tubelet_frames=1).patch_embed.grid_size == (4, 14, 14)

@@ -34,6 +34,7 @@ __all__ = ["TubeletEmbed", "inflate_to_video", "resample_num_frames", "vistok_vi
 VIDEO_REFERENCE_NAME = "vistok_video_vit_fmnist"
 VIDEO_MERGE_NAME = "vistok_video_vit_fmnist_merge"  # fine-tuned with merging on
 TRAINED_FRAMES = 4  # the shipped video reference weights are for 4-frame clips
+TRAINED_TUBELET_FRAMES = 2  # ... in tubelets 2 frames deep
 TRAINED_CLASSES = 8  # ... and the 8 motion classes
 
 
@@ -215,6 +216,10 @@ def _video_reference(name: str, pretrained: bool, image_pretrained: bool, num_fr
     )
 
     weights, config = pretrained_source(name, kwargs)
+    if pretrained and weights is None and tubelet_frames != TRAINED_TUBELET_FRAMES:
+        raise InvalidConfigError(f"{name}: the shipped weights have tubelets {TRAINED_TUBELET_FRAMES} frames deep, "
+                                 f"not tubelet_frames={tubelet_frames} (leave it at {TRAINED_TUBELET_FRAMES}, or "
+                                 "pretrained=False to train another depth)")
     options = {**kwargs} if num_classes is None else {**kwargs, "num_classes": num_classes}
     head = head_options(name, pretrained, options)  # with pretrained, the head asked for comes after loading
     # the head built: the one asked for, else (and always with pretrained) the weights' own
