@@ -175,6 +175,18 @@ def test_videomae_head_averages_real_tokens_by_size():
     assert (logits - plain).abs().max() > 1e-3  # a plain mean over padding and merged tokens would differ
 
 
+def test_videomae_head_keeps_a_nan_in_its_own_clip():
+    """The head's pre-hook told the pass's mean by value with ``torch.equal``: one NaN pixel in one clip made the
+    whole batch fail it, and every other clip's logits came from the plain mean over padding and merged tokens."""
+    model, x = videomae(), clips()
+    bad = x.clone()
+    bad[1, 0, 0, 3, 3] = float("nan")
+    config = [_UnevenConfig([1]), vistok.MergeConfig(r=2, blocks=[2, 3])]
+    with vistok.patch(model, config):
+        clean, poisoned = encode(model, x), encode(model, bad)
+    assert torch.equal(poisoned[[0, 2]], clean[[0, 2]]) and bool(poisoned[1].isnan().all())
+
+
 def test_copies_and_pickles_stay_patched():
     model = videomae()
     x = clips()

@@ -201,11 +201,17 @@ class _MeanOfCurrentTokens:
         if not isinstance(given, Tensor) or given.shape != (tokens.shape[0], tokens.shape[-1]):
             return None
         # compiled, the pass's own mean is the only input the traced forward gives it; eager, a caller's own
-        # features of the same shape are told apart by value (the mean is recomputed from the same tokens)
+        # features of the same shape are told apart by value (the mean is recomputed from the same tokens; a NaN
+        # in one clip is equal to itself there, else every clip of the batch would lose the weighted mean)
         # on meta (a run for shapes) values cannot be compared: the shapes matched
-        if not torch.compiler.is_compiling() and not given.is_meta and not torch.equal(given, tokens.mean(1)):
+        if not torch.compiler.is_compiling() and not given.is_meta and not _same_values(given, tokens.mean(1)):
             return None
         return (layout.mean_over(tokens, 0),)
+
+
+def _same_values(a: Tensor, b: Tensor) -> bool:
+    """``torch.equal`` with NaN equal to NaN."""
+    return bool(torch.isclose(a, b, rtol=0.0, atol=0.0, equal_nan=True).all())
 
 
 def _check_videomae_layer(layer: nn.Module, where: str) -> None:
