@@ -328,3 +328,43 @@ def test_half_precision_values_whose_norm_overflows_are_scored_as_in_float32():
     assert bool(torch.isfinite(half).all()) and half.dtype == torch.float32
     torch.testing.assert_close(half, full, rtol=1e-3, atol=0)
     assert torch.equal(inverse_transform_sampling(half, 5), inverse_transform_sampling(full, 5))
+
+
+def test_the_stand_in_query_of_a_padded_half_precision_layout_is_the_mean():
+    """Without a class token ATS scores with the mean query over the real tokens. Padded, it was summed in the
+    model's dtype: 200 float16 queries of about 400 summed past 65504 to inf (the unpadded mean stayed finite), the
+    scores became NaN and ATS kept evenly spaced tokens. The mean of the float16 values, computed in float32."""
+    from vistok.ops import probe_query
+
+    q = (400 + torch.randn(2, 3, 200, 4, generator=torch.Generator().manual_seed(0))).half()
+    valid = torch.ones(2, 200, dtype=torch.bool)
+    valid[1, -5:] = False
+    probe = probe_query(q, valid, has_class_token=False)
+    assert probe.dtype == torch.float16 and bool(probe.isfinite().all())
+    expected = torch.stack([q[0].float().mean(1), q[1, :, :195].float().mean(1)])[:, :, None]
+    torch.testing.assert_close(probe.float(), expected, rtol=1e-3, atol=0)
+    torch.testing.assert_close(probe_query(q, torch.ones_like(valid), False), probe_query(q, None, False))
+
+
+def test_boundary_attention_scores_are_computed_in_float32_at_least():
+    """The vision-LLM boundary's dominance scores (class-token and received attention) rank patches: in bf16 many
+    tied and the ties went by position. They are the float32 scores of the same bf16 queries and keys (float64
+    stays float64; received_attention cast it down)."""
+    from vistok.ops import class_token_attention, probe_attention, received_attention
+
+    generator = torch.Generator().manual_seed(0)
+    q, k = (torch.randn(2, 4, 65, 16, generator=generator).bfloat16() for _ in range(2))
+    scores = class_token_attention(q[:, :, :1], k, prefix=1)
+    expected = probe_attention(q[:, :, :1].float(), k.float(), None).mean(dim=1)[:, 1:]
+    assert scores.dtype == torch.float32 and torch.equal(scores, expected)
+    assert scores.unique().numel() > probe_attention(q[:, :, :1], k, None).mean(dim=1).unique().numel()
+    assert received_attention(q.double(), k.double()).dtype == torch.float64
+    assert class_token_attention(q.double()[:, :, :1], k.double(), prefix=1).dtype == torch.float64
+    from helpers import tiny_llava
+
+    from vistok.adapters.llava import class_attention
+
+    tower = tiny_llava().to(torch.bfloat16).model.vision_tower  # dominant's scores on a bf16 LLaVA
+    with torch.no_grad():
+        states = tower(torch.randn(2, 3, 32, 32, dtype=torch.bfloat16), output_hidden_states=True).hidden_states
+        assert class_attention(tower, states, -2).dtype == torch.float32

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import InvalidConfigError, UnsupportedModelError
-from ..ops.attention import probe_attention, received_attention
+from ..ops.attention import class_token_attention, received_attention
 from ..tokens import TokenLayout
 from .family import VisionLLMFamily
 
@@ -152,4 +152,4 @@ def class_attention(tower: nn.Module, hidden_states: tuple[Tensor, ...], feature
     if not has_class_token:
         return received_attention(attention.q_proj(h).reshape(batch, n, heads, -1).transpose(1, 2), keys)
     query = attention.q_proj(h[:, :1]).reshape(batch, 1, heads, -1).transpose(1, 2)
-    return probe_attention(query, keys, None).mean(dim=1)[:, 1:]
+    return class_token_attention(query, keys, prefix=1)

@@ -23,7 +23,7 @@ from ..adapters.budget import Budgeted, select_dominant
 from ..adapters.methods import BoundaryConfig, BoundaryInputs
 from ..backbones import resolve_backbone
 from ..errors import InputShapeError, InvalidConfigError, PatchStateError, UnsupportedModelError
-from ..ops import probe_attention, received_attention
+from ..ops import class_token_attention, received_attention
 from ..patching import _PartOfPatch
 from .cropping import PageCrops
 from .density import (
@@ -270,7 +270,7 @@ def view_signals(model: nn.Module, views: Tensor, layer: int = -1) -> ViewSignal
     prefix = info.num_prefix
     flat_keys = content_keys.transpose(1, 2).flatten(2)  # [V, N, H * d]
     if info.has_class_token:
-        attention = probe_attention(query[:, :, :1], keys, None).mean(dim=1)[:, prefix:]
+        attention = class_token_attention(query[:, :, :1], keys, prefix)
         similarity = F.cosine_similarity(flat_keys[:, prefix:], flat_keys[:, :1], dim=-1)
     else:
         attention = received_attention(query, keys)[:, prefix:]

@@ -40,7 +40,7 @@ from torch import Tensor, nn
 
 from .._checks import is_int
 from ..errors import InputShapeError, InvalidConfigError
-from ..ops.attention import probe_attention
+from ..ops.attention import class_token_attention
 from .reference import REFERENCE_NAME, CheckpointError, reference_checkpoint
 
 __all__ = ["ReferenceVisionTower", "LoRALinear", "create_reference_vlm", "create_video_vlm", "build_prompt",
@@ -149,7 +149,7 @@ class ReferenceVisionTower(nn.Module):
         batch, n, _ = h.shape
         qkv = attention.qkv(h).reshape(batch, n, 3, attention.num_heads, -1).transpose(1, 3)  # [B, H, 3, N, d]
         query, keys = attention.q_norm(qkv[:, :, 0, :1]), attention.k_norm(qkv[:, :, 1])
-        return probe_attention(query, keys, None).mean(dim=1)[:, 1:]
+        return class_token_attention(query, keys, prefix=1)
 
 
 class LoRALinear(nn.Module):

@@ -22,7 +22,8 @@ from torch import Tensor
 
 from ..errors import InvalidConfigError
 
-__all__ = ["ATTENTION_PATHS", "attend", "attention_path", "check_attention_path", "probe_attention", "probe_query"]
+__all__ = ["ATTENTION_PATHS", "attend", "attention_path", "check_attention_path", "class_token_attention",
+           "probe_attention", "probe_query", "received_attention"]
 
 ATTENTION_PATHS = ("auto", "sdpa", "flex")
 
@@ -83,11 +84,25 @@ def received_attention(query: Tensor, keys: Tensor) -> Tensor:
     averaged over every query and head: a tower without a class token ranks its patches by it (vistok's choice
     for SigLIP; VisionZip's released code reads CLIP's class token only). One head at a time, so no
     ``[B, H, N, N]`` is held."""
-    total = query.new_zeros(query.shape[0], keys.shape[2], dtype=torch.float32)  # bf16 would tie many patches
+    wide = _scoring_dtype(query.dtype)
+    total = query.new_zeros(query.shape[0], keys.shape[2], dtype=wide)
     for head in range(query.shape[1]):
-        logits = (query[:, head].float() @ keys[:, head].float().transpose(1, 2)) * keys.shape[-1] ** -0.5
+        logits = (query[:, head].to(wide) @ keys[:, head].to(wide).transpose(1, 2)) * keys.shape[-1] ** -0.5
         total += logits.softmax(dim=-1).mean(dim=1)
     return total / query.shape[1]
+
+
+def class_token_attention(query: Tensor, keys: Tensor, prefix: int) -> Tensor:
+    """``[B, N - prefix]``: the attention the class token's ``query`` ``[B, H, 1, d]`` gives each token of ``keys``
+    ``[B, H, N, d]`` after the first ``prefix``, heads averaged; the dominance score of the vision-LLM boundary
+    methods. Computed in float32 at least, as :func:`received_attention` (not on the in-tower hot path)."""
+    wide = _scoring_dtype(query.dtype)
+    return probe_attention(query.to(wide), keys.to(wide), None).mean(dim=1)[:, prefix:]
+
+
+def _scoring_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32, or float64 for float64: a score computed in bf16 / fp16 ties many patches."""
+    return torch.promote_types(dtype, torch.float32)
 
 
 def probe_attention(probe: Tensor, k: Tensor, key_bias: Tensor | None) -> Tensor:
@@ -123,4 +138,6 @@ def probe_query(q: Tensor, valid: Tensor | None, has_class_token: bool) -> Tenso
     if valid is None:
         return q.mean(dim=2, keepdim=True)
     weights = valid.to(q.dtype)[:, None, :, None]
-    return (q * weights).sum(dim=2, keepdim=True) / weights.sum(dim=2, keepdim=True).clamp_min(1.0)
+    # summed wide: a half-precision sum over hundreds of tokens overflows where the mean does not
+    total = (q * weights).sum(dim=2, keepdim=True, dtype=_scoring_dtype(q.dtype))
+    return (total / weights.sum(dim=2, keepdim=True).clamp_min(1.0)).to(q.dtype)
