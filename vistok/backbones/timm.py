@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from timm.layers import (
     Attention,
     AttentionPoolLatent,
+    AttentionRope,
     GluMlp,
     LayerNorm,
     Mlp,
@@ -44,11 +45,6 @@ from .base import (
     replace_on_instance,
     require_known_parts,
 )
-
-try:  # timm >= 1.0.20
-    from timm.layers import AttentionRope
-except ImportError:  # pragma: no cover - older timm
-    AttentionRope = None
 
 __all__ = ["TimmViT", "TimmEva"]
 
@@ -347,7 +343,7 @@ class TimmEva(_TimmBackbone):
             raise UnsupportedModelError(
                 f"Eva.blocks[{index}] is {type(block).__name__}; vistok supports the pre-norm EvaBlock")
         block_parts = {"norm1", "attn", "drop_path1", "norm2", "mlp", "drop_path2", "gamma_1", "gamma_2"}
-        attn_classes = tuple(cls for cls in (EvaAttention, AttentionRope) if cls is not None)
+        attn_classes = (EvaAttention, AttentionRope)
         attn_parts = _ATTENTION_PARTS | {"q_proj", "k_proj", "v_proj", "q_bias", "k_bias", "v_bias"}
         self._check_attention_block(index, block, block_parts, attn_classes, attn_parts)
         if block.attn.num_prefix_tokens != self.model.num_prefix_tokens:
