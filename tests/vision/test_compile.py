@@ -349,6 +349,8 @@ def test_hashed_noise_is_uniform_and_independent():
     assert not torch.equal(hashed_noise(8, rows, columns), noise)
     largest = hashed_noise(2**63 - 1, 2, 3)
     assert bool((largest >= 0).all()) and not torch.equal(largest, hashed_noise(2**63 - 2, 2, 3))
+    for seed in (1, 2**62 + 5):  # seeds that differ in the high 32 bits only draw other values
+        assert not torch.equal(hashed_noise(seed, 2, 3), hashed_noise(seed ^ 2**32, 2, 3))
 
 
 def test_random_drop_keeps_uniformly_random_tokens():

@@ -91,6 +91,9 @@ def test_tokens_per_block_patched_and_unpatched():
         assert len({tuple(single) for single in singles}) > 1
         alone = tokens_per_block(model, images, one_by_one)
     assert alone == pytest.approx(batched) and alone == pytest.approx([sum(c) / 3 for c in zip(*singles, strict=True)])
+    uneven_runs = lambda m, x: torch.cat([m(x[:1]), m(x[1:])])  # noqa: E731  runs of 1 and 2 images: weighted
+    with vistok.patch(model, "ats", k=0.5, min_tokens=1, blocks=[3, 6]):
+        assert tokens_per_block(model, images, uneven_runs) == pytest.approx(alone)
     with pytest.raises(vistok.UnsupportedModelError, match="cannot patch Linear"):
         tokens_per_block(torch.nn.Linear(2, 2), torch.zeros(1, 2))
 
