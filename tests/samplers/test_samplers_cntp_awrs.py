@@ -215,3 +215,69 @@ def test_constrained_generation_takes_settings_per_row_after_rows_end(model):
                                      config.for_rows(torch.tensor([row])), max_new_tokens=12,
                                      seeds=seeds[row:row + 1], eos_token_id=[2, 4])
         assert torch.equal(alone.new_tokens[0], both.new_tokens[row])
+
+
+UNPADDED = torch.tensor([[0, 1, 5, 6], [1, 7, 8, 9], [3, 3, 1, 10]])
+
+
+def test_cntp_trial_tokens_follow_the_sampling_config(model):
+    """Every emitted token, the later tokens of a trial included, lies in the top 2 of the model's logits after
+    its prefix under top_k=2: trials that drew their later tokens from the unprocessed logits emitted tokens the
+    config removes."""
+    cntp = CNTPConfig(entropy_low=0.0, entropy_high=0.7, max_trials=4, max_trial_tokens=6)
+    out = cntp_generate(model, UNPADDED, SamplingConfig(top_k=2), cntp, stop_token_ids=STOPS, max_new_tokens=16,
+                        seeds=torch.tensor([1, 2, 3]))
+    assert out.stats["trial_tokens"] > out.stats["trials"] > 0  # trials longer than their first token
+    with torch.no_grad():
+        logits = model(out.sequences).logits[:, UNPADDED.shape[1] - 1:-1]  # the distribution of each new token
+    chosen = logits.gather(2, out.new_tokens[..., None])[..., 0]
+    second = logits.topk(2, dim=2).values[..., 1]
+    assert bool((chosen >= second - 1e-4).all())  # (the cached and the full forward round differently)
+
+
+def test_cntp_counts_trials_on_the_processed_distribution(model):
+    """With top_k=1 every processed distribution has entropy 0: no step is cautious and the text is greedy
+    generate's. Trial counts taken from the raw logits' entropy (about 2.8 nats here) ran trials at every step."""
+    config = SamplingConfig(top_k=1)
+    seeds = torch.tensor([1, 2, 3])
+    out = cntp_generate(model, UNPADDED, config, CNTPConfig(), stop_token_ids=STOPS, max_new_tokens=8, seeds=seeds)
+    plain = generate(model, UNPADDED, config, max_new_tokens=8, seeds=seeds)
+    assert out.stats["cautious_steps"] == 0 and out.stats["trials"] == 0
+    assert torch.equal(out.new_tokens, plain.new_tokens)
+
+
+def test_cntp_perplexity_is_per_token():
+    """A chain where the step after 1 is uncertain (stop at once with 0, or go on with 2, after which 2 repeats
+    with probability 0.9): the perplexity CNTP records for each chosen segment is exp(-mean log p) of its tokens
+    under the chain. A total (exp(-sum log p)) would penalise the longer trials and record other values."""
+    table = torch.tensor([[0.0, 0.0, 1.0], [0.5, 0.0, 0.5], [0.1, 0.0, 0.9]], dtype=torch.float64)
+    rows, width = 400, 4
+    cntp = CNTPConfig(entropy_low=0.5, entropy_high=0.6, max_trials=3, max_trial_tokens=width)
+    out = cntp_generate(chain_llama(table), torch.ones(rows, 1, dtype=torch.long), cntp=cntp, stop_token_ids=[0],
+                        max_new_tokens=width, seeds=torch.arange(rows))
+    lengths = set()
+    for row in range(rows):
+        count, chosen, perplexities = out.stats["steps"][row][0]  # the first step, the only uncertain one
+        tokens = out.new_tokens[row].tolist()
+        length = tokens.index(0) + 1 if 0 in tokens else width  # the segment ends at the stop token
+        previous = [1] + tokens[:length - 1]
+        mean_log_p = sum(math.log(table[a, b]) for a, b in zip(previous, tokens[:length], strict=True)) / length
+        assert count == 3 and chosen == min(perplexities)
+        assert chosen == pytest.approx(math.exp(-mean_log_p), rel=1e-6)
+        lengths.add(length)
+    assert {1, width} <= lengths  # one-token and full-length segments were both chosen
+
+
+def test_constrained_generation_asks_each_row_about_its_own_context(model):
+    """A constraint on the row's context (a token's parity must differ from the previous token's) holds at every
+    step of every row, also after other rows have ended. Asked with the context of another row (the ended rows
+    shifting which row is which), it forbade the other half of the vocabulary."""
+    def alternate_parity(context, tokens):
+        return (tokens - context[:, -1]) % 2 == 1
+
+    out = constrained_generate(model, PROMPTS, alternate_parity, attention_mask=MASK, max_new_tokens=12,
+                               seeds=torch.tensor([1, 2, 3]), eos_token_id=[2, 4])
+    assert len(set(out.lengths.tolist())) > 1  # rows end at different steps: some go on after others ended
+    for row in range(3):
+        tokens = torch.cat([PROMPTS[row, -1:], out.new_tokens[row, :int(out.lengths[row])]])
+        assert bool(((tokens[1:] - tokens[:-1]) % 2 == 1).all()), row

@@ -395,3 +395,17 @@ def test_a_temperature_under_which_the_logits_overflow_keeps_the_top_tokens():
     assert per_row[0].tolist() == top[0] and torch.equal(per_row[1:], logits[1:] / torch.tensor([[2.0], [0.5]]))
     assert temperature_scale(logits.double(), 1e-320).tolist() == top  # float64 has no greedy cut-off
     assert sample(temperature_scale(logits, 1e-40), seeds=torch.tensor([0, 1, 2]), counter=0)[1:].tolist() == [1, 0]
+
+
+@pytest.mark.parametrize("temperature", [2.0**-149, 2.0**-150, 2.0**-155])
+def test_the_greedy_cut_off_of_a_number_is_where_float32_rounds_it_to_zero(temperature):
+    """A temperature given as a number acts as the per-row form, which is cast to the float32 logits' dtype: greedy
+    where that rounds it to 0 (2**-150 rounds to even 0, 2**-149 is the smallest float32), the overflow rule above
+    it. A cut-off set lower than 2**-150 divided by a float32 zero (NaN rows) for the temperatures in between."""
+    logits = torch.tensor([[0.0, 1.0, 2.0], [3.0, -1.0, 0.5]])
+    per_row = torch.full((2,), temperature, dtype=torch.float64)
+    rounds_to_zero = float(per_row.float()[0]) == 0
+    number = temperature_scale(logits, temperature)
+    assert torch.equal(number, temperature_scale(logits, per_row))
+    assert torch.equal(number, temperature_scale(logits, 0.0)) == rounds_to_zero
+    assert rounds_to_zero == (temperature <= 2.0**-150)

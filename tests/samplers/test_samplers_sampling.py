@@ -1,5 +1,6 @@
 """The sampling step (exponential race, per-row seeds), its random numbers, the pipeline and bad input."""
 
+import itertools
 import math
 
 import pytest
@@ -22,6 +23,8 @@ from vistok.samplers import (
     top_k_filter,
     top_p_filter,
 )
+from vistok.samplers._params import PARAM_BOUNDS
+from vistok.samplers.sampling import as_seeds
 from vistok.samplers.truncation import epsilon_filter, eta_filter, top_h_filter, typical_filter
 
 P_MIN = 1e-3  # every goodness-of-fit test below uses fixed seeds, so it either always passes or always fails
@@ -330,3 +333,70 @@ def test_seeded_sampling_validates():
         SeededSampling(torch.tensor([0.5]))
     with pytest.raises(InvalidConfigError):
         SeededSampling(torch.tensor([1, 2]))(torch.zeros(3, 4, dtype=torch.long), torch.zeros(3, 10))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_sample_is_shift_invariant_at_huge_logits(dtype):
+    """Adding a constant to the logits leaves softmax alone: 4,000 rows of two equal logits of 1e20 give each token
+    half the time (chi-square), with seeds and with a generator. Noise added to the logits themselves, not to the
+    logits minus the row's maximum, was lost to rounding (1e20 + G == 1e20) and the first token always won."""
+    draws = 4000
+    logits = torch.full((draws, 2), 1e20, dtype=dtype)
+    generator = torch.Generator().manual_seed(0)
+    for tokens in (sample(logits, seeds=torch.arange(draws)), sample(logits, generator=generator)):
+        assert chi_square_pvalue(torch.bincount(tokens, minlength=2), torch.ones(2)) > P_MIN
+
+
+def test_one_int_seed_gives_each_row_a_stream_of_its_own():
+    """With one int as the seeds, the rows draw independently: 4,000 rows of the same logits (or of one prompt in
+    generate) fit softmax (chi-square). Giving every row the int itself made them all draw the same token."""
+    logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, 1.5])
+    draws = 4000
+    tokens = sample(logits.expand(draws, -1), seeds=as_seeds(7, draws))
+    assert chi_square_pvalue(torch.bincount(tokens, minlength=6), logits.softmax(0)) > P_MIN
+    model = tiny_llama()
+    prompt = torch.tensor([[1, 5, 6, 7]])
+    out = generate(model, prompt.expand(draws, -1), max_new_tokens=1, seeds=7)
+    with torch.no_grad():
+        probs = model(prompt).logits[0, -1].double().softmax(0)
+    assert chi_square_pvalue(torch.bincount(out.new_tokens[:, 0], minlength=probs.numel()), probs) > P_MIN
+
+
+FILTER_FUNCTIONS = {"temperature": temperature_scale, "min_p": min_p_filter, "top_h": top_h_filter,
+                    "top_k": top_k_filter, "top_p": top_p_filter, "typical_p": typical_filter,
+                    "epsilon": epsilon_filter, "eta": eta_filter}
+
+
+@pytest.mark.parametrize("name", sorted(name for name, bounds in PARAM_BOUNDS.items()
+                                         if math.isfinite(bounds["low"]) or math.isfinite(bounds["high"])))
+def test_per_row_parameters_have_the_bounds_of_numbers(name):
+    """At each finite bound of a parameter, a per-row tensor is refused exactly when the number is (top_h = 0 and
+    epsilon = 1 refused, epsilon = 0 and top_p = 1 taken): by the filter function, the processor and SamplingConfig.
+    A tensor check that forgot an open lower bound took top_h = 0."""
+    bounds = PARAM_BOUNDS[name]
+    logits = torch.randn(2, 10, generator=torch.Generator().manual_seed(0))
+    for bound, is_open in ((bounds["low"], bounds.get("low_open", False)),
+                           (bounds["high"], bounds.get("high_open", False))):
+        if not math.isfinite(bound):
+            continue
+        inside = (bounds["low"] + min(bounds["high"], bounds["low"] + 1)) / 2
+        forms = (bound, torch.tensor([inside, bound], dtype=torch.float64))
+        uses = (lambda v: FILTER_FUNCTIONS[name](logits, v), lambda v: FILTER_CLASSES[name](v).apply(logits),
+                lambda v: SamplingConfig(**{name: v}).process(logits))
+        for value, use in itertools.product(forms, uses):
+            if is_open:
+                with pytest.raises(InvalidConfigError, match=name):
+                    use(value)
+            else:
+                assert use(value).shape == logits.shape
+
+
+def test_process_returns_a_new_tensor_without_processors():
+    """A config with nothing active returns a copy of the logits: a caller writing into the result (a constraint's
+    mask) leaves the model's logits alone. Returning the input itself let such writes reach them."""
+    logits = logit_cases(0, batch=3, vocab=50)
+    before = logits.clone()
+    for out in (SamplingConfig().process(logits), SamplingPipeline(SamplingConfig())(None, logits)):
+        assert torch.equal(out, before) and out.data_ptr() != logits.data_ptr()
+        out[:, 0] = -math.inf
+        assert torch.equal(logits, before)

@@ -32,6 +32,7 @@ from vistok.samplers import (
     self_draft,
     speculative_verify,
 )
+from vistok.samplers.quantize import int8_quantize
 
 pytest.importorskip("transformers")
 
@@ -368,6 +369,41 @@ def test_vocab_trim_calibration_stops_at_the_end_token():
     assert sorted(running.token_ids.tolist()) == [0, 1, 4] and sorted(stopped.token_ids.tolist()) == [0, 1, 2]
 
 
+def test_vocab_trim_calibration_counts_no_padding_after_the_end_token():
+    """Calibrating on generations counts what the model emitted, up to its end token, and the prompts: the same
+    trim as from_token_ids on those tokens. Counting whole rows counted the padding after the end (id 0, which
+    this chain never emits) as the most frequent token."""
+    from sampler_cases import chain_llama
+
+    table = torch.zeros(5, 5, dtype=torch.float64)
+    table[0, 1] = table[1, 3] = table[3, 2] = table[2, 4] = table[4, 4] = 1.0  # 1 -> 3 -> 2 (the end) -> 4 ...
+    model = chain_llama(table)
+    prompts = [torch.tensor([[1]]), torch.tensor([[1, 3]])]
+    trim = VocabTrim.from_generations(model, prompts, 3, max_new_tokens=6, eos_token_id=2)
+    emitted = []
+    for index, prompt in enumerate(prompts):
+        out = generate(model, prompt, max_new_tokens=6, seeds=torch.tensor([index]), eos_token_id=2)
+        emitted.append(torch.cat([prompt[0], out.new_tokens[0, :int(out.lengths[0])]]))
+    assert torch.equal(trim.token_ids, VocabTrim.from_token_ids(emitted, 3).token_ids)
+    assert sorted(trim.token_ids.tolist()) == [1, 2, 3]
+
+
+def test_a_trimmed_head_keeps_the_bias_of_its_tokens():
+    """A draft trimmed to some ids gives the target's logits at those ids, with a head that has a bias (a distinct
+    large value per token): a head that took the first biases, not those of its ids, shifted every logit."""
+    model = tiny_llama(5, vocab=VOCAB)
+    head = model.lm_head
+    model.lm_head = torch.nn.Linear(head.in_features, head.out_features, bias=True)
+    with torch.no_grad():
+        model.lm_head.weight.copy_(head.weight)
+        model.lm_head.bias.copy_(10 * torch.arange(VOCAB, dtype=torch.float32))
+    vocab = torch.tensor([6, 2, 5])
+    with torch.no_grad():
+        expected = model(PROMPT).logits[..., vocab]
+        for draft in (self_draft(model, vocab=vocab), self_draft(model, vocab=vocab, dtype=torch.float64)):
+            assert torch.allclose(draft(PROMPT).logits.float(), expected, rtol=0, atol=1e-4)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Int8 weight-only drafts
 # ---------------------------------------------------------------------------------------------------------------
@@ -443,3 +479,33 @@ def test_int8_self_draft_of_gpt2_quantizes_its_conv1d_layers():
         p = target(PROMPT).logits.softmax(-1)
         q = draft(PROMPT).logits.float().softmax(-1)
     assert float(torch.minimum(p, q).sum(-1).min()) > 0.9
+
+
+def test_int8_quantization_has_one_scale_per_row():
+    """Rows of very different sizes (1 to 1e-3): each row is quantized on its own scale, its largest entry at
+    +-127 and every entry within half of that row's step. One scale for the whole weight left the small rows a
+    few levels (or none) and errors of 100 % of their size."""
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(6, 64, generator=g) * torch.tensor([1.0, 0.3, 0.1, 0.03, 0.01, 0.001])[:, None]
+    values, scales = int8_quantize(weight)
+    assert values.dtype == torch.int8 and values.shape == weight.shape and scales.shape == (6,)
+    assert torch.equal(values.abs().amax(dim=1), torch.full((6,), 127, dtype=torch.int8))
+    assert torch.allclose(scales, weight.abs().amax(dim=1) / 127, rtol=1e-6, atol=0)
+    error = (values.float() * scales[:, None] - weight).abs()
+    assert bool((error <= scales[:, None] / 2 * (1 + 1e-5)).all())
+
+
+def test_int8_linear_adds_a_large_bias_on_the_kernel_path():
+    """On the CPU kernel path (in_features a multiple of 16) the output is x W_q^T + b also when the bias dwarfs the
+    product (100 and up): within the bfloat16 error of the product alone, so a forgotten bias errs by 100."""
+    g = torch.Generator().manual_seed(0)
+    linear = torch.nn.Linear(96, 40)
+    with torch.no_grad():
+        linear.bias.copy_(100 + torch.arange(40.0))
+    layer = Int8Linear(linear)
+    x = torch.randn(3, 96, generator=g)
+    product = torch.nn.functional.linear(x.bfloat16().double(), layer.dequantized_weight().double())
+    expected = product + linear.bias.detach().double()
+    got = layer(x)
+    assert got.dtype == x.dtype
+    assert torch.allclose(got.double(), expected, rtol=0, atol=1e-2 * float(product.abs().max()))
