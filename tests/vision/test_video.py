@@ -583,6 +583,22 @@ def test_transforms_on_a_real_clip():
 
 
 
+def test_crops_are_centred_on_both_sides_and_random_crops_reach_every_offset():
+    """On a clip larger than the crop on both sides (the real clips' short side equals it), one view is the centre
+    of both sides, several views are centred on the short side, and random crops take every top and left offset
+    (a bound one short never drew the last row)."""
+    from vistok.video.transforms import random_crop_flip
+
+    clip = torch.arange(8 * 12, dtype=torch.float32).reshape(1, 1, 8, 12)  # each pixel is its own position
+    (centre,) = crop_views(clip, 6, 1)
+    assert torch.equal(centre, clip[..., 1:7, 3:9])
+    assert [view[0, 0, 0, 0].item() for view in crop_views(clip, 6, 3)] == [12 + 0, 12 + 3, 12 + 6]
+    assert torch.equal(crop_views(clip.transpose(-2, -1), 6, 3)[1], clip.transpose(-2, -1)[..., 3:9, 1:7])
+    generator = torch.Generator().manual_seed(0)
+    corners = {int(random_crop_flip(clip, 6, flip=False, generator=generator)[0, 0, 0, 0]) for _ in range(300)}
+    assert corners == {12 * top + left for top in range(3) for left in range(7)}
+
+
 def test_transforms_refuse_what_they_would_get_wrong():
     """Float frames (already in [0, 1]) became a black clip; grey with three means failed at the first clip; the
     normalisation's mean and std were made on the CPU whatever the clip's device."""
