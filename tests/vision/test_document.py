@@ -409,6 +409,14 @@ def test_tiles_cut_at_the_edge_weigh_what_they_hold():
 
     tiles = tile_index((4, 6), (4, 4))  # a 4 x 4 tile and a 4 x 2 one
     assert torch.bincount(tiles).tolist() == [16, 8]
+    for (rows, cols), (tile_rows, tile_cols) in (((6, 6), (4, 4)), ((5, 7), (2, 3)), ((3, 3), (3, 3))):
+        each = tile_index((rows, cols), (tile_rows, tile_cols)).reshape(rows, cols)
+        down, across = -(-rows // tile_rows), -(-cols // tile_cols)  # tiles cut at both edges still count
+        assert int(each.max()) == down * across - 1
+        for i in range(down):
+            for j in range(across):
+                assert bool((each[i * tile_rows:(i + 1) * tile_rows, j * tile_cols:(j + 1) * tile_cols]
+                             == i * across + j).all())
     keys = torch.eye(24)  # every token distinct: density 1 everywhere
     kept, density, budgets = select_over_tiles(keys, torch.rand(24), tiles, 12)
     assert density.tolist() == [1.0, 1.0] and budgets.tolist() == [8, 4] and kept.shape == (12,)
@@ -594,9 +602,11 @@ def test_page_budgets_refuse_a_total_outside_what_the_views_can_keep():
     for total in (0, 13, 16 * 7 + 1):
         with pytest.raises(InvalidConfigError, match=r"page_budgets: total must be an int in \[14, 112\]"):
             page_budgets(density, total, 16, True, config)
-    for total in range(14, 16 * 7 + 1):
-        budgets = page_budgets(density, total, 16, True, config)
-        assert int(budgets.sum()) == total and bool((budgets >= 2).all()) and bool((budgets <= 16).all())
+    for share in (None, 0.05, 0.9):  # a global share the crops cannot make up for on their own, or too large
+        config = CorrelationGuidedConfig(keep=0.5, minimum=2, global_share=share)
+        for total in range(14, 16 * 7 + 1):
+            budgets = page_budgets(density, total, 16, True, config)
+            assert int(budgets.sum()) == total and bool((budgets >= 2).all()) and bool((budgets <= 16).all())
     with pytest.raises(InvalidConfigError, match="tokens_per_view must be an int >= minimum=2"):
         page_budgets(density, 14, 1, True, config)
 
@@ -803,6 +813,22 @@ def test_compress_views_splits_the_crops_budget_by_exact_counts():
         informative = (~result.redundant).sum(-1).tolist()
         rest = int(result.budgets[1:].sum())
         assert result.budgets[1:].tolist() == _exact_allocation(informative[1:], rest, [9] * (views - 1), 1)
+
+
+def test_the_adaptive_budget_keeps_minimum_tokens_of_a_blank_view():
+    """The paper's adaptive budget keeps density x tokens of each view, and at least ``minimum``: a blank view (every
+    key alike, density 0) kept none whatever the minimum."""
+    from vistok.document.page import ViewSignals
+
+    generator = torch.Generator().manual_seed(0)
+    keys = torch.randn(2, 16, 8, generator=generator)
+    keys[0] = 1.0  # the blank view
+    signals = ViewSignals(torch.randn(2, 16, 8, generator=generator), keys, torch.rand(2, 16, generator=generator),
+                          None)
+    for minimum in (0, 1, 3):
+        result = compress_views(signals, CorrelationGuidedConfig(minimum=minimum), has_global=False)
+        assert float(result.density[0]) == 0.0
+        assert int(result.budgets[0]) == minimum == result.tokens[0].shape[0]
 
 
 def _save_12_bit_tiff(levels: np.ndarray, path) -> None:
