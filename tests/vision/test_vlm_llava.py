@@ -121,6 +121,16 @@ def test_encode_gives_sizes_positions_and_owners():
     assert torch.equal(torch.bincount(encoded.owner[0], minlength=6)[1:].float(), encoded.sizes[0, 1:])
 
 
+def test_merge_to_budget_after_an_in_tower_merge_keeps_patch_order():
+    """merge_to_budget gives its tokens in patch order (by the first patch each stands for), also after ToMe in the
+    tower has reordered them: ordered by their place in the tower's output, the language model read them shuffled."""
+    model = tiny_llava()
+    with torch.no_grad(), vistok.patch(model, [("merge", {"r": 3}), ("merge_to_budget", {"tokens": 6})]) as handle:
+        encoded = handle.encode(images())
+    first_patch = encoded.grid_positions[..., 0] * 4 + encoded.grid_positions[..., 1]  # a 4 x 4 patch grid
+    assert encoded.tokens.shape[1] == 6 and bool((first_patch.diff(dim=1) > 0).all())
+
+
 def test_padded_batch_with_different_image_counts():
     """Row 0 has one image (left-padded), row 1 two: each row's logits match the row run on its own."""
     model = tiny_llava()
