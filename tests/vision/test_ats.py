@@ -256,6 +256,41 @@ def test_fusion_merges_into_the_most_similar_kept_token_by_size():
     assert torch.equal(target[1, 7:], torch.tensor([7, 8])) and float(merged_weights[1, 7:].sum()) == 0
 
 
+def test_fusion_measures_similarity_on_the_keys_averaged_over_heads():
+    """A patched ViT against a hand computation from timm's own weights: each token ATS drops in its block fuses
+    into the kept patch token whose head-averaged key is most similar (cosine). Keys of one head (or any other
+    metric) would pick other kept tokens for many of them."""
+    model = make_model("vit")
+    images = make_images(model, 2)
+    block_index, prefix = 2, model.num_prefix_tokens
+    with torch.no_grad(), vistok.patch(model, "ats", k=0.4, min_tokens=1, blocks=[block_index], fusion=True,
+                                       trace_source=True) as handle:
+        model(images)
+        layout = handle.layouts[block_index]
+    with torch.no_grad():
+        x = model.norm_pre(model._pos_embed(model.patch_embed(images)))
+        for block in model.blocks[:block_index]:
+            x = block(x)
+        attn = model.blocks[block_index].attn
+        h = model.blocks[block_index].norm1(x)
+        batch, tokens, _ = h.shape
+        keys = attn.k_norm(attn.qkv(h).reshape(batch, tokens, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)[1])
+    source, valid = layout.source_index(), layout.valid_mask()
+    matches = {"mean": 0, "head 0": 0}
+    dropped = 0
+    for row in range(batch):
+        kept = [p for p in range(prefix, layout.num_tokens) if valid[row, p]]  # positions of kept patch tokens
+        sources = source[row, kept]
+        gone = sorted(set(range(prefix, tokens)) - set(sources.tolist()))  # the patch tokens it dropped
+        dropped += len(gone)
+        for name, metric in (("mean", keys[row].mean(dim=0)), ("head 0", keys[row, 0])):
+            unit = torch.nn.functional.normalize(metric, dim=-1)
+            nearest = (unit[gone] @ unit[sources].T).argmax(dim=1)
+            matches[name] += int((layout.owner[row, gone] == torch.tensor(kept)[nearest]).sum())
+    assert matches["mean"] == dropped
+    assert dropped > 100 and matches["head 0"] < dropped // 2  # the case tells the two metrics apart
+
+
 def test_training_with_fusion_reaches_every_parameter():
     model = make_model("vit").train()
     images = make_images(model, 3)

@@ -201,6 +201,21 @@ def test_token_budget_is_exact_and_conserves_size(budget):
             fit_token_budget(frames, budget, per_frame=1)
 
 
+def test_each_budgeted_token_names_the_first_frame_it_stands_for():
+    """Every frame token carries a mark of its frame (its own channel, 0 elsewhere), so a kept token is marked by
+    exactly the frames it stands for, across the final merge too. A ``frame`` read off the slots before that merge
+    (the first ``budget`` of them) would name frames the token does not come from."""
+    count, n = 5, 6
+    content = torch.randn(count, n, 4, generator=torch.Generator().manual_seed(1))
+    marks = 0.3 * torch.eye(count)[:, None, :].expand(count, n, count)
+    frames = torch.cat([content, marks], dim=-1)
+    for budget in (3, 7, 11, 13, 19):
+        out = fit_token_budget(frames, budget, torch.tensor([1.0, 2.0, 1.0, 3.0, 1.0]))
+        present = out.tokens[:, 4:] > 0  # [budget, K]: which frames each kept token stands for
+        assert bool(present.any(dim=1).all()) and bool((present.sum(dim=1) > 1).any())  # some merged across frames
+        assert out.frame.tolist() == present.long().argmax(dim=1).tolist(), budget  # the first of its frames
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_gumbel_noise_stays_finite_in_half_precision(dtype):
     """The noise is drawn in float32: bfloat16 rounds a uniform draw of 1 - 1e-7 to 1, whose noise is infinite and

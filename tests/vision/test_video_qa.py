@@ -14,7 +14,7 @@ from vistok import InvalidConfigError
 from vistok.fmnist_qa import ITEM_NAMES
 from vistok.video.fmnist_qa import FRAMES, FashionVideoQA
 from vistok.video.frames import uniform_frames
-from vistok.video.qa import EncodedVideo, VideoQAConfig, comparison_config, compress_video
+from vistok.video.qa import EncodedVideo, VideoQAConfig, comparison_config, compress_video, question_embeddings
 
 SAMPLE = ROOT / "data" / "fmnist_video_qa_sample"
 
@@ -111,6 +111,42 @@ def test_the_learned_selection_reads_the_question_and_merges_alike_frames():
         compress_video(video, VideoQAConfig(selection="learned"))
     with pytest.raises(InvalidConfigError, match="needs image-text scores"):
         compress_video(video, VideoQAConfig(selection="text"))
+
+
+def test_questions_embedded_together_read_as_each_one_alone():
+    """Questions of different lengths are right-padded into one batch; the mask marks each one's own tokens, so
+    the selector scores the frames for a question in the batch as for that question alone. A mask of ones would
+    let it read the padding as words."""
+    from vistok.video.frames import SelectorConfig, TemporalQuerySelector
+
+    class Words:  # a tokenizer: one id per word
+        vocabulary = {}
+
+        def __call__(self, text, add_special_tokens=True):
+            ids = [self.vocabulary.setdefault(word, len(self.vocabulary) + 1) for word in text.split()]
+            return type("Encoding", (), {"input_ids": ids})()
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = torch.nn.Embedding(20, 5)
+
+        def get_input_embeddings(self):
+            return self.embed
+
+    torch.manual_seed(0)
+    model, tokenizer = Model(), Words()
+    selector = TemporalQuerySelector(SelectorConfig(frame_dim=6, text_dim=5, num_queries=4, width=8, heads=2)).eval()
+    summaries = encoded_video().summaries[None]
+    questions = ["is there a bag", "why", "what colour is the shoe"]
+    with torch.no_grad():
+        text, mask = question_embeddings(model, tokenizer, questions)
+        assert text.shape == (3, 5, 5) and mask.sum(dim=1).tolist() == [4, 1, 5]
+        for row, question in enumerate(questions):
+            alone, alone_mask = question_embeddings(model, tokenizer, [question])
+            assert bool(alone_mask.all()) and torch.equal(text[row, mask[row].bool()], alone[0])
+            batched = selector.scores(summaries, text[row: row + 1], mask[row: row + 1])
+            assert torch.allclose(batched, selector.scores(summaries, alone, alone_mask), atol=1e-5), question
 
 
 def test_merging_on_summaries_joins_repeated_frames_whatever_the_selection():

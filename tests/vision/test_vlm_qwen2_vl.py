@@ -171,18 +171,23 @@ def test_a_video_in_the_prompt_keeps_its_tokens_and_positions():
 
 def test_decoding_from_the_cache_continues_the_unpatched_positions():
     """A hand-written greedy loop (forward with a cache and no position_ids) continues from the rope deltas the
-    patched prefill left, as generate does."""
+    patched prefill left, as generate does: fed generate's tokens, it gets generate's logits at every step. Rope
+    deltas one off would number the decoded tokens one position early and move the logits, if not their argmax."""
     model = tiny_qwen()
     x = inputs(grids=GRIDS[:1])  # one unpadded row: the loop needs no attention mask
+    length = x["input_ids"].shape[1]
     with torch.no_grad(), vistok.patch(model, "merge_to_budget", tokens=2):
-        expected = model.generate(**x, max_new_tokens=3, do_sample=False)[:, x["input_ids"].shape[1]:]
+        expected = model.generate(**x, max_new_tokens=3, do_sample=False, output_logits=True,
+                                  return_dict_in_generate=True)
         out = model(**x, use_cache=True)
-        cache, tokens = out.cache, [out.logits[:, -1].argmax(-1)]
-        for _ in range(2):
-            out = model(input_ids=tokens[-1][:, None], cache=cache, use_cache=True)
+        cache, logits = out.cache, [out.logits[:, -1]]
+        for step in range(2):
+            out = model(input_ids=expected.sequences[:, length + step, None], cache=cache, use_cache=True)
             cache = out.cache
-            tokens.append(out.logits[:, -1].argmax(-1))
-    assert torch.equal(torch.stack(tokens, dim=1), expected)
+            logits.append(out.logits[:, -1])
+    for step, (ours, theirs) in enumerate(zip(logits, expected.logits, strict=True)):
+        assert (ours - theirs).abs().max() <= 1e-5, step
+    assert torch.equal(torch.stack([last.argmax(-1) for last in logits], dim=1), expected.sequences[:, length:])
 
 
 def test_a_later_turn_on_the_first_turns_cache_is_refused():
