@@ -258,6 +258,7 @@ def _save_checkpoint(accelerator, checkpoint: Path, epoch: int, generators: dict
         shutil.rmtree(partial)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(partial))
+    torch.save(torch.get_rng_state(), partial / _torch_rng_file(accelerator))  # to check that a resume restored it
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         for name, generator in generators.items():
@@ -274,6 +275,10 @@ def _save_checkpoint(accelerator, checkpoint: Path, epoch: int, generators: dict
         if previous.exists():
             shutil.rmtree(previous)
     accelerator.wait_for_everyone()
+
+
+def _torch_rng_file(accelerator) -> str:
+    return f"torch_rng_{accelerator.process_index}.pt"
 
 
 def _resume(accelerator, checkpoint: Path, generators: dict[str, torch.Generator], config: dict,
@@ -295,6 +300,12 @@ def _resume(accelerator, checkpoint: Path, generators: dict[str, torch.Generator
                        if key != "data.workers" or config["data"]["name"] != "folder")
     check_resumed_settings(saved, json.loads(json.dumps(config)), may_change, found)
     accelerator.load_state(str(found))
+    # accelerate logs a random state it cannot load (numpy < 1.25 under torch.load's weights_only) at INFO level and
+    # goes on: the data order and dropout would restart from the run's seed, a silent second run
+    expected_rng = found / _torch_rng_file(accelerator)
+    if expected_rng.is_file() and not torch.equal(torch.get_rng_state(), torch.load(expected_rng)):
+        raise ConfigError(f"--resume: accelerate did not restore the random state saved in {found} (numpy >= 1.25 "
+                          "and accelerate >= 1.1 can); resumed, the run would not continue as one")
     for name, generator in generators.items():
         saved = found / name
         if not saved.is_file():

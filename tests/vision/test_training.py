@@ -143,7 +143,10 @@ def test_a_several_process_resume_of_a_checkpoint_without_the_sampler_state_is_r
     assert train.main([*TINY, "train.epochs=1", f"output={tmp_path}"]) == 0
     checkpoint = tmp_path / "checkpoint"
     config = json.loads((checkpoint / "vistok_state.json").read_text())["config"]
-    accelerator = types.SimpleNamespace(load_state=lambda folder: None, is_main_process=True)
+    def load_state(folder):  # what accelerate restores that _resume checks: the random state
+        torch.set_rng_state(torch.load(Path(folder) / "torch_rng_0.pt"))
+
+    accelerator = types.SimpleNamespace(load_state=load_state, is_main_process=True, process_index=0)
     assert train._resume(accelerator, checkpoint, {}, config, tmp_path) == 0  # one process: nothing to restore
     with pytest.raises(ConfigError, match="has no sampler_rng.pt .* data order of several processes"):
         train._resume(accelerator, checkpoint, {"sampler_rng.pt": torch.Generator()}, config, tmp_path)
