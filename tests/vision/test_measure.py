@@ -122,6 +122,21 @@ def test_time_models_interleaves_and_reports_median():
         time_models({"a": model}, torch.zeros(1), runs=0)
 
 
+def test_speedup_is_the_variants_images_per_second_over_the_unpatched_models():
+    """A variant that runs a batch in less time than the unpatched model has a speedup above 1, its images per second
+    over the baseline's, in the report and its JSON (the inverse ratio reported a faster variant as slower)."""
+    from vistok.measure.bench import BenchReport, VariantResult
+    from vistok.measure.throughput import Timing
+
+    base = VariantResult("unpatched", None, {}, [17.0], 1.0, Timing(8, (0.2, 0.25, 0.3)), None, None)
+    fast = VariantResult("m", "merge", {"r": 2}, [9.0], 0.5, Timing(8, (0.1, 0.05, 0.2)), None, None)
+    report = BenchReport("m", 8, (32, 32), "float32", "cpu", 1, 3, 0, [base, fast])
+    expected = fast.timing.images_per_s / base.timing.images_per_s
+    assert report.speedup(fast) == pytest.approx(expected) and expected > 1
+    assert report.speedup(base) == 1.0
+    assert [entry["speedup"] for entry in report.to_dict()["results"]] == pytest.approx([1.0, expected])
+
+
 @pytest.mark.slow
 def test_bench_command(tmp_path, capsys):
     out = tmp_path / "bench.json"
@@ -300,6 +315,24 @@ def test_paired_columns_compare_rows_with_the_reference_and_their_baseline():
     assert (rows[3]["vs_all"], rows[3]["vs_all_se"]) == paired_difference(hits[3], hits[0])
     assert (rows[3]["vs_baseline"], rows[3]["vs_baseline_se"]) == paired_difference(hits[3], hits[2])
     assert not any("vs_baseline" in rows[i] for i in (0, 1, 2, 4))  # no pool row at 9 or 2 tokens
+
+
+def test_evaluate_averages_tokens_per_block_over_images_not_batches():
+    """Batches of 4 images and 1 in which adaptive ATS keeps different counts: evaluate's tokens per block are the mean
+    over the 5 images, as tokens_per_block counts them in one batch (a mean of the batch means weighted the lone
+    image as much as the other four together)."""
+    from vistok.measure.accuracy import evaluate
+
+    model = make_model("vit", depth=4, img_size=64)  # 16 patches
+    images = make_images(model, 5)
+    labels = torch.zeros(5, dtype=torch.long)
+    with torch.no_grad():  # sharper attention: adaptive ATS keeps different counts per image
+        for block in (1, 2):
+            model.blocks[block].attn.qkv.weight[: 2 * model.embed_dim].mul_(6)
+    with vistok.patch(model, "ats", k=0.5, min_tokens=1, blocks=[1, 2]):
+        assert tokens_per_block(model, images[:4]) != tokens_per_block(model, images[4:])
+        result = evaluate(model, [(images[:4], labels[:4]), (images[4:], labels[4:])])
+        assert result["tokens_per_block"] == pytest.approx(tokens_per_block(model, images))
 
 
 def test_accuracy_refuses_labels_of_another_shape_and_nan_logits():

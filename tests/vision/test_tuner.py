@@ -42,9 +42,14 @@ def test_the_pick_is_within_the_target_and_best_at_the_last_rung(setting, result
     assert result.images_scored < len(result.rows) * images.shape[0]  # cheaper than scoring all on all
     assert len(result.rows) == len(tune_candidates(model)) and vistok.get_handle(model) is None
     front = result.pareto()
-    for row in result.rows:  # nothing beats a front row on both axes
-        assert not any(row["gflops_ratio"] < f["gflops_ratio"] and row["rung0_score"] > f["rung0_score"]
-                       for f in front)
+
+    def dominates(a, b):  # as cheap and as good as b, and better on one of the two
+        return (a["gflops_ratio"] <= b["gflops_ratio"] and a["rung0_score"] >= b["rung0_score"]
+                and (a["gflops_ratio"], a["rung0_score"]) != (b["gflops_ratio"], b["rung0_score"]))
+
+    assert len({row["rung0_score"] for row in result.rows}) < len(result.rows)  # ties in score, at different costs
+    for row in result.rows:  # the front is exactly the rows no other row dominates (a costlier tie is dominated)
+        assert any(row is f for f in front) == (not any(dominates(other, row) for other in result.rows))
 
 
 def test_the_saved_pick_patches_the_model_to_the_reported_score(setting, result, tmp_path):
@@ -88,6 +93,62 @@ def test_each_candidate_is_one_setting_and_says_what_it_runs():
     for label, method, config in candidates:
         if method == "ats+merge":
             assert label.endswith(f"merge r={config.parts[1].r}")
+
+
+def test_the_decreasing_merge_is_a_candidate_wherever_it_can_run():
+    """A decreasing schedule merges 2 r tokens in its first block, at most half of the patches: its candidate is
+    offered exactly where vistok.patch accepts it. A bound one too strict left it out on a 2 x 2 grid (2 r = 2 of
+    4 patches), where it runs."""
+    from vistok.methods import MergeConfig
+
+    offered = []
+    for size in ((16, 32), 32, 48):  # 1 x 2, 2 x 2 and 3 x 3 patches
+        model = timm.create_model("vit_tiny_patch16_224", img_size=size, depth=4, num_classes=10).eval()
+        candidates = tune_candidates(model)
+        labels = {label for label, _, _ in candidates}
+        for label, method, config in candidates:
+            if method != "merge" or config.schedule != "constant":
+                continue
+            try:
+                with vistok.patch(model, MergeConfig(r=config.r, schedule="decreasing")):
+                    runs = True
+            except InvalidConfigError:
+                runs = False
+            assert (f"{label} decreasing" in labels) == runs, (size, label)
+            offered.append(runs)
+    assert True in offered and False in offered  # both sides of the bound were met
+
+
+def test_successive_halving_keeps_the_better_half_rounded_up_and_breaks_ties_by_lower_kl():
+    """After a rung the better ``ceil(n / 2)`` of ``n`` candidates go on (rounding down dropped a candidate of an odd
+    count unscored), and of equal scores the lower KL from the unpatched model's distribution wins (preferring the
+    higher KL picked the candidate that agrees less)."""
+    from vistok.tuner import successive_halving
+
+    seen = []
+
+    def by_label(row, size, rung):  # row i scores i
+        seen.append((rung, row["label"]))
+        row.update(score=float(row["label"]), kl=0.0, images=size)
+        return size
+
+    for count in range(1, 8):
+        rows = [{"label": i} for i in range(count)]
+        seen.clear()
+        best, scored = successive_halving(rows, list(rows), 2, 4, by_label, False, "images")
+        second = sorted(label for rung, label in seen if rung == 1)
+        assert second == list(range(count))[count - math.ceil(count / 2):]  # the best half, rounded up
+        assert best is rows[-1] and scored == 2 * count + 4 * len(second)
+    kls = [0.5, 0.1, 0.9, 0.3, 0.7]
+    rows = [{"label": i} for i in range(len(kls))]
+
+    def tied(row, size, rung):
+        row.update(score=50.0, kl=kls[row["label"]], images=size)
+        return size
+
+    for rungs in (1, 2, 3):
+        best, _ = successive_halving(rows, list(rows), rungs, 4, tied, False, "images")
+        assert best["kl"] == min(kls)
 
 
 def test_tuning_and_evaluating_leave_each_modules_mode_as_it_was(setting):
@@ -194,14 +255,26 @@ def test_a_token_budget_bounds_the_tokens_each_block_processes(setting):
 
 def test_a_latency_target_filters_by_the_measured_latency(setting, monkeypatch):
     """``cost="latency"``: every candidate's latency is measured against the unpatched model, and only those
-    within the target are scored; an identical copy times close to the model itself."""
+    within the target are scored; an identical copy times close to the model itself, and a patched model faster
+    than the unpatched one gives a ratio below 1 (the inverse ratio passed the slower one as within the target)."""
     import copy
+    import time
 
     from vistok import tuner
+
+    class Sleeps(torch.nn.Module):
+        def __init__(self, seconds):
+            super().__init__()
+            self.seconds = seconds
+
+        def forward(self, x):
+            time.sleep(self.seconds)
+            return x
 
     model, images = setting
     measured = tuner._latency_ratio(model, copy.deepcopy(model), images[:4], runs=3)
     assert measured > 0 and math.isfinite(measured)
+    assert tuner._latency_ratio(Sleeps(0.001), Sleeps(0.02), images[:1], runs=3) < 0.5  # patched 20 x faster
     calls = []
     encoded = tuner._latency_ratio(model, copy.deepcopy(model), images[:4], runs=3,
                                    encode=lambda m, x: calls.append(m) or m.forward_features(x))
@@ -620,7 +693,8 @@ def test_the_reference_tuning_tool_refuses_an_unwritable_out_at_once(tmp_path, m
 
 def test_tune_labels_score_fashion_mnist_test_images(tmp_path, monkeypatch):
     """`vistok tune --labels` scores accuracy on Fashion-MNIST's test split (the reference models were trained on
-    its training split); without --labels the calibration images are the training split's."""
+    its training split); without --labels the calibration images are the training split's. --flops-images reaches
+    the tuner (dropped, the GFLOPs were counted on the default 8 images whatever was asked)."""
     from vistok import tuner
     from vistok.cli import main
     from vistok.data import GreyBatchTransform, load_fashion_mnist
@@ -628,16 +702,17 @@ def test_tune_labels_score_fashion_mnist_test_images(tmp_path, monkeypatch):
     seen = []
 
     def capture(model, images, target, labels, **kwargs):
-        seen.append((images, labels))
+        seen.append((images, labels, kwargs))
         raise InvalidConfigError("stop after the calibration batch")
 
     monkeypatch.setattr(tuner, "tune", capture)
-    for split, flag in (("test", ["--labels"]), ("train", [])):
-        assert main(["tune", "--model", "vistok_vit_fmnist", "--images", "8", "--out", str(tmp_path / "t"),
-                     *flag]) == 2
+    for split, flag, flops_images in (("test", ["--labels"], 3), ("train", [], 5)):
+        assert main(["tune", "--model", "vistok_vit_fmnist", "--images", "8", "--flops-images", str(flops_images),
+                     "--out", str(tmp_path / "t"), *flag]) == 2
         images, labels = load_fashion_mnist(split)
         assert torch.equal(seen[-1][0], GreyBatchTransform()(images[:8]))
         assert torch.equal(seen[-1][1], labels[:8]) if flag else seen[-1][1] is None
+        assert seen[-1][2]["flops_images"] == flops_images
 
 
 def test_labelled_folders_must_be_the_models_classes_in_order(tmp_path, monkeypatch, capsys):
