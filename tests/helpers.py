@@ -12,7 +12,6 @@ from types import ModuleType
 
 import timm
 import torch
-from timm.layers import LayerScale
 from torch import Tensor, nn
 
 import vistok
@@ -32,29 +31,44 @@ FAMILIES = {
     "gap_registers": ("vit_base_patch16_reg4_gap_256", {}),
     "siglip_map": ("vit_base_patch16_siglip_224", {}),
     "qk_norm": ("vit_small_patch16_224", {"qk_norm": True}),
-    "eva02_rope": ("eva02_tiny_patch14_224", {}),
+    "eva02_rope": ("eva02_tiny_patch14_224", {"init_values": 1e-5}),  # with LayerScale (gamma_1, gamma_2)
     "rope_mixed": ("vit_small_patch16_rope_mixed_224", {}),
 }
 
 
 def make_model(family: str, seed: int = 0, **overrides) -> torch.nn.Module:
-    """A random model of ``family`` whose blocks shape its output: timm starts LayerScale at 1e-6 / 1e-5 and the
-    mixed-RoPE ViT's head near zero, so with timm's own init a patched attention that returned zeros moved
-    deit3's logits by 6e-5 (under :data:`TOL`) and rope_mixed's by 1e-8; here LayerScale is 1 and a head that
-    small is drawn again (std 0.02)."""
+    """A random model of ``family`` whose every parameter shapes its output: timm starts LayerScale at 1e-6 / 1e-5
+    and the mixed-RoPE ViT's head near zero, so with timm's own init a patched attention that returned zeros moved
+    deit3's logits by 6e-5 (under :data:`TOL`) and rope_mixed's by 1e-8; here LayerScale is drawn around 1, the
+    other constant parameters as :func:`vary_constant_parameters` says, and a head that small is drawn again."""
     name, kwargs = FAMILIES[family]
     torch.manual_seed(seed)
     model = timm.create_model(name, pretrained=False, **{**kwargs, **overrides}).eval()
+    generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, LayerScale):
-                module.gamma.fill_(1.0)
         for parameter_name, parameter in model.named_parameters():
-            if parameter_name.endswith(("gamma_1", "gamma_2")):  # EVA's LayerScale
-                parameter.fill_(1.0)
+            if parameter_name.endswith(("gamma", "gamma_1", "gamma_2")):  # timm's LayerScale, EVA's
+                parameter.copy_(0.5 + torch.rand(parameter.shape, generator=generator))
         head = model.get_classifier()
         if isinstance(head, nn.Linear) and float(head.weight.abs().max()) < 1e-2:
             nn.init.trunc_normal_(head.weight, std=0.02)
+    return vary_constant_parameters(model, seed)
+
+
+def vary_constant_parameters(model: nn.Module, seed: int = 0) -> nn.Module:
+    """``model`` with the parameters a random init leaves constant drawn anew (norm weights and other ones around
+    1, zero biases around 0): constant, a patched block that skipped a LayerScale, swapped the q and k norms or
+    dropped or swapped a bias gave the unpatched output, and no test could see it. Scalars are left alone."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.numel() < 2 or not parameter.is_floating_point():
+                continue
+            value = float(parameter.flatten()[0])
+            if not bool((parameter == value).all()) or value not in (0.0, 1.0):
+                continue
+            noise = torch.randn(parameter.shape, generator=generator, dtype=torch.float32).to(parameter.dtype)
+            parameter.copy_(0.02 * noise if value == 0.0 else 1.0 + 0.25 * noise.clamp(-2, 2))
     return model
 
 
@@ -188,11 +202,13 @@ def tiny_hf_tower(kind: str = "clip", image_size: int = 64, seed: int | None = 0
     if seed is not None:
         torch.manual_seed(seed)
     if kind == "clip":
-        return CLIPVisionModel(CLIPVisionConfig(**vision)).eval()
-    if kind == "clip-full":
+        model = CLIPVisionModel(CLIPVisionConfig(**vision))
+    elif kind == "clip-full":
         text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
-        return CLIPModel(CLIPConfig(vision_config=vision, text_config=text)).eval()
-    return SiglipVisionModel(SiglipVisionConfig(**vision)).eval()
+        model = CLIPModel(CLIPConfig(vision_config=vision, text_config=text))
+    else:
+        model = SiglipVisionModel(SiglipVisionConfig(**vision))
+    return vary_constant_parameters(model.eval(), int(torch.randint(2**31, ())) if seed is None else seed)
 
 
 def tiny_llava(tower: str = "clip", strategy: str = "default", seed: int = 0, image_size: int = 32) -> nn.Module:

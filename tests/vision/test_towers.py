@@ -3,15 +3,26 @@
 import open_clip
 import pytest
 import torch
-from helpers import TOL, KeepAboveMeanConfig, tiny_hf_tower
+from helpers import TOL, KeepAboveMeanConfig, tiny_hf_tower, vary_constant_parameters
 
 import vistok
 from vistok import InputShapeError, PatchStateError, UnsupportedModelError
 
 
 def open_clip_model(name="ViT-B-32", **kwargs):
+    """A random open_clip model whose image blocks have LayerScale (as ``ls_init_value`` gives them) and whose
+    constant parameters are drawn anew (:func:`helpers.vary_constant_parameters`): with the plain init a block
+    that skipped its LayerScale or its attention's input bias gave the unpatched output."""
+    from open_clip.transformer import LayerScale
+
     torch.manual_seed(0)
-    return open_clip.create_model(name, pretrained=None, **kwargs).eval()
+    model = open_clip.create_model(name, pretrained=None, **kwargs)
+    width = model.visual.transformer.width
+    for block in model.visual.transformer.resblocks:
+        for part in ("ls_1", "ls_2"):
+            if isinstance(getattr(block, part), torch.nn.Identity):
+                setattr(block, part, LayerScale(width, 1.0))
+    return vary_constant_parameters(model.eval())
 
 
 # each entry: build the model, make images, encode images to one tensor, patch count, blocks
@@ -105,6 +116,43 @@ def test_siglips_pooling_head_is_its_own_while_no_token_is_reduced():
         expected = model(pixel_values=images).pooler_output
         with vistok.patch(model, "merge", r=0):
             assert torch.equal(model(pixel_values=images).pooler_output, expected)
+
+
+def test_siglips_pooling_head_over_a_padded_batch_is_its_own_forward_on_each_images_tokens():
+    """After blocks drop a different count of tokens per image, vistok runs SigLIP's pooling head over the padded
+    batch with a key mask: each image's pooled output is the head's own forward on that image's real tokens (a
+    head that lost its MLP residual, or let padding in, gave other features)."""
+    model = tiny_hf_tower("siglip")
+    images = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad(), vistok.patch(model, KeepAboveMeanConfig([1, 2])) as handle:
+        out = model(pixel_values=images)
+        layout = handle.layouts[max(handle.layouts)]
+        assert len(set(layout.num_valid().tolist())) > 1, "the test needs uneven counts"
+        valid = layout.valid_mask()
+        head = model.head
+        expected = torch.cat([type(head).forward(head, out.last_hidden_state[i][valid[i]][None]) for i in range(3)])
+    assert (out.pooler_output - expected).abs().max() <= TOL
+
+
+def test_open_clip_average_pooling_weighs_merged_tokens_by_their_size():
+    """An open_clip tower with average pooling pools a merged token as often as the patches it stands for: the
+    size-weighted mean of the final patch tokens, projected (a plain mean over the tokens weighed a merged token
+    as one patch)."""
+    import open_clip
+
+    torch.manual_seed(0)
+    model = vary_constant_parameters(open_clip.transformer.VisionTransformer(
+        image_size=32, patch_size=8, width=64, layers=4, heads=4, mlp_ratio=2.0, output_dim=16, pool_type="avg").eval())
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    final = {}
+    with torch.no_grad(), vistok.patch(model, "merge", r=4, blocks=[0, 1, 2, 3]) as handle:
+        model.ln_post.register_forward_hook(lambda module, args, out: final.__setitem__("tokens", out))
+        pooled = model(images)
+        sizes = handle.layouts[3].sizes[:, 1:, None]
+    assert bool((sizes > 1).any())
+    tokens = final["tokens"][:, 1:]
+    expected = ((tokens * sizes).sum(1) / sizes.sum(1)) @ model.proj
+    assert (pooled - expected).abs().max() <= TOL
 
 
 def test_hf_hidden_states_and_refusals():
