@@ -258,3 +258,18 @@ def test_a_users_config_may_build_numpy_block_indices():
     model = timm.create_model("vit_tiny_patch16_224", img_size=32, depth=4, num_classes=3)
     with vistok.patch(model, _BuildsThis(reducers)) as handle:
         assert sorted(handle.reducers) == [2, 3] and all(type(index) is int for index in handle.reducers)
+
+
+def test_a_timm_failure_other_than_an_unknown_name_surfaces_as_itself(tmp_path):
+    """Only timm's "Unknown model" becomes an InvalidConfigError naming the model unknown; a checkpoint whose shapes
+    do not fit raised that too, hiding timm's own error about the state dict."""
+    from vistok._timm import create_timm_model
+
+    small = dict(img_size=32, depth=1)
+    checkpoint = tmp_path / "five_classes.pth"
+    torch.save(timm.create_model("vit_tiny_patch16_224", num_classes=5, **small).state_dict(), checkpoint)
+    with pytest.raises(RuntimeError, match="size mismatch for head.weight") as failure:
+        create_timm_model("vit_tiny_patch16_224", "test", num_classes=10, checkpoint_path=str(checkpoint), **small)
+    assert not isinstance(failure.value, VistokError)
+    with pytest.raises(InvalidConfigError, match="test: unknown model 'no_such_vit'"):
+        create_timm_model("no_such_vit", "test", num_classes=10)

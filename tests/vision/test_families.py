@@ -161,3 +161,76 @@ def test_intermediates_are_padded_token_lists_not_feature_maps(family):
         assert intermediates[-1].shape[1] == last.num_tokens - last.num_prefix < model.patch_embed.num_patches
         assert torch.equal(final, model.forward_features(images))
     assert model.forward_intermediates(images)[1][0].dim() == 4  # unpatched: feature maps again
+
+
+# Variants that none of the families above is: timm's other poolings, grouped-query attention, attention dropout.
+POOLINGS = {
+    "avg over the prefix too": dict(global_pool="avg", pool_include_prefix=True, fc_norm=False),
+    "avgmax over registers and patches": dict(global_pool="avgmax", reg_tokens=2, pool_include_prefix=True,
+                                              fc_norm=False),
+    "map after a class token": dict(global_pool="map", class_token=True),
+    "max": dict(global_pool="max", class_token=False, fc_norm=False),
+}
+
+
+def pooling_model(pooling):
+    return make_model("vit", img_size=64, depth=4, embed_dim=64, num_heads=4, num_classes=0, **POOLINGS[pooling])
+
+
+@pytest.mark.parametrize("pooling", sorted(POOLINGS))
+def test_other_poolings_match_timms_on_the_kept_tokens(pooling):
+    """A pooling over other tokens than timm's (leaving out the prefix that pool_include_prefix=True pools, or
+    handing the class token to 'map' attention pooling) pools the kept tokens differently from timm's own pool."""
+    model = pooling_model(pooling)
+    image = make_images(model, 1)
+    with torch.no_grad():
+        with vistok.patch(model, "ats", k=0.5, min_tokens=1) as handle:
+            got = model(image)
+            layouts = handle.layouts
+        expected = upstream_forward_on_kept(model, image, layouts)
+    assert layouts[len(model.blocks) - 1].num_valid().item() < model.patch_embed.num_patches // 2
+    assert (got - expected).abs().max() <= TOL
+
+
+@pytest.mark.parametrize("pooling", sorted(POOLINGS))
+def test_other_poolings_of_a_padded_batch_equal_images_one_by_one(pooling):
+    """A max pooling that did not mask the padding took the padding rows into the maximum of an image that kept
+    fewer tokens than the others."""
+    model = pooling_model(pooling)
+    images = make_images(model, 3)
+    with torch.no_grad(), vistok.patch(model, KeepAboveMeanConfig([2])) as handle:
+        batched = model(images)
+        assert len(set(handle.layouts[3].num_valid().tolist())) > 1, "test needs uneven counts"
+        singles = torch.cat([model(image[None]) for image in images])
+    assert (batched - singles).abs().max() <= TOL
+
+
+def test_grouped_query_attention_keeps_everything_like_unpatched():
+    """With fewer key/value heads than query heads, query head h reads key/value head h // groups (timm's
+    repeat_interleave); tiling the key/value heads instead paired the query heads with the wrong keys."""
+    model = make_model("eva02_rope", attn_type="rope", num_heads=4, num_kv_heads=2, qkv_fused=False, depth=2)
+    assert model.blocks[0].attn.num_kv_groups == 2
+    images = make_images(model, 2)
+    with torch.no_grad():
+        expected = model(images)
+        with vistok.patch(model, "ats", **keep_everything(model)):
+            got = model(images)
+    assert (got - expected).abs().max() <= TOL
+
+
+@pytest.mark.parametrize("family", ["vit", "eva02_rope"])
+def test_attention_dropout_in_training_mode_is_timms(family):
+    """In training mode the patched attention drops attention weights as timm's does, from the same random
+    numbers; one that ran without dropout gave the eval-mode attention instead."""
+    model = make_model(family, depth=2, attn_drop_rate=0.5).train()
+    images = make_images(model, 2)
+    with torch.no_grad():
+        torch.manual_seed(5)
+        expected = model(images)
+        with vistok.patch(model, "ats", **keep_everything(model)):
+            torch.manual_seed(5)
+            got = model(images)
+            torch.manual_seed(6)
+            other_seed = model(images)
+    assert (got - expected).abs().max() <= TOL
+    assert (other_seed - expected).abs().max() > 100 * TOL, "the dropout should change the output"

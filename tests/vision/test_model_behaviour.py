@@ -634,3 +634,29 @@ def test_a_block_module_at_two_positions_is_refused(blocks):
     with pytest.raises(vistok.UnsupportedModelError, match="blocks 2 and 4 of VisionTransformer are one module"):
         vistok.patch(model, "merge", r=3, blocks=blocks)
     assert not any("forward" in vars(m) for m in model.modules()) and vistok.get_handle(model) is None
+
+
+@pytest.mark.parametrize("kind", ["clip", "siglip"])
+def test_hf_attention_dropout_in_training_mode_is_the_towers_own(kind):
+    """In training mode the patched attention drops attention weights as the tower's own (SDPA) attention does, from
+    the same random numbers; one that ran without dropout gave the eval-mode attention instead."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel, SiglipVisionConfig, SiglipVisionModel
+
+    config_class, model_class = {"clip": (CLIPVisionConfig, CLIPVisionModel),
+                                 "siglip": (SiglipVisionConfig, SiglipVisionModel)}[kind]
+    torch.manual_seed(0)
+    model = model_class(config_class(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                     image_size=32, patch_size=8, attention_dropout=0.5,
+                                     attn_implementation="sdpa")).train()
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.manual_seed(5)
+        expected = model(pixel_values=images).last_hidden_state
+        with vistok.patch(model, "ats", k=16, min_tokens=16, blocks=[0, 1]) as handle:
+            torch.manual_seed(5)
+            got = model(pixel_values=images).last_hidden_state
+            assert sorted(handle.layouts) == [0, 1], "patched blocks did not run"
+            torch.manual_seed(6)
+            other_seed = model(pixel_values=images).last_hidden_state
+    assert (got - expected).abs().max() <= 1e-4
+    assert (other_seed - expected).abs().max() > 1e-2, "the dropout should change the output"

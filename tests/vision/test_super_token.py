@@ -13,6 +13,7 @@ from vistok.backbones import resolve_backbone
 from vistok.block import run_block
 from vistok.methods.super_token import SuperTokenAttender
 from vistok.models import SuperTokenAttention
+from vistok.models.stvit import STViTBlock
 from vistok.ops.super_tokens import (
     associate,
     from_cells,
@@ -375,3 +376,57 @@ def test_stvit_takes_timms_config_overlay_and_refuses_a_count_for_per_stage_opti
     assert resolve_data_config({}, model=model)["mean"] == (0.5, 0.5, 0.5)
     with pytest.raises(InvalidConfigError, match=r"n_iter needs one value per stage \(4\), got 2"):
         timm.create_model("stvit_small", n_iter=2)
+
+
+@pytest.mark.parametrize("other", [("merge", {"r": 4}), ("ats", {})])
+@pytest.mark.parametrize("super_token_first", [True, False])
+def test_another_method_in_a_super_token_block_is_refused_in_either_order(other, super_token_first):
+    """Super tokens replace a block's attention, which ATS's selection before it and merging after it both need
+    as it is; a check that saw the clash only in one order let super_token then merge share a block."""
+    model = timm.create_model("vit_tiny_patch16_224", img_size=64, depth=3, num_classes=3).eval()
+    name, options = other
+    parts = [("super_token", {"blocks": [1]}), (name, {**options, "blocks": [1]})]
+    parts = parts if super_token_first else parts[::-1]
+    with pytest.raises(InvalidConfigError, match=f"block 1: both '{parts[0][0]}' and '{parts[1][0]}' act there"):
+        vistok.patch(model, parts)
+    assert vistok.get_handle(model) is None
+
+
+def test_stvit_drop_path_rates_rise_over_all_blocks_together():
+    """Stochastic depth rises linearly from 0 to drop_path_rate over the blocks of all stages together, as in timm;
+    rates that restarted in each stage gave every stage's first block none."""
+    small = dict(embed_dims=(16, 32, 40, 48), depths=(2, 1, 3, 2), num_heads=(1, 2, 2, 2), projection=64)
+    model = timm.create_model("stvit_small", num_classes=5, drop_path_rate=0.35, **small)
+    blocks = [block for stage in model.stages for block in stage if isinstance(block, STViTBlock)]
+    rates = [getattr(block.drop_path, "drop_prob", 0.0) for block in blocks]
+    assert rates == pytest.approx(torch.linspace(0, 0.35, sum(small["depths"])).tolist())
+
+
+def test_stvit_block_scales_both_residual_branches_by_its_layer_scale():
+    """With layer scale, each branch is scaled by its own gamma: x + gamma_1 * attn(norm1(x)), then
+    + gamma_2 * mlp(norm2(x)); a block that dropped gamma_2 added the MLP branch unscaled."""
+    torch.manual_seed(0)
+    block = STViTBlock(16, 2, 2, layer_scale=1e-6).eval()
+    with torch.no_grad():
+        block.gamma_1.normal_()
+        block.gamma_2.normal_()
+        x = torch.randn(2, 16, 8, 8)
+        got = block(x)
+        x = block.pos_embed(x)
+        x = x + block.gamma_1 * block.attn(block.norm1(x))
+        expected = x + block.gamma_2 * block.mlp(block.norm2(x))
+    assert (got - expected).abs().max() <= 1e-5
+
+
+def test_stvit_head_pools_the_spatial_mean():
+    """The classifier reads the mean of the last feature map over its positions (the paper's average pooling), not
+    another reduction of it."""
+    small = dict(embed_dims=(16, 32, 40, 48), depths=(1, 1, 1, 1), num_heads=(1, 2, 2, 2), projection=64)
+    model = timm.create_model("stvit_small", num_classes=5, **small).eval()
+    images = torch.randn(2, 3, 64, 96)
+    with torch.no_grad():
+        features = model.forward_features(images)
+        assert features.shape == (2, 64, 2, 3)
+        pooled = features.mean(dim=(2, 3))
+        assert (model.forward_head(features, pre_logits=True) - pooled).abs().max() <= 1e-6
+        assert (model(images) - model.head(pooled)).abs().max() <= 1e-6
