@@ -70,10 +70,13 @@ def test_padded_batch_equals_images_one_by_one(family):
 
 
 def test_ats_matches_timm_blocks_on_the_kept_tokens(family):
-    model = make_model(family)
+    _check_ats_matches_timm_on_the_kept_tokens(make_model(family), k=0.6)
+
+
+def _check_ats_matches_timm_on_the_kept_tokens(model, k: float) -> None:
     image = make_images(model, 1)
     with torch.no_grad():
-        with vistok.patch(model, "ats", k=0.6, min_tokens=1) as handle:
+        with vistok.patch(model, "ats", k=k, min_tokens=1) as handle:
             got = model(image)
             layouts = handle.layouts
         expected = upstream_forward_on_kept(model, image, layouts)
@@ -181,15 +184,7 @@ def pooling_model(pooling):
 def test_other_poolings_match_timms_on_the_kept_tokens(pooling):
     """A pooling over other tokens than timm's (leaving out the prefix that pool_include_prefix=True pools, or
     handing the class token to 'map' attention pooling) pools the kept tokens differently from timm's own pool."""
-    model = pooling_model(pooling)
-    image = make_images(model, 1)
-    with torch.no_grad():
-        with vistok.patch(model, "ats", k=0.5, min_tokens=1) as handle:
-            got = model(image)
-            layouts = handle.layouts
-        expected = upstream_forward_on_kept(model, image, layouts)
-    assert layouts[len(model.blocks) - 1].num_valid().item() < model.patch_embed.num_patches // 2
-    assert (got - expected).abs().max() <= TOL
+    _check_ats_matches_timm_on_the_kept_tokens(pooling_model(pooling), k=0.5)
 
 
 @pytest.mark.parametrize("pooling", sorted(POOLINGS))
