@@ -379,6 +379,8 @@ def test_the_stand_in_query_of_a_padded_half_precision_layout_is_the_mean():
     expected = torch.stack([q[0].float().mean(1), q[1, :, :195].float().mean(1)])[:, :, None]
     torch.testing.assert_close(probe.float(), expected, rtol=1e-3, atol=0)
     torch.testing.assert_close(probe_query(q, torch.ones_like(valid), False), probe_query(q, None, False))
+    wide = torch.randn(1, 2, 577, 8, generator=torch.Generator().manual_seed(1)).bfloat16()  # bf16 counts 577 as 576
+    assert torch.equal(probe_query(wide, torch.ones(1, 577, dtype=torch.bool), False), probe_query(wide, None, False))
 
 
 def test_boundary_attention_scores_are_computed_in_float32_at_least():

@@ -565,7 +565,7 @@ def test_the_training_seed_reaches_every_augmentation():
 
 
 @pytest.mark.slow
-def test_train_eval_and_resume(tmp_path, monkeypatch):
+def test_train_eval_and_resume(tmp_path, monkeypatch, capsys):
     train, evaluate = load_tool("train"), load_tool("eval")
     run = tmp_path / "run"
     config = str(ROOT / "configs/fmnist_vit.yaml")
@@ -583,6 +583,7 @@ def test_train_eval_and_resume(tmp_path, monkeypatch):
     states.rename(states.with_suffix(".away"))
     assert train.main(["--config", config, "train.epochs=2", f"output={run}", "train.fused_attn=false", "--resume",
                        *SMALL]) == 2  # not a second run from the seed
+    assert "did not restore the random state" in capsys.readouterr().err
     states.with_suffix(".away").rename(states)
     assert train.main(["--config", config, "train.epochs=2", f"output={run}", "train.fused_attn=false", "--resume",
                        *SMALL]) == 0

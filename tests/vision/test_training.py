@@ -148,5 +148,8 @@ def test_a_several_process_resume_of_a_checkpoint_without_the_sampler_state_is_r
 
     accelerator = types.SimpleNamespace(load_state=load_state, is_main_process=True, process_index=0)
     assert train._resume(accelerator, checkpoint, {}, config, tmp_path) == 0  # one process: nothing to restore
+    (checkpoint / "torch_rng_0.pt").unlink()  # as an older vistok wrote it: accelerate's word is taken
+    accelerator.load_state = lambda folder: torch.manual_seed(12345)
+    assert train._resume(accelerator, checkpoint, {}, config, tmp_path) == 0
     with pytest.raises(ConfigError, match="has no sampler_rng.pt .* data order of several processes"):
         train._resume(accelerator, checkpoint, {"sampler_rng.pt": torch.Generator()}, config, tmp_path)

@@ -210,8 +210,8 @@ class _MeanOfCurrentTokens:
 
 
 def _same_values(a: Tensor, b: Tensor) -> bool:
-    """``torch.equal`` with NaN equal to NaN."""
-    return bool(torch.isclose(a, b, rtol=0.0, atol=0.0, equal_nan=True).all())
+    """``torch.equal`` with NaN equal to NaN (and another dtype never equal)."""
+    return a.dtype == b.dtype and bool(torch.isclose(a, b, rtol=0.0, atol=0.0, equal_nan=True).all())
 
 
 def _check_videomae_layer(layer: nn.Module, where: str) -> None:

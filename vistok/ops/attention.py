@@ -137,7 +137,8 @@ def probe_query(q: Tensor, valid: Tensor | None, has_class_token: bool) -> Tenso
         return q[:, :, :1]
     if valid is None:
         return q.mean(dim=2, keepdim=True)
-    weights = valid.to(q.dtype)[:, None, :, None]
-    # summed wide: a half-precision sum over hundreds of tokens overflows where the mean does not
-    total = (q * weights).sum(dim=2, keepdim=True, dtype=_scoring_dtype(q.dtype))
+    # summed wide: a half-precision sum over hundreds of tokens overflows where the mean does not, and a bf16
+    # count rounds (577 to 576)
+    weights = valid.to(_scoring_dtype(q.dtype))[:, None, :, None]
+    total = (q * weights).sum(dim=2, keepdim=True)
     return (total / weights.sum(dim=2, keepdim=True).clamp_min(1.0)).to(q.dtype)
