@@ -185,6 +185,9 @@ def test_videomae_head_keeps_a_nan_in_its_own_clip():
     with vistok.patch(model, config):
         clean, poisoned = encode(model, x), encode(model, bad)
     assert torch.equal(poisoned[[0, 2]], clean[[0, 2]]) and bool(poisoned[1].isnan().all())
+    from vistok.backbones.hf_video import _same_values  # features of another dtype are not the pass's (no raise)
+
+    assert not _same_values(clean, clean.double()) and _same_values(poisoned, poisoned.clone())
 
 
 def test_copies_and_pickles_stay_patched():
