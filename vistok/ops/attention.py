@@ -137,8 +137,9 @@ def probe_query(q: Tensor, valid: Tensor | None, has_class_token: bool) -> Tenso
         return q[:, :, :1]
     if valid is None:
         return q.mean(dim=2, keepdim=True)
-    # summed wide: a half-precision sum over hundreds of tokens overflows where the mean does not, and a bf16
-    # count rounds (577 to 576)
-    weights = valid.to(_scoring_dtype(q.dtype))[:, None, :, None]
-    total = (q * weights).sum(dim=2, keepdim=True)
-    return (total / weights.sum(dim=2, keepdim=True).clamp_min(1.0)).to(q.dtype)
+    # summed wide (not multiplied wide: no float32 copy of q): a half-precision sum over hundreds of tokens
+    # overflows where the mean does not, and a bf16 count rounds (577 to 576)
+    wide = _scoring_dtype(q.dtype)
+    total = (q * valid.to(q.dtype)[:, None, :, None]).sum(dim=2, keepdim=True, dtype=wide)
+    count = valid.sum(dim=1, dtype=wide)[:, None, None, None]
+    return (total / count.clamp_min(1.0)).to(q.dtype)
