@@ -482,15 +482,13 @@ def test_resize_short_side_refuses_a_size_that_is_no_count(size):
         resize_short_side(torch.zeros(3, 2, 8, 8), size)
 
 
-def _numbered_clip(path, frames=12, rotation=None, streams=1):
-    """An H.264 MP4 of ``frames`` 64 x 96 frames (a white corner, the frame number in green), ``streams`` video
-    streams, the first with a display ``rotation``."""
+def _numbered_clip(path, frames=12, streams=1):
+    """An H.264 MP4 of ``frames`` 64 x 96 frames (a white corner, the frame number in green) in ``streams`` video
+    streams."""
     with av.open(str(path), "w") as container:
         outs = [container.add_stream("libx264", rate=25) for _ in range(streams)]
         for out in outs:
             out.width, out.height, out.pix_fmt, out.options = 96, 64, "yuv420p", {"bf": "0", "g": "10"}
-        if rotation is not None:
-            outs[0].set_display_rotation(rotation)
         for index in range(frames):
             picture = np.zeros((64, 96, 3), np.uint8)
             picture[:20, :30] = 255
@@ -503,13 +501,26 @@ def _numbered_clip(path, frames=12, rotation=None, streams=1):
                 container.mux(packet)
 
 
+def _turned_copy(source, path, rotation):
+    """``source``'s video packets, unchanged, in a new MP4 whose stream has a display ``rotation``: the two files
+    decode to the same pictures (a second encode need not), only one of them is shown turned."""
+    with av.open(str(source)) as src, av.open(str(path), "w") as dst:
+        stream = src.streams.video[0]
+        out = dst.add_stream_from_template(stream)
+        out.set_display_rotation(rotation)
+        for packet in src.demux(stream):
+            if packet.dts is not None:
+                packet.stream = out
+                dst.mux(packet)
+
+
 @pytest.mark.parametrize("rotation", [90, 180, 270])
 def test_both_backends_turn_frames_by_the_display_rotation(tmp_path, rotation):
     """decord applies a file's display rotation (a phone's portrait video) and PyAV did not: "auto" gave
     portrait frames for some files and sideways ones for those decord refuses, and probe_video disagreed."""
-    _numbered_clip(tmp_path / "turned.mp4", rotation=rotation)
     upright = tmp_path / "upright.mp4"
     _numbered_clip(upright)
+    _turned_copy(upright, tmp_path / "turned.mp4", rotation)
     stored = read_video(upright, [3, 7], backend="pyav")
     frames = {backend: read_video(tmp_path / "turned.mp4", [3, 7], backend=backend) for backend in ("decord", "pyav")}
     assert torch.equal(frames["decord"], frames["pyav"])
