@@ -41,14 +41,20 @@ def test_merge_to_budget_is_exact_size_weighted_and_ordered(budget):
 
 
 def test_one_round_of_merge_to_budget_is_tomes_merge():
-    """Within one round (N - T <= N / 2) the result is ToMe's bipartite merge of r = N - T tokens, reordered."""
-    x = tokens()
-    result = merge_to_budget(x, 16)
-    matching = bipartite_soft_matching(x, 8)
-    merged, weights = merge_weighted(x, torch.ones(3, 24, dtype=x.dtype), matching)
-    for b in range(3):
-        expected = merged[b][weights[b] > 0]
-        assert torch.allclose(result.tokens[b].sort(dim=0).values, expected.sort(dim=0).values)
+    """Within one round (N - T <= N / 2) the result is ToMe's bipartite merge of r = N - T tokens, reordered; a
+    round merges at most floor(N / 2), as ToMe does, so an odd 23 to 8 is 23 to 12, then 12 to 8 (a first round
+    of 12 merges, every A token, would give other tokens)."""
+    for n, budget in ((24, 16), (23, 12)):
+        x = tokens(n=n)
+        result = merge_to_budget(x, budget)
+        matching = bipartite_soft_matching(x, n - budget)
+        merged, weights = merge_weighted(x, torch.ones(3, n, dtype=x.dtype), matching)
+        for b in range(3):
+            expected = merged[b][weights[b] > 0]
+            assert torch.allclose(result.tokens[b].sort(dim=0).values, expected.sort(dim=0).values)
+    in_two_calls = merge_to_budget(result.tokens, 8, sizes=result.sizes)
+    at_once = merge_to_budget(x, 8)
+    assert torch.allclose(at_once.tokens, in_two_calls.tokens) and torch.equal(at_once.sizes, in_two_calls.sizes)
 
 
 def test_select_dominant_keeps_the_top_scores_and_averages_the_rest():
@@ -79,6 +85,7 @@ def test_pool_to_budget_is_two_by_two_pooling_at_a_quarter():
     assert torch.equal(result.sizes, torch.full((3, 9), 4.0, dtype=torch.float64))
     assert_groups_are_means(x, result)
     assert pool_to_budget(x, (6, 6), 12).tokens.shape == (3, 12, 8)  # a 3 x 4 grid
+    assert pool_to_budget(x, (6, 6), 18).tokens.shape == (3, 18, 8)  # 3 x 6: a factor 2 exactly is within 2
     with pytest.raises(InvalidConfigError, match="cannot give exactly 7 tokens"):
         pool_to_budget(x, (6, 6), 7)
     with pytest.raises(InputShapeError, match="6 x 5 grid needs N = 30"):
@@ -119,6 +126,8 @@ def test_a_refused_pooling_budget_suggests_budgets_that_pool():
             suggested = [int(t) for t in re.findall(r"\d+", str(error.value).rsplit("such as", 1)[1])]
             assert len(suggested) == 3 and all(poolable(grid, t) for t in suggested), (grid, tokens, suggested)
     assert refused > 50
+    rows, cols = pool_grid((4, 4), 8)  # the closest shapes, 2 x 4 and 4 x 2, are a factor 2 exactly from square
+    assert rows * cols == 8 and max(rows, cols) == 2 * min(rows, cols) and poolable((4, 4), 8)
 
 
 def assert_regions_are_connected(result, grid):
@@ -186,6 +195,17 @@ def test_merge_regions_finds_objects_of_any_shape():
             region = int(labels[members][0])
             assert torch.equal(members, labels == region)
             assert torch.allclose(result.tokens[b, t], values[region], atol=1e-2)
+
+
+def test_merge_regions_of_constant_features_gives_the_budget():
+    """A blank image: every adjacent pair is equally similar, so a pair that chose each other ties the best
+    similarity outside the pairs; it must merge (refusing ties merges nothing and reads as non-finite features)."""
+    x = torch.ones(2, 16, 4, dtype=torch.float64)
+    for budget in (8, 4, 1):
+        result = merge_regions_to_budget(x, (4, 4), budget)
+        assert result.tokens.shape == (2, budget, 4) and torch.equal(result.tokens, torch.ones(2, budget, 4).double())
+        assert torch.equal(result.sizes.sum(1), torch.full((2,), 16.0, dtype=torch.float64))
+        assert_regions_are_connected(result, (4, 4))
 
 
 def test_merge_regions_decides_in_float32_under_autocast():
@@ -319,6 +339,25 @@ def test_select_dominant_gives_every_contextual_token_its_target_among_equal_tok
     chosen = select_dominant(x, scores, 7, contextual=3)
     assert bool((chosen.sizes[0, 4:] >= 1).all()) and torch.equal(chosen.sizes.sum(1), torch.tensor([12.0]).double())
     assert torch.equal(chosen.tokens[0, 4:], torch.ones(3, 8))
+
+
+def test_select_dominant_spaces_its_contextual_targets_evenly():
+    """The unselected tokens come in three runs of four near-equal tokens (the dominant ones between them): targets
+    evenly spaced over the unselected tokens are one per run, so each contextual token is one run's mean; targets
+    bunched at the start would all fall in the first run and split it."""
+    dominant = [1, 6, 11, 15]
+    rest = [p for p in range(16) if p not in dominant]
+    runs = torch.randn(3, 8, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    x = tokens(batch=2, n=16)
+    x[:, rest] = runs.repeat_interleave(4, dim=0) + 1e-3 * x[:, rest]
+    scores = torch.zeros(2, 16)
+    scores[:, dominant] = 1.0
+    result = select_dominant(x, scores, 7, contextual=3)
+    assert torch.equal(result.positions()[:, :4], torch.tensor([dominant, dominant]))
+    for run in range(3):
+        members = rest[4 * run: 4 * run + 4]
+        assert bool((result.owner[:, members] == 4 + run).all()) and bool((result.sizes[:, 4 + run] == 4).all())
+        assert torch.allclose(result.tokens[:, 4 + run], x[:, members].mean(dim=1))
 
 
 def test_select_random_never_picks_padding():

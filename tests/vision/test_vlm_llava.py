@@ -491,7 +491,8 @@ def test_a_later_turn_continues_the_cache_of_the_shortened_prompt():
 
 def test_generate_counts_lengths_from_the_callers_prompt():
     """max_length / min_length count the prompt the caller passed, not the shortened one vistok generates from;
-    a pad_token_id given to generate (or in its generation_config) marks the padding as in the unpatched model."""
+    a pad_token_id given to generate (or in its generation_config) marks the padding as in the unpatched model,
+    which reads no padding where the pad id is also the end token."""
     from transformers import GenerationConfig
 
     model = tiny_llava()
@@ -505,12 +506,23 @@ def test_generate_counts_lengths_from_the_callers_prompt():
             ids.shape[1] + 2
         with pytest.raises(InvalidConfigError, match="max_length is 10 .* set max_new_tokens"):
             model.generate(input_ids=ids, pixel_values=pixels, max_length=10)  # shorter than the caller's prompt
+        # an end token the model reaches at its second step: min_length lets it end there, as min_new_tokens does
+        one, length = ids[:1], ids.shape[1]
+        eos = int(model.generate(input_ids=one, pixel_values=pixels[:1], max_new_tokens=2, do_sample=False)[0, -1])
+        ends = dict(input_ids=one, pixel_values=pixels[:1], do_sample=False, eos_token_id=eos, pad_token_id=0)
+        by_new_tokens = model.generate(**ends, min_new_tokens=1, max_new_tokens=6)
+        assert by_new_tokens.shape[1] < length + 6  # it ended early
+        assert torch.equal(model.generate(**ends, min_length=length + 1, max_length=length + 6), by_new_tokens)
     padded = torch.tensor([[1, 5, 6] + [IMAGE] * PATCHES + [7, 8], [0, 0, 9] + [IMAGE] * PATCHES + [3, 4]])
     with torch.no_grad():
         expected = model.generate(input_ids=padded, pixel_values=pixels, max_new_tokens=4, do_sample=False,
                                   pad_token_id=0)
         ended = model.generate(input_ids=padded, pixel_values=pixels, max_new_tokens=4, do_sample=False,
                                pad_token_id=0, eos_token_id=torch.tensor([2, 3]))
+        pad_is_end = dict(input_ids=torch.tensor([[1, 5, 2, 6] + [IMAGE] * PATCHES + [7, 8]]),  # 2 inside the prompt
+                          pixel_values=pixels[:1], max_new_tokens=2, do_sample=False, pad_token_id=2, eos_token_id=2,
+                          output_logits=True, return_dict_in_generate=True)
+        unmasked = torch.stack(model.generate(**pad_is_end).logits)
         with vistok.patch(model, "merge_to_budget", keep=1.0):
             assert torch.equal(model.generate(input_ids=padded, pixel_values=pixels, max_new_tokens=4,
                                               do_sample=False, pad_token_id=0), expected)
@@ -521,6 +533,8 @@ def test_generate_counts_lengths_from_the_callers_prompt():
             for eos in (torch.tensor([2, 3]), [2, 3]):
                 assert torch.equal(model.generate(input_ids=padded, pixel_values=pixels, max_new_tokens=4,
                                                   do_sample=False, pad_token_id=0, eos_token_id=eos), ended)
+            torch.testing.assert_close(torch.stack(model.generate(**pad_is_end).logits), unmasked, atol=1e-5,
+                                       rtol=1e-5)
 
 
 def test_the_base_model_runs_patched_and_replaced_methods_are_refused():

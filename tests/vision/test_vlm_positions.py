@@ -288,12 +288,14 @@ def test_without_a_cache_or_a_mask_the_gaps_are_no_sequence_boundaries(kind):
                                     use_cache=use_cache) for use_cache in (True, False)]
     assert (cached.logits - uncached.logits).abs().max() <= 1e-5 and abs(cached.loss - uncached.loss) <= 1e-5
     assert torch.equal(generated[0], generated[1])
-    if kind == "llava":  # the caller's own packed sequences (positions restart at 0, no mask) stay apart
-        packed, restart = torch.tensor([[1, 5, 6, 7, 2, 8, 9, 3]]), torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3]])
-        with torch.no_grad():
-            expected = model(input_ids=packed, position_ids=restart, use_cache=False).logits
-            with vistok.patch(model, "random_select", tokens=4, positions="original"):
-                assert torch.equal(model(input_ids=packed, position_ids=restart, use_cache=False).logits, expected)
+    if kind == "llava":  # the caller's own packed sequences (positions restart at 0, no mask) stay apart, also
+        packed = torch.tensor([[1, 5, 6, 7, 2, 8, 9, 3]])  # after a sequence of one token (a restart without a drop)
+        for restart in (torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3]]), torch.tensor([[0, 0, 1, 2, 3, 4, 5, 6]])):
+            with torch.no_grad():
+                expected = model(input_ids=packed, position_ids=restart, use_cache=False).logits
+                with vistok.patch(model, "random_select", tokens=4, positions="original"):
+                    assert torch.equal(model(input_ids=packed, position_ids=restart, use_cache=False).logits,
+                                       expected)
 
 
 def test_a_deep_copy_keeps_the_positions():
