@@ -169,7 +169,7 @@ def upstream_forward_on_kept(model: nn.Module, image: Tensor, layouts: dict[int,
 def tiny_idefics3(kind: str = "idefics3", seed: int = 0, image_size: int = 32) -> nn.Module:
     """A random ``Idefics3ForConditionalGeneration`` (or SmolVLM's) small enough for CPU tests: 32 px tiles (or
     ``image_size``) in 4 px patches, pixel shuffle 2, so 16 features per tile; placeholder id 99, 100-token
-    vocabulary."""
+    vocabulary; norm affines and biases varied as :func:`vary_constant_parameters` says."""
     import transformers
 
     prefix = "Idefics3" if kind == "idefics3" else "SmolVLM"
@@ -181,7 +181,7 @@ def tiny_idefics3(kind: str = "idefics3", seed: int = 0, image_size: int = 32) -
     config = getattr(transformers, f"{prefix}Config")(vision_config=vision, text_config=text, image_token_id=99,
                                                      scale_factor=2)
     torch.manual_seed(seed)
-    return getattr(transformers, f"{prefix}ForConditionalGeneration")(config).eval()
+    return vary_constant_parameters(getattr(transformers, f"{prefix}ForConditionalGeneration")(config).eval(), seed)
 
 
 def tiny_hf_tower(kind: str = "clip", image_size: int = 64, seed: int | None = 0) -> nn.Module:
@@ -213,7 +213,8 @@ def tiny_hf_tower(kind: str = "clip", image_size: int = 64, seed: int | None = 0
 
 def tiny_llava(tower: str = "clip", strategy: str = "default", seed: int = 0, image_size: int = 32) -> nn.Module:
     """A random ``LlavaForConditionalGeneration`` for CPU tests: a CLIP (or SigLIP) tower on 32 px images (or
-    ``image_size``) in 8 px patches (16 per image), a 2-layer Llama, placeholder id 99, 100-token vocabulary."""
+    ``image_size``) in 8 px patches (16 per image), a 2-layer Llama, placeholder id 99, 100-token vocabulary; norm
+    affines and biases varied as :func:`vary_constant_parameters` says."""
     from transformers import (
         CLIPVisionConfig,
         LlamaConfig,
@@ -230,7 +231,7 @@ def tiny_llava(tower: str = "clip", strategy: str = "default", seed: int = 0, im
     torch.manual_seed(seed)
     config = LlavaConfig(vision_config=vision_config, text_config=text, image_token_id=99,
                          vision_feature_layer=-2, vision_feature_select_strategy=strategy)
-    return LlavaForConditionalGeneration(config).eval()
+    return vary_constant_parameters(LlavaForConditionalGeneration(config).eval(), seed)
 
 
 def blind_accuracy(examples: list) -> float:

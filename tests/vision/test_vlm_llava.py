@@ -11,6 +11,7 @@ from helpers import tiny_llava
 
 import vistok
 from vistok import InputShapeError, InvalidConfigError, UnsupportedModelError
+from vistok.adapters.llava import class_attention
 from vistok.adapters.vlm import vision_llm_family
 
 transformers = pytest.importorskip("transformers")
@@ -284,6 +285,23 @@ def test_a_siglip_tower_ranks_patches_by_the_attention_they_receive(method):
         top = scores[b].topk(4).indices.sort().values
         assert torch.allclose(kept.tokens[b], projected[b, top], atol=1e-6)
     assert logits.shape == (2, 3 + 4 + 2, 100)
+
+
+@pytest.mark.parametrize("tower", ["clip", "siglip"])
+def test_the_dominance_score_is_the_towers_own_attention(tower):
+    """The score dominant ranks by is the class token's attention over the patches (CLIP; SigLIP: what each patch
+    receives), heads averaged, in the layer that made the features: the tower's own attention weights, so a score
+    taken after the wrong norm or from another query drifts from them."""
+    model = tiny_llava(tower=tower)
+    vision = model.model.vision_tower
+    vision.set_attn_implementation("eager")
+    layer = model.config.vision_feature_layer
+    with torch.no_grad():
+        out = vision(images(), output_hidden_states=True, output_attentions=True)
+        attention = out.attentions[layer % len(out.hidden_states) - 1]
+        expected = attention[:, :, 0, 1:].mean(1) if tower == "clip" else attention.mean(dim=(1, 2))
+        scores = class_attention(vision, out.hidden_states, layer, has_class_token=tower == "clip")
+    torch.testing.assert_close(scores.float(), expected, atol=1e-6, rtol=1e-5)
 
 
 def test_siglip_tower_and_other_vision_llms():

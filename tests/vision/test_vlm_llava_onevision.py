@@ -9,6 +9,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import vary_constant_parameters
 from torch import Tensor
 
 import vistok
@@ -42,7 +43,7 @@ def tiny_onevision(tower="clip", strategy="default", seed=0, image_size=32):
                                   video_token_id=VIDEO, vision_feature_layer=-2,
                                   vision_feature_select_strategy=strategy,
                                   image_grid_pinpoints=[[side * image_size // 32 for side in p] for p in PINPOINTS])
-    return LlavaOnevisionForConditionalGeneration(config).eval()
+    return vary_constant_parameters(LlavaOnevisionForConditionalGeneration(config).eval(), seed)
 
 
 def left_padded(rows):

@@ -8,6 +8,7 @@ import copy
 
 import pytest
 import torch
+from helpers import vary_constant_parameters
 
 import vistok
 from vistok import InputShapeError, InvalidConfigError
@@ -29,11 +30,11 @@ def tiny_qwen(version="2", seed=0):
     if version == "2":
         config = transformers.Qwen2VLConfig(vision_config=dict(embed_dim=32, hidden_size=32, mlp_ratio=2, **common),
                                             text_config=TEXT, **ids)
-        return transformers.Qwen2VLForConditionalGeneration(config).eval()
+        return vary_constant_parameters(transformers.Qwen2VLForConditionalGeneration(config).eval(), seed)
     vision = dict(hidden_size=32, intermediate_size=64, out_hidden_size=32, window_size=16, fullatt_block_indexes=[1],
                   **common)
     config = transformers.Qwen2_5_VLConfig(vision_config=vision, text_config=TEXT, **ids)
-    return transformers.Qwen2_5_VLForConditionalGeneration(config).eval()
+    return vary_constant_parameters(transformers.Qwen2_5_VLForConditionalGeneration(config).eval(), seed)
 
 
 def inputs(grids=GRIDS, seed=0, placeholders=None, video=None):
