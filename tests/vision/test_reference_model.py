@@ -149,10 +149,35 @@ def test_every_factory_loads_the_file_named_or_refuses(name, tmp_path):
         assert torch.equal(loaded.head.bias, mine.head.bias), key
         with pytest.raises(CheckpointError, match="does not exist"):
             timm.create_model(name, pretrained=True, **{key: dict(file=str(tmp_path / "none.safetensors"))})
+    # both: the overlay's file over pretrained_cfg's (timm's order), here a file that does not exist
+    loaded = timm.create_model(name, pretrained=True, pretrained_cfg=dict(file=str(tmp_path / "none.safetensors")),
+                               pretrained_cfg_overlay=dict(file=str(tmp_path / "mine.safetensors")))
+    assert torch.equal(loaded.head.bias, mine.head.bias)
     with pytest.raises(vistok.InvalidConfigError, match="no pretrained tag 'in1k'"):
         timm.create_model(f"{name}.in1k", pretrained=True)
     with pytest.raises(vistok.InvalidConfigError, match="hf_hub_id"):
         timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(hf_hub_id="someone/weights"))
+
+
+def test_a_checkpoint_that_does_not_fit_is_refused_naming_its_tensors(tmp_path):
+    """load_checkpoint refuses a state with a tensor missing, one too many or one of another shape, naming each,
+    and loads nothing; a missing tensor reached torch's strict load and failed there, with a RuntimeError."""
+    from safetensors.torch import save_file
+
+    from vistok.models import CheckpointError, load_checkpoint
+
+    model = timm.create_model("vistok_vit_fmnist", depth=1)
+    state = {name: value.clone() for name, value in model.state_dict().items()}
+    bias = state.pop("head.bias")
+    wrong = {"missing": (state, r"missing \['head.bias'\]"),
+             "unexpected": ({**state, "head.bias": bias, "head.scale": bias.clone()}, r"unexpected \['head.scale'\]"),
+             "mis_shaped": ({**state, "head.bias": bias[:3].clone()}, r"shape mismatch \['head.bias: checkpoint \(3,")}
+    before = {name: value.clone() for name, value in model.state_dict().items()}
+    for kind, (saved, named) in wrong.items():
+        save_file(saved, str(tmp_path / f"{kind}.safetensors"))
+        with pytest.raises(CheckpointError, match=f"does not fit VisionTransformer: {named}"):
+            load_checkpoint(model, tmp_path / f"{kind}.safetensors")
+        assert all(torch.equal(value, before[name]) for name, value in model.state_dict().items()), kind
 
 
 def test_an_overlays_class_count_is_the_models(tmp_path):

@@ -5,6 +5,7 @@ the real SmolLM2 (loaded once)."""
 import copy
 import csv
 import json
+import math
 import re
 
 import numpy as np
@@ -124,6 +125,19 @@ def test_grid_positions_mark_the_tokens_and_leave_class_attention_alone():
                        tower.class_attention(moved.hidden_states, -2))
     with pytest.raises(vistok.InvalidConfigError, match="vision_feature_layer=0"):
         tower.class_attention(moved.hidden_states, 0)
+    # one crop, its patch grid unpooled: the tower's layout is the ViT's own, so its class attention is the very
+    # attention of the block that produced hidden_states[-2] (a class token's key as the query ranked otherwise)
+    single = ReferenceVisionTower(tower.vit, tiles=1, cell=tower.crop_grid[0])
+    block = single.vit.blocks[-2]
+    block.attn.fused_attn = False  # the attention is then a tensor attn_drop sees
+    seen = []
+    hook = block.attn.attn_drop.register_forward_hook(lambda module, args, out: seen.append(out))
+    with torch.no_grad():
+        unpooled = single(torch.randn(2, 1, 28, 28, generator=torch.Generator().manual_seed(0)))
+    hook.remove()
+    own = seen[0][:, :, 0, 1:].mean(dim=1)  # [B, H, N, N]: the class token's row over the patches, heads averaged
+    assert own.shape == (2, 196)
+    assert torch.allclose(single.class_attention(unpooled.hidden_states, -2), own, atol=1e-6)
 
 
 @pytest.mark.parametrize("tiles", [1, 2, 4])
@@ -167,6 +181,11 @@ def test_the_fine_tower_pools_each_crop_two_by_two():
     patches = alone[0, 1:].reshape(14, 14, 64)
     expected = patches.reshape(7, 2, 7, 2, 64).mean(dim=(1, 3))
     assert torch.allclose(out.last_hidden_state[1, 1:].reshape(14, 14, 64)[:7, 7:], expected, atol=1e-5)
+    with torch.no_grad():  # in front: the mean of the four crops' class tokens (not one crop's)
+        classes = torch.stack([tower.vit.forward_features(images[:, :, row:row + 28, col:col + 28])[:, 0]
+                               for row in (0, 28) for col in (0, 28)])
+    assert not torch.allclose(classes[0], classes[1:].mean(dim=0), atol=1e-3), "the test needs crops that differ"
+    assert torch.allclose(out.last_hidden_state[:, 0], classes.mean(dim=0), atol=1e-5)
 
     coarse = torch.arange(36.0)[:, None].repeat(1, 3)  # place i of the 6 x 6 grid holds the value i
     fine = resized_grid_position(coarse, 14)
@@ -514,3 +533,96 @@ def test_a_vlm_training_run_resumes_where_its_checkpoint_is(tmp_path):
     torch.save(state, tmp_path / "run" / "checkpoint.pt")
     with pytest.raises(ConfigError, match="older vistok"):
         train_trained_tensors(resumed, run(tmp_path / "run", resume=True), step_loss_of(resumed))
+
+
+def test_the_learning_rate_warms_up_then_falls_to_a_tenth(tmp_path):
+    """Step s trains at lr * min(1, (s + 1) / warmup) times a cosine from 1 at the start to 0.1 at the end of the
+    run, as TrainingRun says: a warm-up from s / warmup trained its first step at rate 0, and a cosine to 0 ended
+    the run at a rate that learned nothing."""
+    from vistok.models.reference_vlm import TrainingRun, train_trained_tensors
+
+    model = _Projector()
+    run = TrainingRun(tmp_path, steps=8, minutes=600.0, lr=0.2, warmup=3, save_every=100)
+    train_trained_tensors(model, run, lambda step: (model.multi_modal_projector(torch.ones(1, 3)).sum(), {}))
+    logged = [json.loads(line)["lr"] for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    cosine = [0.1 + 0.9 * (1 + math.cos(math.pi * step / run.steps)) / 2 for step in range(run.steps)]
+    assert cosine[0] == 1.0 and 0.1 + 0.9 * (1 + math.cos(math.pi)) / 2 == pytest.approx(0.1)  # 1 down to 0.1
+    assert logged == pytest.approx([run.lr * min(1.0, (step + 1) / run.warmup) * cosine[step]
+                                    for step in range(run.steps)], rel=1e-6)
+
+
+def test_trained_tensors_that_do_not_fit_are_refused_naming_them(tmp_path):
+    """A checkpoint whose trained tensors are not the model's, one more (another variant's adapter) or one fewer,
+    is refused naming that tensor; an extra one was ignored, silently."""
+    from vistok.models.reference import CheckpointError
+    from vistok.models.reference_vlm import TrainingRun, train_trained_tensors
+
+    model = _Projector()
+
+    def step_loss(step):
+        return model.multi_modal_projector(torch.ones(1, 3)).sum(), {}
+
+    def run(resume=False):
+        return TrainingRun(tmp_path, steps=1, minutes=60.0, lr=0.05, warmup=1, save_every=1, resume=resume)
+
+    train_trained_tensors(model, run(), step_loss)
+    saved = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    extra = "model.language_model.layers.0.self_attn.q_proj.lora_a"
+    for named, trained in ((extra, {**saved["trained"], extra: torch.zeros(8, 3)}),
+                           ("multi_modal_projector.bias", {"multi_modal_projector.weight":
+                                                           saved["trained"]["multi_modal_projector.weight"]})):
+        torch.save({**saved, "trained": trained}, tmp_path / "checkpoint.pt")
+        with pytest.raises(CheckpointError, match=f"does not fit .*{re.escape(named)}"):
+            train_trained_tensors(model, run(resume=True), step_loss)
+
+
+class _Characters:
+    """A tokenizer: one id per character, and one for each of the image placeholder and the chat's markers."""
+
+    special = ("<empty_output>", "<|im_start|>", "<|im_end|>")
+    vocabulary = 128 + len(special)
+
+    def __call__(self, text, add_special_tokens=True):
+        ids = []
+        while text:
+            token = next((marker for marker in self.special if text.startswith(marker)), text[0])
+            ids.append(self.convert_tokens_to_ids(token))
+            text = text[len(token):]
+        return type("Encoding", (), {"input_ids": ids})()
+
+    def convert_tokens_to_ids(self, token):
+        return 128 + self.special.index(token) if token in self.special else ord(token)
+
+
+def test_the_answer_loss_scores_the_next_answer_token():
+    """Training rows label the answer and its <|im_end|> only, at the row's end (labelling the prompt taught the
+    model to write questions), and the loss scores the logits at i against token i + 1: a model that puts all its
+    mass on each next token has no loss, one that repeats the token it reads a large one."""
+    import torch.nn.functional as F
+
+    from vistok.models.reference_vlm import IMAGE_TOKEN, answer_batch, answer_loss, build_prompt
+
+    tokenizer = _Characters()
+    assert tokenizer.convert_tokens_to_ids(IMAGE_TOKEN) == 128
+    questions, answers, counts = ["Is there a bag?", "How many shoes are there?"], ["yes", "2"], [4, 9]
+    rows = answer_batch(tokenizer, questions, answers, counts, pad_id=0)
+    for row, (question, answer, count) in enumerate(zip(questions, answers, counts, strict=True)):
+        prompt = build_prompt(tokenizer, question, count)
+        reply = tokenizer(f"{answer}<|im_end|>", add_special_tokens=False).input_ids
+        own = len(prompt) + len(reply)
+        assert rows["input_ids"][row, -own:].tolist() == prompt + reply
+        assert rows["attention_mask"][row].tolist() == [0] * (rows["input_ids"].shape[1] - own) + [1] * own
+        labels = rows["labels"][row]
+        assert labels[-len(reply):].tolist() == reply and bool((labels[:-len(reply)] == -100).all())
+
+    class Predicts(torch.nn.Module):  # logits at i: all the mass on the row's token i + shift
+        def __init__(self, shift):
+            super().__init__()
+            self.shift = shift
+
+        def forward(self, input_ids, attention_mask=None, logits_to_keep=0):
+            logits = 30.0 * F.one_hot(input_ids.roll(-self.shift, dims=1), tokenizer.vocabulary).float()
+            return type("Output", (), {"logits": logits[:, -logits_to_keep:]})()
+
+    assert float(answer_loss(Predicts(1), rows)) < 1e-6
+    assert float(answer_loss(Predicts(0), rows)) > 1.0

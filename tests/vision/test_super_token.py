@@ -418,6 +418,19 @@ def test_stvit_block_scales_both_residual_branches_by_its_layer_scale():
     assert (got - expected).abs().max() <= 1e-5
 
 
+def test_stvit_block_normalises_positions_before_attention_and_channels_before_the_mlp():
+    """As the paper: norm1 is a LayerNorm of each position over its channels, norm2 a BatchNorm of each channel
+    over the batch and positions; a LayerNorm as norm2 left each channel's offset in the MLP's input."""
+    torch.manual_seed(0)
+    block = STViTBlock(16, 2, 2).train()
+    x = torch.randn(4, 16, 6, 6) + torch.linspace(-3, 3, 16)[None, :, None, None]  # each channel its own offset
+    with torch.no_grad():
+        before_attention, before_mlp = block.norm1(x), block.norm2(x)
+    assert before_attention.mean(dim=1).abs().max() < 1e-5  # every position centred over the channels
+    assert before_mlp.mean(dim=(0, 2, 3)).abs().max() < 1e-5  # every channel centred over batch and positions
+    assert torch.allclose(before_mlp.var(dim=(0, 2, 3), unbiased=False), torch.ones(16), atol=1e-3)
+
+
 def test_stvit_head_pools_the_spatial_mean():
     """The classifier reads the mean of the last feature map over its positions (the paper's average pooling), not
     another reduction of it."""

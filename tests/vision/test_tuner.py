@@ -381,6 +381,8 @@ def test_the_tuner_picks_a_boundary_method_for_a_vision_llm():
     assert no_ranking == ["merge_to_budget", "region_merge", "random_select", "pool tokens=8"]  # no dominant
     full = boundary_candidates((4, 4), ranks_patches=True, target=0.5, num_prefix=1)  # the class feature kept
     assert {c[2].tokens for c in full if c[1] != "pool"} == {7} and all(c[3] <= 0.5 for c in full)
+    # the ratio is of the features the language model reads, the class feature counted in both (8 of 17, not 7 of 16)
+    assert all(c[3] == (c[2].tokens + 1) / (16 + 1) for c in full)
     varying = boundary_candidates((0, 0), ranks_patches=True, target=0.25)  # Qwen2-VL: images differ in size
     crops = [c[0] for c in boundary_candidates((0, 0), ranks_patches=True, target=0.25, crop_grids=True)]
     assert crops == [c[0] for c in varying] + ["correlation_guided redundancy=page"]  # LLaVA-OneVision's crop grids

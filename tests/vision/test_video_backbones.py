@@ -141,7 +141,8 @@ def test_flops_of_test_views_count_each_view_on_its_own():
 
 
 def test_test_views_average_probabilities_without_underflow():
-    """Views give log(mean_v softmax(logits_v)): in float16 a class whose probability underflows in every view was
+    """Views give log(mean_v softmax(logits_v)), each clip its own views' (a wrong split of the batch mixed clips; raw
+    logits averaged are not probabilities): in float16 a class whose probability underflows in every view was
     -inf (its log-likelihood infinite); it is now the finite value, as in float32."""
     from vistok.video import VideoClassifier
 
@@ -154,6 +155,17 @@ def test_test_views_average_probabilities_without_underflow():
     for dtype in (torch.float32, torch.float16):
         averaged = VideoClassifier(Fixed(), layout="CTHW")(views.to(dtype))
         assert averaged.dtype == dtype and torch.allclose(averaged.float(), expected, atol=1e-2)
+
+    class Brightness(torch.nn.Module):  # each view its own logits, unnormalised (they sum to 3 * its mean + 5)
+        def forward(self, x):
+            mean = x.mean(dim=(1, 2, 3, 4))
+            return torch.stack([mean, -mean, 2 * mean], dim=-1) + 5.0
+
+    # clip b's view v is the constant 3b + v: each clip's views differ, and so do the clips
+    views = torch.arange(6.0).reshape(2, 3, 1, 1, 1, 1).expand(2, 3, 1, 2, 4, 4)
+    averaged = VideoClassifier(Brightness(), layout="CTHW")(views)
+    expected = torch.stack([Brightness()(clip).softmax(-1).mean(dim=0).log() for clip in views])  # clip by clip
+    assert torch.allclose(averaged, expected, atol=1e-5)
 
 
 def test_videomae_head_averages_real_tokens_by_size():

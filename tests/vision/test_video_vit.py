@@ -97,6 +97,10 @@ def test_inflating_keeps_the_models_dtype():
 def test_refusals():
     with pytest.raises(InvalidConfigError, match="multiple"):
         inflate_to_video(image_model(), 5, tubelet_frames=2)
+    # a clip a tubelet does not tile, in time or in space, would lose its last frames or pixels: refused
+    for clip in ((5, 28, 28), (4, 30, 28), (4, 28, 30)):
+        with pytest.raises(InvalidConfigError, match=r"clip size \(.*\) is not a multiple of the tubelet \(2, 4, 4\)"):
+            TubeletEmbed(None, torch.nn.Conv3d(1, 8, (2, 4, 4), (2, 4, 4)), clip)
     with pytest.raises(UnsupportedModelError):
         inflate_to_video(torch.nn.Linear(2, 2), 4)
     with pytest.raises(UnsupportedModelError, match="position embedding"):
