@@ -84,6 +84,22 @@ def test_cntp_rows_are_independent(model):
         assert torch.equal(alone.new_tokens[0], both.new_tokens[row])
 
 
+def test_cntp_rows_end_at_their_end_token(model):
+    """With eos_token_id a row ends at its first EOS, also one drawn inside a cautious step's trial: EOS is its last
+    token and padding follows. Trials that stopped only at stop tokens ran on past EOS and emitted text after it."""
+    rows, new = 40, 12
+    cntp = CNTPConfig(entropy_low=0.0, entropy_high=0.5, max_trials=4)
+    out = cntp_generate(model, PROMPTS[1:2].expand(rows, -1), cntp=cntp, stop_token_ids=STOPS, max_new_tokens=new,
+                        seeds=torch.arange(rows), eos_token_id=2, pad_token_id=0)
+    assert out.stats["cautious_steps"] > 0
+    for row in range(rows):
+        tokens, n = out.new_tokens[row], int(out.lengths[row])
+        first_eos = (tokens[:n] == 2).nonzero()
+        assert int(first_eos[0]) == n - 1 if first_eos.numel() else n == new, row
+        assert bool((tokens[n:] == 0).all()), row
+    assert bool((out.lengths < new).any()), "the test needs rows that end at EOS"
+
+
 def test_the_step_after_a_cautious_one_samples_the_model():
     """A chain whose step after token 1 is uncertain (two trials: stop with 0, or go on with 2) and certain after
     that: the token after a chosen segment [0] follows the model's distribution after 0. Reusing the noise of the
@@ -198,6 +214,25 @@ def test_constrained_generation_respects_the_constraint(model):
     assert bool((out.new_tokens % 2 == 0).all())
     assert bool(torch.isfinite(out.stats["log_weight"]).all())
     assert int(out.stats["evaluations"].sum()) < out.stats["vocab_evaluations"]
+
+
+def test_constrained_generation_ends_a_row_that_nothing_satisfies(model):
+    """A row whose constraint allows no token ends there (log weight -inf, its tokens so far): the constraint is not
+    asked about it again, so its evaluations do not grow with max_new_tokens. A row left running was asked (and
+    failed) at every later step."""
+    prompts = torch.tensor([[1, 7, 8, 9], [5, 7, 8, 9]])
+
+    def only_row_one_goes_on(context, tokens):  # any first token; after it, only the row whose prompt starts with 5
+        allowed = (context[:, 0] == 5) | (context.shape[1] == prompts.shape[1])
+        return allowed & (tokens >= 0)
+
+    runs = [constrained_generate(model, prompts, only_row_one_goes_on, max_new_tokens=new, seeds=torch.tensor([1, 2]))
+            for new in (2, 6)]
+    for out in runs:
+        assert out.lengths[0] == 1 and out.stats["log_weight"][0] == -math.inf
+        assert bool(torch.isfinite(out.stats["log_weight"][1:]).all())
+    assert runs[1].stats["evaluations"][0] == runs[0].stats["evaluations"][0]
+    assert runs[1].stats["evaluations"][1] > runs[0].stats["evaluations"][1]  # the other row went on
 
 
 def test_constrained_generation_takes_settings_per_row_after_rows_end(model):

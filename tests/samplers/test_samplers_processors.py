@@ -209,13 +209,16 @@ def test_top_h_widens_its_candidates():
 
 
 @pytest.mark.parametrize("name", sorted(PAIRS))
-def test_per_row_parameters_equal_row_by_row_calls(name):
+@pytest.mark.parametrize("min_tokens", [1, 3])
+def test_per_row_parameters_equal_row_by_row_calls(name, min_tokens):
+    """A ``[B]`` tensor of values keeps what each row's number keeps, ``min_tokens_to_keep`` included: a per-row
+    top-k that ignored it kept one token at ``k = 1`` where the number keeps three."""
     function, _, values = PAIRS[name]
     logits = logit_cases(4, batch=len(values) * 2)
     per_row = torch.tensor(values * 2, dtype=torch.int64 if name == "top_k" else torch.float64)
-    batched = function(logits, per_row)
+    batched = function(logits, per_row, min_tokens_to_keep=min_tokens)
     for row in range(logits.shape[0]):
-        single = function(logits[row:row + 1], per_row[row].item())
+        single = function(logits[row:row + 1], per_row[row].item(), min_tokens_to_keep=min_tokens)
         assert torch.equal(batched[row:row + 1], single)
 
 
@@ -288,6 +291,10 @@ def test_neutral_values_keep_everything():
     # a token whose weight underflows to 0 (exp(-200) in float32) is still kept at p = 1, given per row too
     far = torch.tensor([[0.0, -200.0], [0.0, -200.0]])
     assert torch.equal(top_p_filter(far, 1.0), far) and torch.equal(top_p_filter(far, torch.tensor([1.0, 1.0])), far)
+    # the same for typical_p = 1 on tokens whose weights underflow (a cut-off computed anyway dropped them)
+    far = torch.tensor([[0.0, -50.0, -200.0, -1000.0]] * 2)
+    for mass in (1.0, torch.tensor([1.0, 1.0])):
+        assert torch.equal(typical_filter(far, mass), far)
 
 
 def test_min_tokens_to_keep_rescues_empty_cuts():
@@ -299,6 +306,11 @@ def test_min_tokens_to_keep_rescues_empty_cuts():
         assert torch.equal(kept(cut).sum(1), torch.full((4,), 2))
     # eta never needs it (p_max >= exp(-H) > eta), but honours it
     assert bool((kept(eta_filter(logits, 0.9, min_tokens_to_keep=900)).sum(1) >= 900).all())
+    # more than the vocabulary keeps all of it (not a topk error)
+    small = logits[:, :6]
+    for function, value in [(epsilon_filter, 0.5), (min_p_filter, 1.0), (top_p_filter, 0.0), (typical_filter, 0.2),
+                            (eta_filter, 0.9), (top_k_filter, 1), (top_k_filter, torch.ones(4, dtype=torch.long))]:
+        assert torch.equal(function(small, value, min_tokens_to_keep=10), small), function.__name__
 
 
 def test_filter_value():
@@ -312,6 +324,17 @@ def test_filter_value():
         for bad in (float("nan"), math.inf):
             with pytest.raises(InvalidConfigError, match="filter_value"):
                 function(logits, value, filter_value=bad)
+
+
+def test_epsilon_keeps_a_probability_equal_to_epsilon():
+    """Epsilon keeps a token whose probability equals epsilon exactly (``p >= epsilon``, as Hugging Face's warper):
+    a strict comparison dropped the two tokens of probability 0.25 here and kept only the top one."""
+    logits = torch.tensor([[math.log(2.0), 0.0, 0.0]], dtype=torch.float64)
+    assert logits.softmax(dim=1).tolist() == [[0.5, 0.25, 0.25]]  # an exact tie with epsilon = 0.25
+    expected = kept(hf.EpsilonLogitsWarper(0.25)(IDS, logits))
+    assert bool(expected.all())
+    assert torch.equal(kept(epsilon_filter(logits, 0.25)), expected)
+    assert torch.equal(kept(epsilon_filter(logits, torch.tensor([0.25]))), expected)
 
 
 def test_typical_can_drop_the_top_token():

@@ -23,6 +23,7 @@ from vistok.samplers import (
     top_k_filter,
     top_p_filter,
 )
+from vistok.samplers._decoding import CausalLMState
 from vistok.samplers._params import PARAM_BOUNDS
 from vistok.samplers.sampling import as_seeds
 from vistok.samplers.truncation import epsilon_filter, eta_filter, top_h_filter, typical_filter
@@ -242,6 +243,22 @@ def test_processors_inside_hugging_face_generate():
                              max_new_tokens=4, logits_processor=transformers.LogitsProcessorList([processor]),
                              pad_token_id=0)
         assert out.shape == (2, 8)
+
+
+def test_a_left_padded_row_decodes_as_its_tokens_alone():
+    """In a batch, a left-padded row's next-token logits, after its prompt and after each token fed later, are those
+    of a full forward of its own tokens (float rounding apart). Positions that counted the padding put the first new
+    token before the prompt's last ones, which moves the logits (RoPE)."""
+    model = tiny_llama(0, scale=3.0)
+    padded = torch.tensor([[0, 0, 0, 0, 1, 5, 3], [1, 2, 3, 4, 5, 6, 7]])
+    state = CausalLMState(model, 2)
+    got = [state.prefill(padded, padded != 0)[0]]
+    fed = torch.tensor([9, 4, 11])
+    for token in fed:
+        got.append(state.feed(token.expand(2, 1))[0, -1])
+    with torch.no_grad():
+        expected = model(torch.cat([padded[0, 4:], fed])[None]).logits[0, 2:]
+    assert torch.allclose(torch.stack(got), expected, rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

@@ -1,6 +1,7 @@
 """Speculative sampling (standard and SpecTr K-SEQ), VocabTrim and self-drafts: exactness and bookkeeping."""
 
 import itertools
+import math
 
 import pytest
 import torch
@@ -251,15 +252,85 @@ def test_rows_are_independent_and_reproducible(models):
 
 
 def test_eos_and_max_new_tokens(models):
-    target, draft, _ = models
+    """Rows end at their first EOS (kept, then padding) or at max_new_tokens, and as many rows emit EOS within the
+    first LENGTH tokens as the target's exact distribution says: a decoder that never emitted EOS (every row running
+    to max_new_tokens) passed the per-row checks."""
+    target, draft, joint = models
     decoder = SpeculativeDecoder(target, draft, gamma=4)
-    out = decoder.generate(PROMPT.expand(200, -1), max_new_tokens=7, seeds=torch.arange(200), eos_token_id=2,
+    rows = 200
+    out = decoder.generate(PROMPT.expand(rows, -1), max_new_tokens=7, seeds=torch.arange(rows), eos_token_id=2,
                            pad_token_id=0)
-    for row in range(200):
+    for row in range(rows):
         tokens, n = out.new_tokens[row], int(out.lengths[row])
         first_eos = (tokens[:n] == 2).nonzero()
         assert n == 7 or (first_eos.numel() and int(first_eos[0]) == n - 1)
         assert bool((tokens[n:] == 0).all())
+    sequences = torch.tensor(list(itertools.product(range(VOCAB), repeat=LENGTH)))
+    chance = float(joint[(sequences == 2).any(dim=1)].sum())  # P(EOS among the first LENGTH tokens)
+    ended = int((out.new_tokens[:, :LENGTH] == 2).any(dim=1).sum())
+    assert abs(ended - rows * chance) < 4 * math.sqrt(rows * chance * (1 - chance))
+
+
+def test_a_draft_equal_to_the_target_is_always_accepted(models):
+    """A self-draft with every layer proposes from the target's own distributions, so every draft is accepted: a draft
+    cache that lost the last accepted token was rejected at times, and K-SEQ drew from its empty residual (p == q)
+    instead of falling back to p. A greedy draft_config must reach the draft, which the target then rejects at times."""
+    target, _, _ = models
+    same = self_draft(target)
+    rows, new = 50, 20
+    for k in (1, 2):
+        out = SpeculativeDecoder(target, same, gamma=3, num_drafts=k).generate(
+            PROMPT.expand(rows, -1), max_new_tokens=new, seeds=torch.arange(rows))
+        assert out.stats["acceptance_rate"] == 1.0, k
+        greedy_draft = SpeculativeDecoder(target, same, gamma=3, num_drafts=k,
+                                          draft_config=SamplingConfig(temperature=0))
+        out = greedy_draft.generate(PROMPT.expand(rows, -1), max_new_tokens=new, seeds=torch.arange(rows))
+        assert out.stats["acceptance_rate"] < 1.0, k
+    p_table = markov(3, 5, 1.0)
+    drafts = draft_block(p_table, 0, 2, 2, 500, 0)
+    p = chain_probs(p_table, 0, drafts)
+    accepted, _, _ = kseq_verify(p, p[..., :-1, :], drafts, seeds=torch.arange(500))
+    assert bool((accepted == 2).all())
+
+
+def test_greedy_blocks_accept_the_drafts_greedy_proposals(models):
+    """Greedy target and draft: each block accepts as many drafts as the draft's greedy continuation of the text so
+    far shares with the target's (the reference runs the draft on the whole context, without a cache). A draft cache
+    that kept a rejected draft token, or lost the last accepted one, proposed from another context."""
+    target, draft, _ = models
+    greedy, gamma, new = SamplingConfig(temperature=0), 3, 12
+    prompts = torch.tensor([[1, 5, 3], [4, 2, 6], [7, 7, 1], [3, 0, 5]])
+    out = SpeculativeDecoder(target, draft, gamma=gamma, config=greedy).generate(prompts, max_new_tokens=new)
+    text = generate(target, prompts, greedy, max_new_tokens=new + gamma + 1).new_tokens  # what the target verifies
+    assert torch.equal(out.new_tokens, text[:, :new])
+    proposed = accepted = 0
+    with torch.no_grad():
+        for row in range(len(prompts)):
+            length = 0
+            while length < new:
+                context = torch.cat([prompts[row], text[row, :length]])
+                for _ in range(gamma):
+                    context = torch.cat([context, draft(context[None]).logits[0, -1].argmax()[None]])
+                same = (context[-gamma:] == text[row, length:length + gamma]).long().cumprod(dim=0).sum()
+                proposed, accepted, length = proposed + gamma, accepted + int(same), length + int(same) + 1
+    assert out.stats["accepted"] < out.stats["proposed"], "the test needs rejections"
+    assert (out.stats["accepted"], out.stats["proposed"]) == (accepted, proposed)
+
+
+def test_per_row_settings_stay_with_their_rows(models):
+    """A per-row temperature reaches each row's candidates and target positions: row 0 (temperature 0) is the
+    target's greedy text and row 1 (temperature 1) what it gives alone. Spread row after row (repeat, not
+    repeat_interleave), row 0 took row 1's temperature at some positions."""
+    target, draft, _ = models
+    per_row = SamplingConfig(temperature=torch.tensor([0.0, 1.0]))
+    greedy = generate(target, PROMPT, SamplingConfig(temperature=0), max_new_tokens=12).new_tokens[0]
+    for k in (1, 2):
+        out = SpeculativeDecoder(target, draft, gamma=3, num_drafts=k, config=per_row).generate(
+            PROMPT.expand(2, -1), max_new_tokens=12, seeds=torch.tensor([3, 4]))
+        alone = SpeculativeDecoder(target, draft, gamma=3, num_drafts=k).generate(
+            PROMPT, max_new_tokens=12, seeds=torch.tensor([4]))
+        assert torch.equal(out.new_tokens[0], greedy), k
+        assert torch.equal(out.new_tokens[1], alone.new_tokens[0]), k
 
 
 def test_vocabulary_mismatch_is_refused(models):
