@@ -194,10 +194,11 @@ def test_containers_that_store_no_frame_count(name, tmp_path):
     assert clip.shape[1] == 4 and label == 0
 
 
-def _numbered(path, frames=60, codec="libx264", b_frames=0, open_gop=False):
+def _numbered(path, frames=60, codec="libx264", b_frames=0, open_gop=False, timescale=None):
     """64 x 64 frames, frame i grey level 4 i, in H.264 (or ``codec``), a key frame every 20, no B-frames (or
-    ``b_frames``), closed GOPs (or x264's ``open-gop``)."""
-    with av.open(str(path), "w") as container:
+    ``b_frames``), closed GOPs (or x264's ``open-gop``); an MP4's track ``timescale`` (ticks per second) if given."""
+    options = {"video_track_timescale": str(timescale)} if timescale else {}
+    with av.open(str(path), "w", options=options) as container:
         video = container.add_stream(codec, rate=25)
         video.width = video.height = 64
         video.pix_fmt = "yuv420p"
@@ -250,17 +251,21 @@ def test_transport_streams_with_b_frames_read_in_order(tmp_path):
         read_video(stream, [0], backend="decord")
 
 
-def test_open_gop_streams_read_the_right_frames(tmp_path):
+@pytest.mark.parametrize("b_frames, timescale", [(3, None), (1, 25)], ids=["3 B-frames", "1 B-frame, tick = frame"])
+def test_open_gop_streams_read_the_right_frames(tmp_path, b_frames, timescale):
     """An open GOP (x264's open-gop, x265's default, MPEG-4 Part 2 / MPEG-2 with B-frames) has leading pictures:
     frames after a key frame in the file that are shown before it. decord seeks them to frames up to 3 positions
-    late (index 17 gave frame 20 here), so it refuses them, and "auto" reads them with PyAV."""
+    late (index 17 gave frame 20 here), so it refuses them, and "auto" reads them with PyAV. With one B-frame and
+    the MP4 ticking once a frame, a leading picture is shown one tick before its key frame: a check that wanted
+    more than one tick let decord read it (index 19 alone gave frame 20)."""
     stream = tmp_path / "open.mp4"
-    _numbered(stream, frames=60, b_frames=3, open_gop=True)
+    _numbered(stream, frames=60, b_frames=b_frames, open_gop=True, timescale=timescale)
     near_key_frames = [17, 18, 19, 20, 21, 37, 38, 39, 40, 41, 0, 59]
     for backend in ("auto", "pyav"):
         assert probe_video(stream, backend=backend).frame_count == 60
         assert _frame_numbers(read_video(stream, near_key_frames, backend=backend)) == near_key_frames
-        assert _frame_numbers(read_video(stream, [19], backend=backend)) == [19]
+        for index in (19, 39):  # alone: decord seeks to each
+            assert _frame_numbers(read_video(stream, [index], backend=backend)) == [index], (backend, index)
         assert _frame_numbers(read_video(stream, backend=backend)) == list(range(60))
     with pytest.raises(VideoReadError, match="leading pictures"):
         read_video(stream, [19], backend="decord")
@@ -308,6 +313,34 @@ def test_a_truncated_matroska_file_is_refused(rate, tmp_path):
             read_video(truncated, backend=backend)
         with pytest.raises(VideoReadError, match="truncated: its video track states"):
             probe_video(truncated, backend=backend)
+
+
+def test_a_matroska_file_cut_past_two_frame_intervals_is_refused(tmp_path):
+    """The documented tolerance is two frame intervals (TRUNCATION_FRAMES: rounding, a last packet without a
+    duration): a 60-frame file cut one frame short reads, one cut three frames short (0.12 s at 25 fps) is
+    refused. A wider tolerance read the second as a whole clip of 57 frames."""
+    intact = tmp_path / "intact.mkv"
+    _numbered(intact, frames=60)
+    with av.open(str(intact)) as container:
+        starts = [packet.pos for packet in container.demux(video=0) if packet.size]
+    data = intact.read_bytes()
+    (tmp_path / "one_short.mkv").write_bytes(data[: starts[59]])
+    (tmp_path / "three_short.mkv").write_bytes(data[: starts[57]])
+    for backend in ("auto", "decord", "pyav"):
+        assert _frame_numbers(read_video(tmp_path / "one_short.mkv", backend=backend)) == list(range(59)), backend
+        with pytest.raises(VideoReadError, match="three_short.mkv.*truncated: its video track states"):
+            read_video(tmp_path / "three_short.mkv", backend=backend)
+
+
+def test_a_matroska_video_that_starts_late_is_whole(tmp_path):
+    """Matroska states a track's duration from time 0: a video whose first frame comes at 1 s (a cut, or audio
+    first) ends where its track says and reads whole. Measured from its first frame, it ended 1 s short of the
+    stated duration and was refused as truncated."""
+    late = tmp_path / "late.mkv"
+    _variable_rate(late, [1000 + 40 * i for i in range(30)])
+    for backend in ("auto", "decord", "pyav"):
+        assert probe_video(late, backend=backend).frame_count == 30, backend
+        assert _frame_numbers(read_video(late, backend=backend)) == list(range(30)), backend
 
 
 def test_empty_drop_frame_packets_are_not_frames(tmp_path):
@@ -540,6 +573,28 @@ def test_a_file_of_several_video_streams_is_refused_by_both_backends(tmp_path):
             read_video(tmp_path / "two.mp4", [0, 1], backend=backend)
 
 
+def test_cover_art_is_not_a_second_video_stream(tmp_path):
+    """Cover art is a video stream of one picture marked attached_pic (an MP4 from a music or podcast tool): it is
+    left out, and both backends read the clip's frames. Counted as a second stream, the file was refused."""
+    path = tmp_path / "cover.mp4"
+    with av.open(str(path), "w") as container:
+        video = container.add_stream("libx264", rate=25)
+        video.width = video.height = 64
+        video.pix_fmt = "yuv420p"
+        art = container.add_stream("mjpeg", rate=1)
+        art.width, art.height, art.pix_fmt = 32, 32, "yuvj420p"
+        art.disposition = av.stream.Disposition.attached_pic
+        _encode_grey(container, video, 20, 4)
+        for packet in [*art.encode(av.VideoFrame.from_ndarray(np.zeros((32, 32, 3), np.uint8), format="rgb24")),
+                       *art.encode()]:
+            container.mux(packet)
+    with av.open(str(path)) as container:
+        assert len(container.streams.video) == 2  # the art is there, as a video stream
+    for backend in ("auto", "decord", "pyav"):
+        assert probe_video(path, backend=backend).frame_count == 20, backend
+        assert _frame_numbers(read_video(path, backend=backend)) == list(range(20)), backend
+
+
 def test_bad_arguments():
     for kwargs in ({"indices": [0], "num_frames": 2}, {"num_frames": 0}, {"indices": [-1]}, {"indices": [0.5]},
                    {"indices": torch.tensor([0.0])}, {"backend": "opencv"}, {"timeout": 0}, {"timeout": "10"}):
@@ -572,6 +627,11 @@ def test_segments_and_views():
         picks = clip_sampling.segment_indices(100, 4, random=True, generator=generator)
         assert all(25 * i <= pick < 25 * (i + 1) for i, pick in enumerate(picks))
     assert clip_sampling.segment_indices(3, 6) == [0, 0, 1, 1, 2, 2]
+    segments = ClipSampling("segments", num_frames=4)  # TSN: a random frame of each segment in training
+    draws = [segments.clips(100, True, generator)[0] for _ in range(20)]
+    assert all(25 * i <= pick < 25 * (i + 1) for picks in draws for i, pick in enumerate(picks))
+    assert len({tuple(picks) for picks in draws}) > 1  # drawn anew each time, not the centres
+    assert segments.clips(100, False, generator) == [clip_sampling.segment_indices(100, 4)]  # evaluation: centres
     views = clip_sampling.multiview_clips(100, 8, 2, num_clips=5, num_crops=3)
     assert len(views) == 15 and [crop for _, crop in views[:3]] == [0, 1, 2]
 
@@ -597,7 +657,8 @@ def test_transforms_on_a_real_clip():
 def test_crops_are_centred_on_both_sides_and_random_crops_reach_every_offset():
     """On a clip larger than the crop on both sides (the real clips' short side equals it), one view is the centre
     of both sides, several views are centred on the short side, and random crops take every top and left offset
-    (a bound one short never drew the last row)."""
+    (a bound one short never drew the last row). The flip mirrors left-right (a flip of the other axis turned the
+    crop upside down)."""
     from vistok.video.transforms import random_crop_flip
 
     clip = torch.arange(8 * 12, dtype=torch.float32).reshape(1, 1, 8, 12)  # each pixel is its own position
@@ -608,6 +669,12 @@ def test_crops_are_centred_on_both_sides_and_random_crops_reach_every_offset():
     generator = torch.Generator().manual_seed(0)
     corners = {int(random_crop_flip(clip, 6, flip=False, generator=generator)[0, 0, 0, 0]) for _ in range(300)}
     assert corners == {12 * top + left for top in range(3) for left in range(7)}
+    # a crop of the whole frame is the frame, or the frame mirrored left-right (the flip), never upside down
+    square = clip[..., :8]
+    whole = [random_crop_flip(square, 8, generator=generator) for _ in range(20)]
+    mirrored = [torch.equal(crop, square.flip(-1)) for crop in whole]
+    assert all(flipped or torch.equal(crop, square) for crop, flipped in zip(whole, mirrored, strict=True))
+    assert 0 < sum(mirrored) < len(whole)  # both happen
 
 
 def test_transforms_refuse_what_they_would_get_wrong():
@@ -676,13 +743,18 @@ class _FramesOf(torch.utils.data.Dataset):
 
 
 def test_a_seeded_transform_draws_differently_in_each_worker_and_epoch():
-    """DataLoader workers hold copies of one generator state, again each epoch: each starts from its own seed."""
+    """DataLoader workers hold copies of one generator state, again each epoch: each starts from its own seed and
+    the transform's (with the transform's seed left out, every seed drew the same crops in a worker)."""
     torch.manual_seed(0)  # the loader draws the workers' seeds from torch's generator
     dataset = _FramesOf(ClipTransform(8, short_side=16, train=True, seed=3, mean=(0, 0, 0), std=(1, 1, 1)))
     loader = torch.utils.data.DataLoader(dataset, batch_size=1, num_workers=2)
     first, second = ([crop for crop in loader] for _ in range(2))  # items 0, 2 in worker 0; 1, 3 in worker 1
     assert not (torch.equal(first[0], first[1]) and torch.equal(first[2], first[3]))
     assert not all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
+    torch.manual_seed(0)  # the same workers' seeds as for ``first``: another transform seed draws other crops
+    other = _FramesOf(ClipTransform(8, short_side=16, train=True, seed=4, mean=(0, 0, 0), std=(1, 1, 1)))
+    reseeded = list(torch.utils.data.DataLoader(other, batch_size=1, num_workers=2))
+    assert not all(torch.equal(a, b) for a, b in zip(first, reseeded, strict=True))
     in_process = [dataset[i] for i in range(4)]  # without workers: the transform's own sequence, as before
     again = _FramesOf(ClipTransform(8, short_side=16, train=True, seed=3, mean=(0, 0, 0), std=(1, 1, 1)))
     assert all(torch.equal(a, again[i]) for i, a in enumerate(in_process))
@@ -724,6 +796,13 @@ def test_kinetics_csv(kinetics_root):
     (kinetics_root / "more.csv").write_text(listed)
     assert kinetics_classes(kinetics_root / "more.csv", "train") == train.classes
     assert kinetics_classes(kinetics_root / "more.csv") == sorted([*train.classes, "juggling"])
+    # the classes are sorted, not in the order the rows first name them (here "talking on phone" first)
+    header, first, second, *rest = (kinetics_root / "train.csv").read_text().splitlines()
+    (kinetics_root / "swapped.csv").write_text("\n".join([header, second, first, *rest]) + "\n")
+    with pytest.warns(UserWarning, match="1 of 5 clips"):
+        swapped = kinetics_csv(kinetics_root / "swapped.csv", kinetics_root, split="train")
+    assert swapped.classes == train.classes == kinetics_classes(kinetics_root / "swapped.csv", "train")
+    assert [s.label for s in swapped.samples] == [1, 0, 0, 1]
     with pytest.raises(DatasetNotFoundError, match="absent"):
         kinetics_csv(kinetics_root / "train.csv", kinetics_root, split="train", on_error="raise")
     moved = kinetics_root / "val" / "talking_on_phone"  # a downloader's folder: the label's spaces as underscores

@@ -93,6 +93,42 @@ def test_keep_everything_parity(name, method, options):
     assert torch.equal(encode(model, x), expected)  # removed
 
 
+def test_a_landscape_videomae_keeps_height_and_width_apart():
+    """A VideoMAE of (height, width) = (32, 48) has a 2 x 4 x 6 grid, and patched at keep-everything it runs as the
+    unpatched model on its own clips (with height and width swapped, it refused them as 48 x 32)."""
+    torch.manual_seed(0)
+    model = VideoMAEModel(VideoMAEConfig(**{**SHARED, "image_size": (32, 48)}, patch_size=8, tubelet_size=2)).eval()
+    x = torch.randn(2, FRAMES, 3, 32, 48, generator=torch.Generator().manual_seed(1))
+    expected = encode(model, x)
+    with vistok.patch(model, "merge", r=0) as handle:
+        got = encode(model, x)
+        assert handle.info.grid_size == (2, 4, 6)
+    assert (got - expected).abs().max() <= TOL
+
+
+@pytest.mark.parametrize("name", ["videomae", "vivit"])
+def test_training_with_dropout_matches_the_unpatched_model(name):
+    """In training with hidden dropout, the patched model at keep-everything draws the same dropout as the
+    unpatched one under the same seed, so their logits agree (a block that skipped the dropout after its attention
+    branch did not)."""
+    torch.manual_seed(0)
+    if name == "videomae":
+        config = VideoMAEConfig(**SHARED, patch_size=8, tubelet_size=2, num_labels=5, hidden_dropout_prob=0.3)
+        model = VideoMAEForVideoClassification(config).train()
+    else:
+        config = VivitConfig(**SHARED, tubelet_size=[2, 8, 8], num_labels=5, hidden_dropout_prob=0.3)
+        model = VivitForVideoClassification(config).train()
+    x = clips()
+    torch.manual_seed(1)
+    expected = model(pixel_values=x).logits
+    torch.manual_seed(2)
+    assert not torch.allclose(model(pixel_values=x).logits, expected)  # the dropout is drawn
+    with vistok.patch(model, "merge", r=0):
+        torch.manual_seed(1)
+        got = model(pixel_values=x).logits
+    assert (got - expected).abs().max() <= TOL
+
+
 @pytest.mark.parametrize("name", ["videomae", "vivit"])
 @pytest.mark.parametrize("method", ["ats", "merge", "random_drop", "compose"])
 def test_methods_reduce_space_time_tokens(name, method):

@@ -119,6 +119,22 @@ def test_the_selector_trains_reads_the_question_and_ignores_padding():
         SelectorConfig(frame_dim=8, text_dim=6, width=10)
 
 
+def test_soft_selection_is_the_softmax_of_the_scaled_scores():
+    """The scores are the projected queries' dot products with the frame summaries over sqrt(frame_dim), and soft
+    selection (hard=False, eval) is their softmax over tau: without the scaling, the weights were far sharper."""
+    torch.manual_seed(0)
+    config = SelectorConfig(frame_dim=64, text_dim=8, num_queries=2, width=16, heads=2, hard=False)
+    selector = TemporalQuerySelector(config).eval()
+    projected = []  # the queries in frame space, as the selector computes them
+    selector.to_frames.register_forward_hook(lambda module, inputs, output: projected.append(output))
+    summaries, text = torch.randn(1, 6, 64), torch.randn(1, 3, 8)
+    with torch.no_grad():
+        weights = selector(summaries, text)
+    scores = projected[0] @ summaries.transpose(1, 2) / config.frame_dim ** 0.5
+    assert torch.allclose(weights, torch.softmax(scores / config.tau, dim=-1), atol=1e-6)
+    assert float(weights.max()) < 1 - 1e-3  # soft: the weights spread over frames
+
+
 def b_vllm_groups(metric, threshold):
     """The rule as vistok documents it, read directly (O(K^2) loops): frame j (in time order) merges into
     argmax_{i < j} of (cos + 1) / 2 if that passes the threshold (B-VLLM's rule); chains followed to their earliest

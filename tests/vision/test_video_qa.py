@@ -189,6 +189,18 @@ def test_config_errors():
         frames_to_input(frames.float() / 255)
 
 
+def test_colour_frames_reach_the_tower_as_the_mean_of_their_channels():
+    """Decoded RGB frames turn grey as the mean of R, G and B: a cyan pixel (0, 255, 255) reads as grey 170, the
+    same as given grey. One channel alone made cyan black and red white."""
+    from vistok.video.qa import frames_to_input
+
+    palette = torch.tensor([[0, 255, 255], [255, 0, 255], [255, 255, 0], [255, 0, 0], [0, 255, 0], [0, 0, 255],
+                            [30, 60, 90]], dtype=torch.uint8)  # whole channel means: 170, 85 and 60
+    picks = torch.randint(len(palette), (2, 28, 28), generator=torch.Generator().manual_seed(0))
+    grey = palette.float().mean(dim=-1).to(torch.uint8)
+    torch.testing.assert_close(frames_to_input(palette[picks]), frames_to_input(grey[picks]))
+
+
 def test_the_evaluator_refuses_an_empty_plan_before_the_model_loads(tmp_path, capsys, monkeypatch):
     """--selections text without --clip left nothing to evaluate: it loaded the model, encoded every question and
     wrote an empty CSV with status 0. A negative --threads was a RuntimeError."""
@@ -265,6 +277,19 @@ def test_a_blank_question_is_refused_by_every_selection(selection):
             qa(SAMPLE / "missing.mp4", question)  # not a VideoReadError: checked first
         with pytest.raises(InvalidConfigError, match="the questions must be non-empty strings"):
             qa.compress(encoded_video(), torch.zeros(4, 1, 28, 28), question)
+
+
+def test_each_call_seed_draws_the_frames_drop_keeps():
+    """VideoQA.compress(seed=s) draws the frames "drop" keeps from s (with the config's seed): one seed keeps the
+    same frames every time, other seeds other frames. With the call's seed left out, every call kept the same."""
+    from vistok.video.qa import VideoQA
+
+    qa = VideoQA(None, None, VideoQAConfig(budget=16, selection="drop", merge_threshold=None))
+    video = encoded_video(frames=32)  # 4 tokens a frame: 4 of the 32 frames are kept
+    kept = [qa.compress(video, None, "Is there a bag?", seed=seed).frames for seed in range(4)]
+    assert all(len(frames) == 4 for frames in kept)
+    assert qa.compress(video, None, "Is there a bag?", seed=0).frames == kept[0]
+    assert len({tuple(frames) for frames in kept}) > 1
 
 
 def test_the_cli_refuses_frames_for_selections_that_do_not_read_them(capsys):
