@@ -3,7 +3,7 @@
 import pytest
 import timm
 import torch
-from helpers import TOL, make_images, make_model, reference_sampling
+from helpers import TOL, KeepAboveMeanConfig, make_images, make_model, reference_sampling
 
 import vistok
 from vistok.methods.ats import default_ats_blocks
@@ -381,6 +381,22 @@ def test_the_stand_in_query_of_a_padded_half_precision_layout_is_the_mean():
     torch.testing.assert_close(probe_query(q, torch.ones_like(valid), False), probe_query(q, None, False))
     wide = torch.randn(1, 2, 577, 8, generator=torch.Generator().manual_seed(1)).bfloat16()  # bf16 counts 577 as 576
     assert torch.equal(probe_query(wide, torch.ones(1, 577, dtype=torch.bool), False), probe_query(wide, None, False))
+
+
+def test_ats_without_a_class_token_after_a_padded_layout_equals_one_image_at_a_time():
+    """A model without a class token scores with the mean query of the real tokens; after a block that keeps a
+    different count per image the batch is padded, and a mean taken over the padding too scored (and kept) other
+    tokens in the batch than in each image's own run."""
+    model = make_model("vit", img_size=128, depth=3, embed_dim=64, num_heads=2, global_pool="avg", class_token=False)
+    images = make_images(model, 4)
+    methods = [KeepAboveMeanConfig([0]), ("ats", {"k": 0.5, "min_tokens": 1, "blocks": [1]})]
+    with torch.no_grad(), vistok.patch(model, methods) as handle:
+        batched = model(images)
+        padded, sampled = handle.layouts[0], handle.layouts[1]
+        singles = torch.cat([model(image[None]) for image in images])
+    assert padded.valid is not None, "the test needs a padded layout before ATS"
+    assert bool((sampled.num_valid() < padded.num_valid()).all())  # ATS dropped tokens in every image
+    assert (batched - singles).abs().max() <= TOL
 
 
 def test_boundary_attention_scores_are_computed_in_float32_at_least():

@@ -108,6 +108,14 @@ def test_redundant_tokens_against_a_direct_count():
             assert bool(flagged[v, i]) == (similar >= 4)
     assert bool(flagged[0, :10].all()) and not bool(flagged[1:].any())
     assert torch.allclose(information_density(keys), 1 - flagged.float().mean(-1))
+    # a cosine exactly at the threshold is not past it: six orthogonal keys (cosines exactly 0) repeat nothing at 0,
+    # nor do opposite keys (cosine exactly -1) at -1; counted as repeats, every one of them was flagged
+    orthogonal = torch.eye(6)[None]
+    assert not bool(redundant_tokens(orthogonal, similarity=0.0, repeats=4).any())
+    assert information_density(orthogonal, 0.0, 4).tolist() == [1.0]
+    opposite = torch.cat([torch.ones(3, 4), -torch.ones(3, 4)])[None]  # three copies each way: two repeats each
+    assert not bool(redundant_tokens(opposite, similarity=-1.0, repeats=3).any())
+    assert bool(redundant_tokens(opposite, similarity=-1.0, repeats=2).all())
     with pytest.raises(InvalidConfigError, match="repeats must be a positive int"):
         redundant_tokens(keys, repeats=0)
     with pytest.raises(InvalidConfigError, match=r"similarity must be a cosine in \[-1, 1\)"):
@@ -219,6 +227,23 @@ def test_view_signals_read_the_blocks_own_attention(tiny_vit):
     assert torch.equal(signals.tokens, out[:, 1:])
     with pytest.raises(InvalidConfigError, match=r"layer must be a block index in \[-12, 12\)"):
         view_signals(tiny_vit, views, layer=12)
+
+
+def test_view_signals_of_a_tower_with_registers_score_the_patches_only():
+    """Behind a class token and registers the class token's attention is read from the first patch on, as the keys
+    and tokens are: a score that skipped the class token only took the registers for patches (a score for each
+    register, and each patch's score read off another token's attention)."""
+    torch.manual_seed(0)
+    tower = timm.create_model("vit_tiny_patch16_224", img_size=64, depth=2, reg_tokens=4, num_classes=0).eval()
+    views = torch.randn(2, 3, 64, 64)
+    block, prefix, patches = tower.blocks[-1], tower.num_prefix_tokens, tower.patch_embed.num_patches
+    x, out = _block_io(tower, block, views)
+    qkv, weights = _timm_attention(block, x)
+    signals = view_signals(tower, views)
+    assert prefix == 5 and signals.class_attention.shape == signals.keys.shape[:2] == (2, patches)
+    assert torch.allclose(signals.class_attention, weights[:, :, 0, prefix:].mean(1), atol=1e-6)
+    assert torch.allclose(signals.keys, qkv[1].transpose(1, 2).flatten(2)[:, prefix:], atol=1e-6)
+    assert torch.equal(signals.tokens, out[:, prefix:])
 
 
 @pytest.mark.parametrize("name", ["eva02_tiny_patch14_224", "vit_base_patch16_rope_224"])
@@ -596,7 +621,8 @@ def test_allocate_budget_takes_weights_on_a_cuda_device():
 
 def test_page_budgets_refuse_a_total_outside_what_the_views_can_keep():
     """Every view keeps at least ``minimum`` and at most its tokens: a total outside that is refused by name, not
-    split into negative budgets; inside it the budgets keep both bounds and spend the total."""
+    split into negative budgets; inside it the budgets keep both bounds and spend the total, and the global view
+    gets the count nearest its share of the total within the bounds (a floored share gave it up to a token less)."""
     density = torch.tensor([0.5, 1.0, 0.0, 0.3, 0.9, 0.2, 0.7])
     config = CorrelationGuidedConfig(keep=0.5, minimum=2)
     for total in (0, 13, 16 * 7 + 1):
@@ -607,6 +633,9 @@ def test_page_budgets_refuse_a_total_outside_what_the_views_can_keep():
         for total in range(14, 16 * 7 + 1):
             budgets = page_budgets(density, total, 16, True, config)
             assert int(budgets.sum()) == total and bool((budgets >= 2).all()) and bool((budgets <= 16).all())
+            low, high = max(2, total - 16 * 6), min(16, total - 2 * 6)  # what the crops leave the global view
+            exact = min(max((1 / 7 if share is None else share) * total, low), high)
+            assert abs(int(budgets[0]) - exact) <= 0.5, (share, total)
     with pytest.raises(InvalidConfigError, match="tokens_per_view must be an int >= minimum=2"):
         page_budgets(density, 14, 1, True, config)
 

@@ -166,7 +166,8 @@ def test_intermediates_are_padded_token_lists_not_feature_maps(family):
     assert model.forward_intermediates(images)[1][0].dim() == 4  # unpatched: feature maps again
 
 
-# Variants that none of the families above is: timm's other poolings, grouped-query attention, attention dropout.
+# Variants that none of the families above is: timm's other poolings, grouped-query attention, attention dropout,
+# rotary embeddings behind registers.
 POOLINGS = {
     "avg over the prefix too": dict(global_pool="avg", pool_include_prefix=True, fc_norm=False),
     "avgmax over registers and patches": dict(global_pool="avgmax", reg_tokens=2, pool_include_prefix=True,
@@ -211,6 +212,15 @@ def test_grouped_query_attention_keeps_everything_like_unpatched():
         with vistok.patch(model, "ats", **keep_everything(model)):
             got = model(images)
     assert (got - expected).abs().max() <= TOL
+
+
+def test_a_rotary_model_with_registers_matches_timm_blocks_on_the_kept_tokens():
+    """The rotary angles of a kept patch token are those of its grid position, its source less the class token
+    and the registers; one that subtracted the class token only rotated each token as a patch further on (or
+    past the grid)."""
+    model = make_model("eva02_rope", img_size=56, depth=3, num_reg_tokens=3)
+    assert model.num_prefix_tokens == 4
+    _check_ats_matches_timm_on_the_kept_tokens(model, k=0.3)
 
 
 @pytest.mark.parametrize("family", ["vit", "eva02_rope"])

@@ -154,6 +154,40 @@ def test_merging_after_padding_matches_one_by_one(family):
     assert (batched - singles).abs().max() <= TOL
 
 
+def test_merging_half_of_a_padded_layouts_patches_equals_one_by_one():
+    """With r past half of an image's valid patch tokens, ToMe merges half of them, as in the image's own run: an r
+    that counted the class token among them merged one more pair in the images with an odd patch count."""
+    model = make_model("vit", img_size=64, depth=3, embed_dim=64, num_heads=2)
+    images = make_images(model, 4)
+    with torch.no_grad(), vistok.patch(model, [KeepAboveMeanConfig([0]), vistok.MergeConfig(r=8, blocks=[1])]) as h:
+        batched = model(images)
+        before, after = (h.layouts[block].num_valid() - 1 for block in (0, 1))
+        singles = torch.cat([model(image[None]) for image in images])
+    assert bool((before % 2 == 1).any()), "the test needs an odd patch count"
+    assert torch.equal(after, before - torch.clamp(before // 2, max=8))
+    assert (batched - singles).abs().max() <= TOL
+
+
+def test_average_pooling_after_merging_is_the_mean_over_the_patches_kept():
+    """Average pooling (without fc_norm, which would hide a scale) weighs each merged token by the patches it
+    stands for: the mean over the original patches, each taking its token's features. Divided by the token count
+    instead, the pooled features were scaled up by the patches per token."""
+    model = make_model("vit", img_size=64, depth=3, embed_dim=64, num_heads=2, global_pool="avg", class_token=False,
+                       reg_tokens=2, fc_norm=False)
+    images = make_images(model, 3)
+    config = [KeepAboveMeanConfig([0]), vistok.MergeConfig(r=6, blocks=[1], trace_source=True)]
+    with torch.no_grad(), vistok.patch(model, config) as handle:
+        features = model.forward_features(images)
+        pooled = model.forward_head(features, pre_logits=True)
+        layout = handle.layouts[1]
+    assert layout.valid is not None and float(layout.sizes.max()) > 1, "the test needs a padded, merged layout"
+    owner = layout.owner[:, model.num_prefix_tokens:]  # the token each original patch is in (-1: dropped)
+    per_patch = features.gather(1, owner.clamp_min(0)[..., None].expand(-1, -1, features.shape[-1]))
+    kept = (owner >= 0)[..., None]
+    expected = (per_patch * kept).sum(1) / kept.sum(1)
+    assert (pooled - expected).abs().max() <= TOL
+
+
 def test_schedules_and_caps():
     assert merge_schedule(8, 4, "constant") == [8, 8, 8, 8]
     assert merge_schedule(8, 5, "decreasing") == [16, 12, 8, 4, 0]

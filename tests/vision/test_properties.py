@@ -125,3 +125,26 @@ def test_plainly_valid_options_patch_and_run(variant, method):
         kept = handle.tokens_per_block()
     assert patched.shape == unpatched.shape and bool(torch.isfinite(patched).all())
     assert min(kept) < kept[0] or name == "super_token"
+
+
+def test_random_drop_draws_each_block_from_the_seed_plus_its_index():
+    """As RandomDropConfig documents, block ``b`` keeps the tokens that ``hashed_noise(seed + b)`` ranks highest
+    among those it receives; one seed for every block drew the same ranks of positions in each block, no longer
+    independent draws."""
+    from vistok.ops import hashed_noise
+
+    model = _model("cls")
+    images = torch.randn(2, 3, IMAGE, IMAGE, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    seed, blocks = 7, [1, 2, 3]
+    with torch.no_grad(), vistok.patch(model, "random_drop", k=0.5, blocks=blocks, seed=seed) as handle:
+        model(images)
+        layouts = dict(handle.layouts)
+    received = torch.arange(1 + 16).expand(2, -1)  # the class token, then the patches, into block 1
+    for block in blocks:
+        patches = received.shape[1] - 1
+        noise = hashed_noise(seed + block, 2, patches)
+        for row in range(2):
+            drawn = noise[row].argsort(descending=True, stable=True)[:round(patches * 0.5)]
+            expected = sorted(received[row, 1:][drawn].tolist())
+            assert layouts[block].source_index()[row, 1:].tolist() == expected, (block, row)
+        received = layouts[block].source_index()
