@@ -31,6 +31,25 @@ def test_fused_attention_is_counted_like_unfused():
     assert fused > linear_only * 1.05
 
 
+def test_fused_attention_of_fewer_queries_than_keys_is_counted_like_unfused():
+    """Attention of M queries over N keys costs 2 matmuls of B * H * M * N * d multiply-adds, on the fused CPU
+    kernel as on the unfused path; a count that took the keys' shape for the queries' counted N * N."""
+
+    class Attention(torch.nn.Module):
+        def __init__(self, fused: bool):
+            super().__init__()
+            self.fused = fused
+
+        def forward(self, x):
+            queries = x[:, :, :5]
+            if self.fused:
+                return torch.nn.functional.scaled_dot_product_attention(queries, x, x)
+            return ((queries @ x.transpose(-2, -1)) * x.shape[-1] ** -0.5).softmax(-1) @ x
+
+    x = torch.randn(1, 2, 20, 8)
+    assert count_flops(Attention(True), x) == count_flops(Attention(False), x) == 2 * 2 * (1 * 2 * 5 * 20 * 8)
+
+
 def test_open_clip_attention_is_counted_on_its_fused_fast_path_too():
     """open_clip's towers attend with nn.MultiheadAttention, whose no-grad fast path (even head counts) is one fused
     operator the counter has no formula for: the unpatched tower counted about half its FLOPs, so every patched
