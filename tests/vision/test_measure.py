@@ -173,6 +173,29 @@ def test_bench_command(tmp_path, capsys):
     assert patched["gflops_ratio"] < 0.75 and patched["tokens_per_block"][3] <= 109
 
 
+def test_bench_command_hands_every_option_to_the_benchmark(monkeypatch):
+    """What ``vistok bench`` parses is what the benchmark runs with: an option parsed and then replaced by its
+    default (``--seed``, ``--warmup``, ``--flops-images``) reported a run that was not the one asked for."""
+    import vistok.measure.bench as bench
+
+    class Recorded(Exception):
+        pass
+
+    seen = {}
+
+    def recorded(model_name, variants, **options):
+        seen.update(options, model_name=model_name, variants=variants)
+        raise Recorded
+
+    monkeypatch.setattr(bench, "run_benchmark", recorded)
+    with pytest.raises(Recorded):
+        main(["bench", "--model", "vit_tiny_patch16_224", "--method", "merge", "-o", "r=2", "--batch-size", "4",
+              "--runs", "2", "--warmup", "0", "--seed", "5", "--flops-images", "3", "--no-progress"])
+    assert seen["model_name"] == "vit_tiny_patch16_224" and seen["variants"][-1].options == {"r": 2}
+    assert (seen["batch_size"], seen["runs"], seen["warmup"], seen["seed"], seen["flops_images"]) == (4, 2, 0, 5, 3)
+    assert seen["progress"] is False
+
+
 def test_bench_command_compiled(tmp_path, capsys):
     """--compile times the compiled models (here dynamo with the eager backend: quick); merging nothing is the
     unpatched function, compiled too."""

@@ -264,9 +264,11 @@ def test_answers_decode_through_vistok_samplers(smollm2):
 
 
 @pytest.mark.slow
-def test_train_eval_and_ask_tools(smollm2, tmp_path, capsys):
+def test_train_eval_and_ask_tools(smollm2, tmp_path, capsys, monkeypatch):
     """Two training steps write the trained tensors; they load into a fresh model; the evaluation tool and
-    `vistok ask` run on them (on SmolLM2, whatever they answer after two steps)."""
+    `vistok ask` run on them (on SmolLM2, whatever they answer after two steps), with the sampling and seed asked
+    for (a --seed parsed and then replaced by 0 drew every answer from one stream)."""
+    import vistok.models.reference_vlm as vlm_module
     from vistok.cli import main as vistok_main
     from vistok.models.reference_vlm import trained_state
 
@@ -320,7 +322,12 @@ def test_train_eval_and_ask_tools(smollm2, tmp_path, capsys):
     image = tmp_path / "items.png"
     Image.fromarray(FashionQA("test", 1).example(0).image).resize((112, 112)).save(image)
     args = ["ask", "--image", str(image), "--question", "Is there a bag?", "--checkpoint", str(saved)]
-    assert vistok_main([*args, "--method", "dominant", "--tokens", "12"]) == 0
+    asked, answer_questions = [], vlm_module.answer_questions
+    monkeypatch.setattr(vlm_module, "answer_questions", lambda *a, sampling, seeds: asked.append(
+        (sampling.temperature, sampling.top_p, seeds)) or answer_questions(*a, sampling=sampling, seeds=seeds))
+    assert vistok_main([*args, "--method", "dominant", "--tokens", "12", "--temperature", "0.5", "--top-p", "0.9",
+                        "--seed", "7"]) == 0
+    assert asked == [(0.5, 0.9, 7)]
     printed = capsys.readouterr().out
     assert "answer:" in printed and "visual tokens: 12 (dominant)" in printed and "prefill:" in printed
     assert vistok_main([*args[:1], "--image", str(tmp_path / "missing.png"), *args[3:]]) == 2
