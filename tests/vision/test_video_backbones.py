@@ -192,7 +192,7 @@ def test_test_views_average_probabilities_without_underflow():
         averaged = VideoClassifier(Fixed(), layout="CTHW")(views.to(dtype))
         assert averaged.dtype == dtype and torch.allclose(averaged.float(), expected, atol=1e-2)
 
-    class Brightness(torch.nn.Module):  # each view its own logits, unnormalised (they sum to 3 * its mean + 5)
+    class Brightness(torch.nn.Module):  # each view its own logits, unnormalised (all shifted by 5)
         def forward(self, x):
             mean = x.mean(dim=(1, 2, 3, 4))
             return torch.stack([mean, -mean, 2 * mean], dim=-1) + 5.0
