@@ -317,17 +317,20 @@ def test_a_truncated_matroska_file_is_refused(rate, tmp_path):
 
 def test_a_matroska_file_cut_past_two_frame_intervals_is_refused(tmp_path):
     """The documented tolerance is two frame intervals (TRUNCATION_FRAMES: rounding, a last packet without a
-    duration): a 60-frame file cut one frame short reads, one cut three frames short (0.12 s at 25 fps) is
-    refused. A wider tolerance read the second as a whole clip of 57 frames."""
+    duration): a 60-frame file cut one or two frames short reads, one cut three frames short (0.12 s at 25 fps) is
+    refused. A wider tolerance read the last as a whole clip of 57 frames; the file exactly two frames short was
+    refused while its shortfall, 2.4 s - 2.32 s, came out a bit above 2 * 0.04 s in floating point."""
     intact = tmp_path / "intact.mkv"
     _numbered(intact, frames=60)
     with av.open(str(intact)) as container:
         starts = [packet.pos for packet in container.demux(video=0) if packet.size]
     data = intact.read_bytes()
     (tmp_path / "one_short.mkv").write_bytes(data[: starts[59]])
+    (tmp_path / "two_short.mkv").write_bytes(data[: starts[58]])
     (tmp_path / "three_short.mkv").write_bytes(data[: starts[57]])
     for backend in ("auto", "decord", "pyav"):
         assert _frame_numbers(read_video(tmp_path / "one_short.mkv", backend=backend)) == list(range(59)), backend
+        assert _frame_numbers(read_video(tmp_path / "two_short.mkv", backend=backend)) == list(range(58)), backend
         with pytest.raises(VideoReadError, match="three_short.mkv.*truncated: its video track states"):
             read_video(tmp_path / "three_short.mkv", backend=backend)
 

@@ -19,6 +19,7 @@ with a message for the user.
 from __future__ import annotations
 
 import functools
+import math
 import os
 import pickle
 import shutil
@@ -282,9 +283,13 @@ TRUNCATION_FRAMES = 2  # frame intervals the packets may end short of the stated
 
 def _check_complete(facts: StreamFacts) -> None:
     """Refuse a truncated file: one whose packets end more than :data:`TRUNCATION_FRAMES` frame intervals before
-    the duration its video track states (Matroska and faststart MP4s cut short still state the whole one)."""
+    the duration its video track states (Matroska and faststart MP4s cut short still state the whole one). A file
+    exactly that much short reads: seconds are ticks times a time base, so the two sides may differ in the last bit."""
     stated = facts.stated_duration
-    if stated is not None and stated - facts.packets_end > TRUNCATION_FRAMES * facts.frame_interval:
+    if stated is None:
+        return
+    shortfall, tolerance = stated - facts.packets_end, TRUNCATION_FRAMES * facts.frame_interval
+    if shortfall > tolerance and not math.isclose(shortfall, tolerance, rel_tol=1e-9):
         raise DecodeError(f"it is truncated: its video track states {stated:.3f} s, but its {facts.frame_count} "
                           f"frames end at {facts.packets_end:.3f} s")
 
