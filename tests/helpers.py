@@ -184,10 +184,11 @@ def tiny_idefics3(kind: str = "idefics3", seed: int = 0, image_size: int = 32) -
     return vary_constant_parameters(getattr(transformers, f"{prefix}ForConditionalGeneration")(config).eval(), seed)
 
 
-def tiny_hf_tower(kind: str = "clip", image_size: int = 64, seed: int | None = 0) -> nn.Module:
+def tiny_hf_tower(kind: str = "clip", image_size: int = 64, seed: int | None = 0, **vision_config) -> nn.Module:
     """A random Hugging Face ``CLIPVisionModel`` (``kind="clip"``), ``CLIPModel`` (``"clip-full"``, with a tiny text
     tower) or ``SiglipVisionModel`` (``"siglip"``): 4 blocks of width 64 over ``image_size`` px in 8 px patches,
-    initialised from ``seed`` (``None``: from torch's global generator as it stands)."""
+    initialised from ``seed`` (``None``: from torch's global generator as it stands). ``vision_config`` overrides
+    or adds vision config fields (``num_hidden_layers=2``, ``attention_dropout=0.5``, ``attn_implementation=...``)."""
     from transformers import (
         CLIPConfig,
         CLIPModel,
@@ -198,7 +199,7 @@ def tiny_hf_tower(kind: str = "clip", image_size: int = 64, seed: int | None = 0
     )
 
     vision = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-                  image_size=image_size, patch_size=8)
+                  image_size=image_size, patch_size=8) | vision_config
     if seed is not None:
         torch.manual_seed(seed)
     if kind == "clip":

@@ -640,14 +640,8 @@ def test_a_block_module_at_two_positions_is_refused(blocks):
 def test_hf_attention_dropout_in_training_mode_is_the_towers_own(kind):
     """In training mode the patched attention drops attention weights as the tower's own (SDPA) attention does, from
     the same random numbers; one that ran without dropout gave the eval-mode attention instead."""
-    from transformers import CLIPVisionConfig, CLIPVisionModel, SiglipVisionConfig, SiglipVisionModel
-
-    config_class, model_class = {"clip": (CLIPVisionConfig, CLIPVisionModel),
-                                 "siglip": (SiglipVisionConfig, SiglipVisionModel)}[kind]
-    torch.manual_seed(0)
-    model = model_class(config_class(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                                     image_size=32, patch_size=8, attention_dropout=0.5,
-                                     attn_implementation="sdpa")).train()
+    model = tiny_hf_tower(kind, image_size=32, num_hidden_layers=2, attention_dropout=0.5,
+                          attn_implementation="sdpa").train()
     images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         torch.manual_seed(5)
