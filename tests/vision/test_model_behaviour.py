@@ -95,6 +95,26 @@ def test_deepcopy_is_an_independent_patched_model(case):
     assert not handle.active and torch.equal(run(model), unpatched)
 
 
+@pytest.mark.parametrize("case", ["timm vit registers, ats", "open_clip avg pool, merge", "hf clip, ats"])
+def test_a_shallow_copy_shares_the_patch_as_it_shares_the_blocks(case):
+    """``copy.copy`` of a module shares its submodules, so a shallow copy of a patched model is the same patched
+    model under a second name: it runs patched, has the original's handle, and unpatching either restores both
+    (what the README says; a copy that ran unpatched, or that unpatched only itself, would leave the shared blocks
+    inconsistent)."""
+    model, _, run, method, options = _setup(case)
+    unpatched = run(model)
+    handle = _patch(model, method, options)
+    patched = run(model)
+    assert not torch.equal(patched, unpatched), "the case must reduce tokens to test anything"
+
+    shallow = copy.copy(model)
+    assert vistok.get_handle(shallow) is handle
+    assert torch.equal(run(shallow), patched)
+    vistok.unpatch(shallow)
+    assert not handle.active and vistok.get_handle(model) is None
+    assert torch.equal(run(model), unpatched) and torch.equal(run(shallow), unpatched)
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_pickle_and_torch_save_give_a_patched_model(case):
     model, _, run, method, options = _setup(case)
