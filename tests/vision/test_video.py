@@ -315,13 +315,20 @@ def test_a_truncated_matroska_file_is_refused(rate, tmp_path):
             probe_video(truncated, backend=backend)
 
 
-def test_a_matroska_file_cut_past_two_frame_intervals_is_refused(tmp_path):
-    """The documented tolerance is two frame intervals (TRUNCATION_FRAMES: rounding, a last packet without a
-    duration): a 60-frame file cut one or two frames short reads, one cut three frames short (0.12 s at 25 fps) is
-    refused. A wider tolerance read the last as a whole clip of 57 frames; the file exactly two frames short was
-    refused while its shortfall, 2.4 s - 2.32 s, came out a bit above 2 * 0.04 s in floating point."""
+@pytest.mark.parametrize("rate", [25, 30])
+def test_a_matroska_file_cut_past_two_frame_intervals_is_refused(rate, tmp_path):
+    """The documented tolerance is two frame intervals (TRUNCATION_FRAMES: a last packet without a duration, beyond
+    the rounding of timestamps): a 60-frame file cut one or two frames short reads, one cut three frames short (0.12 s
+    at 25 fps) is refused. A wider tolerance read the last as a whole clip of 57 frames. The file exactly two frames
+    short was refused at 25 fps while its shortfall, 2.4 s - 2.32 s, came out a bit above 2 * 0.04 s in floating
+    point, and at 30 fps, where Matroska's whole-millisecond timestamps make it 67 ms against 2 * 33.3 ms."""
     intact = tmp_path / "intact.mkv"
-    _numbered(intact, frames=60)
+    with av.open(str(intact), "w") as container:
+        video = container.add_stream("libx264", rate=rate)
+        video.width = video.height = 64
+        video.pix_fmt = "yuv420p"
+        video.options = {"g": "20", "bf": "0", "crf": "5"}
+        _encode_grey(container, video, 60, 4)
     with av.open(str(intact)) as container:
         starts = [packet.pos for packet in container.demux(video=0) if packet.size]
     data = intact.read_bytes()

@@ -19,7 +19,6 @@ with a message for the user.
 from __future__ import annotations
 
 import functools
-import math
 import os
 import pickle
 import shutil
@@ -209,6 +208,7 @@ class StreamFacts(NamedTuple):
     stated_duration: float | None  # the duration the video track states, if it states one
     packets_end: float  # where the last packet ends, counted from 0 or the first packet, whichever is earlier
     frame_interval: float  # the packets' mean spacing, or the frame period where that is longer
+    tick: float  # the stream's time base: the resolution of its timestamps
 
 
 def _stream_facts(path: str) -> StreamFacts:
@@ -242,7 +242,7 @@ def _demuxed(path: str, size: int, mtime_ns: int) -> StreamFacts:
     start = min(first, 0)  # an MP4 states its track's duration from its first packet, Matroska and AVI from 0
     return StreamFacts(frame_count=sum(1 for _, _, size, _, discard in packets if size and not discard),
                        leading_pictures=_has_leading_pictures(packets), stated_duration=stated,
-                       packets_end=(end - start) * time_base, frame_interval=interval)
+                       packets_end=(end - start) * time_base, frame_interval=interval, tick=time_base)
 
 
 def _has_leading_pictures(packets: list[tuple]) -> bool:
@@ -277,19 +277,17 @@ def _stated_duration(container, stream) -> float | None:
         return None
 
 
-TRUNCATION_FRAMES = 2  # frame intervals the packets may end short of the stated duration: rounding, a last packet
-# without a duration; a file missing more is refused
+TRUNCATION_FRAMES = 2  # frame intervals the packets may end short of the stated duration (a last packet without a
+# duration, a shorter last frame), beyond the rounding of timestamps to ticks; a file missing more is refused
 
 
 def _check_complete(facts: StreamFacts) -> None:
     """Refuse a truncated file: one whose packets end more than :data:`TRUNCATION_FRAMES` frame intervals before
-    the duration its video track states (Matroska and faststart MP4s cut short still state the whole one). A file
-    exactly that much short reads: seconds are ticks times a time base, so the two sides may differ in the last bit."""
+    the duration its video track states (Matroska and faststart MP4s cut short still state the whole one), give or
+    take a tick: a file exactly that much short reads, also where its timestamps are whole milliseconds (Matroska's)
+    and a frame lasts a fraction of one (33.3 ms at 30 fps)."""
     stated = facts.stated_duration
-    if stated is None:
-        return
-    shortfall, tolerance = stated - facts.packets_end, TRUNCATION_FRAMES * facts.frame_interval
-    if shortfall > tolerance and not math.isclose(shortfall, tolerance, rel_tol=1e-9):
+    if stated is not None and stated - facts.packets_end > TRUNCATION_FRAMES * facts.frame_interval + facts.tick:
         raise DecodeError(f"it is truncated: its video track states {stated:.3f} s, but its {facts.frame_count} "
                           f"frames end at {facts.packets_end:.3f} s")
 
