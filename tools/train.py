@@ -154,6 +154,9 @@ def train(config: dict, resume: bool = False) -> int:
         clips = underlying(train_set)
         if hasattr(clips, "set_epoch"):
             clips.set_epoch(epoch)  # video: fresh clips each epoch
+        # accelerate's loader tells a dataset of its own its count of passes, which starts at 0 in a resumed
+        # process (and would redraw epoch 0's clips) unless it is told the epoch
+        train_loader.set_epoch(epoch)
         labelled = LabelledBatches(train_loader)
         bar = tqdm(labelled, desc=f"epoch {epoch + 1}/{settings['epochs']}",
                    disable=not accelerator.is_local_main_process)
