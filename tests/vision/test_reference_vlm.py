@@ -633,3 +633,257 @@ def test_the_answer_loss_scores_the_next_answer_token():
 
     assert float(answer_loss(Predicts(1), rows)) < 1e-6
     assert float(answer_loss(Predicts(0), rows)) > 1.0
+
+
+def test_item_names_and_shoes_are_fashion_mnists_classes():
+    """``ITEM_NAMES[c]`` names Fashion-MNIST's class ``c`` (the answers name the items the cells hold) and the
+    shoes are the sandals, sneakers and ankle boots: two names swapped, or a bag counted as a shoe, kept every
+    answer consistent with the module's own tables while naming the items wrongly."""
+    from vistok.data import FASHION_MNIST_CLASSES
+
+    assert len(ITEM_NAMES) == len(FASHION_MNIST_CLASSES) == 10
+    for name, label in zip(ITEM_NAMES, FASHION_MNIST_CLASSES, strict=True):
+        assert name == label.lower().split("/")[0].split()[-1]  # "T-shirt/top" -> t-shirt, "Ankle boot" -> boot
+    assert sorted(ITEM_NAMES[c] for c in SHOES) == ["boot", "sandal", "sneaker"]
+
+
+def test_questions_ask_about_every_cell_and_item_from_their_own_split():
+    """The train split's items are Fashion-MNIST training images and each cell's class is its image's label;
+    "where" asks about all four cells, "exists" about a present item half of the time and about every class
+    when absent; an index past the end is an IndexError. Catches a split that read the other split's images, a
+    label taken from another image, a cell never asked about, a question biased to "yes" or "no", a class never
+    asked about, and an off-by-one bound."""
+    from vistok.data import load_fashion_mnist
+
+    data = FashionQA("train", 300, seed=5)
+    examples = [data.example(i) for i in range(len(data))]
+    where = {example.question for example in examples if example.kind == "where"}
+    assert where == {f"What is at the {cell}?" for cell in CELLS}
+    exists = [example for example in examples if example.kind == "exists"]
+    assert 0.35 <= sum(example.answer == "yes" for example in exists) / len(exists) <= 0.65
+    assert {example.question for example in exists if example.answer == "no"} == {
+        f"Is there a {name}?" for name in ITEM_NAMES}
+    images, labels = (part.numpy() for part in load_fashion_mnist("train"))
+    images = images.reshape(len(images), -1)
+    for example in examples[:4]:
+        for cell, item in enumerate(example.cells):
+            if item >= 0:
+                row, col = divmod(cell, 2)
+                patch = example.image[row * 28:(row + 1) * 28, col * 28:(col + 1) * 28].reshape(-1)
+                assert item in labels[(images == patch).all(axis=1)]  # a training image of that class
+    image, question, answer = data[7]
+    assert torch.equal(image, torch.from_numpy(examples[7].image)[None] / 255)
+    assert (question, answer) == (examples[7].question, examples[7].answer)
+    with pytest.raises(IndexError):
+        data.example(len(data))
+
+
+def test_video_questions_cover_every_count_run_and_answer():
+    """As vistok.video.fmnist_qa says: 2 to 5 items, each shown for 1 to 4 frames, anywhere in the video (the
+    first may open it, the last may end it), each a training image of its category; "after" asks about the last
+    item too ("nothing"), "exists" about a shown item half of the time; an index past the end is an IndexError.
+    Catches ranges that lost their upper end, a first item kept off frame 0, a question biased to one answer,
+    and images from the other split or of another category."""
+    from vistok.data import load_fashion_mnist
+    from vistok.video.fmnist_qa import FRAMES, FashionVideoQA
+
+    data = FashionVideoQA("train", 200, seed=2)
+    examples = [data.example(i) for i in range(len(data))]
+    assert {len(example.appearances) for example in examples} == {2, 3, 4, 5}
+    assert {shown.length for example in examples for shown in example.appearances} == {1, 2, 3, 4}
+    assert any(example.appearances[0].start == 0 for example in examples)
+    assert any(example.appearances[-1].start + example.appearances[-1].length == FRAMES for example in examples)
+    after = [example.answer for example in examples if example.kind == "after"]
+    assert "nothing" in after and set(after) - {"nothing"}
+    exists = [example.answer for example in examples if example.kind == "exists"]
+    assert 0.3 <= exists.count("yes") / len(exists) <= 0.7
+    images, labels = (part.numpy() for part in load_fashion_mnist("train"))
+    for example in examples[:10]:
+        frames = example.frames(data.images)
+        for shown in example.appearances:
+            assert labels[shown.image] == shown.category
+            assert np.array_equal(frames[shown.start], images[shown.image])
+    with pytest.raises(IndexError):
+        data.example(len(data))
+
+
+def test_the_prompt_is_smollm2s_chat_turn_with_the_image_before_the_question():
+    """build_prompt: SmolLM2's user turn (no system turn) holding the image placeholders, then a newline and the
+    question, then the opened assistant turn; placeholders after the question, or a missing newline, are
+    another prompt than the one the shipped VLMs learned."""
+    from vistok.models.reference_vlm import IMAGE_TOKEN, build_prompt
+
+    tokenizer = _Chat()
+    prompt = build_prompt(tokenizer, "Is there a bag?", 3)
+    assert tokenizer.decode(prompt) == (f"<|im_start|>user\n{IMAGE_TOKEN * 3}\nIs there a bag?<|im_end|>\n"
+                                        "<|im_start|>assistant\n")
+
+
+class _Chat(_Characters):
+    """_Characters with a padding id (SmolLM2's) and decoding, for a whole VLM around a tiny language model."""
+
+    pad_token_id = 2
+
+    def decode(self, ids, skip_special_tokens=False):
+        return "".join(chr(i) if i < 128 else "" if skip_special_tokens else self.special[i - 128] for i in ids)
+
+
+def tiny_reference_vlm(**kwargs):
+    """The reference VLM (the shipped ViT) around a two-layer Llama over _Chat's ids: SmolLM2 takes a minute to
+    load on a busy machine."""
+    import transformers
+
+    from vistok.models.reference_vlm import create_reference_vlm
+
+    tokenizer = _Chat()
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                      num_key_value_heads=1, vocab_size=tokenizer.vocabulary,
+                                      pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True)
+    return create_reference_vlm(language_model=(transformers.LlamaForCausalLM(config).eval(), tokenizer), **kwargs)
+
+
+@pytest.fixture(scope="module")
+def tiny_vlm():
+    return tiny_reference_vlm(lora_rank=2)
+
+
+def test_prompts_are_left_padded_and_the_projector_reads_the_second_to_last_layers_patches(tiny_vlm):
+    """prompt_batch: each prompt with the 6 x 6 grid's 36 placeholders, left-padded; the image's features are
+    the projector over the tower's second-to-last hidden state without its class token: the logits through the
+    pixels equal those through ``encoded_features`` of those tokens. Catches right padding, a placeholder for
+    the class token, another feature layer, the class token kept, and the projector left out."""
+    from vistok.models.reference_vlm import IMAGE_TOKEN, build_prompt, encoded_features, prompt_batch
+
+    model, tokenizer = tiny_vlm
+    questions = ["Count.", "Is there a bag?"]
+    ids, mask, pad_id = prompt_batch(model, tokenizer, questions)
+    assert pad_id == tokenizer.pad_token_id
+    for row, question in enumerate(questions):
+        prompt = build_prompt(tokenizer, question, 36)
+        padding = ids.shape[1] - len(prompt)
+        assert ids[row].tolist() == [pad_id] * padding + prompt
+        assert mask[row].tolist() == [0] * padding + [1] * len(prompt)
+    assert (ids == tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)).sum(dim=1).tolist() == [36, 36]
+    ids, mask = ids[:1], mask[:1]  # the padded row
+    images = torch.randn(1, 1, 56, 56, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        hidden = model.model.vision_tower(images).hidden_states
+        through_pixels = model(input_ids=ids, attention_mask=mask, pixel_values=images).logits
+        features = encoded_features(model, [hidden[-2][0, 1:]])
+        through_features = model(input_ids=ids, attention_mask=mask, mm_encoder_outputs=features).logits
+        other_layer = encoded_features(model, [hidden[-1][0, 1:]])
+        assert not torch.allclose(model(input_ids=ids, attention_mask=mask, mm_encoder_outputs=other_layer).logits,
+                                  through_pixels, atol=1e-5), "the test needs layers that differ"
+    assert torch.allclose(through_pixels, through_features, atol=1e-5)
+
+
+def test_answers_are_the_new_tokens_up_to_im_end_generated_as_asked(tiny_vlm, monkeypatch):
+    """answer_questions hands generate the caller's sampling, seeds and max_new_tokens, stops at <|im_end|> and
+    pads with the tokenizer's padding id; each answer is what follows the prompt up to <|im_end|> (or all of it
+    without one), decoded and stripped; under a patch the visual tokens are the method's. A spy stands in for
+    generate. Catches a setting replaced by its default, an answer cut one token early or late, and the tower's
+    full count reported under a method."""
+    from vistok.models.reference_vlm import answer_questions
+    from vistok.samplers import SamplingConfig
+
+    model, tokenizer = tiny_vlm
+    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    replies = [tokenizer(" yes").input_ids + [end, ord("x"), end], tokenizer("nothing").input_ids]
+    seen = {}
+
+    def generate(self, input_ids, **kwargs):
+        seen.update(kwargs)
+        return torch.cat([input_ids, torch.tensor(replies)], dim=1)
+
+    monkeypatch.setattr(type(model), "generate", generate)  # the class's: vistok.patch refuses an instance's
+    hot = SamplingConfig(temperature=0.7, top_p=0.9)
+    features = [torch.zeros(5, 64), torch.zeros(5, 64)]
+    result = answer_questions(model, tokenizer, None, ["Is there a bag?", "What is at the top left?"], hot,
+                              seeds=3, max_new_tokens=7, features=features)
+    assert result.answers == ["yes", "nothing"] and result.visual_tokens == 5
+    assert result.new_tokens == [tokenizer(" yes").input_ids, tokenizer("nothing").input_ids]
+    assert (seen["max_new_tokens"], seen["eos_token_id"], seen["pad_token_id"]) == (7, end, tokenizer.pad_token_id)
+    pipeline, seeded = seen["logits_processor"]
+    assert pipeline.config == hot and (seeded.seeds, seeded.pad_token_id) == (3, tokenizer.pad_token_id)
+    assert (seen["mm_encoder_outputs"]["image"].pooler_output[0]
+            == model.model.multi_modal_projector(features[0])).all()
+    images = torch.zeros(2, 1, 56, 56)
+    with pytest.raises(InvalidConfigError, match="give images or features"):
+        answer_questions(model, tokenizer, images, ["a", "b"], features=features)
+    with vistok.patch(model, "pool", keep=0.25):  # a quarter of the 6 x 6 grid
+        assert answer_questions(model, tokenizer, images, ["a", "b"]).visual_tokens == 9
+    assert answer_questions(model, tokenizer, images, ["a", "b"]).visual_tokens == 36
+    assert seen["pixel_values"] is images and seen["logits_processor"][0].config.temperature == 0.0  # greedy
+
+
+def test_lora_adapts_each_layers_query_and_value_at_the_given_rank(tiny_vlm):
+    """Rank-r adapters on every layer's q_proj and v_proj (only), of the rank asked for, and trainable; an
+    adapter adds (alpha / rank) * x A^T B^T to its layer. Catches an adapter left off a projection, the rank
+    replaced by the default, and another scale."""
+    from vistok.models.reference_vlm import LoRALinear
+
+    model, _ = tiny_vlm
+    for layer in model.model.language_model.layers:
+        attention = layer.self_attn
+        for name in ("q_proj", "v_proj"):
+            adapter = getattr(attention, name)
+            assert isinstance(adapter, LoRALinear) and adapter.lora_a.shape[0] == adapter.lora_b.shape[1] == 2
+            assert adapter.lora_a.requires_grad and adapter.lora_b.requires_grad
+        assert not isinstance(attention.k_proj, LoRALinear) and not isinstance(attention.o_proj, LoRALinear)
+    torch.manual_seed(0)
+    adapter = LoRALinear(torch.nn.Linear(5, 3), rank=2, alpha=6.0)
+    torch.nn.init.normal_(adapter.lora_b)
+    x = torch.randn(4, 5)
+    expected = adapter.base(x) + 3.0 * (x @ adapter.lora_a.T @ adapter.lora_b.T)
+    assert torch.allclose(adapter(x), expected, atol=1e-6)
+
+
+def test_each_variant_loads_its_own_trained_tensors(monkeypatch, tmp_path):
+    """pretrained loads the shipped tensors of the variant built (the page VLM's for page=True), an explicit
+    checkpoint wins; the video VLM trains its frame selector and not the grid positions (one crop per frame).
+    Catches the variants' files swapped, pretrained ignored, the checkpoint replaced by the shipped file, and the
+    video VLM's trained tensors wrong."""
+    import vistok.models.reference_vlm as vlm_module
+    from vistok.models.reference_vlm import trained_state
+
+    loaded = []
+    monkeypatch.setattr(vlm_module, "_load_trained", lambda model, path, state=None: loaded.append(path))
+    page, _ = tiny_reference_vlm(page=True, pretrained=True)
+    assert loaded == [vlm_module.reference_checkpoint(vlm_module.PAGE_VLM_NAME)]
+    assert loaded[0].parent.name == "vistok_page_vlm_fmnist"
+    assert page.model.vision_tower.token_grid == (12, 12) and page.model.vision_tower.crop_positions
+    assert page.model.vision_tower.grid_position.requires_grad
+    mine = tmp_path / "mine.safetensors"
+    video, _ = tiny_reference_vlm(video=True, pretrained=True, checkpoint=str(mine))
+    assert loaded[1:] == [mine]
+    # one crop per frame: the ViT's own positions place its tokens; the frame selector learns
+    assert not video.model.vision_tower.grid_position.requires_grad
+    assert all(p.requires_grad for p in video.frame_selector.parameters())
+    assert set(trained_state(video)) >= {f"frame_selector.{name}" for name in video.frame_selector.state_dict()}
+
+
+def test_a_warm_start_loads_trained_tensors_only_and_resizes_a_fine_vlms_grid(tiny_vlm, tmp_path):
+    """warm_start loads the trained tensors whose names and shapes fit, skips a full state file's frozen tensor,
+    and resizes a fine VLM's 14 x 14 grid positions into the image VLM's 6 x 6 (the two grids' crops line up
+    either way). Catches a frozen language-model tensor loaded, and resizing from the coarse grid only."""
+    from safetensors.torch import save_file
+
+    from vistok.models.reference_vlm import resized_grid_position, warm_start
+
+    model, _ = tiny_vlm
+    before = {name: value.clone() for name, value in model.state_dict().items()}
+    frozen = "model.language_model.layers.0.mlp.down_proj.weight"  # a full state file's: skipped
+    projector = "model.multi_modal_projector.linear_1.weight"
+    state = {"model.vision_tower.grid_position": torch.randn(196, 64), frozen: torch.randn_like(before[frozen]),
+             projector: torch.randn_like(before[projector])}
+    save_file(state, str(tmp_path / "fine.safetensors"))
+    try:
+        summary = warm_start(model, str(tmp_path / "fine.safetensors"))
+        now = model.state_dict()
+        assert summary[1:] == ["resized ['model.vision_tower.grid_position']", f"skipped ['{frozen}']"]
+        assert torch.equal(now[frozen], before[frozen]) and torch.equal(now[projector], state[projector])
+        assert torch.equal(now["model.vision_tower.grid_position"],
+                           resized_grid_position(state["model.vision_tower.grid_position"], 6))
+    finally:
+        model.load_state_dict(before)
