@@ -421,3 +421,166 @@ def test_accuracy_refuses_labels_of_another_shape_and_nan_logits():
         with pytest.raises(vistok.InputShapeError, match=r"class ids in \[0, 6\)"):
             topk_correct(logits, torch.tensor(ids))
 
+
+
+def test_benchmark_figures_agree_with_a_second_computation(monkeypatch):
+    """Every figure of a report is computed again here from the same model and the seeded inputs: FLOPs on the first
+    ``flops_images`` images, tokens per block, cosine and top-1 agreement per image (over the classes, not the batch)
+    with the unpatched outputs, the image size, and the timing options handed to time_models (an ignored
+    flops_images or seed, a wrong axis, or swapped runs and warm-up would show)."""
+    import copy
+    import statistics
+
+    import torch.nn.functional as F
+
+    import vistok.measure.bench as bench
+
+    built, flops_inputs, timed = [], [], []
+
+    def build():
+        built.append(timm.create_model("vit_tiny_patch16_224", img_size=32, depth=2, num_classes=5).eval())
+        return built[-1]
+
+    count = bench.count_flops
+    monkeypatch.setattr(bench, "count_flops", lambda model, images: flops_inputs.append(images) or count(model, images))
+    time = bench.time_models
+    monkeypatch.setattr(bench, "time_models", lambda models, images, **options: timed.append(
+        (list(models), images, options, dict(models))) or time(models, images, **options))
+    variants = [Variant("merge", "merge", {"r": 2}), Variant("ats", "ats", {"k": 2, "min_tokens": 1, "blocks": [0]})]
+    report = run_benchmark(build, variants, batch_size=3, runs=2, warmup=1, seed=4, flops_images=2,
+                           input_shape=(3, 32, 32), label="tiny", progress=False, attention="sdpa")
+    images = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    assert len(built) == 1 and all(torch.equal(counted, images[:2]) for counted in flops_inputs)
+    assert len(flops_inputs) == 3
+    assert [(labels, options) for labels, _, options, _ in timed] == [
+        (["unpatched", "merge", "ats"], {"warmup": 1, "runs": 2, "progress": timed[0][2]["progress"]})]
+    assert torch.equal(timed[0][1], images) and report.attention == "sdpa"
+    handles = [vistok.get_handle(model) for model in timed[0][3].values()]  # the models timed, patched as asked
+    assert handles[0] is None and [handle.attention for handle in handles[1:]] == ["sdpa", "sdpa"]
+    assert (report.model_name, report.batch_size, report.image_size, report.runs, report.warmup, report.dtype) == (
+        "tiny", 3, (32, 32), 2, 1, "float32")
+    base = built[0]
+    with torch.no_grad():
+        reference = base(images)
+    data = report.to_dict()["results"]
+    for result, entry, variant in zip(report.results, data, [Variant("unpatched"), *variants], strict=True):
+        model = copy.deepcopy(base)
+        with vistok.patch(model, variant.method, **variant.options) if variant.method else torch.no_grad():
+            with torch.no_grad():
+                output = model(images)
+            assert result.tokens_per_block == pytest.approx(tokens_per_block(model, images))
+            assert result.gflops == pytest.approx(count_flops(model, images[:2]) / 1e9)
+        assert result.cosine_to_unpatched == pytest.approx(float(F.cosine_similarity(output, reference, dim=-1).mean()))
+        assert result.top1_agreement == pytest.approx(float((output.argmax(-1) == reference.argmax(-1)).float().mean()))
+        median = statistics.median(result.timing.seconds)
+        assert len(result.timing.seconds) == 2 and entry["median_s"] == pytest.approx(median)
+        assert entry["images_per_s"] == pytest.approx(3 / median)
+        assert entry["gflops_ratio"] == pytest.approx(result.gflops / report.results[0].gflops)
+    assert report.results[1].cosine_to_unpatched < 0.999 and report.results[2].top1_agreement < 1  # not vacuous
+
+
+def test_benchmark_times_the_models_in_the_dtype_asked_for():
+    """Outputs and timings come from the models in ``dtype`` (model and inputs both converted: either left in
+    float32 fails), FLOPs are counted in float32 on the CPU: the same count as a float32 run's."""
+    def build():
+        torch.manual_seed(0)
+        return timm.create_model("vit_tiny_patch16_224", img_size=32, depth=1, num_classes=5)
+
+    options = dict(batch_size=2, runs=1, warmup=0, input_shape=(3, 32, 32), progress=False)
+    half = run_benchmark(build, [Variant("m", "merge", {"r": 2})], dtype=torch.bfloat16, **options)
+    full = run_benchmark(build, [Variant("m", "merge", {"r": 2})], **options)
+    assert half.dtype == "bfloat16" and [r.gflops for r in half.results] == [r.gflops for r in full.results]
+    assert half.results[1].cosine_to_unpatched is not None
+
+
+def test_timing_is_the_median_and_recompile_limits_only_grow(monkeypatch):
+    """A batch's time is the median of its runs (one slow run does not move it; the mean would); a negative warm-up is
+    refused (it ran fewer passes and timed them all); allow_recompiles raises dynamo's cache limits to the entries
+    asked for and never lowers one."""
+    import statistics
+
+    from vistok.measure.throughput import Timing, allow_recompiles
+
+    timing = Timing(4, (0.1, 0.2, 0.9))
+    assert timing.median_s == statistics.median(timing.seconds) and timing.images_per_s == pytest.approx(4 / 0.2)
+    with pytest.raises(InvalidConfigError, match="warmup >= 0"):
+        time_models({"a": torch.nn.Identity()}, torch.zeros(2, 1), warmup=-1, runs=2)
+    limits = [name for name in ("cache_size_limit", "recompile_limit") if hasattr(torch._dynamo.config, name)]
+    assert limits
+    for name in limits:
+        monkeypatch.setattr(torch._dynamo.config, name, 8)
+    allow_recompiles(50)
+    assert all(getattr(torch._dynamo.config, name) == 50 for name in limits)
+    allow_recompiles(3)
+    assert all(getattr(torch._dynamo.config, name) == 50 for name in limits)
+
+
+def test_peak_memory_is_counted_without_autograd():
+    """An inference pass keeps no tensors for a backward pass: with a parameter that requires grad, sin keeps its
+    input alive under autograd (three [10, 10] floats at once instead of two)."""
+    from vistok.measure import peak_memory
+
+    class Sines(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.scale = torch.nn.Parameter(torch.ones(10))
+
+        def forward(self, x):
+            return (x * self.scale).sin().sin()
+
+    model = Sines()
+    assert peak_memory(model, torch.zeros(10, 10)) == 2 * 400
+    with torch.enable_grad():
+        assert peak_memory(model, torch.zeros(10, 10)) == 2 * 400
+
+
+def test_peak_memory_counts_whole_storages():
+    """A new tensor is counted by the storage it holds, not by its view's elements: a strided one (stride 4) of 10
+    floats holds (10 - 1) x 4 + 1 floats (counting the view's 10 would undercount what the pass holds)."""
+    from vistok.measure import peak_memory
+
+    class Strided(torch.nn.Module):
+        def forward(self, x):
+            return x.new_empty_strided((10,), (4,))
+
+    assert peak_memory(Strided(), torch.zeros(3)) == ((10 - 1) * 4 + 1) * 4
+
+
+def test_tokens_per_block_of_unpatched_runs_at_several_sizes():
+    """Unpatched, a forward that runs the blocks on inputs of different sizes (image by image, several views) gets
+    each run's own counts, weighted by its images: runs of 1 image at 64 px (17 tokens) and 2 at 32 px (5 tokens)
+    give (17 + 2 x 5) / 3 per block (the first run's counts, or an unweighted mean, would not)."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", img_size=64, depth=2, dynamic_img_size=True).eval()
+    images = torch.randn(3, 3, 64, 64)
+    views = lambda m, x: [m(x[:1]), m(F.interpolate(x[1:], size=32))]  # noqa: E731
+    large, small = 1 + (64 // 16) ** 2, 1 + (32 // 16) ** 2
+    assert tokens_per_block(model, images, views) == pytest.approx([(large + 2 * small) / 3] * 2)
+
+
+def test_accuracy_counts_top5_applies_the_transform_and_evaluates_in_eval_mode():
+    """top-5 counts the labels among the five best logits (ranked here by a sort), the transform turns each batch
+    into model input, the model runs in eval mode (its own mode comes back), and paired differences need two
+    questions (one is left alone, not an error)."""
+    from vistok.measure.accuracy import add_paired_differences, evaluate, topk_correct
+
+    logits = torch.randn(20, 8, generator=torch.Generator().manual_seed(0))
+    labels = torch.arange(20) % 8
+    rank = (logits > logits.gather(1, labels[:, None])).sum(1)
+    assert topk_correct(logits, labels, (1, 3, 5)) == {k: int((rank < k).sum()) for k in (1, 3, 5)}
+    modes = []
+
+    class Scores(torch.nn.Module):
+        def forward(self, x):
+            modes.append(self.training)
+            return x
+
+    model = Scores().train()
+    result = evaluate(model, [(-logits[:12], labels[:12]), (-logits[12:], labels[12:])], transform=torch.neg)
+    assert result == {"top1": 100 * int((rank < 1).sum()) / 20, "top5": 100 * int((rank < 5).sum()) / 20, "images": 20}
+    assert modes == [False, False] and model.training
+    rows = [{"name": "a"}, {"name": "b"}]
+    add_paired_differences(rows, [[True], [False]], 0, key=lambda row: row["name"], baseline=lambda row: "a")
+    assert rows == [{"name": "a"}, {"name": "b"}]
