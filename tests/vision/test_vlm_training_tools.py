@@ -217,3 +217,24 @@ def test_clip_weights_and_metrics_are_written_whole(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         _clip(out, "--steps", "1")
     assert json.loads((out / "metrics.json").read_text()) == {"zero_shot_top1": 0.25}
+
+
+def test_a_clip_run_keeps_its_weight_decay_scores_the_test_split_and_resumes_its_own_settings(tmp_path,
+                                                                                               monkeypatch):
+    """--weight-decay reaches the optimizer (its checkpointed param groups); a run ended by --minutes reports the
+    steps it did, not --steps; metrics.json's zero-shot top-1 is scored on the 10,000 test images (not the 60,000
+    it trained on); --resume under another --lr is refused (the resumed schedule would be neither run's), under
+    the same settings it goes on."""
+    train = load_tool("train_clip")
+    scored = []
+    monkeypatch.setattr(train, "zero_shot_accuracy", lambda model, tokenizer, images, labels: scored.append(
+        len(labels)) or 0.5)
+    out = tmp_path / "run"
+    argv = ["--out", str(out), "--steps", "5", "--minutes", "1e-9", "--batch-size", "2", "--warmup", "1",
+            "--checkpoint-every", "1", "--weight-decay", "0.03"]  # the time budget ends it after one step
+    assert train.main(argv) == 0
+    state = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert [group["weight_decay"] for group in state["optimizer"]["param_groups"]] == [0.03]
+    assert scored == [10_000] and json.loads((out / "metrics.json").read_text())["steps"] == 1
+    assert train.main([*argv, "--resume", "--lr", "2e-3"]) == 2
+    assert train.main([*argv, "--resume"]) == 0 and scored == [10_000, 10_000]
