@@ -6,6 +6,7 @@ answers."""
 
 import csv
 import json
+import math
 import statistics
 import types
 
@@ -507,8 +508,9 @@ def test_eval_pages_hands_its_options_on(tmp_path, monkeypatch):
     """eval_pages.py's main on a small drawn page: --layer reaches the tower's signals and every config, --seed the
     random tokens of both random rows, --similarity and --repeats the compressor; ``saved`` is the share of the
     page's tokens left out; the uniform row has no budget-ink correlation (its budgets differ by rounding only).
-    The density row's budgets are the compressor's, every row at keep spends round(keep * all) tokens. Catches an
-    option replaced by its default, ``saved`` reporting the kept share, density budgets from the redundant counts."""
+    The density row's budgets are the compressor's, every row at keep spends round(keep * all) tokens, and the
+    compressor's rows report their crops' budget-ink correlation. Catches an option replaced by its default,
+    ``saved`` reporting the kept share, density budgets from the redundant counts, ink misaligned with the budgets."""
     from PIL import Image
 
     tool = load_tool("eval_pages")
@@ -518,6 +520,9 @@ def test_eval_pages_hands_its_options_on(tmp_path, monkeypatch):
     Image.fromarray(page).save(tmp_path / "drawn.png")
     layers, seeds, configs = [], [], []
     signals, random_kept, compress = tool.view_signals, tool.random_kept, tool.compress_views
+    ink_patches = tool.ink_patches
+    inks = []
+    monkeypatch.setattr(tool, "ink_patches", lambda *args: inks.append(ink := ink_patches(*args)) or ink)
     monkeypatch.setattr(tool, "view_signals", lambda model, views, layer: layers.append(layer) or signals(
         model, views, layer))
     monkeypatch.setattr(tool, "random_kept", lambda budgets, per_view, seed: seeds.append((seed, budgets)) or
@@ -535,6 +540,13 @@ def test_eval_pages_hands_its_options_on(tmp_path, monkeypatch):
     for row in rows:
         assert float(row["saved"]) == pytest.approx(1 - int(row["tokens"]) / int(row["tokens_all"]))
     assert {int(row["tokens"]) for row in rows[1:]} == {round(0.4 * int(rows[0]["tokens_all"]))}
+    # the compressor's rows: the correlation of each crop's budget with its share of ink patches, the global view
+    # (view 0) left out, computed here from the spied budgets and ink
+    (ink,) = inks
+    correlations = [float(torch.corrcoef(torch.stack([result.budgets[1:].float(), ink[1:].float().mean(-1)]))[0, 1])
+                    for _, result in configs]
+    assert any(not math.isnan(value) for value in correlations)
+    assert [float(row["crop_budget_ink_corr"]) for row in rows[:3]] == pytest.approx(correlations, nan_ok=True)
     # 45 tokens over 7 views: the uniform budgets are 7 or 6 by rounding, and no correlation is reported for them
     assert rows[-1]["method"] == "uniform budgets, random tokens" and rows[-1]["crop_budget_ink_corr"] == "nan"
 
