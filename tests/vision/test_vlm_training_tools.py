@@ -238,3 +238,31 @@ def test_a_clip_run_keeps_its_weight_decay_scores_the_test_split_and_resumes_its
     assert scored == [10_000] and json.loads((out / "metrics.json").read_text())["steps"] == 1
     assert train.main([*argv, "--resume", "--lr", "2e-3"]) == 2
     assert train.main([*argv, "--resume"]) == 0 and scored == [10_000, 10_000]
+
+
+def test_a_clip_runs_cosine_follows_the_time_budget_when_it_ends_first(tmp_path, monkeypatch):
+    """The learning rate's cosine runs to whichever of --steps and --minutes ends first: on a clock that moves 10 s a
+    step, --minutes 1 ends the run after 6 of its 1,000 steps, and step s trains at the rate of progress s / 6 (one
+    that followed --steps alone stayed near the peak rate to the end); computed here from the tool's documented
+    schedule (warm-up, then a cosine from --lr down to a tenth of it)."""
+    import math
+    import types
+
+    train = load_tool("train_clip")
+    monkeypatch.setattr(train, "zero_shot_accuracy", lambda *args: 0.5)
+    ticks = iter(range(0, 10_000, 10))  # one reading at the start, then one after each step
+    monkeypatch.setattr(train, "time", types.SimpleNamespace(perf_counter=lambda: float(next(ticks))))
+    rates, adamw = [], torch.optim.AdamW
+
+    class AdamW(adamw):
+        def step(self, *args, **kwargs):
+            rates.append(self.param_groups[0]["lr"])
+            return super().step(*args, **kwargs)
+
+    monkeypatch.setattr(torch.optim, "AdamW", AdamW)
+    assert train.main(["--out", str(tmp_path / "run"), "--steps", "1000", "--minutes", "1", "--batch-size", "2",
+                       "--warmup", "2", "--lr", "1e-3", "--checkpoint-every", "1000"]) == 0
+    expected = [1e-3 * min(1.0, (s + 1) / 2) * (0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, s / 6))))
+                for s in range(6)]
+    assert rates == pytest.approx(expected)
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["steps"] == 6
