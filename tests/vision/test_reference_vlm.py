@@ -678,35 +678,6 @@ def test_questions_ask_about_every_cell_and_item_from_their_own_split():
         data.example(len(data))
 
 
-def test_video_questions_cover_every_count_run_and_answer():
-    """As vistok.video.fmnist_qa says: 2 to 5 items, each shown for 1 to 4 frames, anywhere in the video (the
-    first may open it, the last may end it), each a training image of its category; "after" asks about the last
-    item too ("nothing"), "exists" about a shown item half of the time; an index past the end is an IndexError.
-    Catches ranges that lost their upper end, a first item kept off frame 0, a question biased to one answer,
-    and images from the other split or of another category."""
-    from vistok.data import load_fashion_mnist
-    from vistok.video.fmnist_qa import FRAMES, FashionVideoQA
-
-    data = FashionVideoQA("train", 200, seed=2)
-    examples = [data.example(i) for i in range(len(data))]
-    assert {len(example.appearances) for example in examples} == {2, 3, 4, 5}
-    assert {shown.length for example in examples for shown in example.appearances} == {1, 2, 3, 4}
-    assert any(example.appearances[0].start == 0 for example in examples)
-    assert any(example.appearances[-1].start + example.appearances[-1].length == FRAMES for example in examples)
-    after = [example.answer for example in examples if example.kind == "after"]
-    assert "nothing" in after and set(after) - {"nothing"}
-    exists = [example.answer for example in examples if example.kind == "exists"]
-    assert 0.3 <= exists.count("yes") / len(exists) <= 0.7
-    images, labels = (part.numpy() for part in load_fashion_mnist("train"))
-    for example in examples[:10]:
-        frames = example.frames(data.images)
-        for shown in example.appearances:
-            assert labels[shown.image] == shown.category
-            assert np.array_equal(frames[shown.start], images[shown.image])
-    with pytest.raises(IndexError):
-        data.example(len(data))
-
-
 def test_the_prompt_is_smollm2s_chat_turn_with_the_image_before_the_question():
     """build_prompt: SmolLM2's user turn (no system turn) holding the image placeholders, then a newline and the
     question, then the opened assistant turn; placeholders after the question, or a missing newline, are
