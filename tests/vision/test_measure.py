@@ -481,7 +481,8 @@ def test_benchmark_figures_agree_with_a_second_computation(monkeypatch):
 
 def test_benchmark_times_the_models_in_the_dtype_asked_for():
     """Outputs and timings come from the models in ``dtype`` (model and inputs both converted: either left in
-    float32 fails), FLOPs are counted in float32 on the CPU: the same count as a float32 run's."""
+    float32 fails), FLOPs are counted in float32 on the CPU: the same count as a float32 run's. ``flops_images``
+    equal to the batch size is accepted (a ``<`` bound refused it) and counts what the default counts."""
     def build():
         torch.manual_seed(0)
         return timm.create_model("vit_tiny_patch16_224", img_size=32, depth=1, num_classes=5)
@@ -491,6 +492,9 @@ def test_benchmark_times_the_models_in_the_dtype_asked_for():
     full = run_benchmark(build, [Variant("m", "merge", {"r": 2})], **options)
     assert half.dtype == "bfloat16" and [r.gflops for r in half.results] == [r.gflops for r in full.results]
     assert half.results[1].cosine_to_unpatched is not None
+    # flops_images may be the whole batch (the documented range is 1 to the batch size): the default's count
+    whole = run_benchmark(build, [Variant("m", "merge", {"r": 2})], flops_images=2, **options)
+    assert [r.gflops for r in whole.results] == [r.gflops for r in full.results]
 
 
 def test_timing_is_the_median_and_recompile_limits_only_grow(monkeypatch):
