@@ -60,16 +60,21 @@ def test_a_resume_of_several_processes_continues_their_data_order(tmp_path):
         assert torch.equal(value, resumed[name]), name
 
 
+def _killed_in_epoch_2(train, run, monkeypatch):
+    """Run tools/train.py on ``run`` and stop it in its second epoch's validation, after its first checkpoint."""
+    validate = train.validate
+    monkeypatch.setattr(train, "validate", interrupted_at(validate, 2))
+    with pytest.raises(KeyboardInterrupt):
+        train.main(run)
+    monkeypatch.setattr(train, "validate", validate)
+
+
 def test_a_resume_puts_back_its_own_log_and_config(tmp_path, monkeypatch):
     """Run A checkpoints epoch 1; a fresh run B of other settings in the folder logs its epoch 1 and writes its
     config, then dies before its checkpoint; resuming A kept B's line in A's log."""
     train = load_tool("train")
     run = [*TINY, "train.epochs=2", f"output={tmp_path}"]
-    validate = train.validate
-    monkeypatch.setattr(train, "validate", interrupted_at(validate, 2))  # in epoch 2
-    with pytest.raises(KeyboardInterrupt):
-        train.main(run)
-    monkeypatch.setattr(train, "validate", validate)
+    _killed_in_epoch_2(train, run, monkeypatch)
     logged_by_a = (tmp_path / "metrics.jsonl").read_text().splitlines()
 
     def killed(*args, **kwargs):
@@ -353,11 +358,7 @@ def test_a_resumed_run_draws_the_training_items_of_its_own_epochs(tmp_path, monk
 
     monkeypatch.setattr(train, "build_data", built)
     run = [*TINY, "train.epochs=2", f"output={tmp_path}"]
-    validate = train.validate
-    monkeypatch.setattr(train, "validate", interrupted_at(validate, 2))  # in epoch 2
-    with pytest.raises(KeyboardInterrupt):
-        train.main(run)
-    monkeypatch.setattr(train, "validate", validate)
+    _killed_in_epoch_2(train, run, monkeypatch)
     assert set(drawn) == {0, 1}  # the run straight through its first two epochs
     drawn.clear()
     assert train.main([*run, "--resume"]) == 0
