@@ -184,6 +184,18 @@ def tiny_idefics3(kind: str = "idefics3", seed: int = 0, image_size: int = 32) -
     return vary_constant_parameters(getattr(transformers, f"{prefix}ForConditionalGeneration")(config).eval(), seed)
 
 
+def tiny_llama(vocab_size: int, pad_token_id: int) -> nn.Module:
+    """A random 2-layer ``LlamaForCausalLM`` of width 16 (seed 0), tied embeddings: a language model for the
+    reference VLM and its tools that builds and runs in a moment."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                      num_key_value_heads=1, vocab_size=vocab_size, pad_token_id=pad_token_id,
+                                      tie_word_embeddings=True)
+    return transformers.LlamaForCausalLM(config).eval()
+
+
 def tiny_hf_tower(kind: str = "clip", image_size: int = 64, seed: int | None = 0, **vision_config) -> nn.Module:
     """A random Hugging Face ``CLIPVisionModel`` (``kind="clip"``), ``CLIPModel`` (``"clip-full"``, with a tiny text
     tower) or ``SiglipVisionModel`` (``"siglip"``): 4 blocks of width 64 over ``image_size`` px in 8 px patches,

@@ -9,6 +9,7 @@ import torch
 from helpers import (
     TOL,
     KeepAboveMeanConfig,
+    make_images,
     make_model,
     tiny_hf_tower,
     upstream_forward_on_kept,
@@ -35,11 +36,6 @@ def tiny_open_clip(**kwargs):
     torch.manual_seed(0)
     options = dict(image_size=32, patch_size=8, width=64, layers=2, heads=4, mlp_ratio=2.0, output_dim=16)
     return vary_constant_parameters(open_clip.transformer.VisionTransformer(**{**options, **kwargs}).eval())
-
-
-def images_for(model, batch=2):
-    size = model.patch_embed.img_size
-    return torch.randn(batch, 3, *size, generator=torch.Generator().manual_seed(1))
 
 
 def keep_everything_matches_unpatched(model, images):
@@ -85,7 +81,7 @@ def test_attention_variants_keep_everything_like_unpatched(build):
     EVA's separately added q/k/v biases: keeping every token gives the unpatched output. A patched attention that
     skipped the gate (or its sigmoid), rotated interleaved pairs instead, or dropped the separate bias did not."""
     model = build()
-    assert keep_everything_matches_unpatched(model, images_for(model))
+    assert keep_everything_matches_unpatched(model, make_images(model, 2))
 
 
 def test_map_pooling_over_the_prefix_too_matches_timms_on_the_kept_tokens():
@@ -94,7 +90,7 @@ def test_map_pooling_over_the_prefix_too_matches_timms_on_the_kept_tokens():
     the prefix out, as it does without pool_include_prefix, pooled other tokens)."""
     model = make_model("vit", img_size=64, depth=2, embed_dim=64, num_heads=4, num_classes=5, global_pool="map",
                        class_token=True, pool_include_prefix=True)
-    image = images_for(model, 1)
+    image = make_images(model, 1)
     with torch.no_grad():
         with vistok.patch(model, "ats", k=0.5, min_tokens=1) as handle:
             got = model(image)
@@ -109,7 +105,7 @@ def test_pool_honours_an_explicit_pool_type():
     pool with that type; after tokens are dropped (one image, no padding), the plain max / mean over its patch
     tokens."""
     model = tiny_vit(img_size=64)  # global_pool="token"
-    images = images_for(model, 1)
+    images = make_images(model, 1)
     with torch.no_grad():
         with vistok.patch(model, "merge", r=0):
             features = model.forward_features(images)

@@ -422,7 +422,6 @@ def test_accuracy_refuses_labels_of_another_shape_and_nan_logits():
             topk_correct(logits, torch.tensor(ids))
 
 
-
 def test_benchmark_figures_agree_with_a_second_computation(monkeypatch):
     """Every figure of a report is computed again here from the same model and the seeded inputs: FLOPs on the first
     ``flops_images`` images, tokens per block, cosine and top-1 agreement per image (over the classes, not the batch)

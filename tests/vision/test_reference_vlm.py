@@ -11,7 +11,7 @@ import re
 import numpy as np
 import pytest
 import torch
-from helpers import blind_accuracy, load_tool, vlm_accuracy
+from helpers import blind_accuracy, load_tool, tiny_llama, vlm_accuracy
 
 import vistok
 from vistok import InvalidConfigError
@@ -702,16 +702,11 @@ class _Chat(_Characters):
 def tiny_reference_vlm(**kwargs):
     """The reference VLM (the shipped ViT) around a two-layer Llama over _Chat's ids: SmolLM2 takes a minute to
     load on a busy machine."""
-    import transformers
-
     from vistok.models.reference_vlm import create_reference_vlm
 
     tokenizer = _Chat()
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                      num_key_value_heads=1, vocab_size=tokenizer.vocabulary,
-                                      pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True)
-    return create_reference_vlm(language_model=(transformers.LlamaForCausalLM(config).eval(), tokenizer), **kwargs)
+    language_model = tiny_llama(tokenizer.vocabulary, tokenizer.pad_token_id)
+    return create_reference_vlm(language_model=(language_model, tokenizer), **kwargs)
 
 
 @pytest.fixture(scope="module")

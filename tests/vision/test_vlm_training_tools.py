@@ -8,24 +8,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import interrupted_at, load_tool
+from helpers import interrupted_at, load_tool, tiny_llama
 
 
 @pytest.fixture(scope="module")
 def tiny_language_model():
     """``(tiny Llama, SmolLM2's tokenizer)``: the VLM tools run end to end in a second."""
-    import transformers
-
     from vistok.samplers import load_smollm2
 
     tokenizer = load_smollm2()[1]
 
     def build():
-        torch.manual_seed(0)
-        config = transformers.LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                                          num_attention_heads=2, num_key_value_heads=1, vocab_size=len(tokenizer),
-                                          pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True)
-        return transformers.LlamaForCausalLM(config).eval(), tokenizer
+        return tiny_llama(len(tokenizer), tokenizer.pad_token_id), tokenizer
 
     return build
 
