@@ -205,3 +205,34 @@ def test_open_clip_intermediates_are_token_lists_while_patched():
         out = model.visual.forward_intermediates(images, output_fmt="NLC")
         assert [t.shape[1] for t in out["image_intermediates"][:3]] == [41, 33, 25]
         assert torch.allclose(out["image_features"], model.encode_image(images), atol=1e-5)
+
+
+def test_open_clip_gradient_checkpointing_is_refused_while_recording_gradients():
+    """open_clip checkpoints its image blocks in any mode once ``set_grad_checkpointing`` is on; the backward pass
+    would re-run blocks out of order, so a patched tower refuses a forward that records gradients and runs under
+    ``torch.no_grad()`` as without the flag (wrong code: the open_clip backbone reporting no checkpointing)."""
+    model = open_clip_model().eval()
+    images = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(2))
+    with vistok.patch(model, "merge", r=8):
+        with torch.no_grad():
+            expected = model.encode_image(images)
+        model.set_grad_checkpointing(True)
+        with pytest.raises(PatchStateError, match="checkpointing"):
+            model.encode_image(images)
+        with torch.no_grad():
+            assert (model.encode_image(images) - expected).abs().max() <= 1e-6
+
+
+@pytest.mark.parametrize("kind", ["clip", "siglip"])
+def test_hf_encoder_layers_refuse_an_attention_mask_while_patched(kind):
+    """A patched Hugging Face encoder layer masks padding itself and cannot honour a caller's attention mask: one
+    passed by keyword or position is refused, not dropped (wrong code: ``block_inputs`` ignoring the mask)."""
+    model = tiny_hf_tower(kind)
+    layer = [module for module in model.modules() if type(module).__name__.endswith("EncoderLayer")][1]
+    tokens = torch.randn(1, 5, 64)
+    mask = torch.zeros(1, 1, 5, 5)
+    with vistok.patch(model, "ats", blocks=[1]):
+        with pytest.raises(PatchStateError, match="no attention mask"):
+            layer(tokens, attention_mask=mask)
+        with pytest.raises(PatchStateError, match="no attention mask"):
+            layer(tokens, mask)

@@ -247,6 +247,28 @@ def test_eval_video_qa_evaluate_counts_what_each_question_kept(monkeypatch):
     assert row["total_s"] == pytest.approx(row["decode_s"] + row["encode_s"] + row["select_compress_s"] + 0.25)
 
 
+def test_eval_video_qa_text_rows_compress_with_each_question_clip_scores(monkeypatch):
+    """A text row hands each question's own CLIP scores to the compression and counts the time they took in
+    select_compress_s; another selection hands none. Catches the scores dropped (text selection without them) or
+    taken from another question, and their seconds left out of the row."""
+    tool = load_tool("eval_video_qa")
+    handed = []
+
+    def compress(encoded, config, selector, asked, scores, generator):
+        handed.append((config.selection, None if scores is None else float(scores[0])))
+        return types.SimpleNamespace(tokens=torch.zeros(2, 4), frames=[0])
+
+    monkeypatch.setattr(tool, "compress_video", compress)
+    monkeypatch.setattr(tool, "answer_questions", lambda model, tokenizer, images, questions, features:
+                        types.SimpleNamespace(answers=["yes"] * len(questions), total_seconds=0.0))
+    questions = [{"encoded": i, "question": f"q{i}", "answer": "yes", "kind": None, "decode": 0.0, "encode_s": 0.0,
+                  "text_scores": torch.full((4,), float(i + 1)), "text_scores_s": 100.0} for i in range(3)]
+    text_row, _ = tool.evaluate(None, None, questions, tool.comparison_config("text", 16), batch_size=2)
+    uniform_row, _ = tool.evaluate(None, None, questions, tool.comparison_config("uniform", 16), batch_size=2)
+    assert handed == [("text", 1.0), ("text", 2.0), ("text", 3.0)] + [("uniform", None)] * 3
+    assert 100.0 <= text_row["select_compress_s"] < 101.0 and uniform_row["select_compress_s"] < 1.0
+
+
 def test_eval_video_qa_hands_its_options_on(tmp_path, monkeypatch):
     """eval_video_qa.py's main: the test split with --seed and --questions, --seed and --batch-size reach every
     row, --merge-threshold the all+merge rows, --baseline the vs_baseline pairs and every frame's every token the
@@ -311,6 +333,51 @@ def test_eval_video_qa_reads_at_most_questions_rows_of_a_manifest(tmp_path, monk
     questions = tool.load_questions(types.SimpleNamespace(manifest=str(manifest), questions=2, seed=0))
     assert read == [tmp_path / "v0.mp4", tmp_path / "v1.mp4"]
     assert [(q["question"], q["kind"]) for q in questions] == [("q0", None), ("q1", None)]
+
+
+def test_eval_video_qa_clip_scores_each_question_frames_for_the_text_rows(tmp_path, monkeypatch):
+    """--clip loads the pretrained reference CLIP once; each question's frames (grey, repeated to 3 channels) are
+    scored against that question's own text, and the text rows get those scores, whatever the budget. Catches the
+    CLIP left unloaded or untrained, the scores taken for another question or on one channel, a text row scored
+    without them."""
+    import vistok.models
+    import vistok.video.fmnist_qa as fmnist_qa
+
+    tool = load_tool("eval_video_qa")
+    loads, scored, seen = [], [], []
+
+    class Videos:
+        images = None
+
+        def __init__(self, split, size, seed=0):
+            pass
+
+        def example(self, index):
+            frames = np.full((16, 28, 28), 10 * index, dtype=np.uint8)
+            return types.SimpleNamespace(frames=lambda images: frames, question=f"q{index}", answer="yes", kind="k")
+
+    def text_scores(model, tokenizer, pixels, question):
+        scored.append((model, tokenizer, tuple(pixels.shape), question, torch.equal(pixels[:, 0], pixels[:, 2])))
+        return torch.full((pixels.shape[0],), float(len(scored)))
+
+    def evaluate(model, tokenizer, questions, config, batch_size, seed=0):
+        seen.append((config.selection, config.budget, [float(q["text_scores"][0]) for q in questions]))
+        return {"selection": config.selection, "budget": config.budget, "accuracy": 50.0}, [True] * len(questions)
+
+    monkeypatch.setattr(fmnist_qa, "FashionVideoQA", Videos)
+    monkeypatch.setattr(vistok.models, "create_clip", lambda **kwargs: loads.append(kwargs) or ("clip", "words"))
+    monkeypatch.setattr(tool, "text_frame_scores", text_scores)
+    monkeypatch.setattr(tool, "encode_frames", lambda model, pixels: types.SimpleNamespace(
+        tokens=torch.zeros(pixels.shape[0], 9, 4)))
+    monkeypatch.setattr(tool, "evaluate", evaluate)
+    monkeypatch.setattr(tool, "plot", lambda rows, path: None)
+    assert tool.main(["--out", str(tmp_path / "qa"), "--questions", "3", "--selections", "text", "--budgets", "16",
+                      "32", "--clip"], model_and_tokenizer=(None, None)) == 0
+    assert loads == [{"pretrained": True}]
+    assert [(model, words, question, same) for model, words, _, question, same in scored] == \
+        [("clip", "words", f"q{i}", True) for i in range(3)]
+    assert all(shape[1] == 3 for _, _, shape, _, _ in scored)
+    assert seen == [("text", 16, [1.0, 2.0, 3.0]), ("text", 32, [1.0, 2.0, 3.0])]
 
 
 def test_train_vlm_steps_read_their_own_examples_through_their_seeded_method(tmp_path, monkeypatch):
