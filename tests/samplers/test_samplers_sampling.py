@@ -417,3 +417,28 @@ def test_process_returns_a_new_tensor_without_processors():
         assert torch.equal(out, before) and out.data_ptr() != logits.data_ptr()
         out[:, 0] = -math.inf
         assert torch.equal(logits, before)
+
+
+def test_a_pipeline_made_from_keywords_runs_those_options():
+    """``SamplingPipeline(**options)`` is ``SamplingPipeline(SamplingConfig(**options))``: the same chain and the same
+    logits. A pipeline that built a default config from its keywords would pass the logits through unchanged."""
+    logits = logit_cases(1, batch=4, vocab=60)
+    options = dict(temperature=0.7, top_k=5, min_p=0.05)
+    pipeline = SamplingPipeline(**options)
+    expected = SamplingConfig(**options).process(logits)
+    assert [type(p).__name__ for p in pipeline.config.processors] == ["Temperature", "MinPFilter", "TopKFilter"]
+    assert torch.equal(pipeline(None, logits), expected) and not torch.equal(expected, logits)
+
+
+def test_a_configs_sample_draws_from_the_generator_it_is_given():
+    """``SamplingConfig.sample(generator=g)`` is ``sample(process(logits), generator=g)``: the draws follow ``g``,
+    not the global seed. Dropping the generator drew from torch's global generator instead."""
+    logits = torch.zeros(64, 40)  # uniform rows: every token may win, so a draw from another stream differs
+    config = SamplingConfig(top_k=20)
+    draws = []
+    for global_seed in (0, 1):
+        torch.manual_seed(global_seed)
+        draws.append(config.sample(logits, generator=torch.Generator().manual_seed(7)))
+    expected = sample(config.process(logits), generator=torch.Generator().manual_seed(7))
+    assert torch.equal(draws[0], expected) and torch.equal(draws[1], expected)
+    assert not torch.equal(config.sample(logits, generator=torch.Generator().manual_seed(8)), expected)

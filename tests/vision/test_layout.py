@@ -120,3 +120,55 @@ def test_an_n_dimensional_grid():
         TokenLayout.original(x, 1, True).grid_positions()
     with pytest.raises(PatchStateError, match="source tracing"):
         layout.members()
+
+
+def test_mean_over_weighs_each_token_by_its_size_and_leaves_out_padding():
+    """``mean_over`` is the plain mean over the original patches: each token repeated as many times as its size,
+    padding and the positions before ``start`` left out. Catches a divisor that counts positions (or padding)
+    instead of sizes, and a shortcut that took the plain mean whenever there was no padding (sizes alone)."""
+    from dataclasses import replace
+
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.randn(3, 7, 4, generator=generator, dtype=torch.float64)
+    sizes = torch.randint(1, 5, (3, 7), generator=generator).double()
+    valid = torch.arange(7)[None] < torch.tensor([7, 4, 2])[:, None]
+    base = TokenLayout.original(tokens, 1, True)
+    for layout in (replace(base, sizes=sizes), replace(base, valid=valid), replace(base, sizes=sizes, valid=valid)):
+        for start in (0, 1):
+            expected = []
+            for b in range(3):
+                real = layout.valid_mask()[b, start:]
+                counts = layout.token_weights(torch.float64, "cpu")[b, start:][real].long()
+                expected.append(tokens[b, start:][real].repeat_interleave(counts, dim=0).mean(dim=0))
+            torch.testing.assert_close(layout.mean_over(tokens[:, start:], start), torch.stack(expected))
+
+
+def test_key_bias_adds_log_sizes_only_with_proportional_attention():
+    """Proportional attention adds ``log(size)`` to a key's logit, padding gets ``-inf``; with
+    ``proportional=False`` sizes add nothing (no bias at all without padding). Catches a bias that ignored
+    ``proportional``."""
+    from dataclasses import replace
+
+    sizes = torch.tensor([[1.0, 3.0, 2.0, 1.0], [1.0, 1.0, 4.0, 5.0]])
+    valid = torch.tensor([[True, True, True, False], [True, True, True, True]])
+    base = replace(TokenLayout.original(torch.zeros(2, 4, 3), 1, True), sizes=sizes)
+    assert torch.equal(base.key_bias(torch.float32), sizes.log()[:, None, None, :])
+    assert replace(base, proportional=False).key_bias(torch.float32) is None
+    padded = replace(base, valid=valid, proportional=False).key_bias(torch.float32)[:, 0, 0]
+    assert torch.equal(padded, torch.zeros(2, 4).masked_fill(~valid, float("-inf")))
+    proportional = replace(base, valid=valid).key_bias(torch.float32)[:, 0, 0]
+    assert torch.equal(proportional, sizes.log().masked_fill(~valid, float("-inf")))
+
+
+def test_tokens_per_block_is_the_mean_over_the_images_of_a_padded_batch():
+    """``handle.tokens_per_block()`` counts each image's own tokens (prefix included, padding not) and averages over
+    the batch; blocks before the first patched one count the input. Catches a count taken from the widest image
+    (the padded width) or the block before."""
+    model = _model()
+    images = torch.randn(4, 3, 96, 96, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad(), vistok.patch(model, _UnevenConfig([2])) as handle:
+        model(images)
+        counts = handle.tokens_per_block()
+    kept = [2 + len(range(0, 36, b + 2)) for b in range(4)]  # what _KeepEveryFewTokens keeps of 2 + 36 tokens
+    assert len(set(kept)) > 1, "the test needs a padded batch"
+    assert counts == [38.0, 38.0] + [sum(kept) / 4] * 10

@@ -674,3 +674,85 @@ def test_hf_attention_dropout_in_training_mode_is_the_towers_own(kind):
             other_seed = model(pixel_values=images).last_hidden_state
     assert (got - expected).abs().max() <= 1e-4
     assert (other_seed - expected).abs().max() > 1e-2, "the dropout should change the output"
+
+
+def test_a_second_remove_does_nothing_also_once_the_model_is_patched_again():
+    """``handle.remove()`` again does nothing (as its docstring says): not an error, and not the removal of a newer
+    patch of the same model. A remove that ran whatever the state raised, or took the new handle off."""
+    model = timm.create_model("vit_tiny_patch16_224", img_size=32, depth=3, num_classes=3).eval()
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        unpatched = model(images)
+        old = vistok.patch(model, "merge", r=2)
+        old.remove()
+        old.remove()
+        assert torch.equal(model(images), unpatched)
+        new = vistok.patch(model, "merge", r=2)
+        patched = model(images)
+        old.remove()
+        assert new.active and vistok.get_handle(model) is new and torch.equal(model(images), patched)
+        new.remove()
+        assert torch.equal(model(images), unpatched)
+
+
+def test_the_tower_of_a_deepcopied_patched_clip_model_belongs_to_the_copy():
+    """A deepcopy's handle owns the copied tower (its record is linked again when copied): ``unpatch`` given that
+    tower refuses, as for the original, and the copy keeps running patched. A record left without an owner read as
+    a tower copied out alone and was restored, leaving the copy's handle active over an unpatched tower."""
+    model = tiny_hf_tower("clip-full", 32)
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    vistok.patch(model, "ats", k=5, min_tokens=5)
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        patched = twin.vision_model(pixel_values=images).pooler_output
+        with pytest.raises(PatchStateError, match="part of a patched model"):
+            vistok.unpatch(twin.vision_model)
+        assert torch.equal(twin.vision_model(pixel_values=images).pooler_output, patched)
+    vistok.unpatch(twin)
+    assert not any("forward" in vars(m) or "_vistok_installed" in vars(m) for m in twin.modules())
+
+
+@pytest.mark.parametrize("index", [3, True])
+def test_a_users_config_that_builds_the_block_past_the_last_or_a_bool_is_refused(index):
+    """Block indices are ints in ``[0, depth)``: the index one past the last block and a bool (an int to Python) are
+    refused, and nothing is patched. An upper bound of ``<= depth`` patched nothing without a word; a bool was taken
+    as block 1."""
+    from vistok.methods import MethodConfig, TokenReducer
+    from vistok.methods.random_drop import RandomDropper
+
+    class BuildsThis(MethodConfig):
+        name = "test-builds-index"
+
+        def build(self, info):
+            return {index: RandomDropper(0.5, 0)}
+
+    model = timm.create_model("vit_tiny_patch16_224", img_size=32, depth=3, num_classes=3)
+    assert isinstance(RandomDropper(0.5, 0), TokenReducer)
+    with pytest.raises(InvalidConfigError, match=r"keys must be block indices in \[0, 3\)"):
+        vistok.patch(model, BuildsThis())
+    assert vistok.get_handle(model) is None and not any("forward" in vars(m) for m in model.modules())
+
+
+def test_a_block_whose_forward_is_replaced_on_the_instance_is_refused_untouched():
+    """A block whose ``forward`` someone replaced on the instance (another patching library, accelerate's hooks) is
+    refused, its forward left in place: patching over it would bypass it, and removing the patch would delete it."""
+    model = timm.create_model("vit_tiny_patch16_224", img_size=32, depth=3, num_classes=3).eval()
+    own = model.blocks[1].forward
+    model.blocks[1].forward = own
+    with pytest.raises(vistok.AlreadyPatchedError, match="already has a replaced forward"):
+        vistok.patch(model, "merge", r=2)
+    assert vars(model.blocks[1])["forward"] is own and vistok.get_handle(model) is None
+    assert not any("forward" in vars(block) for index, block in enumerate(model.blocks) if index != 1)
+
+
+def test_a_vision_llm_refuses_an_attention_path_untouched():
+    """``attention=`` chooses how patched tower blocks attend; a vision-LLM's boundary methods run no attention of
+    their own, so a path other than "auto" is refused (not silently ignored) and nothing is patched."""
+    from helpers import tiny_llava
+
+    llava = tiny_llava()
+    for attention in ("sdpa", "flex"):
+        with pytest.raises(InvalidConfigError, match="applies to vision towers"):
+            vistok.patch(llava, "random_select", tokens=4, attention=attention)
+        assert vistok.find_handle(llava) is None
+    vistok.patch(llava, "random_select", tokens=4).remove()

@@ -432,3 +432,138 @@ def test_video_questions_cover_every_count_run_and_answer():
             assert np.array_equal(frames[shown.start], images[shown.image])
     with pytest.raises(IndexError):
         data.example(len(data))
+
+
+def test_video_frames_are_normalised_as_the_towers_training_images():
+    """``frames_to_input`` gives, for frames at the tower's size, what the Fashion-MNIST training transform gives
+    the same images (``GreyBatchTransform``): the video tower reads frames as it was trained. Catches a normalisation
+    that multiplied by the std or scaled differently."""
+    from vistok.data import GreyBatchTransform
+    from vistok.video.qa import frames_to_input
+
+    frames = torch.randint(0, 256, (3, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(frames_to_input(frames), GreyBatchTransform()(frames))
+
+
+def test_encode_frames_reads_the_feature_layer_in_batches():
+    """``encode_frames`` takes the tower's hidden states at ``config.vision_feature_layer``: patch tokens after the
+    class token, the class token as the frame's summary, the same in batches as in one pass. Catches the last layer
+    read instead, another token taken as the summary, and batches that skipped a frame."""
+    from types import SimpleNamespace
+
+    from vistok.video.qa import encode_frames
+
+    class Tower(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = torch.nn.Linear(28, 6)
+
+        def forward(self, pixels, output_hidden_states=False):
+            first = self.embed(pixels[:, 0, :5])  # [T, 5, 6]: "class token" then 4 patches
+            return SimpleNamespace(hidden_states=(first, first * 2 + 1, first.flip(1) - 3))
+
+    torch.manual_seed(0)
+    tower = Tower()
+    model = SimpleNamespace(model=SimpleNamespace(vision_tower=tower), config=SimpleNamespace(vision_feature_layer=1))
+    frames = torch.randn(5, 1, 28, 28)
+    with torch.no_grad():
+        expected = tower(frames).hidden_states[1]
+    for batch_size in (256, 2):
+        encoded = encode_frames(model, frames, batch_size=batch_size)
+        assert torch.equal(encoded.tokens, expected[:, 1:]) and torch.equal(encoded.summaries, expected[:, 0])
+
+
+def test_the_configs_seed_and_the_calls_seed_draw_together():
+    """VideoQA.compress draws "drop"'s frames from the call's seed plus the config's: a config seed of 3 at call
+    seed 2 keeps the frames compress_video keeps with a generator seeded 5. Ignoring the config's seed gave every
+    config the same draws."""
+    from vistok.video.qa import VideoQA
+
+    video = encoded_video(frames=32)
+    config = VideoQAConfig(budget=16, selection="drop", merge_threshold=None, seed=3)
+    draws = {seed: compress_video(video, config, generator=torch.Generator().manual_seed(seed)).frames
+             for seed in (2, 5)}
+    assert draws[2] != draws[5], "the test needs seeds that keep other frames"
+    assert VideoQA(None, None, config).compress(video, None, "Is there a bag?", seed=2).frames == draws[5]
+
+
+def test_the_pipeline_answers_from_the_compressed_tokens_with_the_calls_seed(monkeypatch):
+    """VideoQA(video, question, seed) hands the language model the compressed tokens and the call's seed (the
+    answer's draws), and reports the tokens it read. A seed left at 0 answered every call alike."""
+    import vistok.models.reference_vlm as reference_vlm
+    import vistok.video.qa as qa_module
+    from vistok.video.qa import VideoQA
+
+    video = encoded_video(frames=12)
+    calls = []
+
+    def answer_questions(model, tokenizer, images, questions, sampling=None, seeds=None, features=None):
+        calls.append(dict(questions=questions, seeds=seeds, features=features))
+        return type("Answers", (), {"answers": ["yes"], "total_seconds": 0.0})()
+
+    monkeypatch.setattr(qa_module, "encode_frames", lambda model, pixels, progress=False: video)
+    monkeypatch.setattr(reference_vlm, "answer_questions", answer_questions)
+    qa = VideoQA(None, None, VideoQAConfig(budget=10, selection="uniform", frames=3))
+    frames = torch.zeros(12, 28, 28, dtype=torch.uint8)
+    result = qa(frames, "Is there a bag?", seed=7)
+    expected = qa.compress(video, None, "Is there a bag?", seed=7)
+    assert calls[0]["questions"] == ["Is there a bag?"] and calls[0]["seeds"] == 7
+    assert torch.equal(calls[0]["features"][0], expected.tokens)
+    assert (result.answer, result.frames, result.visual_tokens) == ("yes", expected.frames, expected.tokens.shape[0])
+
+
+def test_selection_options_at_their_bounds():
+    """merge_threshold 0.5 is allowed (the documented [0.5, 1]); "text" keeps every frame of a video shorter than
+    ``frames``; the learned selection refuses a frame count other than its queries; the baselines' comparison
+    configs keep as many whole frames as the budget holds."""
+    from vistok.video.frames import SelectorConfig, TemporalQuerySelector
+
+    VideoQAConfig(merge_threshold=0.5)
+    VideoQAConfig(merge_threshold=1.0)
+    video = encoded_video(frames=12)
+    scores = torch.linspace(0, 1, 12)
+    text = compress_video(video, VideoQAConfig(budget=100, selection="text", frames=16), text_scores=scores)
+    assert text.frames == list(range(12))
+    for selection in ("uniform", "text"):  # 4 tokens a frame: a budget of 8 holds 2 whole frames
+        kept = compress_video(video, comparison_config(selection, 8), text_scores=scores)
+        assert len(kept.frames) == 2, selection
+    torch.manual_seed(0)
+    selector = TemporalQuerySelector(SelectorConfig(frame_dim=6, text_dim=5, num_queries=4, width=8, heads=2)).eval()
+    with pytest.raises(InvalidConfigError, match="keeps the selector's 4 frames"):
+        compress_video(video, VideoQAConfig(selection="learned", frames=3), selector,
+                       (torch.randn(1, 3, 5), torch.ones(1, 3)))
+
+
+def test_text_selection_skips_look_alike_frames_only_when_merging_on_summaries():
+    """Text selection skips frames whose summaries repeat a chosen one only with ``merge_on="summary"``; with
+    ``"selection"`` (rows that never merge two different frames) it keeps the top-scoring frames, alike or not."""
+    base = encoded_video(frames=4)
+    shows = [0, 1, 1, 0, 2, 3, 3, 3]
+    video = EncodedVideo(base.tokens[shows], base.summaries[shows])
+    scores = torch.tensor([0.9, 0.8, 0.8, 0.9, 0.1, 0.7, 0.7, 0.7])
+    config = VideoQAConfig(budget=8, selection="text", frames=None, merge_threshold=0.98, merge_on="selection")
+    assert compress_video(video, config, text_scores=scores).frames == [0, 3]
+
+
+def test_two_chosen_frames_that_repeat_each_other_merge():
+    """The temporal merge runs whenever more than one frame is chosen, two included: a video of one frame shown
+    twice reaches the language model as that frame once, of size 2 (as the same frames within a longer video do).
+    A merge that needed three frames sent both copies."""
+    base = encoded_video(frames=2)
+    config = VideoQAConfig(budget=100, selection="all", merge_threshold=0.98, merge_on="summary")
+    held = compress_video(EncodedVideo(base.tokens[[0, 0]], base.summaries[[0, 0]]), config)
+    assert held.frames == [0] and torch.equal(held.tokens, base.tokens[0])
+    assert torch.equal(held.sizes, torch.full((4,), 2.0))
+    longer = compress_video(EncodedVideo(base.tokens[[0, 0, 1]], base.summaries[[0, 0, 1]]), config)
+    assert longer.frames == [0, 2] and torch.equal(longer.sizes[:4], held.sizes)
+
+
+def test_no_questions_and_a_model_without_a_selector_are_refused_up_front():
+    """An empty list of questions is refused by name (it was a bare ValueError from ``max``), and the learned
+    selection refuses a model without ``frame_selector`` when the pipeline is made, not at the first video."""
+    from vistok.video.qa import VideoQA
+
+    with pytest.raises(InvalidConfigError, match="no questions"):
+        question_embeddings(None, None, [])
+    with pytest.raises(InvalidConfigError, match="needs a model with a frame_selector"):
+        VideoQA(torch.nn.Linear(2, 2), None, VideoQAConfig(selection="learned"))
