@@ -64,6 +64,63 @@ def test_choose_grid_agrees_with_a_direct_reading_of_the_rule():
         assert score(*choose_grid(height, width), height, width) == pytest.approx(best, abs=1e-9)
 
 
+def test_candidate_grids_come_fewer_crops_first_then_fewer_rows():
+    """The documented order (choose_grid's ties go to the earlier grid): by crop count, then by rows; built here
+    crop count by crop count. Sorting ties by columns put (2, 1) before (1, 2)."""
+    expected = [(rows, count // rows) for count in range(1, 7) for rows in range(1, count + 1) if count % rows == 0]
+    assert candidate_grids(6) == expected
+
+
+def _docowl_score(rows, cols, height, width, size=448, overlap_subtracted=True):
+    """DocOwl 1.5's grid score read directly: 100 x the IoU of the grid's box with the page's aspect box of the
+    same width, plus the IoU of the grid's box with the page (both at the origin). Without
+    ``overlap_subtracted`` each IoU's union is the boxes' summed area (a wrong reading, to test the test)."""
+    box_w, box_h = cols * size, rows * size
+    shape_h = box_w * height / width
+    shape_inter = min(box_h, shape_h) * box_w
+    inter = min(box_w, width) * min(box_h, height)
+    shape_union = box_w * box_h + box_w * shape_h - shape_inter * overlap_subtracted
+    union = box_w * box_h + width * height - inter * overlap_subtracted
+    return 100 * shape_inter / shape_union + inter / union
+
+
+def test_choose_grid_scores_boxes_by_their_intersection_over_union():
+    """Over a sweep of page sizes the chosen grid has the best score of the rule read directly. The sweep holds
+    pages where scoring by intersection over the boxes' summed area (the union without its overlap subtracted)
+    picks another grid, which the 40 random sizes above do not."""
+    told_apart = 0
+    for height in range(100, 1100, 37):
+        for width in range(100, 1100, 41):
+            scores = {grid: _docowl_score(*grid, height, width) for grid in candidate_grids(9)}
+            assert scores[choose_grid(height, width)] == pytest.approx(max(scores.values()), abs=1e-9)
+            wrong = max(scores, key=lambda grid: _docowl_score(*grid, height, width, overlap_subtracted=False))
+            told_apart += scores[wrong] < max(scores.values()) - 1e-9
+    assert told_apart > 0
+
+
+def test_crop_page_chooses_the_grid_for_its_crop_size_page_shape_and_max_crops():
+    """crop_page's own grid is choose_grid's for the page's height and width (in that order), its crop_size and
+    its max_crops: a tall page gets more rows than columns, a square page twice the crop size a 2 x 2 grid (at the
+    default 448 px crops it would be one crop), and a wide page at most max_crops crops."""
+    tall = crop_page(torch.rand(3, 96, 64), crop_size=32)
+    assert tall.grid == choose_grid(96, 64, 32) and tall.grid[0] > tall.grid[1]
+    square = crop_page(torch.rand(3, 64, 64), crop_size=32)
+    assert square.grid == choose_grid(64, 64, 32) != choose_grid(64, 64)
+    assert square.views.shape[0] == 1 + square.num_crops
+    for max_crops in (2, 4, 9):
+        wide = crop_page(torch.rand(3, 8, 72), crop_size=8, max_crops=max_crops)
+        best = max(candidate_grids(max_crops), key=lambda grid: _docowl_score(*grid, 8, 72, size=8))
+        assert wide.grid == choose_grid(8, 72, 8, max_crops) == best and wide.num_crops <= max_crops
+
+
+def test_a_narrow_page_with_channels_first_is_not_taken_for_channel_last():
+    """A page [C, H, W] whose width is 1, 3 or 4 px is channels first when C is 1, 3 or 4: only a first axis that
+    is no channel count marks a channel-last page. Refusing every width of 1, 3 or 4 refused these."""
+    for shape in ((3, 40, 3), (1, 30, 4), (4, 20, 1)):
+        crops = crop_page(torch.rand(*shape), crop_size=8)
+        assert crops.views.shape[1:] == (shape[0], 8, 8)
+
+
 def test_crops_tile_the_resized_page_behind_a_global_view():
     page = torch.rand(3, 300, 200)
     crops = crop_page(page, crop_size=32)
@@ -185,6 +242,27 @@ def test_top_tokens_keep_their_order_and_merging_keeps_the_mass():
                                                                                          tokens[[2, 3]].mean(0))
     dropped = merge_into_kept(tokens, metric, torch.tensor([1, 3]), merge=False)
     assert torch.equal(dropped.tokens, tokens[[1, 3]]) and dropped.owner.tolist() == [-1, 0, -1, 1, -1]
+
+
+def test_top_tokens_break_ties_to_the_earlier_token_in_a_long_view():
+    """Ties go to the earlier token, as documented, also in a view of hundreds of tokens (a 448 px crop has 784):
+    there an unstable sort returns tied tokens in no particular order. Against the rule read directly."""
+    scores = torch.tensor([float(i % 4 == 1) + float(i % 7 == 0) for i in range(400)])
+    for count in (0, 1, 50, 120, 399):
+        expected = sorted(sorted(range(400), key=lambda i: (-float(scores[i]), i))[:count])
+        assert top_tokens(scores, count).tolist() == expected
+        assert top_tokens(torch.zeros(400), count).tolist() == list(range(count))
+
+
+def test_information_density_counts_repeats_as_given():
+    """A view of eight keys, three of them one key: each copy has two others, so the copies are redundant at
+    repeats <= 2 (density 5 / 8) and nothing is at repeats >= 3. A density that ignored ``repeats`` read the
+    default 4 for every setting."""
+    keys = torch.eye(8)[None].clone()
+    keys[0, 1:3] = keys[0, 0]
+    for repeats in (1, 2, 3, 4, 5):
+        expected = 5 / 8 if repeats <= 2 else 1.0
+        assert information_density(keys, 0.9, repeats).tolist() == [expected]
 
 
 @pytest.fixture(scope="module")
@@ -858,6 +936,84 @@ def test_the_adaptive_budget_keeps_minimum_tokens_of_a_blank_view():
         result = compress_views(signals, CorrelationGuidedConfig(minimum=minimum), has_global=False)
         assert float(result.density[0]) == 0.0
         assert int(result.budgets[0]) == minimum == result.tokens[0].shape[0]
+
+
+def test_compress_views_ranks_by_the_chosen_score_and_merges_by_key_similarity():
+    """score="similarity" ranks each view by ``class_similarity``, "attention" by ``class_attention``; with
+    ``merge`` every dropped token joins the kept token whose key (not whose output token) is most similar, and
+    each kept token is the mean of its group. Checked against the rule computed here."""
+    from vistok.document.page import ViewSignals
+
+    generator = torch.Generator().manual_seed(0)
+    tokens, keys = torch.randn(3, 12, 6, generator=generator), torch.randn(3, 12, 5, generator=generator)
+    attention, similarity = torch.rand(3, 12, generator=generator), torch.rand(3, 12, generator=generator)
+    signals = ViewSignals(tokens, keys, attention, similarity)
+    for score, ranked in (("attention", attention), ("similarity", similarity)):
+        result = compress_views(signals, CorrelationGuidedConfig(tokens=15, score=score, merge=True), True)
+        assert result.num_tokens == 15
+        for v in range(3):
+            kept = sorted(sorted(range(12), key=lambda i: -float(ranked[v, i]))[:int(result.budgets[v])])
+            assert result.index[v].tolist() == kept
+            unit = F.normalize(keys[v], dim=-1)
+            owner = (unit @ unit[kept].T).argmax(-1)
+            owner[kept] = torch.arange(len(kept))
+            assert result.sizes[v].tolist() == torch.bincount(owner, minlength=len(kept)).float().tolist()
+            means = torch.stack([tokens[v, owner == k].mean(0) for k in range(len(kept))])
+            assert torch.allclose(result.tokens[v], means, atol=1e-6)
+
+
+def test_compress_page_reads_the_configured_layer_and_bare_views_have_no_global_share(tiny_vit):
+    """compress_page reads block ``config.layer`` (its output tokens and its class-token key cosine, from the
+    block's own qkv) and treats bare views as crops: a blank first view keeps only ``minimum``, not the 1 / V
+    share a global view would take."""
+    views = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    views[0] = 0.0  # a blank view: every patch alike
+    block = tiny_vit.blocks[5]
+    x, out = _block_io(tiny_vit, block, views)
+    qkv, _ = _timm_attention(block, x)
+    keys = qkv[1].transpose(1, 2).flatten(2)  # [V, 1 + 16, D]
+    signals = view_signals(tiny_vit, views, layer=5)
+    assert torch.allclose(signals.class_similarity, F.cosine_similarity(keys[:, 1:], keys[:, :1], dim=-1),
+                          atol=1e-5)
+    config = CorrelationGuidedConfig(tokens=12, layer=5, score="similarity", minimum=1)
+    result = compress_page(tiny_vit, views, config)
+    informative = (~result.redundant).sum(-1).tolist()
+    assert informative[0] == 0 and min(informative[1:]) > 0
+    assert result.budgets.tolist() == _exact_allocation(informative, 12, [16] * 3, 1)
+    for v in range(3):
+        assert torch.equal(result.index[v], top_tokens(signals.class_similarity[v], int(result.budgets[v])))
+        assert torch.equal(result.tokens[v], out[v, 1 + result.index[v]])
+
+
+def test_a_single_global_view_keeps_the_whole_budget():
+    """One view marked global has no crops to share with: it keeps the page budget (a split of the rest over no
+    crops was refused as empty weights)."""
+    from vistok.document.page import ViewSignals
+
+    keys = torch.randn(1, 9, 4, generator=torch.Generator().manual_seed(0))
+    signals = ViewSignals(keys.clone(), keys, torch.zeros(1, 9), None)
+    for config in (CorrelationGuidedConfig(tokens=5), CorrelationGuidedConfig(tokens=5, global_share=0.1)):
+        result = compress_views(signals, config, has_global=True)
+        assert result.budgets.tolist() == [5] and result.index[0].shape == (5,)
+
+
+def test_the_adaptive_budget_is_each_views_count_of_tokens_that_are_not_redundant():
+    """density x tokens is a whole count: views of 9 tokens keep exactly their non-redundant tokens (at least
+    ``minimum``). Their float density times 9 falls just under the count for most counts (1 - 3 / 9 is 0.666...),
+    so a floored product kept one token fewer."""
+    from vistok.document.page import ViewSignals
+
+    counts = list(range(10))
+    keys = torch.zeros(10, 9, 10)
+    for view, count in enumerate(counts):  # its first `count` tokens a direction each, the rest one shared
+        for token in range(9):
+            keys[view, token, token if token < count else 9] = 1.0
+    signals = ViewSignals(torch.zeros(10, 9, 4), keys, torch.zeros(10, 9), None)
+    for minimum in (0, 2):
+        result = compress_views(signals, CorrelationGuidedConfig(repeats=1, minimum=minimum), has_global=False)
+        informative = (~result.redundant).sum(-1).tolist()
+        assert informative == [count if count < 8 else 9 for count in counts]  # 8 distinct + 1 shared: all distinct
+        assert result.budgets.tolist() == [max(count, minimum) for count in informative]
 
 
 def _save_12_bit_tiff(levels: np.ndarray, path) -> None:

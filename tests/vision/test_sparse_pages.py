@@ -142,6 +142,62 @@ def test_tiles_with_equal_remainders_give_the_leftover_to_the_earlier_tile():
     assert budgets.tolist() == expected
 
 
+def test_select_over_tiles_reads_redundancy_at_its_similarity_and_splits_uniform_budgets_by_size():
+    """Two tiles of a 4 x 6 grid (a 4 x 4 crop and a 4 x 2 one cut at the edge). Tile 0's keys share a direction
+    (pairwise cosine 0.8), tile 1's are orthogonal: at similarity=0.5 tile 0 is all repeats, at 0.9 nothing is (a
+    similarity ignored for the default read every tile as dense). Without by_density the budget follows the tiles'
+    sizes, 16 : 8, whatever their density (split evenly per tile, the cut tile would get as much as the whole)."""
+    tiles = tile_index((4, 6), (4, 4))
+    sizes = torch.bincount(tiles).tolist()
+    keys = torch.zeros(24, 25)
+    for token in range(24):
+        keys[token, token] = 1.0
+        keys[token, 24] = 2.0 * float(tiles[token] == 0)  # tile 0: 2u + e_i, cosine 4 / 5 with each other
+    scores = torch.rand(24, generator=torch.Generator().manual_seed(0))
+    _, dense, _ = select_over_tiles(keys, scores, tiles, 12, similarity=0.9, repeats=3)
+    kept, density, budgets = select_over_tiles(keys, scores, tiles, 12, similarity=0.5, repeats=3)
+    assert dense.tolist() == [1.0, 1.0] and density.tolist() == [0.0, 1.0]
+    assert budgets.tolist() == [12 - sizes[1], sizes[1]]  # tile 1 is filled, tile 0 keeps the rest
+    for similarity in (0.5, 0.9):
+        _, _, uniform = select_over_tiles(keys, scores, tiles, 12, similarity=similarity, repeats=3,
+                                          by_density=False)
+        assert uniform.tolist() == [12 * size // 24 for size in sizes]
+
+
+def test_the_boundary_passes_each_option_to_the_tile_split():
+    """config.compress on a crop grid keeps what select_over_tiles keeps with the config's own similarity,
+    repeats, minimum, allocation and redundancy, tile by tile, and merges with ``merge``. A 4 x 6 grid of 4 x 4
+    tiles (16 + 8 patches): tile 0's features are 2u + e_i (cosine 0.8 with each other), tile 1's are copies of
+    tile 0's first eight. Per crop at similarity 0.9 nothing repeats (a 4 : 2 split by size); at 0.5 every patch
+    does (even: 3 : 3); over the page tile 1 is all repeats (5 : 1 at minimum=1, 6 : 0 at minimum=0); uniform
+    budgets follow the sizes (4 : 2); one view (no tile) keeps its top six of the 24."""
+    from vistok.adapters.methods import BoundaryInputs
+
+    features = torch.zeros(1, 24, 25)
+    tiles = tile_index((4, 6), (4, 4))
+    first = (tiles == 0).nonzero().squeeze(1)
+    features[0, first, 24] = 2.0
+    features[0, first, torch.arange(16)] = 1.0
+    features[0, tiles == 1] = features[0, first[:8]]
+    scores = torch.rand(1, 24, generator=torch.Generator().manual_seed(0))
+    cases = [({}, [4, 2]), ({"similarity": 0.5}, [3, 3]), ({"redundancy": "page"}, [5, 1]),
+             ({"redundancy": "page", "minimum": 0}, [6, 0]), ({"redundancy": "page", "allocation": "uniform"}, [4, 2])]
+    for options, split in cases:
+        config = CorrelationGuidedConfig(tokens=6, repeats=1, **options)
+        result = config.compress(BoundaryInputs(features, (4, 6), lambda: scores, tile=(4, 4)), 6)
+        kept = (result.owner[0] >= 0).nonzero().squeeze(1)
+        expected = select_over_tiles(features[0], scores[0], tiles, 6, config.similarity, 1, config.minimum,
+                                     config.allocation == "density", config.redundancy == "crop")[0]
+        assert torch.equal(kept, expected) and torch.bincount(tiles[kept], minlength=2).tolist() == split, options
+        assert result.sizes.tolist() == [[1.0] * 6]
+    merged = CorrelationGuidedConfig(tokens=6, repeats=1, merge=True).compress(
+        BoundaryInputs(features, (4, 6), lambda: scores, tile=(4, 4)), 6)
+    assert float(merged.sizes.sum()) == 24 and bool((merged.owner >= 0).all())
+    single = CorrelationGuidedConfig(tokens=6, repeats=1).compress(BoundaryInputs(features, (4, 6), lambda: scores), 6)
+    top = sorted(scores[0].argsort(descending=True)[:6].tolist())
+    assert (single.owner[0] >= 0).nonzero().squeeze(1).tolist() == top
+
+
 def test_page_redundancy_on_a_towers_views():
     """compress_views: three identical blank views and one with content; per view nothing repeats, over the page
     the blank views' tokens all do, and they get only the minimum."""
