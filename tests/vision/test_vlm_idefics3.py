@@ -107,3 +107,36 @@ def test_refusals():
         vistok.patch(tiny_idefics3(), "dominant", tokens=4)
     with pytest.raises(InvalidConfigError, match="tokens=17 is more than the 16"):
         vistok.patch(tiny_idefics3(), "merge_to_budget", tokens=17)
+
+
+def test_a_tile_with_zero_pixels_is_a_real_tile():
+    """A tile is padding only when every one of its values is zero (as the model counts them): a tile whose top
+    half is zero (a mid-grey area after normalisation) is encoded and compressed like any other, and the patched
+    model equals the unpatched one fed those tokens by hand."""
+    model = tiny_idefics3()
+    ids, mask, pixels = batch()
+    pixels[0, 1, :, :16] = 0
+    with torch.no_grad():
+        with vistok.patch(model, "merge_to_budget", tokens=4) as handle:
+            logits = model(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits
+            encoded = handle.encode(pixels)
+        short_ids, short_mask, _ = batch(per_tile=4)
+        rows = [encoded.tokens[:2].reshape(-1, 32), encoded.tokens[2:].reshape(-1, 32)]
+        by_hand = transformers.modeling_outputs.BaseModelOutputWithPooling(pooler_output=rows)
+        expected = model(input_ids=short_ids, attention_mask=short_mask, mm_encoder_outputs={"image": by_hand}).logits
+    assert encoded.tokens.shape[0] == 3 and (logits - expected).abs().max() <= 1e-5
+
+
+def test_smolvlm_still_encodes_the_first_tile_of_a_blank_batch():
+    """SmolVLM encodes the first tile of a batch whose tiles are all blank (Idefics3 encodes none): vistok counts
+    that tile too, so the prompt's one tile of placeholders keeps the unpatched model's logits with every token
+    kept and shrinks to the budget otherwise."""
+    model = tiny_idefics3("smolvlm")
+    ids = torch.tensor([[1, AROUND] + [IMAGE] * TILE + [AROUND, 5]])
+    pixels = torch.zeros(1, 1, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(input_ids=ids, pixel_values=pixels).logits
+        with vistok.patch(model, "merge_to_budget", keep=1.0):
+            assert (model(input_ids=ids, pixel_values=pixels).logits - expected).abs().max() <= 1e-4
+        with vistok.patch(model, "merge_to_budget", tokens=4):
+            assert model(input_ids=ids, pixel_values=pixels).logits.shape[1] == ids.shape[1] - (TILE - 4)

@@ -571,3 +571,175 @@ def test_the_base_model_runs_patched_and_replaced_methods_are_refused():
             vistok.patch(model, "pool", tokens=4)
         delattr(owner, name)
     assert vistok.get_handle(model) is None
+
+
+def test_a_calls_vision_feature_layer_sets_the_layer_dominant_ranks_by():
+    """vision_feature_layer given in the call (-1, not the config's -2): dominant keeps the projected features of
+    that layer, ranked by the class token's attention in the layer that made them (the last one). Ranking by the
+    config's layer instead (the call's value dropped) keeps other patches. With several feature layers the
+    score is the last one's."""
+    from vistok.adapters.budget import select_dominant
+
+    model = tiny_llava()
+    vision = model.model.vision_tower
+    pixels = images()
+    with torch.no_grad():
+        hidden = vision(pixels, output_hidden_states=True).hidden_states
+        features = model.model.multi_modal_projector(hidden[-1][:, 1:])
+        scores = class_attention(vision, hidden, -1)
+        expected = select_dominant(features, scores, 4).tokens
+        assert not torch.equal(select_dominant(features, class_attention(vision, hidden, -2), 4).tokens, expected)
+        with vistok.patch(model, "dominant", tokens=4) as handle:
+            kept = handle.encode(pixels, vision_feature_layer=-1).tokens
+        assert torch.equal(class_attention(vision, hidden, [-3, -1]), scores)
+    torch.testing.assert_close(kept, expected, atol=1e-6, rtol=1e-5)
+
+
+def test_call_options_the_budget_was_not_set_for_are_refused():
+    """A call whose vision_feature_select_strategy differs from the config's (the class token's feature in or out
+    changes the tokens per image) and one with image_sizes (images of several sizes) are refused by name, not
+    compressed on the config's assumptions."""
+    model = tiny_llava()
+    ids, pixels = prompt(), images()
+    with vistok.patch(model, "merge_to_budget", tokens=4), torch.no_grad():
+        with pytest.raises(InvalidConfigError, match="vision_feature_select_strategy='full' differs from the config"):
+            model(input_ids=ids, pixel_values=pixels, vision_feature_select_strategy="full")
+        with pytest.raises(InvalidConfigError, match="image_sizes"):
+            model.model.get_image_features(pixel_values=pixels, image_sizes=torch.tensor([[32, 32], [32, 32]]))
+        assert model(input_ids=ids, pixel_values=pixels, vision_feature_select_strategy="default").logits.shape[1] \
+            == 3 + 4 + 2
+
+
+def test_budgets_round_keep_and_take_up_to_every_token():
+    """keep= is rounded to the nearest token count (at least one), not truncated; tokens= may be every one of the
+    tower's tokens (the unpatched model), only more is refused; dominant's contextual tokens equal to the budget
+    are refused when patching, not at the first forward."""
+    model = tiny_llava()
+    ids, pixels = prompt(), images()
+    for keep in (0.3, 0.45, 0.01):
+        with vistok.patch(model, "merge_to_budget", keep=keep) as handle:
+            assert handle.tokens_per_image == max(1, round(keep * PATCHES))
+            with torch.no_grad():
+                assert handle.encode(pixels).tokens.shape[1] == max(1, round(keep * PATCHES))
+    with torch.no_grad():
+        expected = model(input_ids=ids, pixel_values=pixels).logits
+        with vistok.patch(model, "random_select", tokens=PATCHES):
+            assert (model(input_ids=ids, pixel_values=pixels).logits - expected).abs().max() <= 1e-4
+    with pytest.raises(InvalidConfigError, match="contextual=2 must be less than the budget"):
+        vistok.patch(model, "dominant", keep=2 / PATCHES, contextual=2)
+    assert vistok.get_handle(model) is None
+
+
+def test_dominant_hands_its_contextual_tokens_to_the_selection():
+    """dominant with contextual=2: the patched model's tokens are select_dominant's on the unpatched features and
+    class attention with 2 contextual tokens (each the mean of a group of the unselected patches, so every patch
+    is counted once); the option dropped on the way, all 4 would be single dominant patches."""
+    from vistok.adapters.budget import select_dominant
+
+    model = tiny_llava()
+    vision = model.model.vision_tower
+    pixels = images()
+    with torch.no_grad():
+        hidden = vision(pixels, output_hidden_states=True).hidden_states
+        features = model.model.multi_modal_projector(hidden[-2][:, 1:])
+        expected = select_dominant(features, class_attention(vision, hidden, -2), 4, contextual=2)
+        with vistok.patch(model, "dominant", tokens=4, contextual=2) as handle:
+            encoded = handle.encode(pixels)
+    assert torch.equal(encoded.sizes.sum(1), torch.full((2,), float(PATCHES)))
+    assert bool((encoded.sizes > 1).sum(1).eq(2).all())
+    for b in range(2):  # the same tokens; encode gives them in patch order
+        distance = torch.cdist(encoded.tokens[b], expected.tokens[b])
+        assert bool((distance.min(dim=0).values <= 1e-5).all()) and bool((distance.min(dim=1).values <= 1e-5).all())
+
+
+def test_random_select_draws_with_the_users_seed():
+    """random_select keeps the tokens select_random draws from a generator seeded with the user's seed (a fresh one
+    each call): seed=7 is not seed=0's draw."""
+    from vistok.adapters.budget import select_random
+
+    model = tiny_llava()
+    pixels = images()
+    with torch.no_grad():
+        features = torch.stack(list(model.model.get_image_features(pixel_values=pixels).pooler_output))
+        draws = {}
+        for seed in (0, 7):
+            with vistok.patch(model, "random_select", tokens=4, seed=seed) as handle:
+                draws[seed] = handle.encode(pixels).tokens
+                assert torch.equal(handle.encode(pixels).tokens, draws[seed])  # a fresh generator each call
+            expected = select_random(features, 4, torch.Generator().manual_seed(seed)).tokens
+            assert torch.equal(draws[seed], expected)
+    assert not torch.equal(draws[0], draws[7])
+
+
+def test_merge_to_budget_after_an_in_tower_merge_weighs_by_patches():
+    """After ToMe in the tower, each token stands for several patches: merge_to_budget takes those sizes, so the
+    budget's tokens together stand for every one of the 16 patches once (without them, for the tower's tokens)."""
+    model = tiny_llava()
+    with torch.no_grad(), vistok.patch(model, [("merge", {"r": 3}), ("merge_to_budget", {"tokens": 4})]) as handle:
+        encoded = handle.encode(images())
+    assert torch.equal(encoded.sizes.sum(1), torch.full((2,), float(PATCHES)))
+
+
+def test_shortened_rows_are_padded_with_the_text_models_pad_id():
+    """Rows that lose different numbers of placeholders are re-padded with the language model's pad_token_id
+    (here 3, not 0), masked out."""
+    model = tiny_llava()
+    model.config.text_config.pad_token_id = 3
+    run = [IMAGE] * PATCHES
+    ids = torch.tensor([[1, 5] + run + run + [7, 8], [1, 1] + [9] * 15 + [9] + run + [4, 4]])
+    with vistok.patch(model, "merge_to_budget", tokens=4) as handle:
+        short = handle.shorten(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=images(3))
+    padding = short["attention_mask"] == 0
+    assert int(padding.sum()) == PATCHES - 4 and bool((short["input_ids"][padding] == 3).all())
+
+
+def test_tuner_candidates_take_the_largest_budget_within_the_target_and_say_what_they_run():
+    """boundary_candidates: the budget is the largest token count within the target, computed exactly (0.29 of
+    100 tokens is 29, which float arithmetic makes 28.999...); a dominant candidate with contextual tokens exists
+    from a budget of 4 on and runs the contextual count its label names."""
+    from fractions import Fraction
+
+    from vistok.adapters.tuning import boundary_candidates
+
+    for target in (0.07, 0.29, 0.57, 0.58):
+        for prefix in (0, 1):
+            expected = int(Fraction(str(target)) * (100 + prefix)) - prefix
+            for label, method, config, ratio in boundary_candidates((10, 10), True, target, prefix):
+                assert ratio <= target
+                if method != "pool":
+                    assert config.tokens == expected, (target, prefix, label)
+    for target in (3 / 16, 4 / 16, 8 / 16):
+        candidates = boundary_candidates((4, 4), True, target)
+        contextual = [(label, config) for label, method, config, _ in candidates if method == "dominant"
+                      and config.contextual]
+        budget = round(target * 16)
+        assert len(contextual) == (budget >= 4)
+        for label, config in contextual:
+            assert label == f"dominant contextual={config.contextual}" and 0 < config.contextual < config.tokens
+
+
+@pytest.mark.parametrize("method, options, message", [
+    ("merge_to_budget", {"tokens": 0}, "tokens must be a positive int"),
+    ("merge_to_budget", {"tokens": 2.0}, "tokens must be a positive int"),
+    ("pool", {"keep": 0.0}, r"keep must be a fraction in \(0, 1\]"),
+    ("dominant", {"tokens": 4, "contextual": -1}, "contextual must be a non-negative int"),
+    ("random_select", {"tokens": 4, "seed": -1}, r"seed must be an int in \[0, 2\*\*62\)"),
+    ("random_select", {"tokens": 4, "seed": 2**62}, r"seed must be an int in \[0, 2\*\*62\)"),
+])
+def test_boundary_options_out_of_range_are_refused(method, options, message):
+    """A boundary method's options are checked when its config is made: no token budget, a share of nothing,
+    negative contextual tokens and seeds outside the generator's range are refused by name."""
+    with pytest.raises(InvalidConfigError, match=message):
+        vistok.create_config(method, **options)
+
+
+def test_the_tuner_counts_the_class_feature_a_full_strategy_keeps():
+    """vision_feature_select_strategy="full": the language model reads the class token's feature on top of the
+    16 patches, so the tuner's budget and ratio are of 17 features (half: 8 of 17, so 7 patch tokens), not 8 of
+    16, which reads 9 features, more than half."""
+    model = tiny_llava(strategy="full")
+    batch = {"input_ids": prompt(PATCHES + 1), "pixel_values": images()}
+    result = vistok.tune(model, [batch], target=0.5, rungs=1)
+    for row in result.rows:
+        assert row["tokens_ratio"] == (row["config"].tokens + 1) / (PATCHES + 1) <= 0.5, row["label"]
+    assert {row["config"].tokens for row in result.rows if row["method"] != "pool"} == {(PATCHES + 1) // 2 - 1}

@@ -568,3 +568,79 @@ def test_the_tuner_gives_each_anyres_image_its_share():
     assert "correlation_guided redundancy=page" in {r["label"] for r in result.rows}  # a unit is a crop grid
     assert all(row["config"].keep == 0.5 for row in result.rows) and result.best["tokens_ratio"] == 0.5
     assert "error" not in result.best and result.best["images"] == 4
+
+
+def test_every_view_gets_at_least_one_token_and_at_most_its_patches():
+    """The split of an image's tokens= over its base view (16 patches) and crop grid (32): two tokens are one each
+    (the least that covers both views, not refused); a global share near 1 still leaves the crop grid one; a
+    share past the base view's 16 patches gives it all 16 and the crop grid the rest."""
+    from vistok.adapters.family import Units
+    from vistok.adapters.llava_onevision import LlavaOnevisionFamily
+    from vistok.document import CorrelationGuidedConfig
+
+    family = LlavaOnevisionFamily.inspect(tiny_onevision())
+    units = Units([torch.zeros(16, 4), torch.zeros(32, 4)], [(4, 4), (4, 8)], [[0, 1]])
+    for config in (vistok.create_config("random_select", tokens=2),
+                   CorrelationGuidedConfig(tokens=12, global_share=0.99),
+                   CorrelationGuidedConfig(tokens=40, global_share=0.9)):
+        budgets = family.unit_budgets(config, "image", units)
+        assert sum(budgets) == config.tokens and 1 <= budgets[0] <= 16 and 1 <= budgets[1] <= 32, (config, budgets)
+    assert family.unit_budgets(CorrelationGuidedConfig(tokens=40, global_share=0.9), "image", units) == [16, 24]
+
+
+@pytest.mark.parametrize("positions", ["compact", "original"])
+def test_a_base_view_kept_whole_beside_a_reduced_crop_grid(positions):
+    """A global share that keeps every patch of the base view while the crop grid is reduced: each image is its
+    base view's 16 features unchanged, 24 of its crop grid's and one closing newline (the image is compressed
+    although one of its views kept everything), and the forward runs on the shortened prompt."""
+    model = tiny_onevision()
+    x, _ = image_inputs(model)
+    with torch.no_grad():
+        full = model.model.get_image_features(x["pixel_values"], x["image_sizes"]).pooler_output
+        with vistok.patch(model, "correlation_guided", tokens=40, global_share=0.9, positions=positions):
+            out = model.model.get_image_features(x["pixel_values"], x["image_sizes"]).pooler_output
+            logits = model(**x).logits
+    assert [t.shape[0] for t in out] == [16 + 24 + 1] * 2
+    for compressed, original in zip(out, full, strict=True):
+        assert torch.equal(compressed[:16], original[:16]) and torch.equal(compressed[-1], original[-1])
+    assert logits.shape[1] == 3 + 41 + 2
+
+
+def test_a_crop_grid_is_compressed_in_tiles_of_one_view():
+    """correlation_guided sees each crop grid as tiles of one view's 4 x 4 patches (its per-crop redundancy and
+    allocation), the base view as a single view (no tiles)."""
+    from vistok.document import CorrelationGuidedConfig
+
+    model = tiny_onevision()
+    x, _ = image_inputs(model)
+    seen = []
+    compress = CorrelationGuidedConfig.compress
+
+    def spy(self, inputs, budget):
+        seen.append((inputs.grid, inputs.tile))
+        return compress(self, inputs, budget)
+
+    with torch.no_grad(), vistok.patch(model, "correlation_guided", tokens=12), pytest.MonkeyPatch.context() as mp:
+        mp.setattr(CorrelationGuidedConfig, "compress", spy)
+        model.model.get_image_features(x["pixel_values"], x["image_sizes"])
+    assert sorted(seen, key=str) == sorted([((SIDE, SIDE), None), ((SIDE, SIDE), None), ((4, 8), (SIDE, SIDE)),
+                                            ((8, 8), (SIDE, SIDE))], key=str)
+
+
+def test_dominant_ranks_by_the_layer_the_call_reads():
+    """vision_feature_layer=-1 given in the call: dominant keeps the base views' patches the last layer's class
+    attention ranks first, from that layer's features (the config's -2 would rank by another layer's attention)."""
+    model = tiny_onevision()
+    model.model.vision_tower.set_attn_implementation("eager")
+    x = multi_image_inputs()
+    call = dict(batch_num_images=x["batch_num_images"], vision_feature_layer=-1)
+    with torch.no_grad():
+        full = model.model.get_image_features(x["pixel_values"], x["image_sizes"], **call).pooler_output
+        attentions = model.model.vision_tower(x["pixel_values"][:, 0], output_attentions=True).attentions
+        scores, other = patch_scores(attentions[-1], "clip"), patch_scores(attentions[-2], "clip")
+        with vistok.patch(model, "dominant", keep=0.25):
+            out = model.model.get_image_features(x["pixel_values"], x["image_sizes"], **call).pooler_output
+    assert any(not torch.equal(s.topk(4).indices.sort().values, o.topk(4).indices.sort().values)
+               for s, o in zip(scores, other, strict=True))  # the layers rank differently
+    for compressed, original, score in zip(out, full, scores, strict=True):
+        assert torch.equal(compressed[:-1], original[score.topk(4).indices.sort().values])

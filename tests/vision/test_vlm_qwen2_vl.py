@@ -318,3 +318,14 @@ def test_the_tuner_gives_each_image_its_share():
     assert all(row["config"].keep == 0.5 and "error" not in row for row in result.rows)
     with torch.no_grad(), vistok.patch(model, result.config):
         assert model(**batches[0]).logits.shape[1] < batches[0]["input_ids"].shape[1]
+
+
+@pytest.mark.parametrize("grid", [(1, 4, 5), (1, 5, 4), (2, 4, 4)])
+def test_grids_the_merge_cannot_tile_or_several_frames_are_refused(grid):
+    """An image whose patch grid is not a multiple of the 2 x 2 merge (in either direction), or that has more
+    than one temporal patch, is refused by name before the tower runs, not cut into units of the wrong size."""
+    model = tiny_qwen()
+    x = inputs(grids=GRIDS[:1])
+    with vistok.patch(model, "merge_to_budget", tokens=2), torch.no_grad():
+        with pytest.raises(InputShapeError, match=r"image_grid_thw row .*multiple of the spatial merge size 2"):
+            model(**{**x, "image_grid_thw": torch.tensor([grid])})
