@@ -573,6 +573,14 @@ def test_the_base_model_runs_patched_and_replaced_methods_are_refused():
     assert vistok.get_handle(model) is None
 
 
+def _unpatched_features_and_scores(model, pixels, layer):
+    """The unpatched LLaVA's projected patch features at ``layer``, the class token's attention that ranks them
+    there, and the tower's hidden states."""
+    vision = model.model.vision_tower
+    hidden = vision(pixels, output_hidden_states=True).hidden_states
+    return model.model.multi_modal_projector(hidden[layer][:, 1:]), class_attention(vision, hidden, layer), hidden
+
+
 def test_a_calls_vision_feature_layer_sets_the_layer_dominant_ranks_by():
     """vision_feature_layer given in the call (-1, not the config's -2): dominant keeps the projected features of
     that layer, ranked by the class token's attention in the layer that made them (the last one). Ranking by the
@@ -584,9 +592,7 @@ def test_a_calls_vision_feature_layer_sets_the_layer_dominant_ranks_by():
     vision = model.model.vision_tower
     pixels = images()
     with torch.no_grad():
-        hidden = vision(pixels, output_hidden_states=True).hidden_states
-        features = model.model.multi_modal_projector(hidden[-1][:, 1:])
-        scores = class_attention(vision, hidden, -1)
+        features, scores, hidden = _unpatched_features_and_scores(model, pixels, -1)
         expected = select_dominant(features, scores, 4).tokens
         assert not torch.equal(select_dominant(features, class_attention(vision, hidden, -2), 4).tokens, expected)
         with vistok.patch(model, "dominant", tokens=4) as handle:
@@ -637,12 +643,10 @@ def test_dominant_hands_its_contextual_tokens_to_the_selection():
     from vistok.adapters.budget import select_dominant
 
     model = tiny_llava()
-    vision = model.model.vision_tower
     pixels = images()
     with torch.no_grad():
-        hidden = vision(pixels, output_hidden_states=True).hidden_states
-        features = model.model.multi_modal_projector(hidden[-2][:, 1:])
-        expected = select_dominant(features, class_attention(vision, hidden, -2), 4, contextual=2)
+        features, scores, _ = _unpatched_features_and_scores(model, pixels, -2)
+        expected = select_dominant(features, scores, 4, contextual=2)
         with vistok.patch(model, "dominant", tokens=4, contextual=2) as handle:
             encoded = handle.encode(pixels)
     assert torch.equal(encoded.sizes.sum(1), torch.full((2,), float(PATCHES)))

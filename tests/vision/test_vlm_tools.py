@@ -269,13 +269,23 @@ def test_eval_video_qa_text_rows_compress_with_each_question_clip_scores(monkeyp
     assert 100.0 <= text_row["select_compress_s"] < 101.0 and uniform_row["select_compress_s"] < 1.0
 
 
+def _without_the_model(monkeypatch, tool, videos, evaluate):
+    """eval_video_qa.py's main with ``videos`` as its question set, every frame encoded to 9 zero tokens, ``evaluate``
+    giving each row and no plot."""
+    import vistok.video.fmnist_qa as fmnist_qa
+
+    monkeypatch.setattr(fmnist_qa, "FashionVideoQA", videos)
+    monkeypatch.setattr(tool, "encode_frames", lambda model, pixels: types.SimpleNamespace(
+        tokens=torch.zeros(pixels.shape[0], 9, 4)))
+    monkeypatch.setattr(tool, "evaluate", evaluate)
+    monkeypatch.setattr(tool, "plot", lambda rows, path: None)
+
+
 def test_eval_video_qa_hands_its_options_on(tmp_path, monkeypatch):
     """eval_video_qa.py's main: the test split with --seed and --questions, --seed and --batch-size reach every
     row, --merge-threshold the all+merge rows, --baseline the vs_baseline pairs and every frame's every token the
     vs_all ones. Catches an option replaced by its default (a --seed parsed and dropped drew every run's frames
     alike; --baseline drop compared with uniform)."""
-    import vistok.video.fmnist_qa as fmnist_qa
-
     tool = load_tool("eval_video_qa")
     made, evaluated = [], []
 
@@ -296,11 +306,7 @@ def test_eval_video_qa_hands_its_options_on(tmp_path, monkeypatch):
         return {"selection": config.selection, "budget": config.budget,
                 "accuracy": 100 * sum(hits) / len(hits)}, hits
 
-    monkeypatch.setattr(fmnist_qa, "FashionVideoQA", Videos)
-    monkeypatch.setattr(tool, "encode_frames", lambda model, pixels: types.SimpleNamespace(
-        tokens=torch.zeros(pixels.shape[0], 9, 4)))
-    monkeypatch.setattr(tool, "evaluate", evaluate)
-    monkeypatch.setattr(tool, "plot", lambda rows, path: None)
+    _without_the_model(monkeypatch, tool, Videos, evaluate)
     assert tool.main(["--out", str(tmp_path / "qa"), "--questions", "4", "--seed", "5", "--batch-size", "2",
                       "--selections", "uniform", "drop", "all", "--budgets", "32", "--baseline", "drop",
                       "--merge-all", "--merge-threshold", "0.9"], model_and_tokenizer=(None, None)) == 0
@@ -341,7 +347,6 @@ def test_eval_video_qa_clip_scores_each_question_frames_for_the_text_rows(tmp_pa
     CLIP left unloaded or untrained, the scores taken for another question or on one channel, a text row scored
     without them."""
     import vistok.models
-    import vistok.video.fmnist_qa as fmnist_qa
 
     tool = load_tool("eval_video_qa")
     loads, scored, seen = [], [], []
@@ -364,13 +369,9 @@ def test_eval_video_qa_clip_scores_each_question_frames_for_the_text_rows(tmp_pa
         seen.append((config.selection, config.budget, [float(q["text_scores"][0]) for q in questions]))
         return {"selection": config.selection, "budget": config.budget, "accuracy": 50.0}, [True] * len(questions)
 
-    monkeypatch.setattr(fmnist_qa, "FashionVideoQA", Videos)
+    _without_the_model(monkeypatch, tool, Videos, evaluate)
     monkeypatch.setattr(vistok.models, "create_clip", lambda **kwargs: loads.append(kwargs) or ("clip", "words"))
     monkeypatch.setattr(tool, "text_frame_scores", text_scores)
-    monkeypatch.setattr(tool, "encode_frames", lambda model, pixels: types.SimpleNamespace(
-        tokens=torch.zeros(pixels.shape[0], 9, 4)))
-    monkeypatch.setattr(tool, "evaluate", evaluate)
-    monkeypatch.setattr(tool, "plot", lambda rows, path: None)
     assert tool.main(["--out", str(tmp_path / "qa"), "--questions", "3", "--selections", "text", "--budgets", "16",
                       "32", "--clip"], model_and_tokenizer=(None, None)) == 0
     assert loads == [{"pretrained": True}]
