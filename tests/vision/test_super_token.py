@@ -126,12 +126,14 @@ def test_super_token_attention_module():
         SuperTokenAttention(30, num_heads=4)
 
 
-@pytest.mark.parametrize(("height", "width", "size", "n_iter"), [(8, 12, 2, 1), (6, 8, 2, 3), (4, 4, 4, 2)])
+@pytest.mark.parametrize(("height", "width", "size", "n_iter"), [(8, 12, 2, 1), (6, 8, 2, 3), (4, 4, 4, 2),
+                                                               (8, 12, (2, 4), 2)])
 def test_super_token_attention_matches_loops(height, width, size, n_iter):
     """STViT's module against loops, image by image (no test compared its super-token forward with anything: a
     forward that skipped the association, or flipped its output, passed): super tokens refined ``n_iter`` times,
     plain multi-head attention among them with the module's weights, each token the association-weighted mix of
-    its neighbours' outputs."""
+    its neighbours' outputs. A non-square cell (2 x 4) is read as (rows, columns): swapped there, or with the grid
+    worked out from the sides the other way round, the cells were 4 x 2."""
     torch.manual_seed(0)
     module = SuperTokenAttention(16, num_heads=2, stoken_size=size, n_iter=n_iter).eval()
     x = torch.randn(3, 16, height, width)
@@ -232,20 +234,22 @@ def test_training_free_block_is_exact_where_patch_tokens_agree(family):
 
 
 def loop_super_tokens(patches, size, n_iter):
-    """Super tokens of ``patches`` ``[rows, cols, C]`` in ``size x size`` cells, in loops: start from the cell
+    """Super tokens of ``patches`` ``[rows, cols, C]`` in ``size x size`` cells (``size`` may be a pair
+    ``(cell rows, cell columns)``), in loops: start from the cell
     means; ``n_iter`` times, each patch associates with the super tokens of the 3 x 3 cells around its own by
     softmax(<patch, super token> / sqrt(C)) and the super tokens become association-weighted means. Returns
     ``(cells, association {(r, c): {cell: weight}}, mass {cell: total weight}, super tokens {cell: [C]})`` of the
     last round (its association is the one computed from the round's starting super tokens)."""
     rows, cols, channels = patches.shape
-    cells = [(i, j) for i in range(rows // size) for j in range(cols // size)]
-    supers = {c: patches[c[0] * size:(c[0] + 1) * size, c[1] * size:(c[1] + 1) * size].reshape(-1, channels).mean(0)
+    sh, sw = (size, size) if isinstance(size, int) else size
+    cells = [(i, j) for i in range(rows // sh) for j in range(cols // sw)]
+    supers = {c: patches[c[0] * sh:(c[0] + 1) * sh, c[1] * sw:(c[1] + 1) * sw].reshape(-1, channels).mean(0)
               for c in cells}
     for _ in range(n_iter):
         association = {}
         for r in range(rows):
             for c in range(cols):
-                near = [n for n in cells if abs(n[0] - r // size) <= 1 and abs(n[1] - c // size) <= 1]
+                near = [n for n in cells if abs(n[0] - r // sh) <= 1 and abs(n[1] - c // sw) <= 1]
                 logits = torch.stack([patches[r, c] @ supers[n] for n in near]) * channels ** -0.5
                 association[r, c] = dict(zip(near, logits.softmax(0), strict=True))
         mass = {n: sum(w[n] for w in association.values() if n in w) for n in cells}
@@ -443,3 +447,108 @@ def test_stvit_head_pools_the_spatial_mean():
         pooled = features.mean(dim=(2, 3))
         assert (model.forward_head(features, pre_logits=True) - pooled).abs().max() <= 1e-6
         assert (model(images) - model.head(pooled)).abs().max() <= 1e-6
+
+
+SMALL_STVIT = dict(embed_dims=(16, 32, 40, 48), depths=(1, 1, 1, 1), num_heads=(1, 2, 2, 2), projection=64)
+
+
+def test_stvit_blocks_are_built_from_the_models_options():
+    """mlp_ratio sets every MLP's width, qkv_bias the qkv projections' bias, attn_drop_rate the attention's dropout
+    and drop_rate the projections' (a block that used its defaults, or passed attn_drop and drop the other way
+    round, built the same model whatever was asked); the config timm reads names the head built (not 1000)."""
+    model = timm.create_model("stvit_small", num_classes=5, mlp_ratio=2.0, qkv_bias=False, drop_rate=0.1,
+                              attn_drop_rate=0.3, **SMALL_STVIT)
+    assert model.pretrained_cfg["num_classes"] == model.num_classes == model.head.out_features == 5
+    blocks = [block for stage in model.stages for block in stage if isinstance(block, STViTBlock)]
+    assert len(blocks) == 4
+    for block, dim in zip(blocks, SMALL_STVIT["embed_dims"], strict=True):
+        assert block.mlp.fc1.out_channels == 2 * dim and block.mlp.fc2.in_channels == 2 * dim
+        assert block.attn.qkv.bias is None
+        assert block.attn.attn_drop == 0.3 and block.attn.proj_drop.p == 0.1 and block.mlp.drop.p == 0.1
+
+
+def test_super_token_attention_drops_attention_weights_only_in_training():
+    """attn_drop acts in training; in eval the module is the one without dropout (an attention that drew the
+    dropout in every mode gave random outputs at inference)."""
+    torch.manual_seed(0)
+    module = SuperTokenAttention(16, num_heads=2, stoken_size=2, attn_drop=0.5)
+    plain = SuperTokenAttention(16, num_heads=2, stoken_size=2)
+    plain.load_state_dict(module.state_dict())
+    x = torch.randn(2, 16, 8, 8)
+    with torch.no_grad():
+        assert (module.eval()(x) - plain.eval()(x)).abs().max() <= 1e-6
+        assert (module.train()(x) - plain(x)).abs().max() > 1e-3
+
+
+def test_stvit_convolutional_position_embeddings_are_residual():
+    """The block's position embedding and the MLP's local mixing are ``x + depthwise_conv3x3(x)`` (the conv alone
+    lost the input), against a convolution with the same weights written out here."""
+    torch.manual_seed(0)
+    block = STViTBlock(16, 2, 2)
+    for part, channels in ((block.pos_embed, 16), (block.mlp.local, 64)):
+        x = torch.randn(2, channels, 6, 6)
+        with torch.no_grad():
+            expected = x + F.conv2d(x, part.conv.weight, part.conv.bias, padding=1, groups=channels)
+            assert (part(x) - expected).abs().max() <= 1e-5
+
+
+def test_stvit_features_come_out_of_the_final_silu():
+    """forward_features ends with BatchNorm then SiLU (the docstring's head): every value is at least SiLU's
+    minimum (about -0.278), which the BatchNorm's output alone goes below."""
+    torch.manual_seed(0)
+    model = timm.create_model("stvit_small", num_classes=5, **SMALL_STVIT).eval()
+    silu_min = F.silu(torch.linspace(-4, 0, 40001)).min()
+    images = torch.randn(4, 3, 64, 64)
+    with torch.no_grad():
+        features = model.forward_features(images)
+        before = model.norm(model.proj(torch.nn.Sequential(*model.stages)(model.stem(images))))
+    assert float(before.min()) < float(silu_min)  # the case this test is about
+    assert float(features.min()) >= float(silu_min) - 1e-6 and float(features.min()) < 0
+
+
+def test_stvit_stem_activates_its_convolutions_and_the_downsampling_does_not():
+    """As the paper's code: the stem is four conv-GELU-BatchNorm units of strides 2, 1, 2, 1 (stride 4 in all);
+    between stages a stride-2 conv and a BatchNorm, no activation."""
+    model = timm.create_model("stvit_small", num_classes=5, **SMALL_STVIT)
+    assert [type(m) for m in model.stem] == [torch.nn.Conv2d, torch.nn.GELU, torch.nn.BatchNorm2d] * 4
+    assert [m.stride for m in model.stem if isinstance(m, torch.nn.Conv2d)] == [(2, 2), (1, 1), (2, 2), (1, 1)]
+    for stage in model.stages[1:]:
+        assert [type(m) for m in stage[0]] == [torch.nn.Conv2d, torch.nn.BatchNorm2d] and stage[0][0].stride == (2, 2)
+
+
+def test_stvit_reset_classifier_switches_between_maps_and_logits():
+    """reset_classifier(0, '') gives the feature maps (the pooling asked for was kept as 'avg': pooled features
+    instead), and reset_classifier(3, 'avg') a classifier on their spatial mean."""
+    model = timm.create_model("stvit_small", num_classes=5, **SMALL_STVIT).eval()
+    images = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        model.reset_classifier(0, "")
+        maps = model(images)
+        assert torch.equal(maps, model.forward_features(images)) and maps.shape == (1, 64, 2, 2)
+        model.reset_classifier(3, "avg")
+        assert (model(images) - model.head(maps.mean(dim=(2, 3)))).abs().max() <= 1e-6
+
+
+def test_stvit_checks_each_side_of_a_non_square_super_token_cell():
+    """Stage 3 (stride 32) with 1 x 2 cells: 64 x 128 px (a 2 x 4 grid) runs; 64 x 96 px (2 x 3) is refused, the
+    columns checked against the cell's width (not its height), and the sides to use worked out per side:
+    lcm(4, 8, 16, 32 * 1) = 32 rows, lcm(4, 8, 16, 32 * 2) = 64 columns."""
+    model = timm.create_model("stvit_small", num_classes=5, **SMALL_STVIT, stoken_sizes=(1, 1, 1, (1, 2))).eval()
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 64, 128)).shape == (1, 5)
+        with pytest.raises(vistok.InputShapeError, match="a 64x96 image gives a 2x3 token grid in stage 3, which does "
+                                                         "not divide into its 1x2 super-token cells; use an image "
+                                                         "whose sides are multiples of 32x64"):
+            model(torch.randn(1, 3, 64, 96))
+
+
+def test_stvit_base_has_the_papers_size_and_layer_scale():
+    """STViT-B: about the paper's 52M parameters (counted with a 1000-class head), and layer scale in its last two
+    stages only, as the paper's code (built on meta: only the shapes are needed)."""
+    with torch.device("meta"):
+        model = timm.create_model("stvit_base", num_classes=10)
+    params = sum(p.numel() for p in model.parameters())
+    assert 50.5e6 < params + 1024 * 990 < 54e6
+    scaled = [[block.gamma_1 is not None and block.gamma_2 is not None for block in stage
+               if isinstance(block, STViTBlock)] for stage in model.stages]
+    assert [set(stage) for stage in scaled] == [{False}, {False}, {True}, {True}]

@@ -292,3 +292,73 @@ def test_a_run_on_meta_gives_the_unpatched_shapes(name):
         expected = encode(model, clips())
         patched = encode(model.to("meta"), clips().to("meta"))
     assert patched.is_meta and patched.shape == expected.shape
+
+
+def test_vivit_with_interpolated_positions_takes_other_frame_sizes_off_the_native_grid():
+    """interpolate_pos_encoding=True lets ViViT take 16 x 64 px frames (1 x 2 x 8 tubelets; Hugging Face
+    interpolates a table of one tubelet slice only, and only for frames that are not square): the patched model
+    accepts them (a check that refused every other size did not), gives the unpatched output at keep-everything,
+    and its layouts claim no grid: the native 1 x 4 x 4 has as many tokens, and would misplace them."""
+    torch.manual_seed(0)
+    model = VivitForVideoClassification(VivitConfig(**{**SHARED, "num_frames": 2}, tubelet_size=[2, 8, 8],
+                                                    num_labels=5)).eval()
+    x = torch.randn(2, 2, 3, 16, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = model(pixel_values=x, interpolate_pos_encoding=True).logits
+        with vistok.patch(model, "merge", r=0) as handle:
+            got = model(pixel_values=x, interpolate_pos_encoding=True).logits
+            assert handle.layouts and all(layout.grid_size is None for layout in handle.layouts.values())
+    assert (got - expected).abs().max() <= TOL
+
+
+@pytest.mark.parametrize("name", ["videomae", "vivit"])
+def test_a_clip_with_another_channel_count_is_refused_naming_the_layout(name):
+    """One channel where the model takes three: refused with the expected [B, T, C, H, W] shape, not left to a raw
+    error inside the embedding."""
+    model = MODELS[name]()
+    with vistok.patch(model, "merge", r=2), pytest.raises(InputShapeError, match=r"\[B, 4, 3, 32, 32\]"):
+        model(pixel_values=torch.randn(2, FRAMES, 1, SIZE, SIZE))
+
+
+@pytest.mark.parametrize("name", ["videomae", "vivit"])
+def test_attention_dropout_acts_only_in_training(name):
+    """A model configured with attention dropout: in eval the patched model at keep-everything gives the unpatched
+    output (no dropout drawn at inference); in training the patched model draws it (two seeds, two outputs)."""
+    torch.manual_seed(0)
+    if name == "videomae":
+        config = VideoMAEConfig(**SHARED, patch_size=8, tubelet_size=2, num_labels=5, attention_probs_dropout_prob=0.5)
+        model = VideoMAEForVideoClassification(config).eval()
+    else:
+        config = VivitConfig(**SHARED, tubelet_size=[2, 8, 8], num_labels=5, attention_probs_dropout_prob=0.5)
+        model = VivitForVideoClassification(config).eval()
+    x = clips()
+    expected = encode(model, x)
+    with vistok.patch(model, "merge", r=0):
+        assert (encode(model, x) - expected).abs().max() <= TOL
+        model.train()
+        with torch.no_grad():
+            torch.manual_seed(1)
+            first = model(pixel_values=x).logits
+            torch.manual_seed(2)
+            assert (model(pixel_values=x).logits - first).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_removing_the_patch_leaves_no_hooks(name):
+    """Removing the patch takes off every hook it installed, VideoMAE's mean-pooling pre-hook on fc_norm included
+    (left there, it held the removed patch's tracker)."""
+    model = MODELS[name]()
+    with vistok.patch(model, "merge", r=2):
+        encode(model, clips())
+    for module in model.modules():
+        assert not module._forward_pre_hooks and not module._forward_hooks and "forward" not in vars(module)
+
+
+@pytest.mark.parametrize("part", ["layernorm_before", "layernorm_after"])
+def test_a_layer_whose_norm_is_not_a_layernorm_is_refused(part):
+    """A block norm of another kind is refused, naming the layer and the part, and the model is left unpatched."""
+    model = videomae()
+    setattr(model.videomae.encoder.layer[2], part, torch.nn.Identity())
+    with pytest.raises(UnsupportedModelError, match=f"VideoMAEModel layer 2.{part} is Identity, not LayerNorm"):
+        vistok.patch(model, "merge", r=2)
+    assert vistok.get_handle(model) is None

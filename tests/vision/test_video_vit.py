@@ -161,3 +161,30 @@ def test_the_shipped_weights_name_their_tubelet_depth(name):
     with pytest.raises(InvalidConfigError, match="tubelets 2 frames deep"):
         timm.create_model(name, pretrained=True, tubelet_frames=1)
     assert timm.create_model(name, image_pretrained=False, tubelet_frames=1).patch_embed.grid_size == (4, 14, 14)
+
+
+def test_inflating_refuses_embeddings_it_would_misplace_or_drop():
+    """A position table without the prefix tokens' rows (no_embed_class) would be split at the wrong row, and a
+    patch embedding with a norm would lose it in the tubelet embedding: both are refused, not inflated."""
+    with pytest.raises(UnsupportedModelError, match="position embedding"):
+        inflate_to_video(image_model("vit_tiny_patch16_224", img_size=32, no_embed_class=True), 4)
+    with pytest.raises(UnsupportedModelError, match="with a norm"):
+        inflate_to_video(image_model("vit_tiny_patch16_224", img_size=32, embed_norm_layer="layernorm"), 4)
+
+
+def test_the_video_reference_starts_from_the_shipped_image_weights():
+    """Without video weights the blocks are the shipped image model's (image_pretrained, the default), and random
+    with image_pretrained=False."""
+    image = timm.create_model("vistok_vit_fmnist_reg4", pretrained=True)
+    video = timm.create_model("vistok_video_vit_fmnist")
+    fresh = timm.create_model("vistok_video_vit_fmnist", image_pretrained=False)
+    assert torch.equal(video.blocks[0].attn.qkv.weight, image.blocks[0].attn.qkv.weight)
+    assert not torch.equal(fresh.blocks[0].attn.qkv.weight, image.blocks[0].attn.qkv.weight)
+
+
+def test_the_unpatched_video_vit_names_the_clip_shape_it_takes():
+    """Six frames where the model takes four (three tubelet slices, not two) are refused by the tubelet embedding
+    with the clip shape it takes, before a position table of the wrong length is added."""
+    video = inflate_to_video(image_model(), FRAMES, tubelet_frames=2)
+    with pytest.raises(InputShapeError, match=r"expected clips \[B, C, 4, 28, 28\]"):
+        video(torch.randn(2, 1, 6, 28, 28))
