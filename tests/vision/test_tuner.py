@@ -745,3 +745,203 @@ def test_the_command_refuses_models_it_cannot_calibrate_before_reading_images(ca
         assert main(["tune", "--model", model, "--images", "8"]) == 2
         err = capsys.readouterr().err
         assert message in err and "give --folder" not in err
+
+
+def test_the_candidates_are_the_documented_settings():
+    """ATS (fixed budget: ``min_tokens = k``, with and without fusion) and random dropping at ``k`` from 90 % to 20 %
+    of the patches (rounded to the nearest: flooring gave 57 of 64 for 90 %) in the paper's blocks, merging at
+    ``r`` about ``N / 64 ... N / 12``, and ATS in the first of those blocks composed with merging in every later
+    one (not the same block, none left out); on a 2-block model ATS's first block is the last, so no composed
+    candidate merges in no block at all."""
+    from vistok.methods import ATSConfig, MergeConfig, RandomDropConfig
+    from vistok.methods.ats import default_ats_blocks
+
+    model = timm.create_model("vit_tiny_patch16_224", img_size=128, depth=4, num_classes=10)  # 64 patches
+    candidates = tune_candidates(model)
+    blocks = default_ats_blocks(4)
+    for method, kind in (("ats", ATSConfig), ("ats_fusion", ATSConfig), ("random_drop", RandomDropConfig)):
+        configs = [config for _, m, config in candidates if m == method]
+        ks = [config.k for config in configs]
+        assert len(ks) == 7 and ks == sorted(set(ks), reverse=True), method
+        assert abs(ks[0] - 0.9 * 64) <= 0.5 and abs(ks[-1] - 0.2 * 64) <= 0.5, (method, ks)
+        assert all(abs(k - 64 * round(k / 64, 2)) <= 0.5 for k in ks)  # the nearest count to a whole percentage
+        for config in configs:
+            assert isinstance(config, kind) and list(config.blocks) == blocks
+            if kind is ATSConfig:
+                assert config.min_tokens == config.k and config.fusion == (method == "ats_fusion")
+    rs = sorted({config.r for _, m, config in candidates if m == "merge"})
+    assert rs == sorted({round(64 / d) for d in (64, 32, 24, 16, 12)})  # 1, 2, 3, 4, 5: 64 / 24 is 3, not 2
+    composed = [config for _, m, config in candidates if m == "ats+merge"]
+    assert composed
+    for config in composed:
+        ats, merge = config.parts
+        assert list(ats.blocks) == [blocks[0]] and ats.min_tokens == ats.k and abs(ats.k - 0.75 * 64) <= 0.5
+        assert list(merge.blocks) == list(range(blocks[0] + 1, 4)) and isinstance(merge, MergeConfig)
+    two = timm.create_model("vit_tiny_patch16_224", img_size=64, depth=2, num_classes=10)
+    assert all(config.parts[1].blocks for _, m, config in tune_candidates(two) if m == "ats+merge")
+
+
+def test_successive_halving_scores_a_rounded_up_share_and_skips_what_cannot_run():
+    """Rung ``r`` of ``R`` scores the first ``total / 2 ** (R - 1 - r)`` inputs rounded up (5 inputs: 2, 3, 5;
+    flooring scored 1 and 2), the last rung all of them; a row that cannot run (``None``, an ``error``) counts no
+    inputs and never goes on."""
+    from vistok.tuner import successive_halving
+
+    for total, rungs in ((5, 3), (7, 2), (6, 3), (4, 1)):
+        sizes, ran = {}, []
+
+        def score(row, size, rung, sizes=sizes, ran=ran):
+            sizes.setdefault(rung, set()).add(size)
+            if row["label"] == 0:
+                row["error"] = "cannot run"
+                return None
+            row.update(score=float(row["label"]), kl=0.0, images=size)
+            ran.append(size)
+            return size
+
+        rows = [{"label": i} for i in range(4)]
+        best, scored = successive_halving(rows, list(rows), rungs, total, score, False, "images")
+        for rung, seen in sizes.items():
+            share = total / 2 ** (rungs - 1 - rung)
+            assert len(seen) == 1 and share <= seen.pop() < share + 1, (total, rungs, rung)
+        assert sorted(sizes) == list(range(rungs)) and best is rows[3] and best["images"] == total
+        assert "images" not in rows[0] and scored == sum(ran)
+
+
+def test_the_scores_kl_is_from_the_unpatched_distribution_and_the_first_rung_is_kept():
+    """``kl`` is KL(unpatched || candidate) averaged over the images (the reverse direction, or a sum or per-class
+    mean, ranked ties differently); a tower's cosine score has a tie-break that is lower for closer embeddings, and
+    both scorers record ``rung0_score`` on the first rung only (a later rung overwrote the front's score)."""
+    from vistok.tuner import _cosine_scores, agreement_scores
+
+    generator = torch.Generator().manual_seed(0)
+    reference, logits = torch.randn(3, 5, generator=generator), torch.randn(3, 5, generator=generator)
+    p, q = reference.softmax(-1), logits.softmax(-1)
+    expected = float((p * (p.log() - q.log())).sum(-1).mean())
+    assert agreement_scores(logits, reference, None, 0)["kl"] == pytest.approx(expected, rel=1e-5)
+    near = reference + 0.01 * torch.randn(3, 5, generator=generator)
+    close, far = _cosine_scores(near, reference, None, 0), _cosine_scores(logits, reference, None, 0)
+    assert close["kl"] < far["kl"] and close["score"] > far["score"] and close["rung0_score"] == close["score"]
+    assert "rung0_score" not in _cosine_scores(near, reference, None, 1)
+
+
+def test_labels_and_encode_together_are_refused(setting):
+    """``encode=`` scores embeddings by cosine similarity, so labels cannot apply: both together are refused (they
+    were silently ignored)."""
+    model, images = setting
+    with pytest.raises(InvalidConfigError, match="labels score a classifier's top-1"):
+        vistok.tune(model, images, labels=torch.zeros(16, dtype=torch.long), encode=lambda m, x: m(x))
+
+
+def synthetic_result(cost):
+    """A TuneResult of rows whose GFLOPs and token ratios rank them in opposite orders, one row that could not run,
+    a row as costly in tokens as the pick but worse, and a composed pick."""
+    from vistok.methods import ATSConfig, MergeConfig
+    from vistok.methods.compose import ComposedConfig
+    from vistok.tuner import TuneResult
+
+    composed = ComposedConfig((ATSConfig(k=12, min_tokens=12, blocks=[1]), MergeConfig(r=1, blocks=[2, 3])))
+    rows = [{"label": "a", "method": "ats", "config": ATSConfig(k=8, min_tokens=8), "gflops_ratio": 0.3,
+             "tokens_ratio": 0.7, "rung0_score": 50.0, "score": 50.0, "kl": 0.2},
+            {"label": "b", "method": "ats+merge", "config": composed, "gflops_ratio": 0.5, "tokens_ratio": 0.4,
+             "rung0_score": 60.0, "score": 60.0, "kl": 0.1},
+            {"label": "c", "method": "merge", "config": MergeConfig(r=2), "gflops_ratio": 0.7, "tokens_ratio": 0.3,
+             "rung0_score": 40.0, "score": 40.0, "kl": 0.3},
+            {"label": "d", "method": "merge", "config": MergeConfig(r=3), "gflops_ratio": 0.1, "tokens_ratio": 0.1,
+             "error": "cannot run"},
+            {"label": "e", "method": "random_drop", "config": MergeConfig(r=4), "gflops_ratio": 0.6,
+             "tokens_ratio": 0.4, "rung0_score": 55.0, "score": 55.0, "kl": 0.2}]
+    return TuneResult(rows, rows[1], composed, 0.5, "top-1 agreement", 8, 30, 1.23456, cost=cost)
+
+
+def test_the_front_save_and_plot_follow_the_chosen_cost(tmp_path, monkeypatch):
+    """With ``cost="tokens"`` the Pareto front, the saved target and the plot's x axis are the token ratios (the
+    GFLOPs ratios' front is another one; of two rows of one cost only the better is on it); the file records the
+    calibration images, images scored and seconds; a ``.yml`` file is YAML, read back by config_from_saved to the
+    composed pick."""
+    import yaml
+
+    from vistok import viz
+
+    result = synthetic_result("tokens")
+    assert [row["label"] for row in result.pareto()] == ["c", "b"]
+    assert [row["label"] for row in synthetic_result("gflops").pareto()] == ["a", "b"]
+    saved = json.loads(result.save(tmp_path / "tune.json").read_text())
+    assert saved["cost"] == "tokens" and saved["target_tokens_ratio"] == 0.5 and saved["pick"]["label"] == "b"
+    assert (saved["calibration_images"], saved["images_scored"], saved["seconds"]) == (8, 30, 1.235)
+    text = result.save(tmp_path / "tune.yml").read_text()
+    with pytest.raises(ValueError):
+        json.loads(text)
+    assert yaml.safe_load(text) == saved
+    assert repr(config_from_saved(tmp_path / "tune.yml")) == repr(result.config)
+    figures = []
+    monkeypatch.setattr(viz, "_save", lambda plt, figure, path, dpi: figures.append(figure) or path)
+    result.plot(tmp_path / "tune.png")
+    axis = figures[0].axes[0]
+    xs = sorted(float(x) for collection in axis.collections for x, _ in collection.get_offsets())
+    assert xs == sorted([0.7, 0.4, 0.3, 0.4, 0.4]) and "tokens per block" in axis.get_xlabel()  # the pick circled
+
+
+def tiny_classifier():
+    """A 2-block ViT of 5 classes on 32 x 32 images (4 patches): a whole search in about a second."""
+    torch.manual_seed(0)
+    return timm.create_model("vit_tiny_patch16_224", img_size=32, depth=2, num_classes=5).eval()
+
+
+def test_four_images_suffice_for_three_rungs_and_the_first_rung_is_the_first_quarter(capfd, monkeypatch):
+    """``rungs=3`` needs 4 images, not 8; with ``progress`` the bars name each rung's count (1, 2, then 4 images);
+    each row's ``rung0_score`` is its agreement on the first image alone (not its last rung's), its ``score`` on
+    the images of its last rung (the pick's: all four), each scorer call told its own rung (told rung 0 on every
+    rung, the later ones overwrote ``rung0_score``); ``images_scored`` is the images each row ran on, over every
+    rung it reached; ``seconds`` the search's time."""
+    import time
+
+    from vistok import tuner
+
+    model = tiny_classifier()
+    images = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    calls, scores = [], tuner.agreement_scores
+    monkeypatch.setattr(tuner, "agreement_scores", lambda logits, *args: calls.append((logits.shape[0], args[-1]))
+                        or scores(logits, *args))
+    started = time.perf_counter()
+    result = vistok.tune(model, images, target=0.9, flops_images=1, rungs=3, progress=True)
+    elapsed = time.perf_counter() - started
+    err = capfd.readouterr().err
+    assert "measuring costs" in err and all(f"rung {i + 1}/3 ({n} images)" in err for i, n in enumerate((1, 2, 4)))
+    with torch.no_grad():
+        reference = model(images).argmax(-1)
+        for row in result.rows:  # each patched anew, as the tuner does per rung (random dropping's seed)
+            for count, key in ((1, "rung0_score"), (row["images"], "score")):
+                with vistok.patch(model, row["config"]):
+                    agree = (model(images[:count]).argmax(-1) == reference[:count]).float()
+                assert row[key] == pytest.approx(100.0 * float(agree.mean())), (row["label"], key)
+    assert result.best["images"] == 4 and set(calls) == {(1, 0), (2, 1), (4, 2)}  # (images, rung)
+    assert result.images_scored == sum({1: 1, 2: 1 + 2, 4: 1 + 2 + 4}[row["images"]] for row in result.rows)
+    assert 0 < result.seconds <= elapsed and result.images == 4 and vistok.get_handle(model) is None
+
+
+def test_latency_is_timed_on_latency_images_against_an_unpatched_copy_within_an_inclusive_target(monkeypatch, capfd):
+    """``cost="latency"``: each candidate is timed patched against an unpatched copy (not the patched model
+    against itself) on the first ``latency_images`` images for ``latency_runs`` runs, through ``encode=`` where
+    given, and a candidate exactly at the target is within it; no progress bars unless asked."""
+    from vistok import tuner
+
+    model = tiny_classifier()
+    images = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    calls = []
+
+    def forward(m, x):
+        return m(x)
+
+    def spy(patched, unpatched, batch, runs, encode=None):
+        calls.append((vistok.get_handle(patched) is not None, unpatched is not patched,
+                      vistok.get_handle(unpatched) is None, torch.equal(batch, images[:3]), runs, encode is forward))
+        return 0.5
+
+    monkeypatch.setattr(tuner, "_latency_ratio", spy)
+    result = vistok.tune(model, images, target=0.5, flops_images=1, cost="latency", latency_images=3,
+                         latency_runs=2, encode=forward)
+    assert calls == [(True, True, True, True, 2, True)] * len(result.rows) and result.best["latency_ratio"] == 0.5
+    assert result.images_scored == sum({2: 2, 3: 2 + 3, 6: 2 + 3 + 6}[row["images"]] for row in result.rows)
+    err = capfd.readouterr().err
+    assert "rung" not in err and "measuring" not in err
