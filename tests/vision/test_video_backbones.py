@@ -37,9 +37,10 @@ def videomae_bare():
     return VideoMAEModel(VideoMAEConfig(**SHARED, patch_size=8, tubelet_size=2)).eval()
 
 
-def vivit():
+def vivit(**overrides):
     torch.manual_seed(0)
-    return VivitForVideoClassification(VivitConfig(**SHARED, tubelet_size=[2, 8, 8], num_labels=5)).eval()
+    config = VivitConfig(**SHARED, tubelet_size=[2, 8, 8], num_labels=5, **overrides)
+    return VivitForVideoClassification(config).eval()
 
 
 MODELS = {"videomae": videomae, "videomae bare": videomae_bare, "vivit": vivit}
@@ -111,13 +112,7 @@ def test_training_with_dropout_matches_the_unpatched_model(name):
     """In training with hidden dropout, the patched model at keep-everything draws the same dropout as the
     unpatched one under the same seed, so their logits agree (a block that skipped the dropout after its attention
     branch did not)."""
-    torch.manual_seed(0)
-    if name == "videomae":
-        config = VideoMAEConfig(**SHARED, patch_size=8, tubelet_size=2, num_labels=5, hidden_dropout_prob=0.3)
-        model = VideoMAEForVideoClassification(config).train()
-    else:
-        config = VivitConfig(**SHARED, tubelet_size=[2, 8, 8], num_labels=5, hidden_dropout_prob=0.3)
-        model = VivitForVideoClassification(config).train()
+    model = MODELS[name](hidden_dropout_prob=0.3).train()
     x = clips()
     torch.manual_seed(1)
     expected = model(pixel_values=x).logits
@@ -324,13 +319,7 @@ def test_a_clip_with_another_channel_count_is_refused_naming_the_layout(name):
 def test_attention_dropout_acts_only_in_training(name):
     """A model configured with attention dropout: in eval the patched model at keep-everything gives the unpatched
     output (no dropout drawn at inference); in training the patched model draws it (two seeds, two outputs)."""
-    torch.manual_seed(0)
-    if name == "videomae":
-        config = VideoMAEConfig(**SHARED, patch_size=8, tubelet_size=2, num_labels=5, attention_probs_dropout_prob=0.5)
-        model = VideoMAEForVideoClassification(config).eval()
-    else:
-        config = VivitConfig(**SHARED, tubelet_size=[2, 8, 8], num_labels=5, attention_probs_dropout_prob=0.5)
-        model = VivitForVideoClassification(config).eval()
+    model = MODELS[name](attention_probs_dropout_prob=0.5)
     x = clips()
     expected = encode(model, x)
     with vistok.patch(model, "merge", r=0):
