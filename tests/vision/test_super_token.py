@@ -174,20 +174,22 @@ def test_stvit_in_timm_registry():
         timm.create_model("stvit_small", pretrained=True)
 
 
+SMALL_STVIT = dict(embed_dims=(16, 32, 40, 48), depths=(1, 1, 1, 1), num_heads=(1, 2, 2, 2), projection=64)
+
+
 def test_stvit_takes_empty_batches_and_refuses_heads_it_cannot_run():
     """An empty batch gives [0, num_classes] (a reshape with -1 failed); a pooling other than 'avg' or a classifier
     on unpooled maps is refused when the model is made (the forward crashed in the head's matmul), and so is
     features_only (a TypeError)."""
-    small = dict(embed_dims=(16, 32, 40, 48), depths=(1, 1, 1, 1), num_heads=(1, 2, 2, 2), projection=64)
-    model = timm.create_model("stvit_small", num_classes=5, **small).eval()
+    model = timm.create_model("stvit_small", num_classes=5, **SMALL_STVIT).eval()
     with torch.no_grad():
         assert model(torch.randn(0, 3, 64, 64)).shape == (0, 5)
-        maps = timm.create_model("stvit_small", num_classes=0, global_pool="", **small).eval()
+        maps = timm.create_model("stvit_small", num_classes=0, global_pool="", **SMALL_STVIT).eval()
         assert maps(torch.randn(2, 3, 64, 64)).shape == (2, 64, 2, 2)
     for options, message in [(dict(global_pool="max"), "global_pool must be 'avg' or ''"),
                              (dict(global_pool=""), "use num_classes=0"), (dict(features_only=True), "features_only")]:
         with pytest.raises(InvalidConfigError, match=message):
-            timm.create_model("stvit_small", **small, **options)
+            timm.create_model("stvit_small", **SMALL_STVIT, **options)
     with pytest.raises(InvalidConfigError, match="global_pool must be"):
         model.reset_classifier(3, "token")
 
@@ -195,8 +197,7 @@ def test_stvit_takes_empty_batches_and_refuses_heads_it_cannot_run():
 def test_stvit_names_an_image_size_its_super_token_cells_do_not_divide():
     """A 220 px image (55 x 55 tokens) was refused with "a 55x55 token grid does not divide into 8x8 super-token
     cells", naming neither the image nor the rule; 62 px (16 x 16 tokens, then 8 x 8) runs."""
-    small = dict(embed_dims=(16, 32, 40, 48), depths=(1, 1, 1, 1), num_heads=(1, 2, 2, 2), projection=64)
-    model = timm.create_model("stvit_small", num_classes=5, **small).eval()
+    model = timm.create_model("stvit_small", num_classes=5, **SMALL_STVIT).eval()
     with torch.no_grad():
         assert model(torch.randn(1, 3, 62, 96)).shape == (1, 5)
         with pytest.raises(vistok.InputShapeError, match="a 220x220 image gives a 55x55 token grid in stage 0, which "
@@ -204,9 +205,9 @@ def test_stvit_names_an_image_size_its_super_token_cells_do_not_divide():
                                                          "whose sides are multiples of 32x32"):
             model(torch.randn(1, 3, 220, 220))
         with pytest.raises(vistok.InputShapeError, match="a 64x80 image gives a 4x5 token grid in stage 2"):
-            timm.create_model("stvit_small", num_classes=5, **small, stoken_sizes=(1, 1, 2, 1)).eval()(
+            timm.create_model("stvit_small", num_classes=5, **SMALL_STVIT, stoken_sizes=(1, 1, 2, 1)).eval()(
                 torch.randn(1, 3, 64, 80))
-        no_blocks = dict(small, depths=(1, 0, 1, 1))  # a stage without blocks runs no super tokens
+        no_blocks = dict(SMALL_STVIT, depths=(1, 0, 1, 1))  # a stage without blocks runs no super tokens
         assert timm.create_model("stvit_small", num_classes=5, **no_blocks, stoken_sizes=(1, 4, 1, 1)).eval()(
             torch.randn(1, 3, 48, 48)).shape == (1, 5)
 
@@ -438,8 +439,7 @@ def test_stvit_block_normalises_positions_before_attention_and_channels_before_t
 def test_stvit_head_pools_the_spatial_mean():
     """The classifier reads the mean of the last feature map over its positions (the paper's average pooling), not
     another reduction of it."""
-    small = dict(embed_dims=(16, 32, 40, 48), depths=(1, 1, 1, 1), num_heads=(1, 2, 2, 2), projection=64)
-    model = timm.create_model("stvit_small", num_classes=5, **small).eval()
+    model = timm.create_model("stvit_small", num_classes=5, **SMALL_STVIT).eval()
     images = torch.randn(2, 3, 64, 96)
     with torch.no_grad():
         features = model.forward_features(images)
@@ -447,9 +447,6 @@ def test_stvit_head_pools_the_spatial_mean():
         pooled = features.mean(dim=(2, 3))
         assert (model.forward_head(features, pre_logits=True) - pooled).abs().max() <= 1e-6
         assert (model(images) - model.head(pooled)).abs().max() <= 1e-6
-
-
-SMALL_STVIT = dict(embed_dims=(16, 32, 40, 48), depths=(1, 1, 1, 1), num_heads=(1, 2, 2, 2), projection=64)
 
 
 def test_stvit_blocks_are_built_from_the_models_options():
